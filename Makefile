@@ -1,0 +1,52 @@
+# eastwest: every target installs what it needs first (idempotently), so a fresh clone needs
+# only `make run` or `make test`. See README.md.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup system venv run demo test test-unit test-golden test-lab bench lint clean
+
+help:
+	@echo "make run    install what is missing, start eastwest on this host (Ctrl-C stops it)"
+	@echo "make demo   the same plus a 3-host lab with a demo application and live traffic"
+	@echo "make test   install what is missing and run the whole suite (unit, golden, lab)"
+	@echo "make bench  side-by-side benchmarks; results in docs/benchmarks.md"
+	@echo "make lint   ruff and mypy"
+
+setup: system venv
+
+system:
+	@bash scripts/setup-system.sh
+
+venv:
+	@bash scripts/setup-venv.sh
+
+run: setup
+	@bash scripts/run.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-golden: setup
+	$(PY) -m pytest tests/golden $(PYTEST_ARGS)
+
+test-lab: setup
+	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run_all.py
+
+lint: venv
+	$(VENV)/bin/ruff check eastwest collector aggregator tests bench
+	$(VENV)/bin/mypy eastwest collector aggregator
+
+clean:
+	-$(PY) -m eastwest lab down --all 2>/dev/null || true
+	rm -rf .pytest_cache build *.egg-info

@@ -1,0 +1,69 @@
+"""Collector process entry: settings from flags -> sources -> sink.
+
+Wires the stages in one place. Sources:
+- `collector.probes.SocketProbeSource(ctx, args)`: eBPF socket probes (issue #3)
+- `collector.vxlan.LiveVxlanSource(ctx, args)`: VXLAN on underlay interfaces (issue #4)
+- `collector.vxlan.PcapSource(ctx, path, args)`: a capture file (issue #4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from collector.pipeline import CollectorContext, JsonLinesSink, Sink, Source, run_pipeline
+from eastwest.errors import ConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s collector %(levelname)s %(message)s", stream=sys.stderr)
+    if args.check:
+        from collector.capabilities import main_check
+
+        return main_check(args)
+    if args.print_bpf:
+        from collector.probes import bpf_source
+
+        print(bpf_source(args))
+        return 0
+
+    ctx = CollectorContext(collector_id=args.collector_id)
+    sources: list[Source] = []
+    if args.pcap:
+        from collector.vxlan import PcapSource
+
+        sources = [PcapSource(ctx, path, args) for path in args.pcap]
+    else:
+        if not args.no_socket:
+            from collector.probes import SocketProbeSource
+
+            sources.append(SocketProbeSource(ctx, args))
+        if not args.no_vxlan:
+            from collector.vxlan import LiveVxlanSource, live_capture_wanted
+
+            if live_capture_wanted(args):
+                sources.append(LiveVxlanSource(ctx, args))
+        if not sources:
+            raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
+
+    sink = _make_sink(args, ctx)
+    run_pipeline(sources, sink, duration=args.duration)
+    dropped = ctx.drops.snapshot()
+    if dropped:
+        summary = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(dropped.items()))
+        print(f"eastwest collector: dropped {summary}", file=sys.stderr)
+    return 0
+
+
+def _make_sink(args: argparse.Namespace, ctx: CollectorContext) -> Sink:
+    if args.aggregator:
+        from collector.export import AggregatorSink
+
+        return AggregatorSink(ctx, args)
+    if args.output:
+        return JsonLinesSink(open(args.output, "ab"))  # noqa: SIM115 - closed by the sink
+    if args.stdout:
+        return JsonLinesSink()
+    raise ConfigError("output", None, "choose where records go: --stdout, --output FILE or --aggregator URL")

@@ -1,0 +1,5 @@
+import sys
+
+from eastwest.cli import main
+
+sys.exit(main())

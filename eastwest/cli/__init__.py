@@ -1,0 +1,68 @@
+"""The `eastwest` command.
+
+Each subcommand lives in its own module here (`eastwest/cli/<name>.py`) with a
+`register(subparsers)` that declares its flags and a handler that imports its component only
+when it runs: `eastwest flows --help` never imports bcc or scapy.
+
+Exit codes: 0 success, 1 the work failed (a clear one-line error on stderr), 2 usage error
+(argparse: a bad flag names itself), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from eastwest import __version__
+from eastwest.errors import EastwestError
+
+SUBCOMMANDS = ("collector", "aggregator", "flows", "graph", "workloads", "top", "diff", "lab", "demo")
+
+DESCRIPTION = """\
+eastwest: see which service talks to which, how much, how well and since when.
+
+  collector   per-host agent: eBPF socket probes and VXLAN capture -> flow records
+  aggregator  central service: ingest, one edge per connection, store, graph, web API
+  flows       query stored and live flows with filters
+  graph       the service dependency graph of a window
+  workloads   workloads with their upstreams and downstreams
+  top         top talkers by bytes, connections, failures or retransmits
+  diff        what changed between two windows
+  lab         build a multi-host lab in network namespaces, drive it, record ground truth
+  demo        the lab with collectors and an aggregator: live cross-host traffic in a minute
+
+Run `eastwest <command> --help` for each command's flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eastwest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"eastwest {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"eastwest.cli.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("eastwest: interrupted", file=sys.stderr)
+        return 130
+    except EastwestError as exc:
+        print(f"eastwest {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`eastwest collector`: the per-host agent.
+
+Flags are declared here (cheap); the collector itself (bcc, scapy) is imported only when the
+command runs, in `collector.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import Any
+
+EPILOG = """\
+examples:
+  eastwest collector --check                      what this kernel supports, as a table
+  eastwest collector --stdout --duration 30       socket probes for 30 s, JSON lines on stdout
+  eastwest collector --stdout --netns ewlab-h1    only one lab host's namespace (repeatable)
+  eastwest collector --pcap capture.pcap --stdout inner flows of a VXLAN capture, then exit
+  eastwest collector --underlay eth0 --no-socket  live VXLAN capture only
+
+Records are one per connection per interval (final=false while alive, final=true at the end),
+counters cumulative since the connection started: see docs/flow-record.md."""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "collector",
+        help="per-host agent: eBPF socket probes and VXLAN capture -> flow records",
+        description="The per-host agent. Sees every TCP connection of every process through "
+        "stable kernel tracepoints (no kprobes), and decapsulates VXLAN on the underlay.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("what to run")
+    g.add_argument("--check", action="store_true",
+                   help="print the kernel capability table and exit 0 (all needed present) or 1")
+    g.add_argument("--no-socket", action="store_true", help="do not load the eBPF socket probes")
+    g.add_argument("--no-vxlan", action="store_true", help="do not capture VXLAN on the underlay")
+    g.add_argument("--pcap", metavar="FILE", action="append", default=[],
+                   help="read a pcap/pcapng capture instead of live sources, then exit (repeatable)")
+    g.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+
+    g = p.add_argument_group("scope")
+    g.add_argument("--netns", metavar="NAME|INODE", action="append", default=[],
+                   help="only connections in this network namespace (name under /run/netns or "
+                   "inode number); repeatable; default: all")
+    g.add_argument("--underlay", metavar="IF", action="append", default=[],
+                   help="capture VXLAN on this interface; IF or NETNS/IF (repeatable); default: "
+                   "the underlay devices of this host's VXLAN links")
+    g.add_argument("--vxlan-port", metavar="PORT", type=int, action="append", default=[],
+                   help="UDP port carrying VXLAN (repeatable; default 4789 and 8472)")
+    g.add_argument("--decoder", choices=("bulk", "scapy"), default="bulk",
+                   help="VXLAN decoder: the fast bulk path (default) or scapy for every packet")
+
+    g = p.add_argument_group("records")
+    g.add_argument("--collector-id", default=socket.gethostname(),
+                   help="name of this collector in record ids (default: the host name)")
+    g.add_argument("--interval", type=float, default=5.0, metavar="S",
+                   help="seconds between interim records of live connections (default 5)")
+    g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
+                   help="a packet-observed flow without packets for S seconds ends (default 30)")
+    g.add_argument("--map-entries", type=int, default=65536, metavar="N",
+                   help="entries of each BPF connection map (memory is printed by --check)")
+    g.add_argument("--print-bpf", action="store_true", help="print the BPF C program and exit")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--stdout", action="store_true", help="write records as JSON lines to stdout")
+    g.add_argument("--output", metavar="FILE", help="write JSON lines to FILE")
+    g.add_argument("--aggregator", metavar="URL", help="send batches to this aggregator")
+    g.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from collector.main import run
+
+    return run(args)

@@ -1,0 +1,246 @@
+"""The flow record: one typed, frozen model from the probe to the store (schema version 1).
+
+Every stage hands the next a `FlowRecord`, never a bare dict. The JSON field names are a public
+contract, documented field by field in docs/flow-record.md; the compact binary form lives in
+`eastwest.codec`.
+
+Semantics fixed here (and in the doc):
+- One record describes one connection (TCP) or one flow (UDP/ICMP 5-tuple) over an interval,
+  as one observer saw it. `final=False` for interim records of a live connection, `True` at the
+  end.
+- Counters are CUMULATIVE since the connection's `start`: each record carries the totals so far,
+  so the latest record of a connection supersedes earlier ones and a lost interim record loses
+  nothing.
+- Orientation is the connection's (who initiated), never the packet's.
+
+Validation: values are type-checked when decoded (JSON, msgpack, dicts via `from_builtins`);
+`__post_init__` checks ranges and meaning (addresses canonical and of `family`, ports, UTC times,
+`end >= start`) on every construction. Errors are `RecordError`s naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from eastwest.errors import RecordError
+
+SCHEMA_VERSION = 1
+
+Source = Literal["socket", "vxlan", "pcap", "sockdiag"]
+Observer = Literal["client", "server", "path"]
+Connect = Literal["ok", "refused", "timeout", "reset"]
+PROTOCOLS = frozenset({"tcp", "udp", "icmp", "icmpv6", "sctp", "gre", "esp", "other"})
+TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Vni = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFF)]
+
+
+@lru_cache(maxsize=65536)
+def ip_family(text: str) -> int:
+    """4 or 6 for a canonical IP address string; RecordError otherwise. Cached: addresses repeat."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise RecordError("ip", text, "not an IP address") from exc
+    if str(addr) != text:
+        raise RecordError("ip", text, f"not in canonical form, expected {str(addr)!r}")
+    return addr.version
+
+
+def _check_ip(field: str, text: str, family: int | None = None) -> None:
+    try:
+        fam = ip_family(text)
+    except RecordError as exc:
+        raise RecordError(field, text, exc.reason) from None
+    if family is not None and fam != family:
+        raise RecordError(field, text, f"is IPv{fam} but family is {family}")
+
+
+def _check_utc(field: str, value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() != timedelta(0):
+        raise RecordError(field, value.isoformat(), "must be a UTC timestamp")
+
+
+class _Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=False):
+    pass
+
+
+class Endpoint(_Model):
+    ip: str
+    port: Port
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise RecordError("port", self.port, "must be 0..65535")
+
+
+class Rtt(_Model):
+    """Smoothed round-trip time in microseconds, over the samples of the interval."""
+
+    min: Count
+    avg: Count
+    max: Count
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.avg <= self.max:
+            raise RecordError("rtt_us", (self.min, self.avg, self.max), "needs 0 <= min <= avg <= max")
+
+
+class Process(_Model):
+    pid: Count
+    comm: str
+    cmdline: str | None = None
+
+
+class Cgroup(_Model):
+    id: Count
+    path: str | None = None
+
+
+class Tunnel(_Model):
+    type: Literal["vxlan"]
+    vni: Vni
+    outer_src: str
+    outer_dst: str
+    outer_dport: Port
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.vni <= 0xFFFFFF:
+            raise RecordError("tunnel.vni", self.vni, "must be 0..16777215 (24 bits)")
+        _check_ip("tunnel.outer_src", self.outer_src)
+        _check_ip("tunnel.outer_dst", self.outer_dst)
+
+
+class Workload(_Model):
+    name: str
+    namespace: str | None = None
+    kind: str | None = None
+    host: str | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class FlowRecord(_Model, kw_only=True):
+    schema: int = SCHEMA_VERSION
+    record_id: str
+    collector: str
+    source: Source
+    start: datetime
+    end: datetime
+    final: bool
+    protocol: str
+    family: Literal[4, 6]
+    client: Endpoint
+    server: Endpoint
+    observer: Observer
+    bytes_c2s: Count = 0
+    bytes_s2c: Count = 0
+    packets_c2s: Count | None = None
+    packets_s2c: Count | None = None
+    l3_bytes_c2s: Count | None = None
+    l3_bytes_s2c: Count | None = None
+    connect: Connect | None = None
+    retransmits: Count = 0
+    resets: Count = 0
+    rtt_us: Rtt | None = None
+    process: Process | None = None
+    netns: Count | None = None
+    cgroup: Cgroup | None = None
+    container: str | None = None
+    tunnel: Tunnel | None = None
+    client_workload: Workload | None = None
+    server_workload: Workload | None = None
+    # beyond the issue's minimum; documented in docs/flow-record.md
+    tcp_flags: list[str] | None = None
+    loopback: bool = False
+    incomplete: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.schema != SCHEMA_VERSION:
+            raise RecordError("schema", self.schema, f"unsupported, this build reads {SCHEMA_VERSION}")
+        if not self.collector:
+            raise RecordError("collector", self.collector, "must not be empty")
+        if not self.record_id.startswith(self.collector + ":"):
+            raise RecordError("record_id", self.record_id, f"must be '{self.collector}:<seq>'")
+        if self.protocol not in PROTOCOLS:
+            raise RecordError("protocol", self.protocol, f"must be one of {sorted(PROTOCOLS)}")
+        _check_utc("start", self.start)
+        _check_utc("end", self.end)
+        if self.end < self.start:
+            raise RecordError("end", self.end.isoformat(), f"is before start {self.start.isoformat()}")
+        _check_ip("client.ip", self.client.ip, self.family)
+        _check_ip("server.ip", self.server.ip, self.family)
+        for name in ("bytes_c2s", "bytes_s2c", "retransmits", "resets"):
+            if getattr(self, name) < 0:
+                raise RecordError(name, getattr(self, name), "must be >= 0")
+        if self.tcp_flags is not None:
+            for flag in self.tcp_flags:
+                if flag not in TCP_FLAG_NAMES:
+                    raise RecordError("tcp_flags", flag, f"must be one of {list(TCP_FLAG_NAMES)}")
+
+    # -- conveniences ---------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[str, str, int, str, int]:
+        """The connection's identity as observers agree on it: protocol, client, server."""
+        return (self.protocol, self.client.ip, self.client.port, self.server.ip, self.server.port)
+
+    def replace(self, **changes: Any) -> FlowRecord:
+        return msgspec.structs.replace(self, **changes)
+
+    def to_builtins(self) -> dict[str, Any]:
+        """The JSON form as Python builtins (times as RFC 3339 strings)."""
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_builtins(cls, data: Any) -> FlowRecord:
+        """Build and validate a record from JSON-like builtins; RecordError names the field."""
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise record_error_from(exc, data) from None
+
+
+def flags_from_bits(bits: int) -> list[str]:
+    """TCP flag names, in header bit order, for the flag byte of a TCP header (RFC 9293)."""
+    return [name for i, name in enumerate(TCP_FLAG_NAMES) if bits & (1 << i)]
+
+
+def record_error_from(exc: msgspec.ValidationError, data: Any = None) -> RecordError:
+    """Translate msgspec's message ("Expected `int`, got `str` - at `$.client.port`") into a
+    RecordError naming the field and, when the input is at hand, the value."""
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, RecordError):
+        return cause
+    message, _, path = text.partition(" - at `$")
+    path = path.rstrip("`").lstrip(".")
+    if not path:
+        # an unknown or missing field: msgspec names it in the message
+        return RecordError(_field_named_in(message) or "record", None, message)
+    value = _value_at(data, path)
+    return RecordError(path.replace("[", ".").replace("]", ""), value, message)
+
+
+def _field_named_in(message: str) -> str | None:
+    if "`" in message:
+        parts = message.split("`")
+        return parts[1] if len(parts) > 1 else None
+    return None
+
+
+def _value_at(data: Any, path: str) -> Any:
+    cur = data
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        if not part:
+            continue
+        try:
+            cur = cur[int(part)] if isinstance(cur, list) else cur[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return cur
