@@ -5,7 +5,7 @@ Each subcommand lives in its own module here (`eastwest/cli/<name>.py`) with a
 when it runs: `eastwest flows --help` never imports bcc or scapy.
 
 Exit codes: 0 success, 1 the work failed (a clear one-line error on stderr), 2 usage error
-(argparse: a bad flag names itself), 130 interrupted.
+(argparse, or a ConfigError naming the flag and its value), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from eastwest import __version__
-from eastwest.errors import EastwestError
+from eastwest.errors import ConfigError, EastwestError
 
 SUBCOMMANDS = ("collector", "aggregator", "flows", "graph", "workloads", "top", "diff", "lab", "demo")
 
@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eastwest: interrupted", file=sys.stderr)
         return 130
+    except ConfigError as exc:  # a flag or setting with a bad value: a usage error
+        print(f"eastwest {args.command}: {exc}", file=sys.stderr)
+        return 2
     except EastwestError as exc:
         print(f"eastwest {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,369 @@
+"""The lab's demo application: real TCP and UDP servers and clients that write ground truth.
+
+Runs inside a pod's namespace: `python -m eastwest.lab.app serve --state DIR --pod NAME`, or
+`... loadgen --state DIR --duration S`. Reads the lab inventory from DIR/inventory.json.
+
+Call graph (each arrow a new connection per request, so connections are countable):
+    loadgen -> frontend -> api -> db        (5% of requests also try db's dead port: refused)
+                               -> cache     (70%)
+                               -> auth      (50%; auth resets 20% of its connections)
+                               -> resolver  (30%, UDP request/response on a connected socket)
+A loadgen connection carries 1-3 requests (keep-alive), so some connections live longer.
+
+Ground truth, written by the application itself, one JSON line per connection:
+- DIR/truth/<pod>.jsonl by the client side, after the connection ended: the 5-tuple, the bytes
+  it wrote and read, the outcome (ok, refused, reset, timeout).
+- DIR/ledger/<pod>.jsonl by the server side: the bytes it read and wrote per connection, so a
+  test can prove the truth right from the other end.
+
+Protocol: request = b"REQ <response-size> <pad-size>\\n" + pad bytes; response = response-size
+bytes. The client closes after its last response. UDP: b"Q <size> <pad>\\n" + pad, one answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from eastwest.lab.plan import DEAD_PORT
+
+AUTH_RESET_SHARE = 0.2
+DB_DEAD_SHARE = 0.05
+CONNECT_TIMEOUT = 3.0
+
+
+def set_comm(name: str) -> None:
+    """prctl(PR_SET_NAME): the process (and the threads it starts later) show as `name`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, name.encode()[:15], 0, 0, 0)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class Ledger:
+    """Appends JSON lines to a file, one write per line, from many threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+
+    def write(self, obj: dict[str, Any]) -> None:
+        line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            os.write(self._fd, line)
+
+
+class App:
+    def __init__(self, state: Path, pod_name: str, seed: int | None = None) -> None:
+        self.state = state
+        self.inv = json.loads((state / "inventory.json").read_text())
+        self.pod = next(p for p in self.inv["pods"] if p["name"] == pod_name)
+        self.pods = {p["name"]: p for p in self.inv["pods"]}
+        self.truth = Ledger(state / "truth" / f"{pod_name}.jsonl")
+        self.ledger = Ledger(state / "ledger" / f"{pod_name}.jsonl")
+        self.rng = random.Random(seed)
+        self.rng_lock = threading.Lock()
+        self._rr: dict[str, int] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def chance(self, p: float) -> bool:
+        with self.rng_lock:
+            return self.rng.random() < p
+
+    def randint(self, a: int, b: int) -> int:
+        with self.rng_lock:
+            return self.rng.randint(a, b)
+
+    def replica(self, service: str) -> dict[str, Any]:
+        """Round-robin over the service's pods."""
+        pods = [p for p in self.inv["pods"] if p["service"] == service]
+        with self.rng_lock:
+            i = self._rr.get(service, 0)
+            self._rr[service] = i + 1
+        return pods[i % len(pods)]
+
+    def _truth(self, server: dict[str, Any], port: int, proto: str, cport: int, sent: int,
+               recv: int, start: str, outcome: str) -> None:
+        self.truth.write({
+            "client_pod": self.pod["name"], "client_ip": self.pod["ip"], "client_port": cport,
+            "server_pod": server["name"], "server_ip": server["ip"], "server_port": port,
+            "protocol": proto, "bytes_c2s": sent, "bytes_s2c": recv, "start": start,
+            "end": now_iso(), "outcome": outcome,
+            "client_comm": self.pod["comm"],
+            "server_comm": server["comm"] if port in server["ports"] else None,
+            "client_host": self.pod["host"], "server_host": server["host"],
+            "client_netns": self.pod["netns"], "server_netns": server["netns"],
+        })
+
+    # -- client side ------------------------------------------------------------------------
+    def call_tcp(self, server: dict[str, Any], port: int, requests: list[tuple[int, int]]) -> str:
+        """One connection carrying `requests` [(response size, pad size)]; writes its truth."""
+        start = now_iso()
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(CONNECT_TIMEOUT)
+        s.bind((self.pod["ip"], 0))  # know our port even when the connect fails
+        cport = s.getsockname()[1]
+        sent = recv = 0
+        outcome = "ok"
+        try:
+            try:
+                s.connect((server["ip"], port))
+            except ConnectionRefusedError:
+                outcome = "refused"
+                return outcome
+            except (TimeoutError, socket.timeout):
+                outcome = "timeout"
+                return outcome
+            for resp_size, pad in requests:
+                msg = f"REQ {resp_size} {pad}\n".encode() + b"x" * pad
+                s.sendall(msg)
+                sent += len(msg)
+                got = _recv_exact(s, resp_size)
+                recv += got
+                if got < resp_size:
+                    outcome = "reset"
+                    return outcome
+            s.shutdown(socket.SHUT_WR)
+            while True:  # the server closes after our EOF; read anything left (nothing, normally)
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                recv += len(chunk)
+        except ConnectionResetError:
+            outcome = "reset"
+        except (TimeoutError, socket.timeout):
+            outcome = "timeout"
+        finally:
+            s.close()
+            self._truth(server, port, "tcp", cport, sent, recv, start, outcome)
+        return outcome
+
+    def call_udp(self, server: dict[str, Any], port: int, resp_size: int, pad: int) -> str:
+        start = now_iso()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((self.pod["ip"], 0))
+        s.connect((server["ip"], port))
+        s.settimeout(CONNECT_TIMEOUT)
+        cport = s.getsockname()[1]
+        msg = f"Q {resp_size} {pad}\n".encode() + b"q" * pad
+        outcome, recv = "ok", 0
+        try:
+            s.send(msg)
+            recv = len(s.recv(65536))
+        except ConnectionRefusedError:
+            outcome = "refused"
+        except (TimeoutError, socket.timeout):
+            outcome = "timeout"
+        finally:
+            s.close()
+            self._truth(server, port, "udp", cport, len(msg), recv, start, outcome)
+        return outcome
+
+    # -- server side ------------------------------------------------------------------------
+    def upstream_calls(self) -> None:
+        """What one request to this pod's service calls next (the call graph)."""
+        svc = self.pod["service"]
+        services = self.inv["services"]
+        if svc == "frontend":
+            self.call_tcp(self.replica("api"), services["api"]["port"],
+                          [(self.randint(200, 6000), self.randint(50, 800))])
+        elif svc == "api":
+            db = self.replica("db")
+            self.call_tcp(db, services["db"]["port"], [(self.randint(100, 20000), self.randint(20, 400))])
+            if self.chance(DB_DEAD_SHARE):
+                self.call_tcp(db, DEAD_PORT, [(100, 10)])
+            if self.chance(0.7):
+                self.call_tcp(self.replica("cache"), services["cache"]["port"],
+                              [(self.randint(10, 3000), self.randint(10, 100))])
+            if self.chance(0.5):
+                self.call_tcp(self.replica("auth"), services["auth"]["port"],
+                              [(self.randint(50, 500), self.randint(100, 300))])
+            if self.chance(0.3):
+                self.call_udp(self.replica("resolver"), services["resolver"]["port"],
+                              self.randint(40, 400), self.randint(20, 60))
+
+    def serve(self) -> None:
+        svc = self.pod["service"]
+        port = self.inv["services"][svc]["port"]
+        set_comm(self.pod["comm"])
+        if self.inv["services"][svc]["protocol"] == "udp":
+            self._serve_udp(port)
+        else:
+            self._serve_tcp(port)
+
+    def _ready(self) -> None:
+        (self.state / "ready").mkdir(exist_ok=True)
+        (self.state / "ready" / self.pod["name"]).write_text(str(os.getpid()))
+
+    def _serve_tcp(self, port: int) -> None:
+        app = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                app.handle_tcp(self.request, self.client_address)
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+            request_queue_size = 256
+
+        with Server((self.pod["ip"], port), Handler) as srv:
+            self._ready()
+            srv.serve_forever(poll_interval=0.2)
+
+    def handle_tcp(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        conn.settimeout(30)
+        rfile = conn.makefile("rb", buffering=0)
+        bytes_in = bytes_out = 0
+        reset = False
+        try:
+            while True:
+                line = _readline(rfile)
+                if not line:
+                    break
+                bytes_in += len(line)
+                _, size_s, pad_s = line.split()
+                pad = _read_exact(rfile, int(pad_s))
+                bytes_in += pad
+                if self.pod["service"] == "auth" and self.chance(AUTH_RESET_SHARE):
+                    # abortive close: SO_LINGER {on, 0 s} sends RST instead of FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    reset = True
+                    break
+                self.upstream_calls()
+                conn.sendall(b"r" * int(size_s))
+                bytes_out += int(size_s)
+        except (ConnectionError, TimeoutError, ValueError, OSError):
+            pass
+        finally:
+            rfile.close()
+            conn.close()
+            self.ledger.write({"pod": self.pod["name"], "protocol": "tcp", "client_ip": peer[0],
+                               "client_port": peer[1], "server_ip": self.pod["ip"],
+                               "server_port": conn_port(self), "bytes_in": bytes_in,
+                               "bytes_out": bytes_out, "reset": reset, "end": now_iso()})
+
+    def _serve_udp(self, port: int) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((self.pod["ip"], port))
+        self._ready()
+        while True:
+            data, peer = s.recvfrom(65536)
+            try:
+                size = int(data.split(b"\n", 1)[0].split()[1])
+            except (IndexError, ValueError):
+                continue
+            s.sendto(b"a" * size, peer)
+            self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
+                               "client_port": peer[1], "server_ip": self.pod["ip"],
+                               "server_port": port, "bytes_in": len(data), "bytes_out": size,
+                               "reset": False, "end": now_iso()})
+
+    # -- load generator ---------------------------------------------------------------------
+    def loadgen(self, duration: float, rate: float, workers: int) -> int:
+        set_comm(self.pod["comm"])
+        deadline = time.monotonic() + duration
+        port = self.inv["services"]["frontend"]["port"]
+        count = [0]
+        lock = threading.Lock()
+
+        def worker(i: int) -> None:
+            rng = random.Random(self.rng.random() + i)
+            period = workers / rate
+            next_t = time.monotonic() + rng.random() * period
+            while True:
+                now = time.monotonic()
+                if next_t >= deadline:
+                    return
+                if next_t > now:
+                    time.sleep(next_t - now)
+                reqs = [(rng.randint(500, 30000), rng.randint(40, 500))
+                        for _ in range(rng.choice((1, 1, 2, 3)))]
+                self.call_tcp(self.replica("frontend"), port, reqs)
+                with lock:
+                    count[0] += 1
+                next_t += period * (0.5 + rng.random())
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return count[0]
+
+
+def conn_port(app: App) -> int:
+    return int(app.inv["services"][app.pod["service"]]["port"])
+
+
+def _readline(rfile: Any) -> bytes:
+    buf = bytearray()
+    while True:
+        c = rfile.read(1)
+        if not c:
+            return bytes(buf)
+        buf += c
+        if c == b"\n":
+            return bytes(buf)
+
+
+def _read_exact(rfile: Any, n: int) -> int:
+    got = 0
+    while got < n:
+        chunk = rfile.read(n - got)
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+def _recv_exact(s: socket.socket, n: int) -> int:
+    got = 0
+    while got < n:
+        chunk = s.recv(min(65536, n - got))
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eastwest.lab.app")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--state", required=True, type=Path)
+    s.add_argument("--pod", required=True)
+    g = sub.add_parser("loadgen")
+    g.add_argument("--state", required=True, type=Path)
+    g.add_argument("--pod", default="loadgen-1")
+    g.add_argument("--duration", type=float, required=True)
+    g.add_argument("--rate", type=float, default=20.0, help="connections per second to frontend")
+    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--seed", type=int)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if args.cmd == "serve":
+        App(args.state, args.pod).serve()
+        return 0
+    n = App(args.state, args.pod, seed=args.seed).loadgen(args.duration, args.rate, args.workers)
+    print(json.dumps({"connections": n}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

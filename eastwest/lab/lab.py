@@ -1,0 +1,262 @@
+"""The lab as an object: up, traffic, status, down. Root only.
+
+In: a name and sizes.  Out: namespaces wired by `topology`, the demo application (`app`)
+running in its pods, an inventory and a static workload map under the state directory
+(/run/eastwest/lab/<name>/), and ground truth files from `traffic()`.
+
+Everything the lab makes carries its name: namespaces `<name>-...`, the state directory, the
+processes (found again by their namespace). `down()` removes exactly that, also after a crash
+of the process that built it. `up()` tears down what it built when it fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eastwest.errors import LabError
+from eastwest.lab import topology
+from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, make_plan
+from eastwest.lab.topology import Progress
+
+STATE_ROOT = Path(os.environ.get("EASTWEST_LAB_STATE", "/run/eastwest/lab"))
+READY_TIMEOUT = 20.0
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces); run it with sudo")
+
+
+class Lab:
+    def __init__(self, name: str, inventory: dict[str, Any]) -> None:
+        self.name = name
+        self.inventory = inventory
+        self.state = Path(inventory["state_dir"])
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @classmethod
+    def up(cls, name: str = "ewlab", hosts: int = 3, pods_per_host: int = 2,
+           vxlan_port: int = 4789, progress: Progress = _quiet) -> Lab:
+        require_root()
+        plan = make_plan(name, hosts, pods_per_host, vxlan_port)
+        state = STATE_ROOT / name
+        if (state / "inventory.json").exists() or topology.lab_netns(name):
+            raise LabError(f"lab {name!r} is already up (or was not torn down): "
+                           f"`eastwest lab down --name {name}`")
+        plan.state_dir = str(state)
+        # SIGTERM during set-up must tear down like Ctrl-C does
+        old = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            topology.build(plan, progress)
+            inv = plan.inventory()
+            (state / "inventory.json").write_text(json.dumps(inv, indent=2))
+            _write_workload_map(plan, state / "workloads.yaml")
+            lab = cls(name, inv)
+            lab._start_apps(plan, progress)
+            progress(f"lab {name} is up: {len(plan.hosts)} hosts, {len(plan.pods)} pods, "
+                     f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}")
+            return lab
+        except BaseException:
+            progress("set-up failed or was interrupted: tearing down what was built")
+            cls.down_by_name(name, progress)
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+    @classmethod
+    def open(cls, name: str = "ewlab") -> Lab:
+        path = STATE_ROOT / name / "inventory.json"
+        if not path.exists():
+            raise LabError(f"no lab named {name!r} is up (no {path}); start one with "
+                           f"`eastwest lab up --name {name}`")
+        return cls(name, json.loads(path.read_text()))
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, **kwargs: Any) -> Iterator[Lab]:
+        lab = cls.up(**kwargs)
+        try:
+            yield lab
+        finally:
+            lab.down()
+
+    def down(self, progress: Progress = _quiet) -> list[str]:
+        return self.down_by_name(self.name, progress)
+
+    @staticmethod
+    def down_by_name(name: str, progress: Progress = _quiet) -> list[str]:
+        require_root()
+        state = STATE_ROOT / name
+        _stop_pidfile_processes(state)
+        gone = topology.remove(name, progress)
+        if state.exists():
+            subprocess.run(["rm", "-rf", str(state)], check=False)
+        return gone
+
+    @staticmethod
+    def names() -> list[str]:
+        """Labs that have state or namespaces on this machine."""
+        found = {p.name for p in STATE_ROOT.iterdir()} if STATE_ROOT.exists() else set()
+        for ns in topology.existing_netns():
+            if ns.endswith("-fab"):
+                found.add(ns[: -len("-fab")])
+        return sorted(found)
+
+    # -- the application --------------------------------------------------------------------
+    def _start_apps(self, plan: LabPlan, progress: Progress) -> None:
+        (self.state / "logs").mkdir(exist_ok=True)
+        pids: dict[str, int] = {}
+        servers = [p for p in plan.pods if p.service != "loadgen"]
+        for p in servers:
+            log = open(self.state / "logs" / f"{p.name}.log", "ab")  # noqa: SIM115
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", p.netns, sys.executable, "-m", "eastwest.lab.app",
+                 "serve", "--state", str(self.state), "--pod", p.name],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            pids[p.name] = proc.pid
+        (self.state / "pids.json").write_text(json.dumps(pids))
+        deadline = time.monotonic() + READY_TIMEOUT
+        waiting = {p.name for p in servers}
+        while waiting:
+            waiting = {n for n in waiting if not (self.state / "ready" / n).exists()}
+            dead = [n for n in waiting if _exited(pids[n])]
+            if dead or time.monotonic() > deadline:
+                why = "exited" if dead else "did not become ready in time"
+                names = dead or sorted(waiting)
+                tail = (self.state / "logs" / f"{names[0]}.log").read_text()[-800:]
+                raise LabError(f"demo service {', '.join(names)} {why}; log:\n{tail}")
+            time.sleep(0.05)
+        progress(f"demo application running in {len(servers)} pods")
+
+    def traffic(self, duration: float, truth_path: str | Path | None = None, seed: int | None = None,
+                rate: float = 20.0, workers: int = 4, progress: Progress = _quiet) -> list[dict[str, Any]]:
+        """Drive the application for `duration` seconds; return (and write) the truth lines of
+        every connection made in that time, sorted by start."""
+        require_root()
+        if duration <= 0:
+            raise LabError(f"--duration must be > 0, got {duration}")
+        truth_dir = self.state / "truth"
+        truth_dir.mkdir(exist_ok=True)
+        offsets = {f.name: f.stat().st_size for f in truth_dir.glob("*.jsonl")}
+        lg = next(p for p in self.inventory["pods"] if p["service"] == "loadgen")
+        cmd = ["ip", "netns", "exec", lg["netns"], sys.executable, "-m", "eastwest.lab.app",
+               "loadgen", "--state", str(self.state), "--pod", lg["name"], "--duration",
+               str(duration), "--rate", str(rate), "--workers", str(workers)]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
+        progress(f"driving the demo application for {duration:g} s from {lg['name']}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+        if proc.returncode != 0:
+            raise LabError(f"load generator failed: {proc.stderr.strip()[-800:]}")
+        lines: list[dict[str, Any]] = []
+        for f in sorted(truth_dir.glob("*.jsonl")):
+            with f.open("rb") as fh:
+                fh.seek(offsets.get(f.name, 0))
+                lines += [json.loads(x) for x in fh.read().splitlines() if x.strip()]
+        lines.sort(key=lambda t: (t["start"], t["client_ip"], t["client_port"]))
+        if truth_path is not None:
+            Path(truth_path).write_text("".join(json.dumps(t) + "\n" for t in lines))
+        outcomes = Counter(t["outcome"] for t in lines)
+        progress(f"{len(lines)} connections: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+        return lines
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every server-side ledger line so far (what servers read and wrote per connection)."""
+        out: list[dict[str, Any]] = []
+        for f in sorted((self.state / "ledger").glob("*.jsonl")):
+            out += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        return out
+
+    def status(self) -> dict[str, Any]:
+        pids = _read_pids(self.state)
+        present = set(topology.lab_netns(self.name))
+        return {
+            "name": self.name,
+            "state_dir": str(self.state),
+            "vni": self.inventory["vni"],
+            "vxlan_port": self.inventory["vxlan_port"],
+            "hosts": [{**h, "up": h["netns"] in present} for h in self.inventory["hosts"]],
+            "pods": [{"name": p["name"], "host": p["host"], "ip": p["ip"], "service": p["service"],
+                      "netns": p["netns"], "up": p["netns"] in present,
+                      "process": ("running" if p["name"] in pids and not _exited(pids[p["name"]])
+                                  else "-" if p["service"] == "loadgen" else "stopped")}
+                     for p in self.inventory["pods"]],
+        }
+
+    def host_netns(self, host: str) -> list[str]:
+        """The namespaces a collector playing `host` scopes itself to: the host's and its pods'."""
+        h = next(x for x in self.inventory["hosts"] if x["name"] == host)
+        return [h["netns"], *h["pod_netns"]]
+
+
+def _write_workload_map(plan: LabPlan, path: Path) -> None:
+    entries = []
+    for p in plan.pods:
+        svc = SERVICE_BY_NAME[p.service]
+        entries.append({"match": f"{p.ip}/32", "name": p.service, "namespace": svc.namespace,
+                        "kind": svc.kind, "host": p.host,
+                        "labels": {"app": p.service, "pod": p.name, "lab": plan.name}})
+    for h in plan.hosts:
+        entries.append({"match": f"{h.underlay_ip}/32", "name": f"node-{h.name}", "namespace": None,
+                        "kind": "Node", "host": h.name, "labels": {"lab": plan.name}})
+    path.write_text(yaml.safe_dump({"workloads": entries}, sort_keys=False))
+
+
+def _read_pids(state: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in json.loads((state / "pids.json").read_text()).items()}
+    except (OSError, ValueError):
+        return {}
+
+
+def _stop_pidfile_processes(state: Path) -> None:
+    for pid in _read_pids(state).values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    # stragglers are SIGKILLed by namespace in topology.remove
+
+
+def _exited(pid: int) -> bool:
+    try:
+        wpid, _ = os.waitpid(pid, os.WNOHANG)
+        if wpid == pid:
+            return True
+    except ChildProcessError:
+        pass  # not our child (another process started the lab): ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state == "Z"
+    except OSError:
+        return True
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

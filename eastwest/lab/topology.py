@@ -1,0 +1,137 @@
+"""Builds and removes the lab's network: namespaces, veths, bridges, the VXLAN overlay.
+
+In: a `LabPlan`.  Out: the namespaces of the plan, wired; or nothing left of them.
+
+Every link is created directly inside a lab namespace (`ip link add ... netns`), so the root
+namespace never holds a lab interface and traffic cannot leave the lab: the fabric bridge lives
+in its own namespace and has no uplink.
+
+Forwarding across the overlay uses static FDB entries (`bridge fdb append`): one all-zeros
+entry per remote host for broadcast/unknown traffic (head-end replication, as flannel and
+Linux's own docs do it) and one entry per remote pod MAC, so a unicast frame is carried to
+exactly its destination host. That keeps the (outer_src, outer_dst) VTEP pair of every
+captured packet equal to the two hosts of its pods: ground truth for the VXLAN decoder.
+Kernel docs: Documentation/networking/vxlan.rst.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable, Sequence
+
+from eastwest.errors import LabError
+from eastwest.lab.plan import LabPlan
+
+POD_MTU = 1450  # 1500 underlay - 50 bytes of VXLAN encapsulation (outer IPv4)
+
+Progress = Callable[[str], None]
+
+
+def sh(args: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one command; a failure raises LabError naming the command and its stderr."""
+    try:
+        proc = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
+    except FileNotFoundError as exc:
+        raise LabError(f"{args[0]} is not installed (make setup installs iproute2)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"timed out: {' '.join(args)}") from exc
+    if check and proc.returncode != 0:
+        raise LabError(f"`{' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def ip(netns: str, *args: str) -> None:
+    sh(["ip", "-n", netns, *args])
+
+
+def existing_netns() -> set[str]:
+    out = sh(["ip", "netns", "list"], check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def lab_netns(name: str) -> list[str]:
+    """The namespaces that belong to lab `name` by its naming scheme (and nothing else)."""
+    pat = re.compile(rf"^{re.escape(name)}-(fab|h\d+|h\d+-p\d+)$")
+    return sorted(n for n in existing_netns() if pat.match(n))
+
+
+def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
+    taken = set(lab_netns(plan.name))
+    if taken:
+        raise LabError(f"lab {plan.name!r} already has namespaces ({', '.join(sorted(taken))}); "
+                       f"run `eastwest lab down --name {plan.name}` first")
+    fab = plan.fabric_netns
+    progress(f"fabric namespace {fab}")
+    sh(["ip", "netns", "add", fab])
+    ip(fab, "link", "set", "lo", "up")
+    ip(fab, "link", "add", "name", "fab0", "type", "bridge")
+    ip(fab, "link", "set", "fab0", "up")
+
+    for h in plan.hosts:
+        progress(f"host {h.name} ({h.netns}, underlay {h.underlay_ip})")
+        sh(["ip", "netns", "add", h.netns])
+        ip(h.netns, "link", "set", "lo", "up")
+        ip(fab, "link", "add", h.name, "type", "veth", "peer", "name", h.underlay_if, "netns", h.netns)
+        ip(fab, "link", "set", h.name, "master", "fab0", "up")
+        ip(h.netns, "addr", "add", f"{h.underlay_ip}/24", "dev", h.underlay_if)
+        ip(h.netns, "link", "set", h.underlay_if, "up")
+        ip(h.netns, "link", "add", "name", "br0", "type", "bridge")
+        ip(h.netns, "link", "set", "br0", "up")
+        ip(h.netns, "link", "add", "vx0", "type", "vxlan", "id", str(plan.vni), "dstport",
+           str(plan.vxlan_port), "local", h.underlay_ip, "dev", h.underlay_if, "nolearning")
+        ip(h.netns, "link", "set", "vx0", "master", "br0", "up")
+
+    for p in plan.pods:
+        host = next(h for h in plan.hosts if h.name == p.host)
+        progress(f"pod {p.name} on {p.host} ({p.netns}, {p.ip})")
+        sh(["ip", "netns", "add", p.netns])
+        ip(p.netns, "link", "set", "lo", "up")
+        ip(host.netns, "link", "add", p.host_if, "type", "veth", "peer", "name", "eth0",
+           "netns", p.netns)
+        ip(host.netns, "link", "set", p.host_if, "mtu", str(POD_MTU), "master", "br0", "up")
+        ip(p.netns, "link", "set", "eth0", "address", p.mac, "mtu", str(POD_MTU))
+        ip(p.netns, "addr", "add", f"{p.ip}/16", "dev", "eth0")
+        ip(p.netns, "link", "set", "eth0", "up")
+
+    progress("overlay forwarding entries")
+    for h in plan.hosts:
+        for other in plan.hosts:
+            if other is h:
+                continue
+            sh(["bridge", "-n", h.netns, "fdb", "append", "00:00:00:00:00:00", "dev", "vx0",
+                "dst", other.underlay_ip])
+            for p in plan.pods:
+                if p.host == other.name:
+                    sh(["bridge", "-n", h.netns, "fdb", "append", p.mac, "dev", "vx0", "dst",
+                        other.underlay_ip])
+
+
+def kill_netns_processes(netns: str) -> list[int]:
+    """SIGKILL every process still inside `netns` (the last resort of teardown)."""
+    out = sh(["ip", "netns", "pids", netns], check=False).stdout
+    pids = [int(x) for x in out.split() if x.isdigit()]
+    for pid in pids:
+        sh(["kill", "-9", str(pid)], check=False)
+    return pids
+
+
+def remove(name: str, progress: Progress = lambda _m: None) -> list[str]:
+    """Delete every namespace of lab `name` (pods first); return what was removed."""
+    gone = []
+    names = lab_netns(name)
+    # pods, then hosts, then the fabric: links die with their namespace
+    order = sorted(names, key=lambda n: (0 if re.search(r"-p\d+$", n) else
+                                         2 if n.endswith("-fab") else 1, n))
+    for ns in order:
+        kill_netns_processes(ns)
+        r = sh(["ip", "netns", "delete", ns], check=False)
+        if r.returncode == 0:
+            gone.append(ns)
+            progress(f"removed {ns}")
+        else:
+            progress(f"could not remove {ns}: {r.stderr.strip()}")
+    left = lab_netns(name)
+    if left:
+        raise LabError(f"could not remove namespaces {', '.join(left)}")
+    return gone

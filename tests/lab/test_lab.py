@@ -1,0 +1,169 @@
+"""The lab itself: it builds, its overlay carries each packet between exactly the right hosts,
+its truth is exact (the servers' own counts agree byte for byte), and it leaves nothing behind,
+also when interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from eastwest.lab import Lab
+from eastwest.lab.topology import existing_netns
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.lab
+
+EW = [sys.executable, "-m", "eastwest"]
+TRUTH_FIELDS = {"client_pod", "client_ip", "client_port", "server_pod", "server_ip", "server_port",
+                "protocol", "bytes_c2s", "bytes_s2c", "start", "end", "outcome"}
+
+
+def lab_processes(name: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "eastwest.lab.app" in line and f"/lab/{name}" in line]
+
+
+def test_cli_up_traffic_down_leaves_nothing_behind(tmp_path):
+    require_root()
+    name = "ewcli"
+    subprocess.run([*EW, "lab", "down", "--name", name, "-q"], check=False)
+    truth = tmp_path / "t.jsonl"
+    try:
+        up = subprocess.run([*EW, "lab", "up", "--name", name, "-q"], capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
+        assert len([n for n in existing_netns() if n.startswith(f"{name}-")]) == 1 + 3 + 7
+        st = subprocess.run([*EW, "lab", "status", "--name", name, "--json"], capture_output=True,
+                            text=True, check=True)
+        status = json.loads(st.stdout)
+        assert all(p["process"] == "running" for p in status["pods"] if p["service"] != "loadgen")
+        tr = subprocess.run([*EW, "lab", "traffic", "--name", name, "--duration", "3", "--truth",
+                             str(truth), "--seed", "7", "-q"], capture_output=True, text=True)
+        assert tr.returncode == 0, tr.stderr
+        lines = [json.loads(x) for x in truth.read_text().splitlines()]
+        assert lines and all(TRUTH_FIELDS <= set(t) for t in lines)
+    finally:
+        down = subprocess.run([*EW, "lab", "down", "--name", name, "-q"], capture_output=True, text=True)
+    assert down.returncode == 0, down.stderr
+    assert [n for n in existing_netns() if n.startswith(f"{name}-")] == []
+    assert lab_processes(name) == []
+    assert not Path(f"/run/eastwest/lab/{name}").exists()
+
+
+def test_truth_equals_what_the_servers_counted(lab_factory, tmp_path):
+    lab = lab_factory(name="ewtruth")
+    truth = lab.traffic(4.0, tmp_path / "t.jsonl", seed=3)
+    ledger = {(x["protocol"], x["client_ip"], x["client_port"], x["server_ip"], x["server_port"]): x
+              for x in lab.ledger()}
+    outcomes = Counter(t["outcome"] for t in truth)
+    assert outcomes["ok"] > 100 and outcomes["refused"] >= 1 and outcomes["reset"] >= 1, outcomes
+    checked = 0
+    for t in truth:
+        key = (t["protocol"], t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])
+        if t["outcome"] == "refused":
+            assert key not in ledger, t  # nobody accepted it
+            assert t["bytes_c2s"] == t["bytes_s2c"] == 0
+            continue
+        server = ledger[key]
+        assert (server["bytes_in"], server["bytes_out"]) == (t["bytes_c2s"], t["bytes_s2c"]), t
+        assert server["reset"] == (t["outcome"] == "reset"), t
+        checked += 1
+    assert checked == len(truth) - outcomes["refused"]
+    # the application's own ports are what the truth says, and pods are who the inventory says
+    pods = {p["name"]: p for p in lab.inventory["pods"]}
+    for t in truth:
+        assert pods[t["client_pod"]]["ip"] == t["client_ip"]
+        assert pods[t["server_pod"]]["ip"] == t["server_ip"]
+    # the call graph has the edges the docs promise, and most calls cross hosts
+    edges = {(t["client_pod"].rsplit("-", 1)[0], t["server_pod"].rsplit("-", 1)[0]) for t in truth}
+    assert edges == {("loadgen", "frontend"), ("frontend", "api"), ("api", "db"), ("api", "cache"),
+                     ("api", "auth"), ("api", "resolver")}
+    assert sum(t["client_host"] != t["server_host"] for t in truth) > len(truth) / 2
+
+
+def test_overlay_carries_each_packet_between_exactly_its_two_hosts(lab_factory, tmp_path):
+    """Static forwarding entries: a VXLAN packet seen on a host's underlay always has that host
+    as one VTEP and the host of the other pod as the other, so VTEP ground truth is exact."""
+    from scapy.all import IP, UDP, VXLAN, rdpcap
+
+    lab = lab_factory(name="ewovl", vxlan_port=8472)
+    host_of_ip = {p["ip"]: p["host"] for p in lab.inventory["pods"]}
+    underlay = {h["underlay_ip"]: h["name"] for h in lab.inventory["hosts"]}
+    caps = {}
+    procs = []
+    for h in lab.inventory["hosts"]:
+        caps[h["name"]] = tmp_path / f"{h['name']}.pcap"
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", h["netns"], "tcpdump", "-i", "eth0", "-U", "-w",
+             str(caps[h["name"]]), "udp", "port", "8472"], stderr=subprocess.PIPE))
+    for p in procs:  # tcpdump says "listening on" once its capture is open
+        assert b"listening on" in p.stderr.readline()
+    truth = lab.traffic(2.0, seed=5)
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=10)
+    cross = [t for t in truth if t["client_host"] != t["server_host"]]
+    assert cross
+    seen_pairs: Counter[tuple[str, str]] = Counter()
+    for host, path in caps.items():
+        for pkt in rdpcap(str(path)):
+            if not pkt.haslayer(VXLAN) or IP not in pkt[VXLAN]:
+                continue
+            if pkt[VXLAN][IP].dst not in host_of_ip:
+                continue  # multicast/broadcast (IGMP from the bridges) is flooded to every host
+            outer, inner = pkt[IP], pkt[VXLAN][IP]
+            assert pkt[UDP].dport == 8472 and pkt[VXLAN].vni == lab.inventory["vni"]
+            a, b = underlay[outer.src], underlay[outer.dst]
+            assert host in (a, b)
+            assert (host_of_ip[inner.src], host_of_ip[inner.dst]) == (a, b), pkt.summary()
+            seen_pairs[(a, b)] += 1
+    expected = {(t["client_host"], t["server_host"]) for t in cross}
+    assert expected <= set(seen_pairs)
+
+
+def test_interrupted_up_tears_down_what_it_built():
+    require_root()
+    name = "ewint"
+    Lab.down_by_name(name)
+    proc = subprocess.Popen([*EW, "lab", "up", "--name", name], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # interrupt in the middle: after the first pod exists
+        if "pod " in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, rest
+    assert "tearing down" in rest
+    assert [n for n in existing_netns() if n.startswith(f"{name}-")] == []
+    assert not Path(f"/run/eastwest/lab/{name}").exists()
+
+
+def test_up_twice_is_refused_and_down_is_idempotent(lab_factory):
+    lab = lab_factory(name="ewtwice", hosts=2, pods_per_host=3)
+    from eastwest.errors import LabError
+
+    with pytest.raises(LabError, match="already up"):
+        Lab.up(name="ewtwice", hosts=2, pods_per_host=3)
+    assert lab.status()["pods"][1]["process"] == "running"
+    lab.down()
+    assert lab.down() == []  # nothing left: a second down is a no-op
+
+
+def test_non_root_is_told_clearly():
+    require_root()
+    r = subprocess.run([*EW, "lab", "status", "--name", "nosuch"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no lab named 'nosuch'" in r.stdout
+    code = ("import os\nos.geteuid = lambda: 1000\nfrom eastwest.cli import main\n"
+            "raise SystemExit(main(['lab', 'up', '--name', 'ewnr']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ})
+    assert r.returncode == 1 and "needs root" in r.stderr
+    time.sleep(0)  # nothing was built
+    assert [n for n in existing_netns() if n.startswith("ewnr-")] == []
