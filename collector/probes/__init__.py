@@ -1,0 +1,85 @@
+"""eBPF socket probes: every TCP connection of every process, from stable tracepoints.
+
+Stage: a collector source. In: the running kernel (tracepoints `sock:inet_sock_set_state`,
+`sock:sock_send_length`, `sock:sock_recv_length`, `tcp:*`; see socket.bpf.c). Out: `FlowRecord`s
+with source="socket", one per connection per interval (`final=False`) and one at its end.
+
+Modules: `btf` (struct offsets and raw tracepoint prototypes from the running kernel's BTF),
+`kernel` (compile, attach, read maps), `conn` (the kernel's per-socket state as Python and the
+`KernelSide` interface), `records` (state -> record), `source` (the drain loop).
+`collector.capabilities` decides which hooks run; `collector.proc` and `collector.netns` attribute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+from collector.pipeline import CollectorContext, Emit
+from collector.probes.kernel import ProbeConfig, program_text
+from eastwest.clock import KernelClock
+from eastwest.errors import ConfigError
+
+__all__ = ["SocketProbeSource", "bpf_source", "probe_config"]
+log = logging.getLogger("eastwest.collector.probes")
+
+
+def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) -> ProbeConfig:
+    """Settings of the probes from the collector's flags (names the bad value)."""
+    from collector.netns import resolve_all
+
+    entries = int(getattr(args, "map_entries", 65536))
+    if not 64 <= entries <= 1 << 24:
+        raise ConfigError("--map-entries", entries, "must be between 64 and 16777216")
+    interval = float(getattr(args, "interval", 5.0))
+    if not interval > 0:
+        raise ConfigError("--interval", interval, "must be > 0 seconds")
+    cfg = ProbeConfig(conn_entries=entries, netns=resolve_all(list(getattr(args, "netns", []) or [])))
+    if hooks is not None:
+        cfg = ProbeConfig(conn_entries=cfg.conn_entries, netns=cfg.netns, hooks=hooks)
+    return cfg
+
+
+def bpf_source(args: argparse.Namespace) -> str:
+    """The BPF C program exactly as it would be compiled on this kernel with these flags."""
+    from collector.capabilities import probe
+
+    caps = probe()
+    return program_text(caps.offsets, probe_config(args, caps.features()))  # type: ignore[arg-type]
+
+
+class SocketProbeSource:
+    """`collector.pipeline.Source` over the eBPF socket probes. `ready` is set once attached."""
+
+    name = "socket"
+
+    def __init__(self, ctx: CollectorContext, args: argparse.Namespace) -> None:
+        from collector.capabilities import probe
+        from collector.probes.records import RecordBuilder
+        from collector.probes.source import ProbeLoop
+        from collector.proc import ProcessCache
+
+        caps = probe()
+        caps.require()  # CapabilityError naming what is missing
+        caps.warn_once(log)
+        self.config = probe_config(args, caps.features())
+        self.offsets = caps.offsets
+        self.procs = ProcessCache()
+        builder = RecordBuilder(ctx, KernelClock(), self.procs, caps.missing_measurements())
+        self.loop = ProbeLoop(ctx, self._load, builder, interval=float(args.interval))
+        self.ready: threading.Event = self.loop.ready
+
+    def _load(self):  # noqa: ANN202 - a KernelSide
+        from collector.probes.kernel import BccKernel
+        from collector.proc import listening_owners
+
+        owners = listening_owners(self.config.netns, cache=self.procs)
+        kernel = BccKernel(self.offsets, self.config, owners)  # type: ignore[arg-type]
+        log.info("socket probes attached: %s; netns scope %s; %d existing listeners",
+                 ", ".join(sorted(self.config.hooks)), list(self.config.netns) or "all",
+                 len(owners))
+        return kernel
+
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        self.loop.run(emit, stop)

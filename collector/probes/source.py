@@ -1,0 +1,110 @@
+"""The socket probe source: kernel states -> records, every interval and at every close.
+
+Stage: a collector source (`collector.pipeline.Source`).
+In: a `KernelSide` (the loaded BPF program, or a fake in tests).
+Out: lists of `FlowRecord` through `emit`: final records as close events arrive, interim
+(`final=False`) records of every live connection every `interval` seconds, and at stop the
+last close events plus interim records of what is still open.
+
+Loss accounting: the kernel's `stats` counters are read every interval; their increases go to
+`Drops` (stage "socket") and mark the records of that interval `incomplete: lost_events`.
+`close_deferred` is not a loss: those connections are finalised from the map (below).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from collector.pipeline import CollectorContext, Emit
+from collector.probes.conn import ConnState, KernelSide
+from collector.probes.records import STAGE, RecordBuilder
+from eastwest.record import FlowRecord
+
+log = logging.getLogger("eastwest.collector.probes")
+LOSSES = ("conn_map_full", "listen_map_full", "deferred_lost")
+
+
+class ProbeLoop:
+    """The userspace half, independent of bcc: unit-tested against a fake kernel side."""
+
+    name = "socket"
+
+    def __init__(self, ctx: CollectorContext, kernel_factory: Callable[[], KernelSide],
+                 builder: RecordBuilder, interval: float = 5.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.ctx = ctx
+        self.kernel_factory = kernel_factory
+        self.builder = builder
+        self.interval = interval
+        self.monotonic = monotonic
+        self.ready = threading.Event()  # set once the probes are attached
+        self._stats: dict[str, int] = {}
+        self._lossy = False
+
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        kernel = self.kernel_factory()
+        try:
+            self.ready.set()
+            next_drain = self.monotonic() + self.interval
+            while not stop.is_set():
+                timeout = max(0.0, min(0.2, next_drain - self.monotonic()))
+                self._emit(emit, self.finals(kernel.poll(timeout)))
+                if self.monotonic() >= next_drain:
+                    self._emit(emit, self.drain(kernel))
+                    next_drain += self.interval
+                    if next_drain < self.monotonic():  # fell behind: do not burst
+                        next_drain = self.monotonic() + self.interval
+            # flush: every close the kernel has sent, then where the open ones stand
+            self._emit(emit, self.finals(kernel.poll(0)))
+            self._emit(emit, self.drain(kernel))
+        finally:
+            kernel.close()
+
+    @staticmethod
+    def _emit(emit: Emit, records: list[FlowRecord]) -> None:
+        if records:
+            emit(records)
+
+    def finals(self, states: list[ConnState]) -> list[FlowRecord]:
+        now = self.ctx.clock.now()
+        extra = ("lost_events",) if self._lossy else ()
+        out = []
+        for s in states:
+            r = self.builder.build(s, final=True, now=now, extra_incomplete=extra)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def drain(self, kernel: KernelSide) -> list[FlowRecord]:
+        """One interval: loss counters, interim records of live connections, deferred finals."""
+        self._account(kernel.stats())
+        extra = ("lost_events",) if self._lossy else ()
+        now = self.ctx.clock.now()
+        out: list[FlowRecord] = []
+        deferred: list[ConnState] = []
+        for s in kernel.live():
+            if s.deferred:  # the ring buffer was full at its close: finalise it from the map
+                deferred.append(s)
+                r = self.builder.build(s, final=True, now=now, extra_incomplete=extra)
+            else:
+                r = self.builder.build(s, final=False, now=now, extra_incomplete=extra)
+            if r is not None:
+                out.append(r)
+        if deferred:
+            kernel.forget(deferred)
+        return out
+
+    def _account(self, stats: dict[str, int]) -> None:
+        lossy = False
+        for name, total in stats.items():
+            delta = total - self._stats.get(name, 0)
+            if delta > 0 and name in LOSSES:
+                lossy = True
+                self.ctx.drops.count(STAGE, name, delta, detail=f"{delta} in the kernel ({name})")
+            elif delta > 0 and name == "close_deferred":
+                log.info("%d close events waited in the map (ring buffer full)", delta)
+        self._stats = dict(stats)
+        self._lossy = lossy
