@@ -1,11 +1,63 @@
-"""`eastwest aggregator`: central ingest, correlation, store, graph and API."""
+"""`eastwest aggregator`: central ingest, store and API (correlation and graph: issue #6).
+
+Flags are declared here (cheap); FastAPI, DuckDB and uvicorn are imported only when it runs.
+"""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
-from eastwest.cli._pending import register_pending
+EPILOG = """\
+examples:
+  export EASTWEST_INGEST_TOKEN=$(openssl rand -hex 24) EASTWEST_READ_TOKEN=$(openssl rand -hex 24)
+  eastwest aggregator --listen 127.0.0.1:8470 --data ./data
+  eastwest aggregator --listen 0.0.0.0:8470 --data /var/lib/eastwest \\
+      --tls-cert server.pem --tls-key server.key
+  eastwest aggregator --listen 127.0.0.1:8470 --data ./data --insecure-open   # loopback only
+
+Tokens: the ingest token (EASTWEST_INGEST_TOKEN or --ingest-token-file) lets collectors POST
+batches to /api/v1/ingest; the read token (EASTWEST_READ_TOKEN or --read-token-file) is needed
+for every read. A token file holds the bare token or NAME=value lines (make run writes
+./data/tokens.env, mode 0600). API reference: /docs on the running server, docs/api.md."""
 
 
 def register(sub: Any) -> None:
-    register_pending(sub, "aggregator", "central ingest, correlation, store, graph and API", 5)
+    p = sub.add_parser(
+        "aggregator",
+        help="central service: ingest, store, web API",
+        description="Receives flow-record batches from collectors (authenticated, idempotent per "
+        "collector and batch number), stores them durably in DuckDB, and serves the API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("serving")
+    g.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT",
+                   help="address to serve on (default 127.0.0.1:8470; [::1]:8470 for IPv6)")
+    g.add_argument("--data", default="./data", metavar="DIR",
+                   help="directory of the DuckDB store (created if missing; default ./data)")
+    g.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log every request")
+
+    g = p.add_argument_group("security")
+    g.add_argument("--ingest-token-file", metavar="FILE",
+                   help="ingest token file, used when EASTWEST_INGEST_TOKEN is not set")
+    g.add_argument("--read-token-file", metavar="FILE",
+                   help="read token file, used when EASTWEST_READ_TOKEN is not set")
+    g.add_argument("--insecure-open", action="store_true",
+                   help="serve the read API without a token (refused unless --listen is loopback)")
+
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
+                   help="largest ingest body; larger ones get 413 (default 64 MiB)")
+    g.add_argument("--max-batch-records", type=int, default=100_000, metavar="N",
+                   help="most records in one batch; more get 413 (default 100000)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aggregator.serve import serve
+    from aggregator.settings import AggregatorSettings
+
+    return serve(AggregatorSettings.from_args(args), verbose=args.verbose)

@@ -66,7 +66,26 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--stdout", action="store_true", help="write records as JSON lines to stdout")
     g.add_argument("--output", metavar="FILE", help="write JSON lines to FILE")
-    g.add_argument("--aggregator", metavar="URL", help="send batches to this aggregator")
+    g.add_argument("--aggregator", metavar="URL", help="send batches to this aggregator, e.g. "
+                   "http://127.0.0.1:8470 (token: $EASTWEST_INGEST_TOKEN or --ingest-token-file)")
+    g.add_argument("--ingest-token-file", metavar="FILE",
+                   help="file holding the ingest token (bare, or EASTWEST_INGEST_TOKEN=...)")
+    g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify an https aggregator")
+    g.add_argument("--spool-dir", metavar="DIR", help="on-disk spool of unsent batches "
+                   "(default /var/lib/eastwest/spool/COLLECTOR_ID); survives restarts")
+    g.add_argument("--spool-max-bytes", type=int, default=512 * 1024 * 1024, metavar="N",
+                   help="spool bound; when full, interim records are shed before final ones "
+                   "(default 512 MiB)")
+    g.add_argument("--batch-size", type=int, default=5000, metavar="N",
+                   help="records per batch at most (default 5000)")
+    g.add_argument("--batch-age", type=float, default=1.0, metavar="S",
+                   help="a batch is sent at the latest S seconds after its first record (default 1)")
+    g.add_argument("--send-deadline", type=float, default=30.0, metavar="S",
+                   help="retry one batch for at most S seconds, then keep it spooled (default 30)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                   help="at exit, try to drain the spool for S seconds (default 10)")
+    g.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics here, e.g. 127.0.0.1:9470")
     g.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     p.set_defaults(func=_run)
 

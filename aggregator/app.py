@@ -1,0 +1,127 @@
+"""The aggregator's HTTP application: a FastAPI factory.
+
+In:  `AggregatorSettings` and (optionally, for tests) a `FlowStore`.  Out: a FastAPI app with
+- `POST /api/v1/ingest` (aggregator/ingest.py; ingest token)
+- `GET /api/v1/records` raw stored records by time range (read token); the correlated flows,
+  graph and query API arrive with the aggregator issue (#6) on this same app and store
+- `/healthz`, `/readyz`, `/metrics` (Prometheus text, no token: counts only), `/openapi.json`,
+  `/docs`.
+
+Errors are JSON `{"detail": ...}`. Request validation errors are 400 (not FastAPI's 422) and name
+the parameter. Nothing a client sends produces a 500: the store's failures become 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from aggregator.auth import Authenticator, require_read
+from aggregator.ingest import router as ingest_router
+from aggregator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aggregator.metrics import AggregatorMetrics
+from aggregator.settings import AggregatorSettings
+from aggregator.store import FlowStore, StoreError, open_store
+from eastwest import __version__
+from eastwest.codec import Batch
+from eastwest.drops import Drops
+
+MAX_RECORDS_PAGE = 100_000
+
+
+def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> FastAPI:
+    owned = store is None
+    the_store: FlowStore = store if store is not None else open_store(settings.store, settings.data_dir)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            the_store.close()
+
+    app = FastAPI(title="eastwest aggregator", version=__version__, lifespan=lifespan,
+                  description="Ingest of flow-record batches from eastwest collectors, and the "
+                  "read API. Tokens: ingest token for POST /api/v1/ingest, read token for reads "
+                  "(Authorization: Bearer TOKEN).")
+    drops = Drops()
+    metrics = AggregatorMetrics(drops)
+    metrics.watch_store(the_store.count, getattr(the_store, "file_bytes", lambda: 0))
+    app.state.settings = settings
+    app.state.store = the_store
+    app.state.drops = drops
+    app.state.metrics = metrics
+    app.state.auth = Authenticator(settings)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts) or "bad request"}, status_code=400)
+
+    @app.exception_handler(StoreError)
+    async def _store_down(_req: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    app.include_router(ingest_router)
+
+    @app.get("/api/v1/records", dependencies=[Depends(require_read)],
+             summary="Raw stored flow records whose end is in [since, until), oldest first")
+    def records(since: datetime | None = None, until: datetime | None = None,
+                collector: str | None = Query(None, max_length=253),
+                limit: int = Query(1000, ge=1, le=MAX_RECORDS_PAGE)) -> Response:
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and value.tzinfo is None:
+                raise HTTPException(400, f"{name}={value.isoformat()}: give a time zone (e.g. Z)")
+        recs = the_store.records(since, until, collector=collector, limit=limit)
+        return Response(msgspec.json.encode({"records": recs, "count": len(recs)}),
+                        media_type="application/json")
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The store is open and answering")
+    def readyz() -> dict[str, Any]:
+        return {"status": "ready", "records": the_store.count()}
+
+    @app.get("/metrics", summary="Prometheus self-metrics", response_class=Response)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    _add_batch_schema(app)
+    return app
+
+
+def _add_batch_schema(app: FastAPI) -> None:
+    """Put the JSON batch schema (from the msgspec model, the one source of truth) into the
+    OpenAPI components, so clients and schemathesis know the JSON ingest body."""
+
+    class JsonBatch(Batch, frozen=True):
+        pass
+
+    (schema,), components = msgspec.json.schema_components(
+        [JsonBatch], ref_template="#/components/schemas/{name}")
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = base()
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,185 @@
+"""Ingest: `POST /api/v1/ingest`, collector batches -> validated records -> the store.
+
+In:  an HTTP body holding one batch, in the binary wire form (`EWB1` + zstd(msgpack), content
+type `application/x-eastwest-batch`) or the JSON form for scripts (`application/json`), both
+defined in eastwest/codec.py and docs/flow-record.md.
+Out: the batch's good records stored durably with its `(collector, batch_seq)` mark, and a
+response that lists every rejected record by index and reason.
+
+Rules (docs/api.md):
+- Needs the ingest token (aggregator/auth.py).
+- A bad record is rejected alone (its index, field and reason in `rejected`); the others are
+  stored. A record whose `collector` is not the batch's, or whose integers do not fit the store,
+  is a bad record too.
+- 413 when the body exceeds `max_body_bytes` (checked on Content-Length and while reading) or the
+  batch holds more than `max_batch_records` records. 400 when the envelope is not a batch.
+  503 (with Retry-After) when the store fails: the collector retries. Never a 500.
+- Idempotent: a batch already applied answers 200 with `duplicate: true` and stores nothing.
+- Acknowledged (200) only after the store's commit is durable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from aggregator.auth import require_ingest
+from aggregator.store.base import StoreError
+from aggregator.store.columns import INT64_MAX, storable_problem
+from eastwest.codec import CONTENT_TYPE, MAGIC, DecodedBatch, decode_batch, decode_json_batch
+from eastwest.errors import CodecError
+from eastwest.record import FlowRecord
+
+MAX_COLLECTOR_LEN = 253  # a DNS host name at most
+
+router = APIRouter()
+
+
+class Rejected(BaseModel):
+    index: int
+    field: str
+    reason: str
+
+
+class IngestResponse(BaseModel):
+    collector: str
+    batch_seq: int
+    duplicate: bool
+    accepted: int
+    rejected: list[Rejected]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in (
+        (400, "the body is not a batch (bad magic, broken compression, wrong shape)"),
+        (401, "missing or invalid bearer token"), (403, "the read token cannot ingest"),
+        (413, "body or batch too large"), (415, "unsupported content type"),
+        (503, "the store is unavailable: retry after Retry-After seconds"))}
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/JsonBatch"}},
+        },
+    }
+}
+
+
+@router.post("/api/v1/ingest", response_model=IngestResponse, responses=_ERRORS,
+             openapi_extra=_BODY_DOC, dependencies=[Depends(require_ingest)],
+             summary="Store one batch of flow records (idempotent per collector and batch_seq)")
+async def ingest(request: Request) -> IngestResponse:
+    state = request.app.state
+    limit = state.settings.max_body_bytes
+    body = await _read_body(request, limit)
+    state.metrics.bytes_in.inc(len(body))
+    started = time.perf_counter()
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    response = await run_in_threadpool(_apply, request, body, ctype)
+    state.metrics.latency.observe(time.perf_counter() - started)
+    return response
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit}")
+        except ValueError:
+            raise HTTPException(400, f"content-length={declared!r} is not a number") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(body: bytes, ctype: str) -> DecodedBatch:
+    try:
+        if ctype == "application/json" or (ctype in ("", "application/octet-stream")
+                                           and body[:1] == b"{"):
+            return decode_json_batch(body)
+        if ctype in (CONTENT_TYPE, "application/octet-stream", "") or body[:4] == MAGIC:
+            return decode_batch(body)
+    except CodecError as exc:
+        raise HTTPException(400, str(exc)) from None
+    except RecursionError:
+        raise HTTPException(400, "batch nests too deeply") from None
+    raise HTTPException(415, f"content-type={ctype!r}: send {CONTENT_TYPE} or application/json")
+
+
+def _apply(request: Request, body: bytes, ctype: str) -> IngestResponse:
+    state = request.app.state
+    batch = _decode(body, ctype)
+    total = len(batch.records) + len(batch.errors)
+    state.metrics.records_in.inc(total)
+    if total > state.settings.max_batch_records:
+        state.metrics.batches.labels("rejected").inc()
+        state.drops.count("ingest", "batch_too_long", total)
+        raise HTTPException(413, f"batch of {total} records exceeds the limit of "
+                            f"{state.settings.max_batch_records}")
+    if not batch.collector or len(batch.collector) > MAX_COLLECTOR_LEN:
+        state.metrics.batches.labels("rejected").inc()
+        state.drops.count("ingest", "bad_envelope", total)
+        raise HTTPException(400, f"collector={batch.collector[:80]!r}: must be 1..{MAX_COLLECTOR_LEN}"
+                            " characters")
+    if not 0 <= batch.batch_seq <= INT64_MAX:
+        state.metrics.batches.labels("rejected").inc()
+        state.drops.count("ingest", "bad_envelope", total)
+        raise HTTPException(400, f"batch_seq={batch.batch_seq}: must be 0..{INT64_MAX}")
+
+    rejected = [Rejected(index=i, field=e.field, reason=str(e)) for i, e in batch.errors]
+    good = _keep_good(batch, rejected)
+    rejected.sort(key=lambda r: r.index)
+    try:
+        result = state.store.ingest(batch.collector, batch.batch_seq, good)
+    except StoreError as exc:
+        state.drops.count("ingest", "store_unavailable", len(good), detail=str(exc))
+        raise HTTPException(503, f"store unavailable: {exc}", headers={"Retry-After": "1"}) from None
+    if rejected:
+        state.drops.count("ingest", "invalid_record", len(rejected))
+    state.metrics.batches.labels("duplicate" if result.duplicate else "stored").inc()
+    state.metrics.records_out.inc(result.stored)
+    return IngestResponse(collector=batch.collector, batch_seq=batch.batch_seq,
+                          duplicate=result.duplicate, accepted=len(good), rejected=rejected)
+
+
+def _keep_good(batch: DecodedBatch, rejected: list[Rejected]) -> list[FlowRecord]:
+    """The decoded records that may be stored; the others join `rejected` with their index."""
+    if not batch.records:
+        return []
+    bad_idx = {i for i, _ in batch.errors}
+    good: list[FlowRecord] = []
+    idx = 0
+    for rec in batch.records:
+        while idx in bad_idx:  # records keep their position in the batch
+            idx += 1
+        problem: tuple[str, str] | None = None
+        if rec.collector != batch.collector:
+            problem = ("collector", f"collector={rec.collector!r}: differs from the batch's "
+                       f"{batch.collector!r}")
+        else:
+            big = storable_problem(rec)
+            if big is not None:
+                problem = (big[0], f"{big[0]}={big[1]}: exceeds {INT64_MAX}")
+        if problem is None:
+            good.append(rec)
+        else:
+            rejected.append(Rejected(index=idx, field=problem[0], reason=problem[1]))
+        idx += 1
+    return good
+

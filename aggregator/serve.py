@@ -1,0 +1,32 @@
+"""Runs the aggregator app under uvicorn, programmatically, until SIGINT/SIGTERM.
+
+In:  `AggregatorSettings`.  Out: a serving process; exit code 0 after a clean stop (the store is
+closed by the app's lifespan, so every acknowledged batch is on disk before exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from aggregator.app import create_app
+from aggregator.settings import AggregatorSettings
+
+
+def serve(settings: AggregatorSettings, *, verbose: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s aggregator %(levelname)s %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info" if verbose else "warning",
+        access_log=verbose, ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None, lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    print(f"eastwest aggregator: serving {settings.base_url} (data in {settings.data_dir}, "
+          f"API docs {settings.base_url}/docs)", file=sys.stderr, flush=True)
+    server.run()
+    return 0

@@ -1,0 +1,141 @@
+"""Aggregator settings: one object per process, built once at start-up from flags > environment
+> token files > defaults, and passed down. Every error names the key and the bad value.
+
+In:  parsed `eastwest aggregator` flags and the environment.  Out: `AggregatorSettings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eastwest.errors import ConfigError
+
+INGEST_TOKEN_ENV = "EASTWEST_INGEST_TOKEN"
+READ_TOKEN_ENV = "EASTWEST_READ_TOKEN"
+DEFAULT_LISTEN = "127.0.0.1:8470"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_MAX_RECORDS = 100_000
+MIN_TOKEN_LEN = 16
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8470
+    ingest_token: str | None = None
+    read_token: str | None = None
+    insecure_open: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_batch_records: int = DEFAULT_MAX_RECORDS
+    store: str = "duckdb"
+
+    def __post_init__(self) -> None:
+        if self.insecure_open and not is_loopback(self.host):
+            raise ConfigError("--insecure-open", self.host,
+                              "only allowed when listening on loopback (127.0.0.1, ::1, localhost)")
+        if not self.insecure_open:
+            if not self.ingest_token:
+                raise ConfigError(INGEST_TOKEN_ENV, None, "an ingest token is required (set it, "
+                                  "or pass --ingest-token-file; --insecure-open only on loopback)")
+            if not self.read_token:
+                raise ConfigError(READ_TOKEN_ENV, None, "a read token is required (set it, or "
+                                  "pass --read-token-file; --insecure-open only on loopback)")
+        for key, tok in (("ingest token", self.ingest_token), ("read token", self.read_token)):
+            if tok is not None and len(tok) < MIN_TOKEN_LEN:
+                raise ConfigError(key, "<hidden>", f"too short: at least {MIN_TOKEN_LEN} characters")
+        if self.ingest_token and self.ingest_token == self.read_token:
+            raise ConfigError("read token", "<hidden>", "must differ from the ingest token")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert/--tls-key", f"{self.tls_cert}/{self.tls_key}",
+                              "give both or neither")
+        for key, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path is not None and not path.is_file():
+                raise ConfigError(key, str(path), "no such file")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("--max-body-bytes", self.max_body_bytes, "must be at least 1024")
+        if self.max_batch_records < 1:
+            raise ConfigError("--max-batch-records", self.max_batch_records, "must be at least 1")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @classmethod
+    def from_args(cls, args: Any, env: Mapping[str, str] | None = None) -> AggregatorSettings:
+        env = os.environ if env is None else env
+        host, port = parse_listen(args.listen)
+        return cls(
+            data_dir=Path(args.data),
+            host=host,
+            port=port,
+            ingest_token=read_token(INGEST_TOKEN_ENV, env, getattr(args, "ingest_token_file", None)),
+            read_token=read_token(READ_TOKEN_ENV, env, getattr(args, "read_token_file", None)),
+            insecure_open=bool(args.insecure_open),
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            max_body_bytes=int(args.max_body_bytes),
+            max_batch_records=int(args.max_batch_records),
+        )
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` -> (host, port); ConfigError names the flag and value."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError("--listen", text, "expected HOST:PORT, e.g. 127.0.0.1:8470")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError("--listen", text, f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError("--listen", text, "port must be 0..65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(env_name: str, env: Mapping[str, str], path: str | None) -> str | None:
+    """A token from the environment, else from `path` (a bare token, or an env file holding
+    `NAME=value` lines such as the one `make run` writes)."""
+    if env.get(env_name):
+        return env[env_name].strip()
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"token file for {env_name}", path, f"cannot be read: {exc.strerror}") from None
+    return token_from_text(text, env_name, path)
+
+
+def token_from_text(text: str, env_name: str, path: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    for ln in lines:
+        name, eq, value = ln.partition("=")
+        if eq and name.strip().removeprefix("export ").strip() == env_name:
+            return value.strip().strip("'\"")
+    if len(lines) == 1 and "=" not in lines[0]:
+        return lines[0]
+    raise ConfigError(f"token file for {env_name}", path,
+                      f"holds neither a bare token nor a line {env_name}=...")

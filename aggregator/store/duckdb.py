@@ -1,0 +1,177 @@
+"""The DuckDB flow store: one embedded database file under `--data DIR`.
+
+In:  batches of validated `FlowRecord`s with their `(collector, batch_seq)`.
+Out: raw records by time range; the idempotency marks of applied batches.
+
+Each batch is written in one transaction: a bulk `INSERT ... SELECT` from an Arrow table (built
+column by column in `aggregator.store.columns`) plus one row in `ingested_batches`, whose primary
+key `(collector, batch_seq)` makes a retried batch a no-op. DuckDB writes its WAL and syncs it at
+COMMIT (https://duckdb.org/docs/connect/concurrency, "ACID" in duckdb/src/storage/write_ahead_log),
+so a batch acknowledged after `ingest` returns survives kill -9 of the aggregator; the WAL is
+replayed when the file is opened again.
+
+One writer connection, serialised by a lock (FastAPI runs handlers in a thread pool); readers use
+their own cursors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+
+from aggregator.store.base import IngestResult, StoreError
+from aggregator.store.columns import COLUMN_NAMES, COLUMNS, to_table
+from eastwest.record import FlowRecord
+
+FILE_NAME = "eastwest.duckdb"
+_dec = msgspec.msgpack.Decoder(FlowRecord)
+
+_DDL = [
+    "CREATE TABLE IF NOT EXISTS flows ("
+    + ", ".join(f"{name} {ddl}" for name, _, ddl in COLUMNS) + ")",
+    "CREATE TABLE IF NOT EXISTS ingested_batches ("
+    " collector VARCHAR NOT NULL, batch_seq BIGINT NOT NULL, records INTEGER NOT NULL,"
+    " ingested_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (collector, batch_seq))",
+]
+
+
+class DuckDBStore:
+    """`FlowStore` on a DuckDB file. `path` is the data directory (created if missing)."""
+
+    backend = "duckdb"
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.dir = Path(data_dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"data directory {str(self.dir)!r} cannot be created: {exc}") from exc
+        self.path = self.dir / FILE_NAME
+        try:
+            self._con = duckdb.connect(str(self.path))
+            for stmt in _DDL:
+                self._con.execute(stmt)
+        except duckdb.Error as exc:
+            raise StoreError(f"duckdb file {str(self.path)!r} cannot be opened: {exc}") from exc
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count = self._scalar("SELECT count(*) FROM flows")
+
+    # -- writes -------------------------------------------------------------------------------
+    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord]) -> IngestResult:
+        now = datetime.now(UTC)
+        table = to_table(collector, batch_seq, records, now) if records else None
+        with self._lock:
+            con = self._writer()
+            try:
+                con.execute("BEGIN TRANSACTION")
+                seen = con.execute(
+                    "SELECT 1 FROM ingested_batches WHERE collector = ? AND batch_seq = ?",
+                    [collector, batch_seq]).fetchone()
+                if seen:
+                    con.execute("ROLLBACK")
+                    return IngestResult(collector, batch_seq, 0, True)
+                if table is not None:
+                    con.register("_batch", table)
+                    try:
+                        cols = ", ".join(COLUMN_NAMES)
+                        con.execute(f"INSERT INTO flows ({cols}) SELECT {cols} FROM _batch")
+                    finally:
+                        con.unregister("_batch")
+                con.execute("INSERT INTO ingested_batches VALUES (?, ?, ?, ?)",
+                            [collector, batch_seq, len(records), now])
+                con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback(con)
+                raise StoreError(f"duckdb {str(self.path)!r}: batch ({collector!r}, {batch_seq}) "
+                                 f"not stored: {exc}") from exc
+            self._count += len(records)
+            return IngestResult(collector, batch_seq, len(records), False)
+
+    # -- reads --------------------------------------------------------------------------------
+    def batch_applied(self, collector: str, batch_seq: int) -> bool:
+        return bool(self._scalar(
+            "SELECT count(*) FROM ingested_batches WHERE collector = ? AND batch_seq = ?",
+            [collector, batch_seq]))
+
+    def records(self, since: datetime | None = None, until: datetime | None = None, *,
+                collector: str | None = None, limit: int | None = None) -> list[FlowRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("end_ts >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("end_ts < ?")
+            params.append(until)
+        if collector is not None:
+            where.append("collector = ?")
+            params.append(collector)
+        sql = "SELECT record FROM flows"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY end_ts, record_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        rows = self._query(sql, params)
+        return [_dec.decode(row[0]) for row in rows]
+
+    def count(self) -> int:
+        return self._count
+
+    def batches(self) -> int:
+        return int(self._scalar("SELECT count(*) FROM ingested_batches"))
+
+    def file_bytes(self) -> int:
+        total = 0
+        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+            try:
+                total += p.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                try:
+                    self._con.close()
+                except duckdb.Error as exc:
+                    raise StoreError(f"duckdb {str(self.path)!r}: close failed: {exc}") from exc
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _writer(self) -> duckdb.DuckDBPyConnection:
+        if self._closed:
+            raise StoreError(f"duckdb {str(self.path)!r} is closed")
+        return self._con
+
+    def _query(self, sql: str, params: list[Any] | None = None) -> list[Any]:
+        if self._closed:
+            raise StoreError(f"duckdb {str(self.path)!r} is closed")
+        try:
+            cur = self._con.cursor()
+            try:
+                return cur.execute(sql, params or []).fetchall()
+            finally:
+                cur.close()
+        except duckdb.Error as exc:
+            raise StoreError(f"duckdb {str(self.path)!r}: query failed: {exc}") from exc
+
+    def _scalar(self, sql: str, params: list[Any] | None = None) -> int:
+        rows = self._query(sql, params)
+        return int(rows[0][0]) if rows else 0
+
+    @staticmethod
+    def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # no transaction open: nothing to undo
