@@ -1,0 +1,281 @@
+"""The one filter language of eastwest: parsed once, compiled for the store and for memory.
+
+In: (dimension, value, negated) triples, from CLI flags (`--port 80 --not --to-workload db`) or
+API query parameters (`port=80&not_to_workload=db`).  Out: a `Filter` that
+- `matches(view)` a flow in memory (a `FlowRecord`, via `view_of_record`, or any mapping with
+  the view keys below): the CLI's `--input-file`, the SSE stream;
+- `to_sql(columns)` compiles to a parametrised WHERE clause for a store (DuckDB, ClickHouse).
+
+Semantics (as `hubble observe`): values of the same flag are OR-ed; different flags are AND-ed;
+`--not` negates the one flag after it, so `--port 80 --port 443 --not --protocol udp` means
+(port 80 or 443) and not udp. A bad value raises ConfigError naming the flag and the value, when
+the filter is built, never while matching.
+
+View keys: client_ip, server_ip, client_port, server_port, protocol, outcome, observers (set),
+vni, client_workload, server_workload, client_namespace, server_namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from eastwest.errors import ConfigError
+from eastwest.record import PROTOCOLS, FlowRecord
+
+OUTCOMES = ("ok", "refused", "reset", "timeout")
+OBSERVERS = ("client", "server", "path")
+
+
+def outcome_of(connect: str | None, resets: int) -> str:
+    """One word for how a connection went: refused/timeout (never established), reset (RST seen
+    on an established connection, or a reset connect), else ok."""
+    if connect in ("refused", "timeout"):
+        return connect
+    if resets > 0 or connect == "reset":
+        return "reset"
+    return "ok"
+
+
+# -- values -----------------------------------------------------------------------------------
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_hex(ip: str) -> str:
+    """A fixed-width, sortable text form of an address (IPv4 mapped into IPv6), so that CIDR
+    filters compile to a plain string range in any SQL engine."""
+    a = ipaddress.ip_address(ip)
+    if a.version == 4:
+        a = ipaddress.IPv6Address(f"::ffff:{a}")
+    return f"{int(a):032x}"
+
+
+def _net_range(net: Network) -> tuple[str, str]:
+    if net.version == 4:
+        lo = ipaddress.IPv6Address(f"::ffff:{net.network_address}")
+        hi = ipaddress.IPv6Address(f"::ffff:{net.broadcast_address}")
+        return f"{int(lo):032x}", f"{int(hi):032x}"
+    return f"{int(net.network_address):032x}", f"{int(net.broadcast_address):032x}"
+
+
+def _parse_net(flag: str, v: str) -> Network:
+    try:
+        return ipaddress.ip_network(v, strict=False)
+    except ValueError:
+        raise ConfigError(flag, v, "not an IP address or CIDR (e.g. 10.0.0.5 or 10.244.0.0/16)") from None
+
+
+def _parse_port(flag: str, v: str) -> int:
+    if not v.isdigit() or not 0 <= int(v) <= 65535:
+        raise ConfigError(flag, v, "not a port (0..65535)")
+    return int(v)
+
+
+def _parse_choice(choices: Iterable[str]) -> Callable[[str, str], str]:
+    allowed = tuple(choices)
+
+    def parse(flag: str, v: str) -> str:
+        if v.lower() not in allowed:
+            raise ConfigError(flag, v, f"must be one of {', '.join(allowed)}")
+        return v.lower()
+
+    return parse
+
+
+def _parse_vni(flag: str, v: str) -> int:
+    if not v.isdigit() or int(v) > 0xFFFFFF:
+        raise ConfigError(flag, v, "not a VNI (0..16777215)")
+    return int(v)
+
+
+def _parse_text(flag: str, v: str) -> str:
+    if not v:
+        raise ConfigError(flag, v, "must not be empty")
+    return v
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str  # canonical, also the API parameter and the CLI flag (with dashes)
+    parse: Callable[[str, str], Any]
+    fields: tuple[str, ...]  # view keys; more than one = either side matches
+    kind: str  # eq | net | member
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
+    Dimension("from_workload", _parse_text, ("client_workload",), "eq", "client workload name"),
+    Dimension("to_workload", _parse_text, ("server_workload",), "eq", "server workload name"),
+    Dimension("workload", _parse_text, ("client_workload", "server_workload"), "eq", "either side's workload"),
+    Dimension("namespace", _parse_text, ("client_namespace", "server_namespace"), "eq", "either side's namespace"),
+    Dimension("from_ip", _parse_net, ("client_ip",), "net", "client address or CIDR"),
+    Dimension("to_ip", _parse_net, ("server_ip",), "net", "server address or CIDR"),
+    Dimension("ip", _parse_net, ("client_ip", "server_ip"), "net", "either address or CIDR"),
+    Dimension("port", _parse_port, ("client_port", "server_port"), "eq", "either side's port"),
+    Dimension("to_port", _parse_port, ("server_port",), "eq", "server port"),
+    Dimension("protocol", _parse_choice(sorted(PROTOCOLS)), ("protocol",), "eq", "tcp, udp, ..."),
+    Dimension("outcome", _parse_choice(OUTCOMES), ("outcome",), "eq", "ok, refused, reset, timeout"),
+    Dimension("observer", _parse_choice(OBSERVERS), ("observers",), "member", "client, server or path saw it"),
+    Dimension("vni", _parse_vni, ("vni",), "eq", "VXLAN network identifier"),
+)}
+
+
+@dataclass(frozen=True)
+class Clause:
+    dim: str
+    values: tuple[Any, ...]
+    negate: bool = False
+
+    def matches(self, view: Mapping[str, Any]) -> bool:
+        d = DIMENSIONS[self.dim]
+        hit = any(_value_matches(d, view.get(f), v) for f in d.fields for v in self.values)
+        return hit != self.negate
+
+
+def _value_matches(d: Dimension, actual: Any, wanted: Any) -> bool:
+    if actual is None:
+        return False
+    if d.kind == "net":
+        try:
+            return ipaddress.ip_address(actual) in wanted
+        except ValueError:
+            return False
+    if d.kind == "member":
+        return wanted in actual
+    return bool(actual == wanted)
+
+
+@dataclass
+class Filter:
+    clauses: list[Clause] = field(default_factory=list)
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def build(cls, items: Iterable[tuple[str, str, bool]]) -> Filter:
+        """From (dimension, raw value, negated) triples; same (dimension, negated) -> OR."""
+        grouped: dict[tuple[str, bool], list[Any]] = {}
+        for dim, raw, neg in items:
+            if dim not in DIMENSIONS:
+                raise ConfigError(dim, raw, f"unknown filter; known: {', '.join(DIMENSIONS)}")
+            d = DIMENSIONS[dim]
+            value = d.parse(("--not " if neg else "") + d.flag, str(raw).strip())
+            vals = grouped.setdefault((dim, neg), [])
+            if value not in vals:
+                vals.append(value)
+        return cls([Clause(dim, tuple(vals), neg) for (dim, neg), vals in grouped.items()])
+
+    @classmethod
+    def from_query(cls, params: Iterable[tuple[str, str]]) -> Filter:
+        """From API query parameters: `port=80`, `not_port=443` (repeatable). Parameters that
+        are not filter dimensions are ignored here (the API validates its own)."""
+        items = []
+        for key, value in params:
+            neg = key.startswith("not_")
+            dim = key[4:] if neg else key
+            if dim in DIMENSIONS:
+                items.append((dim, value, neg))
+        return cls.build(items)
+
+    @property
+    def empty(self) -> bool:
+        return not self.clauses
+
+    # -- matching ---------------------------------------------------------------------------
+    def matches(self, view: Mapping[str, Any]) -> bool:
+        return all(c.matches(view) for c in self.clauses)
+
+    def matches_record(self, rec: FlowRecord) -> bool:
+        return self.matches(view_of_record(rec))
+
+    # -- SQL --------------------------------------------------------------------------------
+    def to_sql(self, columns: Mapping[str, str], placeholder: str = "?") -> tuple[str, list[Any]]:
+        """A WHERE fragment (without WHERE) and its parameters. `columns` maps view keys to SQL
+        column expressions; IP keys map to columns holding `ip_hex` text; `observers` to a
+        column holding a comma-separated, comma-wrapped list (",client,path,")."""
+        parts: list[str] = []
+        params: list[Any] = []
+        for c in self.clauses:
+            d = DIMENSIONS[c.dim]
+            ors = []
+            for f in d.fields:
+                col = columns[f]
+                for v in c.values:
+                    if d.kind == "net":
+                        lo, hi = _net_range(v)
+                        ors.append(f"({col} >= {placeholder} AND {col} <= {placeholder})")
+                        params += [lo, hi]
+                    elif d.kind == "member":
+                        ors.append(f"position({placeholder} IN {col}) > 0")
+                        params.append(f",{v},")
+                    else:
+                        ors.append(f"{col} = {placeholder}")
+                        params.append(v)
+            expr = "(" + " OR ".join(ors) + ")"
+            if c.negate:
+                # NULL-safe: a flow without the field does not match the positive clause
+                expr = f"NOT coalesce({expr}, false)"
+            parts.append(expr)
+        return (" AND ".join(parts) if parts else "true"), params
+
+    # -- display ----------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"dimension": c.dim, "values": [str(v) for v in c.values], "negate": c.negate}
+                for c in self.clauses]
+
+    def __str__(self) -> str:
+        if not self.clauses:
+            return "(everything)"
+        out = []
+        for c in self.clauses:
+            s = " OR ".join(f"{c.dim}={v}" for v in c.values)
+            s = f"({s})" if len(c.values) > 1 else s
+            out.append(f"NOT {s}" if c.negate else s)
+        return " AND ".join(out)
+
+
+def view_of_record(rec: FlowRecord) -> dict[str, Any]:
+    cw, sw = rec.client_workload, rec.server_workload
+    return {
+        "client_ip": rec.client.ip, "server_ip": rec.server.ip,
+        "client_port": rec.client.port, "server_port": rec.server.port,
+        "protocol": rec.protocol, "outcome": outcome_of(rec.connect, rec.resets),
+        "observers": {rec.observer}, "vni": rec.tunnel.vni if rec.tunnel else None,
+        "client_workload": cw.name if cw else None, "server_workload": sw.name if sw else None,
+        "client_namespace": cw.namespace if cw else None,
+        "server_namespace": sw.namespace if sw else None,
+    }
+
+
+# -- time -------------------------------------------------------------------------------------
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d|w)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(flag: str, text: str) -> timedelta:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ConfigError(flag, text, "not a duration (e.g. 30s, 5m, 2h, 7d)")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_time(flag: str, text: str, now: datetime | None = None) -> datetime:
+    """`now`, a duration ago (`5m` = five minutes ago), or an RFC 3339 time (UTC if no zone)."""
+    now = now or datetime.now(UTC)
+    t = text.strip()
+    if t == "now":
+        return now
+    if _DURATION.match(t):
+        return now - parse_duration(flag, t)
+    try:
+        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(flag, text, "not a time: use now, a duration ago (5m, 1h) or RFC 3339") from None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
