@@ -90,7 +90,7 @@ class BccKernel:
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
             raise CapabilityError(f"the socket probes did not load: {exc}") from exc
         self._events: list[ConnState] = []
-        conns = self.bpf["conns"]
+        conns = self.bpf[b"conns"]
         if ct.sizeof(conns.Leaf) != CONN_VALUE_BYTES:
             log.warning("struct conn_t is %d bytes, map memory estimate assumes %d",
                         ct.sizeof(conns.Leaf), CONN_VALUE_BYTES)
@@ -100,18 +100,18 @@ class BccKernel:
             _fields_ = [("sk", ct.c_uint64), ("conn", conns.Leaf)]
 
         self._event_ptr = ct.POINTER(CloseEvent)
-        self._stats = self.bpf["stats"]
+        self._stats = self.bpf[b"stats"]
         if cfg.netns:
-            allow = self.bpf["netns_allow"]
+            allow = self.bpf[b"netns_allow"]
             for inode in cfg.netns:
                 allow[allow.Key(inode)] = allow.Leaf(1)
         self._seed_listeners(listeners)
-        self.bpf["events"].open_ring_buffer(self._on_event)
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._batch_ok = True
 
     def _seed_listeners(self, listeners: list[tuple[int, int, int, str, int]]) -> None:
         """Owners of listeners that existed before the probes: (netns, port, pid, comm, cgroup)."""
-        table = self.bpf["listeners"]
+        table = self.bpf[b"listeners"]
         for netns, port, pid, comm, cgroup_id in listeners:
             key = table.Key(netns, port)
             leaf = table.Leaf()
