@@ -86,7 +86,7 @@ class BccKernel:
                                   "python3-bpfcc; bash scripts/setup-venv.sh links it)") from exc
         self.cfg = cfg
         try:
-            self.bpf = BPF(text=program_text(offsets, cfg))
+            self.bpf = BPF(text=program_text(offsets, cfg).encode())
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
             raise CapabilityError(f"the socket probes did not load: {exc}") from exc
         self._events: list[ConnState] = []

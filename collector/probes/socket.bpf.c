@@ -16,7 +16,7 @@
 // marked `deferred`: userspace finds it at its next drain, so nothing is lost. Everything that
 // is lost anyway is counted in `stats`.
 //
-// Compile-time constants (cflags from collector/probes/loader.py): OFF_* byte offsets from the
+// Compile-time constants (`#define`s prepended by collector/probes/kernel.py): OFF_* byte offsets from the
 // running kernel's BTF, CONN_ENTRIES, LISTEN_ENTRIES, RINGBUF_PAGES, FILTER_NETNS, HAVE_BYTES,
 // HAVE_RETRANSMIT, HAVE_RESETS, HAVE_RTT, HAVE_DESTROY. Never a struct layout from headers.
 

@@ -163,3 +163,39 @@ def test_connections_outside_the_netns_scope_are_not_reported(pair):
     assert sorted(r.client.port for r in col.finals()) == sorted(t["client_port"] for t in truth)
     assert {r.observer for r in col.finals()} == {"client"}
     assert {r.netns for r in col.records} == {netns_inode(CLIENT_NS)}
+
+
+def lab_netns(inventory) -> list[str]:
+    names = [inventory["fabric_netns"]]
+    for host in inventory["hosts"]:
+        names += [host["netns"], *host["pod_netns"]]
+    return names
+
+
+def test_every_tcp_connection_of_the_lab_truth_once_per_side_exact(lab_factory, tmp_path):
+    lab = lab_factory(name="ewp", hosts=3, pods_per_host=2)
+    with Collected(lab_netns(lab.inventory)) as col:
+        truth = [t for t in lab.traffic(duration=3.0, truth_path=tmp_path / "t.jsonl", seed=1)
+                 if t["protocol"] == "tcp"]
+        assert truth, "the lab made no TCP connections"
+        n_client = len(truth)
+        n_server = sum(1 for t in truth if t["outcome"] != "refused")
+        assert col.wait_for(lambda recs: finals_count("client", n_client)(recs)
+                            and finals_count("server", n_server)(recs), timeout=120)
+    for observer in ("client", "server"):
+        finals = col.finals(observer)
+        keys = [r.key for r in finals]
+        assert len(keys) == len(set(keys)), f"a {observer} connection reported twice"
+        by_key = {r.key: r for r in finals}
+        expected = [t for t in truth if observer == "client" or t["outcome"] != "refused"]
+        assert len(finals) == len(expected)
+        for t in expected:
+            key = ("tcp", t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])
+            r = by_key[key]
+            assert r.connect == t["outcome"], (observer, t)
+            assert (r.bytes_c2s, r.bytes_s2c) == (t["bytes_c2s"], t["bytes_s2c"]), (observer, t)
+            comm = t["client_comm"] if observer == "client" else t["server_comm"]
+            assert r.process is not None and r.process.comm == comm, (observer, t)
+            ns = t["client_netns"] if observer == "client" else t["server_netns"]
+            assert r.netns == netns_inode(ns)
+            assert (r.resets > 0) == (t["outcome"] in ("reset", "refused"))
