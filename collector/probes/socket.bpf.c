@@ -40,7 +40,7 @@
 #define OWNER_LISTENER 1
 #define OWNER_CONTEXT 2
 
-// indexes of `stats` (mirrored in collector/probes/kernel.py STAT_NAMES)
+// indexes of `stats` (mirrored in collector/probes/conn.py STAT_NAMES)
 #define STAT_CLOSE_DEFERRED 0   // ring buffer full: final record taken from the map instead
 #define STAT_CONN_MAP_FULL 1    // a connection could not be tracked at all
 #define STAT_LISTEN_MAP_FULL 2  // a listener's owner could not be remembered
