@@ -148,13 +148,13 @@ def listening_owners(scope: tuple[int, ...] = (), proc: Path = PROC,
                 if len(f) < 10 or f[3] != "0A":  # 0A: TCP_LISTEN
                     continue
                 port, inode = int(f[1].rsplit(":", 1)[1], 16), int(f[9])
-                pid = sock_owner.get(inode)
-                if pid is None:
+                owner = sock_owner.get(inode)
+                if owner is None:
                     continue
                 try:
-                    comm = (proc / str(pid) / "comm").read_text().strip()
+                    comm = (proc / str(owner) / "comm").read_text().strip()
                 except OSError:
                     continue
-                cg = cache.cgroup_id_of(pid) if cache else 0
-                out.append((ns, port, pid, comm, cg))
+                cg = cache.cgroup_id_of(owner) if cache else 0
+                out.append((ns, port, owner, comm, cg))
     return out

@@ -78,7 +78,7 @@ class BccKernel:
     """The compiled, attached program. Not thread-safe: one source thread owns it."""
 
     def __init__(self, offsets: KernelOffsets, cfg: ProbeConfig,
-                 listeners: list[tuple[int, int, int, str, int]] = ()) -> None:
+                 listeners: list[tuple[int, int, int, str, int]] | None = None) -> None:
         try:
             from bcc import BPF
         except ImportError as exc:
@@ -105,7 +105,7 @@ class BccKernel:
             allow = self.bpf[b"netns_allow"]
             for inode in cfg.netns:
                 allow[allow.Key(inode)] = allow.Leaf(1)
-        self._seed_listeners(listeners)
+        self._seed_listeners(listeners or [])
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._batch_ok = True
 
