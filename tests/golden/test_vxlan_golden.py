@@ -1,0 +1,172 @@
+"""Golden tests: VXLAN captures -> flow records, through `eastwest collector --pcap` as a user
+runs it. Expected records live in tests/golden/expected/<capture>.jsonl (regenerate, then review
+the diff, with EASTWEST_REGEN_GOLDEN=1). Independent checks: tshark decodes the same files inside
+the test, CESNET's published flow record, and a scapy-built capture with known truth."""
+
+from __future__ import annotations
+
+import collections
+from decimal import Decimal
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scapy.layers.l2 import Ether
+from scapy.utils import PcapNgWriter, PcapWriter
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from vxlan_builders import build_known_truth  # noqa: E402
+EXPECTED = HERE / "expected"
+EASTWEST = [sys.executable, "-m", "eastwest"]
+VXLAN_CAPTURES = ["CESNET_FlowTest_vxlan.pcap", "ntop_nDPI_vxlan.pcap",
+                  "OISF_suricata-verify_vxlan.pcap",
+                  "OISF_suricata-verify_vxlan-non-zero-reserved-fields_input.pcap",
+                  "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap"]
+ALL_CAPTURES = VXLAN_CAPTURES + ["the-tcpdump-group_tcpdump_geneve.pcap",
+                                 "CESNET_FlowTest_http_get.pcap", "appneta_tcpreplay_test.pcap",
+                                 "zeek_zeek_var-services-std-ports.pcap"]
+
+
+def collector(path: Path, *extra: str) -> tuple[list[dict], str]:
+    run = subprocess.run(EASTWEST + ["collector", "--pcap", str(path), "--stdout",
+                                     "--collector-id", "golden", *extra],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines()], run.stderr
+
+
+def finals(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["final"]]
+
+
+@pytest.mark.parametrize("name", ALL_CAPTURES)
+def test_capture_gives_the_expected_records(pcaps: Path, name: str) -> None:
+    records, stderr = collector(pcaps / name)
+    lines = [json.dumps(r, sort_keys=True) for r in records]
+    drops = [line for line in stderr.splitlines() if "dropped" in line]
+    got = "\n".join(lines + drops) + "\n"
+    expected = EXPECTED / (name.removesuffix(".pcap") + ".jsonl")
+    if os.environ.get("EASTWEST_REGEN_GOLDEN"):
+        expected.write_text(got)
+    assert got == expected.read_text()
+
+
+@pytest.mark.parametrize("name", VXLAN_CAPTURES)
+def test_scapy_decoder_gives_the_same_records(pcaps: Path, name: str) -> None:
+    assert collector(pcaps / name, "--decoder", "scapy") == collector(pcaps / name)
+
+
+def test_cesnet_published_flow_record(pcaps: Path) -> None:
+    """CESNET FlowTest's validation record for vxlan.pcap: 4/4 packets, 336/336 inner bytes."""
+    (rec,) = finals(collector(pcaps / "CESNET_FlowTest_vxlan.pcap")[0])
+    assert (rec["packets_c2s"], rec["packets_s2c"]) == (4, 4)
+    assert (rec["l3_bytes_c2s"], rec["l3_bytes_s2c"]) == (336, 336)
+    assert rec["tunnel"]["vni"] == 123
+    assert rec["protocol"] == "icmp" and rec["client"]["ip"] == "10.0.0.1"
+
+
+def tshark_flows(path: Path) -> collections.Counter:
+    """(vni, protocol, {endpoint, endpoint}) -> packets, as tshark decodes the capture."""
+    fields = ["frame.protocols", "vxlan.vni", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst",
+              "ip.proto", "ipv6.nxt", "tcp.srcport", "tcp.dstport", "udp.srcport", "udp.dstport"]
+    cmd = ["tshark", "-n", "-r", str(path), "-d", "udp.port==8472,vxlan", "-Y", "vxlan",
+           "-T", "fields", "-E", "occurrence=l", "-E", "separator=|"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    counts: collections.Counter = collections.Counter()
+    for line in out.splitlines():
+        stack, vni, s4, d4, s6, d6, p4, p6, ts, td, us, ud = line.split("|")
+        inner = stack.split(":vxlan:", 1)[1].split(":")
+        if "ip" in inner:
+            src, dst, proto = s4, d4, int(p4)
+        elif "ipv6" in inner:
+            src, dst, proto = s6, d6, int(p6)
+        else:
+            continue  # inner ARP and other non-IP frames: not flows
+        sport, dport = {6: (ts, td), 17: (us, ud)}.get(proto, ("0", "0"))
+        name = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(proto, "other")
+        counts[(int(vni), name, frozenset({(src, int(sport)), (dst, int(dport))}))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("name", VXLAN_CAPTURES)
+def test_tshark_agrees_on_vnis_tuples_and_packet_counts(pcaps: Path, name: str) -> None:
+    ours: collections.Counter = collections.Counter()
+    for r in finals(collector(pcaps / name)[0]):
+        key = (r["tunnel"]["vni"], r["protocol"],
+               frozenset({(r["client"]["ip"], r["client"]["port"]),
+                          (r["server"]["ip"], r["server"]["port"])}))
+        ours[key] += r["packets_c2s"] + r["packets_s2c"]
+    theirs = tshark_flows(pcaps / name)
+    assert theirs, "tshark decoded no VXLAN packet"
+    assert ours == theirs
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory: pytest.TempPathFactory):
+    cap = build_known_truth()
+    d = tmp_path_factory.mktemp("known")
+    paths = {"pcap": d / "known.pcap", "pcapng": d / "known.pcapng"}
+    for kind, writer in (("pcap", PcapWriter), ("pcapng", PcapNgWriter)):
+        w = writer(str(paths[kind]), linktype=1) if kind == "pcap" else writer(str(paths[kind]))
+        for t, frame in cap.frames:
+            pkt = Ether(frame)
+            pkt.time = Decimal(round(t * 1e6)) / 1_000_000  # exact µs in both formats
+            w.write(pkt)
+        w.close()
+    return cap, paths
+
+
+@pytest.mark.parametrize("decoder", ["bulk", "scapy"])
+@pytest.mark.parametrize("kind", ["pcap", "pcapng"])
+def test_known_truth_capture(known, kind: str, decoder: str) -> None:
+    cap, paths = known
+    records, stderr = collector(paths[kind], "--decoder", decoder)
+    got = finals(records)
+    assert len(got) == len(cap.flows)
+    for truth in cap.flows:
+        (r,) = [r for r in got if (r["client"]["ip"], r["client"]["port"]) == truth.client]
+        assert r["protocol"] == truth.protocol
+        assert (r["server"]["ip"], r["server"]["port"]) == truth.server
+        assert r["tunnel"]["vni"] == truth.vni
+        assert (r["tunnel"]["outer_src"], r["tunnel"]["outer_dst"]) == truth.vteps
+        assert [r["packets_c2s"], r["packets_s2c"]] == truth.packets
+        assert [r["bytes_c2s"], r["bytes_s2c"]] == truth.payload
+        assert [r["l3_bytes_c2s"], r["l3_bytes_s2c"]] == truth.l3
+    tcp = [r for r in got if r["client"]["port"] == 41000][0]
+    assert tcp["connect"] == "ok" and tcp["tcp_flags"] == ["FIN", "SYN", "PSH", "ACK"]
+    drops = dict(item.split("=") for item in
+                 stderr.split("dropped ", 1)[1].strip().split(", "))
+    assert {k.removeprefix("vxlan/"): int(v) for k, v in drops.items()} == cap.drops
+
+
+def test_pcapng_and_pcap_give_identical_records(known) -> None:
+    _, paths = known
+    assert collector(paths["pcap"]) == collector(paths["pcapng"])
+
+
+def test_not_a_capture_fails_naming_file_and_offset(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello, this is not a capture\n")
+    run = subprocess.run(EASTWEST + ["collector", "--pcap", str(bad), "--stdout"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 1
+    assert run.stderr.strip() == (f"eastwest collector: {bad} at byte 0: not a pcap or pcapng "
+                                  "file (magic 68656c6c)")
+
+
+def test_cut_capture_fails_naming_the_record_offset(pcaps: Path, tmp_path: Path) -> None:
+    data = (pcaps / "CESNET_FlowTest_vxlan.pcap").read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[:-10])
+    run = subprocess.run(EASTWEST + ["collector", "--pcap", str(cut), "--stdout"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 1
+    last_record = len(data) - (148 + 16)  # every frame of this file is 148 bytes
+    assert f"{cut} at byte {last_record}: pcap record cut short" in run.stderr
+    assert "Traceback" not in run.stderr
