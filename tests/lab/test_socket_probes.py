@@ -65,7 +65,10 @@ def test_23_connections_give_exactly_23_client_and_23_server_records(pair):
             assert r.netns == ns and r.connect == "ok" and r.resets == 0
             assert r.source == "socket" and r.protocol == "tcp" and r.family == 4
             assert not r.loopback and r.incomplete == []
-            assert r.rtt_us is not None and r.end >= r.start
+            # tcp_probe fires only for segments of the established fast path: a short
+            # connection may have no RTT sample on one side
+            assert r.rtt_us is None or 0 < r.rtt_us.min <= r.rtt_us.max < 1_000_000
+            assert r.end >= r.start
     assert col.ctx.drops.snapshot() == {}
 
 
