@@ -68,11 +68,7 @@ def _check_utc(field: str, value: datetime) -> None:
         raise RecordError(field, value.isoformat(), "must be a UTC timestamp")
 
 
-class _Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=False):
-    pass
-
-
-class Endpoint(_Model):
+class Endpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ip: str
     port: Port
 
@@ -81,7 +77,7 @@ class Endpoint(_Model):
             raise RecordError("port", self.port, "must be 0..65535")
 
 
-class Rtt(_Model):
+class Rtt(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Smoothed round-trip time in microseconds, over the samples of the interval."""
 
     min: Count
@@ -93,18 +89,18 @@ class Rtt(_Model):
             raise RecordError("rtt_us", (self.min, self.avg, self.max), "needs 0 <= min <= avg <= max")
 
 
-class Process(_Model):
+class Process(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pid: Count
     comm: str
     cmdline: str | None = None
 
 
-class Cgroup(_Model):
+class Cgroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: Count
     path: str | None = None
 
 
-class Tunnel(_Model):
+class Tunnel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: Literal["vxlan"]
     vni: Vni
     outer_src: str
@@ -118,7 +114,7 @@ class Tunnel(_Model):
         _check_ip("tunnel.outer_dst", self.outer_dst)
 
 
-class Workload(_Model):
+class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     namespace: str | None = None
     kind: str | None = None
@@ -126,7 +122,7 @@ class Workload(_Model):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class FlowRecord(_Model, kw_only=True):
+class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     schema: int = SCHEMA_VERSION
     record_id: str
     collector: str

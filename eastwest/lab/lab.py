@@ -208,7 +208,7 @@ class Lab:
 
 
 def _write_workload_map(plan: LabPlan, path: Path) -> None:
-    entries = []
+    entries: list[dict[str, object]] = []
     for p in plan.pods:
         svc = SERVICE_BY_NAME[p.service]
         entries.append({"match": f"{p.ip}/32", "name": p.service, "namespace": svc.namespace,
