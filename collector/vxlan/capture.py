@@ -1,0 +1,181 @@
+"""Live capture: one AF_PACKET socket per underlay interface, with a classic BPF kernel filter.
+
+Stage: input of `LiveVxlanSource`. In: an interface name, optionally inside a network namespace
+(`NETNS/IF`), and the UDP ports to keep. Out: blocks of packets (one bytearray, offsets,
+lengths, times) ready for the bulk decoder, and the kernel's drop counter.
+
+The filter (packet(7), SO_ATTACH_FILTER; classic BPF as in linux/filter.h) keeps only UDP to the
+VXLAN ports (plus Geneve 6081 and VXLAN-GPE 4790, so they are counted as unsupported) over IPv4
+(first fragments) or IPv6 without extension headers, and every VLAN-tagged frame (the decoder
+sorts those out): everything else never reaches user space. A socket in another namespace is
+opened there (setns(2) through ctypes; Python 3.11 has no os.setns) and stays bound to its
+interface after the thread returns to its own namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from collector.vxlan.packets import GENEVE_PORT, VXLAN_GPE_PORT
+from eastwest.errors import CaptureError, ConfigError
+
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+CLONE_NEWNET = 0x40000000
+SNAP = 65535
+
+# classic BPF opcodes (linux/bpf_common.h)
+LDH_ABS, LDB_ABS, LDH_IND, LDXB_MSH = 0x28, 0x30, 0x48, 0xB1
+JEQ, JSET, RET = 0x15, 0x45, 0x06
+
+
+def kernel_filter(ports: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """The classic BPF program (code, jt, jf, k) that keeps UDP to `ports` (see module doc)."""
+    keep = sorted(set(ports) | {GENEVE_PORT, VXLAN_GPE_PORT})
+    prog: list[tuple[int, object, object, int]] = [
+        (LDH_ABS, None, None, 12),
+        (JEQ, "accept", None, 0x8100), (JEQ, "accept", None, 0x88A8),
+        (JEQ, "v6", None, 0x86DD), (JEQ, None, "reject", 0x0800),
+        (LDB_ABS, None, None, 23), (JEQ, None, "reject", 17),
+        (LDH_ABS, None, None, 20), (JSET, "reject", None, 0x1FFF),
+        (LDXB_MSH, None, None, 14), (LDH_IND, None, None, 16), (0, "ports", None, 0),
+        ("v6",), (LDB_ABS, None, None, 20), (JEQ, None, "reject", 17),
+        (LDH_ABS, None, None, 56), ("ports",),
+    ]
+    prog += [(JEQ, "accept", None, p) for p in keep]
+    prog += [("reject",), (RET, None, None, 0), ("accept",), (RET, None, None, SNAP)]
+    labels: dict[str, int] = {}
+    real: list[tuple[int, object, object, int]] = []
+    for ins in prog:
+        if len(ins) == 1:
+            labels[ins[0]] = len(real)  # type: ignore[index]
+        else:
+            real.append(ins)  # type: ignore[arg-type]
+    out = []
+    for i, (code, jt, jf, k) in enumerate(real):
+        if code == 0:  # unconditional jump (BPF_JMP|BPF_JA)
+            out.append((0x05, 0, 0, labels[str(jt)] - i - 1))
+            continue
+        t = labels[str(jt)] - i - 1 if jt else 0
+        f = labels[str(jf)] - i - 1 if jf else 0
+        out.append((code, t, f, k))
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise CaptureError(what, f"setns failed: {os.strerror(err)}")
+
+
+@dataclass
+class Block:
+    """Packets received since the last block: one buffer, per-packet offset/length/time."""
+
+    buf: np.ndarray
+    off: np.ndarray
+    cap: np.ndarray
+    ts_us: np.ndarray
+
+
+class UnderlayCapture:
+    """An AF_PACKET socket on one interface (`IF` or `NETNS/IF`), filtered in the kernel."""
+
+    def __init__(self, spec: str, ports: tuple[int, ...], buffer_bytes: int = 8 << 20) -> None:
+        self.spec = spec
+        netns, _, ifname = spec.rpartition("/")
+        if not ifname:
+            raise ConfigError("--underlay", spec, "expected IF or NETNS/IF")
+        self.sock = self._open(netns, ifname, ports)
+        self.sock.setblocking(False)
+        self._buf = bytearray(buffer_bytes)
+        self._view = memoryview(self._buf)
+        self._reset()
+        self.kernel_drops = 0
+
+    def _open(self, netns: str, ifname: str, ports: tuple[int, ...]) -> socket.socket:
+        own = None
+        if netns:
+            path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+            try:
+                target = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise CaptureError(self.spec, f"no network namespace {path}: {exc.strerror}") from exc
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            try:
+                _setns(target, self.spec)
+            finally:
+                os.close(target)
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            code = kernel_filter(ports)
+            raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
+            self._prog = ctypes.create_string_buffer(raw)
+            fprog = struct.pack("HL", len(code), ctypes.addressof(self._prog))
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+            sock.bind((ifname, ETH_P_ALL))
+        except OSError as exc:
+            raise CaptureError(self.spec, f"cannot capture: {exc.strerror or exc}") from exc
+        finally:
+            if own is not None:
+                _setns(own, "root namespace")
+                os.close(own)
+        return sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _reset(self) -> None:
+        self._pos = 0
+        self._off: list[int] = []
+        self._cap: list[int] = []
+        self._ts: list[int] = []
+
+    def drain(self, max_packets: int = 65536) -> bool:
+        """Read what the socket holds (non-blocking); True when the block is full."""
+        recv_into, view = self.sock.recv_into, self._view
+        size = len(self._buf)
+        while len(self._off) < max_packets and size - self._pos >= SNAP:
+            try:
+                n = recv_into(view[self._pos:self._pos + SNAP])
+            except BlockingIOError:
+                return False
+            self._off.append(self._pos)
+            self._cap.append(n)
+            self._ts.append(time.time_ns() // 1000)
+            self._pos += n
+        return True
+
+    def take(self) -> Block:
+        """The packets read so far (copied out), and a fresh block."""
+        block = Block(np.frombuffer(bytes(self._view[:self._pos]) or b"\0", dtype=np.uint8),
+                      np.asarray(self._off, dtype=np.int64), np.asarray(self._cap, dtype=np.int64),
+                      np.asarray(self._ts, dtype=np.int64))
+        self._reset()
+        return block
+
+    def read_kernel_drops(self) -> int:
+        """Packets the kernel dropped since the last call (PACKET_STATISTICS resets on read)."""
+        _, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.kernel_drops += drops
+        return drops
+
+    def close(self) -> None:
+        self.sock.close()
