@@ -256,7 +256,7 @@ class FlowTable:
         connect = None
         if proto == TCP and st.syn_dir >= 0:
             if st.synack_dir >= 0:
-                connect = "ok"
+                connect = "reset" if st.resets else "ok"
             elif st.resets:
                 connect = "refused"
             elif final:

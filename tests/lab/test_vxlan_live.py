@@ -56,6 +56,8 @@ def test_every_cross_host_connection_with_vni_vteps_and_bytes(lab_factory, port:
     cross = [t for t in truth if t["client_host"] != t["server_host"]
              and t["protocol"] in ("tcp", "udp")]
     assert len(cross) >= 10, f"the demo made only {len(cross)} cross-host connections"
+    outcomes = collections.Counter(t["outcome"] for t in cross)
+    assert outcomes["refused"] and outcomes["ok"], outcomes  # resets are checked when present
 
     want: dict[tuple, list[int]] = collections.defaultdict(lambda: [0, 0])
     for t in cross:
@@ -67,6 +69,7 @@ def test_every_cross_host_connection_with_vni_vteps_and_bytes(lab_factory, port:
     for host in hosts:
         got: dict[tuple, list[int]] = collections.defaultdict(lambda: [0, 0])
         tunnels: dict[tuple, set] = collections.defaultdict(set)
+        connects: dict[tuple, list] = collections.defaultdict(list)
         for r in records[host]:
             assert r.source == "vxlan" and r.observer == "path"
             if not r.final:
@@ -74,6 +77,7 @@ def test_every_cross_host_connection_with_vni_vteps_and_bytes(lab_factory, port:
             k = key(r.protocol, r.client.ip, r.client.port, r.server.ip, r.server.port)
             got[k][0] += r.bytes_c2s
             got[k][1] += r.bytes_s2c
+            connects[k].append(r.connect)
             tunnels[k].add((r.tunnel.vni, r.tunnel.outer_src, r.tunnel.outer_dst,
                             r.tunnel.outer_dport))
         seen_here = [k for k, t in meta.items() if host in (t["client_host"], t["server_host"])]
@@ -85,4 +89,6 @@ def test_every_cross_host_connection_with_vni_vteps_and_bytes(lab_factory, port:
             expect = (inv["vni"], hosts[t["client_host"]]["underlay_ip"],
                       hosts[t["server_host"]]["underlay_ip"], port)
             assert tunnels[k] == {expect}, f"{host}: tunnel of {k}"
+            if t["protocol"] == "tcp" and len(connects[k]) == 1:
+                assert connects[k] == [t["outcome"]], f"{host}: outcome of {k}"
     assert ctx.drops.snapshot().get(("vxlan", "kernel_drop"), 0) == 0

@@ -100,6 +100,7 @@ def test_interim_records_then_final_with_cumulative_counters() -> None:
     assert [r.final for r in t.tick(T0 + 8_000_000)] == [False]  # closed, inside the grace
     (final,) = t.tick(T0 + 10_000_000)
     assert final.final and final.bytes_c2s == 15 and final.resets == 1
+    assert final.connect == "reset"
     assert final.end.timestamp() * 1e6 == T0 + 7_000_001
 
 
