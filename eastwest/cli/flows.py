@@ -1,11 +1,137 @@
-"""`eastwest flows`: query stored and live flows."""
+"""`eastwest flows`: query stored flows, tail live ones, or filter a file of records offline.
+
+In:  filter flags (eastwest/cli/_filterflags.py), and one source: the aggregator's
+     `GET /api/v1/flows` (stored, cursor-paginated), `GET /api/v1/flows/stream` (live, SSE), or
+     `--input-file` (JSON lines of flow records, docs/flow-record.md; no aggregator needed).
+Out: flows printed as table, compact, json, jsonl or csv (eastwest/output.py). The same filter
+     object filters everywhere: the API parses the query parameters built here with
+     `Filter.from_query`, and files are matched in memory with `Filter.matches`.
+
+Exit codes: 0 done (also when nothing matched), 1 the aggregator or the file failed (or a file
+held bad lines: they are reported and skipped, the good ones printed), 2 a usage error naming the
+flag.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 
-from eastwest.cli._pending import register_pending
+from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._filterflags import FILTER_HELP, FilterSpec, add_filter_flags, filter_spec
+from eastwest.cli._flowprint import FlowPrinter
+from eastwest.cli._flowrow import FlowRow
+from eastwest.errors import ConfigError, EastwestError
+from eastwest.output import to_json_text
+
+FORMATS = ("table", "compact", "json", "jsonl", "csv")
+API_LIMIT_DEFAULT = 100
+BAD_LINES_SHOWN = 5
+
+EPILOG = f"""\
+{FILTER_HELP}
+
+examples:
+  eastwest flows --to-workload db                       who talks to db, how much, how it went
+  eastwest flows --to-workload db --not --outcome ok    only the calls to db that failed
+  eastwest flows --from-ip 10.244.1.0/24 --port 5432 --port 5433 --since 1h -o csv
+  eastwest flows --follow --to-workload auth -o compact live, as connections close
+  eastwest flows --input-file records.jsonl --outcome reset    offline, no aggregator
+  eastwest collector --stdout | eastwest flows --input-file - --observer client
+  eastwest flows --to-workload db --not --port 5432 --print-filter
+
+--input-file reads flow records (one JSON object a line, as `eastwest collector --stdout`
+writes them; docs/flow-record.md) and prints one line per record, as its observer saw it; the
+aggregator prints one line per connection, with every observer's view merged."""
 
 
 def register(sub: Any) -> None:
-    register_pending(sub, "flows", "query stored and live flows", 9)
+    p = sub.add_parser(
+        "flows", help="query stored and live flows with filters",
+        description="Query the flows the aggregator stored, tail live ones (--follow), or filter "
+        "a JSON-lines file of flow records offline (--input-file).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_filter_flags(p)
+    g = p.add_argument_group("source")
+    g.add_argument("--follow", "-f", action="store_true",
+                   help="tail live flows from the aggregator (Server-Sent Events) until Ctrl-C, "
+                   "or until --limit flows arrived")
+    g.add_argument("--input-file", metavar="FILE",
+                   help="filter this JSON-lines file of flow records instead (- for stdin)")
+    g.add_argument("--limit", type=int, metavar="N",
+                   help=f"at most N flows (default {API_LIMIT_DEFAULT} from the aggregator, all "
+                   "from --input-file or --follow; 0 = no limit)")
+    g.add_argument("--print-filter", action="store_true",
+                   help="print the compiled filter (and the API query it becomes) and exit")
+    add_output_flags(p, FORMATS)
+    add_connection_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = filter_spec(args)
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError("--limit", args.limit, "must be >= 0 (0 = no limit)")
+    if args.follow and args.input_file:
+        raise ConfigError("--follow", "--input-file", "choose one: --follow tails the aggregator")
+    if args.follow and args.output == "json":
+        raise ConfigError("--output", "json", "a JSON document never ends with --follow; use "
+                          "-o jsonl (one object a line)")
+    out, color = stdout_and_color(args)
+    if args.print_filter:
+        print_filter(out, spec, args.output)
+        return 0
+    printer = FlowPrinter(args.output, out, color, streaming=args.follow)
+    if args.input_file:
+        return _from_file(args, spec, printer)
+    limit = args.limit if args.limit is not None else (0 if args.follow else API_LIMIT_DEFAULT)
+    from eastwest.cli._common import client_from_args
+    from eastwest.cli._flowsource import api_flows, api_follow
+
+    with client_from_args(args) as client:
+        rows = api_follow(client, spec) if args.follow else api_flows(client, spec, limit)
+        printer.print_all(_limited(rows, limit))
+    if printer.count == 0 and not args.follow:
+        print(f"eastwest flows: no flows match {spec.filter}", file=sys.stderr)
+    return 0
+
+
+def print_filter(out: TextIO, spec: FilterSpec, fmt: str) -> None:
+    if fmt in ("json", "jsonl"):
+        out.write(to_json_text(spec.describe(), indent=2 if fmt == "json" else None) + "\n")
+        return
+    d = spec.describe()
+    out.write(f"filter: {d['filter']}\n")
+    out.write(f"since:  {d['since'] or '(stored start)'}\nuntil:  {d['until'] or '(now)'}\n")
+    query = "&".join(f"{k}={v}" for k, v in d["query"])
+    out.write(f"api:    GET /api/v1/flows?{query}\n" if query else "api:    GET /api/v1/flows\n")
+
+
+def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter) -> int:
+    from eastwest.cli._flowsource import FileReport, file_rows
+
+    report = FileReport(args.input_file)
+    limit = args.limit or 0
+    try:
+        if args.input_file == "-":
+            printer.print_all(_limited(file_rows(sys.stdin, spec, report), limit))
+        else:
+            try:
+                fh = open(args.input_file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+            except OSError as exc:
+                raise EastwestError(f"--input-file {args.input_file}: {exc.strerror}") from None
+            with fh:
+                printer.print_all(_limited(file_rows(fh, spec, report), limit))
+    finally:
+        for line in report.messages(BAD_LINES_SHOWN):
+            print(f"eastwest flows: {line}", file=sys.stderr)
+    return 1 if report.bad else 0
+
+
+def _limited(rows: Iterable[FlowRow], limit: int) -> Iterator[FlowRow]:
+    for n, row in enumerate(rows, 1):
+        yield row
+        if limit and n >= limit:
+            return
