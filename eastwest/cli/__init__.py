@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from eastwest import __version__
 from eastwest.errors import ConfigError, EastwestError
 
-SUBCOMMANDS = ("collector", "aggregator", "flows", "graph", "workloads", "top", "diff", "lab", "demo")
+SUBCOMMANDS = ("collector", "aggregator", "flows", "graph", "workloads", "top", "diff", "lab", "demo",
+               "completion")
 
 DESCRIPTION = """\
 eastwest: see which service talks to which, how much, how well and since when.
@@ -32,6 +33,7 @@ eastwest: see which service talks to which, how much, how well and since when.
   diff        what changed between two windows
   lab         build a multi-host lab in network namespaces, drive it, record ground truth
   demo        the lab with collectors and an aggregator: live cross-host traffic in a minute
+  completion  shell completion for bash or zsh
 
 Run `eastwest <command> --help` for each command's flags."""
 
