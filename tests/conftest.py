@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PCAPS = REPO.parent / "shared" / "pcaps"
+# CI lays shared/ beside the clone; EASTWEST_PCAPS points elsewhere when it is not
+PCAPS = Path(os.environ.get("EASTWEST_PCAPS", REPO.parent / "shared" / "pcaps"))
 ARTIFACTS = REPO / "test-artifacts"
 
 
