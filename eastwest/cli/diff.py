@@ -1,11 +1,95 @@
-"""`eastwest diff`: what changed between two windows."""
+"""`eastwest diff`: what changed between two windows: edges added, removed and changed.
+
+In:  `--a START..END` and `--b START..END` (each end a duration ago, RFC 3339 or `now`), and the
+     aggregator's `GET /api/v1/diff?a_from=&a_to=&b_from=&b_to=`.
+Out: one line per edge that differs (`+` only in B, `-` only in A, `~` in both with different
+     numbers), with both windows' connections, failures and bytes; or the API's JSON unchanged.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Mapping
 from typing import Any
 
-from eastwest.cli._pending import register_pending
+from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+
+FORMATS = ("table", "json")
+DIFF_PATH = "/api/v1/diff"
+
+EPILOG = """\
+examples:
+  eastwest diff --a 1h..30m --b 30m..now            the last half hour against the one before
+  eastwest diff --a 2026-11-27T00:00Z..2026-11-28T00:00Z --b 1d..now
+  eastwest diff --a 1h..30m --b 30m..now -o json
+
++ an edge only in B (a new dependency), - only in A (gone), ~ in both, with other numbers."""
 
 
 def register(sub: Any) -> None:
-    register_pending(sub, "diff", "what changed between two windows", 9)
+    p = sub.add_parser("diff", help="what changed between two windows",
+                       description="Edges added, removed and changed between window A and "
+                       "window B.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("windows")
+    g.add_argument("--a", required=True, metavar="START..END", help="the earlier window")
+    g.add_argument("--b", required=True, metavar="START..END", help="the later window")
+    add_output_flags(p, FORMATS)
+    add_connection_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eastwest.cli._common import client_from_args
+    from eastwest.cli._window import rfc3339, span
+    from eastwest.output import to_json_text
+
+    a0, a1 = span("--a", args.a)
+    b0, b1 = span("--b", args.b)
+    params = [("a_from", rfc3339(a0)), ("a_to", rfc3339(a1)), ("b_from", rfc3339(b0)),
+              ("b_to", rfc3339(b1))]
+    with client_from_args(args) as client:
+        doc = client.get_json(DIFF_PATH, params)
+    out, color = stdout_and_color(args)
+    if args.output == "json":
+        out.write(to_json_text(doc, indent=2) + "\n")
+        return 0
+    if write_diff_table(out, doc, color) == 0:
+        print("eastwest diff: no edge differs between the two windows", file=sys.stderr)
+    return 0
+
+
+HEADERS = ("", "CLIENT", "SERVER", "CONNS A", "CONNS B", "FAILED A", "FAILED B", "BYTES A",
+           "BYTES B")
+
+
+def write_diff_table(out: Any, doc: Any, color: bool) -> int:
+    from eastwest.cli._edges import Edge
+    from eastwest.errors import TransportError
+    from eastwest.output import Cell, human_bytes, write_table
+
+    if not isinstance(doc, Mapping):
+        raise TransportError(f"{DIFF_PATH} answered with something that is not an object")
+    rows = []
+    for mark, key, style in (("+", "added", "green"), ("-", "removed", "red"),
+                             ("~", "changed", "yellow")):
+        for item in doc.get(key) or []:
+            a_obj, b_obj = _sides(item, key)
+            a = Edge.from_api(a_obj) if a_obj is not None else None
+            b = Edge.from_api(b_obj) if b_obj is not None else None
+            e = b or a
+            assert e is not None
+            rows.append((Cell(mark, style), Cell(e.client, "cyan"), Cell(e.server, "cyan"),
+                         a.connections if a else None, b.connections if b else None,
+                         a.failed if a else None, b.failed if b else None,
+                         Cell(human_bytes(a.bytes_total) if a else "", right=True),
+                         Cell(human_bytes(b.bytes_total) if b else "", right=True)))
+    return write_table(out, HEADERS, rows, color=color)
+
+
+def _sides(item: Any, key: str) -> tuple[Any, Any]:
+    """(edge in A, edge in B) of one diff entry; an added edge has no A, a removed one no B."""
+    if isinstance(item, Mapping) and ("a" in item or "b" in item):
+        return item.get("a"), item.get("b")
+    return (None, item) if key == "added" else (item, None) if key == "removed" else (item, item)

@@ -1,11 +1,94 @@
-"""`eastwest graph`: the service dependency graph of a window."""
+"""`eastwest graph`: the service dependency graph of a time window.
+
+In:  a window (`--since`/`--until`), `--namespace`, `--workload`, `--group-by`, and the
+     aggregator's `GET /api/v1/graph` (JSON, or `format=dot|mermaid` rendered by the API).
+Out: the edges as a table (client -> server, connections, failures, bytes, RTT, observers) or csv,
+     the API's JSON unchanged, or its DOT / Mermaid text (every line escaped for the terminal).
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
 
-from eastwest.cli._pending import register_pending
+from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+
+FORMATS = ("table", "json", "csv", "dot", "mermaid")
+GROUP_BY = ("workload", "namespace", "host")
+GRAPH_PATH = "/api/v1/graph"
+
+EPILOG = """\
+examples:
+  eastwest graph                                   the last hour, workload to workload
+  eastwest graph --since 1d --group-by namespace   a day, namespace to namespace
+  eastwest graph --workload db                     db and its neighbours
+  eastwest graph -o dot | dot -Tsvg > graph.svg    Graphviz
+  eastwest graph -o mermaid                        paste into Markdown
+
+Edges go client -> server and count connections, never records: a connection seen by its
+client, its server and the wire is one connection (SEEN BY lists who saw it)."""
 
 
 def register(sub: Any) -> None:
-    register_pending(sub, "graph", "the service dependency graph of a window", 9)
+    p = sub.add_parser("graph", help="the service dependency graph of a window",
+                       description="The graph of who called whom in a time window, from the "
+                       "aggregator: one edge per client -> server pair.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_graph_scope(p)
+    add_output_flags(p, FORMATS)
+    add_connection_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_graph_scope(p: argparse.ArgumentParser, *, group_by: bool = True) -> None:
+    g = p.add_argument_group("scope")
+    g.add_argument("--since", metavar="WHEN", default="1h",
+                   help="from this time: a duration ago (30m, 2h, 7d), RFC 3339 (default 1h)")
+    g.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
+    g.add_argument("--namespace", metavar="NS", help="only edges touching this namespace")
+    g.add_argument("--workload", metavar="NAME", help="only edges touching this workload")
+    if group_by:
+        g.add_argument("--group-by", choices=GROUP_BY, default="workload",
+                       help="what a node is (default workload)")
+
+
+def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from eastwest.cli._window import window
+
+    params = window(args.since, args.until)
+    for key in ("namespace", "workload"):
+        value = getattr(args, key, None)
+        if value is not None:
+            if not value:
+                from eastwest.errors import ConfigError
+
+                raise ConfigError(f"--{key}", value, "must not be empty")
+            params.append((key, value))
+    if getattr(args, "group_by", None):
+        params.append(("group_by", args.group_by))
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    from eastwest.cli._common import client_from_args
+    from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, edge_cells, edge_csv, edges_of
+    from eastwest.output import escape, to_json_text, write_csv, write_table
+
+    params = graph_params(args)
+    out, color = stdout_and_color(args)
+    with client_from_args(args) as client:
+        if args.output in ("dot", "mermaid"):
+            text = client.get_text(GRAPH_PATH, [*params, ("format", args.output)])
+            out.write("".join(escape(line) + "\n" for line in text.splitlines()))
+            return 0
+        doc = client.get_json(GRAPH_PATH, params)
+    if args.output == "json":
+        out.write(to_json_text(doc, indent=2) + "\n")
+        return 0
+    edges = sorted(edges_of(doc), key=lambda e: (e.client, e.server))
+    if args.output == "csv":
+        write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
+    elif write_table(out, EDGE_HEADERS, (edge_cells(e) for e in edges), color=color) == 0:
+        print("eastwest graph: no edges in this window", file=sys.stderr)
+    return 0

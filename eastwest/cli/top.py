@@ -1,11 +1,80 @@
-"""`eastwest top`: top talkers over a window."""
+"""`eastwest top`: top talkers of a window, by bytes, connections, failures or retransmits.
+
+In:  a window and scope (as `eastwest graph`), `--by`, `--limit`, and the workload filter flags
+     `--from-workload`/`--to-workload` (OR-ed when repeated, as in `eastwest flows`);
+     the aggregator's `GET /api/v1/graph` edges.
+Out: the top edges (client -> server) sorted by the metric, largest first (ties by name), as a
+     table, json (the API's edge objects) or csv. The ranking is done here, on the graph's
+     edges: the graph already counts connections once whichever observers saw them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
 
-from eastwest.cli._pending import register_pending
+from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli.graph import GRAPH_PATH, add_graph_scope, graph_params
+
+FORMATS = ("table", "json", "csv")
+
+EPILOG = """\
+examples:
+  eastwest top                                   top 10 edges by bytes, last hour
+  eastwest top --to-workload db                  who talks to db, by bytes
+  eastwest top --by failures --since 1d          which calls fail most
+  eastwest top --by retransmits --group-by host  lossy host pairs"""
 
 
 def register(sub: Any) -> None:
-    register_pending(sub, "top", "top talkers over a window", 9)
+    from eastwest.cli._edges import METRICS
+
+    p = sub.add_parser("top", help="top talkers by bytes, connections, failures or retransmits",
+                       description="The busiest (or worst) client -> server edges of a window.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("ranking")
+    g.add_argument("--by", choices=tuple(METRICS), default="bytes",
+                   help="rank by bytes (both ways), connections, failures (refused, reset, "
+                   "timeout) or retransmits (default bytes)")
+    g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
+                   help="show the top N (default 10; 0 = all)")
+    g.add_argument("--from-workload", action="append", default=[], metavar="NAME",
+                   help="only edges from this client workload (repeatable: OR)")
+    g.add_argument("--to-workload", action="append", default=[], metavar="NAME",
+                   help="only edges to this server workload (repeatable: OR)")
+    add_graph_scope(p)
+    add_output_flags(p, FORMATS)
+    add_connection_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eastwest.cli._common import client_from_args
+    from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, METRICS, edge_cells, edge_csv, edges_of
+    from eastwest.errors import ConfigError
+    from eastwest.output import to_json_text, write_csv, write_table
+
+    if args.limit < 0:
+        raise ConfigError("--limit", args.limit, "must be >= 0 (0 = all)")
+    params = graph_params(args)
+    with client_from_args(args) as client:
+        edges = edges_of(client.get_json(GRAPH_PATH, params))
+    if args.from_workload:
+        edges = [e for e in edges if e.client in args.from_workload]
+    if args.to_workload:
+        edges = [e for e in edges if e.server in args.to_workload]
+    attr = METRICS[args.by][0]
+    edges.sort(key=lambda e: (-getattr(e, attr), e.client, e.server))
+    edges = [e for e in edges if getattr(e, attr) > 0]
+    if args.limit:
+        edges = edges[: args.limit]
+    out, color = stdout_and_color(args)
+    if args.output == "json":
+        out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
+    elif args.output == "csv":
+        write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
+    elif write_table(out, ("#", *EDGE_HEADERS), ((i, *edge_cells(e)) for i, e in
+                                                 enumerate(edges, 1)), color=color) == 0:
+        print(f"eastwest top: no edge with any {args.by} in this window", file=sys.stderr)
+    return 0
