@@ -19,7 +19,7 @@ import argparse
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from eastwest.errors import ConfigError
@@ -122,6 +122,7 @@ def filter_spec(args: argparse.Namespace, now: datetime | None = None) -> Filter
                           "e.g. --not --outcome ok")
     flt = Filter.build(getattr(args, _TRIPLES, None) or [])
     since = until = None
+    now = now or datetime.now(UTC)  # one `now` for both ends
     if getattr(args, "since", None):
         since = parse_time("--since", args.since, now)
     if getattr(args, "until", None):

@@ -7,7 +7,7 @@ the one time syntax of the CLI and the API; errors name the flag.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from eastwest.errors import ConfigError
 from eastwest.filters import parse_time
@@ -21,6 +21,7 @@ def window(since: str | None, until: str | None, now: datetime | None = None,
            prefix: str = "") -> list[tuple[str, str]]:
     """`from`/`to` query parameters (with a prefix such as `a_`), validated."""
     out: list[tuple[str, str]] = []
+    now = now or datetime.now(UTC)
     t0 = parse_time("--since", since, now) if since else None
     t1 = parse_time("--until", until, now) if until else None
     if t0 is not None and t1 is not None and t1 <= t0:

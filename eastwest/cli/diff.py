@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
@@ -45,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from eastwest.cli._window import rfc3339, span
     from eastwest.output import to_json_text
 
-    a0, a1 = span("--a", args.a)
-    b0, b1 = span("--b", args.b)
+    now = datetime.now(UTC)  # one `now` for both windows: 30m..now and 1h..30m meet exactly
+    a0, a1 = span("--a", args.a, now)
+    b0, b1 = span("--b", args.b, now)
     params = [("a_from", rfc3339(a0)), ("a_to", rfc3339(a1)), ("b_from", rfc3339(b0)),
               ("b_to", rfc3339(b1))]
     with client_from_args(args) as client:

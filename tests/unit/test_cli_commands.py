@@ -1,0 +1,240 @@
+"""The API commands (flows, --follow, graph, workloads, top, diff) against a fake aggregator at
+the HTTP boundary (httpx.MockTransport). The fake filters flows with `Filter.from_query` on the
+query the CLI sent, as the API does, so a parameter the CLI spells wrong selects the wrong flows
+here too. Shapes of the API objects: docs/api.md."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from eastwest.cli import main
+from eastwest.client import ApiClient, ClientSettings
+from eastwest.filters import Filter
+
+TOKEN = "read-token-0123456789"
+
+
+def flow(n: int, client: str, cip: str, server: str, sip: str, sport: int, outcome: str = "ok",
+         observed_by: tuple[str, ...] = ("client", "server"), c2s: int = 10, s2c: int = 20,
+         vni: int | None = None) -> dict[str, Any]:
+    return {
+        "id": f"f{n}", "start": f"2026-11-28T04:00:{n:02d}Z", "end": f"2026-11-28T04:00:{n + 1:02d}Z",
+        "protocol": "tcp", "outcome": outcome, "observed_by": list(observed_by),
+        "client": {"ip": cip, "port": 40000 + n, "workload": {"name": client, "namespace": "shop"},
+                   "process": {"comm": f"ew-{client}"}},
+        "server": {"ip": sip, "port": sport, "workload": {"name": server, "namespace": "shop"}},
+        "bytes_c2s": c2s, "bytes_s2c": s2c, "retransmits": 0, "resets": int(outcome == "reset"),
+        "rtt_us": {"min": 100, "avg": 200, "max": 300}, "vni": vni, "final": True,
+    }
+
+
+FLOWS = [
+    flow(1, "frontend", "10.244.1.11", "api", "10.244.2.11", 9090),
+    flow(2, "api", "10.244.2.11", "db", "10.244.3.11", 5432, c2s=500, s2c=7000, vni=42),
+    flow(3, "api", "10.244.2.11", "db", "10.244.3.11", 5433, "refused", ("client",), 0, 0),
+    flow(4, "api", "10.244.2.11", "auth", "10.244.2.12", 7000, "reset"),
+    flow(5, "api", "10.244.2.11", "db", "10.244.3.11", 5432, c2s=600, s2c=8000, vni=42),
+]
+
+EDGES = [
+    {"client": "frontend", "server": "api", "connections": 1, "failed": 0, "bytes_c2s": 10,
+     "bytes_s2c": 20, "resets": 0, "retransmits": 0, "rtt_us": {"min": 1, "avg": 2, "max": 3},
+     "ports": [9090], "observed_by": ["client", "server"], "complete": True},
+    {"client": "api", "server": "db", "connections": 3, "failed": 1, "bytes_c2s": 1100,
+     "bytes_s2c": 15000, "resets": 0, "retransmits": 2, "rtt_us": None,
+     "ports": [5432, 5433], "observed_by": ["client", "server", "path"], "complete": True},
+    {"client": "api", "server": "auth", "connections": 1, "failed": 1, "bytes_c2s": 10,
+     "bytes_s2c": 20, "resets": 1, "retransmits": 0, "rtt_us": None, "ports": [7000],
+     "observed_by": ["client"], "complete": False},
+]
+
+
+def view(f: dict[str, Any]) -> dict[str, Any]:
+    c, s = f["client"], f["server"]
+    return {"client_ip": c["ip"], "server_ip": s["ip"], "client_port": c["port"],
+            "server_port": s["port"], "protocol": f["protocol"], "outcome": f["outcome"],
+            "observers": set(f["observed_by"]), "vni": f["vni"],
+            "client_workload": c["workload"]["name"], "server_workload": s["workload"]["name"],
+            "client_namespace": "shop", "server_namespace": "shop"}
+
+
+class FakeApi:
+    """The read API of docs/api.md over canned data; records every request it served."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        self.requests.append(req)
+        if req.headers.get("authorization") != f"Bearer {TOKEN}":
+            return httpx.Response(401, json={"detail": "invalid token"})
+        params = list(req.url.params.multi_items())
+        path = req.url.path
+        if path == "/api/v1/flows":
+            flt = Filter.from_query(params)
+            hits = [f for f in FLOWS if flt.matches(view(f))]
+            start = int(req.url.params.get("cursor") or 0)
+            limit = int(req.url.params.get("limit", 100))
+            page = hits[start:start + limit]
+            nxt = str(start + limit) if start + limit < len(hits) else None
+            return httpx.Response(200, json={"flows": page, "next_cursor": nxt})
+        if path == "/api/v1/flows/stream":
+            flt = Filter.from_query(params)
+            body = "".join(f"event: flow\ndata: {json.dumps(f)}\n\n: keep-alive\n\n"
+                           for f in FLOWS if flt.matches(view(f)))
+            return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        if path == "/api/v1/graph":
+            fmt = req.url.params.get("format")
+            if fmt == "dot":
+                return httpx.Response(200, text='digraph {\n  "api" -> "db\x1b[31m";\n}\n')
+            return httpx.Response(200, json={"nodes": [], "edges": EDGES})
+        if path == "/api/v1/workloads":
+            return httpx.Response(200, json={"workloads": [
+                {"name": "db", "namespace": "shop", "kind": "service", "upstream": ["api"],
+                 "downstream": []},
+                {"name": "api", "namespace": "shop", "kind": "service", "upstream": ["frontend"],
+                 "downstream": ["db", "auth"]}]})
+        if path == "/api/v1/workloads/db":
+            return httpx.Response(200, json={"name": "db", "namespace": "shop", "upstream": ["api"],
+                                             "downstream": [], "impact": ["api", "frontend"]})
+        if path == "/api/v1/diff":
+            return httpx.Response(200, json={"added": [EDGES[2]], "removed": [EDGES[0]],
+                                             "changed": [{"a": EDGES[1], "b": {**EDGES[1], "connections": 9}}]})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+
+@pytest.fixture()
+def api(monkeypatch):
+    fake = FakeApi()
+
+    def make(args):
+        return ApiClient(ClientSettings(server="http://agg.test", token=TOKEN),
+                         transport=httpx.MockTransport(fake))
+
+    monkeypatch.setattr("eastwest.cli._common.client_from_args", make)
+    return fake
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize(("argv", "ids"), [
+    ([], ["f1", "f2", "f3", "f4", "f5"]),
+    (["--to-workload", "db"], ["f2", "f3", "f5"]),
+    (["--to-workload", "db", "--not", "--outcome", "ok"], ["f3"]),
+    (["--observer", "server", "--not", "--to-workload", "auth"], ["f1", "f2", "f5"]),
+    (["--vni", "42", "--port", "5432"], ["f2", "f5"]),
+    (["--from-ip", "10.244.1.0/24"], ["f1"]),
+])
+def test_stored_flows_are_queried_with_the_filter_as_api_parameters(api, capsys, argv, ids):
+    rc, out, _ = run(capsys, "flows", *argv, "-o", "jsonl")
+    assert rc == 0
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ids
+
+
+def test_flows_follow_the_cursor_until_the_limit(api, capsys):
+    rc, out, _ = run(capsys, "flows", "--limit", "4", "-o", "json")
+    assert [f["id"] for f in json.loads(out)] == ["f1", "f2", "f3", "f4"]
+    rc, out, _ = run(capsys, "flows", "--limit", "0", "-o", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["server_workload"] for r in rows] == ["api", "db", "db", "auth", "db"]
+    assert rows[1]["observed_by"] == "client;server" and rows[1]["vni"] == "42"
+    assert rows[0]["client_comm"] == "ew-frontend"
+
+
+def test_follow_prints_each_live_flow_as_it_arrives(api, capsys):
+    rc, out, _ = run(capsys, "flows", "--follow", "--to-workload", "db", "-o", "jsonl")
+    assert rc == 0
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ["f2", "f3", "f5"]
+    req = api.requests[-1]
+    assert req.url.path == "/api/v1/flows/stream"
+    assert list(req.url.params.multi_items()) == [("to_workload", "db")]
+
+
+def test_follow_stops_after_limit(api, capsys):
+    _, out, _ = run(capsys, "flows", "-f", "--limit", "1", "-o", "compact")
+    assert out.splitlines() == ["2026-11-28T04:00:01.000Z frontend 10.244.1.11:40001 -> "
+                                "api 10.244.2.11:9090 tcp ok 10B/20B [client,server]"]
+
+
+def test_graph_table_json_csv_and_dot(api, capsys):
+    rc, out, _ = run(capsys, "graph", "--since", "2h", "--group-by", "namespace")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].split()[:4] == ["CLIENT", "SERVER", "CONNS", "FAILED"]
+    assert [ln.split()[:3] for ln in lines[1:]] == [["api", "auth", "1"], ["api", "db", "3"],
+                                                     ["frontend", "api", "1"]]
+    assert "(incomplete)" in lines[1]
+    q = dict(api.requests[-1].url.params.multi_items())
+    assert q["group_by"] == "namespace" and q["from"].endswith("Z") and "to" not in q
+    _, out, _ = run(capsys, "graph", "-o", "json")
+    assert json.loads(out)["edges"] == EDGES
+    _, out, _ = run(capsys, "graph", "-o", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows[1]["ports"] == "5432;5433" and rows[1]["bytes_s2c"] == "15000"
+    _, out, _ = run(capsys, "graph", "-o", "dot")
+    assert out == 'digraph {\n  "api" -> "db\\x1b[31m";\n}\n'
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--by", "bytes"], [("api", "db"), ("api", "auth"), ("frontend", "api")]),  # ties by name
+    (["--by", "failures"], [("api", "auth"), ("api", "db")]),
+    (["--by", "connections", "-n", "1"], [("api", "db")]),
+    (["--by", "retransmits"], [("api", "db")]),
+    (["--to-workload", "db", "--to-workload", "auth"], [("api", "db"), ("api", "auth")]),
+    (["--from-workload", "frontend"], [("frontend", "api")]),
+])
+def test_top_ranks_edges_by_the_metric(api, capsys, argv, expected):
+    rc, out, _ = run(capsys, "top", *argv, "-o", "json")
+    assert rc == 0
+    assert [(e["client"], e["server"]) for e in json.loads(out)] == expected
+
+
+def test_top_table_is_numbered(api, capsys):
+    _, out, _ = run(capsys, "top", "--to-workload", "db")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["#", "CLIENT", "SERVER"]
+    assert lines[1].split()[:4] == ["1", "api", "db", "3"]
+
+
+def test_workloads_list_detail_and_names(api, capsys):
+    _, out, _ = run(capsys, "workloads")
+    assert [ln.split() for ln in out.splitlines()] == [
+        ["NAME", "NAMESPACE", "KIND", "UPSTREAM", "DOWNSTREAM"],
+        ["api", "shop", "service", "1", "2"], ["db", "shop", "service", "1", "0"]]
+    _, out, _ = run(capsys, "workloads", "-o", "names")
+    assert out == "api\ndb\n"
+    _, out, _ = run(capsys, "workloads", "db")
+    assert "upstream (calls it): 1\n    api\n" in out
+    assert "impact (breaks if it breaks): 2\n    api\n    frontend\n" in out
+
+
+def test_diff_marks_added_removed_changed(api, capsys):
+    rc, out, _ = run(capsys, "diff", "--a", "1h..30m", "--b", "30m..now")
+    lines = [ln.split() for ln in out.splitlines()]
+    assert rc == 0
+    assert [ln[:3] for ln in lines[1:]] == [["+", "api", "auth"], ["-", "frontend", "api"],
+                                            ["~", "api", "db"]]
+    assert lines[3][3:5] == ["3", "9"]
+    q = dict(api.requests[-1].url.params.multi_items())
+    assert set(q) == {"a_from", "a_to", "b_from", "b_to"} and q["a_to"] == q["b_from"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["diff", "--a", "30m..1h", "--b", "30m..now"], "--a='30m..1h': the end is not after the start"),
+    (["diff", "--a", "1h..x", "--b", "30m..now"], "--a='x': not a time"),
+    (["top", "-n", "-1"], "--limit=-1"),
+    (["graph", "--since", "1h", "--until", "2h"], "--until='2h': is not after --since 1h"),
+    (["workloads", "db", "-o", "names"], "--output='names'"),
+])
+def test_usage_errors_of_the_aggregate_commands(api, capsys, argv, message):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and message in err and err.count("\n") == 1
