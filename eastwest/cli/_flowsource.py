@@ -3,7 +3,8 @@ stream. Each yields `FlowRow`s that already passed the filter.
 
 In:  a `FilterSpec` and a file (lines of flow records, eastwest/codec.py `from_json`) or an
      `ApiClient` (`GET /api/v1/flows` with cursor pagination, `GET /api/v1/flows/stream` SSE).
-Out: `FlowRow`s; for a file, a `FileReport` of the lines that were not records (line number and
+Out: `FlowRow`s; a file may hold flow records or the API's flow objects (as
+     `eastwest flows -o jsonl` saved them), line by line; for a file, a `FileReport` of the lines that were not records (line number and
      the field at fault), skipped and counted, never fatal: one bad line spoils nothing else.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+import msgspec
 
 from eastwest.cli._filterflags import FilterSpec
 from eastwest.cli._flowrow import FlowRow
@@ -49,17 +52,30 @@ def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport) -> Ite
             continue
         report.lines = n
         try:
-            rec = from_json(line)
-        except RecordError as exc:
+            row = _row_of_line(line)
+        except (RecordError, TransportError) as exc:
             report.bad += 1
             if len(report.errors) < 100:
                 report.errors.append((n, str(exc)))
             continue
         report.records += 1
-        row = FlowRow.from_record(rec)
-        if spec.in_window(rec.start, rec.end) and spec.filter.matches(row.view):
+        if spec.in_window(row.start, row.end) and spec.filter.matches(row.view):
             report.matched += 1
             yield row
+
+
+def _row_of_line(line: str) -> FlowRow:
+    """A flow record, or a flow object of the API (what `eastwest flows -o jsonl` saved)."""
+    try:
+        return FlowRow.from_record(from_json(line))
+    except RecordError as exc:
+        try:
+            obj = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            raise exc from None
+        if isinstance(obj, dict) and "observed_by" in obj and "record_id" not in obj:
+            return FlowRow.from_api(obj)
+        raise
 
 
 def api_flows(client: ApiClient, spec: FilterSpec, limit: int) -> Iterator[FlowRow]:

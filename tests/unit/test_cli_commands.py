@@ -238,3 +238,16 @@ def test_diff_marks_added_removed_changed(api, capsys):
 def test_usage_errors_of_the_aggregate_commands(api, capsys, argv, message):
     rc, _, err = run(capsys, *argv)
     assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_saved_api_flows_are_filtered_offline_like_records(api, capsys, tmp_path):
+    _, saved, _ = run(capsys, "flows", "--limit", "0", "-o", "jsonl")
+    path = tmp_path / "saved.jsonl"
+    path.write_text(saved)
+    rc, out, err = run(capsys, "flows", "--input-file", str(path), "--to-workload", "db",
+                        "--not", "--observer", "server", "-o", "jsonl")
+    assert (rc, err) == (0, "")
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ["f3"]
+    _, out, _ = run(capsys, "flows", "--input-file", str(path), "--since",
+                    "2026-11-28T04:00:04.5Z", "-o", "jsonl")
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ["f4", "f5"]
