@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from aggregator.api import install as install_query_api
 from aggregator.auth import Authenticator, require_read
 from aggregator.ingest import router as ingest_router
 from aggregator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -58,6 +59,7 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
     app.state.drops = drops
     app.state.metrics = metrics
     app.state.auth = Authenticator(settings)
+    install_query_api(app, settings)  # correlation, graph, flows, stream, diff (issue #6)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,10 +10,12 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from eastwest.errors import ConfigError
+from eastwest.filters import parse_duration
 
 INGEST_TOKEN_ENV = "EASTWEST_INGEST_TOKEN"
 READ_TOKEN_ENV = "EASTWEST_READ_TOKEN"
@@ -36,6 +38,15 @@ class AggregatorSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_batch_records: int = DEFAULT_MAX_RECORDS
     store: str = "duckdb"
+    # correlation, identity, retention, graph (issue #6; docs/aggregator.md)
+    workload_map: Path | None = None
+    k8s_api: str | None = None
+    k8s_token: str | None = None
+    reverse_dns: bool = False
+    cidr_groups: tuple[str, ...] = ()
+    retention: timedelta | None = timedelta(days=7)
+    edge_budget: int = 2000
+    correlation_slack_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.insecure_open and not is_loopback(self.host):
@@ -63,6 +74,10 @@ class AggregatorSettings:
             raise ConfigError("--max-body-bytes", self.max_body_bytes, "must be at least 1024")
         if self.max_batch_records < 1:
             raise ConfigError("--max-batch-records", self.max_batch_records, "must be at least 1")
+        if self.edge_budget < 1:
+            raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
+        if self.workload_map is not None and not self.workload_map.is_file():
+            raise ConfigError("--workload-map", str(self.workload_map), "no such file")
 
     @property
     def scheme(self) -> str:
@@ -88,6 +103,14 @@ class AggregatorSettings:
             tls_key=Path(args.tls_key) if args.tls_key else None,
             max_body_bytes=int(args.max_body_bytes),
             max_batch_records=int(args.max_batch_records),
+            workload_map=Path(args.workload_map) if getattr(args, "workload_map", None) else None,
+            k8s_api=getattr(args, "k8s_api", None),
+            k8s_token=env.get("KUBERNETES_TOKEN") or None,
+            reverse_dns=bool(getattr(args, "reverse_dns", False)),
+            cidr_groups=tuple(getattr(args, "cidr_group", None) or ()),
+            retention=(parse_duration("--retention", args.retention)
+                       if getattr(args, "retention", None) else timedelta(days=7)),
+            edge_budget=int(getattr(args, "edge_budget", 2000)),
         )
 
 

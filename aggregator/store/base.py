@@ -19,10 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from eastwest.errors import EastwestError
 from eastwest.record import FlowRecord
+
+if TYPE_CHECKING:
+    from aggregator.connection import Connection
+    from aggregator.store.derived import Derived
 
 
 class StoreError(EastwestError):
@@ -41,9 +45,12 @@ class IngestResult:
 class FlowStore(Protocol):
     """A durable store of raw flow records, idempotent per `(collector, batch_seq)`."""
 
-    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord]) -> IngestResult:
+    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
+               derived: Derived | None = None) -> IngestResult:
         """Store the records and the batch mark in one transaction; a batch applied before is
-        not applied again (`duplicate=True`). Durable when it returns."""
+        not applied again (`duplicate=True`). Durable when it returns. `derived` (the
+        correlated connections, rollup deltas and workloads of the batch, issue #6) is
+        written in the same transaction."""
 
     def batch_applied(self, collector: str, batch_seq: int) -> bool:
         """Whether `(collector, batch_seq)` was applied."""
@@ -57,3 +64,25 @@ class FlowStore(Protocol):
 
     def close(self) -> None:
         """Flush and release the backend; idempotent."""
+
+    # -- correlated tables (issue #6; aggregator/store/duckdb_derived.py for DuckDB) ------------
+    def recent_connections(self, horizon_s: float) -> list[Connection]:
+        """Connections whose last record is within `horizon_s` of the newest (restart)."""
+
+    def connections(self, where: str, params: Sequence[Any], *, order: str, limit: int,
+                    columns: Sequence[str]) -> list[dict[str, Any]]:
+        """Connection rows matching a compiled filter (`Filter.to_sql`), ordered, limited."""
+
+    def edge_counts(self, since: datetime, until: datetime, group_by: str, where: str,
+                    params: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per edge of the window: connections opened, active, closed, failed, ..."""
+
+    def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
+                     params: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per edge of the window: the minute rollups' byte/packet/retransmit deltas."""
+
+    def workload_rows(self) -> list[dict[str, Any]]:
+        """Every workload seen, with first_seen and last_seen."""
+
+    def apply_retention(self, cutoff: datetime) -> dict[str, int]:
+        """Delete what ended before `cutoff`; rows deleted per table."""

@@ -27,6 +27,8 @@ import msgspec
 
 from aggregator.store.base import IngestResult, StoreError
 from aggregator.store.columns import COLUMN_NAMES, COLUMNS, to_table
+from aggregator.store.derived import Derived
+from aggregator.store.duckdb_derived import DERIVED_DDL, DerivedQueries, write_derived
 from eastwest.record import FlowRecord
 
 FILE_NAME = "eastwest.duckdb"
@@ -38,10 +40,11 @@ _DDL = [
     "CREATE TABLE IF NOT EXISTS ingested_batches ("
     " collector VARCHAR NOT NULL, batch_seq BIGINT NOT NULL, records INTEGER NOT NULL,"
     " ingested_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (collector, batch_seq))",
+    *DERIVED_DDL,  # correlated connections, minute rollups, workloads (issue #6)
 ]
 
 
-class DuckDBStore:
+class DuckDBStore(DerivedQueries):
     """`FlowStore` on a DuckDB file. `path` is the data directory (created if missing)."""
 
     backend = "duckdb"
@@ -64,7 +67,8 @@ class DuckDBStore:
         self._count = self._scalar("SELECT count(*) FROM flows")
 
     # -- writes -------------------------------------------------------------------------------
-    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord]) -> IngestResult:
+    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
+               derived: Derived | None = None) -> IngestResult:
         now = datetime.now(UTC)
         table = to_table(collector, batch_seq, records, now) if records else None
         with self._lock:
@@ -84,6 +88,8 @@ class DuckDBStore:
                         con.execute(f"INSERT INTO flows ({cols}) SELECT {cols} FROM _batch")
                     finally:
                         con.unregister("_batch")
+                if derived is not None:
+                    write_derived(con, derived)
                 con.execute("INSERT INTO ingested_batches VALUES (?, ?, ?, ?)",
                             [collector, batch_seq, len(records), now])
                 con.execute("COMMIT")

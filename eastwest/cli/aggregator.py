@@ -53,6 +53,19 @@ def register(sub: Any) -> None:
                    help="largest ingest body; larger ones get 413 (default 64 MiB)")
     g.add_argument("--max-batch-records", type=int, default=100_000, metavar="N",
                    help="most records in one batch; more get 413 (default 100000)")
+
+    g = p.add_argument_group("correlation, identity and retention (docs/aggregator.md)")
+    g.add_argument("--workload-map", metavar="FILE", help="static workload map (YAML: workloads: "
+                   "[{match: CIDR or ip:port, name, namespace, kind, host, labels}]); first layer")
+    g.add_argument("--k8s-api", metavar="URL", help="resolve pods and services through this "
+                   "Kubernetes API server (token: $KUBERNETES_TOKEN)")
+    g.add_argument("--reverse-dns", action="store_true", help="name unresolved peers by PTR lookup")
+    g.add_argument("--cidr-group", metavar="NAME=CIDR", action="append", default=[],
+                   help="group unresolved peers in CIDR under NAME (repeatable); else external:<ip>")
+    g.add_argument("--retention", default="7d", metavar="DURATION",
+                   help="delete flows, connections and rollups older than this (default 7d)")
+    g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
+                   help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
     p.set_defaults(func=_run)
 
 

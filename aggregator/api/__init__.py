@@ -1,0 +1,56 @@
+"""The query API of the aggregator (issue #6): graph, workloads, flows, live stream, diff.
+
+`install(app, settings)` wraps the app's store in the correlating store (aggregator/correlating.py),
+builds the identity resolver from the settings, and adds the routes. A `ConfigError` (a bad
+parameter, named with its value) becomes a 400. Response fields: docs/api.md.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from aggregator.correlate import Correlator
+from aggregator.correlating import CorrelatingStore
+from aggregator.identity import IdentityResolver, StaticMap, parse_cidr_groups, system_reverse_dns
+from eastwest.errors import ConfigError
+
+
+def resolver_from(settings: Any) -> IdentityResolver:
+    static = StaticMap.load(settings.workload_map) if getattr(settings, "workload_map", None) else None
+    sources = []
+    if getattr(settings, "k8s_api", None):
+        from aggregator.k8s import KubernetesIdentity
+
+        sources.append(KubernetesIdentity.connect(settings.k8s_api,
+                                                  token=getattr(settings, "k8s_token", None)))
+    return IdentityResolver(static, sources, parse_cidr_groups(getattr(settings, "cidr_groups", ())),
+                            system_reverse_dns if getattr(settings, "reverse_dns", False) else None)
+
+
+def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = None) -> CorrelatingStore:
+    st = app.state
+    correlator = Correlator(resolver or resolver_from(settings),
+                            slack=timedelta(seconds=getattr(settings, "correlation_slack_s", 5.0)))
+    store = CorrelatingStore(st.store, correlator, st.drops,
+                             retention=getattr(settings, "retention", None))
+    st.store = store
+    st.edge_budget = getattr(settings, "edge_budget", 2000)
+    st.graph_cache = {}
+
+    @app.exception_handler(ConfigError)
+    async def _bad_parameter(_req: Request, exc: ConfigError) -> JSONResponse:
+        # the filter language names CLI flags (`--not --port`); the API names its parameters
+        name = exc.key.replace("--not --", "not_").removeprefix("--").replace("-", "_")
+        return JSONResponse({"detail": f"{name}={exc.value!r}: {exc.reason}", "parameter": name},
+                            status_code=400)
+
+    from aggregator.api import flows, graph, workloads
+
+    app.include_router(graph.router)
+    app.include_router(workloads.router)
+    app.include_router(flows.router)
+    return store

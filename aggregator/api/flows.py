@@ -1,0 +1,149 @@
+"""GET /api/v1/flows (correlated connections, filtered, sorted, cursor-paginated) and
+GET /api/v1/flows/stream (the same filters, live, as Server-Sent Events).
+
+In: filters of eastwest.filters (from_workload, to_workload, workload, namespace, ip, from_ip,
+to_ip, port, to_port, protocol, outcome, observer, vni, each repeatable and negatable with a
+`not_` prefix), since/until, sort, limit, cursor. Out: flows as docs/api.md defines them.
+The one `Filter` compiles to SQL for the store and matches in memory for the stream.
+
+Cursor pagination is keyset: the cursor holds the last row's sort value and id, so pages stay
+consistent while connections keep arriving (https://use-the-index-luke.com/no-offset).
+SSE framing: https://html.spec.whatwg.org/multipage/server-sent-events.html
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from aggregator.api.graph import TIME_HELP
+from aggregator.api.params import check_names, choice, positive_int, query_filter
+from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json, row_of
+from aggregator.auth import require_read
+from aggregator.store.duckdb_derived import CONN_FILTER_COLUMNS
+from eastwest.errors import ConfigError
+from eastwest.filters import parse_time
+
+router = APIRouter(dependencies=[Depends(require_read)])
+SORTS = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s + bytes_s2c)",
+         "client_workload": "client_wid", "server_workload": "server_wid"}
+SORT_CHOICES = tuple(s for k in SORTS for s in (k, f"-{k}"))
+MAX_PAGE = 10_000
+HEARTBEAT_S = 15.0
+
+
+def _time_clauses(since: str | None, until: str | None) -> tuple[list[str], list[Any]]:
+    where, params = [], []
+    if since is not None:
+        where.append("last_seen >= ?")
+        params.append(parse_time("since", since))
+    if until is not None:
+        where.append("start_ts < ?")
+        params.append(parse_time("until", until))
+    return where, params
+
+
+def _encode_cursor(value: Any, conn_id: str) -> str:
+    v = value.isoformat() if isinstance(value, datetime) else value
+    return base64.urlsafe_b64encode(json.dumps([v, conn_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value, conn_id = json.loads(raw)
+        if sort in ("start", "last_seen"):
+            value = datetime.fromisoformat(value)
+        elif sort == "bytes" and not isinstance(value, int):
+            raise ValueError(value)
+        if not isinstance(conn_id, str):
+            raise ValueError(conn_id)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError("cursor", cursor, "not a cursor of this sort order: pass the "
+                          "`next_cursor` of the previous page, with the same sort") from None
+    return value, conn_id
+
+
+@router.get("/api/v1/flows", summary="Correlated connections (one per connection), filtered and paginated")
+def flows(request: Request,
+          since: str | None = Query(None, description=f"last seen at or after: {TIME_HELP}"),
+          until: str | None = Query(None, description=f"started before: {TIME_HELP}"),
+          sort: str = Query("-start", description="start, last_seen, bytes, client_workload, "
+                            "server_workload; a leading - sorts descending"),
+          limit: str | None = Query(None, description=f"page size, 1..{MAX_PAGE} (default 100)"),
+          cursor: str | None = Query(None, description="next_cursor of the previous page")) -> dict[str, Any]:
+    check_names(request, {"since", "until", "sort", "limit", "cursor"}, filters=True)
+    flt = query_filter(request)
+    sort = choice("sort", sort, SORT_CHOICES)
+    key = sort.lstrip("-")
+    desc = sort.startswith("-")
+    size = positive_int("limit", limit, 100, MAX_PAGE)
+    fwhere, params = flt.to_sql(CONN_FILTER_COLUMNS)
+    where, tparams = _time_clauses(since, until)
+    where.insert(0, fwhere)
+    params = [*params, *tparams]
+    expr = SORTS[key]
+    if cursor:
+        value, cid = _decode_cursor(cursor, key)
+        op = "<" if desc else ">"
+        where.append(f"({expr} {op} ? OR ({expr} = ? AND conn_id {op} ?))")
+        params += [value, value, cid]
+    order = f"{expr} {'DESC' if desc else 'ASC'}, conn_id {'DESC' if desc else 'ASC'}"
+    rows = request.app.state.store.connections(" AND ".join(where), params, order=order,
+                                               limit=size + 1, columns=ROW_COLUMNS)
+    more = len(rows) > size
+    rows = rows[:size]
+    nxt = None
+    if more and rows:
+        last = rows[-1]
+        sv = {"start": last["start_ts"], "last_seen": last["last_seen"],
+              "bytes": last["bytes_c2s"] + last["bytes_s2c"], "client_workload": last["client_wid"],
+              "server_workload": last["server_wid"]}[key]
+        nxt = _encode_cursor(sv, last["conn_id"])
+    return {"flows": [flow_json(r) for r in rows], "count": len(rows), "next_cursor": nxt,
+            "filter": str(flt), "sort": sort}
+
+
+@router.get("/api/v1/flows/stream", summary="Live flows as Server-Sent Events (same filters as /flows)",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description":
+                             "`event: flow` with one flow JSON per correlated update"}})
+async def stream(request: Request,
+                 limit: str | None = Query(None, description="close after this many events "
+                                           "(default: never)")) -> StreamingResponse:
+    check_names(request, {"limit"}, filters=True)
+    flt = query_filter(request)
+    most = positive_int("limit", limit, 0, 10**9) if limit is not None else None
+    hub = request.app.state.store.hub
+    sub = hub.subscribe()
+
+    async def events() -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            yield b": eastwest flow stream; filter " + str(flt).encode() + b"\n\n"
+            while most is None or sent < most:
+                try:
+                    conn = await asyncio.wait_for(sub[1].get(), HEARTBEAT_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    yield b": keep-alive\n\n"
+                    continue
+                row = row_of(conn)
+                if not flt.matches(filter_view(row)):
+                    continue
+                sent += 1
+                data = json.dumps(flow_json(row), default=str)
+                yield f"event: flow\nid: {conn.conn_id}\ndata: {data}\n\n".encode()
+        finally:
+            hub.unsubscribe(sub)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,59 @@
+"""Query parameters shared by the read routes: windows, grouping, formats, unknown names.
+
+Stage: API boundary. In: the request's query string. Out: validated values, or a ConfigError
+that the app turns into a 400 naming the parameter and the value (never a 500).
+Filters are NOT parsed here: `eastwest.filters.Filter.from_query` is the one filter language.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from fastapi import Request
+
+from eastwest.errors import ConfigError
+from eastwest.filters import DIMENSIONS, Filter, parse_time
+
+DEFAULT_WINDOW = timedelta(minutes=15)
+GROUP_BY = ("workload", "namespace", "host")
+FILTER_PARAMS = frozenset({*DIMENSIONS, *(f"not_{d}" for d in DIMENSIONS)})
+
+
+def check_names(request: Request, allowed: set[str] | frozenset[str], *, filters: bool) -> None:
+    """A parameter this route does not know is an error, named (a typo must not widen a query)."""
+    for name in request.query_params:
+        if name in allowed or (filters and name in FILTER_PARAMS):
+            continue
+        known = sorted(allowed | (FILTER_PARAMS if filters else set()))
+        raise ConfigError(name, request.query_params[name],
+                          f"unknown parameter; this route takes {', '.join(known)}")
+
+
+def query_filter(request: Request) -> Filter:
+    return Filter.from_query(request.query_params.multi_items())
+
+
+def window(since: str | None, until: str | None, *, since_name: str = "from",
+           until_name: str = "to", now: datetime | None = None) -> tuple[datetime, datetime, bool]:
+    """[since, until) in UTC, and whether the window is live (ends now)."""
+    now = now or datetime.now(UTC)
+    live = until is None or until.strip() == "now"
+    end = now if until is None else parse_time(until_name, until, now)
+    start = end - DEFAULT_WINDOW if since is None else parse_time(since_name, since, now)
+    if start >= end:
+        raise ConfigError(since_name, since, f"must be before {until_name} ({end.isoformat()})")
+    return start, end, live
+
+
+def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def positive_int(name: str, value: str | None, default: int, maximum: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= maximum:
+        raise ConfigError(name, value, f"must be an integer 1..{maximum}")
+    return int(value)

@@ -1,0 +1,117 @@
+"""The correlating store: ingest -> correlate -> one transaction in the store -> live subscribers.
+
+Stage: wraps the `FlowStore` that ingest (aggregator/ingest.py) writes to, so ingest itself is
+unchanged. In: a batch of validated records with its `(collector, batch_seq)`. Out: the raw
+records AND the batch's correlated connections, rollup deltas and workloads committed together
+(aggregator/store/derived.py); then the correlator's memory advances and the updated connections
+are published to the live stream (`LiveHub`, used by GET /api/v1/flows/stream).
+
+Order under one lock: duplicate check -> plan (on copies) -> store commit -> correlator commit.
+A store failure leaves memory untouched, so a retried batch correlates exactly as the first try
+would have. At start the correlator's index is rebuilt from the store (restart safety).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aggregator.connection import Connection
+from aggregator.correlate import Correlator
+from aggregator.store.base import FlowStore, IngestResult
+from aggregator.store.derived import derived_of
+from eastwest.drops import Drops
+from eastwest.record import FlowRecord
+
+log = logging.getLogger("eastwest.aggregator")
+RETENTION_EVERY_S = 600.0
+
+
+class LiveHub:
+    """Fan-out of updated connections to SSE subscribers; a slow subscriber loses events, and
+    the loss is counted (`stream/subscriber_slow`), never blocks ingest."""
+
+    def __init__(self, drops: Drops, queue_size: int = 10_000) -> None:
+        self.drops = drops
+        self.queue_size = queue_size
+        self._subs: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Connection]]] = set()
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[Connection]]:
+        sub = (asyncio.get_running_loop(), asyncio.Queue(self.queue_size))
+        with self._lock:
+            self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Connection]]) -> None:
+        with self._lock:
+            self._subs.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    def publish(self, conns: Sequence[Connection]) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for loop, queue in subs:
+            try:
+                loop.call_soon_threadsafe(self._put, queue, list(conns))
+            except RuntimeError:
+                self.unsubscribe((loop, queue))  # its loop is gone
+
+    def _put(self, queue: asyncio.Queue[Connection], conns: list[Connection]) -> None:
+        for c in conns:
+            try:
+                queue.put_nowait(c)
+            except asyncio.QueueFull:
+                self.drops.count("stream", "subscriber_slow")
+
+
+class CorrelatingStore:
+    """A `FlowStore` whose ingest also correlates; every other call goes to the inner store."""
+
+    def __init__(self, inner: FlowStore, correlator: Correlator, drops: Drops, *,
+                 retention: timedelta | None = None) -> None:
+        self.inner = inner
+        self.correlator = correlator
+        self.hub = LiveHub(drops)
+        self.retention = retention
+        self._last_retention = 0.0
+        horizon = correlator.keep_open.total_seconds()
+        self.loaded = correlator.load(inner.recent_connections(horizon))
+        if self.loaded:
+            log.info("correlator: %d recent connections reloaded from the store", self.loaded)
+        self.maybe_apply_retention()
+
+    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
+               derived: Any = None) -> IngestResult:
+        with self.correlator.lock:
+            if self.inner.batch_applied(collector, batch_seq):
+                return IngestResult(collector, batch_seq, 0, True)
+            plan = self.correlator.plan(records)
+            result = self.inner.ingest(collector, batch_seq, records, derived=derived_of(plan))
+            if not result.duplicate:
+                self.correlator.commit(plan)
+        if not result.duplicate and plan.connections and self.hub.subscribers:
+            self.hub.publish(list(plan.connections.values()))
+        self.maybe_apply_retention()
+        return result
+
+    def maybe_apply_retention(self, now: datetime | None = None) -> dict[str, int]:
+        if self.retention is None:
+            return {}
+        mono = time.monotonic()
+        if now is None and mono - self._last_retention < RETENTION_EVERY_S and self._last_retention:
+            return {}
+        self._last_retention = mono
+        cutoff = (now or datetime.now(UTC)) - self.retention
+        return self.inner.apply_retention(cutoff)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

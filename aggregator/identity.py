@@ -1,0 +1,193 @@
+"""Workload identity: an address (and what its observer knew) -> the workload it belongs to.
+
+Stage: inside correlation, once per side of a new connection (aggregator/correlate.py).
+In:  ip, port, and the side's collector-reported facts (workload, process, container, host).
+Out: an `Identity` (name, namespace, kind, host, labels, and which layer resolved it).
+
+Layers, most specific first (docs/aggregator.md; why the process layer sits after Kubernetes:
+docs/architecture.md):
+1. static map (YAML `workloads: [{match: CIDR | ip:port, name, namespace, kind, host, labels}]`,
+   the lab writes one): `ip:port` beats a CIDR, a longer prefix beats a shorter one;
+2. the workload the collector reported with the record (`client_workload`/`server_workload`);
+3. Kubernetes (a pluggable `IdentitySource`, aggregator/k8s.py): pods by IP, services by VIP;
+4. the collector-reported process/container: `process:<comm>` / `container:<id12>` on its host;
+5. optional reverse DNS (PTR, RFC 1035 section 3.5), cached, also negative answers;
+6. a configured CIDR group (`--cidr-group NAME=CIDR`), else `external:<ip>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from aggregator.connection import Identity
+from eastwest.errors import ConfigError
+from eastwest.record import Workload
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class IdentitySource(Protocol):
+    """A pluggable resolver layer (Kubernetes, a CMDB, ...): None when it does not know."""
+
+    def lookup(self, ip: str, port: int) -> Identity | None: ...
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the observer of one side reported about it (all optional)."""
+
+    workload: Workload | None = None
+    comm: str | None = None
+    container: str | None = None
+    collector: str | None = None
+
+
+class StaticMap:
+    """The static workload map: CIDR or ip[:port] -> identity; most specific match wins."""
+
+    def __init__(self, entries: Iterable[Mapping[str, Any]], origin: str = "<map>") -> None:
+        self.by_ip_port: dict[tuple[str, int], Identity] = {}
+        self.nets: list[tuple[Net, Identity]] = []
+        for i, e in enumerate(entries):
+            where = f"{origin}: workloads[{i}]"
+            if not isinstance(e, Mapping) or not e.get("match") or not e.get("name"):
+                raise ConfigError(where, e, "needs `match` (CIDR or ip:port) and `name`")
+            labels = e.get("labels") or {}
+            if not isinstance(labels, Mapping):
+                raise ConfigError(f"{where}.labels", labels, "must be a mapping")
+            ident = Identity(name=str(e["name"]), namespace=_opt(e.get("namespace")),
+                             kind=_opt(e.get("kind")), host=_opt(e.get("host")),
+                             labels={str(k): str(v) for k, v in labels.items()}, source="static")
+            match = str(e["match"]).strip()
+            ip_port = _split_ip_port(match)
+            if ip_port is not None:
+                self.by_ip_port[ip_port] = ident
+                continue
+            try:
+                self.nets.append((ipaddress.ip_network(match, strict=False), ident))
+            except ValueError:
+                raise ConfigError(f"{where}.match", match, "not a CIDR, an IP or ip:port") from None
+        self.nets.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
+
+    @classmethod
+    def load(cls, path: str | Path) -> StaticMap:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError("--workload-map", str(path), f"cannot be read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("--workload-map", str(path), f"not YAML: {exc}") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("workloads"), list):
+            raise ConfigError("--workload-map", str(path), "expected a mapping with a `workloads` list")
+        return cls(data["workloads"], str(path))
+
+    def lookup(self, ip: str, port: int) -> Identity | None:
+        hit = self.by_ip_port.get((ip, port))
+        if hit is not None:
+            return hit
+        addr = ipaddress.ip_address(ip)
+        for net, ident in self.nets:
+            if addr.version == net.version and addr in net:
+                return ident
+        return None
+
+
+def _opt(v: Any) -> str | None:
+    return None if v is None or v == "" else str(v)
+
+
+def _split_ip_port(text: str) -> tuple[str, int] | None:
+    """`10.0.0.5:80` or `[fd00::5]:80` -> (ip, port); None for a CIDR or a bare IP."""
+    if "/" in text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    host = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        return None  # a bare IPv6 address has colons too
+
+
+def parse_cidr_groups(items: Iterable[str]) -> list[tuple[Net, str]]:
+    """`NAME=CIDR` strings (the `--cidr-group` flag) -> [(network, name)], longest prefix first."""
+    out = []
+    for item in items:
+        name, eq, cidr = item.partition("=")
+        if not eq or not name.strip():
+            raise ConfigError("--cidr-group", item, "expected NAME=CIDR, e.g. corp=10.0.0.0/8")
+        try:
+            out.append((ipaddress.ip_network(cidr.strip(), strict=False), name.strip()))
+        except ValueError:
+            raise ConfigError("--cidr-group", item, f"{cidr!r} is not a CIDR") from None
+    return sorted(out, key=lambda x: -x[0].prefixlen)
+
+
+def system_reverse_dns(ip: str) -> str | None:
+    try:
+        return socket.gethostbyaddr(ip)[0]
+    except (OSError, UnicodeError):
+        return None
+
+
+class IdentityResolver:
+    """The layered resolver. Cheap per call: static lookups are dict/prefix scans, the other
+    layers are cached by address."""
+
+    def __init__(self, static: StaticMap | None = None, sources: Iterable[IdentitySource] = (),
+                 cidr_groups: Iterable[tuple[Net, str]] = (),
+                 reverse_dns: Callable[[str], str | None] | None = None) -> None:
+        self.static = static
+        self.sources = list(sources)
+        self.cidr_groups = list(cidr_groups)
+        self.reverse_dns = reverse_dns
+        self._dns_cache: dict[str, str | None] = {}
+
+    def resolve(self, ip: str, port: int, facts: Facts | None = None) -> Identity:
+        facts = facts or Facts()
+        if self.static is not None:
+            hit = self.static.lookup(ip, port)
+            if hit is not None:
+                return hit
+        if facts.workload is not None and facts.workload.name:
+            w = facts.workload
+            return Identity(name=w.name, namespace=w.namespace, kind=w.kind,
+                            host=w.host or facts.collector, labels=dict(w.labels), source="collector")
+        for src in self.sources:
+            hit = src.lookup(ip, port)
+            if hit is not None:
+                return hit
+        if facts.container:
+            return Identity(name=f"container:{facts.container[:12]}", kind="Container",
+                            host=facts.collector, source="process")
+        if facts.comm:
+            return Identity(name=f"process:{facts.comm}", kind="Process", host=facts.collector,
+                            source="process")
+        if self.reverse_dns is not None:
+            if ip not in self._dns_cache:
+                self._dns_cache[ip] = self.reverse_dns(ip)
+            name = self._dns_cache[ip]
+            if name:
+                return Identity(name=name, kind="DNS", source="dns")
+        if self.cidr_groups:
+            addr = ipaddress.ip_address(ip)
+            for net, name in self.cidr_groups:
+                if addr.version == net.version and addr in net:
+                    return Identity(name=name, kind="CIDR", source="cidr")
+        return Identity(name=f"external:{ip}", kind="External", source="external")
+
+    def host_of(self, ip: str) -> str | None:
+        """A VTEP's host name (underlay addresses are in the static map as nodes)."""
+        if self.static is not None:
+            hit = self.static.lookup(ip, 0)
+            if hit is not None:
+                return hit.host or hit.name
+        return None

@@ -1,0 +1,196 @@
+"""DuckDB side of the correlated tables: connections, minute rollups, workloads.
+
+Stage: store. In: `Derived` tables (aggregator/store/derived.py) inside the raw batch's
+transaction; queries from the API (edges of a window, connections with a compiled `Filter`,
+workloads). Out: rows as dicts.
+
+Writes are bulk from Arrow: `INSERT OR REPLACE` on `connections` (primary key conn_id), `INSERT
+... ON CONFLICT DO UPDATE SET x = x + excluded.x` on `rollups` (deltas add up), workloads keep
+their first_seen and raise last_seen. (DuckDB: https://duckdb.org/docs/sql/statements/insert,
+"ON CONFLICT clause"; a key may appear once per statement, which correlation guarantees.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+from aggregator.connection import Connection
+from aggregator.store.derived import (
+    CONN_DECODER,
+    CONN_NAMES,
+    CONN_SCHEMA,
+    ROLLUP_ATTRS,
+    ROLLUP_COUNTERS,
+    ROLLUP_KEY,
+    ROLLUP_SCHEMA,
+    WORKLOAD_SCHEMA,
+    Derived,
+    ddl,
+)
+
+DERIVED_DDL = [
+    "CREATE TABLE IF NOT EXISTS connections " + ddl(CONN_SCHEMA, ["conn_id"]),
+    "CREATE TABLE IF NOT EXISTS rollups " + ddl(ROLLUP_SCHEMA, ROLLUP_KEY),
+    "CREATE TABLE IF NOT EXISTS workloads " + ddl(WORKLOAD_SCHEMA, ["wid"]),
+]
+
+# view keys of eastwest.filters -> columns of `connections`
+CONN_FILTER_COLUMNS = {
+    "client_ip": "client_ip_hex", "server_ip": "server_ip_hex", "client_port": "client_port",
+    "server_port": "server_port", "protocol": "protocol", "outcome": "outcome",
+    "observers": "observed_by", "vni": "vni", "client_workload": "client_name",
+    "server_workload": "server_name", "client_namespace": "client_namespace",
+    "server_namespace": "server_namespace",
+}
+# the dimensions the rollups can answer (they have no client ip/port, outcome, observers, vni)
+ROLLUP_FILTER_COLUMNS = {
+    "client_workload": "client_name", "server_workload": "server_name",
+    "client_namespace": "client_namespace", "server_namespace": "server_namespace",
+    "server_port": "server_port", "protocol": "protocol",
+}
+GROUPS = {
+    "workload": ("client_wid", "server_wid"),
+    "namespace": ("coalesce(client_namespace, client_wid)", "coalesce(server_namespace, server_wid)"),
+    "host": ("coalesce(nullif(client_host, ''), 'unknown')", "coalesce(nullif(server_host, ''), 'unknown')"),
+}
+
+
+def write_derived(con: duckdb.DuckDBPyConnection, derived: Derived) -> None:
+    """Called by the store inside the raw batch's open transaction."""
+    if derived.connections is not None:
+        con.register("_conns", derived.connections)
+        try:
+            cols = ", ".join(CONN_NAMES)
+            con.execute(f"INSERT OR REPLACE INTO connections ({cols}) SELECT {cols} FROM _conns")
+        finally:
+            con.unregister("_conns")
+    if derived.rollups is not None:
+        con.register("_roll", derived.rollups)
+        try:
+            cols = ", ".join(ROLLUP_KEY + ROLLUP_ATTRS + ROLLUP_COUNTERS)
+            sets = ", ".join(f"{n} = rollups.{n} + excluded.{n}" for n in ROLLUP_COUNTERS)
+            con.execute(f"INSERT INTO rollups ({cols}) SELECT {cols} FROM _roll "
+                        f"ON CONFLICT DO UPDATE SET {sets}")
+        finally:
+            con.unregister("_roll")
+    if derived.workloads is not None:
+        con.register("_wl", derived.workloads)
+        try:
+            cols = ", ".join(f.name for f in WORKLOAD_SCHEMA)
+            con.execute(f"INSERT INTO workloads ({cols}) SELECT {cols} FROM _wl ON CONFLICT DO "
+                        "UPDATE SET last_seen = greatest(workloads.last_seen, excluded.last_seen),"
+                        " first_seen = least(workloads.first_seen, excluded.first_seen)")
+        finally:
+            con.unregister("_wl")
+
+
+class DerivedQueries:
+    """Mixed into DuckDBStore: needs `_query(sql, params)` and `_lock`/`_writer()`."""
+
+    def _query(self, sql: str, params: list[Any] | None = None) -> list[Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _rows(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        cur = self._con.cursor()  # type: ignore[attr-defined]
+        try:
+            res = cur.execute(sql, params)
+            names = [d[0] for d in res.description]
+            return [dict(zip(names, row, strict=True)) for row in res.fetchall()]
+        except duckdb.Error as exc:
+            from aggregator.store.base import StoreError
+
+            raise StoreError(f"duckdb: query failed: {exc}") from exc
+        finally:
+            cur.close()
+
+    # -- correlation state --------------------------------------------------------------------
+    def recent_connections(self, horizon_s: float) -> list[Connection]:
+        """Connections whose last record is within `horizon_s` of the newest one (restart)."""
+        rows = self._query(
+            "SELECT state FROM connections WHERE last_seen >= "
+            "(SELECT max(last_seen) FROM connections) - to_microseconds(?::BIGINT)",
+            [int(horizon_s * 1e6)])
+        return [CONN_DECODER.decode(r[0]) for r in rows]
+
+    def connection_count(self) -> int:
+        return int(self._query("SELECT count(*) FROM connections")[0][0])
+
+    # -- queries ------------------------------------------------------------------------------
+    def connections(self, where: str, params: Sequence[Any], *, order: str, limit: int,
+                    columns: Sequence[str]) -> list[dict[str, Any]]:
+        cols = ", ".join(columns)
+        return self._rows(f"SELECT {cols} FROM connections WHERE {where} ORDER BY {order} "
+                          f"LIMIT {int(limit)}", list(params))
+
+    def edge_counts(self, since: datetime, until: datetime, group_by: str, where: str,
+                    params: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per (client group, server group): connection counts and shape of the window."""
+        cg, sg = GROUPS[group_by]
+        sql = f"""
+        SELECT {cg} AS src, {sg} AS dst,
+          any_value(client_name) AS src_name, any_value(client_namespace) AS src_namespace,
+          any_value(client_kind) AS src_kind, any_value(server_name) AS dst_name,
+          any_value(server_namespace) AS dst_namespace, any_value(server_kind) AS dst_kind,
+          count(*) FILTER (WHERE start_ts >= $1) AS opened,
+          count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
+          count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
+          count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout')) AS failed,
+          count(*) FILTER (WHERE start_ts >= $1 AND outcome = 'reset') AS reset,
+          count(*) FILTER (WHERE byte_mismatch) AS byte_mismatches,
+          min(rtt_min_us) AS rtt_min, avg(rtt_avg_us) AS rtt_avg, max(rtt_max_us) AS rtt_max,
+          list(DISTINCT server_port ORDER BY server_port) AS ports,
+          list(DISTINCT protocol ORDER BY protocol) AS protocols,
+          min(start_ts) AS first_seen, max(last_seen) AS last_seen,
+          bool_or(incomplete) AS incomplete,
+          histogram(observed_by) AS observed_by,
+          sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
+          sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets
+        FROM connections
+        WHERE start_ts < $2 AND last_seen >= $1 AND ({where.replace('?', '$P')})
+        GROUP BY 1, 2"""
+        return self._rows(_number_params(sql, 3), [since, until, *params])
+
+    def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
+                     params: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per (client group, server group): the rollups' deltas in the window's minutes."""
+        cg, sg = GROUPS[group_by]
+        sums = ", ".join(f"sum({n}) AS {n}" for n in ROLLUP_COUNTERS)
+        sql = (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM rollups WHERE minute >= "
+               f"date_trunc('minute', ?) AND minute < ? AND ({where}) GROUP BY 1, 2")
+        return self._rows(sql, [since, until, *params])
+
+    def workload_rows(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM workloads ORDER BY wid", [])
+
+    def apply_retention(self, cutoff: datetime) -> dict[str, int]:
+        """Delete what ended before `cutoff` from every table; returns rows deleted per table."""
+        out = {}
+        with self._lock:  # type: ignore[attr-defined]
+            con = self._writer()  # type: ignore[attr-defined]
+            for table, col in (("flows", "end_ts"), ("connections", "last_seen"),
+                               ("rollups", "minute"), ("workloads", "last_seen")):
+                try:
+                    n = con.execute(f"DELETE FROM {table} WHERE {col} < ?", [cutoff]).fetchone()
+                except duckdb.Error as exc:
+                    from aggregator.store.base import StoreError
+
+                    raise StoreError(f"duckdb: retention on {table} failed: {exc}") from exc
+                out[table] = int(n[0]) if n else 0
+            if out.get("flows"):
+                self._count = max(0, self._count - out["flows"])  # type: ignore[has-type]
+        return out
+
+
+def _number_params(sql: str, first: int) -> str:
+    """Turn the filter's `$P` placeholders into $3, $4, ... after the window's $1, $2."""
+    out, n = [], first
+    parts = sql.split("$P")
+    for p in parts[:-1]:
+        out.append(p + f"${n}")
+        n += 1
+    out.append(parts[-1])
+    return "".join(out)
