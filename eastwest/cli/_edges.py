@@ -26,7 +26,7 @@ METRICS = {  # `top --by` name -> (Edge attribute, column header)
 
 @dataclass(frozen=True)
 class Edge:
-    client: str
+    client: str  # node id: `namespace/name` (or the name), a namespace or a host (--group-by)
     server: str
     connections: int
     failed: int
@@ -46,50 +46,30 @@ class Edge:
 
     @classmethod
     def from_api(cls, obj: Any) -> Edge:
+        """An edge of `GET /api/v1/graph` (or a diff entry, which carries fewer numbers)."""
         if not isinstance(obj, Mapping):
             raise TransportError(f"the aggregator sent an edge that is not an object: {obj!r:.80}")
         try:
             rtt = obj.get("rtt_us") or {}
-            ports = obj.get("ports") or []
+            observed = obj.get("observed_by") or {}
             return cls(
-                client=_name(_first(obj, "client", "source", "from")),
-                server=_name(_first(obj, "server", "target", "to")),
-                connections=int(_first(obj, "connections", "opened", default=0) or 0),
-                failed=int(obj.get("failed") or 0),
+                client=str(obj["source"]), server=str(obj["target"]),
+                connections=int(obj.get("connections_opened") or 0),
+                failed=int(obj.get("connections_failed") or 0),
                 bytes_c2s=int(obj.get("bytes_c2s") or 0),
                 bytes_s2c=int(obj.get("bytes_s2c") or 0),
                 resets=int(obj.get("resets") or 0),
                 retransmits=int(obj.get("retransmits") or 0),
                 rtt_avg_us=rtt.get("avg") if isinstance(rtt, Mapping) else None,
-                ports=tuple(_port(p) for p in ports),
-                observed_by=tuple(obj.get("observed_by") or ()),
-                complete=bool(obj.get("complete", obj.get("completeness", True)) is not False),
+                ports=tuple(str(p) for p in obj.get("ports") or ()),
+                # {observer: connections it saw}, or a list
+                observed_by=tuple(sorted(observed)),
+                complete=obj.get("complete") is not False,
                 obj=obj,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"the aggregator sent an edge this CLI cannot read ({exc!r}); "
                                  "is it a different version?") from None
-
-
-def _first(obj: Mapping[str, Any], *keys: str, default: Any = KeyError) -> Any:
-    for k in keys:
-        if k in obj:
-            return obj[k]
-    if default is KeyError:
-        raise KeyError(keys[0])
-    return default
-
-
-def _name(v: Any) -> str:
-    if isinstance(v, Mapping):
-        return str(v.get("name") or v.get("id") or v)
-    return str(v)
-
-
-def _port(p: Any) -> str:
-    if isinstance(p, Mapping):
-        return f"{p.get('port')}/{p.get('protocol', 'tcp')}"
-    return str(p)
 
 
 def edges_of(doc: Any) -> list[Edge]:

@@ -89,16 +89,17 @@ class FilterSpec:
     since: datetime | None = None
     until: datetime | None = None
 
-    def query_params(self) -> list[tuple[str, str]]:
-        """The API query parameters of this filter (repeatable keys, `not_` for negation)."""
+    def query_params(self, window: tuple[str, str] = ("since", "until")) -> list[tuple[str, str]]:
+        """The API query parameters of this filter (repeatable keys, `not_` for negation) and
+        of its window (`since`/`until` for flows, `from`/`to` for the graph routes)."""
         out: list[tuple[str, str]] = []
         for c in self.filter.clauses:
             key = ("not_" if c.negate else "") + c.dim
             out += [(key, _param_value(v)) for v in c.values]
         if self.since is not None:
-            out.append(("since", _rfc3339(self.since)))
+            out.append((window[0], _rfc3339(self.since)))
         if self.until is not None:
-            out.append(("until", _rfc3339(self.until)))
+            out.append((window[1], _rfc3339(self.until)))
         return out
 
     def in_window(self, start: datetime, end: datetime) -> bool:

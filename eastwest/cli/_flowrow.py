@@ -77,7 +77,9 @@ class FlowRow:
             raise TransportError(f"the aggregator sent a flow that is not an object: {obj!r:.80}")
         try:
             client, server = _side(obj["client"]), _side(obj["server"])
-            start, end = _time(obj["start"]), _time(obj.get("end") or obj["start"])
+            start = _time(obj["start"])
+            end = _time(obj.get("end") or obj.get("closed_at") or obj.get("last_seen")
+                        or obj["start"])
             observed = tuple(obj.get("observed_by") or ())
             tunnel = obj.get("tunnel") or {}
             vni = obj.get("vni", tunnel.get("vni") if isinstance(tunnel, dict) else None)
@@ -96,7 +98,8 @@ class FlowRow:
                 bytes_s2c=int(obj.get("bytes_s2c") or 0),
                 retransmits=int(obj.get("retransmits") or 0), resets=int(obj.get("resets") or 0),
                 rtt_avg_us=rtt.get("avg") if isinstance(rtt, dict) else None,
-                observed_by=observed, vni=vni, final=bool(obj.get("final", True)), obj=obj,
+                observed_by=observed, vni=vni,
+                final=bool(obj.get("final", obj.get("closed", True))), obj=obj,
                 view=view,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -78,9 +78,10 @@ def _row_of_line(line: str) -> FlowRow:
         raise
 
 
-def api_flows(client: ApiClient, spec: FilterSpec, limit: int) -> Iterator[FlowRow]:
+def api_flows(client: ApiClient, spec: FilterSpec, limit: int,
+              sort: str = "-start") -> Iterator[FlowRow]:
     """Stored flows, following the API's cursor until `limit` rows (0: all) or the end."""
-    params: list[tuple[str, str | int]] = list(spec.query_params())
+    params: list[tuple[str, str | int]] = [*spec.query_params(), ("sort", sort)]
     cursor: str | None = None
     got = 0
     while True:
@@ -92,14 +93,18 @@ def api_flows(client: ApiClient, spec: FilterSpec, limit: int) -> Iterator[FlowR
         for obj in doc["flows"]:
             yield FlowRow.from_api(obj)
             got += 1
-        cursor = doc.get("next_cursor") or doc.get("cursor")
+        cursor = doc.get("next_cursor")
         if not cursor or not doc["flows"] or (limit and got >= limit):
             return
 
 
-def api_follow(client: ApiClient, spec: FilterSpec) -> Iterator[FlowRow]:
-    """Live flows from the SSE stream, each as it arrives."""
-    for ev in client.stream(STREAM_PATH, spec.query_params()):
+def api_follow(client: ApiClient, spec: FilterSpec, limit: int = 0) -> Iterator[FlowRow]:
+    """Live flows from the SSE stream, each as it arrives (one event per update of a
+    connection); the server closes the stream after `limit` events when one is given."""
+    params: list[tuple[str, str | int]] = list(spec.query_params())
+    if limit:
+        params.append(("limit", limit))
+    for ev in client.stream(STREAM_PATH, params):
         if ev.event in ("message", "flow"):
             yield FlowRow.from_api(ev.json())
         elif ev.event == "error":

@@ -15,15 +15,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
+from eastwest.cli.graph import GROUP_BY
 
 FORMATS = ("table", "json")
 DIFF_PATH = "/api/v1/diff"
 
-EPILOG = """\
+EPILOG = f"""\
+{FILTER_HELP}
+
 examples:
   eastwest diff --a 1h..30m --b 30m..now            the last half hour against the one before
   eastwest diff --a 2026-11-27T00:00Z..2026-11-28T00:00Z --b 1d..now
-  eastwest diff --a 1h..30m --b 30m..now -o json
+  eastwest diff --a 1h..30m --b 30m..now --to-workload db -o json
 
 + an edge only in B (a new dependency), - only in A (gone), ~ in both, with other numbers."""
 
@@ -33,9 +37,15 @@ def register(sub: Any) -> None:
                        description="Edges added, removed and changed between window A and "
                        "window B.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_filter_flags(p, window=False)
     g = p.add_argument_group("windows")
     g.add_argument("--a", required=True, metavar="START..END", help="the earlier window")
     g.add_argument("--b", required=True, metavar="START..END", help="the later window")
+    g.add_argument("--group-by", choices=GROUP_BY, default="workload",
+                   help="what a node is (default workload)")
+    g.add_argument("--threshold", type=float, default=0.5, metavar="R",
+                   help="relative change of connections or bytes that counts as changed "
+                   "(default 0.5 = 50%%); failures appearing or vanishing always count")
     add_output_flags(p, FORMATS)
     add_connection_flags(p)
     p.set_defaults(func=run)
@@ -44,13 +54,17 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
     from eastwest.cli._window import rfc3339, span
+    from eastwest.errors import ConfigError
     from eastwest.output import to_json_text
 
     now = datetime.now(UTC)  # one `now` for both windows: 30m..now and 1h..30m meet exactly
     a0, a1 = span("--a", args.a, now)
     b0, b1 = span("--b", args.b, now)
-    params = [("a_from", rfc3339(a0)), ("a_to", rfc3339(a1)), ("b_from", rfc3339(b0)),
-              ("b_to", rfc3339(b1))]
+    if not 0 <= args.threshold <= 1:
+        raise ConfigError("--threshold", args.threshold, "must be 0..1")
+    params = [*filter_spec(args).query_params(), ("a_from", rfc3339(a0)), ("a_to", rfc3339(a1)),
+              ("b_from", rfc3339(b0)), ("b_to", rfc3339(b1)), ("group_by", args.group_by),
+              ("threshold", str(args.threshold))]
     with client_from_args(args) as client:
         doc = client.get_json(DIFF_PATH, params)
     out, color = stdout_and_color(args)
@@ -63,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 HEADERS = ("", "CLIENT", "SERVER", "CONNS A", "CONNS B", "FAILED A", "FAILED B", "BYTES A",
-           "BYTES B")
+           "BYTES B", "WHAT CHANGED")
 
 
 def write_diff_table(out: Any, doc: Any, color: bool) -> int:
@@ -86,12 +100,18 @@ def write_diff_table(out: Any, doc: Any, color: bool) -> int:
                          a.connections if a else None, b.connections if b else None,
                          a.failed if a else None, b.failed if b else None,
                          Cell(human_bytes(a.bytes_total) if a else "", right=True),
-                         Cell(human_bytes(b.bytes_total) if b else "", right=True)))
+                         Cell(human_bytes(b.bytes_total) if b else "", right=True),
+                         ",".join(str(c) for c in item.get("changed") or ())
+                         if isinstance(item, Mapping) else ""))
     return write_table(out, HEADERS, rows, color=color)
 
 
 def _sides(item: Any, key: str) -> tuple[Any, Any]:
-    """(edge in A, edge in B) of one diff entry; an added edge has no A, a removed one no B."""
-    if isinstance(item, Mapping) and ("a" in item or "b" in item):
-        return item.get("a"), item.get("b")
-    return (None, item) if key == "added" else (item, None) if key == "removed" else (item, item)
+    """(edge in A, edge in B) of one diff entry; an added edge has no A, a removed one no B, a
+    changed one carries both as `a` and `b` (without its ends, which the entry holds)."""
+    if not isinstance(item, Mapping):
+        return item, item  # Edge.from_api names the problem
+    if key == "changed":
+        ends = {"source": item.get("source"), "target": item.get("target")}
+        return {**ends, **(item.get("a") or {})}, {**ends, **(item.get("b") or {})}
+    return (None, item) if key == "added" else (item, None)

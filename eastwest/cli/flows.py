@@ -27,6 +27,8 @@ from eastwest.errors import ConfigError, EastwestError
 from eastwest.output import to_json_text
 
 FORMATS = ("table", "compact", "json", "jsonl", "csv")
+SORTS = tuple(s for k in ("start", "last_seen", "bytes", "client_workload", "server_workload")
+              for s in (k, f"-{k}"))
 API_LIMIT_DEFAULT = 100
 BAD_LINES_SHOWN = 5
 
@@ -63,6 +65,9 @@ def register(sub: Any) -> None:
     g.add_argument("--limit", type=int, metavar="N",
                    help=f"at most N flows (default {API_LIMIT_DEFAULT} from the aggregator, all "
                    "from --input-file or --follow; 0 = no limit)")
+    g.add_argument("--sort", choices=SORTS, default="-start", metavar="KEY",
+                   help="order of stored flows: start, last_seen, bytes, client_workload, "
+                   "server_workload; a leading - is descending (default -start: newest first)")
     g.add_argument("--print-filter", action="store_true",
                    help="print the compiled filter (and the API query it becomes) and exit")
     add_output_flags(p, FORMATS)
@@ -76,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit", args.limit, "must be >= 0 (0 = no limit)")
     if args.follow and args.input_file:
         raise ConfigError("--follow", "--input-file", "choose one: --follow tails the aggregator")
+    if args.follow and (args.since or args.until):
+        raise ConfigError("--since" if args.since else "--until", args.since or args.until,
+                          "--follow shows flows as they happen; leave out the window")
     if args.follow and args.output == "json":
         raise ConfigError("--output", "json", "a JSON document never ends with --follow; use "
                           "-o jsonl (one object a line)")
@@ -91,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from eastwest.cli._flowsource import api_flows, api_follow
 
     with client_from_args(args) as client:
-        rows = api_follow(client, spec) if args.follow else api_flows(client, spec, limit)
+        rows = (api_follow(client, spec, limit) if args.follow
+                else api_flows(client, spec, limit, args.sort))
         printer.print_all(_limited(rows, limit))
     if printer.count == 0 and not args.follow:
         print(f"eastwest flows: no flows match {spec.filter}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """`eastwest graph`: the service dependency graph of a time window.
 
-In:  a window (`--since`/`--until`), `--namespace`, `--workload`, `--group-by`, and the
-     aggregator's `GET /api/v1/graph` (JSON, or `format=dot|mermaid` rendered by the API).
+In:  a window (`--since`/`--until`), the filter flags of `eastwest flows`, `--group-by`, and
+     the aggregator's `GET /api/v1/graph` (JSON, or `format=dot|mermaid` rendered by the API).
 Out: the edges as a table (client -> server, connections, failures, bytes, RTT, observers) or csv,
      the API's JSON unchanged, or its DOT / Mermaid text (every line escaped for the terminal).
 """
@@ -13,16 +13,20 @@ import sys
 from typing import Any
 
 from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
 
 FORMATS = ("table", "json", "csv", "dot", "mermaid")
 GROUP_BY = ("workload", "namespace", "host")
 GRAPH_PATH = "/api/v1/graph"
 
-EPILOG = """\
+EPILOG = f"""\
+{FILTER_HELP}
+
 examples:
-  eastwest graph                                   the last hour, workload to workload
+  eastwest graph                                   the last 15 minutes, workload to workload
   eastwest graph --since 1d --group-by namespace   a day, namespace to namespace
   eastwest graph --workload db                     db and its neighbours
+  eastwest graph --not --outcome ok                only failed connections
   eastwest graph -o dot | dot -Tsvg > graph.svg    Graphviz
   eastwest graph -o mermaid                        paste into Markdown
 
@@ -42,29 +46,21 @@ def register(sub: Any) -> None:
 
 
 def add_graph_scope(p: argparse.ArgumentParser, *, group_by: bool = True) -> None:
-    g = p.add_argument_group("scope")
-    g.add_argument("--since", metavar="WHEN", default="1h",
-                   help="from this time: a duration ago (30m, 2h, 7d), RFC 3339 (default 1h)")
+    """The window (`--since`/`--until`), the filter flags of `eastwest flows` (the graph is
+    built from the connections that match), and `--group-by`."""
+    add_filter_flags(p, window=False)
+    g = p.add_argument_group("window")
+    g.add_argument("--since", metavar="WHEN", help="from this time: a duration ago (30m, 2h, "
+                   "7d), RFC 3339 (default: the aggregator's, 15 minutes before --until)")
     g.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
-    g.add_argument("--namespace", metavar="NS", help="only edges touching this namespace")
-    g.add_argument("--workload", metavar="NAME", help="only edges touching this workload")
     if group_by:
         g.add_argument("--group-by", choices=GROUP_BY, default="workload",
                        help="what a node is (default workload)")
 
 
 def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
-    from eastwest.cli._window import window
-
-    params = window(args.since, args.until)
-    for key in ("namespace", "workload"):
-        value = getattr(args, key, None)
-        if value is not None:
-            if not value:
-                from eastwest.errors import ConfigError
-
-                raise ConfigError(f"--{key}", value, "must not be empty")
-            params.append((key, value))
+    """Filter, window (`from`/`to`) and grouping as the graph routes' query parameters."""
+    params = filter_spec(args).query_params(window=("from", "to"))
     if getattr(args, "group_by", None):
         params.append(("group_by", args.group_by))
     return params

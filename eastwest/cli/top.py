@@ -1,8 +1,7 @@
 """`eastwest top`: top talkers of a window, by bytes, connections, failures or retransmits.
 
-In:  a window and scope (as `eastwest graph`), `--by`, `--limit`, and the workload filter flags
-     `--from-workload`/`--to-workload` (OR-ed when repeated, as in `eastwest flows`);
-     the aggregator's `GET /api/v1/graph` edges.
+In:  a window, the filter flags and `--group-by` (as `eastwest graph`), `--by`, `--limit`;
+     the aggregator's `GET /api/v1/graph` edges (built from the matching connections).
 Out: the top edges (client -> server) sorted by the metric, largest first (ties by name), as a
      table, json (the API's edge objects) or csv. The ranking is done here, on the graph's
      edges: the graph already counts connections once whichever observers saw them.
@@ -21,9 +20,10 @@ FORMATS = ("table", "json", "csv")
 
 EPILOG = """\
 examples:
-  eastwest top                                   top 10 edges by bytes, last hour
+  eastwest top                                   top 10 edges by bytes, last 15 minutes
   eastwest top --to-workload db                  who talks to db, by bytes
   eastwest top --by failures --since 1d          which calls fail most
+  eastwest top --to-workload db --by failures --not --outcome ok --since 1h
   eastwest top --by retransmits --group-by host  lossy host pairs"""
 
 
@@ -39,10 +39,6 @@ def register(sub: Any) -> None:
                    "timeout) or retransmits (default bytes)")
     g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
                    help="show the top N (default 10; 0 = all)")
-    g.add_argument("--from-workload", action="append", default=[], metavar="NAME",
-                   help="only edges from this client workload (repeatable: OR)")
-    g.add_argument("--to-workload", action="append", default=[], metavar="NAME",
-                   help="only edges to this server workload (repeatable: OR)")
     add_graph_scope(p)
     add_output_flags(p, FORMATS)
     add_connection_flags(p)
@@ -60,10 +56,6 @@ def run(args: argparse.Namespace) -> int:
     params = graph_params(args)
     with client_from_args(args) as client:
         edges = edges_of(client.get_json(GRAPH_PATH, params))
-    if args.from_workload:
-        edges = [e for e in edges if e.client in args.from_workload]
-    if args.to_workload:
-        edges = [e for e in edges if e.server in args.to_workload]
     attr = METRICS[args.by][0]
     edges.sort(key=lambda e: (-getattr(e, attr), e.client, e.server))
     edges = [e for e in edges if getattr(e, attr) > 0]

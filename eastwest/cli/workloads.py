@@ -2,9 +2,10 @@
 
 In:  a window, optionally one workload NAME; the aggregator's `GET /api/v1/workloads` and
      `GET /api/v1/workloads/{name}`.
-Out: a table (name, namespace, kind, upstream and downstream counts), json (the API's objects),
-     `names` (one name a line: what shell completion reads), or for one workload its upstreams,
-     downstreams and impact (what breaks if it breaks).
+Out: a table (workload, namespace, kind, how many workloads call it and it calls), json (the
+     API's objects), `names` (one bare name a line: what shell completion reads), or for one
+     workload its callers and callees with their numbers, its transitive upstream and
+     downstream, and its impact (what breaks if it breaks).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ WORKLOADS_PATH = "/api/v1/workloads"
 
 EPILOG = """\
 examples:
-  eastwest workloads                    every workload seen in the last hour, with counts
+  eastwest workloads                    every workload of the last 15 minutes, with counts
   eastwest workloads db                 who calls db, whom db calls, what breaks without db
   eastwest workloads -o names           one name a line (shell completion uses this)
 
-Upstream = who calls it (its clients); downstream = whom it calls (its servers)."""
+Callers call it (it is their server); callees are called by it. Upstream and downstream are
+the same, transitively: everything that depends on it, everything it depends on."""
 
 
 def register(sub: Any) -> None:
@@ -36,8 +38,8 @@ def register(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", nargs="?", metavar="NAME", help="show this one workload in detail")
     g = p.add_argument_group("scope")
-    g.add_argument("--since", metavar="WHEN", default="1h",
-                   help="from this time: a duration ago (30m, 2h, 7d), RFC 3339 (default 1h)")
+    g.add_argument("--since", metavar="WHEN", help="from this time: a duration ago (30m, 2h, "
+                   "7d), RFC 3339 (default: the aggregator's, 15 minutes before --until)")
     g.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
     add_output_flags(p, FORMATS)
     add_connection_flags(p)
@@ -70,44 +72,57 @@ def run(args: argparse.Namespace) -> int:
     items = doc.get("workloads") if isinstance(doc, Mapping) else doc
     if not isinstance(items, list):
         raise TransportError(f"{WORKLOADS_PATH} answered without a workloads list")
-    rows = sorted((_row(w) for w in items), key=lambda r: (r[1] or "", r[0]))
-    if args.output == "names":
-        out.write("".join(escape(r[0]) + "\n" for r in rows))
+    try:
+        rows = sorted((_row(w) for w in items), key=lambda r: r[0])
+    except ValueError:
+        raise TransportError(f"{WORKLOADS_PATH} answered with a workload that is not an "
+                             "object") from None
+    if args.output == "names":  # bare names, what --to-workload takes
+        names = sorted({str(w.get("name")) for w in items})
+        out.write("".join(escape(n) + "\n" for n in names))
         return 0
     from eastwest.output import write_table
 
-    if write_table(out, ("NAME", "NAMESPACE", "KIND", "UPSTREAM", "DOWNSTREAM"), rows,
+    if write_table(out, ("WORKLOAD", "NAMESPACE", "KIND", "CALLERS", "CALLEES"), rows,
                    color=color) == 0:
         print("eastwest workloads: no workloads in this window", file=sys.stderr)
     return 0
 
 
-def _names(v: Any) -> list[str]:
-    if isinstance(v, int):
-        return []
-    return [str(x.get("name")) if isinstance(x, Mapping) else str(x) for x in (v or [])]
-
-
 def _count(w: Mapping[str, Any], key: str) -> int:
-    v = w.get(key, w.get(f"{key}_count", 0))
+    v = w.get(key)
     return v if isinstance(v, int) else len(v or [])
 
 
 def _row(w: Any) -> tuple[str, str | None, str | None, int, int]:
     if not isinstance(w, Mapping):
-        return (str(w), None, None, 0, 0)
-    return (str(w.get("name")), w.get("namespace"), w.get("kind"), _count(w, "upstream"),
-            _count(w, "downstream"))
+        raise ValueError(w)
+    return (str(w.get("id") or w.get("name")), w.get("namespace"), w.get("kind"),
+            _count(w, "callers"), _count(w, "callees"))
 
 
 def _detail(out: Any, doc: Mapping[str, Any], color: bool) -> None:
-    from eastwest.output import escape, paint
+    """Direct callers and callees with their numbers, then the transitive upstream, downstream
+    and impact (workloads that break if this one breaks, nearest first)."""
+    from eastwest.output import escape, human_bytes, paint, write_table
 
-    name = escape(doc.get("name"))
     ns = doc.get("namespace")
-    out.write(paint(name, "bold", color) + (f"  (namespace {escape(ns)})" if ns else "") + "\n")
-    for key, title in (("upstream", "upstream (calls it)"), ("downstream", "downstream (it calls)"),
-                       ("impact", "impact (breaks if it breaks)")):
-        names = _names(doc.get(key))
-        out.write(f"  {title}: {len(names)}\n")
-        out.write("".join(f"    {escape(n)}\n" for n in sorted(names)))
+    out.write(paint(escape(doc.get("id") or doc.get("name")), "bold", color)
+              + (f"  namespace {escape(ns)}" if ns else "")
+              + (f"  kind {escape(doc.get('kind'))}" if doc.get("kind") else "") + "\n")
+    for key, peer, title in (("callers", "source", "called by"), ("callees", "target", "calls")):
+        edges = doc.get(key) or []
+        out.write(f"\n{title} ({len(edges)}):\n")
+        if edges:
+            write_table(out, ("  WORKLOAD", "CONNS", "FAILED", "C->S", "S->C", "PORTS"), [
+                ("  " + str(e.get(peer)), e.get("connections_opened"), e.get("connections_failed"),
+                 human_bytes(e.get("bytes_c2s")), human_bytes(e.get("bytes_s2c")),
+                 ",".join(str(p) for p in e.get("ports") or ())) for e in edges], color=color)
+    for key, title in (("upstream", "upstream, all who depend on it"),
+                       ("downstream", "downstream, all it depends on")):
+        names = [str(x) for x in doc.get(key) or []]
+        out.write(f"\n{title} ({len(names)}): {escape(', '.join(names)) or '-'}\n")
+    impact = doc.get("impact") or []
+    out.write(f"\nimpact, what breaks if it breaks ({len(impact)}): "
+              + (escape(", ".join(f"{i.get('workload')} ({i.get('distance')})" for i in impact
+                                  if isinstance(i, Mapping))) or "-") + "\n")

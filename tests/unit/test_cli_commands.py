@@ -23,14 +23,27 @@ TOKEN = "read-token-0123456789"
 def flow(n: int, client: str, cip: str, server: str, sip: str, sport: int, outcome: str = "ok",
          observed_by: tuple[str, ...] = ("client", "server"), c2s: int = 10, s2c: int = 20,
          vni: int | None = None) -> dict[str, Any]:
+    """A flow as aggregator/api/views.py `flow_json` writes it (docs/api.md)."""
+    def side(name: str, ip: str, port: int, comm: str | None) -> dict[str, Any]:
+        return {"ip": ip, "port": port,
+                "workload": {"id": f"shop/{name}", "name": name, "namespace": "shop",
+                             "kind": "service", "host": None, "resolved_by": "static"},
+                "process": None if comm is None else {"pid": 100 + n, "comm": comm, "netns": 1,
+                                                      "container": None, "collector": "h1"}}
     return {
-        "id": f"f{n}", "start": f"2026-11-28T04:00:{n:02d}Z", "end": f"2026-11-28T04:00:{n + 1:02d}Z",
-        "protocol": "tcp", "outcome": outcome, "observed_by": list(observed_by),
-        "client": {"ip": cip, "port": 40000 + n, "workload": {"name": client, "namespace": "shop"},
-                   "process": {"comm": f"ew-{client}"}},
-        "server": {"ip": sip, "port": sport, "workload": {"name": server, "namespace": "shop"}},
-        "bytes_c2s": c2s, "bytes_s2c": s2c, "retransmits": 0, "resets": int(outcome == "reset"),
-        "rtt_us": {"min": 100, "avg": 200, "max": 300}, "vni": vni, "final": True,
+        "id": f"f{n}", "protocol": "tcp", "family": 4,
+        "client": side(client, cip, 40000 + n, f"ew-{client}"),
+        "server": side(server, sip, sport, None),
+        "start": f"2026-11-28T04:00:{n:02d}Z", "last_seen": f"2026-11-28T04:00:{n + 1:02d}Z",
+        "closed": True, "closed_at": f"2026-11-28T04:00:{n + 1:02d}Z", "connect": outcome,
+        "outcome": outcome, "observed_by": list(observed_by), "bytes_c2s": c2s, "bytes_s2c": s2c,
+        "packets_c2s": None, "packets_s2c": None, "by_observer": {}, "byte_mismatch": False,
+        "retransmits": 0, "resets": int(outcome == "reset"),
+        "rtt_us": {"min": 100, "avg": 200, "max": 300},
+        "tunnel": None if vni is None else {"type": "vxlan", "vni": vni, "vtep_src": "10.213.0.2",
+                                            "vtep_dst": "10.213.0.3", "vtep_src_host": "h2",
+                                            "vtep_dst_host": "h3"},
+        "complete": True,
     }
 
 
@@ -42,24 +55,37 @@ FLOWS = [
     flow(5, "api", "10.244.2.11", "db", "10.244.3.11", 5432, c2s=600, s2c=8000, vni=42),
 ]
 
+def edge(src: str, dst: str, opened: int, failed: int, c2s: int, s2c: int, ports: list[int],
+         observed: dict[str, int], resets: int = 0, retx: int = 0, complete: bool = True
+         ) -> dict[str, Any]:
+    """An edge as aggregator/graph.py `to_json` writes it (docs/api.md)."""
+    return {"source": src, "target": dst, "connections_opened": opened, "connections_active": 0,
+            "connections_closed": opened, "connections_failed": failed, "resets": resets,
+            "byte_mismatches": 0, "bytes_c2s": c2s, "bytes_s2c": s2c, "packets_c2s": 0,
+            "packets_s2c": 0, "retransmits": retx, "rtt_us": {"min": 1, "avg": 2000, "max": 3},
+            "ports": ports, "protocols": ["tcp"], "first_seen": "2026-11-28T04:00:00Z",
+            "last_seen": "2026-11-28T04:01:00Z", "complete": complete, "observed_by": observed,
+            "folded": 1}
+
+
 EDGES = [
-    {"client": "frontend", "server": "api", "connections": 1, "failed": 0, "bytes_c2s": 10,
-     "bytes_s2c": 20, "resets": 0, "retransmits": 0, "rtt_us": {"min": 1, "avg": 2, "max": 3},
-     "ports": [9090], "observed_by": ["client", "server"], "complete": True},
-    {"client": "api", "server": "db", "connections": 3, "failed": 1, "bytes_c2s": 1100,
-     "bytes_s2c": 15000, "resets": 0, "retransmits": 2, "rtt_us": None,
-     "ports": [5432, 5433], "observed_by": ["client", "server", "path"], "complete": True},
-    {"client": "api", "server": "auth", "connections": 1, "failed": 1, "bytes_c2s": 10,
-     "bytes_s2c": 20, "resets": 1, "retransmits": 0, "rtt_us": None, "ports": [7000],
-     "observed_by": ["client"], "complete": False},
+    edge("shop/frontend", "shop/api", 1, 0, 10, 20, [9090], {"client": 1, "server": 1}),
+    edge("shop/api", "shop/db", 3, 1, 1100, 15000, [5432, 5433],
+         {"client": 3, "server": 2, "path": 2}, retx=2),
+    edge("shop/api", "shop/auth", 1, 1, 10, 20, [7000], {"client": 1}, resets=1, complete=False),
 ]
+PICK = ("connections_opened", "connections_failed", "resets", "bytes_c2s", "bytes_s2c")
+
+
+def pick(e: dict[str, Any]) -> dict[str, Any]:
+    return {k: e[k] for k in PICK}
 
 
 def view(f: dict[str, Any]) -> dict[str, Any]:
     c, s = f["client"], f["server"]
     return {"client_ip": c["ip"], "server_ip": s["ip"], "client_port": c["port"],
             "server_port": s["port"], "protocol": f["protocol"], "outcome": f["outcome"],
-            "observers": set(f["observed_by"]), "vni": f["vni"],
+            "observers": set(f["observed_by"]), "vni": (f["tunnel"] or {}).get("vni"),
             "client_workload": c["workload"]["name"], "server_workload": s["workload"]["name"],
             "client_namespace": "shop", "server_namespace": "shop"}
 
@@ -93,19 +119,34 @@ class FakeApi:
             fmt = req.url.params.get("format")
             if fmt == "dot":
                 return httpx.Response(200, text='digraph {\n  "api" -> "db\x1b[31m";\n}\n')
-            return httpx.Response(200, json={"nodes": [], "edges": EDGES})
+            q = req.url.params
+            edges = [e for e in EDGES  # enough of the filter for these tests
+                     if all(e["target"].endswith("/" + w) for w in q.get_list("to_workload")[:1])
+                     and all(e["source"].endswith("/" + w) for w in q.get_list("from_workload")[:1])]
+            return httpx.Response(200, json={"since": "x", "until": "y", "group_by": "workload",
+                                             "folded_edges": 0, "nodes": [], "edges": edges})
         if path == "/api/v1/workloads":
-            return httpx.Response(200, json={"workloads": [
-                {"name": "db", "namespace": "shop", "kind": "service", "upstream": ["api"],
-                 "downstream": []},
-                {"name": "api", "namespace": "shop", "kind": "service", "upstream": ["frontend"],
-                 "downstream": ["db", "auth"]}]})
+            return httpx.Response(200, json={"from": "x", "to": "y", "workloads": [
+                {"id": "shop/db", "name": "db", "namespace": "shop", "kind": "service",
+                 "callers": ["shop/api"], "callees": []},
+                {"id": "shop/api", "name": "api", "namespace": "shop", "kind": "service",
+                 "callers": ["shop/frontend"], "callees": ["shop/auth", "shop/db"]}]})
         if path == "/api/v1/workloads/db":
-            return httpx.Response(200, json={"name": "db", "namespace": "shop", "upstream": ["api"],
-                                             "downstream": [], "impact": ["api", "frontend"]})
+            return httpx.Response(200, json={
+                "id": "shop/db", "name": "db", "namespace": "shop", "kind": "service",
+                "callers": [{**pick(EDGES[1]), "source": "shop/api", "target": "shop/db",
+                             "ports": [5432, 5433]}],
+                "callees": [], "upstream": ["shop/api", "shop/frontend"], "downstream": [],
+                "impact": [{"workload": "shop/api", "distance": 1},
+                           {"workload": "shop/frontend", "distance": 2}]})
         if path == "/api/v1/diff":
-            return httpx.Response(200, json={"added": [EDGES[2]], "removed": [EDGES[0]],
-                                             "changed": [{"a": EDGES[1], "b": {**EDGES[1], "connections": 9}}]})
+            b = {**pick(EDGES[1]), "connections_opened": 9}
+            return httpx.Response(200, json={
+                "added": [{"source": "shop/api", "target": "shop/auth", **pick(EDGES[2])}],
+                "removed": [{"source": "shop/frontend", "target": "shop/api", **pick(EDGES[0])}],
+                "changed": [{"source": "shop/api", "target": "shop/db",
+                             "changed": ["connections_opened"], "a": pick(EDGES[1]), "b": b}],
+                "nodes_added": [], "nodes_removed": []})
         return httpx.Response(404, json={"detail": "Not Found"})
 
 
@@ -162,6 +203,7 @@ def test_follow_prints_each_live_flow_as_it_arrives(api, capsys):
 
 def test_follow_stops_after_limit(api, capsys):
     _, out, _ = run(capsys, "flows", "-f", "--limit", "1", "-o", "compact")
+    assert ("limit", "1") in api.requests[-1].url.params.multi_items()  # the server stops too
     assert out.splitlines() == ["2026-11-28T04:00:01.000Z frontend 10.244.1.11:40001 -> "
                                 "api 10.244.2.11:9090 tcp ok 10B/20B [client,server]"]
 
@@ -170,8 +212,11 @@ def test_graph_table_json_csv_and_dot(api, capsys):
     rc, out, _ = run(capsys, "graph", "--since", "2h", "--group-by", "namespace")
     lines = out.splitlines()
     assert rc == 0 and lines[0].split()[:4] == ["CLIENT", "SERVER", "CONNS", "FAILED"]
-    assert [ln.split()[:3] for ln in lines[1:]] == [["api", "auth", "1"], ["api", "db", "3"],
-                                                     ["frontend", "api", "1"]]
+    assert [ln.split()[:3] for ln in lines[1:]] == [["shop/api", "shop/auth", "1"],
+                                                     ["shop/api", "shop/db", "3"],
+                                                     ["shop/frontend", "shop/api", "1"]]
+    assert lines[2].split()[3:] == ["1", "1.1KiB", "14.6KiB", "0", "2", "2.00ms", "5432,5433",
+                                    "client,path,server"]
     assert "(incomplete)" in lines[1]
     q = dict(api.requests[-1].url.params.multi_items())
     assert q["group_by"] == "namespace" and q["from"].endswith("Z") and "to" not in q
@@ -189,43 +234,54 @@ def test_graph_table_json_csv_and_dot(api, capsys):
     (["--by", "failures"], [("api", "auth"), ("api", "db")]),
     (["--by", "connections", "-n", "1"], [("api", "db")]),
     (["--by", "retransmits"], [("api", "db")]),
-    (["--to-workload", "db", "--to-workload", "auth"], [("api", "db"), ("api", "auth")]),
+    (["--to-workload", "auth", "--by", "connections"], [("api", "auth")]),
     (["--from-workload", "frontend"], [("frontend", "api")]),
 ])
 def test_top_ranks_edges_by_the_metric(api, capsys, argv, expected):
     rc, out, _ = run(capsys, "top", *argv, "-o", "json")
     assert rc == 0
-    assert [(e["client"], e["server"]) for e in json.loads(out)] == expected
+    assert [(e["source"], e["target"]) for e in json.loads(out)] == [
+        (f"shop/{a}", f"shop/{b}") for a, b in expected]
+    sent = list(api.requests[-1].url.params.multi_items())
+    assert ("to_workload", "auth") in sent if "--to-workload" in argv else True
 
 
 def test_top_table_is_numbered(api, capsys):
     _, out, _ = run(capsys, "top", "--to-workload", "db")
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["#", "CLIENT", "SERVER"]
-    assert lines[1].split()[:4] == ["1", "api", "db", "3"]
+    assert lines[1].split()[:4] == ["1", "shop/api", "shop/db", "3"]
 
 
 def test_workloads_list_detail_and_names(api, capsys):
     _, out, _ = run(capsys, "workloads")
     assert [ln.split() for ln in out.splitlines()] == [
-        ["NAME", "NAMESPACE", "KIND", "UPSTREAM", "DOWNSTREAM"],
-        ["api", "shop", "service", "1", "2"], ["db", "shop", "service", "1", "0"]]
+        ["WORKLOAD", "NAMESPACE", "KIND", "CALLERS", "CALLEES"],
+        ["shop/api", "shop", "service", "1", "2"], ["shop/db", "shop", "service", "1", "0"]]
     _, out, _ = run(capsys, "workloads", "-o", "names")
     assert out == "api\ndb\n"
     _, out, _ = run(capsys, "workloads", "db")
-    assert "upstream (calls it): 1\n    api\n" in out
-    assert "impact (breaks if it breaks): 2\n    api\n    frontend\n" in out
+    lines = out.splitlines()
+    assert lines[0] == "shop/db  namespace shop  kind service"
+    assert [ln.split() for ln in lines[2:5]] == [
+        ["called", "by", "(1):"], ["WORKLOAD", "CONNS", "FAILED", "C->S", "S->C", "PORTS"],
+        ["shop/api", "3", "1", "1.1KiB", "14.6KiB", "5432,5433"]]
+    assert "calls (0):" in lines
+    assert "upstream, all who depend on it (2): shop/api, shop/frontend" in lines
+    assert "impact, what breaks if it breaks (2): shop/api (1), shop/frontend (2)" in lines
 
 
 def test_diff_marks_added_removed_changed(api, capsys):
     rc, out, _ = run(capsys, "diff", "--a", "1h..30m", "--b", "30m..now")
     lines = [ln.split() for ln in out.splitlines()]
     assert rc == 0
-    assert [ln[:3] for ln in lines[1:]] == [["+", "api", "auth"], ["-", "frontend", "api"],
-                                            ["~", "api", "db"]]
-    assert lines[3][3:5] == ["3", "9"]
+    assert [ln[:3] for ln in lines[1:]] == [["+", "shop/api", "shop/auth"],
+                                            ["-", "shop/frontend", "shop/api"],
+                                            ["~", "shop/api", "shop/db"]]
+    assert lines[3][3:] == ["3", "9", "1", "1", "15.7KiB", "15.7KiB", "connections_opened"]
     q = dict(api.requests[-1].url.params.multi_items())
-    assert set(q) == {"a_from", "a_to", "b_from", "b_to"} and q["a_to"] == q["b_from"]
+    assert set(q) == {"a_from", "a_to", "b_from", "b_to", "group_by", "threshold"}
+    assert q["a_to"] == q["b_from"] and q["group_by"] == "workload"
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -234,6 +290,9 @@ def test_diff_marks_added_removed_changed(api, capsys):
     (["top", "-n", "-1"], "--limit=-1"),
     (["graph", "--since", "1h", "--until", "2h"], "--until='2h': is not after --since 1h"),
     (["workloads", "db", "-o", "names"], "--output='names'"),
+    (["flows", "--follow", "--since", "5m"], "--since='5m': --follow shows flows as they happen"),
+    (["diff", "--a", "1h..30m", "--b", "30m..now", "--threshold", "2"], "--threshold=2.0"),
+    (["graph", "--port", "x"], "--port='x': not a port"),
 ])
 def test_usage_errors_of_the_aggregate_commands(api, capsys, argv, message):
     rc, _, err = run(capsys, *argv)
