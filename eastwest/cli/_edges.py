@@ -19,7 +19,7 @@ from eastwest.output import Cell, human_bytes
 METRICS = {  # `top --by` name -> (Edge attribute, column header)
     "bytes": ("bytes_total", "BYTES"),
     "connections": ("connections", "CONNS"),
-    "failures": ("failed", "FAILED"),
+    "failures": ("failures", "FAILED"),
     "retransmits": ("retransmits", "RETX"),
 }
 
@@ -43,6 +43,11 @@ class Edge:
     @property
     def bytes_total(self) -> int:
         return self.bytes_c2s + self.bytes_s2c
+
+    @property
+    def failures(self) -> int:
+        """Connections that failed: never established (refused, timeout) or reset."""
+        return self.failed + self.resets
 
     @classmethod
     def from_api(cls, obj: Any) -> Edge:

@@ -35,8 +35,8 @@ def register(sub: Any) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ranking")
     g.add_argument("--by", choices=tuple(METRICS), default="bytes",
-                   help="rank by bytes (both ways), connections, failures (refused, reset, "
-                   "timeout) or retransmits (default bytes)")
+                   help="rank by bytes (both ways), connections, failures (connections refused, "
+                   "timed out or reset) or retransmits (default bytes)")
     g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
                    help="show the top N (default 10; 0 = all)")
     add_graph_scope(p)
