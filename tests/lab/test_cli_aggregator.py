@@ -295,3 +295,46 @@ def test_refused_token_and_unreachable_aggregator_are_one_line_exit_1(live):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("eastwest top: cannot reach")
     assert Path(live.env["XDG_CONFIG_HOME"]).exists() is False  # no config file was in play
+
+
+def truth_edges(live: Live) -> set[tuple[str, str]]:
+    ns = {p["service"]: p["namespace"] for p in live.lab.inventory["pods"]}
+    return {(f"{ns[svc(live, t, 'client')]}/{svc(live, t, 'client')}",
+             f"{ns[svc(live, t, 'server')]}/{svc(live, t, 'server')}") for t in live.truth}
+
+
+def test_graph_formats_are_the_apis_graph(live):
+    argv = ["graph", "--since", live.since, "--protocol", "tcp"]
+    doc = json.loads(eastwest(live, *argv, "-o", "json").stdout)
+    assert {(e["source"], e["target"]) for e in doc["edges"]} == truth_edges(live)
+    table = eastwest(live, *argv).stdout.splitlines()
+    assert {tuple(ln.split()[:2]) for ln in table[1:]} == truth_edges(live)
+    rows = list(csv.DictReader(io.StringIO(eastwest(live, *argv, "-o", "csv").stdout)))
+    assert {(r["client"], r["server"]): int(r["connections"]) for r in rows} == {
+        (e["source"], e["target"]): e["connections_opened"] for e in doc["edges"]}
+    settings = ClientSettings(server=live.stack.url, token=live.env["EASTWEST_TOKEN"])
+    with ApiClient(settings) as client:
+        for fmt in ("dot", "mermaid"):
+            text = client.get_text("/api/v1/graph", [("from", live.since), ("protocol", "tcp"),
+                                                     ("format", fmt)])
+            assert eastwest(live, *argv, "-o", fmt).stdout == text.rstrip("\n") + "\n"
+
+
+def test_workloads_list_names_and_detail(live):
+    names = eastwest(live, "workloads", "--since", live.since, "-o", "names").stdout.split()
+    services = {svc(live, t, s) for t in live.truth for s in ("client", "server")}
+    assert services <= set(names)
+    out = eastwest(live, "workloads", "db", "--since", live.since).stdout
+    callers = {c for c, s in truth_edges(live) if s == "shop/db"}
+    assert out.startswith("shop/db  namespace shop")
+    assert f"called by ({len(callers)}):" in out and all(c in out for c in callers)
+
+
+def test_diff_against_an_empty_window_adds_every_edge(live):
+    doc = json.loads(eastwest(live, "diff", "--a", "3h..2h", "--b", f"{live.since}..now",
+                              "--protocol", "tcp", "-o", "json").stdout)
+    assert {(e["source"], e["target"]) for e in doc["added"]} == truth_edges(live)
+    assert doc["removed"] == [] and doc["changed"] == []
+    table = eastwest(live, "diff", "--a", "3h..2h", "--b", f"{live.since}..now", "--protocol",
+                     "tcp").stdout.splitlines()
+    assert {ln.split()[0] for ln in table[1:]} == {"+"}
