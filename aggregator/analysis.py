@@ -41,7 +41,8 @@ def cycles(g: nx.DiGraph, limit: int = 100) -> list[list[str]]:
     for c in nx.simple_cycles(g):
         if len(c) == 1 and c[0] == OTHER:
             continue
-        out.append(c)
+        i = c.index(min(c))  # rotate to start at the smallest name: stable output, same cycle
+        out.append(c[i:] + c[:i])
         if len(out) >= limit:
             break
     return sorted(out, key=lambda c: (len(c), c))

@@ -75,7 +75,7 @@ class KubernetesIdentity:
                         by_ip[addr.ip] = Identity(name=ep.metadata.name, namespace=ep.metadata.namespace,
                                                   kind="Service", source="kubernetes")
         for svc in services:
-            for ip in [svc.spec.cluster_ip, *(svc.spec.cluster_i_ps or [])]:
+            for ip in [svc.spec.cluster_ip, *(svc.spec.cluster_ips or [])]:
                 if ip and ip != "None":
                     by_ip[ip] = Identity(name=svc.metadata.name, namespace=svc.metadata.namespace,
                                          kind="Service", labels=dict(svc.metadata.labels or {}),
@@ -87,7 +87,7 @@ class KubernetesIdentity:
             ident = Identity(name=name, namespace=pod.metadata.namespace, kind=kind,
                              host=pod.spec.node_name, labels=dict(pod.metadata.labels or {}),
                              source="kubernetes")
-            ips = [p.ip for p in (pod.status.pod_i_ps or []) if p.ip] or [pod.status.pod_ip]
+            ips = [p.ip for p in (pod.status.pod_ips or []) if p.ip] or [pod.status.pod_ip]
             for ip in ips:
                 if ip:
                     by_ip[ip] = ident

@@ -31,8 +31,10 @@ def resolver_from(settings: Any) -> IdentityResolver:
                             system_reverse_dns if getattr(settings, "reverse_dns", False) else None)
 
 
-def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = None) -> CorrelatingStore:
+def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = None) -> CorrelatingStore | None:
     st = app.state
+    if not hasattr(st.store, "recent_connections"):
+        return None  # a raw-only store (a test fake of ingest): no correlation, no query routes
     correlator = Correlator(resolver or resolver_from(settings),
                             slack=timedelta(seconds=getattr(settings, "correlation_slack_s", 5.0)))
     store = CorrelatingStore(st.store, correlator, st.drops,
@@ -40,6 +42,11 @@ def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = Non
     st.store = store
     st.edge_budget = getattr(settings, "edge_budget", 2000)
     st.graph_cache = {}
+    _routes(app)
+    return store
+
+
+def _routes(app: FastAPI) -> None:
 
     @app.exception_handler(ConfigError)
     async def _bad_parameter(_req: Request, exc: ConfigError) -> JSONResponse:
@@ -53,4 +60,3 @@ def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = Non
     app.include_router(graph.router)
     app.include_router(workloads.router)
     app.include_router(flows.router)
-    return store

@@ -1,0 +1,195 @@
+"""The query API over a real app and DuckDB store: graph (JSON and the text formats), flows with
+filters, negation, sorting and cursor pagination, the SSE stream with the same filters (a real
+uvicorn on loopback), diff, workloads, and 400s that name the bad parameter."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from aggregator.app import create_app
+from aggregator.settings import AggregatorSettings
+from eastwest import codec
+from eastwest.codec import Batch
+from tests.unit.test_correlate import T0, rec
+
+INGEST, READ = "i" * 24, "r" * 24
+RH = {"Authorization": f"Bearer {READ}"}
+MAP_YAML = """workloads:
+- {match: 10.244.1.11/32, name: frontend, namespace: shop, host: h1}
+- {match: 10.244.2.11/32, name: api, namespace: shop, host: h2}
+- {match: 10.244.3.11/32, name: db, namespace: shop, host: h3}
+"""
+A = {"from": (T0 - timedelta(minutes=5)).isoformat(), "to": (T0 + timedelta(minutes=5)).isoformat()}
+
+
+@pytest.fixture
+def settings(tmp_path):
+    (tmp_path / "map.yaml").write_text(MAP_YAML)
+    return AggregatorSettings(data_dir=tmp_path / "data", ingest_token=INGEST, read_token=READ,
+                              workload_map=tmp_path / "map.yaml", retention=None)
+
+
+def send(c, collector, seq, records):
+    r = c.post("/api/v1/ingest", content=codec.encode_batch(Batch(collector, seq, T0, records)),
+               headers={"Authorization": f"Bearer {INGEST}", "content-type": codec.CONTENT_TYPE})
+    assert r.status_code == 200, r.text
+
+
+def fill(c):
+    """7 frontend->api connections seen by both sides, 2 api->db (one refused, client only)."""
+    for i in range(7):
+        send(c, "h1", 10 + i, [rec("client", cport=41000 + i, c2s=100 * (i + 1), s2c=10)])
+        send(c, "h2", 10 + i, [rec("server", cport=41000 + i, c2s=100 * (i + 1), s2c=10)])
+    db = {"client": rec("client").client.__class__("10.244.2.11", 50000),
+          "server": rec("client").server.__class__("10.244.3.11", 5432)}
+    send(c, "h2", 100, [rec("client", collector="h2", **db, c2s=50, s2c=60),
+                        rec("client", collector="h2", client=db["client"].__class__("10.244.2.11", 50001),
+                            server=db["server"].__class__("10.244.3.11", 5433), connect="refused",
+                            c2s=0, s2c=0)])
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        fill(c)
+        yield c
+
+
+def test_graph_has_one_edge_per_dependency_with_exact_counts(client):
+    g = client.get("/api/v1/graph", params=A, headers=RH).json()
+    edges = {(e["source"], e["target"]): e for e in g["edges"]}
+    assert set(edges) == {("shop/frontend", "shop/api"), ("shop/api", "shop/db")}
+    fa = edges[("shop/frontend", "shop/api")]
+    assert (fa["connections_opened"], fa["bytes_c2s"], fa["bytes_s2c"]) == (7, 2800, 70)
+    assert fa["observed_by"] == {"client,server": 7} and fa["ports"] == [9090]
+    ad = edges[("shop/api", "shop/db")]
+    assert (ad["connections_opened"], ad["connections_failed"], ad["ports"]) == (2, 1, [5432, 5433])
+    ns = client.get("/api/v1/graph", params={**A, "group_by": "host"}, headers=RH).json()
+    assert {(e["source"], e["target"]) for e in ns["edges"]} == {("h1", "h2"), ("h2", "h3")}
+    only = client.get("/api/v1/graph", params={**A, "workload": "db"}, headers=RH).json()
+    assert [(e["source"], e["target"]) for e in only["edges"]] == [("shop/api", "shop/db")]
+    assert only["volume_source"] == "rollups"
+
+
+def test_graph_text_formats(client):
+    dot = client.get("/api/v1/graph", params={**A, "format": "dot"}, headers=RH)
+    assert dot.status_code == 200 and '"shop/frontend" -> "shop/api"' in dot.text
+    mer = client.get("/api/v1/graph", params={**A, "format": "mermaid"}, headers=RH).text
+    assert mer.startswith("graph LR") and "7 conns" in mer
+    gml = client.get("/api/v1/graph", params={**A, "format": "graphml"}, headers=RH).text
+    assert "<graphml" in gml
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"group_by": "pod"}, "group_by"), ({"format": "png"}, "format"), ({"from": "yesterday"}, "from"),
+    ({"port": "99999"}, "port"), ({"not_outcome": "meh"}, "not_outcome"), ({"colour": "red"}, "colour"),
+    ({"from": "2026-11-28T05:00:00Z", "to": "2026-11-28T04:00:00Z"}, "from"),
+])
+def test_a_bad_parameter_is_a_400_naming_it(client, params, name):
+    r = client.get("/api/v1/graph", params=params, headers=RH)
+    assert r.status_code == 400 and r.json()["parameter"] == name, r.text
+
+
+def test_flows_filters_negation_and_cursor_pagination(client):
+    all_ = client.get("/api/v1/flows", params={"limit": "100"}, headers=RH).json()
+    assert all_["count"] == 9
+    one = all_["flows"][0]
+    assert set(one) >= {"id", "client", "server", "observed_by", "by_observer", "outcome", "tunnel"}
+    refused = client.get("/api/v1/flows", params={"outcome": "refused"}, headers=RH).json()
+    assert [f["server"]["port"] for f in refused["flows"]] == [5433]
+    not_client_only = client.get("/api/v1/flows", params={"observer": "server"}, headers=RH).json()
+    assert not_client_only["count"] == 7
+    nots = client.get("/api/v1/flows", params={"not_to_workload": "api", "ip": "10.244.3.0/24"},
+                      headers=RH).json()
+    assert nots["count"] == 2
+    seen, cursor = [], None
+    while True:
+        p = {"sort": "-bytes", "limit": "2", "to_port": "9090"}
+        if cursor:
+            p["cursor"] = cursor
+        page = client.get("/api/v1/flows", params=p, headers=RH).json()
+        seen += [f["bytes_c2s"] for f in page["flows"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == [700, 600, 500, 400, 300, 200, 100]
+    bad = client.get("/api/v1/flows", params={"cursor": "garbage"}, headers=RH)
+    assert bad.status_code == 400 and bad.json()["parameter"] == "cursor"
+
+
+def test_workloads_and_impact(client):
+    ws = client.get("/api/v1/workloads", params=A, headers=RH).json()["workloads"]
+    assert [w["id"] for w in ws] == ["shop/api", "shop/db", "shop/frontend"]
+    db = client.get("/api/v1/workloads/db", params=A, headers=RH).json()
+    assert db["impact"] == [{"workload": "shop/api", "distance": 1},
+                            {"workload": "shop/frontend", "distance": 2}]
+    assert client.get("/api/v1/workloads/shop/api", params=A, headers=RH).json()["downstream"] == ["shop/db"]
+    assert client.get("/api/v1/workloads/nobody", params=A, headers=RH).status_code == 404
+
+
+def test_diff_shows_a_new_dependency(client):
+    later = T0 + timedelta(hours=1)
+    send(client, "h1", 500, [rec("client", start=later, server=rec("client").server.__class__("10.244.3.11", 5432))])
+    d = client.get("/api/v1/diff", headers=RH, params={
+        "a_from": A["from"], "a_to": A["to"], "b_from": (later - timedelta(minutes=5)).isoformat(),
+        "b_to": (later + timedelta(minutes=5)).isoformat()}).json()
+    assert [(e["source"], e["target"]) for e in d["added"]] == [("shop/frontend", "shop/db")]
+    assert {(e["source"], e["target"]) for e in d["removed"]} == {("shop/frontend", "shop/api"),
+                                                                    ("shop/api", "shop/db")}
+
+
+def test_read_routes_need_the_read_token_and_are_documented(client):
+    assert client.get("/api/v1/graph").status_code == 401
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/graph", "/api/v1/flows", "/api/v1/flows/stream", "/api/v1/diff",
+            "/api/v1/workloads", "/api/v1/workloads/{workload}"} <= set(paths)
+
+
+def test_sse_stream_sends_matching_flows_live(settings):
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    events: list[dict] = []
+    subscribed = threading.Event()
+
+    def listen():
+        with httpx.stream("GET", f"{base}/api/v1/flows/stream",
+                          params={"to_port": "5432", "limit": "2"}, headers=RH, timeout=30) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith(": eastwest"):
+                    subscribed.set()
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+
+    lt = threading.Thread(target=listen)
+    lt.start()
+    assert subscribed.wait(10)
+    try:
+        with httpx.Client(base_url=base) as c:
+            fill(c)  # 9 connections, one of them to port 5432
+            Ep = rec("client").client.__class__
+            send(c, "h3", 1, [rec("server", collector="h3", client=Ep("10.244.2.11", 50000),
+                                  server=Ep("10.244.3.11", 5432), c2s=50, s2c=60)])
+        lt.join(30)
+        assert not lt.is_alive()
+        # one event per update of a matching connection: api->db opened, then its server view
+        assert [(e["server"]["port"], e["observed_by"]) for e in events] == [
+            (5432, ["client"]), (5432, ["client", "server"])]
+        assert events[0]["id"] == events[1]["id"]
+    finally:
+        server.should_exit = True
+        t.join(10)
