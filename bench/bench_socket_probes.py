@@ -5,10 +5,17 @@ Phases (each `--seconds` long, same storm: `--workers` client processes making s
 connections as fast as they can, 64 bytes each way, plus one long transfer per worker):
   1. no probes:                    the storm's own connections/s and per-connection latency
   2. collector + tcplife together: connections each saw, events each lost, CPU seconds each
+     (repeated `--rounds` times)
   3. collector alone:              the latency the probes add per connection (against phase 1)
 
+CPU seconds are utime + stime + cutime + cstime from /proc/PID/stat of each tool's process:
+once when it is ready (start-up: imports, BTF, compiling and attaching the BPF program) and
+once after it exited (read from the zombie before it is reaped), so the total includes the
+final flush. `steady` = total - start-up. Both tools write their output to a file (the
+collector JSON lines, tcplife its text table).
+
 Truth is the storm's own count of connections it completed. Root; traffic stays on 127.0.0.1.
-Usage: python bench/bench_socket_probes.py [--seconds 10] [--workers 2] [--json FILE]
+Usage: python bench/bench_socket_probes.py [--seconds 10] [--workers 2] [--rounds 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -108,10 +115,23 @@ def storm(seconds: float, workers: int) -> tuple[int, float, float]:
     return n, n / elapsed, lat * 1e6
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process (children included), proc(5)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return sum(int(x) for x in fields[11:15]) / TICK  # fields 14..17 of the man page
+
+
 def cpu_seconds_of_exit(proc: subprocess.Popen) -> float:
-    _, _, ru = os.wait4(proc.pid, 0)
-    proc.returncode = 0
-    return ru.ru_utime + ru.ru_stime
+    """CPU seconds of a process that was told to stop: wait for its exit without reaping it,
+    read its /proc stat (a zombie keeps it), then reap it."""
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    cpu = cpu_seconds(proc.pid)
+    proc.wait()
+    return cpu
 
 
 def start_collector(out: Path, err: Path) -> subprocess.Popen:
@@ -163,10 +183,41 @@ def tcplife_lost(err: Path) -> int:
     return sum(int(x) for x in re.findall(r"[Pp]ossibly lost (\d+)", err.read_text()))
 
 
+def side_by_side(tmp: Path, seconds: float, workers: int) -> dict:
+    """One round of phase 2: both tools attached, one storm, CPU of each."""
+    tmp.mkdir()
+    col = start_collector(tmp / "c.out", tmp / "c.err")
+    col_start = cpu_seconds(col.pid)
+    tl = start_tcplife(tmp / "t.out", tmp / "t.err")
+    tl_start = cpu_seconds(tl.pid)
+    n, rate, _ = storm(seconds, workers)
+    time.sleep(2)  # let the last closes (TIME_WAIT side) reach both tools
+    tl.send_signal(signal.SIGINT)
+    tl_cpu = cpu_seconds_of_exit(tl)
+    col.send_signal(signal.SIGINT)
+    col_cpu = cpu_seconds_of_exit(col)
+
+    def tool(seen: int, lost: int, total: float, start: float) -> dict:
+        return {"seen": seen, "lost": lost, "cpu_s": round(total, 2),
+                "startup_cpu_s": round(start, 2), "steady_cpu_s": round(total - start, 2),
+                "steady_us_per_socket_end": round((total - start) / (2 * n) * 1e6, 1)}
+
+    out = {"truth": n, "conn_per_s": round(rate),
+           "collector": tool(collector_seen(tmp / "c.out"), collector_lost(tmp / "c.err"),
+                             col_cpu, col_start),
+           "tcplife": tool(tcplife_seen(tmp / "t.out"), tcplife_lost(tmp / "t.err"),
+                           tl_cpu, tl_start)}
+    out["cpu_ratio_collector_to_tcplife"] = round(col_cpu / max(tl_cpu, 1e-9), 2)
+    out["steady_cpu_ratio_collector_to_tcplife"] = round(
+        (col_cpu - col_start) / max(tl_cpu - tl_start, 1e-9), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="side-by-side rounds (default 1)")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -181,25 +232,11 @@ def main() -> None:
         n0, rate0, lat0 = storm(a.seconds, a.workers)
         res["baseline"] = {"connections": n0, "conn_per_s": round(rate0), "lat_us": round(lat0, 1)}
 
-        col = start_collector(tmp / "c.out", tmp / "c.err")
-        tl = start_tcplife(tmp / "t.out", tmp / "t.err")
-        n1, rate1, lat1 = storm(a.seconds, a.workers)
-        time.sleep(2)  # let the last closes (TIME_WAIT side) reach both tools
-        tl.send_signal(signal.SIGINT)
-        tl_cpu = cpu_seconds_of_exit(tl)
-        col.send_signal(signal.SIGINT)
-        col_cpu = cpu_seconds_of_exit(col)
-        res["side_by_side"] = {
-            "truth": n1, "conn_per_s": round(rate1),
-            "collector": {"seen": collector_seen(tmp / "c.out"), "lost": collector_lost(tmp / "c.err"),
-                          "cpu_s": round(col_cpu, 2)},
-            "tcplife": {"seen": tcplife_seen(tmp / "t.out"), "lost": tcplife_lost(tmp / "t.err"),
-                        "cpu_s": round(tl_cpu, 2)},
-        }
-        res["side_by_side"]["cpu_ratio_collector_to_tcplife"] = round(col_cpu / max(tl_cpu, 1e-9), 2)
-
+        res["side_by_side"] = [side_by_side(tmp / f"r{i}", a.seconds, a.workers)
+                               for i in range(a.rounds)]
         col = start_collector(tmp / "c2.out", tmp / "c2.err")
         n2, rate2, lat2 = storm(a.seconds, a.workers)
+        time.sleep(2)
         col.send_signal(signal.SIGINT)
         cpu_seconds_of_exit(col)
         res["collector_alone"] = {"connections": n2, "conn_per_s": round(rate2),

@@ -12,8 +12,9 @@ a cgroup v2 id is the inode number of its directory in the cgroup2 mount
 `/kubepods/.../<id>`), CRI-O (`crio-<id>.scope`) and Docker (`docker-<id>.scope` or
 `/docker/<id>`) name them.
 
-Nothing here is read per event: command lines are cached per (pid, comm), the cgroup index is
-rebuilt at most once per `rescan_s` when an unknown id shows up.
+Nothing here is read per event: command lines (and the `Process` objects built from them) are
+cached per (pid, comm), the cgroup index is rebuilt at most once per `rescan_s` when an unknown
+id shows up.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
+
+from eastwest.record import Process
 
 _CONTAINER = re.compile(r"(?:^|[/:-])([0-9a-f]{64})(?:\.scope)?$")
 PROC = Path("/proc")
@@ -59,7 +62,20 @@ class ProcessCache:
         self.rescan_s = rescan_s
         self._cmdlines: OrderedDict[tuple[int, str], str | None] = OrderedDict()
         self._cgroups: dict[int, str] = {}
+        self._processes: dict[tuple[int, str], Process] = {}
         self._last_scan = -1e9
+
+    def process(self, pid: int, comm: str) -> Process:
+        """The `Process` of (pid, comm), its command line read once (see `cmdline`). Records
+        share the frozen object: one per process, not one per record."""
+        key = (pid, comm)
+        p = self._processes.get(key)
+        if p is None:
+            p = Process(pid=pid, comm=comm, cmdline=self.cmdline(pid, comm))
+            if len(self._processes) >= self.max_entries:
+                del self._processes[next(iter(self._processes))]  # the oldest
+            self._processes[key] = p
+        return p
 
     def cmdline(self, pid: int, comm: str) -> str | None:
         """The command line of `pid`, if it still runs as `comm`'s process; cached."""

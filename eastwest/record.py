@@ -21,7 +21,7 @@ Validation: values are type-checked when decoded (JSON, msgpack, dicts via `from
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
@@ -54,17 +54,31 @@ def ip_family(text: str) -> int:
     return addr.version
 
 
+# Addresses already proven canonical, with their family: a dict lookup is the fast path of
+# every record's two address checks (ip_family's lru_cache costs a call more). Bounded.
+_KNOWN_IPS: dict[str, int] = {}
+_KNOWN_IPS_MAX = 65536
+_ZERO = timedelta(0)
+
+
 def _check_ip(field: str, text: str, family: int | None = None) -> None:
-    try:
-        fam = ip_family(text)
-    except RecordError as exc:
-        raise RecordError(field, text, exc.reason) from None
+    fam = _KNOWN_IPS.get(text)
+    if fam is None:
+        try:
+            fam = ip_family(text)
+        except RecordError as exc:
+            raise RecordError(field, text, exc.reason) from None
+        if len(_KNOWN_IPS) >= _KNOWN_IPS_MAX:
+            _KNOWN_IPS.clear()
+        _KNOWN_IPS[text] = fam
     if family is not None and fam != family:
         raise RecordError(field, text, f"is IPv{fam} but family is {family}")
 
 
 def _check_utc(field: str, value: datetime) -> None:
-    if value.tzinfo is None or value.utcoffset() != timedelta(0):
+    if value.tzinfo is UTC:  # the common case, no utcoffset() call
+        return
+    if value.tzinfo is None or value.utcoffset() != _ZERO:
         raise RecordError(field, value.isoformat(), "must be a UTC timestamp")
 
 
@@ -166,15 +180,24 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             raise RecordError("record_id", self.record_id, f"must be '{self.collector}:<seq>'")
         if self.protocol not in PROTOCOLS:
             raise RecordError("protocol", self.protocol, f"must be one of {sorted(PROTOCOLS)}")
-        _check_utc("start", self.start)
-        _check_utc("end", self.end)
-        if self.end < self.start:
-            raise RecordError("end", self.end.isoformat(), f"is before start {self.start.isoformat()}")
-        _check_ip("client.ip", self.client.ip, self.family)
-        _check_ip("server.ip", self.server.ip, self.family)
-        for name in ("bytes_c2s", "bytes_s2c", "retransmits", "resets"):
-            if getattr(self, name) < 0:
-                raise RecordError(name, getattr(self, name), "must be >= 0")
+        # every check below runs on every construction; the branches are ordered so that a
+        # valid record takes the cheapest path (identity checks and dict lookups, no calls)
+        start, end = self.start, self.end
+        if start.tzinfo is not UTC:
+            _check_utc("start", start)
+        if end.tzinfo is not UTC:
+            _check_utc("end", end)
+        if end < start:
+            raise RecordError("end", end.isoformat(), f"is before start {start.isoformat()}")
+        family = self.family
+        if _KNOWN_IPS.get(self.client.ip) != family:
+            _check_ip("client.ip", self.client.ip, family)
+        if _KNOWN_IPS.get(self.server.ip) != family:
+            _check_ip("server.ip", self.server.ip, family)
+        if self.bytes_c2s < 0 or self.bytes_s2c < 0 or self.retransmits < 0 or self.resets < 0:
+            for name in ("bytes_c2s", "bytes_s2c", "retransmits", "resets"):
+                if getattr(self, name) < 0:
+                    raise RecordError(name, getattr(self, name), "must be >= 0")
         if self.tcp_flags is not None:
             for flag in self.tcp_flags:
                 if flag not in TCP_FLAG_NAMES:

@@ -75,7 +75,8 @@ class SocketProbeSource:
         from collector.proc import listening_owners
 
         owners = listening_owners(self.config.netns, cache=self.procs)
-        kernel = BccKernel(self.offsets, self.config, owners)  # type: ignore[arg-type]
+        kernel = BccKernel(self.offsets, self.config, owners,  # type: ignore[arg-type]
+                           on_process=self.procs.process)
         log.info("socket probes attached: %s; netns scope %s; %d existing listeners",
                  ", ".join(sorted(self.config.hooks)), list(self.config.netns) or "all",
                  len(owners))

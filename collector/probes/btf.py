@@ -43,7 +43,12 @@ class _Type:
 
 
 class Btf:
-    """A parsed BTF blob: just enough to resolve struct member offsets and function protos."""
+    """A BTF blob indexed for the few queries the probes make: struct member offsets and
+    function prototypes.
+
+    Start-up cost matters (the collector parses vmlinux's ~130,000 types every start): one
+    pass records where each type starts and the names of structs, unions and typedefs; a
+    type's members are decoded only when a query reaches it."""
 
     def __init__(self, blob: bytes, source: str = "btf") -> None:
         self.source = source
@@ -54,9 +59,11 @@ class Btf:
             raise CapabilityError(f"{source}: bad BTF magic {magic:#x} (expected 0xeb9f)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", blob, 8)
         self._strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
-        self.types: list[_Type | None] = [None]  # type id 0 is void
+        self._data = blob[hdr_len + type_off: hdr_len + type_off + type_len]
+        self._starts: list[int] = [-1]  # type id -> offset in _data; id 0 is void
+        self._parsed: dict[int, _Type] = {}
         self._by_name: dict[tuple[int, str], int] = {}
-        self._parse(blob[hdr_len + type_off: hdr_len + type_off + type_len])
+        self._index()
 
     @classmethod
     def from_file(cls, path: Path = VMLINUX) -> Btf:
@@ -69,27 +76,51 @@ class Btf:
         end = self._strings.find(b"\0", off)
         return self._strings[off:end].decode()
 
-    def _parse(self, data: bytes) -> None:
+    def _index(self) -> None:
+        data, starts, by_name = self._data, self._starts, self._by_name
         pos, n = 0, len(data)
         unpack = struct.unpack_from
+        # bytes after the 12-byte header, per kind: fixed + per item * vlen
+        fixed = [_EXTRA.get(k, (0, 0))[0] for k in range(32)]
+        per = [_EXTRA.get(k, (0, 0))[1] for k in range(32)]
+        named = (_STRUCT, _UNION, _TYPEDEF)
         while pos < n:
-            name_off, info, size_or_type = unpack("<III", data, pos)
-            pos += 12
-            kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31)
-            members: tuple[tuple[str, int, int], ...] = ()
-            if kind in (_STRUCT, _UNION):
-                members = tuple(
-                    (self._str(m_name), m_type, m_off)
-                    for m_name, m_type, m_off in struct.iter_unpack("<III", data[pos:pos + 12 * vlen]))
-            elif kind == _FUNC_PROTO:
-                members = tuple((self._str(p_name), p_type, 0)
-                                for p_name, p_type in struct.iter_unpack("<II", data[pos:pos + 8 * vlen]))
-            fixed, per = _EXTRA.get(kind, (0, 0))
-            pos += fixed + per * vlen
-            name = self._str(name_off) if name_off else ""
-            self.types.append(_Type(kind, name, size_or_type, kflag, members))
-            if name and kind in (_STRUCT, _UNION, _TYPEDEF):
-                self._by_name.setdefault((kind, name), len(self.types) - 1)
+            name_off, info = unpack("<II", data, pos)
+            kind = (info >> 24) & 0x1F
+            starts.append(pos)
+            if name_off and kind in named:
+                key = (kind, self._str(name_off))
+                if key not in by_name:
+                    by_name[key] = len(starts) - 1
+            pos += 12 + fixed[kind] + per[kind] * (info & 0xFFFF)
+        if pos != n:
+            raise CapabilityError(f"{self.source}: type section ends inside a type "
+                                  f"(at byte {pos} of {n})")
+
+    def _type(self, tid: int) -> _Type | None:
+        """The type with id `tid`, decoded on first use (None for void)."""
+        if tid == 0:
+            return None
+        t = self._parsed.get(tid)
+        if t is not None:
+            return t
+        if not 0 < tid < len(self._starts):
+            raise CapabilityError(f"{self.source}: type id {tid} out of range")
+        data, pos = self._data, self._starts[tid]
+        name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+        pos += 12
+        kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31)
+        members: tuple[tuple[str, int, int], ...] = ()
+        if kind in (_STRUCT, _UNION):
+            members = tuple(
+                (self._str(m_name), m_type, m_off)
+                for m_name, m_type, m_off in struct.iter_unpack("<III", data[pos:pos + 12 * vlen]))
+        elif kind == _FUNC_PROTO:
+            members = tuple((self._str(p_name), p_type, 0)
+                            for p_name, p_type in struct.iter_unpack("<II", data[pos:pos + 8 * vlen]))
+        t = _Type(kind, self._str(name_off) if name_off else "", size_or_type, kflag, members)
+        self._parsed[tid] = t
+        return t
 
     # -- queries ------------------------------------------------------------------------------
     def struct_id(self, name: str) -> int:
@@ -103,10 +134,10 @@ class Btf:
         return tid
 
     def _strip(self, tid: int) -> int:
-        t = self.types[tid]
+        t = self._type(tid)
         while t is not None and t.kind in _MODIFIERS:
             tid = t.size_or_type
-            t = self.types[tid]
+            t = self._type(tid)
         return tid
 
     def member_offset(self, struct_name: str, path: str) -> int:
@@ -126,7 +157,7 @@ class Btf:
         return total_bits // 8
 
     def _find_member(self, tid: int, name: str) -> tuple[int, int] | None:
-        t = self.types[self._strip(tid)]
+        t = self._type(self._strip(tid))
         if t is None or t.kind not in (_STRUCT, _UNION):
             return None
         for m_name, m_type, m_off in t.members:
@@ -141,7 +172,7 @@ class Btf:
 
     def type_name(self, tid: int) -> str:
         """C-ish spelling of a type, enough to compare: `struct sock *`, `int`."""
-        t = self.types[tid]
+        t = self._type(tid)
         if t is None:
             return "void"
         if t.kind == _PTR:
@@ -157,9 +188,9 @@ class Btf:
         tid = self._by_name.get((_TYPEDEF, f"btf_trace_{tracepoint}"))
         if tid is None:
             return None
-        ptr = self.types[tid]
-        proto = self.types[ptr.size_or_type] if ptr else None  # typedef -> ptr
-        proto = self.types[proto.size_or_type] if proto and proto.kind == _PTR else None
+        ptr = self._type(tid)
+        proto = self._type(ptr.size_or_type) if ptr else None  # typedef -> ptr
+        proto = self._type(proto.size_or_type) if proto and proto.kind == _PTR else None
         if proto is None or proto.kind != _FUNC_PROTO:
             return None
         return [self.type_name(p_type) for _, p_type, _ in proto.members[1:]]

@@ -9,8 +9,7 @@ loader implements and the unit tests fake.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 ROLE_CLIENT, ROLE_SERVER = 1, 2
 PHASE_CONNECTING, PHASE_ESTABLISHED = 1, 2
@@ -24,17 +23,21 @@ STAT_NAMES = ("close_deferred", "conn_map_full", "listen_map_full", "deferred_lo
               "closed")
 
 
-@dataclass(frozen=True)
-class ConnState:
-    """One socket's entry of the `conns` map (or the copy a close event carries)."""
+class ConnState(NamedTuple):
+    """One socket's entry of the `conns` map (or the copy a close event carries).
+
+    A named tuple: thousands are built per second by the bulk decoder
+    (collector/probes/decode.py) straight from the unpacked bytes, and record building
+    unpacks them into locals instead of reading 28 attributes one by one. `comm` is last so
+    the decoder can add it after the numeric fields."""
 
     sk: int
     start_ns: int
     role: int
     phase: int
     family: int
-    saddr: bytes  # 4 or 16 bytes, network order, as the tracepoint stored them
-    daddr: bytes
+    saddr: bytes  # network order as the tracepoint stored them: 4 or 16 bytes for AF_INET
+    daddr: bytes  # (the first 4 count), 16 for AF_INET6
     sport: int  # host order
     dport: int
     netns: int
@@ -50,12 +53,12 @@ class ConnState:
     resets_recv: int = 0
     pid: int = 0
     cgroup_id: int = 0
-    comm: str = ""
     owner: int = OWNER_NONE
     sk_err: int = 0
     close_oldstate: int = 0
     tcp_closed: bool = False
     deferred: bool = False
+    comm: str = ""
 
 
 class KernelSide(Protocol):

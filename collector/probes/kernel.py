@@ -5,6 +5,14 @@ In: settings (map sizes, netns scope), the hooks the capability probe found, BTF
 Out: `BccKernel`, implementing `collector.probes.conn.KernelSide`: close events from the ring
 buffer, batch reads of the connection map, the loss counters.
 
+Userspace runs per batch, not per connection: the kernel wakes the reader once per
+`WAKEUP_EVERY` close events per CPU (BPF_RB_NO_WAKEUP otherwise, include/uapi/linux/bpf.h),
+the close events are read from the ring buffer's memory mapping (collector/probes/ring.py;
+libbpf's per-event callback where that is not supported) and unpacked in one pass
+(collector/probes/decode.py). The connection map is read with BPF_MAP_LOOKUP_BATCH
+(kernel/bpf/hashtab.c htab_map_lookup_batch) into one buffer, decoded the same way. A second,
+small ring buffer (`procs`) announces each new (pid, comm) owning a socket, at once.
+
 The program text is socket.bpf.c preceded by `#define`s for every constant (`program_text`),
 so `eastwest collector --print-bpf` prints exactly what is compiled. bcc attaches the
 TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by their names.
@@ -13,16 +21,25 @@ TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by their names.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import logging
+import os
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from collector.probes.btf import KernelOffsets
 from collector.probes.conn import STAT_NAMES, ConnState
+from collector.probes.decode import ConnDecoder
+from collector.probes.ring import RingReader
+from collector.probes.ring import supported as ring_supported
 from eastwest.errors import CapabilityError
 
 BPF_FILE = Path(__file__).with_name("socket.bpf.c")
 CONN_VALUE_BYTES = 144  # sizeof(struct conn_t); checked against bcc's ctypes at load
+RINGBUF_RECORD_BYTES = 8 + 8 + CONN_VALUE_BYTES  # ring header + struct close_event_t
+PROC_EVENT_BYTES = 24  # sizeof(struct proc_event_t)
 HASH_ELEM_OVERHEAD = 48  # struct htab_elem header, kernel/bpf/hashtab.c (approximate)
 log = logging.getLogger("eastwest.collector.probes")
 
@@ -35,12 +52,26 @@ class ProbeConfig:
     netns: tuple[int, ...] = ()  # empty: every namespace
     hooks: frozenset[str] = field(default_factory=lambda: frozenset(
         {"bytes", "retransmit", "resets", "rtt", "destroy"}))
+    wakeup_every: int = 0  # close events per CPU between reader wake-ups; 0: from the ring size
+    procs_seen_entries: int = 8192  # (pid, comm) pairs already announced (LRU)
+    proc_ringbuf_pages: int = 4  # 16 KiB: ~500 new processes between two polls
+
+    def wakeup_threshold(self, cpus: int | None = None) -> int:
+        """Events per CPU between wake-ups: a quarter of the ring shared by every CPU, so the
+        ring is at most ~1/4 full when the reader is woken (it also polls every 0.2 s)."""
+        if self.wakeup_every:
+            return self.wakeup_every
+        cpus = cpus or os.cpu_count() or 1
+        capacity = self.ringbuf_pages * 4096 // RINGBUF_RECORD_BYTES
+        return max(1, min(1024, capacity // (4 * cpus)))
 
     def map_memory_bytes(self) -> int:
         """Preallocated kernel memory of the maps and the ring buffer."""
         conns = self.conn_entries * (8 + CONN_VALUE_BYTES + HASH_ELEM_OVERHEAD)
         listeners = self.listen_entries * (8 + 32 + HASH_ELEM_OVERHEAD)
-        return conns + listeners + self.ringbuf_pages * 4096
+        procs = self.procs_seen_entries * (20 + 8 + HASH_ELEM_OVERHEAD)
+        rings = (self.ringbuf_pages + self.proc_ringbuf_pages) * 4096
+        return conns + listeners + procs + rings
 
 
 def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig) -> str:
@@ -50,7 +81,8 @@ def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig) -> str:
         "RINGBUF_PAGES": cfg.ringbuf_pages, "FILTER_NETNS": int(bool(cfg.netns)),
         "HAVE_BYTES": int("bytes" in cfg.hooks), "HAVE_RETRANSMIT": int("retransmit" in cfg.hooks),
         "HAVE_RESETS": int("resets" in cfg.hooks), "HAVE_RTT": int("rtt" in cfg.hooks),
-        "HAVE_DESTROY": int("destroy" in cfg.hooks),
+        "HAVE_DESTROY": int("destroy" in cfg.hooks), "WAKEUP_EVERY": cfg.wakeup_threshold(),
+        "PROCS_SEEN_ENTRIES": cfg.procs_seen_entries, "PROC_RINGBUF_PAGES": cfg.proc_ringbuf_pages,
     }
     if offsets is not None:
         consts.update({"OFF_SK_NET": offsets.sk_net, "OFF_NET_NS_INUM": offsets.net_ns_inum,
@@ -60,25 +92,14 @@ def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig) -> str:
     return head + "\n" + BPF_FILE.read_text()
 
 
-def _state_from(sk: int, c: ct.Structure) -> ConnState:
-    n = 4 if c.family == 2 else 16
-    return ConnState(
-        sk=sk, start_ns=c.start_ns, role=c.role, phase=c.phase, family=c.family,
-        saddr=bytes(c.saddr[:n]), daddr=bytes(c.daddr[:n]), sport=c.sport, dport=c.dport,
-        netns=c.netns, end_ns=c.end_ns, bytes_sent=c.bytes_sent, bytes_recv=c.bytes_recv,
-        rtt_sum_us=c.rtt_sum_us, rtt_count=c.rtt_count, rtt_min_us=c.rtt_min_us,
-        rtt_max_us=c.rtt_max_us, retransmits=c.retransmits, resets_sent=c.resets_sent,
-        resets_recv=c.resets_recv, pid=c.pid, cgroup_id=c.cgroup_id,
-        comm=bytes(c.comm).split(b"\0", 1)[0].decode("utf-8", "replace"), owner=c.owner,
-        sk_err=c.sk_err, close_oldstate=c.close_oldstate, tcp_closed=bool(c.tcp_closed),
-        deferred=bool(c.deferred))
-
-
 class BccKernel:
     """The compiled, attached program. Not thread-safe: one source thread owns it."""
 
     def __init__(self, offsets: KernelOffsets, cfg: ProbeConfig,
-                 listeners: list[tuple[int, int, int, str, int]] | None = None) -> None:
+                 listeners: list[tuple[int, int, int, str, int]] | None = None,
+                 on_process: Callable[[int, str], object] | None = None) -> None:
+        """`on_process(pid, comm)` is called, from `poll`, when a process owns a socket for the
+        first time (before the close events of the same poll are decoded)."""
         try:
             from bcc import BPF
         except ImportError as exc:
@@ -89,7 +110,6 @@ class BccKernel:
             self.bpf = BPF(text=program_text(offsets, cfg).encode())
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
             raise CapabilityError(f"the socket probes did not load: {exc}") from exc
-        self._events: list[ConnState] = []
         conns = self.bpf[b"conns"]
         if ct.sizeof(conns.Leaf) != CONN_VALUE_BYTES:
             log.warning("struct conn_t is %d bytes, map memory estimate assumes %d",
@@ -99,14 +119,28 @@ class BccKernel:
         class CloseEvent(ct.Structure):  # struct close_event_t, built on bcc's conn_t
             _fields_ = [("sk", ct.c_uint64), ("conn", conns.Leaf)]
 
-        self._event_ptr = ct.POINTER(CloseEvent)
+        self.decoder = ConnDecoder(conns.Leaf, CloseEvent)
         self._stats = self.bpf[b"stats"]
         if cfg.netns:
             allow = self.bpf[b"netns_allow"]
             for inode in cfg.netns:
                 allow[allow.Key(inode)] = allow.Leaf(1)
         self._seed_listeners(listeners or [])
-        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._on_process = on_process
+        self._chunks: list[bytes] = []
+        self.bad_events = 0  # events of an unexpected size (none are sent: a defensive count)
+        events, procs = self.bpf[b"events"], self.bpf[b"procs"]
+        procs.open_ring_buffer(self._on_proc)  # few events: libbpf's consumer is fine
+        self._reader: RingReader | None = None
+        if ring_supported():
+            try:
+                self._reader = RingReader(events.map_fd, events.max_entries,
+                                          self.decoder.event_size)
+                self._reader.watch(procs.map_fd)
+            except (OSError, ValueError) as exc:
+                log.info("ring buffer not mappable (%s): per-event callbacks instead", exc)
+        if self._reader is None:
+            events.open_ring_buffer(self._on_event)
         self._batch_ok = True
 
     def _seed_listeners(self, listeners: list[tuple[int, int, int, str, int]]) -> None:
@@ -122,23 +156,70 @@ class BccKernel:
             except Exception:  # noqa: BLE001 - a full map: the listener stays unknown
                 log.warning("listener map full: owner of port %d in netns %d unknown", port, netns)
 
-    def _on_event(self, _ctx: object, data: int, _size: int) -> None:
-        e = ct.cast(data, self._event_ptr).contents
-        self._events.append(_state_from(e.sk, e.conn))
+    def _on_proc(self, _ctx: object, data: int, size: int) -> int:
+        if size == PROC_EVENT_BYTES and self._on_process is not None:
+            pid, _, comm = struct.unpack("=II16s", ct.string_at(data, size))
+            self._on_process(pid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        return 0
+
+    def _on_event(self, _ctx: object, data: int, size: int) -> int:
+        # libbpf's consumer (architectures without RingReader): copy, decode later in bulk
+        if size == self.decoder.event_size:
+            self._chunks.append(ct.string_at(data, size))
+        else:
+            self.bad_events += 1
+        return 0
 
     def poll(self, timeout_s: float) -> list[ConnState]:
+        # Sleeps until a forced wake-up (a new process, or the ring filling up) or the timeout,
+        # then takes everything there is: close events do not wake the reader one by one.
+        if self._reader is not None:
+            self._reader.wait(timeout_s)
+            self.bpf.ring_buffer_consume()  # process announcements first
+            states = self._reader.consume(self.decoder.ring_records, [])
+            self.bad_events = self._reader.skipped
+            return states
         self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
-        out, self._events = self._events, []
-        return out
+        self.bpf.ring_buffer_consume()
+        if not self._chunks:
+            return []
+        chunks, self._chunks = self._chunks, []
+        return self.decoder.events(b"".join(chunks))
 
     def live(self) -> list[ConnState]:
         if self._batch_ok:
             try:
-                return [_state_from(k.value, v) for k, v in self._conns.items_lookup_batch()]
-            except Exception as exc:  # noqa: BLE001 - old kernels: fall back to iteration
+                return self._live_batch()
+            except OSError as exc:  # old kernels: no batch ops on hash maps; iterate instead
                 log.info("batch map lookup unavailable (%s); iterating", exc)
                 self._batch_ok = False
-        return [_state_from(k.value, v) for k, v in self._conns.items()]
+        items = self._conns.items()
+        return self.decoder.entries([k.value for k, _ in items],
+                                    b"".join(bytes(v) for _, v in items))
+
+    def _live_batch(self) -> list[ConnState]:
+        """Every entry of `conns` with BPF_MAP_LOOKUP_BATCH, into one keys and one values buffer."""
+        from bcc.libbcc import lib
+
+        cap, lsize = self._conns.max_entries, self.decoder.leaf_size
+        keys = (ct.c_uint64 * cap)()
+        values = (ct.c_char * (cap * lsize))()
+        kptr, vptr = ct.addressof(keys), ct.addressof(values)
+        in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        total, first = 0, True
+        while total < cap:
+            count.value = cap - total
+            res = lib.bpf_lookup_batch(self._conns.map_fd, None if first else ct.byref(in_batch),
+                                       ct.byref(out_batch), kptr + 8 * total,
+                                       vptr + lsize * total, ct.byref(count))
+            total += count.value
+            if res != 0:
+                err = ct.get_errno() or -res
+                if err == errno.ENOENT:  # the end of the map
+                    break
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on conns: {os.strerror(err)}")
+            first, in_batch.value = False, out_batch.value
+        return self.decoder.entries(keys[:total], memoryview(values)[:total * lsize])
 
     def forget(self, states: list[ConnState]) -> None:
         for s in states:
@@ -154,7 +235,10 @@ class BccKernel:
         out = {}
         for i, name in enumerate(STAT_NAMES):
             out[name] = int(sum(self._stats[ct.c_int(i)]))
+        out["bad_event_size"] = self.bad_events
         return out
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.bpf.cleanup()

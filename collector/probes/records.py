@@ -33,7 +33,7 @@ from collector.probes.conn import (
 )
 from collector.proc import ProcessCache, container_id
 from eastwest.clock import KernelClock
-from eastwest.record import Cgroup, Endpoint, FlowRecord, Process, Rtt
+from eastwest.record import Cgroup, Endpoint, FlowRecord, Rtt
 
 STAGE = "socket"
 
@@ -61,69 +61,150 @@ def connect_outcome(s: ConnState, final: bool) -> str | None:
 
 
 class RecordBuilder:
-    """Turns kernel states into records; holds the caches that make that cheap."""
+    """Turns kernel states into records; holds the caches that make that cheap.
+
+    Per record the work is a few dict lookups and one `FlowRecord` construction (which still
+    validates): address texts, loopback flags, `Process` and `Cgroup` objects and the
+    `incomplete` prefix are computed once per distinct value and reused."""
 
     def __init__(self, ctx: CollectorContext, kclock: KernelClock,
-                 procs: ProcessCache | None = None, missing: tuple[str, ...] = ()) -> None:
+                 procs: ProcessCache | None = None, missing: tuple[str, ...] = (),
+                 cache_entries: int = 65536) -> None:
         self.ctx = ctx
         self.kclock = kclock
         self.procs = procs or ProcessCache()
         self.missing = tuple(missing)  # measurements the running probes cannot make
+        self.cache_entries = cache_entries
+        # (family, raw address) -> (4|6, text, is loopback)
+        self._addrs: dict[tuple[int, bytes], tuple[int, str, bool]] = {}
+        # (ip, port) of servers -> Endpoint: few listening ends serve many connections
+        self._servers: dict[tuple[str, int], Endpoint] = {}
+        # cgroup id -> (Cgroup, container id), once its path is known
+        self._cgroups: dict[int, tuple[Cgroup, str | None]] = {}
+        # extra incomplete labels -> self.missing + those, without duplicates
+        self._incomplete: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def _address(self, family: int, raw: bytes) -> tuple[int, str, bool]:
+        key = (family, raw)
+        hit = self._addrs.get(key)
+        if hit is None:
+            fam, text = address(family, raw)  # ValueError: counted by the caller
+            hit = (fam, text, ipaddress.ip_address(text).is_loopback)
+            if len(self._addrs) >= self.cache_entries:
+                self._addrs.clear()
+            self._addrs[key] = hit
+        return hit
+
+    def _server(self, ip: str, port: int) -> Endpoint:
+        key = (ip, port)
+        ep = self._servers.get(key)
+        if ep is None:
+            ep = Endpoint(ip, port)
+            if len(self._servers) >= self.cache_entries:
+                self._servers.clear()
+            self._servers[key] = ep
+        return ep
+
+    def _cgroup(self, cgroup_id: int) -> tuple[Cgroup, str | None]:
+        hit = self._cgroups.get(cgroup_id)
+        if hit is not None:
+            return hit
+        path = self.procs.cgroup_path(cgroup_id)
+        out = (Cgroup(id=cgroup_id, path=path), container_id(path))
+        if path is not None:  # an unknown id may be found by a later rescan: not cached
+            if len(self._cgroups) >= self.cache_entries:
+                self._cgroups.clear()
+            self._cgroups[cgroup_id] = out
+        return out
+
+    def _incomplete_base(self, extra: tuple[str, ...]) -> tuple[str, ...]:
+        base = self._incomplete.get(extra)
+        if base is None:
+            base = self.missing + tuple(x for x in extra if x not in self.missing)
+            self._incomplete[extra] = base
+        return base
 
     def build(self, s: ConnState, *, final: bool, now: datetime,
               extra_incomplete: tuple[str, ...] = ()) -> FlowRecord | None:
         """The record of one state, or None (counted in Drops) when it cannot be one."""
-        if s.phase == PHASE_CONNECTING and not final:
-            return None  # the handshake has not finished: nothing to report yet
-        if not s.sport or not s.dport:
-            self.ctx.drops.count(STAGE, "no_tuple", detail=f"socket {s.sk:#x} without ports")
-            return None
-        try:
-            fam_s, local = address(s.family, s.saddr)
-            fam_d, remote = address(s.family, s.daddr)
-        except ValueError:
-            self.ctx.drops.count(STAGE, "bad_address", detail=f"family {s.family}")
-            return None
-        if fam_s != fam_d:  # a mapped and a real v6 address: keep both as IPv6
-            local, remote = (str(ipaddress.IPv6Address(s.saddr[:16])),
-                             str(ipaddress.IPv6Address(s.daddr[:16])))
-            fam_s = 6
-        is_client = s.role == ROLE_CLIENT
-        if is_client:
-            client, server = Endpoint(local, s.sport), Endpoint(remote, s.dport)
-            c2s, s2c = s.bytes_sent, s.bytes_recv
-        else:
-            client, server = Endpoint(remote, s.dport), Endpoint(local, s.sport)
-            c2s, s2c = s.bytes_recv, s.bytes_sent
-        start = self.kclock.to_utc(s.start_ns)
-        end = self.kclock.to_utc(s.end_ns) if (final and s.end_ns) else now
-        if end < start:
-            end = start
-        incomplete = list(self.missing) + [x for x in extra_incomplete if x not in self.missing]
-        process = None
-        if s.owner != OWNER_NONE:
-            process = Process(pid=s.pid, comm=s.comm, cmdline=self.procs.cmdline(s.pid, s.comm))
-        else:
-            incomplete.append("process")
-        cgroup = cont = None
-        if s.cgroup_id:
-            path = self.procs.cgroup_path(s.cgroup_id)
-            cgroup, cont = Cgroup(id=s.cgroup_id, path=path), container_id(path)
-        rtt = None
-        if s.rtt_count:
-            avg = s.rtt_sum_us // s.rtt_count
-            rtt = Rtt(min=s.rtt_min_us, avg=min(max(avg, s.rtt_min_us), s.rtt_max_us),
-                      max=s.rtt_max_us)
-        return FlowRecord(
-            record_id=self.ctx.next_record_id(), collector=self.ctx.collector_id, source="socket",
-            start=start, end=end, final=final, protocol="tcp", family=fam_s,  # type: ignore[arg-type]
-            client=client, server=server, observer="client" if is_client else "server",
-            bytes_c2s=c2s, bytes_s2c=s2c, connect=connect_outcome(s, final),  # type: ignore[arg-type]
-            retransmits=s.retransmits, resets=s.resets_sent + s.resets_recv, rtt_us=rtt,
-            process=process, netns=s.netns or None, cgroup=cgroup, container=cont,
-            loopback=_loopback(client.ip, server.ip), incomplete=incomplete,
-        )
+        out = self.build_many([s], final=final, now=now, extra_incomplete=extra_incomplete)
+        return out[0] if out else None
 
-
-def _loopback(a: str, b: str) -> bool:
-    return a == b or ipaddress.ip_address(a).is_loopback or ipaddress.ip_address(b).is_loopback
+    def build_many(self, states: list[ConnState], *, final: bool, now: datetime,
+                   extra_incomplete: tuple[str, ...] = ()) -> list[FlowRecord]:
+        """The records of a batch of states, in order; a state that cannot be a record is
+        skipped and counted in Drops. One loop with everything it needs bound once per batch:
+        this runs twice per connection."""
+        ctx = self.ctx
+        collector, next_id = ctx.collector_id, ctx.next_record_id
+        to_utc = self.kclock.to_utc
+        addrs, servers, cgroups = self._addrs, self._servers, self._cgroups
+        process_of = self.procs.process
+        base = self._incomplete_base(extra_incomplete)
+        out: list[FlowRecord] = []
+        for s in states:
+            (sk, start_ns, role, phase, family, saddr, daddr, sport, dport, netns, end_ns,
+             bytes_sent, bytes_recv, rtt_sum_us, rtt_count, rtt_min_us, rtt_max_us, retransmits,
+             resets_sent, resets_recv, pid, cgroup_id, owner, _sk_err, _oldstate, _tcp_closed,
+             _deferred, comm) = s
+            if phase == PHASE_CONNECTING and not final:
+                continue  # the handshake has not finished: nothing to report yet
+            if not sport or not dport:
+                ctx.drops.count(STAGE, "no_tuple", detail=f"socket {sk:#x} without ports")
+                continue
+            a = addrs.get((family, saddr))
+            b = addrs.get((family, daddr))
+            if a is None or b is None:
+                try:
+                    a = self._address(family, saddr)
+                    b = self._address(family, daddr)
+                except ValueError:
+                    ctx.drops.count(STAGE, "bad_address", detail=f"family {family}")
+                    continue
+            fam, local, local_lo = a
+            if fam != b[0]:  # a mapped and a real v6 address: keep both as IPv6
+                local, remote = (str(ipaddress.IPv6Address(saddr[:16])),
+                                 str(ipaddress.IPv6Address(daddr[:16])))
+                local_lo = ipaddress.IPv6Address(local).is_loopback
+                remote_lo = ipaddress.IPv6Address(remote).is_loopback
+                fam = 6
+            else:
+                remote, remote_lo = b[1], b[2]
+            is_client = role == ROLE_CLIENT
+            if is_client:
+                client = Endpoint(local, sport)
+                server = servers.get((remote, dport)) or self._server(remote, dport)
+                c2s, s2c = bytes_sent, bytes_recv
+            else:
+                client = Endpoint(remote, dport)
+                server = servers.get((local, sport)) or self._server(local, sport)
+                c2s, s2c = bytes_recv, bytes_sent
+            start = to_utc(start_ns)
+            end = to_utc(end_ns) if (final and end_ns) else now
+            if end < start:
+                end = start
+            incomplete = list(base)
+            if owner != OWNER_NONE:
+                process = process_of(pid, comm)
+            else:
+                process = None
+                incomplete.append("process")
+            if cgroup_id:
+                cgroup, cont = cgroups.get(cgroup_id) or self._cgroup(cgroup_id)
+            else:
+                cgroup = cont = None
+            rtt = None
+            if rtt_count:
+                avg = rtt_sum_us // rtt_count
+                rtt = Rtt(min=rtt_min_us, avg=min(max(avg, rtt_min_us), rtt_max_us),
+                          max=rtt_max_us)
+            out.append(FlowRecord(
+                record_id=next_id(), collector=collector, source="socket",
+                start=start, end=end, final=final, protocol="tcp", family=fam,  # type: ignore[arg-type]
+                client=client, server=server, observer="client" if is_client else "server",
+                bytes_c2s=c2s, bytes_s2c=s2c, connect=connect_outcome(s, final),  # type: ignore[arg-type]
+                retransmits=retransmits, resets=resets_sent + resets_recv, rtt_us=rtt,
+                process=process, netns=netns or None, cgroup=cgroup, container=cont,
+                loopback=local == remote or local_lo or remote_lo, incomplete=incomplete,
+            ))
+        return out

@@ -16,9 +16,18 @@
 // marked `deferred`: userspace finds it at its next drain, so nothing is lost. Everything that
 // is lost anyway is counted in `stats`.
 //
+// Close events are submitted without waking the reader (BPF_RB_NO_WAKEUP), except every
+// WAKEUP_EVERY-th event of a CPU (BPF_RB_FORCE_WAKEUP): userspace drains the ring in batches
+// (it also polls every 0.2 s), so it runs per batch, not per connection. Because a batch may
+// come after a short-lived process has exited, the first time a (pid, comm) owns a socket a
+// small `proc_event_t` goes out at once through the `procs` ring buffer (forced wake-up,
+// `procs_seen` remembers it), so that userspace reads the command line while the process
+// still exists.
+//
 // Compile-time constants (`#define`s prepended by collector/probes/kernel.py): OFF_* byte offsets from the
 // running kernel's BTF, CONN_ENTRIES, LISTEN_ENTRIES, RINGBUF_PAGES, FILTER_NETNS, HAVE_BYTES,
-// HAVE_RETRANSMIT, HAVE_RESETS, HAVE_RTT, HAVE_DESTROY. Never a struct layout from headers.
+// HAVE_RETRANSMIT, HAVE_RESETS, HAVE_RTT, HAVE_DESTROY, WAKEUP_EVERY, PROC_RINGBUF_PAGES,
+// PROCS_SEEN_ENTRIES. Never a struct layout from headers.
 
 #include <uapi/linux/ptrace.h>
 
@@ -31,6 +40,8 @@
 #define EW_TCP_CLOSE 7
 #define EW_TCP_LISTEN 10
 #define EW_MSG_PEEK 2
+#define EW_RB_NO_WAKEUP 1      // include/uapi/linux/bpf.h BPF_RB_NO_WAKEUP
+#define EW_RB_FORCE_WAKEUP 2   // BPF_RB_FORCE_WAKEUP
 
 #define ROLE_CLIENT 1
 #define ROLE_SERVER 2
@@ -84,6 +95,18 @@ struct close_event_t {
     struct conn_t conn;
 };
 
+// a process seen owning a socket for the first time
+struct proc_event_t {
+    u32 pid;
+    u32 pad;
+    char comm[16];
+};
+
+struct proc_key_t {
+    u32 pid;
+    char comm[16];
+};
+
 struct listen_key_t {
     u32 netns;
     u32 port;
@@ -99,7 +122,9 @@ struct owner_t {
 BPF_HASH(conns, u64, struct conn_t, CONN_ENTRIES);
 BPF_HASH(listeners, struct listen_key_t, struct owner_t, LISTEN_ENTRIES);
 BPF_PERCPU_ARRAY(stats, u64, NSTATS);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);  // close events only: every record one size
+BPF_RINGBUF_OUTPUT(procs, PROC_RINGBUF_PAGES);  // proc_event_t
+BPF_TABLE("lru_hash", struct proc_key_t, u8, procs_seen, PROCS_SEEN_ENTRIES);
 #if FILTER_NETNS
 BPF_HASH(netns_allow, u32, u8, 256);
 #endif
@@ -127,11 +152,30 @@ static __always_inline int netns_wanted(u32 netns) {
 #endif
 }
 
+// Tell userspace, once per (pid, comm), that this process owns sockets. Best effort: when the
+// ring is full nothing is remembered, and the next socket of the process tries again.
+static __always_inline void announce(u32 pid, const char *comm) {
+    struct proc_key_t k = {.pid = pid};
+    __builtin_memcpy(k.comm, comm, sizeof(k.comm));
+    if (procs_seen.lookup(&k))
+        return;
+    struct proc_event_t *e = procs.ringbuf_reserve(sizeof(struct proc_event_t));
+    if (!e)
+        return;
+    e->pid = pid;
+    e->pad = 0;
+    __builtin_memcpy(e->comm, comm, sizeof(e->comm));
+    procs.ringbuf_submit(e, EW_RB_FORCE_WAKEUP);
+    u8 one = 1;
+    procs_seen.update(&k, &one);
+}
+
 static __always_inline void claim_owner(struct conn_t *c) {
     c->pid = bpf_get_current_pid_tgid() >> 32;
     c->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&c->comm, sizeof(c->comm));
     c->owner = OWNER_CONTEXT;
+    announce(c->pid, c->comm);
 }
 
 // a macro: bcc defines the tracepoint's args struct only inside TRACEPOINT_PROBE
@@ -172,9 +216,16 @@ static __always_inline void finish(u64 key, struct conn_t *c) {
     }
     e->sk = key;
     __builtin_memcpy(&e->conn, c, sizeof(struct conn_t));
-    events.ringbuf_submit(e, 0);
+    u64 flags = EW_RB_NO_WAKEUP;
+    int idx = STAT_CLOSED;
+    u64 *closed = stats.lookup(&idx);  // this CPU's count of close events sent
+    if (closed) {
+        *closed += 1;
+        if (*closed % WAKEUP_EVERY == 0)
+            flags = EW_RB_FORCE_WAKEUP;
+    }
+    events.ringbuf_submit(e, flags);
     conns.delete(&key);
-    stat_inc(STAT_CLOSED);
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
@@ -192,6 +243,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         bpf_get_current_comm(&o.comm, sizeof(o.comm));
         if (listeners.update(&lk, &o) != 0)
             stat_inc(STAT_LISTEN_MAP_FULL);
+        announce(o.pid, o.comm);
         return 0;
     }
     if (newstate == EW_TCP_SYN_SENT) {  // connect(): process context, the client's owner

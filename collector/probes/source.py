@@ -24,7 +24,7 @@ from collector.probes.records import STAGE, RecordBuilder
 from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.collector.probes")
-LOSSES = ("conn_map_full", "listen_map_full", "deferred_lost")
+LOSSES = ("conn_map_full", "listen_map_full", "deferred_lost", "bad_event_size")
 
 
 class ProbeLoop:
@@ -69,31 +69,25 @@ class ProbeLoop:
             emit(records)
 
     def finals(self, states: list[ConnState]) -> list[FlowRecord]:
-        now = self.ctx.clock.now()
+        if not states:
+            return []
         extra = ("lost_events",) if self._lossy else ()
-        out = []
-        for s in states:
-            r = self.builder.build(s, final=True, now=now, extra_incomplete=extra)
-            if r is not None:
-                out.append(r)
-        return out
+        return self.builder.build_many(states, final=True, now=self.ctx.clock.now(),
+                                       extra_incomplete=extra)
 
     def drain(self, kernel: KernelSide) -> list[FlowRecord]:
         """One interval: loss counters, interim records of live connections, deferred finals."""
         self._account(kernel.stats())
         extra = ("lost_events",) if self._lossy else ()
         now = self.ctx.clock.now()
-        out: list[FlowRecord] = []
+        live: list[ConnState] = []
         deferred: list[ConnState] = []
         for s in kernel.live():
-            if s.deferred:  # the ring buffer was full at its close: finalise it from the map
-                deferred.append(s)
-                r = self.builder.build(s, final=True, now=now, extra_incomplete=extra)
-            else:
-                r = self.builder.build(s, final=False, now=now, extra_incomplete=extra)
-            if r is not None:
-                out.append(r)
+            # deferred: the ring buffer was full at its close: finalise it from the map
+            (deferred if s.deferred else live).append(s)
+        out = self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
         if deferred:
+            out += self.builder.build_many(deferred, final=True, now=now, extra_incomplete=extra)
             kernel.forget(deferred)
         return out
 
