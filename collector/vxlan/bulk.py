@@ -21,7 +21,6 @@ from collector.vxlan.packets import (
     CODE, ETH_IP4, ETH_IP6, ETH_VLAN, FALLBACK, GENEVE_PORT, ICMP, ICMP6, IP6_EXTENSIONS, OK, TCP,
     UDP, VXLAN_GPE_PORT, Decoded,
 )
-from collector.vxlan.reference import decode_one
 
 
 class _Rows:
@@ -169,7 +168,10 @@ def decode_bulk(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nda
         column = getattr(out, name)
         column[ok] = values[ok].astype(column.dtype)
 
-    for i in np.flatnonzero(out.status == FALLBACK).tolist():
+    fallback = np.flatnonzero(out.status == FALLBACK).tolist()
+    if fallback:  # scapy is imported only when a packet needs it (it costs ~0.5 s to import)
+        from collector.vxlan.reference import decode_one
+    for i in fallback:
         start = int(off[i])
         status, row = decode_one(bytes(buf[start:start + int(cap[i])]), ports)
         out.status[i] = status

@@ -26,7 +26,6 @@ from collector.pipeline import CollectorContext, Emit
 from collector.vxlan.bulk import decode_bulk
 from collector.vxlan.capture import UnderlayCapture
 from collector.vxlan.flows import FlowTable
-from collector.vxlan.reference import decode_reference
 from collector.vxlan.source import check_timing, ports_from
 
 BLOCK_S = 0.1
@@ -73,6 +72,8 @@ class LiveVxlanSource:
         if len(block.off) == 0:
             return []
         if self.decoder == "scapy":
+            from collector.vxlan.reference import decode_reference
+
             frames = [block.buf[o:o + c].tobytes()
                       for o, c in zip(block.off.tolist(), block.cap.tolist(), strict=True)]
             decoded = decode_reference(frames, block.ts_us, self.ports)

@@ -25,7 +25,6 @@ from collector.vxlan.bulk import decode_bulk
 from collector.vxlan.flows import FlowTable
 from collector.vxlan.packets import DEFAULT_PORTS, Decoded
 from collector.vxlan.pcapfile import PacketIndex, read_index
-from collector.vxlan.reference import decode_reference
 from eastwest.errors import ConfigError
 
 CHUNK = 262_144
@@ -53,6 +52,8 @@ def decode_index(ix: PacketIndex, sel: slice, ports: tuple[int, ...], decoder: s
     """Decode packets `sel` of a file index with the chosen decoder."""
     off, cap, ts, link = ix.off[sel], ix.cap[sel], ix.ts_us[sel], ix.linktype[sel]
     if decoder == "scapy":
+        from collector.vxlan.reference import decode_reference
+
         frames = [ix.buf[o:o + c].tobytes() for o, c in zip(off.tolist(), cap.tolist(), strict=True)]
         return decode_reference(frames, ts, ports, link)
     return decode_bulk(ix.buf, off, cap, ts, ports, link)
