@@ -75,6 +75,13 @@ class StaticMap:
             except ValueError:
                 raise ConfigError(f"{where}.match", match, "not a CIDR, an IP or ip:port") from None
         self.nets.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
+        # longest-prefix match as one dict probe per distinct prefix length (not a scan)
+        self._by_len: dict[tuple[int, int], dict[int, Identity]] = {}
+        for net, ident in reversed(self.nets):  # the first entry of a network wins
+            table = self._by_len.setdefault((net.version, net.prefixlen), {})
+            table[int(net.network_address) >> (net.max_prefixlen - net.prefixlen)] = ident
+        self._lengths = sorted(self._by_len, key=lambda x: -x[1])
+        self._cache: dict[str, Identity | None] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> StaticMap:
@@ -92,11 +99,20 @@ class StaticMap:
         hit = self.by_ip_port.get((ip, port))
         if hit is not None:
             return hit
+        if ip in self._cache:
+            return self._cache[ip]
         addr = ipaddress.ip_address(ip)
-        for net, ident in self.nets:
-            if addr.version == net.version and addr in net:
-                return ident
-        return None
+        value, bits = int(addr), addr.max_prefixlen
+        found = None
+        for version, plen in self._lengths:
+            if version == addr.version:
+                found = self._by_len[(version, plen)].get(value >> (bits - plen))
+                if found is not None:
+                    break
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[ip] = found
+        return found
 
 
 def _opt(v: Any) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +22,10 @@ import pyarrow as pa
 
 from aggregator.connection import Connection, Identity
 from aggregator.correlate import Plan
-from eastwest.filters import ip_hex, outcome_of
+from eastwest.filters import ip_hex as _ip_hex
+from eastwest.filters import outcome_of
+
+ip_hex = lru_cache(maxsize=65536)(_ip_hex)  # addresses repeat across connections
 
 _TS = pa.timestamp("us", tz="UTC")
 _enc = msgspec.msgpack.Encoder()

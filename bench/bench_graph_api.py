@@ -1,0 +1,135 @@
+"""Graph API latency: GET /api/v1/graph with 1,000 workloads, 10,000 edges and N stored flows.
+
+Generated straight into the store's tables by DuckDB (bench/ owns its data generator): N
+correlated connections over 24 hours on 10,000 (client, server) workload pairs among 1,000
+workloads, their minute rollups, and the workloads table. Each connection's `state` column is the
+msgpack of one template connection (the correlator reloads recent ones at start; the graph never
+reads it). Then, through the real app (FastAPI TestClient, read token, JSON response):
+- ours: GET /api/v1/graph for a past 15-minute and 1-hour window (time travel, not cached), p50/p95;
+- peer: the two bare SQL aggregations the graph runs, by DuckDB on the same file, side by side.
+Target (issue #6): p95 at most 200 ms at 10 million flows.
+
+    python bench/bench_graph_api.py [--flows 10000000] [--requests 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import msgspec
+from fastapi.testclient import TestClient
+
+from aggregator.app import create_app
+from aggregator.connection import Connection, Identity, View
+from aggregator.settings import AggregatorSettings
+from aggregator.store.derived import CONN_NAMES
+from aggregator.store.duckdb import FILE_NAME, DuckDBStore
+
+T_END = datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
+WORKLOADS, EDGES = 1000, 10_000
+READ = "bench-read-token-0123456789"
+
+
+def generate(data: Path, flows: int) -> float:
+    DuckDBStore(data).close()  # the schema
+    tmpl = msgspec.msgpack.encode(Connection(
+        conn_id="0" * 32, protocol="tcp", family=4, client_ip="10.0.0.1", client_port=1,
+        server_ip="10.0.0.2", server_port=2, scope=0, client=Identity("w0", "bench"),
+        server=Identity("w1", "bench"),
+        views={"client": View("client", "bench", T_END - timedelta(seconds=2), T_END, True)}))
+    con = duckdb.connect(str(data / FILE_NAME))
+    t0 = time.perf_counter()
+    span_us = 24 * 3600 * 1_000_000
+    start = T_END - timedelta(hours=24)
+    # edge e: client workload e % 1000, server workload (e * 7 + 1 + e // 1000) % 1000
+    values = {n: "NULL" for n in CONN_NAMES}
+    values.update({
+        "conn_id": "lpad(printf('%x', i), 32, '0')", "protocol": "'tcp'", "family": "4",
+        "client_ip": "'10.0.0.1'", "client_ip_hex": "'00000000000000000000ffff0a000001'",
+        "client_port": "(i % 28000 + 32768)::INTEGER", "server_ip": "'10.0.0.2'",
+        "server_ip_hex": "'00000000000000000000ffff0a000002'", "server_port": "(8000 + e % 50)::INTEGER",
+        "scope": "0", "start_ts": "ts", "last_seen": "ts + INTERVAL 2 SECOND", "closed": "true",
+        "closed_ts": "ts + INTERVAL 2 SECOND", "observed_by": "',client,server,'",
+        "connect": "CASE WHEN i % 50 = 0 THEN 'refused' ELSE 'ok' END",
+        "outcome": "CASE WHEN i % 50 = 0 THEN 'refused' ELSE 'ok' END",
+        "bytes_c2s": "(i % 997)::BIGINT", "bytes_s2c": "(i % 9973)::BIGINT", "packets_c2s": "0",
+        "packets_s2c": "0", "retransmits": "0", "resets": "0", "rtt_min_us": "50",
+        "rtt_avg_us": "80", "rtt_max_us": "200", "byte_mismatch": "false", "incomplete": "false",
+        "client_wid": "'bench/w' || (e % 1000)", "client_name": "'w' || (e % 1000)",
+        "client_namespace": "'bench'", "client_host": "'h' || (e % 1000 % 20)",
+        "client_id_source": "'static'",
+        "server_wid": "'bench/w' || ((e * 7 + 1 + e // 1000) % 1000)",
+        "server_name": "'w' || ((e * 7 + 1 + e // 1000) % 1000)", "server_namespace": "'bench'",
+        "server_host": "'h' || ((e * 7 + 1 + e // 1000) % 1000 % 20)", "server_id_source": "'static'",
+        "state": "?::BLOB",
+    })
+    select = ", ".join(f"{values[n]} AS {n}" for n in CONN_NAMES)
+    con.execute(f"""INSERT INTO connections SELECT {select} FROM (
+        SELECT i, i % {EDGES} AS e,
+               TIMESTAMPTZ '{start.isoformat()}' + to_microseconds((i * {span_us // flows})::BIGINT) AS ts
+        FROM range({flows}) t(i))""", [tmpl])
+    con.execute("""INSERT INTO rollups SELECT date_trunc('minute', last_seen), client_wid, server_wid,
+        client_host, server_host, server_port, protocol, any_value(client_name),
+        any_value(client_namespace), any_value(server_name), any_value(server_namespace),
+        sum(bytes_c2s), sum(bytes_s2c), 0, 0, 0, 0 FROM connections GROUP BY ALL""")
+    con.execute("""INSERT INTO workloads SELECT client_wid, any_value(client_name), 'bench', NULL,
+        any_value(client_host), '{}', 'static', min(start_ts), max(last_seen)
+        FROM connections GROUP BY 1 ON CONFLICT DO NOTHING""")
+    con.execute("CHECKPOINT")
+    con.close()
+    return time.perf_counter() - t0
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flows", type=int, default=10_000_000)
+    ap.add_argument("--requests", type=int, default=40)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        gen_s = generate(data, a.flows)
+        print(f"generated {a.flows:,} connections on {EDGES:,} edges of {WORKLOADS:,} workloads "
+              f"in {gen_s:.1f} s")
+        settings = AggregatorSettings(data_dir=data, ingest_token="bench-ingest-token-012345",
+                                      read_token=READ, retention=None, edge_budget=20_000)
+        results = []
+        with TestClient(create_app(settings)) as c:
+            store = c.app.state.store
+            for label, minutes in (("15 min", 15), ("1 h", 60)):
+                ours, peer = [], []
+                for k in range(a.requests):
+                    # a different past window each time: nothing is served from a cache
+                    end = T_END - timedelta(minutes=30 + 7 * k)
+                    params = {"from": (end - timedelta(minutes=minutes)).isoformat(),
+                              "to": end.isoformat()}
+                    t0 = time.perf_counter()
+                    r = c.get("/api/v1/graph", params=params, headers={"Authorization": f"Bearer {READ}"})
+                    ours.append(time.perf_counter() - t0)
+                    assert r.status_code == 200, r.text
+                    edges = len(r.json()["edges"])
+                    since, until = end - timedelta(minutes=minutes), end
+                    t0 = time.perf_counter()
+                    store.edge_counts(since, until, "workload", "true", [])
+                    store.edge_volumes(since, until, "workload", "true", [])
+                    peer.append(time.perf_counter() - t0)
+                results.append((label, edges, ours, peer))
+    print(f"{'window':<8} {'edges':>6} {'API p50 ms':>10} {'API p95 ms':>10} {'SQL p95 ms':>10} {'API/SQL':>8}")
+    for label, edges, ours, peer in results:
+        print(f"{label:<8} {edges:>6} {statistics.median(ours) * 1e3:>10.1f} "
+              f"{pct(ours, .95) * 1e3:>10.1f} {pct(peer, .95) * 1e3:>10.1f} "
+              f"{pct(ours, .95) / pct(peer, .95):>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
