@@ -84,7 +84,7 @@ class Btf:
         fixed = [_EXTRA.get(k, (0, 0))[0] for k in range(32)]
         per = [_EXTRA.get(k, (0, 0))[1] for k in range(32)]
         named = (_STRUCT, _UNION, _TYPEDEF)
-        while pos < n:
+        while pos + 12 <= n:
             name_off, info = unpack("<II", data, pos)
             kind = (info >> 24) & 0x1F
             starts.append(pos)

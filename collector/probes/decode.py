@@ -114,4 +114,5 @@ class ConnDecoder:
             unknown = set(raw_comms)
         for raw in unknown:
             known[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-        return list(map(self._new, zip(*cols, map(known.__getitem__, raw_comms))))
+        return list(map(self._new, zip(*cols, map(known.__getitem__, raw_comms),
+                                           strict=True)))

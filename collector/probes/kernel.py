@@ -32,7 +32,7 @@ from pathlib import Path
 from collector.probes.btf import KernelOffsets
 from collector.probes.conn import STAT_NAMES, ConnState
 from collector.probes.decode import ConnDecoder
-from collector.probes.ring import RingReader
+from collector.probes.ring import RingReader, Wakeups
 from collector.probes.ring import supported as ring_supported
 from eastwest.errors import CapabilityError
 
@@ -132,13 +132,17 @@ class BccKernel:
         events, procs = self.bpf[b"events"], self.bpf[b"procs"]
         procs.open_ring_buffer(self._on_proc)  # few events: libbpf's consumer is fine
         self._reader: RingReader | None = None
+        self._wakeups: Wakeups | None = None
         if ring_supported():
             try:
                 self._reader = RingReader(events.map_fd, events.max_entries,
                                           self.decoder.event_size)
-                self._reader.watch(procs.map_fd)
+                self._wakeups = Wakeups()
+                self._wakeups.watch(events.map_fd)
+                self._wakeups.watch(procs.map_fd)
             except (OSError, ValueError) as exc:
                 log.info("ring buffer not mappable (%s): per-event callbacks instead", exc)
+                self._reader = self._wakeups = None
         if self._reader is None:
             events.open_ring_buffer(self._on_event)
         self._batch_ok = True
@@ -173,10 +177,11 @@ class BccKernel:
     def poll(self, timeout_s: float) -> list[ConnState]:
         # Sleeps until a forced wake-up (a new process, or the ring filling up) or the timeout,
         # then takes everything there is: close events do not wake the reader one by one.
-        if self._reader is not None:
-            self._reader.wait(timeout_s)
+        if self._reader is not None and self._wakeups is not None:
+            self._wakeups.wait(timeout_s)
             self.bpf.ring_buffer_consume()  # process announcements first
-            states = self._reader.consume(self.decoder.ring_records, [])
+            none: list[ConnState] = []
+            states = self._reader.consume(self.decoder.ring_records, none)
             self.bad_events = self._reader.skipped
             return states
         self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
@@ -239,6 +244,7 @@ class BccKernel:
         return out
 
     def close(self) -> None:
-        if self._reader is not None:
+        if self._reader is not None and self._wakeups is not None:
+            self._wakeups.close()
             self._reader.close()
         self.bpf.cleanup()

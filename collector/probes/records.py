@@ -189,10 +189,10 @@ class RecordBuilder:
             else:
                 process = None
                 incomplete.append("process")
+            cgroup: Cgroup | None = None
+            cont: str | None = None
             if cgroup_id:
                 cgroup, cont = cgroups.get(cgroup_id) or self._cgroup(cgroup_id)
-            else:
-                cgroup = cont = None
             rtt = None
             if rtt_count:
                 avg = rtt_sum_us // rtt_count

@@ -1,7 +1,8 @@
 """A BPF ring buffer read straight from its memory mapping, a whole batch per call.
 
 Stage: the kernel boundary of the socket probes (used by collector/probes/kernel.py).
-In: a BPF_MAP_TYPE_RINGBUF map whose records all have the same size (the close events).
+In: a BPF_MAP_TYPE_RINGBUF map whose records all have the same size (the close events), by
+its fd (any file laid out the same way, in tests).
 Out: the committed records since the last call, handed to a decoder as one buffer, then
 consumed (the consumer position moves past them).
 
@@ -18,9 +19,10 @@ Layout (kernel/bpf/ringbuf.c; the consumer side as tools/lib/bpf/ringbuf.c does 
   offset, the data; the whole rounded up to 8 bytes.
 Reading stops at the first BUSY record; positions only grow (the data offset is `pos & mask`).
 
-Waiting: epoll on the map fd, edge-triggered: the kernel wakes it only when a program submits
-with BPF_RB_FORCE_WAKEUP (socket.bpf.c does, every WAKEUP_EVERY events) or the caller's timeout
-expires, so the reader sleeps between batches instead of waking per record.
+Waiting (`Wakeups`): epoll on the map fds, edge-triggered: it returns only when a program
+submits with BPF_RB_FORCE_WAKEUP (socket.bpf.c does, every WAKEUP_EVERY events, and for every
+process announcement) or the caller's timeout expires, so the reader sleeps between batches
+instead of waking per record.
 
 Memory ordering: the producer position, then the headers, then the data are read in program
 order, and the consumer position is written after; x86-64 does not reorder loads with loads
@@ -65,18 +67,7 @@ class RingReader:
         # one aligned 8-byte store, as the kernel reads it (smp_load_acquire)
         self._cons = ct.c_uint64.from_buffer(self._cons_map)
         self._data = memoryview(self._prod_map)[page:page + 2 * size]
-        self._epoll = select.epoll()
-        self.watch(map_fd)
         self.skipped = 0  # records of another size or discarded (none are sent)
-
-    def watch(self, fd: int) -> None:
-        """Also wake `wait` when this fd (another ring buffer) is woken."""
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
-
-    def wait(self, timeout_s: float) -> None:
-        """Sleep until a forced wake-up of a watched ring or the timeout."""
-        if timeout_s > 0:
-            self._epoll.poll(timeout_s)
 
     def consume(self, decode: Callable[[memoryview], T], empty: T) -> T:
         """`decode(buffer)` of every committed record (headers included, `stride` bytes each),
@@ -137,8 +128,28 @@ class RingReader:
         return empty
 
     def close(self) -> None:
-        self._epoll.close()
         self._data.release()
         del self._cons  # the ctypes view holds an export of the mapping
         self._cons_map.close()
         self._prod_map.close()
+
+
+class Wakeups:
+    """Sleeps until one of the watched ring buffers is woken by its producer, or a timeout.
+
+    Edge-triggered epoll: a ring buffer fd polls readable whenever it holds data, so a
+    level-triggered wait would return at once under load and the reader would wake per record;
+    edge-triggered, only the kernel's wake-ups (BPF_RB_FORCE_WAKEUP) end the sleep."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+
+    def watch(self, fd: int) -> None:
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+
+    def wait(self, timeout_s: float) -> None:
+        if timeout_s > 0:
+            self._epoll.poll(timeout_s)
+
+    def close(self) -> None:
+        self._epoll.close()

@@ -87,3 +87,11 @@ def test_errors_name_the_struct_and_member():
         btf.member_offset("inet_sock", "x")
     with pytest.raises(CapabilityError, match="bad BTF magic"):
         Btf(b"\0" * 32)
+
+
+def test_a_type_section_that_ends_inside_a_type_is_refused():
+    blob = kernel_like()
+    hdr = list(struct.unpack_from("<HBBIIIII", blob, 0))
+    hdr[5] -= 4  # type_len: the last type loses 4 bytes; strings start 4 bytes earlier
+    with pytest.raises(CapabilityError, match="ends inside a type"):
+        Btf(struct.pack("<HBBIIIII", *hdr) + blob[24:])

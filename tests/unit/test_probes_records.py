@@ -106,3 +106,61 @@ def test_rtt_summary():
 ])
 def test_container_id_from_cgroup_path(path, cid):
     assert container_id(path) == cid
+
+
+def test_records_of_one_process_share_one_process_object_and_one_cmdline_read(tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "77").mkdir(parents=True)
+    (proc / "77" / "cmdline").write_bytes(b"python3\0-m\0api\0")
+    cache = ProcessCache(proc=proc, cgroup_root=None)
+    b = RecordBuilder(CollectorContext(collector_id="n1"), KClock(), cache)
+    states = [state(sport=40001 + i) for i in range(3)]
+    first = b.build_many(states[:1], final=True, now=T0 + timedelta(seconds=9))
+    (proc / "77" / "cmdline").unlink()  # the process is gone: the cached line still names it
+    rest = b.build_many(states[1:], final=True, now=T0 + timedelta(seconds=9))
+    recs = first + rest
+    assert [r.process.cmdline for r in recs] == ["python3 -m api"] * 3
+    assert recs[0].process is recs[1].process is recs[2].process
+    assert [r.record_id for r in recs] == ["n1:1", "n1:2", "n1:3"]
+
+
+def test_an_announced_process_keeps_its_cmdline_after_it_exits(tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "78").mkdir(parents=True)
+    (proc / "78" / "cmdline").write_bytes(b"curl\0http://x\0")
+    cache = ProcessCache(proc=proc, cgroup_root=None)
+    cache.process(78, "curl")  # what the loader does on a `procs` ring event
+    (proc / "78" / "cmdline").unlink()
+    b = RecordBuilder(CollectorContext(collector_id="n1"), KClock(), cache)
+    (r,) = b.build_many([state(pid=78, comm="curl")], final=True, now=T0)
+    assert r.process.cmdline == "curl http://x"
+
+
+def test_a_cgroup_path_is_cached_once_known_and_looked_up_again_while_unknown(tmp_path):
+    root = tmp_path / "cg"
+    (root / "kubepods" / ("f" * 64)).mkdir(parents=True)
+    cache = ProcessCache(proc=tmp_path, cgroup_root=root, rescan_s=0.0)
+    cid = (root / "kubepods" / ("f" * 64)).stat().st_ino
+    b = RecordBuilder(CollectorContext(collector_id="n1"), KClock(), cache)
+    unknown = cid + 12345
+    r1, r2 = b.build_many([state(cgroup_id=cid), state(cgroup_id=unknown)], final=True, now=T0)
+    assert (r1.cgroup.path, r1.container) == ("/kubepods/" + "f" * 64, "f" * 64)
+    assert (r2.cgroup.id, r2.cgroup.path, r2.container) == (unknown, None, None)
+    (root / "late").mkdir()  # a cgroup created after the first scan is found by the next one
+    late = (root / "late").stat().st_ino
+    (r3,) = b.build_many([state(cgroup_id=late)], final=True, now=T0)
+    assert r3.cgroup.path == "/late"
+
+
+def test_build_many_equals_build_one_by_one():
+    states = [state(sport=40001 + i, role=ROLE_CLIENT if i % 2 else ROLE_SERVER,
+                    resets_recv=int(i % 3 == 0)) for i in range(6)]
+    many = RecordBuilder(CollectorContext(collector_id="n1"), KClock(),
+                         ProcessCache(proc=__import__("pathlib").Path("/nonexistent"),
+                                      cgroup_root=None))
+    one = RecordBuilder(CollectorContext(collector_id="n1"), KClock(),
+                        ProcessCache(proc=__import__("pathlib").Path("/nonexistent"),
+                                     cgroup_root=None))
+    now = T0 + timedelta(seconds=9)
+    assert many.build_many(states, final=True, now=now) == [
+        one.build(s, final=True, now=now) for s in states]
