@@ -7,11 +7,14 @@ parameter, named with its value) becomes a 400. Response fields: docs/api.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from aggregator.correlate import Correlator
 from aggregator.correlating import CorrelatingStore
@@ -42,8 +45,22 @@ def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = Non
     st.store = store
     st.edge_budget = getattr(settings, "edge_budget", 2000)
     st.graph_cache = {}
+    if hasattr(st, "metrics"):
+        st.metrics.registry.register(_CorrelationCollector(store))
     _routes(app)
     return store
+
+
+class _CorrelationCollector(Collector):
+    def __init__(self, store: CorrelatingStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("eastwest_correlator_connections", "connections held by the "
+                                "correlator's index (open, or closed in the last minutes)",
+                                value=len(self.store.correlator))
+        yield GaugeMetricFamily("eastwest_stream_subscribers", "live flow stream subscribers",
+                                value=self.store.hub.subscribers)
 
 
 def _routes(app: FastAPI) -> None:

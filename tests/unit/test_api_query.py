@@ -193,3 +193,8 @@ def test_sse_stream_sends_matching_flows_live(settings):
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_metrics_show_the_correlator(client):
+    text = client.get("/metrics").text
+    assert "eastwest_correlator_connections 9.0" in text
