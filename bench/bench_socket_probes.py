@@ -166,7 +166,9 @@ def collector_seen(out: Path) -> int:
 
 
 def collector_lost(err: Path) -> int:
-    m = re.search(r"dropped (.*)", err.read_text())
+    """Records the collector counted as lost: its exit summary `eastwest collector: dropped
+    stage/reason=N, ...` (the log lines before it are rate-limited, not totals)."""
+    m = re.search(r"^eastwest collector: dropped (.*)$", err.read_text(), re.MULTILINE)
     return sum(int(x) for x in re.findall(r"=(\d+)", m.group(1))) if m else 0
 
 

@@ -20,7 +20,7 @@ ECONNREFUSED, ETIMEDOUT = 111, 110
 
 # indexes of the `stats` per-CPU array in socket.bpf.c
 STAT_NAMES = ("close_deferred", "conn_map_full", "listen_map_full", "deferred_lost", "opened",
-              "closed")
+              "closed", "close_overflowed")
 
 
 class ConnState(NamedTuple):
@@ -65,7 +65,8 @@ class KernelSide(Protocol):
     """What the probe source needs from the kernel; `kernel.BccKernel` or a test fake."""
 
     def poll(self, timeout_s: float) -> list[ConnState]:
-        """Close events that arrived within `timeout_s` (final counters), in arrival order."""
+        """Close events that arrived within `timeout_s` (final counters), in arrival order, and
+        the final states the kernel had to park elsewhere because the ring buffer was full."""
 
     def live(self) -> list[ConnState]:
         """A batch read of every entry of the connection map."""

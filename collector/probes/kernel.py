@@ -48,7 +48,8 @@ log = logging.getLogger("eastwest.collector.probes")
 class ProbeConfig:
     conn_entries: int = 65536
     listen_entries: int = 4096
-    ringbuf_pages: int = 256  # 1 MiB: ~6,000 close events between two polls
+    ringbuf_pages: int = 1024  # 4 MiB: ~26,000 close events, a second of a storm's closes
+    overflow_entries: int = 8192  # final states parked while the ring buffer is full
     netns: tuple[int, ...] = ()  # empty: every namespace
     hooks: frozenset[str] = field(default_factory=lambda: frozenset(
         {"bytes", "retransmit", "resets", "rtt", "destroy"}))
@@ -68,16 +69,18 @@ class ProbeConfig:
     def map_memory_bytes(self) -> int:
         """Preallocated kernel memory of the maps and the ring buffer."""
         conns = self.conn_entries * (8 + CONN_VALUE_BYTES + HASH_ELEM_OVERHEAD)
+        overflow = self.overflow_entries * (16 + CONN_VALUE_BYTES + HASH_ELEM_OVERHEAD)
         listeners = self.listen_entries * (8 + 32 + HASH_ELEM_OVERHEAD)
         procs = self.procs_seen_entries * (20 + 8 + HASH_ELEM_OVERHEAD)
         rings = (self.ringbuf_pages + self.proc_ringbuf_pages) * 4096
-        return conns + listeners + procs + rings
+        return conns + overflow + listeners + procs + rings
 
 
 def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig) -> str:
     """socket.bpf.c with its compile-time constants as #define lines on top."""
     consts = {
-        "CONN_ENTRIES": cfg.conn_entries, "LISTEN_ENTRIES": cfg.listen_entries,
+        "CONN_ENTRIES": cfg.conn_entries, "OVERFLOW_ENTRIES": cfg.overflow_entries,
+        "LISTEN_ENTRIES": cfg.listen_entries,
         "RINGBUF_PAGES": cfg.ringbuf_pages, "FILTER_NETNS": int(bool(cfg.netns)),
         "HAVE_BYTES": int("bytes" in cfg.hooks), "HAVE_RETRANSMIT": int("retransmit" in cfg.hooks),
         "HAVE_RESETS": int("resets" in cfg.hooks), "HAVE_RTT": int("rtt" in cfg.hooks),
@@ -115,6 +118,8 @@ class BccKernel:
             log.warning("struct conn_t is %d bytes, map memory estimate assumes %d",
                         ct.sizeof(conns.Leaf), CONN_VALUE_BYTES)
         self._conns = conns
+        self._overflow = self.bpf[b"overflow"]
+        self._overflowed = 0  # close_overflowed count at the last drain of `overflow`
 
         class CloseEvent(ct.Structure):  # struct close_event_t, built on bcc's conn_t
             _fields_ = [("sk", ct.c_uint64), ("conn", conns.Leaf)]
@@ -183,18 +188,33 @@ class BccKernel:
             none: list[ConnState] = []
             states = self._reader.consume(self.decoder.ring_records, none)
             self.bad_events = self._reader.skipped
-            return states
-        self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
-        self.bpf.ring_buffer_consume()
-        if not self._chunks:
+        else:
+            self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
+            self.bpf.ring_buffer_consume()
+            chunks, self._chunks = self._chunks, []
+            states = self.decoder.events(b"".join(chunks)) if chunks else []
+        return states + self._parked()
+
+    def _parked(self) -> list[ConnState]:
+        """Final states the kernel parked in `overflow` (ring buffer full), taken out of it.
+        Looked for only when the kernel counted new ones: one map lookup per poll otherwise."""
+        overflowed = self._stat(STAT_NAMES.index("close_overflowed"))
+        if overflowed == self._overflowed:
             return []
-        chunks, self._chunks = self._chunks, []
-        return self.decoder.events(b"".join(chunks))
+        self._overflowed = overflowed
+        keys, values, n = self._batch(self._overflow, 16, delete=True)
+        sks = memoryview(keys).cast("B").cast("Q")[:2 * n:2].tolist()  # (sk, start_ns) -> sk
+        return self.decoder.entries(sks, memoryview(values).cast("B")[:n * self.decoder.leaf_size])
+
+    def _stat(self, index: int) -> int:
+        return int(sum(self._stats[ct.c_int(index)]))
 
     def live(self) -> list[ConnState]:
         if self._batch_ok:
             try:
-                return self._live_batch()
+                keys, values, n = self._batch(self._conns, 8, delete=False)
+                return self.decoder.entries(memoryview(keys).cast("B").cast("Q")[:n].tolist(),
+                                            memoryview(values).cast("B")[:n * self.decoder.leaf_size])
             except OSError as exc:  # old kernels: no batch ops on hash maps; iterate instead
                 log.info("batch map lookup unavailable (%s); iterating", exc)
                 self._batch_ok = False
@@ -202,29 +222,30 @@ class BccKernel:
         return self.decoder.entries([k.value for k, _ in items],
                                     b"".join(bytes(v) for _, v in items))
 
-    def _live_batch(self) -> list[ConnState]:
-        """Every entry of `conns` with BPF_MAP_LOOKUP_BATCH, into one keys and one values buffer."""
+    def _batch(self, table: object, key_size: int, *, delete: bool) -> tuple[ct.Array, ct.Array, int]:
+        """Every entry of a hash map with BPF_MAP_LOOKUP(_AND_DELETE)_BATCH: a keys buffer, a
+        values buffer and how many entries they hold."""
         from bcc.libbcc import lib
 
-        cap, lsize = self._conns.max_entries, self.decoder.leaf_size
-        keys = (ct.c_uint64 * cap)()
+        call = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
+        fd, cap, lsize = table.map_fd, table.max_entries, self.decoder.leaf_size  # type: ignore[attr-defined]
+        keys = (ct.c_char * (cap * key_size))()
         values = (ct.c_char * (cap * lsize))()
         kptr, vptr = ct.addressof(keys), ct.addressof(values)
         in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
         total, first = 0, True
         while total < cap:
             count.value = cap - total
-            res = lib.bpf_lookup_batch(self._conns.map_fd, None if first else ct.byref(in_batch),
-                                       ct.byref(out_batch), kptr + 8 * total,
-                                       vptr + lsize * total, ct.byref(count))
+            res = call(fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
+                       kptr + key_size * total, vptr + lsize * total, ct.byref(count))
             total += count.value
             if res != 0:
                 err = ct.get_errno() or -res
                 if err == errno.ENOENT:  # the end of the map
                     break
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on conns: {os.strerror(err)}")
+                raise OSError(err, f"batch read of a BPF map: {os.strerror(err)}")
             first, in_batch.value = False, out_batch.value
-        return self.decoder.entries(keys[:total], memoryview(values)[:total * lsize])
+        return keys, values, total
 
     def forget(self, states: list[ConnState]) -> None:
         for s in states:
@@ -237,9 +258,7 @@ class BccKernel:
                 del self._conns[key]
 
     def stats(self) -> dict[str, int]:
-        out = {}
-        for i, name in enumerate(STAT_NAMES):
-            out[name] = int(sum(self._stats[ct.c_int(i)]))
+        out = {name: self._stat(i) for i, name in enumerate(STAT_NAMES)}
         out["bad_event_size"] = self.bad_events
         return out
 

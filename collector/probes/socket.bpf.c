@@ -12,9 +12,12 @@
 //
 // Per-socket counters live in `conns` (hash keyed by the sock pointer). Only the end of a
 // connection crosses to userspace, through the `events` ring buffer, with the final counters
-// copied in; the entry is then deleted here. When the ring buffer is full the entry is kept and
-// marked `deferred`: userspace finds it at its next drain, so nothing is lost. Everything that
-// is lost anyway is counted in `stats`.
+// copied in; the entry is then deleted here. When the ring buffer is full the final state is
+// parked in `overflow`, keyed by (sock pointer, start time) so that a new socket at the same
+// address cannot overwrite it, and userspace drains it at its next poll. Only when `overflow`
+// is full too does the entry stay in `conns`, marked `deferred`, for the next interval drain
+// (a new socket at the same address then overwrites it: counted as `deferred_lost`).
+// Everything that is lost anyway is counted in `stats`.
 //
 // Close events are submitted without waking the reader (BPF_RB_NO_WAKEUP), except every
 // WAKEUP_EVERY-th event of a CPU (BPF_RB_FORCE_WAKEUP): userspace drains the ring in batches
@@ -25,7 +28,7 @@
 // still exists.
 //
 // Compile-time constants (`#define`s prepended by collector/probes/kernel.py): OFF_* byte offsets from the
-// running kernel's BTF, CONN_ENTRIES, LISTEN_ENTRIES, RINGBUF_PAGES, FILTER_NETNS, HAVE_BYTES,
+// running kernel's BTF, CONN_ENTRIES, OVERFLOW_ENTRIES, LISTEN_ENTRIES, RINGBUF_PAGES, FILTER_NETNS, HAVE_BYTES,
 // HAVE_RETRANSMIT, HAVE_RESETS, HAVE_RTT, HAVE_DESTROY, WAKEUP_EVERY, PROC_RINGBUF_PAGES,
 // PROCS_SEEN_ENTRIES. Never a struct layout from headers.
 
@@ -58,7 +61,8 @@
 #define STAT_DEFERRED_LOST 3    // a deferred entry was overwritten before userspace drained it
 #define STAT_OPENED 4           // connections tracked
 #define STAT_CLOSED 5           // close events sent
-#define NSTATS 6
+#define STAT_CLOSE_OVERFLOWED 6 // ring buffer full: final state parked in `overflow`
+#define NSTATS 7
 
 struct conn_t {
     u64 start_ns;
@@ -107,6 +111,11 @@ struct proc_key_t {
     char comm[16];
 };
 
+struct overflow_key_t {
+    u64 sk;
+    u64 start_ns;
+};
+
 struct listen_key_t {
     u32 netns;
     u32 port;
@@ -120,6 +129,7 @@ struct owner_t {
 };
 
 BPF_HASH(conns, u64, struct conn_t, CONN_ENTRIES);
+BPF_HASH(overflow, struct overflow_key_t, struct conn_t, OVERFLOW_ENTRIES);
 BPF_HASH(listeners, struct listen_key_t, struct owner_t, LISTEN_ENTRIES);
 BPF_PERCPU_ARRAY(stats, u64, NSTATS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);  // close events only: every record one size
@@ -210,8 +220,14 @@ static __always_inline void finish(u64 key, struct conn_t *c) {
         c->end_ns = bpf_ktime_get_ns();
     struct close_event_t *e = events.ringbuf_reserve(sizeof(struct close_event_t));
     if (!e) {
-        c->deferred = 1;
-        stat_inc(STAT_CLOSE_DEFERRED);
+        struct overflow_key_t ok = {.sk = key, .start_ns = c->start_ns};
+        if (overflow.update(&ok, c) == 0) {
+            conns.delete(&key);
+            stat_inc(STAT_CLOSE_OVERFLOWED);
+        } else {
+            c->deferred = 1;
+            stat_inc(STAT_CLOSE_DEFERRED);
+        }
         return;
     }
     e->sk = key;

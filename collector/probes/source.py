@@ -8,7 +8,8 @@ last close events plus interim records of what is still open.
 
 Loss accounting: the kernel's `stats` counters are read every interval; their increases go to
 `Drops` (stage "socket") and mark the records of that interval `incomplete: lost_events`.
-`close_deferred` is not a loss: those connections are finalised from the map (below).
+`close_overflowed` and `close_deferred` are not losses: those connections are finalised from
+the kernel's `overflow` map (at the next poll) or from the connection map (below).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class ProbeLoop:
             if delta > 0 and name in LOSSES:
                 lossy = True
                 self.ctx.drops.count(STAGE, name, delta, detail=f"{delta} in the kernel ({name})")
-            elif delta > 0 and name == "close_deferred":
-                log.info("%d close events waited in the map (ring buffer full)", delta)
+            elif delta > 0 and name in ("close_deferred", "close_overflowed"):
+                log.info("%d close events waited in a map (ring buffer full): %s", delta, name)
         self._stats = dict(stats)
         self._lossy = lossy

@@ -202,3 +202,45 @@ def test_every_tcp_connection_of_the_lab_truth_once_per_side_exact(lab_factory, 
             ns = t["client_netns"] if observer == "client" else t["server_netns"]
             assert r.netns == netns_inode(ns)
             assert (r.resets > 0) == (t["outcome"] in ("reset", "refused"))
+
+
+def test_closes_beyond_a_full_ring_buffer_are_parked_in_the_kernel_not_lost(pair):
+    """A 4 KiB ring holds 25 close events; 23 connections close 46 sockets while nobody reads:
+    21 finals wait in the `overflow` map, and every one arrives, exact, at the next poll."""
+    import time
+
+    from collector.capabilities import probe
+    from collector.pipeline import CollectorContext
+    from collector.probes.kernel import BccKernel, ProbeConfig
+    from collector.probes.records import RecordBuilder
+    from collector.proc import ProcessCache
+    from eastwest.clock import KernelClock
+
+    caps = probe()
+    scope = (netns_inode(CLIENT_NS), netns_inode(SERVER_NS))
+    procs = ProcessCache()
+    kernel = BccKernel(caps.offsets, ProbeConfig(ringbuf_pages=1, netns=scope,  # type: ignore[arg-type]
+                                                 hooks=caps.features()),
+                       on_process=procs.process)
+    try:
+        with Server():
+            truth = run_client("--count", str(N), "--client-ip", CLIENT_IP)
+        deadline = time.monotonic() + 30  # the last server sockets close just after the client
+        while kernel.stats()["closed"] + kernel.stats()["close_overflowed"] < 2 * N:
+            assert time.monotonic() < deadline, kernel.stats()
+            time.sleep(0.05)
+        stats = kernel.stats()
+        states = kernel.poll(0)
+    finally:
+        kernel.close()
+    assert (stats["closed"], stats["close_overflowed"]) == (25, 2 * N - 25)
+    assert stats["close_deferred"] == stats["deferred_lost"] == stats["conn_map_full"] == 0
+    recs = RecordBuilder(CollectorContext(collector_id="t"), KernelClock(), procs).build_many(
+        states, final=True, now=KernelClock().to_utc(time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+    for observer in ("client", "server"):
+        got = {r.client.port: r for r in recs if r.observer == observer}
+        assert len(got) == N == len([r for r in recs if r.observer == observer])
+        for t in truth:
+            r = got[t["client_port"]]
+            assert (r.bytes_c2s, r.bytes_s2c) == (t["bytes_c2s"], t["bytes_s2c"])
+            assert r.connect == "ok" and r.process is not None
