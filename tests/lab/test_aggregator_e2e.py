@@ -228,12 +228,15 @@ def test_one_host_collector_stopped_edges_stay_single(lab, tmp_path):
         g = agg.get("/api/v1/graph", **w)
         assert served_edges(g) == truth_edges(lab, truth)
         h3_servers = {p["ip"] for p in lab.inventory["pods"] if p["host"] == "h3"}
-        flows = agg.get("/api/v1/flows", limit="10000", **{"since": w["from"], "until": w["to"]})
+        flows = agg.get("/api/v1/flows", limit="10000", since=w["from"], until=w["to"],
+                        protocol=w["protocol"])
         assert flows["count"] == len(truth)
         seen = Counter()
         for f in flows["flows"]:
             if f["server"]["ip"] in h3_servers:
-                # the server's view is missing; the client's (and the wire's) are there
-                assert "server" not in f["observed_by"] and "client" in f["observed_by"], f
+                # the server's view is missing; the client's (TCP) and the wire's are there
+                assert "server" not in f["observed_by"], f
+                want = ["path"] if f["protocol"] == "udp" else ["client", "path"]
+                assert f["observed_by"] == want, f  # every h3 server is reached across hosts
                 seen["h3"] += 1
         assert seen["h3"] == sum(t["server_ip"] in h3_servers for t in truth) > 0
