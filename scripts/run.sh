@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# `make run`: start eastwest on this host until Ctrl-C.
-# Today: the collector with its socket probes, records as JSON lines on stdout. When the
-# aggregator lands (issue #5) this starts it too and points the collector at it.
+# `make run`: eastwest on this host until Ctrl-C: an aggregator (DuckDB under ./data/store) and a
+# collector for this host (socket probes; VXLAN capture where the host has VXLAN devices) pointed
+# at it. Tokens are generated into ./data/tokens.env (mode 0600) on the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "eastwest: starting the collector on this host (Ctrl-C stops it)" >&2
-.venv/bin/eastwest collector --check || true
-exec .venv/bin/eastwest collector --stdout --verbose
+.venv/bin/eastwest collector --check || echo "eastwest: some kernel features are missing (above); starting anyway" >&2
+exec .venv/bin/eastwest demo --no-lab --data ./data "$@"

@@ -184,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()
     stack = Stack(data, args.listen)
     lab = None
+    rc = 0
     try:
         stack.start_aggregator()
         if args.no_lab:
@@ -203,6 +204,9 @@ def _run(args: argparse.Namespace) -> int:
         _watch(stack, stop, args.duration)
     except KeyboardInterrupt:
         pass
+    except RuntimeError as exc:
+        print(f"eastwest demo: {exc}", file=sys.stderr)
+        rc = 1
     finally:
         stop.set()
         print("eastwest demo: stopping collectors (they flush), the aggregator, the lab",
@@ -210,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         stack.stop()
         if lab is not None:
             lab.down()
-    return 0
+    return rc
 
 
 def _drive(lab: Any, rate: float, stop: threading.Event) -> None:
