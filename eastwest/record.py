@@ -136,7 +136,10 @@ class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+# gc=False: collectors build tens of thousands of records per second and the cyclic garbage
+# collector need not scan them: a record cannot be part of a reference cycle (its containers
+# hold strings only). Nothing else changes (fields, validation, encoding, equality).
+class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
     schema: int = SCHEMA_VERSION
     record_id: str
     collector: str
