@@ -209,3 +209,13 @@ def test_a_failing_store_is_a_503_with_retry_after(settings):
     with TestClient(create_app(settings, store=Broken())) as c:  # type: ignore[arg-type]
         r = post(c, wire([rec(1)]))
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_a_string_that_is_not_utf8_is_a_400_not_a_500(client):
+    payload = msgspec.msgpack.encode({"collector": "h1", "batch_seq": 1, "sent_at": T0,
+                                      "records": [{**msgspec.to_builtins(rec(1)), "container": "Q"}]})
+    assert payload.count(b"\xa1Q") == 1
+    body = codec.MAGIC + zstandard.ZstdCompressor().compress(payload.replace(b"\xa1Q", b"\xa1\xff"))
+    r = post(client, body)
+    assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
+    assert stored(client) == []
