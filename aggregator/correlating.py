@@ -9,6 +9,9 @@ are published to the live stream (`LiveHub`, used by GET /api/v1/flows/stream).
 Order under one lock: duplicate check -> plan (on copies) -> store commit -> correlator commit.
 A store failure leaves memory untouched, so a retried batch correlates exactly as the first try
 would have. At start the correlator's index is rebuilt from the store (restart safety).
+Listeners (`add_listener`; the exporters of aggregator/exporters/) get each committed `Plan`, in
+commit order, under the lock: they must be quick and must not raise (a failure is counted as
+`exporters/listener_error` and logged, never fails the ingest).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aggregator.connection import Connection
-from aggregator.correlate import Correlator
+from aggregator.correlate import Correlator, Plan
 from aggregator.store.base import FlowStore, IngestResult
 from aggregator.store.derived import derived_of
 from eastwest.drops import Drops
@@ -81,6 +84,8 @@ class CorrelatingStore:
         self.inner = inner
         self.correlator = correlator
         self.hub = LiveHub(drops)
+        self.drops = drops
+        self.listeners: list[Callable[[Plan], None]] = []
         self.retention = retention
         self._last_retention = 0.0
         horizon = correlator.keep_open.total_seconds()
@@ -98,10 +103,22 @@ class CorrelatingStore:
             result = self.inner.ingest(collector, batch_seq, records, derived=derived_of(plan))
             if not result.duplicate:
                 self.correlator.commit(plan)
+                self._notify(plan)
         if not result.duplicate and plan.connections and self.hub.subscribers:
             self.hub.publish(list(plan.connections.values()))
         self.maybe_apply_retention()
         return result
+
+    def add_listener(self, fn: Callable[[Plan], None]) -> None:
+        """Call `fn(plan)` after each committed batch (in commit order, under the lock)."""
+        self.listeners.append(fn)
+
+    def _notify(self, plan: Plan) -> None:
+        for fn in self.listeners:
+            try:
+                fn(plan)
+            except Exception as exc:  # noqa: BLE001 - an exporter never fails the ingest
+                self.drops.count("exporters", "listener_error", detail=f"{fn!r}: {exc!r}")
 
     def maybe_apply_retention(self, now: datetime | None = None) -> dict[str, int]:
         if self.retention is None:

@@ -123,3 +123,17 @@ def test_past_window_sees_only_its_connections(data_dir):
     assert g.edges["shop/frontend", "shop/api"]["connections_opened"] == 1
     assert g.edges["shop/frontend", "shop/api"]["bytes_c2s"] == 1000
     s.close()
+
+
+def test_listeners_get_each_committed_plan_once_and_cannot_break_ingest(data_dir):
+    s = opened(data_dir)
+    seen = []
+    s.add_listener(lambda plan: seen.append([c.observed_by for c in plan.connections.values()])))
+    s.add_listener(lambda plan: 1 / 0)  # a broken exporter: counted, the ingest still succeeds
+    s.ingest("h1", 1, [rec("client")])
+    s.ingest("h1", 1, [rec("client")])  # duplicate: no plan committed, nobody told
+    s.ingest("h2", 1, [rec("server")])
+    assert seen == [[["client"]], [["client", "server"]]]
+    assert s.drops.snapshot() == {("exporters", "listener_error"): 2}
+    assert s.connection_count() == 1
+    s.close()
