@@ -128,7 +128,7 @@ def test_past_window_sees_only_its_connections(data_dir):
 def test_listeners_get_each_committed_plan_once_and_cannot_break_ingest(data_dir):
     s = opened(data_dir)
     seen = []
-    s.add_listener(lambda plan: seen.append([c.observed_by for c in plan.connections.values()])))
+    s.add_listener(lambda plan: seen.append([c.observed_by for c in plan.connections.values()]))
     s.add_listener(lambda plan: 1 / 0)  # a broken exporter: counted, the ingest still succeeds
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 1, [rec("client")])  # duplicate: no plan committed, nobody told
