@@ -204,14 +204,21 @@ def test_every_tcp_connection_of_the_lab_truth_once_per_side_exact(lab_factory, 
             assert (r.resets > 0) == (t["outcome"] in ("reset", "refused"))
 
 
-def test_closes_beyond_a_full_ring_buffer_are_parked_in_the_kernel_not_lost(pair):
+@pytest.mark.parametrize("reader", ["mmap", "libbpf"])
+def test_closes_beyond_a_full_ring_buffer_are_parked_in_the_kernel_not_lost(pair, reader,
+                                                                            monkeypatch):
     """A 4 KiB ring holds 25 close events; 23 connections close 46 sockets while nobody reads:
-    21 finals wait in the `overflow` map, and every one arrives, exact, at the next poll."""
+    21 finals wait in the `overflow` map, and every one arrives, exact, at the next poll; with
+    the ring read from its mapping and with libbpf's per-event callbacks (other CPUs)."""
     import time
 
     from collector.capabilities import probe
     from collector.pipeline import CollectorContext
+    from collector.probes import kernel as kernel_mod
     from collector.probes.kernel import BccKernel, ProbeConfig
+
+    if reader == "libbpf":
+        monkeypatch.setattr(kernel_mod, "ring_supported", lambda: False)
     from collector.probes.records import RecordBuilder
     from collector.proc import ProcessCache
     from eastwest.clock import KernelClock
@@ -231,8 +238,10 @@ def test_closes_beyond_a_full_ring_buffer_are_parked_in_the_kernel_not_lost(pair
             time.sleep(0.05)
         stats = kernel.stats()
         states = kernel.poll(0)
+        uses_mapping = kernel._reader is not None
     finally:
         kernel.close()
+    assert uses_mapping == (reader == "mmap")
     assert (stats["closed"], stats["close_overflowed"]) == (25, 2 * N - 25)
     assert stats["close_deferred"] == stats["deferred_lost"] == stats["conn_map_full"] == 0
     recs = RecordBuilder(CollectorContext(collector_id="t"), KernelClock(), procs).build_many(
