@@ -1,0 +1,128 @@
+"""Records/s through one collector -> aggregator link, side by side with a plain httpx POST loop.
+
+Ours: `collector.export.AggregatorSink` fed the records in chunks of 1,000 (as the pipeline
+does): batching (5,000 per batch), the wire form (msgpack + zstd), the on-disk spool, HTTP POST
+with the ingest token, until the aggregator has acknowledged the last batch (= stored durably).
+Peer: the very same encoded batches (pre-encoded, so the peer pays nothing for them), POSTed one
+after the other by a bare `httpx.Client` loop to the same aggregator process.
+Server: a real `eastwest aggregator` subprocess (uvicorn, DuckDB file, full ingest path).
+Also shown: the collector side alone (records -> sealed, spooled batches, no network), i.e. what
+the transport could carry if the server were free.
+
+    python bench/bench_transport.py [--records 100000] [--batch 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+
+from collector.export import AggregatorSink, ExportSettings
+from collector.pipeline import CollectorContext
+from eastwest import codec
+from eastwest.cli.demo import Stack
+from eastwest.record import Endpoint, FlowRecord, Process, Rtt
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def make_records(n: int, collector: str) -> list[FlowRecord]:
+    return [FlowRecord(
+        record_id=f"{collector}:{i}", collector=collector, source="socket",
+        start=T0 + timedelta(milliseconds=i), end=T0 + timedelta(milliseconds=i + 900),
+        final=True, protocol="tcp", family=4,
+        client=Endpoint(f"10.244.{i % 200 // 100 + 1}.{i % 100 + 10}", 30000 + i % 30000),
+        server=Endpoint(f"10.244.3.{(i * 7) % 50 + 10}", 8080), observer="client",
+        bytes_c2s=100 + i % 5000, bytes_s2c=2000 + i % 70000, connect="ok",
+        rtt_us=Rtt(50, 80, 120), process=Process(1000 + i % 50, "ew-api"), netns=4026532000)
+        for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_sink(url: str, token: str, records: list[FlowRecord], spool: Path, batch: int) -> float:
+    settings = ExportSettings(url=url, token=token, spool_dir=spool, batch_size=batch,
+                              batch_age=0.2, shutdown_timeout=600.0, request_timeout=120.0)
+    sink = AggregatorSink(CollectorContext(records[0].collector), settings=settings)
+    t = time.perf_counter()
+    for i in range(0, len(records), 1000):
+        sink.write(records[i:i + 1000])
+    sink.close()  # seals the rest, waits until the spool is drained (acknowledged)
+    elapsed = time.perf_counter() - t
+    assert len(sink.spool) == 0, "batches left unsent"
+    assert sink.metrics.records_out._value.get() == len(records)
+    return elapsed
+
+
+def run_peer(url: str, token: str, bodies: list[bytes]) -> float:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": codec.CONTENT_TYPE}
+    with httpx.Client(timeout=120.0) as client:
+        t = time.perf_counter()
+        for body in bodies:
+            r = client.post(url + "/api/v1/ingest", content=body, headers=headers)
+            r.raise_for_status()
+        return time.perf_counter() - t
+
+
+def run_collector_side(records: list[FlowRecord], spool: Path, batch: int) -> float:
+    """Batching + encoding + spooling only: a sink whose sender never runs."""
+    settings = ExportSettings(url="http://127.0.0.1:9", token="x" * 20, spool_dir=spool,
+                              batch_size=batch, shutdown_timeout=0.0)
+    sink = AggregatorSink(CollectorContext(records[0].collector), settings=settings, start=False)
+    t = time.perf_counter()
+    for i in range(0, len(records), 1000):
+        sink.write(records[i:i + 1000])
+    sink.flush()
+    elapsed = time.perf_counter() - t
+    assert sink.spool.records() == len(records)
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=5000)
+    args = ap.parse_args()
+    n = args.records
+    with tempfile.TemporaryDirectory(prefix="ew-bench-transport-") as tmp:
+        root = Path(tmp)
+        ours = make_records(n, "bench-sink")
+        theirs = make_records(n, "bench-peer")
+        bodies = [codec.encode_batch(codec.Batch("bench-peer", seq, T0, theirs[i:i + args.batch]))
+                  for seq, i in enumerate(range(0, n, args.batch), 1)]
+        local = run_collector_side(make_records(n, "bench-local"), root / "spool-local", args.batch)
+
+        stack = Stack(root / "data", listen=f"127.0.0.1:{free_port()}")
+        try:
+            stack.start_aggregator()
+            token = stack.tokens["EASTWEST_INGEST_TOKEN"]
+            peer = run_peer(stack.url, token, bodies)
+            sink = run_sink(stack.url, token, ours, root / "spool", args.batch)
+            stored = stack.read("/readyz")["records"]
+        finally:
+            stack.stop()
+    assert stored == 2 * n, f"the aggregator stored {stored} records, expected {2 * n}"
+    wire = sum(map(len, bodies))
+    print(f"records: {n:,} per side, batches of {args.batch:,}, wire {wire / n:.1f} bytes/record "
+          f"(msgpack+zstd)")
+    print(f"{'path':<58} {'records/s':>12} {'vs peer':>8}")
+    print(f"{'httpx POST loop of the same encoded batches (peer)':<58} {n / peer:>12,.0f} {1:>8.2f}x")
+    print(f"{'AggregatorSink: batch + encode + spool + POST + retry':<58} {n / sink:>12,.0f} "
+          f"{peer / sink:>8.2f}x")
+    print(f"{'collector side alone: batch + encode + spool (no network)':<58} {n / local:>12,.0f}")
+    print(f"stored by the aggregator: {stored:,} (both sides, each record once)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
