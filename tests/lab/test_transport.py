@@ -137,8 +137,9 @@ def test_aggregator_killed_mid_run_stores_every_truth_connection_exactly_once(la
     await_(lambda: finals(stored(stack), {k for k, _, _ in want}) == want, 180,
            "every truth connection's records")
     got = finals(stored(stack), {k for k, _, _ in want})
-    assert got == want                                  # nothing lost, nothing doubled
-    assert set(got.values()) == {1}
+    # nothing lost, nothing doubled: per 5-tuple and observer, as many final records as the
+    # truth has connections (a client port reused within the run is two connections)
+    assert got == want
     stack.stop()
     no_doubles(stack.data / "store")
 
