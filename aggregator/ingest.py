@@ -120,8 +120,8 @@ def _decode(body: bytes, ctype: str) -> DecodedBatch:
     except RecursionError:
         raise HTTPException(400, "batch nests too deeply") from None
     except UnicodeDecodeError as exc:
-        # msgspec raises this (not DecodeError) for a msgpack string that is not UTF-8, and
-        # eastwest.codec does not translate it yet: the whole batch is refused, never a 500
+        # eastwest.codec rejects a record with a non-UTF-8 string alone; this is left for an
+        # envelope string (the collector name) that is not UTF-8: the batch is refused, never a 500
         raise HTTPException(400, f"batch holds a string that is not UTF-8 (at byte {exc.start} "
                             "of the string)") from None
     raise HTTPException(415, f"content-type={ctype!r}: send {CONTENT_TYPE} or application/json")

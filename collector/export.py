@@ -237,8 +237,8 @@ class AggregatorSink:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.server = None
-        if args is not None and getattr(args, "metrics_listen", None):
-            self.server = self.metrics.serve(args.metrics_listen)
+        if metrics is None and args is not None and getattr(args, "metrics_listen", None):
+            self.server = self.metrics.serve(args.metrics_listen)  # else the owner serves them
         if start:
             self._threads = [threading.Thread(target=self._ager, name="export-ager", daemon=True),
                              threading.Thread(target=self._sender, name="export-send", daemon=True)]

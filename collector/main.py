@@ -12,8 +12,20 @@ import argparse
 import logging
 import sys
 
-from collector.pipeline import CollectorContext, JsonLinesSink, Sink, Source, run_pipeline
+from typing import TYPE_CHECKING
+
+from collector.pipeline import (
+    CollectorContext,
+    JsonLinesSink,
+    Sink,
+    Source,
+    live_first_seq,
+    run_pipeline,
+)
 from eastwest.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collector.metrics import CollectorMetrics
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         print(bpf_source(args))
         return 0
 
-    ctx = CollectorContext(collector_id=args.collector_id)
+    ctx = CollectorContext(collector_id=args.collector_id,
+                           first_seq=1 if args.pcap else live_first_seq())
     sources: list[Source] = []
     if args.pcap:
         from collector.vxlan import PcapSource
@@ -48,8 +61,20 @@ def run(args: argparse.Namespace) -> int:
         if not sources:
             raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
 
-    sink = _make_sink(args, ctx)
-    run_pipeline(sources, sink, duration=args.duration)
+    from collector.metrics import CollectorMetrics
+
+    metrics = CollectorMetrics(ctx.drops)
+    for src in sources:  # BPF map fill, lost events: whatever a source can report
+        gauges = getattr(src, "gauges", None)
+        if callable(gauges):
+            metrics.watch_source(gauges)
+    server = metrics.serve(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
+    sink = _make_sink(args, ctx, metrics)
+    try:
+        run_pipeline(sources, sink, duration=args.duration)
+    finally:
+        if server is not None:
+            server.shutdown()
     dropped = ctx.drops.snapshot()
     if dropped:
         summary = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(dropped.items()))
@@ -57,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_sink(args: argparse.Namespace, ctx: CollectorContext) -> Sink:
+def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: CollectorMetrics) -> Sink:
     if args.aggregator:
         from collector.export import AggregatorSink
 
-        return AggregatorSink(ctx, args)
+        return AggregatorSink(ctx, args, metrics=metrics)
     if args.output:
         return JsonLinesSink(open(args.output, "ab"))  # noqa: SIM115 - closed by the sink
     if args.stdout:

@@ -11,6 +11,7 @@ set the shared stop event; sources then flush their final records and return.
 from __future__ import annotations
 
 import itertools
+import time
 import signal
 import sys
 import threading
@@ -34,12 +35,24 @@ class CollectorContext:
     collector_id: str
     clock: Clock = field(default_factory=SystemClock)
     drops: Drops = field(default_factory=Drops)
-    _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
+    # Record ids: `<collector>:<seq>`, seq from `first_seq`. A live collector starts it at its
+    # start time in microseconds since the epoch (`live_first_seq`), so a restarted collector never
+    # reuses an id unless it made more than a million records a second; offline runs (pcap
+    # files, tests) start at 1 and stay deterministic.
+    first_seq: int = 1
+    _seq: itertools.count = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._seq = itertools.count(self.first_seq)
 
     def next_record_id(self) -> str:
         with self._lock:
             return f"{self.collector_id}:{next(self._seq)}"
+
+
+def live_first_seq() -> int:
+    return time.time_ns() // 1000
 
 
 class Source(Protocol):

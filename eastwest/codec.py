@@ -108,11 +108,11 @@ def decode_batch(data: bytes) -> DecodedBatch:
     try:  # fast path: the whole batch is valid
         b = _mp_dec_batch.decode(payload)
         return DecodedBatch(b.collector, b.batch_seq, b.sent_at, b.records, [])
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         pass
     try:
         raw = _mp_dec_raw.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise CodecError(f"batch envelope is malformed: {exc}") from None
     return _decode_each(raw.collector, raw.batch_seq, raw.sent_at, raw.records, _mp_dec_record,
                         _mp_dec_any)
@@ -129,7 +129,7 @@ def decode_json_batch(data: bytes) -> DecodedBatch:
 
     try:
         raw = msgspec.json.decode(data, type=_RawJson)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise CodecError(f"JSON batch is malformed: {exc}") from None
     return _decode_each(raw.collector, raw.batch_seq, raw.sent_at, raw.records, _json_dec,
                         msgspec.json.Decoder())
@@ -146,6 +146,9 @@ def _decode_each(collector: str, seq: int, sent_at: datetime, raws: list[msgspec
             bad.append((i, record_error_from(exc, _safe(lambda r=raw: untyped.decode(r)))))
         except msgspec.DecodeError as exc:
             bad.append((i, RecordError("record", None, f"undecodable: {exc}")))
+        except UnicodeDecodeError as exc:  # msgpack str that is not UTF-8
+            bad.append((i, RecordError("record", None, f"a string is not valid UTF-8: {exc.reason} "
+                                                       f"at byte {exc.start} of it")))
     return DecodedBatch(collector, seq, sent_at, good, bad)
 
 

@@ -38,7 +38,8 @@ PROTOCOLS = frozenset({"tcp", "udp", "icmp", "icmpv6", "sctp", "gre", "esp", "ot
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+COUNT_MAX = 2**63 - 1  # counters fit a signed 64-bit column in every store
+Count = Annotated[int, msgspec.Meta(ge=0, le=COUNT_MAX)]
 Vni = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFF)]
 
 

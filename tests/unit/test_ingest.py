@@ -211,11 +211,14 @@ def test_a_failing_store_is_a_503_with_retry_after(settings):
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
 
 
-def test_a_string_that_is_not_utf8_is_a_400_not_a_500(client):
+def test_a_string_that_is_not_utf8_rejects_its_record_alone_not_a_500(client):
     payload = msgspec.msgpack.encode({"collector": "h1", "batch_seq": 1, "sent_at": T0,
-                                      "records": [{**msgspec.to_builtins(rec(1)), "container": "Q"}]})
+                                      "records": [{**msgspec.to_builtins(rec(1)), "container": "Q"},
+                                                  msgspec.to_builtins(rec(2))]})
     assert payload.count(b"\xa1Q") == 1
     body = codec.MAGIC + zstandard.ZstdCompressor().compress(payload.replace(b"\xa1Q", b"\xa1\xff"))
     r = post(client, body)
-    assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
-    assert stored(client) == []
+    assert r.status_code == 200, r.text
+    assert [x["index"] for x in r.json()["rejected"]] == [0]
+    assert "UTF-8" in r.json()["rejected"][0]["reason"]
+    assert [x["record_id"] for x in stored(client)] == [rec(2).record_id]

@@ -179,3 +179,33 @@ def test_jsonl_reader_reports_the_bad_line_and_keeps_the_rest():
     assert [n for n, _ in out] == [1, 3, 4]
     assert isinstance(out[1][1], RecordError)
     assert isinstance(out[2][1], FlowRecord)
+
+
+def test_a_record_with_invalid_utf8_is_rejected_alone():
+    good = msgspec.msgpack.encode(full_record())
+    bad = msgspec.msgpack.encode(full_record(collector="node-1", record_id="node-1:ZZZZ"))
+    bad = bad.replace(b"ZZZZ", b"\xff\xfe\xfd\xfc")
+    raw = msgspec.msgpack.encode({"collector": "node-1", "batch_seq": 9, "sent_at": T0,
+                                  "records": [msgspec.Raw(good), msgspec.Raw(bad)]})
+    out = codec.decode_batch(codec.MAGIC + zstandard.ZstdCompressor().compress(raw))
+    assert len(out.records) == 1
+    assert [i for i, _ in out.errors] == [1] and "UTF-8" in str(out.errors[0][1])
+
+
+def test_counters_are_bounded_to_signed_64_bits():
+    data = full_record().to_builtins()
+    data["bytes_c2s"] = 2**63
+    with pytest.raises(RecordError) as err:
+        codec.from_json(msgspec.json.encode(data))
+    assert err.value.field == "bytes_c2s"
+
+
+def test_record_ids_do_not_repeat_across_collector_restarts():
+    import time
+
+    from collector.pipeline import CollectorContext, live_first_seq
+
+    first = CollectorContext("node-1", first_seq=live_first_seq()).next_record_id()
+    time.sleep(0.001)  # a restart takes longer than this
+    second = CollectorContext("node-1", first_seq=live_first_seq()).next_record_id()
+    assert first != second and int(second.split(":")[1]) > int(first.split(":")[1])
