@@ -46,9 +46,14 @@ class Btf:
     """A BTF blob indexed for the few queries the probes make: struct member offsets and
     function prototypes.
 
-    Start-up cost matters (the collector parses vmlinux's ~130,000 types every start): one
-    pass records where each type starts and the names of structs, unions and typedefs; a
-    type's members are decoded only when a query reaches it."""
+    Start-up cost matters (the collector reads vmlinux's ~130,000 types every start): the
+    index (where each type starts, the names of structs, unions and typedefs) is built by one
+    forward scan that goes only as far as the queries need, and a type's members are decoded
+    only when a query reaches it. On 6.18 everything the probes ask for is in the first ~40,000
+    types. A malformed type section is reported when the scan reaches the bad spot."""
+
+    _FIXED = [_EXTRA.get(k, (0, 0))[0] for k in range(32)]  # bytes after the 12-byte header:
+    _PER = [_EXTRA.get(k, (0, 0))[1] for k in range(32)]  # fixed + per item * vlen, per kind
 
     def __init__(self, blob: bytes, source: str = "btf") -> None:
         self.source = source
@@ -61,9 +66,9 @@ class Btf:
         self._strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
         self._data = blob[hdr_len + type_off: hdr_len + type_off + type_len]
         self._starts: list[int] = [-1]  # type id -> offset in _data; id 0 is void
+        self._scanned = 0  # bytes of _data indexed so far
         self._parsed: dict[int, _Type] = {}
         self._by_name: dict[tuple[int, str], int] = {}
-        self._index()
 
     @classmethod
     def from_file(cls, path: Path = VMLINUX) -> Btf:
@@ -76,26 +81,34 @@ class Btf:
         end = self._strings.find(b"\0", off)
         return self._strings[off:end].decode()
 
-    def _index(self) -> None:
+    def _scan(self, until_id: int = 1 << 62, until_key: tuple[int, str] | None = None) -> None:
+        """Index further, until type `until_id` is indexed, `until_key` is named, or the end."""
         data, starts, by_name = self._data, self._starts, self._by_name
-        pos, n = 0, len(data)
-        unpack = struct.unpack_from
-        # bytes after the 12-byte header, per kind: fixed + per item * vlen
-        fixed = [_EXTRA.get(k, (0, 0))[0] for k in range(32)]
-        per = [_EXTRA.get(k, (0, 0))[1] for k in range(32)]
+        pos, n = self._scanned, len(data)
+        unpack, fixed, per = struct.unpack_from, self._FIXED, self._PER
         named = (_STRUCT, _UNION, _TYPEDEF)
-        while pos + 12 <= n:
+        while pos + 12 <= n and len(starts) <= until_id:
             name_off, info = unpack("<II", data, pos)
             kind = (info >> 24) & 0x1F
             starts.append(pos)
+            pos += 12 + fixed[kind] + per[kind] * (info & 0xFFFF)
             if name_off and kind in named:
                 key = (kind, self._str(name_off))
                 if key not in by_name:
                     by_name[key] = len(starts) - 1
-            pos += 12 + fixed[kind] + per[kind] * (info & 0xFFFF)
-        if pos != n:
+                    if key == until_key:
+                        break
+        self._scanned = pos
+        if pos + 12 > n and pos != n:
             raise CapabilityError(f"{self.source}: type section ends inside a type "
                                   f"(at byte {pos} of {n})")
+
+    def _named(self, kind: int, name: str) -> int | None:
+        """The id of the first type of `kind` named `name` (scanning as far as needed)."""
+        key = (kind, name)
+        if key not in self._by_name and self._scanned < len(self._data):
+            self._scan(until_key=key)
+        return self._by_name.get(key)
 
     def _type(self, tid: int) -> _Type | None:
         """The type with id `tid`, decoded on first use (None for void)."""
@@ -104,6 +117,8 @@ class Btf:
         t = self._parsed.get(tid)
         if t is not None:
             return t
+        if tid >= len(self._starts):
+            self._scan(until_id=tid)
         if not 0 < tid < len(self._starts):
             raise CapabilityError(f"{self.source}: type id {tid} out of range")
         data, pos = self._data, self._starts[tid]
@@ -124,9 +139,9 @@ class Btf:
 
     # -- queries ------------------------------------------------------------------------------
     def struct_id(self, name: str) -> int:
-        tid = self._by_name.get((_STRUCT, name)) or self._by_name.get((_UNION, name))
+        tid = self._named(_STRUCT, name) or self._named(_UNION, name)
         if tid is None:
-            tid = self._by_name.get((_TYPEDEF, name))
+            tid = self._named(_TYPEDEF, name)
             if tid is not None:
                 tid = self._strip(tid)
         if tid is None:
@@ -185,7 +200,7 @@ class Btf:
     def raw_tracepoint_params(self, tracepoint: str) -> list[str] | None:
         """Parameter types of a raw tracepoint (`btf_trace_<name>`, minus the leading `void *`
         context), or None when the kernel has no such tracepoint."""
-        tid = self._by_name.get((_TYPEDEF, f"btf_trace_{tracepoint}"))
+        tid = self._named(_TYPEDEF, f"btf_trace_{tracepoint}")
         if tid is None:
             return None
         ptr = self._type(tid)
