@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
 from typing import TYPE_CHECKING
 
 from collector.pipeline import (

@@ -11,10 +11,10 @@ set the shared stop event; sources then flush their final records and return.
 from __future__ import annotations
 
 import itertools
-import time
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Protocol

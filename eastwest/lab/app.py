@@ -126,7 +126,7 @@ class App:
             except ConnectionRefusedError:
                 outcome = "refused"
                 return outcome
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 outcome = "timeout"
                 return outcome
             for resp_size, pad in requests:
@@ -146,7 +146,7 @@ class App:
                 recv += len(chunk)
         except ConnectionResetError:
             outcome = "reset"
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             outcome = "timeout"
         finally:
             s.close()
@@ -167,7 +167,7 @@ class App:
             recv = len(s.recv(65536))
         except ConnectionRefusedError:
             outcome = "refused"
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             outcome = "timeout"
         finally:
             s.close()
