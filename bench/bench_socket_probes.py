@@ -16,6 +16,7 @@ collector JSON lines, tcplife its text table).
 
 Truth is the storm's own count of connections it completed. Root; traffic stays on 127.0.0.1.
 Usage: python bench/bench_socket_probes.py [--seconds 10] [--workers 2] [--rounds 1] [--json FILE]
+       [--keep-output]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -221,6 +223,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="side-by-side rounds (default 1)")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--keep-output", action="store_true",
+                    help="keep both tools' output (about 200 MB per round) in the temp dir")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (eBPF)")
@@ -247,6 +251,10 @@ def main() -> None:
                                   "latency_ratio_vs_baseline": round(lat2 / lat0, 3)}
     finally:
         srv.kill()
+        if a.keep_output:
+            print(f"output kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
