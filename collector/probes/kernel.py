@@ -147,6 +147,8 @@ class BccKernel:
                 self._wakeups.watch(procs.map_fd)
             except (OSError, ValueError) as exc:
                 log.info("ring buffer not mappable (%s): per-event callbacks instead", exc)
+                if self._reader is not None:
+                    self._reader.close()
                 self._reader = self._wakeups = None
         if self._reader is None:
             events.open_ring_buffer(self._on_event)
