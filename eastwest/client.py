@@ -22,14 +22,16 @@ import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import msgspec
 import yaml
 
 from eastwest import __version__
 from eastwest.errors import ConfigError, TransportError
+
+if TYPE_CHECKING:  # httpx costs ~0.2 s to import: only commands that talk to the API pay it
+    import httpx
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 SERVER_ENV = "EASTWEST_SERVER"
@@ -55,6 +57,8 @@ class ClientSettings:
     origin: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
     def __post_init__(self) -> None:
+        import httpx
+
         url = httpx.URL(self.server)
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(self.origin.get("server", "--server"), self.server,
@@ -185,6 +189,8 @@ class ApiClient:
     """One connection pool to one aggregator; use as a context manager."""
 
     def __init__(self, settings: ClientSettings, transport: httpx.BaseTransport | None = None) -> None:
+        import httpx
+
         self.settings = settings
         headers = {"User-Agent": f"eastwest-cli/{__version__}", "Accept": "application/json"}
         if settings.token:
@@ -222,6 +228,8 @@ class ApiClient:
 
     def stream(self, path: str, params: Params = ()) -> Iterator[SseEvent]:
         """Server-Sent Events until the server closes the stream (or the caller stops)."""
+        import httpx
+
         timeout = httpx.Timeout(self.settings.timeout, read=None)
         try:
             with self._http.stream("GET", path, params=list(params), timeout=timeout,
@@ -234,6 +242,8 @@ class ApiClient:
             raise self._translate(exc) from None
 
     def _send(self, path: str, params: Params) -> httpx.Response:
+        import httpx
+
         try:
             resp = self._http.get(path, params=list(params))
         except httpx.HTTPError as exc:
@@ -242,6 +252,8 @@ class ApiClient:
         return resp
 
     def _translate(self, exc: httpx.HTTPError) -> TransportError:
+        import httpx
+
         where = self.settings.server
         if isinstance(exc, httpx.TimeoutException):
             return TransportError(f"the aggregator at {where} did not answer within "

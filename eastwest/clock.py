@@ -8,7 +8,7 @@ between CLOCK_REALTIME and CLOCK_MONOTONIC sampled once per `KernelClock` (re-sa
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -43,10 +43,15 @@ class KernelClock:
         return ktime_to_utc(ktime_ns, self.offset_ns)
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def ktime_to_utc(ktime_ns: int, offset_ns: int) -> datetime:
-    """CLOCK_MONOTONIC ns + (REALTIME - MONOTONIC) offset -> aware UTC datetime (µs precision)."""
-    total_us = (ktime_ns + offset_ns) // 1000
-    return datetime.fromtimestamp(total_us // 1_000_000, UTC).replace(microsecond=total_us % 1_000_000)
+    """CLOCK_MONOTONIC ns + (REALTIME - MONOTONIC) offset -> aware UTC datetime (µs precision).
+
+    Integer arithmetic on a timedelta: exact to the microsecond and about twice as fast as
+    fromtimestamp + replace (it runs twice per socket record)."""
+    return EPOCH + timedelta(microseconds=(ktime_ns + offset_ns) // 1000)
 
 
 def utc_from_unix(seconds: float) -> datetime:
