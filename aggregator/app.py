@@ -4,7 +4,8 @@ In:  `AggregatorSettings` and (optionally, for tests) a `FlowStore`.  Out: a Fas
 - `POST /api/v1/ingest` (aggregator/ingest.py; ingest token)
 - `GET /api/v1/records` raw stored records by time range (read token); the correlated flows,
   graph and query API arrive with the aggregator issue (#6) on this same app and store
-- `/healthz`, `/readyz`, `/metrics` (Prometheus text, no token: counts only), `/openapi.json`,
+- `/healthz`, `/readyz`, `/metrics` (Prometheus text, no token: counts only; self-metrics and
+  the per-edge series of aggregator/exporters/prometheus.py), `/openapi.json`,
   `/docs`.
 
 Errors are JSON `{"detail": ...}`. Request validation errors are 400 (not FastAPI's 422) and name
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from aggregator.api import install as install_query_api
 from aggregator.auth import Authenticator, require_read
+from aggregator.exporters import install as install_exporters
 from aggregator.ingest import router as ingest_router
 from aggregator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aggregator.metrics import AggregatorMetrics
@@ -43,7 +45,12 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        exporters = getattr(_app.state, "exporters", None)
+        if exporters is not None:
+            exporters.start()
         yield
+        if exporters is not None:
+            exporters.shutdown()  # closed connections told, OTLP queue drained
         if owned:
             the_store.close()
 
@@ -60,6 +67,7 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
     app.state.metrics = metrics
     app.state.auth = Authenticator(settings)
     install_query_api(app, settings)  # correlation, graph, flows, stream, diff (issue #6)
+    install_exporters(app, settings)  # Prometheus edge series, OTLP (issue #7)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:

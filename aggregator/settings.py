@@ -47,6 +47,17 @@ class AggregatorSettings:
     retention: timedelta | None = timedelta(days=7)
     edge_budget: int = 2000
     correlation_slack_s: float = 5.0
+    # exporters (issue #7; docs/integrations.md): OTLP is on with an endpoint here or in
+    # OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT; the rest of OTLP from OTEL_EXPORTER_OTLP_*
+    otlp_endpoint: str | None = None
+    otlp_protocol: str | None = None
+    otlp_signals: tuple[str, ...] = ("traces", "metrics")
+    otlp_sample: float = 1.0
+    otlp_filter: str = "protocol=tcp&protocol=udp"
+    otlp_timeout_s: float | None = None
+    otlp_queue_size: int | None = None
+    otlp_metrics_interval_s: float | None = None
+    export_settle_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.insecure_open and not is_loopback(self.host):
@@ -111,7 +122,25 @@ class AggregatorSettings:
             retention=(parse_duration("--retention", args.retention)
                        if getattr(args, "retention", None) else timedelta(days=7)),
             edge_budget=int(getattr(args, "edge_budget", 2000)),
+            **_exporter_args(args),
         )
+
+
+def _exporter_args(args: Any) -> dict[str, Any]:
+    """The exporter flags that were given (aggregator/exporters/otlp_config.py validates them)."""
+    out: dict[str, Any] = {}
+    for flag, key in (("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"),
+                      ("otlp_sample", "otlp_sample"), ("otlp_filter", "otlp_filter"),
+                      ("otlp_timeout", "otlp_timeout_s"), ("otlp_queue_size", "otlp_queue_size"),
+                      ("otlp_metrics_interval", "otlp_metrics_interval_s"),
+                      ("export_settle", "export_settle_s")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[key] = value
+    signals = getattr(args, "otlp_signals", None)
+    if signals is not None:
+        out["otlp_signals"] = tuple(x.strip() for x in signals.split(",") if x.strip())
+    return out
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -66,6 +66,28 @@ def register(sub: Any) -> None:
                    help="delete flows, connections and rollups older than this (default 7d)")
     g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
                    help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
+
+    g = p.add_argument_group("exporters: OTLP and Prometheus (docs/integrations.md)")
+    g.add_argument("--otlp-endpoint", metavar="URL", help="send OTLP traces and metrics here, e.g. "
+                   "http://tempo:4318 (HTTP/protobuf) or http://tempo:4317 with --otlp-protocol "
+                   "grpc; default $OTEL_EXPORTER_OTLP_ENDPOINT (OTLP is off when neither is set); "
+                   "headers, TLS, compression: the standard OTEL_EXPORTER_OTLP_* variables")
+    g.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"),
+                   help="default $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf")
+    g.add_argument("--otlp-signals", metavar="LIST", help="traces,metrics (default both)")
+    g.add_argument("--otlp-sample", type=float, metavar="SHARE",
+                   help="share of connections exported as span pairs, 0..1 (default 1: all)")
+    g.add_argument("--otlp-filter", metavar="QUERY", help="connections exported as spans, in the "
+                   "API's filter parameters (default 'protocol=tcp&protocol=udp')")
+    g.add_argument("--otlp-timeout", type=float, metavar="SECONDS",
+                   help="per export request, retries included (default $OTEL_EXPORTER_OTLP_TIMEOUT or 10)")
+    g.add_argument("--otlp-queue-size", type=int, metavar="N",
+                   help="spans waiting for export; more are dropped and counted (default 8192)")
+    g.add_argument("--otlp-metrics-interval", type=float, metavar="SECONDS",
+                   help="OTLP metrics export period (default 15)")
+    g.add_argument("--export-settle", type=float, metavar="SECONDS",
+                   help="a closed connection is exported (span pair, failure, RTT) after this "
+                   "long without a new record, so every observer's view is in (default 5)")
     p.set_defaults(func=_run)
 
 

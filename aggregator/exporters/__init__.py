@@ -1,0 +1,146 @@
+"""The aggregator's exporters: Prometheus edge series and OTLP traces/metrics (issue #7).
+
+Stage: after correlation. In: every `Plan` the correlating store commits (a listener,
+aggregator/correlating.py). Out: per-edge series on /metrics (prometheus.py), and when OTLP is
+configured (otlp_config.py) spans and metrics to an OTLP receiver (otlp.py).
+
+Wiring: `install(app, settings)` is called by the app factory. Byte, retransmit and connection
+counts move on every commit; failures, RTT and spans when a connection is complete
+(completion.py), which a ticker thread checks twice a second while the app runs (started and
+stopped by the app's lifespan; `tick()` by hand in tests). Docs: docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from aggregator.connection import Connection
+from aggregator.correlate import Plan
+from aggregator.exporters.completion import Completions
+from aggregator.exporters.edges import EdgeLabels
+from aggregator.exporters.otlp_config import OtlpConfig
+from aggregator.exporters.prometheus import EdgeMetrics
+from eastwest.drops import Drops
+
+log = logging.getLogger("eastwest.exporters")
+TICK_S = 0.5
+# self-metrics of this package (dashboards may only use names defined in code)
+METRIC_NAMES = ("eastwest_export_pending_connections", "eastwest_export_completed_connections_total",
+                "eastwest_otlp_queue_spans", "eastwest_otlp_spans_exported_total",
+                "eastwest_otlp_export_requests_total", "eastwest_otlp_connections_total")
+
+
+class Exporters:
+    def __init__(self, settings: Any, registry: CollectorRegistry, drops: Drops, *,
+                 env: Mapping[str, str] | None = None, clock: Callable[[], float] = time.monotonic,
+                 otlp_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.drops = drops
+        self.labels = EdgeLabels(max(2, int(getattr(settings, "edge_budget", 2000))))
+        self.completions = Completions(float(getattr(settings, "export_settle_s", 5.0)), drops,
+                                       clock=clock)
+        self.prometheus = EdgeMetrics(registry, self.labels)
+        self.otlp = None
+        config = OtlpConfig.resolve(settings, env)
+        if config is not None:
+            from aggregator.exporters.otlp import OtlpExporter
+
+            self.otlp = OtlpExporter(config, drops, self.labels, **dict(otlp_kwargs or {}))
+        registry.register(_SelfMetrics(self))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tick_lock = threading.Lock()
+
+    # -- in -------------------------------------------------------------------------------------
+    def on_plan(self, plan: Plan) -> None:
+        self.prometheus.on_plan(plan)
+        if self.otlp is not None:
+            self.otlp.on_plan(plan)
+        self.completions.update(plan)
+
+    def tick(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
+        """Tell the exporters about the connections complete by now; returns them."""
+        with self._tick_lock:
+            done = self.completions.due(now, everything_closed=everything_closed)
+            if done:
+                self.prometheus.on_complete(done)
+                if self.otlp is not None:
+                    self.otlp.on_complete(done)
+            return done
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="exporters", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep exporting; the cause is logged
+                log.exception("exporters: tick failed")
+                self.drops.count("exporters", "tick_error")
+
+    def force_flush(self) -> None:
+        if self.otlp is not None:
+            self.otlp.force_flush()
+
+    def shutdown(self) -> None:
+        """Stop ticking, tell every closed connection now, drain the OTLP queue, close."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.tick(everything_closed=True)
+        if self.otlp is not None:
+            self.otlp.shutdown()
+
+
+class _SelfMetrics(Collector):
+    def __init__(self, ex: Exporters) -> None:
+        self.ex = ex
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        ex = self.ex
+        yield GaugeMetricFamily("eastwest_export_pending_connections", "connections waiting to "
+                                "be complete (closed and settled) before spans, failures and RTT",
+                                value=ex.completions.pending)
+        yield CounterMetricFamily("eastwest_export_completed_connections", "connections told "
+                                  "to the exporters as complete", value=ex.completions.told)
+        otlp = ex.otlp
+        spans = otlp.spans if otlp is not None else None
+        yield GaugeMetricFamily("eastwest_otlp_queue_spans", "spans waiting for OTLP export",
+                                value=len(spans) if spans is not None else 0)
+        yield CounterMetricFamily("eastwest_otlp_spans_exported", "spans the OTLP receiver "
+                                  "accepted", value=spans.exported if spans is not None else 0)
+        req = CounterMetricFamily("eastwest_otlp_export_requests", "OTLP span export requests "
+                                  "(retries inside one request not counted), by result",
+                                  labels=["result"])
+        ok = (spans.export_requests - spans.failed_requests) if spans is not None else 0
+        req.add_metric(["ok"], ok)
+        req.add_metric(["failed"], spans.failed_requests if spans is not None else 0)
+        yield req
+        conns = CounterMetricFamily("eastwest_otlp_connections", "completed connections, by "
+                                    "what OTLP did with them (queued as spans, filtered out by "
+                                    "--otlp-filter, sampled out)", labels=["result"])
+        for k in ("queued", "filtered", "sampled_out"):
+            conns.add_metric([k], otlp.connections[k] if otlp is not None else 0)
+        yield conns
+
+
+def install(app: Any, settings: Any, **kwargs: Any) -> Exporters | None:
+    """Wire the exporters to the app's correlating store and /metrics registry."""
+    st = app.state
+    if not hasattr(st.store, "add_listener"):
+        return None  # a raw-only store (a test fake of ingest): nothing is correlated
+    ex = Exporters(settings, st.metrics.registry, st.drops, **kwargs)
+    st.store.add_listener(ex.on_plan)
+    st.exporters = ex
+    return ex

@@ -1,0 +1,85 @@
+"""When a correlated connection is complete, once: the trigger of spans, failures and RTT.
+
+Stage: exporters, fed by the correlating store's listener (aggregator/correlating.py). In: each
+committed `Plan` (the new versions of the connections a batch touched). Out: `due()` returns the
+connections that are complete, each exactly once, in the order they completed.
+
+Complete = closed (an observer sent its final record) and no record of it arrived for `settle_s`
+seconds: the client's, the server's and the wire's final records come from different collectors,
+in different batches, so a connection is not told as soon as its first side closes (its bytes,
+its server side and its VXLAN tunnel would still be missing). Later records of a connection that
+was already told are ignored (it is not told twice). A connection that stays open is told when
+it closes; one that never closes (its final record was lost) is given up after `keep_open_s`
+without a record and counted as `exporters/never_closed`. At most `max_pending` connections wait;
+beyond, new ones are counted as `exporters/pending_full` and not told.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from aggregator.connection import Connection
+from aggregator.correlate import Plan
+from eastwest.drops import Drops
+
+STAGE = "exporters"
+
+
+class Completions:
+    def __init__(self, settle_s: float, drops: Drops, *, max_pending: int = 200_000,
+                 keep_open_s: float = 1800.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if settle_s < 0:
+            raise ValueError(f"settle time {settle_s}: must be >= 0")
+        self.settle_s = settle_s
+        self.drops = drops
+        self.max_pending = max_pending
+        self.keep_open_s = keep_open_s
+        self.clock = clock
+        self._pending: OrderedDict[str, tuple[Connection, float]] = OrderedDict()
+        self._told: OrderedDict[str, None] = OrderedDict()  # recently told, to ignore late records
+        self._lock = threading.Lock()
+        self.told = 0
+
+    def update(self, plan: Plan) -> None:
+        now = self.clock()
+        with self._lock:
+            for cid, conn in plan.connections.items():
+                if cid in self._told:
+                    continue
+                if cid not in self._pending and len(self._pending) >= self.max_pending:
+                    self.drops.count(STAGE, "pending_full")
+                    continue
+                self._pending[cid] = (conn, now)
+                self._pending.move_to_end(cid)  # oldest update first: due() stops early
+
+    def due(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
+        """Connections complete at `now`; `everything_closed` (at shutdown) tells every closed
+        connection without waiting for it to settle."""
+        now = self.clock() if now is None else now
+        out: list[Connection] = []
+        with self._lock:
+            for cid, (conn, at) in list(self._pending.items()):
+                age = now - at
+                if age < self.settle_s and not everything_closed:
+                    break  # ordered by last update: the rest are younger
+                if conn.closed:
+                    out.append(conn)
+                    self._tell(cid)
+                elif age >= self.keep_open_s:
+                    self.drops.count(STAGE, "never_closed")
+                    del self._pending[cid]
+            self.told += len(out)
+        return out
+
+    def _tell(self, cid: str) -> None:
+        del self._pending[cid]
+        self._told[cid] = None
+        if len(self._told) > self.max_pending:
+            self._told.popitem(last=False)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,243 @@
+"""A fake Tempo for tests: an OTLP gRPC receiver built from opentelemetry-proto's service
+definitions (TraceService, MetricsService servicers on grpcio), an OTLP/HTTP receiver on the
+standard library, and the pairing Tempo's metrics-generator applies to spans.
+
+It is NOT Tempo. `service_graph()` follows what Tempo's service-graphs processor does
+(grafana/tempo modules/generator/processor/servicegraphs): a CLIENT span is stored under
+(trace id, its span id), a SERVER span under (trace id, its parent span id); when both halves
+of a key are present they make one request on the edge client service -> server service, failed
+when either span's status is ERROR. Unpaired halves are reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as msvc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as mgrpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsvc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tgrpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+KIND_CLIENT, KIND_SERVER = Span.SPAN_KIND_CLIENT, Span.SPAN_KIND_SERVER
+
+
+def value(v: AnyValue) -> Any:
+    which = v.WhichOneof("value")
+    if which == "array_value":
+        return [value(x) for x in v.array_value.values]
+    return getattr(v, which) if which else None
+
+
+def attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: value(kv.value) for kv in kvs}
+
+
+@dataclass
+class ReceivedSpan:
+    resource: dict[str, Any]
+    trace_id: bytes
+    span_id: bytes
+    parent_span_id: bytes
+    kind: int
+    name: str
+    attributes: dict[str, Any]
+    status: int
+    start_ns: int
+    end_ns: int
+    scope: str
+
+
+@dataclass
+class Received:
+    """Everything a receiver got, thread-safe; `wait(pred)` waits for a condition on it."""
+
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    metric_requests: list[Any] = field(default_factory=list)
+    calls: Counter[str] = field(default_factory=Counter)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def add_traces(self, req: tsvc.ExportTraceServiceRequest) -> None:
+        out = []
+        for rs in req.resource_spans:
+            res = attrs(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    out.append(ReceivedSpan(res, s.trace_id, s.span_id, s.parent_span_id, s.kind,
+                                            s.name, attrs(s.attributes), s.status.code,
+                                            s.start_time_unix_nano, s.end_time_unix_nano,
+                                            ss.scope.name))
+        with self.cond:
+            self.spans += out
+            self.cond.notify_all()
+
+    def add_metrics(self, req: msvc.ExportMetricsServiceRequest) -> None:
+        with self.cond:
+            self.metric_requests.append(req)
+            self.cond.notify_all()
+
+    def wait(self, pred: Callable[[Received], bool], timeout: float = 60.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: pred(self), timeout)
+
+    def latest_points(self, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+        """Cumulative metric `name`: the newest data point per attribute set."""
+        out: dict[tuple[tuple[str, Any], ...], Any] = {}
+        with self.cond:
+            reqs = list(self.metric_requests)
+        for req in reqs:
+            for rm in req.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name != name:
+                            continue
+                        kind = m.WhichOneof("data")
+                        for p in getattr(m, kind).data_points:
+                            key = tuple(sorted(attrs(p.attributes).items()))
+                            old = out.get(key)
+                            if old is None or p.time_unix_nano >= old.time_unix_nano:
+                                out[key] = p
+        return out
+
+
+class _Traces(tgrpc.TraceServiceServicer):
+    def __init__(self, rx: FakeTempo) -> None:
+        self.rx = rx
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - the proto's name
+        self.rx.got.calls["traces"] += 1
+        if self.rx.refuse():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "fake tempo: down on purpose")
+        self.rx.got.add_traces(request)
+        return tsvc.ExportTraceServiceResponse()
+
+
+class _Metrics(mgrpc.MetricsServiceServicer):
+    def __init__(self, rx: FakeTempo) -> None:
+        self.rx = rx
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.rx.got.calls["metrics"] += 1
+        if self.rx.refuse():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "fake tempo: down on purpose")
+        self.rx.got.add_metrics(request)
+        return msvc.ExportMetricsServiceResponse()
+
+
+class FakeTempo:
+    """OTLP gRPC receiver on 127.0.0.1. `unavailable = N` answers the next N calls UNAVAILABLE
+    (a retryable code); `down = True` answers every call so."""
+
+    def __init__(self) -> None:
+        self.got = Received()
+        self.unavailable = 0
+        self.down = False
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        tgrpc.add_TraceServiceServicer_to_server(_Traces(self), self.server)
+        mgrpc.add_MetricsServiceServicer_to_server(_Metrics(self), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def refuse(self) -> bool:
+        with self._lock:
+            if self.down:
+                return True
+            if self.unavailable > 0:
+                self.unavailable -= 1
+                return True
+            return False
+
+    def __enter__(self) -> FakeTempo:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop(grace=None)
+
+
+class FakeOtlpHttp:
+    """OTLP/HTTP (protobuf) receiver on 127.0.0.1: POST /v1/traces and /v1/metrics."""
+
+    def __init__(self) -> None:
+        self.got = Received()
+        got = self.got
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                got.calls[self.path] += 1
+                if self.path == "/v1/traces":
+                    req = tsvc.ExportTraceServiceRequest()
+                    req.ParseFromString(body)
+                    got.add_traces(req)
+                    resp = tsvc.ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    mreq = msvc.ExportMetricsServiceRequest()
+                    mreq.ParseFromString(body)
+                    got.add_metrics(mreq)
+                    resp = msvc.ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(resp)))
+                self.end_headers()
+                self.wfile.write(resp)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeOtlpHttp:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def workload(resource: dict[str, Any]) -> str:
+    ns = resource.get("service.namespace")
+    return f"{ns}/{resource['service.name']}" if ns else resource["service.name"]
+
+
+@dataclass
+class ServiceGraph:
+    edges: dict[tuple[str, str], dict[str, int]]
+    unpaired_client: int
+    unpaired_server: int
+
+
+def service_graph(spans: list[ReceivedSpan]) -> ServiceGraph:
+    """Tempo's pairing: CLIENT by (trace, span id), SERVER by (trace, parent span id)."""
+    clients: dict[tuple[bytes, bytes], ReceivedSpan] = {}
+    servers: dict[tuple[bytes, bytes], ReceivedSpan] = {}
+    for s in spans:
+        if s.kind == KIND_CLIENT:
+            clients[(s.trace_id, s.span_id)] = s
+        elif s.kind == KIND_SERVER:
+            servers[(s.trace_id, s.parent_span_id)] = s
+    edges: dict[tuple[str, str], dict[str, int]] = {}
+    for key, c in clients.items():
+        s = servers.get(key)
+        if s is None:
+            continue
+        e = edges.setdefault((workload(c.resource), workload(s.resource)),
+                             {"requests": 0, "failed": 0})
+        e["requests"] += 1
+        e["failed"] += Status.STATUS_CODE_ERROR in (c.status, s.status)
+    return ServiceGraph(edges, len(set(clients) - set(servers)), len(set(servers) - set(clients)))

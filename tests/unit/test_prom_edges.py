@@ -1,0 +1,150 @@
+"""Per-edge Prometheus series on /metrics: they count what the API's graph counts (bytes each
+way, connections, failures by reason, retransmits, RTT), stay within the edge budget (later
+edges fold into other -> other, counted), and failures/RTT are told once per connection when it
+is complete (closed and settled)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.app import create_app
+from aggregator.correlate import Correlator
+from aggregator.exporters import Exporters
+from aggregator.identity import IdentityResolver
+from aggregator.settings import AggregatorSettings
+from eastwest.drops import Drops
+from eastwest.record import Rtt
+from tests.unit.test_api_query import INGEST, MAP_YAML, READ, RH, A, fill, send
+from tests.unit.test_correlate import MAP, rec
+
+
+def samples(text, name):
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def app_for(tmp_path, **over):
+    (tmp_path / "map.yaml").write_text(MAP_YAML)
+    return create_app(AggregatorSettings(data_dir=tmp_path / "data", ingest_token=INGEST,
+                                         read_token=READ, workload_map=tmp_path / "map.yaml",
+                                         retention=None, **over))
+
+
+def edge(client, server, port, **more):
+    return tuple(sorted({"client": client, "client_namespace": "shop", "server": server,
+                         "server_namespace": "shop", "server_port": str(port), "protocol": "tcp",
+                         **more}.items()))
+
+
+def test_edge_series_equal_the_graph(tmp_path):
+    app = app_for(tmp_path)
+    c = TestClient(app)
+    fill(c)
+    app.state.exporters.tick(everything_closed=True)
+    text = c.get("/metrics").text
+    assert samples(text, "eastwest_edge_bytes_total") == {
+        edge("frontend", "api", 9090, direction="c2s"): 2800, edge("frontend", "api", 9090, direction="s2c"): 70,
+        edge("api", "db", 5432, direction="c2s"): 50, edge("api", "db", 5432, direction="s2c"): 60}
+    assert samples(text, "eastwest_edge_connections_total") == {
+        edge("frontend", "api", 9090): 7, edge("api", "db", 5432): 1, edge("api", "db", 5433): 1}
+    assert samples(text, "eastwest_edge_failures_total") == {edge("api", "db", 5433, reason="refused"): 1}
+    assert set(samples(text, "eastwest_edge_retransmits_total").values()) == {0}
+    # the same totals as the API's graph
+    g = c.get("/api/v1/graph", params=A, headers=RH).json()
+    assert sum(e["bytes_c2s"] + e["bytes_s2c"] for e in g["edges"]) == 2980
+    assert sum(e["connections_opened"] for e in g["edges"]) == 9
+    assert samples(text, "eastwest_export_completed_connections_total") == {(): 9}
+
+
+def test_rtt_histogram_and_retransmits(tmp_path):
+    app = app_for(tmp_path)
+    c = TestClient(app)
+    send(c, "h1", 1, [rec("client", retransmits=3, rtt_us=Rtt(100, 400, 900))])
+    send(c, "h2", 1, [rec("server", retransmits=1)])
+    app.state.exporters.tick(everything_closed=True)
+    text = c.get("/metrics").text
+    assert samples(text, "eastwest_edge_retransmits_total") == {edge("frontend", "api", 9090): 4}
+    buckets = samples(text, "eastwest_edge_rtt_seconds_bucket")
+    assert buckets[edge("frontend", "api", 9090, le="0.00025")] == 0
+    assert buckets[edge("frontend", "api", 9090, le="0.0005")] == 1
+    assert samples(text, "eastwest_edge_rtt_seconds_sum") == {edge("frontend", "api", 9090): 0.0004}
+
+
+def test_past_the_budget_new_edges_fold_into_other(tmp_path):
+    app = app_for(tmp_path, edge_budget=2)
+    c = TestClient(app)
+    fill(c)
+    text = c.get("/metrics").text
+    conns = samples(text, "eastwest_edge_connections_total")
+    other = tuple(sorted({"client": "other", "client_namespace": "", "server": "other",
+                          "server_namespace": "", "server_port": "", "protocol": ""}.items()))
+    assert conns == {edge("frontend", "api", 9090): 7, other: 2}
+    assert samples(text, "eastwest_edge_series") == {(): 1}
+    assert samples(text, "eastwest_edge_series_folded_total")[()] > 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def exporters(clock, settle=5.0):
+    settings = SimpleNamespace(edge_budget=100, export_settle_s=settle)
+    ex = Exporters(settings, CollectorRegistry(), Drops(), env={}, clock=clock)
+    corr = Correlator(IdentityResolver(MAP))
+
+    def ingest(records):
+        plan = corr.plan(records)
+        corr.commit(plan)
+        ex.on_plan(plan)
+    return ex, ingest
+
+
+def test_a_connection_is_told_once_when_closed_and_settled():
+    clock = Clock()
+    ex, ingest = exporters(clock)
+    ingest([rec("client", final=False)])
+    clock.t += 60
+    assert ex.tick() == []                       # open: never told, however old
+    ingest([rec("client")])                      # the client closes
+    clock.t += 4.9
+    assert ex.tick() == []                       # not settled: the server's view may follow
+    ingest([rec("server")])
+    clock.t += 4.9
+    assert ex.tick() == []
+    clock.t += 0.2
+    (done,) = ex.tick()
+    assert done.observed_by == ["client", "server"]
+    ingest([rec("path")])                        # a late view of a told connection: not told again
+    clock.t += 10
+    assert ex.tick() == [] and ex.completions.pending == 0
+
+
+def test_connections_that_never_close_are_given_up_and_counted():
+    clock = Clock()
+    ex, ingest = exporters(clock)
+    ingest([rec("client", final=False)])
+    clock.t += 1801
+    assert ex.tick() == []
+    assert ex.drops.snapshot() == {("exporters", "never_closed"): 1}
+
+
+@pytest.mark.parametrize("settle", [0.0, 5.0])
+def test_shutdown_tells_every_closed_connection(settle):
+    clock = Clock()
+    ex, ingest = exporters(clock, settle)
+    ingest([rec("client"), rec("client", cport=40001, final=False)])
+    ex.shutdown()
+    assert ex.completions.told == 1 and ex.completions.pending == 1
