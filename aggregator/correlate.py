@@ -187,8 +187,11 @@ class Correlator:
                 conn = found.clone()
                 plan.connections[conn.conn_id] = conn
             old = conn.views.get(view.slot)
-            if old is not None and old.end > rec.end:
-                return  # a late interim record: the newer cumulative one supersedes it
+            if old is not None and old.end > rec.end and (old.final or not rec.final):
+                # a late interim record: the newer cumulative one supersedes it. A final record
+                # always wins over interims (one final per observer): a packet source's interim
+                # `end` is its tick time, later than the flow's last packet, its final's `end`
+                return
             before = conn.best()
         conn.views[view.slot] = view
         self._absorb_side_facts(conn, rec)

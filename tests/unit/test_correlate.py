@@ -142,3 +142,13 @@ def test_prune_forgets_old_closed_connections_by_record_time():
     c = correlator()
     run(c, [[rec("client", start=T0)], [rec("client", cport=40001, start=T0 + timedelta(minutes=10))]])
     assert c.prune() == 1 and len(c) == 1
+
+
+def test_a_final_record_closes_the_connection_even_when_an_interim_ended_later():
+    """A packet source's interim `end` is its tick time; its final's is the last packet's."""
+    c = correlator()
+    run(c, [[rec("path", final=False, dur=5.0, c2s=50, s2c=60)],
+            [rec("path", final=True, dur=3.0, c2s=50, s2c=60)]])
+    (conn,) = all_conns(c)
+    assert conn.closed and conn.views["path:h1"].final
+    assert conn.best()[:2] == (50, 60)
