@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv run demo test test-unit test-golden test-lab bench lint clean
+.PHONY: help setup system venv web run demo test test-unit test-golden test-lab bench lint clean
 
 help:
 	@echo "make run    install what is missing, start eastwest on this host (Ctrl-C stops it)"
@@ -14,13 +14,16 @@ help:
 	@echo "make bench  side-by-side benchmarks; results in docs/benchmarks.md"
 	@echo "make lint   ruff and mypy"
 
-setup: system venv
+setup: system venv web
 
 system:
 	@bash scripts/setup-system.sh
 
 venv:
 	@bash scripts/setup-venv.sh
+
+web:
+	@bash scripts/setup-web.sh
 
 run: setup
 	@bash scripts/run.sh

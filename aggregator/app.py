@@ -6,7 +6,7 @@ In:  `AggregatorSettings` and (optionally, for tests) a `FlowStore`.  Out: a Fas
   graph and query API arrive with the aggregator issue (#6) on this same app and store
 - `/healthz`, `/readyz`, `/metrics` (Prometheus text, no token: counts only; self-metrics and
   the per-edge series of aggregator/exporters/prometheus.py), `/openapi.json`,
-  `/docs`.
+  `/docs`; the dashboard at `/` (aggregator/webui.py, docs/web.md).
 
 Errors are JSON `{"detail": ...}`. Request validation errors are 400 (not FastAPI's 422) and name
 the parameter. Nothing a client sends produces a 500: the store's failures become 503.
@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from aggregator.api import install as install_query_api
 from aggregator.auth import Authenticator, require_read
@@ -32,6 +32,7 @@ from aggregator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aggregator.metrics import AggregatorMetrics
 from aggregator.settings import AggregatorSettings
 from aggregator.store import FlowStore, StoreError, open_store
+from aggregator.webui import install as install_web
 from eastwest import __version__
 from eastwest.codec import Batch
 from eastwest.drops import Drops
@@ -108,9 +109,7 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    install_web(app)  # the dashboard (web/dist) at /, or a page saying how to build it
 
     _add_batch_schema(app)
     return app

@@ -1,0 +1,166 @@
+// The side panel: a node's metrics, upstream, downstream and impact (GET /api/v1/workloads/{id});
+// an edge's numbers from the graph, its connections and bytes over time, who observed it, its
+// VXLAN tunnel and its recent flows (GET /api/v1/flows). Every number shown carries its exact
+// value in data-value, so tests compare it with the API. Untrusted strings are escaped.
+import { get, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
+import { buckets, chart } from "./chart";
+import { edgeId } from "./map";
+import { bytes, esc, filterParams, int, when, type State } from "./state";
+
+export interface PanelContext { graph: Graph; state: State; workloads: Map<string, Workload> | null;
+  select: (kind: "node" | "edge", id: string) => void }
+
+const panel = () => document.getElementById("panel")!;
+const FLOW_PAGE = 500;
+
+function kv(rows: [string, string, string | number | null][]): string {
+  return `<dl class="kv">${rows.map(([field, label, v]) =>
+    `<dt>${esc(label)}</dt><dd data-field="${esc(field)}" data-value="${esc(v ?? "")}">${
+      typeof v === "number" ? esc(int(v)) : esc(v ?? "–")}</dd>`).join("")}</dl>`;
+}
+
+function chips(ids: string[], empty: string): string {
+  if (!ids.length) return `<p class="muted mini">${esc(empty)}</p>`;
+  return `<div class="chips">${ids.map((id) =>
+    `<button type="button" class="chip" data-node="${esc(id)}">${esc(id)}</button>`).join("")}</div>`;
+}
+
+export function open(title: string, body: string, kind: string, id: string): void {
+  const p = panel();
+  p.hidden = false;
+  p.dataset.kind = kind;
+  p.dataset.id = id;
+  document.getElementById("panel-title")!.textContent = title;
+  document.getElementById("panel-body")!.innerHTML = body;
+  p.focus();
+}
+
+export function close(): void {
+  panel().hidden = true;
+}
+
+function wireChips(ctx: PanelContext): void {
+  for (const b of document.querySelectorAll<HTMLButtonElement>("#panel-body .chip[data-node]")) {
+    b.onclick = () => ctx.select("node", b.dataset.node!);
+  }
+}
+
+function windowParams(g: Graph): URLSearchParams {
+  return new URLSearchParams({ from: g.since, to: g.until });
+}
+
+export async function nodePanel(ctx: PanelContext, id: string): Promise<void> {
+  const g = ctx.graph;
+  const n = g.nodes.find((x) => x.id === id);
+  const ins = g.edges.filter((e) => e.target === id), outs = g.edges.filter((e) => e.source === id);
+  const sum = (es: GraphEdge[], f: (e: GraphEdge) => number) => es.reduce((a, e) => a + f(e), 0);
+  const wl = ctx.workloads?.get(id);
+  const head = kv([
+    ["kind", "kind", n?.kind ?? null], ["namespace", "namespace", n?.namespace ?? null],
+    ["host", "host", wl?.host ?? null], ["resolved_by", "identity from", wl?.resolved_by ?? null],
+    ["callers", "callers", ins.length], ["callees", "callees", outs.length],
+    ["in_connections", "connections in", sum(ins, (e) => e.connections_opened)],
+    ["out_connections", "connections out", sum(outs, (e) => e.connections_opened)],
+    ["in_failed", "failed in (refused, reset)", sum(ins, (e) => e.connections_failed + e.resets)],
+    ["out_failed", "failed out (refused, reset)", sum(outs, (e) => e.connections_failed + e.resets)],
+    ["bytes_in", "bytes received as a server", sum(ins, (e) => e.bytes_c2s)],
+    ["bytes_out", "bytes sent as a server", sum(ins, (e) => e.bytes_s2c)],
+  ]);
+  open(id, head + `<div id="node-detail"><p class="muted mini">loading upstream and downstream…</p></div>`, "node", id);
+  if (g.group_by !== "workload" || id === "other") {
+    document.getElementById("node-detail")!.innerHTML =
+      `<h3>Peers</h3>${chips([...new Set([...ins.map((e) => e.source), ...outs.map((e) => e.target)])], "none")}` +
+      (g.group_by === "namespace" ? `<p class="mini">Double-click the node (or <button type="button" class="chip" id="expand">expand</button>) to see its workloads.</p>` : "");
+    wireChips(ctx);
+    return;
+  }
+  try {
+    const d = await get<WorkloadDetail>(`/api/v1/workloads/${encodeURIComponent(id)}`, windowParams(g));
+    if (panel().dataset.id !== id) return;
+    document.getElementById("node-detail")!.innerHTML =
+      `<h3>Downstream: what it depends on</h3>${chips(d.downstream, "depends on nothing seen")}` +
+      `<h3>Upstream: what depends on it</h3>${chips(d.upstream, "nothing calls it")}` +
+      `<h3>Impact: what breaks if it breaks</h3>` +
+      (d.impact.length ? `<div class="chips">${d.impact.map((i) =>
+        `<button type="button" class="chip" data-node="${esc(i.workload)}" title="distance ${i.distance}">${esc(i.workload)} <span class="muted">·${i.distance}</span></button>`).join("")}</div>`
+        : `<p class="muted mini">nothing</p>`);
+    wireChips(ctx);
+  } catch (e) {
+    document.getElementById("node-detail")!.innerHTML = `<p class="err">${esc((e as Error).message)}</p>`;
+  }
+}
+
+function edgeNumbers(e: GraphEdge): string {
+  const obs = Object.entries(e.observed_by).sort((a, b) => b[1] - a[1])
+    .map(([k, v]) => `${k}: ${v}`).join("; ");
+  return kv([
+    ["connections_opened", "connections opened", e.connections_opened],
+    ["connections_active", "still open at the end", e.connections_active],
+    ["connections_closed", "closed", e.connections_closed],
+    ["connections_failed", "failed (refused, timeout)", e.connections_failed],
+    ["resets", "reset", e.resets],
+    ["bytes_c2s", "bytes client → server", e.bytes_c2s],
+    ["bytes_s2c", "bytes server → client", e.bytes_s2c],
+    ["packets_c2s", "packets → (wire)", e.packets_c2s],
+    ["packets_s2c", "packets ← (wire)", e.packets_s2c],
+    ["retransmits", "retransmits", e.retransmits],
+    ["rtt_us", "RTT µs (min/avg/max)", e.rtt_us ? `${e.rtt_us.min} / ${e.rtt_us.avg} / ${e.rtt_us.max}` : null],
+    ["ports", "server ports", e.ports.join(", ")],
+    ["protocols", "protocols", e.protocols.join(", ")],
+    ["observed_by", "observed by (connections)", obs],
+    ["complete", "complete", e.complete ? "yes" : "no: an observer lost events"],
+    ["first_seen", "first seen", when(e.first_seen)], ["last_seen", "last seen", when(e.last_seen)],
+  ]) + `<p class="mini muted">${esc(bytes(e.bytes_c2s))} → · ← ${esc(bytes(e.bytes_s2c))}` +
+    (e.folded > 1 ? ` · stands for ${int(e.folded)} folded edges` : "") + `</p>`;
+}
+
+/** Does a flow belong to the edge source -> target under the graph's grouping? */
+function onEdge(f: Flow, g: Graph, source: string, target: string): boolean {
+  const key = (s: Flow["client"]) => g.group_by === "workload" ? s.workload.id
+    : g.group_by === "namespace" ? (s.workload.namespace ?? s.workload.id) : (s.workload.host ?? "");
+  return source === "other" || (key(f.client) === source && key(f.server) === target);
+}
+
+export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
+  const g = ctx.graph;
+  const e = g.edges.find((x) => edgeId(x.source, x.target) === id);
+  if (!e) return;
+  open(`${e.source} → ${e.target}`, edgeNumbers(e) +
+    `<div id="edge-flows"><p class="muted mini">loading its flows…</p></div>`, "edge", id);
+  const p = filterParams(ctx.state);
+  p.set("since", g.since); p.set("until", g.until); p.set("limit", String(FLOW_PAGE)); p.set("sort", "-start");
+  if (g.group_by === "workload" && e.source !== "other") {
+    const sn = g.nodes.find((n) => n.id === e.source), tn = g.nodes.find((n) => n.id === e.target);
+    if (sn) p.append("from_workload", sn.name);
+    if (tn) p.append("to_workload", tn.name);
+  }
+  try {
+    const res = await get<Flows>("/api/v1/flows", p);
+    if (panel().dataset.id !== id) return;
+    const flows = res.flows.filter((f) => onEdge(f, g, e.source, e.target));
+    const since = Date.parse(g.since), until = Date.parse(g.until);
+    const tunnels = new Map<string, number>();
+    for (const f of flows) if (f.tunnel) {
+      const t = f.tunnel;
+      const k = `VNI ${t.vni}: ${t.vtep_src_host ?? t.vtep_src} → ${t.vtep_dst_host ?? t.vtep_dst}`;
+      tunnels.set(k, (tunnels.get(k) ?? 0) + 1);
+    }
+    const tun = [...tunnels].map(([k, n]) => `<li data-field="tunnel">${esc(k)} <span class="muted">(${n} flows)</span></li>`).join("");
+    document.getElementById("edge-flows")!.innerHTML =
+      `<h3>Over the window</h3>${chart(buckets(flows, since, until))}` +
+      `<p class="mini muted">bars: connections started (failed in the failure colour); line: bytes` +
+      (res.next_cursor ? `; the latest ${FLOW_PAGE} connections only` : "") + `</p>` +
+      `<h3>Tunnel</h3>${tun ? `<ul class="mini">${tun}</ul>` : `<p class="mini muted">no VXLAN: the wire did not see these flows on an underlay</p>`}` +
+      `<h3>Recent flows</h3><table class="mini"><thead><tr><th>start</th><th>client</th><th>port</th><th>outcome</th><th>bytes →/←</th><th>seen by</th></tr></thead><tbody>` +
+      flows.slice(0, 12).map((f) => `<tr class="${f.outcome === "ok" ? "" : "fail"}"><td>${esc(when(f.start).slice(11, 19))}</td>` +
+        `<td>${esc(f.client.ip)}:${f.client.port}</td><td>${f.server.port}</td><td class="outcome">${esc(f.outcome)}</td>` +
+        `<td>${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}</td><td>${esc(f.observed_by.join(","))}</td></tr>`).join("") +
+      `</tbody></table><p class="mini"><button type="button" class="chip" id="edge-to-flows">all its flows in the Flows view</button></p>`;
+    document.getElementById("edge-to-flows")!.onclick = () => {
+      const own = [...p].filter(([k]) => k === "from_workload" || k === "to_workload");
+      window.dispatchEvent(new CustomEvent("eastwest:flows", { detail: own.map(([k, v]) => `${k}=${v}`).join(" ") }));
+    };
+  } catch (err) {
+    document.getElementById("edge-flows")!.innerHTML = `<p class="err">${esc((err as Error).message)}</p>`;
+  }
+}
