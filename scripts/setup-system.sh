@@ -19,7 +19,7 @@ PKGS=(
   # peers and cross-checks for the VXLAN decoder and benchmarks
   tshark softflowd tcpreplay
   # real servers for the scale-out and export tests
-  nats-server prometheus
+  nats-server prometheus clickhouse-server clickhouse-client
   # the dashboard's browser tests
   chromium chromium-driver
 )

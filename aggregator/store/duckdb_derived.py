@@ -157,37 +157,7 @@ class DerivedQueries:
         FROM connections
         WHERE start_ts < $2 AND last_seen >= $1 AND ({where.replace('?', '$P')})
         GROUP BY 1, 2, 3, 4, 5"""
-        edges: dict[tuple[str, str], dict[str, Any]] = {}
-        summed = ("opened", "active", "closed", "failed", "reset", "byte_mismatches", "incomplete",
-                  "rtt_sum", "rtt_n", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
-                  "conn_resets")
-        for r in self._rows(_number_params(sql, 3), [since, until, *params]):
-            e = edges.get((r["src"], r["dst"]))
-            obs = r.pop("observed_by")
-            port, proto = r.pop("server_port"), r.pop("protocol")
-            if e is None:
-                r["observed_by"] = {obs: r["n"]}
-                r["ports"], r["protocols"] = {port}, {proto}
-                edges[(r["src"], r["dst"])] = r
-                continue
-            for k in summed:
-                e[k] = (e[k] or 0) + (r[k] or 0)
-            e["observed_by"][obs] = e["observed_by"].get(obs, 0) + r["n"]
-            e["ports"].add(port)
-            e["protocols"].add(proto)
-            e["first_seen"] = min(e["first_seen"], r["first_seen"])
-            e["last_seen"] = max(e["last_seen"], r["last_seen"])
-            for k, pick in (("rtt_min", min), ("rtt_max", max)):
-                if r[k] is not None:
-                    e[k] = r[k] if e[k] is None else pick(e[k], r[k])
-        for e in edges.values():
-            e["ports"], e["protocols"] = sorted(e["ports"]), sorted(e["protocols"])
-            e["rtt_avg"] = e["rtt_sum"] / e["rtt_n"] if e["rtt_n"] else None
-            e["incomplete"] = bool(e["incomplete"])
-            # timestamps travel as µs: DuckDB's per-value TIMESTAMPTZ -> datetime is slow
-            e["first_seen"] = _EPOCH + timedelta(microseconds=e["first_seen"])
-            e["last_seen"] = _EPOCH + timedelta(microseconds=e["last_seen"])
-        return list(edges.values())
+        return fold_edges(self._rows(_number_params(sql, 3), [since, until, *params]))
 
     def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
                      params: Sequence[Any]) -> list[dict[str, Any]]:
@@ -218,6 +188,42 @@ class DerivedQueries:
             if out.get("flows"):
                 self._count = max(0, self._count - out["flows"])  # type: ignore[has-type]
         return out
+
+
+def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold the flat (edge x observers x port x protocol) rows of `edge_counts` into one row
+    per edge; `first_seen`/`last_seen` come in as epoch µs. Shared by every backend."""
+    edges: dict[tuple[str, str], dict[str, Any]] = {}
+    summed = ("opened", "active", "closed", "failed", "reset", "byte_mismatches", "incomplete",
+              "rtt_sum", "rtt_n", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
+              "conn_resets")
+    for r in rows:
+        e = edges.get((r["src"], r["dst"]))
+        obs = r.pop("observed_by")
+        port, proto = r.pop("server_port"), r.pop("protocol")
+        if e is None:
+            r["observed_by"] = {obs: r["n"]}
+            r["ports"], r["protocols"] = {port}, {proto}
+            edges[(r["src"], r["dst"])] = r
+            continue
+        for k in summed:
+            e[k] = (e[k] or 0) + (r[k] or 0)
+        e["observed_by"][obs] = e["observed_by"].get(obs, 0) + r["n"]
+        e["ports"].add(port)
+        e["protocols"].add(proto)
+        e["first_seen"] = min(e["first_seen"], r["first_seen"])
+        e["last_seen"] = max(e["last_seen"], r["last_seen"])
+        for k, pick in (("rtt_min", min), ("rtt_max", max)):
+            if r[k] is not None:
+                e[k] = r[k] if e[k] is None else pick(e[k], r[k])
+    for e in edges.values():
+        e["ports"], e["protocols"] = sorted(e["ports"]), sorted(e["protocols"])
+        e["rtt_avg"] = e["rtt_sum"] / e["rtt_n"] if e["rtt_n"] else None
+        e["incomplete"] = bool(e["incomplete"])
+        # timestamps travel as µs: DuckDB's per-value TIMESTAMPTZ -> datetime is slow
+        e["first_seen"] = _EPOCH + timedelta(microseconds=e["first_seen"])
+        e["last_seen"] = _EPOCH + timedelta(microseconds=e["last_seen"])
+    return list(edges.values())
 
 
 def _number_params(sql: str, first: int) -> str:

@@ -16,6 +16,7 @@ from aggregator.store import BACKENDS, open_store
 from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.record import Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
+from tests.servers import store_location
 
 T0 = datetime(2026, 11, 28, 4, 0, 0, 123456, tzinfo=UTC)
 INGEST, READ = "i" * 24, "r" * 24
@@ -72,7 +73,7 @@ def stored(client) -> list[dict]:
 # -- the store, per backend ---------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_store_round_trips_every_field_and_marks_the_batch(tmp_path, backend):
-    store = open_store(backend, tmp_path)
+    store = open_store(backend, store_location(backend, tmp_path))
     records = [rec(n) for n in range(7)]
     result = store.ingest("h1", 5, records)
     assert (result.stored, result.duplicate) == (7, False)
@@ -84,11 +85,11 @@ def test_store_round_trips_every_field_and_marks_the_batch(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_store_applies_a_batch_once_even_after_reopening(tmp_path, backend):
-    store = open_store(backend, tmp_path)
+    store = open_store(backend, store_location(backend, tmp_path))
     store.ingest("h1", 1, [rec(1), rec(2)])
     assert store.ingest("h1", 1, [rec(1), rec(2)]).duplicate
     store.close()
-    again = open_store(backend, tmp_path)
+    again = open_store(backend, store_location(backend, tmp_path))
     assert again.ingest("h1", 1, [rec(1), rec(2)]).duplicate
     assert again.ingest("h2", 1, [rec(1, "h2")]).stored == 1  # same seq, other collector
     assert again.count() == 3
@@ -97,7 +98,7 @@ def test_store_applies_a_batch_once_even_after_reopening(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_store_selects_by_time_range_and_collector(tmp_path, backend):
-    store = open_store(backend, tmp_path)
+    store = open_store(backend, store_location(backend, tmp_path))
     store.ingest("h1", 1, [rec(n) for n in range(10)])
     store.ingest("h2", 1, [rec(n, "h2") for n in range(3)])
     window = store.records(T0 + timedelta(seconds=3), T0 + timedelta(seconds=6), collector="h1")

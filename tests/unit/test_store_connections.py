@@ -14,12 +14,14 @@ from aggregator.graph import Window, build_graph
 from aggregator.identity import IdentityResolver
 from aggregator.store import BACKENDS, open_store
 from eastwest.drops import Drops
+from tests.servers import store_location
 from tests.unit.test_correlate import MAP, T0, rec
 
 
 @pytest.fixture(params=BACKENDS)
 def data_dir(request, tmp_path):
-    return request.param, tmp_path / request.param
+    # DuckDB: a directory; ClickHouse: a database on a real server with 2 local shards
+    return request.param, store_location(request.param, tmp_path / request.param)
 
 
 def opened(backend_dir):

@@ -1,0 +1,334 @@
+"""The ClickHouse flow store: the `FlowStore` of several aggregators sharing one store.
+
+In:  batches of validated `FlowRecord`s with their `(collector, batch_seq)` and the batch's
+     correlated tables (`Derived`, aggregator/store/derived.py).
+Out: raw records, connections, edges, rollup volumes and workloads for the API, identical to
+     the DuckDB store's answers (the store and API tests run on both).
+
+Native protocol through `clickhouse-driver` (https://clickhouse-driver.readthedocs.io), which
+speaks to 18.16 and current servers alike. ClickHouse has no multi-statement transactions, so
+the DuckDB store's single transaction becomes an ordered sequence of idempotent inserts, the
+batch mark last (docs/scale-out.md, "Exactly once without transactions"):
+
+    flows -> rollups -> workloads -> connections -> ingested_batches
+
+Every table is a ReplacingMergeTree read with FINAL (aggregator/store/clickhouse_schema.py), so a
+batch whose writing was interrupted (aggregator killed) and then redone by another aggregator
+reads as written once: raw records and rollup deltas carry the (collector, batch_seq) that wrote
+them, connections carry a `version` and the highest one wins. Rollup deltas are computed before
+the connections are replaced, so a redo computes the same deltas as the interrupted try.
+Inserts into `Distributed` tables are synchronous (`insert_distributed_sync=1`): `ingest`
+returns only when every shard has the rows, which is when the NATS consumer acks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+
+from aggregator.store.base import IngestResult, StoreError
+from aggregator.store.clickhouse_derived import ClickHouseQueries, micros
+from aggregator.store.clickhouse_schema import (
+    TABLES,
+    Location,
+    distributed_ddl,
+    local_ddl,
+    parse_version,
+    supports_ttl,
+)
+from aggregator.store.columns import to_table
+from aggregator.store.derived import CONN_DECODER, Derived
+from eastwest.record import FlowRecord
+
+log = logging.getLogger("eastwest.store.clickhouse")
+_dec = msgspec.msgpack.Decoder(FlowRecord)
+_EPOCH_DAY = date(1970, 1, 1)
+SYNC = {"insert_distributed_sync": 1}
+MUTATION_WAIT_S = 300.0
+KNOWN_VERSIONS = 1_000_000
+
+
+def day_of(us: int) -> date:
+    return _EPOCH_DAY + timedelta(days=us // 86_400_000_000)
+
+
+def arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
+    """Arrow columns -> Python lists the driver inserts (timestamps as µs, booleans as 0/1)."""
+    out: dict[str, list[Any]] = {}
+    for f, col in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_timestamp(f.type):
+            out[f.name] = col.cast(pa.int64()).to_pylist()
+        elif pa.types.is_boolean(f.type):
+            out[f.name] = [None if v is None else int(v) for v in col.to_pylist()]
+        else:
+            out[f.name] = col.to_pylist()
+    return out
+
+
+class ClickHouseStore(ClickHouseQueries):
+    """`FlowStore` on a ClickHouse database (or a cluster of shards behind Distributed tables)."""
+
+    backend = "clickhouse"
+
+    def __init__(self, location: str | Location) -> None:
+        from clickhouse_driver import Client  # imported here: the DuckDB path never needs it
+
+        self._Client = Client
+        self.loc = location if isinstance(location, Location) else Location.parse(location)
+        self.db = self.loc.database
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._versions: OrderedDict[str, int] = OrderedDict()  # conn_id -> last version written
+        self._last_version = 0
+        try:
+            self.server_version = parse_version(str(self._exec("SELECT version()")[0][0]))
+            self._create()
+        except StoreError:
+            raise
+        except Exception as exc:  # the driver's network and server errors
+            raise StoreError(f"clickhouse {self.loc}: cannot open the store: {exc}") from exc
+        if self.loc.ttl_days and not supports_ttl(self.server_version):
+            log.info("clickhouse %s: server %s has no table TTL; retention runs in the aggregator "
+                     "(day partitions dropped, boundary day deleted by mutation)", self.loc,
+                     ".".join(map(str, self.server_version)))
+
+    # -- connections to the server -----------------------------------------------------------
+    def _client(self) -> Any:
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._Client(**self.loc.client_kwargs())
+            self._local.client = c
+        return c
+
+    def _exec(self, sql: str, params: Any = None, **kw: Any) -> Any:
+        if self._closed:
+            raise StoreError(f"clickhouse {self.loc} is closed")
+        try:
+            return self._client().execute(sql, params, **kw)
+        except Exception as exc:  # clickhouse_driver.errors.Error, socket errors, EOFError
+            # a broken connection is not reused: the next call reconnects
+            self._local.client = None
+            raise StoreError(f"clickhouse {self.loc}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+    def _shards(self) -> list[tuple[str, int, str]]:
+        """(host, port, local database) of every shard; one entry without a cluster."""
+        if not self.loc.cluster:
+            return [(self.loc.host, self.loc.port, self.db)]
+        rows = self._exec("SELECT host_name, port, default_database FROM system.clusters "
+                          "WHERE cluster = %(c)s AND replica_num = 1 ORDER BY shard_num",
+                          {"c": self.loc.cluster})
+        if not rows:
+            raise StoreError(f"clickhouse {self.loc}: cluster {self.loc.cluster!r} is not in the "
+                             "server's remote_servers")
+        return [(h, int(p), d or "default") for h, p, d in rows]
+
+    def _on_shard(self, host: str, port: int, sql: str, params: Any = None) -> Any:
+        c = self._Client(**self.loc.client_kwargs(host, port))
+        try:
+            return c.execute(sql, params)
+        except Exception as exc:
+            raise StoreError(f"clickhouse shard {host}:{port}: {exc}") from exc
+        finally:
+            c.disconnect()
+
+    def local_table(self, name: str) -> str:
+        return f"{self.db}_{name}" if self.loc.cluster else name
+
+    def _create(self) -> None:
+        self._exec(f"CREATE DATABASE IF NOT EXISTS {self.db}")
+        for host, port, ldb in self._shards():
+            if self.loc.cluster:
+                self._on_shard(host, port, f"CREATE DATABASE IF NOT EXISTS {ldb}")
+            for t in TABLES:
+                self._on_shard(host, port, local_ddl(t, f"{ldb}.{self.local_table(t.name)}",
+                                                     self.server_version, self.loc.ttl_days))
+        if self.loc.cluster:
+            for t in TABLES:
+                self._exec(distributed_ddl(t, f"{self.db}.{t.name}", self.loc.cluster,
+                                           self.local_table(t.name)))
+
+    def _insert(self, table: str, cols: dict[str, list[Any]]) -> None:
+        names = ", ".join(cols)
+        self._exec(f"INSERT INTO {self.db}.{table} ({names}) VALUES", list(cols.values()),
+                   columnar=True, settings=SYNC)
+
+    # -- writes -------------------------------------------------------------------------------
+    def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
+               derived: Derived | None = None) -> IngestResult:
+        now = datetime.now(UTC)
+        with self._lock:
+            if self.batch_applied(collector, batch_seq):
+                return IngestResult(collector, batch_seq, 0, True)
+            try:
+                if records:
+                    cols = arrow_columns(to_table(collector, batch_seq, records, now))
+                    cols = {"day": [day_of(us) for us in cols["end_ts"]], **cols}
+                    self._insert("flows", cols)
+                if derived is not None:
+                    self._write_derived(collector, batch_seq, derived)
+                self._insert("ingested_batches", {
+                    "day": [now.date()], "collector": [collector], "batch_seq": [batch_seq],
+                    "records": [len(records)], "ingested_at": [micros(now)]})
+            except StoreError as exc:
+                raise StoreError(f"batch ({collector!r}, {batch_seq}) not stored: {exc}") from exc
+            return IngestResult(collector, batch_seq, len(records), False)
+
+    def _next_version(self, conn_id: str) -> int:
+        # above anything this store wrote or read for the connection, and above the clock:
+        # another aggregator that wrote the connection before (read back by `recent_connections`
+        # or `connections_for_keys`) is outranked even when its clock is ahead of ours
+        now = time.time_ns() // 1000
+        v = max(now, self._last_version + 1, self._versions.get(conn_id, 0) + 1)
+        self._last_version = v
+        return v
+
+    def remember_version(self, conn_id: str, version: int) -> None:
+        self._versions[conn_id] = max(version, self._versions.get(conn_id, 0))
+        self._versions.move_to_end(conn_id)
+        while len(self._versions) > KNOWN_VERSIONS:
+            self._versions.popitem(last=False)
+
+    def _write_derived(self, collector: str, batch_seq: int, d: Derived) -> None:
+        if d.rollups is not None and d.rollups.num_rows:
+            cols = arrow_columns(d.rollups)
+            n = d.rollups.num_rows
+            self._insert("rollups", {"day": [day_of(m) for m in cols["minute"]],
+                                     "collector": [collector] * n, "batch_seq": [batch_seq] * n,
+                                     **cols})
+        if d.workloads is not None and d.workloads.num_rows:
+            cols = arrow_columns(d.workloads)
+            v = self._next_version("")
+            self._insert("workloads", {"day": [day_of(t) for t in cols["last_seen"]],
+                                       "version": [v] * d.workloads.num_rows, **cols})
+        if d.connections is not None and d.connections.num_rows:
+            cols = arrow_columns(d.connections)
+            days, versions = [], []
+            for cid, state in zip(cols["conn_id"], cols["state"], strict=True):
+                conn = CONN_DECODER.decode(state)
+                # the creating view's start never changes (views keep their insertion order and
+                # one observer reports one start): every version lands in the same partition
+                first = next(iter(conn.views.values())).start
+                days.append(first.astimezone(UTC).date())
+                versions.append(self._next_version(cid))
+            self._insert("connections", {"day": days, "version": versions, **cols})
+            for cid, v in zip(cols["conn_id"], versions, strict=True):
+                self.remember_version(cid, v)
+
+    # -- raw reads ----------------------------------------------------------------------------
+    def batch_applied(self, collector: str, batch_seq: int) -> bool:
+        rows = self._exec(f"SELECT count() FROM {self.db}.ingested_batches WHERE collector = "
+                          "%(c)s AND batch_seq = %(s)s", {"c": collector, "s": batch_seq})
+        return bool(rows[0][0])
+
+    def records(self, since: datetime | None = None, until: datetime | None = None, *,
+                collector: str | None = None, limit: int | None = None) -> list[FlowRecord]:
+        where, params = ["1"], {}
+        if since is not None:
+            where.append("end_ts >= %(since)s")
+            params["since"] = micros(since)
+        if until is not None:
+            where.append("end_ts < %(until)s")
+            params["until"] = micros(until)
+        if collector is not None:
+            where.append("collector = %(collector)s")
+            params["collector"] = collector
+        sql = (f"SELECT record FROM {self.db}.flows FINAL WHERE {' AND '.join(where)} "
+               "ORDER BY end_ts, record_id")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = self._exec(sql, params, settings={"strings_as_bytes": True})
+        return [_dec.decode(r[0]) for r in rows]
+
+    def count(self) -> int:
+        return int(self._exec(f"SELECT count() FROM {self.db}.flows FINAL")[0][0])
+
+    def batches(self) -> int:
+        return int(self._exec(f"SELECT count() FROM {self.db}.ingested_batches FINAL")[0][0])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        c = getattr(self._local, "client", None)
+        if c is not None:
+            c.disconnect()
+
+    # -- retention ----------------------------------------------------------------------------
+    def apply_retention(self, cutoff: datetime) -> dict[str, int]:
+        """Delete what ended before `cutoff` (the DuckDB store's rule, row for row).
+
+        18.16 has no table TTL, and even with one TTL only acts at merges: whole day partitions
+        before the cutoff's day are dropped (cheap), the rest goes by `ALTER TABLE ... DELETE`
+        mutations on every shard, awaited until done. A connection is deleted with all its
+        versions when its latest `last_seen` is before the cutoff; a workload when its latest
+        `last_seen` is, so the survivors keep their `first_seen`."""
+        cut = micros(cutoff)
+        out: dict[str, int] = {}
+        with self._lock:
+            out["flows"] = self._scalar(f"SELECT count() FROM {self.db}.flows FINAL "
+                                       f"WHERE end_ts < {cut}")
+            conns = self._scalar(f"SELECT count() FROM {self.db}.connections FINAL "
+                                f"WHERE last_seen < {cut}")
+            out["connections"] = conns
+            out["rollups"] = self._scalar(f"SELECT count() FROM {self.db}.rollups FINAL "
+                                         f"WHERE minute < {cut}")
+            old_wids = [r[0] for r in self._exec(
+                f"SELECT wid FROM {self.db}.workloads GROUP BY wid HAVING max(last_seen) < {cut}")]
+            out["workloads"] = len(old_wids)
+            plans: list[tuple[str, str, bool]] = []
+            if out["flows"]:
+                plans.append(("flows", f"end_ts < {cut}", True))
+            if out["rollups"]:
+                plans.append(("rollups", f"minute < {cut}", True))
+            if conns:
+                # every version of a connection whose newest version ended before the cutoff
+                # (older versions of live connections have an older last_seen, harmless to drop)
+                plans.append(("connections", f"last_seen < {cut}", False))
+            if old_wids:
+                quoted = ", ".join("'" + w.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                                   for w in old_wids)
+                plans.append(("workloads", f"wid IN ({quoted})", False))
+            for table, cond, by_day in plans:
+                self._delete(table, cond, cutoff.astimezone(UTC).date() if by_day else None)
+        return out
+
+    def _scalar(self, sql: str) -> int:
+        return int(self._exec(sql)[0][0])
+
+    def _delete(self, table: str, cond: str, before_day: date | None) -> None:
+        local = self.local_table(table)
+        for host, port, ldb in self._shards():
+            if before_day is not None:
+                parts = self._on_shard(host, port, "SELECT DISTINCT partition FROM system.parts "
+                                       "WHERE database = %(d)s AND table = %(t)s AND active",
+                                       {"d": ldb, "t": local})
+                for (p,) in parts:
+                    if p.isdigit() and int(p) < int(before_day.strftime("%Y%m%d")):
+                        self._on_shard(host, port, f"ALTER TABLE {ldb}.{local} DROP PARTITION {p}")
+            self._on_shard(host, port, f"ALTER TABLE {ldb}.{local} DELETE WHERE {cond}")
+            self._await_mutations(host, port, ldb, local)
+
+    def _await_mutations(self, host: str, port: int, ldb: str, local: str) -> None:
+        give_up = time.monotonic() + MUTATION_WAIT_S
+        delay = 0.01
+        while True:
+            left = self._on_shard(host, port, "SELECT count() FROM system.mutations WHERE "
+                                  "database = %(d)s AND table = %(t)s AND is_done = 0",
+                                  {"d": ldb, "t": local})[0][0]
+            if not left:
+                return
+            if time.monotonic() > give_up:
+                raise StoreError(f"clickhouse shard {host}:{port}: {left} mutations of "
+                                 f"{ldb}.{local} still running after {MUTATION_WAIT_S:.0f} s")
+            time.sleep(delay)  # the server offers no wait for mutations before 20.x
+            delay = min(delay * 2, 0.5)

@@ -1,0 +1,197 @@
+"""ClickHouse side of the correlated tables: the queries of the API and of correlation.
+
+Stage: store (reads). In: the API's compiled filters (`Filter.to_sql`, written for DuckDB with
+`?` placeholders) and windows; correlation's restart and refresh reads. Out: rows shaped exactly
+like the DuckDB store's (aggregator/store/duckdb_derived.py), so graph, flows, workloads, diff
+and the stream give the same answers on both backends.
+
+Every read goes through `FINAL` (the newest version of a connection, each raw record and rollup
+delta once: aggregator/store/clickhouse_schema.py). Times are µs integers in the tables and
+`datetime`s (UTC) at this interface. The filter SQL is rewritten into what ClickHouse 18.16
+parses: `position(? IN col)` -> `position(col, ?)`, `true`/`false` -> 1/0, `?` -> `%(pN)s`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aggregator.connection import Connection
+from aggregator.store.clickhouse_schema import BOOL_COLUMNS, TIME_COLUMNS
+from aggregator.store.derived import CONN_DECODER, ROLLUP_COUNTERS
+from aggregator.store.duckdb_derived import fold_edges
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_POSITION = re.compile(r"position\(\?\s+IN\s+([A-Za-z_][A-Za-z0-9_]*)\)")
+_BOOL = re.compile(r"\b(true|false)\b", re.IGNORECASE)
+
+GROUPS = {
+    "workload": ("client_wid", "server_wid"),
+    "namespace": ("ifNull(client_namespace, client_wid)", "ifNull(server_namespace, server_wid)"),
+    "host": ("if(ifNull(client_host, '') = '', 'unknown', client_host)",
+             "if(ifNull(server_host, '') = '', 'unknown', server_host)"),
+}
+
+
+def micros(t: datetime) -> int:
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+def dialect(sql: str, params: Sequence[Any], start: int = 0) -> tuple[str, dict[str, Any]]:
+    """DuckDB-flavoured filter SQL with `?` -> ClickHouse SQL with named parameters."""
+    sql = _POSITION.sub(lambda m: f"position({m.group(1)}, ?)", sql)
+    sql = _BOOL.sub(lambda m: "1" if m.group(1).lower() == "true" else "0", sql)
+    sql = sql.replace("%", "%%")
+    parts = sql.split("?")
+    if len(parts) - 1 != len(params):
+        raise ValueError(f"{len(parts) - 1} placeholders for {len(params)} parameters: {sql!r}")
+    out, named = [parts[0]], {}
+    for i, (p, tail) in enumerate(zip(params, parts[1:], strict=True)):
+        name = f"p{start + i}"
+        named[name] = _param(p)
+        out.append(f"%({name})s{tail}")
+    return "".join(out), named
+
+
+def _param(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return micros(v)
+    if isinstance(v, bool):
+        return int(v)
+    return v
+
+
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    for k, v in row.items():
+        if k in TIME_COLUMNS:
+            row[k] = from_micros(v)
+        elif k in BOOL_COLUMNS and v is not None:
+            row[k] = bool(v)
+    return row
+
+
+class ClickHouseQueries:
+    """Mixed into ClickHouseStore: needs `db` and `_exec(sql, params, **kw)`."""
+
+    db: str
+
+    def _exec(self, sql: str, params: Any = None, **kw: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def remember_version(self, conn_id: str, version: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _dicts(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        rows, cols = self._exec(sql, params, with_column_types=True)
+        names = [c[0] for c in cols]
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    # -- correlation state --------------------------------------------------------------------
+    def _states(self, where: str, params: dict[str, Any]) -> list[Connection]:
+        rows = self._exec(f"SELECT conn_id, version, state FROM {self.db}.connections FINAL "
+                          f"WHERE {where}", params, settings={"strings_as_bytes": True})
+        out = []
+        for cid, version, state in rows:
+            self.remember_version(cid.decode(), int(version))
+            out.append(CONN_DECODER.decode(state))
+        return out
+
+    def recent_connections(self, horizon_s: float) -> list[Connection]:
+        newest = self._exec(f"SELECT max(last_seen), count() FROM {self.db}.connections FINAL")
+        if not newest or not newest[0][1]:
+            return []
+        return self._states("last_seen >= %(lo)s", {"lo": int(newest[0][0]) - int(horizon_s * 1e6)})
+
+    def connections_for_keys(self, keys: Iterable[tuple[str, str, int, str, int, int]]
+                             ) -> dict[tuple, list[Connection]]:
+        """The stored connections (newest versions) of these correlation keys: what another
+        aggregator may have written since this one last looked (aggregator/consume.py)."""
+        keys = set(keys)
+        if not keys:
+            return {}
+        params = {"sp": sorted({k[4] for k in keys}), "si": sorted({k[3] for k in keys}),
+                  "cp": sorted({k[2] for k in keys})}
+        out: dict[tuple, list[Connection]] = {k: [] for k in keys}
+        for c in self._states("server_port IN %(sp)s AND server_ip IN %(si)s AND "
+                              "client_port IN %(cp)s", params):
+            if c.key in out:
+                out[c.key].append(c)
+        return out
+
+    def connection_count(self) -> int:
+        return int(self._exec(f"SELECT count() FROM {self.db}.connections FINAL")[0][0])
+
+    # -- queries ------------------------------------------------------------------------------
+    def connections(self, where: str, params: Sequence[Any], *, order: str, limit: int,
+                    columns: Sequence[str]) -> list[dict[str, Any]]:
+        cond, named = dialect(where, params)
+        sql = (f"SELECT {', '.join(columns)} FROM {self.db}.connections FINAL WHERE {cond} "
+               f"ORDER BY {order} LIMIT {int(limit)}")
+        return [_typed(r) for r in self._dicts(sql, named)]
+
+    def edge_counts(self, since: datetime, until: datetime, group_by: str, where: str,
+                    params: Sequence[Any]) -> list[dict[str, Any]]:
+        cg, sg = GROUPS[group_by]
+        cond, named = dialect(where, params)
+        named.update(since=micros(since), until=micros(until))
+        closed_ts = "ifNull(closed_ts, 0)"
+        sql = f"""
+        SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol,
+          any(client_name) AS src_name, any(client_namespace) AS src_namespace,
+          any(client_kind) AS src_kind, any(server_name) AS dst_name,
+          any(server_namespace) AS dst_namespace, any(server_kind) AS dst_kind,
+          count() AS n,
+          countIf(start_ts >= %(since)s) AS opened,
+          countIf(closed = 0 OR {closed_ts} >= %(until)s) AS active,
+          countIf(closed = 1 AND {closed_ts} >= %(since)s AND {closed_ts} < %(until)s) AS closed_n,
+          countIf(start_ts >= %(since)s AND ifNull(outcome, '') IN ('refused', 'timeout')) AS failed,
+          countIf(start_ts >= %(since)s AND ifNull(outcome, '') = 'reset') AS reset,
+          countIf(byte_mismatch = 1) AS byte_mismatches,
+          countIf(incomplete = 1) AS incomplete_n,
+          min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
+          max(rtt_max_us) AS rtt_max, min(start_ts) AS first_us, max(last_seen) AS last_us,
+          sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
+          sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets
+        FROM {self.db}.connections FINAL
+        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND ({cond})
+        GROUP BY src, dst, observed_by, server_port, protocol"""
+        rows = self._dicts(sql, named)
+        for r in rows:
+            r["closed"], r["incomplete"] = r.pop("closed_n"), r.pop("incomplete_n")
+            r["first_seen"], r["last_seen"] = r.pop("first_us"), r.pop("last_us")
+            if not r["rtt_n"]:
+                r["rtt_sum"] = None  # DuckDB's sum over no values is NULL too
+        return fold_edges(rows)
+
+    def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
+                     params: Sequence[Any]) -> list[dict[str, Any]]:
+        cg, sg = GROUPS[group_by]
+        cond, named = dialect(where, params)
+        named.update(since=micros(since.replace(second=0, microsecond=0)), until=micros(until))
+        sums = ", ".join(f"sum({n}) AS {n}" for n in ROLLUP_COUNTERS)
+        sql = (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM {self.db}.rollups FINAL "
+               f"WHERE minute >= %(since)s AND minute < %(until)s AND ({cond}) GROUP BY src, dst")
+        return self._dicts(sql, named)
+
+    def workload_rows(self) -> list[dict[str, Any]]:
+        """One row per workload: the attributes first written, the earliest first_seen and the
+        latest last_seen (the DuckDB store's ON CONFLICT rule)."""
+        attrs = ("name", "namespace", "kind", "host", "labels", "source")
+        picks = ", ".join(f"argMin({a}, version) AS {a}_" for a in attrs)
+        rows = self._dicts(
+            f"SELECT wid, {picks}, min(first_seen) AS first_us, max(last_seen) AS last_us "
+            f"FROM {self.db}.workloads FINAL GROUP BY wid ORDER BY wid", {})
+        out = []
+        for r in rows:
+            row = {"wid": r["wid"], **{a: r[f"{a}_"] for a in attrs}}
+            row["first_seen"], row["last_seen"] = from_micros(r["first_us"]), from_micros(r["last_us"])
+            out.append(row)
+        return out

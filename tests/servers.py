@@ -1,0 +1,219 @@
+"""Real servers for tests and benchmarks: ClickHouse (two local shards) and NATS JetStream.
+
+Each server runs from the Debian package's binary (clickhouse-server 18.16, nats-server 2.9)
+with its own config and data directory under a temporary directory, on free loopback ports, and
+is stopped (and its directory removed) by `stop()`. Readiness is awaited by connecting, never by
+sleeping a fixed time.
+
+ClickHouse's `remote_servers` defines the cluster `ew`: two shards on this same server, told
+apart by `<default_database>` (ew_s1, ew_s2), the same layout as two real shard hosts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CLICKHOUSE_BIN = shutil.which("clickhouse-server") or "/usr/sbin/clickhouse-server"
+NATS_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
+CLUSTER = "ew"
+SHARD_DBS = ("ew_s1", "ew_s2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _await(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    """Poll `ready()` until it is true; fail with the server's log when the process died."""
+    give_up = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: "
+                               f"{log.read_text(errors='replace')[-2000:] if log.exists() else ''}")
+        if ready():
+            return
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"{what} not ready after {timeout:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class ClickHouseServer:
+    def __init__(self, root: Path | None = None) -> None:
+        if not os.path.exists(CLICKHOUSE_BIN):
+            raise RuntimeError(f"{CLICKHOUSE_BIN} is missing: run scripts/setup-system.sh "
+                               "(Debian package clickhouse-server)")
+        self.root = Path(root or tempfile.mkdtemp(prefix="ew-clickhouse-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, database: str, cluster: bool = True) -> str:
+        return (f"clickhouse://127.0.0.1:{self.port}/{database}"
+                + (f"?cluster={CLUSTER}" if cluster else ""))
+
+    def start(self) -> ClickHouseServer:
+        r = self.root
+        for d in ("data", "tmp", "user_files", "schemas"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        shards = "".join(
+            f"<shard><replica><host>127.0.0.1</host><port>{self.port}</port>"
+            f"<default_database>{db}</default_database></replica></shard>" for db in SHARD_DBS)
+        (r / "config.xml").write_text(f"""<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{r}/server.log</log><errorlog>{r}/error.log</errorlog>
+    <console>0</console></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <tcp_port>{self.port}</tcp_port>
+  <path>{r}/data/</path>
+  <tmp_path>{r}/tmp/</tmp_path>
+  <user_files_path>{r}/user_files/</user_files_path>
+  <format_schema_path>{r}/schemas/</format_schema_path>
+  <mark_cache_size>67108864</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+  <users_config>users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <timezone>UTC</timezone>
+  <remote_servers><{CLUSTER}>{shards}</{CLUSTER}></remote_servers>
+</yandex>
+""")
+        (r / "users.xml").write_text("""<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks>
+    <profile>default</profile><quota>default</quota></default></users>
+  <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
+    <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time>
+  </interval></default></quotas>
+</yandex>
+""")
+        out = open(r / "stdout.log", "ab")  # noqa: SIM115 - the server owns it until stop()
+        self.proc = subprocess.Popen([CLICKHOUSE_BIN, f"--config-file={r}/config.xml"],
+                                     stdout=out, stderr=subprocess.STDOUT, cwd=r,
+                                     start_new_session=True)
+        _await("clickhouse-server", self._answers, self.proc, r / "error.log")
+        return self
+
+    def _answers(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        from clickhouse_driver import Client
+
+        c = Client(host="127.0.0.1", port=self.port, connect_timeout=1)
+        try:
+            c.execute("SELECT 1")
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+        finally:
+            c.disconnect()
+
+    def client(self):
+        from clickhouse_driver import Client
+
+        return Client(host="127.0.0.1", port=self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class NatsServer:
+    """nats-server with JetStream, file storage under its own directory; restartable on the
+    same port and store (`stop(keep=True)` then `start()`), as the restart test needs."""
+
+    def __init__(self, root: Path | None = None, max_payload: int = 8 * 1024 * 1024) -> None:
+        if not os.path.exists(NATS_BIN):
+            raise RuntimeError(f"{NATS_BIN} is missing: run scripts/setup-system.sh "
+                               "(Debian package nats-server)")
+        self.root = Path(root or tempfile.mkdtemp(prefix="ew-nats-"))
+        self.port = free_port()
+        self.max_payload = max_payload
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        (self.root / "js").mkdir(parents=True, exist_ok=True)
+        conf = self.root / "nats.conf"
+        conf.write_text(f"""listen: 127.0.0.1:{self.port}
+max_payload: {self.max_payload}
+jetstream {{ store_dir: "{self.root}/js", max_memory_store: 268435456, max_file_store: 4294967296 }}
+""")
+        log = self.root / "nats.log"
+        self.proc = subprocess.Popen([NATS_BIN, "-c", str(conf), "-l", str(log)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        _await("nats-server", self._ready, self.proc, log)
+        return self
+
+    def _ready(self) -> bool:
+        log = self.root / "nats.log"
+        return (_port_open(self.port) and log.exists()
+                and "Server is ready" in log.read_text(errors="replace"))
+
+    def stop(self, keep: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:  # the next start appends; readiness looks at the new lines only
+            log = self.root / "nats.log"
+            if log.exists():
+                log.rename(self.root / f"nats-{time.monotonic_ns()}.log")
+
+
+_clickhouse: ClickHouseServer | None = None
+
+
+def shared_clickhouse() -> ClickHouseServer:
+    """One ClickHouse server per test process, started on first use, stopped at exit."""
+    global _clickhouse
+    if _clickhouse is None:
+        _clickhouse = ClickHouseServer().start()
+        atexit.register(_clickhouse.stop)
+    return _clickhouse
+
+
+def store_location(backend: str, path: Path) -> str | Path:
+    """Where `open_store(backend, ...)` keeps a test's store: the DuckDB directory, or a
+    ClickHouse database (named after the directory, so reopening finds it) on 2 local shards."""
+    if backend == "duckdb":
+        return path
+    db = "t_" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    return shared_clickhouse().url(db)
