@@ -1,22 +1,27 @@
-"""The bulk VXLAN decoder: many packets per call, vectorized with numpy.
+"""The bulk VXLAN decoder: many packets per call, in C when the native helper is built, else
+vectorized with numpy.
 
 Stage: decoder (the default). In: a byte array (a mapped capture file or a live receive
 buffer) with the offset, captured length and time of each packet. Out: `packets.Decoded`.
 
-No Python runs per packet: each header field is gathered for all packets at once with fancy
-indexing (`buf[offsets + k]`), and each check of the policy in `packets.py` is a mask over all
-rows; the first failing check gives a row its drop reason. Rows whose layout is not vectorized
-(IPv6 extension headers, more than two VLAN tags) are handed, one by one, to the scapy
-reference decoder (`reference.decode_one`), which applies the same policy. The differential
-test (tests/unit/test_vxlan_differential.py) holds the two to equal output on every column.
+No Python runs per packet. `decode_native` hands the whole block to `ew_decode_columns`
+(ewvxlan_decode.c), which applies the policy of `packets.py` frame by frame and writes the
+columns in place. `decode_numpy` gathers each header field for all packets at once with fancy
+indexing (`buf[offsets + k]`), and each check of the policy is a mask over all rows; the first
+failing check gives a row its drop reason; rows whose layout it does not vectorize (IPv6
+extension headers, more than two VLAN tags) are handed, one by one, to the scapy reference
+decoder (`reference.decode_one`). The differential test (tests/unit/test_vxlan_differential.py)
+holds both to equal scapy's output on every column.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable
 
 import numpy as np
 
+from collector.vxlan import native
 from collector.vxlan.packets import (
     CODE, ETH_IP4, ETH_IP6, ETH_VLAN, FALLBACK, GENEVE_PORT, ICMP, ICMP6, IP6_EXTENSIONS, OK, TCP,
     UDP, VXLAN_GPE_PORT, Decoded,
@@ -113,7 +118,42 @@ def _ip(r: _Rows, et: np.ndarray, p: np.ndarray, non_ip: str) -> dict[str, np.nd
 
 def decode_bulk(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.ndarray,
                 ports: Iterable[int], linktype: np.ndarray | None = None) -> Decoded:
-    """Decode every packet `buf[off[i]:off[i]+cap[i]]` into columns."""
+    """Decode every packet `buf[off[i]:off[i]+cap[i]]` into columns: natively if the helper
+    is built, else with numpy (the same columns)."""
+    lib = native.load()
+    if lib is not None:
+        return decode_native(lib, buf, off, cap, ts_us, ports, linktype)
+    return decode_numpy(buf, off, cap, ts_us, ports, linktype)
+
+
+def decode_native(lib: ctypes.CDLL, buf: np.ndarray, off: np.ndarray, cap: np.ndarray,
+                  ts_us: np.ndarray, ports: Iterable[int],
+                  linktype: np.ndarray | None = None) -> Decoded:
+    """`ew_decode_columns` over the whole block; it writes the columns of `Decoded` in place."""
+    ports = tuple(sorted(set(ports)))
+    n = len(off)
+    out = Decoded.empty(n)
+    out.ts_us[:] = ts_us
+    if n == 0:
+        return out
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    off = np.ascontiguousarray(off, dtype=np.int64)
+    cap = np.ascontiguousarray(cap, dtype=np.int64)
+    if off.min() < 0 or cap.min() < 0 or int((off + cap).max()) > len(buf):
+        raise ValueError(f"packet outside the buffer ({len(buf)} bytes)")  # C must not read it
+    link = None if linktype is None else np.ascontiguousarray(linktype, dtype=np.uint16)
+    names = [c.split(":")[0] for c in Decoded.native_columns().split(",")]
+    cols = (ctypes.c_void_p * len(names))(*(getattr(out, name).ctypes.data for name in names))
+    lib.ew_decode_columns(buf.ctypes.data, off.ctypes.data, cap.ctypes.data,
+                          None if link is None else link.ctypes.data, n,
+                          native.ports_array(ports), len(ports), cols)
+    return out
+
+
+def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.ndarray,
+                 ports: Iterable[int], linktype: np.ndarray | None = None) -> Decoded:
+    """Decode every packet `buf[off[i]:off[i]+cap[i]]` into columns with numpy (and scapy for
+    the layouts it does not vectorize)."""
     ports = tuple(sorted(set(ports)))
     n = len(off)
     out = Decoded.empty(n)

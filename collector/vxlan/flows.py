@@ -1,12 +1,14 @@
-"""The VXLAN flow table: decoded packets -> flow records (vectorized per batch, Python per flow).
+"""The VXLAN flow table: batches of packets -> flow records (vectorized per batch, Python per flow).
 
-Stage: after the decoders. In: `packets.Decoded` batches (in capture order) and ticks (`now` in
-µs: packet time for files, wall time live). Out: `FlowRecord`s (observer "path", tunnel filled).
+Stage: after the decoders. In: `packets.Decoded` batches (`add`, in capture order) or session
+rows made by the native scan (`merge`), and ticks (`now` in µs: packet time for files, wall time
+live). Out: `FlowRecord`s (observer "path", tunnel filled).
 
 A flow is (VNI, inner IP family, protocol, the two inner endpoints); the VNI keeps overlapping
-pod address spaces apart. Within a batch, packets are grouped with numpy (a 64-bit hash of the
-key, checked column by column for collisions, then a stable sort), cut into sessions and summed
-with `reduceat`; Python only runs per session, to merge it into the table.
+pod address spaces apart. Within a batch, packets are grouped by key and cut into sessions, each
+summed into one row of `ROW_FIELDS` (`grouping.py` with numpy, or `ewvxlan_flows.c` while it
+reads a file); Python only runs per session, in `merge`, to add it into the table. This module
+imports no numpy: the native file path never needs it.
 
 Sessions of one key are cut where (a) the gap since the key's previous packet exceeds the idle
 timeout, or (b) a TCP SYN without ACK follows a FIN or RST of the same key since its previous
@@ -29,21 +31,32 @@ from __future__ import annotations
 import ipaddress
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from collector.pipeline import CollectorContext
-from collector.vxlan.packets import (
-    ECHO_REPLY, ECHO_REQUEST, OK, REASONS, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Decoded,
-    is_icmp, join128, proto_name,
-)
+from collector.vxlan.packets import REASONS, TCP, join128, proto_name
 from eastwest.record import Endpoint, FlowRecord, Source, Tunnel, flags_from_bits
+
+if TYPE_CHECKING:
+    from collector.vxlan.packets import Decoded
 
 CLOSE_GRACE_S = 2.0
 EPHEMERAL = (32768, 60999)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_BIG = np.iinfo(np.int64).max
-_M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+
+# One session (the packets of one key within a batch, between cuts), as both groupers write
+# it: the key (A = the lower endpoint), then sums and evidence. Directions: 0 A->B, 1 B->A,
+# DIR_NONE not seen. o0_* / o1_*: outer header of the first A->B / B->A packet (fam 0: none).
+ROW_FIELDS = (
+    "vni", "fam", "proto", "a_hi", "a_lo", "a_port", "b_hi", "b_lo", "b_port",
+    "newkey", "tmin", "tmax", "start_syn", "pk0", "cnt", "by0", "by1", "l30", "l31", "flags",
+    "rst", "fin0", "fin1", "first_dir", "syn_dir", "synack_dir", "req_dir", "rep_dir",
+    "has_syn", "tail_fr",
+    "o0_fam", "o0_src_hi", "o0_src_lo", "o0_dst_hi", "o0_dst_lo", "o0_dport",
+    "o1_fam", "o1_src_hi", "o1_src_lo", "o1_dst_hi", "o1_dst_lo", "o1_dport",
+)
+NFIELDS = len(ROW_FIELDS)
+DIR_NONE = 2
 
 
 def utc_us(us: int) -> datetime:
@@ -71,7 +84,7 @@ class FlowState:
         self.first_us = self.last_us = 0
         self.syn_dir = self.synack_dir = self.echo_req_dir = self.echo_rep_dir = -1
         self.first_dir = -1
-        self.outer: list[tuple[int, int, int, int, int, int] | None] = [None, None]
+        self.outer: list[tuple[int, ...] | None] = [None, None]
         self.finrst_since_syn = False
         self.emitted_pkts = 0
 
@@ -106,120 +119,65 @@ class FlowTable:
 
     # -- packets in ---------------------------------------------------------------------------
     def add(self, d: Decoded) -> list[FlowRecord]:
-        """Account a batch; returns the final records of flows whose key a new session took."""
-        bad = d.status[d.status != OK]
-        if len(bad):
-            for code, n in zip(*np.unique(bad, return_counts=True), strict=True):
-                self.ctx.drops.count("vxlan", REASONS[int(code) - 1], int(n))
-        c = d.take(np.flatnonzero(d.status == OK))
-        if len(c) == 0:
-            return []
-        self.packets += len(c)
-        swap = (c.src_hi > c.dst_hi) | ((c.src_hi == c.dst_hi) & (
-            (c.src_lo > c.dst_lo) | ((c.src_lo == c.dst_lo) & (c.sport > c.dport))))
-        keys = [c.vni.astype(np.uint64), c.fam.astype(np.uint64), c.proto.astype(np.uint64),
-                np.where(swap, c.dst_hi, c.src_hi), np.where(swap, c.dst_lo, c.src_lo),
-                np.where(swap, c.dport, c.sport).astype(np.uint64),
-                np.where(swap, c.src_hi, c.dst_hi), np.where(swap, c.src_lo, c.dst_lo),
-                np.where(swap, c.sport, c.dport).astype(np.uint64)]
-        order, newkey = _group(keys)
-        return self._sessions(c, swap.astype(np.int8), keys, order, newkey)
+        """Account a decoded batch; returns the final records of flows a new session ended."""
+        from collector.vxlan.grouping import decoded_reasons, session_rows
 
-    def _sessions(self, c: Decoded, dirs: np.ndarray, keys: list[np.ndarray], order: np.ndarray,
-                  newkey: np.ndarray) -> list[FlowRecord]:
-        n = len(order)
-        ts, fl, dr = c.ts_us[order], c.flags[order].astype(np.int64), dirs[order]
-        fam, proto, icmp_t = c.fam[order], c.proto[order], c.icmp_type[order]
-        tcp = proto == TCP
-        gap = np.zeros(n, dtype=bool)
-        gap[1:] = (ts[1:] - ts[:-1]) > self.idle_us
-        gap &= ~newkey
-        pure_syn = tcp & ((fl & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-        synack = tcp & ((fl & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK))
-        finrst = tcp & ((fl & (TCP_FIN | TCP_RST)) != 0)
-        seg = np.cumsum(newkey | gap | pure_syn) - 1
-        seg_fr = np.bincount(seg, weights=finrst, minlength=int(seg[-1]) + 1) > 0
-        prev_seg = np.maximum(seg - 1, 0)
-        syn_split = pure_syn & ~newkey & ~gap & seg_fr[prev_seg]
-        starts = np.flatnonzero(newkey | gap | syn_split)
-        last = np.append(starts[1:], n) - 1
-        pos = np.arange(n, dtype=np.int64)
-        d0 = dr == 0
+        self.count_drops(decoded_reasons(d))
+        rows, packets = session_rows(d, self.idle_us)
+        self.packets += packets
+        return self.merge(rows)
 
-        def first(mask: np.ndarray) -> np.ndarray:
-            return np.minimum.reduceat(np.where(mask, pos, _BIG), starts)
+    def count_drops(self, counts: list[tuple[int, int]]) -> None:
+        """(status code, packets) pairs of undecoded packets, counted per reason."""
+        for code, n in counts:
+            self.ctx.drops.count("vxlan", REASONS[code - 1], n)
 
-        def total(values: np.ndarray) -> np.ndarray:
-            return np.add.reduceat(values.astype(np.int64), starts)
-
-        is_icmp_row = ((fam == 4) & (proto == 1)) | ((fam == 6) & (proto == 58))
-        req = is_icmp_row & (icmp_t == np.where(fam == 4, ECHO_REQUEST[4], ECHO_REQUEST[6]))
-        rep = is_icmp_row & (icmp_t == np.where(fam == 4, ECHO_REPLY[4], ECHO_REPLY[6]))
-        pay, l3 = c.payload[order], c.l3len[order]
-        cols = {
-            "pk0": total(d0), "cnt": np.diff(np.append(starts, n)),
-            "by0": total(np.where(d0, pay, 0)), "by1": total(np.where(d0, 0, pay)),
-            "l30": total(np.where(d0, l3, 0)), "l31": total(np.where(d0, 0, l3)),
-            "flags": np.bitwise_or.reduceat(fl, starts), "rst": total(tcp & ((fl & TCP_RST) != 0)),
-            "fin0": total(tcp & d0 & ((fl & TCP_FIN) != 0)),
-            "fin1": total(tcp & ~d0 & ((fl & TCP_FIN) != 0)),
-            "tmin": np.minimum.reduceat(ts, starts), "tmax": np.maximum.reduceat(ts, starts),
-            "syn": first(pure_syn), "synack": first(synack), "req": first(req), "rep": first(rep),
-            "o0": first(d0), "o1": first(~d0), "has_syn": total(pure_syn),
-            "tail_fr": seg_fr[seg[last]], "start_syn": pure_syn[starts], "newkey": newkey[starts],
-        }
-        lists = {k: v.tolist() for k, v in cols.items()}
-        key_rows = np.stack([k[order][starts] for k in keys], axis=1).tolist()
-        dr_l = dr.tolist() if n < 4 * len(starts) else None
-        outer_cols = [c.ofam, c.osrc_hi, c.osrc_lo, c.odst_hi, c.odst_lo, c.odport]
-        outer_sorted = [col[order] for col in outer_cols]
-
-        def direction(p: int) -> int:
-            if p == _BIG:
-                return -1
-            return dr_l[p] if dr_l is not None else int(dr[p])
-
-        def outer_at(p: int) -> tuple[int, int, int, int, int, int] | None:
-            if p == _BIG:
-                return None
-            return tuple(int(col[p]) for col in outer_sorted)  # type: ignore[return-value]
-
-        out: list[FlowRecord] = []
-        for i, key_list in enumerate(key_rows):
-            key = tuple(key_list)
-            st = self.flows.get(key)
-            if st is not None:
-                split = (not lists["newkey"][i]
-                         or lists["tmin"][i] - st.last_us > self.idle_us
-                         or (lists["start_syn"][i] and st.finrst_since_syn))
-                if split:
-                    out.append(self._record(st, final=True, end_us=st.last_us))
-                    st = None
+    def merge(self, rows: list[int]) -> list[FlowRecord]:
+        """Add a batch's sessions (flat, NFIELDS values each, in grouping order); returns the
+        final records of flows whose key a new session took."""
+        flows, idle_us, out = self.flows, self.idle_us, []
+        for j in range(0, len(rows), NFIELDS):
+            (newkey, tmin, tmax, start_syn, pk0, cnt, by0, by1, l30, l31, flags, rst, fin0, fin1,
+             first_dir, syn, synack, req, rep, has_syn, tail_fr) = rows[j + 9:j + 30]
+            key = tuple(rows[j:j + 9])
+            st = flows.get(key)
+            if st is not None and (not newkey or tmin - st.last_us > idle_us
+                                   or (start_syn and st.finrst_since_syn)):
+                out.append(self._record(st, final=True, end_us=st.last_us))
+                st = None
             if st is None:
-                st = self.flows[key] = FlowState(key)
-                st.first_us = lists["tmin"][i]
-                st.first_dir = direction(int(starts[i]))
-            pk0 = lists["pk0"][i]
-            st.pkts[0] += pk0
-            st.pkts[1] += lists["cnt"][i] - pk0
-            st.bytes[0] += lists["by0"][i]
-            st.bytes[1] += lists["by1"][i]
-            st.l3[0] += lists["l30"][i]
-            st.l3[1] += lists["l31"][i]
-            st.flags |= lists["flags"][i]
-            st.resets += lists["rst"][i]
-            st.fins |= (1 if lists["fin0"][i] else 0) | (2 if lists["fin1"][i] else 0)
-            st.first_us = min(st.first_us, lists["tmin"][i])
-            st.last_us = max(st.last_us, lists["tmax"][i])
-            for attr, name in (("syn_dir", "syn"), ("synack_dir", "synack"),
-                               ("echo_req_dir", "req"), ("echo_rep_dir", "rep")):
-                if getattr(st, attr) < 0:
-                    setattr(st, attr, direction(lists[name][i]))
-            for dd, name in ((0, "o0"), (1, "o1")):
-                if st.outer[dd] is None:
-                    st.outer[dd] = outer_at(lists[name][i])
-            tail = bool(lists["tail_fr"][i])
-            st.finrst_since_syn = tail if lists["has_syn"][i] else (st.finrst_since_syn or tail)
+                st = flows[key] = FlowState(key)
+                st.first_us = tmin
+                st.first_dir = first_dir
+            pkts, byts, l3 = st.pkts, st.bytes, st.l3
+            pkts[0] += pk0
+            pkts[1] += cnt - pk0
+            byts[0] += by0
+            byts[1] += by1
+            l3[0] += l30
+            l3[1] += l31
+            st.flags |= flags
+            st.resets += rst
+            st.fins |= (1 if fin0 else 0) | (2 if fin1 else 0)
+            if tmin < st.first_us:
+                st.first_us = tmin
+            if tmax > st.last_us:
+                st.last_us = tmax
+            if st.syn_dir < 0 and syn != DIR_NONE:
+                st.syn_dir = syn
+            if st.synack_dir < 0 and synack != DIR_NONE:
+                st.synack_dir = synack
+            if st.echo_req_dir < 0 and req != DIR_NONE:
+                st.echo_req_dir = req
+            if st.echo_rep_dir < 0 and rep != DIR_NONE:
+                st.echo_rep_dir = rep
+            outer = st.outer
+            if outer[0] is None and rows[j + 30]:
+                outer[0] = tuple(rows[j + 30:j + 36])
+            if outer[1] is None and rows[j + 36]:
+                outer[1] = tuple(rows[j + 36:j + 42])
+            st.finrst_since_syn = (bool(tail_fr) if has_syn
+                                   else (st.finrst_since_syn or bool(tail_fr)))
         return out
 
     # -- records out --------------------------------------------------------------------------
@@ -274,31 +232,3 @@ class FlowTable:
                           outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport),
             tcp_flags=flags_from_bits(st.flags) if proto == TCP else None,
         )
-
-
-def _group(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stable order that makes equal keys contiguous (capture order kept within a key), and the
-    mask of rows (in that order) that start a new key. A 64-bit hash sorts fast; a collision
-    (two keys, one hash) is detected and answered with an exact lexicographic sort."""
-    h = np.zeros(len(keys[0]), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for col in keys:
-            h = (h ^ col.astype(np.uint64)) * _M1
-            h ^= h >> np.uint64(31)
-            h *= _M2
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    newkey = np.ones(len(order), dtype=bool)
-    newkey[1:] = hs[1:] != hs[:-1]
-    differs = np.zeros(len(order), dtype=bool)
-    for col in keys:
-        s = col[order]
-        differs[1:] |= s[1:] != s[:-1]
-    if (differs & ~newkey).any():  # a hash collision: exact sort instead
-        order = np.lexsort([np.arange(len(h))] + keys[::-1])
-        newkey = np.ones(len(order), dtype=bool)
-        newkey[1:] = False
-        for col in keys:
-            s = col[order]
-            newkey[1:] |= s[1:] != s[:-1]
-    return order, newkey

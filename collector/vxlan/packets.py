@@ -2,7 +2,8 @@
 
 Stage: between the decoders (`bulk.py`, vectorized numpy; `reference.py`, scapy per packet) and
 the flow table (`flows.py`). In: nothing (definitions). Out: `Decoded`, one numpy column per
-field, one row per packet, plus `status` (0 = decoded, else the drop reason's code).
+field, one row per packet, plus `status` (0 = decoded, else the drop reason's code). numpy is
+imported only when a `Decoded` is made: the native file path (`scan.py`) never makes one.
 
 The policy, applied in this order by both decoders (the differential test holds them to it):
 
@@ -27,8 +28,10 @@ bytes come from the inner IP length fields, so snap-length-cut captures still co
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_PORTS = (4789, 8472)
 GENEVE_PORT = 6081
@@ -94,18 +97,24 @@ class Decoded:
     payload: np.ndarray     # int64, transport payload bytes
     l3len: np.ndarray       # int64, inner IP bytes with headers
 
-    DTYPES = {"status": np.uint8, "ts_us": np.int64, "vni": np.uint32, "ofam": np.uint8,
-              "osrc_hi": np.uint64, "osrc_lo": np.uint64, "odst_hi": np.uint64,
-              "odst_lo": np.uint64, "odport": np.uint16, "fam": np.uint8, "src_hi": np.uint64,
-              "src_lo": np.uint64, "dst_hi": np.uint64, "dst_lo": np.uint64, "proto": np.uint8,
-              "sport": np.uint16, "dport": np.uint16, "flags": np.uint8, "icmp_type": np.int16,
-              "payload": np.int64, "l3len": np.int64}
+    DTYPES = {"status": "u1", "ts_us": "i8", "vni": "u4", "ofam": "u1", "osrc_hi": "u8",
+              "osrc_lo": "u8", "odst_hi": "u8", "odst_lo": "u8", "odport": "u2", "fam": "u1",
+              "src_hi": "u8", "src_lo": "u8", "dst_hi": "u8", "dst_lo": "u8", "proto": "u1",
+              "sport": "u2", "dport": "u2", "flags": "u1", "icmp_type": "i2", "payload": "i8",
+              "l3len": "i8"}
 
     @classmethod
     def empty(cls, n: int) -> Decoded:
+        import numpy as np
+
         cols = {f.name: np.zeros(n, dtype=cls.DTYPES[f.name]) for f in fields(cls)}
         cols["icmp_type"][:] = -1
         return cls(**cols)
+
+    @classmethod
+    def native_columns(cls) -> str:
+        """The columns the native decoder writes, as ewvxlan.h's EW_COLUMNS names them."""
+        return ",".join(f"{f.name}:{cls.DTYPES[f.name]}" for f in fields(cls) if f.name != "ts_us")
 
     def __len__(self) -> int:
         return len(self.status)

@@ -4,11 +4,16 @@ Stage: source (`eastwest collector --pcap FILE`). In: a file path and the collec
 (`--decoder`, `--vxlan-port`, `--interval`, `--idle-timeout`). Out: `FlowRecord`s with
 source="pcap", observer="path", `tunnel` filled, handed to `emit` in batches; then `run` returns.
 
+Two paths, one answer. With the native helper built and `--decoder bulk` (the default), the
+file goes through `scan.scan_file`: walked, decoded and summed into flow sessions in C, without
+numpy. Otherwise (`--decoder scapy`, or no C compiler at set-up) `pcapfile.read_index` indexes
+it, a decoder makes `packets.Decoded` columns, and `FlowTable.add` groups them with numpy.
+
 Time is the packets' time, never the wall clock, so one file always gives the same records:
 the stream is cut where the running maximum of packet time crosses a multiple of `--interval`,
 and each cut is a tick of the flow table (interim records, idle and closed flows ending). Long
-stretches are also cut every `CHUNK` packets without a tick, which bounds memory and changes
-nothing in the output.
+stretches are also cut every `CHUNK` packets without a tick, which bounds memory; both paths cut
+at the same packets, so they give the same records in the same order.
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import argparse
 import logging
 import threading
 from collections.abc import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from collector.pipeline import CollectorContext, Emit
-from collector.vxlan.bulk import decode_bulk
+from collector.vxlan import native
 from collector.vxlan.flows import FlowTable
-from collector.vxlan.packets import DEFAULT_PORTS, Decoded
-from collector.vxlan.pcapfile import PacketIndex, read_index
+from collector.vxlan.packets import DEFAULT_PORTS
 from eastwest.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy is imported only by the paths that need it
+    import numpy as np
+
+    from collector.vxlan.packets import Decoded
+    from collector.vxlan.pcapfile import PacketIndex
 
 CHUNK = 262_144
 log = logging.getLogger("eastwest.collector.vxlan")
@@ -56,12 +65,16 @@ def decode_index(ix: PacketIndex, sel: slice, ports: tuple[int, ...], decoder: s
 
         frames = [ix.buf[o:o + c].tobytes() for o, c in zip(off.tolist(), cap.tolist(), strict=True)]
         return decode_reference(frames, ts, ports, link)
+    from collector.vxlan.bulk import decode_bulk
+
     return decode_bulk(ix.buf, off, cap, ts, ports, link)
 
 
 def chunks(ts_us: np.ndarray, interval_us: int, chunk: int = CHUNK) -> Iterator[tuple[int, int, int | None]]:
     """(start, stop, tick time or None) pieces of a capture: a tick where packet time (running
     maximum) enters a new interval, and a piece boundary without tick every `chunk` packets."""
+    import numpy as np
+
     n = len(ts_us)
     if n == 0:
         return
@@ -88,6 +101,17 @@ class PcapSource:
         self.table = FlowTable(ctx, "pcap", idle_timeout=idle)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
+        lib = native.load() if self.decoder == "bulk" else None
+        if lib is not None:
+            from collector.vxlan.scan import scan_file
+
+            scan_file(lib, self.path, self.ports, self.interval_us, CHUNK, self.table, emit, stop)
+            return
+        if self.decoder == "bulk":  # the numpy path: same records, slower
+            (log.warning if native.refused() else log.debug)(
+                "VXLAN native helper not used: %s", native.why_not())
+        from collector.vxlan.pcapfile import read_index
+
         ix = read_index(self.path)
         log.info("%s: %d packets", self.path, len(ix))
         for start, end, tick in chunks(ix.ts_us, self.interval_us):

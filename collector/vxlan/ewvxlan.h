@@ -1,0 +1,73 @@
+/* ewvxlan: the native helper of the bulk VXLAN path (collector/vxlan/native.py loads it).
+ *
+ * Three parts, one shared library, loaded with ctypes (no Python C API, so one build serves
+ * every Python version):
+ *   ewvxlan_walk.c    pcap / pcapng record walk (draft-ietf-opsawg-pcap, -pcapng): the linked
+ *                     list of record headers followed in C; index arrays or one record at a time
+ *   ewvxlan_decode.c  the decoding policy of collector/vxlan/packets.py for one frame (RFC 7348
+ *                     VXLAN over RFC 791 / RFC 8200 / RFC 768, inner RFC 9293 TCP, UDP, ICMP)
+ *   ewvxlan_flows.c   a capture file -> batches of per-flow sessions, summed in a hash table
+ *                     with the session rules of collector/vxlan/flows.py
+ *
+ * Layouts shared with Python are named in strings (EW_COLUMNS, EW_ROW_FIELDS) that the loader
+ * compares with its own before it uses the library; the build embeds a digest of these sources
+ * (EW_SOURCE_DIGEST) so a stale build is never loaded.
+ */
+#ifndef EWVXLAN_H
+#define EWVXLAN_H
+
+#include <stdint.h>
+
+/* status codes: the order of packets.REASONS (0 = decoded) */
+enum {
+    EW_OK = 0, EW_TRUNCATED, EW_MALFORMED, EW_NOT_VXLAN, EW_GENEVE, EW_GPE, EW_NO_VNI,
+    EW_INNER_NON_IP, EW_FRAGMENT, EW_LINKTYPE, EW_NREASONS
+};
+
+/* walker errors (formatted in Python by pcapfile.walk_error): code, byte offset, a, b */
+enum {
+    EW_E_NONE = 0, EW_E_PCAP_TOO_BIG, EW_E_PCAP_CUT, EW_E_PCAP_HDR_CUT, EW_E_NG_HDR_CUT,
+    EW_E_NG_BOM, EW_E_NG_BLOCK, EW_E_NG_IFACE, EW_E_NG_OVERRUN, EW_E_NG_SPB_NO_IF, EW_E_TIME,
+    EW_E_NOMEM, EW_E_IO
+};
+
+#define EW_MAX_RECORD (256u * 1024u) /* pcapfile.MAX_RECORD */
+
+/* one decoded frame: the columns of packets.Decoded (except ts_us) */
+struct ew_row {
+    uint64_t osrc_hi, osrc_lo, odst_hi, odst_lo, src_hi, src_lo, dst_hi, dst_lo;
+    int64_t payload, l3len;
+    uint32_t vni;
+    uint16_t odport, sport, dport;
+    int16_t icmp_type;
+    uint8_t ofam, fam, proto, flags;
+};
+#define EW_COLUMNS "status:u1,vni:u4,ofam:u1,osrc_hi:u8,osrc_lo:u8,odst_hi:u8,odst_lo:u8," \
+    "odport:u2,fam:u1,src_hi:u8,src_lo:u8,dst_hi:u8,dst_lo:u8,proto:u1,sport:u2,dport:u2," \
+    "flags:u1,icmp_type:i2,payload:i8,l3len:i8"
+
+/* one capture record */
+struct ew_rec {
+    const uint8_t *data; /* the frame, valid until the next peek */
+    uint64_t off;       /* offset of the frame's first byte */
+    uint32_t cap, wire; /* captured and wire lengths */
+    int64_t ts;         /* µs since the epoch */
+    uint16_t linktype;
+};
+
+struct ew_walk;
+
+int ew_decode(const uint8_t *frame, uint64_t cap, const uint16_t *ports, int nports,
+              struct ew_row *row);
+int ew_walk_peek(struct ew_walk *w, struct ew_rec *rec); /* 1 record, 0 end, -1 error */
+void ew_walk_advance(struct ew_walk *w);
+
+/* one session row (ewvxlan_flows.c), uint64 each: the names of flows.ROW_FIELDS */
+#define EW_ROW_FIELDS "vni,fam,proto,a_hi,a_lo,a_port,b_hi,b_lo,b_port,newkey,tmin,tmax," \
+    "start_syn,pk0,cnt,by0,by1,l30,l31,flags,rst,fin0,fin1,first_dir,syn_dir,synack_dir," \
+    "req_dir,rep_dir,has_syn,tail_fr,o0_fam,o0_src_hi,o0_src_lo,o0_dst_hi,o0_dst_lo,o0_dport," \
+    "o1_fam,o1_src_hi,o1_src_lo,o1_dst_hi,o1_dst_lo,o1_dport"
+#define EW_NFIELDS 42
+#define EW_DIR_NONE 2
+
+#endif

@@ -1,0 +1,116 @@
+"""A capture file through the native helper: records walked, frames decoded and summed into
+flow sessions in C, in one pass, batch by batch; Python runs per session, never per packet.
+
+Stage: the bulk path of `PcapSource` when the native helper is built (`native.load()`). In: a
+capture file, the VXLAN ports, the tick interval and the flow table. Out: `FlowRecord`s handed to
+`emit` per batch (the table's finals and interims), then the table's flush; the same records,
+in the same order, as the numpy path (`pcapfile.read_index` -> `bulk.decode_bulk` ->
+`FlowTable.add`), which tests/unit/test_vxlan_native.py and the golden tests hold it to.
+
+The file is read through a 256 KiB window (pread; the resident set does not grow with the
+file), once. A corrupt file must stop with its `CaptureError` (naming the byte offset) before
+any record is emitted, as on the numpy path, which indexes the whole file first; so records
+are held back until the scan reaches the end of the file (the scan checks every record header
+it reads). If more than `HOLD` records pile up first, the rest of the file is walked once for
+its headers only (a clone of the walker), and from then on records go out batch by batch.
+Batches are cut exactly where `source.chunks` cuts: where the running maximum of packet time
+enters a new interval (then the table ticks), and every `CHUNK` records. numpy is not imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+
+from collector.pipeline import Emit
+from collector.vxlan import native
+from collector.vxlan.flows import NFIELDS, FlowTable
+from collector.vxlan.packets import REASONS
+from collector.vxlan.pcapfile import open_capture, walk_error
+from eastwest.record import FlowRecord
+
+log = logging.getLogger("eastwest.collector.vxlan")
+
+
+HOLD = 16_384  # records held back (a few MiB) before the rest of the file is checked apart
+
+
+def scan_file(lib: ctypes.CDLL, path: str, ports: tuple[int, ...], interval_us: int,
+              chunk: int, table: FlowTable, emit: Emit, stop: threading.Event) -> None:
+    fd, size, form = open_capture(path)
+    walk = scan = None
+    try:
+        walk = lib.ew_walk_new(None, fd, size, form.fmt, form.big, form.nano, form.linktype,
+                               form.start)
+        scan = lib.ew_scan_new()
+        if not walk or not scan:
+            raise MemoryError("ew_walk_new / ew_scan_new")
+        packets = _batches(lib, walk, scan, path, ports, interval_us, chunk, table, emit, stop)
+    finally:
+        lib.ew_scan_free(scan)
+        lib.ew_walk_free(walk)
+        os.close(fd)
+    log.info("%s: %d packets", path, packets)
+    emit(table.flush())
+
+
+def _batches(lib: ctypes.CDLL, walk: int, scan: int, path: str, ports: tuple[int, ...],
+             interval_us: int, chunk: int, table: FlowTable, emit: Emit,
+             stop: threading.Event) -> int:
+    """Scan batch after batch to the end of the file (or `stop`); the records read."""
+    port_arr = native.ports_array(ports)
+    out = (ctypes.c_int64 * 5)()
+    idle_us, packets = table.idle_us, 0
+    held: list[FlowRecord] | None = []  # None once the whole file is known to be sound
+    reasons = range(1, len(REASONS) + 1)
+    while not stop.is_set():
+        rc = lib.ew_scan_batch(scan, walk, port_arr, len(ports), idle_us, interval_us, chunk, out)
+        if rc == -1:
+            raise _error(lib, walk, path)
+        if rc != 0:
+            raise MemoryError("ew_scan_batch: out of memory")
+        consumed, has_tick, tick, at_end, sessions = out
+        packets += consumed
+        drops = lib.ew_scan_drops(scan)
+        counts = [(code, drops[code]) for code in reasons if drops[code]]
+        table.count_drops(counts)
+        table.packets += consumed - sum(n for _, n in counts)
+        rows: list[int] = []
+        if sessions:
+            flat = ctypes.string_at(lib.ew_scan_rows(scan), sessions * NFIELDS * 8)
+            rows = memoryview(flat).cast("Q").tolist()
+        records = table.merge(rows)
+        if has_tick:
+            records += table.tick(tick)
+        if held is None:
+            emit(records)
+        else:
+            held += records
+            if len(held) > HOLD and not at_end:
+                _check_rest(lib, walk, path)
+                emit(held)
+                held = None
+        if at_end:
+            break
+    if held:
+        emit(held)
+    return packets
+
+
+def _check_rest(lib: ctypes.CDLL, walk: int, path: str) -> None:
+    """Walk the headers of the rest of the file (a clone: `walk` stays where it is)."""
+    rest = lib.ew_walk_clone(walk)
+    if not rest:
+        raise MemoryError("ew_walk_clone")
+    try:
+        if lib.ew_walk_count(rest) < 0:
+            raise _error(lib, rest, path)
+    finally:
+        lib.ew_walk_free(rest)
+
+
+def _error(lib: ctypes.CDLL, walk: int, path: str) -> Exception:
+    err = lib.ew_walk_error(walk)
+    return walk_error(path, int(err[0]), int(err[1]), int(err[2]), int(err[3]))
