@@ -20,6 +20,11 @@ else
   say ".venv up to date"
 fi
 
+# The bulk VXLAN path's C helper, compiled from collector/vxlan/ewvxlan*.c with this machine's
+# compiler into .venv/lib/eastwest/ (rebuilt only when the sources changed). Without a compiler
+# it says so and the collector decodes with numpy instead: same records, slower.
+.venv/bin/python -m collector.vxlan.native_build --quiet
+
 # bcc is pure Python over libbcc.so, packaged only for Debian's python3. Link that package (and
 # nothing else of dist-packages) into the venv. PyPI's "bcc" is an unrelated project.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
