@@ -188,7 +188,7 @@ function elements(g: Graph, s: State, workloads: Map<string, Workload> | null,
   }
   for (const n of nodes.values()) {
     let parent: string | undefined;
-    if (s.group === "namespace-box" && n.namespace) parent = `ns:${n.namespace}`;
+    if (s.group === "namespace-box") parent = n.namespace ? `ns:${n.namespace}` : n.id.startsWith("external:") ? "ext:" : undefined;
     if (s.group === "host-box") {
       const h = workloads?.get(n.id)?.host;
       if (h) parent = `host:${h}`;
@@ -199,7 +199,8 @@ function elements(g: Graph, s: State, workloads: Map<string, Workload> | null,
   }
   for (const p of [...parents].reverse()) { // parents before their children
     const [kind, name] = [p.slice(0, p.indexOf(":")), p.slice(p.indexOf(":") + 1)];
-    out.unshift({ group: "nodes", data: { id: p, label: kind === "ns" ? `namespace ${name}` : `host ${name}`,
+    const label = kind === "ns" ? `namespace ${name}` : kind === "ext" ? "outside the known workloads" : `host ${name}`;
+    out.unshift({ group: "nodes", data: { id: p, label,
       ns: kind === "ns" ? name : undefined } });
   }
   const weight = (e: GraphEdge) => s.widthBy === "bytes" ? e.bytes_c2s + e.bytes_s2c : e.connections_opened;

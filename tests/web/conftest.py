@@ -1,0 +1,122 @@
+"""Fixtures for the dashboard's browser tests: Debian's Chromium driven headless by Playwright
+(from PyPI; no browser download, ever), the built dashboard (web/dist, made by `make setup`),
+and helpers that read what the map shows. Screenshots go to test-artifacts/web/ (gitignored).
+
+Without Chromium or a built dashboard these tests FAIL with what to run: CI installs both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from tests.conftest import ARTIFACTS, REPO
+from tests.lab.conftest import lab_factory  # noqa: F401  (the lab tests' fixture, reused)
+
+try:  # the lab tests' shared helpers: aggregator under uvicorn, per-host collectors, truth
+    from tests.lab.harness import (  # noqa: F401
+        INGEST,
+        READ,
+        Aggregator,
+        collectors,
+        served_edges,
+        truth_edges,
+        window_of,
+    )
+except ImportError:  # tests/lab/harness.py not landed yet: the same helpers where they began
+    from tests.lab.test_aggregator_e2e import (  # noqa: F401
+        INGEST,
+        READ,
+        Aggregator,
+        collectors,
+        served_edges,
+        truth_edges,
+        window_of,
+    )
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = ARTIFACTS / "web"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
+    if not (REPO / "web" / "dist" / "index.html").is_file():
+        pytest.fail("the dashboard is not built (web/dist): run `make setup` or scripts/setup-web.sh")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    # the page's CSP forbids eval; Playwright's wait_for_function needs it, so tests bypass it
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, bypass_csp=True)
+    pg = ctx.new_page()
+    pg.errors = []  # uncaught exceptions in the page fail the test
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    ctx.close()
+    assert not pg.errors, pg.errors
+
+
+def shot(page, name: str) -> Path:
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def seq(page) -> int:
+    return page.evaluate("window.eastwest ? window.eastwest.seq : 0")
+
+
+def wait_render(page, after: int, timeout: float = 30_000) -> int:
+    """Wait until the map rendered again after render number `after`; returns the new number."""
+    page.wait_for_function(f"window.eastwest && window.eastwest.seq > {after}", timeout=timeout)
+    return seq(page)
+
+
+def open_dashboard(page, url: str, token: str | None, **params: str) -> None:
+    frag = f"#token={token}" if token else ""
+    page.goto(f"{url}/?{urlencode(params)}{frag}")
+
+
+def shown(page) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+    """What the map draws: workload (or namespace, host) node ids, edges, and each node's box."""
+    nodes, edges, parents = page.evaluate("""() => {
+        const cy = window.eastwest.cy;
+        const leaf = cy.nodes().filter(n => !n.isParent());
+        return [leaf.map(n => n.id()), cy.edges().map(e => [e.source().id(), e.target().id()]),
+                Object.fromEntries(leaf.map(n => [n.id(), n.parent().nonempty() ? n.parent().id() : '']))];
+    }""")
+    return sorted(nodes), sorted(tuple(e) for e in edges), parents
+
+
+def api_view(graph: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    return sorted(n["id"] for n in graph["nodes"]), sorted((e["source"], e["target"]) for e in graph["edges"])
+
+
+def click_edge(page, source: str, target: str) -> None:
+    """A real mouse click on the middle of the edge as drawn on the canvas."""
+    x, y = page.evaluate("""([s, t]) => {
+        const cy = window.eastwest.cy;
+        const e = cy.edges().filter(e => e.source().id() === s && e.target().id() === t)[0];
+        cy.fit(e.union(e.connectedNodes()), 120);
+        if (cy.zoom() > 1.3) { cy.zoom(1.3); cy.center(e); }
+        const p = e.renderedMidpoint(), r = document.getElementById('map').getBoundingClientRect();
+        return [r.left + p.x, r.top + p.y];
+    }""", [source, target])
+    page.mouse.click(x, y)
+
+
+def panel_numbers(page) -> dict[str, str]:
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll(
+        '#panel dd[data-field]')].map(d => [d.dataset.field, d.dataset.value]))""")
