@@ -42,14 +42,25 @@ MAX_RECORDS_PAGE = 100_000
 
 def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> FastAPI:
     owned = store is None
-    the_store: FlowStore = store if store is not None else open_store(settings.store, settings.data_dir)
+    the_store: FlowStore = store if store is not None else open_store(
+        settings.store, getattr(settings, "clickhouse_url", None) or settings.data_dir)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         exporters = getattr(_app.state, "exporters", None)
         if exporters is not None:
             exporters.start()
+        consumer = None
+        if getattr(settings, "nats", None) is not None:  # NATS JetStream intake (issue #10)
+            from aggregator.consume import ConsumerSettings, JetStreamConsumer
+
+            consumer = JetStreamConsumer(ConsumerSettings(
+                settings.nats, settings.nats_durable, settings.nats_ack_wait_s), _app.state)
+            _app.state.consumer = consumer
+            consumer.start()
         yield
+        if consumer is not None:
+            consumer.stop()
         if exporters is not None:
             exporters.shutdown()  # closed connections told, OTLP queue drained
         if owned:

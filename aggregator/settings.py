@@ -58,6 +58,11 @@ class AggregatorSettings:
     otlp_queue_size: int | None = None
     otlp_metrics_interval_s: float | None = None
     export_settle_s: float = 5.0
+    # scale-out (issue #10; docs/scale-out.md): a shared ClickHouse store, NATS JetStream intake
+    clickhouse_url: str | None = None
+    nats: Any = None                 # eastwest.jetstream.NatsOptions when --nats is given
+    nats_durable: str = "eastwest-aggregators"
+    nats_ack_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.insecure_open and not is_loopback(self.host):
@@ -87,6 +92,8 @@ class AggregatorSettings:
             raise ConfigError("--max-batch-records", self.max_batch_records, "must be at least 1")
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
+        if self.nats_ack_wait_s <= 0:
+            raise ConfigError("--nats-ack-wait", self.nats_ack_wait_s, "must be positive")
         if self.workload_map is not None and not self.workload_map.is_file():
             raise ConfigError("--workload-map", str(self.workload_map), "no such file")
 
@@ -123,7 +130,24 @@ class AggregatorSettings:
                        if getattr(args, "retention", None) else timedelta(days=7)),
             edge_budget=int(getattr(args, "edge_budget", 2000)),
             **_exporter_args(args),
+            **_scale_out_args(args, env),
         )
+
+
+def _scale_out_args(args: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    """--clickhouse and --nats (issue #10): the store URL is checked when the store opens."""
+    out: dict[str, Any] = {}
+    url = getattr(args, "clickhouse", None)
+    if url:
+        out["clickhouse_url"], out["store"] = url, "clickhouse"
+    if getattr(args, "nats", None):
+        from eastwest.jetstream import NatsOptions
+
+        out["nats"] = NatsOptions.from_args(args, dict(env))
+        out["nats_durable"] = getattr(args, "nats_durable", None) or "eastwest-aggregators"
+        if getattr(args, "nats_ack_wait", None) is not None:
+            out["nats_ack_wait_s"] = float(args.nats_ack_wait)
+    return out
 
 
 def _exporter_args(args: Any) -> dict[str, Any]:

@@ -63,11 +63,14 @@ class ExportSettings:
     request_timeout: float = 10.0
     shutdown_timeout: float = 10.0
     ca_file: str | None = None
+    transport: Literal["http", "nats"] = "http"  # nats: collector/transport_nats.py, url = --nats
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
+        if self.transport == "nats":
+            pass  # NatsOptions (eastwest/jetstream.py) checks the URL, credentials and TLS
+        elif not self.url.startswith(("http://", "https://")):
             raise ConfigError("--aggregator", self.url, "must be an http:// or https:// URL")
-        if not self.token:
+        elif not self.token:
             raise ConfigError(TOKEN_ENV, None, "the ingest token is required: set it or pass "
                               "--ingest-token-file")
         if self.batch_size < 1:
@@ -84,9 +87,12 @@ class ExportSettings:
         import os
 
         env = dict(os.environ) if env is None else env
-        token = env.get(TOKEN_ENV, "").strip() or _token_from_file(args.ingest_token_file)
+        nats = getattr(args, "nats", None)
+        token = "" if nats else (env.get(TOKEN_ENV, "").strip()
+                                 or _token_from_file(args.ingest_token_file))
         spool = args.spool_dir or f"/var/lib/eastwest/spool/{args.collector_id}"
-        return cls(url=args.aggregator, token=token or "", spool_dir=Path(spool),
+        return cls(url=nats or args.aggregator, token=token or "", spool_dir=Path(spool),
+                   transport="nats" if nats else "http",
                    spool_max_bytes=args.spool_max_bytes, batch_size=args.batch_size,
                    batch_age=args.batch_age, deadline=args.send_deadline,
                    shutdown_timeout=args.shutdown_timeout, ca_file=args.ca_file)
@@ -213,7 +219,8 @@ class AggregatorSink:
                  metrics: CollectorMetrics | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] | None = None,
-                 rand: Callable[[], float] = random.random, start: bool = True) -> None:
+                 rand: Callable[[], float] = random.random, start: bool = True,
+                 sender: Any = None) -> None:
         if settings is None:
             if args is None:
                 raise ConfigError("export", None, "AggregatorSink needs args or settings")
@@ -229,9 +236,18 @@ class AggregatorSink:
         self._sleep = sleep or self._abort.wait
         self.client = client or httpx.Client(
             timeout=settings.request_timeout, verify=settings.ca_file or True)
-        self.sender = BatchSender(self.client, settings.ingest_url, settings.token,
-                                  Backoff(settings.backoff_initial, settings.backoff_max, rand),
-                                  settings.deadline, monotonic=monotonic, sleep=self._sleep)
+        backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
+        if sender is None and settings.transport == "nats":
+            from collector.transport_nats import NatsSender
+            from eastwest.jetstream import NatsOptions
+
+            opts = NatsOptions.from_args(args) if args is not None else NatsOptions(settings.url)
+            sender = NatsSender(opts, ctx.collector_id, backoff, settings.deadline,
+                                monotonic=monotonic, sleep=self._sleep)
+        # the HTTP POST (BatchSender) or NATS JetStream (collector/transport_nats.py): same send()
+        self.sender = sender or BatchSender(self.client, settings.ingest_url, settings.token,
+                                            backoff, settings.deadline, monotonic=monotonic,
+                                            sleep=self._sleep)
         self._buf: dict[Kind, list[FlowRecord]] = {"interim": [], "final": []}
         self._since: dict[Kind, float | None] = {"interim": None, "final": None}
         self._lock = threading.Lock()
@@ -366,5 +382,7 @@ class AggregatorSink:
             log.warning("shutdown: %d batches (%d records) stay in %s for the next start", left,
                         self.spool.records(), self.settings.spool_dir)
         self.client.close()
+        if hasattr(self.sender, "close"):
+            self.sender.close()
         if self.server is not None:
             self.server.shutdown()

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: CollectorMetrics) -> Sink:
-    if args.aggregator:
+    if args.aggregator or getattr(args, "nats", None):
         from collector.export import AggregatorSink
 
         return AggregatorSink(ctx, args, metrics=metrics)
@@ -90,4 +90,4 @@ def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: Collect
         return JsonLinesSink(open(args.output, "ab"))  # noqa: SIM115 - closed by the sink
     if args.stdout:
         return JsonLinesSink()
-    raise ConfigError("output", None, "choose where records go: --stdout, --output FILE or --aggregator URL")
+    raise ConfigError("output", None, "choose where records go: --stdout, --output FILE, --aggregator URL or --nats URL")

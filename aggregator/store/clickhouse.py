@@ -117,8 +117,8 @@ class ClickHouseStore(ClickHouseQueries):
         except Exception as exc:  # clickhouse_driver.errors.Error, socket errors, EOFError
             # a broken connection is not reused: the next call reconnects
             self._local.client = None
-            raise StoreError(f"clickhouse {self.loc}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            detail = " ".join(str(exc).split())[:400]
+            raise StoreError(f"clickhouse {self.loc}: {type(exc).__name__}: {detail}") from exc
 
     def _shards(self) -> list[tuple[str, int, str]]:
         """(host, port, local database) of every shard; one entry without a cluster."""

@@ -117,8 +117,9 @@ class ClickHouseQueries:
         keys = set(keys)
         if not keys:
             return {}
-        params = {"sp": sorted({k[4] for k in keys}), "si": sorted({k[3] for k in keys}),
-                  "cp": sorted({k[2] for k in keys})}
+        params = {"sp": tuple(sorted({k[4] for k in keys})),  # a tuple: (..) in SQL, not [..]
+                  "si": tuple(sorted({k[3] for k in keys})),
+                  "cp": tuple(sorted({k[2] for k in keys}))}
         out: dict[tuple, list[Connection]] = {k: [] for k in keys}
         for c in self._states("server_port IN %(sp)s AND server_ip IN %(si)s AND "
                               "client_port IN %(cp)s", params):

@@ -15,6 +15,8 @@ examples:
   eastwest aggregator --listen 0.0.0.0:8470 --data /var/lib/eastwest \\
       --tls-cert server.pem --tls-key server.key
   eastwest aggregator --listen 127.0.0.1:8470 --data ./data --insecure-open   # loopback only
+  eastwest aggregator --listen 0.0.0.0:8470 --clickhouse 'clickhouse://ch:9000/eastwest?cluster=ew' \
+      --nats nats://nats:4222          # one of N replicas (docs/scale-out.md)
 
 Tokens: the ingest token (EASTWEST_INGEST_TOKEN or --ingest-token-file) lets collectors POST
 batches to /api/v1/ingest; the read token (EASTWEST_READ_TOKEN or --read-token-file) is needed
@@ -66,6 +68,32 @@ def register(sub: Any) -> None:
                    help="delete flows, connections and rollups older than this (default 7d)")
     g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
                    help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
+
+    g = p.add_argument_group("scale-out: shared ClickHouse store, NATS JetStream intake "
+                             "(docs/scale-out.md)")
+    g.add_argument("--clickhouse", metavar="URL", help="store in ClickHouse instead of DuckDB: "
+                   "clickhouse://[user@]host:9000/database[?cluster=NAME&secure=1&ca=FILE"
+                   "&ttl_days=N] (password: $EASTWEST_CLICKHOUSE_PASSWORD); with cluster, "
+                   "Distributed tables over its shards")
+    g.add_argument("--nats", metavar="URL", help="also consume batches from NATS JetStream, "
+                   "e.g. nats://nats:4222; every replica shares one durable pull consumer and "
+                   "acks a batch only once it is stored")
+    g.add_argument("--nats-stream", metavar="NAME", help="JetStream stream (default EASTWEST; "
+                   "created if missing)")
+    g.add_argument("--nats-subject", metavar="PREFIX", help="subject prefix (default eastwest.flows)")
+    g.add_argument("--nats-durable", metavar="NAME", help="durable consumer shared by the "
+                   "replicas (default eastwest-aggregators)")
+    g.add_argument("--nats-ack-wait", type=float, metavar="S", help="a batch not acked within S "
+                   "seconds (its replica died) goes to another replica (default 30)")
+    g.add_argument("--nats-max-bytes", type=int, metavar="N", help="byte limit of a stream "
+                   "created here (default 1 GiB)")
+    g.add_argument("--nats-max-age", type=float, metavar="S", help="age limit of a stream created "
+                   "here (default 86400)")
+    g.add_argument("--nats-creds", metavar="FILE", help="NATS credentials file; or a token in "
+                   "$EASTWEST_NATS_TOKEN, or user:password in the URL")
+    g.add_argument("--nats-ca", metavar="FILE", help="CA bundle to verify the NATS server (TLS)")
+    g.add_argument("--nats-cert", metavar="FILE", help="client certificate for mutual TLS")
+    g.add_argument("--nats-key", metavar="FILE", help="key of --nats-cert")
 
     g = p.add_argument_group("exporters: OTLP and Prometheus (docs/integrations.md)")
     g.add_argument("--otlp-endpoint", metavar="URL", help="send OTLP traces and metrics here, e.g. "

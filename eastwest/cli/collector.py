@@ -84,6 +84,25 @@ def register(sub: Any) -> None:
                    help="retry one batch for at most S seconds, then keep it spooled (default 30)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="at exit, try to drain the spool for S seconds (default 10)")
+
+    g = p.add_argument_group("NATS JetStream transport, instead of --aggregator (docs/scale-out.md)")
+    g.add_argument("--nats", metavar="URL", help="publish batches to NATS JetStream, e.g. "
+                   "nats://nats:4222 (several: comma-separated; tls:// for TLS); subject "
+                   "PREFIX.COLLECTOR_ID; the spool, batching and retries stay as with --aggregator")
+    g.add_argument("--nats-stream", metavar="NAME", help="JetStream stream, created if missing "
+                   "(default EASTWEST)")
+    g.add_argument("--nats-subject", metavar="PREFIX", help="subject prefix (default eastwest.flows)")
+    g.add_argument("--nats-max-bytes", type=int, metavar="N", help="byte limit of a stream this "
+                   "collector creates; when full, batches wait in the spool (default 1 GiB)")
+    g.add_argument("--nats-max-age", type=float, metavar="S", help="age limit of a stream this "
+                   "collector creates (default 86400)")
+    g.add_argument("--nats-creds", metavar="FILE", help="NATS credentials file (JWT + nkey); "
+                   "or a token in $EASTWEST_NATS_TOKEN, or user:password in the URL")
+    g.add_argument("--nats-ca", metavar="FILE", help="CA bundle to verify the NATS server (TLS)")
+    g.add_argument("--nats-cert", metavar="FILE", help="client certificate for mutual TLS")
+    g.add_argument("--nats-key", metavar="FILE", help="key of --nats-cert")
+
+    g = p.add_argument_group("metrics and logging")
     g.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here, e.g. 127.0.0.1:9470")
     g.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
