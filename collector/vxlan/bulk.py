@@ -23,8 +23,20 @@ import numpy as np
 
 from collector.vxlan import native
 from collector.vxlan.packets import (
-    CODE, ETH_IP4, ETH_IP6, ETH_VLAN, FALLBACK, GENEVE_PORT, ICMP, ICMP6, IP6_EXTENSIONS, OK, TCP,
-    UDP, VXLAN_GPE_PORT, Decoded,
+    CODE,
+    ETH_IP4,
+    ETH_IP6,
+    ETH_VLAN,
+    FALLBACK,
+    GENEVE_PORT,
+    ICMP,
+    ICMP6,
+    IP6_EXTENSIONS,
+    OK,
+    TCP,
+    UDP,
+    VXLAN_GPE_PORT,
+    Decoded,
 )
 
 

@@ -65,8 +65,10 @@ def utc_us(us: int) -> datetime:
 
 @lru_cache(maxsize=65536)
 def ip_text(fam: int, hi: int, lo: int) -> str:
-    value = join128(hi, lo)
-    return str(ipaddress.IPv4Address(value) if fam == 4 else ipaddress.IPv6Address(value))
+    """Canonical text (RFC 5952 for IPv6, as `ipaddress` writes it; IPv4 dotted quad)."""
+    if fam == 4:
+        return f"{lo >> 24}.{lo >> 16 & 255}.{lo >> 8 & 255}.{lo & 255}"
+    return str(ipaddress.IPv6Address(join128(hi, lo)))
 
 
 class FlowState:

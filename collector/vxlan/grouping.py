@@ -19,11 +19,20 @@ import numpy as np
 
 from collector.vxlan.flows import DIR_NONE
 from collector.vxlan.packets import (
-    ECHO_REPLY, ECHO_REQUEST, OK, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Decoded,
+    ECHO_REPLY,
+    ECHO_REQUEST,
+    OK,
+    TCP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    Decoded,
 )
 
 _BIG = np.iinfo(np.int64).max
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+ORDER_HASH_MASK = 0xFFFF_FFFF_FFFF_FFFF  # tests narrow it (and EW_ORDER_HASH_MASK) to collide
 
 
 def decoded_reasons(d: Decoded) -> list[tuple[int, int]]:
@@ -109,6 +118,8 @@ def group(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             h = (h ^ col.astype(np.uint64)) * _M1
             h ^= h >> np.uint64(31)
             h *= _M2
+    if ORDER_HASH_MASK != 0xFFFF_FFFF_FFFF_FFFF:
+        h &= np.uint64(ORDER_HASH_MASK)
     order = np.argsort(h, kind="stable")
     hs = h[order]
     newkey = np.ones(len(order), dtype=bool)

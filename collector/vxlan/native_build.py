@@ -43,9 +43,11 @@ def built_digest(path: Path) -> str | None:
     return digest.decode() if digest else None
 
 
-def build(output: Path | None = None, *, force: bool = False) -> Path:
+def build(output: Path | None = None, *, force: bool = False,
+          defines: tuple[str, ...] = ()) -> Path:
     """Compile the library to `output` (default: the venv's) unless it is current; its path.
-    RuntimeError when there is no compiler or the compiler fails (its output included)."""
+    `defines` (NAME=VALUE) are for tests only (e.g. EW_ORDER_HASH_MASK). RuntimeError when
+    there is no compiler or the compiler fails (its output included)."""
     output = output or default_path()
     digest = source_digest()
     if not force and output.exists() and built_digest(output) == digest:
@@ -56,12 +58,13 @@ def build(output: Path | None = None, *, force: bool = False) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".libewvxlan-", suffix=".so", dir=output.parent)
     os.close(fd)
-    cmd = [cc, *CFLAGS, f'-DEW_SOURCE_DIGEST="{digest}"', "-o", tmp,
+    cmd = [cc, *CFLAGS, f'-DEW_SOURCE_DIGEST="{digest}"', *(f"-D{d}" for d in defines), "-o", tmp,
            *(str(HERE / name) for name in SOURCES if name.endswith(".c"))]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr}")
+    os.chmod(tmp, 0o755)
     os.replace(tmp, output)  # atomic: a running collector keeps the file it mapped
     return output
 

@@ -22,13 +22,29 @@ from collections.abc import Iterable
 
 import numpy as np
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6Unknown, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.inet6 import (
+    ICMPv6Unknown,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import Dot1Q, Dot3, Ether
 from scapy.layers.vxlan import VXLAN
 
 from collector.vxlan.packets import (
-    CODE, ETH_IP4, ETH_IP6, ETH_VLAN, FALLBACK, GENEVE_PORT, IP6_FRAGMENT,
-    OK, VXLAN_GPE_PORT, Decoded, is_icmp, split128,
+    CODE,
+    ETH_IP4,
+    ETH_IP6,
+    ETH_VLAN,
+    FALLBACK,
+    GENEVE_PORT,
+    IP6_FRAGMENT,
+    OK,
+    VXLAN_GPE_PORT,
+    Decoded,
+    is_icmp,
+    split128,
 )
 from collector.vxlan.packets import ICMP as ICMP4
 from collector.vxlan.packets import TCP as TCP_P

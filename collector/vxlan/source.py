@@ -114,7 +114,7 @@ class PcapSource:
 
         ix = read_index(self.path)
         log.info("%s: %d packets", self.path, len(ix))
-        for start, end, tick in chunks(ix.ts_us, self.interval_us):
+        for start, end, tick in chunks(ix.ts_us, self.interval_us, CHUNK):
             if stop.is_set():
                 break
             records = self.table.add(decode_index(ix, slice(start, end), self.ports, self.decoder))
