@@ -1,0 +1,199 @@
+"""Scale-out path, side by side on this machine (issue #10):
+
+1. End to end, records/s: collector batches published to NATS JetStream (`NatsSender`) ->
+   aggregator consumer (decode, correlate, ClickHouse with 2 local shards behind Distributed
+   tables, ack) against the direct path: the same batches POSTed (`BatchSender`) to an aggregator
+   on DuckDB. Both paths run the whole aggregator (correlation, connections, rollups, workloads).
+2. ClickHouse insert rate, rows/s: `ClickHouseStore.ingest` (raw records, one synchronous
+   Distributed insert per batch + the batch mark) against `clickhouse-client` inserting the same
+   rows from a TSV file into the same Distributed table (one INSERT per batch file too).
+   Target: at least 0.5x.
+
+Real servers (tests/servers.py): nats-server 2.9, clickhouse-server 18.16. Ratios only, never
+absolute pass/fail; the load average is printed (the machine is shared).
+
+    python bench/bench_scaleout.py [--records 100000] [--batch 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from aggregator.app import create_app  # noqa: E402
+from aggregator.settings import AggregatorSettings  # noqa: E402
+from aggregator.store.clickhouse import ClickHouseStore, arrow_columns, day_of  # noqa: E402
+from aggregator.store.columns import to_table  # noqa: E402
+from collector.export import Backoff, BatchSender  # noqa: E402
+from collector.transport_nats import NatsSender  # noqa: E402
+from eastwest import codec  # noqa: E402
+from eastwest.codec import Batch  # noqa: E402
+from eastwest.jetstream import NatsOptions  # noqa: E402
+from eastwest.record import Endpoint, FlowRecord, Process  # noqa: E402
+from tests.servers import ClickHouseServer, NatsServer  # noqa: E402
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+INGEST, READ = "i" * 24, "r" * 24
+
+
+def batches(n: int, size: int) -> list[tuple[str, int, list[FlowRecord]]]:
+    """Connections between 50 workloads on 3 hosts, each reported by its client's and its
+    server's collector (half the records join a connection that exists)."""
+    out: dict[str, list[FlowRecord]] = {"h1": [], "h2": [], "h3": []}
+    for i in range(n // 2):
+        c, s = i % 50, (i * 7 + 3) % 50
+        start = T0 + timedelta(milliseconds=i)
+        for obs, host in (("client", f"h{c % 3 + 1}"), ("server", f"h{s % 3 + 1}")):
+            out[host].append(FlowRecord(
+                record_id=f"{host}:{len(out[host])}", collector=host, source="socket",
+                start=start, end=start + timedelta(seconds=1), final=True, protocol="tcp",
+                family=4, client=Endpoint(f"10.244.{c}.10", 20000 + i % 40000),
+                server=Endpoint(f"10.244.{s}.10", 8080), observer=obs, bytes_c2s=100 + i % 900,
+                bytes_s2c=1000, connect="ok", process=Process(1000 + c, f"ew-svc{c}")))
+    result = []
+    for host, recs in out.items():
+        for k in range(0, len(recs), size):
+            result.append((host, k // size + 1, recs[k:k + size]))
+    result.sort(key=lambda b: b[2][0].start)
+    return result
+
+
+def serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, t, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+def http_path(bs, tmp: Path) -> float:
+    settings = AggregatorSettings(data_dir=tmp / "duck", ingest_token=INGEST, read_token=READ,
+                                  retention=None)
+    server, t, url = serve(create_app(settings))
+    bodies = [codec.encode_batch(Batch(h, s, T0, r)) for h, s, r in bs]
+    with httpx.Client(timeout=60) as client:
+        sender = BatchSender(client, url + "/api/v1/ingest", INGEST, Backoff(0.05, 1), 60)
+        started = time.perf_counter()
+        for b in bodies:
+            assert sender.send(b).outcome == "ok"
+        took = time.perf_counter() - started
+    server.should_exit = True
+    t.join(10)
+    return took
+
+
+def nats_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer) -> float:
+    from fastapi.testclient import TestClient
+
+    opts = NatsOptions(nats.url)
+    settings = AggregatorSettings(data_dir=tmp / "agg", ingest_token=INGEST, read_token=READ,
+                                  retention=None, store="clickhouse",
+                                  clickhouse_url=ch.url("bench_e2e"), nats=opts)
+    bodies = [(h, codec.encode_batch(Batch(h, s, T0, r))) for h, s, r in bs]
+    senders = {h: NatsSender(opts, h, Backoff(0.05, 1), 60) for h in ("h1", "h2", "h3")}
+    with TestClient(create_app(settings)) as c:
+        consumer = c.app.state.consumer
+        assert consumer.ready.wait(30)
+        started = time.perf_counter()
+        for h, b in bodies:
+            assert senders[h].send(b).outcome == "ok"
+        while consumer.applied < len(bodies):
+            time.sleep(0.005)
+        took = time.perf_counter() - started
+    for s in senders.values():
+        s.close()
+    return took
+
+
+def _tsv(v: object) -> bytes:
+    if v is None:
+        return b"\\N"
+    if isinstance(v, bytes):
+        return (v.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
+                .replace(b"\r", b"\\r").replace(b"\0", b"\\0").replace(b"'", b"\\'"))
+    if isinstance(v, str):
+        return _tsv(v.encode())
+    if isinstance(v, bool):
+        return b"1" if v else b"0"
+    return str(v).encode()
+
+
+def insert_rates(bs, ch: ClickHouseServer, tmp: Path) -> tuple[float, float, int]:
+    ours = ClickHouseStore(ch.url("bench_ours"))
+    rows = 0
+    started = time.perf_counter()
+    for h, s, recs in bs:
+        ours.ingest(h, s, recs)
+        rows += len(recs)
+    ours_s = time.perf_counter() - started
+    ours.close()
+    peer = ClickHouseStore(ch.url("bench_peer"))  # same tables, filled by clickhouse-client
+    files = []
+    now = datetime.now(UTC)
+    for i, (h, s, recs) in enumerate(bs):
+        cols = arrow_columns(to_table(h, s, recs, now))
+        cols = {"day": [day_of(us).isoformat() for us in cols["end_ts"]], **cols}
+        names = list(cols)
+        f = tmp / f"batch-{i}.tsv"
+        with open(f, "wb") as out:
+            for row in zip(*cols.values(), strict=True):
+                out.write(b"\t".join(_tsv(v) for v in row) + b"\n")
+        files.append(f)
+    peer.close()
+    query = f"INSERT INTO bench_peer.flows ({', '.join(names)}) FORMAT TabSeparated"
+    started = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as inp:
+            subprocess.run(["clickhouse-client", "--port", str(ch.port), "--insert_distributed_sync",
+                            "1", "--query", query], stdin=inp, check=True)
+    peer_s = time.perf_counter() - started
+    got = ch.client().execute("SELECT count() FROM bench_peer.flows FINAL")[0][0]
+    assert got == rows, (got, rows)
+    return ours_s, peer_s, rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=5000)
+    args = ap.parse_args()
+    bs = batches(args.records, args.batch)
+    n = sum(len(r) for _, _, r in bs)
+    print(f"{n} records in {len(bs)} batches of <= {args.batch}; load average "
+          f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="ew-bench-scaleout-") as d:
+        tmp = Path(d)
+        ch = ClickHouseServer(tmp / "ch").start()
+        nats = NatsServer(tmp / "nats").start()
+        try:
+            http_s = http_path(bs, tmp)
+            nats_s = nats_path(bs, tmp, nats, ch)
+            print(f"end to end  HTTP -> aggregator (DuckDB):             {n / http_s:10.0f} records/s")
+            print(f"end to end  NATS JetStream -> aggregator (ClickHouse): {n / nats_s:10.0f} records/s"
+                  f"   ratio {http_s / nats_s:.2f}x")
+            ours_s, peer_s, rows = insert_rates(bs, ch, tmp)
+            print(f"insert      clickhouse-client TSV files:               {rows / peer_s:10.0f} rows/s")
+            print(f"insert      ClickHouseStore.ingest (raw):              {rows / ours_s:10.0f} rows/s"
+                  f"   ratio {peer_s / ours_s:.2f}x (target >= 0.5x)")
+        finally:
+            nats.stop()
+            ch.stop()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""deploy/: the Kubernetes manifests validate offline against the Kubernetes API schemas
+(`kubernetes-validate`, strict: unknown fields fail) for the oldest and newest versions we
+support, and say what docs/deploy.md promises (capabilities, host namespaces, mounts, read-only
+RBAC, tokens only from Secrets); the systemd units pass `systemd-analyze verify`.
+No cluster runs here: this is a schema check, not a deployment."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2] / "deploy"
+K8S = ROOT / "kubernetes"
+VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())  # appArmorProfile: >= 1.30
+MANIFESTS = ["namespace.yaml", "config.yaml", "rbac.yaml", "aggregator.yaml", "collector.yaml"]
+
+
+def docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def all_docs() -> list[dict]:
+    return [d for name in MANIFESTS for d in docs(name)]
+
+
+def one(kind: str, name: str) -> dict:
+    (d,) = [d for d in all_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return d
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(name, version):
+    for d in docs(name):
+        kubernetes_validate.validate(d, version, strict=True)
+
+
+def test_the_validator_does_fail_on_a_broken_manifest():
+    ds = one("DaemonSet", "eastwest-collector")
+    ds["spec"]["template"]["spec"]["hostNetwrk"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, VERSIONS[-1], strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    k = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert k["resources"] == MANIFESTS
+
+
+def test_collector_has_host_namespaces_and_only_the_capabilities_it_uses():
+    spec = one("DaemonSet", "eastwest-collector")["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert spec["automountServiceAccountToken"] is False
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    for path in ("/sys/kernel/tracing", "/sys/kernel/debug", "/sys/fs/bpf", "/lib/modules",
+                 "/usr/src", "/sys/kernel/btf"):
+        assert path in mounts, path
+    hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert hostpaths["tracefs"] == "/sys/kernel/tracing" and hostpaths["bpffs"] == "/sys/fs/bpf"
+    assert hostpaths["debugfs"] == "/sys/kernel/debug"
+    # SYS_ADMIN only in the patch for kernels before 5.8
+    patch = yaml.safe_load((K8S / "collector-sys-admin.patch.yaml").read_text())
+    (pc,) = patch["spec"]["template"]["spec"]["containers"]
+    assert "SYS_ADMIN" in pc["securityContext"]["capabilities"]["add"]
+    assert "SYS_ADMIN" not in sc["capabilities"]["add"]
+
+
+def test_metadata_rbac_is_read_only():
+    role = one("ClusterRole", "eastwest-metadata-reader")
+    for rule in role["rules"]:
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}
+        assert set(rule["resources"]) <= {"pods", "services", "endpoints"}
+    binding = one("ClusterRoleBinding", "eastwest-metadata-reader")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "eastwest-aggregator",
+                                    "namespace": "eastwest"}]
+
+
+def test_tokens_and_passwords_come_only_from_secrets_and_wiring_from_the_configmap():
+    for kind, name in (("Deployment", "eastwest-aggregator"), ("DaemonSet", "eastwest-collector")):
+        (c,) = one(kind, name)["spec"]["template"]["spec"]["containers"]
+        for e in c["env"]:
+            if any(w in e["name"] for w in ("TOKEN", "PASSWORD")):
+                assert "secretKeyRef" in e["valueFrom"], e
+            assert "value" not in e, f"{name}: {e['name']} is a literal"
+        args = " ".join(c["args"])
+        assert "--nats=$(NATS_URL)" in args
+    cm = one("ConfigMap", "eastwest")["data"]
+    assert cm["NATS_URL"].startswith("nats://") and cm["CLICKHOUSE_URL"].startswith("clickhouse://")
+    svc = one("Service", "eastwest-aggregator")
+    dep = one("Deployment", "eastwest-aggregator")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert dep["spec"]["replicas"] >= 2
+
+
+def test_aggregator_and_collector_flags_in_the_manifests_exist():
+    """Every --flag a manifest or unit passes is one the `eastwest` command accepts."""
+    from eastwest.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    known = {name: {o for a in p._actions for o in a.option_strings}
+             for name, p in sub.choices.items()}
+    for kind, name in (("Deployment", "eastwest-aggregator"), ("DaemonSet", "eastwest-collector")):
+        (c,) = one(kind, name)["spec"]["template"]["spec"]["containers"]
+        cmd, *flags = c["args"]
+        for f in flags:
+            assert f.split("=")[0] in known[cmd], f"{name}: {f}"
+    for unit in (ROOT / "systemd").glob("*.service"):
+        text = unit.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.startswith("ExecStart"):
+                _, cmd, *flags = line.split("=", 1)[1].split()
+                for f in flags:
+                    assert f.split("=")[0] in known[cmd], f"{unit.name}: {f}"
+
+
+CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_DAC_READ_SEARCH"}
+
+
+def test_systemd_units_verify(tmp_path):
+    """`systemd-analyze verify` (systemd is installed here, though not running as init): the
+    units parse without a warning. It checks that ExecStart's binary exists, so the units are
+    verified with the install path replaced by this checkout's `eastwest`."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing (Debian package systemd)"
+    exe = shutil.which("eastwest") or str(Path(__file__).resolve().parents[2] / ".venv/bin/eastwest")
+    units = []
+    for unit in sorted((ROOT / "systemd").glob("*.service")):
+        text = unit.read_text().replace("/opt/eastwest/bin/eastwest", exe)
+        (tmp_path / unit.name).write_text(text)
+        units.append(str(tmp_path / unit.name))
+        # systemd ignores capability names it does not know without a word: check them here
+        for line in text.splitlines():
+            if line.startswith(("CapabilityBoundingSet=", "AmbientCapabilities=")):
+                assert set(line.split("=", 1)[1].split()) <= CAPS, line
+    assert len(units) == 2
+    r = subprocess.run([analyze, "verify", "--man=no", *units], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
