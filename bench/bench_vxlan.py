@@ -2,11 +2,19 @@
 same synthetic VXLAN capture, side by side. Not a test: it reports ratios, it never fails on
 time; it does fail if one inner flow of the collector's output differs from the truth.
 
-The capture (bench/out/vxlan-<N>.pcap, generated once by bench/vxlan_gen.py) has N packets of
-2,000 inner flows over 8 VTEPs. softflowd sees only the outer UDP flows (it does not decapsulate);
-it is the peer for packets/s. scapy per packet is timed on the first `--scapy-sample` packets
-and extrapolated (said so in the output). Peak memory is each child's maximum RSS (wait4).
-Usage: python bench/bench_vxlan.py [--packets 1000000] [--scapy-sample 20000] [--json FILE]
+The capture (bench/out/vxlan-<N>.pcap, written by bench/vxlan_gen.py on every run, so both tools
+read it from the page cache) has N packets of 2,000 inner flows over 8 VTEPs. softflowd sees only
+the outer UDP flows (it does not decapsulate); it is the peer for packets/s. eastwest and
+softflowd run alternately `--repeat` times each (the machine may be shared: medians, and the
+load average before and after, are printed); eastwest also runs once with the numpy fallback
+(`EASTWEST_VXLAN_NATIVE=0`: a machine without a C compiler). Every eastwest run's records are
+checked against the truth. scapy per packet is timed on the first `--scapy-sample` packets and
+extrapolated (said so in the output). Each tool is a separate process timed from start to exit
+(ours includes interpreter start-up and writing JSON lines); CPU is user + system seconds; peak
+memory is the child's maximum resident set as GNU time reports it (a child's ru_maxrss taken
+by this script would include this script's own size at fork).
+Usage: python bench/bench_vxlan.py [--packets 1000000] [--repeat 5] [--scapy-sample 20000]
+                                   [--json FILE]
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,24 +32,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from vxlan_gen import generate  # noqa: E402
+from vxlan_gen import Flow, generate  # noqa: E402
 
 EASTWEST = [sys.executable, "-m", "eastwest", "collector", "--collector-id", "bench"]
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"
 
 
-def timed(cmd: list[str], stdout) -> tuple[float, int]:  # noqa: ANN001 - a file
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    with tempfile.TemporaryFile() as errfile:  # a pipe could fill up and stall the child
+def timed(cmd: list[str], stdout, env: dict | None = None) -> dict:  # noqa: ANN001 - a file
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one child process."""
+    with tempfile.NamedTemporaryFile("r") as usage, tempfile.TemporaryFile() as errfile:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=errfile,
-                                cwd=HERE.parent)
-        _, status, usage = os.wait4(proc.pid, 0)
+        run = subprocess.run([GNU_TIME, "-o", usage.name, "-f", "%U %S %M", *cmd],
+                             stdin=subprocess.DEVNULL, stdout=stdout, stderr=errfile,
+                             cwd=HERE.parent, env={**os.environ, **(env or {})}, check=False)
         wall = time.perf_counter() - t0
         errfile.seek(0)
         err = errfile.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
+        fields = usage.read().split()
+    if run.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {err[-2000:]}")
-    return wall, usage.ru_maxrss // 1024
+    user, system, rss_kib = float(fields[-3]), float(fields[-2]), int(fields[-1])
+    return {"wall": wall, "cpu": user + system, "rss": rss_kib / 1024, "stderr": err}
 
 
 def cut_pcap(src: Path, dst: Path, packets: int) -> None:
@@ -51,9 +64,45 @@ def cut_pcap(src: Path, dst: Path, packets: int) -> None:
     dst.write_bytes(data[:pos])
 
 
+def wrong_flows(records: Path, truth: list[Flow]) -> int:
+    finals = [json.loads(x) for x in records.read_text().splitlines()]
+    by_client = {(r["client"]["ip"], r["client"]["port"]): r for r in finals if r["final"]}
+    wrong = 0
+    for f in truth:
+        r = by_client.get(f.client)
+        if (r is None or (r["server"]["ip"], r["server"]["port"]) != f.server
+                or r["protocol"] != f.proto or r["tunnel"]["vni"] != f.vni
+                or (r["tunnel"]["outer_src"], r["tunnel"]["outer_dst"]) != f.vteps
+                or [r["packets_c2s"], r["packets_s2c"]] != f.packets
+                or [r["bytes_c2s"], r["bytes_s2c"]] != f.payload):
+            wrong += 1
+    return wrong + (len(by_client) - len(truth))  # and no extra flows
+
+
+def softflowd(pcap: Path) -> dict:
+    # softflowd 1.1.0 with -r never exits when its control socket path is 13 characters or
+    # longer (seen here): keep it short
+    ctl = f"/tmp/s{os.getpid() % 100:02d}.ctl"
+    with open(os.devnull, "wb") as null:
+        res = timed(["softflowd", "-r", str(pcap), "-n", "127.0.0.1:9", "-p", ctl[:-3] + "pid",
+                     "-c", ctl, "-m", "65536"], null)
+    for leftover in (ctl, ctl[:-3] + "pid"):
+        Path(leftover).unlink(missing_ok=True)
+    return res
+
+
+def summary(runs: list[dict], n: int) -> dict:
+    wall = statistics.median(r["wall"] for r in runs)
+    return {"runs_s": [round(r["wall"], 3) for r in runs], "median_s": round(wall, 3),
+            "best_s": round(min(r["wall"] for r in runs), 3), "pps": round(n / wall),
+            "cpu_s": round(statistics.median(r["cpu"] for r in runs), 3),
+            "peak_mib": round(max(r["rss"] for r in runs), 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=5, help="runs of eastwest and softflowd each")
     ap.add_argument("--scapy-sample", type=int, default=20_000)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
@@ -64,56 +113,64 @@ def main() -> int:
     truth = generate(str(pcap), packets=args.packets)
     print(f"generated {pcap} ({pcap.stat().st_size >> 20} MiB, {len(truth)} inner flows) in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-
+    load_before = os.getloadavg()[0]
+    n = args.packets
+    ours_runs, peer_runs, wrong = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         records = Path(tmp) / "records.jsonl"
+        for _ in range(args.repeat):
+            with records.open("wb") as fh:
+                ours_runs.append(timed(EASTWEST + ["--pcap", str(pcap), "--stdout"], fh))
+            wrong += wrong_flows(records, truth)
+            peer_runs.append(softflowd(pcap))
         with records.open("wb") as fh:
-            ours, ours_mem = timed(EASTWEST + ["--pcap", str(pcap), "--stdout"], fh)
-        finals = [json.loads(x) for x in records.read_text().splitlines()]
-        finals = {(r["client"]["ip"], r["client"]["port"]): r for r in finals if r["final"]}
-        wrong = 0
-        for f in truth:
-            r = finals.get(f.client)
-            if (r is None or (r["server"]["ip"], r["server"]["port"]) != f.server
-                    or r["protocol"] != f.proto or r["tunnel"]["vni"] != f.vni
-                    or (r["tunnel"]["outer_src"], r["tunnel"]["outer_dst"]) != f.vteps
-                    or [r["packets_c2s"], r["packets_s2c"]] != f.packets
-                    or [r["bytes_c2s"], r["bytes_s2c"]] != f.payload):
-                wrong += 1
-        exact = len(truth) - wrong
+            fallback = timed(EASTWEST + ["--pcap", str(pcap), "--stdout"], fh,
+                             env={"EASTWEST_VXLAN_NATIVE": "0"})
+        wrong_fallback = wrong_flows(records, truth)
+        sample = Path(tmp) / "sample.pcap"
+        cut_pcap(pcap, sample, args.scapy_sample)
         with open(os.devnull, "wb") as null:
-            # softflowd 1.1.0 with -r never exits when its control socket path is 13 characters
-            # or longer (seen here): keep it short
-            ctl = f"/tmp/s{os.getpid() % 100:02d}.ctl"
-            sfd, sfd_mem = timed(["softflowd", "-r", str(pcap), "-n", "127.0.0.1:9",
-                                  "-p", ctl[:-3] + "pid", "-c", ctl, "-m", "65536"], null)
-            for leftover in (ctl, ctl[:-3] + "pid"):
-                Path(leftover).unlink(missing_ok=True)
-            sample = Path(tmp) / "sample.pcap"
-            cut_pcap(pcap, sample, args.scapy_sample)
-            scapy, scapy_mem = timed(EASTWEST + ["--pcap", str(sample), "--stdout",
-                                                 "--decoder", "scapy"], null)
-    n = args.packets
+            scapy = timed(EASTWEST + ["--pcap", str(sample), "--stdout", "--decoder", "scapy"],
+                          null)
+    load_after = os.getloadavg()[0]
+    ours, peer = summary(ours_runs, n), summary(peer_runs, n)
     res = {
-        "packets": n, "inner_flows": len(truth), "inner_flows_exact": exact,
-        "eastwest_s": round(ours, 3), "eastwest_pps": round(n / ours),
-        "eastwest_peak_mib": ours_mem,
-        "softflowd_s": round(sfd, 3), "softflowd_pps": round(n / sfd), "softflowd_peak_mib": sfd_mem,
-        "scapy_sample": args.scapy_sample, "scapy_s": round(scapy, 3),
-        "scapy_pps_extrapolated": round(args.scapy_sample / scapy), "scapy_peak_mib": scapy_mem,
-        "ratio_vs_softflowd": round(sfd / ours, 3), "ratio_vs_scapy": round(scapy / args.scapy_sample * n / ours, 1),
+        "packets": n, "inner_flows": len(truth), "repeat": args.repeat,
+        "inner_flows_wrong": wrong, "load_avg_1m": [round(load_before, 2), round(load_after, 2)],
+        "eastwest": ours, "softflowd": peer,
+        "eastwest_numpy_fallback": {"s": round(fallback["wall"], 3),
+                                    "pps": round(n / fallback["wall"]),
+                                    "cpu_s": round(fallback["cpu"], 3),
+                                    "peak_mib": round(fallback["rss"], 1),
+                                    "inner_flows_wrong": wrong_fallback},
+        "scapy_sample": args.scapy_sample, "scapy_s": round(scapy["wall"], 3),
+        "scapy_pps_extrapolated": round(args.scapy_sample / scapy["wall"]),
+        "scapy_peak_mib": round(scapy["rss"], 1),
+        "ratio_vs_softflowd": round(peer["median_s"] / ours["median_s"], 3),
+        "ratio_vs_softflowd_best": round(peer["best_s"] / ours["best_s"], 3),
+        "cpu_ratio_vs_softflowd": round(peer["cpu_s"] / ours["cpu_s"], 3),
+        "ratio_vs_scapy": round(scapy["wall"] / args.scapy_sample * n / ours["median_s"], 1),
     }
-    print(f"eastwest --pcap     {ours:7.2f} s  {n / ours:>11,.0f} pkts/s  peak {ours_mem} MiB  "
-          f"inner flows exact {exact}/{len(truth)}")
-    print(f"softflowd -r        {sfd:7.2f} s  {n / sfd:>11,.0f} pkts/s  peak {sfd_mem} MiB  "
-          "(outer flows only)")
-    print(f"--decoder scapy     {scapy:7.2f} s on {args.scapy_sample:,} pkts = "
-          f"{args.scapy_sample / scapy:,.0f} pkts/s (extrapolated)  peak {scapy_mem} MiB")
-    print(f"eastwest / softflowd packets/s: {res['ratio_vs_softflowd']}x; "
-          f"/ scapy: {res['ratio_vs_scapy']}x")
+    print(f"load average {load_before:.2f} before, {load_after:.2f} after; medians of "
+          f"{args.repeat} alternating runs")
+    for name, s, note in (
+            ("eastwest --pcap", ours, f"inner flows wrong {wrong} (of {len(truth)} x "
+                                      f"{args.repeat} runs)"),
+            ("softflowd -r", peer, "outer flows only")):
+        print(f"{name:<20} {s['median_s']:6.3f} s (best {s['best_s']:.3f})  {s['pps']:>11,} "
+              f"pkts/s  cpu {s['cpu_s']:.3f} s  peak {s['peak_mib']:.1f} MiB  {note}")
+    fb = res["eastwest_numpy_fallback"]
+    print(f"{'  numpy fallback':<20} {fb['s']:6.3f} s               {fb['pps']:>11,} pkts/s  "
+          f"cpu {fb['cpu_s']:.3f} s  peak {fb['peak_mib']:.1f} MiB  inner flows wrong "
+          f"{wrong_fallback}")
+    print(f"{'--decoder scapy':<20} {scapy['wall']:6.3f} s on {args.scapy_sample:,} pkts = "
+          f"{res['scapy_pps_extrapolated']:,} pkts/s (extrapolated)  peak {scapy['rss']:.1f} MiB")
+    print(f"eastwest / softflowd packets/s: {res['ratio_vs_softflowd']}x median "
+          f"({res['ratio_vs_softflowd_best']}x best runs); CPU: "
+          f"{res['cpu_ratio_vs_softflowd']}x; / scapy: {res['ratio_vs_scapy']}x")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0 if wrong == 0 else 1
+    return 0 if wrong == 0 and wrong_fallback == 0 else 1
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ PKGS=(
   iproute2 iptables tcpdump
   # peers and cross-checks for the VXLAN decoder and benchmarks
   tshark softflowd tcpreplay
-  # a C compiler for the bulk VXLAN path's helper (collector/vxlan/ewvxlan*.c, setup-venv.sh)
-  gcc libc6-dev
+  # a C compiler for the bulk VXLAN path's helper (collector/vxlan/ewvxlan*.c, setup-venv.sh);
+  # GNU time for the benchmarks' peak memory of a child (bench/bench_vxlan.py)
+  gcc libc6-dev time
   # real servers for the scale-out and export tests
   nats-server prometheus clickhouse-server clickhouse-client
   # the dashboard's browser tests

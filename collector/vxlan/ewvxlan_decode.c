@@ -11,11 +11,33 @@
  */
 #include "ewvxlan.h"
 
-static inline uint32_t be16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
-static inline uint64_t be32(const uint8_t *p) {
-    return (uint64_t)p[0] << 24 | (uint64_t)p[1] << 16 | (uint64_t)p[2] << 8 | p[3];
+#include <string.h>
+
+/* network-order loads: one unaligned load and a byte swap each (little-endian hosts) */
+static inline uint32_t be16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    v = __builtin_bswap16(v);
+#endif
+    return v;
 }
-static inline uint64_t be64(const uint8_t *p) { return be32(p) << 32 | be32(p + 4); }
+static inline uint64_t be32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+static inline uint64_t be64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
 
 struct ip_hdr {
     uint64_t src_hi, src_lo, dst_hi, dst_lo, l4;

@@ -60,7 +60,7 @@ struct ew_scan {
     uint64_t caprows;
     uint64_t drops[EW_NREASONS], decoded;
     int started;
-    int64_t runmax, bucket;
+    int64_t runmax, bucket, lo, hi; /* the current interval: [lo, hi) = bucket's */
 };
 
 const char *ew_row_fields(void) { return EW_ROW_FIELDS; }
@@ -117,6 +117,11 @@ static int grow_slots(struct ew_scan *s) {
     return 0;
 }
 
+static inline int same_key(const uint64_t *a, const uint64_t *b) {
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+           a[5] == b[5] && a[6] == b[6] && a[7] == b[7] && a[8] == b[8];
+}
+
 static struct key *find_key(struct ew_scan *s, const uint64_t *k) {
     if ((uint64_t)(s->nkeys + 1) * 2 > s->capslots && grow_slots(s))
         return NULL;
@@ -124,7 +129,7 @@ static struct key *find_key(struct ew_scan *s, const uint64_t *k) {
     uint32_t mask = s->capslots - 1, j = (uint32_t)h & mask;
     for (; s->slots[j]; j = (j + 1) & mask) {
         struct key *e = &s->keys[s->slots[j] - 1];
-        if (e->probe == h && !memcmp(e->k, k, sizeof e->k))
+        if (e->probe == h && same_key(e->k, k))
             return e;
     }
     if (s->nkeys == s->capkeys) {
@@ -326,8 +331,12 @@ int ew_scan_batch(struct ew_scan *s, struct ew_walk *w, const uint16_t *ports, i
             out[3] = 1;
             break;
         }
-        int64_t m = s->started && s->runmax > rec.ts ? s->runmax : rec.ts;
-        int64_t b = m / interval_us - (m % interval_us < 0); /* floor, as numpy's // */
+        int64_t m = s->started && s->runmax > rec.ts ? s->runmax : rec.ts, b = s->bucket;
+        if (!s->started || m < s->lo || m >= s->hi) { /* floor division, as numpy's // */
+            b = m / interval_us - (m % interval_us < 0);
+            s->lo = b * interval_us;
+            s->hi = s->lo + interval_us;
+        }
         if (s->started && b != s->bucket) {
             out[1] = 1;
             out[2] = (s->bucket + 1) * interval_us;

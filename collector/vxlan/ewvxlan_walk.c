@@ -126,13 +126,21 @@ void ew_walk_rewind(struct ew_walk *w) {
 
 const uint64_t *ew_walk_error(const struct ew_walk *w) { return w->err; }
 
+static const uint8_t *refill(struct ew_walk *w, uint64_t off, uint64_t len);
+
 /* The file's bytes [off, off + len) (the caller checked off + len <= size), valid until the
  * next call; NULL when they cannot be read (w->err says why). */
-static const uint8_t *at(struct ew_walk *w, uint64_t off, uint64_t len) {
+static inline const uint8_t *at(struct ew_walk *w, uint64_t off, uint64_t len) {
     if (w->base)
         return w->base + off;
     if (off >= w->win_off && off + len <= w->win_off + w->win_len)
         return w->buf + (off - w->win_off);
+    return refill(w, off, len);
+}
+
+/* Read the window again, from off: at least len bytes (the buffer grows for a big record). */
+static __attribute__((noinline)) const uint8_t *refill(struct ew_walk *w, uint64_t off,
+                                                       uint64_t len) {
     uint64_t want = len > WINDOW ? len : WINDOW;
     if (want > w->size - off)
         want = w->size - off;

@@ -60,7 +60,10 @@ DIR_NONE = 2
 
 
 def utc_us(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
+    return _EPOCH + timedelta(0, 0, us)  # positional: exact, and cheaper than microseconds=
+
+
+_FLAG_NAMES = [tuple(flags_from_bits(bits)) for bits in range(256)]  # per record: a lookup
 
 
 @lru_cache(maxsize=65536)
@@ -232,5 +235,5 @@ class FlowTable:
             resets=st.resets,
             tunnel=Tunnel(type="vxlan", vni=vni, outer_src=ip_text(ofam, s_hi, s_lo),
                           outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport),
-            tcp_flags=flags_from_bits(st.flags) if proto == TCP else None,
+            tcp_flags=list(_FLAG_NAMES[st.flags & 0xFF]) if proto == TCP else None,
         )
