@@ -85,6 +85,7 @@ class ClickHouseStore(ClickHouseQueries):
         self.loc = location if isinstance(location, Location) else Location.parse(location)
         self.db = self.loc.database
         self._local = threading.local()
+        self._clients: list[Any] = []  # every thread's connection, closed by close()
         self._lock = threading.Lock()
         self._closed = False
         self._versions: OrderedDict[str, int] = OrderedDict()  # conn_id -> last version written
@@ -107,6 +108,7 @@ class ClickHouseStore(ClickHouseQueries):
         if c is None:
             c = self._Client(**self.loc.client_kwargs())
             self._local.client = c
+            self._clients.append(c)
         return c
 
     def _exec(self, sql: str, params: Any = None, **kw: Any) -> Any:
@@ -232,7 +234,8 @@ class ClickHouseStore(ClickHouseQueries):
 
     def records(self, since: datetime | None = None, until: datetime | None = None, *,
                 collector: str | None = None, limit: int | None = None) -> list[FlowRecord]:
-        where, params = ["1"], {}
+        where: list[str] = ["1"]
+        params: dict[str, Any] = {}
         if since is not None:
             where.append("end_ts >= %(since)s")
             params["since"] = micros(since)
@@ -259,9 +262,9 @@ class ClickHouseStore(ClickHouseQueries):
         if self._closed:
             return
         self._closed = True
-        c = getattr(self._local, "client", None)
-        if c is not None:
+        for c in self._clients:
             c.disconnect()
+        self._clients.clear()
 
     # -- retention ----------------------------------------------------------------------------
     def apply_retention(self, cutoff: datetime) -> dict[str, int]:
