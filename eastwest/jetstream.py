@@ -166,6 +166,18 @@ class LoopThread:
 
     def stop(self) -> None:
         if self.loop.is_running():
+            # cancel what the NATS client left running (subscription readers, pingers), so the
+            # loop closes with no pending task
+            async def cancel_all() -> None:
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            try:
+                self.run(cancel_all(), 5)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.loop.is_running():
