@@ -13,18 +13,73 @@ Rules (docs/aggregator.md):
   exists. Retransmits add the client's and the server's (each counts its own sending side).
 - `byte_mismatch`: the client's and the server's final byte counts (or a final path count against
   them) differ by more than the retransmitted segments can explain (retransmits x MSS).
+
+The properties below define each value; `summary()` computes all of them in one pass over the
+views (what the store writes for every connection a batch touched), and must agree with them
+(tests/unit/test_correlate.py checks it on random connections).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 
 MSS = 1460  # the bytes one retransmitted segment can add on the wire (Ethernet MSS)
+_NO_BYTES = (None, None)
+# observed_by as stored (",client,path,": sorted, comma-wrapped) by bit set client=1 path=2 server=4
+_OBSERVED = {m: "," + ",".join(n for b, n in ((1, "client"), (2, "path"), (4, "server")) if m & b) + ","
+             for m in range(1, 8)}
+_OBS_BIT = {"client": 1, "path": 2, "server": 4}
 
 
-class View(msgspec.Struct, frozen=True):
+def _mismatch(client: View | None, server: View | None, final_paths: list[View],
+              retrans: int) -> bool:
+    """The final client and server byte counts, or a final path count against them, differ by
+    more than `retrans` retransmitted segments explain (the wire may exceed them by its own
+    retransmits, never fall short)."""
+    tolerance = retrans * MSS
+    c = client if client is not None and client.final else None
+    s = server if server is not None and server.final else None
+    if c is not None and s is not None:
+        if (abs(c.bytes_c2s - s.bytes_c2s) > tolerance
+                or abs(c.bytes_s2c - s.bytes_s2c) > tolerance):
+            return True
+    if c is None and s is None:
+        return False
+    socket = [v for v in (c, s) if v is not None]
+    for p in final_paths:
+        path_tol = max(tolerance, p.retransmits * MSS)
+        for v in socket:
+            if (p.bytes_c2s - v.bytes_c2s > path_tol or v.bytes_c2s - p.bytes_c2s > 0
+                    or p.bytes_s2c - v.bytes_s2c > path_tol or v.bytes_s2c - p.bytes_s2c > 0):
+                return True
+    return False
+
+
+class Summary(NamedTuple):
+    """Every derived value of a connection (the store's columns), from one pass over its views."""
+
+    start: datetime
+    last_seen: datetime
+    closed_at: datetime | None          # closed = closed_at is not None
+    observed_by: str                    # ",client,path,server," (sorted, comma-wrapped)
+    connect: str | None
+    best: tuple[int, int, int, int, int, int]
+    rtt: tuple[int, int, int] | None
+    client_bytes: tuple[int | None, int | None]
+    server_bytes: tuple[int | None, int | None]
+    path_bytes: tuple[int | None, int | None]
+    byte_mismatch: bool
+    incomplete: bool
+
+
+# gc=False (as for FlowRecord): the correlator's index holds these for every recent connection,
+# and the cyclic GC's full collections kept walking all of them; they cannot form reference
+# cycles (a connection holds its views, identities, processes and tunnel; none points back).
+# Nothing else changes: fields, encoding, equality.
+class View(msgspec.Struct, frozen=True, gc=False):
     """One observer's latest cumulative view of the connection."""
 
     observer: str          # client | server | path
@@ -48,7 +103,7 @@ class View(msgspec.Struct, frozen=True):
         return self.observer if self.observer != "path" else f"path:{self.collector}"
 
 
-class Identity(msgspec.Struct, frozen=True):
+class Identity(msgspec.Struct, frozen=True, gc=False):
     """A resolved workload, stored with the connection so history never changes."""
 
     name: str
@@ -63,7 +118,7 @@ class Identity(msgspec.Struct, frozen=True):
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
-class ProcInfo(msgspec.Struct, frozen=True):
+class ProcInfo(msgspec.Struct, frozen=True, gc=False):
     pid: int | None = None
     comm: str | None = None
     netns: int | None = None
@@ -71,7 +126,7 @@ class ProcInfo(msgspec.Struct, frozen=True):
     collector: str | None = None
 
 
-class Tunnel(msgspec.Struct, frozen=True):
+class Tunnel(msgspec.Struct, frozen=True, gc=False):
     vni: int
     vtep_src: str
     vtep_dst: str
@@ -79,7 +134,7 @@ class Tunnel(msgspec.Struct, frozen=True):
     vtep_dst_host: str | None = None
 
 
-class Connection(msgspec.Struct):
+class Connection(msgspec.Struct, gc=False):
     """One connection, merged. Mutable inside the correlator; stored as a row (and this struct
     as msgpack, so the correlator's index can be rebuilt from the table after a restart)."""
 
@@ -109,11 +164,21 @@ class Connection(msgspec.Struct):
     # -- derived values -----------------------------------------------------------------------
     @property
     def start(self) -> datetime:
-        return min(v.start for v in self.views.values())
+        it = iter(self.views.values())
+        t = next(it).start
+        for v in it:
+            if v.start < t:
+                t = v.start
+        return t
 
     @property
     def last_seen(self) -> datetime:
-        return max(v.end for v in self.views.values())
+        it = iter(self.views.values())
+        t = next(it).end
+        for v in it:
+            if v.end > t:
+                t = v.end
+        return t
 
     @property
     def observed_by(self) -> list[str]:
@@ -136,15 +201,32 @@ class Connection(msgspec.Struct):
 
     def best(self) -> tuple[int, int, int, int, int, int]:
         """(bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets), cumulative."""
-        vs = self._counting_views()
-        paths = [v for v in self.views.values() if v.observer == "path"]
-        socket = self._socket_views()
-        retrans = (sum(v.retransmits for v in socket) if socket
-                   else max((v.retransmits for v in paths), default=0))
-        return (max(v.bytes_c2s for v in vs), max(v.bytes_s2c for v in vs),
-                max((v.packets_c2s or 0 for v in paths), default=0),
-                max((v.packets_s2c or 0 for v in paths), default=0),
-                retrans, max(v.resets for v in self.views.values()))
+        sock = False
+        sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = pret = res = 0
+        for k, v in self.views.items():
+            if v.resets > res:
+                res = v.resets
+            if k == "client" or k == "server":
+                sock = True
+                if v.bytes_c2s > sb1:
+                    sb1 = v.bytes_c2s
+                if v.bytes_s2c > sb2:
+                    sb2 = v.bytes_s2c
+                sret += v.retransmits
+            else:
+                if v.bytes_c2s > pb1:
+                    pb1 = v.bytes_c2s
+                if v.bytes_s2c > pb2:
+                    pb2 = v.bytes_s2c
+                if (v.packets_c2s or 0) > pk1:
+                    pk1 = v.packets_c2s or 0
+                if (v.packets_s2c or 0) > pk2:
+                    pk2 = v.packets_s2c or 0
+                if v.retransmits > pret:
+                    pret = v.retransmits
+        if sock:
+            return (sb1, sb2, pk1, pk2, sret, res)
+        return (pb1, pb2, pk1, pk2, pret, res)
 
     @property
     def connect(self) -> str | None:
@@ -180,22 +262,82 @@ class Connection(msgspec.Struct):
 
     @property
     def byte_mismatch(self) -> bool:
-        finals = {k: v for k, v in self.views.items() if v.final}
-        retrans = self.best()[4]
-        tolerance = retrans * MSS
-        c, s = finals.get("client"), finals.get("server")
-        if c is not None and s is not None:
-            if (abs(c.bytes_c2s - s.bytes_c2s) > tolerance
-                    or abs(c.bytes_s2c - s.bytes_s2c) > tolerance):
-                return True
-        socket = [v for v in (c, s) if v is not None]
-        for k, p in finals.items():
-            if not k.startswith("path:") or not socket:
-                continue
-            path_tol = max(tolerance, p.retransmits * MSS)
-            for v in socket:
-                # the wire also carries retransmitted payload: it may exceed, never fall short
-                if (p.bytes_c2s - v.bytes_c2s > path_tol or v.bytes_c2s - p.bytes_c2s > 0
-                        or p.bytes_s2c - v.bytes_s2c > path_tol or v.bytes_s2c - p.bytes_s2c > 0):
-                    return True
-        return False
+        return self._mismatch(self.best()[4])
+
+    def _mismatch(self, retrans: int) -> bool:
+        views = self.views
+        return _mismatch(views.get("client"), views.get("server"),
+                         [v for k, v in views.items() if v.final and k.startswith("path:")],
+                         retrans)
+
+    def summary(self) -> Summary:
+        """All derived values in one pass over the views (the same as the properties)."""
+        start = last = closed_at = None
+        mask = 0
+        inc = False
+        client = server = None
+        sock = False
+        sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = pret = res = 0
+        paths = 0
+        connect = rtt = None
+        final_paths = []
+        for k, v in self.views.items():
+            s, e = v.start, v.end
+            if start is None or s < start:
+                start = s
+            if last is None or e > last:
+                last = e
+            if v.final:
+                if closed_at is None or e < closed_at:
+                    closed_at = e
+                if k != "client" and k != "server":
+                    final_paths.append(v)
+            mask |= _OBS_BIT[v.observer]
+            if v.incomplete:
+                inc = True
+            if v.resets > res:
+                res = v.resets
+            if connect is None and v.connect is not None:
+                connect = v.connect
+            if rtt is None and v.rtt is not None:
+                rtt = v.rtt
+            if k == "client" or k == "server":
+                if k == "client":
+                    client = v
+                else:
+                    server = v
+                sock = True
+                if v.bytes_c2s > sb1:
+                    sb1 = v.bytes_c2s
+                if v.bytes_s2c > sb2:
+                    sb2 = v.bytes_s2c
+                sret += v.retransmits
+            else:
+                paths += 1
+                if v.bytes_c2s > pb1:
+                    pb1 = v.bytes_c2s
+                if v.bytes_s2c > pb2:
+                    pb2 = v.bytes_s2c
+                if (v.packets_c2s or 0) > pk1:
+                    pk1 = v.packets_c2s or 0
+                if (v.packets_s2c or 0) > pk2:
+                    pk2 = v.packets_s2c or 0
+                if v.retransmits > pret:
+                    pret = v.retransmits
+        best = (sb1, sb2, pk1, pk2, sret, res) if sock else (pb1, pb2, pk1, pk2, pret, res)
+        # connect and rtt: the client's first, then the server's, then any view's (dict order)
+        for side in (client, server):
+            if side is not None and side.connect is not None:
+                connect = side.connect
+                break
+        for side in (client, server):
+            if side is not None and side.rtt is not None:
+                rtt = side.rtt
+                break
+        assert start is not None and last is not None, "a connection has at least one view"
+        return Summary(
+            start, last, closed_at, _OBSERVED[mask], connect, best, rtt,
+            (client.bytes_c2s, client.bytes_s2c) if client is not None else _NO_BYTES,
+            (server.bytes_c2s, server.bytes_s2c) if server is not None else _NO_BYTES,
+            (pb1, pb2) if paths else _NO_BYTES,
+            closed_at is not None and _mismatch(client, server, final_paths, best[4]), inc)

@@ -24,6 +24,7 @@ port, protocol). No edge is counted twice: a connection is one row, whoever repo
 
 from __future__ import annotations
 
+import operator
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,8 @@ from aggregator.identity import Facts, IdentityResolver
 from eastwest.record import FlowRecord
 
 RollupKey = tuple[datetime, str, str, str, str, int, str]
+_END = operator.attrgetter("end")
+_ZERO = (0, 0, 0, 0, 0, 0)
 # bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets
 Counters = list[int]
 
@@ -81,6 +84,9 @@ class Correlator:
         self.high_water: datetime | None = None
         self.lock = threading.Lock()  # callers hold it across plan -> store -> commit
         self._commits = 0
+        # forgotten by prune, so never to change again: the store may settle them (the
+        # correlating store hands them over with the next batch and clears what it handed)
+        self.settled: list[str] = []
 
     # -- state --------------------------------------------------------------------------------
     def load(self, connections: Iterable[Connection]) -> int:
@@ -98,9 +104,11 @@ class Correlator:
     # -- the join -----------------------------------------------------------------------------
     def plan(self, records: Sequence[FlowRecord]) -> Plan:
         plan = Plan()
+        bests: dict[str, tuple[int, int, int, int, int, int]] = {}  # each touched conn, as of now
+        apply = self._apply
         # oldest first: a connection's interim records arrive in order of their end
-        for rec in sorted(records, key=lambda r: r.end):
-            self._apply(plan, rec)
+        for rec in sorted(records, key=_END):
+            apply(plan, rec, bests)
         return plan
 
     def commit(self, plan: Plan) -> None:
@@ -127,14 +135,16 @@ class Correlator:
         if self.high_water is None:
             return 0
         gone = 0
+        closed_after = self.high_water - self.keep_closed
+        open_after = self.high_water - self.keep_open
         for key in list(self.index):
             keep = []
             for c in self.index[key]:
-                horizon = self.keep_closed if c.closed else self.keep_open
-                if c.last_seen >= self.high_water - horizon:
+                if c.last_seen >= (closed_after if c.closed else open_after):
                     keep.append(c)
                 else:
                     gone += 1
+                    self.settled.append(c.conn_id)
             if keep:
                 self.index[key] = keep
             else:
@@ -145,91 +155,116 @@ class Correlator:
         if self.high_water is None or t > self.high_water:
             self.high_water = t
 
-    def _candidates(self, plan: Plan, key: tuple) -> list[Connection]:
-        out = []
-        for c in self.index.get(key, ()):
-            out.append(plan.connections.get(c.conn_id, c))
-        out += [plan.connections[cid] for cid in plan.new_by_key.get(key, ())]
-        return out
-
-    def _find(self, plan: Plan, rec: FlowRecord, view: View) -> Connection | None:
+    def _find(self, plan: Plan, rec: FlowRecord, slot: str, indexed: list[Connection] | None,
+              fresh: list[str] | None) -> Connection | None:
+        """The connection `rec` joins among those with its key (the join rule above)."""
+        conns = plan.connections
+        cands = [conns.get(c.conn_id, c) for c in indexed] if indexed else []
+        if fresh:
+            cands += [conns[cid] for cid in fresh]
         best: tuple[float, Connection] | None = None
-        for c in self._candidates(plan, key_of(rec)):
-            mine = c.views.get(view.slot)
+        slack = self.slack
+        for c in cands:
+            mine = c.views.get(slot)
             if mine is not None:
                 if mine.start != rec.start:
                     continue
                 dist = 0.0
             else:
-                lo, hi = c.start - self.slack, c.last_seen + self.slack
-                if rec.end < lo or rec.start > hi:
+                c_start = c.start
+                if rec.end < c_start - slack or rec.start > c.last_seen + slack:
                     continue
                 same = c.views.get(rec.observer) if rec.observer != "path" else None
-                if same is not None and same.final and rec.start > same.end + self.slack:
+                if same is not None and same.final and rec.start > same.end + slack:
                     continue
-                dist = abs((c.start - rec.start).total_seconds())
+                dist = abs((c_start - rec.start).total_seconds())
             if best is None or dist < best[0]:
                 best = (dist, c)
         return best[1] if best else None
 
-    def _apply(self, plan: Plan, rec: FlowRecord) -> None:
-        view = view_of(rec)
-        found = self._find(plan, rec, view)
+    def _apply(self, plan: Plan, rec: FlowRecord,
+               bests: dict[str, tuple[int, int, int, int, int, int]]) -> None:
+        obs = rec.observer
+        slot = obs if obs != "path" else "path:" + rec.collector
+        c_ep, s_ep = rec.client, rec.server
+        key = (rec.protocol, c_ep.ip, c_ep.port, s_ep.ip, s_ep.port,
+               (rec.netns or 0) if rec.loopback else 0)
+        indexed = self.index.get(key)
+        fresh = plan.new_by_key.get(key)
+        found = self._find(plan, rec, slot, indexed, fresh) if indexed or fresh else None
         if found is None:
-            conn = self._new(rec)
-            plan.created.add(conn.conn_id)
-            plan.new_by_key.setdefault(conn.key, []).append(conn.conn_id)
-            plan.connections[conn.conn_id] = conn
-            before = (0, 0, 0, 0, 0, 0)
+            conn = self._new(rec, key)
+            cid = conn.conn_id
+            plan.created.add(cid)
+            plan.new_by_key.setdefault(key, []).append(cid)
+            plan.connections[cid] = conn
+            before = _ZERO
         else:
-            conn = plan.connections.get(found.conn_id)
+            cid = found.conn_id
+            conn = plan.connections.get(cid)  # type: ignore[assignment]
             if conn is None:
                 conn = found.clone()
-                plan.connections[conn.conn_id] = conn
-            old = conn.views.get(view.slot)
+                plan.connections[cid] = conn
+            old = conn.views.get(slot)
             if old is not None and old.end > rec.end and (old.final or not rec.final):
                 # a late interim record: the newer cumulative one supersedes it. A final record
                 # always wins over interims (one final per observer): a packet source's interim
                 # `end` is its tick time, later than the flow's last packet, its final's `end`
                 return
-            before = conn.best()
-        conn.views[view.slot] = view
-        self._absorb_side_facts(conn, rec)
+            before = bests.get(cid) or conn.best()
+        t = rec.rtt_us
+        conn.views[slot] = View(obs, rec.collector, rec.start, rec.end, rec.final, rec.bytes_c2s,
+                                rec.bytes_s2c, rec.packets_c2s, rec.packets_s2c, rec.retransmits,
+                                rec.resets, rec.connect, (t.min, t.avg, t.max) if t else None,
+                                bool(rec.incomplete))
+        if obs != "path" or (rec.tunnel is not None and conn.tunnel is None):
+            self._absorb_side_facts(conn, rec)
         after = conn.best()
-        delta = [max(0, a - b) for a, b in zip(after, before, strict=True)]
+        bests[cid] = after
+        if after == before:
+            return
+        delta = [a - b if a > b else 0 for a, b in zip(after, before, strict=True)]
         if any(delta):
-            rk: RollupKey = (minute_of(rec.end), conn.client.wid, conn.server.wid,
-                             conn.client.host or "", conn.server.host or "", conn.server_port,
-                             conn.protocol)
-            acc = plan.rollups.setdefault(rk, [0] * 6)
-            for i, d in enumerate(delta):
-                acc[i] += d
-            plan.identities[rk] = (conn.client, conn.server)
+            client, server = conn.client, conn.server
+            rk: RollupKey = (minute_of(rec.end), client.wid, server.wid, client.host or "",
+                             server.host or "", conn.server_port, conn.protocol)
+            acc = plan.rollups.get(rk)
+            if acc is None:
+                plan.rollups[rk] = delta
+            else:
+                for i, d in enumerate(delta):
+                    acc[i] += d
+            plan.identities[rk] = (client, server)
 
-    def _new(self, rec: FlowRecord) -> Connection:
-        cfacts = sfacts = Facts()
-        proc = rec.process
-        if rec.observer == "client":
-            cfacts = Facts(rec.client_workload, proc.comm if proc else None, rec.container, rec.collector)
-            sfacts = Facts(rec.server_workload)
-        elif rec.observer == "server":
-            sfacts = Facts(rec.server_workload, proc.comm if proc else None, rec.container, rec.collector)
-            cfacts = Facts(rec.client_workload)
-        else:
-            cfacts, sfacts = Facts(rec.client_workload), Facts(rec.server_workload)
-        client = self.resolver.resolve(rec.client.ip, rec.client.port, cfacts)
+    def _new(self, rec: FlowRecord, k: tuple[str, str, int, str, int, int]) -> Connection:
+        client = self._identity(rec, rec.client.ip, rec.client.port, "client")
         # a client's ephemeral port says nothing: static ip:port entries name server ports
-        server = self.resolver.resolve(rec.server.ip, rec.server.port, sfacts)
-        k = key_of(rec)
+        server = self._identity(rec, rec.server.ip, rec.server.port, "server")
         return Connection(conn_id=uuid.uuid4().hex, protocol=rec.protocol, family=rec.family,
                           client_ip=k[1], client_port=k[2], server_ip=k[3], server_port=k[4],
                           scope=k[5], client=client, server=server)
 
+    def _identity(self, rec: FlowRecord, ip: str, port: int, side: str) -> Identity:
+        """The resolver's answer for one side; its facts are what the observer knows of that
+        side (its own process when it is that side)."""
+        static = self.resolver.static
+        if static is not None:  # the resolver's first layer, without building the facts
+            hit = static.lookup(ip, port)
+            if hit is not None:
+                return hit
+        workload = rec.client_workload if side == "client" else rec.server_workload
+        if rec.observer == side:
+            proc = rec.process
+            facts = Facts(workload, proc.comm if proc else None, rec.container, rec.collector)
+        else:
+            facts = Facts(workload)
+        return self.resolver.resolve(ip, port, facts)
+
     def _absorb_side_facts(self, conn: Connection, rec: FlowRecord) -> None:
         if rec.observer in ("client", "server"):
             p = rec.process
-            info = ProcInfo(pid=p.pid if p else None, comm=p.comm if p else None, netns=rec.netns,
-                            container=rec.container, collector=rec.collector)
+            info = ProcInfo(p.pid if p else None, p.comm if p else None, rec.netns, rec.container,
+                            rec.collector)
             if rec.observer == "client":
                 conn.client_proc = info
             else:

@@ -7,6 +7,8 @@ records AND the batch's correlated connections, rollup deltas and workloads comm
 are published to the live stream (`LiveHub`, used by GET /api/v1/flows/stream).
 
 Order under one lock: duplicate check -> plan (on copies) -> store commit -> correlator commit.
+The connections the correlator pruned (it will never change them again) go to the store with the
+next batch, in its transaction (DuckDB moves them out of its small table of changing ones).
 A store failure leaves memory untouched, so a retried batch correlates exactly as the first try
 would have. At start the correlator's index is rebuilt from the store (restart safety).
 Listeners (`add_listener`; the exporters of aggregator/exporters/) get each committed `Plan`, in
@@ -27,6 +29,7 @@ from typing import Any
 from aggregator.connection import Connection
 from aggregator.correlate import Correlator, Plan
 from aggregator.store.base import FlowStore, IngestResult
+from aggregator.store.columns import gc_paused
 from aggregator.store.derived import derived_of
 from eastwest.drops import Drops
 from eastwest.record import FlowRecord
@@ -46,7 +49,8 @@ class LiveHub:
         self._lock = threading.Lock()
 
     def subscribe(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[Connection]]:
-        sub = (asyncio.get_running_loop(), asyncio.Queue(self.queue_size))
+        queue: asyncio.Queue[Connection] = asyncio.Queue(self.queue_size)
+        sub = (asyncio.get_running_loop(), queue)
         with self._lock:
             self._subs.add(sub)
         return sub
@@ -96,12 +100,15 @@ class CorrelatingStore:
 
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
                derived: Any = None) -> IngestResult:
-        with self.correlator.lock:
+        with self.correlator.lock, gc_paused():
             if self.inner.batch_applied(collector, batch_seq):
                 return IngestResult(collector, batch_seq, 0, True)
             plan = self.correlator.plan(records)
-            result = self.inner.ingest(collector, batch_seq, records, derived=derived_of(plan))
+            settled = list(self.correlator.settled)
+            result = self.inner.ingest(collector, batch_seq, records,
+                                       derived=derived_of(plan, settled))
             if not result.duplicate:
+                del self.correlator.settled[:len(settled)]  # handed over with this batch
                 self.correlator.commit(plan)
                 self._notify(plan)
         if not result.duplicate and plan.connections and self.hub.subscribers:

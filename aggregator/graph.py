@@ -1,9 +1,11 @@
-"""The service graph of a time window: store rows -> a networkx DiGraph -> JSON, DOT, Mermaid, GraphML.
+"""The service graph of a time window: store rows -> nodes and edges -> JSON, networkx, DOT,
+Mermaid, GraphML.
 
 Stage: query side (the API's /graph, /workloads, /diff). In: a window [since, until), a grouping
-(workload | namespace | host), a compiled `Filter`. Out: a `nx.DiGraph` whose nodes are
-workloads (or namespaces, hosts) and whose edges go client -> server, carrying the attributes
-listed in `EDGE_FIELDS` (docs/api.md); renderers for the API's formats.
+(workload | namespace | host), a compiled `Filter`. Out: `GraphData` (aggregator/graph_edges.py):
+the JSON document of GET /api/v1/graph straight from the store's per-edge columns, and on demand
+the `nx.DiGraph` (nodes: workloads, or namespaces, hosts; edges client -> server carrying
+`EDGE_FIELDS`, docs/api.md) that analysis and the text renderers use.
 
 Counts (opened, active, closed, failed, reset) come from the `connections` table, exact to the
 microsecond; volumes (bytes, packets, retransmits) from the minute `rollups` (the minutes that
@@ -25,16 +27,22 @@ from typing import Any
 
 import networkx as nx
 
+from aggregator.graph_edges import (
+    EDGE_FIELDS,
+    OTHER,
+    SUMMED,
+    GraphData,
+    columns_of_rows,
+    fold_attrs,
+    rank,
+)
+from aggregator.graph_edges import iso as _iso
 from aggregator.store.base import FlowStore
 from aggregator.store.duckdb_derived import CONN_FILTER_COLUMNS, ROLLUP_FILTER_COLUMNS
 from eastwest.filters import Filter
 
-OTHER = "other"
-SUMMED = ("connections_opened", "connections_active", "connections_closed", "connections_failed",
-          "resets", "retransmits", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
-          "byte_mismatches")
-EDGE_FIELDS = (*SUMMED, "rtt_us", "ports", "protocols", "first_seen", "last_seen", "complete",
-               "observed_by", "folded")
+__all__ = ["EDGE_FIELDS", "OTHER", "SUMMED", "GraphData", "Window", "build_graph", "fold",
+           "graph_data", "to_dot", "to_graphml", "to_json", "to_mermaid"]
 
 
 @dataclass(frozen=True)
@@ -49,70 +57,29 @@ def rollups_can_answer(flt: Filter) -> bool:
     return all(all(f in ROLLUP_FILTER_COLUMNS for f in DIMENSIONS[c.dim].fields) for c in flt.clauses)
 
 
-def build_graph(store: FlowStore, window: Window, *, group_by: str = "workload",
-                flt: Filter | None = None, budget: int | None = None) -> nx.DiGraph:
+def graph_data(store: FlowStore, window: Window, *, group_by: str = "workload",
+               flt: Filter | None = None, budget: int | None = None) -> GraphData:
     flt = flt or Filter()
     where, params = flt.to_sql(CONN_FILTER_COLUMNS)
-    counts = store.edge_counts(window.since, window.until, group_by, where, params)
     from_rollups = rollups_can_answer(flt)
-    volumes: dict[tuple[str, str], dict[str, Any]] = {}
-    if from_rollups:
-        rwhere, rparams = flt.to_sql(ROLLUP_FILTER_COLUMNS)
-        for r in store.edge_volumes(window.since, window.until, group_by, rwhere, rparams):
-            volumes[(r["src"], r["dst"])] = r
-    g = nx.DiGraph(since=window.since, until=window.until, group_by=group_by,
-                   volume_source="rollups" if from_rollups else "connections",
-                   filter=str(flt))
-    for r in counts:
-        _node(g, r["src"], r["src_name"], r["src_namespace"], r["src_kind"], group_by)
-        _node(g, r["dst"], r["dst_name"], r["dst_namespace"], r["dst_kind"], group_by)
-        vol = volumes.pop((r["src"], r["dst"]), None)
-        if from_rollups:
-            v = vol or {}
-            b = (v.get("bytes_c2s"), v.get("bytes_s2c"), v.get("packets_c2s"),
-                 v.get("packets_s2c"), v.get("retransmits"))
-        else:
-            b = (r["conn_bytes_c2s"], r["conn_bytes_s2c"], None, None, r["conn_retransmits"])
-        observed = {k.strip(","): int(n) for k, n in (r["observed_by"] or {}).items()}
-        g.add_edge(r["src"], r["dst"],
-                   connections_opened=int(r["opened"]), connections_active=int(r["active"]),
-                   connections_closed=int(r["closed"]), connections_failed=int(r["failed"]),
-                   resets=int(r["reset"]), byte_mismatches=int(r["byte_mismatches"]),
-                   bytes_c2s=int(b[0] or 0), bytes_s2c=int(b[1] or 0),
-                   packets_c2s=int(b[2] or 0), packets_s2c=int(b[3] or 0),
-                   retransmits=int(b[4] or 0),
-                   rtt_us=None if r["rtt_min"] is None else
-                   {"min": int(r["rtt_min"]), "avg": int(round(r["rtt_avg"])), "max": int(r["rtt_max"])},
-                   ports=[int(p) for p in r["ports"]], protocols=list(r["protocols"]),
-                   first_seen=r["first_seen"], last_seen=r["last_seen"],
-                   complete=not r["incomplete"], observed_by=observed, folded=1)
-    for (src, dst), v in volumes.items():  # volumes in the window's minutes, no connection in it
-        if not any(v.get(k) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c")):
-            continue
-        for n in (src, dst):
-            _node(g, n, n.rsplit("/", 1)[-1], n.split("/", 1)[0] if "/" in n else None, None, group_by)
-        g.add_edge(src, dst, **{k: 0 for k in SUMMED}, rtt_us=None, ports=[], protocols=[],
-                   first_seen=None, last_seen=None, complete=True, observed_by={}, folded=1)
-        for k in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "retransmits"):
-            g.edges[src, dst][k] = int(v.get(k) or 0)
-    if budget is not None:
-        fold(g, budget)
-    return g
+    rwhere, rparams = flt.to_sql(ROLLUP_FILTER_COLUMNS) if from_rollups else (None, [])
+    if hasattr(store, "edge_columns"):
+        cols = store.edge_columns(window.since, window.until, group_by, where, params,
+                                  rwhere, rparams)
+    else:  # a backend with the row-wise calls only
+        counts = store.edge_counts(window.since, window.until, group_by, where, params)
+        volumes = (store.edge_volumes(window.since, window.until, group_by, rwhere, rparams)
+                   if rwhere is not None else None)
+        cols = columns_of_rows(counts, volumes)
+    data = GraphData.of_columns(cols, window.since, window.until, group_by,
+                                "rollups" if from_rollups else "connections", str(flt))
+    data.fold(budget)
+    return data
 
 
-def _node(g: nx.DiGraph, nid: str, name: str | None, namespace: str | None, kind: str | None,
-          group_by: str) -> None:
-    if nid in g:
-        return
-    if group_by == "workload":
-        g.add_node(nid, name=name or nid, namespace=namespace, kind=kind)
-    else:
-        g.add_node(nid, name=nid, namespace=nid if group_by == "namespace" else None,
-                   kind="Namespace" if group_by == "namespace" else "Host")
-
-
-def _weight(attrs: dict[str, Any]) -> tuple[int, int]:
-    return (attrs["bytes_c2s"] + attrs["bytes_s2c"], attrs["connections_opened"])
+def build_graph(store: FlowStore, window: Window, *, group_by: str = "workload",
+                flt: Filter | None = None, budget: int | None = None) -> nx.DiGraph:
+    return graph_data(store, window, group_by=group_by, flt=flt, budget=budget).graph()
 
 
 def fold(g: nx.DiGraph, budget: int) -> int:
@@ -120,37 +87,19 @@ def fold(g: nx.DiGraph, budget: int) -> int:
     many edges were folded (0 when the graph fits)."""
     if budget < 1 or g.number_of_edges() <= budget:
         return 0
-    ranked = sorted(g.edges(data=True), key=lambda e: (_weight(e[2]), e[0], e[1]), reverse=True)
-    folded = ranked[budget - 1:]
-    acc: dict[str, Any] = {k: 0 for k in SUMMED}
-    ports: set[int] = set()
-    protos: set[str] = set()
-    observed: dict[str, int] = {}
-    complete = True
-    for u, v, a in folded:
-        for k in SUMMED:
-            acc[k] += a[k]
-        ports.update(a["ports"])
-        protos.update(a["protocols"])
-        for k, n in a["observed_by"].items():
-            observed[k] = observed.get(k, 0) + n
-        complete = complete and a["complete"]
+    folded = rank(g.edges(data=True), lambda e: (e[2]["bytes_c2s"] + e[2]["bytes_s2c"],
+                                                 e[2]["connections_opened"]))[budget - 1:]
+    other = fold_attrs([a for _, _, a in folded])
+    for u, v, _ in folded:
         g.remove_edge(u, v)
     g.remove_nodes_from([n for n in list(g.nodes) if g.degree(n) == 0])
     g.add_node(OTHER, name=OTHER, namespace=None, kind="Other")
-    g.add_edge(OTHER, OTHER, **acc, rtt_us=None, ports=sorted(ports)[:100], protocols=sorted(protos),
-               first_seen=min((a["first_seen"] for _, _, a in folded if a["first_seen"]), default=None),
-               last_seen=max((a["last_seen"] for _, _, a in folded if a["last_seen"]), default=None),
-               complete=complete, observed_by=observed, folded=len(folded))
+    g.add_edge(OTHER, OTHER, **other)
     g.graph["folded_edges"] = len(folded)
     return len(folded)
 
 
 # -- renderers ---------------------------------------------------------------------------------
-def _iso(v: Any) -> Any:
-    return v.isoformat().replace("+00:00", "Z") if isinstance(v, datetime) else v
-
-
 def to_json(g: nx.DiGraph) -> dict[str, Any]:
     return {
         "since": _iso(g.graph["since"]), "until": _iso(g.graph["until"]),

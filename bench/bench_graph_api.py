@@ -2,9 +2,8 @@
 
 Generated straight into the store's tables by DuckDB (bench/ owns its data generator): N
 correlated connections over 24 hours on 10,000 (client, server) workload pairs among 1,000
-workloads, their minute rollups, and the workloads table. Each connection's `state` column is the
-msgpack of one template connection (the correlator reloads recent ones at start; the graph never
-reads it). Then, through the real app (FastAPI TestClient, read token, JSON response):
+workloads (settled connections: the correlator no longer holds them), their minute rollups, and
+the workloads table. Then, through the real app (FastAPI TestClient, read token, JSON response):
 - ours: GET /api/v1/graph for a past 15-minute and 1-hour window (time travel, not cached), p50/p95;
 - peer: the two bare SQL aggregations the graph runs, by DuckDB on the same file, side by side.
 Target (issue #6): p95 at most 200 ms at 10 million flows.
@@ -22,14 +21,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
-import msgspec
 from fastapi.testclient import TestClient
 
 from aggregator.app import create_app
-from aggregator.connection import Connection, Identity, View
 from aggregator.settings import AggregatorSettings
-from aggregator.store.derived import CONN_NAMES
 from aggregator.store.duckdb import FILE_NAME, DuckDBStore
+from aggregator.store.duckdb_derived import SHOWN
 
 T_END = datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
 WORKLOADS, EDGES = 1000, 10_000
@@ -38,17 +35,12 @@ READ = "bench-read-token-0123456789"
 
 def generate(data: Path, flows: int) -> float:
     DuckDBStore(data).close()  # the schema
-    tmpl = msgspec.msgpack.encode(Connection(
-        conn_id="0" * 32, protocol="tcp", family=4, client_ip="10.0.0.1", client_port=1,
-        server_ip="10.0.0.2", server_port=2, scope=0, client=Identity("w0", "bench"),
-        server=Identity("w1", "bench"),
-        views={"client": View("client", "bench", T_END - timedelta(seconds=2), T_END, True)}))
     con = duckdb.connect(str(data / FILE_NAME))
     t0 = time.perf_counter()
     span_us = 24 * 3600 * 1_000_000
     start = T_END - timedelta(hours=24)
     # edge e: client workload e % 1000, server workload (e * 7 + 1 + e // 1000) % 1000
-    values = {n: "NULL" for n in CONN_NAMES}
+    values = {n: "NULL" for n in SHOWN}
     values.update({
         "conn_id": "lpad(printf('%x', i), 32, '0')", "protocol": "'tcp'", "family": "4",
         "client_ip": "'10.0.0.1'", "client_ip_hex": "'00000000000000000000ffff0a000001'",
@@ -67,13 +59,12 @@ def generate(data: Path, flows: int) -> float:
         "server_wid": "'bench/w' || ((e * 7 + 1 + e // 1000) % 1000)",
         "server_name": "'w' || ((e * 7 + 1 + e // 1000) % 1000)", "server_namespace": "'bench'",
         "server_host": "'h' || ((e * 7 + 1 + e // 1000) % 1000 % 20)", "server_id_source": "'static'",
-        "state": "?::BLOB",
     })
-    select = ", ".join(f"{values[n]} AS {n}" for n in CONN_NAMES)
-    con.execute(f"""INSERT INTO connections SELECT {select} FROM (
+    select = ", ".join(f"{values[n]} AS {n}" for n in SHOWN)
+    con.execute(f"""INSERT INTO connections_settled ({', '.join(SHOWN)}) SELECT {select} FROM (
         SELECT i, i % {EDGES} AS e,
                TIMESTAMPTZ '{start.isoformat()}' + to_microseconds((i * {span_us // flows})::BIGINT) AS ts
-        FROM range({flows}) t(i))""", [tmpl])
+        FROM range({flows}) t(i))""")
     con.execute("""INSERT INTO rollups SELECT date_trunc('minute', last_seen), client_wid, server_wid,
         client_host, server_host, server_port, protocol, any_value(client_name),
         any_value(client_namespace), any_value(server_name), any_value(server_namespace),

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from aggregator import analysis
 from aggregator.api.params import GROUP_BY, check_names, choice, query_filter, window
-from aggregator.api.state import graph_for
+from aggregator.api.state import graph_data_for, graph_for
 from aggregator.auth import require_read
-from aggregator.graph import Window, to_dot, to_graphml, to_json, to_mermaid
+from aggregator.graph import Window, to_dot, to_graphml, to_mermaid
 
 router = APIRouter(dependencies=[Depends(require_read)])
 FORMATS = ("json", "dot", "mermaid", "graphml")
@@ -35,12 +35,12 @@ def graph(request: Request,
           workload: str | None = Query(None, description="either side's workload (filter)")) -> Response:
     check_names(request, {"from", "to", "group_by", "format"}, filters=True)
     since, until, live = window(from_, to)
-    g = graph_for(request, Window(since, until), choice("group_by", group_by, GROUP_BY),
-                  query_filter(request), live)
+    data = graph_data_for(request, Window(since, until), choice("group_by", group_by, GROUP_BY),
+                          query_filter(request), live)
     fmt = choice("format", format, FORMATS)
-    if fmt == "json":
-        return JSONResponse(to_json(g))
-    text = {"dot": to_dot, "mermaid": to_mermaid, "graphml": to_graphml}[fmt](g)
+    if fmt == "json":  # straight from the edges, no networkx (the same document as to_json)
+        return Response(data.json_bytes(), media_type=MEDIA["json"])
+    text = {"dot": to_dot, "mermaid": to_mermaid, "graphml": to_graphml}[fmt](data.graph())
     return Response(text, media_type=MEDIA[fmt])
 
 

@@ -1,33 +1,47 @@
-"""Flow records -> columns, for bulk writes into any columnar backend.
+"""Flow records -> columns, for bulk writes into any columnar backend, and columns -> records.
 
-In:  a list of validated `FlowRecord`s of one batch.  Out: a `pyarrow.Table` with one column per
-stored field (`COLUMNS`, in table order), built column by column, never row by row.
+In:  a list of validated `FlowRecord`s of one batch.  Out: a `pyarrow.Table`, built column by
+column, never row by row:
+- `to_table`: the flat columns + `record` (the whole record as msgpack): `COLUMNS`, the layout of
+  backends that keep the record whole (ClickHouse);
+- `flows_table`: the flat columns + `extra`: `DUCKDB_COLUMNS`, the DuckDB layout. `extra` holds
+  only what has no column of its own (L3 bytes, cmdline, cgroup, outer port, TCP flags, the
+  collector-reported workloads, the `incomplete` reasons) as a msgpack array, NULL when all of
+  them are empty; `record_of` rebuilds the record exactly from the flat values and `extra`.
+  Why: the whole-record blob (~450 bytes, field names included) was most of what DuckDB wrote per
+  row, in its WAL at every commit and again at every checkpoint (docs/benchmarks.md).
 
 The flat columns are what queries filter and aggregate on (times, 5-tuple, observer, counters,
-process, tunnel). `record` holds the whole record in its msgpack form, so a raw record comes
-back exactly as it went in, including fields without a column of their own (workloads, cgroup,
-labels, flags). Integers that do not fit a signed 64-bit column are refused by ingest before
-they get here (`storable_problem`).
+process, tunnel); they are read off each record in ONE pass (a tuple per record, transposed by
+`zip`): per-column passes over the records cost an attribute walk per value. Integers that do
+not fit a signed 64-bit column are refused by ingest before they get here (`storable_problem`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+import gc
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 import pyarrow as pa
 
-from eastwest.record import FlowRecord
+from eastwest.record import Cgroup, Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
 
 INT64_MAX = 2**63 - 1
 _TS = pa.timestamp("us", tz="UTC")
 _mp = msgspec.msgpack.Encoder()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# name, arrow type, DuckDB type (the DDL of every backend derives from this one list)
-COLUMNS: list[tuple[str, pa.DataType, str]] = [
+# name, arrow type, DuckDB type (the DDL of every backend derives from these lists)
+CONSTANT_COLUMNS: list[tuple[str, pa.DataType, str]] = [  # the same for a whole batch
     ("collector", pa.string(), "VARCHAR NOT NULL"),
     ("batch_seq", pa.int64(), "BIGINT NOT NULL"),
+]
+FLAT_COLUMNS: list[tuple[str, pa.DataType, str]] = [  # read off each record (`_flat`)
     ("record_id", pa.string(), "VARCHAR NOT NULL"),
     ("source", pa.string(), "VARCHAR NOT NULL"),
     ("start_ts", _TS, "TIMESTAMPTZ NOT NULL"),
@@ -59,11 +73,65 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("outer_dst", pa.string(), "VARCHAR"),
     ("loopback", pa.bool_(), "BOOLEAN NOT NULL"),
     ("incomplete", pa.bool_(), "BOOLEAN NOT NULL"),
-    ("ingested_at", _TS, "TIMESTAMPTZ NOT NULL"),
-    ("record", pa.binary(), "BLOB NOT NULL"),
 ]
+INGESTED_AT = ("ingested_at", _TS, "TIMESTAMPTZ NOT NULL")
+COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    *CONSTANT_COLUMNS, *FLAT_COLUMNS, INGESTED_AT, ("record", pa.binary(), "BLOB NOT NULL")]
 COLUMN_NAMES = [c[0] for c in COLUMNS]
 SCHEMA = pa.schema([(name, typ) for name, typ, _ in COLUMNS])
+DUCKDB_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    *CONSTANT_COLUMNS, *FLAT_COLUMNS, INGESTED_AT, ("extra", pa.binary(), "BLOB")]
+DUCKDB_SCHEMA = pa.schema([(name, typ) for name, typ, _ in DUCKDB_COLUMNS])
+FLAT_NAMES = [c[0] for c in FLAT_COLUMNS]
+
+
+class Extra(msgspec.Struct, array_like=True, frozen=True):
+    """What a record holds beyond its flat columns (msgpack array; NULL when all are empty)."""
+
+    l3_bytes_c2s: int | None = None
+    l3_bytes_s2c: int | None = None
+    cmdline: str | None = None
+    cgroup_id: int | None = None
+    cgroup_path: str | None = None
+    outer_dport: int | None = None
+    tcp_flags: list[str] | None = None
+    client_workload: Workload | None = None
+    server_workload: Workload | None = None
+    incomplete: list[str] | None = None
+
+
+_NO_EXTRA = (None,) * len(Extra.__struct_fields__)
+_extra_dec = msgspec.msgpack.Decoder(Extra)
+_record_dec = msgspec.msgpack.Decoder(FlowRecord)
+
+
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_resume = False
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a batch is turned into columns and correlated.
+
+    A batch allocates a tuple per record and per connection row, none of them in a reference
+    cycle; the collector kept walking them (about 15-25 % of the CPU of an ingest, bench/
+    bench_store.py). Reference counting still frees everything; a collection that was due runs
+    when the last pause ends. Nested and concurrent pauses (ingest runs in a thread pool) count:
+    the collector comes back when the last one ends, and only if it was on before the first."""
+    global _gc_depth, _gc_resume
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_resume:
+                gc.enable()
 
 
 def storable_problem(r: FlowRecord) -> tuple[str, int] | None:
@@ -77,53 +145,101 @@ def storable_problem(r: FlowRecord) -> tuple[str, int] | None:
         return "rtt_us.max", r.rtt_us.max
     if r.process is not None and r.process.pid > INT64_MAX:
         return "process.pid", r.process.pid
-    if r.cgroup is not None and r.cgroup.id >= 2**64:  # travels in `record` only: uint64 is fine
+    if r.cgroup is not None and r.cgroup.id >= 2**64:  # travels in msgpack only: uint64 is fine
         return "cgroup.id", r.cgroup.id
     return None
 
 
+def _flat(records: Sequence[FlowRecord]) -> list[tuple[Any, ...]]:
+    """One tuple per record: the `FLAT_COLUMNS` values, then the `Extra` values (one pass; a
+    missing rtt/process/tunnel/cgroup reads as None through `x and x.field`)."""
+    return [(r.record_id, r.source, r.start, r.end, r.final, r.protocol, r.family,
+             (c := r.client).ip, c.port, (s := r.server).ip, s.port, r.observer,
+             r.bytes_c2s, r.bytes_s2c, r.packets_c2s, r.packets_s2c, r.connect,
+             r.retransmits, r.resets, (t := r.rtt_us) and t.min, t and t.avg, t and t.max,
+             (p := r.process) and p.pid, p and p.comm, r.netns, r.container,
+             (u := r.tunnel) and u.vni, u and u.outer_src, u and u.outer_dst, r.loopback,
+             bool(inc := r.incomplete),
+             (r.l3_bytes_c2s, r.l3_bytes_s2c, p and p.cmdline, (g := r.cgroup) and g.id,
+              g and g.path, u and u.outer_dport, r.tcp_flags, r.client_workload,
+              r.server_workload, inc or None))
+            for r in records]
+
+
+def _flat_arrays(rows: list[tuple[Any, ...]]) -> tuple[list[pa.Array], tuple[Any, ...]]:
+    cols = list(zip(*rows, strict=True))
+    arrays = [pa.array(cols[i], type=typ) for i, (_, typ, _) in enumerate(FLAT_COLUMNS)]
+    return arrays, cols[-1]
+
+
+def _constants(collector: str, batch_seq: int, ingested_at: datetime, n: int) -> list[pa.Array]:
+    return [pa.array([collector] * n, pa.string()), pa.array([batch_seq] * n, pa.int64()),
+            pa.array([ingested_at] * n, _TS)]
+
+
+def extra_blobs(extras: Sequence[tuple[Any, ...]]) -> pa.Array:
+    enc = _mp.encode
+    return pa.array([None if e == _NO_EXTRA else enc(e) for e in extras], pa.binary())
+
+
+def flat_table(records: Sequence[FlowRecord]) -> pa.Table:
+    """The DuckDB layout without the batch's constants (collector, batch_seq, ingested_at), which
+    the INSERT adds as parameters."""
+    arrays, extras = _flat_arrays(_flat(records))
+    return pa.Table.from_arrays([*arrays, extra_blobs(extras)], names=[*FLAT_NAMES, "extra"])
+
+
+def flows_table(collector: str, batch_seq: int, records: Sequence[FlowRecord],
+                ingested_at: datetime) -> pa.Table:
+    """The rows exactly as the DuckDB store writes them (`DUCKDB_COLUMNS`)."""
+    arrays, extras = _flat_arrays(_flat(records))
+    c, s, at = _constants(collector, batch_seq, ingested_at, len(records))
+    return pa.Table.from_arrays([c, s, *arrays, at, extra_blobs(extras)], schema=DUCKDB_SCHEMA)
+
+
 def to_table(collector: str, batch_seq: int, records: Sequence[FlowRecord],
              ingested_at: datetime) -> pa.Table:
-    n = len(records)
-    rtts = [r.rtt_us for r in records]
-    procs = [r.process for r in records]
-    tuns = [r.tunnel for r in records]
-    cols = {
-        "collector": [collector] * n,
-        "batch_seq": [batch_seq] * n,
-        "record_id": [r.record_id for r in records],
-        "source": [r.source for r in records],
-        "start_ts": [r.start for r in records],
-        "end_ts": [r.end for r in records],
-        "final": [r.final for r in records],
-        "protocol": [r.protocol for r in records],
-        "family": [r.family for r in records],
-        "client_ip": [r.client.ip for r in records],
-        "client_port": [r.client.port for r in records],
-        "server_ip": [r.server.ip for r in records],
-        "server_port": [r.server.port for r in records],
-        "observer": [r.observer for r in records],
-        "bytes_c2s": [r.bytes_c2s for r in records],
-        "bytes_s2c": [r.bytes_s2c for r in records],
-        "packets_c2s": [r.packets_c2s for r in records],
-        "packets_s2c": [r.packets_s2c for r in records],
-        "connect": [r.connect for r in records],
-        "retransmits": [r.retransmits for r in records],
-        "resets": [r.resets for r in records],
-        "rtt_min_us": [t.min if t else None for t in rtts],
-        "rtt_avg_us": [t.avg if t else None for t in rtts],
-        "rtt_max_us": [t.max if t else None for t in rtts],
-        "pid": [p.pid if p else None for p in procs],
-        "comm": [p.comm if p else None for p in procs],
-        "netns": [r.netns for r in records],
-        "container": [r.container for r in records],
-        "vni": [t.vni if t else None for t in tuns],
-        "outer_src": [t.outer_src if t else None for t in tuns],
-        "outer_dst": [t.outer_dst if t else None for t in tuns],
-        "loopback": [r.loopback for r in records],
-        "incomplete": [bool(r.incomplete) for r in records],
-        "ingested_at": [ingested_at] * n,
-        "record": [_mp.encode(r) for r in records],
-    }
-    return pa.Table.from_arrays([pa.array(cols[name], type=typ) for name, typ, _ in COLUMNS],
-                                schema=SCHEMA)
+    """The flat columns + the whole record as msgpack (`COLUMNS`)."""
+    arrays, _ = _flat_arrays(_flat(records))
+    c, s, at = _constants(collector, batch_seq, ingested_at, len(records))
+    blobs = pa.array([_mp.encode(r) for r in records], pa.binary())
+    return pa.Table.from_arrays([c, s, *arrays, at, blobs], schema=SCHEMA)
+
+
+# -- columns -> records ---------------------------------------------------------------------------
+# what `record_of` reads, in order: the flat columns with times as µs, then `extra`
+READ_COLUMNS = ["collector", *["epoch_us(start_ts)" if n == "start_ts" else
+                               "epoch_us(end_ts)" if n == "end_ts" else n for n in FLAT_NAMES],
+                "extra"]
+
+
+def _time(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def record_of(row: Sequence[Any]) -> FlowRecord:
+    """One row of `READ_COLUMNS` -> the record that was stored, field for field."""
+    (collector, record_id, source, start, end, final, protocol, family, cip, cport, sip, sport,
+     observer, b_c2s, b_s2c, p_c2s, p_s2c, connect, retrans, resets, rtt_min, rtt_avg, rtt_max,
+     pid, comm, netns, container, vni, outer_src, outer_dst, loopback, _incomplete, blob) = row
+    x = _extra_dec.decode(blob) if blob is not None else Extra()
+    return FlowRecord(
+        record_id=record_id, collector=collector, source=source, start=_time(start),
+        end=_time(end), final=final, protocol=protocol, family=family,
+        client=Endpoint(cip, cport), server=Endpoint(sip, sport), observer=observer,
+        bytes_c2s=b_c2s, bytes_s2c=b_s2c, packets_c2s=p_c2s, packets_s2c=p_s2c,
+        l3_bytes_c2s=x.l3_bytes_c2s, l3_bytes_s2c=x.l3_bytes_s2c, connect=connect,
+        retransmits=retrans, resets=resets,
+        rtt_us=None if rtt_min is None else Rtt(rtt_min, rtt_avg, rtt_max),
+        process=None if pid is None else Process(pid, comm, x.cmdline), netns=netns,
+        cgroup=None if x.cgroup_id is None else Cgroup(x.cgroup_id, x.cgroup_path),
+        container=container,
+        tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
+            "vxlan", vni, outer_src, outer_dst, x.outer_dport),  # type: ignore[arg-type]
+        client_workload=x.client_workload, server_workload=x.server_workload,
+        tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
+
+
+def record_of_blob(blob: bytes) -> FlowRecord:
+    """A record stored whole (`record` column: ClickHouse, DuckDB files written before `extra`)."""
+    return _record_dec.decode(blob)

@@ -7,20 +7,28 @@ batch (connections replaced by `conn_id`, rollups ADDED per key, workloads' last
 
 Column lists here are the one source of the tables' DDL for every backend, like columns.py.
 IP columns carry `ip_hex` text too, so CIDR filters compile to string ranges (eastwest.filters).
+
+`Derived` is built lazily from the plan: a backend reads only what it writes. `connections` is
+the full table (`CONN_COLUMNS`, with `state`: the whole connection as msgpack; ClickHouse);
+`connection_rows()` is the DuckDB form (`DUCKDB_CONN_NAMES`: `state` replaced by `views`, the
+views and identity labels only, as a msgpack array: everything else of the connection is in its
+columns already, and `connection_of` rebuilds it from both). Each connection's derived values
+come from one pass over its views (`Connection.summary`) and every row is one tuple,
+transposed into columns: the per-column getters of `CONN_COLUMNS` are the reference definition
+(tests/unit/test_store_connections.py compares them), not the hot path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import msgspec
 import pyarrow as pa
 
-from aggregator.connection import Connection, Identity
+from aggregator.connection import Connection, Identity, ProcInfo, Summary, Tunnel, View
 from aggregator.correlate import Plan
 from eastwest.filters import ip_hex as _ip_hex
 from eastwest.filters import outcome_of
@@ -33,6 +41,7 @@ CONN_DECODER = msgspec.msgpack.Decoder(Connection)
 
 S, I32, I64, B, TS, BIN = pa.string(), pa.int32(), pa.int64(), pa.bool_(), _TS, pa.binary()
 _DDL = {S: "VARCHAR", I32: "INTEGER", I64: "BIGINT", B: "BOOLEAN", TS: "TIMESTAMPTZ", BIN: "BLOB"}
+DDL_TYPES = _DDL
 
 Getter = Callable[[Connection], Any]
 
@@ -131,35 +140,117 @@ def ddl(schema: pa.Schema, primary_key: list[str]) -> str:
     return f"({cols}, PRIMARY KEY ({', '.join(primary_key)}))"
 
 
-@dataclass(frozen=True)
+# DuckDB's connections: the columns without `state`, plus `views` (see the module docstring)
+DUCKDB_CONN_NAMES = [n for n in CONN_NAMES if n != "state"] + ["views"]
+DUCKDB_CONN_SCHEMA = pa.schema([f for f in CONN_SCHEMA if f.name != "state"] + [("views", BIN)])
+_ViewTuple = tuple[str, str, datetime, datetime, bool, int, int, int | None, int | None, int, int,
+                   str | None, tuple[int, int, int] | None, bool]
+_views_dec = msgspec.msgpack.Decoder(
+    tuple[list[_ViewTuple], dict[str, str] | None, dict[str, str] | None])
+_astuple = msgspec.structs.astuple
+
+
+def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
+    """The `CONN_COLUMNS` values of one connection but `state`, in order, from its summary."""
+    b, r, ci, si = s.best, s.rtt, c.client, c.server
+    cp, sp, t = c.client_proc, c.server_proc, c.tunnel
+    return (c.conn_id, c.protocol, c.family, c.client_ip, ip_hex(c.client_ip), c.client_port,
+            c.server_ip, ip_hex(c.server_ip), c.server_port, c.scope, s.start, s.last_seen,
+            s.closed_at is not None, s.closed_at, s.observed_by, s.connect,
+            outcome_of(s.connect, b[5]), *b, *(r if r is not None else (None, None, None)),
+            *s.client_bytes, *s.server_bytes, *s.path_bytes, s.byte_mismatch, s.incomplete,
+            ci.wid, ci.name, ci.namespace, ci.kind, ci.host, ci.source,
+            si.wid, si.name, si.namespace, si.kind, si.host, si.source,
+            cp and cp.pid, cp and cp.comm, cp and cp.netns, cp and cp.container, cp and cp.collector,
+            sp and sp.pid, sp and sp.comm, sp and sp.netns, sp and sp.container, sp and sp.collector,
+            t and t.vni, t and t.vtep_src, t and t.vtep_dst, t and t.vtep_src_host,
+            t and t.vtep_dst_host)
+
+
+def views_blob(c: Connection) -> bytes:
+    """What the columns lack to rebuild the connection: its views (in order) and the labels of
+    both identities."""
+    return _enc.encode(([_astuple(v) for v in c.views.values()], c.client.labels or None,
+                        c.server.labels or None))
+
+
+def connection_of(row: dict[str, Any]) -> Connection:
+    """A connection back from its DuckDB row (`views` and the identity, process and tunnel
+    columns); the inverse of `connection_rows`."""
+    views, client_labels, server_labels = _views_dec.decode(row["views"])
+    out = {}
+    for v in views:
+        view = View(*v)
+        out[view.slot] = view
+
+    def ident(side: str, labels: dict[str, str] | None) -> Identity:
+        return Identity(row[f"{side}_name"], row[f"{side}_namespace"], row[f"{side}_kind"],
+                        row[f"{side}_host"], labels or {}, row[f"{side}_id_source"])
+
+    def proc(side: str) -> ProcInfo | None:
+        if row[f"{side}_collector"] is None:
+            return None
+        return ProcInfo(row[f"{side}_pid"], row[f"{side}_comm"], row[f"{side}_netns"],
+                        row[f"{side}_container"], row[f"{side}_collector"])
+
+    tunnel = None if row["vni"] is None else Tunnel(
+        row["vni"], row["vtep_src"], row["vtep_dst"], row["vtep_src_host"], row["vtep_dst_host"])
+    return Connection(row["conn_id"], row["protocol"], row["family"], row["client_ip"],
+                      row["client_port"], row["server_ip"], row["server_port"], row["scope"],
+                      ident("client", client_labels), ident("server", server_labels), out,
+                      proc("client"), proc("server"), tunnel)
+
+
+def _table(rows: Sequence[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
+    cols = list(zip(*rows, strict=True))
+    return pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(cols, schema, strict=True)],
+                                schema=schema)
+
+
 class Derived:
-    connections: pa.Table | None
-    rollups: pa.Table | None
-    workloads: pa.Table | None
+    """The tables of one plan, built on first use; `settled`: connections the correlator has
+    forgotten since the last batch (they will never change again: a backend that keeps
+    changing connections apart may move them)."""
+
+    def __init__(self, plan: Plan, settled: Sequence[str] = ()) -> None:
+        self.plan = plan
+        self.conns = list(plan.connections.values())
+        self.settled = list(settled)
+
+    @property
+    def replaced(self) -> list[str]:
+        """Connections of this plan that were stored before (the others are new)."""
+        created = self.plan.created
+        return [c.conn_id for c in self.conns if c.conn_id not in created]
+
+    @cached_property
+    def summaries(self) -> list[Summary]:
+        return [c.summary() for c in self.conns]
 
     @property
     def empty(self) -> bool:
-        return self.connections is None and self.rollups is None
+        return not self.conns and not self.plan.rollups and not self.settled
 
+    @cached_property
+    def connections(self) -> pa.Table | None:
+        """Every column of `CONN_COLUMNS`, `state` included."""
+        if not self.conns:
+            return None
+        return _table([(*row_values(c, s), _enc.encode(c))
+                       for c, s in zip(self.conns, self.summaries, strict=True)], CONN_SCHEMA)
 
-def connections_table(conns: list[Connection]) -> pa.Table:
-    best_cache = {id(c): c.best() for c in conns}
-    cols = []
-    for name, typ, get in CONN_COLUMNS:
-        if name in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "retransmits", "resets"):
-            i = ["bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "retransmits",
-                 "resets"].index(name)
-            values = [best_cache[id(c)][i] for c in conns]
-        else:
-            values = [get(c) for c in conns]
-        cols.append(pa.array(values, type=typ))
-    return pa.Table.from_arrays(cols, schema=CONN_SCHEMA)
+    def connection_rows(self) -> pa.Table | None:
+        """The DuckDB form: `DUCKDB_CONN_NAMES`."""
+        if not self.conns:
+            return None
+        return _table([(*row_values(c, s), views_blob(c))
+                       for c, s in zip(self.conns, self.summaries, strict=True)], DUCKDB_CONN_SCHEMA)
 
-
-def derived_of(plan: Plan) -> Derived:
-    conns = list(plan.connections.values())
-    rollups = None
-    if plan.rollups:
+    @cached_property
+    def rollups(self) -> pa.Table | None:
+        plan = self.plan
+        if not plan.rollups:
+            return None
         keys = list(plan.rollups)
         ids = [plan.identities[k] for k in keys]
         cols: dict[str, list[Any]] = {n: [k[i] for k in keys] for i, n in enumerate(ROLLUP_KEY)}
@@ -169,24 +260,36 @@ def derived_of(plan: Plan) -> Derived:
         cols["server_namespace"] = [s.namespace for _, s in ids]
         for i, n in enumerate(ROLLUP_COUNTERS):
             cols[n] = [plan.rollups[k][i] for k in keys]
-        rollups = pa.Table.from_pydict(cols, schema=ROLLUP_SCHEMA)
-    workloads = None
-    if conns:
+        return pa.Table.from_pydict(cols, schema=ROLLUP_SCHEMA)
+
+    @cached_property
+    def workloads(self) -> pa.Table | None:
+        if not self.conns:
+            return None
         seen: dict[str, tuple[Identity, datetime, datetime]] = {}
-        for c in conns:
-            first, last = c.start, c.last_seen
+        for c, s in zip(self.conns, self.summaries, strict=True):
+            first, last = s.start, s.last_seen
             for ident in (c.client, c.server):
                 old = seen.get(ident.wid)
                 if old is None:
                     seen[ident.wid] = (ident, first, last)
-                else:
+                elif first < old[1] or last > old[2]:
                     seen[ident.wid] = (old[0], min(old[1], first), max(old[2], last))
         rows = list(seen.values())
-        workloads = pa.Table.from_pydict({
+        return pa.Table.from_pydict({
             "wid": [i.wid for i, _, _ in rows], "name": [i.name for i, _, _ in rows],
             "namespace": [i.namespace for i, _, _ in rows], "kind": [i.kind for i, _, _ in rows],
             "host": [i.host for i, _, _ in rows],
             "labels": [msgspec.json.encode(i.labels).decode() for i, _, _ in rows],
             "source": [i.source for i, _, _ in rows], "first_seen": [f for _, f, _ in rows],
             "last_seen": [last for _, _, last in rows]}, schema=WORKLOAD_SCHEMA)
-    return Derived(connections_table(conns) if conns else None, rollups, workloads)
+
+
+def connections_table(conns: list[Connection]) -> pa.Table:
+    """Every column of `CONN_COLUMNS` for these connections (reference form, by the getters)."""
+    return pa.Table.from_arrays([pa.array([get(c) for c in conns], type=typ)
+                                 for _, typ, get in CONN_COLUMNS], schema=CONN_SCHEMA)
+
+
+def derived_of(plan: Plan, settled: Sequence[str] = ()) -> Derived:
+    return Derived(plan, settled)

@@ -4,11 +4,16 @@ In:  batches of validated `FlowRecord`s with their `(collector, batch_seq)`.
 Out: raw records by time range; the idempotency marks of applied batches.
 
 Each batch is written in one transaction: a bulk `INSERT ... SELECT` from an Arrow table (built
-column by column in `aggregator.store.columns`) plus one row in `ingested_batches`, whose primary
-key `(collector, batch_seq)` makes a retried batch a no-op. DuckDB writes its WAL and syncs it at
-COMMIT (https://duckdb.org/docs/connect/concurrency, "ACID" in duckdb/src/storage/write_ahead_log),
-so a batch acknowledged after `ingest` returns survives kill -9 of the aggregator; the WAL is
-replayed when the file is opened again.
+column by column in `aggregator.store.columns`, the batch's collector, sequence and time added as
+parameters) plus one row in `ingested_batches`, whose primary key `(collector, batch_seq)` makes
+a retried batch a no-op. DuckDB writes its WAL and syncs it at COMMIT
+(https://duckdb.org/docs/connect/concurrency, "ACID" in duckdb/src/storage/write_ahead_log), so a
+batch acknowledged after `ingest` returns survives kill -9 of the aggregator; the WAL is replayed
+when the file is opened again.
+
+Raw records are stored as flat columns + `extra` (aggregator/store/columns.py) and rebuilt field
+for field by `records()`. A file written before `extra` existed keeps its `record` column (the
+whole record as msgpack, then NOT NULL): it is made nullable and still read for those rows.
 
 One writer connection, serialised by a lock (FastAPI runs handlers in a thread pool); readers use
 their own cursors.
@@ -23,20 +28,36 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import msgspec
 
 from aggregator.store.base import IngestResult, StoreError
-from aggregator.store.columns import COLUMN_NAMES, COLUMNS, to_table
+from aggregator.store.columns import (
+    DUCKDB_COLUMNS,
+    FLAT_NAMES,
+    READ_COLUMNS,
+    flat_table,
+    gc_paused,
+    record_of,
+    record_of_blob,
+)
 from aggregator.store.derived import Derived
-from aggregator.store.duckdb_derived import DERIVED_DDL, DerivedQueries, write_derived
+from aggregator.store.duckdb_derived import (
+    DERIVED_DDL,
+    DerivedQueries,
+    migrate_derived,
+    write_derived,
+)
+from aggregator.store.duckdb_edges import EdgeQueries
 from eastwest.record import FlowRecord
 
 FILE_NAME = "eastwest.duckdb"
-_dec = msgspec.msgpack.Decoder(FlowRecord)
+MIGRATE_HORIZON_S = 1800.0  # an old file's connections this recent can still change (keep_open)
+FLOW_NAMES = [c[0] for c in DUCKDB_COLUMNS]
+_INSERT_FLOWS = (f"INSERT INTO flows (collector, batch_seq, ingested_at, {', '.join(FLAT_NAMES)}, "
+                 f"extra) SELECT $1, $2, $3, {', '.join(FLAT_NAMES)}, extra FROM _batch")
 
 _DDL = [
     "CREATE TABLE IF NOT EXISTS flows ("
-    + ", ".join(f"{name} {ddl}" for name, _, ddl in COLUMNS) + ")",
+    + ", ".join(f"{name} {ddl}" for name, _, ddl in DUCKDB_COLUMNS) + ")",
     "CREATE TABLE IF NOT EXISTS ingested_batches ("
     " collector VARCHAR NOT NULL, batch_seq BIGINT NOT NULL, records INTEGER NOT NULL,"
     " ingested_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (collector, batch_seq))",
@@ -44,7 +65,7 @@ _DDL = [
 ]
 
 
-class DuckDBStore(DerivedQueries):
+class DuckDBStore(DerivedQueries, EdgeQueries):
     """`FlowStore` on a DuckDB file. `path` is the data directory (created if missing)."""
 
     backend = "duckdb"
@@ -60,6 +81,7 @@ class DuckDBStore(DerivedQueries):
             self._con = duckdb.connect(str(self.path))
             for stmt in _DDL:
                 self._con.execute(stmt)
+            self._legacy = self._migrate()
         except duckdb.Error as exc:
             raise StoreError(f"duckdb file {str(self.path)!r} cannot be opened: {exc}") from exc
         self._lock = threading.Lock()
@@ -70,7 +92,8 @@ class DuckDBStore(DerivedQueries):
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
                derived: Derived | None = None) -> IngestResult:
         now = datetime.now(UTC)
-        table = to_table(collector, batch_seq, records, now) if records else None
+        with gc_paused():
+            table = flat_table(records) if records else None
         with self._lock:
             con = self._writer()
             try:
@@ -84,8 +107,7 @@ class DuckDBStore(DerivedQueries):
                 if table is not None:
                     con.register("_batch", table)
                     try:
-                        cols = ", ".join(COLUMN_NAMES)
-                        con.execute(f"INSERT INTO flows ({cols}) SELECT {cols} FROM _batch")
+                        con.execute(_INSERT_FLOWS, [collector, batch_seq, now])
                     finally:
                         con.unregister("_batch")
                 if derived is not None:
@@ -119,7 +141,7 @@ class DuckDBStore(DerivedQueries):
         if collector is not None:
             where.append("collector = ?")
             params.append(collector)
-        sql = "SELECT record FROM flows"
+        sql = f"SELECT {', '.join(READ_COLUMNS)}{', record' if self._legacy else ''} FROM flows"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY end_ts, record_id"
@@ -127,7 +149,9 @@ class DuckDBStore(DerivedQueries):
             sql += " LIMIT ?"
             params.append(int(limit))
         rows = self._query(sql, params)
-        return [_dec.decode(row[0]) for row in rows]
+        if self._legacy:
+            return [record_of_blob(r[-1]) if r[-1] is not None else record_of(r[:-1]) for r in rows]
+        return [record_of(r) for r in rows]
 
     def count(self) -> int:
         return self._count
@@ -144,6 +168,15 @@ class DuckDBStore(DerivedQueries):
                 pass
         return total
 
+    def checkpoint(self) -> None:
+        """Write everything in the WAL into the database file (DuckDB does it by itself when the
+        WAL grows past `wal_autocheckpoint`; benches call it so that no path leaves work behind)."""
+        with self._lock:
+            try:
+                self._writer().execute("CHECKPOINT")
+            except duckdb.Error as exc:
+                raise StoreError(f"duckdb {str(self.path)!r}: checkpoint failed: {exc}") from exc
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -154,6 +187,20 @@ class DuckDBStore(DerivedQueries):
                     raise StoreError(f"duckdb {str(self.path)!r}: close failed: {exc}") from exc
 
     # -- helpers ------------------------------------------------------------------------------
+    def _migrate(self) -> bool:
+        """Bring a file of an older layout up to this one; True when flows has the legacy
+        `record` column (whole records as msgpack, read for the rows that have it).
+        Connections: aggregator/store/duckdb_derived.py `migrate_derived`."""
+        cols = {r[0] for r in self._con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'flows'").fetchall()}
+        if "extra" not in cols:
+            self._con.execute("ALTER TABLE flows ADD COLUMN extra BLOB")
+        migrate_derived(self._con, MIGRATE_HORIZON_S)
+        if "record" in cols:
+            self._con.execute("ALTER TABLE flows ALTER COLUMN record DROP NOT NULL")
+            return True
+        return False
+
     def _writer(self) -> duckdb.DuckDBPyConnection:
         if self._closed:
             raise StoreError(f"duckdb {str(self.path)!r} is closed")

@@ -1,12 +1,24 @@
 """DuckDB side of the correlated tables: connections, minute rollups, workloads.
 
-Stage: store. In: `Derived` tables (aggregator/store/derived.py) inside the raw batch's
-transaction; queries from the API (edges of a window, connections with a compiled `Filter`,
-workloads). Out: rows as dicts.
+Stage: store. In: `Derived` (aggregator/store/derived.py) inside the raw batch's transaction;
+queries from the API (connections with a compiled `Filter`, workloads). Out: rows as dicts.
 
-Writes are bulk from Arrow: `INSERT OR REPLACE` on `connections` (primary key conn_id), `INSERT
-... ON CONFLICT DO UPDATE SET x = x + excluded.x` on `rollups` (deltas add up), workloads keep
-their first_seen and raise last_seen. (DuckDB: https://duckdb.org/docs/sql/statements/insert,
+Connections live in two tables behind one view, `connections`:
+- `connections_live`: the connections the correlator may still change (its index: open ones,
+  and closed ones of the last minutes). A batch deletes the rows of the connections it changed
+  and inserts their new versions; the table stays small, so the delete's scan stays cheap.
+  Each row carries `views` (the correlator's state of it), so a restart reloads exactly this
+  table into the correlator.
+- `connections_settled`: append-only. A connection moves here, in the transaction of the next
+  batch, once the correlator has pruned it (it can never change again).
+Why not one table with `INSERT OR REPLACE` on a primary key: DuckDB replaces a conflicting row
+3 to 8 times slower than an explicit delete + insert, and a delete by key scans the table; with
+every record of a busy edge touching a connection, that was most of the ingest time
+(docs/benchmarks.md). Files written before this layout keep their `connections` table as the
+settled one; its recent rows move to the live table when the file is opened.
+
+Rollups: `INSERT ... ON CONFLICT DO UPDATE SET x = x + excluded.x` (deltas add up); workloads
+keep their first_seen and raise last_seen. (DuckDB: https://duckdb.org/docs/sql/statements/insert,
 "ON CONFLICT clause"; a key may appear once per statement, which correlation guarantees.)
 """
 
@@ -17,28 +29,42 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from aggregator.connection import Connection
 from aggregator.store.derived import (
     CONN_DECODER,
-    CONN_NAMES,
-    CONN_SCHEMA,
+    DDL_TYPES,
+    DUCKDB_CONN_NAMES,
+    DUCKDB_CONN_SCHEMA,
     ROLLUP_ATTRS,
     ROLLUP_COUNTERS,
     ROLLUP_KEY,
     ROLLUP_SCHEMA,
     WORKLOAD_SCHEMA,
     Derived,
+    connection_of,
     ddl,
+    derived_of,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+_COLS = ", ".join(f"{f.name} {DDL_TYPES[f.type]}" for f in DUCKDB_CONN_SCHEMA)
+# every column but `views`: what the settled table keeps and the `connections` view shows
+SHOWN = [n for n in DUCKDB_CONN_NAMES if n != "views"]
+_SHOWN = ", ".join(SHOWN)
 DERIVED_DDL = [
-    "CREATE TABLE IF NOT EXISTS connections " + ddl(CONN_SCHEMA, ["conn_id"]),
+    f"CREATE TABLE IF NOT EXISTS connections_live ({_COLS})",
     "CREATE TABLE IF NOT EXISTS rollups " + ddl(ROLLUP_SCHEMA, ROLLUP_KEY),
     "CREATE TABLE IF NOT EXISTS workloads " + ddl(WORKLOAD_SCHEMA, ["wid"]),
 ]
+_SETTLED_DDL = ("CREATE TABLE IF NOT EXISTS connections_settled ("
+                + ", ".join(f"{f.name} {DDL_TYPES[f.type]}" for f in DUCKDB_CONN_SCHEMA
+                            if f.name != "views") + ")")
+_VIEW_DDL = (f"CREATE OR REPLACE VIEW connections AS SELECT {_SHOWN} FROM connections_settled "
+             f"UNION ALL SELECT {_SHOWN} FROM connections_live")
+_CONN_TABLES = ("connections_settled", "connections_live")
 
 # view keys of eastwest.filters -> columns of `connections`
 CONN_FILTER_COLUMNS = {
@@ -61,13 +87,73 @@ GROUPS = {
 }
 
 
+# what `recent_connections` reads to rebuild a connection (`connection_of`)
+_STATE_COLUMNS = ["conn_id", "protocol", "family", "client_ip", "client_port", "server_ip",
+                  "server_port", "scope", "vni", "vtep_src", "vtep_dst", "vtep_src_host",
+                  "vtep_dst_host", "views"] + [
+    f"{side}_{a}" for side in ("client", "server")
+    for a in ("name", "namespace", "kind", "host", "id_source", "pid", "comm", "netns",
+              "container", "collector")]
+
+
+def migrate_derived(con: duckdb.DuckDBPyConnection, horizon_s: float) -> None:
+    """Create the settled table and the view; a file of the one-table layout (a `connections`
+    TABLE with a primary key and `state`, the whole connection as msgpack) keeps it as the
+    settled table, and its connections of the last `horizon_s` seconds move to the live table
+    (their `views` from `state`), where a restart's correlator finds them."""
+    kind = con.execute("SELECT table_type FROM information_schema.tables "
+                       "WHERE table_name = 'connections'").fetchone()
+    if kind is not None and kind[0] == "BASE TABLE":
+        con.execute("BEGIN TRANSACTION")
+        con.execute("ALTER TABLE connections RENAME TO connections_settled")
+        rows = con.execute(
+            "SELECT state FROM connections_settled WHERE last_seen >= (SELECT max(last_seen) "
+            "FROM connections_settled) - to_microseconds(?::BIGINT)", [int(horizon_s * 1e6)]).fetchall()
+        conns = [CONN_DECODER.decode(r[0]) for r in rows]
+        if conns:
+            from aggregator.correlate import Plan
+
+            live = derived_of(Plan(connections={c.conn_id: c for c in conns})).connection_rows()
+            con.register("_live", live)
+            con.execute(f"INSERT INTO connections_live ({', '.join(DUCKDB_CONN_NAMES)}) "
+                        f"SELECT {', '.join(DUCKDB_CONN_NAMES)} FROM _live")
+            con.unregister("_live")
+            con.execute("DELETE FROM connections_settled WHERE conn_id IN "
+                        "(SELECT conn_id FROM connections_live)")
+        con.execute("COMMIT")
+    con.execute(_SETTLED_DDL)
+    con.execute(_VIEW_DDL)
+
+
+def _ids(con: duckdb.DuckDBPyConnection, name: str, ids: list[str]) -> None:
+    con.register(name, pa.table({"conn_id": pa.array(ids, pa.string())}))
+
+
 def write_derived(con: duckdb.DuckDBPyConnection, derived: Derived) -> None:
     """Called by the store inside the raw batch's open transaction."""
-    if derived.connections is not None:
-        con.register("_conns", derived.connections)
+    if derived.settled:  # pruned by the correlator: out of the live table for good
+        _ids(con, "_settled", derived.settled)
         try:
-            cols = ", ".join(CONN_NAMES)
-            con.execute(f"INSERT OR REPLACE INTO connections ({cols}) SELECT {cols} FROM _conns")
+            con.execute(f"INSERT INTO connections_settled ({_SHOWN}) SELECT {_SHOWN} FROM "
+                        "connections_live WHERE conn_id IN (SELECT conn_id FROM _settled)")
+            con.execute("DELETE FROM connections_live WHERE conn_id IN "
+                        "(SELECT conn_id FROM _settled)")
+        finally:
+            con.unregister("_settled")
+    replaced = derived.replaced
+    if replaced:
+        _ids(con, "_replaced", replaced)
+        try:
+            con.execute("DELETE FROM connections_live WHERE conn_id IN "
+                        "(SELECT conn_id FROM _replaced)")
+        finally:
+            con.unregister("_replaced")
+    rows = derived.connection_rows()
+    if rows is not None:
+        con.register("_conns", rows)
+        try:
+            cols = ", ".join(DUCKDB_CONN_NAMES)
+            con.execute(f"INSERT INTO connections_live ({cols}) SELECT {cols} FROM _conns")
         finally:
             con.unregister("_conns")
     if derived.rollups is not None:
@@ -111,12 +197,9 @@ class DerivedQueries:
 
     # -- correlation state --------------------------------------------------------------------
     def recent_connections(self, horizon_s: float) -> list[Connection]:
-        """Connections whose last record is within `horizon_s` of the newest one (restart)."""
-        rows = self._query(
-            "SELECT state FROM connections WHERE last_seen >= "
-            "(SELECT max(last_seen) FROM connections) - to_microseconds(?::BIGINT)",
-            [int(horizon_s * 1e6)])
-        return [CONN_DECODER.decode(r[0]) for r in rows]
+        """The connections the correlator may still change: the live table (restart)."""
+        rows = self._rows(f"SELECT {', '.join(_STATE_COLUMNS)} FROM connections_live", [])
+        return [connection_of(r) for r in rows]
 
     def connection_count(self) -> int:
         return int(self._query("SELECT count(*) FROM connections")[0][0])
@@ -173,10 +256,10 @@ class DerivedQueries:
 
     def apply_retention(self, cutoff: datetime) -> dict[str, int]:
         """Delete what ended before `cutoff` from every table; returns rows deleted per table."""
-        out = {}
+        out: dict[str, int] = {}
         with self._lock:  # type: ignore[attr-defined]
             con = self._writer()  # type: ignore[attr-defined]
-            for table, col in (("flows", "end_ts"), ("connections", "last_seen"),
+            for table, col in (("flows", "end_ts"), *((t, "last_seen") for t in _CONN_TABLES),
                                ("rollups", "minute"), ("workloads", "last_seen")):
                 try:
                     n = con.execute(f"DELETE FROM {table} WHERE {col} < ?", [cutoff]).fetchone()
@@ -184,7 +267,8 @@ class DerivedQueries:
                     from aggregator.store.base import StoreError
 
                     raise StoreError(f"duckdb: retention on {table} failed: {exc}") from exc
-                out[table] = int(n[0]) if n else 0
+                name = "connections" if table in _CONN_TABLES else table
+                out[name] = out.get(name, 0) + (int(n[0]) if n else 0)
             if out.get("flows"):
                 self._count = max(0, self._count - out["flows"])  # type: ignore[has-type]
         return out

@@ -152,3 +152,43 @@ def test_a_final_record_closes_the_connection_even_when_an_interim_ended_later()
     (conn,) = all_conns(c)
     assert conn.closed and conn.views["path:h1"].final
     assert conn.best()[:2] == (50, 60)
+
+
+def random_connection(rnd):
+    """A connection with a random subset of views and random counters (for the fast paths)."""
+    from aggregator.connection import Connection, Identity, ProcInfo, View
+    from aggregator.connection import Tunnel as ConnTunnel
+
+    views = {}
+    for slot in rnd.sample(["client", "server", "path:h1", "path:h2"], rnd.randint(1, 4)):
+        obs = slot.split(":")[0]
+        start = T0 + timedelta(seconds=rnd.uniform(-3, 3))
+        views[slot] = View(obs, slot.split(":")[-1] if obs == "path" else "h9", start,
+                           start + timedelta(seconds=rnd.uniform(0, 9)), rnd.random() < .7,
+                           rnd.choice([0, 1000, 1000 + rnd.randrange(5000)]),
+                           rnd.choice([0, 5000, rnd.randrange(9000)]),
+                           rnd.choice([None, rnd.randrange(30)]), rnd.choice([None, rnd.randrange(30)]),
+                           rnd.randrange(4), rnd.randrange(2),
+                           rnd.choice([None, "ok", "refused", "reset"]),
+                           rnd.choice([None, (1, 2, 3), (4, 5, 6)]), rnd.random() < .1)
+    return Connection(f"{rnd.getrandbits(64):032x}", "tcp", 4, "10.244.1.11", 40000,
+                      "10.244.2.11", 9090, 0, Identity("frontend", "shop", host="h1"),
+                      Identity("api", "shop", source="static"), views,
+                      rnd.choice([None, ProcInfo(1, "a", 2, None, "h1")]), None,
+                      rnd.choice([None, ConnTunnel(42, "10.213.0.1", "10.213.0.2", "h1", "h2")]))
+
+
+def test_summary_is_the_properties_in_one_pass():
+    import random
+
+    rnd = random.Random(5)
+    for _ in range(3000):
+        c = random_connection(rnd)
+        s = c.summary()
+        assert (s.start, s.last_seen, s.closed_at, s.connect, s.best, s.rtt, s.incomplete) == (
+            c.start, c.last_seen, c.closed_at, c.connect, c.best(), c.rtt, c.incomplete)
+        assert (s.closed_at is not None) == c.closed
+        assert s.observed_by == "," + ",".join(c.observed_by) + ","
+        assert (s.client_bytes, s.server_bytes, s.path_bytes) == (
+            c.side_bytes("client"), c.side_bytes("server"), c.side_bytes("path"))
+        assert s.byte_mismatch == c.byte_mismatch

@@ -139,3 +139,72 @@ def test_listeners_get_each_committed_plan_once_and_cannot_break_ingest(data_dir
     assert s.drops.snapshot() == {("exporters", "listener_error"): 2}
     assert s.connection_count() == 1
     s.close()
+
+
+def test_fast_rows_are_the_column_getters():
+    """The store's rows (one pass per connection) equal the reference getters of CONN_COLUMNS,
+    and a connection comes back from its DuckDB row unchanged."""
+    import random
+
+    from aggregator.correlate import Plan
+    from aggregator.store.derived import CONN_NAMES, connection_of, connections_table, derived_of
+    from tests.unit.test_correlate import random_connection
+
+    rnd = random.Random(9)
+    conns = [random_connection(rnd) for _ in range(500)]
+    plan = Plan(connections={c.conn_id: c for c in conns})
+    ref = connections_table(conns).to_pydict()
+    fast = derived_of(plan).connections.to_pydict()
+    assert fast == ref
+    rows = derived_of(plan).connection_rows().to_pylist()
+    assert [r[n] for r in rows for n in CONN_NAMES if n != "state"] == \
+        [ref[n][i] for i in range(len(conns)) for n in CONN_NAMES if n != "state"]
+    assert [connection_of(r) for r in rows] == conns
+
+
+def test_pruned_connections_settle_and_a_restart_reloads_only_live_ones(data_dir):
+    s = opened(data_dir)
+    s.ingest("h1", 1, [rec("client")])
+    s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(minutes=10))])
+    assert s.correlator.prune() == 1  # the first one closed 10 minutes ago: it can never change
+    s.ingest("h1", 3, [rec("client", cport=40002, start=T0 + timedelta(minutes=10))])
+    assert s.correlator.settled == [] and s.connection_count() == 3
+    g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20)))
+    assert g.edges["shop/frontend", "shop/api"]["connections_opened"] == 3
+    s.close()
+    s = opened(data_dir)
+    # DuckDB reloads exactly what the correlator could still change; a backend may reload more
+    assert s.loaded == 2 if data_dir[0] == "duckdb" else s.loaded >= 2
+    s.ingest("h2", 1, [rec("server", cport=40001, start=T0 + timedelta(minutes=10))])
+    assert s.connection_count() == 3
+    e = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20))).edges[
+        "shop/frontend", "shop/api"]
+    assert e["observed_by"] == {"client": 2, "client,server": 1}
+    s.close()
+
+
+def test_a_file_of_the_one_table_layout_keeps_its_connections(tmp_path):
+    """DuckDB files written with one `connections` table (primary key, `state` blobs): opened,
+    old connections stay queryable and recent ones are reloaded into the correlator."""
+    import duckdb
+
+    from aggregator.store.derived import CONN_SCHEMA, connections_table, ddl
+    from aggregator.store.duckdb import FILE_NAME
+
+    c = Correlator(IdentityResolver(MAP))
+    old = c.plan([rec("client", final=False)])
+    c.commit(old)
+    recent = c.plan([rec("client", cport=40001, start=T0 + timedelta(hours=2), final=False)])
+    conns = [*old.connections.values(), *recent.connections.values()]
+    con = duckdb.connect(str(tmp_path / FILE_NAME))
+    con.execute("CREATE TABLE connections " + ddl(CONN_SCHEMA, ["conn_id"]))
+    con.register("t", connections_table(conns))
+    con.execute("INSERT INTO connections SELECT * FROM t")
+    con.close()
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    assert s.loaded == 1 and s.connection_count() == 2  # the 2-hour-old one is settled
+    s.ingest("h2", 1, [rec("server", cport=40001, start=T0 + timedelta(hours=2))])
+    assert s.connection_count() == 2
+    g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(hours=3)))
+    assert g.edges["shop/frontend", "shop/api"]["observed_by"] == {"client": 1, "client,server": 1}
+    s.close()

@@ -1,0 +1,235 @@
+"""The edges of a window's graph as data: store columns -> nodes and JSON edges -> the response,
+and networkx only when analysis needs it.
+
+Stage: query side, between the store (aggregator/store/duckdb_edges.py `edge_columns`: each
+edge's JSON written by DuckDB; or, for a backend without it, `edge_counts` + `edge_volumes` rows
+turned into the same columns here) and the API. Out: `GraphData`, whose `json_bytes()` is the
+GET /api/v1/graph document (docs/api.md) and whose `graph()` is the `nx.DiGraph` that analysis,
+diff and the text renderers use (built once, on first use, from the same edges).
+
+Why: with 10,000 edges, building a DiGraph, walking it back into dicts and `json.dumps` cost as
+much as the SQL (bench/bench_graph_api.py); here Python touches one string per edge.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import networkx as nx
+
+OTHER = "other"
+SUMMED = ("connections_opened", "connections_active", "connections_closed", "connections_failed",
+          "resets", "retransmits", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
+          "byte_mismatches")
+EDGE_FIELDS = (*SUMMED, "rtt_us", "ports", "protocols", "first_seen", "last_seen", "complete",
+               "observed_by", "folded")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder()
+
+Node = tuple[str | None, str | None, str | None]  # name, namespace, kind
+# source, target, the edge's JSON object, weight (bytes both ways, opened), first/last seen µs
+JsonEdge = tuple[str, str, str, tuple[int, int], int | None, int | None]
+
+
+def iso(v: Any) -> Any:
+    return v.isoformat().replace("+00:00", "Z") if isinstance(v, datetime) else v
+
+
+def us_of(t: datetime | int | None) -> int | None:
+    if t is None or isinstance(t, int):
+        return t
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
+def datetime_of(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+def node_of(nodes: dict[str, Node], nid: str, name: str | None, namespace: str | None,
+            kind: str | None, group_by: str) -> None:
+    """The first mention of a node names it; a namespace or host node is named by its id."""
+    if nid in nodes:
+        return
+    if group_by == "workload":
+        nodes[nid] = (name or nid, namespace, kind)
+    else:
+        nodes[nid] = (nid, nid if group_by == "namespace" else None,
+                      "Namespace" if group_by == "namespace" else "Host")
+
+
+# -- a backend without edge_columns: its rows -> the same columns ---------------------------------
+def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] | None,
+                    ) -> dict[str, list[Any]]:
+    """`edge_counts` rows (+ `edge_volumes` rows when the rollups answer) -> the columns of
+    aggregator/store/duckdb_edges.py `EDGE_COLUMNS`, each edge's JSON written here."""
+    from aggregator.store.duckdb_edges import EDGE_COLUMNS
+
+    cols: dict[str, list[Any]] = {n: [] for n in EDGE_COLUMNS}
+    vols = {(r["src"], r["dst"]): r for r in volumes or ()}
+
+    def add(src: str, dst: str, names: tuple[Any, ...], attrs: dict[str, Any], conns: bool,
+            first: int | None, last: int | None) -> None:
+        edge = {"source": src, "target": dst, **attrs, "first_seen": iso(datetime_of(first)),
+                "last_seen": iso(datetime_of(last))}
+        row = (src, dst, *names, conns, attrs["bytes_c2s"] + attrs["bytes_s2c"],
+               attrs["connections_opened"], first, last, _enc.encode(edge).decode())
+        for n, v in zip(EDGE_COLUMNS, row, strict=True):
+            cols[n].append(v)
+
+    for r in sorted(counts, key=lambda r: (r["src"], r["dst"])):
+        v = vols.pop((r["src"], r["dst"]), {}) if volumes is not None else None
+        if v is not None:
+            vol = [v.get(k) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
+                                      "retransmits")]
+        else:
+            vol = [r["conn_bytes_c2s"], r["conn_bytes_s2c"], None, None, r["conn_retransmits"]]
+        attrs = {
+            "connections_opened": int(r["opened"]), "connections_active": int(r["active"]),
+            "connections_closed": int(r["closed"]), "connections_failed": int(r["failed"]),
+            "resets": int(r["reset"]), "byte_mismatches": int(r["byte_mismatches"]),
+            "bytes_c2s": int(vol[0] or 0), "bytes_s2c": int(vol[1] or 0),
+            "packets_c2s": int(vol[2] or 0), "packets_s2c": int(vol[3] or 0),
+            "retransmits": int(vol[4] or 0),
+            "rtt_us": None if r["rtt_min"] is None else {
+                "min": int(r["rtt_min"]), "avg": int(round(r["rtt_avg"])), "max": int(r["rtt_max"])},
+            "ports": [int(p) for p in r["ports"]], "protocols": list(r["protocols"]),
+            "first_seen": None, "last_seen": None, "complete": not r["incomplete"],
+            "observed_by": {k.strip(","): int(n) for k, n in (r["observed_by"] or {}).items()},
+            "folded": 1}
+        add(r["src"], r["dst"], (r["src_name"], r["src_namespace"], r["src_kind"],
+                                 r["dst_name"], r["dst_namespace"], r["dst_kind"]),
+            attrs, True, us_of(r["first_seen"]), us_of(r["last_seen"]))
+    for (src, dst), v in sorted(vols.items()):  # volumes in the window's minutes, no connection
+        if not any(v.get(k) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c")):
+            continue
+        attrs = {k: 0 for k in SUMMED}
+        attrs.update({k: int(v.get(k) or 0) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s",
+                                                      "packets_s2c", "retransmits")})
+        attrs.update(rtt_us=None, ports=[], protocols=[], first_seen=None, last_seen=None,
+                     complete=True, observed_by={}, folded=1)
+        add(src, dst, (None,) * 6, attrs, False, None, None)
+    return cols
+
+
+# -- the cardinality budget -----------------------------------------------------------------------
+def fold_attrs(folded: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `other -> other` edge standing for `folded` edges: their sums, ports (at most 100),
+    protocols, observers, first and last seen (datetimes or µs, whatever they carry)."""
+    acc: dict[str, Any] = {k: 0 for k in SUMMED}
+    ports: set[int] = set()
+    protos: set[str] = set()
+    observed: dict[str, int] = {}
+    complete = True
+    for a in folded:
+        for k in SUMMED:
+            acc[k] += a[k]
+        ports.update(a["ports"])
+        protos.update(a["protocols"])
+        for k, n in a["observed_by"].items():
+            observed[k] = observed.get(k, 0) + n
+        complete = complete and a["complete"]
+    acc.update(rtt_us=None, ports=sorted(ports)[:100], protocols=sorted(protos),
+               first_seen=min((a["first_seen"] for a in folded if a["first_seen"] is not None),
+                              default=None),
+               last_seen=max((a["last_seen"] for a in folded if a["last_seen"] is not None),
+                             default=None),
+               complete=complete, observed_by=observed, folded=len(folded))
+    return acc
+
+
+def rank(edges: Iterable[Any], weight: Any) -> list[Any]:
+    """Heaviest first: bytes, then connections opened, ties by (source, target) descending."""
+    return sorted(edges, key=lambda e: (weight(e), e[0], e[1]), reverse=True)
+
+
+# -- the graph of a window ------------------------------------------------------------------------
+@dataclass
+class GraphData:
+    since: datetime
+    until: datetime
+    group_by: str
+    volume_source: str
+    filter: str
+    nodes: dict[str, Node]
+    edges: list[JsonEdge]                # sorted by (source, target)
+    folded_edges: int = 0
+    _graph: nx.DiGraph | None = field(default=None, repr=False)
+
+    @classmethod
+    def of_columns(cls, cols: dict[str, list[Any]], since: datetime, until: datetime,
+                   group_by: str, volume_source: str, filter: str) -> GraphData:
+        nodes: dict[str, Node] = {}
+        c = cols
+        for i, src in enumerate(c["src"]):  # count edges come first: they name their nodes
+            dst = c["dst"][i]
+            if c["conns"][i]:
+                node_of(nodes, src, c["src_name"][i], c["src_namespace"][i], c["src_kind"][i], group_by)
+                node_of(nodes, dst, c["dst_name"][i], c["dst_namespace"][i], c["dst_kind"][i], group_by)
+            else:
+                for n in (src, dst):
+                    node_of(nodes, n, n.rsplit("/", 1)[-1], n.split("/", 1)[0] if "/" in n else None,
+                            None, group_by)
+        edges = sorted(zip(c["src"], c["dst"], c["json"],
+                           zip(c["w_bytes"], c["w_opened"], strict=True), c["first_us"],
+                           c["last_us"], strict=True))
+        return cls(since, until, group_by, volume_source, filter, nodes, edges)
+
+    def fold(self, budget: int | None) -> None:
+        """The cardinality budget (aggregator/graph.py)."""
+        if budget is None or budget < 1 or len(self.edges) <= budget:
+            return
+        ranked = rank(self.edges, lambda e: e[3])
+        kept, folded = ranked[:budget - 1], ranked[budget - 1:]
+        attrs = _dec.decode(b"[" + ",".join(e[2] for e in folded).encode() + b"]")
+        for a, e in zip(attrs, folded, strict=True):
+            a["first_seen"], a["last_seen"] = e[4], e[5]
+        other = fold_attrs(attrs)
+        first, last = other["first_seen"], other["last_seen"]
+        text = _enc.encode({"source": OTHER, "target": OTHER, **other,
+                            "first_seen": iso(datetime_of(first)),
+                            "last_seen": iso(datetime_of(last))}).decode()
+        used = {n for e in kept for n in (e[0], e[1])}
+        self.nodes = {n: a for n, a in self.nodes.items() if n in used}
+        self.nodes[OTHER] = (OTHER, None, "Other")
+        self.edges = sorted(e for e in kept if (e[0], e[1]) != (OTHER, OTHER))
+        insort(self.edges, (OTHER, OTHER, text, (other["bytes_c2s"] + other["bytes_s2c"],
+                                                 other["connections_opened"]), first, last))
+        self.folded_edges = len(folded)
+
+    def json_bytes(self) -> bytes:
+        deg_in: dict[str, int] = {}
+        deg_out: dict[str, int] = {}
+        for e in self.edges:
+            deg_out[e[0]] = deg_out.get(e[0], 0) + 1
+            deg_in[e[1]] = deg_in.get(e[1], 0) + 1
+        head = _enc.encode({
+            "since": iso(self.since), "until": iso(self.until), "group_by": self.group_by,
+            "volume_source": self.volume_source, "filter": self.filter,
+            "folded_edges": self.folded_edges,
+            "nodes": [{"id": n, "name": a[0], "namespace": a[1], "kind": a[2],
+                       "in_degree": deg_in.get(n, 0), "out_degree": deg_out.get(n, 0)}
+                      for n, a in sorted(self.nodes.items())]})
+        return head[:-1] + b',"edges":[' + ",".join(e[2] for e in self.edges).encode() + b"]}"
+
+    def graph(self) -> nx.DiGraph:
+        """The same graph as a networkx DiGraph (first_seen/last_seen as datetimes), built once."""
+        if self._graph is None:
+            g = nx.DiGraph(since=self.since, until=self.until, group_by=self.group_by,
+                           volume_source=self.volume_source, filter=self.filter)
+            if self.folded_edges:
+                g.graph["folded_edges"] = self.folded_edges
+            for n, (name, namespace, kind) in self.nodes.items():
+                g.add_node(n, name=name, namespace=namespace, kind=kind)
+            attrs = _dec.decode(b"[" + ",".join(e[2] for e in self.edges).encode() + b"]")
+            for a, e in zip(attrs, self.edges, strict=True):
+                del a["source"], a["target"]
+                a["first_seen"], a["last_seen"] = datetime_of(e[4]), datetime_of(e[5])
+            g.add_edges_from((e[0], e[1], a) for e, a in zip(self.edges, attrs, strict=True))
+            self._graph = g
+        return self._graph

@@ -1,0 +1,212 @@
+"""DuckDB side of the service graph: the edges of a window in ONE aggregation, each edge already
+written as its JSON object.
+
+Stage: store (query side). In: a window [since, until), a grouping (workload | namespace | host),
+the compiled filter for `connections` and, when the rollups can answer it, for `rollups`.
+Out: `edge_columns()`: one list per column of `EDGE_COLUMNS`, one row per edge (client group ->
+server group), count edges first, each sorted by (src, dst); aggregator/graph.py assembles the
+graph from them (docs/api.md for the edge fields).
+
+Why this shape (bench/bench_graph_api.py, docs/benchmarks.md): with 10,000 edges the time went
+not into DuckDB's aggregation but into Python: 29 columns x 10,000 rows through `fetchall`, dicts,
+a fold of flat rows, networkx, `json.dumps`. Here DuckDB groups straight by edge, with the per-edge
+sets kept as plain counters (`observed_by` is one of 7 observer combinations: one filtered count
+each; protocols a bit set; ports a min/max pair), and writes each edge's JSON itself (`to_json`),
+so Python handles one string per edge. Edges the counters cannot describe (several ports, an
+observer or protocol outside those sets) are detailed by a second, small query and rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from eastwest.record import PROTOCOLS
+
+# observed_by as stored: ",client," ... ",client,path,server," (sorted observers, comma-wrapped)
+OBSERVER_SETS = ("client", "server", "path", "client,server", "client,path", "path,server",
+                 "client,path,server")
+PROTOCOL_BITS = tuple(sorted(PROTOCOLS))
+_OTHER_PROTOCOL = 1 << len(PROTOCOL_BITS)
+
+GROUPS = {
+    "workload": ("client_wid", "server_wid"),
+    "namespace": ("coalesce(client_namespace, client_wid)", "coalesce(server_namespace, server_wid)"),
+    "host": ("coalesce(nullif(client_host, ''), 'unknown')", "coalesce(nullif(server_host, ''), 'unknown')"),
+}
+# src/dst node attributes (None for an edge with rollup volumes only), `conns` whether the edge
+# has connections in the window, the folding weights (bytes both ways, opened), first/last seen in
+# µs since the epoch, and `json`: the edge as GET /api/v1/graph writes it
+EDGE_COLUMNS = ("src", "dst", "src_name", "src_namespace", "src_kind", "dst_name",
+                "dst_namespace", "dst_kind", "conns", "w_bytes", "w_opened", "first_us",
+                "last_us", "json")
+VOLUMES = ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "retransmits")
+_dec = msgspec.json.Decoder()
+_enc = msgspec.json.Encoder()
+
+
+def _counts_sql(group_by: str, where: str) -> str:
+    cg, sg = GROUPS[group_by]
+    obs = ", ".join(f"count(*) FILTER (WHERE observed_by = ',{o},') AS obs{i}"
+                    for i, o in enumerate(OBSERVER_SETS))
+    proto = ("CASE protocol " + " ".join(f"WHEN '{p}' THEN {1 << i}"
+                                         for i, p in enumerate(PROTOCOL_BITS))
+             + f" ELSE {_OTHER_PROTOCOL} END")
+    return f"""
+    SELECT {cg} AS src, {sg} AS dst,
+      any_value(client_name) AS src_name, any_value(client_namespace) AS src_namespace,
+      any_value(client_kind) AS src_kind, any_value(server_name) AS dst_name,
+      any_value(server_namespace) AS dst_namespace, any_value(server_kind) AS dst_kind,
+      count(*) AS n,
+      count(*) FILTER (WHERE start_ts >= $1) AS opened,
+      count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
+      count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
+      count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout')) AS failed,
+      count(*) FILTER (WHERE start_ts >= $1 AND outcome = 'reset') AS reset,
+      count(*) FILTER (WHERE byte_mismatch) AS byte_mismatches,
+      count(*) FILTER (WHERE incomplete) AS incomplete,
+      min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
+      max(rtt_max_us) AS rtt_max, epoch_us(min(start_ts)) AS first_us,
+      epoch_us(max(last_seen)) AS last_us,
+      sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
+      sum(retransmits) AS conn_retransmits, {obs},
+      min(server_port) AS port_lo, max(server_port) AS port_hi, bit_or({proto}) AS protos
+    FROM connections
+    WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
+    GROUP BY 1, 2"""
+
+
+def _volumes_sql(group_by: str, where: str) -> str:
+    cg, sg = GROUPS[group_by]
+    sums = ", ".join(f"sum({n}) AS v_{n}" for n in VOLUMES)
+    return (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM rollups "
+            f"WHERE minute >= date_trunc('minute', $1::TIMESTAMPTZ) AND minute < $2 AND ({where}) "
+            "GROUP BY 1, 2")
+
+
+def _iso(us: str) -> str:
+    """µs since the epoch -> RFC 3339 text exactly as Python's isoformat() + Z writes it."""
+    return (f"CASE WHEN {us} IS NULL THEN NULL WHEN {us} % 1000000 = 0 "
+            f"THEN strftime(make_timestamp({us}), '%Y-%m-%dT%H:%M:%SZ') "
+            f"ELSE strftime(make_timestamp({us}), '%Y-%m-%dT%H:%M:%S.%fZ') END")
+
+
+def _edge_json(from_rollups: bool) -> str:
+    if from_rollups:
+        vol = [f"coalesce(v_{n}, 0)" for n in VOLUMES]
+    else:  # volumes of the matching connections (no packet counts there)
+        vol = ["coalesce(conn_bytes_c2s, 0)", "coalesce(conn_bytes_s2c, 0)", "0", "0",
+               "coalesce(conn_retransmits, 0)"]
+    observed = ("map_from_entries(list_filter([" + ", ".join(
+        f"('{o}', obs{i})" for i, o in enumerate(OBSERVER_SETS)) + "], lambda x: x[2] > 0))")
+    protocols = ("list_filter([" + ", ".join(
+        f"CASE WHEN protos & {1 << i} <> 0 THEN '{p}' END" for i, p in enumerate(PROTOCOL_BITS))
+        + "], lambda x: x IS NOT NULL)")
+    return f"""CASE WHEN n IS NULL THEN to_json({{source: src, target: dst,
+        connections_opened: 0, connections_active: 0, connections_closed: 0,
+        connections_failed: 0, resets: 0, byte_mismatches: 0, bytes_c2s: {vol[0]},
+        bytes_s2c: {vol[1]}, packets_c2s: {vol[2]}, packets_s2c: {vol[3]},
+        retransmits: {vol[4]}, rtt_us: NULL, ports: []::INTEGER[], protocols: []::VARCHAR[],
+        first_seen: NULL, last_seen: NULL, complete: true, observed_by: MAP {{}}, folded: 1}})
+      ELSE to_json({{source: src, target: dst, connections_opened: opened,
+        connections_active: active, connections_closed: closed, connections_failed: failed,
+        resets: reset, byte_mismatches: byte_mismatches, bytes_c2s: {vol[0]},
+        bytes_s2c: {vol[1]}, packets_c2s: {vol[2]}, packets_s2c: {vol[3]},
+        retransmits: {vol[4]},
+        rtt_us: CASE WHEN rtt_min IS NULL THEN NULL ELSE
+          {{min: rtt_min, avg: round_even(rtt_sum / rtt_n, 0)::BIGINT, max: rtt_max}} END,
+        ports: [port_lo], protocols: {protocols}, first_seen: {_iso('first_us')},
+        last_seen: {_iso('last_us')}, complete: incomplete = 0, observed_by: {observed},
+        folded: 1}}) END"""
+
+
+def number_params(sql: str, first: int) -> str:
+    """Turn `?` placeholders into $first, $first+1, ... (the window's $1, $2 come first)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${first + i}{p}" for i, p in enumerate(parts[1:]))
+
+
+class EdgeQueries:
+    """Mixed into DuckDBStore (needs `_con`)."""
+
+    def edge_columns(self, since: datetime, until: datetime, group_by: str, where: str,
+                     params: Sequence[Any], volume_where: str | None = None,
+                     volume_params: Sequence[Any] = ()) -> dict[str, list[Any]]:
+        """Per edge of the window, as columns (`EDGE_COLUMNS`). Counts over the connections that
+        overlap the window; volumes from the rollups of the minutes it touches when
+        `volume_where` is given, else from those connections."""
+        counts = _counts_sql(group_by, number_params(where, 3))
+        args: list[Any] = [since, until, *params]
+        from_rollups = volume_where is not None
+        if from_rollups:
+            vol = _volumes_sql(group_by, number_params(volume_where or "true", 3 + len(params)))
+            source = "c FULL OUTER JOIN v USING (src, dst)"
+            keep = "n IS NOT NULL OR " + " OR ".join(f"v_{k} <> 0" for k in VOLUMES[:4])
+            ctes = f"WITH c AS ({counts}), v AS ({vol})"
+            args += list(volume_params)
+            w_bytes = "coalesce(v_bytes_c2s, 0) + coalesce(v_bytes_s2c, 0)"
+        else:
+            source, keep, ctes = "c", "true", f"WITH c AS ({counts})"
+            w_bytes = "coalesce(conn_bytes_c2s, 0) + coalesce(conn_bytes_s2c, 0)"
+        sql = f"""{ctes}
+        SELECT src, dst, src_name, src_namespace, src_kind, dst_name, dst_namespace, dst_kind,
+          n IS NOT NULL AS conns, {w_bytes} AS w_bytes, coalesce(opened, 0) AS w_opened,
+          first_us, last_us, {_edge_json(from_rollups)} AS json,
+          n IS NOT NULL AND (port_lo <> port_hi OR protos >= {_OTHER_PROTOCOL}
+            OR {' + '.join(f'obs{i}' for i in range(len(OBSERVER_SETS)))} <> n) AS detail
+        FROM {source} WHERE {keep}
+        ORDER BY n IS NULL, src, dst"""
+        table = self._arrow(sql, args)
+        cols = {n: table.column(n).to_pylist() for n in (*EDGE_COLUMNS, "detail")}
+        detail = [i for i, d in enumerate(cols.pop("detail")) if d]
+        if detail:
+            self._detail(detail, cols, since, until, group_by, where, params)
+        return cols
+
+    def _detail(self, rows: list[int], cols: dict[str, list[Any]], since: datetime,
+                until: datetime, group_by: str, where: str, params: Sequence[Any]) -> None:
+        """Ports, protocols and observed_by of the edges the counters could not describe."""
+        cg, sg = GROUPS[group_by]
+        need = pa.table({"src": [cols["src"][i] for i in rows], "dst": [cols["dst"][i] for i in rows]})
+        sql = (f"SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol, count(*) AS n "
+               f"FROM connections SEMI JOIN _need ON {cg} = _need.src AND {sg} = _need.dst "
+               f"WHERE start_ts < $2 AND last_seen >= $1 AND ({number_params(where, 3)}) "
+               "GROUP BY ALL")
+        cur = self._con.cursor()  # type: ignore[attr-defined]
+        try:
+            cur.register("_need", need)
+            found = cur.execute(sql, [since, until, *params]).fetchall()
+        except duckdb.Error as exc:
+            from aggregator.store.base import StoreError
+
+            raise StoreError(f"duckdb: query failed: {exc}") from exc
+        finally:
+            cur.close()
+        sets: dict[tuple[str, str], tuple[dict[str, int], set[int], set[str]]] = {}
+        for src, dst, obs, port, proto, n in found:
+            observed, ports, protocols = sets.setdefault((src, dst), ({}, set(), set()))
+            key = obs.strip(",")
+            observed[key] = observed.get(key, 0) + n
+            ports.add(port)
+            protocols.add(proto)
+        for i in rows:
+            observed, ports, protocols = sets[(cols["src"][i], cols["dst"][i])]
+            edge = _dec.decode(cols["json"][i])
+            edge.update(ports=sorted(ports), protocols=sorted(protocols), observed_by=observed)
+            cols["json"][i] = _enc.encode(edge).decode()
+
+    def _arrow(self, sql: str, params: list[Any]) -> pa.Table:
+        cur = self._con.cursor()  # type: ignore[attr-defined]
+        try:
+            return cur.sql(sql, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            from aggregator.store.base import StoreError
+
+            raise StoreError(f"duckdb: query failed: {exc}") from exc
+        finally:
+            cur.close()
