@@ -166,13 +166,15 @@ class GraphData:
                    group_by: str, volume_source: str, filter: str) -> GraphData:
         nodes: dict[str, Node] = {}
         c = cols
-        for i, src in enumerate(c["src"]):  # count edges come first: they name their nodes
-            dst = c["dst"][i]
-            if c["conns"][i]:
+        conns = c["conns"]
+        for i, src in enumerate(c["src"]):  # edges with connections name their nodes
+            if conns[i]:
                 node_of(nodes, src, c["src_name"][i], c["src_namespace"][i], c["src_kind"][i], group_by)
+                dst = c["dst"][i]
                 node_of(nodes, dst, c["dst_name"][i], c["dst_namespace"][i], c["dst_kind"][i], group_by)
-            else:
-                for n in (src, dst):
+        for i, src in enumerate(c["src"]):  # then edges with rollup volumes only
+            if not conns[i]:
+                for n in (src, c["dst"][i]):
                     node_of(nodes, n, n.rsplit("/", 1)[-1], n.split("/", 1)[0] if "/" in n else None,
                             None, group_by)
         edges = sorted(zip(c["src"], c["dst"], c["json"],

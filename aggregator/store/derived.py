@@ -266,15 +266,19 @@ class Derived:
     def workloads(self) -> pa.Table | None:
         if not self.conns:
             return None
-        seen: dict[str, tuple[Identity, datetime, datetime]] = {}
+        seen: dict[str, list[Any]] = {}  # wid -> [identity, first seen, last seen]
         for c, s in zip(self.conns, self.summaries, strict=True):
             first, last = s.start, s.last_seen
             for ident in (c.client, c.server):
-                old = seen.get(ident.wid)
+                wid = ident.wid
+                old = seen.get(wid)
                 if old is None:
-                    seen[ident.wid] = (ident, first, last)
-                elif first < old[1] or last > old[2]:
-                    seen[ident.wid] = (old[0], min(old[1], first), max(old[2], last))
+                    seen[wid] = [ident, first, last]
+                else:
+                    if first < old[1]:
+                        old[1] = first
+                    if last > old[2]:
+                        old[2] = last
         rows = list(seen.values())
         return pa.Table.from_pydict({
             "wid": [i.wid for i, _, _ in rows], "name": [i.name for i, _, _ in rows],

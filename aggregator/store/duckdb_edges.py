@@ -4,8 +4,8 @@ written as its JSON object.
 Stage: store (query side). In: a window [since, until), a grouping (workload | namespace | host),
 the compiled filter for `connections` and, when the rollups can answer it, for `rollups`.
 Out: `edge_columns()`: one list per column of `EDGE_COLUMNS`, one row per edge (client group ->
-server group), count edges first, each sorted by (src, dst); aggregator/graph.py assembles the
-graph from them (docs/api.md for the edge fields).
+server group), in no particular order; aggregator/graph.py assembles the graph from them
+(docs/api.md for the edge fields).
 
 Why this shape (bench/bench_graph_api.py, docs/benchmarks.md): with 10,000 edges the time went
 not into DuckDB's aggregation but into Python: 29 columns x 10,000 rows through `fetchall`, dicts,
@@ -58,11 +58,7 @@ def _counts_sql(group_by: str, where: str) -> str:
                                          for i, p in enumerate(PROTOCOL_BITS))
              + f" ELSE {_OTHER_PROTOCOL} END")
     return f"""
-    SELECT {cg} AS src, {sg} AS dst,
-      any_value(client_name) AS src_name, any_value(client_namespace) AS src_namespace,
-      any_value(client_kind) AS src_kind, any_value(server_name) AS dst_name,
-      any_value(server_namespace) AS dst_namespace, any_value(server_kind) AS dst_kind,
-      count(*) AS n,
+    SELECT {cg} AS src, {sg} AS dst, count(*) AS n,
       count(*) FILTER (WHERE start_ts >= $1) AS opened,
       count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
       count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
@@ -97,32 +93,47 @@ def _iso(us: str) -> str:
 
 
 def _edge_json(from_rollups: bool) -> str:
+    """The edge's JSON object as one `concat` of its pieces (DuckDB builds this several times
+    faster than `to_json` of a nested struct, or than chained `||`): the fields and their order
+    of docs/api.md."""
     if from_rollups:
         vol = [f"coalesce(v_{n}, 0)" for n in VOLUMES]
     else:  # volumes of the matching connections (no packet counts there)
         vol = ["coalesce(conn_bytes_c2s, 0)", "coalesce(conn_bytes_s2c, 0)", "0", "0",
                "coalesce(conn_retransmits, 0)"]
-    observed = ("map_from_entries(list_filter([" + ", ".join(
-        f"('{o}', obs{i})" for i, o in enumerate(OBSERVER_SETS)) + "], lambda x: x[2] > 0))")
-    protocols = ("list_filter([" + ", ".join(
-        f"CASE WHEN protos & {1 << i} <> 0 THEN '{p}' END" for i, p in enumerate(PROTOCOL_BITS))
-        + "], lambda x: x IS NOT NULL)")
-    return f"""CASE WHEN n IS NULL THEN to_json({{source: src, target: dst,
-        connections_opened: 0, connections_active: 0, connections_closed: 0,
-        connections_failed: 0, resets: 0, byte_mismatches: 0, bytes_c2s: {vol[0]},
-        bytes_s2c: {vol[1]}, packets_c2s: {vol[2]}, packets_s2c: {vol[3]},
-        retransmits: {vol[4]}, rtt_us: NULL, ports: []::INTEGER[], protocols: []::VARCHAR[],
-        first_seen: NULL, last_seen: NULL, complete: true, observed_by: MAP {{}}, folded: 1}})
-      ELSE to_json({{source: src, target: dst, connections_opened: opened,
-        connections_active: active, connections_closed: closed, connections_failed: failed,
-        resets: reset, byte_mismatches: byte_mismatches, bytes_c2s: {vol[0]},
-        bytes_s2c: {vol[1]}, packets_c2s: {vol[2]}, packets_s2c: {vol[3]},
-        retransmits: {vol[4]},
-        rtt_us: CASE WHEN rtt_min IS NULL THEN NULL ELSE
-          {{min: rtt_min, avg: round_even(rtt_sum / rtt_n, 0)::BIGINT, max: rtt_max}} END,
-        ports: [port_lo], protocols: {protocols}, first_seen: {_iso('first_us')},
-        last_seen: {_iso('last_us')}, complete: incomplete = 0, observed_by: {observed},
-        folded: 1}}) END"""
+
+    def concat(*pairs: tuple[str, str]) -> str:
+        parts = ["'{\"source\":'", "to_json(src)::VARCHAR", "',\"target\":'", "to_json(dst)::VARCHAR"]
+        for k, v in pairs:
+            parts += [f"',\"{k}\":'", v]
+        return "concat(" + ", ".join(parts) + ", '}')"
+
+    volumes = (("bytes_c2s", vol[0]), ("bytes_s2c", vol[1]), ("packets_c2s", vol[2]),
+               ("packets_s2c", vol[3]), ("retransmits", vol[4]))
+    observed = ("concat('{', concat_ws(',', " + ", ".join(
+        f"CASE WHEN obs{i} > 0 THEN concat('\"{o}\":', obs{i}) END"
+        for i, o in enumerate(OBSERVER_SETS)) + "), '}')")
+    protocols = ("concat('[', concat_ws(',', " + ", ".join(
+        f"CASE WHEN protos & {1 << i} <> 0 THEN '\"{p}\"' END"
+        for i, p in enumerate(PROTOCOL_BITS)) + "), ']')")
+    rtt = ("CASE WHEN rtt_min IS NULL THEN 'null' ELSE concat('{\"min\":', rtt_min, "
+           "',\"avg\":', round_even(rtt_sum / rtt_n, 0)::BIGINT, ',\"max\":', rtt_max, '}') END")
+    with_conns = concat(
+        ("connections_opened", "opened"), ("connections_active", "active"),
+        ("connections_closed", "closed"), ("connections_failed", "failed"), ("resets", "reset"),
+        ("byte_mismatches", "byte_mismatches"), *volumes, ("rtt_us", rtt),
+        ("ports", "concat('[', port_lo, ']')"), ("protocols", protocols),
+        ("first_seen", f"concat('\"', {_iso('first_us')}, '\"')"),
+        ("last_seen", f"concat('\"', {_iso('last_us')}, '\"')"),
+        ("complete", "CASE WHEN incomplete = 0 THEN 'true' ELSE 'false' END"),
+        ("observed_by", observed), ("folded", "1"))
+    volume_only = concat(
+        *((k, "0") for k in ("connections_opened", "connections_active", "connections_closed",
+                             "connections_failed", "resets", "byte_mismatches")),
+        *volumes, ("rtt_us", "'null'"), ("ports", "'[]'"), ("protocols", "'[]'"),
+        ("first_seen", "'null'"), ("last_seen", "'null'"), ("complete", "'true'"),
+        ("observed_by", "'{}'"), ("folded", "1"))
+    return f"CASE WHEN n IS NULL THEN {volume_only} ELSE {with_conns} END"
 
 
 def number_params(sql: str, first: int) -> str:
@@ -143,6 +154,19 @@ class EdgeQueries:
         counts = _counts_sql(group_by, number_params(where, 3))
         args: list[Any] = [since, until, *params]
         from_rollups = volume_where is not None
+        # a workload node's name, namespace and kind: its row in `workloads` (keyed by the same
+        # wid), joined to the aggregated edges; aggregating them over every connection of the
+        # window was most of the query's time. A namespace or host node is named by its id.
+        if group_by == "workload":
+            nodes = ("coalesce(ws.name, src) AS src_name, ws.namespace AS src_namespace, "
+                     "ws.kind AS src_kind, coalesce(wd.name, dst) AS dst_name, "
+                     "wd.namespace AS dst_namespace, wd.kind AS dst_kind")
+            joins = (" LEFT JOIN workloads ws ON ws.wid = src"
+                     " LEFT JOIN workloads wd ON wd.wid = dst")
+        else:
+            nodes = ", ".join(f"NULL::VARCHAR AS {side}_{a}" for side in ("src", "dst")
+                              for a in ("name", "namespace", "kind"))
+            joins = ""
         if from_rollups:
             vol = _volumes_sql(group_by, number_params(volume_where or "true", 3 + len(params)))
             source = "c FULL OUTER JOIN v USING (src, dst)"
@@ -154,13 +178,12 @@ class EdgeQueries:
             source, keep, ctes = "c", "true", f"WITH c AS ({counts})"
             w_bytes = "coalesce(conn_bytes_c2s, 0) + coalesce(conn_bytes_s2c, 0)"
         sql = f"""{ctes}
-        SELECT src, dst, src_name, src_namespace, src_kind, dst_name, dst_namespace, dst_kind,
+        SELECT src, dst, {nodes},
           n IS NOT NULL AS conns, {w_bytes} AS w_bytes, coalesce(opened, 0) AS w_opened,
           first_us, last_us, {_edge_json(from_rollups)} AS json,
           n IS NOT NULL AND (port_lo <> port_hi OR protos >= {_OTHER_PROTOCOL}
             OR {' + '.join(f'obs{i}' for i in range(len(OBSERVER_SETS)))} <> n) AS detail
-        FROM {source} WHERE {keep}
-        ORDER BY n IS NULL, src, dst"""
+        FROM {source}{joins} WHERE {keep}"""
         table = self._arrow(sql, args)
         cols = {n: table.column(n).to_pylist() for n in (*EDGE_COLUMNS, "detail")}
         detail = [i for i, d in enumerate(cols.pop("detail")) if d]
