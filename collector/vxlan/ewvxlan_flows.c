@@ -31,29 +31,51 @@
 #define EW_ORDER_HASH_MASK 0xFFFFFFFFFFFFFFFFull
 #endif
 
+/* Per packet, the loop touches one cache line of its key and one of its session: a key is
+ * packed into 6 words and kept with its per-packet state in 64 bytes; a session's sums are
+ * 64 bytes too, apart from what only its first packet, SYNs, FINs, RSTs and the first outer
+ * header of each direction touch. */
 struct key {
-    uint64_t k[9], hash, probe; /* hash: the order hash (grouping.py's); probe: the table's */
+    uint64_t k[6]; /* vni | proto << 24 | a_port << 32 | b_port << 48, fam, a_hi, a_lo, b_hi, b_lo */
     int64_t last_ts;
-    int32_t sess;
+    uint32_t sess;
     uint8_t fr; /* a FIN or RST since the key's last SYN-without-ACK, gap or start */
+    uint8_t pad[3];
 };
 
-struct sess {
-    uint64_t hash;
-    uint32_t key;
-    int64_t tmin, tmax;
-    uint64_t pk0, cnt, by0, by1, l30, l31, flags, rst, fin0, fin1, has_syn;
-    uint8_t newkey, start_syn, tail_fr, first_dir, syn_dir, synack_dir, req_dir, rep_dir;
-    uint64_t outer[2][6]; /* fam (0: none yet), src hi/lo, dst hi/lo, dport */
+struct slot {
+    uint32_t key; /* key index + 1; 0 = empty */
+    uint32_t probe;
 };
+
+enum { HAVE_O0 = 1, HAVE_O1 = 2, HAVE_REQ = 4, HAVE_REP = 8 }; /* struct hot .have */
+
+struct hot {
+    uint64_t by0, by1, l30, l31;
+    int64_t tmin, tmax;
+    uint32_t cnt, pk0;
+    uint8_t flags, tail_fr, have, pad[5];
+};
+
+struct cold {
+    uint32_t key, rst, fin0, fin1, has_syn;
+    uint8_t newkey, start_syn, first_dir, syn_dir, synack_dir, req_dir, rep_dir;
+    uint64_t outer[2][6]; /* fam, src hi/lo, dst hi/lo, dport */
+};
+
+_Static_assert(sizeof(struct key) == 64, "a key is one cache line");
+_Static_assert(sizeof(struct hot) == 64, "a session's sums are one cache line");
 
 struct ord;
 
 struct ew_scan {
     struct key *keys;
+    uint64_t *ohash; /* each key's order hash */
     uint32_t nkeys, capkeys;
-    uint32_t *slots, capslots; /* key index + 1; 0 = empty; capslots a power of two */
-    struct sess *sess;
+    struct slot *slots;
+    uint32_t capslots; /* a power of two */
+    struct hot *hot;
+    struct cold *cold;
     uint32_t nsess, capsess;
     struct ord *order;
     uint64_t *rows;
@@ -71,13 +93,40 @@ void ew_scan_free(struct ew_scan *s) {
     if (!s)
         return;
     free(s->keys);
+    free(s->ohash);
     free(s->slots);
-    free(s->sess);
+    free(s->hot);
+    free(s->cold);
     free(s->order);
     free(s->rows);
     free(s);
 }
 
+/* *p (n elements of size) moved to a cache-line aligned block of cap elements */
+static int grow(void **p, uint32_t n, uint32_t cap, size_t size) {
+    void *q;
+    if (posix_memalign(&q, 64, (size_t)cap * size))
+        return -1;
+    if (n)
+        memcpy(q, *p, (size_t)n * size);
+    free(*p);
+    *p = q;
+    return 0;
+}
+
+static void unpack(const uint64_t *p, uint64_t *k) {
+    k[0] = p[0] & 0xFFFFFF;         /* vni */
+    k[1] = p[1];                    /* family */
+    k[2] = p[0] >> 24 & 0xFF;       /* protocol */
+    k[3] = p[2];                    /* A */
+    k[4] = p[3];
+    k[5] = p[0] >> 32 & 0xFFFF;
+    k[6] = p[4];                    /* B */
+    k[7] = p[5];
+    k[8] = p[0] >> 48;
+}
+
+/* the order hash of grouping.py's `group`, over the 9 key columns */
 static uint64_t key_hash(const uint64_t *k) {
     uint64_t h = 0;
     for (int i = 0; i < 9; i++) {
@@ -88,28 +137,28 @@ static uint64_t key_hash(const uint64_t *k) {
     return h & EW_ORDER_HASH_MASK;
 }
 
-/* the table's hash: cheap (independent multiplies), computed per packet; the order hash
- * (key_hash, 9 dependent rounds) only once per key and batch */
-static inline uint64_t probe_hash(const uint64_t *k) {
-    uint64_t small = k[0] | k[1] << 24 | k[2] << 32 | ((k[5] << 40) ^ (k[8] << 48));
-    uint64_t h = small * 0x9E3779B97F4A7C15ull ^ k[3] * 0xC2B2AE3D27D4EB4Full ^
-                 k[4] * 0x165667B19E3779F9ull ^ k[6] * 0xD6E8FEB86659FD93ull ^
-                 k[7] * 0xFF51AFD7ED558CCDull;
+/* the table's hash: cheap (independent multiplies), computed per packet */
+static inline uint32_t probe_hash(const uint64_t *p) {
+    uint64_t h = p[0] * 0x9E3779B97F4A7C15ull ^ p[1] * 0x94D049BB133111EBull ^
+                 p[2] * 0xC2B2AE3D27D4EB4Full ^ p[3] * 0x165667B19E3779F9ull ^
+                 p[4] * 0xD6E8FEB86659FD93ull ^ p[5] * 0xFF51AFD7ED558CCDull;
     h ^= h >> 32;
     h *= 0xC4CEB9FE1A85EC53ull;
-    return h ^ h >> 29;
+    return (uint32_t)(h ^ h >> 29);
 }
 
 static int grow_slots(struct ew_scan *s) {
     uint32_t cap = s->capslots ? s->capslots * 2 : 1024;
-    uint32_t *slots = calloc(cap, sizeof *slots);
+    struct slot *slots = calloc(cap, sizeof *slots);
     if (!slots)
         return -1;
-    for (uint32_t i = 0; i < s->nkeys; i++) {
-        uint32_t j = (uint32_t)s->keys[i].probe & (cap - 1);
-        while (slots[j])
+    for (uint32_t i = 0; i < s->capslots; i++) {
+        if (!s->slots[i].key)
+            continue;
+        uint32_t j = s->slots[i].probe & (cap - 1);
+        while (slots[j].key)
             j = (j + 1) & (cap - 1);
-        slots[j] = i + 1;
+        slots[j] = s->slots[i];
     }
     free(s->slots);
     s->slots = slots;
@@ -118,54 +167,60 @@ static int grow_slots(struct ew_scan *s) {
 }
 
 static inline int same_key(const uint64_t *a, const uint64_t *b) {
-    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
-           a[5] == b[5] && a[6] == b[6] && a[7] == b[7] && a[8] == b[8];
+    return a[0] == b[0] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5] &&
+           a[1] == b[1];
 }
 
-static struct key *find_key(struct ew_scan *s, const uint64_t *k) {
+static struct key *find_key(struct ew_scan *s, const uint64_t *p) {
     if ((uint64_t)(s->nkeys + 1) * 2 > s->capslots && grow_slots(s))
         return NULL;
-    uint64_t h = probe_hash(k);
-    uint32_t mask = s->capslots - 1, j = (uint32_t)h & mask;
-    for (; s->slots[j]; j = (j + 1) & mask) {
-        struct key *e = &s->keys[s->slots[j] - 1];
-        if (e->probe == h && same_key(e->k, k))
-            return e;
+    uint32_t h = probe_hash(p), mask = s->capslots - 1, j = h & mask;
+    for (; s->slots[j].key; j = (j + 1) & mask) {
+        if (s->slots[j].probe == h) {
+            struct key *e = &s->keys[s->slots[j].key - 1];
+            if (same_key(e->k, p))
+                return e;
+        }
     }
     if (s->nkeys == s->capkeys) {
         uint32_t cap = s->capkeys ? s->capkeys * 2 : 1024;
-        struct key *n = realloc(s->keys, cap * sizeof *n);
-        if (!n)
+        if (grow((void **)&s->keys, s->nkeys, cap, sizeof *s->keys) ||
+            grow((void **)&s->ohash, s->nkeys, cap, sizeof *s->ohash))
             return NULL;
-        s->keys = n;
         s->capkeys = cap;
     }
     struct key *e = &s->keys[s->nkeys];
-    memcpy(e->k, k, sizeof e->k);
-    e->probe = h;
-    e->hash = key_hash(k);
-    e->sess = -1;
+    uint64_t k9[9];
+    memcpy(e->k, p, sizeof e->k);
+    e->sess = UINT32_MAX;
     e->fr = 0;
-    s->slots[j] = ++s->nkeys;
+    unpack(p, k9);
+    s->ohash[s->nkeys] = key_hash(k9);
+    s->slots[j].key = ++s->nkeys;
+    s->slots[j].probe = h;
     return e;
 }
 
-static struct sess *new_sess(struct ew_scan *s, struct key *e, int newkey) {
+static struct hot *new_sess(struct ew_scan *s, struct key *e, int newkey, int64_t ts,
+                            int pure_syn, int dir) {
     if (s->nsess == s->capsess) {
         uint32_t cap = s->capsess ? s->capsess * 2 : 1024;
-        struct sess *n = realloc(s->sess, cap * sizeof *n);
-        if (!n)
+        if (grow((void **)&s->hot, s->nsess, cap, sizeof *s->hot) ||
+            grow((void **)&s->cold, s->nsess, cap, sizeof *s->cold))
             return NULL;
-        s->sess = n;
         s->capsess = cap;
     }
-    struct sess *x = &s->sess[s->nsess];
+    struct hot *x = &s->hot[s->nsess];
+    struct cold *c = &s->cold[s->nsess];
     memset(x, 0, sizeof *x);
-    x->hash = e->hash;
-    x->key = (uint32_t)(e - s->keys);
-    x->newkey = (uint8_t)newkey;
-    x->syn_dir = x->synack_dir = x->req_dir = x->rep_dir = EW_DIR_NONE;
-    e->sess = (int32_t)s->nsess++;
+    memset(c, 0, sizeof *c);
+    x->tmin = x->tmax = ts;
+    c->key = (uint32_t)(e - s->keys);
+    c->newkey = (uint8_t)newkey;
+    c->start_syn = (uint8_t)pure_syn;
+    c->first_dir = (uint8_t)dir;
+    c->syn_dir = c->synack_dir = c->req_dir = c->rep_dir = EW_DIR_NONE;
+    e->sess = s->nsess++;
     return x;
 }
 
@@ -173,89 +228,87 @@ static int add(struct ew_scan *s, const struct ew_row *r, int64_t ts, int64_t id
     int swap = r->src_hi > r->dst_hi ||
                (r->src_hi == r->dst_hi &&
                 (r->src_lo > r->dst_lo || (r->src_lo == r->dst_lo && r->sport > r->dport)));
-    uint64_t k[9] = {r->vni, r->fam, r->proto,
+    uint64_t ap = swap ? r->dport : r->sport, bp = swap ? r->sport : r->dport;
+    uint64_t p[6] = {(uint64_t)r->vni | (uint64_t)r->proto << 24 | ap << 32 | bp << 48, r->fam,
                      swap ? r->dst_hi : r->src_hi, swap ? r->dst_lo : r->src_lo,
-                     swap ? r->dport : r->sport,
-                     swap ? r->src_hi : r->dst_hi, swap ? r->src_lo : r->dst_lo,
-                     swap ? r->sport : r->dport};
-    struct key *e = find_key(s, k);
+                     swap ? r->src_hi : r->dst_hi, swap ? r->src_lo : r->dst_lo};
+    struct key *e = find_key(s, p);
     if (!e)
         return -1;
     int tcp = r->proto == 6, fl = r->flags;
     int pure_syn = tcp && (fl & (SYN | ACK)) == SYN;
-    int synack = tcp && (fl & (SYN | ACK)) == (SYN | ACK);
-    int finrst = tcp && (fl & (FIN | RST));
-    struct sess *x;
-    if (e->sess < 0) {
-        if (!(x = new_sess(s, e, 1)))
-            return -1;
+    struct hot *x;
+    if (e->sess == UINT32_MAX) {
+        x = new_sess(s, e, 1, ts, pure_syn, swap);
         e->fr = 0;
     } else if (ts - e->last_ts > idle_us) {
-        if (!(x = new_sess(s, e, 0)))
-            return -1;
+        x = new_sess(s, e, 0, ts, pure_syn, swap);
         e->fr = 0;
     } else if (pure_syn) {
-        if (e->fr) {
-            if (!(x = new_sess(s, e, 0)))
-                return -1;
-        } else {
-            x = &s->sess[e->sess];
-        }
+        x = e->fr ? new_sess(s, e, 0, ts, pure_syn, swap) : &s->hot[e->sess];
         e->fr = 0;
     } else {
-        x = &s->sess[e->sess];
+        x = &s->hot[e->sess];
     }
-    if (finrst)
+    if (!x)
+        return -1;
+    if (tcp && (fl & (FIN | RST)))
         e->fr = 1;
     e->last_ts = ts;
-    if (x->cnt == 0) {
-        x->tmin = x->tmax = ts;
-        x->start_syn = (uint8_t)pure_syn;
-        x->first_dir = (uint8_t)swap;
-    }
     x->cnt++;
     x->pk0 += !swap;
     if (swap) {
         x->by1 += (uint64_t)r->payload;
         x->l31 += (uint64_t)r->l3len;
-        x->fin1 += tcp && (fl & FIN);
     } else {
         x->by0 += (uint64_t)r->payload;
         x->l30 += (uint64_t)r->l3len;
-        x->fin0 += tcp && (fl & FIN);
     }
-    x->flags |= (uint64_t)fl;
-    x->rst += tcp && (fl & RST);
-    x->has_syn += pure_syn;
+    x->flags |= (uint8_t)fl;
     if (ts < x->tmin)
         x->tmin = ts;
     if (ts > x->tmax)
         x->tmax = ts;
-    if (pure_syn && x->syn_dir == EW_DIR_NONE)
-        x->syn_dir = (uint8_t)swap;
-    if (synack && x->synack_dir == EW_DIR_NONE)
-        x->synack_dir = (uint8_t)swap;
-    int icmp = (r->fam == 4 && r->proto == 1) || (r->fam == 6 && r->proto == 58);
-    if (icmp && x->req_dir == EW_DIR_NONE && r->icmp_type == (r->fam == 4 ? 8 : 128))
-        x->req_dir = (uint8_t)swap;
-    if (icmp && x->rep_dir == EW_DIR_NONE && r->icmp_type == (r->fam == 4 ? 0 : 129))
-        x->rep_dir = (uint8_t)swap;
-    uint64_t *o = x->outer[swap];
-    if (!o[0]) {
-        o[0] = r->ofam;
-        o[1] = r->osrc_hi;
-        o[2] = r->osrc_lo;
-        o[3] = r->odst_hi;
-        o[4] = r->odst_lo;
-        o[5] = r->odport;
-    }
     x->tail_fr = e->fr;
+    int synack = tcp && (fl & (SYN | ACK)) == (SYN | ACK);
+    int icmp = (r->fam == 4 && r->proto == 1) || (r->fam == 6 && r->proto == 58);
+    int req = icmp && r->icmp_type == (r->fam == 4 ? 8 : 128);
+    int rep = icmp && r->icmp_type == (r->fam == 4 ? 0 : 129);
+    int have = swap ? HAVE_O1 : HAVE_O0;
+    if ((tcp && (fl & (FIN | RST | SYN))) || (req && !(x->have & HAVE_REQ)) ||
+        (rep && !(x->have & HAVE_REP)) || !(x->have & have)) {
+        struct cold *c = &s->cold[e->sess];
+        c->rst += tcp && (fl & RST);
+        c->fin0 += tcp && !swap && (fl & FIN);
+        c->fin1 += tcp && swap && (fl & FIN);
+        c->has_syn += pure_syn;
+        if (pure_syn && c->syn_dir == EW_DIR_NONE)
+            c->syn_dir = (uint8_t)swap;
+        if (synack && c->synack_dir == EW_DIR_NONE)
+            c->synack_dir = (uint8_t)swap;
+        if (req && c->req_dir == EW_DIR_NONE)
+            c->req_dir = (uint8_t)swap;
+        if (rep && c->rep_dir == EW_DIR_NONE)
+            c->rep_dir = (uint8_t)swap;
+        x->have |= (uint8_t)((c->req_dir != EW_DIR_NONE ? HAVE_REQ : 0) |
+                             (c->rep_dir != EW_DIR_NONE ? HAVE_REP : 0));
+        if (!(x->have & have)) {
+            uint64_t *o = c->outer[swap];
+            o[0] = r->ofam;
+            o[1] = r->osrc_hi;
+            o[2] = r->osrc_lo;
+            o[3] = r->odst_hi;
+            o[4] = r->odst_lo;
+            o[5] = r->odport;
+            x->have |= (uint8_t)have;
+        }
+    }
     return 0;
 }
 
 struct ord {
     uint64_t hash;
-    const uint64_t *key;
+    const uint64_t *key; /* packed */
     uint32_t sess;
 };
 
@@ -268,9 +321,12 @@ static int by_hash(const void *a, const void *b) {
 
 static int by_key(const void *a, const void *b) {
     const struct ord *x = a, *y = b;
+    uint64_t kx[9], ky[9];
+    unpack(x->key, kx);
+    unpack(y->key, ky);
     for (int i = 0; i < 9; i++)
-        if (x->key[i] != y->key[i])
-            return x->key[i] < y->key[i] ? -1 : 1;
+        if (kx[i] != ky[i])
+            return kx[i] < ky[i] ? -1 : 1;
     return x->sess < y->sess ? -1 : x->sess > y->sess;
 }
 
@@ -287,8 +343,10 @@ static int emit_rows(struct ew_scan *s) {
         s->rows = rows;
         s->caprows = (uint64_t)n * EW_NFIELDS;
     }
-    for (uint32_t i = 0; i < n; i++)
-        order[i] = (struct ord){s->sess[i].hash, s->keys[s->sess[i].key].k, i};
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t k = s->cold[i].key;
+        order[i] = (struct ord){s->ohash[k], s->keys[k].k, i};
+    }
     qsort(order, n, sizeof *order, by_hash); /* sessions are numbered in capture order */
     for (uint32_t i = 1; i < n; i++) {
         if (order[i - 1].hash == order[i].hash && order[i - 1].key != order[i].key) {
@@ -297,15 +355,16 @@ static int emit_rows(struct ew_scan *s) {
         }
     }
     for (uint32_t i = 0; i < n; i++) {
-        const struct sess *x = &s->sess[order[i].sess];
+        const struct hot *x = &s->hot[order[i].sess];
+        const struct cold *c = &s->cold[order[i].sess];
         uint64_t *w = s->rows + (uint64_t)i * EW_NFIELDS;
-        memcpy(w, order[i].key, 9 * sizeof *w);
+        unpack(order[i].key, w);
         uint64_t rest[EW_NFIELDS - 9 - 12] = {
-            x->newkey, (uint64_t)x->tmin, (uint64_t)x->tmax, x->start_syn, x->pk0, x->cnt,
-            x->by0, x->by1, x->l30, x->l31, x->flags, x->rst, x->fin0, x->fin1, x->first_dir,
-            x->syn_dir, x->synack_dir, x->req_dir, x->rep_dir, x->has_syn, x->tail_fr};
+            c->newkey, (uint64_t)x->tmin, (uint64_t)x->tmax, c->start_syn, x->pk0, x->cnt,
+            x->by0, x->by1, x->l30, x->l31, x->flags, c->rst, c->fin0, c->fin1, c->first_dir,
+            c->syn_dir, c->synack_dir, c->req_dir, c->rep_dir, c->has_syn, x->tail_fr};
         memcpy(w + 9, rest, sizeof rest);
-        memcpy(w + EW_NFIELDS - 12, x->outer, 12 * sizeof *w);
+        memcpy(w + EW_NFIELDS - 12, c->outer, 12 * sizeof *w);
     }
     return 0;
 }

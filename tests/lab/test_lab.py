@@ -60,22 +60,28 @@ def test_cli_up_traffic_down_leaves_nothing_behind(tmp_path):
 def test_truth_equals_what_the_servers_counted(lab_factory, tmp_path):
     lab = lab_factory(name="ewtruth")
     truth = lab.traffic(4.0, tmp_path / "t.jsonl", seed=3)
-    ledger = {(x["protocol"], x["client_ip"], x["client_port"], x["server_ip"], x["server_port"]): x
-              for x in lab.ledger()}
+    # A 5-tuple can recur: UDP clients bind a fresh ephemeral port per call and the kernel may
+    # hand out one just freed. Calls on one 5-tuple are sequential, so the n-th call the client
+    # recorded (by start) is the n-th exchange the server recorded (by end).
+    ledger: dict[tuple, list[dict]] = {}
+    for x in sorted(lab.ledger(), key=lambda x: x["end"]):
+        key = (x["protocol"], x["client_ip"], x["client_port"], x["server_ip"], x["server_port"])
+        ledger.setdefault(key, []).append(x)
     outcomes = Counter(t["outcome"] for t in truth)
     assert outcomes["ok"] > 100 and outcomes["refused"] >= 1 and outcomes["reset"] >= 1, outcomes
     checked = 0
-    for t in truth:
+    for t in sorted(truth, key=lambda t: t["start"]):
         key = (t["protocol"], t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])
         if t["outcome"] == "refused":
             assert key not in ledger, t  # nobody accepted it
             assert t["bytes_c2s"] == t["bytes_s2c"] == 0
             continue
-        server = ledger[key]
+        server = ledger[key].pop(0)
         assert (server["bytes_in"], server["bytes_out"]) == (t["bytes_c2s"], t["bytes_s2c"]), t
         assert server["reset"] == (t["outcome"] == "reset"), t
         checked += 1
     assert checked == len(truth) - outcomes["refused"]
+    assert not any(ledger.values()), "the servers saw exchanges no client recorded"
     # the application's own ports are what the truth says, and pods are who the inventory says
     pods = {p["name"]: p for p in lab.inventory["pods"]}
     for t in truth:

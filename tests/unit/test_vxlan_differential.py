@@ -23,6 +23,7 @@ from collector.vxlan.flows import FlowTable
 from collector.vxlan.packets import FALLBACK, Decoded
 from collector.vxlan.pcapfile import read_index
 from collector.vxlan.reference import decode_reference
+from tests.sampling import fixed_sample
 
 PORTS = (4789, 8472)
 v4 = st.integers(0, 2**32 - 1).map(lambda n: ".".join(str((n >> s) & 255) for s in (24, 16, 8, 0)))
@@ -132,12 +133,11 @@ def test_bulk_equals_scapy_on_every_shared_capture(pcaps: Path) -> None:
         assert records(bulk) == records(ref), path.name
 
 
-@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
 def test_generated_mix_exercises_the_fallback_and_every_reason() -> None:
     """A guard that the generator reaches the cases it claims (a test that cannot fail is a
     defect): scapy fallback rows and several drop reasons must occur in a fixed sample."""
     from collector.vxlan.packets import REASONS
-    frames = [frame().example() for _ in range(300)]
+    frames = fixed_sample(frame(), 300)
     bulk, ref = both(frames)
     assert_same(bulk, ref)
     seen = {REASONS[s - 1] for s in np.unique(bulk.status).tolist() if s}
