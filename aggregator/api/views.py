@@ -11,13 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from aggregator.connection import Connection
-from aggregator.store.derived import CONN_COLUMNS
+from aggregator.store.derived import CONN_COLUMNS, row_values
 
 ROW_COLUMNS = [n for n, _, _ in CONN_COLUMNS if n != "state"]
 
 
 def row_of(conn: Connection) -> dict[str, Any]:
-    return {n: get(conn) for n, _, get in CONN_COLUMNS if n != "state"}
+    """The connection's row (the same values the store writes, from one pass over its views)."""
+    return dict(zip(ROW_COLUMNS, row_values(conn, conn.summary()), strict=True))
 
 
 def _iso(v: datetime | None) -> str | None:

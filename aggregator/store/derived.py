@@ -150,21 +150,25 @@ _views_dec = msgspec.msgpack.Decoder(
 _astuple = msgspec.structs.astuple
 
 
+_NONE3 = (None,) * 3
+_NONE5 = (None,) * 5
+
+
 def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
-    """The `CONN_COLUMNS` values of one connection but `state`, in order, from its summary."""
+    """The `CONN_COLUMNS` values of one connection but `state`, in order, from its summary
+    (ProcInfo's and Tunnel's fields are in their columns' order)."""
     b, r, ci, si = s.best, s.rtt, c.client, c.server
     cp, sp, t = c.client_proc, c.server_proc, c.tunnel
     return (c.conn_id, c.protocol, c.family, c.client_ip, ip_hex(c.client_ip), c.client_port,
             c.server_ip, ip_hex(c.server_ip), c.server_port, c.scope, s.start, s.last_seen,
             s.closed_at is not None, s.closed_at, s.observed_by, s.connect,
-            outcome_of(s.connect, b[5]), *b, *(r if r is not None else (None, None, None)),
+            outcome_of(s.connect, b[5]), *b, *(r if r is not None else _NONE3),
             *s.client_bytes, *s.server_bytes, *s.path_bytes, s.byte_mismatch, s.incomplete,
             ci.wid, ci.name, ci.namespace, ci.kind, ci.host, ci.source,
             si.wid, si.name, si.namespace, si.kind, si.host, si.source,
-            cp and cp.pid, cp and cp.comm, cp and cp.netns, cp and cp.container, cp and cp.collector,
-            sp and sp.pid, sp and sp.comm, sp and sp.netns, sp and sp.container, sp and sp.collector,
-            t and t.vni, t and t.vtep_src, t and t.vtep_dst, t and t.vtep_src_host,
-            t and t.vtep_dst_host)
+            *(_astuple(cp) if cp is not None else _NONE5),
+            *(_astuple(sp) if sp is not None else _NONE5),
+            *(_astuple(t) if t is not None else _NONE5))
 
 
 def views_blob(c: Connection) -> bytes:
