@@ -83,3 +83,7 @@ class Completions:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def pending_connections(self) -> list[Connection]:
+        with self._lock:
+            return [c for c, _ in self._pending.values()]

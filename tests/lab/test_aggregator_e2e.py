@@ -8,157 +8,23 @@ diff shows the newly added dependency."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
+
+from tests.lab.harness import Aggregator, collectors, served_edges, truth_edges, window_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewg"
-INGEST, READ = "ewg-ingest-token-0123456789", "ewg-read-token-0123456789"
-RH = {"Authorization": f"Bearer {READ}"}
 
 
 @pytest.fixture(scope="module")
 def lab(lab_factory):
     return lab_factory(name=LAB, hosts=3, pods_per_host=2)
-
-
-class Aggregator:
-    """The real app under uvicorn on loopback, in this process."""
-
-    def __init__(self, data: Path, workload_map: str) -> None:
-        from aggregator.app import create_app
-        from aggregator.settings import AggregatorSettings
-
-        settings = AggregatorSettings(data_dir=data, ingest_token=INGEST, read_token=READ,
-                                      workload_map=Path(workload_map))
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                                    port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Aggregator:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                pytest.fail("the aggregator did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-
-    def get(self, path: str, **params: str | list[str]) -> dict:
-        r = httpx.get(self.url + path, params=params, headers=RH, timeout=60)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-
-class HostCollector:
-    """One lab host's collector: socket probes + VXLAN on its underlay -> the aggregator."""
-
-    def __init__(self, lab, host: str, url: str, spool: Path) -> None:
-        from collector.export import AggregatorSink, ExportSettings
-        from collector.pipeline import CollectorContext
-        from collector.probes import SocketProbeSource
-        from collector.vxlan import LiveVxlanSource
-
-        self.host = host
-        self.ctx = CollectorContext(collector_id=f"{LAB}-{host}")
-        netns = lab.host_netns(host)
-        args = argparse.Namespace(netns=netns, interval=1.0, idle_timeout=30.0, map_entries=8192,
-                                  verbose=False, underlay=[f"{netns[0]}/eth0"],
-                                  vxlan_port=[lab.inventory["vxlan_port"]], decoder="bulk")
-        self.socket = SocketProbeSource(self.ctx, args)
-        self.vxlan = LiveVxlanSource(self.ctx, args)
-        self.sink = AggregatorSink(self.ctx, settings=ExportSettings(
-            url=url, token=INGEST, spool_dir=spool / host, batch_age=0.2))
-        self.stop_event = threading.Event()
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from collector.pipeline import run_pipeline
-
-        try:
-            run_pipeline([self.socket, self.vxlan], self.sink, stop=self.stop_event,
-                         handle_signals=False)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
-            self.errors.append(exc)
-            self.socket.ready.set()
-
-    def start(self) -> None:
-        self.thread.start()
-        if not self.socket.ready.wait(180) or self.errors:
-            self.stop()
-            pytest.fail(f"collector {self.host} did not start: {self.errors}")
-
-    def stop(self) -> None:
-        """Stop: every source flushes its final records, the sink sends them all, then returns."""
-        self.stop_event.set()
-        self.thread.join(120)
-        assert not self.thread.is_alive(), f"collector {self.host} did not stop"
-        assert not self.errors, self.errors
-
-
-@contextlib.contextmanager
-def collectors(lab, url: str, spool: Path, hosts: list[str]):
-    running = [HostCollector(lab, h, url, spool) for h in hosts]
-    try:
-        for c in running:
-            c.start()
-        yield running
-    finally:
-        for c in running:
-            if c.thread.is_alive():
-                c.stop()
-
-
-def truth_edges(lab, truth: list[dict]) -> dict[tuple[str, str], dict[str, int]]:
-    """Workload id of each pod IP from the lab's static map: (client, server) -> sums."""
-    import yaml
-
-    wl = yaml.safe_load(Path(lab.inventory["workload_map"]).read_text())["workloads"]
-    wid = {e["match"].split("/")[0]: (f"{e['namespace']}/{e['name']}" if e["namespace"] else e["name"])
-           for e in wl}
-    out: dict[tuple[str, str], dict[str, int]] = {}
-    for t in truth:
-        e = out.setdefault((wid[t["client_ip"]], wid[t["server_ip"]]),
-                           {"connections": 0, "bytes_c2s": 0, "bytes_s2c": 0, "failed": 0})
-        e["connections"] += 1
-        e["bytes_c2s"] += t["bytes_c2s"]
-        e["bytes_s2c"] += t["bytes_s2c"]
-        e["failed"] += t["outcome"] in ("refused", "timeout")
-    return out
-
-
-def served_edges(graph: dict) -> dict[tuple[str, str], dict[str, int]]:
-    return {(e["source"], e["target"]): {"connections": e["connections_opened"],
-                                         "bytes_c2s": e["bytes_c2s"], "bytes_s2c": e["bytes_s2c"],
-                                         "failed": e["connections_failed"]}
-            for e in graph["edges"]}
-
-
-def window_of(truth: list[dict]) -> dict[str, str]:
-    start = min(datetime.fromisoformat(t["start"].replace("Z", "+00:00")) for t in truth)
-    end = max(datetime.fromisoformat(t["end"].replace("Z", "+00:00")) for t in truth)
-    # the application's protocols: the wire also carries the overlay's own IPv6 neighbour
-    # discovery and MLD (ICMPv6), real traffic that the application's truth does not list
-    return {"from": (start - timedelta(seconds=1)).isoformat(),
-            "to": (end + timedelta(seconds=1)).isoformat(), "protocol": ["tcp", "udp"]}
 
 
 def wait_for_next_minute() -> None:
