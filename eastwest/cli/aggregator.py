@@ -15,8 +15,10 @@ examples:
   eastwest aggregator --listen 0.0.0.0:8470 --data /var/lib/eastwest \\
       --tls-cert server.pem --tls-key server.key
   eastwest aggregator --listen 127.0.0.1:8470 --data ./data --insecure-open   # loopback only
-  eastwest aggregator --listen 0.0.0.0:8470 --clickhouse 'clickhouse://ch:9000/eastwest?cluster=ew' \
+  eastwest aggregator --listen 0.0.0.0:8470 --clickhouse 'clickhouse://ch:9000/eastwest?cluster=ew' \\
       --nats nats://nats:4222          # one of N replicas (docs/scale-out.md)
+  eastwest aggregator --data ./data --otlp-endpoint http://tempo:4317 --otlp-protocol grpc \\
+      --otlp-sample 0.1                # 10% of connections as span pairs (docs/integrations.md)
 
 Tokens: the ingest token (EASTWEST_INGEST_TOKEN or --ingest-token-file) lets collectors POST
 batches to /api/v1/ingest; the read token (EASTWEST_READ_TOKEN or --read-token-file) is needed
