@@ -6,11 +6,11 @@ the test, CESNET's published flow record, and a scapy-built capture with known t
 from __future__ import annotations
 
 import collections
-from decimal import Decimal
 import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from scapy.utils import PcapNgWriter, PcapWriter
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from vxlan_builders import build_known_truth  # noqa: E402
+
 EXPECTED = HERE / "expected"
 EASTWEST = [sys.executable, "-m", "eastwest"]
 VXLAN_CAPTURES = ["CESNET_FlowTest_vxlan.pcap", "ntop_nDPI_vxlan.pcap",

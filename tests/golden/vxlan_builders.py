@@ -47,7 +47,7 @@ class Capture:
 
     def send(self, t: float, flow: TruthFlow, c2s: bool, l4, payload: bytes, *,
              inner_vlan: int | None = None, v6ext: bool = False, **encap_kw) -> None:
-        (cip, cport), (sip, sport) = flow.client, flow.server
+        (cip, _), (sip, _) = flow.client, flow.server
         src, dst = (cip, sip) if c2s else (sip, cip)
         six = ":" in cip
         ip = IPv6(src=src, dst=dst) if six else IP(src=src, dst=dst)

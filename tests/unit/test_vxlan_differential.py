@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
@@ -126,7 +125,7 @@ def test_bulk_equals_scapy_on_every_shared_capture(pcaps: Path) -> None:
     assert len(captures) >= 9
     for path in captures:
         ix = read_index(str(path))
-        frames = [ix.buf[o:o + c].tobytes() for o, c in zip(ix.off.tolist(), ix.cap.tolist())]
+        frames = [ix.buf[o:o + c].tobytes() for o, c in zip(ix.off.tolist(), ix.cap.tolist(), strict=True)]
         bulk = decode_bulk(ix.buf, ix.off, ix.cap, ix.ts_us, PORTS, ix.linktype)
         ref = decode_reference(frames, ix.ts_us, PORTS, ix.linktype)
         assert_same(bulk, ref)

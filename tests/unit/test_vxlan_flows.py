@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 
-import numpy as np
-
 from collector.pipeline import CollectorContext
 from collector.vxlan.flows import FlowTable
 from collector.vxlan.packets import CODE, Decoded, split128
