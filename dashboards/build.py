@@ -222,6 +222,13 @@ def health() -> dict[str, Any]:
     lay.add(timeseries("Spooled batches and records", [
         prom(f"sum by (instance) (eastwest_spool_batches{col})", "{{instance}} batches", "A"),
         prom(f"sum by (instance) (eastwest_spool_records{col})", "{{instance}} records", "B")], "short"))
+    lay.add(timeseries("Socket probes: connection map fill", [
+        prom(f"max by (instance) (eastwest_probe_map_entries{col} / eastwest_probe_map_capacity{col})",
+             "{{instance}} fill", "A"),
+        prom(f"sum by (instance) (rate(eastwest_probe_kernel_events_total{{job=~\"$collector_job\", event=\"opened\"}}[{ri}]))",
+             "{{instance}} tracked /s", "B")], "percentunit",
+        "Entries of the kernel's connection map over its capacity (--map-entries), at the last "
+        "interval. Near 100% the kernel cannot track new connections (drops: probes/conn_map_full)."))
     lay.row("Aggregator")
     lay.add(timeseries("Ingest: records in / stored per second", [
         prom(f"sum(rate(eastwest_records_in_total{agg}[{ri}]))", "received", "A"),

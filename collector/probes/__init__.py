@@ -84,3 +84,8 @@ class SocketProbeSource:
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         self.loop.run(emit, stop)
+
+    def gauges(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """`eastwest_probe_map_entries` / `_capacity{map="conns"}` and the kernel's counters
+        (`eastwest_probe_kernel_events_total{event}`), read at each interval drain."""
+        return self.loop.gauges(self.config.conn_entries)

@@ -44,6 +44,18 @@ class ProbeLoop:
         self.ready = threading.Event()  # set once the probes are attached
         self._stats: dict[str, int] = {}
         self._lossy = False
+        self.tracked: int | None = None  # entries of the connection map at the last drain
+
+    def gauges(self, capacity: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """BPF map fill and the kernel's own counters, for the collector's /metrics: a map near
+        its capacity is the warning before `conn_map_full` losses begin."""
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
+            ("eastwest_probe_map_capacity", (("map", "conns"),)): float(capacity)}
+        if self.tracked is not None:
+            out[("eastwest_probe_map_entries", (("map", "conns"),))] = float(self.tracked)
+        for name, total in sorted(self._stats.items()):
+            out[("eastwest_probe_kernel_events_total", (("event", name),))] = float(total)
+        return out
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         kernel = self.kernel_factory()
@@ -86,6 +98,7 @@ class ProbeLoop:
         for s in kernel.live():
             # deferred: the ring buffer was full at its close: finalise it from the map
             (deferred if s.deferred else live).append(s)
+        self.tracked = len(live) + len(deferred)
         out = self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
         if deferred:
             out += self.builder.build_many(deferred, final=True, now=now, extra_incomplete=extra)

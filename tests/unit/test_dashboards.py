@@ -138,6 +138,13 @@ def defined_metric_names(tmp_path):
     cm = CollectorMetrics(Drops())
     cm.watch_spool(Spool())
     cm.latency.observe(0.1)
+    from collector.pipeline import CollectorContext
+    from collector.probes.conn import STAT_NAMES
+    from collector.probes.source import ProbeLoop
+
+    probes = ProbeLoop(CollectorContext(collector_id="t"), None, None)  # type: ignore[arg-type]
+    probes.tracked, probes._stats = 1, dict.fromkeys(STAT_NAMES, 1)  # as after one drain
+    cm.watch_source(lambda: probes.gauges(8))
     names = set()
     for text in (c.get("/metrics").text, cm.render().decode()):
         for fam in text_string_to_metric_families(text):

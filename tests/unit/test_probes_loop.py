@@ -148,3 +148,29 @@ def test_a_state_without_ports_is_dropped_with_a_reason():
     ctx, kernel, loop = make([[conn(1, sport=0, end_ns=5_000)]])
     assert run(loop, kernel) == []
     assert ctx.drops.snapshot() == {("socket", "no_tuple"): 1}
+
+
+def test_map_fill_and_kernel_counters_are_gauges_from_the_last_drain():
+    ctx, kernel, loop = make([[]] * 5)
+    assert loop.gauges(64) == {("eastwest_probe_map_capacity", (("map", "conns"),)): 64.0}
+    kernel.map.update({1: conn(1), 2: conn(2), 3: conn(3, phase=1)})  # a connecting one counts
+    kernel.counters.update(opened=3, conn_map_full=2)
+    run(loop, kernel)
+    g = loop.gauges(64)
+    assert g[("eastwest_probe_map_entries", (("map", "conns"),))] == 3.0
+    assert g[("eastwest_probe_kernel_events_total", (("event", "opened"),))] == 3.0
+    assert g[("eastwest_probe_kernel_events_total", (("event", "conn_map_full"),))] == 2.0
+
+
+def test_collector_metrics_render_a_sources_gauges():
+    from collector.metrics import CollectorMetrics
+
+    ctx, kernel, loop = make([[]] * 5)
+    kernel.map[1] = conn(1)
+    run(loop, kernel)
+    m = CollectorMetrics(ctx.drops)
+    m.watch_source(lambda: loop.gauges(64))
+    text = m.render().decode()
+    assert 'eastwest_probe_map_entries{map="conns"} 1.0' in text
+    assert 'eastwest_probe_map_capacity{map="conns"} 64.0' in text
+    assert 'eastwest_probe_kernel_events_total{event="opened"} 0.0' in text
