@@ -43,16 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eastwest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"eastwest {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of the commands above")
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"eastwest.cli.{name}")
         module.register(sub)
+    sub._choices_actions = []  # the description lists them once, aligned; not a second time
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but a flag a subcommand does not know is reported by that subcommand, with
+    its usage (`eastwest flows: error: unrecognized arguments: --bogus`), exit 2."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = parser
+        for token in sys.argv[1:] if argv is None else argv:  # descend: eastwest lab up ...
+            subs = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
+            if subs and token in subs[0].choices:
+                target = subs[0].choices[token]
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -310,3 +310,19 @@ def test_saved_api_flows_are_filtered_offline_like_records(api, capsys, tmp_path
     _, out, _ = run(capsys, "flows", "--input-file", str(path), "--since",
                     "2026-11-28T04:00:04.5Z", "-o", "jsonl")
     assert [json.loads(x)["id"] for x in out.splitlines()] == ["f4", "f5"]
+
+
+@pytest.mark.parametrize("argv, who", [
+    (["flows", "--bogus", "x"], "eastwest flows"),
+    (["lab", "up", "--nope"], "eastwest lab up"),
+    (["--bogus"], "eastwest"),
+])
+def test_an_unknown_flag_is_reported_by_its_subcommand_and_exits_2(capsys, argv, who):
+    from eastwest.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"{who}: error: unrecognized arguments: {' '.join(argv[len(who.split()) - 1:])}" in err
+    assert err.startswith(f"usage: {who} ")
