@@ -2,7 +2,8 @@
 
 In:  where the aggregator is and the read token, from flags > environment (`EASTWEST_SERVER`,
      `EASTWEST_TOKEN`) > config file (`~/.config/eastwest/config.yaml`, or `$XDG_CONFIG_HOME`,
-     or `--config FILE`) > default `http://127.0.0.1:8470`.
+     or `--config FILE`) > default `http://127.0.0.1:8470`; with no token so far, the
+     aggregator's own `EASTWEST_READ_TOKEN` (as `make run`'s tokens.env sets it).
 Out: JSON documents and text from `GET /api/v1/...`, and Server-Sent Events from the stream
      route (parsed as the HTML Living Standard, "9.2 Server-sent events", says: `event:`,
      `data:` (joined with newlines), `id:`, a blank line dispatches, `:` lines are comments).
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # httpx costs ~0.2 s to import: only commands that talk to th
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 SERVER_ENV = "EASTWEST_SERVER"
 TOKEN_ENV = "EASTWEST_TOKEN"
+READ_TOKEN_ENV = "EASTWEST_READ_TOKEN"  # what the aggregator reads; last resort here
 CONFIG_KEYS = ("server", "token", "token_file", "ca_file", "timeout")
 Params = Sequence[tuple[str, str | int]]
 
@@ -142,6 +144,8 @@ def resolve_settings(*, server: str | None = None, token: str | None = None,
         if tf is not None:
             tok = read_token_file(str(tf), origin["token_file"])
             origin["token"] = origin["token_file"]
+    if tok is None and env.get(READ_TOKEN_ENV):  # the aggregator's own variable (tokens.env)
+        tok, origin["token"] = env[READ_TOKEN_ENV], READ_TOKEN_ENV
     raw_timeout = pick("timeout", timeout, None)
     try:
         tmo = float(raw_timeout) if raw_timeout is not None else 10.0
@@ -273,8 +277,8 @@ class ApiClient:
         if code == 401:
             if not self.settings.token:
                 raise TransportError(f"the aggregator at {where} needs a read token: pass --token "
-                                     f"or --token-file, set {TOKEN_ENV}, or put token: in "
-                                     "~/.config/eastwest/config.yaml")
+                                     f"or --token-file, set {TOKEN_ENV} (or {READ_TOKEN_ENV}, as in make run's "
+                                     "data/tokens.env), or put token: in ~/.config/eastwest/config.yaml")
             raise TransportError(f"the aggregator at {where} refused the token from "
                                  f"{self.settings.origin.get('token', '?')} (401: {detail})")
         if code == 403:

@@ -230,9 +230,11 @@ def _drive(lab: Any, rate: float, stop: threading.Event) -> None:
 def _banner(stack: Stack, args: argparse.Namespace) -> None:
     print(f"""
 eastwest is running{'' if args.no_lab else f' with lab {args.name!r}'}:
-  dashboard / API  {stack.url}/docs   (metrics: {stack.url}/metrics)
+  dashboard        {stack.url}/#token={stack.tokens.get('EASTWEST_READ_TOKEN', '')}
+  API reference    {stack.url}/docs   (Prometheus: {stack.url}/metrics)
   tokens           {stack.data / 'tokens.env'}  (mode 0600)
-  raw records      curl -H "Authorization: Bearer $EASTWEST_READ_TOKEN" {stack.url}/api/v1/records
+  from a shell     set -a; . {stack.data / 'tokens.env'}; set +a
+                   eastwest graph --since 5m; eastwest flows --follow; eastwest top
   logs             {stack.log_dir}
 Ctrl-C stops everything.
 """, file=sys.stderr, flush=True)

@@ -63,6 +63,16 @@ def test_flags_beat_environment_beats_config_file(tmp_path):
     assert (s.server, s.token, s.timeout) == ("http://flag:3", "flag-token", 1.0)
 
 
+def test_the_aggregators_read_token_variable_is_the_last_resort(tmp_path):
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "EASTWEST_READ_TOKEN": "agg-token"}
+    s = resolve_settings(env=env)  # `. data/tokens.env` is enough after `make run`
+    assert (s.token, s.origin["token"]) == ("agg-token", "EASTWEST_READ_TOKEN")
+    assert resolve_settings(env=env | {"EASTWEST_TOKEN": "mine"}).token == "mine"
+    f = tmp_path / "tok"
+    f.write_text("from-file\n")
+    assert resolve_settings(token_file=str(f), env=env).token == "from-file"
+
+
 @pytest.mark.parametrize("text", [TOKEN, f"EASTWEST_TOKEN={TOKEN}",
                                   f"# make run\nEASTWEST_INGEST_TOKEN=x\nexport EASTWEST_READ_TOKEN='{TOKEN}'\n"])
 def test_token_file_holds_a_bare_token_or_env_lines(text, tmp_path):
