@@ -23,7 +23,8 @@ class EastwestError(Exception):
 class ConfigError(EastwestError):
     def __init__(self, key: str, value: object, reason: str) -> None:
         self.key, self.value, self.reason = key, value, reason
-        super().__init__(f"{key}={value!r}: {reason}")
+        super().__init__(f"{key} is not set: {reason}" if value is None else
+                         f"{key}={value!r}: {reason}")
 
 
 class RecordError(EastwestError, ValueError):
