@@ -13,7 +13,7 @@ the workloads table. Then, through the real app (FastAPI TestClient, read token,
 Target (issue #6): p95 at most 200 ms at 10 million flows. The load average is printed: the
 machine is shared.
 
-    python bench/bench_graph_api.py [--flows 10000000] [--requests 40]
+    python bench/bench_graph_api.py [--flows 10000000] [--requests 40] [--data DIR]
 """
 
 from __future__ import annotations
@@ -96,12 +96,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flows", type=int, default=10_000_000)
     ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--data", type=Path, help="keep the generated store in this directory and "
+                    "reuse it on the next run (same --flows), instead of a temporary one")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        gen_s = generate(data, a.flows)
-        print(f"generated {a.flows:,} connections on {EDGES:,} edges of {WORKLOADS:,} workloads "
-              f"in {gen_s:.1f} s")
+        data = a.data or Path(tmp) / "data"
+        if a.data is not None and (data / FILE_NAME).exists():
+            print(f"reusing the store in {data}")
+        else:
+            gen_s = generate(data, a.flows)
+            print(f"generated {a.flows:,} connections on {EDGES:,} edges of {WORKLOADS:,} "
+                  f"workloads in {gen_s:.1f} s")
         settings = AggregatorSettings(data_dir=data, ingest_token="bench-ingest-token-012345",
                                       read_token=READ, retention=None, edge_budget=20_000)
         results = []
