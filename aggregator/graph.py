@@ -8,8 +8,9 @@ the `nx.DiGraph` (nodes: workloads, or namespaces, hosts; edges client -> server
 `EDGE_FIELDS`, docs/api.md) that analysis and the text renderers use.
 
 Counts (opened, active, closed, failed, reset) come from the `connections` table, exact to the
-microsecond; volumes (bytes, packets, retransmits) from the minute `rollups` (the minutes that
-the window touches). When the filter has a dimension the rollups do not carry (an IP, the
+microsecond; volumes (bytes, packets, retransmits) from the minute `rollups` of every minute the
+window touches, [volume_since, volume_until) = [since rounded down, until rounded up to a minute],
+which the response states (a window starting or ending inside a minute counts that whole minute). When the filter has a dimension the rollups do not carry (an IP, the
 client port, outcome, observer, VNI), volumes come from the matching connections instead and
 the graph says so (`volume_source`).
 
@@ -104,6 +105,8 @@ def to_json(g: nx.DiGraph) -> dict[str, Any]:
     return {
         "since": _iso(g.graph["since"]), "until": _iso(g.graph["until"]),
         "group_by": g.graph["group_by"], "volume_source": g.graph["volume_source"],
+        "volume_since": _iso(g.graph.get("volume_since")),
+        "volume_until": _iso(g.graph.get("volume_until")),
         "filter": g.graph["filter"], "folded_edges": g.graph.get("folded_edges", 0),
         "nodes": [{"id": n, **a, "in_degree": g.in_degree(n), "out_degree": g.out_degree(n)}
                   for n, a in sorted(g.nodes(data=True))],

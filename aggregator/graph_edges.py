@@ -51,6 +51,16 @@ def datetime_of(us: int | None) -> datetime | None:
     return None if us is None else _EPOCH + timedelta(microseconds=us)
 
 
+def volume_window(since: datetime, until: datetime) -> tuple[datetime, datetime]:
+    """What rollup volumes cover for the window [since, until): every minute it touches, from
+    the minute of `since` to `until` rounded up to a minute. A minute holds the increases of the
+    records whose `end` falls in it (aggregator/correlate.py), so a window starting or ending
+    inside a minute counts that whole minute's volumes (docs/api.md, `volume_since`)."""
+    lo = since.replace(second=0, microsecond=0)
+    hi = until.replace(second=0, microsecond=0)
+    return lo, hi if hi == until else hi + timedelta(minutes=1)
+
+
 def node_of(nodes: dict[str, Node], nid: str, name: str | None, namespace: str | None,
             kind: str | None, group_by: str) -> None:
     """The first mention of a node names it; a namespace or host node is named by its id."""
@@ -182,6 +192,14 @@ class GraphData:
                            c["last_us"], strict=True))
         return cls(since, until, group_by, volume_source, filter, nodes, edges)
 
+    @property
+    def volume_span(self) -> tuple[datetime | None, datetime | None]:
+        """[volume_since, volume_until): what the rollup volumes cover; None, None when the
+        volumes are the matching connections' totals."""
+        if self.volume_source != "rollups":
+            return None, None
+        return volume_window(self.since, self.until)
+
     def fold(self, budget: int | None) -> None:
         """The cardinality budget (aggregator/graph.py)."""
         if budget is None or budget < 1 or len(self.edges) <= budget:
@@ -212,7 +230,8 @@ class GraphData:
             deg_in[e[1]] = deg_in.get(e[1], 0) + 1
         head = _enc.encode({
             "since": iso(self.since), "until": iso(self.until), "group_by": self.group_by,
-            "volume_source": self.volume_source, "filter": self.filter,
+            "volume_source": self.volume_source, "volume_since": iso(self.volume_span[0]),
+            "volume_until": iso(self.volume_span[1]), "filter": self.filter,
             "folded_edges": self.folded_edges,
             "nodes": [{"id": n, "name": a[0], "namespace": a[1], "kind": a[2],
                        "in_degree": deg_in.get(n, 0), "out_degree": deg_out.get(n, 0)}
@@ -223,7 +242,8 @@ class GraphData:
         """The same graph as a networkx DiGraph (first_seen/last_seen as datetimes), built once."""
         if self._graph is None:
             g = nx.DiGraph(since=self.since, until=self.until, group_by=self.group_by,
-                           volume_source=self.volume_source, filter=self.filter)
+                           volume_source=self.volume_source, volume_since=self.volume_span[0],
+                           volume_until=self.volume_span[1], filter=self.filter)
             if self.folded_edges:
                 g.graph["folded_edges"] = self.folded_edges
             for n, (name, namespace, kind) in self.nodes.items():

@@ -79,6 +79,36 @@ def test_graph_has_one_edge_per_dependency_with_exact_counts(client):
     assert only["volume_source"] == "rollups"
 
 
+def test_rollup_volumes_cover_every_minute_the_window_touches(client):
+    """The documented resolution rule (docs/api.md, `volume_since`): fill()'s records end at
+    04:00:12, so their volumes sit in the rollup minute 04:00. A window starting inside that
+    minute (after the connections' last record) still counts the whole minute's bytes, and says
+    so; one starting at the next minute does not. Same for a window ending inside the minute."""
+    minute = T0.replace(second=0)
+
+    def graph(since, until):
+        return client.get("/api/v1/graph", params={"from": since.isoformat(),
+                                                   "to": until.isoformat()}, headers=RH).json()
+
+    iso = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731
+    for since, until in ((minute + timedelta(seconds=30), minute + timedelta(minutes=5)),
+                         (minute - timedelta(minutes=5), minute + timedelta(seconds=5))):
+        g = graph(since, until)
+        up = until.replace(second=0) + (timedelta(minutes=1) if until.second else timedelta())
+        assert (g["volume_since"], g["volume_until"]) == (iso(since.replace(second=0)), iso(up))
+        fa = {(e["source"], e["target"]): e for e in g["edges"]}[("shop/frontend", "shop/api")]
+        # no connection of the window, the minute's volumes
+        assert (fa["connections_opened"], fa["bytes_c2s"], fa["bytes_s2c"]) == (0, 2800, 70)
+    later = graph(minute + timedelta(minutes=1), minute + timedelta(minutes=5))
+    assert later["edges"] == [] and later["volume_since"] == iso(minute + timedelta(minutes=1))
+    exact = graph(minute - timedelta(minutes=5), minute + timedelta(minutes=5))
+    assert (exact["volume_since"], exact["volume_until"]) == (
+        iso(minute - timedelta(minutes=5)), iso(minute + timedelta(minutes=5)))
+    by_conns = client.get("/api/v1/graph", params={**A, "outcome": "ok"}, headers=RH).json()
+    assert by_conns["volume_source"] == "connections"
+    assert (by_conns["volume_since"], by_conns["volume_until"]) == (None, None)
+
+
 def test_graph_text_formats(client):
     dot = client.get("/api/v1/graph", params={**A, "format": "dot"}, headers=RH)
     assert dot.status_code == 200 and '"shop/frontend" -> "shop/api"' in dot.text
