@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -105,7 +106,8 @@ def run_ours(pcap: Path, pps: int | None, packets: int, file_packets: int) -> di
     got = json.loads(child.stdout.readline())
     child.wait(60)
     return {**rep, "arrived": arrived, "captured": got["received"],
-            "kernel_drops": got["kernel_drops"], "in_records": got["in_records"]}
+            "kernel_drops": got["kernel_drops"], "in_records": got["in_records"],
+            "cpu_s": round(got["cpu_s"], 3)}
 
 
 def run_tcpdump(pcap: Path, pps: int | None, packets: int, file_packets: int) -> dict:
@@ -122,13 +124,14 @@ def run_tcpdump(pcap: Path, pps: int | None, packets: int, file_packets: int) ->
     time.sleep(1.0)
     child.send_signal(signal.SIGINT)
     err = child.stderr.read()
-    child.wait(30)
+    _, status, use = os.wait4(child.pid, 0)  # `ip netns exec` execs tcpdump: same process
+    child.returncode = os.waitstatus_to_exitcode(status)
     captured = re.search(r"(\d+) packets? captured", err)
     dropped = re.search(r"(\d+) packets? dropped by kernel", err)
     if not captured or not dropped:
         raise SystemExit(f"tcpdump output not understood:\n{err}")
     return {**rep, "arrived": arrived, "captured": int(captured.group(1)),
-            "kernel_drops": int(dropped.group(1))}
+            "kernel_drops": int(dropped.group(1)), "cpu_s": round(use.ru_utime + use.ru_stime, 3)}
 
 
 def child_ours(spec: str) -> int:
@@ -161,8 +164,10 @@ def child_ours(spec: str) -> int:
     stop.set()
     t.join(120)
     in_records = sum(r.packets_c2s + r.packets_s2c for r in records if r.final)
+    use = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"received": received[0], "kernel_drops": cap.kernel_drops,
-                      "in_records": in_records}), flush=True)
+                      "in_records": in_records, "cpu_s": use.ru_utime + use.ru_stime}),
+          flush=True)
     return 0
 
 
@@ -221,10 +226,11 @@ def main() -> int:
             o, t = row["ours"], row["tcpdump"]
             print(f"offered {str(row['offered_pps']):>9} pps | ours: sent at {o['pps']:>9,} "
                   f"arrived {o['arrived']:>9,} captured {o['captured']:>9,} "
-                  f"(lost {o['lost_frac']:.2%}, kernel drops {o['kernel_drops']:,}) | tcpdump: "
+                  f"(lost {o['lost_frac']:.2%}, kernel drops {o['kernel_drops']:,}, cpu {o['cpu_s']} s)"
+                  f" | tcpdump: "
                   f"sent at {t['pps']:>9,} arrived {t['arrived']:>9,} captured "
                   f"{t['captured']:>9,} (lost {t['lost_frac']:.2%}, kernel drops "
-                  f"{t['kernel_drops']:,})", flush=True)
+                  f"{t['kernel_drops']:,}, cpu {t['cpu_s']} s)", flush=True)
     finally:
         teardown()
     load_after = os.getloadavg()[0]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from collector.vxlan import native
 from collector.vxlan.packets import GENEVE_PORT, VXLAN_GPE_PORT
 from eastwest.errors import CaptureError, ConfigError
 
@@ -33,6 +34,7 @@ SOL_PACKET = 263
 PACKET_STATISTICS = 6
 CLONE_NEWNET = 0x40000000
 SNAP = 65535
+MAX_BLOCK_PACKETS = 65536
 
 # classic BPF opcodes (linux/bpf_common.h)
 LDH_ABS, LDB_ABS, LDH_IND, LDXB_MSH = 0x28, 0x30, 0x48, 0xB1
@@ -103,6 +105,14 @@ class UnderlayCapture:
         self.sock.setblocking(False)
         self._buf = bytearray(buffer_bytes)
         self._view = memoryview(self._buf)
+        # with the native helper, one C call drains the socket (ewvxlan_recv.c) into the buffer
+        # and these columns; without it, a Python loop fills lists (same block, slower)
+        self._lib = native.load()
+        if self._lib is not None:
+            self._cols = [np.empty(MAX_BLOCK_PACKETS, dtype=np.int64) for _ in range(3)]
+            self._ptrs = [c.ctypes.data for c in self._cols]
+            self._addr = ctypes.addressof((ctypes.c_char * len(self._buf)).from_buffer(self._buf))
+            self._cpos, self._cn = ctypes.c_int64(0), ctypes.c_int64(0)
         self._reset()
         self.kernel_drops = 0
 
@@ -144,12 +154,22 @@ class UnderlayCapture:
 
     def _reset(self) -> None:
         self._pos = 0
+        if self._lib is not None:
+            self._cpos.value = self._cn.value = 0
         self._off: list[int] = []
         self._cap: list[int] = []
         self._ts: list[int] = []
 
     def drain(self, max_packets: int = 65536) -> bool:
         """Read what the socket holds (non-blocking); True when the block is full."""
+        if self._lib is not None:
+            off, cap, ts = self._ptrs
+            rc = self._lib.ew_recv_drain(self.sock.fileno(), self._addr, len(self._buf),
+                                         self._cpos, off, cap, ts, self._cn,
+                                         min(max_packets, MAX_BLOCK_PACKETS), SNAP)
+            if rc < 0:
+                raise CaptureError(self.spec, f"recv failed: {os.strerror(-rc)}")
+            return rc == 1
         recv_into, view = self.sock.recv_into, self._view
         size = len(self._buf)
         while len(self._off) < max_packets and size - self._pos >= SNAP:
@@ -165,6 +185,13 @@ class UnderlayCapture:
 
     def take(self) -> Block:
         """The packets read so far (copied out), and a fresh block."""
+        if self._lib is not None:
+            n, pos = self._cn.value, self._cpos.value
+            off, cap, ts = (c[:n].copy() for c in self._cols)
+            block = Block(np.frombuffer(bytes(self._view[:pos]) or b"\0", dtype=np.uint8),
+                          off, cap, ts)
+            self._reset()
+            return block
         block = Block(np.frombuffer(bytes(self._view[:self._pos]) or b"\0", dtype=np.uint8),
                       np.asarray(self._off, dtype=np.int64), np.asarray(self._cap, dtype=np.int64),
                       np.asarray(self._ts, dtype=np.int64))

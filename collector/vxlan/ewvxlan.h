@@ -1,6 +1,6 @@
 /* ewvxlan: the native helper of the bulk VXLAN path (collector/vxlan/native.py loads it).
  *
- * Three parts, one shared library, loaded with ctypes (no Python C API, so one build serves
+ * Four parts, one shared library, loaded with ctypes (no Python C API, so one build serves
  * every Python version):
  *   ewvxlan_walk.c    pcap / pcapng record walk (draft-ietf-opsawg-pcap, -pcapng): the linked
  *                     list of record headers followed in C; index arrays or one record at a time
@@ -8,6 +8,7 @@
  *                     VXLAN over RFC 791 / RFC 8200 / RFC 768, inner RFC 9293 TCP, UDP, ICMP)
  *   ewvxlan_flows.c   a capture file -> batches of per-flow sessions, summed in a hash table
  *                     with the session rules of collector/vxlan/flows.py
+ *   ewvxlan_recv.c    live capture: a non-blocking AF_PACKET socket drained into one block
  *
  * Layouts shared with Python are named in strings (EW_COLUMNS, EW_ROW_FIELDS) that the loader
  * compares with its own before it uses the library; the build embeds a digest of these sources

@@ -6,9 +6,9 @@ Stage: source (`eastwest collector`, unless `--no-vxlan`). In: `--underlay IF|NE
 `--idle-timeout`. Out: `FlowRecord`s with source="vxlan", observer="path", `tunnel` filled.
 
 Each interface is its own observation point with its own flow table (a packet seen leaving one
-host and entering another is two observations, never one flow counted twice). Python runs per
-packet only to receive it (recv_into into one buffer); decoding and accounting run per block on
-the bulk path, every `BLOCK_S` seconds or 65,536 packets. Kernel drops (PACKET_STATISTICS) are
+host and entering another is two observations, never one flow counted twice). No Python runs per
+packet: one call to the native helper drains the socket into one buffer (a recv_into loop in
+Python without it); decoding and accounting run per block on the bulk path, every `BLOCK_S` seconds or 65,536 packets. Kernel drops (PACKET_STATISTICS) are
 counted as `vxlan/kernel_drop`.
 """
 
@@ -29,6 +29,11 @@ from collector.vxlan.flows import FlowTable
 from collector.vxlan.source import check_timing, ports_from
 
 BLOCK_S = 0.1
+# After a wake-up that emptied the sockets, wait this long before the next select: under a steady
+# stream each wake-up then reads a batch instead of a packet or two (the per-wake-up Python cost
+# stays small), at the price of that much latency, as libpcap's TPACKET_V3 block timeout does.
+# The socket buffer (64 MiB) holds far more than this many seconds of packets.
+PAUSE_S = 0.002
 log = logging.getLogger("eastwest.collector.vxlan")
 
 
@@ -90,10 +95,13 @@ class LiveVxlanSource:
         next_block = time.monotonic() + BLOCK_S
         try:
             while not stop.is_set():
-                for key, _ in sel.select(timeout=BLOCK_S / 2):
+                ready = sel.select(timeout=BLOCK_S / 2)
+                for key, _ in ready:
                     i = key.data
                     if self.captures[i].drain():
                         emit(self._decode_block(self.captures[i], self.tables[i]))
+                if ready:
+                    time.sleep(PAUSE_S)
                 if time.monotonic() >= next_block:
                     next_block = time.monotonic() + BLOCK_S
                     for cap, table in zip(self.captures, self.tables, strict=True):

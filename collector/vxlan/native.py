@@ -1,7 +1,7 @@
 """The native helper of the bulk VXLAN path: find, check and load `libewvxlan.so` (ctypes).
 
-Stage: support for `pcapfile.py` (record walk), `bulk.py` (frame decoding) and `scan.py` (a
-capture file -> flow sessions in one pass). In: the library built from `ewvxlan*.c` beside this
+Stage: support for `pcapfile.py` (record walk), `bulk.py` (frame decoding), `scan.py` (a
+capture file -> flow sessions in one pass) and `capture.py` (draining a live socket). In: the library built from `ewvxlan*.c` beside this
 file by `python -m collector.vxlan.native_build` (scripts/setup-venv.sh runs it with the
 machine's C compiler). Out: a `ctypes.CDLL` with typed functions, or None, with the reason in
 `why_not()`: without the library every caller takes its pure Python / numpy path, which gives
@@ -24,7 +24,8 @@ import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("ewvxlan.h", "ewvxlan_walk.c", "ewvxlan_decode.c", "ewvxlan_flows.c")
+SOURCES = ("ewvxlan.h", "ewvxlan_walk.c", "ewvxlan_decode.c", "ewvxlan_flows.c",
+           "ewvxlan_recv.c")
 CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-Wall", "-Wextra", "-fvisibility=default")
 ENV = "EASTWEST_VXLAN_NATIVE"
 LIBRARY = "libewvxlan.so"
@@ -117,6 +118,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ew_scan_batch": (i32, [p, p, p, i32, i64, i64, i64, ctypes.POINTER(i64)]),
         "ew_scan_rows": (ctypes.POINTER(u64), [p]),
         "ew_scan_drops": (ctypes.POINTER(u64), [p]),
+        "ew_recv_drain": (i32, [i32, p, i64, ctypes.POINTER(i64), p, p, p, ctypes.POINTER(i64),
+                                i64, i64]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
