@@ -96,7 +96,7 @@ class Block:
 class UnderlayCapture:
     """An AF_PACKET socket on one interface (`IF` or `NETNS/IF`), filtered in the kernel."""
 
-    def __init__(self, spec: str, ports: tuple[int, ...], buffer_bytes: int = 8 << 20) -> None:
+    def __init__(self, spec: str, ports: tuple[int, ...], buffer_bytes: int = 32 << 20) -> None:
         self.spec = spec
         netns, _, ifname = spec.rpartition("/")
         if not ifname:

@@ -8,8 +8,10 @@ Stage: source (`eastwest collector`, unless `--no-vxlan`). In: `--underlay IF|NE
 Each interface is its own observation point with its own flow table (a packet seen leaving one
 host and entering another is two observations, never one flow counted twice). No Python runs per
 packet: one call to the native helper drains the socket into one buffer (a recv_into loop in
-Python without it); decoding and accounting run per block on the bulk path, every `BLOCK_S` seconds or 65,536 packets. Kernel drops (PACKET_STATISTICS) are
-counted as `vxlan/kernel_drop`.
+Python without it); decoding and accounting run per block on the bulk path, every `BLOCK_S`
+seconds, 65,536 packets or a full 32 MiB buffer (the flow table's merge costs Python time per
+flow per block: fewer, larger blocks cost less). Kernel drops (PACKET_STATISTICS) are counted as
+`vxlan/kernel_drop`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collector.vxlan.capture import UnderlayCapture
 from collector.vxlan.flows import FlowTable
 from collector.vxlan.source import check_timing, ports_from
 
-BLOCK_S = 0.1
+BLOCK_S = 0.25
 # After a wake-up that emptied the sockets, wait this long before the next select: under a steady
 # stream each wake-up then reads a batch instead of a packet or two (the per-wake-up Python cost
 # stays small), at the price of that much latency, as libpcap's TPACKET_V3 block timeout does.
