@@ -9,12 +9,15 @@ VXLAN ports (plus Geneve 6081 and VXLAN-GPE 4790, so they are counted as unsuppo
 (first fragments) or IPv6 without extension headers, and every VLAN-tagged frame (the decoder
 sorts those out): everything else never reaches user space. A socket in another namespace is
 opened there (setns(2) through ctypes; Python 3.11 has no os.setns) and stays bound to its
-interface after the thread returns to its own namespace.
+interface after the thread returns to its own namespace. With the native helper the packets
+arrive in a TPACKET_V3 receive ring (packet(7) PACKET_RX_RING, as libpcap reads them), copied
+into the block by one C call per wake-up, with the kernel's receive times; else recv per packet.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import socket
 import struct
@@ -27,6 +30,8 @@ from collector.vxlan import native
 from collector.vxlan.packets import GENEVE_PORT, VXLAN_GPE_PORT
 from eastwest.errors import CaptureError, ConfigError
 
+log = logging.getLogger("eastwest.collector.vxlan")
+
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
@@ -35,6 +40,9 @@ PACKET_STATISTICS = 6
 CLONE_NEWNET = 0x40000000
 SNAP = 65535
 MAX_BLOCK_PACKETS = 65536
+# the receive ring (native helper): 32 blocks of 1 MiB, a block handed over when full or after
+# 8 ms (libpcap's tcpdump default is 2 MiB in all)
+RING_BLOCK, RING_BLOCKS, RING_TIMEOUT_MS = 1 << 20, 32, 8
 
 # classic BPF opcodes (linux/bpf_common.h)
 LDH_ABS, LDB_ABS, LDH_IND, LDXB_MSH = 0x28, 0x30, 0x48, 0xB1
@@ -101,13 +109,16 @@ class UnderlayCapture:
         netns, _, ifname = spec.rpartition("/")
         if not ifname:
             raise ConfigError("--underlay", spec, "expected IF or NETNS/IF")
+        # with the native helper, packets arrive in a TPACKET_V3 ring and one C call per
+        # wake-up copies them into the block (ewvxlan_recv.c); if the kernel refuses the ring,
+        # one C call drains the socket with recv; without the helper, a Python recv_into loop
+        # fills lists (the same block, slower)
+        self._lib = native.load()
+        self._ring = None
         self.sock = self._open(netns, ifname, ports)
         self.sock.setblocking(False)
         self._buf = bytearray(buffer_bytes)
         self._view = memoryview(self._buf)
-        # with the native helper, one C call drains the socket (ewvxlan_recv.c) into the buffer
-        # and these columns; without it, a Python loop fills lists (same block, slower)
-        self._lib = native.load()
         if self._lib is not None:
             self._cols = [np.empty(MAX_BLOCK_PACKETS, dtype=np.int64) for _ in range(3)]
             self._ptrs = [c.ctypes.data for c in self._cols]
@@ -130,16 +141,26 @@ class UnderlayCapture:
             finally:
                 os.close(target)
         try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # protocol 0: no packet reaches the socket before bind, so none from another
+            # interface, none unfiltered, none outside the ring
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             code = kernel_filter(ports)
             raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
             self._prog = ctypes.create_string_buffer(raw)
             fprog = struct.pack("HL", len(code), ctypes.addressof(self._prog))
             sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+            if self._lib is not None:
+                err = ctypes.c_int(0)
+                self._ring = self._lib.ew_ring_new(sock.fileno(), RING_BLOCK, RING_BLOCKS,
+                                                   RING_TIMEOUT_MS, ctypes.byref(err))
+                if not self._ring:
+                    log.info("%s: no TPACKET_V3 ring (%s), reading with recv", self.spec,
+                             os.strerror(err.value))
+            if not self._ring:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
             sock.bind((ifname, ETH_P_ALL))
         except OSError as exc:
             raise CaptureError(self.spec, f"cannot capture: {exc.strerror or exc}") from exc
@@ -162,6 +183,11 @@ class UnderlayCapture:
 
     def drain(self, max_packets: int = 65536) -> bool:
         """Read what the socket holds (non-blocking); True when the block is full."""
+        if self._ring:
+            off, cap, ts = self._ptrs
+            return self._lib.ew_ring_drain(self._ring, self._addr, len(self._buf), self._cpos,
+                                           off, cap, ts, self._cn,
+                                           min(max_packets, MAX_BLOCK_PACKETS)) == 1
         if self._lib is not None:
             off, cap, ts = self._ptrs
             rc = self._lib.ew_recv_drain(self.sock.fileno(), self._addr, len(self._buf),
@@ -205,4 +231,7 @@ class UnderlayCapture:
         return drops
 
     def close(self) -> None:
+        if self._ring:
+            self._lib.ew_ring_free(self._ring)
+            self._ring = None
         self.sock.close()
