@@ -14,15 +14,15 @@ packets, preloaded, looped) onto ewbl0 in tx at `--pps R` for about `--seconds` 
 ewbl1 (a veth whose backlog overflows drops before any tap, for both captures alike).
 
 - ours: a child process runs `LiveVxlanSource` on `ewbl-rx/ewbl1` (the collector's live path:
-  AF_PACKET socket with its kernel filter, 64 MiB receive buffer, recv_into per packet, the bulk
-  decoder and the flow table per block), stopped after the replay; it reports the packets it
+  AF_PACKET socket with its kernel filter and, with the native helper, a 32 MiB TPACKET_V3
+  ring; the bulk decoder and the flow table per block), stopped after the replay; it reports the packets it
   received, the kernel's drop counter (PACKET_STATISTICS) and the packets in its flow records.
 - tcpdump: `tcpdump -i ewbl1 -w /dev/null 'udp dst port 4789'` in rx (libpcap TPACKET_V3 ring,
-  default 2 MiB buffer, `-B` to change), stopped with SIGINT; its "captured" and "dropped by
-  kernel" lines.
+  default 2 MiB buffer), stopped with SIGINT; its "captured" and "dropped by kernel" lines.
+- tcpdump_B32M: the same with `-B 32768`, a ring as large as ours (32 MiB).
 
-The two alternate (ours first at even steps, tcpdump first at odd ones) and never run at the same
-time. The load average is printed before and after.
+They take turns (ours first at even steps, last at odd ones), never at the same time; CPU is
+each capture process's user + system seconds. The load average is printed before and after.
 Usage: python bench/bench_vxlan_live.py [--rates 25000,50000,...] [--seconds 4] [--topspeed]
                                         [--file-packets 200000] [--loss 0.001] [--json FILE]
 """
@@ -45,6 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TX, RX, TX_IF, RX_IF = "ewbl-tx", "ewbl-rx", "ewbl0", "ewbl1"
 DEFAULT_RATES = "25000,50000,100000,200000,300000,400000,600000"
+TOOLS = ("ours", "tcpdump", "tcpdump_B32M")
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -110,8 +111,10 @@ def run_ours(pcap: Path, pps: int | None, packets: int, file_packets: int) -> di
             "cpu_s": round(got["cpu_s"], 3)}
 
 
-def run_tcpdump(pcap: Path, pps: int | None, packets: int, file_packets: int) -> dict:
+def run_tcpdump(pcap: Path, pps: int | None, packets: int, file_packets: int,
+                buffer_kib: int | None = None) -> dict:
     cmd = ["ip", "netns", "exec", RX, "tcpdump", "-i", RX_IF, "-n", "-w", "/dev/null",
+           *(["-B", str(buffer_kib)] if buffer_kib else []),
            "udp dst port 4789"]
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert child.stderr
@@ -212,7 +215,8 @@ def main() -> int:
     try:
         for i, pps in enumerate(steps):
             packets = int((pps or 500_000) * args.seconds)
-            order = [("ours", run_ours), ("tcpdump", run_tcpdump)]
+            order = [("ours", run_ours), ("tcpdump", run_tcpdump),
+                     ("tcpdump_B32M", lambda *a: run_tcpdump(*a, buffer_kib=32 << 10))]
             if i % 2:
                 order.reverse()
             row: dict = {"offered_pps": pps or "topspeed"}
@@ -223,14 +227,12 @@ def main() -> int:
                 if name == "ours" and r["in_records"] != r["captured"]:
                     bad += 1
             rows.append(row)
-            o, t = row["ours"], row["tcpdump"]
-            print(f"offered {str(row['offered_pps']):>9} pps | ours: sent at {o['pps']:>9,} "
-                  f"arrived {o['arrived']:>9,} captured {o['captured']:>9,} "
-                  f"(lost {o['lost_frac']:.2%}, kernel drops {o['kernel_drops']:,}, cpu {o['cpu_s']} s)"
-                  f" | tcpdump: "
-                  f"sent at {t['pps']:>9,} arrived {t['arrived']:>9,} captured "
-                  f"{t['captured']:>9,} (lost {t['lost_frac']:.2%}, kernel drops "
-                  f"{t['kernel_drops']:,}, cpu {t['cpu_s']} s)", flush=True)
+            print(f"offered {str(row['offered_pps']):>9} pps", flush=True)
+            for name in TOOLS:
+                r = row[name]
+                print(f"  {name:<13} sent at {r['pps']:>9,} pkts/s  arrived {r['arrived']:>9,}  "
+                      f"captured {r['captured']:>9,}  lost {r['lost_frac']:.2%}  kernel drops "
+                      f"{r['kernel_drops']:>7,}  cpu {r['cpu_s']:.2f} s", flush=True)
     finally:
         teardown()
     load_after = os.getloadavg()[0]
@@ -238,7 +240,7 @@ def main() -> int:
                  "load_avg_1m": [round(load_before, 2), round(load_after, 2)], "rows": rows,
                  "miscounted_runs": bad}
     print(f"load average {load_before:.2f} before, {load_after:.2f} after")
-    for tool in ("ours", "tcpdump"):
+    for tool in TOOLS:
         row = first_loss(rows, tool, args.loss)
         idx = rows.index(row) if row else len(rows)
         clean = rows[idx - 1][tool]["pps"] if idx else None
