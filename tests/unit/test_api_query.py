@@ -109,6 +109,22 @@ def test_rollup_volumes_cover_every_minute_the_window_touches(client):
     assert (by_conns["volume_since"], by_conns["volume_until"]) == (None, None)
 
 
+def test_budget_fold_of_the_json_edges_equals_the_networkx_fold(client):
+    """GraphData.fold (edges as JSON, the API's path) and graph.fold (networkx) give the same
+    other -> other edge: sums, ports, protocols, observers, first/last seen, `folded`."""
+    from aggregator.graph import Window, build_graph, fold, graph_data, to_json
+
+    store = client.app.state.store
+    win = Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5))
+    data = graph_data(store, win, budget=1)  # both edges into other -> other
+    g = build_graph(store, win)
+    assert fold(g, 1) == data.folded_edges == 2
+    assert json.loads(data.json_bytes()) == to_json(g)
+    other = to_json(g)["edges"][0]
+    assert (other["connections_opened"], other["ports"], other["observed_by"]) == (
+        9, [5432, 5433, 9090], {"client,server": 7, "client": 2})
+
+
 def test_graph_text_formats(client):
     dot = client.get("/api/v1/graph", params={**A, "format": "dot"}, headers=RH)
     assert dot.status_code == 200 and '"shop/frontend" -> "shop/api"' in dot.text
