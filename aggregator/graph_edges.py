@@ -14,10 +14,11 @@ much as the SQL (bench/bench_graph_api.py); here Python touches one string per e
 from __future__ import annotations
 
 from bisect import insort
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import msgspec
@@ -220,16 +221,28 @@ class GraphData:
         nodes: dict[str, Node] = {}
         c = cols
         conns = c["conns"]
-        for i, src in enumerate(c["src"]):  # edges with connections name their nodes
-            if conns[i]:
-                node_of(nodes, src, c["src_name"][i], c["src_namespace"][i], c["src_kind"][i], group_by)
-                dst = c["dst"][i]
-                node_of(nodes, dst, c["dst_name"][i], c["dst_namespace"][i], c["dst_kind"][i], group_by)
-        for i, src in enumerate(c["src"]):  # then edges with rollup volumes only
-            if not conns[i]:
-                for n in (src, c["dst"][i]):
-                    node_of(nodes, n, n.rsplit("/", 1)[-1], n.split("/", 1)[0] if "/" in n else None,
-                            None, group_by)
+        # edges with connections name their nodes (the first mention), then edges with rollup
+        # volumes only (node_of); one pass of plain dict probes, no call per edge
+        if group_by == "workload":
+            for s, sn, sns, sk, d, dn, dns, dk, x in zip(
+                    c["src"], c["src_name"], c["src_namespace"], c["src_kind"], c["dst"],
+                    c["dst_name"], c["dst_namespace"], c["dst_kind"], conns, strict=True):
+                if x:
+                    if s not in nodes:
+                        nodes[s] = (sn or s, sns, sk)
+                    if d not in nodes:
+                        nodes[d] = (dn or d, dns, dk)
+        else:
+            for s, d, x in zip(c["src"], c["dst"], conns, strict=True):
+                if x:
+                    node_of(nodes, s, None, None, None, group_by)
+                    node_of(nodes, d, None, None, None, group_by)
+        if not all(conns):
+            for i, src in enumerate(c["src"]):
+                if not conns[i]:
+                    for n in (src, c["dst"][i]):
+                        node_of(nodes, n, n.rsplit("/", 1)[-1],
+                                n.split("/", 1)[0] if "/" in n else None, None, group_by)
         edges = sorted(zip(c["src"], c["dst"], c["json"],
                            zip(c["w_bytes"], c["w_opened"], strict=True), c["first_us"],
                            c["last_us"], strict=True))
@@ -263,11 +276,8 @@ class GraphData:
         self.folded_edges = len(folded)
 
     def json_bytes(self) -> bytes:
-        deg_in: dict[str, int] = {}
-        deg_out: dict[str, int] = {}
-        for e in self.edges:
-            deg_out[e[0]] = deg_out.get(e[0], 0) + 1
-            deg_in[e[1]] = deg_in.get(e[1], 0) + 1
+        deg_out = Counter(map(itemgetter(0), self.edges))
+        deg_in = Counter(map(itemgetter(1), self.edges))
         head = _enc.encode({
             "since": iso(self.since), "until": iso(self.until), "group_by": self.group_by,
             "volume_source": self.volume_source, "volume_since": iso(self.volume_span[0]),

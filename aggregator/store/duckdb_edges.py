@@ -185,7 +185,7 @@ class EdgeQueries:
             w_bytes = "coalesce(conn_bytes_c2s, 0) + coalesce(conn_bytes_s2c, 0)"
         sql = f"""{ctes}
         SELECT src, dst, {nodes},
-          n IS NOT NULL AS conns, {w_bytes} AS w_bytes, coalesce(opened, 0) AS w_opened,
+          n IS NOT NULL AS conns, ({w_bytes})::BIGINT AS w_bytes, coalesce(opened, 0) AS w_opened,
           first_us, last_us, {_edge_json(from_rollups)} AS json,
           n IS NOT NULL AND (port_lo <> port_hi OR protos >= {_OTHER_PROTOCOL}
             OR bit_count(obs) <> 1 OR obs >= {_OTHER_OBSERVERS}) AS detail
