@@ -14,7 +14,7 @@ the parameter. Nothing a client sends produces a 500: the store's failures becom
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -23,6 +23,9 @@ import msgspec
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
 
 from aggregator.api import install as install_query_api
 from aggregator.auth import Authenticator, require_read
@@ -38,6 +41,7 @@ from eastwest.codec import Batch
 from eastwest.drops import Drops
 
 MAX_RECORDS_PAGE = 100_000
+METRICS_FLUSH_S = 5.0  # a scrape waits at most this long for correlation to catch up
 
 
 def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> FastAPI:
@@ -61,10 +65,13 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
         yield
         if consumer is not None:
             consumer.stop()
+        flush = getattr(_app.state.store, "flush", None)
+        if flush is not None:  # correlate what was acknowledged, so exporters are told of it
+            await run_in_threadpool(flush, 30.0)
         if exporters is not None:
             exporters.shutdown()  # closed connections told, OTLP queue drained
-        if owned:
-            the_store.close()
+        if owned:  # the correlating store stops its worker, then closes the store
+            _app.state.store.close()
 
     app = FastAPI(title="eastwest aggregator", version=__version__, lifespan=lifespan,
                   description="Ingest of flow-record batches from eastwest collectors, and the "
@@ -80,6 +87,9 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
     app.state.auth = Authenticator(settings)
     install_query_api(app, settings)  # correlation, graph, flows, stream, diff (issue #6)
     install_exporters(app, settings)  # Prometheus edge series, OTLP (issue #7)
+    if hasattr(app.state.store, "lag"):
+        metrics.registry.register(_CorrelationLag(app.state.store))
+        _tick_after_flush(app)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,12 +128,45 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
 
     @app.get("/metrics", summary="Prometheus self-metrics", response_class=Response)
     def prometheus() -> Response:
+        flush = getattr(app.state.store, "flush", None)
+        if flush is not None:  # gauges of correlation include what was acknowledged
+            flush(METRICS_FLUSH_S)
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     install_web(app)  # the dashboard (web/dist) at /, or a page saying how to build it
 
     _add_batch_schema(app)
     return app
+
+
+def _tick_after_flush(app: FastAPI) -> None:
+    """Correlation runs behind the acknowledged store (aggregator/correlating.py): an exporter
+    tick (its thread, a test, shutdown) first waits for it, so it tells of every acknowledged
+    connection."""
+    ex = getattr(app.state, "exporters", None)
+    if ex is None:
+        return
+    tick, flush = ex.tick, app.state.store.flush
+
+    def tick_after_flush(*args: Any, **kwargs: Any) -> Any:
+        flush(METRICS_FLUSH_S)
+        return tick(*args, **kwargs)
+
+    ex.tick = tick_after_flush
+
+
+class _CorrelationLag(Collector):
+    """How far correlation runs behind the acknowledged raw store (aggregator/correlating.py)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        lag = self.store.lag()
+        for key, what in (("batches", "batches"), ("records", "records"),
+                          ("seconds", "age in seconds of the oldest")):
+            yield GaugeMetricFamily(f"eastwest_correlation_lag_{key}", f"{what} acknowledged "
+                                    "(stored raw) and not correlated yet", value=lag[key])
 
 
 def _add_batch_schema(app: FastAPI) -> None:

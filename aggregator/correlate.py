@@ -25,6 +25,7 @@ port, protocol). No edge is counted twice: a connection is one row, whoever repo
 from __future__ import annotations
 
 import operator
+import os
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,7 @@ from aggregator.connection import Connection, Identity, ProcInfo, Tunnel, View
 from aggregator.identity import Facts, IdentityResolver
 from eastwest.record import FlowRecord
 
+_uuid = uuid
 RollupKey = tuple[datetime, str, str, str, str, int, str]
 _END = operator.attrgetter("end")
 _ZERO = (0, 0, 0, 0, 0, 0)
@@ -83,7 +85,9 @@ class Correlator:
         self.index: dict[tuple[str, str, int, str, int, int], list[Connection]] = {}
         self.high_water: datetime | None = None
         self.lock = threading.Lock()  # callers hold it across plan -> store -> commit
-        self._commits = 0
+        self._commits = 0  # a stamp that changes whenever stored state may have (graph cache)
+        self._since_prune = 0
+        self._ids: list[str] = []
         # forgotten by prune, so never to change again: the store may settle them (the
         # correlating store hands them over with the next batch and clears what it handed)
         self.settled: list[str] = []
@@ -125,8 +129,29 @@ class Correlator:
                     bucket.append(conn)
             self._raise_high_water(conn.last_seen)
         self._commits += 1
-        if self._commits % 50 == 0:
+        self._since_prune += 1
+        if self._since_prune >= 50:
+            self._since_prune = 0
             self.prune()
+
+    def touch(self) -> None:
+        """A batch was accepted that is not correlated yet: caches keyed by `_commits` expire."""
+        self._commits += 1
+
+    def _new_id(self) -> str:
+        """A random version-4 UUID as 32 hex digits (what `uuid.uuid4().hex` gives), drawn from
+        one `os.urandom` call per 1,024 ids instead of one call and one UUID object per id."""
+        if uuid is not _uuid:  # replaced (tests draw ids from a counter): use what replaced it
+            return str(uuid.uuid4().hex)
+        ids = self._ids
+        if not ids:
+            raw = os.urandom(16 * 1024)
+            for i in range(0, len(raw), 16):
+                b = bytearray(raw[i:i + 16])
+                b[6] = (b[6] & 0x0F) | 0x40  # version 4
+                b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+                ids.append(b.hex())
+        return ids.pop()
 
     def prune(self) -> int:
         """Forget connections that can no longer be joined: closed ones `keep_closed` after
@@ -240,7 +265,7 @@ class Correlator:
         client = self._identity(rec, rec.client.ip, rec.client.port, "client")
         # a client's ephemeral port says nothing: static ip:port entries name server ports
         server = self._identity(rec, rec.server.ip, rec.server.port, "server")
-        return Connection(conn_id=uuid.uuid4().hex, protocol=rec.protocol, family=rec.family,
+        return Connection(conn_id=self._new_id(), protocol=rec.protocol, family=rec.family,
                           client_ip=k[1], client_port=k[2], server_ip=k[3], server_port=k[4],
                           scope=k[5], client=client, server=server)
 

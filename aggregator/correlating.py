@@ -1,16 +1,33 @@
-"""The correlating store: ingest -> correlate -> one transaction in the store -> live subscribers.
+"""The correlating store: ingest -> durable raw store (acknowledged) -> correlation behind it.
 
 Stage: wraps the `FlowStore` that ingest (aggregator/ingest.py) writes to, so ingest itself is
 unchanged. In: a batch of validated records with its `(collector, batch_seq)`. Out: the raw
-records AND the batch's correlated connections, rollup deltas and workloads committed together
-(aggregator/store/derived.py); then the correlator's memory advances and the updated connections
-are published to the live stream (`LiveHub`, used by GET /api/v1/flows/stream).
+records stored durably (what the 200 acknowledges), then the batch's correlated connections,
+rollup deltas and workloads (aggregator/store/derived.py); the correlator's memory advances and
+the updated connections are published to the live stream (`LiveHub`, GET /api/v1/flows/stream).
 
-Order under one lock: duplicate check -> plan (on copies) -> store commit -> correlator commit.
-The connections the correlator pruned (it will never change them again) go to the store with the
-next batch, in its transaction (DuckDB moves them out of its small table of changing ones).
-A store failure leaves memory untouched, so a retried batch correlates exactly as the first try
-would have. At start the correlator's index is rebuilt from the store (restart safety).
+Background mode (a store with `write_correlated`: DuckDB). `ingest` writes the raw batch with
+its `(collector, batch_seq)` mark flagged "not correlated" and returns: the ack means "durably
+stored, never lost". A worker thread drains the queue of accepted batches in the order they were
+stored, each as the synchronous path would (one plan, so results and connection ids do not
+depend on timing), then one transaction that writes the derived tables AND flags the batch
+correlated; then the correlator's memory
+advances (a failed write leaves memory untouched and the batch is retried). The queue is
+bounded (`max_pending` records): when correlation lags that far, `ingest` waits (back-pressure
+to the collectors, whose spools hold the rest). `lag()` tells how far behind correlation is
+(Prometheus gauges). Reads of the correlated tables (`connections`, `edge_*`, `workload_rows`,
+`connection_count`, retention, checkpoint) first wait for the queue to drain (`flush`, at most
+`read_wait_s`), so every answer includes every batch acknowledged before the read. On start,
+batches stored but not correlated (the aggregator stopped in between) are queued again, in the
+order they were stored.
+
+Synchronous mode (other backends, e.g. ClickHouse): order under one lock: duplicate check -> plan
+(on copies) -> store commit of raw + derived -> correlator commit. A store failure leaves memory
+untouched, so a retried batch correlates exactly as the first try would have.
+
+Either way: the connections the correlator pruned (it will never change them again) go to the
+store with the next write, in its transaction (DuckDB moves them out of its small table of
+changing ones). At start the correlator's index is rebuilt from the store (restart safety).
 Listeners (`add_listener`; the exporters of aggregator/exporters/) get each committed `Plan`, in
 commit order, under the lock: they must be quick and must not raise (a failure is counted as
 `exporters/listener_error` and logged, never fails the ingest).
@@ -22,13 +39,14 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aggregator.connection import Connection
 from aggregator.correlate import Correlator, Plan
-from aggregator.store.base import FlowStore, IngestResult
+from aggregator.store.base import FlowStore, IngestResult, StoreError
 from aggregator.store.columns import gc_paused
 from aggregator.store.derived import derived_of
 from eastwest.drops import Drops
@@ -36,6 +54,12 @@ from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.aggregator")
 RETENTION_EVERY_S = 600.0
+MAX_PENDING = 50_000     # records accepted but not correlated yet, before ingest waits
+READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
+# reads of what correlation writes: they wait until the accepted batches are correlated
+_AFTER_FLUSH = frozenset({"connections", "connection_count", "edge_counts", "edge_volumes",
+                          "edge_columns", "workload_rows", "recent_connections", "apply_retention",
+                          "checkpoint"})
 
 
 class LiveHub:
@@ -84,7 +108,9 @@ class CorrelatingStore:
     """A `FlowStore` whose ingest also correlates; every other call goes to the inner store."""
 
     def __init__(self, inner: FlowStore, correlator: Correlator, drops: Drops, *,
-                 retention: timedelta | None = None) -> None:
+                 retention: timedelta | None = None, background: bool | None = None,
+                 max_pending: int = MAX_PENDING,
+                 read_wait_s: float = READ_WAIT_S) -> None:
         self.inner = inner
         self.correlator = correlator
         self.hub = LiveHub(drops)
@@ -92,14 +118,55 @@ class CorrelatingStore:
         self.listeners: list[Callable[[Plan], None]] = []
         self.retention = retention
         self._last_retention = 0.0
+        self.background = (hasattr(inner, "write_correlated") if background is None
+                           else background)
+        self.max_pending = max_pending
+        self.read_wait_s = read_wait_s
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, int, Sequence[FlowRecord], float]] = deque()
+        self._pending = 0          # records accepted and not yet correlated (queued or in flight)
+        self._in_flight = 0        # batches taken by the worker, not committed yet
+        self._stopping = False
+        self._ack_lock = threading.Lock()  # raw commits and queue appends in one order
+        self._worker: threading.Thread | None = None
+        self.correlated_batches = 0
         horizon = correlator.keep_open.total_seconds()
         self.loaded = correlator.load(inner.recent_connections(horizon))
         if self.loaded:
             log.info("correlator: %d recent connections reloaded from the store", self.loaded)
-        self.maybe_apply_retention()
+        if self.background:
+            again = inner.uncorrelated_batches()  # type: ignore[attr-defined]
+            for coll, seq, recs in again:
+                self._queue.append((coll, seq, recs, time.monotonic()))
+                self._pending += len(recs)
+            if again:
+                log.info("correlator: %d stored batches (%d records) not correlated yet: queued",
+                         len(again), self._pending)
+            self._worker = threading.Thread(target=self._run, name="eastwest-correlator",
+                                            daemon=True)
+            self._worker.start()
+        self._maybe_retention()
 
+    # -- ingest -------------------------------------------------------------------------------
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
                derived: Any = None) -> IngestResult:
+        if not self.background:
+            return self._ingest_sync(collector, batch_seq, records)
+        with self._ack_lock:
+            with self._cond:  # back-pressure: correlation is `max_pending` records behind
+                while self._pending >= self.max_pending and not self._stopping:
+                    self._cond.wait(1.0)
+            result = self.inner.ingest(collector, batch_seq, records)  # durable when it returns
+            if not result.duplicate:
+                with self._cond:
+                    self._queue.append((collector, batch_seq, records, time.monotonic()))
+                    self._pending += len(records)
+                    self.correlator.touch()
+                    self._cond.notify_all()
+        return result
+
+    def _ingest_sync(self, collector: str, batch_seq: int,
+                     records: Sequence[FlowRecord]) -> IngestResult:
         with self.correlator.lock, gc_paused():
             if self.inner.batch_applied(collector, batch_seq):
                 return IngestResult(collector, batch_seq, 0, True)
@@ -113,9 +180,88 @@ class CorrelatingStore:
                 self._notify(plan)
         if not result.duplicate and plan.connections and self.hub.subscribers:
             self.hub.publish(list(plan.connections.values()))
-        self.maybe_apply_retention()
+        self._maybe_retention()
         return result
 
+    # -- the correlation worker (background mode) ----------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # stopping, nothing left
+                take = [self._queue.popleft()]  # one batch, one plan: as the synchronous path
+                n = len(take[0][2])
+                self._in_flight = len(take)
+            try:
+                self._correlate(take)
+            except Exception as exc:  # noqa: BLE001 - a StoreError, or a bug: never lose batches
+                with self._cond:
+                    self._queue.extendleft(reversed(take))
+                    self._in_flight = 0
+                    self._cond.notify_all()
+                closed = getattr(self.inner, "_closed", False)
+                self.drops.count("correlate", "store_unavailable", n, detail=repr(exc))
+                if not isinstance(exc, StoreError):
+                    log.exception("correlation of %d batches failed", len(take))
+                if closed or self._stopping:
+                    return  # stored raw and flagged not correlated: done at the next start
+                time.sleep(1.0)
+                continue
+            with self._cond:
+                self._pending -= n
+                self._in_flight = 0
+                self.correlated_batches += len(take)
+                self._cond.notify_all()
+            try:
+                self._maybe_retention()
+            except StoreError as exc:
+                self.drops.count("correlate", "retention_failed", detail=str(exc))
+
+    def _correlate(self, take: list[tuple[str, int, Sequence[FlowRecord], float]]) -> None:
+        records = [r for _, _, recs, _ in take for r in recs]
+        with self.correlator.lock, gc_paused():
+            plan = self.correlator.plan(records)
+            settled = list(self.correlator.settled)
+            self.inner.write_correlated(  # type: ignore[attr-defined]
+                derived_of(plan, settled), [(c, s) for c, s, _, _ in take])
+            del self.correlator.settled[:len(settled)]
+            self.correlator.commit(plan)
+            self._notify(plan)
+        if plan.connections and self.hub.subscribers:
+            self.hub.publish(list(plan.connections.values()))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted batch is correlated and stored; False on timeout (the
+        store failing). Immediate in synchronous mode and on the worker thread itself."""
+        if not self.background or threading.current_thread() is self._worker:
+            return True
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._pending == 0 and not self._queue and not self._in_flight
+                or (self._stopping and (self._worker is None or not self._worker.is_alive())),
+                timeout)
+
+    def lag(self) -> dict[str, float]:
+        """How far correlation is behind the acknowledged raw store."""
+        with self._cond:
+            oldest = self._queue[0][3] if self._queue else None
+            return {"batches": len(self._queue) + self._in_flight, "records": self._pending,
+                    "seconds": time.monotonic() - oldest if oldest is not None else 0.0}
+
+    def close(self) -> None:
+        """Correlate what was accepted (at most `read_wait_s`), stop the worker, close the store;
+        what is left stays stored raw, flagged not correlated, for the next start."""
+        if self._worker is not None:
+            self.flush(self.read_wait_s)
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._worker.join(self.read_wait_s)
+        self.inner.close()
+
+    # -- listeners, retention -----------------------------------------------------------------
     def add_listener(self, fn: Callable[[Plan], None]) -> None:
         """Call `fn(plan)` after each committed batch (in commit order, under the lock)."""
         self.listeners.append(fn)
@@ -128,6 +274,10 @@ class CorrelatingStore:
                 self.drops.count("exporters", "listener_error", detail=f"{fn!r}: {exc!r}")
 
     def maybe_apply_retention(self, now: datetime | None = None) -> dict[str, int]:
+        self.flush(self.read_wait_s)
+        return self._maybe_retention(now)
+
+    def _maybe_retention(self, now: datetime | None = None) -> dict[str, int]:
         if self.retention is None:
             return {}
         mono = time.monotonic()
@@ -135,7 +285,14 @@ class CorrelatingStore:
             return {}
         self._last_retention = mono
         cutoff = (now or datetime.now(UTC)) - self.retention
-        return self.inner.apply_retention(cutoff)
+        with self.correlator.lock:
+            return self.inner.apply_retention(cutoff)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        attr = getattr(self.inner, name)
+        if name in _AFTER_FLUSH and self.background:
+            def after_flush(*args: Any, **kwargs: Any) -> Any:
+                self.flush(self.read_wait_s)
+                return attr(*args, **kwargs)
+            return after_flush
+        return attr

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from aggregator.store.base import IngestResult, StoreError
 from aggregator.store.columns import (
@@ -60,7 +61,8 @@ _DDL = [
     + ", ".join(f"{name} {ddl}" for name, _, ddl in DUCKDB_COLUMNS) + ")",
     "CREATE TABLE IF NOT EXISTS ingested_batches ("
     " collector VARCHAR NOT NULL, batch_seq BIGINT NOT NULL, records INTEGER NOT NULL,"
-    " ingested_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (collector, batch_seq))",
+    " ingested_at TIMESTAMPTZ NOT NULL, correlated BOOLEAN NOT NULL DEFAULT true,"
+    " PRIMARY KEY (collector, batch_seq))",
     *DERIVED_DDL,  # correlated connections, minute rollups, workloads (issue #6)
 ]
 
@@ -112,8 +114,9 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                         con.unregister("_batch")
                 if derived is not None:
                     write_derived(con, derived)
-                con.execute("INSERT INTO ingested_batches VALUES (?, ?, ?, ?)",
-                            [collector, batch_seq, len(records), now])
+                con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
+                            "ingested_at, correlated) VALUES (?, ?, ?, ?, ?)",
+                            [collector, batch_seq, len(records), now, derived is not None])
                 con.execute("COMMIT")
             except duckdb.Error as exc:
                 self._rollback(con)
@@ -121,6 +124,46 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                                  f"not stored: {exc}") from exc
             self._count += len(records)
             return IngestResult(collector, batch_seq, len(records), False)
+
+    def write_correlated(self, derived: Derived, batches: Sequence[tuple[str, int]]) -> None:
+        """The correlated tables of raw batches stored before (`ingest` without `derived`), and
+        those batches marked correlated, in one durable transaction (aggregator/correlating.py
+        runs correlation behind the acknowledged raw store)."""
+        marks = pa.table({"collector": pa.array([c for c, _ in batches], pa.string()),
+                          "batch_seq": pa.array([s for _, s in batches], pa.int64())})
+        with self._lock:
+            con = self._writer()
+            try:
+                con.execute("BEGIN TRANSACTION")
+                write_derived(con, derived)
+                con.register("_marks", marks)
+                try:
+                    con.execute("UPDATE ingested_batches SET correlated = true FROM _marks WHERE "
+                                "ingested_batches.collector = _marks.collector AND "
+                                "ingested_batches.batch_seq = _marks.batch_seq")
+                finally:
+                    con.unregister("_marks")
+                con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback(con)
+                raise StoreError(f"duckdb {str(self.path)!r}: correlation of {len(batches)} "
+                                 f"batches not stored: {exc}") from exc
+
+    def uncorrelated_batches(self) -> list[tuple[str, int, list[FlowRecord]]]:
+        """The raw batches stored but not correlated yet (acknowledged, then the aggregator
+        stopped), in the order they were stored, with their records."""
+        marks = self._query("SELECT collector, batch_seq FROM ingested_batches WHERE NOT "
+                            "correlated ORDER BY ingested_at, rowid")
+        if not marks:
+            return []
+        rows = self._query(
+            f"SELECT batch_seq, {', '.join(READ_COLUMNS)} FROM flows SEMI JOIN (SELECT collector, "
+            "batch_seq FROM ingested_batches WHERE NOT correlated) USING (collector, batch_seq) "
+            "ORDER BY end_ts, record_id")
+        by: dict[tuple[str, int], list[FlowRecord]] = {(c, s): [] for c, s in marks}
+        for r in rows:
+            by[(r[1], r[0])].append(record_of(r[1:]))
+        return [(c, s, by[(c, s)]) for c, s in marks]
 
     # -- reads --------------------------------------------------------------------------------
     def batch_applied(self, collector: str, batch_seq: int) -> bool:
@@ -195,6 +238,12 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'flows'").fetchall()}
         if "extra" not in cols:
             self._con.execute("ALTER TABLE flows ADD COLUMN extra BLOB")
+        marks = {r[0] for r in self._con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = "
+            "'ingested_batches'").fetchall()}
+        if "correlated" not in marks:  # written before correlation ran behind the raw store
+            self._con.execute("ALTER TABLE ingested_batches ADD COLUMN correlated BOOLEAN "
+                              "DEFAULT true")
         migrate_derived(self._con, MIGRATE_HORIZON_S)
         if "record" in cols:
             self._con.execute("ALTER TABLE flows ALTER COLUMN record DROP NOT NULL")

@@ -61,6 +61,7 @@ def test_a_duplicate_batch_changes_no_table(data_dir):
 def test_a_failing_write_leaves_store_and_memory_unchanged(data_dir):
     s = opened(data_dir)
     s.ingest("h1", 1, [rec("client")])
+    s.flush()
     inner_ingest = s.inner.ingest
 
     def broken(*a, **kw):
@@ -135,6 +136,7 @@ def test_listeners_get_each_committed_plan_once_and_cannot_break_ingest(data_dir
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 1, [rec("client")])  # duplicate: no plan committed, nobody told
     s.ingest("h2", 1, [rec("server")])
+    s.flush()
     assert seen == [[["client"]], [["client", "server"]]]
     assert s.drops.snapshot() == {("exporters", "listener_error"): 2}
     assert s.connection_count() == 1
@@ -166,8 +168,10 @@ def test_pruned_connections_settle_and_a_restart_reloads_only_live_ones(data_dir
     s = opened(data_dir)
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(minutes=10))])
+    s.flush()
     assert s.correlator.prune() == 1  # the first one closed 10 minutes ago: it can never change
     s.ingest("h1", 3, [rec("client", cport=40002, start=T0 + timedelta(minutes=10))])
+    s.flush()
     assert s.correlator.settled == [] and s.connection_count() == 3
     g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20)))
     assert g.edges["shop/frontend", "shop/api"]["connections_opened"] == 3
@@ -207,4 +211,40 @@ def test_a_file_of_the_one_table_layout_keeps_its_connections(tmp_path):
     assert s.connection_count() == 2
     g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(hours=3)))
     assert g.edges["shop/frontend", "shop/api"]["observed_by"] == {"client": 1, "client,server": 1}
+    s.close()
+
+
+def test_acknowledged_batches_not_yet_correlated_are_correlated_at_the_next_start(tmp_path):
+    """Background correlation: the ack means the raw batch is stored; when the aggregator stops
+    before correlating it (here: the correlation write fails, then the process 'dies'), the next
+    start correlates it, in the order stored, and nothing is counted twice."""
+    from aggregator.store import StoreError
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    assert s.background
+    s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])
+    s.flush()
+
+    def broken(*a, **kw):
+        raise StoreError("disk full")
+
+    s.inner.write_correlated = broken
+    assert not s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)]).duplicate
+    s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000), rec("client", cport=40001, c2s=1, s2c=2)])
+    assert s.inner.count() == 4  # stored raw and acknowledged
+    assert not s.flush(timeout=0.5)  # correlation cannot catch up while the store fails
+    assert s.lag()["batches"] == 2 and s.lag()["records"] == 3
+    assert s.drops.snapshot()[("correlate", "store_unavailable")] >= 1
+    s._stopping = True  # the process dies: the worker stops, the store is closed under it
+    s.inner.close()
+    s._worker.join(5)
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    assert s.connection_count() == 2  # waits for the batches queued again at start
+    e = edge(s)[("shop/frontend", "shop/api")]
+    assert (e["connections_opened"], e["bytes_c2s"], e["bytes_s2c"]) == (2, 1001, 5002)
+    assert e["observed_by"] == {"client,server": 1, "client": 1}
+    assert s.lag() == {"batches": 0, "records": 0, "seconds": 0.0}
+    assert s.inner.uncorrelated_batches() == []
+    assert s.ingest("h1", 2, [rec("client")]).duplicate
     s.close()
