@@ -24,7 +24,8 @@ ewbl1 (a veth whose backlog overflows drops before any tap, for both captures al
 They take turns (ours first at even steps, last at odd ones), never at the same time; CPU is
 each capture process's user + system seconds. The load average is printed before and after.
 Usage: python bench/bench_vxlan_live.py [--rates 25000,50000,...] [--seconds 4] [--topspeed]
-                                        [--file-packets 200000] [--loss 0.001] [--json FILE]
+                                        [--repeat 1] [--file-packets 200000] [--loss 0.001]
+                                        [--json FILE]
 """
 
 from __future__ import annotations
@@ -174,11 +175,16 @@ def child_ours(spec: str) -> int:
     return 0
 
 
-def first_loss(rows: list[dict], tool: str, loss: float) -> dict | None:
+def per_rate(rows: list[dict], tool: str) -> list[dict]:
+    """Per offered rate (in order): the runs' lowest achieved rate and highest loss."""
+    out: dict = {}
     for row in rows:
-        if row[tool]["lost_frac"] > loss:
-            return row
-    return None
+        r, s = row[tool], out.setdefault(row["offered_pps"], {"offered": row["offered_pps"]})
+        s["sent_pps"] = min(s.get("sent_pps", r["pps"]), r["pps"])
+        s["max_sent_pps"] = max(s.get("max_sent_pps", r["pps"]), r["pps"])
+        s["worst_lost_frac"] = max(s.get("worst_lost_frac", 0.0), r["lost_frac"])
+        s["runs_lost_frac"] = [*s.get("runs_lost_frac", []), r["lost_frac"]]
+    return list(out.values())
 
 
 def main() -> int:
@@ -189,6 +195,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="replay length per run")
     ap.add_argument("--file-packets", type=int, default=200_000)
     ap.add_argument("--loss", type=float, default=0.001, help="loss fraction that counts")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per rate (the worst counts)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--child-ours", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -209,6 +216,7 @@ def main() -> int:
     steps: list[int | None] = [int(x) for x in args.rates.split(",") if x]
     if args.topspeed:
         steps.append(None)
+    steps = [pps for pps in steps for _ in range(args.repeat)]
     load_before = os.getloadavg()[0]
     rows, bad = [], 0
     setup()
@@ -241,17 +249,23 @@ def main() -> int:
                  "miscounted_runs": bad}
     print(f"load average {load_before:.2f} before, {load_after:.2f} after")
     for tool in TOOLS:
-        row = first_loss(rows, tool, args.loss)
-        idx = rows.index(row) if row else len(rows)
-        clean = rows[idx - 1][tool]["pps"] if idx else None
-        res[f"{tool}_loss_begins"] = {"offered": row["offered_pps"] if row else None,
-                                      "sent_pps": row[tool]["pps"] if row else None,
+        rates = per_rate(rows, tool)
+        res[f"{tool}_per_rate"] = rates
+        lossy = [i for i, r in enumerate(rates) if r["worst_lost_frac"] > args.loss]
+        first = rates[lossy[0]] if lossy else None
+        clean = rates[lossy[0] - 1]["sent_pps"] if lossy and lossy[0] else None
+        res[f"{tool}_loss_begins"] = {"offered": first["offered"] if first else None,
+                                      "sent_pps": first["sent_pps"] if first else None,
                                       "highest_lossless_sent_pps": clean}
-        if row:
-            print(f"{tool}: loss > {args.loss:.1%} begins at {row[tool]['pps']:,} pkts/s sent "
-                  f"(offered {row['offered_pps']}); lossless up to {clean or 0:,} pkts/s")
+        worst = ", ".join(f"{r['offered']}: {r['worst_lost_frac']:.2%}" for r in rates)
+        if first:
+            print(f"{tool}: loss > {args.loss:.1%} begins at offered {first['offered']} "
+                  f"({first['sent_pps']:,} pkts/s sent); lossless below, up to {clean or 0:,} "
+                  f"pkts/s. Worst loss per rate: {worst}")
         else:
-            print(f"{tool}: no loss > {args.loss:.1%} up to {rows[-1][tool]['pps']:,} pkts/s")
+            top = max(r["max_sent_pps"] for r in rates)
+            print(f"{tool}: no loss > {args.loss:.1%} up to {top:,} pkts/s "
+                  f"sent. Worst loss per rate: {worst}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 1 if bad else 0
