@@ -20,9 +20,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import yaml
 
@@ -39,9 +38,9 @@ class IdentitySource(Protocol):
     def lookup(self, ip: str, port: int) -> Identity | None: ...
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What the observer of one side reported about it (all optional)."""
+class Facts(NamedTuple):
+    """What the observer of one side reported about it (all optional). A named tuple: two are
+    built per new connection on the ingest path, a frozen dataclass cost several times more."""
 
     workload: Workload | None = None
     comm: str | None = None
@@ -166,6 +165,7 @@ class IdentityResolver:
         self.cidr_groups = list(cidr_groups)
         self.reverse_dns = reverse_dns
         self._dns_cache: dict[str, str | None] = {}
+        self._proc_cache: dict[tuple[str | None, str | None, str | None], Identity] = {}
 
     def resolve(self, ip: str, port: int, facts: Facts | None = None) -> Identity:
         facts = facts or Facts()
@@ -181,12 +181,18 @@ class IdentityResolver:
             hit = src.lookup(ip, port)
             if hit is not None:
                 return hit
-        if facts.container:
-            return Identity(name=f"container:{facts.container[:12]}", kind="Container",
-                            host=facts.collector, source="process")
-        if facts.comm:
-            return Identity(name=f"process:{facts.comm}", kind="Process", host=facts.collector,
-                            source="process")
+        if facts.container or facts.comm:  # the same few per host: built once, shared (frozen)
+            pkey = (facts.container[:12] if facts.container else None, facts.comm, facts.collector)
+            hit = self._proc_cache.get(pkey)
+            if hit is None:
+                if len(self._proc_cache) > 100_000:
+                    self._proc_cache.clear()
+                hit = self._proc_cache[pkey] = (
+                    Identity(name=f"container:{pkey[0]}", kind="Container", host=facts.collector,
+                             source="process") if facts.container else
+                    Identity(name=f"process:{facts.comm}", kind="Process", host=facts.collector,
+                             source="process"))
+            return hit
         if self.reverse_dns is not None:
             if ip not in self._dns_cache:
                 self._dns_cache[ip] = self.reverse_dns(ip)

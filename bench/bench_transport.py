@@ -11,7 +11,7 @@ Server: a real `eastwest aggregator` subprocess (uvicorn, DuckDB file, full inge
 Also shown: the collector side alone (records -> sealed, spooled batches, no network), i.e. what
 the transport could carry if the server were free.
 
-    python bench/bench_transport.py [--records 100000] [--batch 5000]
+    python bench/bench_transport.py [--records 100000] [--batch 5000] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -108,42 +109,52 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=2, help="peer and sink alternate: P S, S P, ...")
     args = ap.parse_args()
     n = args.records
+    times: dict[str, list[float]] = {k: [] for k in ("peer", "sink", "peer_done", "sink_done")}
     with tempfile.TemporaryDirectory(prefix="ew-bench-transport-") as tmp:
         root = Path(tmp)
-        ours = make_records(n, "bench-sink")
-        theirs = make_records(n, "bench-peer")
-        bodies = [codec.encode_batch(codec.Batch("bench-peer", seq, T0, theirs[i:i + args.batch]))
-                  for seq, i in enumerate(range(0, n, args.batch), 1)]
         local = run_collector_side(make_records(n, "bench-local"), root / "spool-local", args.batch)
-
         stack = Stack(root / "data", listen=f"127.0.0.1:{free_port()}")
         try:
             stack.start_aggregator()
             token = stack.tokens["EASTWEST_INGEST_TOKEN"]
-            t0 = time.perf_counter()
-            peer = run_peer(stack.url, token, bodies)
-            peer_done = correlated_after(stack.url, t0)
-            t0 = time.perf_counter()
-            sink = run_sink(stack.url, token, ours, root / "spool", args.batch)
-            sink_done = correlated_after(stack.url, t0)
+            for r in range(args.rounds):
+                ours = make_records(n, f"bench-sink{r}")
+                theirs = make_records(n, f"bench-peer{r}")
+                bodies = [codec.encode_batch(codec.Batch(f"bench-peer{r}", seq, T0,
+                                                         theirs[i:i + args.batch]))
+                          for seq, i in enumerate(range(0, n, args.batch), 1)]
+                for side in (("peer", "sink") if r % 2 == 0 else ("sink", "peer")):
+                    t0 = time.perf_counter()
+                    if side == "peer":
+                        times["peer"].append(run_peer(stack.url, token, bodies))
+                    else:
+                        times["sink"].append(run_sink(stack.url, token, ours, root / f"spool{r}",
+                                                      args.batch))
+                    times[side + "_done"].append(correlated_after(stack.url, t0))
             stored = stack.read("/readyz")["records"]
         finally:
             stack.stop()
-    assert stored == 2 * n, f"the aggregator stored {stored} records, expected {2 * n}"
+    assert stored == 2 * n * args.rounds, f"the aggregator stored {stored} records"
     wire = sum(map(len, bodies))
-    print(f"records: {n:,} per side, batches of {args.batch:,}, wire {wire / n:.1f} bytes/record "
-          f"(msgpack+zstd)")
-    print(f"{'path':<58} {'records/s':>12} {'vs peer':>8}")
-    print(f"{'httpx POST loop of the same encoded batches (peer)':<58} {n / peer:>12,.0f} {1:>8.2f}x")
-    print(f"{'AggregatorSink: batch + encode + spool + POST + retry':<58} {n / sink:>12,.0f} "
-          f"{peer / sink:>8.2f}x")
-    print(f"{'  peer, until the aggregator has also correlated them':<58} {n / peer_done:>12,.0f}")
-    print(f"{'  sink, until the aggregator has also correlated them':<58} {n / sink_done:>12,.0f} "
-          f"{peer_done / sink_done:>8.2f}x")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"records: {n:,} per side and round, {args.rounds} rounds (alternating), batches of "
+          f"{args.batch:,}, wire {wire / n:.1f} bytes/record (msgpack+zstd); medians, each round")
+    print(f"{'path':<58} {'records/s':>12} {'vs peer':>8}  rounds")
+
+    def row(name: str, key: str, peer_key: str | None) -> None:
+        ratio = f"{med[peer_key] / med[key]:>8.2f}x" if peer_key else f"{'':>9}"
+        each = " ".join(f"{n / t:,.0f}" for t in times[key])
+        print(f"{name:<58} {n / med[key]:>12,.0f} {ratio}  {each}")
+
+    row("httpx POST loop of the same encoded batches (peer), acked", "peer", "peer")
+    row("AggregatorSink: batch + encode + spool + POST, acked", "sink", "peer")
+    row("  peer, until the aggregator has also correlated them", "peer_done", "peer_done")
+    row("  sink, until the aggregator has also correlated them", "sink_done", "peer_done")
     print(f"{'collector side alone: batch + encode + spool (no network)':<58} {n / local:>12,.0f}")
-    print(f"stored by the aggregator: {stored:,} (both sides, each record once); load average "
+    print(f"stored by the aggregator: {stored:,} (every record once); load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
