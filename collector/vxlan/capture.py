@@ -100,6 +100,9 @@ class Block:
     off: np.ndarray
     cap: np.ndarray
     ts_us: np.ndarray
+    # buf is a run of pcap records (16-byte header in host byte order, µs, then the frame at
+    # off[i]): the native scan reads it as a capture (scan.scan_block)
+    pcap: bool = False
 
 
 class UnderlayCapture:
@@ -188,12 +191,12 @@ class UnderlayCapture:
             off, cap, ts = self._ptrs
             return self._lib.ew_ring_drain(self._ring, self._addr, len(self._buf), self._cpos,
                                            off, cap, ts, self._cn,
-                                           min(max_packets, MAX_BLOCK_PACKETS)) == 1
+                                           min(max_packets, MAX_BLOCK_PACKETS), 1) == 1
         if self._lib is not None:
             off, cap, ts = self._ptrs
             rc = self._lib.ew_recv_drain(self.sock.fileno(), self._addr, len(self._buf),
                                          self._cpos, off, cap, ts, self._cn,
-                                         min(max_packets, MAX_BLOCK_PACKETS), SNAP)
+                                         min(max_packets, MAX_BLOCK_PACKETS), SNAP, 1)
             if rc < 0:
                 raise CaptureError(self.spec, f"recv failed: {os.strerror(-rc)}")
             return rc == 1
@@ -216,7 +219,7 @@ class UnderlayCapture:
             n, pos = self._cn.value, self._cpos.value
             off, cap, ts = (c[:n].copy() for c in self._cols)
             block = Block(np.frombuffer(bytes(self._view[:pos]) or b"\0", dtype=np.uint8),
-                          off, cap, ts)
+                          off, cap, ts, pcap=True)
             self._reset()
             return block
         block = Block(np.frombuffer(bytes(self._view[:self._pos]) or b"\0", dtype=np.uint8),

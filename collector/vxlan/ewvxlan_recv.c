@@ -20,13 +20,21 @@
 
 #include "ewvxlan.h"
 
-int ew_recv_drain(int fd, uint8_t *buf, int64_t size, int64_t *pos, int64_t *off, int64_t *cap,
-                  int64_t *ts, int64_t *n, int64_t max, int64_t snap)
+/* With `hdr`, each frame is preceded by a pcap record header (16 bytes, host order, µs): the
+ * block is then a capture the record walker reads from memory (ewvxlan_walk.c, start 0). */
+static void pcap_header(uint8_t *at, int64_t ts_us, uint32_t cap, uint32_t wire)
 {
-    int64_t p = *pos, i = *n;
+    uint32_t h[4] = {(uint32_t)(ts_us / 1000000), (uint32_t)(ts_us % 1000000), cap, wire};
+    memcpy(at, h, sizeof h);
+}
+
+int ew_recv_drain(int fd, uint8_t *buf, int64_t size, int64_t *pos, int64_t *off, int64_t *cap,
+                  int64_t *ts, int64_t *n, int64_t max, int64_t snap, int hdr)
+{
+    int64_t p = *pos, i = *n, h = hdr ? 16 : 0;
     int rc = 1;
-    while (i < max && size - p >= snap) {
-        ssize_t got = recv(fd, buf + p, (size_t)snap, MSG_DONTWAIT);
+    while (i < max && size - p >= snap + h) {
+        ssize_t got = recv(fd, buf + p + h, (size_t)snap, MSG_DONTWAIT);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -35,10 +43,12 @@ int ew_recv_drain(int fd, uint8_t *buf, int64_t size, int64_t *pos, int64_t *off
         }
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
-        off[i] = p;
-        cap[i] = got;
         ts[i] = (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000;
-        p += got;
+        if (hdr)
+            pcap_header(buf + p, ts[i], (uint32_t)got, (uint32_t)got);
+        off[i] = p + h;
+        cap[i] = got;
+        p += h + got;
         i++;
     }
     *pos = p;
@@ -104,9 +114,9 @@ void ew_ring_free(struct ew_ring *r)
 
 /* As ew_recv_drain: 0 when no block is ready, 1 when the block buffer is full. */
 int ew_ring_drain(struct ew_ring *r, uint8_t *buf, int64_t size, int64_t *pos, int64_t *off,
-                  int64_t *cap, int64_t *ts, int64_t *n, int64_t max)
+                  int64_t *cap, int64_t *ts, int64_t *n, int64_t max, int hdr)
 {
-    int64_t p = *pos, i = *n;
+    int64_t p = *pos, i = *n, hl = hdr ? 16 : 0;
     int rc = 0;
     for (;;) {
         struct tpacket_block_desc *bd = (void *)(r->map + (size_t)r->blk * r->block_size);
@@ -120,15 +130,17 @@ int ew_ring_drain(struct ew_ring *r, uint8_t *buf, int64_t size, int64_t *pos, i
         while (r->left > 0) {
             struct tpacket3_hdr *h = (void *)((uint8_t *)bd + r->next);
             uint32_t len = h->tp_snaplen;
-            if (i >= max || size - p < (int64_t)len) {
+            if (i >= max || size - p < hl + (int64_t)len) {
                 rc = 1;
                 goto out;
             }
-            memcpy(buf + p, (uint8_t *)h + h->tp_mac, len);
-            off[i] = p;
-            cap[i] = len;
             ts[i] = (int64_t)h->tp_sec * 1000000 + h->tp_nsec / 1000;
-            p += len;
+            if (hdr)
+                pcap_header(buf + p, ts[i], len, h->tp_len);
+            memcpy(buf + p + hl, (uint8_t *)h + h->tp_mac, len);
+            off[i] = p + hl;
+            cap[i] = len;
+            p += hl + len;
             i++;
             r->left--;
             r->next += h->tp_next_offset;

@@ -25,9 +25,11 @@ import time
 import numpy as np
 
 from collector.pipeline import CollectorContext, Emit
+from collector.vxlan import native
 from collector.vxlan.bulk import decode_bulk
 from collector.vxlan.capture import UnderlayCapture
 from collector.vxlan.flows import FlowTable
+from collector.vxlan.scan import scan_block
 from collector.vxlan.source import check_timing, ports_from
 
 BLOCK_S = 0.25
@@ -73,6 +75,8 @@ class LiveVxlanSource:
         self.name = "vxlan:" + ",".join(specs)
         self.captures = [UnderlayCapture(spec, self.ports) for spec in specs]
         self.tables = [FlowTable(ctx, "vxlan", idle_timeout=idle) for _ in specs]
+        self.lib = native.load()
+        self.scans: dict[int, int] = {}  # per table: the native scan state (ew_scan_new)
 
     def _decode_block(self, cap: UnderlayCapture, table: FlowTable) -> list:
         block = cap.take()
@@ -84,6 +88,14 @@ class LiveVxlanSource:
             frames = [block.buf[o:o + c].tobytes()
                       for o, c in zip(block.off.tolist(), block.cap.tolist(), strict=True)]
             decoded = decode_reference(frames, block.ts_us, self.ports)
+        elif block.pcap and self.lib is not None:  # decoded and summed in C
+            scan = self.scans.get(id(table))
+            if scan is None:
+                scan = self.scans[id(table)] = self.lib.ew_scan_new()
+                if not scan:
+                    raise MemoryError("ew_scan_new")
+            return scan_block(self.lib, scan, block.buf.ctypes.data, len(block.buf), self.ports,
+                              table)
         else:
             decoded = decode_bulk(block.buf, block.off, block.cap, block.ts_us, self.ports,
                                   np.ones(len(block.off), dtype=np.uint16))
@@ -128,3 +140,6 @@ class LiveVxlanSource:
             sel.close()
             for cap in self.captures:
                 cap.close()
+            for scan in self.scans.values():
+                self.lib.ew_scan_free(scan)
+            self.scans.clear()

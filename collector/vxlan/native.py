@@ -119,12 +119,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ew_scan_rows": (ctypes.POINTER(u64), [p]),
         "ew_scan_drops": (ctypes.POINTER(u64), [p]),
         "ew_recv_drain": (i32, [i32, p, i64, ctypes.POINTER(i64), p, p, p, ctypes.POINTER(i64),
-                                i64, i64]),
+                                i64, i64, i32]),
         "ew_ring_new": (p, [i32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
                             ctypes.POINTER(i32)]),
         "ew_ring_free": (None, [p]),
         "ew_ring_drain": (i32, [p, p, i64, ctypes.POINTER(i64), p, p, p, ctypes.POINTER(i64),
-                                i64]),
+                                i64, i32]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)

@@ -15,6 +15,8 @@ it reads). If more than `HOLD` records pile up first, the rest of the file is wa
 its headers only (a clone of the walker), and from then on records go out batch by batch.
 Batches are cut exactly where `source.chunks` cuts: where the running maximum of packet time
 enters a new interval (then the table ticks), and every `CHUNK` records. numpy is not imported.
+`scan_block` does the same for a live capture block (pcap records in memory, written by the
+ring drain; live.py ticks the table on wall time, so packet time never cuts a batch there).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 
 from collector.pipeline import Emit
 from collector.vxlan import native
 from collector.vxlan.flows import NFIELDS, FlowTable
 from collector.vxlan.packets import REASONS
-from collector.vxlan.pcapfile import open_capture, walk_error
+from collector.vxlan.pcapfile import FMT_PCAP, LINKTYPE_ETHERNET, open_capture, walk_error
 from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.collector.vxlan")
@@ -114,3 +117,44 @@ def _check_rest(lib: ctypes.CDLL, walk: int, path: str) -> None:
 def _error(lib: ctypes.CDLL, walk: int, path: str) -> Exception:
     err = lib.ew_walk_error(walk)
     return walk_error(path, int(err[0]), int(err[1]), int(err[2]), int(err[3]))
+
+
+NO_TICK_US = 1 << 62  # live blocks: the table ticks on wall time (live.py), never on packet time
+BLOCK_CHUNK = 1 << 17  # more than a live block holds (capture.MAX_BLOCK_PACKETS): one batch
+
+
+def scan_block(lib: ctypes.CDLL, scan: int, buf: object, size: int, ports: tuple[int, ...],
+               table: FlowTable) -> list[FlowRecord]:
+    """A live block of pcap records (`capture.Block` with pcap=True: `buf` its address, `size`
+    its bytes) decoded and summed in C by `scan` (one `ew_scan_new` per interface), merged into
+    `table`: the records `table.add(decode_bulk(block))` would give."""
+    walk = lib.ew_walk_new(buf, -1, size, FMT_PCAP, sys.byteorder == "big", 0,
+                           LINKTYPE_ETHERNET, 0)
+    if not walk:
+        raise MemoryError("ew_walk_new")
+    port_arr = native.ports_array(ports)
+    out = (ctypes.c_int64 * 5)()
+    records: list[FlowRecord] = []
+    reasons = range(1, len(REASONS) + 1)
+    try:
+        while True:
+            rc = lib.ew_scan_batch(scan, walk, port_arr, len(ports), table.idle_us, NO_TICK_US,
+                                   BLOCK_CHUNK, out)
+            if rc == -1:
+                raise _error(lib, walk, "live block")
+            if rc != 0:
+                raise MemoryError("ew_scan_batch: out of memory")
+            consumed, _, _, at_end, sessions = out
+            drops = lib.ew_scan_drops(scan)
+            counts = [(code, drops[code]) for code in reasons if drops[code]]
+            table.count_drops(counts)
+            table.packets += consumed - sum(n for _, n in counts)
+            rows: list[int] = []
+            if sessions:
+                flat = ctypes.string_at(lib.ew_scan_rows(scan), sessions * NFIELDS * 8)
+                rows = memoryview(flat).cast("Q").tolist()
+            records += table.merge(rows)
+            if at_end:
+                return records
+    finally:
+        lib.ew_walk_free(walk)

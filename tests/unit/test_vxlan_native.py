@@ -7,6 +7,8 @@
 - one-pass file scan (`scan.py`): the same FlowRecords, in the same order, and the same drop
   counts as the numpy path (index, decode, `FlowTable.add`), on generated flows with port reuse,
   idle gaps, ticks and batch cuts; also when order hashes collide (both sides forced to);
+- live blocks (`scan.scan_block` over pcap records as the ring drain writes them): the records
+  of `FlowTable.add` on the numpy path, block after block;
 - a corrupt file emits nothing before its error; a stale or foreign library is refused;
 - the native file path imports neither numpy nor scapy (process start-up is part of its speed).
 """
@@ -313,6 +315,51 @@ def test_scan_rows_equal_the_numpy_grouping_field_for_field(lib, tmp_path_factor
     decoded = decode_numpy(ix.buf, ix.off, ix.cap, ix.ts_us, PORTS, ix.linktype)
     rows, _ = grouping.session_rows(decoded, 2_000_000)
     assert native_rows(lib, path, 2_000_000) == rows
+
+
+@SETTINGS
+@given(cap=capture(), cuts=st.lists(st.integers(1, 40), max_size=6))
+def test_live_blocks_scanned_in_c_give_the_numpy_paths_records(lib, tmp_path_factory, cap,
+                                                               cuts) -> None:
+    """A live block (capture.Block with pcap=True: pcap records back to back, as the ring
+    drain writes them) through `scan.scan_block` == `FlowTable.add(decode_numpy(...))` of the
+    same packets, block after block into one table: the same records in the same order, the
+    same drop counts and packet totals."""
+    from collector.vxlan.flows import FlowTable
+
+    path = tmp_path_factory.mktemp("live") / "c.pcap"
+    data = pcap_bytes(cap)
+    path.write_bytes(data)
+    ix = read_index(str(path))
+    bounds, n = [0], len(ix.off)
+    for c in cuts:
+        bounds.append(min(n, bounds[-1] + c))
+    bounds.append(n)
+    sides = []
+    for native_side in (True, False):
+        ctx = CollectorContext(collector_id="t")
+        table = FlowTable(ctx, "vxlan", idle_timeout=2.0)
+        state = lib.ew_scan_new() if native_side else None
+        out: list = []
+        try:
+            for a, b in zip(bounds, bounds[1:], strict=False):
+                if a == b:
+                    continue
+                if native_side:
+                    start, end = int(ix.off[a]) - 16, int(ix.off[b - 1] + ix.cap[b - 1])
+                    block = np.frombuffer(data[start:end], dtype=np.uint8)
+                    out += scan.scan_block(lib, state, block.ctypes.data, len(block), PORTS,
+                                           table)
+                else:
+                    d = decode_numpy(ix.buf, ix.off[a:b], ix.cap[a:b], ix.ts_us[a:b], PORTS,
+                                     ix.linktype[a:b])
+                    out += table.add(d)
+            out += table.flush()
+        finally:
+            if state:
+                lib.ew_scan_free(state)
+        sides.append((out, ctx.drops.snapshot(), table.packets))
+    assert sides[0] == sides[1]
 
 
 def test_generated_flows_reach_splits_ticks_and_every_connect_outcome(lib, tmp_path) -> None:
