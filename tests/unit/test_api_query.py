@@ -79,6 +79,19 @@ def test_graph_has_one_edge_per_dependency_with_exact_counts(client):
     assert only["volume_source"] == "rollups"
 
 
+def test_an_edge_with_several_observer_sets_counts_each(client):
+    """One edge, connections seen by different observer sets: DuckDB's per-edge bit set sees
+    two sets and the detail query counts them (and the ports)."""
+    send(client, "h1", 50, [rec("client", cport=42000, c2s=5, s2c=5)])
+    send(client, "h1", 51, [rec("client", cport=42001, c2s=5, s2c=5,
+                                server=rec("client").server.__class__("10.244.2.11", 9091))])
+    g = client.get("/api/v1/graph", params=A, headers=RH).json()
+    fa = {(e["source"], e["target"]): e for e in g["edges"]}[("shop/frontend", "shop/api")]
+    assert fa["connections_opened"] == 9
+    assert fa["observed_by"] == {"client,server": 7, "client": 2}
+    assert fa["ports"] == [9090, 9091] and fa["protocols"] == ["tcp"]
+
+
 def test_rollup_volumes_cover_every_minute_the_window_touches(client):
     """The documented resolution rule (docs/api.md, `volume_since`): fill()'s records end at
     04:00:12, so their volumes sit in the rollup minute 04:00. A window starting inside that
