@@ -286,7 +286,9 @@ class GraphData:
             "nodes": [{"id": n, "name": a[0], "namespace": a[1], "kind": a[2],
                        "in_degree": deg_in.get(n, 0), "out_degree": deg_out.get(n, 0)}
                       for n, a in sorted(self.nodes.items())]})
-        return head[:-1] + b',"edges":[' + ",".join(e[2] for e in self.edges).encode() + b"]}"
+        # one copy of the ~5 MB of edges (UTF-8 once, then one bytes join)
+        edges = ",".join(map(itemgetter(2), self.edges)).encode()
+        return b"".join((memoryview(head)[:-1], b',"edges":[', edges, b"]}"))
 
     def graph(self) -> nx.DiGraph:
         """The same graph as a networkx DiGraph (first_seen/last_seen as datetimes), built once."""
