@@ -42,6 +42,7 @@ from eastwest.lab.plan import DEAD_PORT
 AUTH_RESET_SHARE = 0.2
 DB_DEAD_SHARE = 0.05
 CONNECT_TIMEOUT = 3.0
+UDP_REUSE_S = 120.0  # a UDP 5-tuple is not used twice within this (observers' idle timeouts)
 
 
 def set_comm(name: str) -> None:
@@ -79,6 +80,8 @@ class App:
         self.rng = random.Random(seed)
         self.rng_lock = threading.Lock()
         self._rr: dict[str, int] = {}
+        self._udp_recent: dict[tuple[int, str, int], float] = {}  # 5-tuple -> when it was used
+        self._udp_lock = threading.Lock()
 
     # -- helpers ----------------------------------------------------------------------------
     def chance(self, p: float) -> bool:
@@ -153,11 +156,29 @@ class App:
             self._truth(server, port, "tcp", cport, sent, recv, start, outcome)
         return outcome
 
+    def _fresh_udp_socket(self, server_ip: str, port: int) -> socket.socket:
+        """A connected UDP socket on an ephemeral port this pod has not used towards this server
+        for UDP_REUSE_S. The kernel may hand a just-freed port out again, and two exchanges on
+        one 5-tuple within an observer's idle timeout are ONE flow to anybody on the wire: the
+        ground truth would then count two where no observer can see more than one."""
+        now = time.monotonic()
+        with self._udp_lock:
+            if len(self._udp_recent) > 4096:
+                self._udp_recent = {k: t for k, t in self._udp_recent.items() if now - t < UDP_REUSE_S}
+            for attempt in range(64):  # ~28,000 ephemeral ports: a fresh one comes quickly
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind((self.pod["ip"], 0))
+                key = (s.getsockname()[1], server_ip, port)
+                if now - self._udp_recent.get(key, -UDP_REUSE_S) >= UDP_REUSE_S or attempt == 63:
+                    break
+                s.close()
+            self._udp_recent[key] = now
+        s.connect((server_ip, port))
+        return s
+
     def call_udp(self, server: dict[str, Any], port: int, resp_size: int, pad: int) -> str:
         start = now_iso()
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((self.pod["ip"], 0))
-        s.connect((server["ip"], port))
+        s = self._fresh_udp_socket(server["ip"], port)
         s.settimeout(CONNECT_TIMEOUT)
         cport = s.getsockname()[1]
         msg = f"Q {resp_size} {pad}\n".encode() + b"q" * pad
