@@ -15,8 +15,9 @@ ewbl1 (a veth whose backlog overflows drops before any tap, for both captures al
 
 - ours: a child process runs `LiveVxlanSource` on `ewbl-rx/ewbl1` (the collector's live path:
   AF_PACKET socket with its kernel filter and, with the native helper, a 64 MiB TPACKET_V3
-  ring; the bulk decoder and the flow table per block), stopped after the replay; it reports the packets it
-  received, the kernel's drop counter (PACKET_STATISTICS) and the packets in its flow records.
+  ring, blocks decoded and summed in C, the flow table), stopped after the replay; it reports
+  the packets it received, the kernel's drop counter (PACKET_STATISTICS) and the packets in
+  its flow records.
 - tcpdump: `tcpdump -i ewbl1 -w /dev/null 'udp dst port 4789'` in rx (libpcap TPACKET_V3 ring,
   default 2 MiB buffer), stopped with SIGINT; its "captured" and "dropped by kernel" lines.
 - tcpdump_B32M: the same with `-B 32768`, half the size of our ring (64 MiB).
