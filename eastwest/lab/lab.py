@@ -165,7 +165,9 @@ class Lab:
         progress(f"driving the demo application for {duration:g} s from {lg['name']}")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
         if proc.returncode != 0:
-            raise LabError(f"load generator failed: {proc.stderr.strip()[-800:]}")
+            how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                   else f"exit status {proc.returncode}")
+            raise LabError(f"load generator failed ({how}): {proc.stderr.strip()[-800:] or 'no output'}")
         lines: list[dict[str, Any]] = []
         for f in sorted(truth_dir.glob("*.jsonl")):
             with f.open("rb") as fh:
