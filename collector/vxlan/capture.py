@@ -23,6 +23,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ JEQ, JSET, RET = 0x15, 0x45, 0x06
 def kernel_filter(ports: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
     """The classic BPF program (code, jt, jf, k) that keeps UDP to `ports` (see module doc)."""
     keep = sorted(set(ports) | {GENEVE_PORT, VXLAN_GPE_PORT})
-    prog: list[tuple[int, object, object, int]] = [
+    prog: list[tuple[Any, ...]] = [  # instructions, and ("label",) marks
         (LDH_ABS, None, None, 12),
         (JEQ, "accept", None, 0x8100), (JEQ, "accept", None, 0x88A8),
         (JEQ, "v6", None, 0x86DD), (JEQ, None, "reject", 0x0800),

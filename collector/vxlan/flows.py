@@ -227,11 +227,11 @@ class FlowTable:
         return FlowRecord(
             record_id=self.ctx.next_record_id(), collector=self.ctx.collector_id,
             source=self.source, start=utc_us(st.first_us), end=utc_us(max(end_us, st.first_us)),
-            final=final, protocol=proto_name(fam, proto), family=fam,
+            final=final, protocol=proto_name(fam, proto), family=fam,  # type: ignore[arg-type]
             client=a if ca else b, server=b if ca else a, observer="path",
             bytes_c2s=st.bytes[c2s], bytes_s2c=st.bytes[s2c],
             packets_c2s=st.pkts[c2s], packets_s2c=st.pkts[s2c],
-            l3_bytes_c2s=st.l3[c2s], l3_bytes_s2c=st.l3[s2c], connect=connect,
+            l3_bytes_c2s=st.l3[c2s], l3_bytes_s2c=st.l3[s2c], connect=connect,  # type: ignore[arg-type]
             resets=st.resets,
             tunnel=Tunnel(type="vxlan", vni=vni, outer_src=ip_text(ofam, s_hi, s_lo),
                           outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport),

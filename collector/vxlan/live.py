@@ -141,5 +141,5 @@ class LiveVxlanSource:
             for cap in self.captures:
                 cap.close()
             for scan in self.scans.values():
-                self.lib.ew_scan_free(scan)
+                self.lib.ew_scan_free(scan)  # type: ignore[union-attr]  # scans only with lib
             self.scans.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -88,7 +89,7 @@ def _l2(raw: bytes, p: int) -> tuple[int, int]:
     return et, p
 
 
-def _ip(raw: bytes, et: int, p: int, non_ip: str) -> dict[str, int]:
+def _ip(raw: bytes, et: int, p: int, non_ip: str) -> dict[str, Any]:  # ints; src/dst: (hi, lo)
     """IPv4/IPv6 header at p -> family, addresses, protocol, L4 offset, L4 room, L3 length."""
     if et == ETH_IP4:
         _need(raw, p + 20)
