@@ -108,6 +108,9 @@ export interface GraphEdge {
   complete: boolean; observed_by: Record<string, number>; folded: number;
 }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
+  // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
+  // null when the volumes come from the connections themselves
+  volume_since: string | null; volume_until: string | null;
   filter: string; folded_edges: number; nodes: GraphNode[]; edges: GraphEdge[] }
 export interface Workload { id: string; name: string; namespace: string | null; kind: string | null;
   host: string | null; resolved_by: string | null; callers: string[]; callees: string[] }
