@@ -63,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from collector.metrics import CollectorMetrics
 
     metrics = CollectorMetrics(ctx.drops)
-    for src in sources:  # BPF map fill, lost events: whatever a source can report
-        gauges = getattr(src, "gauges", None)
-        if callable(gauges):
-            metrics.watch_source(gauges)
+    metrics.watch_sources(sources)  # BPF map fill, kernel counters: what a source reports
     server = metrics.serve(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
     sink = _make_sink(args, ctx, metrics)
     try:

@@ -17,7 +17,7 @@ Names (shared with the aggregator where they mean the same):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -98,6 +98,13 @@ class CollectorMetrics:
     def watch_source(self, gauges: Callable[[], Gauges]) -> None:
         """Export a source's gauges (e.g. BPF map fill, lost events) on every scrape."""
         self._cb.sources.append(gauges)
+
+    def watch_sources(self, sources: Iterable[object]) -> None:
+        """`watch_source` for every source that has a `gauges()` (the socket probes do)."""
+        for src in sources:
+            gauges = getattr(src, "gauges", None)
+            if callable(gauges):
+                self.watch_source(gauges)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -75,9 +75,7 @@ class HostCollector:
         self.vxlan = LiveVxlanSource(self.ctx, args)
         self.sink = AggregatorSink(self.ctx, settings=ExportSettings(
             url=url, token=INGEST, spool_dir=spool / host, batch_age=0.2))
-        for src in (self.socket, self.vxlan):  # as collector/main.py does: BPF map fill etc.
-            if callable(getattr(src, "gauges", None)):
-                self.sink.metrics.watch_source(src.gauges)
+        self.sink.metrics.watch_sources([self.socket, self.vxlan])  # as collector/main.py
         # its /metrics on a free loopback port, for a Prometheus to scrape (metrics_target)
         self.metrics_server = self.sink.metrics.serve("127.0.0.1:0") if metrics else None
         self.stop_event = threading.Event()

@@ -168,8 +168,12 @@ def test_collector_metrics_render_a_sources_gauges():
     ctx, kernel, loop = make([[]] * 5)
     kernel.map[1] = conn(1)
     run(loop, kernel)
+    class Source:  # a source with gauges() beside one without
+        def gauges(self):
+            return loop.gauges(64)
+
     m = CollectorMetrics(ctx.drops)
-    m.watch_source(lambda: loop.gauges(64))
+    m.watch_sources([Source(), object()])
     text = m.render().decode()
     assert 'eastwest_probe_map_entries{map="conns"} 1.0' in text
     assert 'eastwest_probe_map_capacity{map="conns"} 64.0' in text
