@@ -130,6 +130,7 @@ class CorrelatingStore:
         self._ack_lock = threading.Lock()  # raw commits and queue appends in one order
         self._worker: threading.Thread | None = None
         self.correlated_batches = 0
+        self._accepted = 0         # batches ever queued; the worker takes them in this order
         horizon = correlator.keep_open.total_seconds()
         self.loaded = correlator.load(inner.recent_connections(horizon))
         if self.loaded:
@@ -139,6 +140,7 @@ class CorrelatingStore:
             for coll, seq, recs in again:
                 self._queue.append((coll, seq, recs, time.monotonic()))
                 self._pending += len(recs)
+                self._accepted += 1
             if again:
                 log.info("correlator: %d stored batches (%d records) not correlated yet: queued",
                          len(again), self._pending)
@@ -161,6 +163,7 @@ class CorrelatingStore:
                 with self._cond:
                     self._queue.append((collector, batch_seq, records, time.monotonic()))
                     self._pending += len(records)
+                    self._accepted += 1
                     self.correlator.touch()
                     self._cond.notify_all()
         return result
@@ -233,13 +236,16 @@ class CorrelatingStore:
             self.hub.publish(list(plan.connections.values()))
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every accepted batch is correlated and stored; False on timeout (the
-        store failing). Immediate in synchronous mode and on the worker thread itself."""
+        """Wait until every batch accepted before this call is correlated and stored (batches
+        accepted meanwhile are not waited for: under a steady stream the queue never empties,
+        and a read must not wait for it to); False on timeout (the store failing). Immediate
+        in synchronous mode and on the worker thread itself."""
         if not self.background or threading.current_thread() is self._worker:
             return True
         with self._cond:
+            target = self._accepted  # FIFO: done when this many batches are correlated
             return self._cond.wait_for(
-                lambda: self._pending == 0 and not self._queue and not self._in_flight
+                lambda: self.correlated_batches >= target
                 or (self._stopping and (self._worker is None or not self._worker.is_alive())),
                 timeout)
 

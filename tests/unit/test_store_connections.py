@@ -248,3 +248,61 @@ def test_acknowledged_batches_not_yet_correlated_are_correlated_at_the_next_star
     assert s.inner.uncorrelated_batches() == []
     assert s.ingest("h1", 2, [rec("client")]).duplicate
     s.close()
+
+
+def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(tmp_path):
+    """Under a steady stream the correlation queue never empties: a read (flush) waits only for
+    what was acknowledged before it, so it answers while later batches are still queued."""
+    import threading
+    import time
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    gate, reached = threading.Event(), threading.Event()
+    correlate = s._correlate
+
+    def held(take):
+        if take[0][1] == 3:  # batch 3: correlation stalls on it
+            reached.set()
+            gate.wait(10)
+        correlate(take)
+
+    s._correlate = held
+    try:
+        s.ingest("h1", 1, [rec("client", final=False)])
+        s.ingest("h1", 2, [rec("client", cport=40001)])
+        assert s.flush(5)  # batches 1 and 2: correlated
+        s.ingest("h1", 3, [rec("client", cport=40002)])
+        assert reached.wait(5)
+        assert not s.flush(0.3)  # batch 3 was acknowledged before this read: it waits
+        assert s.correlated_batches == 2 and s.lag()["batches"] == 1
+    finally:
+        gate.set()
+    assert s.flush(5) and s.connection_count() == 3
+    # a read started while batch 4 is in flight returns once 4 is done, batch 5 still stalled
+    gates = {4: threading.Event(), 5: threading.Event()}
+    started = threading.Event()
+
+    def held2(take):
+        if take[0][1] == 4:
+            started.set()
+        gates[take[0][1]].wait(10)
+        correlate(take)
+
+    s._correlate = held2
+    try:
+        s.ingest("h1", 4, [rec("client", cport=40003)])
+        assert started.wait(5)
+        got: list[bool] = []
+        reader = threading.Thread(target=lambda: got.append(s.flush(5)))
+        reader.start()
+        while not s._cond._waiters:  # type: ignore[attr-defined]  # its target is fixed now
+            time.sleep(0.01)
+        s.ingest("h1", 5, [rec("client", cport=40004)])  # acknowledged after the read began
+        gates[4].set()
+        reader.join(6)
+        assert got == [True] and s.correlated_batches == 4  # batch 5 still stalled
+    finally:
+        for g in gates.values():
+            g.set()
+    assert s.flush(5) and s.connection_count() == 5
+    s.close()
