@@ -37,6 +37,7 @@ from eastwest.record import FlowRecord
 log = logging.getLogger("eastwest.collector.vxlan")
 
 
+_REASON_CODES = range(1, len(REASONS) + 1)  # drop codes of ew_scan_drops (packets.REASONS)
 HOLD = 16_384  # records held back (a few MiB) before the rest of the file is checked apart
 
 
@@ -65,26 +66,13 @@ def _batches(lib: ctypes.CDLL, walk: int, scan: int, path: str, ports: tuple[int
     """Scan batch after batch to the end of the file (or `stop`); the records read."""
     port_arr = native.ports_array(ports)
     out = (ctypes.c_int64 * 5)()
-    idle_us, packets = table.idle_us, 0
+    packets = 0
     held: list[FlowRecord] | None = []  # None once the whole file is known to be sound
-    reasons = range(1, len(REASONS) + 1)
     while not stop.is_set():
-        rc = lib.ew_scan_batch(scan, walk, port_arr, len(ports), idle_us, interval_us, chunk, out)
-        if rc == -1:
-            raise _error(lib, walk, path)
-        if rc != 0:
-            raise MemoryError("ew_scan_batch: out of memory")
-        consumed, has_tick, tick, at_end, sessions = out
+        records = _step(lib, walk, scan, path, port_arr, len(ports), interval_us, chunk, table,
+                        out)
+        consumed, has_tick, tick, at_end, _ = out
         packets += consumed
-        drops = lib.ew_scan_drops(scan)
-        counts = [(code, drops[code]) for code in reasons if drops[code]]
-        table.count_drops(counts)
-        table.packets += consumed - sum(n for _, n in counts)
-        rows: list[int] = []
-        if sessions:
-            flat = ctypes.string_at(lib.ew_scan_rows(scan), sessions * NFIELDS * 8)
-            rows = memoryview(flat).cast("Q").tolist()
-        records = table.merge(rows)
         if has_tick:
             records += table.tick(tick)
         if held is None:
@@ -100,6 +88,27 @@ def _batches(lib: ctypes.CDLL, walk: int, scan: int, path: str, ports: tuple[int
     if held:
         emit(held)
     return packets
+
+
+def _step(lib: ctypes.CDLL, walk: int, scan: int, what: str, port_arr: object, nports: int,
+          interval_us: int, chunk: int, table: FlowTable, out: ctypes.Array) -> list[FlowRecord]:
+    """One `ew_scan_batch`: its drops counted, its session rows merged into `table`; `out`
+    holds (consumed, has_tick, tick, at_end, sessions)."""
+    rc = lib.ew_scan_batch(scan, walk, port_arr, nports, table.idle_us, interval_us, chunk, out)
+    if rc == -1:
+        raise _error(lib, walk, what)
+    if rc != 0:
+        raise MemoryError("ew_scan_batch: out of memory")
+    consumed, sessions = out[0], out[4]
+    drops = lib.ew_scan_drops(scan)
+    counts = [(code, drops[code]) for code in _REASON_CODES if drops[code]]
+    table.count_drops(counts)
+    table.packets += consumed - sum(n for _, n in counts)
+    rows: list[int] = []
+    if sessions:
+        flat = ctypes.string_at(lib.ew_scan_rows(scan), sessions * NFIELDS * 8)
+        rows = memoryview(flat).cast("Q").tolist()
+    return table.merge(rows)
 
 
 def _check_rest(lib: ctypes.CDLL, walk: int, path: str) -> None:
@@ -135,26 +144,11 @@ def scan_block(lib: ctypes.CDLL, scan: int, buf: object, size: int, ports: tuple
     port_arr = native.ports_array(ports)
     out = (ctypes.c_int64 * 5)()
     records: list[FlowRecord] = []
-    reasons = range(1, len(REASONS) + 1)
     try:
         while True:
-            rc = lib.ew_scan_batch(scan, walk, port_arr, len(ports), table.idle_us, NO_TICK_US,
-                                   BLOCK_CHUNK, out)
-            if rc == -1:
-                raise _error(lib, walk, "live block")
-            if rc != 0:
-                raise MemoryError("ew_scan_batch: out of memory")
-            consumed, _, _, at_end, sessions = out
-            drops = lib.ew_scan_drops(scan)
-            counts = [(code, drops[code]) for code in reasons if drops[code]]
-            table.count_drops(counts)
-            table.packets += consumed - sum(n for _, n in counts)
-            rows: list[int] = []
-            if sessions:
-                flat = ctypes.string_at(lib.ew_scan_rows(scan), sessions * NFIELDS * 8)
-                rows = memoryview(flat).cast("Q").tolist()
-            records += table.merge(rows)
-            if at_end:
+            records += _step(lib, walk, scan, "live block", port_arr, len(ports), NO_TICK_US,
+                             BLOCK_CHUNK, table, out)
+            if out[3]:  # at the end of the block
                 return records
     finally:
         lib.ew_walk_free(walk)
