@@ -47,6 +47,7 @@ from aggregator.store.derived import (
     ddl,
     derived_of,
 )
+from aggregator.store.duckdb_edges import WINDOW_COUNTS
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -225,15 +226,7 @@ class DerivedQueries:
           any_value(client_kind) AS src_kind, any_value(server_name) AS dst_name,
           any_value(server_namespace) AS dst_namespace, any_value(server_kind) AS dst_kind,
           count(*) AS n,
-          count(*) FILTER (WHERE start_ts >= $1) AS opened,
-          count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
-          count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
-          count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout')) AS failed,
-          count(*) FILTER (WHERE start_ts >= $1 AND outcome = 'reset') AS reset,
-          count(*) FILTER (WHERE byte_mismatch) AS byte_mismatches,
-          count(*) FILTER (WHERE incomplete) AS incomplete,
-          min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
-          max(rtt_max_us) AS rtt_max, epoch_us(min(start_ts)) AS first_seen,
+          {WINDOW_COUNTS}, epoch_us(min(start_ts)) AS first_seen,
           epoch_us(max(last_seen)) AS last_seen,
           sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
           sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets

@@ -29,6 +29,19 @@ import pyarrow as pa
 
 from eastwest.record import PROTOCOLS
 
+# A window [$1, $2) of one edge's connections: what opened, was active, closed, failed or was
+# reset in it, and the RTT sums. One text for the JSON fast path (here) and the detail query
+# (duckdb_derived.edge_counts), so both count a window the same way.
+WINDOW_COUNTS = """count(*) FILTER (WHERE start_ts >= $1) AS opened,
+  count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
+  count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
+  count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout')) AS failed,
+  count(*) FILTER (WHERE start_ts >= $1 AND outcome = 'reset') AS reset,
+  count(*) FILTER (WHERE byte_mismatch) AS byte_mismatches,
+  count(*) FILTER (WHERE incomplete) AS incomplete,
+  min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
+  max(rtt_max_us) AS rtt_max"""
+
 # observed_by as stored: ",client," ... ",client,path,server," (sorted observers, comma-wrapped)
 OBSERVER_SETS = ("client", "server", "path", "client,server", "client,path", "path,server",
                  "client,path,server")
@@ -65,15 +78,7 @@ def _counts_sql(group_by: str, where: str) -> str:
              + f" ELSE {_OTHER_PROTOCOL} END")
     return f"""
     SELECT {cg} AS src, {sg} AS dst, count(*) AS n,
-      count(*) FILTER (WHERE start_ts >= $1) AS opened,
-      count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
-      count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
-      count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout')) AS failed,
-      count(*) FILTER (WHERE start_ts >= $1 AND outcome = 'reset') AS reset,
-      count(*) FILTER (WHERE byte_mismatch) AS byte_mismatches,
-      count(*) FILTER (WHERE incomplete) AS incomplete,
-      min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
-      max(rtt_max_us) AS rtt_max, epoch_us(min(start_ts)) AS first_us,
+      {WINDOW_COUNTS}, epoch_us(min(start_ts)) AS first_us,
       epoch_us(max(last_seen)) AS last_us,
       sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
       sum(retransmits) AS conn_retransmits, {obs},
