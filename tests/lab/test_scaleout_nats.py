@@ -29,7 +29,7 @@ import msgspec
 import pytest
 
 from eastwest.cli.demo import ensure_tokens
-from tests.lab.test_transport import await_, cid, expected, finals, warm_up
+from tests.lab.test_transport import await_, cid, expected, finals, run_start, warm_up
 from tests.servers import ClickHouseServer, NatsServer, free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
@@ -158,11 +158,11 @@ def key_of_truth(t: dict) -> tuple:
 
 def check_exactly_once(scale: ScaleOut, truth: list[dict], replicas: list[str]) -> None:
     want = expected(truth)
-    keys = {k for k, _, _ in want}
+    keys, began = {k for k, _, _ in want}, run_start(truth)
     last: list[Counter] = [Counter()]
 
     def complete() -> bool:
-        last[0] = finals(scale.records(replicas[0]), keys)
+        last[0] = finals(scale.records(replicas[0]), keys, began)
         return last[0] == want
 
     try:
@@ -189,7 +189,7 @@ def check_exactly_once(scale: ScaleOut, truth: list[dict], replicas: list[str]) 
     await_(lambda: Counter(key_of_flow(f) for f in flows_of(replicas[0])) == per_key, 60,
            "one correlated connection per truth connection")
     for name in replicas:     # any replica answers, the same, from the shared store
-        assert finals(scale.records(name), keys) == want
+        assert finals(scale.records(name), keys, began) == want
         flows = flows_of(name)
         # one correlated connection per truth connection: none lost, none doubled
         assert Counter(key_of_flow(f) for f in flows) == per_key

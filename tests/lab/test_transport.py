@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -85,10 +86,20 @@ def expected(truth: list[dict]) -> Counter:
     return want
 
 
-def finals(records: list[dict], keys) -> Counter:
+def run_start(truth: list[dict]) -> datetime:
+    """When the run began: its first truth connection's start, less a little for the clocks
+    (the collector maps kernel time to wall time)."""
+    return min(datetime.fromisoformat(t["start"]) for t in truth) - timedelta(milliseconds=50)
+
+
+def finals(records: list[dict], keys, since: datetime) -> Counter:
+    """Final socket records per (5-tuple, observer, collector) of connections begun at `since`
+    or later: a warm-up connection can hold a 5-tuple the run uses again (ephemeral ports are
+    reused), and it is not part of the run's truth."""
     got: Counter = Counter()
     for r in records:
-        if r["final"] and r["source"] == "socket":
+        if (r["final"] and r["source"] == "socket"
+                and datetime.fromisoformat(r["start"]) >= since):
             key = (r["protocol"], r["client"]["ip"], r["client"]["port"], r["server"]["ip"],
                    r["server"]["port"])
             if key in keys:
@@ -134,9 +145,10 @@ def test_aggregator_killed_mid_run_stores_every_truth_connection_exactly_once(la
     assert len(truth) > 50 and any(t["outcome"] == "refused" for t in truth)
 
     want = expected(truth)
-    await_(lambda: finals(stored(stack), {k for k, _, _ in want}) == want, 180,
+    keys, since = {k for k, _, _ in want}, run_start(truth)
+    await_(lambda: finals(stored(stack), keys, since) == want, 180,
            "every truth connection's records")
-    got = finals(stored(stack), {k for k, _, _ in want})
+    got = finals(stored(stack), keys, since)
     # nothing lost, nothing doubled: per 5-tuple and observer, as many final records as the
     # truth has connections (a client port reused within the run is two connections)
     assert got == want
@@ -170,7 +182,8 @@ def test_a_restarted_collector_sends_everything_it_had_spooled(lab, stack):
     for c in ids[1:]:
         recs = [r for f in sorted(spools[c].glob("*.ewb"))
                 for r in codec.decode_batch(f.read_bytes()).records]
-        in_spools += finals([r.to_builtins() for r in recs], {k for k, _, _ in graceful})
+        in_spools += finals([r.to_builtins() for r in recs], {k for k, _, _ in graceful},
+                            run_start(truth))
     assert in_spools == graceful
 
     stack.start_aggregator()
