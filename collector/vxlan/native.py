@@ -18,34 +18,32 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
-import zlib
 from pathlib import Path
+
+from eastwest.native_build import NativeSpec
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("ewvxlan.h", "ewvxlan_walk.c", "ewvxlan_decode.c", "ewvxlan_flows.c",
            "ewvxlan_recv.c")
 CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-Wall", "-Wextra", "-fvisibility=default")
 ENV = "EASTWEST_VXLAN_NATIVE"
-LIBRARY = "libewvxlan.so"
+SPEC = NativeSpec(name="ewvxlan", here=HERE, sources=SOURCES, cflags=CFLAGS, env=ENV,
+                  build_module="collector.vxlan.native_build")
+LIBRARY = SPEC.library
 
-_NOT_BUILT = " (run `python -m collector.vxlan.native_build`; it needs a C compiler)"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def source_digest() -> str:
     """CRC-32 of the compiler flags and the sources: what a build must have been made from."""
-    crc = zlib.crc32(" ".join(CFLAGS).encode())
-    for name in SOURCES:
-        crc = zlib.crc32((HERE / name).read_bytes(), crc)
-    return f"{crc:08x}"
+    return SPEC.source_digest()
 
 
 def default_path() -> Path:
     """Where setup builds the library: inside the environment (venv), not in the source tree."""
-    return Path(sys.prefix) / "lib" / "eastwest" / LIBRARY
+    return SPEC.default_path()
 
 
 def load() -> ctypes.CDLL | None:
@@ -53,8 +51,7 @@ def load() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["why"] = _load()
-            _state["refused"] = _state["lib"] is None and not str(_state["why"]).endswith(
-                _NOT_BUILT) and not str(_state["why"]).startswith("disabled")
+            _state["refused"] = _state["lib"] is None and SPEC.is_refusal(_state["why"])  # type: ignore[arg-type]
         return _state["lib"]  # type: ignore[return-value]
 
 
@@ -71,24 +68,10 @@ def refused() -> bool:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    setting = os.environ.get(ENV, "")
-    if setting.lower() in ("0", "off", "no", "false"):
-        return None, f"disabled by {ENV}={setting}"
-    path = Path(setting) if setting else default_path()
-    if not path.exists():
-        return None, f"{path} is not built{_NOT_BUILT}"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        return None, f"{path} does not load: {exc}"
-    try:
-        _declare(lib)
-    except AttributeError as exc:
-        return None, f"{path} lacks a function: {exc}"
-    built = lib.ew_source_digest().decode()
-    if built != source_digest():
-        return None, (f"{path} was built from other sources (digest {built}, sources "
-                      f"{source_digest()}): rebuild with `python -m collector.vxlan.native_build`")
+    lib, why = SPEC.open(_declare)
+    if lib is None:
+        return None, why
+    path = os.environ.get(ENV) or default_path()
     from collector.vxlan.flows import ROW_FIELDS
     from collector.vxlan.packets import Decoded
 
