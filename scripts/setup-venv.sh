@@ -24,6 +24,9 @@ fi
 # compiler into .venv/lib/eastwest/ (rebuilt only when the sources changed). Without a compiler
 # it says so and the collector decodes with numpy instead: same records, slower.
 .venv/bin/python -m collector.vxlan.native_build --quiet
+# The aggregator's wire batch decoder (aggregator/store/ewwire.c), the same way; without it the
+# aggregator decodes batches with msgspec: same rows, slower.
+.venv/bin/python -m aggregator.store.wire_columns --quiet
 
 # bcc is pure Python over libbcc.so, packaged only for Debian's python3. Link that package (and
 # nothing else of dist-packages) into the venv. PyPI's "bcc" is an unrelated project.
