@@ -9,10 +9,14 @@ the updated connections are published to the live stream (`LiveHub`, GET /api/v1
 Background mode (a store with `write_correlated`: DuckDB). `ingest` writes the raw batch with
 its `(collector, batch_seq)` mark flagged "not correlated" and returns: the ack means "durably
 stored, never lost". A worker thread drains the queue of accepted batches in the order they were
-stored, each as the synchronous path would (one plan, so results and connection ids do not
-depend on timing), then one transaction that writes the derived tables AND flags the batch
-correlated; then the correlator's memory
-advances (a failed write leaves memory untouched and the batch is retried). The queue is
+stored: the batch at the head, with the batches waiting behind it up to `coalesce` records, in
+ONE plan (records oldest first, as within a batch), then one transaction that writes the
+derived tables AND flags those batches correlated; then the correlator's memory advances (a
+failed write leaves memory untouched and the batches are retried). Grouping batches when behind
+writes a connection reported in several of them once, not once per batch (1.5x the drain rate,
+bench/bench_store.py); the connections and their totals do not depend on the grouping, only
+which minute of a rollup a delta lands in can (the minute of the earliest record that raised a
+counter, within what one plan sees). The queue is
 bounded (`max_pending` records): when correlation lags that far, `ingest` waits (back-pressure
 to the collectors, whose spools hold the rest). `lag()` tells how far behind correlation is
 (Prometheus gauges). Reads of the correlated tables (`connections`, `edge_*`, `workload_rows`,
@@ -49,17 +53,57 @@ from aggregator.correlate import Correlator, Plan
 from aggregator.store.base import FlowStore, IngestResult, StoreError
 from aggregator.store.columns import gc_paused
 from aggregator.store.derived import derived_of
+from aggregator.store.wire_columns import ColumnBatch
+from eastwest.codec import decode_batch
 from eastwest.drops import Drops
 from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.aggregator")
 RETENTION_EVERY_S = 600.0
-MAX_PENDING = 50_000     # records accepted but not correlated yet, before ingest waits
+MAX_PENDING = 500_000    # records accepted but not correlated yet, before ingest waits
+COALESCE = 20_000        # records of waiting batches correlated in one plan and transaction
 READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
 # reads of what correlation writes: they wait until the accepted batches are correlated
 _AFTER_FLUSH = frozenset({"connections", "connection_count", "edge_counts", "edge_volumes",
                           "edge_columns", "workload_rows", "recent_connections", "apply_retention",
                           "checkpoint"})
+
+
+
+class WireBatch:
+    """A stored batch waiting for correlation in its wire form (~30 bytes a record, zstd), not
+    as records (~1 KB each as Python objects) nor as columns: the backlog costs little memory.
+    `records()` decodes it again, in the correlation worker, and leaves out the records ingest
+    rejected (their indices)."""
+
+    __slots__ = ("body", "rejected")
+
+    def __init__(self, body: bytes, rejected: Sequence[int]) -> None:
+        self.body = body
+        self.rejected = frozenset(rejected)
+
+    def records(self) -> list[FlowRecord]:
+        b = decode_batch(self.body)
+        if not self.rejected:
+            return b.records
+        undecodable = {i for i, _ in b.errors}  # no record in b.records for these
+        good = iter(b.records)
+        out: list[FlowRecord] = []
+        for i in range(len(b.records) + len(b.errors)):
+            if i in undecodable:
+                continue
+            rec = next(good)
+            if i not in self.rejected:
+                out.append(rec)
+        return out
+
+
+# what waits for correlation: the records, or a batch that decodes them when asked
+Pending = Sequence[FlowRecord] | ColumnBatch | WireBatch
+
+
+def _records_of(pending: Pending) -> Sequence[FlowRecord]:
+    return pending if isinstance(pending, Sequence) else pending.records()
 
 
 class LiveHub:
@@ -109,7 +153,7 @@ class CorrelatingStore:
 
     def __init__(self, inner: FlowStore, correlator: Correlator, drops: Drops, *,
                  retention: timedelta | None = None, background: bool | None = None,
-                 max_pending: int = MAX_PENDING,
+                 max_pending: int = MAX_PENDING, coalesce: int = COALESCE,
                  read_wait_s: float = READ_WAIT_S) -> None:
         self.inner = inner
         self.correlator = correlator
@@ -121,9 +165,10 @@ class CorrelatingStore:
         self.background = (hasattr(inner, "write_correlated") if background is None
                            else background)
         self.max_pending = max_pending
+        self.coalesce = coalesce
         self.read_wait_s = read_wait_s
         self._cond = threading.Condition()
-        self._queue: deque[tuple[str, int, Sequence[FlowRecord], float]] = deque()
+        self._queue: deque[tuple[str, int, Pending, int, float]] = deque()
         self._pending = 0          # records accepted and not yet correlated (queued or in flight)
         self._in_flight = 0        # batches taken by the worker, not committed yet
         self._stopping = False
@@ -138,7 +183,7 @@ class CorrelatingStore:
         if self.background:
             again = inner.uncorrelated_batches()  # type: ignore[attr-defined]
             for coll, seq, recs in again:
-                self._queue.append((coll, seq, recs, time.monotonic()))
+                self._queue.append((coll, seq, recs, len(recs), time.monotonic()))
                 self._pending += len(recs)
                 self._accepted += 1
             if again:
@@ -154,15 +199,35 @@ class CorrelatingStore:
                derived: Any = None) -> IngestResult:
         if not self.background:
             return self._ingest_sync(collector, batch_seq, records)
+        return self._accept(collector, batch_seq, records, len(records),
+                            lambda: self.inner.ingest(collector, batch_seq, records))
+
+    def ingest_columns(self, batch: ColumnBatch, body: bytes | None = None) -> IngestResult:
+        """A batch decoded straight into columns (aggregator/store/wire_columns.py): the raw
+        store takes its Arrow table; correlation decodes its records when it gets to it (in the
+        worker, behind the ack), from `body` (the batch's wire bytes) when given, so the backlog
+        holds compressed bytes only. Synchronous mode (a store without `ingest_table`) takes
+        the records now."""
+        if not self.background or not hasattr(self.inner, "ingest_table"):
+            return self.ingest(batch.collector, batch.batch_seq, batch.records())
+        n = batch.table.num_rows
+        pending: Pending = batch if body is None else WireBatch(body, [i for i, _, _ in
+                                                                       batch.rejected])
+        return self._accept(batch.collector, batch.batch_seq, pending, n,
+                            lambda: self.inner.ingest_table(  # type: ignore[attr-defined]
+                                batch.collector, batch.batch_seq, batch.table, n))
+
+    def _accept(self, collector: str, batch_seq: int, records: Pending, n: int,
+                store: Callable[[], IngestResult]) -> IngestResult:
         with self._ack_lock:
             with self._cond:  # back-pressure: correlation is `max_pending` records behind
                 while self._pending >= self.max_pending and not self._stopping:
                     self._cond.wait(1.0)
-            result = self.inner.ingest(collector, batch_seq, records)  # durable when it returns
+            result = store()  # durable when it returns
             if not result.duplicate:
                 with self._cond:
-                    self._queue.append((collector, batch_seq, records, time.monotonic()))
-                    self._pending += len(records)
+                    self._queue.append((collector, batch_seq, records, n, time.monotonic()))
+                    self._pending += n
                     self._accepted += 1
                     self.correlator.touch()
                     self._cond.notify_all()
@@ -194,8 +259,13 @@ class CorrelatingStore:
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, nothing left
-                take = [self._queue.popleft()]  # one batch, one plan: as the synchronous path
-                n = len(take[0][2])
+                # behind: the waiting batches (up to `coalesce` records) in one plan and one
+                # transaction: a connection reported in several of them is written once
+                take = [self._queue.popleft()]
+                n = take[0][3]
+                while self._queue and n + self._queue[0][3] <= self.coalesce:
+                    n += self._queue[0][3]
+                    take.append(self._queue.popleft())
                 self._in_flight = len(take)
             try:
                 self._correlate(take)
@@ -222,13 +292,13 @@ class CorrelatingStore:
             except StoreError as exc:
                 self.drops.count("correlate", "retention_failed", detail=str(exc))
 
-    def _correlate(self, take: list[tuple[str, int, Sequence[FlowRecord], float]]) -> None:
-        records = [r for _, _, recs, _ in take for r in recs]
+    def _correlate(self, take: list[tuple[str, int, Pending, int, float]]) -> None:
+        records = [r for _, _, recs, _, _ in take for r in _records_of(recs)]
         with self.correlator.lock, gc_paused():
             plan = self.correlator.plan(records)
             settled = list(self.correlator.settled)
             self.inner.write_correlated(  # type: ignore[attr-defined]
-                derived_of(plan, settled), [(c, s) for c, s, _, _ in take])
+                derived_of(plan, settled), [(c, s) for c, s, _, _, _ in take])
             del self.correlator.settled[:len(settled)]
             self.correlator.commit(plan)
             self._notify(plan)
@@ -252,7 +322,7 @@ class CorrelatingStore:
     def lag(self) -> dict[str, float]:
         """How far correlation is behind the acknowledged raw store."""
         with self._cond:
-            oldest = self._queue[0][3] if self._queue else None
+            oldest = self._queue[0][4] if self._queue else None
             return {"batches": len(self._queue) + self._in_flight, "records": self._pending,
                     "seconds": time.monotonic() - oldest if oldest is not None else 0.0}
 

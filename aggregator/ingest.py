@@ -11,6 +11,9 @@ Rules (docs/api.md):
 - A bad record is rejected alone (its index, field and reason in `rejected`); the others are
   stored. A record whose `collector` is not the batch's, or whose integers do not fit the store,
   is a bad record too.
+- The binary form goes from its bytes straight into the raw store's columns
+  (aggregator/store/wire_columns.py: a native decoder, msgspec for what it defers); records are
+  built only behind the ack, by correlation. The JSON form is decoded into records.
 - 413 when the body exceeds `max_body_bytes` (checked on Content-Length and while reading) or the
   batch holds more than `max_batch_records` records. 400 when the envelope is not a batch.
   503 (with Retry-After) when the store fails: the collector retries. Never a 500.
@@ -28,9 +31,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from aggregator.auth import require_ingest
-from aggregator.store.base import StoreError
+from aggregator.store.base import IngestResult, StoreError
 from aggregator.store.columns import INT64_MAX, storable_problem
-from eastwest.codec import CONTENT_TYPE, MAGIC, DecodedBatch, decode_batch, decode_json_batch
+from aggregator.store.wire_columns import ColumnBatch, decode_columns
+from eastwest.codec import CONTENT_TYPE, MAGIC, DecodedBatch, decode_json_batch
 from eastwest.errors import CodecError
 from eastwest.record import COUNT_MAX, FlowRecord
 
@@ -108,13 +112,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode(body: bytes, ctype: str) -> DecodedBatch:
+def _decode(body: bytes, ctype: str) -> DecodedBatch | ColumnBatch:
+    """The JSON form -> records (for scripts); the binary form -> columns, straight from the
+    wire bytes (aggregator/store/wire_columns.py): no Python object per record on the way to
+    the raw store."""
     try:
         if ctype == "application/json" or (ctype in ("", "application/octet-stream")
                                            and body[:1] == b"{"):
             return decode_json_batch(body)
         if ctype in (CONTENT_TYPE, "application/octet-stream", "") or body[:4] == MAGIC:
-            return decode_batch(body)
+            return decode_columns(body)
     except CodecError as exc:
         raise HTTPException(400, str(exc)) from None
     except RecursionError:
@@ -130,7 +137,7 @@ def _decode(body: bytes, ctype: str) -> DecodedBatch:
 def _apply(request: Request, body: bytes, ctype: str) -> IngestResponse:
     state = request.app.state
     batch = _decode(body, ctype)
-    total = len(batch.records) + len(batch.errors)
+    total = batch.total if isinstance(batch, ColumnBatch) else len(batch.records) + len(batch.errors)
     state.metrics.records_in.inc(total)
     if total > state.settings.max_batch_records:
         state.metrics.batches.labels("rejected").inc()
@@ -147,20 +154,37 @@ def _apply(request: Request, body: bytes, ctype: str) -> IngestResponse:
         state.drops.count("ingest", "bad_envelope", total)
         raise HTTPException(400, f"batch_seq={batch.batch_seq}: must be 0..{INT64_MAX}")
 
-    rejected = [Rejected(index=i, field=e.field, reason=str(e)) for i, e in batch.errors]
-    good = _keep_good(batch, rejected)
-    rejected.sort(key=lambda r: r.index)
+    if isinstance(batch, ColumnBatch):
+        rejected = [Rejected(index=i, field=f, reason=r) for i, f, r in batch.rejected]
+        accepted = batch.table.num_rows
+    else:
+        rejected = [Rejected(index=i, field=e.field, reason=str(e)) for i, e in batch.errors]
+        good = _keep_good(batch, rejected)
+        rejected.sort(key=lambda r: r.index)
+        accepted = len(good)
     try:
-        result = state.store.ingest(batch.collector, batch.batch_seq, good)
+        result = _store(state.store, batch, body) if isinstance(batch, ColumnBatch) else \
+            state.store.ingest(batch.collector, batch.batch_seq, good)
     except StoreError as exc:
-        state.drops.count("ingest", "store_unavailable", len(good), detail=str(exc))
+        state.drops.count("ingest", "store_unavailable", accepted, detail=str(exc))
         raise HTTPException(503, f"store unavailable: {exc}", headers={"Retry-After": "1"}) from None
     if rejected:
         state.drops.count("ingest", "invalid_record", len(rejected))
     state.metrics.batches.labels("duplicate" if result.duplicate else "stored").inc()
     state.metrics.records_out.inc(result.stored)
     return IngestResponse(collector=batch.collector, batch_seq=batch.batch_seq,
-                          duplicate=result.duplicate, accepted=len(good), rejected=rejected)
+                          duplicate=result.duplicate, accepted=accepted, rejected=rejected)
+
+
+def _store(store: Any, batch: ColumnBatch, body: bytes) -> IngestResult:
+    """A batch in columns into whatever store the app has: the correlating store's column path,
+    a bare store's table path, else its records."""
+    if hasattr(store, "ingest_columns"):
+        return store.ingest_columns(batch, body)  # type: ignore[no-any-return]
+    if hasattr(store, "ingest_table"):
+        return store.ingest_table(  # type: ignore[no-any-return]
+            batch.collector, batch.batch_seq, batch.table, batch.table.num_rows)
+    return store.ingest(batch.collector, batch.batch_seq, batch.records())  # type: ignore[no-any-return]
 
 
 def _keep_good(batch: DecodedBatch, rejected: list[Rejected], *,

@@ -47,6 +47,7 @@ class AggregatorSettings:
     retention: timedelta | None = timedelta(days=7)
     edge_budget: int = 2000
     correlation_slack_s: float = 5.0
+    correlation_backlog: int = 500_000
     # exporters (issue #7; docs/integrations.md): OTLP is on with an endpoint here or in
     # OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT; the rest of OTLP from OTEL_EXPORTER_OTLP_*
     otlp_endpoint: str | None = None
@@ -90,6 +91,9 @@ class AggregatorSettings:
             raise ConfigError("--max-body-bytes", self.max_body_bytes, "must be at least 1024")
         if self.max_batch_records < 1:
             raise ConfigError("--max-batch-records", self.max_batch_records, "must be at least 1")
+        if self.correlation_backlog < 1:
+            raise ConfigError("--correlation-backlog", self.correlation_backlog,
+                              "must be at least 1")
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
         if self.nats_ack_wait_s <= 0:
@@ -129,6 +133,7 @@ class AggregatorSettings:
             retention=(parse_duration("--retention", args.retention)
                        if getattr(args, "retention", None) else timedelta(days=7)),
             edge_budget=int(getattr(args, "edge_budget", 2000)),
+            correlation_backlog=int(getattr(args, "correlation_backlog", 500_000)),
             **_exporter_args(args),
             **_scale_out_args(args, env),
         )

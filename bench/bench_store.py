@@ -11,11 +11,16 @@ Paths, one durable transaction per batch of `--batch` records:
 - peer A: DuckDB loads the rows our store writes from Parquet, ALL in one transaction
   (`INSERT INTO flows SELECT ... FROM read_parquet(...)`): the issue's peer;
 - peer B: the same, one transaction per batch (the durability our ingest owes every batch);
-- `DuckDBStore.ingest`: raw records only (issue #5's path);
-- `CorrelatingStore.ingest`: the aggregator's path. Acknowledged: the raw batch is stored
-  durably (correlation queued behind it, at most 50,000 records, aggregator/correlating.py);
-  `+ correlation`: until correlation, identity, connections, rollups and workloads are stored
-  too (the correlation worker caught up).
+- `DuckDBStore.ingest`, records in hand: `FlowRecord`s -> columns -> DuckDB (raw flows);
+- wire batch -> columns -> DuckDB: what the store gets in the aggregator, each batch in the wire
+  form (msgpack + zstd, as POSTed), decoded straight into columns (aggregator/store/
+  wire_columns.py, its native decoder when built) and written in one durable transaction: THE
+  store ingest path, compared with the peers;
+- the aggregator path: the same into `CorrelatingStore.ingest_columns`. Acknowledged: the raw
+  batch is stored durably (correlation queued behind it as the batch's wire bytes, at most
+  `--correlation-backlog` records, aggregator/correlating.py); until correlated: until
+  correlation, identity, connections, rollups and workloads are stored too (the worker caught
+  up).
 Target (issue #6): at least 0.8x the peer. The load average is printed: the machine is shared.
 
     python bench/bench_store.py [--records 200000] [--batch 5000] [--workload merged|new|both]
@@ -39,6 +44,8 @@ from aggregator.correlating import CorrelatingStore
 from aggregator.identity import IdentityResolver, StaticMap
 from aggregator.store.columns import flows_table
 from aggregator.store.duckdb import FILE_NAME, FLOW_NAMES, DuckDBStore
+from aggregator.store.wire_columns import decode_columns, native_available
+from eastwest import codec
 from eastwest.drops import Drops
 from eastwest.record import Cgroup, Endpoint, FlowRecord, Process, Rtt, Tunnel, flags_from_bits
 
@@ -141,6 +148,7 @@ def run(workload: str, n: int, size: int) -> list[tuple[str, float]]:
     rows = sum(len(b[2]) for b in batches)
     now = datetime.now(UTC)
     cols = ", ".join(FLOW_NAMES)
+    native = "" if native_available()[0] else " [no native decoder]"
     out: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -164,31 +172,43 @@ def run(workload: str, n: int, size: int) -> list[tuple[str, float]]:
             out.append((name, time.perf_counter() - t0))
             con.close()
 
+        # what the aggregator receives: each batch in the wire form (msgpack + zstd)
+        bodies = [codec.encode_batch(codec.Batch(coll, seq, now, recs))
+                  for coll, seq, recs in batches]
         raw = DuckDBStore(t / "raw")
         t0 = time.perf_counter()
         for coll, seq, recs in batches:
             raw.ingest(coll, seq, recs)
         raw.checkpoint()
-        out.append(("DuckDBStore.ingest (raw flows)", time.perf_counter() - t0))
+        out.append(("DuckDBStore.ingest, records in hand (raw)", time.perf_counter() - t0))
         raw.close()
+
+        wire = DuckDBStore(t / "wire")
+        t0 = time.perf_counter()
+        for body in bodies:
+            b = decode_columns(body)
+            wire.ingest_table(b.collector, b.batch_seq, b.table, b.table.num_rows)
+        wire.checkpoint()
+        out.append((f"wire batch -> columns -> DuckDB (raw){native}", time.perf_counter() - t0))
+        wire.close()
 
         full = CorrelatingStore(DuckDBStore(t / "full"), Correlator(IdentityResolver(static_map())),
                                 Drops())
         t0 = time.perf_counter()
-        for coll, seq, recs in batches:
-            full.ingest(coll, seq, recs)
+        for body in bodies:
+            full.ingest_columns(decode_columns(body), body)
         acked = time.perf_counter() - t0
         full.checkpoint()  # waits until correlation has caught up, then checkpoints
-        out.append(("CorrelatingStore.ingest, acknowledged", acked))
-        out.append(("CorrelatingStore.ingest (+ correlation)", time.perf_counter() - t0))
+        out.append(("aggregator path (wire -> raw; correlation queued), acked", acked))
+        out.append(("aggregator path, until correlated too", time.perf_counter() - t0))
         conns = full.connection_count()
         full.close()
     print(f"\nworkload {workload}: {rows:,} records in {len(batches)} batches of <= {size}, "
           f"{conns:,} connections; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'path':<48} {'seconds':>8} {'rows/s':>10} {'vs A':>6} {'vs B':>6}")
+    print(f"{'path':<60} {'seconds':>8} {'rows/s':>10} {'vs A':>6} {'vs B':>6}")
     peer_a, peer_b = out[0][1], out[1][1]
     for name, s in out:
-        print(f"{name:<48} {s:>8.2f} {rows / s:>10,.0f} {peer_a / s:>5.2f}x {peer_b / s:>5.2f}x")
+        print(f"{name:<60} {s:>8.2f} {rows / s:>10,.0f} {peer_a / s:>5.2f}x {peer_b / s:>5.2f}x")
     return out
 
 

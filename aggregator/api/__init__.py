@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.correlate import Correlator
-from aggregator.correlating import CorrelatingStore
+from aggregator.correlating import MAX_PENDING, CorrelatingStore
 from aggregator.identity import IdentityResolver, StaticMap, parse_cidr_groups, system_reverse_dns
 from eastwest.errors import ConfigError
 
@@ -41,7 +41,8 @@ def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = Non
     correlator = Correlator(resolver or resolver_from(settings),
                             slack=timedelta(seconds=getattr(settings, "correlation_slack_s", 5.0)))
     store = CorrelatingStore(st.store, correlator, st.drops,
-                             retention=getattr(settings, "retention", None))
+                             retention=getattr(settings, "retention", None),
+                             max_pending=getattr(settings, "correlation_backlog", MAX_PENDING))
     st.store = store
     st.edge_budget = getattr(settings, "edge_budget", 2000)
     st.graph_cache = {}

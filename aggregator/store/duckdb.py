@@ -93,9 +93,18 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
     # -- writes -------------------------------------------------------------------------------
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
                derived: Derived | None = None) -> IngestResult:
-        now = datetime.now(UTC)
         with gc_paused():
             table = flat_table(records) if records else None
+        return self.ingest_table(collector, batch_seq, table, len(records), derived)
+
+    def ingest_table(self, collector: str, batch_seq: int, table: pa.Table | None, n: int,
+                     derived: Derived | None = None) -> IngestResult:
+        """`ingest` of a batch already in columns: `table` in the `flat_table` layout (what
+        aggregator/store/wire_columns.py decodes a wire batch into), `n` its rows (None or an
+        empty table: a batch without records, still marked applied)."""
+        now = datetime.now(UTC)
+        if table is not None and table.num_rows == 0:
+            table = None
         with self._lock:
             con = self._writer()
             try:
@@ -116,14 +125,14 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                     write_derived(con, derived)
                 con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
                             "ingested_at, correlated) VALUES (?, ?, ?, ?, ?)",
-                            [collector, batch_seq, len(records), now, derived is not None])
+                            [collector, batch_seq, n, now, derived is not None])
                 con.execute("COMMIT")
             except duckdb.Error as exc:
                 self._rollback(con)
                 raise StoreError(f"duckdb {str(self.path)!r}: batch ({collector!r}, {batch_seq}) "
                                  f"not stored: {exc}") from exc
-            self._count += len(records)
-            return IngestResult(collector, batch_seq, len(records), False)
+            self._count += n
+            return IngestResult(collector, batch_seq, n, False)
 
     def write_correlated(self, derived: Derived, batches: Sequence[tuple[str, int]]) -> None:
         """The correlated tables of raw batches stored before (`ingest` without `derived`), and

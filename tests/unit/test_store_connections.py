@@ -306,3 +306,58 @@ def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(
             g.set()
     assert s.flush(5) and s.connection_count() == 5
     s.close()
+
+
+def test_a_wire_batch_is_stored_in_columns_and_correlated_from_its_bytes(tmp_path):
+    """The binary path: the raw store gets the columns decoded from the wire bytes; the backlog
+    holds those bytes (WireBatch) and the worker decodes them again, leaving out the records
+    ingest rejected (here one whose collector is not the batch's): they are in no table."""
+    from datetime import UTC, datetime
+
+    from aggregator.correlating import WireBatch
+    from aggregator.store.wire_columns import decode_columns
+    from eastwest import codec
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    queued: list[object] = []
+    accept = s._accept
+    s._accept = lambda c, q, pending, n, store: (queued.append(pending), accept(c, q, pending, n, store))[1]  # type: ignore[method-assign]
+    stranger = rec("client", cport=40009, collector="h9")
+    body = codec.encode_batch(codec.Batch("h1", 1, datetime.now(UTC), [
+        rec("client", final=False, c2s=400, s2c=100), stranger, rec("client", cport=40001)]))
+    batch = decode_columns(body)
+    assert [r[:2] for r in batch.rejected] == [(1, "collector")]
+    r = s.ingest_columns(batch, body)
+    assert (r.stored, r.duplicate) == (2, False)
+    assert isinstance(queued[0], WireBatch) and [x.client.port for x in queued[0].records()] == [40000, 40001]
+    assert s.ingest_columns(decode_columns(body), body).duplicate
+    assert s.connection_count() == 2
+    assert sorted(x.client.port for x in s.records()) == [40000, 40001]
+    assert s.inner.uncorrelated_batches() == []
+    s.close()
+
+
+def test_ingest_waits_while_correlation_is_a_whole_backlog_behind(tmp_path):
+    """Back-pressure: with `max_pending` records waiting for correlation, the next ingest waits
+    until the worker has caught up (the collectors' spools hold the rest meanwhile)."""
+    import threading
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
+                         max_pending=2)
+    gate = threading.Event()
+    correlate = s._correlate
+    s._correlate = lambda take: (gate.wait(10), correlate(take))[1]  # type: ignore[method-assign]
+    try:
+        s.ingest("h1", 1, [rec("client", cport=40001), rec("client", cport=40002)])  # 2 pending
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (s.ingest("h1", 2, [rec("client", cport=40003)]),
+                                             done.set()))
+        t.start()
+        assert not done.wait(0.5) and s.inner.count() == 2  # waiting, batch 2 not stored yet
+        gate.set()
+        assert done.wait(10) and s.inner.count() == 3
+        t.join()
+    finally:
+        gate.set()
+    assert s.flush(5) and s.connection_count() == 3
+    s.close()
