@@ -22,7 +22,7 @@ from aggregator.store import wire_columns
 from aggregator.store.columns import _extra_dec, flat_table
 from aggregator.store.wire_columns import ColumnBatch, decode_columns, native_available
 from eastwest import codec, native_build
-from eastwest.record import Endpoint, FlowRecord, Tunnel, Workload
+from eastwest.record import Cgroup, Endpoint, FlowRecord, Tunnel, Workload
 from tests.sampling import fixed_sample
 from tests.unit.test_record import full_record
 from tests.unit.test_store_columns import records
@@ -125,6 +125,8 @@ def wide_records(draw, n: int) -> FlowRecord:
     over: dict[str, Any] = {
         "client": Endpoint(draw(ip), rec.client.port), "server": Endpoint(draw(ip), rec.server.port),
         "bytes_c2s": draw(BIG), "packets_s2c": draw(st.one_of(st.none(), BIG)),
+        "l3_bytes_c2s": draw(st.one_of(st.none(), BIG)),
+        "cgroup": draw(st.one_of(st.none(), st.builds(Cgroup, BIG, st.one_of(st.none(), UNICODE)))),
         "container": draw(st.one_of(st.none(), UNICODE))}
     if rec.tunnel is not None:
         over["tunnel"] = Tunnel("vxlan", rec.tunnel.vni, draw(st.one_of(IPV4, IPV6)),
