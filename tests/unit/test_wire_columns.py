@@ -469,3 +469,24 @@ def test_threads_decode_concurrently() -> None:
     for k, b in enumerate(got):
         assert b.table.num_rows == 300 and b.deferred == 0
         assert rows(b) == rows(decode_columns(bodies[k % 8], native=False))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_random_byte_damage_gives_the_reference_result(data) -> None:
+    """Bytes overwritten, dropped or inserted anywhere in a record or the envelope."""
+    recs = [data.draw(wide_records(i)) for i in range(data.draw(st.integers(1, 3)))]
+    payload = bytearray(msgspec.msgpack.encode(
+        {"collector": "h1", "batch_seq": 7, "sent_at": SENT, "records": recs}))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(payload) - 1))
+        how = data.draw(st.sampled_from(["set", "drop", "insert"]))
+        byte = data.draw(st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0xA0, 0xC0, 0xC1, 0xC3, 0xCC,
+                                          0xCF, 0xD3, 0xD7, 0xD9, 0xDC, 0xDE, 0xFF]))
+        if how == "set":
+            payload[at] = byte
+        elif how == "drop":
+            del payload[at]
+        else:
+            payload.insert(at, byte)
+    same(compress(bytes(payload)))
