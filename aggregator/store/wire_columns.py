@@ -49,9 +49,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # per column: 's' string/binary, 'b' bool, else the byte width of a fixed-size value
 _KIND = ["s" if pa.types.is_string(t) or pa.types.is_binary(t) else "b" if pa.types.is_boolean(t)
          else t.bit_width // 8 for t in TYPES]
-# the data capacity of a string column, per record (beyond the payload-bounded ones)
-_LITERAL = {"source", "protocol", "observer", "connect"}
-_ADDRESS = {"client_ip", "server_ip", "outer_src", "outer_dst"}
+# the data capacity of a string column: bytes per record (literals, addresses), else 0: bounded
+# by the payload's size (+ 96 bytes a record for `extra`, whose workloads gain keys). A record
+# that would not fit is deferred, never cut.
+_CAP = [8 if name in ("source", "protocol", "observer", "connect")
+        else 39 if name in ("client_ip", "server_ip", "outer_src", "outer_dst") else 0
+        for name in NAMES]
+_EXTRA = NAMES.index("extra")
 _ENV_SLOTS = 8
 
 
@@ -188,35 +192,46 @@ def _native(lib: ctypes.CDLL, payload: bytes) -> ColumnBatch | None:
     ncol = len(NAMES)
     bufs = (ctypes.c_uint64 * (3 * ncol))()
     used = (ctypes.c_int64 * (ncol + 1))()  # in: string data capacities; out: nulls, rows
-    keep: list[list[pa.Buffer | None]] = []
-    bits = (n + 7) // 8 or 1
-    for c, (name, kind) in enumerate(zip(NAMES, _KIND, strict=True)):
-        valid = pa.allocate_buffer(bits) if _NULLABLE[c] else None
+    # one allocation for every column's buffers, each region 64-byte aligned
+    bits = -(-((n + 7) // 8) // 64) * 64
+    size = len(payload)
+    regions: list[tuple[int, int, int, int]] = []  # per column: valid, offsets, data at; data size
+    at = 0
+    for c, kind in enumerate(_KIND):
+        valid = -1
+        if _NULLABLE[c]:
+            valid, at = at, at + bits
+        offsets = -1
         if kind == "s":
-            cap = (8 * n if name in _LITERAL else 39 * n if name in _ADDRESS
-                   else len(payload) + 96 * n if name == "extra" else len(payload))
-            offsets = pa.allocate_buffer(4 * (n + 1))
-            data = pa.allocate_buffer(max(cap, 1))
+            cap = _CAP[c]
+            cap = cap * n if cap else size + 96 * n if c == _EXTRA else size
+            offsets, at = at, at + -(-(4 * (n + 1)) // 64) * 64
             used[c] = cap
         else:
-            offsets = None
-            data = pa.allocate_buffer(bits if kind == "b" else max(kind * n, 1))
-        keep.append([valid, offsets, data])
-        bufs[3 * c] = valid.address if valid is not None else 0
-        bufs[3 * c + 1] = offsets.address if offsets is not None else 0
-        bufs[3 * c + 2] = data.address
+            cap = bits if kind == "b" else kind * n  # type: ignore[operator]
+        regions.append((valid, offsets, at, cap))
+        at += -(-cap // 64) * 64
+    block = pa.allocate_buffer(max(at, 64))
+    base = block.address
+    for c, (valid, offsets, data, _) in enumerate(regions):
+        bufs[3 * c] = base + valid if valid >= 0 else 0
+        bufs[3 * c + 1] = base + offsets if offsets >= 0 else 0
+        bufs[3 * c + 2] = base + data
     deferred = (ctypes.c_int64 * (3 * max(n, 1)))()
     nd = lib.ew_wire_decode(payload, len(payload), env, bufs, used, deferred)
     if nd < 0:
         return None
     rows = used[ncol]
     arrays = []
+    piece = block.slice
     for c, typ in enumerate(TYPES):
-        valid, offsets, data = keep[c]
+        valid, offsets, data, cap = regions[c]
         nulls = used[c]
-        if valid is not None and nulls == 0:
-            valid = None
-        buffers = [valid, offsets, data] if offsets is not None else [valid, data]
+        v = piece(valid, bits) if nulls else None
+        if offsets >= 0:
+            buffers = [v, piece(offsets, 4 * (rows + 1)), piece(data, cap)]
+        else:
+            buffers = [v, piece(data, cap)]
         arrays.append(pa.Array.from_buffers(typ, rows, buffers, null_count=nulls))
     table = pa.Table.from_arrays(arrays, names=NAMES)
     rejected: list[tuple[int, str, str]] = []
