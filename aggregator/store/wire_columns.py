@@ -13,7 +13,11 @@ Two paths give the same result:
   key it does not expect) it DEFERS, and Python decodes that one record with msgspec, which gives
   the exact record or error. An envelope it does not expect (keys in another order, an int that
   is not int64, a malformed record it cannot skip, ...) sends the whole batch down the reference
-  path. `EASTWEST_WIRE_NATIVE=0` disables it (benchmarks, tests of the fallback).
+  path. `EASTWEST_WIRE_NATIVE=0` disables it (benchmarks, tests of the fallback),
+  `EASTWEST_WIRE_NATIVE=/path/libewwire.so` loads another build; a build from other sources is
+  refused. Built by `python -m aggregator.store.wire_columns` (scripts/setup-venv.sh; the shared
+  recipe is eastwest/native_build.py). The C call holds no global state: ingest threads run it
+  side by side.
 
 A record whose `collector` differs from the batch's is refused here (it was ingest's rule).
 """
