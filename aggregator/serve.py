@@ -14,10 +14,17 @@ import uvicorn
 from aggregator.app import create_app
 from aggregator.settings import AggregatorSettings
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 def serve(settings: AggregatorSettings, *, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s aggregator %(levelname)s %(message)s")
+    # The ack path (uvicorn, decode, DuckDB insert) releases the GIL for most of its work and
+    # needs it back often; the correlation worker runs Python without pause. At CPython's
+    # default 5 ms switch interval every hand-back waited up to 5 ms: 0.5 ms doubled the
+    # acknowledged rate (bench/bench_transport.py, docs/benchmarks.md).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info" if verbose else "warning",

@@ -86,7 +86,17 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             self._legacy = self._migrate()
         except duckdb.Error as exc:
             raise StoreError(f"duckdb file {str(self.path)!r} cannot be opened: {exc}") from exc
+        # two writers: raw batches (the ack path) on their own connection and lock, so that an
+        # ingest never waits for correlation's longer transactions (derived tables) on the
+        # other. They touch different rows (a raw batch inserts its flows and mark; correlation
+        # writes connections, rollups, workloads and flags marks committed before); DuckDB's
+        # optimistic concurrency lets both commit. Retention, checkpoint and close take both.
         self._lock = threading.Lock()
+        self._raw_lock = threading.Lock()
+        try:
+            self._raw_con = self._con.cursor()
+        except duckdb.Error as exc:
+            raise StoreError(f"duckdb file {str(self.path)!r} cannot be opened: {exc}") from exc
         self._closed = False
         self._count = self._scalar("SELECT count(*) FROM flows")
 
@@ -105,34 +115,42 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         now = datetime.now(UTC)
         if table is not None and table.num_rows == 0:
             table = None
-        with self._lock:
-            con = self._writer()
-            try:
-                con.execute("BEGIN TRANSACTION")
-                seen = con.execute(
-                    "SELECT 1 FROM ingested_batches WHERE collector = ? AND batch_seq = ?",
-                    [collector, batch_seq]).fetchone()
-                if seen:
-                    con.execute("ROLLBACK")
-                    return IngestResult(collector, batch_seq, 0, True)
-                if table is not None:
-                    con.register("_batch", table)
-                    try:
-                        con.execute(_INSERT_FLOWS, [collector, batch_seq, now])
-                    finally:
-                        con.unregister("_batch")
-                if derived is not None:
-                    write_derived(con, derived)
-                con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
-                            "ingested_at, correlated) VALUES (?, ?, ?, ?, ?)",
-                            [collector, batch_seq, n, now, derived is not None])
-                con.execute("COMMIT")
-            except duckdb.Error as exc:
-                self._rollback(con)
-                raise StoreError(f"duckdb {str(self.path)!r}: batch ({collector!r}, {batch_seq}) "
-                                 f"not stored: {exc}") from exc
-            self._count += n
-            return IngestResult(collector, batch_seq, n, False)
+        if derived is None:  # the raw store only: its own writer
+            with self._raw_lock:
+                return self._ingest_on(self._raw_writer(), collector, batch_seq, table, n, None,
+                                       now)
+        with self._raw_lock, self._lock:  # raw and derived in one transaction
+            return self._ingest_on(self._writer(), collector, batch_seq, table, n, derived, now)
+
+    def _ingest_on(self, con: duckdb.DuckDBPyConnection, collector: str, batch_seq: int,
+                   table: pa.Table | None, n: int, derived: Derived | None,
+                   now: datetime) -> IngestResult:
+        try:
+            con.execute("BEGIN TRANSACTION")
+            seen = con.execute(
+                "SELECT 1 FROM ingested_batches WHERE collector = ? AND batch_seq = ?",
+                [collector, batch_seq]).fetchone()
+            if seen:
+                con.execute("ROLLBACK")
+                return IngestResult(collector, batch_seq, 0, True)
+            if table is not None:
+                con.register("_batch", table)
+                try:
+                    con.execute(_INSERT_FLOWS, [collector, batch_seq, now])
+                finally:
+                    con.unregister("_batch")
+            if derived is not None:
+                write_derived(con, derived)
+            con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
+                        "ingested_at, correlated) VALUES (?, ?, ?, ?, ?)",
+                        [collector, batch_seq, n, now, derived is not None])
+            con.execute("COMMIT")
+        except duckdb.Error as exc:
+            self._rollback(con)
+            raise StoreError(f"duckdb {str(self.path)!r}: batch ({collector!r}, {batch_seq}) "
+                             f"not stored: {exc}") from exc
+        self._count += n
+        return IngestResult(collector, batch_seq, n, False)
 
     def write_correlated(self, derived: Derived, batches: Sequence[tuple[str, int]]) -> None:
         """The correlated tables of raw batches stored before (`ingest` without `derived`), and
@@ -223,17 +241,18 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
     def checkpoint(self) -> None:
         """Write everything in the WAL into the database file (DuckDB does it by itself when the
         WAL grows past `wal_autocheckpoint`; benches call it so that no path leaves work behind)."""
-        with self._lock:
+        with self._raw_lock, self._lock:
             try:
                 self._writer().execute("CHECKPOINT")
             except duckdb.Error as exc:
                 raise StoreError(f"duckdb {str(self.path)!r}: checkpoint failed: {exc}") from exc
 
     def close(self) -> None:
-        with self._lock:
+        with self._raw_lock, self._lock:
             if not self._closed:
                 self._closed = True
                 try:
+                    self._raw_con.close()
                     self._con.close()
                 except duckdb.Error as exc:
                     raise StoreError(f"duckdb {str(self.path)!r}: close failed: {exc}") from exc
@@ -263,6 +282,11 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         if self._closed:
             raise StoreError(f"duckdb {str(self.path)!r} is closed")
         return self._con
+
+    def _raw_writer(self) -> duckdb.DuckDBPyConnection:
+        if self._closed:
+            raise StoreError(f"duckdb {str(self.path)!r} is closed")
+        return self._raw_con
 
     def _query(self, sql: str, params: list[Any] | None = None) -> list[Any]:
         if self._closed:

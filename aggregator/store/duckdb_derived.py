@@ -250,7 +250,7 @@ class DerivedQueries:
     def apply_retention(self, cutoff: datetime) -> dict[str, int]:
         """Delete what ended before `cutoff` from every table; returns rows deleted per table."""
         out: dict[str, int] = {}
-        with self._lock:  # type: ignore[attr-defined]
+        with self._raw_lock, self._lock:  # type: ignore[attr-defined]
             con = self._writer()  # type: ignore[attr-defined]
             for table, col in (("flows", "end_ts"), *((t, "last_seen") for t in _CONN_TABLES),
                                ("rollups", "minute"), ("workloads", "last_seen")):
