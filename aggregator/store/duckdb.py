@@ -127,10 +127,12 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                    now: datetime) -> IngestResult:
         try:
             con.execute("BEGIN TRANSACTION")
-            seen = con.execute(
-                "SELECT 1 FROM ingested_batches WHERE collector = ? AND batch_seq = ?",
-                [collector, batch_seq]).fetchone()
-            if seen:
+            # the mark first: its primary key tells a batch applied before (one statement)
+            fresh = con.execute(
+                "INSERT INTO ingested_batches (collector, batch_seq, records, ingested_at, "
+                "correlated) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING batch_seq",
+                [collector, batch_seq, n, now, derived is not None]).fetchone()
+            if fresh is None:
                 con.execute("ROLLBACK")
                 return IngestResult(collector, batch_seq, 0, True)
             if table is not None:
@@ -141,9 +143,6 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                     con.unregister("_batch")
             if derived is not None:
                 write_derived(con, derived)
-            con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
-                        "ingested_at, correlated) VALUES (?, ?, ?, ?, ?)",
-                        [collector, batch_seq, n, now, derived is not None])
             con.execute("COMMIT")
         except duckdb.Error as exc:
             self._rollback(con)
