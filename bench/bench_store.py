@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,7 @@ import pyarrow.parquet as pq
 from aggregator.correlate import Correlator
 from aggregator.correlating import CorrelatingStore
 from aggregator.identity import IdentityResolver, StaticMap
+from aggregator.serve import SWITCH_INTERVAL_S
 from aggregator.store.columns import flows_table
 from aggregator.store.duckdb import FILE_NAME, FLOW_NAMES, DuckDBStore
 from aggregator.store.wire_columns import decode_columns, native_available
@@ -194,6 +196,8 @@ def run(workload: str, n: int, size: int) -> list[tuple[str, float]]:
 
         full = CorrelatingStore(DuckDBStore(t / "full"), Correlator(IdentityResolver(static_map())),
                                 Drops())
+        default_switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `eastwest aggregator` runs (serve.py)
         t0 = time.perf_counter()
         for body in bodies:
             full.ingest_columns(decode_columns(body), body)
@@ -203,6 +207,7 @@ def run(workload: str, n: int, size: int) -> list[tuple[str, float]]:
         out.append(("aggregator path, until correlated too", time.perf_counter() - t0))
         conns = full.connection_count()
         full.close()
+        sys.setswitchinterval(default_switch)
     print(f"\nworkload {workload}: {rows:,} records in {len(batches)} batches of <= {size}, "
           f"{conns:,} connections; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'path':<60} {'seconds':>8} {'rows/s':>10} {'vs A':>6} {'vs B':>6}")
