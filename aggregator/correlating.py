@@ -98,8 +98,21 @@ class WireBatch:
         return out
 
 
-# what waits for correlation: the records, or a batch that decodes them when asked
-Pending = Sequence[FlowRecord] | ColumnBatch | WireBatch
+class StoredBatch:
+    """A batch stored raw but not correlated when the aggregator stopped: its records are read
+    back from the store when its turn comes (not all of the backlog at start)."""
+
+    __slots__ = ("store", "collector", "batch_seq")
+
+    def __init__(self, store: Any, collector: str, batch_seq: int) -> None:
+        self.store, self.collector, self.batch_seq = store, collector, batch_seq
+
+    def records(self) -> list[FlowRecord]:
+        return self.store.batch_records(self.collector, self.batch_seq)  # type: ignore[no-any-return]
+
+
+# what waits for correlation: the records, or a batch that gives them when asked
+Pending = Sequence[FlowRecord] | ColumnBatch | WireBatch | StoredBatch
 
 
 def _records_of(pending: Pending) -> Sequence[FlowRecord]:
@@ -182,9 +195,10 @@ class CorrelatingStore:
             log.info("correlator: %d recent connections reloaded from the store", self.loaded)
         if self.background:
             again = inner.uncorrelated_batches()  # type: ignore[attr-defined]
-            for coll, seq, recs in again:
-                self._queue.append((coll, seq, recs, len(recs), time.monotonic()))
-                self._pending += len(recs)
+            for coll, seq, n in again:
+                self._queue.append((coll, seq, StoredBatch(inner, coll, seq), n,
+                                    time.monotonic()))
+                self._pending += n
                 self._accepted += 1
             if again:
                 log.info("correlator: %d stored batches (%d records) not correlated yet: queued",

@@ -174,21 +174,20 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                 raise StoreError(f"duckdb {str(self.path)!r}: correlation of {len(batches)} "
                                  f"batches not stored: {exc}") from exc
 
-    def uncorrelated_batches(self) -> list[tuple[str, int, list[FlowRecord]]]:
+    def uncorrelated_batches(self) -> list[tuple[str, int, int]]:
         """The raw batches stored but not correlated yet (acknowledged, then the aggregator
-        stopped), in the order they were stored, with their records."""
-        marks = self._query("SELECT collector, batch_seq FROM ingested_batches WHERE NOT "
-                            "correlated ORDER BY ingested_at, rowid")
-        if not marks:
-            return []
-        rows = self._query(
-            f"SELECT batch_seq, {', '.join(READ_COLUMNS)} FROM flows SEMI JOIN (SELECT collector, "
-            "batch_seq FROM ingested_batches WHERE NOT correlated) USING (collector, batch_seq) "
-            "ORDER BY end_ts, record_id")
-        by: dict[tuple[str, int], list[FlowRecord]] = {(c, s): [] for c, s in marks}
-        for r in rows:
-            by[(r[1], r[0])].append(record_of(r[1:]))
-        return [(c, s, by[(c, s)]) for c, s in marks]
+        stopped), in the order they were stored, as (collector, batch_seq, records): their
+        records are read one batch at a time (`batch_records`) when correlation gets to them,
+        so a deep backlog is not all in memory at start."""
+        return [(c, s, n) for c, s, n in self._query(
+            "SELECT collector, batch_seq, records FROM ingested_batches WHERE NOT correlated "
+            "ORDER BY ingested_at, rowid")]
+
+    def batch_records(self, collector: str, batch_seq: int) -> list[FlowRecord]:
+        """The stored records of one batch, oldest first."""
+        rows = self._query(f"SELECT {', '.join(READ_COLUMNS)} FROM flows WHERE collector = ? AND "
+                           "batch_seq = ? ORDER BY end_ts, record_id", [collector, batch_seq])
+        return [record_of(r) for r in rows]
 
     # -- reads --------------------------------------------------------------------------------
     def batch_applied(self, collector: str, batch_seq: int) -> bool:
