@@ -28,6 +28,15 @@ CLUSTER = "ew"
 SHARD_DBS = ("ew_s1", "ew_s2")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL
+    (a killed test run left its servers running before). Servers are started from the main
+    thread: the signal follows the thread that forked."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,7 +119,7 @@ class ClickHouseServer:
         out = open(r / "stdout.log", "ab")  # noqa: SIM115 - the server owns it until stop()
         self.proc = subprocess.Popen([CLICKHOUSE_BIN, f"--config-file={r}/config.xml"],
                                      stdout=out, stderr=subprocess.STDOUT, cwd=r,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         _await("clickhouse-server", self._answers, self.proc, r / "error.log")
         return self
 
@@ -172,7 +181,7 @@ jetstream {{ store_dir: "{self.root}/js", max_memory_store: 268435456, max_file_
         log = self.root / "nats.log"
         self.proc = subprocess.Popen([NATS_BIN, "-c", str(conf), "-l", str(log)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         _await("nats-server", self._ready, self.proc, log)
         return self
 
