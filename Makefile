@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    install what is missing, start eastwest on this host (Ctrl-C stops it)"
 	@echo "make demo   the same plus a 3-host lab with a demo application and live traffic"
-	@echo "make test   install what is missing and run the whole suite (unit, golden, lab)"
+	@echo "make test   install what is missing, lint, and run the whole suite (unit, golden, lab)"
 	@echo "make bench  side-by-side benchmarks; results in docs/benchmarks.md"
 	@echo "make lint   ruff and mypy"
 
@@ -31,7 +31,7 @@ run: setup
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: venv
