@@ -185,27 +185,21 @@ static int rd_bool(rd_t *r, int *v)
     return 0;
 }
 
-static int rd_map(rd_t *r, uint32_t *n)
+/* a map or array header: fix form (tag in the high nibble), 16-bit or 32-bit count */
+static int rd_count(rd_t *r, uint8_t fix, uint8_t tag16, uint8_t tag32, uint32_t *n)
 {
     if (r->p >= r->end) return 0;
     uint8_t b = *r->p;
     size_t avail = (size_t)(r->end - r->p);
-    if ((b & 0xf0) == 0x80) { *n = b & 0x0f; r->p++; return 1; }
-    if (b == 0xde && avail >= 3) { *n = be16(r->p + 1); r->p += 3; return 1; }
-    if (b == 0xdf && avail >= 5) { *n = be32(r->p + 1); r->p += 5; return 1; }
+    if ((b & 0xf0) == fix) { *n = b & 0x0f; r->p++; return 1; }
+    if (b == tag16 && avail >= 3) { *n = be16(r->p + 1); r->p += 3; return 1; }
+    if (b == tag32 && avail >= 5) { *n = be32(r->p + 1); r->p += 5; return 1; }
     return 0;
 }
 
-static int rd_arr(rd_t *r, uint32_t *n)
-{
-    if (r->p >= r->end) return 0;
-    uint8_t b = *r->p;
-    size_t avail = (size_t)(r->end - r->p);
-    if ((b & 0xf0) == 0x90) { *n = b & 0x0f; r->p++; return 1; }
-    if (b == 0xdc && avail >= 3) { *n = be16(r->p + 1); r->p += 3; return 1; }
-    if (b == 0xdd && avail >= 5) { *n = be32(r->p + 1); r->p += 5; return 1; }
-    return 0;
-}
+static int rd_map(rd_t *r, uint32_t *n) { return rd_count(r, 0x80, 0xde, 0xdf, n); }
+
+static int rd_arr(rd_t *r, uint32_t *n) { return rd_count(r, 0x90, 0xdc, 0xdd, n); }
 
 /* a timestamp (extension -1) with a whole number of µs in 1970..9999, as µs since the epoch */
 static int rd_ts_parts(rd_t *r, int64_t *sec_out, int64_t *usec_out)
