@@ -53,8 +53,8 @@ from aggregator.correlate import Correlator, Plan
 from aggregator.store.base import FlowStore, IngestResult, StoreError
 from aggregator.store.columns import gc_paused
 from aggregator.store.derived import derived_of
-from aggregator.store.wire_columns import ColumnBatch
-from eastwest.codec import decode_batch
+from aggregator.store.wire_columns import ColumnBatch, good_records
+from eastwest.codec import batch_payload
 from eastwest.drops import Drops
 from eastwest.record import FlowRecord
 
@@ -83,19 +83,7 @@ class WireBatch:
         self.rejected = frozenset(rejected)
 
     def records(self) -> list[FlowRecord]:
-        b = decode_batch(self.body)
-        if not self.rejected:
-            return b.records
-        undecodable = {i for i, _ in b.errors}  # no record in b.records for these
-        good = iter(b.records)
-        out: list[FlowRecord] = []
-        for i in range(len(b.records) + len(b.errors)):
-            if i in undecodable:
-                continue
-            rec = next(good)
-            if i not in self.rejected:
-                out.append(rec)
-        return out
+        return good_records(batch_payload(self.body), self.rejected)
 
 
 class StoredBatch:

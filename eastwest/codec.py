@@ -96,15 +96,20 @@ def encode_batch(batch: Batch, level: int = 3) -> bytes:
     return MAGIC + zstandard.ZstdCompressor(level=level).compress(_mp_enc.encode(batch))
 
 
-def decode_batch(data: bytes) -> DecodedBatch:
+def batch_payload(data: bytes) -> bytes:
+    """The msgpack payload of a binary batch (magic checked, zstd undone within the bound)."""
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise CodecError(f"not an eastwest batch: expected magic {MAGIC!r}, got {data[:4]!r}", 0)
     try:
-        payload = zstandard.ZstdDecompressor().decompress(
+        return zstandard.ZstdDecompressor().decompress(
             data[len(MAGIC) :], max_output_size=MAX_DECOMPRESSED
         )
     except zstandard.ZstdError as exc:
         raise CodecError(f"zstd payload is corrupt: {exc}", len(MAGIC)) from None
+
+
+def decode_batch(data: bytes) -> DecodedBatch:
+    payload = batch_payload(data)
     try:  # fast path: the whole batch is valid
         b = _mp_dec_batch.decode(payload)
         return DecodedBatch(b.collector, b.batch_seq, b.sent_at, b.records, [])

@@ -28,15 +28,16 @@ import ctypes
 import os
 import sys
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
-import zstandard
 
 from aggregator.store.columns import FLAT_COLUMNS, FLAT_NAMES, flat_table
 from eastwest import codec, native_build
+from eastwest.errors import CodecError
 from eastwest.record import FlowRecord
 
 HERE = Path(__file__).resolve().parent
@@ -84,10 +85,17 @@ class ColumnBatch:
 
     def _decode_records(self) -> list[FlowRecord]:
         assert self._payload is not None
-        bad = {i for i, _, _ in self.rejected}
-        raws = codec._mp_dec_raw.decode(self._payload).records
-        dec = codec._mp_dec_record.decode
-        return [dec(raw) for i, raw in enumerate(raws) if i not in bad]
+        return good_records(self._payload, {i for i, _, _ in self.rejected})
+
+
+def good_records(payload: bytes, rejected: Collection[int]) -> list[FlowRecord]:
+    """The records of a batch's msgpack payload in batch order, but those at the `rejected`
+    indices (every record msgspec refuses is among them: ingest rejected it)."""
+    if not rejected:
+        return codec._mp_dec_batch.decode(payload).records
+    raws = codec._mp_dec_raw.decode(payload).records
+    dec = codec._mp_dec_record.decode
+    return [dec(raw) for i, raw in enumerate(raws) if i not in rejected]
 
 
 def native_available() -> tuple[bool, str]:
@@ -102,12 +110,11 @@ def decode_columns(body: bytes, *, native: bool | None = None) -> ColumnBatch:
     lib = _lib() if native is not False else None
     if native and lib is None:
         raise RuntimeError(f"native wire decoder not available: {_state.get('why')}")
-    if lib is not None and body[: len(codec.MAGIC)] == codec.MAGIC:
+    if lib is not None:
         try:
-            payload = zstandard.ZstdDecompressor().decompress(
-                body[len(codec.MAGIC):], max_output_size=codec.MAX_DECOMPRESSED)
-        except zstandard.ZstdError:
-            payload = None
+            payload: bytes | None = codec.batch_payload(body)
+        except CodecError:
+            payload = None  # the reference path raises it
         if payload is not None:
             out = _native(lib, payload)
             if out is not None:
