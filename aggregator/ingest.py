@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from aggregator.auth import require_ingest
 from aggregator.store.base import IngestResult, StoreError
 from aggregator.store.columns import INT64_MAX, storable_problem
-from aggregator.store.wire_columns import ColumnBatch, decode_columns
+from aggregator.store.wire_columns import ColumnBatch, decode_columns, other_collector
 from eastwest.codec import CONTENT_TYPE, MAGIC, DecodedBatch, decode_json_batch
 from eastwest.errors import CodecError
 from eastwest.record import COUNT_MAX, FlowRecord
@@ -206,8 +206,7 @@ def _keep_good(batch: DecodedBatch, rejected: list[Rejected], *,
         # can exceed a column: checked here only when `bounded` is False
         problem: tuple[str, str] | None = None
         if rec.collector != batch.collector:
-            problem = ("collector", f"collector={rec.collector!r}: differs from the batch's "
-                       f"{batch.collector!r}")
+            problem = ("collector", other_collector(rec.collector, batch.collector))
         elif not bounded:
             big = storable_problem(rec)
             if big is not None:

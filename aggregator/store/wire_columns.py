@@ -138,7 +138,7 @@ def _reference(body: bytes) -> ColumnBatch:
             if r.collector == b.collector:
                 good.append(r)
             else:
-                rejected.append((i, "collector", _other_collector(r.collector, b.collector)))
+                rejected.append((i, "collector", other_collector(r.collector, b.collector)))
         rejected.sort()
     else:
         good = b.records
@@ -153,7 +153,7 @@ def _table(records: list[FlowRecord]) -> pa.Table:
     return flat_table(records)
 
 
-def _other_collector(got: str, batch: str) -> str:
+def other_collector(got: str, batch: str) -> str:
     return f"collector={got!r}: differs from the batch's {batch!r}"
 
 
@@ -264,7 +264,7 @@ def _native(lib: ctypes.CDLL, payload: bytes) -> ColumnBatch | None:
             if r.collector == collector:
                 good.append(r)
             else:
-                rejected.append((idx[k], "collector", _other_collector(r.collector, collector)))
+                rejected.append((idx[k], "collector", other_collector(r.collector, collector)))
         rejected.sort()
         if good:
             table = pa.concat_tables([table, flat_table(good)])
