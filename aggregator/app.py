@@ -79,7 +79,9 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
                   "(Authorization: Bearer TOKEN).")
     drops = Drops()
     metrics = AggregatorMetrics(drops)
-    metrics.watch_store(the_store.count, getattr(the_store, "file_bytes", lambda: 0))
+    # through app.state.store: the correlating store counts what is journaled, not applied yet
+    metrics.watch_store(lambda: app.state.store.count(),
+                        getattr(the_store, "file_bytes", lambda: 0))
     app.state.settings = settings
     app.state.store = the_store
     app.state.drops = drops
@@ -114,7 +116,7 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
         for name, value in (("since", since), ("until", until)):
             if value is not None and value.tzinfo is None:
                 raise HTTPException(400, f"{name}={value.isoformat()}: give a time zone (e.g. Z)")
-        recs = the_store.records(since, until, collector=collector, limit=limit)
+        recs = app.state.store.records(since, until, collector=collector, limit=limit)
         return Response(msgspec.json.encode({"records": recs, "count": len(recs)}),
                         media_type="application/json")
 
@@ -124,7 +126,7 @@ def create_app(settings: AggregatorSettings, store: FlowStore | None = None) -> 
 
     @app.get("/readyz", summary="The store is open and answering")
     def readyz() -> dict[str, Any]:
-        return {"status": "ready", "records": the_store.count()}
+        return {"status": "ready", "records": app.state.store.count()}
 
     @app.get("/metrics", summary="Prometheus self-metrics", response_class=Response)
     def prometheus() -> Response:
@@ -166,7 +168,12 @@ class _CorrelationLag(Collector):
         for key, what in (("batches", "batches"), ("records", "records"),
                           ("seconds", "age in seconds of the oldest")):
             yield GaugeMetricFamily(f"eastwest_correlation_lag_{key}", f"{what} acknowledged "
-                                    "(stored raw) and not correlated yet", value=lag[key])
+                                    "(stored durably) and not correlated yet", value=lag[key])
+        journal = getattr(self.store, "journal_bytes", None)
+        if journal is not None:
+            yield GaugeMetricFamily("eastwest_journal_bytes", "bytes of the ingest journal: "
+                                    "batches acknowledged and not applied to the store yet",
+                                    value=journal())
 
 
 def _add_batch_schema(app: FastAPI) -> None:

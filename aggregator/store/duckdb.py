@@ -150,29 +150,75 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         self._count += n
         return IngestResult(collector, batch_seq, n, False)
 
-    def write_correlated(self, derived: Derived, batches: Sequence[tuple[str, int]]) -> None:
-        """The correlated tables of raw batches stored before (`ingest` without `derived`), and
-        those batches marked correlated, in one durable transaction (aggregator/correlating.py
-        runs correlation behind the acknowledged raw store)."""
-        marks = pa.table({"collector": pa.array([c for c, _ in batches], pa.string()),
-                          "batch_seq": pa.array([s for _, s in batches], pa.int64())})
-        with self._lock:
+    @property
+    def journal_dir(self) -> Path:
+        """Where the correlating store journals accepted batches before they are applied
+        here (aggregator/store/journal.py)."""
+        return self.dir / "journal"
+
+    def write_batches(self, raw: Sequence[tuple[str, int, pa.Table | None, int]],
+                      derived: Derived, correlated: Sequence[tuple[str, int]] = ()) -> None:
+        """Behind the ack (aggregator/correlating.py): raw batches from the journal, each with
+        its mark (`(collector, batch_seq, table, rows)`, a batch applied before refused: the
+        caller leaves those out), the derived tables of their correlation, and older raw
+        batches (`correlated`: stored raw before, not correlated yet) flagged correlated, in
+        ONE durable transaction."""
+        now = datetime.now(UTC)
+        with self._raw_lock, self._lock:
             con = self._writer()
             try:
                 con.execute("BEGIN TRANSACTION")
+                if raw:
+                    _ew_marks = pa.table({  # noqa: F841 - read by the SQL text
+                        "collector": pa.array([c for c, _, _, _ in raw], pa.string()),
+                        "batch_seq": pa.array([s for _, s, _, _ in raw], pa.int64()),
+                        "records": pa.array([n for _, _, _, n in raw], pa.int32())})
+                    con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
+                                "ingested_at, correlated) SELECT collector, batch_seq, records, "
+                                "$1, true FROM _ew_marks", [now])
+                    for collector, batch_seq, table, n in raw:
+                        if table is not None and n:
+                            _ew_batch_table = table  # noqa: F841 - read by the SQL text
+                            con.execute(_INSERT_FLOWS, [collector, batch_seq, now])
                 write_derived(con, derived)
-                con.register("_marks", marks)
-                try:
-                    con.execute("UPDATE ingested_batches SET correlated = true FROM _marks WHERE "
-                                "ingested_batches.collector = _marks.collector AND "
-                                "ingested_batches.batch_seq = _marks.batch_seq")
-                finally:
-                    con.unregister("_marks")
+                if correlated:
+                    self._flag_correlated(con, correlated)
                 con.execute("COMMIT")
             except duckdb.Error as exc:
                 self._rollback(con)
-                raise StoreError(f"duckdb {str(self.path)!r}: correlation of {len(batches)} "
-                                 f"batches not stored: {exc}") from exc
+                raise StoreError(f"duckdb {str(self.path)!r}: {len(raw)} batches not stored: "
+                                 f"{exc}") from exc
+            self._count += sum(n for _, _, _, n in raw)
+
+    def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of these `(collector, batch_seq)` were applied (one query)."""
+        if not keys:
+            return set()
+        _ew_keys = pa.table({  # noqa: F841 - read by the SQL text
+            "collector": pa.array([c for c, _ in keys], pa.string()),
+            "batch_seq": pa.array([s for _, s in keys], pa.int64())})
+        if self._closed:
+            raise StoreError(f"duckdb {str(self.path)!r} is closed")
+        try:
+            cur = self._con.cursor()
+            try:
+                rows = cur.execute("SELECT b.collector, b.batch_seq FROM ingested_batches b "
+                                   "JOIN _ew_keys k ON b.collector = k.collector AND "
+                                   "b.batch_seq = k.batch_seq").fetchall()
+            finally:
+                cur.close()
+        except duckdb.Error as exc:
+            raise StoreError(f"duckdb {str(self.path)!r}: query failed: {exc}") from exc
+        return {(c, s) for c, s in rows}
+
+    @staticmethod
+    def _flag_correlated(con: duckdb.DuckDBPyConnection, batches: Sequence[tuple[str, int]]) -> None:
+        _ew_marks = pa.table({  # noqa: F841 - read by the SQL text
+            "collector": pa.array([c for c, _ in batches], pa.string()),
+            "batch_seq": pa.array([s for _, s in batches], pa.int64())})
+        con.execute("UPDATE ingested_batches SET correlated = true FROM _ew_marks WHERE "
+                    "ingested_batches.collector = _ew_marks.collector AND "
+                    "ingested_batches.batch_seq = _ew_marks.batch_seq")
 
     def uncorrelated_batches(self) -> list[tuple[str, int, int]]:
         """The raw batches stored but not correlated yet (acknowledged, then the aggregator

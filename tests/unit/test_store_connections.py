@@ -62,20 +62,23 @@ def test_a_failing_write_leaves_store_and_memory_unchanged(data_dir):
     s = opened(data_dir)
     s.ingest("h1", 1, [rec("client")])
     s.flush()
-    inner_ingest = s.inner.ingest
+    # what the ack waits for: the journal's sync (DuckDB, background), the store's commit
+    target, name = (s.journal, "append") if s.journal is not None else (s.inner, "ingest")
+    inner_ingest = getattr(target, name)
 
     def broken(*a, **kw):
         from aggregator.store import StoreError
         raise StoreError("disk full")
 
-    s.inner.ingest = broken
+    setattr(target, name, broken)
     from aggregator.store import StoreError
     with pytest.raises(StoreError):
         s.ingest("h2", 1, [rec("server")])
     assert len(s.correlator) == 1
     (conn,) = [c for b in s.correlator.index.values() for c in b]
     assert conn.observed_by == ["client"]
-    s.inner.ingest = inner_ingest
+    assert not s.batch_applied("h2", 1)
+    setattr(target, name, inner_ingest)
     s.ingest("h2", 1, [rec("server")])  # the retry correlates as the first try would have
     assert edge(s)[("shop/frontend", "shop/api")]["observed_by"] == {"client,server": 1}
     s.close()
@@ -214,10 +217,11 @@ def test_a_file_of_the_one_table_layout_keeps_its_connections(tmp_path):
     s.close()
 
 
-def test_acknowledged_batches_not_yet_correlated_are_correlated_at_the_next_start(tmp_path):
-    """Background correlation: the ack means the raw batch is stored; when the aggregator stops
-    before correlating it (here: the correlation write fails, then the process 'dies'), the next
-    start correlates it, in the order stored, and nothing is counted twice."""
+def test_acknowledged_batches_not_yet_applied_are_applied_at_the_next_start(tmp_path):
+    """Background mode: the ack means the batch is in the journal, synced; when the aggregator
+    stops before applying it (here: the store's write fails, then the process 'dies'), the next
+    start replays the journal: stored and correlated in the order acknowledged, nothing twice,
+    and the journal's segments are deleted once applied."""
     from aggregator.store import StoreError
 
     s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
@@ -228,10 +232,11 @@ def test_acknowledged_batches_not_yet_correlated_are_correlated_at_the_next_star
     def broken(*a, **kw):
         raise StoreError("disk full")
 
-    s.inner.write_correlated = broken
+    s.inner.write_batches = broken
     assert not s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)]).duplicate
     s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000), rec("client", cport=40001, c2s=1, s2c=2)])
-    assert s.inner.count() == 4  # stored raw and acknowledged
+    assert s.count() == 4 and s.inner.count() == 1  # acknowledged: 3 of them in the journal only
+    assert s.ingest("h1", 2, [rec("client")]).duplicate and s.batch_applied("h2", 1)
     assert not s.flush(timeout=0.5)  # correlation cannot catch up while the store fails
     assert s.lag()["batches"] == 2 and s.lag()["records"] == 3
     assert s.drops.snapshot()[("correlate", "store_unavailable")] >= 1
@@ -245,8 +250,14 @@ def test_acknowledged_batches_not_yet_correlated_are_correlated_at_the_next_star
     assert (e["connections_opened"], e["bytes_c2s"], e["bytes_s2c"]) == (2, 1001, 5002)
     assert e["observed_by"] == {"client,server": 1, "client": 1}
     assert s.lag() == {"batches": 0, "records": 0, "seconds": 0.0}
-    assert s.inner.uncorrelated_batches() == []
+    assert s.inner.count() == 4 and s.inner.uncorrelated_batches() == []
     assert s.ingest("h1", 2, [rec("client")]).duplicate
+    s.ingest("h1", 3, [rec("client", cport=40002)])  # appended to the journal's newest segment
+    assert s.flush(5) and s.journal.bytes() == 0
+    s.close()
+    assert [p.name for p in (tmp_path / "journal").iterdir()] in ([], ["0000000000000001.ewj"])
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    assert s.lag()["batches"] == 0 and s.count() == 5  # nothing replayed twice
     s.close()
 
 
@@ -308,20 +319,22 @@ def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(
     s.close()
 
 
-def test_a_wire_batch_is_stored_in_columns_and_correlated_from_its_bytes(tmp_path):
-    """The binary path: the raw store gets the columns decoded from the wire bytes; the backlog
-    holds those bytes (WireBatch) and the worker decodes them again, leaving out the records
-    ingest rejected (here one whose collector is not the batch's): they are in no table."""
+def test_a_wire_batch_is_journaled_as_bytes_and_stored_from_them(tmp_path):
+    """The binary path: the journal (and the queue) hold the batch's wire bytes and the indices
+    ingest rejected; the worker decodes them again into the raw store's columns and the
+    records it correlates, leaving out the rejected record (here one whose collector is not the
+    batch's): it is in no table."""
     from datetime import UTC, datetime
 
-    from aggregator.correlating import WireBatch
+    from aggregator.correlating import entry_contents
+    from aggregator.store.journal import Entry
     from aggregator.store.wire_columns import decode_columns
     from eastwest import codec
 
     s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
     queued: list[object] = []
-    accept = s._accept
-    s._accept = lambda c, q, pending, n, store: (queued.append(pending), accept(c, q, pending, n, store))[1]  # type: ignore[method-assign]
+    append = s.journal.append
+    s.journal.append = lambda *a: queued.append(append(*a)) or queued[-1]  # type: ignore[method-assign]
     stranger = rec("client", cport=40009, collector="h9")
     body = codec.encode_batch(codec.Batch("h1", 1, datetime.now(UTC), [
         rec("client", final=False, c2s=400, s2c=100), stranger, rec("client", cport=40001)]))
@@ -329,7 +342,8 @@ def test_a_wire_batch_is_stored_in_columns_and_correlated_from_its_bytes(tmp_pat
     assert [r[:2] for r in batch.rejected] == [(1, "collector")]
     r = s.ingest_columns(batch, body)
     assert (r.stored, r.duplicate) == (2, False)
-    assert isinstance(queued[0], WireBatch) and [x.client.port for x in queued[0].records()] == [40000, 40001]
+    assert isinstance(queued[0], Entry) and queued[0].body == body and queued[0].rejected == [1]
+    assert [x.client.port for x in entry_contents(queued[0])[0]] == [40000, 40001]
     assert s.ingest_columns(decode_columns(body), body).duplicate
     assert s.connection_count() == 2
     assert sorted(x.client.port for x in s.records()) == [40000, 40001]
@@ -353,9 +367,9 @@ def test_ingest_waits_while_correlation_is_a_whole_backlog_behind(tmp_path):
         t = threading.Thread(target=lambda: (s.ingest("h1", 2, [rec("client", cport=40003)]),
                                              done.set()))
         t.start()
-        assert not done.wait(0.5) and s.inner.count() == 2  # waiting, batch 2 not stored yet
+        assert not done.wait(0.5) and s.count() == 2  # waiting, batch 2 not journaled yet
         gate.set()
-        assert done.wait(10) and s.inner.count() == 3
+        assert done.wait(10) and s.count() == 3
         t.join()
     finally:
         gate.set()
