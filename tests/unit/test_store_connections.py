@@ -375,3 +375,20 @@ def test_ingest_waits_while_correlation_is_a_whole_backlog_behind(tmp_path):
         gate.set()
     assert s.flush(5) and s.connection_count() == 3
     s.close()
+
+
+def test_raw_batches_an_older_version_left_uncorrelated_are_correlated_first(tmp_path):
+    """A data directory of the version before the journal acknowledged raw batches in `flows`
+    flagged `correlated = false`: they are correlated at start, before what the journal holds."""
+    raw = open_store("duckdb", tmp_path)
+    raw.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])  # raw only, as then
+    raw.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])
+    assert [b[:2] for b in raw.uncorrelated_batches()] == [("h1", 1), ("h2", 1)]
+    raw.close()
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000)])
+    assert s.connection_count() == 1 and s.count() == 3
+    e = edge(s)[("shop/frontend", "shop/api")]
+    assert (e["connections_opened"], e["bytes_c2s"], e["observed_by"]) == (1, 1000, {"client,server": 1})
+    assert s.inner.uncorrelated_batches() == [] and s.ingest("h2", 1, [rec("server")]).duplicate
+    s.close()
