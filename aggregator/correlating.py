@@ -10,11 +10,16 @@ Background mode (a store with `write_batches` and a `journal_dir`: DuckDB). `ing
 the batch (its wire bytes) to the journal (aggregator/store/journal.py) and syncs it: the ack
 means "durably stored, never lost", at the cost of a file append (~0.4 ms) instead of a store
 transaction (~20 ms a batch of 5,000, competing with correlation for the database and the
-cores). A worker thread drains the queue of accepted batches in the order they were journaled:
-the batch at the head, with the batches waiting behind it up to `coalesce` records, in ONE plan
+cores). The worker drains the queue of accepted batches in the order they were journaled: the
+batch at the head, with the batches waiting behind it up to `coalesce` records, in ONE plan
 (records oldest first, as within a batch), then ONE store transaction that writes their raw
-records, their marks and the derived tables; then the correlator's memory advances and the
-journal forgets them (a failed write leaves memory untouched and the batches are retried).
+records, their marks and the derived tables; then the journal forgets them. The worker is two
+threads: a planner (decode, plan, the correlator's memory advanced, tables built) and a writer
+(the store transaction, then listeners and subscribers); the planner goes at most
+`WRITE_AHEAD` steps ahead, so planning overlaps the store's work (DuckDB releases the GIL).
+A failed write leaves the store untouched; every step not written goes back to the queue in
+order, the correlator's memory is rebuilt from the store (as at a restart) and the batches are
+retried a second later.
 Grouping batches when behind writes a connection reported in several of them once, not once per
 batch (1.5x the drain rate, bench/bench_store.py); the connections and their totals do not
 depend on the grouping, only which minute of a rollup a delta lands in can (the minute of the
@@ -56,7 +61,7 @@ from aggregator.connection import Connection
 from aggregator.correlate import Correlator, Plan
 from aggregator.store.base import FlowStore, IngestResult, StoreError
 from aggregator.store.columns import flat_table, gc_paused
-from aggregator.store.derived import derived_of
+from aggregator.store.derived import Derived, derived_of
 from aggregator.store.journal import Entry, Journal
 from aggregator.store.wire_columns import ColumnBatch, decode_columns
 from eastwest import codec
@@ -68,11 +73,24 @@ RETENTION_EVERY_S = 600.0
 MAX_PENDING = 500_000    # records accepted but not correlated yet, before ingest waits
 COALESCE = 20_000        # records of waiting batches correlated in one plan and transaction
 READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
+WRITE_AHEAD = 2          # planned steps waiting for the store writer, at most
 # reads of what correlation writes: they wait until the accepted batches are correlated
 _AFTER_FLUSH = frozenset({"records", "connections", "connection_count", "edge_counts", "edge_volumes",
                           "edge_columns", "workload_rows", "recent_connections", "apply_retention",
                           "checkpoint"})
 
+
+
+class _Step:
+    """Batches planned by the worker's planner, for its writer."""
+
+    __slots__ = ("take", "raw", "derived", "stored", "entries")
+
+    def __init__(self, take: list[tuple[str, int, Pending, int, float]],
+                 raw: list[tuple[str, int, Any, int]], derived: Derived,
+                 stored: list[tuple[str, int]], entries: list[Entry]) -> None:
+        self.take, self.raw, self.derived = take, raw, derived
+        self.stored, self.entries = stored, entries
 
 
 class StoredBatch:
@@ -181,7 +199,10 @@ class CorrelatingStore:
         self._journaled: set[tuple[str, int]] = set()  # in the journal, not applied yet
         self._stopping = False
         self._ack_lock = threading.Lock()  # duplicate check, journal append, queue: one order
-        self._worker: threading.Thread | None = None
+        self._worker: threading.Thread | None = None   # the writer
+        self._planner: threading.Thread | None = None
+        self._writes: deque[_Step] = deque()  # planned, not written yet, in order
+        self._failed: Exception | None = None  # a write failed: the planner resets
         self.correlated_batches = 0
         self._accepted = 0         # batches ever queued; the worker takes them in this order
         self.journal: Journal | None = None
@@ -192,8 +213,11 @@ class CorrelatingStore:
         if self.background:
             self.journal = Journal(inner.journal_dir)  # type: ignore[attr-defined]
             self._requeue()
-            self._worker = threading.Thread(target=self._run, name="eastwest-correlator",
+            self._planner = threading.Thread(target=self._run, name="eastwest-correlator",
+                                             daemon=True)
+            self._worker = threading.Thread(target=self._write, name="eastwest-store-writer",
                                             daemon=True)
+            self._planner.start()
             self._worker.start()
         self._maybe_retention()
 
@@ -300,53 +324,99 @@ class CorrelatingStore:
         self._maybe_retention()
         return result
 
-    # -- the correlation worker (background mode) ----------------------------------------------
+    # -- the worker (background mode): a planner and a writer -----------------------------------
+    # The planner decodes the batches it takes, plans them and advances the correlator's memory
+    # at once (optimistically), then hands the step to the writer and takes the next batches
+    # while the writer's transaction runs (DuckDB releases the GIL: the two overlap on two
+    # cores). At most `WRITE_AHEAD` steps wait for the writer. When a write fails, memory is
+    # ahead of the store: the planner puts every step not written back at the head of the
+    # queue, in order, rebuilds the correlator's memory from the store (as a restart does) and
+    # goes on after a second. Listeners and subscribers hear of a step once it is written.
     def _run(self) -> None:
+        try:
+            self._plan_steps()
+        finally:
+            with self._cond:
+                self._cond.notify_all()  # the writer waits for the planner's end to stop
+
+    def _plan_steps(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._stopping and (not self._queue or self._failed is not None
+                                              or len(self._writes) >= WRITE_AHEAD):
+                    if self._failed is not None:
+                        break
                     self._cond.wait()
-                if not self._queue:
+                if self._failed is not None:
+                    if self._stopping:
+                        return  # what is left is in the journal: done at the next start
+                    steps = list(self._writes)
+                    self._writes.clear()
+                    for step in reversed(steps):
+                        self._queue.extendleft(reversed(step.take))
+                    self._in_flight = self._flight_records = 0
+                    self._cond.notify_all()
+                    reset = True
+                elif not self._queue:
                     return  # stopping, nothing left
-                # behind: the waiting batches (up to `coalesce` records) in one plan and one
-                # transaction: a connection reported in several of them is written once
-                take = [self._queue.popleft()]
-                n = take[0][3]
-                while self._queue and n + self._queue[0][3] <= self.coalesce:
-                    n += self._queue[0][3]
-                    take.append(self._queue.popleft())
-                self._in_flight = len(take)
-                self._flight_records = sum(t[3] for t in take if isinstance(t[2], Entry))
+                else:
+                    reset = False
+                    # behind: the waiting batches (up to `coalesce` records) in one plan and one
+                    # transaction: a connection reported in several of them is written once
+                    take = [self._queue.popleft()]
+                    n = take[0][3]
+                    while self._queue and n + self._queue[0][3] <= self.coalesce:
+                        n += self._queue[0][3]
+                        take.append(self._queue.popleft())
+                    self._in_flight += len(take)
+                    self._flight_records += sum(t[3] for t in take if isinstance(t[2], Entry))
+            if reset:
+                self._reset_memory()
+                continue
             try:
                 self._correlate(take)
             except Exception as exc:  # noqa: BLE001 - a StoreError, or a bug: never lose batches
                 with self._cond:
                     self._queue.extendleft(reversed(take))
-                    self._in_flight = self._flight_records = 0
+                    self._in_flight -= len(take)
+                    self._flight_records -= sum(t[3] for t in take if isinstance(t[2], Entry))
                     self._cond.notify_all()
-                closed = getattr(self.inner, "_closed", False)
-                self.drops.count("correlate", "store_unavailable", n, detail=repr(exc))
-                if not isinstance(exc, StoreError):
-                    log.exception("correlation of %d batches failed", len(take))
-                if closed or self._stopping:
-                    return  # stored raw and flagged not correlated: done at the next start
-                time.sleep(1.0)
-                continue
-            with self._cond:
-                self._pending -= n
-                self._in_flight = self._flight_records = 0
-                self._journaled.difference_update((c, q) for c, q, _, _, _ in take)
-                self.correlated_batches += len(take)
-                self._cond.notify_all()
+                if not self._failed_step(exc, n, len(take)):
+                    return
+
+    def _failed_step(self, exc: Exception, records: int, batches: int) -> bool:
+        """Count and log a failed step; False when the worker must stop (the store closed,
+        or stopping), else True after a pause."""
+        self.drops.count("correlate", "store_unavailable", records, detail=repr(exc))
+        if not isinstance(exc, StoreError):
+            log.error("the worker failed on %d batches", batches, exc_info=exc)
+        if getattr(self.inner, "_closed", False) or self._stopping:
+            return False  # in the journal (or flagged not correlated): done at the next start
+        time.sleep(1.0)
+        return True
+
+    def _reset_memory(self) -> None:
+        """After a failed write: the correlator's memory again as the store has it."""
+        while True:
             try:
-                self._maybe_retention()
-            except StoreError as exc:
-                self.drops.count("correlate", "retention_failed", detail=str(exc))
+                with self.correlator.lock:
+                    self.correlator.index.clear()
+                    self.correlator.high_water = None
+                    del self.correlator.settled[:]
+                    self.correlator.load(self.inner.recent_connections(
+                        self.correlator.keep_open.total_seconds()))
+                break
+            except Exception as exc:  # noqa: BLE001 - the store still failing
+                if not self._failed_step(exc, 0, 0):
+                    return
+        time.sleep(1.0)
+        with self._cond:
+            self._failed = None
+            self._cond.notify_all()
 
     def _correlate(self, take: list[tuple[str, int, Pending, int, float]]) -> None:
-        """One step of the worker: the batches taken, stored and correlated in one transaction,
-        then forgotten by the journal."""
-        assert self.journal is not None
+        """The planner's step: the batches taken, decoded and planned (the correlator's memory
+        advances), their tables built; then handed to the writer."""
         entries = [p for _, _, p, _, _ in take if isinstance(p, Entry)]
         # applied already: only when a stop fell between the store's commit and the journal's
         # release and the replay raced it; cheap (one query), and it keeps a retry exact
@@ -369,27 +439,69 @@ class CorrelatingStore:
         with self.correlator.lock, gc_paused():
             plan = self.correlator.plan(records)
             settled = list(self.correlator.settled)
-            self.inner.write_batches(  # type: ignore[attr-defined]
-                raw, derived_of(plan, settled), stored)
             del self.correlator.settled[:len(settled)]
             self.correlator.commit(plan)
-            self._notify(plan)
-        self.journal.release(entries)
-        if plan.connections and self.hub.subscribers:
-            self.hub.publish(list(plan.connections.values()))
+        derived = derived_of(plan, settled)
+        with gc_paused():
+            derived.prepare()
+        with self._cond:
+            self._writes.append(_Step(take, raw, derived, stored, entries))
+            self._cond.notify_all()
+
+    def _write(self) -> None:
+        """The writer: each planned step in one store transaction, in order."""
+        while True:
+            with self._cond:
+                while not self._writes or self._failed is not None:
+                    if self._stopping and (not self._writes or self._failed is not None) and (
+                            self._planner is None or not self._planner.is_alive()):
+                        return
+                    self._cond.wait()
+                step = self._writes[0]
+            try:
+                self.inner.write_batches(  # type: ignore[attr-defined]
+                    step.raw, step.derived, step.stored)
+            except Exception as exc:  # noqa: BLE001 - a StoreError, or a bug: never lose batches
+                with self._cond:
+                    self._failed = exc
+                    self._cond.notify_all()
+                n = sum(t[3] for t in step.take)
+                if not self._failed_step(exc, n, len(step.take)):
+                    return
+                continue
+            plan = step.derived.plan
+            with self.correlator.lock:
+                self._notify(plan)
+            assert self.journal is not None
+            self.journal.release(step.entries)
+            with self._cond:
+                self._writes.popleft()
+                self._pending -= sum(t[3] for t in step.take)
+                self._in_flight -= len(step.take)
+                self._flight_records -= sum(t[3] for t in step.take if isinstance(t[2], Entry))
+                self._journaled.difference_update((c, q) for c, q, _, _, _ in step.take)
+                self.correlated_batches += len(step.take)
+                self._cond.notify_all()
+            if plan.connections and self.hub.subscribers:
+                self.hub.publish(list(plan.connections.values()))
+            try:
+                self._maybe_retention()
+            except StoreError as exc:
+                self.drops.count("correlate", "retention_failed", detail=str(exc))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every batch accepted before this call is correlated and stored (batches
         accepted meanwhile are not waited for: under a steady stream the queue never empties,
         and a read must not wait for it to); False on timeout (the store failing). Immediate
         in synchronous mode and on the worker thread itself."""
-        if not self.background or threading.current_thread() is self._worker:
+        if not self.background or threading.current_thread() in (self._worker, self._planner):
             return True
         with self._cond:
             target = self._accepted  # FIFO: done when this many batches are correlated
             return self._cond.wait_for(
                 lambda: self.correlated_batches >= target
-                or (self._stopping and (self._worker is None or not self._worker.is_alive())),
+                or (self._stopping and (self._worker is None or not self._worker.is_alive())
+                    and (self._planner is None or not self._planner.is_alive())),
                 timeout)
 
     def lag(self) -> dict[str, float]:
@@ -411,6 +523,8 @@ class CorrelatingStore:
                 self._stopping = True
                 self._cond.notify_all()
             self._worker.join(self.read_wait_s)
+            if self._planner is not None:
+                self._planner.join(self.read_wait_s)
         if self.journal is not None:
             self.journal.close()
         self.inner.close()

@@ -9,9 +9,14 @@ Peer: the very same encoded batches (pre-encoded, so the peer pays nothing for t
 after the other by a bare `httpx.Client` loop to the same aggregator process.
 Server: a real `eastwest aggregator` subprocess (uvicorn, DuckDB file, full ingest path).
 Also shown: the collector side alone (records -> sealed, spooled batches, no network), i.e. what
-the transport could carry if the server were free.
+the transport could carry if the server were free; and the steady state: a stream of
+`--sustained` records to an aggregator whose backlog bound (`--correlation-backlog`) is
+`--backlog` records, so that most of the stream is acknowledged at the pace of the worker that
+stores and correlates behind the journal (what a stream longer than the default 500,000-record
+backlog gets).
 
     python bench/bench_transport.py [--records 100000] [--batch 5000] [--rounds 2]
+                                    [--sustained 300000] [--backlog 50000]
 """
 
 from __future__ import annotations
@@ -110,6 +115,10 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=2, help="peer and sink alternate: P S, S P, ...")
+    ap.add_argument("--sustained", type=int, default=300_000,
+                    help="records of the steady-state stream (0: skip it)")
+    ap.add_argument("--backlog", type=int, default=50_000,
+                    help="the aggregator's --correlation-backlog for the steady-state stream")
     args = ap.parse_args()
     n = args.records
     times: dict[str, list[float]] = {k: [] for k in ("peer", "sink", "peer_done", "sink_done")}
@@ -137,6 +146,20 @@ def main() -> int:
             stored = stack.read("/readyz")["records"]
         finally:
             stack.stop()
+        steady = None
+        if args.sustained:
+            stack = Stack(root / "data-steady", listen=f"127.0.0.1:{free_port()}")
+            try:
+                stack.start_aggregator(extra=["--correlation-backlog", str(args.backlog)])
+                token = stack.tokens["EASTWEST_INGEST_TOKEN"]
+                recs = make_records(args.sustained, "bench-steady")
+                t0 = time.perf_counter()
+                acked = run_sink(stack.url, token, recs, root / "spool-steady", args.batch)
+                steady = (acked, correlated_after(stack.url, t0))
+                got = stack.read("/readyz")["records"]
+                assert got == args.sustained, f"the aggregator stored {got} records"
+            finally:
+                stack.stop()
     assert stored == 2 * n * args.rounds, f"the aggregator stored {stored} records"
     wire = sum(map(len, bodies))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -154,6 +177,10 @@ def main() -> int:
     row("  peer, until the aggregator has also correlated them", "peer_done", "peer_done")
     row("  sink, until the aggregator has also correlated them", "sink_done", "peer_done")
     print(f"{'collector side alone: batch + encode + spool (no network)':<58} {n / local:>12,.0f}")
+    if steady is not None:
+        print(f"steady state: {args.sustained:,} records, backlog bound {args.backlog:,}")
+        print(f"{'  AggregatorSink, acked':<58} {args.sustained / steady[0]:>12,.0f}")
+        print(f"{'  until stored and correlated':<58} {args.sustained / steady[1]:>12,.0f}")
     print(f"stored by the aggregator: {stored:,} (every record once); load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

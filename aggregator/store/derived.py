@@ -243,10 +243,17 @@ class Derived:
         return _table([(*row_values(c, s), _enc.encode(c))
                        for c, s in zip(self.conns, self.summaries, strict=True)], CONN_SCHEMA)
 
+    def prepare(self) -> None:
+        """Build the DuckDB tables now (the background worker's planner does, so that its
+        writer only runs SQL)."""
+        self._rows = self.connection_rows()
+        _ = self.rollups, self.workloads
+
     def connection_rows(self) -> pa.Table | None:
         """The DuckDB form: `DUCKDB_CONN_NAMES`."""
-        if not self.conns:
-            return None
+        rows = getattr(self, "_rows", None)
+        if rows is not None or not self.conns:
+            return rows
         return _table([(*row_values(c, s), views_blob(c))
                        for c, s in zip(self.conns, self.summaries, strict=True)], DUCKDB_CONN_SCHEMA)
 

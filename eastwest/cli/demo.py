@@ -105,9 +105,10 @@ class Stack:
                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
 
-    def start_aggregator(self, timeout: float = 60.0) -> None:
+    def start_aggregator(self, timeout: float = 60.0, extra: list[str] | None = None) -> None:
         self.aggregator = self._spawn("aggregator", ["aggregator", "--listen", self.listen,
-                                                     "--data", str(self.data / "store")])
+                                                     "--data", str(self.data / "store"),
+                                                     *(extra or [])])
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -4,6 +4,7 @@ the correlator's index is rebuilt after a restart, retention deletes old rows.""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -391,4 +392,48 @@ def test_raw_batches_an_older_version_left_uncorrelated_are_correlated_first(tmp
     e = edge(s)[("shop/frontend", "shop/api")]
     assert (e["connections_opened"], e["bytes_c2s"], e["observed_by"]) == (1, 1000, {"client,server": 1})
     assert s.inner.uncorrelated_batches() == [] and s.ingest("h2", 1, [rec("server")]).duplicate
+    s.close()
+
+
+def test_a_failed_write_after_the_planner_went_ahead_is_replanned_exactly(tmp_path):
+    """The worker's planner advances the correlator's memory before the writer has stored the
+    step, and plans the next batches meanwhile. When the write fails, every step not written goes
+    back to the queue in order and memory is rebuilt from the store: the result is the one
+    without the failure (no view twice, no byte counted twice), and listeners hear of each
+    connection only once it is stored."""
+    import threading
+
+    from aggregator.store import StoreError
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
+                         coalesce=0)  # one batch a step
+    s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])
+    assert s.flush(5)
+    heard: list[tuple[str, ...]] = []
+    s.add_listener(lambda plan: heard.extend(
+        tuple(c.observed_by) for c in plan.connections.values()))
+    write = s.inner.write_batches
+    fail = threading.Event()
+    fail.set()
+
+    def once(*a, **kw):
+        if fail.is_set():
+            deadline = time.monotonic() + 5
+            while len(s._writes) < 2 and time.monotonic() < deadline:  # the planner went ahead
+                time.sleep(0.01)
+            fail.clear()
+            raise StoreError("disk full, once")
+        return write(*a, **kw)
+
+    s.inner.write_batches = once
+    s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])
+    s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000)])
+    s.ingest("h1", 3, [rec("client", cport=40001, c2s=7, s2c=9)])
+    assert s.flush(10) and not fail.is_set()
+    assert s.drops.snapshot()[("correlate", "store_unavailable")] >= 1
+    assert s.connection_count() == 2
+    e = edge(s)[("shop/frontend", "shop/api")]
+    assert (e["connections_opened"], e["bytes_c2s"], e["bytes_s2c"]) == (2, 1007, 5009)
+    assert e["observed_by"] == {"client,server": 1, "client": 1}
+    assert ("client", "server") in heard and s.count() == 4 and s.journal.bytes() == 0
     s.close()
