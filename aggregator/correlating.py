@@ -197,6 +197,7 @@ class CorrelatingStore:
         self._in_flight = 0        # batches taken by the worker, not committed yet
         self._flight_records = 0   # journaled records among them
         self._journaled: set[tuple[str, int]] = set()  # in the journal, not applied yet
+        self._max_seq: dict[str, int] = {}  # per collector: the highest batch_seq journaled or stored
         self._stopping = False
         self._ack_lock = threading.Lock()  # duplicate check, journal append, queue: one order
         self._worker: threading.Thread | None = None   # the writer
@@ -243,6 +244,10 @@ class CorrelatingStore:
             self._queue.append((e.collector, e.batch_seq, e, e.records, now))
             self._pending += e.records
             self._accepted += 1
+            if e.collector not in self._max_seq:  # the store's highest first, then the journal's
+                self._max_seq[e.collector] = self.inner.max_batch_seq(  # type: ignore[attr-defined]
+                    e.collector)
+            self._max_seq[e.collector] = max(self._max_seq[e.collector], e.batch_seq)
         self.journal.release(done)
         if self.journal.corrupt:
             self.drops.count("journal", "damaged_entry", self.journal.corrupt,
@@ -280,10 +285,12 @@ class CorrelatingStore:
                     self._cond.wait(1.0)
                 journaled = key in self._journaled
             # in the journal, or applied (the worker forgets a key only once it is applied)
-            if journaled or self.inner.batch_applied(collector, batch_seq):
+            if journaled or self._applied(collector, batch_seq):
                 return IngestResult(collector, batch_seq, 0, True)
             entry = self.journal.append(collector, batch_seq, n, rejected, body())  # durable
             entry.cached = cached
+            if batch_seq > self._max_seq[collector]:
+                self._max_seq[collector] = batch_seq
             with self._cond:
                 self._journaled.add(key)
                 self._queue.append((collector, batch_seq, entry, n, time.monotonic()))
@@ -292,6 +299,17 @@ class CorrelatingStore:
                 self.correlator.touch()
                 self._cond.notify_all()
         return IngestResult(collector, batch_seq, n, False)
+
+    def _applied(self, collector: str, batch_seq: int) -> bool:
+        """Whether the store has applied this batch, without asking it in the common case: a
+        collector numbers its batches upwards, so a `batch_seq` above every one journaled or
+        stored for it is new (the store is asked once per collector, then for retries only).
+        Called under `_ack_lock`: only the ack path journals."""
+        top = self._max_seq.get(collector)
+        if top is None:
+            top = self._max_seq[collector] = int(self.inner.max_batch_seq(  # type: ignore[attr-defined]
+                collector))
+        return batch_seq <= top and bool(self.inner.batch_applied(collector, batch_seq))
 
     def count(self) -> int:
         """Records stored durably: in the store, and journaled not applied yet."""

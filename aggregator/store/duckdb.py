@@ -236,6 +236,12 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         return [record_of(r) for r in rows]
 
     # -- reads --------------------------------------------------------------------------------
+    def max_batch_seq(self, collector: str) -> int:
+        """The highest `batch_seq` applied for this collector (-1: none)."""
+        rows = self._query("SELECT max(batch_seq) FROM ingested_batches WHERE collector = ?",
+                           [collector])
+        return -1 if not rows or rows[0][0] is None else int(rows[0][0])
+
     def batch_applied(self, collector: str, batch_seq: int) -> bool:
         return bool(self._scalar(
             "SELECT count(*) FROM ingested_batches WHERE collector = ? AND batch_seq = ?",

@@ -437,3 +437,20 @@ def test_a_failed_write_after_the_planner_went_ahead_is_replanned_exactly(tmp_pa
     assert e["observed_by"] == {"client,server": 1, "client": 1}
     assert ("client", "server") in heard and s.count() == 4 and s.journal.bytes() == 0
     s.close()
+
+
+def test_batches_out_of_order_are_stored_and_their_retries_are_duplicates(tmp_path):
+    """The ack path knows a batch is new without asking the store when its batch_seq is above
+    every one of its collector's; below that (a retry, or batches out of order) it asks."""
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    assert not s.ingest("h1", 7, [rec("client", cport=40007)]).duplicate
+    assert not s.ingest("h1", 5, [rec("client", cport=40005)]).duplicate  # below 7, never seen
+    assert s.flush(5)
+    assert s.ingest("h1", 5, [rec("client", cport=40005)]).duplicate  # stored: the store says so
+    assert s.ingest("h1", 7, [rec("client", cport=40007)]).duplicate
+    assert not s.ingest("h2", 1, [rec("server", cport=40007)]).duplicate  # another collector
+    s.close()
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    assert s.ingest("h1", 7, [rec("client")]).duplicate and s.ingest("h1", 6, []).duplicate is False
+    assert s.count() == 3 and s.connection_count() == 2
+    s.close()
