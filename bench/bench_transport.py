@@ -25,6 +25,7 @@ import argparse
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from collector.export import AggregatorSink, ExportSettings
+from collector.export import SWITCH_INTERVAL_S, AggregatorSink, ExportSettings
 from collector.pipeline import CollectorContext
 from eastwest import codec
 from eastwest.cli.demo import Stack
@@ -63,11 +64,14 @@ def run_sink(url: str, token: str, records: list[FlowRecord], spool: Path, batch
     settings = ExportSettings(url=url, token=token, spool_dir=spool, batch_size=batch,
                               batch_age=0.2, shutdown_timeout=600.0, request_timeout=120.0)
     sink = AggregatorSink(CollectorContext(records[0].collector), settings=settings)
+    default_switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the collector process runs (collector/main.py)
     t = time.perf_counter()
     for i in range(0, len(records), 1000):
         sink.write(records[i:i + 1000])
     sink.close()  # seals the rest, waits until the spool is drained (acknowledged)
     elapsed = time.perf_counter() - t
+    sys.setswitchinterval(default_switch)
     assert len(sink.spool) == 0, "batches left unsent"
     assert sink.metrics.records_out._value.get() == len(records)
     return elapsed

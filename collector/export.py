@@ -42,6 +42,10 @@ from eastwest.codec import CONTENT_TYPE, Batch, encode_batch
 from eastwest.errors import ConfigError
 from eastwest.record import FlowRecord
 
+# The sender thread (HTTP to the aggregator) releases the GIL on every socket call and needs it
+# back promptly while the pipeline encodes batches in Python: at CPython's default 5 ms switch
+# interval each hand-back waited up to 5 ms. The collector process sets this (collector/main.py).
+SWITCH_INTERVAL_S = 0.0005
 log = logging.getLogger("eastwest.export")
 INGEST_PATH = "/api/v1/ingest"
 TOKEN_ENV = "EASTWEST_INGEST_TOKEN"

@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
         print(bpf_source(args))
         return 0
 
+    from collector.export import SWITCH_INTERVAL_S
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # the sender thread gets the GIL back promptly
     ctx = CollectorContext(collector_id=args.collector_id,
                            first_seq=1 if args.pcap else live_first_seq())
     sources: list[Source] = []

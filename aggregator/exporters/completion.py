@@ -61,16 +61,23 @@ class Completions:
         now = self.clock() if now is None else now
         out: list[Connection] = []
         with self._lock:
-            for cid, (conn, at) in list(self._pending.items()):
+            told: list[str] = []
+            gone: list[str] = []
+            # no copy of the whole dict: up to `max_pending` entries, and this runs every tick
+            for cid, (conn, at) in self._pending.items():
                 age = now - at
                 if age < self.settle_s and not everything_closed:
                     break  # ordered by last update: the rest are younger
                 if conn.closed:
                     out.append(conn)
-                    self._tell(cid)
+                    told.append(cid)
                 elif age >= self.keep_open_s:
-                    self.drops.count(STAGE, "never_closed")
-                    del self._pending[cid]
+                    gone.append(cid)
+            for cid in told:
+                self._tell(cid)
+            for cid in gone:
+                self.drops.count(STAGE, "never_closed")
+                del self._pending[cid]
             self.told += len(out)
         return out
 

@@ -22,6 +22,7 @@ Counters restart at zero when the aggregator restarts, as Prometheus expects of 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -60,30 +61,51 @@ class EdgeMetrics:
         self.rtt = Histogram("eastwest_edge_rtt_seconds", "smoothed round-trip time of each "
                              "completed TCP connection", L, buckets=RTT_BUCKETS, registry=r)
         r.register(_BudgetCollector(labels))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def on_plan(self, plan: Plan) -> None:
+        child = self._child
         for rk, counters in plan.rollups.items():
             client, server = plan.identities[rk]
             edge = self.labels.of(client, server, rk[5], rk[6])
             c2s, s2c, _pc2s, _ps2c, retrans, _resets = counters
             # touch every series of the edge, zero or not: a rate over a quiet edge is 0, not absent
-            self.bytes.labels(*edge, "c2s").inc(c2s)
-            self.bytes.labels(*edge, "s2c").inc(s2c)
-            self.retransmits.labels(*edge).inc(retrans)
+            child(self.bytes, (*edge, "c2s")).inc(c2s)
+            child(self.bytes, (*edge, "s2c")).inc(s2c)
+            child(self.retransmits, edge).inc(retrans)
+        opened: dict[tuple[str, ...], int] = {}  # one inc per edge, not per connection
+        of = self.labels.of
         for cid in plan.created:
             c = plan.connections[cid]
-            self.connections.labels(*self.labels.of(c.client, c.server, c.server_port,
-                                                    c.protocol)).inc()
+            edge = of(c.client, c.server, c.server_port, c.protocol)
+            opened[edge] = opened.get(edge, 0) + 1
+        for values, n in opened.items():
+            child(self.connections, values).inc(n)
 
     def on_complete(self, conns: Iterable[Connection]) -> None:
+        child = self._child
+        failed: dict[tuple[str, ...], int] = {}
+        of = self.labels.of
         for c in conns:
-            edge = self.labels.of(c.client, c.server, c.server_port, c.protocol)
+            edge = of(c.client, c.server, c.server_port, c.protocol)
             outcome = outcome_of(c.connect, c.best()[5])
             if outcome in FAILED:
-                self.failures.labels(*edge, outcome).inc()
+                fkey = (*edge, outcome)
+                failed[fkey] = failed.get(fkey, 0) + 1
             rtt = c.rtt
             if rtt is not None:
-                self.rtt.labels(*edge).observe(rtt[1] / 1e6)
+                child(self.rtt, edge).observe(rtt[1] / 1e6)
+        for values, n in failed.items():
+            child(self.failures, values).inc(n)
+
+    def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
+        """`metric.labels(*values)`, remembered: prometheus_client's `labels` validates and locks
+        on every call (~3 µs), and these run for every connection. Series are never removed."""
+        key = (id(metric), values)
+        got = self._children.get(key)
+        if got is None:
+            got = self._children[key] = metric.labels(*values)
+        return got
 
 
 class _BudgetCollector(Collector):
