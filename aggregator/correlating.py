@@ -74,6 +74,7 @@ MAX_PENDING = 500_000    # records accepted but not correlated yet, before inges
 COALESCE = 20_000        # records of waiting batches correlated in one plan and transaction
 READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
 WRITE_AHEAD = 2          # planned steps waiting for the store writer, at most
+CACHE_RECORDS_BELOW = 50_000  # backlog (records) under which records given as objects stay cached
 # reads of what correlation writes: they wait until the accepted batches are correlated
 _AFTER_FLUSH = frozenset({"records", "connections", "connection_count", "edge_counts", "edge_volumes",
                           "edge_columns", "workload_rows", "recent_connections", "apply_retention",
@@ -288,7 +289,9 @@ class CorrelatingStore:
             if journaled or self._applied(collector, batch_seq):
                 return IngestResult(collector, batch_seq, 0, True)
             entry = self.journal.append(collector, batch_seq, n, rejected, body())  # durable
-            entry.cached = cached
+            # records handed over as objects stay in memory while the backlog is short (~1 KB a
+            # record); behind a deep one they are decoded from the journal's bytes when due
+            entry.cached = cached if self._pending < CACHE_RECORDS_BELOW else None
             if batch_seq > self._max_seq[collector]:
                 self._max_seq[collector] = batch_seq
             with self._cond:
@@ -457,11 +460,10 @@ class CorrelatingStore:
         with self.correlator.lock, gc_paused():
             plan = self.correlator.plan(records)
             settled = list(self.correlator.settled)
+            derived = derived_of(plan, settled)
+            derived.prepare()  # nothing after this can fail: memory advances last
             del self.correlator.settled[:len(settled)]
             self.correlator.commit(plan)
-        derived = derived_of(plan, settled)
-        with gc_paused():
-            derived.prepare()
         with self._cond:
             self._writes.append(_Step(take, raw, derived, stored, entries))
             self._cond.notify_all()

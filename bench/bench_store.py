@@ -16,11 +16,11 @@ Paths, one durable transaction per batch of `--batch` records:
   form (msgpack + zstd, as POSTed), decoded straight into columns (aggregator/store/
   wire_columns.py, its native decoder when built) and written in one durable transaction: THE
   store ingest path, compared with the peers;
-- the aggregator path: the same into `CorrelatingStore.ingest_columns`. Acknowledged: the raw
-  batch is stored durably (correlation queued behind it as the batch's wire bytes, at most
-  `--correlation-backlog` records, aggregator/correlating.py); until correlated: until
-  correlation, identity, connections, rollups and workloads are stored too (the worker caught
-  up).
+- the aggregator path: the same bytes into `CorrelatingStore.ingest_columns`. Acknowledged: the
+  batch is durable in the ingest journal (aggregator/store/journal.py; the store and correlation
+  run behind it, at most `--correlation-backlog` records, aggregator/correlating.py); until
+  stored and correlated: until the raw rows, connections, rollups and workloads are in DuckDB
+  too (the worker caught up).
 Target (issue #6): at least 0.8x the peer. The load average is printed: the machine is shared.
 
     python bench/bench_store.py [--records 200000] [--batch 5000] [--workload merged|new|both]
@@ -203,8 +203,8 @@ def run(workload: str, n: int, size: int) -> list[tuple[str, float]]:
             full.ingest_columns(decode_columns(body), body)
         acked = time.perf_counter() - t0
         full.checkpoint()  # waits until correlation has caught up, then checkpoints
-        out.append(("aggregator path (wire -> raw; correlation queued), acked", acked))
-        out.append(("aggregator path, until correlated too", time.perf_counter() - t0))
+        out.append(("aggregator path (wire -> journal; store behind), acked", acked))
+        out.append(("aggregator path, until stored and correlated", time.perf_counter() - t0))
         conns = full.connection_count()
         full.close()
         sys.setswitchinterval(default_switch)

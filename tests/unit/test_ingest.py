@@ -153,6 +153,29 @@ def test_metrics_count_records_in_out_and_dropped_by_reason(client):
     assert 'eastwest_ingest_batches_total{result="stored"} 1.0' in text
     assert "eastwest_store_records 2.0" in text
     assert "eastwest_ingest_batch_seconds_count 1.0" in text
+    # /metrics waits for the worker: the journal has nothing left to apply, correlation no lag
+    assert "eastwest_journal_bytes 0.0" in text and "eastwest_correlation_lag_records 0.0" in text
+
+
+def test_an_acknowledged_batch_is_in_the_journal_until_the_store_has_applied_it(client):
+    """The 200 comes once the batch is synced to the journal; the worker applies it behind. Held
+    here (its planner gated), the batch is counted stored (/readyz, the journal's bytes) and a
+    retry is a duplicate; the records read waits for it."""
+    import threading
+
+    store = client.app.state.store
+    gate = threading.Event()
+    plan = store._correlate
+    store._correlate = lambda take: (gate.wait(10), plan(take))[1]
+    try:
+        assert post(client, wire([rec(1), rec(2)])).status_code == 200
+        assert store.journal.bytes() > 0 and store.inner.count() == 0
+        assert client.get("/readyz").json()["records"] == 2
+        assert post(client, wire([rec(1), rec(2)])).json()["duplicate"] is True
+    finally:
+        gate.set()
+    assert [x["record_id"] for x in stored(client)] == ["h1:1", "h1:2"]
+    assert store.journal.bytes() == 0 and store.inner.count() == 2
 
 
 @pytest.mark.parametrize("body,fragment", [

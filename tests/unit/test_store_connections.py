@@ -454,3 +454,28 @@ def test_batches_out_of_order_are_stored_and_their_retries_are_duplicates(tmp_pa
     assert s.ingest("h1", 7, [rec("client")]).duplicate and s.ingest("h1", 6, []).duplicate is False
     assert s.count() == 3 and s.connection_count() == 2
     s.close()
+
+
+def test_records_handed_over_behind_a_deep_backlog_wait_as_bytes(tmp_path, monkeypatch):
+    """Records given as objects (JSON ingest, JetStream) are kept as objects only while the
+    backlog is short; behind a deep one the queue holds their journal bytes and the worker
+    decodes them: the same connections either way."""
+    import threading
+
+    import aggregator.correlating as correlating
+
+    monkeypatch.setattr(correlating, "CACHE_RECORDS_BELOW", 1)
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    gate = threading.Event()
+    plan = s._correlate
+    s._correlate = lambda take: (gate.wait(10), plan(take))[1]  # type: ignore[method-assign]
+    try:
+        s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])  # backlog 0: cached
+        s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])  # behind it: bytes only
+        queued = [p for _, _, p, _, _ in s._queue]
+        assert [q.cached is None for q in queued][-1] is True
+    finally:
+        gate.set()
+    e = edge(s)[("shop/frontend", "shop/api")]
+    assert (e["connections_opened"], e["bytes_c2s"], e["observed_by"]) == (1, 1000, {"client,server": 1})
+    s.close()
