@@ -5,9 +5,11 @@ In:  one accepted batch: `(collector, batch_seq)`, its record count, the indices
      ingest rejected, and its wire bytes (`EWB1` + zstd(msgpack), eastwest/codec.py; ~15-30
      bytes a record).
 Out: `append` returns once the entry is on disk (`fdatasync`): the 200 the collector gets means
-     "survives kill -9". `replay` gives back, at the next start, every entry written and not
-     released. `release` forgets entries the store has applied durably; a segment whose entries
-     are all released is deleted.
+     "survives kill -9". `release` forgets entries the store has applied durably; a segment
+     whose entries are all released is deleted (the one being appended to once it is large, or
+     at `close`). `replay` gives back, at the next start, every entry of the segments left:
+     those not released, and released ones that share a segment with them (releases are not
+     written down: the caller tells them apart by the store's batch marks).
 
 Why: the store's own commit (DuckDB: the WAL, the row layout, index checks) costs ~20 ms a batch
 of 5,000 and competes with correlation for the same database and cores; appending the batch's
@@ -215,8 +217,17 @@ class Journal:
                     self._live[e.segment] -= 1
             self._forget_released()
 
-    def _forget_released(self) -> None:
-        for seg in [s for s, n in self._live.items() if n <= 0 and s != self._current]:
+    def _forget_released(self, *, current_too: bool = False) -> None:
+        cur = self._current
+        if self._live.get(cur, 1) <= 0 and (
+                current_too or self._sizes.get(cur, 0) >= self.segment_bytes // 16):
+            # the segment appended to holds only applied entries and is already large (or the
+            # journal closes): start the next entry in a new one, so that this one can go and
+            # a restart does not read it again
+            self._close_fd()
+            self._roll = True
+        for seg in [s for s, n in self._live.items()
+                    if n <= 0 and (s != self._current or self._roll)]:
             try:
                 self._path(seg).unlink(missing_ok=True)
             except OSError as exc:
@@ -232,6 +243,7 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            self._forget_released(current_too=True)
             self._close_fd()
 
     # -- helpers ------------------------------------------------------------------------------
