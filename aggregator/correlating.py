@@ -24,8 +24,10 @@ Grouping batches when behind writes a connection reported in several of them onc
 batch (1.5x the drain rate, bench/bench_store.py); the connections and their totals do not
 depend on the grouping, only which minute of a rollup a delta lands in can (the minute of the
 earliest record that raised a counter, within what one plan sees). The queue is bounded
-(`max_pending` records): when the worker lags that far, `ingest` waits (back-pressure to the
-collectors, whose spools hold the rest). `lag()` tells how far behind it is (Prometheus gauges).
+(`max_pending` records): when the worker lags that far, `ingest` waits up to `admit_wait_s` for
+room, then raises `Backlogged` (HTTP 429 with Retry-After: back-pressure to the collectors,
+whose spools hold the rest, without holding a server thread per waiting collector). `lag()`
+tells how far behind it is (Prometheus gauges).
 Reads of what the worker writes (`records`, `connections`, `edge_*`, `workload_rows`,
 `connection_count`, retention, checkpoint) first wait for the queue to drain (`flush`, at most
 `read_wait_s`), so every answer includes every batch acknowledged before the read; `count()`
@@ -59,7 +61,7 @@ from typing import Any
 
 from aggregator.connection import Connection
 from aggregator.correlate import Correlator, Plan
-from aggregator.store.base import FlowStore, IngestResult, StoreError
+from aggregator.store.base import Backlogged, FlowStore, IngestResult, StoreError
 from aggregator.store.columns import flat_table, gc_paused
 from aggregator.store.derived import Derived, derived_of
 from aggregator.store.journal import Entry, Journal
@@ -73,6 +75,7 @@ RETENTION_EVERY_S = 600.0
 MAX_PENDING = 500_000    # records accepted but not correlated yet, before ingest waits
 COALESCE = 20_000        # records of waiting batches correlated in one plan and transaction
 READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
+ADMIT_WAIT_S = 2.0       # how long an ingest waits for room in a full backlog, then 429
 WRITE_AHEAD = 2          # planned steps waiting for the store writer, at most
 CACHE_RECORDS_BELOW = 50_000  # backlog (records) under which records given as objects stay cached
 # reads of what correlation writes: they wait until the accepted batches are correlated
@@ -179,7 +182,7 @@ class CorrelatingStore:
     def __init__(self, inner: FlowStore, correlator: Correlator, drops: Drops, *,
                  retention: timedelta | None = None, background: bool | None = None,
                  max_pending: int = MAX_PENDING, coalesce: int = COALESCE,
-                 read_wait_s: float = READ_WAIT_S) -> None:
+                 read_wait_s: float = READ_WAIT_S, admit_wait_s: float = ADMIT_WAIT_S) -> None:
         self.inner = inner
         self.correlator = correlator
         self.hub = LiveHub(drops)
@@ -192,6 +195,7 @@ class CorrelatingStore:
         self.max_pending = max_pending
         self.coalesce = coalesce
         self.read_wait_s = read_wait_s
+        self.admit_wait_s = admit_wait_s
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, int, Pending, int, float]] = deque()
         self._pending = 0          # records accepted and not yet applied (queued or in flight)
@@ -280,10 +284,17 @@ class CorrelatingStore:
                 body: Callable[[], bytes], cached: list[FlowRecord] | None) -> IngestResult:
         assert self.journal is not None
         key = (collector, batch_seq)
+        with self._cond:  # back-pressure: the worker is `max_pending` records behind
+            deadline = time.monotonic() + self.admit_wait_s
+            while self._pending >= self.max_pending and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:  # answered, not held: a fleet of senders would hold every thread
+                    self.drops.count("ingest", "backlogged", n)
+                    raise Backlogged(f"the aggregator is {self._pending:,} records behind "
+                                     f"(--correlation-backlog {self.max_pending:,}): retry later")
+                self._cond.wait(left)
         with self._ack_lock:
-            with self._cond:  # back-pressure: the worker is `max_pending` records behind
-                while self._pending >= self.max_pending and not self._stopping:
-                    self._cond.wait(1.0)
+            with self._cond:
                 journaled = key in self._journaled
             # in the journal, or applied (the worker forgets a key only once it is applied)
             if journaled or self._applied(collector, batch_seq):

@@ -16,7 +16,8 @@ Rules (docs/api.md):
   built only behind the ack, by correlation. The JSON form is decoded into records.
 - 413 when the body exceeds `max_body_bytes` (checked on Content-Length and while reading) or the
   batch holds more than `max_batch_records` records. 400 when the envelope is not a batch.
-  503 (with Retry-After) when the store fails: the collector retries. Never a 500.
+  503 (with Retry-After) when the store fails, 429 (with Retry-After) when the aggregator is a
+  whole `--correlation-backlog` behind: the collector retries. Never a 500.
 - Idempotent: a batch already applied answers 200 with `duplicate: true` and stores nothing.
 - Acknowledged (200) only after the store's commit is durable.
 """
@@ -31,7 +32,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from aggregator.auth import require_ingest
-from aggregator.store.base import IngestResult, StoreError
+from aggregator.store.base import Backlogged, IngestResult, StoreError
 from aggregator.store.columns import INT64_MAX, storable_problem
 from aggregator.store.wire_columns import ColumnBatch, decode_columns, other_collector
 from eastwest.codec import CONTENT_TYPE, MAGIC, DecodedBatch, decode_json_batch
@@ -66,6 +67,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "the body is not a batch (bad magic, broken compression, wrong shape)"),
         (401, "missing or invalid bearer token"), (403, "the read token cannot ingest"),
         (413, "body or batch too large"), (415, "unsupported content type"),
+        (429, "the aggregator is a whole backlog behind: retry after Retry-After seconds"),
         (503, "the store is unavailable: retry after Retry-After seconds"))}
 
 _BODY_DOC: dict[str, Any] = {
@@ -165,6 +167,8 @@ def _apply(request: Request, body: bytes, ctype: str) -> IngestResponse:
     try:
         result = _store(state.store, batch, body) if isinstance(batch, ColumnBatch) else \
             state.store.ingest(batch.collector, batch.batch_seq, good)
+    except Backlogged as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
     except StoreError as exc:
         state.drops.count("ingest", "store_unavailable", accepted, detail=str(exc))
         raise HTTPException(503, f"store unavailable: {exc}", headers={"Retry-After": "1"}) from None

@@ -33,6 +33,11 @@ class StoreError(EastwestError):
     """The backend failed (disk full, file locked, corrupt file): names the backend and path."""
 
 
+class Backlogged(StoreError):
+    """The store is a whole backlog behind (`--correlation-backlog`): retry later. Ingest
+    answers 429 with Retry-After; the JetStream consumer naks the message."""
+
+
 @dataclass(frozen=True)
 class IngestResult:
     collector: str

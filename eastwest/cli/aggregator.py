@@ -71,8 +71,9 @@ def register(sub: Any) -> None:
     g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
                    help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
     g.add_argument("--correlation-backlog", type=int, default=500_000, metavar="N",
-                   help="records acknowledged (stored raw) that may wait for correlation, kept "
-                   "compressed (~30 bytes each); beyond N, ingest waits (default 500000)")
+                   help="records acknowledged (in the ingest journal) that may wait to be stored "
+                   "and correlated, kept compressed (~30 bytes each); beyond N, ingest waits up "
+                   "to 2 s, then answers 429 + Retry-After (default 500000)")
 
     g = p.add_argument_group("scale-out: shared ClickHouse store, NATS JetStream intake "
                              "(docs/scale-out.md)")

@@ -246,3 +246,22 @@ def test_a_string_that_is_not_utf8_rejects_its_record_alone_not_a_500(client):
     assert [x["index"] for x in r.json()["rejected"]] == [0]
     assert "UTF-8" in r.json()["rejected"][0]["reason"]
     assert [x["record_id"] for x in stored(client)] == [rec(2).record_id]
+
+
+def test_a_whole_backlog_behind_answers_429_with_retry_after(client):
+    import threading
+
+    store = client.app.state.store
+    store.max_pending, store.admit_wait_s = 1, 0.1
+    gate = threading.Event()
+    plan = store._correlate
+    store._correlate = lambda take: (gate.wait(10), plan(take))[1]
+    try:
+        assert post(client, wire([rec(1)])).status_code == 200
+        r = post(client, wire([rec(2)], seq=2))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "records behind (--correlation-backlog 1)" in r.json()["detail"]
+    finally:
+        gate.set()
+    assert post(client, wire([rec(2)], seq=2)).status_code == 200
+    assert [x["record_id"] for x in stored(client)] == ["h1:1", "h1:2"]

@@ -354,7 +354,8 @@ def test_a_wire_batch_is_journaled_as_bytes_and_stored_from_them(tmp_path):
 
 def test_ingest_waits_while_correlation_is_a_whole_backlog_behind(tmp_path):
     """Back-pressure: with `max_pending` records waiting for correlation, the next ingest waits
-    until the worker has caught up (the collectors' spools hold the rest meanwhile)."""
+    (up to `admit_wait_s`, 2 s) until the worker has made room (the collectors' spools hold the
+    rest meanwhile)."""
     import threading
 
     s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
@@ -478,4 +479,29 @@ def test_records_handed_over_behind_a_deep_backlog_wait_as_bytes(tmp_path, monke
         gate.set()
     e = edge(s)[("shop/frontend", "shop/api")]
     assert (e["connections_opened"], e["bytes_c2s"], e["observed_by"]) == (1, 1000, {"client,server": 1})
+    s.close()
+
+
+def test_a_full_backlog_answers_backlogged_after_a_short_wait(tmp_path):
+    """Past `admit_wait_s` in a full backlog the ingest is refused (`Backlogged`: HTTP 429), not
+    held: nothing is journaled for it, and the retry goes through once there is room."""
+    import threading
+
+    from aggregator.store.base import Backlogged
+
+    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
+                         max_pending=1, admit_wait_s=0.2)
+    gate = threading.Event()
+    plan = s._correlate
+    s._correlate = lambda take: (gate.wait(10), plan(take))[1]  # type: ignore[method-assign]
+    try:
+        s.ingest("h1", 1, [rec("client", cport=40001)])
+        with pytest.raises(Backlogged, match=r"1 records behind \(--correlation-backlog 1\)"):
+            s.ingest("h1", 2, [rec("client", cport=40002)])
+        assert s.count() == 1 and not s.batch_applied("h1", 2)
+        assert s.drops.snapshot()[("ingest", "backlogged")] == 1
+    finally:
+        gate.set()
+    assert not s.ingest("h1", 2, [rec("client", cport=40002)]).duplicate
+    assert s.flush(5) and s.connection_count() == 2
     s.close()
