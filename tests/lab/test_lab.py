@@ -138,7 +138,10 @@ def test_interrupted_up_tears_down_what_it_built():
     require_root()
     name = "ewint"
     Lab.down_by_name(name)
-    proc = subprocess.Popen([*EW, "lab", "up", "--name", name], stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal sends it: a suite started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen([*EW, "lab", "up", "--name", name], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     for line in proc.stderr:  # interrupt in the middle: after the first pod exists
         if "pod " in line:
