@@ -182,8 +182,10 @@ class CorrelatingStore:
     def __init__(self, inner: FlowStore, correlator: Correlator, drops: Drops, *,
                  retention: timedelta | None = None, background: bool | None = None,
                  max_pending: int = MAX_PENDING, coalesce: int = COALESCE,
-                 read_wait_s: float = READ_WAIT_S, admit_wait_s: float = ADMIT_WAIT_S) -> None:
+                 read_wait_s: float = READ_WAIT_S, admit_wait_s: float = ADMIT_WAIT_S,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.inner = inner
+        self.clock = clock  # wall time for retention's cutoff (tests give a fixed one)
         self.correlator = correlator
         self.hub = LiveHub(drops)
         self.drops = drops
@@ -583,7 +585,7 @@ class CorrelatingStore:
         if now is None and mono - self._last_retention < RETENTION_EVERY_S and self._last_retention:
             return {}
         self._last_retention = mono
-        cutoff = (now or datetime.now(UTC)) - self.retention
+        cutoff = (now or self.clock()) - self.retention
         with self.correlator.lock:
             return self.inner.apply_retention(cutoff)
 

@@ -25,9 +25,10 @@ def data_dir(request, tmp_path):
     return request.param, store_location(request.param, tmp_path / request.param)
 
 
-def opened(backend_dir):
+def opened(backend_dir, **over):
     backend, path = backend_dir
-    return CorrelatingStore(open_store(backend, path), Correlator(IdentityResolver(MAP)), Drops())
+    return CorrelatingStore(open_store(backend, path), Correlator(IdentityResolver(MAP)), Drops(),
+                            **over)
 
 
 WINDOW = Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5))
@@ -100,11 +101,13 @@ def test_restart_rebuilds_the_index_so_later_records_join(data_dir):
 
 
 def test_retention_deletes_what_ended_before_the_cutoff(data_dir):
-    s = opened(data_dir)
+    # the store's clock is fixed, so its own pass at start sees the test's time, not today's (for
+    # which T0 is long gone); the writer's next periodic pass is RETENTION_EVERY_S away
+    now = T0 + timedelta(days=8, seconds=10)
+    s = opened(data_dir, clock=lambda: now, retention=timedelta(days=7))
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(days=8))])
-    s.retention = timedelta(days=7)
-    gone = s.maybe_apply_retention(now=T0 + timedelta(days=8, seconds=10))
+    gone = s.maybe_apply_retention(now=now)
     assert gone == {"flows": 1, "connections": 1, "rollups": 1, "workloads": 0}
     assert s.connection_count() == 1 and s.count() == 1
     s.close()
