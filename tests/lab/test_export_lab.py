@@ -321,7 +321,7 @@ def test_every_truth_connection_is_one_client_server_span_pair(run):
     assert {k: len(v) for k, v in pairs.items()} == {k: len(v) for k, v in by_key.items()}
     want = []
     for key, ts in by_key.items():
-        want += zip(ts, sorted(pairs[key], key=lambda p: p[0].start_ns))
+        want += zip(ts, sorted(pairs[key], key=lambda p: p[0].start_ns), strict=True)
     wid = wid_of_ip(run["lab"])
     error = 2  # STATUS_CODE_ERROR
     for t, (c, s) in want:
