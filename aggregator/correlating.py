@@ -67,6 +67,7 @@ from aggregator.store.derived import Derived, derived_of
 from aggregator.store.journal import Entry, Journal
 from aggregator.store.wire_columns import ColumnBatch, decode_columns
 from eastwest import codec
+from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 from eastwest.record import FlowRecord
 
@@ -183,9 +184,9 @@ class CorrelatingStore:
                  retention: timedelta | None = None, background: bool | None = None,
                  max_pending: int = MAX_PENDING, coalesce: int = COALESCE,
                  read_wait_s: float = READ_WAIT_S, admit_wait_s: float = ADMIT_WAIT_S,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Clock | None = None) -> None:
         self.inner = inner
-        self.clock = clock  # wall time for retention's cutoff (tests give a fixed one)
+        self.clock = clock or SystemClock()  # wall time for retention's cutoff
         self.correlator = correlator
         self.hub = LiveHub(drops)
         self.drops = drops
@@ -585,7 +586,7 @@ class CorrelatingStore:
         if now is None and mono - self._last_retention < RETENTION_EVERY_S and self._last_retention:
             return {}
         self._last_retention = mono
-        cutoff = (now or self.clock()) - self.retention
+        cutoff = (now or self.clock.now()) - self.retention
         with self.correlator.lock:
             return self.inner.apply_retention(cutoff)
 

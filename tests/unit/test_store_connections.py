@@ -5,7 +5,7 @@ the correlator's index is rebuilt after a restart, retention deletes old rows.""
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -29,6 +29,17 @@ def opened(backend_dir, **over):
     backend, path = backend_dir
     return CorrelatingStore(open_store(backend, path), Correlator(IdentityResolver(MAP)), Drops(),
                             **over)
+
+
+class FixedClock:
+    def __init__(self, t: datetime) -> None:
+        self.t = t
+
+    def now(self) -> datetime:
+        return self.t
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 WINDOW = Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5))
@@ -104,7 +115,7 @@ def test_retention_deletes_what_ended_before_the_cutoff(data_dir):
     # the store's clock is fixed, so its own pass at start sees the test's time, not today's (for
     # which T0 is long gone); the writer's next periodic pass is RETENTION_EVERY_S away
     now = T0 + timedelta(days=8, seconds=10)
-    s = opened(data_dir, clock=lambda: now, retention=timedelta(days=7))
+    s = opened(data_dir, clock=FixedClock(now), retention=timedelta(days=7))
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(days=8))])
     gone = s.maybe_apply_retention(now=now)
