@@ -9,9 +9,11 @@ import argparse
 import contextlib
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable, Hashable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -19,6 +21,24 @@ import uvicorn
 
 INGEST, READ = "ewg-ingest-token-0123456789", "ewg-read-token-0123456789"
 RH = {"Authorization": f"Bearer {READ}"}
+
+T = TypeVar("T")
+
+
+def paired(truth: list[dict[str, Any]], items: list[T], truth_key: Callable[[dict[str, Any]], Hashable],
+           item_key: Callable[[T], Hashable], item_start: Callable[[T], Any]
+           ) -> list[tuple[dict[str, Any], T | None]]:
+    """Each truth connection with what the product made of it (a flow, a span pair): by 5-tuple,
+    then in order of start. A port freed by a reset or a refusal is handed out again at once, so
+    one 5-tuple can be two connections; None where the product has fewer than the truth."""
+    by_key: dict[Hashable, list[T]] = defaultdict(list)
+    for x in sorted(items, key=item_start):
+        by_key[item_key(x)].append(x)
+    out: list[tuple[dict[str, Any], T | None]] = []
+    for t in sorted(truth, key=lambda t: t["start"]):
+        got = by_key.get(truth_key(t))
+        out.append((t, got.pop(0) if got else None))
+    return out
 
 
 class Aggregator:

@@ -30,6 +30,7 @@ import pytest
 
 from eastwest.cli.demo import Stack
 from eastwest.client import ApiClient, ClientSettings
+from tests.lab.harness import paired
 
 Truth = dict[str, Any]
 Key = tuple[str, int, str, int]
@@ -76,26 +77,14 @@ def all_flows(client: ApiClient, since: str) -> list[dict[str, Any]]:
             return out
 
 
-def paired(truth: list[Truth], flows: list[dict[str, Any]]) -> list[tuple[Truth, dict[str, Any] | None]]:
-    """Each truth connection with its flow: by 5-tuple, then in order of start (a port freed by
-    a reset or a refusal is handed out again at once: one 5-tuple can be two connections)."""
-    by_key: dict[Key, list[dict[str, Any]]] = defaultdict(list)
-    for f in sorted(flows, key=lambda f: f["start"]):
-        by_key[flow_key(f)].append(f)
-    seen: Counter[Key] = Counter()
-    out: list[tuple[Truth, dict[str, Any] | None]] = []
-    for t in sorted(truth, key=lambda t: t["start"]):
-        k = key_of(t)
-        fs = by_key.get(k, [])
-        out.append((t, fs[seen[k]] if seen[k] < len(fs) else None))
-        seen[k] += 1
-    return out
+def paired_flows(truth: list[Truth], flows: list[dict[str, Any]]) -> list[tuple[Truth, dict[str, Any] | None]]:
+    return paired(truth, flows, key_of, flow_key, lambda f: f["start"])
 
 
 def settled(client: ApiClient, since: str, truth: list[Truth]) -> bool:
     """Every truth connection is one closed flow with every observer it can have."""
     return all(f is not None and f["closed"] and set(f["observed_by"]) >= expected_observers(t)
-               for t, f in paired(truth, all_flows(client, since)))
+               for t, f in paired_flows(truth, all_flows(client, since)))
 
 
 def record_count(client: ApiClient) -> int:
@@ -215,7 +204,7 @@ def test_stored_flows_are_exactly_the_truths_connections(live, argv, pred):
 def test_flows_carry_the_truths_bytes_outcome_and_workloads(live):
     flows = query(live)
     assert Counter(flow_key(f) for f in flows) == Counter(key_of(t) for t in live.truth)
-    for t, f in paired(live.truth, flows):
+    for t, f in paired_flows(live.truth, flows):
         assert f is not None, t
         assert f["outcome"] == t["outcome"], t
         assert (f["bytes_c2s"], f["bytes_s2c"]) == (t["bytes_c2s"], t["bytes_s2c"]), t

@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +28,15 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.lab.harness import INGEST, Aggregator, collectors, served_edges, truth_edges, window_of
+from tests.lab.harness import (
+    INGEST,
+    Aggregator,
+    collectors,
+    paired,
+    served_edges,
+    truth_edges,
+    window_of,
+)
 from tests.unit.fake_otlp import KIND_CLIENT, KIND_SERVER, FakeTempo, service_graph, workload
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
@@ -303,25 +311,24 @@ def test_every_truth_connection_is_one_client_server_span_pair(run):
     for s in spans:
         by_trace.setdefault(s.trace_id, []).append(s)
     assert all(len(v) == 2 for v in by_trace.values())
-    # keyed by 5-tuple, in order of start: a port freed by a reset is handed out again at once,
-    # so one 5-tuple can be two connections (and two span pairs) within a second
-    pairs: dict[tuple, list] = defaultdict(list)
+    pairs = []
     for v in by_trace.values():
         (c,) = [s for s in v if s.kind == KIND_CLIENT]
         (s,) = [s for s in v if s.kind == KIND_SERVER]
         assert s.parent_span_id == c.span_id and c.parent_span_id == b""
-        a = c.attributes
-        key = (a["network.transport"], a["client.address"], a["client.port"], a["server.address"],
-               a["server.port"])
-        pairs[key].append((c, s))
-    by_key: dict[tuple, list] = defaultdict(list)
-    for t in sorted(truth, key=lambda t: t["start"]):
-        by_key[(t["protocol"], t["client_ip"], t["client_port"], t["server_ip"],
-                t["server_port"])].append(t)
-    assert {k: len(v) for k, v in pairs.items()} == {k: len(v) for k, v in by_key.items()}
-    want = []
-    for key, ts in by_key.items():
-        want += zip(ts, sorted(pairs[key], key=lambda p: p[0].start_ns), strict=True)
+        pairs.append((c, s))
+
+    def span_key(p: tuple) -> tuple:
+        a = p[0].attributes
+        return (a["network.transport"], a["client.address"], a["client.port"], a["server.address"],
+                a["server.port"])
+
+    def truth_key(t: dict) -> tuple:
+        return (t["protocol"], t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])
+
+    # one span pair per truth connection (a 5-tuple reused after a reset: two)
+    assert Counter(map(span_key, pairs)) == Counter(map(truth_key, truth))
+    want = paired(truth, pairs, truth_key, span_key, lambda p: p[0].start_ns)
     wid = wid_of_ip(run["lab"])
     error = 2  # STATUS_CODE_ERROR
     for t, (c, s) in want:
