@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# CI lays shared/ beside the clone; EASTWEST_PCAPS points elsewhere when it is not
-PCAPS = Path(os.environ.get("EASTWEST_PCAPS", REPO.parent / "shared" / "pcaps"))
+# the captures the tests read live in the repository, with their provenance (README.md there)
+CAPTURES = REPO / "tests" / "captures"
 ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="session")
 def pcaps() -> Path:
-    if not PCAPS.is_dir():
-        pytest.fail(f"the shared captures are missing: {PCAPS}")
-    return PCAPS
+    """The folder of test captures: tests/captures (copied public captures and generated ones)."""
+    return CAPTURES
 
 
 def require_root() -> None:

@@ -1,7 +1,9 @@
 """Golden tests: VXLAN captures -> flow records, through `eastwest collector --pcap` as a user
-runs it. Expected records live in tests/golden/expected/<capture>.jsonl (regenerate, then review
-the diff, with EASTWEST_REGEN_GOLDEN=1). Independent checks: tshark decodes the same files inside
-the test, CESNET's published flow record, and a scapy-built capture with known truth."""
+runs it. The captures are in tests/captures (provenance in its README.md); expected records live
+in tests/golden/expected/<capture>.jsonl (regenerate, then review the diff, with
+EASTWEST_REGEN_GOLDEN=1). Independent checks: tshark decodes the same files inside the test,
+CESNET's published flow record, the truth tests/captures/generate.py built its captures with,
+and a scapy-built capture with known truth."""
 
 from __future__ import annotations
 
@@ -21,14 +23,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from vxlan_builders import build_known_truth  # noqa: E402
 
+from tests.captures import generate  # noqa: E402
+
 EXPECTED = HERE / "expected"
 EASTWEST = [sys.executable, "-m", "eastwest"]
-VXLAN_CAPTURES = ["CESNET_FlowTest_vxlan.pcap", "ntop_nDPI_vxlan.pcap",
+VXLAN_CAPTURES = ["CESNET_FlowTest_vxlan.pcap", "generated_vxlan_vlan_dns_tls.pcap",
                   "OISF_suricata-verify_vxlan.pcap",
                   "OISF_suricata-verify_vxlan-non-zero-reserved-fields_input.pcap",
                   "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap"]
 ALL_CAPTURES = VXLAN_CAPTURES + ["the-tcpdump-group_tcpdump_geneve.pcap",
-                                 "CESNET_FlowTest_http_get.pcap", "appneta_tcpreplay_test.pcap",
+                                 "CESNET_FlowTest_http_get.pcap",
+                                 "generated_mixed_link_junk.pcap",
                                  "zeek_zeek_var-services-std-ports.pcap"]
 
 
@@ -68,6 +73,44 @@ def test_cesnet_published_flow_record(pcaps: Path) -> None:
     assert (rec["l3_bytes_c2s"], rec["l3_bytes_s2c"]) == (336, 336)
     assert rec["tunnel"]["vni"] == 123
     assert rec["protocol"] == "icmp" and rec["client"]["ip"] == "10.0.0.1"
+
+
+def test_every_capture_in_the_folder_is_checked(pcaps: Path) -> None:
+    assert sorted(ALL_CAPTURES) == sorted(p.name for p in pcaps.glob("*.pcap"))
+    assert sorted(p.name.removesuffix(".jsonl") + ".pcap" for p in EXPECTED.glob("*.jsonl")) \
+        == sorted(ALL_CAPTURES)
+
+
+def test_generated_vxlan_capture_gives_the_flows_it_was_built_with(pcaps: Path) -> None:
+    """generate.py counted what it put on the wire; the collector must find exactly that: four
+    inner flows (two DNS, two TLS-shaped TCP sessions), all VNI 1111 between the two VTEPs,
+    although every frame carries an 802.1Q tag on the underlay."""
+    wire = generate.build_vxlan_dns_tls()
+    records, stderr = collector(pcaps / generate.VXLAN_FILE)
+    got = {(r["protocol"], r["client"]["port"]): r for r in finals(records)}
+    assert len(got) == len(wire.flows) == 4
+    assert [(f.protocol, f.packets) for f in wire.flows] == [
+        ("udp", [2, 2]), ("tcp", [13, 10]), ("udp", [2, 2]), ("tcp", [25, 33])]
+    for truth in wire.flows:
+        r = got[(truth.protocol, truth.client[1])]
+        assert (r["client"]["ip"], r["server"]["ip"], r["server"]["port"]) == (
+            truth.client[0], *truth.server)
+        assert [r["packets_c2s"], r["packets_s2c"]] == truth.packets
+        assert [r["bytes_c2s"], r["bytes_s2c"]] == truth.payload
+        assert [r["l3_bytes_c2s"], r["l3_bytes_s2c"]] == truth.l3
+        assert r["tunnel"] == {"type": "vxlan", "vni": generate.VNI, "outer_dport": 4789,
+                               "outer_src": generate.VTEP_C, "outer_dst": generate.VTEP_S}
+    assert got[("tcp", 50100)]["connect"] == "reset" and got[("tcp", 50100)]["resets"] == 2
+    assert got[("tcp", 50102)]["connect"] == "ok" and got[("tcp", 50102)]["resets"] == 0
+    assert "dropped" not in stderr
+
+
+def test_generated_junk_capture_is_all_dropped_as_not_vxlan(pcaps: Path) -> None:
+    records, stderr = collector(pcaps / generate.JUNK_FILE)
+    assert records == []
+    frames = len(generate.build_mixed_link_junk().frames)
+    assert frames == 157
+    assert stderr.strip() == f"eastwest collector: dropped vxlan/not_vxlan={frames}"
 
 
 def tshark_flows(path: Path) -> collections.Counter:

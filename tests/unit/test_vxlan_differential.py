@@ -1,7 +1,7 @@
 """Differential test: the bulk (numpy) decoder equals the scapy reference on every column of
 every packet, for hypothesis-generated packets (random VNIs, IPv4/IPv6 inner and outer, VLAN
 tags, IP and TCP options, IPv6 extension headers, truncated and corrupted bytes) and for every
-capture in the shared pcaps; and the flow records built from both are identical."""
+capture in tests/captures; and the flow records built from both are identical."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def records(d: Decoded) -> list:
     return out + table.flush()
 
 
-def test_bulk_equals_scapy_on_every_shared_capture(pcaps: Path) -> None:
+def test_bulk_equals_scapy_on_every_test_capture(pcaps: Path) -> None:
     captures = sorted(pcaps.glob("*.pcap"))
     assert len(captures) >= 9
     for path in captures:

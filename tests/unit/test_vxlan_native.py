@@ -1,7 +1,7 @@
 """The native helper of the bulk VXLAN path against the Python, numpy and scapy code it speeds up.
 
 - decoding: native columns == numpy columns == scapy columns, for hypothesis-generated frames
-  (the strategies of test_vxlan_differential.py) and every shared capture;
+  (the strategies of test_vxlan_differential.py) and every capture in tests/captures;
 - record walk: the C walker indexes every capture like the Python walker, and on randomly cut
   and corrupted pcap / pcapng files both give the same index or the same error message;
 - one-pass file scan (`scan.py`): the same FlowRecords, in the same order, and the same drop
@@ -82,7 +82,7 @@ def test_native_numpy_and_scapy_decode_generated_frames_alike(lib, frames: list[
     assert_same(vectorized, ref)
 
 
-def test_native_numpy_and_scapy_decode_every_shared_capture_alike(lib, pcaps: Path) -> None:
+def test_native_numpy_and_scapy_decode_every_test_capture_alike(lib, pcaps: Path) -> None:
     for path in sorted(pcaps.glob("*.pcap")):
         ix = read_index(str(path))
         frames = [ix.buf[o:o + c].tobytes()
@@ -148,7 +148,7 @@ def index_or_error(path: str, python: bool):
     return [a.tolist() for a in (ix.off, ix.cap, ix.wirelen, ix.ts_us, ix.linktype)]
 
 
-def test_native_walker_indexes_every_shared_capture_like_python(lib, pcaps: Path) -> None:
+def test_native_walker_indexes_every_test_capture_like_python(lib, pcaps: Path) -> None:
     for path in sorted(pcaps.glob("*.pcap")):
         assert index_or_error(str(path), False) == index_or_error(str(path), True), path.name
 
@@ -456,7 +456,7 @@ def test_the_native_file_path_imports_neither_numpy_nor_scapy(lib, pcaps: Path) 
         "from collector.vxlan import PcapSource\n"
         "out = []\n"
         "a = argparse.Namespace(vxlan_port=[], decoder='bulk', interval=5.0, idle_timeout=30.0)\n"
-        f"PcapSource(CollectorContext('t'), {str(pcaps / 'ntop_nDPI_vxlan.pcap')!r}, a)"
+        f"PcapSource(CollectorContext('t'), {str(pcaps / 'generated_vxlan_vlan_dns_tls.pcap')!r}, a)"
         ".run(out.extend, threading.Event())\n"
         "assert out, 'no records'\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'scapy')))\n")
@@ -466,10 +466,10 @@ def test_the_native_file_path_imports_neither_numpy_nor_scapy(lib, pcaps: Path) 
     assert run.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("name", ["CESNET_FlowTest_vxlan.pcap", "ntop_nDPI_vxlan.pcap",
+@pytest.mark.parametrize("name", ["CESNET_FlowTest_vxlan.pcap", "generated_vxlan_vlan_dns_tls.pcap",
                                   "OISF_suricata-verify_vxlan.pcap",
                                   "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap",
-                                  "appneta_tcpreplay_test.pcap"])
+                                  "generated_mixed_link_junk.pcap"])
 def test_the_command_gives_the_same_output_with_and_without_the_helper(lib, pcaps, name) -> None:
     def run(env: dict) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "eastwest", "collector", "--pcap",
