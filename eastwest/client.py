@@ -11,6 +11,8 @@ Out: JSON documents and text from `GET /api/v1/...`, and Server-Sent Events from
 Errors are translated here, at the boundary, into one clear line each:
 - the aggregator cannot be reached, times out, or fails (5xx)  -> TransportError (exit 1)
 - the token is missing, refused (401) or of the wrong scope (403) -> TransportError (exit 1)
+- an answer that is not JSON, a stream that is not SSE, a stream
+  silent for longer than three of its keep-alives                 -> TransportError (exit 1)
 - the API rejects a parameter (400, naming it)                  -> ConfigError (exit 2)
 - a bad server URL, config key or token file                    -> ConfigError (exit 2)
 The token is sent as `Authorization: Bearer` (RFC 6750) and never printed.
@@ -39,6 +41,9 @@ SERVER_ENV = "EASTWEST_SERVER"
 TOKEN_ENV = "EASTWEST_TOKEN"
 READ_TOKEN_ENV = "EASTWEST_READ_TOKEN"  # what the aggregator reads; last resort here
 CONFIG_KEYS = ("server", "token", "token_file", "ca_file", "timeout")
+# The stream sends `: keep-alive` every 15 s when no flow matches (docs/api.md): three missed, or
+# no answer at all, and the stream is dead (a peer gone without a FIN would wait forever).
+STREAM_SILENCE_S = 45.0
 Params = Sequence[tuple[str, str | int]]
 
 
@@ -234,14 +239,29 @@ class ApiClient:
         """Server-Sent Events until the server closes the stream (or the caller stops)."""
         import httpx
 
-        timeout = httpx.Timeout(self.settings.timeout, read=None)
+        where = self.settings.server
+        silence = max(self.settings.timeout, STREAM_SILENCE_S)
+        timeout = httpx.Timeout(self.settings.timeout, read=silence)
+        answered = False
         try:
             with self._http.stream("GET", path, params=list(params), timeout=timeout,
                                    headers={"Accept": "text/event-stream"}) as resp:
+                answered = True
                 if resp.status_code >= 400:
                     resp.read()
                     self._check(resp, path)
+                ctype = resp.headers.get("content-type", "").partition(";")[0].strip().lower()
+                if ctype != "text/event-stream":
+                    raise TransportError(f"the aggregator at {where} answered {path} with "
+                                         f"{ctype or 'no content type'}, not Server-Sent Events")
                 yield from parse_sse(resp.iter_lines())
+        except httpx.TimeoutException as exc:
+            waited = silence if isinstance(exc, httpx.ReadTimeout) else self.settings.timeout
+            if answered:
+                raise TransportError(f"the aggregator at {where} sent nothing on {path} for "
+                                     f"{waited:g}s, not even a keep-alive") from None
+            raise TransportError(f"the aggregator at {where} did not answer within "
+                                 f"{waited:g}s") from None
         except httpx.HTTPError as exc:
             raise self._translate(exc) from None
 

@@ -5,7 +5,9 @@ Each subcommand lives in its own module here (`eastwest/cli/<name>.py`) with a
 when it runs: `eastwest flows --help` never imports bcc or scapy.
 
 Exit codes: 0 success, 1 the work failed (a clear one-line error on stderr), 2 usage error
-(argparse, or a ConfigError naming the flag and its value), 130 interrupted.
+(argparse, or a ConfigError naming the flag and its value), 130 interrupted. Stdout carries
+results only: a query command that fails prints nothing there (eastwest/cli/_common.py
+`results`; a live stream keeps the whole lines it printed before).
 """
 
 from __future__ import annotations

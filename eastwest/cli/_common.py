@@ -1,14 +1,26 @@
 """Flags every query command shares: where the aggregator is (and its token), and how to print.
 
 In:  the parser of one command.  Out: its `connection` and `output` flag groups; at run time an
-`ApiClient` built from flags > environment > config file (eastwest/client.py) and the output
-stream with colour decided once (eastwest/output.py).
+`ApiClient` built from flags > environment > config file (eastwest/client.py) and the stream the
+results go to, with colour decided once (eastwest/output.py).
+
+Stdout carries results only, and only the results of a query that succeeded: `results()` holds
+what a command writes until the command is done, so a failure at any point (the first request,
+a later page, a body of the wrong shape, a bad line of a file) leaves stdout empty and says why
+on stderr alone (`eastwest flows -o json | jq length` never reads `[]` for an unreachable
+aggregator). Live sources (`--follow`, `--input-file -`) are the exception by nature: each flow
+is written when it arrives, so a failure after some flows leaves those lines (whole lines).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from eastwest.client import DEFAULT_SERVER, SERVER_ENV, TOKEN_ENV, ApiClient, resolve_settings
@@ -49,6 +61,23 @@ def client_from_args(args: argparse.Namespace) -> ApiClient:
     return ApiClient(settings)
 
 
-def stdout_and_color(args: Any) -> tuple[TextIO, bool]:
+HELD_IN_MEMORY = 8 << 20  # held results beyond this wait in an unlinked temporary file
+
+
+@contextmanager
+def results(args: Any, *, live: bool = False) -> Iterator[tuple[TextIO, bool]]:
+    """Where a query command writes its results, and whether in colour (decided for stdout).
+
+    What is written reaches stdout when the block ends without an exception, and never
+    otherwise; `live` writes straight to stdout (a stream: each flow as it arrives)."""
     out = sys.stdout
-    return out, color_enabled(out, getattr(args, "color", "auto"))
+    color = color_enabled(out, getattr(args, "color", "auto"))
+    if live:
+        yield out, color
+        return
+    spool = tempfile.SpooledTemporaryFile(max_size=HELD_IN_MEMORY)  # noqa: SIM115 (closed below)
+    with io.TextIOWrapper(spool, encoding="utf-8", errors="surrogateescape", newline="") as held:
+        yield held, color
+        held.seek(0)
+        shutil.copyfileobj(held, out)
+    out.flush()

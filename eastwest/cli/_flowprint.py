@@ -5,6 +5,10 @@ Out: text. `jsonl`, `compact` and `csv` write each flow at once (flushed when fo
 pipe sees a live flow within the second it arrived); `table` aligns columns over all flows,
 except when following, where columns have fixed widths (a long cell pushes its line, never the
 others); `json` writes one array at the end (never with --follow).
+
+What comes only at the end (the JSON array, the aligned table, a CSV header with no rows) is
+written only when the flows ended without an error: a source that fails never leaves `[]` or a
+lone header behind. What was written before the failure (a stream's lines) stays, whole.
 """
 
 from __future__ import annotations
@@ -42,11 +46,10 @@ class FlowPrinter:
         self._header_done = False
 
     def print_all(self, rows: Iterable[FlowRow]) -> None:
-        try:
-            for row in rows:
-                self.add(row)
-        finally:
-            self.close()
+        """Every row, then the end; an exception from `rows` skips the end."""
+        for row in rows:
+            self.add(row)
+        self.close()
 
     def add(self, row: FlowRow) -> None:
         self.count += 1

@@ -102,7 +102,7 @@ class FlowRow:
                 final=bool(obj.get("final", obj.get("closed", True))), obj=obj,
                 view=view,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a side not an object
             raise TransportError(f"the aggregator sent a flow this CLI cannot read ({exc!r}); "
                                  "is it a different version?") from None
 

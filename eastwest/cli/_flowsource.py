@@ -4,8 +4,12 @@ stream. Each yields `FlowRow`s that already passed the filter.
 In:  a `FilterSpec` and a file (lines of flow records, eastwest/codec.py `from_json`) or an
      `ApiClient` (`GET /api/v1/flows` with cursor pagination, `GET /api/v1/flows/stream` SSE).
 Out: `FlowRow`s; a file may hold flow records or the API's flow objects (as
-     `eastwest flows -o jsonl` saved them), line by line; for a file, a `FileReport` of the lines that were not records (line number and
-     the field at fault), skipped and counted, never fatal: one bad line spoils nothing else.
+     `eastwest flows -o jsonl` saved them), line by line; for a file, a `FileReport` of the lines
+     that were not records (line number and the field at fault), skipped and counted, never
+     fatal to the rest: one bad line spoils nothing else (the command names them on stderr and
+     exits 1, after printing the good records).
+     The live stream ends only by `limit`: a stream the aggregator closes earlier, an `error`
+     event or a body that is not a flow is an error, after the flows it already gave.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from eastwest.cli._filterflags import FilterSpec
 from eastwest.cli._flowrow import FlowRow
 from eastwest.client import ApiClient
 from eastwest.codec import from_json
-from eastwest.errors import RecordError, TransportError
+from eastwest.errors import EastwestError, RecordError, TransportError
 
 FLOWS_PATH = "/api/v1/flows"
 STREAM_PATH = "/api/v1/flows/stream"
@@ -35,15 +39,32 @@ class FileReport:
     bad: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
 
+    @property
+    def source(self) -> str:
+        return "stdin" if self.name == "-" else self.name
+
     def messages(self, shown: int) -> list[str]:
-        src = "stdin" if self.name == "-" else self.name
+        """The first `shown` bad lines, each with its number and the field at fault."""
+        src = self.source
         out = [f"{src}:{n}: {err}" for n, err in self.errors[:shown]]
         if self.bad > shown:
             out.append(f"{src}: ... and {self.bad - shown} more bad lines")
-        if self.bad:
-            out.append(f"{src}: skipped {self.bad} of {self.lines} lines that are not flow "
-                       "records (docs/flow-record.md)")
         return out
+
+    def records_or_fail(self, rows: Iterable[FlowRow]) -> Iterator[FlowRow]:
+        """`rows`; then, when not one line read was a record, an error: that is no flow file
+        (a binary file, the wrong file), and nothing of it is printed."""
+        yield from rows
+        if self.lines and self.bad == self.lines:
+            raise EastwestError(f"{self.source}: none of its {self.lines} lines is a flow record "
+                                "(docs/flow-record.md)")
+
+    def summary(self) -> str | None:
+        """One line for the end of the read when lines were skipped (None when none were)."""
+        if not self.bad:
+            return None
+        return (f"{self.source}: skipped {self.bad} of {self.lines} lines that are not flow "
+                "records (docs/flow-record.md)")
 
 
 def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport) -> Iterator[FlowRow]:
@@ -66,11 +87,12 @@ def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport) -> Ite
 
 def _row_of_line(line: str) -> FlowRow:
     """A flow record, or a flow object of the API (what `eastwest flows -o jsonl` saved)."""
+    raw = line.encode("utf-8", "surrogateescape")  # the file's bytes: not UTF-8 is a bad line
     try:
-        return FlowRow.from_record(from_json(line))
+        return FlowRow.from_record(from_json(raw))
     except RecordError as exc:
         try:
-            obj = msgspec.json.decode(line)
+            obj = msgspec.json.decode(raw)
         except msgspec.DecodeError:
             raise exc from None
         if isinstance(obj, dict) and "observed_by" in obj and "record_id" not in obj:
@@ -100,12 +122,18 @@ def api_flows(client: ApiClient, spec: FilterSpec, limit: int,
 
 def api_follow(client: ApiClient, spec: FilterSpec, limit: int = 0) -> Iterator[FlowRow]:
     """Live flows from the SSE stream, each as it arrives (one event per update of a
-    connection); the server closes the stream after `limit` events when one is given."""
+    connection), until the caller stops at `limit` (the server closes the stream there too).
+    The stream ending any other way is an error: the aggregator went away."""
     params: list[tuple[str, str | int]] = list(spec.query_params())
     if limit:
         params.append(("limit", limit))
+    got = 0
     for ev in client.stream(STREAM_PATH, params):
         if ev.event in ("message", "flow"):
             yield FlowRow.from_api(ev.json())
+            got += 1
         elif ev.event == "error":
             raise TransportError(f"the aggregator ended the stream: {ev.data}")
+    # the caller stops pulling at `limit`: the aggregator closed the stream before it
+    raise TransportError(f"the aggregator closed the live stream after {got}"
+                         + (f" of --limit {limit}" if limit else "") + " flows")

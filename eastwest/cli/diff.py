@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._common import add_connection_flags, add_output_flags, results
 from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
 from eastwest.cli.graph import GROUP_BY
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
     from eastwest.cli._window import rfc3339, span
     from eastwest.errors import ConfigError
-    from eastwest.output import to_json_text
+    from eastwest.output import to_json_text, write_table
 
     now = datetime.now(UTC)  # one `now` for both windows: 30m..now and 1h..30m meet exactly
     a0, a1 = span("--a", args.a, now)
@@ -65,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
     params = [*filter_spec(args).query_params(), ("a_from", rfc3339(a0)), ("a_to", rfc3339(a1)),
               ("b_from", rfc3339(b0)), ("b_to", rfc3339(b1)), ("group_by", args.group_by),
               ("threshold", str(args.threshold))]
-    with client_from_args(args) as client:
-        doc = client.get_json(DIFF_PATH, params)
-    out, color = stdout_and_color(args)
-    if args.output == "json":
-        out.write(to_json_text(doc, indent=2) + "\n")
-        return 0
-    if write_diff_table(out, doc, color) == 0:
-        print("eastwest diff: no edge differs between the two windows", file=sys.stderr)
+    with results(args) as (out, color):
+        with client_from_args(args) as client:
+            doc = client.get_json(DIFF_PATH, params)
+        rows = diff_rows(doc)  # -o json too: a body the table cannot read is not printed
+        if args.output == "json":
+            out.write(to_json_text(doc, indent=2) + "\n")
+        elif write_table(out, HEADERS, rows, color=color) == 0:
+            print("eastwest diff: no edge differs between the two windows", file=sys.stderr)
     return 0
 
 
@@ -80,17 +80,20 @@ HEADERS = ("", "CLIENT", "SERVER", "CONNS A", "CONNS B", "FAILED A", "FAILED B",
            "BYTES B", "WHAT CHANGED")
 
 
-def write_diff_table(out: Any, doc: Any, color: bool) -> int:
+def diff_rows(doc: Any) -> list[tuple[Any, ...]]:
+    """The table rows of a diff document (docs/api.md), or a TransportError naming the fault."""
     from eastwest.cli._edges import Edge
     from eastwest.errors import TransportError
-    from eastwest.output import Cell, human_bytes, write_table
+    from eastwest.output import Cell, human_bytes
 
     if not isinstance(doc, Mapping):
         raise TransportError(f"{DIFF_PATH} answered with something that is not an object")
-    rows = []
+    if not all(isinstance(doc.get(k), list) for k in ("added", "removed", "changed")):
+        raise TransportError(f"{DIFF_PATH} answered without added, removed and changed lists")
+    rows: list[tuple[Any, ...]] = []
     for mark, key, style in (("+", "added", "green"), ("-", "removed", "red"),
                              ("~", "changed", "yellow")):
-        for item in doc.get(key) or []:
+        for item in doc[key]:
             a_obj, b_obj = _sides(item, key)
             a = Edge.from_api(a_obj) if a_obj is not None else None
             b = Edge.from_api(b_obj) if b_obj is not None else None
@@ -103,7 +106,7 @@ def write_diff_table(out: Any, doc: Any, color: bool) -> int:
                          Cell(human_bytes(b.bytes_total) if b else "", right=True),
                          ",".join(str(c) for c in item.get("changed") or ())
                          if isinstance(item, Mapping) else ""))
-    return write_table(out, HEADERS, rows, color=color)
+    return rows
 
 
 def _sides(item: Any, key: str) -> tuple[Any, Any]:
@@ -113,5 +116,8 @@ def _sides(item: Any, key: str) -> tuple[Any, Any]:
         return item, item  # Edge.from_api names the problem
     if key == "changed":
         ends = {"source": item.get("source"), "target": item.get("target")}
-        return {**ends, **(item.get("a") or {})}, {**ends, **(item.get("b") or {})}
+        a, b = item.get("a") or {}, item.get("b") or {}
+        if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+            return a, b  # Edge.from_api names the problem
+        return {**ends, **a}, {**ends, **b}
     return (None, item) if key == "added" else (item, None)

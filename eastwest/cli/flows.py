@@ -7,9 +7,11 @@ Out: flows printed as table, compact, json, jsonl or csv (eastwest/output.py). T
      object filters everywhere: the API parses the query parameters built here with
      `Filter.from_query`, and files are matched in memory with `Filter.matches`.
 
-Exit codes: 0 done (also when nothing matched), 1 the aggregator or the file failed (or a file
-held bad lines: they are reported and skipped, the good ones printed), 2 a usage error naming the
-flag.
+Exit codes: 0 done (also when nothing matched), 1 the aggregator or the file failed, or a file
+held lines that are not records (each is named on stderr and skipped; the good records are
+printed: one bad line spoils nothing else), 2 a usage error naming the flag.
+A failure prints nothing on stdout (eastwest/cli/_common.py `results`), except what a live source
+(`--follow`, `--input-file -`) printed before it: those lines stay, whole.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._common import add_connection_flags, add_output_flags, results
 from eastwest.cli._filterflags import FILTER_HELP, FilterSpec, add_filter_flags, filter_spec
 from eastwest.cli._flowprint import FlowPrinter
 from eastwest.cli._flowrow import FlowRow
@@ -87,21 +89,22 @@ def run(args: argparse.Namespace) -> int:
     if args.follow and args.output == "json":
         raise ConfigError("--output", "json", "a JSON document never ends with --follow; use "
                           "-o jsonl (one object a line)")
-    out, color = stdout_and_color(args)
     if args.print_filter:
-        print_filter(out, spec, args.output)
+        print_filter(sys.stdout, spec, args.output)
         return 0
-    printer = FlowPrinter(args.output, out, color, streaming=args.follow)
-    if args.input_file:
-        return _from_file(args, spec, printer)
-    limit = args.limit if args.limit is not None else (0 if args.follow else API_LIMIT_DEFAULT)
-    from eastwest.cli._common import client_from_args
-    from eastwest.cli._flowsource import api_flows, api_follow
+    live = args.follow or args.input_file == "-"  # streams: each flow printed as it arrives
+    with results(args, live=live) as (out, color):
+        printer = FlowPrinter(args.output, out, color, streaming=live)
+        if args.input_file:
+            return _from_file(args, spec, printer)
+        limit = args.limit if args.limit is not None else (0 if args.follow else API_LIMIT_DEFAULT)
+        from eastwest.cli._common import client_from_args
+        from eastwest.cli._flowsource import api_flows, api_follow
 
-    with client_from_args(args) as client:
-        rows = (api_follow(client, spec, limit) if args.follow
-                else api_flows(client, spec, limit, args.sort))
-        printer.print_all(_limited(rows, limit))
+        with client_from_args(args) as client:
+            rows = (api_follow(client, spec, limit) if args.follow
+                    else api_flows(client, spec, limit, args.sort))
+            printer.print_all(_limited(rows, limit))
     if printer.count == 0 and not args.follow:
         print(f"eastwest flows: no flows match {spec.filter}", file=sys.stderr)
     return 0
@@ -119,24 +122,33 @@ def print_filter(out: TextIO, spec: FilterSpec, fmt: str) -> None:
 
 
 def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter) -> int:
+    """Print the file's matching records; a line that is not a record is named on stderr and
+    skipped, and makes the exit status 1 (the good records are printed all the same). A file
+    in which no line is a record fails whole: nothing printed."""
     from eastwest.cli._flowsource import FileReport, file_rows
 
     report = FileReport(args.input_file)
     limit = args.limit or 0
     try:
         if args.input_file == "-":
-            printer.print_all(_limited(file_rows(sys.stdin, spec, report), limit))
+            printer.print_all(report.records_or_fail(
+                _limited(file_rows(sys.stdin, spec, report), limit)))
         else:
             try:
                 fh = open(args.input_file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
             except OSError as exc:
                 raise EastwestError(f"--input-file {args.input_file}: {exc.strerror}") from None
             with fh:
-                printer.print_all(_limited(file_rows(fh, spec, report), limit))
+                printer.print_all(report.records_or_fail(
+                    _limited(file_rows(fh, spec, report), limit)))
     finally:
         for line in report.messages(BAD_LINES_SHOWN):
             print(f"eastwest flows: {line}", file=sys.stderr)
-    return 1 if report.bad else 0
+    summary = report.summary()
+    if summary is not None:  # (a file of no records at all raised above: nothing printed)
+        print(f"eastwest flows: {summary}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _limited(rows: Iterable[FlowRow], limit: int) -> Iterator[FlowRow]:

@@ -12,10 +12,11 @@ import argparse
 import sys
 from typing import Any
 
-from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._common import add_connection_flags, add_output_flags, results
 from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
 
 FORMATS = ("table", "json", "csv", "dot", "mermaid")
+TEXT_STARTS = {"dot": ("digraph", "graph", "strict"), "mermaid": ("graph", "flowchart")}
 GROUP_BY = ("workload", "namespace", "host")
 GRAPH_PATH = "/api/v1/graph"
 
@@ -69,22 +70,25 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
     from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, edge_cells, edge_csv, edges_of
+    from eastwest.errors import TransportError
     from eastwest.output import escape, to_json_text, write_csv, write_table
 
     params = graph_params(args)
-    out, color = stdout_and_color(args)
-    with client_from_args(args) as client:
-        if args.output in ("dot", "mermaid"):
+    with results(args) as (out, color), client_from_args(args) as client:
+        if args.output in TEXT_STARTS:
             text = client.get_text(GRAPH_PATH, [*params, ("format", args.output)])
+            if not text.lstrip().startswith(TEXT_STARTS[args.output]):  # a proxy's login page
+                kind = "DOT" if args.output == "dot" else "Mermaid"
+                raise TransportError(f"the aggregator at {client.settings.server} answered "
+                                     f"{GRAPH_PATH} with something that is not {kind}")
             out.write("".join(escape(line) + "\n" for line in text.splitlines()))
             return 0
         doc = client.get_json(GRAPH_PATH, params)
-    if args.output == "json":
-        out.write(to_json_text(doc, indent=2) + "\n")
-        return 0
-    edges = sorted(edges_of(doc), key=lambda e: (e.client, e.server))
-    if args.output == "csv":
-        write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-    elif write_table(out, EDGE_HEADERS, (edge_cells(e) for e in edges), color=color) == 0:
-        print("eastwest graph: no edges in this window", file=sys.stderr)
+        edges = sorted(edges_of(doc), key=lambda e: (e.client, e.server))  # -o json too: checked
+        if args.output == "json":
+            out.write(to_json_text(doc, indent=2) + "\n")
+        elif args.output == "csv":
+            write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
+        elif write_table(out, EDGE_HEADERS, (edge_cells(e) for e in edges), color=color) == 0:
+            print("eastwest graph: no edges in this window", file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._common import add_connection_flags, add_output_flags, results
 from eastwest.cli.graph import GRAPH_PATH, add_graph_scope, graph_params
 
 FORMATS = ("table", "json", "csv")
@@ -54,19 +54,19 @@ def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise ConfigError("--limit", args.limit, "must be >= 0 (0 = all)")
     params = graph_params(args)
-    with client_from_args(args) as client:
-        edges = edges_of(client.get_json(GRAPH_PATH, params))
-    attr = METRICS[args.by][0]
-    edges.sort(key=lambda e: (-getattr(e, attr), e.client, e.server))
-    edges = [e for e in edges if getattr(e, attr) > 0]
-    if args.limit:
-        edges = edges[: args.limit]
-    out, color = stdout_and_color(args)
-    if args.output == "json":
-        out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
-    elif args.output == "csv":
-        write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-    elif write_table(out, ("#", *EDGE_HEADERS), ((i, *edge_cells(e)) for i, e in
-                                                 enumerate(edges, 1)), color=color) == 0:
-        print(f"eastwest top: no edge with any {args.by} in this window", file=sys.stderr)
+    with results(args) as (out, color):
+        with client_from_args(args) as client:
+            edges = edges_of(client.get_json(GRAPH_PATH, params))
+        attr = METRICS[args.by][0]
+        edges.sort(key=lambda e: (-getattr(e, attr), e.client, e.server))
+        edges = [e for e in edges if getattr(e, attr) > 0]
+        if args.limit:
+            edges = edges[: args.limit]
+        if args.output == "json":
+            out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
+        elif args.output == "csv":
+            write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
+        elif write_table(out, ("#", *EDGE_HEADERS), ((i, *edge_cells(e)) for i, e in
+                                                     enumerate(edges, 1)), color=color) == 0:
+            print(f"eastwest top: no edge with any {args.by} in this window", file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from eastwest.cli._common import add_connection_flags, add_output_flags, stdout_and_color
+from eastwest.cli._common import add_connection_flags, add_output_flags, results
 
 FORMATS = ("table", "json", "names")
 WORKLOADS_PATH = "/api/v1/workloads"
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
     from eastwest.cli._window import window
     from eastwest.errors import ConfigError, TransportError
-    from eastwest.output import escape, to_json_text
+    from eastwest.output import escape, to_json_text, write_table
 
     if args.name is not None and not args.name:
         raise ConfigError("NAME", args.name, "must not be empty")
@@ -58,35 +58,50 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--output", "names", "lists every workload; leave out NAME")
     params = window(args.since, args.until)
     path = WORKLOADS_PATH + (f"/{quote(args.name, safe='')}" if args.name else "")
-    with client_from_args(args) as client:
-        doc = client.get_json(path, params)
-    out, color = stdout_and_color(args)
-    if args.output == "json":
-        out.write(to_json_text(doc, indent=2) + "\n")
-        return 0
-    if args.name:
-        if not isinstance(doc, Mapping):
-            raise TransportError(f"{path} answered with something that is not an object")
-        _detail(out, doc, color)
-        return 0
-    items = doc.get("workloads") if isinstance(doc, Mapping) else doc
-    if not isinstance(items, list):
-        raise TransportError(f"{WORKLOADS_PATH} answered without a workloads list")
-    try:
-        rows = sorted((_row(w) for w in items), key=lambda r: r[0])
-    except ValueError:
-        raise TransportError(f"{WORKLOADS_PATH} answered with a workload that is not an "
-                             "object") from None
-    if args.output == "names":  # bare names, what --to-workload takes
-        names = sorted({str(w.get("name")) for w in items})
-        out.write("".join(escape(n) + "\n" for n in names))
-        return 0
-    from eastwest.output import write_table
-
-    if write_table(out, ("WORKLOAD", "NAMESPACE", "KIND", "CALLERS", "CALLEES"), rows,
-                   color=color) == 0:
-        print("eastwest workloads: no workloads in this window", file=sys.stderr)
+    with results(args) as (out, color):
+        with client_from_args(args) as client:
+            doc = client.get_json(path, params)
+        if args.name:
+            _check_detail(path, doc)  # before any format is written, -o json too
+            if args.output == "json":
+                out.write(to_json_text(doc, indent=2) + "\n")
+                return 0
+            try:
+                _detail(out, doc, color)
+            except (TypeError, ValueError) as exc:
+                raise TransportError(f"{path} answered with a workload this CLI cannot read "
+                                     f"({exc})") from None
+            return 0
+        items = doc.get("workloads") if isinstance(doc, Mapping) else doc
+        if not isinstance(items, list):
+            raise TransportError(f"{WORKLOADS_PATH} answered without a workloads list")
+        try:
+            rows = sorted((_row(w) for w in items), key=lambda r: r[0])
+        except (TypeError, ValueError):
+            raise TransportError(f"{WORKLOADS_PATH} answered with a workload this CLI cannot "
+                                 "read") from None
+        if args.output == "json":
+            out.write(to_json_text(doc, indent=2) + "\n")
+        elif args.output == "names":  # bare names, what --to-workload takes
+            names = sorted({str(w.get("name")) for w in items})
+            out.write("".join(escape(n) + "\n" for n in names))
+        elif write_table(out, ("WORKLOAD", "NAMESPACE", "KIND", "CALLERS", "CALLEES"), rows,
+                         color=color) == 0:
+            print("eastwest workloads: no workloads in this window", file=sys.stderr)
     return 0
+
+
+def _check_detail(path: str, doc: Any) -> None:
+    """One workload as docs/api.md has it, or a TransportError naming what is not."""
+    from eastwest.errors import TransportError
+
+    if not isinstance(doc, Mapping):
+        raise TransportError(f"{path} answered with something that is not an object")
+    for key in ("callers", "callees", "upstream", "downstream", "impact"):
+        items = doc.get(key) or []
+        if not isinstance(items, list) or (key not in ("upstream", "downstream") and not all(
+                isinstance(x, Mapping) for x in items)):
+            raise TransportError(f"{path} answered with a {key} this CLI cannot read")
 
 
 def _count(w: Mapping[str, Any], key: str) -> int:

@@ -199,6 +199,22 @@ def test_stream_yields_events_and_translates_a_refused_token():
             list(c.stream("/api/v1/flows/stream"))
 
 
+def test_a_stream_silent_past_its_keep_alives_fails_after_the_events_it_gave():
+    class GoesSilent(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b'event: flow\ndata: {"n": 1}\n\n'
+            raise httpx.ReadTimeout("timed out")
+
+    got = []
+    sse_headers = {"content-type": "text/event-stream; charset=utf-8"}
+    with client(lambda r: httpx.Response(200, stream=GoesSilent(), headers=sse_headers)) as c:
+        with pytest.raises(TransportError) as info:
+            got.extend(e.json() for e in c.stream("/api/v1/flows/stream"))
+    assert got == [{"n": 1}]
+    assert str(info.value) == ("the aggregator at http://agg.test:8470 sent nothing on "
+                               "/api/v1/flows/stream for 45s, not even a keep-alive")
+
+
 @pytest.mark.parametrize(("status", "rc"), [(401, 1), (403, 1), (400, 2), (503, 1)])
 def test_cli_exit_codes_for_api_answers(status, rc, capsys, monkeypatch):
     fake = client(lambda r: httpx.Response(status, json={"detail": "no"}))

@@ -110,10 +110,11 @@ class FakeApi:
             page = hits[start:start + limit]
             nxt = str(start + limit) if start + limit < len(hits) else None
             return httpx.Response(200, json={"flows": page, "next_cursor": nxt})
-        if path == "/api/v1/flows/stream":
-            flt = Filter.from_query(params)
+        if path == "/api/v1/flows/stream":  # closes after `limit` events, or all of them
+            flt = Filter.from_query([(k, v) for k, v in params if k != "limit"])
+            hits = [f for f in FLOWS if flt.matches(view(f))]
             body = "".join(f"event: flow\ndata: {json.dumps(f)}\n\n: keep-alive\n\n"
-                           for f in FLOWS if flt.matches(view(f)))
+                           for f in hits[:int(req.url.params.get("limit") or len(hits))])
             return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
         if path == "/api/v1/graph":
             fmt = req.url.params.get("format")
@@ -193,12 +194,16 @@ def test_flows_follow_the_cursor_until_the_limit(api, capsys):
 
 
 def test_follow_prints_each_live_flow_as_it_arrives(api, capsys):
-    rc, out, _ = run(capsys, "flows", "--follow", "--to-workload", "db", "-o", "jsonl")
-    assert rc == 0
+    rc, out, err = run(capsys, "flows", "--follow", "--to-workload", "db", "-o", "jsonl")
     assert [json.loads(x)["id"] for x in out.splitlines()] == ["f2", "f3", "f5"]
     req = api.requests[-1]
     assert req.url.path == "/api/v1/flows/stream"
     assert list(req.url.params.multi_items()) == [("to_workload", "db")]
+    # the fake's stream ends after its last flow; a live stream that ends is a disconnect
+    assert (rc, err) == (1, "eastwest flows: the aggregator closed the live stream after 3 "
+                            "flows\n")
+    rc, out, err = run(capsys, "flows", "--follow", "--to-workload", "db", "--limit", "3")
+    assert (rc, err, len(out.splitlines())) == (0, "", 4)  # a header and three flows
 
 
 def test_follow_stops_after_limit(api, capsys):
