@@ -8,7 +8,11 @@ Stages, each replaceable in tests (fake transport, fake clock, no sleeps):
 1. Batching (`AggregatorSink`): interim and final records go to separate batches (so the spool
    can shed interim first), sealed at `batch_size` records or `batch_age` seconds, whichever
    comes first, numbered by the spool's never-repeating `batch_seq`.
-2. Spool (collector/spool.py): every sealed batch is on disk before it is sent.
+2. Spool (collector/spool.py): every sealed batch is on disk before it is sent. The sink takes
+   the spool folder's lock (collector/spool_lock.py) at its start and keeps it after `close()`,
+   until the process ends (`sink.spool.close()` releases it sooner, for tests): a successor
+   waiting for the folder starts only once this process is gone, with its sockets (the
+   `--metrics-listen` port) and BPF programs.
 3. Sending (`BatchSender`): oldest batch first; retried with jittered exponential backoff within a
    deadline on connection errors, 429 and 5xx only, honouring Retry-After (RFC 9110 10.2.3).
    2xx removes the batch from the spool (a `duplicate` answer too: it was applied before).
@@ -34,9 +38,11 @@ from typing import Any, Literal
 
 import httpx
 
+from collector import identity
 from collector.metrics import CollectorMetrics
 from collector.pipeline import CollectorContext
 from collector.spool import DEFAULT_MAX_BYTES, Kind, Spool
+from collector.spool_lock import DEFAULT_WAIT
 from eastwest import __version__
 from eastwest.codec import CONTENT_TYPE, Batch, encode_batch
 from eastwest.errors import ConfigError
@@ -59,6 +65,7 @@ class ExportSettings:
     token: str
     spool_dir: Path
     spool_max_bytes: int = DEFAULT_MAX_BYTES
+    spool_lock_wait: float = DEFAULT_WAIT  # for another process to leave the spool folder
     batch_size: int = 5000
     batch_age: float = 1.0
     deadline: float = 30.0
@@ -81,6 +88,8 @@ class ExportSettings:
             raise ConfigError("--batch-size", self.batch_size, "must be at least 1")
         if self.batch_age <= 0:
             raise ConfigError("--batch-age", self.batch_age, "must be positive")
+        if self.spool_lock_wait < 0:
+            raise ConfigError("--spool-lock-wait", self.spool_lock_wait, "must be 0 or more seconds")
 
     @property
     def ingest_url(self) -> str:
@@ -94,10 +103,12 @@ class ExportSettings:
         nats = getattr(args, "nats", None)
         token = "" if nats else (env.get(TOKEN_ENV, "").strip()
                                  or _token_from_file(args.ingest_token_file))
-        spool = args.spool_dir or f"/var/lib/eastwest/spool/{args.collector_id}"
+        spool = args.spool_dir or identity.spool_dir(args)  # main resolved it already
         return cls(url=nats or args.aggregator, token=token or "", spool_dir=Path(spool),
                    transport="nats" if nats else "http",
-                   spool_max_bytes=args.spool_max_bytes, batch_size=args.batch_size,
+                   spool_max_bytes=args.spool_max_bytes,
+                   spool_lock_wait=getattr(args, "spool_lock_wait", DEFAULT_WAIT),
+                   batch_size=args.batch_size,
                    batch_age=args.batch_age, deadline=args.send_deadline,
                    shutdown_timeout=args.shutdown_timeout, ca_file=args.ca_file)
 
@@ -231,34 +242,40 @@ class AggregatorSink:
             settings = ExportSettings.from_args(args)
         self.ctx, self.settings = ctx, settings
         self.metrics = metrics or CollectorMetrics(ctx.drops)
-        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes, ctx.drops)
+        # waits (bounded) while another process holds the folder: BusyError past the wait
+        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes, ctx.drops,
+                           lock_wait=settings.spool_lock_wait)
         self.metrics.watch_spool(self.spool)
         self.monotonic = monotonic
         self._stop = threading.Event()      # stop batching/sending loops
         self._abort = threading.Event()     # shutdown deadline passed: stop retrying now
         self._work = threading.Event()      # something new in the spool
         self._sleep = sleep or self._abort.wait
-        self.client = client or httpx.Client(
-            timeout=settings.request_timeout, verify=settings.ca_file or True)
-        backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
-        if sender is None and settings.transport == "nats":
-            from collector.transport_nats import NatsSender
-            from eastwest.jetstream import NatsOptions
-
-            opts = NatsOptions.from_args(args) if args is not None else NatsOptions(settings.url)
-            sender = NatsSender(opts, ctx.collector_id, backoff, settings.deadline,
-                                monotonic=monotonic, sleep=self._sleep)
-        # the HTTP POST (BatchSender) or NATS JetStream (collector/transport_nats.py): same send()
-        self.sender = sender or BatchSender(self.client, settings.ingest_url, settings.token,
-                                            backoff, settings.deadline, monotonic=monotonic,
-                                            sleep=self._sleep)
         self._buf: dict[Kind, list[FlowRecord]] = {"interim": [], "final": []}
         self._since: dict[Kind, float | None] = {"interim": None, "final": None}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.server = None
-        if metrics is None and args is not None and getattr(args, "metrics_listen", None):
-            self.server = self.metrics.serve(args.metrics_listen)  # else the owner serves them
+        try:  # a sink that fails to start leaves the spool folder to the next process at once
+            self.client = client or httpx.Client(
+                timeout=settings.request_timeout, verify=settings.ca_file or True)
+            backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
+            if sender is None and settings.transport == "nats":
+                from collector.transport_nats import NatsSender
+                from eastwest.jetstream import NatsOptions
+
+                opts = NatsOptions.from_args(args) if args is not None else NatsOptions(settings.url)
+                sender = NatsSender(opts, ctx.collector_id, backoff, settings.deadline,
+                                    monotonic=monotonic, sleep=self._sleep)
+            # the HTTP POST (BatchSender) or NATS JetStream (collector/transport_nats.py)
+            self.sender = sender or BatchSender(self.client, settings.ingest_url, settings.token,
+                                                backoff, settings.deadline, monotonic=monotonic,
+                                                sleep=self._sleep)
+            if metrics is None and args is not None and getattr(args, "metrics_listen", None):
+                self.server = self.metrics.serve(args.metrics_listen)  # else the owner serves
+        except BaseException:
+            self.spool.close()
+            raise
         if start:
             self._threads = [threading.Thread(target=self._ager, name="export-ager", daemon=True),
                              threading.Thread(target=self._sender, name="export-send", daemon=True)]

@@ -4,15 +4,22 @@ Wires the stages in one place. Sources:
 - `collector.probes.SocketProbeSource(ctx, args)`: eBPF socket probes (issue #3)
 - `collector.vxlan.LiveVxlanSource(ctx, args)`: VXLAN on underlay interfaces (issue #4)
 - `collector.vxlan.PcapSource(ctx, path, args)`: a capture file (issue #4)
+
+Who this collector is (its id and spool folder, collector/identity.py) is decided first, once,
+and written back into `args` for every stage; `--check` and the start-up line of a spooling
+collector say it. The spool folder is locked by the sink (collector/spool_lock.py): a collector
+whose folder another process holds waits `--spool-lock-wait` seconds, then exits 1 naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
+from collector import identity
 from collector.pipeline import (
     CollectorContext,
     JsonLinesSink,
@@ -30,9 +37,13 @@ if TYPE_CHECKING:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s collector %(levelname)s %(message)s", stream=sys.stderr)
+    ident = identity.resolve(args)  # ConfigError naming --collector-id
+    args.collector_id = ident.collector_id
+    args.spool_dir = str(ident.spool_dir) if ident.spool_dir is not None else None
     if args.check:
         from collector.capabilities import main_check
 
+        print(identity_lines(ident) + "\n")
         return main_check(args)
     if args.print_bpf:
         from collector.probes import bpf_source
@@ -67,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = CollectorMetrics(ctx.drops)
     metrics.watch_sources(sources)  # BPF map fill, kernel counters: what a source reports
+    # the sink first: a spooling sink waits for a spool folder another collector still holds,
+    # and that one still serves the --metrics-listen port until it exits
+    sink = _make_sink(args, ctx, metrics, ident)
     server = metrics.serve(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
-    sink = _make_sink(args, ctx, metrics)
     try:
         run_pipeline(sources, sink, duration=args.duration)
     finally:
@@ -81,13 +94,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: CollectorMetrics) -> Sink:
+def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: CollectorMetrics,
+               ident: identity.Identity) -> Sink:
     if args.aggregator or getattr(args, "nats", None):
         from collector.export import AggregatorSink
 
-        return AggregatorSink(ctx, args, metrics=metrics)
+        sink = AggregatorSink(ctx, args, metrics=metrics)  # waits here while the spool is held
+        print(f"eastwest collector: collector id {ident.collector_id!r} (from {ident.id_from}), "
+              f"spool {sink.settings.spool_dir} (locked by this process, pid {os.getpid()})",
+              file=sys.stderr, flush=True)
+        return sink
     if args.output:
         return JsonLinesSink(open(args.output, "ab"))  # noqa: SIM115 - closed by the sink
     if args.stdout:
         return JsonLinesSink()
     raise ConfigError("output", None, "choose where records go: --stdout, --output FILE, --aggregator URL or --nats URL")
+
+
+def identity_lines(ident: identity.Identity) -> str:
+    """`--check`'s lines about who this collector is, aligned with its table's checks."""
+    from collector.spool_lock import holder
+
+    how = "" if ident.id_from == "--collector-id" else "; set one with --collector-id"
+    if ident.spool_dir is None:
+        spool = f"none: {ident.spool_from}"
+    else:
+        if not ident.spool_dir.exists():
+            state = "not created yet"
+        else:
+            other = holder(ident.spool_dir)
+            state = "free" if other is None else f"IN USE by {other.describe()}"
+        spool = f"{ident.spool_dir}  (from {ident.spool_from}; {state})"
+    return (f"{'collector id:':<28} {ident.collector_id}  ({ident.id_from}{how})\n"
+            f"{'spool folder:':<28} {spool}")

@@ -12,8 +12,15 @@ batch, i.e. at most `batch_size` records or `batch_age` seconds per kind. A powe
 lose the last files the page cache had not written (`fsync=True` closes that gap at a cost).
 
 Layout: `<dir>/<batch_seq:020d>-<kind>-<records>.ewb`, written as `.tmp` then renamed (a crash
-never leaves a half batch under a real name; stray `.tmp` files are deleted at start), and `seq`
-holding a reservation of batch numbers so they never repeat across restarts.
+never leaves a half batch under a real name; stray `.tmp` files are deleted at start), `seq`
+holding a reservation of batch numbers so they never repeat across restarts (written as
+`seq.<pid>.tmp` then renamed), and `lock`.
+
+One process at a time: the spool takes an exclusive flock on `<dir>/lock` before it reads the
+folder and holds it until `close()` or the end of the process (collector/spool_lock.py). A
+second spool on the same folder waits up to `lock_wait` seconds for it, then raises `BusyError`
+naming the holder. So the files, `seq` and its reservation have one writer: the batch numbers
+of two collectors can never interleave or be reserved twice.
 
 When full (`max_bytes`): interim batches are shed before final ones, oldest first (interim
 counters are cumulative, so a later record of the same connection supersedes the shed one).
@@ -26,10 +33,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from collector.spool_lock import SpoolLock
 from eastwest.drops import Drops
 from eastwest.errors import ConfigError
 
@@ -51,7 +60,11 @@ class SpoolEntry:
 class Spool:
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
                  drops: Drops | None = None, *, fsync: bool = False,
-                 now_us: int | None = None) -> None:
+                 now_us: int | None = None, lock_wait: float = 0.0,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] = time.sleep) -> None:
+        """Open (or create) the spool folder and lock it for this process, waiting up to
+        `lock_wait` seconds for another holder (`BusyError` after that)."""
         if max_bytes < 1:
             raise ConfigError("--spool-max-bytes", max_bytes, "must be positive")
         self.dir = Path(directory)
@@ -61,6 +74,15 @@ class Spool:
             raise ConfigError("--spool-dir", str(self.dir), f"cannot be created: {exc.strerror}") from None
         if not os.access(self.dir, os.W_OK):
             raise ConfigError("--spool-dir", str(self.dir), "is not writable")
+        # before anything is read: what another process is writing here is not ours to load
+        self.flock = SpoolLock.acquire(self.dir, lock_wait, monotonic=monotonic, sleep=sleep)
+        try:
+            self._open(max_bytes, drops, fsync, now_us)
+        except BaseException:
+            self.flock.close()
+            raise
+
+    def _open(self, max_bytes: int, drops: Drops | None, fsync: bool, now_us: int | None) -> None:
         self.max_bytes = max_bytes
         self.drops = drops or Drops()
         self.fsync = fsync
@@ -151,6 +173,16 @@ class Spool:
         with self._lock:
             self._in_flight = None
 
+    def close(self) -> None:
+        """Release the folder to the next process (the files stay). Idempotent."""
+        self.flock.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- state --------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._entries)
@@ -197,7 +229,9 @@ class Spool:
             return 0
 
     def _reserve(self, upto: int) -> None:
-        tmp = self.dir / "seq.tmp"
+        # the lock makes this process the only writer; a name of its own all the same, so a
+        # stray writer (a spool opened by hand, an older collector) cannot rename ours away
+        tmp = self.dir / f"seq.{os.getpid()}.tmp"
         tmp.write_text(f"{upto}\n")
         os.replace(tmp, self.dir / "seq")
         self._reserved = upto

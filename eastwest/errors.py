@@ -7,7 +7,8 @@
     ├── CaptureError              a capture file or interface cannot be read (names file/offset)
     ├── CapabilityError           the kernel lacks what a component needs (names the hook)
     ├── LabError                  the lab could not be built, driven or torn down
-    └── TransportError            the aggregator could not be reached or refused a batch
+    ├── TransportError            the aggregator could not be reached or refused a batch
+    └── BusyError                 another process holds what this one needs (names it and the holder)
 
 Lower-level errors (OSError, msgspec, zstd, subprocess) are translated at the boundary where
 they happen, with `raise X(...) from exc`, so callers catch one family.
@@ -58,3 +59,7 @@ class LabError(EastwestError):
 
 class TransportError(EastwestError):
     pass
+
+
+class BusyError(EastwestError):
+    """Another process holds a resource this one needs exclusively (a collector's spool folder)."""

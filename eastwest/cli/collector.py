@@ -7,7 +7,6 @@ command runs, in `collector.main`.
 from __future__ import annotations
 
 import argparse
-import socket
 from typing import Any
 
 EPILOG = """\
@@ -17,9 +16,15 @@ examples:
   eastwest collector --stdout --netns ewlab-h1    only one lab host's namespace (repeatable)
   eastwest collector --pcap capture.pcap --stdout inner flows of a VXLAN capture, then exit
   eastwest collector --underlay eth0 --no-socket  live VXLAN capture only
+  eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
+                                                  collector id HOST-ewlab-h2, its own spool
 
 Records are one per connection per interval (final=false while alive, final=true at the end),
-counters cumulative since the connection started: see docs/flow-record.md."""
+counters cumulative since the connection started: see docs/flow-record.md.
+
+One process per spool folder: a collector locks its folder (DIR/lock) for its whole life. A
+second collector on the same folder waits --spool-lock-wait seconds for the first to finish
+(a rolling update), then refuses to start naming the other process (docs/transport.md)."""
 
 
 def register(sub: Any) -> None:
@@ -53,8 +58,10 @@ def register(sub: Any) -> None:
                    help="VXLAN decoder: the fast bulk path (default) or scapy for every packet")
 
     g = p.add_argument_group("records")
-    g.add_argument("--collector-id", default=socket.gethostname(),
-                   help="name of this collector in record ids (default: the host name)")
+    g.add_argument("--collector-id", metavar="ID",
+                   help="name of this collector in record ids and batches (default: the host "
+                   "name; with --netns, the host name and the first --netns, e.g. "
+                   "HOST-ewlab-h2, so collectors scoped to different namespaces differ)")
     g.add_argument("--interval", type=float, default=5.0, metavar="S",
                    help="seconds between interim records of live connections (default 5)")
     g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
@@ -72,7 +79,14 @@ def register(sub: Any) -> None:
                    help="file holding the ingest token (bare, or EASTWEST_INGEST_TOKEN=...)")
     g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify an https aggregator")
     g.add_argument("--spool-dir", metavar="DIR", help="on-disk spool of unsent batches "
-                   "(default /var/lib/eastwest/spool/COLLECTOR_ID); survives restarts")
+                   "(default BASE/COLLECTOR_ID, see --spool-base); survives restarts; one "
+                   "collector at a time (locked)")
+    g.add_argument("--spool-base", metavar="BASE", help="folder of the default spool folders "
+                   "(default /var/lib/eastwest/spool); ignored with --spool-dir")
+    g.add_argument("--spool-lock-wait", type=float, default=60.0, metavar="S",
+                   help="when another process holds the spool folder, wait up to S seconds for "
+                   "it to finish (the old collector of a restart), then exit 1 naming it "
+                   "(default 60; 0: do not wait)")
     g.add_argument("--spool-max-bytes", type=int, default=512 * 1024 * 1024, metavar="N",
                    help="spool bound; when full, interim records are shed before final ones "
                    "(default 512 MiB)")

@@ -199,6 +199,7 @@ def test_a_restarted_collector_sends_what_it_had_spooled_with_the_same_numbers(t
     first.close()                                   # seals the last 2, cannot send: all spooled
     spooled = [e.seq for e in first.spool.entries()]
     assert len(spooled) == 3
+    first.spool.close()                             # the process ended: the folder is free
 
     agg = FakeAggregator()
     second = make_sink(tmp_path, agg, FakeClock())

@@ -33,6 +33,7 @@ def test_a_reopened_spool_holds_the_same_batches_and_continues_the_numbers(tmp_p
     first = Spool(tmp_path, 10_000, now_us=5)
     seqs = fill(first, "iff")
     (tmp_path / f"{99:020d}-final-3.tmp").write_bytes(b"half a batch")  # a cut write
+    first.close()                              # the process ended: the folder is free
     again = Spool(tmp_path, 10_000, now_us=5)  # same clock: only the files tell
     assert [e.seq for e in again.entries()] == seqs
     assert again.records() == 30 and again.bytes == 300
@@ -43,6 +44,7 @@ def test_a_reopened_spool_holds_the_same_batches_and_continues_the_numbers(tmp_p
 def test_numbers_never_repeat_even_when_the_clock_goes_back(tmp_path):
     a = Spool(tmp_path, 10_000, now_us=10**9)
     used = {a.allocate_seq() for _ in range(SEQ_BLOCK + 5)}  # crosses a reservation block
+    a.close()
     b = Spool(tmp_path, 10_000, now_us=1)  # empty spool, clock stepped back
     assert b.allocate_seq() > max(used)
 
