@@ -134,6 +134,18 @@ class Tunnel(msgspec.Struct, frozen=True, gc=False):
     vtep_dst_host: str | None = None
 
 
+Counters6 = tuple[int, int, int, int, int, int]
+
+
+class Naming(msgspec.Struct, frozen=True, gc=False):
+    """While a connection's end names may still change (docs/aggregator.md, "Naming both ends"):
+    until when, and the volumes attributed so far under the current names, by minute, so that
+    they move with a name that changes. A connection whose `naming` is None has final names."""
+
+    until: datetime  # the aggregator's wall clock: names are final from then on
+    volumes: tuple[tuple[datetime, Counters6], ...] = ()
+
+
 class Connection(msgspec.Struct, gc=False):
     """One connection, merged. Mutable inside the correlator; stored as a row (and this struct
     as msgpack, so the correlator's index can be rebuilt from the table after a restart)."""
@@ -152,6 +164,7 @@ class Connection(msgspec.Struct, gc=False):
     client_proc: ProcInfo | None = None
     server_proc: ProcInfo | None = None
     tunnel: Tunnel | None = None
+    naming: Naming | None = None    # None: both names are final
 
     def clone(self) -> Connection:
         return msgspec.structs.replace(self, views=dict(self.views))
@@ -160,6 +173,17 @@ class Connection(msgspec.Struct, gc=False):
     def key(self) -> tuple[str, str, int, str, int, int]:
         return (self.protocol, self.client_ip, self.client_port, self.server_ip,
                 self.server_port, self.scope)
+
+    def ends_known(self) -> bool:
+        """Whether every end is named by what its best-placed observer knows: the static map,
+        or the end's own socket observer has reported (its process). Later records can then
+        only change a name by a collector-reported workload, rare: the live stream waits for
+        this (at most a second), not for `naming` to end (aggregator/correlating.py)."""
+        if self.naming is None:
+            return True
+        views = self.views
+        return ((self.client.source == "static" or "client" in views)
+                and (self.server.source == "static" or "server" in views))
 
     # -- derived values -----------------------------------------------------------------------
     @property

@@ -16,10 +16,22 @@ Join rule (reused ports, clock skew): a record joins a connection with its key w
   connection's [start - slack, last_seen + slack] (slack: clock skew between hosts).
 Otherwise it opens a new connection. Among several candidates the closest start wins.
 
-Volumes: counters are cumulative per observer; the increase of the connection's best counters
+Volumes: counters are cumulative per observer; the change of the connection's best counters
 (aggregator/connection.py) at each record is a delta, attributed to the minute of the record's
-`end`, keyed by (minute, client workload, server workload, client host, server host, server
-port, protocol). No edge is counted twice: a connection is one row, whoever reported it.
+`end` (negative when the first socket view arrives behind a wire view: the deltas always add up
+to the connection's counters), keyed by (minute, client workload, server workload, client host, server host, server
+port, protocol, link-local). No edge is counted twice: a connection is one row, whoever
+reported it.
+
+Names (docs/aggregator.md, "Naming both ends"): each end is named by the most specific layer
+(aggregator/identity.py `LAYERS`) that ANY of the connection's observers knows, whatever order
+their records arrive in: the server's own record knows the server's process, the client's only
+its address. A record that knows more of an end than its current name renames it, and the
+volumes already attributed under the old names move to the new ones (negative deltas under the
+old rollup key, positive under the new, in the same plan). Names may change for `settle` after
+the connection was created (the aggregator's wall clock, `Naming.until`, kept with the
+connection so a restart keeps it), then they are final: a record that arrives later and would
+have named an end better is counted (`late_names`) and changes nothing, so history stays put.
 """
 
 from __future__ import annotations
@@ -32,12 +44,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from aggregator.connection import Connection, Identity, ProcInfo, Tunnel, View
-from aggregator.identity import Facts, IdentityResolver
+from aggregator.connection import Connection, Counters6, Identity, Naming, ProcInfo, Tunnel, View
+from aggregator.identity import Facts, IdentityResolver, better
+from eastwest.clock import Clock, SystemClock
+from eastwest.filters import is_link_local
 from eastwest.record import FlowRecord
 
 _uuid = uuid
-RollupKey = tuple[datetime, str, str, str, str, int, str]
+# minute, client wid, server wid, client host, server host, server port, protocol, link-local
+RollupKey = tuple[datetime, str, str, str, str, int, str, bool]
+SETTLE = timedelta(seconds=10)
 _END = operator.attrgetter("end")
 _ZERO = (0, 0, 0, 0, 0, 0)
 # bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets
@@ -49,13 +65,34 @@ class Plan:
     connections: dict[str, Connection] = field(default_factory=dict)
     created: set[str] = field(default_factory=set)
     new_by_key: dict[tuple, list[str]] = field(default_factory=dict)
+    # rollup deltas; negative where a renamed connection's volumes left their old names
     rollups: dict[RollupKey, Counters] = field(default_factory=dict)
     workloads: dict[str, Identity] = field(default_factory=dict)
     identities: dict[RollupKey, tuple[Identity, Identity]] = field(default_factory=dict)
+    # per connection: the increase of its best counters in this plan (the exporters' input)
+    deltas: dict[str, Counters] = field(default_factory=dict)
+    renamed: set[str] = field(default_factory=set)  # connections whose names changed
+    at: datetime | None = None  # the aggregator's wall clock when planned (naming deadlines)
 
 
 def minute_of(t: datetime) -> datetime:
     return t.replace(second=0, microsecond=0)
+
+
+def _add_minute(volumes: tuple[tuple[datetime, Counters6], ...], minute: datetime,
+                delta: Sequence[int]) -> tuple[tuple[datetime, Counters6], ...]:
+    """`volumes` (by minute) with `delta` added to `minute`."""
+    out = list(volumes)
+    for i, (m, acc) in enumerate(out):
+        if m == minute:
+            out[i] = (m, _six([a + d for a, d in zip(acc, delta, strict=True)]))
+            return tuple(out)
+    out.append((minute, _six(delta)))
+    return tuple(out)
+
+
+def _six(v: Sequence[int]) -> Counters6:
+    return (v[0], v[1], v[2], v[3], v[4], v[5])
 
 
 def view_of(rec: FlowRecord) -> View:
@@ -77,8 +114,15 @@ class Correlator:
 
     def __init__(self, resolver: IdentityResolver, *, slack: timedelta = timedelta(seconds=5),
                  keep_closed: timedelta = timedelta(minutes=5),
-                 keep_open: timedelta = timedelta(minutes=30)) -> None:
+                 keep_open: timedelta = timedelta(minutes=30), settle: timedelta = SETTLE,
+                 clock: Clock | None = None) -> None:
+        if settle < timedelta(0):
+            raise ValueError(f"settle {settle}: must be >= 0")
         self.resolver = resolver
+        self.settle = settle
+        self.clock: Clock = clock or SystemClock()
+        self.renames = 0     # ends renamed by a later observer's knowledge (committed or not)
+        self.late_names = 0  # records that knew an end better after its name was final
         self.slack = slack
         self.keep_closed = keep_closed
         self.keep_open = keep_open
@@ -107,12 +151,16 @@ class Correlator:
 
     # -- the join -----------------------------------------------------------------------------
     def plan(self, records: Sequence[FlowRecord]) -> Plan:
-        plan = Plan()
+        plan = Plan(at=self.clock.now())
         bests: dict[str, tuple[int, int, int, int, int, int]] = {}  # each touched conn, as of now
         apply = self._apply
         # oldest first: a connection's interim records arrive in order of their end
         for rec in sorted(records, key=_END):
             apply(plan, rec, bests)
+        if plan.renamed:  # volumes that moved away within this plan leave zero deltas behind
+            for rk in [k for k, v in plan.rollups.items() if not any(v)]:
+                del plan.rollups[rk]
+                del plan.identities[rk]
         return plan
 
     def commit(self, plan: Plan) -> None:
@@ -218,7 +266,7 @@ class Correlator:
         fresh = plan.new_by_key.get(key)
         found = self._find(plan, rec, slot, indexed, fresh) if indexed or fresh else None
         if found is None:
-            conn = self._new(rec, key)
+            conn = self._new(rec, key, plan.at)
             cid = conn.conn_id
             plan.created.add(cid)
             plan.new_by_key.setdefault(key, []).append(cid)
@@ -244,30 +292,101 @@ class Correlator:
                                 bool(rec.incomplete))
         if obs != "path" or (rec.tunnel is not None and conn.tunnel is None):
             self._absorb_side_facts(conn, rec)
+        if found is not None and (obs != "path" or rec.client_workload is not None
+                                  or rec.server_workload is not None):
+            self._rename(plan, conn, rec)
         after = conn.best()
         bests[cid] = after
         if after == before:
             return
-        delta = [a - b if a > b else 0 for a, b in zip(after, before, strict=True)]
+        # signed: the best counters drop when the first socket view arrives behind a wire view
+        # (its interim, or the wire also counted retransmitted payload); the deltas add up to
+        # the connection's counters exactly, whatever the order (clipped at 0, the climb back
+        # would be counted twice)
+        delta = [a - b for a, b in zip(after, before, strict=True)]
         if any(delta):
-            client, server = conn.client, conn.server
-            rk: RollupKey = (minute_of(rec.end), client.wid, server.wid, client.host or "",
-                             server.host or "", conn.server_port, conn.protocol)
-            acc = plan.rollups.get(rk)
+            minute = minute_of(rec.end)
+            self._add(plan, self._rollup_key(conn, minute), delta, conn.client, conn.server)
+            acc = plan.deltas.get(cid)
             if acc is None:
-                plan.rollups[rk] = delta
+                plan.deltas[cid] = list(delta)
             else:
                 for i, d in enumerate(delta):
                     acc[i] += d
-            plan.identities[rk] = (client, server)
+            naming = conn.naming
+            if naming is not None:  # remembered, to move with a name that changes
+                conn.naming = Naming(naming.until, _add_minute(naming.volumes, minute, delta))
 
-    def _new(self, rec: FlowRecord, k: tuple[str, str, int, str, int, int]) -> Connection:
+    @staticmethod
+    def _rollup_key(conn: Connection, minute: datetime) -> RollupKey:
+        client, server = conn.client, conn.server
+        return (minute, client.wid, server.wid, client.host or "", server.host or "",
+                conn.server_port, conn.protocol,
+                is_link_local(conn.client_ip) or is_link_local(conn.server_ip))
+
+    @staticmethod
+    def _add(plan: Plan, rk: RollupKey, delta: Sequence[int], client: Identity,
+             server: Identity) -> None:
+        acc = plan.rollups.get(rk)
+        if acc is None:
+            plan.rollups[rk] = list(delta)
+        else:
+            for i, d in enumerate(delta):
+                acc[i] += d
+        plan.identities[rk] = (client, server)
+
+    def _new(self, rec: FlowRecord, k: tuple[str, str, int, str, int, int],
+             at: datetime | None = None) -> Connection:
         client = self._identity(rec, rec.client.ip, rec.client.port, "client")
         # a client's ephemeral port says nothing: static ip:port entries name server ports
         server = self._identity(rec, rec.server.ip, rec.server.port, "server")
-        return Connection(conn_id=self._new_id(), protocol=rec.protocol, family=rec.family,
+        conn = Connection(conn_id=self._new_id(), protocol=rec.protocol, family=rec.family,
                           client_ip=k[1], client_port=k[2], server_ip=k[3], server_port=k[4],
                           scope=k[5], client=client, server=server)
+        if self.settle and not (client.source == "static" and server.source == "static"):
+            conn.naming = Naming((at or self.clock.now()) + self.settle)
+        return conn
+
+    # -- names ----------------------------------------------------------------------------------
+    def _rename(self, plan: Plan, conn: Connection, rec: FlowRecord) -> None:
+        """Name each end by the best that this record's observer knows of it, if that is better
+        than its current name; move the volumes attributed so far with the names."""
+        client = self._improve(conn, rec, "client", conn.client)
+        server = self._improve(conn, rec, "server", conn.server)
+        if client is conn.client and server is conn.server:
+            return
+        naming = conn.naming
+        at = plan.at or self.clock.now()
+        if naming is None or at >= naming.until:
+            conn.naming = None  # final: history stays as it was told
+            self.late_names += 1
+            return
+        for minute, counters in naming.volumes:
+            self._add(plan, self._rollup_key(conn, minute), [-x for x in counters],
+                      conn.client, conn.server)
+        conn.client, conn.server = client, server
+        for minute, counters in naming.volumes:
+            self._add(plan, self._rollup_key(conn, minute), counters, client, server)
+        if client.source == "static" and server.source == "static":
+            conn.naming = None  # nothing names an end better than the static map
+        plan.renamed.add(conn.conn_id)
+        self.renames += 1
+
+    def _improve(self, conn: Connection, rec: FlowRecord, side: str, cur: Identity) -> Identity:
+        """`cur`, or what `rec`'s observer knows of `side` if that names it better. Only a
+        workload the record reports for the side, or the side's own process, can: every other
+        layer looks at the address, which every observer shares."""
+        if cur.source == "static":
+            return cur
+        workload = rec.client_workload if side == "client" else rec.server_workload
+        if workload is None and not (rec.observer == side
+                                     and (rec.process is not None or rec.container)):
+            return cur
+        if side == "client":
+            cand = self._identity(rec, conn.client_ip, conn.client_port, "client")
+        else:
+            cand = self._identity(rec, conn.server_ip, conn.server_port, "server")
+        return cand if better(cand, cur) else cur
 
     def _identity(self, rec: FlowRecord, ip: str, port: int, side: str) -> Identity:
         """The resolver's answer for one side; its facts are what the observer knows of that

@@ -79,6 +79,7 @@ READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
 ADMIT_WAIT_S = 2.0       # how long an ingest waits for room in a full backlog, then 429
 WRITE_AHEAD = 2          # planned steps waiting for the store writer, at most
 CACHE_RECORDS_BELOW = 50_000  # backlog (records) under which records given as objects stay cached
+HOLD_S = 1.0             # the live stream holds a connection this long for the names of its ends
 # reads of what correlation writes: they wait until the accepted batches are correlated
 _AFTER_FLUSH = frozenset({"records", "connections", "connection_count", "edge_counts", "edge_volumes",
                           "edge_columns", "workload_rows", "recent_connections", "apply_retention",
@@ -137,13 +138,26 @@ def entry_contents(entry: Entry) -> tuple[list[FlowRecord], Any]:
 
 class LiveHub:
     """Fan-out of updated connections to SSE subscribers; a slow subscriber loses events, and
-    the loss is counted (`stream/subscriber_slow`), never blocks ingest."""
+    the loss is counted (`stream/subscriber_slow`), never blocks ingest.
 
-    def __init__(self, drops: Drops, queue_size: int = 10_000) -> None:
+    A connection whose ends are not both named by what their best-placed observers know yet
+    (`Connection.ends_known`: the client's or the server's own record has not arrived, so an
+    end may still be renamed, aggregator/correlate.py) is held up to `hold_s` (1 s) for it:
+    a newer version replaces the held one, and it is sent once it knows its ends or the second
+    is up. The stream so shows a connection under the names it keeps, unless an observer
+    reports more than a second after another (then the later event carries the new names,
+    with the same `id`)."""
+
+    def __init__(self, drops: Drops, queue_size: int = 10_000, *, hold_s: float = HOLD_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.drops = drops
         self.queue_size = queue_size
+        self.hold_s = hold_s
+        self.clock = clock
         self._subs: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Connection]]] = set()
         self._lock = threading.Lock()
+        self._held: dict[str, tuple[Connection, float]] = {}  # conn_id -> (latest, held since)
+        self._releaser: threading.Thread | None = None
 
     def subscribe(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[Connection]]:
         queue: asyncio.Queue[Connection] = asyncio.Queue(self.queue_size)
@@ -160,12 +174,52 @@ class LiveHub:
     def subscribers(self) -> int:
         return len(self._subs)
 
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
     def publish(self, conns: Sequence[Connection]) -> None:
+        now = self.clock()
+        ready: list[Connection] = []
+        with self._lock:
+            held = self._held
+            for c in conns:
+                since = held.get(c.conn_id)
+                t0 = since[1] if since is not None else now
+                if self.hold_s <= 0 or c.ends_known() or now - t0 >= self.hold_s:
+                    if since is not None:
+                        del held[c.conn_id]
+                    ready.append(c)
+                else:
+                    held[c.conn_id] = (c, t0)
+            if held and (self._releaser is None or not self._releaser.is_alive()):
+                self._releaser = threading.Thread(target=self._release_held,
+                                                  name="eastwest-stream-hold", daemon=True)
+                self._releaser.start()
+        self._send(ready)
+
+    def release(self, now: float | None = None) -> int:
+        """Send the held connections whose second is up by `now`; how many are still held."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            due = [cid for cid, (_, t0) in self._held.items() if now - t0 >= self.hold_s]
+            ready = [self._held.pop(cid)[0] for cid in due]
+            left = len(self._held)
+        self._send(ready)
+        return left
+
+    def _release_held(self) -> None:
+        while self.release():
+            time.sleep(min(0.1, self.hold_s / 4))
+
+    def _send(self, conns: list[Connection]) -> None:
+        if not conns:
+            return
         with self._lock:
             subs = list(self._subs)
         for loop, queue in subs:
             try:
-                loop.call_soon_threadsafe(self._put, queue, list(conns))
+                loop.call_soon_threadsafe(self._put, queue, conns)
             except RuntimeError:
                 self.unsubscribe((loop, queue))  # its loop is gone
 

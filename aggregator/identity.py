@@ -32,6 +32,22 @@ from eastwest.record import Workload
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# the layers, most specific first (an Identity's `source`); an end is named by the best layer
+# that any observer of its connection knows (aggregator/correlate.py)
+LAYERS = ("static", "collector", "kubernetes", "process", "dns", "cidr", "external")
+_RANK = {name: i for i, name in enumerate(LAYERS)}
+
+
+def better(a: Identity, b: Identity) -> bool:
+    """Whether `a` names an end better than `b`: a more specific layer; within one layer (two
+    observers that report different workloads) the smaller (wid, host), so that the answer
+    never depends on which observer reported first."""
+    ra, rb = _RANK.get(a.source, len(LAYERS)), _RANK.get(b.source, len(LAYERS))
+    if ra != rb:
+        return ra < rb
+    return (a.wid, a.host or "") < (b.wid, b.host or "")
+
+
 class IdentitySource(Protocol):
     """A pluggable resolver layer (Kubernetes, a CMDB, ...): None when it does not know."""
 

@@ -48,6 +48,7 @@ class AggregatorSettings:
     edge_budget: int = 2000
     correlation_slack_s: float = 5.0
     correlation_backlog: int = 500_000
+    identity_settle_s: float = 10.0      # names of a connection's ends may change this long
     # exporters (issue #7; docs/integrations.md): OTLP is on with an endpoint here or in
     # OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT; the rest of OTLP from OTEL_EXPORTER_OTLP_*
     otlp_endpoint: str | None = None
@@ -59,6 +60,7 @@ class AggregatorSettings:
     otlp_queue_size: int | None = None
     otlp_metrics_interval_s: float | None = None
     export_settle_s: float = 5.0
+    export_link_local: bool = False      # link-local and multicast to Prometheus/OTLP too
     # scale-out (issue #10; docs/scale-out.md): a shared ClickHouse store, NATS JetStream intake
     clickhouse_url: str | None = None
     nats: Any = None                 # eastwest.jetstream.NatsOptions when --nats is given
@@ -91,6 +93,9 @@ class AggregatorSettings:
             raise ConfigError("--max-body-bytes", self.max_body_bytes, "must be at least 1024")
         if self.max_batch_records < 1:
             raise ConfigError("--max-batch-records", self.max_batch_records, "must be at least 1")
+        if not 0 <= self.identity_settle_s <= 3600:
+            raise ConfigError("--identity-settle", self.identity_settle_s,
+                              "must be between 0 and 3600 seconds")
         if self.correlation_backlog < 1:
             raise ConfigError("--correlation-backlog", self.correlation_backlog,
                               "must be at least 1")
@@ -134,6 +139,8 @@ class AggregatorSettings:
                        if getattr(args, "retention", None) else timedelta(days=7)),
             edge_budget=int(getattr(args, "edge_budget", 2000)),
             correlation_backlog=int(getattr(args, "correlation_backlog", 500_000)),
+            identity_settle_s=float(getattr(args, "identity_settle", 10.0)),
+            export_link_local=bool(getattr(args, "export_link_local", False)),
             **_exporter_args(args),
             **_scale_out_args(args, env),
         )

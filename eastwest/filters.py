@@ -13,6 +13,13 @@ the filter is built, never while matching.
 
 View keys: client_ip, server_ip, client_port, server_port, protocol, outcome, observers (set),
 vni, client_workload, server_workload, client_namespace, server_namespace.
+
+Link-local and multicast traffic is hidden unless the filter asks for it (`Filter.link_local`,
+the `--link-local` flag, the API's `link_local=true`): a flow with either address in
+`LINK_LOCAL_NETS` (IPv6 link-local and multicast, IPv4 multicast and the limited broadcast, the
+unspecified addresses). That is neighbour discovery, MLD, router solicitations, mDNS, DHCP and
+the like: the links' own chatter, not service-to-service traffic. It is stored like any other
+flow; only the default views leave it out (docs/cli.md, "Link-local and multicast").
 """
 
 from __future__ import annotations
@@ -98,6 +105,41 @@ def _parse_text(flag: str, v: str) -> str:
     return v
 
 
+# -- link-local and multicast ------------------------------------------------------------------
+# RFC 4291 section 2.4 (fe80::/10 link-local unicast, ff00::/8 multicast, :: unspecified);
+# RFC 5771 (224.0.0.0/4 IPv4 multicast); RFC 919 / RFC 1122 3.2.1.3 (255.255.255.255 limited
+# broadcast, 0.0.0.0 "this host", the source of DHCP discovery). A subnet's directed broadcast
+# (10.244.1.255) needs the prefix length, which a flow does not carry: it is not in the list.
+LINK_LOCAL_NETS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
+    "fe80::/10", "ff00::/8", "::/128", "224.0.0.0/4", "255.255.255.255/32", "0.0.0.0/32"))
+LINK_LOCAL_PARAM = "link_local"
+_LINK_LOCAL_CACHE: dict[str, bool] = {}
+
+
+def is_link_local(ip: str) -> bool:
+    """Whether an address is link-local, multicast, broadcast or unspecified (`LINK_LOCAL_NETS`)."""
+    hit = _LINK_LOCAL_CACHE.get(ip)
+    if hit is None:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        hit = any(addr.version == n.version and addr in n for n in LINK_LOCAL_NETS)
+        if len(_LINK_LOCAL_CACHE) > 65536:
+            _LINK_LOCAL_CACHE.clear()
+        _LINK_LOCAL_CACHE[ip] = hit
+    return hit
+
+
+def parse_bool(flag: str, v: str) -> bool:
+    t = v.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(flag, v, "must be true or false")
+
+
 @dataclass(frozen=True)
 class Dimension:
     name: str  # canonical, also the API parameter and the CLI flag (with dashes)
@@ -156,10 +198,12 @@ def _value_matches(d: Dimension, actual: Any, wanted: Any) -> bool:
 @dataclass
 class Filter:
     clauses: list[Clause] = field(default_factory=list)
+    # include link-local and multicast flows (hidden by default: the module docstring)
+    link_local: bool = False
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
-    def build(cls, items: Iterable[tuple[str, str, bool]]) -> Filter:
+    def build(cls, items: Iterable[tuple[str, str, bool]], *, link_local: bool = False) -> Filter:
         """From (dimension, raw value, negated) triples; same (dimension, negated) -> OR."""
         grouped: dict[tuple[str, bool], list[Any]] = {}
         for dim, raw, neg in items:
@@ -170,26 +214,43 @@ class Filter:
             vals = grouped.setdefault((dim, neg), [])
             if value not in vals:
                 vals.append(value)
-        return cls([Clause(dim, tuple(vals), neg) for (dim, neg), vals in grouped.items()])
+        return cls([Clause(dim, tuple(vals), neg) for (dim, neg), vals in grouped.items()],
+                   link_local)
 
     @classmethod
     def from_query(cls, params: Iterable[tuple[str, str]]) -> Filter:
-        """From API query parameters: `port=80`, `not_port=443` (repeatable). Parameters that
-        are not filter dimensions are ignored here (the API validates its own)."""
+        """From API query parameters: `port=80`, `not_port=443` (repeatable), `link_local=true`.
+        Parameters that are not filter dimensions are ignored here (the API validates its own)."""
         items = []
+        link_local = False
         for key, value in params:
+            if key == LINK_LOCAL_PARAM:
+                link_local = parse_bool(LINK_LOCAL_PARAM, value)
+                continue
             neg = key.startswith("not_")
             dim = key[4:] if neg else key
             if dim in DIMENSIONS:
                 items.append((dim, value, neg))
-        return cls.build(items)
+        return cls.build(items, link_local=link_local)
+
+    def query_params(self) -> list[tuple[str, str]]:
+        """The API parameters that give this filter back (`from_query`)."""
+        out = [(("not_" if c.negate else "") + c.dim, str(v)) for c in self.clauses
+               for v in c.values]
+        if self.link_local:
+            out.append((LINK_LOCAL_PARAM, "true"))
+        return out
 
     @property
     def empty(self) -> bool:
+        """No clause (link-local and multicast flows are still hidden unless `link_local`)."""
         return not self.clauses
 
     # -- matching ---------------------------------------------------------------------------
     def matches(self, view: Mapping[str, Any]) -> bool:
+        if not self.link_local and (is_link_local(view.get("client_ip") or "")
+                                    or is_link_local(view.get("server_ip") or "")):
+            return False
         return all(c.matches(view) for c in self.clauses)
 
     def matches_record(self, rec: FlowRecord) -> bool:
@@ -199,9 +260,23 @@ class Filter:
     def to_sql(self, columns: Mapping[str, str], placeholder: str = "?") -> tuple[str, list[Any]]:
         """A WHERE fragment (without WHERE) and its parameters. `columns` maps view keys to SQL
         column expressions; IP keys map to columns holding `ip_hex` text; `observers` to a
-        column holding a comma-separated, comma-wrapped list (",client,path,")."""
+        column holding a comma-separated, comma-wrapped list (",client,path,"); `link_local` to
+        a boolean column where a table has no addresses (rollups), else the hidden link-local
+        flows are told by their addresses (a mapping with neither cannot hide them)."""
         parts: list[str] = []
         params: list[Any] = []
+        if not self.link_local:
+            if "link_local" in columns:
+                parts.append(f"NOT coalesce({columns['link_local']}, false)")
+            elif "client_ip" in columns and "server_ip" in columns:
+                ors = []
+                for key in ("client_ip", "server_ip"):
+                    col = columns[key]
+                    for net in LINK_LOCAL_NETS:
+                        lo, hi = _net_range(net)
+                        ors.append(f"({col} >= {placeholder} AND {col} <= {placeholder})")
+                        params += [lo, hi]
+                parts.append("NOT coalesce((" + " OR ".join(ors) + "), false)")
         for c in self.clauses:
             d = DIMENSIONS[c.dim]
             ors = []
@@ -231,6 +306,11 @@ class Filter:
                 for c in self.clauses]
 
     def __str__(self) -> str:
+        """The clauses in words; `link_local` is said only when it widens the default view."""
+        text = self._clauses_text()
+        return f"{text} [link-local included]" if self.link_local else text
+
+    def _clauses_text(self) -> str:
         if not self.clauses:
             return "(everything)"
         out = []

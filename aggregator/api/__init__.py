@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.correlate import Correlator
@@ -39,7 +39,8 @@ def install(app: FastAPI, settings: Any, resolver: IdentityResolver | None = Non
     if not hasattr(st.store, "recent_connections"):
         return None  # a raw-only store (a test fake of ingest): no correlation, no query routes
     correlator = Correlator(resolver or resolver_from(settings),
-                            slack=timedelta(seconds=getattr(settings, "correlation_slack_s", 5.0)))
+                            slack=timedelta(seconds=getattr(settings, "correlation_slack_s", 5.0)),
+                            settle=timedelta(seconds=getattr(settings, "identity_settle_s", 10.0)))
     store = CorrelatingStore(st.store, correlator, st.drops,
                              retention=getattr(settings, "retention", None),
                              max_pending=getattr(settings, "correlation_backlog", MAX_PENDING))
@@ -56,12 +57,20 @@ class _CorrelationCollector(Collector):
     def __init__(self, store: CorrelatingStore) -> None:
         self.store = store
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily("eastwest_correlator_connections", "connections held by the "
                                 "correlator's index (open, or closed in the last minutes)",
                                 value=len(self.store.correlator))
         yield GaugeMetricFamily("eastwest_stream_subscribers", "live flow stream subscribers",
                                 value=self.store.hub.subscribers)
+        corr = self.store.correlator
+        yield CounterMetricFamily("eastwest_identity_renames", "ends of connections renamed by "
+                                  "a later observer that knew them better (the server's own "
+                                  "process, say); their volumes moved to the new name",
+                                  value=corr.renames)
+        yield CounterMetricFamily("eastwest_identity_late_names", "records that knew an end "
+                                  "better after its name was final (--identity-settle): the "
+                                  "name was kept", value=corr.late_names)
 
 
 def _routes(app: FastAPI) -> None:

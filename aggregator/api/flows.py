@@ -24,7 +24,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from aggregator.api.graph import TIME_HELP
-from aggregator.api.params import check_names, choice, positive_int, query_filter
+from aggregator.api.params import (
+    LINK_LOCAL_HELP,
+    check_names,
+    choice,
+    positive_int,
+    query_filter,
+)
 from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json, row_of
 from aggregator.auth import require_read
 from aggregator.store.duckdb_derived import CONN_FILTER_COLUMNS
@@ -78,7 +84,8 @@ def flows(request: Request,
           sort: str = Query("-start", description="start, last_seen, bytes, client_workload, "
                             "server_workload; a leading - sorts descending"),
           limit: str | None = Query(None, description=f"page size, 1..{MAX_PAGE} (default 100)"),
-          cursor: str | None = Query(None, description="next_cursor of the previous page")) -> dict[str, Any]:
+          cursor: str | None = Query(None, description="next_cursor of the previous page"),
+          link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:
     check_names(request, {"since", "until", "sort", "limit", "cursor"}, filters=True)
     flt = query_filter(request)
     sort = choice("sort", sort, SORT_CHOICES)
@@ -117,7 +124,8 @@ def flows(request: Request,
                              "`event: flow` with one flow JSON per correlated update"}})
 async def stream(request: Request,
                  limit: str | None = Query(None, description="close after this many events "
-                                           "(default: never)")) -> StreamingResponse:
+                                           "(default: never)"),
+                 link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> StreamingResponse:
     check_names(request, {"limit"}, filters=True)
     flt = query_filter(request)
     most = positive_int("limit", limit, 0, 10**9) if limit is not None else None

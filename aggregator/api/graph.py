@@ -13,7 +13,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from aggregator import analysis
-from aggregator.api.params import GROUP_BY, check_names, choice, query_filter, window
+from aggregator.api.params import (
+    GROUP_BY,
+    LINK_LOCAL_HELP,
+    check_names,
+    choice,
+    query_filter,
+    window,
+)
 from aggregator.api.state import graph_data_for, graph_for
 from aggregator.auth import require_read
 from aggregator.graph import Window, to_dot, to_graphml, to_mermaid
@@ -32,7 +39,8 @@ def graph(request: Request,
           group_by: str = Query("workload", description="workload | namespace | host"),
           format: str = Query("json", description="json | dot | mermaid | graphml"),
           namespace: str | None = Query(None, description="either side's namespace (filter)"),
-          workload: str | None = Query(None, description="either side's workload (filter)")) -> Response:
+          workload: str | None = Query(None, description="either side's workload (filter)"),
+          link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> Response:
     check_names(request, {"from", "to", "group_by", "format"}, filters=True)
     since, until, live = window(from_, to)
     data = graph_data_for(request, Window(since, until), choice("group_by", group_by, GROUP_BY),
@@ -52,7 +60,8 @@ def diff(request: Request,
          b_to: str = Query(..., description=f"window b end: {TIME_HELP}"),
          group_by: str = Query("workload", description="workload | namespace | host"),
          threshold: float = Query(0.5, ge=0, le=1, description="relative change that counts "
-                                  "as changed (0.5 = 50 %)")) -> dict[str, Any]:
+                                  "as changed (0.5 = 50 %)"),
+         link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:
     check_names(request, {"a_from", "a_to", "b_from", "b_to", "group_by", "threshold"}, filters=True)
     grp = choice("group_by", group_by, GROUP_BY)
     flt = query_filter(request)

@@ -12,11 +12,13 @@ from datetime import UTC, datetime, timedelta
 from fastapi import Request
 
 from eastwest.errors import ConfigError
-from eastwest.filters import DIMENSIONS, Filter, parse_time
+from eastwest.filters import DIMENSIONS, LINK_LOCAL_PARAM, Filter, parse_time
 
 DEFAULT_WINDOW = timedelta(minutes=15)
 GROUP_BY = ("workload", "namespace", "host")
-FILTER_PARAMS = frozenset({*DIMENSIONS, *(f"not_{d}" for d in DIMENSIONS)})
+LINK_LOCAL_HELP = ("true: include link-local and multicast traffic (fe80::/10, ff00::/8, 224.0.0.0/4, "
+                   "255.255.255.255: neighbour discovery, MLD, mDNS, DHCP), hidden by default")
+FILTER_PARAMS = frozenset({*DIMENSIONS, *(f"not_{d}" for d in DIMENSIONS), LINK_LOCAL_PARAM})
 
 
 def check_names(request: Request, allowed: set[str] | frozenset[str], *, filters: bool) -> None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from aggregator import analysis
 from aggregator.api.graph import TIME_HELP
-from aggregator.api.params import check_names, positive_int, query_filter, window
+from aggregator.api.params import LINK_LOCAL_HELP, check_names, positive_int, query_filter, window
 from aggregator.api.state import graph_for
 from aggregator.auth import require_read
 from aggregator.graph import Window
@@ -27,7 +27,8 @@ def _iso(v: Any) -> Any:
 @router.get("/api/v1/workloads", summary="Workloads seen in a window, with callers and callees")
 def workloads(request: Request,
               from_: str | None = Query(None, alias="from", description=TIME_HELP),
-              to: str | None = Query(None, description=TIME_HELP)) -> dict[str, Any]:
+              to: str | None = Query(None, description=TIME_HELP),
+              link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:
     check_names(request, {"from", "to"}, filters=True)
     since, until, live = window(from_, to)
     g = graph_for(request, Window(since, until), "workload", query_filter(request), live)
@@ -46,8 +47,9 @@ def workloads(request: Request,
             summary="One workload: its upstream, downstream and impact in a window")
 def workload(request: Request, workload: str,
              from_: str | None = Query(None, alias="from", description=TIME_HELP),
-             to: str | None = Query(None, description=TIME_HELP)) -> dict[str, Any]:
-    check_names(request, {"from", "to"}, filters=False)
+             to: str | None = Query(None, description=TIME_HELP),
+             link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:
+    check_names(request, {"from", "to", "link_local"}, filters=False)
     since, until, live = window(from_, to)
     g = graph_for(request, Window(since, until), "workload", query_filter(request), live)
     node = workload
@@ -78,7 +80,8 @@ def graph_analysis(request: Request,
                    from_: str | None = Query(None, alias="from", description=TIME_HELP),
                    to: str | None = Query(None, description=TIME_HELP),
                    group_by: str = Query("workload", description="workload | namespace | host"),
-                   min_degree: str | None = Query(None, description="hub: at least this many peers (default 3)")) -> dict[str, Any]:
+                   min_degree: str | None = Query(None, description="hub: at least this many peers (default 3)"),
+                   link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:
     from aggregator.api.params import GROUP_BY, choice
 
     check_names(request, {"from", "to", "group_by", "min_degree"}, filters=True)

@@ -5,9 +5,12 @@ aggregator/correlating.py). Out: per-edge series on /metrics (prometheus.py), an
 configured (otlp_config.py) spans and metrics to an OTLP receiver (otlp.py).
 
 Wiring: `install(app, settings)` is called by the app factory. Byte, retransmit and connection
-counts move on every commit; failures, RTT and spans when a connection is complete
-(completion.py), which a ticker thread checks twice a second while the app runs (started and
-stopped by the app's lifespan; `tick()` by hand in tests). Docs: docs/integrations.md.
+counts move once a connection's names are final (named.py: at once when they are, else within
+the correlator's settle time); failures, RTT and spans when a connection is complete
+(completion.py: closed, quiet, and its names final), which a ticker thread checks twice a second
+while the app runs (started and stopped by the app's lifespan; `tick()` by hand in tests).
+Link-local and multicast connections are left out unless `--export-link-local`.
+Docs: docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from aggregator.connection import Connection
 from aggregator.correlate import Plan
 from aggregator.exporters.completion import Completions
 from aggregator.exporters.edges import EdgeLabels
+from aggregator.exporters.named import NamedDeltas, link_local
 from aggregator.exporters.otlp_config import OtlpConfig
 from aggregator.exporters.prometheus import EdgeMetrics
 from eastwest.drops import Drops
@@ -46,6 +50,8 @@ class Exporters:
         self.labels = EdgeLabels(max(2, int(getattr(settings, "edge_budget", 2000))))
         self.completions = Completions(float(getattr(settings, "export_settle_s", 5.0)), drops,
                                        clock=clock)
+        self.link_local = bool(getattr(settings, "export_link_local", False))
+        self.named = NamedDeltas(drops, link_local=self.link_local, clock=clock)
         self.prometheus = EdgeMetrics(registry, self.labels)
         self.otlp = None
         config = OtlpConfig.resolve(settings, env)
@@ -60,15 +66,23 @@ class Exporters:
 
     # -- in -------------------------------------------------------------------------------------
     def on_plan(self, plan: Plan) -> None:
-        self.prometheus.on_plan(plan)
-        if self.otlp is not None:
-            self.otlp.on_plan(plan)
+        self._released(self.named.on_plan(plan))
         self.completions.update(plan)
 
+    def _released(self, releases: list[Any]) -> None:
+        if releases:
+            self.prometheus.on_released(releases)
+            if self.otlp is not None:
+                self.otlp.on_released(releases)
+
     def tick(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
-        """Tell the exporters about the connections complete by now; returns them."""
+        """Count the connections whose names became final, and tell the exporters about the
+        connections complete by now; returns those."""
         with self._tick_lock:
+            self._released(self.named.due(now, everything=everything_closed))
             done = self.completions.due(now, everything_closed=everything_closed)
+            if not self.link_local:
+                done = [c for c in done if not link_local(c)]
             if done:
                 self.prometheus.on_complete(done)
                 if self.otlp is not None:

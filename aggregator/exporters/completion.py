@@ -4,10 +4,11 @@ Stage: exporters, fed by the correlating store's listener (aggregator/correlatin
 committed `Plan` (the new versions of the connections a batch touched). Out: `due()` returns the
 connections that are complete, each exactly once, in the order they completed.
 
-Complete = closed (an observer sent its final record) and no record of it arrived for `settle_s`
-seconds: the client's, the server's and the wire's final records come from different collectors,
-in different batches, so a connection is not told as soon as its first side closes (its bytes,
-its server side and its VXLAN tunnel would still be missing). Later records of a connection that
+Complete = closed (an observer sent its final record), no record of it arrived for `settle_s`
+seconds, and its names are final (`Connection.naming`, aggregator/correlate.py): the client's,
+the server's and the wire's final records come from different collectors, in different batches,
+so a connection is not told as soon as its first side closes (its bytes, its server side, its
+VXLAN tunnel and the name of its server would still be missing). Later records of a connection that
 was already told are ignored (it is not told twice). A connection that stays open is told when
 it closes; one that never closes (its final record was lost) is given up after `keep_open_s`
 without a record and counted as `exporters/never_closed`. At most `max_pending` connections wait;
@@ -38,7 +39,8 @@ class Completions:
         self.max_pending = max_pending
         self.keep_open_s = keep_open_s
         self.clock = clock
-        self._pending: OrderedDict[str, tuple[Connection, float]] = OrderedDict()
+        # conn_id -> (latest version, last update, when its names are final), by last update
+        self._pending: OrderedDict[str, tuple[Connection, float, float]] = OrderedDict()
         self._told: OrderedDict[str, None] = OrderedDict()  # recently told, to ignore late records
         self._lock = threading.Lock()
         self.told = 0
@@ -52,7 +54,11 @@ class Completions:
                 if cid not in self._pending and len(self._pending) >= self.max_pending:
                     self.drops.count(STAGE, "pending_full")
                     continue
-                self._pending[cid] = (conn, now)
+                naming = conn.naming
+                named_at = now
+                if naming is not None and plan.at is not None:
+                    named_at = now + (naming.until - plan.at).total_seconds()
+                self._pending[cid] = (conn, now, named_at)
                 self._pending.move_to_end(cid)  # oldest update first: due() stops early
 
     def due(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
@@ -64,10 +70,12 @@ class Completions:
             told: list[str] = []
             gone: list[str] = []
             # no copy of the whole dict: up to `max_pending` entries, and this runs every tick
-            for cid, (conn, at) in self._pending.items():
+            for cid, (conn, at, named_at) in self._pending.items():
                 age = now - at
                 if age < self.settle_s and not everything_closed:
                     break  # ordered by last update: the rest are younger
+                if named_at > now and not everything_closed:
+                    continue  # its names may still change
                 if conn.closed:
                     out.append(conn)
                     told.append(cid)
@@ -93,4 +101,4 @@ class Completions:
 
     def pending_connections(self) -> list[Connection]:
         with self._lock:
-            return [c for c, _ in self._pending.values()]
+            return [c for c, _, _ in self._pending.values()]

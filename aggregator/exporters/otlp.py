@@ -1,6 +1,6 @@
 """OTLP export of completed connections (traces) and per-edge metrics, through the OTel SDK.
 
-Stage: exporters. In: committed correlation `Plan`s (metric deltas) and completed connections
+Stage: exporters. In: the deltas of connections whose names are final (named.py) and completed connections
 (aggregator/exporters/completion.py). Out: OTLP requests to Tempo, an OpenTelemetry Collector or
 any OTLP receiver, over gRPC or HTTP/protobuf (otlp_config.py).
 
@@ -42,8 +42,8 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from aggregator.connection import Connection
-from aggregator.correlate import Plan
 from aggregator.exporters.edges import EdgeKey, EdgeLabels
+from aggregator.exporters.named import Release
 from aggregator.exporters.otlp_config import OtlpConfig
 from aggregator.exporters.otlp_spans import SpanFactory, trace_id_of
 from aggregator.exporters.prometheus import FAILED, RTT_BUCKETS
@@ -209,17 +209,27 @@ class OtlpEdgeMetrics:
                                       description="smoothed RTT of each completed TCP connection",
                                       explicit_bucket_boundaries_advisory=list(RTT_BUCKETS))
 
-    def on_plan(self, plan: Plan) -> None:
-        for rk, (c2s, s2c, _p1, _p2, retrans, _r) in plan.rollups.items():
-            client, server = plan.identities[rk]
-            a = _attrs(self.labels.of(client, server, rk[5], rk[6]))
-            self.bytes.add(c2s, {**a, "direction": "c2s"})
-            self.bytes.add(s2c, {**a, "direction": "s2c"})
-            self.retransmits.add(retrans, a)
-        for cid in plan.created:
-            c = plan.connections[cid]
-            self.connections.add(1, _attrs(self.labels.of(c.client, c.server, c.server_port,
-                                                          c.protocol)))
+    def on_released(self, releases: Iterable[Release]) -> None:
+        """Connections whose names are final (aggregator/exporters/named.py), summed per edge."""
+        sums: dict[EdgeKey, list[int]] = {}
+        for conn, counters, opened in releases:
+            edge = self.labels.of(conn.client, conn.server, conn.server_port, conn.protocol)
+            acc = sums.get(edge)
+            if acc is None:
+                acc = sums[edge] = [0, 0, 0, 0, 0]
+            acc[0] += counters[0]
+            acc[1] += counters[1]
+            acc[2] += counters[4]
+            acc[3] += opened
+            acc[4] += any(counters)
+        for edge, (c2s, s2c, retrans, opened_n, moved) in sums.items():
+            a = _attrs(edge)
+            if moved:
+                self.bytes.add(c2s, {**a, "direction": "c2s"})
+                self.bytes.add(s2c, {**a, "direction": "s2c"})
+                self.retransmits.add(retrans, a)
+            if opened_n:
+                self.connections.add(opened_n, a)
 
     def on_complete(self, conns: Iterable[Connection]) -> None:
         for c in conns:
@@ -259,9 +269,9 @@ class OtlpExporter:
             self.metrics = OtlpEdgeMetrics(metric_exporter or config.metric_exporter(), drops,
                                            labels, config.metrics_interval_s)
 
-    def on_plan(self, plan: Plan) -> None:
+    def on_released(self, releases: Sequence[Release]) -> None:
         if self.metrics is not None:
-            self.metrics.on_plan(plan)
+            self.metrics.on_released(releases)
 
     def sampled(self, conn: Connection) -> bool:
         # the low 64 bits of the trace id against the share, as TraceIdRatioBased does

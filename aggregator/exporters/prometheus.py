@@ -1,8 +1,9 @@
 """Per-edge Prometheus series on the aggregator's /metrics, beside its self-metrics.
 
-Stage: exporters. In: each committed correlation `Plan` (byte and retransmit deltas of the minute
-rollups, connections opened) and each completed connection (aggregator/exporters/completion.py:
-failures, RTT). Out: series in the app's `prometheus_client` registry (aggregator/metrics.py):
+Stage: exporters. In: the byte and retransmit deltas and the openings of connections whose names
+are final (aggregator/exporters/named.py: a counter cannot move what it counted, so it waits the
+few seconds in which a connection's names may still change), and each completed connection
+(aggregator/exporters/completion.py: failures, RTT). Out: series in the app's `prometheus_client` registry (aggregator/metrics.py):
 
   eastwest_edge_bytes_total{<edge>,direction="c2s"|"s2c"}  payload bytes, client->server and back
   eastwest_edge_connections_total{<edge>}                  connections opened
@@ -14,8 +15,9 @@ failures, RTT). Out: series in the app's `prometheus_client` registry (aggregato
 <edge> = client, client_namespace, server, server_namespace, server_port, protocol (edges.py),
 folded into client="other",server="other" past the budget (--edge-budget).
 
-The byte counters add exactly the rollup deltas the store adds, so `increase()` over a window
-equals the bytes of GET /api/v1/graph for it (a connection counts once, whoever observed it).
+The byte counters add exactly the deltas the store adds to the rollups, under the names the
+connection ends with, so `increase()` over a window equals the bytes of GET /api/v1/graph for
+it once the names have settled (a connection counts once, whoever observed it).
 Counters restart at zero when the aggregator restarts, as Prometheus expects of counters.
 """
 
@@ -29,8 +31,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.connection import Connection
-from aggregator.correlate import Plan
-from aggregator.exporters.edges import EDGE_LABELS, EdgeLabels
+from aggregator.exporters.edges import EDGE_LABELS, EdgeKey, EdgeLabels
+from aggregator.exporters.named import Release
 from eastwest.filters import outcome_of
 
 # RTT inside a data centre is 50 µs .. a few ms; across regions up to a few 100 ms
@@ -63,24 +65,30 @@ class EdgeMetrics:
         r.register(_BudgetCollector(labels))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def on_plan(self, plan: Plan) -> None:
+    def on_released(self, releases: Iterable[Release]) -> None:
+        """Count connections whose names are final (aggregator/exporters/named.py): their
+        bytes, retransmits and openings, summed per edge first (one `inc` per series)."""
         child = self._child
-        for rk, counters in plan.rollups.items():
-            client, server = plan.identities[rk]
-            edge = self.labels.of(client, server, rk[5], rk[6])
-            c2s, s2c, _pc2s, _ps2c, retrans, _resets = counters
-            # touch every series of the edge, zero or not: a rate over a quiet edge is 0, not absent
-            child(self.bytes, (*edge, "c2s")).inc(c2s)
-            child(self.bytes, (*edge, "s2c")).inc(s2c)
-            child(self.retransmits, edge).inc(retrans)
-        opened: dict[tuple[str, ...], int] = {}  # one inc per edge, not per connection
         of = self.labels.of
-        for cid in plan.created:
-            c = plan.connections[cid]
-            edge = of(c.client, c.server, c.server_port, c.protocol)
-            opened[edge] = opened.get(edge, 0) + 1
-        for values, n in opened.items():
-            child(self.connections, values).inc(n)
+        sums: dict[EdgeKey, list[int]] = {}
+        for conn, counters, opened in releases:
+            edge = of(conn.client, conn.server, conn.server_port, conn.protocol)
+            acc = sums.get(edge)
+            if acc is None:
+                acc = sums[edge] = [0, 0, 0, 0, 0]
+            acc[0] += counters[0]
+            acc[1] += counters[1]
+            acc[2] += counters[4]
+            acc[3] += opened
+            acc[4] += any(counters)
+        for edge, (c2s, s2c, retrans, opened_n, moved) in sums.items():
+            if moved:  # touch every volume series of the edge, zero or not: a rate over a
+                # quiet edge is 0, not absent (an edge of refused calls only has no volumes)
+                child(self.bytes, (*edge, "c2s")).inc(c2s)
+                child(self.bytes, (*edge, "s2c")).inc(s2c)
+                child(self.retransmits, edge).inc(retrans)
+            if opened_n:
+                child(self.connections, edge).inc(opened_n)
 
     def on_complete(self, conns: Iterable[Connection]) -> None:
         child = self._child

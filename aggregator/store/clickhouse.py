@@ -39,6 +39,7 @@ from aggregator.store.clickhouse_derived import ClickHouseQueries, micros
 from aggregator.store.clickhouse_schema import (
     TABLES,
     Location,
+    Table,
     distributed_ddl,
     local_ddl,
     parse_version,
@@ -158,6 +159,32 @@ class ClickHouseStore(ClickHouseQueries):
             for t in TABLES:
                 self._exec(distributed_ddl(t, f"{self.db}.{t.name}", self.loc.cluster,
                                            self.local_table(t.name)))
+        self._add_new_columns()
+
+    def _add_new_columns(self) -> None:
+        """Tables created by an older version get the columns added since (`ALTER TABLE ... ADD
+        COLUMN`, default 0/empty: e.g. rollups' `link_local`, false for the older rows). A
+        column added this way is not in the table's sorting key, which ClickHouse cannot change
+        on an existing table; new tables have it there (clickhouse_schema.TABLES)."""
+        targets: list[tuple[str | None, int, str, str, Table]] = [
+            (host, port, ldb, self.local_table(t.name), t) for host, port, ldb in self._shards()
+            for t in TABLES]
+        if self.loc.cluster:
+            targets += [(None, 0, self.db, t.name, t) for t in TABLES]
+        for host, port, db, table, t in targets:
+            sql = ("SELECT name FROM system.columns WHERE database = %(d)s AND table = %(t)s")
+            params = {"d": db, "t": table}
+            rows = (self._exec(sql, params) if host is None
+                    else self._on_shard(host, port, sql, params))
+            have = {r[0] for r in rows}
+            for col in t.columns:
+                if col.split()[0] not in have:
+                    alter = f"ALTER TABLE {db}.{table} ADD COLUMN {col}"
+                    if host is None:
+                        self._exec(alter)
+                    else:
+                        self._on_shard(host, port, alter)
+                    log.info("clickhouse %s: added column %s to %s.%s", self.loc, col, db, table)
 
     def _insert(self, table: str, cols: dict[str, list[Any]]) -> None:
         names = ", ".join(cols)

@@ -179,7 +179,8 @@ class ClickHouseQueries:
         named.update(since=micros(since.replace(second=0, microsecond=0)), until=micros(until))
         sums = ", ".join(f"sum({n}) AS {n}" for n in ROLLUP_COUNTERS)
         sql = (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM {self.db}.rollups FINAL "
-               f"WHERE minute >= %(since)s AND minute < %(until)s AND ({cond}) GROUP BY src, dst")
+               f"WHERE minute >= %(since)s AND minute < %(until)s AND ({cond}) GROUP BY src, dst "
+               "HAVING NOT (" + " AND ".join(f"{n} = 0" for n in ROLLUP_COUNTERS) + ")")
         return self._dicts(sql, named)
 
     def workload_rows(self) -> list[dict[str, Any]]:

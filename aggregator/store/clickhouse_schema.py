@@ -60,7 +60,7 @@ WORKLOAD_NOT_NULL = {"wid", "first_seen", "last_seen"}
 
 TIME_COLUMNS = {"start_ts", "end_ts", "last_seen", "closed_ts", "ingested_at", "minute",
                 "first_seen"}
-BOOL_COLUMNS = {"final", "loopback", "incomplete", "closed", "byte_mismatch"}
+BOOL_COLUMNS = {"final", "loopback", "incomplete", "closed", "byte_mismatch", "link_local"}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from aggregator.connection import Connection, Identity, ProcInfo, Summary, Tunnel, View
+from aggregator.connection import Connection, Identity, Naming, ProcInfo, Summary, Tunnel, View
 from aggregator.correlate import Plan
 from eastwest.filters import ip_hex as _ip_hex
 from eastwest.filters import outcome_of
@@ -121,13 +121,15 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
 CONN_SCHEMA = pa.schema([(n, t) for n, t, _ in CONN_COLUMNS])
 CONN_NAMES = [n for n, _, _ in CONN_COLUMNS]
 
+# `link_local`: the edge's connections have a link-local or multicast address (eastwest.filters
+# LINK_LOCAL_NETS): the rollups have no addresses, and default views leave those out
 ROLLUP_KEY = ["minute", "client_wid", "server_wid", "client_host", "server_host", "server_port",
-              "protocol"]
+              "protocol", "link_local"]
 ROLLUP_ATTRS = ["client_name", "client_namespace", "server_name", "server_namespace"]
 ROLLUP_COUNTERS = ["bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "retransmits", "resets"]
 ROLLUP_SCHEMA = pa.schema(
     [("minute", TS), ("client_wid", S), ("server_wid", S), ("client_host", S),
-     ("server_host", S), ("server_port", I32), ("protocol", S)]
+     ("server_host", S), ("server_port", I32), ("protocol", S), ("link_local", B)]
     + [(n, S) for n in ROLLUP_ATTRS] + [(n, I64) for n in ROLLUP_COUNTERS])
 
 WORKLOAD_SCHEMA = pa.schema([("wid", S), ("name", S), ("namespace", S), ("kind", S),
@@ -145,8 +147,19 @@ DUCKDB_CONN_NAMES = [n for n in CONN_NAMES if n != "state"] + ["views"]
 DUCKDB_CONN_SCHEMA = pa.schema([f for f in CONN_SCHEMA if f.name != "state"] + [("views", BIN)])
 _ViewTuple = tuple[str, str, datetime, datetime, bool, int, int, int | None, int | None, int, int,
                    str | None, tuple[int, int, int] | None, bool]
-_views_dec = msgspec.msgpack.Decoder(
-    tuple[list[_ViewTuple], dict[str, str] | None, dict[str, str] | None])
+
+
+class _Blob(msgspec.Struct, array_like=True):
+    """The `views` column: (views, client labels, server labels[, naming]); files written
+    before names could change have no fourth element."""
+
+    views: list[_ViewTuple]
+    client_labels: dict[str, str] | None
+    server_labels: dict[str, str] | None
+    naming: Naming | None = None
+
+
+_views_dec = msgspec.msgpack.Decoder(_Blob)
 _astuple = msgspec.structs.astuple
 
 
@@ -172,16 +185,20 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
 
 
 def views_blob(c: Connection) -> bytes:
-    """What the columns lack to rebuild the connection: its views (in order) and the labels of
-    both identities."""
-    return _enc.encode(([_astuple(v) for v in c.views.values()], c.client.labels or None,
-                        c.server.labels or None))
+    """What the columns lack to rebuild the connection: its views (in order), the labels of
+    both identities, and while its names may still change, its `naming`."""
+    views = [_astuple(v) for v in c.views.values()]
+    if c.naming is None:
+        return _enc.encode((views, c.client.labels or None, c.server.labels or None))
+    return _enc.encode((views, c.client.labels or None, c.server.labels or None, c.naming))
 
 
 def connection_of(row: dict[str, Any]) -> Connection:
     """A connection back from its DuckDB row (`views` and the identity, process and tunnel
     columns); the inverse of `connection_rows`."""
-    views, client_labels, server_labels = _views_dec.decode(row["views"])
+    blob = _views_dec.decode(row["views"])
+    views, client_labels, server_labels = blob.views, blob.client_labels, blob.server_labels
+    naming = blob.naming
     out = {}
     for v in views:
         view = View(*v)
@@ -202,7 +219,7 @@ def connection_of(row: dict[str, Any]) -> Connection:
     return Connection(row["conn_id"], row["protocol"], row["family"], row["client_ip"],
                       row["client_port"], row["server_ip"], row["server_port"], row["scope"],
                       ident("client", client_labels), ident("server", server_labels), out,
-                      proc("client"), proc("server"), tunnel)
+                      proc("client"), proc("server"), tunnel, naming)
 
 
 def _table(rows: Sequence[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:

@@ -47,7 +47,7 @@ from aggregator.store.derived import (
     ddl,
     derived_of,
 )
-from aggregator.store.duckdb_edges import WINDOW_COUNTS
+from aggregator.store.duckdb_edges import HAVING_VOLUME, WINDOW_COUNTS
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -77,6 +77,7 @@ CONN_FILTER_COLUMNS = {
 }
 # the dimensions the rollups can answer (they have no client ip/port, outcome, observers, vni)
 ROLLUP_FILTER_COLUMNS = {
+    "link_local": "link_local",
     "client_workload": "client_name", "server_workload": "server_name",
     "client_namespace": "client_namespace", "server_namespace": "server_namespace",
     "server_port": "server_port", "protocol": "protocol",
@@ -124,6 +125,25 @@ def migrate_derived(con: duckdb.DuckDBPyConnection, horizon_s: float) -> None:
         con.execute("COMMIT")
     con.execute(_SETTLED_DDL)
     con.execute(_VIEW_DDL)
+    _migrate_rollups(con)
+
+
+def _migrate_rollups(con: duckdb.DuckDBPyConnection) -> None:
+    """A file written before rollups were keyed by `link_local` gets the column (false: the
+    older rows cannot be told apart any more) and the new primary key (a table rebuilt: DuckDB
+    cannot change a primary key in place)."""
+    cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_name = 'rollups'").fetchall()}
+    if not cols or "link_local" in cols:
+        return
+    names = ", ".join(n for n in ROLLUP_KEY + ROLLUP_ATTRS + ROLLUP_COUNTERS if n != "link_local")
+    con.execute("BEGIN TRANSACTION")
+    con.execute("ALTER TABLE rollups RENAME TO rollups_before_link_local")
+    con.execute("CREATE TABLE rollups " + ddl(ROLLUP_SCHEMA, ROLLUP_KEY))
+    con.execute(f"INSERT INTO rollups ({names}, link_local) SELECT {names}, false "
+                "FROM rollups_before_link_local")
+    con.execute("DROP TABLE rollups_before_link_local")
+    con.execute("COMMIT")
 
 
 def _ids(con: duckdb.DuckDBPyConnection, name: str, ids: list[str]) -> None:
@@ -241,7 +261,8 @@ class DerivedQueries:
         cg, sg = GROUPS[group_by]
         sums = ", ".join(f"sum({n}) AS {n}" for n in ROLLUP_COUNTERS)
         sql = (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM rollups WHERE minute >= "
-               f"date_trunc('minute', ?) AND minute < ? AND ({where}) GROUP BY 1, 2")
+               f"date_trunc('minute', ?) AND minute < ? AND ({where}) GROUP BY 1, 2 "
+               f"{HAVING_VOLUME}")
         return self._rows(sql, [since, until, *params])
 
     def workload_rows(self) -> list[dict[str, Any]]:

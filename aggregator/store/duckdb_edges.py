@@ -61,6 +61,10 @@ EDGE_COLUMNS = ("src", "dst", "src_name", "src_namespace", "src_kind", "dst_name
                 "dst_namespace", "dst_kind", "conns", "w_bytes", "w_opened", "first_us",
                 "last_us", "json")
 VOLUMES = ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "retransmits")
+# a group whose deltas sum to nothing is no edge: the volumes of renamed connections left it
+# (aggregator/correlate.py, names), its rows hold a delta and the same delta negated
+HAVING_VOLUME = ("HAVING NOT (" + " AND ".join(
+    f"coalesce(sum({n}), 0) = 0" for n in (*VOLUMES, "resets")) + ")")
 _dec = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
 
@@ -93,7 +97,7 @@ def _volumes_sql(group_by: str, where: str) -> str:
     sums = ", ".join(f"sum({n}) AS v_{n}" for n in VOLUMES)
     return (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM rollups "
             f"WHERE minute >= date_trunc('minute', $1::TIMESTAMPTZ) AND minute < $2 AND ({where}) "
-            "GROUP BY 1, 2")
+            f"GROUP BY 1, 2 {HAVING_VOLUME}")
 
 
 def _iso(us: str) -> str:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from eastwest.errors import ConfigError
-from eastwest.filters import DIMENSIONS, Filter, parse_time
+from eastwest.filters import DIMENSIONS, LINK_LOCAL_PARAM, Filter, parse_time
 
 _PENDING = "_ew_not_pending"
 _TRIPLES = "filter_triples"
@@ -31,7 +31,8 @@ _TRIPLES = "filter_triples"
 FILTER_HELP = """\
 Filters: a flag given twice is OR-ed (--port 80 --port 443: either port); different flags are
 AND-ed (--to-workload db --outcome refused: refused calls to db); --not negates the one filter
-flag after it (--not --outcome ok: everything that failed). IPs take CIDRs (10.244.0.0/16)."""
+flag after it (--not --outcome ok: everything that failed). IPs take CIDRs (10.244.0.0/16).
+Link-local and multicast traffic (neighbour discovery, mDNS, ...) is hidden unless --link-local."""
 
 
 class _NotAction(argparse.Action):
@@ -71,6 +72,10 @@ def add_filter_flags(parser: argparse.ArgumentParser, *, window: bool = True) ->
                        metavar=metavar, help=d.help)
     g.add_argument("--not", action=_NotAction, dest=_PENDING, default=False,
                    help="negate the next filter flag (--not --to-workload db)")
+    g.add_argument("--link-local", action="store_true", dest="link_local",
+                   help="include link-local and multicast traffic (fe80::/10, ff00::/8, "
+                   "224.0.0.0/4, 255.255.255.255: neighbour discovery, MLD, mDNS, DHCP), "
+                   "hidden by default")
     parser.set_defaults(**{_TRIPLES: []})
     if window:
         add_window_flags(g)
@@ -96,6 +101,8 @@ class FilterSpec:
         for c in self.filter.clauses:
             key = ("not_" if c.negate else "") + c.dim
             out += [(key, _param_value(v)) for v in c.values]
+        if self.filter.link_local:
+            out.append((LINK_LOCAL_PARAM, "true"))
         if self.since is not None:
             out.append((window[0], _rfc3339(self.since)))
         if self.until is not None:
@@ -121,7 +128,8 @@ def filter_spec(args: argparse.Namespace, now: datetime | None = None) -> Filter
     if getattr(args, _PENDING, False):
         raise ConfigError("--not", "(at the end)", "must be followed by a filter flag, "
                           "e.g. --not --outcome ok")
-    flt = Filter.build(getattr(args, _TRIPLES, None) or [])
+    flt = Filter.build(getattr(args, _TRIPLES, None) or [],
+                       link_local=bool(getattr(args, "link_local", False)))
     since = until = None
     now = now or datetime.now(UTC)  # one `now` for both ends
     if getattr(args, "since", None):

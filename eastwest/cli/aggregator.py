@@ -70,6 +70,12 @@ def register(sub: Any) -> None:
                    help="delete flows, connections and rollups older than this (default 7d)")
     g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
                    help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
+    g.add_argument("--identity-settle", type=float, default=10.0, metavar="SECONDS",
+                   help="an end of a connection is named by the most specific thing any of its "
+                   "observers knows (the server's own process, say); a name may change for this "
+                   "long after the connection opened, then it is final and kept. Observers whose "
+                   "records arrive later than this after the first one do not rename it; "
+                   "Prometheus/OTLP counters wait this long (default 10)")
     g.add_argument("--correlation-backlog", type=int, default=500_000, metavar="N",
                    help="records acknowledged (in the ingest journal) that may wait to be stored "
                    "and correlated, kept compressed (~30 bytes each); beyond N, ingest waits up "
@@ -122,6 +128,10 @@ def register(sub: Any) -> None:
     g.add_argument("--export-settle", type=float, metavar="SECONDS",
                    help="a closed connection is exported (span pair, failure, RTT) after this "
                    "long without a new record, so every observer's view is in (default 5)")
+    g.add_argument("--export-link-local", action="store_true",
+                   help="also export link-local and multicast traffic (fe80::/10, ff00::/8, "
+                   "224.0.0.0/4, 255.255.255.255: neighbour discovery, MLD, mDNS, DHCP) to "
+                   "Prometheus and OTLP; left out by default, like the graph's default view")
     p.set_defaults(func=_run)
 
 

@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
     g.add_argument("--since", metavar="WHEN", help="from this time: a duration ago (30m, 2h, "
                    "7d), RFC 3339 (default: the aggregator's, 15 minutes before --until)")
     g.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
+    g.add_argument("--link-local", action="store_true", help="include link-local and "
+                   "multicast traffic (neighbour discovery, MLD, mDNS, DHCP), hidden by default")
     add_output_flags(p, FORMATS)
     add_connection_flags(p)
     p.set_defaults(func=run)
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.name and args.output == "names":
         raise ConfigError("--output", "names", "lists every workload; leave out NAME")
     params = window(args.since, args.until)
+    if args.link_local:
+        params = [*params, ("link_local", "true")]
     path = WORKLOADS_PATH + (f"/{quote(args.name, safe='')}" if args.name else "")
     with results(args) as (out, color):
         with client_from_args(args) as client:

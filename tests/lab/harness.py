@@ -44,12 +44,13 @@ def paired(truth: list[dict[str, Any]], items: list[T], truth_key: Callable[[dic
 class Aggregator:
     """The real app under uvicorn on loopback, in this process."""
 
-    def __init__(self, data: Path, workload_map: str, **settings_over: Any) -> None:
+    def __init__(self, data: Path, workload_map: str | None, **settings_over: Any) -> None:
         from aggregator.app import create_app
         from aggregator.settings import AggregatorSettings
 
         settings = AggregatorSettings(data_dir=data, ingest_token=INGEST, read_token=READ,
-                                      workload_map=Path(workload_map), **settings_over)
+                                      workload_map=Path(workload_map) if workload_map else None,
+                                      **settings_over)
         self.app = create_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
                                                     port=0, log_level="warning"))
@@ -156,6 +157,31 @@ def truth_edges(lab, truth: list[dict]) -> dict[tuple[str, str], dict[str, int]]
     out: dict[tuple[str, str], dict[str, int]] = {}
     for t in truth:
         e = out.setdefault((wid[t["client_ip"]], wid[t["server_ip"]]),
+                           {"connections": 0, "bytes_c2s": 0, "bytes_s2c": 0, "failed": 0})
+        e["connections"] += 1
+        e["bytes_c2s"] += t["bytes_c2s"]
+        e["bytes_s2c"] += t["bytes_s2c"]
+        e["failed"] += t["outcome"] in ("refused", "timeout")
+    return out
+
+
+def names_by_observers(lab, t: dict) -> tuple[str, str]:
+    """What an aggregator without a workload map names the ends of truth connection `t`: the
+    process of each end its own socket probe saw (TCP: the client always, the server when it
+    accepted), else the address (UDP: only the wire sees it today)."""
+    comm = {p["ip"]: p["comm"] for p in lab.inventory["pods"]}
+    if t["protocol"] != "tcp":
+        return f"external:{t['client_ip']}", f"external:{t['server_ip']}"
+    accepted = t["outcome"] not in ("refused", "timeout")
+    return (f"process:{comm[t['client_ip']]}",
+            f"process:{comm[t['server_ip']]}" if accepted else f"external:{t['server_ip']}")
+
+
+def truth_edges_by_observers(lab, truth: list[dict]) -> dict[tuple[str, str], dict[str, int]]:
+    """`truth_edges` as an aggregator without a workload map names them (names_by_observers)."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for t in truth:
+        e = out.setdefault(names_by_observers(lab, t),
                            {"connections": 0, "bytes_c2s": 0, "bytes_s2c": 0, "failed": 0})
         e["connections"] += 1
         e["bytes_c2s"] += t["bytes_c2s"]

@@ -16,7 +16,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.lab.harness import Aggregator, collectors, served_edges, truth_edges, window_of
+from tests.lab.harness import (
+    Aggregator,
+    collectors,
+    served_edges,
+    truth_edges,
+    truth_edges_by_observers,
+    window_of,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewg"
@@ -82,6 +89,42 @@ def test_graph_equals_truth_then_time_travel_and_diff(lab, tmp_path):
                     b_to=(p2_end + timedelta(seconds=1)).isoformat())
         assert [(e["source"], e["target"]) for e in d["added"]] == [("shop/frontend", "shop/db")]
         assert d["added"][0]["connections_opened"] == 1 and d["added"][0]["bytes_c2s"] == 321
+
+
+def test_without_a_workload_map_each_end_is_named_by_what_its_observers_know(lab, tmp_path):
+    """No inventory at all: the server's own probe names the server end (its process), the
+    client's the client end, whichever collector's batch arrives first; an end no socket probe
+    saw keeps its address. One edge per calling pair of the truth, no provisional `external:`
+    edge left behind, and no link-local noise (the overlay's neighbour discovery) by default."""
+    with Aggregator(tmp_path / "data", None) as agg:
+        with collectors(lab, agg.url, tmp_path / "spool", ["h1", "h2", "h3"]) as cs:
+            truth = lab.traffic(duration=5.0, seed=13)
+            multicast_chatter(lab)
+            for c in cs:
+                c.stop()
+        assert len(truth) > 20
+        w = window_of(truth)
+        del w["protocol"]  # the default view leaves link-local traffic out by itself
+        w["to"] = datetime.now(UTC).isoformat()
+        g = agg.get("/api/v1/graph", **w)
+        want = truth_edges_by_observers(lab, truth)
+        assert served_edges(g) == want
+        assert {n["id"] for n in g["nodes"]} == {x for e in want for x in e}
+        # the link-local chatter is stored all the same, and shown when asked for
+        everything = agg.get("/api/v1/graph", link_local="true", **w)
+        noise = {(e["source"], e["target"]) for e in everything["edges"]} - set(want)
+        assert noise and all(s.startswith("external:fe80:") and t == "external:ff02::1"
+                             or t.startswith("external:ff") for s, t in noise), noise
+
+
+def multicast_chatter(lab) -> None:
+    """A datagram to the all-nodes group from a pod (what mDNS and neighbour discovery look
+    like on the wire: link-local source, multicast destination), flooded over the overlay."""
+    pod = lab.inventory["pods"][0]
+    code = ("import socket; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+            "[s.sendto(b'hello', ('ff02::1%eth0', 5353)) for _ in range(3)]")
+    subprocess.run(["ip", "netns", "exec", pod["netns"], sys.executable, "-c", code],
+                   check=True, timeout=30)
 
 
 def test_one_host_collector_stopped_edges_stay_single(lab, tmp_path):

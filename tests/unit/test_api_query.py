@@ -79,6 +79,36 @@ def test_graph_has_one_edge_per_dependency_with_exact_counts(client):
     assert only["volume_source"] == "rollups"
 
 
+def test_link_local_chatter_is_stored_but_left_out_unless_asked_for(client):
+    """The overlay's neighbour discovery and mDNS (link-local source, multicast destination) are
+    stored like any flow; the graph, the flows, the workloads and the diff leave them out unless
+    `link_local=true`, and the graph's volumes still come from the rollups."""
+    Ep = rec("client").client.__class__
+    send(client, "h1", 60, [
+        rec("path", collector="h1", protocol="icmpv6", family=6, client=Ep("fe80::a8c1:1", 0),
+            server=Ep("ff02::1:ff00:2", 0), tunnel=None, c2s=72, s2c=0),
+        rec("path", collector="h1", protocol="udp", client=Ep("10.244.1.11", 5353),
+            server=Ep("224.0.0.251", 5353), tunnel=None, c2s=90, s2c=0)])
+    noise = {("external:fe80::a8c1:1", "external:ff02::1:ff00:2"),
+             ("shop/frontend", "external:224.0.0.251")}
+    g = client.get("/api/v1/graph", params=A, headers=RH).json()
+    assert {(e["source"], e["target"]) for e in g["edges"]} == {
+        ("shop/frontend", "shop/api"), ("shop/api", "shop/db")}
+    everything = client.get("/api/v1/graph", params={**A, "link_local": "true"}, headers=RH).json()
+    assert {(e["source"], e["target"]) for e in everything["edges"]} - {
+        (e["source"], e["target"]) for e in g["edges"]} == noise
+    assert everything["volume_source"] == "rollups" and everything["filter"].endswith(
+        "[link-local included]")
+    flows = client.get("/api/v1/flows", params={"limit": "100"}, headers=RH).json()["flows"]
+    all_flows = client.get("/api/v1/flows", params={"limit": "100", "link_local": "1"},
+                           headers=RH).json()["flows"]
+    assert (len(flows), len(all_flows)) == (9, 11)
+    wl = client.get("/api/v1/workloads", params=A, headers=RH).json()["workloads"]
+    assert not [w for w in wl if w["id"].startswith("external:")]
+    bad = client.get("/api/v1/graph", params={**A, "link_local": "sometimes"}, headers=RH)
+    assert bad.status_code == 400 and "link_local" in bad.json()["detail"]
+
+
 def test_an_edge_with_several_observer_sets_counts_each(client):
     """One edge, connections seen by different observer sets: DuckDB's per-edge bit set sees
     two sets and the detail query counts them (and the ports)."""

@@ -205,3 +205,15 @@ def test_help_says_how_flags_combine(capsys):
     assert "a flag given twice is OR-ed" in out
     assert "different flags are AND-ed" in out
     assert "--not negates the one filter flag after it" in out
+
+
+@pytest.mark.parametrize("command", ["flows", "graph", "diff"])
+def test_link_local_flag_reaches_the_api_as_link_local_true(command):
+    argv = [command, "--link-local", "--port", "53"]
+    if command == "diff":
+        argv += ["--a", "1h..30m", "--b", "30m..now"]
+    spec = filter_spec(build_parser().parse_args(argv))
+    assert spec.filter.link_local and ("link_local", "true") in spec.query_params()
+    assert Filter.from_query(spec.query_params()) == spec.filter
+    plain = filter_spec(build_parser().parse_args([command, "--port", "53", *argv[4:]]))
+    assert not plain.filter.link_local and all(k != "link_local" for k, _ in plain.query_params())

@@ -34,6 +34,12 @@ RECORDS = [
     rec(4, "10.244.2.11", 40003, "10.244.2.12", 7000, resets=1, cw="api", sw="auth", observer="server"),
     rec(5, "10.244.2.11", 40004, "10.244.3.12", 53, proto="udp", connect=None, cw="api", sw="resolver", ns="platform"),
     rec(6, "fd00::1", 50000, "fd00::2", 443, cw="web", sw="edge", ns="ext"),
+    # link-local and multicast chatter: hidden unless the filter asks for it
+    rec(7, "fe80::a8c1:abff:fe00:1", 5353, "ff02::fb", 5353, proto="udp", connect=None,
+        observer="path"),
+    rec(8, "0.0.0.0", 68, "255.255.255.255", 67, proto="udp", connect=None, observer="path"),
+    rec(9, "10.244.1.12", 5353, "224.0.0.251", 5353, proto="udp", connect=None, observer="path"),
+    rec(10, "fe80::1", 40000, "fe80::2", 22),
 ]
 
 CASES = [  # (flags as (dim, value, negated), ids of matching records)
@@ -110,6 +116,41 @@ def test_bad_values_name_the_flag_and_value(dim, value, flag):
     with pytest.raises(ConfigError) as err:
         Filter.build([(dim, value, True)])
     assert err.value.key == "--not " + flag
+
+
+@pytest.mark.parametrize(("flags", "hidden", "shown"), [
+    ([], [1, 2, 3, 4, 5, 6], list(range(1, 11))),
+    ([("protocol", "udp", False)], [5], [5, 7, 8, 9]),
+    ([("port", "5353", False)], [], [7, 9]),
+    ([("observer", "client", True)], [2, 4], [2, 4, 7, 8, 9]),
+])
+def test_link_local_and_multicast_are_hidden_unless_asked_for(db, flags, hidden, shown):
+    """The default view leaves out fe80::/10, ff00::/8, 224.0.0.0/4, 255.255.255.255 and the
+    unspecified addresses (in memory and in SQL alike); `link_local` adds them to any filter."""
+    for include, expected in ((False, hidden), (True, shown)):
+        f = Filter.build(flags, link_local=include)
+        assert [int(r.record_id.split(":")[1]) for r in RECORDS if f.matches_record(r)] == expected
+        where, params = f.to_sql(COLUMNS)
+        assert [r[0] for r in db.execute(f"SELECT id FROM flows WHERE {where} ORDER BY id",
+                                         params).fetchall()] == expected
+
+
+def test_link_local_compiles_to_a_column_where_a_table_has_one():
+    where, params = Filter().to_sql({"link_local": "ll", "protocol": "protocol"})
+    assert (where, params) == ("NOT coalesce(ll, false)", [])
+    assert Filter(link_local=True).to_sql({"link_local": "ll"}) == ("true", [])
+
+
+def test_link_local_query_parameter():
+    assert Filter.from_query([("link_local", "true"), ("port", "53")]) == Filter.build(
+        [("port", "53", False)], link_local=True)
+    assert not Filter.from_query([("link_local", "0")]).link_local
+    with pytest.raises(ConfigError) as err:
+        Filter.from_query([("link_local", "maybe")])
+    assert (err.value.key, err.value.value) == ("link_local", "maybe")
+    f = Filter.build([("port", "53", False)], link_local=True)
+    assert Filter.from_query(f.query_params()) == f
+    assert str(f) == "port=53 [link-local included]" and str(Filter()) == "(everything)"
 
 
 def test_query_parameters_build_the_same_filter():

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.app import create_app
@@ -148,3 +148,30 @@ def test_shutdown_tells_every_closed_connection(settle):
     ingest([rec("client"), rec("client", cport=40001, final=False)])
     ex.shutdown()
     assert ex.completions.told == 1 and ex.completions.pending == 1
+
+
+def test_a_counter_never_goes_down_and_a_decrease_is_paid_by_later_increases():
+    """The wire's view first (1,000 bytes), then the client's interim behind it (400): the
+    connection's best counters drop by 600. The store's rollups take -600 (docs/aggregator.md);
+    the Prometheus counter stays at 1,000 and the client's next 600 bytes pay the debt."""
+    registry = CollectorRegistry()
+    ex = Exporters(SimpleNamespace(edge_budget=100, export_settle_s=5.0), registry, Drops(),
+                   env={}, clock=Clock())
+    corr = Correlator(IdentityResolver(MAP))
+
+    def ingest(records):
+        plan = corr.plan(records)
+        corr.commit(plan)
+        ex.on_plan(plan)
+
+    def registry_text():
+        return generate_latest(registry).decode()
+
+    ingest([rec("path", final=False, dur=20, c2s=1000, s2c=0)])
+    ingest([rec("client", final=False, dur=10, c2s=400, s2c=0)])
+    c2s = edge("frontend", "api", 9090, direction="c2s")
+    assert samples(registry_text(), "eastwest_edge_bytes_total")[c2s] == 1000
+    ingest([rec("client", final=False, dur=30, c2s=1000, s2c=0)])   # paid back: nothing new
+    assert samples(registry_text(), "eastwest_edge_bytes_total")[c2s] == 1000
+    ingest([rec("client", final=True, dur=40, c2s=1500, s2c=0)])    # 500 beyond
+    assert samples(registry_text(), "eastwest_edge_bytes_total")[c2s] == 1500

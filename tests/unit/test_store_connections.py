@@ -519,3 +519,37 @@ def test_a_full_backlog_answers_backlogged_after_a_short_wait(tmp_path):
     assert not s.ingest("h1", 2, [rec("client", cport=40002)]).duplicate
     assert s.flush(5) and s.connection_count() == 2
     s.close()
+
+
+def test_a_file_with_rollups_before_link_local_is_migrated_keeping_its_rows(tmp_path):
+    """Rollups written before they were keyed by `link_local` keep their volumes (as not
+    link-local: the older rows cannot be told apart) under the new primary key."""
+    import duckdb
+
+    from aggregator.store.derived import ROLLUP_ATTRS, ROLLUP_COUNTERS
+
+    (tmp_path / "data").mkdir()
+    con = duckdb.connect(str(tmp_path / "data" / "eastwest.duckdb"))
+    old_key = ["minute", "client_wid", "server_wid", "client_host", "server_host", "server_port",
+               "protocol"]
+    cols = ("minute TIMESTAMPTZ, client_wid VARCHAR, server_wid VARCHAR, client_host VARCHAR, "
+            "server_host VARCHAR, server_port INTEGER, protocol VARCHAR, "
+            + ", ".join(f"{n} VARCHAR" for n in ROLLUP_ATTRS) + ", "
+            + ", ".join(f"{n} BIGINT" for n in ROLLUP_COUNTERS))
+    con.execute(f"CREATE TABLE rollups ({cols}, PRIMARY KEY ({', '.join(old_key)}))")
+    con.execute("INSERT INTO rollups VALUES (?, 'shop/frontend', 'shop/api', 'h1', 'h2', 9090, "
+                "'tcp', 'frontend', 'shop', 'api', 'shop', 1000, 5000, 0, 0, 0, 0)",
+                [T0.replace(second=0, microsecond=0)])
+    con.close()
+    s = CorrelatingStore(open_store("duckdb", tmp_path / "data"), Correlator(IdentityResolver(MAP)),
+                         Drops(), retention=None)
+    try:
+        s.ingest("h1", 1, [rec("client", c2s=7, s2c=3)])
+        g = build_graph(s, Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+        e = g.edges["shop/frontend", "shop/api"]
+        assert (e["bytes_c2s"], e["bytes_s2c"]) == (1007, 5003)
+        with s.inner._lock:
+            rows = s.inner._con.execute("SELECT link_local, bytes_c2s FROM rollups").fetchall()
+        assert rows == [(False, 1007)]
+    finally:
+        s.close()

@@ -15,6 +15,7 @@ export function parseFilter(text: string): URLSearchParams {
   for (let i = 0; i < words.length; i++) {
     const w = words[i];
     if (w === "--not" || w === "!") { negate = true; continue; }
+    if (w === "--link-local") { p.set("link_local", "true"); continue; }  // a flag without a value
     let key: string, value: string;
     if (w.startsWith("--")) {
       const eq = w.indexOf("=");

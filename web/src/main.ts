@@ -217,6 +217,7 @@ function controlsFromState(): void {
   $<HTMLInputElement>("f-port").value = st.port;
   $<HTMLSelectElement>("f-protocol").value = st.protocol;
   $<HTMLInputElement>("f-failing").checked = st.failing;
+  $<HTMLInputElement>("f-link-local").checked = st.linkLocal;
   $<HTMLInputElement>("search").value = st.search;
   $<HTMLSelectElement>("width-by").value = st.widthBy;
   $("legend-width").textContent = st.widthBy;
@@ -247,6 +248,7 @@ onChange("f-workload", (v) => { st.workload = v.trim(); });
 onChange("f-port", (v) => { st.port = v.trim(); });
 onChange("f-protocol", (v) => { st.protocol = v; });
 onChange("f-failing", (_v, el) => { st.failing = el.checked; });
+onChange("f-link-local", (_v, el) => { st.linkLocal = el.checked; });
 onChange("group", (v) => { st.group = v as Group; closePanel(); });
 onChange("width-by", (v) => { st.widthBy = v as State["widthBy"]; });
 onChange("preset", (v) => {

@@ -18,6 +18,7 @@ export interface State {
   port: string;
   protocol: string;
   failing: boolean;
+  linkLocal: boolean;    // include link-local and multicast traffic (hidden by default)
   search: string;
   widthBy: "bytes" | "connections";
   layout: string;        // fcose (default); cose for the benchmark's peer run
@@ -27,6 +28,7 @@ export interface State {
 export const DEFAULTS: State = {
   view: "map", live: true, from: "15m", to: "now", diff: false, aFrom: "", aTo: "",
   group: "namespace-box", namespace: "", workload: "", port: "", protocol: "", failing: false,
+  linkLocal: false,
   search: "", widthBy: "bytes", layout: "fcose", fold: true,
 };
 
@@ -42,6 +44,7 @@ export function load(): State {
   if (g && GROUPS.includes(g as Group)) s.group = g as Group;
   if (q.get("width") === "connections") s.widthBy = "connections";
   s.failing = q.get("failing") === "1";
+  s.linkLocal = q.get("link_local") === "1";
   s.diff = q.get("diff") === "1";
   s.fold = q.get("fold") !== "off";
   s.live = !q.has("to") || q.get("to") === "now";
@@ -58,6 +61,7 @@ export function save(s: State): void {
   if (s.group !== DEFAULTS.group) q.set("group", s.group);
   for (const k of ["namespace", "workload", "port", "protocol", "search"] as const) if (s[k]) q.set(k, s[k]);
   if (s.failing) q.set("failing", "1");
+  if (s.linkLocal) q.set("link_local", "1");
   if (s.widthBy !== "bytes") q.set("width", s.widthBy);
   if (s.layout !== "fcose") q.set("layout", s.layout);
   if (!s.fold) q.set("fold", "off");
@@ -77,6 +81,7 @@ export function filterParams(s: State): URLSearchParams {
   if (s.workload) p.append("workload", s.workload);
   if (s.port) p.append("port", s.port);
   if (s.protocol) p.append("protocol", s.protocol);
+  if (s.linkLocal) p.set("link_local", "true");  // neighbour discovery, MLD, mDNS, ...
   return p;
 }
 
