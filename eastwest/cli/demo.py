@@ -6,7 +6,9 @@ In:  flags.  Out: running processes (the aggregator, one collector per host) unt
 `--duration`; the ingest and read tokens in `DATA/tokens.env` (mode 0600).
 
 The processes are started as `eastwest aggregator` / `eastwest collector` subprocesses (the same
-commands a user runs), by `Stack`, which the transport lab tests reuse. The aggregator runs in the
+commands a user runs), by `Stack`, which the transport lab tests reuse. With the lab, the
+aggregator is given the lab's workload map (`--workload-map`), as a user with an inventory would
+give theirs: the map shows the pods by service name (the banner says so). The aggregator runs in the
 root namespace on loopback; each lab host's collector runs in the root namespace too, scoped with
 `--netns` to the host's and its pods' namespaces (docs/lab.md, ENVIRONMENT: bcc needs the root
 namespace's tracefs).
@@ -187,8 +189,8 @@ def _run(args: argparse.Namespace) -> int:
     lab = None
     rc = 0
     try:
-        stack.start_aggregator()
         if args.no_lab:
+            stack.start_aggregator()
             stack.start_collector(os.uname().nodename)
         else:
             from eastwest.lab import Lab
@@ -196,12 +198,14 @@ def _run(args: argparse.Namespace) -> int:
             Lab.down_by_name(args.name)
             lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=args.pods_per_host,
                          progress=lambda m: print(f"eastwest demo: {m}", file=sys.stderr))
+            # the lab's inventory, as a user with one would hand it over: pods by name
+            stack.start_aggregator(extra=["--workload-map", str(lab.inventory["workload_map"])])
             for h in lab.inventory["hosts"]:
                 stack.start_collector(f"{args.name}-{h['name'].split('-')[-1]}",
                                       netns=lab.host_netns(h["name"]),
                                       underlay=[f"{h['netns']}/{h['underlay_if']}"])
             threading.Thread(target=_drive, args=(lab, args.rate, stop), daemon=True).start()
-        _banner(stack, args)
+        _banner(stack, args, None if lab is None else str(lab.inventory["workload_map"]))
         _watch(stack, stop, args.duration)
     except KeyboardInterrupt:
         pass
@@ -228,10 +232,13 @@ def _drive(lab: Any, rate: float, stop: threading.Event) -> None:
             return
 
 
-def _banner(stack: Stack, args: argparse.Namespace) -> None:
+def _banner(stack: Stack, args: argparse.Namespace, workload_map: str | None = None) -> None:
+    names = (f"  workload names   from the lab's inventory, {workload_map}\n"
+             "                   (--workload-map: pods named as your inventory would name them)\n"
+             if workload_map else "")
     print(f"""
 eastwest is running{'' if args.no_lab else f' with lab {args.name!r}'}:
-  dashboard        {stack.url}/#token={stack.tokens.get('EASTWEST_READ_TOKEN', '')}
+{names}  dashboard        {stack.url}/#token={stack.tokens.get('EASTWEST_READ_TOKEN', '')}
   API reference    {stack.url}/docs   (Prometheus: {stack.url}/metrics)
   tokens           {stack.data / 'tokens.env'}  (mode 0600)
   from a shell     set -a; . {stack.data / 'tokens.env'}; set +a

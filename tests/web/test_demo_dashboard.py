@@ -1,0 +1,140 @@
+"""`eastwest demo` itself (the command behind `make demo` and `make run`), as a newcomer meets it:
+started as a user starts it, left running for a minute, then the dashboard in a real headless
+Chromium. The map shows the six services and the load generator, each once, with one edge per
+calling pair of the lab's ground truth and nothing else (no `external:` twin of a service, no
+link-local chatter of the overlay); the API's graph says the same. Ctrl-C stops everything: the
+command exits 0 and the lab's namespaces are gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ARTIFACTS, REPO, require_root
+from tests.lab.harness import truth_edges
+from tests.web.conftest import open_dashboard, shot, shown, wait_render
+
+pytestmark = [pytest.mark.lab, pytest.mark.bpf]
+NAME = "ewdemot"      # the demo's lab (not the default `ewdemo`: a user's demo may be up)
+RUN_S = 60.0          # "after one minute"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Demo:
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = ARTIFACTS / "demo.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        # a process started in the background of a non-interactive shell has SIGINT ignored:
+        # give the child the default disposition, or Ctrl-C would test nothing
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "eastwest", "demo", "--name", NAME, "--listen",
+             f"127.0.0.1:{self.port}", "--data", str(data)], cwd=REPO,
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.started = datetime.now(UTC)
+        self.token = ""
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"eastwest demo exited: {self.log.read_text()[-2000:]}"
+            tokens = self.data / "tokens.env"
+            if tokens.exists() and "eastwest is running" in self.log.read_text() and self._up():
+                self.token = dict(line.split("=", 1) for line in tokens.read_text().split())[
+                    "EASTWEST_READ_TOKEN"]
+                return
+            time.sleep(1)
+        pytest.fail(f"eastwest demo not up after {timeout:g} s: {self.log.read_text()[-2000:]}")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def get(self, path: str, **params: Any) -> Any:
+        r = httpx.get(self.url + path, params=params, timeout=60,
+                      headers={"Authorization": f"Bearer {self.token}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def lab(self) -> Any:
+        from eastwest.lab import Lab
+
+        return Lab.open(NAME)
+
+    def truth(self) -> list[dict[str, Any]]:
+        out = []
+        for f in sorted((Path(self.lab().inventory["state_dir"]) / "truth").glob("*.jsonl")):
+            out += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    require_root()
+    from eastwest.lab import Lab
+
+    Lab.down_by_name(NAME)
+    d = Demo(tmp_path_factory.mktemp("demo") / "data")
+    try:
+        d.wait_ready()
+        time.sleep(RUN_S)
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(30)
+        Lab.down_by_name(NAME)
+
+
+def expected(d: Demo) -> tuple[set[str], set[tuple[str, str]]]:
+    """The services and calling pairs of the truth so far, named as the lab's map names them."""
+    edges = set(truth_edges(d.lab(), d.truth()))
+    return {x for e in edges for x in e}, edges
+
+
+def test_the_demo_graph_is_the_application(demo):
+    nodes, edges = expected(demo)
+    assert len(nodes) == 7 and len(edges) >= 6, (nodes, edges)  # six services + the loadgen
+    g = demo.get("/api/v1/graph", **{"from": (demo.started - timedelta(minutes=1)).isoformat()})
+    assert {n["id"] for n in g["nodes"]} == nodes
+    assert {(e["source"], e["target"]) for e in g["edges"]} == edges
+    assert all(n["kind"] != "External" for n in g["nodes"])
+
+
+def test_the_dashboard_shows_each_service_once_and_one_edge_per_calling_pair(demo, page):
+    nodes, edges = expected(demo)
+    open_dashboard(page, demo.url, demo.token, group="workload")
+    wait_render(page, 0, timeout=60_000)
+    drawn_nodes, drawn_edges, _ = shown(page)
+    shot(page, "demo-after-a-minute")
+    assert set(drawn_nodes) == nodes and len(drawn_nodes) == 7
+    assert set(drawn_edges) == edges and len(drawn_edges) == len(edges)
+
+
+def test_ctrl_c_stops_the_demo_and_takes_the_lab_down(demo):
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.proc.wait(180) == 0, demo.log.read_text()[-2000:]
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{NAME}-" not in netns, netns
+    assert not os.path.exists(f"/run/netns/{NAME}-h1")
