@@ -1,10 +1,12 @@
-"""Export: flow records -> batches -> spool -> HTTP POST to the aggregator's ingest endpoint.
+"""Export: flow records -> batches -> spool -> the aggregator (HTTP POST or NATS JetStream).
 
 In:  lists of `FlowRecord`s from the pipeline (`AggregatorSink.write`, under the pipeline lock).
-Out: batches in the wire form of eastwest/codec.py, POSTed with the ingest bearer token to
-`<aggregator>/api/v1/ingest`; counts of records in, out and dropped by reason.
+Out: batches in the wire form of eastwest/codec.py, handed to a `Sender` (collector/transport.py):
+POSTed with the ingest bearer token to `<aggregator>/api/v1/ingest` (collector/transport_http.py)
+or published to JetStream (collector/transport_nats.py); counts of records in, out and dropped
+by reason, of attempts and of retries by reason.
 
-Stages, each replaceable in tests (fake transport, fake clock, no sleeps):
+Stages, each replaceable in tests (fake sender or transport, `FakeClock`, no sleeps):
 1. Batching (`AggregatorSink`): interim and final records go to separate batches (so the spool
    can shed interim first), sealed at `batch_size` records or `batch_age` seconds, whichever
    comes first, numbered by the spool's never-repeating `batch_seq`.
@@ -13,12 +15,18 @@ Stages, each replaceable in tests (fake transport, fake clock, no sleeps):
    until the process ends (`sink.spool.close()` releases it sooner, for tests): a successor
    waiting for the folder starts only once this process is gone, with its sockets (the
    `--metrics-listen` port) and BPF programs.
-3. Sending (`BatchSender`): oldest batch first; retried with jittered exponential backoff within a
-   deadline on connection errors, 429 and 5xx only, honouring Retry-After (RFC 9110 10.2.3).
-   2xx removes the batch from the spool (a `duplicate` answer too: it was applied before).
-   400/413/415/422 will never succeed: the batch is dropped and counted (`export/http_<code>`).
-   401/403 mean the token is wrong: the batch stays spooled and the sender pauses, loudly.
-   A deadline that runs out leaves the batch spooled; the sender pauses and tries again.
+3. Sending: oldest batch first, through the retry policy (collector/retry.py): a `Retry` answer
+   (connection errors, timeouts, 429 and 5xx, NATS not answering) is tried again with jittered
+   exponential backoff within a deadline, honouring Retry-After (RFC 9110 10.2.3), and counted
+   in `eastwest_export_retries_total{reason}`.
+   `Accepted` removes the batch from the spool (a `duplicate` answer too: it was applied before).
+   `Refused` (HTTP 400/413/415/422..., a batch over NATS' max_payload) will never succeed: the
+   batch is dropped and counted as `export/<reason>` (`export/http_413`,
+   `export/nats_max_payload`).
+   Refused credentials (HTTP 401/403, NATS authorization) leave the batch spooled and the sender
+   pauses, loudly. A deadline that runs out leaves the batch spooled; the sender pauses and tries
+   again.
+All waits are slept on the context's clock (`ctx.clock`), the shutdown's included.
 `close()` seals what is buffered, then drains the spool for up to `shutdown_timeout` seconds;
 what is left stays spooled for the next start (see the crash bound in collector/spool.py).
 """
@@ -26,11 +34,10 @@ what is left stays spooled for the next start (see the crash bound in collector/
 from __future__ import annotations
 
 import argparse
-import email.utils
 import logging
+import os
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +48,15 @@ import httpx
 from collector import identity
 from collector.metrics import CollectorMetrics
 from collector.pipeline import CollectorContext
+from collector.retry import Backoff, RetryPolicy
 from collector.spool import DEFAULT_MAX_BYTES, Kind, Spool
 from collector.spool_lock import DEFAULT_WAIT
-from eastwest import __version__
-from eastwest.codec import CONTENT_TYPE, Batch, encode_batch
+from collector.transport import Accepted, Refused, Sender
+from collector.transport_http import INGEST_PATH, HttpSender
+from collector.transport_nats import NatsSender
+from eastwest.codec import Batch, encode_batch
 from eastwest.errors import ConfigError
+from eastwest.jetstream import NatsOptions
 from eastwest.record import FlowRecord
 
 # The sender thread (HTTP to the aggregator) releases the GIL on every socket call and needs it
@@ -53,10 +64,7 @@ from eastwest.record import FlowRecord
 # interval each hand-back waited up to 5 ms. The collector process sets this (collector/main.py).
 SWITCH_INTERVAL_S = 0.0005
 log = logging.getLogger("eastwest.export")
-INGEST_PATH = "/api/v1/ingest"
 TOKEN_ENV = "EASTWEST_INGEST_TOKEN"
-RETRYABLE = frozenset({429, 500, 502, 503, 504})
-DROPPING = frozenset({400, 413, 415, 422})
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,6 @@ class ExportSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: dict[str, str] | None = None) -> ExportSettings:
-        import os
-
         env = dict(os.environ) if env is None else env
         nats = getattr(args, "nats", None)
         token = "" if nats else (env.get(TOKEN_ENV, "").strip()
@@ -130,147 +136,41 @@ def _token_from_file(path: str | None) -> str:
     raise ConfigError("--ingest-token-file", path, f"holds neither a bare token nor {TOKEN_ENV}=...")
 
 
-# -- retry policy ------------------------------------------------------------------------------
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits uniformly in [b/2, b], b = min(max,
-    initial * 2**n). Retry-After, when given, replaces the computed wait."""
-
-    def __init__(self, initial: float, maximum: float, rand: Callable[[], float] = random.random):
-        self.initial, self.maximum, self.rand = initial, maximum, rand
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        if retry_after is not None:
-            return max(0.0, retry_after)
-        base = min(self.maximum, self.initial * (2 ** attempt))
-        return base / 2 + self.rand() * base / 2
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-Outcome = Literal["ok", "drop", "auth", "gave_up"]
-
-
-@dataclass
-class SendResult:
-    outcome: Outcome
-    attempts: int
-    status: int | None = None
-    body: Any = None
-    error: str | None = None
-
-
-class BatchSender:
-    """POSTs one encoded batch, retrying what may succeed later within `deadline` seconds."""
-
-    def __init__(self, client: httpx.Client, url: str, token: str, backoff: Backoff,
-                 deadline: float, *, monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] = time.sleep) -> None:
-        self.client, self.url, self.backoff, self.deadline = client, url, backoff, deadline
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": CONTENT_TYPE,
-                        "User-Agent": f"eastwest-collector/{__version__}"}
-        self.monotonic, self.sleep = monotonic, sleep
-
-    def send(self, body: bytes) -> SendResult:
-        give_up_at = self.monotonic() + self.deadline
-        attempt = 0
-        while True:
-            retry_after: float | None = None
-            try:
-                resp = self.client.post(self.url, content=body, headers=self.headers)
-            except httpx.TransportError as exc:  # connect, read, write, timeouts, protocol
-                status, error = None, f"{type(exc).__name__}: {exc}"
-            else:
-                status, error = resp.status_code, _detail(resp)
-                if 200 <= status < 300:
-                    return SendResult("ok", attempt + 1, status, _json(resp))
-                if status in (401, 403):
-                    return SendResult("auth", attempt + 1, status, error=error)
-                if status not in RETRYABLE:
-                    return SendResult("drop", attempt + 1, status, error=error)
-                retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            wait = self.backoff.delay(attempt, retry_after)
-            attempt += 1
-            if self.monotonic() + wait > give_up_at:
-                return SendResult("gave_up", attempt, status, error=error)
-            self.sleep(wait)
-
-
-def _json(resp: httpx.Response) -> Any:
-    try:
-        return resp.json()
-    except ValueError:
-        return None
-
-
-def _detail(resp: httpx.Response) -> str:
-    body = _json(resp)
-    if isinstance(body, dict) and "detail" in body:
-        return f"HTTP {resp.status_code}: {body['detail']}"
-    return f"HTTP {resp.status_code}"
-
-
 # -- the sink ----------------------------------------------------------------------------------
 class AggregatorSink:
     """Pipeline sink that batches, spools and sends records to the aggregator.
 
-    `start=False` (tests) runs no threads: call `tick()` and `drain_once()` by hand."""
+    The sender is the `--aggregator` HTTP POST or the `--nats` JetStream publisher, unless one
+    is given (tests). `start=False` (tests) runs no threads: call `tick()` and `drain_once()` by
+    hand."""
 
     def __init__(self, ctx: CollectorContext, args: argparse.Namespace | None = None, *,
                  settings: ExportSettings | None = None, client: httpx.Client | None = None,
                  metrics: CollectorMetrics | None = None,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] | None = None,
                  rand: Callable[[], float] = random.random, start: bool = True,
-                 sender: Any = None) -> None:
+                 sender: Sender | None = None) -> None:
         if settings is None:
             if args is None:
                 raise ConfigError("export", None, "AggregatorSink needs args or settings")
             settings = ExportSettings.from_args(args)
-        self.ctx, self.settings = ctx, settings
+        self.ctx, self.settings, self.clock = ctx, settings, ctx.clock
         self.metrics = metrics or CollectorMetrics(ctx.drops)
         # waits (bounded) while another process holds the folder: BusyError past the wait
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes, ctx.drops,
-                           lock_wait=settings.spool_lock_wait)
+                           lock_wait=settings.spool_lock_wait, clock=self.clock)
         self.metrics.watch_spool(self.spool)
-        self.monotonic = monotonic
         self._stop = threading.Event()      # stop batching/sending loops
         self._abort = threading.Event()     # shutdown deadline passed: stop retrying now
         self._work = threading.Event()      # something new in the spool
-        self._sleep = sleep or self._abort.wait
         self._buf: dict[Kind, list[FlowRecord]] = {"interim": [], "final": []}
         self._since: dict[Kind, float | None] = {"interim": None, "final": None}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.retry = RetryPolicy(Backoff(settings.backoff_initial, settings.backoff_max, rand),
+                                 settings.deadline, self.clock)
         self.server = None
         try:  # a sink that fails to start leaves the spool folder to the next process at once
-            self.client = client or httpx.Client(
-                timeout=settings.request_timeout, verify=settings.ca_file or True)
-            backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
-            if sender is None and settings.transport == "nats":
-                from collector.transport_nats import NatsSender
-                from eastwest.jetstream import NatsOptions
-
-                opts = NatsOptions.from_args(args) if args is not None else NatsOptions(settings.url)
-                sender = NatsSender(opts, ctx.collector_id, backoff, settings.deadline,
-                                    monotonic=monotonic, sleep=self._sleep)
-            # the HTTP POST (BatchSender) or NATS JetStream (collector/transport_nats.py)
-            self.sender = sender or BatchSender(self.client, settings.ingest_url, settings.token,
-                                                backoff, settings.deadline, monotonic=monotonic,
-                                                sleep=self._sleep)
+            self.sender = sender or _make_sender(settings, args, ctx, client)
             if metrics is None and args is not None and getattr(args, "metrics_listen", None):
                 self.server = self.metrics.serve(args.metrics_listen)  # else the owner serves
         except BaseException:
@@ -292,7 +192,7 @@ class AggregatorSink:
             return
         self.metrics.records_in.inc(len(records))
         with self._lock:
-            now = self.monotonic()
+            now = self.clock.monotonic()
             for r in records:
                 kind: Kind = "final" if r.final else "interim"
                 buf = self._buf[kind]
@@ -305,7 +205,7 @@ class AggregatorSink:
     def tick(self) -> None:
         """Seal every buffer older than `batch_age`."""
         with self._lock:
-            now = self.monotonic()
+            now = self.clock.monotonic()
             for kind in ("interim", "final"):
                 since = self._since[kind]
                 if since is not None and now - since >= self.settings.batch_age:
@@ -316,7 +216,7 @@ class AggregatorSink:
         if not records:
             return
         seq = self.spool.allocate_seq()
-        batch = Batch(self.ctx.collector_id, seq, self.ctx.clock.now(), records)
+        batch = Batch(self.ctx.collector_id, seq, self.clock.now(), records)
         if self.spool.put(seq, kind, len(records), encode_batch(batch)):
             self._work.set()
 
@@ -332,28 +232,31 @@ class AggregatorSink:
             self.ctx.drops.count("export", "spool_read_error", entry.records, detail=str(exc))
             self.spool.remove(entry)
             return True
-        started = self.monotonic()
-        result = self.sender.send(body)
-        self.metrics.attempts.inc(result.attempts)
-        if result.outcome == "ok":
-            self.metrics.latency.observe(self.monotonic() - started)
-            self._count_ok(entry.records, result.body)
+        started = self.clock.monotonic()
+        delivery = self.retry.deliver(self.sender, body, stop=self._abort)
+        self.metrics.attempts.inc(delivery.attempts)
+        for reason in delivery.retries:
+            self.metrics.retries.labels(reason).inc()
+        last = delivery.last
+        if isinstance(last, Accepted):
+            self.metrics.latency.observe(self.clock.monotonic() - started)
+            self._count_ok(entry.records, last.answer)
             self.spool.remove(entry)
             return True
-        if result.outcome == "drop":
-            self.ctx.drops.count("export", f"http_{result.status}", entry.records,
-                                 detail=f"batch {entry.seq} refused: {result.error}")
+        if isinstance(last, Refused):
+            self.ctx.drops.count("export", last.reason, entry.records,
+                                 detail=f"batch {entry.seq} refused: {last.detail}")
             self.spool.remove(entry)
             return True
         self.spool.release()
-        self.metrics.failures.labels(result.outcome).inc()
+        self.metrics.failures.labels(delivery.outcome).inc()
         log.error("aggregator %s: batch %d not delivered (%s after %d attempts: %s); kept in the "
-                  "spool", self.settings.url, entry.seq, result.outcome, result.attempts,
-                  result.error)
+                  "spool", self.settings.url, entry.seq, delivery.outcome, delivery.attempts,
+                  last.detail)
         return False
 
-    def _count_ok(self, records: int, body: Any) -> None:
-        rejected = body.get("rejected", []) if isinstance(body, dict) else []
+    def _count_ok(self, records: int, answer: Any) -> None:
+        rejected = answer.get("rejected", []) if isinstance(answer, dict) else []
         bad = len(rejected) if isinstance(rejected, list) else 0
         self.metrics.records_out.inc(records - bad)
         if bad:
@@ -362,7 +265,7 @@ class AggregatorSink:
 
     def _ager(self) -> None:
         step = min(self.settings.batch_age / 2, 0.25)
-        while not self._stop.wait(step):
+        while not self.clock.sleep(step, until=self._stop):
             self.tick()
 
     def _sender(self) -> None:
@@ -371,11 +274,11 @@ class AggregatorSink:
             if self.drain_once():
                 continue
             if len(self.spool) and not self._abort.is_set():
-                self._abort.wait(self.settings.backoff_max)  # failed: pause, then retry
+                self.clock.sleep(self.settings.backoff_max, until=self._abort)  # failed: pause
                 continue
             if self._stop.is_set():
                 return
-            self._work.wait(0.5)
+            self.clock.sleep(0.5, until=self._work)
 
     # -- shutdown -----------------------------------------------------------------------------
     def flush(self) -> None:
@@ -388,12 +291,12 @@ class AggregatorSink:
         self.flush()
         self._stop.set()
         self._work.set()
-        deadline = self.monotonic() + self.settings.shutdown_timeout
+        deadline = self.clock.monotonic() + self.settings.shutdown_timeout
         if not self._threads:  # no sender thread (tests, start=False): drain here
-            while self.monotonic() < deadline and self.drain_once():
+            while self.clock.monotonic() < deadline and self.drain_once():
                 pass
         for t in self._threads:
-            while t.is_alive() and self.monotonic() < deadline:
+            while t.is_alive() and self.clock.monotonic() < deadline:
                 t.join(0.1)
         self._abort.set()
         for t in self._threads:
@@ -402,8 +305,17 @@ class AggregatorSink:
         if left:
             log.warning("shutdown: %d batches (%d records) stay in %s for the next start", left,
                         self.spool.records(), self.settings.spool_dir)
-        self.client.close()
-        if hasattr(self.sender, "close"):
-            self.sender.close()
+        self.sender.close()
         if self.server is not None:
             self.server.shutdown()
+
+
+def _make_sender(settings: ExportSettings, args: argparse.Namespace | None,
+                 ctx: CollectorContext, client: httpx.Client | None) -> Sender:
+    """The transport `settings.transport` names: NATS JetStream, or the HTTP POST."""
+    if settings.transport == "nats":
+        opts = NatsOptions.from_args(args) if args is not None else NatsOptions(settings.url)
+        return NatsSender(opts, ctx.collector_id)
+    client = client or httpx.Client(timeout=settings.request_timeout,
+                                    verify=settings.ca_file or True)
+    return HttpSender(client, settings.ingest_url, settings.token, clock=ctx.clock)

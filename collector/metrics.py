@@ -1,7 +1,7 @@
 """Collector self-metrics in the Prometheus text format, on `--metrics-listen HOST:PORT`.
 
 In:  counts from the export stages, the spool's size, the shared `Drops`, and gauges any source
-     offers (BPF map fill, lost events).  Out: one `prometheus_client` registry per collector and,
+     offers (BPF map fill, kernel event counters).  Out: one `prometheus_client` registry per collector and,
      when asked, an HTTP server answering `/metrics`.
 
 Names (shared with the aggregator where they mean the same):
@@ -11,7 +11,10 @@ Names (shared with the aggregator where they mean the same):
   eastwest_spool_bytes, eastwest_spool_batches, eastwest_spool_records
   eastwest_export_batch_seconds          spool -> acknowledged, per batch (retries included)
   eastwest_export_attempts_total, eastwest_export_failures_total{outcome}
-  eastwest_bpf_map_entries{map}, eastwest_bpf_map_capacity{map}, eastwest_bpf_lost_events_total
+  eastwest_export_retries_total{reason}  attempts answered "not now", by the transport's reason
+                                         (collector/transport.py: http_503, nats_timeout...)
+  eastwest_probe_map_entries{map}, eastwest_probe_map_capacity{map},
+  eastwest_probe_kernel_events_total{event}
                                          from sources exposing `gauges()` (collector/probes)
 """
 
@@ -83,7 +86,11 @@ class CollectorMetrics:
                                   registry=r)
         self.records_out = Counter("eastwest_records_out", "records acknowledged by the "
                                    "aggregator", registry=r)
-        self.attempts = Counter("eastwest_export_attempts", "HTTP POST attempts", registry=r)
+        self.attempts = Counter("eastwest_export_attempts", "send attempts (HTTP POSTs or NATS "
+                                "publishes)", registry=r)
+        self.retries = Counter("eastwest_export_retries", "send attempts answered 'not now' "
+                               "(the batch stays spooled), by the transport's reason", ["reason"],
+                               registry=r)
         self.failures = Counter("eastwest_export_failures", "batches not delivered in one send "
                                 "round (they stay spooled), by outcome", ["outcome"], registry=r)
         self.latency = Histogram("eastwest_export_batch_seconds", "spool to acknowledgement, per "

@@ -60,7 +60,3 @@ def names(netns_dir: Path = NETNS_DIR) -> dict[int, str]:
             continue
     return out
 
-
-def current_inode() -> int:
-    """The inode of this process's own network namespace (the root one for a node agent)."""
-    return os.stat("/proc/self/ns/net").st_ino

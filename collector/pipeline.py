@@ -1,7 +1,8 @@
 """Collector pipeline wiring: sources -> sink.
 
 In: `Source` objects (socket probes, live VXLAN capture, pcap files), each producing lists of
-`FlowRecord`s.  Out: a `Sink` (JSON lines on stdout or a file; later the aggregator export).
+`FlowRecord`s.  Out: a `Sink` (JSON lines on stdout or a file, or the aggregator export of
+collector/export.py).
 
 Each source runs in its own thread and calls `emit(records)` with batches it has drained; the
 sink is called under one lock, so sinks need not be thread-safe. SIGINT/SIGTERM or `--duration`
@@ -33,6 +34,7 @@ class CollectorContext:
     """What every stage of one collector process shares."""
 
     collector_id: str
+    # the process's one clock: stages read the time and wait on it (a FakeClock in tests)
     clock: Clock = field(default_factory=SystemClock)
     drops: Drops = field(default_factory=Drops)
     # Record ids: `<collector>:<seq>`, seq from `first_seq`. A live collector starts it at its

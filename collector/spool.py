@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from collector.spool_lock import SpoolLock
+from eastwest.clock import Clock, SystemClock, unix_us
 from eastwest.drops import Drops
 from eastwest.errors import ConfigError
 
@@ -59,12 +58,11 @@ class SpoolEntry:
 
 class Spool:
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
-                 drops: Drops | None = None, *, fsync: bool = False,
-                 now_us: int | None = None, lock_wait: float = 0.0,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] = time.sleep) -> None:
+                 drops: Drops | None = None, *, fsync: bool = False, lock_wait: float = 0.0,
+                 clock: Clock | None = None) -> None:
         """Open (or create) the spool folder and lock it for this process, waiting up to
-        `lock_wait` seconds for another holder (`BusyError` after that)."""
+        `lock_wait` seconds of `clock` for another holder (`BusyError` after that)."""
+        clock = clock or SystemClock()
         if max_bytes < 1:
             raise ConfigError("--spool-max-bytes", max_bytes, "must be positive")
         self.dir = Path(directory)
@@ -75,14 +73,14 @@ class Spool:
         if not os.access(self.dir, os.W_OK):
             raise ConfigError("--spool-dir", str(self.dir), "is not writable")
         # before anything is read: what another process is writing here is not ours to load
-        self.flock = SpoolLock.acquire(self.dir, lock_wait, monotonic=monotonic, sleep=sleep)
+        self.flock = SpoolLock.acquire(self.dir, lock_wait, clock=clock)
         try:
-            self._open(max_bytes, drops, fsync, now_us)
+            self._open(max_bytes, drops, fsync, unix_us(clock.now()))
         except BaseException:
             self.flock.close()
             raise
 
-    def _open(self, max_bytes: int, drops: Drops | None, fsync: bool, now_us: int | None) -> None:
+    def _open(self, max_bytes: int, drops: Drops | None, fsync: bool, now_us: int) -> None:
         self.max_bytes = max_bytes
         self.drops = drops or Drops()
         self.fsync = fsync
@@ -93,8 +91,7 @@ class Spool:
         self._load()
         # batch numbers never repeat: past the reservation on disk, past what is spooled, and at
         # least the wall clock in µs (so a wiped spool dir still cannot reuse an old number)
-        clock_us = now_us if now_us is not None else time.time_ns() // 1000
-        start = max(self._read_reserved(), max(self._entries, default=0) + 1, clock_us)
+        start = max(self._read_reserved(), max(self._entries, default=0) + 1, now_us)
         self._next = start
         self._reserved = start
         self._reserve(start + SEQ_BLOCK)

@@ -4,8 +4,8 @@ file, a batch sequence) by accident.
 
 Stage: collector start-up; `Spool` (collector/spool.py) takes the lock before it reads the folder
 and releases it in `close()`.
-In:  the spool folder; how long to wait for another holder (`--spool-lock-wait`); a monotonic
-     clock and a sleep (injected in tests).
+In:  the spool folder; how long to wait for another holder (`--spool-lock-wait`); the clock the
+     wait is measured and slept on (a `FakeClock` in tests).
 Out: a held `SpoolLock`, or `BusyError` naming the folder and the other holder (its pid, command
      line and since when, from the note it wrote into the lock file).
 
@@ -44,13 +44,11 @@ import fcntl
 import logging
 import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
-from typing import Any
 
+from eastwest.clock import Clock, SystemClock
 from eastwest.errors import BusyError, ConfigError
 
 LOCK_NAME = "lock"
@@ -101,9 +99,8 @@ class SpoolLock:
         self.directory, self.path, self._fd = directory, directory / LOCK_NAME, fd
 
     @classmethod
-    def acquire(cls, directory: str | Path, wait: float = 0.0, *,
-                monotonic: Callable[[], float] = time.monotonic,
-                sleep: Callable[[float], Any] = time.sleep, poll: float = POLL) -> SpoolLock:
+    def acquire(cls, directory: str | Path, wait: float = 0.0, *, clock: Clock | None = None,
+                poll: float = POLL) -> SpoolLock:
         """Take the lock, waiting up to `wait` seconds for another holder to let go."""
         directory = Path(directory)
         if wait < 0:
@@ -114,9 +111,10 @@ class SpoolLock:
         except OSError as exc:
             raise ConfigError("--spool-dir", str(directory),
                               f"cannot open its lock file {path}: {exc.strerror}") from None
+        clock = clock or SystemClock()
         try:
-            waited = _wait_for(fd, directory, wait, monotonic, sleep, poll)
-            _write_note(fd)
+            waited = _wait_for(fd, directory, wait, clock, poll)
+            _write_note(fd, clock)
         except BaseException:
             os.close(fd)
             raise
@@ -156,21 +154,20 @@ def holder(directory: str | Path) -> Holder | None:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _wait_for(fd: int, directory: Path, wait: float, monotonic: Callable[[], float],
-              sleep: Callable[[float], Any], poll: float) -> float | None:
+def _wait_for(fd: int, directory: Path, wait: float, clock: Clock, poll: float) -> float | None:
     """Take the flock; None when it was free, else the seconds waited. BusyError past `wait`."""
-    started = monotonic()
+    started = clock.monotonic()
     told = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return monotonic() - started if told else None
+            return clock.monotonic() - started if told else None
         except BlockingIOError:
             pass
         except OSError as exc:  # ENOLCK: NFS without a lock service
             raise ConfigError("--spool-dir", str(directory),
                               f"cannot be locked ({exc.strerror}): use a local disk") from None
-        elapsed = monotonic() - started
+        elapsed = clock.monotonic() - started
         if elapsed >= wait:
             other = _read_note(fd)
             raise BusyError(
@@ -182,7 +179,7 @@ def _wait_for(fd: int, directory: Path, wait: float, monotonic: Callable[[], flo
             log.warning("spool %s is in use by %s: waiting up to %g s (--spool-lock-wait) for it "
                         "to finish", directory, _read_note(fd).describe(), wait)
             told = True
-        sleep(min(poll, wait - elapsed))
+        clock.sleep(min(poll, wait - elapsed))
 
 
 def _read_note(fd: int) -> Holder:
@@ -192,10 +189,10 @@ def _read_note(fd: int) -> Holder:
         return Holder(None)
 
 
-def _write_note(fd: int) -> None:
+def _write_note(fd: int, clock: Clock) -> None:
     """Our pid, command line and start into the lock file, for a waiting process's messages.
     Written over the old note, then cut to length (a reader never sees an empty file)."""
-    since = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    since = clock.now().astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     note = (f"pid={os.getpid()}\ncmdline={_own_cmdline()}\nsince={since}\n"
             f"pidns={_own_pidns() or ''}\n").encode()
     os.pwrite(fd, note, 0)

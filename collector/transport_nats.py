@@ -1,18 +1,24 @@
 """Export over NATS JetStream: spooled batches -> one JetStream subject per collector.
 
-Stage: the sending end of export (collector/export.py batches and spools; this replaces only its
-HTTP POST). In: one encoded batch (eastwest/codec.py wire form, unchanged). Out: the batch stored
-in the JetStream stream (eastwest/jetstream.py), confirmed by the server's PubAck; the spool
-removes it only then.
+Stage: the sending end of export (collector/export.py batches and spools, collector/retry.py
+retries; this replaces only the HTTP POST). In: one encoded batch (eastwest/codec.py wire form,
+unchanged). Out: the batch stored in the JetStream stream (eastwest/jetstream.py), confirmed by
+the server's PubAck; the spool removes it only then.
 
-Same outcomes as the HTTP sender (`SendResult`), so `AggregatorSink` needs no other change:
-- PubAck -> `ok`;
-- not connected, timeout, no responders, stream full (discard new), NATS restarting -> retried
-  with jittered backoff inside the deadline, then `gave_up`: the batch stays spooled and is sent
-  when NATS is back (this is how collectors ride out a NATS restart);
-- a batch larger than the server's max_payload can never be published -> `drop`, counted as
-  `export/nats_max_payload`;
-- an authorization failure -> `auth`: the batch stays spooled, the sender pauses, loudly.
+The `SendResult` (collector/transport.py) of one publish:
+- PubAck -> `Accepted`;
+- a batch larger than the server's max_payload can never be published -> `Refused`
+  `nats_max_payload` (counted as the drop `export/nats_max_payload`);
+- no stream answers on the subject -> `Retry` `nats_no_responders`; the stream is full (discard
+  new) -> `nats_stream_full`; another JetStream error -> `nats_jetstream_<err_code>`; no PubAck
+  in time -> `nats_timeout`; not connected -> `nats_connect_timeout`, `nats_no_servers`,
+  `nats_connect_error`, `nats_connection_closed` (after a timeout or a broken connection the
+  connection is dropped and made again at the next attempt);
+  anything else -> `nats_error`. Retried with jittered backoff inside the deadline; past it the
+  batch stays spooled and is sent when NATS is back (this is how collectors ride out a NATS
+  restart);
+- an authorization failure -> `Retry` `nats_authorization` with `auth`: the batch stays
+  spooled, the sender pauses, loudly.
 The stream is created or validated at the first connection (`ensure_stream`); a stream that
 belongs to someone else is a `ConfigError` at start.
 Idempotency stays `(collector, batch_seq)` at the aggregators: a batch published twice (a
@@ -22,26 +28,25 @@ PubAck lost in a restart) is stored once.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from collector.export import Backoff, SendResult
+from collector.transport import Accepted, Refused, Retry, SendResult
+from eastwest.errors import ConfigError
 from eastwest.jetstream import LoopThread, NatsOptions, connect, ensure_stream
+
+if TYPE_CHECKING:
+    from nats.js.errors import APIError
 
 log = logging.getLogger("eastwest.export.nats")
 
 
 class NatsSender:
-    """Publishes one encoded batch to the collector's subject, retrying within `deadline`."""
+    """Publishes one encoded batch to the collector's subject and waits for the PubAck."""
 
-    def __init__(self, opts: NatsOptions, collector: str, backoff: Backoff, deadline: float, *,
-                 publish_timeout: float = 5.0, monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] = time.sleep) -> None:
+    def __init__(self, opts: NatsOptions, collector: str, *, publish_timeout: float = 5.0) -> None:
         self.opts, self.subject = opts, opts.subject_for(collector)
         self.collector = collector
-        self.backoff, self.deadline, self.publish_timeout = backoff, deadline, publish_timeout
-        self.monotonic, self.sleep = monotonic, sleep
+        self.publish_timeout = publish_timeout
         self.loop = LoopThread("export-nats")
         self.nc: Any = None
         self.js: Any = None
@@ -50,8 +55,6 @@ class NatsSender:
     def _connect_at_start(self) -> None:
         """Create or validate the stream now: a stream that is not ours stops the collector
         here (ConfigError); NATS being down does not (batches spool until it answers)."""
-        from eastwest.errors import ConfigError
-
         try:
             self.loop.run(self._ensure(), self.opts.connect_timeout + 10)
         except ConfigError:
@@ -77,29 +80,34 @@ class NatsSender:
         from nats import errors as nerr
         from nats.js import errors as jerr
 
-        give_up_at = self.monotonic() + self.deadline
-        attempt = 0
-        while True:
-            try:
-                ack = self.loop.run(self._publish(body), self.publish_timeout + self.opts.connect_timeout + 5)
-                return SendResult("ok", attempt + 1, None, {"stream": ack.stream, "seq": ack.seq})
-            except nerr.MaxPayloadError as exc:
-                return SendResult("drop", attempt + 1, None, error=f"nats_max_payload: {exc}")
-            except (nerr.AuthorizationError, nerr.NoRespondersError) as exc:
-                if isinstance(exc, nerr.AuthorizationError):
-                    return SendResult("auth", attempt + 1, None, error=f"NATS: {exc}")
-                error = f"{type(exc).__name__}: no stream answers on {self.subject}"
-            except jerr.APIError as exc:  # stream full (discard new), leader election, ...
-                error = f"JetStream: {exc}"
-            except Exception as exc:  # noqa: BLE001 - connection refused, timeouts, closed conn
-                error = f"{type(exc).__name__}: {exc}"
-                if isinstance(exc, (OSError, nerr.NoServersError, nerr.ConnectionClosedError)):
-                    self._reset()
-            wait = self.backoff.delay(attempt)
-            attempt += 1
-            if self.monotonic() + wait > give_up_at:
-                return SendResult("gave_up", attempt, None, error=error)
-            self.sleep(wait)
+        bound = self.publish_timeout + self.opts.connect_timeout + 5
+        try:
+            ack = self.loop.run(self._publish(body), bound)
+        except nerr.MaxPayloadError as exc:
+            return Refused("nats_max_payload", f"NATS: {exc}")
+        except nerr.AuthorizationError as exc:
+            return Retry("nats_authorization", f"NATS: {exc}", auth=True)
+        except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
+            return Retry("nats_no_responders",
+                         f"{type(exc).__name__}: no stream answers on {self.subject}")
+        except jerr.APIError as exc:  # stream full (discard new), leader election, ...
+            return Retry(_jetstream_reason(exc), f"JetStream: {exc}")
+        except nerr.TimeoutError:
+            self._reset()
+            return Retry("nats_timeout", f"no PubAck within {self.publish_timeout:g} s")
+        except TimeoutError:  # the bound of the whole attempt (an OSError: caught before those)
+            self._reset()
+            return Retry("nats_connect_timeout", f"not connected to {self.opts.url} within "
+                         f"{bound:g} s")
+        except (nerr.NoServersError, nerr.ConnectionClosedError, OSError) as exc:
+            self._reset()
+            reason = ("nats_no_servers" if isinstance(exc, nerr.NoServersError) else
+                      "nats_connection_closed" if isinstance(exc, nerr.ConnectionClosedError)
+                      else "nats_connect_error")
+            return Retry(reason, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever else the client raises: try again
+            return Retry("nats_error", f"{type(exc).__name__}: {exc}")
+        return Accepted({"stream": ack.stream, "seq": ack.seq})
 
     def _reset(self) -> None:
         nc, self.nc, self.js = self.nc, None, None
@@ -113,3 +121,12 @@ class NatsSender:
         self._reset()
         self.loop.stop()
 
+
+def _jetstream_reason(exc: APIError) -> str:
+    """`nats_stream_full` for a stream at its limits (discard new: "maximum bytes exceeded",
+    "maximum messages exceeded"), else the JetStream error code."""
+    description = exc.description or ""
+    if "maximum" in description and "exceeded" in description:
+        return "nats_stream_full"
+    code = exc.err_code or exc.code
+    return f"nats_jetstream_{code}" if code else "nats_jetstream_error"

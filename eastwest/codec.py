@@ -14,7 +14,7 @@ broken compression, wrong shape) raises `CodecError`, naming what and where.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -78,17 +78,6 @@ def from_json(data: bytes | str) -> FlowRecord:
 
 def write_jsonl(records: Iterable[FlowRecord]) -> bytes:
     return b"".join(_json_enc.encode(r) + b"\n" for r in records)
-
-
-def read_jsonl(lines: Iterable[bytes | str]) -> Iterator[tuple[int, FlowRecord | RecordError]]:
-    """Yield (line number from 1, record or the error for that line); blank lines are skipped."""
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, from_json(line)
-        except RecordError as exc:
-            yield n, exc
 
 
 # -- binary batches ---------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Colour: `color_enabled()` says yes only for a TTY, and never with NO_COLOR set
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import unicodedata
@@ -172,16 +171,6 @@ def write_json(out: TextIO, objs: Iterable[Any], *, key: str | None = None,
     return len(items)
 
 
-def write_jsonl(out: TextIO, objs: Iterable[Any], *, flush: bool = False) -> int:
-    n = 0
-    for obj in objs:
-        out.write(to_json_text(obj) + "\n")
-        if flush:
-            out.flush()
-        n += 1
-    return n
-
-
 def human_bytes(n: int | None) -> str:
     """1023 -> '1023B', 1536 -> '1.5KiB' (IEC units, so the number is exact in powers of two)."""
     if n is None:
@@ -193,8 +182,3 @@ def human_bytes(n: int | None) -> str:
         value /= 1024
     return f"{n}B"  # unreachable
 
-
-def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    write_csv(buf, headers, rows)
-    return buf.getvalue()

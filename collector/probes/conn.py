@@ -16,7 +16,7 @@ PHASE_CONNECTING, PHASE_ESTABLISHED = 1, 2
 OWNER_NONE, OWNER_LISTENER, OWNER_CONTEXT = 0, 1, 2
 TCP_SYN_SENT = 2  # include/net/tcp_states.h
 AF_INET, AF_INET6 = 2, 10
-ECONNREFUSED, ETIMEDOUT = 111, 110
+ECONNREFUSED = 111
 
 # indexes of the `stats` per-CPU array in socket.bpf.c
 STAT_NAMES = ("close_deferred", "conn_map_full", "listen_map_full", "deferred_lost", "opened",

@@ -1,7 +1,8 @@
 """The socket probe source: kernel states -> records, every interval and at every close.
 
 Stage: a collector source (`collector.pipeline.Source`).
-In: a `KernelSide` (the loaded BPF program, or a fake in tests).
+In: a `KernelSide` (the loaded BPF program, or a fake in tests); the context's clock
+(`ctx.clock`) paces the intervals and dates the records.
 Out: lists of `FlowRecord` through `emit`: final records as close events arrive, interim
 (`final=False`) records of every live connection every `interval` seconds, and at stop the
 last close events plus interim records of what is still open.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from collector.pipeline import CollectorContext, Emit
@@ -34,13 +34,11 @@ class ProbeLoop:
     name = "socket"
 
     def __init__(self, ctx: CollectorContext, kernel_factory: Callable[[], KernelSide],
-                 builder: RecordBuilder, interval: float = 5.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 builder: RecordBuilder, interval: float = 5.0) -> None:
         self.ctx = ctx
         self.kernel_factory = kernel_factory
         self.builder = builder
         self.interval = interval
-        self.monotonic = monotonic
         self.ready = threading.Event()  # set once the probes are attached
         self._stats: dict[str, int] = {}
         self._lossy = False
@@ -61,15 +59,16 @@ class ProbeLoop:
         kernel = self.kernel_factory()
         try:
             self.ready.set()
-            next_drain = self.monotonic() + self.interval
+            clock = self.ctx.clock
+            next_drain = clock.monotonic() + self.interval
             while not stop.is_set():
-                timeout = max(0.0, min(0.2, next_drain - self.monotonic()))
+                timeout = max(0.0, min(0.2, next_drain - clock.monotonic()))
                 self._emit(emit, self.finals(kernel.poll(timeout)))
-                if self.monotonic() >= next_drain:
+                if clock.monotonic() >= next_drain:
                     self._emit(emit, self.drain(kernel))
                     next_drain += self.interval
-                    if next_drain < self.monotonic():  # fell behind: do not burst
-                        next_drain = self.monotonic() + self.interval
+                    if next_drain < clock.monotonic():  # fell behind: do not burst
+                        next_drain = clock.monotonic() + self.interval
             # flush: every close the kernel has sent, then where the open ones stand
             self._emit(emit, self.finals(kernel.poll(0)))
             self._emit(emit, self.drain(kernel))

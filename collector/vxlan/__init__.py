@@ -5,7 +5,10 @@
     bulk.py       vectorized decoder (numpy), the default
     reference.py  scapy decoder (`--decoder scapy`, and the bulk path's fallback)
     packets.py    the decoded columns and the decoding policy both decoders follow
+    grouping.py   decoded packets -> flow session rows (numpy)
+    rows.py       the session row layout both groupers write (here and ewvxlan_flows.c)
     flows.py      flow table: sessions, orientation, interim and final records
+    native.py     the C helper (ewvxlan*.c): record walk, decoding, grouping; scan.py drives it
     source.py     `PcapSource`; `live.py`: `LiveVxlanSource`, `live_capture_wanted`
 
 See docs/vxlan.md.

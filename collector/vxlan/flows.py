@@ -6,7 +6,7 @@ live). Out: `FlowRecord`s (observer "path", tunnel filled).
 
 A flow is (VNI, inner IP family, protocol, the two inner endpoints); the VNI keeps overlapping
 pod address spaces apart. Within a batch, packets are grouped by key and cut into sessions, each
-summed into one row of `ROW_FIELDS` (`grouping.py` with numpy, or `ewvxlan_flows.c` while it
+summed into one session row (rows.py: `grouping.py` with numpy, or `ewvxlan_flows.c` while it
 reads a file); Python only runs per session, in `merge`, to add it into the table. This module
 imports no numpy: the native file path never needs it.
 
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from collector.pipeline import CollectorContext
 from collector.vxlan.packets import REASONS, TCP, join128, proto_name
+from collector.vxlan.rows import DIR_NONE, NFIELDS
 from eastwest.record import Endpoint, FlowRecord, Source, Tunnel, flags_from_bits
 
 if TYPE_CHECKING:
@@ -43,20 +44,6 @@ if TYPE_CHECKING:
 CLOSE_GRACE_S = 2.0
 EPHEMERAL = (32768, 60999)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-# One session (the packets of one key within a batch, between cuts), as both groupers write
-# it: the key (A = the lower endpoint), then sums and evidence. Directions: 0 A->B, 1 B->A,
-# DIR_NONE not seen. o0_* / o1_*: outer header of the first A->B / B->A packet (fam 0: none).
-ROW_FIELDS = (
-    "vni", "fam", "proto", "a_hi", "a_lo", "a_port", "b_hi", "b_lo", "b_port",
-    "newkey", "tmin", "tmax", "start_syn", "pk0", "cnt", "by0", "by1", "l30", "l31", "flags",
-    "rst", "fin0", "fin1", "first_dir", "syn_dir", "synack_dir", "req_dir", "rep_dir",
-    "has_syn", "tail_fr",
-    "o0_fam", "o0_src_hi", "o0_src_lo", "o0_dst_hi", "o0_dst_lo", "o0_dport",
-    "o1_fam", "o1_src_hi", "o1_src_lo", "o1_dst_hi", "o1_dst_lo", "o1_dport",
-)
-NFIELDS = len(ROW_FIELDS)
-DIR_NONE = 2
 
 
 def utc_us(us: int) -> datetime:

@@ -2,7 +2,7 @@
 
 Stage: inside `flows.FlowTable.add` (live capture, `--decoder scapy`, and files when the native
 helper is not built). In: `packets.Decoded` (one batch, capture order) and the idle timeout.
-Out: session rows, flat, `flows.ROW_FIELDS` each, in grouping order; `FlowTable.merge` adds
+Out: session rows, flat, `rows.ROW_FIELDS` each, in grouping order; `FlowTable.merge` adds
 them into the table. `ewvxlan_flows.c` makes the same rows, in the same order, while it reads a
 file; tests/unit/test_vxlan_native.py holds the two equal.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from collector.vxlan.flows import DIR_NONE
 from collector.vxlan.packets import (
     ECHO_REPLY,
     ECHO_REQUEST,
@@ -29,6 +28,7 @@ from collector.vxlan.packets import (
     TCP_SYN,
     Decoded,
 )
+from collector.vxlan.rows import DIR_NONE
 
 _BIG = np.iinfo(np.int64).max
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)

@@ -11,7 +11,8 @@ packet: one call to the native helper drains the socket into one buffer (a recv_
 Python without it); decoding and accounting run per block on the bulk path, every `BLOCK_S`
 seconds, 65,536 packets or a full 32 MiB buffer (the flow table's merge costs Python time per
 flow per block: fewer, larger blocks cost less). Kernel drops (PACKET_STATISTICS) are counted as
-`vxlan/kernel_drop`.
+`vxlan/kernel_drop`. Blocks, pauses and ticks keep the context's clock (`ctx.clock`): ticks fall
+on multiples of `--interval` of its wall time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import logging
 import selectors
 import threading
-import time
 
 import numpy as np
 
@@ -105,8 +105,9 @@ class LiveVxlanSource:
         sel = selectors.DefaultSelector()
         for i, cap in enumerate(self.captures):
             sel.register(cap, selectors.EVENT_READ, i)
-        next_tick = (time.time() // self.interval + 1) * self.interval
-        next_block = time.monotonic() + BLOCK_S
+        clock = self.ctx.clock
+        next_tick = (clock.now().timestamp() // self.interval + 1) * self.interval
+        next_block = clock.monotonic() + BLOCK_S
         try:
             while not stop.is_set():
                 ready = sel.select(timeout=BLOCK_S / 2)
@@ -115,12 +116,12 @@ class LiveVxlanSource:
                     if self.captures[i].drain():
                         emit(self._decode_block(self.captures[i], self.tables[i]))
                 if ready:
-                    time.sleep(PAUSE_S)
-                if time.monotonic() >= next_block:
-                    next_block = time.monotonic() + BLOCK_S
+                    clock.sleep(PAUSE_S)
+                if clock.monotonic() >= next_block:
+                    next_block = clock.monotonic() + BLOCK_S
                     for cap, table in zip(self.captures, self.tables, strict=True):
                         emit(self._decode_block(cap, table))
-                if time.time() >= next_tick:
+                if clock.now().timestamp() >= next_tick:
                     now_us = int(next_tick * 1_000_000)
                     next_tick += self.interval
                     for cap, table in zip(self.captures, self.tables, strict=True):

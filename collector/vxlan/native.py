@@ -21,6 +21,7 @@ import os
 import threading
 from pathlib import Path
 
+from collector.vxlan.rows import ROW_FIELDS
 from eastwest.native_build import NativeSpec
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +31,6 @@ CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-Wall", "-Wextra", "-fvisibi
 ENV = "EASTWEST_VXLAN_NATIVE"
 SPEC = NativeSpec(name="ewvxlan", here=HERE, sources=SOURCES, cflags=CFLAGS, env=ENV,
                   build_module="collector.vxlan.native_build")
-LIBRARY = SPEC.library
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -72,13 +72,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if lib is None:
         return None, why
     path = os.environ.get(ENV) or default_path()
-    from collector.vxlan.flows import ROW_FIELDS
     from collector.vxlan.packets import Decoded
 
     if lib.ew_columns().decode() != Decoded.native_columns():
         return None, f"{path} decodes other columns than packets.Decoded"
     if lib.ew_row_fields().decode() != ",".join(ROW_FIELDS):
-        return None, f"{path} writes other session rows than flows.ROW_FIELDS"
+        return None, f"{path} writes other session rows than rows.ROW_FIELDS"
     return lib, None
 
 

@@ -46,7 +46,6 @@ FALLBACK = 255
 
 ETH_VLAN = (0x8100, 0x88A8)
 ETH_IP4, ETH_IP6 = 0x0800, 0x86DD
-IP6_SKIPPABLE = (0, 43, 60)  # Hop-by-Hop, Routing, Destination Options: (len + 1) * 8 bytes
 IP6_FRAGMENT = 44
 IP6_EXTENSIONS = (0, 43, 44, 60, 51, 135, 139, 140)  # the bulk path hands these to scapy
 

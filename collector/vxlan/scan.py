@@ -29,9 +29,10 @@ import threading
 
 from collector.pipeline import Emit
 from collector.vxlan import native
-from collector.vxlan.flows import NFIELDS, FlowTable
+from collector.vxlan.flows import FlowTable
 from collector.vxlan.packets import REASONS
 from collector.vxlan.pcapfile import FMT_PCAP, LINKTYPE_ETHERNET, open_capture, walk_error
+from collector.vxlan.rows import NFIELDS
 from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.collector.vxlan")

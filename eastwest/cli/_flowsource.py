@@ -35,7 +35,6 @@ class FileReport:
     name: str
     lines: int = 0
     records: int = 0
-    matched: int = 0
     bad: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
 
@@ -81,7 +80,6 @@ def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport) -> Ite
             continue
         report.records += 1
         if spec.in_window(row.start, row.end) and spec.filter.matches(row.view):
-            report.matched += 1
             yield row
 
 

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +87,6 @@ class Lab:
             raise LabError(f"no lab named {name!r} is up (no {path}); start one with "
                            f"`eastwest lab up --name {name}`")
         return cls(name, json.loads(path.read_text()))
-
-    @classmethod
-    @contextlib.contextmanager
-    def running(cls, **kwargs: Any) -> Iterator[Lab]:
-        lab = cls.up(**kwargs)
-        try:
-            yield lab
-        finally:
-            lab.down()
 
     def down(self, progress: Progress = _quiet) -> list[str]:
         return self.down_by_name(self.name, progress)

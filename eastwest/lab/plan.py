@@ -58,7 +58,6 @@ class PodPlan:
     name: str  # <service>-<replica>
     service: str
     host: str
-    host_index: int
     slot: int  # 0 = loadgen, 1.. = application pods
     netns: str
     ip: str
@@ -79,12 +78,6 @@ class LabPlan:
     @property
     def fabric_netns(self) -> str:
         return f"{self.name}-fab"
-
-    def all_netns(self) -> list[str]:
-        return [self.fabric_netns] + [h.netns for h in self.hosts] + [p.netns for p in self.pods]
-
-    def pods_of(self, service: str) -> list[PodPlan]:
-        return [p for p in self.pods if p.service == service]
 
     def pod(self, name: str) -> PodPlan:
         for p in self.pods:
@@ -149,7 +142,7 @@ def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int) -> Lab
 
 def _pod(lab: str, service: str, replica: int, host: HostPlan, slot: int) -> PodPlan:
     return PodPlan(
-        name=f"{service}-{replica}", service=service, host=host.name, host_index=host.index,
+        name=f"{service}-{replica}", service=service, host=host.name,
         slot=slot, netns=f"{lab}-{host.name}-p{slot}", ip=f"10.244.{host.index}.{10 + slot}",
         mac=f"02:ee:00:00:{host.index:02x}:{slot:02x}", host_if=f"vp{slot}",
     )

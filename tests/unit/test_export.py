@@ -1,18 +1,24 @@
 """Export to the aggregator, with a fake transport and a fake clock (no sleeps, no threads):
 batching by count and age, retries only on connection errors / 429 / 5xx with jittered
 exponential backoff inside a deadline, Retry-After honoured, spool kept on failure and drained
-in order, restart sends what was spooled, shutdown flushes."""
+in order, restart sends what was spooled, shutdown flushes; every drop and every retry counted
+with the transport's own reason, for any `Sender`."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-from collector.export import AggregatorSink, Backoff, BatchSender, ExportSettings, parse_retry_after
+from collector.export import AggregatorSink, ExportSettings
 from collector.pipeline import CollectorContext
+from collector.retry import Backoff, RetryPolicy
+from collector.transport import Accepted, Refused, Retry, SendResult
+from collector.transport_http import HttpSender, parse_retry_after
 from eastwest import codec
+from eastwest.clock import FakeClock
 from eastwest.errors import ConfigError
 from eastwest.record import Endpoint, FlowRecord
 
@@ -25,19 +31,6 @@ def rec(n: int, final: bool = True) -> FlowRecord:
                       end=T0 + timedelta(seconds=1), final=final, protocol="tcp", family=4,
                       client=Endpoint("10.0.0.1", 1000 + n), server=Endpoint("10.0.0.2", 80),
                       observer="client")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.slept.append(s)
-        self.t += s
 
 
 class FakeAggregator:
@@ -76,9 +69,8 @@ def make_sink(tmp_path, agg, clock, **over) -> AggregatorSink:
               shutdown_timeout=0.0)
     kw.update(over)
     client = httpx.Client(transport=httpx.MockTransport(agg))
-    return AggregatorSink(CollectorContext("h1"), settings=ExportSettings(**kw), client=client,
-                          monotonic=clock.monotonic, sleep=clock.sleep, rand=lambda: 0.5,
-                          start=False)
+    return AggregatorSink(CollectorContext("h1", clock=clock), settings=ExportSettings(**kw),
+                          client=client, rand=lambda: 0.5, start=False)
 
 
 def drain(sink: AggregatorSink) -> int:
@@ -136,7 +128,7 @@ def test_retry_after_is_honoured_in_seconds_and_as_a_date(tmp_path):
     assert sink.drain_once()
     assert clock.slept == [3.0, 2.0]
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
-    assert parse_retry_after("soon") is None
+    assert parse_retry_after("soon", now=0.0) is None
 
 
 @pytest.mark.parametrize("status", [400, 413, 415, 422])
@@ -230,10 +222,10 @@ def test_sender_gives_up_at_once_when_retry_after_is_past_the_deadline():
     clock = FakeClock()
     client = httpx.Client(transport=httpx.MockTransport(
         lambda r: httpx.Response(503, headers={"Retry-After": "60"})))
-    s = BatchSender(client, "http://agg.test/api/v1/ingest", TOKEN, Backoff(0.1, 1.0), 30.0,
-                    monotonic=clock.monotonic, sleep=clock.sleep)
-    result = s.send(b"x")
-    assert (result.outcome, result.attempts, clock.slept) == ("gave_up", 1, [])
+    s = HttpSender(client, "http://agg.test/api/v1/ingest", TOKEN, clock=clock)
+    d = RetryPolicy(Backoff(0.1, 1.0), 30.0, clock).deliver(s, b"x")
+    assert (d.outcome, d.attempts, d.retries, clock.slept) == ("gave_up", 1, ("http_503",), [])
+    assert d.last == Retry("http_503", "HTTP 503", retry_after=60.0)
 
 
 @pytest.mark.parametrize("kw,key", [({"url": "agg:8470"}, "--aggregator"),
@@ -261,3 +253,108 @@ def test_collector_metrics_show_in_out_spool_and_drops(tmp_path):
     text = sink.metrics.render().decode()
     assert 'eastwest_bpf_map_entries{map="socks"} 12.0' in text
     assert "eastwest_bpf_lost_events_total 4.0" in text
+
+
+# -- the Sender interface: reasons named by the transport ----------------------------------------
+@pytest.mark.parametrize("answer,result", [
+    (200, Accepted),
+    (204, Accepted),
+    (413, Refused("http_413", "HTTP 413: scripted")),
+    (404, Refused("http_404", "HTTP 404: scripted")),
+    (401, Retry("http_401", "HTTP 401: scripted", auth=True)),
+    (503, Retry("http_503", "HTTP 503: scripted")),
+    ((429, {"Retry-After": "Thu, 01 Jan 2026 00:00:07 GMT"}),
+     Retry("http_429", "HTTP 429: scripted", retry_after=7.0)),
+    (httpx.ConnectError("refused"), Retry("http_connect_error", "ConnectError: refused")),
+    (httpx.ConnectTimeout("slow"), Retry("http_timeout", "ConnectTimeout: slow")),
+    (httpx.ReadTimeout("slow"), Retry("http_timeout", "ReadTimeout: slow")),
+    (httpx.ReadError("reset"), Retry("http_network_error", "ReadError: reset")),
+    (httpx.RemoteProtocolError("eof"), Retry("http_protocol_error", "RemoteProtocolError: eof")),
+])
+def test_one_http_attempt_says_accepted_refused_or_retry_with_the_real_reason(answer, result):
+    agg = FakeAggregator([answer])
+    client = httpx.Client(transport=httpx.MockTransport(agg))
+    clock = FakeClock()  # 2026-01-01T00:00:00Z: the HTTP-date above is 7 s later
+    got = HttpSender(client, "http://agg.test/api/v1/ingest", TOKEN, clock=clock).send(
+        codec.encode_batch(codec.Batch("h1", 1, T0, [rec(1)])))
+    if result is Accepted:
+        assert isinstance(got, Accepted)
+    else:
+        assert got == result
+
+
+class ScriptedSender:
+    """A transport-neutral fake `Sender`: answers from a script, then `Accepted`."""
+
+    def __init__(self, script: list[SendResult]) -> None:
+        self.script, self.bodies, self.closed = list(script), [], False
+
+    def send(self, body: bytes) -> SendResult:
+        self.bodies.append(body)
+        return self.script.pop(0) if self.script else Accepted({"rejected": []})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def sink_with(tmp_path, sender, clock, **over) -> AggregatorSink:
+    kw = dict(url="nats://nats.test:4222", token="", spool_dir=tmp_path / "spool",
+              transport="nats", batch_size=3, batch_age=2.0, deadline=10.0, backoff_initial=0.5,
+              backoff_max=4.0, shutdown_timeout=0.0)
+    kw.update(over)
+    return AggregatorSink(CollectorContext("h1", clock=clock), settings=ExportSettings(**kw),
+                          rand=lambda: 0.5, start=False, sender=sender)
+
+
+def test_a_refused_nats_batch_is_counted_with_the_nats_reason_not_as_http(tmp_path):
+    """The bug this interface fixed: NATS drops were counted as `export/http_None`."""
+    sender = ScriptedSender([Refused("nats_max_payload", "NATS: maximum payload exceeded")])
+    sink = sink_with(tmp_path, sender, FakeClock())
+    sink.write([rec(1), rec(2), rec(3)])
+    assert sink.drain_once() and len(sink.spool) == 0
+    assert sink.ctx.drops.snapshot() == {("export", "nats_max_payload"): 3}
+    text = sink.metrics.render().decode()
+    assert 'eastwest_dropped_total{reason="nats_max_payload",stage="export"} 3.0' in text
+    assert "http_None" not in text
+    sink.close()
+    assert sender.closed
+
+
+def test_every_retry_is_counted_by_reason_and_the_batch_stays_spooled_past_the_deadline(tmp_path):
+    clock = FakeClock()
+    sender = ScriptedSender([Retry("nats_no_responders", "no stream"),
+                             Retry("nats_timeout", "no PubAck"),
+                             Retry("nats_stream_full", "maximum bytes exceeded"),
+                             Retry("nats_timeout", "no PubAck")])
+    sink = sink_with(tmp_path, sender, clock, deadline=2.0)
+    sink.write([rec(1), rec(2), rec(3)])
+    assert not sink.drain_once()                    # waits 0.375 + 0.75, then 1.5 > 2.0
+    assert clock.slept == [0.375, 0.75] and len(sink.spool) == 1
+    assert sink.ctx.drops.snapshot() == {}
+    text = sink.metrics.render().decode()
+    assert 'eastwest_export_retries_total{reason="nats_no_responders"} 1.0' in text
+    assert 'eastwest_export_retries_total{reason="nats_timeout"} 1.0' in text
+    assert 'eastwest_export_retries_total{reason="nats_stream_full"} 1.0' in text
+    assert 'eastwest_export_failures_total{outcome="gave_up"} 1.0' in text
+    assert sink.drain_once() and len(sink.spool) == 0   # next round: one more Retry, then sent
+    text = sink.metrics.render().decode()
+    assert 'eastwest_export_retries_total{reason="nats_timeout"} 2.0' in text
+    assert "eastwest_export_attempts_total 5.0" in text
+
+
+def test_refused_credentials_pause_the_round_at_once_for_any_transport(tmp_path):
+    clock = FakeClock()
+    sender = ScriptedSender([Retry("nats_authorization", "NATS: authorization violation",
+                                   auth=True)])
+    sink = sink_with(tmp_path, sender, clock)
+    sink.write([rec(1), rec(2), rec(3)])
+    assert not sink.drain_once() and clock.slept == [] and len(sink.spool) == 1
+    assert 'eastwest_export_failures_total{outcome="auth"} 1.0' in sink.metrics.render().decode()
+
+
+def test_a_shutdown_ends_the_waits_between_retries_without_another_attempt():
+    stop = threading.Event()
+    stop.set()
+    sender = ScriptedSender([Retry("http_503", "HTTP 503")] * 5)
+    d = RetryPolicy(Backoff(0.5, 4.0), 30.0, FakeClock()).deliver(sender, b"x", stop=stop)
+    assert (d.outcome, d.attempts, len(sender.bodies)) == ("gave_up", 1, 1)

@@ -7,6 +7,7 @@ No root needed: both servers run as this user on free loopback ports (tests/serv
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -16,13 +17,15 @@ from fastapi.testclient import TestClient
 
 from aggregator.app import create_app
 from aggregator.settings import AggregatorSettings
-from collector.export import AggregatorSink, Backoff, ExportSettings
+from collector.export import AggregatorSink, ExportSettings
 from collector.pipeline import CollectorContext
+from collector.transport import Accepted, Refused, Retry
 from collector.transport_nats import NatsSender
 from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.errors import ConfigError
 from eastwest.jetstream import NatsOptions
+from eastwest.record import Process
 from tests.servers import NatsServer, shared_clickhouse
 from tests.unit.test_correlate import T0, rec
 
@@ -49,8 +52,12 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 60.0) -> ob
         time.sleep(0.05)
 
 
-def sender(opts: NatsOptions, collector: str, deadline: float = 5.0) -> NatsSender:
-    return NatsSender(opts, collector, Backoff(0.05, 0.2), deadline)
+def sender(opts: NatsOptions, collector: str) -> NatsSender:
+    return NatsSender(opts, collector)
+
+
+def accepted(s: NatsSender, data: bytes) -> bool:
+    return isinstance(s.send(data), Accepted)
 
 
 def body(collector: str, seq: int, records) -> bytes:
@@ -108,8 +115,8 @@ def test_batches_are_stored_exactly_once_even_when_published_twice(nats_server, 
     with ExitStack() as stack:
         c = replica(stack, tmp_path, "a", "nats_once", opts)
         for i in range(7):
-            assert s.send(body("h1", i + 1, [rec("client", cport=41000 + i, c2s=100 + i)])).outcome == "ok"
-        assert s.send(body("h1", 3, [rec("client", cport=41002, c2s=102)])).outcome == "ok"  # again
+            assert accepted(s, body("h1", i + 1, [rec("client", cport=41000 + i, c2s=100 + i)]))
+        assert accepted(s, body("h1", 3, [rec("client", cport=41002, c2s=102)]))  # again
         consumer = c.app.state.consumer
         wait_for(lambda: consumer.applied + consumer.duplicates == 8, "8 deliveries")
         assert (consumer.applied, consumer.duplicates) == (7, 1)
@@ -127,8 +134,8 @@ def test_a_bad_batch_is_terminated_and_counted_and_does_not_block_the_queue(nats
     s = sender(opts, "h1")
     with ExitStack() as stack:
         c = replica(stack, tmp_path, "a", "nats_bad", opts)
-        assert s.send(b"EWB1 this is no zstd frame").outcome == "ok"
-        assert s.send(body("h1", 1, [rec("client")])).outcome == "ok"
+        assert accepted(s, b"EWB1 this is no zstd frame")
+        assert accepted(s, body("h1", 1, [rec("client")]))
         wait_for(lambda: c.app.state.consumer.applied == 1, "the good batch")
         assert c.app.state.drops.snapshot()[("consume", "bad_batch")] == 1
         assert len(flows(c)) == 1
@@ -149,8 +156,8 @@ def test_replicas_take_turns_and_correlate_as_one_aggregator(nats_server, tmp_pa
         # then through NATS, whichever replica pulls: 11 connections, both sides each
         s1, s2 = sender(opts, "h1"), sender(opts, "h2")
         for i in range(11):
-            assert s1.send(body("h1", 10 + i, [rec("client", cport=44000 + i)])).outcome == "ok"
-            assert s2.send(body("h2", 10 + i, [rec("server", cport=44000 + i)])).outcome == "ok"
+            assert accepted(s1, body("h1", 10 + i, [rec("client", cport=44000 + i)]))
+            assert accepted(s2, body("h2", 10 + i, [rec("server", cport=44000 + i)]))
         wait_for(lambda: ca.applied + cb.applied == 24, "22 batches through NATS")
         for c in (a, b):  # either replica answers the same from the shared store
             got = flows(c)
@@ -166,8 +173,7 @@ def test_nats_down_keeps_batches_spooled_and_they_are_sent_when_it_is_back(nats_
     ctx = CollectorContext("h1")
     settings = ExportSettings(url=nats_server.url, token="", spool_dir=tmp_path / "spool",
                               transport="nats", deadline=0.3, batch_size=2)
-    sink = AggregatorSink(ctx, settings=settings, start=False,
-                          sender=sender(opts, "h1", deadline=0.3))
+    sink = AggregatorSink(ctx, settings=settings, start=False, sender=sender(opts, "h1"))
     nats_server.stop(keep=True)
     sink.write([rec("client", cport=45000 + i) for i in range(6)])   # 3 batches of 2
     assert sink.drain_once() is False          # NATS down: gave up inside the deadline
@@ -182,3 +188,40 @@ def test_nats_down_keeps_batches_spooled_and_they_are_sent_when_it_is_back(nats_
         wait_for(lambda: c.app.state.consumer.applied == 3, "3 batches stored")
         assert sorted(f["client"]["port"] for f in flows(c)) == list(range(45000, 45006))
     sink.close()
+
+
+# -- what each NATS outcome is called (no ClickHouse) --------------------------------------------
+def test_each_publish_outcome_is_named_by_what_nats_answered(tmp_path):
+    server = NatsServer(tmp_path / "nats", max_payload=64 * 1024).start()
+    try:
+        s = NatsSender(NatsOptions(server.url, max_bytes=1024 * 1024), "h1", publish_timeout=0.5)
+        assert accepted(s, b"x" * 10)
+        too_big = s.send(os.urandom(100 * 1024))
+        assert too_big == Refused("nats_max_payload", "NATS: nats: maximum payload exceeded")
+        answers = [s.send(os.urandom(60 * 1024)) for _ in range(18)]  # 1 MiB: the stream is full
+        assert isinstance(answers[0], Accepted) and answers[-1].reason == "nats_stream_full"
+        s.loop.run(s.js.delete_stream("EASTWEST"), 10)
+        assert s.send(b"y") == Retry("nats_no_responders", "NoStreamResponseError: no stream "
+                                     "answers on eastwest.flows.h1")
+        server.stop(keep=True)
+        assert s.send(b"z") == Retry("nats_timeout", "no PubAck within 0.5 s")
+        s.close()
+    finally:
+        server.stop()
+
+
+def test_a_batch_over_max_payload_is_dropped_as_nats_max_payload_not_http_none(tmp_path):
+    server = NatsServer(tmp_path / "nats", max_payload=64 * 1024).start()
+    try:
+        settings = ExportSettings(url=server.url, token="", spool_dir=tmp_path / "spool",
+                                  transport="nats", batch_size=1000)
+        sink = AggregatorSink(CollectorContext("h1"), settings=settings, start=False)
+        records = [rec("client", cport=20000 + i,
+                       process=Process(7, "ew-frontend", cmdline=os.urandom(100).hex()))
+                   for i in range(1000)]
+        sink.write(records)                    # one batch of 1,000 records, > 64 KiB compressed
+        assert sink.drain_once() and len(sink.spool) == 0
+        assert sink.ctx.drops.snapshot() == {("export", "nats_max_payload"): 1000}
+        sink.close()
+    finally:
+        server.stop()

@@ -18,19 +18,9 @@ from collector.probes.conn import (
 from collector.probes.records import RecordBuilder
 from collector.probes.source import ProbeLoop
 from collector.proc import ProcessCache
+from eastwest.clock import FakeClock
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> datetime:
-        return T0 + timedelta(seconds=self.t)
-
-    def monotonic(self) -> float:
-        return self.t
 
 
 class FakeKernelClock:
@@ -84,11 +74,11 @@ class FakeKernel:
 
 
 def make(script, interval=1.0):
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ctx = CollectorContext(collector_id="t", clock=clock)
     kernel = FakeKernel(clock, script)
     builder = RecordBuilder(ctx, FakeKernelClock(), ProcessCache(cgroup_root=None))
-    loop = ProbeLoop(ctx, lambda: kernel, builder, interval=interval, monotonic=clock.monotonic)
+    loop = ProbeLoop(ctx, lambda: kernel, builder, interval=interval)
     return ctx, kernel, loop
 
 

@@ -173,14 +173,6 @@ def test_a_batch_that_is_not_a_batch_names_the_problem_and_offset():
         codec.decode_batch(codec.MAGIC + zstandard.ZstdCompressor().compress(b"\x93\x01\x02\x03"))
 
 
-def test_jsonl_reader_reports_the_bad_line_and_keeps_the_rest():
-    lines = [codec.to_json(full_record()), b"", b"{not json", codec.to_json(full_record())]
-    out = list(codec.read_jsonl(lines))
-    assert [n for n, _ in out] == [1, 3, 4]
-    assert isinstance(out[1][1], RecordError)
-    assert isinstance(out[2][1], FlowRecord)
-
-
 def test_a_record_with_invalid_utf8_is_rejected_alone():
     good = msgspec.msgpack.encode(full_record())
     bad = msgspec.msgpack.encode(full_record(collector="node-1", record_id="node-1:ZZZZ"))

@@ -10,7 +10,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from collector import spool as spool_mod
 from collector.spool import SEQ_BLOCK, Spool
 from collector.spool_lock import DEFAULT_WAIT, LOCK_NAME, Holder, SpoolLock, holder
+from eastwest.clock import FakeClock, SystemClock
 from eastwest.errors import BusyError, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,19 +34,6 @@ s.close()
 print("released", flush=True)
 sys.stdin.readline()
 """
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, s: float) -> None:
-        self.slept.append(s)
-        self.now += s
 
 
 @pytest.fixture
@@ -69,17 +56,18 @@ def other_process(tmp_path):
 
 
 def test_a_second_spool_waits_for_the_first_and_takes_over_its_batches(tmp_path, caplog):
-    first = Spool(tmp_path, now_us=100)
+    first = Spool(tmp_path, clock=FakeClock())
     seqs = [first.allocate_seq() for _ in range(3)]
     assert first.put(seqs[0], "final", 5, b"spooled by the first")
-    clock = FakeClock()
 
-    def sleep(s: float) -> None:   # the first finishes while the second waits
-        clock.sleep(s)
-        first.close()
+    class FirstFinishes(FakeClock):  # the first finishes while the second waits
+        def sleep(self, seconds, until=None):
+            first.close()
+            return super().sleep(seconds, until)
 
+    clock = FirstFinishes()
     with caplog.at_level(logging.WARNING, logger="eastwest.spool"):
-        second = Spool(tmp_path, now_us=100, lock_wait=30, monotonic=clock.monotonic, sleep=sleep)
+        second = Spool(tmp_path, lock_wait=30, clock=clock)
     assert len(clock.slept) == 1
     waiting = caplog.records[0].getMessage()
     assert str(tmp_path) in waiting and f"pid {os.getpid()}" in waiting
@@ -91,10 +79,10 @@ def test_a_second_spool_waits_for_the_first_and_takes_over_its_batches(tmp_path,
 
 
 def test_past_the_wait_it_refuses_naming_the_folder_and_the_holder(tmp_path):
-    first = Spool(tmp_path, now_us=1)
+    first = Spool(tmp_path, clock=FakeClock())
     clock = FakeClock()
     with pytest.raises(BusyError) as err:
-        Spool(tmp_path, lock_wait=5, monotonic=clock.monotonic, sleep=clock.sleep)
+        Spool(tmp_path, lock_wait=5, clock=clock)
     msg = str(err.value)
     assert msg.startswith(f"--spool-dir={str(tmp_path)!r}: in use by another collector, "
                           f"pid {os.getpid()} (")
@@ -105,10 +93,10 @@ def test_past_the_wait_it_refuses_naming_the_folder_and_the_holder(tmp_path):
 
 
 def test_no_wait_refuses_at_once(tmp_path):
-    first = Spool(tmp_path, now_us=1)
+    first = Spool(tmp_path, clock=FakeClock())
     clock = FakeClock()
     with pytest.raises(BusyError):
-        Spool(tmp_path, monotonic=clock.monotonic, sleep=clock.sleep)  # lock_wait=0
+        Spool(tmp_path, clock=clock)  # lock_wait=0
     assert clock.slept == []
     first.close()
 
@@ -128,15 +116,16 @@ def test_a_spool_waits_for_a_real_second_process_and_takes_over(tmp_path, other_
     proc = other_process()
     told: list[float] = []
 
-    def sleep(s: float) -> None:  # real time; the holder is told to finish at the first wait
-        if not told:
-            assert proc.stdin is not None
-            proc.stdin.write("release\n")
-            proc.stdin.flush()
-        told.append(s)
-        time.sleep(s)
+    class TellingClock(SystemClock):  # real time; the holder is told to finish at the first wait
+        def sleep(self, seconds, until=None):
+            if not told:
+                assert proc.stdin is not None
+                proc.stdin.write("release\n")
+                proc.stdin.flush()
+            told.append(seconds)
+            return super().sleep(seconds, until)
 
-    spool = Spool(tmp_path / "spool", lock_wait=60, sleep=sleep)
+    spool = Spool(tmp_path / "spool", lock_wait=60, clock=TellingClock())
     assert told                                     # it did wait
     assert proc.poll() is None                      # the holder is alive: it let go, it did not die
     assert [e.records for e in spool.entries()] == [3]
@@ -153,14 +142,14 @@ def test_a_holder_killed_by_sigkill_leaves_the_folder_free(tmp_path, other_proce
     assert f"pid={proc.pid}\n" in note              # its note is still there ...
     assert holder(tmp_path / "spool") is None       # ... but the kernel released its lock
     clock = FakeClock()
-    spool = Spool(tmp_path / "spool", monotonic=clock.monotonic, sleep=clock.sleep)
+    spool = Spool(tmp_path / "spool", clock=clock)
     assert clock.slept == [] and len(spool) == 1    # at once, with what the dead one spooled
     assert (tmp_path / "spool" / LOCK_NAME).read_text().startswith(f"pid={os.getpid()}\n")
     spool.close()
 
 
 def test_a_closed_spool_frees_the_folder_and_the_lock_file_stays(tmp_path):
-    with Spool(tmp_path, now_us=1) as s:
+    with Spool(tmp_path, clock=FakeClock()) as s:
         assert holder(tmp_path).pid == os.getpid()
         assert s.flock.held
     assert not s.flock.held and holder(tmp_path) is None
@@ -173,7 +162,7 @@ def test_the_seq_reservation_is_written_under_a_name_of_this_process(tmp_path, m
     real = os.replace
     monkeypatch.setattr(spool_mod.os, "replace",
                         lambda a, b: (renamed.append((Path(a).name, Path(b).name)), real(a, b)))
-    s = Spool(tmp_path, now_us=1)
+    s = Spool(tmp_path, clock=FakeClock())
     for _ in range(SEQ_BLOCK + 1):
         s.allocate_seq()
     assert renamed == [(f"seq.{os.getpid()}.tmp", "seq")] * 2  # at start, then one block later
@@ -201,7 +190,7 @@ def test_a_collector_on_a_held_spool_exits_1_naming_folder_and_pid(tmp_path, pca
     from eastwest.cli import main
 
     monkeypatch.setenv("EASTWEST_INGEST_TOKEN", "t" * 32)
-    held = Spool(tmp_path / "spool", now_us=1)
+    held = Spool(tmp_path / "spool", clock=FakeClock())
     rc = main(["collector", "--pcap", str(pcaps / "CESNET_FlowTest_vxlan.pcap"),
                "--aggregator", "http://127.0.0.1:9", "--spool-dir", str(tmp_path / "spool"),
                "--spool-lock-wait", "0"])

@@ -284,8 +284,8 @@ def native_rows(lib, path: Path, idle_us: int) -> list[int]:
     """The session rows of one batch holding the whole file (ew_scan_batch)."""
     import ctypes
 
-    from collector.vxlan.flows import NFIELDS
     from collector.vxlan.pcapfile import open_capture
+    from collector.vxlan.rows import NFIELDS
 
     fd, size, form = open_capture(str(path))
     walk = lib.ew_walk_new(None, fd, size, form.fmt, form.big, form.nano, form.linktype,
