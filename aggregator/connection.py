@@ -178,7 +178,7 @@ class Connection(msgspec.Struct, gc=False):
         """Whether every end is named by what its best-placed observer knows: the static map,
         or the end's own socket observer has reported (its process). Later records can then
         only change a name by a collector-reported workload, rare: the live stream waits for
-        this (at most a second), not for `naming` to end (aggregator/correlating.py)."""
+        this (at most a second), not for `naming` to end (aggregator/fanout.py)."""
         if self.naming is None:
             return True
         views = self.views
@@ -216,12 +216,6 @@ class Connection(msgspec.Struct, gc=False):
     def closed_at(self) -> datetime | None:
         ends = [v.end for v in self.views.values() if v.final]
         return min(ends) if ends else None
-
-    def _socket_views(self) -> list[View]:
-        return [v for k, v in self.views.items() if k in ("client", "server")]
-
-    def _counting_views(self) -> list[View]:
-        return self._socket_views() or list(self.views.values())
 
     def best(self) -> tuple[int, int, int, int, int, int]:
         """(bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets), cumulative."""

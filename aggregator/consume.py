@@ -1,9 +1,12 @@
-"""NATS JetStream consumer: the aggregator replicas' shared work queue -> the correlating store.
+"""NATS JetStream consumer: the aggregator replicas' shared work queue -> intake.
 
-Stage: ingest (the NATS twin of POST /api/v1/ingest, aggregator/ingest.py). In: batches that
-collectors published to the stream (collector/transport_nats.py, eastwest/jetstream.py), pulled
-through ONE durable pull consumer that every replica shares. Out: each batch stored exactly once
-in the shared store (ClickHouse), acked only after the store returned (durable on every shard).
+Stage: the NATS door of intake (aggregator/intake.py; POST /api/v1/ingest is the HTTP one). In:
+batches that collectors published to the stream (collector/transport_nats.py,
+eastwest/jetstream.py), pulled through ONE durable pull consumer that every replica shares.
+Out: each batch through `Intake.accept_body` (the same rules and drop reasons as HTTP), acked
+once correlation took it: stored in the shared store (ClickHouse, durable on every shard; the
+inline correlation reloads the batch's keys from the store first, aggregator/worker.py) or
+journaled (a store with a local journal).
 
 Delivery is at least once; `(collector, batch_seq)` makes it exactly once in effect: a batch
 redelivered after its aggregator died (ack_wait expired) is found applied and just acked.
@@ -13,12 +16,14 @@ records of one connection that different collectors report (aggregator/correlate
 replicas correlated two batches at the same time, the client's and the server's records of one
 connection could each open a connection. With one batch in flight, replicas take turns, and
 before each batch a replica reloads from the store the connections of the batch's keys (what
-another replica wrote since), so every replica correlates as one aggregator would. Replicas
+another replica wrote since, `InlineCorrelation`), so every replica correlates as one
+aggregator would. Replicas
 give failover and read capacity; the correlate-and-write step is serial (docs/scale-out.md,
 "What breaks first", and how to partition it when it is the limit).
 
-Bad batches (not decodable, bad envelope) are terminated (never redelivered) and counted
-(`consume/bad_batch`); a store failure naks the batch with a delay (redelivered, to any replica).
+Bad batches (not decodable, bad envelope, too long) are terminated (never redelivered) and
+counted by intake (`ingest/bad_batch`, `ingest/bad_envelope`, `ingest/batch_too_long`); a store
+failure or a full backlog naks the batch with a delay (redelivered, to any replica).
 """
 
 from __future__ import annotations
@@ -26,16 +31,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from aggregator.correlate import key_of
-from aggregator.ingest import MAX_COLLECTOR_LEN, Rejected, _keep_good
-from aggregator.store.base import StoreError
-from aggregator.store.columns import INT64_MAX
-from eastwest.codec import decode_batch
-from eastwest.errors import CodecError, ConfigError
+from aggregator.intake import Intake, Refused, Retry
+from eastwest.drops import Drops
+from eastwest.errors import ConfigError
 from eastwest.jetstream import LoopThread, NatsOptions, connect, ensure_stream
 
 log = logging.getLogger("eastwest.consume")
@@ -54,8 +55,8 @@ class ConsumerSettings:
 class JetStreamConsumer:
     """Pulls one batch at a time; `start()` runs it in its own thread, `stop()` ends it."""
 
-    def __init__(self, cfg: ConsumerSettings, state: Any) -> None:
-        self.cfg, self.state = cfg, state
+    def __init__(self, cfg: ConsumerSettings, intake: Intake, drops: Drops) -> None:
+        self.cfg, self.intake, self.drops = cfg, intake, drops
         self.loop: LoopThread | None = None
         self._stopping = threading.Event()
         self._task: Any = None
@@ -96,7 +97,7 @@ class JetStreamConsumer:
                 self.error = exc
                 return
             except Exception as exc:  # noqa: BLE001 - NATS down or restarting: reconnect
-                self.state.drops.count("consume", "nats_unavailable",
+                self.drops.count("consume", "nats_unavailable",
                                        detail=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(self.cfg.retry_delay_s)
             finally:
@@ -132,58 +133,16 @@ class JetStreamConsumer:
 
     # -- one batch ----------------------------------------------------------------------------
     def apply(self, body: bytes) -> str:
-        """Store one batch: 'ack' (stored or a duplicate), 'term' (never storable), 'retry'."""
-        st = self.state
-        started = time.perf_counter()
-        st.metrics.bytes_in.inc(len(body))
+        """One batch through intake (aggregator/intake.py, the rules of every transport):
+        'ack' (stored or a duplicate), 'term' (never storable), 'retry'."""
         try:
-            batch = decode_batch(body)
-        except (CodecError, UnicodeDecodeError, RecursionError) as exc:
-            st.metrics.batches.labels("rejected").inc()
-            st.drops.count("consume", "bad_batch", detail=str(exc))
+            out = self.intake.accept_body(body)
+        except Refused:
             return "term"
-        total = len(batch.records) + len(batch.errors)
-        st.metrics.records_in.inc(total)
-        if (not batch.collector or len(batch.collector) > MAX_COLLECTOR_LEN
-                or not 0 <= batch.batch_seq <= INT64_MAX):
-            st.metrics.batches.labels("rejected").inc()
-            st.drops.count("consume", "bad_batch", total, detail=f"collector={batch.collector[:80]!r} "
-                           f"batch_seq={batch.batch_seq}")
-            return "term"
-        rejected = [Rejected(index=i, field=e.field, reason=str(e)) for i, e in batch.errors]
-        good = _keep_good(batch, rejected)
-        store = st.store
-        try:
-            self.refresh({key_of(r) for r in good})
-            result = store.ingest(batch.collector, batch.batch_seq, good)
-        except StoreError as exc:
-            st.drops.count("consume", "store_unavailable", len(good), detail=str(exc))
+        except Retry:
             return "retry"
-        if rejected:
-            st.drops.count("ingest", "invalid_record", len(rejected))
-        st.metrics.batches.labels("duplicate" if result.duplicate else "stored").inc()
-        st.metrics.records_out.inc(result.stored)
-        st.metrics.latency.observe(time.perf_counter() - started)
-        if result.duplicate:
+        if out.result.duplicate:
             self.duplicates += 1
         else:
             self.applied += 1
         return "ack"
-
-    def refresh(self, keys: set[tuple]) -> None:
-        """Replace the correlator's view of these keys with the store's (another replica may
-        have written them since). Only stores shared between replicas can answer."""
-        store = self.state.store
-        fetch = getattr(store.inner, "connections_for_keys", None)
-        if fetch is None or not keys:
-            return
-        fresh = fetch(keys)
-        corr = store.correlator
-        with corr.lock:
-            for key, conns in fresh.items():
-                if conns:
-                    corr.index[key] = conns
-                    for c in conns:
-                        corr._raise_high_water(c.last_seen)
-                else:
-                    corr.index.pop(key, None)

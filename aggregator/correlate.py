@@ -95,15 +95,6 @@ def _six(v: Sequence[int]) -> Counters6:
     return (v[0], v[1], v[2], v[3], v[4], v[5])
 
 
-def view_of(rec: FlowRecord) -> View:
-    rtt = (rec.rtt_us.min, rec.rtt_us.avg, rec.rtt_us.max) if rec.rtt_us else None
-    return View(observer=rec.observer, collector=rec.collector, start=rec.start, end=rec.end,
-                final=rec.final, bytes_c2s=rec.bytes_c2s, bytes_s2c=rec.bytes_s2c,
-                packets_c2s=rec.packets_c2s, packets_s2c=rec.packets_s2c,
-                retransmits=rec.retransmits, resets=rec.resets, connect=rec.connect, rtt=rtt,
-                incomplete=bool(rec.incomplete))
-
-
 def key_of(rec: FlowRecord) -> tuple[str, str, int, str, int, int]:
     scope = (rec.netns or 0) if rec.loopback else 0
     return (rec.protocol, rec.client.ip, rec.client.port, rec.server.ip, rec.server.port, scope)
@@ -129,11 +120,10 @@ class Correlator:
         self.index: dict[tuple[str, str, int, str, int, int], list[Connection]] = {}
         self.high_water: datetime | None = None
         self.lock = threading.Lock()  # callers hold it across plan -> store -> commit
-        self._commits = 0  # a stamp that changes whenever stored state may have (graph cache)
         self._since_prune = 0
         self._ids: list[str] = []
         # forgotten by prune, so never to change again: the store may settle them (the
-        # correlating store hands them over with the next batch and clears what it handed)
+        # correlation worker hands them over with the next step and clears what it handed)
         self.settled: list[str] = []
 
     # -- state --------------------------------------------------------------------------------
@@ -145,6 +135,23 @@ class Correlator:
             self._raise_high_water(c.last_seen)
             n += 1
         return n
+
+    def reset(self) -> None:
+        """Forget everything (before `load` again: a failed store write, aggregator/worker.py)."""
+        self.index.clear()
+        self.high_water = None
+        del self.settled[:]
+
+    def refresh(self, fresh: dict[tuple[str, str, int, str, int, int], list[Connection]]) -> None:
+        """Replace what the index holds of these keys by the store's connections of them (a
+        store shared by several aggregators: what another one wrote since)."""
+        for key, conns in fresh.items():
+            if conns:
+                self.index[key] = list(conns)
+                for c in conns:
+                    self._raise_high_water(c.last_seen)
+            else:
+                self.index.pop(key, None)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.index.values())
@@ -176,15 +183,10 @@ class Correlator:
                 else:
                     bucket.append(conn)
             self._raise_high_water(conn.last_seen)
-        self._commits += 1
         self._since_prune += 1
         if self._since_prune >= 50:
             self._since_prune = 0
             self.prune()
-
-    def touch(self) -> None:
-        """A batch was accepted that is not correlated yet: caches keyed by `_commits` expire."""
-        self._commits += 1
 
     def _new_id(self) -> str:
         """A random version-4 UUID as 32 hex digits (what `uuid.uuid4().hex` gives), drawn from

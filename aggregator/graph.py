@@ -33,13 +33,12 @@ from aggregator.graph_edges import (
     OTHER,
     SUMMED,
     GraphData,
-    columns_of_rows,
     fold_attrs,
     rank,
 )
 from aggregator.graph_edges import iso as _iso
-from aggregator.store.base import FlowStore
-from aggregator.store.duckdb_derived import CONN_FILTER_COLUMNS, ROLLUP_FILTER_COLUMNS
+from aggregator.store.base import ReadStore
+from aggregator.store.query import EdgeQuery
 from eastwest.filters import Filter
 
 __all__ = ["EDGE_FIELDS", "OTHER", "SUMMED", "GraphData", "Window", "build_graph", "fold",
@@ -52,33 +51,17 @@ class Window:
     until: datetime
 
 
-def rollups_can_answer(flt: Filter) -> bool:
-    from eastwest.filters import DIMENSIONS
-
-    return all(all(f in ROLLUP_FILTER_COLUMNS for f in DIMENSIONS[c.dim].fields) for c in flt.clauses)
-
-
-def graph_data(store: FlowStore, window: Window, *, group_by: str = "workload",
+def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None) -> GraphData:
-    flt = flt or Filter()
-    where, params = flt.to_sql(CONN_FILTER_COLUMNS)
-    from_rollups = rollups_can_answer(flt)
-    rwhere, rparams = flt.to_sql(ROLLUP_FILTER_COLUMNS) if from_rollups else (None, [])
-    if hasattr(store, "edge_columns"):
-        cols = store.edge_columns(window.since, window.until, group_by, where, params,
-                                  rwhere, rparams)
-    else:  # a backend with the row-wise calls only
-        counts = store.edge_counts(window.since, window.until, group_by, where, params)
-        volumes = (store.edge_volumes(window.since, window.until, group_by, rwhere, rparams)
-                   if rwhere is not None else None)
-        cols = columns_of_rows(counts, volumes)
-    data = GraphData.of_columns(cols, window.since, window.until, group_by,
-                                "rollups" if from_rollups else "connections", str(flt))
+    q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
+    data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
+                                "rollups" if q.volumes_from_rollups else "connections",
+                                str(q.filter))
     data.fold(budget)
     return data
 
 
-def build_graph(store: FlowStore, window: Window, *, group_by: str = "workload",
+def build_graph(store: ReadStore, window: Window, *, group_by: str = "workload",
                 flt: Filter | None = None, budget: int | None = None) -> nx.DiGraph:
     return graph_data(store, window, group_by=group_by, flt=flt, budget=budget).graph()
 

@@ -1,9 +1,9 @@
 """The edges of a window's graph as data: store columns -> nodes and JSON edges -> the response,
 and networkx only when analysis needs it.
 
-Stage: query side, between the store (aggregator/store/duckdb_edges.py `edge_columns`: each
-edge's JSON written by DuckDB; or, for a backend without it, `edge_counts` + `edge_volumes` rows
-turned into the same columns here) and the API. Out: `GraphData`, whose `json_bytes()` is the
+Stage: query side, between the store (its `edges` query: aggregator/store/duckdb_edges.py, each
+edge's JSON written by DuckDB; or ClickHouse's `edge_counts` + `edge_volumes` rows turned into
+the same columns by `columns_of_rows` here) and the API. Out: `GraphData`, whose `json_bytes()` is the
 GET /api/v1/graph document (docs/api.md) and whose `graph()` is the `nx.DiGraph` that analysis,
 diff and the text renderers use (built once, on first use, from the same edges).
 
@@ -75,7 +75,7 @@ def node_of(nodes: dict[str, Node], nid: str, name: str | None, namespace: str |
                       "Namespace" if group_by == "namespace" else "Host")
 
 
-# -- a backend without edge_columns: its rows -> the same columns ---------------------------------
+# -- a backend that aggregates counts and volumes apart: its rows -> the same columns ----------
 def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] | None,
                     ) -> dict[str, list[Any]]:
     """`edge_counts` rows (+ `edge_volumes` rows when the rollups answer) -> the columns of

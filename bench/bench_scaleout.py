@@ -2,7 +2,7 @@
 
 1. End to end, records/s: collector batches published to NATS JetStream (`NatsSender`) ->
    aggregator consumer (decode, correlate, ClickHouse with 2 local shards behind Distributed
-   tables, ack) against the direct path: the same batches POSTed (`BatchSender`) to an aggregator
+   tables, ack) against the direct path: the same batches POSTed (`HttpSender`) to an aggregator
    on DuckDB. Both paths run the whole aggregator (correlation, connections, rollups, workloads).
 2. ClickHouse insert rate, rows/s: `ClickHouseStore.ingest` (raw records, one synchronous
    Distributed insert per batch + the batch mark) against `clickhouse-client` inserting the same
@@ -36,8 +36,12 @@ from aggregator.app import create_app  # noqa: E402
 from aggregator.settings import AggregatorSettings  # noqa: E402
 from aggregator.store.clickhouse import ClickHouseStore, arrow_columns, day_of  # noqa: E402
 from aggregator.store.columns import to_table  # noqa: E402
-from collector.export import Backoff, BatchSender  # noqa: E402
+from collector.retry import Backoff, RetryPolicy  # noqa: E402
+from collector.transport_http import HttpSender  # noqa: E402
 from collector.transport_nats import NatsSender  # noqa: E402
+from eastwest.clock import SystemClock  # noqa: E402
+
+RETRY = RetryPolicy(Backoff(0.05, 1), 60, SystemClock())
 from eastwest import codec  # noqa: E402
 from eastwest.codec import Batch  # noqa: E402
 from eastwest.jetstream import NatsOptions  # noqa: E402
@@ -85,10 +89,10 @@ def http_path(bs, tmp: Path) -> float:
     server, t, url = serve(create_app(settings))
     bodies = [codec.encode_batch(Batch(h, s, T0, r)) for h, s, r in bs]
     with httpx.Client(timeout=60) as client:
-        sender = BatchSender(client, url + "/api/v1/ingest", INGEST, Backoff(0.05, 1), 60)
+        sender = HttpSender(client, url + "/api/v1/ingest", INGEST)
         started = time.perf_counter()
         for b in bodies:
-            assert sender.send(b).outcome == "ok"
+            assert RETRY.deliver(sender, b).outcome == "ok"
         took = time.perf_counter() - started
     server.should_exit = True
     t.join(10)
@@ -103,13 +107,13 @@ def nats_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer) -> float:
                                   retention=None, store="clickhouse",
                                   clickhouse_url=ch.url("bench_e2e"), nats=opts)
     bodies = [(h, codec.encode_batch(Batch(h, s, T0, r))) for h, s, r in bs]
-    senders = {h: NatsSender(opts, h, Backoff(0.05, 1), 60) for h in ("h1", "h2", "h3")}
+    senders = {h: NatsSender(opts, h) for h in ("h1", "h2", "h3")}
     with TestClient(create_app(settings)) as c:
-        consumer = c.app.state.consumer
+        consumer = c.app.state.pipeline.consumer
         assert consumer.ready.wait(30)
         started = time.perf_counter()
         for h, b in bodies:
-            assert senders[h].send(b).outcome == "ok"
+            assert RETRY.deliver(senders[h], b).outcome == "ok"
         while consumer.applied < len(bodies):
             time.sleep(0.005)
         took = time.perf_counter() - started

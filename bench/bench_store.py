@@ -16,9 +16,10 @@ Paths, one durable transaction per batch of `--batch` records:
   form (msgpack + zstd, as POSTed), decoded straight into columns (aggregator/store/
   wire_columns.py, its native decoder when built) and written in one durable transaction: THE
   store ingest path, compared with the peers;
-- the aggregator path: the same bytes into `CorrelatingStore.ingest_columns`. Acknowledged: the
-  batch is durable in the ingest journal (aggregator/store/journal.py; the store and correlation
-  run behind it, at most `--correlation-backlog` records, aggregator/correlating.py); until
+- the aggregator path: the same bytes through the pipeline's intake (aggregator/pipeline.py).
+  Acknowledged: the batch is durable in the ingest journal (aggregator/store/journal.py; the
+  store and correlation run behind it, at most `--correlation-backlog` records,
+  aggregator/worker.py); until
   stored and correlated: until the raw rows, connections, rollups and workloads are in DuckDB
   too (the worker caught up).
 Target (issue #6): at least 0.8x the peer. The load average is printed: the machine is shared.
@@ -40,15 +41,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aggregator.correlate import Correlator
-from aggregator.correlating import CorrelatingStore
 from aggregator.identity import IdentityResolver, StaticMap
+from aggregator.pipeline import build
 from aggregator.serve import SWITCH_INTERVAL_S
+from aggregator.settings import AggregatorSettings
 from aggregator.store.columns import flows_table
 from aggregator.store.duckdb import FILE_NAME, FLOW_NAMES, DuckDBStore
 from aggregator.store.wire_columns import decode_columns, native_available
 from eastwest import codec
-from eastwest.drops import Drops
 from eastwest.record import Cgroup, Endpoint, FlowRecord, Process, Rtt, Tunnel, flags_from_bits
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -194,19 +194,22 @@ def run(workload: str, n: int, size: int) -> list[tuple[str, float]]:
         out.append((f"wire batch -> columns -> DuckDB (raw){native}", time.perf_counter() - t0))
         wire.close()
 
-        full = CorrelatingStore(DuckDBStore(t / "full"), Correlator(IdentityResolver(static_map())),
-                                Drops())
+        store = DuckDBStore(t / "full")
+        full = build(AggregatorSettings(data_dir=t / "full", insecure_open=True, retention=None),
+                     store=store, resolver=IdentityResolver(static_map()), env={})
         default_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `eastwest aggregator` runs (serve.py)
         t0 = time.perf_counter()
         for body in bodies:
-            full.ingest_columns(decode_columns(body), body)
+            full.intake.accept(decode_columns(body), body)
         acked = time.perf_counter() - t0
-        full.checkpoint()  # waits until correlation has caught up, then checkpoints
+        full.correlation.applied(None)  # until correlation has caught up
+        store.checkpoint()
         out.append(("aggregator path (wire -> journal; store behind), acked", acked))
         out.append(("aggregator path, until stored and correlated", time.perf_counter() - t0))
-        conns = full.connection_count()
-        full.close()
+        conns = full.read().connection_count()
+        full.stop()
+        store.close()
         sys.setswitchinterval(default_switch)
     print(f"\nworkload {workload}: {rows:,} records in {len(batches)} batches of <= {size}, "
           f"{conns:,} connections; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -4,7 +4,7 @@ Ours: `collector.export.AggregatorSink` fed the records in chunks of 1,000 (as t
 does): batching (5,000 per batch), the wire form (msgpack + zstd), the on-disk spool, HTTP POST
 with the ingest token, until the aggregator has acknowledged the last batch (= stored durably).
 The aggregator acknowledges a batch once it is stored raw, durably; correlation runs behind
-(aggregator/correlating.py): the rates until everything is also correlated are shown too.
+(aggregator/worker.py): the rates until everything is also correlated are shown too.
 Peer: the very same encoded batches (pre-encoded, so the peer pays nothing for them), POSTed one
 after the other by a bare `httpx.Client` loop to the same aggregator process.
 Server: a real `eastwest aggregator` subprocess (uvicorn, DuckDB file, full ingest path).

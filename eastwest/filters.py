@@ -4,7 +4,7 @@ In: (dimension, value, negated) triples, from CLI flags (`--port 80 --not --to-w
 API query parameters (`port=80&not_to_workload=db`).  Out: a `Filter` that
 - `matches(view)` a flow in memory (a `FlowRecord`, via `view_of_record`, or any mapping with
   the view keys below): the CLI's `--input-file`, the SSE stream;
-- `to_sql(columns)` compiles to a parametrised WHERE clause for a store (DuckDB, ClickHouse).
+- is compiled by each store in its own SQL dialect (aggregator/store/sql.py): no SQL here.
 
 Semantics (as `hubble observe`): values of the same flag are OR-ed; different flags are AND-ed;
 `--not` negates the one flag after it, so `--port 80 --port 443 --not --protocol udp` means
@@ -61,7 +61,8 @@ def ip_hex(ip: str) -> str:
     return f"{int(a):032x}"
 
 
-def _net_range(net: Network) -> tuple[str, str]:
+def net_range(net: Network) -> tuple[str, str]:
+    """The `ip_hex` texts of a network's first and last address: a CIDR is a string range."""
     if net.version == 4:
         lo = ipaddress.IPv6Address(f"::ffff:{net.network_address}")
         hi = ipaddress.IPv6Address(f"::ffff:{net.broadcast_address}")
@@ -255,50 +256,6 @@ class Filter:
 
     def matches_record(self, rec: FlowRecord) -> bool:
         return self.matches(view_of_record(rec))
-
-    # -- SQL --------------------------------------------------------------------------------
-    def to_sql(self, columns: Mapping[str, str], placeholder: str = "?") -> tuple[str, list[Any]]:
-        """A WHERE fragment (without WHERE) and its parameters. `columns` maps view keys to SQL
-        column expressions; IP keys map to columns holding `ip_hex` text; `observers` to a
-        column holding a comma-separated, comma-wrapped list (",client,path,"); `link_local` to
-        a boolean column where a table has no addresses (rollups), else the hidden link-local
-        flows are told by their addresses (a mapping with neither cannot hide them)."""
-        parts: list[str] = []
-        params: list[Any] = []
-        if not self.link_local:
-            if "link_local" in columns:
-                parts.append(f"NOT coalesce({columns['link_local']}, false)")
-            elif "client_ip" in columns and "server_ip" in columns:
-                ors = []
-                for key in ("client_ip", "server_ip"):
-                    col = columns[key]
-                    for net in LINK_LOCAL_NETS:
-                        lo, hi = _net_range(net)
-                        ors.append(f"({col} >= {placeholder} AND {col} <= {placeholder})")
-                        params += [lo, hi]
-                parts.append("NOT coalesce((" + " OR ".join(ors) + "), false)")
-        for c in self.clauses:
-            d = DIMENSIONS[c.dim]
-            ors = []
-            for f in d.fields:
-                col = columns[f]
-                for v in c.values:
-                    if d.kind == "net":
-                        lo, hi = _net_range(v)
-                        ors.append(f"({col} >= {placeholder} AND {col} <= {placeholder})")
-                        params += [lo, hi]
-                    elif d.kind == "member":
-                        ors.append(f"position({placeholder} IN {col}) > 0")
-                        params.append(f",{v},")
-                    else:
-                        ors.append(f"{col} = {placeholder}")
-                        params.append(v)
-            expr = "(" + " OR ".join(ors) + ")"
-            if c.negate:
-                # NULL-safe: a flow without the field does not match the positive clause
-                expr = f"NOT coalesce({expr}, false)"
-            parts.append(expr)
-        return (" AND ".join(parts) if parts else "true"), params
 
     # -- display ----------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:

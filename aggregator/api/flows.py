@@ -4,7 +4,8 @@ GET /api/v1/flows/stream (the same filters, live, as Server-Sent Events).
 In: filters of eastwest.filters (from_workload, to_workload, workload, namespace, ip, from_ip,
 to_ip, port, to_port, protocol, outcome, observer, vni, each repeatable and negatable with a
 `not_` prefix), since/until, sort, limit, cursor. Out: flows as docs/api.md defines them.
-The one `Filter` compiles to SQL for the store and matches in memory for the stream.
+The one `Filter` goes to the store in a typed query (aggregator/store/query.py) and matches in
+memory for the stream.
 
 Cursor pagination is keyset: the cursor holds the last row's sort value and id, so pages stay
 consistent while connections keep arriving (https://use-the-index-luke.com/no-offset).
@@ -31,29 +32,17 @@ from aggregator.api.params import (
     positive_int,
     query_filter,
 )
+from aggregator.api.state import reader
 from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json, row_of
 from aggregator.auth import require_read
-from aggregator.store.duckdb_derived import CONN_FILTER_COLUMNS
+from aggregator.store.query import SORT_KEYS, ConnectionQuery, Cursor, Sort
 from eastwest.errors import ConfigError
 from eastwest.filters import parse_time
 
 router = APIRouter(dependencies=[Depends(require_read)])
-SORTS = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s + bytes_s2c)",
-         "client_workload": "client_wid", "server_workload": "server_wid"}
-SORT_CHOICES = tuple(s for k in SORTS for s in (k, f"-{k}"))
+SORT_CHOICES = tuple(s for k in SORT_KEYS for s in (k, f"-{k}"))
 MAX_PAGE = 10_000
 HEARTBEAT_S = 15.0
-
-
-def _time_clauses(since: str | None, until: str | None) -> tuple[list[str], list[Any]]:
-    where, params = [], []
-    if since is not None:
-        where.append("last_seen >= ?")
-        params.append(parse_time("since", since))
-    if until is not None:
-        where.append("start_ts < ?")
-        params.append(parse_time("until", until))
-    return where, params
 
 
 def _encode_cursor(value: Any, conn_id: str) -> str:
@@ -90,21 +79,13 @@ def flows(request: Request,
     flt = query_filter(request)
     sort = choice("sort", sort, SORT_CHOICES)
     key = sort.lstrip("-")
-    desc = sort.startswith("-")
     size = positive_int("limit", limit, 100, MAX_PAGE)
-    fwhere, params = flt.to_sql(CONN_FILTER_COLUMNS)
-    where, tparams = _time_clauses(since, until)
-    where.insert(0, fwhere)
-    params = [*params, *tparams]
-    expr = SORTS[key]
-    if cursor:
-        value, cid = _decode_cursor(cursor, key)
-        op = "<" if desc else ">"
-        where.append(f"({expr} {op} ? OR ({expr} = ? AND conn_id {op} ?))")
-        params += [value, value, cid]
-    order = f"{expr} {'DESC' if desc else 'ASC'}, conn_id {'DESC' if desc else 'ASC'}"
-    rows = request.app.state.store.connections(" AND ".join(where), params, order=order,
-                                               limit=size + 1, columns=ROW_COLUMNS)
+    q = ConnectionQuery(
+        filter=flt, since=parse_time("since", since) if since is not None else None,
+        until=parse_time("until", until) if until is not None else None,
+        sort=Sort.parse(sort), cursor=Cursor(*_decode_cursor(cursor, key)) if cursor else None,
+        limit=size + 1, columns=tuple(ROW_COLUMNS))
+    rows = reader(request).connections(q)
     more = len(rows) > size
     rows = rows[:size]
     nxt = None
@@ -129,7 +110,7 @@ async def stream(request: Request,
     check_names(request, {"limit"}, filters=True)
     flt = query_filter(request)
     most = positive_int("limit", limit, 0, 10**9) if limit is not None else None
-    hub = request.app.state.store.hub
+    hub = request.app.state.pipeline.fanout.hub
     sub = hub.subscribe()
 
     async def events() -> AsyncIterator[bytes]:

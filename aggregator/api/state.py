@@ -1,11 +1,12 @@
-"""What the read routes share: the store, the correlator, the settings, a cache of the live graph.
+"""What the read routes share: the pipeline's store (read after write) and the graph's cache.
 
-Stage: API. In: the FastAPI app's state (set up by `aggregator.api.install`). Out: graphs built
-through one function, so every route applies the same budget and cache: `graph_data_for` (the
-edges as data, what GET /api/v1/graph serialises) and `graph_for` (the same as a networkx
-DiGraph, built from it only when a route analyses or renders the graph).
+Stage: API. In: the FastAPI app's state (aggregator/app.py: `pipeline`, `settings`,
+`graph_cache`). Out: `reader(request)`, the store's read interface once every batch
+acknowledged before the request is applied; graphs built through one function, so every route
+applies the same budget and cache: `graph_data_for` (the edges as data, what GET /api/v1/graph
+serialises) and `graph_for` (a networkx DiGraph, built only when a route analyses or renders).
 The live graph (a window ending now) is cached per (window length, grouping, filter) until the
-next ingest commits: a dashboard polling every second does not rebuild it each time.
+pipeline's version changes (a batch accepted or written), for at most a second.
 """
 
 from __future__ import annotations
@@ -18,26 +19,34 @@ import networkx as nx
 from fastapi import Request
 
 from aggregator.graph import GraphData, Window, graph_data
+from aggregator.store.base import ReadStore
 from eastwest.filters import Filter
 
 _cache_lock = threading.Lock()
 
 
+def reader(request: Request) -> ReadStore:
+    """The store's read interface, after every batch acknowledged before this request."""
+    store: ReadStore = request.app.state.pipeline.read()
+    return store
+
+
 def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
                    live: bool) -> GraphData:
     st = request.app.state
-    budget = st.edge_budget
+    budget = st.settings.edge_budget
+    store = reader(request)
     if not live:
-        return graph_data(st.store, win, group_by=group_by, flt=flt, budget=budget)
+        return graph_data(store, win, group_by=group_by, flt=flt, budget=budget)
     span = round((win.until - win.since).total_seconds(), 3)
     key: tuple[Any, ...] = (span, group_by, str(flt))
-    stamp = st.store.correlator._commits
+    stamp = st.pipeline.version
     with _cache_lock:
         hit = st.graph_cache.get(key)
         # valid while nothing was ingested, and for at most a second of wall time
         if hit is not None and hit[0] == stamp and (datetime.now(UTC) - hit[1]).total_seconds() < 1:
-            return hit[2]
-    data = graph_data(st.store, win, group_by=group_by, flt=flt, budget=budget)
+            return hit[2]  # type: ignore[no-any-return]
+    data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

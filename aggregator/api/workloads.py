@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from aggregator import analysis
 from aggregator.api.graph import TIME_HELP
 from aggregator.api.params import LINK_LOCAL_HELP, check_names, positive_int, query_filter, window
-from aggregator.api.state import graph_for
+from aggregator.api.state import graph_for, reader
 from aggregator.auth import require_read
 from aggregator.graph import Window
 
@@ -32,7 +32,7 @@ def workloads(request: Request,
     check_names(request, {"from", "to"}, filters=True)
     since, until, live = window(from_, to)
     g = graph_for(request, Window(since, until), "workload", query_filter(request), live)
-    known = {r["wid"]: r for r in request.app.state.store.workload_rows()}
+    known = {r["wid"]: r for r in reader(request).workload_rows()}
     out = []
     for n, a in sorted(g.nodes(data=True)):
         k = known.get(n, {})

@@ -1,10 +1,10 @@
 """The aggregator's exporters: Prometheus edge series and OTLP traces/metrics (issue #7).
 
-Stage: after correlation. In: every `Plan` the correlating store commits (a listener,
-aggregator/correlating.py). Out: per-edge series on /metrics (prometheus.py), and when OTLP is
+Stage: after correlation. In: every `Plan` the correlation worker has written (a listener of
+the fan-out, aggregator/fanout.py). Out: per-edge series on /metrics (prometheus.py), and when OTLP is
 configured (otlp_config.py) spans and metrics to an OTLP receiver (otlp.py).
 
-Wiring: `install(app, settings)` is called by the app factory. Byte, retransmit and connection
+Wiring: aggregator/pipeline.py builds them and adds `on_plan` to the fan-out's listeners. Byte, retransmit and connection
 counts move once a connection's names are final (named.py: at once when they are, else within
 the correlator's settle time); failures, RTT and spans when a connection is complete
 (completion.py: closed, quiet, and its names final), which a ticker thread checks twice a second
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -32,6 +31,8 @@ from aggregator.exporters.edges import EdgeLabels
 from aggregator.exporters.named import NamedDeltas, link_local
 from aggregator.exporters.otlp_config import OtlpConfig
 from aggregator.exporters.prometheus import EdgeMetrics
+from aggregator.settings import AggregatorSettings
+from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 
 log = logging.getLogger("eastwest.exporters")
@@ -43,14 +44,16 @@ METRIC_NAMES = ("eastwest_export_pending_connections", "eastwest_export_complete
 
 
 class Exporters:
-    def __init__(self, settings: Any, registry: CollectorRegistry, drops: Drops, *,
-                 env: Mapping[str, str] | None = None, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, settings: AggregatorSettings, registry: CollectorRegistry, drops: Drops, *,
+                 env: Mapping[str, str] | None = None, clock: Clock | None = None,
+                 before_tick: Callable[[], object] | None = None,
                  otlp_kwargs: Mapping[str, Any] | None = None) -> None:
         self.drops = drops
-        self.labels = EdgeLabels(max(2, int(getattr(settings, "edge_budget", 2000))))
-        self.completions = Completions(float(getattr(settings, "export_settle_s", 5.0)), drops,
-                                       clock=clock)
-        self.link_local = bool(getattr(settings, "export_link_local", False))
+        clock = clock or SystemClock()
+        self.before_tick = before_tick  # correlation catches up first: every ack is told
+        self.labels = EdgeLabels(max(2, settings.edge_budget))
+        self.completions = Completions(settings.export_settle_s, drops, clock=clock)
+        self.link_local = settings.export_link_local
         self.named = NamedDeltas(drops, link_local=self.link_local, clock=clock)
         self.prometheus = EdgeMetrics(registry, self.labels)
         self.otlp = None
@@ -78,6 +81,8 @@ class Exporters:
     def tick(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
         """Count the connections whose names became final, and tell the exporters about the
         connections complete by now; returns those."""
+        if self.before_tick is not None:
+            self.before_tick()
         with self._tick_lock:
             self._released(self.named.due(now, everything=everything_closed))
             done = self.completions.due(now, everything_closed=everything_closed)
@@ -147,14 +152,3 @@ class _SelfMetrics(Collector):
         for k in ("queued", "filtered", "sampled_out"):
             conns.add_metric([k], otlp.connections[k] if otlp is not None else 0)
         yield conns
-
-
-def install(app: Any, settings: Any, **kwargs: Any) -> Exporters | None:
-    """Wire the exporters to the app's correlating store and /metrics registry."""
-    st = app.state
-    if not hasattr(st.store, "add_listener"):
-        return None  # a raw-only store (a test fake of ingest): nothing is correlated
-    ex = Exporters(settings, st.metrics.registry, st.drops, **kwargs)
-    st.store.add_listener(ex.on_plan)
-    st.exporters = ex
-    return ex

@@ -1,6 +1,6 @@
 """When a correlated connection is complete, once: the trigger of spans, failures and RTT.
 
-Stage: exporters, fed by the correlating store's listener (aggregator/correlating.py). In: each
+Stage: exporters, fed by the fan-out's listener (aggregator/fanout.py). In: each
 committed `Plan` (the new versions of the connections a batch touched). Out: `due()` returns the
 connections that are complete, each exactly once, in the order they completed.
 
@@ -18,12 +18,11 @@ beyond, new ones are counted as `exporters/pending_full` and not told.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 
 from aggregator.connection import Connection
 from aggregator.correlate import Plan
+from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 
 STAGE = "exporters"
@@ -31,14 +30,14 @@ STAGE = "exporters"
 
 class Completions:
     def __init__(self, settle_s: float, drops: Drops, *, max_pending: int = 200_000,
-                 keep_open_s: float = 1800.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 keep_open_s: float = 1800.0, clock: Clock | None = None) -> None:
         if settle_s < 0:
             raise ValueError(f"settle time {settle_s}: must be >= 0")
         self.settle_s = settle_s
         self.drops = drops
         self.max_pending = max_pending
         self.keep_open_s = keep_open_s
-        self.clock = clock
+        self.clock: Clock = clock or SystemClock()
         # conn_id -> (latest version, last update, when its names are final), by last update
         self._pending: OrderedDict[str, tuple[Connection, float, float]] = OrderedDict()
         self._told: OrderedDict[str, None] = OrderedDict()  # recently told, to ignore late records
@@ -46,7 +45,7 @@ class Completions:
         self.told = 0
 
     def update(self, plan: Plan) -> None:
-        now = self.clock()
+        now = self.clock.monotonic()
         with self._lock:
             for cid, conn in plan.connections.items():
                 if cid in self._told:
@@ -64,7 +63,7 @@ class Completions:
     def due(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
         """Connections complete at `now`; `everything_closed` (at shutdown) tells every closed
         connection without waiting for it to settle."""
-        now = self.clock() if now is None else now
+        now = self.clock.monotonic() if now is None else now
         out: list[Connection] = []
         with self._lock:
             told: list[str] = []

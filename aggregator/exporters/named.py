@@ -1,6 +1,6 @@
 """Edge deltas of connections whose names are final: what counters may count.
 
-Stage: exporters, between the correlating store's listener and the per-edge counters
+Stage: exporters, between the fan-out's listener (aggregator/fanout.py) and the per-edge counters
 (prometheus.py, otlp.py). In: each committed `Plan`: per connection the increase of its counters
 (`plan.deltas`), the connections it opened (`plan.created`), and each connection's `naming`
 (aggregator/correlate.py: names may change until `naming.until`). Out: `Release`s, each a
@@ -29,12 +29,11 @@ and the sockets did not count (retransmitted payload), never fall short.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 from aggregator.connection import Connection
 from aggregator.correlate import Plan
+from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 from eastwest.filters import is_link_local
 
@@ -69,18 +68,18 @@ class _Held:
 
 class NamedDeltas:
     def __init__(self, drops: Drops, *, link_local: bool = False, max_pending: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock | None = None) -> None:
         self.drops = drops
         self.link_local = link_local
         self.max_pending = max_pending
-        self.clock = clock
+        self.clock: Clock = clock or SystemClock()
         self._held: dict[str, _Held] = {}  # latest version, counters so far, opened, final at
         self._debt: dict[str, tuple[int, ...]] = {}  # told in excess, to subtract from what follows
         self._lock = threading.Lock()
 
     def on_plan(self, plan: Plan) -> list[Release]:
         """The releases this plan makes due at once; the rest is held."""
-        now = self.clock()
+        now = self.clock.monotonic()
         out: list[Release] = []
         with self._lock:
             for cid, conn in plan.connections.items():
@@ -127,7 +126,7 @@ class NamedDeltas:
     def due(self, now: float | None = None, *, everything: bool = False) -> list[Release]:
         """Held connections whose names are final by `now` (every one with `everything`, at
         shutdown)."""
-        now = self.clock() if now is None else now
+        now = self.clock.monotonic() if now is None else now
         out: list[Release] = []
         with self._lock:
             for cid in [c for c, h in self._held.items() if everything or h.final_at <= now]:

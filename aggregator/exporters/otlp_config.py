@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from aggregator.settings import AggregatorSettings
 from eastwest.errors import ConfigError
 from eastwest.filters import DIMENSIONS, Filter
 
@@ -46,15 +47,16 @@ class OtlpConfig:
     metrics_interval_s: float = 15.0
 
     @classmethod
-    def resolve(cls, settings: Any, env: Mapping[str, str] | None = None) -> OtlpConfig | None:
+    def resolve(cls, settings: AggregatorSettings,
+                env: Mapping[str, str] | None = None) -> OtlpConfig | None:
         env = os.environ if env is None else env
-        endpoint = getattr(settings, "otlp_endpoint", None) or None
+        endpoint = settings.otlp_endpoint or None
         if endpoint is None and not any(env.get(k) for k in ENDPOINT_ENVS):
             return None
         if endpoint is not None and not endpoint.startswith(("http://", "https://")):
             raise ConfigError("--otlp-endpoint", endpoint, "expected a URL such as "
                               "http://tempo:4317 (gRPC) or http://tempo:4318 (HTTP/protobuf)")
-        flag = getattr(settings, "otlp_protocol", None)
+        flag = settings.otlp_protocol
         protocols = {}
         for sig in SIGNALS:
             key = f"OTEL_EXPORTER_OTLP_{sig.upper()}_PROTOCOL"
@@ -64,24 +66,25 @@ class OtlpConfig:
             if value not in PROTOCOLS:
                 raise ConfigError(name, value, f"expected one of {', '.join(PROTOCOLS)}")
             protocols[sig] = value
-        signals = tuple(getattr(settings, "otlp_signals", SIGNALS))
+        signals = tuple(settings.otlp_signals)
         for s in signals:
             if s not in SIGNALS:
                 raise ConfigError("--otlp-signals", ",".join(signals), f"{s!r}: expected traces, metrics")
-        sample = float(getattr(settings, "otlp_sample", 1.0))
+        sample = float(settings.otlp_sample)
         if not 0.0 <= sample <= 1.0:
             raise ConfigError("--otlp-sample", sample, "expected a share between 0 and 1")
         kw: dict[str, Any] = {}
-        for attr, key in (("otlp_queue_size", "queue_size"), ("otlp_metrics_interval_s", "metrics_interval_s"),
-                          ("otlp_timeout_s", "timeout_s")):
-            value = getattr(settings, attr, None)
-            if value is not None:
-                if value <= 0:
-                    raise ConfigError("--" + attr.removesuffix("_s").replace("_", "-"), value,
-                                      "must be positive")
-                kw[key] = value
+        limits: tuple[tuple[str, str, float | None], ...] = (
+            ("--otlp-queue-size", "queue_size", settings.otlp_queue_size),
+            ("--otlp-metrics-interval", "metrics_interval_s", settings.otlp_metrics_interval_s),
+            ("--otlp-timeout", "timeout_s", settings.otlp_timeout_s))
+        for flag_name, key, limit in limits:
+            if limit is not None:
+                if limit <= 0:
+                    raise ConfigError(flag_name, limit, "must be positive")
+                kw[key] = limit
         return cls(endpoint=endpoint, protocols=protocols, signals=signals, sample=sample,
-                   filter=parse_filter(getattr(settings, "otlp_filter", "") or ""), **kw)
+                   filter=parse_filter(settings.otlp_filter or ""), **kw)
 
     # -- the SDK exporters ----------------------------------------------------------------------
     def _endpoint(self, signal: str) -> str | None:

@@ -1,19 +1,20 @@
-"""Flow store backends behind one interface (`FlowStore`, aggregator/store/base.py).
+"""Flow store backends behind two declared interfaces (aggregator/store/base.py: `WriteStore`
+for the pipeline's write path, `ReadStore` for the API; `Store` is both).
 
 `open_store("duckdb", data_dir)` or `open_store("clickhouse", "clickhouse://host:9000/db")` is the
-only place that picks a backend; the API and ingest never contain backend SQL.
+only place that picks a backend; the API and intake never contain backend SQL.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from aggregator.store.base import FlowStore, IngestResult, StoreError
+from aggregator.store.base import IngestResult, ReadStore, Store, StoreError, WriteStore
 
 BACKENDS = ("duckdb", "clickhouse")
 
 
-def open_store(backend: str, data_dir: str | Path) -> FlowStore:
+def open_store(backend: str, data_dir: str | Path) -> Store:
     if backend == "duckdb":
         from aggregator.store.duckdb import DuckDBStore
 
@@ -27,4 +28,5 @@ def open_store(backend: str, data_dir: str | Path) -> FlowStore:
     raise ConfigError("store", backend, f"unknown backend, choose one of {list(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "FlowStore", "IngestResult", "StoreError", "open_store"]
+__all__ = ["BACKENDS", "IngestResult", "ReadStore", "Store", "StoreError", "WriteStore",
+           "open_store"]

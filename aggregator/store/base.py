@@ -1,26 +1,34 @@
-"""The store interface: what ingest (and later correlation, the graph and the API) may ask of
-any flow store backend. Backend SQL lives only in the backends (aggregator/store/duckdb.py today,
-ClickHouse with the scale-out issue).
+"""The two declared store interfaces: the one the write path uses and the one the read path uses.
 
-In:  decoded, validated batches of `FlowRecord`s with their idempotency key
-     `(collector, batch_seq)`.
-Out: `IngestResult` (stored, or a duplicate of a batch already applied), and raw records back
-     by time range.
+Backend SQL lives only in the backends (aggregator/store/duckdb*.py, clickhouse*.py); the
+pipeline (aggregator/pipeline.py) and the API hold these interfaces, never a backend.
+
+- `WriteStore` (intake, journal, correlation worker): batches and their marks, the derived
+  tables of correlation (connections, rollups, workloads), the correlator's state at a restart,
+  retention.
+- `ReadStore` (the API): typed queries (aggregator/store/query.py) that each backend compiles in
+  its own dialect.
+- `Store` is both: what `open_store` returns.
 
 Contract every backend keeps (the store tests run against each backend):
 - `ingest` is atomic: the records of a batch and its `(collector, batch_seq)` mark are
-  committed together or not at all, so a batch is applied exactly once, across restarts.
-- `ingest` returns only after the commit is durable: what was acknowledged survives kill -9.
+  committed together or not at all, so a batch is applied exactly once, across restarts;
+  `write_batches` writes a whole correlation step (raw batches, marks, derived tables) at once.
+- Both return only after the commit is durable: what was acknowledged survives kill -9.
 - Writes are bulk (columns), never one INSERT per record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+import pyarrow as pa
+
+from aggregator.store.query import EVERY_RECORD, ConnectionQuery, EdgeQuery, RecordQuery
 from eastwest.errors import EastwestError
 from eastwest.record import FlowRecord
 
@@ -28,13 +36,15 @@ if TYPE_CHECKING:
     from aggregator.connection import Connection
     from aggregator.store.derived import Derived
 
+Key = tuple[str, str, int, str, int, int]  # a correlation key (aggregator/correlate.py)
+
 
 class StoreError(EastwestError):
     """The backend failed (disk full, file locked, corrupt file): names the backend and path."""
 
 
 class Backlogged(StoreError):
-    """The store is a whole backlog behind (`--correlation-backlog`): retry later. Ingest
+    """The aggregator is a whole backlog behind (`--correlation-backlog`): retry later. Ingest
     answers 429 with Retry-After; the JetStream consumer naks the message."""
 
 
@@ -42,52 +52,106 @@ class Backlogged(StoreError):
 class IngestResult:
     collector: str
     batch_seq: int
-    stored: int          # records written by this call (0 for a duplicate)
+    stored: int          # records written (or journaled) by this call (0 for a duplicate)
     duplicate: bool      # the batch had been applied before: nothing written
 
 
-@runtime_checkable
-class FlowStore(Protocol):
-    """A durable store of raw flow records, idempotent per `(collector, batch_seq)`."""
+@dataclass
+class RawBatch:
+    """One accepted batch as the store writes it: its good records as a table in the
+    `flat_table` layout (aggregator/store/columns.py; None when it has none) and, for a backend
+    that keeps records whole, the records themselves (decoded on first use)."""
+
+    collector: str
+    batch_seq: int
+    n: int
+    table: pa.Table | None
+    decode: Callable[[], list[FlowRecord]] = field(repr=False, default=list)
+    _records: list[FlowRecord] | None = field(default=None, repr=False)
+
+    def records(self) -> list[FlowRecord]:
+        if self._records is None:
+            self._records = self.decode()
+        return self._records
+
+
+@dataclass
+class WriteStep:
+    """What one correlation step writes in one transaction: new raw batches with their marks,
+    the derived tables of their correlation, and batches stored raw earlier (a file of an older
+    version) flagged correlated now."""
+
+    raw: list[RawBatch]
+    derived: Derived
+    correlated: list[tuple[str, int]] = field(default_factory=list)
+
+
+class WriteStore(Protocol):
+    # where the pipeline journals acknowledged batches before they are written here (a local
+    # file store); None: a batch is written before it is acknowledged (a shared store)
+    journal_dir: Path | None
+    # written by several aggregators: correlation reloads the keys of a batch before planning
+    shared: bool
 
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
                derived: Derived | None = None) -> IngestResult:
-        """Store the records and the batch mark in one transaction; a batch applied before is
-        not applied again (`duplicate=True`). Durable when it returns. `derived` (the
-        correlated connections, rollup deltas and workloads of the batch, issue #6) is
-        written in the same transaction."""
+        """Store the records, the batch mark and `derived` in one transaction; a batch applied
+        before is not applied again (`duplicate=True`). Durable when it returns."""
 
-    def batch_applied(self, collector: str, batch_seq: int) -> bool:
-        """Whether `(collector, batch_seq)` was applied."""
+    def write_batches(self, step: WriteStep) -> None:
+        """A journaled correlation step in one durable transaction (its batches are new: the
+        caller checked the marks)."""
 
-    def records(self, since: datetime | None = None, until: datetime | None = None, *,
-                collector: str | None = None, limit: int | None = None) -> list[FlowRecord]:
-        """Raw records whose `end` is in [since, until), oldest first (ties by record_id)."""
+    def batch_applied(self, collector: str, batch_seq: int) -> bool: ...
+
+    def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of these `(collector, batch_seq)` were applied (one query)."""
+
+    def max_batch_seq(self, collector: str) -> int:
+        """The highest `batch_seq` applied for this collector (-1: none)."""
+
+    def uncorrelated_batches(self) -> list[tuple[str, int, int]]:
+        """Batches stored raw and not correlated (a file of an older version), in order."""
+
+    def batch_records(self, collector: str, batch_seq: int) -> list[FlowRecord]: ...
+
+    def recent_connections(self, horizon_s: float) -> list[Connection]:
+        """The connections the correlator may still change (a restart reloads them)."""
+
+    def connections_for_keys(self, keys: Iterable[Key]) -> dict[Key, list[Connection]]:
+        """The stored connections of these correlation keys (a shared store: what another
+        aggregator wrote since); a store of one aggregator answers from nothing."""
+
+    def apply_retention(self, cutoff: datetime) -> dict[str, int]:
+        """Delete what ended before `cutoff`; rows deleted per table."""
 
     def count(self) -> int:
-        """Number of raw records stored."""
+        """Raw records stored."""
+
+    def file_bytes(self) -> int:
+        """The store's size on this machine's disk (0 when it is elsewhere)."""
 
     def close(self) -> None:
         """Flush and release the backend; idempotent."""
 
-    # -- correlated tables (issue #6; aggregator/store/duckdb_derived.py for DuckDB) ------------
-    def recent_connections(self, horizon_s: float) -> list[Connection]:
-        """Connections whose last record is within `horizon_s` of the newest (restart)."""
 
-    def connections(self, where: str, params: Sequence[Any], *, order: str, limit: int,
-                    columns: Sequence[str]) -> list[dict[str, Any]]:
-        """Connection rows matching a compiled filter (`Filter.to_sql`), ordered, limited."""
+class ReadStore(Protocol):
+    def records(self, q: RecordQuery = EVERY_RECORD) -> list[FlowRecord]:
+        """Raw records whose `end` is in [since, until), oldest first (ties by record_id)."""
 
-    def edge_counts(self, since: datetime, until: datetime, group_by: str, where: str,
-                    params: Sequence[Any]) -> list[dict[str, Any]]:
-        """Per edge of the window: connections opened, active, closed, failed, ..."""
+    def connections(self, q: ConnectionQuery) -> list[dict[str, Any]]:
+        """Connection rows of the query's columns, filtered, ordered, limited."""
 
-    def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
-                     params: Sequence[Any]) -> list[dict[str, Any]]:
-        """Per edge of the window: the minute rollups' byte/packet/retransmit deltas."""
+    def edges(self, q: EdgeQuery) -> dict[str, list[Any]]:
+        """The window's edges as columns (aggregator/store/duckdb_edges.py `EDGE_COLUMNS`)."""
 
     def workload_rows(self) -> list[dict[str, Any]]:
         """Every workload seen, with first_seen and last_seen."""
 
-    def apply_retention(self, cutoff: datetime) -> dict[str, int]:
-        """Delete what ended before `cutoff`; rows deleted per table."""
+    def connection_count(self) -> int: ...
+
+    def count(self) -> int: ...
+
+
+class Store(WriteStore, ReadStore, Protocol):
+    backend: str

@@ -1,4 +1,4 @@
-"""The ClickHouse flow store: the `FlowStore` of several aggregators sharing one store.
+"""The ClickHouse flow store: the `Store` of several aggregators sharing one store.
 
 In:  batches of validated `FlowRecord`s with their `(collector, batch_seq)` and the batch's
      correlated tables (`Derived`, aggregator/store/derived.py).
@@ -29,12 +29,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pyarrow as pa
 
-from aggregator.store.base import IngestResult, StoreError
+from aggregator.store.base import IngestResult, StoreError, WriteStep
 from aggregator.store.clickhouse_derived import ClickHouseQueries, micros
 from aggregator.store.clickhouse_schema import (
     TABLES,
@@ -47,6 +48,7 @@ from aggregator.store.clickhouse_schema import (
 )
 from aggregator.store.columns import to_table
 from aggregator.store.derived import CONN_DECODER, Derived
+from aggregator.store.query import EVERY_RECORD, RecordQuery
 from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.store.clickhouse")
@@ -75,9 +77,13 @@ def arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
 
 
 class ClickHouseStore(ClickHouseQueries):
-    """`FlowStore` on a ClickHouse database (or a cluster of shards behind Distributed tables)."""
+    """`Store` (aggregator/store/base.py) on a ClickHouse database (or a cluster of shards
+    behind Distributed tables). Several aggregators share it: a batch is written before it is
+    acknowledged (no local journal) and correlation reloads a batch's keys first."""
 
     backend = "clickhouse"
+    journal_dir: Path | None = None
+    shared = True
 
     def __init__(self, location: str | Location) -> None:
         from clickhouse_driver import Client  # imported here: the DuckDB path never needs it
@@ -259,25 +265,70 @@ class ClickHouseStore(ClickHouseQueries):
                           "%(c)s AND batch_seq = %(s)s", {"c": collector, "s": batch_seq})
         return bool(rows[0][0])
 
-    def records(self, since: datetime | None = None, until: datetime | None = None, *,
-                collector: str | None = None, limit: int | None = None) -> list[FlowRecord]:
+    def records(self, q: RecordQuery = EVERY_RECORD) -> list[FlowRecord]:
         where: list[str] = ["1"]
         params: dict[str, Any] = {}
-        if since is not None:
+        if q.since is not None:
             where.append("end_ts >= %(since)s")
-            params["since"] = micros(since)
-        if until is not None:
+            params["since"] = micros(q.since)
+        if q.until is not None:
             where.append("end_ts < %(until)s")
-            params["until"] = micros(until)
-        if collector is not None:
+            params["until"] = micros(q.until)
+        if q.collector is not None:
             where.append("collector = %(collector)s")
-            params["collector"] = collector
+            params["collector"] = q.collector
         sql = (f"SELECT record FROM {self.db}.flows FINAL WHERE {' AND '.join(where)} "
                "ORDER BY end_ts, record_id")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        if q.limit is not None:
+            sql += f" LIMIT {int(q.limit)}"
         rows = self._exec(sql, params, settings={"strings_as_bytes": True})
         return [_dec.decode(r[0]) for r in rows]
+
+    def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        if not keys:
+            return set()
+        rows = self._exec(f"SELECT collector, batch_seq FROM {self.db}.ingested_batches WHERE "
+                          "(collector, batch_seq) IN %(k)s", {"k": [tuple(k) for k in keys]})
+        return {(c, int(s)) for c, s in rows}
+
+    def max_batch_seq(self, collector: str) -> int:
+        rows = self._exec(f"SELECT count(), max(batch_seq) FROM {self.db}.ingested_batches "
+                          "WHERE collector = %(c)s", {"c": collector})
+        return -1 if not rows or not rows[0][0] else int(rows[0][1])
+
+    def uncorrelated_batches(self) -> list[tuple[str, int, int]]:
+        """Raw and derived rows are written together here: nothing is ever left uncorrelated."""
+        return []
+
+    def batch_records(self, collector: str, batch_seq: int) -> list[FlowRecord]:
+        rows = self._exec(f"SELECT record FROM {self.db}.flows FINAL WHERE collector = %(c)s "
+                          "AND batch_seq = %(s)s ORDER BY end_ts, record_id",
+                          {"c": collector, "s": batch_seq}, settings={"strings_as_bytes": True})
+        return [_dec.decode(r[0]) for r in rows]
+
+    def write_batches(self, step: WriteStep) -> None:
+        """A correlation step of several batches (a store journaled by its aggregator): each
+        batch's records and mark, and the derived tables under the step's last batch. Every
+        insert is keyed by batch (ReplacingMergeTree): a step written again reads as once."""
+        if not step.raw:
+            raise StoreError(f"clickhouse {self.loc}: a step without a batch has no key")
+        now = datetime.now(UTC)
+        with self._lock:
+            for b in step.raw:
+                recs = b.records()
+                if recs:
+                    cols = arrow_columns(to_table(b.collector, b.batch_seq, recs, now))
+                    self._insert("flows", {"day": [day_of(us) for us in cols["end_ts"]], **cols})
+            last = step.raw[-1]
+            self._write_derived(last.collector, last.batch_seq, step.derived)
+            self._insert("ingested_batches", {
+                "day": [now.date()] * len(step.raw),
+                "collector": [b.collector for b in step.raw],
+                "batch_seq": [b.batch_seq for b in step.raw],
+                "records": [b.n for b in step.raw], "ingested_at": [micros(now)] * len(step.raw)})
+
+    def file_bytes(self) -> int:
+        return 0  # on the ClickHouse servers, not on this machine
 
     def count(self) -> int:
         return int(self._exec(f"SELECT count() FROM {self.db}.flows FINAL")[0][0])

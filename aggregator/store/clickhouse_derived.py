@@ -1,31 +1,36 @@
 """ClickHouse side of the correlated tables: the queries of the API and of correlation.
 
-Stage: store (reads). In: the API's compiled filters (`Filter.to_sql`, written for DuckDB with
-`?` placeholders) and windows; correlation's restart and refresh reads. Out: rows shaped exactly
-like the DuckDB store's (aggregator/store/duckdb_derived.py), so graph, flows, workloads, diff
-and the stream give the same answers on both backends.
+Stage: store (reads). In: the API's typed queries (aggregator/store/query.py), their filters
+compiled for ClickHouse (aggregator/store/sql.py `ClickParams`); correlation's restart and
+refresh reads. Out: rows shaped exactly like the DuckDB store's (aggregator/store/
+duckdb_derived.py), so graph, flows, workloads, diff and the stream give the same answers on
+both backends.
 
 Every read goes through `FINAL` (the newest version of a connection, each raw record and rollup
 delta once: aggregator/store/clickhouse_schema.py). Times are µs integers in the tables and
-`datetime`s (UTC) at this interface. The filter SQL is rewritten into what ClickHouse 18.16
-parses: `position(? IN col)` -> `position(col, ?)`, `true`/`false` -> 1/0, `?` -> `%(pN)s`.
+`datetime`s (UTC) at this interface.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aggregator.connection import Connection
 from aggregator.store.clickhouse_schema import BOOL_COLUMNS, TIME_COLUMNS
 from aggregator.store.derived import CONN_DECODER, ROLLUP_COUNTERS
-from aggregator.store.duckdb_derived import fold_edges
+from aggregator.store.duckdb_derived import SHOWN, fold_edges
+from aggregator.store.query import ConnectionQuery, EdgeQuery
+from aggregator.store.sql import (
+    CONN_FILTER_COLUMNS,
+    ROLLUP_FILTER_COLUMNS,
+    ClickParams,
+    compile_filter,
+    connection_where,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_POSITION = re.compile(r"position\(\?\s+IN\s+([A-Za-z_][A-Za-z0-9_]*)\)")
-_BOOL = re.compile(r"\b(true|false)\b", re.IGNORECASE)
 
 GROUPS = {
     "workload": ("client_wid", "server_wid"),
@@ -43,30 +48,6 @@ def micros(t: datetime) -> int:
 
 def from_micros(us: int | None) -> datetime | None:
     return None if us is None else _EPOCH + timedelta(microseconds=us)
-
-
-def dialect(sql: str, params: Sequence[Any], start: int = 0) -> tuple[str, dict[str, Any]]:
-    """DuckDB-flavoured filter SQL with `?` -> ClickHouse SQL with named parameters."""
-    sql = _POSITION.sub(lambda m: f"position({m.group(1)}, ?)", sql)
-    sql = _BOOL.sub(lambda m: "1" if m.group(1).lower() == "true" else "0", sql)
-    sql = sql.replace("%", "%%")
-    parts = sql.split("?")
-    if len(parts) - 1 != len(params):
-        raise ValueError(f"{len(parts) - 1} placeholders for {len(params)} parameters: {sql!r}")
-    out, named = [parts[0]], {}
-    for i, (p, tail) in enumerate(zip(params, parts[1:], strict=True)):
-        name = f"p{start + i}"
-        named[name] = _param(p)
-        out.append(f"%({name})s{tail}")
-    return "".join(out), named
-
-
-def _param(v: Any) -> Any:
-    if isinstance(v, datetime):
-        return micros(v)
-    if isinstance(v, bool):
-        return int(v)
-    return v
 
 
 def _typed(row: dict[str, Any]) -> dict[str, Any]:
@@ -131,18 +112,28 @@ class ClickHouseQueries:
         return int(self._exec(f"SELECT count() FROM {self.db}.connections FINAL")[0][0])
 
     # -- queries ------------------------------------------------------------------------------
-    def connections(self, where: str, params: Sequence[Any], *, order: str, limit: int,
-                    columns: Sequence[str]) -> list[dict[str, Any]]:
-        cond, named = dialect(where, params)
-        sql = (f"SELECT {', '.join(columns)} FROM {self.db}.connections FINAL WHERE {cond} "
-               f"ORDER BY {order} LIMIT {int(limit)}")
-        return [_typed(r) for r in self._dicts(sql, named)]
+    def connections(self, q: ConnectionQuery) -> list[dict[str, Any]]:
+        p = ClickParams()
+        where, order = connection_where(q, p)
+        cols = ", ".join(q.columns or SHOWN)
+        sql = (f"SELECT {cols} FROM {self.db}.connections FINAL WHERE {where} "
+               f"ORDER BY {order} LIMIT {int(q.limit)}")
+        return [_typed(r) for r in self._dicts(sql, p.named)]
 
-    def edge_counts(self, since: datetime, until: datetime, group_by: str, where: str,
-                    params: Sequence[Any]) -> list[dict[str, Any]]:
-        cg, sg = GROUPS[group_by]
-        cond, named = dialect(where, params)
-        named.update(since=micros(since), until=micros(until))
+    def edges(self, q: EdgeQuery) -> dict[str, list[Any]]:
+        """The window's edges: the connections' counts and the rollups' volumes (when they can
+        answer the filter), folded into the columns DuckDB's one query gives."""
+        from aggregator.graph_edges import columns_of_rows
+
+        counts = self.edge_counts(q)
+        volumes = self.edge_volumes(q) if q.volumes_from_rollups else None
+        return columns_of_rows(counts, volumes)
+
+    def edge_counts(self, q: EdgeQuery) -> list[dict[str, Any]]:
+        cg, sg = GROUPS[q.group_by]
+        p = ClickParams()
+        cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
+        named = dict(p.named, since=micros(q.since), until=micros(q.until))
         closed_ts = "ifNull(closed_ts, 0)"
         sql = f"""
         SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol,
@@ -172,11 +163,12 @@ class ClickHouseQueries:
                 r["rtt_sum"] = None  # DuckDB's sum over no values is NULL too
         return fold_edges(rows)
 
-    def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
-                     params: Sequence[Any]) -> list[dict[str, Any]]:
-        cg, sg = GROUPS[group_by]
-        cond, named = dialect(where, params)
-        named.update(since=micros(since.replace(second=0, microsecond=0)), until=micros(until))
+    def edge_volumes(self, q: EdgeQuery) -> list[dict[str, Any]]:
+        cg, sg = GROUPS[q.group_by]
+        p = ClickParams()
+        cond = compile_filter(q.filter, ROLLUP_FILTER_COLUMNS, p)
+        named = dict(p.named, since=micros(q.since.replace(second=0, microsecond=0)),
+                     until=micros(q.until))
         sums = ", ".join(f"sum({n}) AS {n}" for n in ROLLUP_COUNTERS)
         sql = (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM {self.db}.rollups FINAL "
                f"WHERE minute >= %(since)s AND minute < %(until)s AND ({cond}) GROUP BY src, dst "

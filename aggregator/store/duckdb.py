@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from aggregator.store.base import IngestResult, StoreError
+from aggregator.store.base import IngestResult, StoreError, WriteStep
 from aggregator.store.columns import (
     DUCKDB_COLUMNS,
     FLAT_NAMES,
@@ -48,6 +48,7 @@ from aggregator.store.duckdb_derived import (
     write_derived,
 )
 from aggregator.store.duckdb_edges import EdgeQueries
+from aggregator.store.query import EVERY_RECORD, RecordQuery
 from eastwest.record import FlowRecord
 
 FILE_NAME = "eastwest.duckdb"
@@ -68,9 +69,11 @@ _DDL = [
 
 
 class DuckDBStore(DerivedQueries, EdgeQueries):
-    """`FlowStore` on a DuckDB file. `path` is the data directory (created if missing)."""
+    """`Store` (aggregator/store/base.py) on a DuckDB file. `data_dir` is the data directory
+    (created if missing); the pipeline journals acknowledged batches in `journal_dir`."""
 
     backend = "duckdb"
+    shared = False  # one aggregator process writes a DuckDB file
 
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir)
@@ -79,6 +82,7 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         except OSError as exc:
             raise StoreError(f"data directory {str(self.dir)!r} cannot be created: {exc}") from exc
         self.path = self.dir / FILE_NAME
+        self.journal_dir: Path | None = self.dir / "journal"
         try:
             self._con = duckdb.connect(str(self.path))
             for stmt in _DDL:
@@ -150,45 +154,38 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         self._count += n
         return IngestResult(collector, batch_seq, n, False)
 
-    @property
-    def journal_dir(self) -> Path:
-        """Where the correlating store journals accepted batches before they are applied
-        here (aggregator/store/journal.py)."""
-        return self.dir / "journal"
-
-    def write_batches(self, raw: Sequence[tuple[str, int, pa.Table | None, int]],
-                      derived: Derived, correlated: Sequence[tuple[str, int]] = ()) -> None:
-        """Behind the ack (aggregator/correlating.py): raw batches from the journal, each with
-        its mark (`(collector, batch_seq, table, rows)`, a batch applied before refused: the
-        caller leaves those out), the derived tables of their correlation, and older raw
-        batches (`correlated`: stored raw before, not correlated yet) flagged correlated, in
-        ONE durable transaction."""
+    def write_batches(self, step: WriteStep) -> None:
+        """A correlation step behind the ack (aggregator/worker.py): its raw batches from the
+        journal, each with its mark (batches applied before are left out by the caller), the
+        derived tables of their correlation, and older raw batches (stored raw before, not
+        correlated yet) flagged correlated, in ONE durable transaction."""
         now = datetime.now(UTC)
+        raw = step.raw
         with self._raw_lock, self._lock:
             con = self._writer()
             try:
                 con.execute("BEGIN TRANSACTION")
                 if raw:
                     _ew_marks = pa.table({  # noqa: F841 - read by the SQL text
-                        "collector": pa.array([c for c, _, _, _ in raw], pa.string()),
-                        "batch_seq": pa.array([s for _, s, _, _ in raw], pa.int64()),
-                        "records": pa.array([n for _, _, _, n in raw], pa.int32())})
+                        "collector": pa.array([b.collector for b in raw], pa.string()),
+                        "batch_seq": pa.array([b.batch_seq for b in raw], pa.int64()),
+                        "records": pa.array([b.n for b in raw], pa.int32())})
                     con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
                                 "ingested_at, correlated) SELECT collector, batch_seq, records, "
                                 "$1, true FROM _ew_marks", [now])
-                    for collector, batch_seq, table, n in raw:
-                        if table is not None and n:
-                            _ew_batch_table = table  # noqa: F841 - read by the SQL text
-                            con.execute(_INSERT_FLOWS, [collector, batch_seq, now])
-                write_derived(con, derived)
-                if correlated:
-                    self._flag_correlated(con, correlated)
+                    for b in raw:
+                        if b.table is not None and b.n:
+                            _ew_batch_table = b.table  # noqa: F841 - read by the SQL text
+                            con.execute(_INSERT_FLOWS, [b.collector, b.batch_seq, now])
+                write_derived(con, step.derived)
+                if step.correlated:
+                    self._flag_correlated(con, step.correlated)
                 con.execute("COMMIT")
             except duckdb.Error as exc:
                 self._rollback(con)
                 raise StoreError(f"duckdb {str(self.path)!r}: {len(raw)} batches not stored: "
                                  f"{exc}") from exc
-            self._count += sum(n for _, _, _, n in raw)
+            self._count += sum(b.n for b in raw)
 
     def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """Which of these `(collector, batch_seq)` were applied (one query)."""
@@ -247,26 +244,25 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             "SELECT count(*) FROM ingested_batches WHERE collector = ? AND batch_seq = ?",
             [collector, batch_seq]))
 
-    def records(self, since: datetime | None = None, until: datetime | None = None, *,
-                collector: str | None = None, limit: int | None = None) -> list[FlowRecord]:
+    def records(self, q: RecordQuery = EVERY_RECORD) -> list[FlowRecord]:
         where: list[str] = []
         params: list[Any] = []
-        if since is not None:
+        if q.since is not None:
             where.append("end_ts >= ?")
-            params.append(since)
-        if until is not None:
+            params.append(q.since)
+        if q.until is not None:
             where.append("end_ts < ?")
-            params.append(until)
-        if collector is not None:
+            params.append(q.until)
+        if q.collector is not None:
             where.append("collector = ?")
-            params.append(collector)
+            params.append(q.collector)
         sql = f"SELECT {', '.join(READ_COLUMNS)}{', record' if self._legacy else ''} FROM flows"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY end_ts, record_id"
-        if limit is not None:
+        if q.limit is not None:
             sql += " LIMIT ?"
-            params.append(int(limit))
+            params.append(int(q.limit))
         rows = self._query(sql, params)
         if self._legacy:
             return [record_of_blob(r[-1]) if r[-1] is not None else record_of(r[:-1]) for r in rows]

@@ -24,7 +24,7 @@ keep their first_seen and raise last_seen. (DuckDB: https://duckdb.org/docs/sql/
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.connection import Connection
+from aggregator.store.base import Key
 from aggregator.store.derived import (
     CONN_DECODER,
     DDL_TYPES,
@@ -47,7 +48,8 @@ from aggregator.store.derived import (
     ddl,
     derived_of,
 )
-from aggregator.store.duckdb_edges import HAVING_VOLUME, WINDOW_COUNTS
+from aggregator.store.query import ConnectionQuery
+from aggregator.store.sql import DuckParams, connection_where
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -67,26 +69,6 @@ _VIEW_DDL = (f"CREATE OR REPLACE VIEW connections AS SELECT {_SHOWN} FROM connec
              f"UNION ALL SELECT {_SHOWN} FROM connections_live")
 _CONN_TABLES = ("connections_settled", "connections_live")
 
-# view keys of eastwest.filters -> columns of `connections`
-CONN_FILTER_COLUMNS = {
-    "client_ip": "client_ip_hex", "server_ip": "server_ip_hex", "client_port": "client_port",
-    "server_port": "server_port", "protocol": "protocol", "outcome": "outcome",
-    "observers": "observed_by", "vni": "vni", "client_workload": "client_name",
-    "server_workload": "server_name", "client_namespace": "client_namespace",
-    "server_namespace": "server_namespace",
-}
-# the dimensions the rollups can answer (they have no client ip/port, outcome, observers, vni)
-ROLLUP_FILTER_COLUMNS = {
-    "link_local": "link_local",
-    "client_workload": "client_name", "server_workload": "server_name",
-    "client_namespace": "client_namespace", "server_namespace": "server_namespace",
-    "server_port": "server_port", "protocol": "protocol",
-}
-GROUPS = {
-    "workload": ("client_wid", "server_wid"),
-    "namespace": ("coalesce(client_namespace, client_wid)", "coalesce(server_namespace, server_wid)"),
-    "host": ("coalesce(nullif(client_host, ''), 'unknown')", "coalesce(nullif(server_host, ''), 'unknown')"),
-}
 
 
 # what `recent_connections` reads to rebuild a connection (`connection_of`)
@@ -226,44 +208,16 @@ class DerivedQueries:
         return int(self._query("SELECT count(*) FROM connections")[0][0])
 
     # -- queries ------------------------------------------------------------------------------
-    def connections(self, where: str, params: Sequence[Any], *, order: str, limit: int,
-                    columns: Sequence[str]) -> list[dict[str, Any]]:
-        cols = ", ".join(columns)
+    def connections(self, q: ConnectionQuery) -> list[dict[str, Any]]:
+        p = DuckParams()
+        where, order = connection_where(q, p)
+        cols = ", ".join(q.columns or SHOWN)
         return self._rows(f"SELECT {cols} FROM connections WHERE {where} ORDER BY {order} "
-                          f"LIMIT {int(limit)}", list(params))
+                          f"LIMIT {int(q.limit)}", p.values)
 
-    def edge_counts(self, since: datetime, until: datetime, group_by: str, where: str,
-                    params: Sequence[Any]) -> list[dict[str, Any]]:
-        """Per (client group, server group): connection counts and shape of the window.
-
-        DuckDB aggregates flat groups (edge x observers x port x protocol) with plain counters
-        much faster than nested aggregates (lists, histograms) per edge; the few flat rows of
-        an edge are folded here."""
-        cg, sg = GROUPS[group_by]
-        sql = f"""
-        SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol,
-          any_value(client_name) AS src_name, any_value(client_namespace) AS src_namespace,
-          any_value(client_kind) AS src_kind, any_value(server_name) AS dst_name,
-          any_value(server_namespace) AS dst_namespace, any_value(server_kind) AS dst_kind,
-          count(*) AS n,
-          {WINDOW_COUNTS}, epoch_us(min(start_ts)) AS first_seen,
-          epoch_us(max(last_seen)) AS last_seen,
-          sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
-          sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets
-        FROM connections
-        WHERE start_ts < $2 AND last_seen >= $1 AND ({where.replace('?', '$P')})
-        GROUP BY 1, 2, 3, 4, 5"""
-        return fold_edges(self._rows(_number_params(sql, 3), [since, until, *params]))
-
-    def edge_volumes(self, since: datetime, until: datetime, group_by: str, where: str,
-                     params: Sequence[Any]) -> list[dict[str, Any]]:
-        """Per (client group, server group): the rollups' deltas in the window's minutes."""
-        cg, sg = GROUPS[group_by]
-        sums = ", ".join(f"sum({n}) AS {n}" for n in ROLLUP_COUNTERS)
-        sql = (f"SELECT {cg} AS src, {sg} AS dst, {sums} FROM rollups WHERE minute >= "
-               f"date_trunc('minute', ?) AND minute < ? AND ({where}) GROUP BY 1, 2 "
-               f"{HAVING_VOLUME}")
-        return self._rows(sql, [since, until, *params])
+    def connections_for_keys(self, keys: Iterable[Key]) -> dict[Key, list[Connection]]:
+        """One aggregator writes this file: its correlator holds what there is to know."""
+        return {}
 
     def workload_rows(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM workloads ORDER BY wid", [])
@@ -324,12 +278,3 @@ def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(edges.values())
 
 
-def _number_params(sql: str, first: int) -> str:
-    """Turn the filter's `$P` placeholders into $3, $4, ... after the window's $1, $2."""
-    out, n = [], first
-    parts = sql.split("$P")
-    for p in parts[:-1]:
-        out.append(p + f"${n}")
-        n += 1
-    out.append(parts[-1])
-    return "".join(out)

@@ -3,7 +3,7 @@ written as its JSON object.
 
 Stage: store (query side). In: a window [since, until), a grouping (workload | namespace | host),
 the compiled filter for `connections` and, when the rollups can answer it, for `rollups`.
-Out: `edge_columns()`: one list per column of `EDGE_COLUMNS`, one row per edge (client group ->
+Out: `edges()`: one list per column of `EDGE_COLUMNS`, one row per edge (client group ->
 server group), in no particular order; aggregator/graph.py assembles the graph from them
 (docs/api.md for the edge fields).
 
@@ -20,13 +20,19 @@ query and rewritten.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import duckdb
 import msgspec
 import pyarrow as pa
 
+from aggregator.store.query import EdgeQuery
+from aggregator.store.sql import (
+    CONN_FILTER_COLUMNS,
+    ROLLUP_FILTER_COLUMNS,
+    DuckParams,
+    compile_filter,
+)
 from eastwest.record import PROTOCOLS
 
 # A window [$1, $2) of one edge's connections: what opened, was active, closed, failed or was
@@ -151,28 +157,22 @@ def _edge_json(from_rollups: bool) -> str:
     return f"CASE WHEN n IS NULL THEN {volume_only} ELSE {with_conns} END"
 
 
-def number_params(sql: str, first: int) -> str:
-    """Turn `?` placeholders into $first, $first+1, ... (the window's $1, $2 come first)."""
-    parts = sql.split("?")
-    return parts[0] + "".join(f"${first + i}{p}" for i, p in enumerate(parts[1:]))
-
-
 class EdgeQueries:
     """Mixed into DuckDBStore (needs `_con`)."""
 
-    def edge_columns(self, since: datetime, until: datetime, group_by: str, where: str,
-                     params: Sequence[Any], volume_where: str | None = None,
-                     volume_params: Sequence[Any] = ()) -> dict[str, list[Any]]:
+    def edges(self, q: EdgeQuery) -> dict[str, list[Any]]:
         """Per edge of the window, as columns (`EDGE_COLUMNS`). Counts over the connections that
-        overlap the window; volumes from the rollups of the minutes it touches when
-        `volume_where` is given, else from those connections."""
-        counts = _counts_sql(group_by, number_params(where, 3))
-        args: list[Any] = [since, until, *params]
-        from_rollups = volume_where is not None
+        overlap the window; volumes from the rollups of the minutes it touches when the rollups
+        can answer the filter, else from those connections."""
+        pc = DuckParams(start=3)  # $1, $2: the window
+        where = compile_filter(q.filter, CONN_FILTER_COLUMNS, pc)
+        counts = _counts_sql(q.group_by, where)
+        args: list[Any] = [q.since, q.until, *pc.values]
+        from_rollups = q.volumes_from_rollups
         # a workload node's name, namespace and kind: its row in `workloads` (keyed by the same
         # wid), joined to the aggregated edges; aggregating them over every connection of the
         # window was most of the query's time. A namespace or host node is named by its id.
-        if group_by == "workload":
+        if q.group_by == "workload":
             nodes = ("coalesce(ws.name, src) AS src_name, ws.namespace AS src_namespace, "
                      "ws.kind AS src_kind, coalesce(wd.name, dst) AS dst_name, "
                      "wd.namespace AS dst_namespace, wd.kind AS dst_kind")
@@ -183,11 +183,12 @@ class EdgeQueries:
                               for a in ("name", "namespace", "kind"))
             joins = ""
         if from_rollups:
-            vol = _volumes_sql(group_by, number_params(volume_where or "true", 3 + len(params)))
+            pv = DuckParams(start=3 + len(pc.values))
+            vol = _volumes_sql(q.group_by, compile_filter(q.filter, ROLLUP_FILTER_COLUMNS, pv))
             source = "c FULL OUTER JOIN v USING (src, dst)"
             keep = "n IS NOT NULL OR " + " OR ".join(f"v_{k} <> 0" for k in VOLUMES[:4])
             ctes = f"WITH c AS ({counts}), v AS ({vol})"
-            args += list(volume_params)
+            args += pv.values
             w_bytes = "coalesce(v_bytes_c2s, 0) + coalesce(v_bytes_s2c, 0)"
         else:
             source, keep, ctes = "c", "true", f"WITH c AS ({counts})"
@@ -203,22 +204,21 @@ class EdgeQueries:
         cols = {n: table.column(n).to_pylist() for n in (*EDGE_COLUMNS, "detail")}
         detail = [i for i, d in enumerate(cols.pop("detail")) if d]
         if detail:
-            self._detail(detail, cols, since, until, group_by, where, params)
+            self._detail(detail, cols, q, where, pc.values)
         return cols
 
-    def _detail(self, rows: list[int], cols: dict[str, list[Any]], since: datetime,
-                until: datetime, group_by: str, where: str, params: Sequence[Any]) -> None:
+    def _detail(self, rows: list[int], cols: dict[str, list[Any]], q: EdgeQuery, where: str,
+                params: Sequence[Any]) -> None:
         """Ports, protocols and observed_by of the edges the counters could not describe."""
-        cg, sg = GROUPS[group_by]
+        cg, sg = GROUPS[q.group_by]
         need = pa.table({"src": [cols["src"][i] for i in rows], "dst": [cols["dst"][i] for i in rows]})
         sql = (f"SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol, count(*) AS n "
                f"FROM connections SEMI JOIN _need ON {cg} = _need.src AND {sg} = _need.dst "
-               f"WHERE start_ts < $2 AND last_seen >= $1 AND ({number_params(where, 3)}) "
-               "GROUP BY ALL")
+               f"WHERE start_ts < $2 AND last_seen >= $1 AND ({where}) GROUP BY ALL")
         cur = self._con.cursor()  # type: ignore[attr-defined]
         try:
             cur.register("_need", need)
-            found = cur.execute(sql, [since, until, *params]).fetchall()
+            found = cur.execute(sql, [q.since, q.until, *params]).fetchall()
         except duckdb.Error as exc:
             from aggregator.store.base import StoreError
 

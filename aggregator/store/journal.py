@@ -1,6 +1,6 @@
 """The ingest journal: accepted batches, durable on disk before they are acknowledged.
 
-Stage: ingest -> JOURNAL (acknowledged) -> store + correlation behind it (aggregator/correlating.py).
+Stage: intake -> JOURNAL (acknowledged) -> store + correlation behind it (aggregator/worker.py).
 In:  one accepted batch: `(collector, batch_seq)`, its record count, the indices of the records
      ingest rejected, and its wire bytes (`EWB1` + zstd(msgpack), eastwest/codec.py; ~15-30
      bytes a record).

@@ -150,7 +150,7 @@ def run(lab_factory, tmp_path_factory):
                 assert r.status_code == 400, r.text
                 for c in cs:
                     c.stop()  # every record flushed and acknowledged
-            ex = agg.app.state.exporters
+            ex = agg.app.state.pipeline.exporters
             # every closed connection is complete after the settle time (connections still open
             # when the collectors stopped stay pending, as they should)
             wait_for("every closed connection complete", lambda: not any(

@@ -157,7 +157,7 @@ def test_budget_fold_of_the_json_edges_equals_the_networkx_fold(client):
     other -> other edge: sums, ports, protocols, observers, first/last seen, `folded`."""
     from aggregator.graph import Window, build_graph, fold, graph_data, to_json
 
-    store = client.app.state.store
+    store = client.app.state.pipeline.read()
     win = Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5))
     data = graph_data(store, win, budget=1)  # both edges into other -> other
     g = build_graph(store, win)

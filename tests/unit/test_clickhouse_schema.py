@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aggregator.store.clickhouse_derived import dialect
 from aggregator.store.clickhouse_schema import TABLE, Location, local_ddl, parse_version
+from aggregator.store.sql import ClickParams, compile_filter
 from eastwest.errors import ConfigError
 from eastwest.filters import Filter
 
@@ -37,13 +37,13 @@ def test_location_url_is_parsed_and_bad_values_are_named():
             Location.parse(bad, env={})
 
 
-def test_filter_sql_is_rewritten_for_clickhouse():
+def test_a_filter_compiles_to_clickhouse_sql():
+    """ClickHouse 18.16's dialect: `position(col, x)`, 1/0 for booleans, named parameters, times
+    as µs since the epoch (aggregator/store/sql.py `ClickParams`)."""
     f = Filter.from_query([("observer", "server"), ("not_protocol", "udp")])
-    where, params = f.to_sql({"observers": "observed_by", "protocol": "protocol"})
-    sql, named = dialect(where + " AND start_ts < ?", [*params, datetime(1970, 1, 1, 0, 0, 1,
-                                                                        tzinfo=UTC)])
+    p = ClickParams()
+    sql = compile_filter(f, {"observers": "observed_by", "protocol": "protocol"}, p)
+    sql += f" AND start_ts < {p.add(datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC))}"
     assert "position(observed_by, %(p0)s) > 0" in sql and " IN " not in sql
-    assert "false" not in sql.lower() and "coalesce(" in sql
-    assert named == {"p0": ",server,", "p1": "udp", "p2": 1_000_000}
-    with pytest.raises(ValueError, match="placeholders"):
-        dialect("a = ?", [])
+    assert "false" not in sql.lower() and "coalesce(" in sql and ", 0)" in sql
+    assert p.named == {"p0": ",server,", "p1": "udp", "p2": 1_000_000}

@@ -124,7 +124,7 @@ def defined_metric_names(tmp_path):
     c = TestClient(app)
     fill(c)
     send(c, "h1", 900, [rec("client", cport=45000, rtt_us=Rtt(1, 2, 3), resets=1)])
-    app.state.exporters.tick(everything_closed=True)
+    app.state.pipeline.exporters.tick(everything_closed=True)
 
     class Spool:
         bytes = 0

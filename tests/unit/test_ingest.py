@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from aggregator.app import create_app
 from aggregator.settings import AggregatorSettings
 from aggregator.store import BACKENDS, open_store
+from aggregator.store.query import RecordQuery
 from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.record import Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
@@ -101,9 +102,9 @@ def test_store_selects_by_time_range_and_collector(tmp_path, backend):
     store = open_store(backend, store_location(backend, tmp_path))
     store.ingest("h1", 1, [rec(n) for n in range(10)])
     store.ingest("h2", 1, [rec(n, "h2") for n in range(3)])
-    window = store.records(T0 + timedelta(seconds=3), T0 + timedelta(seconds=6), collector="h1")
+    window = store.records(RecordQuery(T0 + timedelta(seconds=3), T0 + timedelta(seconds=6), "h1"))
     assert [r.record_id for r in window] == ["h1:2", "h1:3", "h1:4"]  # end in [3 s, 6 s)
-    assert len(store.records(limit=4)) == 4
+    assert len(store.records(RecordQuery(limit=4))) == 4
     store.close()
 
 
@@ -163,19 +164,20 @@ def test_an_acknowledged_batch_is_in_the_journal_until_the_store_has_applied_it(
     retry is a duplicate; the records read waits for it."""
     import threading
 
-    store = client.app.state.store
+    pipe = client.app.state.pipeline
+    worker = pipe.correlation
     gate = threading.Event()
-    plan = store._correlate
-    store._correlate = lambda take: (gate.wait(10), plan(take))[1]
+    plan = worker._correlate
+    worker._correlate = lambda take: (gate.wait(10), plan(take))[1]
     try:
         assert post(client, wire([rec(1), rec(2)])).status_code == 200
-        assert store.journal.bytes() > 0 and store.inner.count() == 0
+        assert worker.journal.bytes() > 0 and pipe.store.count() == 0
         assert client.get("/readyz").json()["records"] == 2
         assert post(client, wire([rec(1), rec(2)])).json()["duplicate"] is True
     finally:
         gate.set()
     assert [x["record_id"] for x in stored(client)] == ["h1:1", "h1:2"]
-    assert store.journal.bytes() == 0 and store.inner.count() == 2
+    assert worker.journal.bytes() == 0 and pipe.store.count() == 2
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -222,17 +224,25 @@ def test_bad_read_parameters_are_400s_naming_them(client):
 
 
 def test_a_failing_store_is_a_503_with_retry_after(settings):
-    class Broken:
-        def ingest(self, *a):
-            from aggregator.store import StoreError
+    """What the ack waits for fails (the journal's disk is full): 503 + Retry-After, counted,
+    and nothing is stored; the retry goes through once the disk has room."""
+    from aggregator.store import StoreError
+
+    with TestClient(create_app(settings)) as c:
+        journal = c.app.state.pipeline.correlation.journal
+        append = journal.append
+
+        def full(*a):
             raise StoreError("disk full")
 
-        def count(self):
-            return 0
-
-    with TestClient(create_app(settings, store=Broken())) as c:  # type: ignore[arg-type]
+        journal.append = full
         r = post(c, wire([rec(1)]))
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "disk full" in r.json()["detail"]
+        assert c.app.state.drops.snapshot()[("ingest", "store_unavailable")] == 1
+        journal.append = append
+        assert post(c, wire([rec(1)])).status_code == 200
+        assert [x["record_id"] for x in stored(c)] == ["h1:1"]
 
 
 def test_a_string_that_is_not_utf8_rejects_its_record_alone_not_a_500(client):
@@ -251,11 +261,13 @@ def test_a_string_that_is_not_utf8_rejects_its_record_alone_not_a_500(client):
 def test_a_whole_backlog_behind_answers_429_with_retry_after(client):
     import threading
 
-    store = client.app.state.store
-    store.max_pending, store.admit_wait_s = 1, 0.1
+    from aggregator.worker import WorkerSettings
+
+    worker = client.app.state.pipeline.correlation
+    worker.settings = WorkerSettings(max_pending=1, admit_wait_s=0.1)
     gate = threading.Event()
-    plan = store._correlate
-    store._correlate = lambda take: (gate.wait(10), plan(take))[1]
+    plan = worker._correlate
+    worker._correlate = lambda take: (gate.wait(10), plan(take))[1]
     try:
         assert post(client, wire([rec(1)])).status_code == 200
         r = post(client, wire([rec(2)], seq=2))

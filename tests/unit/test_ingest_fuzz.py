@@ -63,7 +63,7 @@ def post(client, body: bytes, ctype: str = codec.CONTENT_TYPE):
 
 
 def assert_store_intact(app) -> None:
-    for r in app.state.store.records():
+    for r in app.state.pipeline.read().records():
         assert FlowRecord.from_builtins(r.to_builtins()) == r  # decodes and still validates
 
 
@@ -114,11 +114,11 @@ def test_random_payloads_behind_the_magic_never_give_a_5xx(client, body):
 
 
 def test_every_truncation_of_a_valid_batch_is_refused_and_stores_nothing(client, app):
-    before = app.state.store.count()
+    before = app.state.pipeline.correlation.count()
     for cut in range(len(VALID)):
         r = post(client, VALID[:cut])
         assert r.status_code == 400, (cut, r.status_code, r.text)
-    assert app.state.store.count() == before
+    assert app.state.pipeline.correlation.count() == before
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -151,6 +151,6 @@ def test_json_batches_of_junk_records_are_rejected_per_record(client, records):
 def test_after_the_storm_a_valid_batch_is_stored_and_the_store_is_intact(client, app):
     r = post(client, AFTER)
     assert r.status_code == 200 and r.json()["accepted"] == 20, r.text
-    mine = [x for x in app.state.store.records() if x.collector == "after-storm"]
+    mine = [x for x in app.state.pipeline.read().records() if x.collector == "after-storm"]
     assert sorted(x.record_id for x in mine) == sorted(f"after-storm:{n}" for n in range(20))
     assert_store_intact(app)

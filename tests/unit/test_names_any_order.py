@@ -11,22 +11,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
-from aggregator.correlate import Correlator
-from aggregator.correlating import CorrelatingStore
-from aggregator.exporters import Exporters
 from aggregator.graph import Window, build_graph
 from aggregator.identity import IdentityResolver
 from aggregator.store.duckdb import DuckDBStore
-from eastwest.drops import Drops
+from aggregator.worker import WorkerSettings
+from tests.unit.pipes import Driven, FakeClock, driven
 from tests.unit.test_correlate import T0, rec
 from tests.unit.test_prom_edges import samples
 
@@ -77,32 +74,19 @@ def loop():
     lp.close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def rows(store: CorrelatingStore) -> list[dict[str, Any]]:
-    return store.connections("true", [], order="conn_id", limit=100,
-                             columns=["client_wid", "server_wid", "bytes_c2s", "bytes_s2c"])
+def rows(store: Driven) -> list[dict[str, Any]]:
+    return store.rows("client_wid", "server_wid", "bytes_c2s", "bytes_s2c")
 
 
 def run_order(tmp: Path, order: tuple[str, ...], loop: Loop) -> dict[str, Any]:
     """Feed the batches in `order`, one correlation step each, and read every output."""
-    clock = Clock()
+    clock = FakeClock(datetime.now(UTC))
     spans = InMemorySpanExporter()
-    settings = SimpleNamespace(edge_budget=100, export_settle_s=5.0, otlp_endpoint="http://127.0.0.1:9",
-                               otlp_signals=("traces",), otlp_filter="")
-    registry = CollectorRegistry()
-    drops = Drops()
-    ex = Exporters(settings, registry, drops, env={}, clock=clock,
-                   otlp_kwargs={"span_exporter": spans})
-    store = CorrelatingStore(DuckDBStore(tmp), Correlator(IdentityResolver()), drops,
-                             retention=None, coalesce=0)
-    store.add_listener(ex.on_plan)
+    store = driven(DuckDBStore(tmp), IdentityResolver(), clock=clock,
+                   worker=WorkerSettings(coalesce=0), edge_budget=100, export_settle_s=5.0,
+                   otlp_endpoint="http://127.0.0.1:9", otlp_signals=("traces",), otlp_filter="",
+                   exporter_kwargs={"otlp_kwargs": {"span_exporter": spans}})
+    ex = store.pipeline.exporters
 
     async def subscribe() -> Any:
         return store.hub.subscribe()
@@ -123,23 +107,23 @@ def run_order(tmp: Path, order: tuple[str, ...], loop: Loop) -> dict[str, Any]:
             threading.Event().wait(0.05)
         events = loop.run(drain(sub[1]))
         conns = rows(store)
-        with store.inner._lock:
-            rollups = store.inner._con.execute(
+        with store.store._lock:
+            rollups = store.store._con.execute(
                 "SELECT client_wid, server_wid, sum(bytes_c2s), sum(bytes_s2c) FROM rollups "
                 "GROUP BY ALL HAVING sum(bytes_c2s) <> 0 OR sum(bytes_s2c) <> 0 "
                 "ORDER BY ALL").fetchall()
-        g = build_graph(store, Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+        g = build_graph(store.read(), Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
         clock.t += 60  # names final (settle 10 s), every connection quiet for the span pair
         ex.tick()
-        ex.otlp.force_flush()  # type: ignore[union-attr]
-        text = generate_latest(registry).decode()
+        assert ex.otlp is not None
+        ex.otlp.force_flush()
+        text = generate_latest(store.pipeline.metrics.registry).decode()
         return {"conns": conns, "rollups": rollups, "graph": g, "events": events,
                 "prom": samples(text, "eastwest_edge_bytes_total"),
                 "opened": samples(text, "eastwest_edge_connections_total"),
                 "spans": spans.get_finished_spans(), "renames": store.correlator.renames}
     finally:
         store.hub.unsubscribe(sub)
-        ex.shutdown()
         store.close()
 
 
@@ -178,23 +162,14 @@ def test_each_end_is_named_by_what_any_observer_knows_in_every_output(tmp_path, 
 def test_a_name_is_final_after_the_settle_time_and_a_later_observer_is_counted(tmp_path):
     """History does not change: the server's record arriving after the settle time leaves the
     server end as it was told, and counts the late name."""
-    class Wall:
-        def __init__(self) -> None:
-            self.t = T0
-
-        def now(self) -> Any:
-            return self.t
-
-        def monotonic(self) -> float:
-            return 0.0
-
-    wall = Wall()
-    corr = Correlator(IdentityResolver(), settle=timedelta(seconds=10), clock=wall)
-    store = CorrelatingStore(DuckDBStore(tmp_path), corr, Drops(), retention=None, coalesce=0)
+    wall = FakeClock(T0)
+    store = driven(DuckDBStore(tmp_path), IdentityResolver(), clock=wall,
+                   worker=WorkerSettings(coalesce=0))
+    corr = store.correlator
     try:
         store.ingest("h1", 1, [rec("client", collector="h1")])
         assert store.flush(30)
-        wall.t = T0 + timedelta(seconds=11)
+        wall.t += 11
         store.ingest("h2", 1, [rec("server", collector="h2")])
         assert store.flush(30)
         (conn,) = rows(store)
@@ -209,18 +184,16 @@ def test_names_and_the_volumes_to_move_survive_a_restart(tmp_path):
     """A restart between the client's and the server's records: the connection's `naming`
     (its deadline and the volumes attributed so far) comes back from the store, and the
     server's record still renames the server end and moves its volumes."""
-    store = CorrelatingStore(DuckDBStore(tmp_path), Correlator(IdentityResolver()), Drops(),
-                             retention=None, coalesce=0)
+    store = driven(DuckDBStore(tmp_path), IdentityResolver(), worker=WorkerSettings(coalesce=0))
     store.ingest("h1", 1, [rec("client", collector="h1")])
     store.close()
-    store = CorrelatingStore(DuckDBStore(tmp_path), Correlator(IdentityResolver()), Drops(),
-                             retention=None, coalesce=0)
+    store = driven(DuckDBStore(tmp_path), IdentityResolver(), worker=WorkerSettings(coalesce=0))
     try:
         store.ingest("h2", 1, [rec("server", collector="h2")])
         assert store.flush(30)
         (conn,) = rows(store)
         assert (conn["client_wid"], conn["server_wid"]) == ("process:ew-frontend", "process:ew-api")
-        g = build_graph(store, Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+        g = build_graph(store.read(), Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
         assert sorted(g.edges) == [("process:ew-frontend", "process:ew-api")]
         assert g.edges["process:ew-frontend", "process:ew-api"]["bytes_c2s"] == 1000
     finally:

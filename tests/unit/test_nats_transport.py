@@ -70,7 +70,7 @@ def replica(stack: ExitStack, tmp_path, name: str, db: str, opts: NatsOptions) -
         store="clickhouse", clickhouse_url=shared_clickhouse().url(db), nats=opts,
         nats_ack_wait_s=2.0)
     c = stack.enter_context(TestClient(create_app(settings)))
-    assert c.app.state.consumer.ready.wait(30)
+    assert c.app.state.pipeline.consumer.ready.wait(30)
     return c
 
 
@@ -117,7 +117,7 @@ def test_batches_are_stored_exactly_once_even_when_published_twice(nats_server, 
         for i in range(7):
             assert accepted(s, body("h1", i + 1, [rec("client", cport=41000 + i, c2s=100 + i)]))
         assert accepted(s, body("h1", 3, [rec("client", cport=41002, c2s=102)]))  # again
-        consumer = c.app.state.consumer
+        consumer = c.app.state.pipeline.consumer
         wait_for(lambda: consumer.applied + consumer.duplicates == 8, "8 deliveries")
         assert (consumer.applied, consumer.duplicates) == (7, 1)
         got = flows(c)
@@ -136,8 +136,8 @@ def test_a_bad_batch_is_terminated_and_counted_and_does_not_block_the_queue(nats
         c = replica(stack, tmp_path, "a", "nats_bad", opts)
         assert accepted(s, b"EWB1 this is no zstd frame")
         assert accepted(s, body("h1", 1, [rec("client")]))
-        wait_for(lambda: c.app.state.consumer.applied == 1, "the good batch")
-        assert c.app.state.drops.snapshot()[("consume", "bad_batch")] == 1
+        wait_for(lambda: c.app.state.pipeline.consumer.applied == 1, "the good batch")
+        assert c.app.state.drops.snapshot()[("ingest", "bad_batch")] == 1
         assert len(flows(c)) == 1
     s.close()
 
@@ -149,7 +149,7 @@ def test_replicas_take_turns_and_correlate_as_one_aggregator(nats_server, tmp_pa
     with ExitStack() as stack:
         a = replica(stack, tmp_path, "a", "nats_turns", opts)
         b = replica(stack, tmp_path, "b", "nats_turns", opts)
-        ca, cb = a.app.state.consumer, b.app.state.consumer
+        ca, cb = a.app.state.pipeline.consumer, b.app.state.pipeline.consumer
         # deterministic turns first: A applies the client's batch, B the server's
         assert ca.apply(body("h1", 1, [rec("client", cport=43000 + i) for i in range(5)])) == "ack"
         assert cb.apply(body("h2", 1, [rec("server", cport=43000 + i) for i in range(5)])) == "ack"
@@ -185,7 +185,7 @@ def test_nats_down_keeps_batches_spooled_and_they_are_sent_when_it_is_back(nats_
         while sink.drain_once():
             pass
         assert len(sink.spool) == 0
-        wait_for(lambda: c.app.state.consumer.applied == 3, "3 batches stored")
+        wait_for(lambda: c.app.state.pipeline.consumer.applied == 3, "3 batches stored")
         assert sorted(f["client"]["port"] for f in flows(c)) == list(range(45000, 45006))
     sink.close()
 

@@ -38,7 +38,7 @@ def make_app(tmp_path, endpoint, **over):
 
 
 def flush(app):
-    ex = app.state.exporters
+    ex = app.state.pipeline.exporters
     ex.tick(everything_closed=True)
     ex.force_flush()
     return ex
@@ -138,7 +138,7 @@ def test_a_receiver_that_fails_twice_is_retried_and_gets_every_span_once(tmp_pat
     assert tempo.got.calls["traces"] == 3  # two UNAVAILABLE answers, then accepted
     assert len(tempo.got.spans) == SPANS and len({(s.trace_id, s.span_id) for s in tempo.got.spans}) == SPANS
     assert app.state.drops.snapshot() == {}
-    assert app.state.exporters.otlp.spans.exported == SPANS
+    assert app.state.pipeline.exporters.otlp.spans.exported == SPANS
 
 
 def test_a_receiver_that_stays_down_costs_counted_drops_and_the_aggregator_is_unaffected(tmp_path, tempo):
@@ -183,7 +183,7 @@ def test_filter_and_sample_choose_the_connections(tmp_path, tempo):
     flush(app)
     assert {s.attributes["server.port"] for s in tempo.got.spans} == {9090}
     assert len(tempo.got.spans) == 14
-    otlp = app.state.exporters.otlp
+    otlp = app.state.pipeline.exporters.otlp
     assert otlp.connections == {"queued": 7, "filtered": 2, "sampled_out": 0}
 
 
@@ -192,8 +192,8 @@ def test_no_endpoint_anywhere_means_no_otlp(tmp_path, monkeypatch):
               "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
         monkeypatch.delenv(k, raising=False)
     app = make_app(tmp_path, None)
-    assert app.state.exporters.otlp is None
-    assert app.state.exporters.prometheus is not None
+    assert app.state.pipeline.exporters.otlp is None
+    assert app.state.pipeline.exporters.prometheus is not None
 
 
 def test_spans_keep_their_own_times_in_one_trace_when_clocks_differ(tmp_path, tempo):
@@ -223,6 +223,12 @@ def test_settings_flags_reach_the_config():
                    "otlp_signals": ("traces",)}
 
 
+def settings_of(**flags):
+    from pathlib import Path
+
+    return AggregatorSettings(data_dir=Path("/nonexistent"), insecure_open=True, **flags)
+
+
 @pytest.mark.parametrize("env,flags,want", [
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://t:4318"}, {}, ("http/protobuf", None)),
     ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/v1/traces",
@@ -233,11 +239,9 @@ def test_settings_flags_reach_the_config():
     ({}, {"otlp_endpoint": "http://t:4317", "otlp_protocol": "grpc"}, ("grpc", "http://t:4317")),
 ])
 def test_config_flags_then_standard_environment_then_defaults(env, flags, want):
-    from types import SimpleNamespace
-
     from aggregator.exporters.otlp_config import OtlpConfig
 
-    cfg = OtlpConfig.resolve(SimpleNamespace(**flags), env)
+    cfg = OtlpConfig.resolve(settings_of(**flags), env)
     assert (cfg.protocols["traces"], cfg._endpoint("traces")) == want
 
 
@@ -251,13 +255,11 @@ def test_config_flags_then_standard_environment_then_defaults(env, flags, want):
     ({"otlp_endpoint": "http://t", "otlp_signals": ("logs",)}, {}, "--otlp-signals", "logs"),
 ])
 def test_config_errors_name_the_key_and_the_value(flags, env, key, bad):
-    from types import SimpleNamespace
-
     from aggregator.exporters.otlp_config import OtlpConfig
     from eastwest.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        OtlpConfig.resolve(SimpleNamespace(**flags), env)
+        OtlpConfig.resolve(settings_of(**flags), env)
     assert (err.value.key, err.value.value) == (key, bad)
 
 

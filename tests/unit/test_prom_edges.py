@@ -5,7 +5,7 @@ is complete (closed and settled)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +17,7 @@ from aggregator.correlate import Correlator
 from aggregator.exporters import Exporters
 from aggregator.identity import IdentityResolver
 from aggregator.settings import AggregatorSettings
+from eastwest.clock import FakeClock
 from eastwest.drops import Drops
 from eastwest.record import Rtt
 from tests.unit.test_api_query import INGEST, MAP_YAML, READ, RH, A, fill, send
@@ -49,7 +50,7 @@ def test_edge_series_equal_the_graph(tmp_path):
     app = app_for(tmp_path)
     c = TestClient(app)
     fill(c)
-    app.state.exporters.tick(everything_closed=True)
+    app.state.pipeline.exporters.tick(everything_closed=True)
     text = c.get("/metrics").text
     assert samples(text, "eastwest_edge_bytes_total") == {
         edge("frontend", "api", 9090, direction="c2s"): 2800, edge("frontend", "api", 9090, direction="s2c"): 70,
@@ -70,7 +71,7 @@ def test_rtt_histogram_and_retransmits(tmp_path):
     c = TestClient(app)
     send(c, "h1", 1, [rec("client", retransmits=3, rtt_us=Rtt(100, 400, 900))])
     send(c, "h2", 1, [rec("server", retransmits=1)])
-    app.state.exporters.tick(everything_closed=True)
+    app.state.pipeline.exporters.tick(everything_closed=True)
     text = c.get("/metrics").text
     assert samples(text, "eastwest_edge_retransmits_total") == {edge("frontend", "api", 9090): 4}
     buckets = samples(text, "eastwest_edge_rtt_seconds_bucket")
@@ -92,17 +93,13 @@ def test_past_the_budget_new_edges_fold_into_other(tmp_path):
     assert samples(text, "eastwest_edge_series_folded_total")[()] > 0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+def settings_of(**over) -> AggregatorSettings:
+    return AggregatorSettings(data_dir=Path("/nonexistent"), insecure_open=True, **over)
 
 
 def exporters(clock, settle=5.0):
-    settings = SimpleNamespace(edge_budget=100, export_settle_s=settle)
-    ex = Exporters(settings, CollectorRegistry(), Drops(), env={}, clock=clock)
+    ex = Exporters(settings_of(edge_budget=100, export_settle_s=settle), CollectorRegistry(),
+                   Drops(), env={}, clock=clock)
     corr = Correlator(IdentityResolver(MAP))
 
     def ingest(records):
@@ -113,7 +110,7 @@ def exporters(clock, settle=5.0):
 
 
 def test_a_connection_is_told_once_when_closed_and_settled():
-    clock = Clock()
+    clock = FakeClock()
     ex, ingest = exporters(clock)
     ingest([rec("client", final=False)])
     clock.t += 60
@@ -133,7 +130,7 @@ def test_a_connection_is_told_once_when_closed_and_settled():
 
 
 def test_connections_that_never_close_are_given_up_and_counted():
-    clock = Clock()
+    clock = FakeClock()
     ex, ingest = exporters(clock)
     ingest([rec("client", final=False)])
     clock.t += 1801
@@ -143,7 +140,7 @@ def test_connections_that_never_close_are_given_up_and_counted():
 
 @pytest.mark.parametrize("settle", [0.0, 5.0])
 def test_shutdown_tells_every_closed_connection(settle):
-    clock = Clock()
+    clock = FakeClock()
     ex, ingest = exporters(clock, settle)
     ingest([rec("client"), rec("client", cport=40001, final=False)])
     ex.shutdown()
@@ -155,8 +152,8 @@ def test_a_counter_never_goes_down_and_a_decrease_is_paid_by_later_increases():
     connection's best counters drop by 600. The store's rollups take -600 (docs/aggregator.md);
     the Prometheus counter stays at 1,000 and the client's next 600 bytes pay the debt."""
     registry = CollectorRegistry()
-    ex = Exporters(SimpleNamespace(edge_budget=100, export_settle_s=5.0), registry, Drops(),
-                   env={}, clock=Clock())
+    ex = Exporters(settings_of(edge_budget=100, export_settle_s=5.0), registry, Drops(),
+                   env={}, clock=FakeClock())
     corr = Correlator(IdentityResolver(MAP))
 
     def ingest(records):

@@ -138,7 +138,11 @@ def per_batch(app):
     connections come out the same; ids drawn in another order, a rollup delta in another minute,
     one stream event for several updates); ClickHouse correlates each batch as it comes. The
     comparison pins DuckDB to one batch per step."""
-    app.state.store.coalesce = 0
+    from aggregator.worker import JournaledCorrelation, WorkerSettings
+
+    worker = app.state.pipeline.correlation
+    if isinstance(worker, JournaledCorrelation):
+        worker.settings = WorkerSettings(coalesce=0)
     return app
 
 

@@ -10,12 +10,13 @@ from datetime import datetime, timedelta
 import pytest
 
 from aggregator.correlate import Correlator
-from aggregator.correlating import CorrelatingStore
 from aggregator.graph import Window, build_graph
 from aggregator.identity import IdentityResolver
 from aggregator.store import BACKENDS, open_store
-from eastwest.drops import Drops
+from aggregator.store.query import RecordQuery
+from aggregator.worker import JournaledCorrelation, WorkerSettings
 from tests.servers import store_location
+from tests.unit.pipes import Driven, driven
 from tests.unit.test_correlate import MAP, T0, rec
 
 
@@ -25,10 +26,13 @@ def data_dir(request, tmp_path):
     return request.param, store_location(request.param, tmp_path / request.param)
 
 
-def opened(backend_dir, **over):
+def opened(backend_dir, **over) -> Driven:
     backend, path = backend_dir
-    return CorrelatingStore(open_store(backend, path), Correlator(IdentityResolver(MAP)), Drops(),
-                            **over)
+    return driven(open_store(backend, path), IdentityResolver(MAP), **over)
+
+
+def duck(path, **over) -> Driven:
+    return driven(open_store("duckdb", path), IdentityResolver(MAP), **over)
 
 
 class FixedClock:
@@ -41,12 +45,15 @@ class FixedClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 
 WINDOW = Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5))
 
 
-def edge(store):
-    g = build_graph(store, WINDOW)
+def edge(store: Driven):
+    g = build_graph(store.read(), WINDOW)
     return {(u, v): a for u, v, a in g.edges(data=True)}
 
 
@@ -76,7 +83,7 @@ def test_a_failing_write_leaves_store_and_memory_unchanged(data_dir):
     s.ingest("h1", 1, [rec("client")])
     s.flush()
     # what the ack waits for: the journal's sync (DuckDB, background), the store's commit
-    target, name = (s.journal, "append") if s.journal is not None else (s.inner, "ingest")
+    target, name = (s.journal, "append") if s.journal is not None else (s.store, "ingest")
     inner_ingest = getattr(target, name)
 
     def broken(*a, **kw):
@@ -118,7 +125,7 @@ def test_retention_deletes_what_ended_before_the_cutoff(data_dir):
     s = opened(data_dir, clock=FixedClock(now), retention=timedelta(days=7))
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(days=8))])
-    gone = s.maybe_apply_retention(now=now)
+    gone = s.apply_retention(now)
     assert gone == {"flows": 1, "connections": 1, "rollups": 1, "workloads": 0}
     assert s.connection_count() == 1 and s.count() == 1
     s.close()
@@ -128,7 +135,7 @@ def test_workloads_table_keeps_first_and_last_seen(data_dir):
     s = opened(data_dir)
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(minutes=3))])
-    rows = {r["wid"]: r for r in s.workload_rows()}
+    rows = {r["wid"]: r for r in s.read().workload_rows()}
     assert set(rows) == {"shop/frontend", "shop/api"}
     assert rows["shop/api"]["first_seen"] == T0
     assert rows["shop/api"]["last_seen"] == T0 + timedelta(minutes=3, seconds=2)
@@ -140,7 +147,7 @@ def test_past_window_sees_only_its_connections(data_dir):
     s = opened(data_dir)
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 2, [rec("client", cport=40001, start=T0 + timedelta(hours=1))])
-    g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=1)))
+    g = build_graph(s.read(), Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=1)))
     assert g.edges["shop/frontend", "shop/api"]["connections_opened"] == 1
     assert g.edges["shop/frontend", "shop/api"]["bytes_c2s"] == 1000
     s.close()
@@ -156,7 +163,7 @@ def test_listeners_get_each_committed_plan_once_and_cannot_break_ingest(data_dir
     s.ingest("h2", 1, [rec("server")])
     s.flush()
     assert seen == [[["client"]], [["client", "server"]]]
-    assert s.drops.snapshot() == {("exporters", "listener_error"): 2}
+    assert s.pipeline.drops.snapshot() == {("exporters", "listener_error"): 2}
     assert s.connection_count() == 1
     s.close()
 
@@ -191,7 +198,7 @@ def test_pruned_connections_settle_and_a_restart_reloads_only_live_ones(data_dir
     s.ingest("h1", 3, [rec("client", cport=40002, start=T0 + timedelta(minutes=10))])
     s.flush()
     assert s.correlator.settled == [] and s.connection_count() == 3
-    g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20)))
+    g = build_graph(s.read(), Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20)))
     assert g.edges["shop/frontend", "shop/api"]["connections_opened"] == 3
     s.close()
     s = opened(data_dir)
@@ -199,7 +206,7 @@ def test_pruned_connections_settle_and_a_restart_reloads_only_live_ones(data_dir
     assert s.loaded == 2 if data_dir[0] == "duckdb" else s.loaded >= 2
     s.ingest("h2", 1, [rec("server", cport=40001, start=T0 + timedelta(minutes=10))])
     assert s.connection_count() == 3
-    e = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20))).edges[
+    e = build_graph(s.read(), Window(T0 - timedelta(minutes=1), T0 + timedelta(minutes=20))).edges[
         "shop/frontend", "shop/api"]
     assert e["observed_by"] == {"client": 2, "client,server": 1}
     s.close()
@@ -223,11 +230,11 @@ def test_a_file_of_the_one_table_layout_keeps_its_connections(tmp_path):
     con.register("t", connections_table(conns))
     con.execute("INSERT INTO connections SELECT * FROM t")
     con.close()
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     assert s.loaded == 1 and s.connection_count() == 2  # the 2-hour-old one is settled
     s.ingest("h2", 1, [rec("server", cport=40001, start=T0 + timedelta(hours=2))])
     assert s.connection_count() == 2
-    g = build_graph(s, Window(T0 - timedelta(minutes=1), T0 + timedelta(hours=3)))
+    g = build_graph(s.read(), Window(T0 - timedelta(minutes=1), T0 + timedelta(hours=3)))
     assert g.edges["shop/frontend", "shop/api"]["observed_by"] == {"client": 1, "client,server": 1}
     s.close()
 
@@ -239,39 +246,39 @@ def test_acknowledged_batches_not_yet_applied_are_applied_at_the_next_start(tmp_
     and the journal's segments are deleted once applied."""
     from aggregator.store import StoreError
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
-    assert s.background
+    s = duck(tmp_path)
+    assert isinstance(s.correlation, JournaledCorrelation)
     s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])
     s.flush()
 
     def broken(*a, **kw):
         raise StoreError("disk full")
 
-    s.inner.write_batches = broken
+    s.store.write_batches = broken
     assert not s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)]).duplicate
     s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000), rec("client", cport=40001, c2s=1, s2c=2)])
-    assert s.count() == 4 and s.inner.count() == 1  # acknowledged: 3 of them in the journal only
+    assert s.count() == 4 and s.store.count() == 1  # acknowledged: 3 of them in the journal only
     assert s.ingest("h1", 2, [rec("client")]).duplicate and s.batch_applied("h2", 1)
     assert not s.flush(timeout=0.5)  # correlation cannot catch up while the store fails
     assert s.lag()["batches"] == 2 and s.lag()["records"] == 3
-    assert s.drops.snapshot()[("correlate", "store_unavailable")] >= 1
-    s._stopping = True  # the process dies: the worker stops, the store is closed under it
-    s.inner.close()
-    s._worker.join(5)
+    assert s.pipeline.drops.snapshot()[("correlate", "store_unavailable")] >= 1
+    s.correlation._stopping = True  # the process dies: the worker stops, the store is closed
+    s.store.close()
+    s.correlation._writer.join(5)
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     assert s.connection_count() == 2  # waits for the batches queued again at start
     e = edge(s)[("shop/frontend", "shop/api")]
     assert (e["connections_opened"], e["bytes_c2s"], e["bytes_s2c"]) == (2, 1001, 5002)
     assert e["observed_by"] == {"client,server": 1, "client": 1}
     assert s.lag() == {"batches": 0, "records": 0, "seconds": 0.0}
-    assert s.inner.count() == 4 and s.inner.uncorrelated_batches() == []
+    assert s.store.count() == 4 and s.store.uncorrelated_batches() == []
     assert s.ingest("h1", 2, [rec("client")]).duplicate
     s.ingest("h1", 3, [rec("client", cport=40002)])  # appended to the journal's newest segment
     assert s.flush(5) and s.journal.bytes() == 0
     s.close()
     assert [p.name for p in (tmp_path / "journal").iterdir()] in ([], ["0000000000000001.ewj"])
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     assert s.lag()["batches"] == 0 and s.count() == 5  # nothing replayed twice
     s.close()
 
@@ -282,9 +289,9 @@ def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(
     import threading
     import time
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     gate, reached = threading.Event(), threading.Event()
-    correlate = s._correlate
+    correlate = s.correlation._correlate
 
     def held(take):
         if take[0][1] == 3:  # batch 3: correlation stalls on it
@@ -292,7 +299,7 @@ def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(
             gate.wait(10)
         correlate(take)
 
-    s._correlate = held
+    s.correlation._correlate = held
     try:
         s.ingest("h1", 1, [rec("client", final=False)])
         s.ingest("h1", 2, [rec("client", cport=40001)])
@@ -300,7 +307,7 @@ def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(
         s.ingest("h1", 3, [rec("client", cport=40002)])
         assert reached.wait(5)
         assert not s.flush(0.3)  # batch 3 was acknowledged before this read: it waits
-        assert s.correlated_batches == 2 and s.lag()["batches"] == 1
+        assert s.correlation.correlated_batches == 2 and s.lag()["batches"] == 1
     finally:
         gate.set()
     assert s.flush(5) and s.connection_count() == 3
@@ -314,19 +321,19 @@ def test_a_read_waits_for_the_batches_acknowledged_before_it_not_for_later_ones(
         gates[take[0][1]].wait(10)
         correlate(take)
 
-    s._correlate = held2
+    s.correlation._correlate = held2
     try:
         s.ingest("h1", 4, [rec("client", cport=40003)])
         assert started.wait(5)
         got: list[bool] = []
         reader = threading.Thread(target=lambda: got.append(s.flush(5)))
         reader.start()
-        while not s._cond._waiters:  # type: ignore[attr-defined]  # its target is fixed now
+        while not s.correlation._cond._waiters:  # its target is fixed now
             time.sleep(0.01)
         s.ingest("h1", 5, [rec("client", cport=40004)])  # acknowledged after the read began
         gates[4].set()
         reader.join(6)
-        assert got == [True] and s.correlated_batches == 4  # batch 5 still stalled
+        assert got == [True] and s.correlation.correlated_batches == 4  # batch 5 still stalled
     finally:
         for g in gates.values():
             g.set()
@@ -341,12 +348,12 @@ def test_a_wire_batch_is_journaled_as_bytes_and_stored_from_them(tmp_path):
     batch's): it is in no table."""
     from datetime import UTC, datetime
 
-    from aggregator.correlating import entry_contents
     from aggregator.store.journal import Entry
     from aggregator.store.wire_columns import decode_columns
+    from aggregator.worker import entry_contents
     from eastwest import codec
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     queued: list[object] = []
     append = s.journal.append
     s.journal.append = lambda *a: queued.append(append(*a)) or queued[-1]  # type: ignore[method-assign]
@@ -361,8 +368,8 @@ def test_a_wire_batch_is_journaled_as_bytes_and_stored_from_them(tmp_path):
     assert [x.client.port for x in entry_contents(queued[0])[0]] == [40000, 40001]
     assert s.ingest_columns(decode_columns(body), body).duplicate
     assert s.connection_count() == 2
-    assert sorted(x.client.port for x in s.records()) == [40000, 40001]
-    assert s.inner.uncorrelated_batches() == []
+    assert sorted(x.client.port for x in s.read().records(RecordQuery())) == [40000, 40001]
+    assert s.store.uncorrelated_batches() == []
     s.close()
 
 
@@ -372,11 +379,10 @@ def test_ingest_waits_while_correlation_is_a_whole_backlog_behind(tmp_path):
     rest meanwhile)."""
     import threading
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
-                         max_pending=2)
+    s = duck(tmp_path, worker=WorkerSettings(max_pending=2))
     gate = threading.Event()
-    correlate = s._correlate
-    s._correlate = lambda take: (gate.wait(10), correlate(take))[1]  # type: ignore[method-assign]
+    correlate = s.correlation._correlate
+    s.correlation._correlate = lambda take: (gate.wait(10), correlate(take))[1]
     try:
         s.ingest("h1", 1, [rec("client", cport=40001), rec("client", cport=40002)])  # 2 pending
         done = threading.Event()
@@ -401,12 +407,12 @@ def test_raw_batches_an_older_version_left_uncorrelated_are_correlated_first(tmp
     raw.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])
     assert [b[:2] for b in raw.uncorrelated_batches()] == [("h1", 1), ("h2", 1)]
     raw.close()
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000)])
     assert s.connection_count() == 1 and s.count() == 3
     e = edge(s)[("shop/frontend", "shop/api")]
     assert (e["connections_opened"], e["bytes_c2s"], e["observed_by"]) == (1, 1000, {"client,server": 1})
-    assert s.inner.uncorrelated_batches() == [] and s.ingest("h2", 1, [rec("server")]).duplicate
+    assert s.store.uncorrelated_batches() == [] and s.ingest("h2", 1, [rec("server")]).duplicate
     s.close()
 
 
@@ -420,32 +426,31 @@ def test_a_failed_write_after_the_planner_went_ahead_is_replanned_exactly(tmp_pa
 
     from aggregator.store import StoreError
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
-                         coalesce=0)  # one batch a step
+    s = duck(tmp_path, worker=WorkerSettings(coalesce=0))  # one batch a step
     s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])
     assert s.flush(5)
     heard: list[tuple[str, ...]] = []
     s.add_listener(lambda plan: heard.extend(
         tuple(c.observed_by) for c in plan.connections.values()))
-    write = s.inner.write_batches
+    write = s.store.write_batches
     fail = threading.Event()
     fail.set()
 
     def once(*a, **kw):
         if fail.is_set():
             deadline = time.monotonic() + 5
-            while len(s._writes) < 2 and time.monotonic() < deadline:  # the planner went ahead
+            while len(s.correlation._writes) < 2 and time.monotonic() < deadline:  # planned ahead
                 time.sleep(0.01)
             fail.clear()
             raise StoreError("disk full, once")
         return write(*a, **kw)
 
-    s.inner.write_batches = once
+    s.store.write_batches = once
     s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])
     s.ingest("h1", 2, [rec("client", c2s=1000, s2c=5000)])
     s.ingest("h1", 3, [rec("client", cport=40001, c2s=7, s2c=9)])
     assert s.flush(10) and not fail.is_set()
-    assert s.drops.snapshot()[("correlate", "store_unavailable")] >= 1
+    assert s.pipeline.drops.snapshot()[("correlate", "store_unavailable")] >= 1
     assert s.connection_count() == 2
     e = edge(s)[("shop/frontend", "shop/api")]
     assert (e["connections_opened"], e["bytes_c2s"], e["bytes_s2c"]) == (2, 1007, 5009)
@@ -457,7 +462,7 @@ def test_a_failed_write_after_the_planner_went_ahead_is_replanned_exactly(tmp_pa
 def test_batches_out_of_order_are_stored_and_their_retries_are_duplicates(tmp_path):
     """The ack path knows a batch is new without asking the store when its batch_seq is above
     every one of its collector's; below that (a retry, or batches out of order) it asks."""
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     assert not s.ingest("h1", 7, [rec("client", cport=40007)]).duplicate
     assert not s.ingest("h1", 5, [rec("client", cport=40005)]).duplicate  # below 7, never seen
     assert s.flush(5)
@@ -465,7 +470,7 @@ def test_batches_out_of_order_are_stored_and_their_retries_are_duplicates(tmp_pa
     assert s.ingest("h1", 7, [rec("client", cport=40007)]).duplicate
     assert not s.ingest("h2", 1, [rec("server", cport=40007)]).duplicate  # another collector
     s.close()
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    s = duck(tmp_path)
     assert s.ingest("h1", 7, [rec("client")]).duplicate and s.ingest("h1", 6, []).duplicate is False
     assert s.count() == 3 and s.connection_count() == 2
     s.close()
@@ -477,17 +482,17 @@ def test_records_handed_over_behind_a_deep_backlog_wait_as_bytes(tmp_path, monke
     decodes them: the same connections either way."""
     import threading
 
-    import aggregator.correlating as correlating
+    import aggregator.worker as worker
 
-    monkeypatch.setattr(correlating, "CACHE_RECORDS_BELOW", 1)
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops())
+    monkeypatch.setattr(worker, "CACHE_RECORDS_BELOW", 1)
+    s = duck(tmp_path)
     gate = threading.Event()
-    plan = s._correlate
-    s._correlate = lambda take: (gate.wait(10), plan(take))[1]  # type: ignore[method-assign]
+    plan = s.correlation._correlate
+    s.correlation._correlate = lambda take: (gate.wait(10), plan(take))[1]
     try:
         s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])  # backlog 0: cached
         s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])  # behind it: bytes only
-        queued = [p for _, _, p, _, _ in s._queue]
+        queued = [p for _, _, p, _, _ in s.correlation._queue]
         assert [q.cached is None for q in queued][-1] is True
     finally:
         gate.set()
@@ -503,17 +508,16 @@ def test_a_full_backlog_answers_backlogged_after_a_short_wait(tmp_path):
 
     from aggregator.store.base import Backlogged
 
-    s = CorrelatingStore(open_store("duckdb", tmp_path), Correlator(IdentityResolver(MAP)), Drops(),
-                         max_pending=1, admit_wait_s=0.2)
+    s = duck(tmp_path, worker=WorkerSettings(max_pending=1, admit_wait_s=0.2))
     gate = threading.Event()
-    plan = s._correlate
-    s._correlate = lambda take: (gate.wait(10), plan(take))[1]  # type: ignore[method-assign]
+    plan = s.correlation._correlate
+    s.correlation._correlate = lambda take: (gate.wait(10), plan(take))[1]
     try:
         s.ingest("h1", 1, [rec("client", cport=40001)])
         with pytest.raises(Backlogged, match=r"1 records behind \(--correlation-backlog 1\)"):
             s.ingest("h1", 2, [rec("client", cport=40002)])
         assert s.count() == 1 and not s.batch_applied("h1", 2)
-        assert s.drops.snapshot()[("ingest", "backlogged")] == 1
+        assert s.pipeline.drops.snapshot()[("ingest", "backlogged")] == 1
     finally:
         gate.set()
     assert not s.ingest("h1", 2, [rec("client", cport=40002)]).duplicate
@@ -541,15 +545,14 @@ def test_a_file_with_rollups_before_link_local_is_migrated_keeping_its_rows(tmp_
                 "'tcp', 'frontend', 'shop', 'api', 'shop', 1000, 5000, 0, 0, 0, 0)",
                 [T0.replace(second=0, microsecond=0)])
     con.close()
-    s = CorrelatingStore(open_store("duckdb", tmp_path / "data"), Correlator(IdentityResolver(MAP)),
-                         Drops(), retention=None)
+    s = duck(tmp_path / "data")
     try:
         s.ingest("h1", 1, [rec("client", c2s=7, s2c=3)])
-        g = build_graph(s, Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+        g = build_graph(s.read(), Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
         e = g.edges["shop/frontend", "shop/api"]
         assert (e["bytes_c2s"], e["bytes_s2c"]) == (1007, 5003)
-        with s.inner._lock:
-            rows = s.inner._con.execute("SELECT link_local, bytes_c2s FROM rollups").fetchall()
+        with s.store._lock:
+            rows = s.store._con.execute("SELECT link_local, bytes_c2s FROM rollups").fetchall()
         assert rows == [(False, 1007)]
     finally:
         s.close()

@@ -1,0 +1,191 @@
+"""The aggregator's pipeline: every stage, wired here and only here, from the typed settings.
+
+```
+ HTTP POST /api/v1/ingest ─┐                                   (aggregator/ingest.py)
+ NATS JetStream consumer ──┴─▶ intake ──▶ correlation ──▶ store writer ──▶ fan-out
+                               accept()   (journal, planner)   (one transaction   (exporters,
+                               one set of  or inline for a      a step: raw rows,   live SSE hub)
+                               rules and   shared store)        marks, connections,
+                               drop reasons                     rollups, workloads)
+ read API (aggregator/api/) ──▶ pipeline.read() ──▶ ReadStore (typed queries)
+```
+
+| stage | module | in | out |
+|---|---|---|---|
+| intake | aggregator/intake.py | a batch's bytes (HTTP body, NATS message) | `Accepted` (good records, rejections counted) |
+| correlation | aggregator/worker.py | `Accepted` | a `Plan` per step (aggregator/correlate.py), its `WriteStep` |
+| store writer | the store's `WriteStore` (aggregator/store/base.py) | `WriteStep` | durable rows |
+| fan-out | aggregator/fanout.py | each written `Plan`, in order | exporters (aggregator/exporters/), SSE hub |
+| retention | aggregator/retention.py | the clock | old rows deleted |
+
+The store decides the form of the correlation stage: a store with a local journal (DuckDB:
+one aggregator) gets `JournaledCorrelation` (acknowledged at the journal's sync, correlated and
+written behind it); a shared store (ClickHouse: several aggregators) gets `InlineCorrelation`
+(written before the ack, each batch's keys reloaded first). The read path never installs the
+write path: the API reads `pipeline.read()`, which first waits until every batch acknowledged
+before the read is applied (read-after-write), then answers from the store's read interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from aggregator.consume import ConsumerSettings, JetStreamConsumer
+from aggregator.correlate import Correlator
+from aggregator.exporters import Exporters
+from aggregator.fanout import FanOut
+from aggregator.identity import IdentityResolver, StaticMap, parse_cidr_groups, system_reverse_dns
+from aggregator.intake import Intake
+from aggregator.metrics import AggregatorMetrics
+from aggregator.retention import Retention
+from aggregator.settings import AggregatorSettings
+from aggregator.store import Store, open_store
+from aggregator.store.base import ReadStore
+from aggregator.worker import (
+    READ_WAIT_S,
+    Correlation,
+    InlineCorrelation,
+    JournaledCorrelation,
+    WorkerSettings,
+)
+from eastwest.clock import Clock, SystemClock
+from eastwest.drops import Drops
+
+METRICS_WAIT_S = 5.0  # a scrape or an exporter tick waits at most this long for correlation
+
+
+def resolver_from(settings: AggregatorSettings) -> IdentityResolver:
+    static = StaticMap.load(settings.workload_map) if settings.workload_map else None
+    sources = []
+    if settings.k8s_api:
+        from aggregator.k8s import KubernetesIdentity
+
+        sources.append(KubernetesIdentity.connect(settings.k8s_api, token=settings.k8s_token))
+    return IdentityResolver(static, sources, parse_cidr_groups(settings.cidr_groups),
+                            system_reverse_dns if settings.reverse_dns else None)
+
+
+class Pipeline:
+    """The stages of one aggregator process (the module docstring), built by `build`."""
+
+    def __init__(self, settings: AggregatorSettings, store: Store, correlator: Correlator,
+                 fanout: FanOut, correlation: Correlation, intake: Intake,
+                 exporters: Exporters, retention: Retention, drops: Drops,
+                 metrics: AggregatorMetrics, clock: Clock) -> None:
+        self.settings, self.store, self.correlator = settings, store, correlator
+        self.fanout, self.correlation, self.intake = fanout, correlation, intake
+        self.exporters, self.retention = exporters, retention
+        self.drops, self.metrics, self.clock = drops, metrics, clock
+        self.consumer: JetStreamConsumer | None = None
+        self._owned = True
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The exporters' ticker and the NATS consumer (the correlation stage runs from
+        `build` on: batches are taken as soon as the pipeline exists)."""
+        self.exporters.start()
+        if self.settings.nats is not None:  # NATS JetStream intake (docs/scale-out.md)
+            self.consumer = JetStreamConsumer(ConsumerSettings(
+                self.settings.nats, self.settings.nats_durable, self.settings.nats_ack_wait_s),
+                self.intake, self.drops)
+            self.consumer.start()
+
+    def stop(self) -> None:
+        """Stop taking NATS batches, correlate what was accepted, tell the exporters of every
+        closed connection; then, when the pipeline opened its store itself, stop the
+        correlation stage and close the store (a store handed over stays open, and its
+        pipeline keeps correlating: a test's app may run its lifespan many times)."""
+        if self.consumer is not None:
+            self.consumer.stop()
+            self.consumer = None
+        self.correlation.applied(READ_WAIT_S)
+        self.exporters.shutdown()  # closed connections told, OTLP queue drained
+        if self._owned:
+            self.correlation.close()
+            self.store.close()
+
+    # -- the read path --------------------------------------------------------------------------
+    def read(self, timeout: float = READ_WAIT_S) -> ReadStore:
+        """The store's read interface, once every batch acknowledged before this call is
+        applied (at most `timeout`: then what is applied so far)."""
+        self.correlation.applied(timeout)
+        return self.store
+
+    @property
+    def version(self) -> int:
+        """Changes whenever what a read may see may have changed (the live graph's cache)."""
+        return self.correlation.version
+
+
+def build(settings: AggregatorSettings, *, store: Store | None = None, own_store: bool = False,
+          drops: Drops | None = None, metrics: AggregatorMetrics | None = None,
+          clock: Clock | None = None, resolver: IdentityResolver | None = None,
+          env: Mapping[str, str] | None = None, worker: WorkerSettings | None = None,
+          exporter_kwargs: Mapping[str, Any] | None = None) -> Pipeline:
+    """Every stage from the settings. For tests and benchmarks: a `store` opened by the caller
+    (closed by `stop` only with `own_store`), a `resolver`, a `clock`, the environment `env`
+    (OTLP's variables), the worker's limits."""
+    drops = drops or Drops()
+    metrics = metrics or AggregatorMetrics(drops)
+    clock = clock or SystemClock()
+    owned = store is None or own_store
+    the_store: Store = store if store is not None else open_store(
+        settings.store, settings.clickhouse_url or settings.data_dir)
+    correlator = Correlator(resolver or resolver_from(settings),
+                            slack=timedelta(seconds=settings.correlation_slack_s),
+                            settle=timedelta(seconds=settings.identity_settle_s), clock=clock)
+    fanout = FanOut(drops)
+    retention = Retention(the_store, settings.retention, clock)
+    correlation: Correlation
+    if the_store.journal_dir is not None:
+        correlation = JournaledCorrelation(
+            the_store, correlator, fanout, drops, retention, clock,
+            worker or WorkerSettings(max_pending=settings.correlation_backlog))
+    else:
+        correlation = InlineCorrelation(the_store, correlator, fanout, drops, retention, clock)
+    intake = Intake(correlation, drops, metrics, max_batch_records=settings.max_batch_records)
+    exporters = Exporters(settings, metrics.registry, drops, env=env, clock=clock,
+                          before_tick=lambda: correlation.applied(METRICS_WAIT_S),
+                          **dict(exporter_kwargs or {}))
+    fanout.add_listener(exporters.on_plan)
+    metrics.watch_store(correlation.count, the_store.file_bytes)
+    metrics.registry.register(_CorrelationMetrics(correlation, correlator, fanout))
+    p = Pipeline(settings, the_store, correlator, fanout, correlation, intake, exporters,
+                 retention, drops, metrics, clock)
+    p._owned = owned
+    correlation.start()
+    return p
+
+
+class _CorrelationMetrics(Collector):
+    """How far correlation runs behind the acknowledged batches, and what it holds."""
+
+    def __init__(self, correlation: Correlation, correlator: Correlator, fanout: FanOut) -> None:
+        self.correlation, self.correlator, self.fanout = correlation, correlator, fanout
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        lag = self.correlation.lag()
+        for key, what in (("batches", "batches"), ("records", "records"),
+                          ("seconds", "age in seconds of the oldest")):
+            yield GaugeMetricFamily(f"eastwest_correlation_lag_{key}", f"{what} acknowledged "
+                                    "(stored durably) and not correlated yet", value=lag[key])
+        yield GaugeMetricFamily("eastwest_journal_bytes", "bytes of the ingest journal: "
+                                "batches acknowledged and not applied to the store yet",
+                                value=self.correlation.journal_bytes())
+        yield GaugeMetricFamily("eastwest_correlator_connections", "connections held by the "
+                                "correlator's index (open, or closed in the last minutes)",
+                                value=len(self.correlator))
+        yield GaugeMetricFamily("eastwest_stream_subscribers", "live flow stream subscribers",
+                                value=self.fanout.hub.subscribers)
+        yield CounterMetricFamily("eastwest_identity_renames", "ends of connections renamed by "
+                                  "a later observer that knew them better (the server's own "
+                                  "process, say); their volumes moved to the new name",
+                                  value=self.correlator.renames)
+        yield CounterMetricFamily("eastwest_identity_late_names", "records that knew an end "
+                                  "better after its name was final (--identity-settle): the "
+                                  "name was kept", value=self.correlator.late_names)
