@@ -276,10 +276,10 @@ class Correlator:
             before = _ZERO
         else:
             cid = found.conn_id
-            conn = plan.connections.get(cid)  # type: ignore[assignment]
-            if conn is None:
-                conn = found.clone()
-                plan.connections[cid] = conn
+            planned = plan.connections.get(cid)
+            if planned is None:
+                planned = plan.connections[cid] = found.clone()
+            conn = planned
             old = conn.views.get(slot)
             if old is not None and old.end > rec.end and (old.final or not rec.final):
                 # a late interim record: the newer cumulative one supersedes it. A final record

@@ -6,6 +6,7 @@ In:  parsed `eastwest aggregator` flags and the environment.  Out: `AggregatorSe
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -116,53 +117,56 @@ class AggregatorSettings:
         return f"{self.scheme}://{host}:{self.port}"
 
     @classmethod
-    def from_args(cls, args: Any, env: Mapping[str, str] | None = None) -> AggregatorSettings:
+    def from_args(cls, args: argparse.Namespace,
+                  env: Mapping[str, str] | None = None) -> AggregatorSettings:
+        """From the parsed `eastwest aggregator` flags (eastwest/cli/aggregator.py declares every
+        one of them) and the environment."""
         env = os.environ if env is None else env
         host, port = parse_listen(args.listen)
         return cls(
             data_dir=Path(args.data),
             host=host,
             port=port,
-            ingest_token=read_token(INGEST_TOKEN_ENV, env, getattr(args, "ingest_token_file", None)),
-            read_token=read_token(READ_TOKEN_ENV, env, getattr(args, "read_token_file", None)),
+            ingest_token=read_token(INGEST_TOKEN_ENV, env, args.ingest_token_file),
+            read_token=read_token(READ_TOKEN_ENV, env, args.read_token_file),
             insecure_open=bool(args.insecure_open),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             max_body_bytes=int(args.max_body_bytes),
             max_batch_records=int(args.max_batch_records),
-            workload_map=Path(args.workload_map) if getattr(args, "workload_map", None) else None,
-            k8s_api=getattr(args, "k8s_api", None),
+            workload_map=Path(args.workload_map) if args.workload_map else None,
+            k8s_api=args.k8s_api,
             k8s_token=env.get("KUBERNETES_TOKEN") or None,
-            reverse_dns=bool(getattr(args, "reverse_dns", False)),
-            cidr_groups=tuple(getattr(args, "cidr_group", None) or ()),
+            reverse_dns=bool(args.reverse_dns),
+            cidr_groups=tuple(args.cidr_group or ()),
             retention=(parse_duration("--retention", args.retention)
-                       if getattr(args, "retention", None) else timedelta(days=7)),
-            edge_budget=int(getattr(args, "edge_budget", 2000)),
-            correlation_backlog=int(getattr(args, "correlation_backlog", 500_000)),
-            identity_settle_s=float(getattr(args, "identity_settle", 10.0)),
-            export_link_local=bool(getattr(args, "export_link_local", False)),
+                       if args.retention else timedelta(days=7)),
+            edge_budget=int(args.edge_budget),
+            correlation_backlog=int(args.correlation_backlog),
+            identity_settle_s=float(args.identity_settle),
+            export_link_local=bool(args.export_link_local),
             **_exporter_args(args),
             **_scale_out_args(args, env),
         )
 
 
-def _scale_out_args(args: Any, env: Mapping[str, str]) -> dict[str, Any]:
+def _scale_out_args(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     """--clickhouse and --nats (issue #10): the store URL is checked when the store opens."""
     out: dict[str, Any] = {}
-    url = getattr(args, "clickhouse", None)
+    url = args.clickhouse
     if url:
         out["clickhouse_url"], out["store"] = url, "clickhouse"
-    if getattr(args, "nats", None):
+    if args.nats:
         from eastwest.jetstream import NatsOptions
 
         out["nats"] = NatsOptions.from_args(args, dict(env))
-        out["nats_durable"] = getattr(args, "nats_durable", None) or "eastwest-aggregators"
-        if getattr(args, "nats_ack_wait", None) is not None:
+        out["nats_durable"] = args.nats_durable or "eastwest-aggregators"
+        if args.nats_ack_wait is not None:
             out["nats_ack_wait_s"] = float(args.nats_ack_wait)
     return out
 
 
-def _exporter_args(args: Any) -> dict[str, Any]:
+def _exporter_args(args: argparse.Namespace) -> dict[str, Any]:
     """The exporter flags that were given (aggregator/exporters/otlp_config.py validates them)."""
     out: dict[str, Any] = {}
     for flag, key in (("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"),
@@ -170,10 +174,10 @@ def _exporter_args(args: Any) -> dict[str, Any]:
                       ("otlp_timeout", "otlp_timeout_s"), ("otlp_queue_size", "otlp_queue_size"),
                       ("otlp_metrics_interval", "otlp_metrics_interval_s"),
                       ("export_settle", "export_settle_s")):
-        value = getattr(args, flag, None)
+        value = vars(args)[flag]
         if value is not None:
             out[key] = value
-    signals = getattr(args, "otlp_signals", None)
+    signals = args.otlp_signals
     if signals is not None:
         out["otlp_signals"] = tuple(x.strip() for x in signals.split(",") if x.strip())
     return out

@@ -45,7 +45,8 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         hit = st.graph_cache.get(key)
         # valid while nothing was ingested, and for at most a second of wall time
         if hit is not None and hit[0] == stamp and (datetime.now(UTC) - hit[1]).total_seconds() < 1:
-            return hit[2]  # type: ignore[no-any-return]
+            cached: GraphData = hit[2]
+            return cached
     data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget)
     with _cache_lock:
         if len(st.graph_cache) > 64:

@@ -6,6 +6,7 @@ per workload its upstream, downstream and impact (what breaks if it breaks), doc
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -21,7 +22,7 @@ router = APIRouter(dependencies=[Depends(require_read)])
 
 
 def _iso(v: Any) -> Any:
-    return v.isoformat().replace("+00:00", "Z") if hasattr(v, "isoformat") else v
+    return v.isoformat().replace("+00:00", "Z") if isinstance(v, datetime) else v
 
 
 @router.get("/api/v1/workloads", summary="Workloads seen in a window, with callers and callees")

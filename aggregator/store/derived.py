@@ -237,6 +237,7 @@ class Derived:
         self.plan = plan
         self.conns = list(plan.connections.values())
         self.settled = list(settled)
+        self._rows: pa.Table | None = None
 
     @property
     def replaced(self) -> list[str]:
@@ -268,9 +269,8 @@ class Derived:
 
     def connection_rows(self) -> pa.Table | None:
         """The DuckDB form: `DUCKDB_CONN_NAMES`."""
-        rows = getattr(self, "_rows", None)
-        if rows is not None or not self.conns:
-            return rows
+        if self._rows is not None or not self.conns:
+            return self._rows
         return _table([(*row_values(c, s), views_blob(c))
                        for c, s in zip(self.conns, self.summaries, strict=True)], DUCKDB_CONN_SCHEMA)
 

@@ -24,6 +24,7 @@ keep their first_seen and raise last_seen. (DuckDB: https://duckdb.org/docs/sql/
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -180,13 +181,21 @@ def write_derived(con: duckdb.DuckDBPyConnection, derived: Derived) -> None:
 
 
 class DerivedQueries:
-    """Mixed into DuckDBStore: needs `_query(sql, params)` and `_lock`/`_writer()`."""
+    """Mixed into DuckDBStore: its connection, locks, writer and raw record count."""
+
+    _con: duckdb.DuckDBPyConnection
+    _lock: threading.Lock
+    _raw_lock: threading.Lock
+    _count: int
+
+    def _writer(self) -> duckdb.DuckDBPyConnection:  # pragma: no cover - DuckDBStore's
+        raise NotImplementedError
 
     def _query(self, sql: str, params: list[Any] | None = None) -> list[Any]:  # pragma: no cover
         raise NotImplementedError
 
     def _rows(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        cur = self._con.cursor()  # type: ignore[attr-defined]
+        cur = self._con.cursor()
         try:
             res = cur.execute(sql, params)
             names = [d[0] for d in res.description]
@@ -225,8 +234,8 @@ class DerivedQueries:
     def apply_retention(self, cutoff: datetime) -> dict[str, int]:
         """Delete what ended before `cutoff` from every table; returns rows deleted per table."""
         out: dict[str, int] = {}
-        with self._raw_lock, self._lock:  # type: ignore[attr-defined]
-            con = self._writer()  # type: ignore[attr-defined]
+        with self._raw_lock, self._lock:
+            con = self._writer()
             for table, col in (("flows", "end_ts"), *((t, "last_seen") for t in _CONN_TABLES),
                                ("rollups", "minute"), ("workloads", "last_seen")):
                 try:
@@ -238,7 +247,7 @@ class DerivedQueries:
                 name = "connections" if table in _CONN_TABLES else table
                 out[name] = out.get(name, 0) + (int(n[0]) if n else 0)
             if out.get("flows"):
-                self._count = max(0, self._count - out["flows"])  # type: ignore[has-type]
+                self._count = max(0, self._count - out["flows"])
         return out
 
 

@@ -158,7 +158,9 @@ def _edge_json(from_rollups: bool) -> str:
 
 
 class EdgeQueries:
-    """Mixed into DuckDBStore (needs `_con`)."""
+    """Mixed into DuckDBStore: its connection `_con`."""
+
+    _con: duckdb.DuckDBPyConnection
 
     def edges(self, q: EdgeQuery) -> dict[str, list[Any]]:
         """Per edge of the window, as columns (`EDGE_COLUMNS`). Counts over the connections that
@@ -215,7 +217,7 @@ class EdgeQueries:
         sql = (f"SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol, count(*) AS n "
                f"FROM connections SEMI JOIN _need ON {cg} = _need.src AND {sg} = _need.dst "
                f"WHERE start_ts < $2 AND last_seen >= $1 AND ({where}) GROUP BY ALL")
-        cur = self._con.cursor()  # type: ignore[attr-defined]
+        cur = self._con.cursor()
         try:
             cur.register("_need", need)
             found = cur.execute(sql, [q.since, q.until, *params]).fetchall()
@@ -239,7 +241,7 @@ class EdgeQueries:
             cols["json"][i] = _enc.encode(edge).decode()
 
     def _arrow(self, sql: str, params: list[Any]) -> pa.Table:
-        cur = self._con.cursor()  # type: ignore[attr-defined]
+        cur = self._con.cursor()
         try:
             return cur.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
