@@ -152,7 +152,7 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
     exporters = Exporters(settings, metrics.registry, drops, env=env, clock=clock,
                           before_tick=lambda: correlation.applied(METRICS_WAIT_S),
                           **dict(exporter_kwargs or {}))
-    fanout.add_listener(exporters.on_plan)
+    fanout.add_listener(exporters.on_changes)
     metrics.watch_store(correlation.count, the_store.file_bytes)
     metrics.registry.register(_CorrelationMetrics(correlation, correlator, fanout))
     p = Pipeline(settings, the_store, correlator, fanout, correlation, intake, exporters,

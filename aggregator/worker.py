@@ -50,7 +50,8 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from aggregator.correlate import Correlator, Plan, key_of
+from aggregator.changes import Changes, changes_of_plan
+from aggregator.correlate import Correlator, key_of
 from aggregator.fanout import FanOut
 from aggregator.retention import Retention
 from aggregator.store.base import (
@@ -170,13 +171,13 @@ def entry_contents(entry: Entry) -> tuple[list[FlowRecord], pa.Table | None]:
 
 
 class _Step:
-    """Batches planned by the planner, for the writer."""
+    """Batches planned by the planner, for the writer: what to write, and what it changes."""
 
-    __slots__ = ("take", "write", "plan", "entries")
+    __slots__ = ("take", "write", "changes", "entries")
 
-    def __init__(self, take: list[Queued], write: WriteStep, plan: Plan,
+    def __init__(self, take: list[Queued], write: WriteStep, changes: Changes,
                  entries: list[Entry]) -> None:
-        self.take, self.write, self.plan, self.entries = take, write, plan, entries
+        self.take, self.write, self.changes, self.entries = take, write, changes, entries
 
 
 @dataclass(frozen=True)
@@ -445,10 +446,11 @@ class JournaledCorrelation:
             settled = list(self.correlator.settled)
             derived = derived_of(plan, settled)
             derived.prepare()  # nothing after this can fail: memory advances last
+            changes = changes_of_plan(plan, derived.connection_rows())
             del self.correlator.settled[:len(settled)]
             self.correlator.commit(plan)
         with self._cond:
-            self._writes.append(_Step(take, WriteStep(raw, derived, stored), plan, entries))
+            self._writes.append(_Step(take, WriteStep(raw, derived, stored), changes, entries))
             self._cond.notify_all()
 
     # -- the writer -----------------------------------------------------------------------------
@@ -472,7 +474,7 @@ class JournaledCorrelation:
                 if not self._failed_step(exc, n, len(step.take)):
                     return
                 continue
-            self.fanout.tell(step.plan)
+            self.fanout.tell(step.changes)
             self.journal.release(step.entries)
             with self._cond:
                 self._writes.popleft()
@@ -557,13 +559,13 @@ class InlineCorrelation:
                     {key_of(r) for r in records}))
             plan = self.correlator.plan(records)
             settled = list(self.correlator.settled)
-            result = self.store.ingest(batch.collector, batch.batch_seq, records,
-                                       derived=derived_of(plan, settled))
+            derived = derived_of(plan, settled)
+            result = self.store.ingest(batch.collector, batch.batch_seq, records, derived=derived)
             if not result.duplicate:
                 del self.correlator.settled[:len(settled)]  # handed over with this batch
                 self.correlator.commit(plan)
                 self._version += 1
-                self.fanout.tell(plan)
+                self.fanout.tell(changes_of_plan(plan, derived.connection_rows()))
             try:
                 self.retention.maybe_run()
             except StoreError as exc:

@@ -33,7 +33,7 @@ from aggregator.api.params import (
     query_filter,
 )
 from aggregator.api.state import reader
-from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json, row_of
+from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json
 from aggregator.auth import require_read
 from aggregator.store.query import SORT_KEYS, ConnectionQuery, Cursor, Sort
 from eastwest.errors import ConfigError
@@ -119,18 +119,17 @@ async def stream(request: Request,
             yield b": eastwest flow stream; filter " + str(flt).encode() + b"\n\n"
             while most is None or sent < most:
                 try:
-                    conn = await asyncio.wait_for(sub[1].get(), HEARTBEAT_S)
+                    row = await asyncio.wait_for(sub[1].get(), HEARTBEAT_S)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
                     yield b": keep-alive\n\n"
                     continue
-                row = row_of(conn)
                 if not flt.matches(filter_view(row)):
                     continue
                 sent += 1
                 data = json.dumps(flow_json(row), default=str)
-                yield f"event: flow\nid: {conn.conn_id}\ndata: {data}\n\n".encode()
+                yield f"event: flow\nid: {row['conn_id']}\ndata: {data}\n\n".encode()
         finally:
             hub.unsubscribe(sub)
 

@@ -1,6 +1,7 @@
 """One flow (a correlated connection) as the API shows it, from a store row or from memory.
 
-Stage: API boundary. In: a `connections` row (dict) or a `Connection` (the live stream).
+Stage: API boundary. In: a `connections` row (dict): from the store, or from the live hub
+(aggregator/fanout.py).
 Out: the flow JSON documented field by field in docs/api.md, and the filter view of
 eastwest.filters (so the stream matches with the same Filter the store compiles to SQL).
 """
@@ -10,15 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from aggregator.connection import Connection
-from aggregator.store.derived import CONN_COLUMNS, row_values
+from aggregator.store.derived import CONN_COLUMNS
 
 ROW_COLUMNS = [n for n, _, _ in CONN_COLUMNS if n != "state"]
-
-
-def row_of(conn: Connection) -> dict[str, Any]:
-    """The connection's row (the same values the store writes, from one pass over its views)."""
-    return dict(zip(ROW_COLUMNS, row_values(conn, conn.summary()), strict=True))
 
 
 def _iso(v: datetime | None) -> str | None:

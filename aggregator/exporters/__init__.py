@@ -1,10 +1,10 @@
 """The aggregator's exporters: Prometheus edge series and OTLP traces/metrics (issue #7).
 
-Stage: after correlation. In: every `Plan` the correlation worker has written (a listener of
-the fan-out, aggregator/fanout.py). Out: per-edge series on /metrics (prometheus.py), and when OTLP is
+Stage: after correlation. In: every step the correlation worker has written, as columns
+(`Changes`, aggregator/changes.py; a listener of the fan-out, aggregator/fanout.py). Out: per-edge series on /metrics (prometheus.py), and when OTLP is
 configured (otlp_config.py) spans and metrics to an OTLP receiver (otlp.py).
 
-Wiring: aggregator/pipeline.py builds them and adds `on_plan` to the fan-out's listeners. Byte, retransmit and connection
+Wiring: aggregator/pipeline.py builds them and adds `on_changes` to the fan-out's listeners. Byte, retransmit and connection
 counts move once a connection's names are final (named.py: at once when they are, else within
 the correlator's settle time); failures, RTT and spans when a connection is complete
 (completion.py: closed, quiet, and its names final), which a ticker thread checks twice a second
@@ -20,23 +20,25 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import pyarrow as pa
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from aggregator.connection import Connection
-from aggregator.correlate import Plan
+from aggregator.changes import Changes
 from aggregator.exporters.completion import Completions
 from aggregator.exporters.edges import EdgeLabels
-from aggregator.exporters.named import NamedDeltas, link_local
+from aggregator.exporters.named import NamedDeltas, link_local_mask
 from aggregator.exporters.otlp_config import OtlpConfig
 from aggregator.exporters.prometheus import EdgeMetrics
 from aggregator.settings import AggregatorSettings
+from aggregator.store.derived import DUCKDB_CONN_SCHEMA
 from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 
 log = logging.getLogger("eastwest.exporters")
 TICK_S = 0.5
+EMPTY = pa.Table.from_batches([], schema=DUCKDB_CONN_SCHEMA)
 # self-metrics of this package (dashboards may only use names defined in code)
 METRIC_NAMES = ("eastwest_export_pending_connections", "eastwest_export_completed_connections_total",
                 "eastwest_otlp_queue_spans", "eastwest_otlp_spans_exported_total",
@@ -68,27 +70,31 @@ class Exporters:
         self._tick_lock = threading.Lock()
 
     # -- in -------------------------------------------------------------------------------------
-    def on_plan(self, plan: Plan) -> None:
-        self._released(self.named.on_plan(plan))
-        self.completions.update(plan)
+    def on_changes(self, ch: Changes) -> None:
+        """A written step's changes (aggregator/changes.py), in commit order."""
+        with self._tick_lock:
+            self._released(self.named.on_changes(ch))
+        self.completions.update(ch)
 
-    def _released(self, releases: list[Any]) -> None:
-        if releases:
-            self.prometheus.on_released(releases)
+    def _released(self, released: pa.Table | None) -> None:
+        if released is not None and released.num_rows:
+            self.prometheus.on_released(released)
             if self.otlp is not None:
-                self.otlp.on_released(releases)
+                self.otlp.on_released(released)
 
-    def tick(self, now: float | None = None, *, everything_closed: bool = False) -> list[Connection]:
+    def tick(self, now: float | None = None, *, everything_closed: bool = False) -> pa.Table:
         """Count the connections whose names became final, and tell the exporters about the
-        connections complete by now; returns those."""
+        connections complete by now; returns their rows."""
         if self.before_tick is not None:
             self.before_tick()
         with self._tick_lock:
-            self._released(self.named.due(now, everything=everything_closed))
+            self._released(self.named.due(everything=everything_closed))
             done = self.completions.due(now, everything_closed=everything_closed)
+            if done is None:
+                return EMPTY
             if not self.link_local:
-                done = [c for c in done if not link_local(c)]
-            if done:
+                done = done.filter(pa.array(~link_local_mask(done)))
+            if done.num_rows:
                 self.prometheus.on_complete(done)
                 if self.otlp is not None:
                     self.otlp.on_complete(done)

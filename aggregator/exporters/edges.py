@@ -14,11 +14,17 @@ because they are recomputed per request; a counter cannot be.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+
+import pyarrow as pa
 
 from aggregator.connection import Identity
 
 EDGE_LABELS = ("client", "client_namespace", "server", "server_namespace", "server_port",
                "protocol")
+# the same, as the columns of a connection row (aggregator/store/derived.py)
+ROW_LABELS = ("client_name", "client_namespace", "server_name", "server_namespace", "server_port",
+              "protocol")
 EdgeKey = tuple[str, str, str, str, str, str]
 OTHER: EdgeKey = ("other", "", "other", "", "", "")
 
@@ -33,7 +39,12 @@ class EdgeLabels:
         self._lock = threading.Lock()
 
     def of(self, client: Identity, server: Identity, port: int, protocol: str) -> EdgeKey:
-        key: EdgeKey = (client.name, client.namespace or "", server.name, server.namespace or "",
+        return self.of_names(client.name, client.namespace, server.name, server.namespace, port,
+                             protocol)
+
+    def of_names(self, client: str, client_namespace: str | None, server: str,
+                 server_namespace: str | None, port: int, protocol: str) -> EdgeKey:
+        key: EdgeKey = (client, client_namespace or "", server, server_namespace or "",
                         str(port), protocol)
         if key in self.known:
             return key
@@ -43,6 +54,25 @@ class EdgeLabels:
                 return key
             self.folded += 1
         return OTHER
+
+    def per_edge(self, t: pa.Table, sums: Sequence[str], counts: Sequence[str] = ()
+                 ) -> list[tuple[EdgeKey, list[int]]]:
+        """`t`'s rows summed per edge (its label columns, named as in a connection row:
+        client_name, client_namespace, server_name, server_namespace, server_port, protocol),
+        each edge's labels within the budget: [(labels, [sums..., counts of true...])]. One
+        Python step per edge, none per row."""
+        if t.num_rows == 0:
+            return []
+        aggs = [(n, "sum") for n in sums] + [(n, "sum") for n in counts]
+        g = t.group_by(list(ROW_LABELS), use_threads=False).aggregate(aggs)
+        cols = [g.column(n).to_pylist() for n in ROW_LABELS]
+        vals = [g.column(f"{n}_sum").to_pylist() for n in (*sums, *counts)]
+        out = []
+        for i in range(g.num_rows):
+            edge = self.of_names(cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i],
+                                 cols[5][i])
+            out.append((edge, [int(v[i] or 0) for v in vals]))
+        return out
 
     def __len__(self) -> int:
         return len(self.known)

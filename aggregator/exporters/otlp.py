@@ -27,9 +27,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -42,11 +45,11 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from aggregator.connection import Connection
-from aggregator.exporters.edges import EdgeKey, EdgeLabels
-from aggregator.exporters.named import Release
+from aggregator.exporters.edges import ROW_LABELS, EdgeKey, EdgeLabels
 from aggregator.exporters.otlp_config import OtlpConfig
 from aggregator.exporters.otlp_spans import SpanFactory, trace_id_of
 from aggregator.exporters.prometheus import FAILED, RTT_BUCKETS
+from aggregator.store.derived import connection_of
 from eastwest import __version__
 from eastwest.drops import Drops
 from eastwest.filters import outcome_of
@@ -209,20 +212,12 @@ class OtlpEdgeMetrics:
                                       description="smoothed RTT of each completed TCP connection",
                                       explicit_bucket_boundaries_advisory=list(RTT_BUCKETS))
 
-    def on_released(self, releases: Iterable[Release]) -> None:
+    def on_released(self, released: pa.Table | None) -> None:
         """Connections whose names are final (aggregator/exporters/named.py), summed per edge."""
-        sums: dict[EdgeKey, list[int]] = {}
-        for conn, counters, opened in releases:
-            edge = self.labels.of(conn.client, conn.server, conn.server_port, conn.protocol)
-            acc = sums.get(edge)
-            if acc is None:
-                acc = sums[edge] = [0, 0, 0, 0, 0]
-            acc[0] += counters[0]
-            acc[1] += counters[1]
-            acc[2] += counters[4]
-            acc[3] += opened
-            acc[4] += any(counters)
-        for edge, (c2s, s2c, retrans, opened_n, moved) in sums.items():
+        if released is None:
+            return
+        for edge, (c2s, s2c, retrans, opened_n, moved) in self.labels.per_edge(
+                released, ("c2s", "s2c", "retrans"), ("opened", "moved")):
             a = _attrs(edge)
             if moved:
                 self.bytes.add(c2s, {**a, "direction": "c2s"})
@@ -231,14 +226,20 @@ class OtlpEdgeMetrics:
             if opened_n:
                 self.connections.add(opened_n, a)
 
-    def on_complete(self, conns: Iterable[Connection]) -> None:
-        for c in conns:
-            a = _attrs(self.labels.of(c.client, c.server, c.server_port, c.protocol))
-            outcome = outcome_of(c.connect, c.best()[5])
-            if outcome in FAILED:
-                self.failures.add(1, {**a, "reason": outcome})
-            if c.rtt is not None:
-                self.rtt.record(c.rtt[1] / 1e6, a)
+    def on_complete(self, done: pa.Table) -> None:
+        outcome = done.column("outcome")
+        for reason in FAILED:
+            hit = done.filter(pc.equal(outcome, reason))
+            if hit.num_rows:
+                one = hit.append_column("_one", pa.array(np.ones(hit.num_rows, np.int64)))
+                for edge, (n,) in self.labels.per_edge(one, ("_one",)):
+                    self.failures.add(n, {**_attrs(edge), "reason": reason})
+        rtt = done.filter(pc.is_valid(done.column("rtt_avg_us")))
+        if rtt.num_rows:
+            labels = [rtt.column(n).to_pylist() for n in ROW_LABELS]
+            for i, us in enumerate(rtt.column("rtt_avg_us").to_pylist()):
+                edge = self.labels.of_names(*(col[i] for col in labels))
+                self.rtt.record(us / 1e6, _attrs(edge))
 
     def force_flush(self) -> bool:
         return bool(self.provider.force_flush())
@@ -269,21 +270,23 @@ class OtlpExporter:
             self.metrics = OtlpEdgeMetrics(metric_exporter or config.metric_exporter(), drops,
                                            labels, config.metrics_interval_s)
 
-    def on_released(self, releases: Sequence[Release]) -> None:
+    def on_released(self, released: pa.Table | None) -> None:
         if self.metrics is not None:
-            self.metrics.on_released(releases)
+            self.metrics.on_released(released)
 
     def sampled(self, conn: Connection) -> bool:
         # the low 64 bits of the trace id against the share, as TraceIdRatioBased does
         return (trace_id_of(conn.conn_id) & ((1 << 64) - 1)) < self._threshold or self.config.sample >= 1.0
 
-    def on_complete(self, conns: Sequence[Connection]) -> None:
+    def on_complete(self, done: pa.Table) -> None:
+        """Completed connections' rows: metrics per edge; a span pair for each connection the
+        filter and the sample keep (built as a `Connection` from its row: spans are objects)."""
         if self.metrics is not None:
-            self.metrics.on_complete(conns)
+            self.metrics.on_complete(done)
         if self.factory is None:
             return
         flt = self.config.filter
-        for c in conns:
+        for c in (connection_of(r) for r in done.to_pylist()):
             if not flt.empty and not flt.matches(connection_view(c)):
                 self.connections["filtered"] += 1
             elif not self.sampled(c):

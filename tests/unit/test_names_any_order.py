@@ -150,7 +150,7 @@ def test_each_end_is_named_by_what_any_observer_knows_in_every_output(tmp_path, 
     assert out["opened"] == {tuple(sorted(labels.items())): 1.0}
     # the live stream: every event shows the connection under its final names
     assert out["events"], "the stream sent nothing"
-    assert {(c.client.wid, c.server.wid) for c in out["events"]} == {(client, server)}
+    assert {(r["client_wid"], r["server_wid"]) for r in out["events"]} == {(client, server)}
     # OTLP: one CLIENT + SERVER span pair, each resource the final name of its end
     names = sorted(s.resource.attributes["service.name"] for s in out["spans"])
     assert names == sorted([client, server])

@@ -153,11 +153,11 @@ def test_past_window_sees_only_its_connections(data_dir):
     s.close()
 
 
-def test_listeners_get_each_committed_plan_once_and_cannot_break_ingest(data_dir):
+def test_listeners_get_each_written_step_once_and_cannot_break_ingest(data_dir):
     s = opened(data_dir)
     seen = []
-    s.add_listener(lambda plan: seen.append([c.observed_by for c in plan.connections.values()]))
-    s.add_listener(lambda plan: 1 / 0)  # a broken exporter: counted, the ingest still succeeds
+    s.add_listener(lambda ch: seen.append([c.observed_by for c in ch.connections()]))
+    s.add_listener(lambda ch: 1 / 0)  # a broken exporter: counted, the ingest still succeeds
     s.ingest("h1", 1, [rec("client")])
     s.ingest("h1", 1, [rec("client")])  # duplicate: no plan committed, nobody told
     s.ingest("h2", 1, [rec("server")])
@@ -430,8 +430,7 @@ def test_a_failed_write_after_the_planner_went_ahead_is_replanned_exactly(tmp_pa
     s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])
     assert s.flush(5)
     heard: list[tuple[str, ...]] = []
-    s.add_listener(lambda plan: heard.extend(
-        tuple(c.observed_by) for c in plan.connections.values()))
+    s.add_listener(lambda ch: heard.extend(tuple(c.observed_by) for c in ch.connections()))
     write = s.store.write_batches
     fail = threading.Event()
     fail.set()
