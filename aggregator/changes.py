@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.connection import Connection
 from aggregator.correlate import Plan
+from aggregator.correlate_plan import ColumnPlan
 from aggregator.store.derived import DUCKDB_CONN_SCHEMA, connection_of
 from eastwest.clock import unix_us
 
@@ -52,6 +54,28 @@ class Changes:
     def empty(cls, at: datetime) -> Changes:
         return cls(at, _EMPTY, np.zeros(0, bool), np.zeros((0, 6), np.int64),
                    np.zeros(0, np.int64), np.zeros(0, bool))
+
+
+def changes_of_columns(plan: ColumnPlan) -> Changes:
+    """A plan on columns (aggregator/correlate_plan.py) as `Changes`, without a Python step per
+    connection: a connection's ends are known when its names are final, or each end is named by
+    the static map or its own socket observer has reported (`Connection.ends_known`)."""
+    at = plan.at or datetime.now(UTC)
+    if not len(plan):
+        return Changes.empty(at)
+    rows = plan.rows
+    left = plan.names_final_in_s
+    until = np.where(left > 0, unix_us(at) + np.rint(left * 1e6).astype(np.int64), 0)
+    observed = rows.column("observed_by")
+
+    def known(side: str) -> np.ndarray:
+        static = pc.equal(rows.column(f"{side}_id_source"), "static")
+        seen = pc.match_substring(observed, f",{side},")
+        return pc.fill_null(pc.or_(static, seen), False).to_numpy(zero_copy_only=False)
+
+    ends = (left <= 0) | (known("client") & known("server"))
+    objects = list(plan._objects.values()) if plan._objects is not None else None
+    return Changes(at, rows, plan.created, plan.deltas, until.astype(np.int64), ends, objects)
 
 
 def changes_of_plan(plan: Plan, rows: pa.Table | None) -> Changes:

@@ -164,10 +164,11 @@ class Correlator:
         # oldest first: a connection's interim records arrive in order of their end
         for rec in sorted(records, key=_END):
             apply(plan, rec, bests)
-        if plan.renamed:  # volumes that moved away within this plan leave zero deltas behind
-            for rk in [k for k, v in plan.rollups.items() if not any(v)]:
-                del plan.rollups[rk]
-                del plan.identities[rk]
+        # a key whose deltas add up to nothing (volumes that moved away with a rename, a drop
+        # and a rise within this plan) is no rollup row
+        for rk in [k for k, v in plan.rollups.items() if not any(v)]:
+            del plan.rollups[rk]
+            del plan.identities[rk]
         return plan
 
     def commit(self, plan: Plan) -> None:
@@ -249,9 +250,6 @@ class Correlator:
                 c_start = c.start
                 if rec.end < c_start - slack or rec.start > c.last_seen + slack:
                     continue
-                same = c.views.get(rec.observer) if rec.observer != "path" else None
-                if same is not None and same.final and rec.start > same.end + slack:
-                    continue
                 dist = abs((c_start - rec.start).total_seconds())
             if best is None or dist < best[0]:
                 best = (dist, c)
@@ -281,10 +279,12 @@ class Correlator:
                 planned = plan.connections[cid] = found.clone()
             conn = planned
             old = conn.views.get(slot)
-            if old is not None and old.end > rec.end and (old.final or not rec.final):
-                # a late interim record: the newer cumulative one supersedes it. A final record
-                # always wins over interims (one final per observer): a packet source's interim
-                # `end` is its tick time, later than the flow's last packet, its final's `end`
+            if old is not None and ((old.final and not rec.final)
+                                    or (old.end > rec.end and (old.final or not rec.final))):
+                # an interim after the observer's final, or a late interim: the final (or the
+                # newer cumulative) view supersedes it. A final record always wins over interims
+                # (one final per observer) and an interim never reopens a final view: a packet
+                # source's interim `end` is its tick time, later than the flow's last packet
                 return
             before = bests.get(cid) or conn.best()
         t = rec.rtt_us

@@ -36,7 +36,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.consume import ConsumerSettings, JetStreamConsumer
-from aggregator.correlate import Correlator
+from aggregator.correlate_columns import ColumnCorrelator
+from aggregator.correlate_core import IdSource
 from aggregator.exporters import Exporters
 from aggregator.fanout import FanOut
 from aggregator.identity import IdentityResolver, StaticMap, parse_cidr_groups, system_reverse_dns
@@ -73,7 +74,7 @@ def resolver_from(settings: AggregatorSettings) -> IdentityResolver:
 class Pipeline:
     """The stages of one aggregator process (the module docstring), built by `build`."""
 
-    def __init__(self, settings: AggregatorSettings, store: Store, correlator: Correlator,
+    def __init__(self, settings: AggregatorSettings, store: Store, correlator: ColumnCorrelator,
                  fanout: FanOut, correlation: Correlation, intake: Intake,
                  exporters: Exporters, retention: Retention, drops: Drops,
                  metrics: AggregatorMetrics, clock: Clock) -> None:
@@ -126,19 +127,21 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
           drops: Drops | None = None, metrics: AggregatorMetrics | None = None,
           clock: Clock | None = None, resolver: IdentityResolver | None = None,
           env: Mapping[str, str] | None = None, worker: WorkerSettings | None = None,
+          ids: IdSource | None = None,
           exporter_kwargs: Mapping[str, Any] | None = None) -> Pipeline:
     """Every stage from the settings. For tests and benchmarks: a `store` opened by the caller
     (closed by `stop` only with `own_store`), a `resolver`, a `clock`, the environment `env`
-    (OTLP's variables), the worker's limits."""
+    (OTLP's variables), the worker's limits, the source of connection ids (`ids`)."""
     drops = drops or Drops()
     metrics = metrics or AggregatorMetrics(drops)
     clock = clock or SystemClock()
     owned = store is None or own_store
     the_store: Store = store if store is not None else open_store(
         settings.store, settings.clickhouse_url or settings.data_dir)
-    correlator = Correlator(resolver or resolver_from(settings),
-                            slack=timedelta(seconds=settings.correlation_slack_s),
-                            settle=timedelta(seconds=settings.identity_settle_s), clock=clock)
+    correlator = ColumnCorrelator(resolver or resolver_from(settings),
+                                  slack=timedelta(seconds=settings.correlation_slack_s),
+                                  settle=timedelta(seconds=settings.identity_settle_s),
+                                  clock=clock, ids=ids)
     fanout = FanOut(drops)
     retention = Retention(the_store, settings.retention, clock)
     correlation: Correlation
@@ -165,7 +168,7 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
 class _CorrelationMetrics(Collector):
     """How far correlation runs behind the acknowledged batches, and what it holds."""
 
-    def __init__(self, correlation: Correlation, correlator: Correlator, fanout: FanOut) -> None:
+    def __init__(self, correlation: Correlation, correlator: ColumnCorrelator, fanout: FanOut) -> None:
         self.correlation, self.correlator, self.fanout = correlation, correlator, fanout
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

@@ -50,8 +50,10 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from aggregator.changes import Changes, changes_of_plan
-from aggregator.correlate import Correlator, key_of
+from aggregator.changes import Changes, changes_of_columns
+from aggregator.correlate import key_of
+from aggregator.correlate_columns import ColumnCorrelator
+from aggregator.correlate_plan import ColumnDerived
 from aggregator.fanout import FanOut
 from aggregator.retention import Retention
 from aggregator.store.base import (
@@ -62,10 +64,9 @@ from aggregator.store.base import (
     WriteStep,
     WriteStore,
 )
-from aggregator.store.columns import flat_table, gc_paused
-from aggregator.store.derived import derived_of
+from aggregator.store.columns import FLAT_COLUMNS, flat_table, gc_paused
 from aggregator.store.journal import Entry, Journal
-from aggregator.store.wire_columns import decode_columns
+from aggregator.store.wire_columns import ColumnBatch, decode_columns
 from eastwest import codec
 from eastwest.clock import Clock
 from eastwest.drops import Drops
@@ -77,7 +78,6 @@ COALESCE = 20_000        # records of waiting batches correlated in one plan and
 READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
 ADMIT_WAIT_S = 2.0       # how long an accept waits for room in a full backlog, then Backlogged
 WRITE_AHEAD = 2          # planned steps waiting for the store writer, at most
-CACHE_RECORDS_BELOW = 50_000  # backlog (records) under which records given as objects stay cached
 
 
 @dataclass
@@ -150,6 +150,9 @@ class StoredBatch:
 Pending = Entry | StoredBatch
 Queued = tuple[str, int, Pending, int, float]  # collector, batch_seq, what, records, since
 _RECORDS_FORM = -1  # an Entry's `rejected` is [_RECORDS_FORM]: its body encodes records as given
+# a step of batches without a good record: the flat layout, `extra` and the collector
+EMPTY_STEP = pa.schema([*((n, t) for n, t, _ in FLAT_COLUMNS), ("extra", pa.binary()),
+                        ("collector", pa.string())]).empty_table()
 
 
 def journal_form(records: Sequence[FlowRecord], collector: str, batch_seq: int) -> bytes:
@@ -158,16 +161,16 @@ def journal_form(records: Sequence[FlowRecord], collector: str, batch_seq: int) 
     return codec.encode_batch(codec.Batch(collector, batch_seq, datetime.now(UTC), list(records)))
 
 
-def entry_contents(entry: Entry) -> tuple[list[FlowRecord], pa.Table | None]:
-    """A journaled batch's records and its raw rows (`flat_table` layout, or None)."""
-    if entry.cached is not None:
-        recs: list[FlowRecord] = entry.cached
-    elif list(entry.rejected) == [_RECORDS_FORM]:
-        recs = codec.decode_batch(entry.body).records
-    else:
-        cb = decode_columns(entry.body)  # the same bytes decode as they did at intake
-        return cb.records(), cb.table
-    return recs, (flat_table(recs) if recs else None)
+def entry_batch(entry: Entry) -> ColumnBatch:
+    """A journaled batch's good records as columns: its wire bytes decode as they did at intake
+    (the same bytes give the same records and the same rejections; the journal's form of
+    records given as objects is a wire batch of exactly them)."""
+    return decode_columns(entry.body)
+
+
+def with_collector(table: pa.Table, collector: str) -> pa.Table:
+    """The batch's table with its collector as a column: a step takes several batches."""
+    return table.append_column("collector", pa.array([collector] * table.num_rows, pa.string()))
 
 
 class _Step:
@@ -192,7 +195,7 @@ class JournaledCorrelation:
     """`Correlation` behind a local journal: acknowledged at the journal's sync, stored and
     correlated by a planner and a writer thread (the module docstring)."""
 
-    def __init__(self, store: WriteStore, correlator: Correlator, fanout: FanOut, drops: Drops,
+    def __init__(self, store: WriteStore, correlator: ColumnCorrelator, fanout: FanOut, drops: Drops,
                  retention: Retention, clock: Clock,
                  settings: WorkerSettings = WorkerSettings()) -> None:
         if store.journal_dir is None:
@@ -273,13 +276,13 @@ class JournaledCorrelation:
     def accept(self, batch: Accepted) -> IngestResult:
         if batch.body is not None:  # the wire's bytes: decoded again behind the ack
             return self._journal(batch.collector, batch.batch_seq, batch.n, batch.rejected,
-                                 lambda: batch.body or b"", None)
+                                 lambda: batch.body or b"")
         recs = batch.good_records()
         return self._journal(batch.collector, batch.batch_seq, len(recs), [_RECORDS_FORM],
-                             lambda: journal_form(recs, batch.collector, batch.batch_seq), recs)
+                             lambda: journal_form(recs, batch.collector, batch.batch_seq))
 
     def _journal(self, collector: str, batch_seq: int, n: int, rejected: list[int],
-                 body: Callable[[], bytes], cached: list[FlowRecord] | None) -> IngestResult:
+                 body: Callable[[], bytes]) -> IngestResult:
         key = (collector, batch_seq)
         s = self.settings
         with self._cond:  # back-pressure: the worker is `max_pending` records behind
@@ -298,9 +301,6 @@ class JournaledCorrelation:
             if journaled or self._stored(collector, batch_seq):
                 return IngestResult(collector, batch_seq, 0, True)
             entry = self.journal.append(collector, batch_seq, n, rejected, body())  # durable
-            # records handed over as objects stay in memory while the backlog is short (~1 KB a
-            # record); behind a deep one they are decoded from the journal's bytes when due
-            entry.cached = cached if self._pending < CACHE_RECORDS_BELOW else None
             if batch_seq > self._max_seq[collector]:
                 self._max_seq[collector] = batch_seq
             with self._cond:
@@ -421,13 +421,13 @@ class JournaledCorrelation:
             self._cond.notify_all()
 
     def _correlate(self, take: list[Queued]) -> None:
-        """The planner's step: the batches taken, decoded and planned (the correlator's memory
-        advances), their tables built; then handed to the writer."""
+        """The planner's step: the batches taken, decoded into columns and planned on columns
+        (the correlator's memory advances), their tables built; then handed to the writer."""
         entries = [p for _, _, p, _, _ in take if isinstance(p, Entry)]
         # applied already: only when a stop fell between the store's commit and the journal's
         # release and the replay raced it; cheap (one query), and it keeps a retry exact
         applied = self.store.applied_marks([(e.collector, e.batch_seq) for e in entries])
-        records: list[FlowRecord] = []
+        tables: list[pa.Table] = []
         raw: list[RawBatch] = []
         stored: list[tuple[str, int]] = []
         with gc_paused():
@@ -435,18 +435,21 @@ class JournaledCorrelation:
                 if isinstance(p, Entry):
                     if (coll, seq) in applied:
                         continue
-                    recs, table = entry_contents(p)
-                    raw.append(RawBatch(coll, seq, len(recs), table, _records=recs))
+                    cb = entry_batch(p)
+                    table: pa.Table | None = cb.table if cb.table.num_rows else None
+                    raw.append(RawBatch(coll, seq, cb.table.num_rows, table, decode=cb.records))
                 else:
                     recs = p.records()
+                    table = flat_table(recs) if recs else None
                     stored.append((coll, seq))
-                records.extend(recs)
+                if table is not None:
+                    tables.append(with_collector(table, coll))
+        step = pa.concat_tables(tables) if tables else EMPTY_STEP
         with self.correlator.lock, gc_paused():
-            plan = self.correlator.plan(records)
+            plan = self.correlator.plan(step)
             settled = list(self.correlator.settled)
-            derived = derived_of(plan, settled)
-            derived.prepare()  # nothing after this can fail: memory advances last
-            changes = changes_of_plan(plan, derived.connection_rows())
+            derived = ColumnDerived(plan, settled)
+            changes = changes_of_columns(plan)  # nothing after this can fail: memory advances
             del self.correlator.settled[:len(settled)]
             self.correlator.commit(plan)
         with self._cond:
@@ -533,7 +536,7 @@ class InlineCorrelation:
     """`Correlation` for a store shared by several aggregators: each batch planned, written and
     committed in the caller's thread, under the correlator's lock (the module docstring)."""
 
-    def __init__(self, store: WriteStore, correlator: Correlator, fanout: FanOut, drops: Drops,
+    def __init__(self, store: WriteStore, correlator: ColumnCorrelator, fanout: FanOut, drops: Drops,
                  retention: Retention, clock: Clock) -> None:
         self.store, self.correlator, self.fanout = store, correlator, fanout
         self.drops, self.retention, self.clock = drops, retention, clock
@@ -557,15 +560,23 @@ class InlineCorrelation:
             if self.store.shared and records:  # what another aggregator wrote since
                 self.correlator.refresh(self.store.connections_for_keys(
                     {key_of(r) for r in records}))
-            plan = self.correlator.plan(records)
+            plan = (self.correlator.plan(batch.table, collector=batch.collector)
+                    if batch.table is not None else self.correlator.plan_records(records))
             settled = list(self.correlator.settled)
-            derived = derived_of(plan, settled)
-            result = self.store.ingest(batch.collector, batch.batch_seq, records, derived=derived)
-            if not result.duplicate:
+            derived = ColumnDerived(plan, settled)
+            try:
+                result = self.store.ingest(batch.collector, batch.batch_seq, records,
+                                           derived=derived)
+            except BaseException:
+                self.correlator.rollback(plan)  # memory as before: a retry plans the same
+                raise
+            if result.duplicate:
+                self.correlator.rollback(plan)
+            else:
                 del self.correlator.settled[:len(settled)]  # handed over with this batch
                 self.correlator.commit(plan)
                 self._version += 1
-                self.fanout.tell(changes_of_plan(plan, derived.connection_rows()))
+                self.fanout.tell(changes_of_columns(plan))
             try:
                 self.retention.maybe_run()
             except StoreError as exc:

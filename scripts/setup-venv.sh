@@ -27,6 +27,7 @@ fi
 # The aggregator's wire batch decoder (aggregator/store/ewwire.c), the same way; without it the
 # aggregator decodes batches with msgspec: same rows, slower.
 .venv/bin/python -m aggregator.store.wire_columns --quiet
+.venv/bin/python -m aggregator.correlate_columns --quiet  # C core of ColumnCorrelator; without it, the reference Correlator runs
 
 # bcc is pure Python over libbcc.so, packaged only for Debian's python3. Link that package (and
 # nothing else of dist-packages) into the venv. PyPI's "bcc" is an unrelated project.

@@ -34,7 +34,7 @@ from eastwest.record import FlowRecord
 
 if TYPE_CHECKING:
     from aggregator.connection import Connection
-    from aggregator.store.derived import Derived
+    from aggregator.store.derived import DerivedTables
 
 Key = tuple[str, str, int, str, int, int]  # a correlation key (aggregator/correlate.py)
 
@@ -82,7 +82,7 @@ class WriteStep:
     version) flagged correlated now."""
 
     raw: list[RawBatch]
-    derived: Derived
+    derived: DerivedTables
     correlated: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -94,7 +94,7 @@ class WriteStore(Protocol):
     shared: bool
 
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
-               derived: Derived | None = None) -> IngestResult:
+               derived: DerivedTables | None = None) -> IngestResult:
         """Store the records, the batch mark and `derived` in one transaction; a batch applied
         before is not applied again (`duplicate=True`). Durable when it returns."""
 

@@ -47,7 +47,7 @@ from aggregator.store.clickhouse_schema import (
     supports_ttl,
 )
 from aggregator.store.columns import to_table
-from aggregator.store.derived import CONN_DECODER, Derived
+from aggregator.store.derived import CONN_DECODER, DerivedTables
 from aggregator.store.query import EVERY_RECORD, RecordQuery
 from eastwest.record import FlowRecord
 
@@ -199,7 +199,7 @@ class ClickHouseStore(ClickHouseQueries):
 
     # -- writes -------------------------------------------------------------------------------
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
-               derived: Derived | None = None) -> IngestResult:
+               derived: DerivedTables | None = None) -> IngestResult:
         now = datetime.now(UTC)
         with self._lock:
             if self.batch_applied(collector, batch_seq):
@@ -233,7 +233,7 @@ class ClickHouseStore(ClickHouseQueries):
         while len(self._versions) > KNOWN_VERSIONS:
             self._versions.popitem(last=False)
 
-    def _write_derived(self, collector: str, batch_seq: int, d: Derived) -> None:
+    def _write_derived(self, collector: str, batch_seq: int, d: DerivedTables) -> None:
         if d.rollups is not None and d.rollups.num_rows:
             cols = arrow_columns(d.rollups)
             n = d.rollups.num_rows

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import pyarrow as pa
@@ -226,6 +226,37 @@ def _table(rows: Sequence[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
     cols = list(zip(*rows, strict=True))
     return pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(cols, schema, strict=True)],
                                 schema=schema)
+
+
+class DerivedTables(Protocol):
+    """What a store writes of one correlation step besides its raw rows (the write interface's
+    `derived`, aggregator/store/base.py): built by `Derived` from a reference plan, or by
+    aggregator/correlate_plan.py `ColumnDerived` from a plan on columns."""
+
+    settled: list[str]
+
+    @property
+    def replaced(self) -> list[str]:
+        """Connections of this step that were stored before (their rows are replaced)."""
+
+    @property
+    def empty(self) -> bool: ...
+
+    @property
+    def connections(self) -> pa.Table | None:
+        """Every column of `CONN_COLUMNS`, `state` included (ClickHouse)."""
+
+    def connection_rows(self) -> pa.Table | None:
+        """The DuckDB form: `DUCKDB_CONN_NAMES`."""
+
+    @property
+    def rollups(self) -> pa.Table | None: ...
+
+    @property
+    def workloads(self) -> pa.Table | None: ...
+
+    def prepare(self) -> None:
+        """Build every table now (the worker's planner does, so its writer only runs SQL)."""
 
 
 class Derived:

@@ -40,7 +40,7 @@ from aggregator.store.columns import (
     record_of,
     record_of_blob,
 )
-from aggregator.store.derived import Derived
+from aggregator.store.derived import DerivedTables
 from aggregator.store.duckdb_derived import (
     DERIVED_DDL,
     DerivedQueries,
@@ -106,13 +106,13 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
 
     # -- writes -------------------------------------------------------------------------------
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
-               derived: Derived | None = None) -> IngestResult:
+               derived: DerivedTables | None = None) -> IngestResult:
         with gc_paused():
             table = flat_table(records) if records else None
         return self.ingest_table(collector, batch_seq, table, len(records), derived)
 
     def ingest_table(self, collector: str, batch_seq: int, table: pa.Table | None, n: int,
-                     derived: Derived | None = None) -> IngestResult:
+                     derived: DerivedTables | None = None) -> IngestResult:
         """`ingest` of a batch already in columns: `table` in the `flat_table` layout (what
         aggregator/store/wire_columns.py decodes a wire batch into), `n` its rows (None or an
         empty table: a batch without records, still marked applied)."""
@@ -127,7 +127,7 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             return self._ingest_on(self._writer(), collector, batch_seq, table, n, derived, now)
 
     def _ingest_on(self, con: duckdb.DuckDBPyConnection, collector: str, batch_seq: int,
-                   table: pa.Table | None, n: int, derived: Derived | None,
+                   table: pa.Table | None, n: int, derived: DerivedTables | None,
                    now: datetime) -> IngestResult:
         try:
             con.execute("BEGIN TRANSACTION")

@@ -1,6 +1,6 @@
 """DuckDB side of the correlated tables: connections, minute rollups, workloads.
 
-Stage: store. In: `Derived` (aggregator/store/derived.py) inside the raw batch's transaction;
+Stage: store. In: `DerivedTables` (aggregator/store/derived.py) inside the raw batch's transaction;
 queries from the API (connections with a compiled `Filter`, workloads). Out: rows as dicts.
 
 Connections live in two tables behind one view, `connections`:
@@ -44,7 +44,7 @@ from aggregator.store.derived import (
     ROLLUP_KEY,
     ROLLUP_SCHEMA,
     WORKLOAD_SCHEMA,
-    Derived,
+    DerivedTables,
     connection_of,
     ddl,
     derived_of,
@@ -133,7 +133,7 @@ def _ids(con: duckdb.DuckDBPyConnection, name: str, ids: list[str]) -> None:
     con.register(name, pa.table({"conn_id": pa.array(ids, pa.string())}))
 
 
-def write_derived(con: duckdb.DuckDBPyConnection, derived: Derived) -> None:
+def write_derived(con: duckdb.DuckDBPyConnection, derived: DerivedTables) -> None:
     """Called by the store inside the raw batch's open transaction."""
     if derived.settled:  # pruned by the correlator: out of the live table for good
         _ids(con, "_settled", derived.settled)

@@ -35,7 +35,6 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -60,7 +59,6 @@ class Entry:
     rejected: Sequence[int]
     body: bytes
     segment: int = field(default=0, repr=False)
-    cached: Any = field(default=None, repr=False)  # the records, when handed over as objects
 
 
 class Journal:

@@ -12,7 +12,6 @@ import itertools
 import json
 import threading
 import time
-import types
 from datetime import timedelta
 
 import httpx
@@ -21,6 +20,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from aggregator.app import create_app
+from aggregator.pipeline import build
 from aggregator.settings import AggregatorSettings
 from aggregator.store import open_store
 from eastwest.record import Endpoint, Tunnel
@@ -34,20 +34,21 @@ LATER = T0 + timedelta(hours=1)
 
 @pytest.fixture
 def same_ids(monkeypatch):
-    """uuid4 and the test records' ids -> counters, restarted for each app (the apps then hand
-    out the same connection ids, and get the same record ids)."""
+    """Connection ids and the test records' ids -> counters, restarted for each app (the apps
+    then hand out the same connection ids, and get the same record ids). Returns `restart`,
+    which gives the id source (n -> 16 * n bytes) to build the next app's correlator with."""
     import tests.unit.test_correlate as tc
 
     state = {"n": itertools.count(1)}
 
-    def uuid4():
-        return types.SimpleNamespace(hex=f"{next(state['n']):032x}")
+    def ids(n: int) -> bytes:
+        return b"".join(next(state["n"]).to_bytes(16, "big") for _ in range(n))
 
     def restart():
         state["n"] = itertools.count(1)
         monkeypatch.setattr(tc, "_seq", itertools.count(1))
+        return ids
 
-    monkeypatch.setattr("aggregator.correlate.uuid", types.SimpleNamespace(uuid4=uuid4))
     return restart
 
 
@@ -133,6 +134,11 @@ def answers(c) -> list[tuple[str, dict, int, object]]:
     return out
 
 
+def app_for(tmp_path, backend, store, ids):
+    settings = settings_for(tmp_path, backend)
+    return create_app(settings, pipeline=build(settings, store=store, ids=ids))
+
+
 def per_batch(app):
     """DuckDB's correlation worker groups waiting batches into one step when it is behind (the
     connections come out the same; ids drawn in another order, a rollup delta in another minute,
@@ -149,9 +155,9 @@ def per_batch(app):
 def test_every_endpoint_answers_the_same_on_clickhouse_as_on_duckdb(tmp_path, same_ids):
     results = {}
     for backend in ("duckdb", "clickhouse"):
-        same_ids()
+        ids = same_ids()
         store = open_store(backend, store_location(backend, tmp_path / backend))
-        with TestClient(per_batch(create_app(settings_for(tmp_path, backend), store=store))) as c:
+        with TestClient(per_batch(app_for(tmp_path, backend, store, ids))) as c:
             fill_more(c)
             results[backend] = answers(c)
         store.close()
@@ -202,10 +208,10 @@ def _stream_events(app, feed) -> list[dict]:
 def test_the_live_stream_is_the_same_on_clickhouse_as_on_duckdb(tmp_path, same_ids):
     got = {}
     for backend in ("duckdb", "clickhouse"):
-        same_ids()
+        ids = same_ids()
         store = open_store(backend, store_location(backend, tmp_path / backend))
         try:
-            app = per_batch(create_app(settings_for(tmp_path, backend), store=store))
+            app = per_batch(app_for(tmp_path, backend, store, ids))
             got[backend] = _stream_events(app, fill_more)
         finally:
             store.close()

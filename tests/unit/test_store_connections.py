@@ -95,7 +95,7 @@ def test_a_failing_write_leaves_store_and_memory_unchanged(data_dir):
     with pytest.raises(StoreError):
         s.ingest("h2", 1, [rec("server")])
     assert len(s.correlator) == 1
-    (conn,) = [c for b in s.correlator.index.values() for c in b]
+    (conn,) = s.correlator.connections()
     assert conn.observed_by == ["client"]
     assert not s.batch_applied("h2", 1)
     setattr(target, name, inner_ingest)
@@ -350,7 +350,7 @@ def test_a_wire_batch_is_journaled_as_bytes_and_stored_from_them(tmp_path):
 
     from aggregator.store.journal import Entry
     from aggregator.store.wire_columns import decode_columns
-    from aggregator.worker import entry_contents
+    from aggregator.worker import entry_batch
     from eastwest import codec
 
     s = duck(tmp_path)
@@ -365,7 +365,7 @@ def test_a_wire_batch_is_journaled_as_bytes_and_stored_from_them(tmp_path):
     r = s.ingest_columns(batch, body)
     assert (r.stored, r.duplicate) == (2, False)
     assert isinstance(queued[0], Entry) and queued[0].body == body and queued[0].rejected == [1]
-    assert [x.client.port for x in entry_contents(queued[0])[0]] == [40000, 40001]
+    assert [x.client.port for x in entry_batch(queued[0]).records()] == [40000, 40001]
     assert s.ingest_columns(decode_columns(body), body).duplicate
     assert s.connection_count() == 2
     assert sorted(x.client.port for x in s.read().records(RecordQuery())) == [40000, 40001]
@@ -475,24 +475,20 @@ def test_batches_out_of_order_are_stored_and_their_retries_are_duplicates(tmp_pa
     s.close()
 
 
-def test_records_handed_over_behind_a_deep_backlog_wait_as_bytes(tmp_path, monkeypatch):
-    """Records given as objects (JSON ingest, JetStream) are kept as objects only while the
-    backlog is short; behind a deep one the queue holds their journal bytes and the worker
-    decodes them: the same connections either way."""
+def test_records_handed_over_as_objects_are_journaled_as_a_wire_batch(tmp_path):
+    """Records given as objects (JSON ingest, JetStream into a journaled store) are journaled in
+    the wire form and correlated from it, like the binary path: the same connections."""
     import threading
 
-    import aggregator.worker as worker
-
-    monkeypatch.setattr(worker, "CACHE_RECORDS_BELOW", 1)
     s = duck(tmp_path)
     gate = threading.Event()
     plan = s.correlation._correlate
     s.correlation._correlate = lambda take: (gate.wait(10), plan(take))[1]
     try:
-        s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])  # backlog 0: cached
-        s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])  # behind it: bytes only
+        s.ingest("h1", 1, [rec("client", final=False, c2s=400, s2c=100)])
+        s.ingest("h2", 1, [rec("server", c2s=1000, s2c=5000)])
         queued = [p for _, _, p, _, _ in s.correlation._queue]
-        assert [q.cached is None for q in queued][-1] is True
+        assert all(q.rejected == [-1] and q.body[:4] == b"EWB1" for q in queued)
     finally:
         gate.set()
     e = edge(s)[("shop/frontend", "shop/api")]
