@@ -74,7 +74,7 @@ from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.aggregator")
 MAX_PENDING = 500_000    # records accepted but not correlated yet, before accept waits
-COALESCE = 20_000        # records of waiting batches correlated in one plan and transaction
+COALESCE = 60_000        # records of waiting batches correlated in one plan and transaction
 READ_WAIT_S = 30.0       # how long a read waits for correlation to catch up
 ADMIT_WAIT_S = 2.0       # how long an accept waits for room in a full backlog, then Backlogged
 WRITE_AHEAD = 2          # planned steps waiting for the store writer, at most

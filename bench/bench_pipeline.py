@@ -16,13 +16,18 @@ Workloads (bench/bench_store.py's generators; records as the collectors write th
    workloads in DuckDB). Peer, in the same run: DuckDB's `INSERT ... SELECT FROM read_parquet`
    of the same raw rows, a transaction per batch (what our store owes every batch), and the
    acknowledged rate of the same stream. Reported: records/s, the ratios, the correlator's
-   engine and what its C core holds at the end (connections, bytes, identity resolver calls).
+   engine and what its C core holds at the end (connections, bytes, identity resolver calls),
+   and the process's RSS growth from building the pipeline to the end (the aggregator's memory
+   with every connection of the run held: `--workload new --records 1000000` for 1M).
 2. Freshness. A sender thread keeps a steady `--rate` (records/s, default 100,000) of merged
    batches going for `--seconds`; each batch carries one marker connection to port 65001 seen
-   by its client. A reader polls GET /api/v1/graph (filtered to the marker port) and a live
-   stream subscriber (the fan-out's hub, as GET /api/v1/flows/stream gets it) counts the marker
-   connections: per batch, the time from its acknowledgement to its marker being visible in the
-   graph and on the stream. Reported: p50 / p95 / max.
+   by its client. A reader reads the graph as GET /api/v1/graph does (the read path, which
+   first waits for every batch acknowledged before the read; filtered to the marker port) every
+   `--poll` seconds, and a live stream subscriber for the marker port (the fan-out's hub, as
+   GET /api/v1/flows/stream?to_port=65001 gets it) counts the marker connections: per batch, the time from its
+   acknowledgement to its marker being visible in the graph and on the stream. Reported: p50 /
+   p95 / max, and the rate acknowledged (a sender held back by "backlogged" waits and retries,
+   as a collector does).
 
 The correlator (aggregator/correlate_columns.py) runs its C core when the native library is
 built, else the reference engine; `--engine reference` forces the reference (as
@@ -39,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import os
 import statistics
 import sys
@@ -75,25 +82,35 @@ from aggregator.store.columns import flows_table  # noqa: E402
 from aggregator.store.duckdb import FILE_NAME, FLOW_NAMES, DuckDBStore  # noqa: E402
 from aggregator.store.query import EdgeQuery  # noqa: E402
 from aggregator.store.wire_columns import decode_columns  # noqa: E402
-from aggregator.worker import WorkerSettings  # noqa: E402
+from aggregator.worker import COALESCE, WorkerSettings  # noqa: E402
 from eastwest import codec  # noqa: E402
 from eastwest.filters import Filter  # noqa: E402
 
 MARKER_PORT = 65001
 
 
-def pipeline(data: Path, backlog: int, engine: str | None) -> Pipeline:
+def pipeline(data: Path, backlog: int, engine: str | None, coalesce: int = COALESCE) -> Pipeline:
     if engine == "reference":
         os.environ[CORRELATE_ENV] = "0"
     settings = AggregatorSettings(data_dir=data, insecure_open=True, retention=None,
                                   correlation_backlog=backlog)
     p = build(settings, store=DuckDBStore(data), own_store=True,
               resolver=IdentityResolver(static_map()), env={},
-              worker=WorkerSettings(max_pending=backlog))
+              worker=WorkerSettings(max_pending=backlog, coalesce=coalesce))
     if engine == "native" and not p.correlator.native:
         p.stop()
         sys.exit(f"bench_pipeline: --engine native: {p.correlator.why_not_native}")
     return p
+
+
+def rss() -> int:
+    """Resident bytes now (after handing freed heap back to the system)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def engine_of(p: Pipeline) -> str:
@@ -104,7 +121,8 @@ def engine_of(p: Pipeline) -> str:
     return f"C core ({held})"
 
 
-def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None) -> None:
+def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None,
+              coalesce: int) -> None:
     per = make_merged(n) if workload == "merged" else make_new(n)
     batches = batches_of(per, size)
     rows = sum(len(b[2]) for b in batches)
@@ -129,7 +147,9 @@ def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None
         peer = time.perf_counter() - t0
         con.close()
 
-        p = pipeline(t / "agg", backlog, engine)
+        gc.collect()
+        rss0 = rss()
+        p = pipeline(t / "agg", backlog, engine, coalesce)
         default_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `eastwest aggregator` runs (serve.py)
         waits = 0
@@ -145,8 +165,12 @@ def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None
         acked = time.perf_counter() - t0
         assert p.correlation.applied(None)
         done = time.perf_counter() - t0
+        p.store.checkpoint()  # as the peer: no work left behind in the WAL
+        flushed = time.perf_counter() - t0
         sys.setswitchinterval(default_switch)
         conns = p.read().connection_count()
+        gc.collect()
+        grown = rss() - rss0
         kind = engine_of(p)
         p.stop()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -157,12 +181,17 @@ def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None
     print(f"{'path':<58} {'seconds':>8} {'records/s':>11} {'vs peer':>8}")
     for name, s in (("peer: DuckDB read_parquet, a transaction per batch (raw)", peer),
                     ("pipeline, acknowledged (last batch journaled)", acked),
-                    ("pipeline, until stored and correlated", done)):
+                    ("pipeline, until stored and correlated", done),
+                    ("pipeline, until stored, correlated and checkpointed", flushed)):
         print(f"{name:<58} {s:>8.2f} {rows / s:>11,.0f} {peer / s:>7.2f}x")
     print(f"stored+correlated / acknowledged rate: {acked / done:.2f}x")
+    print(f"the aggregator's memory (RSS growth from building the pipeline to the end): "
+          f"{grown / 2**20:,.0f} MiB for {conns:,} connections held, "
+          f"{grown / max(conns, 1):,.0f} bytes a connection")
 
 
-def freshness(rate: float, seconds: float, size: int, engine: str | None) -> None:
+def freshness(rate: float, seconds: float, size: int, engine: str | None,
+              coalesce: int, poll: float) -> None:
     per = make_merged(int(rate * seconds))
     batches = batches_of(per, size)
     now = datetime.now(UTC)
@@ -176,7 +205,7 @@ def freshness(rate: float, seconds: float, size: int, engine: str | None) -> Non
             "ip": marker.server.ip, "port": MARKER_PORT}})
         marked.append(codec.encode_batch(codec.Batch(coll, seq, now, [*recs, marker])))
     with tempfile.TemporaryDirectory() as tmp:
-        p = pipeline(Path(tmp), 500_000, engine)
+        p = pipeline(Path(tmp), 500_000, engine, coalesce)
         loop = asyncio.new_event_loop()
         lt = threading.Thread(target=loop.run_forever, daemon=True)
         lt.start()
@@ -184,16 +213,34 @@ def freshness(rate: float, seconds: float, size: int, engine: str | None) -> Non
         acked: dict[int, float] = {}
         seen_graph: dict[int, float] = {}
         seen_stream: dict[int, float] = {}
+        seen_told: dict[int, float] = {}
+
+        def told(ch: Any) -> None:  # a fan-out listener, as the exporters: the step is stored
+            t = time.perf_counter()
+            ports = ch.rows.column("server_port").to_numpy(zero_copy_only=False)
+            for i in (ports == MARKER_PORT).nonzero()[0].tolist():
+                seen_told.setdefault(ch.rows.column("client_port")[i].as_py() - 1024, t)
+
+        p.fanout.add_listener(told)
         stop = threading.Event()
+        held = [0]  # answers "backlogged" (429): the stream outran the aggregator
+        t_send = [0.0, 0.0]
 
         def send() -> None:
             interval = size / rate
-            t_next = time.perf_counter()
+            t_next = t_send[0] = time.perf_counter()
             for k, body in enumerate(marked):
                 time.sleep(max(0.0, t_next - time.perf_counter()))
                 t_next += interval
-                p.intake.accept(decode_columns(body), body)
+                while True:
+                    try:
+                        p.intake.accept(decode_columns(body), body)
+                        break
+                    except Retry:  # as a collector's spool: wait, send again
+                        held[0] += 1
+                        time.sleep(0.01)
                 acked[k] = time.perf_counter()
+            t_send[1] = time.perf_counter()
             stop.set()
 
         def graph_reader() -> None:
@@ -209,12 +256,11 @@ def freshness(rate: float, seconds: float, size: int, engine: str | None) -> Non
                     seen_graph[k] = t
                 if stop.is_set() and time.perf_counter() - acked.get(len(marked) - 1, 0) > 30:
                     break
-                time.sleep(0.01)
+                time.sleep(poll)
 
         async def stream_reader() -> None:  # on the hub's loop, as the SSE route reads it
-            queue = sub[1]
             while len(seen_stream) < len(marked):
-                row = await queue.get()
+                row = await sub.get()
                 if row["server_port"] == MARKER_PORT:
                     seen_stream[row["client_port"] - 1024] = time.perf_counter()
 
@@ -223,7 +269,7 @@ def freshness(rate: float, seconds: float, size: int, engine: str | None) -> Non
         for th in threads:
             th.start()
         for th in threads:
-            th.join(seconds + 120)
+            th.join()  # the reader gives up 30 s after the last acknowledgement
         try:
             streaming.result(30)
         except Exception:  # noqa: BLE001 - not every marker arrived: reported below
@@ -233,9 +279,13 @@ def freshness(rate: float, seconds: float, size: int, engine: str | None) -> Non
         kind = "C core" if p.correlator.native else "reference engine"
         p.stop()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\nfreshness: {rate:,.0f} records/s for {seconds:g} s ({len(marked)} batches of "
-          f"{size} + a marker), correlator {kind}; load average {load}")
-    for name, seen in (("GET /api/v1/graph", seen_graph), ("live stream (SSE hub)", seen_stream)):
+    sent = sum(len(b[2]) + 1 for b in batches) / max(t_send[1] - t_send[0], 1e-9)
+    print(f"\nfreshness: {rate:,.0f} records/s offered for {seconds:g} s ({len(marked)} batches "
+          f"of {size} + a marker), {sent:,.0f} records/s acknowledged ({held[0]} backlogged "
+          f"answers); graph polled every {poll * 1000:g} ms; correlator {kind}; "
+          f"load average {load}")
+    for name, seen in (("stored (fan-out listener)", seen_told), ("GET /api/v1/graph", seen_graph),
+                       ("live stream (SSE hub)", seen_stream)):
         lat = sorted(seen[k] - acked[k] for k in seen if k in acked)
         if not lat:
             print(f"{name:<24} nothing seen")
@@ -245,8 +295,8 @@ def freshness(rate: float, seconds: float, size: int, engine: str | None) -> Non
               f"p95 {p95 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
 
 
-async def _subscribe(p: Pipeline) -> Any:
-    return p.fanout.hub.subscribe()
+async def _subscribe(p: Pipeline) -> Any:  # as `eastwest flows --follow --to-port 65001`
+    return p.fanout.hub.subscribe(Filter.build([("to_port", str(MARKER_PORT), False)]))
 
 
 def _field(json_text: str, name: str) -> Any:
@@ -266,11 +316,15 @@ def main() -> None:
     ap.add_argument("--engine", choices=("native", "reference"),
                     help="the correlator's engine (default: the C core when built)")
     ap.add_argument("--skip-freshness", action="store_true")
+    ap.add_argument("--poll", type=float, default=0.1,
+                    help="seconds between two graph reads (a dashboard polls every few)")
+    ap.add_argument("--coalesce", type=int, default=COALESCE,
+                    help=f"records correlated in one step when behind (default {COALESCE:,})")
     a = ap.parse_args()
     for w in (("merged", "new") if a.workload == "both" else (a.workload,)):
-        sustained(w, a.records, a.batch, a.backlog, a.engine)
+        sustained(w, a.records, a.batch, a.backlog, a.engine, a.coalesce)
     if not a.skip_freshness:
-        freshness(a.rate, a.seconds, a.batch, a.engine)
+        freshness(a.rate, a.seconds, a.batch, a.engine, a.coalesce, a.poll)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ async def stream(request: Request,
     flt = query_filter(request)
     most = positive_int("limit", limit, 0, 10**9) if limit is not None else None
     hub = request.app.state.pipeline.fanout.hub
-    sub = hub.subscribe()
+    sub = hub.subscribe(flt)
 
     async def events() -> AsyncIterator[bytes]:
         sent = 0
@@ -119,7 +119,7 @@ async def stream(request: Request,
             yield b": eastwest flow stream; filter " + str(flt).encode() + b"\n\n"
             while most is None or sent < most:
                 try:
-                    row = await asyncio.wait_for(sub[1].get(), HEARTBEAT_S)
+                    row = await asyncio.wait_for(sub.get(), HEARTBEAT_S)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return

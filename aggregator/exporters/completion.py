@@ -144,3 +144,17 @@ class Completions:
     @property
     def pending(self) -> int:
         return len(self._version)
+
+    def pending_closed(self) -> int:
+        """How many waiting connections are closed (told once they settle and their names are
+        final); the rest of `pending` are still open."""
+        n = 0
+        with self._lock:
+            for bucket in self._buckets.values():
+                for step, _updated, rows in bucket:
+                    ids = rows.column("conn_id").to_pylist()
+                    latest = np.fromiter((self._version.get(cid) == step for cid in ids), bool,
+                                         len(ids))
+                    closed = rows.column("closed").to_numpy(zero_copy_only=False)
+                    n += int((latest & closed).sum())
+        return n

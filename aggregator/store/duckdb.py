@@ -6,7 +6,8 @@ Out: raw records by time range; the idempotency marks of applied batches.
 Each batch is written in one transaction: a bulk `INSERT ... SELECT` from an Arrow table (built
 column by column in `aggregator.store.columns`, the batch's collector, sequence and time added as
 parameters) plus one row in `ingested_batches`, whose primary key `(collector, batch_seq)` makes
-a retried batch a no-op. DuckDB writes its WAL and syncs it at COMMIT
+a retried batch a no-op (a correlation step, `write_batches`, writes the raw rows of all its
+batches in one INSERT and their marks in another). DuckDB writes its WAL and syncs it at COMMIT
 (https://duckdb.org/docs/connect/concurrency, "ACID" in duckdb/src/storage/write_ahead_log), so a
 batch acknowledged after `ingest` returns survives kill -9 of the aggregator; the WAL is replayed
 when the file is opened again.
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
-from aggregator.store.base import IngestResult, StoreError, WriteStep
+from aggregator.store.base import IngestResult, RawBatch, StoreError, WriteStep
 from aggregator.store.columns import (
     DUCKDB_COLUMNS,
     FLAT_NAMES,
@@ -56,6 +58,36 @@ MIGRATE_HORIZON_S = 1800.0  # an old file's connections this recent can still ch
 FLOW_NAMES = [c[0] for c in DUCKDB_COLUMNS]
 _INSERT_FLOWS = (f"INSERT INTO flows (collector, batch_seq, ingested_at, {', '.join(FLAT_NAMES)}, "
                  f"extra) SELECT $1, $2, $3, {', '.join(FLAT_NAMES)}, extra FROM _ew_batch_table")
+
+_INSERT_RAW = (f"INSERT INTO flows (collector, batch_seq, ingested_at, {', '.join(FLAT_NAMES)}, "
+               f"extra) SELECT _ew_collector, _ew_seq, $1, {', '.join(FLAT_NAMES)}, extra "
+               "FROM _ew_raw")
+
+# DuckDB writes what the WAL holds into the file (a checkpoint) at the COMMIT that takes the WAL
+# past this size. Each checkpoint rewrites the row groups that changed since the last one (the
+# last, partly filled one of every table, and those with deleted rows: connections_live), so at
+# DuckDB's 16 MB a correlation step of 60,000 records checkpointed at nearly every commit and
+# spent 3x the time of one checkpoint of the same data at the end (docs/benchmarks.md). 256 MB:
+# a checkpoint every ~400,000 records; what the WAL holds is also held in memory, and replayed
+# when the file is opened after a crash (~1 s at 256 MB: 0.54 s for 122 MB of raw records).
+CHECKPOINT_THRESHOLD = "256MB"
+
+
+def _raw_table(raw: Sequence[RawBatch]) -> pa.Table | None:
+    """The raw batches of a step as ONE table for one INSERT (half the time of an INSERT per
+    batch): each row with its batch's collector (a dictionary column, one string per batch) and
+    batch_seq. None when the batches' layouts differ (then an INSERT per batch)."""
+    tables = [b.table for b in raw if b.table is not None]
+    if len(tables) != len(raw) or any(t.schema != tables[0].schema for t in tables[1:]):
+        return None
+    sizes = np.array([t.num_rows for t in tables], dtype=np.int64)
+    which = np.repeat(np.arange(len(tables), dtype=np.int32), sizes)
+    collectors = pa.DictionaryArray.from_arrays(
+        pa.array(which), pa.array([b.collector for b in raw], pa.string()))
+    seqs = pa.array(np.repeat(np.array([b.batch_seq for b in raw], dtype=np.int64), sizes))
+    t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return t.append_column("_ew_collector", collectors).append_column("_ew_seq", seqs)
+
 
 _DDL = [
     "CREATE TABLE IF NOT EXISTS flows ("
@@ -85,6 +117,7 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         self.journal_dir: Path | None = self.dir / "journal"
         try:
             self._con = duckdb.connect(str(self.path))
+            self._con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             for stmt in _DDL:
                 self._con.execute(stmt)
             self._legacy = self._migrate()
@@ -173,8 +206,12 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                     con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
                                 "ingested_at, correlated) SELECT collector, batch_seq, records, "
                                 "$1, true FROM _ew_marks", [now])
-                    for b in raw:
-                        if b.table is not None and b.n:
+                    full = [b for b in raw if b.table is not None and b.n]
+                    _ew_raw = _raw_table(full) if full else None  # read by the SQL text
+                    if _ew_raw is not None:
+                        con.execute(_INSERT_RAW, [now])
+                    else:
+                        for b in full:
                             _ew_batch_table = b.table  # noqa: F841 - read by the SQL text
                             con.execute(_INSERT_FLOWS, [b.collector, b.batch_seq, now])
                 write_derived(con, step.derived)

@@ -153,9 +153,8 @@ def run(lab_factory, tmp_path_factory):
             ex = agg.app.state.pipeline.exporters
             # every closed connection is complete after the settle time (connections still open
             # when the collectors stopped stay pending, as they should)
-            wait_for("every closed connection complete", lambda: not any(
-                c.closed for c in ex.completions.pending_connections()), 120)
-            still_open = ex.completions.pending_connections()
+            wait_for("every closed connection complete",
+                     lambda: ex.completions.pending_closed() == 0, 120)
             ex.force_flush()
             done = time.time()
             # Prometheus has scraped the aggregator after the last completion
@@ -165,7 +164,7 @@ def run(lab_factory, tmp_path_factory):
             t1 = time.time()
             graph = agg.get("/api/v1/graph", **window_of(truth))
             yield {"lab": lab, "truth": truth, "prom": prom, "tempo": tempo, "agg": agg,
-                   "graph": graph, "t0": t0, "t1": t1, "open": still_open}
+                   "graph": graph, "t0": t0, "t1": t1}
         finally:
             if prom is not None:
                 prom.stop()

@@ -91,10 +91,10 @@ def run_order(tmp: Path, order: tuple[str, ...], loop: Loop) -> dict[str, Any]:
     async def subscribe() -> Any:
         return store.hub.subscribe()
 
-    async def drain(q: asyncio.Queue[Any]) -> list[Any]:
+    async def drain(sub: Any) -> list[Any]:  # on the loop: what it was sent is queued first
         out = []
-        while not q.empty():
-            out.append(q.get_nowait())
+        while not sub.empty():
+            out.append(sub.get_nowait())
         return out
 
     sub = loop.run(subscribe())
@@ -105,7 +105,7 @@ def run_order(tmp: Path, order: tuple[str, ...], loop: Loop) -> dict[str, Any]:
         while store.hub.held:  # the stream holds a connection up to a second for its names
             store.hub.release()
             threading.Event().wait(0.05)
-        events = loop.run(drain(sub[1]))
+        events = loop.run(drain(sub))
         conns = rows(store)
         with store.store._lock:
             rollups = store.store._con.execute(

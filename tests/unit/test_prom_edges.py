@@ -126,9 +126,11 @@ def test_a_connection_is_told_once_when_closed_and_settled():
     ingest([rec("client", final=False)])
     clock.t += 60
     assert ex.tick().num_rows == 0               # open: never told, however old
+    assert ex.completions.pending == 1 and ex.completions.pending_closed() == 0
     ingest([rec("client")])                      # the client closes
     clock.t += 4.9
     assert ex.tick().num_rows == 0               # not settled: the server's view may follow
+    assert ex.completions.pending_closed() == 1
     ingest([rec("server")])
     clock.t += 4.9
     assert ex.tick().num_rows == 0
@@ -137,6 +139,7 @@ def test_a_connection_is_told_once_when_closed_and_settled():
     ingest([rec("path")])                        # a late view of a told connection: not told again
     clock.t += 10
     assert ex.tick().num_rows == 0 and ex.completions.pending == 0
+    assert ex.completions.pending_closed() == 0
 
 
 def test_connections_that_never_close_are_given_up_and_counted():

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 import msgspec
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -148,4 +149,39 @@ def test_each_extra_field_alone_round_trips(tmp_path, field):
     store = DuckDBStore(tmp_path)
     store.ingest("node-1", 1, [rec])
     assert store.records() == [rec]
+    store.close()
+
+
+@pytest.mark.parametrize("same_layout", [True, False])
+def test_a_step_of_several_batches_keeps_each_rows_collector_and_batch(tmp_path, same_layout):
+    """A correlation step writes its raw batches in one INSERT (a dictionary column names each
+    row's collector); batches of different layouts fall back to an INSERT per batch. Either way
+    every row keeps its own batch's collector and batch_seq, and every mark is written."""
+    from aggregator.correlate import Plan
+    from aggregator.store.base import RawBatch, WriteStep
+    from aggregator.store.columns import flat_table
+    from aggregator.store.derived import Derived
+
+    def bare(i: int, collector: str) -> FlowRecord:
+        return FlowRecord(record_id=f"{collector}:{i}", collector=collector, source="socket",
+                          start=T0, end=T0 + timedelta(seconds=i), final=True, protocol="tcp",
+                          family=4, client=Endpoint("10.0.0.1", 1000 + i),
+                          server=Endpoint("10.0.0.2", 80), observer="client")
+
+    batches = [("h1", 1, [bare(0, "h1"), bare(1, "h1")]), ("h2", 7, [bare(2, "h2")]),
+               ("h1", 2, [bare(3, "h1"), bare(4, "h1"), bare(5, "h1")]), ("h3", 1, [])]
+    raw = []
+    for collector, seq, recs in batches:
+        table = flat_table(recs) if recs else None
+        if table is not None and not same_layout and collector == "h2":  # another layout
+            table = table.cast(table.schema.set(table.schema.get_field_index("client_port"),
+                                                pa.field("client_port", pa.int64())))
+        raw.append(RawBatch(collector, seq, len(recs), table))
+    store = DuckDBStore(tmp_path)
+    store.write_batches(WriteStep(raw, Derived(Plan())))
+    rows = store._query("SELECT record_id, collector, batch_seq FROM flows ORDER BY record_id")
+    assert sorted(rows) == sorted((r.record_id, c, seq) for c, seq, recs in batches for r in recs)
+    assert sorted(store._query("SELECT collector, batch_seq, records FROM ingested_batches")) == [
+        ("h1", 1, 2), ("h1", 2, 3), ("h2", 7, 1), ("h3", 1, 0)]
+    assert {r.record_id for r in store.records()} == {f"h1:{i}" for i in (0, 1, 3, 4, 5)} | {"h2:2"}
     store.close()
