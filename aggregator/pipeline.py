@@ -35,6 +35,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from aggregator.arrow_memory import use_returning_pool
 from aggregator.consume import ConsumerSettings, JetStreamConsumer
 from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.correlate_core import IdSource
@@ -132,6 +133,7 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
     """Every stage from the settings. For tests and benchmarks: a `store` opened by the caller
     (closed by `stop` only with `own_store`), a `resolver`, a `clock`, the environment `env`
     (OTLP's variables), the worker's limits, the source of connection ids (`ids`)."""
+    use_returning_pool()
     drops = drops or Drops()
     metrics = metrics or AggregatorMetrics(drops)
     clock = clock or SystemClock()

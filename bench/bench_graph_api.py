@@ -24,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -81,10 +82,14 @@ def generate(data: Path, flows: int) -> float:
         SELECT i, i % {EDGES} AS e,
                TIMESTAMPTZ '{start.isoformat()}' + to_microseconds((i * {span_us // flows})::BIGINT) AS ts
         FROM range({flows}) t(i))""")
-    con.execute("""INSERT INTO rollups SELECT date_trunc('minute', last_seen), client_wid, server_wid,
-        client_host, server_host, server_port, protocol, any_value(client_name),
+    con.execute("""INSERT INTO rollups (minute, client_wid, server_wid, client_host, server_host,
+        server_port, protocol, link_local, client_name, client_namespace, server_name,
+        server_namespace, bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets)
+        SELECT date_trunc('minute', last_seen), client_wid, server_wid,
+        client_host, server_host, server_port, protocol, false, any_value(client_name),
         any_value(client_namespace), any_value(server_name), any_value(server_namespace),
-        sum(bytes_c2s), sum(bytes_s2c), 0, 0, 0, 0 FROM connections GROUP BY ALL""")
+        sum(bytes_c2s), sum(bytes_s2c), 0, 0, 0, 0 FROM connections
+        GROUP BY ALL""")
     for side in ("client", "server"):
         con.execute(f"""INSERT INTO workloads SELECT {side}_wid, any_value({side}_name), 'bench',
             NULL, any_value({side}_host), '{{}}', 'static', min(start_ts), max(last_seen)
@@ -121,7 +126,7 @@ def main() -> None:
         results = []
         peer_sql = (_counts_sql("workload", "true"), _volumes_sql("workload", "true"))
         with TestClient(create_app(settings)) as c:
-            con = c.app.state.store.inner._con.cursor()  # the peer: DuckDB on the same file
+            con = c.app.state.pipeline.store._con.cursor()  # the peer: DuckDB on the same file
 
             def api(since: datetime, until: datetime) -> tuple[float, int]:
                 t0 = time.perf_counter()
@@ -141,7 +146,7 @@ def main() -> None:
 
             for budget, label, minutes in ((20_000, "15 min", 15), (20_000, "1 h", 60),
                                            (2_000, "15 min", 15), (2_000, "1 h", 60)):
-                c.app.state.edge_budget = budget  # read per request
+                c.app.state.settings = replace(settings, edge_budget=budget)  # read per request
                 warm = T_END - timedelta(minutes=20)
                 api(warm - timedelta(minutes=minutes), warm)
                 peer(warm - timedelta(minutes=minutes), warm)

@@ -113,6 +113,15 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def duckdb_memory(p: Pipeline) -> int:
+    """Bytes DuckDB holds in its buffer manager (its own accounting, duckdb_memory())."""
+    con = getattr(p.store, "_con", None)
+    if con is None:
+        return 0
+    return int(con.cursor().execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")
+               .fetchone()[0] or 0)
+
+
 def engine_of(p: Pipeline) -> str:
     """The correlator's engine and, with the C core, what it holds."""
     if not p.correlator.native:
@@ -171,6 +180,7 @@ def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None
         conns = p.read().connection_count()
         gc.collect()
         grown = rss() - rss0
+        duck = duckdb_memory(p)
         kind = engine_of(p)
         p.stop()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -188,6 +198,8 @@ def sustained(workload: str, n: int, size: int, backlog: int, engine: str | None
     print(f"the aggregator's memory (RSS growth from building the pipeline to the end): "
           f"{grown / 2**20:,.0f} MiB for {conns:,} connections held, "
           f"{grown / max(conns, 1):,.0f} bytes a connection")
+    print(f"  of which DuckDB's buffers {duck / 2**20:,.0f} MiB, Arrow's pool "
+          f"({pa.default_memory_pool().backend_name}) {pa.total_allocated_bytes() / 2**20:,.0f} MiB")
 
 
 def freshness(rate: float, seconds: float, size: int, engine: str | None,
