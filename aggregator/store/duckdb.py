@@ -64,13 +64,22 @@ _INSERT_RAW = (f"INSERT INTO flows (collector, batch_seq, ingested_at, {', '.joi
                "FROM _ew_raw")
 
 # DuckDB writes what the WAL holds into the file (a checkpoint) at the COMMIT that takes the WAL
-# past this size. Each checkpoint rewrites the row groups that changed since the last one (the
-# last, partly filled one of every table, and those with deleted rows: connections_live), so at
-# DuckDB's 16 MB a correlation step of 60,000 records checkpointed at nearly every commit and
-# spent 3x the time of one checkpoint of the same data at the end (docs/benchmarks.md). 256 MB:
-# a checkpoint every ~400,000 records; what the WAL holds is also held in memory, and replayed
-# when the file is opened after a crash (~1 s at 256 MB: 0.54 s for 122 MB of raw records).
-CHECKPOINT_THRESHOLD = "256MB"
+# past `CHECKPOINT_THRESHOLD`, and every commit waits for it (also from other connections:
+# tried). By default a checkpoint also vacuums: it rewrites every row group that has deleted
+# rows. `connections_live` has deletes all over it (each step replaces the rows of the
+# connections it changed and moves settled ones out), so with vacuum a checkpoint rewrote most of
+# that table: 1.1-3.2 s pauses every ~5 s at 100,000 records/s, and a small threshold cost 3x the
+# time; the same deletes checkpoint in 0.61 s instead of 4.71 s without it (docs/benchmarks.md,
+# "Freshness"). Every row of that table leaves it (replaced or settled) and a row group whose
+# rows are all deleted is dropped by a checkpoint without a vacuum task, so the table does not
+# grow (tests/unit/test_store_connections.py). Without vacuum a checkpoint costs about what its
+# WAL holds, so short ones are as cheap in total and keep the pauses short: 32 MB, a checkpoint
+# of ~0.2 s every ~50,000 records (freshness p95 1.6 s instead of 3.5 s at 100,000 records/s,
+# and no lower rate). What the WAL holds is also held in memory and replayed when the file is
+# opened after a crash. `checkpoint()` and `close()` vacuum (DuckDB's default).
+CHECKPOINT_THRESHOLD = "32MB"
+VACUUM_TASKS_WRITING = 0
+VACUUM_TASKS_AT_REST = 100
 
 
 def _raw_table(raw: Sequence[RawBatch]) -> pa.Table | None:
@@ -118,6 +127,7 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         try:
             self._con = duckdb.connect(str(self.path))
             self._con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            self._con.execute(f"SET max_vacuum_tasks = {VACUUM_TASKS_WRITING}")
             for stmt in _DDL:
                 self._con.execute(stmt)
             self._legacy = self._migrate()
@@ -322,10 +332,16 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
 
     def checkpoint(self) -> None:
         """Write everything in the WAL into the database file (DuckDB does it by itself when the
-        WAL grows past `wal_autocheckpoint`; benches call it so that no path leaves work behind)."""
+        WAL grows past `wal_autocheckpoint`; benches call it so that no path leaves work behind),
+        vacuuming the row groups with deleted rows, which the automatic checkpoints leave."""
         with self._raw_lock, self._lock:
+            con = self._writer()
             try:
-                self._writer().execute("CHECKPOINT")
+                con.execute(f"SET max_vacuum_tasks = {VACUUM_TASKS_AT_REST}")
+                try:
+                    con.execute("CHECKPOINT")
+                finally:
+                    con.execute(f"SET max_vacuum_tasks = {VACUUM_TASKS_WRITING}")
             except duckdb.Error as exc:
                 raise StoreError(f"duckdb {str(self.path)!r}: checkpoint failed: {exc}") from exc
 
@@ -334,6 +350,7 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             if not self._closed:
                 self._closed = True
                 try:
+                    self._con.execute(f"SET max_vacuum_tasks = {VACUUM_TASKS_AT_REST}")
                     self._raw_con.close()
                     self._con.close()
                 except duckdb.Error as exc:

@@ -551,3 +551,52 @@ def test_a_file_with_rollups_before_link_local_is_migrated_keeping_its_rows(tmp_
         assert rows == [(False, 1007)]
     finally:
         s.close()
+
+
+def test_automatic_checkpoints_do_not_vacuum_and_the_live_table_stays_bounded(tmp_path):
+    """What the store's checkpoint setting rests on (aggregator/store/duckdb.py, VACUUM_TASKS_*):
+    with vacuum off, a row group whose rows are all deleted is still dropped by a checkpoint, so
+    `connections_live`, whose every row leaves it (replaced or settled), does not grow however
+    long the aggregator runs. Driven in SQL on the store's own connection: 40 steps that each
+    replace recent rows and move the oldest out, checkpointed as the COMMIT that crosses the
+    threshold does."""
+    from aggregator.store.duckdb import VACUUM_TASKS_WRITING, DuckDBStore
+
+    store = DuckDBStore(tmp_path)
+    con = store._con  # the writer's connection: its settings are the database's
+    try:
+        assert con.execute("SELECT current_setting('max_vacuum_tasks')").fetchone()[0] == \
+            VACUUM_TASKS_WRITING == 0
+        cols = [r[0] for r in con.execute("DESCRIBE connections_live").fetchall()]
+        fill = ", ".join("lpad(printf('%x', i), 32, '0')" if c == "conn_id" else
+                         "i" if c == "client_port" else "NULL" for c in cols)
+
+        def step(lo: int, hi: int) -> None:
+            con.execute(f"INSERT INTO connections_live SELECT {fill} FROM range({lo}, {hi}) t(i)")
+
+        step(0, 200_000)
+        con.execute("CHECKPOINT")
+        used = []
+        nxt = 200_000
+        for k in range(40):
+            con.execute("BEGIN")
+            # settled: the oldest 20,000 move out; replaced: 5,000 recent ones get a new row
+            con.execute("DELETE FROM connections_live WHERE client_port < "
+                        "(SELECT min(client_port) FROM connections_live) + 20000")
+            con.execute(f"DELETE FROM connections_live WHERE client_port >= {nxt - 10_000} AND "
+                        f"client_port % 2 = 0")
+            con.execute(f"INSERT INTO connections_live SELECT {fill} FROM range({nxt - 10_000}, "
+                        f"{nxt}) t(i) WHERE i % 2 = 0")
+            step(nxt, nxt + 20_000)
+            con.execute("COMMIT")
+            nxt += 20_000
+            if k % 5 == 4:
+                con.execute("CHECKPOINT")
+                used.append(con.execute("SELECT used_blocks FROM pragma_database_size()")
+                            .fetchone()[0])
+        rows = con.execute("SELECT count(*) FROM connections_live").fetchone()[0]
+        assert 190_000 <= rows <= 210_000
+        # 1M rows went through the table; what it occupies stays that of ~200,000 rows
+        assert max(used) <= 2 * used[0], used
+    finally:
+        store.close()
