@@ -100,9 +100,7 @@ class Completions:
             while self._keys and (everything_closed or self._keys[0] * BUCKET_S <= now):
                 parts += self._buckets.pop(heapq.heappop(self._keys))
             for step, updated, rows in parts:
-                ids = rows.column("conn_id").to_pylist()
-                latest = np.fromiter((self._version.get(cid) == step for cid in ids), bool,
-                                     len(ids))
+                latest = self._latest(step, rows)
                 if not latest.any():
                     continue
                 closed = rows.column("closed").to_numpy(zero_copy_only=False)
@@ -135,6 +133,11 @@ class Completions:
             return None
         return pa.concat_tables(out)
 
+    def _latest(self, step: int, rows: pa.Table) -> np.ndarray:
+        """Which of a step's rows are still their connection's latest (not told, not newer)."""
+        ids = rows.column("conn_id").to_pylist()
+        return np.fromiter((self._version.get(cid) == step for cid in ids), bool, len(ids))
+
     def _tell(self, cid: str) -> None:
         del self._version[cid]
         self._told[cid] = None
@@ -152,9 +155,7 @@ class Completions:
         with self._lock:
             for bucket in self._buckets.values():
                 for step, _updated, rows in bucket:
-                    ids = rows.column("conn_id").to_pylist()
-                    latest = np.fromiter((self._version.get(cid) == step for cid in ids), bool,
-                                         len(ids))
+                    latest = self._latest(step, rows)
                     closed = rows.column("closed").to_numpy(zero_copy_only=False)
                     n += int((latest & closed).sum())
         return n

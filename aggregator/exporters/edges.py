@@ -16,7 +16,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.connection import Identity
 
@@ -72,6 +74,19 @@ class EdgeLabels:
             edge = self.of_names(cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i],
                                  cols[5][i])
             out.append((edge, [int(v[i] or 0) for v in vals]))
+        return out
+
+    def count_per_edge(self, t: pa.Table, column: str, values: Sequence[str]
+                       ) -> list[tuple[EdgeKey, str, int]]:
+        """How many of `t`'s rows have each of `values` in `column`, per edge (labels within the
+        budget, as `per_edge`): [(labels, value, count)], value by value."""
+        out = []
+        col = t.column(column)
+        for value in values:
+            hit = t.filter(pc.equal(col, value))
+            if hit.num_rows:
+                one = hit.append_column("_one", pa.array(np.ones(hit.num_rows, np.int64)))
+                out += [(edge, value, n) for edge, (n,) in self.per_edge(one, ("_one",))]
         return out
 
     def __len__(self) -> int:

@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from opentelemetry.sdk.metrics import MeterProvider
@@ -227,13 +226,8 @@ class OtlpEdgeMetrics:
                 self.connections.add(opened_n, a)
 
     def on_complete(self, done: pa.Table) -> None:
-        outcome = done.column("outcome")
-        for reason in FAILED:
-            hit = done.filter(pc.equal(outcome, reason))
-            if hit.num_rows:
-                one = hit.append_column("_one", pa.array(np.ones(hit.num_rows, np.int64)))
-                for edge, (n,) in self.labels.per_edge(one, ("_one",)):
-                    self.failures.add(n, {**_attrs(edge), "reason": reason})
+        for edge, reason, n in self.labels.count_per_edge(done, "outcome", FAILED):
+            self.failures.add(n, {**_attrs(edge), "reason": reason})
         rtt = done.filter(pc.is_valid(done.column("rtt_avg_us")))
         if rtt.num_rows:
             labels = [rtt.column(n).to_pylist() for n in ROW_LABELS]

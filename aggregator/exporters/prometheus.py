@@ -87,14 +87,8 @@ class EdgeMetrics:
     def on_complete(self, done: pa.Table) -> None:
         """Completed connections (aggregator/exporters/completion.py, their rows): failures by
         reason per edge, and each one's RTT."""
-        child = self._child
-        outcome = done.column("outcome")
-        for reason in FAILED:
-            hit = done.filter(pc.equal(outcome, reason))
-            if hit.num_rows:
-                counted = hit.append_column("_one", pa.array(np.ones(hit.num_rows, np.int64)))
-                for edge, (n,) in self.labels.per_edge(counted, ("_one",)):
-                    child(self.failures, (*edge, reason)).inc(n)
+        for edge, reason, n in self.labels.count_per_edge(done, "outcome", FAILED):
+            self._child(self.failures, (*edge, reason)).inc(n)
         self.rtt.observe_rows(self.labels, done, "rtt_avg_us", 1e6)
 
     def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
