@@ -2,9 +2,9 @@
 beside it or elsewhere on the machine that built it.
 
 - No file of the repository (what `git ls-files --cached --others --exclude-standard` lists, or
-  the same walk by .gitignore where there is no .git) names data or docs outside it: a sibling
-  `../shared` folder, a path joined from `REPO.parent` or from the parts "shared" and "pcaps",
-  an environment variable that points the captures elsewhere, an absolute path under /work or a
+  the same walk by .gitignore where there is no .git) names data or docs outside it: a folder
+  named shared beside the clone (reached through the parent directory), a path joined from
+  `REPO.parent` or from the parts "shared" and "pcaps", an environment variable that points the captures elsewhere, an absolute path under /work or a
   home directory, or the design pages that live only beside the repository.
 - tests/captures/README.md lists every capture in that folder with the sha256 and size of the
   file as it is, an allowed licence (no GPL or LGPL in an Apache-2.0 project) whose text, when
@@ -29,7 +29,7 @@ THIS = Path(__file__).resolve().relative_to(REPO).as_posix()
 # in the source below only by the regex syntax; this file itself is not scanned (THIS).
 Q = "[\"']"
 OUTSIDE = [
-    ("a sibling ../shared folder", r"\.\.[/\\]+shared\b"),
+    ("a sibling shared folder, through the parent directory", r"\.\.[/\\]+shared\b"),
     ("the shared pcaps folder, any spelling", r"shared[/\\]+pcaps\b"),
     ("a path joined from the parts shared and pcaps",
      rf"{Q}shared{Q}\s*[/,]\s*{Q}pcaps{Q}"),
@@ -99,7 +99,8 @@ def reaches_outside(text: str) -> list[tuple[int, str, str]]:
     return found
 
 
-BAD = ['PCAPS = REPO.parent / "shared" / "pcaps"', "see ../shared/pcaps/SOURCES.md",
+UP = ".."  # kept apart from the folder's name: this file's text names no such path itself
+BAD = ['PCAPS = REPO.parent / "shared" / "pcaps"', f"see {UP}/shared/pcaps/SOURCES.md",
        "os.environ.get('EASTWEST_PCAPS')", "Where the code departs from /work/shared/DESIGN.md",
        "os.path.join(os.pardir, 'shared')", "root.joinpath('shared', 'pcaps')",
        "Path(__file__).parents[2] / 'shared'", "the pages in DESIGN.md", "cp /work/main/x .",
