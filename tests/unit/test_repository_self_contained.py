@@ -4,8 +4,9 @@ beside it or elsewhere on the machine that built it.
 - No file of the repository (what `git ls-files --cached --others --exclude-standard` lists, or
   the same walk by .gitignore where there is no .git) names data or docs outside it: a folder
   named shared beside the clone (reached through the parent directory), a path joined from
-  `REPO.parent` or from the parts "shared" and "pcaps", an environment variable that points the captures elsewhere, an absolute path under /work or a
-  home directory, or the design pages that live only beside the repository.
+  `REPO.parent` or from the parts "shared" and "pcaps", an environment variable that points the
+  captures elsewhere, an absolute path under /work or a home directory, or the design pages that
+  live only beside the repository.
 - tests/captures/README.md lists every capture in that folder with the sha256 and size of the
   file as it is, an allowed licence (no GPL or LGPL in an Apache-2.0 project) whose text, when
   linked, is in the folder.
