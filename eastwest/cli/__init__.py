@@ -31,7 +31,7 @@ eastwest: see which service talks to which, how much, how well and since when.
   flows       query stored and live flows with filters
   graph       the service dependency graph of a window
   workloads   workloads with their upstreams and downstreams
-  top         top talkers by bytes, connections, failures or retransmits
+  top         top talkers by bytes, connections, failures, resets or retransmits
   diff        what changed between two windows
   lab         build a multi-host lab in network namespaces, drive it, record ground truth
   demo        the lab with collectors and an aggregator: live cross-host traffic in a minute
@@ -53,17 +53,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _target(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)parser that parses the end of `argv`: `eastwest lab up ...` -> `lab up`'s."""
+    target = parser
+    for token in argv:
+        subs = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            target = subs[0].choices[token]
+    return target
+
+
+def _dash_choices(parser: argparse.ArgumentParser) -> dict[str, frozenset[str]]:
+    """Flags whose closed set of values has values that start with `-` (`--sort -bytes`)."""
+    return {o: frozenset(str(c) for c in a.choices if str(c).startswith("-"))
+            for a in parser._actions if a.choices and a.option_strings and a.nargs is None
+            for o in a.option_strings if any(str(c).startswith("-") for c in a.choices)}
+
+
+def join_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """`--sort -bytes` as `--sort=-bytes`. argparse reads a separate value that starts with `-`
+    as a flag (`expected one argument`), so for a flag whose choices start with `-` (or an
+    unambiguous prefix of it, `--so`), the word after it is joined to it when it is one of
+    them, or when it is no flag of the command either (`--sort -bogus` is then refused as an
+    invalid choice, naming the choices). A flag after it (`--sort --limit 2`) and everything
+    after `--` are left as they are."""
+    target = _target(parser, argv)
+    dashed = _dash_choices(target)
+    if not dashed:
+        return list(argv)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            return out + list(argv[i:])
+        flag = token if token in dashed else _long_prefix(target, token)
+        if flag in dashed and i + 1 < len(argv) and (
+                argv[i + 1] in dashed[flag] or _unknown_dashed(target, argv[i + 1])):
+            out.append(f"{flag}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _unknown_dashed(parser: argparse.ArgumentParser, token: str) -> bool:
+    """A word with a leading `-` that is no flag of `parser` (`-bogus`; not `-o`, `-ojson`,
+    `--lim`, `--limit=2`)."""
+    if not token.startswith("-") or token == "-":
+        return False
+    name = token.partition("=")[0]
+    return not (
+        name in parser._option_string_actions or _long_prefix(parser, name) is not None
+        or (not token.startswith("--") and token[:2] in parser._option_string_actions))
+
+
+def _long_prefix(parser: argparse.ArgumentParser, token: str) -> str | None:
+    """The long flag `token` abbreviates (argparse's allow_abbrev), when exactly one."""
+    if not token.startswith("--") or "=" in token:
+        return None
+    hits = [o for o in parser._option_string_actions if o.startswith(token)]
+    return hits[0] if len(hits) == 1 else None
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """parse_args, but a flag a subcommand does not know is reported by that subcommand, with
-    its usage (`eastwest flows: error: unrecognized arguments: --bogus`), exit 2."""
+    its usage (`eastwest flows: error: unrecognized arguments: --bogus`), exit 2; and a value
+    with a leading `-` of a flag that has such choices is taken as written (`--sort -bytes`)."""
+    argv = join_dash_values(parser, sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
-        target = parser
-        for token in sys.argv[1:] if argv is None else argv:  # descend: eastwest lab up ...
-            subs = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
-            if subs and token in subs[0].choices:
-                target = subs[0].choices[token]
-        target.error(f"unrecognized arguments: {' '.join(extra)}")
+        _target(parser, argv).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

@@ -1,10 +1,10 @@
 """Graph edges as the `graph`, `top` and `diff` commands print them.
 
 In:  edge objects of the API (`GET /api/v1/graph` edges, `GET /api/v1/diff` entries; docs/api.md).
-Out: `Edge`: the numbers a table shows (connections, failures, bytes each way, resets,
-     retransmits, RTT, ports, observers, completeness) and `obj`, the object `-o json` writes
-     unchanged. Reading the API's JSON happens here only, so a change of the API's edge shape is
-     one edit.
+Out: `Edge`: the numbers a table shows (connections, failed = never established, resets, bytes
+     each way, retransmits, RTT, ports, the sets of observers with their counts, completeness)
+     and `obj`, the object `-o json` writes unchanged. Reading the API's JSON happens here only,
+     so a change of the API's edge shape is one edit.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from typing import Any
 from eastwest.errors import TransportError
 from eastwest.output import Cell, human_bytes
 
-METRICS = {  # `top --by` name -> (Edge attribute, column header)
+# `top --by` name -> (Edge attribute, column header): each ranks by the column it names, so
+# `--by failures` sorts by the FAILED column and nothing else
+METRICS = {
     "bytes": ("bytes_total", "BYTES"),
     "connections": ("connections", "CONNS"),
-    "failures": ("failures", "FAILED"),
+    "failures": ("failed", "FAILED"),
+    "resets": ("resets", "RESETS"),
     "retransmits": ("retransmits", "RETX"),
 }
 
@@ -29,25 +32,22 @@ class Edge:
     client: str  # node id: `namespace/name` (or the name), a namespace or a host (--group-by)
     server: str
     connections: int
-    failed: int
+    failed: int  # never established: refused, timed out (the API's connections_failed)
+    resets: int  # established, then ended by a reset (the API's resets)
     bytes_c2s: int
     bytes_s2c: int
-    resets: int
     retransmits: int
     rtt_avg_us: float | None
     ports: tuple[str, ...]
-    observed_by: tuple[str, ...]
+    observed_by: tuple[str, ...]  # the sets of observers, each `client,path,server`, by name
     complete: bool
     obj: Any
+    # (set of observers, connections it saw), most connections first; None: a list, no counts
+    observer_sets: tuple[tuple[str, int | None], ...] = ()
 
     @property
     def bytes_total(self) -> int:
         return self.bytes_c2s + self.bytes_s2c
-
-    @property
-    def failures(self) -> int:
-        """Connections that failed: never established (refused, timeout) or reset."""
-        return self.failed + self.resets
 
     @classmethod
     def from_api(cls, obj: Any) -> Edge:
@@ -61,20 +61,39 @@ class Edge:
                 client=str(obj["source"]), server=str(obj["target"]),
                 connections=int(obj.get("connections_opened") or 0),
                 failed=int(obj.get("connections_failed") or 0),
+                resets=int(obj.get("resets") or 0),
                 bytes_c2s=int(obj.get("bytes_c2s") or 0),
                 bytes_s2c=int(obj.get("bytes_s2c") or 0),
-                resets=int(obj.get("resets") or 0),
                 retransmits=int(obj.get("retransmits") or 0),
                 rtt_avg_us=rtt.get("avg") if isinstance(rtt, Mapping) else None,
                 ports=tuple(str(p) for p in obj.get("ports") or ()),
-                # {observer: connections it saw}, or a list
+                # {"client,path,server": connections that set of observers saw}, or a list
                 observed_by=tuple(sorted(observed)),
                 complete=obj.get("complete") is not False,
                 obj=obj,
+                observer_sets=_observer_sets(observed),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"the aggregator sent an edge this CLI cannot read ({exc!r}); "
                                  "is it a different version?") from None
+
+
+def _observer_sets(observed: Any) -> tuple[tuple[str, int | None], ...]:
+    """`{"client,path,server": 323, "client,path": 16}` -> ((set, 323), (set, 16)): most
+    connections first, then by name; a list of sets carries no counts."""
+    if isinstance(observed, Mapping):
+        counted = [(str(k), int(n)) for k, n in observed.items()]
+        return tuple(sorted(counted, key=lambda x: (-x[1], x[0])))
+    return tuple((str(k), None) for k in sorted(observed))
+
+
+def seen_by(e: Edge) -> str:
+    """The SEEN BY cell: each set of observers joined by `+`, with the connections it saw,
+    largest first: `client+path+server 323, client+path 16`; `(incomplete)` when an observer
+    lost events."""
+    sets = [("+".join(x for x in key.split(",") if x) or "-") + ("" if n is None else f" {n}")
+            for key, n in e.observer_sets]
+    return ", ".join(sets) + ("" if e.complete else " (incomplete)" if sets else "(incomplete)")
 
 
 def edges_of(doc: Any) -> list[Edge]:
@@ -96,7 +115,7 @@ def edge_cells(e: Edge) -> Sequence[Cell | str | int | None]:
         Cell(human_bytes(e.bytes_c2s), right=True), Cell(human_bytes(e.bytes_s2c), right=True),
         e.resets, Cell(str(e.retransmits), "yellow" if e.retransmits else None, right=True),
         Cell(f"{e.rtt_avg_us / 1000:.2f}ms" if e.rtt_avg_us is not None else "", right=True),
-        ",".join(e.ports), ",".join(e.observed_by) + ("" if e.complete else " (incomplete)"),
+        ",".join(e.ports), seen_by(e),
     )
 
 

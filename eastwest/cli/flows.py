@@ -31,6 +31,7 @@ from eastwest.output import to_json_text
 FORMATS = ("table", "compact", "json", "jsonl", "csv")
 SORTS = tuple(s for k in ("start", "last_seen", "bytes", "client_workload", "server_workload")
               for s in (k, f"-{k}"))
+SORT_DEFAULT = "-start"
 API_LIMIT_DEFAULT = 100
 BAD_LINES_SHOWN = 5
 
@@ -41,6 +42,7 @@ examples:
   eastwest flows --to-workload db                       who talks to db, how much, how it went
   eastwest flows --to-workload db --not --outcome ok    only the calls to db that failed
   eastwest flows --from-ip 10.244.1.0/24 --port 5432 --port 5433 --since 1h -o csv
+  eastwest flows --sort -bytes --limit 10               the 10 biggest connections
   eastwest flows --follow --to-workload auth -o compact live, as connections close
   eastwest flows --input-file records.jsonl --outcome reset    offline, no aggregator
   eastwest collector --stdout | eastwest flows --input-file - --observer client
@@ -67,9 +69,11 @@ def register(sub: Any) -> None:
     g.add_argument("--limit", type=int, metavar="N",
                    help=f"at most N flows (default {API_LIMIT_DEFAULT} from the aggregator, all "
                    "from --input-file or --follow; 0 = no limit)")
-    g.add_argument("--sort", choices=SORTS, default="-start", metavar="KEY",
-                   help="order of stored flows: start, last_seen, bytes, client_workload, "
-                   "server_workload; a leading - is descending (default -start: newest first)")
+    g.add_argument("--sort", choices=SORTS, metavar="KEY",
+                   help="order of stored flows: start, last_seen, bytes (both ways), "
+                   "client_workload, server_workload; a leading - is descending: --sort -bytes "
+                   f"is the largest first (default {SORT_DEFAULT}: newest first; not with "
+                   "--follow or --input-file, which print flows as they come)")
     g.add_argument("--print-filter", action="store_true",
                    help="print the compiled filter (and the API query it becomes) and exit")
     add_output_flags(p, FORMATS)
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.follow and (args.since or args.until):
         raise ConfigError("--since" if args.since else "--until", args.since or args.until,
                           "--follow shows flows as they happen; leave out the window")
+    if args.sort and (args.follow or args.input_file):
+        raise ConfigError("--sort", args.sort, "orders the aggregator's stored flows; --follow "
+                          "and --input-file print flows as they come")
     if args.follow and args.output == "json":
         raise ConfigError("--output", "json", "a JSON document never ends with --follow; use "
                           "-o jsonl (one object a line)")
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
         with client_from_args(args) as client:
             rows = (api_follow(client, spec, limit) if args.follow
-                    else api_flows(client, spec, limit, args.sort))
+                    else api_flows(client, spec, limit, args.sort or SORT_DEFAULT))
             printer.print_all(_limited(rows, limit))
     if printer.count == 0 and not args.follow:
         print(f"eastwest flows: no flows match {spec.filter}", file=sys.stderr)

@@ -32,7 +32,10 @@ examples:
   eastwest graph -o mermaid                        paste into Markdown
 
 Edges go client -> server and count connections, never records: a connection seen by its
-client, its server and the wire is one connection (SEEN BY lists who saw it)."""
+client, its server and the wire is one connection. SEEN BY: each set of observers with the
+connections it saw, most first (client+path+server 323, client+path 16: 16 connections had no
+server-side view). FAILED: connections never established (refused or timed out); RESETS:
+connections reset after they were established."""
 
 
 def register(sub: Any) -> None:

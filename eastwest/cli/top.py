@@ -1,10 +1,12 @@
-"""`eastwest top`: top talkers of a window, by bytes, connections, failures or retransmits.
+"""`eastwest top`: top talkers of a window, by bytes, connections, failures, resets or
+retransmits.
 
 In:  a window, the filter flags and `--group-by` (as `eastwest graph`), `--by`, `--limit`;
      the aggregator's `GET /api/v1/graph` edges (built from the matching connections).
 Out: the top edges (client -> server) sorted by the metric, largest first (ties by name), as a
      table, json (the API's edge objects) or csv. The ranking is done here, on the graph's
-     edges: the graph already counts connections once whichever observers saw them.
+     edges: the graph already counts connections once whichever observers saw them. Each
+     metric is one column of the table (`--by failures` is FAILED: never established).
 """
 
 from __future__ import annotations
@@ -22,21 +24,28 @@ EPILOG = """\
 examples:
   eastwest top                                   top 10 edges by bytes, last 15 minutes
   eastwest top --to-workload db                  who talks to db, by bytes
-  eastwest top --by failures --since 1d          which calls fail most
+  eastwest top --by failures --since 1d          which calls fail most to connect
+  eastwest top --by resets --since 1d            which connections break most once open
   eastwest top --to-workload db --by failures --not --outcome ok --since 1h
-  eastwest top --by retransmits --group-by host  lossy host pairs"""
+  eastwest top --by retransmits --group-by host  lossy host pairs
+
+FAILED counts connections never established (refused or timed out), RESETS those reset after
+they were established (--not --outcome ok selects both); --by ranks by the column it names.
+SEEN BY: each set of observers (client, server, path = the wire) with the connections it saw."""
 
 
 def register(sub: Any) -> None:
     from eastwest.cli._edges import METRICS
 
-    p = sub.add_parser("top", help="top talkers by bytes, connections, failures or retransmits",
+    p = sub.add_parser("top", help="top talkers by bytes, connections, failures, resets or "
+                       "retransmits",
                        description="The busiest (or worst) client -> server edges of a window.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ranking")
     g.add_argument("--by", choices=tuple(METRICS), default="bytes",
-                   help="rank by bytes (both ways), connections, failures (connections refused, "
-                   "timed out or reset) or retransmits (default bytes)")
+                   help="rank by bytes (both ways), connections, failures (the FAILED column: "
+                   "connections refused or timed out), resets (connections reset once "
+                   "established) or retransmits (default bytes)")
     g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
                    help="show the top N (default 10; 0 = all)")
     add_graph_scope(p)

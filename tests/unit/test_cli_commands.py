@@ -68,10 +68,10 @@ def edge(src: str, dst: str, opened: int, failed: int, c2s: int, s2c: int, ports
             "folded": 1}
 
 
-EDGES = [
-    edge("shop/frontend", "shop/api", 1, 0, 10, 20, [9090], {"client": 1, "server": 1}),
+EDGES = [  # observed_by: connections per set of observers, as the API counts them
+    edge("shop/frontend", "shop/api", 1, 0, 10, 20, [9090], {"client,server": 1}),
     edge("shop/api", "shop/db", 3, 1, 1100, 15000, [5432, 5433],
-         {"client": 3, "server": 2, "path": 2}, retx=2),
+         {"client,path": 1, "client,path,server": 2}, retx=2),
     edge("shop/api", "shop/auth", 1, 1, 10, 20, [7000], {"client": 1}, resets=1, complete=False),
 ]
 PICK = ("connections_opened", "connections_failed", "resets", "bytes_c2s", "bytes_s2c")
@@ -90,6 +90,12 @@ def view(f: dict[str, Any]) -> dict[str, Any]:
             "client_namespace": "shop", "server_namespace": "shop"}
 
 
+FLOW_SORT_KEYS: dict[str, Any] = {  # the API's sort keys (docs/api.md)
+    "last_seen": lambda f: f["last_seen"], "bytes": lambda f: f["bytes_c2s"] + f["bytes_s2c"],
+    "client_workload": lambda f: f["client"]["workload"]["name"],
+    "server_workload": lambda f: f["server"]["workload"]["name"]}
+
+
 class FakeApi:
     """The read API of docs/api.md over canned data; records every request it served."""
 
@@ -105,6 +111,9 @@ class FakeApi:
         if path == "/api/v1/flows":
             flt = Filter.from_query(params)
             hits = [f for f in FLOWS if flt.matches(view(f))]
+            sort = req.url.params.get("sort", "-start")  # `start` keeps the canned order
+            if sort.lstrip("-") != "start":
+                hits.sort(key=FLOW_SORT_KEYS[sort.lstrip("-")], reverse=sort.startswith("-"))
             start = int(req.url.params.get("cursor") or 0)
             limit = int(req.url.params.get("limit", 100))
             page = hits[start:start + limit]
@@ -220,9 +229,10 @@ def test_graph_table_json_csv_and_dot(api, capsys):
     assert [ln.split()[:3] for ln in lines[1:]] == [["shop/api", "shop/auth", "1"],
                                                      ["shop/api", "shop/db", "3"],
                                                      ["shop/frontend", "shop/api", "1"]]
-    assert lines[2].split()[3:] == ["1", "1.1KiB", "14.6KiB", "0", "2", "2.00ms", "5432,5433",
-                                    "client,path,server"]
-    assert "(incomplete)" in lines[1]
+    assert lines[2].split()[3:10] == ["1", "1.1KiB", "14.6KiB", "0", "2", "2.00ms",
+                                      "5432,5433"]
+    assert lines[2][lines[0].index("SEEN BY"):] == "client+path+server 2, client+path 1"
+    assert lines[1][lines[0].index("SEEN BY"):] == "client 1 (incomplete)"
     q = dict(api.requests[-1].url.params.multi_items())
     assert q["group_by"] == "namespace" and q["from"].endswith("Z") and "to" not in q
     _, out, _ = run(capsys, "graph", "-o", "json")
@@ -331,3 +341,95 @@ def test_an_unknown_flag_is_reported_by_its_subcommand_and_exits_2(capsys, argv,
     assert exc.value.code == 2
     assert f"{who}: error: unrecognized arguments: {' '.join(argv[len(who.split()) - 1:])}" in err
     assert err.startswith(f"usage: {who} ")
+
+
+# -- issue 23 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--sort", "-bytes"], ["--sort=-bytes"], ["--so", "-bytes"]])
+def test_sort_takes_a_descending_key_as_written(api, capsys, argv):
+    """`--sort -bytes`, as --help writes it: argparse alone reads `-bytes` as a flag."""
+    rc, out, err = run(capsys, "flows", *argv, "--limit", "2", "-o", "jsonl")
+    assert (rc, err) == (0, "")
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ["f5", "f2"]  # 8600 B, 7500 B
+    assert ("sort", "-bytes") in api.requests[-1].url.params.multi_items()
+    rc, out, _ = run(capsys, "flows", "--sort", "bytes", "--limit", "1", "-o", "jsonl")
+    assert [json.loads(x)["id"] for x in out.splitlines()] == ["f3"]  # 0 B
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sort", "-bogus"], "argument --sort: invalid choice: '-bogus' (choose from"),
+    (["--sort", "--limit", "2"], "argument --sort: expected one argument"),
+    (["--sort", "-o", "json"], "argument --sort: expected one argument"),
+])
+def test_sort_refuses_what_is_no_sort_key(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["flows", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", [["--follow"], ["--input-file", "x.jsonl"]])
+def test_sort_is_refused_where_flows_come_as_they_come(api, capsys, source):
+    rc, out, err = run(capsys, "flows", "--sort", "-bytes", *source)
+    assert (rc, out) == (2, "")
+    assert err == ("eastwest flows: --sort='-bytes': orders the aggregator's stored flows; "
+                   "--follow and --input-file print flows as they come\n")
+
+
+def test_every_flag_with_dashed_choices_takes_them_as_written():
+    """Whatever command has a flag whose values start with `-` (flows --sort today), the value
+    may follow it as a separate word."""
+    import argparse
+
+    from eastwest.cli import build_parser, parse
+
+    parser = build_parser()
+    found = []
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, cmd in sub.choices.items():
+        for action in cmd._actions:
+            for value in [str(c) for c in action.choices or () if str(c).startswith("-")]:
+                if not action.option_strings:
+                    continue
+                args = parse(parser, [name, action.option_strings[-1], value])
+                assert getattr(args, action.dest) == value
+                found.append((name, action.option_strings[-1]))
+    assert ("flows", "--sort") in found
+
+
+def test_seen_by_shows_each_set_of_observers_with_its_count_in_graph_and_top(api, capsys,
+                                                                               monkeypatch):
+    """`{"client,path,server": 323, "client,path": 16}` reads `client+path+server 323,
+    client+path 16` (largest first) in both tables; csv and json keep the structure."""
+    one = [edge("shop/api", "shop/db", 339, 0, 1, 2, [5432],
+                {"client,path": 16, "client,path,server": 323})]
+    monkeypatch.setattr(f"{__name__}.EDGES", one)
+    cells = []
+    for cmd in ("graph", "top"):
+        rc, out, _ = run(capsys, cmd)
+        head, row = out.splitlines()
+        assert rc == 0
+        cells.append(row[head.index("SEEN BY"):])
+    assert cells == ["client+path+server 323, client+path 16"] * 2
+    _, out, _ = run(capsys, "top", "-o", "csv")
+    assert next(csv.DictReader(io.StringIO(out)))["observed_by"] == "client,path;client,path,server"
+    _, out, _ = run(capsys, "graph", "-o", "json")
+    assert json.loads(out)["edges"][0]["observed_by"] == {"client,path": 16,
+                                                         "client,path,server": 323}
+
+
+def test_failed_column_and_top_by_failures_count_the_same(api, capsys, monkeypatch):
+    """FAILED is the API's connections_failed (never established); --by failures ranks by that
+    column, resets are their own column and their own --by."""
+    edges = [edge("shop/a", "shop/x", 9, 0, 1, 1, [1], {"client": 9}, resets=5),
+             edge("shop/b", "shop/x", 9, 2, 1, 1, [1], {"client": 9}, resets=0),
+             edge("shop/c", "shop/x", 9, 1, 1, 1, [1], {"client": 9}, resets=4)]
+    monkeypatch.setattr(f"{__name__}.EDGES", edges)
+
+    def table(*argv: str) -> list[tuple[str, str, str]]:
+        rc, out, _ = run(capsys, "top", *argv)
+        head, *rows = out.splitlines()
+        cols = head.split()
+        return [(r.split()[1], r.split()[cols.index("FAILED")], r.split()[cols.index("RESETS")])
+                for r in rows]
+
+    assert table("--by", "failures") == [("shop/b", "2", "0"), ("shop/c", "1", "4")]
+    assert table("--by", "resets") == [("shop/a", "0", "5"), ("shop/c", "1", "4")]
