@@ -30,6 +30,8 @@ from collector.pipeline import (
 )
 from eastwest.errors import ConfigError
 
+log = logging.getLogger("eastwest.collector")
+
 if TYPE_CHECKING:
     from collector.metrics import CollectorMetrics
 
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
             if live_capture_wanted(args):
                 sources.append(LiveVxlanSource(ctx, args))
+            else:
+                _say_no_underlay(args)
         if not sources:
             raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
 
@@ -127,3 +131,13 @@ def identity_lines(ident: identity.Identity) -> str:
         spool = f"{ident.spool_dir}  (from {ident.spool_from}; {state})"
     return (f"{'collector id:':<28} {ident.collector_id}  ({ident.id_from}{how})\n"
             f"{'spool folder:':<28} {spool}")
+
+
+def _say_no_underlay(args: argparse.Namespace) -> None:
+    """No VXLAN device in the collector's namespace and no --underlay: no wire (`path`) records.
+    A scoped collector (--netns) is told loudly: its hosts' VXLAN devices live in the namespaces
+    it scopes to, not in the one it runs in, so it must name their underlay."""
+    scoped = bool(getattr(args, "netns", None))
+    log.log(logging.WARNING if scoped else logging.INFO,
+            "no VXLAN device in this namespace and no --underlay: no wire (path) records%s",
+            "; name each scoped host's underlay link, e.g. --underlay NETNS/eth0" if scoped else "")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what eastwest needs from the machine itself: Debian packages, kernel headers for bcc,
 # and the tracefs / debugfs / bpffs mounts. Idempotent: a second run checks and says so quickly.
-# See docs/install.md (and ENVIRONMENT notes) for why each piece is there.
+# Why each piece is there: the comments below, README.md (the first lines) and docs/collector.md
+# ("Socket probes": the kernel features the collector needs, what it does without them).
 set -euo pipefail
 
 say() { printf 'eastwest setup: %s\n' "$*"; }

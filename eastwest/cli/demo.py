@@ -219,6 +219,7 @@ def _run(args: argparse.Namespace) -> int:
         stack.stop()
         if lab is not None:
             lab.down()
+        print("eastwest demo: stopped", file=sys.stderr, flush=True)
     return rc
 
 

@@ -248,10 +248,10 @@ def test_collector_metrics_show_in_out_spool_and_drops(tmp_path):
     assert "eastwest_records_in_total 7.0" in text
     assert 'eastwest_dropped_total{reason="http_400",stage="export"} 3.0' in text
     assert "eastwest_spool_batches 1.0" in text and "eastwest_spool_records 3.0" in text
-    sink.metrics.watch_source(lambda: {("eastwest_bpf_map_entries", (("map", "socks"),)): 12.0,
+    sink.metrics.watch_source(lambda: {("eastwest_probe_map_entries", (("map", "socks"),)): 12.0,
                                        ("eastwest_bpf_lost_events_total", ()): 4.0})
     text = sink.metrics.render().decode()
-    assert 'eastwest_bpf_map_entries{map="socks"} 12.0' in text
+    assert 'eastwest_probe_map_entries{map="socks"} 12.0' in text
     assert "eastwest_bpf_lost_events_total 4.0" in text
 
 
