@@ -13,6 +13,9 @@ Errors are translated here, at the boundary, into one clear line each:
 - the token is missing, refused (401) or of the wrong scope (403) -> TransportError (exit 1)
 - an answer that is not JSON, a stream that is not SSE, a stream
   silent for longer than three of its keep-alives                 -> TransportError (exit 1)
+- a route this aggregator does not have (404 `Not Found`)      -> TransportError (exit 1),
+  "is it an older version?"; a 404 with the API's own reason (a
+  workload it has not seen)                                      -> NotFound (exit 1), the reason
 - the API rejects a parameter (400, naming it)                  -> ConfigError (exit 2)
 - a bad server URL, config key or token file                    -> ConfigError (exit 2)
 The token is sent as `Authorization: Bearer` (RFC 6750) and never printed.
@@ -53,6 +56,20 @@ class RejectedRequest(ConfigError):
     def __init__(self, path: str, detail: str) -> None:
         super().__init__(path, None, detail)
         self.args = (f"the aggregator rejected {path}: {detail}",)
+
+
+class NotFound(TransportError):
+    """A 404 that names what the API did not find (`workload='x': not seen in this window`):
+    the route exists, the thing does not. `detail` is the API's reason; the command that asked
+    may say it better (eastwest/cli/workloads.py)."""
+
+    def __init__(self, where: str, path: str, detail: str) -> None:
+        super().__init__(f"the aggregator at {where} found nothing at {path}: {detail}")
+        self.path, self.detail = path, detail
+
+
+# FastAPI's answer for a path no route matches (and the only 404 body that means "no route")
+UNKNOWN_ROUTE = {"detail": "Not Found"}
 
 
 @dataclass(frozen=True)
@@ -308,15 +325,24 @@ class ApiClient:
         if code == 400:
             raise RejectedRequest(path, detail)
         if code == 404:
-            raise TransportError(f"the aggregator at {where} has no {path} (404: {detail}); "
-                                 "is it an older version than this CLI?")
+            if _body(resp) == UNKNOWN_ROUTE:
+                raise TransportError(f"the aggregator at {where} has no {path} (404: {detail}); "
+                                     "is it an older version than this CLI?")
+            raise NotFound(where, path, detail)
         raise TransportError(f"the aggregator at {where} failed on {path} ({code}: {detail})")
 
 
-def _detail(resp: httpx.Response) -> str:
+def _body(resp: httpx.Response) -> Any:
+    """The JSON body of an error answer, or None when it is not JSON."""
     try:
-        body = resp.json()
+        return resp.json()
     except ValueError:
+        return None
+
+
+def _detail(resp: httpx.Response) -> str:
+    body = _body(resp)
+    if body is None:
         return _short(resp.text) or resp.reason_phrase
     if isinstance(body, dict) and "detail" in body:
         return _short(str(body["detail"]))

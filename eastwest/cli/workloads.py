@@ -5,12 +5,16 @@ In:  a window, optionally one workload NAME; the aggregator's `GET /api/v1/workl
 Out: a table (workload, namespace, kind, how many workloads call it and it calls), json (the
      API's objects), `names` (one bare name a line: what shell completion reads), or for one
      workload its callers and callees with their numbers, its transitive upstream and
-     downstream, and its impact (what breaks if it breaks).
+     downstream, and its impact (what breaks if it breaks). A NAME the aggregator did not see
+     in the window is one line naming the window (`workload 'x' was not seen in this window
+     (1h..now); ...`), exit 1: not a question of versions, which only a route unknown to the
+     aggregator is (eastwest/client.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -51,6 +55,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
     from eastwest.cli._window import window
+    from eastwest.client import NotFound
     from eastwest.errors import ConfigError, TransportError
     from eastwest.output import escape, to_json_text, write_table
 
@@ -64,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
     path = WORKLOADS_PATH + (f"/{quote(args.name, safe='')}" if args.name else "")
     with results(args) as (out, color):
         with client_from_args(args) as client:
-            doc = client.get_json(path, params)
+            try:
+                doc = client.get_json(path, params)
+            except NotFound as exc:
+                if not args.name:
+                    raise
+                raise TransportError(not_seen(args.name, exc.detail, args.since,
+                                              args.until)) from None
         if args.name:
             _check_detail(path, doc)  # before any format is written, -o json too
             if args.output == "json":
@@ -93,6 +104,31 @@ def run(args: argparse.Namespace) -> int:
                          color=color) == 0:
             print("eastwest workloads: no workloads in this window", file=sys.stderr)
     return 0
+
+
+AMBIGUOUS = re.compile(r"\(ambiguous: (?P<ids>[^)]*)\)\s*$")
+
+
+def not_seen(name: str, detail: str, since: str | None, until: str | None) -> str:
+    """The one line for a workload the aggregator answered 404 for: not seen in the window, or
+    a bare name that several namespaces have (the API's reason says which; the names in it
+    are escaped, a monitored host sets them)."""
+    from eastwest.output import escape
+
+    if since:
+        span = f"{since}..{until or 'now'}"
+    elif until:
+        span = f"the 15 minutes before {until}, the default; --since widens it"
+    else:
+        span = "the last 15 minutes, the default; --since widens it"
+    ambiguous = AMBIGUOUS.search(detail)
+    if ambiguous:
+        return (f"workload {name!r} is ambiguous in this window ({span}): "
+                f"{escape(ambiguous.group('ids'))}; name one as namespace/name")
+    if "not seen" in detail:
+        return (f"workload {name!r} was not seen in this window ({span}); `eastwest workloads` "
+                "lists the known ones")
+    return f"workload {name!r}: {escape(detail)} (404)"
 
 
 def _check_detail(path: str, doc: Any) -> None:

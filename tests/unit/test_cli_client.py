@@ -16,6 +16,7 @@ from eastwest.client import (
     DEFAULT_SERVER,
     ApiClient,
     ClientSettings,
+    NotFound,
     RejectedRequest,
     parse_sse,
     resolve_settings,
@@ -138,6 +139,23 @@ def test_http_errors_become_one_clear_line(status, token, exc, text):
     msg = str(info.value)
     assert text in msg and "\n" not in msg
     assert TOKEN not in msg
+
+
+@pytest.mark.parametrize(("answer", "text"), [
+    (httpx.Response(404, json={"detail": "Not Found"}),  # FastAPI: no route has this path
+     "the aggregator at http://agg.test:8470 has no /api/v1/workloads/x (404: Not Found); is it "
+     "an older version than this CLI?"),
+    (httpx.Response(404, json={"detail": "workload='x': not seen in this window"}),
+     "the aggregator at http://agg.test:8470 found nothing at /api/v1/workloads/x: "
+     "workload='x': not seen in this window"),
+])
+def test_a_404_asks_about_versions_only_when_the_route_is_unknown(answer, text):
+    with client(lambda r: answer) as c, pytest.raises(TransportError) as info:
+        c.get_json("/api/v1/workloads/x")
+    assert str(info.value) == text
+    assert isinstance(info.value, NotFound) == ("older version" not in text)
+    if isinstance(info.value, NotFound):
+        assert info.value.detail == "workload='x': not seen in this window"
 
 
 def test_unreachable_aggregator(closed_port):

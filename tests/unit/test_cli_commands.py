@@ -433,3 +433,56 @@ def test_failed_column_and_top_by_failures_count_the_same(api, capsys, monkeypat
 
     assert table("--by", "failures") == [("shop/b", "2", "0"), ("shop/c", "1", "4")]
     assert table("--by", "resets") == [("shop/a", "0", "5"), ("shop/c", "1", "4")]
+
+
+@pytest.fixture()
+def real_api(tmp_path, monkeypatch):
+    """The real aggregator app (empty DuckDB store) at the CLI's HTTP boundary: its own 404s."""
+    from fastapi.testclient import TestClient
+
+    from aggregator.app import create_app
+    from aggregator.settings import AggregatorSettings
+
+    settings = AggregatorSettings(data_dir=tmp_path / "data", ingest_token="i" * 24,
+                                  read_token=TOKEN, retention=None)
+    with TestClient(create_app(settings)) as app:
+        monkeypatch.setattr("eastwest.cli._common.client_from_args", lambda args: ApiClient(
+            ClientSettings(server="http://agg.test", token=TOKEN), transport=app._transport))
+        yield app
+
+
+@pytest.mark.parametrize(("argv", "window"), [
+    ([], "the last 15 minutes, the default; --since widens it"),
+    (["--since", "1h"], "1h..now"),
+    (["--since", "2h", "--until", "1h"], "2h..1h"),
+])
+def test_workloads_of_an_unknown_name_says_it_was_not_seen_in_the_window(real_api, capsys,
+                                                                         argv, window):
+    """A name the aggregator did not see is no question of versions (issue 23, item 4)."""
+    for fmt in ("table", "json"):
+        rc, out, err = run(capsys, "workloads", "nosuch", *argv, "-o", fmt)
+        assert (rc, out) == (1, "")
+        assert err == (f"eastwest workloads: workload 'nosuch' was not seen in this window "
+                       f"({window}); `eastwest workloads` lists the known ones\n")
+
+
+def test_workloads_of_an_ambiguous_bare_name_lists_the_candidates(capsys, monkeypatch):
+    detail = "workload='web': not seen in this window (ambiguous: blue/web, green/web\x1b[2J)"
+    monkeypatch.setattr("eastwest.cli._common.client_from_args", lambda args: ApiClient(
+        ClientSettings(server="http://agg.test", token=TOKEN), transport=httpx.MockTransport(
+            lambda req: httpx.Response(404, json={"detail": detail}))))
+    rc, out, err = run(capsys, "workloads", "web")
+    assert (rc, out) == (1, "")
+    assert err == ("eastwest workloads: workload 'web' is ambiguous in this window (the last 15 "
+                   "minutes, the default; --since widens it): blue/web, green/web\\x1b[2J; name "
+                   "one as namespace/name\n")
+
+
+def test_an_unknown_route_still_asks_about_versions(real_api):
+    from eastwest.errors import TransportError
+
+    with ApiClient(ClientSettings(server="http://agg.test", token=TOKEN),
+                   transport=real_api._transport) as c, pytest.raises(TransportError) as info:
+        c.get_json("/api/v1/nosuch")
+    assert str(info.value) == ("the aggregator at http://agg.test has no /api/v1/nosuch (404: Not "
+                               "Found); is it an older version than this CLI?")
