@@ -7,6 +7,7 @@ closed by the app's lifespan, so every acknowledged batch is on disk before exit
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -35,5 +36,26 @@ def serve(settings: AggregatorSettings, *, verbose: bool = False) -> int:
     server = uvicorn.Server(config)
     print(f"eastwest aggregator: serving {settings.base_url} (data in {settings.data_dir}, "
           f"API docs {settings.base_url}/docs)", file=sys.stderr, flush=True)
-    server.run()
+    run_until_stopped(server)
     return 0
+
+
+class _Stopped(Exception):
+    """SIGTERM, re-raised by uvicorn after its graceful shutdown (see run_until_stopped)."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
+def run_until_stopped(server: uvicorn.Server) -> None:
+    """Run until SIGINT (Ctrl-C) or SIGTERM (systemd, Kubernetes). uvicorn shuts down gracefully
+    (the lifespan closes the store), then re-raises the signal it stopped on; that is our
+    normal, clean end, so it ends here and the command exits 0, not 130 or -15."""
+    before = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Stopped):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, before)
