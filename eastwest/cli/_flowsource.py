@@ -10,12 +10,17 @@ Out: `FlowRow`s; a file may hold flow records or the API's flow objects (as
      exits 1, after printing the good records).
      The live stream ends only by `limit`: a stream the aggregator closes earlier, an `error`
      event or a body that is not a flow is an error, after the flows it already gave.
+     A collector's records carry no workload names (the aggregator names both ends): a static
+     workload map (`--workload-map`, the aggregator's own loader, aggregator/identity.py) names
+     them offline as the aggregator would, its names winning over a record's own; and
+     `FileReport.unnamed` says when a workload filter met not one named record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -24,6 +29,16 @@ from eastwest.cli._flowrow import FlowRow
 from eastwest.client import ApiClient
 from eastwest.codec import from_json
 from eastwest.errors import EastwestError, RecordError, TransportError
+from eastwest.filters import DIMENSIONS
+from eastwest.record import FlowRecord, Workload
+
+if TYPE_CHECKING:
+    from aggregator.connection import Identity
+
+Namer = Callable[[FlowRecord], FlowRecord]
+# the filter dimensions that only a workload name can match (a record's namespace is its
+# workload's)
+NAME_DIMENSIONS = ("from_workload", "to_workload", "workload", "namespace")
 
 FLOWS_PATH = "/api/v1/flows"
 STREAM_PATH = "/api/v1/flows/stream"
@@ -35,6 +50,7 @@ class FileReport:
     name: str
     lines: int = 0
     records: int = 0
+    named: int = 0  # records with a workload name on either side (after the map, if any)
     bad: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
 
@@ -65,29 +81,74 @@ class FileReport:
         return (f"{self.source}: skipped {self.bad} of {self.lines} lines that are not flow "
                 "records (docs/flow-record.md)")
 
+    def unnamed(self, spec: FilterSpec, workload_map: str | None) -> str | None:
+        """One line when the filter has a workload or namespace flag and not one record read
+        carried a workload name, so that flag had nothing to match (None otherwise)."""
+        flags = sorted({DIMENSIONS[c.dim].flag for c in spec.filter.clauses
+                        if c.dim in NAME_DIMENSIONS})
+        if not flags or not self.records or self.named:
+            return None
+        what = (f"has an address in --workload-map {workload_map}" if workload_map else
+                "carries workload names (a collector's records have none: the aggregator, or "
+                "--workload-map FILE, names them)")
+        return (f"{self.source}: none of the {self.records} records read {what}, so "
+                f"{' '.join(flags)} had no name to match")
 
-def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport) -> Iterator[FlowRow]:
+
+def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport,
+              name: Namer | None = None) -> Iterator[FlowRow]:
+    """The matching rows of `lines`; `name` gives a flow record its workloads first."""
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         report.lines = n
         try:
-            row = _row_of_line(line)
+            row = _row_of_line(line, name)
         except (RecordError, TransportError) as exc:
             report.bad += 1
             if len(report.errors) < 100:
                 report.errors.append((n, str(exc)))
             continue
         report.records += 1
+        report.named += bool(row.client.workload or row.server.workload)
         if spec.in_window(row.start, row.end) and spec.filter.matches(row.view):
             yield row
 
 
-def _row_of_line(line: str) -> FlowRow:
-    """A flow record, or a flow object of the API (what `eastwest flows -o jsonl` saved)."""
+def static_namer(path: str) -> Namer:
+    """Names a record's two ends from a static workload map (YAML `workloads: [{match: CIDR |
+    ip:port, name, namespace, kind, host, labels}]`), loaded and matched by the aggregator's
+    own `StaticMap` (most specific match wins); as in the aggregator, the map's name beats the
+    one a record carries, and an address the map lacks keeps the record's. A map that cannot
+    be read or is not one is a ConfigError naming --workload-map."""
+    from aggregator.identity import StaticMap
+
+    static = StaticMap.load(path)
+
+    def name(rec: FlowRecord) -> FlowRecord:
+        c = static.lookup(rec.client.ip, rec.client.port)
+        s = static.lookup(rec.server.ip, rec.server.port)
+        if c is None and s is None:
+            return rec
+        return msgspec.structs.replace(
+            rec, client_workload=_workload(c) if c else rec.client_workload,
+            server_workload=_workload(s) if s else rec.server_workload)
+
+    return name
+
+
+def _workload(ident: Identity) -> Workload:
+    return Workload(name=ident.name, namespace=ident.namespace, kind=ident.kind,
+                    host=ident.host, labels=dict(ident.labels))
+
+
+def _row_of_line(line: str, name: Namer | None = None) -> FlowRow:
+    """A flow record (named by `name`), or a flow object of the API (what `eastwest flows -o
+    jsonl` saved: named by the aggregator already)."""
     raw = line.encode("utf-8", "surrogateescape")  # the file's bytes: not UTF-8 is a bad line
     try:
-        return FlowRow.from_record(from_json(raw))
+        rec = from_json(raw)
+        return FlowRow.from_record(name(rec) if name else rec)
     except RecordError as exc:
         try:
             obj = msgspec.json.decode(raw)

@@ -9,7 +9,8 @@ Out: flows printed as table, compact, json, jsonl or csv (eastwest/output.py). T
 
 Exit codes: 0 done (also when nothing matched), 1 the aggregator or the file failed, or a file
 held lines that are not records (each is named on stderr and skipped; the good records are
-printed: one bad line spoils nothing else), 2 a usage error naming the flag.
+printed: one bad line spoils nothing else), or a workload filter met a file whose records carry
+no workload names (said on stderr; `--workload-map` names them), 2 a usage error naming the flag.
 A failure prints nothing on stdout (eastwest/cli/_common.py `results`), except what a live source
 (`--follow`, `--input-file -`) printed before it: those lines stay, whole.
 """
@@ -45,12 +46,15 @@ examples:
   eastwest flows --sort -bytes --limit 10               the 10 biggest connections
   eastwest flows --follow --to-workload auth -o compact live, as connections close
   eastwest flows --input-file records.jsonl --outcome reset    offline, no aggregator
+  eastwest flows --input-file records.jsonl --workload-map workloads.yaml --to-workload db
   eastwest collector --stdout | eastwest flows --input-file - --observer client
   eastwest flows --to-workload db --not --port 5432 --print-filter
 
 --input-file reads flow records (one JSON object a line, as `eastwest collector --stdout`
 writes them; docs/flow-record.md) and prints one line per record, as its observer saw it; the
-aggregator prints one line per connection, with every observer's view merged."""
+aggregator prints one line per connection, with every observer's view merged. A collector's
+records carry no workload names: --workload-map FILE names them as the aggregator would;
+without it a workload or namespace filter has nothing to match, says so on stderr, exit 1."""
 
 
 def register(sub: Any) -> None:
@@ -66,6 +70,10 @@ def register(sub: Any) -> None:
                    "or until --limit flows arrived")
     g.add_argument("--input-file", metavar="FILE",
                    help="filter this JSON-lines file of flow records instead (- for stdin)")
+    g.add_argument("--workload-map", metavar="FILE",
+                   help="with --input-file: name the records' ends from this static workload "
+                   "map (the YAML of `eastwest aggregator --workload-map`), as the aggregator "
+                   "would; a collector's records carry no workload names")
     g.add_argument("--limit", type=int, metavar="N",
                    help=f"at most N flows (default {API_LIMIT_DEFAULT} from the aggregator, all "
                    "from --input-file or --follow; 0 = no limit)")
@@ -90,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.follow and (args.since or args.until):
         raise ConfigError("--since" if args.since else "--until", args.since or args.until,
                           "--follow shows flows as they happen; leave out the window")
+    if args.workload_map and not args.input_file:
+        raise ConfigError("--workload-map", args.workload_map, "names the records of "
+                          "--input-file; the aggregator names what it stores with its own")
     if args.sort and (args.follow or args.input_file):
         raise ConfigError("--sort", args.sort, "orders the aggregator's stored flows; --follow "
                           "and --input-file print flows as they come")
@@ -131,15 +142,19 @@ def print_filter(out: TextIO, spec: FilterSpec, fmt: str) -> None:
 def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter) -> int:
     """Print the file's matching records; a line that is not a record is named on stderr and
     skipped, and makes the exit status 1 (the good records are printed all the same). A file
-    in which no line is a record fails whole: nothing printed."""
-    from eastwest.cli._flowsource import FileReport, file_rows
+    in which no line is a record fails whole: nothing printed. A workload or namespace filter
+    on records none of which carries a workload name (a collector's, without --workload-map)
+    had nothing to match: one line on stderr says so, exit 1 (not an honest "nothing
+    matched")."""
+    from eastwest.cli._flowsource import FileReport, file_rows, static_namer
 
+    name = static_namer(args.workload_map) if args.workload_map else None  # before any output
     report = FileReport(args.input_file)
     limit = args.limit or 0
     try:
         if args.input_file == "-":
             printer.print_all(report.records_or_fail(
-                _limited(file_rows(sys.stdin, spec, report), limit)))
+                _limited(file_rows(sys.stdin, spec, report, name), limit)))
         else:
             try:
                 fh = open(args.input_file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
@@ -147,15 +162,17 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
                 raise EastwestError(f"--input-file {args.input_file}: {exc.strerror}") from None
             with fh:
                 printer.print_all(report.records_or_fail(
-                    _limited(file_rows(fh, spec, report), limit)))
+                    _limited(file_rows(fh, spec, report, name), limit)))
     finally:
         for line in report.messages(BAD_LINES_SHOWN):
             print(f"eastwest flows: {line}", file=sys.stderr)
+        unnamed = report.unnamed(spec, args.workload_map)  # also when Ctrl-C ends stdin
+        if unnamed is not None:
+            print(f"eastwest flows: {unnamed}", file=sys.stderr)
     summary = report.summary()
     if summary is not None:  # (a file of no records at all raised above: nothing printed)
         print(f"eastwest flows: {summary}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if summary is not None or unnamed is not None else 0
 
 
 def _limited(rows: Iterable[FlowRow], limit: int) -> Iterator[FlowRow]:

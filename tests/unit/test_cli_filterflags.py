@@ -217,3 +217,116 @@ def test_link_local_flag_reaches_the_api_as_link_local_true(command):
     assert Filter.from_query(spec.query_params()) == spec.filter
     plain = filter_spec(build_parser().parse_args([command, "--port", "53", *argv[4:]]))
     assert not plain.filter.link_local and all(k != "link_local" for k, _ in plain.query_params())
+
+
+# -- offline workload names (issue 23, item 8) ------------------------------------------------
+WORKLOAD_MAP = """\
+workloads:  # as the lab writes it for `eastwest aggregator --workload-map`
+- {match: 10.244.1.11/32, name: frontend, namespace: shop, kind: Deployment}
+- {match: 10.244.1.12/32, name: frontend, namespace: shop}
+- {match: 10.244.2.0/24, name: api, namespace: shop}
+- {match: 10.244.2.12/32, name: auth, namespace: shop}
+- {match: 10.244.3.11/32, name: db, namespace: shop}
+- {match: 10.244.3.12:53, name: resolver, namespace: platform}
+"""
+
+
+@pytest.fixture()
+def collector_file(tmp_path):
+    """RECORDS as a collector writes them: no workload names."""
+    import msgspec
+
+    path = tmp_path / "collector.jsonl"
+    path.write_bytes(write_jsonl([msgspec.structs.replace(r, client_workload=None,
+                                                          server_workload=None)
+                                  for r in RECORDS]))
+    (tmp_path / "workloads.yaml").write_text(WORKLOAD_MAP)
+    return path
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--to-workload", "db"], [2, 3, 7]),
+    (["--workload", "frontend"], [1, 7]),
+    (["--namespace", "platform"], [5]),
+    (["--to-workload", "auth", "--from-workload", "api"], [4]),
+    (["--not", "--to-workload", "db"], [1, 4, 5, 6]),
+])
+def test_workload_map_names_a_collectors_records_offline(collector_file, capsys, argv,
+                                                         expected):
+    wmap = str(collector_file.parent / "workloads.yaml")
+    rc = main(["flows", "--input-file", str(collector_file), "--workload-map", wmap, *argv,
+               "-o", "jsonl"])
+    out, err = capsys.readouterr()
+    assert (rc, err) == (0, "")
+    assert _numbers(out) == expected
+    for line in out.splitlines():  # printed with the names the map gave (fd00:: it lacks)
+        r = json.loads(line)
+        assert (r["server_workload"] is None) == (r["server"]["ip"] == "fd00::2")
+
+
+def test_the_maps_name_wins_over_the_records_own(records_file, tmp_path, capsys):
+    (tmp_path / "m.yaml").write_text("workloads:\n- {match: 10.244.3.11/32, name: postgres}\n")
+    rc = main(["flows", "--input-file", str(records_file), "--workload-map",
+               str(tmp_path / "m.yaml"), "--to-workload", "postgres", "-o", "jsonl"])
+    assert (rc, _numbers(capsys.readouterr().out)) == (0, [2, 3, 7])
+
+
+@pytest.mark.parametrize(("argv", "printed"), [
+    (["--to-workload", "db"], []),
+    (["--not", "--namespace", "shop", "--to-port", "443"], [6]),
+])
+def test_a_workload_filter_on_records_without_names_says_so_and_exits_1(collector_file, capsys,
+                                                                        argv, printed):
+    rc = main(["flows", "--input-file", str(collector_file), *argv, "-o", "jsonl"])
+    out, err = capsys.readouterr()
+    assert (rc, _numbers(out)) == (1, printed)
+    flag = argv[1] if argv[0] == "--not" else argv[0]
+    assert err == (f"eastwest flows: {collector_file}: none of the 7 records read carries "
+                   "workload names (a collector's records have none: the aggregator, or "
+                   f"--workload-map FILE, names them), so {flag} had no name to match\n")
+
+
+def test_a_map_that_names_no_record_says_so(collector_file, tmp_path, capsys):
+    (tmp_path / "other.yaml").write_text("workloads:\n- {match: 192.0.2.0/24, name: x}\n")
+    rc = main(["flows", "--input-file", str(collector_file), "--workload-map",
+               str(tmp_path / "other.yaml"), "--to-workload", "db", "--from-workload", "api"])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, "")
+    assert err == (f"eastwest flows: {collector_file}: none of the 7 records read has an address "
+                   f"in --workload-map {tmp_path / 'other.yaml'}, so --from-workload "
+                   "--to-workload had no name to match\n")
+
+
+def test_no_warning_without_a_workload_filter_or_with_named_records(collector_file,
+                                                                    records_file, capsys):
+    assert main(["flows", "--input-file", str(collector_file), "--to-port", "5432"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["flows", "--input-file", str(records_file), "--to-workload", "nosuch"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workload-map", "m.yaml"], "--workload-map='m.yaml': names the records of "
+     "--input-file; the aggregator names what it stores with its own"),
+    (["--input-file", "x", "--workload-map", "missing.yaml"],
+     "--workload-map='missing.yaml': cannot be read: No such file or directory"),
+    (["--input-file", "x", "--workload-map", "bad.yaml"],
+     "--workload-map='bad.yaml': expected a mapping with a `workloads` list"),
+])
+def test_workload_map_usage_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("- just a list\n")
+    assert main(["flows", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"eastwest flows: {message}\n"
+
+
+def test_stdin_without_names_says_so_when_it_ends(collector_file, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(collector_file.read_text()))
+    rc = main(["flows", "--input-file", "-", "--to-workload", "db", "-o", "jsonl"])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, "")
+    assert err.startswith("eastwest flows: stdin: none of the 7 records read carries workload "
+                          "names") and err.count("\n") == 1
