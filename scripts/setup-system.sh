@@ -26,6 +26,8 @@ PKGS=(
   nats-server prometheus clickhouse-server clickhouse-client
   # the dashboard's browser tests
   chromium chromium-driver
+  # the docs' zsh completion example, run as written by tests/docs
+  zsh
 )
 # ${EASTWEST_EXTRA_PKGS} lets a later issue add packages without editing this list by hand.
 read -r -a EXTRA <<<"${EASTWEST_EXTRA_PKGS:-}"
