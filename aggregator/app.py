@@ -17,18 +17,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from aggregator.api import install as install_query_api
+from aggregator.api.graph import TIME_HELP
+from aggregator.api.params import check_names, positive_int
 from aggregator.auth import Authenticator, require_read
 from aggregator.ingest import router as ingest_router
+from aggregator.intake import MAX_COLLECTOR_LEN
 from aggregator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aggregator.pipeline import METRICS_WAIT_S, Pipeline
 from aggregator.pipeline import build as build_pipeline
@@ -38,6 +41,8 @@ from aggregator.store.query import RecordQuery
 from aggregator.webui import install as install_web
 from eastwest import __version__
 from eastwest.codec import Batch
+from eastwest.errors import ConfigError
+from eastwest.filters import parse_time
 
 MAX_RECORDS_PAGE = 100_000
 
@@ -69,11 +74,17 @@ def create_app(settings: AggregatorSettings, store: Store | None = None, *,
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        parts, names = [], []
         for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
+            loc = tuple(err.get("loc", ()))
+            where = ".".join(str(x) for x in loc if x not in ("query", "body"))
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return JSONResponse({"detail": "; ".join(parts) or "bad request"}, status_code=400)
+            if len(loc) == 2 and loc[0] in ("query", "path"):
+                names.append(str(loc[1]))
+        body: dict[str, Any] = {"detail": "; ".join(parts) or "bad request"}
+        if names:  # like every other 400 of a parameter: which one (the first)
+            body["parameter"] = names[0]
+        return JSONResponse(body, status_code=400)
 
     @app.exception_handler(StoreError)
     async def _store_down(_req: Request, exc: StoreError) -> JSONResponse:
@@ -84,13 +95,23 @@ def create_app(settings: AggregatorSettings, store: Store | None = None, *,
 
     @app.get("/api/v1/records", dependencies=[Depends(require_read)],
              summary="Raw stored flow records whose end is in [since, until), oldest first")
-    def records(since: datetime | None = None, until: datetime | None = None,
-                collector: str | None = Query(None, max_length=253),
-                limit: int = Query(1000, ge=1, le=MAX_RECORDS_PAGE)) -> Response:
-        for name, value in (("since", since), ("until", until)):
-            if value is not None and value.tzinfo is None:
-                raise HTTPException(400, f"{name}={value.isoformat()}: give a time zone (e.g. Z)")
-        recs = pipe.read().records(RecordQuery(since, until, collector, limit))
+    def records(request: Request,
+                since: str | None = Query(None, description=f"end at or after: {TIME_HELP}"),
+                until: str | None = Query(None, description=f"end before: {TIME_HELP}"),
+                collector: str | None = Query(None, description="only this collector's records"),
+                limit: str | None = Query(None, description=f"at most this many, "
+                                          f"1..{MAX_RECORDS_PAGE} (default 1000)")) -> Response:
+        check_names(request, {"since", "until", "collector", "limit"}, filters=False)
+        now = datetime.now(UTC)
+        t0 = parse_time("since", since, now) if since is not None else None
+        t1 = parse_time("until", until, now) if until is not None else None
+        if t0 is not None and t1 is not None and t0 >= t1:
+            raise ConfigError("since", since, f"must be before until ({t1.isoformat()})")
+        if collector is not None and not 1 <= len(collector) <= MAX_COLLECTOR_LEN:
+            raise ConfigError("collector", collector,
+                              f"a collector name has 1..{MAX_COLLECTOR_LEN} characters")
+        size = positive_int("limit", limit, 1000, MAX_RECORDS_PAGE)
+        recs = pipe.read().records(RecordQuery(t0, t1, collector, size))
         return Response(msgspec.json.encode({"records": recs, "count": len(recs)}),
                         media_type="application/json")
 

@@ -187,6 +187,28 @@ def test_a_bad_parameter_is_a_400_naming_it(client, params, name):
     assert r.status_code == 400 and r.json()["parameter"] == name, r.text
 
 
+def test_every_read_route_refuses_an_unknown_parameter(client):
+    """docs/api.md: an unknown parameter is a 400 naming it, so that a typo (`colector=h2`)
+    never widens a query. Every GET route under /api/v1 of the OpenAPI document, found there
+    (a new route is checked too), is asked with its required parameters and one typo."""
+    paths = client.get("/openapi.json").json()["paths"]
+    reads = sorted(p for p, ops in paths.items() if p.startswith("/api/v1/") and "get" in ops)
+    assert {"/api/v1/records", "/api/v1/graph", "/api/v1/flows", "/api/v1/flows/stream",
+            "/api/v1/diff", "/api/v1/workloads", "/api/v1/workloads/{workload}",
+            "/api/v1/analysis"} <= set(reads)
+    required = {"/api/v1/diff": {"a_from": "2h", "a_to": "1h", "b_from": "1h", "b_to": "now"}}
+    for path in reads:
+        url = path.replace("{workload}", "shop/api")
+        if "from" in {p["name"] for p in paths[path]["get"].get("parameters", ())}:
+            required[path] = A  # the window of the data
+        if not path.endswith("/stream"):  # (the stream waits for flows: tested below)
+            ok = client.get(url, params=required.get(path, {}), headers=RH)
+            assert ok.status_code == 200, (path, ok.text)  # the route itself answers
+        r = client.get(url, params={**required.get(path, {}), "colector": "h2"}, headers=RH)
+        assert r.status_code == 400, (path, r.status_code, r.text[:200])
+        assert r.json()["parameter"] == "colector" and "unknown parameter" in r.json()["detail"]
+
+
 def test_flows_filters_negation_and_cursor_pagination(client):
     all_ = client.get("/api/v1/flows", params={"limit": "100"}, headers=RH).json()
     assert all_["count"] == 9

@@ -215,12 +215,38 @@ def test_an_unknown_content_type_is_a_415(client):
 
 def test_bad_read_parameters_are_400s_naming_them(client):
     h = {"Authorization": f"Bearer {READ}"}
-    r = client.get("/api/v1/records", params={"since": "yesterday"}, headers=h)
-    assert r.status_code == 400 and "since" in r.json()["detail"]
-    r = client.get("/api/v1/records", params={"limit": 0}, headers=h)
-    assert r.status_code == 400 and "limit" in r.json()["detail"]
-    r = client.get("/api/v1/records", params={"since": "2026-01-01T00:00:00"}, headers=h)
-    assert r.status_code == 400 and "time zone" in r.json()["detail"]
+    for params, name in (({"since": "yesterday"}, "since"), ({"until": "soon"}, "until"),
+                         ({"limit": 0}, "limit"), ({"limit": "many"}, "limit"),
+                         ({"collector": "x" * 254}, "collector"),
+                         ({"since": "1h", "until": "2h"}, "since"),
+                         ({"colector": "h2"}, "colector")):
+        r = client.get("/api/v1/records", params=params, headers=h)
+        assert r.status_code == 400 and r.json()["parameter"] == name, (params, r.text)
+        assert name in r.json()["detail"]
+
+
+def test_records_take_the_times_of_every_route_and_a_typo_never_widens_them(client):
+    """`since`/`until` are `now`, a duration ago or RFC 3339 (UTC without a zone), as on every
+    other route; `colector=` (a typo) is a 400, not every record."""
+    h = {"Authorization": f"Bearer {READ}"}
+    now = datetime.now(UTC)
+    recent = rec(2, start=now - timedelta(minutes=20), end=now - timedelta(minutes=10))
+    assert post(client, wire([rec(1), recent, rec(3, collector="h2")])).json()["accepted"] == 2
+    post(client, wire([rec(3, collector="h2")], collector="h2"))
+
+    def ids(**params):
+        r = client.get("/api/v1/records", params=params, headers=h)
+        assert r.status_code == 200, r.text
+        return [x["record_id"] for x in r.json()["records"]]
+
+    assert ids() == ["h1:1", "h2:3", "h1:2"]
+    assert ids(since="1h") == ["h1:2"]
+    assert ids(until="1h") == ["h1:1", "h2:3"]
+    assert ids(since="now") == []
+    assert ids(since=(T0 + timedelta(seconds=3)).replace(tzinfo=None).isoformat()) == ["h2:3", "h1:2"]
+    assert ids(collector="h2") == ["h2:3"]
+    r = client.get("/api/v1/records", params={"colector": "h2"}, headers=h)
+    assert r.status_code == 400 and r.json()["parameter"] == "colector"
 
 
 def test_a_failing_store_is_a_503_with_retry_after(settings):
