@@ -7,7 +7,8 @@ hand a store or a whole pipeline).  Out: a FastAPI app with
   graph and query API arrive with the aggregator issue (#6) on this same app and store
 - `/healthz`, `/readyz`, `/metrics` (Prometheus text, no token: counts only; self-metrics and
   the per-edge series of aggregator/exporters/prometheus.py), `/openapi.json`,
-  `/docs`; the dashboard at `/` (aggregator/webui.py, docs/web.md).
+  `/docs` and `/redoc` (aggregator/apidocs.py: their assets served here, no CDN); the
+  dashboard at `/` (aggregator/webui.py, docs/web.md).
 
 Errors are JSON `{"detail": ...}`. Request validation errors are 400 (not FastAPI's 422) and name
 the parameter. Nothing a client sends produces a 500: the store's failures become 503.
@@ -29,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from aggregator.api import install as install_query_api
 from aggregator.api.graph import TIME_HELP
 from aggregator.api.params import check_names, positive_int
+from aggregator.apidocs import install as install_api_docs
 from aggregator.auth import Authenticator, require_read
 from aggregator.ingest import router as ingest_router
 from aggregator.intake import MAX_COLLECTOR_LEN
@@ -60,6 +62,7 @@ def create_app(settings: AggregatorSettings, store: Store | None = None, *,
         await run_in_threadpool(pipe.stop)  # correlate what was acknowledged, tell, close
 
     app = FastAPI(title="eastwest aggregator", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # served from local assets: install_api_docs
                   description="Ingest of flow-record batches from eastwest collectors, and the "
                   "read API. Tokens: ingest token for POST /api/v1/ingest, read token for reads "
                   "(Authorization: Bearer TOKEN).")
@@ -128,6 +131,7 @@ def create_app(settings: AggregatorSettings, store: Store | None = None, *,
         pipe.correlation.applied(METRICS_WAIT_S)  # gauges include what was acknowledged
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    install_api_docs(app)  # /docs and /redoc, their assets served here (no CDN)
     install_web(app)  # the dashboard (web/dist) at /, or a page saying how to build it
 
     _add_batch_schema(app)
