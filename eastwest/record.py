@@ -31,7 +31,7 @@ from eastwest.errors import RecordError
 
 SCHEMA_VERSION = 1
 
-Source = Literal["socket", "vxlan", "pcap", "sockdiag"]
+Source = Literal["socket", "vxlan", "wire", "pcap", "sockdiag"]
 Observer = Literal["client", "server", "path"]
 Connect = Literal["ok", "refused", "timeout", "reset"]
 PROTOCOLS = frozenset({"tcp", "udp", "icmp", "icmpv6", "sctp", "gre", "esp", "other"})
@@ -115,8 +115,15 @@ class Cgroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     path: str | None = None
 
 
+TunnelType = Literal["vxlan", "geneve", "vxlan-gpe"]
+
+
 class Tunnel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    type: Literal["vxlan"]
+    """One encapsulation the flow's packets were carried in: its type, its virtual network
+    (VXLAN/VXLAN-GPE VNI, Geneve VNI, all 24 bits), the two tunnel endpoints (outer addresses of
+    the first packet client->server) and the outer UDP destination port."""
+
+    type: TunnelType
     vni: Vni
     outer_src: str
     outer_dst: str
@@ -167,7 +174,10 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     netns: Count | None = None
     cgroup: Cgroup | None = None
     container: str | None = None
-    tunnel: Tunnel | None = None
+    tunnel: Tunnel | None = None  # the innermost tunnel: the flow's own overlay
+    # nested encapsulation (VXLAN in VXLAN, Geneve in VXLAN): the tunnels around `tunnel`,
+    # outermost first; the whole chain is tunnel_outer + [tunnel]. None: not nested.
+    tunnel_outer: list[Tunnel] | None = None
     client_workload: Workload | None = None
     server_workload: Workload | None = None
     # beyond the issue's minimum; documented in docs/flow-record.md

@@ -98,6 +98,9 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     client_workload: Workload | None = None
     server_workload: Workload | None = None
     incomplete: list[str] | None = None
+    # appended (older blobs end before them): the tunnel's type when not VXLAN, nested tunnels
+    tunnel_type: str | None = None
+    tunnel_outer: list[Tunnel] | None = None
 
 
 _NO_EXTRA = (None,) * len(Extra.__struct_fields__)
@@ -162,7 +165,8 @@ def _flat(records: Sequence[FlowRecord]) -> list[tuple[Any, ...]]:
              bool(inc := r.incomplete),
              (r.l3_bytes_c2s, r.l3_bytes_s2c, p and p.cmdline, (g := r.cgroup) and g.id,
               g and g.path, u and u.outer_dport, r.tcp_flags, r.client_workload,
-              r.server_workload, inc or None))
+              r.server_workload, inc or None,
+              None if u is None or u.type == "vxlan" else u.type, r.tunnel_outer))
             for r in records]
 
 
@@ -235,7 +239,9 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         cgroup=None if x.cgroup_id is None else Cgroup(x.cgroup_id, x.cgroup_path),
         container=container,
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
-            "vxlan", vni, outer_src, outer_dst, x.outer_dport),  # type: ignore[arg-type]
+            x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
+            x.outer_dport),  # type: ignore[arg-type]
+        tunnel_outer=x.tunnel_outer,
         client_workload=x.client_workload, server_workload=x.server_workload,
         tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
 

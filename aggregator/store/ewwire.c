@@ -411,7 +411,7 @@ typedef struct {
     str_t record_id, collector, source, protocol, client_ip, server_ip, observer, connect, comm,
         cmdline, container, outer_src, outer_dst, cgroup_path;
     int64_t start, end;
-    int final, loopback, family;
+    int final, loopback, family, tunnel_type; /* tunnel_type: index in TUNNEL_TYPES */
     uint64_t cport, sport, outer_dport, vni;
     uint64_t bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, l3_c2s, l3_s2c, retrans, resets,
         rtt[3], pid, netns, cgroup_id;
@@ -428,9 +428,9 @@ enum {
     F_SCHEMA, F_RECORD_ID, F_COLLECTOR, F_SOURCE, F_START, F_END, F_FINAL, F_PROTOCOL, F_FAMILY,
     F_CLIENT, F_SERVER, F_OBSERVER, F_BYTES_C2S, F_BYTES_S2C, F_PACKETS_C2S, F_PACKETS_S2C,
     F_L3_C2S, F_L3_S2C, F_CONNECT, F_RETRANSMITS, F_RESETS, F_RTT, F_PROCESS, F_NETNS, F_CGROUP,
-    F_CONTAINER, F_TUNNEL, F_CW, F_SW, F_TCP_FLAGS, F_LOOPBACK, F_INCOMPLETE, F_N
+    F_CONTAINER, F_TUNNEL, F_CW, F_SW, F_TCP_FLAGS, F_LOOPBACK, F_INCOMPLETE, F_TUNNEL_OUTER, F_N
 };
-static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete")};
+static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer")};
 #define REQUIRED ((1ULL << F_RECORD_ID) | (1ULL << F_COLLECTOR) | (1ULL << F_SOURCE) | \
                   (1ULL << F_START) | (1ULL << F_END) | (1ULL << F_FINAL) | \
                   (1ULL << F_PROTOCOL) | (1ULL << F_FAMILY) | (1ULL << F_CLIENT) | \
@@ -484,7 +484,7 @@ static inline int one_of(str_t s, const lit_t *lits, int n, const uint8_t *end)
     return 0;
 }
 
-static const lit_t SOURCES[] = {L("socket"), L("vxlan"), L("pcap"), L("sockdiag")};
+static const lit_t SOURCES[] = {L("socket"), L("vxlan"), L("wire"), L("pcap"), L("sockdiag")};
 static const lit_t OBSERVERS[] = {L("client"), L("server"), L("path")};
 static const lit_t CONNECTS[] = {L("ok"), L("refused"), L("timeout"), L("reset")};
 static const lit_t PROTOCOLS[] = {L("tcp"), L("udp"), L("icmp"), L("icmpv6"), L("sctp"), L("gre"), L("esp"), L("other")};
@@ -556,13 +556,20 @@ static int rd_cgroup(rd_t *r, row_t *w)
 }
 
 static const lit_t TUN_KEYS[] = {L("type"), L("vni"), L("outer_src"), L("outer_dst"), L("outer_dport")};
+static const lit_t TUNNEL_TYPES[] = {L("vxlan"), L("geneve"), L("vxlan-gpe")};
 static int rd_tunnel(rd_t *r, row_t *w)
 {
     uint32_t seen = 0;
     STRUCT_KEYS(r, TUN_KEYS, 5, seen, k, {
         str_t t;
         switch (k) {
-        case 0: if (!rd_str_raw(r, &t) || !eq(t, "vxlan")) return 0; break;
+        case 0:
+            if (!rd_str_raw(r, &t)) return 0;
+            w->tunnel_type = -1;
+            for (int i = 0; i < 3; i++)
+                if (eq_lit_in(t, &TUNNEL_TYPES[i], r->end)) w->tunnel_type = i;
+            if (w->tunnel_type < 0) return 0;
+            break;
         case 1: if (!rd_uint(r, 0xffffff, &w->vni)) return 0; break;
         case 2: if (!rd_str(r, &w->outer_src) || !ip_family(w->outer_src)) return 0; break;
         case 3: if (!rd_str(r, &w->outer_dst) || !ip_family(w->outer_dst)) return 0; break;
@@ -646,7 +653,7 @@ static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
         case F_RECORD_ID: if (!rd_str(r, &w->record_id)) return 0; break;
         case F_COLLECTOR: if (!rd_str(r, &w->collector)) return 0; break;
         case F_SOURCE:
-            if (!rd_str_raw(r, &w->source) || !one_of(w->source, SOURCES, 4, r->end)) return 0;
+            if (!rd_str_raw(r, &w->source) || !one_of(w->source, SOURCES, 5, r->end)) return 0;
             break;
         case F_START: if (!rd_ts(r, &w->start)) return 0; break;
         case F_END: if (!rd_ts(r, &w->end)) return 0; break;
@@ -719,6 +726,9 @@ static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
         case F_LOOPBACK: if (!rd_bool(r, &w->loopback)) return 0; break;
         case F_INCOMPLETE:
             if (!rd_str_list(r, &w->incomplete, &w->nincomplete, 0)) return 0;
+            break;
+        case F_TUNNEL_OUTER: /* nested tunnels are rare: Python decodes a record that has them */
+            if (!is_nil(r)) return 0;
             break;
         }
         (void)s;
@@ -829,7 +839,9 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
     }
     *null = 0;
     str_t none = {NULL, 0};
-    return w_byte(o, 0x9a) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
+    /* Extra's tunnel_type: null for VXLAN (the only type before it existed), else its name */
+    int tt = w->has_tunnel ? w->tunnel_type : 0;
+    return w_byte(o, 0x9c) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
            w_opt_uint(o, w->has_l3_s2c, w->l3_s2c) && w_opt_str(o, cmd ? w->cmdline : none) &&
            w_opt_uint(o, w->has_cgroup, w->cgroup_id) &&
            w_opt_str(o, cgp ? w->cgroup_path : none) &&
@@ -837,7 +849,10 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
            (w->has_tcp_flags ? w_str_list(o, w->tcp_flags, w->ntcp_flags, end) : w_byte(o, 0xc0)) &&
            (w->has_cw ? w_workload(o, &w->cw, end) : w_byte(o, 0xc0)) &&
            (w->has_sw ? w_workload(o, &w->sw, end) : w_byte(o, 0xc0)) &&
-           (w->nincomplete ? w_str_list(o, w->incomplete, w->nincomplete, end) : w_byte(o, 0xc0));
+           (w->nincomplete ? w_str_list(o, w->incomplete, w->nincomplete, end) : w_byte(o, 0xc0)) &&
+           (tt ? w_str(o, (const uint8_t *)TUNNEL_TYPES[tt].s, (uint32_t)TUNNEL_TYPES[tt].n)
+               : w_byte(o, 0xc0)) &&
+           w_byte(o, 0xc0); /* tunnel_outer: a record with one went to Python */
 }
 
 /* the column buffers: per column validity bitmap (NULL: not nullable), offsets (strings),

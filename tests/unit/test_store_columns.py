@@ -36,6 +36,11 @@ WORKLOAD = st.builds(Workload, TEXT, OPT_TEXT, OPT_TEXT, OPT_TEXT,
                      st.dictionaries(TEXT, TEXT, max_size=2))
 
 
+TUNNEL = st.builds(Tunnel, st.sampled_from(["vxlan", "geneve", "vxlan-gpe"]),
+                   st.integers(0, 2**24 - 1), st.sampled_from(["10.213.0.1", "fd00:ed::1"]),
+                   st.just("10.213.0.2"), st.integers(0, 65535))
+
+
 @st.composite
 def records(draw, n: int):
     rtt = draw(st.one_of(st.none(), st.tuples(COUNT, COUNT, COUNT).map(sorted)))
@@ -59,9 +64,8 @@ def records(draw, n: int):
         netns=draw(st.one_of(st.none(), COUNT)),
         cgroup=draw(st.one_of(st.none(), st.builds(Cgroup, COUNT, OPT_TEXT))),
         container=draw(OPT_TEXT),
-        tunnel=draw(st.one_of(st.none(), st.builds(
-            Tunnel, st.just("vxlan"), st.integers(0, 2**24 - 1), st.just("10.213.0.1"),
-            st.just("10.213.0.2"), st.integers(0, 65535)))),
+        tunnel=draw(st.one_of(st.none(), TUNNEL)),
+        tunnel_outer=draw(st.one_of(st.none(), st.lists(TUNNEL, min_size=1, max_size=2))),
         client_workload=draw(st.one_of(st.none(), WORKLOAD)),
         server_workload=draw(st.one_of(st.none(), WORKLOAD)),
         tcp_flags=draw(st.one_of(st.none(), st.lists(st.sampled_from(TCP_FLAG_NAMES), max_size=3))),

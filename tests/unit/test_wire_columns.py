@@ -276,7 +276,16 @@ MUTATIONS: dict[str, Any] = {
     "workload namespace int": _mut(client_workload__namespace=5),
     "workload kind nil": _mut(client_workload__kind=None),
     "vni 2^24": _mut(tunnel__vni=2**24),
-    "tunnel type": _mut(tunnel__type="geneve"),
+    "tunnel type": _mut(tunnel__type="gre"),
+    "tunnel type geneve": _mut(tunnel__type="geneve"),
+    "tunnel type gpe": _mut(tunnel__type="vxlan-gpe"),
+    "source wire": _mut(source="wire"),
+    "tunnel outer nil": _mut(tunnel_outer=None),
+    "tunnel outer nested": _mut(tunnel_outer=[{"type": "vxlan", "vni": 7, "outer_src": "192.0.2.1",
+                                               "outer_dst": "192.0.2.2", "outer_dport": 4789}]),
+    "tunnel outer bad": _mut(tunnel_outer=[{"type": "vxlan", "vni": 2**24,
+                                            "outer_src": "192.0.2.1", "outer_dst": "192.0.2.2",
+                                            "outer_dport": 4789}]),
     "rtt min > avg": _mut(rtt_us__min=30),
     "rtt as list": _mut(rtt_us=[1, 2, 3]),
     "client as list": _mut(client=["10.0.0.1", 1]),
@@ -370,7 +379,8 @@ NATIVE_OK = {
     "schema left out", "connect nil", "tcp flags nil", "no cmdline", "no cgroup path",
     "workload labels left out", "workload kind nil", "end in 9999", "start 96-bit", "ip v4 ok",
     "outer ip v6", "int64 schema", "uint16 port", "str8 short comm", "str16 short ip",
-    "map16 rtt", "array16 flags"}
+    "map16 rtt", "array16 flags", "tunnel type geneve", "tunnel type gpe", "source wire",
+    "tunnel outer nil"}
 
 
 @SETTINGS
