@@ -37,7 +37,9 @@ def register(sub: Any) -> None:
     )
     g = p.add_argument_group("serving")
     g.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT",
-                   help="address to serve on (default 127.0.0.1:8470; [::1]:8470 for IPv6)")
+                   help="address to serve on (default 127.0.0.1:8470; [::1]:8470 for IPv6; "
+                   "port 0: any free port, printed). Bound first: a port already in use is "
+                   "one line and exit 1, before the store opens")
     g.add_argument("--data", default="./data", metavar="DIR",
                    help="directory of the DuckDB store (created if missing; default ./data)")
     g.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
