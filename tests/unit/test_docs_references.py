@@ -64,3 +64,38 @@ def test_a_scoped_collector_without_an_underlay_warns_that_it_gives_no_wire_reco
     scoped, unscoped = caplog.records
     assert scoped.levelno == logging.WARNING and "--underlay NETNS/eth0" in scoped.getMessage()
     assert unscoped.levelno == logging.INFO and "no wire (path) records" in unscoped.getMessage()
+
+
+# flags the docs name that belong to other programs, with the program
+OTHER_PROGRAMS = {"--from-literal": "kubectl", "--patch-file": "kubectl", "--now": "systemctl",
+                  "--web": "prometheus (--web.enable-remote-write-receiver)",
+                  "--mode": "iptables (-m statistic --mode nth)"}
+
+
+def test_every_flag_the_docs_name_is_a_flag_of_eastwest():
+    """`--flag` in inline code of README.md and docs/ (benchmarks.md names its bench scripts'
+    flags) is an option of some `eastwest` command, or of the other program named here: a flag
+    renamed or removed in the CLI fails here, not in a reader's shell."""
+    import argparse
+
+    from eastwest.cli import build_parser
+
+    options: set[str] = set()
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for a in p._actions:
+            options.update(a.option_strings)
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    unknown: dict[str, set[str]] = {}
+    for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if p.name == "benchmarks.md":
+            continue
+        for code in re.findall(r"`([^`]*)`", p.read_text()):
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", code):
+                if flag not in options and flag not in OTHER_PROGRAMS:
+                    unknown.setdefault(flag, set()).add(p.name)
+    assert not unknown, f"flags named in the docs that no eastwest command has: {unknown}"
