@@ -138,9 +138,11 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
     metrics = metrics or AggregatorMetrics(drops)
     clock = clock or SystemClock()
     owned = store is None or own_store
+    # the workload map and the CIDR groups first: a bad one is refused before the store opens
+    resolver = resolver or resolver_from(settings)
     the_store: Store = store if store is not None else open_store(
         settings.store, settings.clickhouse_url or settings.data_dir)
-    correlator = ColumnCorrelator(resolver or resolver_from(settings),
+    correlator = ColumnCorrelator(resolver,
                                   slack=timedelta(seconds=settings.correlation_slack_s),
                                   settle=timedelta(seconds=settings.identity_settle_s),
                                   clock=clock, ids=ids)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from eastwest.errors import ConfigError
-from eastwest.filters import parse_duration
+from eastwest.filters import DIMENSIONS, Filter, parse_duration
 
 INGEST_TOKEN_ENV = "EASTWEST_INGEST_TOKEN"
 READ_TOKEN_ENV = "EASTWEST_READ_TOKEN"
@@ -24,6 +26,11 @@ DEFAULT_LISTEN = "127.0.0.1:8470"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_MAX_RECORDS = 100_000
 MIN_TOKEN_LEN = 16
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+OTLP_SIGNALS = ("traces", "metrics")
+# NATS flags whose values NatsOptions checks; checked even when --nats is not given
+NATS_VALUE_FLAGS = ("nats_stream", "nats_subject", "nats_max_bytes", "nats_max_age",
+                    "nats_creds", "nats_ca", "nats_cert", "nats_key")
 
 
 @dataclass(frozen=True)
@@ -102,10 +109,47 @@ class AggregatorSettings:
                               "must be at least 1")
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
-        if self.nats_ack_wait_s <= 0:
-            raise ConfigError("--nats-ack-wait", self.nats_ack_wait_s, "must be positive")
+        _positive_seconds("--nats-ack-wait", self.nats_ack_wait_s)
         if self.workload_map is not None and not self.workload_map.is_file():
             raise ConfigError("--workload-map", str(self.workload_map), "no such file")
+        from aggregator.identity import parse_cidr_groups
+
+        parse_cidr_groups(self.cidr_groups)
+        if self.retention is not None and self.retention <= timedelta(0):
+            raise ConfigError("--retention", _duration_text(self.retention),
+                              "must be longer than 0 (what is older is deleted)")
+        self._check_exporters()
+
+    def _check_exporters(self) -> None:
+        """The exporter flags' values, whether or not OTLP is on: an OTLP endpoint may come
+        from the environment later, and a value that would be refused then is refused now
+        (aggregator/exporters/otlp_config.py reads the rest from the environment)."""
+        ep = self.otlp_endpoint
+        if ep is not None and not ep.startswith(("http://", "https://")):
+            raise ConfigError("--otlp-endpoint", ep, "expected a URL such as "
+                              "http://tempo:4317 (gRPC) or http://tempo:4318 (HTTP/protobuf)")
+        if self.otlp_protocol is not None and self.otlp_protocol not in OTLP_PROTOCOLS:
+            raise ConfigError("--otlp-protocol", self.otlp_protocol,
+                              f"expected one of {', '.join(OTLP_PROTOCOLS)}")
+        if not self.otlp_signals:
+            raise ConfigError("--otlp-signals", "", "expected traces, metrics or both")
+        for sig in self.otlp_signals:
+            if sig not in OTLP_SIGNALS:
+                raise ConfigError("--otlp-signals", ",".join(self.otlp_signals),
+                                  f"{sig!r}: expected traces, metrics")
+        if not 0.0 <= self.otlp_sample <= 1.0:  # NaN too
+            raise ConfigError("--otlp-sample", self.otlp_sample,
+                              "expected a share between 0 and 1")
+        for flag, value in (("--otlp-timeout", self.otlp_timeout_s),
+                            ("--otlp-metrics-interval", self.otlp_metrics_interval_s)):
+            if value is not None:
+                _positive_seconds(flag, value)
+        if self.otlp_queue_size is not None and self.otlp_queue_size < 1:
+            raise ConfigError("--otlp-queue-size", self.otlp_queue_size, "must be at least 1")
+        if not (math.isfinite(self.export_settle_s) and self.export_settle_s >= 0):
+            raise ConfigError("--export-settle", self.export_settle_s,
+                              "must be a number of seconds, 0 or more")
+        parse_filter(self.otlp_filter or "")
 
     @property
     def scheme(self) -> str:
@@ -152,17 +196,27 @@ class AggregatorSettings:
 
 def _scale_out_args(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     """--clickhouse and --nats (issue #10): the store URL is checked when the store opens."""
+    from eastwest.jetstream import NatsOptions
+
     out: dict[str, Any] = {}
     url = args.clickhouse
     if url:
         out["clickhouse_url"], out["store"] = url, "clickhouse"
+    if args.nats_ack_wait is not None:  # checked with or without --nats
+        out["nats_ack_wait_s"] = float(args.nats_ack_wait)
+    # a size or an age of 0 would otherwise mean "the default" (NatsOptions.from_args)
+    if args.nats_max_bytes is not None and args.nats_max_bytes < 1024 * 1024:
+        raise ConfigError("--nats-max-bytes", args.nats_max_bytes, "at least 1 MiB")
+    if args.nats_max_age is not None:
+        _positive_seconds("--nats-max-age", args.nats_max_age)
     if args.nats:
-        from eastwest.jetstream import NatsOptions
-
         out["nats"] = NatsOptions.from_args(args, dict(env))
         out["nats_durable"] = args.nats_durable or "eastwest-aggregators"
-        if args.nats_ack_wait is not None:
-            out["nats_ack_wait_s"] = float(args.nats_ack_wait)
+    elif any(vars(args).get(f) is not None for f in NATS_VALUE_FLAGS):
+        # NATS flags without --nats do nothing, but a bad value is still an error: the same
+        # rules, on a stand-in URL
+        NatsOptions.from_args(argparse.Namespace(**{**vars(args), "nats": "nats://127.0.0.1"}),
+                              dict(env))
     return out
 
 
@@ -181,6 +235,30 @@ def _exporter_args(args: argparse.Namespace) -> dict[str, Any]:
     if signals is not None:
         out["otlp_signals"] = tuple(x.strip() for x in signals.split(",") if x.strip())
     return out
+
+
+def parse_filter(text: str) -> Filter:
+    """`protocol=tcp&protocol=udp&not_to_port=53`: the API's filter parameters (eastwest.filters),
+    as `--otlp-filter` takes them."""
+    items = parse_qsl(text, keep_blank_values=True, strict_parsing=False) if text else []
+    for key, value in items:
+        if key.removeprefix("not_") not in DIMENSIONS:
+            raise ConfigError("--otlp-filter", f"{key}={value}",
+                              f"unknown filter; known: {', '.join(DIMENSIONS)} (not_ negates)")
+    try:
+        return Filter.from_query(items)
+    except ConfigError as exc:  # the filter language names CLI flags; name this flag's item
+        name = exc.key.replace("--not --", "not_").removeprefix("--").replace("-", "_")
+        raise ConfigError("--otlp-filter", f"{name}={exc.value}", exc.reason) from None
+
+
+def _positive_seconds(flag: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(flag, value, "must be a positive number of seconds")
+
+
+def _duration_text(d: timedelta) -> str:
+    return f"{d.total_seconds():g}s"
 
 
 def parse_listen(text: str) -> tuple[str, int]:

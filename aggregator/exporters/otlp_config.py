@@ -20,14 +20,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
-from aggregator.settings import AggregatorSettings
+from aggregator.settings import OTLP_PROTOCOLS as PROTOCOLS
+from aggregator.settings import OTLP_SIGNALS as SIGNALS
+from aggregator.settings import AggregatorSettings, parse_filter
 from eastwest.errors import ConfigError
-from eastwest.filters import DIMENSIONS, Filter
+from eastwest.filters import Filter
 
-PROTOCOLS = ("grpc", "http/protobuf")
-SIGNALS = ("traces", "metrics")
 ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                  "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 HTTP_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
@@ -53,9 +52,8 @@ class OtlpConfig:
         endpoint = settings.otlp_endpoint or None
         if endpoint is None and not any(env.get(k) for k in ENDPOINT_ENVS):
             return None
-        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-            raise ConfigError("--otlp-endpoint", endpoint, "expected a URL such as "
-                              "http://tempo:4317 (gRPC) or http://tempo:4318 (HTTP/protobuf)")
+        # the flags' own values were checked with the settings (AggregatorSettings), OTLP on
+        # or off; what is checked here comes from the environment
         flag = settings.otlp_protocol
         protocols = {}
         for sig in SIGNALS:
@@ -67,23 +65,14 @@ class OtlpConfig:
                 raise ConfigError(name, value, f"expected one of {', '.join(PROTOCOLS)}")
             protocols[sig] = value
         signals = tuple(settings.otlp_signals)
-        for s in signals:
-            if s not in SIGNALS:
-                raise ConfigError("--otlp-signals", ",".join(signals), f"{s!r}: expected traces, metrics")
-        sample = float(settings.otlp_sample)
-        if not 0.0 <= sample <= 1.0:
-            raise ConfigError("--otlp-sample", sample, "expected a share between 0 and 1")
         kw: dict[str, Any] = {}
-        limits: tuple[tuple[str, str, float | None], ...] = (
-            ("--otlp-queue-size", "queue_size", settings.otlp_queue_size),
-            ("--otlp-metrics-interval", "metrics_interval_s", settings.otlp_metrics_interval_s),
-            ("--otlp-timeout", "timeout_s", settings.otlp_timeout_s))
-        for flag_name, key, limit in limits:
+        for key, limit in (("queue_size", settings.otlp_queue_size),
+                           ("metrics_interval_s", settings.otlp_metrics_interval_s),
+                           ("timeout_s", settings.otlp_timeout_s)):
             if limit is not None:
-                if limit <= 0:
-                    raise ConfigError(flag_name, limit, "must be positive")
                 kw[key] = limit
-        return cls(endpoint=endpoint, protocols=protocols, signals=signals, sample=sample,
+        return cls(endpoint=endpoint, protocols=protocols, signals=signals,
+                   sample=float(settings.otlp_sample),
                    filter=parse_filter(settings.otlp_filter or ""), **kw)
 
     # -- the SDK exporters ----------------------------------------------------------------------
@@ -113,11 +102,3 @@ class OtlpConfig:
         return OTLPMetricExporter(endpoint=self._endpoint("metrics"), timeout=self.timeout_s)
 
 
-def parse_filter(text: str) -> Filter:
-    """`protocol=tcp&protocol=udp&not_to_port=53`: the API's filter parameters (eastwest.filters)."""
-    items = parse_qsl(text, keep_blank_values=True, strict_parsing=False) if text else []
-    for key, value in items:
-        if key.removeprefix("not_") not in DIMENSIONS:
-            raise ConfigError("--otlp-filter", f"{key}={value}",
-                              f"unknown filter; known: {', '.join(DIMENSIONS)} (not_ negates)")
-    return Filter.from_query(items)

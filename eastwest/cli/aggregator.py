@@ -23,7 +23,10 @@ examples:
 Tokens: the ingest token (EASTWEST_INGEST_TOKEN or --ingest-token-file) lets collectors POST
 batches to /api/v1/ingest; the read token (EASTWEST_READ_TOKEN or --read-token-file) is needed
 for every read. A token file holds the bare token or NAME=value lines (make run writes
-./data/tokens.env, mode 0600). API reference: /docs on the running server, docs/api.md."""
+./data/tokens.env, mode 0600). API reference: /docs on the running server, docs/api.md.
+
+Every flag's value is checked at start, whether or not what it tunes is on (an --otlp-* value
+without an endpoint, a --nats-* value without --nats): a bad one exits 2 naming the flag."""
 
 
 def register(sub: Any) -> None:
@@ -69,7 +72,8 @@ def register(sub: Any) -> None:
     g.add_argument("--cidr-group", metavar="NAME=CIDR", action="append", default=[],
                    help="group unresolved peers in CIDR under NAME (repeatable); else external:<ip>")
     g.add_argument("--retention", default="7d", metavar="DURATION",
-                   help="delete flows, connections and rollups older than this (default 7d)")
+                   help="delete flows, connections and rollups older than this: 30m, 36h, 7d, "
+                   "2w; more than 0 (default 7d)")
     g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
                    help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
     g.add_argument("--identity-settle", type=float, default=10.0, metavar="SECONDS",

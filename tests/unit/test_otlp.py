@@ -251,7 +251,8 @@ def test_config_flags_then_standard_environment_then_defaults(env, flags, want):
      "OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
     ({"otlp_endpoint": "http://t", "otlp_sample": 1.5}, {}, "--otlp-sample", 1.5),
     ({"otlp_endpoint": "http://t", "otlp_filter": "colour=red"}, {}, "--otlp-filter", "colour=red"),
-    ({"otlp_endpoint": "http://t", "otlp_filter": "protocol=smtp"}, {}, "--protocol", "smtp"),
+    ({"otlp_endpoint": "http://t", "otlp_filter": "protocol=smtp"}, {}, "--otlp-filter",
+     "protocol=smtp"),
     ({"otlp_endpoint": "http://t", "otlp_signals": ("logs",)}, {}, "--otlp-signals", "logs"),
 ])
 def test_config_errors_name_the_key_and_the_value(flags, env, key, bad):
