@@ -253,9 +253,15 @@ def record_error_from(exc: msgspec.ValidationError, data: Any = None) -> RecordE
         return cause
     message, _, path = text.partition(" - at `$")
     path = path.rstrip("`").lstrip(".")
+    named = _field_named_in(message)
+    if named and message.startswith("Object contains unknown field"):
+        # msgspec's path is the object holding it: name the field itself, with its value
+        field = f"{path}.{named}" if path else named
+        return RecordError(field.replace("[", ".").replace("]", ""), _value_at(data, field),
+                           message)
     if not path:
-        # an unknown or missing field: msgspec names it in the message
-        return RecordError(_field_named_in(message) or "record", None, message)
+        # a missing field: msgspec names it in the message
+        return RecordError(named or "record", None, message)
     value = _value_at(data, path)
     return RecordError(path.replace("[", ".").replace("]", ""), value, message)
 

@@ -144,6 +144,24 @@ def test_bad_records_are_rejected_alone_with_index_and_reason(client):
     assert [x["record_id"] for x in stored(client)] == ["h1:0", "h1:2"]
 
 
+@pytest.mark.parametrize("form", ["wire", "json"])
+def test_an_unknown_field_is_named_with_its_own_value(client, form):
+    """An unknown field's reason shows the field (its dotted path) and the value it had
+    (`bad=True`), not `bad=None` nor the whole object holding it."""
+    good = msgspec.to_builtins(rec(1))
+    items = [dict(good, bad=True), dict(good, client={"ip": "10.244.1.11", "port": 1, "bad": 0})]
+    if form == "wire":
+        r = post(client, raw_wire("h1", 1, items))
+    else:
+        r = post(client, msgspec.json.encode({"collector": "h1", "batch_seq": 1,
+                                              "sent_at": T0.isoformat(), "records": items}),
+                 ctype="application/json")
+    assert r.status_code == 200, r.text
+    rejected = [(x["field"], x["reason"]) for x in r.json()["rejected"]]
+    assert rejected == [("bad", "bad=True: Object contains unknown field `bad`"),
+                        ("client.bad", "client.bad=0: Object contains unknown field `bad`")]
+
+
 def test_metrics_count_records_in_out_and_dropped_by_reason(client):
     items = [msgspec.to_builtins(rec(1)), {"broken": 1}, msgspec.to_builtins(rec(2))]
     assert post(client, raw_wire("h1", 1, items)).status_code == 200
