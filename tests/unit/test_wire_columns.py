@@ -137,6 +137,11 @@ def wide_records(draw, n: int) -> FlowRecord:
     return rec.replace(**over)
 
 
+def deferred_by_design(r: FlowRecord) -> bool:
+    """What the native decoder leaves to msgspec on purpose: odd IPv6 forms, nested tunnels."""
+    return odd_ipv6(r) or r.tunnel_outer is not None
+
+
 def odd_ipv6(r: FlowRecord) -> bool:
     """Addresses the native decoder leaves to Python (IPv4-mapped or -compatible IPv6)."""
     ips = [r.client.ip, r.server.ip] + ([r.tunnel.outer_src, r.tunnel.outer_dst] if r.tunnel else [])
@@ -153,13 +158,13 @@ def test_valid_records_decode_natively_to_the_same_columns(data) -> None:
     batch = [data.draw(wide_records(i)) for i in range(data.draw(st.integers(0, 8)))]
     nat = same(body_of(batch))
     assert nat is not None and nat.native and nat.rejected == []
-    assert nat.deferred == sum(odd_ipv6(r) for r in batch)
+    assert nat.deferred == sum(deferred_by_design(r) for r in batch)
 
 
 def test_a_fixed_sample_decodes_without_deferring() -> None:
     """The guard: ordinary records take the native path (the test fails if it defers them)."""
     sample = [r.replace(record_id=f"h1:{i}") for i, r in enumerate(fixed_sample(wide_records(0), 60))]
-    batch = [r for r in sample if not odd_ipv6(r)]
+    batch = [r for r in sample if not deferred_by_design(r)]
     assert len(batch) > 40
     nat = same(body_of(batch))
     assert nat is not None and nat.deferred == 0 and nat.table.num_rows == len(batch)
