@@ -53,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--name", default="ewdemo", help="lab name (default ewdemo)")
     p.add_argument("--hosts", type=int, default=3, help="lab hosts (default 3)")
     p.add_argument("--pods-per-host", type=int, default=2, help="pods per lab host (default 2)")
+    p.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
+                   help="the lab's pod addresses (default ipv4; see `eastwest lab up --help`)")
     p.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT",
                    help="aggregator address (default 127.0.0.1:8470)")
     p.add_argument("--data", default="./data", metavar="DIR",
@@ -197,6 +199,7 @@ def _run(args: argparse.Namespace) -> int:
 
             Lab.down_by_name(args.name)
             lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=args.pods_per_host,
+                         ip_family=args.ip_family,
                          progress=lambda m: print(f"eastwest demo: {m}", file=sys.stderr))
             # the lab's inventory, as a user with one would hand it over: pods by name
             stack.start_aggregator(extra=["--workload-map", str(lab.inventory["workload_map"])])

@@ -11,6 +11,7 @@ EPILOG = """\
 examples:
   eastwest lab up                                  3 hosts x 2 pods, VXLAN VNI 42 on UDP 4789
   eastwest lab up --hosts 4 --vxlan-port 8472      the Linux/flannel VXLAN port
+  eastwest lab up --ip-family ipv6                 IPv6 pods over an IPv6 underlay (dual: both)
   eastwest lab traffic --duration 10 --truth t.jsonl
   eastwest lab status
   eastwest lab down
@@ -39,6 +40,9 @@ def register(sub: Any) -> None:
     up.add_argument("--pods-per-host", type=int, default=2, help="application pods per host (default 2)")
     up.add_argument("--vxlan-port", type=int, default=4789, choices=(4789, 8472),
                     help="VXLAN UDP port: 4789 (IANA) or 8472 (Linux, flannel)")
+    up.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
+                    help="pod addresses: ipv4 (default), ipv6 (the VXLAN underlay is IPv6 too) or "
+                    "dual (pods have both and the application uses both; the underlay stays IPv4)")
     up.add_argument("--inventory", metavar="FILE", help="also write the inventory JSON to FILE")
     up.set_defaults(func=_up)
 
@@ -71,7 +75,7 @@ def _up(args: argparse.Namespace) -> int:
     from eastwest.lab import Lab
 
     lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=args.pods_per_host,
-                 vxlan_port=args.vxlan_port, progress=_progress(args))
+                 vxlan_port=args.vxlan_port, ip_family=args.ip_family, progress=_progress(args))
     if args.inventory:
         with open(args.inventory, "w") as fh:
             json.dump(lab.inventory, fh, indent=2)
@@ -100,13 +104,18 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"lab {st['name']}: VXLAN VNI {st['vni']} on UDP {st['vxlan_port']}, state {st['state_dir']}")
+    family = "" if st["ip_family"] == "ipv4" else f", {st['ip_family']}"
+    print(f"lab {st['name']}: VXLAN VNI {st['vni']} on UDP {st['vxlan_port']}{family}, "
+          f"state {st['state_dir']}")
     print(f"{'HOST':6} {'NETNS':16} {'UNDERLAY':14} UP")
     for h in st["hosts"]:
         print(f"{h['name']:6} {h['netns']:16} {h['underlay_ip']:14} {'yes' if h['up'] else 'NO'}")
-    print(f"{'POD':12} {'HOST':5} {'IP':13} {'SERVICE':9} {'NETNS':16} PROCESS")
+    ips = {p["name"]: ",".join(p["ips"]) for p in st["pods"]}
+    w = max([13, *map(len, ips.values())])
+    print(f"{'POD':12} {'HOST':5} {'IP':{w}} {'SERVICE':9} {'NETNS':16} PROCESS")
     for p in st["pods"]:
-        print(f"{p['name']:12} {p['host']:5} {p['ip']:13} {p['service']:9} {p['netns']:16} {p['process']}")
+        print(f"{p['name']:12} {p['host']:5} {ips[p['name']]:{w}} {p['service']:9} {p['netns']:16} "
+              f"{p['process']}")
     return 0
 
 

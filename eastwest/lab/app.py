@@ -16,6 +16,13 @@ Ground truth, written by the application itself, one JSON line per connection:
 - DIR/ledger/<pod>.jsonl by the server side: the bytes it read and wrote per connection, so a
   test can prove the truth right from the other end.
 
+IP families (the inventory's `ip_family`): servers listen on every address of their pod. A
+load generator connection uses IPv4 in an `ipv4` lab, IPv6 in an `ipv6` lab and, in a `dual`
+lab, IPv6 or IPv4 drawn from the load generator's seeded random numbers (DUAL_V6_SHARE); every
+call made to serve a request uses the family that request came in on, so a request's whole call
+tree is one family and the same seed gives the same families. Each truth line says which
+(`family`: 4 or 6).
+
 Protocol: request = b"REQ <response-size> <pad-size>\\n" + pad bytes; response = response-size
 bytes. The client closes after its last response. UDP: b"Q <size> <pad>\\n" + pad, one answer.
 """
@@ -43,6 +50,21 @@ AUTH_RESET_SHARE = 0.2
 DB_DEAD_SHARE = 0.05
 CONNECT_TIMEOUT = 3.0
 UDP_REUSE_S = 120.0  # a UDP 5-tuple is not used twice within this (observers' idle timeouts)
+DUAL_V6_SHARE = 0.5  # share of the load generator's connections over IPv6 in a `dual` lab
+FAMILIES = {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}
+AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def address(pod: dict[str, Any], family: int) -> str:
+    """The pod's address of `family` (an inventory from before --ip-family has IPv4 only)."""
+    addr = pod.get("ip6" if family == 6 else "ip4", pod["ip"] if family == 4 else None)
+    if not addr:
+        raise ValueError(f"pod {pod['name']} has no IPv{family} address")
+    return str(addr)
+
+
+def family_of(sock: socket.socket) -> int:
+    return 6 if sock.family == socket.AF_INET6 else 4
 
 
 def set_comm(name: str) -> None:
@@ -82,6 +104,7 @@ class App:
         self._rr: dict[str, int] = {}
         self._udp_recent: dict[tuple[int, str, int], float] = {}  # 5-tuple -> when it was used
         self._udp_lock = threading.Lock()
+        self.families = FAMILIES[self.inv.get("ip_family", "ipv4")]
 
     # -- helpers ----------------------------------------------------------------------------
     def chance(self, p: float) -> bool:
@@ -100,11 +123,12 @@ class App:
             self._rr[service] = i + 1
         return pods[i % len(pods)]
 
-    def _truth(self, server: dict[str, Any], port: int, proto: str, cport: int, sent: int,
-               recv: int, start: str, outcome: str) -> None:
+    def _truth(self, server: dict[str, Any], port: int, proto: str, family: int, cport: int,
+               sent: int, recv: int, start: str, outcome: str) -> None:
         self.truth.write({
-            "client_pod": self.pod["name"], "client_ip": self.pod["ip"], "client_port": cport,
-            "server_pod": server["name"], "server_ip": server["ip"], "server_port": port,
+            "client_pod": self.pod["name"], "client_ip": address(self.pod, family),
+            "client_port": cport, "server_pod": server["name"],
+            "server_ip": address(server, family), "server_port": port, "family": family,
             "protocol": proto, "bytes_c2s": sent, "bytes_s2c": recv, "start": start,
             "end": now_iso(), "outcome": outcome,
             "client_comm": self.pod["comm"],
@@ -114,18 +138,20 @@ class App:
         })
 
     # -- client side ------------------------------------------------------------------------
-    def call_tcp(self, server: dict[str, Any], port: int, requests: list[tuple[int, int]]) -> str:
-        """One connection carrying `requests` [(response size, pad size)]; writes its truth."""
+    def call_tcp(self, server: dict[str, Any], port: int, requests: list[tuple[int, int]],
+                 family: int = 4) -> str:
+        """One connection over IPv`family` carrying `requests` [(response size, pad size)];
+        writes its truth."""
         start = now_iso()
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(AF[family], socket.SOCK_STREAM)
         s.settimeout(CONNECT_TIMEOUT)
-        s.bind((self.pod["ip"], 0))  # know our port even when the connect fails
+        s.bind((address(self.pod, family), 0))  # know our port even when the connect fails
         cport = s.getsockname()[1]
         sent = recv = 0
         outcome = "ok"
         try:
             try:
-                s.connect((server["ip"], port))
+                s.connect((address(server, family), port))
             except ConnectionRefusedError:
                 outcome = "refused"
                 return outcome
@@ -153,10 +179,10 @@ class App:
             outcome = "timeout"
         finally:
             s.close()
-            self._truth(server, port, "tcp", cport, sent, recv, start, outcome)
+            self._truth(server, port, "tcp", family, cport, sent, recv, start, outcome)
         return outcome
 
-    def _fresh_udp_socket(self, server_ip: str, port: int) -> socket.socket:
+    def _fresh_udp_socket(self, server_ip: str, port: int, family: int = 4) -> socket.socket:
         """A connected UDP socket on an ephemeral port this pod has not used towards this server
         for UDP_REUSE_S. The kernel may hand a just-freed port out again, and two exchanges on
         one 5-tuple within an observer's idle timeout are ONE flow to anybody on the wire: the
@@ -166,8 +192,8 @@ class App:
             if len(self._udp_recent) > 4096:
                 self._udp_recent = {k: t for k, t in self._udp_recent.items() if now - t < UDP_REUSE_S}
             for attempt in range(64):  # ~28,000 ephemeral ports: a fresh one comes quickly
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.bind((self.pod["ip"], 0))
+                s = socket.socket(AF[family], socket.SOCK_DGRAM)
+                s.bind((address(self.pod, family), 0))
                 key = (s.getsockname()[1], server_ip, port)
                 if now - self._udp_recent.get(key, -UDP_REUSE_S) >= UDP_REUSE_S or attempt == 63:
                     break
@@ -176,9 +202,10 @@ class App:
         s.connect((server_ip, port))
         return s
 
-    def call_udp(self, server: dict[str, Any], port: int, resp_size: int, pad: int) -> str:
+    def call_udp(self, server: dict[str, Any], port: int, resp_size: int, pad: int,
+                 family: int = 4) -> str:
         start = now_iso()
-        s = self._fresh_udp_socket(server["ip"], port)
+        s = self._fresh_udp_socket(address(server, family), port, family)
         s.settimeout(CONNECT_TIMEOUT)
         cport = s.getsockname()[1]
         msg = f"Q {resp_size} {pad}\n".encode() + b"q" * pad
@@ -192,31 +219,33 @@ class App:
             outcome = "timeout"
         finally:
             s.close()
-            self._truth(server, port, "udp", cport, len(msg), recv, start, outcome)
+            self._truth(server, port, "udp", family, cport, len(msg), recv, start, outcome)
         return outcome
 
     # -- server side ------------------------------------------------------------------------
-    def upstream_calls(self) -> None:
-        """What one request to this pod's service calls next (the call graph)."""
+    def upstream_calls(self, family: int = 4) -> None:
+        """What one request to this pod's service calls next (the call graph), over the family
+        the request came in on."""
         svc = self.pod["service"]
         services = self.inv["services"]
         if svc == "frontend":
             self.call_tcp(self.replica("api"), services["api"]["port"],
-                          [(self.randint(200, 6000), self.randint(50, 800))])
+                          [(self.randint(200, 6000), self.randint(50, 800))], family)
         elif svc == "api":
             db = self.replica("db")
-            self.call_tcp(db, services["db"]["port"], [(self.randint(100, 20000), self.randint(20, 400))])
+            self.call_tcp(db, services["db"]["port"], [(self.randint(100, 20000), self.randint(20, 400))],
+                          family)
             if self.chance(DB_DEAD_SHARE):
-                self.call_tcp(db, DEAD_PORT, [(100, 10)])
+                self.call_tcp(db, DEAD_PORT, [(100, 10)], family)
             if self.chance(0.7):
                 self.call_tcp(self.replica("cache"), services["cache"]["port"],
-                              [(self.randint(10, 3000), self.randint(10, 100))])
+                              [(self.randint(10, 3000), self.randint(10, 100))], family)
             if self.chance(0.5):
                 self.call_tcp(self.replica("auth"), services["auth"]["port"],
-                              [(self.randint(50, 500), self.randint(100, 300))])
+                              [(self.randint(50, 500), self.randint(100, 300))], family)
             if self.chance(0.3):
                 self.call_udp(self.replica("resolver"), services["resolver"]["port"],
-                              self.randint(40, 400), self.randint(20, 60))
+                              self.randint(40, 400), self.randint(20, 60), family)
 
     def serve(self) -> None:
         svc = self.pod["service"]
@@ -232,6 +261,7 @@ class App:
         (self.state / "ready" / self.pod["name"]).write_text(str(os.getpid()))
 
     def _serve_tcp(self, port: int) -> None:
+        """One listening socket per address of the pod (IPv4, IPv6 or both)."""
         app = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -243,12 +273,20 @@ class App:
             daemon_threads = True
             request_queue_size = 256
 
-        with Server((self.pod["ip"], port), Handler) as srv:
-            self._ready()
-            srv.serve_forever(poll_interval=0.2)
+        class Server6(Server):
+            address_family = socket.AF_INET6
+
+        servers = [(Server6 if fam == 6 else Server)((address(self.pod, fam), port), Handler)
+                   for fam in self.families]
+        self._ready()
+        for srv in servers[1:]:
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
+                             daemon=True).start()
+        servers[0].serve_forever(poll_interval=0.2)
 
     def handle_tcp(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         conn.settimeout(30)
+        family, local_ip = family_of(conn), conn.getsockname()[0]
         rfile = conn.makefile("rb", buffering=0)
         bytes_in = bytes_out = 0
         reset = False
@@ -266,7 +304,7 @@ class App:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     reset = True
                     break
-                self.upstream_calls()
+                self.upstream_calls(family)
                 conn.sendall(b"r" * int(size_s))
                 bytes_out += int(size_s)
         except (ConnectionError, TimeoutError, ValueError, OSError):
@@ -275,14 +313,24 @@ class App:
             rfile.close()
             conn.close()
             self.ledger.write({"pod": self.pod["name"], "protocol": "tcp", "client_ip": peer[0],
-                               "client_port": peer[1], "server_ip": self.pod["ip"],
+                               "client_port": peer[1], "server_ip": local_ip,
                                "server_port": conn_port(self), "bytes_in": bytes_in,
                                "bytes_out": bytes_out, "reset": reset, "end": now_iso()})
 
     def _serve_udp(self, port: int) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((self.pod["ip"], port))
+        """One socket per address of the pod, each answered by a thread of its own."""
+        socks = []
+        for fam in self.families:
+            s = socket.socket(AF[fam], socket.SOCK_DGRAM)
+            s.bind((address(self.pod, fam), port))
+            socks.append(s)
         self._ready()
+        for s in socks[1:]:
+            threading.Thread(target=self._answer_udp, args=(s, port), daemon=True).start()
+        self._answer_udp(socks[0], port)
+
+    def _answer_udp(self, s: socket.socket, port: int) -> None:
+        local_ip = s.getsockname()[0]
         while True:
             data, peer = s.recvfrom(65536)
             try:
@@ -291,7 +339,7 @@ class App:
                 continue
             s.sendto(b"a" * size, peer)
             self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
-                               "client_port": peer[1], "server_ip": self.pod["ip"],
+                               "client_port": peer[1], "server_ip": local_ip,
                                "server_port": port, "bytes_in": len(data), "bytes_out": size,
                                "reset": False, "end": now_iso()})
 
@@ -315,7 +363,10 @@ class App:
                     time.sleep(next_t - now)
                 reqs = [(rng.randint(500, 30000), rng.randint(40, 500))
                         for _ in range(rng.choice((1, 1, 2, 3)))]
-                self.call_tcp(self.replica("frontend"), port, reqs)
+                # one draw more only in a dual lab: an ipv4 lab's seeded runs stay as they were
+                family = (self.families[0] if len(self.families) == 1
+                          else 6 if rng.random() < DUAL_V6_SHARE else 4)
+                self.call_tcp(self.replica("frontend"), port, reqs, family)
                 with lock:
                     count[0] += 1
                 next_t += period * (0.5 + rng.random())

@@ -51,9 +51,9 @@ class Lab:
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
     def up(cls, name: str = "ewlab", hosts: int = 3, pods_per_host: int = 2,
-           vxlan_port: int = 4789, progress: Progress = _quiet) -> Lab:
+           vxlan_port: int = 4789, ip_family: str = "ipv4", progress: Progress = _quiet) -> Lab:
         require_root()
-        plan = make_plan(name, hosts, pods_per_host, vxlan_port)
+        plan = make_plan(name, hosts, pods_per_host, vxlan_port, ip_family)
         state = STATE_ROOT / name
         if (state / "inventory.json").exists() or topology.lab_netns(name):
             raise LabError(f"lab {name!r} is already up (or was not torn down): "
@@ -69,8 +69,10 @@ class Lab:
             _write_workload_map(plan, state / "workloads.yaml")
             lab = cls(name, inv)
             lab._start_apps(plan, progress)
+            family = "" if ip_family == "ipv4" else (
+                f", pods {ip_family}, IPv{plan.underlay_family} underlay")
             progress(f"lab {name} is up: {len(plan.hosts)} hosts, {len(plan.pods)} pods, "
-                     f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}")
+                     f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}{family}")
             return lab
         except BaseException:
             progress("set-up failed or was interrupted: tearing down what was built")
@@ -185,8 +187,10 @@ class Lab:
             "state_dir": str(self.state),
             "vni": self.inventory["vni"],
             "vxlan_port": self.inventory["vxlan_port"],
+            "ip_family": self.inventory.get("ip_family", "ipv4"),
             "hosts": [{**h, "up": h["netns"] in present} for h in self.inventory["hosts"]],
-            "pods": [{"name": p["name"], "host": p["host"], "ip": p["ip"], "service": p["service"],
+            "pods": [{"name": p["name"], "host": p["host"], "ip": p["ip"],
+                      "ips": p.get("ips", [p["ip"]]), "service": p["service"],
                       "netns": p["netns"], "up": p["netns"] in present,
                       "process": ("running" if p["name"] in pids and not _exited(pids[p["name"]])
                                   else "-" if p["service"] == "loadgen" else "stopped")}
@@ -199,17 +203,28 @@ class Lab:
         return [h["netns"], *h["pod_netns"]]
 
 
-def _write_workload_map(plan: LabPlan, path: Path) -> None:
+def _host_route(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
+    """The static workload map of the lab: every address of every pod (IPv4 /32, IPv6 /128) to
+    its service, every underlay address to its node."""
     entries: list[dict[str, object]] = []
     for p in plan.pods:
         svc = SERVICE_BY_NAME[p.service]
-        entries.append({"match": f"{p.ip}/32", "name": p.service, "namespace": svc.namespace,
-                        "kind": svc.kind, "host": p.host,
-                        "labels": {"app": p.service, "pod": p.name, "lab": plan.name}})
+        for addr in p.ips:
+            entries.append({"match": _host_route(addr), "name": p.service,
+                            "namespace": svc.namespace, "kind": svc.kind, "host": p.host,
+                            "labels": {"app": p.service, "pod": p.name, "lab": plan.name}})
     for h in plan.hosts:
-        entries.append({"match": f"{h.underlay_ip}/32", "name": f"node-{h.name}", "namespace": None,
+        entries.append({"match": _host_route(h.underlay_ip), "name": f"node-{h.name}", "namespace": None,
                         "kind": "Node", "host": h.name, "labels": {"lab": plan.name}})
-    path.write_text(yaml.safe_dump({"workloads": entries}, sort_keys=False))
+    return {"workloads": entries}
+
+
+def _write_workload_map(plan: LabPlan, path: Path) -> None:
+    path.write_text(yaml.safe_dump(workload_map(plan), sort_keys=False))
 
 
 def _read_pids(state: Path) -> dict[str, int]:

@@ -1,16 +1,23 @@
 """The lab's plan: which hosts, pods, addresses and services, as data, before anything is built.
 
-In: the user's choices (name, hosts, pods per host, VXLAN port).  Out: a `LabPlan` whose
+In: the user's choices (name, hosts, pods per host, VXLAN port, IP family).  Out: a `LabPlan` whose
 `inventory()` is the JSON the rest of eastwest reads (collectors scope themselves with its netns
 names, the aggregator reads its workload map, tests read it to compare against ground truth).
 
 Addresses are lab-only: underlay 10.213.0.N/24 on a bridge in the fabric namespace, pods
 10.244.N.(10+M)/16 bridged across hosts over VXLAN (the flannel "vxlan" backend's shape, but
 layer-2 with static forwarding entries so every packet takes exactly the host pair it should).
+
+IP families (`--ip-family`): `ipv4` (the default, the addresses above), `ipv6` (pods
+fd00:ee::N:(10+M)/64 and an IPv6 underlay fd00:ed::N/64 that carries the VXLAN: VTEPs are IPv6),
+`dual` (pods have both addresses, the underlay stays IPv4). Unique local addresses (RFC 4193):
+fd00:ee::/48 for pods, fd00:ed::/64 for the underlay; the pod address spells the IPv4 one
+(10.244.1.10 <-> fd00:ee::1:10), so either names the same pod at a glance.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +25,9 @@ from eastwest.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 VNI = 42
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
+POD_PREFIX4, POD_PREFIX6 = 16, 64  # pods of every host share one layer-2 segment
+UNDERLAY_PREFIX4, UNDERLAY_PREFIX6 = 24, 64
 
 
 @dataclass(frozen=True)
@@ -49,8 +59,12 @@ class HostPlan:
     index: int
     name: str
     netns: str
-    underlay_ip: str
+    underlay_ip: str  # the VTEP address: IPv6 in an `ipv6` lab, IPv4 otherwise
     underlay_if: str = "eth0"
+
+    @property
+    def underlay_prefix(self) -> int:
+        return UNDERLAY_PREFIX6 if ":" in self.underlay_ip else UNDERLAY_PREFIX4
 
 
 @dataclass(frozen=True)
@@ -60,9 +74,19 @@ class PodPlan:
     host: str
     slot: int  # 0 = loadgen, 1.. = application pods
     netns: str
-    ip: str
+    ip: str  # the pod's primary address: IPv4 in `ipv4` and `dual` labs, IPv6 in `ipv6` ones
     mac: str
     host_if: str  # the pod veth's name inside the host namespace
+    ip6: str | None = None  # its IPv6 address (`ipv6` and `dual` labs)
+
+    @property
+    def ip4(self) -> str | None:
+        return None if ":" in self.ip else self.ip
+
+    @property
+    def ips(self) -> list[str]:
+        """Every address of the pod, IPv4 first."""
+        return [a for a in (self.ip4, self.ip6) if a]
 
 
 @dataclass
@@ -72,12 +96,18 @@ class LabPlan:
     pods: list[PodPlan]
     vxlan_port: int
     vni: int = VNI
+    ip_family: str = "ipv4"
     state_dir: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def fabric_netns(self) -> str:
         return f"{self.name}-fab"
+
+    @property
+    def underlay_family(self) -> int:
+        """4 or 6: the family of the VXLAN packets on the underlay (outer headers)."""
+        return 6 if self.ip_family == "ipv6" else 4
 
     def pod(self, name: str) -> PodPlan:
         for p in self.pods:
@@ -90,6 +120,8 @@ class LabPlan:
             "name": self.name,
             "vni": self.vni,
             "vxlan_port": self.vxlan_port,
+            "ip_family": self.ip_family,
+            "underlay_family": self.underlay_family,
             "fabric_netns": self.fabric_netns,
             "state_dir": self.state_dir,
             "hosts": [
@@ -99,7 +131,8 @@ class LabPlan:
                 for h in self.hosts
             ],
             "pods": [
-                {"name": p.name, "netns": p.netns, "ip": p.ip, "mac": p.mac, "host": p.host,
+                {"name": p.name, "netns": p.netns, "ip": p.ip, "ip4": p.ip4, "ip6": p.ip6,
+                 "ips": p.ips, "mac": p.mac, "host": p.host,
                  "service": p.service, "namespace": SERVICE_BY_NAME[p.service].namespace,
                  "comm": f"ew-{p.service}",
                  "ports": [SERVICE_BY_NAME[p.service].port] if p.service != "loadgen" else [],
@@ -114,7 +147,8 @@ class LabPlan:
         }
 
 
-def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int) -> LabPlan:
+def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
+              ip_family: str = "ipv4") -> LabPlan:
     if not NAME_RE.match(name):
         raise ConfigError("--name", name, "must be 1-10 lowercase letters/digits, starting with a letter")
     if not 2 <= hosts <= 20:
@@ -127,22 +161,36 @@ def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int) -> Lab
                           f"(one pod per demo service: {', '.join(s.name for s in SERVICES)})")
     if not 1 <= vxlan_port <= 65535:
         raise ConfigError("--vxlan-port", vxlan_port, "must be a UDP port (4789 IANA, 8472 Linux/flannel)")
-    host_plans = [HostPlan(i, f"h{i}", f"{name}-h{i}", f"10.213.0.{i}") for i in range(1, hosts + 1)]
-    pods: list[PodPlan] = [_pod(name, "loadgen", 1, host_plans[0], 0)]
+    if ip_family not in IP_FAMILIES:
+        raise ConfigError("--ip-family", ip_family, f"must be one of {', '.join(IP_FAMILIES)}")
+    host_plans = [HostPlan(i, f"h{i}", f"{name}-h{i}",
+                           _v6(f"fd00:ed::{i}") if ip_family == "ipv6" else f"10.213.0.{i}")
+                  for i in range(1, hosts + 1)]
+    pods: list[PodPlan] = [_pod(name, "loadgen", 1, host_plans[0], 0, ip_family)]
     replicas: dict[str, int] = {}
     k = 0
     for slot in range(1, pods_per_host + 1):
         for h in host_plans:
             svc = SERVICES[k % len(SERVICES)].name
             replicas[svc] = replicas.get(svc, 0) + 1
-            pods.append(_pod(name, svc, replicas[svc], h, slot))
+            pods.append(_pod(name, svc, replicas[svc], h, slot, ip_family))
             k += 1
-    return LabPlan(name=name, hosts=host_plans, pods=pods, vxlan_port=vxlan_port)
+    return LabPlan(name=name, hosts=host_plans, pods=pods, vxlan_port=vxlan_port,
+                   ip_family=ip_family)
 
 
-def _pod(lab: str, service: str, replica: int, host: HostPlan, slot: int) -> PodPlan:
+def _v6(text: str) -> str:
+    """RFC 5952 text, as the probes, the wire decoder and Python's sockets write it."""
+    return str(ipaddress.IPv6Address(text))
+
+
+def _pod(lab: str, service: str, replica: int, host: HostPlan, slot: int,
+         ip_family: str = "ipv4") -> PodPlan:
+    ip4 = f"10.244.{host.index}.{10 + slot}"
+    ip6 = _v6(f"fd00:ee::{host.index}:{10 + slot}") if ip_family in ("ipv6", "dual") else None
     return PodPlan(
         name=f"{service}-{replica}", service=service, host=host.name,
-        slot=slot, netns=f"{lab}-{host.name}-p{slot}", ip=f"10.244.{host.index}.{10 + slot}",
-        mac=f"02:ee:00:00:{host.index:02x}:{slot:02x}", host_if=f"vp{slot}",
+        slot=slot, netns=f"{lab}-{host.name}-p{slot}",
+        ip=ip6 if ip_family == "ipv6" and ip6 else ip4,
+        mac=f"02:ee:00:00:{host.index:02x}:{slot:02x}", host_if=f"vp{slot}", ip6=ip6,
     )

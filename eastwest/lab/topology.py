@@ -12,6 +12,12 @@ Linux's own docs do it) and one entry per remote pod MAC, so a unicast frame is 
 exactly its destination host. That keeps the (outer_src, outer_dst) VTEP pair of every
 captured packet equal to the two hosts of its pods: ground truth for the VXLAN decoder.
 Kernel docs: Documentation/networking/vxlan.rst.
+
+IPv6 (`ipv6` and `dual` labs): every lab namespace gets `accept_dad=0` before its links exist
+and every address is added `nodad`, so addresses are usable at once (duplicate address
+detection would hold them "tentative" for a second or more). In an `ipv6` lab the underlay is
+IPv6 only: VXLAN `local`, the fdb `dst` entries and so the VTEPs are IPv6, and the pods' MTU
+leaves room for the 70 bytes of an IPv6 outer header (1430 instead of 1450).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from eastwest.errors import LabError
-from eastwest.lab.plan import LabPlan
+from eastwest.lab.plan import POD_PREFIX4, POD_PREFIX6, UNDERLAY_PREFIX6, LabPlan
 
 POD_MTU = 1450  # 1500 underlay - 50 bytes of VXLAN encapsulation (outer IPv4)
+POD_MTU_V6_UNDERLAY = 1430  # 1500 - 70 bytes (outer IPv6 header, 40 instead of 20)
+NO_DAD = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
 Progress = Callable[[str], None]
 
@@ -50,6 +58,14 @@ def existing_netns() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def add_netns(netns: str, ipv6: bool) -> None:
+    """A new namespace with loopback up; with `ipv6`, no duplicate address detection in it."""
+    sh(["ip", "netns", "add", netns])
+    if ipv6:
+        sh(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *NO_DAD])
+    ip(netns, "link", "set", "lo", "up")
+
+
 def lab_netns(name: str) -> list[str]:
     """The namespaces that belong to lab `name` by its naming scheme (and nothing else)."""
     pat = re.compile(rf"^{re.escape(name)}-(fab|h\d+|h\d+-p\d+)$")
@@ -62,19 +78,21 @@ def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
         raise LabError(f"lab {plan.name!r} already has namespaces ({', '.join(sorted(taken))}); "
                        f"run `eastwest lab down --name {plan.name}` first")
     fab = plan.fabric_netns
+    v6 = plan.ip_family != "ipv4"
+    dad = ["nodad"] if v6 else []
+    mtu = str(POD_MTU_V6_UNDERLAY if plan.underlay_family == 6 else POD_MTU)
     progress(f"fabric namespace {fab}")
-    sh(["ip", "netns", "add", fab])
-    ip(fab, "link", "set", "lo", "up")
+    add_netns(fab, v6)
     ip(fab, "link", "add", "name", "fab0", "type", "bridge")
     ip(fab, "link", "set", "fab0", "up")
 
     for h in plan.hosts:
         progress(f"host {h.name} ({h.netns}, underlay {h.underlay_ip})")
-        sh(["ip", "netns", "add", h.netns])
-        ip(h.netns, "link", "set", "lo", "up")
+        add_netns(h.netns, v6)
         ip(fab, "link", "add", h.name, "type", "veth", "peer", "name", h.underlay_if, "netns", h.netns)
         ip(fab, "link", "set", h.name, "master", "fab0", "up")
-        ip(h.netns, "addr", "add", f"{h.underlay_ip}/24", "dev", h.underlay_if)
+        ip(h.netns, "addr", "add", f"{h.underlay_ip}/{h.underlay_prefix}", "dev", h.underlay_if,
+           *(dad if h.underlay_prefix == UNDERLAY_PREFIX6 else []))
         ip(h.netns, "link", "set", h.underlay_if, "up")
         ip(h.netns, "link", "add", "name", "br0", "type", "bridge")
         ip(h.netns, "link", "set", "br0", "up")
@@ -84,14 +102,16 @@ def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
 
     for p in plan.pods:
         host = next(h for h in plan.hosts if h.name == p.host)
-        progress(f"pod {p.name} on {p.host} ({p.netns}, {p.ip})")
-        sh(["ip", "netns", "add", p.netns])
-        ip(p.netns, "link", "set", "lo", "up")
+        progress(f"pod {p.name} on {p.host} ({p.netns}, {', '.join(p.ips)})")
+        add_netns(p.netns, v6)
         ip(host.netns, "link", "add", p.host_if, "type", "veth", "peer", "name", "eth0",
            "netns", p.netns)
-        ip(host.netns, "link", "set", p.host_if, "mtu", str(POD_MTU), "master", "br0", "up")
-        ip(p.netns, "link", "set", "eth0", "address", p.mac, "mtu", str(POD_MTU))
-        ip(p.netns, "addr", "add", f"{p.ip}/16", "dev", "eth0")
+        ip(host.netns, "link", "set", p.host_if, "mtu", mtu, "master", "br0", "up")
+        ip(p.netns, "link", "set", "eth0", "address", p.mac, "mtu", mtu)
+        if p.ip4:
+            ip(p.netns, "addr", "add", f"{p.ip4}/{POD_PREFIX4}", "dev", "eth0")
+        if p.ip6:
+            ip(p.netns, "addr", "add", f"{p.ip6}/{POD_PREFIX6}", "dev", "eth0", *dad)
         ip(p.netns, "link", "set", "eth0", "up")
 
     progress("overlay forwarding entries")

@@ -80,7 +80,8 @@ class Aggregator:
 class HostCollector:
     """One lab host's collector: socket probes + VXLAN on its underlay -> the aggregator."""
 
-    def __init__(self, lab, host: str, url: str, spool: Path, metrics: bool = False) -> None:
+    def __init__(self, lab, host: str, url: str, spool: Path, metrics: bool = False,
+                 keep: bool = False) -> None:
         from collector.export import AggregatorSink, ExportSettings
         from collector.pipeline import CollectorContext
         from collector.probes import SocketProbeSource
@@ -101,13 +102,24 @@ class HostCollector:
         self.metrics_server = self.sink.metrics.serve("127.0.0.1:0") if metrics else None
         self.stop_event = threading.Event()
         self.errors: list[BaseException] = []
+        # keep=True: every record the sources emitted is also kept here, as the sink got it
+        self.records: list[Any] = []
+        self._keep = keep
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def write(self, records: list[Any]) -> None:  # the pipeline's sink when keep=True
+        self.records.extend(records)
+        self.sink.write(records)
+
+    def close(self) -> None:
+        self.sink.close()
 
     def _run(self) -> None:
         from collector.pipeline import run_pipeline
 
         try:
-            run_pipeline([self.socket, self.vxlan], self.sink, stop=self.stop_event,
+            run_pipeline([self.socket, self.vxlan], self if self._keep else self.sink,
+                         stop=self.stop_event,
                          handle_signals=False)
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.errors.append(exc)
@@ -133,8 +145,9 @@ class HostCollector:
 
 
 @contextlib.contextmanager
-def collectors(lab, url: str, spool: Path, hosts: list[str], metrics: bool = False):
-    running = [HostCollector(lab, h, url, spool, metrics) for h in hosts]
+def collectors(lab, url: str, spool: Path, hosts: list[str], metrics: bool = False,
+               keep: bool = False):
+    running = [HostCollector(lab, h, url, spool, metrics, keep) for h in hosts]
     try:
         for c in running:
             c.start()
