@@ -42,3 +42,7 @@ def test_wire_exact_for_both_inner_families(run):
 
 def test_aggregator_one_edge_per_workload_pair_over_both_families(run):
     ipfamily.check_aggregator(run)
+
+
+def test_aggregator_without_a_map_names_both_families_by_their_observers(run, tmp_path):
+    ipfamily.check_names_without_a_map(run, tmp_path)

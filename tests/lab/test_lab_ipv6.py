@@ -37,3 +37,7 @@ def test_wire_exact_on_an_ipv6_underlay(run):
 
 def test_aggregator_graph_and_flows_exact_on_ipv6(run):
     ipfamily.check_aggregator(run)
+
+
+def test_aggregator_without_a_map_names_ipv6_ends_by_their_observers(run, tmp_path):
+    ipfamily.check_names_without_a_map(run, tmp_path)
