@@ -11,6 +11,8 @@ Rules (docs/aggregator.md):
   BEST view: the maximum over the socket views (client, server), which count application
   payload exactly; path views (which also count retransmitted payload) only when no socket view
   exists. Retransmits add the client's and the server's (each counts its own sending side).
+  Packets come from path views only (socket probes count none): the maximum of those that
+  counted them, and in the stored row null, not 0, when none did (`packets()`).
 - `byte_mismatch`: the client's and the server's final byte counts (or a final path count against
   them) differ by more than the retransmitted segments can explain (retransmits x MSS).
 
@@ -67,6 +69,7 @@ class Summary(NamedTuple):
     observed_by: str                    # ",client,path,server," (sorted, comma-wrapped)
     connect: str | None
     best: tuple[int, int, int, int, int, int]
+    packets: tuple[int | None, int | None]  # best's packets, None where no view counted them
     rtt: tuple[int, int, int] | None
     client_bytes: tuple[int | None, int | None]
     server_bytes: tuple[int | None, int | None]
@@ -246,6 +249,18 @@ class Connection(msgspec.Struct, gc=False):
             return (sb1, sb2, pk1, pk2, sret, res)
         return (pb1, pb2, pk1, pk2, pret, res)
 
+    def packets(self) -> tuple[int | None, int | None]:
+        """(packets_c2s, packets_s2c) as the connection's row shows them: `best()`'s, or None
+        in a direction that no view counted (socket probes count no packets: not counted is
+        not zero). `best()` keeps 0 there, for the rollup deltas."""
+        b = self.best()
+        counted = [False, False]
+        for k, v in self.views.items():
+            if k != "client" and k != "server":
+                counted[0] = counted[0] or v.packets_c2s is not None
+                counted[1] = counted[1] or v.packets_s2c is not None
+        return (b[2] if counted[0] else None, b[3] if counted[1] else None)
+
     @property
     def connect(self) -> str | None:
         for slot in ("client", "server"):
@@ -297,6 +312,7 @@ class Connection(msgspec.Struct, gc=False):
         sock = False
         sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = pret = res = 0
         paths = 0
+        hp1 = hp2 = False  # a path view counted packets (c2s, s2c)
         connect = rtt = None
         final_paths = []
         for k, v in self.views.items():
@@ -336,10 +352,14 @@ class Connection(msgspec.Struct, gc=False):
                     pb1 = v.bytes_c2s
                 if v.bytes_s2c > pb2:
                     pb2 = v.bytes_s2c
-                if (v.packets_c2s or 0) > pk1:
-                    pk1 = v.packets_c2s or 0
-                if (v.packets_s2c or 0) > pk2:
-                    pk2 = v.packets_s2c or 0
+                if v.packets_c2s is not None:
+                    hp1 = True
+                    if v.packets_c2s > pk1:
+                        pk1 = v.packets_c2s
+                if v.packets_s2c is not None:
+                    hp2 = True
+                    if v.packets_s2c > pk2:
+                        pk2 = v.packets_s2c
                 if v.retransmits > pret:
                     pret = v.retransmits
         best = (sb1, sb2, pk1, pk2, sret, res) if sock else (pb1, pb2, pk1, pk2, pret, res)
@@ -354,7 +374,8 @@ class Connection(msgspec.Struct, gc=False):
                 break
         assert start is not None and last is not None, "a connection has at least one view"
         return Summary(
-            start, last, closed_at, _OBSERVED[mask], connect, best, rtt,
+            start, last, closed_at, _OBSERVED[mask], connect, best,
+            (pk1 if hp1 else None, pk2 if hp2 else None), rtt,
             (client.bytes_c2s, client.bytes_s2c) if client is not None else _NO_BYTES,
             (server.bytes_c2s, server.bytes_s2c) if server is not None else _NO_BYTES,
             (pb1, pb2) if paths else _NO_BYTES,

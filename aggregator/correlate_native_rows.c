@@ -209,6 +209,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     unsigned mask = 0;
     uint8_t connect = CONNECT_NONE;
     int64_t pb1 = 0, pb2 = 0;
+    int hp1 = 0, hp2 = 0; /* a path view counted packets: else the row's packets are null */
     for (uint32_t vi = c->views; vi != EW_NONE; vi = st->views[vi].next) {
         const ew_view *v = &st->views[vi];
         if (v->flags & VF_FINAL) {
@@ -225,6 +226,8 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
             paths++;
             if (v->b_c2s > pb1) pb1 = v->b_c2s;
             if (v->b_s2c > pb2) pb2 = v->b_s2c;
+            if (v->flags & VF_P_C2S) hp1 = 1;
+            if (v->flags & VF_P_S2C) hp2 = 1;
         }
     }
     /* connect and rtt: the client's first, then the server's, then any view's (in order) */
@@ -247,7 +250,8 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     SET(OUT_OUTCOME, connect == CONNECT_REFUSED ? OUTCOME_REFUSED
                    : connect == CONNECT_TIMEOUT ? OUTCOME_TIMEOUT
                    : (best[5] > 0 || connect == CONNECT_RESET) ? OUTCOME_RESET : OUTCOME_OK);
-    for (int k = 0; k < 6; k++) SET(OUT_B_C2S + k, best[k]);
+    for (int k = 0; k < 6; k++)
+        if ((k != 2 || hp1) && (k != 3 || hp2)) SET(OUT_B_C2S + k, best[k]);
     if (rv)
         for (int k = 0; k < 3; k++) SET(OUT_RTT_MIN + k, rv->rtt[k]);
     if (cv) { SET(OUT_CB_C2S, cv->b_c2s); SET(OUT_CB_S2C, cv->b_s2c); }

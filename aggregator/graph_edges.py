@@ -25,6 +25,7 @@ import msgspec
 import networkx as nx
 
 OTHER = "other"
+NULLABLE = frozenset({"packets_c2s", "packets_s2c"})  # null: none of the edge's connections counted
 SUMMED = ("connections_opened", "connections_active", "connections_closed", "connections_failed",
           "resets", "retransmits", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
           "byte_mismatches")
@@ -100,13 +101,18 @@ def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] 
             vol = [v.get(k) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
                                       "retransmits")]
         else:
-            vol = [r["conn_bytes_c2s"], r["conn_bytes_s2c"], None, None, r["conn_retransmits"]]
+            vol = [r["conn_bytes_c2s"], r["conn_bytes_s2c"], r["conn_packets_c2s"],
+                   r["conn_packets_s2c"], r["conn_retransmits"]]
+        # packets: null when no connection counted them and the volumes hold none
+        # (aggregator/store/duckdb_edges.py PACKET_COUNTS, the same rule)
+        packets = [None if not r[f"packets_n_{d}"] and not vol[i] else int(vol[i] or 0)
+                   for i, d in ((2, "c2s"), (3, "s2c"))]
         attrs = {
             "connections_opened": int(r["opened"]), "connections_active": int(r["active"]),
             "connections_closed": int(r["closed"]), "connections_failed": int(r["failed"]),
             "resets": int(r["reset"]), "byte_mismatches": int(r["byte_mismatches"]),
             "bytes_c2s": int(vol[0] or 0), "bytes_s2c": int(vol[1] or 0),
-            "packets_c2s": int(vol[2] or 0), "packets_s2c": int(vol[3] or 0),
+            "packets_c2s": packets[0], "packets_s2c": packets[1],
             "retransmits": int(vol[4] or 0),
             "rtt_us": None if r["rtt_min"] is None else {
                 "min": int(r["rtt_min"]), "avg": int(round(r["rtt_avg"])), "max": int(r["rtt_max"])},
@@ -121,8 +127,8 @@ def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] 
         if not any(v.get(k) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c")):
             continue
         attrs = {k: 0 for k in SUMMED}
-        attrs.update({k: int(v.get(k) or 0) for k in ("bytes_c2s", "bytes_s2c", "packets_c2s",
-                                                      "packets_s2c", "retransmits")})
+        attrs.update({k: int(v.get(k) or 0) for k in ("bytes_c2s", "bytes_s2c", "retransmits")})
+        attrs.update({k: int(v[k]) if v.get(k) else None for k in ("packets_c2s", "packets_s2c")})
         attrs.update(rtt_us=None, ports=[], protocols=[], first_seen=None, last_seen=None,
                      complete=True, observed_by={}, folded=1)
         add(src, dst, (None,) * 6, attrs, False, None, None)
@@ -133,14 +139,15 @@ def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] 
 def fold_attrs(folded: list[dict[str, Any]]) -> dict[str, Any]:
     """The `other -> other` edge standing for `folded` edges: their sums, ports (at most 100),
     protocols, observers, first and last seen (datetimes or µs, whatever they carry)."""
-    acc: dict[str, Any] = {k: 0 for k in SUMMED}
+    acc: dict[str, Any] = {k: None if k in NULLABLE else 0 for k in SUMMED}
     ports: set[int] = set()
     protos: set[str] = set()
     observed: dict[str, int] = {}
     complete = True
     for a in folded:
         for k in SUMMED:
-            acc[k] += a[k]
+            if a[k] is not None:
+                acc[k] = (acc[k] or 0) + a[k]
         ports.update(a["ports"])
         protos.update(a["protocols"])
         for k, n in a["observed_by"].items():
@@ -166,8 +173,8 @@ class _Folded(msgspec.Struct, gc=False):
     retransmits: int
     bytes_c2s: int
     bytes_s2c: int
-    packets_c2s: int
-    packets_s2c: int
+    packets_c2s: int | None
+    packets_s2c: int | None
     byte_mismatches: int
     ports: tuple[int, ...]
     protocols: tuple[str, ...]
@@ -182,7 +189,11 @@ def fold_json(texts: list[str], first: list[int | None], last: list[int | None])
     """`fold_attrs` of edges given as their JSON objects (and first/last seen in µs), without
     building a dict per edge: the same result, field for field and in the same order."""
     items = _folded_dec.decode(b"[" + ",".join(texts).encode() + b"]")
-    acc: dict[str, Any] = {k: sum(map(attrgetter(k), items)) for k in SUMMED}
+    acc: dict[str, Any] = {k: sum(map(attrgetter(k), items)) for k in SUMMED if k not in NULLABLE}
+    for k in NULLABLE:  # null when no folded edge counted them
+        counted = [x for x in map(attrgetter(k), items) if x is not None]
+        acc[k] = sum(counted) if counted else None
+    acc = {k: acc[k] for k in SUMMED}  # the fields' order
     ports: set[int] = set().union(*map(attrgetter("ports"), items))
     protos: set[str] = set().union(*map(attrgetter("protocols"), items))
     observed: dict[str, int] = {}

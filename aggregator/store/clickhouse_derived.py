@@ -151,7 +151,9 @@ class ClickHouseQueries:
           min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
           max(rtt_max_us) AS rtt_max, min(start_ts) AS first_us, max(last_seen) AS last_us,
           sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
-          sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets
+          sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets,
+          count(packets_c2s) AS packets_n_c2s, count(packets_s2c) AS packets_n_s2c,
+          sum(packets_c2s) AS conn_packets_c2s, sum(packets_s2c) AS conn_packets_s2c
         FROM {self.db}.connections FINAL
         WHERE start_ts < %(until)s AND last_seen >= %(since)s AND ({cond})
         GROUP BY src, dst, observed_by, server_port, protocol"""

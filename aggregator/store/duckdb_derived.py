@@ -257,7 +257,8 @@ def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     edges: dict[tuple[str, str], dict[str, Any]] = {}
     summed = ("opened", "active", "closed", "failed", "reset", "byte_mismatches", "incomplete",
               "rtt_sum", "rtt_n", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
-              "conn_resets")
+              "conn_resets", "packets_n_c2s", "packets_n_s2c", "conn_packets_c2s",
+              "conn_packets_s2c")
     for r in rows:
         e = edges.get((r["src"], r["dst"]))
         obs = r.pop("observed_by")

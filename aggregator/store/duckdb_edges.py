@@ -48,6 +48,13 @@ WINDOW_COUNTS = """count(*) FILTER (WHERE start_ts >= $1) AS opened,
   min(rtt_min_us) AS rtt_min, sum(rtt_avg_us) AS rtt_sum, count(rtt_avg_us) AS rtt_n,
   max(rtt_max_us) AS rtt_max"""
 
+# Packets are counted by wire observers only; a connection none of whose observers counted them
+# has null packets (aggregator/connection.py). An edge's packets are null when none of its
+# connections in the window counted them and its volumes hold none either: `count` is of the
+# connections that counted, `conn_packets_*` their sum (null when none did).
+PACKET_COUNTS = ("count(packets_c2s) AS packets_n_c2s, count(packets_s2c) AS packets_n_s2c, "
+                 "sum(packets_c2s) AS conn_packets_c2s, sum(packets_s2c) AS conn_packets_s2c")
+
 # observed_by as stored: ",client," ... ",client,path,server," (sorted observers, comma-wrapped)
 OBSERVER_SETS = ("client", "server", "path", "client,server", "client,path", "path,server",
                  "client,path,server")
@@ -91,7 +98,7 @@ def _counts_sql(group_by: str, where: str) -> str:
       {WINDOW_COUNTS}, epoch_us(min(start_ts)) AS first_us,
       epoch_us(max(last_seen)) AS last_us,
       sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
-      sum(retransmits) AS conn_retransmits, {obs},
+      sum(retransmits) AS conn_retransmits, {PACKET_COUNTS}, {obs},
       min(server_port) AS port_lo, max(server_port) AS port_hi, bit_or({proto}) AS protos
     FROM connections
     WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
@@ -119,9 +126,14 @@ def _edge_json(from_rollups: bool) -> str:
     of docs/api.md."""
     if from_rollups:
         vol = [f"coalesce(v_{n}, 0)" for n in VOLUMES]
-    else:  # volumes of the matching connections (no packet counts there)
-        vol = ["coalesce(conn_bytes_c2s, 0)", "coalesce(conn_bytes_s2c, 0)", "0", "0",
-               "coalesce(conn_retransmits, 0)"]
+        # packets: null when no connection of the window counted them and the minutes hold none
+        for i, d in ((2, "c2s"), (3, "s2c")):
+            vol[i] = (f"CASE WHEN coalesce(packets_n_{d}, 0) = 0 AND coalesce(v_packets_{d}, 0) = 0 "
+                      f"THEN 'null' ELSE {vol[i]}::VARCHAR END")
+    else:  # volumes of the matching connections (packets: of those that counted them)
+        vol = ["coalesce(conn_bytes_c2s, 0)", "coalesce(conn_bytes_s2c, 0)",
+               "coalesce(conn_packets_c2s::VARCHAR, 'null')",
+               "coalesce(conn_packets_s2c::VARCHAR, 'null')", "coalesce(conn_retransmits, 0)"]
 
     def concat(*pairs: tuple[str, str]) -> str:
         parts = ["'{\"source\":'", "to_json(src)::VARCHAR", "',\"target\":'", "to_json(dst)::VARCHAR"]

@@ -122,6 +122,46 @@ def test_an_edge_with_several_observer_sets_counts_each(client):
     assert fa["ports"] == [9090, 9091] and fa["protocols"] == ["tcp"]
 
 
+def test_packets_nobody_counted_are_null_not_zero(client):
+    """Socket probes count no packets (their records carry null): a connection no wire
+    observer counted packets of has null packets in its flow and its edge, from the rollups or
+    from the connections, and when folded; a wire observer's count shows, and an edge or a
+    fold sums the connections that counted (null only when none did)."""
+    from datetime import datetime
+
+    from aggregator.graph import Window, fold, graph_data, to_graphml
+
+    Ep = rec("client").client.__class__
+    # the wire saw fill()'s api -> db connection (client port 50000) and counted c2s packets only
+    send(client, "h3", 300, [rec("path", collector="h3", client=Ep("10.244.2.11", 50000),
+                                 server=Ep("10.244.3.11", 5432), c2s=50, s2c=60,
+                                 packets_c2s=7, packets_s2c=None)])
+    flows = client.get("/api/v1/flows", params={"limit": "100"}, headers=RH).json()["flows"]
+    packets = {f["client"]["port"]: (f["packets_c2s"], f["packets_s2c"]) for f in flows}
+    assert packets == {**{41000 + i: (None, None) for i in range(7)}, 50000: (7, None),
+                       50001: (None, None)}
+    raw = client.get("/api/v1/records", headers=RH).json()["records"]
+    assert {r["packets_c2s"] for r in raw if r["observer"] != "path"} == {None}
+    for params, source in ((A, "rollups"), ({**A, "observer": "client"}, "connections")):
+        g = client.get("/api/v1/graph", params=params, headers=RH).json()
+        assert g["volume_source"] == source
+        edges = {(e["source"], e["target"]): (e["packets_c2s"], e["packets_s2c"])
+                 for e in g["edges"]}
+        assert edges == {("shop/frontend", "shop/api"): (None, None),
+                         ("shop/api", "shop/db"): (7, None)}, (source, edges)
+    win = Window(datetime.fromisoformat(A["from"]), datetime.fromisoformat(A["to"]))
+    data = graph_data(client.app.state.pipeline.read(), win, budget=1)
+    other = json.loads(data.json_bytes())["edges"]
+    assert [(e["source"], e["packets_c2s"], e["packets_s2c"]) for e in other] == [("other", 7, None)]
+    g = graph_data(client.app.state.pipeline.read(), win).graph()
+    g.remove_edge("shop/api", "shop/db")
+    g.add_edge("x", "y", **{**g.edges["shop/frontend", "shop/api"], "bytes_c2s": 1})
+    assert fold(g, 1) == 2
+    assert (g.edges["other", "other"]["packets_c2s"], g.edges["other", "other"]["packets_s2c"]) \
+        == (None, None)
+    assert "<graphml" in to_graphml(g)
+
+
 def test_rollup_volumes_cover_every_minute_the_window_touches(client):
     """The documented resolution rule (docs/api.md, `volume_since`): fill()'s records end at
     04:00:12, so their volumes sit in the rollup minute 04:00. A window starting inside that

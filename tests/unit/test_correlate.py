@@ -192,3 +192,6 @@ def test_summary_is_the_properties_in_one_pass():
         assert (s.client_bytes, s.server_bytes, s.path_bytes) == (
             c.side_bytes("client"), c.side_bytes("server"), c.side_bytes("path"))
         assert s.byte_mismatch == c.byte_mismatch
+        assert s.packets == c.packets() == tuple(
+            b if any(getattr(v, f) is not None for k, v in c.views.items() if k.startswith("path"))
+            else None for b, f in zip(c.best()[2:4], ("packets_c2s", "packets_s2c"), strict=True))

@@ -102,7 +102,7 @@ export interface GraphNode { id: string; name: string; namespace: string | null;
 export interface GraphEdge {
   source: string; target: string; connections_opened: number; connections_active: number;
   connections_closed: number; connections_failed: number; resets: number; retransmits: number;
-  bytes_c2s: number; bytes_s2c: number; packets_c2s: number; packets_s2c: number;
+  bytes_c2s: number; bytes_s2c: number; packets_c2s: number | null; packets_s2c: number | null;
   byte_mismatches: number; rtt_us: { min: number; avg: number; max: number } | null;
   ports: number[]; protocols: string[]; first_seen: string | null; last_seen: string | null;
   complete: boolean; observed_by: Record<string, number>; folded: number;
