@@ -74,6 +74,12 @@ SHAPES: list[tuple[str, str]] = [
     (r"^eastwest workloads db$", r"\bapi\b"),
     (r"^eastwest diff ", r"\S"),
     (r"^eastwest collector --print-bpf$", r"TRACEPOINT_PROBE|RAW_TRACEPOINT_PROBE|SEC\("),
+    (r"/api/v1/graph\?from=15m'$", r'"edges":\[\{"source"'),
+    (r"/api/v1/graph\?group_by=namespace&format=mermaid'$", r"^(graph|flowchart) "),
+    (r"/api/v1/flows\?to_workload=db&not_outcome=ok", r'"flows":\[\{.*"db"'),
+    (r"/api/v1/workloads/db'$", r'"api"'),
+    (r"/api/v1/diff\?", r'"added":'),
+    (r"/api/v1/records\?since=5m", r'"records":\[\{'),
 ]
 
 

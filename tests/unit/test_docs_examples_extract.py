@@ -109,3 +109,13 @@ def test_commands_join_continuations_and_keep_console_output(tmp_path):
     assert [(c.text, c.output) for c in got[1].commands] == [
         ("eastwest e", ("line 1", "", "line 2")), ("eastwest f", ())]
     assert strip_comment("eastwest a --b 'x # y'  # z") == "eastwest a --b 'x # y'"
+
+
+def test_every_output_shape_applies_to_a_documented_command():
+    """A shape check whose pattern matches no command of the docs would check nothing."""
+    from tests.docs.test_examples import SHAPES
+
+    commands = [strip_comment(fill(c.text, SERVERS)) for b in ALL if b.is_example
+                for c in b.commands]
+    for pattern, _ in SHAPES:
+        assert any(re.search(pattern, c) for c in commands), f"no documented command matches {pattern}"
