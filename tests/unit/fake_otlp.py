@@ -1,17 +1,21 @@
 """A fake Tempo for tests: an OTLP gRPC receiver built from opentelemetry-proto's service
 definitions (TraceService, MetricsService servicers on grpcio), an OTLP/HTTP receiver on the
-standard library, and the pairing Tempo's metrics-generator applies to spans.
+standard library, and Tempo's service-graph processor as a double (tests/unit/tempo_servicegraph.py,
+ported as facts from grafana/tempo and proven with Tempo's own cases).
 
-It is NOT Tempo. `service_graph()` follows what Tempo's service-graphs processor does
-(grafana/tempo modules/generator/processor/servicegraphs): a CLIENT span is stored under
-(trace id, its span id), a SERVER span under (trace id, its parent span id); when both halves
-of a key are present they make one request on the edge client service -> server service, failed
-when either span's status is ERROR. Unpaired halves are reported, not guessed.
+Every trace request a receiver accepts is pushed, as it arrives and on the real clock, through
+that double (`got.tempo`): the ingestion window of now +- 30 s, pairing by (trace id, client span
+id) = (trace id, server parent span id), names from `service.name` only, virtual nodes on expiry
+(`got.tempo.expire()`), with the configuration docs/integrations.md recommends for eastwest
+(`RECOMMENDED`: `service.namespace` as a prefixed dimension, the sample-ratio attribute as
+`span_multiplier_key`). `service_graph(spans)` pairs a list of spans after the fact with the
+same rules but no ingestion window (for tests whose records carry fixed past times).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
@@ -25,9 +29,20 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsvc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tgrpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from tests.unit.tempo_servicegraph import (
+    REQUEST_FAILED,
+    REQUEST_TOTAL,
+    ServiceGraphConfig,
+)
+from tests.unit.tempo_servicegraph import ServiceGraph as TempoServiceGraph
 
 KIND_CLIENT, KIND_SERVER = Span.SPAN_KIND_CLIENT, Span.SPAN_KIND_SERVER
+SAMPLE_RATIO = "eastwest.sample.ratio"  # aggregator/exporters/otlp_spans.py
+# Tempo as docs/integrations.md configures it for eastwest
+RECOMMENDED = ServiceGraphConfig(dimensions=("service.namespace",), enable_client_server_prefix=True,
+                                 span_multiplier_key=SAMPLE_RATIO)
 
 
 def value(v: AnyValue) -> Any:
@@ -64,6 +79,8 @@ class Received:
     metric_requests: list[Any] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    tempo: TempoServiceGraph = field(default_factory=lambda: TempoServiceGraph(RECOMMENDED))
+    requests: int = 0
 
     def add_traces(self, req: tsvc.ExportTraceServiceRequest) -> None:
         out = []
@@ -75,8 +92,10 @@ class Received:
                                             s.name, attrs(s.attributes), s.status.code,
                                             s.start_time_unix_nano, s.end_time_unix_nano,
                                             ss.scope.name))
+        self.tempo.push(out, now=time.time())  # as Tempo's generator sees it, on arrival
         with self.cond:
             self.spans += out
+            self.requests += 1
             self.cond.notify_all()
 
     def add_metrics(self, req: msvc.ExportMetricsServiceRequest) -> None:
@@ -215,6 +234,26 @@ def workload(resource: dict[str, Any]) -> str:
     return f"{ns}/{resource['service.name']}" if ns else resource["service.name"]
 
 
+def node(labels: dict[str, str], side: str) -> str:
+    """A Tempo series' node as eastwest names workloads: namespace/name when the series carries
+    the namespace dimension (RECOMMENDED), else the bare service name."""
+    ns = labels.get(f"{side}_service_namespace")
+    return f"{ns}/{labels[side]}" if ns else labels[side]
+
+
+def tempo_edges(g: TempoServiceGraph) -> dict[tuple[str, str], dict[str, float]]:
+    """client -> server requests and failed requests of the double's series."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    series = g.series()
+    for metric, key in ((REQUEST_TOTAL, "requests"), (REQUEST_FAILED, "failed")):
+        for lab, v in series.get(metric, {}).items():
+            d = dict(lab)
+            e = out.setdefault((node(d, "client"), node(d, "server")),
+                               {"requests": 0.0, "failed": 0.0})
+            e[key] += v
+    return out
+
+
 @dataclass
 class ServiceGraph:
     edges: dict[tuple[str, str], dict[str, int]]
@@ -222,22 +261,15 @@ class ServiceGraph:
     unpaired_server: int
 
 
-def service_graph(spans: list[ReceivedSpan]) -> ServiceGraph:
-    """Tempo's pairing: CLIENT by (trace, span id), SERVER by (trace, parent span id)."""
-    clients: dict[tuple[bytes, bytes], ReceivedSpan] = {}
-    servers: dict[tuple[bytes, bytes], ReceivedSpan] = {}
-    for s in spans:
-        if s.kind == KIND_CLIENT:
-            clients[(s.trace_id, s.span_id)] = s
-        elif s.kind == KIND_SERVER:
-            servers[(s.trace_id, s.parent_span_id)] = s
-    edges: dict[tuple[str, str], dict[str, int]] = {}
-    for key, c in clients.items():
-        s = servers.get(key)
-        if s is None:
-            continue
-        e = edges.setdefault((workload(c.resource), workload(s.resource)),
-                             {"requests": 0, "failed": 0})
-        e["requests"] += 1
-        e["failed"] += Status.STATUS_CODE_ERROR in (c.status, s.status)
-    return ServiceGraph(edges, len(set(clients) - set(servers)), len(set(servers) - set(clients)))
+def service_graph(spans: list[ReceivedSpan],
+                  config: ServiceGraphConfig = RECOMMENDED) -> ServiceGraph:
+    """The double's pairing of `spans` pushed at once, without the ingestion window and before
+    any edge expires: edges "ns/name" -> {requests, failed}; halves still waiting by side."""
+    from dataclasses import replace
+
+    g = TempoServiceGraph(replace(config, ingestion_slack_s=None))
+    g.push(spans)
+    edges = {k: {n: int(v) for n, v in e.items()} for k, e in tempo_edges(g).items()}
+    waiting = [e for e in g._store.values()]
+    return ServiceGraph(edges, sum(1 for e in waiting if e.client),
+                        sum(1 for e in waiting if not e.client))
