@@ -77,7 +77,7 @@ SHAPES: list[tuple[str, str]] = [
     (r"/api/v1/graph\?from=15m'$", r'"edges":\[\{"source"'),
     (r"/api/v1/graph\?group_by=namespace&format=mermaid'$", r"^(graph|flowchart) "),
     (r"/api/v1/flows\?to_workload=db&not_outcome=ok", r'"flows":\[\{.*"db"'),
-    (r"/api/v1/workloads/db'$", r'"api"'),
+    (r"/api/v1/workloads/db'$", r'"callers":\[\{"source":"[^"]*\bapi"'),
     (r"/api/v1/diff\?", r'"added":'),
     (r"/api/v1/records\?since=5m", r'"records":\[\{'),
 ]
