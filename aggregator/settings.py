@@ -28,6 +28,7 @@ DEFAULT_MAX_RECORDS = 100_000
 MIN_TOKEN_LEN = 16
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 OTLP_SIGNALS = ("traces", "metrics")
+OTLP_SERVICE_NAMES = ("name", "namespace/name")  # what a span's resource service.name carries
 # NATS flags whose values NatsOptions checks; checked even when --nats is not given
 NATS_VALUE_FLAGS = ("nats_stream", "nats_subject", "nats_max_bytes", "nats_max_age",
                     "nats_creds", "nats_ca", "nats_cert", "nats_key")
@@ -67,6 +68,8 @@ class AggregatorSettings:
     otlp_timeout_s: float | None = None
     otlp_queue_size: int | None = None
     otlp_metrics_interval_s: float | None = None
+    otlp_service_name: str = "name"      # or "namespace/name" (docs/integrations.md)
+    otlp_late_after_s: float = 30.0      # Tempo's metrics_ingestion_time_range_slack
     export_settle_s: float = 5.0
     export_link_local: bool = False      # link-local and multicast to Prometheus/OTLP too
     # scale-out (issue #10; docs/scale-out.md): a shared ClickHouse store, NATS JetStream intake
@@ -144,6 +147,11 @@ class AggregatorSettings:
                             ("--otlp-metrics-interval", self.otlp_metrics_interval_s)):
             if value is not None:
                 _positive_seconds(flag, value)
+        if self.otlp_service_name not in OTLP_SERVICE_NAMES:
+            raise ConfigError("--otlp-service-name", self.otlp_service_name,
+                              f"expected one of {', '.join(OTLP_SERVICE_NAMES)}")
+        if not self.otlp_late_after_s > 0:  # NaN too
+            raise ConfigError("--otlp-late-after", self.otlp_late_after_s, "must be > 0 seconds")
         if self.otlp_queue_size is not None and self.otlp_queue_size < 1:
             raise ConfigError("--otlp-queue-size", self.otlp_queue_size, "must be at least 1")
         if not (math.isfinite(self.export_settle_s) and self.export_settle_s >= 0):
@@ -227,8 +235,10 @@ def _exporter_args(args: argparse.Namespace) -> dict[str, Any]:
                       ("otlp_sample", "otlp_sample"), ("otlp_filter", "otlp_filter"),
                       ("otlp_timeout", "otlp_timeout_s"), ("otlp_queue_size", "otlp_queue_size"),
                       ("otlp_metrics_interval", "otlp_metrics_interval_s"),
+                      ("otlp_service_name", "otlp_service_name"),
+                      ("otlp_late_after", "otlp_late_after_s"),
                       ("export_settle", "export_settle_s")):
-        value = vars(args)[flag]
+        value = vars(args).get(flag)
         if value is not None:
             out[key] = value
     signals = args.otlp_signals

@@ -29,7 +29,7 @@ from aggregator.changes import Changes
 from aggregator.exporters.completion import Completions
 from aggregator.exporters.edges import EdgeLabels
 from aggregator.exporters.named import NamedDeltas, link_local_mask
-from aggregator.exporters.otlp_config import OtlpConfig
+from aggregator.exporters.otlp_config import LATE_REASONS, OtlpConfig
 from aggregator.exporters.prometheus import EdgeMetrics
 from aggregator.settings import AggregatorSettings
 from aggregator.store.derived import DUCKDB_CONN_SCHEMA
@@ -42,7 +42,8 @@ EMPTY = pa.Table.from_batches([], schema=DUCKDB_CONN_SCHEMA)
 # self-metrics of this package (dashboards may only use names defined in code)
 METRIC_NAMES = ("eastwest_export_pending_connections", "eastwest_export_completed_connections_total",
                 "eastwest_otlp_queue_spans", "eastwest_otlp_spans_exported_total",
-                "eastwest_otlp_export_requests_total", "eastwest_otlp_connections_total")
+                "eastwest_otlp_export_requests_total", "eastwest_otlp_connections_total",
+                "eastwest_otlp_late_spans_total", "eastwest_otlp_folded_connections_total")
 
 
 class Exporters:
@@ -63,7 +64,8 @@ class Exporters:
         if config is not None:
             from aggregator.exporters.otlp import OtlpExporter
 
-            self.otlp = OtlpExporter(config, drops, self.labels, **dict(otlp_kwargs or {}))
+            self.otlp = OtlpExporter(config, drops, self.labels,
+                                     **{"clock": clock, **dict(otlp_kwargs or {})})
         registry.register(_SelfMetrics(self))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,3 +160,13 @@ class _SelfMetrics(Collector):
         for k in ("queued", "filtered", "sampled_out"):
             conns.add_metric([k], otlp.connections[k] if otlp is not None else 0)
         yield conns
+        late = CounterMetricFamily("eastwest_otlp_late_spans", "spans older than --otlp-late-after "
+                                   "(Tempo's ingestion slack) when queued or sent: Tempo keeps the "
+                                   "trace but draws no edge from it; by reason", labels=["reason"])
+        counts = otlp.late_counts() if otlp is not None else {}
+        for k in LATE_REASONS:
+            late.add_metric([k], counts.get(k, 0))
+        yield late
+        yield CounterMetricFamily("eastwest_otlp_folded_connections", "connections past the edge "
+                                  "budget whose external ends were exported as `external`",
+                                  value=otlp.folded if otlp is not None else 0)

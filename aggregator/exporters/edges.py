@@ -40,12 +40,16 @@ class EdgeLabels:
         self.folded = 0
         self._lock = threading.Lock()
 
-    def of(self, client: Identity, server: Identity, port: int, protocol: str) -> EdgeKey:
+    def of(self, client: Identity, server: Identity, port: int, protocol: str, *,
+           count: bool = True) -> EdgeKey:
+        """The edge's labels, or OTHER past the budget (`count`: a fold is counted; OTLP's
+        spans ask about edges the counters count already, and do not count twice)."""
         return self.of_names(client.name, client.namespace, server.name, server.namespace, port,
-                             protocol)
+                             protocol, count=count)
 
     def of_names(self, client: str, client_namespace: str | None, server: str,
-                 server_namespace: str | None, port: int, protocol: str) -> EdgeKey:
+                 server_namespace: str | None, port: int, protocol: str, *,
+                 count: bool = True) -> EdgeKey:
         key: EdgeKey = (client, client_namespace or "", server, server_namespace or "",
                         str(port), protocol)
         if key in self.known:
@@ -54,7 +58,8 @@ class EdgeLabels:
             if key in self.known or len(self.known) < self.budget - 1:
                 self.known.add(key)
                 return key
-            self.folded += 1
+            if count:
+                self.folded += 1
         return OTHER
 
     def per_edge(self, t: pa.Table, sums: Sequence[str], counts: Sequence[str] = ()

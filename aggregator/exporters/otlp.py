@@ -5,13 +5,23 @@ Stage: exporters. In: the deltas of connections whose names are final (named.py)
 any OTLP receiver, over gRPC or HTTP/protobuf (otlp_config.py).
 
 Traces: each completed connection that passes `--otlp-filter` and the `--otlp-sample` share
-becomes a CLIENT + SERVER span pair (otlp_spans.py). Finished spans go into `SpanQueue`, a bounded
-queue drained in batches by one thread into the SDK's OTLP span exporter, which retries retryable
-failures (gRPC UNAVAILABLE and friends, HTTP 429/502/503/504) with jittered exponential backoff
-inside its timeout. A span that does not fit the queue, or whose batch still failed, is counted in
-`eastwest_dropped_total{stage="otlp",reason="queue_full"|"export_failed"}`; nothing on the
-ingest path ever waits for the receiver. `force_flush()` exports what is queued; `shutdown()`
-drains, then closes the exporter.
+becomes a CLIENT span and, when a server saw it, a SERVER span (otlp_spans.py). A connection's
+spans go into `SpanQueue` together: a bounded queue of such groups, drained in batches of whole
+groups by one thread into the SDK's OTLP span exporter, which retries retryable failures (gRPC
+UNAVAILABLE and friends, HTTP 429/502/503/504) with jittered exponential backoff inside its
+timeout. A group that does not fit the queue, or whose batch still failed, is counted span by span
+in `eastwest_dropped_total{stage="otlp",reason="queue_full"|"export_failed"}`: both spans of a
+pair are sent in one request or neither, so Tempo never holds half a pair. Nothing on the ingest
+path ever waits for the receiver. `force_flush()` exports what is queued; `shutdown()` drains,
+then closes the exporter.
+
+Lateness: Tempo's metrics-generator ignores spans whose end is older than its ingestion slack
+(`metrics_ingestion_time_range_slack`, 30 s by default); such spans still reach Tempo's trace
+store but make no edge. Spans older than `--otlp-late-after` when queued or sent are counted in
+`eastwest_otlp_late_spans_total{reason}`: `ended_before_start` (the connection ended before this
+aggregator started: a restart, a collector's spool replayed), `completed_late` (the connection
+became complete too long after it ended: UDP and wire-only flows end by idle timeout, late
+records, settle), `export_delay` (in time when queued, late when sent: a backlog, retries).
 
 Metrics: counters `eastwest.edge.bytes` (attribute `direction`), `eastwest.edge.connections`,
 `eastwest.edge.failures` (`reason`), `eastwest.edge.retransmits` and the histogram
@@ -27,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -44,29 +54,35 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from aggregator.connection import Connection
-from aggregator.exporters.edges import ROW_LABELS, EdgeKey, EdgeLabels
-from aggregator.exporters.otlp_config import OtlpConfig
-from aggregator.exporters.otlp_spans import SpanFactory, trace_id_of
+from aggregator.exporters.edges import OTHER, ROW_LABELS, EdgeKey, EdgeLabels
+from aggregator.exporters.otlp_config import LATE_REASONS, OtlpConfig
+from aggregator.exporters.otlp_spans import SpanFactory, end_ns, trace_id_of
 from aggregator.exporters.prometheus import FAILED, RTT_BUCKETS
 from aggregator.store.derived import connection_of
 from eastwest import __version__
+from eastwest.clock import Clock, SystemClock, unix_us
 from eastwest.drops import Drops
 from eastwest.filters import outcome_of
 
 log = logging.getLogger("eastwest.otlp")
 STAGE = "otlp"
+RANDOM_MASK = (1 << 56) - 1
 
 
 class SpanQueue(SpanProcessor):
-    """Finished spans -> a bounded queue -> batches -> `exporter`. Every span is exported once or
-    counted as dropped."""
+    """Groups of finished spans (a connection's) -> a bounded queue -> batches of whole groups ->
+    `exporter`. Every span is exported once or counted as dropped, with the rest of its group.
+    `now_ns` and `late_after_ns` (optional) count groups that became late while queued."""
 
     def __init__(self, exporter: SpanExporter, drops: Drops, *, max_queue: int = 8192,
-                 max_batch: int = 512, schedule_s: float = 1.0, start: bool = True) -> None:
+                 max_batch: int = 512, schedule_s: float = 1.0, start: bool = True,
+                 now_ns: Callable[[], int] | None = None, late_after_ns: int | None = None) -> None:
         self.exporter = exporter
         self.drops = drops
         self.max_queue, self.max_batch, self.schedule_s = max_queue, max_batch, schedule_s
-        self._queue: deque[ReadableSpan] = deque()
+        self.now_ns, self.late_after_ns = now_ns, late_after_ns
+        self._queue: deque[tuple[int, Sequence[ReadableSpan]]] = deque()  # (end ns, spans)
+        self._spans = 0
         self._lock = threading.Lock()
         self._export_lock = threading.Lock()
         self._wake = threading.Event()
@@ -74,27 +90,38 @@ class SpanQueue(SpanProcessor):
         self.exported = 0
         self.export_requests = 0
         self.failed_requests = 0
+        self.late_on_export = 0
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
             self._thread.start()
 
-    # -- SpanProcessor ----------------------------------------------------------------------------
+    # -- in ---------------------------------------------------------------------------------------
+    def offer(self, spans: Sequence[ReadableSpan], end_ns: int = 0) -> bool:
+        """Queue a connection's spans, all or none (`end_ns`: when it ended, 0: unknown)."""
+        if not spans:
+            return True
+        if self._stop:
+            self.drops.count(STAGE, "after_shutdown", len(spans))
+            return False
+        with self._lock:
+            if self._spans + len(spans) > self.max_queue:
+                self.drops.count(STAGE, "queue_full", len(spans),
+                                 detail=f"{self.max_queue} spans waiting")
+                return False
+            self._queue.append((end_ns, tuple(spans)))
+            self._spans += len(spans)
+            full = self._spans >= self.max_batch
+        if full:
+            self._wake.set()
+        return True
+
+    # -- SpanProcessor (a span ended elsewhere is a group of one) --------------------------------
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        if self._stop:
-            self.drops.count(STAGE, "after_shutdown")
-            return
-        with self._lock:
-            if len(self._queue) >= self.max_queue:
-                self.drops.count(STAGE, "queue_full", detail=f"{self.max_queue} spans waiting")
-                return
-            self._queue.append(span)
-            full = len(self._queue) >= self.max_batch
-        if full:
-            self._wake.set()
+        self.offer([span])
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         self._export_all()
@@ -112,7 +139,7 @@ class SpanQueue(SpanProcessor):
 
     # -- the worker -------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._spans
 
     def _run(self) -> None:
         while not self._stop:
@@ -124,12 +151,25 @@ class SpanQueue(SpanProcessor):
     def _export_all(self) -> None:
         with self._export_lock:
             while True:
+                batch: list[ReadableSpan] = []
+                late = 0
                 with self._lock:
-                    n = min(self.max_batch, len(self._queue))
-                    batch = [self._queue.popleft() for _ in range(n)]
+                    # whole groups; one larger than a batch goes alone
+                    while self._queue and (not batch or
+                                           len(batch) + len(self._queue[0][1]) <= self.max_batch):
+                        end, group = self._queue.popleft()
+                        self._spans -= len(group)
+                        batch += group
+                        if end and self._late(end):
+                            late += len(group)
                 if not batch:
                     return
+                self.late_on_export += late
                 self._export(batch)
+
+    def _late(self, end_ns: int) -> bool:
+        return (self.now_ns is not None and self.late_after_ns is not None
+                and self.now_ns() - end_ns > self.late_after_ns)
 
     def _export(self, batch: Sequence[ReadableSpan]) -> None:
         self.export_requests += 1
@@ -244,33 +284,68 @@ class OtlpEdgeMetrics:
 
 class OtlpExporter:
     """Both OTLP signals, as the config asks. `span_exporter`/`metric_exporter` replace the SDK
-    exporters the config would build (tests)."""
+    exporters the config would build (tests); `clock` tells lateness (wall time)."""
 
     def __init__(self, config: OtlpConfig, drops: Drops, labels: EdgeLabels, *,
                  span_exporter: SpanExporter | None = None,
-                 metric_exporter: MetricExporter | None = None) -> None:
-        self.config, self.drops = config, drops
+                 metric_exporter: MetricExporter | None = None,
+                 clock: Clock | None = None) -> None:
+        self.config, self.drops, self.labels = config, drops, labels
+        self.clock: Clock = clock or SystemClock()
+        self.started_ns = self._now_ns()
+        self.late_after_ns = int(config.late_after_s * 1e9)
         self.spans: SpanQueue | None = None
         self.factory: SpanFactory | None = None
         self.metrics: OtlpEdgeMetrics | None = None
         self.connections = {"queued": 0, "filtered": 0, "sampled_out": 0}
-        self._threshold = int(config.sample * (1 << 64))
+        self.late = dict.fromkeys(LATE_REASONS, 0)
+        self.folded = 0
+        self._threshold = int(config.sample * (RANDOM_MASK + 1))
         if "traces" in config.signals:
             self.spans = SpanQueue(span_exporter or config.span_exporter(), drops,
                                    max_queue=config.queue_size, max_batch=config.batch_size,
-                                   schedule_s=config.schedule_s)
-            self.factory = SpanFactory(self.spans)
+                                   schedule_s=config.schedule_s, now_ns=self._now_ns,
+                                   late_after_ns=self.late_after_ns)
+            self.factory = SpanFactory(self._queue, naming=config.service_name,
+                                       sample_ratio=config.sample)
         if "metrics" in config.signals:
             self.metrics = OtlpEdgeMetrics(metric_exporter or config.metric_exporter(), drops,
                                            labels, config.metrics_interval_s)
+        self._end_ns = 0
+
+    def _now_ns(self) -> int:
+        return unix_us(self.clock.now()) * 1000
+
+    def late_counts(self) -> dict[str, int]:
+        out = dict(self.late)
+        if self.spans is not None:
+            out["export_delay"] += self.spans.late_on_export
+        return out
 
     def on_released(self, released: pa.Table | None) -> None:
         if self.metrics is not None:
             self.metrics.on_released(released)
 
     def sampled(self, conn: Connection) -> bool:
-        # the low 64 bits of the trace id against the share, as TraceIdRatioBased does
-        return (trace_id_of(conn.conn_id) & ((1 << 64) - 1)) < self._threshold or self.config.sample >= 1.0
+        # the trace id's rightmost 7 bytes against the share (W3C Trace Context level 2: the
+        # random part). Not the low 64 bits as TraceIdRatioBased: a version-4 UUID's variant
+        # bits set the top bit of byte 8, which kept no connection at all below a share of 0.5
+        return (trace_id_of(conn.conn_id) & RANDOM_MASK) < self._threshold or self.config.sample >= 1.0
+
+    def names(self, c: Connection) -> tuple[str, str] | None:
+        """Past the edge budget, external ends are named `external` (one Tempo node, not one
+        per address); None: the connection's own names."""
+        if self.labels.of(c.client, c.server, c.server_port, c.protocol, count=False) != OTHER:
+            return None
+        ext = [i.source == "external" for i in (c.client, c.server)]
+        if not any(ext):
+            return None
+        self.folded += 1
+        return ("external" if ext[0] else c.client.name, "external" if ext[1] else c.server.name)
+
+    def _queue(self, spans: Sequence[ReadableSpan]) -> None:
+        assert self.spans is not None
+        self.spans.offer(spans, self._end_ns)
 
     def on_complete(self, done: pa.Table) -> None:
         """Completed connections' rows: metrics per edge; a span pair for each connection the
@@ -280,13 +355,22 @@ class OtlpExporter:
         if self.factory is None:
             return
         flt = self.config.filter
+        now = self._now_ns()
         for c in (connection_of(r) for r in done.to_pylist()):
             if not flt.empty and not flt.matches(connection_view(c)):
                 self.connections["filtered"] += 1
             elif not self.sampled(c):
                 self.connections["sampled_out"] += 1
             else:
-                self.factory.emit(c)
+                end = end_ns(c)
+                late = now - end > self.late_after_ns
+                # a group late already is counted here, once; one in time is looked at again
+                # when it is sent (export_delay)
+                self._end_ns = 0 if late else end
+                n = self.factory.emit(c, self.names(c))
+                if late:
+                    reason = "ended_before_start" if end < self.started_ns else "completed_late"
+                    self.late[reason] += n
                 self.connections["queued"] += 1
 
     def force_flush(self) -> None:

@@ -30,6 +30,8 @@ from eastwest.filters import Filter
 ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                  "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 HTTP_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+# why spans were older than Tempo's ingestion slack when queued or sent (otlp.py)
+LATE_REASONS = ("ended_before_start", "completed_late", "export_delay")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class OtlpConfig:
     batch_size: int = 512           # spans per export request
     schedule_s: float = 1.0         # a partial batch waits at most this long
     metrics_interval_s: float = 15.0
+    service_name: str = "name"      # resource service.name: "name" or "namespace/name"
+    late_after_s: float = 30.0      # Tempo's ingestion slack: older spans are counted as late
 
     @classmethod
     def resolve(cls, settings: AggregatorSettings,
@@ -72,7 +76,8 @@ class OtlpConfig:
             if limit is not None:
                 kw[key] = limit
         return cls(endpoint=endpoint, protocols=protocols, signals=signals,
-                   sample=float(settings.otlp_sample),
+                   sample=float(settings.otlp_sample), service_name=settings.otlp_service_name,
+                   late_after_s=float(settings.otlp_late_after_s),
                    filter=parse_filter(settings.otlp_filter or ""), **kw)
 
     # -- the SDK exporters ----------------------------------------------------------------------

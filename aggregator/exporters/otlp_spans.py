@@ -1,25 +1,39 @@
-"""A completed connection -> a CLIENT span and a SERVER span in one trace, through the OTel SDK.
+"""A completed connection -> a CLIENT span and, when a server saw it, a SERVER span, in one trace.
 
-Stage: exporters (OTLP traces). In: a completed `Connection` (aggregator/connection.py). Out: two
-finished SDK spans handed to a span processor (otlp.py's bounded queue):
+Stage: exporters (OTLP traces). In: a completed `Connection` (aggregator/connection.py). Out: its
+finished SDK spans, handed together to a sink (otlp.py's bounded queue takes both or neither):
 
 - CLIENT span, resource `service.name` = the client workload (`service.namespace`, `host.name`);
-- SERVER span, resource `service.name` = the server workload, its parent being the client span.
+- SERVER span, resource `service.name` = the server workload, its parent being the client span,
+  only when the server's own collector saw the connection (a `server` view).
 
-That is the pair Tempo's metrics-generator (service-graphs processor) joins into a service-graph
-edge: a CLIENT span and a SERVER span whose parent span id is the client's, in one trace; either
-one's error status makes the edge's request failed (grafana/tempo modules/generator/processor/
-servicegraphs). Attributes: OpenTelemetry semantic conventions for the network (`server.address`,
-`server.port`, `client.address`, `client.port`, `network.transport`, `network.type`,
-`network.peer.*`, `network.local.*`, `peer.service`) and eastwest's own (`eastwest.*`: bytes each
-way, retransmits, resets, connect outcome, observers, RTT, VNI and VTEP hosts, connection id).
-Status ERROR for refused, reset and timed-out connections.
+That is what Tempo's service-graph processor (grafana/tempo modules/generator/processor/
+servicegraphs; the rules as facts in tests/unit/tempo_servicegraph.py) joins into an edge: a
+CLIENT span keyed by (trace id, its span id), a SERVER span by (trace id, its parent span id);
+either one's ERROR status makes the request failed. Tempo names a node by `service.name` only,
+so the namespace is either a `dimensions: [service.namespace]` of Tempo's (the default naming,
+`name`) or part of the name (`namespace/name`, `--otlp-service-name`).
+
+No SERVER span is made up when no server reported the connection (an external server, a refused
+connect, a server host without a collector): the CLIENT span's `peer.service` (the server's node
+name, in the same naming) makes Tempo draw the edge to a virtual node once `wait` has passed,
+with the client's times only. Past the edge budget, `external:<ip>` ends are named `external`
+(the caller decides, `names`), so scanners do not make one Tempo node per address.
+
+Attributes: OpenTelemetry semantic conventions for the network (`server.address`, `server.port`,
+`client.address`, `client.port`, `network.transport`, `network.type`, `network.peer.*`,
+`network.local.*`, `peer.service`), eastwest's own (`eastwest.*`: bytes each way, retransmits,
+resets, connect outcome, observers, RTT, VNI and VTEP hosts, connection id) and
+`eastwest.sample.ratio`, the `--otlp-sample` share as a double, which Tempo's
+`span_multiplier_key` turns into the weight 1/ratio. Status ERROR for refused, reset and
+timed-out connections. Resources are built from these attributes alone: the aggregator's own
+OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME describe the aggregator, not the workloads.
 
 The trace id IS the connection id (a UUID's 128 bits): a flow of eastwest's API can be looked up
 in Tempo by its `conn_id`. Span ids are derived from it, so an export retried by a later process
 would produce the same spans. Times: the client span covers the client's view (else the
 connection's first to last record); the server span the server's view, clamped into the client
-span (clocks of different hosts differ a little), or the client span's times when no server saw it.
+span (clocks of different hosts differ a little).
 """
 
 from __future__ import annotations
@@ -27,13 +41,19 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import (
+    ReadableSpan,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -43,6 +63,8 @@ from eastwest.filters import outcome_of
 
 SCOPE = "eastwest.aggregator"
 FAILED = ("refused", "reset", "timeout")
+SAMPLE_RATIO = "eastwest.sample.ratio"   # Tempo: span_multiplier_key
+NAMINGS = ("name", "namespace/name")
 
 
 def trace_id_of(conn_id: str) -> int:
@@ -79,8 +101,17 @@ def _ns(t: datetime) -> int:
     return int(t.timestamp() * 1_000_000) * 1000
 
 
-def _resource(ident: Identity, proc: ProcInfo | None) -> tuple[tuple[str, str], ...]:
-    attrs = {"service.name": ident.name}
+def node_name(ident: Identity, naming: str = "name", name: str | None = None) -> str:
+    """The workload's service.name under `naming` (`name` alone, or `namespace/name`)."""
+    name = ident.name if name is None else name
+    if naming == "namespace/name" and ident.namespace:
+        return f"{ident.namespace}/{name}"
+    return name
+
+
+def _resource(ident: Identity, proc: ProcInfo | None, naming: str = "name",
+              name: str | None = None) -> tuple[tuple[str, str], ...]:
+    attrs = {"service.name": node_name(ident, naming, name)}
     if ident.namespace:
         attrs["service.namespace"] = ident.namespace
     host = ident.host or (proc.collector if proc is not None else None)
@@ -128,26 +159,60 @@ def attributes(conn: Connection) -> dict[str, Any]:
     return a
 
 
-def _times(conn: Connection) -> tuple[tuple[int, int], tuple[int, int]]:
+def _times(conn: Connection) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """The client span's (start, end) and the server span's, None when no server saw it."""
     client: View | None = conn.views.get("client")
     c0 = _ns(client.start if client else conn.start)
     c1 = _ns(client.end if client else (conn.closed_at or conn.last_seen))
     c1 = max(c0, c1)
     server = conn.views.get("server")
     if server is None:
-        return (c0, c1), (c0, c1)
+        return (c0, c1), None
     s0 = min(max(_ns(server.start), c0), c1)
     s1 = min(max(_ns(server.end), s0), c1)
     return (c0, c1), (s0, s1)
 
 
-class SpanFactory:
-    """Makes the spans of a connection with one `TracerProvider` per resource (workload and host),
-    all feeding the one `processor`."""
+def end_ns(conn: Connection) -> int:
+    """When the connection's last span ends (its client span's end)."""
+    return _times(conn)[0][1]
 
-    def __init__(self, processor: SpanProcessor, max_resources: int = 4096) -> None:
+
+class _Collect(SpanProcessor):
+    """Keeps the spans ended on this thread until `take()`: a connection's spans leave together."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        got = getattr(self._local, "spans", None)
+        if got is None:
+            got = self._local.spans = []
+        got.append(span)
+
+    def take(self) -> list[ReadableSpan]:
+        got = getattr(self._local, "spans", None) or []
+        self._local.spans = []
+        return got
+
+
+class SpanFactory:
+    """Makes the spans of a connection with one `TracerProvider` per resource (workload and host)
+    and hands each connection's spans to `sink` in one call."""
+
+    def __init__(self, sink: Callable[[Sequence[ReadableSpan]], object], max_resources: int = 4096,
+                 *, naming: str = "name", sample_ratio: float = 1.0) -> None:
+        if naming not in NAMINGS:
+            raise ValueError(f"service naming {naming!r}: expected one of {', '.join(NAMINGS)}")
+        self.sink = sink
+        self.naming = naming
+        self.sample_ratio = float(sample_ratio)
+        self._collect = _Collect()
         self._multi = SynchronousMultiSpanProcessor()
-        self._multi.add_span_processor(processor)
+        self._multi.add_span_processor(self._collect)
         self._ids = _ConnectionIds()
         self._tracers: OrderedDict[tuple[tuple[str, str], ...], trace_api.Tracer] = OrderedDict()
         self._max = max_resources
@@ -159,7 +224,9 @@ class SpanFactory:
             if t is not None:
                 self._tracers.move_to_end(res)
                 return t
-            provider = TracerProvider(resource=Resource.create(dict(res)), shutdown_on_exit=False,
+            # Resource(...), not Resource.create(...): create() would merge the aggregator's own
+            # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME into every workload
+            provider = TracerProvider(resource=Resource(dict(res)), shutdown_on_exit=False,
                                       active_span_processor=self._multi, id_generator=self._ids)
             t = provider.get_tracer(SCOPE, __version__)
             self._tracers[res] = t
@@ -167,30 +234,41 @@ class SpanFactory:
                 self._tracers.popitem(last=False)
             return t
 
-    def emit(self, conn: Connection) -> None:
+    def emit(self, conn: Connection, names: tuple[str, str] | None = None) -> int:
+        """The connection's spans to the sink, together; `names` replaces the client's and the
+        server's workload names (folding). Returns how many spans."""
         shared = attributes(conn)
+        shared[SAMPLE_RATIO] = self.sample_ratio
         outcome = shared["eastwest.connection.outcome"]
         status = (Status(StatusCode.ERROR, f"connection {outcome}") if outcome in FAILED
                   else Status(StatusCode.UNSET))
-        name = f"{conn.protocol.upper()} {conn.server.name}:{conn.server_port}"
-        (c0, c1), (s0, s1) = _times(conn)
+        cname, sname = names if names is not None else (conn.client.name, conn.server.name)
+        name = f"{conn.protocol.upper()} {sname}:{conn.server_port}"
+        (c0, c1), server_times = _times(conn)
         client_attrs = {**shared, "network.peer.address": conn.server_ip,
-                        "network.peer.port": conn.server_port, "peer.service": conn.server.name,
+                        "network.peer.port": conn.server_port,
+                        "peer.service": node_name(conn.server, self.naming, sname),
                         "network.local.address": conn.client_ip,
                         "network.local.port": conn.client_port}
-        server_attrs = {**shared, "network.peer.address": conn.client_ip,
-                        "network.peer.port": conn.client_port,
-                        "network.local.address": conn.server_ip,
-                        "network.local.port": conn.server_port}
         self._ids.set(conn.conn_id)
-        ctracer = self._tracer(_resource(conn.client, conn.client_proc))
-        stracer = self._tracer(_resource(conn.server, conn.server_proc))
+        self._collect.take()  # nothing of an earlier, failed emit leaks into this one
+        ctracer = self._tracer(_resource(conn.client, conn.client_proc, self.naming, cname))
         client = ctracer.start_span(name, kind=SpanKind.CLIENT, attributes=client_attrs,
                                     start_time=c0, context=Context())  # a root, whatever runs
-        server = stracer.start_span(name, kind=SpanKind.SERVER, attributes=server_attrs,
-                                    start_time=s0,
-                                    context=trace_api.set_span_in_context(client))
         client.set_status(status)
-        server.set_status(status)
-        server.end(end_time=s1)
+        if server_times is not None:
+            s0, s1 = server_times
+            server_attrs = {**shared, "network.peer.address": conn.client_ip,
+                            "network.peer.port": conn.client_port,
+                            "network.local.address": conn.server_ip,
+                            "network.local.port": conn.server_port}
+            stracer = self._tracer(_resource(conn.server, conn.server_proc, self.naming, sname))
+            server = stracer.start_span(name, kind=SpanKind.SERVER, attributes=server_attrs,
+                                        start_time=s0,
+                                        context=trace_api.set_span_in_context(client))
+            server.set_status(status)
+            server.end(end_time=s1)
         client.end(end_time=c1)
+        spans = self._collect.take()
+        self.sink(spans)
+        return len(spans)

@@ -131,6 +131,14 @@ def register(sub: Any) -> None:
                    help="spans waiting for export; more are dropped and counted (default 8192)")
     g.add_argument("--otlp-metrics-interval", type=float, metavar="SECONDS",
                    help="OTLP metrics export period (default 15)")
+    g.add_argument("--otlp-service-name", choices=("name", "namespace/name"),
+                   help="a span's service.name: the workload's name, its namespace in "
+                   "service.namespace (default: name; Tempo then needs the service.namespace "
+                   "dimension), or namespace/name")
+    g.add_argument("--otlp-late-after", type=float, metavar="SECONDS",
+                   help="spans whose connection ended longer ago than this when exported are "
+                   "counted as late, by reason (default 30: Tempo's "
+                   "metrics_ingestion_time_range_slack; set both alike)")
     g.add_argument("--export-settle", type=float, metavar="SECONDS",
                    help="a closed connection is exported (span pair, failure, RTT) after this "
                    "long without a new record, so every observer's view is in (default 5)")

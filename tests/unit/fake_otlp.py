@@ -238,7 +238,8 @@ def node(labels: dict[str, str], side: str) -> str:
     """A Tempo series' node as eastwest names workloads: namespace/name when the series carries
     the namespace dimension (RECOMMENDED), else the bare service name."""
     ns = labels.get(f"{side}_service_namespace")
-    return f"{ns}/{labels[side]}" if ns else labels[side]
+    name = labels[side]
+    return f"{ns}/{name}" if ns and "/" not in name else name
 
 
 def tempo_edges(g: TempoServiceGraph) -> dict[tuple[str, str], dict[str, float]]:
@@ -263,13 +264,15 @@ class ServiceGraph:
 
 def service_graph(spans: list[ReceivedSpan],
                   config: ServiceGraphConfig = RECOMMENDED) -> ServiceGraph:
-    """The double's pairing of `spans` pushed at once, without the ingestion window and before
-    any edge expires: edges "ns/name" -> {requests, failed}; halves still waiting by side."""
+    """The double's pairing of `spans` pushed at once, without the ingestion window, then every
+    edge left waiting expired (virtual nodes): edges "ns/name" -> {requests, failed}; the halves
+    that expired unpaired, by side."""
     from dataclasses import replace
 
     g = TempoServiceGraph(replace(config, ingestion_slack_s=None))
     g.push(spans)
+    g.expire(time.time() + 1e9)  # long after any `wait`
     edges = {k: {n: int(v) for n, v in e.items()} for k, e in tempo_edges(g).items()}
-    waiting = [e for e in g._store.values()]
-    return ServiceGraph(edges, sum(1 for e in waiting if e.client),
-                        sum(1 for e in waiting if not e.client))
+    client = sum(v for k, v in g.expired_edges.items() if k in ("SPAN_KIND_CLIENT",
+                                                                 "SPAN_KIND_PRODUCER"))
+    return ServiceGraph(edges, client, sum(g.expired_edges.values()) - client)
