@@ -260,6 +260,12 @@ def health() -> dict[str, Any]:
 
 
 # -- Tempo ---------------------------------------------------------------------------------------
+# a label selector on Tempo's traces_service_graph_* series, with the labels Tempo writes when it
+# keeps eastwest's namespaces (docs/integrations.md: dimensions [service.namespace] with
+# enable_client_server_prefix); tested against the Tempo double (tests/unit/test_dashboards.py)
+SERVICE_MAP_QUERY = ('{client_service_namespace=~"$namespace", client=~"$service"}')
+
+
 def tempo() -> dict[str, Any]:
     lay = Layout()
     lay.add({"type": "nodegraph", "title": "Tempo service graph",
@@ -268,7 +274,7 @@ def tempo() -> dict[str, Any]:
              "graph set to the Prometheus that receives Tempo's remote write.",
              "datasource": TEMPO,
              "targets": [{"datasource": TEMPO, "refId": "A", "queryType": "serviceMap",
-                          "serviceMapQuery": '{client=~"$service"}'}]}, 24, 14)
+                          "serviceMapQuery": SERVICE_MAP_QUERY}]}, 24, 14)
     search = ('{ resource.service.name =~ "$service" && '
               'span.eastwest.connection.outcome =~ "$outcome" }')
     lay.add({"type": "table", "title": "Connections (span pairs) in Tempo",
@@ -284,6 +290,8 @@ def tempo() -> dict[str, Any]:
     return dashboard("eastwest-tempo", "eastwest / Tempo service graph and traces",
                      "eastwest's connections as traces in Tempo.",
                      [datasource_var("tempo", "tempo", "Tempo"),
+                      {"name": "namespace", "label": "client namespace (regex)", "type": "textbox",
+                       "query": ".*", "current": {"text": ".*", "value": ".*"}, "hide": 0},
                       {"name": "service", "label": "service (regex)", "type": "textbox",
                        "query": ".*", "current": {"text": ".*", "value": ".*"}, "hide": 0},
                       {"name": "outcome", "label": "outcome", "type": "custom",

@@ -254,3 +254,68 @@ def test_the_sample_keeps_its_share_of_version_4_uuids(share):
     ex = OtlpExporter(cfg, Drops(), EdgeLabels(10))
     kept = sum(ex.sampled(SimpleNamespace(conn_id=uuid.uuid4().hex)) for _ in range(4000))
     assert abs(kept / 4000 - share) < 0.04
+
+
+def tempo_selectors():
+    """Every label selector of the dashboards that Grafana applies to traces_service_graph_*:
+    Tempo service-map queries and any PromQL naming those series."""
+    import json
+    import re
+    from pathlib import Path
+
+    out = []
+    for path in sorted((Path(__file__).parents[2] / "dashboards").glob("*.json")):
+        def walk(x, path=path):
+            if isinstance(x, dict):
+                if x.get("queryType") == "serviceMap":
+                    out.append((path.name, x.get("serviceMapQuery") or "{}"))
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+            elif isinstance(x, str) and "traces_service_graph" in x:
+                out.extend((path.name, m) for m in
+                           re.findall(r"traces_service_graph_\w+(\{[^}]*\})", x))
+        walk(json.loads(path.read_text()))
+    return out
+
+
+def matches(selector, labels, variables):
+    import re
+
+    for name, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+        for var, val in variables.items():
+            value = value.replace(f"${var}", val)
+        have = labels.get(name, "")
+        ok = {"=": have == value, "!=": have != value,
+              "=~": re.fullmatch(value, have) is not None,
+              "!~": re.fullmatch(value, have) is None}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_the_dashboards_tempo_queries_use_the_labels_tempo_writes_for_eastwest(tmp_path, tempo):
+    import re
+
+    sels = tempo_selectors()
+    assert sels, "the Tempo dashboard has a service map"
+    app = make_app(tmp_path, tempo.endpoint, otlp_signals=("traces",))
+    c = TestClient(app)
+    connection(c, STAGING_API, PROD_API, 8080, cport=41000)
+    connection(c, PROD_API, PROD_DB, 5432, cport=42000)
+    flush(app)
+    assert tempo.got.wait(lambda g: len(g.spans) == 4, 30)
+    series = [dict(lab) for lab in tempo.got.tempo.series()[REQUEST_TOTAL]]
+    names = set().union(*series)
+    assert {"client_service_namespace", "server_service_namespace"} <= names
+    for dash, sel in sels:
+        used = set(re.findall(r'(\w+)\s*(?:=~|!~|!=|=)\s*"', sel))
+        assert used <= names, f"{dash}: {sel} uses labels Tempo does not write: {used - names}"
+        everything = {"namespace": ".*", "service": ".*"}
+        assert all(matches(sel, s, everything) for s in series), (dash, sel)
+        if "$namespace" in sel:
+            got = {(s["client"], s["server"]) for s in series
+                   if matches(sel, s, {**everything, "namespace": "staging"})}
+            assert got == {("api", "api")}, (dash, sel)
