@@ -5,7 +5,9 @@ finished SDK spans, handed together to a sink (otlp.py's bounded queue takes bot
 
 - CLIENT span, resource `service.name` = the client workload (`service.namespace`, `host.name`);
 - SERVER span, resource `service.name` = the server workload, its parent being the client span,
-  only when the server's own collector saw the connection (a `server` view).
+  only when the server took part: its own collector saw the connection (a `server` view), or
+  the wire saw it answer (a `path` view with packets from the server; UDP flows are seen on the
+  wire only), the connection being neither refused nor timed out.
 
 That is what Tempo's service-graph processor (grafana/tempo modules/generator/processor/
 servicegraphs; the rules as facts in tests/unit/tempo_servicegraph.py) joins into an edge: a
@@ -14,8 +16,8 @@ either one's ERROR status makes the request failed. Tempo names a node by `servi
 so the namespace is either a `dimensions: [service.namespace]` of Tempo's (the default naming,
 `name`) or part of the name (`namespace/name`, `--otlp-service-name`).
 
-No SERVER span is made up when no server reported the connection (an external server, a refused
-connect, a server host without a collector): the CLIENT span's `peer.service` (the server's node
+No SERVER span is made up when no server was seen (a refused or timed-out connect, an external
+server outside the captured underlay): the CLIENT span's `peer.service` (the server's node
 name, in the same naming) makes Tempo draw the edge to a virtual node once `wait` has passed,
 with the client's times only. Past the edge budget, `external:<ip>` ends are named `external`
 (the caller decides, `names`), so scanners do not make one Tempo node per address.
@@ -33,7 +35,7 @@ The trace id IS the connection id (a UUID's 128 bits): a flow of eastwest's API 
 in Tempo by its `conn_id`. Span ids are derived from it, so an export retried by a later process
 would produce the same spans. Times: the client span covers the client's view (else the
 connection's first to last record); the server span the server's view, clamped into the client
-span (clocks of different hosts differ a little).
+span (clocks of different hosts differ a little), or the wire's view of the answer.
 """
 
 from __future__ import annotations
@@ -165,12 +167,27 @@ def _times(conn: Connection) -> tuple[tuple[int, int], tuple[int, int] | None]:
     c0 = _ns(client.start if client else conn.start)
     c1 = _ns(client.end if client else (conn.closed_at or conn.last_seen))
     c1 = max(c0, c1)
-    server = conn.views.get("server")
+    server = server_view(conn)
     if server is None:
         return (c0, c1), None
     s0 = min(max(_ns(server.start), c0), c1)
     s1 = min(max(_ns(server.end), s0), c1)
     return (c0, c1), (s0, s1)
+
+
+def server_view(conn: Connection) -> View | None:
+    """The view that shows the server took part: its own socket view, else a wire view that saw
+    it answer (payload or packets from the server, on a connection neither refused nor timed
+    out: UDP flows and hosts without socket probes are seen on the wire only). None: no server
+    was seen, and no SERVER span is made."""
+    server = conn.views.get("server")
+    if server is not None:
+        return server
+    if outcome_of(conn.connect, conn.best()[5]) in ("refused", "timeout"):
+        return None
+    wire = [v for v in conn.views.values() if v.observer == "path"
+            and (v.bytes_s2c > 0 or (v.packets_s2c or 0) > 0)]
+    return min(wire, key=lambda v: v.start) if wire else None
 
 
 def end_ns(conn: Connection) -> int:

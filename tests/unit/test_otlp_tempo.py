@@ -120,6 +120,29 @@ def test_same_named_workloads_in_two_namespaces_and_udp_are_tempo_edges_equal_to
     assert bare.edges()[("api", "api")] == 3
 
 
+def test_a_server_seen_only_on_the_wire_answering_gets_its_span_a_refused_one_does_not(
+        tmp_path, tempo):
+    app = make_app(tmp_path, tempo.endpoint, otlp_signals=("traces",))
+    c = TestClient(app)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    udp = dict(start=start, dur=0.5, protocol="udp", connect=None, collector="h1",
+               client=Endpoint(STAGING_API, 45000), server=Endpoint(PROD_DB, 53))
+    send(c, "h1", [rec("path", **udp)])                                   # wire only, answered
+    tcp = dict(start=start, dur=0.1, collector="h2", client=Endpoint(PROD_API, 45001),
+               server=Endpoint(PROD_DB, 5432))
+    send(c, "h2", [rec("client", connect="refused", c2s=0, s2c=0, **tcp),
+                   rec("path", c2s=0, s2c=0, packets_c2s=1, packets_s2c=1, **tcp)])  # an RST
+    flush(app)
+    assert tempo.got.wait(lambda g: len(g.spans) == 3, 30)
+    kinds = {s.attributes["network.transport"]: sorted(x.kind for x in tempo.got.spans
+                                                       if x.trace_id == s.trace_id)
+             for s in tempo.got.spans}
+    assert kinds == {"udp": [2, 3], "tcp": [3]}   # SERVER + CLIENT; CLIENT alone
+    tempo.got.tempo.expire(time.time() + 60)
+    assert {k: v["requests"] for k, v in tempo_edges(tempo.got.tempo).items()} == {
+        ("staging/api", "prod/db"): 1, ("prod/api", "db"): 1}       # the refused: virtual `db`
+
+
 def test_service_name_namespace_slash_name_needs_no_dimension(tmp_path, tempo):
     app = make_app(tmp_path, tempo.endpoint, otlp_service_name="namespace/name")
     c = TestClient(app)
