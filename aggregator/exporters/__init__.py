@@ -10,14 +10,24 @@ the correlator's settle time); failures, RTT and spans when a connection is comp
 (completion.py: closed, quiet, and its names final), which a ticker thread checks twice a second
 while the app runs (started and stopped by the app's lifespan; `tick()` by hand in tests).
 Link-local and multicast connections are left out unless `--export-link-local`.
+
+Across a restart: at shutdown the connections told lately are written to the data folder
+(`exporters-told.json`: connection id -> whether its span pair was whole); the next process
+reads it, so a later record of such a connection (a server's or the wire's final, delivered
+after the restart) tells nothing twice: no failure or RTT counted again, and OTLP sends only
+the SERVER span that was missing (Tempo pairs it with the CLIENT span it holds; a pair sent twice
+would be counted twice). A crash writes nothing: then such connections may be told again.
 Docs: docs/integrations.md.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -37,6 +47,8 @@ from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 
 log = logging.getLogger("eastwest.exporters")
+STATE_FILE = "exporters-told.json"
+MAX_TOLD = 200_000
 TICK_S = 0.5
 EMPTY = pa.Table.from_batches([], schema=DUCKDB_CONN_SCHEMA)
 # self-metrics of this package (dashboards may only use names defined in code)
@@ -66,6 +78,9 @@ class Exporters:
 
             self.otlp = OtlpExporter(config, drops, self.labels,
                                      **{"clock": clock, **dict(otlp_kwargs or {})})
+        self._state: Path | None = (Path(settings.data_dir) / STATE_FILE
+                                    if settings.data_dir is not None else None)
+        self.previous: dict[str, bool] = self._load()
         registry.register(_SelfMetrics(self))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,11 +111,27 @@ class Exporters:
                 return EMPTY
             if not self.link_local:
                 done = done.filter(pa.array(~link_local_mask(done)))
-            if done.num_rows:
-                self.prometheus.on_complete(done)
-                if self.otlp is not None:
-                    self.otlp.on_complete(done)
-            return done
+            fresh, spans, redo = self._not_told_before(done)
+            if fresh.num_rows:
+                self.prometheus.on_complete(fresh)
+            if self.otlp is not None and spans.num_rows:
+                self.otlp.on_complete(spans, frozenset(redo))
+            return fresh
+
+    def _not_told_before(self, done: pa.Table) -> tuple[pa.Table, pa.Table, set[str]]:
+        """`done` less what an earlier process told (exporters-told.json); the rows for OTLP
+        (those, and the ones an earlier process told without their SERVER span); the ids of
+        the latter."""
+        if not self.previous or not done.num_rows:
+            return done, done, set()
+        ids = done.column("conn_id").to_pylist()
+        before = [self.previous.pop(cid, None) for cid in ids]
+        if all(b is None for b in before):
+            return done, done, set()
+        redo = {cid for cid, b in zip(ids, before, strict=True) if b is False}
+        fresh = done.filter(pa.array([b is None for b in before]))
+        spans = done.filter(pa.array([b is not True for b in before])) if redo else fresh
+        return fresh, spans, redo
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,6 +159,39 @@ class Exporters:
         self.tick(everything_closed=True)
         if self.otlp is not None:
             self.otlp.shutdown()
+        self._save()
+
+    # -- across a restart -----------------------------------------------------------------------
+    def _load(self) -> dict[str, bool]:
+        if self._state is None:
+            return {}
+        try:
+            got = json.loads(self._state.read_text())
+            return {str(k): bool(v) for k, v in got.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("exporters: %s unreadable (%r); connections told before the restart "
+                        "may be told again", self._state, exc)
+            self.drops.count("exporters", "told_state_unreadable")
+            return {}
+
+    def _save(self) -> None:
+        if self._state is None:
+            return
+        told: dict[str, bool] = dict(self.previous)  # not seen again: kept for the next one
+        if self.otlp is not None:
+            told.update(self.otlp.told)
+        else:
+            told.update(dict.fromkeys(self.completions.told_ids(), True))
+        items = list(told.items())[-MAX_TOLD:]
+        tmp = self._state.with_suffix(".tmp")
+        try:
+            self._state.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(dict(items), separators=(",", ":")))
+            os.replace(tmp, self._state)
+        except OSError as exc:
+            log.warning("exporters: cannot write %s: %r", self._state, exc)
 
 
 class _SelfMetrics(Collector):

@@ -148,6 +148,11 @@ class Completions:
     def pending(self) -> int:
         return len(self._version)
 
+    def told_ids(self) -> list[str]:
+        """The connections told lately, oldest first (at most `max_pending`)."""
+        with self._lock:
+            return list(self._told)
+
     def pending_closed(self) -> int:
         """How many waiting connections are closed (told once they settle and their names are
         final); the rest of `pending` are still open."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -300,6 +300,11 @@ class OtlpExporter:
         self.connections = {"queued": 0, "filtered": 0, "sampled_out": 0}
         self.late = dict.fromkeys(LATE_REASONS, 0)
         self.folded = 0
+        # connection -> whether its SERVER span went too (or nothing was due: filtered, sampled
+        # out); kept across a restart by the caller (Exporters), so a later process adds only a
+        # missing SERVER span and never sends a pair twice (Tempo would count it twice)
+        self.told: OrderedDict[str, bool] = OrderedDict()
+        self.max_told = 200_000
         self._threshold = int(config.sample * (RANDOM_MASK + 1))
         if "traces" in config.signals:
             self.spans = SpanQueue(span_exporter or config.span_exporter(), drops,
@@ -347,31 +352,46 @@ class OtlpExporter:
         assert self.spans is not None
         self.spans.offer(spans, self._end_ns)
 
-    def on_complete(self, done: pa.Table) -> None:
+    def on_complete(self, done: pa.Table, server_only: frozenset[str] = frozenset()) -> None:
         """Completed connections' rows: metrics per edge; a span pair for each connection the
-        filter and the sample keep (built as a `Connection` from its row: spans are objects)."""
+        filter and the sample keep (built as a `Connection` from its row: spans are objects).
+        `server_only`: connections an earlier process told without their SERVER span (and
+        counted in its metrics): their SERVER span alone, when a server was seen now."""
         if self.metrics is not None:
-            self.metrics.on_complete(done)
+            self.metrics.on_complete(done.filter(pa.array(
+                [cid not in server_only for cid in done.column("conn_id").to_pylist()]))
+                if server_only else done)
         if self.factory is None:
             return
         flt = self.config.filter
         now = self._now_ns()
         for c in (connection_of(r) for r in done.to_pylist()):
-            if not flt.empty and not flt.matches(connection_view(c)):
+            redo = c.conn_id in server_only
+            if not redo and not flt.empty and not flt.matches(connection_view(c)):
                 self.connections["filtered"] += 1
-            elif not self.sampled(c):
+                self._told(c.conn_id, True)
+            elif not redo and not self.sampled(c):
                 self.connections["sampled_out"] += 1
+                self._told(c.conn_id, True)
             else:
                 end = end_ns(c)
                 late = now - end > self.late_after_ns
                 # a group late already is counted here, once; one in time is looked at again
                 # when it is sent (export_delay)
                 self._end_ns = 0 if late else end
-                n = self.factory.emit(c, self.names(c))
-                if late:
+                n = self.factory.emit(c, self.names(c), server_only=redo)
+                if late and n:
                     reason = "ended_before_start" if end < self.started_ns else "completed_late"
                     self.late[reason] += n
-                self.connections["queued"] += 1
+                if not redo:
+                    self.connections["queued"] += 1
+                self._told(c.conn_id, redo or n == 2)
+
+    def _told(self, cid: str, whole: bool) -> None:
+        self.told[cid] = whole
+        self.told.move_to_end(cid)
+        if len(self.told) > self.max_told:
+            self.told.popitem(last=False)
 
     def force_flush(self) -> None:
         if self.spans is not None:

@@ -88,8 +88,9 @@ class _ConnectionIds(IdGenerator):
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def set(self, conn_id: str) -> None:
-        self._local.conn_id, self._local.n = conn_id, 0
+    def set(self, conn_id: str, made: int = 0) -> None:
+        """The next ids are of `conn_id`'s spans, `made` of them (client first) already made."""
+        self._local.conn_id, self._local.n = conn_id, made
 
     def generate_trace_id(self) -> int:
         return trace_id_of(self._local.conn_id)
@@ -251,9 +252,12 @@ class SpanFactory:
                 self._tracers.popitem(last=False)
             return t
 
-    def emit(self, conn: Connection, names: tuple[str, str] | None = None) -> int:
+    def emit(self, conn: Connection, names: tuple[str, str] | None = None, *,
+             server_only: bool = False) -> int:
         """The connection's spans to the sink, together; `names` replaces the client's and the
-        server's workload names (folding). Returns how many spans."""
+        server's workload names (folding); `server_only`: the SERVER span alone, for a
+        connection whose CLIENT span an earlier process exported without one (otlp.py), child
+        of that client span by its derived id. Returns how many spans."""
         shared = attributes(conn)
         shared[SAMPLE_RATIO] = self.sample_ratio
         outcome = shared["eastwest.connection.outcome"]
@@ -267,25 +271,39 @@ class SpanFactory:
                         "peer.service": node_name(conn.server, self.naming, sname),
                         "network.local.address": conn.client_ip,
                         "network.local.port": conn.client_port}
-        self._ids.set(conn.conn_id)
         self._collect.take()  # nothing of an earlier, failed emit leaks into this one
-        ctracer = self._tracer(_resource(conn.client, conn.client_proc, self.naming, cname))
-        client = ctracer.start_span(name, kind=SpanKind.CLIENT, attributes=client_attrs,
-                                    start_time=c0, context=Context())  # a root, whatever runs
-        client.set_status(status)
-        if server_times is not None:
-            s0, s1 = server_times
-            server_attrs = {**shared, "network.peer.address": conn.client_ip,
-                            "network.peer.port": conn.client_port,
-                            "network.local.address": conn.server_ip,
-                            "network.local.port": conn.server_port}
-            stracer = self._tracer(_resource(conn.server, conn.server_proc, self.naming, sname))
-            server = stracer.start_span(name, kind=SpanKind.SERVER, attributes=server_attrs,
-                                        start_time=s0,
-                                        context=trace_api.set_span_in_context(client))
-            server.set_status(status)
-            server.end(end_time=s1)
-        client.end(end_time=c1)
+        if server_only:
+            if server_times is None:
+                return 0
+            self._ids.set(conn.conn_id, made=1)
+            parent = trace_api.NonRecordingSpan(trace_api.SpanContext(
+                trace_id_of(conn.conn_id), span_id_of(conn.conn_id, "client"), is_remote=True,
+                trace_flags=trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)))
+            self._server(conn, name, sname, status, shared, server_times,
+                         trace_api.set_span_in_context(parent))
+        else:
+            self._ids.set(conn.conn_id)
+            ctracer = self._tracer(_resource(conn.client, conn.client_proc, self.naming, cname))
+            client = ctracer.start_span(name, kind=SpanKind.CLIENT, attributes=client_attrs,
+                                        start_time=c0, context=Context())  # a root, whatever runs
+            client.set_status(status)
+            if server_times is not None:
+                self._server(conn, name, sname, status, shared, server_times,
+                             trace_api.set_span_in_context(client))
+            client.end(end_time=c1)
         spans = self._collect.take()
         self.sink(spans)
         return len(spans)
+
+    def _server(self, conn: Connection, name: str, sname: str, status: Status,
+                shared: dict[str, Any], times: tuple[int, int], parent: Context) -> None:
+        s0, s1 = times
+        server_attrs = {**shared, "network.peer.address": conn.client_ip,
+                        "network.peer.port": conn.client_port,
+                        "network.local.address": conn.server_ip,
+                        "network.local.port": conn.server_port}
+        stracer = self._tracer(_resource(conn.server, conn.server_proc, self.naming, sname))
+        server = stracer.start_span(name, kind=SpanKind.SERVER, attributes=server_attrs,
+                                    start_time=s0, context=parent)
+        server.set_status(status)
+        server.end(end_time=s1)

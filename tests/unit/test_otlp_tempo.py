@@ -342,3 +342,29 @@ def test_the_dashboards_tempo_queries_use_the_labels_tempo_writes_for_eastwest(t
             got = {(s["client"], s["server"]) for s in series
                    if matches(sel, s, {**everything, "namespace": "staging"})}
             assert got == {("api", "api")}, (dash, sel)
+
+
+def test_a_restart_sends_no_pair_twice_and_only_the_missing_server_span(tmp_path, tempo):
+    """The first process tells at shutdown what is closed: a connection whose server record had
+    not come yet as its CLIENT span alone, a whole one as a pair. The second process, getting
+    the server's record of the first and the wire's of the second, adds the SERVER span of the
+    first only: Tempo counts each connection once."""
+    kw = dict(dur=0.5, collector="h1")
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    half = dict(start=start, client=Endpoint(STAGING_API, 41000), server=Endpoint(PROD_API, 8080))
+    whole = dict(start=start, client=Endpoint(STAGING_API, 41001), server=Endpoint(PROD_API, 8080))
+    app = make_app(tmp_path, tempo.endpoint, otlp_signals=("traces",))
+    with TestClient(app) as c:
+        send(c, "h1", [rec("client", **half, **kw), rec("client", **whole, **kw)])
+        send(c, "h2", [rec("server", **{**whole, **kw, "collector": "h2"})])
+    assert tempo.got.wait(lambda g: len(g.spans) == 3, 30)
+    assert (tmp_path / "data" / "exporters-told.json").exists()
+    app = make_app(tmp_path, tempo.endpoint, otlp_signals=("traces",))
+    with TestClient(app) as c:
+        send(c, "h2", [rec("server", **{**half, **kw, "collector": "h2"})])
+        send(c, "h1", [rec("path", **whole, **kw)])
+    assert tempo.got.wait(lambda g: len(g.spans) == 4, 30)
+    time.sleep(0.5)
+    assert len(tempo.got.spans) == 4          # nothing sent twice
+    sg = tempo.got.tempo
+    assert sg.edges() == {("api", "api"): 2.0} and sg.waiting == 0
