@@ -1,7 +1,8 @@
 """Three collectors started at once on one machine, each scoped with `--netns` to one lab host
 and given neither `--collector-id` nor `--spool-dir` (docs/lab.md, "Three collectors"): all
 three stay up, each has its own id (host name + first namespace) and its own locked spool
-folder, and a real aggregator stores records from all three. This is issue 14's bug report:
+folder, and a real aggregator stores records from all three, the wire's (`path`, from the
+documented `--underlay ewlab-hN/eth0`) as well as the socket probes'. This is issue 14's bug report:
 they used to share the host name as id and one spool folder, and one died at start.
 
 The commands are read from docs/lab.md's example, so the example stays true: only the lab name
@@ -40,6 +41,10 @@ def documented_commands() -> list[list[str]]:
             if line.startswith("eastwest collector ")]
 
 
+def values(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,7 +73,9 @@ def test_three_collectors_scoped_to_three_hosts_get_three_ids_and_spools(lab, st
     for host, doc_args in zip(hosts, commands, strict=True):  # as documented, all at once
         args = [a.replace("http://127.0.0.1:8470", stack.url).replace("ewlab-", f"{LAB}-")
                 for a in doc_args] + ["--spool-base", str(base)]
-        assert [a for a in args if a.startswith(f"{LAB}-")] == lab.host_netns(host)
+        inv = next(h for h in lab.inventory["hosts"] if h["name"] == host)
+        assert values(args, "--netns") == lab.host_netns(host)
+        assert values(args, "--underlay") == [f"{inv['netns']}/{inv['underlay_if']}"]
         log = open(stack.log_dir / f"{host}.log", "ab")  # noqa: SIM115 - the child's
         started[host] = stack.collectors[host] = subprocess.Popen(
             [sys.executable, "-m", "eastwest", *args], env={**os.environ, **stack.tokens},
@@ -76,11 +83,14 @@ def test_three_collectors_scoped_to_three_hosts_get_three_ids_and_spools(lab, st
     ids = {host: f"{socket.gethostname()}-{lab.host_netns(host)[0]}" for host in hosts}
     assert sorted(ids.values()) == [f"{socket.gethostname()}-{LAB}-h{n}" for n in (1, 2, 3)]
 
-    def collectors_seen() -> set[str]:
-        return {r["collector"] for r in stack.read("/api/v1/records", limit=100000)["records"]}
+    def collectors_seen(observer: str | None = None) -> set[str]:
+        return {r["collector"] for r in stack.read("/api/v1/records", limit=100000)["records"]
+                if observer is None or r["observer"] == observer}
 
     deadline = time.monotonic() + 240  # three bcc compiles on a small machine
-    while not collectors_seen() >= set(ids.values()):
+    # each collector's socket probes and (--underlay) its wire view of its host
+    while not (collectors_seen() >= set(ids.values())
+               and collectors_seen("path") >= set(ids.values())):
         for host, proc in started.items():
             assert proc.poll() is None, (stack.log_dir / f"{host}.log").read_text()[-3000:]
         if time.monotonic() > deadline:
