@@ -249,8 +249,11 @@ def health() -> dict[str, Any]:
         prom(f"sum(rate(eastwest_otlp_spans_exported_total{agg}[{ri}]))", "spans exported /s", "A"),
         prom(f"sum(eastwest_otlp_queue_spans{agg})", "spans queued", "B"),
         prom(f"sum by (result) (rate(eastwest_otlp_export_requests_total{agg}[{ri}]))", "requests {{result}} /s", "C"),
-        prom(f"sum by (result) (rate(eastwest_otlp_connections_total{agg}[{ri}]))", "connections {{result}} /s", "D")],
-        "short", "Spans dropped by the OTLP exporter are in the drops panel (stage otlp)."), 24)
+        prom(f"sum by (result) (rate(eastwest_otlp_connections_total{agg}[{ri}]))", "connections {{result}} /s", "D"),
+        prom(f"sum by (reason) (rate(eastwest_otlp_late_spans_total{agg}[{ri}]))", "late spans {{reason}} /s", "E")],
+        "short", "Spans dropped by the OTLP exporter are in the drops panel (stage otlp). Late "
+        "spans were older than Tempo's ingestion slack when sent: Tempo keeps the trace, its "
+        "service graph misses the edge (docs/integrations.md)."), 24)
     return dashboard("eastwest-health", "eastwest / collectors and aggregator",
                      "Is eastwest seeing everything? Drops, spool, ingest, store, exporters.",
                      [datasource_var("datasource", "prometheus", "Prometheus"),
