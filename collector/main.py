@@ -2,7 +2,9 @@
 
 Wires the stages in one place. Sources:
 - `collector.probes.SocketProbeSource(ctx, args)`: eBPF socket probes (issue #3)
-- `collector.vxlan.LiveVxlanSource(ctx, args)`: VXLAN on underlay interfaces (issue #4)
+- `collector.vxlan.LiveVxlanSource(ctx, args)`: tunnels on underlay interfaces (issue #4)
+- `collector.vxlan.LiveVxlanSource(ctx, args, wire=True)`: every packet of `--wire-interface`
+  interfaces, tunnelled or plain (issue #18)
 - `collector.vxlan.PcapSource(ctx, path, args)`: a capture file (issue #4)
 
 Who this collector is (its id and spool folder, collector/identity.py) is decided first, once,
@@ -58,25 +60,7 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # the sender thread gets the GIL back promptly
     ctx = CollectorContext(collector_id=args.collector_id,
                            first_seq=1 if args.pcap else live_first_seq())
-    sources: list[Source] = []
-    if args.pcap:
-        from collector.vxlan import PcapSource
-
-        sources = [PcapSource(ctx, path, args) for path in args.pcap]
-    else:
-        if not args.no_socket:
-            from collector.probes import SocketProbeSource
-
-            sources.append(SocketProbeSource(ctx, args))
-        if not args.no_vxlan:
-            from collector.vxlan import LiveVxlanSource, live_capture_wanted
-
-            if live_capture_wanted(args):
-                sources.append(LiveVxlanSource(ctx, args))
-            else:
-                _say_no_underlay(args)
-        if not sources:
-            raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
+    sources = make_sources(ctx, args)
 
     from collector.metrics import CollectorMetrics
 
@@ -96,6 +80,36 @@ def run(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(dropped.items()))
         print(f"eastwest collector: dropped {summary}", file=sys.stderr)
     return 0
+
+
+def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source]:
+    """The sources the flags ask for: capture files, else the live ones."""
+    if args.pcap:
+        from collector.vxlan import PcapSource
+
+        return [PcapSource(ctx, path, args) for path in args.pcap]
+    sources: list[Source] = []
+    if not args.no_socket:
+        from collector.probes import SocketProbeSource
+
+        sources.append(SocketProbeSource(ctx, args))
+    wire = bool(getattr(args, "wire_interface", None))
+    if wire:
+        from collector.vxlan import LiveVxlanSource
+
+        sources.append(LiveVxlanSource(ctx, args, wire=True))
+    if not args.no_vxlan:
+        from collector.vxlan import LiveVxlanSource, live_capture_wanted
+
+        # --wire-interface replaces the VXLAN devices' underlay as the default (the same
+        # packets would be seen twice); a named --underlay still runs beside it
+        if args.underlay or (not wire and live_capture_wanted(args)):
+            sources.append(LiveVxlanSource(ctx, args))
+        elif not wire:
+            _say_no_underlay(args)
+    if not sources:
+        raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
+    return sources
 
 
 def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: CollectorMetrics,

@@ -1,17 +1,19 @@
-"""The bulk VXLAN decoder: many packets per call, in C when the native helper is built, else
+"""The bulk wire decoder: many packets per call, in C when the native helper is built, else
 vectorized with numpy.
 
 Stage: decoder (the default). In: a byte array (a mapped capture file or a live receive
-buffer) with the offset, captured length and time of each packet. Out: `packets.Decoded`.
+buffer) with the offset, captured length, time and link type of each packet, and the
+`packets.Policy`. Out: `packets.Decoded`.
 
 No Python runs per packet. `decode_native` hands the whole block to `ew_decode_columns`
 (ewvxlan_decode.c), which applies the policy of `packets.py` frame by frame and writes the
 columns in place. `decode_numpy` gathers each header field for all packets at once with fancy
 indexing (`buf[offsets + k]`), and each check of the policy is a mask over all rows; the first
-failing check gives a row its drop reason; rows whose layout it does not vectorize (IPv6
-extension headers, more than two VLAN tags) are handed, one by one, to the scapy reference
-decoder (`reference.decode_one`). The differential test (tests/unit/test_vxlan_differential.py)
-holds both to equal scapy's output on every column.
+failing check gives a row its drop reason. A plain packet's IP header is parsed twice, as the
+outer header and as the flow's, so tunnelled and plain rows share one pass of the inner checks.
+Rows whose layout it does not vectorize (IPv6 extension headers, more than two VLAN tags) are
+handed, one by one, to the scapy reference decoder (`reference.decode_one`). The differential
+test (tests/unit/test_vxlan_differential.py) holds both to equal scapy's output on every column.
 """
 
 from __future__ import annotations
@@ -26,17 +28,25 @@ from collector.vxlan.packets import (
     CODE,
     ETH_IP4,
     ETH_IP6,
+    ETH_TEB,
     ETH_VLAN,
     FALLBACK,
-    GENEVE_PORT,
     ICMP,
     ICMP6,
     IP6_EXTENSIONS,
+    LINKTYPE_ETHERNET,
+    LINKTYPE_SLL,
+    LINKTYPE_SLL2,
+    LINKTYPES_RAW,
     OK,
     TCP,
+    TT_GENEVE,
+    TT_GPE,
+    TT_VXLAN,
     UDP,
-    VXLAN_GPE_PORT,
     Decoded,
+    Policy,
+    as_policy,
 )
 
 
@@ -89,17 +99,35 @@ def _addresses(r: _Rows, is4: np.ndarray, p: np.ndarray,
     return hi, lo
 
 
-def _l2(r: _Rows, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    everyone = np.ones(len(start), dtype=bool)
-    r.need(everyone, start + 14)
-    et, p = r.u16(start + 12), start + 14
+def _l2(r: _Rows, start: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ethernet and its tags at `start` (rows in `mask`) -> (EtherType, offset of L3)."""
+    r.need(mask, start + 14)
+    return _tags(r, r.u16(start + 12), start + 14, mask)
+
+
+def _tags(r: _Rows, et: np.ndarray, p: np.ndarray,
+          mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(2):
-        tagged = np.isin(et, ETH_VLAN)
+        tagged = mask & np.isin(et, ETH_VLAN)
         r.need(tagged, p + 4)
         et = np.where(tagged, r.u16(p + 2), et)
         p = np.where(tagged, p + 4, p)
-    r.fallback(np.isin(et, ETH_VLAN))
+    r.fallback(mask & np.isin(et, ETH_VLAN))
     return et, p
+
+
+def _link(r: _Rows, off: np.ndarray, lt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The capture's link layer of each row -> (EtherType, offset of L3)."""
+    eth, sll, sll2 = lt == LINKTYPE_ETHERNET, lt == LINKTYPE_SLL, lt == LINKTYPE_SLL2
+    raw = np.isin(lt, LINKTYPES_RAW)
+    r.fail(~(eth | sll | sll2 | raw), "unsupported_linktype")
+    for mask, size in ((eth, 14), (sll, 16), (sll2, 20), (raw, 1)):
+        r.need(mask, off + size)
+    nibble = r.u8(off) >> 4
+    et = np.select([eth, sll, sll2], [r.u16(off + 12), r.u16(off + 14), r.u16(off)],
+                   np.where(nibble == 4, ETH_IP4, np.where(nibble == 6, ETH_IP6, 0)))
+    p = off + np.select([eth, sll, sll2], [14, 16, 20], 0)
+    return _tags(r, et, p, eth | sll | sll2)
 
 
 def _ip(r: _Rows, et: np.ndarray, p: np.ndarray, non_ip: str) -> dict[str, np.ndarray]:
@@ -129,9 +157,9 @@ def _ip(r: _Rows, et: np.ndarray, p: np.ndarray, non_ip: str) -> dict[str, np.nd
 
 
 def decode_bulk(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.ndarray,
-                ports: Iterable[int], linktype: np.ndarray | None = None) -> Decoded:
+                ports: Policy | Iterable[int], linktype: np.ndarray | None = None) -> Decoded:
     """Decode every packet `buf[off[i]:off[i]+cap[i]]` into columns: natively if the helper
-    is built, else with numpy (the same columns)."""
+    is built, else with numpy (the same columns). `ports`: a `Policy`, or VXLAN ports."""
     lib = native.load()
     if lib is not None:
         return decode_native(lib, buf, off, cap, ts_us, ports, linktype)
@@ -139,10 +167,10 @@ def decode_bulk(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nda
 
 
 def decode_native(lib: ctypes.CDLL, buf: np.ndarray, off: np.ndarray, cap: np.ndarray,
-                  ts_us: np.ndarray, ports: Iterable[int],
+                  ts_us: np.ndarray, ports: Policy | Iterable[int],
                   linktype: np.ndarray | None = None) -> Decoded:
     """`ew_decode_columns` over the whole block; it writes the columns of `Decoded` in place."""
-    ports = tuple(sorted(set(ports)))
+    policy = as_policy(ports)
     n = len(off)
     out = Decoded.empty(n)
     out.ts_us[:] = ts_us
@@ -156,17 +184,17 @@ def decode_native(lib: ctypes.CDLL, buf: np.ndarray, off: np.ndarray, cap: np.nd
     link = None if linktype is None else np.ascontiguousarray(linktype, dtype=np.uint16)
     names = [c.split(":")[0] for c in Decoded.native_columns().split(",")]
     cols = (ctypes.c_void_p * len(names))(*(getattr(out, name).ctypes.data for name in names))
+    kinds, plain = native.policy_args(policy)
     lib.ew_decode_columns(buf.ctypes.data, off.ctypes.data, cap.ctypes.data,
-                          None if link is None else link.ctypes.data, n,
-                          native.ports_array(ports), len(ports), cols)
+                          None if link is None else link.ctypes.data, n, kinds, plain, cols)
     return out
 
 
 def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.ndarray,
-                 ports: Iterable[int], linktype: np.ndarray | None = None) -> Decoded:
+                 ports: Policy | Iterable[int], linktype: np.ndarray | None = None) -> Decoded:
     """Decode every packet `buf[off[i]:off[i]+cap[i]]` into columns with numpy (and scapy for
     the layouts it does not vectorize)."""
-    ports = tuple(sorted(set(ports)))
+    policy = as_policy(ports)
     n = len(off)
     out = Decoded.empty(n)
     out.ts_us[:] = ts_us
@@ -174,26 +202,42 @@ def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nd
         return out
     off = off.astype(np.int64)
     r = _Rows(buf, off, cap.astype(np.int64))
-    everyone = np.ones(n, dtype=bool)
-    if linktype is not None:
-        r.fail(linktype != 1, "unsupported_linktype")
+    lt = (np.full(n, LINKTYPE_ETHERNET, dtype=np.int64) if linktype is None
+          else np.asarray(linktype).astype(np.int64))
 
-    et, p = _l2(r, off)
-    outer = _ip(r, et, p, "not_vxlan")
-    r.fail(outer["proto"] != UDP, "not_vxlan")
+    et, p = _link(r, off, lt)
+    outer = _ip(r, et, p, "non_ip")
     u = outer["l4"]
-    r.need(everyone, u + 8)
-    odport = r.u16(u + 2)
-    vx = np.isin(odport, ports)
-    r.fail(~vx & (odport == GENEVE_PORT), "unsupported_geneve")
-    r.fail(~vx & (odport == VXLAN_GPE_PORT), "unsupported_vxlan_gpe")
-    r.fail(~vx, "not_vxlan")
-    r.need(everyone, u + 16)
-    r.fail((r.u8(u + 8) & 0x08) == 0, "vxlan_no_vni")
-    vni = (r.u8(u + 12) << 16) | (r.u8(u + 13) << 8) | r.u8(u + 14)
+    is_udp = outer["proto"] == UDP
+    r.need(is_udp, u + 8)
+    odport = np.where(is_udp, r.u16(u + 2), 0)
+    kinds = np.frombuffer(policy.table(), dtype=np.uint8)
+    kind = np.where(is_udp & r.alive, kinds[odport], 0)
+    tun = kind != 0
 
-    et, p = _l2(r, u + 16)
-    inner = _ip(r, et, p, "inner_non_ip")
+    h = u + 8  # the tunnel header (RFC 7348, RFC 8926, VXLAN-GPE: 8 bytes each)
+    vx, gen, gpe = kind == TT_VXLAN, kind == TT_GENEVE, kind == TT_GPE
+    r.need(tun, h + 8)
+    b0 = r.u8(h)
+    r.fail(gen & ((b0 >> 6) != 0), "tunnel_version")
+    r.fail((vx | gpe) & ((b0 & 0x08) == 0), "vxlan_no_vni")
+    r.fail(gpe & ((b0 & 0x30) != 0), "tunnel_version")
+    gproto = r.u16(h + 2)
+    nxt = np.where((b0 & 0x04) != 0, r.u8(h + 3), 3)
+    in_eth = vx | (gen & (gproto == ETH_TEB)) | (gpe & (nxt == 3))
+    in_ip4 = (gen & (gproto == ETH_IP4)) | (gpe & (nxt == 1))
+    in_ip6 = (gen & (gproto == ETH_IP6)) | (gpe & (nxt == 2))
+    r.fail(tun & ~(in_eth | in_ip4 | in_ip6), "inner_non_ip")
+    start = np.where(gen, h + 8 + (b0 & 0x3F) * 4, h + 8)
+    iet, ip = _l2(r, start, in_eth & r.alive)
+    iet = np.where(in_ip4, ETH_IP4, np.where(in_ip6, ETH_IP6, iet))
+    ip = np.where(in_eth, ip, start)
+    vni = (r.u8(h + 4) << 16) | (r.u8(h + 5) << 8) | r.u8(h + 6)
+    if not policy.plain:
+        r.fail(~tun, "not_tunnel")
+
+    # the flow's own IP header: the inner one, or the outer one again for plain packets
+    inner = _ip(r, np.where(tun, iet, et), np.where(tun, ip, p), "inner_non_ip")
     proto, l4, room, is4 = inner["proto"], inner["l4"], inner["room"], inner["is4"]
     tcp, udp = proto == TCP, proto == UDP
     icmp = (is4 & (proto == ICMP)) | (~is4 & (proto == ICMP6))
@@ -206,9 +250,13 @@ def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nd
 
     ok = r.alive
     out.status[:] = r.status
-    cols = {"vni": vni, "ofam": np.where(outer["is4"], 4, 6),
-            "osrc_hi": outer["src"][0], "osrc_lo": outer["src"][1],
-            "odst_hi": outer["dst"][0], "odst_lo": outer["dst"][1], "odport": odport,
+    zero = np.zeros(n, dtype=np.int64)
+    cols = {"ttype": kind, "vni": np.where(tun, vni, 0),
+            "ofam": np.where(tun, np.where(outer["is4"], 4, 6), 0),
+            "osrc_hi": np.where(tun, outer["src"][0], 0),
+            "osrc_lo": np.where(tun, outer["src"][1], 0),
+            "odst_hi": np.where(tun, outer["dst"][0], 0),
+            "odst_lo": np.where(tun, outer["dst"][1], 0), "odport": np.where(tun, odport, zero),
             "fam": np.where(is4, 4, 6), "src_hi": inner["src"][0], "src_lo": inner["src"][1],
             "dst_hi": inner["dst"][0], "dst_lo": inner["dst"][1], "proto": proto,
             "sport": np.where(tcp | udp, r.u16(l4), 0),
@@ -224,8 +272,8 @@ def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nd
     if fallback:  # scapy is imported only when a packet needs it (it costs ~0.5 s to import)
         from collector.vxlan.reference import decode_one
     for i in fallback:
-        start = int(off[i])
-        status, row = decode_one(bytes(buf[start:start + int(cap[i])]), ports)
+        begin = int(off[i])
+        status, row = decode_one(bytes(buf[begin:begin + int(cap[i])]), policy, int(lt[i]))
         out.status[i] = status
         if status == OK:
             out.set_row(i, row)

@@ -1,13 +1,16 @@
-"""Live capture: one AF_PACKET socket per underlay interface, with a classic BPF kernel filter.
+"""Live capture: one AF_PACKET socket per interface, with a classic BPF kernel filter.
 
 Stage: input of `LiveVxlanSource`. In: an interface name, optionally inside a network namespace
-(`NETNS/IF`), and the UDP ports to keep. Out: blocks of packets (one bytearray, offsets,
-lengths, times) ready for the bulk decoder, and the kernel's drop counter.
+(`NETNS/IF`), and the UDP ports to keep (None: every packet, for `--wire-interface`). Out:
+blocks of packets (one bytearray, offsets, lengths, times) ready for the bulk decoder, the
+interface's link type, and the kernel's drop counter.
 
 The filter (packet(7), SO_ATTACH_FILTER; classic BPF as in linux/filter.h) keeps only UDP to the
-VXLAN ports (plus Geneve 6081 and VXLAN-GPE 4790, so they are counted as unsupported) over IPv4
-(first fragments) or IPv6 without extension headers, and every VLAN-tagged frame (the decoder
-sorts those out): everything else never reaches user space. A socket in another namespace is
+tunnel ports (VXLAN, Geneve and VXLAN-GPE, as configured) over IPv4 (first fragments) or IPv6
+without extension headers, and every VLAN-tagged frame (the decoder sorts those out): everything
+else never reaches user space. A wire interface has no filter: plain traffic is its business.
+The link type follows the device (packet(7) `sll_hatype`): Ethernet and loopback devices give
+Ethernet frames, devices without a link header (tun, WireGuard, IP tunnels) raw IP. A socket in another namespace is
 opened there (setns(2) through ctypes; Python 3.11 has no os.setns) and stays bound to its
 interface after the thread returns to its own namespace. With the native helper the packets
 arrive in a TPACKET_V3 receive ring (packet(7) PACKET_RX_RING, as libpcap reads them), copied
@@ -28,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from collector.vxlan import native
-from collector.vxlan.packets import GENEVE_PORT, VXLAN_GPE_PORT
 from eastwest.errors import CaptureError, ConfigError
 
 log = logging.getLogger("eastwest.collector.vxlan")
@@ -53,7 +55,7 @@ JEQ, JSET, RET = 0x15, 0x45, 0x06
 
 def kernel_filter(ports: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
     """The classic BPF program (code, jt, jf, k) that keeps UDP to `ports` (see module doc)."""
-    keep = sorted(set(ports) | {GENEVE_PORT, VXLAN_GPE_PORT})
+    keep = sorted(set(ports))
     prog: list[tuple[Any, ...]] = [  # instructions, and ("label",) marks
         (LDH_ABS, None, None, 12),
         (JEQ, "accept", None, 0x8100), (JEQ, "accept", None, 0x88A8),
@@ -106,14 +108,21 @@ class Block:
     pcap: bool = False
 
 
-class UnderlayCapture:
-    """An AF_PACKET socket on one interface (`IF` or `NETNS/IF`), filtered in the kernel."""
+# ARPHRD_* (linux/if_arp.h) -> the link type of the frames a SOCK_RAW packet socket reads
+ARPHRD_LINKTYPES = {1: 1, 772: 1,  # Ethernet, loopback (a zeroed Ethernet header)
+                    0xFFFE: 101, 519: 101, 768: 101, 769: 101, 776: 101}  # none, rawip, tunnels
 
-    def __init__(self, spec: str, ports: tuple[int, ...], buffer_bytes: int = 32 << 20) -> None:
-        self.spec = spec
+
+class UnderlayCapture:
+    """An AF_PACKET socket on one interface (`IF` or `NETNS/IF`), filtered in the kernel to UDP
+    to `ports` (None: unfiltered). `flag` names the option the interface came from."""
+
+    def __init__(self, spec: str, ports: tuple[int, ...] | None, buffer_bytes: int = 32 << 20,
+                 flag: str = "--underlay") -> None:
+        self.spec, self.flag = spec, flag
         netns, _, ifname = spec.rpartition("/")
         if not ifname:
-            raise ConfigError("--underlay", spec, "expected IF or NETNS/IF")
+            raise ConfigError(flag, spec, "expected IF or NETNS/IF")
         # with the native helper, packets arrive in a TPACKET_V3 ring and one C call per
         # wake-up copies them into the block (ewvxlan_recv.c); if the kernel refuses the ring,
         # one C call drains the socket with recv; without the helper, a Python recv_into loop
@@ -132,7 +141,7 @@ class UnderlayCapture:
         self._reset()
         self.kernel_drops = 0
 
-    def _open(self, netns: str, ifname: str, ports: tuple[int, ...]) -> socket.socket:
+    def _open(self, netns: str, ifname: str, ports: tuple[int, ...] | None) -> socket.socket:
         own = None
         if netns:
             path = netns if netns.startswith("/") else f"/run/netns/{netns}"
@@ -149,11 +158,12 @@ class UnderlayCapture:
             # protocol 0: no packet reaches the socket before bind, so none from another
             # interface, none unfiltered, none outside the ring
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            code = kernel_filter(ports)
-            raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
-            self._prog = ctypes.create_string_buffer(raw)
-            fprog = struct.pack("HL", len(code), ctypes.addressof(self._prog))
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            if ports is not None:
+                code = kernel_filter(ports)
+                raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
+                self._prog = ctypes.create_string_buffer(raw)
+                fprog = struct.pack("HL", len(code), ctypes.addressof(self._prog))
+                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
             if self._lib is not None:
                 err = ctypes.c_int(0)
                 self._ring = self._lib.ew_ring_new(sock.fileno(), RING_BLOCK, RING_BLOCKS,
@@ -167,12 +177,18 @@ class UnderlayCapture:
                 except OSError:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
             sock.bind((ifname, ETH_P_ALL))
+            hatype = sock.getsockname()[3]
         except OSError as exc:
             raise CaptureError(self.spec, f"cannot capture: {exc.strerror or exc}") from exc
         finally:
             if own is not None:
                 _setns(own, "root namespace")
                 os.close(own)
+        if hatype not in ARPHRD_LINKTYPES:
+            self.close_socket(sock)
+            raise CaptureError(self.spec, f"link type ARPHRD {hatype} is not decoded (Ethernet, "
+                               "loopback and devices without a link header are)")
+        self.linktype = ARPHRD_LINKTYPES[hatype]
         return sock
 
     def fileno(self) -> int:
@@ -236,7 +252,10 @@ class UnderlayCapture:
         return drops
 
     def close(self) -> None:
+        self.close_socket(self.sock)
+
+    def close_socket(self, sock: socket.socket) -> None:
         if self._ring:
             self._lib.ew_ring_free(self._ring)
             self._ring = None
-        self.sock.close()
+        sock.close()

@@ -4,8 +4,9 @@
  * every Python version):
  *   ewvxlan_walk.c    pcap / pcapng record walk (draft-ietf-opsawg-pcap, -pcapng): the linked
  *                     list of record headers followed in C; index arrays or one record at a time
- *   ewvxlan_decode.c  the decoding policy of collector/vxlan/packets.py for one frame (RFC 7348
- *                     VXLAN over RFC 791 / RFC 8200 / RFC 768, inner RFC 9293 TCP, UDP, ICMP)
+ *   ewvxlan_decode.c  the decoding policy of collector/vxlan/packets.py for one frame (link
+ *                     layers, RFC 791 / RFC 8200 / RFC 768; RFC 7348 VXLAN, RFC 8926 Geneve,
+ *                     VXLAN-GPE, or no tunnel; RFC 9293 TCP, UDP, ICMP)
  *   ewvxlan_flows.c   a capture file -> batches of per-flow sessions, summed in a hash table
  *                     with the session rules of collector/vxlan/flows.py
  *   ewvxlan_recv.c    live capture: a non-blocking AF_PACKET socket drained into one block
@@ -21,8 +22,8 @@
 
 /* status codes: the order of packets.REASONS (0 = decoded) */
 enum {
-    EW_OK = 0, EW_TRUNCATED, EW_MALFORMED, EW_NOT_VXLAN, EW_GENEVE, EW_GPE, EW_NO_VNI,
-    EW_INNER_NON_IP, EW_FRAGMENT, EW_LINKTYPE, EW_NREASONS
+    EW_OK = 0, EW_TRUNCATED, EW_MALFORMED, EW_NON_IP, EW_NOT_TUNNEL, EW_TUNNEL_VERSION,
+    EW_NO_VNI, EW_INNER_NON_IP, EW_FRAGMENT, EW_LINKTYPE, EW_NREASONS
 };
 
 /* walker errors (formatted in Python by pcapfile.walk_error): code, byte offset, a, b */
@@ -41,9 +42,9 @@ struct ew_row {
     uint32_t vni;
     uint16_t odport, sport, dport;
     int16_t icmp_type;
-    uint8_t ofam, fam, proto, flags;
+    uint8_t ttype, ofam, fam, proto, flags;
 };
-#define EW_COLUMNS "status:u1,vni:u4,ofam:u1,osrc_hi:u8,osrc_lo:u8,odst_hi:u8,odst_lo:u8," \
+#define EW_COLUMNS "status:u1,ttype:u1,vni:u4,ofam:u1,osrc_hi:u8,osrc_lo:u8,odst_hi:u8,odst_lo:u8," \
     "odport:u2,fam:u1,src_hi:u8,src_lo:u8,dst_hi:u8,dst_lo:u8,proto:u1,sport:u2,dport:u2," \
     "flags:u1,icmp_type:i2,payload:i8,l3len:i8"
 
@@ -58,17 +59,24 @@ struct ew_rec {
 
 struct ew_walk;
 
-int ew_decode(const uint8_t *frame, uint64_t cap, const uint16_t *ports, int nports,
+/* the decoding policy (packets.Policy): kinds[port] = tunnel type of UDP port (0 none, 1 VXLAN,
+ * 2 Geneve, 3 VXLAN-GPE); plain: a packet outside any tunnel is a flow (else EW_NOT_TUNNEL) */
+struct ew_policy {
+    const uint8_t *kinds; /* 65536 entries */
+    int plain;
+};
+
+int ew_decode(const uint8_t *frame, uint64_t cap, unsigned linktype, const struct ew_policy *pol,
               struct ew_row *row);
 int ew_walk_peek(struct ew_walk *w, struct ew_rec *rec); /* 1 record, 0 end, -1 error */
 void ew_walk_advance(struct ew_walk *w);
 
 /* one session row (ewvxlan_flows.c), uint64 each: the names of flows.ROW_FIELDS */
-#define EW_ROW_FIELDS "vni,fam,proto,a_hi,a_lo,a_port,b_hi,b_lo,b_port,newkey,tmin,tmax," \
+#define EW_ROW_FIELDS "vni,ttype,fam,proto,a_hi,a_lo,a_port,b_hi,b_lo,b_port,newkey,tmin,tmax," \
     "start_syn,pk0,cnt,by0,by1,l30,l31,flags,rst,fin0,fin1,first_dir,syn_dir,synack_dir," \
     "req_dir,rep_dir,has_syn,tail_fr,o0_fam,o0_src_hi,o0_src_lo,o0_dst_hi,o0_dst_lo,o0_dport," \
     "o1_fam,o1_src_hi,o1_src_lo,o1_dst_hi,o1_dst_lo,o1_dport"
-#define EW_NFIELDS 42
+#define EW_NFIELDS 43
 #define EW_DIR_NONE 2
 
 #endif

@@ -1,10 +1,13 @@
-/* ewvxlan_decode.c: one Ethernet frame -> status and the columns of packets.Decoded.
+/* ewvxlan_decode.c: one frame -> status and the columns of packets.Decoded.
  *
  * The policy is the one written in collector/vxlan/packets.py, check for check and in the same
- * order as the scapy reference (reference.py): outer Ethernet and any number of 802.1Q/802.1ad
- * tags; IPv4 (RFC 791) or IPv6 (RFC 8200, Hop-by-Hop / Routing / Destination Options skipped,
- * Fragment = `fragment`); UDP (RFC 768) to a VXLAN port; VXLAN (RFC 7348: the I flag must be
- * set, reserved bits ignored); inner Ethernet, tags, IPv4/IPv6; TCP (RFC 9293), UDP, ICMP,
+ * order as the scapy reference (reference.py): the link layer (Ethernet and any number of
+ * 802.1Q/802.1ad tags, Linux cooked SLL / SLL2, raw IP); IPv4 (RFC 791) or IPv6 (RFC 8200,
+ * Hop-by-Hop / Routing / Destination Options skipped, Fragment = `fragment`); UDP (RFC 768) to
+ * a tunnel port: VXLAN (RFC 7348: the I flag must be set, reserved bits ignored), Geneve
+ * (RFC 8926: version 0, options skipped, inner Ethernet or IP), VXLAN-GPE (I flag, version 0,
+ * next protocol IPv4 / IPv6 / Ethernet), then the inner Ethernet, tags, IPv4/IPv6; or no tunnel
+ * (the packet is its own flow when the policy takes plain traffic); TCP (RFC 9293), UDP, ICMP,
  * ICMPv6 (8-byte header). Every read is checked against the captured length first, so no input
  * can read outside the frame. tests/unit/test_vxlan_differential.py holds this, the numpy
  * decoder and scapy equal on every column of every packet.
@@ -118,34 +121,108 @@ static int ip(const uint8_t *f, uint64_t cap, unsigned et, uint64_t p, int non_i
     return non_ip;
 }
 
-int ew_decode(const uint8_t *f, uint64_t cap, const uint16_t *ports, int nports,
+/* tags after EtherType e at p */
+static int tags(const uint8_t *f, uint64_t cap, unsigned e, uint64_t p, unsigned *et,
+                uint64_t *l3) {
+    while (e == 0x8100 || e == 0x88A8) {
+        if (p + 4 > cap)
+            return EW_TRUNCATED;
+        e = be16(f + p + 2);
+        p += 4;
+    }
+    *et = e;
+    *l3 = p;
+    return EW_OK;
+}
+
+/* the capture's link layer -> EtherType and offset of L3 */
+static int link(const uint8_t *f, uint64_t cap, unsigned linktype, unsigned *et, uint64_t *l3) {
+    switch (linktype) {
+    case 1: /* Ethernet */
+        return l2(f, cap, 0, et, l3);
+    case 113: /* Linux cooked SLL: protocol at byte 14 */
+        if (16 > cap)
+            return EW_TRUNCATED;
+        return tags(f, cap, be16(f + 14), 16, et, l3);
+    case 276: /* SLL2: protocol at byte 0 */
+        if (20 > cap)
+            return EW_TRUNCATED;
+        return tags(f, cap, be16(f), 20, et, l3);
+    case 101: case 12: case 14: case 228: case 229: /* raw IP */
+        if (1 > cap)
+            return EW_TRUNCATED;
+        *et = (f[0] >> 4) == 4 ? 0x0800 : (f[0] >> 4) == 6 ? 0x86DD : 0;
+        *l3 = 0;
+        return EW_OK;
+    default:
+        return EW_LINKTYPE;
+    }
+}
+
+/* the tunnel header at h -> VNI, inner EtherType and offset of the inner L2 or L3 */
+static int tunnel(const uint8_t *f, uint64_t cap, unsigned kind, uint64_t h, uint32_t *vni,
+                  unsigned *et, uint64_t *p) {
+    if (h + 8 > cap)
+        return EW_TRUNCATED;
+    *vni = (uint32_t)f[h + 4] << 16 | (uint32_t)f[h + 5] << 8 | f[h + 6];
+    if (kind == 2) { /* Geneve: ver(2) opt_len(6) | O C rsvd | protocol type | VNI | rsvd */
+        if (f[h] >> 6)
+            return EW_TUNNEL_VERSION;
+        uint64_t start = h + 8 + (uint64_t)(f[h] & 0x3F) * 4;
+        unsigned proto = be16(f + h + 2);
+        if (proto == 0x6558)
+            return l2(f, cap, start, et, p);
+        if (proto == 0x0800 || proto == 0x86DD) {
+            *et = proto;
+            *p = start;
+            return EW_OK;
+        }
+        return EW_INNER_NON_IP;
+    }
+    if (!(f[h] & 0x08))
+        return EW_NO_VNI;
+    if (kind == 3) { /* VXLAN-GPE: R R ver(2) I P B O | rsvd | next protocol | VNI | rsvd */
+        if (f[h] & 0x30)
+            return EW_TUNNEL_VERSION;
+        unsigned next = f[h] & 0x04 ? f[h + 3] : 3;
+        if (next == 3)
+            return l2(f, cap, h + 8, et, p);
+        if (next == 1 || next == 2) {
+            *et = next == 1 ? 0x0800 : 0x86DD;
+            *p = h + 8;
+            return EW_OK;
+        }
+        return EW_INNER_NON_IP;
+    }
+    return l2(f, cap, h + 8, et, p); /* VXLAN */
+}
+
+int ew_decode(const uint8_t *f, uint64_t cap, unsigned linktype, const struct ew_policy *pol,
               struct ew_row *r) {
-    unsigned et;
+    unsigned et, odport = 0, kind = 0;
     uint64_t p;
+    uint32_t vni = 0;
     struct ip_hdr o, in;
     int st;
 
-    if ((st = l2(f, cap, 0, &et, &p)) || (st = ip(f, cap, et, p, EW_NOT_VXLAN, &o)))
+    if ((st = link(f, cap, linktype, &et, &p)) || (st = ip(f, cap, et, p, EW_NON_IP, &o)))
         return st;
-    if (o.proto != 17)
-        return EW_NOT_VXLAN;
-    uint64_t u = o.l4;
-    if (u + 8 > cap)
-        return EW_TRUNCATED;
-    unsigned odport = be16(f + u + 2);
-    int vx = 0;
-    for (int i = 0; i < nports; i++)
-        vx |= ports[i] == odport;
-    if (!vx)
-        return odport == 6081 ? EW_GENEVE : odport == 4790 ? EW_GPE : EW_NOT_VXLAN;
-    if (u + 16 > cap)
-        return EW_TRUNCATED;
-    if (!(f[u + 8] & 0x08))
-        return EW_NO_VNI;
-    uint32_t vni = (uint32_t)f[u + 12] << 16 | (uint32_t)f[u + 13] << 8 | f[u + 14];
-
-    if ((st = l2(f, cap, u + 16, &et, &p)) || (st = ip(f, cap, et, p, EW_INNER_NON_IP, &in)))
-        return st;
+    if (o.proto == 17) {
+        if (o.l4 + 8 > cap)
+            return EW_TRUNCATED;
+        odport = be16(f + o.l4 + 2);
+        kind = pol->kinds[odport];
+    }
+    if (kind) {
+        if ((st = tunnel(f, cap, kind, o.l4 + 8, &vni, &et, &p)) ||
+            (st = ip(f, cap, et, p, EW_INNER_NON_IP, &in)))
+            return st;
+    } else if (!pol->plain) {
+        return EW_NOT_TUNNEL;
+    } else {
+        in = o;
+        odport = 0;
+    }
     uint64_t l4 = in.l4;
     unsigned sport = 0, dport = 0, flags = 0;
     int icmp_type = -1;
@@ -172,12 +249,18 @@ int ew_decode(const uint8_t *f, uint64_t cap, const uint16_t *ports, int nports,
             icmp_type = f[l4];
         }
     }
+    r->ttype = (uint8_t)kind;
     r->vni = vni;
-    r->ofam = (uint8_t)o.fam;
-    r->osrc_hi = o.src_hi;
-    r->osrc_lo = o.src_lo;
-    r->odst_hi = o.dst_hi;
-    r->odst_lo = o.dst_lo;
+    if (kind) {
+        r->ofam = (uint8_t)o.fam;
+        r->osrc_hi = o.src_hi;
+        r->osrc_lo = o.src_lo;
+        r->odst_hi = o.dst_hi;
+        r->odst_lo = o.dst_lo;
+    } else {
+        r->ofam = 0;
+        r->osrc_hi = r->osrc_lo = r->odst_hi = r->odst_lo = 0;
+    }
     r->odport = (uint16_t)odport;
     r->fam = (uint8_t)in.fam;
     r->src_hi = in.src_hi;
@@ -204,24 +287,25 @@ const char *ew_columns(void) { return EW_COLUMNS; }
  * the k-th column's array, of that column's width). Rows that do not decode keep what the
  * caller put there (packets.Decoded.empty: zeros, icmp_type -1) apart from their status. */
 void ew_decode_columns(const uint8_t *buf, const int64_t *off, const int64_t *cap,
-                       const uint16_t *linktype, int64_t n, const uint16_t *ports, int nports,
+                       const uint16_t *linktype, int64_t n, const uint8_t *kinds, int plain,
                        void **cols) {
-    uint8_t *status = cols[0], *ofam = cols[2], *fam = cols[8], *proto = cols[13],
-            *flags = cols[16];
-    uint32_t *vni = cols[1];
-    uint64_t *osrc_hi = cols[3], *osrc_lo = cols[4], *odst_hi = cols[5], *odst_lo = cols[6],
-             *src_hi = cols[9], *src_lo = cols[10], *dst_hi = cols[11], *dst_lo = cols[12];
-    uint16_t *odport = cols[7], *sport = cols[14], *dport = cols[15];
-    int16_t *icmp_type = cols[17];
-    int64_t *payload = cols[18], *l3len = cols[19];
+    struct ew_policy pol = {kinds, plain};
+    uint8_t *status = cols[0], *ttype = cols[1], *ofam = cols[3], *fam = cols[9],
+            *proto = cols[14], *flags = cols[17];
+    uint32_t *vni = cols[2];
+    uint64_t *osrc_hi = cols[4], *osrc_lo = cols[5], *odst_hi = cols[6], *odst_lo = cols[7],
+             *src_hi = cols[10], *src_lo = cols[11], *dst_hi = cols[12], *dst_lo = cols[13];
+    uint16_t *odport = cols[8], *sport = cols[15], *dport = cols[16];
+    int16_t *icmp_type = cols[18];
+    int64_t *payload = cols[19], *l3len = cols[20];
     for (int64_t i = 0; i < n; i++) {
         struct ew_row r;
-        int st = linktype && linktype[i] != 1
-                     ? EW_LINKTYPE
-                     : ew_decode(buf + off[i], cap[i] < 0 ? 0 : (uint64_t)cap[i], ports, nports, &r);
+        int st = ew_decode(buf + off[i], cap[i] < 0 ? 0 : (uint64_t)cap[i],
+                           linktype ? linktype[i] : 1, &pol, &r);
         status[i] = (uint8_t)st;
         if (st != EW_OK)
             continue;
+        ttype[i] = r.ttype;
         vni[i] = r.vni;
         ofam[i] = r.ofam;
         osrc_hi[i] = r.osrc_hi;

@@ -10,7 +10,8 @@
  * Batches end where source.chunks cuts the capture: where the running maximum of packet time
  * enters a new `interval` (a tick), or after `chunk` records. Within a batch the rules are
  * those of the numpy grouping (collector/vxlan/grouping.py), which the tests hold this to:
- * a flow key is (VNI, family, protocol, lower endpoint, higher endpoint); a key's packets are
+ * a flow key is (VNI, tunnel type, family, protocol, lower endpoint, higher endpoint); a key's
+ * packets are
  * cut into sessions where the gap since its previous packet exceeds the idle timeout, or where
  * a TCP SYN without ACK follows a FIN or RST of the same key since its previous SYN (or gap).
  * Rows come out in the numpy order: by a 64-bit key hash (the same function), sessions of one
@@ -36,7 +37,8 @@
  * 64 bytes too, apart from what only its first packet, SYNs, FINs, RSTs and the first outer
  * header of each direction touch. */
 struct key {
-    uint64_t k[6]; /* vni | proto << 24 | a_port << 32 | b_port << 48, fam, a_hi, a_lo, b_hi, b_lo */
+    uint64_t k[6]; /* vni | proto << 24 | a_port << 32 | b_port << 48, fam | ttype << 8, a_hi,
+                      a_lo, b_hi, b_lo */
     int64_t last_ts;
     uint32_t sess;
     uint8_t fr; /* a FIN or RST since the key's last SYN-without-ACK, gap or start */
@@ -116,20 +118,23 @@ static int grow(void **p, uint32_t n, uint32_t cap, size_t size) {
 
 static void unpack(const uint64_t *p, uint64_t *k) {
     k[0] = p[0] & 0xFFFFFF;         /* vni */
-    k[1] = p[1];                    /* family */
-    k[2] = p[0] >> 24 & 0xFF;       /* protocol */
-    k[3] = p[2];                    /* A */
-    k[4] = p[3];
-    k[5] = p[0] >> 32 & 0xFFFF;
-    k[6] = p[4];                    /* B */
-    k[7] = p[5];
-    k[8] = p[0] >> 48;
+    k[1] = p[1] >> 8;               /* tunnel type */
+    k[2] = p[1] & 0xFF;             /* family */
+    k[3] = p[0] >> 24 & 0xFF;       /* protocol */
+    k[4] = p[2];                    /* A */
+    k[5] = p[3];
+    k[6] = p[0] >> 32 & 0xFFFF;
+    k[7] = p[4];                    /* B */
+    k[8] = p[5];
+    k[9] = p[0] >> 48;
 }
 
-/* the order hash of grouping.py's `group`, over the 9 key columns */
+#define KEY_COLUMNS 10
+
+/* the order hash of grouping.py's `group`, over the key columns */
 static uint64_t key_hash(const uint64_t *k) {
     uint64_t h = 0;
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < KEY_COLUMNS; i++) {
         h = (h ^ k[i]) * M1;
         h ^= h >> 31;
         h *= M2;
@@ -190,12 +195,12 @@ static struct key *find_key(struct ew_scan *s, const uint64_t *p) {
         s->capkeys = cap;
     }
     struct key *e = &s->keys[s->nkeys];
-    uint64_t k9[9];
+    uint64_t kc[KEY_COLUMNS];
     memcpy(e->k, p, sizeof e->k);
     e->sess = UINT32_MAX;
     e->fr = 0;
-    unpack(p, k9);
-    s->ohash[s->nkeys] = key_hash(k9);
+    unpack(p, kc);
+    s->ohash[s->nkeys] = key_hash(kc);
     s->slots[j].key = ++s->nkeys;
     s->slots[j].probe = h;
     return e;
@@ -229,7 +234,8 @@ static int add(struct ew_scan *s, const struct ew_row *r, int64_t ts, int64_t id
                (r->src_hi == r->dst_hi &&
                 (r->src_lo > r->dst_lo || (r->src_lo == r->dst_lo && r->sport > r->dport)));
     uint64_t ap = swap ? r->dport : r->sport, bp = swap ? r->sport : r->dport;
-    uint64_t p[6] = {(uint64_t)r->vni | (uint64_t)r->proto << 24 | ap << 32 | bp << 48, r->fam,
+    uint64_t p[6] = {(uint64_t)r->vni | (uint64_t)r->proto << 24 | ap << 32 | bp << 48,
+                     (uint64_t)r->fam | (uint64_t)r->ttype << 8,
                      swap ? r->dst_hi : r->src_hi, swap ? r->dst_lo : r->src_lo,
                      swap ? r->src_hi : r->dst_hi, swap ? r->src_lo : r->dst_lo};
     struct key *e = find_key(s, p);
@@ -321,10 +327,10 @@ static int by_hash(const void *a, const void *b) {
 
 static int by_key(const void *a, const void *b) {
     const struct ord *x = a, *y = b;
-    uint64_t kx[9], ky[9];
+    uint64_t kx[KEY_COLUMNS], ky[KEY_COLUMNS];
     unpack(x->key, kx);
     unpack(y->key, ky);
-    for (int i = 0; i < 9; i++)
+    for (int i = 0; i < KEY_COLUMNS; i++)
         if (kx[i] != ky[i])
             return kx[i] < ky[i] ? -1 : 1;
     return x->sess < y->sess ? -1 : x->sess > y->sess;
@@ -359,11 +365,11 @@ static int emit_rows(struct ew_scan *s) {
         const struct cold *c = &s->cold[order[i].sess];
         uint64_t *w = s->rows + (uint64_t)i * EW_NFIELDS;
         unpack(order[i].key, w);
-        uint64_t rest[EW_NFIELDS - 9 - 12] = {
+        uint64_t rest[EW_NFIELDS - KEY_COLUMNS - 12] = {
             c->newkey, (uint64_t)x->tmin, (uint64_t)x->tmax, c->start_syn, x->pk0, x->cnt,
             x->by0, x->by1, x->l30, x->l31, x->flags, c->rst, c->fin0, c->fin1, c->first_dir,
             c->syn_dir, c->synack_dir, c->req_dir, c->rep_dir, c->has_syn, x->tail_fr};
-        memcpy(w + 9, rest, sizeof rest);
+        memcpy(w + KEY_COLUMNS, rest, sizeof rest);
         memcpy(w + EW_NFIELDS - 12, c->outer, 12 * sizeof *w);
     }
     return 0;
@@ -372,8 +378,9 @@ static int emit_rows(struct ew_scan *s) {
 /* One batch from the walker's position. out[0] records consumed, out[1] 1 if the batch ends
  * at a tick, out[2] the tick's time (µs), out[3] 1 at the end of the file, out[4] sessions.
  * Returns 0, -1 on a walk error (ew_walk_error), -2 when out of memory. */
-int ew_scan_batch(struct ew_scan *s, struct ew_walk *w, const uint16_t *ports, int nports,
+int ew_scan_batch(struct ew_scan *s, struct ew_walk *w, const uint8_t *kinds, int plain,
                   int64_t idle_us, int64_t interval_us, int64_t chunk, int64_t *out) {
+    struct ew_policy pol = {kinds, plain};
     int64_t k = 0;
     s->nkeys = s->nsess = 0;
     if (s->slots)
@@ -408,8 +415,7 @@ int ew_scan_batch(struct ew_scan *s, struct ew_walk *w, const uint16_t *ports, i
         ew_walk_advance(w);
         k++;
         struct ew_row row;
-        int st = rec.linktype != 1 ? EW_LINKTYPE
-                                   : ew_decode(rec.data, rec.cap, ports, nports, &row);
+        int st = ew_decode(rec.data, rec.cap, rec.linktype, &pol, &row);
         if (st != EW_OK) {
             s->drops[st]++;
             continue;

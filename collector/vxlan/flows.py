@@ -1,11 +1,13 @@
-"""The VXLAN flow table: batches of packets -> flow records (vectorized per batch, Python per flow).
+"""The wire flow table: batches of packets -> flow records (vectorized per batch, Python per flow).
 
 Stage: after the decoders. In: `packets.Decoded` batches (`add`, in capture order) or session
 rows made by the native scan (`merge`), and ticks (`now` in µs: packet time for files, wall time
-live). Out: `FlowRecord`s (observer "path", tunnel filled).
+live). Out: `FlowRecord`s (observer "path"; `tunnel` filled for tunnelled flows, null for plain
+traffic).
 
-A flow is (VNI, inner IP family, protocol, the two inner endpoints); the VNI keeps overlapping
-pod address spaces apart. Within a batch, packets are grouped by key and cut into sessions, each
+A flow is (VNI, tunnel type, inner IP family, protocol, the two inner endpoints); the VNI keeps
+overlapping pod address spaces apart, and a plain flow (type 0, VNI 0) never merges with a
+tunnelled one. Within a batch, packets are grouped by key and cut into sessions, each
 summed into one session row (rows.py: `grouping.py` with numpy, or `ewvxlan_flows.c` while it
 reads a file); Python only runs per session, in `merge`, to add it into the table. This module
 imports no numpy: the native file path never needs it.
@@ -34,7 +36,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from collector.pipeline import CollectorContext
-from collector.vxlan.packets import REASONS, TCP, join128, proto_name
+from collector.vxlan.packets import REASONS, TCP, TUNNEL_NAMES, join128, proto_name
 from collector.vxlan.rows import DIR_NONE, NFIELDS
 from eastwest.record import Endpoint, FlowRecord, Source, Tunnel, flags_from_bits
 
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from collector.vxlan.packets import Decoded
 
 CLOSE_GRACE_S = 2.0
+DROP_STAGE = "vxlan"  # eastwest_dropped_total{stage}: kept from before plain traffic, for dashboards
 EPHEMERAL = (32768, 60999)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -89,7 +92,7 @@ class FlowState:
                         (self.echo_rep_dir, 1)):
             if d >= 0:
                 return d == want
-        pa, pb = self.key[5], self.key[8]
+        pa, pb = self.key[6], self.key[9]
         if pa != pb:
             if (pa < 1024) != (pb < 1024):
                 return pb < 1024
@@ -122,7 +125,7 @@ class FlowTable:
     def count_drops(self, counts: list[tuple[int, int]]) -> None:
         """(status code, packets) pairs of undecoded packets, counted per reason."""
         for code, n in counts:
-            self.ctx.drops.count("vxlan", REASONS[code - 1], n)
+            self.ctx.drops.count(DROP_STAGE, REASONS[code - 1], n)
 
     def merge(self, rows: list[int]) -> list[FlowRecord]:
         """Add a batch's sessions (flat, NFIELDS values each, in grouping order); returns the
@@ -130,8 +133,8 @@ class FlowTable:
         flows, idle_us, out = self.flows, self.idle_us, []
         for j in range(0, len(rows), NFIELDS):
             (newkey, tmin, tmax, start_syn, pk0, cnt, by0, by1, l30, l31, flags, rst, fin0, fin1,
-             first_dir, syn, synack, req, rep, has_syn, tail_fr) = rows[j + 9:j + 30]
-            key = tuple(rows[j:j + 9])
+             first_dir, syn, synack, req, rep, has_syn, tail_fr) = rows[j + 10:j + 31]
+            key = tuple(rows[j:j + 10])
             st = flows.get(key)
             if st is not None and (not newkey or tmin - st.last_us > idle_us
                                    or (start_syn and st.finrst_since_syn)):
@@ -164,10 +167,10 @@ class FlowTable:
             if st.echo_rep_dir < 0 and rep != DIR_NONE:
                 st.echo_rep_dir = rep
             outer = st.outer
-            if outer[0] is None and rows[j + 30]:
-                outer[0] = tuple(rows[j + 30:j + 36])
-            if outer[1] is None and rows[j + 36]:
-                outer[1] = tuple(rows[j + 36:j + 42])
+            if outer[0] is None and rows[j + 31]:
+                outer[0] = tuple(rows[j + 31:j + 37])
+            if outer[1] is None and rows[j + 37]:
+                outer[1] = tuple(rows[j + 37:j + 43])
             st.finrst_since_syn = (bool(tail_fr) if has_syn
                                    else (st.finrst_since_syn or bool(tail_fr)))
         return out
@@ -193,16 +196,21 @@ class FlowTable:
 
     def _record(self, st: FlowState, *, final: bool, end_us: int) -> FlowRecord:
         st.emitted_pkts = st.pkts[0] + st.pkts[1]
-        vni, fam, proto, a_hi, a_lo, a_port, b_hi, b_lo, b_port = st.key
+        vni, ttype, fam, proto, a_hi, a_lo, a_port, b_hi, b_lo, b_port = st.key
         a = Endpoint(ip_text(fam, a_hi, a_lo), a_port)
         b = Endpoint(ip_text(fam, b_hi, b_lo), b_port)
         ca = st.client_is_a()
         c2s, s2c = (0, 1) if ca else (1, 0)
-        outer = st.outer[c2s]
-        if outer is None:
-            ofam, s_hi, s_lo, d_hi, d_lo, odport = st.outer[s2c]  # type: ignore[misc]
-            outer = (ofam, d_hi, d_lo, s_hi, s_lo, odport)
-        ofam, s_hi, s_lo, d_hi, d_lo, odport = outer
+        tunnel = None
+        if ttype:
+            outer = st.outer[c2s]
+            if outer is None:
+                ofam, s_hi, s_lo, d_hi, d_lo, odport = st.outer[s2c]  # type: ignore[misc]
+                outer = (ofam, d_hi, d_lo, s_hi, s_lo, odport)
+            ofam, s_hi, s_lo, d_hi, d_lo, odport = outer
+            tunnel = Tunnel(type=TUNNEL_NAMES[ttype], vni=vni,  # type: ignore[arg-type]
+                            outer_src=ip_text(ofam, s_hi, s_lo),
+                            outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport)
         connect = None
         if proto == TCP and st.syn_dir >= 0:
             if st.synack_dir >= 0:
@@ -219,8 +227,6 @@ class FlowTable:
             bytes_c2s=st.bytes[c2s], bytes_s2c=st.bytes[s2c],
             packets_c2s=st.pkts[c2s], packets_s2c=st.pkts[s2c],
             l3_bytes_c2s=st.l3[c2s], l3_bytes_s2c=st.l3[s2c], connect=connect,  # type: ignore[arg-type]
-            resets=st.resets,
-            tunnel=Tunnel(type="vxlan", vni=vni, outer_src=ip_text(ofam, s_hi, s_lo),
-                          outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport),
+            resets=st.resets, tunnel=tunnel,
             tcp_flags=list(_FLAG_NAMES[st.flags & 0xFF]) if proto == TCP else None,
         )

@@ -52,7 +52,8 @@ def session_rows(d: Decoded, idle_us: int) -> tuple[list[int], int]:
         return [], 0
     swap = (c.src_hi > c.dst_hi) | ((c.src_hi == c.dst_hi) & (
         (c.src_lo > c.dst_lo) | ((c.src_lo == c.dst_lo) & (c.sport > c.dport))))
-    keys = [c.vni.astype(np.uint64), c.fam.astype(np.uint64), c.proto.astype(np.uint64),
+    keys = [c.vni.astype(np.uint64), c.ttype.astype(np.uint64), c.fam.astype(np.uint64),
+            c.proto.astype(np.uint64),
             np.where(swap, c.dst_hi, c.src_hi), np.where(swap, c.dst_lo, c.src_lo),
             np.where(swap, c.dport, c.sport).astype(np.uint64),
             np.where(swap, c.src_hi, c.dst_hi), np.where(swap, c.src_lo, c.dst_lo),

@@ -1,9 +1,14 @@
-"""Live VXLAN on the underlay: capture -> bulk decoder -> flow table, per interface.
+"""Live capture: capture -> bulk decoder -> flow table, per interface.
 
-Stage: source (`eastwest collector`, unless `--no-vxlan`). In: `--underlay IF|NETNS/IF`
-(repeatable; default: the lower devices of this host's VXLAN links, read from netlink
-`IFLA_LINKINFO`/`IFLA_VXLAN_LINK` with pyroute2), `--vxlan-port`, `--decoder`, `--interval`,
-`--idle-timeout`. Out: `FlowRecord`s with source="vxlan", observer="path", `tunnel` filled.
+Stage: source. Two kinds, one class:
+- the VXLAN underlay (`eastwest collector`, unless `--no-vxlan`): `--underlay IF|NETNS/IF`
+  (repeatable; default, unless `--wire-interface` is given: the lower devices of this host's
+  VXLAN links, read from netlink `IFLA_LINKINFO`/`IFLA_VXLAN_LINK` with pyroute2); the kernel
+  keeps only UDP to the tunnel ports, and only tunnelled packets become flows (source="vxlan");
+- wire interfaces (`--wire-interface IF|NETNS/IF`, repeatable): every packet, tunnelled ones
+  decapsulated, plain ones flows of their own (source="wire").
+In also: `--vxlan-port`, `--geneve-port`, `--gpe-port`, `--decoder`, `--interval`,
+`--idle-timeout`. Out: `FlowRecord`s with observer="path", `tunnel` filled when tunnelled.
 
 Each interface is its own observation point with its own flow table (a packet seen leaving one
 host and entering another is two observations, never one flow counted twice). No Python runs per
@@ -30,7 +35,7 @@ from collector.vxlan.bulk import decode_bulk
 from collector.vxlan.capture import UnderlayCapture
 from collector.vxlan.flows import FlowTable
 from collector.vxlan.scan import scan_block
-from collector.vxlan.source import check_timing, ports_from
+from collector.vxlan.source import check_timing, policy_from
 
 BLOCK_S = 0.25
 # After a wake-up that emptied the sockets, wait this long before the next select: under a steady
@@ -65,16 +70,23 @@ def live_capture_wanted(args: argparse.Namespace) -> bool:
 
 
 class LiveVxlanSource:
-    def __init__(self, ctx: CollectorContext, args: argparse.Namespace) -> None:
+    def __init__(self, ctx: CollectorContext, args: argparse.Namespace, *,
+                 wire: bool = False) -> None:
         self.ctx = ctx
-        self.ports = ports_from(args)
+        self.ports = policy_from(args, plain=wire)
         self.decoder = getattr(args, "decoder", "bulk") or "bulk"
         interval, idle = check_timing(args)
         self.interval = interval
-        specs = list(getattr(args, "underlay", None) or vxlan_underlays())
-        self.name = "vxlan:" + ",".join(specs)
-        self.captures = [UnderlayCapture(spec, self.ports) for spec in specs]
-        self.tables = [FlowTable(ctx, "vxlan", idle_timeout=idle) for _ in specs]
+        if wire:
+            specs = list(args.wire_interface)
+            self.captures = [UnderlayCapture(spec, None, flag="--wire-interface")
+                             for spec in specs]
+        else:
+            specs = list(getattr(args, "underlay", None) or vxlan_underlays())
+            self.captures = [UnderlayCapture(spec, self.ports.ports) for spec in specs]
+        self.name = ("wire:" if wire else "vxlan:") + ",".join(specs)
+        self.tables = [FlowTable(ctx, "wire" if wire else "vxlan", idle_timeout=idle)
+                       for _ in specs]
         self.lib = native.load()
         self.scans: dict[int, int] = {}  # per table: the native scan state (ew_scan_new)
 
@@ -87,7 +99,8 @@ class LiveVxlanSource:
 
             frames = [block.buf[o:o + c].tobytes()
                       for o, c in zip(block.off.tolist(), block.cap.tolist(), strict=True)]
-            decoded = decode_reference(frames, block.ts_us, self.ports)
+            decoded = decode_reference(frames, block.ts_us, self.ports,
+                                       np.full(len(frames), cap.linktype, dtype=np.uint16))
         elif block.pcap and self.lib is not None:  # decoded and summed in C
             scan = self.scans.get(id(table))
             if scan is None:
@@ -95,10 +108,10 @@ class LiveVxlanSource:
                 if not scan:
                     raise MemoryError("ew_scan_new")
             return scan_block(self.lib, scan, block.buf.ctypes.data, len(block.buf), self.ports,
-                              table)
+                              table, cap.linktype)
         else:
             decoded = decode_bulk(block.buf, block.off, block.cap, block.ts_us, self.ports,
-                                  np.ones(len(block.off), dtype=np.uint16))
+                                  np.full(len(block.off), cap.linktype, dtype=np.uint16))
         return table.add(decoded)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:

@@ -20,9 +20,13 @@ import ctypes
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collector.vxlan.rows import ROW_FIELDS
 from eastwest.native_build import NativeSpec
+
+if TYPE_CHECKING:
+    from collector.vxlan.packets import Policy
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("ewvxlan.h", "ewvxlan_walk.c", "ewvxlan_decode.c", "ewvxlan_flows.c",
@@ -94,10 +98,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ew_walk_error": (ctypes.POINTER(u64), [p]),
         "ew_walk_count": (i64, [p]),
         "ew_walk_index": (i64, [p, i64, p, p, p, p, p]),
-        "ew_decode_columns": (None, [p, p, p, p, i64, p, i32, p]),
+        "ew_decode_columns": (None, [p, p, p, p, i64, p, i32, p]),  # ..., kinds, plain, cols
         "ew_scan_new": (p, []),
         "ew_scan_free": (None, [p]),
-        "ew_scan_batch": (i32, [p, p, p, i32, i64, i64, i64, ctypes.POINTER(i64)]),
+        "ew_scan_batch": (i32, [p, p, p, i32, i64, i64, i64, ctypes.POINTER(i64)]),  # kinds, plain
         "ew_scan_rows": (ctypes.POINTER(u64), [p]),
         "ew_scan_drops": (ctypes.POINTER(u64), [p]),
         "ew_recv_drain": (i32, [i32, p, i64, ctypes.POINTER(i64), p, p, p, ctypes.POINTER(i64),
@@ -113,5 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype, fn.argtypes = restype, argtypes
 
 
-def ports_array(ports: tuple[int, ...]) -> ctypes.Array:
-    return (ctypes.c_uint16 * max(1, len(ports)))(*ports)
+def policy_args(policy: Policy) -> tuple[ctypes.Array, int]:
+    """(the 65,536-byte port -> tunnel type table, plain) as the C functions take them."""
+    table = (ctypes.c_uint8 * 65536).from_buffer_copy(policy.table())
+    return table, int(policy.plain)

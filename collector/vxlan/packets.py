@@ -1,32 +1,49 @@
-"""Decoded packets: the columns both VXLAN decoders produce, and the decoding policy they share.
+"""Decoded packets: the columns every wire decoder produces, and the decoding policy they share.
 
-Stage: between the decoders (`bulk.py`, vectorized numpy; `reference.py`, scapy per packet) and
-the flow table (`flows.py`). In: nothing (definitions). Out: `Decoded`, one numpy column per
-field, one row per packet, plus `status` (0 = decoded, else the drop reason's code). numpy is
-imported only when a `Decoded` is made: the native file path (`scan.py`) never makes one.
+Stage: between the decoders (`bulk.py`, natively or vectorized with numpy; `reference.py`,
+scapy per packet) and the flow table (`flows.py`). In: nothing (definitions). Out: `Decoded`,
+one numpy column per field, one row per packet, plus `status` (0 = decoded, else the drop
+reason's code), and `Policy` (which UDP ports carry which tunnel, and whether untunnelled
+packets are flows). numpy is imported only when a `Decoded` is made: the native file path
+(`scan.py`) never makes one.
 
-The policy, applied in this order by both decoders (the differential test holds them to it):
+The policy, applied in this order by every decoder (the differential tests hold them to it):
 
-1. outer Ethernet (14 bytes), 802.1Q / 802.1ad tags (4 bytes each), then IPv4 or IPv6
-   (RFC 791 / RFC 8200; IPv6 Hop-by-Hop, Routing and Destination Options headers are skipped,
-   a Fragment header is a `fragment`); anything else: `not_vxlan`.
-2. UDP (RFC 768) to a VXLAN port (default 4789 and 8472): VXLAN (RFC 7348). UDP to 6081
-   (Geneve, RFC 8926) or 4790 (VXLAN-GPE) is counted `unsupported_geneve` /
-   `unsupported_vxlan_gpe`, never parsed. Other UDP or other protocols: `not_vxlan`.
-3. VXLAN: the I flag (0x08) must be set (`vxlan_no_vni` otherwise); reserved bits are ignored
-   as RFC 7348 section 5 says.
-4. inner Ethernet, tags, IPv4 / IPv6; a non-IP inner frame (ARP...) is `inner_non_ip`.
-5. TCP (RFC 9293), UDP, ICMP / ICMPv6 (8-byte header); other IP protocols keep ports 0.
+1. the link layer: Ethernet (LINKTYPE 1) with any 802.1Q / 802.1ad tags (4 bytes each); Linux
+   cooked SLL (113: the protocol at byte 14 of a 16-byte header) and SLL2 (276: at byte 0 of a
+   20-byte header), each followed by tags if the protocol is one; raw IP (101, and 12 / 14
+   where libpcap writes DLT_RAW; 228 IPv4, 229 IPv6), the version nibble giving the family.
+   Any other link type: `unsupported_linktype`.
+2. IPv4 or IPv6 (RFC 791 / RFC 8200; IPv6 Hop-by-Hop, Routing and Destination Options headers
+   are skipped, a Fragment header or an IPv4 fragment is a `fragment`); not IP: `non_ip`.
+3. UDP (RFC 768) to a tunnel port decapsulates (never a flow of its own):
+   - VXLAN (RFC 7348; default ports 4789, 8472): the I flag (0x08) must be set (`vxlan_no_vni`),
+     reserved bits are ignored (section 5); the inner packet is Ethernet.
+   - Geneve (RFC 8926; default 6081): version 0 (`tunnel_version` otherwise), options skipped
+     (opt_len * 4 bytes, any length); the O (control) and C (critical options) bits do not
+     change decoding: section 4.3 lets a transit device observe a packet whose options it does
+     not understand, and forbids it to drop it for them. Protocol type 0x6558 is Ethernet,
+     0x0800 / 0x86DD IPv4 / IPv6 without Ethernet, any other `inner_non_ip`.
+   - VXLAN-GPE (draft-ietf-nvo3-vxlan-gpe; default 4790): the I flag must be set
+     (`vxlan_no_vni`), version bits 0 (`tunnel_version`); with the P bit, next protocol 1 IPv4,
+     2 IPv6, 3 Ethernet, any other (NSH, MPLS...) `inner_non_ip`; without it, Ethernet (as
+     VXLAN).
+   Then the inner link layer (Ethernet and tags, or none) and IPv4 / IPv6; not IP:
+   `inner_non_ip`. Tunnels are not nested: the inner packet is the flow's, whatever it holds.
+4. A packet that is not UDP to a tunnel port is its own flow when the policy takes plain
+   traffic (capture files, `--wire-interface`), else `not_tunnel` (the VXLAN underlay).
+5. the flow's transport: TCP (RFC 9293), UDP, ICMP / ICMPv6 (8-byte header); other IP
+   protocols keep ports 0.
 
-Only Ethernet link types are decoded (`unsupported_linktype` otherwise).
 `truncated`: a header the policy needs is cut by the capture length. `malformed`: a header
 holds an impossible value (IPv4 IHL < 5, a version nibble that contradicts the EtherType, an IP
 length shorter than the headers it must contain, TCP data offset < 5). Payload bytes and L3
-bytes come from the inner IP length fields, so snap-length-cut captures still count right.
+bytes come from the flow's IP length fields, so snap-length-cut captures still count right.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -37,12 +54,56 @@ DEFAULT_PORTS = (4789, 8472)
 GENEVE_PORT = 6081
 VXLAN_GPE_PORT = 4790
 
+# tunnel types (the `ttype` column; 0 = no tunnel) and their names in the record
+NO_TUNNEL, TT_VXLAN, TT_GENEVE, TT_GPE = 0, 1, 2, 3
+TUNNEL_NAMES = {TT_VXLAN: "vxlan", TT_GENEVE: "geneve", TT_GPE: "vxlan-gpe"}
+
 # status codes; 0 = decoded. FALLBACK is internal to the bulk decoder (never leaves it).
 OK = 0
-REASONS = ("truncated", "malformed", "not_vxlan", "unsupported_geneve", "unsupported_vxlan_gpe",
-           "vxlan_no_vni", "inner_non_ip", "fragment", "unsupported_linktype")
+REASONS = ("truncated", "malformed", "non_ip", "not_tunnel", "tunnel_version", "vxlan_no_vni",
+           "inner_non_ip", "fragment", "unsupported_linktype")
 CODE = {name: i + 1 for i, name in enumerate(REASONS)}
 FALLBACK = 255
+
+# link types (tcpdump.org/linktypes.html) and how their frames start
+LINKTYPE_ETHERNET, LINKTYPE_SLL, LINKTYPE_SLL2 = 1, 113, 276
+LINKTYPES_RAW = (101, 12, 14, 228, 229)
+LINKTYPES = (LINKTYPE_ETHERNET, LINKTYPE_SLL, LINKTYPE_SLL2, *LINKTYPES_RAW)
+ETH_TEB = 0x6558  # Transparent Ethernet Bridging: Geneve's inner Ethernet
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which UDP destination ports carry which tunnel, and whether a packet outside any tunnel
+    is a flow (`plain`: files and `--wire-interface`) or a `not_tunnel` drop (the underlay)."""
+
+    vxlan: tuple[int, ...] = DEFAULT_PORTS
+    geneve: tuple[int, ...] = (GENEVE_PORT,)
+    gpe: tuple[int, ...] = (VXLAN_GPE_PORT,)
+    plain: bool = True
+
+    def kinds(self) -> dict[int, int]:
+        """port -> tunnel type"""
+        out: dict[int, int] = {}
+        for kind, ports in ((TT_VXLAN, self.vxlan), (TT_GENEVE, self.geneve), (TT_GPE, self.gpe)):
+            out.update(dict.fromkeys(ports, kind))
+        return out
+
+    def table(self) -> bytes:
+        """65,536 bytes: the tunnel type of each UDP port (what the native decoder reads)."""
+        table = bytearray(65536)
+        for port, kind in self.kinds().items():
+            table[port] = kind
+        return bytes(table)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(sorted(self.kinds()))
+
+
+def as_policy(ports: Policy | Iterable[int]) -> Policy:
+    """A `Policy`, or VXLAN ports (Geneve and GPE on their IANA ports, plain traffic taken)."""
+    return ports if isinstance(ports, Policy) else Policy(vxlan=tuple(ports))
 
 ETH_VLAN = (0x8100, 0x88A8)
 ETH_IP4, ETH_IP6 = 0x0800, 0x86DD
@@ -76,6 +137,7 @@ class Decoded:
 
     status: np.ndarray      # uint8
     ts_us: np.ndarray       # int64, packet time in µs since the epoch
+    ttype: np.ndarray       # uint8, tunnel type (0: none; then vni and the outer columns are 0)
     vni: np.ndarray         # uint32
     ofam: np.ndarray        # uint8, 4 or 6
     osrc_hi: np.ndarray     # uint64
@@ -96,7 +158,7 @@ class Decoded:
     payload: np.ndarray     # int64, transport payload bytes
     l3len: np.ndarray       # int64, inner IP bytes with headers
 
-    DTYPES = {"status": "u1", "ts_us": "i8", "vni": "u4", "ofam": "u1", "osrc_hi": "u8",
+    DTYPES = {"status": "u1", "ts_us": "i8", "ttype": "u1", "vni": "u4", "ofam": "u1", "osrc_hi": "u8",
               "osrc_lo": "u8", "odst_hi": "u8", "odst_lo": "u8", "odport": "u2", "fam": "u1",
               "src_hi": "u8", "src_lo": "u8", "dst_hi": "u8", "dst_lo": "u8", "proto": "u1",
               "sport": "u2", "dport": "u2", "flags": "u1", "icmp_type": "i2", "payload": "i8",

@@ -1,18 +1,20 @@
-"""The reference VXLAN decoder: scapy, one packet at a time.
+"""The reference wire decoder: scapy, one packet at a time.
 
 Stage: decoder (`--decoder scapy`, and the bulk path's fallback for layouts it does not
-vectorize: IPv6 extension headers, more than two VLAN tags). In: one Ethernet frame (bytes).
-Out: `(status, row)`, the row being the columns of `packets.Decoded` for that packet.
+vectorize: IPv6 extension headers, more than two VLAN tags). In: one frame (bytes), its link
+type and the `packets.Policy`. Out: `(status, row)`, the row being the columns of
+`packets.Decoded` for that packet.
 
-Every header is read by scapy's own layer (`Ether`, `Dot1Q`, `IP`, `IPv6` and its extension
-headers, `UDP`, `VXLAN`, `TCP`, `ICMP`), each dissected from the bytes at its offset, so a
-truncated or odd packet never makes scapy guess the next layer. The policy (order of checks,
-drop reasons) is the one written in `packets.py`. About 2,000 packets/s: right for few packets,
-wrong for an underlay.
+Every header is read by scapy's own layer (`Ether`, `Dot1Q`, `CookedLinux`, `CookedLinuxV2`,
+`IP`, `IPv6` and its extension headers, `UDP`, `VXLAN`, `GENEVE`, `TCP`, `ICMP`), each
+dissected from the bytes at its offset, so a truncated or odd packet never makes scapy guess the
+next layer. The policy (order of checks, drop reasons) is the one written in `packets.py`.
+About 2,000 packets/s: right for few packets, wrong for an underlay.
 
 VXLAN (RFC 7348): scapy's `VXLAN` layer also knows VXLAN-GPE and Group Policy, whose flag bits
 move the VNI; on a VXLAN port RFC 7348 says reserved bits are ignored, so the flag byte is
-handed to scapy with only the I bit kept.
+handed to scapy with only the I bit kept; on a GPE port with only the GPE bits (I, P, version,
+O) kept.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6Unknown,
@@ -30,20 +33,27 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
 )
-from scapy.layers.l2 import Dot1Q, Dot3, Ether
+from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1Q, Dot3, Ether
 from scapy.layers.vxlan import VXLAN
 
 from collector.vxlan.packets import (
     CODE,
     ETH_IP4,
     ETH_IP6,
+    ETH_TEB,
     ETH_VLAN,
     FALLBACK,
-    GENEVE_PORT,
     IP6_FRAGMENT,
+    LINKTYPE_ETHERNET,
+    LINKTYPE_SLL,
+    LINKTYPE_SLL2,
+    LINKTYPES_RAW,
     OK,
-    VXLAN_GPE_PORT,
+    TT_GENEVE,
+    TT_GPE,
     Decoded,
+    Policy,
+    as_policy,
     is_icmp,
     split128,
 )
@@ -63,10 +73,12 @@ def _addr(text: str) -> tuple[int, int]:
     return split128(int(ipaddress.ip_address(text)))
 
 
-def decode_one(raw: bytes, ports: Iterable[int]) -> tuple[int, dict[str, int]]:
+def decode_one(raw: bytes, ports: Policy | Iterable[int],
+               linktype: int = LINKTYPE_ETHERNET) -> tuple[int, dict[str, int]]:
     """Decode one frame; (status code, columns). Never raises for any input bytes."""
+    policy = as_policy(ports)
     try:
-        return OK, _decode(raw, frozenset(ports))
+        return OK, _decode(raw, linktype, policy.kinds(), policy.plain)
     except _Drop as drop:
         return CODE[drop.reason], {}
 
@@ -80,8 +92,32 @@ def _l2(raw: bytes, p: int) -> tuple[int, int]:
     """Ethernet + any number of 802.1Q/802.1ad tags at p -> (EtherType, offset of L3)."""
     _need(raw, p + 14)
     eth = Ether(raw[p:p + 14])  # scapy dispatches an 802.3 length (<= 1500) to Dot3
-    et = eth.len if isinstance(eth, Dot3) else eth.type
-    p += 14
+    return _tags(raw, eth.len if isinstance(eth, Dot3) else eth.type, p + 14)
+
+
+def _raw_ip(raw: bytes, p: int) -> tuple[int, int]:
+    """No link header: the IP version nibble gives the EtherType."""
+    _need(raw, p + 1)
+    return {4: ETH_IP4, 6: ETH_IP6}.get(raw[p] >> 4, 0), p
+
+
+def _link(raw: bytes, linktype: int) -> tuple[int, int]:
+    """The capture's link layer -> (EtherType, offset of L3)."""
+    if linktype == LINKTYPE_ETHERNET:
+        return _l2(raw, 0)
+    if linktype == LINKTYPE_SLL:
+        _need(raw, 16)
+        return _tags(raw, CookedLinux(raw[:16]).proto, 16)
+    if linktype == LINKTYPE_SLL2:
+        _need(raw, 20)
+        return _tags(raw, CookedLinuxV2(raw[:20]).proto, 20)
+    if linktype in LINKTYPES_RAW:
+        return _raw_ip(raw, 0)
+    raise _Drop("unsupported_linktype")
+
+
+def _tags(raw: bytes, et: int, p: int) -> tuple[int, int]:
+    """Any number of 802.1Q/802.1ad tags at p, after EtherType et."""
     while et in ETH_VLAN:
         _need(raw, p + 4)
         et = Dot1Q(raw[p:p + 4]).type
@@ -126,27 +162,60 @@ def _ip(raw: bytes, et: int, p: int, non_ip: str) -> dict[str, Any]:  # ints; sr
     raise _Drop(non_ip)
 
 
-def _decode(raw: bytes, ports: frozenset[int]) -> dict[str, int]:
-    et, p = _l2(raw, 0)
-    outer = _ip(raw, et, p, "not_vxlan")
-    if outer["proto"] != UDP_P:
-        raise _Drop("not_vxlan")
-    u = outer["l4"]
-    _need(raw, u + 8)
-    dport = UDP(raw[u:u + 8]).dport
-    if dport not in ports:
-        if dport == GENEVE_PORT:
-            raise _Drop("unsupported_geneve")
-        if dport == VXLAN_GPE_PORT:
-            raise _Drop("unsupported_vxlan_gpe")
-        raise _Drop("not_vxlan")
-    _need(raw, u + 16)
-    hdr = raw[u + 8:u + 16]
-    vx = VXLAN(bytes([hdr[0] & 0x08]) + hdr[1:])  # RFC 7348: reserved bits ignored
+def _decode(raw: bytes, linktype: int, kinds: dict[int, int], plain: bool) -> dict[str, int]:
+    et, p = _link(raw, linktype)
+    outer = _ip(raw, et, p, "non_ip")
+    inner, tun = outer, {"ttype": 0, "vni": 0, "ofam": 0, "osrc_hi": 0, "osrc_lo": 0,
+                         "odst_hi": 0, "odst_lo": 0, "odport": 0}
+    kind = 0
+    if outer["proto"] == UDP_P:
+        u = outer["l4"]
+        _need(raw, u + 8)
+        dport = UDP(raw[u:u + 8]).dport
+        kind = kinds.get(dport, 0)
+    if kind:
+        vni, et, p = _tunnel(raw, kind, u + 8)
+        inner = _ip(raw, et, p, "inner_non_ip")
+        tun = {"ttype": kind, "vni": vni, "ofam": outer["fam"], "osrc_hi": outer["src"][0],
+               "osrc_lo": outer["src"][1], "odst_hi": outer["dst"][0],
+               "odst_lo": outer["dst"][1], "odport": dport}
+    elif not plain:
+        raise _Drop("not_tunnel")
+    return tun | _transport(raw, inner)
+
+
+def _tunnel(raw: bytes, kind: int, h: int) -> tuple[int, int, int]:
+    """The tunnel header at h -> (VNI, inner EtherType, offset of the inner L2 or L3)."""
+    _need(raw, h + 8)
+    if kind == TT_GENEVE:
+        gen = GENEVE(raw[h:h + 8])  # options are not dissected: only their length is needed
+        if gen.version != 0:
+            raise _Drop("tunnel_version")
+        start = h + 8 + gen.optionlen * 4
+        if gen.proto == ETH_TEB:
+            return gen.vni, *_l2(raw, start)
+        if gen.proto in (ETH_IP4, ETH_IP6):
+            return gen.vni, gen.proto, start
+        raise _Drop("inner_non_ip")
+    if kind == TT_GPE:
+        vx = VXLAN(bytes([raw[h] & 0x3D]) + raw[h + 1:h + 8])  # I, P, version, O
+        if not int(vx.flags) & 0x08:
+            raise _Drop("vxlan_no_vni")
+        if int(vx.flags) & 0x30:
+            raise _Drop("tunnel_version")
+        nxt = vx.NextProtocol if int(vx.flags) & 0x04 else 3
+        if nxt == 3:
+            return vx.vni, *_l2(raw, h + 8)
+        if nxt in (1, 2):
+            return vx.vni, ETH_IP4 if nxt == 1 else ETH_IP6, h + 8
+        raise _Drop("inner_non_ip")
+    vx = VXLAN(bytes([raw[h] & 0x08]) + raw[h + 1:h + 8])  # RFC 7348: reserved bits ignored
     if not int(vx.flags) & 0x08:
         raise _Drop("vxlan_no_vni")
-    et, p = _l2(raw, u + 16)
-    inner = _ip(raw, et, p, "inner_non_ip")
+    return vx.vni, *_l2(raw, h + 8)
+
+
+def _transport(raw: bytes, inner: dict[str, Any]) -> dict[str, int]:
     fam, proto, l4, room = inner["fam"], inner["proto"], inner["l4"], inner["room"]
     sport = dport_in = flags = 0
     icmp_type = -1
@@ -170,25 +239,21 @@ def _decode(raw: bytes, ports: frozenset[int]) -> dict[str, int]:
         hdr_len, icmp_type = 8, icmp.type
     else:
         hdr_len = 0
-    return {"vni": vx.vni, "ofam": outer["fam"], "osrc_hi": outer["src"][0],
-            "osrc_lo": outer["src"][1], "odst_hi": outer["dst"][0], "odst_lo": outer["dst"][1],
-            "odport": dport, "fam": fam, "src_hi": inner["src"][0], "src_lo": inner["src"][1],
+    return {"fam": fam, "src_hi": inner["src"][0], "src_lo": inner["src"][1],
             "dst_hi": inner["dst"][0], "dst_lo": inner["dst"][1], "proto": proto,
             "sport": sport, "dport": dport_in, "flags": flags & 0xFF, "icmp_type": icmp_type,
             "payload": room - hdr_len, "l3len": inner["l3len"]}
 
 
-def decode_reference(frames: list[bytes], ts_us: np.ndarray, ports: Iterable[int],
+def decode_reference(frames: list[bytes], ts_us: np.ndarray, ports: Policy | Iterable[int],
                      linktypes: np.ndarray | None = None) -> Decoded:
     """Decode every frame with scapy into columns (the `--decoder scapy` path)."""
-    ports = frozenset(ports)
+    policy = as_policy(ports)
     out = Decoded.empty(len(frames))
     out.ts_us[:] = ts_us
     for i, raw in enumerate(frames):
-        if linktypes is not None and linktypes[i] != 1:
-            out.status[i] = CODE["unsupported_linktype"]
-            continue
-        status, row = decode_one(raw, ports)
+        link = LINKTYPE_ETHERNET if linktypes is None else int(linktypes[i])
+        status, row = decode_one(raw, policy, link)
         out.status[i] = status
         if status == OK:
             out.set_row(i, row)

@@ -2,7 +2,7 @@
 flow sessions in C, in one pass, batch by batch; Python runs per session, never per packet.
 
 Stage: the bulk path of `PcapSource` when the native helper is built (`native.load()`). In: a
-capture file, the VXLAN ports, the tick interval and the flow table. Out: `FlowRecord`s handed to
+capture file, the decoding policy (`packets.Policy`), the tick interval and the flow table. Out: `FlowRecord`s handed to
 `emit` per batch (the table's finals and interims), then the table's flush; the same records,
 in the same order, as the numpy path (`pcapfile.read_index` -> `bulk.decode_bulk` ->
 `FlowTable.add`), which tests/unit/test_vxlan_native.py and the golden tests hold it to.
@@ -30,7 +30,7 @@ import threading
 from collector.pipeline import Emit
 from collector.vxlan import native
 from collector.vxlan.flows import FlowTable
-from collector.vxlan.packets import REASONS
+from collector.vxlan.packets import REASONS, Policy, as_policy
 from collector.vxlan.pcapfile import FMT_PCAP, LINKTYPE_ETHERNET, open_capture, walk_error
 from collector.vxlan.rows import NFIELDS
 from eastwest.record import FlowRecord
@@ -42,8 +42,9 @@ _REASON_CODES = range(1, len(REASONS) + 1)  # drop codes of ew_scan_drops (packe
 HOLD = 16_384  # records held back (a few MiB) before the rest of the file is checked apart
 
 
-def scan_file(lib: ctypes.CDLL, path: str, ports: tuple[int, ...], interval_us: int,
+def scan_file(lib: ctypes.CDLL, path: str, policy: Policy | tuple[int, ...], interval_us: int,
               chunk: int, table: FlowTable, emit: Emit, stop: threading.Event) -> None:
+    policy = as_policy(policy)
     fd, size, form = open_capture(path)
     walk = scan = None
     try:
@@ -52,7 +53,7 @@ def scan_file(lib: ctypes.CDLL, path: str, ports: tuple[int, ...], interval_us: 
         scan = lib.ew_scan_new()
         if not walk or not scan:
             raise MemoryError("ew_walk_new / ew_scan_new")
-        packets = _batches(lib, walk, scan, path, ports, interval_us, chunk, table, emit, stop)
+        packets = _batches(lib, walk, scan, path, policy, interval_us, chunk, table, emit, stop)
     finally:
         lib.ew_scan_free(scan)
         lib.ew_walk_free(walk)
@@ -61,17 +62,16 @@ def scan_file(lib: ctypes.CDLL, path: str, ports: tuple[int, ...], interval_us: 
     emit(table.flush())
 
 
-def _batches(lib: ctypes.CDLL, walk: int, scan: int, path: str, ports: tuple[int, ...],
+def _batches(lib: ctypes.CDLL, walk: int, scan: int, path: str, policy: Policy,
              interval_us: int, chunk: int, table: FlowTable, emit: Emit,
              stop: threading.Event) -> int:
     """Scan batch after batch to the end of the file (or `stop`); the records read."""
-    port_arr = native.ports_array(ports)
+    kinds, plain = native.policy_args(policy)
     out = (ctypes.c_int64 * 5)()
     packets = 0
     held: list[FlowRecord] | None = []  # None once the whole file is known to be sound
     while not stop.is_set():
-        records = _step(lib, walk, scan, path, port_arr, len(ports), interval_us, chunk, table,
-                        out)
+        records = _step(lib, walk, scan, path, kinds, plain, interval_us, chunk, table, out)
         consumed, has_tick, tick, at_end, _ = out
         packets += consumed
         if has_tick:
@@ -91,11 +91,11 @@ def _batches(lib: ctypes.CDLL, walk: int, scan: int, path: str, ports: tuple[int
     return packets
 
 
-def _step(lib: ctypes.CDLL, walk: int, scan: int, what: str, port_arr: object, nports: int,
+def _step(lib: ctypes.CDLL, walk: int, scan: int, what: str, kinds: object, plain: int,
           interval_us: int, chunk: int, table: FlowTable, out: ctypes.Array) -> list[FlowRecord]:
     """One `ew_scan_batch`: its drops counted, its session rows merged into `table`; `out`
     holds (consumed, has_tick, tick, at_end, sessions)."""
-    rc = lib.ew_scan_batch(scan, walk, port_arr, nports, table.idle_us, interval_us, chunk, out)
+    rc = lib.ew_scan_batch(scan, walk, kinds, plain, table.idle_us, interval_us, chunk, out)
     if rc == -1:
         raise _error(lib, walk, what)
     if rc != 0:
@@ -133,21 +133,21 @@ NO_TICK_US = 1 << 62  # live blocks: the table ticks on wall time (live.py), nev
 BLOCK_CHUNK = 1 << 17  # more than a live block holds (capture.MAX_BLOCK_PACKETS): one batch
 
 
-def scan_block(lib: ctypes.CDLL, scan: int, buf: object, size: int, ports: tuple[int, ...],
-               table: FlowTable) -> list[FlowRecord]:
+def scan_block(lib: ctypes.CDLL, scan: int, buf: object, size: int,
+               policy: Policy | tuple[int, ...],
+               table: FlowTable, linktype: int = LINKTYPE_ETHERNET) -> list[FlowRecord]:
     """A live block of pcap records (`capture.Block` with pcap=True: `buf` its address, `size`
     its bytes) decoded and summed in C by `scan` (one `ew_scan_new` per interface), merged into
     `table`: the records `table.add(decode_bulk(block))` would give."""
-    walk = lib.ew_walk_new(buf, -1, size, FMT_PCAP, sys.byteorder == "big", 0,
-                           LINKTYPE_ETHERNET, 0)
+    walk = lib.ew_walk_new(buf, -1, size, FMT_PCAP, sys.byteorder == "big", 0, linktype, 0)
     if not walk:
         raise MemoryError("ew_walk_new")
-    port_arr = native.ports_array(ports)
+    kinds, plain = native.policy_args(as_policy(policy))
     out = (ctypes.c_int64 * 5)()
     records: list[FlowRecord] = []
     try:
         while True:
-            records += _step(lib, walk, scan, "live block", port_arr, len(ports), NO_TICK_US,
+            records += _step(lib, walk, scan, "live block", kinds, plain, NO_TICK_US,
                              BLOCK_CHUNK, table, out)
             if out[3]:  # at the end of the block
                 return records

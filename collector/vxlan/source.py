@@ -1,8 +1,9 @@
 """Capture files as a collector source: pcap/pcapng -> decoder -> flow table -> records.
 
 Stage: source (`eastwest collector --pcap FILE`). In: a file path and the collector's flags
-(`--decoder`, `--vxlan-port`, `--interval`, `--idle-timeout`). Out: `FlowRecord`s with
-source="pcap", observer="path", `tunnel` filled, handed to `emit` in batches; then `run` returns.
+(`--decoder`, `--vxlan-port`, `--geneve-port`, `--gpe-port`, `--interval`, `--idle-timeout`).
+Out: `FlowRecord`s with source="pcap", observer="path", `tunnel` filled for tunnelled flows and
+null for plain traffic, handed to `emit` in batches; then `run` returns.
 
 Two paths, one answer. With the native helper built and `--decoder bulk` (the default), the
 file goes through `scan.scan_file`: walked, decoded and summed into flow sessions in C, without
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 from collector.pipeline import CollectorContext, Emit
 from collector.vxlan import native
 from collector.vxlan.flows import FlowTable
-from collector.vxlan.packets import DEFAULT_PORTS
+from collector.vxlan.packets import DEFAULT_PORTS, GENEVE_PORT, VXLAN_GPE_PORT, Policy
 from eastwest.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy is imported only by the paths that need it
@@ -40,12 +41,26 @@ CHUNK = 262_144
 log = logging.getLogger("eastwest.collector.vxlan")
 
 
-def ports_from(args: argparse.Namespace) -> tuple[int, ...]:
-    ports = tuple(getattr(args, "vxlan_port", None) or DEFAULT_PORTS)
-    for port in ports:
-        if not 1 <= port <= 65535:
-            raise ConfigError("--vxlan-port", port, "must be a UDP port 1..65535")
-    return ports
+PORT_FLAGS = (("--vxlan-port", "vxlan_port", DEFAULT_PORTS),
+              ("--geneve-port", "geneve_port", (GENEVE_PORT,)),
+              ("--gpe-port", "gpe_port", (VXLAN_GPE_PORT,)))
+
+
+def policy_from(args: argparse.Namespace, *, plain: bool) -> Policy:
+    """The tunnel ports of `--vxlan-port`, `--geneve-port`, `--gpe-port` (each replaces its
+    defaults); `plain`: whether packets outside any tunnel become flows."""
+    chosen: list[tuple[int, ...]] = []
+    seen: dict[int, str] = {}
+    for flag, attr, default in PORT_FLAGS:
+        ports = tuple(dict.fromkeys(getattr(args, attr, None) or default))
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise ConfigError(flag, port, "must be a UDP port 1..65535")
+            if port in seen:
+                raise ConfigError(flag, port, f"is already a tunnel port of {seen[port]}")
+            seen[port] = flag
+        chosen.append(ports)
+    return Policy(vxlan=chosen[0], geneve=chosen[1], gpe=chosen[2], plain=plain)
 
 
 def check_timing(args: argparse.Namespace) -> tuple[float, float]:
@@ -57,7 +72,7 @@ def check_timing(args: argparse.Namespace) -> tuple[float, float]:
     return interval, idle
 
 
-def decode_index(ix: PacketIndex, sel: slice, ports: tuple[int, ...], decoder: str) -> Decoded:
+def decode_index(ix: PacketIndex, sel: slice, ports: Policy, decoder: str) -> Decoded:
     """Decode packets `sel` of a file index with the chosen decoder."""
     off, cap, ts, link = ix.off[sel], ix.cap[sel], ix.ts_us[sel], ix.linktype[sel]
     if decoder == "scapy":
@@ -89,12 +104,12 @@ def chunks(ts_us: np.ndarray, interval_us: int, chunk: int = CHUNK) -> Iterator[
 
 
 class PcapSource:
-    """`eastwest collector --pcap FILE`: the inner flows of a VXLAN capture."""
+    """`eastwest collector --pcap FILE`: the flows of a capture (tunnelled ones decapsulated)."""
 
     def __init__(self, ctx: CollectorContext, path: str, args: argparse.Namespace) -> None:
         self.ctx, self.path = ctx, path
         self.name = f"pcap:{path}"
-        self.ports = ports_from(args)
+        self.ports = policy_from(args, plain=True)
         self.decoder = getattr(args, "decoder", "bulk") or "bulk"
         interval, idle = check_timing(args)
         self.interval_us = int(interval * 1_000_000)

@@ -1,7 +1,9 @@
-"""Where `eastwest flows` gets its flows: a JSON-lines file, the stored-flows API, or the live
-stream. Each yields `FlowRow`s that already passed the filter.
+"""Where `eastwest flows` gets its flows: a JSON-lines file, a capture file, the stored-flows
+API, or the live stream. Each yields `FlowRow`s that already passed the filter.
 
-In:  a `FilterSpec` and a file (lines of flow records, eastwest/codec.py `from_json`) or an
+In:  a `FilterSpec` and a file (lines of flow records, eastwest/codec.py `from_json`; or a pcap /
+     pcapng capture, known by its magic bytes, decoded by the collector's own capture source,
+     `collector.vxlan.PcapSource`, into the final record of each flow) or an
      `ApiClient` (`GET /api/v1/flows` with cursor pagination, `GET /api/v1/flows/stream` SSE).
 Out: `FlowRow`s; a file may hold flow records or the API's flow objects (as
      `eastwest flows -o jsonl` saved them), line by line; for a file, a `FileReport` of the lines
@@ -18,6 +20,8 @@ Out: `FlowRow`s; a file may hold flow records or the API's flow objects (as
 
 from __future__ import annotations
 
+import argparse
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -53,6 +57,7 @@ class FileReport:
     named: int = 0  # records with a workload name on either side (after the map, if any)
     bad: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
+    dropped: dict[tuple[str, str], int] = field(default_factory=dict)  # a capture's packets
 
     @property
     def source(self) -> str:
@@ -73,6 +78,14 @@ class FileReport:
         if self.lines and self.bad == self.lines:
             raise EastwestError(f"{self.source}: none of its {self.lines} lines is a flow record "
                                 "(docs/flow-record.md)")
+
+    def drops(self) -> str | None:
+        """One line naming a capture's packets that did not decode, per reason (None: none);
+        the collector's own exit line, and like it not an error."""
+        if not self.dropped:
+            return None
+        counts = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(self.dropped.items()))
+        return f"{self.source}: packets not decoded: {counts} (docs/vxlan.md)"
 
     def summary(self) -> str | None:
         """One line for the end of the read when lines were skipped (None when none were)."""
@@ -110,6 +123,46 @@ def file_rows(lines: Iterable[str], spec: FilterSpec, report: FileReport,
                 report.errors.append((n, str(exc)))
             continue
         report.records += 1
+        report.named += bool(row.client.workload or row.server.workload)
+        if spec.in_window(row.start, row.end) and spec.filter.matches(row.view):
+            yield row
+
+
+# pcap (µs and ns, both byte orders) and pcapng (Section Header Block) magic numbers
+CAPTURE_MAGICS = (b"\xa1\xb2\xc3\xd4", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d",
+                  b"\x4d\x3c\xb2\xa1", b"\x0a\x0d\x0d\x0a")
+
+
+def is_capture(path: str) -> bool:
+    """A pcap or pcapng file, by its first four bytes (False when it cannot be read: the
+    record-file path then names the error)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in CAPTURE_MAGICS
+    except OSError:
+        return False
+
+
+def capture_rows(path: str, spec: FilterSpec, report: FileReport,
+                 name: Namer | None = None) -> Iterator[FlowRow]:
+    """The matching rows of a capture: `eastwest collector --pcap FILE`'s final records (one
+    per flow, tunnels decapsulated, plain traffic too), with its defaults; the packets it could
+    not decode are counted in `report.dropped`. A corrupt capture raises `CaptureError`."""
+    from collector.pipeline import CollectorContext
+    from collector.vxlan.source import PcapSource
+
+    ctx = CollectorContext(collector_id="eastwest-flows")
+    args = argparse.Namespace(vxlan_port=[], geneve_port=[], gpe_port=[], decoder="bulk",
+                              interval=5.0, idle_timeout=30.0)
+    records: list[FlowRecord] = []
+    PcapSource(ctx, path, args).run(records.extend, threading.Event())
+    report.dropped = ctx.drops.snapshot()
+    for rec in records:
+        if not rec.final:
+            continue
+        report.lines += 1
+        report.records += 1
+        row = FlowRow.from_record(name(rec) if name else rec)
         report.named += bool(row.client.workload or row.server.workload)
         if spec.in_window(row.start, row.end) and spec.filter.matches(row.view):
             yield row

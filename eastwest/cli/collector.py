@@ -14,8 +14,12 @@ examples:
   eastwest collector --check                      what this kernel supports, as a table
   eastwest collector --stdout --duration 30       socket probes for 30 s, JSON lines on stdout
   eastwest collector --stdout --netns ewlab-h1    only one lab host's namespace (repeatable)
-  eastwest collector --pcap capture.pcap --stdout inner flows of a VXLAN capture, then exit
+  eastwest collector --pcap capture.pcap --stdout every TCP/UDP/ICMP flow of a capture (tunnels
+                                                  decapsulated: VXLAN, Geneve, VXLAN-GPE), then exit
   eastwest collector --underlay eth0 --no-socket  live VXLAN capture only
+  eastwest collector --wire-interface eth0 --no-socket --stdout
+                                                  every flow on eth0, plain or tunnelled (source wire)
+  eastwest collector --geneve-port 6081 --geneve-port 6082 --pcap ovn.pcap --stdout
   eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
                                                   collector id HOST-ewlab-h2, its own spool
 
@@ -30,9 +34,10 @@ second collector on the same folder waits --spool-lock-wait seconds for the firs
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "collector",
-        help="per-host agent: eBPF socket probes and VXLAN capture -> flow records",
+        help="per-host agent: eBPF socket probes and wire capture -> flow records",
         description="The per-host agent. Sees every TCP connection of every process through "
-        "stable kernel tracepoints (no kprobes), and decapsulates VXLAN on the underlay.",
+        "stable kernel tracepoints (no kprobes), decapsulates VXLAN, Geneve and VXLAN-GPE on "
+        "the underlay, and reads plain traffic from the interfaces and captures it is given.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -52,10 +57,18 @@ def register(sub: Any) -> None:
     g.add_argument("--underlay", metavar="IF", action="append", default=[],
                    help="capture VXLAN on this interface; IF or NETNS/IF (repeatable); default: "
                    "the underlay devices of this host's VXLAN links")
+    g.add_argument("--wire-interface", metavar="IF", action="append", default=[],
+                   help="capture every packet on this interface, plain or tunnelled (records "
+                   "with source wire); IF or NETNS/IF (repeatable); replaces the default "
+                   "underlay (an --underlay given still runs)")
     g.add_argument("--vxlan-port", metavar="PORT", type=int, action="append", default=[],
                    help="UDP port carrying VXLAN (repeatable; default 4789 and 8472)")
+    g.add_argument("--geneve-port", metavar="PORT", type=int, action="append", default=[],
+                   help="UDP port carrying Geneve (repeatable; default 6081)")
+    g.add_argument("--gpe-port", metavar="PORT", type=int, action="append", default=[],
+                   help="UDP port carrying VXLAN-GPE (repeatable; default 4790)")
     g.add_argument("--decoder", choices=("bulk", "scapy"), default="bulk",
-                   help="VXLAN decoder: the fast bulk path (default) or scapy for every packet")
+                   help="wire decoder: the fast bulk path (default) or scapy for every packet")
 
     g = p.add_argument_group("records")
     g.add_argument("--collector-id", metavar="ID",

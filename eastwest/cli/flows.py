@@ -2,7 +2,8 @@
 
 In:  filter flags (eastwest/cli/_filterflags.py), and one source: the aggregator's
      `GET /api/v1/flows` (stored, cursor-paginated), `GET /api/v1/flows/stream` (live, SSE), or
-     `--input-file` (JSON lines of flow records, docs/flow-record.md; no aggregator needed).
+     `--input-file` (JSON lines of flow records, docs/flow-record.md, or a pcap / pcapng
+     capture decoded as the collector does, docs/vxlan.md; no aggregator needed).
 Out: flows printed as table, compact, json, jsonl or csv (eastwest/output.py). The same filter
      object filters everywhere: the API parses the query parameters built here with
      `Filter.from_query`, and files are matched in memory with `Filter.matches`.
@@ -48,13 +49,17 @@ examples:
   eastwest flows --input-file records.jsonl --outcome reset    offline, no aggregator
   eastwest flows --input-file records.jsonl --workload-map workloads.yaml --to-workload db
   eastwest collector --stdout | eastwest flows --input-file - --observer client
+  eastwest flows --input-file incident.pcap --port 443    the flows of a capture file
   eastwest flows --to-workload db --not --port 5432 --print-filter
 
 --input-file reads flow records (one JSON object a line, as `eastwest collector --stdout`
 writes them; docs/flow-record.md) and prints one line per record, as its observer saw it; the
 aggregator prints one line per connection, with every observer's view merged. A collector's
 records carry no workload names: --workload-map FILE names them as the aggregator would;
-without it a workload or namespace filter has nothing to match, says so on stderr, exit 1."""
+without it a workload or namespace filter has nothing to match, says so on stderr, exit 1.
+A pcap or pcapng file (known by its first bytes) is decoded by the collector's own capture
+source: one line per flow (its final record), tunnels decapsulated, plain traffic too, and
+the packets it could not decode counted on stderr (docs/vxlan.md)."""
 
 
 def register(sub: Any) -> None:
@@ -69,7 +74,8 @@ def register(sub: Any) -> None:
                    help="tail live flows from the aggregator (Server-Sent Events) until Ctrl-C, "
                    "or until --limit flows arrived")
     g.add_argument("--input-file", metavar="FILE",
-                   help="filter this JSON-lines file of flow records instead (- for stdin)")
+                   help="filter this JSON-lines file of flow records instead (- for stdin), "
+                   "or the flows of this pcap/pcapng capture")
     g.add_argument("--workload-map", metavar="FILE",
                    help="with --input-file: name the records' ends from this static workload "
                    "map (the YAML of `eastwest aggregator --workload-map`), as the aggregator "
@@ -146,7 +152,13 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
     on records none of which carries a workload name (a collector's, without --workload-map)
     had nothing to match: one line on stderr says so, exit 1 (not an honest "nothing
     matched")."""
-    from eastwest.cli._flowsource import FileReport, file_rows, static_namer
+    from eastwest.cli._flowsource import (
+        FileReport,
+        capture_rows,
+        file_rows,
+        is_capture,
+        static_namer,
+    )
 
     name = static_namer(args.workload_map) if args.workload_map else None  # before any output
     report = FileReport(args.input_file)
@@ -155,6 +167,8 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
         if args.input_file == "-":
             printer.print_all(report.records_or_fail(
                 _limited(file_rows(sys.stdin, spec, report, name), limit)))
+        elif is_capture(args.input_file):  # pcap / pcapng: decoded as the collector does
+            printer.print_all(_limited(capture_rows(args.input_file, spec, report, name), limit))
         else:
             try:
                 fh = open(args.input_file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
@@ -169,6 +183,9 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
         unnamed = report.unnamed(spec, args.workload_map)  # also when Ctrl-C ends stdin
         if unnamed is not None:
             print(f"eastwest flows: {unnamed}", file=sys.stderr)
+        drops = report.drops()
+        if drops is not None:
+            print(f"eastwest flows: {drops}", file=sys.stderr)
     summary = report.summary()
     if summary is not None:  # (a file of no records at all raised above: nothing printed)
         print(f"eastwest flows: {summary}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Golden tests: VXLAN captures -> flow records, through `eastwest collector --pcap` as a user
-runs it. The captures are in tests/captures (provenance in its README.md); expected records live
+"""Golden tests: captures -> flow records, through `eastwest collector --pcap` as a user runs
+it. The captures are in tests/captures (provenance in its README.md); expected records live
 in tests/golden/expected/<capture>.jsonl (regenerate, then review the diff, with
 EASTWEST_REGEN_GOLDEN=1). Independent checks: tshark decodes the same files inside the test,
 CESNET's published flow record, the truth tests/captures/generate.py built its captures with,
@@ -23,18 +23,38 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from vxlan_builders import build_known_truth  # noqa: E402
 
-from tests.captures import generate  # noqa: E402
+from tests.captures import generate, generate_wire  # noqa: E402
 
 EXPECTED = HERE / "expected"
 EASTWEST = [sys.executable, "-m", "eastwest"]
-VXLAN_CAPTURES = ["CESNET_FlowTest_vxlan.pcap", "generated_vxlan_vlan_dns_tls.pcap",
-                  "OISF_suricata-verify_vxlan.pcap",
-                  "OISF_suricata-verify_vxlan-non-zero-reserved-fields_input.pcap",
-                  "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap"]
-ALL_CAPTURES = VXLAN_CAPTURES + ["the-tcpdump-group_tcpdump_geneve.pcap",
-                                 "CESNET_FlowTest_http_get.pcap",
-                                 "generated_mixed_link_junk.pcap",
-                                 "zeek_zeek_var-services-std-ports.pcap"]
+# what each capture holds (tunnel types, "plain" traffic, non-Ethernet link types): tests pick
+# their captures by content, and a capture added to the folder must be described here
+HOLDS: dict[str, set[str]] = {
+    "CESNET_FlowTest_vxlan.pcap": {"vxlan"},
+    "generated_vxlan_vlan_dns_tls.pcap": {"vxlan"},
+    "OISF_suricata-verify_vxlan.pcap": {"vxlan"},
+    "OISF_suricata-verify_vxlan-non-zero-reserved-fields_input.pcap": {"vxlan"},
+    "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap": {"vxlan"},
+    "the-tcpdump-group_tcpdump_geneve.pcap": {"geneve"},
+    "CESNET_FlowTest_http_get.pcap": {"plain"},
+    "generated_mixed_link_junk.pcap": {"plain"},
+    "zeek_zeek_var-services-std-ports.pcap": {"plain"},
+    generate_wire.SLL_FILE: {"sll", "plain", "geneve", "vxlan-gpe"},
+    generate_wire.SLL2_FILE: {"sll2", "plain"},
+    generate_wire.RAW_FILE: {"raw", "plain", "vxlan"},
+}
+TUNNEL_TYPES = {"vxlan", "geneve", "vxlan-gpe"}
+
+
+def holding(*kinds: str, only: bool = False) -> list[str]:
+    """The captures that hold any of `kinds` (with `only`: nothing else)."""
+    want = set(kinds)
+    return sorted(n for n, h in HOLDS.items() if (h <= want if only else h & want))
+
+
+VXLAN_CAPTURES = holding("vxlan", only=True)
+TUNNEL_CAPTURES = holding(*TUNNEL_TYPES)
+ALL_CAPTURES = sorted(HOLDS)
 
 
 def collector(path: Path, *extra: str) -> tuple[list[dict], str]:
@@ -61,7 +81,7 @@ def test_capture_gives_the_expected_records(pcaps: Path, name: str) -> None:
     assert got == expected.read_text()
 
 
-@pytest.mark.parametrize("name", VXLAN_CAPTURES)
+@pytest.mark.parametrize("name", ALL_CAPTURES)
 def test_scapy_decoder_gives_the_same_records(pcaps: Path, name: str) -> None:
     assert collector(pcaps / name, "--decoder", "scapy") == collector(pcaps / name)
 
@@ -75,7 +95,7 @@ def test_cesnet_published_flow_record(pcaps: Path) -> None:
     assert rec["protocol"] == "icmp" and rec["client"]["ip"] == "10.0.0.1"
 
 
-def test_every_capture_in_the_folder_is_checked(pcaps: Path) -> None:
+def test_every_capture_in_the_folder_is_described_and_checked(pcaps: Path) -> None:
     assert sorted(ALL_CAPTURES) == sorted(p.name for p in pcaps.glob("*.pcap"))
     assert sorted(p.name.removesuffix(".jsonl") + ".pcap" for p in EXPECTED.glob("*.jsonl")) \
         == sorted(ALL_CAPTURES)
@@ -105,49 +125,73 @@ def test_generated_vxlan_capture_gives_the_flows_it_was_built_with(pcaps: Path) 
     assert "dropped" not in stderr
 
 
-def test_generated_junk_capture_is_all_dropped_as_not_vxlan(pcaps: Path) -> None:
+def test_generated_plain_capture_gives_its_tcp_connections_and_counts_the_rest(pcaps: Path) -> None:
+    """No tunnel: every TCP connection generate.py built is a plain flow (tunnel null) with its
+    exact packets and bytes; the 19 frames that are not IP (ARP, 16 MPLS, LLC, loopback) are
+    counted as non_ip, and nothing else is dropped."""
+    wire = generate.build_mixed_link_junk()
+    assert len(wire.frames) == 157
     records, stderr = collector(pcaps / generate.JUNK_FILE)
-    assert records == []
-    frames = len(generate.build_mixed_link_junk().frames)
-    assert frames == 157
-    assert stderr.strip() == f"eastwest collector: dropped vxlan/not_vxlan={frames}"
+    got = {(r["client"]["ip"], r["client"]["port"]): r for r in finals(records)
+           if r["protocol"] == "tcp"}
+    assert len(got) == len(wire.flows) == 7
+    for truth in wire.flows:
+        r = got[truth.client]
+        assert (r["server"]["ip"], r["server"]["port"]) == truth.server
+        assert [r["packets_c2s"], r["packets_s2c"]] == truth.packets
+        assert [r["bytes_c2s"], r["bytes_s2c"]] == truth.payload
+        assert [r["l3_bytes_c2s"], r["l3_bytes_s2c"]] == truth.l3
+        assert r["tunnel"] is None and r["observer"] == "path" and r["source"] == "pcap"
+    assert all(r["tunnel"] is None for r in records)
+    assert stderr.strip() == "eastwest collector: dropped vxlan/non_ip=19"
 
 
 def tshark_flows(path: Path) -> collections.Counter:
-    """(vni, protocol, {endpoint, endpoint}) -> packets, as tshark decodes the capture."""
-    fields = ["frame.protocols", "vxlan.vni", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst",
-              "ip.proto", "ipv6.nxt", "tcp.srcport", "tcp.dstport", "udp.srcport", "udp.dstport"]
-    cmd = ["tshark", "-n", "-r", str(path), "-d", "udp.port==8472,vxlan", "-Y", "vxlan",
-           "-T", "fields", "-E", "occurrence=l", "-E", "separator=|"]
+    """(tunnel type, vni, protocol, {endpoint, endpoint}) -> packets, as tshark decodes the
+    tunnelled packets of the capture (VXLAN also on 8472; Geneve and VXLAN-GPE on their ports,
+    tshark's defaults). The innermost IP header and ports are the last occurrence of each
+    field; the tunnel's type comes from the field that carries its VNI and, for VXLAN and
+    VXLAN-GPE (one dissector in tshark), the outer UDP port."""
+    fields = ["frame.protocols", "vxlan.vni", "geneve.vni", "udp.dstport", "ip.src", "ip.dst",
+              "ipv6.src", "ipv6.dst", "ip.proto", "ipv6.nxt", "tcp.srcport", "tcp.dstport",
+              "udp.srcport"]
+    cmd = ["tshark", "-n", "-r", str(path), "-d", "udp.port==8472,vxlan", "-Y",
+           "vxlan || geneve", "-T", "fields", "-E", "separator=|", "-E", "occurrence=a"]
     for f in fields:
         cmd += ["-e", f]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     counts: collections.Counter = collections.Counter()
     for line in out.splitlines():
-        stack, vni, s4, d4, s6, d6, p4, p6, ts, td, us, ud = line.split("|")
-        inner = stack.split(":vxlan:", 1)[1].split(":")
-        if "ip" in inner:
-            src, dst, proto = s4, d4, int(p4)
-        elif "ipv6" in inner:
-            src, dst, proto = s6, d6, int(p6)
+        values = [v.split(",") for v in line.split("|")]
+        (stack, vxvni, gvni, ud, s4, d4, s6, d6, p4, p6, ts, td, us) = (v[-1] for v in values)
+        outer_dport = int(values[3][0])
+        if gvni:
+            ttype, vni = "geneve", int(gvni, 16)
         else:
+            ttype, vni = ("vxlan-gpe" if outer_dport == 4790 else "vxlan"), int(vxvni)
+        inner = [x for x in stack.split(":udp:", 1)[1].split(":") if x in ("ip", "ipv6")]
+        if not inner:
             continue  # inner ARP and other non-IP frames: not flows
+        src, dst, proto = (s6, d6, int(p6)) if inner[0] == "ipv6" else (s4, d4, int(p4))
         sport, dport = {6: (ts, td), 17: (us, ud)}.get(proto, ("0", "0"))
         name = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(proto, "other")
-        counts[(int(vni), name, frozenset({(src, int(sport)), (dst, int(dport))}))] += 1
+        counts[(ttype, vni, name, frozenset({(src, int(sport)), (dst, int(dport))}))] += 1
     return counts
 
 
-@pytest.mark.parametrize("name", VXLAN_CAPTURES)
-def test_tshark_agrees_on_vnis_tuples_and_packet_counts(pcaps: Path, name: str) -> None:
+@pytest.mark.parametrize("name", TUNNEL_CAPTURES)
+def test_tshark_agrees_on_tunnels_vnis_tuples_and_packet_counts(pcaps: Path, name: str) -> None:
     ours: collections.Counter = collections.Counter()
     for r in finals(collector(pcaps / name)[0]):
-        key = (r["tunnel"]["vni"], r["protocol"],
+        if r["tunnel"] is None:
+            continue
+        key = (r["tunnel"]["type"], r["tunnel"]["vni"], r["protocol"],
                frozenset({(r["client"]["ip"], r["client"]["port"]),
                           (r["server"]["ip"], r["server"]["port"])}))
         ours[key] += r["packets_c2s"] + r["packets_s2c"]
     theirs = tshark_flows(pcaps / name)
-    assert theirs, "tshark decoded no VXLAN packet"
+    assert theirs, "tshark decoded no tunnelled packet"
+    assert {k[0] for k in ours} == HOLDS[name] & TUNNEL_TYPES
     assert ours == theirs
 
 

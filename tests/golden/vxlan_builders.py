@@ -120,14 +120,13 @@ def build_known_truth() -> Capture:
     cap.junk(t + 0.1, encap(arp, vni=42, vtep_src="10.213.0.1", vtep_dst="10.213.0.2"),
              "inner_non_ip")
     geneve = bytes(Ether() / IP(src="10.213.0.1", dst="10.213.0.2") / UDP(sport=1, dport=6081)
-                   / Raw(b"\x00" * 40))
-    cap.junk(t + 0.11, geneve, "unsupported_geneve")
+                   / Raw(b"\x40" + b"\x00" * 39))  # Geneve version 1
+    cap.junk(t + 0.11, geneve, "tunnel_version")
     gpe = bytes(Ether() / IP(src="10.213.0.1", dst="10.213.0.2") / UDP(sport=1, dport=4790)
-                / Raw(b"\x0c" + b"\x00" * 40))
-    cap.junk(t + 0.12, gpe, "unsupported_vxlan_gpe")
-    dns = bytes(Ether() / IP(src="10.213.0.1", dst="10.213.0.2") / UDP(sport=1, dport=53)
-                / Raw(b"\x00" * 12))
-    cap.junk(t + 0.13, dns, "not_vxlan")
+                / Raw(b"\x0c" + b"\x00" * 40))  # VXLAN-GPE, next protocol 0
+    cap.junk(t + 0.12, gpe, "inner_non_ip")
+    lldp = bytes(Ether(dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\x02\x07\x04" + b"\x00" * 40))
+    cap.junk(t + 0.13, lldp, "non_ip")
     full = encap(Ether() / IP(src="10.244.1.11", dst="10.244.2.12") / TCP(), vni=42,
                  vtep_src="10.213.0.1", vtep_dst="10.213.0.2")
     cap.junk(t + 0.14, full[:60], "truncated")

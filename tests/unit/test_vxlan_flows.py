@@ -25,7 +25,7 @@ def batch(pkts: list[tuple]) -> Decoded:
         if len(p) > 5:
             sp, dp = p[5] if c2s else p[5][::-1]
         vs, vd = (VTEP_C, VTEP_S) if c2s else (VTEP_S, VTEP_C)
-        row = {"ts_us": T0 + t, "vni": 42, "ofam": 4, "fam": 4, "proto": proto, "sport": sp,
+        row = {"ts_us": T0 + t, "ttype": 1, "vni": 42, "ofam": 4, "fam": 4, "proto": proto, "sport": sp,
                "dport": dp, "flags": flags, "payload": payload, "l3len": payload + 40,
                "odport": 4789}
         for name, text in (("osrc", vs), ("odst", vd), ("src", sip), ("dst", dip)):
@@ -110,3 +110,23 @@ def test_undecoded_rows_are_counted_per_reason() -> None:
     t.add(d)
     assert ctx.drops.snapshot() == {("vxlan", "truncated"): 2, ("vxlan", "inner_non_ip"): 1}
     assert t.packets == 1
+
+
+def test_plain_and_tunnelled_packets_of_one_tuple_are_separate_flows_of_their_kind() -> None:
+    """Keyed by the tunnel type too: the same inner 5-tuple plain, in VXLAN VNI 42 and in
+    Geneve VNI 42 is three flows; the plain one has no tunnel, the others name their type."""
+    d = batch([(0, True, S, 0), (1, False, SA, 0), (2, True, A, 0)] * 3)
+    for i in range(3):
+        d.ttype[i] = 0
+        for name in ("vni", "ofam", "osrc_hi", "osrc_lo", "odst_hi", "odst_lo", "odport"):
+            getattr(d, name)[i] = 0
+    d.ttype[6:] = 2
+    d.odport[6:] = 6081
+    t = table()
+    t.add(d)
+    got = {r.tunnel.type if r.tunnel else None: r for r in t.flush()}
+    assert sorted(got, key=str) == [None, "geneve", "vxlan"]
+    assert got[None].tunnel is None and got[None].tunnel_outer is None
+    assert got["geneve"].tunnel.vni == 42 and got["geneve"].tunnel.outer_dport == 6081
+    for r in got.values():
+        assert (r.packets_c2s, r.packets_s2c, r.connect) == (2, 1, "ok")

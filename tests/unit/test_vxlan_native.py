@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Dot1Q, Ether
@@ -37,6 +38,7 @@ from scapy.packet import Raw
 from collector.pipeline import CollectorContext
 from collector.vxlan import grouping, native, native_build, scan, source
 from collector.vxlan.bulk import decode_native, decode_numpy
+from collector.vxlan.packets import as_policy
 from collector.vxlan.pcapfile import read_index
 from collector.vxlan.reference import decode_reference
 from eastwest.errors import CaptureError
@@ -202,11 +204,12 @@ def flow_spec(draw) -> dict:
     return {"six": six, "src": src, "dst": dst, "sport": sport, "dport": dport, "vs": vs,
             "vd": vd, "kind": draw(st.sampled_from(["tcp", "tcp", "tcp", "udp", "icmp", "other"])),
             "vni": draw(st.sampled_from([42, 43])), "vlan": draw(st.integers(0, 5)) == 0,
-            "port": draw(st.sampled_from(PORTS))}
+            "port": draw(st.sampled_from(PORTS)),
+            "tunnel": draw(st.sampled_from(["vxlan", "vxlan", "geneve", "gpe", "none"]))}
 
 
 def flow_frame(f: dict, c2s: bool, flags: int, size: int, icmp_type: int) -> bytes:
-    """A VXLAN frame of flow `f` (client `src`), in one direction."""
+    """A frame of flow `f` (client `src`), in one direction, in its tunnel (or none)."""
     src, dst = (f["src"], f["dst"]) if c2s else (f["dst"], f["src"])
     sport, dport = (f["sport"], f["dport"]) if c2s else (f["dport"], f["sport"])
     ip = IPv6(src=src, dst=dst) if f["six"] else IP(src=src, dst=dst)
@@ -227,8 +230,20 @@ def flow_frame(f: dict, c2s: bool, flags: int, size: int, icmp_type: int) -> byt
     if f["vlan"]:
         eth = eth / Dot1Q(vlan=7)
     vs, vd = (f["vs"], f["vd"]) if c2s else (f["vd"], f["vs"])
-    outer = (Ether() / IP(src=vs, dst=vd) / UDP(sport=49152, dport=f["port"])
-             / VXLAN(vni=f["vni"], flags=0x08))
+    outer = Ether() / IP(src=vs, dst=vd)
+    if f["tunnel"] == "none":
+        plain = Ether() / Dot1Q(vlan=7) if f["vlan"] else Ether()
+        return bytes(plain / ip / l4 / Raw(b"x" * size))
+    if f["tunnel"] == "geneve":  # options (4 bytes), inner IP without Ethernet when tagged
+        gen = GENEVE(vni=f["vni"], optionlen=1, proto=0x0800 if f["vlan"] and not f["six"]
+                     else 0x6558) / Raw(b"\x01\x02\x03\x04")
+        inner = ip if f["vlan"] and not f["six"] else eth / ip
+        return bytes(outer / UDP(sport=49152, dport=6081) / gen / inner / l4 / Raw(b"x" * size))
+    if f["tunnel"] == "gpe":
+        gpe = VXLAN(vni=f["vni"], flags=0x0C, NextProtocol=3)
+        return bytes(outer / UDP(sport=49152, dport=4790) / gpe / eth / ip / l4
+                     / Raw(b"x" * size))
+    outer = outer / UDP(sport=49152, dport=f["port"]) / VXLAN(vni=f["vni"], flags=0x08)
     return bytes(outer / eth / ip / l4 / Raw(b"x" * size))
 
 
@@ -293,8 +308,8 @@ def native_rows(lib, path: Path, idle_us: int) -> list[int]:
     state = lib.ew_scan_new()
     try:
         out = (ctypes.c_int64 * 5)()
-        assert lib.ew_scan_batch(state, walk, native.ports_array(PORTS), len(PORTS), idle_us,
-                                 2**62, 2**40, out) == 0
+        kinds, plain = native.policy_args(as_policy(PORTS))
+        assert lib.ew_scan_batch(state, walk, kinds, plain, idle_us, 2**62, 2**40, out) == 0
         assert out[3] == 1  # one batch: the whole file
         flat = ctypes.string_at(lib.ew_scan_rows(state), out[4] * NFIELDS * 8)
         return memoryview(flat).cast("Q").tolist()
@@ -374,11 +389,33 @@ def test_generated_flows_reach_splits_ticks_and_every_connect_outcome(lib, tmp_p
         path = tmp_path / f"g{i}.pcap"
         path.write_bytes(pcap_bytes(cap))
         records += run_source(path, lib, chunk=rnd.choice([1, 3, 1000]))[0]
-    keys = [(r.protocol, r.client, r.server, r.tunnel.vni) for r in records if r.final]
+    keys = [(r.protocol, r.client, r.server, r.tunnel) for r in records if r.final]
     assert len(keys) > len(set(keys))  # one key, several flows
     assert any(not r.final for r in records)
     assert {"ok", "refused", "reset"} <= {r.connect for r in records}
     assert {"tcp", "udp", "icmp", "icmpv6", "gre", "sctp"} <= {r.protocol for r in records}
+    assert {None, "vxlan"} <= {r.tunnel and r.tunnel.type for r in records}
+
+
+def test_scan_keys_flows_by_tunnel_type_like_the_numpy_path(lib, tmp_path) -> None:
+    """One TCP handshake per tunnel (VXLAN, Geneve with an option, VXLAN-GPE, none) between
+    the same inner endpoints and VNI: four flows of four types on both paths, equal records."""
+    spec = {"six": False, "src": V4[0], "dst": V4[1], "sport": 40000, "dport": 80,
+            "vs": VTEPS[0], "vd": VTEPS[1], "kind": "tcp", "vni": 42, "vlan": False,
+            "port": 4789}
+    pkts, t = [], T0
+    for tun in ("vxlan", "geneve", "gpe", "none"):
+        for c2s, flags in BURSTS["open"]:
+            t += 1000
+            pkts.append((t, flow_frame(spec | {"tunnel": tun}, bool(c2s), flags, 5, 8)))
+    path = tmp_path / "tunnels.pcap"
+    path.write_bytes(pcap_bytes(pkts))
+    ours, drops = run_source(path, lib, chunk=1000)
+    assert (ours, drops) == run_source(path, None, chunk=1000)
+    got = {r.tunnel.type if r.tunnel else None: r for r in ours if r.final}
+    assert set(got) == {None, "vxlan", "geneve", "vxlan-gpe"} and not drops
+    assert all((r.packets_c2s, r.packets_s2c, r.connect) == (2, 1, "ok") for r in got.values())
+    assert {r.tunnel.vni for r in got.values() if r.tunnel} == {42}
 
 
 def test_hash_collisions_are_ordered_like_numpy(tmp_path) -> None:
