@@ -73,7 +73,7 @@ class LiveVxlanSource:
     def __init__(self, ctx: CollectorContext, args: argparse.Namespace, *,
                  wire: bool = False) -> None:
         self.ctx = ctx
-        self.ports = policy_from(args, plain=wire)
+        self.policy = policy_from(args, plain=wire)
         self.decoder = getattr(args, "decoder", "bulk") or "bulk"
         interval, idle = check_timing(args)
         self.interval = interval
@@ -83,7 +83,7 @@ class LiveVxlanSource:
                              for spec in specs]
         else:
             specs = list(getattr(args, "underlay", None) or vxlan_underlays())
-            self.captures = [UnderlayCapture(spec, self.ports.ports) for spec in specs]
+            self.captures = [UnderlayCapture(spec, self.policy.ports) for spec in specs]
         self.name = ("wire:" if wire else "vxlan:") + ",".join(specs)
         self.tables = [FlowTable(ctx, "wire" if wire else "vxlan", idle_timeout=idle)
                        for _ in specs]
@@ -99,7 +99,7 @@ class LiveVxlanSource:
 
             frames = [block.buf[o:o + c].tobytes()
                       for o, c in zip(block.off.tolist(), block.cap.tolist(), strict=True)]
-            decoded = decode_reference(frames, block.ts_us, self.ports,
+            decoded = decode_reference(frames, block.ts_us, self.policy,
                                        np.full(len(frames), cap.linktype, dtype=np.uint16))
         elif block.pcap and self.lib is not None:  # decoded and summed in C
             scan = self.scans.get(id(table))
@@ -107,10 +107,10 @@ class LiveVxlanSource:
                 scan = self.scans[id(table)] = self.lib.ew_scan_new()
                 if not scan:
                     raise MemoryError("ew_scan_new")
-            return scan_block(self.lib, scan, block.buf.ctypes.data, len(block.buf), self.ports,
+            return scan_block(self.lib, scan, block.buf.ctypes.data, len(block.buf), self.policy,
                               table, cap.linktype)
         else:
-            decoded = decode_bulk(block.buf, block.off, block.cap, block.ts_us, self.ports,
+            decoded = decode_bulk(block.buf, block.off, block.cap, block.ts_us, self.policy,
                                   np.full(len(block.off), cap.linktype, dtype=np.uint16))
         return table.add(decoded)
 

@@ -72,17 +72,17 @@ def check_timing(args: argparse.Namespace) -> tuple[float, float]:
     return interval, idle
 
 
-def decode_index(ix: PacketIndex, sel: slice, ports: Policy, decoder: str) -> Decoded:
+def decode_index(ix: PacketIndex, sel: slice, policy: Policy, decoder: str) -> Decoded:
     """Decode packets `sel` of a file index with the chosen decoder."""
     off, cap, ts, link = ix.off[sel], ix.cap[sel], ix.ts_us[sel], ix.linktype[sel]
     if decoder == "scapy":
         from collector.vxlan.reference import decode_reference
 
         frames = [ix.buf[o:o + c].tobytes() for o, c in zip(off.tolist(), cap.tolist(), strict=True)]
-        return decode_reference(frames, ts, ports, link)
+        return decode_reference(frames, ts, policy, link)
     from collector.vxlan.bulk import decode_bulk
 
-    return decode_bulk(ix.buf, off, cap, ts, ports, link)
+    return decode_bulk(ix.buf, off, cap, ts, policy, link)
 
 
 def chunks(ts_us: np.ndarray, interval_us: int, chunk: int = CHUNK) -> Iterator[tuple[int, int, int | None]]:
@@ -109,7 +109,7 @@ class PcapSource:
     def __init__(self, ctx: CollectorContext, path: str, args: argparse.Namespace) -> None:
         self.ctx, self.path = ctx, path
         self.name = f"pcap:{path}"
-        self.ports = policy_from(args, plain=True)
+        self.policy = policy_from(args, plain=True)
         self.decoder = getattr(args, "decoder", "bulk") or "bulk"
         interval, idle = check_timing(args)
         self.interval_us = int(interval * 1_000_000)
@@ -120,7 +120,7 @@ class PcapSource:
         if lib is not None:
             from collector.vxlan.scan import scan_file
 
-            scan_file(lib, self.path, self.ports, self.interval_us, CHUNK, self.table, emit, stop)
+            scan_file(lib, self.path, self.policy, self.interval_us, CHUNK, self.table, emit, stop)
             return
         if self.decoder == "bulk":  # the numpy path: same records, slower
             (log.warning if native.refused() else log.debug)(
@@ -132,7 +132,7 @@ class PcapSource:
         for start, end, tick in chunks(ix.ts_us, self.interval_us, CHUNK):
             if stop.is_set():
                 break
-            records = self.table.add(decode_index(ix, slice(start, end), self.ports, self.decoder))
+            records = self.table.add(decode_index(ix, slice(start, end), self.policy, self.decoder))
             if tick is not None:
                 records += self.table.tick(tick)
             emit(records)
