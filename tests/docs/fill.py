@@ -86,7 +86,7 @@ def unfilled(cmd: str) -> list[str]:
 
 
 CAPTURES = {  # names the docs use -> tests/captures files
-    "capture.pcap": "CESNET_FlowTest_vxlan.pcap",
+    "capture.pcap": "generated_vxlan_vlan_dns_tls.pcap",   # VXLAN with TCP, UDP and VLAN tags
     "capture.pcapng": "CESNET_FlowTest_vxlan.pcap",   # rewritten as pcapng by the runner
     "flannel.pcap": "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap",
 }

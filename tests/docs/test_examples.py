@@ -73,6 +73,7 @@ SHAPES: list[tuple[str, str]] = [
     (r"^eastwest workloads api$", r"\bdb\b"),
     (r"^eastwest workloads db$", r"\bapi\b"),
     (r"^eastwest diff ", r"\S"),
+    (r"^eastwest flows --input-file capture\.pcap --protocol tcp$", r"\btcp\b.*\bpath\b"),
     (r"^eastwest collector --print-bpf$", r"TRACEPOINT_PROBE|RAW_TRACEPOINT_PROBE|SEC\("),
     (r"/api/v1/graph\?from=15m'$", r'"edges":\[\{"source"'),
     (r"/api/v1/graph\?group_by=namespace&format=mermaid'$", r"^(graph|flowchart) "),
