@@ -135,6 +135,9 @@ class Tunnel(msgspec.Struct, frozen=True, gc=False):
     vtep_dst: str
     vtep_src_host: str | None = None
     vtep_dst_host: str | None = None
+    # the record's tunnel.type (eastwest.record.TunnelType) of whoever supplied the tunnel;
+    # states stored before it existed were VXLAN
+    type: str = "vxlan"
 
 
 Counters6 = tuple[int, int, int, int, int, int]

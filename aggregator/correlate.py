@@ -419,4 +419,4 @@ class Correlator:
             t = rec.tunnel
             conn.tunnel = Tunnel(vni=t.vni, vtep_src=t.outer_src, vtep_dst=t.outer_dst,
                                  vtep_src_host=self.resolver.host_of(t.outer_src),
-                                 vtep_dst_host=self.resolver.host_of(t.outer_dst))
+                                 vtep_dst_host=self.resolver.host_of(t.outer_dst), type=t.type)

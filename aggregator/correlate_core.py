@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from aggregator import correlate_native as native
 from aggregator.connection import Connection
-from aggregator.correlate_input import TIME_MAX, TIME_MIN, InputError, Preparer
+from aggregator.correlate_input import TIME_MAX, TIME_MIN, TUNNEL_TYPES, InputError, Preparer
 from aggregator.correlate_plan import EMPTY_ROWS, ColumnPlan, Columns
 from aggregator.correlate_registry import Addresses, Identities, Strings, Workloads
 from aggregator.identity import IdentityResolver
@@ -345,6 +345,13 @@ def _checked_time(t: datetime, what: str) -> int:
     return v
 
 
+def _tunnel_code(name: str) -> int:
+    code = TUNNEL_TYPES.get(name)
+    if code is None:
+        raise InputError(f"tunnel type {name!r}: not one of {sorted(TUNNEL_TYPES)}")
+    return code
+
+
 def _matrix(rows: list[list[int | None]], ncol: int) -> tuple[np.ndarray, np.ndarray]:
     """Row lists with None -> (values, validity), both column-major (ncol x n)."""
     if not rows:
@@ -379,9 +386,9 @@ def _load_matrices(core: NativeCore, conns: list[Connection]) -> tuple[
             row += [None] * 6 if p is None else [
                 1, p.pid, S.opt(p.comm), p.netns, S.opt(p.container), S.opt(p.collector)]
         t = c.tunnel
-        row += [None] * 5 if t is None else [
+        row += [None] * 6 if t is None else [
             t.vni, A.id(t.vtep_src), A.id(t.vtep_dst), S.opt(t.vtep_src_host),
-            S.opt(t.vtep_dst_host)]
+            S.opt(t.vtep_dst_host), _tunnel_code(t.type)]
         vol = c.naming.volumes if c.naming is not None else ()
         row += [len(c.views), len(vol)]
         rows.append(row)

@@ -45,6 +45,7 @@ TIME_MIN = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
 TIME_MAX = (datetime(2100, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
 OBSERVERS = {"client": 0, "server": 1, "path": 2}
 CONNECTS = {"ok": 1, "refused": 2, "timeout": 3, "reset": 4}
+TUNNEL_TYPES = {"vxlan": 1, "geneve": 2, "vxlan-gpe": 3}  # the C core's codes (0: no tunnel)
 KNOWS_OWN_SIDE, KNOWS_CLIENT_WL, KNOWS_SERVER_WL = 1, 2, 4
 _CACHE_MAX = 1_000_000
 
@@ -176,6 +177,10 @@ class Preparer:
             raise InputError("vni/outer_src/outer_dst: a tunnel needs a VNI >= 0 and both "
                              "outer addresses")
         a["vni"] = np.where(has_vni, vni, -1).astype(np.int32)
+        # a tunnel's type; a row without one (stored before the column existed) is VXLAN
+        ttype = (_codes(table, "tunnel_type", TUNNEL_TYPES, 0)
+                 if table.schema.get_field_index("tunnel_type") >= 0 else np.zeros(n, np.uint8))
+        a["tunnel_type"] = np.where(has_vni, np.maximum(ttype, 1), 0).astype(np.uint8)
         a["outer_src"], a["outer_dst"] = outer
         host = A.vtep_host.view()
         for name, ips in (("vtep_src_host", outer[0]), ("vtep_dst_host", outer[1])):

@@ -70,10 +70,14 @@ typedef struct { /* connection.ProcInfo */
     uint32_t flags;
 } ew_proc;
 
+/* tunnel types (connection.Tunnel.type; correlate_input.TUNNEL_TYPES) */
+enum { EW_TUNNEL_NONE = 0, EW_TUNNEL_VXLAN = 1, EW_TUNNEL_GENEVE = 2, EW_TUNNEL_GPE = 3 };
+
 typedef struct {          /* connection.Tunnel */
     int32_t vni;          /* -1: no tunnel */
     uint32_t src, dst;    /* address ids */
     uint32_t src_host, dst_host; /* string ids, EW_NONE: None */
+    uint8_t type;         /* EW_TUNNEL_*: Tunnel.type (whoever supplied the tunnel) */
 } ew_tunnel;
 
 #define CF_LIVE 1
@@ -146,6 +150,7 @@ typedef struct {          /* one batch, column by column (aggregator/correlate_i
     const int32_t *comm, *container, *collector; /* -1: None */
     const int32_t *vni;                          /* -1: no tunnel */
     const int32_t *outer_src, *outer_dst, *vtep_src_host, *vtep_dst_host;
+    const uint8_t *tunnel_type;                  /* EW_TUNNEL_*, with a tunnel */
     const int32_t *cand_client, *cand_server;    /* what the observer knows of each end */
     int64_t n_ids;
     const uint8_t *ids;        /* 16 bytes per connection id, used in order */
@@ -160,8 +165,8 @@ typedef struct {          /* one batch, column by column (aggregator/correlate_i
     X(RETRANS) X(RESETS) X(RTT_MIN) X(RTT_AVG) X(RTT_MAX) X(CB_C2S) X(CB_S2C) X(SB_C2S)       \
     X(SB_S2C) X(PB_C2S) X(PB_S2C) X(MISMATCH) X(INCOMPLETE) X(CLIENT) X(SERVER) X(CPID)       \
     X(CCOMM) X(CNETNS) X(CCONTAINER) X(CCOLLECTOR) X(SPID) X(SCOMM) X(SNETNS) X(SCONTAINER)   \
-    X(SCOLLECTOR) X(VNI) X(VTEP_SRC) X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST) X(UNTIL)   \
-    X(CREATED) X(RENAMED) X(HAS_DELTA) X(D0) X(D1) X(D2) X(D3) X(D4) X(D5)
+    X(SCOLLECTOR) X(VNI) X(VTEP_SRC) X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST)            \
+    X(TUNNEL_TYPE) X(UNTIL) X(CREATED) X(RENAMED) X(HAS_DELTA) X(D0) X(D1) X(D2) X(D3) X(D4) X(D5)
 #define X(name) OUT_##name,
 enum { EW_OUT_COLUMNS OUT_NCOL };
 #undef X
@@ -182,7 +187,7 @@ enum { EW_WL_COLUMNS WL_NCOL };
     X(PROTOCOL) X(FAMILY) X(CIP) X(CPORT) X(SIP) X(SPORT) X(SCOPE) X(CLIENT) X(SERVER)        \
     X(LINK_LOCAL) X(UNTIL) X(CPROC) X(CPID) X(CCOMM) X(CNETNS) X(CCONTAINER) X(CCOLLECTOR)    \
     X(SPROC) X(SPID) X(SCOMM) X(SNETNS) X(SCONTAINER) X(SCOLLECTOR) X(VNI) X(VTEP_SRC)        \
-    X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST) X(NVIEWS) X(NVOLS)
+    X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST) X(TUNNEL_TYPE) X(NVIEWS) X(NVOLS)
 #define X(name) LD_##name,
 enum { EW_LD_COLUMNS LD_NCOL };
 #undef X

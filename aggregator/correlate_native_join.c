@@ -206,6 +206,7 @@ static void absorb(ew_conn *c, const ew_input *in, int64_t i)
         c->tunnel.dst = (uint32_t)in->outer_dst[i];
         c->tunnel.src_host = opt(in->vtep_src_host[i]);
         c->tunnel.dst_host = opt(in->vtep_dst_host[i]);
+        c->tunnel.type = in->tunnel_type[i];
     }
 }
 

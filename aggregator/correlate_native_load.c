@@ -208,6 +208,10 @@ int64_t ew_corr_load(ew_state *st, int64_t n, const uint8_t *ids, const int64_t 
             c->tunnel.dst = (uint32_t)r[LD_VTEP_DST * n];
             c->tunnel.src_host = opt_id(r[LD_VTEP_SRC_HOST * n], ok[LD_VTEP_SRC_HOST * n]);
             c->tunnel.dst_host = opt_id(r[LD_VTEP_DST_HOST * n], ok[LD_VTEP_DST_HOST * n]);
+            if (r[LD_TUNNEL_TYPE * n] < EW_TUNNEL_VXLAN || r[LD_TUNNEL_TYPE * n] > EW_TUNNEL_GPE)
+                return ew_fail(st, EW_E_INPUT, "load: tunnel type %lld",
+                               (long long)r[LD_TUNNEL_TYPE * n]);
+            c->tunnel.type = (uint8_t)r[LD_TUNNEL_TYPE * n];
         }
         uint32_t tail = EW_NONE;
         for (int64_t k = 0; k < r[LD_NVIEWS * n]; k++, v++) {

@@ -269,6 +269,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
         SET(OUT_VTEP_DST, c->tunnel.dst);
         SET_ID(OUT_VTEP_SRC_HOST, c->tunnel.src_host);
         SET_ID(OUT_VTEP_DST_HOST, c->tunnel.dst_host);
+        SET(OUT_TUNNEL_TYPE, c->tunnel.type);
     }
     if (c->flags & CF_NAMING) SET(OUT_UNTIL, c->until);
     SET(OUT_CREATED, t ? t->created : 0);

@@ -42,7 +42,8 @@ _OBSERVED = pa.array([None] + ["," + ",".join(n for b, n in ((1, "client"), (2, 
                                for m in range(1, 8)], pa.string())
 _CONNECT = pa.array([None, "ok", "refused", "timeout", "reset"], pa.string())
 _OUTCOME = pa.array(["ok", "refused", "timeout", "reset"], pa.string())
-_LITERALS = pa.concat_arrays([_OBSERVED, _CONNECT, _OUTCOME])
+_TUNNEL = pa.array([None, "vxlan", "geneve", "vxlan-gpe"], pa.string())  # EW_TUNNEL_* codes
+_LITERALS = pa.concat_arrays([_OBSERVED, _CONNECT, _OUTCOME, _TUNNEL])
 IDENTITY_ATTRS = ("wid", "name", "namespace", "kind", "host", "source")
 I32, I64, B = pa.int32(), pa.int64(), pa.bool_()
 # the rows' columns by where their values come from: (column, OUT_* column, type or base)
@@ -68,7 +69,8 @@ _ADDRESSES = [("client_ip", "CIP", 0), ("server_ip", "SIP", 0), ("vtep_src", "VT
               ("vtep_dst", "VTEP_DST", 0)]
 _HEX = [("client_ip_hex", "CIP", 0), ("server_ip_hex", "SIP", 0)]
 _LITERAL_COLUMNS = [("observed_by", "OBSERVED", 0), ("connect", "CONNECT", len(_OBSERVED)),
-                    ("outcome", "OUTCOME", len(_OBSERVED) + len(_CONNECT))]
+                    ("outcome", "OUTCOME", len(_OBSERVED) + len(_CONNECT)),
+                    ("tunnel_type", "TUNNEL_TYPE", len(_OBSERVED) + len(_CONNECT) + len(_OUTCOME))]
 
 
 @dataclass

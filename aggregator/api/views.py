@@ -50,7 +50,9 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
         "rtt_us": None if r["rtt_min_us"] is None else
         {"min": r["rtt_min_us"], "avg": r["rtt_avg_us"], "max": r["rtt_max_us"]},
         "tunnel": None if r["vni"] is None else {
-            "type": "vxlan", "vni": r["vni"], "vtep_src": r["vtep_src"], "vtep_dst": r["vtep_dst"],
+            # rows stored before the type was kept (NULL) were VXLAN, the only type then
+            "type": r.get("tunnel_type") or "vxlan", "vni": r["vni"],
+            "vtep_src": r["vtep_src"], "vtep_dst": r["vtep_dst"],
             "vtep_src_host": r["vtep_src_host"], "vtep_dst_host": r["vtep_dst_host"]},
         "complete": not r["incomplete"],
     }

@@ -73,6 +73,9 @@ FLAT_COLUMNS: list[tuple[str, pa.DataType, str]] = [  # read off each record (`_
     ("outer_dst", pa.string(), "VARCHAR"),
     ("loopback", pa.bool_(), "BOOLEAN NOT NULL"),
     ("incomplete", pa.bool_(), "BOOLEAN NOT NULL"),
+    # the tunnel's type (vxlan | geneve | vxlan-gpe), NULL without a tunnel; appended: rows of
+    # files written before it have NULL here and their type in `extra` (else VXLAN)
+    ("tunnel_type", pa.string(), "VARCHAR"),
 ]
 INGESTED_AT = ("ingested_at", _TS, "TIMESTAMPTZ NOT NULL")
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -98,7 +101,8 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     client_workload: Workload | None = None
     server_workload: Workload | None = None
     incomplete: list[str] | None = None
-    # appended (older blobs end before them): the tunnel's type when not VXLAN, nested tunnels
+    # appended (older blobs end before them): the tunnel's type when not VXLAN (only read now:
+    # blobs written before the `tunnel_type` column; new blobs leave it None), nested tunnels
     tunnel_type: str | None = None
     tunnel_outer: list[Tunnel] | None = None
 
@@ -162,11 +166,10 @@ def _flat(records: Sequence[FlowRecord]) -> list[tuple[Any, ...]]:
              r.retransmits, r.resets, (t := r.rtt_us) and t.min, t and t.avg, t and t.max,
              (p := r.process) and p.pid, p and p.comm, r.netns, r.container,
              (u := r.tunnel) and u.vni, u and u.outer_src, u and u.outer_dst, r.loopback,
-             bool(inc := r.incomplete),
+             bool(inc := r.incomplete), u and u.type,
              (r.l3_bytes_c2s, r.l3_bytes_s2c, p and p.cmdline, (g := r.cgroup) and g.id,
               g and g.path, u and u.outer_dport, r.tcp_flags, r.client_workload,
-              r.server_workload, inc or None,
-              None if u is None or u.type == "vxlan" else u.type, r.tunnel_outer))
+              r.server_workload, inc or None, None, r.tunnel_outer))
             for r in records]
 
 
@@ -225,7 +228,8 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
     """One row of `READ_COLUMNS` -> the record that was stored, field for field."""
     (collector, record_id, source, start, end, final, protocol, family, cip, cport, sip, sport,
      observer, b_c2s, b_s2c, p_c2s, p_s2c, connect, retrans, resets, rtt_min, rtt_avg, rtt_max,
-     pid, comm, netns, container, vni, outer_src, outer_dst, loopback, _incomplete, blob) = row
+     pid, comm, netns, container, vni, outer_src, outer_dst, loopback, _incomplete, tunnel_type,
+     blob) = row
     x = _extra_dec.decode(blob) if blob is not None else Extra()
     return FlowRecord(
         record_id=record_id, collector=collector, source=source, start=_time(start),
@@ -239,7 +243,7 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         cgroup=None if x.cgroup_id is None else Cgroup(x.cgroup_id, x.cgroup_path),
         container=container,
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
-            x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
+            tunnel_type or x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
             x.outer_dport),  # type: ignore[arg-type]
         tunnel_outer=x.tunnel_outer,
         client_workload=x.client_workload, server_workload=x.server_workload,

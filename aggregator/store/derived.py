@@ -116,6 +116,7 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     ("vtep_dst", S, _tun("vtep_dst")),
     ("vtep_src_host", S, _tun("vtep_src_host")),
     ("vtep_dst_host", S, _tun("vtep_dst_host")),
+    ("tunnel_type", S, _tun("type")),  # added: rows stored before it have NULL (VXLAN)
     ("state", BIN, lambda c: _enc.encode(c)),
 ]
 CONN_SCHEMA = pa.schema([(n, t) for n, t, _ in CONN_COLUMNS])
@@ -165,6 +166,7 @@ _astuple = msgspec.structs.astuple
 
 _NONE3 = (None,) * 3
 _NONE5 = (None,) * 5
+_NONE6 = (None,) * 6
 
 
 def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
@@ -182,7 +184,7 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
             si.wid, si.name, si.namespace, si.kind, si.host, si.source,
             *(_astuple(cp) if cp is not None else _NONE5),
             *(_astuple(sp) if sp is not None else _NONE5),
-            *(_astuple(t) if t is not None else _NONE5))
+            *(_astuple(t) if t is not None else _NONE6))
 
 
 def views_blob(c: Connection) -> bytes:
@@ -216,7 +218,8 @@ def connection_of(row: dict[str, Any]) -> Connection:
                         row[f"{side}_container"], row[f"{side}_collector"])
 
     tunnel = None if row["vni"] is None else Tunnel(
-        row["vni"], row["vtep_src"], row["vtep_dst"], row["vtep_src_host"], row["vtep_dst_host"])
+        row["vni"], row["vtep_src"], row["vtep_dst"], row["vtep_src_host"], row["vtep_dst_host"],
+        row.get("tunnel_type") or "vxlan")
     return Connection(row["conn_id"], row["protocol"], row["family"], row["client_ip"],
                       row["client_port"], row["server_ip"], row["server_port"], row["scope"],
                       ident("client", client_labels), ident("server", server_labels), out,

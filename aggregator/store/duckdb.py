@@ -365,6 +365,8 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'flows'").fetchall()}
         if "extra" not in cols:
             self._con.execute("ALTER TABLE flows ADD COLUMN extra BLOB")
+        if "tunnel_type" not in cols:  # older rows: NULL, their type in `extra` (else VXLAN)
+            self._con.execute("ALTER TABLE flows ADD COLUMN tunnel_type VARCHAR")
         marks = {r[0] for r in self._con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = "
             "'ingested_batches'").fetchall()}

@@ -22,13 +22,13 @@
 
 const char *ew_source_digest(void) { return EW_SOURCE_DIGEST; }
 
-#define NCOL 32
+#define NCOL 33
 const char *ew_wire_columns(void)
 {
     return "record_id,source,start_ts,end_ts,final,protocol,family,client_ip,client_port,"
            "server_ip,server_port,observer,bytes_c2s,bytes_s2c,packets_c2s,packets_s2c,connect,"
            "retransmits,resets,rtt_min_us,rtt_avg_us,rtt_max_us,pid,comm,netns,container,vni,"
-           "outer_src,outer_dst,loopback,incomplete,extra";
+           "outer_src,outer_dst,loopback,incomplete,tunnel_type,extra";
 }
 
 enum {
@@ -36,7 +36,7 @@ enum {
     C_CLIENT_PORT, C_SERVER_IP, C_SERVER_PORT, C_OBSERVER, C_BYTES_C2S, C_BYTES_S2C,
     C_PACKETS_C2S, C_PACKETS_S2C, C_CONNECT, C_RETRANSMITS, C_RESETS, C_RTT_MIN, C_RTT_AVG,
     C_RTT_MAX, C_PID, C_COMM, C_NETNS, C_CONTAINER, C_VNI, C_OUTER_SRC, C_OUTER_DST,
-    C_LOOPBACK, C_INCOMPLETE, C_EXTRA
+    C_LOOPBACK, C_INCOMPLETE, C_TUNNEL_TYPE, C_EXTRA
 };
 
 #define COUNT_MAX 0x7fffffffffffffffULL
@@ -839,8 +839,6 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
     }
     *null = 0;
     str_t none = {NULL, 0};
-    /* Extra's tunnel_type: null for VXLAN (the only type before it existed), else its name */
-    int tt = w->has_tunnel ? w->tunnel_type : 0;
     return w_byte(o, 0x9c) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
            w_opt_uint(o, w->has_l3_s2c, w->l3_s2c) && w_opt_str(o, cmd ? w->cmdline : none) &&
            w_opt_uint(o, w->has_cgroup, w->cgroup_id) &&
@@ -850,8 +848,7 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
            (w->has_cw ? w_workload(o, &w->cw, end) : w_byte(o, 0xc0)) &&
            (w->has_sw ? w_workload(o, &w->sw, end) : w_byte(o, 0xc0)) &&
            (w->nincomplete ? w_str_list(o, w->incomplete, w->nincomplete, end) : w_byte(o, 0xc0)) &&
-           (tt ? w_str(o, (const uint8_t *)TUNNEL_TYPES[tt].s, (uint32_t)TUNNEL_TYPES[tt].n)
-               : w_byte(o, 0xc0)) &&
+           w_byte(o, 0xc0) && /* Extra's tunnel_type: the `tunnel_type` column holds it */
            w_byte(o, 0xc0); /* tunnel_outer: a record with one went to Python */
 }
 
@@ -913,12 +910,17 @@ static int put_row(cols_t *c, int64_t j, const row_t *w, const uint8_t *end)
     str_t none = {NULL, 0};
     str_t comm = w->has_process ? w->comm : none;
     str_t osrc = w->has_tunnel ? w->outer_src : none, odst = w->has_tunnel ? w->outer_dst : none;
+    str_t ttype = none;
+    if (w->has_tunnel) {
+        ttype.p = (const uint8_t *)TUNNEL_TYPES[w->tunnel_type].s;
+        ttype.n = TUNNEL_TYPES[w->tunnel_type].n;
+    }
     if (!fits(c, C_RECORD_ID, j, w->record_id) || !fits(c, C_SOURCE, j, w->source) ||
         !fits(c, C_PROTOCOL, j, w->protocol) || !fits(c, C_CLIENT_IP, j, w->client_ip) ||
         !fits(c, C_SERVER_IP, j, w->server_ip) || !fits(c, C_OBSERVER, j, w->observer) ||
         !fits(c, C_CONNECT, j, w->connect) || !fits(c, C_COMM, j, comm) ||
         !fits(c, C_CONTAINER, j, w->container) || !fits(c, C_OUTER_SRC, j, osrc) ||
-        !fits(c, C_OUTER_DST, j, odst))
+        !fits(c, C_OUTER_DST, j, odst) || !fits(c, C_TUNNEL_TYPE, j, ttype))
         return 0;
     int32_t at = c->off[C_EXTRA][j];
     wr_t o = {c->data[C_EXTRA] + at, c->data[C_EXTRA] + c->cap[C_EXTRA]};
@@ -958,6 +960,7 @@ static int put_row(cols_t *c, int64_t j, const row_t *w, const uint8_t *end)
     put_str(c, C_OUTER_DST, j, odst);
     set_bit(c->data[C_LOOPBACK], j, w->loopback);
     set_bit(c->data[C_INCOMPLETE], j, w->nincomplete > 0);
+    put_str(c, C_TUNNEL_TYPE, j, ttype);
     return 1;
 }
 

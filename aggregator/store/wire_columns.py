@@ -58,7 +58,8 @@ _KIND = ["s" if pa.types.is_string(t) or pa.types.is_binary(t) else "b" if pa.ty
 # by the payload's size (+ 96 bytes a record for `extra`, whose workloads gain keys). A record
 # that would not fit is deferred, never cut.
 _CAP = [8 if name in ("source", "protocol", "observer", "connect")
-        else 39 if name in ("client_ip", "server_ip", "outer_src", "outer_dst") else 0
+        else 39 if name in ("client_ip", "server_ip", "outer_src", "outer_dst")
+        else 9 if name == "tunnel_type" else 0
         for name in NAMES]
 _EXTRA = NAMES.index("extra")
 _ENV_SLOTS = 8

@@ -33,6 +33,7 @@ T0 = datetime(2026, 11, 28, 4, 0, 10, tzinfo=UTC)
 WALL0 = datetime(2026, 11, 28, 5, 0, 0, tzinfo=UTC)
 V4 = ["10.244.1.11", "10.244.1.12", "10.244.2.11", "10.1.0.5", "192.168.9.9", "224.0.0.251"]
 V6 = ["fd00::1", "fd00::2", "2001:db8::5", "fe80::1"]
+TUNNEL_TYPES = ("vxlan", "geneve", "vxlan-gpe")
 OUTER = ["10.213.0.1", "10.213.0.2", "10.213.0.3", "fd99::7"]
 HOSTS = ["h1", "h2", "h3"]
 WORKLOAD_NAMES = ["frontend", "web", "api", "db"]
@@ -149,7 +150,10 @@ def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[F
         retrans = rnd.choice([0, 0, 1, 3])
         n_interim = rnd.choice([0, 0, 1, 2])
         ends = sorted(rnd.uniform(0.1, dur) for _ in range(n_interim)) + [dur]
-        tunnel = (Tunnel("vxlan", rnd.choice([42, 43]), rnd.choice(OUTER), rnd.choice(OUTER), 4789)
+        # each observer's tunnel type from what is drawn already (the draws stay as they were):
+        # the observers of one connection may name different types, the first one's is kept
+        ttype = TUNNEL_TYPES[(cport + ord(slot[-1])) % 3]
+        tunnel = (Tunnel(ttype, rnd.choice([42, 43]), rnd.choice(OUTER), rnd.choice(OUTER), 4789)
                   if (obs == "path" and rnd.random() < 0.7) or rnd.random() < 0.05 else None)
         proc = (Process(rnd.randrange(1, 9), rnd.choice(["ew-frontend", "ew-api", "curl", ""]))
                 if obs != "path" and rnd.random() < 0.75 else None)

@@ -124,7 +124,7 @@ export interface Flow {
   id: string; protocol: string; client: Side; server: Side; start: string; last_seen: string;
   closed: boolean; closed_at: string | null; outcome: string; observed_by: string[];
   bytes_c2s: number; bytes_s2c: number; retransmits: number; resets: number;
-  tunnel: { vni: number; vtep_src: string; vtep_dst: string; vtep_src_host: string | null;
+  tunnel: { type: "vxlan" | "geneve" | "vxlan-gpe"; vni: number; vtep_src: string; vtep_dst: string; vtep_src_host: string | null;
             vtep_dst_host: string | null } | null;
 }
 export interface Flows { flows: Flow[]; count: number; next_cursor: string | null; sort: string; filter: string }

@@ -113,7 +113,7 @@ export class FlowsView {
   private rows(flows: Flow[], prepend: boolean): void {
     const body = document.querySelector<HTMLTableSectionElement>("#flow-table tbody")!;
     const html = flows.map((f) => {
-      const t = f.tunnel ? `VNI ${f.tunnel.vni} ${esc(f.tunnel.vtep_src_host ?? f.tunnel.vtep_src)}→${esc(f.tunnel.vtep_dst_host ?? f.tunnel.vtep_dst)}` : "";
+      const t = f.tunnel ? `${f.tunnel.type !== "vxlan" ? `${esc(f.tunnel.type)} ` : ""}VNI ${f.tunnel.vni} ${esc(f.tunnel.vtep_src_host ?? f.tunnel.vtep_src)}→${esc(f.tunnel.vtep_dst_host ?? f.tunnel.vtep_dst)}` : "";
       return `<tr data-id="${esc(f.id)}" class="${f.outcome === "ok" ? "" : "fail"}${prepend ? " fresh" : ""}">` +
         `<td>${esc(when(f.start))}</td><td title="${esc(f.client.ip)}:${f.client.port}">${esc(f.client.workload.id)}</td>` +
         `<td title="${esc(f.server.ip)}">${esc(f.server.workload.id)}</td><td>${f.server.port}</td><td>${esc(f.protocol)}</td>` +
