@@ -1,10 +1,17 @@
-"""Synthetic VXLAN capture generator for bench/bench_vxlan.py (and its truth).
+"""Synthetic wire capture generator for bench/bench_vxlan.py (and its truth).
 
-`generate(path, packets, flows, vteps)` writes a pcap of `packets` VXLAN packets (outer
-Ethernet/IPv4/UDP 4789/VXLAN, inner Ethernet/IPv4 or IPv6/TCP or UDP), `flows` inner flows
-spread over `vteps` VTEPs and 4 VNIs, 10 µs apart, and returns the truth per flow: client,
-server, VNI, VTEPs, packets and payload bytes per direction. Frames are built once per flow and
-direction with struct (no scapy per packet), so a million packets take a few seconds.
+`generate(path, packets, flows, vteps, kind=...)` writes a pcap of `packets` packets carrying
+`flows` inner flows (Ethernet/IPv4 or IPv6/TCP or UDP, one in five IPv6) spread over `vteps`
+VTEPs and 4 VNIs, 10 µs apart, and returns the truth per flow: client, server, tunnel type, VNI,
+VTEPs, packets and payload bytes per direction. `kind` is how the flows are carried:
+- "vxlan" (default): outer Ethernet/IPv4/UDP 4789/VXLAN (RFC 7348) around the inner frame;
+- "geneve": outer Ethernet/IPv4/UDP 6081/Geneve (RFC 8926, protocol 0x6558 = Ethernet) with one
+  8-byte option (class 0x0102 type 0x80, 4 bytes of data: the metadata option OVN puts on every
+  packet), so the decoder's option skipping is on the measured path;
+- "plain": the inner frame itself, untunnelled (the truth's VNI, VTEPs and type are None).
+The same seed gives the same flows, sizes and packet order for every kind: the three captures
+differ only in the encapsulation. Frames are built once per flow and direction with struct (no
+scapy per packet), so a million packets take a few seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ import ipaddress
 import random
 import struct
 from dataclasses import dataclass
+
+KINDS = ("vxlan", "geneve", "plain")
+VXLAN_PORT, GENEVE_PORT = 4789, 6081
 
 
 def _csum(data: bytes) -> int:
@@ -31,11 +41,12 @@ class Flow:
     proto: str
     client: tuple[str, int]
     server: tuple[str, int]
-    vni: int
-    vteps: tuple[str, str]
+    vni: int | None
+    vteps: tuple[str, str] | None
     sizes: tuple[int, int]
     packets: list[int]
     payload: list[int]
+    kind: str = "vxlan"  # "vxlan", "geneve" or "plain" (then vni and vteps are None)
 
 
 def _addr6(i: int) -> bytes:
@@ -60,9 +71,19 @@ def _frame(flow: Flow, c2s: bool, fam6: bool, cip: bytes, sip: bytes) -> bytes:
         ip = _ip4(int.from_bytes(src, "big"), int.from_bytes(dst, "big"), proto, len(l4)) + l4
         et = 0x0800
     inner = b"\x0a" * 6 + b"\x0b" * 6 + struct.pack("!H", et) + ip
+    if flow.kind == "plain":
+        return inner
+    assert flow.vteps is not None and flow.vni is not None
     vs, vd = flow.vteps if c2s else flow.vteps[::-1]
-    vx = struct.pack("!II", 0x08000000, flow.vni << 8) + inner
-    udp = struct.pack("!HHHH", 49152 + (cport % 16000), 4789, 8 + len(vx), 0) + vx
+    if flow.kind == "geneve":
+        # version 0, option length 2 words; O=C=0; protocol Ethernet; VNI; one option
+        option = struct.pack("!HBB", 0x0102, 0x80, 1) + struct.pack("!I", flow.vni)
+        tun = struct.pack("!BBHI", 2, 0, 0x6558, flow.vni << 8) + option + inner
+        port = GENEVE_PORT
+    else:
+        tun = struct.pack("!II", 0x08000000, flow.vni << 8) + inner
+        port = VXLAN_PORT
+    udp = struct.pack("!HHHH", 49152 + (cport % 16000), port, 8 + len(tun), 0) + tun
     ipo = _ip4(_v4(vs), _v4(vd), 17, len(udp)) + udp
     return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ipo
 
@@ -72,7 +93,9 @@ def _v4(text: str) -> int:
 
 
 def generate(path: str, packets: int = 1_000_000, flows: int = 2000, vteps: int = 8,
-             seed: int = 7) -> list[Flow]:
+             seed: int = 7, kind: str = "vxlan") -> list[Flow]:
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: one of {', '.join(KINDS)}")
     rnd = random.Random(seed)
     hosts = [f"10.213.0.{i + 1}" for i in range(vteps)]
     table: list[tuple[Flow, bytes, bytes]] = []
@@ -87,8 +110,10 @@ def generate(path: str, packets: int = 1_000_000, flows: int = 2000, vteps: int 
             cip, sip = bytes([10, 244, a, i % 250 + 1]), bytes([10, 245, b, (i // 250) + 1])
             ctext, stext = ".".join(map(str, cip)), ".".join(map(str, sip))
         proto = "tcp" if i % 3 else "udp"
-        flow = Flow(proto, (ctext, cport), (stext, sport), 100 + i % 4, (hosts[a], hosts[b]),
-                    (rnd.randint(0, 200), rnd.randint(0, 1200)), [0, 0], [0, 0])
+        plain = kind == "plain"
+        flow = Flow(proto, (ctext, cport), (stext, sport), None if plain else 100 + i % 4,
+                    None if plain else (hosts[a], hosts[b]),
+                    (rnd.randint(0, 200), rnd.randint(0, 1200)), [0, 0], [0, 0], kind)
         table.append((flow, _frame(flow, True, fam6, cip, sip), _frame(flow, False, fam6, cip, sip)))
     rec = struct.Struct("<IIII")
     t0 = 1_700_000_000 * 1_000_000
