@@ -14,8 +14,9 @@ machine changed or its time budget blown:
   database on the test's ClickHouse cluster; a CA file path is a generated CA;
 - token values written `...` are fresh random tokens; `$TOKEN` is set;
 - capture file names are captures from tests/captures (copied into the example's directory);
-- the bare underlay interface `eth0` of this host is `lo` (the test machine has no `eth0`
-  necessarily, and lab traffic must stay on loopback and the lab's namespaces);
+- the bare interface `eth0` of this host (`--underlay eth0`, `--wire-interface eth0`) is `lo`
+  (the test machine has no `eth0` necessarily, and the test's traffic stays on loopback and the
+  lab's namespaces);
 - `/etc/bash_completion.d/` is a directory of the example's own, and so is zsh's first `fpath`
   directory (`${fpath[1]}`, set by the runner's zsh prelude): the test does not install into
   the machine's shells;
@@ -68,7 +69,7 @@ def fill(cmd: str, s: Servers) -> str:
     out = out.replace("https://tempo.example:4317", f"https://{s.otlp_grpc}")
     out = out.replace("/etc/ssl/tempo-ca.pem", s.ca_file)
     out = re.sub(r"\b(EASTWEST_[A-Z_]+_TOKEN)=\.\.\.", r'\1="$EW_FILL_\1"', out)
-    out = re.sub(r"--underlay eth0\b", "--underlay lo", out)
+    out = re.sub(r"--(underlay|wire-interface) eth0\b", r"--\1 lo", out)
     out = out.replace("> /etc/bash_completion.d/", "> ./bash_completion.d/")
     out = re.sub(r"--duration (\d+)",
                  lambda m: f"--duration {min(int(m.group(1)), DURATION_CAP)}", out)
@@ -79,7 +80,7 @@ def unfilled(cmd: str) -> list[str]:
     """What in a filled command still needs the reader: `...`, example host names, /etc paths."""
     bad = []
     for pat in (r"(^|\s)\.\.\.(\s|$)", r"=\.\.\.", r"\btempo\b", r"\bch-\d\b", r"\bnats-\d\b",
-                r"\s/etc/", r"--underlay eth0\b"):
+                r"\s/etc/", r"--(underlay|wire-interface) eth0\b"):
         if re.search(pat, cmd):
             bad.append(pat)
     return bad
@@ -89,4 +90,5 @@ CAPTURES = {  # names the docs use -> tests/captures files
     "capture.pcap": "generated_vxlan_vlan_dns_tls.pcap",   # VXLAN with TCP, UDP and VLAN tags
     "capture.pcapng": "CESNET_FlowTest_vxlan.pcap",   # rewritten as pcapng by the runner
     "flannel.pcap": "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap",
+    "ovn.pcap": "the-tcpdump-group_tcpdump_geneve.pcap",
 }

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ SHAPES: list[tuple[str, str]] = [
     (r"^eastwest collector --pcap capture\.pcap --stdout$", r'"vni":'),
     (r"--pcap capture\.pcapng --stdout --decoder scapy", r'"vni":'),
     (r"--vxlan-port 8472 --pcap flannel\.pcap", r'"vni":'),
+    (r"--pcap ovn\.pcap --stdout", r'"type":\s*"geneve"'),
     (r"^eastwest flows --to-workload db --not --outcome ok$", r"\bdb\b"),
     (r"^eastwest top --to-workload db", r"\bdb\b"),
     (r"^eastwest top --by bytes", r"\bdb\b"),
@@ -149,7 +151,6 @@ def world(tmp_path_factory):
     require_root()
     from eastwest.lab import Lab
     from tests.servers import NatsServer, shared_clickhouse
-    from tests.unit.fake_otlp import FakeOtlpHttp, FakeTempo
 
     for name in (WORLD_LAB, *DOC_LABS):
         Lab.down_by_name(name)
@@ -157,11 +158,18 @@ def world(tmp_path_factory):
     LOGS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     demo_log = LOGS / "world-demo.log"
+    # Ctrl-C must reach the examples: a signal the test process ignores (as a background job of a
+    # non-interactive shell does SIGINT) stays ignored in its children; one it handles is reset
+    # to the default by exec. No preexec_fn: no Python runs in a forked child.
+    sigint = signal.getsignal(signal.SIGINT)
+    if sigint is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     demo = subprocess.Popen(
         ["eastwest", "demo", "--name", WORLD_LAB, "--listen", f"127.0.0.1:{port}",
          "--data", str(root / "demo" / "data")], env=ENV, cwd=root, stdin=subprocess.DEVNULL,
-        stdout=demo_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        stdout=demo_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    receivers = subprocess.Popen([sys.executable, "-m", "tests.docs.otlp_receivers"], cwd=REPO,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     nats = NatsServer().start()
     clickhouse = shared_clickhouse()
     ca = root / "tempo-ca.pem"
@@ -169,35 +177,40 @@ def world(tmp_path_factory):
                     "-subj", "/CN=127.0.0.1", "-keyout", str(root / "tempo-ca.key"),
                     "-out", str(ca)], check=True, capture_output=True)
     w: World | None = None
-    with FakeTempo() as grpc_rx, FakeOtlpHttp() as http_rx:
+    try:
+        assert receivers.stdout is not None
+        grpc_port, http_port = receivers.stdout.readline().split()
+        tokens = _await_demo(demo, port, root / "demo" / "data" / "tokens.env", demo_log)
+        servers = Servers(
+            aggregator=f"127.0.0.1:{port}", otlp_http=f"127.0.0.1:{http_port}",
+            otlp_grpc=f"127.0.0.1:{grpc_port}",
+            clickhouse_url=clickhouse.url("ewdocs"), nats_url=nats.url, ca_file=str(ca),
+            free_port=free_port)
+        env = ENV | tokens | {
+            "EASTWEST_SERVER": f"http://127.0.0.1:{port}",
+            "EASTWEST_TOKEN": tokens["EASTWEST_READ_TOKEN"],
+            "TOKEN": "docs-example-token",
+            "EW_FILL_EASTWEST_INGEST_TOKEN": tokens["EASTWEST_INGEST_TOKEN"],
+            "EW_FILL_EASTWEST_READ_TOKEN": tokens["EASTWEST_READ_TOKEN"]}
+        _await_traffic(env)
+        w = World(root, servers, env, tokens)
+        yield w
+    finally:
+        for runs in (w.block_bg.values() if w else []):
+            for r in runs:
+                r.stop()
+        demo.send_signal(signal.SIGINT)
         try:
-            tokens = _await_demo(demo, port, root / "demo" / "data" / "tokens.env", demo_log)
-            servers = Servers(
-                aggregator=f"127.0.0.1:{port}", otlp_http=http_rx.endpoint.split("//")[1],
-                otlp_grpc=grpc_rx.endpoint.split("//")[1],
-                clickhouse_url=clickhouse.url("ewdocs"), nats_url=nats.url, ca_file=str(ca),
-                free_port=free_port)
-            env = ENV | tokens | {
-                "EASTWEST_SERVER": f"http://127.0.0.1:{port}",
-                "EASTWEST_TOKEN": tokens["EASTWEST_READ_TOKEN"],
-                "TOKEN": "docs-example-token",
-                "EW_FILL_EASTWEST_INGEST_TOKEN": tokens["EASTWEST_INGEST_TOKEN"],
-                "EW_FILL_EASTWEST_READ_TOKEN": tokens["EASTWEST_READ_TOKEN"]}
-            _await_traffic(env)
-            w = World(root, servers, env, tokens)
-            yield w
-        finally:
-            for runs in (w.block_bg.values() if w else []):
-                for r in runs:
-                    r.stop()
-            demo.send_signal(signal.SIGINT)
-            try:
-                demo.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(demo.pid, signal.SIGKILL)
-            nats.stop()
-            for name in (WORLD_LAB, *DOC_LABS):
-                Lab.down_by_name(name)
+            demo.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+        nats.stop()
+        if receivers.stdin is not None:
+            receivers.stdin.close()
+        receivers.wait(30)
+        signal.signal(signal.SIGINT, sigint)
+        for name in (WORLD_LAB, *DOC_LABS):
+            Lab.down_by_name(name)
 
 
 def _await_demo(proc: subprocess.Popen, port: int, tokens: Path, log: Path) -> dict[str, str]:
@@ -261,9 +274,9 @@ def start(cmd: str, prelude: list[str], cwd: Path, env: dict[str, str], where: s
     script = "\n".join([*first, *prelude, cmd])
     tag = re.sub(r"[^A-Za-z0-9]+", "_", where)
     out, err = LOGS / f"{tag}.out", LOGS / f"{tag}.err"
-    proc = subprocess.Popen([shell, "-fc" if shell == "zsh" else "-c", script], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=out.open("wb"), stderr=err.open("wb"), start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen([shell, "-fc" if shell == "zsh" else "-c", script], cwd=cwd,
+                            env=env, stdin=subprocess.DEVNULL, stdout=out.open("wb"),
+                            stderr=err.open("wb"), start_new_session=True)
     return Running(cmd, where, proc, out, err)
 
 
