@@ -9,6 +9,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _no_neighbour_resolution() -> None:
+    """A frame built in a test never asks the network for a MAC address: scapy fills an unset
+    Ether destination by sending an ARP request or an IPv6 neighbour solicitation on this host's
+    real interfaces and waiting for an answer (slow, and traffic outside the lab). Without its
+    resolvers an unset destination is the broadcast address; tests that care set their MACs."""
+    import scapy.layers.l2  # noqa: F401 - creates conf.neighbor
+    from scapy.config import conf
+
+    conf.neighbor.resolve = lambda l2, l3: None  # resolvers registered later never run
+
+
+_no_neighbour_resolution()
 # the captures the tests read live in the repository, with their provenance (README.md there)
 CAPTURES = REPO / "tests" / "captures"
 ARTIFACTS = REPO / "test-artifacts"

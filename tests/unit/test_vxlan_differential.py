@@ -196,7 +196,7 @@ def test_generated_mix_exercises_the_fallback_and_every_reason() -> None:
     """A guard that the generator reaches the cases it claims (a test that cannot fail is a
     defect): scapy fallback rows and several drop reasons must occur in a fixed sample."""
     from collector.vxlan.packets import REASONS
-    frames = fixed_sample(frame(), 300)
+    frames = fixed_sample(frame(), 600)
     bulk, ref = both(frames)
     assert_same(bulk, ref)
     seen = {REASONS[s - 1] for s in np.unique(bulk.status).tolist() if s}

@@ -208,6 +208,9 @@ def flow_spec(draw) -> dict:
             "tunnel": draw(st.sampled_from(["vxlan", "vxlan", "geneve", "gpe", "none"]))}
 
 
+UNDERLAY_MAC, UNDERLAY_PEER_MAC = "0a:00:00:00:01:01", "0a:00:00:00:01:02"
+
+
 def flow_frame(f: dict, c2s: bool, flags: int, size: int, icmp_type: int) -> bytes:
     """A frame of flow `f` (client `src`), in one direction, in its tunnel (or none)."""
     src, dst = (f["src"], f["dst"]) if c2s else (f["dst"], f["src"])
@@ -230,9 +233,10 @@ def flow_frame(f: dict, c2s: bool, flags: int, size: int, icmp_type: int) -> byt
     if f["vlan"]:
         eth = eth / Dot1Q(vlan=7)
     vs, vd = (f["vs"], f["vd"]) if c2s else (f["vd"], f["vs"])
-    outer = Ether() / IP(src=vs, dst=vd)
+    outer = Ether(src=UNDERLAY_MAC, dst=UNDERLAY_PEER_MAC) / IP(src=vs, dst=vd)
     if f["tunnel"] == "none":
-        plain = Ether() / Dot1Q(vlan=7) if f["vlan"] else Ether()
+        plain = (Ether(src=UNDERLAY_MAC, dst=UNDERLAY_PEER_MAC) / Dot1Q(vlan=7) if f["vlan"]
+                 else Ether(src=UNDERLAY_MAC, dst=UNDERLAY_PEER_MAC))
         return bytes(plain / ip / l4 / Raw(b"x" * size))
     if f["tunnel"] == "geneve":  # options (4 bytes), inner IP without Ethernet when tagged
         gen = GENEVE(vni=f["vni"], optionlen=1, proto=0x0800 if f["vlan"] and not f["six"]
