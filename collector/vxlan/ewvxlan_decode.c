@@ -48,12 +48,9 @@ struct ip_hdr {
     unsigned proto, fam;
 };
 
-/* Ethernet and its tags at p -> EtherType and offset of L3 */
-static int l2(const uint8_t *f, uint64_t cap, uint64_t p, unsigned *et, uint64_t *l3) {
-    if (p + 14 > cap)
-        return EW_TRUNCATED;
-    unsigned e = be16(f + p + 12); /* a length (802.3) is just not IP: same as scapy's Dot3 */
-    p += 14;
+/* tags after EtherType e at p */
+static int tags(const uint8_t *f, uint64_t cap, unsigned e, uint64_t p, unsigned *et,
+                uint64_t *l3) {
     while (e == 0x8100 || e == 0x88A8) {
         if (p + 4 > cap)
             return EW_TRUNCATED;
@@ -63,6 +60,14 @@ static int l2(const uint8_t *f, uint64_t cap, uint64_t p, unsigned *et, uint64_t
     *et = e;
     *l3 = p;
     return EW_OK;
+}
+
+/* Ethernet and its tags at p -> EtherType and offset of L3 */
+static int l2(const uint8_t *f, uint64_t cap, uint64_t p, unsigned *et, uint64_t *l3) {
+    if (p + 14 > cap)
+        return EW_TRUNCATED;
+    /* a length (802.3) is just not IP: same as scapy's Dot3 */
+    return tags(f, cap, be16(f + p + 12), p + 14, et, l3);
 }
 
 static int ip(const uint8_t *f, uint64_t cap, unsigned et, uint64_t p, int non_ip,
@@ -119,20 +124,6 @@ static int ip(const uint8_t *f, uint64_t cap, unsigned et, uint64_t p, int non_i
         return EW_OK;
     }
     return non_ip;
-}
-
-/* tags after EtherType e at p */
-static int tags(const uint8_t *f, uint64_t cap, unsigned e, uint64_t p, unsigned *et,
-                uint64_t *l3) {
-    while (e == 0x8100 || e == 0x88A8) {
-        if (p + 4 > cap)
-            return EW_TRUNCATED;
-        e = be16(f + p + 2);
-        p += 4;
-    }
-    *et = e;
-    *l3 = p;
-    return EW_OK;
 }
 
 /* the capture's link layer -> EtherType and offset of L3 */
