@@ -181,8 +181,9 @@ def truth_edges(lab, truth: list[dict]) -> dict[tuple[str, str], dict[str, int]]
 def names_by_observers(lab, t: dict) -> tuple[str, str]:
     """What an aggregator without a workload map names the ends of truth connection `t`: the
     process of each end its own socket probe saw (TCP: the client always, the server when it
-    accepted), else the address (UDP: only the wire sees it today)."""
-    comm = {p["ip"]: p["comm"] for p in lab.inventory["pods"]}
+    accepted), else the address (UDP: only the wire sees it today). Every address of a pod
+    (IPv4 and IPv6 in a dual-stack lab) names its process."""
+    comm = {a: p["comm"] for p in lab.inventory["pods"] for a in p.get("ips", [p["ip"]])}
     if t["protocol"] != "tcp":
         return f"external:{t['client_ip']}", f"external:{t['server_ip']}"
     accepted = t["outcome"] not in ("refused", "timeout")

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from eastwest.lab.app import address
-from tests.lab.harness import Aggregator, collectors, paired, served_edges, truth_edges, window_of
+from tests.lab.harness import (
+    Aggregator,
+    collectors,
+    paired,
+    served_edges,
+    truth_edges,
+    truth_edges_by_observers,
+    window_of,
+)
 
 HOSTS = ["h1", "h2", "h3"]
 
@@ -175,16 +183,6 @@ def replay(run: Run, url: str, spool) -> None:
         sink.close()
 
 
-def names_by_observers(run: Run, t: dict) -> tuple[str, str]:
-    """harness.names_by_observers for every address of a pod (IPv4 and IPv6)."""
-    comm = {a: p["comm"] for p in run.lab.inventory["pods"] for a in p.get("ips", [p["ip"]])}
-    if t["protocol"] != "tcp":
-        return f"external:{t['client_ip']}", f"external:{t['server_ip']}"
-    accepted = t["outcome"] not in ("refused", "timeout")
-    return (f"process:{comm[t['client_ip']]}",
-            f"process:{comm[t['server_ip']]}" if accepted else f"external:{t['server_ip']}")
-
-
 def check_names_without_a_map(run: Run, tmp) -> None:
     """No workload map (the same records, replayed to a second aggregator): each end named by
     what its observers know (its process from its own socket probe, else its address, IPv6
@@ -198,12 +196,4 @@ def check_names_without_a_map(run: Run, tmp) -> None:
     with Aggregator(tmp / "data-nomap", None) as agg:
         replay(run, agg.url, tmp / "spool-nomap")
         g = agg.get("/api/v1/graph", **window_of(run.truth))
-    want: dict[tuple[str, str], dict[str, int]] = {}
-    for t in run.truth:
-        e = want.setdefault(names_by_observers(run, t),
-                            {"connections": 0, "bytes_c2s": 0, "bytes_s2c": 0, "failed": 0})
-        e["connections"] += 1
-        e["bytes_c2s"] += t["bytes_c2s"]
-        e["bytes_s2c"] += t["bytes_s2c"]
-        e["failed"] += t["outcome"] in ("refused", "timeout")
-    assert served_edges(g) == want
+    assert served_edges(g) == truth_edges_by_observers(run.lab, run.truth)
