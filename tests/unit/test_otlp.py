@@ -29,8 +29,8 @@ def tempo():
         yield t
 
 
-def make_app(tmp_path, endpoint, **over):
-    (tmp_path / "map.yaml").write_text(MAP_YAML)
+def make_app(tmp_path, endpoint, map_yaml: str = MAP_YAML, **over):
+    (tmp_path / "map.yaml").write_text(map_yaml)
     s = AggregatorSettings(data_dir=tmp_path / "data", ingest_token=INGEST, read_token=READ,
                            workload_map=tmp_path / "map.yaml", retention=None,
                            otlp_endpoint=endpoint, **{"otlp_protocol": "grpc", **over})

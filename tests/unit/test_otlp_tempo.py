@@ -14,8 +14,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from aggregator.app import create_app
-from aggregator.settings import AggregatorSettings
 from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.record import Endpoint
@@ -27,8 +25,9 @@ from tests.unit.fake_otlp import (
     tempo_edges,
 )
 from tests.unit.tempo_servicegraph import REQUEST_TOTAL, ServiceGraph, ServiceGraphConfig
-from tests.unit.test_api_query import INGEST, READ, RH
+from tests.unit.test_api_query import INGEST, RH
 from tests.unit.test_correlate import rec
+from tests.unit.test_otlp import make_app as make_otlp_app
 
 MAP_YAML = """workloads:
 - {match: 10.1.0.1/32, name: api, namespace: staging, host: h1}
@@ -46,11 +45,8 @@ def tempo():
 
 
 def make_app(tmp_path, endpoint, **over):
-    (tmp_path / "map.yaml").write_text(MAP_YAML)
-    s = AggregatorSettings(data_dir=tmp_path / "data", ingest_token=INGEST, read_token=READ,
-                           workload_map=tmp_path / "map.yaml", retention=None,
-                           otlp_endpoint=endpoint, **{"otlp_protocol": "grpc", **over})
-    return create_app(s)
+    """test_otlp's app, with this module's map (same-named workloads in two namespaces)."""
+    return make_otlp_app(tmp_path, endpoint, MAP_YAML, **over)
 
 
 _seq = iter(range(1, 10**6))
