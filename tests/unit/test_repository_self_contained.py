@@ -100,13 +100,14 @@ def reaches_outside(text: str) -> list[tuple[int, str, str]]:
     return found
 
 
-UP = ".."  # kept apart from the folder's name: this file's text names no such path itself
-BAD = ['PCAPS = REPO.parent / "shared" / "pcaps"', f"see {UP}/shared/pcaps/SOURCES.md",
-       "os.environ.get('EASTWEST_PCAPS')", "Where the code departs from /work/shared/DESIGN.md",
-       "os.path.join(os.pardir, 'shared')", "root.joinpath('shared', 'pcaps')",
-       "Path(__file__).parents[2] / 'shared'", "the pages in DESIGN.md", "cp /work/main/x .",
+# kept apart from the folder's name and its parent: this file's text names no such path itself
+UP, SH = "..", "sha" + "red"
+BAD = [f'PCAPS = REPO.parent / "{SH}" / "pcaps"', f"see {UP}/{SH}/pcaps/SOURCES.md",
+       "os.environ.get('EASTWEST_PCAPS')", f"Where the code departs from /work/{SH}/DESIGN.md",
+       f"os.path.join(os.pardir, '{SH}')", f"root.joinpath('{SH}', 'pcaps')",
+       f"Path(__file__).parents[2] / '{SH}'", "the pages in DESIGN.md", "cp /work/main/x .",
        "data = ROOT.parent / 'captures'", "read /home/alice/pcaps/x.pcap",
-       "os.path.join('..', 'shared', 'pcaps')", r"..\shared\pcaps"]
+       f"os.path.join('{UP}', '{SH}', 'pcaps')", f"{UP}\\{SH}\\pcaps"]
 GOOD = ["REPO = Path(__file__).resolve().parent.parent", "CAPTURES = REPO / 'tests' / 'captures'",
         "the shared core: flow record", "a shared ClickHouse store", "mmap.MAP_SHARED",
         'cflags=("-O2", "-shared")', 'cd "$(dirname "$0")/../web"', "https://example.com/work/x",
