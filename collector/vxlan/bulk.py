@@ -11,8 +11,9 @@ columns in place. `decode_numpy` gathers each header field for all packets at on
 indexing (`buf[offsets + k]`), and each check of the policy is a mask over all rows; the first
 failing check gives a row its drop reason. A plain packet's IP header is parsed twice, as the
 outer header and as the flow's, so tunnelled and plain rows share one pass of the inner checks.
-Rows whose layout it does not vectorize (IPv6 extension headers, more than two VLAN tags) are
-handed, one by one, to the scapy reference decoder (`reference.decode_one`). The differential
+Rows whose layout it does not vectorize (IPv6 extension headers, more than two VLAN tags,
+nested tunnels) are handed, one by one, to the scapy reference decoder
+(`reference.decode_one`). The differential
 test (tests/unit/test_vxlan_differential.py) holds both to equal scapy's output on every column.
 """
 
@@ -243,6 +244,7 @@ def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nd
     icmp = (is4 & (proto == ICMP)) | (~is4 & (proto == ICMP6))
     r.need(tcp, l4 + 20)
     r.need(udp | icmp, l4 + 8)
+    r.fallback(tun & udp & (kinds[r.u16(l4 + 2)] != 0))  # a nested tunnel: scapy's
     doff = (r.u8(l4 + 12) >> 4) * 4
     r.fail(tcp & (doff < 20), "malformed")
     hdr = np.where(tcp, doff, np.where(udp | icmp, 8, 0))

@@ -6,7 +6,8 @@
  * Hop-by-Hop / Routing / Destination Options skipped, Fragment = `fragment`); UDP (RFC 768) to
  * a tunnel port: VXLAN (RFC 7348: the I flag must be set, reserved bits ignored), Geneve
  * (RFC 8926: version 0, options skipped, inner Ethernet or IP), VXLAN-GPE (I flag, version 0,
- * next protocol IPv4 / IPv6 / Ethernet), then the inner Ethernet, tags, IPv4/IPv6; or no tunnel
+ * next protocol IPv4 / IPv6 / Ethernet), then the inner Ethernet, tags, IPv4/IPv6, and again
+ * while that is UDP to a tunnel port (nested tunnels, up to EW_MAX_TUNNELS); or no tunnel
  * (the packet is its own flow when the policy takes plain traffic); TCP (RFC 9293), UDP, ICMP,
  * ICMPv6 (8-byte header). Every read is checked against the captured length first, so no input
  * can read outside the frame. tests/unit/test_vxlan_differential.py holds this, the numpy
@@ -190,30 +191,36 @@ static int tunnel(const uint8_t *f, uint64_t cap, unsigned kind, uint64_t h, uin
 
 int ew_decode(const uint8_t *f, uint64_t cap, unsigned linktype, const struct ew_policy *pol,
               struct ew_row *r) {
-    unsigned et, odport = 0, kind = 0;
+    struct level {
+        struct ip_hdr ip; /* the header that carried the tunnel */
+        uint32_t vni;
+        unsigned kind, dport;
+    } chain[EW_MAX_TUNNELS]; /* outermost first */
+    unsigned et, depth = 0;
     uint64_t p;
-    uint32_t vni = 0;
-    struct ip_hdr o, in;
+    struct ip_hdr in;
     int st;
 
-    if ((st = link(f, cap, linktype, &et, &p)) || (st = ip(f, cap, et, p, EW_NON_IP, &o)))
+    if ((st = link(f, cap, linktype, &et, &p)) || (st = ip(f, cap, et, p, EW_NON_IP, &in)))
         return st;
-    if (o.proto == 17) {
-        if (o.l4 + 8 > cap)
+    while (in.proto == 17) { /* UDP to a tunnel port: decapsulate, again for nested tunnels */
+        if (in.l4 + 8 > cap)
             return EW_TRUNCATED;
-        odport = be16(f + o.l4 + 2);
-        kind = pol->kinds[odport];
-    }
-    if (kind) {
-        if ((st = tunnel(f, cap, kind, o.l4 + 8, &vni, &et, &p)) ||
+        unsigned dport = be16(f + in.l4 + 2), kind = pol->kinds[dport];
+        if (!kind)
+            break;
+        if (depth == EW_MAX_TUNNELS)
+            return EW_TUNNEL_DEPTH;
+        struct level *t = &chain[depth++];
+        t->ip = in;
+        t->kind = kind;
+        t->dport = dport;
+        if ((st = tunnel(f, cap, kind, in.l4 + 8, &t->vni, &et, &p)) ||
             (st = ip(f, cap, et, p, EW_INNER_NON_IP, &in)))
             return st;
-    } else if (!pol->plain) {
-        return EW_NOT_TUNNEL;
-    } else {
-        in = o;
-        odport = 0;
     }
+    if (!depth && !pol->plain)
+        return EW_NOT_TUNNEL;
     uint64_t l4 = in.l4;
     unsigned sport = 0, dport = 0, flags = 0;
     int icmp_type = -1;
@@ -240,19 +247,24 @@ int ew_decode(const uint8_t *f, uint64_t cap, unsigned linktype, const struct ew
             icmp_type = f[l4];
         }
     }
-    r->ttype = (uint8_t)kind;
-    r->vni = vni;
-    if (kind) {
-        r->ofam = (uint8_t)o.fam;
-        r->osrc_hi = o.src_hi;
-        r->osrc_lo = o.src_lo;
-        r->odst_hi = o.dst_hi;
-        r->odst_lo = o.dst_lo;
-    } else {
-        r->ofam = 0;
-        r->osrc_hi = r->osrc_lo = r->odst_hi = r->odst_lo = 0;
+    memset(r, 0, sizeof *r);
+    if (depth) {
+        const struct level *own = &chain[depth - 1];
+        r->ttype = (uint8_t)own->kind;
+        r->vni = own->vni;
+        r->ofam = (uint8_t)own->ip.fam;
+        r->osrc_hi = own->ip.src_hi;
+        r->osrc_lo = own->ip.src_lo;
+        r->odst_hi = own->ip.dst_hi;
+        r->odst_lo = own->ip.dst_lo;
+        r->odport = (uint16_t)own->dport;
+        for (unsigned k = 1; k < depth; k++) {
+            const struct level *t = &chain[depth - 1 - k];
+            r->x[k - 1] = (struct ew_around){t->ip.src_hi, t->ip.src_lo, t->ip.dst_hi,
+                                             t->ip.dst_lo, t->vni, (uint16_t)t->dport,
+                                             (uint8_t)t->kind, (uint8_t)t->ip.fam};
+        }
     }
-    r->odport = (uint16_t)odport;
     r->fam = (uint8_t)in.fam;
     r->src_hi = in.src_hi;
     r->src_lo = in.src_lo;
@@ -316,5 +328,16 @@ void ew_decode_columns(const uint8_t *buf, const int64_t *off, const int64_t *ca
         icmp_type[i] = r.icmp_type;
         payload[i] = r.payload;
         l3len[i] = r.l3len;
+        for (int k = 0; k < EW_MAX_TUNNELS - 1; k++) {
+            void **x = cols + 21 + 8 * k; /* EW_X_COLUMNS: the same eight per level */
+            ((uint8_t *)x[0])[i] = r.x[k].type;
+            ((uint32_t *)x[1])[i] = r.x[k].vni;
+            ((uint8_t *)x[2])[i] = r.x[k].fam;
+            ((uint64_t *)x[3])[i] = r.x[k].src_hi;
+            ((uint64_t *)x[4])[i] = r.x[k].src_lo;
+            ((uint64_t *)x[5])[i] = r.x[k].dst_hi;
+            ((uint64_t *)x[6])[i] = r.x[k].dst_lo;
+            ((uint16_t *)x[7])[i] = r.x[k].dport;
+        }
     }
 }

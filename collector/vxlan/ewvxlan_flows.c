@@ -10,7 +10,8 @@
  * Batches end where source.chunks cuts the capture: where the running maximum of packet time
  * enters a new `interval` (a tick), or after `chunk` records. Within a batch the rules are
  * those of the numpy grouping (collector/vxlan/grouping.py), which the tests hold this to:
- * a flow key is (VNI, tunnel type, family, protocol, lower endpoint, higher endpoint); a key's
+ * a flow key is (VNI, tunnel type, family, protocol, lower endpoint, higher endpoint, the
+ * nested tunnels around the flow's: packets.outer_key); a key's
  * packets are
  * cut into sessions where the gap since its previous packet exceeds the idle timeout, or where
  * a TCP SYN without ACK follows a FIN or RST of the same key since its previous SYN (or gap).
@@ -37,8 +38,8 @@
  * 64 bytes too, apart from what only its first packet, SYNs, FINs, RSTs and the first outer
  * header of each direction touch. */
 struct key {
-    uint64_t k[6]; /* vni | proto << 24 | a_port << 32 | b_port << 48, fam | ttype << 8, a_hi,
-                      a_lo, b_hi, b_lo */
+    uint64_t k[6]; /* vni | proto << 24 | a_port << 32 | b_port << 48,
+                      fam | ttype << 4 | xkey << 8 (xkey < 2^52), a_hi, a_lo, b_hi, b_lo */
     int64_t last_ts;
     uint32_t sess;
     uint8_t fr; /* a FIN or RST since the key's last SYN-without-ACK, gap or start */
@@ -62,7 +63,8 @@ struct hot {
 struct cold {
     uint32_t key, rst, fin0, fin1, has_syn;
     uint8_t newkey, start_syn, first_dir, syn_dir, synack_dir, req_dir, rep_dir;
-    uint64_t outer[2][6]; /* fam, src hi/lo, dst hi/lo, dport */
+    uint64_t outer[2][EW_OUTER_WORDS]; /* per direction, per tunnel (the flow's, x1, x2):
+                                          fam, src hi/lo, dst hi/lo, dport */
 };
 
 _Static_assert(sizeof(struct key) == 64, "a key is one cache line");
@@ -118,8 +120,8 @@ static int grow(void **p, uint32_t n, uint32_t cap, size_t size) {
 
 static void unpack(const uint64_t *p, uint64_t *k) {
     k[0] = p[0] & 0xFFFFFF;         /* vni */
-    k[1] = p[1] >> 8;               /* tunnel type */
-    k[2] = p[1] & 0xFF;             /* family */
+    k[1] = p[1] >> 4 & 0xF;         /* tunnel type */
+    k[2] = p[1] & 0xF;              /* family */
     k[3] = p[0] >> 24 & 0xFF;       /* protocol */
     k[4] = p[2];                    /* A */
     k[5] = p[3];
@@ -127,9 +129,10 @@ static void unpack(const uint64_t *p, uint64_t *k) {
     k[7] = p[4];                    /* B */
     k[8] = p[5];
     k[9] = p[0] >> 48;
+    k[10] = p[1] >> 8;              /* xkey: the nested tunnels around the flow's */
 }
 
-#define KEY_COLUMNS 10
+#define KEY_COLUMNS 11
 
 /* the order hash of grouping.py's `group`, over the key columns */
 static uint64_t key_hash(const uint64_t *k) {
@@ -234,8 +237,10 @@ static int add(struct ew_scan *s, const struct ew_row *r, int64_t ts, int64_t id
                (r->src_hi == r->dst_hi &&
                 (r->src_lo > r->dst_lo || (r->src_lo == r->dst_lo && r->sport > r->dport)));
     uint64_t ap = swap ? r->dport : r->sport, bp = swap ? r->sport : r->dport;
+    uint64_t xkey = ((uint64_t)r->x[0].type << 24 | r->x[0].vni) |
+                    ((uint64_t)r->x[1].type << 24 | r->x[1].vni) << 26; /* packets.outer_key */
     uint64_t p[6] = {(uint64_t)r->vni | (uint64_t)r->proto << 24 | ap << 32 | bp << 48,
-                     (uint64_t)r->fam | (uint64_t)r->ttype << 8,
+                     (uint64_t)r->fam | (uint64_t)r->ttype << 4 | xkey << 8,
                      swap ? r->dst_hi : r->src_hi, swap ? r->dst_lo : r->src_lo,
                      swap ? r->src_hi : r->dst_hi, swap ? r->src_lo : r->dst_lo};
     struct key *e = find_key(s, p);
@@ -306,6 +311,16 @@ static int add(struct ew_scan *s, const struct ew_row *r, int64_t ts, int64_t id
             o[3] = r->odst_hi;
             o[4] = r->odst_lo;
             o[5] = r->odport;
+            for (int k = 0; k < EW_MAX_TUNNELS - 1; k++) {
+                const struct ew_around *t = &r->x[k];
+                uint64_t *q = o + 6 * (k + 1);
+                q[0] = t->fam;
+                q[1] = t->src_hi;
+                q[2] = t->src_lo;
+                q[3] = t->dst_hi;
+                q[4] = t->dst_lo;
+                q[5] = t->dport;
+            }
             x->have |= (uint8_t)have;
         }
     }
@@ -365,12 +380,12 @@ static int emit_rows(struct ew_scan *s) {
         const struct cold *c = &s->cold[order[i].sess];
         uint64_t *w = s->rows + (uint64_t)i * EW_NFIELDS;
         unpack(order[i].key, w);
-        uint64_t rest[EW_NFIELDS - KEY_COLUMNS - 12] = {
+        uint64_t rest[EW_NFIELDS - KEY_COLUMNS - 2 * EW_OUTER_WORDS] = {
             c->newkey, (uint64_t)x->tmin, (uint64_t)x->tmax, c->start_syn, x->pk0, x->cnt,
             x->by0, x->by1, x->l30, x->l31, x->flags, c->rst, c->fin0, c->fin1, c->first_dir,
             c->syn_dir, c->synack_dir, c->req_dir, c->rep_dir, c->has_syn, x->tail_fr};
         memcpy(w + KEY_COLUMNS, rest, sizeof rest);
-        memcpy(w + EW_NFIELDS - 12, c->outer, 12 * sizeof *w);
+        memcpy(w + EW_NFIELDS - 2 * EW_OUTER_WORDS, c->outer, sizeof c->outer);
     }
     return 0;
 }

@@ -5,9 +5,9 @@ rows made by the native scan (`merge`), and ticks (`now` in µs: packet time for
 live). Out: `FlowRecord`s (observer "path"; `tunnel` filled for tunnelled flows, null for plain
 traffic).
 
-A flow is (VNI, tunnel type, inner IP family, protocol, the two inner endpoints); the VNI keeps
-overlapping pod address spaces apart, and a plain flow (type 0, VNI 0) never merges with a
-tunnelled one. Within a batch, packets are grouped by key and cut into sessions, each
+A flow is (VNI, tunnel type, inner IP family, protocol, the two inner endpoints, the types and
+VNIs of the tunnels around a nested one); the VNIs keep overlapping address spaces apart, and a
+plain flow (type 0, VNI 0) never merges with a tunnelled one. Within a batch, packets are grouped by key and cut into sessions, each
 summed into one session row (rows.py: `grouping.py` with numpy, or `ewvxlan_flows.c` while it
 reads a file); Python only runs per session, in `merge`, to add it into the table. This module
 imports no numpy: the native file path never needs it.
@@ -25,7 +25,8 @@ of the first echo reply; else, ports: a port below 1024 facing one that is not i
 else a port outside Linux's ephemeral range 32768-60999 facing one inside it is the server's;
 else the lower port is the server's; equal ports: the first packet's sender is the client.
 `tunnel.outer_src/outer_dst` are the VTEPs of the first client->server packet (the reversed
-VTEPs of the first server->client packet when no client->server packet was seen).
+VTEPs of the first server->client packet when no client->server packet was seen); so are those
+of each tunnel of `tunnel_outer` (nested tunnels, outermost first).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from collector.pipeline import CollectorContext
 from collector.vxlan.packets import REASONS, TCP, TUNNEL_NAMES, join128, proto_name
-from collector.vxlan.rows import DIR_NONE, NFIELDS
+from collector.vxlan.rows import DIR_NONE, KEY_FIELDS, NFIELDS, OUTER_WORDS
 from eastwest.record import Endpoint, FlowRecord, Source, Tunnel, flags_from_bits
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ CLOSE_GRACE_S = 2.0
 DROP_STAGE = "vxlan"  # eastwest_dropped_total{stage}: kept from before plain traffic, for dashboards
 EPHEMERAL = (32768, 60999)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_O0 = NFIELDS - 2 * OUTER_WORDS  # a session row's outer headers: A->B, then B->A
+_O1 = NFIELDS - OUTER_WORDS
 
 
 def utc_us(us: int) -> datetime:
@@ -62,6 +65,26 @@ def ip_text(fam: int, hi: int, lo: int) -> str:
     if fam == 4:
         return f"{lo >> 24}.{lo >> 16 & 255}.{lo >> 8 & 255}.{lo & 255}"
     return str(ipaddress.IPv6Address(join128(hi, lo)))
+
+
+def _chain(ttype: int, vni: int, xkey: int, c2s: tuple[int, ...] | None,
+           s2c: tuple[int, ...] | None) -> list[Tunnel]:
+    """The tunnels of a flow, outermost first, the flow's own last; VTEPs as the first
+    client->server packet had them (reversed from the first server->client one if none)."""
+    if c2s is None:
+        assert s2c is not None
+        c2s = tuple(v for i in range(0, len(s2c), 6) for v in (
+            s2c[i], s2c[i + 3], s2c[i + 4], s2c[i + 1], s2c[i + 2], s2c[i + 5]))
+    kinds = [(ttype, vni), (xkey >> 24 & 3, xkey & 0xFFFFFF), (xkey >> 50, xkey >> 26 & 0xFFFFFF)]
+    chain = []
+    for level, (kind, level_vni) in enumerate(kinds):
+        if not kind:
+            break
+        ofam, s_hi, s_lo, d_hi, d_lo, odport = c2s[6 * level:6 * level + 6]
+        chain.append(Tunnel(type=TUNNEL_NAMES[kind], vni=level_vni,  # type: ignore[arg-type]
+                            outer_src=ip_text(ofam, s_hi, s_lo),
+                            outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport))
+    return chain[::-1]
 
 
 class FlowState:
@@ -133,8 +156,8 @@ class FlowTable:
         flows, idle_us, out = self.flows, self.idle_us, []
         for j in range(0, len(rows), NFIELDS):
             (newkey, tmin, tmax, start_syn, pk0, cnt, by0, by1, l30, l31, flags, rst, fin0, fin1,
-             first_dir, syn, synack, req, rep, has_syn, tail_fr) = rows[j + 10:j + 31]
-            key = tuple(rows[j:j + 10])
+             first_dir, syn, synack, req, rep, has_syn, tail_fr) = rows[j + KEY_FIELDS:j + _O0]
+            key = tuple(rows[j:j + KEY_FIELDS])
             st = flows.get(key)
             if st is not None and (not newkey or tmin - st.last_us > idle_us
                                    or (start_syn and st.finrst_since_syn)):
@@ -167,10 +190,10 @@ class FlowTable:
             if st.echo_rep_dir < 0 and rep != DIR_NONE:
                 st.echo_rep_dir = rep
             outer = st.outer
-            if outer[0] is None and rows[j + 31]:
-                outer[0] = tuple(rows[j + 31:j + 37])
-            if outer[1] is None and rows[j + 37]:
-                outer[1] = tuple(rows[j + 37:j + 43])
+            if outer[0] is None and rows[j + _O0]:
+                outer[0] = tuple(rows[j + _O0:j + _O1])
+            if outer[1] is None and rows[j + _O1]:
+                outer[1] = tuple(rows[j + _O1:j + NFIELDS])
             st.finrst_since_syn = (bool(tail_fr) if has_syn
                                    else (st.finrst_since_syn or bool(tail_fr)))
         return out
@@ -196,21 +219,15 @@ class FlowTable:
 
     def _record(self, st: FlowState, *, final: bool, end_us: int) -> FlowRecord:
         st.emitted_pkts = st.pkts[0] + st.pkts[1]
-        vni, ttype, fam, proto, a_hi, a_lo, a_port, b_hi, b_lo, b_port = st.key
+        vni, ttype, fam, proto, a_hi, a_lo, a_port, b_hi, b_lo, b_port, xkey = st.key
         a = Endpoint(ip_text(fam, a_hi, a_lo), a_port)
         b = Endpoint(ip_text(fam, b_hi, b_lo), b_port)
         ca = st.client_is_a()
         c2s, s2c = (0, 1) if ca else (1, 0)
-        tunnel = None
+        tunnel = tunnel_outer = None
         if ttype:
-            outer = st.outer[c2s]
-            if outer is None:
-                ofam, s_hi, s_lo, d_hi, d_lo, odport = st.outer[s2c]  # type: ignore[misc]
-                outer = (ofam, d_hi, d_lo, s_hi, s_lo, odport)
-            ofam, s_hi, s_lo, d_hi, d_lo, odport = outer
-            tunnel = Tunnel(type=TUNNEL_NAMES[ttype], vni=vni,  # type: ignore[arg-type]
-                            outer_src=ip_text(ofam, s_hi, s_lo),
-                            outer_dst=ip_text(ofam, d_hi, d_lo), outer_dport=odport)
+            chain = _chain(ttype, vni, xkey, st.outer[c2s], st.outer[s2c])
+            tunnel, tunnel_outer = chain[-1], (chain[:-1] or None)
         connect = None
         if proto == TCP and st.syn_dir >= 0:
             if st.synack_dir >= 0:
@@ -227,6 +244,6 @@ class FlowTable:
             bytes_c2s=st.bytes[c2s], bytes_s2c=st.bytes[s2c],
             packets_c2s=st.pkts[c2s], packets_s2c=st.pkts[s2c],
             l3_bytes_c2s=st.l3[c2s], l3_bytes_s2c=st.l3[s2c], connect=connect,  # type: ignore[arg-type]
-            resets=st.resets, tunnel=tunnel,
+            resets=st.resets, tunnel=tunnel, tunnel_outer=tunnel_outer,
             tcp_flags=list(_FLAG_NAMES[st.flags & 0xFF]) if proto == TCP else None,
         )

@@ -57,7 +57,8 @@ def session_rows(d: Decoded, idle_us: int) -> tuple[list[int], int]:
             np.where(swap, c.dst_hi, c.src_hi), np.where(swap, c.dst_lo, c.src_lo),
             np.where(swap, c.dport, c.sport).astype(np.uint64),
             np.where(swap, c.src_hi, c.dst_hi), np.where(swap, c.src_lo, c.dst_lo),
-            np.where(swap, c.sport, c.dport).astype(np.uint64)]
+            np.where(swap, c.sport, c.dport).astype(np.uint64),
+            outer_keys(c)]
     order, newkey = group(keys)
 
     ts, fl, dr = c.ts_us[order], c.flags[order].astype(np.int64), swap[order].astype(np.int64)
@@ -101,12 +102,22 @@ def session_rows(d: Decoded, idle_us: int) -> tuple[list[int], int]:
         dr[starts], direction(first(pure_syn)), direction(first(synack)),
         direction(first(req)), direction(first(rep)), total(pure_syn), seg_fr[seg[last]],
     ]
-    outer = [c.ofam, c.osrc_hi, c.osrc_lo, c.odst_hi, c.odst_lo, c.odport]
+    outer = [c.ofam, c.osrc_hi, c.osrc_lo, c.odst_hi, c.odst_lo, c.odport,
+             c.x1fam, c.x1src_hi, c.x1src_lo, c.x1dst_hi, c.x1dst_lo, c.x1dport,
+             c.x2fam, c.x2src_hi, c.x2src_lo, c.x2dst_hi, c.x2dst_lo, c.x2dport]
     for mask in (d0, ~d0):
         p = first(mask)
         cols += [np.where(p == _BIG, 0, col[order][np.minimum(p, n - 1)]) for col in outer]
     table = np.stack([np.asarray(col).astype(np.uint64) for col in cols], axis=1)
     return table.ravel().tolist(), n
+
+
+def outer_keys(c: Decoded) -> np.ndarray:
+    """`packets.outer_key` of every row: the nested tunnels around the flow's (0: none)."""
+    u = np.uint64
+    x1 = (c.x1type.astype(u) << u(24)) | c.x1vni.astype(u)
+    x2 = (c.x2type.astype(u) << u(24)) | c.x2vni.astype(u)
+    return x1 | (x2 << u(26))
 
 
 def group(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,7 @@ from collector.vxlan.packets import (
     LINKTYPE_SLL,
     LINKTYPE_SLL2,
     LINKTYPES_RAW,
+    MAX_TUNNELS,
     OK,
     TT_GENEVE,
     TT_GPE,
@@ -164,24 +165,34 @@ def _ip(raw: bytes, et: int, p: int, non_ip: str) -> dict[str, Any]:  # ints; sr
 
 def _decode(raw: bytes, linktype: int, kinds: dict[int, int], plain: bool) -> dict[str, int]:
     et, p = _link(raw, linktype)
-    outer = _ip(raw, et, p, "non_ip")
-    inner, tun = outer, {"ttype": 0, "vni": 0, "ofam": 0, "osrc_hi": 0, "osrc_lo": 0,
-                         "odst_hi": 0, "odst_lo": 0, "odport": 0}
-    kind = 0
-    if outer["proto"] == UDP_P:
-        u = outer["l4"]
+    ip = _ip(raw, et, p, "non_ip")
+    chain: list[dict[str, int]] = []  # the tunnels, outermost first
+    while ip["proto"] == UDP_P:
+        u = ip["l4"]
         _need(raw, u + 8)
         dport = UDP(raw[u:u + 8]).dport
         kind = kinds.get(dport, 0)
-    if kind:
+        if not kind:
+            break
+        if len(chain) == MAX_TUNNELS:
+            raise _Drop("tunnel_depth")
         vni, et, p = _tunnel(raw, kind, u + 8)
-        inner = _ip(raw, et, p, "inner_non_ip")
-        tun = {"ttype": kind, "vni": vni, "ofam": outer["fam"], "osrc_hi": outer["src"][0],
-               "osrc_lo": outer["src"][1], "odst_hi": outer["dst"][0],
-               "odst_lo": outer["dst"][1], "odport": dport}
-    elif not plain:
+        chain.append({"type": kind, "vni": vni, "fam": ip["fam"], "src_hi": ip["src"][0],
+                      "src_lo": ip["src"][1], "dst_hi": ip["dst"][0], "dst_lo": ip["dst"][1],
+                      "dport": dport})
+        ip = _ip(raw, et, p, "inner_non_ip")
+    if not chain and not plain:
         raise _Drop("not_tunnel")
-    return tun | _transport(raw, inner)
+    tun = {"ttype": 0, "vni": 0, "ofam": 0, "osrc_hi": 0, "osrc_lo": 0, "odst_hi": 0,
+           "odst_lo": 0, "odport": 0}
+    if chain:
+        own = chain[-1]
+        tun = {"ttype": own["type"], "vni": own["vni"], "ofam": own["fam"],
+               "osrc_hi": own["src_hi"], "osrc_lo": own["src_lo"], "odst_hi": own["dst_hi"],
+               "odst_lo": own["dst_lo"], "odport": own["dport"]}
+        for level, around in enumerate(reversed(chain[:-1]), start=1):
+            tun |= {f"x{level}{name}": value for name, value in around.items()}
+    return tun | _transport(raw, ip)
 
 
 def _tunnel(raw: bytes, kind: int, h: int) -> tuple[int, int, int]:

@@ -20,6 +20,12 @@ classic pcap format written by hand), each with the truth per flow (`Wire.flows`
 - `generated_raw_ip.pcap`, LINKTYPE_RAW (101), as a tun device or WireGuard gives it: plain IPv4
   and IPv6 TCP, and a VXLAN (UDP/4789, VNI 7007) packet pair carrying an inner IPv4 UDP flow
   (a tunnel over a raw-IP link).
+- `generated_nested_tunnels.pcap`, Ethernet: nested tunnels, as a Kubernetes cluster on VMs
+  whose cloud network is itself an overlay puts them on the wire: an HTTP connection in VXLAN
+  (VNI 7, inner Ethernet) inside Geneve (VNI 99) over an IPv6 underlay; the same inner
+  connection (same addresses, ports and VNI 7) inside Geneve VNI 98, a different flow; a UDP
+  exchange three tunnels deep (VXLAN in VXLAN in VXLAN-GPE carrying IPv4 without Ethernet); and
+  one frame four tunnels deep (counted as `tunnel_depth`, not a flow).
 """
 
 from __future__ import annotations
@@ -44,12 +50,16 @@ HERE = Path(__file__).resolve().parent
 SLL_FILE = "generated_sll_geneve_gpe.pcap"
 SLL2_FILE = "generated_sll2_ipv6.pcap"
 RAW_FILE = "generated_raw_ip.pcap"
-LINKTYPES = {SLL_FILE: 113, SLL2_FILE: 276, RAW_FILE: 101}
+NESTED_FILE = "generated_nested_tunnels.pcap"
+LINKTYPES = {SLL_FILE: 113, SLL2_FILE: 276, RAW_FILE: 101, NESTED_FILE: 1}
 VTEP_A, VTEP_B = "198.51.100.21", "198.51.100.22"
 VTEP6_A, VTEP6_B = "2001:db8:100::21", "2001:db8:100::22"
 # the tunnel of each flow, as the records must show it: (type, vni, client VTEP, server VTEP,
 # outer UDP port), by client port; None for plain traffic
 TUNNELS: dict[str, dict[int, tuple | None]] = {}
+# the nested capture's flows (Wire.flows, in order): each one's tunnels, outermost first, as
+# (type, vni, client VTEP, server VTEP, outer UDP port)
+NESTED_CHAINS: list[list[tuple]] = []
 
 
 def sll(pkt: Packet, c2s: bool) -> bytes:
@@ -183,8 +193,59 @@ def build_raw_ip() -> Wire:
     return wire
 
 
+def ether(pkt: Packet, c2s: bool) -> bytes:
+    a, b = "02:00:00:00:0c:01", "02:00:00:00:0c:02"
+    return bytes(Ether(src=a if c2s else b, dst=b if c2s else a) / pkt)
+
+
+def wrap(layers: list[tuple[str, int, str, str, int, int]]) -> Callable[[Packet, bool], Packet]:
+    """Tunnels around an IP packet, outermost first: (type, vni, client VTEP, server VTEP, UDP
+    port, source port); VXLAN and Geneve carry Ethernet, VXLAN-GPE IPv4 or IPv6 without it."""
+    def put(pkt: Packet, c2s: bool) -> Packet:
+        for kind, vni, vc, vs, port, sport in reversed(layers):
+            src, dst = (vc, vs) if c2s else (vs, vc)
+            ip = (IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst, flags="DF"))
+            inner_eth = Ether(src="0a:00:00:00:0c:01", dst="0a:00:00:00:0c:02")
+            if kind == "vxlan":
+                head = VXLAN(vni=vni, flags=0x08) / inner_eth
+            elif kind == "geneve":
+                head = GENEVE(vni=vni, proto=0x6558) / inner_eth
+            else:
+                head = VXLAN(flags=0x0C, NextProtocol=2 if pkt.name == "IPv6" else 1, vni=vni)
+            pkt = ip / UDP(sport=sport, dport=port) / head / pkt
+        return pkt
+    return put
+
+
+def build_nested() -> Wire:
+    NESTED_CHAINS.clear()
+    wire = Wire(ether)
+    under = ("2001:db8:200::1", "2001:db8:200::2")  # the cloud's hosts (IPv6 underlay)
+    vms = ("10.200.0.1", "10.200.0.2")              # the VMs, the cluster's VTEPs
+    for cloud_vni, sport in ((99, 40101), (98, 40102)):
+        chain = [("geneve", cloud_vni, *under, 6081, sport), ("vxlan", 7, *vms, 4789, 40201)]
+        wire.to_frame = tunnel(ether, wrap(chain))
+        http(wire, ("10.244.1.5", 54001), ("10.244.2.7", 8080), 3_000)
+        NESTED_CHAINS.append([c[:5] for c in chain])
+    chain = [("vxlan-gpe", 4001, "192.0.2.201", "192.0.2.202", 4790, 40301),
+             ("vxlan", 11, "198.51.100.201", "198.51.100.202", 4789, 40302),
+             ("vxlan", 12, "203.0.113.201", "203.0.113.202", 8472, 40303)]
+    wire.to_frame = tunnel(ether, wrap(chain))
+    stats = Flow("udp", ("10.245.1.9", 54002), ("10.245.2.9", 8125))
+    wire.flows.append(stats)
+    for i in range(2):
+        wire.send(stats, True, UDP(sport=54002, dport=8125), b"requests:1|c", 2_000)
+        wire.send(stats, False, UDP(sport=8125, dport=54002), b"ok %d" % i, 300)
+    NESTED_CHAINS.append([c[:5] for c in chain])
+    deeper = [("vxlan", 1, "192.0.2.1", "192.0.2.2", 4789, 40401), *chain]
+    wire.raw(ether(wrap(deeper)(IP(src="10.245.1.9", dst="10.245.2.9") / UDP(sport=54003, dport=53)
+                                / Raw(b"too deep"), True), True), 1_000)
+    return wire
+
+
 CAPTURES: dict[str, Callable[[], Wire]] = {SLL_FILE: build_sll_geneve_gpe,
-                                           SLL2_FILE: build_sll2_ipv6, RAW_FILE: build_raw_ip}
+                                           SLL2_FILE: build_sll2_ipv6, RAW_FILE: build_raw_ip,
+                                           NESTED_FILE: build_nested}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from vxlan_builders import build_known_truth  # noqa: E402
 
+from collector.vxlan.packets import MAX_TUNNELS  # noqa: E402
 from tests.captures import generate, generate_wire  # noqa: E402
 
 EXPECTED = HERE / "expected"
@@ -42,8 +43,14 @@ HOLDS: dict[str, set[str]] = {
     generate_wire.SLL_FILE: {"sll", "plain", "geneve", "vxlan-gpe"},
     generate_wire.SLL2_FILE: {"sll2", "plain"},
     generate_wire.RAW_FILE: {"raw", "plain", "vxlan"},
+    generate_wire.NESTED_FILE: {"nested", "vxlan", "geneve", "vxlan-gpe"},
+    "zeek_zeek_tunnels_geneve-ipv6.pcap": {"geneve"},
+    "zeek_zeek_tunnels_geneve-many-options.pcap": {"geneve"},
+    "zeek_zeek_tunnels_geneve-vxlan-dns-truncated.pcap": {"nested", "geneve", "vxlan"},
+    "zeek_zeek_tunnels_vxlan-triple-v2.pcap": {"nested", "vxlan"},
 }
 TUNNEL_TYPES = {"vxlan", "geneve", "vxlan-gpe"}
+TUNNEL_PORTS = {4789, 8472, 6081, 4790}
 
 
 def holding(*kinds: str, only: bool = False) -> list[str]:
@@ -146,17 +153,28 @@ def test_generated_plain_capture_gives_its_tcp_connections_and_counts_the_rest(p
     assert stderr.strip() == "eastwest collector: dropped vxlan/non_ip=19"
 
 
+# frames in more tunnels than the decoders take (packets.MAX_TUNNELS): counted as
+# `tunnel_depth`, not flows (tshark counts VXLAN-GPE as `vxlan`; count() of a protocol the frame
+# lacks has no value, so each protocol alone and the sum are tested)
+TOO_DEEP = (f"count(vxlan) > {MAX_TUNNELS} || count(geneve) > {MAX_TUNNELS} || "
+            f"count(vxlan) + count(geneve) > {MAX_TUNNELS}")
+
+
 def tshark_flows(path: Path) -> collections.Counter:
-    """(tunnel type, vni, protocol, {endpoint, endpoint}) -> packets, as tshark decodes the
+    """(tunnel chain, protocol, {endpoint, endpoint}) -> packets, as tshark decodes the
     tunnelled packets of the capture (VXLAN also on 8472; Geneve and VXLAN-GPE on their ports,
-    tshark's defaults). The innermost IP header and ports are the last occurrence of each
-    field; the tunnel's type comes from the field that carries its VNI and, for VXLAN and
-    VXLAN-GPE (one dissector in tshark), the outer UDP port."""
+    tshark's defaults). The chain is each tunnel's (type, VNI), outermost first, in the order of
+    the frame's protocol stack: each UDP header to a tunnel port with more layers after it, its
+    type by the port as tshark dissects it (6081 Geneve, 4790 VXLAN-GPE, which tshark leaves
+    out of frame.protocols, 4789 and 8472 VXLAN), its VNI the next of tshark's `vxlan.vni` or
+    `geneve.vni` values. The innermost IP header and ports are the last occurrence of each
+    field."""
     fields = ["frame.protocols", "vxlan.vni", "geneve.vni", "udp.dstport", "ip.src", "ip.dst",
               "ipv6.src", "ipv6.dst", "ip.proto", "ipv6.nxt", "tcp.srcport", "tcp.dstport",
               "udp.srcport"]
     cmd = ["tshark", "-n", "-r", str(path), "-d", "udp.port==8472,vxlan", "-Y",
-           "vxlan || geneve", "-T", "fields", "-E", "separator=|", "-E", "occurrence=a"]
+           f"(vxlan || geneve) && !({TOO_DEEP})", "-T", "fields", "-E", "separator=|",
+           "-E", "occurrence=a"]
     for f in fields:
         cmd += ["-e", f]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -164,35 +182,65 @@ def tshark_flows(path: Path) -> collections.Counter:
     for line in out.splitlines():
         values = [v.split(",") for v in line.split("|")]
         (stack, vxvni, gvni, ud, s4, d4, s6, d6, p4, p6, ts, td, us) = (v[-1] for v in values)
-        outer_dport = int(values[3][0])
-        if gvni:
-            ttype, vni = "geneve", int(gvni, 16)
-        else:
-            ttype, vni = ("vxlan-gpe" if outer_dport == 4790 else "vxlan"), int(vxvni)
-        inner = [x for x in stack.split(":udp:", 1)[1].split(":") if x in ("ip", "ipv6")]
+        vx_vnis, gen_vnis = iter(values[1]), iter(values[2])
+        layers = stack.split(":")
+        udp_at = [i for i, layer in enumerate(layers) if layer == "udp"]
+        chain, last_tunnel = [], 0
+        for at, port in zip(udp_at, map(int, values[3]), strict=True):
+            if port not in TUNNEL_PORTS or at == len(layers) - 1:
+                continue
+            if port == 6081:
+                chain.append(("geneve", int(next(gen_vnis), 16)))
+            else:
+                chain.append(("vxlan-gpe" if port == 4790 else "vxlan", int(next(vx_vnis))))
+            last_tunnel = at
+        inner = [x for x in layers[last_tunnel + 1:] if x in ("ip", "ipv6")]
         if not inner:
             continue  # inner ARP and other non-IP frames: not flows
         src, dst, proto = (s6, d6, int(p6)) if inner[0] == "ipv6" else (s4, d4, int(p4))
         sport, dport = {6: (ts, td), 17: (us, ud)}.get(proto, ("0", "0"))
         name = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(proto, "other")
-        counts[(ttype, vni, name, frozenset({(src, int(sport)), (dst, int(dport))}))] += 1
+        counts[(tuple(chain), name, frozenset({(src, int(sport)), (dst, int(dport))}))] += 1
     return counts
+
+
+def tunnel_chain(record: dict) -> tuple[tuple[str, int], ...]:
+    """A record's tunnels as (type, VNI), outermost first: `tunnel_outer` + [`tunnel`]."""
+    return tuple((t["type"], t["vni"]) for t in [*(record["tunnel_outer"] or []),
+                                                   record["tunnel"]])
 
 
 @pytest.mark.parametrize("name", TUNNEL_CAPTURES)
 def test_tshark_agrees_on_tunnels_vnis_tuples_and_packet_counts(pcaps: Path, name: str) -> None:
+    """Per flow: the whole tunnel chain (each tunnel's type and VNI, nested ones too), the
+    inner protocol and endpoints, and the packets, as tshark decodes them."""
     ours: collections.Counter = collections.Counter()
     for r in finals(collector(pcaps / name)[0]):
         if r["tunnel"] is None:
             continue
-        key = (r["tunnel"]["type"], r["tunnel"]["vni"], r["protocol"],
+        key = (tunnel_chain(r), r["protocol"],
                frozenset({(r["client"]["ip"], r["client"]["port"]),
                           (r["server"]["ip"], r["server"]["port"])}))
         ours[key] += r["packets_c2s"] + r["packets_s2c"]
     theirs = tshark_flows(pcaps / name)
     assert theirs, "tshark decoded no tunnelled packet"
-    assert {k[0] for k in ours} == HOLDS[name] & TUNNEL_TYPES
+    assert {t for k in ours for t, _ in k[0]} == HOLDS[name] & TUNNEL_TYPES
+    assert any(len(k[0]) > 1 for k in ours) == ("nested" in HOLDS[name])
     assert ours == theirs
+
+
+@pytest.mark.parametrize("name", ALL_CAPTURES)
+def test_frames_in_too_many_tunnels_are_the_ones_counted_as_tunnel_depth(pcaps: Path,
+                                                                         name: str) -> None:
+    """The frames tshark finds in more than MAX_TUNNELS tunnels (left out of its flows above)
+    are exactly the `tunnel_depth` drops the collector reports."""
+    out = subprocess.run(["tshark", "-n", "-r", str(pcaps / name), "-d", "udp.port==8472,vxlan",
+                          "-Y", TOO_DEEP, "-T", "fields", "-e", "frame.number"],
+                         capture_output=True, text=True, check=True).stdout
+    stderr = collector(pcaps / name)[1]
+    counted = [int(w.split("=")[1]) for w in stderr.split() if w.startswith("vxlan/tunnel_depth=")]
+    assert sum(counted) == len(out.split())
+    assert (name == generate_wire.NESTED_FILE) == bool(counted)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 
 from tests.captures import generate_wire
-from tests.golden.test_vxlan_golden import ALL_CAPTURES, EASTWEST, HOLDS, collector, finals
+from tests.golden.test_vxlan_golden import (
+    ALL_CAPTURES,
+    EASTWEST,
+    HOLDS,
+    TOO_DEEP,
+    TUNNEL_PORTS,
+    collector,
+    finals,
+    tunnel_chain,
+)
 
-TUNNEL_PORTS = {4789, 8472, 6081, 4790}
 # tshark -z conv: "A:port <-> B:port  frames bytes unit  frames bytes unit  frames bytes unit ..."
 # (the first pair is B->A, "<-", the second A->B, "->"); IPv6 addresses end with ":port" too
 CONV_LINE = re.compile(r"^(\S+):(\d+)\s+<->\s+(\S+):(\d+)\s+(\d+) \S+ \S+\s+(\d+) \S+ \S+\s+(\d+) ")
@@ -26,8 +34,9 @@ def tshark_conversations(path: Path) -> collections.Counter:
     """(protocol, endpoint) -> packets that endpoint sent, over tshark's TCP and UDP
     conversations; UDP conversations to a tunnel port are the tunnels' own outer headers,
     which are not flows (their inner conversations are in the table too)."""
+    keep = f"!({TOO_DEEP})"  # frames in too many tunnels: counted, not flows (test below)
     out = subprocess.run(["tshark", "-n", "-q", "-r", str(path), "-d", "udp.port==8472,vxlan",
-                          "-z", "conv,tcp", "-z", "conv,udp"],
+                          "-z", f"conv,tcp,{keep}", "-z", f"conv,udp,{keep}"],
                          capture_output=True, text=True, check=True).stdout
     counts: collections.Counter = collections.Counter()
     proto = None
@@ -110,7 +119,7 @@ def test_tcpdump_geneve_capture_gives_geneve_flows_with_tsharks_vnis(pcaps: Path
     assert "dropped" not in stderr
 
 
-@pytest.mark.parametrize("name", sorted(generate_wire.CAPTURES))
+@pytest.mark.parametrize("name", sorted(set(generate_wire.CAPTURES) - {generate_wire.NESTED_FILE}))
 def test_generated_link_type_capture_gives_the_flows_it_was_built_with(pcaps: Path,
                                                                        name: str) -> None:
     """generate_wire.py counted what it put on the wire: every flow, its tunnel (or none),
@@ -133,6 +142,29 @@ def test_generated_link_type_capture_gives_the_flows_it_was_built_with(pcaps: Pa
     assert {r["connect"] for r in tcp} <= {"ok", None}
     assert stderr.strip() == ("eastwest collector: dropped vxlan/non_ip=1"
                               if name == generate_wire.SLL_FILE else "")
+
+
+def test_generated_nested_capture_gives_each_flow_its_whole_tunnel_chain(pcaps: Path) -> None:
+    """generate_wire.py's nested tunnels: each flow with its packets and bytes per direction and
+    its whole chain (types, VNIs, both VTEPs of every level oriented client -> server, UDP
+    ports), outermost first; one inner connection in two cloud VNIs is two flows; the frame
+    four tunnels deep is counted, not a flow."""
+    wire = generate_wire.CAPTURES[generate_wire.NESTED_FILE]()
+    records, stderr = collector(pcaps / generate_wire.NESTED_FILE)
+    keys = ("type", "vni", "outer_src", "outer_dst", "outer_dport")
+    got = {tunnel_chain(r): r for r in finals(records)}
+    assert len(got) == len(wire.flows) == 3
+    for truth, chain in zip(wire.flows, generate_wire.NESTED_CHAINS, strict=True):
+        r = got[tuple((t[0], t[1]) for t in chain)]
+        assert (r["protocol"], r["client"]["ip"], r["client"]["port"]) == (truth.protocol,
+                                                                            *truth.client)
+        assert (r["server"]["ip"], r["server"]["port"]) == truth.server
+        assert [r["packets_c2s"], r["packets_s2c"]] == truth.packets
+        assert [r["bytes_c2s"], r["bytes_s2c"]] == truth.payload
+        assert [r["l3_bytes_c2s"], r["l3_bytes_s2c"]] == truth.l3
+        assert [*r["tunnel_outer"], r["tunnel"]] == [dict(zip(keys, t, strict=True))
+                                                     for t in chain]
+    assert stderr.strip() == "eastwest collector: dropped vxlan/tunnel_depth=1"
 
 
 def test_generated_link_type_captures_are_the_committed_bytes(tmp_path: Path, pcaps: Path) -> None:

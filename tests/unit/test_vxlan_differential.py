@@ -1,7 +1,7 @@
 """Differential test: the bulk (numpy) decoder equals the scapy reference on every column of
 every packet, for hypothesis-generated packets (VXLAN, Geneve with options and every protocol
 type, VXLAN-GPE with every next protocol, plain traffic; random VNIs, IPv4/IPv6 inner and outer,
-VLAN tags, IP and TCP options, IPv6 extension headers; Ethernet, Linux cooked SLL/SLL2 and raw IP
+VLAN tags, IP and TCP options, IPv6 extension headers, nested tunnels; Ethernet, Linux cooked SLL/SLL2 and raw IP
 link types; truncated and corrupted bytes) and for every capture in tests/captures; and the flow
 records built from both are identical."""
 
@@ -22,7 +22,7 @@ from scapy.packet import Raw
 from collector.pipeline import CollectorContext
 from collector.vxlan.bulk import decode_bulk
 from collector.vxlan.flows import FlowTable
-from collector.vxlan.packets import CODE, FALLBACK, Decoded, Policy
+from collector.vxlan.packets import CODE, FALLBACK, MAX_TUNNELS, Decoded, Policy
 from collector.vxlan.pcapfile import read_index
 from collector.vxlan.reference import decode_reference
 from tests.sampling import fixed_sample
@@ -81,21 +81,31 @@ def inner_frame(draw, ether: bool = True):
 
 
 @st.composite
-def tunnelled(draw):
-    """UDP to a tunnel port (or to 53) and what it carries."""
+def carried(draw, ether: bool, depth: int):
+    """What a tunnel carries: an inner packet, or (now and then, up to one level deeper than
+    the decoders take: `tunnel_depth`) an IP packet that is itself a tunnel (nested)."""
+    if depth >= MAX_TUNNELS + 1 or draw(st.integers(0, 2)):
+        return draw(inner_frame(ether=ether))
+    pkt = draw(ip_layer(draw(st.booleans()))) / draw(tunnelled(depth + 1))
+    return draw(l2()) / pkt if ether else pkt
+
+
+@st.composite
+def tunnelled(draw, depth: int = 1):
+    """UDP to a tunnel port (or to 53) and what it carries; `depth`: tunnels so far."""
     vni = draw(st.integers(0, 2**24 - 1))
     kind = draw(st.sampled_from(["vxlan", "vxlan", "geneve", "geneve", "gpe", "dns"]))
     if kind == "vxlan":
         vx = VXLAN(vni=vni, flags=draw(st.sampled_from([0x08, 0x08, 0x00, 0xFF])))
         return UDP(sport=draw(st.integers(1, 65535)), dport=draw(st.sampled_from([4789, 8472]))) \
-            / vx / draw(inner_frame())
+            / vx / draw(carried(True, depth))
     if kind == "geneve":
         proto = draw(st.sampled_from([0x6558, 0x6558, 0x0800, 0x86DD, 0x0806]))
         words = draw(st.sampled_from([0, 0, 1, 2, 5, 63]))
         gen = GENEVE(version=draw(st.sampled_from([0, 0, 0, 1, 2])), optionlen=words,
                      critical=draw(st.integers(0, 1)), oam=draw(st.integers(0, 1)), proto=proto,
                      vni=vni)
-        inner = draw(inner_frame(ether=proto == 0x6558 or draw(st.integers(0, 5)) == 0))
+        inner = draw(carried(proto == 0x6558 or draw(st.integers(0, 5)) == 0, depth))
         return UDP(sport=1, dport=6081) / gen / Raw(draw(st.binary(min_size=words * 4,
                                                                    max_size=words * 4))) / inner
     if kind == "gpe":
@@ -104,7 +114,7 @@ def tunnelled(draw):
         hdr = VXLAN(vni=vni, flags=flags) if not flags & 0x04 else VXLAN(vni=vni, flags=flags,
                                                                             NextProtocol=nxt)
         ether = nxt == 3 or not flags & 0x04
-        return UDP(sport=2, dport=4790) / hdr / draw(inner_frame(ether=ether))
+        return UDP(sport=2, dport=4790) / hdr / draw(carried(ether, depth))
     return UDP(sport=draw(st.integers(1, 65535)), dport=53) / Raw(draw(st.binary(max_size=30)))
 
 
@@ -204,6 +214,7 @@ def test_generated_mix_exercises_the_fallback_and_every_reason() -> None:
             "fragment"} <= seen
     assert (bulk.status == 0).sum() > 10
     assert set(np.unique(bulk.ttype[bulk.status == 0]).tolist()) >= {0, 1}
+    assert (bulk.x1type[bulk.status == 0] != 0).any()  # nested tunnels decoded
     linked = fixed_sample(linked_frame(), 300)
     bulk, ref = both([f for _, f in linked], [lt for lt, _ in linked])
     assert_same(bulk, ref)
@@ -263,3 +274,91 @@ def test_each_link_type_decodes_its_frames() -> None:
     assert bulk.status.tolist() == [0] * 10 + [CODE["unsupported_linktype"], CODE["non_ip"]]
     assert bulk.fam[:10].tolist() == [4, 4, 6, 6, 4, 6, 6, 4, 4, 6]
     assert set(bulk.payload[:10].tolist()) == {7} and set(bulk.dport[:10].tolist()) == {53}
+
+
+@st.composite
+def nested_frame(draw) -> bytes:
+    """Valid tunnels two to four deep (the fourth beyond the decoders: `tunnel_depth`), each
+    level VXLAN, Geneve (inner Ethernet or IP) or VXLAN-GPE (next protocol IP or Ethernet),
+    over IPv4 or IPv6, ending in a TCP or UDP packet."""
+    levels = draw(st.integers(2, MAX_TUNNELS + 1))
+    six = draw(st.booleans())
+    ip = IPv6(src="fd00::1", dst="fd00::2") if six else IP(src="10.9.0.1", dst="10.9.0.2")
+    pkt = ip / (TCP(sport=draw(st.integers(1, 65535)), dport=80) if draw(st.booleans())
+                else UDP(sport=draw(st.integers(1, 65535)), dport=53)) / Raw(b"x" * 5)
+    for _ in range(levels):
+        vni = draw(st.integers(0, 2**24 - 1))
+        kind = draw(st.sampled_from(["vxlan", "geneve", "geneve-ip", "gpe", "gpe-eth"]))
+        eth = Ether(src="0a:00:00:00:00:01", dst="0a:00:00:00:00:02")
+        ip_next = 0x86DD if isinstance(pkt, IPv6) else 0x0800
+        if kind == "vxlan":
+            head = UDP(dport=draw(st.sampled_from(PORTS))) / VXLAN(vni=vni, flags=0x08) / eth
+        elif kind == "geneve":
+            head = UDP(dport=6081) / GENEVE(vni=vni, proto=0x6558) / eth
+        elif kind == "geneve-ip":
+            head = UDP(dport=6081) / GENEVE(vni=vni, proto=ip_next)
+        elif kind == "gpe":
+            head = UDP(dport=4790) / VXLAN(vni=vni, flags=0x0C,
+                                           NextProtocol=2 if ip_next == 0x86DD else 1)
+        else:
+            head = UDP(dport=4790) / VXLAN(vni=vni, flags=0x0C, NextProtocol=3) / eth
+        six = draw(st.booleans())
+        outer = IPv6(src=draw(v6), dst=draw(v6)) if six else IP(src=draw(v4), dst=draw(v4))
+        pkt = outer / head / pkt
+    return bytes(Ether() / pkt)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(nested_frame(), min_size=1, max_size=6))
+def test_bulk_equals_scapy_on_nested_tunnels(frames: list[bytes]) -> None:
+    bulk, ref = both(frames)
+    assert_same(bulk, ref)
+    assert set(bulk.status.tolist()) <= {0, CODE["tunnel_depth"]}
+    assert (bulk.x1type[bulk.status == 0] != 0).all()
+
+
+def test_nested_tunnels_decode_to_the_innermost_flow_with_the_whole_chain() -> None:
+    """Known answers: VXLAN in Geneve (IPv6 underlay), three deep (VXLAN in VXLAN in
+    VXLAN-GPE), and four deep (counted as `tunnel_depth`); x1 is the tunnel around the
+    flow's own, x2 the one around that; the flow table keeps the chain, outermost first."""
+    eth = Ether(src="0a:00:00:00:00:01", dst="0a:00:00:00:00:02")
+    flow = IP(src="10.1.0.1", dst="10.1.0.2") / TCP(sport=40000, dport=80, flags="S")
+
+    def vxlan(vni: int, a: str, b: str, port: int = 4789):
+        return lambda p: IP(src=a, dst=b) / UDP(sport=1, dport=port) / VXLAN(vni=vni) / eth / p
+
+    def geneve6(vni: int):
+        return lambda p: (IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=2, dport=6081)
+                          / GENEVE(vni=vni, proto=0x6558) / eth / p)
+
+    def gpe(vni: int):
+        return lambda p: (IP(src="192.0.2.7", dst="192.0.2.8") / UDP(sport=3, dport=4790)
+                          / VXLAN(vni=vni, flags=0x0C, NextProtocol=1) / p)
+
+    def build(*wraps) -> bytes:  # innermost wrap first
+        pkt = flow
+        for w in wraps:
+            pkt = w(pkt)
+        return bytes(Ether() / pkt)
+
+    frames = [build(vxlan(7, "10.200.0.1", "10.200.0.2"), geneve6(99)),
+              build(vxlan(12, "203.0.113.1", "203.0.113.2", 8472),
+                    vxlan(11, "198.51.100.1", "198.51.100.2"), gpe(4001)),
+              build(vxlan(1, "10.0.0.1", "10.0.0.2"), vxlan(2, "10.0.0.3", "10.0.0.4"),
+                    vxlan(3, "10.0.0.5", "10.0.0.6"), vxlan(4, "10.0.0.7", "10.0.0.8"))]
+    bulk, ref = both(frames)
+    assert_same(bulk, ref)
+    assert bulk.status.tolist() == [0, 0, CODE["tunnel_depth"]]
+    assert bulk.ttype[:2].tolist() == [1, 1] and bulk.vni[:2].tolist() == [7, 12]
+    assert bulk.odport[:2].tolist() == [4789, 8472]
+    assert bulk.x1type[:2].tolist() == [2, 1] and bulk.x1vni[:2].tolist() == [99, 11]
+    assert bulk.x1fam[:2].tolist() == [6, 4] and bulk.x1dport[:2].tolist() == [6081, 4789]
+    assert bulk.x2type[:2].tolist() == [0, 3] and bulk.x2vni[:2].tolist() == [0, 4001]
+    (r1, r2) = sorted((r for r in records(bulk) if r.final), key=lambda r: r.tunnel.vni)
+    assert r1.tunnel.outer_src == "10.200.0.1" and r1.tunnel_outer is not None
+    assert [(t.type, t.vni, t.outer_src, t.outer_dport) for t in r1.tunnel_outer] == [
+        ("geneve", 99, "2001:db8::1", 6081)]
+    assert r2.tunnel_outer is not None
+    assert [(t.type, t.vni, t.outer_dst) for t in [*r2.tunnel_outer, r2.tunnel]] == [
+        ("vxlan-gpe", 4001, "192.0.2.8"), ("vxlan", 11, "198.51.100.2"),
+        ("vxlan", 12, "203.0.113.2")]

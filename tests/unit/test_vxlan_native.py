@@ -205,7 +205,8 @@ def flow_spec(draw) -> dict:
             "vd": vd, "kind": draw(st.sampled_from(["tcp", "tcp", "tcp", "udp", "icmp", "other"])),
             "vni": draw(st.sampled_from([42, 43])), "vlan": draw(st.integers(0, 5)) == 0,
             "port": draw(st.sampled_from(PORTS)),
-            "tunnel": draw(st.sampled_from(["vxlan", "vxlan", "geneve", "gpe", "none"]))}
+            "tunnel": draw(st.sampled_from(["vxlan", "vxlan", "geneve", "gpe", "none", "nested"])),
+            "cloud_vni": draw(st.sampled_from([98, 99])), "cloud_six": draw(st.booleans())}
 
 
 UNDERLAY_MAC, UNDERLAY_PEER_MAC = "0a:00:00:00:01:01", "0a:00:00:00:01:02"
@@ -248,7 +249,16 @@ def flow_frame(f: dict, c2s: bool, flags: int, size: int, icmp_type: int) -> byt
         return bytes(outer / UDP(sport=49152, dport=4790) / gpe / eth / ip / l4
                      / Raw(b"x" * size))
     outer = outer / UDP(sport=49152, dport=f["port"]) / VXLAN(vni=f["vni"], flags=0x08)
-    return bytes(outer / eth / ip / l4 / Raw(b"x" * size))
+    vxlan = outer / eth / ip / l4 / Raw(b"x" * size)
+    if f["tunnel"] == "nested":  # that VXLAN frame inside Geneve: flows kept apart by cloud VNI
+        a, b = ("2001:db8:c::1", "2001:db8:c::2") if f["cloud_six"] else ("192.0.2.91", "192.0.2.92")
+        cloud = IPv6(src=a, dst=b) if f["cloud_six"] else IP(src=a, dst=b)
+        if not c2s:
+            cloud = IPv6(src=b, dst=a) if f["cloud_six"] else IP(src=b, dst=a)
+        return bytes(Ether(src=UNDERLAY_MAC, dst=UNDERLAY_PEER_MAC) / cloud
+                     / UDP(sport=49153, dport=6081)
+                     / GENEVE(vni=f["cloud_vni"], proto=0x6558) / vxlan)
+    return bytes(vxlan)
 
 
 @st.composite
