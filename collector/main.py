@@ -55,21 +55,21 @@ def run(args: argparse.Namespace) -> int:
         print(bpf_source(args))
         return 0
 
-    from collector.export import SWITCH_INTERVAL_S
-
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # the sender thread gets the GIL back promptly
     ctx = CollectorContext(collector_id=args.collector_id,
                            first_seq=1 if args.pcap else live_first_seq())
     sources = make_sources(ctx, args)
 
-    from collector.metrics import CollectorMetrics
+    metrics = None
+    if args.aggregator or getattr(args, "nats", None) or getattr(args, "metrics_listen", None):
+        from collector.metrics import CollectorMetrics  # prometheus_client: only when served
 
-    metrics = CollectorMetrics(ctx.drops)
-    metrics.watch_sources(sources)  # BPF map fill, kernel counters: what a source reports
+        metrics = CollectorMetrics(ctx.drops)
+        metrics.watch_sources(sources)  # BPF map fill, kernel counters: what a source reports
     # the sink first: a spooling sink waits for a spool folder another collector still holds,
     # and that one still serves the --metrics-listen port until it exits
     sink = _make_sink(args, ctx, metrics, ident)
-    server = metrics.serve(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
+    server = (metrics.serve(args.metrics_listen)
+              if metrics is not None and getattr(args, "metrics_listen", None) else None)
     try:
         run_pipeline(sources, sink, duration=args.duration)
     finally:
@@ -112,11 +112,13 @@ def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source
     return sources
 
 
-def _make_sink(args: argparse.Namespace, ctx: CollectorContext, metrics: CollectorMetrics,
-               ident: identity.Identity) -> Sink:
+def _make_sink(args: argparse.Namespace, ctx: CollectorContext,
+               metrics: CollectorMetrics | None, ident: identity.Identity) -> Sink:
     if args.aggregator or getattr(args, "nats", None):
-        from collector.export import AggregatorSink
+        assert metrics is not None
+        from collector.export import SWITCH_INTERVAL_S, AggregatorSink
 
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # the sender thread gets the GIL back promptly
         sink = AggregatorSink(ctx, args, metrics=metrics)  # waits here while the spool is held
         print(f"eastwest collector: collector id {ident.collector_id!r} (from {ident.id_from}), "
               f"spool {sink.settings.spool_dir} (locked by this process, pid {os.getpid()})",

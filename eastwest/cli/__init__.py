@@ -40,13 +40,19 @@ eastwest: see which service talks to which, how much, how well and since when.
 Run `eastwest <command> --help` for each command's flags."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, that command's flags and the others' names alone
+    (a command's module, and what it imports, is loaded only when it runs: `collector --pcap`
+    does not pay for the HTTP client of `flows`)."""
     parser = argparse.ArgumentParser(
         prog="eastwest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"eastwest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of the commands above")
     for name in SUBCOMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name)  # a name only: this run is `only`
+            continue
         module = importlib.import_module(f"eastwest.cli.{name}")
         module.register(sub)
     sub._choices_actions = []  # the description lists them once, aligned; not a second time
@@ -128,8 +134,14 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command `argv` runs (its first word that is no flag), when it is one of ours."""
+    first = next((t for t in argv if not t.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(command_of(sys.argv[1:] if argv is None else argv))
     args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()

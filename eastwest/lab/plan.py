@@ -132,7 +132,7 @@ class LabPlan:
             ],
             "pods": [
                 {"name": p.name, "netns": p.netns, "ip": p.ip, "ip4": p.ip4, "ip6": p.ip6,
-                 "ips": p.ips, "mac": p.mac, "host": p.host,
+                 "ips": p.ips, "mac": p.mac, "host": p.host, "host_if": p.host_if,
                  "service": p.service, "namespace": SERVICE_BY_NAME[p.service].namespace,
                  "comm": f"ew-{p.service}",
                  "ports": [SERVICE_BY_NAME[p.service].port] if p.service != "loadgen" else [],
