@@ -34,6 +34,7 @@ from collector.vxlan.packets import (
     FALLBACK,
     ICMP,
     ICMP6,
+    ICMP6_LINK_CONTROL,
     IP6_EXTENSIONS,
     LINKTYPE_ETHERNET,
     LINKTYPE_SLL,
@@ -249,6 +250,7 @@ def decode_numpy(buf: np.ndarray, off: np.ndarray, cap: np.ndarray, ts_us: np.nd
     r.fail(tcp & (doff < 20), "malformed")
     hdr = np.where(tcp, doff, np.where(udp | icmp, 8, 0))
     r.fail(room < hdr, "malformed")
+    r.fail(icmp & ~is4 & np.isin(r.u8(l4), ICMP6_LINK_CONTROL), "link_control")
 
     ok = r.alive
     out.status[:] = r.status

@@ -23,7 +23,8 @@
 /* status codes: the order of packets.REASONS (0 = decoded) */
 enum {
     EW_OK = 0, EW_TRUNCATED, EW_MALFORMED, EW_NON_IP, EW_NOT_TUNNEL, EW_TUNNEL_VERSION,
-    EW_NO_VNI, EW_INNER_NON_IP, EW_FRAGMENT, EW_LINKTYPE, EW_TUNNEL_DEPTH, EW_NREASONS
+    EW_NO_VNI, EW_INNER_NON_IP, EW_FRAGMENT, EW_LINKTYPE, EW_TUNNEL_DEPTH, EW_LINK_CONTROL,
+    EW_NREASONS
 };
 
 /* walker errors (formatted in Python by pcapfile.walk_error): code, byte offset, a, b */

@@ -245,6 +245,9 @@ int ew_decode(const uint8_t *f, uint64_t cap, unsigned linktype, const struct ew
             dport = be16(f + l4 + 2);
         } else {
             icmp_type = f[l4];
+            /* packets.ICMP6_LINK_CONTROL: Neighbor Discovery and MLD, IPv6's ARP */
+            if (in.fam == 6 && ((icmp_type >= 130 && icmp_type <= 137) || icmp_type == 143))
+                return EW_LINK_CONTROL;
         }
     }
     memset(r, 0, sizeof *r);

@@ -37,7 +37,8 @@ The policy, applied in this order by every decoder (the differential tests hold 
 4. A packet that is not UDP to a tunnel port is its own flow when the policy takes plain
    traffic (capture files, `--wire-interface`), else `not_tunnel` (the VXLAN underlay).
 5. the flow's transport: TCP (RFC 9293), UDP, ICMP / ICMPv6 (8-byte header); other IP
-   protocols keep ports 0.
+   protocols keep ports 0. ICMPv6 Neighbor Discovery and MLD messages (`ICMP6_LINK_CONTROL`)
+   are `link_control`: link housekeeping, not flows.
 
 `truncated`: a header the policy needs is cut by the capture length. `malformed`: a header
 holds an impossible value (IPv4 IHL < 5, a version nibble that contradicts the EtherType, an IP
@@ -68,7 +69,7 @@ MAX_TUNNELS = 3
 # status codes; 0 = decoded. FALLBACK is internal to the bulk decoder (never leaves it).
 OK = 0
 REASONS = ("truncated", "malformed", "non_ip", "not_tunnel", "tunnel_version", "vxlan_no_vni",
-           "inner_non_ip", "fragment", "unsupported_linktype", "tunnel_depth")
+           "inner_non_ip", "fragment", "unsupported_linktype", "tunnel_depth", "link_control")
 CODE = {name: i + 1 for i, name in enumerate(REASONS)}
 FALLBACK = 255
 
@@ -120,6 +121,11 @@ IP6_EXTENSIONS = (0, 43, 44, 60, 51, 135, 139, 140)  # the bulk path hands these
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 47: "gre", 50: "esp"}
+# ICMPv6 link-scope control (RFC 4861 Neighbor Discovery: router solicitation/advertisement,
+# neighbor solicitation/advertisement, redirect; RFC 2710 / RFC 3810 MLD): IPv6's ARP, never
+# routed (hop limit 255 / link-local). Not a conversation: counted as `link_control`, as ARP is
+# counted as `non_ip`, so an advertisement answering a solicitation is no reversed edge.
+ICMP6_LINK_CONTROL = (130, 131, 132, 133, 134, 135, 136, 137, 143)
 ECHO_REQUEST = {4: 8, 6: 128}
 ECHO_REPLY = {4: 0, 6: 129}
 

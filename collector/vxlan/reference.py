@@ -43,6 +43,7 @@ from collector.vxlan.packets import (
     ETH_TEB,
     ETH_VLAN,
     FALLBACK,
+    ICMP6_LINK_CONTROL,
     IP6_FRAGMENT,
     LINKTYPE_ETHERNET,
     LINKTYPE_SLL,
@@ -248,6 +249,8 @@ def _transport(raw: bytes, inner: dict[str, Any]) -> dict[str, int]:
             raise _Drop("malformed")
         icmp = ICMP(raw[l4:l4 + 8]) if proto == ICMP4 else ICMPv6Unknown(raw[l4:l4 + 8])
         hdr_len, icmp_type = 8, icmp.type
+        if proto != ICMP4 and icmp_type in ICMP6_LINK_CONTROL:
+            raise _Drop("link_control")
     else:
         hdr_len = 0
     return {"fam": fam, "src_hi": inner["src"][0], "src_lo": inner["src"][1],

