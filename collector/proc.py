@@ -8,9 +8,14 @@ and, at start, the owners of listening TCP sockets that existed before the probe
 Sources: proc(5) (/proc/PID/cmdline, /proc/PID/cgroup, /proc/PID/fd, /proc/PID/net/tcp{,6});
 a cgroup v2 id is the inode number of its directory in the cgroup2 mount
 (Documentation/admin-guide/cgroup-v2.rst, bpf_get_current_cgroup_id). Container ids: the
-64-hex-digit last component of the path, as containerd (`cri-containerd-<id>.scope` or
-`/kubepods/.../<id>`), CRI-O (`crio-<id>.scope`) and Docker (`docker-<id>.scope` or
-`/docker/<id>`) name them.
+runtimes' layouts of eastwest/cgroups.py (containerd, CRI-O, Docker, Podman; systemd and
+cgroupfs drivers).
+
+In a container (the DaemonSet), the collector's own /sys/fs/cgroup is its container's subtree
+and /proc/PID/cgroup paths are relative to its cgroup namespace (`/../../kubepods/...`): the
+host's tree is mounted read-only and given as `--cgroup-root` (ids are inode numbers, the same
+in every view), and a namespaced path is resolved against the host path of the collector's own
+namespace root (found by its inode in the host tree).
 
 Nothing here is read per event: command lines (and the `Process` objects built from them) are
 cached per (pid, comm), the cgroup index is rebuilt at most once per `rescan_s` when an unknown
@@ -20,35 +25,16 @@ id shows up.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections import OrderedDict
 from pathlib import Path
 
+from eastwest.cgroups import cgroup2_mount, container_id
 from eastwest.record import Process
 
-_CONTAINER = re.compile(r"(?:^|[/:-])([0-9a-f]{64})(?:\.scope)?$")
+__all__ = ["ProcessCache", "cgroup2_mount", "container_id", "listening_owners"]
+
 PROC = Path("/proc")
-
-
-def container_id(cgroup_path: str | None) -> str | None:
-    """The container id in a cgroup path (containerd, CRI-O, Docker), else None."""
-    if not cgroup_path:
-        return None
-    m = _CONTAINER.search(cgroup_path.rstrip("/"))
-    return m.group(1) if m else None
-
-
-def cgroup2_mount(mountinfo: Path = PROC / "self/mountinfo") -> Path | None:
-    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    try:
-        for line in mountinfo.read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            if right.split(" ", 1)[0] == "cgroup2":
-                return Path(left.split()[4])
-    except OSError:
-        return None
-    return None
 
 
 class ProcessCache:
@@ -64,6 +50,7 @@ class ProcessCache:
         self._cgroups: dict[int, str] = {}
         self._processes: dict[tuple[int, str], Process] = {}
         self._last_scan = -1e9
+        self._ns_base: str | None = None  # host path of this process's cgroup namespace root
 
     def process(self, pid: int, comm: str) -> Process:
         """The `Process` of (pid, comm), its command line read once (see `cmdline`). Records
@@ -123,10 +110,37 @@ class ProcessCache:
         try:
             for line in (self.proc / str(pid) / "cgroup").read_text().splitlines():
                 if line.startswith("0::"):
-                    return os.stat(str(self.cgroup_root) + line[3:].rstrip("/")).st_ino
+                    path = self.host_path(line[3:].strip())
+                    return 0 if path is None else os.stat(str(self.cgroup_root) + path).st_ino
         except OSError:
             return 0
         return 0
+
+    def host_path(self, path: str) -> str | None:
+        """A path of /proc/PID/cgroup in the host's tree. The kernel writes it relative to the
+        reader's cgroup namespace root: the host's root on a host (the path as it is); a
+        collector's own group in a container with a private namespace (`/`, `/../../<other
+        pod>`): resolved against that root's host path. None when it cannot be placed."""
+        base = self._ns_root()
+        if base is None:  # this namespace's root is not in the tree given
+            return None if path.startswith("/..") else path.rstrip("/") or "/"
+        joined = base.rstrip("/") + path.rstrip("/")
+        return os.path.normpath(joined) if joined else "/"
+
+    def _ns_root(self) -> str | None:
+        """The host path of this process's cgroup namespace root: the cgroup2 mount it sees
+        is that root (a container's runtime mounts its own group there); its inode names it
+        in the host tree. Found once."""
+        if self._ns_base is None:
+            own = cgroup2_mount(self.proc / "self/mountinfo")
+            try:
+                ino = os.stat(own).st_ino if own is not None else 0
+            except OSError:
+                ino = 0
+            if ino and ino not in self._cgroups:
+                self._scan()
+            self._ns_base = self._cgroups.get(ino, "")
+        return self._ns_base or None
 
 
 def listening_owners(scope: tuple[int, ...] = (), proc: Path = PROC,

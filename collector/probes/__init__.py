@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from pathlib import Path
 
 from collector.pipeline import CollectorContext, Emit
 from collector.probes.kernel import ProbeConfig, program_text
@@ -41,6 +42,19 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     return cfg
 
 
+def cgroup_root(args: argparse.Namespace) -> Path | None:
+    """`--cgroup-root`: a cgroup v2 tree (its root holds `cgroup.controllers`), else None (this
+    system's own cgroup2 mount)."""
+    given = getattr(args, "cgroup_root", None)
+    if not given:
+        return None
+    root = Path(given)
+    if not (root / "cgroup.controllers").is_file():
+        raise ConfigError("--cgroup-root", given, "is not a cgroup v2 tree (no cgroup.controllers "
+                          "in it); give the host's cgroup2 mount, e.g. /sys/fs/cgroup")
+    return root
+
+
 def bpf_source(args: argparse.Namespace) -> str:
     """The BPF C program exactly as it would be compiled on this kernel with these flags."""
     from collector.capabilities import probe
@@ -65,7 +79,7 @@ class SocketProbeSource:
         caps.warn_once(log)
         self.config = probe_config(args, caps.features())
         self.offsets = caps.offsets
-        self.procs = ProcessCache()
+        self.procs = ProcessCache(cgroup_root=cgroup_root(args))
         builder = RecordBuilder(ctx, KernelClock(), self.procs, caps.missing_measurements())
         self.loop = ProbeLoop(ctx, self._load, builder, interval=float(args.interval))
         self.ready: threading.Event = self.loop.ready

@@ -81,6 +81,10 @@ def register(sub: Any) -> None:
                    help="a packet-observed flow without packets for S seconds ends (default 30)")
     g.add_argument("--map-entries", type=int, default=65536, metavar="N",
                    help="entries of each BPF connection map (memory is printed by --check)")
+    g.add_argument("--cgroup-root", metavar="DIR",
+                   help="the host's cgroup v2 tree, for container ids (default: this system's "
+                   "cgroup2 mount); in a container, the host's /sys/fs/cgroup mounted read-only, "
+                   "e.g. /host/sys/fs/cgroup (the DaemonSet does this)")
     g.add_argument("--print-bpf", action="store_true", help="print the BPF C program and exit")
 
     g = p.add_argument_group("output")

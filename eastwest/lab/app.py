@@ -135,6 +135,10 @@ class App:
             "server_comm": server["comm"] if port in server["ports"] else None,
             "client_host": self.pod["host"], "server_host": server["host"],
             "client_netns": self.pod["netns"], "server_netns": server["netns"],
+            "client_container": self.pod.get("container_id"),
+            "server_container": server.get("container_id") if port in server["ports"] else None,
+            "client_cgroup": self.pod.get("cgroup"),
+            "server_cgroup": server.get("cgroup") if port in server["ports"] else None,
         })
 
     # -- client side ------------------------------------------------------------------------
@@ -429,10 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app = App(args.state, args.pod, seed=getattr(args, "seed", None))
     if args.cmd == "serve":
-        App(args.state, args.pod).serve()
+        app.serve()
         return 0
-    n = App(args.state, args.pod, seed=args.seed).loadgen(args.duration, args.rate, args.workers)
+    n = app.loadgen(args.duration, args.rate, args.workers)
     print(json.dumps({"connections": n}))
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from eastwest.errors import LabError
-from eastwest.lab import topology
+from eastwest.lab import containers, topology
 from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, make_plan
 from eastwest.lab.topology import Progress
 
@@ -65,6 +65,7 @@ class Lab:
             state.mkdir(parents=True, exist_ok=True)
             topology.build(plan, progress)
             inv = plan.inventory()
+            _make_containers(name, inv, progress)
             (state / "inventory.json").write_text(json.dumps(inv, indent=2))
             _write_workload_map(plan, state / "workloads.yaml")
             lab = cls(name, inv)
@@ -99,6 +100,7 @@ class Lab:
         state = STATE_ROOT / name
         _stop_pidfile_processes(state)
         gone = topology.remove(name, progress)
+        containers.remove(name)
         if state.exists():
             subprocess.run(["rm", "-rf", str(state)], check=False)
         return gone
@@ -113,6 +115,9 @@ class Lab:
         return sorted(found)
 
     # -- the application --------------------------------------------------------------------
+    def _pod(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.inventory["pods"] if p["name"] == name)
+
     def _start_apps(self, plan: LabPlan, progress: Progress) -> None:
         (self.state / "logs").mkdir(exist_ok=True)
         pids: dict[str, int] = {}
@@ -122,7 +127,8 @@ class Lab:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", p.netns, sys.executable, "-m", "eastwest.lab.app",
                  "serve", "--state", str(self.state), "--pod", p.name],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=containers.joining(self._pod(p.name).get("cgroup")))
             pids[p.name] = proc.pid
         (self.state / "pids.json").write_text(json.dumps(pids))
         deadline = time.monotonic() + READY_TIMEOUT
@@ -155,7 +161,8 @@ class Lab:
         if seed is not None:
             cmd += ["--seed", str(seed)]
         progress(f"driving the demo application for {duration:g} s from {lg['name']}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,
+                              preexec_fn=containers.joining(lg.get("cgroup")))
         if proc.returncode != 0:
             how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
                    else f"exit status {proc.returncode}")
@@ -221,6 +228,19 @@ def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
         entries.append({"match": _host_route(h.underlay_ip), "name": f"node-{h.name}", "namespace": None,
                         "kind": "Node", "host": h.name, "labels": {"lab": plan.name}})
     return {"workloads": entries}
+
+
+def _make_containers(name: str, inv: dict[str, Any], progress: Progress) -> None:
+    """Each pod's container id and cgroup (eastwest/lab/containers.py) into the inventory."""
+    made = {p["name"]: containers.container_of(name, p["name"], i)
+            for i, p in enumerate(inv["pods"])}
+    root = containers.create(name, [path for _, path in made.values()])
+    for p in inv["pods"]:
+        cid, path = made[p["name"]]
+        p["container_id"], p["cgroup"] = (cid, path) if root is not None else (None, None)
+    progress(f"pods in containerd, CRI-O and Docker style cgroups under {root}"
+             f"{containers.lab_group(name)}" if root is not None
+             else "no cgroup2 mount: pods run without container cgroups")
 
 
 def _write_workload_map(plan: LabPlan, path: Path) -> None:

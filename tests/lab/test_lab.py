@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from eastwest.cgroups import cgroup2_mount, container_id
 from eastwest.lab import Lab
 from eastwest.lab.topology import existing_netns
 from tests.conftest import require_root
@@ -40,6 +41,9 @@ def test_cli_up_traffic_down_leaves_nothing_behind(tmp_path):
         up = subprocess.run([*EW, "lab", "up", "--name", name, "-q"], capture_output=True, text=True)
         assert up.returncode == 0, up.stderr
         assert len([n for n in existing_netns() if n.startswith(f"{name}-")]) == 1 + 3 + 7
+        groups = cgroup2_mount() / f"eastwest-lab-{name}"  # the pods' container groups
+        assert len([d for d in groups.rglob("*") if d.is_dir()
+                    and container_id(str(d.relative_to(groups)))]) == 7
         st = subprocess.run([*EW, "lab", "status", "--name", name, "--json"], capture_output=True,
                             text=True, check=True)
         status = json.loads(st.stdout)
@@ -55,6 +59,7 @@ def test_cli_up_traffic_down_leaves_nothing_behind(tmp_path):
     assert [n for n in existing_netns() if n.startswith(f"{name}-")] == []
     assert lab_processes(name) == []
     assert not Path(f"/run/eastwest/lab/{name}").exists()
+    assert not groups.exists()
 
 
 def test_truth_equals_what_the_servers_counted(lab_factory, tmp_path):

@@ -201,6 +201,11 @@ def test_every_tcp_connection_of_the_lab_truth_once_per_side_exact(lab_factory, 
             assert r.process is not None and r.process.comm == comm, (observer, t)
             ns = t["client_netns"] if observer == "client" else t["server_netns"]
             assert r.netns == netns_inode(ns)
+            # each pod runs in a containerd / CRI-O / Docker style group (eastwest/lab/containers)
+            side = "client" if observer == "client" else "server"
+            assert t[f"{side}_container"] is not None, "the lab gave its pods no container"
+            assert r.container == t[f"{side}_container"], (observer, t)
+            assert r.cgroup is not None and r.cgroup.path == t[f"{side}_cgroup"], (observer, t)
             assert (r.resets > 0) == (t["outcome"] in ("reset", "refused"))
 
 

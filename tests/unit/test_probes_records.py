@@ -11,7 +11,7 @@ import pytest
 from collector.pipeline import CollectorContext
 from collector.probes.conn import OWNER_CONTEXT, OWNER_NONE, ROLE_CLIENT, ROLE_SERVER, ConnState
 from collector.probes.records import RecordBuilder, address, connect_outcome
-from collector.proc import ProcessCache, container_id
+from collector.proc import ProcessCache
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -93,19 +93,6 @@ def test_unknown_owner_and_missing_hooks_are_marked_incomplete():
 def test_rtt_summary():
     r = build(state(rtt_count=4, rtt_sum_us=100, rtt_min_us=10, rtt_max_us=60))
     assert (r.rtt_us.min, r.rtt_us.avg, r.rtt_us.max) == (10, 25, 60)
-
-
-@pytest.mark.parametrize("path, cid", [
-    ("/kubepods/burstable/pod1234/" + "a" * 64, "a" * 64),
-    ("/kubepods.slice/kubepods-pod1.slice/cri-containerd-" + "b" * 64 + ".scope", "b" * 64),
-    ("/kubepods.slice/crio-" + "c" * 64 + ".scope", "c" * 64),
-    ("/system.slice/docker-" + "d" * 64 + ".scope", "d" * 64),
-    ("/docker/" + "e" * 64, "e" * 64),
-    ("/user.slice/session-1.scope", None),
-    (None, None),
-])
-def test_container_id_from_cgroup_path(path, cid):
-    assert container_id(path) == cid
 
 
 def test_records_of_one_process_share_one_process_object_and_one_cmdline_read(tmp_path):
