@@ -148,7 +148,7 @@ def attributes(conn: Connection) -> dict[str, Any]:
         a["eastwest.rtt_us"] = conn.rtt[1]
     if conn.tunnel is not None:
         t = conn.tunnel
-        a["eastwest.vni"] = t.vni
+        a["eastwest.vni"], a["eastwest.tunnel.type"] = t.vni, t.type
         a["eastwest.vtep.source"], a["eastwest.vtep.destination"] = t.vtep_src, t.vtep_dst
         if t.vtep_src_host:
             a["eastwest.vtep.source_host"] = t.vtep_src_host

@@ -117,6 +117,7 @@ def test_reset_connections_are_errors_and_the_vxlan_tunnel_is_an_attribute(tmp_p
     assert client.status == Status.STATUS_CODE_ERROR
     assert client.attributes["eastwest.connection.outcome"] == "reset"
     assert client.attributes["eastwest.vni"] == 42
+    assert client.attributes["eastwest.tunnel.type"] == "vxlan"
     assert client.attributes["eastwest.observed_by"] == ["client", "path", "server"]
     assert client.resource["host.name"] == "h1"
 
