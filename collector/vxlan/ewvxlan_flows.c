@@ -232,6 +232,17 @@ static struct hot *new_sess(struct ew_scan *s, struct key *e, int newkey, int64_
     return x;
 }
 
+/* one tunnel's outer header as a session row keeps it: fam, src hi/lo, dst hi/lo, dport */
+static inline void put_outer(uint64_t *q, uint64_t fam, uint64_t src_hi, uint64_t src_lo,
+                             uint64_t dst_hi, uint64_t dst_lo, uint64_t dport) {
+    q[0] = fam;
+    q[1] = src_hi;
+    q[2] = src_lo;
+    q[3] = dst_hi;
+    q[4] = dst_lo;
+    q[5] = dport;
+}
+
 static int add(struct ew_scan *s, const struct ew_row *r, int64_t ts, int64_t idle_us) {
     int swap = r->src_hi > r->dst_hi ||
                (r->src_hi == r->dst_hi &&
@@ -305,21 +316,11 @@ static int add(struct ew_scan *s, const struct ew_row *r, int64_t ts, int64_t id
                              (c->rep_dir != EW_DIR_NONE ? HAVE_REP : 0));
         if (!(x->have & have)) {
             uint64_t *o = c->outer[swap];
-            o[0] = r->ofam;
-            o[1] = r->osrc_hi;
-            o[2] = r->osrc_lo;
-            o[3] = r->odst_hi;
-            o[4] = r->odst_lo;
-            o[5] = r->odport;
+            put_outer(o, r->ofam, r->osrc_hi, r->osrc_lo, r->odst_hi, r->odst_lo, r->odport);
             for (int k = 0; k < EW_MAX_TUNNELS - 1; k++) {
                 const struct ew_around *t = &r->x[k];
-                uint64_t *q = o + 6 * (k + 1);
-                q[0] = t->fam;
-                q[1] = t->src_hi;
-                q[2] = t->src_lo;
-                q[3] = t->dst_hi;
-                q[4] = t->dst_lo;
-                q[5] = t->dport;
+                put_outer(o + 6 * (k + 1), t->fam, t->src_hi, t->src_lo, t->dst_hi, t->dst_lo,
+                          t->dport);
             }
             x->have |= (uint8_t)have;
         }
