@@ -103,6 +103,7 @@ def daemonset_options(spool: Path) -> tuple[str, ...]:
         host = Path(v["hostPath"]["path"])
         if m["mountPath"] == "/var/lib/eastwest/spool":
             host = spool
+            host.mkdir(parents=True, exist_ok=True)
         elif v["hostPath"].get("type") == "DirectoryOrCreate":
             host.mkdir(parents=True, exist_ok=True)
         mode = "ro" if m.get("readOnly") else "rw"
@@ -213,8 +214,11 @@ def test_collector_check_passes_with_exactly_what_the_daemonset_gives(image, tmp
 def test_collector_in_the_image_loads_its_probes_and_records_each_connect(image, tmp_path):
     """With the DaemonSet's privileges the collector compiles and attaches its probes inside the
     container and records each of 7 refused connects from the container's own namespace, once,
-    with the process that made them (hostPID: the node's /proc)."""
-    opts = daemonset_options(tmp_path) + ("-v", f"{HERE}:/probe:ro", "--entrypoint", "python3")
+    with the process that made them (hostPID: the node's /proc) and the container they came
+    from (its id in the cgroup path, read through the node's cgroup tree the DaemonSet mounts)."""
+    cidfile = tmp_path / "cid"
+    opts = daemonset_options(tmp_path / "spool") + (
+        "-v", f"{HERE}:/probe:ro", "--entrypoint", "python3", "--cidfile", str(cidfile))
     r = podman_run(image, "/probe/collector_driver.py", "7", "47001", "47123", opts=opts)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
@@ -226,6 +230,7 @@ def test_collector_in_the_image_loads_its_probes_and_records_each_connect(image,
     assert len({x["client"]["port"] for x in recs}) == 7
     assert all(x["process"]["cmdline"].startswith("python3 /probe/collector_driver.py")
                for x in recs)
+    assert {x["container"] for x in recs} == {cidfile.read_text().strip()}
 
 
 def test_a_second_build_reuses_everything_and_saves_an_archive_of_the_image(image, tmp_path):
