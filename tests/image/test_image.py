@@ -233,6 +233,61 @@ def test_collector_in_the_image_loads_its_probes_and_records_each_connect(image,
     assert {x["container"] for x in recs} == {cidfile.read_text().strip()}
 
 
+def stop_as_the_kubelet_does(name: str, ready: list[str], seen: str) -> tuple[float, str]:
+    """Waits until `podman exec NAME *ready` makes `seen` appear in the container's output, then
+    sends SIGTERM (podman stop, as the kubelet does; the process is PID 1, which ignores any
+    signal it did not ask for). Its seconds to stop and exit status."""
+    deadline = time.monotonic() + 180
+    while True:
+        subprocess.run(["podman", "exec", name, *ready], capture_output=True, timeout=60)
+        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+        if seen in logs.stdout + logs.stderr:
+            break
+        assert time.monotonic() < deadline, f"{name} never became ready:\n{logs.stderr[-3000:]}"
+        time.sleep(1)
+    t0 = time.monotonic()
+    subprocess.run(["podman", "stop", "--time", "30", name], capture_output=True, check=True)
+    took = time.monotonic() - t0
+    return took, inspect_container(name, "{{.State.ExitCode}}")
+
+
+def inspect_container(name: str, fmt: str) -> str:
+    return subprocess.run(["podman", "container", "inspect", "--format", fmt, name],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("role", ["collector", "aggregator"])
+def test_each_role_stops_on_sigterm_as_pid_1_well_inside_the_grace_period(image, tmp_path, role):
+    """The image's entrypoint is the process itself (no init): on SIGTERM each role stops
+    cleanly (exit 0) in seconds, not at the kill after terminationGracePeriodSeconds (30)."""
+    name = f"eastwest-test-{role}-{os.getpid()}"
+    if role == "collector":
+        opts = daemonset_options(tmp_path / "spool")
+        args = ["collector", "--no-vxlan", "--stdout", "--interval", "1", "--spool-dir",
+                "/tmp/spool"]
+        # a refused connect in the container's namespace shows up once the probes are attached
+        ready = ["python3", "-c", "import socket; socket.socket().connect_ex(('127.0.0.1', 47002))"]
+        seen = '"port":47002'
+    else:
+        opts = ("--cap-drop", "ALL", "--read-only", "--tmpfs", "/tmp")
+        args = ["aggregator", "--listen", "127.0.0.1:8470", "--data", "/tmp/data",
+                "--insecure-open"]
+        ready = ["python3", "-c", "import httpx; print(httpx.get('http://127.0.0.1:8470/readyz'))"]
+        seen = "serving http://127.0.0.1:8470"
+    detached = [a for a in RUN if a != "--rm"]
+    subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+    try:
+        subprocess.run([*detached, "--detach", "--name", name, *opts, image, *args],
+                       capture_output=True, check=True)
+        took, status = stop_as_the_kubelet_does(name, ready, seen)
+        assert status == "0", subprocess.run(["podman", "logs", name], capture_output=True,
+                                             text=True).stderr[-3000:]
+        assert took < 15, f"{role} took {took:.0f} s to stop on SIGTERM"
+    finally:
+        subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+
+
 def test_a_second_build_reuses_everything_and_saves_an_archive_of_the_image(image, tmp_path):
     """Nothing changed: the base, the wheels and every layer are reused (same image id), in
     seconds. --save writes an OCI archive that names the image with its full reference (what
