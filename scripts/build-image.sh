@@ -4,6 +4,7 @@
 # Idempotent: each step reuses what it made last time when its inputs did not change.
 # `scripts/build-image.sh --help` explains the steps, the options and the cache.
 set -euo pipefail
+HERE=$PWD   # file names given as options are relative to where the script was started
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
@@ -80,6 +81,10 @@ while [ $# -gt 0 ]; do
 done
 case "$FORMAT" in oci-archive|docker-archive) ;; *)
   die "--format '$FORMAT': use oci-archive or docker-archive" ;; esac
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$HERE" "$1" ;; esac; }
+[ -z "$SAVE" ] || SAVE=$(absolute "$SAVE")
+CACHE=$(absolute "$CACHE")
+[ -z "$MIRROR" ] || [ ! -e "$HERE/$MIRROR" ] || MIRROR=$(absolute "$MIRROR")
 
 # --- what the build needs from this machine ---------------------------------------------------
 [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap and podman's storage in /var/lib/containers)"

@@ -256,8 +256,7 @@ def inspect_container(name: str, fmt: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-@pytest.mark.bpf
-@pytest.mark.parametrize("role", ["collector", "aggregator"])
+@pytest.mark.parametrize("role", [pytest.param("collector", marks=pytest.mark.bpf), "aggregator"])
 def test_each_role_stops_on_sigterm_as_pid_1_well_inside_the_grace_period(image, tmp_path, role):
     """The image's entrypoint is the process itself (no init): on SIGTERM each role stops
     cleanly (exit 0) in seconds, not at the kill after terminationGracePeriodSeconds (30)."""
