@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv web run demo test test-unit test-golden test-lab bench lint clean
+.PHONY: help setup system venv web run demo test test-unit test-golden test-lab test-image image bench lint clean
 
 help:
 	@echo "make run    install what is missing, start eastwest on this host (Ctrl-C stops it)"
@@ -13,6 +13,8 @@ help:
 	@echo "make test   install what is missing, lint, and run the whole suite (unit, golden, lab)"
 	@echo "make bench  side-by-side benchmarks; results in docs/benchmarks.md"
 	@echo "make lint   ruff and mypy"
+	@echo "make image  the container image (collector + aggregator) with podman; docs/deploy.md"
+	@echo "            (IMAGE_ARGS='--save eastwest.tar' also writes an archive; see --help)"
 
 setup: system venv web
 
@@ -42,6 +44,13 @@ test-golden: setup
 
 test-lab: setup
 	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
+
+# scripts/build-image.sh --help: the steps, the cache, loading the image into a cluster
+image: setup
+	@bash scripts/build-image.sh $(IMAGE_ARGS)
+
+test-image: setup
+	$(PY) -m pytest tests/image $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -28,6 +28,9 @@ PKGS=(
   chromium chromium-driver
   # the docs' zsh completion example, run as written by tests/docs
   zsh
+  # the container image (scripts/build-image.sh, tests/image): a base root filesystem from
+  # Debian packages, then podman builds on it; runc because crun refuses hybrid-cgroup hosts
+  mmdebstrap podman runc
 )
 # ${EASTWEST_EXTRA_PKGS} lets a later issue add packages without editing this list by hand.
 read -r -a EXTRA <<<"${EASTWEST_EXTRA_PKGS:-}"
@@ -40,10 +43,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  apt-get -o DPkg::Lock::Timeout=900 update -qq
   # tshark asks whether non-root users may capture; answer once, non-interactively
   echo 'wireshark-common wireshark-common/install-setuid boolean false' | debconf-set-selections
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # the lock timeout: another apt run on the machine (unattended upgrades, a second setup) waits
+  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   say "Debian packages present"
 fi
@@ -53,12 +57,13 @@ fi
 # why every struct offset the probes use comes from the running kernel's BTF instead.
 K=$(uname -r)
 if [ ! -e "/lib/modules/$K/build" ]; then
-  if apt-get install -y -qq "linux-headers-$K" >/dev/null 2>&1; then
+  if apt-get -o DPkg::Lock::Timeout=900 install -y -qq "linux-headers-$K" >/dev/null 2>&1; then
     say "installed linux-headers-$K"
   else
     arch=$(dpkg --print-architecture)
     dpkg-query -W -f='${Status}' "linux-headers-$arch" 2>/dev/null | grep -q 'install ok installed' \
-      || { apt-get update -qq; apt-get install -y -qq "linux-headers-$arch" >/dev/null; }
+      || { apt-get -o DPkg::Lock::Timeout=900 update -qq
+           apt-get -o DPkg::Lock::Timeout=900 install -y -qq "linux-headers-$arch" >/dev/null; }
     H=$(ls -d /usr/src/linux-headers-*-"$arch" | sort -V | tail -n1)
     mkdir -p "/lib/modules/$K"
     ln -sfn "$H" "/lib/modules/$K/build"

@@ -1,5 +1,6 @@
 """Shared fixtures. Layers: tests/unit (no root), tests/golden (captures -> records), tests/lab
-(root + real namespaces + real eBPF). Lab tests never skip silently: without root they fail."""
+(root + real namespaces + real eBPF), tests/image (root + podman: the container image built and
+run as deployed). Lab and image tests never skip silently: without root they fail."""
 
 from __future__ import annotations
 

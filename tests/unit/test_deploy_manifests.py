@@ -67,11 +67,32 @@ def test_collector_has_host_namespaces_and_only_the_capabilities_it_uses():
     hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert hostpaths["tracefs"] == "/sys/kernel/tracing" and hostpaths["bpffs"] == "/sys/fs/bpf"
     assert hostpaths["debugfs"] == "/sys/kernel/debug"
+    # the node's cgroup tree at its own path and the node's /proc, both read-only
+    by_name = {m["name"]: m for m in c["volumeMounts"]}
+    assert hostpaths["cgroup"] == "/sys/fs/cgroup" and hostpaths["proc"] == "/proc"
+    assert by_name["cgroup"] == {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True}
+    assert by_name["proc"] == {"name": "proc", "mountPath": "/host/proc", "readOnly": True}
     # SYS_ADMIN only in the patch for kernels before 5.8
     patch = yaml.safe_load((K8S / "collector-sys-admin.patch.yaml").read_text())
     (pc,) = patch["spec"]["template"]["spec"]["containers"]
     assert "SYS_ADMIN" in pc["securityContext"]["capabilities"]["add"]
     assert "SYS_ADMIN" not in sc["capabilities"]["add"]
+
+
+def test_manifests_name_the_image_of_this_version_and_the_aggregator_runs_as_its_user():
+    """The tag scripts/build-image.sh gives the image is the one both workloads run; the
+    aggregator's uid is the image's USER (deploy/image/Containerfile), the collector's is root."""
+    from eastwest import __version__
+
+    for kind, name in (("Deployment", "eastwest-aggregator"), ("DaemonSet", "eastwest-collector")):
+        (c,) = one(kind, name)["spec"]["template"]["spec"]["containers"]
+        assert c["image"] == f"ghcr.io/eastwest/eastwest:{__version__}", name
+    containerfile = (ROOT / "image" / "Containerfile").read_text()
+    assert "\nUSER 10470:10470\n" in containerfile
+    sc = one("Deployment", "eastwest-aggregator")["spec"]["template"]["spec"]["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == sc["runAsGroup"] == 10470
+    (c,) = one("DaemonSet", "eastwest-collector")["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["runAsUser"] == 0
 
 
 def test_metadata_rbac_is_read_only():

@@ -6,6 +6,7 @@ setup script cited an install page in docs/ that never existed)."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -69,13 +70,15 @@ def test_a_scoped_collector_without_an_underlay_warns_that_it_gives_no_wire_reco
 # flags the docs name that belong to other programs, with the program
 OTHER_PROGRAMS = {"--from-literal": "kubectl", "--patch-file": "kubectl", "--now": "systemctl",
                   "--web": "prometheus (--web.enable-remote-write-receiver)",
-                  "--mode": "iptables (-m statistic --mode nth)"}
+                  "--mode": "iptables (-m statistic --mode nth)",
+                  "--network": "podman build (--network none)"}
 
 
 def test_every_flag_the_docs_name_is_a_flag_of_eastwest():
     """`--flag` in inline code of README.md and docs/ (benchmarks.md names its bench scripts'
-    flags) is an option of some `eastwest` command, or of the other program named here: a flag
-    renamed or removed in the CLI fails here, not in a reader's shell."""
+    flags) is an option of some `eastwest` command, of scripts/build-image.sh, or of the other
+    program named here: a flag renamed or removed in the CLI fails here, not in a reader's
+    shell."""
     import argparse
 
     from eastwest.cli import build_parser
@@ -90,6 +93,10 @@ def test_every_flag_the_docs_name_is_a_flag_of_eastwest():
                     walk(sub)
 
     walk(build_parser())
+    # the image build script's options, from its own --help (it answers without root)
+    helptext = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), "--help"],
+                              capture_output=True, text=True, check=True).stdout
+    options.update(re.findall(r"^  (--[a-z][a-z0-9-]*)", helptext, flags=re.M))
     unknown: dict[str, set[str]] = {}
     for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         if p.name == "benchmarks.md":
