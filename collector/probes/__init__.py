@@ -43,16 +43,17 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
 
 
 def cgroup_root(args: argparse.Namespace) -> Path | None:
-    """`--cgroup-root`: a cgroup v2 tree (its root holds `cgroup.controllers`), else None (this
-    system's own cgroup2 mount)."""
+    """`--cgroup-root`: a cgroup v2 tree (its root holds `cgroup.controllers`; on a hybrid host
+    the tmpfs above it, whose `unified/` is the tree), else None (this system's own mount)."""
     given = getattr(args, "cgroup_root", None)
     if not given:
         return None
-    root = Path(given)
-    if not (root / "cgroup.controllers").is_file():
-        raise ConfigError("--cgroup-root", given, "is not a cgroup v2 tree (no cgroup.controllers "
-                          "in it); give the host's cgroup2 mount, e.g. /sys/fs/cgroup")
-    return root
+    for root in (Path(given), Path(given) / "unified"):  # a hybrid host's tmpfs: its cgroup2
+        if (root / "cgroup.controllers").is_file():
+            return root
+    raise ConfigError("--cgroup-root", given, "is not a cgroup v2 tree (no cgroup.controllers "
+                      "in it or in its unified/); give the host's cgroup2 mount, e.g. "
+                      "/sys/fs/cgroup")
 
 
 def bpf_source(args: argparse.Namespace) -> str:

@@ -6,7 +6,7 @@ first to a warm-up port until a record of it shows the probes are attached, then
 `count` times to the measured port. Out (stdout, one JSON object): the records of the measured
 port, the container's network namespace inode, the collector's exit status and stderr tail.
 
-Usage: python3 /probe/collector_driver.py COUNT WARMUP_PORT PORT
+Usage: python3 /probe/collector_driver.py COUNT WARMUP_PORT PORT [COLLECTOR FLAG...]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> int:
     netns = os.stat("/proc/self/ns/net").st_ino
     proc = subprocess.Popen(
         ["eastwest", "collector", "--no-vxlan", "--stdout", "--interval", "1",
-         "--spool-dir", "/tmp/spool", "--collector-id", "image-test"],
+         "--spool-dir", "/tmp/spool", "--collector-id", "image-test", *sys.argv[4:]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, list[dict]] = {warm_port: [], port: []}
     lock = threading.Lock()

@@ -113,6 +113,15 @@ def daemonset_options(spool: Path) -> tuple[str, ...]:
     return tuple(opts)
 
 
+def daemonset_flags(*names: str) -> list[str]:
+    """The collector's flags in deploy/kubernetes/collector.yaml with these names."""
+    ds = yaml.safe_load((REPO / "deploy/kubernetes/collector.yaml").read_text())
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    got = [a for a in c["args"] if a.split("=", 1)[0] in names]
+    assert len(got) == len(names), (names, c["args"])
+    return got
+
+
 def test_the_image_runs_eastwest_of_the_package_version_under_both_tags(image):
     r = podman_run(image, "--version")
     assert r.returncode == 0, r.stderr
@@ -219,7 +228,8 @@ def test_collector_in_the_image_loads_its_probes_and_records_each_connect(image,
     cidfile = tmp_path / "cid"
     opts = daemonset_options(tmp_path / "spool") + (
         "-v", f"{HERE}:/probe:ro", "--entrypoint", "python3", "--cidfile", str(cidfile))
-    r = podman_run(image, "/probe/collector_driver.py", "7", "47001", "47123", opts=opts)
+    r = podman_run(image, "/probe/collector_driver.py", "7", "47001", "47123",
+                   *daemonset_flags("--cgroup-root"), opts=opts)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["attached"], got["stderr"]

@@ -99,6 +99,10 @@ def test_cgroup_root_flag_names_a_folder_that_is_no_cgroup_tree(tmp_path) -> Non
     assert cgroup_root(argparse.Namespace(cgroup_root=None)) is None
     with pytest.raises(ConfigError, match="--cgroup-root.*not a cgroup v2 tree"):
         cgroup_root(argparse.Namespace(cgroup_root=str(tmp_path)))
+    hybrid = tmp_path / "hybrid"  # a hybrid node's /sys/fs/cgroup: a tmpfs, cgroup2 in unified/
+    (hybrid / "unified").mkdir(parents=True)
+    (hybrid / "unified/cgroup.controllers").write_text("")
+    assert cgroup_root(argparse.Namespace(cgroup_root=str(hybrid))) == hybrid / "unified"
 
 
 def test_cgroup2_mount_of_a_hybrid_and_a_unified_host(tmp_path) -> None:

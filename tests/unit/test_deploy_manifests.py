@@ -67,10 +67,13 @@ def test_collector_has_host_namespaces_and_only_the_capabilities_it_uses():
     hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert hostpaths["tracefs"] == "/sys/kernel/tracing" and hostpaths["bpffs"] == "/sys/fs/bpf"
     assert hostpaths["debugfs"] == "/sys/kernel/debug"
-    # the node's cgroup tree at its own path and the node's /proc, both read-only
+    # the node's cgroup tree beside the container's own, named by --cgroup-root, and the node's
+    # /proc, both read-only
     by_name = {m["name"]: m for m in c["volumeMounts"]}
     assert hostpaths["cgroup"] == "/sys/fs/cgroup" and hostpaths["proc"] == "/proc"
-    assert by_name["cgroup"] == {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True}
+    assert by_name["cgroup"] == {"name": "cgroup", "mountPath": "/host/sys/fs/cgroup",
+                                 "readOnly": True}
+    assert f"--cgroup-root={by_name['cgroup']['mountPath']}" in c["args"]
     assert by_name["proc"] == {"name": "proc", "mountPath": "/host/proc", "readOnly": True}
     # SYS_ADMIN only in the patch for kernels before 5.8
     patch = yaml.safe_load((K8S / "collector-sys-admin.patch.yaml").read_text())
