@@ -56,7 +56,7 @@ def static_map() -> StaticMap:
 class Source:
     """A pluggable resolver layer (as Kubernetes): knows one service by ip:port."""
 
-    def lookup(self, ip: str, port: int) -> Identity | None:
+    def lookup(self, ip: str, port: int, at: datetime) -> Identity | None:
         if ip == "192.168.9.9" and port == 9090:
             return Identity("pod-9", "k8s", "Pod", "h3", {"pod": "9"}, "kubernetes")
         return None
