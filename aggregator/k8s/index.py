@@ -208,6 +208,7 @@ class Index:
         self.keep_deleted_s, self.skew_s = keep_deleted_s, skew_s
         self.clock = clock or time.time
         self.tables = {k: Table() for k in KINDS}
+        self._next_prune = 0.0
         self.objects: dict[str, int] = dict.fromkeys(KINDS, 0)
         self._uids: dict[str, set[str]] = {k: set() for k in KINDS}
         self._lock = threading.Lock()
@@ -227,6 +228,10 @@ class Index:
                 table.set(owner, ips, ident, ts(meta.get("creationTimestamp")), now)
                 uids.add(owner)
             self.objects[kind] = len(uids)
+            if now >= self._next_prune:  # ended owners past keep_deleted, once a minute
+                self._next_prune = now + 60.0
+                for t in self.tables.values():
+                    t.prune(now - self.keep_deleted_s)
 
     def replace(self, kind: str, items: Iterable[Mapping[str, Any]]) -> None:
         """A full list: objects not in it were deleted meanwhile; the others as events."""

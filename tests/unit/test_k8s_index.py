@@ -171,3 +171,15 @@ def test_a_relabelled_owner_names_new_connections_by_the_new_labels(kind):
     old, new = ix.lookup("10.42.0.50", T + 5), ix.lookup("10.42.0.50", T + 20)
     assert old is not None and new is not None
     assert (old.labels["v"], new.labels["v"]) == ("1", "2")
+
+
+def test_watch_events_forget_ended_owners_past_keep_deleted_without_a_relist():
+    wall = Wall()
+    ix = Index(keep_deleted_s=600, clock=wall)
+    a = with_uid(pod("a-1", "shop", "10.42.0.7", "n1", created=iso(T - 600)), "ua")
+    ix.replace("pods", [])
+    ix.apply("pods", "ADDED", a)
+    ix.apply("pods", "DELETED", a)
+    wall.t = T + 700
+    ix.apply("pods", "ADDED", with_uid(pod("b-1", "shop", "10.42.0.99", "n1"), "ub"))
+    assert ix.tables["pods"].spans.get("10.42.0.7") is None

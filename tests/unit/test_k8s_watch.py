@@ -169,13 +169,16 @@ def test_a_refused_token_is_a_named_error_and_retried(fake, certs, tmp_path):
     bad.write_text("wrong-token-0000000000")
     k = watcher(fake, certs, bad, resources=("pods",))
     try:
+        fake.put("pods", pod("d-1", "shop", "10.42.0.24", "n1"))
         until(lambda: k.state["pods"].errors >= 2, "two failed lists (backoff, then retry)")
+        assert wid(k, "10.42.0.24") is None  # nothing listed yet: the layers below name it
         err = k.status()["last_error"]
         assert "401 Unauthorized" in err and "--k8s-token-file" in err
         assert not k.status()["connected"] and not k.synced()
         bad.write_text(TOKEN)  # fixed: the next retry reads the file again and gets in
         assert k.wait_synced(10)
         until(lambda: k.status()["last_error"] is None, "the error cleared")
+        assert wid(k, "10.42.0.24") == "Pod:shop/d-1"
     finally:
         k.stop()
 
