@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from aggregator.api.params import check_names
 from aggregator.auth import require_read
 from eastwest import __version__
 
@@ -23,6 +24,7 @@ router = APIRouter(dependencies=[Depends(require_read)])
 @router.get("/api/v1/status", summary="The aggregator's inputs: correlation backlog, "
             "Kubernetes identity (connected, last error, objects indexed, last event)")
 def status(request: Request) -> dict[str, Any]:
+    check_names(request, set(), filters=False)  # no parameters: a typo is a 400, as everywhere
     pipe = request.app.state.pipeline
     kube = pipe.kubernetes
     return {
