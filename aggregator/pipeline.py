@@ -191,6 +191,7 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
     p._owned = owned
     p.kubernetes = kubernetes
     if kubernetes is not None:
+        metrics.registry.register(_KubernetesMetrics(kubernetes))
         kubernetes.start()
     correlation.start()
     return p
@@ -223,3 +224,38 @@ class _CorrelationMetrics(Collector):
         yield CounterMetricFamily("eastwest_identity_late_names", "records that knew an end "
                                   "better after its name was final (--identity-settle): the "
                                   "name was kept", value=self.correlator.late_names)
+
+
+class _KubernetesMetrics(Collector):
+    """The Kubernetes identity layer per resource (aggregator/k8s/watch.py): for alerts, what
+    GET /api/v1/status shows in detail."""
+
+    def __init__(self, kubernetes: KubernetesIdentity) -> None:
+        self.kubernetes = kubernetes
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        k = self.kubernetes
+        synced = GaugeMetricFamily("eastwest_kubernetes_synced", "1 once the resource was "
+                                   "listed (until then its lookups answer nothing and lower "
+                                   "layers name the ends)", labels=["resource"])
+        healthy = GaugeMetricFamily("eastwest_kubernetes_connected", "1 while the resource's "
+                                    "list/watch works (0 after an error until a list succeeds)",
+                                    labels=["resource"])
+        objects = GaugeMetricFamily("eastwest_kubernetes_objects", "objects of the resource "
+                                    "indexed now", labels=["resource"])
+        errors = CounterMetricFamily("eastwest_kubernetes_errors", "failed lists and watches "
+                                     "(TLS, 401, 403, network, 5xx), each followed by a "
+                                     "backoff and a new list", labels=["resource"])
+        lists = CounterMetricFamily("eastwest_kubernetes_lists", "full lists, by why",
+                                    labels=["resource", "reason"])
+        events = CounterMetricFamily("eastwest_kubernetes_events", "watch events applied "
+                                     "(ADDED, MODIFIED, DELETED)", labels=["resource"])
+        for r, st in k.state.items():
+            synced.add_metric([r], float(st.synced))
+            healthy.add_metric([r], float(st.synced and st.last_error is None))
+            objects.add_metric([r], k.index.objects.get(r, 0))
+            errors.add_metric([r], st.errors)
+            lists.add_metric([r, "gone"], st.relists_gone)
+            lists.add_metric([r, "start_or_error"], max(0, st.lists - st.relists_gone))
+            events.add_metric([r], st.events)
+        yield from (synced, healthy, objects, errors, lists, events)

@@ -105,6 +105,7 @@ def test_list_then_watch_events_change_the_index(fake, certs, token_file):
         assert st["objects"] == {"pods": 2, "services": 0, "endpointslices": 1, "nodes": 1}
         assert st["resources"]["pods"]["events"] == 2 and st["last_event"] is not None
         assert len(fake.calls("pods", watch=False)) == 1  # no re-list: the watch carried it
+        assert st["resources"]["pods"]["lists"] == 1
     finally:
         k.stop()
 
@@ -213,6 +214,10 @@ def test_a_wrong_ca_is_a_named_tls_error_in_status_and_the_aggregator_keeps_serv
         assert st["objects"] == {"pods": 0, "services": 0, "endpointslices": 0, "nodes": 0}
         assert st["ca"] == str(other.ca_file) and TOKEN not in str(st)  # never a secret
         assert client.get("/healthz").json() == {"status": "ok"}
+        metrics = client.get("/metrics").text
+        assert 'eastwest_kubernetes_connected{resource="pods"} 0.0' in metrics
+        assert 'eastwest_kubernetes_synced{resource="nodes"} 0.0' in metrics
+        assert 'eastwest_kubernetes_errors_total{resource="pods"}' in metrics
         assert client.get("/api/v1/graph").status_code == 200  # serving, names from below
         assert not any(a for _, _, _, a in fake.requests)  # no request got through: no token sent
     assert not any(t.name.startswith("eastwest-k8s") and t.is_alive()
