@@ -43,9 +43,11 @@ OBJ_KIND = {"pods": "Pod", "services": "Service", "endpointslices": "EndpointSli
 
 # -- certificates -------------------------------------------------------------------------------
 class Certs:
-    """A CA and a server certificate it signed (SAN 127.0.0.1, ::1, localhost), as PEM files."""
+    """A CA and a server certificate it signed (SAN 127.0.0.1, ::1, localhost unless `san`
+    says otherwise), as PEM files."""
 
-    def __init__(self, directory: Path, name: str = "fake-cluster") -> None:
+    def __init__(self, directory: Path, name: str = "fake-cluster",
+                 san: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         now = dt.datetime.now(dt.UTC)
         ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -65,10 +67,8 @@ class Certs:
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - dt.timedelta(days=1))
                 .not_valid_after(now + dt.timedelta(days=2))
-                .add_extension(x509.SubjectAlternativeName([
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")), x509.DNSName("localhost")]),
-                    critical=False)
+                .add_extension(x509.SubjectAlternativeName([_san(x) for x in san]),
+                               critical=False)
                 .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
                                critical=False)
                 .sign(ca_key, hashes.SHA256()))
@@ -82,6 +82,13 @@ class Certs:
         self.key_file.write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
+
+
+def _san(text: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(text))
+    except ValueError:
+        return x509.DNSName(text)
 
 
 # -- the server ---------------------------------------------------------------------------------

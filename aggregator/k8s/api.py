@@ -171,6 +171,10 @@ class KubeApi:
         verify = _find(exc, ssl.SSLCertVerificationError)
         if verify is not None:
             cause = verify.verify_message or str(verify)
+            if "mismatch" in cause:  # trusted, but issued for another name or address
+                return KubeError(f"TLS to {self.cfg.server}: certificate verify failed: "
+                                 f"{cause}: give --k8s-api a name or address the API server's "
+                                 "certificate names")
             return KubeError(f"TLS to {self.cfg.server}: certificate verify failed: {cause}: "
                              f"give the cluster CA with {_ca_hint(self.cfg)}")
         tls = _find(exc, ssl.SSLError)

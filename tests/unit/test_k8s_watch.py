@@ -274,3 +274,17 @@ def test_a_reused_pod_ip_names_each_connection_after_the_pod_that_had_it_then(
     finally:
         d.close()
         k.stop()
+
+
+def test_a_certificate_for_another_name_is_named_as_such(tmp_path, token_file):
+    wrong = Certs(tmp_path / "pki", name="named-cluster", san=("kubernetes.default.svc",))
+    with FakeApiServer(wrong, tokens={TOKEN}) as api:
+        k = watcher(api, wrong, token_file, resources=("pods",))
+        try:
+            until(lambda: k.status()["last_error"], "the TLS error")
+            assert k.status()["last_error"] == (
+                f"TLS to {api.url}: certificate verify failed: IP address mismatch, certificate "
+                "is not valid for '127.0.0.1'.: give --k8s-api a name or address the API "
+                "server's certificate names")
+        finally:
+            k.stop()
