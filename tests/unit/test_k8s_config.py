@@ -53,6 +53,23 @@ def test_in_cluster_uses_the_service_host_the_token_file_and_the_ca(tmp_path, ce
                                         "KUBERNETES_SERVICE_PORT": "443"}, sa_dir=sa)
 
 
+def test_in_cluster_reaches_the_fake_cluster_with_the_mounted_token_and_ca(tmp_path, certs):
+    sa = sa_dir(tmp_path, certs)
+    with FakeApiServer(certs, tokens={TOKEN}) as fake:
+        fake.put("nodes", {"metadata": {"name": "n1"}, "status": {"addresses": []}})
+        port = fake.url.rsplit(":", 1)[1]
+        cfg = load_cluster("in-cluster", env={"KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                                              "KUBERNETES_SERVICE_PORT": port}, sa_dir=sa)
+        assert cfg is not None
+        api = KubeApi(cfg)
+        try:
+            items, _ = api.list("nodes")
+        finally:
+            api.close()
+        assert [n["metadata"]["name"] for n in items] == ["n1"]
+        assert fake.requests[-1][3] == f"Bearer {TOKEN}"
+
+
 def kubeconfig(tmp_path: Path, certs: Certs, server: str, **user: object) -> Path:
     doc = {"apiVersion": "v1", "kind": "Config", "current-context": "lab",
            "clusters": [{"name": "c1", "cluster": {
