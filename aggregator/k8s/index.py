@@ -29,6 +29,7 @@ An address owned by several kinds at once is named by the first of pod, service,
 from __future__ import annotations
 
 import bisect
+import ipaddress
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -78,8 +79,25 @@ def _key(meta: Mapping[str, Any]) -> str:
     return str(meta.get("uid") or f"{meta.get('namespace') or ''}/{meta.get('name') or ''}")
 
 
+def _canonical(ips: Iterable[Any]) -> list[str]:
+    """Addresses as the collectors write them (RFC 5952 for IPv6: `fd00::1`, not
+    `fd00:0:0::1`), each once; what is not an address is left out."""
+    out: dict[str, None] = {}
+    for ip in ips:
+        try:
+            out[ipaddress.ip_address(str(ip)).compressed] = None
+        except ValueError:
+            continue
+    return list(out)
+
+
 def addresses(kind: str, obj: Mapping[str, Any]) -> tuple[list[str], Identity | None]:
     """The addresses `obj` owns now and the identity they name (none: it owns nothing)."""
+    ips, ident = _addresses(kind, obj)
+    return _canonical(ips), ident
+
+
+def _addresses(kind: str, obj: Mapping[str, Any]) -> tuple[list[str], Identity | None]:
     meta = obj.get("metadata") or {}
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
@@ -260,6 +278,7 @@ class Index:
             return sum(t.prune(before) for t in self.tables.values())
 
     def lookup(self, ip: str, at: float) -> Identity | None:
+        """`ip` as the collectors write it (canonical: see `_canonical`)."""
         for kind in KINDS:
             hit = self.tables[kind].lookup(ip, at, self.skew_s)
             if hit is not None:

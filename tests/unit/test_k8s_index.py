@@ -183,3 +183,10 @@ def test_watch_events_forget_ended_owners_past_keep_deleted_without_a_relist():
     wall.t = T + 700
     ix.apply("pods", "ADDED", with_uid(pod("b-1", "shop", "10.42.0.99", "n1"), "ub"))
     assert ix.tables["pods"].spans.get("10.42.0.7") is None
+
+
+def test_addresses_are_indexed_in_the_collectors_canonical_form():
+    ix = Index(clock=Wall())
+    ix.replace("pods", [with_uid(pod("v6", "shop", ["FD00:0:0::0A", "not-an-ip"], "n1",
+                                     created=iso(T - 60)), "u6")])
+    assert name(ix, "fd00::a", T) == "Pod:shop/v6"
