@@ -106,6 +106,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, str, dict[str, str], str | None]] = []  # method, res, q, auth
         self.cond = threading.Condition()
         self.closed = False
+        self.watch_cap_s: float | None = None  # end every watch after this long (a proxy)
         self._uid = 0
         self.srv: ThreadingHTTPServer | None = None
 
@@ -230,6 +231,8 @@ class FakeApiServer:
     def _watch(self, h: BaseHTTPRequestHandler, kind: str, q: dict[str, str]) -> None:
         since = int(q.get("resourceVersion") or 0)
         timeout = float(q.get("timeoutSeconds") or 60)
+        if self.watch_cap_s is not None:
+            timeout = min(timeout, self.watch_cap_s)
         bookmarks = q.get("allowWatchBookmarks") == "true"
         h.send_response(200)
         h.send_header("Content-Type", "application/json")

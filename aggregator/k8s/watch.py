@@ -139,7 +139,9 @@ class KubernetesIdentity:
                 st.watching = True
                 st.last_error = None
                 timeout = random.randint(*WATCH_TIMEOUT_S)
+                began, got = time.monotonic(), 0
                 for kind, obj in self.api.watch(resource, rv, timeout):
+                    got += 1
                     if self._stop.is_set():
                         return
                     backoff.reset()  # the watch works: the next failure waits the least
@@ -151,8 +153,13 @@ class KubernetesIdentity:
                         st.events += 1
                         st.last_event = datetime.now(UTC)
                     rv = st.resource_version = new_rv
-                # the server ended the watch (its timeout): watch again from `rv`
-                backoff.reset()
+                # the server ended the watch (its timeout): watch again from `rv`; one that
+                # ends at once with nothing in it (a proxy cutting streams) waits first
+                if not got and time.monotonic() - began < 1.0:
+                    if self._stop.wait(backoff.next()):
+                        return
+                else:
+                    backoff.reset()
             except Gone as exc:
                 st.relists_gone += 1
                 log.info("kubernetes: %s", exc)

@@ -288,3 +288,24 @@ def test_a_certificate_for_another_name_is_named_as_such(tmp_path, token_file):
                 "server's certificate names")
         finally:
             k.stop()
+
+
+def test_watches_that_end_at_once_and_empty_back_off_instead_of_spinning(fake, certs, token_file):
+    waits: list[float] = []
+
+    class Counted(Backoff):
+        def next(self) -> float:
+            waits.append(super().next())
+            return waits[-1]
+
+    fake.watch_cap_s = 0.0  # a proxy that cuts every stream at once
+    cfg = load_cluster(fake.url, ca=str(certs.ca_file), token_file=str(token_file), env={})
+    k = KubernetesIdentity.from_config(cfg, backoff=lambda: Counted(0.01, 0.05, rand=lambda: 1.0),
+                                       resources=("pods",))
+    k.start()
+    try:
+        until(lambda: len(waits) >= 3, "backoff between empty watches")
+        assert waits[:3] == [0.01, 0.02, 0.04]  # growing: not reset by an empty watch
+        assert k.state["pods"].errors == 0 and k.state["pods"].lists == 1  # no error, no re-list
+    finally:
+        k.stop()
