@@ -391,8 +391,9 @@ class Correlator:
         return cand if better(cand, cur) else cur
 
     def _identity(self, rec: FlowRecord, ip: str, port: int, side: str) -> Identity:
-        """The resolver's answer for one side; its facts are what the observer knows of that
-        side (its own process when it is that side)."""
+        """The resolver's answer for one side, for the time the record's connection started
+        (the address's owner then: pod IPs are reused); its facts are what the observer knows
+        of that side (its own process when it is that side)."""
         static = self.resolver.static
         if static is not None:  # the resolver's first layer, without building the facts
             hit = static.lookup(ip, port)
@@ -404,7 +405,7 @@ class Correlator:
             facts = Facts(workload, proc.comm if proc else None, rec.container, rec.collector)
         else:
             facts = Facts(workload)
-        return self.resolver.resolve(ip, port, facts)
+        return self.resolver.resolve(ip, port, facts, rec.start)
 
     def _absorb_side_facts(self, conn: Connection, rec: FlowRecord) -> None:
         if rec.observer in ("client", "server"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -195,7 +195,7 @@ class Preparer:
         for side, code, wl in (("client", 0, wl_c), ("server", 1, wl_s)):
             ip, port = (a["cip"], a["cport"]) if side == "client" else (a["sip"], a["sport"])
             a[f"cand_{side}"] = self._candidates(ip, port, obs == code, a["has_pid"].astype(bool),
-                                                 a["comm"], cont, coll, wl)
+                                                 a["comm"], cont, coll, wl, start)
         for name in INPUT_ARRAYS:
             a[name] = np.ascontiguousarray(a[name])
         return b
@@ -235,9 +235,12 @@ class Preparer:
     # -- what each record's observer knows of an end ------------------------------------------
     def _candidates(self, ip: np.ndarray, port: np.ndarray, is_side: np.ndarray,
                     has_pid: np.ndarray, comm: np.ndarray, cont: np.ndarray, coll: np.ndarray,
-                    wl: np.ndarray) -> np.ndarray:
+                    wl: np.ndarray, start: np.ndarray) -> np.ndarray:
         """Per record, the identity `Correlator._identity` gives for this end: by address alone
-        where the static map answers whatever the port, else per distinct facts."""
+        where the static map answers whatever the port, else per distinct facts. With pluggable
+        sources (Kubernetes: an address's owner depends on the time, pod IPs are reused) the
+        record's start is one of the facts: one resolution per distinct (facts, start), about
+        one per connection of the batch, as the reference correlator does."""
         A = self.addrs
         cand = A.static.view()[ip]
         need = np.nonzero(cand < 0)[0]
@@ -247,7 +250,8 @@ class Preparer:
         ipn, side = ip[need], is_side[need]
         keys = np.stack([ipn, np.where(A.port_matters.view()[ipn] > 0, port[need], -1),
                          wl[need], np.where(side & has_pid[need], comm[need], -1),
-                         np.where(side, cont[need], -1), np.where(side, coll[need], -1)],
+                         np.where(side, cont[need], -1), np.where(side, coll[need], -1),
+                         start[need] if self.resolver.sources else np.zeros(len(need), np.int64)],
                         axis=1).astype(np.int64)
         uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         cache = self._cache if not self.resolver.sources else {}
@@ -263,7 +267,7 @@ class Preparer:
         return cand
 
     def _resolve(self, key: tuple[int, ...], port: int) -> int:
-        ip_id, _, wl, comm, cont, coll = key
+        ip_id, _, wl, comm, cont, coll, start_us = key
         S, ip = self.strings.values, self.addrs.values[ip_id]
         static = self.resolver.static
         hit = static.lookup(ip, port) if static is not None else None
@@ -273,4 +277,5 @@ class Preparer:
         facts = Facts(workload, S[comm] if comm >= 0 else None, S[cont] if cont >= 0 else None,
                       S[coll]) if coll >= 0 else Facts(workload)
         self.resolver_calls += 1
-        return self.idents.id(self.resolver.resolve(ip, port, facts))
+        at = EPOCH + timedelta(microseconds=start_us) if self.resolver.sources else None
+        return self.idents.id(self.resolver.resolve(ip, port, facts, at))

@@ -9,7 +9,8 @@ docs/architecture.md):
 1. static map (YAML `workloads: [{match: CIDR | ip:port, name, namespace, kind, host, labels}]`,
    the lab writes one): `ip:port` beats a CIDR, a longer prefix beats a shorter one;
 2. the workload the collector reported with the record (`client_workload`/`server_workload`);
-3. Kubernetes (a pluggable `IdentitySource`, aggregator/k8s.py): pods by IP, services by VIP;
+3. Kubernetes (a pluggable `IdentitySource`, aggregator/k8s/): pods by IP, services by VIP,
+   nodes; asked for the owner of the address AT THE CONNECTION'S START (pod IPs are reused);
 4. the collector-reported process/container: `process:<comm>` / `container:<id12>` on its host;
 5. optional reverse DNS (PTR, RFC 1035 section 3.5), cached, also negative answers;
 6. a configured CIDR group (`--cidr-group NAME=CIDR`), else `external:<ip>`.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -49,9 +51,10 @@ def better(a: Identity, b: Identity) -> bool:
 
 
 class IdentitySource(Protocol):
-    """A pluggable resolver layer (Kubernetes, a CMDB, ...): None when it does not know."""
+    """A pluggable resolver layer (Kubernetes, a CMDB, ...): what owned `ip` (`port`) at time
+    `at` (the connection's start: addresses are reused); None when it does not know."""
 
-    def lookup(self, ip: str, port: int) -> Identity | None: ...
+    def lookup(self, ip: str, port: int, at: datetime) -> Identity | None: ...
 
 
 class Facts(NamedTuple):
@@ -183,7 +186,10 @@ class IdentityResolver:
         self._dns_cache: dict[str, str | None] = {}
         self._proc_cache: dict[tuple[str | None, str | None, str | None], Identity] = {}
 
-    def resolve(self, ip: str, port: int, facts: Facts | None = None) -> Identity:
+    def resolve(self, ip: str, port: int, facts: Facts | None = None,
+                at: datetime | None = None) -> Identity:
+        """`at`: when the connection started (the pluggable sources answer for that time);
+        None: now."""
         facts = facts or Facts()
         if self.static is not None:
             hit = self.static.lookup(ip, port)
@@ -193,10 +199,12 @@ class IdentityResolver:
             w = facts.workload
             return Identity(name=w.name, namespace=w.namespace, kind=w.kind,
                             host=w.host or facts.collector, labels=dict(w.labels), source="collector")
-        for src in self.sources:
-            hit = src.lookup(ip, port)
-            if hit is not None:
-                return hit
+        if self.sources:
+            when = at or datetime.now(UTC)
+            for src in self.sources:
+                hit = src.lookup(ip, port, when)
+                if hit is not None:
+                    return hit
         if facts.container or facts.comm:  # the same few per host: built once, shared (frozen)
             pkey = (facts.container[:12] if facts.container else None, facts.comm, facts.collector)
             hit = self._proc_cache.get(pkey)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -41,7 +41,13 @@ from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.correlate_core import IdSource
 from aggregator.exporters import Exporters
 from aggregator.fanout import FanOut
-from aggregator.identity import IdentityResolver, StaticMap, parse_cidr_groups, system_reverse_dns
+from aggregator.identity import (
+    IdentityResolver,
+    IdentitySource,
+    StaticMap,
+    parse_cidr_groups,
+    system_reverse_dns,
+)
 from aggregator.intake import Intake
 from aggregator.metrics import AggregatorMetrics
 from aggregator.retention import Retention
@@ -58,16 +64,26 @@ from aggregator.worker import (
 from eastwest.clock import Clock, SystemClock
 from eastwest.drops import Drops
 
+if TYPE_CHECKING:
+    from aggregator.k8s import KubernetesIdentity
+
 METRICS_WAIT_S = 5.0  # a scrape or an exporter tick waits at most this long for correlation
 
 
-def resolver_from(settings: AggregatorSettings) -> IdentityResolver:
-    static = StaticMap.load(settings.workload_map) if settings.workload_map else None
-    sources = []
-    if settings.k8s_api:
-        from aggregator.k8s import KubernetesIdentity
+def kubernetes_from(settings: AggregatorSettings) -> KubernetesIdentity | None:
+    """The Kubernetes identity layer (not started), None when no cluster is configured."""
+    cluster = settings.k8s_cluster()
+    if cluster is None:
+        return None
+    from aggregator.k8s import KubernetesIdentity
 
-        sources.append(KubernetesIdentity.connect(settings.k8s_api, token=settings.k8s_token))
+    return KubernetesIdentity.from_config(cluster, keep_deleted_s=settings.k8s_keep_deleted_s)
+
+
+def resolver_from(settings: AggregatorSettings,
+                  kubernetes: IdentitySource | None = None) -> IdentityResolver:
+    static = StaticMap.load(settings.workload_map) if settings.workload_map else None
+    sources = [kubernetes] if kubernetes is not None else []
     return IdentityResolver(static, sources, parse_cidr_groups(settings.cidr_groups),
                             system_reverse_dns if settings.reverse_dns else None)
 
@@ -84,6 +100,7 @@ class Pipeline:
         self.exporters, self.retention = exporters, retention
         self.drops, self.metrics, self.clock = drops, metrics, clock
         self.consumer: JetStreamConsumer | None = None
+        self.kubernetes: KubernetesIdentity | None = None  # its status: GET /api/v1/status
         self._owned = True
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -108,6 +125,8 @@ class Pipeline:
         self.correlation.applied(READ_WAIT_S)
         self.exporters.shutdown()  # closed connections told, OTLP queue drained
         if self._owned:
+            if self.kubernetes is not None:
+                self.kubernetes.stop()
             self.correlation.close()
             self.store.close()
 
@@ -129,17 +148,22 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
           clock: Clock | None = None, resolver: IdentityResolver | None = None,
           env: Mapping[str, str] | None = None, worker: WorkerSettings | None = None,
           ids: IdSource | None = None,
-          exporter_kwargs: Mapping[str, Any] | None = None) -> Pipeline:
+          exporter_kwargs: Mapping[str, Any] | None = None,
+          kubernetes: KubernetesIdentity | None = None) -> Pipeline:
     """Every stage from the settings. For tests and benchmarks: a `store` opened by the caller
-    (closed by `stop` only with `own_store`), a `resolver`, a `clock`, the environment `env`
-    (OTLP's variables), the worker's limits, the source of connection ids (`ids`)."""
+    (closed by `stop` only with `own_store`), a `resolver` (with the `kubernetes` layer it
+    holds, if any, for the status), a `clock`, the environment `env` (OTLP's variables), the
+    worker's limits, the source of connection ids (`ids`). The Kubernetes layer starts
+    listing and watching here, in its own threads; correlation never waits for it."""
     use_returning_pool()
     drops = drops or Drops()
     metrics = metrics or AggregatorMetrics(drops)
     clock = clock or SystemClock()
     owned = store is None or own_store
     # the workload map and the CIDR groups first: a bad one is refused before the store opens
-    resolver = resolver or resolver_from(settings)
+    if resolver is None:
+        kubernetes = kubernetes_from(settings)
+        resolver = resolver_from(settings, kubernetes)
     the_store: Store = store if store is not None else open_store(
         settings.store, settings.clickhouse_url or settings.data_dir)
     correlator = ColumnCorrelator(resolver,
@@ -165,6 +189,10 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
     p = Pipeline(settings, the_store, correlator, fanout, correlation, intake, exporters,
                  retention, drops, metrics, clock)
     p._owned = owned
+    p.kubernetes = kubernetes
+    if kubernetes is not None:
+        metrics.registry.register(_KubernetesMetrics(kubernetes))
+        kubernetes.start()
     correlation.start()
     return p
 
@@ -196,3 +224,38 @@ class _CorrelationMetrics(Collector):
         yield CounterMetricFamily("eastwest_identity_late_names", "records that knew an end "
                                   "better after its name was final (--identity-settle): the "
                                   "name was kept", value=self.correlator.late_names)
+
+
+class _KubernetesMetrics(Collector):
+    """The Kubernetes identity layer per resource (aggregator/k8s/watch.py): for alerts, what
+    GET /api/v1/status shows in detail."""
+
+    def __init__(self, kubernetes: KubernetesIdentity) -> None:
+        self.kubernetes = kubernetes
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        k = self.kubernetes
+        synced = GaugeMetricFamily("eastwest_kubernetes_synced", "1 once the resource was "
+                                   "listed (until then its lookups answer nothing and lower "
+                                   "layers name the ends)", labels=["resource"])
+        healthy = GaugeMetricFamily("eastwest_kubernetes_connected", "1 while the resource's "
+                                    "list/watch works (0 after an error until a list succeeds)",
+                                    labels=["resource"])
+        objects = GaugeMetricFamily("eastwest_kubernetes_objects", "objects of the resource "
+                                    "indexed now", labels=["resource"])
+        errors = CounterMetricFamily("eastwest_kubernetes_errors", "failed lists and watches "
+                                     "(TLS, 401, 403, network, 5xx), each followed by a "
+                                     "backoff and a new list", labels=["resource"])
+        lists = CounterMetricFamily("eastwest_kubernetes_lists", "full lists, by why",
+                                    labels=["resource", "reason"])
+        events = CounterMetricFamily("eastwest_kubernetes_events", "watch events applied "
+                                     "(ADDED, MODIFIED, DELETED)", labels=["resource"])
+        for r, st in k.state.items():
+            synced.add_metric([r], float(st.synced))
+            healthy.add_metric([r], float(st.synced and st.last_error is None))
+            objects.add_metric([r], k.index.objects.get(r, 0))
+            errors.add_metric([r], st.errors)
+            lists.add_metric([r, "gone"], st.relists_gone)
+            lists.add_metric([r, "start_or_error"], max(0, st.lists - st.relists_gone))
+            events.add_metric([r], st.events)
+        yield from (synced, healthy, objects, errors, lists, events)

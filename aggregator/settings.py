@@ -49,8 +49,13 @@ class AggregatorSettings:
     store: str = "duckdb"
     # correlation, identity, retention, graph (issue #6; docs/aggregator.md)
     workload_map: Path | None = None
-    k8s_api: str | None = None
-    k8s_token: str | None = None
+    k8s_api: str | None = None          # in-cluster | kubeconfig | URL (aggregator/k8s/config.py)
+    k8s_token: str | None = None        # $KUBERNETES_TOKEN
+    k8s_ca: Path | None = None
+    k8s_token_file: Path | None = None
+    kubeconfig: Path | None = None
+    k8s_context: str | None = None
+    k8s_keep_deleted_s: float = 3600.0  # ended address owners kept for late records
     reverse_dns: bool = False
     cidr_groups: tuple[str, ...] = ()
     retention: timedelta | None = timedelta(days=7)
@@ -113,6 +118,10 @@ class AggregatorSettings:
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
         _positive_seconds("--nats-ack-wait", self.nats_ack_wait_s)
+        if not (math.isfinite(self.k8s_keep_deleted_s) and self.k8s_keep_deleted_s >= 0):
+            raise ConfigError("--k8s-keep-deleted", self.k8s_keep_deleted_s,
+                              "must be a duration of 0 or more, e.g. 1h")
+        self.k8s_cluster()  # a Kubernetes flag that names no usable cluster: refused now
         if self.workload_map is not None and not self.workload_map.is_file():
             raise ConfigError("--workload-map", str(self.workload_map), "no such file")
         from aggregator.identity import parse_cidr_groups
@@ -159,6 +168,18 @@ class AggregatorSettings:
                               "must be a number of seconds, 0 or more")
         parse_filter(self.otlp_filter or "")
 
+    def k8s_cluster(self, env: Mapping[str, str] | None = None) -> Any:
+        """The Kubernetes cluster to watch (`aggregator.k8s.ClusterConfig`), None when off."""
+        from aggregator.k8s.config import TOKEN_ENV, load_cluster
+
+        env = dict(os.environ if env is None else env)
+        if self.k8s_token:
+            env[TOKEN_ENV] = self.k8s_token
+        return load_cluster(self.k8s_api, ca=_opt_path(self.k8s_ca),
+                            token_file=_opt_path(self.k8s_token_file),
+                            kubeconfig=_opt_path(self.kubeconfig), context=self.k8s_context,
+                            env=env)
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
@@ -189,6 +210,12 @@ class AggregatorSettings:
             workload_map=Path(args.workload_map) if args.workload_map else None,
             k8s_api=args.k8s_api,
             k8s_token=env.get("KUBERNETES_TOKEN") or None,
+            k8s_ca=Path(args.k8s_ca) if args.k8s_ca else None,
+            k8s_token_file=Path(args.k8s_token_file) if args.k8s_token_file else None,
+            kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+            k8s_context=args.k8s_context,
+            k8s_keep_deleted_s=parse_duration("--k8s-keep-deleted",
+                                              args.k8s_keep_deleted).total_seconds(),
             reverse_dns=bool(args.reverse_dns),
             cidr_groups=tuple(args.cidr_group or ()),
             retention=(parse_duration("--retention", args.retention)
@@ -260,6 +287,10 @@ def parse_filter(text: str) -> Filter:
     except ConfigError as exc:  # the filter language names CLI flags; name this flag's item
         name = exc.key.replace("--not --", "not_").removeprefix("--").replace("-", "_")
         raise ConfigError("--otlp-filter", f"{name}={exc.value}", exc.reason) from None
+
+
+def _opt_path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
 
 
 def _positive_seconds(flag: str, value: float) -> None:

@@ -23,8 +23,9 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": f"{name}={exc.value!r}: {exc.reason}", "parameter": name},
                             status_code=400)
 
-    from aggregator.api import flows, graph, workloads
+    from aggregator.api import flows, graph, status, workloads
 
     app.include_router(graph.router)
     app.include_router(workloads.router)
     app.include_router(flows.router)
+    app.include_router(status.router)

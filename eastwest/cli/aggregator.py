@@ -17,6 +17,10 @@ examples:
   eastwest aggregator --listen 127.0.0.1:8470 --data ./data --insecure-open   # loopback only
   eastwest aggregator --listen 0.0.0.0:8470 --clickhouse 'clickhouse://ch:9000/eastwest?cluster=ew' \\
       --nats nats://nats:4222          # one of N replicas (docs/scale-out.md)
+  eastwest aggregator --data ./data --k8s-api in-cluster   # in a pod: its service account
+  eastwest aggregator --data ./data --kubeconfig ~/.kube/config --k8s-context prod
+  eastwest aggregator --data ./data --k8s-api https://10.0.0.1:6443 --k8s-ca ca.crt \\
+      --k8s-token-file token       # the CA that signed the API server's certificate
   eastwest aggregator --data ./data --otlp-endpoint http://tempo:4317 --otlp-protocol grpc \\
       --otlp-sample 0.1                # 10% of connections as span pairs (docs/integrations.md)
 
@@ -66,8 +70,30 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("correlation, identity and retention (docs/aggregator.md)")
     g.add_argument("--workload-map", metavar="FILE", help="static workload map (YAML: workloads: "
                    "[{match: CIDR or ip:port, name, namespace, kind, host, labels}]); first layer")
-    g.add_argument("--k8s-api", metavar="URL", help="resolve pods and services through this "
-                   "Kubernetes API server (token: $KUBERNETES_TOKEN)")
+    g = p.add_argument_group(
+        "Kubernetes identity (docs/aggregator.md): pods, services, EndpointSlices and nodes, "
+        "listed and watched in the background; RBAC: list/watch on them (docs/deploy.md)")
+    g.add_argument("--k8s-api", metavar="in-cluster|kubeconfig|URL",
+                   help="name connection ends from this cluster: `in-cluster` (in a pod: "
+                   "$KUBERNETES_SERVICE_HOST/PORT, the service account's token and CA, re-read "
+                   "when the token rotates), `kubeconfig` (see --kubeconfig), or the API "
+                   "server's URL, e.g. https://10.0.0.1:6443 (token: --k8s-token-file or "
+                   "$KUBERNETES_TOKEN; CA: --k8s-ca)")
+    g.add_argument("--k8s-ca", metavar="FILE", help="PEM CA that signed the API server's "
+                   "certificate (overrides in-cluster's and the kubeconfig's); without it the "
+                   "system CAs, and a cluster CA fails with 'certificate verify failed'")
+    g.add_argument("--k8s-token-file", metavar="FILE", help="bearer token file, read again "
+                   "when it changes (projected service-account tokens rotate)")
+    g.add_argument("--kubeconfig", metavar="FILE", help="outside a cluster: this kubeconfig "
+                   "(implies --k8s-api kubeconfig; default $KUBECONFIG, else ~/.kube/config); "
+                   "its CA data, client certificate or token; exec plugins are not supported")
+    g.add_argument("--k8s-context", metavar="NAME", help="kubeconfig context (default: its "
+                   "current-context)")
+    g.add_argument("--k8s-keep-deleted", default="1h", metavar="DURATION",
+                   help="keep who owned an address for this long after the pod (service, node) "
+                   "is gone, so late records of its connections are named after it and not "
+                   "after the next owner of a reused IP (default 1h)")
+    g = p.add_argument_group("identity fallbacks and retention")
     g.add_argument("--reverse-dns", action="store_true", help="name unresolved peers by PTR lookup")
     g.add_argument("--cidr-group", metavar="NAME=CIDR", action="append", default=[],
                    help="group unresolved peers in CIDR under NAME (repeatable); else external:<ip>")

@@ -44,13 +44,18 @@ def paired(truth: list[dict[str, Any]], items: list[T], truth_key: Callable[[dic
 class Aggregator:
     """The real app under uvicorn on loopback, in this process."""
 
-    def __init__(self, data: Path, workload_map: str | None, **settings_over: Any) -> None:
+    def __init__(self, data: Path | None, workload_map: str | None, *, settings: Any = None,
+                 **settings_over: Any) -> None:
+        """`settings`: whole AggregatorSettings (e.g. parsed from `eastwest aggregator` flags);
+        else built from `data`, `workload_map` and `settings_over`."""
         from aggregator.app import create_app
         from aggregator.settings import AggregatorSettings
 
-        settings = AggregatorSettings(data_dir=data, ingest_token=INGEST, read_token=READ,
-                                      workload_map=Path(workload_map) if workload_map else None,
-                                      **settings_over)
+        if settings is None:
+            assert data is not None
+            settings = AggregatorSettings(
+                data_dir=data, ingest_token=INGEST, read_token=READ,
+                workload_map=Path(workload_map) if workload_map else None, **settings_over)
         self.app = create_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
                                                     port=0, log_level="warning"))

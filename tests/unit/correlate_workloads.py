@@ -54,11 +54,14 @@ def static_map() -> StaticMap:
 
 
 class Source:
-    """A pluggable resolver layer (as Kubernetes): knows one service by ip:port."""
+    """A pluggable resolver layer (as Kubernetes): knows one service by ip:port, owned by one
+    pod or another depending on the time asked for (an address reused: both correlators must
+    ask for the same time, the record's start)."""
 
-    def lookup(self, ip: str, port: int) -> Identity | None:
+    def lookup(self, ip: str, port: int, at: datetime) -> Identity | None:
         if ip == "192.168.9.9" and port == 9090:
-            return Identity("pod-9", "k8s", "Pod", "h3", {"pod": "9"}, "kubernetes")
+            pod = "pod-9" if at.second % 2 == 0 else "pod-9b"
+            return Identity(pod, "k8s", "Pod", "h3", {"pod": pod}, "kubernetes")
         return None
 
 

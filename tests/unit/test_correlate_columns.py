@@ -147,3 +147,19 @@ def test_a_rollup_row_adding_up_to_zero_is_no_row() -> None:
         assert not rp.rollups
         pair.col.rollback(cp)
         pair.batch(recs)
+
+
+def test_a_reused_address_is_named_for_each_connections_start_in_both_correlators() -> None:
+    """A time-aware source (Kubernetes: pod IPs are reused) is asked for each connection's
+    start by both correlators, also when connections of both owners are in ONE batch (the
+    column correlator resolves once per distinct facts AND start)."""
+    from eastwest.record import Endpoint
+
+    with Pair(2, 10.0) as pair:
+        recs = [rec("path", collector="h3", cport=40000 + i, start=T0 + timedelta(seconds=i),
+                    server=Endpoint("192.168.9.9", 9090)) for i in range(4)]
+        pair.batch(recs)
+        assert_same_state(pair.ref, pair.col)
+        names = sorted((c.client_port, c.server.name) for c in pair.col.connections())
+        # T0 is at second 10: even seconds are pod-9's, odd ones pod-9b's (the test source)
+        assert names == [(40000, "pod-9"), (40001, "pod-9b"), (40002, "pod-9"), (40003, "pod-9b")]

@@ -98,14 +98,32 @@ def test_manifests_name_the_image_of_this_version_and_the_aggregator_runs_as_its
     assert c["securityContext"]["runAsUser"] == 0
 
 
-def test_metadata_rbac_is_read_only():
+def test_metadata_rbac_is_read_only_and_covers_what_the_watcher_lists():
+    from aggregator.k8s.api import RESOURCES
+
     role = one("ClusterRole", "eastwest-metadata-reader")
+    granted = set()
     for rule in role["rules"]:
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}
-        assert set(rule["resources"]) <= {"pods", "services", "endpoints"}
+        assert set(rule["verbs"]) == {"list", "watch"}
+        for group in rule["apiGroups"]:
+            granted |= {(group, r) for r in rule["resources"]}
+    # exactly the resources aggregator/k8s/ lists and watches, each in its API group
+    wanted = {("" if p.startswith("/api/") else p.split("/")[2], p.rsplit("/", 1)[1])
+              for p in RESOURCES.values()}
+    assert granted == wanted == {("", "pods"), ("", "services"), ("", "nodes"),
+                                 ("discovery.k8s.io", "endpointslices")}
     binding = one("ClusterRoleBinding", "eastwest-metadata-reader")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "eastwest-aggregator",
                                     "namespace": "eastwest"}]
+
+
+def test_the_aggregator_uses_its_service_accounts_rotated_token_in_cluster():
+    spec = one("Deployment", "eastwest-aggregator")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "eastwest-aggregator"
+    assert spec["automountServiceAccountToken"] is True  # projected token + CA, rotated
+    (c,) = spec["containers"]
+    assert "--k8s-api=in-cluster" in c["args"]
+    assert not any(e["name"] == "KUBERNETES_TOKEN" for e in c["env"])  # no long-lived token
 
 
 def test_tokens_and_passwords_come_only_from_secrets_and_wiring_from_the_configmap():
