@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eastwest.errors import EastwestError
+from eastwest.errors import ConfigError
 
 NS_NAME_LABEL = "kubernetes.io/metadata.name"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -38,12 +38,13 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class PolicyError(EastwestError):
-    """A policy document that is not a valid NetworkPolicy; `where` names the document and
-    field (`policies.yaml: document 2 (deny-all): spec.ingress[0].ports[0].protocol`)."""
+class PolicyError(ConfigError):
+    """A policy document that is not a valid NetworkPolicy (bad input: exit 2); `where` names
+    the document and field (`p.yaml: document 2 (deny-all): spec.ingress[0].ports[0].protocol`)."""
 
     def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
+        super().__init__(where, None, problem)
+        self.args = (f"{where}: {problem}",)
         self.where, self.problem = where, problem
 
 
@@ -257,7 +258,7 @@ def _side(policies: Sequence[Policy], pod: Endpoint, other: Endpoint, conn: Conn
         return Side((), True)
     allowed = _any3(_rule_matches(r, p.namespace, other, conn) for p in sel
                     for r in (p.ingress if kind == "Ingress" else p.egress))
-    return Side(tuple(p.ref for p in sel), allowed)
+    return Side(tuple(sorted(p.ref for p in sel)), allowed)
 
 
 def evaluate(policies: Sequence[Policy], conn: Conn) -> Verdict:
