@@ -23,6 +23,7 @@ from aggregator.api.params import LINK_LOCAL_HELP, check_names, choice, query_fi
 from aggregator.api.state import reader
 from aggregator.auth import require_read
 from aggregator.store.query import ConnectionQuery
+from eastwest.errors import ConfigError
 from eastwest.policy.observed import End, ObservedEdge
 from eastwest.policy.semantics import PROTOCOLS
 
@@ -30,7 +31,7 @@ router = APIRouter(dependencies=[Depends(require_read)])
 COLUMNS = ("protocol", "client_ip", "client_wid", "client_name", "client_namespace", "client_kind",
            "server_ip", "server_port", "server_wid", "server_name", "server_namespace",
            "server_kind")
-MAX_CONNECTIONS = 5_000_000  # one window's connections read for policy (a bound, not a page)
+MAX_CONNECTIONS = 2_000_000  # one window's connections read for policy (a bound, not a page)
 
 
 def _iso(v: datetime) -> str:
@@ -48,10 +49,16 @@ def _labels(raw: Any) -> dict[str, str]:
 
 def observed(request: Request, since: datetime, until: datetime) -> tuple[list[ObservedEdge], int]:
     """The window's edges (TCP, UDP, SCTP) and how many connections of other protocols were
-    left out (NetworkPolicy ports name only these three)."""
+    left out (NetworkPolicy ports name only these three). More than `max_connections` in the
+    window is an error, never a partial answer."""
+    max_connections = MAX_CONNECTIONS
     store = reader(request)
     rows = store.connections(ConnectionQuery(filter=query_filter(request), since=since,
-                                             until=until, limit=MAX_CONNECTIONS, columns=COLUMNS))
+                                             until=until, limit=max_connections + 1,
+                                             columns=COLUMNS))
+    if len(rows) > max_connections:  # a policy from part of a window would deny the rest
+        raise ConfigError("from", _iso(since), f"the window holds more than {max_connections} "
+                          "connections: narrow it (a later from=, namespace=, workload=)")
     labels = {r["wid"]: _labels(r.get("labels")) for r in store.workload_rows()}
     counts: Counter[tuple[Any, ...]] = Counter()
     other = 0

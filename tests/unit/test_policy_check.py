@@ -191,3 +191,23 @@ def test_suggest_of_the_window_validates_and_check_of_it_denies_nothing(app, cap
     assert "2 connections" in db["metadata"]["annotations"]["eastwest.io/justification"]
     (tmp_path / "l.json").write_text(out)
     assert [p.ref for p in load_text(out, "l.json")] == ["data/eastwest-db"]
+
+
+@pytest.mark.parametrize(("path", "params", "parameter"), [
+    ("/api/v1/policy/suggest", {"format": "xml"}, "format"),
+    ("/api/v1/policy/observed", {"group_by": "host"}, "group_by"),
+    ("/api/v1/policy/observed", {"from": "yesterday"}, "from"),
+])
+def test_the_routes_reject_a_bad_parameter_by_name(app, path, params, parameter):
+    r = app.get(path, params={"from": FROM, "to": TO, **params}, headers=RH)
+    assert r.status_code == 400 and r.json()["parameter"] == parameter, r.text
+
+
+def test_a_window_larger_than_the_bound_is_refused_not_cut(app, monkeypatch):
+    monkeypatch.setattr("aggregator.api.policy.MAX_CONNECTIONS", 5)
+    for path in ("/api/v1/policy/observed", "/api/v1/policy/suggest"):
+        r = app.get(path, params={"from": FROM, "to": TO}, headers=RH)
+        assert r.status_code == 400 and "more than 5 connections" in r.json()["detail"], r.text
+    r = app.get("/api/v1/policy/observed", params={"from": FROM, "to": TO, "workload": "db"},
+                headers=RH)
+    assert r.status_code == 200 and [e["connections"] for e in r.json()["edges"]] == [2]
