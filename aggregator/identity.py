@@ -110,6 +110,16 @@ class StaticMap:
             raise ConfigError("--workload-map", str(path), "expected a mapping with a `workloads` list")
         return cls(data["workloads"], str(path))
 
+    def workload_labels(self) -> dict[str, dict[str, str]]:
+        """Per workload id, the labels every entry of it carries (a label that tells one pod
+        from another, such as the lab's `pod`, is no label of the workload)."""
+        out: dict[str, dict[str, str]] = {}
+        for ident in [*self.by_ip_port.values(), *(i for _, i in self.nets)]:
+            have = out.get(ident.wid)
+            out[ident.wid] = dict(ident.labels) if have is None else {
+                k: v for k, v in have.items() if ident.labels.get(k) == v}
+        return out
+
     def lookup(self, ip: str, port: int) -> Identity | None:
         hit = self.by_ip_port.get((ip, port))
         if hit is not None:

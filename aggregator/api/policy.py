@@ -4,7 +4,8 @@ GET /api/v1/policy/suggest (the NetworkPolicies that allow exactly that traffic)
 In: from/to (as /graph) and the filters of eastwest.filters (namespace=, workload=, ...); for
 suggest, `namespace`/`workload` also choose whose policies are written. Out: edges client ->
 server port/protocol with connection counts and both ends' namespace, name, kind and labels
-(from the identity of the workload: static map or Kubernetes), or the suggested objects
+(those every entry of the workload in the static map shares, else the identity's as stored:
+Kubernetes, the collector's), or the suggested objects
 (eastwest/policy/suggest.py), JSON or YAML (docs/api.md, docs/policy.md).
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import datetime
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,6 +25,7 @@ from aggregator.api.graph import TIME_HELP
 from aggregator.api.params import LINK_LOCAL_HELP, check_names, choice, query_filter, window
 from aggregator.api.state import reader
 from aggregator.auth import require_read
+from aggregator.identity import StaticMap
 from aggregator.store.query import ConnectionQuery
 from eastwest.errors import ConfigError
 from eastwest.policy.observed import End, ObservedEdge
@@ -47,6 +51,23 @@ def _labels(raw: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
+@cache
+def _map_labels(path: str, mtime_ns: int) -> dict[str, dict[str, str]]:
+    return StaticMap.load(path).workload_labels()
+
+
+def workload_labels(request: Request) -> dict[str, dict[str, str]]:
+    """The workload map's labels of each workload it names (shared by all its entries), read
+    again when the file changes; {} without a map."""
+    path = request.app.state.settings.workload_map
+    if not path:
+        return {}
+    try:
+        return _map_labels(str(path), Path(path).stat().st_mtime_ns)
+    except OSError:
+        return {}
+
+
 def observed(request: Request, since: datetime, until: datetime) -> tuple[list[ObservedEdge], int]:
     """The window's edges (TCP, UDP, SCTP) and how many connections of other protocols were
     left out (NetworkPolicy ports name only these three). More than `max_connections` in the
@@ -60,6 +81,7 @@ def observed(request: Request, since: datetime, until: datetime) -> tuple[list[O
         raise ConfigError("from", _iso(since), f"the window holds more than {max_connections} "
                           "connections: narrow it (a later from=, namespace=, workload=)")
     labels = {r["wid"]: _labels(r.get("labels")) for r in store.workload_rows()}
+    labels.update(workload_labels(request))  # the map's, shared by every pod of a workload
     counts: Counter[tuple[Any, ...]] = Counter()
     other = 0
     for r in rows:

@@ -31,6 +31,12 @@ import yaml
 from eastwest.policy.observed import End, ObservedEdge
 from eastwest.policy.semantics import NS_NAME_LABEL
 
+# labels the Kubernetes controllers set per pod or per rollout: a selector on them would miss
+# the workload's other pods, or its pods after the next rollout
+PER_POD_LABELS = frozenset({"pod-template-hash", "controller-revision-hash",
+                            "pod-template-generation", "statefulset.kubernetes.io/pod-name",
+                            "apps.kubernetes.io/pod-index", "batch.kubernetes.io/controller-uid",
+                            "batch.kubernetes.io/job-completion-index", "controller-uid"})
 ANNOTATION = "eastwest.io/justification"
 WINDOW_ANNOTATION = "eastwest.io/window"
 Ports = tuple[tuple[str, int, int], ...]  # (protocol, port, end port)
@@ -69,8 +75,13 @@ def _peer(other: End, own_namespace: str) -> dict[str, Any]:
     peer: dict[str, Any] = {}
     if other.namespace != own_namespace:
         peer["namespaceSelector"] = {"matchLabels": {NS_NAME_LABEL: other.namespace}}
-    peer["podSelector"] = {"matchLabels": dict(sorted(other.labels.items()))}
+    peer["podSelector"] = selector(other)
     return peer
+
+
+def selector(end: End) -> dict[str, Any]:
+    """A workload's pods: its labels, but those Kubernetes sets per pod or per rollout."""
+    return {"matchLabels": {k: v for k, v in sorted(end.labels.items()) if k not in PER_POD_LABELS}}
 
 
 def _ranges(ports: Iterable[tuple[str, int]]) -> Ports:
@@ -144,7 +155,7 @@ def suggest(edges: Iterable[ObservedEdge], window: str, scope: Scope = Scope()) 
                          "annotations": {WINDOW_ANNOTATION: window,
                                          ANNOTATION: json.dumps({f"{d}[{i}]": c for (d, i), c
                                                                  in notes.items()})}},
-            "spec": {"podSelector": {"matchLabels": dict(sorted(own.labels.items()))},
+            "spec": {"podSelector": selector(own),
                      "policyTypes": ["Ingress", "Egress"], "ingress": ingress, "egress": egress}}
         out.append(Suggestion(obj, notes))
     return out

@@ -20,7 +20,8 @@ from tests.unit.test_correlate import T0, rec
 
 MAP_YAML = """workloads:
 - {match: 10.244.1.11/32, name: frontend, namespace: shop, labels: {app: frontend}}
-- {match: 10.244.2.11/32, name: api, namespace: shop, labels: {app: api, tier: back}}
+- {match: 10.244.2.11/32, name: api, namespace: shop, labels: {app: api, tier: back, pod: api-1}}
+- {match: 10.244.2.12/32, name: api, namespace: shop, labels: {app: api, tier: back, pod: api-2}}
 - {match: 10.244.3.11/32, name: db, namespace: data, labels: {app: db}}
 """
 FROM, TO = (T0 - timedelta(minutes=5)).isoformat(), (T0 + timedelta(minutes=5)).isoformat()
@@ -57,6 +58,7 @@ def run(capsys, *argv):
 
 
 def test_observed_route_gives_edges_with_labels_ports_and_exact_counts(app):
+    """api's labels are those both its pods share in the map (not `pod`, which differs)."""
     doc = app.get("/api/v1/policy/observed", params={"from": FROM, "to": TO}, headers=RH).json()
     got = {(e["client"]["id"], e["server"]["id"], e["port"], e["protocol"]): e for e in doc["edges"]}
     assert {k: e["connections"] for k, e in got.items()} == {

@@ -114,3 +114,13 @@ def test_a_workload_name_becomes_a_dns_name_and_a_comment_stays_one_line():
     assert all(not line.startswith("  #") or "\n" not in line for line in text.splitlines())
     assert "from shop/Web_App?x (1)" in text
     load_text(text, "odd")
+
+
+def test_selectors_leave_out_the_labels_kubernetes_sets_per_pod_or_rollout():
+    api = End("shop/api", "shop", "api", "Deployment",
+              {"app": "api", "pod-template-hash": "5d8f7c", "controller-revision-hash": "abc"})
+    web = End("shop/web", "shop", "web", "StatefulSet",
+              {"app": "web", "statefulset.kubernetes.io/pod-name": "web-0"})
+    s = {x.obj["metadata"]["name"]: x.obj for x in suggest([ObservedEdge(web, api, 80, "TCP", 1)], WINDOW)}
+    assert s["eastwest-api"]["spec"]["podSelector"] == {"matchLabels": {"app": "api"}}
+    assert s["eastwest-api"]["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "web"}}}]
