@@ -51,21 +51,25 @@ def _labels(raw: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
+MapFacts = tuple[dict[str, dict[str, str]], dict[str, dict[str, tuple[int, str]]]]
+
+
 @cache
-def _map_labels(path: str, mtime_ns: int) -> dict[str, dict[str, str]]:
-    return StaticMap.load(path).workload_labels()
+def _map_facts(path: str, mtime_ns: int) -> MapFacts:
+    m = StaticMap.load(path)
+    return m.workload_labels(), m.named_ports
 
 
-def workload_labels(request: Request) -> dict[str, dict[str, str]]:
-    """The workload map's labels of each workload it names (shared by all its entries), read
-    again when the file changes; {} without a map."""
+def map_facts(request: Request) -> MapFacts:
+    """The workload map's labels (shared by all entries of a workload) and named container
+    ports of each workload it names, read again when the file changes; empty without a map."""
     path = request.app.state.settings.workload_map
     if not path:
-        return {}
+        return {}, {}
     try:
-        return _map_labels(str(path), Path(path).stat().st_mtime_ns)
+        return _map_facts(str(path), Path(path).stat().st_mtime_ns)
     except OSError:
-        return {}
+        return {}, {}
 
 
 def observed(request: Request, since: datetime, until: datetime) -> tuple[list[ObservedEdge], int]:
@@ -81,7 +85,8 @@ def observed(request: Request, since: datetime, until: datetime) -> tuple[list[O
         raise ConfigError("from", _iso(since), f"the window holds more than {max_connections} "
                           "connections: narrow it (a later from=, namespace=, workload=)")
     labels = {r["wid"]: _labels(r.get("labels")) for r in store.workload_rows()}
-    labels.update(workload_labels(request))  # the map's, shared by every pod of a workload
+    map_labels, named_ports = map_facts(request)
+    labels.update(map_labels)  # the map's, shared by every pod of a workload
     counts: Counter[tuple[Any, ...]] = Counter()
     other = 0
     for r in rows:
@@ -98,7 +103,9 @@ def observed(request: Request, since: datetime, until: datetime) -> tuple[list[O
 
     def end(t: tuple[Any, ...]) -> End:
         wid, ns, name, kind, ip = t
-        return End(wid, ns, name, kind, labels.get(wid, {}) if ns else {}, ip)
+        if not ns:
+            return End(wid, ns, name, kind, {}, ip)
+        return End(wid, ns, name, kind, labels.get(wid, {}), None, named_ports.get(wid))
 
     edges = [ObservedEdge(end(c), end(s), port, proto, n)
              for (c, s, port, proto), n in counts.items()]

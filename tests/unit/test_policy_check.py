@@ -20,7 +20,8 @@ from tests.unit.test_correlate import T0, rec
 
 MAP_YAML = """workloads:
 - {match: 10.244.1.11/32, name: frontend, namespace: shop, labels: {app: frontend}}
-- {match: 10.244.2.11/32, name: api, namespace: shop, labels: {app: api, tier: back, pod: api-1}}
+- {match: 10.244.2.11/32, name: api, namespace: shop, labels: {app: api, tier: back, pod: api-1},
+   ports: [{name: http, containerPort: 9090}]}
 - {match: 10.244.2.12/32, name: api, namespace: shop, labels: {app: api, tier: back, pod: api-2}}
 - {match: 10.244.3.11/32, name: db, namespace: data, labels: {app: db}}
 """
@@ -67,7 +68,8 @@ def test_observed_route_gives_edges_with_labels_ports_and_exact_counts(app):
     fe = got["shop/frontend", "shop/api", 9090, "TCP"]
     assert fe["client"]["labels"] == {"app": "frontend"}
     assert fe["server"]["labels"] == {"app": "api", "tier": "back"}
-    assert fe["server"]["ip"] is None and fe["server"]["ports"] is None
+    assert fe["server"]["ip"] is None and fe["server"]["ports"] == {"http": [9090, "TCP"]}
+    assert fe["client"]["ports"] is None  # the map names no port of frontend
     ext = got["shop/api", got_ext(got), 443, "TCP"]["server"]
     assert (ext["namespace"], ext["ip"]) == (None, "203.0.113.7")
 
@@ -213,3 +215,40 @@ def test_a_window_larger_than_the_bound_is_refused_not_cut(app, monkeypatch):
     r = app.get("/api/v1/policy/observed", params={"from": FROM, "to": TO, "workload": "db"},
                 headers=RH)
     assert r.status_code == 200 and [e["connections"] for e in r.json()["edges"]] == [2]
+
+
+NAMED = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: http-only, namespace: NS}
+spec:
+  podSelector: {}
+  ingress: [{ports: [{port: http}]}]
+"""
+
+
+def test_named_ports_resolve_from_the_map_and_are_unknown_where_it_names_none(app, capsys, tmp_path):
+    (tmp_path / "n.yaml").write_text(NAMED.replace("NS", "shop") + "---\n" +
+                                     NAMED.replace("NS", "data"))
+    rc, out, err = run(capsys, "check", str(tmp_path / "n.yaml"), *WINDOW, "-o", "json")
+    import json
+    doc = json.loads(out)
+    assert (rc, doc["denied"]) == (0, [])  # frontend -> api:9090 is api's `http`
+    assert [(u["server"], u["verdict"], u["ingress_policies"]) for u in doc["unknown"]] == [
+        ("data/db", "unknown", ["data/http-only"])]
+    assert "1 edges cannot be evaluated" in err
+
+
+@pytest.mark.parametrize(("ports", "where"), [
+    ([{"name": "http", "containerPort": 0}], "m: workloads[0].ports[0].containerPort=0"),
+    ([{"containerPort": 80}], "m: workloads[0].ports[0]="),
+    ([{"name": "dns", "containerPort": 53, "protocol": "ICMP"}], "m: workloads[0].ports[0].protocol='ICMP'"),
+    ({"http": 80}, "m: workloads[0].ports="),
+])
+def test_a_bad_named_port_in_the_workload_map_is_named(ports, where):
+    from aggregator.identity import StaticMap
+    from eastwest.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        StaticMap([{"match": "10.0.0.1/32", "name": "a", "namespace": "x", "ports": ports}], "m")
+    assert str(exc.value).startswith(where), str(exc.value)
