@@ -10,6 +10,7 @@ In:  paths (or text). Out: `Policy` objects, or a `PolicyError` naming the file,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -107,7 +108,7 @@ def load_files(paths: Iterable[str]) -> list[Policy]:
     seen: dict[str, str] = {}
     for p in paths:
         try:
-            text = Path(p).read_text() if p != "-" else __import__("sys").stdin.read()
+            text = Path(p).read_text() if p != "-" else sys.stdin.read()
         except OSError as exc:
             raise PolicyError(p, f"cannot be read: {exc.strerror}") from None
         for pol in load_text(text, p):

@@ -26,6 +26,7 @@ milliseconds.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from eastwest.errors import ConfigError
 NS_NAME_LABEL = "kubernetes.io/metadata.name"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+# a named port (apimachinery validation IsValidPortName, RFC 6335 service name)
+_PORT_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-z])(?!-)(?!.*--)[a-z0-9-]*[a-z0-9]")
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -323,6 +326,9 @@ def _port(obj: Mapping[str, Any], where: str) -> PortRule:
         port = int(port)
     if isinstance(port, int) and not 1 <= port <= 65535:
         raise PolicyError(f"{where}.port", f"{port} is not in 1..65535")
+    if isinstance(port, str) and not _PORT_NAME.fullmatch(port) or port == "":
+        raise PolicyError(f"{where}.port", f"{port!r} is not a port name (IANA_SVC_NAME: at "
+                          "most 15 of a-z, 0-9 and -, with a letter, no -- and no - at an end)")
     if end is not None:
         if not isinstance(port, int):
             raise PolicyError(f"{where}.endPort", "needs a numeric port")
@@ -350,7 +356,7 @@ def parse_policy(doc: Mapping[str, Any], where: str = "policy",
     meta = doc.get("metadata") or {}
     spec = doc.get("spec") or {}
     types = spec.get("policyTypes")
-    if types is None:
+    if not types:  # absent or empty: defaulted (as the API server's defaulting does)
         types = ["Ingress", *(["Egress"] if spec.get("egress") is not None else [])]
     for i, t in enumerate(types):
         if t not in ("Ingress", "Egress"):

@@ -68,6 +68,12 @@ def test_match_expressions(expr, labels, ok):
     assert allowed(p, Conn(Endpoint("y", labels), SERVER, 5432)) is ok
 
 
+def test_empty_policy_types_are_defaulted_like_absent_ones():
+    v = evaluate(load_text(pol("e", "  podSelector: {}\n  policyTypes: []\n  egress: []\n"), "t"),
+                 Conn(pods("x"), pods("x"), 80))
+    assert v.denied_by == "both"
+
+
 def test_policy_types_default_to_ingress_and_egress_only_when_egress_is_present():
     ingress_only = pol("i", "  podSelector: {}\n  ingress: []\n")
     assert allowed(ingress_only, Conn(pods("x"), Endpoint("y"), 80)) is True  # x's egress free
@@ -116,6 +122,10 @@ def test_a_list_and_several_documents_are_one_set(tmp_path):
      "t.yaml: document 1 (a): spec.ingress[0].from[0]: a peer needs podSelector"),
     (HEAD + "metadata: {namespace: x}\nspec: {podSelector: {}}\n",
      "t.yaml: document 1: metadata.name: is required"),
+    (pol("a", "  podSelector: {}\n  ingress: [{ports: [{port: Web_Port}]}]\n"),
+     "t.yaml: document 1 (a): spec.ingress[0].ports[0].port: 'Web_Port' is not a port name"),
+    (pol("a", "  podSelector: {}\n  ingress: [{ports: [{port: 123}, {port: web--x}]}]\n"),
+     "t.yaml: document 1 (a): spec.ingress[0].ports[1].port: 'web--x' is not a port name"),
     (pol("a", "  podSelector: {}\n  policyTypes: [Inbound]\n"),
      "t.yaml: document 1 (a): spec.policyTypes[0]: 'Inbound' is not Ingress or Egress"),
 ])
