@@ -252,3 +252,13 @@ def test_a_bad_named_port_in_the_workload_map_is_named(ports, where):
     with pytest.raises(ConfigError) as exc:
         StaticMap([{"match": "10.0.0.1/32", "name": "a", "namespace": "x", "ports": ports}], "m")
     assert str(exc.value).startswith(where), str(exc.value)
+
+
+def test_suggest_for_one_workload_and_for_a_scope_with_nothing_in_it(app, capsys):
+    rc, out, err = run(capsys, "suggest", *WINDOW, "--workload", "api")
+    assert rc == 0 and [p.ref for p in load_text(out, "api")] == ["shop/eastwest-api"]
+    rc, out, err = run(capsys, "suggest", *WINDOW, "--namespace", "nosuch")
+    assert (rc, out) == (0, "")
+    assert err == "eastwest policy suggest: no pod workload in scope had traffic in this window\n"
+    rc, out, err = run(capsys, "suggest", *WINDOW, "--namespace", "nosuch", "-o", "json")
+    assert rc == 0 and '"items": []' in out and "no pod workload" in err
