@@ -6,7 +6,8 @@ Out: an `Identity` (name, namespace, kind, host, labels, and which layer resolve
 
 Layers, most specific first (docs/aggregator.md; why the process layer sits after Kubernetes:
 docs/architecture.md):
-1. static map (YAML `workloads: [{match: CIDR | ip:port, name, namespace, kind, host, labels}]`,
+1. static map (YAML `workloads: [{match: CIDR | ip:port, name, namespace, kind, host, labels,
+   ports}]` (`ports`: the containers' named ports, for NetworkPolicy named ports),
    the lab writes one): `ip:port` beats a CIDR, a longer prefix beats a shorter one;
 2. the workload the collector reported with the record (`client_workload`/`server_workload`);
 3. Kubernetes (a pluggable `IdentitySource`, aggregator/k8s/): pods by IP, services by VIP,
@@ -73,6 +74,9 @@ class StaticMap:
     def __init__(self, entries: Iterable[Mapping[str, Any]], origin: str = "<map>") -> None:
         self.by_ip_port: dict[tuple[str, int], Identity] = {}
         self.nets: list[tuple[Net, Identity]] = []
+        # workload id -> its containers' named ports, name -> (port, protocol): what a
+        # NetworkPolicy's named port resolves to (eastwest/policy/semantics.py)
+        self.named_ports: dict[str, dict[str, tuple[int, str]]] = {}
         for i, e in enumerate(entries):
             where = f"{origin}: workloads[{i}]"
             if not isinstance(e, Mapping) or not e.get("match") or not e.get("name"):
@@ -83,6 +87,9 @@ class StaticMap:
             ident = Identity(name=str(e["name"]), namespace=_opt(e.get("namespace")),
                              kind=_opt(e.get("kind")), host=_opt(e.get("host")),
                              labels={str(k): str(v) for k, v in labels.items()}, source="static")
+            if e.get("ports") is not None:
+                self.named_ports.setdefault(ident.wid, {}).update(
+                    _named_ports(e["ports"], f"{where}.ports"))
             match = str(e["match"]).strip()
             ip_port = _split_ip_port(match)
             if ip_port is not None:
@@ -113,6 +120,16 @@ class StaticMap:
             raise ConfigError("--workload-map", str(path), "expected a mapping with a `workloads` list")
         return cls(data["workloads"], str(path))
 
+    def workload_labels(self) -> dict[str, dict[str, str]]:
+        """Per workload id, the labels every entry of it carries (a label that tells one pod
+        from another, such as the lab's `pod`, is no label of the workload)."""
+        out: dict[str, dict[str, str]] = {}
+        for ident in [*self.by_ip_port.values(), *(i for _, i in self.nets)]:
+            have = out.get(ident.wid)
+            out[ident.wid] = dict(ident.labels) if have is None else {
+                k: v for k, v in have.items() if ident.labels.get(k) == v}
+        return out
+
     def lookup(self, ip: str, port: int) -> Identity | None:
         hit = self.by_ip_port.get((ip, port))
         if hit is not None:
@@ -131,6 +148,26 @@ class StaticMap:
             self._cache.clear()
         self._cache[ip] = found
         return found
+
+
+def _named_ports(items: Any, where: str) -> dict[str, tuple[int, str]]:
+    """`[{name: http, containerPort: 8080, protocol: TCP}]` (a container's `ports`, `port` also
+    taken) as name -> (port, protocol)."""
+    if not isinstance(items, list):
+        raise ConfigError(where, items, "must be a list of {name, containerPort, protocol}")
+    out = {}
+    for j, p in enumerate(items):
+        w = f"{where}[{j}]"
+        if not isinstance(p, Mapping) or not p.get("name"):
+            raise ConfigError(w, p, "needs `name` and `containerPort`")
+        port = p.get("containerPort", p.get("port"))
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(f"{w}.containerPort", port, "must be a port number 1..65535")
+        proto = str(p.get("protocol") or "TCP").upper()
+        if proto not in ("TCP", "UDP", "SCTP"):
+            raise ConfigError(f"{w}.protocol", p.get("protocol"), "must be TCP, UDP or SCTP")
+        out[str(p["name"])] = (port, proto)
+    return out
 
 
 def _opt(v: Any) -> str | None:

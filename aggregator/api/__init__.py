@@ -1,4 +1,4 @@
-"""The query API of the aggregator: graph, workloads, flows, live stream, diff.
+"""The query API of the aggregator: graph, workloads, flows, live stream, diff, policy.
 
 `install(app)` adds the read routes; they read the pipeline's store through `pipeline.read()`
 (aggregator/pipeline.py: read-after-write, then the typed read interface). The read path never
@@ -23,9 +23,10 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": f"{name}={exc.value!r}: {exc.reason}", "parameter": name},
                             status_code=400)
 
-    from aggregator.api import flows, graph, status, workloads
+    from aggregator.api import flows, graph, policy, status, workloads
 
     app.include_router(graph.router)
     app.include_router(workloads.router)
     app.include_router(flows.router)
     app.include_router(status.router)
+    app.include_router(policy.router)

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from eastwest import __version__
 from eastwest.errors import ConfigError, EastwestError
 
-SUBCOMMANDS = ("collector", "aggregator", "flows", "graph", "workloads", "top", "diff", "lab", "demo",
-               "completion")
+SUBCOMMANDS = ("collector", "aggregator", "flows", "graph", "workloads", "top", "diff", "policy",
+               "lab", "demo", "completion")
 
 DESCRIPTION = """\
 eastwest: see which service talks to which, how much, how well and since when.
@@ -33,6 +33,7 @@ eastwest: see which service talks to which, how much, how well and since when.
   workloads   workloads with their upstreams and downstreams
   top         top talkers by bytes, connections, failures, resets or retransmits
   diff        what changed between two windows
+  policy      Kubernetes NetworkPolicy: check a set against traffic, suggest one from it
   lab         build a multi-host lab in network namespaces, drive it, record ground truth
   demo        the lab with collectors and an aggregator: live cross-host traffic in a minute
   completion  shell completion for bash or zsh
