@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 
 from collector.pipeline import CollectorContext, Emit
 from collector.probes.kernel import ProbeConfig, program_text
@@ -35,10 +36,21 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     interval = float(getattr(args, "interval", 5.0))
     if not interval > 0:
         raise ConfigError("--interval", interval, "must be > 0 seconds")
-    cfg = ProbeConfig(conn_entries=entries, netns=resolve_all(list(getattr(args, "netns", []) or [])))
+    idle_timeout(args)
+    cfg = ProbeConfig(conn_entries=entries, udp_entries=entries,
+                      netns=resolve_all(list(getattr(args, "netns", []) or [])))
     if hooks is not None:
-        cfg = ProbeConfig(conn_entries=cfg.conn_entries, netns=cfg.netns, hooks=hooks)
+        cfg = ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
+                          netns=cfg.netns, hooks=hooks)
     return cfg
+
+
+def idle_timeout(args: argparse.Namespace) -> float:
+    """`--idle-timeout`: seconds without a datagram after which a UDP flow ends."""
+    idle = float(getattr(args, "idle_timeout", 30.0))
+    if not idle > 0:
+        raise ConfigError("--idle-timeout", idle, "must be > 0 seconds")
+    return idle
 
 
 def bpf_source(args: argparse.Namespace) -> str:
@@ -46,7 +58,8 @@ def bpf_source(args: argparse.Namespace) -> str:
     from collector.capabilities import probe
 
     caps = probe()
-    return program_text(caps.offsets, probe_config(args, caps.features()))  # type: ignore[arg-type]
+    return program_text(caps.offsets, probe_config(args, caps.features()),  # type: ignore[arg-type]
+                        caps.udp_offsets)  # type: ignore[arg-type]
 
 
 class SocketProbeSource:
@@ -58,6 +71,8 @@ class SocketProbeSource:
         from collector.capabilities import probe
         from collector.probes.records import RecordBuilder
         from collector.probes.source import ProbeLoop
+        from collector.probes.udprecords import UdpRecordBuilder
+        from collector.probes.udptrack import UdpTracker
         from collector.proc import ProcessCache
 
         caps = probe()
@@ -67,7 +82,13 @@ class SocketProbeSource:
         self.offsets = caps.offsets
         self.procs = ProcessCache()
         builder = RecordBuilder(ctx, KernelClock(), self.procs, caps.missing_measurements())
-        self.loop = ProbeLoop(ctx, self._load, builder, interval=float(args.interval))
+        self.udp_offsets = caps.udp_offsets if self.config.udp() else None
+        self.udp: UdpTracker | None = None
+        if self.udp_offsets is not None:
+            idle = idle_timeout(args)
+            self.udp = UdpTracker(UdpRecordBuilder(builder, int(idle * 1e9)), idle)
+        self.loop = ProbeLoop(ctx, self._load, builder, interval=float(args.interval),
+                              udp=self.udp)
         self.ready: threading.Event = self.loop.ready
 
     def _load(self):  # noqa: ANN202 - a KernelSide
@@ -76,7 +97,10 @@ class SocketProbeSource:
 
         owners = listening_owners(self.config.netns, cache=self.procs)
         kernel = BccKernel(self.offsets, self.config, owners,  # type: ignore[arg-type]
-                           on_process=self.procs.process)
+                           on_process=self.procs.process,
+                           udp=self.udp_offsets)  # type: ignore[arg-type]
+        if self.udp is not None:
+            self.udp.attach(kernel, time.monotonic_ns())
         log.info("socket probes attached: %s; netns scope %s; %d existing listeners",
                  ", ".join(sorted(self.config.hooks)), list(self.config.netns) or "all",
                  len(owners))
@@ -88,4 +112,5 @@ class SocketProbeSource:
     def gauges(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """`eastwest_probe_map_entries` / `_capacity{map="conns"}` and the kernel's counters
         (`eastwest_probe_kernel_events_total{event}`), read at each interval drain."""
-        return self.loop.gauges(self.config.conn_entries)
+        return self.loop.gauges(self.config.conn_entries,
+                                self.config.udp_entries if self.udp is not None else None)
