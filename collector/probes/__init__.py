@@ -1,12 +1,15 @@
-"""eBPF socket probes: every TCP connection of every process, from stable tracepoints.
+"""eBPF socket probes: every TCP connection and UDP flow of every process, from stable tracepoints.
 
 Stage: a collector source. In: the running kernel (tracepoints `sock:inet_sock_set_state`,
-`sock:sock_send_length`, `sock:sock_recv_length`, `tcp:*`; see socket.bpf.c). Out: `FlowRecord`s
-with source="socket", one per connection per interval (`final=False`) and one at its end.
+`sock:sock_send_length`, `sock:sock_recv_length`, `tcp:*`, the send/recv `syscalls:*`; see
+socket.bpf.c and udp.bpf.c). Out: `FlowRecord`s with source="socket", one per connection (UDP:
+flow) per interval (`final=False`) and one at its end.
 
 Modules: `btf` (struct offsets and raw tracepoint prototypes from the running kernel's BTF),
 `kernel` (compile, attach, read maps), `conn` (the kernel's per-socket state as Python and the
-`KernelSide` interface), `records` (state -> record), `source` (the drain loop).
+`KernelSide` interface), `records` (state -> record), `source` (the drain loop); UDP:
+`udpflow` (a flow's state, `UdpKernelSide`), `udprecords` (flow -> record, orientation, local
+address), `udptrack` (idle timeout, closed sockets).
 `collector.capabilities` decides which hooks run; `collector.proc` and `collector.netns` attribute.
 """
 

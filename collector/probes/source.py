@@ -6,6 +6,8 @@ In: a `KernelSide` (the loaded BPF program, or a fake in tests); the context's c
 Out: lists of `FlowRecord` through `emit`: final records as close events arrive, interim
 (`final=False`) records of every live connection every `interval` seconds, and at stop the
 last close events plus interim records of what is still open.
+UDP flows (collector/probes/udptrack.py) are drained at the same interval: interim records,
+and final ones for flows idle or closed; their kernel losses (`UDP_LOSSES`) mark UDP records.
 
 Loss accounting: the kernel's `stats` counters are read every interval; their increases go to
 `Drops` (stage "socket") and mark the records of that interval `incomplete: lost_events`.
