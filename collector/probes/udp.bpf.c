@@ -77,8 +77,12 @@ struct udp_call_t {
 };
 
 BPF_HASH(udp_flows, struct udp_key_t, struct udp_flow_t, UDP_ENTRIES);
-// LRU: a thread killed inside a syscall never reaches sys_exit; its entry must not stay forever
-BPF_TABLE("lru_hash", u64, struct udp_call_t, udp_calls, UDP_CALL_ENTRIES);
+// Not an LRU: a thread blocked in recvfrom() for minutes is the least recently used entry and
+// would be evicted by everyone else's send/recv calls (its datagram then lost its address).
+// Every call reaches sys_exit (a killed thread too: the syscall returns before the signal is
+// handled), so entries do not pile up; when the map is full, the datagrams of the calls that
+// found no room are counted (udp_no_peer).
+BPF_HASH(udp_calls, u64, struct udp_call_t, UDP_CALL_ENTRIES);
 
 static __always_inline u16 ew_ntohs(u16 v) {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__

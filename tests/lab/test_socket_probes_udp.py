@@ -156,3 +156,46 @@ def test_server_flows_end_at_the_idle_timeout_while_the_socket_lives_and_nothing
                      and r.observer == "server"]
     assert len(server_finals) == sum(1 for t in truth if t["mode"] != "dead")
     assert col.ctx.drops.snapshot() == {}
+
+
+def test_every_udp_exchange_of_the_lab_truth_once_per_side_exact(lab_factory, tmp_path):
+    """The lab's resolver traffic, pods on three hosts across the VXLAN overlay (UDP between
+    hosts): each exchange one client and one server record, the truth's bytes, comm, netns."""
+    from tests.lab.test_socket_probes import lab_netns
+
+    lab = lab_factory(name="ewu", hosts=3, pods_per_host=2)
+    with Collected(lab_netns(lab.inventory), interval=1.0, idle_timeout=IDLE) as col:
+        # The resolvers' threads sit in recvfrom() since before the probes were attached: the
+        # datagram that ends each of those calls names no sender (counted, udp_no_peer). A
+        # first round of traffic moves every thread into a call the probes saw begin.
+        lab.traffic(duration=1.0, truth_path=tmp_path / "warm.jsonl", seed=2)
+        time.sleep(IDLE + 1.5)
+        warm = col.ctx.drops.snapshot()
+        assert set(warm) <= {("socket", "udp_no_peer")}, warm
+        since = len(col.records)
+        truth = [t for t in lab.traffic(duration=3.0, truth_path=tmp_path / "t.jsonl", seed=1)
+                 if t["protocol"] == "udp"]
+        assert len(truth) >= 10, "the lab made too few UDP exchanges to prove anything"
+        ok = [t for t in truth if t["outcome"] == "ok"]
+        want = len(truth) + len(ok)  # a refused exchange has no server record
+
+        def done(recs):
+            return sum(1 for r in recs[since:] if r.final and r.protocol == "udp") >= want
+
+        col.wait_for(done, timeout=30)
+        time.sleep(1.5)
+    for observer in ("client", "server"):
+        finals = [r for r in col.records[since:] if r.final and r.protocol == "udp"
+                  and r.observer == observer]
+        by_key = {r.key: r for r in finals}
+        assert len(by_key) == len(finals), f"a {observer} flow reported twice"
+        expected = truth if observer == "client" else ok
+        assert len(finals) == len(expected)
+        for t in expected:
+            r = by_key[("udp", t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])]
+            assert (r.bytes_c2s, r.bytes_s2c) == (t["bytes_c2s"], t["bytes_s2c"]), (observer, t)
+            assert (r.packets_c2s, r.packets_s2c) == (1, 0 if t["outcome"] != "ok" else 1)
+            assert r.process is not None and r.process.comm == t[f"{observer}_comm"]
+            assert r.netns == netns_inode(t[f"{observer}_netns"])
+            assert r.connect == ("refused" if t["outcome"] == "refused" else None), (observer, t)
+    assert col.ctx.drops.snapshot() == warm  # nothing missed once every call was seen begin
