@@ -42,10 +42,12 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     idle_timeout(args)
     cfg = ProbeConfig(conn_entries=entries, udp_entries=entries,
                       netns=resolve_all(list(getattr(args, "netns", []) or [])))
-    if hooks is not None:
-        cfg = ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
-                          netns=cfg.netns, hooks=hooks)
-    return cfg
+    if hooks is None:
+        hooks = cfg.hooks
+    if getattr(args, "no_udp", False):  # the syscall hooks tax every send/recv call: opt out
+        hooks = hooks - {"udp"}
+    return ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
+                       netns=cfg.netns, hooks=hooks)
 
 
 def idle_timeout(args: argparse.Namespace) -> float:

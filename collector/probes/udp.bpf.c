@@ -290,7 +290,12 @@ static __always_inline void udp_received(u64 sk, int ret, int flags) {
     udp_account(sk, &k, 0, (u64)ret, 1, 0);
 }
 
+// A call without an address (send()/recv(): sendto/recvfrom with NULL, every TCP send and
+// receive made that way) is not remembered: only a connected socket can use it, and its peer is
+// the socket's. That keeps the hash operations off the hot path of most traffic.
 static __always_inline void udp_enter(u32 kind, u64 arg) {
+    if (!arg)
+        return;
     u64 id = bpf_get_current_pid_tgid();
     struct udp_call_t c = {.arg = arg, .kind = kind};
     udp_calls.update(&id, &c);

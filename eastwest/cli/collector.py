@@ -82,6 +82,9 @@ def register(sub: Any) -> None:
                    "the socket probes' UDP flows alike (default 30)")
     g.add_argument("--map-entries", type=int, default=65536, metavar="N",
                    help="entries of each BPF connection map (memory is printed by --check)")
+    g.add_argument("--no-udp", action="store_true",
+                   help="socket probes: TCP only, no UDP flows (the UDP hooks add a syscall "
+                   "tracepoint to every send/recv call of every process; docs/collector.md)")
     g.add_argument("--print-bpf", action="store_true", help="print the BPF C program and exit")
 
     g = p.add_argument_group("output")

@@ -244,3 +244,19 @@ def test_udp_losses_are_counted_and_mark_udp_records_only():
     gauges = loop.gauges(4096, 2048)
     assert gauges[("eastwest_probe_map_capacity", (("map", "udp_flows"),))] == 2048
     assert gauges[("eastwest_probe_map_entries", (("map", "udp_flows"),))] == 1
+
+
+def test_no_udp_turns_the_udp_hooks_off_and_a_bad_idle_timeout_is_named():
+    import argparse
+
+    from collector.probes import probe_config
+    from eastwest.errors import ConfigError
+
+    args = argparse.Namespace(map_entries=4096, interval=1.0, netns=[], idle_timeout=30.0,
+                              no_udp=False)
+    assert probe_config(args).udp() and probe_config(args).udp_entries == 4096
+    args.no_udp = True
+    assert not probe_config(args).udp() and "bytes" in probe_config(args).hooks
+    args.idle_timeout = 0.0
+    with pytest.raises(ConfigError, match="--idle-timeout=0.0: must be > 0"):
+        probe_config(args)
