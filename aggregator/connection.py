@@ -11,8 +11,9 @@ Rules (docs/aggregator.md):
   BEST view: the maximum over the socket views (client, server), which count application
   payload exactly; path views (which also count retransmitted payload) only when no socket view
   exists. Retransmits add the client's and the server's (each counts its own sending side).
-  Packets come from path views only (socket probes count none): the maximum of those that
-  counted them, and in the stored row null, not 0, when none did (`packets()`).
+  Packets likewise: the maximum over the socket views that counted them (UDP socket views count
+  datagrams, exactly; TCP socket views count none), else over the path views that did; in the
+  stored row null, not 0, when no view counted them (`packets()`).
 - `byte_mismatch`: the client's and the server's final byte counts (or a final path count against
   them) differ by more than the retransmitted segments can explain (retransmits x MSS).
 
@@ -225,8 +226,8 @@ class Connection(msgspec.Struct, gc=False):
 
     def best(self) -> tuple[int, int, int, int, int, int]:
         """(bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets), cumulative."""
-        sock = False
-        sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = pret = res = 0
+        sock = spk = False  # a socket view; a socket view that counted packets
+        sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = sk1 = sk2 = pret = res = 0
         for k, v in self.views.items():
             if v.resets > res:
                 res = v.resets
@@ -236,6 +237,12 @@ class Connection(msgspec.Struct, gc=False):
                     sb1 = v.bytes_c2s
                 if v.bytes_s2c > sb2:
                     sb2 = v.bytes_s2c
+                if v.packets_c2s is not None or v.packets_s2c is not None:
+                    spk = True
+                    if (v.packets_c2s or 0) > sk1:
+                        sk1 = v.packets_c2s or 0
+                    if (v.packets_s2c or 0) > sk2:
+                        sk2 = v.packets_s2c or 0
                 sret += v.retransmits
             else:
                 if v.bytes_c2s > pb1:
@@ -248,20 +255,21 @@ class Connection(msgspec.Struct, gc=False):
                     pk2 = v.packets_s2c or 0
                 if v.retransmits > pret:
                     pret = v.retransmits
+        if spk:
+            pk1, pk2 = sk1, sk2
         if sock:
             return (sb1, sb2, pk1, pk2, sret, res)
         return (pb1, pb2, pk1, pk2, pret, res)
 
     def packets(self) -> tuple[int | None, int | None]:
         """(packets_c2s, packets_s2c) as the connection's row shows them: `best()`'s, or None
-        in a direction that no view counted (socket probes count no packets: not counted is
+        in a direction that no view counted (TCP socket probes count no packets: not counted is
         not zero). `best()` keeps 0 there, for the rollup deltas."""
         b = self.best()
         counted = [False, False]
-        for k, v in self.views.items():
-            if k != "client" and k != "server":
-                counted[0] = counted[0] or v.packets_c2s is not None
-                counted[1] = counted[1] or v.packets_s2c is not None
+        for v in self.views.values():
+            counted[0] = counted[0] or v.packets_c2s is not None
+            counted[1] = counted[1] or v.packets_s2c is not None
         return (b[2] if counted[0] else None, b[3] if counted[1] else None)
 
     @property
@@ -313,9 +321,10 @@ class Connection(msgspec.Struct, gc=False):
         inc = False
         client = server = None
         sock = False
-        sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = pret = res = 0
+        sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = sk1 = sk2 = pret = res = 0
+        spk = False  # a socket view counted packets (UDP datagrams)
         paths = 0
-        hp1 = hp2 = False  # a path view counted packets (c2s, s2c)
+        hp1 = hp2 = False  # a view counted packets (c2s, s2c)
         connect = rtt = None
         final_paths = []
         for k, v in self.views.items():
@@ -348,6 +357,14 @@ class Connection(msgspec.Struct, gc=False):
                     sb1 = v.bytes_c2s
                 if v.bytes_s2c > sb2:
                     sb2 = v.bytes_s2c
+                if v.packets_c2s is not None:
+                    spk = hp1 = True
+                    if v.packets_c2s > sk1:
+                        sk1 = v.packets_c2s
+                if v.packets_s2c is not None:
+                    spk = hp2 = True
+                    if v.packets_s2c > sk2:
+                        sk2 = v.packets_s2c
                 sret += v.retransmits
             else:
                 paths += 1
@@ -365,6 +382,8 @@ class Connection(msgspec.Struct, gc=False):
                         pk2 = v.packets_s2c
                 if v.retransmits > pret:
                     pret = v.retransmits
+        if spk:
+            pk1, pk2 = sk1, sk2
         best = (sb1, sb2, pk1, pk2, sret, res) if sock else (pb1, pb2, pk1, pk2, pret, res)
         # connect and rtt: the client's first, then the server's, then any view's (dict order)
         for side in (client, server):

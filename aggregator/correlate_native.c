@@ -189,11 +189,13 @@ int ew_is_closed(const ew_state *st, const ew_conn *c)
 }
 
 /* connection.Connection.best(): the socket views' maxima (retransmits: their sum), else the
- * path views'; packets from path views only; resets the maximum of all. -1 on overflow. */
+ * path views'; packets from the socket views that counted them (UDP datagrams), else from the
+ * path views; resets the maximum of all. -1 on overflow. */
 int ew_best(ew_state *st, const ew_conn *c, int64_t out[6])
 {
-    int sock = 0;
+    int sock = 0, spk = 0;
     int64_t sb1 = 0, sb2 = 0, sret = 0, pb1 = 0, pb2 = 0, pk1 = 0, pk2 = 0, pret = 0, res = 0;
+    int64_t sk1 = 0, sk2 = 0;
     for (uint32_t vi = c->views; vi != EW_NONE; vi = st->views[vi].next) {
         const ew_view *v = &st->views[vi];
         if (v->resets > res) res = v->resets;
@@ -201,6 +203,8 @@ int ew_best(ew_state *st, const ew_conn *c, int64_t out[6])
             sock = 1;
             if (v->b_c2s > sb1) sb1 = v->b_c2s;
             if (v->b_s2c > sb2) sb2 = v->b_s2c;
+            if (v->flags & VF_P_C2S) { spk = 1; if (v->p_c2s > sk1) sk1 = v->p_c2s; }
+            if (v->flags & VF_P_S2C) { spk = 1; if (v->p_s2c > sk2) sk2 = v->p_s2c; }
             if (__builtin_add_overflow(sret, v->retrans, &sret))
                 return ew_fail(st, EW_E_OVERFLOW, "retransmits of a connection exceed int64");
         } else {
@@ -213,8 +217,8 @@ int ew_best(ew_state *st, const ew_conn *c, int64_t out[6])
     }
     out[0] = sock ? sb1 : pb1;
     out[1] = sock ? sb2 : pb2;
-    out[2] = pk1;
-    out[3] = pk2;
+    out[2] = spk ? sk1 : pk1;
+    out[3] = spk ? sk2 : pk2;
     out[4] = sock ? sret : pret;
     out[5] = res;
     return 0;

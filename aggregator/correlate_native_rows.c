@@ -209,7 +209,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     unsigned mask = 0;
     uint8_t connect = CONNECT_NONE;
     int64_t pb1 = 0, pb2 = 0;
-    int hp1 = 0, hp2 = 0; /* a path view counted packets: else the row's packets are null */
+    int hp1 = 0, hp2 = 0; /* a view counted packets: else the row's packets are null */
     for (uint32_t vi = c->views; vi != EW_NONE; vi = st->views[vi].next) {
         const ew_view *v = &st->views[vi];
         if (v->flags & VF_FINAL) {
@@ -220,14 +220,14 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
         if (v->flags & VF_INCOMPLETE) inc = 1;
         if (connect == CONNECT_NONE) connect = v->connect;
         if (!any_rtt && (v->flags & VF_RTT)) any_rtt = v;
+        if (v->flags & VF_P_C2S) hp1 = 1;
+        if (v->flags & VF_P_S2C) hp2 = 1;
         if (v->observer == OBS_CLIENT) cv = v;
         else if (v->observer == OBS_SERVER) sv = v;
         else {
             paths++;
             if (v->b_c2s > pb1) pb1 = v->b_c2s;
             if (v->b_s2c > pb2) pb2 = v->b_s2c;
-            if (v->flags & VF_P_C2S) hp1 = 1;
-            if (v->flags & VF_P_S2C) hp2 = 1;
         }
     }
     /* connect and rtt: the client's first, then the server's, then any view's (in order) */

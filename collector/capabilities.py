@@ -39,9 +39,9 @@ class Hook:
 HOOKS = (
     Hook("sock", "inet_sock_set_state", "", False, "lifecycle, role, 5-tuple, failed connects",
          "none (required)"),
-    Hook("sock", "sock_send_length", "bytes", True, "payload bytes sent",
+    Hook("sock", "sock_send_length", "bytes", True, "payload bytes sent (TCP; UDP datagrams)",
          "records marked incomplete: bytes", "bytes"),
-    Hook("sock", "sock_recv_length", "bytes", True, "payload bytes received",
+    Hook("sock", "sock_recv_length", "bytes", True, "payload bytes received (TCP; UDP datagrams)",
          "records marked incomplete: bytes", "bytes"),
     Hook("tcp", "tcp_retransmit_skb", "retransmit", True, "retransmitted segments",
          "records marked incomplete: retransmits", "retransmits"),
@@ -53,6 +53,21 @@ HOOKS = (
          "rtt_us null", "rtt"),
     Hook("tcp", "tcp_destroy_sock", "destroy", True, "final record after the last read",
          "final record at CLOSE (reads after an RST missed)"),
+    *(Hook("syscalls", f"sys_{edge}_{call}", "udp", False, f"UDP, {call}(): {what}",
+           "no UDP flows (TCP unaffected)")
+      for call, edge, what in (
+          ("sendto", "enter", "the peer's address (read at sock_send_length)"),
+          ("sendto", "exit", "end of the call"),
+          ("sendmsg", "enter", "msg_name (read at sock_send_length)"),
+          ("sendmsg", "exit", "end of the call"),
+          ("sendmmsg", "enter", "each message's msg_name (read at sock_send_length)"),
+          ("sendmmsg", "exit", "end of the call"),
+          ("recvfrom", "enter", "where the kernel will write the sender"),
+          ("recvfrom", "exit", "the sender's address, read"),
+          ("recvmsg", "enter", "where the kernel will write the sender"),
+          ("recvmsg", "exit", "msg_name, read"),
+          ("recvmmsg", "enter", "where the kernel will write the senders"),
+          ("recvmmsg", "exit", "each message's msg_name and msg_len, read"))),
 )
 
 
@@ -62,12 +77,17 @@ class Capabilities:
     notes: dict[str, str] = field(default_factory=dict)  # name -> why not usable
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (what, ok, detail)
     offsets: object | None = None  # KernelOffsets when BTF resolved them
+    udp_offsets: object | None = None  # UdpOffsets when BTF resolved them (else no UDP flows)
 
     def features(self) -> frozenset[str]:
-        """Optional features whose every hook is usable."""
+        """Optional features whose every hook is usable (UDP also needs its BTF offsets and
+        the byte hooks, which see its datagrams)."""
         feats = {h.feature for h in HOOKS if h.feature}
-        return frozenset(f for f in feats
-                         if all(self.hooks.get(h.name) for h in HOOKS if h.feature == f))
+        usable = {f for f in feats
+                  if all(self.hooks.get(h.name) for h in HOOKS if h.feature == f)}
+        if self.udp_offsets is None or "bytes" not in usable:
+            usable.discard("udp")
+        return frozenset(usable)
 
     def missing_measurements(self) -> tuple[str, ...]:
         out: list[str] = []
@@ -86,8 +106,14 @@ class Capabilities:
         return out
 
     def degradations(self) -> list[str]:
-        return [f"{h.group}:{h.name} unusable ({self.notes.get(h.name, 'missing')}): {h.fallback}"
-                for h in HOOKS if h.feature and not self.hooks.get(h.name)]
+        out = [f"{h.group}:{h.name} unusable ({self.notes.get(h.name, 'missing')}): {h.fallback}"
+               for h in HOOKS if h.feature and not self.hooks.get(h.name)]
+        if "udp" not in self.features() and not any(
+                h.feature == "udp" and not self.hooks.get(h.name) for h in HOOKS):
+            why = "its BTF offsets are unknown" if self.udp_offsets is None else \
+                "the byte hooks are missing"
+            out.append(f"UDP flows off ({why}): TCP unaffected")
+        return out
 
     def require(self) -> None:
         problems = self.problems()
@@ -129,7 +155,7 @@ def _mounted(fstype: str) -> str | None:
 
 def probe() -> Capabilities:
     """Look at this machine; never raises (what fails is reported in the result)."""
-    from collector.probes.btf import Btf, kernel_offsets
+    from collector.probes.btf import Btf, kernel_offsets, udp_offsets
 
     caps = Capabilities()
     btf = None
@@ -139,6 +165,12 @@ def probe() -> Capabilities:
         caps.checks.append(("BTF /sys/kernel/btf/vmlinux", True, f"offsets {caps.offsets}"))
     except CapabilityError as exc:
         caps.checks.append(("BTF /sys/kernel/btf/vmlinux", False, str(exc)))
+    if btf is not None:
+        try:
+            caps.udp_offsets = udp_offsets(btf)
+            caps.checks.append(("BTF UDP offsets", True, "socket, msghdr and mmsghdr fields"))
+        except CapabilityError as exc:  # optional: UDP flows off, TCP unaffected
+            caps.checks.append(("BTF UDP offsets", True, f"unknown, no UDP flows: {exc}"))
     for h in HOOKS:
         if not _tracepoint_exists(h.group, h.name):
             caps.hooks[h.name], caps.notes[h.name] = False, "no such tracepoint"
@@ -188,9 +220,10 @@ def table(caps: Capabilities, map_entries: int) -> str:
     lines.append("")
     for what, ok, detail in caps.checks:
         lines.append(f"{what + ':':<28} {'ok' if ok else 'MISSING'}  {detail}")
-    cfg = ProbeConfig(conn_entries=map_entries)
+    cfg = ProbeConfig(conn_entries=map_entries, udp_entries=map_entries, hooks=caps.features())
+    udp = f"{map_entries} UDP flows, " if cfg.udp() else ""
     lines.append(f"{'map memory:':<28} {cfg.map_memory_bytes() / 2**20:.1f} MiB "
-                 f"({map_entries} connections, {cfg.listen_entries} listeners, "
+                 f"({map_entries} connections, {udp}{cfg.listen_entries} listeners, "
                  f"{cfg.ringbuf_pages * 4} KiB ring buffer; --map-entries N)")
     lines.append(f"{'not available here:':<28} kprobes, fentry (not used)")
     return "\n".join(lines)

@@ -31,7 +31,9 @@ from eastwest.errors import RecordError
 
 SCHEMA_VERSION = 1
 
-Source = Literal["socket", "vxlan", "wire", "pcap", "sockdiag"]
+# No "sockdiag": UDP sockets are seen by the eBPF socket probes (source "socket"); a value no
+# collector produced was dropped from the contract (docs/flow-record.md, "source")
+Source = Literal["socket", "vxlan", "wire", "pcap"]
 Observer = Literal["client", "server", "path"]
 Connect = Literal["ok", "refused", "timeout", "reset"]
 PROTOCOLS = frozenset({"tcp", "udp", "icmp", "icmpv6", "sctp", "gre", "esp", "other"})

@@ -484,7 +484,7 @@ static inline int one_of(str_t s, const lit_t *lits, int n, const uint8_t *end)
     return 0;
 }
 
-static const lit_t SOURCES[] = {L("socket"), L("vxlan"), L("wire"), L("pcap"), L("sockdiag")};
+static const lit_t SOURCES[] = {L("socket"), L("vxlan"), L("wire"), L("pcap")};
 static const lit_t OBSERVERS[] = {L("client"), L("server"), L("path")};
 static const lit_t CONNECTS[] = {L("ok"), L("refused"), L("timeout"), L("reset")};
 static const lit_t PROTOCOLS[] = {L("tcp"), L("udp"), L("icmp"), L("icmpv6"), L("sctp"), L("gre"), L("esp"), L("other")};
@@ -653,7 +653,7 @@ static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
         case F_RECORD_ID: if (!rd_str(r, &w->record_id)) return 0; break;
         case F_COLLECTOR: if (!rd_str(r, &w->collector)) return 0; break;
         case F_SOURCE:
-            if (!rd_str_raw(r, &w->source) || !one_of(w->source, SOURCES, 5, r->end)) return 0;
+            if (!rd_str_raw(r, &w->source) || !one_of(w->source, SOURCES, 4, r->end)) return 0;
             break;
         case F_START: if (!rd_ts(r, &w->start)) return 0; break;
         case F_END: if (!rd_ts(r, &w->end)) return 0; break;

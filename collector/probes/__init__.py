@@ -1,12 +1,15 @@
-"""eBPF socket probes: every TCP connection of every process, from stable tracepoints.
+"""eBPF socket probes: every TCP connection and UDP flow of every process, from stable tracepoints.
 
 Stage: a collector source. In: the running kernel (tracepoints `sock:inet_sock_set_state`,
-`sock:sock_send_length`, `sock:sock_recv_length`, `tcp:*`; see socket.bpf.c). Out: `FlowRecord`s
-with source="socket", one per connection per interval (`final=False`) and one at its end.
+`sock:sock_send_length`, `sock:sock_recv_length`, `tcp:*`, the send/recv `syscalls:*`; see
+socket.bpf.c and udp.bpf.c). Out: `FlowRecord`s with source="socket", one per connection (UDP:
+flow) per interval (`final=False`) and one at its end.
 
 Modules: `btf` (struct offsets and raw tracepoint prototypes from the running kernel's BTF),
 `kernel` (compile, attach, read maps), `conn` (the kernel's per-socket state as Python and the
-`KernelSide` interface), `records` (state -> record), `source` (the drain loop).
+`KernelSide` interface), `records` (state -> record), `source` (the drain loop); UDP:
+`udpflow` (a flow's state, `UdpKernelSide`), `udprecords` (flow -> record, orientation, local
+address), `udptrack` (idle timeout, closed sockets).
 `collector.capabilities` decides which hooks run; `collector.proc` and `collector.netns` attribute.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 from pathlib import Path
 
 from collector.pipeline import CollectorContext, Emit
@@ -36,10 +40,23 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     interval = float(getattr(args, "interval", 5.0))
     if not interval > 0:
         raise ConfigError("--interval", interval, "must be > 0 seconds")
-    cfg = ProbeConfig(conn_entries=entries, netns=resolve_all(list(getattr(args, "netns", []) or [])))
-    if hooks is not None:
-        cfg = ProbeConfig(conn_entries=cfg.conn_entries, netns=cfg.netns, hooks=hooks)
-    return cfg
+    idle_timeout(args)
+    cfg = ProbeConfig(conn_entries=entries, udp_entries=entries,
+                      netns=resolve_all(list(getattr(args, "netns", []) or [])))
+    if hooks is None:
+        hooks = cfg.hooks
+    if getattr(args, "no_udp", False):  # the syscall hooks tax every send/recv call: opt out
+        hooks = hooks - {"udp"}
+    return ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
+                       netns=cfg.netns, hooks=hooks)
+
+
+def idle_timeout(args: argparse.Namespace) -> float:
+    """`--idle-timeout`: seconds without a datagram after which a UDP flow ends."""
+    idle = float(getattr(args, "idle_timeout", 30.0))
+    if not idle > 0:
+        raise ConfigError("--idle-timeout", idle, "must be > 0 seconds")
+    return idle
 
 
 def cgroup_root(args: argparse.Namespace) -> Path | None:
@@ -61,7 +78,8 @@ def bpf_source(args: argparse.Namespace) -> str:
     from collector.capabilities import probe
 
     caps = probe()
-    return program_text(caps.offsets, probe_config(args, caps.features()))  # type: ignore[arg-type]
+    return program_text(caps.offsets, probe_config(args, caps.features()),  # type: ignore[arg-type]
+                        caps.udp_offsets)  # type: ignore[arg-type]
 
 
 class SocketProbeSource:
@@ -73,6 +91,8 @@ class SocketProbeSource:
         from collector.capabilities import probe
         from collector.probes.records import RecordBuilder
         from collector.probes.source import ProbeLoop
+        from collector.probes.udprecords import UdpRecordBuilder
+        from collector.probes.udptrack import UdpTracker
         from collector.proc import ProcessCache
 
         caps = probe()
@@ -82,7 +102,13 @@ class SocketProbeSource:
         self.offsets = caps.offsets
         self.procs = ProcessCache(cgroup_root=cgroup_root(args))
         builder = RecordBuilder(ctx, KernelClock(), self.procs, caps.missing_measurements())
-        self.loop = ProbeLoop(ctx, self._load, builder, interval=float(args.interval))
+        self.udp_offsets = caps.udp_offsets if self.config.udp() else None
+        self.udp: UdpTracker | None = None
+        if self.udp_offsets is not None:
+            idle = idle_timeout(args)
+            self.udp = UdpTracker(UdpRecordBuilder(builder, int(idle * 1e9)), idle)
+        self.loop = ProbeLoop(ctx, self._load, builder, interval=float(args.interval),
+                              udp=self.udp)
         self.ready: threading.Event = self.loop.ready
 
     def _load(self):  # noqa: ANN202 - a KernelSide
@@ -91,7 +117,10 @@ class SocketProbeSource:
 
         owners = listening_owners(self.config.netns, cache=self.procs)
         kernel = BccKernel(self.offsets, self.config, owners,  # type: ignore[arg-type]
-                           on_process=self.procs.process)
+                           on_process=self.procs.process,
+                           udp=self.udp_offsets)  # type: ignore[arg-type]
+        if self.udp is not None:
+            self.udp.attach(kernel, time.monotonic_ns())
         log.info("socket probes attached: %s; netns scope %s; %d existing listeners",
                  ", ".join(sorted(self.config.hooks)), list(self.config.netns) or "all",
                  len(owners))
@@ -103,4 +132,5 @@ class SocketProbeSource:
     def gauges(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """`eastwest_probe_map_entries` / `_capacity{map="conns"}` and the kernel's counters
         (`eastwest_probe_kernel_events_total{event}`), read at each interval drain."""
-        return self.loop.gauges(self.config.conn_entries)
+        return self.loop.gauges(self.config.conn_entries,
+                                self.config.udp_entries if self.udp is not None else None)

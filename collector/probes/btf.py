@@ -148,6 +148,13 @@ class Btf:
             raise CapabilityError(f"{self.source}: no struct {name!r} in the kernel's BTF")
         return tid
 
+    def struct_size(self, name: str) -> int:
+        """sizeof(struct name) in bytes."""
+        t = self._type(self.struct_id(name))
+        if t is None or t.kind not in (_STRUCT, _UNION):
+            raise CapabilityError(f"{self.source}: {name!r} is not a struct")
+        return t.size_or_type
+
     def _strip(self, tid: int) -> int:
         t = self._type(tid)
         while t is not None and t.kind in _MODIFIERS:
@@ -231,4 +238,57 @@ def kernel_offsets(btf: Btf) -> KernelOffsets:
         net_ns_inum=btf.member_offset("net", "ns.inum"),
         sk_err=btf.member_offset("sock", "sk_err"),
         tcp_srtt_us=btf.member_offset("tcp_sock", "srtt_us"),
+    )
+
+
+@dataclass(frozen=True)
+class UdpOffsets:
+    """What the UDP half of the probes reads (collector/probes/udp.bpf.c), all from BTF: the
+    socket's family, protocol, state, ports and addresses, its inode number (the flow key's
+    guard against a freed and reused `struct sock`), and the user-space message headers of
+    sendmsg/recvmsg/sendmmsg/recvmmsg (uapi layouts, read from BTF all the same)."""
+
+    sk_family: int  # sock_common.skc_family (u16)
+    sk_protocol: int  # sock.sk_protocol (u16)
+    sk_state: int  # sock_common.skc_state (u8; TCP_ESTABLISHED = a connected UDP socket)
+    sk_num: int  # sock_common.skc_num (u16, host order: the local port)
+    sk_dport: int  # sock_common.skc_dport (be16)
+    sk_daddr: int  # sock_common.skc_daddr (be32)
+    sk_rcv_saddr: int  # sock_common.skc_rcv_saddr (be32)
+    sk_v6_daddr: int  # sock_common.skc_v6_daddr (16 bytes)
+    sk_v6_rcv_saddr: int  # sock_common.skc_v6_rcv_saddr (16 bytes)
+    sk_socket: int  # sock.sk_socket (struct socket *)
+    socket_inode: int  # from a struct socket to its inode's i_ino: socket_alloc layout
+    msg_name: int  # user_msghdr.msg_name (void __user *)
+    msg_namelen: int  # user_msghdr.msg_namelen (int)
+    mmsg_hdr: int  # mmsghdr.msg_hdr (struct user_msghdr)
+    mmsg_len: int  # mmsghdr.msg_len (unsigned int)
+    mmsg_size: int  # sizeof(struct mmsghdr)
+
+    def defines(self) -> dict[str, int]:
+        return {f"OFF_{k.upper()}": v for k, v in self.__dict__.items()}
+
+
+def udp_offsets(btf: Btf) -> UdpOffsets:
+    common = "__sk_common."
+    socket_inode = (btf.member_offset("socket_alloc", "vfs_inode")
+                    - btf.member_offset("socket_alloc", "socket")
+                    + btf.member_offset("inode", "i_ino"))
+    return UdpOffsets(
+        sk_family=btf.member_offset("sock", common + "skc_family"),
+        sk_protocol=btf.member_offset("sock", "sk_protocol"),
+        sk_state=btf.member_offset("sock", common + "skc_state"),
+        sk_num=btf.member_offset("sock", common + "skc_num"),
+        sk_dport=btf.member_offset("sock", common + "skc_dport"),
+        sk_daddr=btf.member_offset("sock", common + "skc_daddr"),
+        sk_rcv_saddr=btf.member_offset("sock", common + "skc_rcv_saddr"),
+        sk_v6_daddr=btf.member_offset("sock", common + "skc_v6_daddr"),
+        sk_v6_rcv_saddr=btf.member_offset("sock", common + "skc_v6_rcv_saddr"),
+        sk_socket=btf.member_offset("sock", "sk_socket"),
+        socket_inode=socket_inode,
+        msg_name=btf.member_offset("user_msghdr", "msg_name"),
+        msg_namelen=btf.member_offset("user_msghdr", "msg_namelen"),
+        mmsg_hdr=btf.member_offset("mmsghdr", "msg_hdr"),
+        mmsg_len=btf.member_offset("mmsghdr", "msg_len"),
+        mmsg_size=btf.struct_size("mmsghdr"),
     )

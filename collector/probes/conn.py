@@ -20,7 +20,8 @@ ECONNREFUSED = 111
 
 # indexes of the `stats` per-CPU array in socket.bpf.c
 STAT_NAMES = ("close_deferred", "conn_map_full", "listen_map_full", "deferred_lost", "opened",
-              "closed", "close_overflowed")
+              "closed", "close_overflowed", "udp_no_peer", "udp_bad_addr", "udp_map_full",
+              "udp_mmsg_over", "udp_opened")
 
 
 class ConnState(NamedTuple):

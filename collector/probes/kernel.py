@@ -29,14 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collector.probes.btf import KernelOffsets
+from collector.probes.btf import KernelOffsets, UdpOffsets
 from collector.probes.conn import STAT_NAMES, ConnState
 from collector.probes.decode import ConnDecoder
 from collector.probes.ring import RingReader, Wakeups
 from collector.probes.ring import supported as ring_supported
+from collector.probes.udpflow import UdpState
+from collector.probes.udpflow import decode as udp_decode
 from eastwest.errors import CapabilityError
 
 BPF_FILE = Path(__file__).with_name("socket.bpf.c")
+UDP_BPF_FILE = Path(__file__).with_name("udp.bpf.c")
+UDP_KEY_BYTES, UDP_VALUE_BYTES, UDP_CALL_BYTES = 40, 104, 32  # udp.bpf.c structs
 CONN_VALUE_BYTES = 144  # sizeof(struct conn_t); checked against bcc's ctypes at load
 RINGBUF_RECORD_BYTES = 8 + 8 + CONN_VALUE_BYTES  # ring header + struct close_event_t
 PROC_EVENT_BYTES = 24  # sizeof(struct proc_event_t)
@@ -52,10 +56,17 @@ class ProbeConfig:
     overflow_entries: int = 8192  # final states parked while the ring buffer is full
     netns: tuple[int, ...] = ()  # empty: every namespace
     hooks: frozenset[str] = field(default_factory=lambda: frozenset(
-        {"bytes", "retransmit", "resets", "rtt", "destroy"}))
+        {"bytes", "retransmit", "resets", "rtt", "destroy", "udp"}))
     wakeup_every: int = 0  # close events per CPU between reader wake-ups; 0: from the ring size
     procs_seen_entries: int = 8192  # (pid, comm) pairs already announced (LRU)
     proc_ringbuf_pages: int = 4  # 16 KiB: ~500 new processes between two polls
+    udp_entries: int = 65536  # UDP flows (socket + peer)
+    udp_call_entries: int = 16384  # threads inside a send/recv syscall at once
+    udp_mmsg_max: int = 64  # recvmmsg messages read per call (the rest counted: udp_mmsg_over)
+
+    def udp(self) -> bool:
+        """UDP flows need the byte hooks too: sock_send_length / sock_recv_length see them."""
+        return "udp" in self.hooks and "bytes" in self.hooks
 
     def wakeup_threshold(self, cpus: int | None = None) -> int:
         """Events per CPU between wake-ups: a quarter of the ring shared by every CPU, so the
@@ -73,11 +84,18 @@ class ProbeConfig:
         listeners = self.listen_entries * (8 + 32 + HASH_ELEM_OVERHEAD)
         procs = self.procs_seen_entries * (20 + 8 + HASH_ELEM_OVERHEAD)
         rings = (self.ringbuf_pages + self.proc_ringbuf_pages) * 4096
-        return conns + overflow + listeners + procs + rings
+        udp = 0
+        if self.udp():
+            udp = (self.udp_entries * (UDP_KEY_BYTES + UDP_VALUE_BYTES + HASH_ELEM_OVERHEAD)
+                   + self.udp_call_entries * (8 + UDP_CALL_BYTES + HASH_ELEM_OVERHEAD))
+        return conns + overflow + listeners + procs + rings + udp
 
 
-def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig) -> str:
-    """socket.bpf.c with its compile-time constants as #define lines on top."""
+def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig,
+                 udp: UdpOffsets | None = None) -> str:
+    """socket.bpf.c (and udp.bpf.c when UDP flows are on and `udp` offsets are known) with
+    their compile-time constants as #define lines on top."""
+    with_udp = cfg.udp() and udp is not None
     consts = {
         "CONN_ENTRIES": cfg.conn_entries, "OVERFLOW_ENTRIES": cfg.overflow_entries,
         "LISTEN_ENTRIES": cfg.listen_entries,
@@ -86,13 +104,20 @@ def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig) -> str:
         "HAVE_RESETS": int("resets" in cfg.hooks), "HAVE_RTT": int("rtt" in cfg.hooks),
         "HAVE_DESTROY": int("destroy" in cfg.hooks), "WAKEUP_EVERY": cfg.wakeup_threshold(),
         "PROCS_SEEN_ENTRIES": cfg.procs_seen_entries, "PROC_RINGBUF_PAGES": cfg.proc_ringbuf_pages,
+        "HAVE_UDP": int(with_udp),
     }
+    if with_udp and udp is not None:
+        consts.update({"UDP_ENTRIES": cfg.udp_entries, "UDP_CALL_ENTRIES": cfg.udp_call_entries,
+                       "UDP_MMSG_MAX": cfg.udp_mmsg_max, **udp.defines()})
     if offsets is not None:
         consts.update({"OFF_SK_NET": offsets.sk_net, "OFF_NET_NS_INUM": offsets.net_ns_inum,
                        "OFF_SK_ERR": offsets.sk_err, "OFF_TCP_SRTT_US": offsets.tcp_srtt_us})
     head = "// constants for this kernel and these settings (offsets from BTF)\n"
     head += "".join(f"#define {k} {v}\n" for k, v in consts.items())
-    return head + "\n" + BPF_FILE.read_text()
+    text = head + "\n" + BPF_FILE.read_text()
+    if with_udp:
+        text += "\n" + UDP_BPF_FILE.read_text()
+    return text
 
 
 class BccKernel:
@@ -100,7 +125,8 @@ class BccKernel:
 
     def __init__(self, offsets: KernelOffsets, cfg: ProbeConfig,
                  listeners: list[tuple[int, int, int, str, int]] | None = None,
-                 on_process: Callable[[int, str], object] | None = None) -> None:
+                 on_process: Callable[[int, str], object] | None = None,
+                 udp: UdpOffsets | None = None) -> None:
         """`on_process(pid, comm)` is called, from `poll`, when a process owns a socket for the
         first time (before the close events of the same poll are decoded)."""
         try:
@@ -110,7 +136,7 @@ class BccKernel:
                                   "python3-bpfcc; bash scripts/setup-venv.sh links it)") from exc
         self.cfg = cfg
         try:
-            self.bpf = BPF(text=program_text(offsets, cfg).encode())
+            self.bpf = BPF(text=program_text(offsets, cfg, udp).encode())
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
             raise CapabilityError(f"the socket probes did not load: {exc}") from exc
         conns = self.bpf[b"conns"]
@@ -153,6 +179,8 @@ class BccKernel:
         if self._reader is None:
             events.open_ring_buffer(self._on_event)
         self._batch_ok = True
+        self.udp_enabled = cfg.udp() and udp is not None
+        self._udp = self.bpf[b"udp_flows"] if self.udp_enabled else None
 
     def _seed_listeners(self, listeners: list[tuple[int, int, int, str, int]]) -> None:
         """Owners of listeners that existed before the probes: (netns, port, pid, comm, cgroup)."""
@@ -224,13 +252,49 @@ class BccKernel:
         return self.decoder.entries([k.value for k, _ in items],
                                     b"".join(bytes(v) for _, v in items))
 
-    def _batch(self, table: object, key_size: int, *, delete: bool) -> tuple[ct.Array, ct.Array, int]:
+    def udp_flows(self) -> list[UdpState]:
+        """Every UDP flow of the map (batch read; item by item where batches are missing)."""
+        table = self._udp
+        if table is None:
+            return []
+        ksize, lsize = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+        try:
+            keys, values, n = self._batch(table, ksize, delete=False, leaf_size=lsize)
+            kb, vb = bytes(keys), bytes(values)
+            return [udp_decode(table.Key, table.Leaf, kb[i * ksize:(i + 1) * ksize],
+                               vb[i * lsize:(i + 1) * lsize]) for i in range(n)]
+        except OSError:
+            return [udp_decode(table.Key, table.Leaf, bytes(k), bytes(v))
+                    for k, v in table.items()]
+
+    def udp_end(self, states: list[UdpState]) -> list[UdpState]:
+        """Each flow's final counters, taken out of the map by BPF_MAP_LOOKUP_AND_DELETE_ELEM
+        (kernel/bpf/syscall.c map_lookup_and_delete_elem, hash maps since 5.14): a datagram
+        counted between the read and the delete is in the value returned, never lost."""
+        from bcc.libbcc import lib
+
+        table = self._udp
+        if table is None:
+            return []
+        fn = lib.bpf_lookup_and_delete
+        fn.restype, fn.argtypes = ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]
+        out: list[UdpState] = []
+        value = table.Leaf()
+        for s in states:
+            key = table.Key.from_buffer_copy(s.key)
+            if fn(table.map_fd, ct.byref(key), ct.byref(value)) == 0:
+                out.append(udp_decode(table.Key, table.Leaf, s.key, bytes(value)))
+        return out
+
+    def _batch(self, table: object, key_size: int, *, delete: bool,
+               leaf_size: int | None = None) -> tuple[ct.Array, ct.Array, int]:
         """Every entry of a hash map with BPF_MAP_LOOKUP(_AND_DELETE)_BATCH: a keys buffer, a
         values buffer and how many entries they hold."""
         from bcc.libbcc import lib
 
         call = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
-        fd, cap, lsize = table.map_fd, table.max_entries, self.decoder.leaf_size  # type: ignore[attr-defined]
+        fd, cap = table.map_fd, table.max_entries  # type: ignore[attr-defined]
+        lsize = leaf_size or self.decoder.leaf_size
         keys = (ct.c_char * (cap * key_size))()
         values = (ct.c_char * (cap * lsize))()
         kptr, vptr = ct.addressof(keys), ct.addressof(values)

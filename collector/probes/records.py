@@ -117,6 +117,10 @@ class RecordBuilder:
             self._cgroups[cgroup_id] = out
         return out
 
+    def cgroup(self, cgroup_id: int) -> tuple[Cgroup, str | None]:
+        """The cgroup (id and path) and container id of a cgroup id, cached."""
+        return self._cgroups.get(cgroup_id) or self._cgroup(cgroup_id)
+
     def _incomplete_base(self, extra: tuple[str, ...]) -> tuple[str, ...]:
         base = self._incomplete.get(extra)
         if base is None:

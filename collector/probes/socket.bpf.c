@@ -27,8 +27,10 @@
 // `procs_seen` remembers it), so that userspace reads the command line while the process
 // still exists.
 //
+// UDP (HAVE_UDP): udp.bpf.c, appended to this file by the loader.
+//
 // Compile-time constants (`#define`s prepended by collector/probes/kernel.py): OFF_* byte offsets from the
-// running kernel's BTF, CONN_ENTRIES, OVERFLOW_ENTRIES, LISTEN_ENTRIES, RINGBUF_PAGES, FILTER_NETNS, HAVE_BYTES,
+// running kernel's BTF, HAVE_UDP, CONN_ENTRIES, OVERFLOW_ENTRIES, LISTEN_ENTRIES, RINGBUF_PAGES, FILTER_NETNS, HAVE_BYTES,
 // HAVE_RETRANSMIT, HAVE_RESETS, HAVE_RTT, HAVE_DESTROY, WAKEUP_EVERY, PROC_RINGBUF_PAGES,
 // PROCS_SEEN_ENTRIES. Never a struct layout from headers.
 
@@ -62,7 +64,12 @@
 #define STAT_OPENED 4           // connections tracked
 #define STAT_CLOSED 5           // close events sent
 #define STAT_CLOSE_OVERFLOWED 6 // ring buffer full: final state parked in `overflow`
-#define NSTATS 7
+#define STAT_UDP_NO_PEER 7      // a UDP datagram whose peer is not known (unconnected, no address)
+#define STAT_UDP_BAD_ADDR 8     // a UDP datagram whose sockaddr could not be read from user memory
+#define STAT_UDP_MAP_FULL 9     // a UDP flow could not be tracked at all
+#define STAT_UDP_MMSG_OVER 10   // recvmmsg datagrams beyond UDP_MMSG_MAX in one call
+#define STAT_UDP_OPENED 11      // UDP flows tracked
+#define NSTATS 12
 
 struct conn_t {
     u64 start_ns;
@@ -332,15 +339,24 @@ RAW_TRACEPOINT_PROBE(tcp_destroy_sock) {
 }
 #endif
 
+#if HAVE_UDP  // udp.bpf.c, compiled after this file
+static __always_inline void udp_sent(u64 sk, int ret);
+static __always_inline void udp_received(u64 sk, int ret, int flags);
+#endif
+
 #if HAVE_BYTES
-// Python never runs per send: these only add to the socket's entry.
+// Python never runs per send: these only add to the socket's entry (TCP) or flow (UDP).
 RAW_TRACEPOINT_PROBE(sock_send_length) {
     int ret = (int)ctx->args[1];
-    if (ret <= 0)
-        return 0;
     u64 key = ctx->args[0];
     struct conn_t *c = conns.lookup(&key);
-    if (!c)
+    if (!c) {
+#if HAVE_UDP
+        udp_sent(key, ret);
+#endif
+        return 0;
+    }
+    if (ret <= 0)
         return 0;
     __sync_fetch_and_add(&c->bytes_sent, (u64)ret);
     if (c->owner != OWNER_CONTEXT)
@@ -351,11 +367,15 @@ RAW_TRACEPOINT_PROBE(sock_send_length) {
 RAW_TRACEPOINT_PROBE(sock_recv_length) {
     int ret = (int)ctx->args[1];
     int flags = (int)ctx->args[2];
-    if (ret <= 0 || (flags & EW_MSG_PEEK))
-        return 0;
     u64 key = ctx->args[0];
     struct conn_t *c = conns.lookup(&key);
-    if (!c)
+    if (!c) {
+#if HAVE_UDP
+        udp_received(key, ret, flags);
+#endif
+        return 0;
+    }
+    if (ret <= 0 || (flags & EW_MSG_PEEK))
         return 0;
     __sync_fetch_and_add(&c->bytes_recv, (u64)ret);
     if (c->owner != OWNER_CONTEXT)

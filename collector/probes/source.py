@@ -6,6 +6,8 @@ In: a `KernelSide` (the loaded BPF program, or a fake in tests); the context's c
 Out: lists of `FlowRecord` through `emit`: final records as close events arrive, interim
 (`final=False`) records of every live connection every `interval` seconds, and at stop the
 last close events plus interim records of what is still open.
+UDP flows (collector/probes/udptrack.py) are drained at the same interval: interim records,
+and final ones for flows idle or closed; their kernel losses (`UDP_LOSSES`) mark UDP records.
 
 Loss accounting: the kernel's `stats` counters are read every interval; their increases go to
 `Drops` (stage "socket") and mark the records of that interval `incomplete: lost_events`.
@@ -22,10 +24,13 @@ from collections.abc import Callable
 from collector.pipeline import CollectorContext, Emit
 from collector.probes.conn import ConnState, KernelSide
 from collector.probes.records import STAGE, RecordBuilder
+from collector.probes.udptrack import UdpTracker
 from eastwest.record import FlowRecord
 
 log = logging.getLogger("eastwest.collector.probes")
 LOSSES = ("conn_map_full", "listen_map_full", "deferred_lost", "bad_event_size")
+# UDP datagrams the kernel saw and could not account (udp.bpf.c): they mark UDP records only
+UDP_LOSSES = ("udp_no_peer", "udp_bad_addr", "udp_map_full", "udp_mmsg_over")
 
 
 class ProbeLoop:
@@ -34,8 +39,11 @@ class ProbeLoop:
     name = "socket"
 
     def __init__(self, ctx: CollectorContext, kernel_factory: Callable[[], KernelSide],
-                 builder: RecordBuilder, interval: float = 5.0) -> None:
+                 builder: RecordBuilder, interval: float = 5.0,
+                 udp: UdpTracker | None = None) -> None:
         self.ctx = ctx
+        self.udp = udp  # UDP flows (collector/probes/udptrack.py), when the probes see them
+        self._udp_lossy = False
         self.kernel_factory = kernel_factory
         self.builder = builder
         self.interval = interval
@@ -44,13 +52,19 @@ class ProbeLoop:
         self._lossy = False
         self.tracked: int | None = None  # entries of the connection map at the last drain
 
-    def gauges(self, capacity: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def gauges(self, capacity: int, udp_capacity: int | None = None,
+               ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """BPF map fill and the kernel's own counters, for the collector's /metrics: a map near
-        its capacity is the warning before `conn_map_full` losses begin."""
+        its capacity is the warning before `conn_map_full` (`udp_map_full`) losses begin."""
         out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
             ("eastwest_probe_map_capacity", (("map", "conns"),)): float(capacity)}
         if self.tracked is not None:
             out[("eastwest_probe_map_entries", (("map", "conns"),))] = float(self.tracked)
+        if self.udp is not None and udp_capacity is not None:
+            out[("eastwest_probe_map_capacity", (("map", "udp_flows"),))] = float(udp_capacity)
+            if self.udp.tracked is not None:
+                out[("eastwest_probe_map_entries", (("map", "udp_flows"),))] = \
+                    float(self.udp.tracked)
         for name, total in sorted(self._stats.items()):
             out[("eastwest_probe_kernel_events_total", (("event", name),))] = float(total)
         return out
@@ -102,16 +116,22 @@ class ProbeLoop:
         if deferred:
             out += self.builder.build_many(deferred, final=True, now=now, extra_incomplete=extra)
             kernel.forget(deferred)
+        if self.udp is not None:
+            out += self.udp.drain(now, ("lost_events",) if self._udp_lossy else ())
         return out
 
     def _account(self, stats: dict[str, int]) -> None:
-        lossy = False
+        lossy = udp_lossy = False
         for name, total in stats.items():
             delta = total - self._stats.get(name, 0)
-            if delta > 0 and name in LOSSES:
-                lossy = True
+            if delta > 0 and (name in LOSSES or name in UDP_LOSSES):
+                if name in LOSSES:
+                    lossy = True
+                else:
+                    udp_lossy = True
                 self.ctx.drops.count(STAGE, name, delta, detail=f"{delta} in the kernel ({name})")
             elif delta > 0 and name in ("close_deferred", "close_overflowed"):
                 log.info("%d close events waited in a map (ring buffer full): %s", delta, name)
         self._stats = dict(stats)
         self._lossy = lossy
+        self._udp_lossy = udp_lossy

@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from collector.orientation import client_by_ports
 from collector.pipeline import CollectorContext
 from collector.vxlan.packets import REASONS, TCP, TUNNEL_NAMES, join128, proto_name
 from collector.vxlan.rows import DIR_NONE, KEY_FIELDS, NFIELDS, OUTER_WORDS
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 CLOSE_GRACE_S = 2.0
 DROP_STAGE = "vxlan"  # eastwest_dropped_total{stage}: kept from before plain traffic, for dashboards
-EPHEMERAL = (32768, 60999)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _O0 = NFIELDS - 2 * OUTER_WORDS  # a session row's outer headers: A->B, then B->A
 _O1 = NFIELDS - OUTER_WORDS
@@ -115,15 +115,8 @@ class FlowState:
                         (self.echo_rep_dir, 1)):
             if d >= 0:
                 return d == want
-        pa, pb = self.key[6], self.key[9]
-        if pa != pb:
-            if (pa < 1024) != (pb < 1024):
-                return pb < 1024
-            ea, eb = (EPHEMERAL[0] <= pa <= EPHEMERAL[1]), (EPHEMERAL[0] <= pb <= EPHEMERAL[1])
-            if ea != eb:
-                return ea
-            return pa > pb
-        return self.first_dir == 0
+        by_ports = client_by_ports(self.key[6], self.key[9])
+        return self.first_dir == 0 if by_ports is None else by_ports
 
 
 class FlowTable:

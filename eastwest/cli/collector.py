@@ -78,13 +78,17 @@ def register(sub: Any) -> None:
     g.add_argument("--interval", type=float, default=5.0, metavar="S",
                    help="seconds between interim records of live connections (default 5)")
     g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
-                   help="a packet-observed flow without packets for S seconds ends (default 30)")
+                   help="a flow without packets for S seconds ends: packet-observed flows and "
+                   "the socket probes' UDP flows alike (default 30)")
     g.add_argument("--map-entries", type=int, default=65536, metavar="N",
                    help="entries of each BPF connection map (memory is printed by --check)")
     g.add_argument("--cgroup-root", metavar="DIR",
                    help="the host's cgroup v2 tree, for container ids (default: this system's "
                    "cgroup2 mount); in a container, the host's /sys/fs/cgroup mounted read-only, "
                    "e.g. /host/sys/fs/cgroup (the DaemonSet does this)")
+    g.add_argument("--no-udp", action="store_true",
+                   help="socket probes: TCP only, no UDP flows (the UDP hooks add a syscall "
+                   "tracepoint to every send/recv call of every process; docs/collector.md)")
     g.add_argument("--print-bpf", action="store_true", help="print the BPF C program and exit")
 
     g = p.add_argument_group("output")

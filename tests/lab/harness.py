@@ -186,14 +186,12 @@ def truth_edges(lab, truth: list[dict]) -> dict[tuple[str, str], dict[str, int]]
 def names_by_observers(lab, t: dict) -> tuple[str, str]:
     """What an aggregator without a workload map names the ends of truth connection `t`: the
     container (its first 12 hex digits; the lab's pods run in container cgroups) or else the
-    process of each end its own socket probe saw (TCP: the client always, the server when it
-    accepted), else the address (UDP: only the wire sees it today). Every address of a pod
-    (IPv4 and IPv6 in a dual-stack lab) names it."""
+    process of each end its own socket probe saw (TCP and UDP: the client always, the server
+    when it accepted or received), else the address. Every address of a pod (IPv4 and IPv6 in a
+    dual-stack lab) names it."""
     who = {a: (f"container:{p['container_id'][:12]}" if p.get("container_id")
                else f"process:{p['comm']}")
            for p in lab.inventory["pods"] for a in p.get("ips", [p["ip"]])}
-    if t["protocol"] != "tcp":
-        return f"external:{t['client_ip']}", f"external:{t['server_ip']}"
     accepted = t["outcome"] not in ("refused", "timeout")
     return (who[t["client_ip"]],
             who[t["server_ip"]] if accepted else f"external:{t['server_ip']}")

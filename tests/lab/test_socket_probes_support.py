@@ -68,12 +68,13 @@ def netns_inode(name: str) -> int:
 class Collected:
     """The socket probe source in a thread, its records in a list one can await."""
 
-    def __init__(self, netns: list[str], interval: float = 1.0) -> None:
+    def __init__(self, netns: list[str], interval: float = 1.0, idle_timeout: float = 30.0) -> None:
         from collector.probes import SocketProbeSource
 
         self.records: list[FlowRecord] = []
         self.ctx = CollectorContext(collector_id="ewp-test")
-        args = argparse.Namespace(netns=netns, interval=interval, map_entries=4096, verbose=False)
+        args = argparse.Namespace(netns=netns, interval=interval, map_entries=4096, verbose=False,
+                                  idle_timeout=idle_timeout)
         self.source = SocketProbeSource(self.ctx, args)
         self._cond = threading.Condition()
         self._stop = threading.Event()

@@ -14,8 +14,9 @@ from collector.netns import resolve, resolve_all
 from eastwest.errors import ConfigError
 
 
-def caps(missing=(), failed_checks=()) -> Capabilities:
+def caps(missing=(), failed_checks=(), udp_offsets=True) -> Capabilities:
     c = Capabilities()
+    c.udp_offsets = object() if udp_offsets else None
     for h in HOOKS:
         c.hooks[h.name] = h.name not in missing
         if h.name in missing:
@@ -27,9 +28,29 @@ def caps(missing=(), failed_checks=()) -> Capabilities:
 
 def test_everything_present():
     c = caps()
-    assert c.features() == {"bytes", "retransmit", "resets", "rtt", "destroy"}
+    assert c.features() == {"bytes", "retransmit", "resets", "rtt", "destroy", "udp"}
     assert c.missing_measurements() == () and c.problems() == [] and c.degradations() == []
     c.require()
+
+
+def test_every_udp_syscall_is_a_hook_of_the_udp_feature():
+    names = {h.name for h in HOOKS if h.feature == "udp"}
+    assert names == {f"sys_{e}_{c}" for e in ("enter", "exit") for c in
+                     ("sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg")}
+
+
+@pytest.mark.parametrize("missing, offsets, why", [
+    (("sys_exit_recvmmsg",), True, "syscalls:sys_exit_recvmmsg unusable"),
+    ((), False, "UDP flows off (its BTF offsets are unknown)"),
+    (("sock_send_length",), True, "UDP flows off (the byte hooks are missing)"),
+])
+def test_a_missing_udp_piece_turns_udp_off_and_tcp_keeps_running(missing, offsets, why):
+    c = caps(missing=missing, udp_offsets=offsets)
+    assert "udp" not in c.features()
+    assert {"retransmit", "resets", "rtt", "destroy"} <= c.features()
+    assert c.problems() == []
+    c.require()
+    assert any(d.startswith(why) for d in c.degradations()), c.degradations()
 
 
 def test_missing_byte_tracepoint_degrades_bytes_only():

@@ -193,5 +193,44 @@ def test_summary_is_the_properties_in_one_pass():
             c.side_bytes("client"), c.side_bytes("server"), c.side_bytes("path"))
         assert s.byte_mismatch == c.byte_mismatch
         assert s.packets == c.packets() == tuple(
-            b if any(getattr(v, f) is not None for k, v in c.views.items() if k.startswith("path"))
+            b if any(getattr(v, f) is not None for v in c.views.values())  # null: nobody counted
             else None for b, f in zip(c.best()[2:4], ("packets_c2s", "packets_s2c"), strict=True))
+
+
+def udp(observer: str, **over) -> FlowRecord:
+    """A DNS-like UDP exchange as each observer reports it: the socket probes (client, server:
+    datagrams and payload bytes, no `connect`) and the wire (a plain UDP flow, packets)."""
+    base = dict(protocol="udp", server=Endpoint("10.244.2.11", 53), connect=None, c2s=120,
+                s2c=480, packets_c2s=3, packets_s2c=2, cport=40001)
+    base.update(over)
+    return rec(observer, **base)
+
+
+@pytest.mark.parametrize("observers", SUBSETS, ids=lambda s: "+".join(s))
+def test_udp_socket_records_of_both_ends_and_the_wire_join_as_one_connection_in_any_order(
+        observers):
+    for order in itertools.permutations(observers):
+        c = correlator()
+        skew = {"client": 0.0, "server": 1.5, "path": -1.0}
+        run(c, [[udp(o, final=False, start=T0 + timedelta(seconds=skew[o]), c2s=40, s2c=160,
+                     packets_c2s=1, packets_s2c=1)] for o in order]
+            + [[udp(o, start=T0 + timedelta(seconds=skew[o]))] for o in reversed(order)])
+        (conn,) = all_conns(c)
+        assert conn.observed_by == sorted(observers), order
+        assert conn.best()[:4] == (120, 480, 3, 2), order
+        if "client" in observers:
+            assert conn.client_proc.comm == "ew-frontend"
+        if "server" in observers:
+            assert conn.server_proc.comm == "ew-api"
+
+
+def test_a_udp_flow_one_observer_idled_out_twice_is_two_connections_the_wire_joins_the_first():
+    # the client's probes ended the flow after the idle timeout and saw it again later (a new
+    # flow, a new start); the wire (a longer idle timeout) reported one flow from the first start
+    c = correlator()
+    later = T0 + timedelta(seconds=45)
+    run(c, [[udp("path", dur=50, c2s=240, s2c=960, packets_c2s=6, packets_s2c=4)],
+            [udp("client", dur=2)], [udp("server", dur=2, start=T0 + timedelta(seconds=0.5))],
+            [udp("client", start=later, dur=5)], [udp("server", start=later, dur=5)]])
+    conns = sorted(all_conns(c), key=lambda x: x.start)
+    assert [x.observed_by for x in conns] == [["client", "path", "server"], ["client", "server"]]

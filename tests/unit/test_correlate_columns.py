@@ -163,3 +163,18 @@ def test_a_reused_address_is_named_for_each_connections_start_in_both_correlator
         names = sorted((c.client_port, c.server.name) for c in pair.col.connections())
         # T0 is at second 10: even seconds are pod-9's, odd ones pod-9b's (the test source)
         assert names == [(40000, "pod-9"), (40001, "pod-9b"), (40002, "pod-9"), (40003, "pod-9b")]
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=">".join)
+def test_udp_socket_views_counting_datagrams_plan_the_same_in_every_order(order) -> None:
+    """UDP socket records count datagrams (packets from a socket view, unlike TCP's): the C core
+    takes them as the reference does, whoever reports first."""
+    from tests.unit.test_correlate import udp
+
+    with Pair(0, 10.0) as pair:
+        for o in order:
+            coll = {"client": "h1", "server": "h2", "path": "h3"}[o]
+            pair.batch([udp(o, collector=coll, final=False, dur=20, c2s=40, s2c=160,
+                            packets_c2s=1, packets_s2c=1),
+                        udp(o, collector=coll, dur=70, packets_c2s=3 + (o == "path"))])
+        assert_same_state(pair.ref, pair.col)

@@ -32,9 +32,28 @@ def test_program_text_defines_every_constant_the_c_file_uses():
 
 def test_map_memory_counts_every_map_and_both_rings():
     none = ProbeConfig(conn_entries=0, listen_entries=0, overflow_entries=0, procs_seen_entries=0,
-                       ringbuf_pages=0, proc_ringbuf_pages=0).map_memory_bytes()
+                       ringbuf_pages=0, proc_ringbuf_pages=0, udp_entries=0,
+                       udp_call_entries=0).map_memory_bytes()
     assert none == 0
     cfg = ProbeConfig()
-    assert cfg.map_memory_bytes() == (65536 * (8 + 144 + 48) + 8192 * (16 + 144 + 48)
-                                      + 4096 * (8 + 32 + 48) + 8192 * (20 + 8 + 48)
-                                      + (1024 + 4) * 4096)
+    tcp = (65536 * (8 + 144 + 48) + 8192 * (16 + 144 + 48) + 4096 * (8 + 32 + 48)
+           + 8192 * (20 + 8 + 48) + (1024 + 4) * 4096)
+    udp = 65536 * (40 + 104 + 48) + 16384 * (8 + 32 + 48)  # udp_flows, udp_calls
+    assert cfg.map_memory_bytes() == tcp + udp
+    assert ProbeConfig(hooks=frozenset({"bytes"})).map_memory_bytes() == tcp  # UDP off
+
+
+def test_udp_is_compiled_only_with_its_offsets_and_the_byte_hooks():
+    from collector.probes.btf import UdpOffsets
+
+    offs = KernelOffsets(48, 176, 284, 1680)
+    udp = UdpOffsets(*range(1, 17))
+    text = program_text(offs, ProbeConfig(), udp)
+    head = text.split("\n\n", 1)[0].splitlines()
+    assert "#define HAVE_UDP 1" in head and "#define UDP_MMSG_MAX 64" in head
+    assert "#define OFF_MMSG_SIZE 16" in head and "sys_exit_recvmmsg" in text
+    for off in ("OFF_SK_PROTOCOL", "OFF_SOCKET_INODE", "OFF_MSG_NAMELEN", "OFF_MMSG_HDR"):
+        assert any(line.startswith(f"#define {off} ") for line in head)
+    assert "#define HAVE_UDP 0" in program_text(offs, ProbeConfig())  # offsets unknown
+    no_bytes = ProbeConfig(hooks=frozenset({"udp", "rtt"}))
+    assert "sys_exit_recvmmsg" not in program_text(offs, no_bytes, udp)

@@ -250,6 +250,7 @@ MUTATIONS: dict[str, Any] = {
     "schema 0": _mut(schema=0),
     "schema left out": _mut(schema=DELETE),
     "source": _mut(source="ebpf"),
+    "source sockdiag (no longer in the contract)": _mut(source="sockdiag"),
     "observer": _mut(observer="middle"),
     "connect": _mut(connect="nope"),
     "connect nil": _mut(connect=None),
