@@ -63,16 +63,13 @@ def test_graph_equals_truth_then_time_travel_and_diff(lab, tmp_path):
         w1 = window_of(truth)
         g1 = agg.get("/api/v1/graph", **w1)
         assert served_edges(g1) == want
-        # TCP: seen by its ends (refused connects by the client only), cross-host ones by the
-        # wire too; UDP (connected sockets, no socket probe for it yet): by the wire only
+        # TCP and UDP: seen by their ends (refused connects by the client only), cross-host
+        # ones by the wire too
         for e in g1["edges"]:
-            if e["protocols"] == ["udp"]:
-                assert set(e["observed_by"]) == {"path"}, e
-            else:
-                assert set(e["observed_by"]) <= {"client,server", "client,path,server", "client",
-                                                 "client,path"}, e
-                assert e["observed_by"].get("client,server", 0) + e["observed_by"].get(
-                    "client,path,server", 0) >= e["connections_opened"] - e["connections_failed"]
+            assert set(e["observed_by"]) <= {"client,server", "client,path,server", "client",
+                                             "client,path"}, e
+            assert e["observed_by"].get("client,server", 0) + e["observed_by"].get(
+                "client,path,server", 0) >= e["connections_opened"] - e["connections_failed"]
             assert e["byte_mismatches"] == 0, e
 
         wait_for_next_minute()
@@ -143,9 +140,8 @@ def test_one_host_collector_stopped_edges_stay_single(lab, tmp_path):
         seen = Counter()
         for f in flows["flows"]:
             if f["server"]["ip"] in h3_servers:
-                # the server's view is missing; the client's (TCP) and the wire's are there
+                # the server's view is missing; the client's and the wire's are there
                 assert "server" not in f["observed_by"], f
-                want = ["path"] if f["protocol"] == "udp" else ["client", "path"]
-                assert f["observed_by"] == want, f  # every h3 server is reached across hosts
+                assert f["observed_by"] == ["client", "path"], f  # h3 servers: across hosts
                 seen["h3"] += 1
         assert seen["h3"] == sum(t["server_ip"] in h3_servers for t in truth) > 0
