@@ -45,7 +45,7 @@ def run(lab_factory, tmp_path_factory):
         assert col.wait_for(lambda recs: finals_count("client", len(truth))(recs)
                             and finals_count("server", n_server)(recs), timeout=120), \
             "the socket probes did not report every connection of the truth"
-        records = list(col.records)
+        records = [r for r in col.records if r.protocol == "tcp"]  # the TCP truth's records
     path = tmp / "records.jsonl"
     path.write_bytes(write_jsonl(records))
     outcomes = {t["outcome"] for t in truth}
