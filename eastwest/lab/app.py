@@ -23,6 +23,12 @@ call made to serve a request uses the family that request came in on, so a reque
 tree is one family and the same seed gives the same families. Each truth line says which
 (`family`: 4 or 6).
 
+Services (`lab up --services`, the inventory's `cluster_services`): calls go to the service's
+ClusterIP (the hosts' iptables DNAT picks the backend), 20% still to a pod's address, 10% of the
+load generator's through the NodePort on h2 (DNAT + masquerade). Such a call opens with a PROXY
+protocol v1 line, so the server's ledger knows who called and what was dialled; `Lab.traffic`
+names the backend in the truth from it (docs/lab.md, "Kubernetes-style Services").
+
 Protocol: request = b"REQ <response-size> <pad-size>\\n" + pad bytes; response = response-size
 bytes. The client closes after its last response. UDP: b"Q <size> <pad>\\n" + pad, one answer.
 """
