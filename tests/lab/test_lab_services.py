@@ -173,3 +173,41 @@ def test_services_refused_for_ipv6_with_a_clear_error():
     assert r.returncode == 2 and "--hosts" in r.stderr and "3 hosts" in r.stderr
     assert socket.AF_INET  # nothing was built
     assert not [n for n in sh(["ip", "netns", "list"]).stdout.split() if n.startswith("ewsvx-")]
+
+
+def test_collector_conntrack_events_resolve_every_translated_call(services_run, tmp_path):
+    """collector/conntrack.py, opened from the root namespace in each host's namespace, sees
+    exactly one translation per ClusterIP call made from that host and per NodePort call on h2,
+    each naming the backend the truth names, and on h2 the client the server never saw."""
+    from collector.conntrack import ConntrackEvents, check
+
+    lab, _, _ = services_run
+    hosts = {h["name"]: h["netns"] for h in lab.inventory["hosts"]}
+    assert check(hosts["h1"]) is None
+    assert "cannot open /run/netns/ewsvnosuch" in (check("ewsvnosuch") or "")
+    readers = {h: ConntrackEvents(ns) for h, ns in hosts.items()}
+    try:
+        truth = lab.traffic(3.0, tmp_path / "t2.jsonl", seed=12)
+        for r in readers.values():
+            r.drain()
+    finally:
+        for r in readers.values():
+            r.close()
+    assert all(r.lost == 0 for r in readers.values())
+    ok = [t for t in truth if t["outcome"] != "refused"]  # auth's resets were translated too
+    assert any(t["outcome"] == "reset" and t.get("via") == "service" for t in ok)
+    for host, r in readers.items():
+        mine = [t for t in ok if t.get("via") == "service" and t["client_host"] == host]
+        nodeport = [t for t in ok if t.get("via") == "nodeport"] if host == "h2" else []
+        assert len(r.table) == len(mine) + len(nodeport), host  # exactly these, nothing else
+        for t in mine:
+            tr = r.table.for_client(t["protocol"], (t["client_ip"], t["client_port"]),
+                                    (t["dialled_ip"], t["dialled_port"]))
+            assert tr is not None and tr.backend == (t["server_ip"], t["server_port"]), t
+            assert tr.dnat and not tr.snat
+        for t in nodeport:
+            server, seen = (t["server_ip"], t["server_port"]), (t["server_saw_ip"], t["server_saw_port"])
+            tr = r.table.for_server("tcp", server, seen)
+            assert tr is not None and tr.snat and tr.dnat
+            assert tr.original == (t["client_ip"], t["client_port"], "10.213.0.2", 30080), t
+    assert len(readers["h2"].table) > 0 and len(readers["h1"].table) > 100
