@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
                     "dual (pods have both and the application uses both; the underlay stays IPv4)")
     up.add_argument("--services", action="store_true",
                     help="Kubernetes-style Services: a ClusterIP (10.96.0.0/16) per service, a "
-                    "NodePort on h2 that masquerades, every host programmed like kube-proxy's "
+                    "NodePort (h2 by default) that masquerades, every host programmed like kube-proxy's "
                     "iptables mode (DNAT, br_netfilter); the demo calls services by ClusterIP. "
                     "IPv4, 3+ hosts")
     up.add_argument("--inventory", metavar="FILE", help="also write the inventory JSON to FILE")

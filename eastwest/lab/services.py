@@ -14,10 +14,11 @@ and the endpoint chain DNATs to the pod's address and targetPort. `KUBE-SERVICES
 0x4000) and `KUBE-POSTROUTING` masquerades marked packets: the backend then sees the node's
 address as its client (externalTrafficPolicy: Cluster).
 
-The lab's one NodePort (frontend, 30080) is programmed on the middle host (h2) only and leads
-only to frontend pods on hosts other than h2 and the load generator's h1, so every NodePort
-call crosses three hosts: client on h1, NAT on h2, server on h3 (a lab choice; kube-proxy would
-program it on every node, towards every endpoint).
+The lab's one NodePort (frontend, 30080) is programmed on one "middle" host only (the first
+host after h1 with a frontend pod on a host that is neither h1 nor itself: h2 in the default
+`--services` lab) and leads only to those frontend pods, so every NodePort call crosses three
+hosts: client on h1 (the load generator), NAT on the middle host, server on a third (a lab
+choice; kube-proxy would program it on every node, towards every endpoint).
 
 Routing: each host's `br0` gets the pod gateway address 10.244.N.1/16 (flannel's `cni0`), pods
 route the Service range and the underlay via it, the hosts forward (`ip_forward=1`) without
@@ -43,12 +44,12 @@ from typing import Any
 
 from eastwest.errors import ConfigError, LabError
 from eastwest.lab.plan import SERVICES, LabPlan
+from eastwest.lab.topology import Progress, sh
 
 SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_IP_BASE = 10  # frontend 10.96.0.10, api 10.96.0.11, ... in SERVICES order
 SERVICE_PORT = {"frontend": 80}  # port -> targetPort differs here (80 -> 8080); else the same
 NODE_PORT = {"frontend": 30080}
-MIDDLE_HOST = 1  # index into plan.hosts: h2 holds the NodePort
 MASQ_MARK = "0x4000/0x4000"
 NODE_REPLY_TABLE = 100  # routing table (and rule preference) of replies sent from a node's address  # kube-proxy's masquerade mark
 HOST_SYSCTLS = ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1",
@@ -66,9 +67,13 @@ def check(plan: LabPlan) -> None:
                           "NodePort call crosses client host, NAT host and server host)")
     multi = [s.name for s in SERVICES if len({p.host for p in plan.pods if p.service == s.name}) > 1]
     if len(multi) < 2:
-        raise ConfigError("--pods-per-host", len(plan.pods) // len(plan.hosts) - (1 if plan.pods else 0),
+        raise ConfigError("--pods-per-host", (len(plan.pods) - 1) // len(plan.hosts),
                           "--services needs at least 2 services with backends on 2 hosts: "
                           f"hosts x pods-per-host >= {len(SERVICES) + 2}")
+    if not any(s["node_port"] for s in cluster_services(plan)):
+        raise ConfigError("--pods-per-host", (len(plan.pods) - 1) // len(plan.hosts),
+                          "--services needs a frontend pod on neither h1 nor a middle host, "
+                          "for the NodePort: add pods per host")
 
 
 def gateway(host_index: int) -> str:
@@ -81,7 +86,6 @@ def bridge_mac(host_index: int) -> str:
 
 def cluster_services(plan: LabPlan) -> list[dict[str, Any]]:
     """The lab's Services: name, ClusterIP, port, targetPort, protocol, backends, NodePort."""
-    middle = plan.hosts[MIDDLE_HOST]
     client_host = plan.pods[0].host  # the load generator's
     out = []
     for i, s in enumerate(SERVICES):
@@ -92,11 +96,12 @@ def cluster_services(plan: LabPlan) -> list[dict[str, Any]]:
             "cluster_ip": f"10.96.0.{CLUSTER_IP_BASE + i}", "port": SERVICE_PORT.get(s.name, s.port),
             "target_port": s.port, "backends": backends, "node_port": None,
         }
-        if s.name in NODE_PORT:
+        for middle in (h for h in plan.hosts if h.name != client_host and s.name in NODE_PORT):
             far = [b for b in backends if b["host"] not in (middle.name, client_host)]
             if far:
                 svc["node_port"] = {"port": NODE_PORT[s.name], "host": middle.name,
                                     "ip": middle.underlay_ip, "backends": far}
+                break
         out.append(svc)
     return out
 
@@ -149,6 +154,10 @@ def ruleset(plan: LabPlan, host: str) -> str:
 
 
 def _run(args: list[str], stdin: str | None = None) -> None:
+    """topology.sh, with standard input (iptables-restore reads its rules there)."""
+    if stdin is None:
+        sh(args)
+        return
     try:
         proc = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=30)
     except FileNotFoundError as exc:
@@ -157,7 +166,7 @@ def _run(args: list[str], stdin: str | None = None) -> None:
         raise LabError(f"`{' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
-def program(plan: LabPlan, progress: Any = lambda _m: None) -> None:
+def program(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
     """Gateways, routes, sysctls and kube-proxy's rules in the lab's namespaces (never elsewhere)."""
     for h in plan.hosts:
         ns = ["ip", "netns", "exec", h.netns]
@@ -187,8 +196,4 @@ def program(plan: LabPlan, progress: Any = lambda _m: None) -> None:
         gw = gateway(host_index[p.host])
         for dst in (SERVICE_CIDR, underlay):
             _run(["ip", "-n", p.netns, "route", "add", dst, "via", gw, "dev", "eth0"])
-
-
-def service_of(inv: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(s for s in inv["cluster_services"] if s["name"] == name)
 

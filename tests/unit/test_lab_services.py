@@ -54,6 +54,15 @@ def test_cluster_services_have_ips_ports_backends_and_one_nodeport():
     assert plan.inventory()["cluster_services"] == list(svcs.values())
 
 
+def test_the_nodeport_host_is_the_first_with_a_frontend_on_a_third_host():
+    plan = make_plan("ewx", 4, 2, 4789, services=True)  # frontends on h1 and h2
+    fe = cluster_services(plan)[0]
+    assert [b["host"] for b in fe["backends"]] == ["h1", "h2"]
+    assert fe["node_port"]["host"] == "h3" and fe["node_port"]["ip"] == "10.213.0.3"
+    assert [b["pod"] for b in fe["node_port"]["backends"]] == ["frontend-2"]
+    assert "--dport 30080" in ruleset(plan, "h3") and "--dport 30080" not in ruleset(plan, "h2")
+
+
 def test_ruleset_is_kube_proxys_shape():
     plan = make_plan("ewx", 3, 3, 4789, services=True)
     h2 = ruleset(plan, "h2").splitlines()
