@@ -229,10 +229,28 @@ def table(caps: Capabilities, map_entries: int) -> str:
     return "\n".join(lines)
 
 
+def conntrack_lines(netns: list[str]) -> list[str]:
+    """`--check`'s lines about conntrack (NAT translations, collector/conntrack.py), one per
+    named `--netns` (the root namespace when none is named; inode numbers are not opened).
+    Informational: the socket probes run without it."""
+    from collector.conntrack import check
+
+    names: list[str | None] = [n for n in netns if not str(n).isdigit()] or [None]
+    out = []
+    for ns in names:
+        why = check(ns)
+        where = f"conntrack {ns or '(this namespace)'}:"
+        out.append(f"{where:<28} {'ok' if why is None else 'NOT READABLE'}  "
+                   + ("NAT translations readable (ctnetlink events)" if why is None else why))
+    return out
+
+
 def main_check(args: argparse.Namespace) -> int:
     """`eastwest collector --check`: print the table; 0 when everything needed is present."""
     caps = probe()
     print(table(caps, getattr(args, "map_entries", 65536)))
+    for line in conntrack_lines(list(getattr(args, "netns", None) or [])):
+        print(line)
     problems, degraded = caps.problems(), caps.degradations()
     print()
     if problems:

@@ -12,6 +12,7 @@ examples:
   eastwest lab up                                  3 hosts x 2 pods, VXLAN VNI 42 on UDP 4789
   eastwest lab up --hosts 4 --vxlan-port 8472      the Linux/flannel VXLAN port
   eastwest lab up --ip-family ipv6                 IPv6 pods over an IPv6 underlay (dual: both)
+  eastwest lab up --services                       ClusterIPs, a NodePort, kube-proxy-style DNAT/SNAT
   eastwest lab traffic --duration 10 --truth t.jsonl
   eastwest lab status
   eastwest lab down
@@ -37,12 +38,18 @@ def register(sub: Any) -> None:
     up = lsub.add_parser("up", help="build the lab and start the demo application")
     common(up)
     up.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
-    up.add_argument("--pods-per-host", type=int, default=2, help="application pods per host (default 2)")
+    up.add_argument("--pods-per-host", type=int, default=None,
+                    help="application pods per host (default 2; 3 with --services)")
     up.add_argument("--vxlan-port", type=int, default=4789, choices=(4789, 8472),
                     help="VXLAN UDP port: 4789 (IANA) or 8472 (Linux, flannel)")
     up.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
                     help="pod addresses: ipv4 (default), ipv6 (the VXLAN underlay is IPv6 too) or "
                     "dual (pods have both and the application uses both; the underlay stays IPv4)")
+    up.add_argument("--services", action="store_true",
+                    help="Kubernetes-style Services: a ClusterIP (10.96.0.0/16) per service, a "
+                    "NodePort (h2 by default) that masquerades, every host programmed like kube-proxy's "
+                    "iptables mode (DNAT, br_netfilter); the demo calls services by ClusterIP. "
+                    "IPv4, 3+ hosts")
     up.add_argument("--inventory", metavar="FILE", help="also write the inventory JSON to FILE")
     up.set_defaults(func=_up)
 
@@ -74,8 +81,9 @@ def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _up(args: argparse.Namespace) -> int:
     from eastwest.lab import Lab
 
-    lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=args.pods_per_host,
-                 vxlan_port=args.vxlan_port, ip_family=args.ip_family, progress=_progress(args))
+    pods = args.pods_per_host if args.pods_per_host is not None else 3 if args.services else 2
+    lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=pods, vxlan_port=args.vxlan_port,
+                 ip_family=args.ip_family, services=args.services, progress=_progress(args))
     if args.inventory:
         with open(args.inventory, "w") as fh:
             json.dump(lab.inventory, fh, indent=2)

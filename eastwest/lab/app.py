@@ -23,6 +23,12 @@ call made to serve a request uses the family that request came in on, so a reque
 tree is one family and the same seed gives the same families. Each truth line says which
 (`family`: 4 or 6).
 
+Services (`lab up --services`, the inventory's `cluster_services`): calls go to the service's
+ClusterIP (the hosts' iptables DNAT picks the backend), 20% still to a pod's address, 10% of the
+load generator's through the NodePort on h2 (DNAT + masquerade). Such a call opens with a PROXY
+protocol v1 line, so the server's ledger knows who called and what was dialled; `Lab.traffic`
+names the backend in the truth from it (docs/lab.md, "Kubernetes-style Services").
+
 Protocol: request = b"REQ <response-size> <pad-size>\\n" + pad bytes; response = response-size
 bytes. The client closes after its last response. UDP: b"Q <size> <pad>\\n" + pad, one answer.
 """
@@ -40,6 +46,7 @@ import socketserver
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,8 @@ AUTH_RESET_SHARE = 0.2
 DB_DEAD_SHARE = 0.05
 CONNECT_TIMEOUT = 3.0
 UDP_REUSE_S = 120.0  # a UDP 5-tuple is not used twice within this (observers' idle timeouts)
+POD_DIAL_SHARE = 0.2  # with Services: calls that still dial a pod's address directly
+NODEPORT_SHARE = 0.1  # with Services: load generator calls that go through the NodePort
 DUAL_V6_SHARE = 0.5  # share of the load generator's connections over IPv6 in a `dual` lab
 FAMILIES = {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -105,6 +114,7 @@ class App:
         self._udp_recent: dict[tuple[int, str, int], float] = {}  # 5-tuple -> when it was used
         self._udp_lock = threading.Lock()
         self.families = FAMILIES[self.inv.get("ip_family", "ipv4")]
+        self.cluster = {c["name"]: c for c in self.inv.get("cluster_services", [])}
 
     # -- helpers ----------------------------------------------------------------------------
     def chance(self, p: float) -> bool:
@@ -123,30 +133,48 @@ class App:
             self._rr[service] = i + 1
         return pods[i % len(pods)]
 
-    def _truth(self, server: dict[str, Any], port: int, proto: str, family: int, cport: int,
-               sent: int, recv: int, start: str, outcome: str) -> None:
-        self.truth.write({
+    def dial(self, service: str, nodeport_share: float = 0.0) -> Dial:
+        """Where a call to `service` goes. Without Services: a pod, round-robin. With them
+        (`lab up --services`): its ClusterIP (the kernel's DNAT picks the backend), a pod
+        directly (POD_DIAL_SHARE), or, with `nodeport_share`, the NodePort on the middle host."""
+        svc = self.cluster.get(service)
+        if svc is None:
+            return Dial(self.replica(service), int(self.inv["services"][service]["port"]))
+        if svc["node_port"] and self.chance(nodeport_share):
+            np = svc["node_port"]
+            return Dial(None, svc["target_port"], np["ip"], np["port"], "nodeport", service)
+        if self.chance(POD_DIAL_SHARE):
+            pod = self.replica(service)
+            return Dial(pod, svc["target_port"], address(pod, 4), svc["target_port"], "pod", service)
+        return Dial(None, svc["target_port"], svc["cluster_ip"], svc["port"], "service", service)
+
+    def _truth(self, server: dict[str, Any] | None, port: int, proto: str, family: int, cport: int,
+               sent: int, recv: int, start: str, outcome: str, dial: Dial | None = None) -> None:
+        line: dict[str, Any] = {
             "client_pod": self.pod["name"], "client_ip": address(self.pod, family),
-            "client_port": cport, "server_pod": server["name"],
-            "server_ip": address(server, family), "server_port": port, "family": family,
+            "client_port": cport, "family": family,
             "protocol": proto, "bytes_c2s": sent, "bytes_s2c": recv, "start": start,
             "end": now_iso(), "outcome": outcome,
-            "client_comm": self.pod["comm"],
-            "server_comm": server["comm"] if port in server["ports"] else None,
-            "client_host": self.pod["host"], "server_host": server["host"],
-            "client_netns": self.pod["netns"], "server_netns": server["netns"],
-            "client_container": self.pod.get("container_id"),
-            "server_container": server.get("container_id") if port in server["ports"] else None,
+            "client_comm": self.pod["comm"], "client_host": self.pod["host"],
+            "client_netns": self.pod["netns"], "client_container": self.pod.get("container_id"),
             "client_cgroup": self.pod.get("cgroup"),
-            "server_cgroup": server.get("cgroup") if port in server["ports"] else None,
-        })
+        }
+        # the server: known to a client that dialled a pod; behind a ClusterIP or NodePort only
+        # the server's ledger knows it (`Lab.traffic` fills it in with `server_fields`)
+        line.update(server_fields(server, port, family))
+        if dial is not None and dial.via:
+            line.update({"service": dial.service, "via": dial.via, "dialled_ip": dial.ip,
+                         "dialled_port": dial.port})
+        self.truth.write(line)
 
     # -- client side ------------------------------------------------------------------------
-    def call_tcp(self, server: dict[str, Any], port: int, requests: list[tuple[int, int]],
-                 family: int = 4) -> str:
+    def call_tcp(self, server: dict[str, Any] | None, port: int, requests: list[tuple[int, int]],
+                 family: int = 4, dial: Dial | None = None) -> str:
         """One connection over IPv`family` carrying `requests` [(response size, pad size)];
-        writes its truth."""
+        writes its truth. With a Services `dial`, it goes to the dialled address and opens
+        with a PROXY line naming the client and what it dialled."""
         start = now_iso()
+        to = (dial.ip, dial.port) if dial and dial.via else (address(server or {}, family), port)
         s = socket.socket(AF[family], socket.SOCK_STREAM)
         s.settimeout(CONNECT_TIMEOUT)
         s.bind((address(self.pod, family), 0))  # know our port even when the connect fails
@@ -155,13 +183,17 @@ class App:
         outcome = "ok"
         try:
             try:
-                s.connect((address(server, family), port))
+                s.connect(to)
             except ConnectionRefusedError:
                 outcome = "refused"
                 return outcome
             except TimeoutError:
                 outcome = "timeout"
                 return outcome
+            if dial and dial.via:
+                hello = proxy_line("TCP4", address(self.pod, family), cport, dial)
+                s.sendall(hello)
+                sent += len(hello)
             for resp_size, pad in requests:
                 msg = f"REQ {resp_size} {pad}\n".encode() + b"x" * pad
                 s.sendall(msg)
@@ -183,7 +215,7 @@ class App:
             outcome = "timeout"
         finally:
             s.close()
-            self._truth(server, port, "tcp", family, cport, sent, recv, start, outcome)
+            self._truth(server, port, "tcp", family, cport, sent, recv, start, outcome, dial)
         return outcome
 
     def _fresh_udp_socket(self, server_ip: str, port: int, family: int = 4) -> socket.socket:
@@ -206,13 +238,16 @@ class App:
         s.connect((server_ip, port))
         return s
 
-    def call_udp(self, server: dict[str, Any], port: int, resp_size: int, pad: int,
-                 family: int = 4) -> str:
+    def call_udp(self, server: dict[str, Any] | None, port: int, resp_size: int, pad: int,
+                 family: int = 4, dial: Dial | None = None) -> str:
         start = now_iso()
-        s = self._fresh_udp_socket(address(server, family), port, family)
+        to = (dial.ip, dial.port) if dial and dial.via else (address(server or {}, family), port)
+        s = self._fresh_udp_socket(to[0], to[1], family)
         s.settimeout(CONNECT_TIMEOUT)
         cport = s.getsockname()[1]
         msg = f"Q {resp_size} {pad}\n".encode() + b"q" * pad
+        if dial and dial.via:
+            msg = proxy_line("UDP4", address(self.pod, family), cport, dial) + msg
         outcome, recv = "ok", 0
         try:
             s.send(msg)
@@ -223,7 +258,7 @@ class App:
             outcome = "timeout"
         finally:
             s.close()
-            self._truth(server, port, "udp", family, cport, len(msg), recv, start, outcome)
+            self._truth(server, port, "udp", family, cport, len(msg), recv, start, outcome, dial)
         return outcome
 
     # -- server side ------------------------------------------------------------------------
@@ -231,25 +266,28 @@ class App:
         """What one request to this pod's service calls next (the call graph), over the family
         the request came in on."""
         svc = self.pod["service"]
-        services = self.inv["services"]
         if svc == "frontend":
-            self.call_tcp(self.replica("api"), services["api"]["port"],
-                          [(self.randint(200, 6000), self.randint(50, 800))], family)
+            d = self.dial("api")
+            self.call_tcp(d.pod, d.target_port, [(self.randint(200, 6000), self.randint(50, 800))],
+                          family, d)
         elif svc == "api":
-            db = self.replica("db")
-            self.call_tcp(db, services["db"]["port"], [(self.randint(100, 20000), self.randint(20, 400))],
-                          family)
-            if self.chance(DB_DEAD_SHARE):
-                self.call_tcp(db, DEAD_PORT, [(100, 10)], family)
+            d = self.dial("db")
+            self.call_tcp(d.pod, d.target_port, [(self.randint(100, 20000), self.randint(20, 400))],
+                          family, d)
+            if self.chance(DB_DEAD_SHARE):  # a pod's closed port, dialled directly
+                self.call_tcp(d.pod or self.replica("db"), DEAD_PORT, [(100, 10)], family)
             if self.chance(0.7):
-                self.call_tcp(self.replica("cache"), services["cache"]["port"],
-                              [(self.randint(10, 3000), self.randint(10, 100))], family)
+                d = self.dial("cache")
+                self.call_tcp(d.pod, d.target_port, [(self.randint(10, 3000), self.randint(10, 100))],
+                              family, d)
             if self.chance(0.5):
-                self.call_tcp(self.replica("auth"), services["auth"]["port"],
-                              [(self.randint(50, 500), self.randint(100, 300))], family)
+                d = self.dial("auth")
+                self.call_tcp(d.pod, d.target_port, [(self.randint(50, 500), self.randint(100, 300))],
+                              family, d)
             if self.chance(0.3):
-                self.call_udp(self.replica("resolver"), services["resolver"]["port"],
-                              self.randint(40, 400), self.randint(20, 60), family)
+                d = self.dial("resolver")
+                self.call_udp(d.pod, d.target_port, self.randint(40, 400), self.randint(20, 60),
+                              family, d)
 
     def serve(self) -> None:
         svc = self.pod["service"]
@@ -294,12 +332,16 @@ class App:
         rfile = conn.makefile("rb", buffering=0)
         bytes_in = bytes_out = 0
         reset = False
+        proxy: dict[str, Any] | None = None
         try:
             while True:
                 line = _readline(rfile)
                 if not line:
                     break
                 bytes_in += len(line)
+                if proxy is None and line.startswith(b"PROXY "):
+                    proxy = parse_proxy(line)
+                    continue
                 _, size_s, pad_s = line.split()
                 pad = _read_exact(rfile, int(pad_s))
                 bytes_in += pad
@@ -319,7 +361,8 @@ class App:
             self.ledger.write({"pod": self.pod["name"], "protocol": "tcp", "client_ip": peer[0],
                                "client_port": peer[1], "server_ip": local_ip,
                                "server_port": conn_port(self), "bytes_in": bytes_in,
-                               "bytes_out": bytes_out, "reset": reset, "end": now_iso()})
+                               "bytes_out": bytes_out, "reset": reset, "end": now_iso(),
+                               **({"proxy": proxy} if proxy else {})})
 
     def _serve_udp(self, port: int) -> None:
         """One socket per address of the pod, each answered by a thread of its own."""
@@ -337,21 +380,26 @@ class App:
         local_ip = s.getsockname()[0]
         while True:
             data, peer = s.recvfrom(65536)
+            proxy = None
             try:
-                size = int(data.split(b"\n", 1)[0].split()[1])
+                query = data
+                if data.startswith(b"PROXY "):
+                    hello, query = data.split(b"\n", 1)
+                    proxy = parse_proxy(hello)
+                size = int(query.split(b"\n", 1)[0].split()[1])
             except (IndexError, ValueError):
                 continue
             s.sendto(b"a" * size, peer)
             self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
                                "client_port": peer[1], "server_ip": local_ip,
                                "server_port": port, "bytes_in": len(data), "bytes_out": size,
-                               "reset": False, "end": now_iso()})
+                               "reset": False, "end": now_iso(),
+                               **({"proxy": proxy} if proxy else {})})
 
     # -- load generator ---------------------------------------------------------------------
     def loadgen(self, duration: float, rate: float, workers: int) -> int:
         set_comm(self.pod["comm"])
         deadline = time.monotonic() + duration
-        port = self.inv["services"]["frontend"]["port"]
         count = [0]
         lock = threading.Lock()
 
@@ -370,7 +418,8 @@ class App:
                 # one draw more only in a dual lab: an ipv4 lab's seeded runs stay as they were
                 family = (self.families[0] if len(self.families) == 1
                           else 6 if rng.random() < DUAL_V6_SHARE else 4)
-                self.call_tcp(self.replica("frontend"), port, reqs, family)
+                d = self.dial("frontend", NODEPORT_SHARE)
+                self.call_tcp(d.pod, d.target_port, reqs, family, d)
                 with lock:
                     count[0] += 1
                 next_t += period * (0.5 + rng.random())
@@ -381,6 +430,45 @@ class App:
         for t in threads:
             t.join()
         return count[0]
+
+
+@dataclass(frozen=True)
+class Dial:
+    """A call's destination: the pod (None behind a Service: the kernel picks it) and its
+    port, and with Services what the client dialled and how (`via`: service, pod, nodeport)."""
+
+    pod: dict[str, Any] | None
+    target_port: int
+    ip: str = ""
+    port: int = 0
+    via: str = ""  # "" = a lab without Services: the truth lines stay as they always were
+    service: str = ""
+
+
+def proxy_line(proto: str, client_ip: str, client_port: int, dial: Dial) -> bytes:
+    """HAProxy's PROXY protocol v1 line (TCP4; UDP4 is our extension of it): who the client is
+    and what it dialled, so the server's ledger can say so behind DNAT and SNAT."""
+    return f"PROXY {proto} {client_ip} {dial.ip} {client_port} {dial.port}\r\n".encode()
+
+
+def parse_proxy(line: bytes) -> dict[str, Any]:
+    _, proto, src, dst, sport, dport = line.decode().split()
+    return {"protocol": proto[:3].lower(), "client_ip": src, "client_port": int(sport),
+            "dialled_ip": dst, "dialled_port": int(dport)}
+
+
+def server_fields(server: dict[str, Any] | None, port: int, family: int = 4) -> dict[str, Any]:
+    """The truth's `server_*` fields of pod `server` serving on `port` (None: not known yet)."""
+    if server is None:
+        return {"server_pod": None, "server_ip": None, "server_port": port, "server_comm": None,
+                "server_host": None, "server_netns": None, "server_container": None,
+                "server_cgroup": None}
+    mine = port in server["ports"]
+    return {"server_pod": server["name"], "server_ip": address(server, family), "server_port": port,
+            "server_comm": server["comm"] if mine else None, "server_host": server["host"],
+            "server_netns": server["netns"],
+            "server_container": server.get("container_id") if mine else None,
+            "server_cgroup": server.get("cgroup") if mine else None}
 
 
 def conn_port(app: App) -> int:

@@ -26,11 +26,14 @@ import yaml
 
 from eastwest.errors import LabError
 from eastwest.lab import containers, topology
+from eastwest.lab import services as cluster
+from eastwest.lab.app import server_fields
 from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, make_plan
 from eastwest.lab.topology import Progress
 
 STATE_ROOT = Path(os.environ.get("EASTWEST_LAB_STATE", "/run/eastwest/lab"))
 READY_TIMEOUT = 20.0
+LEDGER_WAIT = 10.0  # seconds a Service call's truth waits for its server's ledger line
 
 
 def _quiet(_msg: str) -> None:
@@ -51,9 +54,10 @@ class Lab:
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
     def up(cls, name: str = "ewlab", hosts: int = 3, pods_per_host: int = 2,
-           vxlan_port: int = 4789, ip_family: str = "ipv4", progress: Progress = _quiet) -> Lab:
+           vxlan_port: int = 4789, ip_family: str = "ipv4", services: bool = False,
+           progress: Progress = _quiet) -> Lab:
         require_root()
-        plan = make_plan(name, hosts, pods_per_host, vxlan_port, ip_family)
+        plan = make_plan(name, hosts, pods_per_host, vxlan_port, ip_family, services)
         state = STATE_ROOT / name
         if (state / "inventory.json").exists() or topology.lab_netns(name):
             raise LabError(f"lab {name!r} is already up (or was not torn down): "
@@ -64,6 +68,8 @@ class Lab:
         try:
             state.mkdir(parents=True, exist_ok=True)
             topology.build(plan, progress)
+            if services:
+                cluster.program(plan, progress)
             inv = plan.inventory()
             _make_containers(name, inv, progress)
             (state / "inventory.json").write_text(json.dumps(inv, indent=2))
@@ -72,8 +78,10 @@ class Lab:
             lab._start_apps(plan, progress)
             family = "" if ip_family == "ipv4" else (
                 f", pods {ip_family}, IPv{plan.underlay_family} underlay")
+            svcs = (f", {len(cluster.cluster_services(plan))} Services (ClusterIPs in "
+                    f"{cluster.SERVICE_CIDR})" if services else "")
             progress(f"lab {name} is up: {len(plan.hosts)} hosts, {len(plan.pods)} pods, "
-                     f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}{family}")
+                     f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}{family}{svcs}")
             return lab
         except BaseException:
             progress("set-up failed or was interrupted: tearing down what was built")
@@ -173,11 +181,47 @@ class Lab:
                 fh.seek(offsets.get(f.name, 0))
                 lines += [json.loads(x) for x in fh.read().splitlines() if x.strip()]
         lines.sort(key=lambda t: (t["start"], t["client_ip"], t["client_port"]))
+        if self.inventory.get("cluster_services"):
+            self._resolve_backends(lines)
         if truth_path is not None:
             Path(truth_path).write_text("".join(json.dumps(t) + "\n" for t in lines))
         outcomes = Counter(t["outcome"] for t in lines)
         progress(f"{len(lines)} connections: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
         return lines
+
+    def _resolve_backends(self, lines: list[dict[str, Any]]) -> None:
+        """Behind a ClusterIP or NodePort only the server knows it served a call: fill each
+        such truth line's `server_*` from the ledger line whose PROXY header names the same
+        client and dialled address, and say whether the server saw the client's own address
+        (`snat`: false) or a node's (`snat`: true, `server_saw_ip`/`server_saw_port`).
+        A server writes its ledger line after the client's truth line: wait for stragglers."""
+        pending = [t for t in lines if t.get("via") and t["outcome"] != "refused"]
+        deadline = time.monotonic() + LEDGER_WAIT
+        while True:
+            by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+            for x in sorted(self.ledger(), key=lambda x: x["end"]):
+                if "proxy" in x:
+                    pr = x["proxy"]
+                    key = (x["protocol"], pr["client_ip"], pr["client_port"], pr["dialled_ip"],
+                           pr["dialled_port"])
+                    by_key.setdefault(key, []).append(x)
+            keys = [(t["protocol"], t["client_ip"], t["client_port"], t["dialled_ip"],
+                     t["dialled_port"]) for t in pending]
+            need = Counter(keys)
+            if all(len(by_key.get(k, [])) >= n for k, n in need.items()):
+                break
+            if time.monotonic() > deadline:
+                missing = [k for k, n in need.items() if len(by_key.get(k, [])) < n]
+                raise LabError(f"{len(missing)} Service calls have no server ledger line "
+                               f"(first: {missing[0]})")
+            time.sleep(0.1)
+        pods = {p["name"]: p for p in self.inventory["pods"]}
+        for t, key in sorted(zip(pending, keys, strict=True), key=lambda tk: tk[0]["start"]):
+            served = by_key[key].pop(0)
+            t.update(server_fields(pods[served["pod"]], served["server_port"], t["family"]))
+            t["snat"] = (served["client_ip"], served["client_port"]) != (t["client_ip"],
+                                                                         t["client_port"])
+            t["server_saw_ip"], t["server_saw_port"] = served["client_ip"], served["client_port"]
 
     def ledger(self) -> list[dict[str, Any]]:
         """Every server-side ledger line so far (what servers read and wrote per connection)."""

@@ -98,6 +98,7 @@ class LabPlan:
     vni: int = VNI
     ip_family: str = "ipv4"
     state_dir: str = ""
+    services: bool = False  # Kubernetes-style Services (eastwest/lab/services.py)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -143,12 +144,19 @@ class LabPlan:
                                   "kind": s.kind} for s in SERVICES},
             "dead_port": DEAD_PORT,
             "workload_map": f"{self.state_dir}/workloads.yaml" if self.state_dir else None,
+            **({"cluster_services": _cluster_services(self)} if self.services else {}),
             **self.extra,
         }
 
 
+def _cluster_services(plan: LabPlan) -> list[dict[str, object]]:
+    from eastwest.lab.services import cluster_services
+
+    return cluster_services(plan)
+
+
 def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
-              ip_family: str = "ipv4") -> LabPlan:
+              ip_family: str = "ipv4", services: bool = False) -> LabPlan:
     if not NAME_RE.match(name):
         raise ConfigError("--name", name, "must be 1-10 lowercase letters/digits, starting with a letter")
     if not 2 <= hosts <= 20:
@@ -168,15 +176,26 @@ def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
                   for i in range(1, hosts + 1)]
     pods: list[PodPlan] = [_pod(name, "loadgen", 1, host_plans[0], 0, ip_family)]
     replicas: dict[str, int] = {}
-    k = 0
-    for slot in range(1, pods_per_host + 1):
-        for h in host_plans:
-            svc = SERVICES[k % len(SERVICES)].name
-            replicas[svc] = replicas.get(svc, 0) + 1
-            pods.append(_pod(name, svc, replicas[svc], h, slot, ip_family))
-            k += 1
-    return LabPlan(name=name, hosts=host_plans, pods=pods, vxlan_port=vxlan_port,
-                   ip_family=ip_family)
+    slots: dict[str, int] = {}
+    for k in range(hosts * pods_per_host):
+        # Without Services: slot by slot, host by host (as ever). With them, each further round
+        # of replicas shifts back one host, so a service's replicas land on different hosts
+        # (with 3 hosts, 6 services repeat on the same hosts otherwise).
+        n = len(SERVICES)
+        h = host_plans[((k - k // n) if services else k) % hosts]
+        svc = SERVICES[k % n].name
+        replicas[svc] = replicas.get(svc, 0) + 1
+        slots[h.name] = slots.get(h.name, 0) + 1
+        pods.append(_pod(name, svc, replicas[svc], h, slots[h.name], ip_family))
+    if not services:  # the order of old: slot by slot
+        pods = pods[:1] + sorted(pods[1:], key=lambda p: (p.slot, int(p.host[1:])))
+    plan = LabPlan(name=name, hosts=host_plans, pods=pods, vxlan_port=vxlan_port,
+                   ip_family=ip_family, services=services)
+    if services:
+        from eastwest.lab.services import check
+
+        check(plan)
+    return plan
 
 
 def _v6(text: str) -> str:

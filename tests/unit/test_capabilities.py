@@ -98,3 +98,12 @@ def test_netns_resolves_names_and_inodes(tmp_path):
         resolve("nope", tmp_path)
     with pytest.raises(ConfigError, match="netns='../x'"):
         resolve("../x", tmp_path)
+
+
+def test_check_says_when_conntrack_cannot_be_read():
+    """A namespace that is not there (or, without CAP_NET_ADMIN, any) cannot give NAT
+    translations: --check says so, naming it; an inode number is not opened."""
+    lines = capmod.conntrack_lines(["ewnosuchns", "4026531840"])
+    assert len(lines) == 1
+    assert lines[0].startswith("conntrack ewnosuchns:") and "NOT READABLE" in lines[0]
+    assert "cannot open /run/netns/ewnosuchns" in lines[0]

@@ -71,6 +71,8 @@ def test_a_scoped_collector_without_an_underlay_warns_that_it_gives_no_wire_reco
 OTHER_PROGRAMS = {"--from-literal": "kubectl", "--patch-file": "kubectl", "--now": "systemctl",
                   "--web": "prometheus (--web.enable-remote-write-receiver)",
                   "--mode": "iptables (-m statistic --mode nth)",
+                  "--probability": "iptables (-m statistic --probability)",
+                  "--dst-type": "iptables (-m addrtype --dst-type LOCAL)",
                   "--network": "podman build (--network none)"}
 
 

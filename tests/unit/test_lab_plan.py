@@ -194,7 +194,7 @@ def test_loadgen_families_follow_the_seed(tmp_path, monkeypatch, family):
     def families(seed: int) -> list[int]:
         app = app_mod.App(tmp_path, "loadgen-1", seed=seed)
         got: list[int] = []
-        monkeypatch.setattr(app, "call_tcp", lambda server, port, reqs, fam=4: got.append(fam))
+        monkeypatch.setattr(app, "call_tcp", lambda server, port, reqs, fam=4, dial=None: got.append(fam))
         app.loadgen(duration=0.3, rate=400.0, workers=1)
         return got
 
