@@ -73,3 +73,54 @@ def test_every_dns_query_of_the_truth_found_with_name_type_rcode_answers(lab_fac
     assert slow and all(r.dns.latency_us.min >= 250_000 for r in slow)
     assert {t["dns"]["rcode"] for t in queries} == {"NOERROR", "NXDOMAIN"}
     assert ctx.drops.snapshot() == {}
+
+
+def test_dns_records_reach_the_aggregator_store_through_the_http_batch(lab_factory, tmp_path):
+    """Collector DNS source -> the real export (binary batches over HTTP) -> the aggregator under
+    uvicorn: every DNS flow of the truth stored with its dns summary, as the collector sent it."""
+    from collector.export import AggregatorSink, ExportSettings
+    from collector.pipeline import run_pipeline
+    from tests.lab.harness import INGEST, Aggregator
+
+    lab = lab_factory(name="ewnd5", hosts=2, pods_per_host=4)
+    specs = [p["netns"] for p in lab.inventory["pods"]]
+    ctx = CollectorContext(collector_id="dnse2e")
+    source = DnsSource(ctx, specs, interval=0.5, idle_timeout=1.0, query_timeout=2.0)
+    with Aggregator(tmp_path / "data", lab.inventory["workload_map"]) as agg:
+        sink = AggregatorSink(ctx, settings=ExportSettings(
+            url=agg.url, token=INGEST, spool_dir=tmp_path / "spool", batch_age=0.2))
+        sent: list = []
+
+        class Keep:
+            def write(self, records: list) -> None:
+                sent.extend(records)
+                sink.write(records)
+
+            def close(self) -> None:
+                sink.close()
+
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                run_pipeline([source], Keep(), stop=stop, handle_signals=False)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        truth = lab.traffic(duration=3.0, truth_path=tmp_path / "t.jsonl", seed=4, rate=25)
+        time.sleep(1.5)
+        stop.set()
+        thread.join(60)
+        assert not errors, errors
+        store = agg.app.state.pipeline.read()
+        stored = {r.record_id: r for r in store.records() if r.collector == "dnse2e"}
+    queries = [t for t in truth if "dns" in t]
+    assert queries and len(sent) >= len(queries)
+    assert stored == {r.record_id: r for r in sent}  # every record, dns summary and all
+    finals = {r.key: r for r in stored.values() if r.final}
+    for t in queries:
+        r = finals[("udp", t["client_ip"], t["client_port"], t["server_ip"], 53)]
+        assert r.dns is not None and r.dns.names[0].name == t["dns"]["name"]

@@ -130,3 +130,29 @@ def test_garbage_on_port_53_is_counted_never_raised() -> None:
     t.packet(0, "udp", 4, C, 40005, R, 53, b"Q 100 20\n")
     [rec] = t.expire(1)
     assert rec.dns.queries == 0 and t.drops.snapshot() == {("dns", "not_dns"): 1}
+
+
+@pytest.mark.parametrize("dns, field", [
+    ({"queries": 1, "responses": 1, "answers": [{"name": "a.", "type": "A", "value": "fd00::1",
+                                                  "ttl": 5, "at": "2026-12-07T08:00:00Z"}]},
+     "dns.answers.value"),
+    ({"queries": 1, "responses": 1, "answers": [{"name": "a.", "type": "MX", "value": "x.",
+                                                  "ttl": 5, "at": "2026-12-07T08:00:00Z"}]},
+     "dns.answers.type"),
+    ({"queries": 1, "responses": 1, "latency_us": {"min": 5, "avg": 3, "max": 9}},
+     "dns.latency_us"),
+    ({"queries": 1, "responses": 0, "timeouts": 2}, "dns.timeouts"),
+    ({"queries": -1, "responses": 0}, "dns.queries"),
+    ({"queries": 1, "responses": 0, "bogus": 1}, "dns.bogus"),
+])
+def test_a_bad_dns_summary_is_refused_naming_the_field(dns, field) -> None:
+    from eastwest.errors import RecordError
+    from eastwest.record import FlowRecord
+
+    rec = table()
+    q, _ = exchange("x.example.", 1)
+    rec.packet(0, "udp", 4, C, 40006, R, 53, q)
+    data = rec.expire(1)[0].to_builtins() | {"dns": dns}
+    with pytest.raises(RecordError) as err:
+        FlowRecord.from_builtins(data)
+    assert err.value.field == field, err.value
