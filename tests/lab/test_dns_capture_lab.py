@@ -28,8 +28,10 @@ def run_source(source: DnsSource, records: list, stop: threading.Event,
     return t
 
 
-def test_every_dns_query_of_the_truth_found_with_name_type_rcode_answers(lab_factory, tmp_path):
-    lab = lab_factory(name="ewnd2", hosts=3, pods_per_host=2)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_every_dns_query_of_the_truth_found_with_name_type_rcode_answers(lab_factory, tmp_path,
+                                                                        family):
+    lab = lab_factory(name=f"ewnd2{family[-1]}", hosts=3, pods_per_host=2, ip_family=family)
     # every namespace of every host: the host namespaces only bridge their pods' DNS and must
     # add nothing; a query is reported once, by its client's namespace
     specs = [ns for h in lab.inventory["hosts"] for ns in lab.host_netns(h["name"])]
@@ -64,10 +66,12 @@ def test_every_dns_query_of_the_truth_found_with_name_type_rcode_answers(lab_fac
             (want["name"], want["type"], 1, {want["rcode"]: 1})]
         assert d.rcodes == {want["rcode"]: 1}
         got = {(a.type, a.value) for a in d.answers}
-        assert got == {("A", a) for a in want["answers"]} | {("CNAME", c) for c in want["cnames"]}
+        assert got == ({(want["type"], a) for a in want["answers"]}
+                       | {("CNAME", c) for c in want["cnames"]})
         assert all(a.name == want["name"] and a.ttl == want["ttl"] for a in d.answers)
         assert d.latency_us is not None and d.latency_us.min == d.latency_us.max
     # the late answer's latency is measured as late, the others are quick
+    assert {r.family for r in finals} == {6 if family == "ipv6" else 4}
     slow = [by_key[("udp", t["client_ip"], t["client_port"], t["server_ip"], 53)]
             for t in queries if t["dns"]["name"] == "slow.platform.svc.cluster.local."]
     assert slow and all(r.dns.latency_us.min >= 250_000 for r in slow)

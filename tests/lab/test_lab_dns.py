@@ -14,8 +14,10 @@ from eastwest.lab import dns as labdns
 pytestmark = pytest.mark.lab
 
 
-def test_demo_resolves_service_names_and_the_truth_records_every_query(lab_factory, tmp_path):
-    lab = lab_factory(name="ewnd1", hosts=2, pods_per_host=4)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "dual"])
+def test_demo_resolves_service_names_and_the_truth_records_every_query(lab_factory, tmp_path,
+                                                                       family):
+    lab = lab_factory(name=f"ewnd1{family[-1]}", hosts=2, pods_per_host=4, ip_family=family)
     truth = lab.traffic(duration=5.0, truth_path=tmp_path / "t.jsonl", seed=11, rate=25)
     zone = labdns.zone_of(lab.inventory)
     queries = [t for t in truth if t["server_port"] == 53]
@@ -27,17 +29,19 @@ def test_demo_resolves_service_names_and_the_truth_records_every_query(lab_facto
     for t in queries:
         d = t["dns"]
         assert t["outcome"] == "ok", t  # the slow answer comes well within the client's timeout
-        assert d["type"] == "A"
+        assert d["type"] == ("AAAA" if t["family"] == 6 else "A")
         if d["name"].endswith(labdns.MISSING_SUFFIX):
             assert (d["rcode"], d["answers"], d["cnames"]) == ("NXDOMAIN", [], []), t
             continue
         assert d["rcode"] == "NOERROR", t
         target = labdns.CNAME_TARGET if d["name"] == labdns.CNAME_NAME else d["name"]
         assert d["cnames"] == ([labdns.CNAME_TARGET] if d["name"] == labdns.CNAME_NAME else [])
-        assert sorted(d["answers"]) == sorted(zone[target][4]), t
+        assert sorted(d["answers"]) == sorted(zone[target][t["family"]]), t
         assert d["ttl"] == labdns.TTL
         # the bytes on the wire are those of a DNS message of that name (header + question)
         assert t["bytes_c2s"] == 12 + len(d["name"]) + 1 + 4
+    if family == "dual":  # both families resolved, each with its own type
+        assert {t["dns"]["type"] for t in queries} == {"A", "AAAA"}
     # the services api calls were resolved, and the names asked on purpose were asked
     for svc in ("db", "cache", "auth"):
         assert names[labdns.service_name(svc, "shop")] >= 1, names
