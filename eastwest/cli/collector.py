@@ -19,8 +19,8 @@ examples:
   eastwest collector --underlay eth0 --no-socket  live VXLAN capture only
   eastwest collector --wire-interface eth0 --no-socket --stdout
                                                   every flow on eth0, plain or tunnelled (source wire)
-  eastwest collector --netns ewlab-h1-p1 --dns scoped --stdout
-                                                  connections and the DNS of one lab pod
+  eastwest collector --netns ewlab-h2-p1 --dns scoped --stdout
+                                                  connections and the DNS of one lab pod (api)
   eastwest collector --geneve-port 6081 --geneve-port 6082 --pcap ovn.pcap --stdout
   eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
                                                   collector id HOST-ewlab-h2, its own spool
