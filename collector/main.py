@@ -107,9 +107,33 @@ def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source
             sources.append(LiveVxlanSource(ctx, args))
         elif not wire:
             _say_no_underlay(args)
+    if args.dns:
+        from collector.dns import DnsSource
+
+        sources.append(DnsSource(ctx, dns_specs(args), interval=args.interval,
+                                 idle_timeout=args.idle_timeout, query_timeout=args.dns_timeout,
+                                 top_names=args.dns_top_names))
     if not sources:
         raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
     return sources
+
+
+def dns_specs(args: argparse.Namespace) -> list[str]:
+    """--dns values, `scoped` expanded to every --netns given by name."""
+    if args.dns_timeout <= 0:
+        raise ConfigError("--dns-timeout", args.dns_timeout, "must be > 0")
+    if args.dns_top_names < 1:
+        raise ConfigError("--dns-top-names", args.dns_top_names, "must be >= 1")
+    specs: list[str] = []
+    for spec in args.dns:
+        if spec == "scoped":
+            named = [n for n in args.netns if not n.isdigit()]
+            if not named:
+                raise ConfigError("--dns", spec, "needs --netns NAME (a namespace by name)")
+            specs += named
+        else:
+            specs.append(spec)
+    return list(dict.fromkeys(specs))
 
 
 def _make_sink(args: argparse.Namespace, ctx: CollectorContext,

@@ -146,6 +146,64 @@ class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class DnsLatency(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Microseconds from a query to its answer, over the answered queries of the flow."""
+
+    min: Count
+    avg: Count
+    max: Count
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.avg <= self.max:
+            raise RecordError("dns.latency_us", (self.min, self.avg, self.max),
+                              "needs 0 <= min <= avg <= max")
+
+
+class DnsName(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One name the client asked, of one query type: how often, and the response codes got."""
+
+    name: str
+    type: str
+    count: Count
+    rcodes: dict[str, Count] = msgspec.field(default_factory=dict)
+    timeouts: Count = 0
+
+
+class DnsAnswer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a name resolved to for this client: an address (A/AAAA) or a CNAME target."""
+
+    name: str  # the name the client asked
+    type: str  # A, AAAA or CNAME
+    value: str  # the address (canonical) or the CNAME target
+    ttl: Count
+    at: datetime  # when the answer arrived (the TTL runs from here)
+
+    def __post_init__(self) -> None:
+        if self.type in ("A", "AAAA"):
+            _check_ip("dns.answers.value", self.value, 4 if self.type == "A" else 6)
+        elif self.type != "CNAME":
+            raise RecordError("dns.answers.type", self.type, "must be A, AAAA or CNAME")
+        _check_utc("dns.answers.at", self.at)
+
+
+class DnsSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The DNS a flow to a resolver carried (docs/flow-record.md, "dns"). Cumulative since the
+    flow's start, like every counter of a record."""
+
+    queries: Count
+    responses: Count
+    timeouts: Count = 0  # queries that got no answer within the collector's DNS timeout
+    rcodes: dict[str, Count] = msgspec.field(default_factory=dict)
+    latency_us: DnsLatency | None = None
+    names: list[DnsName] = msgspec.field(default_factory=list)  # the top N by count
+    other_names: Count = 0  # queries for names beyond the top N
+    answers: list[DnsAnswer] = msgspec.field(default_factory=list)  # of the top names, bounded
+
+    def __post_init__(self) -> None:
+        if self.timeouts > self.queries:
+            raise RecordError("dns.timeouts", self.timeouts, "more than the queries")
+
+
 # gc=False: collectors build tens of thousands of records per second and the cyclic garbage
 # collector need not scan them: a record cannot be part of a reference cycle (its containers
 # hold strings only). Nothing else changes (fields, validation, encoding, equality).
@@ -186,6 +244,7 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     tcp_flags: list[str] | None = None
     loopback: bool = False
     incomplete: list[str] = msgspec.field(default_factory=list)
+    dns: DnsSummary | None = None  # a flow to or from port 53 that carried DNS
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA_VERSION:

@@ -6,7 +6,7 @@ column, never row by row:
   backends that keep the record whole (ClickHouse);
 - `flows_table`: the flat columns + `extra`: `DUCKDB_COLUMNS`, the DuckDB layout. `extra` holds
   only what has no column of its own (L3 bytes, cmdline, cgroup, outer port, TCP flags, the
-  collector-reported workloads, the `incomplete` reasons) as a msgpack array, NULL when all of
+  collector-reported workloads, the `incomplete` reasons, nested tunnels, the `dns` summary) as a msgpack array, NULL when all of
   them are empty; `record_of` rebuilds the record exactly from the flat values and `extra`.
   Why: the whole-record blob (~450 bytes, field names included) was most of what DuckDB wrote per
   row, in its WAL at every commit and again at every checkpoint (docs/benchmarks.md).
@@ -29,7 +29,16 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from eastwest.record import Cgroup, Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
+from eastwest.record import (
+    Cgroup,
+    DnsSummary,
+    Endpoint,
+    FlowRecord,
+    Process,
+    Rtt,
+    Tunnel,
+    Workload,
+)
 
 INT64_MAX = 2**63 - 1
 _TS = pa.timestamp("us", tz="UTC")
@@ -105,9 +114,13 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     # blobs written before the `tunnel_type` column; new blobs leave it None), nested tunnels
     tunnel_type: str | None = None
     tunnel_outer: list[Tunnel] | None = None
+    dns: DnsSummary | None = None  # appended: the DNS a flow to a resolver carried
 
 
-_NO_EXTRA = (None,) * len(Extra.__struct_fields__)
+# `dns` is appended to a record's extra only when it has one: every other blob stays the
+# 12-element array the native batch decoder writes byte for byte (aggregator/store/ewwire.c,
+# which hands records with `dns` to Python, as those with `tunnel_outer`)
+_NO_EXTRA = (None,) * (len(Extra.__struct_fields__) - 1)
 _extra_dec = msgspec.msgpack.Decoder(Extra)
 _record_dec = msgspec.msgpack.Decoder(FlowRecord)
 
@@ -169,7 +182,8 @@ def _flat(records: Sequence[FlowRecord]) -> list[tuple[Any, ...]]:
              bool(inc := r.incomplete), u and u.type,
              (r.l3_bytes_c2s, r.l3_bytes_s2c, p and p.cmdline, (g := r.cgroup) and g.id,
               g and g.path, u and u.outer_dport, r.tcp_flags, r.client_workload,
-              r.server_workload, inc or None, None, r.tunnel_outer))
+              r.server_workload, inc or None, None, r.tunnel_outer)
+             + ((r.dns,) if r.dns is not None else ()))
             for r in records]
 
 
@@ -245,7 +259,7 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
             tunnel_type or x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
             x.outer_dport),  # type: ignore[arg-type]
-        tunnel_outer=x.tunnel_outer,
+        tunnel_outer=x.tunnel_outer, dns=x.dns,
         client_workload=x.client_workload, server_workload=x.server_workload,
         tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
 

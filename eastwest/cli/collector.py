@@ -19,6 +19,8 @@ examples:
   eastwest collector --underlay eth0 --no-socket  live VXLAN capture only
   eastwest collector --wire-interface eth0 --no-socket --stdout
                                                   every flow on eth0, plain or tunnelled (source wire)
+  eastwest collector --netns ewlab-h2-p1 --dns scoped --stdout
+                                                  connections and the DNS of one lab pod (api)
   eastwest collector --geneve-port 6081 --geneve-port 6082 --pcap ovn.pcap --stdout
   eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
                                                   collector id HOST-ewlab-h2, its own spool
@@ -67,6 +69,15 @@ def register(sub: Any) -> None:
                    help="UDP port carrying Geneve (repeatable; default 6081)")
     g.add_argument("--gpe-port", metavar="PORT", type=int, action="append", default=[],
                    help="UDP port carrying VXLAN-GPE (repeatable; default 4790)")
+    g.add_argument("--dns", metavar="NETNS[/IF]", action="append", default=[],
+                   help="watch DNS (port 53, UDP and TCP) of this network namespace (all its "
+                   "interfaces; NETNS/IF: one interface; /IF: this namespace's); `scoped`: every "
+                   "--netns given by name; repeatable; records of flows to resolvers carry a dns "
+                   "summary (docs/flow-record.md)")
+    g.add_argument("--dns-timeout", type=float, default=5.0, metavar="S",
+                   help="a DNS query without an answer for S seconds counts as a timeout (default 5)")
+    g.add_argument("--dns-top-names", type=int, default=10, metavar="N",
+                   help="names kept per flow with their counts; the rest counted as other (default 10)")
     g.add_argument("--decoder", choices=("bulk", "scapy"), default="bulk",
                    help="wire decoder: the fast bulk path (default) or scapy for every packet")
 

@@ -7,7 +7,7 @@ Call graph (each arrow a new connection per request, so connections are countabl
     loadgen -> frontend -> api -> db        (5% of requests also try db's dead port: refused)
                                -> cache     (70%)
                                -> auth      (50%; auth resets 20% of its connections)
-                               -> resolver  (30%, UDP request/response on a connected socket)
+                               -> resolver  (DNS over UDP on a connected socket, below)
 A loadgen connection carries 1-3 requests (keep-alive), so some connections live longer.
 
 Ground truth, written by the application itself, one JSON line per connection:
@@ -29,14 +29,23 @@ load generator's through the NodePort on h2 (DNAT + masquerade). Such a call ope
 protocol v1 line, so the server's ledger knows who called and what was dialled; `Lab.traffic`
 names the backend in the truth from it (docs/lab.md, "Kubernetes-style Services").
 
+DNS (eastwest/lab/dns.py): the resolver pods are a real DNS server for the lab's names. api
+resolves each service it calls (`<service>.<namespace>.svc.cluster.local`, A in IPv4, AAAA in IPv6)
+through a resolver pod before it connects, and keeps the answer for its TTL, as a pod's stub
+resolver and CoreDNS do; in 30% of its requests it also asks one name on purpose (a name that
+does not exist, one answered late, one behind a CNAME). Every exchange is one truth line
+(protocol udp, port 53) with a `dns` object: id, name, type, rcode, answers, cnames, ttl. Only
+api resolves: the call graph keeps its edges (api -> resolver is the only one to port 53).
+
 Protocol: request = b"REQ <response-size> <pad-size>\\n" + pad bytes; response = response-size
-bytes. The client closes after its last response. UDP: b"Q <size> <pad>\\n" + pad, one answer.
+bytes. The client closes after its last response.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import ipaddress
 import json
 import os
 import random
@@ -51,6 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from eastwest.lab import dns as labdns
 from eastwest.lab.plan import DEAD_PORT
 
 AUTH_RESET_SHARE = 0.2
@@ -115,6 +125,7 @@ class App:
         self._udp_lock = threading.Lock()
         self.families = FAMILIES[self.inv.get("ip_family", "ipv4")]
         self.cluster = {c["name"]: c for c in self.inv.get("cluster_services", [])}
+        self.dns_cache = labdns.Cache()
 
     # -- helpers ----------------------------------------------------------------------------
     def chance(self, p: float) -> bool:
@@ -149,7 +160,8 @@ class App:
         return Dial(None, svc["target_port"], svc["cluster_ip"], svc["port"], "service", service)
 
     def _truth(self, server: dict[str, Any] | None, port: int, proto: str, family: int, cport: int,
-               sent: int, recv: int, start: str, outcome: str, dial: Dial | None = None) -> None:
+               sent: int, recv: int, start: str, outcome: str, dial: Dial | None = None,
+               dns: dict[str, Any] | None = None) -> None:
         line: dict[str, Any] = {
             "client_pod": self.pod["name"], "client_ip": address(self.pod, family),
             "client_port": cport, "family": family,
@@ -165,6 +177,8 @@ class App:
         if dial is not None and dial.via:
             line.update({"service": dial.service, "via": dial.via, "dialled_ip": dial.ip,
                          "dialled_port": dial.port})
+        if dns is not None:
+            line["dns"] = dns
         self.truth.write(line)
 
     # -- client side ------------------------------------------------------------------------
@@ -261,6 +275,47 @@ class App:
             self._truth(server, port, "udp", family, cport, len(msg), recv, start, outcome, dial)
         return outcome
 
+    def dns_lookup(self, name: str, family: int = 4) -> labdns.Lookup:
+        """One DNS query to a resolver pod over a connected UDP socket; writes its truth."""
+        server = self.replica("resolver")
+        port = self.inv["services"]["resolver"]["port"]
+        start = now_iso()
+        s = self._fresh_udp_socket(address(server, family), port, family)
+        s.settimeout(CONNECT_TIMEOUT)
+        cport = s.getsockname()[1]
+        query = labdns.make_query(name, family)
+        wire = query.to_wire()
+        outcome, response = "ok", b""
+        try:
+            s.send(wire)
+            response = s.recv(65536)
+        except ConnectionRefusedError:
+            outcome = "refused"
+        except TimeoutError:
+            outcome = "timeout"
+        finally:
+            s.close()
+        lookup = labdns.read_response(query, wire, response)
+        self._truth(server, port, "udp", family, cport, len(wire), len(response), start, outcome,
+                    dns=lookup.truth())
+        return lookup
+
+    def resolve(self, service: str, family: int = 4) -> dict[str, Any]:
+        """The replica of `service` to call next, at an address its name resolved to (cached for
+        the answer's TTL). An unanswered query falls back to the inventory's address, so the call
+        graph stays what the docs say even if a datagram is lost."""
+        pod = self.replica(service)
+        name = labdns.service_name(service, self.inv["services"][service]["namespace"])
+        now = time.monotonic()
+        addrs = self.dns_cache.get(name, family, now)
+        if addrs is None:
+            lookup = self.dns_lookup(name, family)
+            self.dns_cache.put(name, family, now, lookup)
+            addrs = lookup.answers or (address(pod, family),)
+        if ipaddress.ip_address(address(pod, family)) not in {ipaddress.ip_address(a) for a in addrs}:
+            raise RuntimeError(f"{name} resolved to {addrs}, without {pod['name']}")
+        return pod
+
     # -- server side ------------------------------------------------------------------------
     def upstream_calls(self, family: int = 4) -> None:
         """What one request to this pod's service calls next (the call graph), over the family
@@ -271,23 +326,41 @@ class App:
             self.call_tcp(d.pod, d.target_port, [(self.randint(200, 6000), self.randint(50, 800))],
                           family, d)
         elif svc == "api":
-            d = self.dial("db")
-            self.call_tcp(d.pod, d.target_port, [(self.randint(100, 20000), self.randint(20, 400))],
-                          family, d)
-            if self.chance(DB_DEAD_SHARE):  # a pod's closed port, dialled directly
-                self.call_tcp(d.pod or self.replica("db"), DEAD_PORT, [(100, 10)], family)
-            if self.chance(0.7):
-                d = self.dial("cache")
-                self.call_tcp(d.pod, d.target_port, [(self.randint(10, 3000), self.randint(10, 100))],
+            if self.cluster:  # Services: dial ClusterIPs (the kernel picks the backend)
+                d = self.dial("db")
+                self.call_tcp(d.pod, d.target_port, [(self.randint(100, 20000), self.randint(20, 400))],
                               family, d)
-            if self.chance(0.5):
-                d = self.dial("auth")
-                self.call_tcp(d.pod, d.target_port, [(self.randint(50, 500), self.randint(100, 300))],
-                              family, d)
-            if self.chance(0.3):
-                d = self.dial("resolver")
-                self.call_udp(d.pod, d.target_port, self.randint(40, 400), self.randint(20, 60),
-                              family, d)
+                if self.chance(DB_DEAD_SHARE):  # a pod's closed port, dialled directly
+                    self.call_tcp(d.pod or self.replica("db"), DEAD_PORT, [(100, 10)], family)
+                if self.chance(0.7):
+                    d = self.dial("cache")
+                    self.call_tcp(d.pod, d.target_port, [(self.randint(10, 3000), self.randint(10, 100))],
+                                  family, d)
+                if self.chance(0.5):
+                    d = self.dial("auth")
+                    self.call_tcp(d.pod, d.target_port, [(self.randint(50, 500), self.randint(100, 300))],
+                                  family, d)
+                if self.chance(0.3):
+                    d = self.dial("resolver")
+                    self.call_udp(d.pod, d.target_port, self.randint(40, 400), self.randint(20, 60),
+                                  family, d)
+            else:  # pods found by name through the lab's DNS, as a pod's resolver does
+                services = self.inv["services"]
+                db = self.resolve("db", family)
+                self.call_tcp(db, services["db"]["port"],
+                              [(self.randint(100, 20000), self.randint(20, 400))], family)
+                if self.chance(DB_DEAD_SHARE):
+                    self.call_tcp(db, DEAD_PORT, [(100, 10)], family)
+                if self.chance(0.7):
+                    self.call_tcp(self.resolve("cache", family), services["cache"]["port"],
+                                  [(self.randint(10, 3000), self.randint(10, 100))], family)
+                if self.chance(0.5):
+                    self.call_tcp(self.resolve("auth", family), services["auth"]["port"],
+                                  [(self.randint(50, 500), self.randint(100, 300))], family)
+                if self.chance(0.3):
+                    with self.rng_lock:
+                        name = self.rng.choice(labdns.PURPOSE_NAMES)
+                    self.dns_lookup(name, family)
 
     def serve(self) -> None:
         svc = self.pod["service"]
@@ -377,24 +450,52 @@ class App:
         self._answer_udp(socks[0], port)
 
     def _answer_udp(self, s: socket.socket, port: int) -> None:
+        """The resolver's DNS server: answers from the lab's zone; a late answer is sent from a
+        timer, so it holds up no other query."""
         local_ip = s.getsockname()[0]
+        zone = labdns.Zone(self.inv)
         while True:
             data, peer = s.recvfrom(65536)
-            proxy = None
-            try:
-                query = data
-                if data.startswith(b"PROXY "):
-                    hello, query = data.split(b"\n", 1)
-                    proxy = parse_proxy(hello)
-                size = int(query.split(b"\n", 1)[0].split()[1])
-            except (IndexError, ValueError):
+            if data.startswith((b"PROXY ", b"Q ")):  # the demo's own UDP calls (Services)
+                self._echo_udp(s, data, peer, local_ip, port)
                 continue
-            s.sendto(b"a" * size, peer)
-            self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
-                               "client_port": peer[1], "server_ip": local_ip,
-                               "server_port": port, "bytes_in": len(data), "bytes_out": size,
-                               "reset": False, "end": now_iso(),
-                               **({"proxy": proxy} if proxy else {})})
+            answer = zone.answer(data)
+            if answer is None:
+                continue
+            response, delay = answer
+            if delay:
+                threading.Timer(delay, self._send_udp,
+                                (s, response, peer, local_ip, port, len(data))).start()
+            else:
+                self._send_udp(s, response, peer, local_ip, port, len(data))
+
+    def _echo_udp(self, s: socket.socket, data: bytes, peer: tuple[str, int], local_ip: str,
+                  port: int) -> None:
+        """`Q <size> <pad>` (after a PROXY line when dialled through a Service): `size` bytes
+        back, and a ledger line naming who called through what."""
+        proxy = None
+        try:
+            query = data
+            if data.startswith(b"PROXY "):
+                hello, query = data.split(b"\n", 1)
+                proxy = parse_proxy(hello)
+            size = int(query.split(b"\n", 1)[0].split()[1])
+        except (IndexError, ValueError):
+            return
+        s.sendto(b"a" * size, peer)
+        self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
+                           "client_port": peer[1], "server_ip": local_ip,
+                           "server_port": port, "bytes_in": len(data), "bytes_out": size,
+                           "reset": False, "end": now_iso(),
+                           **({"proxy": proxy} if proxy else {})})
+
+    def _send_udp(self, s: socket.socket, data: bytes, peer: tuple[str, int], local_ip: str,
+                  port: int, got: int) -> None:
+        s.sendto(data, peer)
+        self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
+                           "client_port": peer[1], "server_ip": local_ip,
+                           "server_port": port, "bytes_in": got, "bytes_out": len(data),
+                           "reset": False, "end": now_iso()})
 
     # -- load generator ---------------------------------------------------------------------
     def loadgen(self, duration: float, rate: float, workers: int) -> int:
