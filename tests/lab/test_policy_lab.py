@@ -1,0 +1,129 @@
+"""Policy proved in the lab (issue 21, part 3): a policy suggested from a run of the demo
+application (collectors -> aggregator -> GET /api/v1/policy/suggest) is enforced with iptables
+(`eastwest lab policy apply`), the application runs again without a single connection blocked,
+and a call that was never observed (frontend -> db:5432) is dropped: its connect times out after
+exactly the SYNs its timeout implies, counted by the DROP rules of the policy chains.
+`eastwest lab policy remove` opens it again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.lab.harness import RH, Aggregator, collectors, truth_edges, window_of
+
+pytestmark = [pytest.mark.lab, pytest.mark.bpf]
+LAB = "ewxdpol"
+CONNECT_TIMEOUT = 2.5
+
+
+def syns_within(netns: str, timeout: float) -> int:
+    """The SYNs Linux sends before a connect times out after `timeout` s: the first at 0, then a
+    retransmission after the initial RTO of 1 s (TCP_TIMEOUT_INIT); the first
+    `tcp_syn_linear_timeouts` retransmissions wait 1 s each (Linux 6.7+, default 4; without the
+    sysctl every wait doubles, RFC 6298 5.5). 2.5 s keeps 0.5 s of margin either way: 3 SYNs
+    with linear timeouts, 2 without."""
+    path = "/proc/sys/net/ipv4/tcp_syn_linear_timeouts"
+    r = subprocess.run(["ip", "netns", "exec", netns, "cat", path], capture_output=True, text=True)
+    linear = int(r.stdout) if r.returncode == 0 else 0
+    t, wait, n = 0.0, 1.0, 0
+    while t < timeout:
+        n += 1
+        t += wait
+        if n > linear:
+            wait *= 2
+    return n
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory):
+    return lab_factory(name=LAB, hosts=3, pods_per_host=2)
+
+
+def eastwest(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "eastwest", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def unobserved_call(lab) -> str:
+    """frontend -> db:5432 (the application never makes it): what connect() answered."""
+    pods = {p["service"]: p for p in lab.inventory["pods"]}
+    code = ("import socket,sys\ns=socket.socket(); s.settimeout(float(sys.argv[2]))\n"
+            "try:\n  s.connect((sys.argv[1], 5432)); print('connected')\n"
+            "except TimeoutError:\n  print('timeout')\nexcept OSError as e:\n  print(e.strerror)")
+    out = subprocess.run(["ip", "netns", "exec", pods["frontend"]["netns"], sys.executable, "-c",
+                          code, pods["db"]["ip"], str(CONNECT_TIMEOUT)],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip()
+
+
+def policy_drops(lab) -> int:
+    """Packets counted by the DROP rules that end the lab's policy chains, on every host (the
+    suggestion isolates frontend for egress too: the SYN dies on the client's host)."""
+    n = 0
+    for h in lab.inventory["hosts"]:
+        out = subprocess.run(["ip", "netns", "exec", h["netns"], "iptables", "-w", "-L", "-v",
+                              "-x", "-n"], capture_output=True, text=True, check=True).stdout
+        chain = ""
+        for line in out.splitlines():
+            if line.startswith("Chain "):
+                chain = line.split()[1]
+            elif chain.startswith("EW-") and " DROP " in f" {line} ":
+                n += int(line.split()[0])
+    return n
+
+
+def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(lab, tmp_path):
+    with Aggregator(tmp_path / "data", lab.inventory["workload_map"]) as agg:
+        with collectors(lab, agg.url, tmp_path / "spool", ["h1", "h2", "h3"]) as cs:
+            before = lab.traffic(duration=6.0, seed=21)
+            for c in cs:
+                c.stop()
+        r = httpx.get(agg.url + "/api/v1/policy/suggest", headers=RH, timeout=60,
+                      params={**window_of(before), "format": "yaml"})
+        assert r.status_code == 200, r.text
+    policy_file = tmp_path / "suggested.yaml"
+    policy_file.write_text(r.text)
+    assert "frontend" in r.text and "db" in r.text
+
+    # before: the call is possible (nothing enforces anything)
+    assert unobserved_call(lab) == "connected"
+
+    applied = eastwest("lab", "policy", "apply", "--name", LAB, str(policy_file))
+    assert applied.returncode == 0, applied.stderr
+    try:
+        after = lab.traffic(duration=6.0, seed=22)
+        # not one legitimate connection blocked: no connect timed out, every outcome is one the
+        # first run had too, and every edge of the second run was an edge of the first
+        assert Counter(t["outcome"] for t in after)["timeout"] == 0
+        assert {t["outcome"] for t in after} <= {t["outcome"] for t in before}
+        assert len(after) > 20
+        assert set(truth_edges(lab, after)) <= set(truth_edges(lab, before))
+
+        dropped_before = policy_drops(lab)  # the demo's own traffic dropped nothing
+        assert dropped_before == 0
+        t0 = time.monotonic()
+        assert unobserved_call(lab) == "timeout"
+        assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
+        frontend = next(p for p in lab.inventory["pods"] if p["service"] == "frontend")
+        assert policy_drops(lab) - dropped_before == syns_within(frontend["netns"], CONNECT_TIMEOUT)
+    finally:
+        removed = eastwest("lab", "policy", "remove", "--name", LAB)
+    assert removed.returncode == 0, removed.stderr
+    assert unobserved_call(lab) == "connected"
+
+
+def test_lab_policy_apply_names_a_bad_file_and_exits_2(lab, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\n"
+                   "spec: {podSelector: {}, ingress: [{ports: [{protocol: ICMP}]}]}\n")
+    r = eastwest("lab", "policy", "apply", "--name", LAB, str(bad))
+    assert r.returncode == 2, r
+    assert "spec.ingress[0].ports[0].protocol" in r.stderr
+    r = eastwest("lab", "policy", "apply", "--name", "ewxdnone", str(bad))
+    assert r.returncode == 2
