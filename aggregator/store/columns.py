@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from eastwest.record import Cgroup, Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
+from eastwest.record import Cgroup, Drop, Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
 
 INT64_MAX = 2**63 - 1
 _TS = pa.timestamp("us", tz="UTC")
@@ -105,6 +105,7 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     # blobs written before the `tunnel_type` column; new blobs leave it None), nested tunnels
     tunnel_type: str | None = None
     tunnel_outer: list[Tunnel] | None = None
+    drops: list[Drop] | None = None  # appended: drop counts by reason (source `drops`)
 
 
 _NO_EXTRA = (None,) * len(Extra.__struct_fields__)
@@ -169,7 +170,7 @@ def _flat(records: Sequence[FlowRecord]) -> list[tuple[Any, ...]]:
              bool(inc := r.incomplete), u and u.type,
              (r.l3_bytes_c2s, r.l3_bytes_s2c, p and p.cmdline, (g := r.cgroup) and g.id,
               g and g.path, u and u.outer_dport, r.tcp_flags, r.client_workload,
-              r.server_workload, inc or None, None, r.tunnel_outer))
+              r.server_workload, inc or None, None, r.tunnel_outer, r.drops))
             for r in records]
 
 
@@ -245,7 +246,7 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
             tunnel_type or x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
             x.outer_dport),  # type: ignore[arg-type]
-        tunnel_outer=x.tunnel_outer,
+        tunnel_outer=x.tunnel_outer, drops=x.drops,
         client_workload=x.client_workload, server_workload=x.server_workload,
         tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
 

@@ -428,9 +428,9 @@ enum {
     F_SCHEMA, F_RECORD_ID, F_COLLECTOR, F_SOURCE, F_START, F_END, F_FINAL, F_PROTOCOL, F_FAMILY,
     F_CLIENT, F_SERVER, F_OBSERVER, F_BYTES_C2S, F_BYTES_S2C, F_PACKETS_C2S, F_PACKETS_S2C,
     F_L3_C2S, F_L3_S2C, F_CONNECT, F_RETRANSMITS, F_RESETS, F_RTT, F_PROCESS, F_NETNS, F_CGROUP,
-    F_CONTAINER, F_TUNNEL, F_CW, F_SW, F_TCP_FLAGS, F_LOOPBACK, F_INCOMPLETE, F_TUNNEL_OUTER, F_N
+    F_CONTAINER, F_TUNNEL, F_CW, F_SW, F_TCP_FLAGS, F_LOOPBACK, F_INCOMPLETE, F_TUNNEL_OUTER, F_DROPS, F_N
 };
-static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer")};
+static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer"), L("drops")};
 #define REQUIRED ((1ULL << F_RECORD_ID) | (1ULL << F_COLLECTOR) | (1ULL << F_SOURCE) | \
                   (1ULL << F_START) | (1ULL << F_END) | (1ULL << F_FINAL) | \
                   (1ULL << F_PROTOCOL) | (1ULL << F_FAMILY) | (1ULL << F_CLIENT) | \
@@ -730,6 +730,9 @@ static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
         case F_TUNNEL_OUTER: /* nested tunnels are rare: Python decodes a record that has them */
             if (!is_nil(r)) return 0;
             break;
+        case F_DROPS: /* drop counts (source "drops") are rare too: Python decodes them */
+            if (!is_nil(r)) return 0;
+            break;
         }
         (void)s;
     }
@@ -839,7 +842,7 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
     }
     *null = 0;
     str_t none = {NULL, 0};
-    return w_byte(o, 0x9c) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
+    return w_byte(o, 0x9d) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
            w_opt_uint(o, w->has_l3_s2c, w->l3_s2c) && w_opt_str(o, cmd ? w->cmdline : none) &&
            w_opt_uint(o, w->has_cgroup, w->cgroup_id) &&
            w_opt_str(o, cgp ? w->cgroup_path : none) &&
@@ -849,7 +852,8 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
            (w->has_sw ? w_workload(o, &w->sw, end) : w_byte(o, 0xc0)) &&
            (w->nincomplete ? w_str_list(o, w->incomplete, w->nincomplete, end) : w_byte(o, 0xc0)) &&
            w_byte(o, 0xc0) && /* Extra's tunnel_type: the `tunnel_type` column holds it */
-           w_byte(o, 0xc0); /* tunnel_outer: a record with one went to Python */
+           w_byte(o, 0xc0) && /* tunnel_outer: a record with one went to Python */
+           w_byte(o, 0xc0); /* drops: likewise */
 }
 
 /* the column buffers: per column validity bitmap (NULL: not nullable), offsets (strings),
