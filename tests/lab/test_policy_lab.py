@@ -1,20 +1,24 @@
-"""Policy proved in the lab (issue 21, part 3): a policy suggested from a run of the demo
+"""Policy proved in the lab (issue 21, parts 3 and 4): a policy suggested from a run of the demo
 application (collectors -> aggregator -> GET /api/v1/policy/suggest) is enforced with iptables
 (`eastwest lab policy apply`), the application runs again without a single connection blocked,
 and a call that was never observed (frontend -> db:5432) is dropped: its connect times out after
 exactly the SYNs its timeout implies, counted by the DROP rules of the policy chains.
+The drop source of the client's host collector (skb:kfree_skb, counted in the kernel) reports
+that call as one flow frontend -> db:5432 with reason NETFILTER_DROP and exactly those SYNs.
 `eastwest lab policy remove` opens it again."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
 import httpx
 import pytest
 
+from eastwest.record import Drop
 from tests.lab.harness import RH, Aggregator, collectors, truth_edges, window_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
@@ -78,6 +82,46 @@ def policy_drops(lab) -> int:
     return n
 
 
+class DropCollector:
+    """The drop source of one lab host's collector (scoped to the host's namespaces), its
+    records kept in a list."""
+
+    def __init__(self, lab, host: str) -> None:
+        from collector.drops.kernel import BccDrops
+        from collector.drops.source import DropSource, DropTracker
+        from collector.netns import resolve
+        from collector.pipeline import CollectorContext
+        from eastwest.clock import KernelClock
+
+        netns = tuple(resolve(n) for n in lab.host_netns(host))
+        ctx = CollectorContext(collector_id=f"{lab.name}-{host}-drops")
+        kclock = KernelClock()
+        self.source = DropSource(ctx, lambda: BccDrops(netns=netns),
+                                 DropTracker(ctx, kclock.to_utc, idle_timeout=30.0),
+                                 lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC), interval=0.5)
+        self.records: list = []
+        self.stop_event = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.source.run(self.records.extend, self.stop_event)
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.errors.append(exc)
+            self.source.ready.set()
+
+    def __enter__(self) -> DropCollector:
+        self.thread.start()
+        assert self.source.ready.wait(180) and not self.errors, self.errors
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(60)
+        assert not self.errors, self.errors
+
+
 def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(lab, tmp_path):
     with Aggregator(tmp_path / "data", lab.inventory["workload_map"]) as agg:
         with collectors(lab, agg.url, tmp_path / "spool", ["h1", "h2", "h3"]) as cs:
@@ -107,11 +151,19 @@ def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(la
 
         dropped_before = policy_drops(lab)  # the demo's own traffic dropped nothing
         assert dropped_before == 0
-        t0 = time.monotonic()
-        assert unobserved_call(lab) == "timeout"
-        assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
-        frontend = next(p for p in lab.inventory["pods"] if p["service"] == "frontend")
-        assert policy_drops(lab) - dropped_before == syns_within(frontend["netns"], CONNECT_TIMEOUT)
+        pods = {p["service"]: p for p in lab.inventory["pods"]}
+        with DropCollector(lab, pods["frontend"]["host"]) as dc:
+            t0 = time.monotonic()
+            assert unobserved_call(lab) == "timeout"
+            assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
+        syns = syns_within(pods["frontend"]["netns"], CONNECT_TIMEOUT)
+        blocked = [r for r in dc.records if r.final and r.server.ip == pods["db"]["ip"]
+                   and r.server.port == 5432]
+        assert len(blocked) == 1, dc.records
+        assert blocked[0].client.ip == pods["frontend"]["ip"] and blocked[0].protocol == "tcp"
+        assert blocked[0].drops == [Drop("NETFILTER_DROP", syns)]
+        assert blocked[0].source == "drops" and blocked[0].observer == "path"
+        assert policy_drops(lab) - dropped_before == syns
     finally:
         removed = eastwest("lab", "policy", "remove", "--name", LAB)
     assert removed.returncode == 0, removed.stderr
