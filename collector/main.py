@@ -107,6 +107,13 @@ def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source
             sources.append(LiveVxlanSource(ctx, args))
         elif not wire:
             _say_no_underlay(args)
+    if getattr(args, "drops", False):
+        if getattr(args, "aggregator", None):
+            raise ConfigError("--drops", True, "the aggregator does not join drop records to "
+                              "connections yet: use it with --stdout or --output")
+        from collector.drops.source import drop_source
+
+        sources.append(drop_source(ctx, args))
     if not sources:
         raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
     return sources

@@ -149,3 +149,23 @@ class DropSource:
                 emit(recs)
         finally:
             kernel.close()
+
+
+def drop_source(ctx: CollectorContext, args: object) -> DropSource:
+    """The drop source the collector's flags ask for (`--drops`, scoped by `--netns`, drained
+    every `--interval`, flows final after `--idle-timeout`)."""
+    import time
+
+    from collector.drops.kernel import BccDrops
+    from collector.netns import resolve_all
+    from collector.probes import idle_timeout, probe_config
+    from eastwest.clock import KernelClock
+
+    cfg = probe_config(args)  # type: ignore[arg-type]  # validates --interval, --netns, ...
+    netns = resolve_all(list(getattr(args, "netns", []) or []))
+    entries = min(cfg.conn_entries, 65536)
+    kclock = KernelClock()
+    return DropSource(ctx, lambda: BccDrops(entries=entries, netns=netns),
+                      DropTracker(ctx, kclock.to_utc, idle_timeout(args)),  # type: ignore[arg-type]
+                      lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                      interval=float(getattr(args, "interval", 5.0)))

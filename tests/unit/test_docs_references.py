@@ -71,7 +71,9 @@ def test_a_scoped_collector_without_an_underlay_warns_that_it_gives_no_wire_reco
 OTHER_PROGRAMS = {"--from-literal": "kubectl", "--patch-file": "kubectl", "--now": "systemctl",
                   "--web": "prometheus (--web.enable-remote-write-receiver)",
                   "--mode": "iptables (-m statistic --mode nth)",
-                  "--network": "podman build (--network none)"}
+                  "--network": "podman build (--network none)",
+                  "--physdev-in": "iptables (-m physdev, docs/policy.md)",
+                  "--physdev-out": "iptables (-m physdev, docs/policy.md)"}
 
 
 def test_every_flag_the_docs_name_is_a_flag_of_eastwest():
