@@ -170,12 +170,14 @@ def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(la
     assert unobserved_call(lab) == "connected"
 
 
-def test_lab_policy_apply_names_a_bad_file_and_exits_2(lab, tmp_path):
+def test_lab_policy_apply_names_a_bad_file_and_a_missing_lab(lab, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\n"
                    "spec: {podSelector: {}, ingress: [{ports: [{protocol: ICMP}]}]}\n")
     r = eastwest("lab", "policy", "apply", "--name", LAB, str(bad))
     assert r.returncode == 2, r
     assert "spec.ingress[0].ports[0].protocol" in r.stderr
-    r = eastwest("lab", "policy", "apply", "--name", "ewxdnone", str(bad))
-    assert r.returncode == 2
+    good = tmp_path / "good.yaml"
+    good.write_text(bad.read_text().replace("{protocol: ICMP}", "{protocol: UDP}"))
+    r = eastwest("lab", "policy", "apply", "--name", "ewxdnone", str(good))
+    assert r.returncode == 1 and "no lab named 'ewxdnone' is up" in r.stderr, r
