@@ -16,7 +16,8 @@ br_netfilter (`net.bridge.bridge-nf-call-iptables=1`, set per host namespace) ev
 crosses the host's FORWARD chain, where `-m physdev` tells which pod veth it came in on or goes
 out of. FORWARD jumps to EW-POLICY, which
   1. accepts packets of connections conntrack already knows (ESTABLISHED, RELATED): replies and
-     the rest of an allowed connection are never judged again, as in every such engine;
+     the rest of an allowed connection are never judged again, as in every such engine; and
+     IPv6 neighbour discovery (IPv6's ARP, which iptables never sees for IPv4);
   2. sends a packet that entered from a pod isolated for egress to its EW-E<n> chain (on the
      client's host), and a packet leaving to a pod isolated for ingress to its EW-I<n> chain (on
      the server's host); each chain RETURNs on an allowed destination/source, port and
@@ -149,6 +150,9 @@ def _render(p: Plan, pods: list[LabPod], inventory: Mapping[str, Any]) -> None:
         for fam in families:
             chains = [CHAIN]
             lines = [f"-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
+            if fam == 6:  # neighbour discovery is IPv6's ARP: never judged (ARP never is)
+                lines += [f"-A {CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT"
+                          for t in ("neighbour-solicitation", "neighbour-advertisement")]
             body: list[str] = []
             for n, pod in enumerate(local):
                 for way, isolated, flag in (("E", p.egress_isolated, "--physdev-in"),

@@ -181,3 +181,40 @@ def test_lab_policy_apply_names_a_bad_file_and_a_missing_lab(lab, tmp_path):
     good.write_text(bad.read_text().replace("{protocol: ICMP}", "{protocol: UDP}"))
     r = eastwest("lab", "policy", "apply", "--name", "ewxdnone", str(good))
     assert r.returncode == 1 and "no lab named 'ewxdnone' is up" in r.stderr, r
+
+
+DB_FROM_API = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 5432}]
+"""
+
+
+def connect(netns: str, ip: str, port: int, timeout: float = 2.0) -> str:
+    family = "AF_INET6" if ":" in ip else "AF_INET"
+    code = (f"import socket,sys\ns=socket.socket(socket.{family}); s.settimeout({timeout})\n"
+            "try:\n  s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
+            "except TimeoutError:\n  print('timeout')\nexcept OSError as e:\n  print(e.strerror)")
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, ip, str(port)],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+def test_a_dual_stack_lab_enforces_both_families(lab_factory, tmp_path):
+    """IPv4 by iptables, IPv6 by ip6tables (neighbour discovery let through): db admits api on
+    5432 over both, and frontend over neither."""
+    lab6 = lab_factory(name="ewxdpol6", hosts=3, pods_per_host=2, ip_family="dual")
+    pods = {p["service"]: p for p in lab6.inventory["pods"]}
+    f = tmp_path / "db.yaml"
+    f.write_text(DB_FROM_API)
+    r = eastwest("lab", "policy", "apply", "--name", "ewxdpol6", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "api-1          db-1           TCP      5432" in r.stdout
+    for ip in (pods["db"]["ip4"], pods["db"]["ip6"]):
+        assert connect(pods["api"]["netns"], ip, 5432) == "connected", ip
+        assert connect(pods["frontend"]["netns"], ip, 5432) == "timeout", ip
+    assert eastwest("lab", "policy", "remove", "--name", "ewxdpol6").returncode == 0
+    assert connect(pods["frontend"]["netns"], pods["db"]["ip6"], 5432) == "connected"

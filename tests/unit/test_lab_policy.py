@@ -72,3 +72,17 @@ def test_an_allow_all_rule_is_one_range_and_deny_all_is_none(inventory) -> None:
     # every pod of shop; loadgen (load) and resolver (platform) are not selected
     assert got.allows == [] and got.ingress_isolated == ["frontend-1", "api-1", "db-1",
                                                          "cache-1", "auth-1"]
+
+
+def test_a_dual_stack_lab_gets_ip6tables_rules_for_the_ipv6_addresses(tmp_path) -> None:
+    p = make_plan("ewxdu", 3, 2, 4789, "dual")
+    p.state_dir = str(tmp_path)
+    (tmp_path / "workloads.yaml").write_text(yaml.safe_dump(workload_map(p)))
+    got = plan(p.inventory(), policies(DB))
+    v4, v6 = got.rules[("ewxdu-h3", 4)], got.rules[("ewxdu-h3", 6)]
+    assert "-A EW-I0-db-1 -s 10.244.2.11/32 -p tcp -m tcp --dport 5432 -j RETURN" in v4
+    assert "-A EW-I0-db-1 -s fd00:ee::2:11/128 -p tcp -m tcp --dport 5432 -j RETURN" in v6
+    assert "10.244." not in v6 and "fd00:" not in v4
+    # neighbour discovery passes before any pod chain (else no IPv6 address is ever resolved)
+    nd = "-A EW-POLICY -p ipv6-icmp -m icmp6 --icmpv6-type neighbour-solicitation -j ACCEPT"
+    assert v6.index(nd) < v6.index("-j EW-I0-db-1") and "icmp6" not in v4
