@@ -182,6 +182,7 @@ def probe() -> Capabilities:
                 caps.notes[h.name] = f"raw tracepoint arguments are {params}, not (struct sock *, ...)"
                 continue
         caps.hooks[h.name] = True
+    caps.checks.append(("skb:kfree_skb (--drops)", True, _drop_reasons()))
     tracefs = any(root.is_dir() for root in TRACEFS)
     caps.checks.append(("tracefs", tracefs, "mounted" if tracefs else
                         "mount -t tracefs nodev /sys/kernel/tracing"))
@@ -203,6 +204,24 @@ def probe() -> Capabilities:
     caps.checks.append(("kernel headers", build.exists(), str(build) if build.exists() else
                         f"{build} missing: bash scripts/setup-system.sh links the nearest ones"))
     return caps
+
+
+def _drop_reasons() -> str:
+    """What `--drops` (collector/drops) can say here; optional, so never a problem."""
+    from collector.drops.kernel import reasons
+
+    for root in TRACEFS:
+        fmt = root / "skb" / "kfree_skb" / "format"
+        try:
+            text = fmt.read_text()
+        except OSError:
+            continue
+        names = reasons(text)
+        if names:
+            return f"present with drop reasons ({len(names)} names, NETFILTER_DROP = " \
+                   f"{next((n for n, v in names.items() if v == 'NETFILTER_DROP'), '?')})"
+        return "present without a reason field (Linux < 5.17): drops counted as UNKNOWN"
+    return "missing: --drops cannot run"
 
 
 def table(caps: Capabilities, map_entries: int) -> str:

@@ -107,12 +107,19 @@ def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source
             sources.append(LiveVxlanSource(ctx, args))
         elif not wire:
             _say_no_underlay(args)
-    if args.dns:
+    if getattr(args, "dns", None):
         from collector.dns import DnsSource
 
         sources.append(DnsSource(ctx, dns_specs(args), interval=args.interval,
                                  idle_timeout=args.idle_timeout, query_timeout=args.dns_timeout,
                                  top_names=args.dns_top_names))
+    if getattr(args, "drops", False):
+        if getattr(args, "aggregator", None):
+            raise ConfigError("--drops", True, "the aggregator does not join drop records to "
+                              "connections yet: use it with --stdout or --output")
+        from collector.drops.source import drop_source
+
+        sources.append(drop_source(ctx, args))
     if not sources:
         raise ConfigError("sources", "none", "every source is disabled (--no-socket, --no-vxlan)")
     return sources

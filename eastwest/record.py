@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 
 # No "sockdiag": UDP sockets are seen by the eBPF socket probes (source "socket"); a value no
 # collector produced was dropped from the contract (docs/flow-record.md, "source")
-Source = Literal["socket", "vxlan", "wire", "pcap"]
+Source = Literal["socket", "vxlan", "wire", "pcap", "drops"]
 Observer = Literal["client", "server", "path"]
 Connect = Literal["ok", "refused", "timeout", "reset"]
 PROTOCOLS = frozenset({"tcp", "udp", "icmp", "icmpv6", "sctp", "gre", "esp", "other"})
@@ -136,6 +136,19 @@ class Tunnel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise RecordError("tunnel.vni", self.vni, "must be 0..16777215 (24 bits)")
         _check_ip("tunnel.outer_src", self.outer_src)
         _check_ip("tunnel.outer_dst", self.outer_dst)
+
+
+class Drop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Packets of the flow the kernel freed with one drop reason (`enum skb_drop_reason`, by its
+    name without the SKB_DROP_REASON_ prefix: `NETFILTER_DROP`, `NO_SOCKET`, ...)."""
+
+    reason: str
+    packets: Count
+
+    def __post_init__(self) -> None:
+        if not self.reason or not self.reason.replace("_", "").isalnum() or not self.reason.isupper():
+            raise RecordError("drops.reason", self.reason,
+                              "must be a kernel drop reason name (upper case, e.g. NETFILTER_DROP)")
 
 
 class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -245,6 +258,8 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     loopback: bool = False
     incomplete: list[str] = msgspec.field(default_factory=list)
     dns: DnsSummary | None = None  # a flow to or from port 53 that carried DNS
+    # packets of this flow the kernel dropped, by reason (source `drops`); None: not measured
+    drops: list[Drop] | None = None
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA_VERSION:

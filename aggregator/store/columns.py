@@ -32,6 +32,7 @@ import pyarrow as pa
 from eastwest.record import (
     Cgroup,
     DnsSummary,
+    Drop,
     Endpoint,
     FlowRecord,
     Process,
@@ -115,12 +116,22 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     tunnel_type: str | None = None
     tunnel_outer: list[Tunnel] | None = None
     dns: DnsSummary | None = None  # appended: the DNS a flow to a resolver carried
+    drops: list[Drop] | None = None  # appended: drop counts by reason (source `drops`)
 
 
-# `dns` is appended to a record's extra only when it has one: every other blob stays the
-# 12-element array the native batch decoder writes byte for byte (aggregator/store/ewwire.c,
-# which hands records with `dns` to Python, as those with `tunnel_outer`)
-_NO_EXTRA = (None,) * (len(Extra.__struct_fields__) - 1)
+# `dns` and `drops` are appended to a record's extra only when it has them (trailing Nones
+# left off: msgspec fills them in): every other blob stays the 12-element array the native
+# batch decoder writes byte for byte (aggregator/store/ewwire.c, which hands records with
+# `dns` or `drops` to Python, as those with `tunnel_outer`)
+_APPENDED = 2
+_NO_EXTRA = (None,) * (len(Extra.__struct_fields__) - _APPENDED)
+
+
+def _appended(r: FlowRecord) -> tuple[Any, ...]:
+    """The extra's appended fields of `r`, trailing Nones left off."""
+    if r.drops is not None:
+        return (r.dns, r.drops)
+    return (r.dns,) if r.dns is not None else ()
 _extra_dec = msgspec.msgpack.Decoder(Extra)
 _record_dec = msgspec.msgpack.Decoder(FlowRecord)
 
@@ -182,8 +193,7 @@ def _flat(records: Sequence[FlowRecord]) -> list[tuple[Any, ...]]:
              bool(inc := r.incomplete), u and u.type,
              (r.l3_bytes_c2s, r.l3_bytes_s2c, p and p.cmdline, (g := r.cgroup) and g.id,
               g and g.path, u and u.outer_dport, r.tcp_flags, r.client_workload,
-              r.server_workload, inc or None, None, r.tunnel_outer)
-             + ((r.dns,) if r.dns is not None else ()))
+              r.server_workload, inc or None, None, r.tunnel_outer) + _appended(r))
             for r in records]
 
 
@@ -259,7 +269,7 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
             tunnel_type or x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
             x.outer_dport),  # type: ignore[arg-type]
-        tunnel_outer=x.tunnel_outer, dns=x.dns,
+        tunnel_outer=x.tunnel_outer, dns=x.dns, drops=x.drops,
         client_workload=x.client_workload, server_workload=x.server_workload,
         tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
 

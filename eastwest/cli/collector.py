@@ -23,6 +23,8 @@ examples:
                                                   connections and the DNS of one lab pod (api)
   eastwest collector --geneve-port 6081 --geneve-port 6082 --pcap ovn.pcap --stdout
   eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
+  eastwest collector --drops --no-socket --no-vxlan --stdout --netns ewlab-h1
+                                                  packets the kernel drops, with its reason
                                                   collector id HOST-ewlab-h2, its own spool
 
 Records are one per connection per interval (final=false while alive, final=true at the end),
@@ -48,6 +50,10 @@ def register(sub: Any) -> None:
                    help="print the kernel capability table and exit 0 (all needed present) or 1")
     g.add_argument("--no-socket", action="store_true", help="do not load the eBPF socket probes")
     g.add_argument("--no-vxlan", action="store_true", help="do not capture VXLAN on the underlay")
+    g.add_argument("--drops", action="store_true",
+                   help="also count the packets the kernel drops (skb:kfree_skb), per flow and "
+                   "drop reason: records of source `drops` (docs/policy.md, \"Drops\"); with "
+                   "--stdout or --output (the aggregator does not join them to connections yet)")
     g.add_argument("--pcap", metavar="FILE", action="append", default=[],
                    help="read a pcap/pcapng capture instead of live sources, then exit (repeatable)")
     g.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")

@@ -15,6 +15,8 @@ examples:
   eastwest lab up --services                       ClusterIPs, a NodePort, kube-proxy-style DNAT/SNAT
   eastwest lab traffic --duration 10 --truth t.jsonl
   eastwest lab status
+  eastwest lab policy apply shop-policies.yaml    enforce NetworkPolicies with iptables
+  eastwest lab policy remove
   eastwest lab down
 
 Hosts are namespaces <name>-hN joined by a bridge in <name>-fab; pods are namespaces
@@ -66,10 +68,71 @@ def register(sub: Any) -> None:
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(func=_status)
 
+    pol = lsub.add_parser("policy", help="enforce NetworkPolicies in the lab hosts with iptables",
+                          description="Enforce Kubernetes NetworkPolicies in the lab's hosts with "
+                          "iptables (br_netfilter + physdev chains, as iptables-based policy "
+                          "engines do), to try a suggested policy. See docs/policy.md.",
+                          epilog=POLICY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    psub = pol.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
+    pa = psub.add_parser("apply", help="replace what the lab enforces by the policies of FILE...",
+                         description="Replace the policy the lab enforces by the NetworkPolicies "
+                         "of FILE... (checked like `eastwest policy check` checks them).",
+                         epilog=POLICY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(pa)
+    pa.add_argument("files", nargs="+", metavar="FILE",
+                    help="NetworkPolicy YAML (one or more documents, or a List; - for stdin)")
+    pa.add_argument("--show-rules", action="store_true",
+                    help="also print the iptables-restore text of every host")
+    pa.set_defaults(func=_policy_apply)
+    pr = psub.add_parser("remove", help="stop enforcing: remove the lab's policy chains")
+    common(pr)
+    pr.set_defaults(func=_policy_remove)
+
     dn = lsub.add_parser("down", help="remove every namespace, link and process of the lab")
     common(dn)
     dn.add_argument("--all", action="store_true", help="remove every eastwest lab on this machine")
     dn.set_defaults(func=_down)
+
+
+POLICY_EPILOG = """\
+examples:
+  eastwest policy suggest --namespace shop > shop.yaml && eastwest lab policy apply shop.yaml
+  eastwest lab policy apply deny-all.yaml allow-api.yaml     several files are one set
+  eastwest lab policy remove
+
+A pod a policy selects is isolated (ingress on its host, egress on its client's host); what the
+policies allow (eastwest/policy/semantics.py) becomes RETURN rules, the rest is dropped: a
+blocked TCP connect is a SYN retransmitted until its timeout, dropped with the kernel reason
+NETFILTER_DROP. Established connections are not judged again. Prints the allowed pod pairs."""
+
+
+def _policy_apply(args: argparse.Namespace) -> int:
+    from eastwest.lab import Lab
+    from eastwest.lab import policy as labpolicy
+    from eastwest.policy.load import load_files
+
+    policies = load_files(args.files)  # a bad file fails before the lab is touched
+    lab = Lab.open(args.name)
+    p = labpolicy.apply(lab.inventory, policies)
+    print(f"{'CLIENT':14} {'SERVER':14} {'PROTOCOL':8} PORTS")
+    for a in p.allows:
+        print(f"{a.client:14} {a.server:14} {a.protocol:8} {a.ports}")
+    if args.show_rules:
+        for (netns, fam), text in sorted(p.rules.items()):
+            print(f"# {netns} IPv{fam}\n{text}")
+    print(f"lab {args.name}: {len(policies)} policies; {len(p.ingress_isolated)} pods isolated for "
+          f"ingress, {len(p.egress_isolated)} for egress; {len(p.allows)} allowed pod pairs and "
+          "port ranges", file=sys.stderr)
+    return 0
+
+
+def _policy_remove(args: argparse.Namespace) -> int:
+    from eastwest.lab import Lab
+    from eastwest.lab import policy as labpolicy
+
+    n = labpolicy.remove(Lab.open(args.name).inventory)
+    print(f"lab {args.name}: removed {n} policy chains", file=sys.stderr)
+    return 0
 
 
 def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]

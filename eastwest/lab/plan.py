@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from eastwest.errors import ConfigError
 
@@ -144,15 +145,59 @@ class LabPlan:
                                   "kind": s.kind} for s in SERVICES},
             "dead_port": DEAD_PORT,
             "workload_map": f"{self.state_dir}/workloads.yaml" if self.state_dir else None,
-            **({"cluster_services": _cluster_services(self)} if self.services else {}),
+            **({"cluster_services": cluster_services(self)} if self.services else {}),
             **self.extra,
         }
 
 
-def _cluster_services(plan: LabPlan) -> list[dict[str, object]]:
-    from eastwest.lab.services import cluster_services
+# Kubernetes-style Services (`lab up --services`; eastwest/lab/services.py programs them)
+SERVICE_CIDR = "10.96.0.0/16"
+CLUSTER_IP_BASE = 10  # frontend 10.96.0.10, api 10.96.0.11, ... in SERVICES order
+SERVICE_PORT = {"frontend": 80}  # port -> targetPort differs here (80 -> 8080); else the same
+NODE_PORT = {"frontend": 30080}
 
-    return cluster_services(plan)
+
+def check(plan: LabPlan) -> None:
+    """A plan that cannot hold the Services the lab promises is refused, naming the flag."""
+    if plan.ip_family != "ipv4":
+        raise ConfigError("--ip-family", plan.ip_family, "--services needs ipv4 (ClusterIPs are "
+                          f"IPv4, from {SERVICE_CIDR})")
+    if len(plan.hosts) < 3:
+        raise ConfigError("--hosts", len(plan.hosts), "--services needs at least 3 hosts (a "
+                          "NodePort call crosses client host, NAT host and server host)")
+    multi = [s.name for s in SERVICES if len({p.host for p in plan.pods if p.service == s.name}) > 1]
+    if len(multi) < 2:
+        raise ConfigError("--pods-per-host", (len(plan.pods) - 1) // len(plan.hosts),
+                          "--services needs at least 2 services with backends on 2 hosts: "
+                          f"hosts x pods-per-host >= {len(SERVICES) + 2}")
+    if not any(s["node_port"] for s in cluster_services(plan)):
+        raise ConfigError("--pods-per-host", (len(plan.pods) - 1) // len(plan.hosts),
+                          "--services needs a frontend pod on neither h1 nor a middle host, "
+                          "for the NodePort: add pods per host")
+
+
+def cluster_services(plan: LabPlan) -> list[dict[str, Any]]:
+    """The lab's Services: name, ClusterIP, port, targetPort, protocol, backends, NodePort."""
+    client_host = plan.pods[0].host  # the load generator's
+    out = []
+    for i, s in enumerate(SERVICES):
+        backends = [{"pod": p.name, "ip": p.ip, "port": s.port, "host": p.host}
+                    for p in plan.pods if p.service == s.name]
+        svc: dict[str, Any] = {
+            "name": s.name, "namespace": s.namespace, "protocol": s.protocol,
+            "cluster_ip": f"10.96.0.{CLUSTER_IP_BASE + i}", "port": SERVICE_PORT.get(s.name, s.port),
+            "target_port": s.port, "backends": backends, "node_port": None,
+        }
+        for middle in (h for h in plan.hosts if h.name != client_host and s.name in NODE_PORT):
+            far = [b for b in backends if b["host"] not in (middle.name, client_host)]
+            if far:
+                svc["node_port"] = {"port": NODE_PORT[s.name], "host": middle.name,
+                                    "ip": middle.underlay_ip, "backends": far}
+                break
+        out.append(svc)
+    return out
+
+
 
 
 def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
@@ -192,8 +237,6 @@ def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
     plan = LabPlan(name=name, hosts=host_plans, pods=pods, vxlan_port=vxlan_port,
                    ip_family=ip_family, services=services)
     if services:
-        from eastwest.lab.services import check
-
         check(plan)
     return plan
 

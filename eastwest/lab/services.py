@@ -42,38 +42,15 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
-from eastwest.errors import ConfigError, LabError
-from eastwest.lab.plan import SERVICES, LabPlan
+from eastwest.errors import LabError
+from eastwest.lab.plan import SERVICE_CIDR, LabPlan, cluster_services
 from eastwest.lab.topology import Progress, sh
 
-SERVICE_CIDR = "10.96.0.0/16"
-CLUSTER_IP_BASE = 10  # frontend 10.96.0.10, api 10.96.0.11, ... in SERVICES order
-SERVICE_PORT = {"frontend": 80}  # port -> targetPort differs here (80 -> 8080); else the same
-NODE_PORT = {"frontend": 30080}
 MASQ_MARK = "0x4000/0x4000"
 NODE_REPLY_TABLE = 100  # routing table (and rule preference) of replies sent from a node's address  # kube-proxy's masquerade mark
 HOST_SYSCTLS = ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1",
                 "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0",
                 "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
-
-
-def check(plan: LabPlan) -> None:
-    """A plan that cannot hold the Services the lab promises is refused, naming the flag."""
-    if plan.ip_family != "ipv4":
-        raise ConfigError("--ip-family", plan.ip_family, "--services needs ipv4 (ClusterIPs are "
-                          f"IPv4, from {SERVICE_CIDR})")
-    if len(plan.hosts) < 3:
-        raise ConfigError("--hosts", len(plan.hosts), "--services needs at least 3 hosts (a "
-                          "NodePort call crosses client host, NAT host and server host)")
-    multi = [s.name for s in SERVICES if len({p.host for p in plan.pods if p.service == s.name}) > 1]
-    if len(multi) < 2:
-        raise ConfigError("--pods-per-host", (len(plan.pods) - 1) // len(plan.hosts),
-                          "--services needs at least 2 services with backends on 2 hosts: "
-                          f"hosts x pods-per-host >= {len(SERVICES) + 2}")
-    if not any(s["node_port"] for s in cluster_services(plan)):
-        raise ConfigError("--pods-per-host", (len(plan.pods) - 1) // len(plan.hosts),
-                          "--services needs a frontend pod on neither h1 nor a middle host, "
-                          "for the NodePort: add pods per host")
 
 
 def gateway(host_index: int) -> str:
@@ -82,28 +59,6 @@ def gateway(host_index: int) -> str:
 
 def bridge_mac(host_index: int) -> str:
     return f"02:ee:00:00:{host_index:02x}:fe"  # pod slots stop at 50 (0x32)
-
-
-def cluster_services(plan: LabPlan) -> list[dict[str, Any]]:
-    """The lab's Services: name, ClusterIP, port, targetPort, protocol, backends, NodePort."""
-    client_host = plan.pods[0].host  # the load generator's
-    out = []
-    for i, s in enumerate(SERVICES):
-        backends = [{"pod": p.name, "ip": p.ip, "port": s.port, "host": p.host}
-                    for p in plan.pods if p.service == s.name]
-        svc: dict[str, Any] = {
-            "name": s.name, "namespace": s.namespace, "protocol": s.protocol,
-            "cluster_ip": f"10.96.0.{CLUSTER_IP_BASE + i}", "port": SERVICE_PORT.get(s.name, s.port),
-            "target_port": s.port, "backends": backends, "node_port": None,
-        }
-        for middle in (h for h in plan.hosts if h.name != client_host and s.name in NODE_PORT):
-            far = [b for b in backends if b["host"] not in (middle.name, client_host)]
-            if far:
-                svc["node_port"] = {"port": NODE_PORT[s.name], "host": middle.name,
-                                    "ip": middle.underlay_ip, "backends": far}
-                break
-        out.append(svc)
-    return out
 
 
 def _chain(prefix: str, *parts: str) -> str:

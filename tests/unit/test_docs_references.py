@@ -73,7 +73,9 @@ OTHER_PROGRAMS = {"--from-literal": "kubectl", "--patch-file": "kubectl", "--now
                   "--mode": "iptables (-m statistic --mode nth)",
                   "--probability": "iptables (-m statistic --probability)",
                   "--dst-type": "iptables (-m addrtype --dst-type LOCAL)",
-                  "--network": "podman build (--network none)"}
+                  "--network": "podman build (--network none)",
+                  "--physdev-in": "iptables (-m physdev, docs/policy.md)",
+                  "--physdev-out": "iptables (-m physdev, docs/policy.md)"}
 
 
 def test_every_flag_the_docs_name_is_a_flag_of_eastwest():

@@ -8,8 +8,8 @@ import pytest
 
 from eastwest.errors import ConfigError
 from eastwest.lab.app import Dial, parse_proxy, proxy_line
-from eastwest.lab.plan import make_plan
-from eastwest.lab.services import check, cluster_services, ruleset
+from eastwest.lab.plan import check, cluster_services, make_plan
+from eastwest.lab.services import ruleset
 
 
 def placement(plan):

@@ -19,6 +19,7 @@ from eastwest import codec
 from eastwest.record import (
     TCP_FLAG_NAMES,
     Cgroup,
+    Drop,
     Endpoint,
     FlowRecord,
     Process,
@@ -85,6 +86,20 @@ def test_every_record_comes_back_field_for_field(tmp_path_factory, data):
     assert back == sorted(batch, key=key)
     # the public JSON form too (times in UTC with Z, None vs [] kept apart)
     assert [codec.to_json(r) for r in back] == [codec.to_json(r) for r in sorted(batch, key=key)]
+    store.close()
+
+
+def test_a_record_with_drops_comes_back_with_them(tmp_path):
+    """`drops` (issue 21) is stored in `extra`: a drop flow and a connection with drops."""
+    syn = FlowRecord(record_id="node-1:7", collector="node-1", source="drops", start=T0, end=T0,
+                     final=True, protocol="tcp", family=4, client=Endpoint("10.0.0.1", 40000),
+                     server=Endpoint("10.0.0.2", 5432), observer="path",
+                     drops=[Drop("NETFILTER_DROP", 3)])
+    both = full_record().replace(drops=[Drop("NO_SOCKET", 1), Drop("TCP_CSUM", 2)])
+    store = DuckDBStore(tmp_path)
+    store.ingest("node-1", 1, [syn, both])
+    assert sorted(store.records(), key=lambda r: r.record_id) == sorted([syn, both],
+                                                                      key=lambda r: r.record_id)
     store.close()
 
 

@@ -139,7 +139,7 @@ def wide_records(draw, n: int) -> FlowRecord:
 
 def deferred_by_design(r: FlowRecord) -> bool:
     """What the native decoder leaves to msgspec on purpose: odd IPv6 forms, nested tunnels."""
-    return odd_ipv6(r) or r.tunnel_outer is not None
+    return odd_ipv6(r) or r.tunnel_outer is not None or r.drops is not None
 
 
 def odd_ipv6(r: FlowRecord) -> bool:
@@ -292,6 +292,11 @@ MUTATIONS: dict[str, Any] = {
     "tunnel outer bad": _mut(tunnel_outer=[{"type": "vxlan", "vni": 2**24,
                                             "outer_src": "192.0.2.1", "outer_dst": "192.0.2.2",
                                             "outer_dport": 4789}]),
+    "drops nil": _mut(drops=None),
+    "drops": _mut(drops=[{"reason": "NETFILTER_DROP", "packets": 3}]),
+    "drops bad reason": _mut(drops=[{"reason": "netfilter drop", "packets": 3}]),
+    "drops negative": _mut(drops=[{"reason": "NO_SOCKET", "packets": -1}]),
+    "source drops": _mut(source="drops"),
     "rtt min > avg": _mut(rtt_us__min=30),
     "rtt as list": _mut(rtt_us=[1, 2, 3]),
     "client as list": _mut(client=["10.0.0.1", 1]),
@@ -386,7 +391,7 @@ NATIVE_OK = {
     "workload labels left out", "workload kind nil", "end in 9999", "start 96-bit", "ip v4 ok",
     "outer ip v6", "int64 schema", "uint16 port", "str8 short comm", "str16 short ip",
     "map16 rtt", "array16 flags", "tunnel type geneve", "tunnel type gpe", "source wire",
-    "tunnel outer nil"}
+    "tunnel outer nil", "drops nil"}
 
 
 @SETTINGS
