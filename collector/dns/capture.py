@@ -27,11 +27,10 @@ import struct
 import time
 from collections.abc import Iterator
 
-from collector.vxlan.capture import _setns
+from collector.vxlan.capture import attach_filter, in_netns
 from eastwest.errors import CaptureError, ConfigError
 
 ETH_P_ALL = 0x0003
-SO_ATTACH_FILTER = 26
 PACKET_HOST, PACKET_OUTGOING = 0, 4
 SKF_AD_PROTOCOL = -0x1000 + 0
 SKF_NET_OFF = -0x100000
@@ -132,40 +131,17 @@ class DnsCapture:
         self.netns = netns or None
         self.ifname = ifname or None
         self._prog: ctypes.Array[ctypes.c_char] | None = None
-        self.sock = self._in_netns(self._open)
+        with in_netns(self.netns, self.spec):
+            self.sock = self._open()
         self.sock.setblocking(False)
         self.addresses: set[str] = set()
         self._addresses_at = -ADDRESS_REFRESH_S
         self.refresh_addresses()
 
-    def _in_netns(self, fn):  # type: ignore[no-untyped-def]
-        own = None
-        if self.netns:
-            path = self.netns if self.netns.startswith("/") else f"/run/netns/{self.netns}"
-            try:
-                target = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise CaptureError(self.spec, f"no network namespace {path}: {exc.strerror}") from exc
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-            try:
-                _setns(target, self.spec)
-            finally:
-                os.close(target)
-        try:
-            return fn()
-        finally:
-            if own is not None:
-                _setns(own, "root namespace")
-                os.close(own)
-
     def _open(self) -> socket.socket:
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-            code = dns_filter()
-            raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
-            self._prog = prog = ctypes.create_string_buffer(raw)  # kept: the kernel copies it
-            fprog = struct.pack("HL", len(code), ctypes.addressof(prog))
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            self._prog = attach_filter(sock, dns_filter())
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             # protocol 0 until now: nothing arrived unfiltered. Bound to one interface, or
             # (ifindex 0, which Python's bind cannot name) to every interface of the namespace
@@ -189,7 +165,8 @@ class DnsCapture:
                 return {str(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
                         for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS")}
 
-        self.addresses = self._in_netns(read)
+        with in_netns(self.netns, self.spec):
+            self.addresses = read()
 
     def fileno(self) -> int:
         return self.sock.fileno()

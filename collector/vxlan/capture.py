@@ -25,6 +25,8 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +97,42 @@ def _setns(fd: int, what: str) -> None:
         raise CaptureError(what, f"setns failed: {os.strerror(err)}")
 
 
+@contextmanager
+def in_netns(netns: str | None, spec: str) -> Iterator[None]:
+    """The body runs in network namespace `netns` (a name under /run/netns, or a path; None:
+    where it is), this thread only, and the thread comes back after it. Errors name `spec`."""
+    if not netns:
+        yield
+        return
+    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+    try:
+        target = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CaptureError(spec, f"no network namespace {path}: {exc.strerror}") from exc
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(target, spec)
+    except CaptureError:
+        os.close(own)
+        raise
+    finally:
+        os.close(target)
+    try:
+        yield
+    finally:
+        _setns(own, "root namespace")
+        os.close(own)
+
+
+def attach_filter(sock: socket.socket, code: list[tuple[int, int, int, int]]) -> ctypes.Array:
+    """Attach classic BPF `code` to `sock`; the program's buffer, which the caller keeps."""
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
+    prog = ctypes.create_string_buffer(raw)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    struct.pack("HL", len(code), ctypes.addressof(prog)))
+    return prog
+
+
 @dataclass
 class Block:
     """Packets received since the last block: one buffer, per-packet offset/length/time."""
@@ -142,48 +180,29 @@ class UnderlayCapture:
         self.kernel_drops = 0
 
     def _open(self, netns: str, ifname: str, ports: tuple[int, ...] | None) -> socket.socket:
-        own = None
-        if netns:
-            path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+        with in_netns(netns, self.spec):
             try:
-                target = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise CaptureError(self.spec, f"no network namespace {path}: {exc.strerror}") from exc
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-            try:
-                _setns(target, self.spec)
-            finally:
-                os.close(target)
-        try:
-            # protocol 0: no packet reaches the socket before bind, so none from another
-            # interface, none unfiltered, none outside the ring
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            if ports is not None:
-                code = kernel_filter(ports)
-                raw = b"".join(struct.pack("HBBI", *ins) for ins in code)
-                self._prog = ctypes.create_string_buffer(raw)
-                fprog = struct.pack("HL", len(code), ctypes.addressof(self._prog))
-                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-            if self._lib is not None:
-                err = ctypes.c_int(0)
-                self._ring = self._lib.ew_ring_new(sock.fileno(), RING_BLOCK, RING_BLOCKS,
-                                                   RING_TIMEOUT_MS, ctypes.byref(err))
+                # protocol 0: no packet reaches the socket before bind, so none from another
+                # interface, none unfiltered, none outside the ring
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                if ports is not None:
+                    self._prog = attach_filter(sock, kernel_filter(ports))
+                if self._lib is not None:
+                    err = ctypes.c_int(0)
+                    self._ring = self._lib.ew_ring_new(sock.fileno(), RING_BLOCK, RING_BLOCKS,
+                                                       RING_TIMEOUT_MS, ctypes.byref(err))
+                    if not self._ring:
+                        log.info("%s: no TPACKET_V3 ring (%s), reading with recv", self.spec,
+                                 os.strerror(err.value))
                 if not self._ring:
-                    log.info("%s: no TPACKET_V3 ring (%s), reading with recv", self.spec,
-                             os.strerror(err.value))
-            if not self._ring:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
-            sock.bind((ifname, ETH_P_ALL))
-            hatype = sock.getsockname()[3]
-        except OSError as exc:
-            raise CaptureError(self.spec, f"cannot capture: {exc.strerror or exc}") from exc
-        finally:
-            if own is not None:
-                _setns(own, "root namespace")
-                os.close(own)
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+                    except OSError:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+                sock.bind((ifname, ETH_P_ALL))
+                hatype = sock.getsockname()[3]
+            except OSError as exc:
+                raise CaptureError(self.spec, f"cannot capture: {exc.strerror or exc}") from exc
         if hatype not in ARPHRD_LINKTYPES:
             self.close_socket(sock)
             raise CaptureError(self.spec, f"link type ARPHRD {hatype} is not decoded (Ethernet, "
