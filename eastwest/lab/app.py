@@ -262,17 +262,13 @@ class App:
         msg = f"Q {resp_size} {pad}\n".encode() + b"q" * pad
         if dial and dial.via:
             msg = proxy_line("UDP4", address(self.pod, family), cport, dial) + msg
-        outcome, recv = "ok", 0
+        outcome, answer = "ok", b""
         try:
-            s.send(msg)
-            recv = len(s.recv(65536))
-        except ConnectionRefusedError:
-            outcome = "refused"
-        except TimeoutError:
-            outcome = "timeout"
+            outcome, answer = _exchange(s, msg)
         finally:
             s.close()
-            self._truth(server, port, "udp", family, cport, len(msg), recv, start, outcome, dial)
+            self._truth(server, port, "udp", family, cport, len(msg), len(answer), start,
+                        outcome, dial)
         return outcome
 
     def dns_lookup(self, name: str, family: int = 4) -> labdns.Lookup:
@@ -285,14 +281,8 @@ class App:
         cport = s.getsockname()[1]
         query = labdns.make_query(name, family)
         wire = query.to_wire()
-        outcome, response = "ok", b""
         try:
-            s.send(wire)
-            response = s.recv(65536)
-        except ConnectionRefusedError:
-            outcome = "refused"
-        except TimeoutError:
-            outcome = "timeout"
+            outcome, response = _exchange(s, wire)
         finally:
             s.close()
         lookup = labdns.read_response(query, wire, response)
@@ -595,6 +585,17 @@ def _read_exact(rfile: Any, n: int) -> int:
             break
         got += len(chunk)
     return got
+
+
+def _exchange(s: socket.socket, datagram: bytes) -> tuple[str, bytes]:
+    """One datagram out on a connected UDP socket and its answer: (outcome, answer bytes)."""
+    try:
+        s.send(datagram)
+        return "ok", s.recv(65536)
+    except ConnectionRefusedError:
+        return "refused", b""
+    except TimeoutError:
+        return "timeout", b""
 
 
 def _recv_exact(s: socket.socket, n: int) -> int:
