@@ -226,6 +226,21 @@ static __always_inline void udp_refused(u64 sk) {
         udp_account(sk, &k, 1, 0, 0, 1);
 }
 
+// The peer of one datagram: the address its call gave at `uaddr` (0: none), else the socket's
+// connected peer. 0, counted as a miss, when the address cannot be read or there is neither.
+static __always_inline int udp_peer(u64 sk, u64 uaddr, struct udp_key_t *k) {
+    int have = user_peer(uaddr, k);
+    if (have < 0) {
+        udp_miss(sk, STAT_UDP_BAD_ADDR);
+        return 0;
+    }
+    if (!have && !sk_peer(sk, k)) {
+        udp_miss(sk, STAT_UDP_NO_PEER);
+        return 0;
+    }
+    return 1;
+}
+
 // sock_send_length on a socket that is no TCP connection we track.
 static __always_inline void udp_sent(u64 sk, int ret) {
     if (!udp_sock(sk))
@@ -239,26 +254,18 @@ static __always_inline void udp_sent(u64 sk, int ret) {
     u64 id = bpf_get_current_pid_tgid();
     struct udp_call_t *call = udp_calls.lookup(&id);
     struct udp_key_t k = {};
-    int have = 0;
+    u64 uaddr = 0;
     if (call && call->kind <= CALL_SENDMMSG) {
-        u64 uaddr = call->arg;
+        uaddr = call->arg;
         if (call->kind == CALL_SENDMMSG) {
             uaddr = msg_name(call->arg + (u64)call->idx * OFF_MMSG_SIZE + OFF_MMSG_HDR);
             call->idx += 1;
         } else if (call->kind == CALL_SENDMSG) {
             uaddr = msg_name(call->arg);
         }
-        have = user_peer(uaddr, &k);
-        if (have < 0) {
-            udp_miss(sk, STAT_UDP_BAD_ADDR);
-            return;
-        }
     }
-    if (!have && !sk_peer(sk, &k)) {
-        udp_miss(sk, STAT_UDP_NO_PEER);
-        return;
-    }
-    udp_account(sk, &k, 1, (u64)ret, 1, 0);
+    if (udp_peer(sk, uaddr, &k))
+        udp_account(sk, &k, 1, (u64)ret, 1, 0);
 }
 
 // sock_recv_length on a socket that is no TCP connection we track.
@@ -309,16 +316,8 @@ static __always_inline void udp_exit(void) {
 // One received datagram whose address the kernel wrote at `uaddr` (0: none).
 static __always_inline void udp_recv_one(u64 sk, u64 uaddr, u64 len) {
     struct udp_key_t k = {};
-    int have = user_peer(uaddr, &k);
-    if (have < 0) {
-        udp_miss(sk, STAT_UDP_BAD_ADDR);
-        return;
-    }
-    if (!have && !sk_peer(sk, &k)) {
-        udp_miss(sk, STAT_UDP_NO_PEER);
-        return;
-    }
-    udp_account(sk, &k, 0, len, 1, 0);
+    if (udp_peer(sk, uaddr, &k))
+        udp_account(sk, &k, 0, len, 1, 0);
 }
 
 static __always_inline void udp_recv_exit(long ret) {
