@@ -42,11 +42,15 @@ class NativeSpec:
         return f"lib{self.name}.so"
 
     def source_digest(self) -> str:
-        """CRC-32 of the compiler flags and the sources: what a build must have been made from."""
+        """CRC-32 of the compiler flags and the sources: what a build must have been made from.
+        FileNotFoundError naming the first missing source (an install that ships no C)."""
         crc = zlib.crc32(" ".join(self.cflags).encode())
         for name in self.sources:
             crc = zlib.crc32((self.here / name).read_bytes(), crc)
         return f"{crc:08x}"
+
+    def sources_present(self) -> bool:
+        return all((self.here / name).is_file() for name in self.sources)
 
     def default_path(self) -> Path:
         """Where setup builds the library: inside the environment (venv), not the source tree."""
@@ -73,6 +77,8 @@ class NativeSpec:
         except AttributeError as exc:
             return None, f"{path} lacks a function: {exc}"
         built = lib.ew_source_digest().decode()
+        if not self.sources_present():
+            return lib, None  # an install without the C sources: its build is all there is
         if built != self.source_digest():
             return None, (f"{path} was built from other sources (digest {built}, sources "
                           f"{self.source_digest()}): rebuild with `python -m {self.build_module}`")
@@ -110,6 +116,10 @@ def build(spec: NativeSpec, output: Path | None = None, *, force: bool = False,
     `defines` (NAME=VALUE) are for tests only. RuntimeError when there is no compiler or the
     compiler fails (its output included)."""
     output = output or spec.default_path()
+    if not spec.sources_present():
+        missing = [n for n in spec.sources if not (spec.here / n).is_file()]
+        raise RuntimeError(f"cannot build lib{spec.name}.so: its C sources are not installed "
+                           f"({', '.join(missing)} missing in {spec.here})")
     digest = spec.source_digest()
     if not force and output.exists() and built_digest(output) == digest:
         return output
