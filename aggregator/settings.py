@@ -112,9 +112,11 @@ class AggregatorSettings:
         if not 0 <= self.identity_settle_s <= 3600:
             raise ConfigError("--identity-settle", self.identity_settle_s,
                               "must be between 0 and 3600 seconds")
-        if self.correlation_backlog < 1:
+        if self.correlation_backlog < self.max_batch_records:
             raise ConfigError("--correlation-backlog", self.correlation_backlog,
-                              "must be at least 1")
+                              f"must hold at least one whole batch (--max-batch-records "
+                              f"{self.max_batch_records}): a larger batch could never be admitted "
+                              "and its collector would retry it forever")
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
         _positive_seconds("--nats-ack-wait", self.nats_ack_wait_s)

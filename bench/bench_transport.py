@@ -154,7 +154,9 @@ def main() -> int:
         if args.sustained:
             stack = Stack(root / "data-steady", listen=f"127.0.0.1:{free_port()}")
             try:
-                stack.start_aggregator(extra=["--correlation-backlog", str(args.backlog)])
+                stack.start_aggregator(extra=["--correlation-backlog", str(args.backlog),
+                                             "--max-batch-records",
+                                             str(min(args.backlog, 100_000))])
                 token = stack.tokens["EASTWEST_INGEST_TOKEN"]
                 recs = make_records(args.sustained, "bench-steady")
                 t0 = time.perf_counter()
