@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -174,7 +175,9 @@ def test_systemd_units_verify(tmp_path):
     verified with the install path replaced by this checkout's `eastwest`."""
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing (Debian package systemd)"
-    exe = shutil.which("eastwest") or str(Path(__file__).resolve().parents[2] / ".venv/bin/eastwest")
+    # the running interpreter's environment holds the `eastwest` script (a worktree has no .venv)
+    exe = str(Path(sys.executable).parent / "eastwest")
+    assert Path(exe).is_file(), f"{exe} is missing: install the package into this environment"
     units = []
     for unit in sorted((ROOT / "systemd").glob("*.service")):
         text = unit.read_text().replace("/opt/eastwest/bin/eastwest", exe)
