@@ -1,7 +1,7 @@
 """DNS capture: one packet socket per watched network namespace, filtered in the kernel to port 53.
 
 Stage: input of `DnsSource`. In: a namespace (`NETNS`: every interface of it) or one interface
-(`NETNS/IF`, or `IF` in the collector's own namespace).  Out: DNS packets as the CLIENT's
+(`NETNS/IF`, or `/IF` in the collector's own namespace).  Out: DNS packets as the CLIENT's
 namespace saw them: (time, protocol, family, src, sport, dst, dport, payload).
 
 The socket (packet(7), SOCK_DGRAM: frames without their link header, any link type) carries a
@@ -36,6 +36,8 @@ SKF_AD_PROTOCOL = -0x1000 + 0
 SKF_NET_OFF = -0x100000
 ADDRESS_REFRESH_S = 10.0
 SNAP = 65535
+SO_TIMESTAMPNS = 35  # asm-generic/socket.h (SO_TIMESTAMPNS_OLD: a struct timespec of longs)
+_TIMESPEC = struct.Struct("@ll")
 
 # classic BPF (linux/bpf_common.h)
 LD_H_ABS, LD_B_ABS, LD_H_IND = 0x28, 0x30, 0x48
@@ -120,13 +122,24 @@ def _bind_all(sock: socket.socket) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def packet_time_us(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The SCM_TIMESTAMPNS of a received packet in µs since the epoch; the time now when the
+    kernel gave none."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            if sec > 0:
+                return sec * 1_000_000 + nsec // 1000
+    return time.time_ns() // 1000
+
+
 class DnsCapture:
     """The packet socket of one namespace or interface (see the module doc)."""
 
     def __init__(self, spec: str, flag: str = "--dns") -> None:
         self.spec, self.flag = spec, flag
         netns, sep, ifname = spec.partition("/")
-        if not spec or (sep and not (netns and ifname)):
+        if not spec or (sep and not ifname):  # NETNS, NETNS/IF, or /IF (this namespace's)
             raise ConfigError(flag, spec, "expected NETNS, NETNS/IF or /IF")
         self.netns = netns or None
         self.ifname = ifname or None
@@ -143,6 +156,9 @@ class DnsCapture:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
             self._prog = attach_filter(sock, dns_filter())
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            # the kernel's time of each packet: a query and its answer read in one go (a busy
+            # collector) keep the latency between them, not the time of the read
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             # protocol 0 until now: nothing arrived unfiltered. Bound to one interface, or
             # (ifindex 0, which Python's bind cannot name) to every interface of the namespace
             if self.ifname:
@@ -173,14 +189,14 @@ class DnsCapture:
 
     def packets(self, max_packets: int = 4096) -> Iterator[tuple[int, Packet]]:
         """What the socket holds now (non-blocking): (time µs, decoded packet) of the client's
-        view (the module doc)."""
+        view (the module doc). The time is the kernel's, when the packet passed the interface."""
         mine = self.addresses
         for _ in range(max_packets):
             try:
-                data, addr = self.sock.recvfrom(SNAP)
+                data, anc, _, addr = self.sock.recvmsg(SNAP, 64)
             except BlockingIOError:
                 return
-            ts = time.time_ns() // 1000
+            ts = packet_time_us(anc)
             pkttype = addr[2]
             d = decode(data, addr[1])
             if d is None:
