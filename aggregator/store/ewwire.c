@@ -429,9 +429,9 @@ enum {
     F_CLIENT, F_SERVER, F_OBSERVER, F_BYTES_C2S, F_BYTES_S2C, F_PACKETS_C2S, F_PACKETS_S2C,
     F_L3_C2S, F_L3_S2C, F_CONNECT, F_RETRANSMITS, F_RESETS, F_RTT, F_PROCESS, F_NETNS, F_CGROUP,
     F_CONTAINER, F_TUNNEL, F_CW, F_SW, F_TCP_FLAGS, F_LOOPBACK, F_INCOMPLETE, F_TUNNEL_OUTER, F_DNS,
-    F_DROPS, F_N
+    F_DROPS, F_NAT, F_N
 };
-static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer"), L("dns"), L("drops")};
+static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer"), L("dns"), L("drops"), L("nat")};
 #define REQUIRED ((1ULL << F_RECORD_ID) | (1ULL << F_COLLECTOR) | (1ULL << F_SOURCE) | \
                   (1ULL << F_START) | (1ULL << F_END) | (1ULL << F_FINAL) | \
                   (1ULL << F_PROTOCOL) | (1ULL << F_FAMILY) | (1ULL << F_CLIENT) | \
@@ -737,6 +737,9 @@ static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
         case F_DROPS: /* drop counts (source "drops") are rare too: Python decodes them */
             if (!is_nil(r)) return 0;
             break;
+        case F_NAT: /* translated connections (Service calls): Python decodes them */
+            if (!is_nil(r)) return 0;
+            break;
         }
         (void)s;
     }
@@ -856,8 +859,8 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
            (w->has_sw ? w_workload(o, &w->sw, end) : w_byte(o, 0xc0)) &&
            (w->nincomplete ? w_str_list(o, w->incomplete, w->nincomplete, end) : w_byte(o, 0xc0)) &&
            w_byte(o, 0xc0) && /* Extra's tunnel_type: the `tunnel_type` column holds it */
-           w_byte(o, 0xc0); /* tunnel_outer: a record with one went to Python; Extra's dns and
-                               drops are left off (a record with either went to Python too) */
+           w_byte(o, 0xc0); /* tunnel_outer: a record with one went to Python; Extra's dns,
+                               drops and nat are left off (a record with any went to Python too) */
 }
 
 /* the column buffers: per column validity bitmap (NULL: not nullable), offsets (strings),

@@ -139,7 +139,8 @@ def wide_records(draw, n: int) -> FlowRecord:
 
 def deferred_by_design(r: FlowRecord) -> bool:
     """What the native decoder leaves to msgspec on purpose: odd IPv6 forms, nested tunnels."""
-    return odd_ipv6(r) or r.tunnel_outer is not None or r.drops is not None
+    return (odd_ipv6(r) or r.tunnel_outer is not None or r.drops is not None
+            or r.nat is not None)
 
 
 def odd_ipv6(r: FlowRecord) -> bool:
@@ -297,6 +298,13 @@ MUTATIONS: dict[str, Any] = {
     "drops bad reason": _mut(drops=[{"reason": "netfilter drop", "packets": 3}]),
     "drops negative": _mut(drops=[{"reason": "NO_SOCKET", "packets": -1}]),
     "source drops": _mut(source="drops"),
+    "nat nil": _mut(nat=None),
+    "nat dnat": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 80},
+                           "translated": {"ip": "10.244.2.11", "port": 8080}, "netns": 4026532}]),
+    "nat bad type": _mut(nat=[{"type": "masq", "original": {"ip": "10.96.0.10", "port": 80},
+                               "translated": {"ip": "10.244.2.11", "port": 8080}}]),
+    "nat mixed family": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 80},
+                                   "translated": {"ip": "fd00::1", "port": 8080}}]),
     "rtt min > avg": _mut(rtt_us__min=30),
     "rtt as list": _mut(rtt_us=[1, 2, 3]),
     "client as list": _mut(client=["10.0.0.1", 1]),
@@ -391,7 +399,7 @@ NATIVE_OK = {
     "workload labels left out", "workload kind nil", "end in 9999", "start 96-bit", "ip v4 ok",
     "outer ip v6", "int64 schema", "uint16 port", "str8 short comm", "str16 short ip",
     "map16 rtt", "array16 flags", "tunnel type geneve", "tunnel type gpe", "source wire",
-    "tunnel outer nil", "drops nil"}
+    "tunnel outer nil", "drops nil", "nat nil"}
 
 
 @SETTINGS
