@@ -329,10 +329,7 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     def dialled(self) -> Endpoint | None:
         """The server address the client dialled when a DNAT (or REDIRECT) took it elsewhere:
         the first one's `original` (a Service's ClusterIP and port); None without one."""
-        for n in self.nat or ():
-            if n.type != "snat":
-                return n.original
-        return None
+        return dialled_of(self.nat)
 
     def replace(self, **changes: Any) -> FlowRecord:
         return msgspec.structs.replace(self, **changes)
@@ -348,6 +345,14 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
             raise record_error_from(exc, data) from None
+
+
+def dialled_of(nat: list[Nat] | None) -> Endpoint | None:
+    """`FlowRecord.dialled` of a `nat` chain: the first DNAT's (or REDIRECT's) `original`."""
+    for n in nat or ():
+        if n.type != "snat":
+            return n.original
+    return None
 
 
 def flags_from_bits(bits: int) -> list[str]:
