@@ -296,9 +296,10 @@ class Correlator:
         if obs != "path" or (rec.tunnel is not None and conn.tunnel is None):
             self._absorb_side_facts(conn, rec)
         if rec.nat is not None:
-            d = dialled_of(rec.nat)
-            if d is not None and service.wins(d.ip, d.port, conn.service_ip, conn.service_port):
-                conn.service_ip, conn.service_port = d.ip, d.port
+            dialled = dialled_of(rec.nat)
+            if dialled is not None and service.wins(dialled.ip, dialled.port, conn.service_ip,
+                                                    conn.service_port):
+                conn.service_ip, conn.service_port = dialled.ip, dialled.port
         if found is not None and (obs != "path" or rec.client_workload is not None
                                   or rec.server_workload is not None):
             self._rename(plan, conn, rec)

@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
+from aggregator import service
 from aggregator.correlate_native import INPUT_ARRAYS, Input
 from aggregator.correlate_registry import (
     Addresses,
@@ -38,7 +39,6 @@ from aggregator.correlate_registry import (
     bits,
     fixed,
 )
-from aggregator import service
 from aggregator.identity import Facts, IdentityResolver
 from aggregator.store.columns import Extra
 from eastwest.record import dialled_of

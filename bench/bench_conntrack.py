@@ -76,8 +76,8 @@ def teardown() -> None:
 def workload(n: int) -> list[int]:
     """n connections client -> VIP (answered by the server); their client ports."""
     code = ("import socket,sys\nn=int(sys.argv[1])\nfor _ in range(n):\n"
-            "    s=socket.create_connection(('%s',%d));print(s.getsockname()[1]);s.close()\n"
-            % (VIP, VPORT))
+            f"    s=socket.create_connection(('{VIP}',{VPORT}));print(s.getsockname()[1]);"
+            "s.close()\n")
     srv = subprocess.Popen(["ip", "netns", "exec", NS_S, sys.executable, "-c",
                             "import socket\ns=socket.socket();s.setsockopt(1,2,1)\n"
                             f"s.bind(('{IP_S}',{PORT}));s.listen(4096)\nprint('up',flush=True)\n"

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from aggregator import correlate_native, service
 from aggregator.correlate_columns import ColumnCorrelator
 from eastwest import native_build
+from eastwest.record import Endpoint, Nat
 from tests.unit.correlate_workloads import (
     Pair,
     Wall,
@@ -26,7 +27,6 @@ from tests.unit.correlate_workloads import (
     make_workload,
     resolver_of,
 )
-from eastwest.record import Endpoint, Nat
 from tests.unit.test_correlate import T0, rec
 
 # EASTWEST_TEST_NO_SHRINK=1: report the first failing example as found (mutation runs)
