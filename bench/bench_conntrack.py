@@ -185,6 +185,7 @@ def main() -> int:
            "lookup_cpu_us_per_record": round(lookup_cpu / n * 1e6, 2),
            "ratio_lookup_over_events": round(lk_per_rec / ev_per_rec, 1)}
     print(json.dumps(out, indent=2))
+    print(f"lookup per record / events: {lk_per_rec / ev_per_rec:.2f}x the time per record")
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
