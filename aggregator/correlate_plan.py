@@ -68,7 +68,8 @@ _STRINGS = [("protocol", "PROTOCOL", 0), ("client_comm", "CCOMM", 0),
             ("vtep_dst_host", "VTEP_DST_HOST", 0)]
 _ADDRESSES = [("client_ip", "CIP", 0), ("server_ip", "SIP", 0), ("vtep_src", "VTEP_SRC", 0),
               ("vtep_dst", "VTEP_DST", 0), ("service_ip", "SVC_IP", 0)]
-_HEX = [("client_ip_hex", "CIP", 0), ("server_ip_hex", "SIP", 0)]
+_HEX = [("client_ip_hex", "CIP", 0), ("server_ip_hex", "SIP", 0),
+        ("service_ip_hex", "SVC_IP", 0)]
 _LITERAL_COLUMNS = [("observed_by", "OBSERVED", 0), ("connect", "CONNECT", len(_OBSERVED)),
                     ("outcome", "OUTCOME", len(_OBSERVED) + len(_CONNECT)),
                     ("tunnel_type", "TUNNEL_TYPE", len(_OBSERVED) + len(_CONNECT) + len(_OUTCOME))]

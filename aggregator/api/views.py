@@ -68,4 +68,5 @@ def filter_view(r: dict[str, Any]) -> dict[str, Any]:
         "observers": {x for x in r["observed_by"].split(",") if x}, "vni": r["vni"],
         "client_workload": r["client_name"], "server_workload": r["server_name"],
         "client_namespace": r["client_namespace"], "server_namespace": r["server_namespace"],
+        "service_ip": r.get("service_ip"),
     }

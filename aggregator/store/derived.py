@@ -120,6 +120,7 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     # added: the dialled Service address (records' `nat`); rows stored before them have NULL
     ("service_ip", S, lambda c: c.service_ip),
     ("service_port", I32, lambda c: c.service_port),
+    ("service_ip_hex", S, lambda c: ip_hex(c.service_ip) if c.service_ip is not None else None),
     ("state", BIN, lambda c: _enc.encode(c)),
 ]
 CONN_SCHEMA = pa.schema([(n, t) for n, t, _ in CONN_COLUMNS])
@@ -187,7 +188,8 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
             si.wid, si.name, si.namespace, si.kind, si.host, si.source,
             *(_astuple(cp) if cp is not None else _NONE5),
             *(_astuple(sp) if sp is not None else _NONE5),
-            *(_astuple(t) if t is not None else _NONE6), c.service_ip, c.service_port)
+            *(_astuple(t) if t is not None else _NONE6), c.service_ip, c.service_port,
+            ip_hex(c.service_ip) if c.service_ip is not None else None)
 
 
 def views_blob(c: Connection) -> bytes:

@@ -135,6 +135,8 @@ def _migrate_service(con: duckdb.DuckDBPyConnection) -> None:
         if cols and "service_ip" not in cols:
             con.execute(f"ALTER TABLE {table} ADD COLUMN service_ip VARCHAR")
             con.execute(f"ALTER TABLE {table} ADD COLUMN service_port INTEGER")
+        if cols and "service_ip_hex" not in cols:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN service_ip_hex VARCHAR")
 
 
 def _migrate_rollups(con: duckdb.DuckDBPyConnection) -> None:

@@ -4,14 +4,18 @@ rebuilt from the store), and a DuckDB file written before the columns existed ge
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import duckdb
 import pytest
 
 from aggregator.api.views import ROW_COLUMNS, flow_json
 from aggregator.store import BACKENDS
+from aggregator.store.query import ConnectionQuery, EdgeQuery
+from eastwest.filters import Filter
 from eastwest.record import Endpoint, Nat
 from tests.servers import store_location
-from tests.unit.test_correlate import rec
+from tests.unit.test_correlate import T0, rec
 from tests.unit.test_store_connections import duck, opened
 
 VIP, BACKEND = Endpoint("10.96.0.11", 9090), Endpoint("10.244.2.11", 9090)
@@ -35,6 +39,13 @@ def test_a_service_call_is_one_row_with_its_dialled_address_across_a_restart(dat
     assert [(r["client_port"], r["observed_by"], r["service_ip"], r["service_port"])
             for r in rows] == [(40000, ",client,server,", "10.96.0.11", 9090),
                                (40001, ",client,", None, None)]
+    for negate, want in ((False, [40000]), (True, [40001])):  # --to-service, --not --to-service
+        q = ConnectionQuery(filter=Filter.build([("to_service", "10.96.0.0/16", negate)]),
+                            limit=100, columns=("client_port",))
+        assert [r["client_port"] for r in s.read().connections(q)] == want
+        g = s.read().edges(EdgeQuery(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5),
+                                     "workload", q.filter))
+        assert g["conns"] == [1]  # one edge of one connection (from the connections table)
     flows = [flow_json(r) for r in rows]
     assert [(f["server"]["ip"], f["service_ip"], f["service_port"]) for f in flows] == [
         ("10.244.2.11", "10.96.0.11", 9090), ("10.244.2.11", None, None)]
@@ -50,6 +61,7 @@ def test_a_duckdb_file_without_the_service_columns_gets_them(tmp_path):
     for table in ("connections_live", "connections_settled"):
         con.execute(f"ALTER TABLE {table} DROP COLUMN service_ip")
         con.execute(f"ALTER TABLE {table} DROP COLUMN service_port")
+        con.execute(f"ALTER TABLE {table} DROP COLUMN service_ip_hex")
     con.close()
     s = duck(tmp_path)
     assert s.loaded == 1
