@@ -56,13 +56,16 @@ def joined(lab_factory, tmp_path_factory):
                 c.stop()
         flows = flows_of(agg, truth)
         graph = agg.get("/api/v1/graph", **window_of(truth), **NODEPORT_HALVES)
+        w = window_of(truth)
+        via_service = agg.get("/api/v1/flows", limit="10000", since=w["from"], until=w["to"],
+                              protocol=w["protocol"], to_service="10.96.0.0/16")["flows"]
     records = {c.host: c.records for c in cs}
     folders = {c.host: c.folder for c in cs}
-    return lab, truth, flows, records, folders, graph
+    return lab, truth, flows, records, folders, graph, via_service
 
 
 def test_every_clusterip_call_is_one_connection_to_its_backend(joined):
-    lab, truth, flows, _, _, _ = joined
+    lab, truth, flows, _, _, _, _ = joined
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for f in flows:
         by_key[key(f)].append(f)
@@ -82,13 +85,17 @@ def test_every_clusterip_call_is_one_connection_to_its_backend(joined):
         seen[(t["via"], t["protocol"], t["client_host"] == t["server_host"])] += 1
     assert seen[("service", "tcp", False)] > 100 and seen[("service", "tcp", True)] >= 5, seen
     assert seen[("service", "udp", False)] + seen[("service", "udp", True)] >= 1, seen
+    # --to-service 10.96.0.0/16: exactly the calls made through a ClusterIP
+    _, _, _, _, _, _, via_service = joined
+    assert sorted(key(f) for f in via_service) == sorted(
+        tkey(t) for t in calls if t["via"] == "service")
     # no connection names a ClusterIP as its server: every client record was folded
     vips = {s["cluster_ip"] for s in lab.inventory["cluster_services"]}
     assert not [f for f in flows if f["server"]["ip"] in vips]
 
 
 def test_the_clients_records_keep_the_dialled_clusterip(joined):
-    lab, truth, _, records, folders, _ = joined
+    lab, truth, _, records, folders, _, _ = joined
     mine: dict[tuple, list] = defaultdict(list)
     for host, recs in records.items():
         for r in recs:
@@ -126,7 +133,7 @@ def test_the_nodeport_middle_host_reports_the_whole_translation(joined):
     translated leg (h2 -> backend) and its folder rewrites those records to (the real client,
     the backend) with both translations, in order: what the aggregator needs to join the
     client's and the server's halves."""
-    lab, truth, flows, records, _, _ = joined
+    lab, truth, flows, records, _, _, _ = joined
     h2 = defaultdict(list)
     for r in records["h2"]:
         if r.observer == "path":
@@ -155,7 +162,7 @@ def test_the_nodeport_middle_host_reports_the_whole_translation(joined):
                    "call's client half (to the node) and server half (from the node) by the "
                    "middle host's record that names both")
 def test_every_nodeport_call_is_one_connection_observed_by_client_server_and_wire(joined):
-    _, truth, flows, _, _, _ = joined
+    _, truth, flows, _, _, _, _ = joined
     by_key = defaultdict(list)
     for f in flows:
         by_key[key(f)].append(f)
@@ -168,7 +175,7 @@ def test_the_graph_less_the_unjoined_nodeport_halves_is_the_truth_edge_for_edge(
     """One edge per (client workload, server workload) the truth has, with its connections,
     bytes and failures: a ClusterIP call counted once, under its backend's workload; a NodePort
     call once too (the middle host's record), once its two unjoined halves are filtered out."""
-    lab, truth, _, _, _, graph = joined
+    lab, truth, _, _, _, graph, _ = joined
     assert served_edges(graph) == truth_edges(lab, truth)
     workload = {p["ip"]: p["service"] for p in lab.inventory["pods"]}
     triples = {(workload[t["client_ip"]], workload[t["server_ip"]], t["server_port"])
