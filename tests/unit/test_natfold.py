@@ -202,3 +202,21 @@ def test_the_folding_sink_folds_then_closes_both():
     sink.write([rec("client", CLIENT, VIP)])
     sink.close()
     assert inner.got[0].server == Endpoint(*BACKEND) and inner.closed and readers["h1"].closed
+
+
+def test_the_collectors_flags_choose_the_folder(monkeypatch):
+    """collector/main.py folds unless --no-nat or a capture file; one reader per named --netns
+    (this namespace when none is named), an inode number counted unreadable."""
+    import argparse
+
+    from collector import natfold
+
+    opened: list[list[str | None]] = []
+    monkeypatch.setattr(natfold, "NatFolder", lambda names: opened.append(names) or "folder")
+    assert natfold.folder_for(argparse.Namespace(no_nat=True, netns=["h1"])) is None
+    assert natfold.folder_for(argparse.Namespace(pcap=["x.pcap"], netns=[])) is None
+    assert natfold.folder_for(argparse.Namespace(netns=["h1", "h1-p0"])) == "folder"
+    assert natfold.folder_for(argparse.Namespace(netns=[])) == "folder"
+    assert opened == [["h1", "h1-p0"], [None]]
+    f, _ = folder("h1", "4026531840")
+    assert list(f.unreadable) == ["4026531840"] and len(f.readers) == 1
