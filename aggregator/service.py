@@ -15,8 +15,10 @@ first.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 
+@lru_cache(maxsize=65536)  # a cluster has few Services: their addresses repeat in every batch
 def rank(ip: str, port: int) -> int:
     """A fixed total order of dialled addresses: 63 bits of BLAKE2b of "ip port"."""
     digest = hashlib.blake2b(f"{ip} {port}".encode(), digest_size=8).digest()
