@@ -124,7 +124,8 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
 # `dns`, `drops` and `nat` are appended to a record's extra only when it has them (trailing
 # Nones left off: msgspec fills them in): every other blob stays the 12-element array the native
 # batch decoder writes byte for byte (aggregator/store/ewwire.c, which hands records with
-# `dns`, `drops` or `nat` to Python, as those with `tunnel_outer`)
+# `dns` or `drops` to Python, as those with `tunnel_outer`, and writes a record with `nat` as
+# the 15-element array, dns and drops nil: Service calls are most client records in a cluster)
 _APPENDED = 3
 _NO_EXTRA = (None,) * (len(Extra.__struct_fields__) - _APPENDED)
 
