@@ -189,15 +189,22 @@ class Stack:
 
 # -- the command -------------------------------------------------------------------------------
 def _services(args: argparse.Namespace) -> bool:
-    """Services unless turned off; by default only where the lab can have them (asked for
-    explicitly where it cannot, `Lab.up` refuses naming why)."""
+    """Services unless turned off; by default only where the lab can have them (the lab's own
+    plan says: IPv4, 3 or more hosts, enough pods per host); asked for explicitly where it
+    cannot, `Lab.up` refuses naming why."""
     if args.services is not None:
         return bool(args.services)
-    if args.ip_family == "ipv4" and args.hosts >= 3:
-        return True
-    print(f"eastwest demo: no Services in this lab (they need --ip-family ipv4 and 3 or more "
-          f"hosts; here {args.ip_family}, {args.hosts} hosts)", file=sys.stderr)
-    return False
+    from eastwest.errors import ConfigError
+    from eastwest.lab.plan import make_plan
+
+    pods = args.pods_per_host if args.pods_per_host is not None else 3
+    try:
+        make_plan(args.name, args.hosts, pods, 4789, args.ip_family, services=True)
+    except ConfigError as exc:
+        print(f"eastwest demo: no Services in this lab ({exc}); --services to insist",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _run(args: argparse.Namespace) -> int:
