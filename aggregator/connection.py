@@ -172,6 +172,10 @@ class Connection(msgspec.Struct, gc=False):
     server_proc: ProcInfo | None = None
     tunnel: Tunnel | None = None
     naming: Naming | None = None    # None: both names are final
+    # the address the client dialled when NAT took it to `server_ip` (a Service's ClusterIP
+    # and port, from the records' `nat`; aggregator/service.py); None: not translated or unknown
+    service_ip: str | None = None
+    service_port: int | None = None
 
     def clone(self) -> Connection:
         return msgspec.structs.replace(self, views=dict(self.views))

@@ -44,11 +44,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from aggregator import service
 from aggregator.connection import Connection, Counters6, Identity, Naming, ProcInfo, Tunnel, View
 from aggregator.identity import Facts, IdentityResolver, better
 from eastwest.clock import Clock, SystemClock
 from eastwest.filters import is_link_local
-from eastwest.record import FlowRecord
+from eastwest.record import FlowRecord, dialled_of
 
 _uuid = uuid
 # minute, client wid, server wid, client host, server host, server port, protocol, link-local
@@ -294,6 +295,11 @@ class Correlator:
                                 bool(rec.incomplete))
         if obs != "path" or (rec.tunnel is not None and conn.tunnel is None):
             self._absorb_side_facts(conn, rec)
+        if rec.nat is not None:
+            dialled = dialled_of(rec.nat)
+            if dialled is not None and service.wins(dialled.ip, dialled.port, conn.service_ip,
+                                                    conn.service_port):
+                conn.service_ip, conn.service_port = dialled.ip, dialled.port
         if found is not None and (obs != "path" or rec.client_workload is not None
                                   or rec.server_workload is not None):
             self._rename(plan, conn, rec)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from aggregator import correlate_native as native
+from aggregator import service
 from aggregator.connection import Connection
 from aggregator.correlate_input import TIME_MAX, TIME_MIN, TUNNEL_TYPES, InputError, Preparer
 from aggregator.correlate_plan import EMPTY_ROWS, ColumnPlan, Columns
@@ -391,6 +392,8 @@ def _load_matrices(core: NativeCore, conns: list[Connection]) -> tuple[
             S.opt(t.vtep_dst_host), _tunnel_code(t.type)]
         vol = c.naming.volumes if c.naming is not None else ()
         row += [len(c.views), len(vol)]
+        row += [None] * 3 if c.service_ip is None else [
+            A.id(c.service_ip), c.service_port, service.rank(c.service_ip, c.service_port or 0)]
         rows.append(row)
         for v in c.views.values():
             rtt = v.rtt or (None, None, None)

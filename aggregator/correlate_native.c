@@ -150,6 +150,7 @@ uint32_t ew_conn_alloc(ew_state *st)
     x->tunnel.vni = -1;
     x->tunnel.src = x->tunnel.dst = x->tunnel.src_host = x->tunnel.dst_host = EW_NONE;
     x->tunnel.type = EW_TUNNEL_NONE;
+    x->svc_ip = EW_NONE;
     x->flags = CF_LIVE;
     st->live++;
     return c;

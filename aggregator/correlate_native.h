@@ -100,6 +100,11 @@ typedef struct {
     uint8_t flags;
     ew_proc cproc, sproc;
     ew_tunnel tunnel;
+    /* the dialled Service address (connection.Connection.service_ip/port), EW_NONE: none; of
+     * several observers' the one with the lowest `svc_rank` (aggregator/service.py) */
+    uint32_t svc_ip;
+    uint16_t svc_port;
+    int64_t svc_rank;
 } ew_conn;
 
 typedef struct {          /* a key of the index: its connections, in the reference's order */
@@ -152,6 +157,8 @@ typedef struct {          /* one batch, column by column (aggregator/correlate_i
     const int32_t *outer_src, *outer_dst, *vtep_src_host, *vtep_dst_host;
     const uint8_t *tunnel_type;                  /* EW_TUNNEL_*, with a tunnel */
     const int32_t *cand_client, *cand_server;    /* what the observer knows of each end */
+    const int32_t *svc_ip, *svc_port;            /* the dialled address (nat), -1: none */
+    const int64_t *svc_rank;
     int64_t n_ids;
     const uint8_t *ids;        /* 16 bytes per connection id, used in order */
     int64_t at;                /* the plan's wall clock (µs) */
@@ -166,7 +173,8 @@ typedef struct {          /* one batch, column by column (aggregator/correlate_i
     X(SB_S2C) X(PB_C2S) X(PB_S2C) X(MISMATCH) X(INCOMPLETE) X(CLIENT) X(SERVER) X(CPID)       \
     X(CCOMM) X(CNETNS) X(CCONTAINER) X(CCOLLECTOR) X(SPID) X(SCOMM) X(SNETNS) X(SCONTAINER)   \
     X(SCOLLECTOR) X(VNI) X(VTEP_SRC) X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST)            \
-    X(TUNNEL_TYPE) X(UNTIL) X(CREATED) X(RENAMED) X(HAS_DELTA) X(D0) X(D1) X(D2) X(D3) X(D4) X(D5)
+    X(TUNNEL_TYPE) X(UNTIL) X(CREATED) X(RENAMED) X(HAS_DELTA) X(D0) X(D1) X(D2) X(D3) X(D4) X(D5) \
+    X(SVC_IP) X(SVC_PORT)
 #define X(name) OUT_##name,
 enum { EW_OUT_COLUMNS OUT_NCOL };
 #undef X
@@ -187,7 +195,8 @@ enum { EW_WL_COLUMNS WL_NCOL };
     X(PROTOCOL) X(FAMILY) X(CIP) X(CPORT) X(SIP) X(SPORT) X(SCOPE) X(CLIENT) X(SERVER)        \
     X(LINK_LOCAL) X(UNTIL) X(CPROC) X(CPID) X(CCOMM) X(CNETNS) X(CCONTAINER) X(CCOLLECTOR)    \
     X(SPROC) X(SPID) X(SCOMM) X(SNETNS) X(SCONTAINER) X(SCOLLECTOR) X(VNI) X(VTEP_SRC)        \
-    X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST) X(TUNNEL_TYPE) X(NVIEWS) X(NVOLS)
+    X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST) X(TUNNEL_TYPE) X(NVIEWS) X(NVOLS)           \
+    X(SVC_IP) X(SVC_PORT) X(SVC_RANK)
 #define X(name) LD_##name,
 enum { EW_LD_COLUMNS LD_NCOL };
 #undef X

@@ -208,6 +208,12 @@ static void absorb(ew_conn *c, const ew_input *in, int64_t i)
         c->tunnel.dst_host = opt(in->vtep_dst_host[i]);
         c->tunnel.type = in->tunnel_type[i];
     }
+    /* the dialled Service address: of every observer's, the lowest rank (any arrival order) */
+    if (in->svc_ip[i] >= 0 && (c->svc_ip == EW_NONE || in->svc_rank[i] < c->svc_rank)) {
+        c->svc_ip = (uint32_t)in->svc_ip[i];
+        c->svc_port = (uint16_t)in->svc_port[i];
+        c->svc_rank = in->svc_rank[i];
+    }
 }
 
 /* -- rollups: a hash of the plan's rows, in insertion order -------------------------------- */

@@ -45,6 +45,7 @@ static int64_t visit_ids(ew_state *st, uint8_t *us, uint8_t *ua, uint8_t *ui, co
             id_visit(&c->tunnel.src_host, us, ms);
             id_visit(&c->tunnel.dst_host, us, ms);
         }
+        if (c->svc_ip != EW_NONE) id_visit(&c->svc_ip, ua, ma);
         for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next)
             id_visit(&st->views[v].collector, us, ms);
     }
@@ -212,6 +213,11 @@ int64_t ew_corr_load(ew_state *st, int64_t n, const uint8_t *ids, const int64_t 
                 return ew_fail(st, EW_E_INPUT, "load: tunnel type %lld",
                                (long long)r[LD_TUNNEL_TYPE * n]);
             c->tunnel.type = (uint8_t)r[LD_TUNNEL_TYPE * n];
+        }
+        if (ok[LD_SVC_IP * n]) {
+            c->svc_ip = (uint32_t)r[LD_SVC_IP * n];
+            c->svc_port = (uint16_t)r[LD_SVC_PORT * n];
+            c->svc_rank = r[LD_SVC_RANK * n];
         }
         uint32_t tail = EW_NONE;
         for (int64_t k = 0; k < r[LD_NVIEWS * n]; k++, v++) {

@@ -271,6 +271,10 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
         SET_ID(OUT_VTEP_DST_HOST, c->tunnel.dst_host);
         SET(OUT_TUNNEL_TYPE, c->tunnel.type);
     }
+    if (c->svc_ip != EW_NONE) {
+        SET(OUT_SVC_IP, c->svc_ip);
+        SET(OUT_SVC_PORT, c->svc_port);
+    }
     if (c->flags & CF_NAMING) SET(OUT_UNTIL, c->until);
     SET(OUT_CREATED, t ? t->created : 0);
     SET(OUT_RENAMED, t ? t->renamed : 0);

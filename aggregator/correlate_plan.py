@@ -59,15 +59,17 @@ _NUMBERS = [
     ("path_bytes_c2s", "PB_C2S", I64), ("path_bytes_s2c", "PB_S2C", I64),
     ("byte_mismatch", "MISMATCH", B), ("incomplete", "INCOMPLETE", B),
     ("client_pid", "CPID", I64), ("client_netns", "CNETNS", I64),
-    ("server_pid", "SPID", I64), ("server_netns", "SNETNS", I64), ("vni", "VNI", I32)]
+    ("server_pid", "SPID", I64), ("server_netns", "SNETNS", I64), ("vni", "VNI", I32),
+    ("service_port", "SVC_PORT", I32)]
 _STRINGS = [("protocol", "PROTOCOL", 0), ("client_comm", "CCOMM", 0),
             ("client_container", "CCONTAINER", 0), ("client_collector", "CCOLLECTOR", 0),
             ("server_comm", "SCOMM", 0), ("server_container", "SCONTAINER", 0),
             ("server_collector", "SCOLLECTOR", 0), ("vtep_src_host", "VTEP_SRC_HOST", 0),
             ("vtep_dst_host", "VTEP_DST_HOST", 0)]
 _ADDRESSES = [("client_ip", "CIP", 0), ("server_ip", "SIP", 0), ("vtep_src", "VTEP_SRC", 0),
-              ("vtep_dst", "VTEP_DST", 0)]
-_HEX = [("client_ip_hex", "CIP", 0), ("server_ip_hex", "SIP", 0)]
+              ("vtep_dst", "VTEP_DST", 0), ("service_ip", "SVC_IP", 0)]
+_HEX = [("client_ip_hex", "CIP", 0), ("server_ip_hex", "SIP", 0),
+        ("service_ip_hex", "SVC_IP", 0)]
 _LITERAL_COLUMNS = [("observed_by", "OBSERVED", 0), ("connect", "CONNECT", len(_OBSERVED)),
                     ("outcome", "OUTCOME", len(_OBSERVED) + len(_CONNECT)),
                     ("tunnel_type", "TUNNEL_TYPE", len(_OBSERVED) + len(_CONNECT) + len(_OUTCOME))]

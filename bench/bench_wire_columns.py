@@ -5,7 +5,9 @@ Both take the body of an ingest POST (`MAGIC` + zstd(msgpack(Batch))) and give t
 - ours: `decode_columns(body)`, the native decoder (aggregator/store/ewwire.c);
 - the reference: `codec.decode_batch(body)` (msgspec, one `FlowRecord` per record) +
   `columns.flat_table` (attribute walk -> Arrow), what ingest did before.
-Workloads: `make_merged` and `make_new` of bench/bench_store.py, in batches of `--batch` records.
+Workloads: `make_merged` and `make_new` of bench/bench_store.py, in batches of `--batch` records,
+and `services`: `merged` with a `nat` on every client record (a Service call's DNAT, as
+collector/natfold.py writes it: most client records of a cluster carry one).
 Runs alternate (ours, reference, ours, ...); the best of `--repeat` runs of each is reported, with
 the load average (the machine is shared). Goal: >= 1,000,000 records/s native on `merged`.
 
@@ -27,6 +29,7 @@ from aggregator.store.columns import flat_table  # noqa: E402
 from aggregator.store.wire_columns import decode_columns, native_available  # noqa: E402
 from bench.bench_store import batches_of, make_merged, make_new  # noqa: E402
 from eastwest import codec  # noqa: E402
+from eastwest.record import Endpoint, FlowRecord, Nat  # noqa: E402
 
 SENT = datetime(2026, 11, 28, tzinfo=UTC)
 
@@ -51,6 +54,14 @@ def timed(fn, bodies: list[bytes]) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+def make_services(n: int) -> dict[str, list[FlowRecord]]:
+    """`make_merged`, every client record a ClusterIP call (its dialled address in `nat`)."""
+    vip = Endpoint("10.96.0.10", 80)
+    return {coll: [r.replace(nat=[Nat("dnat", vip, r.server, 4026531840)])
+                   if r.observer == "client" else r for r in recs]
+            for coll, recs in make_merged(n).items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=100_000)
@@ -62,7 +73,7 @@ def main() -> int:
         print(f"native decoder not loaded ({why}): ours is the reference path")
     print(f"records={args.records} batch={args.batch} repeat={args.repeat} "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    for name, make in (("merged", make_merged), ("new", make_new)):
+    for name, make in (("merged", make_merged), ("new", make_new), ("services", make_services)):
         bodies = [codec.encode_batch(codec.Batch(coll, seq, SENT, recs))
                   for coll, seq, recs in batches_of(make(args.records), args.batch)]
         rows = sum(decode_columns(b, native=False).table.num_rows for b in bodies)

@@ -5,6 +5,9 @@ Wires the stages in one place. Sources:
 - `collector.vxlan.LiveVxlanSource(ctx, args)`: tunnels on underlay interfaces (issue #4)
 - `collector.vxlan.LiveVxlanSource(ctx, args, wire=True)`: every packet of `--wire-interface`
   interfaces, tunnelled or plain (issue #18)
+Between the sources and the sink, `collector.natfold.NatFoldingSink` rewrites the records of
+translated connections (a Service's DNAT, a node's masquerade) to their real ends from conntrack
+(issue #16; `--no-nat` turns it off).
 - `collector.vxlan.PcapSource(ctx, path, args)`: a capture file (issue #4)
 
 Who this collector is (its id and spool folder, collector/identity.py) is decided first, once,
@@ -68,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     # the sink first: a spooling sink waits for a spool folder another collector still holds,
     # and that one still serves the --metrics-listen port until it exits
     sink = _make_sink(args, ctx, metrics, ident)
+    from collector.natfold import NatFoldingSink, folder_for
+
+    folder = folder_for(args)  # Service calls: records keyed by the backend (conntrack)
+    if folder is not None:
+        sink = NatFoldingSink(sink, folder, ctx.clock.now)
     server = (metrics.serve(args.metrics_listen)
               if metrics is not None and getattr(args, "metrics_listen", None) else None)
     try:

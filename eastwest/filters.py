@@ -12,7 +12,9 @@ Semantics (as `hubble observe`): values of the same flag are OR-ed; different fl
 the filter is built, never while matching.
 
 View keys: client_ip, server_ip, client_port, server_port, protocol, outcome, observers (set),
-vni, client_workload, server_workload, client_namespace, server_namespace.
+vni, client_workload, server_workload, client_namespace, server_namespace, service_ip (the
+address the client dialled before NAT, None when none: a record's `dialled`, a connection's
+`service_ip`).
 
 Link-local and multicast traffic is hidden unless the filter asks for it (`Filter.link_local`,
 the `--link-local` flag, the API's `link_local=true`): a flow with either address in
@@ -168,6 +170,8 @@ DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
     Dimension("outcome", _parse_choice(OUTCOMES), ("outcome",), "eq", "ok, refused, reset, timeout"),
     Dimension("observer", _parse_choice(OBSERVERS), ("observers",), "member", "client, server or path saw it"),
     Dimension("vni", _parse_vni, ("vni",), "eq", "VXLAN network identifier"),
+    Dimension("to_service", _parse_net, ("service_ip",), "net",
+              "the address the client dialled before NAT (a Service's ClusterIP), or CIDR"),
 )}
 
 
@@ -288,6 +292,7 @@ def view_of_record(rec: FlowRecord) -> dict[str, Any]:
         "client_workload": cw.name if cw else None, "server_workload": sw.name if sw else None,
         "client_namespace": cw.namespace if cw else None,
         "server_namespace": sw.namespace if sw else None,
+        "service_ip": d.ip if (d := rec.dialled) is not None else None,
     }
 
 

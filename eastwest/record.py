@@ -151,6 +151,27 @@ class Drop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                               "must be a kernel drop reason name (upper case, e.g. NETFILTER_DROP)")
 
 
+NatType = Literal["dnat", "snat", "redirect"]
+
+
+class Nat(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One address translation a connection went through, as a conntrack table held it
+    (docs/flow-record.md, "nat"). `dnat`/`redirect`: the server's address, `original` the one
+    dialled (a Service's ClusterIP and port), `translated` the one that answered (the backend;
+    `redirect` when that is a loopback address: a sidecar's or a local proxy's port). `snat`:
+    the client's address, `original` the client's own, `translated` the one the server saw (a
+    node's, under masquerade). `netns`: the inode of the namespace whose conntrack held it."""
+
+    type: NatType
+    original: Endpoint
+    translated: Endpoint
+    netns: Count | None = None
+
+    def __post_init__(self) -> None:
+        _check_ip("nat.original.ip", self.original.ip)
+        _check_ip("nat.translated.ip", self.translated.ip, _KNOWN_IPS[self.original.ip])
+
+
 class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     namespace: str | None = None
@@ -260,6 +281,11 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     dns: DnsSummary | None = None  # a flow to or from port 53 that carried DNS
     # packets of this flow the kernel dropped, by reason (source `drops`); None: not measured
     drops: list[Drop] | None = None
+    # the address translations between the client and the server (conntrack: a Service's DNAT,
+    # a node's masquerade, a sidecar's REDIRECT), in the order they were applied from the
+    # client towards the server; `client`/`server` are then the real ends (the original client,
+    # the backend). None: none known (docs/flow-record.md, "nat")
+    nat: list[Nat] | None = None
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA_VERSION:
@@ -299,6 +325,12 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         """The connection's identity as observers agree on it: protocol, client, server."""
         return (self.protocol, self.client.ip, self.client.port, self.server.ip, self.server.port)
 
+    @property
+    def dialled(self) -> Endpoint | None:
+        """The server address the client dialled when a DNAT (or REDIRECT) took it elsewhere:
+        the first one's `original` (a Service's ClusterIP and port); None without one."""
+        return dialled_of(self.nat)
+
     def replace(self, **changes: Any) -> FlowRecord:
         return msgspec.structs.replace(self, **changes)
 
@@ -313,6 +345,14 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
             raise record_error_from(exc, data) from None
+
+
+def dialled_of(nat: list[Nat] | None) -> Endpoint | None:
+    """`FlowRecord.dialled` of a `nat` chain: the first DNAT's (or REDIRECT's) `original`."""
+    for n in nat or ():
+        if n.type != "snat":
+            return n.original
+    return None
 
 
 def flags_from_bits(bits: int) -> list[str]:

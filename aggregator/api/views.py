@@ -55,6 +55,9 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
             "vtep_src": r["vtep_src"], "vtep_dst": r["vtep_dst"],
             "vtep_src_host": r["vtep_src_host"], "vtep_dst_host": r["vtep_dst_host"]},
         "complete": not r["incomplete"],
+        # the address the client dialled when NAT took it to `server` (a Service's ClusterIP);
+        # rows stored before it was kept have none (`get`)
+        "service_ip": r.get("service_ip"), "service_port": r.get("service_port"),
     }
 
 
@@ -65,4 +68,5 @@ def filter_view(r: dict[str, Any]) -> dict[str, Any]:
         "observers": {x for x in r["observed_by"].split(",") if x}, "vni": r["vni"],
         "client_workload": r["client_name"], "server_workload": r["server_name"],
         "client_namespace": r["client_namespace"], "server_namespace": r["server_namespace"],
+        "service_ip": r.get("service_ip"),
     }

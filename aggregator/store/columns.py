@@ -6,7 +6,7 @@ column, never row by row:
   backends that keep the record whole (ClickHouse);
 - `flows_table`: the flat columns + `extra`: `DUCKDB_COLUMNS`, the DuckDB layout. `extra` holds
   only what has no column of its own (L3 bytes, cmdline, cgroup, outer port, TCP flags, the
-  collector-reported workloads, the `incomplete` reasons, nested tunnels, the `dns` summary) as a msgpack array, NULL when all of
+  collector-reported workloads, the `incomplete` reasons, nested tunnels, the `dns` summary, drops, `nat`) as a msgpack array, NULL when all of
   them are empty; `record_of` rebuilds the record exactly from the flat values and `extra`.
   Why: the whole-record blob (~450 bytes, field names included) was most of what DuckDB wrote per
   row, in its WAL at every commit and again at every checkpoint (docs/benchmarks.md).
@@ -35,6 +35,7 @@ from eastwest.record import (
     Drop,
     Endpoint,
     FlowRecord,
+    Nat,
     Process,
     Rtt,
     Tunnel,
@@ -117,18 +118,22 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     tunnel_outer: list[Tunnel] | None = None
     dns: DnsSummary | None = None  # appended: the DNS a flow to a resolver carried
     drops: list[Drop] | None = None  # appended: drop counts by reason (source `drops`)
+    nat: list[Nat] | None = None  # appended: the address translations (conntrack)
 
 
-# `dns` and `drops` are appended to a record's extra only when it has them (trailing Nones
-# left off: msgspec fills them in): every other blob stays the 12-element array the native
+# `dns`, `drops` and `nat` are appended to a record's extra only when it has them (trailing
+# Nones left off: msgspec fills them in): every other blob stays the 12-element array the native
 # batch decoder writes byte for byte (aggregator/store/ewwire.c, which hands records with
-# `dns` or `drops` to Python, as those with `tunnel_outer`)
-_APPENDED = 2
+# `dns` or `drops` to Python, as those with `tunnel_outer`, and writes a record with `nat` as
+# the 15-element array, dns and drops nil: Service calls are most client records in a cluster)
+_APPENDED = 3
 _NO_EXTRA = (None,) * (len(Extra.__struct_fields__) - _APPENDED)
 
 
 def _appended(r: FlowRecord) -> tuple[Any, ...]:
     """The extra's appended fields of `r`, trailing Nones left off."""
+    if r.nat is not None:
+        return (r.dns, r.drops, r.nat)
     if r.drops is not None:
         return (r.dns, r.drops)
     return (r.dns,) if r.dns is not None else ()
@@ -269,7 +274,7 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
             tunnel_type or x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
             x.outer_dport),  # type: ignore[arg-type]
-        tunnel_outer=x.tunnel_outer, dns=x.dns, drops=x.drops,
+        tunnel_outer=x.tunnel_outer, dns=x.dns, drops=x.drops, nat=x.nat,
         client_workload=x.client_workload, server_workload=x.server_workload,
         tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
 

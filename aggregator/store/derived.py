@@ -117,6 +117,10 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     ("vtep_src_host", S, _tun("vtep_src_host")),
     ("vtep_dst_host", S, _tun("vtep_dst_host")),
     ("tunnel_type", S, _tun("type")),  # added: rows stored before it have NULL (VXLAN)
+    # added: the dialled Service address (records' `nat`); rows stored before them have NULL
+    ("service_ip", S, lambda c: c.service_ip),
+    ("service_port", I32, lambda c: c.service_port),
+    ("service_ip_hex", S, lambda c: ip_hex(c.service_ip) if c.service_ip is not None else None),
     ("state", BIN, lambda c: _enc.encode(c)),
 ]
 CONN_SCHEMA = pa.schema([(n, t) for n, t, _ in CONN_COLUMNS])
@@ -184,7 +188,8 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
             si.wid, si.name, si.namespace, si.kind, si.host, si.source,
             *(_astuple(cp) if cp is not None else _NONE5),
             *(_astuple(sp) if sp is not None else _NONE5),
-            *(_astuple(t) if t is not None else _NONE6))
+            *(_astuple(t) if t is not None else _NONE6), c.service_ip, c.service_port,
+            ip_hex(c.service_ip) if c.service_ip is not None else None)
 
 
 def views_blob(c: Connection) -> bytes:
@@ -223,7 +228,8 @@ def connection_of(row: dict[str, Any]) -> Connection:
     return Connection(row["conn_id"], row["protocol"], row["family"], row["client_ip"],
                       row["client_port"], row["server_ip"], row["server_port"], row["scope"],
                       ident("client", client_labels), ident("server", server_labels), out,
-                      proc("client"), proc("server"), tunnel, naming)
+                      proc("client"), proc("server"), tunnel, naming,
+                      row.get("service_ip"), row.get("service_port"))
 
 
 def _table(rows: Sequence[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:

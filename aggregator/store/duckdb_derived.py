@@ -75,7 +75,7 @@ _CONN_TABLES = ("connections_settled", "connections_live")
 # what `recent_connections` reads to rebuild a connection (`connection_of`)
 _STATE_COLUMNS = ["conn_id", "protocol", "family", "client_ip", "client_port", "server_ip",
                   "server_port", "scope", "vni", "vtep_src", "vtep_dst", "vtep_src_host",
-                  "vtep_dst_host", "tunnel_type", "views"] + [
+                  "vtep_dst_host", "tunnel_type", "views", "service_ip", "service_port"] + [
     f"{side}_{a}" for side in ("client", "server")
     for a in ("name", "namespace", "kind", "host", "id_source", "pid", "comm", "netns",
               "container", "collector")]
@@ -108,6 +108,7 @@ def migrate_derived(con: duckdb.DuckDBPyConnection, horizon_s: float) -> None:
         con.execute("COMMIT")
     con.execute(_SETTLED_DDL)
     _migrate_tunnel_type(con)
+    _migrate_service(con)
     con.execute(_VIEW_DDL)
     _migrate_rollups(con)
 
@@ -122,6 +123,20 @@ def _migrate_tunnel_type(con: duckdb.DuckDBPyConnection) -> None:
         if cols and "tunnel_type" not in cols:
             con.execute(f"ALTER TABLE {table} ADD COLUMN tunnel_type VARCHAR")
             con.execute(f"UPDATE {table} SET tunnel_type = 'vxlan' WHERE vni IS NOT NULL")
+
+
+def _migrate_service(con: duckdb.DuckDBPyConnection) -> None:
+    """Connection tables written before the dialled Service address was kept (issue 16) get
+    its columns, NULL in their rows (no record carried `nat` then)."""
+    for table in _CONN_TABLES:
+        cols = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+            [table]).fetchall()}
+        if cols and "service_ip" not in cols:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN service_ip VARCHAR")
+            con.execute(f"ALTER TABLE {table} ADD COLUMN service_port INTEGER")
+        if cols and "service_ip_hex" not in cols:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN service_ip_hex VARCHAR")
 
 
 def _migrate_rollups(con: duckdb.DuckDBPyConnection) -> None:

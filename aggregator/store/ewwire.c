@@ -422,6 +422,9 @@ typedef struct {
     uint32_t ntcp_flags;
     const uint8_t *incomplete;
     uint32_t nincomplete;
+    const uint8_t *nat; /* the first translation of `nat`; has_nat: the list was given */
+    uint32_t nnat;
+    int has_nat;
 } row_t;
 
 enum {
@@ -429,9 +432,9 @@ enum {
     F_CLIENT, F_SERVER, F_OBSERVER, F_BYTES_C2S, F_BYTES_S2C, F_PACKETS_C2S, F_PACKETS_S2C,
     F_L3_C2S, F_L3_S2C, F_CONNECT, F_RETRANSMITS, F_RESETS, F_RTT, F_PROCESS, F_NETNS, F_CGROUP,
     F_CONTAINER, F_TUNNEL, F_CW, F_SW, F_TCP_FLAGS, F_LOOPBACK, F_INCOMPLETE, F_TUNNEL_OUTER, F_DNS,
-    F_DROPS, F_N
+    F_DROPS, F_NAT, F_N
 };
-static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer"), L("dns"), L("drops")};
+static const lit_t FIELDS[] = {L("schema"), L("record_id"), L("collector"), L("source"), L("start"), L("end"), L("final"), L("protocol"), L("family"), L("client"), L("server"), L("observer"), L("bytes_c2s"), L("bytes_s2c"), L("packets_c2s"), L("packets_s2c"), L("l3_bytes_c2s"), L("l3_bytes_s2c"), L("connect"), L("retransmits"), L("resets"), L("rtt_us"), L("process"), L("netns"), L("cgroup"), L("container"), L("tunnel"), L("client_workload"), L("server_workload"), L("tcp_flags"), L("loopback"), L("incomplete"), L("tunnel_outer"), L("dns"), L("drops"), L("nat")};
 #define REQUIRED ((1ULL << F_RECORD_ID) | (1ULL << F_COLLECTOR) | (1ULL << F_SOURCE) | \
                   (1ULL << F_START) | (1ULL << F_END) | (1ULL << F_FINAL) | \
                   (1ULL << F_PROTOCOL) | (1ULL << F_FAMILY) | (1ULL << F_CLIENT) | \
@@ -635,6 +638,58 @@ static int rd_opt_count(rd_t *r, uint64_t *v, int *has)
     return rd_uint(r, COUNT_MAX, v);
 }
 
+/* one translation of `nat` (eastwest.record.Nat): its type (index in NAT_TYPES), both
+ * endpoints (canonical addresses of one family) and the optional netns */
+typedef struct {
+    int type;
+    str_t oip, tip;
+    uint64_t oport, tport, netns;
+    int has_netns;
+} nat_t;
+
+static const lit_t NAT_KEYS[] = {L("type"), L("original"), L("translated"), L("netns")};
+static const lit_t NAT_TYPES[] = {L("dnat"), L("snat"), L("redirect")};
+static int rd_nat_one(rd_t *r, nat_t *x)
+{
+    uint32_t seen = 0;
+    x->has_netns = 0;
+    STRUCT_KEYS(r, NAT_KEYS, 4, seen, k, {
+        str_t t;
+        switch (k) {
+        case 0:
+            if (!rd_str_raw(r, &t)) return 0;
+            x->type = -1;
+            for (int i = 0; i < 3; i++)
+                if (eq_lit_in(t, &NAT_TYPES[i], r->end)) x->type = i;
+            if (x->type < 0) return 0;
+            break;
+        case 1: if (!rd_endpoint(r, &x->oip, &x->oport)) return 0; break;
+        case 2: if (!rd_endpoint(r, &x->tip, &x->tport)) return 0; break;
+        default: if (!rd_opt_count(r, &x->netns, &x->has_netns)) return 0;
+        }
+    });
+    if ((seen & 7) != 7) return 0;
+    int fam = ip_family(x->oip);
+    return fam && ip_family(x->tip) == fam;
+}
+
+/* `nat`: None, or a list of translations (at most 16: more goes to Python). Decoded here, not
+ * left to Python as the rare fields are: in a cluster most client records carry one */
+static int rd_nat(rd_t *r, row_t *w)
+{
+    w->has_nat = 0;
+    w->nnat = 0;
+    if (is_nil(r)) return 1;
+    if (!rd_arr(r, &w->nnat) || w->nnat > 16) return 0;
+    w->has_nat = 1;
+    w->nat = r->p;
+    for (uint32_t i = 0; i < w->nnat; i++) {
+        nat_t x;
+        if (!rd_nat_one(r, &x)) return 0;
+    }
+    return 1;
+}
+
 /* one record into `w`: 1 when it is valid and ordinary, 0 when Python must decode it */
 static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
 {
@@ -737,6 +792,7 @@ static int rd_record(rd_t *r, row_t *w, str_t batch_collector)
         case F_DROPS: /* drop counts (source "drops") are rare too: Python decodes them */
             if (!is_nil(r)) return 0;
             break;
+        case F_NAT: if (!rd_nat(r, w)) return 0; break;
         }
         (void)s;
     }
@@ -835,18 +891,46 @@ static int w_workload(wr_t *o, const workload_t *w, const uint8_t *end)
 
 static inline int w_opt_uint(wr_t *o, int has, uint64_t v) { return has ? w_uint(o, v) : w_byte(o, 0xc0); }
 
+static int w_endpoint(wr_t *o, str_t ip, uint64_t port)
+{
+    return w_byte(o, 0x82) && w_str(o, (const uint8_t *)"ip", 2) && w_str(o, ip.p, ip.n) &&
+           w_str(o, (const uint8_t *)"port", 4) && w_uint(o, port);
+}
+
+/* `nat` read before (already validated), as msgspec encodes list[Nat]: each a map of its four
+ * fields in their order, whatever order the input had */
+static int w_nat(wr_t *o, const row_t *w, const uint8_t *end)
+{
+    rd_t r = {w->nat, end};
+    if (!w_header(o, w->nnat, 0x90, 0xdc, 0xdd)) return 0;
+    for (uint32_t i = 0; i < w->nnat; i++) {
+        nat_t x;
+        if (!rd_nat_one(&r, &x)) return 0;
+        const lit_t *t = &NAT_TYPES[x.type];
+        if (!w_byte(o, 0x84) || !w_str(o, (const uint8_t *)"type", 4) ||
+            !w_str(o, (const uint8_t *)t->s, t->n) ||
+            !w_str(o, (const uint8_t *)"original", 8) || !w_endpoint(o, x.oip, x.oport) ||
+            !w_str(o, (const uint8_t *)"translated", 10) || !w_endpoint(o, x.tip, x.tport) ||
+            !w_str(o, (const uint8_t *)"netns", 5) || !w_opt_uint(o, x.has_netns, x.netns))
+            return 0;
+    }
+    return 1;
+}
+
 /* the `extra` blob as columns.extra_blobs encodes it; *null when all of it is empty */
 static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
 {
     int cmd = w->has_process && w->cmdline.p, cgp = w->has_cgroup && w->cgroup_path.p;
     if (!w->has_l3_c2s && !w->has_l3_s2c && !cmd && !w->has_cgroup && !w->has_tunnel &&
-        !w->has_tcp_flags && !w->has_cw && !w->has_sw && !w->nincomplete) {
+        !w->has_tcp_flags && !w->has_cw && !w->has_sw && !w->nincomplete && !w->has_nat) {
         *null = 1;
         return 1;
     }
     *null = 0;
     str_t none = {NULL, 0};
-    return w_byte(o, 0x9c) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
+    /* 12 elements; with `nat` 15 (Extra's dns and drops nil before it: a record with either
+     * went to Python) */
+    return w_byte(o, w->has_nat ? 0x9f : 0x9c) && w_opt_uint(o, w->has_l3_c2s, w->l3_c2s) &&
            w_opt_uint(o, w->has_l3_s2c, w->l3_s2c) && w_opt_str(o, cmd ? w->cmdline : none) &&
            w_opt_uint(o, w->has_cgroup, w->cgroup_id) &&
            w_opt_str(o, cgp ? w->cgroup_path : none) &&
@@ -856,8 +940,8 @@ static int w_extra(wr_t *o, const row_t *w, const uint8_t *end, int *null)
            (w->has_sw ? w_workload(o, &w->sw, end) : w_byte(o, 0xc0)) &&
            (w->nincomplete ? w_str_list(o, w->incomplete, w->nincomplete, end) : w_byte(o, 0xc0)) &&
            w_byte(o, 0xc0) && /* Extra's tunnel_type: the `tunnel_type` column holds it */
-           w_byte(o, 0xc0); /* tunnel_outer: a record with one went to Python; Extra's dns and
-                               drops are left off (a record with either went to Python too) */
+           w_byte(o, 0xc0) && /* tunnel_outer: a record with one went to Python */
+           (!w->has_nat || (w_byte(o, 0xc0) && w_byte(o, 0xc0) && w_nat(o, w, end)));
 }
 
 /* the column buffers: per column validity bitmap (NULL: not nullable), offsets (strings),

@@ -115,7 +115,7 @@ CONN_FILTER_COLUMNS = {
     "server_port": "server_port", "protocol": "protocol", "outcome": "outcome",
     "observers": "observed_by", "vni": "vni", "client_workload": "client_name",
     "server_workload": "server_name", "client_namespace": "client_namespace",
-    "server_namespace": "server_namespace",
+    "server_namespace": "server_namespace", "service_ip": "service_ip_hex",
 }
 # the view keys the rollups can answer (aggregator/store/query.py ROLLUP_KEYS) -> their columns
 ROLLUP_FILTER_COLUMNS = {

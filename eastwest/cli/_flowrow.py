@@ -91,6 +91,7 @@ class FlowRow:
                 "observers": set(observed), "vni": vni,
                 "client_workload": client.workload, "server_workload": server.workload,
                 "client_namespace": client.namespace, "server_namespace": server.namespace,
+                "service_ip": obj.get("service_ip"),
             }
             return cls(
                 start=start, end=end, protocol=str(obj["protocol"]), client=client,

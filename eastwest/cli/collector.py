@@ -106,6 +106,10 @@ def register(sub: Any) -> None:
     g.add_argument("--no-udp", action="store_true",
                    help="socket probes: TCP only, no UDP flows (the UDP hooks add a syscall "
                    "tracepoint to every send/recv call of every process; docs/collector.md)")
+    g.add_argument("--no-nat", action="store_true",
+                   help="do not resolve NAT from conntrack: a Service call's client record then "
+                   "names the ClusterIP, not the backend, and does not join its server's "
+                   "(docs/collector.md, \"NAT\")")
     g.add_argument("--print-bpf", action="store_true", help="print the BPF C program and exit")
 
     g = p.add_argument_group("output")

@@ -33,7 +33,9 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  sudo eastwest demo                      lab of 3 hosts + aggregator + 3 collectors, until Ctrl-C
+  sudo eastwest demo                      lab of 3 hosts + aggregator + 3 collectors, until Ctrl-C;
+                                          Kubernetes-style Services (ClusterIPs, a NodePort)
+  sudo eastwest demo --no-services        the lab without Services: pods call pods directly
   sudo eastwest demo --no-lab             aggregator + a collector for this host (= make run)
   sudo eastwest demo --duration 60        stop by itself after a minute
 
@@ -52,7 +54,14 @@ def register(sub: Any) -> None:
                    help="no lab: one collector for this whole host (what `make run` starts)")
     p.add_argument("--name", default="ewdemo", help="lab name (default ewdemo)")
     p.add_argument("--hosts", type=int, default=3, help="lab hosts (default 3)")
-    p.add_argument("--pods-per-host", type=int, default=2, help="pods per lab host (default 2)")
+    p.add_argument("--pods-per-host", type=int, default=None,
+                   help="pods per lab host (default 3 with Services, else 2)")
+    p.add_argument("--services", action=argparse.BooleanOptionalAction, default=None,
+                   help="the lab's Kubernetes-style Services: ClusterIPs and a NodePort programmed "
+                   "as kube-proxy does, the application calling them; each call is one connection "
+                   "to its backend, the ClusterIP kept as service_ip (docs/lab.md, "
+                   "docs/collector.md \"NAT\"). Default: on when the lab can have them (IPv4, 3 "
+                   "or more hosts); --no-services: pods call pods directly"),
     p.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
                    help="the lab's pod addresses (default ipv4; see `eastwest lab up --help`)")
     p.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT",
@@ -179,6 +188,25 @@ class Stack:
 
 
 # -- the command -------------------------------------------------------------------------------
+def _services(args: argparse.Namespace) -> bool:
+    """Services unless turned off; by default only where the lab can have them (the lab's own
+    plan says: IPv4, 3 or more hosts, enough pods per host); asked for explicitly where it
+    cannot, `Lab.up` refuses naming why."""
+    if args.services is not None:
+        return bool(args.services)
+    from eastwest.errors import ConfigError
+    from eastwest.lab.plan import make_plan
+
+    pods = args.pods_per_host if args.pods_per_host is not None else 3
+    try:
+        make_plan(args.name, args.hosts, pods, 4789, args.ip_family, services=True)
+    except ConfigError as exc:
+        print(f"eastwest demo: no Services in this lab ({exc}); --services to insist",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def _run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("eastwest demo: needs root (eBPF probes, network namespaces): use sudo",
@@ -198,8 +226,10 @@ def _run(args: argparse.Namespace) -> int:
             from eastwest.lab import Lab
 
             Lab.down_by_name(args.name)
-            lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=args.pods_per_host,
-                         ip_family=args.ip_family,
+            services = _services(args)
+            pods = args.pods_per_host if args.pods_per_host is not None else 3 if services else 2
+            lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=pods,
+                         ip_family=args.ip_family, services=services,
                          progress=lambda m: print(f"eastwest demo: {m}", file=sys.stderr))
             # the lab's inventory, as a user with one would hand it over: pods by name
             stack.start_aggregator(extra=["--workload-map", str(lab.inventory["workload_map"])])

@@ -86,7 +86,7 @@ class HostCollector:
     """One lab host's collector: socket probes + VXLAN on its underlay -> the aggregator."""
 
     def __init__(self, lab, host: str, url: str, spool: Path, metrics: bool = False,
-                 keep: bool = False) -> None:
+                 keep: bool = False, nat: bool = False) -> None:
         from collector.export import AggregatorSink, ExportSettings
         from collector.pipeline import CollectorContext
         from collector.probes import SocketProbeSource
@@ -110,6 +110,13 @@ class HostCollector:
         # keep=True: every record the sources emitted is also kept here, as the sink got it
         self.records: list[Any] = []
         self._keep = keep
+        # nat=True: records fold by the host's conntrack (collector/natfold.py), as
+        # collector/main.py wires it; `folder` holds its counters
+        self.folder = None
+        if nat:
+            from collector.natfold import folder_for
+
+            self.folder = folder_for(args)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def write(self, records: list[Any]) -> None:  # the pipeline's sink when keep=True
@@ -122,9 +129,13 @@ class HostCollector:
     def _run(self) -> None:
         from collector.pipeline import run_pipeline
 
+        sink: Any = self if self._keep else self.sink
+        if self.folder is not None:
+            from collector.natfold import NatFoldingSink
+
+            sink = NatFoldingSink(sink, self.folder, self.ctx.clock.now)
         try:
-            run_pipeline([self.socket, self.vxlan], self if self._keep else self.sink,
-                         stop=self.stop_event,
+            run_pipeline([self.socket, self.vxlan], sink, stop=self.stop_event,
                          handle_signals=False)
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.errors.append(exc)
@@ -151,8 +162,8 @@ class HostCollector:
 
 @contextlib.contextmanager
 def collectors(lab, url: str, spool: Path, hosts: list[str], metrics: bool = False,
-               keep: bool = False):
-    running = [HostCollector(lab, h, url, spool, metrics, keep) for h in hosts]
+               keep: bool = False, nat: bool = False):
+    running = [HostCollector(lab, h, url, spool, metrics, keep, nat) for h in hosts]
     try:
         for c in running:
             c.start()

@@ -5,7 +5,8 @@ A workload: a few connections that share keys (reused client ports inside and ou
 slack, loopback connections in several namespaces), each reported by any subset of its
 observers (client, server, several wire collectors) with clock skew per host, interim records
 then a final one, late interim records, processes, containers, tunnels, RTTs, collector-reported
-workloads (observers disagreeing), IPv4 and IPv6, link-local addresses; split into batches in
+workloads (observers disagreeing), NAT chains with a dialled Service address (observers knowing
+it or not, sometimes disagreeing), IPv4 and IPv6, link-local addresses; split into batches in
 any order; between batches the wall clock moves (names settle), a plan may be rolled back, the
 correlators may restart from their own connections, or prune.
 """
@@ -27,7 +28,7 @@ from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.correlate_plan import ColumnPlan
 from aggregator.identity import IdentityResolver, StaticMap
 from aggregator.store.derived import DUCKDB_CONN_SCHEMA, Derived, _views_dec
-from eastwest.record import Endpoint, FlowRecord, Process, Rtt, Tunnel, Workload
+from eastwest.record import Endpoint, FlowRecord, Nat, Process, Rtt, Tunnel, Workload
 
 T0 = datetime(2026, 11, 28, 4, 0, 10, tzinfo=UTC)
 WALL0 = datetime(2026, 11, 28, 5, 0, 0, tzinfo=UTC)
@@ -135,6 +136,30 @@ def a_key(rnd: random.Random) -> Key:
             rnd.choice(["tcp", "tcp", "udp"]))
 
 
+VIPS = {4: ["10.96.0.10", "10.96.0.11"], 6: ["fd00:96::10", "fd00:96::11"]}
+
+
+def _nat(key: Key, slot: str, start: datetime) -> list[Nat] | None:
+    """An observer's translations of the connection, drawn from a generator of its own (seeded
+    by the connection and the observer) so the workloads' other draws stay as they were: none,
+    a DNAT from one of two VIPs (observers may disagree), or a chain with a masquerade or a
+    sidecar's redirect in front."""
+    family, loop, cip, sip, cport, sport, protocol = key
+    nrnd = random.Random(f"{cip} {sip} {cport} {sport} {protocol} {slot} {start.isoformat()}")
+    if loop or nrnd.random() < 0.6:
+        return None
+    vip = Endpoint(nrnd.choice(VIPS[family]), nrnd.choice([80, sport]))
+    chain = [Nat("dnat", vip, Endpoint(sip, sport), nrnd.choice([None, 4026531840]))]
+    roll = nrnd.random()
+    if roll < 0.2:
+        chain.insert(0, Nat("snat", Endpoint(cip, cport), Endpoint(nrnd.choice(VIPS[family]),
+                                                                    61000)))
+    elif roll < 0.35:
+        lo = Endpoint("127.0.0.1" if family == 4 else "::1", 15001)
+        chain = [Nat("redirect", vip, lo, 7), Nat("dnat", lo, Endpoint(sip, sport), None)]
+    return chain
+
+
 def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[FlowRecord]:
     """The records of one connection, from a random subset of its observers."""
     family, loop, cip, sip, cport, sport, protocol = key
@@ -161,6 +186,7 @@ def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[F
         proc = (Process(rnd.randrange(1, 9), rnd.choice(["ew-frontend", "ew-api", "curl", ""]))
                 if obs != "path" and rnd.random() < 0.75 else None)
         container = rnd.choice([None, None, "", "c0ffee0123456789abcd"]) if obs != "path" else None
+        nat = _nat(key, slot, start)
         for k, end in enumerate(ends):
             final = k == len(ends) - 1 and rnd.random() < 0.85
             frac = (k + 1) / len(ends)
@@ -180,7 +206,8 @@ def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[F
                 rtt_us=Rtt(10, 20 + k, 90) if obs != "path" and rnd.random() < 0.6 else None,
                 process=proc, netns=netns if obs != "path" else None, container=container,
                 tunnel=tunnel, client_workload=_workload(rnd), server_workload=_workload(rnd),
-                loopback=loop, incomplete=["no_start"] if rnd.random() < 0.05 else []))
+                loopback=loop, incomplete=["no_start"] if rnd.random() < 0.05 else [],
+                nat=nat))
         if n_interim and rnd.random() < 0.3:  # a late interim record, sent again later
             out.append(out[-2].replace(record_id=f"{coll}:{next(_seq)}"))
     return out

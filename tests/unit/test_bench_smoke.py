@@ -4,7 +4,9 @@ proven; bench_graph_api.py once broke silently in a refactor of the aggregator's
 only when it was next run. Sizes here prove nothing about speed (that is `make bench`'s job).
 
 Not here: bench_socket_probes.py, bench_drops.py and bench_vxlan_live.py (real eBPF and
-tcpreplay: the lab suites cover their code paths), bench_scaleout.py (NATS + ClickHouse servers), bench_web.py
+tcpreplay: the lab suites cover their code paths), bench_conntrack.py (root, two network
+namespaces and iptables: tests/lab/test_lab_services.py and test_services_join_lab.py cover the
+conntrack reader and the folding it measures), bench_scaleout.py (NATS + ClickHouse servers), bench_web.py
 (Chromium; tests/web cover the dashboard).
 """
 
@@ -34,7 +36,7 @@ RATIO = re.compile(r"\d\.\d+x")
 
 def test_every_bench_script_is_either_smoke_tested_or_named_as_not():
     named = set(CASES) | {"bench_socket_probes.py", "bench_drops.py", "bench_vxlan_live.py",
-                          "bench_scaleout.py",
+                          "bench_scaleout.py", "bench_conntrack.py",
                           "bench_web.py"}
     assert {p.name for p in BENCH.glob("bench_*.py")} == named
 

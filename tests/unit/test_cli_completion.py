@@ -31,7 +31,8 @@ def complete(script_path, line: str, command: str = "eastwest") -> list[str]:
 
 @pytest.mark.parametrize(("line", "expected"), [
     ("eastwest fl", ["flows"]),
-    ("eastwest flows --to", ["--to-workload", "--to-ip", "--to-port", "--token", "--token-file"]),
+    ("eastwest flows --to", ["--to-workload", "--to-ip", "--to-port", "--to-service", "--token",
+                             "--token-file"]),
     ("eastwest flows -o ", ["table", "compact", "json", "jsonl", "csv"]),
     ("eastwest flows --outcome re", ["refused", "reset"]),
     ("eastwest flows --not --observer ", ["client", "server", "path"]),

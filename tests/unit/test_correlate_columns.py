@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from aggregator import correlate_native
+from aggregator import correlate_native, service
 from aggregator.correlate_columns import ColumnCorrelator
 from eastwest import native_build
+from eastwest.record import Endpoint, Nat
 from tests.unit.correlate_workloads import (
     Pair,
     Wall,
@@ -178,3 +179,32 @@ def test_udp_socket_views_counting_datagrams_plan_the_same_in_every_order(order)
                             packets_c2s=1, packets_s2c=1),
                         udp(o, collector=coll, dur=70, packets_c2s=3 + (o == "path"))])
         assert_same_state(pair.ref, pair.col)
+
+
+VIP_A, VIP_B = Endpoint("10.96.0.10", 80), Endpoint("10.96.0.11", 9090)
+BACKEND = Endpoint("10.244.2.11", 9090)
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=">".join)
+def test_a_service_call_keeps_its_dialled_address_in_every_order(order) -> None:
+    """Issue 16: the client knows the ClusterIP it dialled (its host's DNAT), the server knows
+    nothing of it, the wire (a NodePort's middle host) knows another; whatever the order, both
+    correlators keep the same one (aggregator/service.py: the lowest rank), once per connection,
+    and a restart keeps it."""
+    nat = {"client": [Nat("dnat", VIP_A, BACKEND, 4026531840)], "server": None,
+           "path": [Nat("dnat", VIP_B, BACKEND, None)]}
+    with Pair(1, 10.0) as pair:
+        for o in order:
+            coll = {"client": "h1", "server": "h2", "path": "h3"}[o]
+            pair.batch([rec(o, collector=coll, final=False, dur=20, nat=nat[o]),
+                        rec(o, collector=coll, dur=70, nat=nat[o])])
+        assert_same_state(pair.ref, pair.col)
+        [conn] = pair.col.connections()
+        known = [nat[o][0].original for o in order if nat[o]]
+        want = min(known, key=lambda e: service.rank(e.ip, e.port)) if known else None
+        assert ((conn.service_ip, conn.service_port) == (want.ip, want.port) if want
+                else conn.service_ip is None and conn.service_port is None)
+        pair.restart()
+        assert_same_state(pair.ref, pair.col)
+        [again] = pair.col.connections()
+        assert (again.service_ip, again.service_port) == (conn.service_ip, conn.service_port)

@@ -11,13 +11,13 @@ import pytest
 from aggregator.store.sql import DuckParams, compile_filter
 from eastwest.errors import ConfigError
 from eastwest.filters import Filter, ip_hex, outcome_of, parse_time, view_of_record
-from eastwest.record import Endpoint, FlowRecord, Tunnel, Workload
+from eastwest.record import Endpoint, FlowRecord, Nat, Tunnel, Workload
 
 T0 = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
 
 
 def rec(n, cip, cport, sip, sport, proto="tcp", connect="ok", resets=0, observer="client",
-        cw=None, sw=None, ns="shop", vni=None):
+        cw=None, sw=None, ns="shop", vni=None, nat=None):
     fam = 6 if ":" in cip else 4
     return FlowRecord(
         record_id=f"c:{n}", collector="c", source="socket", start=T0, end=T0, final=True,
@@ -25,15 +25,22 @@ def rec(n, cip, cport, sip, sport, proto="tcp", connect="ok", resets=0, observer
         observer=observer, connect=connect, resets=resets,
         client_workload=Workload(cw, ns) if cw else None, server_workload=Workload(sw, ns) if sw else None,
         tunnel=Tunnel("vxlan", vni, "10.213.0.1", "10.213.0.2", 4789) if vni is not None else None,
+        nat=nat,
     )
 
 
+def dnat(vip: str, port: int, sip: str, sport: int) -> list[Nat]:
+    return [Nat("dnat", Endpoint(vip, port), Endpoint(sip, sport))]
+
+
 RECORDS = [
-    rec(1, "10.244.1.11", 40000, "10.244.2.11", 9090, cw="frontend", sw="api"),
+    rec(1, "10.244.1.11", 40000, "10.244.2.11", 9090, cw="frontend", sw="api",
+        nat=dnat("10.96.0.11", 9090, "10.244.2.11", 9090)),
     rec(2, "10.244.2.11", 40001, "10.244.3.11", 5432, cw="api", sw="db", vni=42, observer="path"),
     rec(3, "10.244.2.11", 40002, "10.244.3.11", 5433, connect="refused", cw="api", sw="db"),
     rec(4, "10.244.2.11", 40003, "10.244.2.12", 7000, resets=1, cw="api", sw="auth", observer="server"),
-    rec(5, "10.244.2.11", 40004, "10.244.3.12", 53, proto="udp", connect=None, cw="api", sw="resolver", ns="platform"),
+    rec(5, "10.244.2.11", 40004, "10.244.3.12", 53, proto="udp", connect=None, cw="api", sw="resolver", ns="platform",
+        nat=dnat("10.96.0.15", 53, "10.244.3.12", 53)),
     rec(6, "fd00::1", 50000, "fd00::2", 443, cw="web", sw="edge", ns="ext"),
     # link-local and multicast chatter: hidden unless the filter asks for it
     rec(7, "fe80::a8c1:abff:fe00:1", 5353, "ff02::fb", 5353, proto="udp", connect=None,
@@ -67,6 +74,9 @@ CASES = [  # (flags as (dim, value, negated), ids of matching records)
     ([("vni", "42", True)], [1, 3, 4, 5, 6]),
     ([("namespace", "platform", False)], [5]),
     ([("protocol", "TCP", False)], [1, 2, 3, 4, 6]),
+    ([("to_service", "10.96.0.11", False)], [1]),
+    ([("to_service", "10.96.0.0/16", False)], [1, 5]),  # every ClusterIP call
+    ([("to_service", "10.96.0.0/16", True)], [2, 3, 4, 6]),  # calls not made to a Service
 ]
 
 
@@ -87,21 +97,23 @@ def db():
     con = duckdb.connect()
     con.execute("""CREATE TABLE flows (id INT, client_ipx TEXT, server_ipx TEXT, client_port INT,
         server_port INT, protocol TEXT, outcome TEXT, observers TEXT, vni INT, cw TEXT, sw TEXT,
-        cns TEXT, sns TEXT)""")
+        cns TEXT, sns TEXT, svcx TEXT)""")
     for r in RECORDS:
         v = view_of_record(r)
-        con.execute("INSERT INTO flows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", [
+        con.execute("INSERT INTO flows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
             int(r.record_id.split(":")[1]), ip_hex(v["client_ip"]), ip_hex(v["server_ip"]),
             v["client_port"], v["server_port"], v["protocol"], v["outcome"],
             "," + ",".join(sorted(v["observers"])) + ",", v["vni"], v["client_workload"],
-            v["server_workload"], v["client_namespace"], v["server_namespace"]])
+            v["server_workload"], v["client_namespace"], v["server_namespace"],
+            ip_hex(v["service_ip"]) if v["service_ip"] else None])
     return con
 
 
 COLUMNS = {"client_ip": "client_ipx", "server_ip": "server_ipx", "client_port": "client_port",
            "server_port": "server_port", "protocol": "protocol", "outcome": "outcome",
            "observers": "observers", "vni": "vni", "client_workload": "cw",
-           "server_workload": "sw", "client_namespace": "cns", "server_namespace": "sns"}
+           "server_workload": "sw", "client_namespace": "cns", "server_namespace": "sns",
+           "service_ip": "svcx"}
 
 
 @pytest.mark.parametrize(("flags", "expected"), CASES, ids=[str(c[0]) for c in CASES])

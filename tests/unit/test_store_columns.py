@@ -22,6 +22,7 @@ from eastwest.record import (
     Drop,
     Endpoint,
     FlowRecord,
+    Nat,
     Process,
     Rtt,
     Tunnel,
@@ -100,6 +101,18 @@ def test_a_record_with_drops_comes_back_with_them(tmp_path):
     store.ingest("node-1", 1, [syn, both])
     assert sorted(store.records(), key=lambda r: r.record_id) == sorted([syn, both],
                                                                       key=lambda r: r.record_id)
+    store.close()
+
+
+def test_a_record_with_nat_comes_back_with_it(tmp_path):
+    """`nat` (issue 16) is stored in `extra`, after `dns` and `drops`: with and without them."""
+    chain = [Nat("redirect", Endpoint("10.96.0.10", 80), Endpoint("127.0.0.1", 15001), 7),
+             Nat("dnat", Endpoint("10.96.0.10", 80), Endpoint("10.244.2.11", 8080), 9)]
+    alone = full_record().replace(record_id="node-1:8", nat=chain[1:])
+    both = full_record().replace(record_id="node-1:9", drops=[Drop("NO_SOCKET", 1)], nat=chain)
+    store = DuckDBStore(tmp_path)
+    store.ingest("node-1", 1, [alone, both])
+    assert sorted(store.records(), key=lambda r: r.record_id) == [alone, both]
     store.close()
 
 

@@ -22,7 +22,7 @@ from aggregator.store import wire_columns
 from aggregator.store.columns import _extra_dec, flat_table
 from aggregator.store.wire_columns import ColumnBatch, decode_columns, native_available
 from eastwest import codec, native_build
-from eastwest.record import Cgroup, Endpoint, FlowRecord, Tunnel, Workload
+from eastwest.record import Cgroup, Endpoint, FlowRecord, Nat, Tunnel, Workload
 from tests.sampling import fixed_sample
 from tests.unit.test_record import full_record
 from tests.unit.test_store_columns import records
@@ -134,12 +134,23 @@ def wide_records(draw, n: int) -> FlowRecord:
     if draw(st.booleans()):
         over["client_workload"] = Workload(draw(UNICODE), draw(st.one_of(st.none(), UNICODE)),
                                            None, draw(st.one_of(st.none(), UNICODE)), draw(LABELS))
+    if draw(st.booleans()):  # a Service call's translations (issue 16), of the record's family
+        port = st.integers(0, 65535)
+        over["nat"] = draw(st.lists(st.builds(
+            Nat, st.sampled_from(["dnat", "snat", "redirect"]), st.builds(Endpoint, ip, port),
+            st.builds(Endpoint, ip, port), st.one_of(st.none(), BIG)), max_size=3))
     return rec.replace(**over)
 
 
 def deferred_by_design(r: FlowRecord) -> bool:
     """What the native decoder leaves to msgspec on purpose: odd IPv6 forms, nested tunnels."""
-    return odd_ipv6(r) or r.tunnel_outer is not None or r.drops is not None
+    return (odd_ipv6(r) or r.tunnel_outer is not None or r.drops is not None
+            or any(odd_ipv6_text(e.ip) for n in r.nat or () for e in (n.original, n.translated)))
+
+
+def odd_ipv6_text(text: str) -> bool:
+    a = ipaddress.ip_address(text)
+    return a.version == 6 and (a.ipv4_mapped is not None or (int(a) >> 32 == 0 and int(a) > 1))
 
 
 def odd_ipv6(r: FlowRecord) -> bool:
@@ -297,6 +308,32 @@ MUTATIONS: dict[str, Any] = {
     "drops bad reason": _mut(drops=[{"reason": "netfilter drop", "packets": 3}]),
     "drops negative": _mut(drops=[{"reason": "NO_SOCKET", "packets": -1}]),
     "source drops": _mut(source="drops"),
+    "nat nil": _mut(nat=None),
+    "nat dnat": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 80},
+                           "translated": {"ip": "10.244.2.11", "port": 8080}, "netns": 4026532}]),
+    "nat bad type": _mut(nat=[{"type": "masq", "original": {"ip": "10.96.0.10", "port": 80},
+                               "translated": {"ip": "10.244.2.11", "port": 8080}}]),
+    "nat mixed family": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 80},
+                                   "translated": {"ip": "fd00::1", "port": 8080}}]),
+    "nat empty": _mut(nat=[]),
+    "nat chain, keys in another order, netns left out": _mut(nat=[
+        {"translated": {"port": 15001, "ip": "127.0.0.1"}, "type": "redirect",
+         "original": {"ip": "10.96.0.10", "port": 80}},
+        {"type": "dnat", "original": {"ip": "127.0.0.1", "port": 15001},
+         "translated": {"ip": "10.244.2.11", "port": 8080}, "netns": None},
+        {"type": "snat", "original": {"ip": "10.244.1.11", "port": 40000},
+         "translated": {"ip": "10.244.2.1", "port": 61000}, "netns": 2**40}]),
+    "nat v6": _mut(nat=[{"type": "dnat", "original": {"ip": "fd00:96::10", "port": 80},
+                         "translated": {"ip": "fd00::11", "port": 8080}}]),
+    "nat ip not canonical": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.010", "port": 80},
+                                       "translated": {"ip": "10.244.2.11", "port": 8080}}]),
+    "nat port 65536": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 65536},
+                                 "translated": {"ip": "10.244.2.11", "port": 8080}}]),
+    "nat netns -1": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 80},
+                               "translated": {"ip": "10.244.2.11", "port": 8080}, "netns": -1}]),
+    "nat unknown key": _mut(nat=[{"type": "dnat", "original": {"ip": "10.96.0.10", "port": 80},
+                                  "translated": {"ip": "10.244.2.11", "port": 8080}, "at": 1}]),
+    "nat not a list": _mut(nat={"type": "dnat"}),
     "rtt min > avg": _mut(rtt_us__min=30),
     "rtt as list": _mut(rtt_us=[1, 2, 3]),
     "client as list": _mut(client=["10.0.0.1", 1]),
@@ -391,7 +428,8 @@ NATIVE_OK = {
     "workload labels left out", "workload kind nil", "end in 9999", "start 96-bit", "ip v4 ok",
     "outer ip v6", "int64 schema", "uint16 port", "str8 short comm", "str16 short ip",
     "map16 rtt", "array16 flags", "tunnel type geneve", "tunnel type gpe", "source wire",
-    "tunnel outer nil", "drops nil"}
+    "tunnel outer nil", "drops nil", "nat nil", "nat dnat", "nat empty",
+    "nat chain, keys in another order, netns left out", "nat v6"}
 
 
 @SETTINGS
