@@ -37,14 +37,19 @@ API_A, API_B = "203.0.113.7", "203.0.113.8"
 WINDOW = Window(T0 - timedelta(minutes=5), T0 + timedelta(minutes=5))
 _ids = itertools.count(1)
 
-DNS = DnsSummary(
-    queries=5, responses=4, timeouts=1, rcodes={"NOERROR": 2, "NXDOMAIN": 1, "SERVFAIL": 1},
-    latency_us=DnsLatency(300, 900, 2100),
-    names=[DnsName("api.example.com.", "A", 2, {"NOERROR": 2}),
-           DnsName("gone.example.com.", "A", 1, {"NXDOMAIN": 1}),
-           DnsName("flaky.example.com.", "A", 2, {"SERVFAIL": 1}, 1)],
-    answers=[DnsAnswer("api.example.com.", "A", API_A, 30, T0),
-             DnsAnswer("api.example.com.", "A", API_B, 30, T0)])
+
+def dns_summary(t0: datetime) -> DnsSummary:
+    return DnsSummary(
+        queries=5, responses=4, timeouts=1, rcodes={"NOERROR": 2, "NXDOMAIN": 1, "SERVFAIL": 1},
+        latency_us=DnsLatency(300, 900, 2100),
+        names=[DnsName("api.example.com.", "A", 2, {"NOERROR": 2}),
+               DnsName("gone.example.com.", "A", 1, {"NXDOMAIN": 1}),
+               DnsName("flaky.example.com.", "A", 2, {"SERVFAIL": 1}, 1)],
+        answers=[DnsAnswer("api.example.com.", "A", API_A, 30, t0),
+                 DnsAnswer("api.example.com.", "A", API_B, 30, t0)])
+
+
+DNS = dns_summary(T0)
 
 
 def r(observer: str, client: tuple[str, int], server: tuple[str, int], start: datetime, *,
@@ -59,21 +64,21 @@ def r(observer: str, client: tuple[str, int], server: tuple[str, int], start: da
         else None, process=Process(7, comm) if comm else None, dns=dns)
 
 
-def batches() -> list[tuple[str, list[FlowRecord]]]:
+def batches(t0: datetime = T0) -> list[tuple[str, list[FlowRecord]]]:
     """Three batches: the DNS flow (its socket view and the capture's `dns` summary), the
     connections within the answers' TTL, and one after it plus one of a client that got none."""
     dns_flow = ((FRONT, 41000), (RESOLVER, 53))
     return [
-        ("h1", [r("client", *dns_flow, T0 - timedelta(seconds=1), protocol="udp",
+        ("h1", [r("client", *dns_flow, t0 - timedelta(seconds=1), protocol="udp",
                   comm="ew-frontend"),
-                r("path", *dns_flow, T0 - timedelta(seconds=1), protocol="udp", dns=DNS)]),
-        ("h1", [r("client", (FRONT, 50001), (API_A, 443), T0 + timedelta(seconds=2),
+                r("path", *dns_flow, t0 - timedelta(seconds=1), protocol="udp", dns=dns_summary(t0))]),
+        ("h1", [r("client", (FRONT, 50001), (API_A, 443), t0 + timedelta(seconds=2),
                   comm="ew-frontend"),
-                r("client", (FRONT, 50002), (API_B, 443), T0 + timedelta(seconds=3),
+                r("client", (FRONT, 50002), (API_B, 443), t0 + timedelta(seconds=3),
                   comm="ew-frontend")]),
-        ("h1", [r("client", (FRONT, 50003), (API_A, 443), T0 + timedelta(seconds=100),
+        ("h1", [r("client", (FRONT, 50003), (API_A, 443), t0 + timedelta(seconds=100),
                   comm="ew-frontend"),
-                r("client", (OTHER, 50004), (API_A, 443), T0 + timedelta(seconds=4),
+                r("client", (OTHER, 50004), (API_A, 443), t0 + timedelta(seconds=4),
                   comm="ew-other")]),
     ]
 
