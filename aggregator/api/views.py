@@ -55,6 +55,7 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
             "vtep_src": r["vtep_src"], "vtep_dst": r["vtep_dst"],
             "vtep_src_host": r["vtep_src_host"], "vtep_dst_host": r["vtep_dst_host"]},
         "complete": not r["incomplete"],
+        "dns": None,  # GET /api/v1/flows fills it (aggregator/dns_flows.py)
     }
 
 

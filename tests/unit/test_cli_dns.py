@@ -104,3 +104,26 @@ def test_a_bad_dns_filter_value_exits_2_naming_the_flag(api, capsys, argv, flag)
     rc, out, err = run(capsys, *argv)
     assert (rc, out) == (2, "")
     assert flag in err
+
+
+def test_flows_api_names_the_server_by_the_answer_and_carries_the_dns_of_a_resolver_flow(
+        api, capsys) -> None:
+    r = api.get("/api/v1/flows", params={"since": "1h", "limit": "100"},
+                headers={"Authorization": f"Bearer {READ}"})
+    assert r.status_code == 200, r.text
+    flows = r.json()["flows"]
+    by = {(f["client"]["ip"], f["client"]["port"]): f for f in flows}
+    assert len(flows) == 5
+    named = {k: (f["server"]["workload"]["name"], f["server"]["workload"]["resolved_by"])
+             for k, f in by.items() if f["server"]["port"] == 443}
+    assert named == {("10.244.1.11", 50001): ("api.example.com", "dns"),
+                     ("10.244.1.11", 50002): ("api.example.com", "dns"),
+                     ("10.244.1.11", 50003): ("api.example.com", "dns-hint"),
+                     ("10.244.1.12", 50004): (f"external:{API_A}", "external")}
+    resolver = by[("10.244.1.11", 41000)]
+    assert resolver["dns"]["queries"] == 5 and resolver["dns"]["nxdomain"] == 1
+    assert all(f["dns"] is None for k, f in by.items() if k != ("10.244.1.11", 41000))
+    # the CLI shows the name
+    rc, out, _ = run(capsys, "flows", "--since", "1h", "-o", "jsonl")
+    shown = [json.loads(ln)["server"]["workload"]["name"] for ln in out.splitlines()]
+    assert rc == 0 and shown.count("api.example.com") == 3
