@@ -17,9 +17,10 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 
 from aggregator.dns_graph import BELOW_DNS, SLACK
-from aggregator.dns_names import DNS_PORT, LOOKBACK, DnsFacts, Named, edge_dns
+from aggregator.dns_names import DNS_PORT, LOOKBACK, DnsFacts, Named, display_name, edge_dns
 from aggregator.store.base import ReadStore
 from aggregator.store.query import RecordQuery
+from eastwest.record import DnsSummary
 
 
 class DnsOfRow(NamedTuple):
@@ -54,8 +55,19 @@ def dns_of_rows(store: ReadStore, rows: Sequence[dict[str, Any]]) -> list[DnsOfR
                    r["server_port"])
             mine = [f.summary for f in flows.get(key, ())
                     if r["start_ts"] - SLACK <= f.end and f.start <= r["last_seen"] + SLACK]
-            dns = edge_dns(mine) if mine else None
+            dns = flow_dns(mine) if mine else None
         out.append(DnsOfRow(named, dns))
+    return out
+
+
+def flow_dns(summaries: Sequence[DnsSummary]) -> dict[str, Any]:
+    """A flow's `dns`: the edge's form (`edge_dns`) and the answers the client got."""
+    out = edge_dns(summaries)
+    answers = {(display_name(a.name), a.type, a.value, a.ttl, a.at)
+               for s in summaries for a in s.answers}
+    out["answers"] = [{"name": n, "type": t, "value": v, "ttl": ttl,
+                       "at": at.isoformat().replace("+00:00", "Z")}
+                      for n, t, v, ttl, at in sorted(answers)]
     return out
 
 

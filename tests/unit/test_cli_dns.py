@@ -122,6 +122,8 @@ def test_flows_api_names_the_server_by_the_answer_and_carries_the_dns_of_a_resol
                      ("10.244.1.12", 50004): (f"external:{API_A}", "external")}
     resolver = by[("10.244.1.11", 41000)]
     assert resolver["dns"]["queries"] == 5 and resolver["dns"]["nxdomain"] == 1
+    assert [(a["name"], a["type"], a["value"], a["ttl"]) for a in resolver["dns"]["answers"]] == [
+        ("api.example.com", "A", API_A, 30), ("api.example.com", "A", "203.0.113.8", 30)]
     assert all(f["dns"] is None for k, f in by.items() if k != ("10.244.1.11", 41000))
     # the CLI shows the name
     rc, out, _ = run(capsys, "flows", "--since", "1h", "-o", "jsonl")
