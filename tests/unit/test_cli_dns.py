@@ -129,3 +129,12 @@ def test_flows_api_names_the_server_by_the_answer_and_carries_the_dns_of_a_resol
     rc, out, _ = run(capsys, "flows", "--since", "1h", "-o", "jsonl")
     shown = [json.loads(ln)["server"]["workload"]["name"] for ln in out.splitlines()]
     assert rc == 0 and shown.count("api.example.com") == 3
+
+
+def test_a_dns_named_node_is_a_workload_of_the_window(api, capsys) -> None:
+    h = {"Authorization": f"Bearer {READ}"}
+    wl = {w["id"]: w for w in api.get("/api/v1/workloads", headers=h).json()["workloads"]}
+    assert (wl["api.example.com"]["kind"], wl["api.example.com"]["resolved_by"],
+            wl["api.example.com"]["callers"]) == ("DNS", "dns", [FRONT])
+    one = api.get("/api/v1/workloads/api.example.com", headers=h).json()
+    assert one["upstream"] == [FRONT] and one["callers"][0]["connections_opened"] == 3
