@@ -58,6 +58,7 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
         # the address the client dialled when NAT took it to `server` (a Service's ClusterIP);
         # rows stored before it was kept have none (`get`)
         "service_ip": r.get("service_ip"), "service_port": r.get("service_port"),
+        "dns": None,  # GET /api/v1/flows fills it (aggregator/dns_flows.py)
     }
 
 

@@ -24,6 +24,7 @@ METRICS = {
     "failures": ("failed", "FAILED"),
     "resets": ("resets", "RESETS"),
     "retransmits": ("retransmits", "RETX"),
+    "dns-errors": ("dns_errors", "DNS"),
 }
 
 
@@ -44,6 +45,13 @@ class Edge:
     obj: Any
     # (set of observers, connections it saw), most connections first; None: a list, no counts
     observer_sets: tuple[tuple[str, int | None], ...] = ()
+    dns: Mapping[str, Any] | None = None  # an edge to a resolver: its DNS (docs/api.md)
+    dns_hint: bool = False  # the server's name is a DNS answer's, past its TTL for some
+
+    @property
+    def dns_errors(self) -> int:
+        """Responses other than NOERROR and unanswered queries (`top --by dns-errors`)."""
+        return int(self.dns.get("errors") or 0) if self.dns else 0
 
     @property
     def bytes_total(self) -> int:
@@ -72,6 +80,8 @@ class Edge:
                 complete=obj.get("complete") is not False,
                 obj=obj,
                 observer_sets=_observer_sets(observed),
+                dns=obj.get("dns") if isinstance(obj.get("dns"), Mapping) else None,
+                dns_hint=bool((obj.get("dns_named") or {}).get("hint")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"the aggregator sent an edge this CLI cannot read ({exc!r}); "
@@ -103,23 +113,51 @@ def edges_of(doc: Any) -> list[Edge]:
 
 
 EDGE_HEADERS = ("CLIENT", "SERVER", "CONNS", "FAILED", "C->S", "S->C", "RESETS", "RETX", "RTT",
-                "PORTS", "SEEN BY")
+                "PORTS", "SEEN BY", "DNS")
 EDGE_CSV = ("client", "server", "connections", "failed", "bytes_c2s", "bytes_s2c", "resets",
-            "retransmits", "rtt_avg_us", "ports", "observed_by", "complete")
+            "retransmits", "rtt_avg_us", "ports", "observed_by", "complete", "dns_queries",
+            "dns_nxdomain", "dns_servfail", "dns_timeouts", "dns_errors", "dns_latency_avg_us",
+            "dns_names")
+
+
+def dns_cell(e: Edge) -> str:
+    """The DNS cell of an edge to a resolver: `12q 2nx 1sf 1to 0.84ms api.example.com 7, ...`
+    (queries, NXDOMAIN, SERVFAIL, timeouts, average latency, the names most asked)."""
+    d = e.dns
+    if not d:
+        return ""
+    parts = [f"{int(d.get('queries') or 0)}q"]
+    for key, tag in (("nxdomain", "nx"), ("servfail", "sf"), ("timeouts", "to")):
+        if d.get(key):
+            parts.append(f"{int(d[key])}{tag}")
+    lat = d.get("latency_us")
+    if isinstance(lat, Mapping) and lat.get("avg") is not None:
+        parts.append(f"{lat['avg'] / 1000:.2f}ms")
+    names = [f"{n.get('name')} {n.get('count')}" for n in (d.get("names") or ())[:3]
+             if isinstance(n, Mapping)]
+    return " ".join(parts) + (" " + ", ".join(names) if names else "")
 
 
 def edge_cells(e: Edge) -> Sequence[Cell | str | int | None]:
     return (
-        Cell(e.client, "cyan"), Cell(e.server, "cyan"), e.connections,
+        Cell(e.client, "cyan"), Cell(e.server + ("*" if e.dns_hint else ""), "cyan"),
+        e.connections,
         Cell(str(e.failed), "red" if e.failed else None, right=True),
         Cell(human_bytes(e.bytes_c2s), right=True), Cell(human_bytes(e.bytes_s2c), right=True),
         e.resets, Cell(str(e.retransmits), "yellow" if e.retransmits else None, right=True),
         Cell(f"{e.rtt_avg_us / 1000:.2f}ms" if e.rtt_avg_us is not None else "", right=True),
         ",".join(e.ports), seen_by(e),
+        Cell(dns_cell(e), "red" if e.dns_errors else None),
     )
 
 
 def edge_csv(e: Edge) -> Sequence[Any]:
+    d = e.dns or {}
+    lat = d.get("latency_us") if isinstance(d.get("latency_us"), Mapping) else {}
     return (e.client, e.server, e.connections, e.failed, e.bytes_c2s, e.bytes_s2c, e.resets,
             e.retransmits, e.rtt_avg_us, ";".join(e.ports), ";".join(e.observed_by),
-            str(e.complete).lower())
+            str(e.complete).lower(),
+            *((d.get(k) for k in ("queries", "nxdomain", "servfail", "timeouts", "errors"))
+              if e.dns else ("",) * 5),
+            (lat or {}).get("avg", "") if e.dns else "",
+            ";".join(f"{n.get('name')}:{n.get('count')}" for n in d.get("names") or ()))

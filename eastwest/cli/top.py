@@ -1,5 +1,5 @@
-"""`eastwest top`: top talkers of a window, by bytes, connections, failures, resets or
-retransmits.
+"""`eastwest top`: top talkers of a window, by bytes, connections, failures, resets,
+retransmits or DNS errors.
 
 In:  a window, the filter flags and `--group-by` (as `eastwest graph`), `--by`, `--limit`;
      the aggregator's `GET /api/v1/graph` edges (built from the matching connections).
@@ -28,24 +28,28 @@ examples:
   eastwest top --by resets --since 1d            which connections break most once open
   eastwest top --to-workload db --by failures --not --outcome ok --since 1h
   eastwest top --by retransmits --group-by host  lossy host pairs
+  eastwest top --by dns-errors                   which clients' DNS fails most
 
 FAILED counts connections never established (refused or timed out), RESETS those reset after
 they were established (--not --outcome ok selects both); --by ranks by the column it names.
-SEEN BY: each set of observers (client, server, path = the wire) with the connections it saw."""
+SEEN BY: each set of observers (client, server, path = the wire) with the connections it saw.
+--by dns-errors ranks edges to a resolver by their DNS errors: responses other than NOERROR
+(NXDOMAIN, SERVFAIL, REFUSED, ...) plus queries that got no answer (timeouts), per client."""
 
 
 def register(sub: Any) -> None:
     from eastwest.cli._edges import METRICS
 
-    p = sub.add_parser("top", help="top talkers by bytes, connections, failures, resets or "
-                       "retransmits",
+    p = sub.add_parser("top", help="top talkers by bytes, connections, failures, resets, "
+                       "retransmits or DNS errors",
                        description="The busiest (or worst) client -> server edges of a window.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ranking")
     g.add_argument("--by", choices=tuple(METRICS), default="bytes",
                    help="rank by bytes (both ways), connections, failures (the FAILED column: "
                    "connections refused or timed out), resets (connections reset once "
-                   "established) or retransmits (default bytes)")
+                   "established), retransmits or dns-errors (DNS responses other than "
+                   "NOERROR plus unanswered queries, on edges to a resolver; default bytes)")
     g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
                    help="show the top N (default 10; 0 = all)")
     add_graph_scope(p)

@@ -106,7 +106,16 @@ export interface GraphEdge {
   byte_mismatches: number; rtt_us: { min: number; avg: number; max: number } | null;
   ports: number[]; protocols: string[]; first_seen: string | null; last_seen: string | null;
   complete: boolean; observed_by: Record<string, number>; folded: number;
+  // an edge to a resolver: the DNS its clients sent (docs/api.md); absent on other edges
+  dns?: EdgeDns;
+  // a target named by DNS answers: connections named within the answer's TTL, and after it
+  dns_named?: { ttl: number; hint: number };
 }
+export interface EdgeDns { queries: number; responses: number; timeouts: number; nxdomain: number;
+  servfail: number; errors: number; rcodes: Record<string, number>;
+  latency_us: { min: number; avg: number; max: number } | null;
+  names: { name: string; type: string; count: number; rcodes: Record<string, number>; timeouts: number }[];
+  other_names: number }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
   // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
   // null when the volumes come from the connections themselves

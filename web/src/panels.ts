@@ -2,7 +2,7 @@
 // an edge's numbers from the graph, its connections and bytes over time, who observed it, its
 // VXLAN tunnel and its recent flows (GET /api/v1/flows). Every number shown carries its exact
 // value in data-value, so tests compare it with the API. Untrusted strings are escaped.
-import { get, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
+import { get, type EdgeDns, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
 import { buckets, chart } from "./chart";
 import { edgeId } from "./map";
 import { bytes, esc, filterParams, int, when, type State } from "./state";
@@ -114,6 +114,32 @@ function edgeNumbers(e: GraphEdge): string {
     (e.folded > 1 ? ` · stands for ${int(e.folded)} folded edges` : "") + `</p>`;
 }
 
+/** The DNS of an edge to a resolver: its counts, latency and the names asked (docs/api.md). */
+function edgeDns(d: EdgeDns): string {
+  const codes = Object.entries(d.rcodes).map(([k, v]) => `${k} ${v}`).join(", ");
+  const lat = d.latency_us ? `${d.latency_us.min} / ${d.latency_us.avg} / ${d.latency_us.max}` : null;
+  return `<h3>DNS</h3><div id="edge-dns">` + kv([
+    ["dns_queries", "queries", d.queries], ["dns_responses", "responses", d.responses],
+    ["dns_nxdomain", "NXDOMAIN", d.nxdomain], ["dns_servfail", "SERVFAIL", d.servfail],
+    ["dns_timeouts", "timeouts (no answer)", d.timeouts], ["dns_rcodes", "response codes", codes || null],
+    ["dns_latency_us", "latency µs (min/avg/max)", lat],
+  ]) + `<table class="mini" id="edge-dns-names"><thead><tr><th>name</th><th>type</th><th>asked</th>` +
+    `<th>responses</th><th>no answer</th></tr></thead><tbody>` +
+    d.names.map((n) => `<tr class="${Object.keys(n.rcodes).some((c) => c !== "NOERROR") || n.timeouts ? "fail" : ""}" data-name="${esc(n.name)}">` +
+      `<td>${esc(n.name)}</td><td>${esc(n.type)}</td><td>${esc(int(n.count))}</td>` +
+      `<td>${esc(Object.entries(n.rcodes).map(([k, v]) => `${k} ${v}`).join(", "))}</td><td>${esc(int(n.timeouts))}</td></tr>`).join("") +
+    `</tbody></table>` + (d.other_names ? `<p class="mini muted">and ${esc(int(d.other_names))} queries for other names</p>` : "") +
+    `</div>`;
+}
+
+function dnsNamed(e: GraphEdge): string {
+  const n = e.dns_named;
+  if (!n) return "";
+  return `<p class="mini" id="edge-dns-named" data-ttl="${n.ttl}" data-hint="${n.hint}">${esc(e.target)} is the name the ` +
+    `client got in DNS answers for these addresses: ${esc(int(n.ttl))} connections within the answer's TTL` +
+    (n.hint ? `, ${esc(int(n.hint))} after it (a hint)` : "") + `</p>`;
+}
+
 /** Does a flow belong to the edge source -> target under the graph's grouping? */
 function onEdge(f: Flow, g: Graph, source: string, target: string): boolean {
   const key = (s: Flow["client"]) => g.group_by === "workload" ? s.workload.id
@@ -125,14 +151,15 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
   const g = ctx.graph;
   const e = g.edges.find((x) => edgeId(x.source, x.target) === id);
   if (!e) return;
-  open(`${e.source} → ${e.target}`, edgeNumbers(e) +
+  open(`${e.source} → ${e.target}`, edgeNumbers(e) + dnsNamed(e) + (e.dns ? edgeDns(e.dns) : "") +
     `<div id="edge-flows"><p class="muted mini">loading its flows…</p></div>`, "edge", id);
   const p = filterParams(ctx.state);
   p.set("since", g.since); p.set("until", g.until); p.set("limit", String(FLOW_PAGE)); p.set("sort", "-start");
   if (g.group_by === "workload" && e.source !== "other") {
     const sn = g.nodes.find((n) => n.id === e.source), tn = g.nodes.find((n) => n.id === e.target);
     if (sn) p.append("from_workload", sn.name);
-    if (tn) p.append("to_workload", tn.name);
+    // a name from DNS answers is shown, not stored: the flows' filter knows the stored name
+    if (tn && tn.kind !== "DNS") p.append("to_workload", tn.name);
   }
   try {
     const res = await get<Flows>("/api/v1/flows", p);
