@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
+from aggregator.correlate_drops import DropsInputError, expand_drops
 from aggregator.correlate_native import INPUT_ARRAYS, Input
 from aggregator.correlate_registry import (
     Addresses,
@@ -43,7 +44,7 @@ from aggregator.identity import Facts, IdentityResolver
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_MIN = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
 TIME_MAX = (datetime(2100, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
-OBSERVERS = {"client": 0, "server": 1, "path": 2}
+OBSERVERS = {"client": 0, "server": 1, "path": 2, "drops": 3}  # drops: rows of expand_drops
 CONNECTS = {"ok": 1, "refused": 2, "timeout": 3, "reset": 4}
 TUNNEL_TYPES = {"vxlan": 1, "geneve": 2, "vxlan-gpe": 3}  # the C core's codes (0: no tunnel)
 KNOWS_OWN_SIDE, KNOWS_CLIENT_WL, KNOWS_SERVER_WL = 1, 2, 4
@@ -119,6 +120,10 @@ class Preparer:
         self.resolver_calls = 0  # resolutions asked of the resolver (tests: per distinct facts)
 
     def prepare(self, table: pa.Table, collector: str | None) -> Batch:
+        try:
+            table, reasons = expand_drops(table)  # one row per drop reason
+        except DropsInputError as exc:
+            raise InputError(f"column 'extra': {exc}") from None
         n = table.num_rows
         b = Batch(n)
         a = b.arrays
@@ -133,6 +138,8 @@ class Preparer:
         for name in ("final", "loopback", "incomplete"):
             a[name] = _required(table, name, np.uint8)
         a["observer"] = obs = _codes(table, "observer", OBSERVERS, None)
+        a["reason"] = (np.full(n, -1, dtype=np.int32) if reasons is None
+                       else S.ids(pa.array(reasons, pa.string())))
         a["connect"] = _codes(table, "connect", CONNECTS, 0)
         a["family"] = _required(table, "family", np.int8)
         a["protocol"] = np.ascontiguousarray(S.ids(_col(table, "protocol")))

@@ -49,7 +49,7 @@ INPUT_ARRAYS = (
     "b_s2c", "p_c2s", "p_s2c", "retrans", "resets", "has_p_c2s", "has_p_s2c", "has_rtt",
     "has_pid", "has_netns", "rtt_min", "rtt_avg", "rtt_max", "pid", "netns", "comm",
     "container", "collector", "vni", "outer_src", "outer_dst", "vtep_src_host",
-    "vtep_dst_host", "tunnel_type", "cand_client", "cand_server")
+    "vtep_dst_host", "tunnel_type", "cand_client", "cand_server", "reason")
 
 
 class Input(ctypes.Structure):
@@ -66,7 +66,8 @@ LD_NAMES = ("PROTOCOL", "FAMILY", "CIP", "CPORT", "SIP", "SPORT", "SCOPE", "CLIE
             "SPROC", "SPID", "SCOMM", "SNETNS", "SCONTAINER", "SCOLLECTOR", "VNI", "VTEP_SRC",
             "VTEP_DST", "VTEP_SRC_HOST", "VTEP_DST_HOST", "TUNNEL_TYPE", "NVIEWS", "NVOLS")
 LV_NAMES = ("OBSERVER", "COLLECTOR", "START", "END", "FINAL", "B_C2S", "B_S2C", "P_C2S", "P_S2C",
-            "RETRANS", "RESETS", "CONNECT", "RTT_MIN", "RTT_AVG", "RTT_MAX", "INCOMPLETE")
+            "RETRANS", "RESETS", "CONNECT", "RTT_MIN", "RTT_AVG", "RTT_MAX", "INCOMPLETE",
+            "REASON")
 
 
 @dataclass(frozen=True)

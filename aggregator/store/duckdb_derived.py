@@ -114,7 +114,7 @@ def migrate_derived(con: duckdb.DuckDBPyConnection, horizon_s: float) -> None:
 
 def _migrate_tunnel_type(con: duckdb.DuckDBPyConnection) -> None:
     """Connection tables written before the tunnel's type was kept get the column; their
-    tunnels were all VXLAN (the only type decoded then)."""
+    tunnels were all VXLAN (the only type decoded then). Likewise the drop columns (NULL)."""
     for table in _CONN_TABLES:
         cols = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
@@ -122,6 +122,9 @@ def _migrate_tunnel_type(con: duckdb.DuckDBPyConnection) -> None:
         if cols and "tunnel_type" not in cols:
             con.execute(f"ALTER TABLE {table} ADD COLUMN tunnel_type VARCHAR")
             con.execute(f"UPDATE {table} SET tunnel_type = 'vxlan' WHERE vni IS NOT NULL")
+        for col, typ in (("dropped", "BIGINT"), ("drop_reasons", "VARCHAR")):  # issue 21
+            if cols and col not in cols:  # connections stored before drops: none known
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
 
 
 def _migrate_rollups(con: duckdb.DuckDBPyConnection) -> None:

@@ -95,7 +95,7 @@ def test_a_record_with_drops_comes_back_with_them(tmp_path):
                      final=True, protocol="tcp", family=4, client=Endpoint("10.0.0.1", 40000),
                      server=Endpoint("10.0.0.2", 5432), observer="path",
                      drops=[Drop("NETFILTER_DROP", 3)])
-    both = full_record().replace(drops=[Drop("NO_SOCKET", 1), Drop("TCP_CSUM", 2)])
+    both = full_record().replace(source="drops", drops=[Drop("NO_SOCKET", 1), Drop("TCP_CSUM", 2)])
     store = DuckDBStore(tmp_path)
     store.ingest("node-1", 1, [syn, both])
     assert sorted(store.records(), key=lambda r: r.record_id) == sorted([syn, both],
