@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from aggregator.store.derived import CONN_COLUMNS
+from aggregator.store.derived import CONN_COLUMNS, parse_drop_reasons
 
 ROW_COLUMNS = [n for n, _, _ in CONN_COLUMNS if n != "state"]
 
@@ -55,6 +55,9 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
             "vtep_src": r["vtep_src"], "vtep_dst": r["vtep_dst"],
             "vtep_src_host": r["vtep_src_host"], "vtep_dst_host": r["vtep_dst_host"]},
         "complete": not r["incomplete"],
+        # packets the kernel dropped (drop sources, docs/policy.md "Drops"); null: none reported
+        "drops": None if r.get("dropped") is None else {
+            "packets": r["dropped"], "reasons": parse_drop_reasons(r.get("drop_reasons"))},
     }
 
 

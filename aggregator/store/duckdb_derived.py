@@ -275,6 +275,7 @@ def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
               "rtt_sum", "rtt_n", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
               "conn_resets", "packets_n_c2s", "packets_n_s2c", "conn_packets_c2s",
               "conn_packets_s2c")
+    # drops: a sum that stays null while no row had any, and the reason texts joined
     for r in rows:
         e = edges.get((r["src"], r["dst"]))
         obs = r.pop("observed_by")
@@ -286,6 +287,9 @@ def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for k in summed:
             e[k] = (e[k] or 0) + (r[k] or 0)
+        if r.get("dropped") is not None:
+            e["dropped"] = (e.get("dropped") or 0) + r["dropped"]
+            e["drop_text"] = ",".join(t for t in (e.get("drop_text"), r.get("drop_text")) if t)
         e["observed_by"][obs] = e["observed_by"].get(obs, 0) + r["n"]
         e["ports"].add(port)
         e["protocols"].add(proto)
