@@ -24,6 +24,7 @@ METRICS = {
     "failures": ("failed", "FAILED"),
     "resets": ("resets", "RESETS"),
     "retransmits": ("retransmits", "RETX"),
+    "drops": ("dropped", "DROPS"),
 }
 
 
@@ -44,6 +45,8 @@ class Edge:
     obj: Any
     # (set of observers, connections it saw), most connections first; None: a list, no counts
     observer_sets: tuple[tuple[str, int | None], ...] = ()
+    dropped: int = 0  # packets the kernel dropped (the API's drops.packets)
+    drop_reasons: tuple[tuple[str, int], ...] = ()  # by reason, most packets first
 
     @property
     def bytes_total(self) -> int:
@@ -72,10 +75,27 @@ class Edge:
                 complete=obj.get("complete") is not False,
                 obj=obj,
                 observer_sets=_observer_sets(observed),
+                **_drops(obj.get("drops")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"the aggregator sent an edge this CLI cannot read ({exc!r}); "
                                  "is it a different version?") from None
+
+
+def _drops(d: Any) -> dict[str, Any]:
+    """The edge's `drops` ({packets, reasons}) as Edge fields; none: zero."""
+    if not isinstance(d, Mapping):
+        return {}
+    reasons = [(str(r), int(n)) for r, n in (d.get("reasons") or {}).items()]
+    return {"dropped": int(d.get("packets") or 0),
+            "drop_reasons": tuple(sorted(reasons, key=lambda x: (-x[1], x[0])))}
+
+
+def drops_cell(e: Edge) -> str:
+    """`10 NETFILTER_DROP 9, NO_SOCKET 1`; "" without drops."""
+    if not e.dropped:
+        return ""
+    return f"{e.dropped} " + ", ".join(f"{r} {n}" for r, n in e.drop_reasons)
 
 
 def _observer_sets(observed: Any) -> tuple[tuple[str, int | None], ...]:
@@ -105,11 +125,17 @@ def edges_of(doc: Any) -> list[Edge]:
 EDGE_HEADERS = ("CLIENT", "SERVER", "CONNS", "FAILED", "C->S", "S->C", "RESETS", "RETX", "RTT",
                 "PORTS", "SEEN BY")
 EDGE_CSV = ("client", "server", "connections", "failed", "bytes_c2s", "bytes_s2c", "resets",
-            "retransmits", "rtt_avg_us", "ports", "observed_by", "complete")
+            "retransmits", "rtt_avg_us", "ports", "observed_by", "complete", "dropped",
+            "drop_reasons")
 
 
-def edge_cells(e: Edge) -> Sequence[Cell | str | int | None]:
-    return (
+def edge_headers(edges: Sequence[Edge]) -> tuple[str, ...]:
+    """The table's columns: DROPS only when some edge had drops (collector --drops)."""
+    return (*EDGE_HEADERS, "DROPS") if any(e.dropped for e in edges) else EDGE_HEADERS
+
+
+def edge_cells(e: Edge, drops: bool = False) -> Sequence[Cell | str | int | None]:
+    cells = (
         Cell(e.client, "cyan"), Cell(e.server, "cyan"), e.connections,
         Cell(str(e.failed), "red" if e.failed else None, right=True),
         Cell(human_bytes(e.bytes_c2s), right=True), Cell(human_bytes(e.bytes_s2c), right=True),
@@ -117,9 +143,10 @@ def edge_cells(e: Edge) -> Sequence[Cell | str | int | None]:
         Cell(f"{e.rtt_avg_us / 1000:.2f}ms" if e.rtt_avg_us is not None else "", right=True),
         ",".join(e.ports), seen_by(e),
     )
+    return (*cells, Cell(drops_cell(e), "red" if e.dropped else None)) if drops else cells
 
 
 def edge_csv(e: Edge) -> Sequence[Any]:
     return (e.client, e.server, e.connections, e.failed, e.bytes_c2s, e.bytes_s2c, e.resets,
             e.retransmits, e.rtt_avg_us, ";".join(e.ports), ";".join(e.observed_by),
-            str(e.complete).lower())
+            str(e.complete).lower(), e.dropped, ";".join(f"{r}={n}" for r, n in e.drop_reasons))

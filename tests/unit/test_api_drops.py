@@ -6,6 +6,8 @@ folded `other -> other` edge adds them up."""
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import timedelta
 
 import pytest
@@ -81,3 +83,44 @@ def test_edge_drops_add_up_when_folded() -> None:
             "ports": [5432], "protocols": ["tcp"], "observed_by": {"drops": 1}, "complete": True,
             "first_seen": None, "last_seen": None}
     assert fold_attrs([{**base, "drops": a}, {**base, "drops": b}])["drops"] == add_drops([a, b])
+
+
+@pytest.fixture
+def cli(client, monkeypatch):
+    """The `eastwest` command talking to the real app above (its in-process transport)."""
+    from eastwest.client import ApiClient, ClientSettings
+
+    def make(args):
+        return ApiClient(ClientSettings(server="http://testserver", token=RH["Authorization"][7:]),
+                         transport=client._transport)
+
+    monkeypatch.setattr("eastwest.cli._common.client_from_args", make)
+
+    def run(capsys, *argv: str) -> str:
+        from eastwest.cli import main
+
+        assert main(list(argv)) == 0
+        return capsys.readouterr().out
+    return run
+
+
+def test_top_by_drops_ranks_the_edges_that_dropped_with_their_reasons(cli, capsys) -> None:
+    out = cli(capsys, "top", "--by", "drops", "--since", A["from"], "--until", A["to"])
+    lines = out.splitlines()
+    assert lines[0].split()[-1] == "DROPS" and len(lines) == 2, out  # only the edge with drops
+    assert lines[1].split()[:3] == ["1", "shop/frontend", "shop/db"]
+    assert lines[1].endswith("10 NETFILTER_DROP 9, NO_SOCKET 1"), out
+    rows = list(csv.DictReader(io.StringIO(cli(capsys, "graph", "--since", A["from"], "--until",
+                                               A["to"], "-o", "csv"))))
+    assert {(r["server"], r["dropped"], r["drop_reasons"]) for r in rows} == {
+        ("shop/db", "10", "NETFILTER_DROP=9;NO_SOCKET=1"), ("shop/api", "0", "")}
+
+
+def test_flows_outcome_dropped_on_the_command_line(cli, capsys) -> None:
+    out = cli(capsys, "flows", "--outcome", "dropped", "--since", "3650d", "-o", "csv")
+    rows = sorted(csv.DictReader(io.StringIO(out)), key=lambda r: r["client_port"])
+    assert [(r["client_port"], r["outcome"], r["drops"]) for r in rows] == [
+        ("42000", "dropped", "NETFILTER_DROP=3"), ("42001", "dropped", "NETFILTER_DROP=2;NO_SOCKET=1"),
+        ("42002", "dropped", "NETFILTER_DROP=4")]
+    table = cli(capsys, "flows", "--outcome", "dropped", "--since", "3650d")
+    assert "dropped (NETFILTER_DROP=2,NO_SOCKET=1)" in table, table
