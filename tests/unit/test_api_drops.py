@@ -124,3 +124,17 @@ def test_flows_outcome_dropped_on_the_command_line(cli, capsys) -> None:
         ("42002", "dropped", "NETFILTER_DROP=4")]
     table = cli(capsys, "flows", "--outcome", "dropped", "--since", "3650d")
     assert "dropped (NETFILTER_DROP=2,NO_SOCKET=1)" in table, table
+
+
+def test_prometheus_counts_drops_per_edge_and_reason_and_dropped_failures(client) -> None:
+    """`eastwest_edge_drops_total{<edge>,reason}`: the packets of each completed connection, by
+    its reasons (the graph's numbers); a blocked call is a failure with reason `dropped`."""
+    from tests.unit.test_prom_edges import edge, samples
+
+    client.app.state.pipeline.exporters.tick(everything_closed=True)
+    text = client.get("/metrics").text
+    assert samples(text, "eastwest_edge_drops_total") == {
+        edge("frontend", "db", 5432, reason="NETFILTER_DROP"): 9,
+        edge("frontend", "db", 5432, reason="NO_SOCKET"): 1}
+    assert samples(text, "eastwest_edge_failures_total") == {
+        edge("frontend", "db", 5432, reason="dropped"): 3}
