@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from aggregator.exporters.edges import EDGE_LABELS, ROW_LABELS, EdgeLabels
+from aggregator.exporters.edges import EDGE_LABELS, ROW_LABELS, EdgeKey, EdgeLabels
 from aggregator.store.derived import parse_drop_reasons
 
 # RTT inside a data centre is 50 µs .. a few ms; across regions up to a few 100 ms
@@ -102,7 +102,7 @@ class EdgeMetrics:
             self._child(self.drops, (*edge, reason)).inc(n)
         self.rtt.observe_rows(self.labels, done, "rtt_avg_us", 1e6)
 
-    def _drops_per_edge(self, done: pa.Table) -> list[tuple[tuple[str, ...], str, int]]:
+    def _drops_per_edge(self, done: pa.Table) -> list[tuple[EdgeKey, str, int]]:
         """Dropped packets per edge and reason of completed connections (few have any: one
         row per connection and reason, from their `drop_reasons`)."""
         if "dropped" not in done.column_names:
