@@ -106,7 +106,10 @@ export interface GraphEdge {
   byte_mismatches: number; rtt_us: { min: number; avg: number; max: number } | null;
   ports: number[]; protocols: string[]; first_seen: string | null; last_seen: string | null;
   complete: boolean; observed_by: Record<string, number>; folded: number;
+  // packets the kernel dropped, by drop reason (collector --drops); null: none (absent: older server)
+  drops?: Drops | null;
 }
+export interface Drops { packets: number; reasons: Record<string, number> }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
   // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
   // null when the volumes come from the connections themselves
@@ -126,6 +129,7 @@ export interface Flow {
   bytes_c2s: number; bytes_s2c: number; retransmits: number; resets: number;
   tunnel: { type: "vxlan" | "geneve" | "vxlan-gpe"; vni: number; vtep_src: string; vtep_dst: string; vtep_src_host: string | null;
             vtep_dst_host: string | null } | null;
+  drops?: Drops | null;
 }
 export interface Flows { flows: Flow[]; count: number; next_cursor: string | null; sort: string; filter: string }
 export interface DiffEdge { source: string; target: string; connections_opened: number;

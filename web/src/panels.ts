@@ -97,21 +97,36 @@ function edgeNumbers(e: GraphEdge): string {
     ["connections_opened", "connections opened", e.connections_opened],
     ["connections_active", "still open at the end", e.connections_active],
     ["connections_closed", "closed", e.connections_closed],
-    ["connections_failed", "failed (refused, timeout)", e.connections_failed],
+    ["connections_failed", "failed (refused, timeout, dropped)", e.connections_failed],
     ["resets", "reset", e.resets],
     ["bytes_c2s", "bytes client → server", e.bytes_c2s],
     ["bytes_s2c", "bytes server → client", e.bytes_s2c],
     ["packets_c2s", "packets → (wire)", e.packets_c2s],
     ["packets_s2c", "packets ← (wire)", e.packets_s2c],
     ["retransmits", "retransmits", e.retransmits],
+    ["drops", "packets dropped by the kernel", e.drops ? e.drops.packets : null],
     ["rtt_us", "RTT µs (min/avg/max)", e.rtt_us ? `${e.rtt_us.min} / ${e.rtt_us.avg} / ${e.rtt_us.max}` : null],
     ["ports", "server ports", e.ports.join(", ")],
     ["protocols", "protocols", e.protocols.join(", ")],
     ["observed_by", "observed by (connections)", obs],
     ["complete", "complete", e.complete ? "yes" : "no: an observer lost events"],
     ["first_seen", "first seen", when(e.first_seen)], ["last_seen", "last seen", when(e.last_seen)],
-  ]) + `<p class="mini muted">${esc(bytes(e.bytes_c2s))} → · ← ${esc(bytes(e.bytes_s2c))}` +
+  ]) + dropReasons(e.drops) + `<p class="mini muted">${esc(bytes(e.bytes_c2s))} → · ← ${esc(bytes(e.bytes_s2c))}` +
     (e.folded > 1 ? ` · stands for ${int(e.folded)} folded edges` : "") + `</p>`;
+}
+
+/** The edge's dropped packets by the kernel's drop reason, most first (docs/policy.md "Drops"). */
+function dropReasons(d: GraphEdge["drops"]): string {
+  if (!d) return "";
+  const rows = Object.entries(d.reasons).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+  return `<h3>Dropped by the kernel</h3><ul class="mini" id="edge-drops">${rows.map(([r, n]) =>
+    `<li data-reason="${esc(r)}" data-packets="${esc(n)}"><code>${esc(r)}</code> ${esc(int(n))} packets</li>`).join("")}</ul>`;
+}
+
+/** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */
+function outcomeText(f: Flow): string {
+  const r = f.drops ? Object.entries(f.drops.reasons).map(([k, n]) => `${k} ${n}`).join(", ") : "";
+  return r ? `${f.outcome} (${r})` : f.outcome;
 }
 
 /** Does a flow belong to the edge source -> target under the graph's grouping? */
@@ -153,7 +168,7 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
       `<h3>Tunnel</h3>${tun ? `<ul class="mini">${tun}</ul>` : `<p class="mini muted">no VXLAN: the wire did not see these flows on an underlay</p>`}` +
       `<h3>Recent flows</h3><table class="mini"><thead><tr><th>start</th><th>client</th><th>port</th><th>outcome</th><th>bytes →/←</th><th>seen by</th></tr></thead><tbody>` +
       flows.slice(0, 12).map((f) => `<tr class="${f.outcome === "ok" ? "" : "fail"}"><td>${esc(when(f.start).slice(11, 19))}</td>` +
-        `<td>${esc(f.client.ip)}:${f.client.port}</td><td>${f.server.port}</td><td class="outcome">${esc(f.outcome)}</td>` +
+        `<td>${esc(f.client.ip)}:${f.client.port}</td><td>${f.server.port}</td><td class="outcome">${esc(outcomeText(f))}</td>` +
         `<td>${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}</td><td>${esc(f.observed_by.join(","))}</td></tr>`).join("") +
       `</tbody></table><p class="mini"><button type="button" class="chip" id="edge-to-flows">all its flows in the Flows view</button></p>`;
     document.getElementById("edge-to-flows")!.onclick = () => {
