@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from aggregator.correlate_drops import DropsInputError, expand_drops
+from aggregator.correlate_drops import DropsInputError, drop_rows
 from aggregator.correlate_native import INPUT_ARRAYS, Input
 from aggregator.correlate_registry import (
     Addresses,
@@ -44,7 +44,7 @@ from aggregator.identity import Facts, IdentityResolver
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_MIN = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
 TIME_MAX = (datetime(2100, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
-OBSERVERS = {"client": 0, "server": 1, "path": 2, "drops": 3}  # drops: rows of expand_drops
+OBSERVERS = {"client": 0, "server": 1, "path": 2}  # 3: drops rows (aggregator/correlate_drops.py)
 CONNECTS = {"ok": 1, "refused": 2, "timeout": 3, "reset": 4}
 TUNNEL_TYPES = {"vxlan": 1, "geneve": 2, "vxlan-gpe": 3}  # the C core's codes (0: no tunnel)
 KNOWS_OWN_SIDE, KNOWS_CLIENT_WL, KNOWS_SERVER_WL = 1, 2, 4
@@ -121,7 +121,7 @@ class Preparer:
 
     def prepare(self, table: pa.Table, collector: str | None) -> Batch:
         try:
-            table, reasons = expand_drops(table)  # one row per drop reason
+            expansion = drop_rows(table)  # drops records: one row per reason, applied below
         except DropsInputError as exc:
             raise InputError(f"column 'extra': {exc}") from None
         n = table.num_rows
@@ -138,8 +138,6 @@ class Preparer:
         for name in ("final", "loopback", "incomplete"):
             a[name] = _required(table, name, np.uint8)
         a["observer"] = obs = _codes(table, "observer", OBSERVERS, None)
-        a["reason"] = (np.full(n, -1, dtype=np.int32) if reasons is None
-                       else S.ids(pa.array(reasons, pa.string())))
         a["connect"] = _codes(table, "connect", CONNECTS, 0)
         a["family"] = _required(table, "family", np.int8)
         a["protocol"] = np.ascontiguousarray(S.ids(_col(table, "protocol")))
@@ -203,6 +201,13 @@ class Preparer:
             ip, port = (a["cip"], a["cport"]) if side == "client" else (a["sip"], a["sport"])
             a[f"cand_{side}"] = self._candidates(ip, port, obs == code, a["has_pid"].astype(bool),
                                                  a["comm"], cont, coll, wl, start)
+        if expansion is None:
+            a["reason"] = np.full(n, -1, dtype=np.int32)
+        else:
+            expansion.apply(a, skip=("order",))
+            a["reason"] = S.ids(pa.array(expansion.reasons, pa.string()))
+            a["order"] = np.argsort(a["end"], kind="stable").astype(np.int64)
+            b.n = len(expansion.idx)
         for name in INPUT_ARRAYS:
             a[name] = np.ascontiguousarray(a[name])
         return b

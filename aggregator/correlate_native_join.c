@@ -194,6 +194,12 @@ static int set_view(ew_state *st, uint32_t ci, uint32_t v, const ew_input *in, i
     w->flags = (uint8_t)((in->final[i] ? VF_FINAL : 0) | (in->incomplete[i] ? VF_INCOMPLETE : 0) |
                          (in->has_p_c2s[i] ? VF_P_C2S : 0) | (in->has_p_s2c[i] ? VF_P_S2C : 0) |
                          (in->has_rtt[i] ? VF_RTT : 0));
+    if (w->observer == OBS_DROPS) { /* Correlator._drops: the reason's packets, nothing else */
+        w->b_c2s = w->b_s2c = w->p_s2c = w->retrans = w->resets = 0;
+        w->rtt[0] = w->rtt[1] = w->rtt[2] = 0;
+        w->connect = CONNECT_NONE;
+        w->flags = (uint8_t)((w->flags & (VF_FINAL | VF_INCOMPLETE)) | VF_P_C2S);
+    }
     ew_conn_bounds(st, &st->conns[ci]);
     return 0;
 }

@@ -109,8 +109,10 @@ class ColumnPlan:
 def _drop_reasons(has: np.ndarray, views: pa.Array) -> pa.Array:
     """The `drop_reasons` column: from the views blobs of the rows with drops (few)."""
     values: list[str | None] = [None] * len(has)
-    for r in np.nonzero(has)[0].tolist():
-        values[r] = drop_reasons_of_blob(views[r].as_py())
+    rows = np.nonzero(has)[0]
+    if len(rows):
+        for r, blob in zip(rows.tolist(), views.take(pa.array(rows)).to_pylist(), strict=True):
+            values[r] = drop_reasons_of_blob(blob)
     return pa.array(values, pa.string())
 
 

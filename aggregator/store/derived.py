@@ -246,11 +246,38 @@ def views_blob(c: Connection) -> bytes:
     return _enc.encode((views, c.client.labels or None, c.server.labels or None, c.naming))
 
 
+class _DropViewRow(msgspec.Struct, array_like=True):
+    """What `drop_reasons_of_blob` reads of a view (the rest stays undecoded)."""
+
+    observer: str
+    collector: msgspec.Raw
+    start: msgspec.Raw
+    end: msgspec.Raw
+    final: msgspec.Raw
+    bytes_c2s: msgspec.Raw
+    bytes_s2c: msgspec.Raw
+    packets_c2s: int | None
+    packets_s2c: msgspec.Raw
+    retransmits: msgspec.Raw
+    resets: msgspec.Raw
+    connect: msgspec.Raw
+    rtt: msgspec.Raw
+    incomplete: msgspec.Raw
+    reason: str | None = None
+
+
+class _DropBlob(msgspec.Struct, array_like=True):
+    views: list[_DropViewRow]
+
+
+_drop_views_dec = msgspec.msgpack.Decoder(_DropBlob)
+
+
 def drop_reasons_of_blob(blob: bytes) -> str | None:
     """The `drop_reasons` text of a connection from its `views` blob (the column correlator's
     rows: its C core sums the packets, the reasons are strings)."""
     acc: dict[str, int] = {}
-    for v in _views_dec.decode(blob).views:
+    for v in _drop_views_dec.decode(blob).views:
         if v.observer == "drops":
             r = v.reason or "UNKNOWN"
             acc[r] = acc.get(r, 0) + (v.packets_c2s or 0)

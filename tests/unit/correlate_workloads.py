@@ -215,7 +215,10 @@ def drop_records(rnd: random.Random, coll: str, start: datetime, dur: float, key
             protocol=protocol, family=family, client=Endpoint(cip, cport),
             server=Endpoint(sip, sport), observer="path", netns=netns, loopback=loop,
             drops=[Drop(r, c) for r, c in counts.items()],
-            incomplete=["lost_events"] if rnd.random() < 0.1 else []))
+            incomplete=["lost_events"] if rnd.random() < 0.1 else [],
+            # what a drop source never reports, and both correlators ignore in one
+            **({"bytes_c2s": 7, "packets_s2c": 2, "connect": "timeout", "retransmits": 1,
+                "resets": 1, "rtt_us": Rtt(1, 2, 3)} if rnd.random() < 0.1 else {})))
     if n > 1 and rnd.random() < 0.3:
         out.append(out[-2].replace(record_id=f"{coll}:{next(_seq)}"))
     return out
