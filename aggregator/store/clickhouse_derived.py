@@ -155,7 +155,7 @@ class ClickHouseQueries:
           sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets,
           count(packets_c2s) AS packets_n_c2s, count(packets_s2c) AS packets_n_s2c,
           sum(packets_c2s) AS conn_packets_c2s, sum(packets_s2c) AS conn_packets_s2c,
-          sumOrNull(dropped) AS dropped,
+          sum(dropped) AS dropped,
           arrayStringConcat(groupArray(drop_reasons), ',') AS drop_text
         FROM {self.db}.connections FINAL
         WHERE start_ts < %(until)s AND last_seen >= %(since)s AND ({cond})
