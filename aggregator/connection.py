@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import msgspec
 
+from eastwest.filters import dropped_outcome, outcome_of
+
 MSS = 1460  # the bytes one retransmitted segment can add on the wire (Ethernet MSS)
 _NO_BYTES = (None, None)
 # observed_by as stored (",client,path,": sorted, comma-wrapped) by bit set client=1 path=2 server=4
@@ -254,6 +256,13 @@ class Connection(msgspec.Struct, gc=False):
                 out = out if out is not None else {}
                 out[v.reason or "UNKNOWN"] = out.get(v.reason or "UNKNOWN", 0) + (v.packets_c2s or 0)
         return dict(sorted(out.items())) if out is not None else None
+
+    def outcome(self) -> str:
+        """One word for how it went (eastwest.filters `outcome_of`; `dropped` when it has drops
+        and never got through)."""
+        connect = self.connect
+        return outcome_of(connect, self.best()[5], dropped_outcome(
+            connect, self.drops() is not None, self.dropped_only))
 
     @property
     def dropped_only(self) -> bool:

@@ -110,8 +110,7 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     ("closed_ts", TS, lambda c: c.closed_at),
     ("observed_by", S, lambda c: "," + ",".join(c.observed_by) + ","),
     ("connect", S, lambda c: c.connect),
-    ("outcome", S, lambda c: outcome_of(c.connect, c.best()[5], dropped_outcome(
-        c.connect, c.drops() is not None, c.dropped_only))),
+    ("outcome", S, lambda c: c.outcome()),
     ("bytes_c2s", I64, lambda c: c.best()[0]),
     ("bytes_s2c", I64, lambda c: c.best()[1]),
     ("packets_c2s", I64, lambda c: c.packets()[0]),  # None: no view counted packets

@@ -140,3 +140,18 @@ def test_the_stored_row_agrees_with_the_getters() -> None:
     from aggregator.store.derived import DUCKDB_CONN_NAMES, row_values
     got = dict(zip(DUCKDB_CONN_NAMES, row_values(conn, conn.summary()), strict=False))
     assert {k: got[k] for k in got if k != "views"} == {k: want[k] for k in got if k != "views"}
+
+
+def test_otlp_calls_a_blocked_connect_dropped_an_error_with_no_server_span() -> None:
+    """The OTLP spans name the outcome as the store does: `dropped`, an error; no SERVER span is
+    made up for a server that never answered."""
+    from aggregator.exporters.otlp_spans import FAILED, attributes, server_view
+
+    c = Correlator(IdentityResolver(MAP))
+    c.commit(c.plan([drops(cport=40001)]))
+    c.commit(c.plan([blocked_client(), drops()]))
+    by_port = {conn.client_port: conn for conn in conns_of(c)}
+    for conn in by_port.values():
+        assert attributes(conn)["eastwest.connection.outcome"] == "dropped" in FAILED
+        assert server_view(conn) is None
+    assert by_port[40001].outcome() == "dropped" and by_port[40001].dropped_only
