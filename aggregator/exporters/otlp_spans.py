@@ -27,7 +27,7 @@ Attributes: OpenTelemetry semantic conventions for the network (`server.address`
 `network.local.*`, `peer.service`), eastwest's own (`eastwest.*`: bytes each way, retransmits,
 resets, connect outcome, observers, RTT, VNI and VTEP hosts, connection id) and
 `eastwest.sample.ratio`, the `--otlp-sample` share as a double, which Tempo's
-`span_multiplier_key` turns into the weight 1/ratio. Status ERROR for refused, reset and
+`span_multiplier_key` turns into the weight 1/ratio. Status ERROR for refused, reset, dropped and
 timed-out connections. Resources are built from these attributes alone: the aggregator's own
 OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME describe the aggregator, not the workloads.
 
