@@ -55,3 +55,16 @@ def test_the_edge_panel_shows_the_drops_by_reason(agg, page):  # noqa: F811 - th
     click_edge(page, "shop/frontend", "shop/api")
     page.wait_for_selector("#panel:not([hidden]) #edge-flows table")
     assert panel_numbers(page)["drops"] == "" and page.locator("#edge-drops").count() == 0
+
+
+def test_the_flows_view_filters_dropped_calls_and_shows_their_reasons(agg, page):  # noqa: F811
+    send(agg, [conn(41000), *blocked(42000, [("NETFILTER_DROP", 3)])])
+    open_dashboard(page, agg.url, READ, view="flows")
+    page.wait_for_selector("#view-flows[data-loaded]")
+    assert page.locator("#flow-table tbody tr").count() == 2
+    page.fill("#flow-filter", "--outcome dropped")
+    page.press("#flow-filter", "Enter")
+    page.wait_for_function("document.querySelectorAll('#flow-table tbody tr').length === 1")
+    assert page.locator("#flow-table td.outcome").all_text_contents() == [
+        "dropped (NETFILTER_DROP 3)"]
+    shot(page, "flows-dropped")

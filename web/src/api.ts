@@ -131,6 +131,11 @@ export interface Flow {
             vtep_dst_host: string | null } | null;
   drops?: Drops | null;
 }
+/** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */
+export function outcomeText(f: Flow): string {
+  const r = f.drops ? Object.entries(f.drops.reasons).map(([k, n]) => `${k} ${n}`).join(", ") : "";
+  return r ? `${f.outcome} (${r})` : f.outcome;
+}
 export interface Flows { flows: Flow[]; count: number; next_cursor: string | null; sort: string; filter: string }
 export interface DiffEdge { source: string; target: string; connections_opened: number;
   connections_failed: number; resets?: number; bytes_c2s: number; bytes_s2c: number }

@@ -2,7 +2,7 @@
 // an edge's numbers from the graph, its connections and bytes over time, who observed it, its
 // VXLAN tunnel and its recent flows (GET /api/v1/flows). Every number shown carries its exact
 // value in data-value, so tests compare it with the API. Untrusted strings are escaped.
-import { get, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
+import { get, outcomeText, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
 import { buckets, chart } from "./chart";
 import { edgeId } from "./map";
 import { bytes, esc, filterParams, int, when, type State } from "./state";
@@ -121,12 +121,6 @@ function dropReasons(d: GraphEdge["drops"]): string {
   const rows = Object.entries(d.reasons).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
   return `<h3>Dropped by the kernel</h3><ul class="mini" id="edge-drops">${rows.map(([r, n]) =>
     `<li data-reason="${esc(r)}" data-packets="${esc(n)}"><code>${esc(r)}</code> ${esc(int(n))} packets</li>`).join("")}</ul>`;
-}
-
-/** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */
-function outcomeText(f: Flow): string {
-  const r = f.drops ? Object.entries(f.drops.reasons).map(([k, n]) => `${k} ${n}`).join(", ") : "";
-  return r ? `${f.outcome} (${r})` : f.outcome;
 }
 
 /** Does a flow belong to the edge source -> target under the graph's grouping? */
