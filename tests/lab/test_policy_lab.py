@@ -86,9 +86,10 @@ def policy_drops(lab) -> int:
 
 class DropCollector:
     """The drop source of one lab host's collector (scoped to the host's namespaces), its
-    records kept in a list."""
+    records kept in a list and, given an aggregator's URL, exported to it as a collector does
+    (collector/export.py AggregatorSink: batches, spool, HTTP)."""
 
-    def __init__(self, lab, host: str, sink=None) -> None:
+    def __init__(self, lab, host: str, url: str | None = None, spool=None) -> None:
         from collector.drops.kernel import BccDrops
         from collector.drops.source import DropSource, DropTracker
         from collector.netns import resolve
@@ -102,7 +103,12 @@ class DropCollector:
                                  DropTracker(ctx, kclock.to_utc, idle_timeout=30.0),
                                  lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC), interval=0.5)
         self.records: list = []
-        self.sink = sink  # also exported there (collector/export.py AggregatorSink)
+        self.sink = None
+        if url is not None:
+            from collector.export import AggregatorSink, ExportSettings
+
+            self.sink = AggregatorSink(ctx, settings=ExportSettings(
+                url=url, token=INGEST, spool_dir=spool, batch_age=0.2))
         self.stop_event = threading.Event()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -127,6 +133,8 @@ class DropCollector:
     def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
         self.thread.join(60)
+        if self.sink is not None:
+            self.sink.close()  # everything sent (the final records of the stop included)
         assert not self.errors, self.errors
 
 
@@ -160,19 +168,12 @@ def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(la
         dropped_before = policy_drops(lab)  # the demo's own traffic dropped nothing
         assert dropped_before == 0
         pods = {p["service"]: p for p in lab.inventory["pods"]}
-        from collector.export import AggregatorSink, ExportSettings
-
         with Aggregator(tmp_path / "data2", lab.inventory["workload_map"]) as agg2:
-            host = pods["frontend"]["host"]
-            sink = AggregatorSink(DropCollectorContext(lab, host), settings=ExportSettings(
-                url=agg2.url, token=INGEST, spool_dir=tmp_path / "spool2", batch_age=0.2))
-            try:
-                with DropCollector(lab, host, sink) as dc:
-                    t0 = time.monotonic()
-                    assert unobserved_call(lab) == "timeout"
-                    assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
-            finally:
-                sink.close()
+            with DropCollector(lab, pods["frontend"]["host"], agg2.url,
+                               tmp_path / "spool2") as dc:
+                t0 = time.monotonic()
+                assert unobserved_call(lab) == "timeout"
+                assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
             shown = dropped_connections(agg2.url)
         syns = syns_within(pods["frontend"]["netns"], CONNECT_TIMEOUT)
         # through the aggregator: one connection frontend -> db:5432, dropped, by reason
@@ -191,12 +192,6 @@ def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(la
         removed = eastwest("lab", "policy", "remove", "--name", LAB)
     assert removed.returncode == 0, removed.stderr
     assert unobserved_call(lab) == "connected"
-
-
-def DropCollectorContext(lab, host: str):
-    from collector.pipeline import CollectorContext
-
-    return CollectorContext(collector_id=f"{lab.name}-{host}-drops")
 
 
 def dropped_connections(url: str, wait: float = 30.0) -> list[dict]:
