@@ -88,7 +88,7 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
-    from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, edge_cells, edge_csv, edges_of
+    from eastwest.cli._edges import EDGE_CSV, edge_cells, edge_csv, edge_headers, edges_of
     from eastwest.errors import TransportError
     from eastwest.output import escape, to_json_text, write_csv, write_table
 
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             out.write(to_json_text(doc, indent=2) + "\n")
         elif args.output == "csv":
             write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-        elif write_table(out, EDGE_HEADERS, (edge_cells(e) for e in edges), color=color) == 0:
+        elif write_table(out, (heads := edge_headers(edges)),
+                         (edge_cells(e, heads) for e in edges), color=color) == 0:
             print("eastwest graph: no edges in this window", file=sys.stderr)
     return 0

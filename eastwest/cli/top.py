@@ -29,27 +29,31 @@ examples:
   eastwest top --to-workload db --by failures --not --outcome ok --since 1h
   eastwest top --by retransmits --group-by host  lossy host pairs
   eastwest top --by dns-errors                   which clients' DNS fails most
+  eastwest top --by drops --since 1h             where the kernel drops packets, and why
 
-FAILED counts connections never established (refused or timed out), RESETS those reset after
-they were established (--not --outcome ok selects both); --by ranks by the column it names.
-SEEN BY: each set of observers (client, server, path = the wire) with the connections it saw.
---by dns-errors ranks edges to a resolver by their DNS errors: responses other than NOERROR
-(NXDOMAIN, SERVFAIL, REFUSED, ...) plus queries that got no answer (timeouts), per client."""
+FAILED counts connections never established (refused, timed out or dropped), RESETS those reset
+after they were established (--not --outcome ok selects both); --by ranks by the column it names.
+SEEN BY: each set of observers (client, server, path = the wire, drops = a drop source) with
+the connections it saw. DNS (shown when an edge goes to a resolver that carried DNS) and
+--by dns-errors: responses other than NOERROR (NXDOMAIN, SERVFAIL, REFUSED, ...) plus queries
+that got no answer (timeouts), per client. DROPS (shown when any edge has some): packets the
+kernel dropped, by reason (collector --drops; docs/policy.md, "Drops")."""
 
 
 def register(sub: Any) -> None:
     from eastwest.cli._edges import METRICS
 
     p = sub.add_parser("top", help="top talkers by bytes, connections, failures, resets, "
-                       "retransmits or DNS errors",
+                       "retransmits, DNS errors or drops",
                        description="The busiest (or worst) client -> server edges of a window.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ranking")
     g.add_argument("--by", choices=tuple(METRICS), default="bytes",
                    help="rank by bytes (both ways), connections, failures (the FAILED column: "
-                   "connections refused or timed out), resets (connections reset once "
-                   "established), retransmits or dns-errors (DNS responses other than "
-                   "NOERROR plus unanswered queries, on edges to a resolver; default bytes)")
+                   "connections refused, timed out or dropped), resets (connections reset once "
+                   "established), retransmits, dns-errors (DNS responses other than NOERROR "
+                   "plus unanswered queries, on edges to a resolver) or drops (packets the "
+                   "kernel dropped: the DROPS column) (default bytes)")
     g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
                    help="show the top N (default 10; 0 = all)")
     add_graph_scope(p)
@@ -60,7 +64,14 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
-    from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, METRICS, edge_cells, edge_csv, edges_of
+    from eastwest.cli._edges import (
+        EDGE_CSV,
+        METRICS,
+        edge_cells,
+        edge_csv,
+        edge_headers,
+        edges_of,
+    )
     from eastwest.errors import ConfigError
     from eastwest.output import to_json_text, write_csv, write_table
 
@@ -79,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
         elif args.output == "csv":
             write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-        elif write_table(out, ("#", *EDGE_HEADERS), ((i, *edge_cells(e)) for i, e in
-                                                     enumerate(edges, 1)), color=color) == 0:
+        elif write_table(out, ("#", *(heads := edge_headers(edges))),
+                         ((i, *edge_cells(e, heads)) for i, e in enumerate(edges, 1)),
+                         color=color) == 0:
             print(f"eastwest top: no edge with any {args.by} in this window", file=sys.stderr)
     return 0

@@ -116,6 +116,10 @@ export interface EdgeDns { queries: number; responses: number; timeouts: number;
   latency_us: { min: number; avg: number; max: number } | null;
   names: { name: string; type: string; count: number; rcodes: Record<string, number>; timeouts: number }[];
   other_names: number }
+  // packets the kernel dropped, by drop reason (collector --drops); null: none (absent: older server)
+  drops?: Drops | null;
+}
+export interface Drops { packets: number; reasons: Record<string, number> }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
   // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
   // null when the volumes come from the connections themselves
@@ -135,6 +139,12 @@ export interface Flow {
   bytes_c2s: number; bytes_s2c: number; retransmits: number; resets: number;
   tunnel: { type: "vxlan" | "geneve" | "vxlan-gpe"; vni: number; vtep_src: string; vtep_dst: string; vtep_src_host: string | null;
             vtep_dst_host: string | null } | null;
+  drops?: Drops | null;
+}
+/** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */
+export function outcomeText(f: Flow): string {
+  const r = f.drops ? Object.entries(f.drops.reasons).map(([k, n]) => `${k} ${n}`).join(", ") : "";
+  return r ? `${f.outcome} (${r})` : f.outcome;
 }
 export interface Flows { flows: Flow[]; count: number; next_cursor: string | null; sort: string; filter: string }
 export interface DiffEdge { source: string; target: string; connections_opened: number;
