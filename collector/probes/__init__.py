@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 from collector.pipeline import CollectorContext, Emit
-from collector.probes.kernel import ProbeConfig, program_text
+from collector.probes.kernel import ENTRY_PAIR_BYTES, ProbeConfig, program_text
+from collector.probes.sizing import MapSizes, choose
 from eastwest.clock import KernelClock
 from eastwest.errors import ConfigError
 
-__all__ = ["SocketProbeSource", "bpf_source", "probe_config"]
+__all__ = ["SocketProbeSource", "bpf_source", "map_sizes", "probe_config"]
 log = logging.getLogger("eastwest.collector.probes")
 
 
@@ -34,21 +35,34 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     """Settings of the probes from the collector's flags (names the bad value)."""
     from collector.netns import resolve_all
 
-    entries = int(getattr(args, "map_entries", 65536))
-    if not 64 <= entries <= 1 << 24:
-        raise ConfigError("--map-entries", entries, "must be between 64 and 16777216")
+    sizes = map_sizes(args)
     interval = float(getattr(args, "interval", 5.0))
     if not interval > 0:
         raise ConfigError("--interval", interval, "must be > 0 seconds")
     idle_timeout(args)
-    cfg = ProbeConfig(conn_entries=entries, udp_entries=entries,
+    cfg = ProbeConfig(conn_entries=sizes.entries, udp_entries=sizes.entries,
+                      udp_call_entries=sizes.udp_calls,
                       netns=resolve_all(list(getattr(args, "netns", []) or [])))
     if hooks is None:
         hooks = cfg.hooks
     if getattr(args, "no_udp", False):  # the syscall hooks tax every send/recv call: opt out
         hooks = hooks - {"udp"}
     return ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
-                       netns=cfg.netns, hooks=hooks)
+                       udp_call_entries=cfg.udp_call_entries, netns=cfg.netns, hooks=hooks)
+
+
+def map_sizes(args: argparse.Namespace) -> MapSizes:
+    """`--map-entries N|auto` (default auto: from the host's limits, collector/probes/sizing.py)."""
+    given = getattr(args, "map_entries", None)
+    if given is None or str(given) == "auto":
+        return choose(ENTRY_PAIR_BYTES)
+    try:
+        entries = int(given)
+    except ValueError:
+        raise ConfigError("--map-entries", given, "must be a number of entries or auto") from None
+    if not 64 <= entries <= 1 << 24:
+        raise ConfigError("--map-entries", entries, "must be between 64 and 16777216")
+    return choose(ENTRY_PAIR_BYTES, requested=entries)
 
 
 def idle_timeout(args: argparse.Namespace) -> float:
