@@ -17,11 +17,12 @@ Memory is measured absolutely (a peer's figures are quoted in docs/benchmarks.md
 
 The load lives in two namespaces of its own joined by a veth (`ewfp-c`, `ewfp-s`); the
 collector watches the client's (`--netns ewfp-c`), as a node agent watches its pods, whose peers
-are elsewhere. Clients: `--workers` processes, each holding its share of the TCP connections
-(blocking connects, 7 bytes sent on each, then idle), plus one process whose unconnected UDP
+are elsewhere. Clients: `--workers` processes (more when the hard RLIMIT_NOFILE, 20,000 here, needs them),
+each holding its share of the TCP connections to its own server port (blocking connects, 7 bytes
+sent on each, then idle), plus one process whose unconnected UDP
 sockets each send one 5-byte datagram to each of 100 server ports. Servers in `ewfp-s`: one
-process per TCP port accepting and holding, one draining the UDP ports. RLIMIT_NOFILE is raised
-for them; the collector runs with `--idle-timeout 3600` so that no UDP flow ends while measured.
+process per TCP port accepting and holding, one draining the UDP ports. RLIMIT_NOFILE's soft
+limit is raised to the hard one; the collector runs with `--idle-timeout 3600` so that no UDP flow ends while measured.
 
 `--map-entries N` runs the collector with smaller maps than the load: the kernel must then
 count exactly the connections and datagrams it could not track (`conn_map_full` = connections -
@@ -29,7 +30,7 @@ N; `udp_map_full` = datagrams of the flows beyond N), never silently drop them.
 
 Root; takes the lab lock's namespaces (run it under `flock /tmp/ew-lab.lock`).
 Usage: python bench/bench_footprint.py [--connections 100000] [--udp-flows 100000]
-       [--workers 4] [--interval 15] [--rest 20] [--map-entries N] [--json FILE]
+       [--workers 2] [--interval 15] [--rest 20] [--map-entries N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NS_C, NS_S = "ewfp-c", "ewfp-s"
 IP_C, IP_S = "10.252.0.1", "10.252.0.2"
-TCP_PORTS = (20001, 20002, 20003, 20004)
+TCP_PORT0 = 20001  # worker i connects to TCP_PORT0 + i (28,232 source ports each)
 UDP_PORTS = tuple(range(30000, 30100))
 TCP_BYTES, UDP_BYTES = 7, 5
 METRICS = "127.0.0.1:19471"
@@ -92,7 +93,8 @@ def enter(ns: str, files: int) -> None:
     if libc.setns(fd, CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), f"setns {ns}")
     os.close(fd)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(files, hard), hard))
 
 
 def tcp_server(port: int, expect: int, ready, stop) -> None:  # noqa: ANN001 - mp.Event
@@ -134,11 +136,10 @@ def udp_server(ready, stop) -> None:  # noqa: ANN001
                 pass
 
 
-def tcp_client(n: int, first: int, out: str, done, stop) -> None:  # noqa: ANN001
+def tcp_client(n: int, port: int, out: str, done, stop) -> None:  # noqa: ANN001
     enter(NS_C, n + 1024)
     held, truth = [], []
-    for i in range(n):
-        port = TCP_PORTS[(first + i) % len(TCP_PORTS)]
+    for _ in range(n):
         s = socket.create_connection((IP_S, port))
         s.sendall(b"c" * TCP_BYTES)
         held.append(s)
@@ -257,7 +258,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=100_000)
     ap.add_argument("--udp-flows", type=int, default=100_000)
-    ap.add_argument("--workers", type=int, default=4, help="TCP client processes (default 4)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="TCP client processes, at least (more when RLIMIT_NOFILE's hard limit "
+                    "needs them: a process holds at most that many connections)")
     ap.add_argument("--interval", type=float, default=15.0, help="collector --interval")
     ap.add_argument("--rest", type=float, default=20.0, help="seconds at rest measured")
     ap.add_argument("--map-entries", type=int, help="collector --map-entries (default: auto)")
@@ -291,20 +294,22 @@ def main() -> None:
         res["rest_cpu_pct"] = round((cpu_seconds(col.pid) - c0) / a.rest * 100, 2)
         res["at_rest"] = memory(col.pid)
 
-        ready = [mp.Event() for _ in (*TCP_PORTS, 0)]
-        per_port = a.connections // len(TCP_PORTS) + 1
-        procs += [mp.Process(target=tcp_server, args=(p, per_port, ready[i], stop))
-                  for i, p in enumerate(TCP_PORTS)]
+        cap = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 1024  # fds a process may hold
+        workers = max(a.workers, -(-a.connections // cap))
+        shares = [a.connections // workers + (i < a.connections % workers)
+                  for i in range(workers)]
+        res["tcp_processes"] = workers
+        ready = [mp.Event() for _ in range(workers + 1)]
+        procs += [mp.Process(target=tcp_server, args=(TCP_PORT0 + i, n, ready[i], stop))
+                  for i, n in enumerate(shares)]
         procs.append(mp.Process(target=udp_server, args=(ready[-1], stop)))
         for p in procs:
             p.start()
         for e in ready:
             e.wait(30)
-        shares = [a.connections // a.workers + (i < a.connections % a.workers)
-                  for i in range(a.workers)]
-        done = [mp.Event() for _ in range(a.workers + 1)]
-        clients = [mp.Process(target=tcp_client, args=(n, i, str(tmp / f"tcp{i}.json"), done[i],
-                                                       stop))
+        done = [mp.Event() for _ in range(workers + 1)]
+        clients = [mp.Process(target=tcp_client, args=(n, TCP_PORT0 + i, str(tmp / f"tcp{i}.json"),
+                                                       done[i], stop))
                    for i, n in enumerate(shares)]
         clients.append(mp.Process(target=udp_client, args=(a.udp_flows, str(tmp / "udp.json"),
                                                            done[-1], stop)))
@@ -316,7 +321,7 @@ def main() -> None:
             if not e.wait(900):
                 raise SystemExit("the load generator did not finish")
         res["load_setup_s"] = round(time.monotonic() - t1, 1)
-        truth_tcp = {tuple(x) for i in range(a.workers)
+        truth_tcp = {tuple(x) for i in range(workers)
                      for x in json.loads((tmp / f"tcp{i}.json").read_text())}
         truth_udp = {tuple(x) for x in json.loads((tmp / "udp.json").read_text())}
         # two intervals after the load is complete: at least one drain reads every entry
@@ -339,6 +344,9 @@ def main() -> None:
                       "missing": len(truth_udp - udp.keys()),
                       "exact": sum(1 for k in truth_udp if udp.get(k) == 1000 + UDP_BYTES)}
         res["output_mib"] = round(out.stat().st_size / 2**20, 1)
+        if a.map_entries:  # what the kernel must have counted: every one beyond the map
+            res["expected_map_full"] = {"conn_map_full": max(0, a.connections - a.map_entries),
+                                        "udp_map_full": max(0, a.udp_flows - a.map_entries)}
     finally:
         stop.set()
         if col is not None and col.poll() is None:
