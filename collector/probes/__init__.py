@@ -145,6 +145,11 @@ class SocketProbeSource:
 
     def gauges(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """`eastwest_probe_map_entries` / `_capacity{map="conns"}` and the kernel's counters
-        (`eastwest_probe_kernel_events_total{event}`), read at each interval drain."""
-        return self.loop.gauges(self.config.conn_entries,
-                                self.config.udp_entries if self.udp is not None else None)
+        (`eastwest_probe_kernel_events_total{event}`), read at each interval drain; the kernel
+        memory of each map and ring (`eastwest_probe_map_memory_bytes{map}`)."""
+        out = self.loop.gauges(self.config.conn_entries,
+                               self.config.udp_entries if self.udp is not None else None)
+        for name, _, size in self.config.map_memory():  # preallocated: fixed for the process
+            label = name.split()[0]  # "events (ring)" -> events
+            out[("eastwest_probe_map_memory_bytes", (("map", label),))] = float(size)
+        return out
