@@ -28,7 +28,11 @@ limit is raised to the hard one; the collector runs with `--idle-timeout 3600` s
 count exactly the connections and datagrams it could not track (`conn_map_full` = connections -
 N; `udp_map_full` = datagrams of the flows beyond N), never silently drop them.
 
-Root; takes the lab lock's namespaces (run it under `flock /tmp/ew-lab.lock`).
+`--loopback`: no namespaces; clients and servers on 127.0.77.0/24 of the collector's own
+namespace, both ends watched (two `conns` entries per connection), the TCP clients bound to
+source ports 12,000-30,000 so that the shared ephemeral range stays free for others.
+
+Root. With namespaces, run it under the lab lock (`flock /tmp/ew-lab.lock`).
 Usage: python bench/bench_footprint.py [--connections 100000] [--udp-flows 100000]
        [--workers 2] [--interval 15] [--rest 20] [--map-entries N] [--json FILE]
 """
@@ -55,10 +59,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NS_C, NS_S = "ewfp-c", "ewfp-s"
 IP_C, IP_S = "10.252.0.1", "10.252.0.2"
-TCP_PORT0 = 20001  # worker i connects to TCP_PORT0 + i (28,232 source ports each)
-UDP_PORTS = tuple(range(30000, 30100))
+TCP_PORT0 = 31101  # worker i connects to TCP_PORT0 + i (28,232 source ports each)
+LO_SRC_PORTS = (12000, 30000)  # --loopback: clients bind these, outside the ephemeral range
+UDP_PORTS = tuple(range(31000, 31100))
 TCP_BYTES, UDP_BYTES = 7, 5
-METRICS = "127.0.0.1:19471"
+METRICS = "127.0.0.1:9479"
+LOOPBACK = {"on": False}  # --loopback: everything in this namespace, on 127.0.77.0/24
 TICK = os.sysconf("SC_CLK_TCK")
 CLONE_NEWNET = 0x40000000
 
@@ -87,14 +93,17 @@ def teardown() -> None:
 
 
 def enter(ns: str, files: int) -> None:
-    """This process into namespace `ns`, with room for `files` descriptors."""
+    """This process into namespace `ns` (not with --loopback), with room for `files`
+    descriptors."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(files, hard), hard))
+    if LOOPBACK["on"]:
+        return
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), f"setns {ns}")
     os.close(fd)
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(files, hard), hard))
 
 
 def tcp_server(port: int, expect: int, ready, stop) -> None:  # noqa: ANN001 - mp.Event
@@ -131,7 +140,7 @@ def udp_server(ready, stop) -> None:  # noqa: ANN001
         for key, _ in sel.select(0.5):
             try:
                 while True:
-                    key.fileobj.recv(2048)  # type: ignore[union-attr]
+                    key.fileobj.recvfrom(2048)  # type: ignore[union-attr]
             except BlockingIOError:
                 pass
 
@@ -139,8 +148,14 @@ def udp_server(ready, stop) -> None:  # noqa: ANN001
 def tcp_client(n: int, port: int, out: str, done, stop) -> None:  # noqa: ANN001
     enter(NS_C, n + 1024)
     held, truth = [], []
-    for _ in range(n):
-        s = socket.create_connection((IP_S, port))
+    for i in range(n):
+        if LOOPBACK["on"]:  # an explicit source port: the shared ephemeral range stays free
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((IP_C, LO_SRC_PORTS[0] + i))
+            s.connect((IP_S, port))
+        else:
+            s = socket.create_connection((IP_S, port))
         s.sendall(b"c" * TCP_BYTES)
         held.append(s)
         truth.append((s.getsockname()[1], port))
@@ -247,9 +262,9 @@ def seen(out: Path, netns: int) -> tuple[dict[tuple[int, int], int], dict[tuple[
                 continue
             key = (r["client"]["port"], r["server"]["port"])
             if r["protocol"] == "tcp":
-                tcp[key] = r["bytes_sent"]
+                tcp[key] = r["bytes_c2s"]
             else:
-                udp[key] = r["packets_sent"] * 1000 + r["bytes_sent"]
+                udp[key] = (r["packets_c2s"] or 0) * 1000 + r["bytes_c2s"]
     return tcp, udp
 
 
@@ -264,15 +279,25 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=15.0, help="collector --interval")
     ap.add_argument("--rest", type=float, default=20.0, help="seconds at rest measured")
     ap.add_argument("--map-entries", type=int, help="collector --map-entries (default: auto)")
+    ap.add_argument("--loopback", action="store_true",
+                    help="no namespaces: clients and servers on 127.0.77.0/24 in this one, both "
+                    "ends watched (2 map entries per connection: give --map-entries)")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (eBPF, namespaces)")
     tmp = Path(tempfile.mkdtemp(prefix="ewfoot-"))
-    netns = setup()
+    global IP_C, IP_S, NS_C
+    if a.loopback:
+        LOOPBACK["on"] = True
+        IP_C, IP_S = "127.0.77.2", "127.0.77.1"
+        netns = os.stat("/proc/self/ns/net").st_ino
+        NS_C = str(netns)  # the collector's --netns
+    else:
+        netns = setup()
     stop = mp.Event()
     procs: list[mp.Process] = []
-    res: dict = {"connections": a.connections, "udp_flows": a.udp_flows,
+    res: dict = {"connections": a.connections, "udp_flows": a.udp_flows, "loopback": a.loopback,
                  "interval_s": a.interval, "map_entries": a.map_entries or "auto"}
     col = None
     try:
@@ -355,7 +380,8 @@ def main() -> None:
             p.join(60)
             if p.is_alive():
                 p.kill()
-        teardown()
+        if not a.loopback:
+            teardown()
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=2))
     if a.json:

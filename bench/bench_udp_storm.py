@@ -20,8 +20,12 @@ Phases (each the same storm):
                     (utime + stime + children, /proc/PID/stat, from ready to exit), and the
                     kernel time of the collector's BPF programs per datagram
                     (`kernel.bpf_stats_enabled`, run_time_ns of its programs, `bpftool prog`);
-  3. collector alone: datagrams/s with the probes attached (their cost to the senders).
-Root; the traffic stays inside the two namespaces. Run it under `flock /tmp/ew-lab.lock`.
+  3. tcpdump alone, 4. collector alone: datagrams/s with each attached (its cost to the
+     senders and receivers, in their system calls and softirqs, as a ratio to phase 1).
+`--loopback`: no namespaces, everything on 127.0.78.0/24 of the collector's own namespace
+(which it watches, so it also counts whatever else runs there), tcpdump on `lo`.
+Root; the traffic stays inside the two namespaces (or loopback). With namespaces, run it under
+`flock /tmp/ew-lab.lock`.
 Usage: python bench/bench_udp_storm.py [--seconds 10] [--senders 1] [--sockets 32] [--json FILE]
 """
 
@@ -53,6 +57,7 @@ PORTS = PORTS_FROM + PORTS_MMSG
 SIZE, MMSG = 16, 64
 TICK = os.sysconf("SC_CLK_TCK")
 CLONE_NEWNET = 0x40000000
+LOOPBACK = {"on": False}  # --loopback: everything in this namespace, on 127.0.78.0/24
 PROG_NAMES = re.compile(r"^(tracepoint__syscalls__sys_(enter|exit)_(send|recv)|raw_tracepoint__sock_)")
 
 
@@ -78,6 +83,8 @@ def teardown() -> None:
 
 
 def enter(ns: str) -> None:
+    if LOOPBACK["on"]:
+        return
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         raise OSError(ct.get_errno(), f"setns {ns}")
@@ -223,8 +230,9 @@ def prog_stats() -> dict[int, tuple[str, int, int]]:
 
 
 def start_collector(out: Path, err: Path) -> subprocess.Popen:
+    scope = ["--netns", NS_C] + (["--netns", NS_S] if NS_S != NS_C else [])
     cmd = [sys.executable, "-m", "eastwest", "collector", "--output", str(out), "--no-vxlan",
-           "--netns", NS_C, "--netns", NS_S, "--interval", "2", "--idle-timeout", "3600", "-v"]
+           *scope, "--interval", "2", "--idle-timeout", "3600", "-v"]
     p = subprocess.Popen(cmd, stderr=err.open("wb"), cwd=REPO)
     deadline = time.monotonic() + 180
     while "socket probes attached" not in err.read_text():
@@ -235,8 +243,13 @@ def start_collector(out: Path, err: Path) -> subprocess.Popen:
 
 
 def start_tcpdump(err: Path) -> subprocess.Popen:
-    p = subprocess.Popen(["ip", "netns", "exec", NS_C, "tcpdump", "-i", "stc", "-Q", "out", "-n",
-                          "-w", "/dev/null", "udp"], stderr=err.open("wb"))
+    if LOOPBACK["on"]:  # on lo every packet is seen once
+        cmd = ["tcpdump", "-i", "lo", "-n", "-w", "/dev/null",
+               f"udp and dst host {IP_S} and dst portrange {PORTS[0]}-{PORTS[-1]}"]
+    else:
+        cmd = ["ip", "netns", "exec", NS_C, "tcpdump", "-i", "stc", "-Q", "out", "-n",
+               "-w", "/dev/null", "udp"]
+    p = subprocess.Popen(cmd, stderr=err.open("wb"))
     deadline = time.monotonic() + 30
     while "listening on" not in err.read_text():
         if p.poll() is not None or time.monotonic() > deadline:
@@ -260,9 +273,9 @@ def collector_flows(out: Path, ns_c: int, ns_s: int) -> tuple[dict, dict]:
                 continue
             k = (r["client"]["port"], r["server"]["port"])
             if r["netns"] == ns_c and r["observer"] == "client":
-                snd[k] = r["packets_sent"]
+                snd[k] = r["packets_c2s"]
             elif r["netns"] == ns_s and r["observer"] == "server":
-                rcv[k] = r["packets_recv"]
+                rcv[k] = r["packets_c2s"]
     return snd, rcv
 
 
@@ -279,14 +292,23 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--senders", type=int, default=1, help="processes per send call (default 1)")
     ap.add_argument("--sockets", type=int, default=32, help="unconnected sockets per sender")
+    ap.add_argument("--loopback", action="store_true",
+                    help="no namespaces: senders and receivers on 127.0.78.0/24 of this one")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (eBPF, namespaces)")
     tmp = Path(tempfile.mkdtemp(prefix="ewstorm-"))
-    ns_c, ns_s = setup()
+    global IP_C, IP_S, NS_C, NS_S
+    if a.loopback:
+        LOOPBACK["on"] = True
+        IP_C, IP_S = "127.0.78.2", "127.0.78.1"
+        ns_c = ns_s = os.stat("/proc/self/ns/net").st_ino
+        NS_C = NS_S = str(ns_c)
+    else:
+        ns_c, ns_s = setup()
     old_stats = sh("sysctl", "-n", "kernel.bpf_stats_enabled").strip()
-    res: dict = {"seconds": a.seconds, "senders_per_call": a.senders, "sockets": a.sockets,
+    res: dict = {"loopback": a.loopback, "seconds": a.seconds, "senders_per_call": a.senders, "sockets": a.sockets,
                  "datagram_bytes": SIZE}
     try:
         base = storm(a)
@@ -328,6 +350,13 @@ def main() -> None:
         }
         res["side_by_side"]["cpu_ratio_collector_to_tcpdump"] = round(
             col_cpu / max(td_cpu, 1e-9), 3)
+        td = start_tcpdump(tmp / "t2.err")
+        td_alone = storm(a)
+        td.send_signal(signal.SIGINT)
+        td.wait(60)
+        res["tcpdump_alone"] = {"datagrams": td_alone["datagrams"], "per_s": td_alone["per_s"],
+                                "rate_ratio_vs_no_tool": round(td_alone["per_s"] / base["per_s"],
+                                                               3)}
         col = start_collector(tmp / "c2.out", tmp / "c2.err")
         alone = storm(a)
         col.send_signal(signal.SIGINT)
@@ -337,7 +366,8 @@ def main() -> None:
                                                                  3)}
     finally:
         sh("sysctl", "-q", "-w", f"kernel.bpf_stats_enabled={old_stats or 0}", check=False)
-        teardown()
+        if not a.loopback:
+            teardown()
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=2))
     if a.json:
