@@ -57,7 +57,9 @@ def hash_map_bytes(entries: int, key: int, value: int, cpus: int | None = None,
                    lru: bool = False) -> int:
     """Kernel memory of a preallocated BPF hash map (htab_map_mem_usage, without its small
     fixed header and per-CPU lock array)."""
-    cpus = cpus or os.cpu_count() or 1
+    if entries <= 0:
+        return 0
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
     elems = entries if lru else entries + cpus
     return BUCKET_BYTES * _pow2_ceil(entries) + elems * (HTAB_ELEM_BYTES + _r8(key) + _r8(value))
 
