@@ -25,9 +25,10 @@ import ctypes as ct
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from collector import bpfload
 from collector.probes.btf import KernelOffsets, UdpOffsets
@@ -46,6 +47,7 @@ UDP_KEY_BYTES, UDP_VALUE_BYTES, UDP_CALL_BYTES = 40, 104, 32  # udp.bpf.c struct
 CONN_VALUE_BYTES = 144  # sizeof(struct conn_t); checked against bcc's ctypes at load
 RINGBUF_RECORD_BYTES = 8 + 8 + CONN_VALUE_BYTES  # ring header + struct close_event_t
 PROC_EVENT_BYTES = 24  # sizeof(struct proc_event_t)
+DECODE_CHUNK = 4096  # map entries decoded at a time
 log = logging.getLogger("eastwest.collector.probes")
 
 
@@ -133,6 +135,25 @@ def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig,
     if with_udp:
         text += "\n" + UDP_BPF_FILE.read_text()
     return text
+
+
+class UdpBatch:
+    """The entries of one batch read of `udp_flows`: sized; each iteration decodes them from
+    the raw bytes (the states of 200,000 flows are not all kept)."""
+
+    def __init__(self, key: Any, leaf: Any, keys: bytes, values: bytes, n: int) -> None:
+        self.key, self.leaf, self.keys, self.values, self.n = key, leaf, keys, values, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[UdpState]:
+        if not self.n:
+            return
+        ks, vs = ct.sizeof(self.key), ct.sizeof(self.leaf)
+        kb, vb = self.keys, self.values
+        for i in range(self.n):
+            yield udp_decode(self.key, self.leaf, kb[i * ks:(i + 1) * ks], vb[i * vs:(i + 1) * vs])
 
 
 class BccKernel:
@@ -249,32 +270,41 @@ class BccKernel:
     def _stat(self, index: int) -> int:
         return self._stats.percpu_sum(index)
 
-    def live(self) -> list[ConnState]:
+    def live(self) -> Iterator[ConnState]:
+        """Every entry of the connection map, read in one batch and decoded DECODE_CHUNK at a
+        time as it is iterated (decoding goes through one Python list per field: for 200,000
+        entries at once that alone would be ~200 MB)."""
         if self._batch_ok:
             try:
                 keys, values, n = self._conns.batch(delete=False)
-                return self.decoder.entries(memoryview(keys).cast("Q")[:n].tolist(),
-                                            memoryview(values)[:n * self.decoder.leaf_size])
             except OSError as exc:  # old kernels: no batch ops on hash maps; iterate instead
                 log.info("batch map lookup unavailable (%s); iterating", exc)
                 self._batch_ok = False
+            else:
+                sks = memoryview(keys).cast("Q")
+                size = self.decoder.leaf_size
+                for i in range(0, n, DECODE_CHUNK):
+                    j = min(n, i + DECODE_CHUNK)
+                    yield from self.decoder.entries(sks[i:j].tolist(),
+                                                    memoryview(values)[i * size:j * size])
+                return
         items = self._conns.items()
-        return self.decoder.entries([k.value for k, _ in items],
-                                    b"".join(bytes(v) for _, v in items))
+        yield from self.decoder.entries([k.value for k, _ in items],
+                                        b"".join(bytes(v) for _, v in items))
 
-    def udp_flows(self) -> list[UdpState]:
-        """Every UDP flow of the map (batch read; item by item where batches are missing)."""
+    def udp_flows(self) -> UdpBatch:
+        """Every UDP flow of the map, read in one batch (item by item where batches are
+        missing), decoded anew at each iteration."""
         table = self._udp
         if table is None:
-            return []
-        ksize, lsize = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+            return UdpBatch(None, None, b"", b"", 0)
         try:
             kb, vb, n = table.batch(delete=False)
-            return [udp_decode(table.Key, table.Leaf, kb[i * ksize:(i + 1) * ksize],
-                               vb[i * lsize:(i + 1) * lsize]) for i in range(n)]
         except OSError:
-            return [udp_decode(table.Key, table.Leaf, bytes(k), bytes(v))
-                    for k, v in table.items()]
+            items = table.items()
+            kb, vb, n = b"".join(bytes(k) for k, _ in items), \
+                b"".join(bytes(v) for _, v in items), len(items)
+        return UdpBatch(table.Key, table.Leaf, kb, vb, n)
 
     def udp_end(self, states: list[UdpState]) -> list[UdpState]:
         """Each flow's final counters, taken out of the map by BPF_MAP_LOOKUP_AND_DELETE_ELEM

@@ -117,13 +117,17 @@ class ProbeLoop:
         now = self.ctx.clock.now()
         live: list[ConnState] = []
         deferred: list[ConnState] = []
-        for s in kernel.live():
+        tracked = 0
+        for s in kernel.live():  # decoded a chunk at a time by the kernel side
+            tracked += 1
             # deferred: the ring buffer was full at its close: finalise it from the map
             (deferred if s.deferred else live).append(s)
-        self.tracked = len(live) + len(deferred)
-        for i in range(0, len(live), CHUNK):
-            yield self.builder.build_many(live[i:i + CHUNK], final=False, now=now,
-                                          extra_incomplete=extra)
+            if len(live) == CHUNK:
+                yield self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
+                live = []
+        self.tracked = tracked
+        if live:
+            yield self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
         del live
         if deferred:
             yield self.builder.build_many(deferred, final=True, now=now, extra_incomplete=extra)

@@ -10,6 +10,7 @@ implements and the unit tests fake.
 from __future__ import annotations
 
 import ctypes as ct
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
 FIRST_SENT, FIRST_RECV = 1, 2  # udp.bpf.c: who moved the flow's first datagram
@@ -42,11 +43,17 @@ class UdpState(NamedTuple):
     comm: str
 
 
+class UdpStates(Protocol):
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[UdpState]: ...
+
+
 class UdpKernelSide(Protocol):
     """What the UDP tracker needs from the kernel; `kernel.BccKernel` or a test fake."""
 
-    def udp_flows(self) -> list[UdpState]:
-        """A batch read of every entry of the UDP flow map."""
+    def udp_flows(self) -> UdpStates:
+        """A batch read of every entry of the UDP flow map: sized, and iterable more than once
+        (it may decode the entries anew at each pass instead of keeping them all)."""
 
     def udp_end(self, states: list[UdpState]) -> list[UdpState]:
         """Take these flows out of the map (atomically: lookup and delete), with their counters

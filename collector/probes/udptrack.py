@@ -105,18 +105,24 @@ class UdpTracker:
             return
         states = self.kernel.udp_flows()
         self.tracked = len(states)
-        if not states:
+        if not self.tracked:
             return
         t = self.mono_ns()
-        self.liveness.refresh(states)
+        self.liveness.refresh(states)  # one pass; the states are not kept
         live: list[UdpState] = []
         ending: list[UdpState] = []
-        for s in states:
-            idle = t - s.last_ns >= self.idle_ns
-            (ending if idle or not self.liveness.alive(s) else live).append(s)
+        for s in states:  # a second pass (a kernel side may decode the entries anew)
+            if t - s.last_ns >= self.idle_ns or not self.liveness.alive(s):
+                ending.append(s)
+                continue
+            live.append(s)
+            if len(live) == chunk:
+                yield self.builder.build_many(live, final=False, now=now,
+                                              extra_incomplete=extra_incomplete)
+                live = []
         del states
-        for i in range(0, len(live), chunk):
-            yield self.builder.build_many(live[i:i + chunk], final=False, now=now,
+        if live:
+            yield self.builder.build_many(live, final=False, now=now,
                                           extra_incomplete=extra_incomplete)
         del live
         for i in range(0, len(ending), chunk):
