@@ -39,6 +39,7 @@ from collector.probes.ring import supported as ring_supported
 from collector.probes.sizing import hash_map_bytes
 from collector.probes.udpflow import UdpState
 from collector.probes.udpflow import decode as udp_decode
+from collector.probes.udpflow import decode_many as udp_decode_many
 from eastwest.errors import CapabilityError
 
 BPF_FILE = Path(__file__).with_name("socket.bpf.c")
@@ -150,10 +151,9 @@ class UdpBatch:
     def __iter__(self) -> Iterator[UdpState]:
         if not self.n:
             return
-        ks, vs = ct.sizeof(self.key), ct.sizeof(self.leaf)
-        kb, vb = self.keys, self.values
-        for i in range(self.n):
-            yield udp_decode(self.key, self.leaf, kb[i * ks:(i + 1) * ks], vb[i * vs:(i + 1) * vs])
+        for i in range(0, self.n, DECODE_CHUNK):
+            yield from udp_decode_many(self.key, self.leaf, self.keys, self.values, i,
+                                       min(self.n, i + DECODE_CHUNK))
 
 
 class BccKernel:
