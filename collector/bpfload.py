@@ -286,9 +286,13 @@ def load(text: str, what: str, timeout_s: float = 300.0) -> LoadedProgram:
     """Compile, load and attach `text` in a child process; its maps and attachments here.
     `what` names the program in errors ("the socket probes"). LoadError on any failure."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:  # whatever bcc prints goes to our stderr: our stdout may be the records (--stdout)
+        out: Any = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        out = subprocess.DEVNULL
     try:
         proc = subprocess.Popen([sys.executable, "-I", __file__, str(child.fileno())],
-                                stdin=subprocess.PIPE, pass_fds=(child.fileno(),))
+                                stdin=subprocess.PIPE, stdout=out, pass_fds=(child.fileno(),))
         child.close()
         try:
             proc.communicate(text.encode(), timeout=timeout_s)
