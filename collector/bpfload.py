@@ -248,6 +248,20 @@ class LoadedProgram:
     def __getitem__(self, name: str) -> BpfMap:
         return self.maps[name]
 
+    def memlock(self) -> int:
+        """The kernel memory of the maps, as the kernel counts it (`memlock` of each map's
+        /proc/self/fdinfo entry; 0 where the kernel does not say)."""
+        total = 0
+        for m in self.maps.values():
+            try:
+                text = open(f"/proc/self/fdinfo/{m.fd}").read()  # noqa: SIM115 - tiny file
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("memlock:"):
+                    total += int(line.split()[1])
+        return total
+
     def open_ring_buffer(self, name: str, callback: Callable[[Any, int, int], int]) -> None:
         """libbpf's ring buffer consumer on map `name`: `callback(ctx, data, size)` per record,
         from `ring_buffer_poll`/`ring_buffer_consume` (bcc's API)."""

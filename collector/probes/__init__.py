@@ -135,9 +135,11 @@ class SocketProbeSource:
                            udp=self.udp_offsets)  # type: ignore[arg-type]
         if self.udp is not None:
             self.udp.attach(kernel, time.monotonic_ns())
-        log.info("socket probes attached: %s; netns scope %s; %d existing listeners",
+        log.info("socket probes attached: %s; netns scope %s; %d existing listeners; maps of "
+                 "%d connections and %d UDP flows, %.1f MiB of kernel memory",
                  ", ".join(sorted(self.config.hooks)), list(self.config.netns) or "all",
-                 len(owners))
+                 len(owners), self.config.conn_entries, self.config.udp_entries,
+                 kernel.bpf.memlock() / 2**20)
         return kernel
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
