@@ -287,9 +287,10 @@ def conntrack_lines(netns: list[str]) -> list[str]:
 def main_check(args: argparse.Namespace) -> int:
     """`eastwest collector --check`: print the table; 0 when everything needed is present."""
     caps = probe()
-    from collector.probes import map_sizes
+    from collector.probes.kernel import ENTRY_PAIR_BYTES
+    from collector.probes.sizing import map_sizes
 
-    print(table(caps, map_sizes(args)))
+    print(table(caps, map_sizes(getattr(args, "map_entries", None), ENTRY_PAIR_BYTES)))
     for line in conntrack_lines(list(getattr(args, "netns", None) or [])):
         print(line)
     problems, degraded = caps.problems(), caps.degradations()

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from collector.pipeline import CollectorContext, Emit
 from collector.probes.kernel import ENTRY_PAIR_BYTES, ProbeConfig, program_text
-from collector.probes.sizing import MapSizes, choose
+from collector.probes.sizing import map_sizes
 from eastwest.clock import KernelClock
 from eastwest.errors import ConfigError
 
-__all__ = ["SocketProbeSource", "bpf_source", "map_sizes", "probe_config"]
+__all__ = ["SocketProbeSource", "bpf_source", "probe_config"]
 log = logging.getLogger("eastwest.collector.probes")
 
 
@@ -35,7 +35,7 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     """Settings of the probes from the collector's flags (names the bad value)."""
     from collector.netns import resolve_all
 
-    sizes = map_sizes(args)
+    sizes = map_sizes(getattr(args, "map_entries", None), ENTRY_PAIR_BYTES)
     interval = float(getattr(args, "interval", 5.0))
     if not interval > 0:
         raise ConfigError("--interval", interval, "must be > 0 seconds")
@@ -49,20 +49,6 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
         hooks = hooks - {"udp"}
     return ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
                        udp_call_entries=cfg.udp_call_entries, netns=cfg.netns, hooks=hooks)
-
-
-def map_sizes(args: argparse.Namespace) -> MapSizes:
-    """`--map-entries N|auto` (default auto: from the host's limits, collector/probes/sizing.py)."""
-    given = getattr(args, "map_entries", None)
-    if given is None or str(given) == "auto":
-        return choose(ENTRY_PAIR_BYTES)
-    try:
-        entries = int(given)
-    except ValueError:
-        raise ConfigError("--map-entries", given, "must be a number of entries or auto") from None
-    if not 64 <= entries <= 1 << 24:
-        raise ConfigError("--map-entries", entries, "must be between 64 and 16777216")
-    return choose(ENTRY_PAIR_BYTES, requested=entries)
 
 
 def idle_timeout(args: argparse.Namespace) -> float:

@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from eastwest.errors import ConfigError
+
 PROC_SYS = Path("/proc/sys")
 MEMINFO = Path("/proc/meminfo")
 MEMORY_SHARE = 0.0025  # of MemTotal, for conns + udp_flows together
@@ -115,3 +117,16 @@ def choose(per_entry_bytes: int, requested: int | None = None, proc_sys: Path = 
         entries = min(entries, budget)
     entries = max(MIN_ENTRIES, min(MAX_ENTRIES, _pow2_floor(max(1, entries))))
     return MapSizes(entries, calls, "auto: " + ", ".join(parts) + f" -> {entries}")
+
+
+def map_sizes(given: object, per_entry_bytes: int) -> MapSizes:
+    """`--map-entries N|auto` (None: auto). ConfigError naming the flag and the bad value."""
+    if given is None or str(given) == "auto":
+        return choose(per_entry_bytes)
+    try:
+        entries = int(str(given))
+    except ValueError:
+        raise ConfigError("--map-entries", given, "must be a number of entries or auto") from None
+    if not 64 <= entries <= 1 << 24:
+        raise ConfigError("--map-entries", entries, "must be between 64 and 16777216")
+    return choose(per_entry_bytes, requested=entries)

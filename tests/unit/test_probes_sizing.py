@@ -3,15 +3,13 @@ memory --check prints for them."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
 from collector.capabilities import map_lines
-from collector.probes import map_sizes
 from collector.probes.kernel import ENTRY_PAIR_BYTES, ProbeConfig
-from collector.probes.sizing import choose, hash_map_bytes
+from collector.probes.sizing import choose, hash_map_bytes, map_sizes
 from eastwest.errors import ConfigError
 
 
@@ -66,17 +64,17 @@ def test_udp_calls_follow_threads_max_within_bounds(tmp_path: Path) -> None:
 
 
 def test_map_entries_flag_overrides_and_names_bad_values() -> None:
-    assert map_sizes(argparse.Namespace(map_entries="4096")).entries == 4096
-    assert map_sizes(argparse.Namespace(map_entries="4096")).why == "--map-entries"
-    assert map_sizes(argparse.Namespace(map_entries="auto")).why.startswith("auto: ")
+    assert map_sizes("4096", ENTRY_PAIR_BYTES).entries == 4096
+    assert map_sizes("4096", ENTRY_PAIR_BYTES).why == "--map-entries"
+    assert map_sizes("auto", ENTRY_PAIR_BYTES).why.startswith("auto: ")
     for bad in ("lots", "12", str(1 << 25)):
         with pytest.raises(ConfigError) as err:
-            map_sizes(argparse.Namespace(map_entries=bad))
+            map_sizes(bad, ENTRY_PAIR_BYTES)
         assert "--map-entries" in str(err.value) and bad in str(err.value)
 
 
 def test_check_lists_every_map_with_its_memory_and_why() -> None:
-    sizes = map_sizes(argparse.Namespace(map_entries="4096"))
+    sizes = map_sizes("4096", ENTRY_PAIR_BYTES)
     cfg = ProbeConfig(conn_entries=4096, udp_entries=4096, udp_call_entries=sizes.udp_calls)
     lines = map_lines(cfg, sizes)
     text = "\n".join(lines)
