@@ -14,12 +14,18 @@ Raw tracepoints are used only when BTF proves their first argument is `struct so
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eastwest.errors import CapabilityError
+
+if TYPE_CHECKING:
+    from collector.probes.kernel import ProbeConfig
+    from collector.probes.sizing import MapSizes
 
 TRACEFS = (Path("/sys/kernel/tracing/events"), Path("/sys/kernel/debug/tracing/events"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -194,11 +200,11 @@ def probe() -> Capabilities:
         bool(eff & (1 << CAP_BPF)) and bool(eff & (1 << CAP_PERFMON)))
     caps.checks.append(("permissions", perm, f"euid {os.geteuid()}, CapEff {eff:#x}"
                         + ("" if perm else ": needs root or CAP_BPF+CAP_PERFMON")))
-    try:
-        import bcc  # noqa: F401
-
+    # found, not imported: importing bcc maps its compiler (libLLVM) into this process, and the
+    # programs are compiled in a child process (collector/bpfload.py) so that it is not kept
+    if importlib.util.find_spec("bcc") is not None:
         caps.checks.append(("bcc", True, "importable"))
-    except ImportError:
+    else:
         caps.checks.append(("bcc", False, "apt-get install python3-bpfcc; bash scripts/setup-venv.sh"))
     build = Path(f"/lib/modules/{os.uname().release}/build")
     caps.checks.append(("kernel headers", build.exists(), str(build) if build.exists() else
@@ -224,7 +230,7 @@ def _drop_reasons() -> str:
     return "missing: --drops cannot run"
 
 
-def table(caps: Capabilities, map_entries: int) -> str:
+def table(caps: Capabilities, sizes: MapSizes) -> str:
     from collector.probes.kernel import ProbeConfig
 
     rows = [("hook", "present", "used for", "fallback")]
@@ -239,13 +245,27 @@ def table(caps: Capabilities, map_entries: int) -> str:
     lines.append("")
     for what, ok, detail in caps.checks:
         lines.append(f"{what + ':':<28} {'ok' if ok else 'MISSING'}  {detail}")
-    cfg = ProbeConfig(conn_entries=map_entries, udp_entries=map_entries, hooks=caps.features())
-    udp = f"{map_entries} UDP flows, " if cfg.udp() else ""
-    lines.append(f"{'map memory:':<28} {cfg.map_memory_bytes() / 2**20:.1f} MiB "
-                 f"({map_entries} connections, {udp}{cfg.listen_entries} listeners, "
-                 f"{cfg.ringbuf_pages * 4} KiB ring buffer; --map-entries N)")
+    lines += map_lines(ProbeConfig(conn_entries=sizes.entries, udp_entries=sizes.entries,
+                                   udp_call_entries=sizes.udp_calls, hooks=caps.features()),
+                       sizes)
     lines.append(f"{'not available here:':<28} kprobes, fentry (not used)")
     return "\n".join(lines)
+
+
+def map_lines(cfg: ProbeConfig, sizes: MapSizes) -> list[str]:
+    """`--check`'s kernel maps: the sizes, why, and the kernel memory each takes (preallocated
+    at load, charged to the collector's memory cgroup; collector/probes/sizing.py)."""
+    lines = [f"{'map memory:':<28} {cfg.map_memory_bytes() / 2**20:.1f} MiB of kernel memory "
+             f"({sizes.entries} connections and {sizes.entries} UDP flows tracked at once"
+             if cfg.udp() else
+             f"{'map memory:':<28} {cfg.map_memory_bytes() / 2**20:.1f} MiB of kernel memory "
+             f"({sizes.entries} connections tracked at once",
+             f"{'map sizes:':<28} {sizes.why}; --map-entries N to choose"]
+    lines[0] += "; beyond that counted as conn_map_full / udp_map_full)"
+    for name, entries, size in cfg.map_memory():
+        what = f"{entries // 1024} KiB" if "ring" in name else f"{entries} entries"
+        lines.append(f"{'  ' + name + ':':<28} {size / 2**20:6.1f} MiB  {what}")
+    return lines
 
 
 def conntrack_lines(netns: list[str]) -> list[str]:
@@ -267,7 +287,10 @@ def conntrack_lines(netns: list[str]) -> list[str]:
 def main_check(args: argparse.Namespace) -> int:
     """`eastwest collector --check`: print the table; 0 when everything needed is present."""
     caps = probe()
-    print(table(caps, getattr(args, "map_entries", 65536)))
+    from collector.probes.kernel import ENTRY_PAIR_BYTES
+    from collector.probes.sizing import map_sizes
+
+    print(table(caps, map_sizes(getattr(args, "map_entries", None), ENTRY_PAIR_BYTES)))
     for line in conntrack_lines(list(getattr(args, "netns", None) or [])):
         print(line)
     problems, degraded = caps.problems(), caps.degradations()

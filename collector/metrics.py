@@ -14,7 +14,7 @@ Names (shared with the aggregator where they mean the same):
   eastwest_export_retries_total{reason}  attempts answered "not now", by the transport's reason
                                          (collector/transport.py: http_503, nats_timeout...)
   eastwest_probe_map_entries{map}, eastwest_probe_map_capacity{map},
-  eastwest_probe_kernel_events_total{event}
+  eastwest_probe_kernel_events_total{event}, eastwest_probe_map_memory_bytes{map}
                                          from sources exposing `gauges()` (collector/probes)
 """
 

@@ -1,4 +1,5 @@
-"""Loader of the drop probe: compiles drops.bpf.c with bcc, attaches it to skb:kfree_skb,
+"""Loader of the drop probe: compiles drops.bpf.c with bcc (in a child process,
+collector/bpfload.py), attaches it to skb:kfree_skb,
 drains its map in batches.
 
 Stage: the kernel boundary of the drop source (collector/drops/source.py).
@@ -17,12 +18,14 @@ every drop is then counted as `UNKNOWN` (`reasons()` says so).
 
 from __future__ import annotations
 
+import ctypes as ct
 import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from collector import bpfload
 from collector.probes.btf import Btf
 from eastwest.errors import CapabilityError
 
@@ -112,11 +115,6 @@ class BccDrops:
     def __init__(self, entries: int = 16384, netns: tuple[int, ...] = (),
                  btf: Btf | None = None, format_path: Path = FORMAT) -> None:
         try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise CapabilityError("the bcc Python package is missing (apt-get install "
-                                  "python3-bpfcc; bash scripts/setup-venv.sh links it)") from exc
-        try:
             fmt = format_path.read_text()
         except OSError as exc:
             raise CapabilityError(f"the tracepoint skb:kfree_skb is missing ({format_path}: "
@@ -124,14 +122,14 @@ class BccDrops:
         self.names = reasons(fmt)
         offsets = drop_offsets(btf or Btf.from_file())
         self.text = program_text(offsets, entries, netns, bool(self.names))
-        try:
-            self.bpf = BPF(text=self.text.encode())
-        except Exception as exc:  # bcc raises bare Exception on compile/load failure
-            raise CapabilityError(f"the drop probe did not load: {exc}") from exc
-        self._map = self.bpf[b"drops"]
-        self._stats = self.bpf[b"dstats"]
+        try:  # compiled in a child process: the compiler's memory is not kept
+            self.bpf = bpfload.load(self.text, "the drop probe")
+        except bpfload.LoadError as exc:
+            raise CapabilityError(str(exc)) from exc
+        self._map = self.bpf["drops"]
+        self._stats = self.bpf["dstats"]
         if netns:
-            allow = self.bpf[b"netns_allow"]
+            allow = self.bpf["netns_allow"]
             for inode in netns:
                 allow[allow.Key(inode)] = allow.Leaf(1)
 
@@ -142,9 +140,13 @@ class BccDrops:
 
     def drain(self) -> list[DropCount]:
         out = []
+        table = self._map
         try:
-            items = list(self._map.items_lookup_and_delete_batch())
-        except Exception:  # noqa: BLE001 - no batch ops (old kernel/bcc): one key at a time
+            kb, vb, n = table.batch(delete=True)
+            ks, vs = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+            items = [(table.Key.from_buffer_copy(kb, i * ks), table.Leaf.from_buffer_copy(vb, i * vs))
+                     for i in range(n)]
+        except OSError:  # no batch ops (old kernel): one key at a time
             items = []
             for k in list(self._map.keys()):
                 try:
@@ -165,8 +167,8 @@ class BccDrops:
     def stats(self) -> dict[str, int]:
         out = {}
         for i, name in enumerate(STATS):
-            out[name] = sum(int(x) for x in self._stats.getvalue(self._stats.Key(i)))
+            out[name] = self._stats.percpu_sum(i)
         return out
 
     def close(self) -> None:
-        self.bpf.cleanup()
+        self.bpf.close()

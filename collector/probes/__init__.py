@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from collector.pipeline import CollectorContext, Emit
-from collector.probes.kernel import ProbeConfig, program_text
+from collector.probes.kernel import ENTRY_PAIR_BYTES, ProbeConfig, program_text
+from collector.probes.sizing import map_sizes
 from eastwest.clock import KernelClock
 from eastwest.errors import ConfigError
 
@@ -34,21 +35,20 @@ def probe_config(args: argparse.Namespace, hooks: frozenset[str] | None = None) 
     """Settings of the probes from the collector's flags (names the bad value)."""
     from collector.netns import resolve_all
 
-    entries = int(getattr(args, "map_entries", 65536))
-    if not 64 <= entries <= 1 << 24:
-        raise ConfigError("--map-entries", entries, "must be between 64 and 16777216")
+    sizes = map_sizes(getattr(args, "map_entries", None), ENTRY_PAIR_BYTES)
     interval = float(getattr(args, "interval", 5.0))
     if not interval > 0:
         raise ConfigError("--interval", interval, "must be > 0 seconds")
     idle_timeout(args)
-    cfg = ProbeConfig(conn_entries=entries, udp_entries=entries,
+    cfg = ProbeConfig(conn_entries=sizes.entries, udp_entries=sizes.entries,
+                      udp_call_entries=sizes.udp_calls,
                       netns=resolve_all(list(getattr(args, "netns", []) or [])))
     if hooks is None:
         hooks = cfg.hooks
     if getattr(args, "no_udp", False):  # the syscall hooks tax every send/recv call: opt out
         hooks = hooks - {"udp"}
     return ProbeConfig(conn_entries=cfg.conn_entries, udp_entries=cfg.udp_entries,
-                       netns=cfg.netns, hooks=hooks)
+                       udp_call_entries=cfg.udp_call_entries, netns=cfg.netns, hooks=hooks)
 
 
 def idle_timeout(args: argparse.Namespace) -> float:
@@ -121,9 +121,11 @@ class SocketProbeSource:
                            udp=self.udp_offsets)  # type: ignore[arg-type]
         if self.udp is not None:
             self.udp.attach(kernel, time.monotonic_ns())
-        log.info("socket probes attached: %s; netns scope %s; %d existing listeners",
+        log.info("socket probes attached: %s; netns scope %s; %d existing listeners; maps of "
+                 "%d connections and %d UDP flows, %.1f MiB of kernel memory",
                  ", ".join(sorted(self.config.hooks)), list(self.config.netns) or "all",
-                 len(owners))
+                 len(owners), self.config.conn_entries, self.config.udp_entries,
+                 kernel.bpf.memlock() / 2**20)
         return kernel
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
@@ -131,6 +133,11 @@ class SocketProbeSource:
 
     def gauges(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """`eastwest_probe_map_entries` / `_capacity{map="conns"}` and the kernel's counters
-        (`eastwest_probe_kernel_events_total{event}`), read at each interval drain."""
-        return self.loop.gauges(self.config.conn_entries,
-                                self.config.udp_entries if self.udp is not None else None)
+        (`eastwest_probe_kernel_events_total{event}`), read at each interval drain; the kernel
+        memory of each map and ring (`eastwest_probe_map_memory_bytes{map}`)."""
+        out = self.loop.gauges(self.config.conn_entries,
+                               self.config.udp_entries if self.udp is not None else None)
+        for name, _, size in self.config.map_memory():  # preallocated: fixed for the process
+            label = name.split()[0]  # "events (ring)" -> events
+            out[("eastwest_probe_map_memory_bytes", (("map", label),))] = float(size)
+        return out

@@ -9,6 +9,7 @@ loader implements and the unit tests fake.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 ROLE_CLIENT, ROLE_SERVER = 1, 2
@@ -69,8 +70,9 @@ class KernelSide(Protocol):
         """Close events that arrived within `timeout_s` (final counters), in arrival order, and
         the final states the kernel had to park elsewhere because the ring buffer was full."""
 
-    def live(self) -> list[ConnState]:
-        """A batch read of every entry of the connection map."""
+    def live(self) -> Iterable[ConnState]:
+        """A batch read of every entry of the connection map (may be decoded lazily, as it is
+        iterated, so that 100,000 states are not all in memory at once)."""
 
     def forget(self, states: list[ConnState]) -> None:
         """Delete these (deferred) entries from the connection map after their final record."""

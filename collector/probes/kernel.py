@@ -1,4 +1,5 @@
-"""Loader of the socket probes: compiles socket.bpf.c with bcc, attaches it, reads its maps.
+"""Loader of the socket probes: compiles socket.bpf.c with bcc (in a child process,
+collector/bpfload.py, so that the compiler's memory is not kept), attaches it, reads its maps.
 
 Stage: the kernel boundary of the socket probe source.
 In: settings (map sizes, netns scope), the hooks the capability probe found, BTF offsets.
@@ -21,21 +22,24 @@ TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by their names.
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from collector import bpfload
 from collector.probes.btf import KernelOffsets, UdpOffsets
 from collector.probes.conn import STAT_NAMES, ConnState
 from collector.probes.decode import ConnDecoder
 from collector.probes.ring import RingReader, Wakeups
 from collector.probes.ring import supported as ring_supported
+from collector.probes.sizing import hash_map_bytes
 from collector.probes.udpflow import UdpState
 from collector.probes.udpflow import decode as udp_decode
+from collector.probes.udpflow import decode_many as udp_decode_many
 from eastwest.errors import CapabilityError
 
 BPF_FILE = Path(__file__).with_name("socket.bpf.c")
@@ -44,7 +48,7 @@ UDP_KEY_BYTES, UDP_VALUE_BYTES, UDP_CALL_BYTES = 40, 104, 32  # udp.bpf.c struct
 CONN_VALUE_BYTES = 144  # sizeof(struct conn_t); checked against bcc's ctypes at load
 RINGBUF_RECORD_BYTES = 8 + 8 + CONN_VALUE_BYTES  # ring header + struct close_event_t
 PROC_EVENT_BYTES = 24  # sizeof(struct proc_event_t)
-HASH_ELEM_OVERHEAD = 48  # struct htab_elem header, kernel/bpf/hashtab.c (approximate)
+DECODE_CHUNK = 4096  # map entries decoded at a time
 log = logging.getLogger("eastwest.collector.probes")
 
 
@@ -77,18 +81,32 @@ class ProbeConfig:
         capacity = self.ringbuf_pages * 4096 // RINGBUF_RECORD_BYTES
         return max(1, min(1024, capacity // (4 * cpus)))
 
-    def map_memory_bytes(self) -> int:
-        """Preallocated kernel memory of the maps and the ring buffer."""
-        conns = self.conn_entries * (8 + CONN_VALUE_BYTES + HASH_ELEM_OVERHEAD)
-        overflow = self.overflow_entries * (16 + CONN_VALUE_BYTES + HASH_ELEM_OVERHEAD)
-        listeners = self.listen_entries * (8 + 32 + HASH_ELEM_OVERHEAD)
-        procs = self.procs_seen_entries * (20 + 8 + HASH_ELEM_OVERHEAD)
-        rings = (self.ringbuf_pages + self.proc_ringbuf_pages) * 4096
-        udp = 0
+    def map_memory(self) -> list[tuple[str, int, int]]:
+        """(map, entries, bytes) of the preallocated kernel memory of every map and ring buffer,
+        as the kernel counts it (collector/probes/sizing.py); UDP's maps only when on."""
+        out = [("conns", self.conn_entries, hash_map_bytes(self.conn_entries, 8, CONN_VALUE_BYTES)),
+               ("overflow", self.overflow_entries,
+                hash_map_bytes(self.overflow_entries, 16, CONN_VALUE_BYTES)),
+               ("listeners", self.listen_entries, hash_map_bytes(self.listen_entries, 8, 32)),
+               ("procs_seen", self.procs_seen_entries,
+                hash_map_bytes(self.procs_seen_entries, 20, 1, lru=True)),
+               ("events (ring)", self.ringbuf_pages * 4096, self.ringbuf_pages * 4096),
+               ("procs (ring)", self.proc_ringbuf_pages * 4096, self.proc_ringbuf_pages * 4096)]
         if self.udp():
-            udp = (self.udp_entries * (UDP_KEY_BYTES + UDP_VALUE_BYTES + HASH_ELEM_OVERHEAD)
-                   + self.udp_call_entries * (8 + UDP_CALL_BYTES + HASH_ELEM_OVERHEAD))
-        return conns + overflow + listeners + procs + rings + udp
+            out += [("udp_flows", self.udp_entries,
+                     hash_map_bytes(self.udp_entries, UDP_KEY_BYTES, UDP_VALUE_BYTES)),
+                    ("udp_calls", self.udp_call_entries,
+                     hash_map_bytes(self.udp_call_entries, 8, UDP_CALL_BYTES))]
+        return out
+
+    def map_memory_bytes(self) -> int:
+        """Preallocated kernel memory of the maps and the ring buffers."""
+        return sum(b for _, _, b in self.map_memory())
+
+
+# kernel memory of one `conns` entry and one `udp_flows` entry together (sizing.choose)
+ENTRY_PAIR_BYTES = (hash_map_bytes(1 << 16, 8, CONN_VALUE_BYTES, cpus=0)
+                    + hash_map_bytes(1 << 16, UDP_KEY_BYTES, UDP_VALUE_BYTES, cpus=0)) >> 16
 
 
 def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig,
@@ -120,6 +138,24 @@ def program_text(offsets: KernelOffsets | None, cfg: ProbeConfig,
     return text
 
 
+class UdpBatch:
+    """The entries of one batch read of `udp_flows`: sized; each iteration decodes them from
+    the raw bytes (the states of 200,000 flows are not all kept)."""
+
+    def __init__(self, key: Any, leaf: Any, keys: bytes, values: bytes, n: int) -> None:
+        self.key, self.leaf, self.keys, self.values, self.n = key, leaf, keys, values, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[UdpState]:
+        if not self.n:
+            return
+        for i in range(0, self.n, DECODE_CHUNK):
+            yield from udp_decode_many(self.key, self.leaf, self.keys, self.values, i,
+                                       min(self.n, i + DECODE_CHUNK))
+
+
 class BccKernel:
     """The compiled, attached program. Not thread-safe: one source thread owns it."""
 
@@ -129,39 +165,34 @@ class BccKernel:
                  udp: UdpOffsets | None = None) -> None:
         """`on_process(pid, comm)` is called, from `poll`, when a process owns a socket for the
         first time (before the close events of the same poll are decoded)."""
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise CapabilityError("the bcc Python package is missing (apt-get install "
-                                  "python3-bpfcc; bash scripts/setup-venv.sh links it)") from exc
         self.cfg = cfg
-        try:
-            self.bpf = BPF(text=program_text(offsets, cfg, udp).encode())
-        except Exception as exc:  # bcc raises bare Exception on compile/load failure
-            raise CapabilityError(f"the socket probes did not load: {exc}") from exc
-        conns = self.bpf[b"conns"]
+        try:  # compiled in a child process: the compiler's memory is not kept (bpfload.py)
+            self.bpf = bpfload.load(program_text(offsets, cfg, udp), "the socket probes")
+        except bpfload.LoadError as exc:
+            raise CapabilityError(str(exc)) from exc
+        conns = self.bpf["conns"]
         if ct.sizeof(conns.Leaf) != CONN_VALUE_BYTES:
             log.warning("struct conn_t is %d bytes, map memory estimate assumes %d",
                         ct.sizeof(conns.Leaf), CONN_VALUE_BYTES)
         self._conns = conns
-        self._overflow = self.bpf[b"overflow"]
+        self._overflow = self.bpf["overflow"]
         self._overflowed = 0  # close_overflowed count at the last drain of `overflow`
 
         class CloseEvent(ct.Structure):  # struct close_event_t, built on bcc's conn_t
             _fields_ = [("sk", ct.c_uint64), ("conn", conns.Leaf)]
 
         self.decoder = ConnDecoder(conns.Leaf, CloseEvent)
-        self._stats = self.bpf[b"stats"]
+        self._stats = self.bpf["stats"]
         if cfg.netns:
-            allow = self.bpf[b"netns_allow"]
+            allow = self.bpf["netns_allow"]
             for inode in cfg.netns:
                 allow[allow.Key(inode)] = allow.Leaf(1)
         self._seed_listeners(listeners or [])
         self._on_process = on_process
         self._chunks: list[bytes] = []
         self.bad_events = 0  # events of an unexpected size (none are sent: a defensive count)
-        events, procs = self.bpf[b"events"], self.bpf[b"procs"]
-        procs.open_ring_buffer(self._on_proc)  # few events: libbpf's consumer is fine
+        events, procs = self.bpf["events"], self.bpf["procs"]
+        self.bpf.open_ring_buffer("procs", self._on_proc)  # few events: libbpf's consumer
         self._reader: RingReader | None = None
         self._wakeups: Wakeups | None = None
         if ring_supported():
@@ -177,14 +208,14 @@ class BccKernel:
                     self._reader.close()
                 self._reader = self._wakeups = None
         if self._reader is None:
-            events.open_ring_buffer(self._on_event)
+            self.bpf.open_ring_buffer("events", self._on_event)
         self._batch_ok = True
         self.udp_enabled = cfg.udp() and udp is not None
-        self._udp = self.bpf[b"udp_flows"] if self.udp_enabled else None
+        self._udp = self.bpf["udp_flows"] if self.udp_enabled else None
 
     def _seed_listeners(self, listeners: list[tuple[int, int, int, str, int]]) -> None:
         """Owners of listeners that existed before the probes: (netns, port, pid, comm, cgroup)."""
-        table = self.bpf[b"listeners"]
+        table = self.bpf["listeners"]
         for netns, port, pid, comm, cgroup_id in listeners:
             key = table.Key(netns, port)
             leaf = table.Leaf()
@@ -232,86 +263,62 @@ class BccKernel:
         if overflowed == self._overflowed:
             return []
         self._overflowed = overflowed
-        keys, values, n = self._batch(self._overflow, 16, delete=True)
-        sks = memoryview(keys).cast("B").cast("Q")[:2 * n:2].tolist()  # (sk, start_ns) -> sk
-        return self.decoder.entries(sks, memoryview(values).cast("B")[:n * self.decoder.leaf_size])
+        keys, values, n = self._overflow.batch(delete=True)
+        sks = memoryview(keys).cast("Q")[:2 * n:2].tolist()  # (sk, start_ns) -> sk
+        return self.decoder.entries(sks, memoryview(values)[:n * self.decoder.leaf_size])
 
     def _stat(self, index: int) -> int:
-        return int(sum(self._stats[ct.c_int(index)]))
+        return self._stats.percpu_sum(index)
 
-    def live(self) -> list[ConnState]:
+    def live(self) -> Iterator[ConnState]:
+        """Every entry of the connection map, read in one batch and decoded DECODE_CHUNK at a
+        time as it is iterated (decoding goes through one Python list per field: for 200,000
+        entries at once that alone would be ~200 MB)."""
         if self._batch_ok:
             try:
-                keys, values, n = self._batch(self._conns, 8, delete=False)
-                return self.decoder.entries(memoryview(keys).cast("B").cast("Q")[:n].tolist(),
-                                            memoryview(values).cast("B")[:n * self.decoder.leaf_size])
+                keys, values, n = self._conns.batch(delete=False)
             except OSError as exc:  # old kernels: no batch ops on hash maps; iterate instead
                 log.info("batch map lookup unavailable (%s); iterating", exc)
                 self._batch_ok = False
+            else:
+                sks = memoryview(keys).cast("Q")
+                size = self.decoder.leaf_size
+                for i in range(0, n, DECODE_CHUNK):
+                    j = min(n, i + DECODE_CHUNK)
+                    yield from self.decoder.entries(sks[i:j].tolist(),
+                                                    memoryview(values)[i * size:j * size])
+                return
         items = self._conns.items()
-        return self.decoder.entries([k.value for k, _ in items],
-                                    b"".join(bytes(v) for _, v in items))
+        yield from self.decoder.entries([k.value for k, _ in items],
+                                        b"".join(bytes(v) for _, v in items))
 
-    def udp_flows(self) -> list[UdpState]:
-        """Every UDP flow of the map (batch read; item by item where batches are missing)."""
+    def udp_flows(self) -> UdpBatch:
+        """Every UDP flow of the map, read in one batch (item by item where batches are
+        missing), decoded anew at each iteration."""
         table = self._udp
         if table is None:
-            return []
-        ksize, lsize = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+            return UdpBatch(None, None, b"", b"", 0)
         try:
-            keys, values, n = self._batch(table, ksize, delete=False, leaf_size=lsize)
-            kb, vb = bytes(keys), bytes(values)
-            return [udp_decode(table.Key, table.Leaf, kb[i * ksize:(i + 1) * ksize],
-                               vb[i * lsize:(i + 1) * lsize]) for i in range(n)]
+            kb, vb, n = table.batch(delete=False)
         except OSError:
-            return [udp_decode(table.Key, table.Leaf, bytes(k), bytes(v))
-                    for k, v in table.items()]
+            items = table.items()
+            kb, vb, n = b"".join(bytes(k) for k, _ in items), \
+                b"".join(bytes(v) for _, v in items), len(items)
+        return UdpBatch(table.Key, table.Leaf, kb, vb, n)
 
     def udp_end(self, states: list[UdpState]) -> list[UdpState]:
         """Each flow's final counters, taken out of the map by BPF_MAP_LOOKUP_AND_DELETE_ELEM
         (kernel/bpf/syscall.c map_lookup_and_delete_elem, hash maps since 5.14): a datagram
         counted between the read and the delete is in the value returned, never lost."""
-        from bcc.libbcc import lib
-
         table = self._udp
         if table is None:
             return []
-        fn = lib.bpf_lookup_and_delete
-        fn.restype, fn.argtypes = ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]
         out: list[UdpState] = []
-        value = table.Leaf()
         for s in states:
-            key = table.Key.from_buffer_copy(s.key)
-            if fn(table.map_fd, ct.byref(key), ct.byref(value)) == 0:
+            value = table.lookup_and_delete(table.Key.from_buffer_copy(s.key))
+            if value is not None:
                 out.append(udp_decode(table.Key, table.Leaf, s.key, bytes(value)))
         return out
-
-    def _batch(self, table: object, key_size: int, *, delete: bool,
-               leaf_size: int | None = None) -> tuple[ct.Array, ct.Array, int]:
-        """Every entry of a hash map with BPF_MAP_LOOKUP(_AND_DELETE)_BATCH: a keys buffer, a
-        values buffer and how many entries they hold."""
-        from bcc.libbcc import lib
-
-        call = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
-        fd, cap = table.map_fd, table.max_entries  # type: ignore[attr-defined]
-        lsize = leaf_size or self.decoder.leaf_size
-        keys = (ct.c_char * (cap * key_size))()
-        values = (ct.c_char * (cap * lsize))()
-        kptr, vptr = ct.addressof(keys), ct.addressof(values)
-        in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
-        total, first = 0, True
-        while total < cap:
-            count.value = cap - total
-            res = call(fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
-                       kptr + key_size * total, vptr + lsize * total, ct.byref(count))
-            total += count.value
-            if res != 0:
-                err = ct.get_errno() or -res
-                if err == errno.ENOENT:  # the end of the map
-                    break
-                raise OSError(err, f"batch read of a BPF map: {os.strerror(err)}")
-            first, in_batch.value = False, out_batch.value
-        return keys, values, total
 
     def forget(self, states: list[ConnState]) -> None:
         for s in states:
@@ -332,4 +339,4 @@ class BccKernel:
         if self._reader is not None and self._wakeups is not None:
             self._wakeups.close()
             self._reader.close()
-        self.bpf.cleanup()
+        self.bpf.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from collector.pipeline import CollectorContext, Emit
 from collector.probes.conn import ConnState, KernelSide
@@ -31,6 +31,7 @@ log = logging.getLogger("eastwest.collector.probes")
 LOSSES = ("conn_map_full", "listen_map_full", "deferred_lost", "bad_event_size")
 # UDP datagrams the kernel saw and could not account (udp.bpf.c): they mark UDP records only
 UDP_LOSSES = ("udp_no_peer", "udp_bad_addr", "udp_map_full", "udp_mmsg_over")
+CHUNK = 4096  # records built and emitted at a time by an interval drain
 
 
 class ProbeLoop:
@@ -79,13 +80,15 @@ class ProbeLoop:
                 timeout = max(0.0, min(0.2, next_drain - clock.monotonic()))
                 self._emit(emit, self.finals(kernel.poll(timeout)))
                 if clock.monotonic() >= next_drain:
-                    self._emit(emit, self.drain(kernel))
+                    for chunk in self.drain_chunks(kernel):
+                        self._emit(emit, chunk)
                     next_drain += self.interval
                     if next_drain < clock.monotonic():  # fell behind: do not burst
                         next_drain = clock.monotonic() + self.interval
             # flush: every close the kernel has sent, then where the open ones stand
             self._emit(emit, self.finals(kernel.poll(0)))
-            self._emit(emit, self.drain(kernel))
+            for chunk in self.drain_chunks(kernel):
+                self._emit(emit, chunk)
         finally:
             kernel.close()
 
@@ -103,22 +106,35 @@ class ProbeLoop:
 
     def drain(self, kernel: KernelSide) -> list[FlowRecord]:
         """One interval: loss counters, interim records of live connections, deferred finals."""
+        return [r for chunk in self.drain_chunks(kernel) for r in chunk]
+
+    def drain_chunks(self, kernel: KernelSide) -> Iterator[list[FlowRecord]]:
+        """`drain` in lists of at most CHUNK records, each built when the previous one has been
+        emitted: with 100,000 connections and flows the records of one interval would otherwise
+        all be in memory at once (about 1 KB each, and their JSON)."""
         self._account(kernel.stats())
         extra = ("lost_events",) if self._lossy else ()
         now = self.ctx.clock.now()
         live: list[ConnState] = []
         deferred: list[ConnState] = []
-        for s in kernel.live():
+        tracked = 0
+        for s in kernel.live():  # decoded a chunk at a time by the kernel side
+            tracked += 1
             # deferred: the ring buffer was full at its close: finalise it from the map
             (deferred if s.deferred else live).append(s)
-        self.tracked = len(live) + len(deferred)
-        out = self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
+            if len(live) == CHUNK:
+                yield self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
+                live = []
+        self.tracked = tracked
+        if live:
+            yield self.builder.build_many(live, final=False, now=now, extra_incomplete=extra)
+        del live
         if deferred:
-            out += self.builder.build_many(deferred, final=True, now=now, extra_incomplete=extra)
+            yield self.builder.build_many(deferred, final=True, now=now, extra_incomplete=extra)
             kernel.forget(deferred)
         if self.udp is not None:
-            out += self.udp.drain(now, ("lost_events",) if self._udp_lossy else ())
-        return out
+            yield from self.udp.drain_chunks(now, ("lost_events",) if self._udp_lossy else (),
+                                             CHUNK)
 
     def _account(self, stats: dict[str, int]) -> None:
         lossy = udp_lossy = False

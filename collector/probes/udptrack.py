@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -95,22 +95,37 @@ class UdpTracker:
     def drain(self, now: datetime, extra_incomplete: tuple[str, ...] = ()) -> list[FlowRecord]:
         """One interval: flows idle for the timeout or whose socket closed end (final
         records), the rest get interim records."""
+        return [r for chunk in self.drain_chunks(now, extra_incomplete) for r in chunk]
+
+    def drain_chunks(self, now: datetime, extra_incomplete: tuple[str, ...] = (),
+                     chunk: int = 4096) -> Iterator[list[FlowRecord]]:
+        """`drain` in lists of at most `chunk` records, each built after the previous one was
+        taken (the records of 100,000 flows are not all in memory at once)."""
         if self.kernel is None:
-            return []
+            return
         states = self.kernel.udp_flows()
         self.tracked = len(states)
-        if not states:
-            return []
+        if not self.tracked:
+            return
         t = self.mono_ns()
-        self.liveness.refresh(states)
+        self.liveness.refresh(states)  # one pass; the states are not kept
         live: list[UdpState] = []
         ending: list[UdpState] = []
-        for s in states:
-            idle = t - s.last_ns >= self.idle_ns
-            (ending if idle or not self.liveness.alive(s) else live).append(s)
-        out = self.builder.build_many(live, final=False, now=now, extra_incomplete=extra_incomplete)
-        if ending:
-            finals = self.kernel.udp_end(ending)
-            out += self.builder.build_many(finals, final=True, now=now,
-                                           extra_incomplete=extra_incomplete)
-        return out
+        for s in states:  # a second pass (a kernel side may decode the entries anew)
+            if t - s.last_ns >= self.idle_ns or not self.liveness.alive(s):
+                ending.append(s)
+                continue
+            live.append(s)
+            if len(live) == chunk:
+                yield self.builder.build_many(live, final=False, now=now,
+                                              extra_incomplete=extra_incomplete)
+                live = []
+        del states
+        if live:
+            yield self.builder.build_many(live, final=False, now=now,
+                                          extra_incomplete=extra_incomplete)
+        del live
+        for i in range(0, len(ending), chunk):
+            finals = self.kernel.udp_end(ending[i:i + chunk])
+            yield self.builder.build_many(finals, final=True, now=now,
+                                          extra_incomplete=extra_incomplete)

@@ -97,8 +97,10 @@ def register(sub: Any) -> None:
     g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
                    help="a flow without packets for S seconds ends: packet-observed flows and "
                    "the socket probes' UDP flows alike (default 30)")
-    g.add_argument("--map-entries", type=int, default=65536, metavar="N",
-                   help="entries of each BPF connection map (memory is printed by --check)")
+    g.add_argument("--map-entries", default="auto", metavar="N|auto",
+                   help="entries of the kernel's TCP connection map and of its UDP flow map "
+                   "each; auto (default): from the host's limits (net.ipv4.tcp_ehash_entries, "
+                   "at most 0.25%% of memory); --check prints the sizes, why, and their memory")
     g.add_argument("--cgroup-root", metavar="DIR",
                    help="the host's cgroup v2 tree, for container ids (default: this system's "
                    "cgroup2 mount); in a container, the host's /sys/fs/cgroup mounted read-only, "

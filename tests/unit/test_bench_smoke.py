@@ -3,10 +3,11 @@ size, its exit status and its ratios. `make bench` is how the targets in docs/be
 proven; bench_graph_api.py once broke silently in a refactor of the aggregator's state, found
 only when it was next run. Sizes here prove nothing about speed (that is `make bench`'s job).
 
-Not here: bench_socket_probes.py, bench_drops.py and bench_vxlan_live.py (real eBPF and
-tcpreplay: the lab suites cover their code paths), bench_conntrack.py (root, two network
-namespaces and iptables: tests/lab/test_lab_services.py and test_services_join_lab.py cover the
-conntrack reader and the folding it measures), bench_scaleout.py (NATS + ClickHouse servers), bench_web.py
+Not here: bench_socket_probes.py, bench_drops.py, bench_vxlan_live.py, bench_footprint.py and
+bench_udp_storm.py (real eBPF, tcpreplay, namespaces: the lab suites cover their code paths),
+bench_conntrack.py (root, two network namespaces and iptables: tests/lab/test_lab_services.py
+and test_services_join_lab.py cover the conntrack reader and the folding it measures),
+bench_scaleout.py (NATS + ClickHouse servers), bench_web.py
 (Chromium; tests/web cover the dashboard).
 """
 
@@ -37,6 +38,7 @@ RATIO = re.compile(r"\d\.\d+x")
 
 def test_every_bench_script_is_either_smoke_tested_or_named_as_not():
     named = set(CASES) | {"bench_socket_probes.py", "bench_drops.py", "bench_vxlan_live.py",
+                          "bench_footprint.py", "bench_udp_storm.py",
                           "bench_scaleout.py", "bench_conntrack.py",
                           "bench_web.py"}
     assert {p.name for p in BENCH.glob("bench_*.py")} == named

@@ -4,6 +4,8 @@ they take."""
 
 from __future__ import annotations
 
+import os
+
 from collector.probes.btf import KernelOffsets
 from collector.probes.kernel import RINGBUF_RECORD_BYTES, ProbeConfig, program_text
 
@@ -36,9 +38,14 @@ def test_map_memory_counts_every_map_and_both_rings():
                        udp_call_entries=0).map_memory_bytes()
     assert none == 0
     cfg = ProbeConfig()
-    tcp = (65536 * (8 + 144 + 48) + 8192 * (16 + 144 + 48) + 4096 * (8 + 32 + 48)
-           + 8192 * (20 + 8 + 48) + (1024 + 4) * 4096)
-    udp = 65536 * (40 + 104 + 48) + 16384 * (8 + 32 + 48)  # udp_flows, udp_calls
+    n = os.cpu_count() or 1  # a preallocated hash map has one spare element per CPU
+
+    def htab(entries: int, elem: int, lru: bool = False) -> int:  # 16-byte buckets, 48-byte headers
+        return entries * 16 + (entries + (0 if lru else n)) * (48 + elem)
+
+    tcp = (htab(65536, 8 + 144) + htab(8192, 16 + 144) + htab(4096, 8 + 32)
+           + htab(8192, 24 + 8, lru=True) + (1024 + 4) * 4096)
+    udp = htab(65536, 40 + 104) + htab(16384, 8 + 32)  # udp_flows, udp_calls
     assert cfg.map_memory_bytes() == tcp + udp
     assert ProbeConfig(hooks=frozenset({"bytes"})).map_memory_bytes() == tcp  # UDP off
 
