@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from eastwest.errors import LabError
-from eastwest.lab import containers, topology
+from eastwest.lab import containers, ipsec, topology
 from eastwest.lab import services as cluster
 from eastwest.lab.app import server_fields
 from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, make_plan
@@ -72,6 +72,9 @@ class Lab:
             topology.build(plan, progress)
             if services:
                 cluster.program(plan, progress)
+            if "ipsec" in plan.patterns:
+                ipsec.program(plan, progress)
+                plan.extra["ipsec"] = ipsec.inventory(plan)
             inv = plan.inventory()
             _make_containers(name, inv, progress)
             (state / "inventory.json").write_text(json.dumps(inv, indent=2))

@@ -53,6 +53,8 @@ NO_SERVICES = {
 MACVLAN_UNDERLAY_PREFIX = 16
 MACVLAN_POD_NET = "10.213"
 MACVLAN_MTU = 1500  # no encapsulation
+# ipsec: the pods' MTU: 1500 - 50 (VXLAN) - up to 70 (ESP header, IV, padding, trailer, ICV)
+POD_MTU_IPSEC = 1380
 
 # host-network: these demo services run in their host's namespace (called by pods: frontend ->
 # api; calling pods: api -> db, cache, auth; the resolver is called by api)

@@ -264,7 +264,8 @@ def _host_network(pods: list[PodPlan], hosts: list[HostPlan]) -> list[PodPlan]:
     """The pods of the host-network services moved into their host's namespace, at the host's
     own pod-network address; one such pod per host (they would share its address and port)."""
     index = {h.name: h for h in hosts}
-    out, taken = [], {}
+    out: list[PodPlan] = []
+    taken: dict[str, str] = {}
     for p in pods:
         if p.service not in labpatterns.HOST_NETWORK_SERVICES:
             out.append(p)

@@ -27,7 +27,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from eastwest.errors import LabError
-from eastwest.lab.patterns import MACVLAN_MTU, MACVLAN_UNDERLAY_PREFIX
+from eastwest.lab.patterns import MACVLAN_MTU, MACVLAN_UNDERLAY_PREFIX, POD_MTU_IPSEC
 from eastwest.lab.plan import POD_PREFIX4, POD_PREFIX6, UNDERLAY_PREFIX6, LabPlan
 
 POD_MTU = 1450  # 1500 underlay - 50 bytes of VXLAN encapsulation (outer IPv4)
@@ -81,7 +81,8 @@ def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
     fab = plan.fabric_netns
     v6 = plan.ip_family != "ipv4"
     dad = ["nodad"] if v6 else []
-    mtu = str(POD_MTU_V6_UNDERLAY if plan.underlay_family == 6 else POD_MTU)
+    mtu = str(POD_MTU_IPSEC if "ipsec" in plan.patterns else
+              POD_MTU_V6_UNDERLAY if plan.underlay_family == 6 else POD_MTU)
     progress(f"fabric namespace {fab}")
     add_netns(fab, v6)
     ip(fab, "link", "add", "name", "fab0", "type", "bridge")

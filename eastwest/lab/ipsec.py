@@ -1,0 +1,64 @@
+"""The `ipsec` lab pattern: the overlay between hosts encrypted by xfrm (IPsec ESP).
+
+In: a `LabPlan` with "ipsec" in its patterns, built by eastwest/lab/topology.py.  Out: in every
+host's namespace, one ESP security association per direction per pair of hosts (transport mode
+between their underlay addresses, keys made here at random for this lab) and the policies that
+require them for every packet between the two addresses; `inventory(plan)`, what the inventory
+says of them (SPIs, mode, algorithms; never the keys).
+
+The VXLAN packets of the overlay run between the hosts' underlay addresses, so all of them are
+encrypted (as Calico's and flannel's IPsec modes encrypt the traffic between nodes): the wire
+sees only ESP between hosts (and ARP), the pods and their sockets see nothing different. The
+pods' MTU leaves room for ESP (patterns.POD_MTU_IPSEC): an ESP packet never needs fragmenting.
+
+Transport mode, not tunnel mode: the kernel hands a tunnel-mode packet, once decrypted, back to
+its device's receive path, where a capture on that device sees it a second time in clear; in
+transport mode a capture on the underlay sees only the ESP packets (checked by the lab test).
+Algorithms: AES-CBC with HMAC-SHA256 (truncated to 128 bits, RFC 4868); this kernel has no
+AES-GCM (`rfc4106(gcm(aes))` is refused).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from eastwest.lab.plan import HostPlan, LabPlan
+from eastwest.lab.topology import Progress, ip
+
+MODE = "transport"
+ENC, ENC_KEY_BYTES = "cbc(aes)", 16
+AUTH, AUTH_KEY_BYTES, AUTH_TRUNC_BITS = "hmac(sha256)", 32, 128
+
+
+def spi(src: HostPlan, dst: HostPlan) -> int:
+    """The SPI of the association from `src` to `dst`: 0xe000SSDD (hosts stop at 20)."""
+    return 0xE0000000 | (src.index << 8) | dst.index
+
+
+def inventory(plan: LabPlan) -> dict[str, Any]:
+    return {"mode": MODE, "encryption": ENC, "authentication": AUTH,
+            "associations": [{"src": a.name, "dst": b.name, "src_ip": a.underlay_ip,
+                              "dst_ip": b.underlay_ip, "spi": f"0x{spi(a, b):08x}"}
+                             for a in plan.hosts for b in plan.hosts if a is not b]}
+
+
+def program(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
+    """States and policies in every host's namespace (never elsewhere)."""
+    keys = {(a.name, b.name): (secrets.token_hex(ENC_KEY_BYTES), secrets.token_hex(AUTH_KEY_BYTES))
+            for a in plan.hosts for b in plan.hosts if a is not b}
+    for h in plan.hosts:
+        for other in plan.hosts:
+            if other is h:
+                continue
+            for a, b in ((h, other), (other, h)):  # both directions' associations, in h
+                enc, auth = keys[(a.name, b.name)]
+                ip(h.netns, "xfrm", "state", "add", "src", a.underlay_ip, "dst", b.underlay_ip,
+                   "proto", "esp", "spi", f"0x{spi(a, b):08x}", "reqid", str(spi(a, b)),
+                   "mode", MODE, "auth-trunc", AUTH, f"0x{auth}", str(AUTH_TRUNC_BITS),
+                   "enc", ENC, f"0x{enc}")
+            for a, b, way in ((h, other, "out"), (other, h, "in")):
+                ip(h.netns, "xfrm", "policy", "add", "src", f"{a.underlay_ip}/32", "dst",
+                   f"{b.underlay_ip}/32", "dir", way, "tmpl", "src", a.underlay_ip, "dst",
+                   b.underlay_ip, "proto", "esp", "reqid", str(spi(a, b)), "mode", MODE)
+        progress(f"host {h.name}: ESP ({MODE} mode) to and from {len(plan.hosts) - 1} hosts")
