@@ -152,6 +152,9 @@ def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _up(args: argparse.Namespace) -> int:
     from eastwest.lab import Lab
+    from eastwest.lab.patterns import parse
+
+    parse(args.pattern)  # a bad --pattern is a usage error (exit 2), with or without root
 
     pods = args.pods_per_host if args.pods_per_host is not None else 3 if args.services else 2
     lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=pods, vxlan_port=args.vxlan_port,
