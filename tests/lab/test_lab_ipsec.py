@@ -65,6 +65,7 @@ def test_sockets_give_the_edges_and_the_wire_only_esp_between_hosts(lab, tmp_pat
         for e in g["edges"]:
             assert e["byte_mismatches"] == 0, e
             assert set(e["observed_by"]) <= {"client,server", "client"}, e  # never the wire
+            assert "encrypted" not in e, e
         assert not [n["id"] for n in g["nodes"] if n["id"].startswith(("external:", "unknown"))]
 
         # the wire: ESP between the hosts, one connection per pair that carried traffic
@@ -76,6 +77,7 @@ def test_sockets_give_the_edges_and_the_wire_only_esp_between_hosts(lab, tmp_pat
         for e in esp["edges"]:
             assert e["protocols"] == ["esp"] and e["observed_by"] == {"path": e["connections_opened"]}, e
             assert e["source"].startswith("node-") and e["target"].startswith("node-"), e
+            assert e["encrypted"] == "esp" and e["wire_sees_inside"] is False, e
             pair = frozenset((e["source"][5:], e["target"][5:]))
             assert pair not in pairs, f"two ESP edges for {sorted(pair)}"
             pairs[pair] = e
