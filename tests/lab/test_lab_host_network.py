@@ -52,7 +52,7 @@ def test_api_runs_in_its_hosts_namespace_and_the_graph_equals_truth(lab, tmp_pat
     wid = {p["ip"]: f"{p['namespace']}/{p['service']}" for p in inv["pods"]}
     want: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for t in truth:
-        want[(wid[t["client_ip"]], wid[t["server_ip"]])][expected_observers(t)] += 1
+        want[(wid[t["client_ip"]], wid[t["server_ip"]])][expected_observers(t, False)] += 1
     for e in g["edges"]:
         assert e["byte_mismatches"] == 0, e
         assert Counter(e["observed_by"]) == want[(e["source"], e["target"])], e
