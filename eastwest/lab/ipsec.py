@@ -20,15 +20,45 @@ AES-GCM (`rfc4106(gcm(aes))` is refused).
 
 from __future__ import annotations
 
+import gzip
 import secrets
+from pathlib import Path
 from typing import Any
 
+from eastwest.errors import LabError
 from eastwest.lab.plan import HostPlan, LabPlan
 from eastwest.lab.topology import Progress, ip
+
+KERNEL_CONFIG = Path("/proc/config.gz")
+NEEDS = ("CONFIG_INET_ESP", "CONFIG_CRYPTO_CBC", "CONFIG_CRYPTO_AES", "CONFIG_CRYPTO_HMAC",
+         "CONFIG_CRYPTO_SHA256")
 
 MODE = "transport"
 ENC, ENC_KEY_BYTES = "cbc(aes)", 16
 AUTH, AUTH_KEY_BYTES, AUTH_TRUNC_BITS = "hmac(sha256)", 32, 128
+
+
+def missing_kernel_support(config: Path = KERNEL_CONFIG) -> list[str]:
+    """The kernel options the pattern needs that this kernel's configuration leaves out (empty
+    when it has them all, or when it does not publish its configuration: then `program` finds
+    out). Without CONFIG_INET_ESP, `ip xfrm state add ... proto esp` says "Requested type not
+    found": xfrm itself is there, its ESP transform is not."""
+    try:
+        text = gzip.decompress(config.read_bytes()).decode(errors="replace")
+    except OSError:
+        return []
+    have = {line.split("=", 1)[0] for line in text.splitlines()
+            if line.endswith(("=y", "=m"))}
+    return [n for n in NEEDS if n not in have]
+
+
+def check_kernel() -> None:
+    """LabError naming the kernel options the `ipsec` pattern needs and this kernel lacks."""
+    missing = missing_kernel_support()
+    if missing:
+        raise LabError(f"--pattern ipsec needs IPsec ESP in the kernel: this kernel is built "
+                       f"without {', '.join(missing)} (/proc/config.gz), so `ip xfrm state add "
+                       "... proto esp` is refused")
 
 
 def spi(src: HostPlan, dst: HostPlan) -> int:

@@ -60,6 +60,8 @@ class Lab:
         require_root()
         plan = make_plan(name, hosts, pods_per_host, vxlan_port, ip_family, services,
                          tuple(patterns))
+        if "ipsec" in plan.patterns:
+            ipsec.check_kernel()  # before anything is built
         state = STATE_ROOT / name
         if (state / "inventory.json").exists() or topology.lab_netns(name):
             raise LabError(f"lab {name!r} is already up (or was not torn down): "

@@ -9,7 +9,12 @@ eth0, which sees every packet the host sends and receives there):
   that carried traffic, between the two nodes of the workload map, observed by the wire alone,
   with more bytes than the payload the truth carried between those hosts (ESP and VXLAN
   overhead on top); no VXLAN-tunnelled and no plain TCP/UDP flow of a pod on any underlay;
-- the hosts' security associations carried packets, with the SPIs the inventory names."""
+- the hosts' security associations carried packets, with the SPIs the inventory names.
+A kernel built without IPsec ESP (CONFIG_INET_ESP: the machines this project's CI runs on, see
+docs/lab.md) cannot build this lab: there `lab up --pattern ipsec` must refuse, naming the
+option, before it builds anything (the first test); the second needs ESP and says so when it
+cannot run. The wire's and the aggregator's side of ESP are also tested from a scapy-built
+capture, without the kernel (tests/unit/test_esp_wire.py)."""
 
 from __future__ import annotations
 
@@ -19,15 +24,37 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from eastwest.errors import LabError
+from eastwest.lab import Lab, ipsec, topology
+from eastwest.lab.ipsec import missing_kernel_support
+from eastwest.lab.lab import STATE_ROOT
+from tests.conftest import require_root
 from tests.lab.harness import Aggregator, collectors, served_edges, truth_edges, window_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewips"
 
 
+NO_ESP = missing_kernel_support()
+
+
 @pytest.fixture(scope="module")
 def lab(lab_factory):
+    if NO_ESP:
+        pytest.skip(f"this kernel is built without {', '.join(NO_ESP)}: no IPsec ESP")
     return lab_factory(name=LAB, hosts=3, pods_per_host=2, patterns=["ipsec"])
+
+
+def test_lab_up_refuses_a_kernel_without_esp_before_building_anything():
+    require_root()
+    Lab.down_by_name(LAB)
+    if not NO_ESP:  # this kernel can: the check lets it through
+        ipsec.check_kernel()
+        return
+    with pytest.raises(LabError) as err:
+        Lab.up(name=LAB, patterns=["ipsec"])
+    assert "CONFIG_INET_ESP" in str(err.value) and "--pattern ipsec" in str(err.value)
+    assert not topology.lab_netns(LAB) and not (STATE_ROOT / LAB).exists()
 
 
 def xfrm_states(netns: str) -> list[dict]:
