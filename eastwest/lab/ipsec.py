@@ -14,8 +14,13 @@ pods' MTU leaves room for ESP (patterns.POD_MTU_IPSEC): an ESP packet never need
 Transport mode, not tunnel mode: the kernel hands a tunnel-mode packet, once decrypted, back to
 its device's receive path, where a capture on that device sees it a second time in clear; in
 transport mode a capture on the underlay sees only the ESP packets (checked by the lab test).
-Algorithms: AES-CBC with HMAC-SHA256 (truncated to 128 bits, RFC 4868); this kernel has no
-AES-GCM (`rfc4106(gcm(aes))` is refused).
+Algorithms: AES-CBC with HMAC-SHA256 (truncated to 128 bits, RFC 4868), which kernels without
+AES-GCM (CONFIG_CRYPTO_GCM) have too.
+
+The kernel must have ESP itself (CONFIG_INET_ESP): xfrm without it refuses every `proto esp`
+state ("Requested type not found"). The machines this project was built on lack it, so
+`check_kernel` refuses the pattern before anything is built, naming the options missing
+(read from /proc/config.gz).
 """
 
 from __future__ import annotations
