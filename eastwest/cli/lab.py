@@ -15,7 +15,8 @@ examples:
   eastwest lab up --services                       ClusterIPs, a NodePort, kube-proxy-style DNAT/SNAT
   eastwest lab up --pattern macvlan                MACVLAN pods on the underlay, no overlay
   eastwest lab up --pattern host-network           api runs in its host's namespace
-  eastwest lab up --pattern ipsec                  the overlay between hosts encrypted (ESP)
+  eastwest lab up --pattern ipsec                  the overlay between hosts encrypted (ESP; the
+                                                   kernel needs CONFIG_INET_ESP)
   eastwest lab traffic --duration 10 --truth t.jsonl
   eastwest lab status
   eastwest lab policy apply shop-policies.yaml    enforce NetworkPolicies with iptables

@@ -98,7 +98,3 @@ def check(patterns: tuple[str, ...], ip_family: str, services: bool) -> None:
         for p in patterns:
             raise ConfigError("--pattern", p, f"cannot be combined with --services: {NO_SERVICES[p]}")
 
-
-def describe() -> str:
-    """One line per pattern for `--help`."""
-    return ", ".join(PATTERNS)
