@@ -94,7 +94,7 @@ def check(patterns: tuple[str, ...], ip_family: str, services: bool) -> None:
     """The patterns against the lab's other choices (`--ip-family`, `--services`)."""
     if patterns and ip_family != "ipv4":
         raise ConfigError("--pattern", ",".join(patterns), f"{NEEDS_IPV4}, not {ip_family}")
-    if services:
-        for p in patterns:
-            raise ConfigError("--pattern", p, f"cannot be combined with --services: {NO_SERVICES[p]}")
+    if services and patterns:
+        p = patterns[0]
+        raise ConfigError("--pattern", p, f"cannot be combined with --services: {NO_SERVICES[p]}")
 
