@@ -18,6 +18,12 @@ and every address is added `nodad`, so addresses are usable at once (duplicate a
 detection would hold them "tentative" for a second or more). In an `ipv6` lab the underlay is
 IPv6 only: VXLAN `local`, the fdb `dst` entries and so the VTEPs are IPv6, and the pods' MTU
 leaves room for the 70 bytes of an IPv6 outer header (1430 instead of 1450).
+
+Network patterns (eastwest/lab/patterns.py): `macvlan` makes no bridge, VXLAN or forwarding
+entries; each pod's eth0 is a MACVLAN child (bridge mode) of its host's eth0, created straight
+into the pod's namespace. `host-network` makes no namespace for a host-network pod: the host's
+br0 gets its address and MAC (and the other hosts' forwarding entries point that MAC at it).
+`ipsec` lowers the pods' MTU; eastwest/lab/ipsec.py adds the security associations.
 """
 
 from __future__ import annotations
