@@ -24,6 +24,8 @@ from typing import Any
 import msgspec
 import networkx as nx
 
+from aggregator.encrypted_edges import mark_all
+
 OTHER = "other"
 NULLABLE = frozenset({"packets_c2s", "packets_s2c"})  # null: none of the edge's connections counted
 SUMMED = ("connections_opened", "connections_active", "connections_closed", "connections_failed",
@@ -282,7 +284,7 @@ class GraphData:
                     for n in (src, c["dst"][i]):
                         node_of(nodes, n, n.rsplit("/", 1)[-1],
                                 n.split("/", 1)[0] if "/" in n else None, None, group_by)
-        edges = sorted(zip(c["src"], c["dst"], c["json"],
+        edges = sorted(zip(c["src"], c["dst"], mark_all(c["json"]),
                            zip(c["w_bytes"], c["w_opened"], strict=True), c["first_us"],
                            c["last_us"], strict=True))
         return cls(since, until, group_by, volume_source, filter, nodes, edges)

@@ -13,6 +13,10 @@ examples:
   eastwest lab up --hosts 4 --vxlan-port 8472      the Linux/flannel VXLAN port
   eastwest lab up --ip-family ipv6                 IPv6 pods over an IPv6 underlay (dual: both)
   eastwest lab up --services                       ClusterIPs, a NodePort, kube-proxy-style DNAT/SNAT
+  eastwest lab up --pattern macvlan                MACVLAN pods on the underlay, no overlay
+  eastwest lab up --pattern host-network           api runs in its host's namespace
+  eastwest lab up --pattern ipsec                  the overlay between hosts encrypted (ESP; the
+                                                   kernel needs CONFIG_INET_ESP)
   eastwest lab traffic --duration 10 --truth t.jsonl
   eastwest lab status
   eastwest lab policy apply shop-policies.yaml    enforce NetworkPolicies with iptables
@@ -52,6 +56,12 @@ def register(sub: Any) -> None:
                     "NodePort (h2 by default) that masquerades, every host programmed like kube-proxy's "
                     "iptables mode (DNAT, br_netfilter); the demo calls services by ClusterIP. "
                     "IPv4, 3+ hosts")
+    up.add_argument("--pattern", action="append", metavar="NAME[,NAME]", default=None,
+                    help="a container network pattern (repeatable, or comma-separated): macvlan "
+                    "(pods on the underlay by MACVLAN, no overlay), host-network (api in its "
+                    "host's namespace, like a hostNetwork pod), ipsec (the overlay encrypted with "
+                    "xfrm ESP between hosts). IPv4 only; macvlan combines with neither of the "
+                    "others nor with --services (docs/lab.md, \"Network patterns\")")
     up.add_argument("--inventory", metavar="FILE", help="also write the inventory JSON to FILE")
     up.set_defaults(func=_up)
 
@@ -143,10 +153,14 @@ def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _up(args: argparse.Namespace) -> int:
     from eastwest.lab import Lab
+    from eastwest.lab.patterns import parse
+
+    parse(args.pattern)  # a bad --pattern is a usage error (exit 2), with or without root
 
     pods = args.pods_per_host if args.pods_per_host is not None else 3 if args.services else 2
     lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=pods, vxlan_port=args.vxlan_port,
-                 ip_family=args.ip_family, services=args.services, progress=_progress(args))
+                 ip_family=args.ip_family, services=args.services, progress=_progress(args),
+                 patterns=args.pattern or ())
     if args.inventory:
         with open(args.inventory, "w") as fh:
             json.dump(lab.inventory, fh, indent=2)

@@ -19,13 +19,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from eastwest.errors import LabError
-from eastwest.lab import containers, topology
+from eastwest.lab import containers, ipsec, topology
 from eastwest.lab import services as cluster
 from eastwest.lab.app import server_fields
 from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, make_plan
@@ -55,9 +56,12 @@ class Lab:
     @classmethod
     def up(cls, name: str = "ewlab", hosts: int = 3, pods_per_host: int = 2,
            vxlan_port: int = 4789, ip_family: str = "ipv4", services: bool = False,
-           progress: Progress = _quiet) -> Lab:
+           progress: Progress = _quiet, patterns: Sequence[str] = ()) -> Lab:
         require_root()
-        plan = make_plan(name, hosts, pods_per_host, vxlan_port, ip_family, services)
+        plan = make_plan(name, hosts, pods_per_host, vxlan_port, ip_family, services,
+                         tuple(patterns))
+        if "ipsec" in plan.patterns:
+            ipsec.check_kernel()  # before anything is built
         state = STATE_ROOT / name
         if (state / "inventory.json").exists() or topology.lab_netns(name):
             raise LabError(f"lab {name!r} is already up (or was not torn down): "
@@ -70,6 +74,9 @@ class Lab:
             topology.build(plan, progress)
             if services:
                 cluster.program(plan, progress)
+            if "ipsec" in plan.patterns:
+                ipsec.program(plan, progress)
+                plan.extra["ipsec"] = ipsec.inventory(plan)
             inv = plan.inventory()
             _make_containers(name, inv, progress)
             (state / "inventory.json").write_text(json.dumps(inv, indent=2))
@@ -80,8 +87,12 @@ class Lab:
                 f", pods {ip_family}, IPv{plan.underlay_family} underlay")
             svcs = (f", {len(cluster.cluster_services(plan))} Services (ClusterIPs in "
                     f"{cluster.SERVICE_CIDR})" if services else "")
+            net = (f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}" if plan.overlay else
+                   f"MACVLAN pods on the underlay {plan.hosts[0].underlay_ip}/"
+                   f"{plan.hosts[0].underlay_prefix}, no overlay")
+            pats = f", patterns: {', '.join(plan.patterns)}" if plan.patterns else ""
             progress(f"lab {name} is up: {len(plan.hosts)} hosts, {len(plan.pods)} pods, "
-                     f"VXLAN VNI {plan.vni} on UDP {plan.vxlan_port}{family}{svcs}")
+                     f"{net}{family}{svcs}{pats}")
             return lab
         except BaseException:
             progress("set-up failed or was interrupted: tearing down what was built")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eastwest.errors import ConfigError
+from eastwest.lab import patterns as labpatterns
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 VNI = 42
@@ -62,10 +63,11 @@ class HostPlan:
     netns: str
     underlay_ip: str  # the VTEP address: IPv6 in an `ipv6` lab, IPv4 otherwise
     underlay_if: str = "eth0"
+    underlay_prefix4: int = UNDERLAY_PREFIX4  # a /16 in a `macvlan` lab (its pods are on it)
 
     @property
     def underlay_prefix(self) -> int:
-        return UNDERLAY_PREFIX6 if ":" in self.underlay_ip else UNDERLAY_PREFIX4
+        return UNDERLAY_PREFIX6 if ":" in self.underlay_ip else self.underlay_prefix4
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,9 @@ class PodPlan:
     netns: str
     ip: str  # the pod's primary address: IPv4 in `ipv4` and `dual` labs, IPv6 in `ipv6` ones
     mac: str
-    host_if: str  # the pod veth's name inside the host namespace
+    host_if: str | None  # the pod veth's name inside the host namespace (None: macvlan pods)
     ip6: str | None = None  # its IPv6 address (`ipv6` and `dual` labs)
+    attach: str = "veth"  # veth (on the host's bridge) | macvlan | host (host-network)
 
     @property
     def ip4(self) -> str | None:
@@ -101,6 +104,12 @@ class LabPlan:
     state_dir: str = ""
     services: bool = False  # Kubernetes-style Services (eastwest/lab/services.py)
     extra: dict[str, object] = field(default_factory=dict)
+    patterns: tuple[str, ...] = ()  # `--pattern` (eastwest/lab/patterns.py), sorted
+
+    @property
+    def overlay(self) -> bool:
+        """Whether the hosts' pods meet over the VXLAN overlay (not in a `macvlan` lab)."""
+        return "macvlan" not in self.patterns
 
     @property
     def fabric_netns(self) -> str:
@@ -129,12 +138,14 @@ class LabPlan:
             "hosts": [
                 {"name": h.name, "netns": h.netns, "underlay_if": h.underlay_if,
                  "underlay_ip": h.underlay_ip,
-                 "pod_netns": [p.netns for p in self.pods if p.host == h.name]}
+                 "pod_netns": [p.netns for p in self.pods
+                               if p.host == h.name and p.netns != h.netns]}
                 for h in self.hosts
             ],
             "pods": [
                 {"name": p.name, "netns": p.netns, "ip": p.ip, "ip4": p.ip4, "ip6": p.ip6,
                  "ips": p.ips, "mac": p.mac, "host": p.host, "host_if": p.host_if,
+                 **({"attach": p.attach} if self.patterns else {}),
                  "service": p.service, "namespace": SERVICE_BY_NAME[p.service].namespace,
                  "comm": f"ew-{p.service}",
                  "ports": [SERVICE_BY_NAME[p.service].port] if p.service != "loadgen" else [],
@@ -146,6 +157,7 @@ class LabPlan:
             "dead_port": DEAD_PORT,
             "workload_map": f"{self.state_dir}/workloads.yaml" if self.state_dir else None,
             **({"cluster_services": cluster_services(self)} if self.services else {}),
+            **({"patterns": list(self.patterns)} if self.patterns else {}),
             **self.extra,
         }
 
@@ -201,7 +213,8 @@ def cluster_services(plan: LabPlan) -> list[dict[str, Any]]:
 
 
 def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
-              ip_family: str = "ipv4", services: bool = False) -> LabPlan:
+              ip_family: str = "ipv4", services: bool = False,
+              patterns: tuple[str, ...] = ()) -> LabPlan:
     if not NAME_RE.match(name):
         raise ConfigError("--name", name, "must be 1-10 lowercase letters/digits, starting with a letter")
     if not 2 <= hosts <= 20:
@@ -216,10 +229,14 @@ def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
         raise ConfigError("--vxlan-port", vxlan_port, "must be a UDP port (4789 IANA, 8472 Linux/flannel)")
     if ip_family not in IP_FAMILIES:
         raise ConfigError("--ip-family", ip_family, f"must be one of {', '.join(IP_FAMILIES)}")
+    patterns = labpatterns.parse(patterns)
+    labpatterns.check(patterns, ip_family, services)
+    prefix4 = (labpatterns.MACVLAN_UNDERLAY_PREFIX if "macvlan" in patterns else UNDERLAY_PREFIX4)
     host_plans = [HostPlan(i, f"h{i}", f"{name}-h{i}",
-                           _v6(f"fd00:ed::{i}") if ip_family == "ipv6" else f"10.213.0.{i}")
+                           _v6(f"fd00:ed::{i}") if ip_family == "ipv6" else f"10.213.0.{i}",
+                           underlay_prefix4=prefix4)
                   for i in range(1, hosts + 1)]
-    pods: list[PodPlan] = [_pod(name, "loadgen", 1, host_plans[0], 0, ip_family)]
+    pods: list[PodPlan] = [_pod(name, "loadgen", 1, host_plans[0], 0, ip_family, patterns)]
     replicas: dict[str, int] = {}
     slots: dict[str, int] = {}
     for k in range(hosts * pods_per_host):
@@ -231,14 +248,39 @@ def make_plan(name: str, hosts: int, pods_per_host: int, vxlan_port: int,
         svc = SERVICES[k % n].name
         replicas[svc] = replicas.get(svc, 0) + 1
         slots[h.name] = slots.get(h.name, 0) + 1
-        pods.append(_pod(name, svc, replicas[svc], h, slots[h.name], ip_family))
+        pods.append(_pod(name, svc, replicas[svc], h, slots[h.name], ip_family, patterns))
     if not services:  # the order of old: slot by slot
         pods = pods[:1] + sorted(pods[1:], key=lambda p: (p.slot, int(p.host[1:])))
+    if "host-network" in patterns:
+        pods = _host_network(pods, host_plans)
     plan = LabPlan(name=name, hosts=host_plans, pods=pods, vxlan_port=vxlan_port,
-                   ip_family=ip_family, services=services)
+                   ip_family=ip_family, services=services, patterns=patterns)
     if services:
         check(plan)
     return plan
+
+
+def _host_network(pods: list[PodPlan], hosts: list[HostPlan]) -> list[PodPlan]:
+    """The pods of the host-network services moved into their host's namespace, at the host's
+    own pod-network address; one such pod per host (they would share its address and port)."""
+    index = {h.name: h for h in hosts}
+    out: list[PodPlan] = []
+    taken: dict[str, str] = {}
+    for p in pods:
+        if p.service not in labpatterns.HOST_NETWORK_SERVICES:
+            out.append(p)
+            continue
+        if p.host in taken:
+            raise ConfigError("--pods-per-host", (len(pods) - 1) // len(hosts),
+                              f"--pattern host-network puts {p.name} and {taken[p.host]} in "
+                              f"host {p.host}'s namespace, on one address and port: choose "
+                              "sizes that give each host at most one of them")
+        taken[p.host] = p.name
+        h = index[p.host]
+        out.append(PodPlan(name=p.name, service=p.service, host=p.host, slot=p.slot,
+                           netns=h.netns, ip=labpatterns.host_address(h.index),
+                           mac=labpatterns.host_mac(h.index), host_if=None, attach="host"))
+    return out
 
 
 def _v6(text: str) -> str:
@@ -247,7 +289,13 @@ def _v6(text: str) -> str:
 
 
 def _pod(lab: str, service: str, replica: int, host: HostPlan, slot: int,
-         ip_family: str = "ipv4") -> PodPlan:
+         ip_family: str = "ipv4", patterns: tuple[str, ...] = ()) -> PodPlan:
+    if "macvlan" in patterns:  # on the underlay subnet, no host-side veth
+        return PodPlan(
+            name=f"{service}-{replica}", service=service, host=host.name, slot=slot,
+            netns=f"{lab}-{host.name}-p{slot}",
+            ip=f"{labpatterns.MACVLAN_POD_NET}.{host.index}.{10 + slot}",
+            mac=f"02:ee:00:00:{host.index:02x}:{slot:02x}", host_if=None, attach="macvlan")
     ip4 = f"10.244.{host.index}.{10 + slot}"
     ip6 = _v6(f"fd00:ee::{host.index}:{10 + slot}") if ip_family in ("ipv6", "dual") else None
     return PodPlan(

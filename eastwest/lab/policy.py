@@ -92,6 +92,10 @@ def pods_of(inventory: Mapping[str, Any]) -> list[LabPod]:
     labels: dict[str, dict[str, str]] = {}
     for e in yaml.safe_load(Path(wl_path).read_text())["workloads"]:
         labels[e["match"].split("/")[0]] = {str(k): str(v) for k, v in (e.get("labels") or {}).items()}
+    odd = sorted(set(inventory.get("patterns") or ()) & {"macvlan", "host-network"})
+    if odd:  # the rules match the pods' bridge ports (physdev): MACVLAN and host pods have none
+        raise LabError(f"lab policy enforcement needs every pod on its host's bridge; lab "
+                       f"{inventory.get('name')!r} has --pattern {','.join(odd)}")
     host_netns = {h["name"]: h["netns"] for h in inventory["hosts"]}
     out = []
     for p in inventory["pods"]:

@@ -18,6 +18,12 @@ and every address is added `nodad`, so addresses are usable at once (duplicate a
 detection would hold them "tentative" for a second or more). In an `ipv6` lab the underlay is
 IPv6 only: VXLAN `local`, the fdb `dst` entries and so the VTEPs are IPv6, and the pods' MTU
 leaves room for the 70 bytes of an IPv6 outer header (1430 instead of 1450).
+
+Network patterns (eastwest/lab/patterns.py): `macvlan` makes no bridge, VXLAN or forwarding
+entries; each pod's eth0 is a MACVLAN child (bridge mode) of its host's eth0, created straight
+into the pod's namespace. `host-network` makes no namespace for a host-network pod: the host's
+br0 gets its address and MAC (and the other hosts' forwarding entries point that MAC at it).
+`ipsec` lowers the pods' MTU; eastwest/lab/ipsec.py adds the security associations.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from eastwest.errors import LabError
+from eastwest.lab.patterns import MACVLAN_MTU, MACVLAN_UNDERLAY_PREFIX, POD_MTU_IPSEC
 from eastwest.lab.plan import POD_PREFIX4, POD_PREFIX6, UNDERLAY_PREFIX6, LabPlan
 
 POD_MTU = 1450  # 1500 underlay - 50 bytes of VXLAN encapsulation (outer IPv4)
@@ -80,7 +87,8 @@ def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
     fab = plan.fabric_netns
     v6 = plan.ip_family != "ipv4"
     dad = ["nodad"] if v6 else []
-    mtu = str(POD_MTU_V6_UNDERLAY if plan.underlay_family == 6 else POD_MTU)
+    mtu = str(POD_MTU_IPSEC if "ipsec" in plan.patterns else
+              POD_MTU_V6_UNDERLAY if plan.underlay_family == 6 else POD_MTU)
     progress(f"fabric namespace {fab}")
     add_netns(fab, v6)
     ip(fab, "link", "add", "name", "fab0", "type", "bridge")
@@ -94,6 +102,8 @@ def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
         ip(h.netns, "addr", "add", f"{h.underlay_ip}/{h.underlay_prefix}", "dev", h.underlay_if,
            *(dad if h.underlay_prefix == UNDERLAY_PREFIX6 else []))
         ip(h.netns, "link", "set", h.underlay_if, "up")
+        if not plan.overlay:  # macvlan: the pods hang off eth0 itself; no bridge, no VXLAN
+            continue
         ip(h.netns, "link", "add", "name", "br0", "type", "bridge")
         ip(h.netns, "link", "set", "br0", "up")
         ip(h.netns, "link", "add", "vx0", "type", "vxlan", "id", str(plan.vni), "dstport",
@@ -103,17 +113,30 @@ def build(plan: LabPlan, progress: Progress = lambda _m: None) -> None:
     for p in plan.pods:
         host = next(h for h in plan.hosts if h.name == p.host)
         progress(f"pod {p.name} on {p.host} ({p.netns}, {', '.join(p.ips)})")
+        if p.attach == "host":  # host-network: the host's br0 gets the pod's address and MAC
+            ip(host.netns, "link", "set", "br0", "address", p.mac)
+            ip(host.netns, "addr", "add", f"{p.ip}/{POD_PREFIX4}", "dev", "br0")
+            continue
         add_netns(p.netns, v6)
-        ip(host.netns, "link", "add", p.host_if, "type", "veth", "peer", "name", "eth0",
-           "netns", p.netns)
-        ip(host.netns, "link", "set", p.host_if, "mtu", mtu, "master", "br0", "up")
-        ip(p.netns, "link", "set", "eth0", "address", p.mac, "mtu", mtu)
+        if p.attach == "macvlan":
+            # made in the host's namespace on its underlay link, created straight into the pod's
+            ip(host.netns, "link", "add", "link", host.underlay_if, "name", "eth0", "netns",
+               p.netns, "address", p.mac, "mtu", str(MACVLAN_MTU), "type", "macvlan", "mode",
+               "bridge")
+        else:
+            ip(host.netns, "link", "add", str(p.host_if), "type", "veth", "peer", "name", "eth0",
+               "netns", p.netns)
+            ip(host.netns, "link", "set", str(p.host_if), "mtu", mtu, "master", "br0", "up")
+            ip(p.netns, "link", "set", "eth0", "address", p.mac, "mtu", mtu)
         if p.ip4:
-            ip(p.netns, "addr", "add", f"{p.ip4}/{POD_PREFIX4}", "dev", "eth0")
+            prefix = MACVLAN_UNDERLAY_PREFIX if p.attach == "macvlan" else POD_PREFIX4
+            ip(p.netns, "addr", "add", f"{p.ip4}/{prefix}", "dev", "eth0")
         if p.ip6:
             ip(p.netns, "addr", "add", f"{p.ip6}/{POD_PREFIX6}", "dev", "eth0", *dad)
         ip(p.netns, "link", "set", "eth0", "up")
 
+    if not plan.overlay:
+        return
     progress("overlay forwarding entries")
     for h in plan.hosts:
         for other in plan.hosts:

@@ -86,7 +86,9 @@ class HostCollector:
     """One lab host's collector: socket probes + VXLAN on its underlay -> the aggregator."""
 
     def __init__(self, lab, host: str, url: str, spool: Path, metrics: bool = False,
-                 keep: bool = False, nat: bool = False) -> None:
+                 keep: bool = False, nat: bool = False, wire: bool = False) -> None:
+        """`wire`: capture every packet of the host's underlay link (`--wire-interface
+        NETNS/eth0`: plain flows, ESP, and VXLAN decapsulated) instead of its VXLAN only."""
         from collector.export import AggregatorSink, ExportSettings
         from collector.pipeline import CollectorContext
         from collector.probes import SocketProbeSource
@@ -97,9 +99,11 @@ class HostCollector:
         netns = lab.host_netns(host)
         args = argparse.Namespace(netns=netns, interval=1.0, idle_timeout=30.0, map_entries=8192,
                                   verbose=False, underlay=[f"{netns[0]}/eth0"],
-                                  vxlan_port=[lab.inventory["vxlan_port"]], decoder="bulk")
+                                  vxlan_port=[lab.inventory["vxlan_port"]], decoder="bulk",
+                                  wire_interface=[f"{netns[0]}/eth0"], geneve_port=None,
+                                  gpe_port=None)
         self.socket = SocketProbeSource(self.ctx, args)
-        self.vxlan = LiveVxlanSource(self.ctx, args)
+        self.vxlan = LiveVxlanSource(self.ctx, args, wire=wire)
         self.sink = AggregatorSink(self.ctx, settings=ExportSettings(
             url=url, token=INGEST, spool_dir=spool / host, batch_age=0.2))
         self.sink.metrics.watch_sources([self.socket, self.vxlan])  # as collector/main.py
@@ -162,8 +166,8 @@ class HostCollector:
 
 @contextlib.contextmanager
 def collectors(lab, url: str, spool: Path, hosts: list[str], metrics: bool = False,
-               keep: bool = False, nat: bool = False):
-    running = [HostCollector(lab, h, url, spool, metrics, keep, nat) for h in hosts]
+               keep: bool = False, nat: bool = False, wire: bool = False):
+    running = [HostCollector(lab, h, url, spool, metrics, keep, nat, wire) for h in hosts]
     try:
         for c in running:
             c.start()
