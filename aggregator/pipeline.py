@@ -21,13 +21,16 @@
 The store decides the form of the correlation stage: a store with a local journal (DuckDB:
 one aggregator) gets `JournaledCorrelation` (acknowledged at the journal's sync, correlated and
 written behind it); a shared store (ClickHouse: several aggregators) gets `InlineCorrelation`
-(written before the ack, each batch's keys reloaded first). The read path never installs the
+(written before the ack, each batch's keys reloaded first); a shared store fed by NATS gets
+`PartitionedCorrelation` (aggregator/partitioned.py: an `InlineCorrelation` per partition this
+replica owns, aggregator/leases.py). The read path never installs the
 write path: the API reads `pipeline.read()`, which first waits until every batch acknowledged
 before the read is applied (read-after-write), then answers from the store's read interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ from aggregator.identity import (
 )
 from aggregator.intake import Intake
 from aggregator.metrics import AggregatorMetrics
+from aggregator.partitioned import PartitionedCorrelation
 from aggregator.retention import Retention
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Store, open_store
@@ -109,9 +113,14 @@ class Pipeline:
         `build` on: batches are taken as soon as the pipeline exists)."""
         self.exporters.start()
         if self.settings.nats is not None:  # NATS JetStream intake (docs/scale-out.md)
-            self.consumer = JetStreamConsumer(ConsumerSettings(
-                self.settings.nats, self.settings.nats_durable, self.settings.nats_ack_wait_s),
-                self.intake, self.drops)
+            s = self.settings
+            cfg = ConsumerSettings(s.nats, s.nats_durable, s.nats_ack_wait_s,
+                                   lease_s=s.nats_lease_s)
+            if s.nats_replica:
+                cfg = dataclasses.replace(cfg, replica=s.nats_replica)
+            hooks = (self.correlation if isinstance(self.correlation, PartitionedCorrelation)
+                     else None)
+            self.consumer = JetStreamConsumer(cfg, self.intake, self.drops, hooks)
             self.consumer.start()
 
     def stop(self) -> None:
@@ -166,10 +175,12 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
         resolver = resolver_from(settings, kubernetes)
     the_store: Store = store if store is not None else open_store(
         settings.store, settings.clickhouse_url or settings.data_dir)
-    correlator = ColumnCorrelator(resolver,
-                                  slack=timedelta(seconds=settings.correlation_slack_s),
-                                  settle=timedelta(seconds=settings.identity_settle_s),
-                                  clock=clock, ids=ids)
+    def make_correlator() -> ColumnCorrelator:
+        return ColumnCorrelator(resolver, slack=timedelta(seconds=settings.correlation_slack_s),
+                                settle=timedelta(seconds=settings.identity_settle_s),
+                                clock=clock, ids=ids)
+
+    correlator = make_correlator()
     fanout = FanOut(drops)
     retention = Retention(the_store, settings.retention, clock)
     correlation: Correlation
@@ -177,6 +188,9 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
         correlation = JournaledCorrelation(
             the_store, correlator, fanout, drops, retention, clock,
             worker or WorkerSettings(max_pending=settings.correlation_backlog))
+    elif settings.nats is not None:  # replicas sharing the partitions of a stream
+        correlation = PartitionedCorrelation(the_store, make_correlator, fanout, drops,
+                                             retention, clock, settings.nats.partitions)
     else:
         correlation = InlineCorrelation(the_store, correlator, fanout, drops, retention, clock)
     intake = Intake(correlation, drops, metrics, max_batch_records=settings.max_batch_records)
@@ -185,7 +199,9 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
                           **dict(exporter_kwargs or {}))
     fanout.add_listener(exporters.on_changes)
     metrics.watch_store(correlation.count, the_store.file_bytes)
-    metrics.registry.register(_CorrelationMetrics(correlation, correlator, fanout))
+    metrics.registry.register(_CorrelationMetrics(
+        correlation, correlation if isinstance(correlation, PartitionedCorrelation)
+        else correlator, fanout))
     p = Pipeline(settings, the_store, correlator, fanout, correlation, intake, exporters,
                  retention, drops, metrics, clock)
     p._owned = owned
@@ -200,7 +216,8 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
 class _CorrelationMetrics(Collector):
     """How far correlation runs behind the acknowledged batches, and what it holds."""
 
-    def __init__(self, correlation: Correlation, correlator: ColumnCorrelator, fanout: FanOut) -> None:
+    def __init__(self, correlation: Correlation,
+                 correlator: ColumnCorrelator | PartitionedCorrelation, fanout: FanOut) -> None:
         self.correlation, self.correlator, self.fanout = correlation, correlator, fanout
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
