@@ -142,20 +142,35 @@ class JetStreamConsumer:
 
     async def _own(self, js: Any, leases: Leases,
                    workers: dict[int, tuple[asyncio.Task[None], asyncio.Event]]) -> None:
-        """Every tick: renew, balance, start and stop the partitions' workers."""
+        """Every tick: renew, balance, start and stop the partitions' workers. The tick never
+        waits for a worker (a reload or a batch may take longer than a lease): a partition
+        given up is released by its own task once its worker has finished, and renewed
+        until then."""
+        retiring: dict[int, asyncio.Task[None]] = {}
         while not self._stopping.is_set():
             t = await leases.tick()
-            gone = t.lost + t.surplus
-            await self._stop_workers(workers, gone)
-            if t.surplus:
-                await leases.release(t.surplus)
+            for k in t.lost:
+                if k in workers:
+                    workers.pop(k)[1].set()  # its batch in flight may finish; then it stops
+            for k in t.surplus:
+                if k not in retiring:
+                    retiring[k] = asyncio.create_task(self._retire(leases, k, workers))
+            for k, task in list(retiring.items()):
+                if task.done():
+                    del retiring[k]
             for k in sorted(leases.owned):  # gained now, or a worker ended (reconnect, error)
-                if k not in workers or workers[k][0].done():
+                if k not in retiring and (k not in workers or workers[k][0].done()):
                     stop = asyncio.Event()
                     workers[k] = (asyncio.create_task(self._partition(js, k, stop)), stop)
             await self._sleep(leases.tick_s)
+        await asyncio.gather(*retiring.values(), return_exceptions=True)
         await self._stop_workers(workers, list(workers))
         await leases.release_all()
+
+    async def _retire(self, leases: Leases, k: int,
+                      workers: dict[int, tuple[asyncio.Task[None], asyncio.Event]]) -> None:
+        await self._stop_workers(workers, [k])
+        await leases.release([k])
 
     async def _sleep(self, seconds: float) -> None:
         end = asyncio.get_running_loop().time() + seconds
