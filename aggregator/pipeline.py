@@ -104,6 +104,7 @@ class Pipeline:
         self.exporters, self.retention = exporters, retention
         self.drops, self.metrics, self.clock = drops, metrics, clock
         self.consumer: JetStreamConsumer | None = None
+        self._partition_metrics: _PartitionMetrics | None = None
         self.kubernetes: KubernetesIdentity | None = None  # its status: GET /api/v1/status
         self._owned = True
 
@@ -121,6 +122,8 @@ class Pipeline:
             hooks = (self.correlation if isinstance(self.correlation, PartitionedCorrelation)
                      else None)
             self.consumer = JetStreamConsumer(cfg, self.intake, self.drops, hooks)
+            self._partition_metrics = _PartitionMetrics(self.consumer)
+            self.metrics.registry.register(self._partition_metrics)
             self.consumer.start()
 
     def stop(self) -> None:
@@ -131,6 +134,9 @@ class Pipeline:
         if self.consumer is not None:
             self.consumer.stop()
             self.consumer = None
+        if self._partition_metrics is not None:
+            self.metrics.registry.unregister(self._partition_metrics)
+            self._partition_metrics = None
         self.correlation.applied(READ_WAIT_S)
         self.exporters.shutdown()  # closed connections told, OTLP queue drained
         if self._owned:
@@ -241,6 +247,21 @@ class _CorrelationMetrics(Collector):
         yield CounterMetricFamily("eastwest_identity_late_names", "records that knew an end "
                                   "better after its name was final (--identity-settle): the "
                                   "name was kept", value=self.correlator.late_names)
+
+
+class _PartitionMetrics(Collector):
+    """The NATS partitions this replica owns (aggregator/leases.py)."""
+
+    def __init__(self, consumer: JetStreamConsumer) -> None:
+        self.consumer = consumer
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily("eastwest_nats_partitions_owned", "partitions of the NATS "
+                                "stream this replica consumes now (its leases)",
+                                value=len(self.consumer.owned))
+        yield CounterMetricFamily("eastwest_nats_partitions_taken", "partitions this replica "
+                                  "took over (each reloaded from the store first)",
+                                  value=self.consumer.taken_over)
 
 
 class _KubernetesMetrics(Collector):

@@ -1,6 +1,6 @@
 """Scale-out in a real lab run: 3 collectors (eBPF socket probes, subprocesses) publish to ONE
-nats-server 2.9 (JetStream); 2 aggregator replicas (subprocesses) share one durable pull consumer
-and store into ONE clickhouse-server 18.16 with 2 local shards behind Distributed tables.
+nats-server 2.9 (JetStream), each batch split over the stream's 6 partitions; 2 aggregator
+replicas (subprocesses) share the partitions through leases (3 s here) and store into ONE clickhouse-server 18.16 with 2 local shards behind Distributed tables.
 
 Ground truth: the lab application's lines (docs/lab.md). For every TCP truth connection the
 client's collector must have exactly one final `client` record stored and, unless refused, the
@@ -8,8 +8,8 @@ server's collector exactly one final `server` record; and the correlated flows h
 many connections per 5-tuple as the truth has. Both replicas answer the same from the store.
 
 - lab traffic through the whole chain is stored exactly once;
-- kill -9 of one aggregator mid-stream: the other takes over (the dead one's unacked batch is
-  redelivered after ack_wait), nothing lost or doubled;
+- kill -9 of one aggregator mid-stream: the other takes its partitions over when their leases
+  expire (the dead one's unacked batch is redelivered after ack_wait), nothing lost or doubled;
 - NATS restarted mid-stream: collectors spool while it is down and catch up after.
 """
 
@@ -73,7 +73,8 @@ class ScaleOut:
         listen = f"127.0.0.1:{free_port()}"
         p = self._spawn(name, ["aggregator", "--listen", listen, "--data", str(self.root / name),
                                "--clickhouse", self.store_url, "--nats", self.nats.url,
-                               "--nats-ack-wait", "3", "--retention", "3650d"])
+                               "--nats-ack-wait", "3", "--nats-lease", "3",
+                               "--nats-replica", name, "--retention", "3650d"])
         self.aggregators[name] = (p, f"http://{listen}")
         await_(lambda: self._ready(name), 120, f"{name} ready")
 
@@ -112,6 +113,15 @@ class ScaleOut:
             "Authorization": f"Bearer {self.tokens['EASTWEST_READ_TOKEN']}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             return msgspec.json.decode(r.read())
+
+    def owned(self, name: str) -> int:
+        """The partitions replica `name` consumes now (its /metrics)."""
+        _, url = self.aggregators[name]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("eastwest_nats_partitions_owned "):
+                    return int(float(line.split()[1]))
+        raise AssertionError("no eastwest_nats_partitions_owned in /metrics")
 
     def records(self, name: str) -> list[dict]:
         return self.read(name, "/api/v1/records", limit=100000)["records"]
@@ -229,8 +239,11 @@ def test_an_aggregator_killed_mid_stream_loses_and_doubles_nothing(lab, scale):
     before = len(scale.records("agg-b"))
     t, truth = run_traffic(lab, 12.0, seed=5)
     await_(lambda: len(scale.records("agg-b")) > before, 60, "records of the run")
+    await_(lambda: scale.owned("agg-b") == 3, 30, "the partitions shared")
     scale.kill_aggregator("agg-a")
     after_kill = len(scale.records("agg-b"))
+    # agg-a's 3 partitions move to agg-b when their leases (3 s) expire
+    await_(lambda: scale.owned("agg-b") == 6, 30, "agg-b owns every partition")
     t.join()
     # the survivor keeps storing: the run's later records arrive through agg-b alone
     await_(lambda: len(scale.records("agg-b")) > after_kill, 60, "records after the kill")
