@@ -117,8 +117,9 @@ def register(sub: Any) -> None:
                              "(docs/scale-out.md)")
     g.add_argument("--clickhouse", metavar="URL", help="store in ClickHouse instead of DuckDB: "
                    "clickhouse://[user@]host:9000/database[?cluster=NAME&secure=1&ca=FILE"
-                   "&ttl_days=N] (password: $EASTWEST_CLICKHOUSE_PASSWORD); with cluster, "
-                   "Distributed tables over its shards")
+                   "&ttl_days=N&alt_hosts=H:P,H:P&insert_quorum=N] (password: "
+                   "$EASTWEST_CLICKHOUSE_PASSWORD); with cluster, Distributed tables over its "
+                   "shards, replicated tables when a shard has replicas (ZooKeeper)")
     g.add_argument("--nats", metavar="URL", help="also consume batches from NATS JetStream, "
                    "e.g. nats://nats:4222; the replicas share the stream's partitions through "
                    "leases (each owned partition: its own durable pull consumer and "

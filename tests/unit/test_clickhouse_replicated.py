@@ -108,6 +108,14 @@ def test_a_replica_killed_and_restarted_loses_nothing_acknowledged(cluster, tmp_
             pair(c, seq)
         assert len(flows(c)) == 30
         victim.kill()
+        # ZooKeeper notices when the victim's session expires (6 s): then the peer knows it is
+        # alone (until then a quorum insert would wait for the victim, up to its timeout)
+        give_up = time.monotonic() + 60
+        while peer.client().execute(
+                "SELECT max(active_replicas) FROM system.replicas WHERE database = 'ew' AND "
+                "table LIKE 'rep_fault_%'")[0][0] != 1:
+            assert time.monotonic() < give_up, "the victim's ZooKeeper session never expired"
+            time.sleep(0.2)
         # while a replica of shard 1 is down, an insert cannot reach its quorum (2 replicas):
         # it is refused, never acknowledged (the collector's spool, or JetStream, keeps it)
         body = codec.encode_batch(Batch("h1", 4, T0, [rec("client", cport=50400 + j)
