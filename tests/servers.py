@@ -268,6 +268,10 @@ class ReplicatedClickHouse:
             s.start()
         return self
 
+    def client(self):
+        """A client of the first server that runs (every server has the Distributed tables)."""
+        return next(s for s in self.all if s.proc is not None and s.proc.poll() is None).client()
+
     def url(self, database: str, alt: bool = True) -> str:
         first, *rest = self.all
         alts = ",".join(f"127.0.0.1:{s.port}" for s in rest)

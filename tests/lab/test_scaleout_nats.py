@@ -1,6 +1,8 @@
 """Scale-out in a real lab run: 3 collectors (eBPF socket probes, subprocesses) publish to ONE
 nats-server 2.9 (JetStream), each batch split over the stream's 6 partitions; 2 aggregator
-replicas (subprocesses) share the partitions through leases (3 s here) and store into ONE clickhouse-server 18.16 with 2 local shards behind Distributed tables.
+replicas (subprocesses) share the partitions through leases (3 s here) and store into a
+replicated ClickHouse: ZooKeeper and four clickhouse-server 18.16, 2 shards x 2 replicas,
+`internal_replication`, replicated tables behind Distributed tables (tests/servers.py).
 
 Ground truth: the lab application's lines (docs/lab.md). For every TCP truth connection the
 client's collector must have exactly one final `client` record stored and, unless refused, the
@@ -10,7 +12,10 @@ many connections per 5-tuple as the truth has. Both replicas answer the same fro
 - lab traffic through the whole chain is stored exactly once;
 - kill -9 of one aggregator mid-stream: the other takes its partitions over when their leases
   expire (the dead one's unacked batch is redelivered after ack_wait), nothing lost or doubled;
-- NATS restarted mid-stream: collectors spool while it is down and catch up after.
+- NATS restarted mid-stream: collectors spool while it is down and catch up after;
+- scaled from 1 to 3 aggregator replicas and back to 1 during a run, with a ClickHouse replica
+  killed -9 and restarted meanwhile: the partitions follow the replicas, nothing lost or
+  doubled, the replicas answer the same.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import threading
 import urllib.parse
 import urllib.request
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -30,7 +36,7 @@ import pytest
 
 from eastwest.cli.demo import ensure_tokens
 from tests.lab.test_transport import await_, cid, expected, finals, run_start, warm_up
-from tests.servers import ClickHouseServer, NatsServer, free_port
+from tests.servers import NatsServer, ReplicatedClickHouse, free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ews"
@@ -43,7 +49,7 @@ def lab(lab_factory):
 
 @pytest.fixture(scope="module")
 def clickhouse(tmp_path_factory):
-    s = ClickHouseServer(tmp_path_factory.mktemp("clickhouse")).start()
+    s = ReplicatedClickHouse(tmp_path_factory.mktemp("clickhouse")).start()
     yield s
     s.stop()
 
@@ -51,13 +57,13 @@ def clickhouse(tmp_path_factory):
 class ScaleOut:
     """NATS + N aggregator replicas + collectors as processes; `stop()` ends all of them."""
 
-    def __init__(self, root: Path, clickhouse: ClickHouseServer, db: str) -> None:
+    def __init__(self, root: Path, clickhouse: ReplicatedClickHouse, db: str) -> None:
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.tokens = ensure_tokens(root / "tokens.env")
         self.nats = NatsServer(root / "nats").start()
-        self.store_url = clickhouse.url(db)            # ?cluster=ew: 2 shards, Distributed
+        self.store_url = clickhouse.url(db)  # ?cluster=ewr: 2 shards x 2 replicas, alt_hosts
         self.clickhouse = clickhouse
         self.db = db
         self.aggregators: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -86,6 +92,12 @@ class ScaleOut:
                 return r.status == 200
         except OSError:
             return False
+
+    def stop_aggregator(self, name: str) -> None:
+        """SIGTERM: a rolling restart's stop; its leases are released at once."""
+        p, _ = self.aggregators.pop(name)
+        p.terminate()
+        assert p.wait(60) == 0
 
     def kill_aggregator(self, name: str) -> None:
         p, _ = self.aggregators.pop(name)
@@ -264,3 +276,31 @@ def test_nats_restarted_mid_stream_collectors_spool_and_catch_up(lab, scale):
     t.join()
     check_exactly_once(scale, truth, ["agg-a", "agg-b"])
     await_(lambda: scale.spooled() == 0, 120, "the spools to drain")
+
+
+def test_scaled_from_one_to_three_replicas_and_back_with_a_clickhouse_replica_killed(lab, scale):
+    scale.start_aggregator("agg-a")
+    ids = scale.start_collectors(lab)
+    warm_up(lab, lambda: {r["collector"] for r in scale.records("agg-a")} >= set(ids))
+    assert scale.owned("agg-a") == 6
+    t, truth = run_traffic(lab, 16.0, seed=11)
+    await_(lambda: len(scale.records("agg-a")) > 0, 60, "records of the run")
+    scale.start_aggregator("agg-b")           # 1 -> 3 replicas: 2 partitions each
+    scale.start_aggregator("agg-c")
+    await_(lambda: [scale.owned(n) for n in ("agg-a", "agg-b", "agg-c")] == [2, 2, 2], 30,
+           "the partitions shared by 3 replicas")
+    victim = scale.clickhouse.servers[1][1]   # a replica of shard 2, killed -9 mid-run
+    victim.kill()
+    scale.stop_aggregator("agg-c")            # 3 -> 2 while the traffic flows
+    await_(lambda: [scale.owned(n) for n in ("agg-a", "agg-b")] == [3, 3], 30,
+           "agg-c's partitions taken over")
+    victim.start()                            # on its data directory: it catches up
+    t.join()
+    check_exactly_once(scale, truth, ["agg-a", "agg-b"])
+    window = {"from": min(x["start"] for x in truth), "to": datetime.now(UTC).isoformat()}
+    graph = {n: scale.read(n, "/api/v1/graph", **window) for n in ("agg-a", "agg-b")}
+    assert graph["agg-a"]["edges"]
+    assert graph["agg-a"] == graph["agg-b"]
+    scale.stop_aggregator("agg-b")            # 2 -> 1
+    await_(lambda: scale.owned("agg-a") == 6, 30, "agg-a owns every partition again")
+    check_exactly_once(scale, truth, ["agg-a"])
