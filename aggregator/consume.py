@@ -88,6 +88,7 @@ class JetStreamConsumer:
         self._task: Any = None
         self.ready = threading.Event()   # connected, leases opened: batches may flow
         self.applied = 0                 # batches stored by this replica
+        self.records = 0                 # records they held
         self.duplicates = 0
         self.error: Exception | None = None
         self.owned: set[int] = set()     # partitions being consumed here now
@@ -249,4 +250,5 @@ class JetStreamConsumer:
             self.duplicates += 1
         else:
             self.applied += 1
+            self.records += out.result.stored
         return "ack"
