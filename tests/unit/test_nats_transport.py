@@ -201,6 +201,10 @@ def test_replicas_share_the_partitions_and_correlate_as_one_aggregator(nats_serv
             got = flows(c)
             assert len(got) == 30
         assert flows(a) == flows(b)
+        # a batch posted over HTTP would not be split by partition: refused, saying why
+        r = a.post("/api/v1/ingest", content=body("h1", 99, [rec("client")]), headers={
+            "Authorization": f"Bearer {INGEST}", "content-type": codec.CONTENT_TYPE})
+        assert r.status_code == 409 and "--nats" in r.json()["detail"]
         s1.close()
         s2.close()
 
