@@ -107,7 +107,7 @@ def http_path(bs, tmp: Path) -> float:
 def nats_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer) -> float:
     from fastapi.testclient import TestClient
 
-    opts = NatsOptions(nats.url)
+    opts = NatsOptions(nats.url, max_bytes=256 * 1024**2)
     settings = AggregatorSettings(data_dir=tmp / "agg", ingest_token=INGEST, read_token=READ,
                                   retention=None, store="clickhouse",
                                   clickhouse_url=ch.url("bench_e2e"), nats=opts)
@@ -145,7 +145,9 @@ def replicas_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer,
     them until every record is stored. Returns (seconds, [(cpu seconds, records stored,
     partitions owned)])."""
     stream = f"EWB{n}"
-    opts = NatsOptions(nats.url, stream=stream, subject_prefix=f"bench{n}.flows")
+    # a small stream each: the server's file store reserves every stream's max_bytes
+    opts = NatsOptions(nats.url, stream=stream, subject_prefix=f"bench{n}.flows",
+                       max_bytes=256 * 1024**2)
     total = sum(len(r) for _, _, r in bs)
     bodies = [(h, codec.encode_batch(Batch(h, s, T0, r))) for h, s, r in bs]
     procs = []
@@ -157,6 +159,7 @@ def replicas_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer,
              "--data", str(tmp / f"r{n}-{k}"), "--insecure-open", "--retention", "3650d",
              "--clickhouse", ch.url(f"bench_r{n}"), "--nats", nats.url, "--nats-stream", stream,
              "--nats-subject", f"bench{n}.flows", "--nats-replica", f"r{k}",
+             "--nats-max-bytes", str(256 * 1024**2),
              "--nats-lease", "3"], env=env, stdout=subprocess.DEVNULL,
             stderr=open(tmp / f"r{n}-{k}.log", "wb"))  # noqa: SIM115
         procs.append((p, f"http://127.0.0.1:{port}"))
