@@ -57,6 +57,8 @@ _dec = msgspec.msgpack.Decoder(FlowRecord)
 _EPOCH_DAY = date(1970, 1, 1)
 SYNC = {"insert_distributed_sync": 1}
 QUORUM_TIMEOUT_MS = 30_000  # a quorum insert not confirmed within it fails (and is retried)
+QUORUM_BUSY = 286           # "Quorum for previous write has not been satisfied yet"
+QUORUM_RETRIES = 20         # ~8 s of waiting for another writer's quorum insert
 MUTATION_WAIT_S = 300.0
 KNOWN_VERSIONS = 1_000_000
 
@@ -275,8 +277,19 @@ class ClickHouseStore(ClickHouseQueries):
 
     def _insert(self, table: str, cols: dict[str, list[Any]]) -> None:
         names = ", ".join(cols)
-        self._exec(f"INSERT INTO {self.db}.{table} ({names}) VALUES", list(cols.values()),
-                   columnar=True, settings=self._insert_settings)
+        for attempt in range(QUORUM_RETRIES + 1):
+            try:
+                self._exec(f"INSERT INTO {self.db}.{table} ({names}) VALUES",
+                           list(cols.values()), columnar=True, settings=self._insert_settings)
+                return
+            except StoreError as exc:
+                # ClickHouse before 20.x takes one quorum insert at a time per table: another
+                # writer's insert in flight (code 286) is waited for, not a failed batch. The
+                # same rows again are harmless (insert_deduplicate, ReplacingMergeTree).
+                if getattr(exc.__cause__, "code", None) != QUORUM_BUSY or \
+                        attempt == QUORUM_RETRIES:
+                    raise
+                time.sleep(min(0.02 * 2**attempt, 0.5))
 
     # -- writes -------------------------------------------------------------------------------
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],
