@@ -149,7 +149,9 @@ class JetStreamConsumer:
         until then."""
         retiring: dict[int, asyncio.Task[None]] = {}
         while not self._stopping.is_set():
-            t = await leases.tick()
+            # a tick that hangs (a connection half broken by a NATS restart) must not freeze the
+            # leases: past a lease it raises, and the consumer connects again
+            t = await asyncio.wait_for(leases.tick(), leases.lease_s)
             for k in t.lost:
                 if k in workers:
                     workers.pop(k)[1].set()  # its batch in flight may finish; then it stops
