@@ -29,6 +29,7 @@ cannot correlate two of its batches at once, and every batch's mark makes it app
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
@@ -101,14 +102,22 @@ class Leases:
         watcher = await self.kv.watchall(ignore_deletes=True)
         replicas: list[str] = []
         owners: dict[int, str] = {}
-        try:
+
+        async def collect() -> None:
             async for e in watcher:
                 if e is None:  # the initial values are all delivered
-                    break
+                    return
                 if e.key.startswith("replica."):
                     replicas.append(e.key.split(".", 1)[1])
                 elif e.key[:1] == "p" and e.key[1:].isdigit():
                     owners[int(e.key[1:])] = (e.value or b"").decode()
+
+        try:
+            await asyncio.wait_for(collect(), self.tick_s)
+        except TimeoutError:
+            # an entry counted when the watcher started but expired before it was delivered
+            # never comes (nor the end marker after it): what arrived is the bucket now
+            pass
         finally:
             await watcher.stop()
         return sorted(replicas), owners
