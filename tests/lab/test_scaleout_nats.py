@@ -318,6 +318,10 @@ def test_scaled_from_one_to_three_replicas_and_back_with_a_clickhouse_replica_ki
     victim.start()                            # on its data directory: it catches up
     t.join()
     check_exactly_once(scale, truth, ["agg-a", "agg-b"])
+    # the restarted replica catches up (a Distributed read may go to it); then every replica
+    # answers the same graph
+    for t in ("flows", "rollups", "connections", "workloads", "ingested_batches"):
+        victim.client().execute(f"SYSTEM SYNC REPLICA ew.{scale.db}_{t}")
     window = {"from": min(x["start"] for x in truth), "to": datetime.now(UTC).isoformat()}
     graph = {n: scale.read(n, "/api/v1/graph", **window) for n in ("agg-a", "agg-b")}
     assert graph["agg-a"]["edges"]
