@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aggregator.auth import require_ingest
 from aggregator.intake import Intake, Refused, Retry
+from aggregator.partitioned import PartitionedCorrelation
 from eastwest.codec import CONTENT_TYPE
 
 router = APIRouter()
@@ -60,6 +61,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "the body is not a batch (bad magic, broken compression, wrong shape)"),
         (401, "missing or invalid bearer token"), (403, "the read token cannot ingest"),
         (413, "body or batch too large"), (415, "unsupported content type"),
+        (409, "this aggregator correlates the partitions of a NATS stream: collectors publish "
+              "to NATS (--nats), not here"),
         (429, "the aggregator is a whole backlog behind: retry after Retry-After seconds"),
         (503, "the store is unavailable: retry after Retry-After seconds"))}
 
@@ -79,6 +82,12 @@ _BODY_DOC: dict[str, Any] = {
              summary="Store one batch of flow records (idempotent per collector and batch_seq)")
 async def ingest(request: Request) -> IngestResponse:
     state = request.app.state
+    if isinstance(state.pipeline.correlation, PartitionedCorrelation):
+        # a batch posted here is not split by partition: its connections' other records are
+        # in partitions other replicas correlate (docs/scale-out.md)
+        raise HTTPException(409, "this aggregator correlates the partitions of NATS stream "
+                            f"{state.settings.nats.stream!r}: point collectors at NATS (--nats "
+                            "URL), not at --aggregator")
     body = await _read_body(request, state.settings.max_body_bytes)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     return await run_in_threadpool(_apply, state.pipeline.intake, body, ctype)

@@ -21,13 +21,16 @@
 The store decides the form of the correlation stage: a store with a local journal (DuckDB:
 one aggregator) gets `JournaledCorrelation` (acknowledged at the journal's sync, correlated and
 written behind it); a shared store (ClickHouse: several aggregators) gets `InlineCorrelation`
-(written before the ack, each batch's keys reloaded first). The read path never installs the
+(written before the ack, each batch's keys reloaded first); a shared store fed by NATS gets
+`PartitionedCorrelation` (aggregator/partitioned.py: an `InlineCorrelation` per partition this
+replica owns, aggregator/leases.py). The read path never installs the
 write path: the API reads `pipeline.read()`, which first waits until every batch acknowledged
 before the read is applied (read-after-write), then answers from the store's read interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ from aggregator.identity import (
 )
 from aggregator.intake import Intake
 from aggregator.metrics import AggregatorMetrics
+from aggregator.partitioned import PartitionedCorrelation
 from aggregator.retention import Retention
 from aggregator.settings import AggregatorSettings
 from aggregator.store import Store, open_store
@@ -100,6 +104,7 @@ class Pipeline:
         self.exporters, self.retention = exporters, retention
         self.drops, self.metrics, self.clock = drops, metrics, clock
         self.consumer: JetStreamConsumer | None = None
+        self._partition_metrics: _PartitionMetrics | None = None
         self.kubernetes: KubernetesIdentity | None = None  # its status: GET /api/v1/status
         self._owned = True
 
@@ -109,9 +114,16 @@ class Pipeline:
         `build` on: batches are taken as soon as the pipeline exists)."""
         self.exporters.start()
         if self.settings.nats is not None:  # NATS JetStream intake (docs/scale-out.md)
-            self.consumer = JetStreamConsumer(ConsumerSettings(
-                self.settings.nats, self.settings.nats_durable, self.settings.nats_ack_wait_s),
-                self.intake, self.drops)
+            s = self.settings
+            cfg = ConsumerSettings(s.nats, s.nats_durable, s.nats_ack_wait_s,
+                                   lease_s=s.nats_lease_s)
+            if s.nats_replica:
+                cfg = dataclasses.replace(cfg, replica=s.nats_replica)
+            hooks = (self.correlation if isinstance(self.correlation, PartitionedCorrelation)
+                     else None)
+            self.consumer = JetStreamConsumer(cfg, self.intake, self.drops, hooks)
+            self._partition_metrics = _PartitionMetrics(self.consumer)
+            self.metrics.registry.register(self._partition_metrics)
             self.consumer.start()
 
     def stop(self) -> None:
@@ -122,6 +134,9 @@ class Pipeline:
         if self.consumer is not None:
             self.consumer.stop()
             self.consumer = None
+        if self._partition_metrics is not None:
+            self.metrics.registry.unregister(self._partition_metrics)
+            self._partition_metrics = None
         self.correlation.applied(READ_WAIT_S)
         self.exporters.shutdown()  # closed connections told, OTLP queue drained
         if self._owned:
@@ -166,10 +181,12 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
         resolver = resolver_from(settings, kubernetes)
     the_store: Store = store if store is not None else open_store(
         settings.store, settings.clickhouse_url or settings.data_dir)
-    correlator = ColumnCorrelator(resolver,
-                                  slack=timedelta(seconds=settings.correlation_slack_s),
-                                  settle=timedelta(seconds=settings.identity_settle_s),
-                                  clock=clock, ids=ids)
+    def make_correlator() -> ColumnCorrelator:
+        return ColumnCorrelator(resolver, slack=timedelta(seconds=settings.correlation_slack_s),
+                                settle=timedelta(seconds=settings.identity_settle_s),
+                                clock=clock, ids=ids)
+
+    correlator = make_correlator()
     fanout = FanOut(drops)
     retention = Retention(the_store, settings.retention, clock)
     correlation: Correlation
@@ -177,6 +194,9 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
         correlation = JournaledCorrelation(
             the_store, correlator, fanout, drops, retention, clock,
             worker or WorkerSettings(max_pending=settings.correlation_backlog))
+    elif settings.nats is not None:  # replicas sharing the partitions of a stream
+        correlation = PartitionedCorrelation(the_store, make_correlator, fanout, drops,
+                                             retention, clock, settings.nats.partitions)
     else:
         correlation = InlineCorrelation(the_store, correlator, fanout, drops, retention, clock)
     intake = Intake(correlation, drops, metrics, max_batch_records=settings.max_batch_records)
@@ -185,7 +205,9 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
                           **dict(exporter_kwargs or {}))
     fanout.add_listener(exporters.on_changes)
     metrics.watch_store(correlation.count, the_store.file_bytes)
-    metrics.registry.register(_CorrelationMetrics(correlation, correlator, fanout))
+    metrics.registry.register(_CorrelationMetrics(
+        correlation, correlation if isinstance(correlation, PartitionedCorrelation)
+        else correlator, fanout))
     p = Pipeline(settings, the_store, correlator, fanout, correlation, intake, exporters,
                  retention, drops, metrics, clock)
     p._owned = owned
@@ -200,7 +222,8 @@ def build(settings: AggregatorSettings, *, store: Store | None = None, own_store
 class _CorrelationMetrics(Collector):
     """How far correlation runs behind the acknowledged batches, and what it holds."""
 
-    def __init__(self, correlation: Correlation, correlator: ColumnCorrelator, fanout: FanOut) -> None:
+    def __init__(self, correlation: Correlation,
+                 correlator: ColumnCorrelator | PartitionedCorrelation, fanout: FanOut) -> None:
         self.correlation, self.correlator, self.fanout = correlation, correlator, fanout
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -224,6 +247,21 @@ class _CorrelationMetrics(Collector):
         yield CounterMetricFamily("eastwest_identity_late_names", "records that knew an end "
                                   "better after its name was final (--identity-settle): the "
                                   "name was kept", value=self.correlator.late_names)
+
+
+class _PartitionMetrics(Collector):
+    """The NATS partitions this replica owns (aggregator/leases.py)."""
+
+    def __init__(self, consumer: JetStreamConsumer) -> None:
+        self.consumer = consumer
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily("eastwest_nats_partitions_owned", "partitions of the NATS "
+                                "stream this replica consumes now (its leases)",
+                                value=len(self.consumer.owned))
+        yield CounterMetricFamily("eastwest_nats_partitions_taken", "partitions this replica "
+                                  "took over (each reloaded from the store first)",
+                                  value=self.consumer.taken_over)
 
 
 class _KubernetesMetrics(Collector):

@@ -31,6 +31,7 @@ OTLP_SIGNALS = ("traces", "metrics")
 OTLP_SERVICE_NAMES = ("name", "namespace/name")  # what a span's resource service.name carries
 # NATS flags whose values NatsOptions checks; checked even when --nats is not given
 NATS_VALUE_FLAGS = ("nats_stream", "nats_subject", "nats_max_bytes", "nats_max_age",
+                    "nats_partitions",
                     "nats_creds", "nats_ca", "nats_cert", "nats_key")
 
 
@@ -82,6 +83,8 @@ class AggregatorSettings:
     nats: Any = None                 # eastwest.jetstream.NatsOptions when --nats is given
     nats_durable: str = "eastwest-aggregators"
     nats_ack_wait_s: float = 30.0
+    nats_lease_s: float = 10.0
+    nats_replica: str | None = None  # default: host-pid (aggregator/consume.py)
 
     def __post_init__(self) -> None:
         if self.insecure_open and not is_loopback(self.host):
@@ -120,6 +123,9 @@ class AggregatorSettings:
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
         _positive_seconds("--nats-ack-wait", self.nats_ack_wait_s)
+        _positive_seconds("--nats-lease", self.nats_lease_s)
+        if self.nats_replica is not None and not self.nats_replica.strip():
+            raise ConfigError("--nats-replica", self.nats_replica, "must not be empty")
         if not (math.isfinite(self.k8s_keep_deleted_s) and self.k8s_keep_deleted_s >= 0):
             raise ConfigError("--k8s-keep-deleted", self.k8s_keep_deleted_s,
                               "must be a duration of 0 or more, e.g. 1h")
@@ -241,6 +247,10 @@ def _scale_out_args(args: argparse.Namespace, env: Mapping[str, str]) -> dict[st
         out["clickhouse_url"], out["store"] = url, "clickhouse"
     if args.nats_ack_wait is not None:  # checked with or without --nats
         out["nats_ack_wait_s"] = float(args.nats_ack_wait)
+    if getattr(args, "nats_lease", None) is not None:
+        out["nats_lease_s"] = float(args.nats_lease)
+    if getattr(args, "nats_replica", None) is not None:
+        out["nats_replica"] = args.nats_replica
     # a size or an age of 0 would otherwise mean "the default" (NatsOptions.from_args)
     if args.nats_max_bytes is not None and args.nats_max_bytes < 1024 * 1024:
         raise ConfigError("--nats-max-bytes", args.nats_max_bytes, "at least 1 MiB")

@@ -51,6 +51,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from aggregator.changes import Changes, changes_of_columns
+from aggregator.connection import Connection
 from aggregator.correlate import key_of
 from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.correlate_plan import ColumnDerived
@@ -537,12 +538,16 @@ class InlineCorrelation:
     committed in the caller's thread, under the correlator's lock (the module docstring)."""
 
     def __init__(self, store: WriteStore, correlator: ColumnCorrelator, fanout: FanOut, drops: Drops,
-                 retention: Retention, clock: Clock) -> None:
+                 retention: Retention, clock: Clock,
+                 keep: Callable[[Connection], bool] | None = None) -> None:
+        """`keep`: which of the store's recent connections this correlator holds (one
+        partition's, aggregator/partitioned.py); all of them without it."""
         self.store, self.correlator, self.fanout = store, correlator, fanout
         self.drops, self.retention, self.clock = drops, retention, clock
         self._version = 0
         horizon = correlator.keep_open.total_seconds()
-        self.loaded = correlator.load(store.recent_connections(horizon))
+        recent = store.recent_connections(horizon)
+        self.loaded = correlator.load(recent if keep is None else [c for c in recent if keep(c)])
 
     def start(self) -> None:
         with self.correlator.lock:

@@ -4,7 +4,12 @@
    aggregator consumer (decode, correlate, ClickHouse with 2 local shards behind Distributed
    tables, ack) against the direct path: the same batches POSTed (`HttpSender`) to an aggregator
    on DuckDB. Both paths run the whole aggregator (correlation, connections, rollups, workloads).
-2. ClickHouse insert rate, rows/s: `ClickHouseStore.ingest` (raw records, one synchronous
+2. Replicas (issue 19): the batches published to the partitioned stream first, then 1, 2 and 3
+   aggregator replicas (processes, `eastwest aggregator --nats`) consume them into ClickHouse:
+   records/s until every record is stored and correlated, and each replica's CPU seconds per
+   1,000 records it stored (from /proc; the work should divide, nothing redone), with the
+   default P; the same rows inserted by `clickhouse-client` (3.) are the peer.
+3. ClickHouse insert rate, rows/s: `ClickHouseStore.ingest` (raw records, one synchronous
    Distributed insert per batch + the batch mark) against `clickhouse-client` inserting the same
    rows from a TSV file into the same Distributed table (one INSERT per batch file too).
    Target: at least 0.5x.
@@ -12,7 +17,7 @@
 Real servers (tests/servers.py): nats-server 2.9, clickhouse-server 18.16. Ratios only, never
 absolute pass/fail; the load average is printed (the machine is shared).
 
-    python bench/bench_scaleout.py [--records 100000] [--batch 5000]
+    python bench/bench_scaleout.py [--records 100000] [--batch 5000] [--replicas 1,2,3]
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from eastwest import codec  # noqa: E402
 from eastwest.codec import Batch  # noqa: E402
 from eastwest.jetstream import NatsOptions  # noqa: E402
 from eastwest.record import Endpoint, FlowRecord, Process  # noqa: E402
-from tests.servers import ClickHouseServer, NatsServer  # noqa: E402
+from tests.servers import ClickHouseServer, NatsServer, free_port  # noqa: E402
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 INGEST, READ = "i" * 24, "r" * 24
@@ -102,7 +107,7 @@ def http_path(bs, tmp: Path) -> float:
 def nats_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer) -> float:
     from fastapi.testclient import TestClient
 
-    opts = NatsOptions(nats.url)
+    opts = NatsOptions(nats.url, max_bytes=256 * 1024**2)
     settings = AggregatorSettings(data_dir=tmp / "agg", ingest_token=INGEST, read_token=READ,
                                   retention=None, store="clickhouse",
                                   clickhouse_url=ch.url("bench_e2e"), nats=opts)
@@ -114,12 +119,80 @@ def nats_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer) -> float:
         started = time.perf_counter()
         for h, b in bodies:
             assert RETRY.deliver(senders[h], b).outcome == "ok"
-        while consumer.applied < len(bodies):
+        while consumer.records < sum(len(r) for _, _, r in bs):
             time.sleep(0.005)
         took = time.perf_counter() - started
     for s in senders.values():
         s.close()
     return took
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, seconds (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def replicas_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer,
+                  n: int) -> tuple[float, list[tuple[float, float, int]]]:
+    """Start n replicas, wait until they share the partitions, then publish everything and time
+    them until every record is stored. Returns (seconds, [(cpu seconds, records stored,
+    partitions owned)])."""
+    stream = f"EWB{n}"
+    # a small stream each: the server's file store reserves every stream's max_bytes
+    opts = NatsOptions(nats.url, stream=stream, subject_prefix=f"bench{n}.flows",
+                       max_bytes=256 * 1024**2)
+    total = sum(len(r) for _, _, r in bs)
+    bodies = [(h, codec.encode_batch(Batch(h, s, T0, r))) for h, s, r in bs]
+    procs = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for k in range(n):
+        port = free_port()
+        p = subprocess.Popen(
+            [sys.executable, "-m", "eastwest", "aggregator", "--listen", f"127.0.0.1:{port}",
+             "--data", str(tmp / f"r{n}-{k}"), "--insecure-open", "--retention", "3650d",
+             "--clickhouse", ch.url(f"bench_r{n}"), "--nats", nats.url, "--nats-stream", stream,
+             "--nats-subject", f"bench{n}.flows", "--nats-replica", f"r{k}",
+             "--nats-max-bytes", str(256 * 1024**2),
+             "--nats-lease", "3"], env=env, stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"r{n}-{k}.log", "wb"))  # noqa: SIM115
+        procs.append((p, f"http://127.0.0.1:{port}"))
+    for k, (p, url) in enumerate(procs):
+        while True:
+            assert p.poll() is None, (tmp / f"r{n}-{k}.log").read_text()[-2000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    share = [6 // n + (1 if k < 6 % n else 0) for k in range(n)]
+    while sorted(int(_metric(u, "eastwest_nats_partitions_owned")) for _, u in procs) != sorted(share):
+        time.sleep(0.2)
+    senders = {h: NatsSender(opts, h) for h in ("h1", "h2", "h3")}
+    cpu0 = [_cpu_s(p.pid) for p, _ in procs]  # started, idle: consuming from here on
+    started = time.perf_counter()
+    for h, b in bodies:
+        assert RETRY.deliver(senders[h], b).outcome == "ok"
+    for x in senders.values():
+        x.close()
+    while sum(_metric(url, "eastwest_records_out_total") for _, url in procs) < total:
+        time.sleep(0.1)
+    took = time.perf_counter() - started
+    out = [(_cpu_s(p.pid) - c0, _metric(url, "eastwest_records_out_total"),
+            int(_metric(url, "eastwest_nats_partitions_owned")))
+           for (p, url), c0 in zip(procs, cpu0, strict=True)]
+    for p, _ in procs:
+        p.terminate()
+    for p, _ in procs:
+        p.wait(60)
+    return took, out
 
 
 def _tsv(v: object) -> bytes:
@@ -173,7 +246,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--replicas", default="1,2,3", help="replica counts to run (default 1,2,3)")
     args = ap.parse_args()
+    counts = [int(x) for x in args.replicas.split(",") if x]
     bs = batches(args.records, args.batch)
     n = sum(len(r) for _, _, r in bs)
     print(f"{n} records in {len(bs)} batches of <= {args.batch}; load average "
@@ -188,6 +263,13 @@ def main() -> int:
             print(f"end to end  HTTP -> aggregator (DuckDB):             {n / http_s:10.0f} records/s")
             print(f"end to end  NATS JetStream -> aggregator (ClickHouse): {n / nats_s:10.0f} records/s"
                   f"   ratio {http_s / nats_s:.2f}x")
+            for r in counts:
+                took, per = replicas_path(bs, tmp, nats, ch, r)
+                print(f"replicas {r}   NATS (P=6) -> {r} aggregator(s) -> ClickHouse:  "
+                      f"{n / took:10.0f} records/s")
+                for k, (cpu, recs, owned) in enumerate(per):
+                    print(f"            replica {k}: {recs:8.0f} records, {owned} partitions, "
+                          f"{cpu:6.2f} CPU s, {1000 * cpu / max(recs, 1):.3f} CPU s per 1,000")
             ours_s, peer_s, rows = insert_rates(bs, ch, tmp)
             print(f"insert      clickhouse-client TSV files:               {rows / peer_s:10.0f} rows/s")
             print(f"insert      ClickHouseStore.ingest (raw):              {rows / ours_s:10.0f} rows/s"

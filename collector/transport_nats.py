@@ -1,9 +1,14 @@
-"""Export over NATS JetStream: spooled batches -> one JetStream subject per collector.
+"""Export over NATS JetStream: spooled batches -> one JetStream subject per partition and collector.
 
 Stage: the sending end of export (collector/export.py batches and spools, collector/retry.py
 retries; this replaces only the HTTP POST). In: one encoded batch (eastwest/codec.py wire form,
-unchanged). Out: the batch stored in the JetStream stream (eastwest/jetstream.py), confirmed by
-the server's PubAck; the spool removes it only then.
+unchanged). Out: the batch split by partition (eastwest/partition.py: every record of one
+connection, whoever observed it, goes to one partition K), each share re-encoded as a batch of
+the same collector whose sequence is `batch_seq * 1024 + K`, published to
+`eastwest.flows.p<K>.<collector>` with the message id `<collector>:<that sequence>` (JetStream
+drops a republished share within its duplicate window), all shares at once; the spool removes
+the batch only when every share has its PubAck (a batch partly published is published again
+whole: the shares already stored are duplicates, found by their marks).
 
 The `SendResult` (collector/transport.py) of one publish:
 - PubAck -> `Accepted`;
@@ -21,18 +26,22 @@ The `SendResult` (collector/transport.py) of one publish:
   spooled, the sender pauses, loudly.
 The stream is created or validated at the first connection (`ensure_stream`); a stream that
 belongs to someone else is a `ConfigError` at start.
-Idempotency stays `(collector, batch_seq)` at the aggregators: a batch published twice (a
-PubAck lost in a restart) is stored once.
+Idempotency is `(collector, partition, batch_seq)` at the aggregators: a share published twice
+(a PubAck lost in a restart) is stored once. Splitting costs a decode and P encodes of the
+batch's records on the collector (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from collector.transport import Accepted, Refused, Retry, SendResult
+from eastwest import codec
 from eastwest.errors import ConfigError
 from eastwest.jetstream import LoopThread, NatsOptions, connect, ensure_stream
+from eastwest.partition import MAX_BATCH_SEQ, mark_seq, record_partition
 
 if TYPE_CHECKING:
     from nats.js.errors import APIError
@@ -41,10 +50,11 @@ log = logging.getLogger("eastwest.export.nats")
 
 
 class NatsSender:
-    """Publishes one encoded batch to the collector's subject and waits for the PubAck."""
+    """Publishes one encoded batch, split by partition, and waits for every share's PubAck."""
 
     def __init__(self, opts: NatsOptions, collector: str, *, publish_timeout: float = 5.0) -> None:
-        self.opts, self.subject = opts, opts.subject_for(collector)
+        self.opts = opts
+        self.subject = opts.subject_for(collector, 0)  # partition 0's (named in errors)
         self.collector = collector
         self.publish_timeout = publish_timeout
         self.loop = LoopThread("export-nats")
@@ -71,10 +81,33 @@ class NatsSender:
             self.js = self.nc.jetstream()
             await ensure_stream(self.js, self.opts)
 
-    async def _publish(self, body: bytes) -> Any:
+    async def _publish(self, shares: list[tuple[str, bytes, str]]) -> list[Any]:
         await self._ensure()
-        return await self.js.publish(self.subject, body, timeout=self.publish_timeout,
-                                     stream=self.opts.stream)
+        return list(await asyncio.gather(*(
+            self.js.publish(subject, body, timeout=self.publish_timeout, stream=self.opts.stream,
+                            headers={"Nats-Msg-Id": msg_id})
+            for subject, body, msg_id in shares)))
+
+    def shares(self, body: bytes) -> list[tuple[str, bytes, str]]:
+        """(subject, encoded share, message id) of each partition the batch has records for
+        (a batch without records: one empty share in partition 0)."""
+        batch = codec.decode_batch(body)
+        if not 0 <= batch.batch_seq <= MAX_BATCH_SEQ:
+            raise ValueError(f"batch_seq {batch.batch_seq}: at most {MAX_BATCH_SEQ}")
+        p = self.opts.partitions
+        groups: dict[int, list[Any]] = {}
+        for rec in batch.records:
+            groups.setdefault(record_partition(rec, p), []).append(rec)
+        if not groups:
+            groups[0] = []
+        out = []
+        for k in sorted(groups):
+            seq = mark_seq(batch.batch_seq, k)
+            share = codec.encode_batch(codec.Batch(batch.collector, seq, batch.sent_at,
+                                                   groups[k]))
+            out.append((self.opts.subject_for(self.collector, k), share,
+                        f"{batch.collector}:{seq}"))
+        return out
 
     def send(self, body: bytes) -> SendResult:
         from nats import errors as nerr
@@ -82,7 +115,11 @@ class NatsSender:
 
         bound = self.publish_timeout + self.opts.connect_timeout + 5
         try:
-            ack = self.loop.run(self._publish(body), bound)
+            shares = self.shares(body)
+        except (codec.CodecError, ValueError) as exc:  # the spool's own bytes: never sendable
+            return Refused("nats_bad_batch", f"cannot split the batch by partition: {exc}")
+        try:
+            acks = self.loop.run(self._publish(shares), bound)
         except nerr.MaxPayloadError as exc:
             return Refused("nats_max_payload", f"NATS: {exc}")
         except nerr.AuthorizationError as exc:
@@ -107,7 +144,8 @@ class NatsSender:
             return Retry(reason, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - whatever else the client raises: try again
             return Retry("nats_error", f"{type(exc).__name__}: {exc}")
-        return Accepted({"stream": ack.stream, "seq": ack.seq})
+        return Accepted({"stream": acks[0].stream, "seqs": [a.seq for a in acks],
+                         "partitions": len(acks)})
 
     def _reset(self) -> None:
         nc, self.nc, self.js = self.nc, None, None

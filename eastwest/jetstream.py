@@ -3,8 +3,9 @@ TLS), the stream (created or validated at start), subjects, and an asyncio loop 
 the collector's and the aggregator's blocking code.
 
 In:  `--nats URL` and its companion flags/environment.  Out: a connected `nats.NATS` client, a
-JetStream context, and the stream `EASTWEST` (by default) holding subjects
-`eastwest.flows.<collector>`.
+JetStream context, and the stream `EASTWEST` (by default) holding one subject per partition,
+`eastwest.flows.p<K>.>` (a collector publishes to `eastwest.flows.p<K>.<collector>`,
+eastwest/partition.py): the stream's subjects state its partition count P.
 
 The stream (https://docs.nats.io/nats-concepts/jetstream/streams):
 - retention `workqueue`: a batch is deleted once the aggregators' durable consumer acks it (the
@@ -13,7 +14,9 @@ The stream (https://docs.nats.io/nats-concepts/jetstream/streams):
   collectors keep them in their spool (back-pressure, nothing silently discarded);
 - file storage: the stream survives a NATS restart.
 An existing stream with other subjects or another retention is an error naming both values
-(it belongs to someone else); other limits of an existing stream are left as the operator set them.
+(it belongs to someone else, or was made with another P: P is fixed for a stream's life, since
+a connection's partition depends on it); other limits of an existing stream are left as the
+operator set them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from eastwest.errors import ConfigError
+from eastwest.partition import DEFAULT_PARTITIONS, check_partitions
 
 TOKEN_ENV = "EASTWEST_NATS_TOKEN"
 DEFAULT_STREAM = "EASTWEST"
@@ -51,8 +55,10 @@ class NatsOptions:
     cert_file: str | None = None    # TLS client certificate (mutual TLS) ...
     key_file: str | None = None     # ... and its key
     connect_timeout: float = 2.0
+    partitions: int = DEFAULT_PARTITIONS  # P, fixed per stream (eastwest/partition.py)
 
     def __post_init__(self) -> None:
+        check_partitions(self.partitions)
         for u in self.servers:
             if not u.startswith(("nats://", "tls://", "ws://", "wss://")):
                 raise ConfigError("--nats", self.url, "expected nats://HOST:4222 (or tls://; "
@@ -79,13 +85,23 @@ class NatsOptions:
         return [u.strip() for u in self.url.split(",") if u.strip()]
 
     @property
-    def subjects(self) -> str:
-        return f"{self.subject_prefix}.>"
+    def subjects(self) -> list[str]:
+        """The stream's subjects: one per partition (they state P)."""
+        return [self.partition_subjects(k) for k in range(self.partitions)]
 
-    def subject_for(self, collector: str) -> str:
-        """One subject per collector; characters a subject token cannot hold become `_` (the
-        batch itself carries the exact collector name)."""
-        return f"{self.subject_prefix}.{_SUBJECT_TOKEN.sub('_', collector) or '_'}"
+    def partition_subjects(self, partition: int) -> str:
+        """What partition K's durable consumer takes: every collector's subject of K."""
+        return f"{self.subject_prefix}.p{partition}.>"
+
+    def subject_for(self, collector: str, partition: int = 0) -> str:
+        """One subject per partition and collector; characters a subject token cannot hold
+        become `_` (the batch itself carries the exact collector name)."""
+        return f"{self.subject_prefix}.p{partition}.{_SUBJECT_TOKEN.sub('_', collector) or '_'}"
+
+    @property
+    def lease_bucket(self) -> str:
+        """The JetStream key-value bucket of the aggregators' partition leases."""
+        return f"{self.stream}_leases"
 
     @classmethod
     def from_args(cls, args: Any, env: dict[str, str] | None = None) -> NatsOptions:
@@ -97,7 +113,9 @@ class NatsOptions:
                    creds=getattr(args, "nats_creds", None), token=env.get(TOKEN_ENV) or None,
                    ca_file=getattr(args, "nats_ca", None),
                    cert_file=getattr(args, "nats_cert", None),
-                   key_file=getattr(args, "nats_key", None))
+                   key_file=getattr(args, "nats_key", None),
+                   partitions=DEFAULT_PARTITIONS if getattr(args, "nats_partitions", None) is None
+                   else int(args.nats_partitions))
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.ca_file or self.cert_file or any(u.startswith("tls://") for u in self.servers)):
@@ -140,17 +158,35 @@ async def ensure_stream(js: Any, opts: NatsOptions) -> Any:
     except NotFoundError:
         return await js.add_stream(StreamConfig(
             name=opts.stream, description="eastwest flow-record batches (collector -> aggregators)",
-            subjects=[opts.subjects], retention=RetentionPolicy.WORK_QUEUE,
+            subjects=opts.subjects, retention=RetentionPolicy.WORK_QUEUE,
             max_bytes=opts.max_bytes, max_age=opts.max_age_s, discard=DiscardPolicy.NEW,
             storage=StorageType.FILE, duplicate_window=120.0))
     cfg = info.config
-    if list(cfg.subjects or []) != [opts.subjects]:
-        raise ConfigError("--nats-stream", opts.stream, f"exists with subjects {cfg.subjects}, "
-                          f"not [{opts.subjects!r}]: choose another --nats-stream or --nats-subject")
+    have = list(cfg.subjects or [])
+    if have != opts.subjects:
+        theirs = _partitions_of(have, opts.subject_prefix)
+        if theirs is not None:
+            raise ConfigError("--nats-partitions", opts.partitions, f"stream {opts.stream!r} "
+                              f"was created with {theirs} partitions, and P is fixed for a "
+                              f"stream's life: give --nats-partitions {theirs} (every collector "
+                              "and aggregator of a stream states the same P), or another "
+                              "--nats-stream")
+        shown = have if len(have) <= 3 else [*have[:2], "…", have[-1]]
+        want = opts.subjects if opts.partitions <= 3 else [*opts.subjects[:2], "…",
+                                                             opts.subjects[-1]]
+        raise ConfigError("--nats-stream", opts.stream, f"exists with subjects {shown}, "
+                          f"not {want}: choose another --nats-stream or --nats-subject (a "
+                          "stream of an eastwest without partitions: drain it, then delete it)")
     if cfg.retention != RetentionPolicy.WORK_QUEUE:
         raise ConfigError("--nats-stream", opts.stream, f"exists with retention "
                           f"{cfg.retention}, eastwest needs workqueue")
     return info
+
+
+def _partitions_of(subjects: list[str], prefix: str) -> int | None:
+    """P of a stream whose subjects are exactly `<prefix>.p0.>` … `<prefix>.p<P-1>.>`."""
+    want = [f"{prefix}.p{k}.>" for k in range(len(subjects))]
+    return len(subjects) if subjects and subjects == want else None
 
 
 class LoopThread:

@@ -24,6 +24,8 @@ PKGS=(
   gcc libc6-dev time
   # real servers for the scale-out and export tests
   nats-server prometheus clickhouse-server clickhouse-client
+  # ClickHouse replication's coordination service (tests: 2 shards x 2 replicas)
+  zookeeper
   # the dashboard's browser tests
   chromium chromium-driver
   # the docs' zsh completion example, run as written by tests/docs

@@ -7,6 +7,10 @@ sleeping a fixed time.
 
 ClickHouse's `remote_servers` defines the cluster `ew`: two shards on this same server, told
 apart by `<default_database>` (ew_s1, ew_s2), the same layout as two real shard hosts.
+
+`ReplicatedClickHouse`: ZooKeeper (Debian's package, run with java) and four ClickHouse servers,
+the cluster `ewr` of 2 shards x 2 replicas with `internal_replication`, each replica its own
+process, ports and data directory; a replica can be killed -9 and started again on its store.
 """
 
 from __future__ import annotations
@@ -68,12 +72,15 @@ def _port_open(port: int) -> bool:
 
 
 class ClickHouseServer:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, port: int | None = None,
+                 remote_servers: str | None = None, extra_config: str = "") -> None:
         if not os.path.exists(CLICKHOUSE_BIN):
             raise RuntimeError(f"{CLICKHOUSE_BIN} is missing: run scripts/setup-system.sh "
                                "(Debian package clickhouse-server)")
         self.root = Path(root or tempfile.mkdtemp(prefix="ew-clickhouse-"))
-        self.port = free_port()
+        self.port = port or free_port()
+        self.remote_servers = remote_servers   # the <remote_servers> body; default: 2 local shards
+        self.extra_config = extra_config       # more top-level config (ZooKeeper, ...)
         self.proc: subprocess.Popen | None = None
 
     def url(self, database: str, cluster: bool = True) -> str:
@@ -87,6 +94,7 @@ class ClickHouseServer:
         shards = "".join(
             f"<shard><replica><host>127.0.0.1</host><port>{self.port}</port>"
             f"<default_database>{db}</default_database></replica></shard>" for db in SHARD_DBS)
+        remote = self.remote_servers or f"<{CLUSTER}>{shards}</{CLUSTER}>"
         (r / "config.xml").write_text(f"""<?xml version="1.0"?>
 <yandex>
   <logger><level>warning</level><log>{r}/server.log</log><errorlog>{r}/error.log</errorlog>
@@ -103,7 +111,8 @@ class ClickHouseServer:
   <default_profile>default</default_profile>
   <default_database>default</default_database>
   <timezone>UTC</timezone>
-  <remote_servers><{CLUSTER}>{shards}</{CLUSTER}></remote_servers>
+  <remote_servers>{remote}</remote_servers>
+{self.extra_config}
 </yandex>
 """)
         (r / "users.xml").write_text("""<?xml version="1.0"?>
@@ -142,6 +151,13 @@ class ClickHouseServer:
 
         return Client(host="127.0.0.1", port=self.port)
 
+    def kill(self) -> None:
+        """kill -9: no shutdown, the data directory stays for `start()` again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -151,6 +167,122 @@ class ClickHouseServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+ZOOKEEPER_CP = "/usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar:" \
+               "/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-simple.jar"
+
+
+class ZooKeeperServer:
+    """A standalone ZooKeeper 3.8 (Debian's `zookeeper`, run with java) on a free loopback port."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        if not os.path.exists("/usr/share/java/zookeeper.jar") or not shutil.which("java"):
+            raise RuntimeError("ZooKeeper is missing: run scripts/setup-system.sh (Debian package "
+                               "zookeeper)")
+        self.root = Path(root or tempfile.mkdtemp(prefix="ew-zookeeper-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ZooKeeperServer:
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        cfg = self.root / "zoo.cfg"
+        cfg.write_text(f"""tickTime=500
+dataDir={self.root}/data
+clientPort={self.port}
+clientPortAddress=127.0.0.1
+admin.enableServer=false
+4lw.commands.whitelist=ruok,srvr
+maxSessionTimeout=60000
+""")
+        log = self.root / "zookeeper.log"
+        out = open(log, "ab")  # noqa: SIM115 - the server owns it until stop()
+        self.proc = subprocess.Popen(
+            ["java", "-Xmx256m", "-cp", ZOOKEEPER_CP,
+             "org.apache.zookeeper.server.ZooKeeperServerMain", str(cfg)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
+            preexec_fn=_die_with_parent)
+        _await("zookeeper", self._serving, self.proc, log)
+        return self
+
+    def _serving(self) -> bool:
+        """`ruok` answers before it serves: `srvr` prints `Mode:` once it does."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"srvr")
+                return b"Mode:" in s.recv(4096)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+REPLICATED_CLUSTER = "ewr"
+
+
+class ReplicatedClickHouse:
+    """ZooKeeper + 4 ClickHouse servers: cluster `ewr`, 2 shards x 2 replicas,
+    `internal_replication` true. `servers[shard][replica]`; `url(db)` names replica 1 of shard
+    1 with every other server as `alt_hosts`."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root or tempfile.mkdtemp(prefix="ew-chr-"))
+        self.zookeeper = ZooKeeperServer(self.root / "zk")
+        ports = [[free_port(), free_port()], [free_port(), free_port()]]
+        remote = f"<{REPLICATED_CLUSTER}>" + "".join(
+            "<shard><internal_replication>true</internal_replication>" + "".join(
+                f"<replica><host>127.0.0.1</host><port>{p}</port>"
+                "<default_database>ew</default_database></replica>" for p in shard)
+            + "</shard>" for shard in ports) + f"</{REPLICATED_CLUSTER}>"
+        self.servers: list[list[ClickHouseServer]] = []
+        for si, shard in enumerate(ports):
+            row = []
+            for ri, port in enumerate(shard):
+                extra = (f"<interserver_http_port>{free_port()}</interserver_http_port>"
+                         "<interserver_http_host>127.0.0.1</interserver_http_host>"
+                         "<zookeeper><node><host>127.0.0.1</host>"
+                         f"<port>{self.zookeeper.port}</port></node>"
+                         "<session_timeout_ms>6000</session_timeout_ms></zookeeper>"
+                         f"<macros><shard>{si + 1}</shard><replica>r{ri + 1}</replica></macros>")
+                row.append(ClickHouseServer(self.root / f"ch-s{si + 1}r{ri + 1}", port=port,
+                                            remote_servers=remote, extra_config=extra))
+            self.servers.append(row)
+
+    @property
+    def all(self) -> list[ClickHouseServer]:
+        return [s for row in self.servers for s in row]
+
+    def start(self) -> ReplicatedClickHouse:
+        self.zookeeper.start()  # first: a server whose replicated tables cannot reach it exits
+        for s in self.all:
+            s.start()
+        return self
+
+    def client(self):
+        """A client of the first server that runs (every server has the Distributed tables)."""
+        return next(s for s in self.all if s.proc is not None and s.proc.poll() is None).client()
+
+    def url(self, database: str, alt: bool = True) -> str:
+        first, *rest = self.all
+        alts = ",".join(f"127.0.0.1:{s.port}" for s in rest)
+        return (f"clickhouse://127.0.0.1:{first.port}/{database}?cluster={REPLICATED_CLUSTER}"
+                + (f"&alt_hosts={alts}" if alt else ""))
+
+    def stop(self) -> None:
+        for s in self.all:  # throwaway data: no clean shutdown (seconds each) needed
+            s.kill()
+            s.stop()
+        self.zookeeper.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -44,6 +44,7 @@ from aggregator.store.clickhouse_schema import (
     distributed_ddl,
     local_ddl,
     parse_version,
+    replica_of,
     supports_ttl,
 )
 from aggregator.store.columns import to_table
@@ -55,6 +56,9 @@ log = logging.getLogger("eastwest.store.clickhouse")
 _dec = msgspec.msgpack.Decoder(FlowRecord)
 _EPOCH_DAY = date(1970, 1, 1)
 SYNC = {"insert_distributed_sync": 1}
+QUORUM_TIMEOUT_MS = 30_000  # a quorum insert not confirmed within it fails (and is retried)
+QUORUM_BUSY = 286           # "Quorum for previous write has not been satisfied yet"
+QUORUM_RETRIES = 20         # ~8 s of waiting for another writer's quorum insert
 MUTATION_WAIT_S = 300.0
 KNOWN_VERSIONS = 1_000_000
 
@@ -95,6 +99,8 @@ class ClickHouseStore(ClickHouseQueries):
         self._clients: list[Any] = []  # every thread's connection, closed by close()
         self._lock = threading.Lock()
         self._closed = False
+        self.replicated = False  # local tables replicated (a cluster with replicas per shard)
+        self._insert_settings: dict[str, int] = dict(SYNC)
         self._versions: OrderedDict[str, int] = OrderedDict()  # conn_id -> last version written
         self._last_version = 0
         try:
@@ -139,7 +145,24 @@ class ClickHouseStore(ClickHouseQueries):
         if not rows:
             raise StoreError(f"clickhouse {self.loc}: cluster {self.loc.cluster!r} is not in the "
                              "server's remote_servers")
-        return [(h, int(p), d or "default") for h, p, d in rows]
+        if not getattr(self, "replicated", False):
+            return [(h, int(p), d or "default") for h, p, d in rows]
+        # replicated: per shard, the first replica that answers (DDL and mutations replicate)
+        out: list[tuple[str, int, str]] = []
+        by_shard: dict[int, list[tuple[str, int, str]]] = {}
+        for shard, _, host, port, ldb in self._replicas():
+            by_shard.setdefault(shard, []).append((host, port, ldb))
+        for shard, reps in sorted(by_shard.items()):
+            for host, port, ldb in reps:
+                try:
+                    self._on_shard(host, port, "SELECT 1")
+                except StoreError:
+                    continue
+                out.append((host, port, ldb))
+                break
+            else:
+                raise StoreError(f"clickhouse {self.loc}: no replica of shard {shard} answers")
+        return out
 
     def _on_shard(self, host: str, port: int, sql: str, params: Any = None) -> Any:
         c = self._Client(**self.loc.client_kwargs(host, port))
@@ -150,22 +173,82 @@ class ClickHouseStore(ClickHouseQueries):
         finally:
             c.disconnect()
 
+    def _replicas(self) -> list[tuple[int, int, str, int, str]]:
+        """(shard_num, replica_num, host, port, local database) of every replica of the cluster."""
+        rows = self._exec("SELECT shard_num, replica_num, host_name, port, default_database FROM "
+                          "system.clusters WHERE cluster = %(c)s ORDER BY shard_num, replica_num",
+                          {"c": self.loc.cluster})
+        return [(int(s), int(r), h, int(p), d or "default") for s, r, h, p, d in rows]
+
     def local_table(self, name: str) -> str:
         return f"{self.db}_{name}" if self.loc.cluster else name
 
     def _create(self) -> None:
+        """The local tables on every replica of every shard (replicated tables when a shard has
+        several replicas: `internal_replication` on the cluster, ZooKeeper on the servers),
+        then the Distributed tables over them."""
         self._exec(f"CREATE DATABASE IF NOT EXISTS {self.db}")
-        for host, port, ldb in self._shards():
-            if self.loc.cluster:
-                self._on_shard(host, port, f"CREATE DATABASE IF NOT EXISTS {ldb}")
-            for t in TABLES:
-                self._on_shard(host, port, local_ddl(t, f"{ldb}.{self.local_table(t.name)}",
-                                                     self.server_version, self.loc.ttl_days))
+        if self.loc.cluster:
+            self._shards()  # a cluster the server does not know: a clear error first
+            replicas = self._replicas()
+            self.replicated = any(r > 1 for _, r, _, _, _ in replicas)
+            if self.replicated:
+                # an insert is acknowledged once `insert_quorum` replicas of its shard hold it
+                # (default 2): a replica lost right after the ack loses nothing acknowledged,
+                # and every replica a read may go to has what was acknowledged before
+                per_shard = min(sum(1 for s2, _, _, _, _ in replicas if s2 == s)
+                                for s, _, _, _, _ in replicas)
+                quorum = self.loc.insert_quorum or min(2, per_shard)
+                if quorum > per_shard:
+                    raise StoreError(f"clickhouse {self.loc}: insert_quorum={quorum} but a "
+                                     f"shard has only {per_shard} replicas")
+                self._insert_settings = {**SYNC, "insert_quorum": quorum,
+                                         "insert_quorum_timeout": QUORUM_TIMEOUT_MS}
+        else:
+            replicas = [(1, 1, self.loc.host, self.loc.port, self.db)]
+        created: set[int] = set()
+        for shard, _, host, port, ldb in replicas:
+            try:
+                if self.loc.cluster:
+                    self._on_shard(host, port, f"CREATE DATABASE IF NOT EXISTS {ldb}")
+                for t in TABLES:
+                    local = self.local_table(t.name)
+                    rep = (replica_of(self.loc.cluster or "", local, shard, host, port)
+                           if self.replicated else None)
+                    self._on_shard(host, port, local_ddl(t, f"{ldb}.{local}",
+                                                         self.server_version,
+                                                         self.loc.ttl_days, rep))
+                created.add(shard)
+            except StoreError as exc:
+                if not self.replicated:
+                    raise
+                # a replica that is down: its tables exist from an earlier start (or are made
+                # at the next one); the shard's other replicas serve meanwhile
+                log.warning("clickhouse %s: replica %s:%d of shard %d not reached (%s)",
+                            self.loc, host, port, shard, exc)
+        missing = {s for s, _, _, _, _ in replicas} - created
+        if missing:
+            raise StoreError(f"clickhouse {self.loc}: no replica of shard(s) "
+                             f"{sorted(missing)} answers")
         if self.loc.cluster:
             for t in TABLES:
                 self._exec(distributed_ddl(t, f"{self.db}.{t.name}", self.loc.cluster,
                                            self.local_table(t.name)))
+            if self.replicated:  # every server of the cluster can be the entry (alt_hosts)
+                self._distributed_everywhere(replicas)
         self._add_new_columns()
+
+    def _distributed_everywhere(self, replicas: list[tuple[int, int, str, int, str]]) -> None:
+        assert self.loc.cluster
+        for _, _, host, port, _ in replicas:
+            try:
+                self._on_shard(host, port, f"CREATE DATABASE IF NOT EXISTS {self.db}")
+                for t in TABLES:
+                    self._on_shard(host, port, distributed_ddl(
+                        t, f"{self.db}.{t.name}", self.loc.cluster, self.local_table(t.name)))
+            except StoreError as exc:  # down now: made at a later start
+                log.warning("clickhouse %s: no Distributed tables on %s:%d yet (%s)", self.loc,
+                            host, port, exc)
 
     def _add_new_columns(self) -> None:
         """Tables created by an older version get the columns added since (`ALTER TABLE ... ADD
@@ -194,8 +277,19 @@ class ClickHouseStore(ClickHouseQueries):
 
     def _insert(self, table: str, cols: dict[str, list[Any]]) -> None:
         names = ", ".join(cols)
-        self._exec(f"INSERT INTO {self.db}.{table} ({names}) VALUES", list(cols.values()),
-                   columnar=True, settings=SYNC)
+        for attempt in range(QUORUM_RETRIES + 1):
+            try:
+                self._exec(f"INSERT INTO {self.db}.{table} ({names}) VALUES",
+                           list(cols.values()), columnar=True, settings=self._insert_settings)
+                return
+            except StoreError as exc:
+                # ClickHouse before 20.x takes one quorum insert at a time per table: another
+                # writer's insert in flight (code 286) is waited for, not a failed batch. The
+                # same rows again are harmless (insert_deduplicate, ReplacingMergeTree).
+                if getattr(exc.__cause__, "code", None) != QUORUM_BUSY or \
+                        attempt == QUORUM_RETRIES:
+                    raise
+                time.sleep(min(0.02 * 2**attempt, 0.5))
 
     # -- writes -------------------------------------------------------------------------------
     def ingest(self, collector: str, batch_seq: int, records: Sequence[FlowRecord],

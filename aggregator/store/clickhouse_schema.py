@@ -17,6 +17,10 @@ The SQL is what ClickHouse 18.16 (Debian 12) and current servers both accept:
 - the sharding key keeps every row that must be de-duplicated together on one shard
   (`FINAL` works per shard): records and rollups by (collector, batch_seq), connections by
   conn_id, workloads by wid;
+- replicated local tables (`ReplicatedReplacingMergeTree`, ZooKeeper) when the cluster has more
+  than one replica in a shard (`replicated_engine`): each shard's replicas share one ZooKeeper
+  path, named from the cluster, the local table and the shard number; a replica is named by its
+  host and port. Plain local tables otherwise;
 - `TTL` (ClickHouse >= 19.6, https://clickhouse.com/docs/en/engines/table-engines/mergetree-family/mergetree#table_engine-mergetree-ttl)
   only when the server has it; the fallback on older servers is the aggregator's retention pass
   (drop whole day partitions, then `ALTER TABLE ... DELETE` mutations for the boundary day).
@@ -25,6 +29,7 @@ The SQL is what ClickHouse 18.16 (Debian 12) and current servers both accept:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -65,11 +70,14 @@ BOOL_COLUMNS = {"final", "loopback", "incomplete", "closed", "byte_mismatch", "l
 
 @dataclass(frozen=True)
 class Location:
-    """`clickhouse://[user[:password]@]host[:port]/database[?cluster=NAME&secure=1&ca=FILE&ttl_days=N]`
+    """`clickhouse://[user[:password]@]host[:port]/database[?cluster=NAME&secure=1&ca=FILE&ttl_days=N&alt_hosts=H:P,H:P&insert_quorum=N]`
 
     `cluster`: a cluster of the server's `remote_servers`: tables are created on every shard
-    and read and written through `Distributed` tables. The password may also come from
-    $EASTWEST_CLICKHOUSE_PASSWORD (so it stays out of process listings)."""
+    (every replica of it) and read and written through `Distributed` tables. `alt_hosts`: other
+    servers of the cluster to connect to when `host` is down (each holds the same Distributed
+    tables). `insert_quorum`: with replicas, how many of a shard's replicas hold an insert before
+    it is acknowledged (default 2). The password may also come from $EASTWEST_CLICKHOUSE_PASSWORD (so it stays out of
+    process listings)."""
 
     host: str
     port: int
@@ -81,6 +89,8 @@ class Location:
     ca_certs: str | None = None
     ttl_days: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    alt_hosts: str | None = None
+    insert_quorum: int | None = None  # replicated: replicas that hold an insert before its ack
 
     @classmethod
     def parse(cls, url: str, env: dict[str, str] | None = None) -> Location:
@@ -104,7 +114,9 @@ class Location:
                    user=unquote(parts.username or "default"),
                    password=unquote(parts.password or "") or env.get(PASSWORD_ENV, ""),
                    cluster=q.pop("cluster", None) or None, secure=secure,
-                   ca_certs=q.pop("ca", None), ttl_days=int(ttl) if ttl else None, extra=q)
+                   ca_certs=q.pop("ca", None), ttl_days=int(ttl) if ttl else None,
+                   alt_hosts=_alt_hosts(url, q.pop("alt_hosts", None)),
+                   insert_quorum=_quorum(url, q.pop("insert_quorum", None)), extra=q)
 
     def client_kwargs(self, host: str | None = None, port: int | None = None) -> dict[str, object]:
         kw: dict[str, object] = {"host": host or self.host, "port": port or self.port,
@@ -114,11 +126,32 @@ class Location:
         if self.ca_certs:
             kw["ca_certs"] = self.ca_certs
             kw["verify"] = True
+        if self.alt_hosts and host is None:  # the store's own connection, not one to a replica
+            kw["alt_hosts"] = self.alt_hosts
         return kw
 
     def __str__(self) -> str:  # never print the password
         c = f"?cluster={self.cluster}" if self.cluster else ""
         return f"clickhouse://{self.user}@{self.host}:{self.port}/{self.database}{c}"
+
+
+def _alt_hosts(url: str, value: str | None) -> str | None:
+    if not value:
+        return None
+    for hp in value.split(","):
+        host, _, port = hp.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("--clickhouse", url, f"alt_hosts={value!r}: HOST:PORT, comma-separated")
+    return value
+
+
+def _quorum(url: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError("--clickhouse", url, f"insert_quorum={value!r}: a number of replicas "
+                          "(1 or more)")
+    return int(value)
 
 
 def _col(name: str, typ: str, not_null: bool) -> str:
@@ -180,12 +213,35 @@ def supports_ttl(version: tuple[int, ...]) -> bool:
     return version >= TTL_SINCE
 
 
-def local_ddl(t: Table, qualified: str, version: tuple[int, ...], ttl_days: int | None) -> str:
+@dataclass(frozen=True)
+class Replica:
+    """Where a replicated local table keeps its shard's replication log, and its own name."""
+
+    zk_path: str
+    name: str
+
+
+def replica_of(cluster: str, local_table: str, shard_num: int, host: str, port: int) -> Replica:
+    return Replica(f"/clickhouse/eastwest/{cluster}/{local_table}/shard{shard_num}",
+                   re.sub(r"[^A-Za-z0-9_.-]", "_", f"{host}_{port}"))
+
+
+def replicated_engine(engine: str, replica: Replica) -> str:
+    """`ReplacingMergeTree(version)` -> `ReplicatedReplacingMergeTree('path', 'name', version)`."""
+    name, _, args = engine.partition("(")
+    args = args.rstrip(")").strip()
+    pre = f"'{replica.zk_path}', '{replica.name}'"
+    return f"Replicated{name}({pre}{', ' + args if args else ''})"
+
+
+def local_ddl(t: Table, qualified: str, version: tuple[int, ...], ttl_days: int | None,
+              replica: Replica | None = None) -> str:
     ttl = ""
     if ttl_days and t.ttl_time and supports_ttl(version):
         ttl = f" TTL day + toIntervalDay({int(ttl_days) + 1})"  # whole days: the boundary day stays
+    engine = t.engine if replica is None else replicated_engine(t.engine, replica)
     return (f"CREATE TABLE IF NOT EXISTS {qualified} ({', '.join(t.columns)}) "
-            f"ENGINE = {t.engine} PARTITION BY toYYYYMMDD(day) ORDER BY {t.order_by}{ttl}")
+            f"ENGINE = {engine} PARTITION BY toYYYYMMDD(day) ORDER BY {t.order_by}{ttl}")
 
 
 def distributed_ddl(t: Table, qualified: str, cluster: str, local_table: str) -> str:

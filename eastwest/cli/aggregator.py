@@ -117,18 +117,30 @@ def register(sub: Any) -> None:
                              "(docs/scale-out.md)")
     g.add_argument("--clickhouse", metavar="URL", help="store in ClickHouse instead of DuckDB: "
                    "clickhouse://[user@]host:9000/database[?cluster=NAME&secure=1&ca=FILE"
-                   "&ttl_days=N] (password: $EASTWEST_CLICKHOUSE_PASSWORD); with cluster, "
-                   "Distributed tables over its shards")
+                   "&ttl_days=N&alt_hosts=H:P,H:P&insert_quorum=N] (password: "
+                   "$EASTWEST_CLICKHOUSE_PASSWORD); with cluster, Distributed tables over its "
+                   "shards, replicated tables when a shard has replicas (ZooKeeper)")
     g.add_argument("--nats", metavar="URL", help="also consume batches from NATS JetStream, "
-                   "e.g. nats://nats:4222; every replica shares one durable pull consumer and "
-                   "acks a batch only once it is stored")
+                   "e.g. nats://nats:4222; the replicas share the stream's partitions through "
+                   "leases (each owned partition: its own durable pull consumer and "
+                   "correlator) and ack a batch only once it is stored")
     g.add_argument("--nats-stream", metavar="NAME", help="JetStream stream (default EASTWEST; "
                    "created if missing)")
     g.add_argument("--nats-subject", metavar="PREFIX", help="subject prefix (default eastwest.flows)")
-    g.add_argument("--nats-durable", metavar="NAME", help="durable consumer shared by the "
-                   "replicas (default eastwest-aggregators)")
+    g.add_argument("--nats-durable", metavar="NAME", help="prefix of the partitions' durable "
+                   "consumers, <NAME>-p<K> (default eastwest-aggregators)")
+    g.add_argument("--nats-partitions", type=int, metavar="P", help="partitions of the stream "
+                   "(default 6): fixed when the stream is created, every collector and "
+                   "aggregator of a stream must state the same P")
+    g.add_argument("--nats-lease", type=float, metavar="S", help="a replica's hold on a "
+                   "partition: renewed every S/3 seconds, taken over by another replica S "
+                   "seconds after its replica died (default 10; the lease bucket's, when it "
+                   "exists)")
+    g.add_argument("--nats-replica", metavar="ID", help="this replica's name in the leases "
+                   "(default HOST-PID)")
     g.add_argument("--nats-ack-wait", type=float, metavar="S", help="a batch not acked within S "
-                   "seconds (its replica died) goes to another replica (default 30)")
+                   "seconds (its replica died) is redelivered to its partition's next owner "
+                   "(default 30)")
     g.add_argument("--nats-max-bytes", type=int, metavar="N", help="byte limit of a stream "
                    "created here (default 1 GiB)")
     g.add_argument("--nats-max-age", type=float, metavar="S", help="age limit of a stream created "

@@ -145,11 +145,14 @@ def register(sub: Any) -> None:
 
     g = p.add_argument_group("NATS JetStream transport, instead of --aggregator (docs/scale-out.md)")
     g.add_argument("--nats", metavar="URL", help="publish batches to NATS JetStream, e.g. "
-                   "nats://nats:4222 (several: comma-separated; tls:// for TLS); subject "
-                   "PREFIX.COLLECTOR_ID; the spool, batching and retries stay as with --aggregator")
+                   "nats://nats:4222 (several: comma-separated; tls:// for TLS); subjects "
+                   "PREFIX.p<K>.COLLECTOR_ID, one per partition K; the spool, batching and retries stay as with --aggregator")
     g.add_argument("--nats-stream", metavar="NAME", help="JetStream stream, created if missing "
                    "(default EASTWEST)")
     g.add_argument("--nats-subject", metavar="PREFIX", help="subject prefix (default eastwest.flows)")
+    g.add_argument("--nats-partitions", type=int, metavar="P", help="partitions of the stream "
+                   "(default 6): each batch is split by connection, every record of a "
+                   "connection goes to one partition; P is fixed when the stream is created")
     g.add_argument("--nats-max-bytes", type=int, metavar="N", help="byte limit of a stream this "
                    "collector creates; when full, batches wait in the spool (default 1 GiB)")
     g.add_argument("--nats-max-age", type=float, metavar="S", help="age limit of a stream this "

@@ -1,6 +1,10 @@
 """Scale-out in a real lab run: 3 collectors (eBPF socket probes, subprocesses) publish to ONE
-nats-server 2.9 (JetStream); 2 aggregator replicas (subprocesses) share one durable pull consumer
-and store into ONE clickhouse-server 18.16 with 2 local shards behind Distributed tables.
+nats-server 2.9 (JetStream), each batch split over the stream's partitions (2 here, 3 in the
+scaling test: few shares keep the stores' writes few on a shared 2-core machine); 2 aggregator
+replicas (subprocesses) share the partitions through leases (3 s here) and store into ONE
+clickhouse-server 18.16 with 2 local shards behind Distributed tables, or (the scaling test) a
+replicated ClickHouse: ZooKeeper and four clickhouse-server 18.16, 2 shards x 2 replicas,
+`internal_replication`, replicated tables behind Distributed tables (tests/servers.py).
 
 Ground truth: the lab application's lines (docs/lab.md). For every TCP truth connection the
 client's collector must have exactly one final `client` record stored and, unless refused, the
@@ -8,9 +12,12 @@ server's collector exactly one final `server` record; and the correlated flows h
 many connections per 5-tuple as the truth has. Both replicas answer the same from the store.
 
 - lab traffic through the whole chain is stored exactly once;
-- kill -9 of one aggregator mid-stream: the other takes over (the dead one's unacked batch is
-  redelivered after ack_wait), nothing lost or doubled;
-- NATS restarted mid-stream: collectors spool while it is down and catch up after.
+- kill -9 of one aggregator mid-stream: the other takes its partitions over when their leases
+  expire (the dead one's unacked batch is redelivered after ack_wait), nothing lost or doubled;
+- NATS restarted mid-stream: collectors spool while it is down and catch up after;
+- scaled from 1 to 3 aggregator replicas and back to 1 during a run, with a ClickHouse replica
+  killed -9 and restarted meanwhile: the partitions follow the replicas, nothing lost or
+  doubled, the replicas answer the same.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import threading
 import urllib.parse
 import urllib.request
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -30,7 +38,7 @@ import pytest
 
 from eastwest.cli.demo import ensure_tokens
 from tests.lab.test_transport import await_, cid, expected, finals, run_start, warm_up
-from tests.servers import ClickHouseServer, NatsServer, free_port
+from tests.servers import ClickHouseServer, NatsServer, ReplicatedClickHouse, free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ews"
@@ -48,16 +56,25 @@ def clickhouse(tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    s = ReplicatedClickHouse(tmp_path_factory.mktemp("clickhouse-replicated")).start()
+    yield s
+    s.stop()
+
+
 class ScaleOut:
     """NATS + N aggregator replicas + collectors as processes; `stop()` ends all of them."""
 
-    def __init__(self, root: Path, clickhouse: ClickHouseServer, db: str) -> None:
+    def __init__(self, root: Path, clickhouse: ClickHouseServer | ReplicatedClickHouse, db: str,
+                 partitions: int = 2) -> None:
+        self.partitions = partitions
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.tokens = ensure_tokens(root / "tokens.env")
         self.nats = NatsServer(root / "nats").start()
-        self.store_url = clickhouse.url(db)            # ?cluster=ew: 2 shards, Distributed
+        self.store_url = clickhouse.url(db)  # ?cluster=...: 2 shards (x 2 replicas), Distributed
         self.clickhouse = clickhouse
         self.db = db
         self.aggregators: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -73,7 +90,9 @@ class ScaleOut:
         listen = f"127.0.0.1:{free_port()}"
         p = self._spawn(name, ["aggregator", "--listen", listen, "--data", str(self.root / name),
                                "--clickhouse", self.store_url, "--nats", self.nats.url,
-                               "--nats-ack-wait", "3", "--retention", "3650d"])
+                               "--nats-ack-wait", "3", "--nats-lease", "3",
+                               "--nats-partitions", str(self.partitions),
+                               "--nats-replica", name, "--retention", "3650d"])
         self.aggregators[name] = (p, f"http://{listen}")
         await_(lambda: self._ready(name), 120, f"{name} ready")
 
@@ -86,6 +105,12 @@ class ScaleOut:
         except OSError:
             return False
 
+    def stop_aggregator(self, name: str) -> None:
+        """SIGTERM: a rolling restart's stop; its leases are released at once."""
+        p, _ = self.aggregators.pop(name)
+        p.terminate()
+        assert p.wait(60) == 0
+
     def kill_aggregator(self, name: str) -> None:
         p, _ = self.aggregators.pop(name)
         p.send_signal(signal.SIGKILL)   # no shutdown, no ack: the batch in hand is redelivered
@@ -96,7 +121,8 @@ class ScaleOut:
         for h in lab.inventory["hosts"]:
             c = cid(h["name"])
             args = ["collector", "--nats", self.nats.url, "--collector-id", c,
-                    "--spool-dir", str(self.root / "spool" / c), "--batch-age", "0.5",
+                    "--nats-partitions", str(self.partitions),
+                    "--spool-dir", str(self.root / "spool" / c), "--batch-age", "1",
                     "--send-deadline", "2", "--shutdown-timeout", "10", "--interval", "1",
                     "--no-vxlan"]
             for ns in lab.host_netns(h["name"]):
@@ -112,6 +138,15 @@ class ScaleOut:
             "Authorization": f"Bearer {self.tokens['EASTWEST_READ_TOKEN']}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             return msgspec.json.decode(r.read())
+
+    def owned(self, name: str) -> int:
+        """The partitions replica `name` consumes now (its /metrics)."""
+        _, url = self.aggregators[name]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("eastwest_nats_partitions_owned "):
+                    return int(float(line.split()[1]))
+        raise AssertionError("no eastwest_nats_partitions_owned in /metrics")
 
     def records(self, name: str) -> list[dict]:
         return self.read(name, "/api/v1/records", limit=100000)["records"]
@@ -229,8 +264,11 @@ def test_an_aggregator_killed_mid_stream_loses_and_doubles_nothing(lab, scale):
     before = len(scale.records("agg-b"))
     t, truth = run_traffic(lab, 12.0, seed=5)
     await_(lambda: len(scale.records("agg-b")) > before, 60, "records of the run")
+    await_(lambda: scale.owned("agg-b") == 1, 30, "the partitions shared")
     scale.kill_aggregator("agg-a")
     after_kill = len(scale.records("agg-b"))
+    # agg-a's partition moves to agg-b when its lease (3 s) expires
+    await_(lambda: scale.owned("agg-b") == 2, 30, "agg-b owns every partition")
     t.join()
     # the survivor keeps storing: the run's later records arrive through agg-b alone
     await_(lambda: len(scale.records("agg-b")) > after_kill, 60, "records after the kill")
@@ -251,3 +289,43 @@ def test_nats_restarted_mid_stream_collectors_spool_and_catch_up(lab, scale):
     t.join()
     check_exactly_once(scale, truth, ["agg-a", "agg-b"])
     await_(lambda: scale.spooled() == 0, 120, "the spools to drain")
+
+
+@pytest.fixture
+def scale3(tmp_path, replicated, request):
+    s = ScaleOut(tmp_path, replicated, "lab_scale", partitions=3)
+    yield s
+    s.stop()
+
+
+def test_scaled_from_one_to_three_replicas_and_back_with_a_clickhouse_replica_killed(lab, scale3):
+    scale = scale3
+    scale.start_aggregator("agg-a")
+    ids = scale.start_collectors(lab)
+    warm_up(lab, lambda: {r["collector"] for r in scale.records("agg-a")} >= set(ids))
+    assert scale.owned("agg-a") == 3
+    t, truth = run_traffic(lab, 16.0, seed=11)
+    await_(lambda: len(scale.records("agg-a")) > 0, 60, "records of the run")
+    scale.start_aggregator("agg-b")           # 1 -> 3 replicas: a partition each
+    scale.start_aggregator("agg-c")
+    await_(lambda: [scale.owned(n) for n in ("agg-a", "agg-b", "agg-c")] == [1, 1, 1], 30,
+           "the partitions shared by 3 replicas")
+    victim = scale.clickhouse.servers[1][1]   # a replica of shard 2, killed -9 mid-run
+    victim.kill()
+    scale.stop_aggregator("agg-c")            # 3 -> 2 while the traffic flows
+    await_(lambda: sorted(scale.owned(n) for n in ("agg-a", "agg-b")) == [1, 2], 30,
+           "agg-c's partition taken over")
+    victim.start()                            # on its data directory: it catches up
+    t.join()
+    check_exactly_once(scale, truth, ["agg-a", "agg-b"])
+    # the restarted replica catches up (a Distributed read may go to it); then every replica
+    # answers the same graph
+    for t in ("flows", "rollups", "connections", "workloads", "ingested_batches"):
+        victim.client().execute(f"SYSTEM SYNC REPLICA ew.{scale.db}_{t}")
+    window = {"from": min(x["start"] for x in truth), "to": datetime.now(UTC).isoformat()}
+    graph = {n: scale.read(n, "/api/v1/graph", **window) for n in ("agg-a", "agg-b")}
+    assert graph["agg-a"]["edges"]
+    assert graph["agg-a"] == graph["agg-b"]
+    scale.stop_aggregator("agg-b")            # 2 -> 1
+    await_(lambda: scale.owned("agg-a") == 3, 30, "agg-a owns every partition again")
+    check_exactly_once(scale, truth, ["agg-a"])

@@ -47,3 +47,27 @@ def test_a_filter_compiles_to_clickhouse_sql():
     assert "position(observed_by, %(p0)s) > 0" in sql and " IN " not in sql
     assert "false" not in sql.lower() and "coalesce(" in sql and ", 0)" in sql
     assert p.named == {"p0": ",server,", "p1": "udp", "p2": 1_000_000}
+
+
+def test_replicated_engines_keep_their_arguments_after_the_replication_log_and_name():
+    from aggregator.store.clickhouse_schema import replica_of, replicated_engine
+
+    rep = replica_of("ewr", "db_connections", 2, "ch-2b.example", 9000)
+    assert rep.zk_path == "/clickhouse/eastwest/ewr/db_connections/shard2"
+    assert rep.name == "ch-2b.example_9000"
+    assert replicated_engine("ReplacingMergeTree(version)", rep) == (
+        "ReplicatedReplacingMergeTree('/clickhouse/eastwest/ewr/db_connections/shard2', "
+        "'ch-2b.example_9000', version)")
+    assert replicated_engine("ReplacingMergeTree()", rep).endswith("'ch-2b.example_9000')")
+
+
+def test_alt_hosts_and_insert_quorum_are_parsed_and_bad_ones_named():
+    loc = Location.parse("clickhouse://ch-1:9000/ew?cluster=c&alt_hosts=ch-2:9000,ch-3:9000"
+                         "&insert_quorum=2")
+    assert (loc.alt_hosts, loc.insert_quorum) == ("ch-2:9000,ch-3:9000", 2)
+    assert loc.client_kwargs()["alt_hosts"] == "ch-2:9000,ch-3:9000"
+    assert "alt_hosts" not in loc.client_kwargs("ch-2", 9000)  # a connection to one replica
+    with pytest.raises(ConfigError, match="alt_hosts='ch-2': HOST:PORT"):
+        Location.parse("clickhouse://ch-1/ew?alt_hosts=ch-2")
+    with pytest.raises(ConfigError, match="insert_quorum='0'"):
+        Location.parse("clickhouse://ch-1/ew?insert_quorum=0")

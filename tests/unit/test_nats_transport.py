@@ -1,6 +1,7 @@
 """The NATS JetStream transport against a real nats-server 2.9 and a real ClickHouse 18.16 (two
-local shards): collectors publish, aggregator replicas share one durable pull consumer, a batch
-is acked only once stored, and `(collector, batch_seq)` makes redelivery harmless.
+local shards): collectors publish each batch split by partition, aggregator replicas share the
+partitions through leases (one durable pull consumer per partition), a batch is acked only once
+stored, and `(collector, partition, batch_seq)` makes redelivery harmless.
 
 No root needed: both servers run as this user on free loopback ports (tests/servers.py)."""
 
@@ -68,7 +69,7 @@ def replica(stack: ExitStack, tmp_path, name: str, db: str, opts: NatsOptions) -
     settings = AggregatorSettings(
         data_dir=tmp_path / name, ingest_token=INGEST, read_token=READ, retention=None,
         store="clickhouse", clickhouse_url=shared_clickhouse().url(db), nats=opts,
-        nats_ack_wait_s=2.0)
+        nats_ack_wait_s=2.0, nats_lease_s=1.5, nats_replica=name)
     c = stack.enter_context(TestClient(create_app(settings)))
     assert c.app.state.pipeline.consumer.ready.wait(30)
     return c
@@ -84,12 +85,13 @@ def test_the_stream_is_created_with_retention_and_a_byte_limit(nats_server):
     opts = NatsOptions(nats_server.url, max_bytes=64 * 1024 * 1024, max_age_s=3600)
     s = sender(opts, "node-1.example")
     try:
-        assert s.subject == "eastwest.flows.node-1_example"   # one subject per collector
+        # one subject per partition and collector
+        assert s.subject == "eastwest.flows.p0.node-1_example"
         info = s.loop.run(s.js.stream_info("EASTWEST"), 10)
     finally:
         s.close()
     cfg = info.config
-    assert cfg.subjects == ["eastwest.flows.>"]
+    assert cfg.subjects == [f"eastwest.flows.p{k}.>" for k in range(6)]  # they state P = 6
     value = lambda v: getattr(v, "value", v)  # noqa: E731 - enums or their strings
     assert (value(cfg.retention), value(cfg.discard), value(cfg.storage)) == ("workqueue", "new", "file")
     assert (cfg.max_bytes, cfg.max_age) == (64 * 1024 * 1024, 3600)
@@ -109,6 +111,34 @@ def test_a_stream_of_someone_else_is_refused_naming_it(nats_server):
         sender(NatsOptions(nats_server.url), "h1")
 
 
+def test_a_stream_of_another_partition_count_is_refused_naming_both(nats_server):
+    sender(NatsOptions(nats_server.url, partitions=4), "h1").close()
+    with pytest.raises(ConfigError, match=r"created with 4 partitions.*--nats-partitions 4"):
+        sender(NatsOptions(nats_server.url), "h2")
+
+
+def test_a_batch_is_split_by_connection_and_each_share_is_marked(nats_server):
+    s = sender(NatsOptions(nats_server.url), "h1")
+    try:
+        recs = [rec(o, cport=46000 + i, collector="h1") for i in range(40)
+                for o in ("client", "server", "path")]
+        shares = s.shares(body("h1", 9, recs))
+        assert len(shares) == 6  # 40 connections reach every partition
+        seen: dict[int, int] = {}
+        for subject, data, msg_id in shares:
+            b = codec.decode_batch(data)
+            k = b.batch_seq % 1024
+            assert (b.batch_seq // 1024, subject, msg_id) == (9, f"eastwest.flows.p{k}.h1",
+                                                              f"h1:{b.batch_seq}")
+            for r in b.records:  # every observer of a connection in one share
+                assert seen.setdefault(r.client.port, k) == k
+        assert sorted(seen) == list(range(46000, 46040))
+        assert s.shares(body("h1", 10, []))[0][0] == "eastwest.flows.p0.h1"  # empty: one share
+        assert s.send(b"EWB1 not a batch").reason == "nats_bad_batch"
+    finally:
+        s.close()
+
+
 def test_batches_are_stored_exactly_once_even_when_published_twice(nats_server, tmp_path):
     opts = NatsOptions(nats_server.url)
     s = sender(opts, "h1")
@@ -116,7 +146,11 @@ def test_batches_are_stored_exactly_once_even_when_published_twice(nats_server, 
         c = replica(stack, tmp_path, "a", "nats_once", opts)
         for i in range(7):
             assert accepted(s, body("h1", i + 1, [rec("client", cport=41000 + i, c2s=100 + i)]))
-        assert accepted(s, body("h1", 3, [rec("client", cport=41002, c2s=102)]))  # again
+        again = body("h1", 3, [rec("client", cport=41002, c2s=102)])
+        assert accepted(s, again)  # within the duplicate window: JetStream drops it (msg id)
+        # past the window (no msg id here): delivered, found applied by its mark, only acked
+        (subject, share, _), = s.shares(again)
+        s.loop.run(s.js.publish(subject, share), 10)
         consumer = c.app.state.pipeline.consumer
         wait_for(lambda: consumer.applied + consumer.duplicates == 8, "8 deliveries")
         assert (consumer.applied, consumer.duplicates) == (7, 1)
@@ -134,7 +168,7 @@ def test_a_bad_batch_is_terminated_and_counted_and_does_not_block_the_queue(nats
     s = sender(opts, "h1")
     with ExitStack() as stack:
         c = replica(stack, tmp_path, "a", "nats_bad", opts)
-        assert accepted(s, b"EWB1 this is no zstd frame")
+        s.loop.run(s.js.publish("eastwest.flows.p2.h1", b"EWB1 this is no zstd frame"), 10)
         assert accepted(s, body("h1", 1, [rec("client")]))
         wait_for(lambda: c.app.state.pipeline.consumer.applied == 1, "the good batch")
         assert c.app.state.drops.snapshot()[("ingest", "bad_batch")] == 1
@@ -142,30 +176,64 @@ def test_a_bad_batch_is_terminated_and_counted_and_does_not_block_the_queue(nats
     s.close()
 
 
-def test_replicas_take_turns_and_correlate_as_one_aggregator(nats_server, tmp_path):
-    """Replica B gets the server's records of connections replica A opened from the client's:
-    B reloads those keys from the shared store first, so each connection stays ONE row."""
-    opts = NatsOptions(nats_server.url)
+def test_replicas_share_the_partitions_and_correlate_as_one_aggregator(nats_server, tmp_path):
+    """Two replicas own one of 2 partitions each (few shares: a quick test); the client's and the server's records of a
+    connection (two collectors) meet in one partition: each connection is ONE row, and either
+    replica answers the same from the shared store."""
+    opts = NatsOptions(nats_server.url, partitions=2)
     with ExitStack() as stack:
         a = replica(stack, tmp_path, "a", "nats_turns", opts)
         b = replica(stack, tmp_path, "b", "nats_turns", opts)
         ca, cb = a.app.state.pipeline.consumer, b.app.state.pipeline.consumer
-        # deterministic turns first: A applies the client's batch, B the server's
-        assert ca.apply(body("h1", 1, [rec("client", cport=43000 + i) for i in range(5)])) == "ack"
-        assert cb.apply(body("h2", 1, [rec("server", cport=43000 + i) for i in range(5)])) == "ack"
-        # then through NATS, whichever replica pulls: 11 connections, both sides each
+        wait_for(lambda: len(ca.owned) == len(cb.owned) == 1, "a partition each")
+        assert ca.owned.isdisjoint(cb.owned)
         s1, s2 = sender(opts, "h1"), sender(opts, "h2")
-        for i in range(11):
-            assert accepted(s1, body("h1", 10 + i, [rec("client", cport=44000 + i)]))
-            assert accepted(s2, body("h2", 10 + i, [rec("server", cport=44000 + i)]))
-        wait_for(lambda: ca.applied + cb.applied == 24, "22 batches through NATS")
-        for c in (a, b):  # either replica answers the same from the shared store
+        for i in range(2):  # the server's half first for some: order does not matter
+            first, second = (s1, s2) if i % 2 else (s2, s1)
+            for s in (first, second):
+                obs, coll = ("client", "h1") if s is s1 else ("server", "h2")
+                assert accepted(s, body(coll, 10 + i, [rec(obs, cport=44000 + 100 * i + j)
+                                                      for j in range(15)]))
+        wait_for(lambda: len(flows(a)) == 30 and all(
+            f["observed_by"] == ["client", "server"] for f in flows(a)), "30 connections")
+        assert ca.applied > 0 and cb.applied > 0  # both replicas did part of the work
+        for c in (a, b):
             got = flows(c)
-            assert len(got) == 16
-            assert all(f["observed_by"] == ["client", "server"] for f in got)
+            assert len(got) == 30
         assert flows(a) == flows(b)
+        # a batch posted over HTTP would not be split by partition: refused, saying why
+        r = a.post("/api/v1/ingest", content=body("h1", 99, [rec("client")]), headers={
+            "Authorization": f"Bearer {INGEST}", "content-type": codec.CONTENT_TYPE})
+        assert r.status_code == 409 and "--nats" in r.json()["detail"]
         s1.close()
         s2.close()
+
+
+def test_a_partition_taken_over_is_reloaded_from_the_store_before_its_first_batch(nats_server,
+                                                                                tmp_path):
+    """Replica A correlates the clients' halves, then stops (rolling restart: it releases its
+    leases); replica B takes every partition over, each reloaded with ITS open connections
+    from the store, and joins the servers' halves to them: one row per connection."""
+    opts = NatsOptions(nats_server.url, partitions=2)
+    s1, s2 = sender(opts, "h1"), sender(opts, "h2")
+    with ExitStack() as stack:
+        a = replica(stack, tmp_path, "a", "nats_takeover", opts)
+        wait_for(lambda: len(a.app.state.pipeline.consumer.owned) == 2, "A owns all")
+        assert accepted(s1, body("h1", 1, [rec("client", cport=48000 + j, final=False)
+                                           for j in range(40)]))
+        wait_for(lambda: len(flows(a)) == 40, "40 open connections")
+    with ExitStack() as stack:
+        b = replica(stack, tmp_path, "b", "nats_takeover", opts)
+        cb, corr = b.app.state.pipeline.consumer, b.app.state.pipeline.correlation
+        wait_for(lambda: len(cb.owned) == 2, "B owns all (A released them)")
+        assert corr.loaded == 40  # each partition loaded its own share, none twice
+        assert sum(len(p.correlator) for p in corr.parts.values()) == 40
+        assert accepted(s2, body("h2", 1, [rec("server", cport=48000 + j) for j in range(40)]))
+        wait_for(lambda: all(f["observed_by"] == ["client", "server"] for f in flows(b)),
+                 "both halves joined")
+        assert len(flows(b)) == 40
+    s1.close()
+    s2.close()
 
 
 def test_nats_down_keeps_batches_spooled_and_they_are_sent_when_it_is_back(nats_server, tmp_path):
@@ -185,26 +253,34 @@ def test_nats_down_keeps_batches_spooled_and_they_are_sent_when_it_is_back(nats_
         while sink.drain_once():
             pass
         assert len(sink.spool) == 0
-        wait_for(lambda: c.app.state.pipeline.consumer.applied == 3, "3 batches stored")
+        wait_for(lambda: len(flows(c)) == 6, "3 batches stored")  # in up to 6 shares
         assert sorted(f["client"]["port"] for f in flows(c)) == list(range(45000, 45006))
     sink.close()
 
 
 # -- what each NATS outcome is called (no ClickHouse) --------------------------------------------
+def blob(seq: int, size: int) -> bytes:
+    """A batch of one record that compresses to about `size` bytes (random hex)."""
+    return body("h1", seq, [rec("client", cport=47000 + seq, process=Process(
+        7, "ew-frontend", cmdline=os.urandom(size).hex()))])
+
+
 def test_each_publish_outcome_is_named_by_what_nats_answered(tmp_path):
     server = NatsServer(tmp_path / "nats", max_payload=64 * 1024).start()
     try:
         s = NatsSender(NatsOptions(server.url, max_bytes=1024 * 1024), "h1", publish_timeout=0.5)
-        assert accepted(s, b"x" * 10)
-        too_big = s.send(os.urandom(100 * 1024))
+        assert accepted(s, body("h1", 1, [rec("client")]))
+        too_big = s.send(blob(2, 100 * 1024))
         assert too_big == Refused("nats_max_payload", "NATS: nats: maximum payload exceeded")
-        answers = [s.send(os.urandom(60 * 1024)) for _ in range(18)]  # 1 MiB: the stream is full
+        answers = [s.send(blob(3 + i, 55 * 1024)) for i in range(20)]  # 1 MiB: the stream is full
         assert isinstance(answers[0], Accepted) and answers[-1].reason == "nats_stream_full"
         s.loop.run(s.js.delete_stream("EASTWEST"), 10)
-        assert s.send(b"y") == Retry("nats_no_responders", "NoStreamResponseError: no stream "
-                                     "answers on eastwest.flows.h1")
+        no_stream = s.send(body("h1", 30, [rec("client", cport=47999)]))
+        assert no_stream.reason == "nats_no_responders"
+        assert no_stream.detail.startswith("NoStreamResponseError: no stream answers on ")
         server.stop(keep=True)
-        assert s.send(b"z") == Retry("nats_timeout", "no PubAck within 0.5 s")
+        assert s.send(body("h1", 31, [rec("client")])) == Retry("nats_timeout",
+                                                                 "no PubAck within 0.5 s")
         s.close()
     finally:
         server.stop()
@@ -217,9 +293,9 @@ def test_a_batch_over_max_payload_is_dropped_as_nats_max_payload_not_http_none(t
                                   transport="nats", batch_size=1000)
         sink = AggregatorSink(CollectorContext("h1"), settings=settings, start=False)
         records = [rec("client", cport=20000 + i,
-                       process=Process(7, "ew-frontend", cmdline=os.urandom(100).hex()))
+                       process=Process(7, "ew-frontend", cmdline=os.urandom(600).hex()))
                    for i in range(1000)]
-        sink.write(records)                    # one batch of 1,000 records, > 64 KiB compressed
+        sink.write(records)  # one batch of 1,000 records, > 64 KiB compressed in each partition
         assert sink.drain_once() and len(sink.spool) == 0
         assert sink.ctx.drops.snapshot() == {("export", "nats_max_payload"): 1000}
         sink.close()

@@ -1,0 +1,116 @@
+"""Correlation per partition: one correlator for each partition this replica owns.
+
+Stage: the correlation stage of an aggregator replica consuming partitions from NATS into a
+shared store (aggregator/consume.py, aggregator/leases.py; wired in aggregator/pipeline.py).
+In: accepted batches, each a share of one partition (its mark sequence names the partition,
+eastwest/partition.py). Out: the batch correlated by that partition's own `InlineCorrelation`
+(aggregator/worker.py) and its own `ColumnCorrelator`: replicas never need each other's memory,
+since every record of a connection is in one partition.
+
+Taking a partition over (`take`) builds its correlator and loads the store's recent connections
+of that partition (what the previous owner wrote, open or closed within `keep_open`) before the
+first batch; giving it up (`drop`) forgets them. A batch of a partition not owned here (a
+hand-over in between) is `Backlogged`: the consumer naks it, and its owner takes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from aggregator.correlate_columns import ColumnCorrelator
+from aggregator.fanout import FanOut
+from aggregator.retention import Retention
+from aggregator.store.base import Backlogged, IngestResult, WriteStore
+from aggregator.worker import Accepted, InlineCorrelation
+from eastwest.clock import Clock
+from eastwest.drops import Drops
+from eastwest.partition import key_partition, split_mark
+
+
+class PartitionedCorrelation:
+    """`Correlation` (aggregator/worker.py) over the partitions owned here, and the consumer's
+    `PartitionHooks` (take, drop)."""
+
+    def __init__(self, store: WriteStore, make_correlator: Callable[[], ColumnCorrelator],
+                 fanout: FanOut, drops: Drops, retention: Retention, clock: Clock,
+                 partitions: int) -> None:
+        self.store, self.make_correlator, self.fanout = store, make_correlator, fanout
+        self.drops, self.retention, self.clock = drops, retention, clock
+        self.partitions = partitions
+        self.parts: dict[int, InlineCorrelation] = {}
+        self._lock = threading.Lock()
+        self._version = 0
+        self.loaded = 0  # connections reloaded at take-overs, in all
+
+    # -- the consumer's hooks -------------------------------------------------------------------
+    def take(self, partition: int) -> None:
+        p = self.partitions
+        part = InlineCorrelation(self.store, self.make_correlator(), self.fanout, self.drops,
+                                 self.retention, self.clock,
+                                 keep=lambda c: key_partition(c.key, p) == partition)
+        with self._lock:
+            self.parts[partition] = part
+            self.loaded += part.loaded
+
+    def drop(self, partition: int) -> None:
+        with self._lock:
+            self.parts.pop(partition, None)
+
+    def owned(self) -> list[int]:
+        with self._lock:
+            return sorted(self.parts)
+
+    # -- Correlation ----------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            self.retention.maybe_run()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def accept(self, batch: Accepted) -> IngestResult:
+        _, k = split_mark(batch.batch_seq)
+        with self._lock:
+            part = self.parts.get(k)
+        if part is None:
+            raise Backlogged(f"partition {k} of batch ({batch.collector!r}, {batch.batch_seq}) "
+                             "is not owned by this replica (now)")
+        result = part.accept(batch)
+        if not result.duplicate:
+            self._version += 1
+        return result
+
+    def applied(self, timeout: float | None = None) -> bool:
+        return True  # written before it was acknowledged
+
+    def batch_applied(self, collector: str, batch_seq: int) -> bool:
+        return self.store.batch_applied(collector, batch_seq)
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def lag(self) -> dict[str, float]:
+        return {"batches": 0, "records": 0, "seconds": 0.0}
+
+    def journal_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    # -- what the metrics read of "the correlator" ----------------------------------------------
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(p.correlator) for p in self.parts.values())
+
+    @property
+    def renames(self) -> int:
+        with self._lock:
+            return sum(p.correlator.renames for p in self.parts.values())
+
+    @property
+    def late_names(self) -> int:
+        with self._lock:
+            return sum(p.correlator.late_names for p in self.parts.values())
