@@ -110,15 +110,14 @@ export interface GraphEdge {
   dns?: EdgeDns;
   // a target named by DNS answers: connections named within the answer's TTL, and after it
   dns_named?: { ttl: number; hint: number };
+  // packets the kernel dropped, by drop reason (collector --drops); null: none (absent: older server)
+  drops?: Drops | null;
 }
 export interface EdgeDns { queries: number; responses: number; timeouts: number; nxdomain: number;
   servfail: number; errors: number; rcodes: Record<string, number>;
   latency_us: { min: number; avg: number; max: number } | null;
   names: { name: string; type: string; count: number; rcodes: Record<string, number>; timeouts: number }[];
   other_names: number }
-  // packets the kernel dropped, by drop reason (collector --drops); null: none (absent: older server)
-  drops?: Drops | null;
-}
 export interface Drops { packets: number; reasons: Record<string, number> }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
   // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
