@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 from scapy.contrib.geneve import GENEVE
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
-    ICMPv6Unknown,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrHopByHop,
@@ -247,8 +246,10 @@ def _transport(raw: bytes, inner: dict[str, Any]) -> dict[str, int]:
         _need(raw, l4 + 8)
         if room < 8:
             raise _Drop("malformed")
-        icmp = ICMP(raw[l4:l4 + 8]) if proto == ICMP4 else ICMPv6Unknown(raw[l4:l4 + 8])
-        hdr_len, icmp_type = 8, icmp.type
+        # the type is the header's first byte; scapy's ICMP layer is not used to read it: for
+        # some types (address mask, timestamp) it wants fields beyond the 8-byte header and
+        # fails on a datagram that ends there
+        hdr_len, icmp_type = 8, raw[l4]
         if proto != ICMP4 and icmp_type in ICMP6_LINK_CONTROL:
             raise _Drop("link_control")
     else:

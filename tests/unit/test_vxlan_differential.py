@@ -393,3 +393,15 @@ def test_neighbor_discovery_and_mld_are_link_control_not_flows() -> None:
     bulk, ref = both(frames)
     assert_same(bulk, ref)
     assert bulk.status.tolist() == [CODE["link_control"]] * (len(control) + 1) + [0]
+
+
+def test_icmp_types_with_longer_bodies_end_at_the_header() -> None:
+    """An ICMP address-mask request (type 17) or timestamp (13) that ends after the 8-byte
+    header: both decoders give its type (scapy's ICMP layer wanted the fields after the header
+    and the reference raised instead; found by the generated-packets test)."""
+    from scapy.layers.inet import IP
+    from scapy.layers.l2 import Ether
+
+    frames = [bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2", proto=1) / bytes([t, 0]) / (b"\0" * 6))
+              for t in (17, 13, 8)]
+    assert_same(*both(frames))
