@@ -31,6 +31,7 @@ from aggregator.api.params import (
     choice,
     positive_int,
     query_filter,
+    service_names,
 )
 from aggregator.api.state import reader
 from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json
@@ -95,7 +96,8 @@ def flows(request: Request,
               "bytes": last["bytes_c2s"] + last["bytes_s2c"], "client_workload": last["client_wid"],
               "server_workload": last["server_wid"]}[key]
         nxt = _encode_cursor(sv, last["conn_id"])
-    return {"flows": [flow_json(r) for r in rows], "count": len(rows), "next_cursor": nxt,
+    names = service_names(request)
+    return {"flows": [flow_json(r, names) for r in rows], "count": len(rows), "next_cursor": nxt,
             "filter": str(flt), "sort": sort}
 
 
@@ -110,6 +112,7 @@ async def stream(request: Request,
     check_names(request, {"limit"}, filters=True)
     flt = query_filter(request)
     most = positive_int("limit", limit, 0, 10**9) if limit is not None else None
+    names = service_names(request)
     hub = request.app.state.pipeline.fanout.hub
     sub = hub.subscribe(flt)
 
@@ -128,7 +131,7 @@ async def stream(request: Request,
                 if not flt.matches(filter_view(row)):
                     continue
                 sent += 1
-                data = json.dumps(flow_json(row), default=str)
+                data = json.dumps(flow_json(row, names), default=str)
                 yield f"event: flow\nid: {row['conn_id']}\ndata: {data}\n\n".encode()
         finally:
             hub.unsubscribe(sub)

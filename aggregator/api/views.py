@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from aggregator.service_view import ServiceNames, flow_service
 from aggregator.store.derived import CONN_COLUMNS
 
 ROW_COLUMNS = [n for n, _, _ in CONN_COLUMNS if n != "state"]
@@ -32,7 +33,8 @@ def _side(r: dict[str, Any], side: str) -> dict[str, Any]:
     }
 
 
-def flow_json(r: dict[str, Any]) -> dict[str, Any]:
+def flow_json(r: dict[str, Any], names: ServiceNames | None = None) -> dict[str, Any]:
+    """`names`: what names the dialled Service (`service`, aggregator/service_view.py)."""
     observed = [x for x in r["observed_by"].split(",") if x]
     return {
         "id": r["conn_id"], "protocol": r["protocol"], "family": r["family"],
@@ -58,6 +60,7 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
         # the address the client dialled when NAT took it to `server` (a Service's ClusterIP);
         # rows stored before it was kept have none (`get`)
         "service_ip": r.get("service_ip"), "service_port": r.get("service_port"),
+        "service": flow_service(names, r.get("service_ip"), r.get("service_port"), r["start_ts"]),
     }
 
 
