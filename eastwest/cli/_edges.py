@@ -119,6 +119,26 @@ def edge_cells(e: Edge) -> Sequence[Cell | str | int | None]:
     )
 
 
+def backends_text(e: Edge) -> str:
+    """The BACKENDS cell of a Service edge (`--group-by service`): each backend workload with
+    the connections it served in the window, most first: `shop/api 2, shop/api-canary 1`."""
+    backends = e.obj.get("backends") if isinstance(e.obj, Mapping) else None
+    if not isinstance(backends, list):
+        return ""
+    items = [(str(b.get("id")), int(b.get("connections_opened") or 0)) for b in backends
+             if isinstance(b, Mapping)]
+    return ", ".join(f"{w} {n}" for w, n in sorted(items, key=lambda x: (-x[1], x[0])))
+
+
+def service_columns(group_by: str | None) -> tuple[tuple[str, ...], tuple[str, ...], Any]:
+    """The table and csv headers, and the cells of an edge: with `--group-by service`, a
+    BACKENDS column (csv `backends`) after the edge's own."""
+    if group_by != "service":
+        return EDGE_HEADERS, EDGE_CSV, lambda e, csv: edge_csv(e) if csv else edge_cells(e)
+    return ((*EDGE_HEADERS, "BACKENDS"), (*EDGE_CSV, "backends"),
+            lambda e, csv: (*(edge_csv(e) if csv else edge_cells(e)), backends_text(e)))
+
+
 def edge_csv(e: Edge) -> Sequence[Any]:
     return (e.client, e.server, e.connections, e.failed, e.bytes_c2s, e.bytes_s2c, e.resets,
             e.retransmits, e.rtt_avg_us, ";".join(e.ports), ";".join(e.observed_by),

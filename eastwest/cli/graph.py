@@ -17,7 +17,7 @@ from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
 
 FORMATS = ("table", "json", "csv", "dot", "mermaid")
 TEXT_STARTS = {"dot": ("digraph", "graph", "strict"), "mermaid": ("graph", "flowchart")}
-GROUP_BY = ("workload", "namespace", "host")
+GROUP_BY = ("workload", "namespace", "host", "service")
 GRAPH_PATH = "/api/v1/graph"
 
 EPILOG = f"""\
@@ -30,12 +30,21 @@ examples:
   eastwest graph --not --outcome ok                only failed connections
   eastwest graph -o dot | dot -Tsvg > graph.svg    Graphviz
   eastwest graph -o mermaid                        paste into Markdown
+  eastwest graph --group-by service                calls to a Service as one edge to it
+  eastwest graph --to-service shop/api             who calls the Service shop/api
 
 Edges go client -> server and count connections, never records: a connection seen by its
 client, its server and the wire is one connection. SEEN BY: each set of observers with the
 connections it saw, most first (client+path+server 323, client+path 16: 16 connections had no
 server-side view). FAILED: connections never established (refused or timed out); RESETS:
-connections reset after they were established."""
+connections reset after they were established.
+
+--group-by service: a connection whose client dialled a Service (a ClusterIP, DNATed by
+kube-proxy to a backend) is counted once, on the edge client -> svc:NAMESPACE/NAME
+(svc:IP:PORT when no identity layer names the address), and BACKENDS lists the workloads that
+served it with their connections; a connection that dialled no Service stays on its
+workload -> workload edge. --group-by workload (the default) puts every connection on the
+edge to its backend. Both views count the same connections, none twice."""
 
 
 def register(sub: Any) -> None:
@@ -59,7 +68,8 @@ def add_graph_scope(p: argparse.ArgumentParser, *, group_by: bool = True) -> Non
     g.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
     if group_by:
         g.add_argument("--group-by", choices=GROUP_BY, default="workload",
-                       help="what a node is (default workload)")
+                       help="what a node is (default workload); service: a call to a "
+                       "Service ends at the Service, its backends listed")
 
 
 def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -72,7 +82,7 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
-    from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, edge_cells, edge_csv, edges_of
+    from eastwest.cli._edges import edges_of, service_columns
     from eastwest.errors import TransportError
     from eastwest.output import escape, to_json_text, write_csv, write_table
 
@@ -88,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         doc = client.get_json(GRAPH_PATH, params)
         edges = sorted(edges_of(doc), key=lambda e: (e.client, e.server))  # -o json too: checked
+        headers, csv_headers, cells = service_columns(args.group_by)
         if args.output == "json":
             out.write(to_json_text(doc, indent=2) + "\n")
         elif args.output == "csv":
-            write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-        elif write_table(out, EDGE_HEADERS, (edge_cells(e) for e in edges), color=color) == 0:
+            write_csv(out, csv_headers, (cells(e, True) for e in edges))
+        elif write_table(out, headers, (cells(e, False) for e in edges), color=color) == 0:
             print("eastwest graph: no edges in this window", file=sys.stderr)
     return 0

@@ -28,6 +28,7 @@ examples:
   eastwest top --by resets --since 1d            which connections break most once open
   eastwest top --to-workload db --by failures --not --outcome ok --since 1h
   eastwest top --by retransmits --group-by host  lossy host pairs
+  eastwest top --group-by service --by failures  which Services fail most (BACKENDS: who served)
 
 FAILED counts connections never established (refused or timed out), RESETS those reset after
 they were established (--not --outcome ok selects both); --by ranks by the column it names.
@@ -56,7 +57,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
-    from eastwest.cli._edges import EDGE_CSV, EDGE_HEADERS, METRICS, edge_cells, edge_csv, edges_of
+    from eastwest.cli._edges import METRICS, edges_of, service_columns
     from eastwest.errors import ConfigError
     from eastwest.output import to_json_text, write_csv, write_table
 
@@ -71,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
         edges = [e for e in edges if getattr(e, attr) > 0]
         if args.limit:
             edges = edges[: args.limit]
+        headers, csv_headers, cells = service_columns(args.group_by)
         if args.output == "json":
             out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
         elif args.output == "csv":
-            write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-        elif write_table(out, ("#", *EDGE_HEADERS), ((i, *edge_cells(e)) for i, e in
-                                                     enumerate(edges, 1)), color=color) == 0:
+            write_csv(out, csv_headers, (cells(e, True) for e in edges))
+        elif write_table(out, ("#", *headers), ((i, *cells(e, False)) for i, e in
+                                                 enumerate(edges, 1)), color=color) == 0:
             print(f"eastwest top: no edge with any {args.by} in this window", file=sys.stderr)
     return 0
