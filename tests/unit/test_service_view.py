@@ -165,3 +165,43 @@ def test_to_service_values_and_the_services_section():
     assert m.service_at("10.96.0.1", 80) == ("n", "a")
     assert m.service_at("10.96.0.1", 443) == ("n", "b")
     assert m.service_at("10.96.0.2", 80) is None
+
+
+class _Cluster:
+    """The Kubernetes layer as the resolver sees it (aggregator/k8s/watch.py
+    `KubernetesIdentity` without its watch threads): lookups and Service addresses of a real
+    index fed the objects a watch would deliver."""
+
+    def __init__(self, index) -> None:
+        self.index = index
+
+    def lookup(self, ip, port, at):
+        return self.index.lookup(ip, at.timestamp())
+
+    def service_addresses(self, namespace, name):
+        return self.index.service_addresses(namespace, name)
+
+
+def test_the_kubernetes_layer_names_services_and_resolves_names_to_clusterips():
+    from aggregator.k8s.index import Index
+    from tests.k8s_fake import pod, service
+
+    ix = Index()
+    ix.replace("services", [service("api", "shop", ["10.96.0.11", "fd00:96::11"]),
+                            service("db", "shop", ["10.96.0.12"])])
+    ix.replace("pods", [pod("api-0", "shop", "10.244.2.11", "h2")])
+    names = ServiceNames(IdentityResolver(None, [_Cluster(ix)]))
+    assert names.name_of("10.96.0.11", 80) == ServiceRef("shop", "api")
+    assert names.name_of("fd00:96::11", 443) == ServiceRef("shop", "api")
+    assert names.name_of("10.244.2.11", 8080) is None  # a pod is no Service
+    assert names.addresses(ServiceRef("shop", "api")) == ["10.96.0.11", "fd00:96::11"]
+    flt = resolve_filter(Filter.build([("to_service", "shop/db", False),
+                                       ("to_service", "10.96.1.0/24", False)]), names)
+    assert [str(v) for v in flt.clauses[0].values] == ["10.96.0.12/32", "10.96.1.0/24"]
+    ix.apply("services", "DELETED", service("db", "shop", ["10.96.0.12"]))
+    assert names.addresses(ServiceRef("shop", "db")) == []
+    # the static map's `services` comes first
+    both = ServiceNames(IdentityResolver(
+        StaticMap([], services=[{"match": "10.96.0.11", "name": "api-v2", "namespace": "shop"}]),
+        [_Cluster(ix)]))
+    assert both.name_of("10.96.0.11", 80) == ServiceRef("shop", "api-v2")
