@@ -276,13 +276,13 @@ def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
     if not plan.services:
         return {"workloads": entries}
     services: list[dict[str, object]] = []
-    for svc in cluster.cluster_services(plan):
-        services.append({"match": svc["cluster_ip"], "name": svc["name"],
-                         "namespace": svc["namespace"]})
-        if svc["node_port"]:
-            np = svc["node_port"]
-            services.append({"match": f"{np['ip']}:{np['port']}", "name": svc["name"],
-                             "namespace": svc["namespace"]})
+    for cs in cluster.cluster_services(plan):
+        services.append({"match": cs["cluster_ip"], "name": cs["name"],
+                         "namespace": cs["namespace"]})
+        if cs["node_port"]:
+            np = cs["node_port"]
+            services.append({"match": f"{np['ip']}:{np['port']}", "name": cs["name"],
+                             "namespace": cs["namespace"]})
     return {"workloads": entries, "services": services}
 
 
