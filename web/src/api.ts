@@ -106,7 +106,13 @@ export interface GraphEdge {
   byte_mismatches: number; rtt_us: { min: number; avg: number; max: number } | null;
   ports: number[]; protocols: string[]; first_seen: string | null; last_seen: string | null;
   complete: boolean; observed_by: Record<string, number>; folded: number;
+  // the Service view only (group_by=service, docs/api.md): the Service this edge ends at, and
+  // the backend workloads that served its connections
+  service?: { id: string; name: string | null; namespace: string | null; addresses: string[] } | null;
+  backends?: Backend[];
 }
+export interface Backend { id: string; name: string; namespace: string | null; kind: string | null;
+  connections: number; connections_opened: number }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
   // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
   // null when the volumes come from the connections themselves
@@ -126,6 +132,8 @@ export interface Flow {
   bytes_c2s: number; bytes_s2c: number; retransmits: number; resets: number;
   tunnel: { type: "vxlan" | "geneve" | "vxlan-gpe"; vni: number; vtep_src: string; vtep_dst: string; vtep_src_host: string | null;
             vtep_dst_host: string | null } | null;
+  service_ip?: string | null; service_port?: number | null;
+  service?: { namespace: string | null; name: string } | null;
 }
 export interface Flows { flows: Flow[]; count: number; next_cursor: string | null; sort: string; filter: string }
 export interface DiffEdge { source: string; target: string; connections_opened: number;
