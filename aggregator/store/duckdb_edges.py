@@ -91,8 +91,9 @@ _dec = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
 
 
-def _counts_sql(q: EdgeQuery, where: str) -> str:
-    cg, sg = groups(q)
+def _counts_sql(group_by: str, where: str, q: EdgeQuery | None = None) -> str:
+    """`q`: the query whose groups to use (`service` needs its `services`)."""
+    cg, sg = groups(q) if q is not None else GROUPS[group_by]
     # which observer sets the edge's connections have, as bits: one bit (nearly every edge)
     # means all `n` have that set; several, or a set outside OBSERVER_SETS (bit 7), and the
     # detail query counts them. (Seven filtered counts cost ~2x the whole rest of the scan.)
@@ -189,7 +190,7 @@ class EdgeQueries:
         can answer the filter, else from those connections."""
         pc = DuckParams(start=3)  # $1, $2: the window
         where = compile_filter(q.filter, CONN_FILTER_COLUMNS, pc)
-        counts = _counts_sql(q, where)
+        counts = _counts_sql(q.group_by, where, q)
         args: list[Any] = [q.since, q.until, *pc.values]
         from_rollups = q.volumes_from_rollups
         # a workload node's name, namespace and kind: its row in `workloads` (keyed by the same
