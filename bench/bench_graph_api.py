@@ -15,10 +15,10 @@ Target (issue #6): p95 at most 200 ms at 10 million flows. The load average is p
 machine is shared.
 
 `--group-by service` asks for the Service view instead (issue 16, aggregator/service_view.py):
-3 of every 4 generated connections dialled their server workload's Service (a ClusterIP of
-10.96.0.0/16, named in the workload map's `services` section), so the view has an edge client ->
-Service (with its backends) and an edge client -> workload per pair: twice the edges of the
-workload view. The peer stays the workload view's bare GROUP BYs.
+the connections of 3 of every 4 (client, server) pairs dialled the server workload's Service (a
+ClusterIP of 10.96.0.0/16, one per workload, named in the workload map's `services` section), so
+7,500 of the 10,000 edges end at a Service and list its backends. The peer stays the workload
+view's bare GROUP BYs.
 
     python bench/bench_graph_api.py [--flows 10000000] [--requests 40] [--data DIR]
                                     [--group-by workload|service]

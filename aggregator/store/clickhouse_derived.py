@@ -21,7 +21,7 @@ from aggregator.connection import Connection
 from aggregator.store.clickhouse_schema import BOOL_COLUMNS, TIME_COLUMNS
 from aggregator.store.derived import CONN_DECODER, ROLLUP_COUNTERS
 from aggregator.store.duckdb_derived import SHOWN, fold_edges
-from aggregator.store.query import ConnectionQuery, EdgeQuery, service_group
+from aggregator.store.query import ConnectionQuery, EdgeQuery, service_group, service_rows
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
     ROLLUP_FILTER_COLUMNS,
@@ -43,7 +43,13 @@ GROUPS = {
 def groups(q: EdgeQuery) -> tuple[str, str]:
     """The client and server group expressions of a query (`service`: aggregator/service_view.py)."""
     if q.group_by == "service":
-        return "client_wid", service_group(q.services, "toString({})")
+        rows = service_rows(q.services)
+        # transform(): a lookup of `ip port` in the query's Services, NULL when absent
+        keys = ", ".join(f"'{ip} {port}'" for ip, port, _ in rows)
+        nodes = ", ".join(f"'{node}'" for _, _, node in rows)
+        mapped = (f"nullIf(transform(concat(service_ip, ' ', toString(service_port)), [{keys}], "
+                  f"[{nodes}], ''), '')" if rows else "NULL")
+        return "client_wid", service_group(mapped, "toString({})")
     return GROUPS[q.group_by]
 
 

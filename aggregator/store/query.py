@@ -101,22 +101,27 @@ class EdgeQuery:
         return self.group_by != "service" and rollups_can_answer(self.filter)
 
 
-def service_group(services: tuple[tuple[str, int, int], ...], as_text: str) -> str:
-    """The server end of a connection in the Service view, as SQL: its server workload when it
-    dialled no Service, else `svc#<index>` of its (service_ip, service_port) in `services`, else
-    `svc:<ip>:<port>`. `as_text`: the dialect's cast of the port to text (`{}` is the column).
-    Addresses are checked to be IP addresses and ports integers before they are spliced (no
-    parameter: the same text goes into several queries of the edge builder)."""
+def service_rows(services: tuple[tuple[str, int, int], ...]) -> list[tuple[str, int, str]]:
+    """`services` as (ip, port, node) rows safe to write into SQL as literals: addresses
+    checked to be IP addresses in canonical form, ports and indexes integers (no parameters:
+    the same text goes into several queries of the edge builder)."""
     import ipaddress
 
-    whens = []
+    out = []
     for ip, port, i in services:
         if str(ipaddress.ip_address(ip)) != ip:
             raise ValueError(f"service address {ip!r} is not in canonical form")
-        whens.append(f"WHEN service_ip = '{ip}' AND service_port = {int(port)} "
-                     f"THEN 'svc#{int(i)}'")
-    return (f"CASE WHEN service_ip IS NULL THEN server_wid {' '.join(whens)} "
-            f"ELSE concat('svc:', service_ip, ':', {as_text.format('service_port')}) END")
+        out.append((ip, int(port), f"svc#{int(i)}"))
+    return out
+
+
+def service_group(mapped: str, as_text: str) -> str:
+    """The server end of a connection in the Service view, as SQL: its server workload when it
+    dialled no Service, else `mapped` (the dialect's lookup of (service_ip, service_port) in the
+    query's `services`: `svc#<index>`, NULL when absent), else `svc:<ip>:<port>`. `as_text`: the
+    dialect's cast of the port to text (`{}` is the column)."""
+    return (f"CASE WHEN service_ip IS NULL THEN server_wid ELSE coalesce({mapped}, "
+            f"concat('svc:', service_ip, ':', {as_text.format('service_port')})) END")
 
 
 def rollups_can_answer(flt: Filter) -> bool:
