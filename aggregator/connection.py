@@ -16,6 +16,11 @@ Rules (docs/aggregator.md):
   stored row null, not 0, when no view counted them (`packets()`).
 - `byte_mismatch`: the client's and the server's final byte counts (or a final path count against
   them) differ by more than the retransmitted segments can explain (retransmits x MSS).
+- Drops (records of source `drops`): one view per collector and drop reason (slot
+  `drops:<collector>:<reason>`, its packets in `packets_c2s`). They count for the connection's
+  time span, `observed_by` and `incomplete`, never for its counters, connect or byte checks; they
+  close it only when nothing else observed it (a drop source's final record means "no drop for
+  a while", not "closed"). `drops()`: packets by reason, summed over the collectors.
 
 The properties below define each value; `summary()` computes all of them in one pass over the
 views (what the store writes for every connection a batch touched), and must agree with them
@@ -29,12 +34,17 @@ from typing import NamedTuple
 
 import msgspec
 
+from eastwest.filters import dropped_outcome, outcome_of
+
 MSS = 1460  # the bytes one retransmitted segment can add on the wire (Ethernet MSS)
 _NO_BYTES = (None, None)
 # observed_by as stored (",client,path,": sorted, comma-wrapped) by bit set client=1 path=2 server=4
-_OBSERVED = {m: "," + ",".join(n for b, n in ((1, "client"), (2, "path"), (4, "server")) if m & b) + ","
-             for m in range(1, 8)}
-_OBS_BIT = {"client": 1, "path": 2, "server": 4}
+# (drops=8: appended, it sorts after client)
+_OBSERVED = {m: "," + ",".join(n for b, n in ((1, "client"), (8, "drops"), (2, "path"), (4, "server"))
+                               if m & b) + ","
+             for m in range(1, 16)}
+_OBS_BIT = {"client": 1, "path": 2, "server": 4, "drops": 8}
+DROPS = "drops"  # the observer of a drops view (a record of source `drops`)
 
 
 def _mismatch(client: View | None, server: View | None, final_paths: list[View],
@@ -77,6 +87,7 @@ class Summary(NamedTuple):
     path_bytes: tuple[int | None, int | None]
     byte_mismatch: bool
     incomplete: bool
+    drops: tuple[tuple[str, int], ...] | None = None  # packets by reason (sorted); None: no drops view
 
 
 # gc=False (as for FlowRecord): the correlator's index holds these for every recent connection,
@@ -86,7 +97,7 @@ class Summary(NamedTuple):
 class View(msgspec.Struct, frozen=True, gc=False):
     """One observer's latest cumulative view of the connection."""
 
-    observer: str          # client | server | path
+    observer: str          # client | server | path | drops
     collector: str
     start: datetime
     end: datetime
@@ -100,11 +111,18 @@ class View(msgspec.Struct, frozen=True, gc=False):
     connect: str | None = None
     rtt: tuple[int, int, int] | None = None
     incomplete: bool = False
+    reason: str | None = None  # a drops view's drop reason (appended: older states have none)
 
     @property
     def slot(self) -> str:
-        """Views are keyed by observer; every wire observer (collector) has its own."""
-        return self.observer if self.observer != "path" else f"path:{self.collector}"
+        """Views are keyed by observer; every wire observer (collector) has its own, and every
+        drop source one per drop reason."""
+        obs = self.observer
+        if obs == "client" or obs == "server":
+            return obs
+        if obs == DROPS:
+            return f"drops:{self.collector}:{self.reason}"
+        return f"path:{self.collector}"
 
 
 class Identity(msgspec.Struct, frozen=True, gc=False):
@@ -219,20 +237,49 @@ class Connection(msgspec.Struct, gc=False):
     def observed_by(self) -> list[str]:
         return sorted({v.observer for v in self.views.values()})
 
+    def _closing(self) -> list[View]:
+        """The views whose `final` closes the connection: all but the drops views, or the drops
+        views when nothing else observed it."""
+        views = [v for v in self.views.values() if v.observer != DROPS]
+        return views or list(self.views.values())
+
     @property
     def closed(self) -> bool:
-        return any(v.final for v in self.views.values())
+        return any(v.final for v in self._closing())
 
     @property
     def closed_at(self) -> datetime | None:
-        ends = [v.end for v in self.views.values() if v.final]
+        ends = [v.end for v in self._closing() if v.final]
         return min(ends) if ends else None
+
+    def drops(self) -> dict[str, int] | None:
+        """Dropped packets by reason, summed over the drop sources; None without drops views."""
+        out: dict[str, int] | None = None
+        for v in self.views.values():
+            if v.observer == DROPS:
+                out = out if out is not None else {}
+                out[v.reason or "UNKNOWN"] = out.get(v.reason or "UNKNOWN", 0) + (v.packets_c2s or 0)
+        return dict(sorted(out.items())) if out is not None else None
+
+    def outcome(self) -> str:
+        """One word for how it went (eastwest.filters `outcome_of`; `dropped` when it has drops
+        and never got through)."""
+        connect = self.connect
+        return outcome_of(connect, self.best()[5], dropped_outcome(
+            connect, self.drops() is not None, self.dropped_only))
+
+    @property
+    def dropped_only(self) -> bool:
+        """Only drop sources observed it (a SYN dropped before any socket or wire saw it)."""
+        return all(v.observer == DROPS for v in self.views.values())
 
     def best(self) -> tuple[int, int, int, int, int, int]:
         """(bytes_c2s, bytes_s2c, packets_c2s, packets_s2c, retransmits, resets), cumulative."""
         sock = spk = False  # a socket view; a socket view that counted packets
         sb1 = sb2 = sret = pb1 = pb2 = pk1 = pk2 = sk1 = sk2 = pret = res = 0
         for k, v in self.views.items():
+            if v.observer == DROPS:
+                continue
             if v.resets > res:
                 res = v.resets
             if k == "client" or k == "server":
@@ -272,6 +319,8 @@ class Connection(msgspec.Struct, gc=False):
         b = self.best()
         counted = [False, False]
         for v in self.views.values():
+            if v.observer == DROPS:
+                continue
             counted[0] = counted[0] or v.packets_c2s is not None
             counted[1] = counted[1] or v.packets_s2c is not None
         return (b[2] if counted[0] else None, b[3] if counted[1] else None)
@@ -331,12 +380,24 @@ class Connection(msgspec.Struct, gc=False):
         hp1 = hp2 = False  # a view counted packets (c2s, s2c)
         connect = rtt = None
         final_paths = []
+        drops: dict[str, int] | None = None
+        drops_closed = None  # the drops views' closing time (used when nothing else saw it)
         for k, v in self.views.items():
             s, e = v.start, v.end
             if start is None or s < start:
                 start = s
             if last is None or e > last:
                 last = e
+            if v.observer == DROPS:
+                mask |= 8
+                if v.incomplete:
+                    inc = True
+                if v.final and (drops_closed is None or e < drops_closed):
+                    drops_closed = e
+                drops = drops if drops is not None else {}
+                r = v.reason or "UNKNOWN"
+                drops[r] = drops.get(r, 0) + (v.packets_c2s or 0)
+                continue
             if v.final:
                 if closed_at is None or e < closed_at:
                     closed_at = e
@@ -399,10 +460,13 @@ class Connection(msgspec.Struct, gc=False):
                 rtt = side.rtt
                 break
         assert start is not None and last is not None, "a connection has at least one view"
+        if mask == 8:
+            closed_at = drops_closed
         return Summary(
             start, last, closed_at, _OBSERVED[mask], connect, best,
             (pk1 if hp1 else None, pk2 if hp2 else None), rtt,
             (client.bytes_c2s, client.bytes_s2c) if client is not None else _NO_BYTES,
             (server.bytes_c2s, server.bytes_s2c) if server is not None else _NO_BYTES,
             (pb1, pb2) if paths else _NO_BYTES,
-            closed_at is not None and _mismatch(client, server, final_paths, best[4]), inc)
+            closed_at is not None and _mismatch(client, server, final_paths, best[4]), inc,
+            tuple(sorted(drops.items())) if drops is not None else None)

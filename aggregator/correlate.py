@@ -16,6 +16,13 @@ Join rule (reused ports, clock skew): a record joins a connection with its key w
   connection's [start - slack, last_seen + slack] (slack: clock skew between hosts).
 Otherwise it opens a new connection. Among several candidates the closest start wins.
 
+Drops (records of source `drops`, docs/aggregator.md "Drops"): the observer is the drop source of
+the record's collector, and the rule above applies to it (its view: any drops view of that
+collector); the record's packets go to one view per drop reason (`drops:<collector>:<reason>`),
+each superseded like any view. A drops record that joins nothing opens a connection of its own
+(a SYN dropped by policy before any socket or wire saw it); a socket record that arrives later
+joins it by the same rule, so the order of arrival does not matter.
+
 Volumes: counters are cumulative per observer; the change of the connection's best counters
 (aggregator/connection.py) at each record is a delta, attributed to the minute of the record's
 `end` (negative when the first socket view arrives behind a wire view: the deltas always add up
@@ -45,7 +52,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from aggregator import service
-from aggregator.connection import Connection, Counters6, Identity, Naming, ProcInfo, Tunnel, View
+from aggregator.connection import (
+    DROPS,
+    Connection,
+    Counters6,
+    Identity,
+    Naming,
+    ProcInfo,
+    Tunnel,
+    View,
+)
 from aggregator.identity import Facts, IdentityResolver, better
 from eastwest.clock import Clock, SystemClock
 from eastwest.filters import is_link_local
@@ -94,6 +110,12 @@ def _add_minute(volumes: tuple[tuple[datetime, Counters6], ...], minute: datetim
 
 def _six(v: Sequence[int]) -> Counters6:
     return (v[0], v[1], v[2], v[3], v[4], v[5])
+
+
+def _superseded(old: View | None, rec: FlowRecord) -> bool:
+    """Whether the view `old` of the record's slot supersedes the record (see `_apply`)."""
+    return old is not None and ((old.final and not rec.final)
+                                or (old.end > rec.end and (old.final or not rec.final)))
 
 
 def key_of(rec: FlowRecord) -> tuple[str, str, int, str, int, int]:
@@ -242,7 +264,11 @@ class Correlator:
         best: tuple[float, Connection] | None = None
         slack = self.slack
         for c in cands:
-            mine = c.views.get(slot)
+            if slot.startswith("drops:"):  # the drop source's view: any of its reasons
+                mine = next((v for v in c.views.values()
+                             if v.observer == DROPS and v.collector == rec.collector), None)
+            else:
+                mine = c.views.get(slot)
             if mine is not None:
                 if mine.start != rec.start:
                     continue
@@ -258,8 +284,12 @@ class Correlator:
 
     def _apply(self, plan: Plan, rec: FlowRecord,
                bests: dict[str, tuple[int, int, int, int, int, int]]) -> None:
-        obs = rec.observer
-        slot = obs if obs != "path" else "path:" + rec.collector
+        obs: str = rec.observer
+        if rec.source == "drops":
+            obs = DROPS
+            slot = "drops:" + rec.collector
+        else:
+            slot = obs if obs != "path" else "path:" + rec.collector
         c_ep, s_ep = rec.client, rec.server
         key = (rec.protocol, c_ep.ip, c_ep.port, s_ep.ip, s_ep.port,
                (rec.netns or 0) if rec.loopback else 0)
@@ -273,15 +303,20 @@ class Correlator:
             plan.new_by_key.setdefault(key, []).append(cid)
             plan.connections[cid] = conn
             before = _ZERO
+            if obs == DROPS:
+                self._drops(conn, rec)
+                return
         else:
             cid = found.conn_id
             planned = plan.connections.get(cid)
             if planned is None:
                 planned = plan.connections[cid] = found.clone()
             conn = planned
+            if obs == DROPS:
+                self._drops(conn, rec)
+                return
             old = conn.views.get(slot)
-            if old is not None and ((old.final and not rec.final)
-                                    or (old.end > rec.end and (old.final or not rec.final))):
+            if _superseded(old, rec):
                 # an interim after the observer's final, or a late interim: the final (or the
                 # newer cumulative) view supersedes it. A final record always wins over interims
                 # (one final per observer) and an interim never reopens a final view: a packet
@@ -324,6 +359,19 @@ class Correlator:
             naming = conn.naming
             if naming is not None:  # remembered, to move with a name that changes
                 conn.naming = Naming(naming.until, _add_minute(naming.volumes, minute, delta))
+
+    @staticmethod
+    def _drops(conn: Connection, rec: FlowRecord) -> None:
+        """A drops record's packets, one view per reason (in the record's order), each kept
+        unless the view it would replace supersedes it. Drops add no volumes (best counters)
+        and name no end (the drop source knows addresses only)."""
+        inc = bool(rec.incomplete)
+        for d in rec.drops or ():
+            slot = f"drops:{rec.collector}:{d.reason}"
+            if _superseded(conn.views.get(slot), rec):
+                continue
+            conn.views[slot] = View(DROPS, rec.collector, rec.start, rec.end, rec.final, 0, 0,
+                                    d.packets, None, 0, 0, None, None, inc, d.reason)
 
     @staticmethod
     def _rollup_key(conn: Connection, minute: datetime) -> RollupKey:

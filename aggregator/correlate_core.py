@@ -36,7 +36,7 @@ from eastwest.record import FlowRecord
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-_OBS = {"client": 0, "server": 1, "path": 2}
+_OBS = {"client": 0, "server": 1, "path": 2, "drops": 3}
 _CONNECT = {None: 0, "ok": 1, "refused": 2, "timeout": 3, "reset": 4}
 _CHUNK = 100_000  # connections per `rows` call when materializing them all
 # after a prune, the dictionaries are compacted once they hold more entries than this many
@@ -400,7 +400,8 @@ def _load_matrices(core: NativeCore, conns: list[Connection]) -> tuple[
             views.append([_OBS[v.observer], S.id(v.collector), _checked_time(v.start, "start"),
                           _checked_time(v.end, "end"), int(v.final), v.bytes_c2s, v.bytes_s2c,
                           v.packets_c2s, v.packets_s2c, v.retransmits, v.resets,
-                          _CONNECT[v.connect], *rtt, int(v.incomplete)])
+                          _CONNECT[v.connect], *rtt, int(v.incomplete),
+                          S.id(v.reason) if v.reason is not None else None])
         for minute, counters in vol:
             vols.append([us(minute), *counters])
     lm = np.array(vols, dtype=np.int64).reshape(-1, native.LM_NCOL).T

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from aggregator import service
+from aggregator.correlate_drops import DropsInputError, drop_rows
 from aggregator.correlate_native import INPUT_ARRAYS, Input
 from aggregator.correlate_registry import (
     Addresses,
@@ -46,7 +47,7 @@ from eastwest.record import dialled_of
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_MIN = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
 TIME_MAX = (datetime(2100, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
-OBSERVERS = {"client": 0, "server": 1, "path": 2}
+OBSERVERS = {"client": 0, "server": 1, "path": 2}  # 3: drops rows (aggregator/correlate_drops.py)
 CONNECTS = {"ok": 1, "refused": 2, "timeout": 3, "reset": 4}
 TUNNEL_TYPES = {"vxlan": 1, "geneve": 2, "vxlan-gpe": 3}  # the C core's codes (0: no tunnel)
 KNOWS_OWN_SIDE, KNOWS_CLIENT_WL, KNOWS_SERVER_WL = 1, 2, 4
@@ -124,6 +125,10 @@ class Preparer:
         self.resolver_calls = 0  # resolutions asked of the resolver (tests: per distinct facts)
 
     def prepare(self, table: pa.Table, collector: str | None) -> Batch:
+        try:
+            expansion = drop_rows(table)  # drops records: one row per reason, applied below
+        except DropsInputError as exc:
+            raise InputError(f"column 'extra': {exc}") from None
         n = table.num_rows
         b = Batch(n)
         a = b.arrays
@@ -202,6 +207,13 @@ class Preparer:
             a[f"cand_{side}"] = self._candidates(ip, port, obs == code, a["has_pid"].astype(bool),
                                                  a["comm"], cont, coll, wl, start)
         a["svc_ip"], a["svc_port"], a["svc_rank"] = self._dialled(table)
+        if expansion is None:
+            a["reason"] = np.full(n, -1, dtype=np.int32)
+        else:
+            expansion.apply(a, skip=("order",))
+            a["reason"] = S.ids(pa.array(expansion.reasons, pa.string()))
+            a["order"] = np.argsort(a["end"], kind="stable").astype(np.int64)
+            b.n = len(expansion.idx)
         for name in INPUT_ARRAYS:
             a[name] = np.ascontiguousarray(a[name])
         return b

@@ -182,11 +182,21 @@ void ew_conn_bounds(ew_state *st, ew_conn *c)
     c->last = e;
 }
 
+/* connection.Connection.closed: a final view other than a drop source's, or, when only drop
+ * sources observed the connection, a final drops view */
 int ew_is_closed(const ew_state *st, const ew_conn *c)
 {
-    for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next)
-        if (st->views[v].flags & VF_FINAL) return 1;
-    return 0;
+    int others = 0, drops_final = 0;
+    for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next) {
+        const ew_view *w = &st->views[v];
+        if (w->observer == OBS_DROPS) {
+            if (w->flags & VF_FINAL) drops_final = 1;
+            continue;
+        }
+        others = 1;
+        if (w->flags & VF_FINAL) return 1;
+    }
+    return !others && drops_final;
 }
 
 /* connection.Connection.best(): the socket views' maxima (retransmits: their sum), else the
@@ -199,6 +209,7 @@ int ew_best(ew_state *st, const ew_conn *c, int64_t out[6])
     int64_t sk1 = 0, sk2 = 0;
     for (uint32_t vi = c->views; vi != EW_NONE; vi = st->views[vi].next) {
         const ew_view *v = &st->views[vi];
+        if (v->observer == OBS_DROPS) continue; /* drops count no volumes */
         if (v->resets > res) res = v->resets;
         if (v->observer != OBS_PATH) {
             sock = 1;

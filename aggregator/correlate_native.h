@@ -26,10 +26,12 @@
 
 #define EW_NONE 0xffffffffu /* no index / no string */
 
-enum { OBS_CLIENT = 0, OBS_SERVER = 1, OBS_PATH = 2 };
+/* OBS_DROPS: a drop source (a record of source `drops`), one view per collector and reason */
+enum { OBS_CLIENT = 0, OBS_SERVER = 1, OBS_PATH = 2, OBS_DROPS = 3 };
 enum { CONNECT_NONE = 0, CONNECT_OK = 1, CONNECT_REFUSED = 2, CONNECT_TIMEOUT = 3,
        CONNECT_RESET = 4 };
-enum { OUTCOME_OK = 0, OUTCOME_REFUSED = 1, OUTCOME_TIMEOUT = 2, OUTCOME_RESET = 3 };
+enum { OUTCOME_OK = 0, OUTCOME_REFUSED = 1, OUTCOME_TIMEOUT = 2, OUTCOME_RESET = 3,
+       OUTCOME_DROPPED = 4 };
 
 /* errors (negative returns); the message is in ew_corr_error() */
 enum { EW_E_STATE = -1, EW_E_OVERFLOW = -2, EW_E_IDS = -3, EW_E_NOMEM = -4, EW_E_INPUT = -5 };
@@ -52,6 +54,7 @@ typedef struct {        /* one observer's latest cumulative view (connection.Vie
     int64_t rtt[3];
     uint32_t collector; /* string id */
     uint32_t next;      /* the connection's next view (insertion order), EW_NONE at the end */
+    uint32_t reason;    /* OBS_DROPS: the drop reason (string id; packets in p_c2s), else EW_NONE */
     uint8_t observer, flags, connect;
 } ew_view;
 
@@ -159,6 +162,7 @@ typedef struct {          /* one batch, column by column (aggregator/correlate_i
     const int32_t *cand_client, *cand_server;    /* what the observer knows of each end */
     const int32_t *svc_ip, *svc_port;            /* the dialled address (nat), -1: none */
     const int64_t *svc_rank;
+    const int32_t *reason;     /* OBS_DROPS rows: the drop reason (string id), else -1 */
     int64_t n_ids;
     const uint8_t *ids;        /* 16 bytes per connection id, used in order */
     int64_t at;                /* the plan's wall clock (µs) */
@@ -174,7 +178,7 @@ typedef struct {          /* one batch, column by column (aggregator/correlate_i
     X(CCOMM) X(CNETNS) X(CCONTAINER) X(CCOLLECTOR) X(SPID) X(SCOMM) X(SNETNS) X(SCONTAINER)   \
     X(SCOLLECTOR) X(VNI) X(VTEP_SRC) X(VTEP_DST) X(VTEP_SRC_HOST) X(VTEP_DST_HOST)            \
     X(TUNNEL_TYPE) X(UNTIL) X(CREATED) X(RENAMED) X(HAS_DELTA) X(D0) X(D1) X(D2) X(D3) X(D4) X(D5) \
-    X(SVC_IP) X(SVC_PORT)
+    X(SVC_IP) X(SVC_PORT) X(DROPPED)
 #define X(name) OUT_##name,
 enum { EW_OUT_COLUMNS OUT_NCOL };
 #undef X
@@ -203,7 +207,7 @@ enum { EW_LD_COLUMNS LD_NCOL };
 
 #define EW_LV_COLUMNS X(OBSERVER) X(COLLECTOR) X(START) X(END) X(FINAL) X(B_C2S) X(B_S2C) \
     X(P_C2S) X(P_S2C) X(RETRANS) X(RESETS) X(CONNECT) X(RTT_MIN) X(RTT_AVG) X(RTT_MAX)    \
-    X(INCOMPLETE)
+    X(INCOMPLETE) X(REASON)
 #define X(name) LV_##name,
 enum { EW_LV_COLUMNS LV_NCOL };
 #undef X

@@ -49,7 +49,8 @@ INPUT_ARRAYS = (
     "b_s2c", "p_c2s", "p_s2c", "retrans", "resets", "has_p_c2s", "has_p_s2c", "has_rtt",
     "has_pid", "has_netns", "rtt_min", "rtt_avg", "rtt_max", "pid", "netns", "comm",
     "container", "collector", "vni", "outer_src", "outer_dst", "vtep_src_host",
-    "vtep_dst_host", "tunnel_type", "cand_client", "cand_server", "svc_ip", "svc_port", "svc_rank")
+    "vtep_dst_host", "tunnel_type", "cand_client", "cand_server", "svc_ip", "svc_port", "svc_rank",
+    "reason")
 
 
 class Input(ctypes.Structure):
@@ -67,7 +68,8 @@ LD_NAMES = ("PROTOCOL", "FAMILY", "CIP", "CPORT", "SIP", "SPORT", "SCOPE", "CLIE
             "VTEP_DST", "VTEP_SRC_HOST", "VTEP_DST_HOST", "TUNNEL_TYPE", "NVIEWS", "NVOLS",
             "SVC_IP", "SVC_PORT", "SVC_RANK")
 LV_NAMES = ("OBSERVER", "COLLECTOR", "START", "END", "FINAL", "B_C2S", "B_S2C", "P_C2S", "P_S2C",
-            "RETRANS", "RESETS", "CONNECT", "RTT_MIN", "RTT_AVG", "RTT_MAX", "INCOMPLETE")
+            "RETRANS", "RESETS", "CONNECT", "RTT_MIN", "RTT_AVG", "RTT_MAX", "INCOMPLETE",
+            "REASON")
 
 
 @dataclass(frozen=True)

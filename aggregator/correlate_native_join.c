@@ -24,12 +24,24 @@ static inline int64_t floor_div(int64_t a, int64_t b)
     return q;
 }
 
-/* the connection's view in the record's slot ("client", "server", "path:<collector>") */
+/* the connection's view in the record's slot ("client", "server", "path:<collector>"; for a
+ * drop source, its first view of any reason: the join rule's view of that observer) */
 static uint32_t find_view(const ew_state *st, const ew_conn *c, uint8_t obs, uint32_t coll)
 {
     for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next) {
         const ew_view *w = &st->views[v];
-        if (w->observer == obs && (obs != OBS_PATH || w->collector == coll)) return v;
+        if (w->observer == obs && (obs < OBS_PATH || w->collector == coll)) return v;
+    }
+    return EW_NONE;
+}
+
+/* a drop source's view of one reason ("drops:<collector>:<reason>") */
+static uint32_t find_drops_view(const ew_state *st, const ew_conn *c, uint32_t coll,
+                                uint32_t reason)
+{
+    for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next) {
+        const ew_view *w = &st->views[v];
+        if (w->observer == OBS_DROPS && w->collector == coll && w->reason == reason) return v;
     }
     return EW_NONE;
 }
@@ -177,10 +189,17 @@ static int set_view(ew_state *st, uint32_t ci, uint32_t v, const ew_input *in, i
     w->rtt[2] = in->has_rtt[i] ? in->rtt_max[i] : 0;
     w->collector = (uint32_t)in->collector[i];
     w->observer = in->observer[i];
+    w->reason = in->reason[i] < 0 ? EW_NONE : (uint32_t)in->reason[i];
     w->connect = in->connect[i];
     w->flags = (uint8_t)((in->final[i] ? VF_FINAL : 0) | (in->incomplete[i] ? VF_INCOMPLETE : 0) |
                          (in->has_p_c2s[i] ? VF_P_C2S : 0) | (in->has_p_s2c[i] ? VF_P_S2C : 0) |
                          (in->has_rtt[i] ? VF_RTT : 0));
+    if (w->observer == OBS_DROPS) { /* Correlator._drops: the reason's packets, nothing else */
+        w->b_c2s = w->b_s2c = w->p_s2c = w->retrans = w->resets = 0;
+        w->rtt[0] = w->rtt[1] = w->rtt[2] = 0;
+        w->connect = CONNECT_NONE;
+        w->flags = (uint8_t)((w->flags & (VF_FINAL | VF_INCOMPLETE)) | VF_P_C2S);
+    }
     ew_conn_bounds(st, &st->conns[ci]);
     return 0;
 }
@@ -383,8 +402,22 @@ static int apply(ew_state *st, const ew_input *in, const ew_tables *tb, int64_t 
     if (created) {
         ci = new_conn(st, in, tb, i, &key, &rc);
         if (ci == EW_NONE) return rc;
-    } else {
-        if (!st->conns[ci].touched && (rc = clone(st, ci)) < 0) return rc;
+    } else if (!st->conns[ci].touched && (rc = clone(st, ci)) < 0) {
+        return rc;
+    }
+    if (obs == OBS_DROPS) {
+        /* Correlator._drops: one row per reason (correlate_input.py expands a drops record),
+         * its view superseded like any; no volumes, no names, no side facts */
+        v = find_drops_view(st, &st->conns[ci], coll, (uint32_t)in->reason[i]);
+        if (v != EW_NONE) {
+            const ew_view *old = &st->views[v];
+            int old_final = (old->flags & VF_FINAL) != 0;
+            if ((old_final && !in->final[i]) || (old->end > re && (old_final || !in->final[i])))
+                return 0;
+        }
+        return set_view(st, ci, v, in, i);
+    }
+    if (!created) {
         v = find_view(st, &st->conns[ci], obs, coll);
         if (v != EW_NONE) {
             const ew_view *old = &st->views[v];

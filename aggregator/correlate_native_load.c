@@ -46,8 +46,10 @@ static int64_t visit_ids(ew_state *st, uint8_t *us, uint8_t *ua, uint8_t *ui, co
             id_visit(&c->tunnel.dst_host, us, ms);
         }
         if (c->svc_ip != EW_NONE) id_visit(&c->svc_ip, ua, ma);
-        for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next)
+        for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next) {
             id_visit(&st->views[v].collector, us, ms);
+            id_visit(&st->views[v].reason, us, ms); /* a drops view's reason */
+        }
     }
     return 0;
 }
@@ -244,6 +246,7 @@ int64_t ew_corr_load(ew_state *st, int64_t n, const uint8_t *ids, const int64_t 
             w->retrans = q[LV_RETRANS * nv];
             w->resets = q[LV_RESETS * nv];
             w->connect = (uint8_t)q[LV_CONNECT * nv];
+            w->reason = qok[LV_REASON * nv] ? (uint32_t)q[LV_REASON * nv] : EW_NONE;
             for (int j = 0; j < 3; j++) w->rtt[j] = (w->flags & VF_RTT) ? q[(LV_RTT_MIN + j) * nv] : 0;
             if (tail == EW_NONE) c->views = vi;
             else st->views[tail].next = vi;

@@ -76,7 +76,7 @@ static void mp_ts(wr_t *w, int64_t us)
 static inline void mp_bool(wr_t *w, int b) { put8(w, b ? 0xc3 : 0xc2); }
 static inline void mp_nil(wr_t *w) { put8(w, 0xc0); }
 
-static const char *const OBSERVER_NAME[] = {"client", "server", "path"};
+static const char *const OBSERVER_NAME[] = {"client", "server", "path", "drops"};
 static const char *const CONNECT_NAME[] = {NULL, "ok", "refused", "timeout", "reset"};
 
 static void mp_lit(wr_t *w, const char *s)
@@ -97,7 +97,8 @@ static uint64_t blob_bound(const ew_state *st, const ew_tables *tb, const ew_con
     uint64_t n = 16 + (uint64_t)(tb->id_labels[c->client + 1] - tb->id_labels[c->client]) +
                  (uint64_t)(tb->id_labels[c->server + 1] - tb->id_labels[c->server]) + 48;
     for (uint32_t v = c->views; v != EW_NONE; v = st->views[v].next)
-        n += 200 + str_len(tb, st->views[v].collector);
+        n += 200 + str_len(tb, st->views[v].collector) +
+             (st->views[v].reason != EW_NONE ? str_len(tb, st->views[v].reason) : 0);
     for (uint32_t m = c->volumes; m != EW_NONE; m = st->vols[m].next) n += 80;
     return n;
 }
@@ -111,7 +112,8 @@ static void write_blob(wr_t *w, const ew_state *st, const ew_tables *tb, const e
     mp_array(w, nv);
     for (uint32_t vi = c->views; vi != EW_NONE; vi = st->views[vi].next) {
         const ew_view *v = &st->views[vi];
-        put8(w, 0x9e); /* 14 fields, View's order */
+        /* 14 fields, View's order; a drops view has a 15th, its reason */
+        put8(w, v->reason != EW_NONE ? 0x9f : 0x9e);
         mp_lit(w, OBSERVER_NAME[v->observer]);
         put_bytes(w, tb->str_mp + tb->str_off[v->collector], str_len(tb, v->collector));
         mp_ts(w, v->start);
@@ -131,6 +133,8 @@ static void write_blob(wr_t *w, const ew_state *st, const ew_tables *tb, const e
             mp_nil(w);
         }
         mp_bool(w, v->flags & VF_INCOMPLETE);
+        if (v->reason != EW_NONE)
+            put_bytes(w, tb->str_mp + tb->str_off[v->reason], str_len(tb, v->reason));
     }
     put_bytes(w, tb->labels + tb->id_labels[c->client],
               (size_t)(tb->id_labels[c->client + 1] - tb->id_labels[c->client]));
@@ -210,8 +214,22 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     uint8_t connect = CONNECT_NONE;
     int64_t pb1 = 0, pb2 = 0;
     int hp1 = 0, hp2 = 0; /* a view counted packets: else the row's packets are null */
+    int has_drops = 0, drops_closed = 0;
+    int64_t dropped = 0, drops_closed_at = 0;
     for (uint32_t vi = c->views; vi != EW_NONE; vi = st->views[vi].next) {
         const ew_view *v = &st->views[vi];
+        if (v->observer == OBS_DROPS) { /* time span, observed_by, incomplete, drops only */
+            mask |= 8u;
+            if (v->flags & VF_INCOMPLETE) inc = 1;
+            if ((v->flags & VF_FINAL) && (!drops_closed || v->end < drops_closed_at)) {
+                drops_closed_at = v->end;
+                drops_closed = 1;
+            }
+            if (__builtin_add_overflow(dropped, v->p_c2s, &dropped))
+                return ew_fail(st, EW_E_OVERFLOW, "dropped packets of a connection exceed int64");
+            has_drops = 1;
+            continue;
+        }
         if (v->flags & VF_FINAL) {
             if (!closed || v->end < closed_at) closed_at = v->end;
             closed = 1;
@@ -229,6 +247,10 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
             if (v->b_c2s > pb1) pb1 = v->b_c2s;
             if (v->b_s2c > pb2) pb2 = v->b_s2c;
         }
+    }
+    if (mask == 8u) { /* only drop sources saw it: their final closes it */
+        closed = drops_closed;
+        closed_at = drops_closed_at;
     }
     /* connect and rtt: the client's first, then the server's, then any view's (in order) */
     if (cv && cv->connect) connect = cv->connect;
@@ -248,6 +270,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     SET(OUT_OBSERVED, mask);
     if (connect) SET(OUT_CONNECT, connect);
     SET(OUT_OUTCOME, connect == CONNECT_REFUSED ? OUTCOME_REFUSED
+                   : has_drops && (connect == CONNECT_TIMEOUT || mask == 8u) ? OUTCOME_DROPPED
                    : connect == CONNECT_TIMEOUT ? OUTCOME_TIMEOUT
                    : (best[5] > 0 || connect == CONNECT_RESET) ? OUTCOME_RESET : OUTCOME_OK);
     for (int k = 0; k < 6; k++)
@@ -280,6 +303,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     SET(OUT_RENAMED, t ? t->renamed : 0);
     SET(OUT_HAS_DELTA, t ? t->has_delta : 0);
     for (int k = 0; k < 6; k++) SET(OUT_D0 + k, t ? t->delta[k] : 0);
+    if (has_drops) SET(OUT_DROPPED, dropped);
     return 0;
 }
 

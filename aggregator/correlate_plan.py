@@ -33,15 +33,17 @@ from aggregator.store.derived import (
     WORKLOAD_SCHEMA,
     Derived,
     connection_of,
+    drop_reasons_of_blob,
 )
 
 TS = pa.timestamp("us", tz="UTC")
 EMPTY_ROWS = DUCKDB_CONN_SCHEMA.empty_table()
-_OBSERVED = pa.array([None] + ["," + ",".join(n for b, n in ((1, "client"), (2, "path"),
-                                                             (4, "server")) if m & b) + ","
-                               for m in range(1, 8)], pa.string())
+_OBSERVED = pa.array([None] + ["," + ",".join(n for b, n in ((1, "client"), (8, "drops"),
+                                                             (2, "path"), (4, "server"))
+                                               if m & b) + ","
+                               for m in range(1, 16)], pa.string())
 _CONNECT = pa.array([None, "ok", "refused", "timeout", "reset"], pa.string())
-_OUTCOME = pa.array(["ok", "refused", "timeout", "reset"], pa.string())
+_OUTCOME = pa.array(["ok", "refused", "timeout", "reset", "dropped"], pa.string())
 _TUNNEL = pa.array([None, "vxlan", "geneve", "vxlan-gpe"], pa.string())  # EW_TUNNEL_* codes
 _LITERALS = pa.concat_arrays([_OBSERVED, _CONNECT, _OUTCOME, _TUNNEL])
 IDENTITY_ATTRS = ("wid", "name", "namespace", "kind", "host", "source")
@@ -60,7 +62,7 @@ _NUMBERS = [
     ("byte_mismatch", "MISMATCH", B), ("incomplete", "INCOMPLETE", B),
     ("client_pid", "CPID", I64), ("client_netns", "CNETNS", I64),
     ("server_pid", "SPID", I64), ("server_netns", "SNETNS", I64), ("vni", "VNI", I32),
-    ("service_port", "SVC_PORT", I32)]
+    ("service_port", "SVC_PORT", I32), ("dropped", "DROPPED", I64)]
 _STRINGS = [("protocol", "PROTOCOL", 0), ("client_comm", "CCOMM", 0),
             ("client_container", "CCONTAINER", 0), ("client_collector", "CCOLLECTOR", 0),
             ("server_comm", "SCOMM", 0), ("server_container", "SCONTAINER", 0),
@@ -105,6 +107,16 @@ class ColumnPlan:
         return {row["conn_id"]: connection_of(row) for row in self.rows.to_pylist()}
 
 
+def _drop_reasons(has: np.ndarray, views: pa.Array) -> pa.Array:
+    """The `drop_reasons` column: from the views blobs of the rows with drops (few)."""
+    values: list[str | None] = [None] * len(has)
+    rows = np.nonzero(has)[0]
+    if len(rows):
+        for r, blob in zip(rows.tolist(), views.take(pa.array(rows)).to_pylist(), strict=True):
+            values[r] = drop_reasons_of_blob(blob)
+    return pa.array(values, pa.string())
+
+
 class Columns:
     """The registries' Arrow columns, to turn the C core's ids back into values."""
 
@@ -142,6 +154,7 @@ class Columns:
             got = take(table, idx, valid)
             for k, (name, _, _) in enumerate(items):
                 cols[name] = got.slice(k * n, n)
+        cols["drop_reasons"] = _drop_reasons(ok[col["DROPPED"]], cols["views"])
         who = np.concatenate([out[col["CLIENT"]], out[col["SERVER"]]])
         idents = self.idents.struct().take(pa.array(who, pa.int64()))
         for attr in IDENTITY_ATTRS:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
+from aggregator.dns_graph import apply_dns
 from aggregator.graph_edges import (
     EDGE_FIELDS,
     OTHER,
@@ -39,6 +40,7 @@ from aggregator.graph_edges import (
 from aggregator.graph_edges import iso as _iso
 from aggregator.store.base import ReadStore
 from aggregator.store.query import EdgeQuery
+from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.filters import Filter
 
 if TYPE_CHECKING:
@@ -56,24 +58,28 @@ class Window:
 
 def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None,
+               dns: DnsEdgeFilter | None = None,
                names: ServiceNames | None = None) -> GraphData:
     """`names`: what names a Service in the `service` grouping (aggregator/service_view.py)."""
+    q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
     if group_by == "service":
         from aggregator.service_view import service_graph
 
-        return service_graph(store, window.since, window.until, flt or Filter(), names, budget)
-    q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
-    data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
-                                "rollups" if q.volumes_from_rollups else "connections",
-                                str(q.filter))
+        data = service_graph(store, window.since, window.until, q.filter, names)
+    else:
+        data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
+                                    "rollups" if q.volumes_from_rollups else "connections",
+                                    str(q.filter))
+    apply_dns(data, store, q, dns)  # names from DNS answers, DNS of resolver edges
     data.fold(budget)
     return data
 
 
 def build_graph(store: ReadStore, window: Window, *, group_by: str = "workload",
                 flt: Filter | None = None, budget: int | None = None,
+                dns: DnsEdgeFilter | None = None,
                 names: ServiceNames | None = None) -> nx.DiGraph:
-    return graph_data(store, window, group_by=group_by, flt=flt, budget=budget,
+    return graph_data(store, window, group_by=group_by, flt=flt, budget=budget, dns=dns,
                       names=names).graph()
 
 

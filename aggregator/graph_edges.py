@@ -30,7 +30,7 @@ SUMMED = ("connections_opened", "connections_active", "connections_closed", "con
           "resets", "retransmits", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
           "byte_mismatches")
 EDGE_FIELDS = (*SUMMED, "rtt_us", "ports", "protocols", "first_seen", "last_seen", "complete",
-               "observed_by", "folded")
+               "observed_by", "folded", "drops")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
@@ -76,6 +76,32 @@ def node_of(nodes: dict[str, Node], nid: str, name: str | None, namespace: str |
                       "Namespace" if group_by == "namespace" else "Host")
 
 
+def drops_of(dropped: int | None, reasons_text: str | None) -> dict[str, Any] | None:
+    """An edge's `drops` ({packets, reasons: {REASON: packets}}, null when none of its
+    connections in the window had any) from the sum of their `dropped` and their
+    `drop_reasons` texts joined by commas ("NETFILTER_DROP=3,NO_SOCKET=1,NETFILTER_DROP=2")."""
+    if dropped is None:
+        return None
+    reasons: dict[str, int] = {}
+    for part in (reasons_text or "").split(","):
+        if part:
+            r, _, n = part.partition("=")
+            reasons[r] = reasons.get(r, 0) + int(n)
+    return {"packets": int(dropped), "reasons": dict(sorted(reasons.items()))}
+
+
+def add_drops(edges: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The drops of folded edges, added up (null when none of them had any)."""
+    got = [d for d in edges if d is not None]
+    if not got:
+        return None
+    reasons: dict[str, int] = {}
+    for d in got:
+        for r, n in d["reasons"].items():
+            reasons[r] = reasons.get(r, 0) + n
+    return {"packets": sum(d["packets"] for d in got), "reasons": dict(sorted(reasons.items()))}
+
+
 # -- a backend that aggregates counts and volumes apart: its rows -> the same columns ----------
 def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] | None,
                     ) -> dict[str, list[Any]]:
@@ -119,7 +145,7 @@ def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] 
             "ports": [int(p) for p in r["ports"]], "protocols": list(r["protocols"]),
             "first_seen": None, "last_seen": None, "complete": not r["incomplete"],
             "observed_by": {k.strip(","): int(n) for k, n in (r["observed_by"] or {}).items()},
-            "folded": 1}
+            "folded": 1, "drops": drops_of(r.get("dropped"), r.get("drop_text"))}
         add(r["src"], r["dst"], (r["src_name"], r["src_namespace"], r["src_kind"],
                                  r["dst_name"], r["dst_namespace"], r["dst_kind"]),
             attrs, True, us_of(r["first_seen"]), us_of(r["last_seen"]))
@@ -130,7 +156,7 @@ def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] 
         attrs.update({k: int(v.get(k) or 0) for k in ("bytes_c2s", "bytes_s2c", "retransmits")})
         attrs.update({k: int(v[k]) if v.get(k) else None for k in ("packets_c2s", "packets_s2c")})
         attrs.update(rtt_us=None, ports=[], protocols=[], first_seen=None, last_seen=None,
-                     complete=True, observed_by={}, folded=1)
+                     complete=True, observed_by={}, folded=1, drops=None)
         add(src, dst, (None,) * 6, attrs, False, None, None)
     return cols
 
@@ -158,7 +184,8 @@ def fold_attrs(folded: list[dict[str, Any]]) -> dict[str, Any]:
                               default=None),
                last_seen=max((a["last_seen"] for a in folded if a["last_seen"] is not None),
                              default=None),
-               complete=complete, observed_by=observed, folded=len(folded))
+               complete=complete, observed_by=observed, folded=len(folded),
+               drops=add_drops([a.get("drops") for a in folded]))
     return acc
 
 
@@ -180,6 +207,7 @@ class _Folded(msgspec.Struct, gc=False):
     protocols: tuple[str, ...]
     observed_by: dict[str, int]
     complete: bool
+    drops: dict[str, Any] | None = None
 
 
 _folded_dec = msgspec.json.Decoder(list[_Folded])
@@ -204,7 +232,7 @@ def fold_json(texts: list[str], first: list[int | None], last: list[int | None])
                first_seen=min((f for f in first if f is not None), default=None),
                last_seen=max((t for t in last if t is not None), default=None),
                complete=all(map(attrgetter("complete"), items)), observed_by=observed,
-               folded=len(items))
+               folded=len(items), drops=add_drops([a.drops for a in items]))
     return acc
 
 

@@ -13,7 +13,9 @@ docs/architecture.md):
 3. Kubernetes (a pluggable `IdentitySource`, aggregator/k8s/): pods by IP, services by VIP,
    nodes; asked for the owner of the address AT THE CONNECTION'S START (pod IPs are reused);
 4. the collector-reported process/container: `process:<comm>` / `container:<id12>` on its host;
-5. optional reverse DNS (PTR, RFC 1035 section 3.5), cached, also negative answers;
+5. DNS: the answers the client got (applied when reading, not here: aggregator/dns_names.py,
+   docs/aggregator.md "Identity from DNS answers"), else optional reverse DNS (PTR, RFC 1035
+   section 3.5), cached, also negative answers;
 6. a configured CIDR group (`--cidr-group NAME=CIDR`), else `external:<ip>`.
 """
 

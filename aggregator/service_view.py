@@ -119,8 +119,9 @@ def flow_service(names: ServiceNames | None, ip: str | None, port: int | None,
 
 
 def service_graph(store: ReadStore, since: datetime, until: datetime, flt: Filter,
-                  names: ServiceNames | None, budget: int | None) -> GraphData:
-    """The window's graph grouped by Service (the module docstring)."""
+                  names: ServiceNames | None) -> GraphData:
+    """The window's graph grouped by Service (the module docstring), before the cardinality
+    budget (aggregator/graph.py folds it)."""
     calls = store.service_calls(EdgeQuery(since, until, "service", flt))
     at = min(until, datetime.now(UTC))
     node_of: dict[tuple[str, int], str] = {}
@@ -179,5 +180,4 @@ def service_graph(store: ReadStore, since: datetime, until: datetime, flt: Filte
                                 f'"backends":{_enc.encode(served).decode()}}}', weight, first,
                       last))
     data.nodes, data.edges = nodes, sorted(edges)
-    data.fold(budget)
     return data

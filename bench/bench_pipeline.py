@@ -93,7 +93,8 @@ def pipeline(data: Path, backlog: int, engine: str | None, coalesce: int = COALE
     if engine == "reference":
         os.environ[CORRELATE_ENV] = "0"
     settings = AggregatorSettings(data_dir=data, insecure_open=True, retention=None,
-                                  correlation_backlog=backlog)
+                                  correlation_backlog=backlog,
+                                  max_batch_records=min(backlog, 100_000))
     p = build(settings, store=DuckDBStore(data), own_store=True,
               resolver=IdentityResolver(static_map()), env={},
               worker=WorkerSettings(max_pending=backlog, coalesce=coalesce))

@@ -122,9 +122,6 @@ def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source
                                  idle_timeout=args.idle_timeout, query_timeout=args.dns_timeout,
                                  top_names=args.dns_top_names))
     if getattr(args, "drops", False):
-        if getattr(args, "aggregator", None):
-            raise ConfigError("--drops", True, "the aggregator does not join drop records to "
-                              "connections yet: use it with --stdout or --output")
         from collector.drops.source import drop_source
 
         sources.append(drop_source(ctx, args))

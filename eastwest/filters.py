@@ -36,18 +36,30 @@ from typing import Any
 from eastwest.errors import ConfigError
 from eastwest.record import PROTOCOLS, FlowRecord
 
-OUTCOMES = ("ok", "refused", "reset", "timeout")
-OBSERVERS = ("client", "server", "path")
+OUTCOMES = ("ok", "refused", "reset", "timeout", "dropped")
+OBSERVERS = ("client", "server", "path", "drops")
 
 
-def outcome_of(connect: str | None, resets: int) -> str:
-    """One word for how a connection went: refused/timeout (never established), reset (RST seen
-    on an established connection, or a reset connect), else ok."""
-    if connect in ("refused", "timeout"):
+def outcome_of(connect: str | None, resets: int, dropped: bool = False) -> str:
+    """One word for how a connection went: refused/timeout (never established), dropped (never
+    established and the kernel dropped its packets: `dropped` is what `dropped_outcome` says),
+    reset (RST seen on an established connection, or a reset connect), else ok."""
+    if connect == "refused":
+        return connect
+    if dropped:
+        return "dropped"
+    if connect == "timeout":
         return connect
     if resets > 0 or connect == "reset":
         return "reset"
     return "ok"
+
+
+def dropped_outcome(connect: str | None, has_drops: bool, drops_only: bool) -> bool:
+    """Whether a connection's outcome is `dropped`: the kernel dropped some of its packets, and
+    its connect timed out or nothing but a drop source saw it (a SYN dropped by policy). Drops
+    on an established connection (old duplicates, a closed socket's stragglers) leave it ok."""
+    return has_drops and (connect == "timeout" or drops_only)
 
 
 # -- values -----------------------------------------------------------------------------------
@@ -196,8 +208,8 @@ DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
     Dimension("port", _parse_port, ("client_port", "server_port"), "eq", "either side's port"),
     Dimension("to_port", _parse_port, ("server_port",), "eq", "server port"),
     Dimension("protocol", _parse_choice(sorted(PROTOCOLS)), ("protocol",), "eq", "tcp, udp, ..."),
-    Dimension("outcome", _parse_choice(OUTCOMES), ("outcome",), "eq", "ok, refused, reset, timeout"),
-    Dimension("observer", _parse_choice(OBSERVERS), ("observers",), "member", "client, server or path saw it"),
+    Dimension("outcome", _parse_choice(OUTCOMES), ("outcome",), "eq", "ok, refused, reset, timeout, dropped"),
+    Dimension("observer", _parse_choice(OBSERVERS), ("observers",), "member", "client, server, path or drops saw it"),
     Dimension("vni", _parse_vni, ("vni",), "eq", "VXLAN network identifier"),
     Dimension("to_service", _parse_service, ("service_ip",), "net",
               "the address the client dialled before NAT (a Service's ClusterIP), or CIDR, "
@@ -324,8 +336,9 @@ def view_of_record(rec: FlowRecord) -> dict[str, Any]:
     return {
         "client_ip": rec.client.ip, "server_ip": rec.server.ip,
         "client_port": rec.client.port, "server_port": rec.server.port,
-        "protocol": rec.protocol, "outcome": outcome_of(rec.connect, rec.resets),
-        "observers": {rec.observer}, "vni": rec.tunnel.vni if rec.tunnel else None,
+        "protocol": rec.protocol,
+        "outcome": outcome_of(rec.connect, rec.resets, rec.source == "drops"),
+        "observers": {"drops" if rec.source == "drops" else rec.observer}, "vni": rec.tunnel.vni if rec.tunnel else None,
         "client_workload": cw.name if cw else None, "server_workload": sw.name if sw else None,
         "client_namespace": cw.namespace if cw else None,
         "server_namespace": sw.namespace if sw else None,

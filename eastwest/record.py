@@ -314,6 +314,8 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             for name in ("bytes_c2s", "bytes_s2c", "retransmits", "resets"):
                 if getattr(self, name) < 0:
                     raise RecordError(name, getattr(self, name), "must be >= 0")
+        if self.source == "drops" or self.drops is not None:
+            _check_drops(self.source, self.drops)
         if self.tcp_flags is not None:
             for flag in self.tcp_flags:
                 if flag not in TCP_FLAG_NAMES:
@@ -353,6 +355,16 @@ def dialled_of(nat: list[Nat] | None) -> Endpoint | None:
         if n.type != "snat":
             return n.original
     return None
+
+
+def _check_drops(source: str, drops: list[Drop] | None) -> None:
+    """A record of source `drops` carries its drops, one entry per reason; no other does."""
+    if source != "drops":
+        raise RecordError("drops", "...", f"only records of source 'drops' carry drops, not {source!r}")
+    if not drops:
+        raise RecordError("drops", drops, "a record of source 'drops' needs at least one reason")
+    if len({d.reason for d in drops}) != len(drops):
+        raise RecordError("drops", [d.reason for d in drops], "names a reason twice")
 
 
 def flags_from_bits(bits: int) -> list[str]:

@@ -36,6 +36,7 @@ from aggregator.api.params import (
 from aggregator.api.state import reader
 from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json
 from aggregator.auth import require_read
+from aggregator.dns_flows import dns_of_rows, with_dns
 from aggregator.store.query import SORT_KEYS, ConnectionQuery, Cursor, Sort
 from eastwest.errors import ConfigError
 from eastwest.filters import parse_time
@@ -97,7 +98,9 @@ def flows(request: Request,
               "server_workload": last["server_wid"]}[key]
         nxt = _encode_cursor(sv, last["conn_id"])
     names = service_names(request)
-    return {"flows": [flow_json(r, names) for r in rows], "count": len(rows), "next_cursor": nxt,
+    extras = dns_of_rows(reader(request), rows)
+    return {"flows": [with_dns(flow_json(r, names), x) for r, x in zip(rows, extras, strict=True)],
+            "count": len(rows), "next_cursor": nxt,
             "filter": str(flt), "sort": sort}
 
 

@@ -18,6 +18,7 @@ from aggregator.api.params import (
     LINK_LOCAL_HELP,
     check_names,
     choice,
+    dns_filter,
     query_filter,
     window,
 )
@@ -44,11 +45,17 @@ def graph(request: Request,
           format: str = Query("json", description="json | dot | mermaid | graphml"),
           namespace: str | None = Query(None, description="either side's namespace (filter)"),
           workload: str | None = Query(None, description="either side's workload (filter)"),
-          link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> Response:
-    check_names(request, {"from", "to", "group_by", "format"}, filters=True)
+          link_local: str | None = Query(None, description=LINK_LOCAL_HELP),
+          dns_name: str | None = Query(None, description="only edges to a resolver whose clients "
+                                      "asked a name matching this glob (*.example.com); repeatable"),
+          dns_rcode: str | None = Query(None, description="only edges to a resolver that got this "
+                                       "response code (nxdomain, servfail, ...) or timeout; "
+                                       "repeatable")) -> Response:
+    check_names(request, {"from", "to", "group_by", "format", "dns_name", "dns_rcode"},
+                filters=True)
     since, until, live = window(from_, to)
     data = graph_data_for(request, Window(since, until), choice("group_by", group_by, GROUP_BY),
-                          query_filter(request), live)
+                          query_filter(request), live, dns_filter(request))
     fmt = choice("format", format, FORMATS)
     if fmt == "json":  # straight from the edges, no networkx (the same document as to_json)
         return Response(data.json_bytes(), media_type=MEDIA["json"])

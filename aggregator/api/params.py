@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.errors import ConfigError
 from eastwest.filters import DIMENSIONS, LINK_LOCAL_PARAM, Filter, parse_time
 
@@ -33,6 +34,13 @@ def check_names(request: Request, allowed: set[str] | frozenset[str], *, filters
         known = sorted(allowed | (FILTER_PARAMS if filters else set()))
         raise ConfigError(name, request.query_params[name],
                           f"unknown parameter; this route takes {', '.join(known)}")
+
+
+def dns_filter(request: Request) -> DnsEdgeFilter:
+    """The graph's DNS edge filters (`dns_name`, `dns_rcode`; eastwest/dns_filter.py)."""
+    qp = request.query_params
+    return DnsEdgeFilter.build(qp.getlist("dns_name"), qp.getlist("dns_rcode"),
+                               name_flag="dns_name", rcode_flag="dns_rcode")
 
 
 def query_filter(request: Request) -> Filter:

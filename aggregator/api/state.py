@@ -20,6 +20,7 @@ from fastapi import Request
 
 from aggregator.graph import GraphData, Window, graph_data
 from aggregator.store.base import ReadStore
+from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.filters import Filter
 
 _cache_lock = threading.Lock()
@@ -32,7 +33,7 @@ def reader(request: Request) -> ReadStore:
 
 
 def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
-                   live: bool) -> GraphData:
+                   live: bool, dns: DnsEdgeFilter | None = None) -> GraphData:
     st = request.app.state
     budget = st.settings.edge_budget
     store = reader(request)
@@ -42,9 +43,10 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
 
         names = service_names(request)
     if not live:
-        return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, names=names)
+        return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
+                          names=names)
     span = round((win.until - win.since).total_seconds(), 3)
-    key: tuple[Any, ...] = (span, group_by, str(flt))
+    key: tuple[Any, ...] = (span, group_by, str(flt), dns)
     stamp = st.pipeline.version
     with _cache_lock:
         hit = st.graph_cache.get(key)
@@ -52,7 +54,8 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         if hit is not None and hit[0] == stamp and (datetime.now(UTC) - hit[1]).total_seconds() < 1:
             cached: GraphData = hit[2]
             return cached
-    data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, names=names)
+    data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
+                      names=names)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

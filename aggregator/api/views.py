@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from aggregator.service_view import ServiceNames, flow_service
-from aggregator.store.derived import CONN_COLUMNS
+from aggregator.store.derived import CONN_COLUMNS, parse_drop_reasons
 
 ROW_COLUMNS = [n for n, _, _ in CONN_COLUMNS if n != "state"]
 
@@ -60,6 +60,10 @@ def flow_json(r: dict[str, Any], names: ServiceNames | None = None) -> dict[str,
         # the address the client dialled when NAT took it to `server` (a Service's ClusterIP);
         # rows stored before it was kept have none (`get`)
         "service_ip": r.get("service_ip"), "service_port": r.get("service_port"),
+        "dns": None,  # GET /api/v1/flows fills it (aggregator/dns_flows.py)
+        # packets the kernel dropped (drop sources, docs/policy.md "Drops"); null: none reported
+        "drops": None if r.get("dropped") is None else {
+            "packets": r["dropped"], "reasons": parse_drop_reasons(r.get("drop_reasons"))},
         "service": flow_service(names, r.get("service_ip"), r.get("service_port"), r["start_ts"]),
     }
 

@@ -38,7 +38,9 @@ def workloads(request: Request,
     for n, a in sorted(g.nodes(data=True)):
         k = known.get(n, {})
         out.append({"id": n, "name": a["name"], "namespace": a["namespace"], "kind": a["kind"],
-                    "host": k.get("host"), "resolved_by": k.get("source"),
+                    "host": k.get("host"),
+                    # a node named by DNS answers is no stored workload (docs/aggregator.md)
+                    "resolved_by": k.get("source") or ("dns" if a["kind"] == "DNS" else None),
                     "first_seen": _iso(k.get("first_seen")), "last_seen": _iso(k.get("last_seen")),
                     "callers": sorted(g.predecessors(n)), "callees": sorted(g.successors(n))})
     return {"from": _iso(since), "to": _iso(until), "workloads": out}

@@ -62,7 +62,6 @@ from aggregator.store.derived import connection_of
 from eastwest import __version__
 from eastwest.clock import Clock, SystemClock, unix_us
 from eastwest.drops import Drops
-from eastwest.filters import outcome_of
 
 log = logging.getLogger("eastwest.otlp")
 STAGE = "otlp"
@@ -411,7 +410,7 @@ def connection_view(c: Connection) -> dict[str, Any]:
     return {
         "client_ip": c.client_ip, "server_ip": c.server_ip, "client_port": c.client_port,
         "server_port": c.server_port, "protocol": c.protocol,
-        "outcome": outcome_of(c.connect, c.best()[5]), "observers": set(c.observed_by),
+        "outcome": c.outcome(), "observers": set(c.observed_by),
         "vni": c.tunnel.vni if c.tunnel else None,
         "client_workload": c.client.name, "server_workload": c.server.name,
         "client_namespace": c.client.namespace, "server_namespace": c.server.namespace,

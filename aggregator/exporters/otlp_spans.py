@@ -27,7 +27,7 @@ Attributes: OpenTelemetry semantic conventions for the network (`server.address`
 `network.local.*`, `peer.service`), eastwest's own (`eastwest.*`: bytes each way, retransmits,
 resets, connect outcome, observers, RTT, VNI and VTEP hosts, connection id) and
 `eastwest.sample.ratio`, the `--otlp-sample` share as a double, which Tempo's
-`span_multiplier_key` turns into the weight 1/ratio. Status ERROR for refused, reset and
+`span_multiplier_key` turns into the weight 1/ratio. Status ERROR for refused, reset, dropped and
 timed-out connections. Resources are built from these attributes alone: the aggregator's own
 OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME describe the aggregator, not the workloads.
 
@@ -61,10 +61,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aggregator.connection import Connection, Identity, ProcInfo, View
 from eastwest import __version__
-from eastwest.filters import outcome_of
 
 SCOPE = "eastwest.aggregator"
-FAILED = ("refused", "reset", "timeout")
+FAILED = ("refused", "reset", "timeout", "dropped")
 SAMPLE_RATIO = "eastwest.sample.ratio"   # Tempo: span_multiplier_key
 NAMINGS = ("name", "namespace/name")
 
@@ -134,7 +133,7 @@ def attributes(conn: Connection) -> dict[str, Any]:
         "client.address": conn.client_ip, "client.port": conn.client_port,
         "network.transport": conn.protocol, "network.type": "ipv6" if conn.family == 6 else "ipv4",
         "eastwest.connection.id": conn.conn_id,
-        "eastwest.connection.outcome": outcome_of(conn.connect, b[5]),
+        "eastwest.connection.outcome": conn.outcome(),
         "eastwest.bytes.client_to_server": b[0], "eastwest.bytes.server_to_client": b[1],
         "eastwest.retransmits": b[4], "eastwest.resets": b[5],
         "eastwest.observed_by": conn.observed_by,
@@ -184,7 +183,7 @@ def server_view(conn: Connection) -> View | None:
     server = conn.views.get("server")
     if server is not None:
         return server
-    if outcome_of(conn.connect, conn.best()[5]) in ("refused", "timeout"):
+    if conn.outcome() in ("refused", "timeout", "dropped"):
         return None
     wire = [v for v in conn.views.values() if v.observer == "path"
             and (v.bytes_s2c > 0 or (v.packets_s2c or 0) > 0)]

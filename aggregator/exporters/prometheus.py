@@ -7,13 +7,18 @@ few seconds in which a connection's names may still change), and each completed 
 
   eastwest_edge_bytes_total{<edge>,direction="c2s"|"s2c"}  payload bytes, client->server and back
   eastwest_edge_connections_total{<edge>}                  connections opened
-  eastwest_edge_failures_total{<edge>,reason}              refused | reset | timeout (when complete)
+  eastwest_edge_failures_total{<edge>,reason}              refused | reset | timeout | dropped
+                                                           (when complete)
+  eastwest_edge_drops_total{<edge>,reason}                 packets the kernel dropped, by its drop
+                                                           reason (when complete; collector --drops)
   eastwest_edge_retransmits_total{<edge>}                  TCP retransmitted segments
   eastwest_edge_rtt_seconds{<edge>}                        histogram: smoothed RTT per connection
   eastwest_edge_series, eastwest_edge_series_folded_total  the cardinality budget at work
 
 <edge> = client, client_namespace, server, server_namespace, server_port, protocol (edges.py),
-folded into client="other",server="other" past the budget (--edge-budget).
+folded into client="other",server="other" past the budget (--edge-budget). A drop `reason` is a
+name of the kernel's `enum skb_drop_reason` (about 100 on Linux 6.x, a handful seen in
+practice), so the drops series are at most the edge budget x the reasons seen.
 
 The byte counters add exactly the deltas the store adds to the rollups, under the names the
 connection ends with, so `increase()` over a window equals the bytes of GET /api/v1/graph for
@@ -34,15 +39,16 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from aggregator.exporters.edges import EDGE_LABELS, ROW_LABELS, EdgeLabels
+from aggregator.exporters.edges import EDGE_LABELS, ROW_LABELS, EdgeKey, EdgeLabels
+from aggregator.store.derived import parse_drop_reasons
 
 # RTT inside a data centre is 50 µs .. a few ms; across regions up to a few 100 ms
 RTT_BUCKETS = (.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0)
-FAILED = ("refused", "reset", "timeout")
+FAILED = ("refused", "reset", "timeout", "dropped")
 # every name this module defines: dashboards may use only names defined in code (a test checks)
 METRIC_NAMES = ("eastwest_edge_bytes_total", "eastwest_edge_connections_total",
                 "eastwest_edge_failures_total", "eastwest_edge_retransmits_total",
-                "eastwest_edge_rtt_seconds", "eastwest_edge_series",
+                "eastwest_edge_rtt_seconds", "eastwest_edge_series", "eastwest_edge_drops_total",
                 "eastwest_edge_series_folded_total")
 
 
@@ -57,8 +63,11 @@ class EdgeMetrics:
         self.connections = Counter("eastwest_edge_connections", "connections opened on the edge",
                                    L, registry=r)
         self.failures = Counter("eastwest_edge_failures", "connections that failed (refused, "
-                                "reset, timeout), counted when complete", [*L, "reason"],
+                                "reset, timeout, dropped), counted when complete", [*L, "reason"],
                                 registry=r)
+        self.drops = Counter("eastwest_edge_drops", "packets of the edge's connections the "
+                             "kernel dropped, by drop reason, counted when complete",
+                             [*L, "reason"], registry=r)
         self.retransmits = Counter("eastwest_edge_retransmits", "TCP segments retransmitted on "
                                    "the edge's connections", L, registry=r)
         self.rtt = EdgeHistograms("eastwest_edge_rtt_seconds", "smoothed round-trip time of "
@@ -89,7 +98,32 @@ class EdgeMetrics:
         reason per edge, and each one's RTT."""
         for edge, reason, n in self.labels.count_per_edge(done, "outcome", FAILED):
             self._child(self.failures, (*edge, reason)).inc(n)
+        for edge, reason, n in self._drops_per_edge(done):
+            self._child(self.drops, (*edge, reason)).inc(n)
         self.rtt.observe_rows(self.labels, done, "rtt_avg_us", 1e6)
+
+    def _drops_per_edge(self, done: pa.Table) -> list[tuple[EdgeKey, str, int]]:
+        """Dropped packets per edge and reason of completed connections (few have any: one
+        row per connection and reason, from their `drop_reasons`)."""
+        if "dropped" not in done.column_names:
+            return []
+        hit = done.filter(pc.is_valid(done.column("dropped")))
+        if hit.num_rows == 0:
+            return []
+        labels = {n: hit.column(n).to_pylist() for n in ROW_LABELS}
+        per_reason: dict[str, dict[str, list[Any]]] = {}
+        for i, text in enumerate(hit.column("drop_reasons").to_pylist()):
+            for reason, n in parse_drop_reasons(text).items():
+                t = per_reason.setdefault(reason, {k: [] for k in (*ROW_LABELS, "_n")})
+                for k in ROW_LABELS:
+                    t[k].append(labels[k][i])
+                t["_n"].append(n)
+        out = []
+        for reason, cols in sorted(per_reason.items()):
+            table = pa.table({k: pa.array(v, hit.schema.field(k).type) if k != "_n"
+                              else pa.array(v, pa.int64()) for k, v in cols.items()})
+            out += [(edge, reason, n) for edge, (n,) in self.labels.per_edge(table, ("_n",))]
+        return out
 
     def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
         """`metric.labels(*values)`, remembered: prometheus_client's `labels` validates and locks

@@ -277,6 +277,9 @@ class ClickHouseStore(ClickHouseQueries):
         if q.collector is not None:
             where.append("collector = %(collector)s")
             params["collector"] = q.collector
+        if q.server_port is not None:
+            where.append("server_port = %(server_port)s")
+            params["server_port"] = int(q.server_port)
         sql = (f"SELECT record FROM {self.db}.flows FINAL WHERE {' AND '.join(where)} "
                "ORDER BY end_ts, record_id")
         if q.limit is not None:

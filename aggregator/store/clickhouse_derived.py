@@ -157,7 +157,8 @@ class ClickHouseQueries:
           countIf(start_ts >= %(since)s) AS opened,
           countIf(closed = 0 OR {closed_ts} >= %(until)s) AS active,
           countIf(closed = 1 AND {closed_ts} >= %(since)s AND {closed_ts} < %(until)s) AS closed_n,
-          countIf(start_ts >= %(since)s AND ifNull(outcome, '') IN ('refused', 'timeout')) AS failed,
+          countIf(start_ts >= %(since)s AND ifNull(outcome, '') IN ('refused', 'timeout', 'dropped'))
+            AS failed,
           countIf(start_ts >= %(since)s AND ifNull(outcome, '') = 'reset') AS reset,
           countIf(byte_mismatch = 1) AS byte_mismatches,
           countIf(incomplete = 1) AS incomplete_n,
@@ -166,7 +167,9 @@ class ClickHouseQueries:
           sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
           sum(retransmits) AS conn_retransmits, sum(resets) AS conn_resets,
           count(packets_c2s) AS packets_n_c2s, count(packets_s2c) AS packets_n_s2c,
-          sum(packets_c2s) AS conn_packets_c2s, sum(packets_s2c) AS conn_packets_s2c
+          sum(packets_c2s) AS conn_packets_c2s, sum(packets_s2c) AS conn_packets_s2c,
+          sum(dropped) AS dropped,
+          arrayStringConcat(groupArray(drop_reasons), ',') AS drop_text
         FROM {self.db}.connections FINAL
         WHERE start_ts < %(until)s AND last_seen >= %(since)s AND ({cond})
         GROUP BY src, dst, observed_by, server_port, protocol"""

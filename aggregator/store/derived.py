@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from aggregator.connection import Connection, Identity, Naming, ProcInfo, Summary, Tunnel, View
 from aggregator.correlate import Plan
+from eastwest.filters import dropped_outcome, outcome_of
 from eastwest.filters import ip_hex as _ip_hex
-from eastwest.filters import outcome_of
 
 ip_hex = lru_cache(maxsize=65536)(_ip_hex)  # addresses repeat across connections
 
@@ -69,6 +69,29 @@ def _side_bytes(obs: str, i: int) -> Getter:
     return lambda c: c.side_bytes(obs)[i]
 
 
+def _dropped(drops: dict[str, int] | None) -> int | None:
+    return sum(drops.values()) if drops is not None else None
+
+
+def drop_reasons_text(drops: dict[str, int] | Sequence[tuple[str, int]] | None) -> str | None:
+    """The `drop_reasons` column: "REASON=packets" by reason, comma-separated, sorted."""
+    if drops is None:
+        return None
+    items = sorted(drops.items() if isinstance(drops, dict) else drops)
+    return ",".join(f"{r}={n}" for r, n in items)
+
+
+def parse_drop_reasons(text: str | None) -> dict[str, int]:
+    """The inverse of `drop_reasons_text` (empty for NULL)."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        r, _, n = part.partition("=")
+        out[r] = int(n)
+    return out
+
+
 # name, arrow type, getter (computed once per connection: `_best` is cached per row below)
 CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     ("conn_id", S, lambda c: c.conn_id),
@@ -87,7 +110,7 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     ("closed_ts", TS, lambda c: c.closed_at),
     ("observed_by", S, lambda c: "," + ",".join(c.observed_by) + ","),
     ("connect", S, lambda c: c.connect),
-    ("outcome", S, lambda c: outcome_of(c.connect, c.best()[5])),
+    ("outcome", S, lambda c: c.outcome()),
     ("bytes_c2s", I64, lambda c: c.best()[0]),
     ("bytes_s2c", I64, lambda c: c.best()[1]),
     ("packets_c2s", I64, lambda c: c.packets()[0]),  # None: no view counted packets
@@ -121,6 +144,10 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     ("service_ip", S, lambda c: c.service_ip),
     ("service_port", I32, lambda c: c.service_port),
     ("service_ip_hex", S, lambda c: ip_hex(c.service_ip) if c.service_ip is not None else None),
+    # added: packets the kernel dropped (all reasons) and by reason ("NETFILTER_DROP=3,..."),
+    # NULL when no drop source reported the connection
+    ("dropped", I64, lambda c: _dropped(c.drops())),
+    ("drop_reasons", S, lambda c: drop_reasons_text(c.drops())),
     ("state", BIN, lambda c: _enc.encode(c)),
 ]
 CONN_SCHEMA = pa.schema([(n, t) for n, t, _ in CONN_COLUMNS])
@@ -150,15 +177,34 @@ def ddl(schema: pa.Schema, primary_key: list[str]) -> str:
 # DuckDB's connections: the columns without `state`, plus `views` (see the module docstring)
 DUCKDB_CONN_NAMES = [n for n in CONN_NAMES if n != "state"] + ["views"]
 DUCKDB_CONN_SCHEMA = pa.schema([f for f in CONN_SCHEMA if f.name != "state"] + [("views", BIN)])
-_ViewTuple = tuple[str, str, datetime, datetime, bool, int, int, int | None, int | None, int, int,
-                   str | None, tuple[int, int, int] | None, bool]
+
+
+class _ViewRow(msgspec.Struct, array_like=True):
+    """A view in the `views` blob: `View`'s fields as an array; a drops view has a 15th, its
+    reason (the other views' arrays end before it, as they always did)."""
+
+    observer: str
+    collector: str
+    start: datetime
+    end: datetime
+    final: bool
+    bytes_c2s: int
+    bytes_s2c: int
+    packets_c2s: int | None
+    packets_s2c: int | None
+    retransmits: int
+    resets: int
+    connect: str | None
+    rtt: tuple[int, int, int] | None
+    incomplete: bool
+    reason: str | None = None
 
 
 class _Blob(msgspec.Struct, array_like=True):
     """The `views` column: (views, client labels, server labels[, naming]); files written
     before names could change have no fourth element."""
 
-    views: list[_ViewTuple]
+    views: list[_ViewRow]
     client_labels: dict[str, str] | None
     server_labels: dict[str, str] | None
     naming: Naming | None = None
@@ -181,7 +227,9 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
     return (c.conn_id, c.protocol, c.family, c.client_ip, ip_hex(c.client_ip), c.client_port,
             c.server_ip, ip_hex(c.server_ip), c.server_port, c.scope, s.start, s.last_seen,
             s.closed_at is not None, s.closed_at, s.observed_by, s.connect,
-            outcome_of(s.connect, b[5]), b[0], b[1], *s.packets, b[4], b[5],
+            outcome_of(s.connect, b[5], dropped_outcome(s.connect, s.drops is not None,
+                                                        s.observed_by == ",drops,")),
+            b[0], b[1], *s.packets, b[4], b[5],
             *(r if r is not None else _NONE3),
             *s.client_bytes, *s.server_bytes, *s.path_bytes, s.byte_mismatch, s.incomplete,
             ci.wid, ci.name, ci.namespace, ci.kind, ci.host, ci.source,
@@ -189,16 +237,55 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
             *(_astuple(cp) if cp is not None else _NONE5),
             *(_astuple(sp) if sp is not None else _NONE5),
             *(_astuple(t) if t is not None else _NONE6), c.service_ip, c.service_port,
-            ip_hex(c.service_ip) if c.service_ip is not None else None)
+            ip_hex(c.service_ip) if c.service_ip is not None else None,
+            None if s.drops is None else sum(n for _, n in s.drops), drop_reasons_text(s.drops))
 
 
 def views_blob(c: Connection) -> bytes:
     """What the columns lack to rebuild the connection: its views (in order), the labels of
     both identities, and while its names may still change, its `naming`."""
-    views = [_astuple(v) for v in c.views.values()]
+    views = [t if (t := _astuple(v))[14] is not None else t[:14] for v in c.views.values()]
     if c.naming is None:
         return _enc.encode((views, c.client.labels or None, c.server.labels or None))
     return _enc.encode((views, c.client.labels or None, c.server.labels or None, c.naming))
+
+
+class _DropViewRow(msgspec.Struct, array_like=True):
+    """What `drop_reasons_of_blob` reads of a view (the rest stays undecoded)."""
+
+    observer: str
+    collector: msgspec.Raw
+    start: msgspec.Raw
+    end: msgspec.Raw
+    final: msgspec.Raw
+    bytes_c2s: msgspec.Raw
+    bytes_s2c: msgspec.Raw
+    packets_c2s: int | None
+    packets_s2c: msgspec.Raw
+    retransmits: msgspec.Raw
+    resets: msgspec.Raw
+    connect: msgspec.Raw
+    rtt: msgspec.Raw
+    incomplete: msgspec.Raw
+    reason: str | None = None
+
+
+class _DropBlob(msgspec.Struct, array_like=True):
+    views: list[_DropViewRow]
+
+
+_drop_views_dec = msgspec.msgpack.Decoder(_DropBlob)
+
+
+def drop_reasons_of_blob(blob: bytes) -> str | None:
+    """The `drop_reasons` text of a connection from its `views` blob (the column correlator's
+    rows: its C core sums the packets, the reasons are strings)."""
+    acc: dict[str, int] = {}
+    for v in _drop_views_dec.decode(blob).views:
+        if v.observer == "drops":
+            r = v.reason or "UNKNOWN"
+            acc[r] = acc.get(r, 0) + (v.packets_c2s or 0)
+    return drop_reasons_text(acc) if acc else None
 
 
 def connection_of(row: dict[str, Any]) -> Connection:
@@ -209,7 +296,7 @@ def connection_of(row: dict[str, Any]) -> Connection:
     naming = blob.naming
     out = {}
     for v in views:
-        view = View(*v)
+        view = View(*_astuple(v))
         out[view.slot] = view
 
     def ident(side: str, labels: dict[str, str] | None) -> Identity:

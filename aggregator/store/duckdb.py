@@ -303,6 +303,9 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
         if q.collector is not None:
             where.append("collector = ?")
             params.append(q.collector)
+        if q.server_port is not None:
+            where.append("server_port = ?")
+            params.append(int(q.server_port))
         sql = f"SELECT {', '.join(READ_COLUMNS)}{', record' if self._legacy else ''} FROM flows"
         if where:
             sql += " WHERE " + " AND ".join(where)

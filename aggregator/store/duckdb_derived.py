@@ -115,7 +115,7 @@ def migrate_derived(con: duckdb.DuckDBPyConnection, horizon_s: float) -> None:
 
 def _migrate_tunnel_type(con: duckdb.DuckDBPyConnection) -> None:
     """Connection tables written before the tunnel's type was kept get the column; their
-    tunnels were all VXLAN (the only type decoded then)."""
+    tunnels were all VXLAN (the only type decoded then). Likewise the drop columns (NULL)."""
     for table in _CONN_TABLES:
         cols = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
@@ -123,6 +123,9 @@ def _migrate_tunnel_type(con: duckdb.DuckDBPyConnection) -> None:
         if cols and "tunnel_type" not in cols:
             con.execute(f"ALTER TABLE {table} ADD COLUMN tunnel_type VARCHAR")
             con.execute(f"UPDATE {table} SET tunnel_type = 'vxlan' WHERE vni IS NOT NULL")
+        for col, typ in (("dropped", "BIGINT"), ("drop_reasons", "VARCHAR")):  # issue 21
+            if cols and col not in cols:  # connections stored before drops: none known
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
 
 
 def _migrate_service(con: duckdb.DuckDBPyConnection) -> None:
@@ -287,6 +290,7 @@ def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
               "rtt_sum", "rtt_n", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
               "conn_resets", "packets_n_c2s", "packets_n_s2c", "conn_packets_c2s",
               "conn_packets_s2c")
+    # drops: a sum that stays null while no row had any, and the reason texts joined
     for r in rows:
         e = edges.get((r["src"], r["dst"]))
         obs = r.pop("observed_by")
@@ -298,6 +302,9 @@ def fold_edges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for k in summed:
             e[k] = (e[k] or 0) + (r[k] or 0)
+        if r.get("dropped") is not None:
+            e["dropped"] = (e.get("dropped") or 0) + r["dropped"]
+            e["drop_text"] = ",".join(t for t in (e.get("drop_text"), r.get("drop_text")) if t)
         e["observed_by"][obs] = e["observed_by"].get(obs, 0) + r["n"]
         e["ports"].add(port)
         e["protocols"].add(proto)

@@ -26,6 +26,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from aggregator.graph_edges import drops_of
 from aggregator.store.query import EdgeQuery, service_group, service_rows
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
@@ -41,7 +42,7 @@ from eastwest.record import PROTOCOLS
 WINDOW_COUNTS = """count(*) FILTER (WHERE start_ts >= $1) AS opened,
   count(*) FILTER (WHERE NOT closed OR closed_ts >= $2) AS active,
   count(*) FILTER (WHERE closed AND closed_ts >= $1 AND closed_ts < $2) AS closed,
-  count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout')) AS failed,
+  count(*) FILTER (WHERE start_ts >= $1 AND outcome IN ('refused', 'timeout', 'dropped')) AS failed,
   count(*) FILTER (WHERE start_ts >= $1 AND outcome = 'reset') AS reset,
   count(*) FILTER (WHERE byte_mismatch) AS byte_mismatches,
   count(*) FILTER (WHERE incomplete) AS incomplete,
@@ -122,7 +123,8 @@ def _counts_sql(group_by: str, where: str, q: EdgeQuery | None = None) -> str:
       epoch_us(max(last_seen)) AS last_us,
       sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
       sum(retransmits) AS conn_retransmits, {PACKET_COUNTS}, {obs},
-      min(server_port) AS port_lo, max(server_port) AS port_hi, bit_or({proto}) AS protos
+      min(server_port) AS port_lo, max(server_port) AS port_hi, bit_or({proto}) AS protos,
+      sum(dropped) AS dropped, string_agg(drop_reasons, ',') AS drop_text
     FROM {table}
     WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
     GROUP BY 1, 2"""
@@ -182,13 +184,13 @@ def _edge_json(from_rollups: bool) -> str:
         ("first_seen", f"concat('\"', {_iso('first_us')}, '\"')"),
         ("last_seen", f"concat('\"', {_iso('last_us')}, '\"')"),
         ("complete", "CASE WHEN incomplete = 0 THEN 'true' ELSE 'false' END"),
-        ("observed_by", observed), ("folded", "1"))
+        ("observed_by", observed), ("folded", "1"), ("drops", "'null'"))
     volume_only = concat(
         *((k, "0") for k in ("connections_opened", "connections_active", "connections_closed",
                              "connections_failed", "resets", "byte_mismatches")),
         *volumes, ("rtt_us", "'null'"), ("ports", "'[]'"), ("protocols", "'[]'"),
         ("first_seen", "'null'"), ("last_seen", "'null'"), ("complete", "'true'"),
-        ("observed_by", "'{}'"), ("folded", "1"))
+        ("observed_by", "'{}'"), ("folded", "1"), ("drops", "'null'"))
     return f"CASE WHEN n IS NULL THEN {volume_only} ELSE {with_conns} END"
 
 
@@ -233,12 +235,18 @@ class EdgeQueries:
         sql = f"""{ctes}
         SELECT src, dst, {nodes},
           n IS NOT NULL AS conns, ({w_bytes})::BIGINT AS w_bytes, coalesce(opened, 0) AS w_opened,
-          first_us, last_us, {_edge_json(from_rollups)} AS json,
+          first_us, last_us, {_edge_json(from_rollups)} AS json, dropped, drop_text,
           n IS NOT NULL AND (port_lo <> port_hi OR protos >= {_OTHER_PROTOCOL}
             OR bit_count(obs) <> 1 OR obs >= {_OTHER_OBSERVERS}) AS detail
         FROM {source}{joins} WHERE {keep}"""
         table = self._arrow(sql, args)
-        cols = {n: table.column(n).to_pylist() for n in (*EDGE_COLUMNS, "detail")}
+        cols = {n: table.column(n).to_pylist()
+                for n in (*EDGE_COLUMNS, "detail", "dropped", "drop_text")}
+        dropped, drop_text = cols.pop("dropped"), cols.pop("drop_text")
+        for i in [i for i, d in enumerate(dropped) if d is not None]:  # few edges have drops
+            edge = _dec.decode(cols["json"][i])
+            edge["drops"] = drops_of(dropped[i], drop_text[i])
+            cols["json"][i] = _enc.encode(edge).decode()
         detail = [i for i, d in enumerate(cols.pop("detail")) if d]
         if detail:
             self._detail(detail, cols, q, where, pc.values)

@@ -5,7 +5,7 @@ filter (eastwest/filters.py), sort, cursor, grouping. Out: one frozen query obje
 read; each backend compiles it in its own SQL dialect (aggregator/store/sql.py and the
 backend's query module), so no route handler and nothing in `eastwest/` holds backend SQL.
 
-- `RecordQuery`: raw records whose `end` is in [since, until), oldest first.
+- `RecordQuery`: raw records whose `end` is in [since, until) (to `server_port`), oldest first.
 - `ConnectionQuery`: correlated connections matching a filter, active in [since, until) (last
   seen at or after `since`, started before `until`), sorted by a `Sort`, keyset-paged by a
   `Cursor` (the last row's sort value and id: https://use-the-index-luke.com/no-offset).
@@ -38,6 +38,7 @@ class RecordQuery:
     until: datetime | None = None
     collector: str | None = None
     limit: int | None = None
+    server_port: int | None = None  # only the records of flows to this port (DNS: 53)
 
 
 EVERY_RECORD = RecordQuery()

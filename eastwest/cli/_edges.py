@@ -24,6 +24,8 @@ METRICS = {
     "failures": ("failed", "FAILED"),
     "resets": ("resets", "RESETS"),
     "retransmits": ("retransmits", "RETX"),
+    "dns-errors": ("dns_errors", "DNS"),
+    "drops": ("dropped", "DROPS"),
 }
 
 
@@ -44,6 +46,15 @@ class Edge:
     obj: Any
     # (set of observers, connections it saw), most connections first; None: a list, no counts
     observer_sets: tuple[tuple[str, int | None], ...] = ()
+    dropped: int = 0  # packets the kernel dropped (the API's drops.packets)
+    drop_reasons: tuple[tuple[str, int], ...] = ()  # by reason, most packets first
+    dns: Mapping[str, Any] | None = None  # an edge to a resolver: its DNS (docs/api.md)
+    dns_hint: bool = False  # the server's name is a DNS answer's, past its TTL for some
+
+    @property
+    def dns_errors(self) -> int:
+        """Responses other than NOERROR and unanswered queries (`top --by dns-errors`)."""
+        return int(self.dns.get("errors") or 0) if self.dns else 0
 
     @property
     def bytes_total(self) -> int:
@@ -72,10 +83,29 @@ class Edge:
                 complete=obj.get("complete") is not False,
                 obj=obj,
                 observer_sets=_observer_sets(observed),
+                dns=obj.get("dns") if isinstance(obj.get("dns"), Mapping) else None,
+                dns_hint=bool((obj.get("dns_named") or {}).get("hint")),
+                **_drops(obj.get("drops")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"the aggregator sent an edge this CLI cannot read ({exc!r}); "
                                  "is it a different version?") from None
+
+
+def _drops(d: Any) -> dict[str, Any]:
+    """The edge's `drops` ({packets, reasons}) as Edge fields; none: zero."""
+    if not isinstance(d, Mapping):
+        return {}
+    reasons = [(str(r), int(n)) for r, n in (d.get("reasons") or {}).items()]
+    return {"dropped": int(d.get("packets") or 0),
+            "drop_reasons": tuple(sorted(reasons, key=lambda x: (-x[1], x[0])))}
+
+
+def drops_cell(e: Edge) -> str:
+    """`10 NETFILTER_DROP 9, NO_SOCKET 1`; "" without drops."""
+    if not e.dropped:
+        return ""
+    return f"{e.dropped} " + ", ".join(f"{r} {n}" for r, n in e.drop_reasons)
 
 
 def _observer_sets(observed: Any) -> tuple[tuple[str, int | None], ...]:
@@ -105,18 +135,52 @@ def edges_of(doc: Any) -> list[Edge]:
 EDGE_HEADERS = ("CLIENT", "SERVER", "CONNS", "FAILED", "C->S", "S->C", "RESETS", "RETX", "RTT",
                 "PORTS", "SEEN BY")
 EDGE_CSV = ("client", "server", "connections", "failed", "bytes_c2s", "bytes_s2c", "resets",
-            "retransmits", "rtt_avg_us", "ports", "observed_by", "complete")
+            "retransmits", "rtt_avg_us", "ports", "observed_by", "complete", "dns_queries",
+            "dns_nxdomain", "dns_servfail", "dns_timeouts", "dns_errors", "dns_latency_avg_us",
+            "dns_names", "dropped", "drop_reasons")
 
 
-def edge_cells(e: Edge) -> Sequence[Cell | str | int | None]:
-    return (
-        Cell(e.client, "cyan"), Cell(e.server, "cyan"), e.connections,
+def edge_headers(edges: Sequence[Edge]) -> tuple[str, ...]:
+    """The table's columns: DNS only when some edge goes to a resolver that carried DNS
+    (collector --dns), DROPS only when some edge had drops (collector --drops)."""
+    return (*EDGE_HEADERS, *(("DNS",) if any(e.dns for e in edges) else ()),
+            *(("DROPS",) if any(e.dropped for e in edges) else ()))
+
+
+def dns_cell(e: Edge) -> str:
+    """The DNS cell of an edge to a resolver: `12q 2nx 1sf 1to 0.84ms api.example.com 7, ...`
+    (queries, NXDOMAIN, SERVFAIL, timeouts, average latency, the names most asked)."""
+    d = e.dns
+    if not d:
+        return ""
+    parts = [f"{int(d.get('queries') or 0)}q"]
+    for key, tag in (("nxdomain", "nx"), ("servfail", "sf"), ("timeouts", "to")):
+        if d.get(key):
+            parts.append(f"{int(d[key])}{tag}")
+    lat = d.get("latency_us")
+    if isinstance(lat, Mapping) and lat.get("avg") is not None:
+        parts.append(f"{lat['avg'] / 1000:.2f}ms")
+    names = [f"{n.get('name')} {n.get('count')}" for n in (d.get("names") or ())[:3]
+             if isinstance(n, Mapping)]
+    return " ".join(parts) + (" " + ", ".join(names) if names else "")
+
+
+def edge_cells(e: Edge, heads: Sequence[str] = EDGE_HEADERS) -> Sequence[Cell | str | int | None]:
+    """One table row; `heads` (edge_headers) says whether the DNS and DROPS columns are shown."""
+    cells: tuple[Cell | str | int | None, ...] = (
+        Cell(e.client, "cyan"), Cell(e.server + ("*" if e.dns_hint else ""), "cyan"),
+        e.connections,
         Cell(str(e.failed), "red" if e.failed else None, right=True),
         Cell(human_bytes(e.bytes_c2s), right=True), Cell(human_bytes(e.bytes_s2c), right=True),
         e.resets, Cell(str(e.retransmits), "yellow" if e.retransmits else None, right=True),
         Cell(f"{e.rtt_avg_us / 1000:.2f}ms" if e.rtt_avg_us is not None else "", right=True),
         ",".join(e.ports), seen_by(e),
     )
+    if "DNS" in heads:
+        cells = (*cells, Cell(dns_cell(e), "red" if e.dns_errors else None))
+    if "DROPS" in heads:
+        cells = (*cells, Cell(drops_cell(e), "red" if e.dropped else None))
+    return cells
 
 
 def backends_text(e: Edge) -> str:
@@ -130,16 +194,25 @@ def backends_text(e: Edge) -> str:
     return ", ".join(f"{w} {n}" for w, n in sorted(items, key=lambda x: (-x[1], x[0])))
 
 
-def service_columns(group_by: str | None) -> tuple[tuple[str, ...], tuple[str, ...], Any]:
-    """The table and csv headers, and the cells of an edge: with `--group-by service`, a
-    BACKENDS column (csv `backends`) after the edge's own."""
+def service_columns(group_by: str | None, edges: Sequence[Edge],
+                    ) -> tuple[tuple[str, ...], tuple[str, ...], Any]:
+    """The table headers (edge_headers), the csv headers and the cells of an edge (`cells(e,
+    csv)`): with `--group-by service`, a BACKENDS column (csv `backends`) after the edge's own."""
+    heads = edge_headers(edges)
     if group_by != "service":
-        return EDGE_HEADERS, EDGE_CSV, lambda e, csv: edge_csv(e) if csv else edge_cells(e)
-    return ((*EDGE_HEADERS, "BACKENDS"), (*EDGE_CSV, "backends"),
-            lambda e, csv: (*(edge_csv(e) if csv else edge_cells(e)), backends_text(e)))
+        return heads, EDGE_CSV, lambda e, csv: edge_csv(e) if csv else edge_cells(e, heads)
+    return ((*heads, "BACKENDS"), (*EDGE_CSV, "backends"),
+            lambda e, csv: (*(edge_csv(e) if csv else edge_cells(e, heads)), backends_text(e)))
 
 
 def edge_csv(e: Edge) -> Sequence[Any]:
+    d = e.dns or {}
+    lat = d.get("latency_us") if isinstance(d.get("latency_us"), Mapping) else {}
     return (e.client, e.server, e.connections, e.failed, e.bytes_c2s, e.bytes_s2c, e.resets,
             e.retransmits, e.rtt_avg_us, ";".join(e.ports), ";".join(e.observed_by),
-            str(e.complete).lower())
+            str(e.complete).lower(),
+            *((d.get(k) for k in ("queries", "nxdomain", "servfail", "timeouts", "errors"))
+              if e.dns else ("",) * 5),
+            (lat or {}).get("avg", "") if e.dns else "",
+            ";".join(f"{n.get('name')}:{n.get('count')}" for n in d.get("names") or ()),
+            e.dropped, ";".join(f"{r}={n}" for r, n in e.drop_reasons))

@@ -52,6 +52,7 @@ class FlowRow:
     final: bool
     obj: Any  # what -o json/jsonl writes
     view: Mapping[str, Any]  # what the filter matches
+    drops: str = ""  # packets the kernel dropped by reason ("NETFILTER_DROP=3"), "" when none
     # the Service the client dialled (`namespace/name`, else its ClusterIP:port), None: none
     service: str | None = None
 
@@ -71,12 +72,14 @@ class FlowRow:
                         cw.namespace if cw else None, comm if r.observer == "client" else None),
             server=Side(r.server.ip, r.server.port, sw.name if sw else None,
                         sw.namespace if sw else None, comm if r.observer == "server" else None),
-            outcome=outcome_of(r.connect, r.resets), bytes_c2s=r.bytes_c2s, bytes_s2c=r.bytes_s2c,
+            outcome=outcome_of(r.connect, r.resets, r.source == "drops"),
+            bytes_c2s=r.bytes_c2s, bytes_s2c=r.bytes_s2c,
             retransmits=r.retransmits, resets=r.resets,
-            rtt_avg_us=r.rtt_us.avg if r.rtt_us else None, observed_by=(r.observer,),
+            rtt_avg_us=r.rtt_us.avg if r.rtt_us else None,
+            observed_by=("drops",) if r.source == "drops" else (r.observer,),
             vni=r.tunnel.vni if r.tunnel else None, final=r.final, obj=r.to_builtins(),
-            view=view_of_record(r), service=_addr(r.dialled.ip, r.dialled.port)
-            if r.dialled is not None else None,
+            view=view_of_record(r), drops=drops_text({d.reason: d.packets for d in r.drops or ()}),
+            service=_addr(r.dialled.ip, r.dialled.port) if r.dialled is not None else None,
         )
 
     @classmethod
@@ -110,7 +113,8 @@ class FlowRow:
                 rtt_avg_us=rtt.get("avg") if isinstance(rtt, dict) else None,
                 observed_by=observed, vni=vni,
                 final=bool(obj.get("final", obj.get("closed", True))), obj=obj,
-                view=view, service=_service(obj),
+                view=view, drops=drops_text((obj.get("drops") or {}).get("reasons") or {}),
+                service=_service(obj),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a side not an object
             raise TransportError(f"the aggregator sent a flow this CLI cannot read ({exc!r}); "
@@ -128,6 +132,11 @@ def _service(obj: Mapping[str, Any]) -> str | None:
         return f"{svc['namespace']}/{svc['name']}" if svc.get("namespace") else str(svc["name"])
     ip = obj.get("service_ip")
     return _addr(str(ip), obj.get("service_port")) if ip else None
+
+
+def drops_text(reasons: Mapping[str, Any]) -> str:
+    """`NETFILTER_DROP=3,NO_SOCKET=1` (by reason), "" without drops."""
+    return ",".join(f"{r}={int(n)}" for r, n in sorted(reasons.items()))
 
 
 def _side(d: Any) -> Side:
@@ -149,11 +158,17 @@ TABLE_HEADERS = ("START", "CLIENT", "SERVER", "PROTO", "OUTCOME", "C->S", "S->C"
 CSV_HEADERS = ("start", "end", "protocol", "client_workload", "client_namespace", "client_ip",
                "client_port", "client_comm", "server_workload", "server_namespace", "server_ip",
                "server_port", "server_comm", "outcome", "bytes_c2s", "bytes_s2c", "retransmits",
-               "resets", "rtt_avg_us", "observed_by", "vni", "final", "service")
+               "resets", "rtt_avg_us", "observed_by", "vni", "final", "drops", "service")
 
 
 def outcome_style(outcome: str) -> str | None:
     return None if outcome == "ok" else "red"
+
+
+def outcome_cell(f: FlowRow) -> str:
+    """The outcome, with the packets the kernel dropped by reason when there were any:
+    `dropped (NETFILTER_DROP=3)`."""
+    return f"{f.outcome} ({f.drops})" if f.drops else f.outcome
 
 
 def stamp(t: datetime) -> str:
@@ -163,7 +178,8 @@ def stamp(t: datetime) -> str:
 def table_cells(f: FlowRow) -> Sequence[Cell | str | int | None]:
     return (
         stamp(f.start), Cell(f.client.label, "cyan"), Cell(f.server_label, "cyan"), f.protocol,
-        Cell(f.outcome, outcome_style(f.outcome)), Cell(human_bytes(f.bytes_c2s), right=True),
+        Cell(outcome_cell(f), outcome_style(f.outcome)),
+        Cell(human_bytes(f.bytes_c2s), right=True),
         Cell(human_bytes(f.bytes_s2c), right=True),
         Cell(str(f.retransmits), "yellow" if f.retransmits else None, right=True),
         Cell(f"{f.rtt_avg_us / 1000:.2f}ms" if f.rtt_avg_us is not None else "", right=True),
@@ -175,6 +191,7 @@ def compact_line(f: FlowRow) -> list[tuple[str, str | None]]:
     """(text, style) pieces of one line: `START client -> server proto outcome bytes [seen by]`."""
     extra = f" retx={f.retransmits}" if f.retransmits else ""
     vni = f" vni={f.vni}" if f.vni is not None else ""
+    vni += f" drops={f.drops}" if f.drops else ""
     return [
         (stamp(f.start) + " ", None), (f.client.label, "cyan"), (" -> ", None),
         (f.server_label, "cyan"), (f" {f.protocol} ", None), (f.outcome, outcome_style(f.outcome)),
@@ -188,5 +205,5 @@ def csv_cells(f: FlowRow) -> Sequence[Any]:
         f.protocol, f.client.workload, f.client.namespace, f.client.ip, f.client.port,
         f.client.comm, f.server.workload, f.server.namespace, f.server.ip, f.server.port,
         f.server.comm, f.outcome, f.bytes_c2s, f.bytes_s2c, f.retransmits, f.resets,
-        f.rtt_avg_us, ";".join(f.observed_by), f.vni, str(f.final).lower(), f.service,
+        f.rtt_avg_us, ";".join(f.observed_by), f.vni, str(f.final).lower(), f.drops.replace(",", ";"), f.service,
     )

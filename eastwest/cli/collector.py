@@ -52,8 +52,8 @@ def register(sub: Any) -> None:
     g.add_argument("--no-vxlan", action="store_true", help="do not capture VXLAN on the underlay")
     g.add_argument("--drops", action="store_true",
                    help="also count the packets the kernel drops (skb:kfree_skb), per flow and "
-                   "drop reason: records of source `drops` (docs/policy.md, \"Drops\"); with "
-                   "--stdout or --output (the aggregator does not join them to connections yet)")
+                   "drop reason: records of source `drops` (docs/policy.md, \"Drops\"), which the "
+                   "aggregator joins to their connections (`eastwest flows --outcome dropped`)")
     g.add_argument("--pcap", metavar="FILE", action="append", default=[],
                    help="read a pcap/pcapng capture instead of live sources, then exit (repeatable)")
     g.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")

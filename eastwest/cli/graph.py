@@ -14,6 +14,7 @@ from typing import Any
 
 from eastwest.cli._common import add_connection_flags, add_output_flags, results
 from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
+from eastwest.dns_filter import RCODES, DnsEdgeFilter
 
 FORMATS = ("table", "json", "csv", "dot", "mermaid")
 TEXT_STARTS = {"dot": ("digraph", "graph", "strict"), "mermaid": ("graph", "flowchart")}
@@ -32,12 +33,17 @@ examples:
   eastwest graph -o mermaid                        paste into Markdown
   eastwest graph --group-by service                calls to a Service as one edge to it
   eastwest graph --to-service shop/api             who calls the Service shop/api
+  eastwest graph --dns-rcode nxdomain              who asks for names that do not exist
+  eastwest graph --dns-name '*.example.com'        who resolves names of example.com
 
 Edges go client -> server and count connections, never records: a connection seen by its
 client, its server and the wire is one connection. SEEN BY: each set of observers with the
 connections it saw, most first (client+path+server 323, client+path 16: 16 connections had no
 server-side view). FAILED: connections never established (refused or timed out); RESETS:
-connections reset after they were established.
+connections reset after they were established. DNS (edges to a resolver): queries, NXDOMAIN
+(nx), SERVFAIL (sf), timeouts (to: queries without an answer) and the average latency. A server
+named by a DNS answer its client got (api.example.com instead of external:203.0.113.7) is
+marked * when an answer named it only after its TTL (a hint; docs/aggregator.md).
 
 --group-by service: a connection whose client dialled a Service (a ClusterIP, DNATed by
 kube-proxy to a backend) is counted once, on the edge client -> svc:NAMESPACE/NAME
@@ -70,6 +76,15 @@ def add_graph_scope(p: argparse.ArgumentParser, *, group_by: bool = True) -> Non
         g.add_argument("--group-by", choices=GROUP_BY, default="workload",
                        help="what a node is (default workload); service: a call to a "
                        "Service ends at the Service, its backends listed")
+        d = p.add_argument_group("DNS (edges to a resolver: the DNS their clients sent)")
+        d.add_argument("--dns-name", action="append", default=[], metavar="GLOB",
+                       help="only edges to a resolver whose clients asked a name matching "
+                       "GLOB (a shell pattern, case-insensitive: *.example.com); repeatable, "
+                       "OR-ed")
+        d.add_argument("--dns-rcode", action="append", default=[], metavar="CODE",
+                       help="only edges to a resolver that got this response code: "
+                       f"{', '.join(RCODES)} (timeout: queries without an answer); "
+                       "repeatable, OR-ed; with --dns-name: a matching name got it")
 
 
 def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -77,7 +92,8 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     params = filter_spec(args).query_params(window=("from", "to"))
     if getattr(args, "group_by", None):
         params.append(("group_by", args.group_by))
-    return params
+    dns = DnsEdgeFilter.build(getattr(args, "dns_name", ()), getattr(args, "dns_rcode", ()))
+    return params + dns.query_params()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         doc = client.get_json(GRAPH_PATH, params)
         edges = sorted(edges_of(doc), key=lambda e: (e.client, e.server))  # -o json too: checked
-        headers, csv_headers, cells = service_columns(args.group_by)
+        headers, csv_headers, cells = service_columns(args.group_by, edges)
         if args.output == "json":
             out.write(to_json_text(doc, indent=2) + "\n")
         elif args.output == "csv":

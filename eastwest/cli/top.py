@@ -1,5 +1,5 @@
-"""`eastwest top`: top talkers of a window, by bytes, connections, failures, resets or
-retransmits.
+"""`eastwest top`: top talkers of a window, by bytes, connections, failures, resets,
+retransmits or DNS errors.
 
 In:  a window, the filter flags and `--group-by` (as `eastwest graph`), `--by`, `--limit`;
      the aggregator's `GET /api/v1/graph` edges (built from the matching connections).
@@ -29,24 +29,32 @@ examples:
   eastwest top --to-workload db --by failures --not --outcome ok --since 1h
   eastwest top --by retransmits --group-by host  lossy host pairs
   eastwest top --group-by service --by failures  which Services fail most (BACKENDS: who served)
+  eastwest top --by dns-errors                   which clients' DNS fails most
+  eastwest top --by drops --since 1h             where the kernel drops packets, and why
 
-FAILED counts connections never established (refused or timed out), RESETS those reset after
-they were established (--not --outcome ok selects both); --by ranks by the column it names.
-SEEN BY: each set of observers (client, server, path = the wire) with the connections it saw."""
+FAILED counts connections never established (refused, timed out or dropped), RESETS those reset
+after they were established (--not --outcome ok selects both); --by ranks by the column it names.
+SEEN BY: each set of observers (client, server, path = the wire, drops = a drop source) with
+the connections it saw. DNS (shown when an edge goes to a resolver that carried DNS) and
+--by dns-errors: responses other than NOERROR (NXDOMAIN, SERVFAIL, REFUSED, ...) plus queries
+that got no answer (timeouts), per client. DROPS (shown when any edge has some): packets the
+kernel dropped, by reason (collector --drops; docs/policy.md, "Drops")."""
 
 
 def register(sub: Any) -> None:
     from eastwest.cli._edges import METRICS
 
-    p = sub.add_parser("top", help="top talkers by bytes, connections, failures, resets or "
-                       "retransmits",
+    p = sub.add_parser("top", help="top talkers by bytes, connections, failures, resets, "
+                       "retransmits, DNS errors or drops",
                        description="The busiest (or worst) client -> server edges of a window.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("ranking")
     g.add_argument("--by", choices=tuple(METRICS), default="bytes",
                    help="rank by bytes (both ways), connections, failures (the FAILED column: "
-                   "connections refused or timed out), resets (connections reset once "
-                   "established) or retransmits (default bytes)")
+                   "connections refused, timed out or dropped), resets (connections reset once "
+                   "established), retransmits, dns-errors (DNS responses other than NOERROR "
+                   "plus unanswered queries, on edges to a resolver) or drops (packets the "
+                   "kernel dropped: the DROPS column) (default bytes)")
     g.add_argument("-n", "--limit", type=int, default=10, metavar="N",
                    help="show the top N (default 10; 0 = all)")
     add_graph_scope(p)
@@ -72,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         edges = [e for e in edges if getattr(e, attr) > 0]
         if args.limit:
             edges = edges[: args.limit]
-        headers, csv_headers, cells = service_columns(args.group_by)
+        headers, csv_headers, cells = service_columns(args.group_by, edges)
         if args.output == "json":
             out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
         elif args.output == "csv":

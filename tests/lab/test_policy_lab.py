@@ -4,8 +4,10 @@ application (collectors -> aggregator -> GET /api/v1/policy/suggest) is enforced
 and a call that was never observed (frontend -> db:5432) is dropped: its connect times out after
 exactly the SYNs its timeout implies, counted by the DROP rules of the policy chains.
 The drop source of the client's host collector (skb:kfree_skb, counted in the kernel) reports
-that call as one flow frontend -> db:5432 with reason NETFILTER_DROP and exactly those SYNs.
-`eastwest lab policy remove` opens it again."""
+that call as one flow frontend -> db:5432 with reason NETFILTER_DROP and exactly those SYNs,
+exported as a collector does (spool, HTTP) to an aggregator, which shows it as ONE connection
+shop/frontend -> shop/db:5432 with outcome `dropped` and those packets by reason
+(GET /api/v1/flows?outcome=dropped). `eastwest lab policy remove` opens it again."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import httpx
 import pytest
 
 from eastwest.record import Drop
-from tests.lab.harness import RH, Aggregator, collectors, truth_edges, window_of
+from tests.lab.harness import INGEST, RH, Aggregator, collectors, truth_edges, window_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewxdpol"
@@ -84,9 +86,10 @@ def policy_drops(lab) -> int:
 
 class DropCollector:
     """The drop source of one lab host's collector (scoped to the host's namespaces), its
-    records kept in a list."""
+    records kept in a list and, given an aggregator's URL, exported to it as a collector does
+    (collector/export.py AggregatorSink: batches, spool, HTTP)."""
 
-    def __init__(self, lab, host: str) -> None:
+    def __init__(self, lab, host: str, url: str | None = None, spool=None) -> None:
         from collector.drops.kernel import BccDrops
         from collector.drops.source import DropSource, DropTracker
         from collector.netns import resolve
@@ -100,16 +103,27 @@ class DropCollector:
                                  DropTracker(ctx, kclock.to_utc, idle_timeout=30.0),
                                  lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC), interval=0.5)
         self.records: list = []
+        self.sink = None
+        if url is not None:
+            from collector.export import AggregatorSink, ExportSettings
+
+            self.sink = AggregatorSink(ctx, settings=ExportSettings(
+                url=url, token=INGEST, spool_dir=spool, batch_age=0.2))
         self.stop_event = threading.Event()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         try:
-            self.source.run(self.records.extend, self.stop_event)
+            self.source.run(self._emit, self.stop_event)
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.errors.append(exc)
             self.source.ready.set()
+
+    def _emit(self, records: list) -> None:
+        self.records.extend(records)
+        if self.sink is not None:
+            self.sink.write(records)
 
     def __enter__(self) -> DropCollector:
         self.thread.start()
@@ -119,6 +133,8 @@ class DropCollector:
     def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
         self.thread.join(60)
+        if self.sink is not None:
+            self.sink.close()  # everything sent (the final records of the stop included)
         assert not self.errors, self.errors
 
 
@@ -152,11 +168,19 @@ def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(la
         dropped_before = policy_drops(lab)  # the demo's own traffic dropped nothing
         assert dropped_before == 0
         pods = {p["service"]: p for p in lab.inventory["pods"]}
-        with DropCollector(lab, pods["frontend"]["host"]) as dc:
-            t0 = time.monotonic()
-            assert unobserved_call(lab) == "timeout"
-            assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
+        with Aggregator(tmp_path / "data2", lab.inventory["workload_map"]) as agg2:
+            with DropCollector(lab, pods["frontend"]["host"], agg2.url,
+                               tmp_path / "spool2") as dc:
+                t0 = time.monotonic()
+                assert unobserved_call(lab) == "timeout"
+                assert time.monotonic() - t0 >= CONNECT_TIMEOUT - 0.5
+            shown = dropped_connections(agg2.url)
         syns = syns_within(pods["frontend"]["netns"], CONNECT_TIMEOUT)
+        # through the aggregator: one connection frontend -> db:5432, dropped, by reason
+        assert [(c["client"]["workload"]["id"], c["server"]["workload"]["id"], c["server"]["port"],
+                 c["outcome"], c["drops"], c["observed_by"]) for c in shown] == [
+            ("shop/frontend", "shop/db", 5432, "dropped",
+             {"packets": syns, "reasons": {"NETFILTER_DROP": syns}}, ["drops"])], shown
         blocked = [r for r in dc.records if r.final and r.server.ip == pods["db"]["ip"]
                    and r.server.port == 5432]
         assert len(blocked) == 1, dc.records
@@ -168,6 +192,20 @@ def test_suggested_policy_keeps_the_application_and_blocks_an_unobserved_call(la
         removed = eastwest("lab", "policy", "remove", "--name", LAB)
     assert removed.returncode == 0, removed.stderr
     assert unobserved_call(lab) == "connected"
+
+
+def dropped_connections(url: str, wait: float = 30.0) -> list[dict]:
+    """GET /api/v1/flows?outcome=dropped once something is there (the export is asynchronous)."""
+    deadline = time.monotonic() + wait
+    while True:
+        r = httpx.get(url + "/api/v1/flows", headers=RH, timeout=30,
+                      params={"outcome": "dropped", "since": "1h"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        rows = body["flows"] if isinstance(body, dict) else body
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 def test_lab_policy_apply_names_a_bad_file_and_a_missing_lab(lab, tmp_path):

@@ -6,7 +6,9 @@ slack, loopback connections in several namespaces), each reported by any subset 
 observers (client, server, several wire collectors) with clock skew per host, interim records
 then a final one, late interim records, processes, containers, tunnels, RTTs, collector-reported
 workloads (observers disagreeing), NAT chains with a dialled Service address (observers knowing
-it or not, sometimes disagreeing), IPv4 and IPv6, link-local addresses; split into batches in
+it or not, sometimes disagreeing), IPv4 and IPv6, link-local addresses, drop sources (records
+of source `drops`: one or more reasons, interim and final, alone or beside the connection's
+other observers, before or after them); split into batches in
 any order; between batches the wall clock moves (names settle), a plan may be rolled back, the
 correlators may restart from their own connections, or prune.
 """
@@ -28,7 +30,7 @@ from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.correlate_plan import ColumnPlan
 from aggregator.identity import IdentityResolver, StaticMap
 from aggregator.store.derived import DUCKDB_CONN_SCHEMA, Derived, _views_dec
-from eastwest.record import Endpoint, FlowRecord, Nat, Process, Rtt, Tunnel, Workload
+from eastwest.record import Drop, Endpoint, FlowRecord, Nat, Process, Rtt, Tunnel, Workload
 
 T0 = datetime(2026, 11, 28, 4, 0, 10, tzinfo=UTC)
 WALL0 = datetime(2026, 11, 28, 5, 0, 0, tzinfo=UTC)
@@ -168,10 +170,14 @@ def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[F
     dur = rnd.choice([0.5, 2.0, 20.0, 70.0])
     c2s, s2c = rnd.randrange(1, 5000), rnd.randrange(1, 90000)
     hc, hs = rnd.choice(HOSTS), rnd.choice(HOSTS)
-    slots = rnd.sample(["client", "server", "path:h1", "path:h2", "path:h3"], rnd.randint(1, 4))
+    slots = rnd.sample(["client", "server", "path:h1", "path:h2", "path:h3", "drops:h1",
+                        "drops:h2"], rnd.randint(1, 4))
     out = []
     for slot in slots:
         obs, _, wire = slot.partition(":")
+        if obs == "drops":
+            out += drop_records(rnd, wire, start + timedelta(seconds=skew[wire]), dur, key, netns)
+            continue
         coll = {"client": hc, "server": hs}.get(obs, wire)
         sk = timedelta(seconds=skew[coll])
         extra = rnd.choice([0, 0, 0, 1460, 3000]) if obs == "path" else rnd.choice([0, 0, -7])
@@ -210,6 +216,38 @@ def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[F
                 nat=nat))
         if n_interim and rnd.random() < 0.3:  # a late interim record, sent again later
             out.append(out[-2].replace(record_id=f"{coll}:{next(_seq)}"))
+    return out
+
+
+DROP_REASONS = ["NETFILTER_DROP", "NO_SOCKET", "TCP_CSUM"]
+
+
+def drop_records(rnd: random.Random, coll: str, start: datetime, dur: float, key: Key,
+                 netns: int | None) -> list[FlowRecord]:
+    """A drop source's records of one flow: cumulative packets per reason, reasons appearing in
+    later interim records too, a final one (mostly), sometimes a late interim sent again."""
+    family, loop, cip, sip, cport, sport, protocol = key
+    first = start + timedelta(seconds=rnd.choice([0, 0, 0.2, 1.0]))
+    reasons = rnd.sample(DROP_REASONS, rnd.randint(1, 3))
+    n = rnd.choice([1, 1, 2, 3])
+    ends = sorted(rnd.uniform(0.0, dur) for _ in range(n - 1)) + [dur]
+    counts: dict[str, int] = {}
+    out = []
+    for k, end in enumerate(ends):
+        for r in reasons[:k + 1]:
+            counts[r] = counts.get(r, 0) + rnd.randint(1, 4)
+        out.append(FlowRecord(
+            record_id=f"{coll}:{next(_seq)}", collector=coll, source="drops", start=first,
+            end=first + timedelta(seconds=end), final=k == n - 1 and rnd.random() < 0.85,
+            protocol=protocol, family=family, client=Endpoint(cip, cport),
+            server=Endpoint(sip, sport), observer="path", netns=netns, loopback=loop,
+            drops=[Drop(r, c) for r, c in counts.items()],
+            incomplete=["lost_events"] if rnd.random() < 0.1 else [],
+            # what a drop source never reports, and both correlators ignore in one
+            **({"bytes_c2s": 7, "packets_s2c": 2, "connect": "timeout", "retransmits": 1,
+                "resets": 1, "rtt_us": Rtt(1, 2, 3)} if rnd.random() < 0.1 else {})))
+    if n > 1 and rnd.random() < 0.3:
+        out.append(out[-2].replace(record_id=f"{coll}:{next(_seq)}"))
     return out
 
 

@@ -26,6 +26,7 @@ CASES = {
                           "--rate", "5000", "--seconds", "2"],
     "bench_graph_api.py": ["--flows", "20000", "--requests", "2"],
     "bench_correlate.py": ["--records", "5000"],
+    "bench_correlate_drops.py": ["--records", "5000", "--batch", "1000", "--repeat", "1"],
     "bench_store.py": ["--records", "20000"],
     "bench_wire_columns.py": ["--records", "5000", "--repeat", "1"],
     "bench_transport.py": ["--records", "5000", "--rounds", "1", "--sustained", "5000"],

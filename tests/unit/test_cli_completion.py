@@ -35,7 +35,8 @@ def complete(script_path, line: str, command: str = "eastwest") -> list[str]:
                              "--token-file"]),
     ("eastwest flows -o ", ["table", "compact", "json", "jsonl", "csv"]),
     ("eastwest flows --outcome re", ["refused", "reset"]),
-    ("eastwest flows --not --observer ", ["client", "server", "path"]),
+    ("eastwest flows --not --observer ", ["client", "server", "path", "drops"]),
+    ("eastwest flows --outcome dr", ["dropped"]),
     ("eastwest flows --port 80 --pr", ["--protocol", "--print-filter"]),
     ("eastwest flows --port ", []),  # a free value: nothing to offer
     ("eastwest lab up --vxlan-port ", ["4789", "8472"]),

@@ -122,14 +122,3 @@ def test_reason_names_come_from_the_format_file() -> None:
     # before Linux 5.17 the tracepoint had no reason: nothing to name (counted as UNKNOWN)
     assert reasons('\tfield:void * location;\n\nprint fmt: "skbaddr=%p protocol=%u location=%p"') == {}
 
-
-def test_drops_with_an_aggregator_is_refused_naming_the_flag() -> None:
-    """The aggregator does not join drop records yet: a usage error (exit 2), not silence."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "eastwest", "collector", "--drops", "--no-socket",
-                        "--no-vxlan", "--aggregator", "http://127.0.0.1:9"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2, r
-    assert "--drops" in r.stderr and "--stdout or --output" in r.stderr

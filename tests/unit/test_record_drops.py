@@ -18,7 +18,24 @@ def test_drops_decode_and_encode_as_the_contract_says() -> None:
     r = FlowRecord.from_builtins({**BASE, "drops": [{"reason": "NETFILTER_DROP", "packets": 3}]})
     assert r.drops == [Drop("NETFILTER_DROP", 3)]
     assert codec.from_json(codec.to_json(r)) == r
-    assert FlowRecord.from_builtins(BASE).drops is None  # optional: older records have none
+    # optional: records of other sources have none
+    assert FlowRecord.from_builtins({**BASE, "source": "wire"}).drops is None
+
+
+@pytest.mark.parametrize(("changes", "problem"), [
+    ({}, "needs at least one reason"),
+    ({"drops": []}, "needs at least one reason"),
+    ({"drops": [{"reason": "NO_SOCKET", "packets": 1}, {"reason": "NO_SOCKET", "packets": 2}]},
+     "names a reason twice"),
+    ({"source": "socket", "drops": [{"reason": "NO_SOCKET", "packets": 1}]},
+     "only records of source 'drops' carry drops"),
+])
+def test_drops_belong_to_drop_records_once_per_reason(changes, problem) -> None:
+    """The aggregator keeps one view per drop source and reason (docs/aggregator.md, "Drops"):
+    a drops record without reasons would be a connection without packets."""
+    with pytest.raises(RecordError) as exc:
+        FlowRecord.from_builtins({**BASE, **changes})
+    assert exc.value.field == "drops" and problem in str(exc.value), exc.value
 
 
 @pytest.mark.parametrize(("drops", "field"), [

@@ -23,7 +23,7 @@ from aggregator.app import create_app
 from aggregator.pipeline import build
 from aggregator.settings import AggregatorSettings
 from aggregator.store import open_store
-from eastwest.record import Endpoint, Nat, Tunnel
+from eastwest.record import Drop, Endpoint, Nat, Tunnel
 from tests.servers import store_location
 from tests.unit.test_api_query import INGEST, MAP_YAML, READ, RH, fill, send
 from tests.unit.test_correlate import T0, rec
@@ -60,7 +60,8 @@ def settings_for(tmp_path, name):
 
 def fill_more(c):
     """fill() of test_api_query plus: a wire-only view with a tunnel, interim records over two
-    minutes, a reset, UDP, an unknown (external) peer, and an hour later a new dependency."""
+    minutes, a reset, UDP, an unknown (external) peer, drops (a blocked call the client saw time
+    out, a drops-only flow with two reasons), and an hour later a new dependency."""
     fill(c)
     Ep = Endpoint
     send(c, "h1", 200, [rec("path", cport=42000, c2s=3000, s2c=300,
@@ -72,6 +73,15 @@ def fill_more(c):
     send(c, "h2", 204, [rec("client", collector="h2", protocol="udp", connect=None,
                             client=Ep("10.244.2.11", 53000), server=Ep("10.96.0.10", 53),
                             c2s=40, s2c=120)])
+    db = Ep("10.244.3.11", 5432)
+    send(c, "h1", 206, [rec("client", cport=42010, client=Ep("10.244.1.11", 42010), server=db,
+                            c2s=0, s2c=0, connect="timeout"),
+                        rec("path", cport=42010, client=Ep("10.244.1.11", 42010), server=db,
+                            source="drops", c2s=0, s2c=0, tunnel=None,
+                            drops=[Drop("NETFILTER_DROP", 3)]),
+                        rec("path", cport=42011, client=Ep("10.244.1.11", 42011), server=db,
+                            source="drops", c2s=0, s2c=0, tunnel=None,
+                            drops=[Drop("NETFILTER_DROP", 2), Drop("NO_SOCKET", 1)])])
     send(c, "h1", 205, [rec("client", start=LATER, server=Ep("10.244.3.11", 5432), c2s=7, s2c=8)])
     # a Service call (its client's record keeps the dialled ClusterIP): the Service view
     dnat = [Nat("dnat", Ep("10.96.0.11", 80), Ep("10.244.2.11", 9090), 4026531840)]
@@ -114,6 +124,8 @@ GETS = [
     ("/api/v1/flows", {"until": T0.isoformat()}),
     ("/api/v1/flows", {"protocol": "udp"}),
     ("/api/v1/flows", {"namespace": "shop", "not_outcome": "ok"}),
+    ("/api/v1/flows", {"outcome": "dropped"}),
+    ("/api/v1/graph", {**A, "outcome": "dropped"}),
 ]
 
 
@@ -176,6 +188,10 @@ def test_every_endpoint_answers_the_same_on_clickhouse_as_on_duckdb(tmp_path, sa
     graph = duck[0][3]
     assert {(e["source"], e["target"]) for e in graph["edges"]} >= {
         ("shop/frontend", "shop/api"), ("shop/api", "shop/db"), ("shop/frontend", "shop/db")}
+    drops = {(e["source"], e["target"]): e["drops"] for e in graph["edges"]}
+    assert drops[("shop/frontend", "shop/db")] == {
+        "packets": 6, "reasons": {"NETFILTER_DROP": 5, "NO_SOCKET": 1}}
+    assert drops[("shop/frontend", "shop/api")] is None
 
 
 def _stream_events(app, feed) -> list[dict]:

@@ -96,7 +96,7 @@ def test_a_record_with_drops_comes_back_with_them(tmp_path):
                      final=True, protocol="tcp", family=4, client=Endpoint("10.0.0.1", 40000),
                      server=Endpoint("10.0.0.2", 5432), observer="path",
                      drops=[Drop("NETFILTER_DROP", 3)])
-    both = full_record().replace(drops=[Drop("NO_SOCKET", 1), Drop("TCP_CSUM", 2)])
+    both = full_record().replace(source="drops", drops=[Drop("NO_SOCKET", 1), Drop("TCP_CSUM", 2)])
     store = DuckDBStore(tmp_path)
     store.ingest("node-1", 1, [syn, both])
     assert sorted(store.records(), key=lambda r: r.record_id) == sorted([syn, both],
@@ -109,7 +109,8 @@ def test_a_record_with_nat_comes_back_with_it(tmp_path):
     chain = [Nat("redirect", Endpoint("10.96.0.10", 80), Endpoint("127.0.0.1", 15001), 7),
              Nat("dnat", Endpoint("10.96.0.10", 80), Endpoint("10.244.2.11", 8080), 9)]
     alone = full_record().replace(record_id="node-1:8", nat=chain[1:])
-    both = full_record().replace(record_id="node-1:9", drops=[Drop("NO_SOCKET", 1)], nat=chain)
+    both = full_record().replace(record_id="node-1:9", source="drops", drops=[Drop("NO_SOCKET", 1)],
+                                 nat=chain)
     store = DuckDBStore(tmp_path)
     store.ingest("node-1", 1, [alone, both])
     assert sorted(store.records(), key=lambda r: r.record_id) == [alone, both]

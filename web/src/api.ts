@@ -106,6 +106,21 @@ export interface GraphEdge {
   byte_mismatches: number; rtt_us: { min: number; avg: number; max: number } | null;
   ports: number[]; protocols: string[]; first_seen: string | null; last_seen: string | null;
   complete: boolean; observed_by: Record<string, number>; folded: number;
+  // an edge to a resolver: the DNS its clients sent (docs/api.md); absent on other edges
+  dns?: EdgeDns;
+  // a target named by DNS answers: connections named within the answer's TTL, and after it
+  dns_named?: { ttl: number; hint: number };
+  // packets the kernel dropped, by drop reason (collector --drops); null: none (absent: older server)
+  drops?: Drops | null;
+}
+export interface EdgeDns { queries: number; responses: number; timeouts: number; nxdomain: number;
+  servfail: number; errors: number; rcodes: Record<string, number>;
+  latency_us: { min: number; avg: number; max: number } | null;
+  names: { name: string; type: string; count: number; rcodes: Record<string, number>; timeouts: number }[];
+  other_names: number }
+export interface Drops { packets: number; reasons: Record<string, number> }
+// the Service view's fields of an edge (declaration merging)
+export interface GraphEdge {
   // the Service view only (group_by=service, docs/api.md): the Service this edge ends at, and
   // the backend workloads that served its connections
   service?: { id: string; name: string | null; namespace: string | null; addresses: string[] } | null;
@@ -134,6 +149,12 @@ export interface Flow {
             vtep_dst_host: string | null } | null;
   service_ip?: string | null; service_port?: number | null;
   service?: { namespace: string | null; name: string } | null;
+  drops?: Drops | null;
+}
+/** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */
+export function outcomeText(f: Flow): string {
+  const r = f.drops ? Object.entries(f.drops.reasons).map(([k, n]) => `${k} ${n}`).join(", ") : "";
+  return r ? `${f.outcome} (${r})` : f.outcome;
 }
 export interface Flows { flows: Flow[]; count: number; next_cursor: string | null; sort: string; filter: string }
 export interface DiffEdge { source: string; target: string; connections_opened: number;

@@ -2,7 +2,7 @@
 // GET /api/v1/flows/stream. Its filter box takes the CLI's filters in either spelling,
 // `to_workload=db not_outcome=ok` or `--to-workload db --not --outcome ok`
 // (eastwest/filters.py is the one filter language; the API names a bad one in its 400).
-import { ApiError, get, stream, type Flow, type Flows } from "./api";
+import { ApiError, get, outcomeText, stream, type Flow, type Flows } from "./api";
 import { esc, filterParams, int, when, windowParams, type State } from "./state";
 
 const TAIL_MAX = 500;
@@ -117,7 +117,7 @@ export class FlowsView {
       return `<tr data-id="${esc(f.id)}" class="${f.outcome === "ok" ? "" : "fail"}${prepend ? " fresh" : ""}">` +
         `<td>${esc(when(f.start))}</td><td title="${esc(f.client.ip)}:${f.client.port}">${esc(f.client.workload.id)}</td>` +
         `<td title="${esc(f.server.ip)}">${esc(f.server.workload.id)}</td><td>${f.server.port}</td><td>${esc(f.protocol)}</td>` +
-        `<td class="outcome">${esc(f.outcome)}</td><td>${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}</td>` +
+        `<td class="outcome">${esc(outcomeText(f))}</td><td>${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}</td>` +
         `<td>${esc(f.observed_by.join(","))}</td><td>${t}</td><td>${esc(when(f.last_seen))}</td></tr>`;
     }).join("");
     if (prepend) {

@@ -2,7 +2,7 @@
 // an edge's numbers from the graph, its connections and bytes over time, who observed it, its
 // VXLAN tunnel and its recent flows (GET /api/v1/flows). Every number shown carries its exact
 // value in data-value, so tests compare it with the API. Untrusted strings are escaped.
-import { get, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
+import { get, outcomeText, type EdgeDns, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
 import { buckets, chart } from "./chart";
 import { edgeId } from "./map";
 import { byWorkload, bytes, esc, filterParams, int, when, type State } from "./state";
@@ -97,20 +97,21 @@ function edgeNumbers(e: GraphEdge): string {
     ["connections_opened", "connections opened", e.connections_opened],
     ["connections_active", "still open at the end", e.connections_active],
     ["connections_closed", "closed", e.connections_closed],
-    ["connections_failed", "failed (refused, timeout)", e.connections_failed],
+    ["connections_failed", "failed (refused, timeout, dropped)", e.connections_failed],
     ["resets", "reset", e.resets],
     ["bytes_c2s", "bytes client → server", e.bytes_c2s],
     ["bytes_s2c", "bytes server → client", e.bytes_s2c],
     ["packets_c2s", "packets → (wire)", e.packets_c2s],
     ["packets_s2c", "packets ← (wire)", e.packets_s2c],
     ["retransmits", "retransmits", e.retransmits],
+    ["drops", "packets dropped by the kernel", e.drops ? e.drops.packets : null],
     ["rtt_us", "RTT µs (min/avg/max)", e.rtt_us ? `${e.rtt_us.min} / ${e.rtt_us.avg} / ${e.rtt_us.max}` : null],
     ["ports", "server ports", e.ports.join(", ")],
     ["protocols", "protocols", e.protocols.join(", ")],
     ["observed_by", "observed by (connections)", obs],
     ["complete", "complete", e.complete ? "yes" : "no: an observer lost events"],
     ["first_seen", "first seen", when(e.first_seen)], ["last_seen", "last seen", when(e.last_seen)],
-  ]) + `<p class="mini muted">${esc(bytes(e.bytes_c2s))} → · ← ${esc(bytes(e.bytes_s2c))}` +
+  ]) + dropReasons(e.drops) + `<p class="mini muted">${esc(bytes(e.bytes_c2s))} → · ← ${esc(bytes(e.bytes_s2c))}` +
     (e.folded > 1 ? ` · stands for ${int(e.folded)} folded edges` : "") + `</p>`;
 }
 
@@ -119,6 +120,40 @@ function serviceEnd(f: Flow): string {
   if (!f.service_ip) return f.server.workload.id;
   if (f.service) return `svc:${f.service.namespace ? `${f.service.namespace}/` : ""}${f.service.name}`;
   return `svc:${f.service_ip}:${f.service_port}`;  // no layer names it: aggregator/service_view.py
+}
+
+/** The DNS of an edge to a resolver: its counts, latency and the names asked (docs/api.md). */
+function edgeDns(d: EdgeDns): string {
+  const codes = Object.entries(d.rcodes).map(([k, v]) => `${k} ${v}`).join(", ");
+  const lat = d.latency_us ? `${d.latency_us.min} / ${d.latency_us.avg} / ${d.latency_us.max}` : null;
+  return `<h3>DNS</h3><div id="edge-dns">` + kv([
+    ["dns_queries", "queries", d.queries], ["dns_responses", "responses", d.responses],
+    ["dns_nxdomain", "NXDOMAIN", d.nxdomain], ["dns_servfail", "SERVFAIL", d.servfail],
+    ["dns_timeouts", "timeouts (no answer)", d.timeouts], ["dns_rcodes", "response codes", codes || null],
+    ["dns_latency_us", "latency µs (min/avg/max)", lat],
+  ]) + `<table class="mini" id="edge-dns-names"><thead><tr><th>name</th><th>type</th><th>asked</th>` +
+    `<th>responses</th><th>no answer</th></tr></thead><tbody>` +
+    d.names.map((n) => `<tr class="${Object.keys(n.rcodes).some((c) => c !== "NOERROR") || n.timeouts ? "fail" : ""}" data-name="${esc(n.name)}">` +
+      `<td>${esc(n.name)}</td><td>${esc(n.type)}</td><td>${esc(int(n.count))}</td>` +
+      `<td>${esc(Object.entries(n.rcodes).map(([k, v]) => `${k} ${v}`).join(", "))}</td><td>${esc(int(n.timeouts))}</td></tr>`).join("") +
+    `</tbody></table>` + (d.other_names ? `<p class="mini muted">and ${esc(int(d.other_names))} queries for other names</p>` : "") +
+    `</div>`;
+}
+
+function dnsNamed(e: GraphEdge): string {
+  const n = e.dns_named;
+  if (!n) return "";
+  return `<p class="mini" id="edge-dns-named" data-ttl="${n.ttl}" data-hint="${n.hint}">${esc(e.target)} is the name the ` +
+    `client got in DNS answers for these addresses: ${esc(int(n.ttl))} connections within the answer's TTL` +
+    (n.hint ? `, ${esc(int(n.hint))} after it (a hint)` : "") + `</p>`;
+}
+
+/** The edge's dropped packets by the kernel's drop reason, most first (docs/policy.md "Drops"). */
+function dropReasons(d: GraphEdge["drops"]): string {
+  if (!d) return "";
+  const rows = Object.entries(d.reasons).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+  return `<h3>Dropped by the kernel</h3><ul class="mini" id="edge-drops">${rows.map(([r, n]) =>
+    `<li data-reason="${esc(r)}" data-packets="${esc(n)}"><code>${esc(r)}</code> ${esc(int(n))} packets</li>`).join("")}</ul>`;
 }
 
 /** Does a flow belong to the edge source -> target under the graph's grouping? */
@@ -146,7 +181,7 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
   const g = ctx.graph;
   const e = g.edges.find((x) => edgeId(x.source, x.target) === id);
   if (!e) return;
-  open(`${e.source} → ${e.target}`, edgeNumbers(e) + backendsTable(e) +
+  open(`${e.source} → ${e.target}`, edgeNumbers(e) + backendsTable(e) + dnsNamed(e) + (e.dns ? edgeDns(e.dns) : "") +
     `<div id="edge-flows"><p class="muted mini">loading its flows…</p></div>`, "edge", id);
   wireChips(ctx);
   const p = filterParams(ctx.state);
@@ -154,9 +189,10 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
   if (byWorkload(g.group_by) && e.source !== "other") {
     const sn = g.nodes.find((n) => n.id === e.source), tn = g.nodes.find((n) => n.id === e.target);
     if (sn) p.append("from_workload", sn.name);
+    // a name from DNS answers is shown, not stored: the flows' filter knows the stored name
     if (e.service) {  // a Service edge: the calls through its addresses
       for (const a of e.service.addresses) p.append("to_service", a.replace(/:\d+$/, "").replace(/^\[(.*)\]$/, "$1"));
-    } else if (tn) p.append("to_workload", tn.name);
+    } else if (tn && tn.kind !== "DNS") p.append("to_workload", tn.name);
   }
   try {
     const res = await get<Flows>("/api/v1/flows", p);
@@ -177,7 +213,7 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
       `<h3>Tunnel</h3>${tun ? `<ul class="mini">${tun}</ul>` : `<p class="mini muted">no VXLAN: the wire did not see these flows on an underlay</p>`}` +
       `<h3>Recent flows</h3><table class="mini"><thead><tr><th>start</th><th>client</th><th>port</th><th>outcome</th><th>bytes →/←</th><th>seen by</th></tr></thead><tbody>` +
       flows.slice(0, 12).map((f) => `<tr class="${f.outcome === "ok" ? "" : "fail"}"><td>${esc(when(f.start).slice(11, 19))}</td>` +
-        `<td>${esc(f.client.ip)}:${f.client.port}</td><td>${f.server.port}</td><td class="outcome">${esc(f.outcome)}</td>` +
+        `<td>${esc(f.client.ip)}:${f.client.port}</td><td>${f.server.port}</td><td class="outcome">${esc(outcomeText(f))}</td>` +
         `<td>${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}</td><td>${esc(f.observed_by.join(","))}</td></tr>`).join("") +
       `</tbody></table><p class="mini"><button type="button" class="chip" id="edge-to-flows">all its flows in the Flows view</button></p>`;
     document.getElementById("edge-to-flows")!.onclick = () => {
