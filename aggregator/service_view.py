@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -164,20 +165,24 @@ def service_graph(store: ReadStore, since: datetime, until: datetime, flt: Filte
     # the edges' JSON as DuckDB (or columns_of_rows) wrote it, extended by splicing: no decode
     # of the 10,000 edges (`"target":"svc#3"` appears once: any quote inside `source` is escaped)
     plain = ',"service":null,"backends":[]}'
+    service_json: dict[str, tuple[str, str]] = {}
     edges = []
     for src, dst, text, weight, first, last in data.edges:
         if not dst.startswith("svc#"):
             edges.append((src, dst, text[:-1] + plain, weight, first, last))
             continue
         nid = rename(dst)
-        ref = refs.get(nid)
-        service = {"id": nid, "name": ref.name if ref else None,
-                   "namespace": ref.namespace if ref else None,
-                   "addresses": sorted(addrs.get(nid, ()))}
-        served = sorted(backends.get((src, nid), {}).values(), key=lambda b: b["id"])
-        text = text.replace(f'"target":"{dst}"', '"target":' + _enc.encode(nid).decode(), 1)
-        edges.append((src, nid, f'{text[:-1]},"service":{_enc.encode(service).decode()},'
+        if nid not in service_json:  # once per Service, not per edge
+            ref = refs.get(nid)
+            service_json[nid] = (_enc.encode(nid).decode(), _enc.encode({
+                "id": nid, "name": ref.name if ref else None,
+                "namespace": ref.namespace if ref else None,
+                "addresses": sorted(addrs.get(nid, ()))}).decode())
+        target, service = service_json[nid]
+        served = sorted(backends.get((src, nid), {}).values(), key=itemgetter("id"))
+        text = text.replace(f'"target":"{dst}"', '"target":' + target, 1)
+        edges.append((src, nid, f'{text[:-1]},"service":{service},'
                                 f'"backends":{_enc.encode(served).decode()}}}', weight, first,
                       last))
-    data.nodes, data.edges = nodes, sorted(edges)
+    data.nodes, data.edges = nodes, sorted(edges, key=itemgetter(0, 1))
     return data
