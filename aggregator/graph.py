@@ -2,7 +2,7 @@
 Mermaid, GraphML.
 
 Stage: query side (the API's /graph, /workloads, /diff). In: a window [since, until), a grouping
-(workload | namespace | host), a compiled `Filter`. Out: `GraphData` (aggregator/graph_edges.py):
+(workload | namespace | host | service: aggregator/service_view.py), a compiled `Filter`. Out: `GraphData` (aggregator/graph_edges.py):
 the JSON document of GET /api/v1/graph straight from the store's per-edge columns, and on demand
 the `nx.DiGraph` (nodes: workloads, or namespaces, hosts; edges client -> server carrying
 `EDGE_FIELDS`, docs/api.md) that analysis and the text renderers use.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
@@ -43,6 +43,9 @@ from aggregator.store.query import EdgeQuery
 from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.filters import Filter
 
+if TYPE_CHECKING:
+    from aggregator.service_view import ServiceNames
+
 __all__ = ["EDGE_FIELDS", "OTHER", "SUMMED", "GraphData", "Window", "build_graph", "fold",
            "graph_data", "to_dot", "to_graphml", "to_json", "to_mermaid"]
 
@@ -55,11 +58,18 @@ class Window:
 
 def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None,
-               dns: DnsEdgeFilter | None = None) -> GraphData:
+               dns: DnsEdgeFilter | None = None,
+               names: ServiceNames | None = None) -> GraphData:
+    """`names`: what names a Service in the `service` grouping (aggregator/service_view.py)."""
     q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
-    data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
-                                "rollups" if q.volumes_from_rollups else "connections",
-                                str(q.filter))
+    if group_by == "service":
+        from aggregator.service_view import service_graph
+
+        data = service_graph(store, window.since, window.until, q.filter, names)
+    else:
+        data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
+                                    "rollups" if q.volumes_from_rollups else "connections",
+                                    str(q.filter))
     apply_dns(data, store, q, dns)  # names from DNS answers, DNS of resolver edges
     data.fold(budget)
     return data
@@ -67,8 +77,10 @@ def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
 
 def build_graph(store: ReadStore, window: Window, *, group_by: str = "workload",
                 flt: Filter | None = None, budget: int | None = None,
-                dns: DnsEdgeFilter | None = None) -> nx.DiGraph:
-    return graph_data(store, window, group_by=group_by, flt=flt, budget=budget, dns=dns).graph()
+                dns: DnsEdgeFilter | None = None,
+                names: ServiceNames | None = None) -> nx.DiGraph:
+    return graph_data(store, window, group_by=group_by, flt=flt, budget=budget, dns=dns,
+                      names=names).graph()
 
 
 def fold(g: nx.DiGraph, budget: int) -> int:

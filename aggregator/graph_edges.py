@@ -71,7 +71,7 @@ def node_of(nodes: dict[str, Node], nid: str, name: str | None, namespace: str |
     """The first mention of a node names it; a namespace or host node is named by its id."""
     if nid in nodes:
         return
-    if group_by == "workload":
+    if group_by in ("workload", "service"):
         nodes[nid] = (name or nid, namespace, kind)
     else:
         nodes[nid] = (nid, nid if group_by == "namespace" else None,
@@ -264,7 +264,7 @@ class GraphData:
         conns = c["conns"]
         # edges with connections name their nodes (the first mention), then edges with rollup
         # volumes only (node_of); one pass of plain dict probes, no call per edge
-        if group_by == "workload":
+        if group_by in ("workload", "service"):
             for s, sn, sns, sk, d, dn, dns, dk, x in zip(
                     c["src"], c["src_name"], c["src_namespace"], c["src_kind"], c["dst"],
                     c["dst_name"], c["dst_namespace"], c["dst_kind"], conns, strict=True):

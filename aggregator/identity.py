@@ -73,7 +73,23 @@ class Facts(NamedTuple):
 class StaticMap:
     """The static workload map: CIDR or ip[:port] -> identity; most specific match wins."""
 
-    def __init__(self, entries: Iterable[Mapping[str, Any]], origin: str = "<map>") -> None:
+    def __init__(self, entries: Iterable[Mapping[str, Any]], origin: str = "<map>",
+                 services: Iterable[Mapping[str, Any]] = ()) -> None:
+        # the `services` section: a dialled (ip, port) or ip -> (namespace, name)
+        self.services: dict[tuple[str, int | None], tuple[str | None, str]] = {}
+        for i, e in enumerate(services):
+            where = f"{origin}: services[{i}]"
+            if not isinstance(e, Mapping) or not e.get("match") or not e.get("name"):
+                raise ConfigError(where, e, "needs `match` (a ClusterIP or ip:port) and `name`")
+            text = str(e["match"]).strip()
+            ip_port = _split_ip_port(text)
+            if ip_port is None:
+                try:
+                    ip_port = (str(ipaddress.ip_address(text)), None)  # type: ignore[assignment]
+                except ValueError:
+                    raise ConfigError(f"{where}.match", text, "not an IP or ip:port") from None
+            assert ip_port is not None
+            self.services[ip_port] = (_opt(e.get("namespace")), str(e["name"]))
         self.by_ip_port: dict[tuple[str, int], Identity] = {}
         self.nets: list[tuple[Net, Identity]] = []
         # workload id -> its containers' named ports, name -> (port, protocol): what a
@@ -120,7 +136,14 @@ class StaticMap:
             raise ConfigError("--workload-map", str(path), f"not YAML: {exc}") from None
         if not isinstance(data, Mapping) or not isinstance(data.get("workloads"), list):
             raise ConfigError("--workload-map", str(path), "expected a mapping with a `workloads` list")
-        return cls(data["workloads"], str(path))
+        services = data.get("services") or []
+        if not isinstance(services, list):
+            raise ConfigError("--workload-map", str(path), "`services` must be a list")
+        return cls(data["workloads"], str(path), services)
+
+    def service_at(self, ip: str, port: int) -> tuple[str | None, str] | None:
+        """The Service (namespace, name) whose address a client dialled: `ip:port` beats `ip`."""
+        return self.services.get((ip, port)) or self.services.get((ip, None))
 
     def workload_labels(self) -> dict[str, dict[str, str]]:
         """Per workload id, the labels every entry of it carries (a label that tells one pod

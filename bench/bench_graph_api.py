@@ -14,7 +14,14 @@ the workloads table. Then, through the real app (FastAPI TestClient, read token,
 Target (issue #6): p95 at most 200 ms at 10 million flows. The load average is printed: the
 machine is shared.
 
+`--group-by service` asks for the Service view instead (issue 16, aggregator/service_view.py):
+the connections of 3 of every 4 (client, server) pairs dialled the server workload's Service (a
+ClusterIP of 10.96.0.0/16, one per workload, named in the workload map's `services` section), so
+7,500 of the 10,000 edges end at a Service and list its backends. The peer stays the workload
+view's bare GROUP BYs.
+
     python bench/bench_graph_api.py [--flows 10000000] [--requests 40] [--data DIR]
+                                    [--group-by workload|service]
 """
 
 from __future__ import annotations
@@ -76,6 +83,10 @@ def generate(data: Path, flows: int) -> float:
         "server_wid": "'bench/w' || ((e * 7 + 1 + e // 1000) % 1000)",
         "server_name": "'w' || ((e * 7 + 1 + e // 1000) % 1000)", "server_namespace": "'bench'",
         "server_host": "'h' || ((e * 7 + 1 + e // 1000) % 1000 % 20)", "server_id_source": "'static'",
+        # 3 of 4 connections dialled the server workload's Service (--group-by service)
+        "service_ip": "CASE WHEN i % 4 <> 0 THEN '10.96.' || ((e * 7 + 1 + e // 1000) % 1000 // 250)"
+                      " || '.' || ((e * 7 + 1 + e // 1000) % 1000 % 250 + 1) END",
+        "service_port": "CASE WHEN i % 4 <> 0 THEN 80 END",
     })
     select = ", ".join(f"{values[n]} AS {n}" for n in SHOWN)
     con.execute(f"""INSERT INTO connections_settled ({', '.join(SHOWN)}) SELECT {select} FROM (
@@ -112,6 +123,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--data", type=Path, help="keep the generated store in this directory and "
                     "reuse it on the next run (same --flows), instead of a temporary one")
+    ap.add_argument("--group-by", choices=("workload", "service"), default="workload",
+                    help="the graph's grouping (service: the Service view, module docstring)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data or Path(tmp) / "data"
@@ -121,8 +134,13 @@ def main() -> None:
             gen_s = generate(data, a.flows)
             print(f"generated {a.flows:,} connections on {EDGES:,} edges of {WORKLOADS:,} "
                   f"workloads in {gen_s:.1f} s")
+        wmap = Path(tmp) / "services.yaml"  # the Services' names (--group-by service)
+        wmap.write_text("workloads: []\nservices:\n" + "".join(
+            f"- {{match: 10.96.{w // 250}.{w % 250 + 1}, name: svc{w}, namespace: bench}}\n"
+            for w in range(WORKLOADS)))
         settings = AggregatorSettings(data_dir=data, ingest_token="bench-ingest-token-012345",
-                                      read_token=READ, retention=None, edge_budget=20_000)
+                                      read_token=READ, retention=None, edge_budget=20_000,
+                                      workload_map=wmap)
         results = []
         peer_sql = (_counts_sql("workload", "true"), _volumes_sql("workload", "true"))
         with TestClient(create_app(settings)) as c:
@@ -130,7 +148,8 @@ def main() -> None:
 
             def api(since: datetime, until: datetime) -> tuple[float, int]:
                 t0 = time.perf_counter()
-                r = c.get("/api/v1/graph", params={"from": since.isoformat(), "to": until.isoformat()},
+                r = c.get("/api/v1/graph", params={"from": since.isoformat(), "to": until.isoformat(),
+                                                   "group_by": a.group_by},
                           headers={"Authorization": f"Bearer {READ}"})
                 took = time.perf_counter() - t0
                 assert r.status_code == 200, r.text
@@ -160,7 +179,7 @@ def main() -> None:
                 results.append((budget, label, edges, ours, theirs))
             con.close()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"load average {load}")
+    print(f"load average {load}; group_by {a.group_by}")
     print(f"{'budget':>6} {'window':<8} {'edges':>6} {'API p50 ms':>10} {'API p95 ms':>10} "
           f"{'peer p50':>9} {'peer p95':>9} {'API/peer p95':>12}")
     for budget, label, edges, ours, theirs in results:

@@ -91,6 +91,35 @@ def _parse_net(flag: str, v: str) -> Network:
         raise ConfigError(flag, v, "not an IP address or CIDR (e.g. 10.0.0.5 or 10.244.0.0/16)") from None
 
 
+@dataclass(frozen=True, order=True)
+class ServiceRef:
+    """A Service by name (`--to-service web/api`, `namespace/name`; `name` alone for a Service
+    without a namespace): the aggregator turns it into the Service's addresses before a filter
+    is compiled or matched (aggregator/service_view.py `resolve_filter`)."""
+
+    namespace: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return self.name if self.namespace is None else f"{self.namespace}/{self.name}"
+
+
+_SERVICE_NAME = re.compile(r"^(?:([A-Za-z0-9][A-Za-z0-9._-]*)/)?([A-Za-z0-9][A-Za-z0-9._-]*)$")
+
+
+def _parse_service(flag: str, v: str) -> Network | ServiceRef:
+    """A ClusterIP or CIDR, or a Service name: `namespace/name` (or `name`)."""
+    try:
+        return ipaddress.ip_network(v, strict=False)
+    except ValueError:
+        pass
+    m = _SERVICE_NAME.match(v)
+    if m is None or ":" in v or re.fullmatch(r"[0-9./]+", v):
+        raise ConfigError(flag, v, "not an IP address, CIDR or Service name (e.g. 10.96.0.10, "
+                          "10.96.0.0/16 or demo/web, as namespace/name)")
+    return ServiceRef(m.group(1), m.group(2))
+
+
 def _parse_port(flag: str, v: str) -> int:
     if not v.isdigit() or not 0 <= int(v) <= 65535:
         raise ConfigError(flag, v, "not a port (0..65535)")
@@ -182,8 +211,9 @@ DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
     Dimension("outcome", _parse_choice(OUTCOMES), ("outcome",), "eq", "ok, refused, reset, timeout, dropped"),
     Dimension("observer", _parse_choice(OBSERVERS), ("observers",), "member", "client, server, path or drops saw it"),
     Dimension("vni", _parse_vni, ("vni",), "eq", "VXLAN network identifier"),
-    Dimension("to_service", _parse_net, ("service_ip",), "net",
-              "the address the client dialled before NAT (a Service's ClusterIP), or CIDR"),
+    Dimension("to_service", _parse_service, ("service_ip",), "net",
+              "the address the client dialled before NAT (a Service's ClusterIP), or CIDR, "
+              "or the Service's name (namespace/name) where the aggregator knows it"),
 )}
 
 
@@ -202,6 +232,9 @@ class Clause:
 def _value_matches(d: Dimension, actual: Any, wanted: Any) -> bool:
     if actual is None:
         return False
+    if isinstance(wanted, ServiceRef):  # callers resolve names first (`Filter.service_refs`)
+        raise ConfigError(d.flag, str(wanted), "a Service name is known to the aggregator only "
+                          "(or to --workload-map with a `services` section)")
     if d.kind == "net":
         try:
             return ipaddress.ip_address(actual) in wanted
@@ -257,6 +290,10 @@ class Filter:
         if self.link_local:
             out.append((LINK_LOCAL_PARAM, "true"))
         return out
+
+    def service_refs(self) -> list[ServiceRef]:
+        """The Service names among the values (to be resolved into addresses)."""
+        return [v for c in self.clauses for v in c.values if isinstance(v, ServiceRef)]
 
     @property
     def empty(self) -> bool:

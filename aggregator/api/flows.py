@@ -31,6 +31,7 @@ from aggregator.api.params import (
     choice,
     positive_int,
     query_filter,
+    service_names,
 )
 from aggregator.api.state import reader
 from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json
@@ -96,8 +97,9 @@ def flows(request: Request,
               "bytes": last["bytes_c2s"] + last["bytes_s2c"], "client_workload": last["client_wid"],
               "server_workload": last["server_wid"]}[key]
         nxt = _encode_cursor(sv, last["conn_id"])
+    names = service_names(request)
     extras = dns_of_rows(reader(request), rows)
-    return {"flows": [with_dns(flow_json(r), x) for r, x in zip(rows, extras, strict=True)],
+    return {"flows": [with_dns(flow_json(r, names), x) for r, x in zip(rows, extras, strict=True)],
             "count": len(rows), "next_cursor": nxt,
             "filter": str(flt), "sort": sort}
 
@@ -113,6 +115,7 @@ async def stream(request: Request,
     check_names(request, {"limit"}, filters=True)
     flt = query_filter(request)
     most = positive_int("limit", limit, 0, 10**9) if limit is not None else None
+    names = service_names(request)
     hub = request.app.state.pipeline.fanout.hub
     sub = hub.subscribe(flt)
 
@@ -131,7 +134,7 @@ async def stream(request: Request,
                 if not flt.matches(filter_view(row)):
                     continue
                 sent += 1
-                data = json.dumps(flow_json(row), default=str)
+                data = json.dumps(flow_json(row, names), default=str)
                 yield f"event: flow\nid: {row['conn_id']}\ndata: {data}\n\n".encode()
         finally:
             hub.unsubscribe(sub)

@@ -37,7 +37,11 @@ TIME_HELP = "now, a duration ago (15m, 2h, 7d) or RFC 3339"
 def graph(request: Request,
           from_: str | None = Query(None, alias="from", description=f"window start: {TIME_HELP}; default to - 15m"),
           to: str | None = Query(None, description=f"window end: {TIME_HELP}; default now (live)"),
-          group_by: str = Query("workload", description="workload | namespace | host"),
+          group_by: str = Query("workload", description="workload | namespace | host | service "
+                                "(service: a call to a Service is one edge client -> the "
+                                "Service, listing its backends)"),
+          to_service: str | None = Query(None, description="the dialled Service: ClusterIP, "
+                                         "CIDR or namespace/name (filter)"),
           format: str = Query("json", description="json | dot | mermaid | graphml"),
           namespace: str | None = Query(None, description="either side's namespace (filter)"),
           workload: str | None = Query(None, description="either side's workload (filter)"),
@@ -65,7 +69,7 @@ def diff(request: Request,
          a_to: str = Query(..., description=f"window a end: {TIME_HELP}"),
          b_from: str = Query(..., description=f"window b start: {TIME_HELP}"),
          b_to: str = Query(..., description=f"window b end: {TIME_HELP}"),
-         group_by: str = Query("workload", description="workload | namespace | host"),
+         group_by: str = Query("workload", description="workload | namespace | host | service"),
          threshold: float = Query(0.5, ge=0, le=1, description="relative change that counts "
                                   "as changed (0.5 = 50 %)"),
          link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:

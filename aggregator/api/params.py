@@ -8,6 +8,7 @@ Filters are NOT parsed here: `eastwest.filters.Filter.from_query` is the one fil
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -15,8 +16,11 @@ from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.errors import ConfigError
 from eastwest.filters import DIMENSIONS, LINK_LOCAL_PARAM, Filter, parse_time
 
+if TYPE_CHECKING:
+    from aggregator.service_view import ServiceNames
+
 DEFAULT_WINDOW = timedelta(minutes=15)
-GROUP_BY = ("workload", "namespace", "host")
+GROUP_BY = ("workload", "namespace", "host", "service")
 LINK_LOCAL_HELP = ("true: include link-local and multicast traffic (fe80::/10, ff00::/8, 224.0.0.0/4, "
                    "255.255.255.255: neighbour discovery, MLD, mDNS, DHCP), hidden by default")
 FILTER_PARAMS = frozenset({*DIMENSIONS, *(f"not_{d}" for d in DIMENSIONS), LINK_LOCAL_PARAM})
@@ -40,7 +44,21 @@ def dns_filter(request: Request) -> DnsEdgeFilter:
 
 
 def query_filter(request: Request) -> Filter:
-    return Filter.from_query(request.query_params.multi_items())
+    """The request's filter; a `to_service` Service name becomes the Service's addresses."""
+    flt = Filter.from_query(request.query_params.multi_items())
+    if flt.service_refs():
+        from aggregator.service_view import resolve_filter
+
+        flt = resolve_filter(flt, service_names(request))
+    return flt
+
+
+def service_names(request: Request) -> ServiceNames:
+    """What names a dialled Service address: the pipeline's identity layers."""
+    from aggregator.service_view import ServiceNames
+
+    pipeline = request.app.state.pipeline
+    return ServiceNames(getattr(getattr(pipeline, "correlator", None), "resolver", None))
 
 
 def window(since: str | None, until: str | None, *, since_name: str = "from",

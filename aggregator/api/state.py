@@ -37,8 +37,14 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
     st = request.app.state
     budget = st.settings.edge_budget
     store = reader(request)
+    names = None
+    if group_by == "service":
+        from aggregator.api.params import service_names
+
+        names = service_names(request)
     if not live:
-        return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns)
+        return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
+                          names=names)
     span = round((win.until - win.since).total_seconds(), 3)
     key: tuple[Any, ...] = (span, group_by, str(flt), dns)
     stamp = st.pipeline.version
@@ -48,7 +54,8 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         if hit is not None and hit[0] == stamp and (datetime.now(UTC) - hit[1]).total_seconds() < 1:
             cached: GraphData = hit[2]
             return cached
-    data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns)
+    data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
+                      names=names)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

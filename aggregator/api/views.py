@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from aggregator.service_view import ServiceNames, flow_service
 from aggregator.store.derived import CONN_COLUMNS, parse_drop_reasons
 
 ROW_COLUMNS = [n for n, _, _ in CONN_COLUMNS if n != "state"]
@@ -32,7 +33,8 @@ def _side(r: dict[str, Any], side: str) -> dict[str, Any]:
     }
 
 
-def flow_json(r: dict[str, Any]) -> dict[str, Any]:
+def flow_json(r: dict[str, Any], names: ServiceNames | None = None) -> dict[str, Any]:
+    """`names`: what names the dialled Service (`service`, aggregator/service_view.py)."""
     observed = [x for x in r["observed_by"].split(",") if x]
     return {
         "id": r["conn_id"], "protocol": r["protocol"], "family": r["family"],
@@ -62,6 +64,7 @@ def flow_json(r: dict[str, Any]) -> dict[str, Any]:
         # packets the kernel dropped (drop sources, docs/policy.md "Drops"); null: none reported
         "drops": None if r.get("dropped") is None else {
             "packets": r["dropped"], "reasons": parse_drop_reasons(r.get("drop_reasons"))},
+        "service": flow_service(names, r.get("service_ip"), r.get("service_port"), r["start_ts"]),
     }
 
 

@@ -277,6 +277,18 @@ class Index:
             before = self.clock() - self.keep_deleted_s
             return sum(t.prune(before) for t in self.tables.values())
 
+    def service_addresses(self, namespace: str | None, name: str) -> list[str]:
+        """The addresses a Service holds now (its ClusterIPs; selector-less endpoints too): what
+        a `to_service` filter by name matches (aggregator/service_view.py)."""
+        out = []
+        with self._lock:
+            for kind in ("services", "endpointslices"):
+                for ip, spans in self.tables[kind].spans.items():
+                    if any(s.end == INF and s.ident.name == name and s.ident.namespace == namespace
+                           for s in spans):
+                        out.append(ip)
+        return sorted(set(out))
+
     def lookup(self, ip: str, at: float) -> Identity | None:
         """`ip` as the collectors write it (canonical: see `_canonical`)."""
         for kind in KINDS:

@@ -94,6 +94,9 @@ class KubernetesIdentity:
     def lookup(self, ip: str, port: int, at: datetime) -> Identity | None:
         return self.index.lookup(ip, at.timestamp())
 
+    def service_addresses(self, namespace: str | None, name: str) -> list[str]:
+        return self.index.service_addresses(namespace, name)
+
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         if self._threads:

@@ -21,7 +21,7 @@ from aggregator.connection import Connection
 from aggregator.store.clickhouse_schema import BOOL_COLUMNS, TIME_COLUMNS
 from aggregator.store.derived import CONN_DECODER, ROLLUP_COUNTERS
 from aggregator.store.duckdb_derived import SHOWN, fold_edges
-from aggregator.store.query import ConnectionQuery, EdgeQuery
+from aggregator.store.query import ConnectionQuery, EdgeQuery, service_group, service_rows
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
     ROLLUP_FILTER_COLUMNS,
@@ -38,6 +38,19 @@ GROUPS = {
     "host": ("if(ifNull(client_host, '') = '', 'unknown', client_host)",
              "if(ifNull(server_host, '') = '', 'unknown', server_host)"),
 }
+
+
+def groups(q: EdgeQuery) -> tuple[str, str]:
+    """The client and server group expressions of a query (`service`: aggregator/service_view.py)."""
+    if q.group_by == "service":
+        rows = service_rows(q.services)
+        # transform(): a lookup of `ip port` in the query's Services, NULL when absent
+        keys = ", ".join(f"'{ip} {port}'" for ip, port, _ in rows)
+        nodes = ", ".join(f"'{node}'" for _, _, node in rows)
+        mapped = (f"nullIf(transform(concat(service_ip, ' ', toString(service_port)), [{keys}], "
+                  f"[{nodes}], ''), '')" if rows else "NULL")
+        return "client_wid", service_group(mapped, "toString({})")
+    return GROUPS[q.group_by]
 
 
 def micros(t: datetime) -> int:
@@ -130,7 +143,7 @@ class ClickHouseQueries:
         return columns_of_rows(counts, volumes)
 
     def edge_counts(self, q: EdgeQuery) -> list[dict[str, Any]]:
-        cg, sg = GROUPS[q.group_by]
+        cg, sg = groups(q)
         p = ClickParams()
         cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
         named = dict(p.named, since=micros(q.since), until=micros(q.until))
@@ -168,8 +181,31 @@ class ClickHouseQueries:
                 r["rtt_sum"] = None  # DuckDB's sum over no values is NULL too
         return fold_edges(rows)
 
+    def service_calls(self, q: EdgeQuery) -> list[dict[str, Any]]:
+        """The window's connections that dialled a Service (matching the filter), per client
+        group, dialled address and backend: `SERVICE_CALL_COLUMNS` (aggregator/service_view.py);
+        the backend named from `workload_rows`, as DuckDB joins its `workloads`."""
+        p = ClickParams()
+        cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
+        named = dict(p.named, since=micros(q.since), until=micros(q.until))
+        sql = f"""
+        SELECT client_wid AS src, service_ip, service_port, server_wid AS wid, count() AS n,
+          countIf(start_ts >= %(since)s) AS opened
+        FROM {self.db}.connections FINAL
+        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
+          AND ({cond})
+        GROUP BY src, service_ip, service_port, wid"""
+        rows = self._dicts(sql, named)
+        if rows:
+            known = {w["wid"]: w for w in self.workload_rows()}
+            for r in rows:
+                w = known.get(r["wid"], {})
+                r.update(name=w.get("name") or r["wid"], namespace=w.get("namespace"),
+                         kind=w.get("kind"))
+        return rows
+
     def edge_volumes(self, q: EdgeQuery) -> list[dict[str, Any]]:
-        cg, sg = GROUPS[q.group_by]
+        cg, sg = groups(q)
         p = ClickParams()
         cond = compile_filter(q.filter, ROLLUP_FILTER_COLUMNS, p)
         named = dict(p.named, since=micros(q.since.replace(second=0, microsecond=0)),

@@ -27,7 +27,7 @@ import msgspec
 import pyarrow as pa
 
 from aggregator.graph_edges import drops_of
-from aggregator.store.query import EdgeQuery
+from aggregator.store.query import EdgeQuery, service_group, service_rows
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
     ROLLUP_FILTER_COLUMNS,
@@ -68,6 +68,27 @@ GROUPS = {
     "namespace": ("coalesce(client_namespace, client_wid)", "coalesce(server_namespace, server_wid)"),
     "host": ("coalesce(nullif(client_host, ''), 'unknown')", "coalesce(nullif(server_host, ''), 'unknown')"),
 }
+
+
+def groups(q: EdgeQuery) -> tuple[str, str]:
+    """The client and server group expressions of a query (`service`: aggregator/service_view.py,
+    reading `_svc_node` of `source(q)`)."""
+    if q.group_by == "service":
+        mapped = "_svc_node" if q.services else "NULL::VARCHAR"
+        return "client_wid", service_group(mapped, "CAST({} AS VARCHAR)")
+    return GROUPS[q.group_by]
+
+
+def source(q: EdgeQuery) -> str:
+    """What the edge queries read: `connections`; in the Service view with named addresses,
+    joined to them (a hash join on a VALUES list: a CASE of 1,000 Services cost 5x the query)."""
+    if q.group_by != "service" or not q.services:
+        return "connections"
+    values = ", ".join(f"('{ip}', {port}, '{node}')" for ip, port, node in service_rows(q.services))
+    return (f"connections LEFT JOIN (VALUES {values}) _svc(_svc_ip, _svc_port, _svc_node) "
+            "ON _svc_ip = service_ip AND _svc_port = service_port")
+
+
 # src/dst node attributes (None for an edge with rollup volumes only), `conns` whether the edge
 # has connections in the window, the folding weights (bytes both ways, opened), first/last seen in
 # µs since the epoch, and `json`: the edge as GET /api/v1/graph writes it
@@ -83,8 +104,10 @@ _dec = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
 
 
-def _counts_sql(group_by: str, where: str) -> str:
-    cg, sg = GROUPS[group_by]
+def _counts_sql(group_by: str, where: str, q: EdgeQuery | None = None) -> str:
+    """`q`: the query whose groups to use (`service` needs its `services`)."""
+    cg, sg = groups(q) if q is not None else GROUPS[group_by]
+    table = source(q) if q is not None else "connections"
     # which observer sets the edge's connections have, as bits: one bit (nearly every edge)
     # means all `n` have that set; several, or a set outside OBSERVER_SETS (bit 7), and the
     # detail query counts them. (Seven filtered counts cost ~2x the whole rest of the scan.)
@@ -102,7 +125,7 @@ def _counts_sql(group_by: str, where: str) -> str:
       sum(retransmits) AS conn_retransmits, {PACKET_COUNTS}, {obs},
       min(server_port) AS port_lo, max(server_port) AS port_hi, bit_or({proto}) AS protos,
       sum(dropped) AS dropped, string_agg(drop_reasons, ',') AS drop_text
-    FROM connections
+    FROM {table}
     WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
     GROUP BY 1, 2"""
 
@@ -182,13 +205,13 @@ class EdgeQueries:
         can answer the filter, else from those connections."""
         pc = DuckParams(start=3)  # $1, $2: the window
         where = compile_filter(q.filter, CONN_FILTER_COLUMNS, pc)
-        counts = _counts_sql(q.group_by, where)
+        counts = _counts_sql(q.group_by, where, q)
         args: list[Any] = [q.since, q.until, *pc.values]
         from_rollups = q.volumes_from_rollups
         # a workload node's name, namespace and kind: its row in `workloads` (keyed by the same
         # wid), joined to the aggregated edges; aggregating them over every connection of the
         # window was most of the query's time. A namespace or host node is named by its id.
-        if q.group_by == "workload":
+        if q.group_by in ("workload", "service"):
             nodes = ("coalesce(ws.name, src) AS src_name, ws.namespace AS src_namespace, "
                      "ws.kind AS src_kind, coalesce(wd.name, dst) AS dst_name, "
                      "wd.namespace AS dst_namespace, wd.kind AS dst_kind")
@@ -229,13 +252,29 @@ class EdgeQueries:
             self._detail(detail, cols, q, where, pc.values)
         return cols
 
+    def service_calls(self, q: EdgeQuery) -> list[dict[str, Any]]:
+        """The window's connections that dialled a Service (matching the filter), per client
+        group, dialled address and backend: `SERVICE_CALL_COLUMNS` (aggregator/service_view.py)."""
+        pc = DuckParams(start=3)
+        where = compile_filter(q.filter, CONN_FILTER_COLUMNS, pc)
+        sql = f"""WITH c AS (
+          SELECT client_wid AS src, service_ip, service_port, server_wid AS wid, count(*) AS n,
+            count(*) FILTER (WHERE start_ts >= $1) AS opened
+          FROM connections
+          WHERE start_ts < $2 AND last_seen >= $1 AND service_ip IS NOT NULL AND ({where})
+          GROUP BY ALL)
+        SELECT c.*, coalesce(w.name, c.wid) AS name, w.namespace, w.kind
+        FROM c LEFT JOIN workloads w ON w.wid = c.wid"""
+        table = self._arrow(sql, [q.since, q.until, *pc.values])
+        return table.to_pylist()
+
     def _detail(self, rows: list[int], cols: dict[str, list[Any]], q: EdgeQuery, where: str,
                 params: Sequence[Any]) -> None:
         """Ports, protocols and observed_by of the edges the counters could not describe."""
-        cg, sg = GROUPS[q.group_by]
+        cg, sg = groups(q)
         need = pa.table({"src": [cols["src"][i] for i in rows], "dst": [cols["dst"][i] for i in rows]})
         sql = (f"SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol, count(*) AS n "
-               f"FROM connections SEMI JOIN _need ON {cg} = _need.src AND {sg} = _need.dst "
+               f"FROM {source(q)} SEMI JOIN _need ON {cg} = _need.src AND {sg} = _need.dst "
                f"WHERE start_ts < $2 AND last_seen >= $1 AND ({where}) GROUP BY ALL")
         cur = self._con.cursor()
         try:

@@ -9,7 +9,10 @@ backend's query module), so no route handler and nothing in `eastwest/` holds ba
 - `ConnectionQuery`: correlated connections matching a filter, active in [since, until) (last
   seen at or after `since`, started before `until`), sorted by a `Sort`, keyset-paged by a
   `Cursor` (the last row's sort value and id: https://use-the-index-luke.com/no-offset).
-- `EdgeQuery`: the service graph's edges of a window, grouped by workload, namespace or host.
+- `EdgeQuery`: the service graph's edges of a window, grouped by workload, namespace or host,
+  or by Service (`service`: a connection that dialled a Service ends at the Service, the others
+  at their server workload; `services` says which dialled address belongs to which Service
+  node, aggregator/service_view.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from eastwest.filters import DIMENSIONS, Filter
 
-GROUP_BY = ("workload", "namespace", "host")
+GROUP_BY = ("workload", "namespace", "host", "service")
 # sort key -> what it orders by (the store maps each to its column expression)
 SORT_KEYS = ("start", "last_seen", "bytes", "client_workload", "server_workload")
 # the filter's view keys the rollups can answer (they have no addresses, client ports,
@@ -84,6 +87,8 @@ class EdgeQuery:
     until: datetime
     group_by: str = "workload"
     filter: Filter = field(default_factory=Filter)
+    # group_by service: (service_ip, service_port, index) -> the server end `svc#<index>`
+    services: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.group_by not in GROUP_BY:
@@ -92,8 +97,32 @@ class EdgeQuery:
     @property
     def volumes_from_rollups(self) -> bool:
         """Whether the minute rollups can answer the filter (else an edge's volumes are the
-        totals of its matching connections)."""
-        return rollups_can_answer(self.filter)
+        totals of its matching connections). The rollups keep no dialled address: a Service
+        view's volumes are always its connections'."""
+        return self.group_by != "service" and rollups_can_answer(self.filter)
+
+
+def service_rows(services: tuple[tuple[str, int, int], ...]) -> list[tuple[str, int, str]]:
+    """`services` as (ip, port, node) rows safe to write into SQL as literals: addresses
+    checked to be IP addresses in canonical form, ports and indexes integers (no parameters:
+    the same text goes into several queries of the edge builder)."""
+    import ipaddress
+
+    out = []
+    for ip, port, i in services:
+        if str(ipaddress.ip_address(ip)) != ip:
+            raise ValueError(f"service address {ip!r} is not in canonical form")
+        out.append((ip, int(port), f"svc#{int(i)}"))
+    return out
+
+
+def service_group(mapped: str, as_text: str) -> str:
+    """The server end of a connection in the Service view, as SQL: its server workload when it
+    dialled no Service, else `mapped` (the dialect's lookup of (service_ip, service_port) in the
+    query's `services`: `svc#<index>`, NULL when absent), else `svc:<ip>:<port>`. `as_text`: the
+    dialect's cast of the port to text (`{}` is the column)."""
+    return (f"CASE WHEN service_ip IS NULL THEN server_wid ELSE coalesce({mapped}, "
+            f"concat('svc:', service_ip, ':', {as_text.format('service_port')})) END")
 
 
 def rollups_can_answer(flt: Filter) -> bool:

@@ -104,6 +104,8 @@ def compile_filter(flt: Filter, columns: Mapping[str, str], p: Params) -> str:
 
 
 def _in_range(col: str, net: Any, p: Params) -> str:
+    if not hasattr(net, "network_address"):  # a Service name the caller did not resolve
+        raise ValueError(f"filter value {net!r} must be resolved to addresses first")
     lo, hi = net_range(net)
     return f"({col} >= {p.add(lo)} AND {col} <= {p.add(hi)})"
 

@@ -183,6 +183,28 @@ def edge_cells(e: Edge, heads: Sequence[str] = EDGE_HEADERS) -> Sequence[Cell | 
     return cells
 
 
+def backends_text(e: Edge) -> str:
+    """The BACKENDS cell of a Service edge (`--group-by service`): each backend workload with
+    the connections it served in the window, most first: `shop/api 2, shop/api-canary 1`."""
+    backends = e.obj.get("backends") if isinstance(e.obj, Mapping) else None
+    if not isinstance(backends, list):
+        return ""
+    items = [(str(b.get("id")), int(b.get("connections_opened") or 0)) for b in backends
+             if isinstance(b, Mapping)]
+    return ", ".join(f"{w} {n}" for w, n in sorted(items, key=lambda x: (-x[1], x[0])))
+
+
+def service_columns(group_by: str | None, edges: Sequence[Edge],
+                    ) -> tuple[tuple[str, ...], tuple[str, ...], Any]:
+    """The table headers (edge_headers), the csv headers and the cells of an edge (`cells(e,
+    csv)`): with `--group-by service`, a BACKENDS column (csv `backends`) after the edge's own."""
+    heads = edge_headers(edges)
+    if group_by != "service":
+        return heads, EDGE_CSV, lambda e, csv: edge_csv(e) if csv else edge_cells(e, heads)
+    return ((*heads, "BACKENDS"), (*EDGE_CSV, "backends"),
+            lambda e, csv: (*(edge_csv(e) if csv else edge_cells(e, heads)), backends_text(e)))
+
+
 def edge_csv(e: Edge) -> Sequence[Any]:
     d = e.dns or {}
     lat = d.get("latency_us") if isinstance(d.get("latency_us"), Mapping) else {}

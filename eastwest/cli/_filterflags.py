@@ -68,6 +68,7 @@ def add_filter_flags(parser: argparse.ArgumentParser, *, window: bool = True) ->
     g = parser.add_argument_group("filters", FILTER_HELP)
     for d in DIMENSIONS.values():
         metavar = {"net": "IP|CIDR", "member": "WHO"}.get(d.kind, d.name.split("_")[-1].upper())
+        metavar = "IP|CIDR|NS/NAME" if d.name == "to_service" else metavar
         g.add_argument(d.flag, action=_FilterAction, dimension=d.name, dest=_TRIPLES,
                        metavar=metavar, help=d.help)
     g.add_argument("--not", action=_NotAction, dest=_PENDING, default=False,

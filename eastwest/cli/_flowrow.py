@@ -53,6 +53,14 @@ class FlowRow:
     obj: Any  # what -o json/jsonl writes
     view: Mapping[str, Any]  # what the filter matches
     drops: str = ""  # packets the kernel dropped by reason ("NETFILTER_DROP=3"), "" when none
+    # the Service the client dialled (`namespace/name`, else its ClusterIP:port), None: none
+    service: str | None = None
+
+    @property
+    def server_label(self) -> str:
+        """The server, and the Service it was reached through: `api 10.244.2.11:8080 via
+        svc:shop/api`."""
+        return self.server.label + (f" via svc:{self.service}" if self.service else "")
 
     @classmethod
     def from_record(cls, r: FlowRecord) -> FlowRow:
@@ -71,6 +79,7 @@ class FlowRow:
             observed_by=("drops",) if r.source == "drops" else (r.observer,),
             vni=r.tunnel.vni if r.tunnel else None, final=r.final, obj=r.to_builtins(),
             view=view_of_record(r), drops=drops_text({d.reason: d.packets for d in r.drops or ()}),
+            service=_addr(r.dialled.ip, r.dialled.port) if r.dialled is not None else None,
         )
 
     @classmethod
@@ -105,10 +114,24 @@ class FlowRow:
                 observed_by=observed, vni=vni,
                 final=bool(obj.get("final", obj.get("closed", True))), obj=obj,
                 view=view, drops=drops_text((obj.get("drops") or {}).get("reasons") or {}),
+                service=_service(obj),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a side not an object
             raise TransportError(f"the aggregator sent a flow this CLI cannot read ({exc!r}); "
                                  "is it a different version?") from None
+
+
+def _addr(ip: str, port: int | None) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _service(obj: Mapping[str, Any]) -> str | None:
+    """The API flow's Service: its name (`namespace/name`), else the dialled address."""
+    svc = obj.get("service")
+    if isinstance(svc, Mapping) and svc.get("name"):
+        return f"{svc['namespace']}/{svc['name']}" if svc.get("namespace") else str(svc["name"])
+    ip = obj.get("service_ip")
+    return _addr(str(ip), obj.get("service_port")) if ip else None
 
 
 def drops_text(reasons: Mapping[str, Any]) -> str:
@@ -135,7 +158,7 @@ TABLE_HEADERS = ("START", "CLIENT", "SERVER", "PROTO", "OUTCOME", "C->S", "S->C"
 CSV_HEADERS = ("start", "end", "protocol", "client_workload", "client_namespace", "client_ip",
                "client_port", "client_comm", "server_workload", "server_namespace", "server_ip",
                "server_port", "server_comm", "outcome", "bytes_c2s", "bytes_s2c", "retransmits",
-               "resets", "rtt_avg_us", "observed_by", "vni", "final", "drops")
+               "resets", "rtt_avg_us", "observed_by", "vni", "final", "drops", "service")
 
 
 def outcome_style(outcome: str) -> str | None:
@@ -154,7 +177,7 @@ def stamp(t: datetime) -> str:
 
 def table_cells(f: FlowRow) -> Sequence[Cell | str | int | None]:
     return (
-        stamp(f.start), Cell(f.client.label, "cyan"), Cell(f.server.label, "cyan"), f.protocol,
+        stamp(f.start), Cell(f.client.label, "cyan"), Cell(f.server_label, "cyan"), f.protocol,
         Cell(outcome_cell(f), outcome_style(f.outcome)),
         Cell(human_bytes(f.bytes_c2s), right=True),
         Cell(human_bytes(f.bytes_s2c), right=True),
@@ -171,7 +194,7 @@ def compact_line(f: FlowRow) -> list[tuple[str, str | None]]:
     vni += f" drops={f.drops}" if f.drops else ""
     return [
         (stamp(f.start) + " ", None), (f.client.label, "cyan"), (" -> ", None),
-        (f.server.label, "cyan"), (f" {f.protocol} ", None), (f.outcome, outcome_style(f.outcome)),
+        (f.server_label, "cyan"), (f" {f.protocol} ", None), (f.outcome, outcome_style(f.outcome)),
         (f" {f.bytes_c2s}B/{f.bytes_s2c}B{extra}{vni} [{','.join(f.observed_by)}]", None),
     ]
 
@@ -182,5 +205,5 @@ def csv_cells(f: FlowRow) -> Sequence[Any]:
         f.protocol, f.client.workload, f.client.namespace, f.client.ip, f.client.port,
         f.client.comm, f.server.workload, f.server.namespace, f.server.ip, f.server.port,
         f.server.comm, f.outcome, f.bytes_c2s, f.bytes_s2c, f.retransmits, f.resets,
-        f.rtt_avg_us, ";".join(f.observed_by), f.vni, str(f.final).lower(), f.drops.replace(",", ";"),
+        f.rtt_avg_us, ";".join(f.observed_by), f.vni, str(f.final).lower(), f.drops.replace(",", ";"), f.service,
     )

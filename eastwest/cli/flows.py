@@ -161,6 +161,7 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
     )
 
     name = static_namer(args.workload_map) if args.workload_map else None  # before any output
+    spec = _services_named(spec, args.workload_map)
     report = FileReport(args.input_file)
     limit = args.limit or 0
     try:
@@ -190,6 +191,29 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
     if summary is not None:  # (a file of no records at all raised above: nothing printed)
         print(f"eastwest flows: {summary}", file=sys.stderr)
     return 1 if summary is not None or unnamed is not None else 0
+
+
+def _services_named(spec: FilterSpec, workload_map: str | None) -> FilterSpec:
+    """`--to-service namespace/name` on a file: the Service's addresses from the workload map's
+    `services` section (the aggregator resolves names itself)."""
+    refs = spec.filter.service_refs()
+    if not refs:
+        return spec
+    if not workload_map:
+        raise ConfigError("--to-service", str(refs[0]), "a Service name is known to the "
+                          "aggregator, or to --workload-map with a `services` section; give "
+                          "its ClusterIP instead")
+    import dataclasses
+
+    from aggregator.identity import IdentityResolver, StaticMap
+    from aggregator.service_view import ServiceNames, resolve_filter
+
+    names = ServiceNames(IdentityResolver(StaticMap.load(workload_map)))
+    try:
+        return dataclasses.replace(spec, filter=resolve_filter(spec.filter, names, "--to-service"))
+    except ConfigError as exc:
+        raise ConfigError("--to-service", exc.value, f"{exc.reason} in --workload-map "
+                          f"{workload_map}") from None
 
 
 def _limited(rows: Iterable[FlowRow], limit: int) -> Iterator[FlowRow]:

@@ -18,7 +18,7 @@ from eastwest.dns_filter import RCODES, DnsEdgeFilter
 
 FORMATS = ("table", "json", "csv", "dot", "mermaid")
 TEXT_STARTS = {"dot": ("digraph", "graph", "strict"), "mermaid": ("graph", "flowchart")}
-GROUP_BY = ("workload", "namespace", "host")
+GROUP_BY = ("workload", "namespace", "host", "service")
 GRAPH_PATH = "/api/v1/graph"
 
 EPILOG = f"""\
@@ -31,6 +31,8 @@ examples:
   eastwest graph --not --outcome ok                only failed connections
   eastwest graph -o dot | dot -Tsvg > graph.svg    Graphviz
   eastwest graph -o mermaid                        paste into Markdown
+  eastwest graph --group-by service                calls to a Service as one edge to it
+  eastwest graph --to-service shop/api             who calls the Service shop/api
   eastwest graph --dns-rcode nxdomain              who asks for names that do not exist
   eastwest graph --dns-name '*.example.com'        who resolves names of example.com
 
@@ -41,7 +43,14 @@ server-side view). FAILED: connections never established (refused or timed out);
 connections reset after they were established. DNS (edges to a resolver): queries, NXDOMAIN
 (nx), SERVFAIL (sf), timeouts (to: queries without an answer) and the average latency. A server
 named by a DNS answer its client got (api.example.com instead of external:203.0.113.7) is
-marked * when an answer named it only after its TTL (a hint; docs/aggregator.md)."""
+marked * when an answer named it only after its TTL (a hint; docs/aggregator.md).
+
+--group-by service: a connection whose client dialled a Service (a ClusterIP, DNATed by
+kube-proxy to a backend) is counted once, on the edge client -> svc:NAMESPACE/NAME
+(svc:IP:PORT when no identity layer names the address), and BACKENDS lists the workloads that
+served it with their connections; a connection that dialled no Service stays on its
+workload -> workload edge. --group-by workload (the default) puts every connection on the
+edge to its backend. Both views count the same connections, none twice."""
 
 
 def register(sub: Any) -> None:
@@ -65,7 +74,8 @@ def add_graph_scope(p: argparse.ArgumentParser, *, group_by: bool = True) -> Non
     g.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
     if group_by:
         g.add_argument("--group-by", choices=GROUP_BY, default="workload",
-                       help="what a node is (default workload)")
+                       help="what a node is (default workload); service: a call to a "
+                       "Service ends at the Service, its backends listed")
         d = p.add_argument_group("DNS (edges to a resolver: the DNS their clients sent)")
         d.add_argument("--dns-name", action="append", default=[], metavar="GLOB",
                        help="only edges to a resolver whose clients asked a name matching "
@@ -88,7 +98,7 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
-    from eastwest.cli._edges import EDGE_CSV, edge_cells, edge_csv, edge_headers, edges_of
+    from eastwest.cli._edges import edges_of, service_columns
     from eastwest.errors import TransportError
     from eastwest.output import escape, to_json_text, write_csv, write_table
 
@@ -104,11 +114,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         doc = client.get_json(GRAPH_PATH, params)
         edges = sorted(edges_of(doc), key=lambda e: (e.client, e.server))  # -o json too: checked
+        headers, csv_headers, cells = service_columns(args.group_by, edges)
         if args.output == "json":
             out.write(to_json_text(doc, indent=2) + "\n")
         elif args.output == "csv":
-            write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-        elif write_table(out, (heads := edge_headers(edges)),
-                         (edge_cells(e, heads) for e in edges), color=color) == 0:
+            write_csv(out, csv_headers, (cells(e, True) for e in edges))
+        elif write_table(out, headers, (cells(e, False) for e in edges), color=color) == 0:
             print("eastwest graph: no edges in this window", file=sys.stderr)
     return 0

@@ -28,6 +28,7 @@ examples:
   eastwest top --by resets --since 1d            which connections break most once open
   eastwest top --to-workload db --by failures --not --outcome ok --since 1h
   eastwest top --by retransmits --group-by host  lossy host pairs
+  eastwest top --group-by service --by failures  which Services fail most (BACKENDS: who served)
   eastwest top --by dns-errors                   which clients' DNS fails most
   eastwest top --by drops --since 1h             where the kernel drops packets, and why
 
@@ -64,14 +65,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from eastwest.cli._common import client_from_args
-    from eastwest.cli._edges import (
-        EDGE_CSV,
-        METRICS,
-        edge_cells,
-        edge_csv,
-        edge_headers,
-        edges_of,
-    )
+    from eastwest.cli._edges import METRICS, edges_of, service_columns
     from eastwest.errors import ConfigError
     from eastwest.output import to_json_text, write_csv, write_table
 
@@ -86,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
         edges = [e for e in edges if getattr(e, attr) > 0]
         if args.limit:
             edges = edges[: args.limit]
+        headers, csv_headers, cells = service_columns(args.group_by, edges)
         if args.output == "json":
             out.write(to_json_text([e.obj for e in edges], indent=2) + "\n")
         elif args.output == "csv":
-            write_csv(out, EDGE_CSV, (edge_csv(e) for e in edges))
-        elif write_table(out, ("#", *(heads := edge_headers(edges))),
-                         ((i, *edge_cells(e, heads)) for i, e in enumerate(edges, 1)),
-                         color=color) == 0:
+            write_csv(out, csv_headers, (cells(e, True) for e in edges))
+        elif write_table(out, ("#", *headers), ((i, *cells(e, False)) for i, e in
+                                                 enumerate(edges, 1)), color=color) == 0:
             print(f"eastwest top: no edge with any {args.by} in this window", file=sys.stderr)
     return 0

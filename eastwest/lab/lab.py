@@ -271,7 +271,9 @@ def _host_route(ip: str) -> str:
 
 def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
     """The static workload map of the lab: every address of every pod (IPv4 /32, IPv6 /128) to
-    its service, every underlay address to its node."""
+    its service, every underlay address to its node; with Services (`--services`), the
+    `services` section: each ClusterIP, and the NodePort's node address and port, to its
+    Service (what names a Service in the graph's Service view, docs/aggregator.md)."""
     entries: list[dict[str, object]] = []
     for p in plan.pods:
         svc = SERVICE_BY_NAME[p.service]
@@ -282,7 +284,17 @@ def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
     for h in plan.hosts:
         entries.append({"match": _host_route(h.underlay_ip), "name": f"node-{h.name}", "namespace": None,
                         "kind": "Node", "host": h.name, "labels": {"lab": plan.name}})
-    return {"workloads": entries}
+    if not plan.services:
+        return {"workloads": entries}
+    services: list[dict[str, object]] = []
+    for cs in cluster.cluster_services(plan):
+        services.append({"match": cs["cluster_ip"], "name": cs["name"],
+                         "namespace": cs["namespace"]})
+        if cs["node_port"]:
+            np = cs["node_port"]
+            services.append({"match": f"{np['ip']}:{np['port']}", "name": cs["name"],
+                             "namespace": cs["namespace"]})
+    return {"workloads": entries, "services": services}
 
 
 def _make_containers(name: str, inv: dict[str, Any], progress: Progress) -> None:

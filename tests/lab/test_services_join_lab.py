@@ -7,13 +7,18 @@ The NodePort middle host's wire records carry the whole translation (DNAT to the
 masquerade), folded to the real client and backend; the aggregator does not yet join the
 NodePort call's two other halves by it (a strict xfail says so, and turns red when it does).
 The graph, less those halves, equals the truth edge for edge: no edge counted twice, no
-ClusterIP node."""
+ClusterIP node. Its Service view (group_by=service, the Service names from the lab's workload
+map) has one edge per (client workload, Service) the truth called through a ClusterIP or the
+NodePort, with exactly the truth's connections and backends, and the pod-direct calls on their
+workload -> workload edges; both views add up to the same totals."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
+import yaml
 
 from eastwest.record import Endpoint, Nat
 from tests.lab.harness import Aggregator, collectors, served_edges, truth_edges, window_of
@@ -45,6 +50,11 @@ def flows_of(agg: Aggregator, truth: list[dict]) -> list[dict]:
 NODEPORT_HALVES = {"not_to_ip": "10.213.0.0/24", "not_from_ip": "10.244.2.1"}
 
 
+# the module's run grouped by Service (group_by=service), filled by `joined` (the other tests
+# unpack its tuple as it was)
+joined_services: list[dict] = []
+
+
 @pytest.fixture(scope="module")
 def joined(lab_factory, tmp_path_factory):
     lab = lab_factory(name=NAME, pods_per_host=3, services=True)
@@ -56,11 +66,14 @@ def joined(lab_factory, tmp_path_factory):
                 c.stop()
         flows = flows_of(agg, truth)
         graph = agg.get("/api/v1/graph", **window_of(truth), **NODEPORT_HALVES)
+        services = agg.get("/api/v1/graph", group_by="service", **window_of(truth),
+                           **NODEPORT_HALVES)
         w = window_of(truth)
         via_service = agg.get("/api/v1/flows", limit="10000", since=w["from"], until=w["to"],
                               protocol=w["protocol"], to_service="10.96.0.0/16")["flows"]
     records = {c.host: c.records for c in cs}
     folders = {c.host: c.folder for c in cs}
+    joined_services[:] = [services]
     return lab, truth, flows, records, folders, graph, via_service
 
 
@@ -184,3 +197,45 @@ def test_the_graph_less_the_unjoined_nodeport_halves_is_the_truth_edge_for_edge(
     for c, s_, port in triples:
         ports[(c, s_)].add(port)
     assert len(graph["edges"]) == len(ports)
+
+
+def test_the_service_view_has_one_edge_per_client_and_service_with_its_backends(joined):
+    """group_by=service: every call through a ClusterIP (or the NodePort) on ONE edge client
+    workload -> svc:<namespace>/<name>, listing the backend workloads that served it with the
+    truth's counts; every pod-direct call on its workload -> workload edge; the totals of the
+    two views equal (no connection counted twice, none lost)."""
+    lab, truth, _, _, _, graph, _ = joined
+    doc = joined_services[0]
+    wmap = yaml.safe_load(Path(lab.inventory["workload_map"]).read_text())
+    wid = {e["match"].split("/")[0]: f"{e['namespace']}/{e['name']}" if e["namespace"]
+           else e["name"] for e in wmap["workloads"]}
+    svc_of = {}
+    for s in lab.inventory["cluster_services"]:
+        svc_of[(s["cluster_ip"], s["port"])] = f"svc:{s['namespace']}/{s['name']}"
+        if s["node_port"]:
+            svc_of[(s["node_port"]["ip"], s["node_port"]["port"])] = (
+                f"svc:{s['namespace']}/{s['name']}")
+    want: dict[tuple[str, str], dict] = {}
+    for t in truth:
+        client = wid[t["client_ip"]]
+        via = t.get("via") in ("service", "nodeport")
+        target = svc_of[(t["dialled_ip"], t["dialled_port"])] if via else wid[t["server_ip"]]
+        e = want.setdefault((client, target), {"connections": 0, "bytes_c2s": 0, "bytes_s2c": 0,
+                                               "failed": 0, "backends": Counter()})
+        e["connections"] += 1
+        e["bytes_c2s"] += t["bytes_c2s"]
+        e["bytes_s2c"] += t["bytes_s2c"]
+        e["failed"] += t["outcome"] in ("refused", "timeout")
+        if via:
+            e["backends"][wid[t["server_ip"]]] += 1
+    got = {(e["source"], e["target"]): {
+        "connections": e["connections_opened"], "bytes_c2s": e["bytes_c2s"],
+        "bytes_s2c": e["bytes_s2c"], "failed": e["connections_failed"],
+        "backends": Counter({b["id"]: b["connections_opened"] for b in e["backends"]})}
+        for e in doc["edges"]}
+    assert got == want
+    assert sum(1 for k in got if k[1].startswith("svc:")) >= 3
+    assert not [e for e in doc["edges"] if e["target"].startswith("svc:")
+                and not e["service"]["name"]]  # every dialled address named by the lab's map
+    for k in ("connections_opened", "bytes_c2s", "bytes_s2c", "connections_failed"):
+        assert sum(e[k] for e in doc["edges"]) == sum(e[k] for e in graph["edges"])

@@ -23,7 +23,7 @@ from aggregator.app import create_app
 from aggregator.pipeline import build
 from aggregator.settings import AggregatorSettings
 from aggregator.store import open_store
-from eastwest.record import Drop, Endpoint, Tunnel
+from eastwest.record import Drop, Endpoint, Nat, Tunnel
 from tests.servers import store_location
 from tests.unit.test_api_query import INGEST, MAP_YAML, READ, RH, fill, send
 from tests.unit.test_correlate import T0, rec
@@ -83,6 +83,10 @@ def fill_more(c):
                             source="drops", c2s=0, s2c=0, tunnel=None,
                             drops=[Drop("NETFILTER_DROP", 2), Drop("NO_SOCKET", 1)])])
     send(c, "h1", 205, [rec("client", start=LATER, server=Ep("10.244.3.11", 5432), c2s=7, s2c=8)])
+    # a Service call (its client's record keeps the dialled ClusterIP): the Service view
+    dnat = [Nat("dnat", Ep("10.96.0.11", 80), Ep("10.244.2.11", 9090), 4026531840)]
+    send(c, "h1", 206, [rec("client", cport=42100, nat=dnat, c2s=11, s2c=22)])
+    send(c, "h2", 207, [rec("server", cport=42100, c2s=11, s2c=22)])
 
 
 GETS = [
@@ -97,6 +101,8 @@ GETS = [
     ("/api/v1/graph", {**A, "vni": "42"}),
     ("/api/v1/graph", {"from": (T0 - timedelta(minutes=1)).isoformat(),
                        "to": (T0 + timedelta(seconds=30)).isoformat()}),
+    ("/api/v1/graph", {**A, "group_by": "service"}),
+    ("/api/v1/graph", {**A, "group_by": "service", "to_service": "10.96.0.0/16"}),
     ("/api/v1/graph", {**A, "format": "dot"}),
     ("/api/v1/graph", {**A, "format": "mermaid"}),
     ("/api/v1/workloads", {**A}),

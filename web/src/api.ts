@@ -119,6 +119,15 @@ export interface EdgeDns { queries: number; responses: number; timeouts: number;
   names: { name: string; type: string; count: number; rcodes: Record<string, number>; timeouts: number }[];
   other_names: number }
 export interface Drops { packets: number; reasons: Record<string, number> }
+// the Service view's fields of an edge (declaration merging)
+export interface GraphEdge {
+  // the Service view only (group_by=service, docs/api.md): the Service this edge ends at, and
+  // the backend workloads that served its connections
+  service?: { id: string; name: string | null; namespace: string | null; addresses: string[] } | null;
+  backends?: Backend[];
+}
+export interface Backend { id: string; name: string; namespace: string | null; kind: string | null;
+  connections: number; connections_opened: number }
 export interface Graph { since: string; until: string; group_by: string; volume_source: string;
   // the whole minutes whose byte volumes were summed (docs/api.md "Resolution of volumes");
   // null when the volumes come from the connections themselves
@@ -138,6 +147,8 @@ export interface Flow {
   bytes_c2s: number; bytes_s2c: number; retransmits: number; resets: number;
   tunnel: { type: "vxlan" | "geneve" | "vxlan-gpe"; vni: number; vtep_src: string; vtep_dst: string; vtep_src_host: string | null;
             vtep_dst_host: string | null } | null;
+  service_ip?: string | null; service_port?: number | null;
+  service?: { namespace: string | null; name: string } | null;
   drops?: Drops | null;
 }
 /** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */

@@ -7,7 +7,7 @@ import { ApiError, get, setToken, token, tokenFromFragment, type Diff, type Grap
 import { FlowsView } from "./flows";
 import { edgeId, ServiceMap, type Rendered } from "./map";
 import { close as closePanel, edgePanel, nodePanel, type PanelContext } from "./panels";
-import { apiGroup, filterParams, int, load, save, windowParams, type Group, type State } from "./state";
+import { apiGroup, byWorkload, filterParams, int, load, save, windowParams, type Group, type State } from "./state";
 import { notice, showEmpty, showError } from "./notices";
 
 const LIVE_MS = 5000;
@@ -107,10 +107,10 @@ async function refresh(force = false): Promise<void> {
   status("loading…");
   try {
     const p = windowParams(st, filterParams(st));
-    p.set("group_by", apiGroup(st.group));
+    p.set("group_by", apiGroup(st.group, st.services));
     let g = await get<Graph>("/api/v1/graph", p, ac.signal);
     folded = null;
-    if (st.fold && g.group_by === "workload" && (g.nodes.length > NODE_BUDGET || g.edges.length > EDGE_BUDGET)) {
+    if (st.fold && byWorkload(g.group_by) && (g.nodes.length > NODE_BUDGET || g.edges.length > EDGE_BUDGET)) {
       folded = { nodes: g.nodes.length, edges: g.edges.length };
       p.set("group_by", "namespace");
       g = await get<Graph>("/api/v1/graph", p, ac.signal);
@@ -201,7 +201,7 @@ function namespaceOptions(): void {
   if (st.namespace && !have.has(st.namespace) && !namespaces.has(st.namespace)) sel.add(new Option(st.namespace, st.namespace));
   sel.value = st.namespace;
   const dl = $("workload-names");
-  if (graph && graph.group_by === "workload") {
+  if (graph && byWorkload(graph.group_by)) {
     dl.innerHTML = graph.nodes.map((n) => `<option value="${n.name.replace(/"/g, "&quot;")}">`).join("");
   }
 }
@@ -218,6 +218,7 @@ function controlsFromState(): void {
   $<HTMLSelectElement>("f-protocol").value = st.protocol;
   $<HTMLInputElement>("f-failing").checked = st.failing;
   $<HTMLInputElement>("f-link-local").checked = st.linkLocal;
+  $<HTMLSelectElement>("server-view").value = st.services ? "service" : "workload";
   $<HTMLInputElement>("search").value = st.search;
   $<HTMLSelectElement>("width-by").value = st.widthBy;
   $("legend-width").textContent = st.widthBy;
@@ -250,6 +251,7 @@ onChange("f-protocol", (v) => { st.protocol = v; });
 onChange("f-failing", (_v, el) => { st.failing = el.checked; });
 onChange("f-link-local", (_v, el) => { st.linkLocal = el.checked; });
 onChange("group", (v) => { st.group = v as Group; closePanel(); });
+onChange("server-view", (v) => { st.services = v === "service"; closePanel(); });
 onChange("width-by", (v) => { st.widthBy = v as State["widthBy"]; });
 onChange("preset", (v) => {
   if (v === "custom") { st.live = false; st.from = graph?.since ?? st.from; st.to = graph?.until ?? "now"; $("from").focus(); return; }

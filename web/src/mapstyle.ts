@@ -19,6 +19,8 @@ export function mapStyle(): cytoscape.StylesheetJson {
     } },
     { selector: "node[kind = 'Namespace'], node[kind = 'Host']", style: {
       shape: "round-rectangle", "border-width": 2.5, "font-weight": "bold", height: 28 } },
+    { selector: "node[kind = 'Service']", style: { shape: "round-tag", "border-style": "double",
+      "border-width": 3 } },
     { selector: "node[?external]", style: { shape: "cut-rectangle", "border-style": "dashed" } },
     { selector: ":parent", style: {
       "background-color": css("--group"), "border-color": css("--group-border"), "border-width": 1,

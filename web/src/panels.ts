@@ -5,7 +5,7 @@
 import { get, outcomeText, type EdgeDns, type Flow, type Flows, type Graph, type GraphEdge, type Workload, type WorkloadDetail } from "./api";
 import { buckets, chart } from "./chart";
 import { edgeId } from "./map";
-import { bytes, esc, filterParams, int, when, type State } from "./state";
+import { byWorkload, bytes, esc, filterParams, int, when, type State } from "./state";
 
 export interface PanelContext { graph: Graph; state: State; workloads: Map<string, Workload> | null;
   select: (kind: "node" | "edge", id: string) => void }
@@ -67,7 +67,7 @@ export async function nodePanel(ctx: PanelContext, id: string): Promise<void> {
     ["bytes_out", "bytes sent as a server", sum(ins, (e) => e.bytes_s2c)],
   ]);
   open(id, head + `<div id="node-detail"><p class="muted mini">loading upstream and downstream…</p></div>`, "node", id);
-  if (g.group_by !== "workload" || id === "other") {
+  if (!byWorkload(g.group_by) || id === "other" || n?.kind === "Service") {
     document.getElementById("node-detail")!.innerHTML =
       `<h3>Peers</h3>${chips([...new Set([...ins.map((e) => e.source), ...outs.map((e) => e.target)])], "none")}` +
       (g.group_by === "namespace" ? `<p class="mini">Double-click the node (or <button type="button" class="chip" id="expand">expand</button>) to see its workloads.</p>` : "");
@@ -115,6 +115,13 @@ function edgeNumbers(e: GraphEdge): string {
     (e.folded > 1 ? ` · stands for ${int(e.folded)} folded edges` : "") + `</p>`;
 }
 
+/** The Service view's server end of a flow: its Service (as the graph names it), else its workload. */
+function serviceEnd(f: Flow): string {
+  if (!f.service_ip) return f.server.workload.id;
+  if (f.service) return `svc:${f.service.namespace ? `${f.service.namespace}/` : ""}${f.service.name}`;
+  return `svc:${f.service_ip}:${f.service_port}`;  // no layer names it: aggregator/service_view.py
+}
+
 /** The DNS of an edge to a resolver: its counts, latency and the names asked (docs/api.md). */
 function edgeDns(d: EdgeDns): string {
   const codes = Object.entries(d.rcodes).map(([k, v]) => `${k} ${v}`).join(", ");
@@ -151,24 +158,41 @@ function dropReasons(d: GraphEdge["drops"]): string {
 
 /** Does a flow belong to the edge source -> target under the graph's grouping? */
 function onEdge(f: Flow, g: Graph, source: string, target: string): boolean {
-  const key = (s: Flow["client"]) => g.group_by === "workload" ? s.workload.id
+  const key = (s: Flow["client"]) => byWorkload(g.group_by) ? s.workload.id
     : g.group_by === "namespace" ? (s.workload.namespace ?? s.workload.id) : (s.workload.host ?? "");
-  return source === "other" || (key(f.client) === source && key(f.server) === target);
+  const server = g.group_by === "service" ? serviceEnd(f) : key(f.server);
+  return source === "other" || (key(f.client) === source && server === target);
+}
+
+/** A Service edge's backends (the Service view): each workload with the connections it served. */
+function backendsTable(e: GraphEdge): string {
+  if (!e.service) return "";
+  const rows = [...(e.backends ?? [])].sort((a, b) => b.connections_opened - a.connections_opened || (a.id < b.id ? -1 : 1));
+  return `<h3>Service ${esc(e.service.name ? (e.service.namespace ? `${e.service.namespace}/${e.service.name}` : e.service.name) : e.target.slice(4))}</h3>` +
+    `<p class="mini muted" data-field="service_addresses" data-value="${esc(e.service.addresses.join(" "))}">dialled: ${esc(e.service.addresses.join(", ") || "–")}</p>` +
+    `<h3>Backends: who served its connections</h3>` +
+    (rows.length ? `<table class="mini backends"><thead><tr><th>backend</th><th>connections</th></tr></thead><tbody>` +
+      rows.map((b) => `<tr data-field="backend" data-value="${esc(b.id)}"><td><button type="button" class="chip" data-node="${esc(b.id)}">${esc(b.id)}</button></td>` +
+        `<td data-field="backend_connections" data-value="${b.connections_opened}">${esc(int(b.connections_opened))}</td></tr>`).join("") +
+      `</tbody></table>` : `<p class="muted mini">no connection started in the window</p>`);
 }
 
 export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
   const g = ctx.graph;
   const e = g.edges.find((x) => edgeId(x.source, x.target) === id);
   if (!e) return;
-  open(`${e.source} → ${e.target}`, edgeNumbers(e) + dnsNamed(e) + (e.dns ? edgeDns(e.dns) : "") +
+  open(`${e.source} → ${e.target}`, edgeNumbers(e) + backendsTable(e) + dnsNamed(e) + (e.dns ? edgeDns(e.dns) : "") +
     `<div id="edge-flows"><p class="muted mini">loading its flows…</p></div>`, "edge", id);
+  wireChips(ctx);
   const p = filterParams(ctx.state);
   p.set("since", g.since); p.set("until", g.until); p.set("limit", String(FLOW_PAGE)); p.set("sort", "-start");
-  if (g.group_by === "workload" && e.source !== "other") {
+  if (byWorkload(g.group_by) && e.source !== "other") {
     const sn = g.nodes.find((n) => n.id === e.source), tn = g.nodes.find((n) => n.id === e.target);
     if (sn) p.append("from_workload", sn.name);
     // a name from DNS answers is shown, not stored: the flows' filter knows the stored name
-    if (tn && tn.kind !== "DNS") p.append("to_workload", tn.name);
+    if (e.service) {  // a Service edge: the calls through its addresses
+      for (const a of e.service.addresses) p.append("to_service", a.replace(/:\d+$/, "").replace(/^\[(.*)\]$/, "$1"));
+    } else if (tn && tn.kind !== "DNS") p.append("to_workload", tn.name);
   }
   try {
     const res = await get<Flows>("/api/v1/flows", p);
@@ -193,7 +217,7 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
         `<td>${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}</td><td>${esc(f.observed_by.join(","))}</td></tr>`).join("") +
       `</tbody></table><p class="mini"><button type="button" class="chip" id="edge-to-flows">all its flows in the Flows view</button></p>`;
     document.getElementById("edge-to-flows")!.onclick = () => {
-      const own = [...p].filter(([k]) => k === "from_workload" || k === "to_workload");
+      const own = [...p].filter(([k]) => k === "from_workload" || k === "to_workload" || k === "to_service");
       window.dispatchEvent(new CustomEvent("eastwest:flows", { detail: own.map(([k, v]) => `${k}=${v}`).join(" ") }));
     };
   } catch (err) {

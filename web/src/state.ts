@@ -23,13 +23,14 @@ export interface State {
   widthBy: "bytes" | "connections";
   layout: string;        // fcose (default); cose for the benchmark's peer run
   fold: boolean;         // fold into namespaces past the budget (on unless ?fold=off)
+  services: boolean;     // the Service view: calls to a Service end at it, backends listed (?services=1)
 }
 
 export const DEFAULTS: State = {
   view: "map", live: true, from: "15m", to: "now", diff: false, aFrom: "", aTo: "",
   group: "namespace-box", namespace: "", workload: "", port: "", protocol: "", failing: false,
   linkLocal: false,
-  search: "", widthBy: "bytes", layout: "fcose", fold: true,
+  search: "", widthBy: "bytes", layout: "fcose", fold: true, services: false,
 };
 
 const GROUPS: Group[] = ["namespace-box", "host-box", "workload", "namespace", "host"];
@@ -47,6 +48,7 @@ export function load(): State {
   s.linkLocal = q.get("link_local") === "1";
   s.diff = q.get("diff") === "1";
   s.fold = q.get("fold") !== "off";
+  s.services = q.get("services") === "1";
   s.live = !q.has("to") || q.get("to") === "now";
   if (s.view !== "flows") s.view = "map";
   return s;
@@ -65,13 +67,20 @@ export function save(s: State): void {
   if (s.widthBy !== "bytes") q.set("width", s.widthBy);
   if (s.layout !== "fcose") q.set("layout", s.layout);
   if (!s.fold) q.set("fold", "off");
+  if (s.services) q.set("services", "1");
   const qs = q.toString();
   history.replaceState(null, "", location.pathname + (qs ? `?${qs}` : ""));
 }
 
-/** The API's group_by for a grouping choice: boxes are drawn around workload nodes. */
-export function apiGroup(g: Group): "workload" | "namespace" | "host" {
-  return g === "namespace" || g === "host" ? g : "workload";
+/** The API's group_by for a grouping choice: boxes are drawn around workload nodes; with the
+ * Service view on, workload groupings ask for `service` (docs/api.md, "The Service view"). */
+export function apiGroup(g: Group, services = false): "workload" | "namespace" | "host" | "service" {
+  return g === "namespace" || g === "host" ? g : services ? "service" : "workload";
+}
+
+/** Whether a graph's nodes are workloads (the workload view, or the Service view's clients). */
+export function byWorkload(groupBy: string): boolean {
+  return groupBy === "workload" || groupBy === "service";
 }
 
 /** Filter parameters shared by the map, the diff and the flows table. */
