@@ -305,8 +305,12 @@ def load(text: str, what: str, timeout_s: float = 300.0) -> LoadedProgram:
     except (AttributeError, OSError, ValueError):
         out = subprocess.DEVNULL
     try:
+        # its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group)
+        # stops the collector, which then stops cleanly once the load is over; it must not
+        # kill the compiler half-way and turn a clean stop into a failed load
         proc = subprocess.Popen([sys.executable, "-I", __file__, str(child.fileno())],
-                                stdin=subprocess.PIPE, stdout=out, pass_fds=(child.fileno(),))
+                                stdin=subprocess.PIPE, stdout=out, pass_fds=(child.fileno(),),
+                                start_new_session=True)
         child.close()
         try:
             proc.communicate(text.encode(), timeout=timeout_s)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_root
 from tests.lab.test_socket_probes_support import (
     CLIENT_IP,
     CLIENT_NS,
@@ -258,3 +260,23 @@ def test_closes_beyond_a_full_ring_buffer_are_parked_in_the_kernel_not_lost(pair
             r = got[t["client_port"]]
             assert (r.bytes_c2s, r.bytes_s2c) == (t["bytes_c2s"], t["bytes_s2c"])
             assert r.connect == "ok" and r.process is not None
+
+
+def test_ctrl_c_during_the_probe_load_is_a_clean_stop() -> None:
+    """Ctrl-C at the terminal (SIGINT to the whole foreground process group) while the BPF
+    program is being compiled: the collector stops cleanly (exit 0). The compiler runs in a child
+    process (collector/bpfload.py) of its own session, so the signal does not kill it half-way
+    (it did: `the socket probes did not load: KeyboardInterrupt`, exit 1)."""
+    import os
+    import signal
+    import time
+
+    require_root()
+    exe = Path(sys.executable).with_name("eastwest")
+    p = subprocess.Popen([str(exe), "collector", "--stdout", "--no-vxlan", "--duration", "30"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    time.sleep(1.0)  # inside the load (the compile takes seconds)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()[-2000:]
