@@ -5,12 +5,13 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv web run demo test test-unit test-golden test-lab test-image image bench lint clean
+.PHONY: help setup system venv web run demo test test-unit test-golden test-lab test-heavy test-image image bench lint clean
 
 help:
 	@echo "make run    install what is missing, start eastwest on this host (Ctrl-C stops it)"
 	@echo "make demo   the same plus a 3-host lab with a demo application and live traffic"
 	@echo "make test   install what is missing, lint, and run the whole suite (unit, golden, lab)"
+	@echo "make test-heavy  the few minutes-long tests kept out of make test (scale-out scaling)"
 	@echo "make bench  side-by-side benchmarks; results in docs/benchmarks.md"
 	@echo "make lint   ruff and mypy"
 	@echo "make image  the container image (collector + aggregator) with podman; docs/deploy.md"
@@ -48,6 +49,9 @@ test-lab: setup
 # scripts/build-image.sh --help: the steps, the cache, loading the image into a cluster
 image: setup
 	@bash scripts/build-image.sh $(IMAGE_ARGS)
+
+test-heavy: setup
+	$(PY) -m pytest tests -m heavy $(PYTEST_ARGS)
 
 test-image: setup
 	$(PY) -m pytest tests/image $(PYTEST_ARGS)

@@ -298,6 +298,7 @@ def scale3(tmp_path, replicated, request):
     s.stop()
 
 
+@pytest.mark.heavy  # ~6 min with its teardown: `make test-heavy` (see the closing note of issue 19)
 def test_scaled_from_one_to_three_replicas_and_back_with_a_clickhouse_replica_killed(lab, scale3):
     scale = scale3
     scale.start_aggregator("agg-a")
