@@ -193,14 +193,14 @@ class Lab:
                 lines += [json.loads(x) for x in fh.read().splitlines() if x.strip()]
         lines.sort(key=lambda t: (t["start"], t["client_ip"], t["client_port"]))
         if self.inventory.get("cluster_services"):
-            self._resolve_backends(lines)
+            self.resolve_backends(lines)
         if truth_path is not None:
             Path(truth_path).write_text("".join(json.dumps(t) + "\n" for t in lines))
         outcomes = Counter(t["outcome"] for t in lines)
         progress(f"{len(lines)} connections: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
         return lines
 
-    def _resolve_backends(self, lines: list[dict[str, Any]]) -> None:
+    def resolve_backends(self, lines: list[dict[str, Any]]) -> None:
         """Behind a ClusterIP or NodePort only the server knows it served a call: fill each
         such truth line's `server_*` from the ledger line whose PROXY header names the same
         client and dialled address, and say whether the server saw the client's own address

@@ -83,9 +83,14 @@ class Demo:
         return Lab.open(NAME)
 
     def truth(self) -> list[dict[str, Any]]:
+        """The truth so far; a Service call's server is the backend that served it (the demo
+        dials Services by default: only the server's ledger knows the backend)."""
+        lab = self.lab()
         out = []
-        for f in sorted((Path(self.lab().inventory["state_dir"]) / "truth").glob("*.jsonl")):
+        for f in sorted((Path(lab.inventory["state_dir"]) / "truth").glob("*.jsonl")):
             out += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if lab.inventory.get("cluster_services"):
+            lab.resolve_backends(out)
         return out
 
 
