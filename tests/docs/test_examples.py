@@ -165,7 +165,8 @@ def world(tmp_path_factory):
     if sigint is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     demo = subprocess.Popen(
-        ["eastwest", "demo", "--name", WORLD_LAB, "--listen", f"127.0.0.1:{port}",
+        # with Services: the docs' Service examples (`--to-service shop/api`) need them
+        ["eastwest", "demo", "--name", WORLD_LAB, "--services", "--listen", f"127.0.0.1:{port}",
          "--data", str(root / "demo" / "data")], env=ENV, cwd=root, stdin=subprocess.DEVNULL,
         stdout=demo_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     receivers = subprocess.Popen([sys.executable, "-m", "tests.docs.otlp_receivers"], cwd=REPO,
