@@ -22,13 +22,13 @@ from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.fanout import FanOut
 from aggregator.retention import Retention
 from aggregator.store.base import Backlogged, IngestResult, WriteStore
-from aggregator.worker import Accepted, InlineCorrelation
+from aggregator.worker import Accepted, InlineCorrelation, WrittenBeforeAck
 from eastwest.clock import Clock
 from eastwest.drops import Drops
 from eastwest.partition import key_partition, split_mark
 
 
-class PartitionedCorrelation:
+class PartitionedCorrelation(WrittenBeforeAck):
     """`Correlation` (aggregator/worker.py) over the partitions owned here, and the consumer's
     `PartitionHooks` (take, drop)."""
 
@@ -81,24 +81,6 @@ class PartitionedCorrelation:
         if not result.duplicate:
             self._version += 1
         return result
-
-    def applied(self, timeout: float | None = None) -> bool:
-        return True  # written before it was acknowledged
-
-    def batch_applied(self, collector: str, batch_seq: int) -> bool:
-        return self.store.batch_applied(collector, batch_seq)
-
-    def count(self) -> int:
-        return self.store.count()
-
-    def lag(self) -> dict[str, float]:
-        return {"batches": 0, "records": 0, "seconds": 0.0}
-
-    def journal_bytes(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
     # -- what the metrics read of "the correlator" ----------------------------------------------
     def __len__(self) -> int:

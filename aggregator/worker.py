@@ -533,7 +533,32 @@ class JournaledCorrelation:
         self.journal.close()
 
 
-class InlineCorrelation:
+class WrittenBeforeAck:
+    """What a `Correlation` that writes each batch before acknowledging it answers about its
+    (absent) backlog: nothing waits, nothing is journaled. Needs `self.store`."""
+
+    store: WriteStore
+
+    def applied(self, timeout: float | None = None) -> bool:
+        return True  # written before it was acknowledged
+
+    def batch_applied(self, collector: str, batch_seq: int) -> bool:
+        return self.store.batch_applied(collector, batch_seq)
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def lag(self) -> dict[str, float]:
+        return {"batches": 0, "records": 0, "seconds": 0.0}
+
+    def journal_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class InlineCorrelation(WrittenBeforeAck):
     """`Correlation` for a store shared by several aggregators: each batch planned, written and
     committed in the caller's thread, under the correlator's lock (the module docstring)."""
 
@@ -588,21 +613,4 @@ class InlineCorrelation:
                 self.drops.count("correlate", "retention_failed", detail=str(exc))
         return result
 
-    def applied(self, timeout: float | None = None) -> bool:
-        return True  # written before it was acknowledged
-
-    def batch_applied(self, collector: str, batch_seq: int) -> bool:
-        return self.store.batch_applied(collector, batch_seq)
-
-    def count(self) -> int:
-        return self.store.count()
-
-    def lag(self) -> dict[str, float]:
-        return {"batches": 0, "records": 0, "seconds": 0.0}
-
-    def journal_bytes(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
