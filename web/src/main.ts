@@ -134,6 +134,10 @@ async function refresh(force = false): Promise<void> {
     for (const n of g.nodes) if (n.namespace) namespaces.add(n.namespace);
     namespaceOptions();
     last = await map.render(g, effective(), workloads, diff, force);
+    // the empty notice asks /readyz whether the store or the window is empty; it is settled
+    // before the render counts as done, and a newer refresh (aborted signal) wins
+    if (last.nodes === 0) await showEmpty(st, g, ac.signal);
+    if (ac.signal.aborted) return;
     afterRender(g);
   } catch (e) {
     if ((e as Error).name === "AbortError") return;
@@ -160,7 +164,7 @@ function afterRender(g: Graph): void {
   if (diff) {
     $("diff-summary").innerHTML = `<b>${diff.added.length}</b> added, <b>${diff.removed.length}</b> removed, <b>${diff.changed.length}</b> changed`;
   }
-  if (n === 0) void showEmpty(st, g); else notice(null);
+  if (n > 0) notice(null);
   $("map").dataset.state = n === 0 ? "empty" : "ready";
   elementList();
   seq++;

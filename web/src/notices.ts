@@ -29,12 +29,13 @@ export function showError(e: Error): void {
   }
 }
 
-export async function showEmpty(s: State, g: Graph): Promise<void> {
+export async function showEmpty(s: State, g: Graph, signal?: AbortSignal): Promise<void> {
   let records: number | null = null;
   try {
-    const r = await fetch("/readyz");
+    const r = await fetch("/readyz", { signal });
     if (r.ok) records = (await r.json()).records;
-  } catch { /* the graph answered a moment ago: treat as unknown */ }
+  } catch { /* aborted, or the graph answered a moment ago: treat as unknown */ }
+  if (signal?.aborted) return;
   if (records === 0) {
     notice(`<h3>No collector has sent anything yet</h3>
       <p>The aggregator is up and its store is empty. On each host, start a collector pointed here:</p>
