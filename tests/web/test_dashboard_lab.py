@@ -49,6 +49,8 @@ def fed(lab_factory, tmp_path_factory):
             for c in cs:
                 c.stop()
         assert len(truth) > 20
+        w1 = window_of(truth)
+        g1 = agg.get("/api/v1/graph", **w1)   # phase 1's graph before phase 2 happened
         wait_for_next_minute()
         with collectors(lab, agg.url, tmp / "spool2", ["h1", "h3"]) as cs:
             p2_start = datetime.now(UTC)
@@ -56,19 +58,39 @@ def fed(lab_factory, tmp_path_factory):
             for c in cs:
                 c.stop()
         p2_end = datetime.now(UTC)
-        w1 = window_of(truth)
+        g1_window = w1
         w1 = {"from": w1["from"], "to": w1["to"]}
         w2 = {"from": (p2_start - timedelta(seconds=1)).isoformat(),
               "to": (p2_end + timedelta(seconds=1)).isoformat()}
-        yield agg, lab, truth, w1, w2
+        yield agg, lab, truth, w1, w2, (g1_window, g1)
 
 
 def graph(agg, w: dict, **params) -> dict:
     return agg.get("/api/v1/graph", **w, **params)
 
 
+def test_api_graph_equals_truth_then_time_travel_and_diff(fed):
+    """The API alone (no browser): phase 1's graph is exactly the truth's workload edges, each
+    connection seen by its ends (refused connects by the client only) and cross-host ones by the
+    wire too, with no byte mismatch; after phase 2 phase 1's window answers the same graph (time
+    travel), and the diff of the two phases adds exactly frontend -> db with its one connection."""
+    agg, lab, truth, w1, w2, (g1_window, g1) = fed
+    assert served_edges(g1) == truth_edges(lab, truth)
+    for e in g1["edges"]:
+        assert set(e["observed_by"]) <= {"client,server", "client,path,server", "client",
+                                         "client,path"}, e
+        assert e["observed_by"].get("client,server", 0) + e["observed_by"].get(
+            "client,path,server", 0) >= e["connections_opened"] - e["connections_failed"]
+        assert e["byte_mismatches"] == 0, e
+    assert agg.get("/api/v1/graph", **g1_window) == g1
+    d = agg.get("/api/v1/diff", a_from=w1["from"], a_to=w1["to"], b_from=w2["from"],
+                b_to=w2["to"])
+    assert [(e["source"], e["target"]) for e in d["added"]] == [("shop/frontend", "shop/db")]
+    assert d["added"][0]["connections_opened"] == 1 and d["added"][0]["bytes_c2s"] == 321
+
+
 def test_map_shows_exactly_the_api_nodes_and_edges_for_every_grouping(fed, page):
-    agg, lab, truth, w1, _ = fed
+    agg, lab, truth, w1, _, _ = fed
     open_dashboard(page, agg.url, READ, **w1)
     n = wait_render(page, 0)
     nodes, edges, boxes = shown(page)
@@ -102,7 +124,7 @@ def test_map_shows_exactly_the_api_nodes_and_edges_for_every_grouping(fed, page)
 
 
 def test_clicking_an_edge_opens_its_panel_with_the_right_numbers(fed, page):
-    agg, lab, truth, w1, _ = fed
+    agg, lab, truth, w1, _, _ = fed
     open_dashboard(page, agg.url, READ, **w1, protocol="tcp", group="workload")
     wait_render(page, 0)
     want = truth_edges(lab, truth)[("shop/api", "shop/db")]
@@ -141,7 +163,7 @@ def test_clicking_an_edge_opens_its_panel_with_the_right_numbers(fed, page):
 
 
 def test_filters_change_what_is_shown(fed, page):
-    agg, lab, truth, w1, _ = fed
+    agg, lab, truth, w1, _, _ = fed
     open_dashboard(page, agg.url, READ, **w1)
     n = wait_render(page, 0)
     cases = [("#f-namespace", "select", "shop", {"namespace": "shop"}),
@@ -177,7 +199,7 @@ def test_filters_change_what_is_shown(fed, page):
 
 
 def test_time_travel_and_diff_change_what_is_shown(fed, page):
-    agg, lab, truth, w1, w2 = fed
+    agg, lab, truth, w1, w2, _ = fed
     start = datetime.fromisoformat(w1["from"])
     before = {"from": (start - timedelta(hours=2)).isoformat(), "to": (start - timedelta(hours=1)).isoformat()}
     open_dashboard(page, agg.url, READ, **before)
@@ -220,7 +242,7 @@ def test_time_travel_and_diff_change_what_is_shown(fed, page):
 
 
 def test_flows_table_shows_the_filtered_connections_sorted_and_paged(fed, page):
-    agg, lab, truth, w1, _ = fed
+    agg, lab, truth, w1, _, _ = fed
     open_dashboard(page, agg.url, READ, **w1, view="flows")
     page.wait_for_selector("#view-flows[data-loaded]")
     db_ip = next(p["ip"] for p in lab.inventory["pods"] if p["service"] == "db")

@@ -38,6 +38,7 @@ export class FlowsView {
   private sort = "-start";
   private cursors: (string | null)[] = [null];   // cursor of each page seen; last = current
   private next: string | null = null;
+  private loads = 0;                               // loads started; the latest one is shown
   private tail: AbortController | null = null;
   onError: (e: ApiError) => boolean = () => false;  // true when the app handled it (auth, reachability)
 
@@ -74,6 +75,9 @@ export class FlowsView {
   }
 
   async load(): Promise<void> {
+    // loads overlap (a filter, the page size and a sort click each start one); only the latest
+    // one's answer is shown, whatever order the answers come back in
+    const mine = ++this.loads;
     const s = this.state();
     let p: URLSearchParams;
     try {
@@ -85,12 +89,14 @@ export class FlowsView {
     const w = windowParams(s);
     p.set("since", w.get("from")!);
     if (w.has("to")) p.set("until", w.get("to")!);
-    p.set("sort", this.sort);
+    const sort = this.sort;
+    p.set("sort", sort);
     p.set("limit", (document.getElementById("flow-limit") as HTMLSelectElement).value);
     const cur = this.cursors[this.cursors.length - 1];
     if (cur) p.set("cursor", cur);
     try {
       const res = await get<Flows>("/api/v1/flows", p);
+      if (mine !== this.loads) return;
       this.error(null);
       this.next = res.next_cursor;
       this.rows(res.flows, false);
@@ -100,11 +106,12 @@ export class FlowsView {
       (document.getElementById("flow-prev") as HTMLButtonElement).disabled = this.cursors.length <= 1;
       for (const th of document.querySelectorAll<HTMLElement>("#flow-table th")) {
         const k = th.querySelector<HTMLButtonElement>("button[data-sort]")?.dataset.sort;
-        if (k && this.sort.replace("-", "") === k) th.setAttribute("aria-sort", this.sort.startsWith("-") ? "descending" : "ascending");
+        if (k && sort.replace("-", "") === k) th.setAttribute("aria-sort", sort.startsWith("-") ? "descending" : "ascending");
         else th.removeAttribute("aria-sort");
       }
       document.getElementById("view-flows")!.dataset.loaded = String(Date.now());
     } catch (e) {
+      if (mine !== this.loads) return;
       if (e instanceof ApiError && this.onError(e)) return;
       this.error((e as Error).message + (e instanceof ApiError && e.parameter ? ` (parameter ${e.parameter})` : ""));
     }
