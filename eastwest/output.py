@@ -73,7 +73,7 @@ def to_json_text(obj: Any, *, indent: int | None = None) -> str:
 
 # -- colour -----------------------------------------------------------------------------------
 COLOR_MODES = ("auto", "always", "never")
-_SGR = {"bold": "1", "red": "31", "green": "32", "yellow": "33", "cyan": "36", "dim": "2"}
+_SGR = {"bold": "1", "red": "31", "green": "32", "yellow": "33", "magenta": "35", "cyan": "36", "dim": "2"}
 
 
 def color_enabled(stream: TextIO, mode: str = "auto", env: Mapping[str, str] | None = None) -> bool:

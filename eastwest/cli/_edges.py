@@ -50,6 +50,7 @@ class Edge:
     drop_reasons: tuple[tuple[str, int], ...] = ()  # by reason, most packets first
     dns: Mapping[str, Any] | None = None  # an edge to a resolver: its DNS (docs/api.md)
     dns_hint: bool = False  # the server's name is a DNS answer's, past its TTL for some
+    encrypted: str | None = None  # "esp": encrypted between hosts, the wire saw no connection inside
 
     @property
     def dns_errors(self) -> int:
@@ -85,6 +86,7 @@ class Edge:
                 observer_sets=_observer_sets(observed),
                 dns=obj.get("dns") if isinstance(obj.get("dns"), Mapping) else None,
                 dns_hint=bool((obj.get("dns_named") or {}).get("hint")),
+                encrypted=str(obj["encrypted"]) if obj.get("encrypted") else None,
                 **_drops(obj.get("drops")),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -165,6 +167,14 @@ def dns_cell(e: Edge) -> str:
     return " ".join(parts) + (" " + ", ".join(names) if names else "")
 
 
+def ports_cell(e: Edge) -> Cell | str:
+    """The server ports; an encrypted edge (IPsec ESP between two hosts) says so instead of
+    ports, which the wire could not see."""
+    if e.encrypted:
+        return Cell(f"{e.encrypted.upper()} (encrypted)", "magenta")
+    return ",".join(e.ports)
+
+
 def edge_cells(e: Edge, heads: Sequence[str] = EDGE_HEADERS) -> Sequence[Cell | str | int | None]:
     """One table row; `heads` (edge_headers) says whether the DNS and DROPS columns are shown."""
     cells: tuple[Cell | str | int | None, ...] = (
@@ -174,7 +184,7 @@ def edge_cells(e: Edge, heads: Sequence[str] = EDGE_HEADERS) -> Sequence[Cell | 
         Cell(human_bytes(e.bytes_c2s), right=True), Cell(human_bytes(e.bytes_s2c), right=True),
         e.resets, Cell(str(e.retransmits), "yellow" if e.retransmits else None, right=True),
         Cell(f"{e.rtt_avg_us / 1000:.2f}ms" if e.rtt_avg_us is not None else "", right=True),
-        ",".join(e.ports), seen_by(e),
+        ports_cell(e), seen_by(e),
     )
     if "DNS" in heads:
         cells = (*cells, Cell(dns_cell(e), "red" if e.dns_errors else None))

@@ -110,3 +110,20 @@ def test_the_aggregator_shows_esp_as_an_encrypted_edge_between_the_nodes(wire, t
             assert (e["bytes_c2s"], e["bytes_s2c"]) == (d["c2s"][1], d["s2c"][1]), e
         else:
             assert e["protocols"] == ["tcp"] and "encrypted" not in e, e
+
+
+def test_the_cli_marks_the_encrypted_edge_where_the_ports_would_be(wire, tmp_path):
+    """`eastwest graph`/`top`: an ESP edge's PORTS cell says `ESP (encrypted)` (the wire saw no
+    port inside); the application's edge keeps its port."""
+    from eastwest.cli._edges import Edge, edge_cells, ports_cell
+
+    esp = Edge.from_api({"source": "node-h1", "target": "node-h2", "connections_opened": 1,
+                         "protocols": ["esp"], "ports": [], "observed_by": {"path": 1},
+                         "encrypted": "esp", "wire_sees_inside": False})
+    app = Edge.from_api({"source": "shop/frontend", "target": "shop/api",
+                         "connections_opened": 3, "protocols": ["tcp"], "ports": ["8080"],
+                         "observed_by": {"client,server": 3}})
+    assert esp.encrypted == "esp" and app.encrypted is None
+    cell = ports_cell(esp)
+    assert not isinstance(cell, str) and cell.text == "ESP (encrypted)"
+    assert ports_cell(app) == "8080" and "8080" in edge_cells(app)

@@ -16,7 +16,17 @@ from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.record import Endpoint
 from tests.unit.test_correlate import rec
-from tests.web.conftest import INGEST, READ, Aggregator, open_dashboard, shot, shown, wait_render
+from tests.web.conftest import (
+    INGEST,
+    READ,
+    Aggregator,
+    click_edge,
+    open_dashboard,
+    panel_numbers,
+    shot,
+    shown,
+    wait_render,
+)
 
 MAP = """workloads:
 - {match: 10.244.1.11/32, name: frontend, namespace: shop, host: h1}
@@ -129,3 +139,32 @@ def test_dark_theme_is_kept_across_reloads(agg, page):
     page.reload()
     assert page.get_attribute("html", "data-theme") == after
     shot(page, f"theme-{after}")
+
+
+def test_an_encrypted_edge_is_dotted_labelled_and_its_panel_says_the_wire_saw_nothing_inside(
+        agg, page):
+    """The wire's record of IPsec ESP between two hosts (docs/vxlan.md "Encrypted traffic"):
+    the map draws it dotted with a lock in its label, its panel says ESP and that the wire
+    could not see inside; the application's edge beside it is drawn as ever."""
+    start = datetime.now(UTC) - timedelta(seconds=30)
+    esp = rec("path", collector="h1", source="pcap", start=start, protocol="esp",
+              client=Endpoint("10.213.0.1", 0), server=Endpoint("10.213.0.2", 0),
+              c2s=4000, s2c=3000, tunnel=None)
+    send(agg, [conn(41000), esp])
+    g = httpx.get(agg.url + "/api/v1/graph", headers={"Authorization": f"Bearer {READ}"},
+                  timeout=30).json()
+    api = {(e["source"], e["target"]): e for e in g["edges"]}
+    hosts = ("external:10.213.0.1", "external:10.213.0.2")
+    assert api[hosts]["encrypted"] == "esp" and "encrypted" not in api[("shop/frontend", "shop/api")]
+
+    open_dashboard(page, agg.url, READ)
+    wait_render(page, 0)
+    drawn = page.evaluate("""() => Object.fromEntries(window.eastwest.cy.edges().map(e =>
+        [e.source().id() + '>' + e.target().id(), [e.hasClass('encrypted'), e.style('line-style'),
+         e.data('label')]]))""")
+    assert drawn[">".join(hosts)][:2] == [True, "dotted"] and drawn[">".join(hosts)][2].startswith("🔒 ESP")
+    assert drawn["shop/frontend>shop/api"][:2] == [False, "solid"]
+    click_edge(page, *hosts)
+    page.wait_for_selector("#panel:not([hidden]) dd[data-field=encrypted]")
+    assert panel_numbers(page)["encrypted"].startswith("ESP: the wire could not see")
+    shot(page, "edge-panel-encrypted")

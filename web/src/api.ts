@@ -112,6 +112,8 @@ export interface GraphEdge {
   dns_named?: { ttl: number; hint: number };
   // packets the kernel dropped, by drop reason (collector --drops); null: none (absent: older server)
   drops?: Drops | null;
+  // an edge that carries IPsec ESP: the wire's record of encrypted traffic between two hosts
+  encrypted?: "esp"; wire_sees_inside?: boolean;
 }
 export interface EdgeDns { queries: number; responses: number; timeouts: number; nxdomain: number;
   servfail: number; errors: number; rcodes: Record<string, number>;

@@ -38,6 +38,8 @@ export function mapStyle(): cytoscape.StylesheetJson {
     { selector: "edge.some", style: { "line-color": css("--some"), "target-arrow-color": css("--some") } },
     { selector: "edge.bad", style: { "line-color": css("--bad"), "target-arrow-color": css("--bad"),
       "line-style": "dashed", "line-dash-pattern": [8, 4] } },
+    // encrypted between hosts (IPsec ESP): dotted, the wire could not see inside
+    { selector: "edge.encrypted", style: { "line-style": "dotted", "line-dash-pattern": [2, 3] } },
     { selector: "edge.added", style: { "line-color": css("--added"), "target-arrow-color": css("--added"),
       width: 5, opacity: 1, label: "added", "line-style": "solid" } },
     { selector: "edge.removed", style: { "line-color": css("--removed"), "target-arrow-color": css("--removed"),

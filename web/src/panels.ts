@@ -108,6 +108,7 @@ function edgeNumbers(e: GraphEdge): string {
     ["rtt_us", "RTT µs (min/avg/max)", e.rtt_us ? `${e.rtt_us.min} / ${e.rtt_us.avg} / ${e.rtt_us.max}` : null],
     ["ports", "server ports", e.ports.join(", ")],
     ["protocols", "protocols", e.protocols.join(", ")],
+    ["encrypted", "encrypted", e.encrypted ? `${e.encrypted.toUpperCase()}: the wire could not see the connections inside` : null],
     ["observed_by", "observed by (connections)", obs],
     ["complete", "complete", e.complete ? "yes" : "no: an observer lost events"],
     ["first_seen", "first seen", when(e.first_seen)], ["last_seen", "last seen", when(e.last_seen)],
