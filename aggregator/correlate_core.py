@@ -302,6 +302,21 @@ class NativeCore:
             out.extend(connection_of(row) for row in rows.to_pylist())
         return out
 
+    def connections_of(self, key: Key) -> list[Connection]:
+        """The held connections of one key, in bucket order (aggregator/nodeport.py)."""
+        self.rollback_pending()
+        protocol, cip, cport, sip, sport, scope = key
+        if (protocol not in self.strings.index or cip not in self.addrs.index
+                or sip not in self.addrs.index):
+            return []
+        k = np.array([self.strings.id(protocol), self.addrs.id(cip), cport,
+                      self.addrs.id(sip), sport, scope], dtype=np.int64)
+        n = self._check(self.lib.ew_corr_select_key(self.st, k.ctypes.data))
+        if not n:
+            return []
+        rows, _, _ = self._rows(1, 0, n, self._tables())
+        return [connection_of(row) for row in rows.to_pylist()]
+
     def refresh(self, fresh: Mapping[Key, list[Connection]]) -> None:
         """Replace what is held of these keys by these connections (Correlator.refresh: a
         store shared by several aggregators); a key keeps its place in the index's order."""
