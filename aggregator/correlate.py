@@ -290,6 +290,8 @@ class Correlator:
         """The connection `rec` joins among those with its key (the join rule above)."""
         conns = plan.connections
         cands = [conns.get(c.conn_id, c) for c in indexed] if indexed else []
+        if plan.removed:  # merged NodePort halves are no connection to join any more
+            cands = [c for c in cands if c.conn_id not in plan.removed]
         if fresh:
             cands += [conns[cid] for cid in fresh]
         best: tuple[float, Connection] | None = None

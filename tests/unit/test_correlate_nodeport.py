@@ -221,3 +221,49 @@ def test_aliases_are_forgotten_with_the_connections() -> None:
                            start=T0 + timedelta(hours=1))]))
     c.prune()
     assert len(c.nodeport) == 0
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=">".join)
+def test_batches_as_tables_join_like_records(order) -> None:
+    """The ingest path hands the C core a flat table: a batch with a middle record or a known
+    half's record takes the records path (`table_wants`), any other stays on columns; the
+    connections are those of the reference correlator."""
+    import pyarrow as pa
+
+    from aggregator.nodeport_columns import table_wants
+    from aggregator.store.columns import flat_table
+
+    other = piece("client", final=True, client=Endpoint("10.244.1.12", 41000)).replace(
+        server=Endpoint("10.244.2.11", 9090))  # an unrelated call in every batch
+    with Pair(1, 10.0) as pair:
+        for which in order:
+            for r in pieces(which):
+                batch = [r, other]
+                table = flat_table(batch).append_column(
+                    "collector", pa.array([x.collector for x in batch], pa.string()))
+                wants = table_wants(table, pair.col.nodeport)
+                assert wants == (which == "middle" or bool(pair.col.nodeport.aliases))
+                p, cp = pair.ref.plan(batch), pair.col.plan(table)
+                assert_same_plan(p, cp)
+                pair.ref.commit(p)
+                pair.col.commit(cp)
+                assert_same_state(pair.ref, pair.col)
+        assert len(pair.col) == 2
+        [conn] = [c for c in pair.col.connections() if c.server_ip == BACKEND.ip]
+        assert set(conn.views) == {"client", "server", "path:h2"}
+        assert table_wants(flat_table([other]).append_column(
+            "collector", pa.array(["h1"], pa.string())), pair.col.nodeport) is False
+
+
+def test_a_merge_rolled_back_leaves_the_halves_held_as_they_were() -> None:
+    """The C core takes a merged half out before it plans (no record of the batch may join
+    it); a plan rolled back (a failed store write) puts it back, at its place."""
+    with Pair(1, 10.0) as pair:
+        for which in ("client", "server"):
+            for r in pieces(which):
+                pair.batch([r])
+        pair.rollback(pieces("middle"))
+        assert len(pair.col) == 2
+        pair.batch(pieces("middle"))
+        [conn] = conns_of(pair.ref)
+        assert set(conn.views) == {"client", "server", "path:h2"}
