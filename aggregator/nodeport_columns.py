@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.connection import Connection
 from aggregator.correlate import Correlator, Plan, minute_of
@@ -43,7 +44,10 @@ def table_wants(table: pa.Table, join: NodePortJoin) -> bool:
         if extra.null_count < n:
             if extra.type != pa.binary():
                 extra = extra.cast(pa.binary())
-            for blob in extra.filter(_nat_rows(extra)).to_pylist():
+            # only an SNAT makes a middle record: its text is in the blob (a ClusterIP call's
+            # client records, most of a cluster's, have a `nat` without one)
+            nat = pc.and_kleene(_nat_rows(extra), pc.match_substring(extra, "snat"))
+            for blob in extra.filter(pc.fill_null(nat, False)).to_pylist():
                 nat = _dec.decode(blob).nat or ()
                 types = [x.type for x in nat]
                 if "snat" in types and any(t != "snat" for t in types[:types.index("snat")]):
