@@ -195,7 +195,7 @@ class Correlator:
         plan = Plan(at=self.clock.now())
         bests: dict[str, tuple[int, int, int, int, int, int]] = {}  # each touched conn, as of now
         apply = self._apply
-        if self.nodeport.aliases or any(r.nat is not None for r in records):
+        if self.nodeport.wants_records(records):
             records = self._nodeport(plan, records)
         # oldest first: a connection's interim records arrive in order of their end
         for rec in sorted(records, key=_END):

@@ -140,13 +140,6 @@ class ColumnCorrelator:
             return self._engine.ref.learn_nat(records)
         return len(self.nodeport.learn(records))
 
-    @property
-    def nodeport_join(self) -> NodePortJoin:
-        """The NodePort aliases in use (the reference engine's own without the C core)."""
-        if isinstance(self._engine, ReferenceEngine):
-            return self._engine.ref.nodeport
-        return self.nodeport
-
     def connections(self) -> list[Connection]:
         """Every held connection, in the index's order (tests, restarts)."""
         self._put_back()
@@ -168,8 +161,7 @@ class ColumnCorrelator:
     def plan_records(self, records: Sequence[FlowRecord]) -> ColumnPlan:
         """`plan(flat_table(records))` with each record's collector."""
         self._put_back()
-        if self.core is not None and (self.nodeport.aliases
-                                      or any(r.nat is not None for r in records)):
+        if self.core is not None and self.nodeport.wants_records(records):
             return self._plan_nodeport(records, self.clock.now())
         return self._engine.plan_records(records, self.clock.now())
 

@@ -179,6 +179,19 @@ class NodePortJoin:
             return rec
         return rec.replace(client=a.client, server=a.server, nat=list(a.nat))
 
+    def wants_records(self, records: Sequence[FlowRecord]) -> bool:
+        """Whether the batch has a middle record or a known half's record (else `prepare`
+        would change nothing: the usual path)."""
+        al = self.aliases
+        for r in records:
+            if r.nat is not None:
+                if halves(r) is not None:
+                    return True
+            elif al and (r.protocol, r.client.ip, r.client.port, r.server.ip, r.server.port,
+                         0) in al:
+                return True
+        return False
+
     def wants(self, keys: Iterable[Key]) -> bool:
         """Whether any of these keys is a known half (a cheap test before `prepare`)."""
         al = self.aliases
