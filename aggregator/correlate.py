@@ -63,6 +63,7 @@ from aggregator.connection import (
     View,
 )
 from aggregator.identity import Facts, IdentityResolver, better
+from aggregator.nodeport import NodePortJoin, volumes_of
 from eastwest.clock import Clock, SystemClock
 from eastwest.filters import is_link_local
 from eastwest.record import FlowRecord, dialled_of
@@ -90,6 +91,10 @@ class Plan:
     deltas: dict[str, Counters] = field(default_factory=dict)
     renamed: set[str] = field(default_factory=set)  # connections whose names changed
     at: datetime | None = None  # the aggregator's wall clock when planned (naming deadlines)
+    # NodePort halves merged into their real connection (aggregator/nodeport.py): conn_id ->
+    # its key; the store deletes their rows, `commit` forgets them, and their rollup volumes
+    # are taken back in `rollups`
+    removed: dict[str, tuple[str, str, int, str, int, int]] = field(default_factory=dict)
 
 
 def minute_of(t: datetime) -> datetime:
@@ -148,6 +153,7 @@ class Correlator:
         # forgotten by prune, so never to change again: the store may settle them (the
         # correlation worker hands them over with the next step and clears what it handed)
         self.settled: list[str] = []
+        self.nodeport = NodePortJoin(slack, keep_open)  # NodePort halves' aliases
 
     # -- state --------------------------------------------------------------------------------
     def load(self, connections: Iterable[Connection]) -> int:
@@ -179,11 +185,18 @@ class Correlator:
     def __len__(self) -> int:
         return sum(len(v) for v in self.index.values())
 
+    def learn_nat(self, records: Iterable[FlowRecord]) -> int:
+        """Learn the NodePort aliases of these records (after a restart: the stored records
+        with a NAT chain of the reload horizon, aggregator/nodeport.py); how many."""
+        return len(self.nodeport.learn(records))
+
     # -- the join -----------------------------------------------------------------------------
     def plan(self, records: Sequence[FlowRecord]) -> Plan:
         plan = Plan(at=self.clock.now())
         bests: dict[str, tuple[int, int, int, int, int, int]] = {}  # each touched conn, as of now
         apply = self._apply
+        if self.nodeport.wants_records(records):
+            records = self._nodeport(plan, records)
         # oldest first: a connection's interim records arrive in order of their end
         for rec in sorted(records, key=_END):
             apply(plan, rec, bests)
@@ -194,7 +207,24 @@ class Correlator:
             del plan.identities[rk]
         return plan
 
+    def _nodeport(self, plan: Plan, records: Sequence[FlowRecord]) -> list[FlowRecord]:
+        """NodePort halves (aggregator/nodeport.py): rewritten to their real key, or merged
+        when held already (removed at commit, their volumes taken back from their names)."""
+        merge = self.nodeport.prepare(records, lambda k: list(self.index.get(k, ())))
+        for cid, h in merge.removed.items():
+            plan.removed[cid] = h.key
+            for minute, vol in volumes_of(h, minute_of):
+                self._add(plan, self._rollup_key(h, minute), [-x for x in vol], h.client,
+                          h.server)
+        return merge.records
+
     def commit(self, plan: Plan) -> None:
+        for cid, key in plan.removed.items():
+            left = [c for c in self.index.get(key, ()) if c.conn_id != cid]
+            if left:
+                self.index[key] = left
+            else:
+                self.index.pop(key, None)
         for cid, conn in plan.connections.items():
             bucket = self.index.setdefault(conn.key, [])
             if cid in plan.created:
@@ -233,6 +263,7 @@ class Correlator:
         clock: replays and tests behave the same)."""
         if self.high_water is None:
             return 0
+        self.nodeport.prune(self.high_water)
         gone = 0
         closed_after = self.high_water - self.keep_closed
         open_after = self.high_water - self.keep_open
@@ -259,6 +290,8 @@ class Correlator:
         """The connection `rec` joins among those with its key (the join rule above)."""
         conns = plan.connections
         cands = [conns.get(c.conn_id, c) for c in indexed] if indexed else []
+        if plan.removed:  # merged NodePort halves are no connection to join any more
+            cands = [c for c in cands if c.conn_id not in plan.removed]
         if fresh:
             cands += [conns[cid] for cid in fresh]
         best: tuple[float, Connection] | None = None

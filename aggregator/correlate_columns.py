@@ -37,8 +37,10 @@ from aggregator.connection import Connection
 from aggregator.correlate import SETTLE
 from aggregator.correlate_core import IdSource, Key, NativeCore
 from aggregator.correlate_plan import ColumnPlan
-from aggregator.correlate_reference import Engine, ReferenceEngine
+from aggregator.correlate_reference import Engine, ReferenceEngine, records_of
 from aggregator.identity import IdentityResolver
+from aggregator.nodeport import NodePortJoin
+from aggregator.nodeport_columns import negative_rollups, table_wants
 from eastwest import native_build
 from eastwest.clock import Clock, SystemClock
 from eastwest.record import FlowRecord
@@ -72,6 +74,13 @@ class ColumnCorrelator:
         self.why_not_native = why
         self.core: NativeCore | None = None  # the C core (tests, diagnostics), None without
         self._engine: Engine
+        # the NodePort halves' aliases (aggregator/nodeport.py): the reference engine's
+        # Correlator keeps its own, this one serves the C core
+        self.nodeport = NodePortJoin(slack, keep_open)
+        self._np_commits = 0
+        # the pending plan's merged halves, taken out of the C core before it planned (key, the
+        # key's connections before, its seq): put back if the plan is not committed
+        self._taken: list[tuple[Key, list[Connection], int]] = []
         if lib is not None and layout is not None:
             self.core = self._engine = NativeCore(
                 lib, layout, resolver, slack=us_of(slack), keep_closed=us_of(keep_closed),
@@ -110,19 +119,30 @@ class ColumnCorrelator:
 
     def load(self, connections: Iterable[Connection]) -> int:
         """Rebuild the index (after a restart) from the store's recent connections."""
+        self._put_back()
         return self._engine.load(connections)
 
     def refresh(self, fresh: Mapping[Key, list[Connection]]) -> None:
         """Replace what is held of these keys by the store's connections of them (a store
         shared by several aggregators: what another one wrote since); an empty list drops it."""
+        self._put_back()
         self._engine.refresh(fresh)
 
     def reset(self) -> None:
         """Forget every connection, the high water and `settled` (before `load` again)."""
+        self._taken = []
         self._engine.reset()
+
+    def learn_nat(self, records: Iterable[FlowRecord]) -> int:
+        """Learn the NodePort aliases of these records (after a restart: the stored records
+        with a NAT chain of the reload horizon, aggregator/nodeport.py); how many."""
+        if isinstance(self._engine, ReferenceEngine):
+            return self._engine.ref.learn_nat(records)
+        return len(self.nodeport.learn(records))
 
     def connections(self) -> list[Connection]:
         """Every held connection, in the index's order (tests, restarts)."""
+        self._put_back()
         return self._engine.connections()
 
     def touch(self) -> None:
@@ -132,23 +152,67 @@ class ColumnCorrelator:
     # -- the join -----------------------------------------------------------------------------
     def plan(self, table: pa.Table, *, collector: str | None = None) -> ColumnPlan:
         """What this batch changes; nothing is kept until `commit` (`rollback` undoes it)."""
+        self._put_back()
+        if self.core is not None and table_wants(table, self.nodeport):
+            # a NodePort piece (aggregator/nodeport.py): the batch as records, like the reference
+            return self._plan_nodeport(records_of(table, collector), self.clock.now())
         return self._engine.plan(table, collector, self.clock.now())
 
     def plan_records(self, records: Sequence[FlowRecord]) -> ColumnPlan:
         """`plan(flat_table(records))` with each record's collector."""
+        self._put_back()
+        if self.core is not None and self.nodeport.wants_records(records):
+            return self._plan_nodeport(records, self.clock.now())
         return self._engine.plan_records(records, self.clock.now())
+
+    def _plan_nodeport(self, records: Sequence[FlowRecord], at: datetime) -> ColumnPlan:
+        """The C core's plan of a batch with NodePort pieces: halves rewritten to their real
+        key, held halves merged (their views replayed as records, their volumes taken back
+        from their names, their rows deleted), as `Correlator._nodeport` does."""
+        core = self.core
+        assert core is not None
+        merge = self.nodeport.prepare(records, core.connections_of)
+        for cid, c in merge.removed.items():  # no record of the batch joins a merged half
+            self._taken.append((c.key, *core.take_out(c.key, cid)))
+        try:
+            plan = core.plan_records(merge.records, at)
+        except BaseException:
+            self._put_back()
+            raise
+        if merge.removed:
+            plan.removed = {cid: c.key for cid, c in merge.removed.items()}
+            plan.rollups = negative_rollups(list(merge.removed.values()), plan.rollups)
+        return plan
 
     def commit(self, plan: ColumnPlan) -> None:
         self._engine.commit(plan)
+        self._taken = []  # the merged halves stay out
+        if self.core is not None:  # the reference engine's Correlator prunes its own
+            self._np_commits += 1
+            if self._np_commits >= 50:  # when the C core prunes (as Correlator.commit)
+                self._np_commits = 0
+                self.nodeport.prune(self.high_water)
         self._commits += 1
 
     def rollback(self, plan: ColumnPlan) -> None:
         """Undo an uncommitted plan: the state is exactly as before it."""
         self._engine.rollback(plan)
+        self._put_back()
+
+    def _put_back(self) -> None:
+        """The merged halves of a plan not committed, held again as they were."""
+        if self._taken and self.core is not None:
+            self.core.rollback_pending()
+            for key, conns, seq in reversed(self._taken):
+                self.core.put_back(key, conns, seq)
+        self._taken = []
 
     def prune(self) -> int:
         """Forget connections that can no longer be joined (Correlator.prune); how many."""
-        return self._engine.prune()
+        self._put_back()
+        gone = self._engine.prune()
+        self.nodeport.prune(self.high_water)
+        return gone
 
     def stats(self) -> dict[str, int]:
         """Connections held; with the C core also views, volume minutes, keys, the bytes of

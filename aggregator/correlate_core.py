@@ -302,6 +302,49 @@ class NativeCore:
             out.extend(connection_of(row) for row in rows.to_pylist())
         return out
 
+    def connections_of(self, key: Key) -> list[Connection]:
+        """The held connections of one key, in bucket order (aggregator/nodeport.py)."""
+        self.rollback_pending()
+        protocol, cip, cport, sip, sport, scope = key
+        if (protocol not in self.strings.index or cip not in self.addrs.index
+                or sip not in self.addrs.index):
+            return []
+        k = np.array([self.strings.id(protocol), self.addrs.id(cip), cport,
+                      self.addrs.id(sip), sport, scope], dtype=np.int64)
+        n = self._check(self.lib.ew_corr_select_key(self.st, k.ctypes.data))
+        if not n:
+            return []
+        rows, _, _ = self._rows(1, 0, n, self._tables())
+        return [connection_of(row) for row in rows.to_pylist()]
+
+    def _key_ids(self, key: Key) -> np.ndarray:
+        protocol, cip, cport, sip, sport, scope = key
+        return np.array([self.strings.id(protocol), self.addrs.id(cip), cport,
+                         self.addrs.id(sip), sport, scope], dtype=np.int64)
+
+    def take_out(self, key: Key, conn_id: str) -> tuple[list[Connection], int]:
+        """Forget one connection of a key (a merged NodePort half), the others keeping their
+        order and the key its place; (the key's connections before, the key's seq) to put back."""
+        conns = self.connections_of(key)
+        k = self._key_ids(key)
+        seq = self._check(self.lib.ew_corr_drop_key(self.st, k.ctypes.data))
+        left = [c for c in conns if c.conn_id != conn_id]
+        if left:
+            self.load(left)
+            if seq:
+                self._check(self.lib.ew_corr_key_seq(self.st, k.ctypes.data, seq))
+        return conns, seq
+
+    def put_back(self, key: Key, conns: list[Connection], seq: int) -> None:
+        """Undo `take_out`: the key's connections as they were, at the key's place."""
+        self.rollback_pending()
+        k = self._key_ids(key)
+        self._check(self.lib.ew_corr_drop_key(self.st, k.ctypes.data))
+        if conns:
+            self.load(conns)
+            if seq:
+                self._check(self.lib.ew_corr_key_seq(self.st, k.ctypes.data, seq))
+
     def refresh(self, fresh: Mapping[Key, list[Connection]]) -> None:
         """Replace what is held of these keys by these connections (Correlator.refresh: a
         store shared by several aggregators); a key keeps its place in the index's order."""

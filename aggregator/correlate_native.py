@@ -108,6 +108,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn("ew_corr_settled", _i64, _p, _p, _i64)
     fn("ew_corr_nsettled", _i64, _p)
     fn("ew_corr_select_all", _i64, _p)
+    fn("ew_corr_select_key", _i64, _p, _p)
     fn("ew_corr_load", _i64, _p, _i64, _p, _p, _p, _i64, _p, _p, _i64, _p)
     fn("ew_corr_scan_extra", _i64, _i64, _p, _p, _p, _p, _p)
     fn("ew_corr_drop_key", _i64, _p, _p)

@@ -158,6 +158,23 @@ int64_t ew_corr_select_all(ew_state *st)
     return (int64_t)st->nsel;
 }
 
+/* the connections of one key, in bucket order (aggregator/nodeport.py: a NodePort half's) */
+int64_t ew_corr_select_key(ew_state *st, const int64_t *key)
+{
+    if (st->pending) return ew_fail(st, EW_E_STATE, "select while a plan is pending");
+    ew_conn k;
+    key_of(&k, key);
+    ew_slot *s = ew_key_find(st, &k, ew_key_hash(&k));
+    st->nsel = 0;
+    if (!s) return 0;
+    uint64_t n = 0;
+    for (uint32_t x = s->head; x != EW_NONE; x = st->conns[x].next_key) n++;
+    if (!ew_grow((void **)&st->sel, &st->capsel, n + 1, sizeof(uint32_t)))
+        return ew_fail(st, EW_E_NOMEM, "no memory to list the connections");
+    for (uint32_t x = s->head; x != EW_NONE; x = st->conns[x].next_key) st->sel[st->nsel++] = x;
+    return (int64_t)st->nsel;
+}
+
 /* -- load --------------------------------------------------------------------------------- */
 static uint32_t opt_id(int64_t v, uint8_t valid) { return valid ? (uint32_t)v : EW_NONE; }
 

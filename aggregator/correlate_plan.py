@@ -91,6 +91,9 @@ class ColumnPlan:
     token: int = 0  # which pending plan of its correlator this is (0: nothing to undo)
     reference: Plan | None = None  # the reference engine's plan (None on the native one)
     _objects: dict[str, Connection] | None = field(default=None, repr=False)
+    # NodePort halves merged into their real connection (aggregator/nodeport.py): conn_id ->
+    # key; their rows are deleted, their rollup volumes are taken back in `rollups`
+    removed: dict[str, tuple[str, str, int, str, int, int]] = field(default_factory=dict)
 
     @property
     def conn_ids(self) -> pa.Array:
@@ -214,7 +217,7 @@ def from_reference(plan: Plan) -> ColumnPlan:
                                    if c.naming is not None and at is not None else 0.0
                                    for c in conns], dtype=np.float64),
         rollups=d.rollups, workloads=d.workloads, reference=plan,
-        _objects=dict(plan.connections))
+        _objects=dict(plan.connections), removed=dict(plan.removed))
 
 
 class ColumnDerived:
@@ -229,11 +232,17 @@ class ColumnDerived:
     @property
     def replaced(self) -> list[str]:
         ids = self.plan.conn_ids
-        return [x for x in ids.filter(pa.array(~self.plan.created)).to_pylist() if x is not None]
+        return [x for x in ids.filter(pa.array(~self.plan.created)).to_pylist()
+                if x is not None] + self.removed
+
+    @property
+    def removed(self) -> list[str]:
+        return list(self.plan.removed)
 
     @property
     def empty(self) -> bool:
-        return not len(self.plan) and self.plan.rollups is None and not self.settled
+        return (not len(self.plan) and self.plan.rollups is None and not self.settled
+                and not self.plan.removed)
 
     def connection_rows(self) -> pa.Table | None:
         return self.plan.rows if len(self.plan) else None

@@ -48,7 +48,8 @@ class PartitionedCorrelation(WrittenBeforeAck):
         p = self.partitions
         part = InlineCorrelation(self.store, self.make_correlator(), self.fanout, self.drops,
                                  self.retention, self.clock,
-                                 keep=lambda c: key_partition(c.key, p) == partition)
+                                 keep=lambda c: key_partition(c.key, p) == partition,
+                                 keep_key=lambda k: key_partition(k, p) == partition)
         with self._lock:
             self.parts[partition] = part
             self.loaded += part.loaded

@@ -54,6 +54,7 @@ from aggregator.changes import Changes, changes_of_columns
 from aggregator.connection import Connection
 from aggregator.correlate import key_of
 from aggregator.correlate_columns import ColumnCorrelator
+from aggregator.correlate_core import Key
 from aggregator.correlate_plan import ColumnDerived
 from aggregator.fanout import FanOut
 from aggregator.retention import Retention
@@ -224,6 +225,7 @@ class JournaledCorrelation:
         self.loaded = correlator.load(store.recent_connections(horizon))
         if self.loaded:
             log.info("correlator: %d recent connections reloaded from the store", self.loaded)
+        relearn_nat(correlator, store)
         self._requeue()
 
     def start(self) -> None:
@@ -412,6 +414,7 @@ class JournaledCorrelation:
                     self.correlator.reset()
                     self.correlator.load(self.store.recent_connections(
                         self.correlator.keep_open.total_seconds()))
+                    relearn_nat(self.correlator, self.store)
                 break
             except Exception as exc:  # noqa: BLE001 - the store still failing
                 if not self._failed_step(exc, 0, 0):
@@ -558,21 +561,41 @@ class WrittenBeforeAck:
         pass
 
 
+def relearn_nat(correlator: ColumnCorrelator, store: WriteStore,
+                keep_key: Callable[[Key], bool] | None = None) -> int:
+    """After the connections were (re)loaded: the NodePort aliases learnt again from the
+    stored middle records (aggregator/nodeport.py) of the same horizon, `keep_open` before the
+    newest connection reloaded (those of this partition only with `keep_key`)."""
+    hw = correlator.high_water
+    if hw is None:
+        return 0
+    recs = store.nat_records(hw - correlator.keep_open)
+    if keep_key is not None:
+        recs = [r for r in recs if keep_key(key_of(r))]
+    n = correlator.learn_nat(recs)
+    if n:
+        log.info("correlator: %d NodePort aliases learnt again from the store", n)
+    return n
+
+
 class InlineCorrelation(WrittenBeforeAck):
     """`Correlation` for a store shared by several aggregators: each batch planned, written and
     committed in the caller's thread, under the correlator's lock (the module docstring)."""
 
     def __init__(self, store: WriteStore, correlator: ColumnCorrelator, fanout: FanOut, drops: Drops,
                  retention: Retention, clock: Clock,
-                 keep: Callable[[Connection], bool] | None = None) -> None:
+                 keep: Callable[[Connection], bool] | None = None,
+                 keep_key: Callable[[Key], bool] | None = None) -> None:
         """`keep`: which of the store's recent connections this correlator holds (one
-        partition's, aggregator/partitioned.py); all of them without it."""
+        partition's, aggregator/partitioned.py); all of them without it. `keep_key`: the same
+        by key, for the NodePort aliases learnt again (`relearn_nat`)."""
         self.store, self.correlator, self.fanout = store, correlator, fanout
         self.drops, self.retention, self.clock = drops, retention, clock
         self._version = 0
         horizon = correlator.keep_open.total_seconds()
         recent = store.recent_connections(horizon)
         self.loaded = correlator.load(recent if keep is None else [c for c in recent if keep(c)])
+        relearn_nat(correlator, store, keep_key)
 
     def start(self) -> None:
         with self.correlator.lock:

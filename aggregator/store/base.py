@@ -118,6 +118,10 @@ class WriteStore(Protocol):
     def recent_connections(self, horizon_s: float) -> list[Connection]:
         """The connections the correlator may still change (a restart reloads them)."""
 
+    def nat_records(self, since: datetime) -> list[FlowRecord]:
+        """The raw records ending at or after `since` whose NAT chain has an SNAT (the
+        NodePort middle records a restart learns its aliases from, aggregator/nodeport.py)."""
+
     def connections_for_keys(self, keys: Iterable[Key]) -> dict[Key, list[Connection]]:
         """The stored connections of these correlation keys (a shared store: what another
         aggregator wrote since); a store of one aggregator answers from nothing."""

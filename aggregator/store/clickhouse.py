@@ -339,6 +339,12 @@ class ClickHouseStore(ClickHouseQueries):
             v = self._next_version("")
             self._insert("workloads", {"day": [day_of(t) for t in cols["last_seen"]],
                                        "version": [v] * d.workloads.num_rows, **cols})
+        removed = d.removed
+        if removed:  # NodePort halves merged into their real connection: every version goes
+            # (a mutation on every shard, awaited: rare, one per NodePort call whose half came
+            # before its middle record)
+            ids = ", ".join("'" + cid + "'" for cid in removed if cid.isalnum())
+            self._delete("connections", f"conn_id IN ({ids})", None)
         if d.connections is not None and d.connections.num_rows:
             cols = arrow_columns(d.connections)
             days, versions = [], []
@@ -380,6 +386,15 @@ class ClickHouseStore(ClickHouseQueries):
             sql += f" LIMIT {int(q.limit)}"
         rows = self._exec(sql, params, settings={"strings_as_bytes": True})
         return [_dec.decode(r[0]) for r in rows]
+
+    def nat_records(self, since: datetime) -> list[FlowRecord]:
+        """Records with an SNAT in their `nat` (the whole record's msgpack holds the text),
+        end at or after `since`."""
+        rows = self._exec(f"SELECT record FROM {self.db}.flows FINAL WHERE end_ts >= %(since)s "
+                          "AND position(record, 'snat') > 0 ORDER BY end_ts, record_id",
+                          {"since": micros(since)}, settings={"strings_as_bytes": True})
+        recs = [_dec.decode(r[0]) for r in rows]
+        return [r for r in recs if r.nat is not None and any(n.type == "snat" for n in r.nat)]
 
     def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         if not keys:

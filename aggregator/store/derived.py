@@ -334,7 +334,13 @@ class DerivedTables(Protocol):
 
     @property
     def replaced(self) -> list[str]:
-        """Connections of this step that were stored before (their rows are replaced)."""
+        """Connections of this step that were stored before (their rows are replaced), and
+        those removed (`removed`: their rows are deleted, none replaces them)."""
+
+    @property
+    def removed(self) -> list[str]:
+        """Connections this step merged into another (NodePort halves, aggregator/nodeport.py):
+        their stored rows are deleted."""
 
     @property
     def empty(self) -> bool: ...
@@ -371,7 +377,11 @@ class Derived:
     def replaced(self) -> list[str]:
         """Connections of this plan that were stored before (the others are new)."""
         created = self.plan.created
-        return [c.conn_id for c in self.conns if c.conn_id not in created]
+        return [c.conn_id for c in self.conns if c.conn_id not in created] + self.removed
+
+    @property
+    def removed(self) -> list[str]:
+        return list(self.plan.removed)
 
     @cached_property
     def summaries(self) -> list[Summary]:
@@ -379,7 +389,8 @@ class Derived:
 
     @property
     def empty(self) -> bool:
-        return not self.conns and not self.plan.rollups and not self.settled
+        return (not self.conns and not self.plan.rollups and not self.settled
+                and not self.plan.removed)
 
     @cached_property
     def connections(self) -> pa.Table | None:

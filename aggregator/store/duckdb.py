@@ -318,6 +318,15 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
             return [record_of_blob(r[-1]) if r[-1] is not None else record_of(r[:-1]) for r in rows]
         return [record_of(r) for r in rows]
 
+    def nat_records(self, since: datetime) -> list[FlowRecord]:
+        """Records with an SNAT in their `nat` (in `extra`, whose msgpack holds the text), end
+        at or after `since` (files of the one-column layout keep records whole: not read)."""
+        rows = self._query(f"SELECT {', '.join(READ_COLUMNS)} FROM flows WHERE end_ts >= ? AND "
+                           "extra IS NOT NULL AND contains(CAST(extra AS VARCHAR), 'snat') "
+                           "ORDER BY end_ts, record_id", [since])
+        return [r for r in map(record_of, rows) if r.nat is not None
+                and any(n.type == "snat" for n in r.nat)]
+
     def count(self) -> int:
         return self._count
 

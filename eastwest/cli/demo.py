@@ -59,10 +59,10 @@ def register(sub: Any) -> None:
                    help="the lab's Kubernetes-style Services: ClusterIPs and a NodePort programmed "
                    "as kube-proxy does, the application calling them; each call is one connection "
                    "to its backend, the ClusterIP kept as service_ip (docs/lab.md, "
-                   "docs/collector.md \"NAT\"). Off by default (pods call pods directly) until the "
-                   "aggregator joins a NodePort call's two halves: with them the map shows the "
-                   "halves as extra nodes (node-h2, external:<address>); needs IPv4 and 3 or more "
-                   "hosts"),
+                   "docs/collector.md \"NAT\"). Off by default (pods call pods directly): a "
+                   "NodePort call's halves are joined once the middle host's record arrives, so "
+                   "the live map shows them as extra nodes (node-h2, external:<address>) "
+                   "meanwhile (docs/lab.md); needs IPv4 and 3 or more hosts"),
     p.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
                    help="the lab's pod addresses (default ipv4; see `eastwest lab up --help`)")
     p.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT",
@@ -191,8 +191,9 @@ class Stack:
 # -- the command -------------------------------------------------------------------------------
 def _services(args: argparse.Namespace) -> bool:
     """Services only when asked for (`--services`); where the lab cannot have them, `Lab.up`
-    refuses naming why. Not the default yet: the aggregator does not join a NodePort call's
-    two halves (issue 16), and a newcomer's map would show them as extra nodes."""
+    refuses naming why. Not the default yet: a NodePort call's two halves are joined only once
+    the middle host's record arrives (or never, when its collector missed the translation), and
+    a newcomer's live map would show them as extra nodes meanwhile (docs/lab.md)."""
     return bool(args.services)
 
 

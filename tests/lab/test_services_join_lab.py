@@ -4,10 +4,11 @@ wired as collector/main.py wires it): every ClusterIP call of the truth is one c
 observed by its client, its server and (across hosts) the wire, with the backend as server and
 the dialled ClusterIP and port kept (`service_ip`, `service_port`; the client's records' `nat`).
 The NodePort middle host's wire records carry the whole translation (DNAT to the backend,
-masquerade), folded to the real client and backend; the aggregator does not yet join the
-NodePort call's two other halves by it (a strict xfail says so, and turns red when it does).
-The graph, less those halves, equals the truth edge for edge: no edge counted twice, no
-ClusterIP node. Its Service view (group_by=service, the Service names from the lab's workload
+masquerade), folded to the real client and backend; the aggregator joins the NodePort call's two
+other halves (the client's to the node, the server's from the node's address) by it
+(aggregator/nodeport.py): every NodePort call is one connection too, observed by client, server
+and wire, the NodePort kept as dialled. The graph equals the truth edge for edge: no edge
+counted twice, no ClusterIP node, no node address as a workload. Its Service view (group_by=service, the Service names from the lab's workload
 map) has one edge per (client workload, Service) the truth called through a ClusterIP or the
 NodePort, with exactly the truth's connections and backends, and the pod-direct calls on their
 workload -> workload edges; both views add up to the same totals."""
@@ -15,6 +16,7 @@ workload -> workload edges; both views add up to the same totals."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -37,17 +39,21 @@ def tkey(t: dict) -> tuple:  # the truth's: the client and the backend that real
     return (t["protocol"], t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])
 
 
+def of_call(by_key: dict[tuple, list[dict]], t: dict) -> list[dict]:
+    """The connections of a truth call: its 5-tuple, started within half a second of it (a
+    call reset or refused frees its port at once: a later call may reuse the 5-tuple, and is
+    another connection)."""
+    at = datetime.fromisoformat(t["start"])
+    return [f for f in by_key.get(tkey(t), [])
+            if abs((datetime.fromisoformat(f["start"]) - at).total_seconds()) < 0.5]
+
+
 def flows_of(agg: Aggregator, truth: list[dict]) -> list[dict]:
     w = window_of(truth)
     out = agg.get("/api/v1/flows", limit="10000", since=w["from"], until=w["to"],
                   protocol=w["protocol"])
     assert out["next_cursor"] is None
     return out["flows"]
-
-
-# the two halves of a NodePort call the aggregator does not join yet: the client's connection to
-# the node's address, the server's (and its wire's) from the node's pod-network address
-NODEPORT_HALVES = {"not_to_ip": "10.213.0.0/24", "not_from_ip": "10.244.2.1"}
 
 
 # the module's run grouped by Service (group_by=service), filled by `joined` (the other tests
@@ -65,9 +71,8 @@ def joined(lab_factory, tmp_path_factory):
             for c in cs:
                 c.stop()
         flows = flows_of(agg, truth)
-        graph = agg.get("/api/v1/graph", **window_of(truth), **NODEPORT_HALVES)
-        services = agg.get("/api/v1/graph", group_by="service", **window_of(truth),
-                           **NODEPORT_HALVES)
+        graph = agg.get("/api/v1/graph", **window_of(truth))
+        services = agg.get("/api/v1/graph", group_by="service", **window_of(truth))
         w = window_of(truth)
         via_service = agg.get("/api/v1/flows", limit="10000", since=w["from"], until=w["to"],
                               protocol=w["protocol"], to_service="10.96.0.0/16")["flows"]
@@ -85,7 +90,7 @@ def test_every_clusterip_call_is_one_connection_to_its_backend(joined):
     calls = [t for t in truth if t.get("via") in ("service", "pod") and t["outcome"] != "refused"]
     seen = Counter()
     for t in calls:
-        got = by_key.get(tkey(t), [])
+        got = of_call(by_key, t)
         assert len(got) == 1, (t, got)  # one connection: client, server and wire joined
         f = got[0]
         want = {"client", "server"} | ({"path"} if t["client_host"] != t["server_host"] else set())
@@ -163,31 +168,41 @@ def test_the_nodeport_middle_host_reports_the_whole_translation(joined):
                 Nat("snat", Endpoint(t["client_ip"], t["client_port"]),
                     Endpoint(t["server_saw_ip"], t["server_saw_port"]), r.nat[0].netns)], (t, r)
             assert r.dialled == Endpoint("10.213.0.2", 30080)
-    # ... and its connection (the middle host's view alone) keeps the NodePort as dialled
-    by_key = {key(f): f for f in flows}
+    # ... and the connection keeps the NodePort as dialled
+    by_key = defaultdict(list)
+    for f in flows:
+        by_key[key(f)].append(f)
     for t in nodeport:
-        f = by_key[tkey(t)]
-        assert f["observed_by"] == ["path"] and (f["service_ip"], f["service_port"]) == (
-            "10.213.0.2", 30080), (t, f)
+        [f] = of_call(by_key, t)
+        assert (f["service_ip"], f["service_port"]) == ("10.213.0.2", 30080), (t, f)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: the aggregator does not yet join a NodePort "
-                   "call's client half (to the node) and server half (from the node) by the "
-                   "middle host's record that names both")
 def test_every_nodeport_call_is_one_connection_observed_by_client_server_and_wire(joined):
+    """The client's half (to the node), the server's half (from the node's address) and the
+    middle host's record: ONE connection under the real client and the backend, the NodePort
+    kept, the sockets' byte counts; no connection left to or from the node's addresses."""
     _, truth, flows, _, _, _, _ = joined
     by_key = defaultdict(list)
     for f in flows:
         by_key[key(f)].append(f)
-    for t in (t for t in truth if t.get("via") == "nodeport" and t["outcome"] == "ok"):
-        got = by_key.get(tkey(t), [])
-        assert len(got) == 1 and set(got[0]["observed_by"]) == {"client", "server", "path"}, t
+    nodeport = [t for t in truth if t.get("via") == "nodeport" and t["outcome"] == "ok"]
+    assert len(nodeport) >= 3
+    for t in nodeport:
+        got = of_call(by_key, t)
+        assert len(got) == 1 and set(got[0]["observed_by"]) == {"client", "server", "path"}, (
+            t, got)
+        f = got[0]
+        assert (f["service_ip"], f["service_port"]) == (t["dialled_ip"], t["dialled_port"])
+        assert (f["bytes_c2s"], f["bytes_s2c"]) == (t["bytes_c2s"], t["bytes_s2c"]), (t, f)
+    halves = [f for f in flows if f["server"]["ip"] == "10.213.0.2"
+              or f["client"]["ip"] == "10.244.2.1"]
+    assert not halves, halves
 
 
-def test_the_graph_less_the_unjoined_nodeport_halves_is_the_truth_edge_for_edge(joined):
+def test_the_graph_is_the_truth_edge_for_edge(joined):
     """One edge per (client workload, server workload) the truth has, with its connections,
     bytes and failures: a ClusterIP call counted once, under its backend's workload; a NodePort
-    call once too (the middle host's record), once its two unjoined halves are filtered out."""
+    call once too, its halves joined (no node address as a client or a server)."""
     lab, truth, _, _, _, graph, _ = joined
     assert served_edges(graph) == truth_edges(lab, truth)
     workload = {p["ip"]: p["service"] for p in lab.inventory["pods"]}

@@ -283,7 +283,71 @@ def make_workload(rnd: random.Random) -> Scenario:
             w.steps.append(("refresh", (rnd.randrange(1000), rnd.randrange(4))))
         elif roll < 0.34:
             w.steps.append(("compact", None))
+    w.steps += nodeport_steps(random.Random(repr((len(recs), recs[0].start, recs[0].client))),
+                              skew)
     return w
+
+
+NODE = Endpoint("10.213.0.2", 30080)
+
+
+def nodeport_steps(nrnd: random.Random, skew: dict[str, float]) -> list[tuple[str, Any]]:
+    """NodePort calls with SNAT (aggregator/nodeport.py), drawn from a generator of their own
+    (the workload's other draws stay as they were), after the workload's steps: each call's
+    pieces from a random subset of the client's socket (to the node), the server's (from the
+    masquerade's address) and the middle host's wire (the real key, `nat` = DNAT then SNAT),
+    interims and finals, in any order, in random batches with restarts, prunes and rollbacks
+    between them. Ports are reused: a later call may take a half's key again."""
+    if nrnd.random() < 0.4:
+        return []
+    recs: list[FlowRecord] = []
+    for _ in range(nrnd.randint(1, 3)):
+        client = Endpoint(nrnd.choice(V4[:3]), nrnd.choice([40000, 40001]))
+        backend = Endpoint(nrnd.choice(["10.244.2.11", "10.244.3.13"]), 8080)
+        seen = Endpoint("10.244.2.1", nrnd.choice([51000, 51001]))
+        chain = [Nat("dnat", NODE, backend, 4026532001), Nat("snat", client, seen, 4026532001)]
+        start = T0 + timedelta(seconds=nrnd.choice([0, 1.0, 30, 65, 200]))
+        dur = nrnd.choice([0.5, 4.0, 70.0])
+        for piece in nrnd.sample(["client", "server", "middle"], nrnd.randint(1, 3)):
+            coll, obs, cl, sv, nat = {"client": ("h1", "client", client, NODE, None),
+                                      "server": ("h3", "server", seen, backend, None),
+                                      "middle": ("h2", "path", client, backend, chain)}[piece]
+            sk = timedelta(seconds=skew[coll])
+            n = nrnd.choice([1, 2])
+            for k in range(n):
+                frac = (k + 1) / n
+                recs.append(FlowRecord(
+                    record_id=f"{coll}:{next(_seq)}", collector=coll,
+                    source="socket" if obs != "path" else "vxlan", start=start + sk,
+                    end=start + sk + timedelta(seconds=dur * frac),
+                    final=k == n - 1 and nrnd.random() < 0.9, protocol="tcp", family=4,
+                    client=cl, server=sv, observer=obs,  # type: ignore[arg-type]
+                    bytes_c2s=int(1000 * frac) + (40 if obs == "path" else 0),
+                    bytes_s2c=int(5000 * frac),
+                    packets_c2s=3 if obs == "path" else None, connect="ok" if k else None,
+                    retransmits=nrnd.choice([0, 1]),
+                    process=Process(5, "ew-web") if obs == "server" and nrnd.random() < 0.7
+                    else None,
+                    tunnel=Tunnel("vxlan", 42, "10.213.0.2", "10.213.0.3", 4789)
+                    if obs == "path" else None,
+                    nat=nat))
+    nrnd.shuffle(recs)
+    steps: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(recs):
+        k = nrnd.randint(1, 4)
+        steps.append(("batch", recs[i:i + k]))
+        i += k
+        roll = nrnd.random()
+        if roll < 0.15:
+            steps.append(("restart", None))
+        elif roll < 0.25:
+            steps.append(("clock", nrnd.choice([5, 11])))
+        elif roll < 0.3:
+            steps.append(("prune", None))
+        elif roll < 0.35:
+            steps.append(("rollback", recs[i:i + 2]))
+    return steps
 
 
 # -- comparing ------------------------------------------------------------------------------------
@@ -375,6 +439,7 @@ class Pair:
     def batch(self, recs: list[FlowRecord]) -> None:
         p, cp = self.ref.plan(recs), self.col.plan_records(recs)
         assert_same_plan(p, cp)
+        assert cp.removed == p.removed  # NodePort halves merged (aggregator/nodeport.py)
         assert dict(cp.connections) == p.connections  # the lazy objects too
         self.ref.commit(p)
         self.col.commit(cp)

@@ -1,6 +1,6 @@
 """`eastwest demo` runs its lab with Kubernetes-style Services only when asked (`--services`):
-the aggregator does not yet join a NodePort call's two halves (issue 16), which the demo's map
-would show as extra nodes. Asked for where the lab cannot have them, `Lab.up` refuses
+a NodePort call's two halves are joined only once the middle host's record arrives (issue 16),
+and the demo's live map would show them as extra nodes meanwhile. Asked for where the lab cannot have them, `Lab.up` refuses
 (tests/lab/test_lab_services.py)."""
 
 from __future__ import annotations
