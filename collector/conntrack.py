@@ -17,7 +17,9 @@ Events, not lookups: measured in a `lab up --services` lab (3 hosts, ~270 Cluste
 4 s from one host), pyroute2's per-tuple `get` took ~0.6-0.7 ms a lookup and a full dump ~0.3 ms
 an entry, while this event reader parsed ~9 us an event (every NEW and DESTROY of the namespace)
 and saw exactly one NAT NEW event per ClusterIP call. A translation is known before the
-connection's first record is built, and nothing is asked of the kernel per record.
+connection's first record is built, and nothing is asked of the kernel per record. Once, at
+start (after subscribing), one dump of the namespace's table (`dump`) adds the translations of
+connections already open: a collector started, or restarted, on a busy node folds them too.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,9 @@ from eastwest.errors import ConfigError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS = 1, 2, 3
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
@@ -177,11 +181,13 @@ class NatTable:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _in_netns(netns: str | None) -> socket.socket:
-    """A ctnetlink socket subscribed to NEW and DESTROY, opened in `netns` (a name under
-    /run/netns; None: this one). It stays in that namespace after this thread returns."""
+def _in_netns(netns: str | None, make: Callable[[], socket.socket] | None = None) -> socket.socket:
+    """A ctnetlink socket made by `make` (default: subscribed to NEW and DESTROY), opened in
+    `netns` (a name under /run/netns; None: this one). It stays in that namespace after this
+    thread returns."""
+    make = make or _subscribe
     if netns is None:
-        return _subscribe()
+        return make()
     try:
         target = os.open(Path("/run/netns") / netns, os.O_RDONLY)
     except OSError as exc:
@@ -191,13 +197,56 @@ def _in_netns(netns: str | None) -> socket.socket:
         if _libc.setns(target, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns into {netns}")
         try:
-            return _subscribe()
+            return make()
         finally:
             if _libc.setns(home, CLONE_NEWNET) != 0:  # never leave this thread elsewhere
                 raise OSError(ctypes.get_errno(), "setns back")
     finally:
         os.close(target)
         os.close(home)
+
+
+def _request() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+def dump(netns: str | None = None) -> list[Translation]:
+    """The translated connections conntrack holds now in `netns` (one IPCTNL_MSG_CT_GET dump of
+    every family): what a collector started on a busy node needs for the connections that were
+    open before it subscribed to events."""
+    s = _in_netns(netns, _request)
+    try:
+        s.settimeout(10)
+        s.send(NLMSG_HDR.pack(NLMSG_HDR.size + 4, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+               + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+        out: list[Translation] = []
+        while True:
+            data = s.recv(1 << 20)
+            out += [t for kind, t in parse(data) if kind == "new"]
+            if _dump_done(data):
+                return out
+    finally:
+        s.close()
+
+
+def _dump_done(buf: bytes) -> bool:
+    """True when a dump's datagram holds its end (NLMSG_DONE); an NLMSG_ERROR ends it with the
+    error (an OSError naming it)."""
+    off = 0
+    while off + NLMSG_HDR.size <= len(buf):
+        length, typ, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, off)
+        if length < NLMSG_HDR.size:
+            return True
+        if typ == NLMSG_DONE:
+            return True
+        if typ == NLMSG_ERROR:
+            code = struct.unpack_from("=i", buf, off + NLMSG_HDR.size)[0]
+            if code:
+                raise OSError(-code, f"conntrack dump: {os.strerror(-code)}")
+            return True
+        off += (length + 3) & ~3
+    return False
 
 
 def _subscribe() -> socket.socket:
@@ -223,6 +272,11 @@ class ConntrackEvents:
         self.events = 0
         self._sock = _in_netns(netns)
         self._sock.setblocking(False)
+        # subscribed first, then the table as it is: a connection opened before the collector
+        # started (or in between) is known either way; one seen twice is added twice, harmless
+        for t in dump(netns):
+            self.table.add(t)
+        self.dumped = len(self.table)
 
     def fileno(self) -> int:
         return self._sock.fileno()
