@@ -16,13 +16,15 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.dns.flows import DnsFlowTable
 from collector.dns.wirejoin import DnsJoiningSink, DnsWireJoin, joining_sink
 from collector.pipeline import CollectorContext, run_pipeline
 from eastwest.clock import FakeClock
 from eastwest.drops import Drops
-from eastwest.record import Endpoint, FlowRecord, Tunnel
+from eastwest.record import DnsSummary, Endpoint, FlowRecord, Tunnel
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # FakeClock's start
 C, R, CPORT = "10.244.1.5", "10.244.2.3", 40000
@@ -339,3 +341,100 @@ def test_the_join_is_wired_only_when_both_captures_run():
     assert isinstance(joined, DnsJoiningSink) and joined.inner is sink
     assert joined.join.settle == timedelta(seconds=5.0 + MARGIN)
     assert joined.join.final_wait == timedelta(seconds=max(IDLE, QTIMEOUT) + 5.0 + MARGIN)
+
+
+# -- a simulation: many flows, both captures ticking on their own, records arriving late -------
+FLOW = st.tuples(
+    st.floats(0.0, 4.0),  # first query
+    st.integers(1, 4),  # queries
+    st.sampled_from([0.3, 0.8, 1.3]),  # between queries
+    st.booleans(),  # the last query never answered
+    st.booleans(),  # the wire sees the flow (else: same-host resolver)
+)
+
+
+def simulate(flows, dns_phase: float, jitter: list[float]) -> tuple[list, dict]:
+    """Each capture's records of `flows`, as they tick (DNS every INTERVAL from `dns_phase`,
+    the wire on multiples of it) and arrive (tick + a jitter): [(arrival, record)], and per
+    flow what must come out."""
+    events: list[tuple[float, int, FlowRecord]] = []
+    want = {}
+    j = itertools.cycle(jitter or [0.0])
+    for n, (first, nq, gap, lost, seen) in enumerate(flows):
+        port = 42000 + n
+        qs = [first + gap * i for i in range(nq)]
+        answers = [q + 0.05 for q in (qs[:-1] if lost else qs)]
+        last = max(qs + answers)
+        # the DNS capture: interim when something changed, final once idle max(idle, qtimeout)
+        dns_recs = []
+        reported = None
+        t = dns_phase
+        while True:
+            t += INTERVAL
+            if t < first:
+                continue
+            nq_t = sum(q <= t for q in qs)
+            na_t = sum(a <= t for a in answers)
+            to_t = sum(1 for q in qs if q <= t and q + 0.05 not in answers and t - q >= QTIMEOUT)
+            final = t - last >= max(IDLE, QTIMEOUT) and to_t == nq - len(answers)
+            state = (nq_t, na_t, to_t)
+            if state != reported or final:
+                s = DnsSummary(queries=nq_t, responses=na_t, timeouts=to_t,
+                               rcodes={"NOERROR": na_t} if na_t else {})
+                dns_recs.append((t, FlowRecord(
+                    record_id=nid(), collector="h1", source="wire", start=at(first),
+                    end=at(max(q for q in qs + answers if q <= t)), final=final,
+                    protocol="udp", family=4, client=Endpoint(C, port), server=Endpoint(R, 53),
+                    observer="path", bytes_c2s=40 * nq_t, bytes_s2c=60 * na_t,
+                    packets_c2s=nq_t, packets_s2c=na_t, dns=s)))
+                reported = state
+            if final:
+                break
+        events += [(t + next(j), 0, r) for t, r in dns_recs]
+        wire_recs = []
+        if seen:  # the underlay: ticks on multiples of the interval, final once idle `IDLE`
+            t, sent = 0.0, None
+            while True:
+                t += INTERVAL
+                pk = sum(x <= t for x in qs + answers)
+                if not pk:
+                    continue
+                if t - last > IDLE:
+                    wire_recs.append((t, wire(first, last, True, (nq, len(answers)), cport=port)))
+                    break
+                if pk != sent:
+                    wire_recs.append((t, wire(first, t, False, (sum(q <= t for q in qs),
+                                                                 sum(a <= t for a in answers)),
+                                              cport=port)))
+                    sent = pk
+            events += [(t + next(j), 1, r) for t, r in wire_recs]
+        want[("udp", C, port, R, 53)] = (seen, [r for _, r in dns_recs], [r for _, r in wire_recs])
+    events.sort(key=lambda e: (e[0], e[1]))
+    return [(t, r) for t, _, r in events], want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FLOW, min_size=1, max_size=6), st.floats(0.0, 0.99),
+       st.lists(st.floats(0.0, 0.5), max_size=7), st.booleans())
+def test_simulated_captures_give_one_stream_per_flow_with_the_final_dns(flows, phase, jitter,
+                                                                          wire_first):
+    events, want = simulate(flows, phase, jitter)
+    if wire_first:  # equal arrival times: the other capture's record first
+        events.sort(key=lambda e: (e[0], e[1].source != "vxlan"))
+    join, drops = joiner()
+    out: list[FlowRecord] = []
+    for t, r in events:
+        out += join.add([r], at(t))
+    out += join.flush()
+    assert drops.snapshot() == {}
+    for key, (seen, dns_recs, wire_recs) in want.items():
+        mine = [r for r in out if r.key == key]
+        finals = [r for r in mine if r.final]
+        assert len(finals) == 1 and mine[-1].final, (key, mine)
+        assert finals[0].dns == dns_recs[-1].dns  # the summary with every timeout
+        if seen:
+            assert {r.source for r in mine} == {"vxlan"}
+            assert {r.start for r in mine} == {wire_recs[0].start}
+            assert finals[0].packets_c2s == wire_recs[-1].packets_c2s
+        else:  # the DNS capture's own records, from the one held at the deadline on
+            assert mine == dns_recs[len(dns_recs) - len(mine):]
