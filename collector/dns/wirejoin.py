@@ -92,7 +92,9 @@ class DnsWireJoin:
     def add(self, records: list[FlowRecord], now: datetime) -> list[FlowRecord]:
         out: list[FlowRecord] = []
         for r in records:
-            if is_dns_record(r):
+            if r.dns is None and r.server.port != DNS_PORT:  # nearly every record: at once
+                out.append(r)
+            elif is_dns_record(r):
                 self._dns(r, now, out)
             elif is_wire_dns_flow(r):
                 self._wire(r, now, out)
