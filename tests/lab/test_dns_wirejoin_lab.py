@@ -19,6 +19,7 @@ import sys
 import time
 from collections import defaultdict
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,12 +40,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(proc: subprocess.Popen, metrics: str, timeout: float = 240.0) -> None:
+def wait_ready(proc: subprocess.Popen, metrics: str, log: Path, timeout: float = 240.0) -> None:
     """Until the probes drained once (their map gauge is on /metrics): BPF compiled, attached."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"the collector exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
+            pytest.fail(f"the collector exited {proc.returncode}: {log.read_text()}")
         try:
             if "eastwest_probe_map_entries" in httpx.get(metrics, timeout=2).text:
                 return
@@ -75,14 +76,17 @@ def test_each_dns_query_is_one_connection_with_its_dns_when_one_collector_has_bo
                "--aggregator", agg.url, "--ingest-token-file", str(token),
                "--spool-dir", str(tmp_path / "spool"), "--batch-age", "0.2",
                "--metrics-listen", f"127.0.0.1:{port}"]
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        log = tmp_path / "collector.err"
+        with open(log, "w") as errf:  # a file, not a pipe nobody reads while it runs
+            proc = subprocess.Popen(cmd, stderr=errf, text=True)
         try:
-            wait_ready(proc, f"http://127.0.0.1:{port}/metrics")
+            wait_ready(proc, f"http://127.0.0.1:{port}/metrics", log)
             truth = lab.traffic(duration=6.0, truth_path=tmp_path / "t.jsonl", seed=17, rate=25)
             time.sleep(1.0)  # the last packets read by both captures
         finally:
             proc.send_signal(signal.SIGTERM)  # every source flushes its finals, the join too
-            _, err = proc.communicate(timeout=180)
+            proc.wait(timeout=180)
+        err = log.read_text()
         assert proc.returncode == 0, err
         win = window_of(truth)
         flows = agg.get("/api/v1/flows", since=(ts(win["from"]) - timedelta(minutes=1)).isoformat(),
