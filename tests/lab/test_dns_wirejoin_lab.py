@@ -2,7 +2,7 @@
 VXLAN carries is captured twice by one collector (in the client's namespace and on the underlay),
 and must still be ONE connection at the aggregator.
 
-Lab `ewdnsj` (3 hosts, VXLAN, the lab's resolver pods on every host): the command runs for api's
+Lab `ewdnsj` (4 hosts, VXLAN; api and a resolver pod on two of them): the command runs for api's
 host (socket probes, the host's underlay, the DNS of the host's namespaces) and sends to a real
 aggregator. Every DNS query of the truth made on that host is in exactly one connection: observed
 by path and by the client's probe (and by the server's when the resolver is on the same host),
@@ -58,13 +58,16 @@ def wait_ready(proc: subprocess.Popen, metrics: str, log: Path, timeout: float =
 
 def test_each_dns_query_is_one_connection_with_its_dns_when_one_collector_has_both_captures(
         lab_factory, tmp_path):
-    lab = lab_factory(name="ewdnsj", hosts=3, pods_per_host=2)
+    # 4 hosts of 3 pods: api and a resolver on h2 and on h4; each api pod asks both resolvers
+    # in turn, its own host's (no overlay) and the other's (across the VXLAN)
+    lab = lab_factory(name="ewdnsj", hosts=4, pods_per_host=3)
     inv = lab.inventory
     api = next(p for p in inv["pods"] if p["service"] == "api")
     host = api["host"]
     netns = lab.host_netns(host)
     resolvers = [p for p in inv["pods"] if p["service"] == "resolver"]
     assert {p["host"] for p in resolvers} - {host}, "no resolver on another host"
+    assert host in {p["host"] for p in resolvers}, "no resolver on api's host"
     token = tmp_path / "ingest-token"
     token.write_text(INGEST)
     port = free_port()
