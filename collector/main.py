@@ -7,7 +7,9 @@ Wires the stages in one place. Sources:
   interfaces, tunnelled or plain (issue #18)
 Between the sources and the sink, `collector.natfold.NatFoldingSink` rewrites the records of
 translated connections (a Service's DNAT, a node's masquerade) to their real ends from conntrack
-(issue #16; `--no-nat` turns it off).
+(issue #16; `--no-nat` turns it off); then, when `--dns` runs beside a packet capture,
+`collector.dns.wirejoin.DnsJoiningSink` puts the DNS summary of a flow to a resolver onto the
+wire's records of that flow instead of sending a second path record stream (issue #17).
 - `collector.vxlan.PcapSource(ctx, path, args)`: a capture file (issue #4)
 
 Who this collector is (its id and spool folder, collector/identity.py) is decided first, once,
@@ -71,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     # the sink first: a spooling sink waits for a spool folder another collector still holds,
     # and that one still serves the --metrics-listen port until it exits
     sink = _make_sink(args, ctx, metrics, ident)
+    from collector.dns.wirejoin import joining_sink
+
+    # one path stream per DNS flow: the DNS capture's summary onto the wire's records
+    sink = joining_sink(sink, sources, ctx)
     from collector.natfold import NatFoldingSink, folder_for
 
     folder = folder_for(args)  # Service calls: records keyed by the backend (conntrack)

@@ -3,7 +3,9 @@ GET /api/v1/flows/stream (the same filters, live, as Server-Sent Events).
 
 In: filters of eastwest.filters (from_workload, to_workload, workload, namespace, ip, from_ip,
 to_ip, port, to_port, protocol, outcome, observer, vni, each repeatable and negatable with a
-`not_` prefix), since/until, sort, limit, cursor. Out: flows as docs/api.md defines them.
+`not_` prefix), since/until, sort, limit, cursor; on the stored flows also the DNS filters of the
+graph (`dns_name`, `dns_rcode`: eastwest/dns_filter.py, on each flow's `dns`). Out: flows as
+docs/api.md defines them.
 The one `Filter` goes to the store in a typed query (aggregator/store/query.py) and matches in
 memory for the stream.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -29,6 +32,7 @@ from aggregator.api.params import (
     LINK_LOCAL_HELP,
     check_names,
     choice,
+    dns_filter,
     positive_int,
     query_filter,
     service_names,
@@ -36,10 +40,13 @@ from aggregator.api.params import (
 from aggregator.api.state import reader
 from aggregator.api.views import ROW_COLUMNS, filter_view, flow_json
 from aggregator.auth import require_read
-from aggregator.dns_flows import dns_of_rows, with_dns
+from aggregator.dns_flows import DnsOfRow, dns_of_rows, with_dns
+from aggregator.dns_names import DNS_PORT
+from aggregator.store.base import ReadStore
 from aggregator.store.query import SORT_KEYS, ConnectionQuery, Cursor, Sort
+from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.errors import ConfigError
-from eastwest.filters import parse_time
+from eastwest.filters import Clause, Filter, parse_time
 
 router = APIRouter(dependencies=[Depends(require_read)])
 SORT_CHOICES = tuple(s for k in SORT_KEYS for s in (k, f"-{k}"))
@@ -68,6 +75,36 @@ def _decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
     return value, conn_id
 
 
+def _sort_value(row: dict[str, Any], key: str) -> Any:
+    return {"start": row["start_ts"], "last_seen": row["last_seen"],
+            "bytes": row["bytes_c2s"] + row["bytes_s2c"], "client_workload": row["client_wid"],
+            "server_workload": row["server_wid"]}[key]
+
+
+def _dns_matching(store: ReadStore, q: ConnectionQuery, dnsf: DnsEdgeFilter, size: int,
+                  ) -> tuple[list[dict[str, Any]], list[DnsOfRow], bool]:
+    """`dns_name`/`dns_rcode`: up to `size` rows of `q` whose `dns` matches (eastwest/dns_filter.py,
+    as the graph's edges), and whether there are more. Only flows to port 53 carry DNS: the
+    store is asked for those, page after page in the query's order, until `size` + 1 matched or
+    the rows ended (the cursor of the next page is the last row returned, so none is skipped)."""
+    q = dataclasses.replace(q, filter=Filter([*q.filter.clauses, Clause("to_port", (DNS_PORT,))],
+                                             q.filter.link_local))
+    rows: list[dict[str, Any]] = []
+    extras: list[DnsOfRow] = []
+    while True:
+        page = store.connections(q)
+        for r, x in zip(page, dns_of_rows(store, page), strict=True):
+            if dnsf.matches(x.dns):
+                rows.append(r)
+                extras.append(x)
+                if len(rows) > size:
+                    return rows[:size], extras[:size], True
+        if len(page) < q.limit:
+            return rows, extras, False
+        last = page[-1]
+        q = dataclasses.replace(q, cursor=Cursor(_sort_value(last, q.sort.key), last["conn_id"]))
+
+
 @router.get("/api/v1/flows", summary="Correlated connections (one per connection), filtered and paginated")
 def flows(request: Request,
           since: str | None = Query(None, description=f"last seen at or after: {TIME_HELP}"),
@@ -76,9 +113,17 @@ def flows(request: Request,
                             "server_workload; a leading - sorts descending"),
           limit: str | None = Query(None, description=f"page size, 1..{MAX_PAGE} (default 100)"),
           cursor: str | None = Query(None, description="next_cursor of the previous page"),
-          link_local: str | None = Query(None, description=LINK_LOCAL_HELP)) -> dict[str, Any]:
-    check_names(request, {"since", "until", "sort", "limit", "cursor"}, filters=True)
+          link_local: str | None = Query(None, description=LINK_LOCAL_HELP),
+          dns_name: str | None = Query(None, description="only flows to a resolver that asked a "
+                                       "name matching this glob (*.example.com); repeatable"),
+          dns_rcode: str | None = Query(None, description="only flows to a resolver that got "
+                                        "this response code (nxdomain, servfail, ..., or "
+                                        "timeout); repeatable; with dns_name: a matching name "
+                                        "got it")) -> dict[str, Any]:
+    check_names(request, {"since", "until", "sort", "limit", "cursor", "dns_name", "dns_rcode"},
+                filters=True)
     flt = query_filter(request)
+    dnsf = dns_filter(request)
     sort = choice("sort", sort, SORT_CHOICES)
     key = sort.lstrip("-")
     size = positive_int("limit", limit, 100, MAX_PAGE)
@@ -87,18 +132,18 @@ def flows(request: Request,
         until=parse_time("until", until) if until is not None else None,
         sort=Sort.parse(sort), cursor=Cursor(*_decode_cursor(cursor, key)) if cursor else None,
         limit=size + 1, columns=tuple(ROW_COLUMNS))
-    rows = reader(request).connections(q)
-    more = len(rows) > size
-    rows = rows[:size]
+    if dnsf.empty:
+        rows = reader(request).connections(q)
+        more = len(rows) > size
+        rows = rows[:size]
+        extras = dns_of_rows(reader(request), rows)
+    else:
+        rows, extras, more = _dns_matching(reader(request), q, dnsf, size)
     nxt = None
     if more and rows:
         last = rows[-1]
-        sv = {"start": last["start_ts"], "last_seen": last["last_seen"],
-              "bytes": last["bytes_c2s"] + last["bytes_s2c"], "client_workload": last["client_wid"],
-              "server_workload": last["server_wid"]}[key]
-        nxt = _encode_cursor(sv, last["conn_id"])
+        nxt = _encode_cursor(_sort_value(last, key), last["conn_id"])
     names = service_names(request)
-    extras = dns_of_rows(reader(request), rows)
     return {"flows": [with_dns(flow_json(r, names), x) for r, x in zip(rows, extras, strict=True)],
             "count": len(rows), "next_cursor": nxt,
             "filter": str(flt), "sort": sort}

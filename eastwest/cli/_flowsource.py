@@ -212,10 +212,11 @@ def _row_of_line(line: str, name: Namer | None = None) -> FlowRow:
         raise
 
 
-def api_flows(client: ApiClient, spec: FilterSpec, limit: int,
-              sort: str = "-start") -> Iterator[FlowRow]:
-    """Stored flows, following the API's cursor until `limit` rows (0: all) or the end."""
-    params: list[tuple[str, str | int]] = [*spec.query_params(), ("sort", sort)]
+def api_flows(client: ApiClient, spec: FilterSpec, limit: int, sort: str = "-start",
+              extra: Iterable[tuple[str, str]] = ()) -> Iterator[FlowRow]:
+    """Stored flows, following the API's cursor until `limit` rows (0: all) or the end;
+    `extra`: more query parameters (the DNS filters' `dns_name`, `dns_rcode`)."""
+    params: list[tuple[str, str | int]] = [*spec.query_params(), *extra, ("sort", sort)]
     cursor: str | None = None
     got = 0
     while True:

@@ -79,7 +79,9 @@ def register(sub: Any) -> None:
                    help="watch DNS (port 53, UDP and TCP) of this network namespace (all its "
                    "interfaces; NETNS/IF: one interface; /IF: this namespace's); `scoped`: every "
                    "--netns given by name; repeatable; records of flows to resolvers carry a dns "
-                   "summary (docs/flow-record.md)")
+                   "summary (docs/flow-record.md); a flow the underlay capture also sees gets "
+                   "it on the underlay's records: one path record stream per flow "
+                   "(docs/collector.md, DNS)")
     g.add_argument("--dns-timeout", type=float, default=5.0, metavar="S",
                    help="a DNS query without an answer for S seconds counts as a timeout (default 5)")
     g.add_argument("--dns-top-names", type=int, default=10, metavar="N",

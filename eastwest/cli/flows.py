@@ -24,9 +24,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from eastwest.cli._common import add_connection_flags, add_output_flags, results
+from eastwest.cli._dnsflags import add_dns_flags, dns_filter_of, kept
 from eastwest.cli._filterflags import FILTER_HELP, FilterSpec, add_filter_flags, filter_spec
 from eastwest.cli._flowprint import FlowPrinter
 from eastwest.cli._flowrow import FlowRow
+from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.errors import ConfigError, EastwestError
 from eastwest.output import to_json_text
 
@@ -51,6 +53,8 @@ examples:
   eastwest collector --stdout | eastwest flows --input-file - --observer client
   eastwest flows --input-file incident.pcap --port 443    the flows of a capture file
   eastwest flows --to-workload db --not --port 5432 --print-filter
+  eastwest flows --dns-rcode nxdomain --since 1h       lookups of names that do not exist
+  eastwest flows --dns-name '*.example.com' --dns-rcode timeout   unanswered example.com lookups
 
 --input-file reads flow records (one JSON object a line, as `eastwest collector --stdout`
 writes them; docs/flow-record.md) and prints one line per record, as its observer saw it; the
@@ -90,6 +94,7 @@ def register(sub: Any) -> None:
                    "--follow or --input-file, which print flows as they come)")
     g.add_argument("--print-filter", action="store_true",
                    help="print the compiled filter (and the API query it becomes) and exit")
+    add_dns_flags(p)
     add_output_flags(p, FORMATS)
     add_connection_flags(p)
     p.set_defaults(func=run)
@@ -97,6 +102,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = filter_spec(args)
+    dns = dns_filter_of(args)
     if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit", args.limit, "must be >= 0 (0 = no limit)")
     if args.follow and args.input_file:
@@ -113,39 +119,54 @@ def run(args: argparse.Namespace) -> int:
     if args.follow and args.output == "json":
         raise ConfigError("--output", "json", "a JSON document never ends with --follow; use "
                           "-o jsonl (one object a line)")
+    if args.follow and not dns.empty:
+        raise ConfigError("--dns-name" if dns.names else "--dns-rcode",
+                          (dns.names or dns.rcodes)[0], "filters stored flows and files; the "
+                          "live stream (--follow) carries no DNS summary")
     if args.print_filter:
-        print_filter(sys.stdout, spec, args.output)
+        print_filter(sys.stdout, spec, args.output, dns.query_params())
         return 0
     live = args.follow or args.input_file == "-"  # streams: each flow printed as it arrives
     with results(args, live=live) as (out, color):
         printer = FlowPrinter(args.output, out, color, streaming=live)
         if args.input_file:
-            return _from_file(args, spec, printer)
+            return _from_file(args, spec, printer, dns)
         limit = args.limit if args.limit is not None else (0 if args.follow else API_LIMIT_DEFAULT)
         from eastwest.cli._common import client_from_args
         from eastwest.cli._flowsource import api_flows, api_follow
 
         with client_from_args(args) as client:
             rows = (api_follow(client, spec, limit) if args.follow
-                    else api_flows(client, spec, limit, args.sort or SORT_DEFAULT))
+                    else api_flows(client, spec, limit, args.sort or SORT_DEFAULT,
+                                   dns.query_params()))
             printer.print_all(_limited(rows, limit))
     if printer.count == 0 and not args.follow:
         print(f"eastwest flows: no flows match {spec.filter}", file=sys.stderr)
     return 0
 
 
-def print_filter(out: TextIO, spec: FilterSpec, fmt: str) -> None:
-    if fmt in ("json", "jsonl"):
-        out.write(to_json_text(spec.describe(), indent=2 if fmt == "json" else None) + "\n")
-        return
+def print_filter(out: TextIO, spec: FilterSpec, fmt: str,
+                 dns: list[tuple[str, str]] | None = None) -> None:
+    """The filter, the window, and the API query they become (`dns`: the DNS flags' parameters)."""
     d = spec.describe()
+    if dns:
+        d = {**d, "dns": [{"param": k, "value": v} for k, v in dns],
+             "query": [*d["query"], *dns]}
+    if fmt in ("json", "jsonl"):
+        out.write(to_json_text(d, indent=2 if fmt == "json" else None) + "\n")
+        return
     out.write(f"filter: {d['filter']}\n")
+    if dns:
+        out.write("dns:    " + " AND ".join(
+            " OR ".join(f"{k}={v}" for k, v in dns if k == p)
+            for p in ("dns_name", "dns_rcode") if any(k == p for k, _ in dns)) + "\n")
     out.write(f"since:  {d['since'] or '(stored start)'}\nuntil:  {d['until'] or '(now)'}\n")
     query = "&".join(f"{k}={v}" for k, v in d["query"])
     out.write(f"api:    GET /api/v1/flows?{query}\n" if query else "api:    GET /api/v1/flows\n")
 
 
-def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter) -> int:
+def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter,
+               dns: DnsEdgeFilter) -> int:
     """Print the file's matching records; a line that is not a record is named on stderr and
     skipped, and makes the exit status 1 (the good records are printed all the same). A file
     in which no line is a record fails whole: nothing printed. A workload or namespace filter
@@ -167,9 +188,10 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
     try:
         if args.input_file == "-":
             printer.print_all(report.records_or_fail(
-                _limited(file_rows(sys.stdin, spec, report, name), limit)))
+                _limited(kept(file_rows(sys.stdin, spec, report, name), dns), limit)))
         elif is_capture(args.input_file):  # pcap / pcapng: decoded as the collector does
-            printer.print_all(_limited(capture_rows(args.input_file, spec, report, name), limit))
+            printer.print_all(_limited(kept(capture_rows(args.input_file, spec, report, name),
+                                            dns), limit))
         else:
             try:
                 fh = open(args.input_file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
@@ -177,7 +199,7 @@ def _from_file(args: argparse.Namespace, spec: FilterSpec, printer: FlowPrinter)
                 raise EastwestError(f"--input-file {args.input_file}: {exc.strerror}") from None
             with fh:
                 printer.print_all(report.records_or_fail(
-                    _limited(file_rows(fh, spec, report, name), limit)))
+                    _limited(kept(file_rows(fh, spec, report, name), dns), limit)))
     finally:
         for line in report.messages(BAD_LINES_SHOWN):
             print(f"eastwest flows: {line}", file=sys.stderr)

@@ -31,11 +31,13 @@ class DnsHostCollector(HostCollector):
         self.dns = DnsSource(self.ctx, dns, interval=0.5, idle_timeout=1.0, query_timeout=2.0)
 
     def _run(self) -> None:
+        from collector.dns.wirejoin import joining_sink
         from collector.pipeline import run_pipeline
 
-        try:
-            run_pipeline([self.socket, self.vxlan, self.dns], self.sink, stop=self.stop_event,
-                         handle_signals=False)
+        sources = [self.socket, self.vxlan, self.dns]
+        try:  # as collector/main.py wires it: the DNS onto the underlay's records of a flow
+            run_pipeline(sources, joining_sink(self.sink, sources, self.ctx),
+                         stop=self.stop_event, handle_signals=False)
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.errors.append(exc)
             self.socket.ready.set()
