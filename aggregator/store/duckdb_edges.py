@@ -17,14 +17,16 @@ observer sets, an observer set or protocol outside those sets) are detailed by a
 query and rewritten.
 
 The Service view (`group_by=service`, aggregator/service_view.py) is grouped here too, in the
-same one query: the window's connections joined (a hash join) to the query's Service addresses
-(the Arrow table `_svc`, registered on the cursor, which brings each Service's `service` object
-as JSON) are grouped by (client, server end) like the workload view's; a second, two-counter
-grouping of the Service calls per backend gives each Service edge its `backends`; DuckDB writes
-both into the edge's JSON (aggregator/store/service_edges.py has the rules). No Python runs per
-edge. (Tried and slower: grouping by (client, server, dialled address) first and adding those
-groups up per Service, 1.2x; the `service` objects aggregated in SQL, an ordered `string_agg`
-per backend list, a VALUES list instead of the Arrow table.)
+same one query: the window's connections are grouped by (client, server workload, dialled
+address) with the workload view's aggregates (one scan, no join per connection); those few
+groups are joined (a hash join) to the query's Service addresses (the Arrow table `_svc`,
+registered on the cursor, which brings each Service's `service` object as JSON) and the groups
+of one (client, Service node) added up (`_REAGGREGATE`), while the groups of the calls that
+dialled no Service already are their edges; the same joined groups, added up per backend, give
+each Service edge its `backends`. DuckDB writes both into the edge's JSON
+(aggregator/store/service_edges.py has the rules): no Python runs per edge. (Measured slower,
+docs/benchmarks.md: the join per connection, 1.3-1.4x this query at 10M stored connections;
+the `service` objects aggregated in SQL; an ordered `string_agg` per backend list.)
 """
 
 from __future__ import annotations
@@ -148,6 +150,18 @@ def _count_aggregates() -> str:
 
 
 _COUNT_AGGREGATES = _count_aggregates()
+# each column of `_COUNT_AGGREGATES` -> how the values of several groups add up to their union's
+# (a count or sum: summed; a bound: its min/max; bit sets: or-ed; texts: joined)
+_REAGGREGATE = {
+    **dict.fromkeys(("n", "opened", "active", "closed", "failed", "reset", "byte_mismatches",
+                     "incomplete", "rtt_n", "packets_n_c2s", "packets_n_s2c"),
+                    "sum({0})::BIGINT"),
+    **dict.fromkeys(("rtt_sum", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
+                     "conn_packets_c2s", "conn_packets_s2c", "dropped"), "sum({0})"),
+    **dict.fromkeys(("rtt_min", "first_us", "port_lo"), "min({0})"),
+    **dict.fromkeys(("rtt_max", "last_us", "port_hi"), "max({0})"),
+    "obs": "bit_or({0})", "protos": "bit_or({0})", "drop_text": "string_agg({0}, ',')",
+}
 
 
 def _address_text(ip: str, port: str) -> str:
@@ -157,9 +171,9 @@ def _address_text(ip: str, port: str) -> str:
 
 
 def _service_ctes(where: str) -> str:
-    """The Service view's CTEs: `c` (the edges' counts, as `_counts_sql`'s, with `svc`: whether
-    the edge's server end is a Service, and its `service` JSON) and `bj` (per Service edge its
-    `backends` JSON)."""
+    """The Service view's CTEs (the module docstring): `c` (the edges' counts, as `_counts_sql`'s,
+    with `svc`: whether the edge's server end is a Service, its name and its `service` JSON) and
+    `bj` (per Service edge its `backends` JSON)."""
     backend = ("concat('{\"id\":', to_json(b.wid), ',\"name\":', to_json(coalesce(w.name, b.wid)), "
                "',\"namespace\":', coalesce(to_json(w.namespace)::VARCHAR, 'null'), "
                "',\"kind\":', coalesce(to_json(w.kind)::VARCHAR, 'null'), "
@@ -169,21 +183,30 @@ def _service_ctes(where: str) -> str:
     unlisted = ("concat('{\"id\":', to_json(dst)::VARCHAR, ',\"name\":null,\"namespace\":null,"
                 "\"addresses\":[', to_json(" + _address_text("service_ip", "service_port")
                 + ")::VARCHAR, ']}')")
-    return f"""WITH c AS (
-      SELECT client_wid AS src, {SERVICE_DST} AS dst, {_COUNT_AGGREGATES},
-        bool_or(service_ip IS NOT NULL) AS svc, any_value(_svc_name) AS svc_name,
-        any_value(_svc_namespace) AS svc_namespace,
-        any_value(CASE WHEN service_ip IS NULL THEN NULL
-                       ELSE coalesce(_svc_json, {unlisted}) END) AS service
-      FROM connections{_SVC_JOIN}
+    readd = ", ".join(f"{f.format(k)} AS {k}" for k, f in _REAGGREGATE.items())
+    return f"""WITH c0 AS (
+      SELECT client_wid, server_wid, service_ip, service_port, {_COUNT_AGGREGATES}
+      FROM connections
       WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
-      GROUP BY 1, 2),
+      GROUP BY 1, 2, 3, 4),
+    m AS (
+      SELECT c0.*, client_wid AS src, {SERVICE_DST} AS dst, _svc_name AS svc_name,
+        _svc_namespace AS svc_namespace,
+        coalesce(_svc_json, {unlisted}) AS service
+      FROM c0{_SVC_JOIN}
+      WHERE service_ip IS NOT NULL),
+    c AS (
+      SELECT client_wid AS src, server_wid AS dst, c0.* EXCLUDE (client_wid, server_wid, service_ip, service_port),
+        false AS svc, NULL::VARCHAR AS svc_name, NULL::VARCHAR AS svc_namespace,
+        NULL::VARCHAR AS service
+      FROM c0 WHERE service_ip IS NULL
+      UNION ALL BY NAME
+      SELECT src, dst, {readd}, true AS svc, any_value(svc_name) AS svc_name,
+        any_value(svc_namespace) AS svc_namespace, any_value(service) AS service
+      FROM m GROUP BY 1, 2),
     b AS (
-      SELECT client_wid AS src, {SERVICE_DST} AS dst, server_wid AS wid, count(*) AS n,
-        count(*) FILTER (WHERE start_ts >= $1) AS opened
-      FROM connections{_SVC_JOIN}
-      WHERE start_ts < $2 AND last_seen >= $1 AND service_ip IS NOT NULL AND ({where})
-      GROUP BY 1, 2, 3),
+      SELECT src, dst, server_wid AS wid, sum(n)::BIGINT AS n, sum(opened)::BIGINT AS opened
+      FROM m GROUP BY 1, 2, 3),
     bj AS (  -- sorted by id: a list of (id, JSON) sorted, then joined (an ordered string_agg
              -- sorts per group, several times slower)
       SELECT src, dst, concat('[', array_to_string(list_transform(
