@@ -22,7 +22,12 @@ from aggregator.store.clickhouse_schema import BOOL_COLUMNS, TIME_COLUMNS
 from aggregator.store.derived import CONN_DECODER, ROLLUP_COUNTERS
 from aggregator.store.duckdb_derived import SHOWN, fold_edges
 from aggregator.store.query import ConnectionQuery, EdgeQuery
-from aggregator.store.service_edges import address, backend_object, node_attrs, service_object
+from aggregator.store.service_edges import (
+    backend_object,
+    node_attrs,
+    service_objects,
+    unlisted_object,
+)
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
     ROLLUP_FILTER_COLUMNS,
@@ -161,9 +166,7 @@ class ClickHouseQueries:
         from aggregator.graph_edges import columns_of_rows
 
         named = {a.node: (a.name, a.namespace) for a in q.services}
-        addrs: dict[str, set[str]] = {}
-        for a in q.services:
-            addrs.setdefault(a.node, set()).add(address(a.ip, a.port))
+        objects = service_objects(q.services)
         served = self.service_backends(q)
         svc_edges = {(r["src"], r["dst"]) for r in served}
         for r in counts:
@@ -180,8 +183,7 @@ class ClickHouseQueries:
         texts = []
         for src, dst, text in zip(cols["src"], cols["dst"], cols["json"], strict=True):
             listed = backends.get((src, dst))
-            service = None if listed is None else service_object(
-                dst, *named.get(dst, (None, None)), addrs.get(dst, set()))
+            service = None if listed is None else objects.get(dst) or unlisted_object(dst)
             texts.append(f'{text[:-1]},"service":{enc.encode(service).decode()},'
                          f'"backends":{enc.encode(listed or []).decode()}}}')
         cols["json"] = texts

@@ -35,9 +35,12 @@ _enc = msgspec.json.Encoder()
 def service_objects(services: tuple[ServiceAddress, ...]) -> dict[str, dict[str, Any]]:
     """Per Service node of `services`, its `service` object (its addresses among them)."""
     addrs: dict[str, set[str]] = {}
+    named: dict[str, ServiceAddress] = {}
     for a in services:
         addrs.setdefault(a.node, set()).add(address(a.ip, a.port))
-    return {a.node: service_object(a.node, a.name, a.namespace, addrs[a.node]) for a in services}
+        named.setdefault(a.node, a)
+    return {node: service_object(node, a.name, a.namespace, addrs[node])
+            for node, a in named.items()}
 
 
 def service_arrow(services: tuple[ServiceAddress, ...]) -> pa.Table:
@@ -68,6 +71,13 @@ def node_attrs(node: str, name: str | None, namespace: str | None) -> tuple[str,
 def service_object(node: str, name: str | None, namespace: str | None,
                    addresses: set[str]) -> dict[str, Any]:
     return {"id": node, "name": name, "namespace": namespace, "addresses": sorted(addresses)}
+
+
+def unlisted_object(node: str) -> dict[str, Any]:
+    """The `service` of a node `svc:<ip>:<port>` whose address the query did not list (a
+    connection stored after the query listed the window's addresses): unnamed, that address."""
+    ip, _, port = node[len(PREFIX):].rpartition(":")
+    return service_object(node, None, None, {address(ip, int(port))})
 
 
 def backend_object(wid: str, workload: dict[str, Any] | None, n: int, opened: int

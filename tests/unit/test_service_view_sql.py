@@ -256,3 +256,40 @@ def test_more_generated_windows_on_duckdb(tmp_path, seed):
         assert got_nodes == want_nodes
     finally:
         s.close()
+
+
+def test_an_address_the_query_does_not_list_is_its_own_unnamed_node(backend):
+    """A connection stored after the view listed the window's dialled addresses (here: one
+    address left out of the query) still lands on exactly one edge: `svc:<ip>:<port>`."""
+    from dataclasses import replace
+
+    from aggregator.graph_edges import GraphData
+    from aggregator.service_view import service_query
+
+    s = fill(backend, generated(seed=5, n=80))
+    try:
+        store = s.read()
+        q = service_query(store, WINDOW.since, WINDOW.until, Filter(),
+                          ServiceNames(IdentityResolver(MAP)))
+        assert ("10.96.0.20", 443) in {(a.ip, a.port) for a in q.services}
+        partial = replace(q, services=tuple(a for a in q.services if a.port != 443))
+        docs = [json.loads(GraphData.of_columns(store.edges(x), WINDOW.since, WINDOW.until,
+                                                "service", "connections", "").json_bytes())
+                for x in (q, partial)]
+        full, left = ({(e["source"], e["target"]): e for e in d["edges"]} for d in docs)
+        moved = {k: e for k, e in left.items() if k[1] == "svc:10.96.0.20:443"}
+        assert moved and {k[0] for k in moved} == {
+            k[0] for k in full if k[1] == "svc:shop/web-tls"}
+        for (src, _), e in moved.items():
+            was = full[(src, "svc:shop/web-tls")]
+            assert e["service"] == {"id": "svc:10.96.0.20:443", "name": None, "namespace": None,
+                                    "addresses": ["10.96.0.20:443"]}
+            assert (e["backends"], e["connections_opened"]) == (was["backends"],
+                                                                was["connections_opened"])
+        nodes = {n["id"]: n for n in docs[1]["nodes"]}
+        assert (nodes["svc:10.96.0.20:443"]["name"], nodes["svc:10.96.0.20:443"]["kind"]) == (
+            "10.96.0.20:443", "Service")
+        for k in ("connections_opened", "connections_active", "bytes_c2s"):
+            assert sum(e[k] for e in full.values()) == sum(e[k] for e in left.values())
+    finally:
+        s.close()
