@@ -51,7 +51,7 @@ def groups(q: EdgeQuery) -> tuple[str, str]:
     service_edges.py; its Services are the parameters `service_params(q)`)."""
     if q.group_by == "service":
         # transform(): a lookup of `ip port` in the query's Services ('' when absent)
-        mapped = ("nullIf(transform(concat(service_ip, ' ', toString(service_port)), "
+        mapped = ("nullIf(transform(concat(service_ip, ' ', toString(ifNull(service_port, 0))), "
                   "%(svc_keys)s, %(svc_nodes)s, ''), '')" if q.services else "NULL")
         return "client_wid", (
             "if(isNull(service_ip), server_wid, ifNull(" + mapped + ", concat('svc:', "

@@ -87,8 +87,9 @@ GROUPS = {
 # Service, else the dialled address's Service node (`_svc_node` of the joined `_svc`), else
 # `svc:<ip>:<port>` (an address the query's Services do not list)
 SERVICE_DST = ("CASE WHEN service_ip IS NULL THEN server_wid ELSE coalesce(_svc_node, "
-               "concat('svc:', service_ip, ':', CAST(service_port AS VARCHAR))) END")
-_SVC_JOIN = (f" LEFT JOIN {SERVICE_TABLE} ON _svc_ip = service_ip AND _svc_port = service_port")
+               "concat('svc:', service_ip, ':', CAST(coalesce(service_port, 0) AS VARCHAR))) END")
+_SVC_JOIN = (f" LEFT JOIN {SERVICE_TABLE} ON _svc_ip = service_ip "
+             "AND _svc_port = coalesce(service_port, 0)")
 
 
 def groups(q: EdgeQuery) -> tuple[str, str]:
@@ -181,7 +182,8 @@ def _service_ctes(where: str) -> str:
     # a Service's `service` object comes with its addresses in `_svc`; an address `_svc` lacks
     # (a connection stored since the query listed the window's addresses) is its own node
     unlisted = ("concat('{\"id\":', to_json(dst)::VARCHAR, ',\"name\":null,\"namespace\":null,"
-                "\"addresses\":[', to_json(" + _address_text("service_ip", "service_port")
+                "\"addresses\":[', to_json(" + _address_text("service_ip",
+                                                               "coalesce(service_port, 0)")
                 + ")::VARCHAR, ']}')")
     readd = ", ".join(f"{f.format(k)} AS {k}" for k, f in _REAGGREGATE.items())
     return f"""WITH c0 AS (
