@@ -14,7 +14,9 @@ Out:
   (`svc:<ip>:<port>` when no layer names the address), and that edge lists the backends that
   served its connections (`backends`: workload, connections); a connection that dialled no
   Service stays on its workload -> workload edge. Every connection is on exactly one edge, so
-  the two views count the same connections, bytes and failures;
+  the two views count the same connections, bytes and failures. The grouping is the store's,
+  in its SQL (aggregator/store/service_edges.py): here the window's dialled addresses (one
+  small query) are named, and the store groups with those names;
 - `resolve_filter`: `to_service=namespace/name` -> the Service's addresses (a 400 naming the
   value when no layer knows it).
 """
@@ -22,15 +24,13 @@ Out:
 from __future__ import annotations
 
 import ipaddress
-from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from aggregator.graph_edges import GraphData
-from aggregator.store.query import EdgeQuery
+from aggregator.store.query import EdgeQuery, ServiceAddress
+from aggregator.store.service_edges import PREFIX, unnamed_node
 from eastwest.errors import ConfigError
 from eastwest.filters import Clause, Filter, ServiceRef
 
@@ -38,11 +38,8 @@ if TYPE_CHECKING:
     from aggregator.identity import IdentityResolver
     from aggregator.store.base import ReadStore
 
-_enc = msgspec.json.Encoder()
-PREFIX = "svc:"
-# what `ReadStore.service_calls` answers, one row per (client, dialled address, backend)
-SERVICE_CALL_COLUMNS = ("src", "service_ip", "service_port", "wid", "n", "opened", "name",
-                        "namespace", "kind")
+__all__ = ["PREFIX", "ServiceNames", "flow_service", "resolve_filter", "service_graph",
+           "service_query"]
 
 
 class ServiceNames:
@@ -119,70 +116,23 @@ def flow_service(names: ServiceNames | None, ip: str | None, port: int | None,
     return None if ref is None else {"namespace": ref.namespace, "name": ref.name}
 
 
+def service_query(store: ReadStore, since: datetime, until: datetime, flt: Filter,
+                  names: ServiceNames | None) -> EdgeQuery:
+    """The Service view's query: the window's dialled addresses, each with its Service node
+    (named at the window's end, or now for a window that has not ended)."""
+    q = EdgeQuery(since, until, "service", flt)
+    at = min(until, datetime.now(UTC))
+    services = []
+    for ip, port in store.service_addresses(q):
+        ref = names.name_of(ip, port, at) if names is not None else None
+        services.append(ServiceAddress(ip, port, unnamed_node(ip, port)) if ref is None else
+                        ServiceAddress(ip, port, f"{PREFIX}{ref}", ref.name, ref.namespace))
+    return replace(q, services=tuple(services))
+
+
 def service_graph(store: ReadStore, since: datetime, until: datetime, flt: Filter,
                   names: ServiceNames | None) -> GraphData:
     """The window's graph grouped by Service (the module docstring), before the cardinality
-    budget (aggregator/graph.py folds it)."""
-    calls = store.service_calls(EdgeQuery(since, until, "service", flt))
-    at = min(until, datetime.now(UTC))
-    node_of: dict[tuple[str, int], str] = {}
-    refs: dict[str, ServiceRef | None] = {}
-    for ip, port in sorted({(r["service_ip"], int(r["service_port"] or 0)) for r in calls}):
-        ref = names.name_of(ip, port, at) if names is not None else None
-        nid = f"{PREFIX}{ref}" if ref is not None else f"{PREFIX}{ip}:{port}"
-        node_of[(ip, port)] = nid
-        refs[nid] = ref
-    index = {nid: i for i, nid in enumerate(sorted(refs))}
-    by_index = {i: nid for nid, i in index.items()}
-    q = EdgeQuery(since, until, "service", flt,
-                  tuple((ip, port, index[nid]) for (ip, port), nid in sorted(node_of.items())))
-    data = GraphData.of_columns(store.edges(q), since, until, "service", "connections", str(flt))
-    # per (client, Service node): its addresses and its backends' connections
-    addrs: dict[str, set[str]] = defaultdict(set)
-    backends: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in calls:
-        port = int(r["service_port"] or 0)
-        nid = node_of[(r["service_ip"], port)]
-        host = f"[{r['service_ip']}]" if ":" in r["service_ip"] else r["service_ip"]
-        addrs[nid].add(f"{host}:{port}")
-        b = backends[(r["src"], nid)].setdefault(r["wid"], {
-            "id": r["wid"], "name": r["name"], "namespace": r["namespace"], "kind": r["kind"],
-            "connections": 0, "connections_opened": 0})
-        b["connections"] += int(r["n"])
-        b["connections_opened"] += int(r["opened"])
-
-    def rename(n: str) -> str:
-        return by_index[int(n[4:])] if n.startswith("svc#") else n
-
-    nodes = {}
-    for n, attrs in data.nodes.items():
-        nid = rename(n)
-        if nid.startswith(PREFIX):
-            ref = refs.get(nid)
-            attrs = ((ref.name, ref.namespace, "Service") if ref is not None
-                     else (nid[len(PREFIX):], None, "Service"))
-        nodes[nid] = attrs
-    # the edges' JSON as DuckDB (or columns_of_rows) wrote it, extended by splicing: no decode
-    # of the 10,000 edges (`"target":"svc#3"` appears once: any quote inside `source` is escaped)
-    plain = ',"service":null,"backends":[]}'
-    service_json: dict[str, tuple[str, str]] = {}
-    edges = []
-    for src, dst, text, weight, first, last in data.edges:
-        if not dst.startswith("svc#"):
-            edges.append((src, dst, text[:-1] + plain, weight, first, last))
-            continue
-        nid = rename(dst)
-        if nid not in service_json:  # once per Service, not per edge
-            ref = refs.get(nid)
-            service_json[nid] = (_enc.encode(nid).decode(), _enc.encode({
-                "id": nid, "name": ref.name if ref else None,
-                "namespace": ref.namespace if ref else None,
-                "addresses": sorted(addrs.get(nid, ()))}).decode())
-        target, service = service_json[nid]
-        served = sorted(backends.get((src, nid), {}).values(), key=itemgetter("id"))
-        text = text.replace(f'"target":"{dst}"', '"target":' + target, 1)
-        edges.append((src, nid, f'{text[:-1]},"service":{service},'
-                                f'"backends":{_enc.encode(served).decode()}}}', weight, first,
-                      last))
-    data.nodes, data.edges = nodes, sorted(edges, key=itemgetter(0, 1))
-    return data
+    budget (aggregator/graph.py folds it): grouped, counted and written by the store."""
+    q = service_query(store, since, until, flt, names)
+    return GraphData.of_columns(store.edges(q), since, until, "service", "connections", str(flt))

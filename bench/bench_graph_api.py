@@ -18,7 +18,9 @@ machine is shared.
 the connections of 3 of every 4 (client, server) pairs dialled the server workload's Service (a
 ClusterIP of 10.96.0.0/16, one per workload, named in the workload map's `services` section), so
 7,500 of the 10,000 edges end at a Service and list its backends. The peer stays the workload
-view's bare GROUP BYs.
+view's bare GROUP BYs, and the workload view's API request is timed on the same windows,
+interleaved with the Service view's (columns `workload p50/p95`, `svc/wl p50`): the Service view
+costs what the workload view costs plus what it adds (docs/benchmarks.md, "The Service view").
 
     python bench/bench_graph_api.py [--flows 10000000] [--requests 40] [--data DIR]
                                     [--group-by workload|service]
@@ -146,10 +148,11 @@ def main() -> None:
         with TestClient(create_app(settings)) as c:
             con = c.app.state.pipeline.store._con.cursor()  # the peer: DuckDB on the same file
 
-            def api(since: datetime, until: datetime) -> tuple[float, int]:
+            def api(since: datetime, until: datetime, group_by: str = a.group_by
+                    ) -> tuple[float, int]:
                 t0 = time.perf_counter()
                 r = c.get("/api/v1/graph", params={"from": since.isoformat(), "to": until.isoformat(),
-                                                   "group_by": a.group_by},
+                                                   "group_by": group_by},
                           headers={"Authorization": f"Bearer {READ}"})
                 took = time.perf_counter() - t0
                 assert r.status_code == 200, r.text
@@ -169,23 +172,35 @@ def main() -> None:
                 warm = T_END - timedelta(minutes=20)
                 api(warm - timedelta(minutes=minutes), warm)
                 peer(warm - timedelta(minutes=minutes), warm)
-                ours, theirs = [], []
+                side = a.group_by == "service"  # the workload view, side by side
+                if side:
+                    api(warm - timedelta(minutes=minutes), warm, "workload")
+                ours, theirs, wl = [], [], []
                 for k in range(a.requests):
                     # a different past window each time: nothing is served from a cache
                     end = T_END - timedelta(minutes=30 + 7 * k)
                     took, edges = api(end - timedelta(minutes=minutes), end)
                     ours.append(took)
                     theirs.append(peer(end - timedelta(minutes=minutes), end))
-                results.append((budget, label, edges, ours, theirs))
+                    if side:
+                        wl.append(api(end - timedelta(minutes=minutes), end, "workload")[0])
+                results.append((budget, label, edges, ours, theirs, wl))
             con.close()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average {load}; group_by {a.group_by}")
     print(f"{'budget':>6} {'window':<8} {'edges':>6} {'API p50 ms':>10} {'API p95 ms':>10} "
-          f"{'peer p50':>9} {'peer p95':>9} {'API/peer p95':>12}")
-    for budget, label, edges, ours, theirs in results:
-        print(f"{budget:>6} {label:<8} {edges:>6} {statistics.median(ours) * 1e3:>10.1f} "
-              f"{pct(ours, .95) * 1e3:>10.1f} {statistics.median(theirs) * 1e3:>9.1f} "
-              f"{pct(theirs, .95) * 1e3:>9.1f} {pct(ours, .95) / pct(theirs, .95):>11.2f}x")
+          f"{'peer p50':>9} {'peer p95':>9} {'API/peer p95':>12}"
+          + (f" {'workload p50':>12} {'workload p95':>12} {'svc/wl p50':>10} {'svc/wl p95':>10}"
+             if a.group_by == "service" else ""))
+    for budget, label, edges, ours, theirs, wl in results:
+        line = (f"{budget:>6} {label:<8} {edges:>6} {statistics.median(ours) * 1e3:>10.1f} "
+                f"{pct(ours, .95) * 1e3:>10.1f} {statistics.median(theirs) * 1e3:>9.1f} "
+                f"{pct(theirs, .95) * 1e3:>9.1f} {pct(ours, .95) / pct(theirs, .95):>11.2f}x")
+        if wl:
+            line += (f" {statistics.median(wl) * 1e3:>12.1f} {pct(wl, .95) * 1e3:>12.1f} "
+                     f"{statistics.median(ours) / statistics.median(wl):>9.2f}x "
+                     f"{pct(ours, .95) / pct(wl, .95):>9.2f}x")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -149,9 +149,9 @@ class ReadStore(Protocol):
     def edges(self, q: EdgeQuery) -> dict[str, list[Any]]:
         """The window's edges as columns (aggregator/store/duckdb_edges.py `EDGE_COLUMNS`)."""
 
-    def service_calls(self, q: EdgeQuery) -> list[dict[str, Any]]:
-        """Connections that dialled a Service, per (client wid, service_ip, service_port,
-        backend wid): n, opened, and the backend's name, namespace, kind."""
+    def service_addresses(self, q: EdgeQuery) -> list[tuple[str, int]]:
+        """The distinct (service_ip, service_port) the window's connections matching the
+        filter dialled, sorted (the Service view names them before it groups)."""
 
     def workload_rows(self) -> list[dict[str, Any]]:
         """Every workload seen, with first_seen and last_seen."""

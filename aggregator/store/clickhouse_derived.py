@@ -21,7 +21,13 @@ from aggregator.connection import Connection
 from aggregator.store.clickhouse_schema import BOOL_COLUMNS, TIME_COLUMNS
 from aggregator.store.derived import CONN_DECODER, ROLLUP_COUNTERS
 from aggregator.store.duckdb_derived import SHOWN, fold_edges
-from aggregator.store.query import ConnectionQuery, EdgeQuery, service_group, service_rows
+from aggregator.store.query import ConnectionQuery, EdgeQuery
+from aggregator.store.service_edges import (
+    backend_object,
+    node_attrs,
+    service_objects,
+    unlisted_object,
+)
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
     ROLLUP_FILTER_COLUMNS,
@@ -41,16 +47,24 @@ GROUPS = {
 
 
 def groups(q: EdgeQuery) -> tuple[str, str]:
-    """The client and server group expressions of a query (`service`: aggregator/service_view.py)."""
+    """The client and server group expressions of a query (`service`: aggregator/store/
+    service_edges.py; its Services are the parameters `service_params(q)`)."""
     if q.group_by == "service":
-        rows = service_rows(q.services)
-        # transform(): a lookup of `ip port` in the query's Services, NULL when absent
-        keys = ", ".join(f"'{ip} {port}'" for ip, port, _ in rows)
-        nodes = ", ".join(f"'{node}'" for _, _, node in rows)
-        mapped = (f"nullIf(transform(concat(service_ip, ' ', toString(service_port)), [{keys}], "
-                  f"[{nodes}], ''), '')" if rows else "NULL")
-        return "client_wid", service_group(mapped, "toString({})")
+        # transform(): a lookup of `ip port` in the query's Services ('' when absent)
+        mapped = ("nullIf(transform(concat(service_ip, ' ', toString(ifNull(service_port, 0))), "
+                  "%(svc_keys)s, %(svc_nodes)s, ''), '')" if q.services else "NULL")
+        return "client_wid", (
+            "if(isNull(service_ip), server_wid, ifNull(" + mapped + ", concat('svc:', "
+            "assumeNotNull(service_ip), ':', toString(assumeNotNull(service_port)))))")
     return GROUPS[q.group_by]
+
+
+def service_params(q: EdgeQuery) -> dict[str, Any]:
+    """The parameters of `groups(q)` (lists: ClickHouse arrays, quoted by the driver)."""
+    if q.group_by != "service" or not q.services:
+        return {}
+    return {"svc_keys": [f"{a.ip} {a.port}" for a in q.services],
+            "svc_nodes": [a.node for a in q.services]}
 
 
 def micros(t: datetime) -> int:
@@ -140,13 +154,74 @@ class ClickHouseQueries:
 
         counts = self.edge_counts(q)
         volumes = self.edge_volumes(q) if q.volumes_from_rollups else None
-        return columns_of_rows(counts, volumes)
+        if q.group_by != "service":
+            return columns_of_rows(counts, volumes)
+        return self._service_columns(q, counts)
+
+    def _service_columns(self, q: EdgeQuery, counts: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """The Service view's columns: its Service nodes named, each edge's `service` and
+        `backends` (aggregator/store/service_edges.py) from the backends' grouped counts."""
+        import msgspec
+
+        from aggregator.graph_edges import columns_of_rows
+
+        named = {a.node: (a.name, a.namespace) for a in q.services}
+        objects = service_objects(q.services)
+        served = self.service_backends(q)
+        svc_edges = {(r["src"], r["dst"]) for r in served}
+        for r in counts:
+            if (r["src"], r["dst"]) in svc_edges:
+                r["dst_name"], r["dst_namespace"], r["dst_kind"] = node_attrs(
+                    r["dst"], *named.get(r["dst"], (None, None)))
+        cols = columns_of_rows(counts, None)
+        known = {w["wid"]: w for w in self.workload_rows()} if served else {}
+        backends: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in sorted(served, key=lambda r: r["wid"]):
+            backends.setdefault((r["src"], r["dst"]), []).append(
+                backend_object(r["wid"], known.get(r["wid"]), r["n"], r["opened"]))
+        enc = msgspec.json.Encoder()
+        texts = []
+        for src, dst, text in zip(cols["src"], cols["dst"], cols["json"], strict=True):
+            listed = backends.get((src, dst))
+            service = None if listed is None else objects.get(dst) or unlisted_object(dst)
+            texts.append(f'{text[:-1]},"service":{enc.encode(service).decode()},'
+                         f'"backends":{enc.encode(listed or []).decode()}}}')
+        cols["json"] = texts
+        return cols
+
+    def service_backends(self, q: EdgeQuery) -> list[dict[str, Any]]:
+        """Per Service edge (src, dst: `groups(q)`) and backend workload (`wid`): its
+        connections (`n`) and those opened in the window."""
+        cg, sg = groups(q)
+        p = ClickParams()
+        cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
+        named = dict(p.named, since=micros(q.since), until=micros(q.until), **service_params(q))
+        return self._dicts(f"""
+        SELECT {cg} AS src, {sg} AS dst, server_wid AS wid, count() AS n,
+          countIf(start_ts >= %(since)s) AS opened
+        FROM {self.db}.connections FINAL
+        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
+          AND ({cond})
+        GROUP BY src, dst, wid""", named)
+
+    def service_addresses(self, q: EdgeQuery) -> list[tuple[str, int]]:
+        """The distinct addresses the window's connections (matching the filter) dialled."""
+        p = ClickParams()
+        cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
+        named = dict(p.named, since=micros(q.since), until=micros(q.until))
+        rows = self._exec(f"""
+        SELECT DISTINCT assumeNotNull(service_ip), ifNull(service_port, 0)
+        FROM {self.db}.connections FINAL
+        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
+          AND ({cond})
+        ORDER BY 1, 2""", named)
+        return [(str(ip), int(port)) for ip, port in rows]
 
     def edge_counts(self, q: EdgeQuery) -> list[dict[str, Any]]:
         cg, sg = groups(q)
         p = ClickParams()
         cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
-        named = dict(p.named, since=micros(q.since), until=micros(q.until))
+        named = dict(p.named, since=micros(q.since), until=micros(q.until), **service_params(q))
         closed_ts = "ifNull(closed_ts, 0)"
         sql = f"""
         SELECT {cg} AS src, {sg} AS dst, observed_by, server_port, protocol,
@@ -180,29 +255,6 @@ class ClickHouseQueries:
             if not r["rtt_n"]:
                 r["rtt_sum"] = None  # DuckDB's sum over no values is NULL too
         return fold_edges(rows)
-
-    def service_calls(self, q: EdgeQuery) -> list[dict[str, Any]]:
-        """The window's connections that dialled a Service (matching the filter), per client
-        group, dialled address and backend: `SERVICE_CALL_COLUMNS` (aggregator/service_view.py);
-        the backend named from `workload_rows`, as DuckDB joins its `workloads`."""
-        p = ClickParams()
-        cond = compile_filter(q.filter, CONN_FILTER_COLUMNS, p)
-        named = dict(p.named, since=micros(q.since), until=micros(q.until))
-        sql = f"""
-        SELECT client_wid AS src, service_ip, service_port, server_wid AS wid, count() AS n,
-          countIf(start_ts >= %(since)s) AS opened
-        FROM {self.db}.connections FINAL
-        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
-          AND ({cond})
-        GROUP BY src, service_ip, service_port, wid"""
-        rows = self._dicts(sql, named)
-        if rows:
-            known = {w["wid"]: w for w in self.workload_rows()}
-            for r in rows:
-                w = known.get(r["wid"], {})
-                r.update(name=w.get("name") or r["wid"], namespace=w.get("namespace"),
-                         kind=w.get("kind"))
-        return rows
 
     def edge_volumes(self, q: EdgeQuery) -> list[dict[str, Any]]:
         cg, sg = groups(q)

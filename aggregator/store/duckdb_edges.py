@@ -15,6 +15,18 @@ protocol as bit sets; ports a min/max pair), and writes each edge's JSON itself 
 so Python handles one string per edge. Edges the counters cannot describe (several ports or
 observer sets, an observer set or protocol outside those sets) are detailed by a second, small
 query and rewritten.
+
+The Service view (`group_by=service`, aggregator/service_view.py) is grouped here too, in the
+same one query: the window's connections are grouped by (client, server workload, dialled
+address) with the workload view's aggregates (one scan, no join per connection); those few
+groups are joined (a hash join) to the query's Service addresses (the Arrow table `_svc`,
+registered on the cursor, which brings each Service's `service` object as JSON) and the groups
+of one (client, Service node) added up (`_REAGGREGATE`), while the groups of the calls that
+dialled no Service already are their edges; the same joined groups, added up per backend, give
+each Service edge its `backends`. DuckDB writes both into the edge's JSON
+(aggregator/store/service_edges.py has the rules): no Python runs per edge. (Measured slower,
+docs/benchmarks.md: the join per connection, 1.3-1.4x this query at 10M stored connections;
+the `service` objects aggregated in SQL; an ordered `string_agg` per backend list.)
 """
 
 from __future__ import annotations
@@ -27,7 +39,8 @@ import msgspec
 import pyarrow as pa
 
 from aggregator.graph_edges import drops_of
-from aggregator.store.query import EdgeQuery, service_group, service_rows
+from aggregator.store.query import EdgeQuery
+from aggregator.store.service_edges import SERVICE_TABLE, service_arrow
 from aggregator.store.sql import (
     CONN_FILTER_COLUMNS,
     ROLLUP_FILTER_COLUMNS,
@@ -70,23 +83,26 @@ GROUPS = {
 }
 
 
+# the server end in the Service view: its server workload when the connection dialled no
+# Service, else the dialled address's Service node (`_svc_node` of the joined `_svc`), else
+# `svc:<ip>:<port>` (an address the query's Services do not list)
+SERVICE_DST = ("CASE WHEN service_ip IS NULL THEN server_wid ELSE coalesce(_svc_node, "
+               "concat('svc:', service_ip, ':', CAST(coalesce(service_port, 0) AS VARCHAR))) END")
+_SVC_JOIN = (f" LEFT JOIN {SERVICE_TABLE} ON _svc_ip = service_ip "
+             "AND _svc_port = coalesce(service_port, 0)")
+
+
 def groups(q: EdgeQuery) -> tuple[str, str]:
-    """The client and server group expressions of a query (`service`: aggregator/service_view.py,
-    reading `_svc_node` of `source(q)`)."""
+    """The client and server group expressions of a query over `source(q)`."""
     if q.group_by == "service":
-        mapped = "_svc_node" if q.services else "NULL::VARCHAR"
-        return "client_wid", service_group(mapped, "CAST({} AS VARCHAR)")
+        return "client_wid", SERVICE_DST
     return GROUPS[q.group_by]
 
 
 def source(q: EdgeQuery) -> str:
-    """What the edge queries read: `connections`; in the Service view with named addresses,
-    joined to them (a hash join on a VALUES list: a CASE of 1,000 Services cost 5x the query)."""
-    if q.group_by != "service" or not q.services:
-        return "connections"
-    values = ", ".join(f"('{ip}', {port}, '{node}')" for ip, port, node in service_rows(q.services))
-    return (f"connections LEFT JOIN (VALUES {values}) _svc(_svc_ip, _svc_port, _svc_node) "
-            "ON _svc_ip = service_ip AND _svc_port = service_port")
+    """What the edge queries read: `connections`; in the Service view joined to the query's
+    Service addresses (`_svc`, registered on the cursor)."""
+    return "connections" + (_SVC_JOIN if q.group_by == "service" else "")
 
 
 # src/dst node attributes (None for an edge with rollup volumes only), `conns` whether the edge
@@ -105,9 +121,17 @@ _enc = msgspec.json.Encoder()
 
 
 def _counts_sql(group_by: str, where: str, q: EdgeQuery | None = None) -> str:
-    """`q`: the query whose groups to use (`service` needs its `services`)."""
+    """`q`: the query whose groups to use (`service`: see `_service_ctes`)."""
     cg, sg = groups(q) if q is not None else GROUPS[group_by]
-    table = source(q) if q is not None else "connections"
+    return f"""
+    SELECT {cg} AS src, {sg} AS dst, {_COUNT_AGGREGATES}
+    FROM {source(q) if q is not None else "connections"}
+    WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
+    GROUP BY 1, 2"""
+
+
+def _count_aggregates() -> str:
+    """The per-edge aggregates of the window's connections, as SQL (`c` of the edge query)."""
     # which observer sets the edge's connections have, as bits: one bit (nearly every edge)
     # means all `n` have that set; several, or a set outside OBSERVER_SETS (bit 7), and the
     # detail query counts them. (Seven filtered counts cost ~2x the whole rest of the scan.)
@@ -117,17 +141,79 @@ def _counts_sql(group_by: str, where: str, q: EdgeQuery | None = None) -> str:
     proto = ("CASE protocol " + " ".join(f"WHEN '{p}' THEN {1 << i}"
                                          for i, p in enumerate(PROTOCOL_BITS))
              + f" ELSE {_OTHER_PROTOCOL} END")
-    return f"""
-    SELECT {cg} AS src, {sg} AS dst, count(*) AS n,
+    return f"""count(*) AS n,
       {WINDOW_COUNTS}, epoch_us(min(start_ts)) AS first_us,
       epoch_us(max(last_seen)) AS last_us,
       sum(bytes_c2s) AS conn_bytes_c2s, sum(bytes_s2c) AS conn_bytes_s2c,
       sum(retransmits) AS conn_retransmits, {PACKET_COUNTS}, {obs},
       min(server_port) AS port_lo, max(server_port) AS port_hi, bit_or({proto}) AS protos,
-      sum(dropped) AS dropped, string_agg(drop_reasons, ',') AS drop_text
-    FROM {table}
-    WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
-    GROUP BY 1, 2"""
+      sum(dropped) AS dropped, string_agg(drop_reasons, ',') AS drop_text"""
+
+
+_COUNT_AGGREGATES = _count_aggregates()
+# each column of `_COUNT_AGGREGATES` -> how the values of several groups add up to their union's
+# (a count or sum: summed; a bound: its min/max; bit sets: or-ed; texts: joined)
+_REAGGREGATE = {
+    **dict.fromkeys(("n", "opened", "active", "closed", "failed", "reset", "byte_mismatches",
+                     "incomplete", "rtt_n", "packets_n_c2s", "packets_n_s2c"),
+                    "sum({0})::BIGINT"),
+    **dict.fromkeys(("rtt_sum", "conn_bytes_c2s", "conn_bytes_s2c", "conn_retransmits",
+                     "conn_packets_c2s", "conn_packets_s2c", "dropped"), "sum({0})"),
+    **dict.fromkeys(("rtt_min", "first_us", "port_lo"), "min({0})"),
+    **dict.fromkeys(("rtt_max", "last_us", "port_hi"), "max({0})"),
+    "obs": "bit_or({0})", "protos": "bit_or({0})", "drop_text": "string_agg({0}, ',')",
+}
+
+
+def _address_text(ip: str, port: str) -> str:
+    """`ip:port`, `[ip]:port` for IPv6, as SQL (aggregator/store/service_edges.py address)."""
+    return (f"CASE WHEN contains({ip}, ':') THEN concat('[', {ip}, ']:', {port}) "
+            f"ELSE concat({ip}, ':', {port}) END")
+
+
+def _service_ctes(where: str) -> str:
+    """The Service view's CTEs (the module docstring): `c` (the edges' counts, as `_counts_sql`'s,
+    with `svc`: whether the edge's server end is a Service, its name and its `service` JSON) and
+    `bj` (per Service edge its `backends` JSON)."""
+    backend = ("concat('{\"id\":', to_json(b.wid), ',\"name\":', to_json(coalesce(w.name, b.wid)), "
+               "',\"namespace\":', coalesce(to_json(w.namespace)::VARCHAR, 'null'), "
+               "',\"kind\":', coalesce(to_json(w.kind)::VARCHAR, 'null'), "
+               "',\"connections\":', b.n, ',\"connections_opened\":', b.opened, '}')")
+    # a Service's `service` object comes with its addresses in `_svc`; an address `_svc` lacks
+    # (a connection stored since the query listed the window's addresses) is its own node
+    unlisted = ("concat('{\"id\":', to_json(dst)::VARCHAR, ',\"name\":null,\"namespace\":null,"
+                "\"addresses\":[', to_json(" + _address_text("service_ip",
+                                                               "coalesce(service_port, 0)")
+                + ")::VARCHAR, ']}')")
+    readd = ", ".join(f"{f.format(k)} AS {k}" for k, f in _REAGGREGATE.items())
+    return f"""WITH c0 AS (
+      SELECT client_wid, server_wid, service_ip, service_port, {_COUNT_AGGREGATES}
+      FROM connections
+      WHERE start_ts < $2 AND last_seen >= $1 AND ({where})
+      GROUP BY 1, 2, 3, 4),
+    m AS (
+      SELECT c0.*, client_wid AS src, {SERVICE_DST} AS dst, _svc_name AS svc_name,
+        _svc_namespace AS svc_namespace,
+        coalesce(_svc_json, {unlisted}) AS service
+      FROM c0{_SVC_JOIN}
+      WHERE service_ip IS NOT NULL),
+    c AS (
+      SELECT client_wid AS src, server_wid AS dst, c0.* EXCLUDE (client_wid, server_wid, service_ip, service_port),
+        false AS svc, NULL::VARCHAR AS svc_name, NULL::VARCHAR AS svc_namespace,
+        NULL::VARCHAR AS service
+      FROM c0 WHERE service_ip IS NULL
+      UNION ALL BY NAME
+      SELECT src, dst, {readd}, true AS svc, any_value(svc_name) AS svc_name,
+        any_value(svc_namespace) AS svc_namespace, any_value(service) AS service
+      FROM m GROUP BY 1, 2),
+    b AS (
+      SELECT src, dst, server_wid AS wid, sum(n)::BIGINT AS n, sum(opened)::BIGINT AS opened
+      FROM m GROUP BY 1, 2, 3),
+    bj AS (  -- sorted by id: a list of (id, JSON) sorted, then joined (an ordered string_agg
+             -- sorts per group, several times slower)
+      SELECT src, dst, concat('[', array_to_string(list_transform(
+        list_sort(list({{'k': b.wid, 'j': {backend}}})), lambda x: x.j), ','), ']') AS backends
+      FROM b LEFT JOIN workloads w ON w.wid = b.wid GROUP BY 1, 2)"""
 
 
 def _volumes_sql(group_by: str, where: str) -> str:
@@ -145,10 +231,10 @@ def _iso(us: str) -> str:
             f"ELSE strftime(make_timestamp({us}), '%Y-%m-%dT%H:%M:%S.%fZ') END")
 
 
-def _edge_json(from_rollups: bool) -> str:
+def _edge_json(from_rollups: bool, extra: tuple[tuple[str, str], ...] = ()) -> str:
     """The edge's JSON object as one `concat` of its pieces (DuckDB builds this several times
     faster than `to_json` of a nested struct, or than chained `||`): the fields and their order
-    of docs/api.md."""
+    of docs/api.md; `extra`: (field, SQL of its JSON text) after them (the Service view's)."""
     if from_rollups:
         vol = [f"coalesce(v_{n}, 0)" for n in VOLUMES]
         # packets: null when no connection of the window counted them and the minutes hold none
@@ -184,13 +270,13 @@ def _edge_json(from_rollups: bool) -> str:
         ("first_seen", f"concat('\"', {_iso('first_us')}, '\"')"),
         ("last_seen", f"concat('\"', {_iso('last_us')}, '\"')"),
         ("complete", "CASE WHEN incomplete = 0 THEN 'true' ELSE 'false' END"),
-        ("observed_by", observed), ("folded", "1"), ("drops", "'null'"))
+        ("observed_by", observed), ("folded", "1"), ("drops", "'null'"), *extra)
     volume_only = concat(
         *((k, "0") for k in ("connections_opened", "connections_active", "connections_closed",
                              "connections_failed", "resets", "byte_mismatches")),
         *volumes, ("rtt_us", "'null'"), ("ports", "'[]'"), ("protocols", "'[]'"),
         ("first_seen", "'null'"), ("last_seen", "'null'"), ("complete", "'true'"),
-        ("observed_by", "'{}'"), ("folded", "1"), ("drops", "'null'"))
+        ("observed_by", "'{}'"), ("folded", "1"), ("drops", "'null'"), *extra)
     return f"CASE WHEN n IS NULL THEN {volume_only} ELSE {with_conns} END"
 
 
@@ -205,13 +291,24 @@ class EdgeQueries:
         can answer the filter, else from those connections."""
         pc = DuckParams(start=3)  # $1, $2: the window
         where = compile_filter(q.filter, CONN_FILTER_COLUMNS, pc)
-        counts = _counts_sql(q.group_by, where, q)
         args: list[Any] = [q.since, q.until, *pc.values]
         from_rollups = q.volumes_from_rollups
+        extra: tuple[tuple[str, str], ...] = ()
         # a workload node's name, namespace and kind: its row in `workloads` (keyed by the same
         # wid), joined to the aggregated edges; aggregating them over every connection of the
         # window was most of the query's time. A namespace or host node is named by its id.
-        if q.group_by in ("workload", "service"):
+        if q.group_by == "service":  # a Service node: named by the query's Services
+            nodes = ("coalesce(ws.name, src) AS src_name, ws.namespace AS src_namespace, "
+                     "ws.kind AS src_kind, CASE WHEN svc THEN coalesce(svc_name, substr(dst, 5)) "
+                     "ELSE coalesce(wd.name, dst) END AS dst_name, CASE WHEN svc THEN "
+                     "svc_namespace ELSE wd.namespace END AS dst_namespace, CASE WHEN svc THEN "
+                     "'Service' ELSE wd.kind END AS dst_kind")
+            joins = (" LEFT JOIN workloads ws ON ws.wid = src"
+                     " LEFT JOIN workloads wd ON wd.wid = dst"
+                     " LEFT JOIN bj USING (src, dst)")
+            extra = (("service", "CASE WHEN svc THEN service ELSE 'null' END"),
+                     ("backends", "CASE WHEN svc THEN bj.backends ELSE '[]' END"))
+        elif q.group_by == "workload":
             nodes = ("coalesce(ws.name, src) AS src_name, ws.namespace AS src_namespace, "
                      "ws.kind AS src_kind, coalesce(wd.name, dst) AS dst_name, "
                      "wd.namespace AS dst_namespace, wd.kind AS dst_kind")
@@ -221,6 +318,7 @@ class EdgeQueries:
             nodes = ", ".join(f"NULL::VARCHAR AS {side}_{a}" for side in ("src", "dst")
                               for a in ("name", "namespace", "kind"))
             joins = ""
+        counts = _counts_sql(q.group_by, where, q)
         if from_rollups:
             pv = DuckParams(start=3 + len(pc.values))
             vol = _volumes_sql(q.group_by, compile_filter(q.filter, ROLLUP_FILTER_COLUMNS, pv))
@@ -229,17 +327,20 @@ class EdgeQueries:
             ctes = f"WITH c AS ({counts}), v AS ({vol})"
             args += pv.values
             w_bytes = "coalesce(v_bytes_c2s, 0) + coalesce(v_bytes_s2c, 0)"
+        elif q.group_by == "service":
+            source, keep, ctes = "c", "true", _service_ctes(where)
+            w_bytes = "coalesce(conn_bytes_c2s, 0) + coalesce(conn_bytes_s2c, 0)"
         else:
             source, keep, ctes = "c", "true", f"WITH c AS ({counts})"
             w_bytes = "coalesce(conn_bytes_c2s, 0) + coalesce(conn_bytes_s2c, 0)"
         sql = f"""{ctes}
         SELECT src, dst, {nodes},
           n IS NOT NULL AS conns, ({w_bytes})::BIGINT AS w_bytes, coalesce(opened, 0) AS w_opened,
-          first_us, last_us, {_edge_json(from_rollups)} AS json, dropped, drop_text,
+          first_us, last_us, {_edge_json(from_rollups, extra)} AS json, dropped, drop_text,
           n IS NOT NULL AND (port_lo <> port_hi OR protos >= {_OTHER_PROTOCOL}
             OR bit_count(obs) <> 1 OR obs >= {_OTHER_OBSERVERS}) AS detail
         FROM {source}{joins} WHERE {keep}"""
-        table = self._arrow(sql, args)
+        table = self._arrow(sql, args, q)
         cols = {n: table.column(n).to_pylist()
                 for n in (*EDGE_COLUMNS, "detail", "dropped", "drop_text")}
         dropped, drop_text = cols.pop("dropped"), cols.pop("drop_text")
@@ -252,21 +353,16 @@ class EdgeQueries:
             self._detail(detail, cols, q, where, pc.values)
         return cols
 
-    def service_calls(self, q: EdgeQuery) -> list[dict[str, Any]]:
-        """The window's connections that dialled a Service (matching the filter), per client
-        group, dialled address and backend: `SERVICE_CALL_COLUMNS` (aggregator/service_view.py)."""
+    def service_addresses(self, q: EdgeQuery) -> list[tuple[str, int]]:
+        """The addresses the window's connections (matching the filter) dialled, (service_ip,
+        service_port), sorted: what the Service view names before it groups."""
         pc = DuckParams(start=3)
         where = compile_filter(q.filter, CONN_FILTER_COLUMNS, pc)
-        sql = f"""WITH c AS (
-          SELECT client_wid AS src, service_ip, service_port, server_wid AS wid, count(*) AS n,
-            count(*) FILTER (WHERE start_ts >= $1) AS opened
-          FROM connections
-          WHERE start_ts < $2 AND last_seen >= $1 AND service_ip IS NOT NULL AND ({where})
-          GROUP BY ALL)
-        SELECT c.*, coalesce(w.name, c.wid) AS name, w.namespace, w.kind
-        FROM c LEFT JOIN workloads w ON w.wid = c.wid"""
+        sql = (f"SELECT DISTINCT service_ip, service_port FROM connections WHERE start_ts < $2 "
+               f"AND last_seen >= $1 AND service_ip IS NOT NULL AND ({where}) ORDER BY 1, 2")
         table = self._arrow(sql, [q.since, q.until, *pc.values])
-        return table.to_pylist()
+        return [(ip, int(port or 0)) for ip, port in zip(
+            table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)]
 
     def _detail(self, rows: list[int], cols: dict[str, list[Any]], q: EdgeQuery, where: str,
                 params: Sequence[Any]) -> None:
@@ -279,6 +375,8 @@ class EdgeQueries:
         cur = self._con.cursor()
         try:
             cur.register("_need", need)
+            if q.group_by == "service":
+                cur.register(SERVICE_TABLE, service_arrow(q.services))
             found = cur.execute(sql, [q.since, q.until, *params]).fetchall()
         except duckdb.Error as exc:
             from aggregator.store.base import StoreError
@@ -299,9 +397,12 @@ class EdgeQueries:
             edge.update(ports=sorted(ports), protocols=sorted(protocols), observed_by=observed)
             cols["json"][i] = _enc.encode(edge).decode()
 
-    def _arrow(self, sql: str, params: list[Any]) -> pa.Table:
+    def _arrow(self, sql: str, params: list[Any], q: EdgeQuery | None = None) -> pa.Table:
+        """`q`: in the Service view, its Service addresses are registered as `_svc`."""
         cur = self._con.cursor()
         try:
+            if q is not None and q.group_by == "service":
+                cur.register(SERVICE_TABLE, service_arrow(q.services))
             return cur.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
             from aggregator.store.base import StoreError

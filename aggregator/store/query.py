@@ -11,15 +11,16 @@ backend's query module), so no route handler and nothing in `eastwest/` holds ba
   `Cursor` (the last row's sort value and id: https://use-the-index-luke.com/no-offset).
 - `EdgeQuery`: the service graph's edges of a window, grouped by workload, namespace or host,
   or by Service (`service`: a connection that dialled a Service ends at the Service, the others
-  at their server workload; `services` says which dialled address belongs to which Service
-  node, aggregator/service_view.py).
+  at their server workload; `services` names the dialled addresses: `ServiceAddress` rows,
+  aggregator/service_view.py). The store groups, counts the backends and writes each edge's
+  `service` and `backends` itself (aggregator/store/service_edges.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from eastwest.filters import DIMENSIONS, Filter
 
@@ -81,14 +82,25 @@ class ConnectionQuery:
     columns: tuple[str, ...] = ()   # empty: every shown column
 
 
+class ServiceAddress(NamedTuple):
+    """A dialled address of the Service view: `node`, its Service node's id (`svc:ns/name`,
+    `svc:<ip>:<port>` when unnamed); `name`/`namespace` the Service's (None when unnamed)."""
+
+    ip: str
+    port: int
+    node: str
+    name: str | None = None
+    namespace: str | None = None
+
+
 @dataclass(frozen=True)
 class EdgeQuery:
     since: datetime
     until: datetime
     group_by: str = "workload"
     filter: Filter = field(default_factory=Filter)
-    # group_by service: (service_ip, service_port, index) -> the server end `svc#<index>`
-    services: tuple[tuple[str, int, int], ...] = ()
+    # group_by service: the dialled addresses' Service nodes (an address not in it: svc:ip:port)
+    services: tuple[ServiceAddress, ...] = ()
 
     def __post_init__(self) -> None:
         if self.group_by not in GROUP_BY:
@@ -100,29 +112,6 @@ class EdgeQuery:
         totals of its matching connections). The rollups keep no dialled address: a Service
         view's volumes are always its connections'."""
         return self.group_by != "service" and rollups_can_answer(self.filter)
-
-
-def service_rows(services: tuple[tuple[str, int, int], ...]) -> list[tuple[str, int, str]]:
-    """`services` as (ip, port, node) rows safe to write into SQL as literals: addresses
-    checked to be IP addresses in canonical form, ports and indexes integers (no parameters:
-    the same text goes into several queries of the edge builder)."""
-    import ipaddress
-
-    out = []
-    for ip, port, i in services:
-        if str(ipaddress.ip_address(ip)) != ip:
-            raise ValueError(f"service address {ip!r} is not in canonical form")
-        out.append((ip, int(port), f"svc#{int(i)}"))
-    return out
-
-
-def service_group(mapped: str, as_text: str) -> str:
-    """The server end of a connection in the Service view, as SQL: its server workload when it
-    dialled no Service, else `mapped` (the dialect's lookup of (service_ip, service_port) in the
-    query's `services`: `svc#<index>`, NULL when absent), else `svc:<ip>:<port>`. `as_text`: the
-    dialect's cast of the port to text (`{}` is the column)."""
-    return (f"CASE WHEN service_ip IS NULL THEN server_wid ELSE coalesce({mapped}, "
-            f"concat('svc:', service_ip, ':', {as_text.format('service_port')})) END")
 
 
 def rollups_can_answer(flt: Filter) -> bool:
