@@ -165,7 +165,7 @@ def _edge_of_rows(src: str, dst: str, conns: Sequence[tuple[dict[str, Any], Name
         "active": sum(1 for r in rows if not r["closed"] or r["closed_ts"] >= until),
         "closed": sum(1 for r in rows if r["closed"] and since <= r["closed_ts"] < until),
         "failed": sum(1 for r in rows if r["start_ts"] >= since
-                      and r["outcome"] in ("refused", "timeout")),
+                      and r["outcome"] in ("refused", "timeout", "dropped")),
         "reset": sum(1 for r in rows if r["start_ts"] >= since and r["outcome"] == "reset"),
         "byte_mismatches": sum(1 for r in rows if r["byte_mismatch"]),
         "incomplete": sum(1 for r in rows if r["incomplete"]),
