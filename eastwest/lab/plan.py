@@ -53,6 +53,7 @@ SERVICES = (
 )
 LOADGEN = Service("loadgen", 0, "tcp", "load", "Job")
 DEAD_PORT = 5433  # db's "replica" port: nothing listens, so connects are refused (ground truth)
+UDP_DEAD_PORT = 5434  # a UDP port where nobody listens (ICMP port unreachable: refused)
 SERVICE_BY_NAME = {s.name: s for s in (*SERVICES, LOADGEN)}
 
 
