@@ -10,7 +10,7 @@ Call graph (each arrow a new connection per request, so connections are countabl
                                -> resolver  (DNS over UDP on a connected socket, below)
                                -> cache     (UDP, 30%: several datagrams each way, below)
                                -> a pod on api's own host, UDP to a port where nobody listens
-                                  (2%: refused)
+                                  (at most every 2 s: refused)
 A loadgen connection carries 1-3 requests (keep-alive), so some connections live longer.
 
 Ground truth, written by the application itself, one JSON line per connection:
@@ -43,7 +43,10 @@ api resolves: the call graph keeps its edges (api -> resolver is the only one to
 UDP (docs/lab.md, "UDP"): cache also answers UDP on its port. In 30% of its requests api makes
 one UDP exchange with it: 2-4 datagrams of mixed sizes (a few bytes, a few hundred, up to 1,200),
 each answered by one of a size the request asks, half on a connected socket (send/recv), half on
-an unconnected one (sendto/recvfrom, the peer per datagram). In 2% it sends one datagram, on a
+an unconnected one (sendto/recvfrom, the peer per datagram). At most every UDP_DEAD_EVERY_S
+(with the first request, then with the first request after each such pause; a time, not a
+share, so that every run has one and the kernel's ICMP rate limit, 1 error per second per
+destination with a burst of 6, never turns one into a timeout) it sends one datagram, on a
 connected socket, to UDP_DEAD_PORT of a pod of a service it calls anyway on its own host (the
 kernel answers ICMP port unreachable, the socket says ECONNREFUSED: outcome `refused`); on its
 own host so that the ICMP error does not cross the overlay, where a wire observer would report
@@ -82,7 +85,7 @@ DB_DEAD_SHARE = 0.05
 CONNECT_TIMEOUT = 3.0
 UDP_SHARE = 0.3  # api requests that also make a UDP exchange with cache
 UDP_UNCONNECTED_SHARE = 0.5  # of those, on an unconnected socket (sendto/recvfrom)
-UDP_DEAD_SHARE = 0.02  # api requests that also send a datagram to a port where nobody listens
+UDP_DEAD_EVERY_S = 2.0  # api: a datagram to a port where nobody listens, at most this often
 UDP_SIZES = ((0, 16), (100, 400), (800, 1200))  # datagram size classes (payload bytes)
 UDP_REUSE_S = 120.0  # a UDP 5-tuple is not used twice within this (observers' idle timeouts)
 POD_DIAL_SHARE = 0.2  # with Services: calls that still dial a pod's address directly
@@ -142,6 +145,7 @@ class App:
         self._udp_recent: dict[tuple[int, str, int], float] = {}  # 5-tuple -> when it was used
         self._udp_lock = threading.Lock()
         self._udp_open: dict[tuple[str, int, str, int], tuple[int, int]] = {}  # echo: so far
+        self._udp_dead_at = float("-inf")  # when the last datagram to the dead port went
         self.families = FAMILIES[self.inv.get("ip_family", "ipv4")]
         self.cluster = {c["name"]: c for c in self.inv.get("cluster_services", [])}
         self.dns_cache = labdns.Cache()
@@ -351,6 +355,15 @@ class App:
                     outcome, udp=("connected", 1, int(bool(answer))))
         return outcome
 
+    def _dead_due(self) -> bool:
+        """Whether this request sends the datagram to the dead port (UDP_DEAD_EVERY_S)."""
+        now = time.monotonic()
+        with self._udp_lock:
+            if now - self._udp_dead_at < UDP_DEAD_EVERY_S:
+                return False
+            self._udp_dead_at = now
+            return True
+
     def same_host_peer(self) -> dict[str, Any]:
         """A pod of a service this pod calls anyway, on this pod's host (the first by name), so
         that traffic to it never crosses the overlay; else a db pod."""
@@ -444,7 +457,7 @@ class App:
             if self.chance(UDP_SHARE):
                 cache = self.replica("cache") if self.cluster else self.resolve("cache", family)
                 self.udp_exchange(cache, int(self.inv["services"]["cache"]["port"]), family)
-            if self.chance(UDP_DEAD_SHARE):
+            if self._dead_due():
                 self.udp_dead(family)
 
     def serve(self) -> None:

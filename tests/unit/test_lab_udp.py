@@ -115,3 +115,16 @@ def test_the_echo_ledgers_an_exchange_after_its_last_datagram_and_a_lone_query_a
         assert s.recvfrom(100)[0] == b"a"
     got = [(x["bytes_in"], x["bytes_out"]) for x in wait_ledger(state / "ledger" / "cache-1.jsonl", 3)]
     assert got == [(10 + 13, 12), (6, 2), (6, 1)]
+
+
+def test_the_dead_port_is_due_with_the_first_request_then_at_most_every_two_seconds(demo,
+                                                                                    monkeypatch):
+    api, _, _ = demo
+    now = [1000.0]
+    monkeypatch.setattr(labapp.time, "monotonic", lambda: now[0])
+    due = []
+    for _ in range(9):  # a request every 0.5 s
+        due.append(api._dead_due())
+        now[0] += 0.5
+    assert due == [True, False, False, False, True, False, False, False, True]
+    assert labapp.UDP_DEAD_EVERY_S == 2.0
