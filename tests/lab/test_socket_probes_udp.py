@@ -168,12 +168,12 @@ def test_a_datagram_to_a_dead_port_from_an_unconnected_socket_is_refused_once_co
         assert drop.key == client.key and drop.netns == s_ns
         assert [(d.reason, d.packets) for d in drop.drops or []] == [("NO_SOCKET", 1)]
         for recs in ([client, drop], [drop, client]):
-            ref = Correlator(IdentityResolver({}))
+            ref = Correlator(IdentityResolver())
             ref.commit(ref.plan(recs))
             [conn] = conns_of(ref)
             assert (conn.connect, conn.outcome()) == ("refused", "refused"), recs
             assert conn.observed_by == ["client", "drops"]
-            with Pair(1, 10.0) as pair:  # the column correlator (C core), one batch each
+            with Pair(0, 10.0) as pair:  # the column correlator (C core), one batch each
                 for r in recs:
                     pair.batch([r])
                 assert_same_state(pair.ref, pair.col)
