@@ -66,6 +66,7 @@ import ipaddress
 import json
 import os
 import random
+import select
 import signal
 import socket
 import socketserver
@@ -564,8 +565,8 @@ class App:
     def _answer_echo(self, s: socket.socket, local_ip: str, port: int) -> None:
         while True:
             try:
-                data, peer = s.recvfrom(65536)
-            except OSError:  # closed
+                data, peer = _recv_when_ready(s)
+            except (OSError, ValueError):  # closed
                 return
             if peer is None:  # shut down
                 return
@@ -577,7 +578,7 @@ class App:
         local_ip = s.getsockname()[0]
         zone = labdns.Zone(self.inv)
         while True:
-            data, peer = s.recvfrom(65536)
+            data, peer = _recv_when_ready(s)
             if data.startswith((b"PROXY ", b"Q ")):  # the demo's own UDP calls (Services)
                 self._echo_udp(s, data, peer, local_ip, port)
                 continue
@@ -730,6 +731,16 @@ def _read_exact(rfile: Any, n: int) -> int:
             break
         got += len(chunk)
     return got
+
+
+def _recv_when_ready(s: socket.socket) -> tuple[bytes, Any]:
+    """A server's next datagram, received once it is there: the thread waits in select(), not
+    in recvfrom(), so a collector attached while it waits sees the receive call begin and
+    names every datagram's sender (docs/collector.md, "UDP": a call already in progress when
+    the probes attach names no sender, counted as `udp_no_peer`, and marks that interval's UDP
+    records `lost_events`)."""
+    select.select([s], [], [])
+    return s.recvfrom(65536)
 
 
 def _exchange(s: socket.socket, datagram: bytes) -> tuple[str, bytes]:

@@ -206,9 +206,10 @@ def test_every_udp_exchange_of_the_lab_truth_once_per_side_exact(lab_factory, tm
 
     lab = lab_factory(name="ewu", hosts=3, pods_per_host=2)
     with Collected(lab_netns(lab.inventory), interval=1.0, idle_timeout=IDLE) as col:
-        # The resolvers' threads sit in recvfrom() since before the probes were attached: the
-        # datagram that ends each of those calls names no sender (counted, udp_no_peer). A
-        # first round of traffic moves every thread into a call the probes saw begin.
+        # The lab's UDP servers wait in select() (eastwest/lab/app.py `_recv_when_ready`), but a
+        # thread caught inside recvfrom() when the probes attach would name no sender for its
+        # datagram (counted, udp_no_peer). A first round of traffic moves every thread into a
+        # call the probes saw begin.
         lab.traffic(duration=1.0, truth_path=tmp_path / "warm.jsonl", seed=2)
         time.sleep(IDLE + 1.5)
         warm = col.ctx.drops.snapshot()
