@@ -300,21 +300,25 @@ class App:
                         outcome, dial, udp=("connected", 1, int(outcome == "ok")))
         return outcome
 
-    def udp_exchange(self, server: dict[str, Any], port: int, family: int = 4) -> str:
+    def udp_exchange(self, server: dict[str, Any], port: int, family: int = 4,
+                     dial: Dial | None = None) -> str:
         """One UDP exchange with `server`: 2-4 datagrams of mixed sizes, each answered, on a
-        connected socket (send/recv) or an unconnected one (sendto/recvfrom); writes its truth."""
+        connected socket (send/recv) or an unconnected one (sendto/recvfrom); writes its truth.
+        With a Services `dial` (a pod dialled directly), each datagram opens with a PROXY line."""
         start = now_iso()
         connected = not self.chance(UDP_UNCONNECTED_SHARE)
         to = (address(server, family), port)
+        s = self._fresh_udp_socket(to[0], to[1], family, connect=connected)
+        s.settimeout(CONNECT_TIMEOUT)
+        cport = s.getsockname()[1]
+        hello = proxy_line("UDP4", address(self.pod, family), cport, dial) if dial and dial.via \
+            else b""
         n = self.randint(2, 4)
         plan = []
         for i in range(n):
             lo, hi = UDP_SIZES[self.randint(0, len(UDP_SIZES) - 1)]
             pad, resp = self.randint(lo, hi), self.randint(1, 1200)
-            plan.append(f"Q {resp} {pad} {i + 1}/{n}\n".encode() + b"u" * pad)
-        s = self._fresh_udp_socket(to[0], to[1], family, connect=connected)
-        s.settimeout(CONNECT_TIMEOUT)
-        cport = s.getsockname()[1]
+            plan.append(hello + f"Q {resp} {pad} {i + 1}/{n}\n".encode() + b"u" * pad)
         sent = recv = got = 0
         outcome = "ok"
         try:
@@ -333,7 +337,7 @@ class App:
             sent += len(plan[got])
         finally:
             s.close()
-            self._truth(server, port, "udp", family, cport, sent, recv, start, outcome,
+            self._truth(server, port, "udp", family, cport, sent, recv, start, outcome, dial,
                         udp=("connected" if connected else "unconnected",
                              got + (outcome != "ok"), got))
         return outcome
@@ -456,8 +460,13 @@ class App:
                     self.dns_lookup(name, family)
             # UDP with a pod of cache, dialled directly (also with Services: the ClusterIPs are TCP)
             if self.chance(UDP_SHARE):
-                cache = self.replica("cache") if self.cluster else self.resolve("cache", family)
-                self.udp_exchange(cache, int(self.inv["services"]["cache"]["port"]), family)
+                port = int(self.inv["services"]["cache"]["port"])
+                if self.cluster:  # a pod dialled directly, with a PROXY line like every call
+                    cache = self.replica("cache")
+                    self.udp_exchange(cache, port, family, Dial(cache, port, address(cache, family),
+                                                                port, "pod", "cache"))
+                else:
+                    self.udp_exchange(self.resolve("cache", family), port, family)
             if self._dead_due():
                 self.udp_dead(family)
 

@@ -128,3 +128,22 @@ def test_the_dead_port_is_due_with_the_first_request_then_at_most_every_two_seco
         now[0] += 0.5
     assert due == [True, False, False, False, True, False, False, False, True]
     assert labapp.UDP_DEAD_EVERY_S == 2.0
+
+
+def test_with_services_each_datagram_names_the_client_and_what_it_dialled(demo) -> None:
+    """A pod dialled directly in a Services lab: every datagram opens with the PROXY line, the
+    truth says how it was dialled, and the ledger line carries the PROXY fields
+    (`Lab.resolve_backends` matches them)."""
+    api, inv, state = demo
+    cache = inv["pods"][1]
+    port = cache["ports"][0]
+    dial = labapp.Dial(cache, port, CACHE, port, "pod", "cache")
+    assert api.udp_exchange(cache, port, 4, dial) == "ok"
+    (t,) = lines(state / "truth" / "api-1.jsonl")
+    (x,) = wait_ledger(state / "ledger" / "cache-1.jsonl", 1)
+    assert (t["via"], t["service"], t["dialled_ip"], t["dialled_port"]) == ("pod", "cache", CACHE, port)
+    assert x["proxy"] == {"protocol": "udp", "client_ip": API, "client_port": t["client_port"],
+                          "dialled_ip": CACHE, "dialled_port": port}
+    assert (x["bytes_in"], x["bytes_out"]) == (t["bytes_c2s"], t["bytes_s2c"])
+    hello = labapp.proxy_line("UDP4", API, t["client_port"], dial)
+    assert t["bytes_c2s"] > t["dgrams_c2s"] * len(hello)  # every datagram carried it
