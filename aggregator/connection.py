@@ -21,6 +21,10 @@ Rules (docs/aggregator.md):
   time span, `observed_by` and `incomplete`, never for its counters, connect or byte checks; they
   close it only when nothing else observed it (a drop source's final record means "no drop for
   a while", not "closed"). `drops()`: packets by reason, summed over the collectors.
+  One exception for connect: a UDP datagram dropped as `NO_SOCKET` went to a port where nobody
+  listens (the kernel answered ICMP port unreachable), so that drops view carries connect
+  `refused` (`refused_by_drop`), the connection's connect when no other view has one: how an
+  unconnected client socket, which learns nothing of the ICMP error, gets its `refused`.
 
 The properties below define each value; `summary()` computes all of them in one pass over the
 views (what the store writes for every connection a batch touched), and must agree with them
@@ -45,6 +49,13 @@ _OBSERVED = {m: "," + ",".join(n for b, n in ((1, "client"), (8, "drops"), (2, "
              for m in range(1, 16)}
 _OBS_BIT = {"client": 1, "path": 2, "server": 4, "drops": 8}
 DROPS = "drops"  # the observer of a drops view (a record of source `drops`)
+
+
+def refused_by_drop(protocol: str, reason: str | None) -> bool:
+    """Whether a drop makes its connection `refused`: a UDP datagram no socket wanted
+    (net/ipv4/udp.c and net/ipv6/udp.c `__udp*_lib_rcv`: ICMP port unreachable, then the drop
+    with SKB_DROP_REASON_NO_SOCKET)."""
+    return protocol == "udp" and reason == "NO_SOCKET"
 
 
 def _mismatch(client: View | None, server: View | None, final_paths: list[View],
@@ -327,9 +338,14 @@ class Connection(msgspec.Struct, gc=False):
 
     @property
     def connect(self) -> str | None:
+        """The client's, else the server's, else any other view's (in order), else a drops
+        view's (`refused_by_drop`)."""
         for slot in ("client", "server"):
             v = self.views.get(slot)
             if v is not None and v.connect is not None:
+                return v.connect
+        for v in self.views.values():
+            if v.connect is not None and v.observer != DROPS:
                 return v.connect
         for v in self.views.values():
             if v.connect is not None:
@@ -378,7 +394,7 @@ class Connection(msgspec.Struct, gc=False):
         spk = False  # a socket view counted packets (UDP datagrams)
         paths = 0
         hp1 = hp2 = False  # a view counted packets (c2s, s2c)
-        connect = rtt = None
+        connect = rtt = drops_connect = None
         final_paths = []
         drops: dict[str, int] | None = None
         drops_closed = None  # the drops views' closing time (used when nothing else saw it)
@@ -397,6 +413,8 @@ class Connection(msgspec.Struct, gc=False):
                 drops = drops if drops is not None else {}
                 r = v.reason or "UNKNOWN"
                 drops[r] = drops.get(r, 0) + (v.packets_c2s or 0)
+                if drops_connect is None:
+                    drops_connect = v.connect
                 continue
             if v.final:
                 if closed_at is None or e < closed_at:
@@ -455,6 +473,8 @@ class Connection(msgspec.Struct, gc=False):
             if side is not None and side.connect is not None:
                 connect = side.connect
                 break
+        if connect is None:
+            connect = drops_connect
         for side in (client, server):
             if side is not None and side.rtt is not None:
                 rtt = side.rtt

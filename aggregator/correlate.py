@@ -61,6 +61,7 @@ from aggregator.connection import (
     ProcInfo,
     Tunnel,
     View,
+    refused_by_drop,
 )
 from aggregator.identity import Facts, IdentityResolver, better
 from aggregator.nodeport import NodePortJoin, volumes_of
@@ -397,14 +398,16 @@ class Correlator:
     def _drops(conn: Connection, rec: FlowRecord) -> None:
         """A drops record's packets, one view per reason (in the record's order), each kept
         unless the view it would replace supersedes it. Drops add no volumes (best counters)
-        and name no end (the drop source knows addresses only)."""
+        and name no end (the drop source knows addresses only); a UDP datagram no socket
+        wanted makes the connection refused (aggregator/connection.py `refused_by_drop`)."""
         inc = bool(rec.incomplete)
         for d in rec.drops or ():
             slot = f"drops:{rec.collector}:{d.reason}"
             if _superseded(conn.views.get(slot), rec):
                 continue
+            connect = "refused" if refused_by_drop(rec.protocol, d.reason) else None
             conn.views[slot] = View(DROPS, rec.collector, rec.start, rec.end, rec.final, 0, 0,
-                                    d.packets, None, 0, 0, None, None, inc, d.reason)
+                                    d.packets, None, 0, 0, connect, None, inc, d.reason)
 
     @staticmethod
     def _rollup_key(conn: Connection, minute: datetime) -> RollupKey:

@@ -6,9 +6,11 @@ In:  a batch in the flat layout (aggregator/store/columns.py), whose records of 
      keep their `drops: [{reason, packets}]` in the `extra` blob only.
 Out: `Expansion`: each drops record becomes one row per reason, in the record's order, with
      observer `drops` (the C core's OBS_DROPS), the reason's packets in `packets_c2s` (the C core
-     keeps nothing else of such a row: aggregator/correlate_native_join.c `set_view`), and its
-     reason. The rows of one record are adjacent copies and share its `end`, so the stable
-     order by `end` keeps them together; each joins the connection the record joins in the
+     keeps nothing else of such a row but its connect: aggregator/correlate_native_join.c
+     `set_view`), its reason, and connect `refused` for a UDP datagram no socket wanted
+     (`NO_SOCKET`: aggregator/connection.py `refused_by_drop`), else none. The rows of one
+     record are adjacent copies and share its `end`, so the stable order by `end` keeps them
+     together; each joins the connection the record joins in the
      reference (aggregator/correlate.py `Correlator._drops`): the join rule looks at the drop
      source's view of any reason, which the first row leaves at the record's start.
 
@@ -25,9 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.connection import refused_by_drop
 from aggregator.store.columns import Extra
 
 OBS_DROPS = 3  # correlate_native.h
+CONNECT_REFUSED = 2  # correlate_input.CONNECTS
 _extra = msgspec.msgpack.Decoder(Extra)
 
 
@@ -41,6 +45,7 @@ class Expansion:
     drop: np.ndarray          # bool: the expanded row is a reason of a drops record
     packets: np.ndarray       # its packets (0 elsewhere)
     reasons: list[str | None]  # its reason (None elsewhere)
+    refused: np.ndarray       # bool: a drops row that makes its connection refused
 
     def apply(self, arrays: dict[str, np.ndarray], skip: tuple[str, ...]) -> None:
         """Every array but `skip` taken row by row; the drops rows' observer and packets."""
@@ -51,6 +56,8 @@ class Expansion:
         arrays["observer"] = np.where(self.drop, OBS_DROPS, arrays["observer"]).astype(np.uint8)
         arrays["p_c2s"] = np.where(self.drop, self.packets, arrays["p_c2s"]).astype(np.int64)
         arrays["has_p_c2s"] = np.where(self.drop, 1, arrays["has_p_c2s"]).astype(np.uint8)
+        arrays["connect"] = np.where(self.drop, np.where(self.refused, CONNECT_REFUSED, 0),
+                                     arrays["connect"]).astype(np.uint8)
 
 
 def drop_rows(table: pa.Table) -> Expansion | None:
@@ -66,6 +73,7 @@ def drop_rows(table: pa.Table) -> Expansion | None:
     # only the drops records' blobs are read (a batch is mostly other records)
     blobs = (table.column("extra").take(pa.array(rows)).to_pylist() if "extra" in names
              else [None] * len(rows))
+    protocols = table.column("protocol").take(pa.array(rows)).to_pylist()
     counts = np.ones(n, dtype=np.int64)
     per_row: list[list[tuple[str, int]]] = []
     for r, blob in zip(rows.tolist(), blobs, strict=True):
@@ -82,9 +90,11 @@ def drop_rows(table: pa.Table) -> Expansion | None:
     first = np.cumsum(counts) - counts  # where each record's rows start
     reasons: list[str | None] = [None] * m
     packets = np.zeros(m, dtype=np.int64)
-    for r, got in zip(rows.tolist(), per_row, strict=True):
+    refused = np.zeros(m, dtype=bool)
+    for r, got, proto in zip(rows.tolist(), per_row, protocols, strict=True):
         at = int(first[r])
         for k, (reason, n_packets) in enumerate(got):
             reasons[at + k] = reason
             packets[at + k] = n_packets
-    return Expansion(idx, np.repeat(is_drop, counts), packets, reasons)
+            refused[at + k] = refused_by_drop(proto, reason)
+    return Expansion(idx, np.repeat(is_drop, counts), packets, reasons, refused)

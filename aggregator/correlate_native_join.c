@@ -197,7 +197,8 @@ static int set_view(ew_state *st, uint32_t ci, uint32_t v, const ew_input *in, i
     if (w->observer == OBS_DROPS) { /* Correlator._drops: the reason's packets, nothing else */
         w->b_c2s = w->b_s2c = w->p_s2c = w->retrans = w->resets = 0;
         w->rtt[0] = w->rtt[1] = w->rtt[2] = 0;
-        w->connect = CONNECT_NONE;
+        /* connect: refused for a UDP datagram no socket wanted, set by the expansion
+         * (correlate_drops.py, connection.refused_by_drop), else none */
         w->flags = (uint8_t)((w->flags & (VF_FINAL | VF_INCOMPLETE)) | VF_P_C2S);
     }
     ew_conn_bounds(st, &st->conns[ci]);

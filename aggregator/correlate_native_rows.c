@@ -211,7 +211,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     int64_t closed_at = 0;
     int closed = 0, inc = 0, paths = 0;
     unsigned mask = 0;
-    uint8_t connect = CONNECT_NONE;
+    uint8_t connect = CONNECT_NONE, drops_connect = CONNECT_NONE;
     int64_t pb1 = 0, pb2 = 0;
     int hp1 = 0, hp2 = 0; /* a view counted packets: else the row's packets are null */
     int has_drops = 0, drops_closed = 0;
@@ -228,6 +228,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
             if (__builtin_add_overflow(dropped, v->p_c2s, &dropped))
                 return ew_fail(st, EW_E_OVERFLOW, "dropped packets of a connection exceed int64");
             has_drops = 1;
+            if (drops_connect == CONNECT_NONE) drops_connect = v->connect;
             continue;
         }
         if (v->flags & VF_FINAL) {
@@ -255,6 +256,7 @@ static int conn_row(ew_state *st, const ew_conn *c, const ew_touch *t, int64_t *
     /* connect and rtt: the client's first, then the server's, then any view's (in order) */
     if (cv && cv->connect) connect = cv->connect;
     else if (sv && sv->connect) connect = sv->connect;
+    if (connect == CONNECT_NONE) connect = drops_connect; /* connection.refused_by_drop */
     const ew_view *rv = cv && (cv->flags & VF_RTT) ? cv : sv && (sv->flags & VF_RTT) ? sv : any_rtt;
     SET(OUT_PROTOCOL, c->protocol);
     SET(OUT_FAMILY, c->family);

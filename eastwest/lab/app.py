@@ -8,6 +8,9 @@ Call graph (each arrow a new connection per request, so connections are countabl
                                -> cache     (70%)
                                -> auth      (50%; auth resets 20% of its connections)
                                -> resolver  (DNS over UDP on a connected socket, below)
+                               -> cache     (UDP, 30%: several datagrams each way, below)
+                               -> a pod on api's own host, UDP to a port where nobody listens
+                                  (at most every 2 s: refused)
 A loadgen connection carries 1-3 requests (keep-alive), so some connections live longer.
 
 Ground truth, written by the application itself, one JSON line per connection:
@@ -37,6 +40,20 @@ does not exist, one answered late, one behind a CNAME). Every exchange is one tr
 (protocol udp, port 53) with a `dns` object: id, name, type, rcode, answers, cnames, ttl. Only
 api resolves: the call graph keeps its edges (api -> resolver is the only one to port 53).
 
+UDP (docs/lab.md, "UDP"): cache also answers UDP on its port. In 30% of its requests api makes
+one UDP exchange with it: 2-4 datagrams of mixed sizes (a few bytes, a few hundred, up to 1,200),
+each answered by one of a size the request asks, half on a connected socket (send/recv), half on
+an unconnected one (sendto/recvfrom, the peer per datagram). At most every UDP_DEAD_EVERY_S
+(with the first request, then with the first request after each such pause; a time, not a
+share, so that every run has one and the kernel's ICMP rate limit, 1 error per second per
+destination with a burst of 6, never turns one into a timeout) it sends one datagram, on a
+connected socket, to UDP_DEAD_PORT of a pod of a service it calls anyway on its own host (the
+kernel answers ICMP port unreachable, the socket says ECONNREFUSED: outcome `refused`); on its
+own host so that the ICMP error does not cross the overlay, where a wire observer would report
+it as an ICMP flow from that pod to api. Every UDP truth line says `udp_socket` (connected or
+unconnected) and its datagrams each way (`dgrams_c2s`, `dgrams_s2c`); the server writes one
+ledger line per exchange, after its last datagram.
+
 Protocol: request = b"REQ <response-size> <pad-size>\\n" + pad bytes; response = response-size
 bytes. The client closes after its last response.
 """
@@ -49,6 +66,7 @@ import ipaddress
 import json
 import os
 import random
+import select
 import signal
 import socket
 import socketserver
@@ -61,11 +79,15 @@ from pathlib import Path
 from typing import Any
 
 from eastwest.lab import dns as labdns
-from eastwest.lab.plan import DEAD_PORT
+from eastwest.lab.plan import DEAD_PORT, UDP_DEAD_PORT
 
 AUTH_RESET_SHARE = 0.2
 DB_DEAD_SHARE = 0.05
 CONNECT_TIMEOUT = 3.0
+UDP_SHARE = 0.3  # api requests that also make a UDP exchange with cache
+UDP_UNCONNECTED_SHARE = 0.5  # of those, on an unconnected socket (sendto/recvfrom)
+UDP_DEAD_EVERY_S = 2.0  # api: a datagram to a port where nobody listens, at most this often
+UDP_SIZES = ((0, 16), (100, 400), (800, 1200))  # datagram size classes (payload bytes)
 UDP_REUSE_S = 120.0  # a UDP 5-tuple is not used twice within this (observers' idle timeouts)
 POD_DIAL_SHARE = 0.2  # with Services: calls that still dial a pod's address directly
 NODEPORT_SHARE = 0.1  # with Services: load generator calls that go through the NodePort
@@ -123,6 +145,8 @@ class App:
         self._rr: dict[str, int] = {}
         self._udp_recent: dict[tuple[int, str, int], float] = {}  # 5-tuple -> when it was used
         self._udp_lock = threading.Lock()
+        self._udp_open: dict[tuple[str, int, str, int], tuple[int, int]] = {}  # echo: so far
+        self._udp_dead_at = float("-inf")  # when the last datagram to the dead port went
         self.families = FAMILIES[self.inv.get("ip_family", "ipv4")]
         self.cluster = {c["name"]: c for c in self.inv.get("cluster_services", [])}
         self.dns_cache = labdns.Cache()
@@ -161,7 +185,8 @@ class App:
 
     def _truth(self, server: dict[str, Any] | None, port: int, proto: str, family: int, cport: int,
                sent: int, recv: int, start: str, outcome: str, dial: Dial | None = None,
-               dns: dict[str, Any] | None = None) -> None:
+               dns: dict[str, Any] | None = None,
+               udp: tuple[str, int, int] | None = None) -> None:
         line: dict[str, Any] = {
             "client_pod": self.pod["name"], "client_ip": address(self.pod, family),
             "client_port": cport, "family": family,
@@ -179,6 +204,8 @@ class App:
                          "dialled_port": dial.port})
         if dns is not None:
             line["dns"] = dns
+        if udp is not None:  # (connected | unconnected, datagrams sent, datagrams received)
+            line.update({"udp_socket": udp[0], "dgrams_c2s": udp[1], "dgrams_s2c": udp[2]})
         self.truth.write(line)
 
     # -- client side ------------------------------------------------------------------------
@@ -232,9 +259,10 @@ class App:
             self._truth(server, port, "tcp", family, cport, sent, recv, start, outcome, dial)
         return outcome
 
-    def _fresh_udp_socket(self, server_ip: str, port: int, family: int = 4) -> socket.socket:
-        """A connected UDP socket on an ephemeral port this pod has not used towards this server
-        for UDP_REUSE_S. The kernel may hand a just-freed port out again, and two exchanges on
+    def _fresh_udp_socket(self, server_ip: str, port: int, family: int = 4,
+                          connect: bool = True) -> socket.socket:
+        """A UDP socket (connected unless `connect` is false) on an ephemeral port this pod has
+        not used towards this server for UDP_REUSE_S. The kernel may hand a just-freed port out again, and two exchanges on
         one 5-tuple within an observer's idle timeout are ONE flow to anybody on the wire: the
         ground truth would then count two where no observer can see more than one."""
         now = time.monotonic()
@@ -249,7 +277,8 @@ class App:
                     break
                 s.close()
             self._udp_recent[key] = now
-        s.connect((server_ip, port))
+        if connect:
+            s.connect((server_ip, port))
         return s
 
     def call_udp(self, server: dict[str, Any] | None, port: int, resp_size: int, pad: int,
@@ -268,8 +297,86 @@ class App:
         finally:
             s.close()
             self._truth(server, port, "udp", family, cport, len(msg), len(answer), start,
-                        outcome, dial)
+                        outcome, dial, udp=("connected", 1, int(outcome == "ok")))
         return outcome
+
+    def udp_exchange(self, server: dict[str, Any], port: int, family: int = 4,
+                     dial: Dial | None = None) -> str:
+        """One UDP exchange with `server`: 2-4 datagrams of mixed sizes, each answered, on a
+        connected socket (send/recv) or an unconnected one (sendto/recvfrom); writes its truth.
+        With a Services `dial` (a pod dialled directly), each datagram opens with a PROXY line."""
+        start = now_iso()
+        connected = not self.chance(UDP_UNCONNECTED_SHARE)
+        to = (address(server, family), port)
+        s = self._fresh_udp_socket(to[0], to[1], family, connect=connected)
+        s.settimeout(CONNECT_TIMEOUT)
+        cport = s.getsockname()[1]
+        hello = proxy_line("UDP4", address(self.pod, family), cport, dial) if dial and dial.via \
+            else b""
+        n = self.randint(2, 4)
+        plan = []
+        for i in range(n):
+            lo, hi = UDP_SIZES[self.randint(0, len(UDP_SIZES) - 1)]
+            pad, resp = self.randint(lo, hi), self.randint(1, 1200)
+            plan.append(hello + f"Q {resp} {pad} {i + 1}/{n}\n".encode() + b"u" * pad)
+        sent = recv = got = 0
+        outcome = "ok"
+        try:
+            for msg in plan:
+                if connected:
+                    s.send(msg)
+                    answer = s.recv(65536)
+                else:
+                    s.sendto(msg, to)
+                    answer, _ = s.recvfrom(65536)
+                sent += len(msg)
+                recv += len(answer)
+                got += 1
+        except (TimeoutError, ConnectionRefusedError) as exc:  # sent, never answered
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "refused"
+            sent += len(plan[got])
+        finally:
+            s.close()
+            self._truth(server, port, "udp", family, cport, sent, recv, start, outcome, dial,
+                        udp=("connected" if connected else "unconnected",
+                             got + (outcome != "ok"), got))
+        return outcome
+
+    def udp_dead(self, family: int = 4) -> str:
+        """One datagram on a connected socket to UDP_DEAD_PORT of a pod on this pod's host
+        (where nobody listens): the kernel's ICMP port unreachable makes the socket's receive
+        fail with ECONNREFUSED. Writes its truth (outcome `refused`)."""
+        start = now_iso()
+        server = self.same_host_peer()
+        s = self._fresh_udp_socket(address(server, family), UDP_DEAD_PORT, family)
+        s.settimeout(CONNECT_TIMEOUT)
+        cport = s.getsockname()[1]
+        msg = b"Q 0 0 1/1\n"
+        try:
+            outcome, answer = _exchange(s, msg)
+        finally:
+            s.close()
+        self._truth(server, UDP_DEAD_PORT, "udp", family, cport, len(msg), len(answer), start,
+                    outcome, udp=("connected", 1, int(bool(answer))))
+        return outcome
+
+    def _dead_due(self) -> bool:
+        """Whether this request sends the datagram to the dead port (UDP_DEAD_EVERY_S)."""
+        now = time.monotonic()
+        with self._udp_lock:
+            if now - self._udp_dead_at < UDP_DEAD_EVERY_S:
+                return False
+            self._udp_dead_at = now
+            return True
+
+    def same_host_peer(self) -> dict[str, Any]:
+        """A pod of a service this pod calls anyway, on this pod's host (the first by name), so
+        that traffic to it never crosses the overlay; else a db pod."""
+        calls = ("db", "cache", "auth", "resolver")
+        near = sorted((p for p in self.inv["pods"] if p["host"] == self.pod["host"]
+                       and p["service"] in calls),
+                      key=lambda p: p["name"])
+        return near[0] if near else self.replica("db")
 
     def dns_lookup(self, name: str, family: int = 4) -> labdns.Lookup:
         """One DNS query to a resolver pod over a connected UDP socket; writes its truth."""
@@ -287,7 +394,7 @@ class App:
             s.close()
         lookup = labdns.read_response(query, wire, response)
         self._truth(server, port, "udp", family, cport, len(wire), len(response), start, outcome,
-                    dns=lookup.truth())
+                    dns=lookup.truth(), udp=("connected", 1, int(bool(response))))
         return lookup
 
     def resolve(self, service: str, family: int = 4) -> dict[str, Any]:
@@ -351,6 +458,17 @@ class App:
                     with self.rng_lock:
                         name = self.rng.choice(labdns.PURPOSE_NAMES)
                     self.dns_lookup(name, family)
+            # UDP with a pod of cache, dialled directly (also with Services: the ClusterIPs are TCP)
+            if self.chance(UDP_SHARE):
+                port = int(self.inv["services"]["cache"]["port"])
+                if self.cluster:  # a pod dialled directly, with a PROXY line like every call
+                    cache = self.replica("cache")
+                    self.udp_exchange(cache, port, family, Dial(cache, port, address(cache, family),
+                                                                port, "pod", "cache"))
+                else:
+                    self.udp_exchange(self.resolve("cache", family), port, family)
+            if self._dead_due():
+                self.udp_dead(family)
 
     def serve(self) -> None:
         svc = self.pod["service"]
@@ -359,6 +477,8 @@ class App:
         if self.inv["services"][svc]["protocol"] == "udp":
             self._serve_udp(port)
         else:
+            if svc == "cache":  # and UDP on the same port (the demo's UDP exchanges)
+                self._serve_udp_echo(port)
             self._serve_tcp(port)
 
     def _ready(self) -> None:
@@ -439,13 +559,35 @@ class App:
             threading.Thread(target=self._answer_udp, args=(s, port), daemon=True).start()
         self._answer_udp(socks[0], port)
 
+    def _serve_udp_echo(self, port: int) -> list[socket.socket]:
+        """UDP echo sockets (one per address of the pod), each answered by a thread until it
+        is closed; returns them."""
+        socks = []
+        for fam in self.families:
+            s = socket.socket(AF[fam], socket.SOCK_DGRAM)
+            s.bind((address(self.pod, fam), port))
+            socks.append(s)
+            threading.Thread(target=self._answer_echo, args=(s, s.getsockname()[0], port),
+                             daemon=True).start()
+        return socks
+
+    def _answer_echo(self, s: socket.socket, local_ip: str, port: int) -> None:
+        while True:
+            try:
+                data, peer = _recv_when_ready(s)
+            except (OSError, ValueError):  # closed
+                return
+            if peer is None:  # shut down
+                return
+            self._echo_udp(s, data, peer, local_ip, port)
+
     def _answer_udp(self, s: socket.socket, port: int) -> None:
         """The resolver's DNS server: answers from the lab's zone; a late answer is sent from a
         timer, so it holds up no other query."""
         local_ip = s.getsockname()[0]
         zone = labdns.Zone(self.inv)
         while True:
-            data, peer = s.recvfrom(65536)
+            data, peer = _recv_when_ready(s)
             if data.startswith((b"PROXY ", b"Q ")):  # the demo's own UDP calls (Services)
                 self._echo_udp(s, data, peer, local_ip, port)
                 continue
@@ -461,21 +603,34 @@ class App:
 
     def _echo_udp(self, s: socket.socket, data: bytes, peer: tuple[str, int], local_ip: str,
                   port: int) -> None:
-        """`Q <size> <pad>` (after a PROXY line when dialled through a Service): `size` bytes
-        back, and a ledger line naming who called through what."""
+        """`Q <size> <pad> [<i>/<n>]` (after a PROXY line when dialled through a Service):
+        `size` bytes back, and after the exchange's last datagram (`i` = `n`, 1/1 without)
+        one ledger line with its totals, naming who called through what."""
         proxy = None
         try:
             query = data
             if data.startswith(b"PROXY "):
                 hello, query = data.split(b"\n", 1)
                 proxy = parse_proxy(hello)
-            size = int(query.split(b"\n", 1)[0].split()[1])
+            words = query.split(b"\n", 1)[0].split()
+            size = int(words[1])
+            i, n = (int(x) for x in words[3].split(b"/")) if len(words) > 3 else (1, 1)
         except (IndexError, ValueError):
             return
         s.sendto(b"a" * size, peer)
+        key = (local_ip, port, peer[0], peer[1])
+        with self._udp_lock:  # the exchange so far (its datagrams come one after the other)
+            was = (0, 0) if i == 1 else self._udp_open.pop(key, (0, 0))
+            total = (was[0] + len(data), was[1] + size)
+            if i < n:
+                self._udp_open[key] = total
+            else:
+                self._udp_open.pop(key, None)
+        if i < n:
+            return
         self.ledger.write({"pod": self.pod["name"], "protocol": "udp", "client_ip": peer[0],
                            "client_port": peer[1], "server_ip": local_ip,
-                           "server_port": port, "bytes_in": len(data), "bytes_out": size,
+                           "server_port": port, "bytes_in": total[0], "bytes_out": total[1],
                            "reset": False, "end": now_iso(),
                            **({"proxy": proxy} if proxy else {})})
 
@@ -585,6 +740,16 @@ def _read_exact(rfile: Any, n: int) -> int:
             break
         got += len(chunk)
     return got
+
+
+def _recv_when_ready(s: socket.socket) -> tuple[bytes, Any]:
+    """A server's next datagram, received once it is there: the thread waits in select(), not
+    in recvfrom(), so a collector attached while it waits sees the receive call begin and
+    names every datagram's sender (docs/collector.md, "UDP": a call already in progress when
+    the probes attach names no sender, counted as `udp_no_peer`, and marks that interval's UDP
+    records `lost_events`)."""
+    select.select([s], [], [])
+    return s.recvfrom(65536)
 
 
 def _exchange(s: socket.socket, datagram: bytes) -> tuple[str, bytes]:

@@ -53,6 +53,7 @@ SERVICES = (
 )
 LOADGEN = Service("loadgen", 0, "tcp", "load", "Job")
 DEAD_PORT = 5433  # db's "replica" port: nothing listens, so connects are refused (ground truth)
+UDP_DEAD_PORT = 5434  # a UDP port where nobody listens (ICMP port unreachable: refused)
 SERVICE_BY_NAME = {s.name: s for s in (*SERVICES, LOADGEN)}
 
 
@@ -155,6 +156,7 @@ class LabPlan:
             "services": {s.name: {"port": s.port, "protocol": s.protocol, "namespace": s.namespace,
                                   "kind": s.kind} for s in SERVICES},
             "dead_port": DEAD_PORT,
+            "udp_dead_port": UDP_DEAD_PORT,
             "workload_map": f"{self.state_dir}/workloads.yaml" if self.state_dir else None,
             **({"cluster_services": cluster_services(self)} if self.services else {}),
             **({"patterns": list(self.patterns)} if self.patterns else {}),

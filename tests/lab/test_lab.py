@@ -79,13 +79,22 @@ def test_truth_equals_what_the_servers_counted(lab_factory, tmp_path):
         key = (t["protocol"], t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])
         if t["outcome"] == "refused":
             assert key not in ledger, t  # nobody accepted it
-            assert t["bytes_c2s"] == t["bytes_s2c"] == 0
+            # a refused UDP exchange's datagram was sent (its payload counted), never answered
+            assert t["bytes_s2c"] == 0 and (t["protocol"] == "udp" or t["bytes_c2s"] == 0), t
             continue
         server = ledger[key].pop(0)
         assert (server["bytes_in"], server["bytes_out"]) == (t["bytes_c2s"], t["bytes_s2c"]), t
         assert server["reset"] == (t["outcome"] == "reset"), t
         checked += 1
     assert checked == len(truth) - outcomes["refused"]
+    # the demo's own UDP (docs/lab.md, "UDP"): both socket kinds, several datagrams each way, and
+    # a datagram to a dead port, refused (sent: its bytes count; never answered)
+    udp = [t for t in truth if t["protocol"] == "udp" and "dns" not in t]
+    assert {t["udp_socket"] for t in udp if t["outcome"] == "ok"} == {"connected", "unconnected"}
+    assert any(t["dgrams_c2s"] >= 2 and t["dgrams_s2c"] >= 2 for t in udp)
+    dead = [t for t in udp if t["outcome"] == "refused"]
+    assert dead and all((t["dgrams_c2s"], t["dgrams_s2c"], t["bytes_s2c"]) == (1, 0, 0)
+                        and t["bytes_c2s"] > 0 for t in dead)
     assert not any(ledger.values()), "the servers saw exchanges no client recorded"
     # the application's own ports are what the truth says, and pods are who the inventory says
     pods = {p["name"]: p for p in lab.inventory["pods"]}

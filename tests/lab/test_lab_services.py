@@ -62,7 +62,8 @@ def test_every_service_call_names_the_backend_its_server_recorded(services_run):
     assert via[(None, "refused")] >= 1  # db's dead port, dialled directly, stays as ever
     for t in sorted(truth, key=lambda t: t["start"]):
         if t["outcome"] == "refused":
-            assert "via" not in t and t["server_port"] == inv["dead_port"]
+            assert "via" not in t
+            assert t["server_port"] == inv["dead_port" if t["protocol"] == "tcp" else "udp_dead_port"]
             continue
         served = ledger[(t["protocol"], t["client_ip"], t["client_port"], t["dialled_ip"],
                          t["dialled_port"])].pop(0)

@@ -66,9 +66,12 @@ def netns_inode(name: str) -> int:
 
 
 class Collected:
-    """The socket probe source in a thread, its records in a list one can await."""
+    """The socket probe source in a thread, its records in a list one can await; with `drops`,
+    the drop source too (the collector's `--drops`, built the way its flags build it)."""
 
-    def __init__(self, netns: list[str], interval: float = 1.0, idle_timeout: float = 30.0) -> None:
+    def __init__(self, netns: list[str], interval: float = 1.0, idle_timeout: float = 30.0,
+                 drops: bool = False) -> None:
+        from collector.drops.source import drop_source
         from collector.probes import SocketProbeSource
 
         self.records: list[FlowRecord] = []
@@ -76,6 +79,7 @@ class Collected:
         args = argparse.Namespace(netns=netns, interval=interval, map_entries=4096, verbose=False,
                                   idle_timeout=idle_timeout)
         self.source = SocketProbeSource(self.ctx, args)
+        self.sources: list = [self.source] + ([drop_source(self.ctx, args)] if drops else [])
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
@@ -93,14 +97,15 @@ class Collected:
 
     def _run(self) -> None:
         try:
-            run_pipeline([self.source], self, stop=self._stop, handle_signals=False)
+            run_pipeline(self.sources, self, stop=self._stop, handle_signals=False)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             self._errors.append(exc)
-            self.source.ready.set()
+            for source in self.sources:
+                source.ready.set()
 
     def __enter__(self) -> Collected:
         self._thread.start()
-        if not self.source.ready.wait(120) or self._errors:
+        if not all(s.ready.wait(120) for s in self.sources) or self._errors:
             self.stop()
             pytest.fail(f"the socket probes did not start: {self._errors}")
         return self

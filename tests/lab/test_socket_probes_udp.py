@@ -3,9 +3,12 @@
 (tests/lab/udp_workload.py) found from both ends, for each of sendto/recvfrom, sendmsg/recvmsg
 and sendmmsg/recvmmsg, connected and unconnected sockets, IPv4 and IPv6, with the exact
 datagrams and payload bytes per direction the applications sent and received, the process, the
-namespace; `refused` for a dead port; the client told by the first datagram.
+namespace; `refused` for a dead port, from a connected socket (ECONNREFUSED) and from an
+unconnected one (the drop source's `NO_SOCKET` on the server's side, joined by the correlators);
+the client told by the first datagram.
 
-One collector, one pair of namespaces and one workload run serve the whole module."""
+One collector (socket probes and drop source), one pair of namespaces and one workload run
+serve the whole module."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ C4, S4, C6, S6 = "10.78.0.1", "10.78.0.2", "fd78::1", "fd78::2"
 WORKLOAD = Path(__file__).with_name("udp_workload.py")
 IDLE = 2.0
 MODES = ("sendto", "sendmsg", "sendmmsg")
+DEAD = ("dead", "dead-unconnected")  # to port 9109, where nobody listens
 
 
 def build_namespaces() -> None:
@@ -52,7 +56,8 @@ def run():
     build_namespaces()
     server = None
     try:
-        with Collected([CLIENT_NS, SERVER_NS], interval=1.0, idle_timeout=IDLE) as col:
+        with Collected([CLIENT_NS, SERVER_NS], interval=1.0, idle_timeout=IDLE,
+                       drops=True) as col:
             # from one idle timeout after attaching, the probes see every flow's first datagram
             time.sleep(IDLE + 0.5)
             server = subprocess.Popen(
@@ -69,11 +74,14 @@ def run():
                 pytest.fail(f"the UDP client failed: {r.stderr}")
             truth = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
             ports = {t["client_port"] for t in truth}
-            want = 2 * sum(1 for t in truth if t["mode"] != "dead") + 2  # + the dead ports' clients
+            dead = [t for t in truth if t["mode"] in DEAD]
+            want = 2 * (len(truth) - len(dead)) + len(dead)  # the dead ports: their clients only
 
             def done(recs):
-                return sum(1 for x in recs if x.final and x.protocol == "udp"
-                           and x.client.port in ports) >= want
+                socks = sum(1 for x in recs if x.final and x.protocol == "udp"
+                            and x.source == "socket" and x.client.port in ports)
+                dropped = {x.client.port for x in recs if x.final and x.source == "drops"}
+                return socks >= want and all(t["client_port"] in dropped for t in dead)
 
             # client sockets closed: final within an interval; the server's: the idle timeout
             col.wait_for(done, timeout=30)
@@ -89,7 +97,7 @@ def run():
 
 def finals(col, observer, port):
     return [r for r in col.records if r.final and r.protocol == "udp" and r.observer == observer
-            and r.client.port == port]
+            and r.client.port == port and r.source == "socket"]
 
 
 def test_the_workload_did_what_the_assertions_rely_on(run):
@@ -101,6 +109,8 @@ def test_the_workload_did_what_the_assertions_rely_on(run):
     assert all(t["dgrams_sent"] == t["dgrams_recv"] == 5 and t["bytes_sent"] == 1970
                and t["bytes_recv"] == 1970 + 35 for t in exchanges)
     assert [t["outcome"] for t in truth if t["mode"] == "dead"] == ["refused", "refused"]
+    assert [(t["family"], t["outcome"]) for t in truth if t["mode"] == "dead-unconnected"] == [
+        (4, "refused"), (6, "refused")]  # no answer, and no error either: nothing to see
 
 
 @pytest.mark.parametrize("mode", MODES, ids=["sendto+recvfrom", "sendmsg+recvmsg",
@@ -138,6 +148,37 @@ def test_a_datagram_to_a_dead_port_gives_a_refused_client_flow(run):
         assert finals(col, "server", t["client_port"]) == []  # nobody there to see it
 
 
+def test_a_datagram_to_a_dead_port_from_an_unconnected_socket_is_refused_once_correlated(run):
+    """The client's socket learns nothing (its record: connect null); the server's namespace
+    dropped the datagram as NO_SOCKET; both correlators join the two into one connection whose
+    outcome is refused, IPv4 and IPv6, whatever the order of the records."""
+    from aggregator.correlate import Correlator
+    from aggregator.identity import IdentityResolver
+    from tests.unit.correlate_workloads import Pair, assert_same_state, conns_of
+
+    col, truth = run
+    s_ns = netns_inode(SERVER_NS)
+    for t in [t for t in truth if t["mode"] == "dead-unconnected"]:
+        (client,) = finals(col, "client", t["client_port"])
+        assert client.connect is None and client.server.port == 9109
+        assert (client.packets_c2s, client.bytes_c2s, client.packets_s2c) == (1, 33, 0)
+        assert finals(col, "server", t["client_port"]) == []
+        (drop,) = [r for r in col.records if r.source == "drops" and r.final
+                   and r.client.port == t["client_port"]]
+        assert drop.key == client.key and drop.netns == s_ns
+        assert [(d.reason, d.packets) for d in drop.drops or []] == [("NO_SOCKET", 1)]
+        for recs in ([client, drop], [drop, client]):
+            ref = Correlator(IdentityResolver())
+            ref.commit(ref.plan(recs))
+            [conn] = conns_of(ref)
+            assert (conn.connect, conn.outcome()) == ("refused", "refused"), recs
+            assert conn.observed_by == ["client", "drops"]
+            with Pair(0, 10.0) as pair:  # the column correlator (C core), one batch each
+                for r in recs:
+                    pair.batch([r])
+                assert_same_state(pair.ref, pair.col)
+
+
 def test_the_client_is_the_sender_of_the_first_datagram_not_the_port_rule(run):
     # 5353 -> 40001: the port rule would make 5353 (outside the ephemeral range) the server
     col, truth = run
@@ -154,7 +195,7 @@ def test_server_flows_end_at_the_idle_timeout_while_the_socket_lives_and_nothing
     col, truth = run
     server_finals = [r for r in col.records if r.final and r.protocol == "udp"
                      and r.observer == "server"]
-    assert len(server_finals) == sum(1 for t in truth if t["mode"] != "dead")
+    assert len(server_finals) == sum(1 for t in truth if t["mode"] not in DEAD)
     assert col.ctx.drops.snapshot() == {}
 
 
@@ -165,9 +206,10 @@ def test_every_udp_exchange_of_the_lab_truth_once_per_side_exact(lab_factory, tm
 
     lab = lab_factory(name="ewu", hosts=3, pods_per_host=2)
     with Collected(lab_netns(lab.inventory), interval=1.0, idle_timeout=IDLE) as col:
-        # The resolvers' threads sit in recvfrom() since before the probes were attached: the
-        # datagram that ends each of those calls names no sender (counted, udp_no_peer). A
-        # first round of traffic moves every thread into a call the probes saw begin.
+        # The lab's UDP servers wait in select() (eastwest/lab/app.py `_recv_when_ready`), but a
+        # thread caught inside recvfrom() when the probes attach would name no sender for its
+        # datagram (counted, udp_no_peer). A first round of traffic moves every thread into a
+        # call the probes saw begin.
         lab.traffic(duration=1.0, truth_path=tmp_path / "warm.jsonl", seed=2)
         time.sleep(IDLE + 1.5)
         warm = col.ctx.drops.snapshot()
@@ -194,7 +236,7 @@ def test_every_udp_exchange_of_the_lab_truth_once_per_side_exact(lab_factory, tm
         for t in expected:
             r = by_key[("udp", t["client_ip"], t["client_port"], t["server_ip"], t["server_port"])]
             assert (r.bytes_c2s, r.bytes_s2c) == (t["bytes_c2s"], t["bytes_s2c"]), (observer, t)
-            assert (r.packets_c2s, r.packets_s2c) == (1, 0 if t["outcome"] != "ok" else 1)
+            assert (r.packets_c2s, r.packets_s2c) == (t["dgrams_c2s"], t["dgrams_s2c"]), (observer, t)
             assert r.process is not None and r.process.comm == t[f"{observer}_comm"]
             assert r.netns == netns_inode(t[f"{observer}_netns"])
             assert r.connect == ("refused" if t["outcome"] == "refused" else None), (observer, t)

@@ -6,9 +6,11 @@
                            each reply is the request plus 7 bytes; prints `ready`
   client --ip4 A --ip6 B   comm `ewu-cli`: for each family, each pair and connected or not, one
                            socket sends SIZES (one datagram each) with the pair's send call and
-                           receives the replies with its receive call; one to a dead port (9109,
-                           connected: ECONNREFUSED); one from port 5353 to 40001. One JSON truth
-                           line per socket, with what the application really sent and received.
+                           receives the replies with its receive call; two to a dead port (9109):
+                           one connected (ECONNREFUSED), one unconnected (sendto, then no answer:
+                           the kernel tells an unconnected socket nothing of the ICMP error);
+                           one from port 5353 to 40001. One JSON truth line per socket, with
+                           what the application really sent and received.
 
 sendmmsg/recvmmsg go through libc with ctypes (Python has no binding for them).
 """
@@ -197,6 +199,15 @@ def client(ip4: str, ip6: str) -> None:
                               "client_port": s.getsockname()[1], "server_port": DEAD_PORT,
                               "dgrams_sent": 1, "bytes_sent": 33, "dgrams_recv": 0,
                               "bytes_recv": 0, "outcome": outcome}), flush=True)
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:  # a dead port, unconnected
+            s.bind(("0.0.0.0" if v == 4 else "::", 0))
+            s.sendto(b"u" * 33, (ip, DEAD_PORT))
+            answered = bool(select.select([s], [], [], 0.5)[0])
+            print(json.dumps({"family": v, "mode": "dead-unconnected", "connected": False,
+                              "client_port": s.getsockname()[1], "server_port": DEAD_PORT,
+                              "dgrams_sent": 1, "bytes_sent": 33, "dgrams_recv": 0,
+                              "bytes_recv": 0,
+                              "outcome": "answered" if answered else "refused"}), flush=True)
         with socket.socket(fam, socket.SOCK_DGRAM) as s:  # the client on a low port
             s.bind(("0.0.0.0" if v == 4 else "::", LOW_CLIENT_PORT))
             truth = exchange(s, "sendto", False, fam, ip, HIGH_SERVER_PORT)

@@ -127,6 +127,23 @@ def test_the_demo_graph_is_the_application(demo):
     assert all(n["kind"] != "External" for n in g["nodes"])
 
 
+def test_the_demo_makes_udp_on_both_socket_kinds_and_to_a_dead_port(demo):
+    """The demo's own UDP (docs/lab.md, "UDP"): exchanges of several datagrams each way on
+    connected and unconnected sockets, and datagrams to a port where nobody listens, refused;
+    the graph counts those as failed connections of an edge the application has anyway."""
+    g = demo.get("/api/v1/graph", **{"from": (demo.started - timedelta(minutes=1)).isoformat()})
+    truth = demo.truth()
+    udp = [t for t in truth if t["protocol"] == "udp" and "dns" not in t]
+    assert {t["udp_socket"] for t in udp if t["outcome"] == "ok"} == {"connected", "unconnected"}
+    assert any(t["dgrams_c2s"] >= 2 and t["dgrams_s2c"] >= 2 for t in udp)
+    dead = [t for t in udp if t["outcome"] == "refused"]
+    assert dead and all(t["server_comm"] is None and t["dgrams_s2c"] == 0 for t in dead)
+    pairs = truth_edges(demo.lab(), dead)
+    by_pair = {(e["source"], e["target"]): e for e in g["edges"]}
+    for pair in pairs:  # the graph was read first: it may lag the truth, never lead it
+        assert by_pair[pair]["connections_failed"] >= 1 and "udp" in by_pair[pair]["protocols"]
+
+
 def test_the_dashboard_shows_each_service_once_and_one_edge_per_calling_pair(demo, page):
     nodes, edges = expected(demo)
     open_dashboard(page, demo.url, demo.token, group="workload")
