@@ -15,15 +15,21 @@ from eastwest.cli._flowrow import FlowRow
 from eastwest.dns_filter import RCODES, DnsEdgeFilter
 
 
-def add_dns_flags(p: argparse.ArgumentParser) -> None:
-    d = p.add_argument_group("DNS (flows to a resolver: the DNS they carried)")
+def add_dns_flags(p: argparse.ArgumentParser, kind: str = "flows") -> None:
+    """`--dns-name`, `--dns-rcode` on `p`: `kind` "flows" (`eastwest flows`) or "edges" (the
+    graph commands: an edge to a resolver, the DNS its clients sent)."""
+    if kind == "edges":
+        group, asked = "edges to a resolver: the DNS their clients sent", "edges to a resolver whose clients asked"
+    else:
+        group, asked = "flows to a resolver: the DNS they carried", "flows to a resolver that asked"
+    d = p.add_argument_group(f"DNS ({group})")
     d.add_argument("--dns-name", action="append", default=[], metavar="GLOB",
-                   help="only flows to a resolver that asked a name matching GLOB (a shell "
-                   "pattern, case-insensitive: *.example.com); repeatable, OR-ed")
+                   help=f"only {asked} a name matching GLOB (a shell pattern, case-insensitive: "
+                   "*.example.com); repeatable, OR-ed")
     d.add_argument("--dns-rcode", action="append", default=[], metavar="CODE",
-                   help=f"only flows to a resolver that got this response code: {', '.join(RCODES)} "
-                   "(timeout: queries without an answer); repeatable, OR-ed; with --dns-name: a "
-                   "matching name got it")
+                   help=f"only {kind} to a resolver that got this response code: "
+                   f"{', '.join(RCODES)} (timeout: queries without an answer); repeatable, "
+                   "OR-ed; with --dns-name: a matching name got it")
 
 
 def dns_filter_of(args: argparse.Namespace) -> DnsEdgeFilter:

@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from eastwest.cli._common import add_connection_flags, add_output_flags, results
+from eastwest.cli._dnsflags import add_dns_flags, dns_filter_of
 from eastwest.cli._filterflags import FILTER_HELP, add_filter_flags, filter_spec
-from eastwest.dns_filter import RCODES, DnsEdgeFilter
 
 FORMATS = ("table", "json", "csv", "dot", "mermaid")
 TEXT_STARTS = {"dot": ("digraph", "graph", "strict"), "mermaid": ("graph", "flowchart")}
@@ -76,15 +76,7 @@ def add_graph_scope(p: argparse.ArgumentParser, *, group_by: bool = True) -> Non
         g.add_argument("--group-by", choices=GROUP_BY, default="workload",
                        help="what a node is (default workload); service: a call to a "
                        "Service ends at the Service, its backends listed")
-        d = p.add_argument_group("DNS (edges to a resolver: the DNS their clients sent)")
-        d.add_argument("--dns-name", action="append", default=[], metavar="GLOB",
-                       help="only edges to a resolver whose clients asked a name matching "
-                       "GLOB (a shell pattern, case-insensitive: *.example.com); repeatable, "
-                       "OR-ed")
-        d.add_argument("--dns-rcode", action="append", default=[], metavar="CODE",
-                       help="only edges to a resolver that got this response code: "
-                       f"{', '.join(RCODES)} (timeout: queries without an answer); "
-                       "repeatable, OR-ed; with --dns-name: a matching name got it")
+        add_dns_flags(p, "edges")
 
 
 def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -92,8 +84,7 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     params = filter_spec(args).query_params(window=("from", "to"))
     if getattr(args, "group_by", None):
         params.append(("group_by", args.group_by))
-    dns = DnsEdgeFilter.build(getattr(args, "dns_name", ()), getattr(args, "dns_rcode", ()))
-    return params + dns.query_params()
+    return params + dns_filter_of(args).query_params()
 
 
 def run(args: argparse.Namespace) -> int:
