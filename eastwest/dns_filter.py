@@ -52,6 +52,16 @@ class DnsEdgeFilter:
     def empty(self) -> bool:
         return not self.names and not self.rcodes
 
+    def __str__(self) -> str:
+        """In the words of the flow filter's text: `dns_name=*.example.com AND dns_rcode=nxdomain`
+        (several values of one: OR-ed, in brackets)."""
+        parts = []
+        for dim, values in (("dns_name", self.names), ("dns_rcode", self.rcodes)):
+            if values:
+                s = " OR ".join(f"{dim}={v}" for v in values)
+                parts.append(f"({s})" if len(values) > 1 else s)
+        return " AND ".join(parts) or "(everything)"
+
     def query_params(self) -> list[tuple[str, str]]:
         return [*(("dns_name", n) for n in self.names), *(("dns_rcode", c) for c in self.rcodes)]
 

@@ -146,7 +146,14 @@ def flows(request: Request,
     names = service_names(request)
     return {"flows": [with_dns(flow_json(r, names), x) for r, x in zip(rows, extras, strict=True)],
             "count": len(rows), "next_cursor": nxt,
-            "filter": str(flt), "sort": sort}
+            "filter": _filter_text(flt, dnsf), "sort": sort}
+
+
+def _filter_text(flt: Any, dnsf: Any) -> str:
+    """The filter in words, the DNS filter's clauses after the others'."""
+    if dnsf.empty:
+        return str(flt)
+    return str(dnsf) if not flt.clauses and not flt.link_local else f"{flt} AND {dnsf}"
 
 
 @router.get("/api/v1/flows/stream", summary="Live flows as Server-Sent Events (same filters as /flows)",

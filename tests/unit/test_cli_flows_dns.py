@@ -148,6 +148,7 @@ def test_the_api_keeps_the_matching_flows_page_after_page(api, names, rcodes, wa
             break
     ids = [f["id"] for f in got]
     assert len(ids) == len(set(ids)), "a flow on two pages"
+    assert doc["filter"] == str(DnsEdgeFilter.build(names, rcodes))  # the answer says its filter
     if want is None:
         assert len(got) == 2 * len(FLOWS)  # the DNS flows (client + path: one each) and TCP
         return
