@@ -95,8 +95,19 @@ def test_past_the_budget_new_edges_fold_into_other(tmp_path):
     assert samples(text, "eastwest_edge_series_folded_total")[()] > 0
 
 
+_DATA: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path):
+    """Each test's own data folder: the exporters keep what they told in it across a restart
+    (exporters-told.json), so a shared one (it was /nonexistent, which root creates) made a
+    later test's connections count as told already."""
+    _DATA[:] = [tmp_path / "data"]
+
+
 def settings_of(**over) -> AggregatorSettings:
-    return AggregatorSettings(data_dir=Path("/nonexistent"), insecure_open=True, **over)
+    return AggregatorSettings(data_dir=_DATA[0], insecure_open=True, **over)
 
 
 def exporters(clock, settle=5.0):
