@@ -164,6 +164,8 @@ def spooled_ids(directory: Path) -> Counter:
     return ids
 
 
+@pytest.mark.heavy  # ~25 s: `make test-heavy` (the suite's 25-minute budget; the spool's
+# restart and take-over are also proved by tests/unit/test_spool_takeover.py)
 def test_a_restarted_collector_sends_everything_it_had_spooled(lab, stack):
     # no aggregator yet: everything the collectors produce stays in their spools
     ids = start_collectors(stack, lab, extra=["--shutdown-timeout", "1"])
