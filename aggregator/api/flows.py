@@ -149,11 +149,11 @@ def flows(request: Request,
             "filter": _filter_text(flt, dnsf), "sort": sort}
 
 
-def _filter_text(flt: Any, dnsf: Any) -> str:
+def _filter_text(flt: Filter, dnsf: DnsEdgeFilter) -> str:
     """The filter in words, the DNS filter's clauses after the others'."""
     if dnsf.empty:
         return str(flt)
-    return str(dnsf) if not flt.clauses and not flt.link_local else f"{flt} AND {dnsf}"
+    return f"{flt} AND {dnsf}" if flt.clauses or flt.link_local else str(dnsf)
 
 
 @router.get("/api/v1/flows/stream", summary="Live flows as Server-Sent Events (same filters as /flows)",

@@ -39,9 +39,14 @@ def api(tmp_path, monkeypatch):
                          headers={"Authorization": f"Bearer {INGEST}",
                                   "content-type": codec.CONTENT_TYPE})
             assert r.status_code == 200, r.text
-        monkeypatch.setattr("eastwest.cli._common.client_from_args", lambda args: ApiClient(
-            ClientSettings(server="http://agg.test", token=READ), transport=app._transport))
+        cli_against(app, monkeypatch)
         yield app
+
+
+def cli_against(app, monkeypatch) -> None:
+    """The `eastwest` commands of this test talk to `app` (a TestClient) with the read token."""
+    monkeypatch.setattr("eastwest.cli._common.client_from_args", lambda args: ApiClient(
+        ClientSettings(server="http://agg.test", token=READ), transport=app._transport))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

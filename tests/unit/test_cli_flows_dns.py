@@ -15,13 +15,11 @@ import msgspec
 import pytest
 
 from eastwest import codec
-from eastwest.cli import main
-from eastwest.client import ApiClient, ClientSettings
 from eastwest.codec import Batch
 from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.record import DnsLatency, DnsName, DnsSummary, Endpoint, FlowRecord, Tunnel
+from tests.unit.test_cli_dns import INGEST, READ, cli_against, run
 
-READ, INGEST = "read-token-0123456789", "ingest-token-0123456789"
 RESOLVER = "10.244.0.53"
 H = {"Authorization": f"Bearer {READ}"}
 _ids = itertools.count(1)
@@ -95,15 +93,8 @@ def api(tmp_path, monkeypatch):
                      headers={"Authorization": f"Bearer {INGEST}",
                               "content-type": codec.CONTENT_TYPE})
         assert r.status_code == 200, r.text
-        monkeypatch.setattr("eastwest.cli._common.client_from_args", lambda args: ApiClient(
-            ClientSettings(server="http://agg.test", token=READ), transport=app._transport))
+        cli_against(app, monkeypatch)
         yield app
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 CASES = [
