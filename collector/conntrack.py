@@ -119,14 +119,22 @@ def _tuple(buf: bytes, start: int, end: int) -> tuple[int, Tuple] | None:
                    socket.inet_ntop(fam, buf[dst[0]:dst[1]]), dport)
 
 
-def parse(buf: bytes) -> Iterator[tuple[str, Translation]]:
-    """("new" | "destroy", Translation) for each translated connection in a netlink datagram;
-    untranslated connections, other messages and truncated ones are passed over."""
+def _messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, type) of each whole netlink message in a datagram; a truncated one
+    ends it."""
     off = 0
     while off + NLMSG_HDR.size <= len(buf):
         length, typ, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, off)
         if length < NLMSG_HDR.size or off + length > len(buf):
             return
+        yield off, length, typ
+        off += (length + 3) & ~3
+
+
+def parse(buf: bytes) -> Iterator[tuple[str, Translation]]:
+    """("new" | "destroy", Translation) for each translated connection in a netlink datagram;
+    untranslated connections, other messages and truncated ones are passed over."""
+    for off, length, typ in _messages(buf):
         subsys, msg = typ >> 8, typ & 0xFF
         if subsys == NFNL_SUBSYS_CTNETLINK and msg in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE):
             a = _attrs(buf, off + NLMSG_HDR.size + 4, off + length)  # after the nfgenmsg
@@ -137,7 +145,6 @@ def parse(buf: bytes) -> Iterator[tuple[str, Translation]]:
                 if orig and reply and orig[0] in PROTOCOLS:
                     yield ("new" if msg == IPCTNL_MSG_CT_NEW else "destroy",
                            Translation(PROTOCOLS[orig[0]], orig[1], reply[1]))
-        off += (length + 3) & ~3
 
 
 class NatTable:
@@ -233,11 +240,7 @@ def dump(netns: str | None = None) -> list[Translation]:
 def _dump_done(buf: bytes) -> bool:
     """True when a dump's datagram holds its end (NLMSG_DONE); an NLMSG_ERROR ends it with the
     error (an OSError naming it)."""
-    off = 0
-    while off + NLMSG_HDR.size <= len(buf):
-        length, typ, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, off)
-        if length < NLMSG_HDR.size:
-            return True
+    for off, _length, typ in _messages(buf):
         if typ == NLMSG_DONE:
             return True
         if typ == NLMSG_ERROR:
@@ -245,7 +248,6 @@ def _dump_done(buf: bytes) -> bool:
             if code:
                 raise OSError(-code, f"conntrack dump: {os.strerror(-code)}")
             return True
-        off += (length + 3) & ~3
     return False
 
 
