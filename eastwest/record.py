@@ -172,6 +172,46 @@ class Nat(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_ip("nat.translated.ip", self.translated.ip, _KNOWN_IPS[self.original.ip])
 
 
+MeshHopKind = Literal["app-proxy", "proxy-proxy", "proxy-app"]
+
+
+class MeshHop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One socket-level hop of a service-mesh call (docs/flow-record.md, "mesh"), as the
+    collector whose host holds it saw it: `app-proxy` the application's connection to its own
+    sidecar (REDIRECTed in the client's pod), `proxy-proxy` the client's sidecar to the server's
+    (what crossed the network, with the proxies' framing), `proxy-app` the server's sidecar
+    handing the call to the application (from 127.0.0.6 in Istio). `client`/`server` are the
+    hop socket's own ends (an inbound REDIRECT's target port for `proxy-proxy` seen by the
+    server side); bytes are that socket's payload bytes each way; `process` the proxy's name
+    and `pid` its process id, where this collector saw it."""
+
+    hop: MeshHopKind
+    client: Endpoint
+    server: Endpoint
+    bytes_c2s: Count = 0
+    bytes_s2c: Count = 0
+    process: str | None = None
+    pid: Count | None = None
+
+    def __post_init__(self) -> None:
+        _check_ip("mesh.hops.client.ip", self.client.ip)
+        _check_ip("mesh.hops.server.ip", self.server.ip)
+
+
+class Mesh(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A record folded from a service-mesh call's sockets (collector/mesh.py): the record's ends
+    and counters are the application's, its key is the proxy-to-proxy hop's (what every observer,
+    the wire included, shares), and `hops` are the sockets it was folded from on this
+    collector's host (docs/flow-record.md, "mesh"). `proxy`: the sidecar's process name."""
+
+    proxy: str
+    hops: list[MeshHop] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.proxy:
+            raise RecordError("mesh.proxy", self.proxy, "must not be empty")
+
+
 class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     namespace: str | None = None
@@ -286,6 +326,10 @@ class FlowRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     # client towards the server; `client`/`server` are then the real ends (the original client,
     # the backend). None: none known (docs/flow-record.md, "nat")
     nat: list[Nat] | None = None
+    # a service-mesh call folded from its sidecars' sockets (collector/mesh.py): the record is
+    # the application's view, keyed by the proxy-to-proxy hop; None: not a folded mesh call
+    # (docs/flow-record.md, "mesh")
+    mesh: Mesh | None = None
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA_VERSION:
