@@ -114,7 +114,17 @@ export interface GraphEdge {
   drops?: Drops | null;
   // an edge that carries IPsec ESP: the wire's record of encrypted traffic between two hosts
   encrypted?: "esp"; wire_sees_inside?: boolean;
+  // a service-mesh edge: how many of its connections were folded from sidecars' sockets, and
+  // what the wire carried (the app's bytes plus the proxies' framing); null: no mesh
+  mesh?: EdgeMesh | null;
 }
+export interface EdgeMesh { proxy: string; connections: number; wire_bytes_c2s: number | null;
+  wire_bytes_s2c: number | null }
+export interface MeshHop { hop: "app-proxy" | "proxy-proxy" | "proxy-app"; observer: string;
+  client: { ip: string; port: number }; server: { ip: string; port: number };
+  bytes_c2s: number; bytes_s2c: number; process: string | null; pid: number | null }
+export interface FlowMesh { proxy: string; hops: MeshHop[]; wire_bytes_c2s: number | null;
+  wire_bytes_s2c: number | null }
 export interface EdgeDns { queries: number; responses: number; timeouts: number; nxdomain: number;
   servfail: number; errors: number; rcodes: Record<string, number>;
   latency_us: { min: number; avg: number; max: number } | null;
@@ -152,6 +162,8 @@ export interface Flow {
   service_ip?: string | null; service_port?: number | null;
   service?: { namespace: string | null; name: string } | null;
   drops?: Drops | null;
+  // a service-mesh call folded from its sidecars' sockets (docs/api.md); null: none
+  mesh?: FlowMesh | null;
 }
 /** A flow's outcome, with its drop reasons when the kernel dropped some of its packets. */
 export function outcomeText(f: Flow): string {

@@ -108,6 +108,7 @@ async function refresh(force = false): Promise<void> {
   try {
     const p = windowParams(st, filterParams(st));
     p.set("group_by", apiGroup(st.group, st.services));
+    if (st.proxies) p.set("show_proxies", "true");
     let g = await get<Graph>("/api/v1/graph", p, ac.signal);
     folded = null;
     if (st.fold && byWorkload(g.group_by) && (g.nodes.length > NODE_BUDGET || g.edges.length > EDGE_BUDGET)) {
@@ -223,6 +224,7 @@ function controlsFromState(): void {
   $<HTMLInputElement>("f-failing").checked = st.failing;
   $<HTMLInputElement>("f-link-local").checked = st.linkLocal;
   $<HTMLSelectElement>("server-view").value = st.services ? "service" : "workload";
+  $<HTMLInputElement>("f-proxies").checked = st.proxies;
   $<HTMLInputElement>("search").value = st.search;
   $<HTMLSelectElement>("width-by").value = st.widthBy;
   $("legend-width").textContent = st.widthBy;
@@ -256,6 +258,7 @@ onChange("f-failing", (_v, el) => { st.failing = el.checked; });
 onChange("f-link-local", (_v, el) => { st.linkLocal = el.checked; });
 onChange("group", (v) => { st.group = v as Group; closePanel(); });
 onChange("server-view", (v) => { st.services = v === "service"; closePanel(); });
+onChange("f-proxies", (_v, el) => { st.proxies = el.checked; closePanel(); });
 onChange("width-by", (v) => { st.widthBy = v as State["widthBy"]; });
 onChange("preset", (v) => {
   if (v === "custom") { st.live = false; st.from = graph?.since ?? st.from; st.to = graph?.until ?? "now"; $("from").focus(); return; }

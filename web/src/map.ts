@@ -218,11 +218,12 @@ function elements(g: Graph, s: State, workloads: Map<string, Workload> | null,
     const cls = [rate === 0 ? "ok" : rate < 0.1 ? "some" : "bad"];
     if (labelled) cls.push("labelled");
     if (e.encrypted) cls.push("encrypted");
+    if (e.mesh) cls.push("mesh");
     if (diff) cls.push(status.get(id) ?? "unchanged");
     out.push({ group: "edges", classes: cls.join(" "), data: {
       id, source: e.source, target: e.target,
       width: 1.2 + 7 * Math.log1p(weight(e)) / Math.log1p(max),
-      label: `${e.encrypted ? "🔒 ESP · " : ""}${int(e.connections_opened)} conn · ${bytes(e.bytes_c2s + e.bytes_s2c)}` +
+      label: `${e.encrypted ? "🔒 ESP · " : ""}${e.mesh ? "⬡ mesh · " : ""}${int(e.connections_opened)} conn · ${bytes(e.bytes_c2s + e.bytes_s2c)}` +
         (failing(e) ? ` · ${int(e.connections_failed + e.resets)} failed` : ""),
       changed: changedWhy.get(id) ?? "",
     } });

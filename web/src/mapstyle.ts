@@ -21,6 +21,9 @@ export function mapStyle(): cytoscape.StylesheetJson {
       shape: "round-rectangle", "border-width": 2.5, "font-weight": "bold", height: 28 } },
     { selector: "node[kind = 'Service']", style: { shape: "round-tag", "border-style": "double",
       "border-width": 3 } },
+    // a service-mesh sidecar (graph show_proxies): small, hexagonal, beside its app
+    { selector: "node[kind = 'proxy']", style: { shape: "hexagon", "font-size": 10, height: 18,
+      "border-style": "dotted" } },
     { selector: "node[?external]", style: { shape: "cut-rectangle", "border-style": "dashed" } },
     { selector: ":parent", style: {
       "background-color": css("--group"), "border-color": css("--group-border"), "border-width": 1,
@@ -39,6 +42,8 @@ export function mapStyle(): cytoscape.StylesheetJson {
     { selector: "edge.bad", style: { "line-color": css("--bad"), "target-arrow-color": css("--bad"),
       "line-style": "dashed", "line-dash-pattern": [8, 4] } },
     // encrypted between hosts (IPsec ESP): dotted, the wire could not see inside
+    // a service-mesh edge (connections folded from sidecars' sockets): a double line
+    { selector: "edge.mesh", style: { "line-style": "solid", "line-outline-width": 1, "line-outline-color": "#7c8aa5" } },
     { selector: "edge.encrypted", style: { "line-style": "dotted", "line-dash-pattern": [2, 3] } },
     { selector: "edge.added", style: { "line-color": css("--added"), "target-arrow-color": css("--added"),
       width: 5, opacity: 1, label: "added", "line-style": "solid" } },

@@ -109,11 +109,32 @@ function edgeNumbers(e: GraphEdge): string {
     ["ports", "server ports", e.ports.join(", ")],
     ["protocols", "protocols", e.protocols.join(", ")],
     ["encrypted", "encrypted", e.encrypted ? `${e.encrypted.toUpperCase()}: the wire could not see the connections inside` : null],
+    ["mesh", "service mesh", e.mesh ? `via ${e.mesh.proxy}: ${int(e.mesh.connections)} of ${int(e.connections_opened)} connections through sidecars` : null],
+    ["mesh_wire", "the wire carried (with the proxies' framing)", e.mesh && e.mesh.wire_bytes_c2s !== null
+      ? `${bytes(e.mesh.wire_bytes_c2s)} → · ← ${bytes(e.mesh.wire_bytes_s2c ?? 0)}` : null],
     ["observed_by", "observed by (connections)", obs],
     ["complete", "complete", e.complete ? "yes" : "no: an observer lost events"],
     ["first_seen", "first seen", when(e.first_seen)], ["last_seen", "last seen", when(e.last_seen)],
   ]) + dropReasons(e.drops) + `<p class="mini muted">${esc(bytes(e.bytes_c2s))} → · ← ${esc(bytes(e.bytes_s2c))}` +
     (e.folded > 1 ? ` · stands for ${int(e.folded)} folded edges` : "") + `</p>`;
+}
+
+const HOP_NAMES: Record<string, string> = { "app-proxy": "app → its sidecar", "proxy-proxy": "sidecar → sidecar (the network)",
+  "proxy-app": "sidecar → app" };
+
+/** The socket hops one mesh call was folded from, as its observers saw them (docs/api.md "mesh"). */
+function meshHops(f: Flow): string {
+  const m = f.mesh!;
+  const order = ["app-proxy", "proxy-proxy", "proxy-app"];
+  const hops = [...m.hops].sort((a, b) => order.indexOf(a.hop) - order.indexOf(b.hop) || a.observer.localeCompare(b.observer));
+  return `<h3>Mesh hops of a call (${esc(m.proxy)})</h3><table class="mini" id="edge-mesh-hops"><thead><tr><th>hop</th>` +
+    `<th>seen by</th><th>socket</th><th>bytes →/←</th><th>proxy</th></tr></thead><tbody>` +
+    hops.map((h) => `<tr data-hop="${esc(h.hop)}" data-observer="${esc(h.observer)}" data-bytes="${h.bytes_c2s}/${h.bytes_s2c}">` +
+      `<td>${esc(HOP_NAMES[h.hop] ?? h.hop)}</td><td>${esc(h.observer)}</td>` +
+      `<td>${esc(h.client.ip)}:${h.client.port} → ${esc(h.server.ip)}:${h.server.port}</td>` +
+      `<td>${esc(int(h.bytes_c2s))} / ${esc(int(h.bytes_s2c))}</td><td>${esc(h.process ?? "")}${h.pid ? ` <span class="muted">${h.pid}</span>` : ""}</td></tr>`).join("") +
+    `</tbody></table><p class="mini muted">the app's bytes: ${esc(int(f.bytes_c2s))} / ${esc(int(f.bytes_s2c))}` +
+    (m.wire_bytes_c2s !== null ? `; on the wire: ${esc(int(m.wire_bytes_c2s))} / ${esc(int(m.wire_bytes_s2c ?? 0))}` : "") + `</p>`;
 }
 
 /** The Service view's server end of a flow: its Service (as the graph names it), else its workload. */
@@ -206,12 +227,14 @@ export async function edgePanel(ctx: PanelContext, id: string): Promise<void> {
       const k = `VNI ${t.vni}: ${t.vtep_src_host ?? t.vtep_src} → ${t.vtep_dst_host ?? t.vtep_dst}`;
       tunnels.set(k, (tunnels.get(k) ?? 0) + 1);
     }
+    const meshed = flows.find((f) => f.mesh);
     const tun = [...tunnels].map(([k, n]) => `<li data-field="tunnel">${esc(k)} <span class="muted">(${n} flows)</span></li>`).join("");
     document.getElementById("edge-flows")!.innerHTML =
       `<h3>Over the window</h3>${chart(buckets(flows, since, until))}` +
       `<p class="mini muted">bars: connections started (failed in the failure colour); line: bytes` +
       (res.next_cursor ? `; the latest ${FLOW_PAGE} connections only` : "") + `</p>` +
       `<h3>Tunnel</h3>${tun ? `<ul class="mini">${tun}</ul>` : `<p class="mini muted">no VXLAN: the wire did not see these flows on an underlay</p>`}` +
+      (meshed?.mesh ? meshHops(meshed) : "") +
       `<h3>Recent flows</h3><table class="mini"><thead><tr><th>start</th><th>client</th><th>port</th><th>outcome</th><th>bytes →/←</th><th>seen by</th></tr></thead><tbody>` +
       flows.slice(0, 12).map((f) => `<tr class="${f.outcome === "ok" ? "" : "fail"}"><td>${esc(when(f.start).slice(11, 19))}</td>` +
         `<td>${esc(f.client.ip)}:${f.client.port}</td><td>${f.server.port}</td><td class="outcome">${esc(outcomeText(f))}</td>` +

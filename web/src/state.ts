@@ -24,6 +24,7 @@ export interface State {
   layout: string;        // fcose (default); cose for the benchmark's peer run
   fold: boolean;         // fold into namespaces past the budget (on unless ?fold=off)
   services: boolean;     // the Service view: calls to a Service end at it, backends listed (?services=1)
+  proxies: boolean;      // service-mesh sidecars drawn as nodes of their own (?proxies=1)
 }
 
 export const DEFAULTS: State = {
@@ -31,6 +32,7 @@ export const DEFAULTS: State = {
   group: "namespace-box", namespace: "", workload: "", port: "", protocol: "", failing: false,
   linkLocal: false,
   search: "", widthBy: "bytes", layout: "fcose", fold: true, services: false,
+  proxies: false,
 };
 
 const GROUPS: Group[] = ["namespace-box", "host-box", "workload", "namespace", "host"];
@@ -49,6 +51,7 @@ export function load(): State {
   s.diff = q.get("diff") === "1";
   s.fold = q.get("fold") !== "off";
   s.services = q.get("services") === "1";
+  s.proxies = q.get("proxies") === "1";
   s.live = !q.has("to") || q.get("to") === "now";
   if (s.view !== "flows") s.view = "map";
   return s;
@@ -68,6 +71,7 @@ export function save(s: State): void {
   if (s.layout !== "fcose") q.set("layout", s.layout);
   if (!s.fold) q.set("fold", "off");
   if (s.services) q.set("services", "1");
+  if (s.proxies) q.set("proxies", "1");
   const qs = q.toString();
   history.replaceState(null, "", location.pathname + (qs ? `?${qs}` : ""));
 }
