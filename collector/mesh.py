@@ -27,7 +27,7 @@ loopback address (the REDIRECT conntrack entry: without NAT folding there is no 
 `--no-nat` leaves mesh calls unfolded). An app's loopback server record is r6 when its client is
 a handoff address: 127.0.0.6 (ew-sidecar, Istio), 127.0.0.1 (Consul's Envoy hands calls to
 `local_app` at 127.0.0.1), or its own address (linkerd2-proxy connects to the original
-destination). Only 127.0.0.6 marks a mesh call by itself; a loopback server record from
+destination). Only 127.0.0.6 (::6 for IPv6) marks a mesh call by itself; a loopback server record from
 127.0.0.1 or from its own address might be any local call, so it waits the hold time for its
 proxy socket and then goes out as it came (not marked): such records are delayed by up to
 `--mesh-hold` when those proxies are configured (they are by default).
@@ -37,14 +37,18 @@ r6 too. The proxy's two sockets are paired by the namespace, the proxy's pid and
 destination: r3's dialled address (the first DNAT or REDIRECT `original` of its `nat`, else its
 server) equals r1's dialled address; r5's server port equals the port r4's client dialled (the
 `original` of r4's trailing inbound redirect; r5's address is that one or a loopback address).
-Pairing is one to one: each accept (r2, r4), in order of their start, takes the unpaired connect
-(r3, r5) of the same namespace, pid and destination whose start is the nearest at or after it
-(and within the hold time). Concurrent calls of one pod to one destination through one proxy
-may pair crosswise when their records do not arrive together: the folded records then swap their
-proxy-to-proxy hops (key and framing bytes) between the calls; the number of connections, their
-ends as workloads, the edge and every app's counters and outcome stay right (they are the app's
-sockets, joined exactly by key), but the aggregator may join call 1's client app with call 2's
-server app, so a per-connection byte pair can mix two calls of the same edge.
+Pairing is one to one, at the end of each batch (the records of one batch pair together, in
+whatever order they came): each accept (r2, r4), in order of their start, takes the unpaired
+connect (r3, r5) of the same namespace, pid and destination whose start is the nearest at or
+after it (and within the hold time). Concurrent calls of one pod to one destination through one
+proxy may pair crosswise when their records come in different batches (call 2's connect is
+there before call 1's, and call 1's accept takes it): at its hold deadline a call still missing
+its partner then takes the unpaired one of its pool nearest in start, before or after. The
+folded records then swap their proxy-to-proxy hops (key and framing bytes) between the calls;
+the number of connections, their ends as workloads, the edge and every app's counters and
+outcome stay right (they are the app's sockets, joined exactly by key), but the aggregator may
+join call 1's client app with call 2's server app, so a per-connection byte pair can mix two
+calls of the same edge, and the later call's folded record comes up to the hold time late.
 
 The folded record: on the client's host ONE client record: `client` = r3's client (the proxy's
 address and port: what the network, the server's host and the wire see), `server` = r3's server
@@ -93,7 +97,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from collector.mesh_proxies import DISTINCT_HANDOFF, SELF, MeshSettings
+from collector.mesh_proxies import DISTINCT_HANDOFF, IPV6_HANDOFF, SELF, MeshSettings
 from collector.pipeline import Sink
 from eastwest.drops import Drops
 from eastwest.record import Endpoint, FlowRecord, Mesh, MeshHop, Nat, dialled_of
@@ -175,7 +179,9 @@ class MeshFolder:
         self.all_inbound = frozenset(p.inbound for p in settings.proxies)
         handoffs = {p.handoff for p in settings.proxies}
         self.handoff_self = SELF in handoffs
-        self.handoff_ips = frozenset(h for h in handoffs if h != SELF)
+        ips = {h for h in handoffs if h != SELF}
+        self.handoff_ips = frozenset(ips | {IPV6_HANDOFF[h] for h in ips if h in IPV6_HANDOFF})
+        self.distinct = frozenset({DISTINCT_HANDOFF, IPV6_HANDOFF[DISTINCT_HANDOFF]})
         self.calls: list[_Call] = []  # insertion order: releases are deterministic
         self.by_sock: dict[SockKey, _Call] = {}
         self.by_pair: dict[PairKey, _Call] = {}
@@ -287,7 +293,7 @@ class MeshFolder:
         self.calls.append(c)
         self._attach(c, r, role, name, sk, now, touched)
         if role == "app_in":
-            c.speculative = r.client.ip != DISTINCT_HANDOFF
+            c.speculative = r.client.ip not in self.distinct
         if role != "far_out" and role != "far_in":
             self.by_pair[_pair(r)] = c
             c.pair = _pair(r)

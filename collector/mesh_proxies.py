@@ -28,6 +28,7 @@ log = logging.getLogger("eastwest.collector.mesh")
 MARGIN_S = 2.0  # beyond one interval: a connection still connecting at a drain comes next time
 SELF = "self"  # a handoff from the pod's own address (the loopback flag: both ends equal)
 DISTINCT_HANDOFF = "127.0.0.6"  # only a mesh hands calls over from here
+IPV6_HANDOFF = {"127.0.0.6": "::6"}  # Istio's InboundPassthroughClusterIpv6 binds ::6
 
 
 @dataclass(frozen=True)
