@@ -23,6 +23,9 @@ examples:
                                                   connections and the DNS of one lab pod (api)
   eastwest collector --geneve-port 6081 --geneve-port 6082 --pcap ovn.pcap --stdout
   eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
+  eastwest collector --netns ewlab-h1 --netns ewlab-h1-p0 --mesh-proxy myproxy:7001:7002 --stdout
+                                                  fold sidecar calls (Istio, Linkerd, Consul, the
+                                                  lab's ew-sidecar by default) into the app's call
   eastwest collector --drops --no-socket --no-vxlan --stdout --netns ewlab-h1
                                                   packets the kernel drops, with its reason
                                                   collector id HOST-ewlab-h2, its own spool
