@@ -89,6 +89,7 @@ the pod's conntrack unreadable).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import os
 import threading
@@ -182,7 +183,8 @@ class MeshFolder:
         ips = {h for h in handoffs if h != SELF}
         self.handoff_ips = frozenset(ips | {IPV6_HANDOFF[h] for h in ips if h in IPV6_HANDOFF})
         self.distinct = frozenset({DISTINCT_HANDOFF, IPV6_HANDOFF[DISTINCT_HANDOFF]})
-        self.calls: list[_Call] = []  # insertion order: releases are deterministic
+        # every call held, in insertion order (releases are deterministic); a dict: O(1) removal
+        self.calls: dict[_Call, None] = {}
         self.by_sock: dict[SockKey, _Call] = {}
         self.by_pair: dict[PairKey, _Call] = {}
         self.pools: dict[PoolKey, list[_Call]] = {}
@@ -290,7 +292,7 @@ class MeshFolder:
             out.append(self._marked(r))
             return
         c = _Call(side, now + self.hold)
-        self.calls.append(c)
+        self.calls[c] = None
         self._attach(c, r, role, name, sk, now, touched)
         if role == "app_in":
             c.speculative = r.client.ip not in self.distinct
@@ -398,21 +400,19 @@ class MeshFolder:
         else:  # accept: r4 alone; connect: r5 of a call
             accepts = [(c.far.start, c) for c in fars if c.far is not None]
             connects = [(c.near.start, c) for c in calls if c.near is not None]
-        taken: set[int] = set()
         connects.sort(key=_order)  # ties broken by the sockets' ends: no arrival order counts
+        starts = [start for start, _ in connects]
         for a_start, a in sorted(accepts, key=_order):
-            best: tuple[datetime, _Call] | None = None
-            for c_start, cc in connects:
-                if id(cc) in taken or c_start < a_start or c_start - a_start > self.hold:
-                    continue
-                if key[0] == "in" and not self._handoff_to(a, cc):
-                    continue
-                if best is None or c_start < best[0]:
-                    best = (c_start, cc)
-            if best is None:
+            i = bisect.bisect_left(starts, a_start)  # the nearest start at or after the accept
+            while i < len(connects) and starts[i] - a_start <= self.hold:
+                if key[0] == "out" or self._handoff_to(a, connects[i][1]):
+                    break
+                i += 1
+            else:
                 continue
-            taken.add(id(best[1]))
-            call, lone = (a, best[1]) if key[0] == "out" else (best[1], a)
+            cc = connects[i][1]
+            del connects[i], starts[i]
+            call, lone = (a, cc) if key[0] == "out" else (cc, a)
             self._merge(call, lone, now)
 
     @staticmethod
@@ -436,7 +436,7 @@ class MeshFolder:
         lone.socks.clear()
         self._unpool(lone)
         self._unpool(call)
-        self.calls.remove(lone)
+        self.calls.pop(lone, None)
         self._touched.append(call)
 
     def _unpool(self, c: _Call) -> None:
@@ -592,8 +592,7 @@ class MeshFolder:
         if c.pair is not None and self.by_pair.get(c.pair) is c:
             del self.by_pair[c.pair]
         self._unpool(c)
-        if c in self.calls:
-            self.calls.remove(c)
+        self.calls.pop(c, None)
 
 
 def _order(item: tuple[datetime, _Call]) -> tuple:

@@ -174,7 +174,7 @@ def test_one_call_folds_to_one_record_per_host_in_every_order_and_batch_split(ho
             f = folder()
             out = run(f, batches)
             check_host(out, expected)
-            assert f.calls == [] and f.by_sock == {} and f.drops.total() == 0
+            assert not f.calls and f.by_sock == {} and f.drops.total() == 0
             n += 1
     assert n == 90 * 32
 
@@ -239,7 +239,7 @@ def test_a_proxy_that_keeps_its_upstream_open_gets_the_final_after_the_hold_and_
     assert len(out) == 1 and out[0].final
     assert out[0].mesh is not None and out[0].mesh.hops[1].bytes_c2s == 13  # r3's interim
     assert f.add([rs["r3"][1]], T0 + timedelta(seconds=HOLD + 1)) == []  # absorbed
-    assert f.late == 1 and f.calls == [] and f.drops.total() == 0
+    assert f.late == 1 and not f.calls and f.drops.total() == 0
 
 
 @pytest.mark.parametrize("members", [("r1", "r2"), ("r3",), ("r1",), ("r4", "r5"), ("r6",),
@@ -257,7 +257,7 @@ def test_sockets_whose_partners_do_not_come_are_released_after_the_hold_marked(m
     # their later records go out at once, marked, and then they are forgotten
     later = f.add([rs[k][1] for k in members], T0 + timedelta(seconds=HOLD + 1))
     assert later == [rs[k][1].replace(incomplete=["mesh"]) for k in members]
-    assert f.calls == [] and f.by_sock == {} and f.by_pair == {} and f.pools == {}
+    assert not f.calls and f.by_sock == {} and f.by_pair == {} and f.pools == {}
 
 
 def test_close_releases_everything_held_and_the_sink_writes_it():
@@ -301,7 +301,7 @@ def test_two_concurrent_calls_to_one_destination_fold_to_two_calls_in_every_orde
             out = run(f, batches)
             out += f.add([], T0 + timedelta(seconds=HOLD + 1))  # what paired late
             assert len(out) == 2 and all(r.final and r.mesh is not None for r in out)
-            assert f.drops.total() == 0 and f.calls == []
+            assert f.drops.total() == 0 and not f.calls
             # the app's own counters, process and ends: each call once, whatever the pairing
             assert sorted((r.mesh.hops[0].client.port, r.bytes_c2s) for r in out) == [  # type: ignore[union-attr]
                 (40000, 100), (40001, 300)]
@@ -452,4 +452,4 @@ def test_all_six_sockets_with_interims_fold_alike_in_any_order_on_one_host_or_tw
     assert same(finals[0], expected_client(rs))
     assert same(finals[1], expected_server(rs, nat=[dnat] if same_host else None))
     assert finals[0].key == finals[1].key
-    assert f.calls == [] and f.by_sock == {} and f.drops.total() == 0
+    assert not f.calls and f.by_sock == {} and f.drops.total() == 0
