@@ -43,7 +43,11 @@ connect (r3, r5) of the same namespace, pid and destination whose start is the n
 after it (and within the hold time). Concurrent calls of one pod to one destination through one
 proxy may pair crosswise when their records come in different batches (call 2's connect is
 there before call 1's, and call 1's accept takes it): at its hold deadline a call still missing
-its partner then takes the unpaired one of its pool nearest in start, before or after. The
+its partner then takes the unpaired one nearest in start, before or after, of its pool, or (out)
+of any destination of the same proxy (namespace and pid): Envoy load-balances a ClusterIP call
+itself and connects to the endpoint it chose, so its upstream socket's destination is not what
+the app dialled; such calls fold at the hold deadline, and their `nat` has no DNAT (there was
+none: the ClusterIP the app dialled is then known to no record). The
 folded records then swap their proxy-to-proxy hops (key and framing bytes) between the calls;
 the number of connections, their ends as workloads, the edge and every app's counters and
 outcome stay right (they are the app's sockets, joined exactly by key), but the aggregator may
@@ -188,6 +192,9 @@ class MeshFolder:
         self.by_sock: dict[SockKey, _Call] = {}
         self.by_pair: dict[PairKey, _Call] = {}
         self.pools: dict[PoolKey, list[_Call]] = {}
+        # at a deadline, the partner may be in any pool of the same proxy (Envoy connects to the
+        # endpoint it chose, not to the ClusterIP the app dialled): out pools by (netns, pid)
+        self.loose: dict[tuple, dict[_Call, None]] = {}
         self.folded = 0  # calls folded
         self.released = 0  # calls released unfolded
         self.late = 0  # proxy records absorbed after their call's final went out
@@ -268,6 +275,7 @@ class MeshFolder:
         self.by_sock.clear()
         self.by_pair.clear()
         self.pools.clear()
+        self.loose.clear()
         return out
 
     def _member(self, r: FlowRecord, role: Role, name: str | None, now: datetime,
@@ -364,6 +372,7 @@ class MeshFolder:
             return
         c.pool = key
         self.pools.setdefault(key, []).append(c)
+        self.loose.setdefault(_loose(key), {})[c] = None
         self._pools_touched[key] = None
 
     def _pool_key(self, c: _Call) -> PoolKey | None:
@@ -441,6 +450,11 @@ class MeshFolder:
 
     def _unpool(self, c: _Call) -> None:
         if c.pool is not None:
+            loose = self.loose.get(_loose(c.pool))
+            if loose is not None:
+                loose.pop(c, None)
+                if not loose:
+                    del self.loose[_loose(c.pool)]
             pool = self.pools.get(c.pool)
             if pool is not None and c in pool:
                 pool.remove(c)
@@ -545,24 +559,24 @@ class MeshFolder:
         if c.pool is None:
             return False
         lone = c.far is not None and c.near is None
-        best: tuple[timedelta, _Call] | None = None
-        for o in self.pools.get(c.pool, []):
+        mine = c.far if lone else c.near
+        best: tuple[tuple, _Call] | None = None
+        for o in self.loose.get(_loose(c.pool), ()):
             if o is c or (o.far is not None and o.near is None) == lone or o.state != WAIT:
                 continue
-            mine = c.far if lone else c.near
             theirs = o.near if lone else o.far
             if mine is None or theirs is None:
                 continue
+            if c.pool[0] == "in" and not (self._handoff_to(c, o) if lone
+                                          else self._handoff_to(o, c)):
+                continue
             gap = abs(mine.start - theirs.start)
-            if gap <= self.hold and (best is None or gap < best[0]):
-                best = (gap, o)
+            rank = (gap, _order((theirs.start, o)))  # ties: by the sockets, not by arrival
+            if gap <= self.hold and (best is None or rank < best[0]):
+                best = (rank, o)
         if best is None:
             return False
         call, other = (best[1], c) if lone else (c, best[1])
-        if c.pool[0] == "in":
-            far_call, near_call = (other, call)
-            if not self._handoff_to(far_call, near_call):
-                return False
         self._merge(call, other, now)
         self._touched = []
         self._emit(call, now, out)
@@ -593,6 +607,11 @@ class MeshFolder:
             del self.by_pair[c.pair]
         self._unpool(c)
         self.calls.pop(c, None)
+
+
+def _loose(pool: PoolKey) -> tuple:
+    """The pools a call's leftover partner may come from: the proxy's (out), its own (in)."""
+    return pool[:3] if pool[0] == "out" else pool
 
 
 def _order(item: tuple[datetime, _Call]) -> tuple:

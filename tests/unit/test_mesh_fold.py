@@ -453,3 +453,18 @@ def test_all_six_sockets_with_interims_fold_alike_in_any_order_on_one_host_or_tw
     assert same(finals[1], expected_server(rs, nat=[dnat] if same_host else None))
     assert finals[0].key == finals[1].key
     assert not f.calls and f.by_sock == {} and f.drops.total() == 0
+
+
+def test_a_proxy_that_picks_the_endpoint_itself_pairs_at_the_hold_deadline_in_every_order():
+    """Envoy load-balances a ClusterIP call itself: its upstream socket goes to the endpoint,
+    not to the dialled VIP, so no destination matches; at the hold deadline the call takes the
+    proxy's unpaired upstream socket nearest in start."""
+    rs = call_records()
+    r3 = rs["r3"][1].replace(nat=None)  # straight to B:8080, no kube-proxy DNAT
+    for order in itertools.permutations([rs["r1"][1], rs["r2"][1], r3]):
+        for batches in ([list(order)], [[r] for r in order]):
+            f = folder()
+            assert run(f, batches) == []  # no destination in common: they wait
+            out = f.add([], T0 + timedelta(seconds=HOLD))
+            assert len(out) == 1 and same(out[0], expected_client(rs).replace(nat=None))
+            assert f.drops.total() == 0 and not f.calls and not f.loose
