@@ -9,28 +9,31 @@ Out: the same records, except the TCP socket records of a mesh call, which are f
 
 The sockets of one call, on each host (A the client pod, B the server pod, Istio-style REDIRECTs):
 
-    client host   r1 app's client socket      A:cport -> 127.0.0.1:15001   nat [redirect dialled -> :15001]
-                  r2 proxy's accepted socket  A:cport -> 127.0.0.1:15001   (process = the proxy)
-                  r3 proxy's upstream socket  A:pport -> B:tport            nat [dnat dialled -> B:tport ...]
-    server host   r4 proxy's accepted socket  A:pport -> B:15006            nat [... redirect B:tport -> B:15006]
-                  r5 proxy's handoff socket   127.0.0.6:x -> B:tport        (loopback)
-                  r6 app's server socket      127.0.0.6:x -> B:tport        (loopback, process = the app)
+    client host  r1 app's client socket     A:cport -> 127.0.0.1:15001  nat [redirect D -> :15001]
+                 r2 proxy's accepted socket A:cport -> 127.0.0.1:15001  (process: the proxy)
+                 r3 proxy's upstream socket A:pport -> B:tport          nat [dnat D -> B:tport]
+    server host  r4 proxy's accepted socket A:pport -> B:15006          nat [dnat B:tport -> :15006]
+                 r5 proxy's handoff socket  127.0.0.6:x -> B:tport      (loopback)
+                 r6 app's server socket     127.0.0.6:x -> B:tport      (loopback, process: app)
+
+(D: what the app dialled, a ClusterIP or B:tport; a REDIRECT in PREROUTING is a `dnat` to the
+pod's own address, in OUTPUT a `redirect` to 127.0.0.1.)
 
 Recognising them (collector/mesh_proxies.py `Proxy`: a process name, its outbound and inbound
 ports, the source address it hands inbound calls to the app from; `--mesh-proxy` adds some): a
 socket of a proxy process (its `comm`, or the base name of its command line's first word:
-Envoy's worker threads are `wrk:worker_0`) is r2 when it is a
-server socket on an outbound port, r4 on an inbound port, r5 when it is a client socket on
-loopback (the app is in the proxy's own pod), r3 when it is any other client socket. An app's
+Envoy's worker threads are `wrk:worker_0`) is r2 when it is a server socket on an outbound
+port, r4 on an inbound port, r5 when it is a client socket on loopback (the app is in the
+proxy's own pod), r3 when it is any other client socket. An app's
 client record is r1 when its last translation is a redirect to a proxy's outbound port on a
 loopback address (the REDIRECT conntrack entry: without NAT folding there is no r1, so
 `--no-nat` leaves mesh calls unfolded). An app's loopback server record is r6 when its client is
 a handoff address: 127.0.0.6 (ew-sidecar, Istio), 127.0.0.1 (Consul's Envoy hands calls to
 `local_app` at 127.0.0.1), or its own address (linkerd2-proxy connects to the original
-destination). Only 127.0.0.6 (::6 for IPv6) marks a mesh call by itself; a loopback server record from
-127.0.0.1 or from its own address might be any local call, so it waits the hold time for its
-proxy socket and then goes out as it came (not marked): such records are delayed by up to
-`--mesh-hold` when those proxies are configured (they are by default).
+destination). Only 127.0.0.6 (::6 for IPv6) marks a mesh call by itself; a loopback server
+record from 127.0.0.1 or from its own address might be any local call, so it waits the hold
+time for its proxy socket and then goes out as it came (not marked): such records are delayed
+by up to `--mesh-hold` when those proxies are configured (they are by default).
 
 Joining (one collector, one host): r1 and r2 have the same key (netns, client, server), r5 and
 r6 too. The proxy's two sockets are paired by the namespace, the proxy's pid and the
@@ -40,19 +43,21 @@ server) equals r1's dialled address; r5's server port equals the port r4's clien
 Pairing is one to one, at the end of each batch (the records of one batch pair together, in
 whatever order they came): each accept (r2, r4), in order of their start, takes the unpaired
 connect (r3, r5) of the same namespace, pid and destination whose start is the nearest at or
-after it (and within the hold time). Concurrent calls of one pod to one destination through one
-proxy may pair crosswise when their records come in different batches (call 2's connect is
-there before call 1's, and call 1's accept takes it): at its hold deadline a call still missing
-its partner then takes the unpaired one nearest in start, before or after, of its pool, or (out)
-of any destination of the same proxy (namespace and pid): Envoy load-balances a ClusterIP call
-itself and connects to the endpoint it chose, so its upstream socket's destination is not what
-the app dialled; such calls fold at the hold deadline, and their `nat` has no DNAT (there was
-none: the ClusterIP the app dialled is then known to no record). The
-folded records then swap their proxy-to-proxy hops (key and framing bytes) between the calls;
-the number of connections, their ends as workloads, the edge and every app's counters and
-outcome stay right (they are the app's sockets, joined exactly by key), but the aggregator may
-join call 1's client app with call 2's server app, so a per-connection byte pair can mix two
-calls of the same edge, and the later call's folded record comes up to the hold time late.
+after it (and within the hold time). At its hold deadline, a call still missing its partner
+takes the unpaired one nearest in start, before or after: of its pool, or for r2 and r3 of any
+destination of the same proxy (namespace and pid). That folds two cases:
+
+- Envoy load-balances a ClusterIP call itself and connects to the endpoint it chose, so its
+  upstream socket does not go where the app dialled. Such calls fold at the hold deadline, and
+  their `nat` has no DNAT (there was none: the ClusterIP the app dialled is known to no record).
+- Concurrent calls of one pod to one destination whose records come in different batches may
+  pair crosswise (call 2's connect is there before call 1's and call 1's accept takes it; call
+  2 then takes call 1's at its deadline). The two folded records swap their proxy-to-proxy hops
+  (key and framing bytes); the number of connections, their ends as workloads, the edge and
+  every app's counters and outcome stay right (they are the app's sockets, joined exactly by
+  key), but the aggregator may join call 1's client app with call 2's server app, so a
+  connection's byte pair can mix two calls of the same edge, and call 2's folded record comes
+  up to the hold time late.
 
 The folded record: on the client's host ONE client record: `client` = r3's client (the proxy's
 address and port: what the network, the server's host and the wire see), `server` = r3's server
@@ -83,9 +88,11 @@ everything.
 What it cannot fold: a proxy that multiplexes many app connections onto fewer upstream ones
 (HTTP/1.1 keep-alive pools and HTTP/2 in Envoy and linkerd2-proxy, Istio's HBONE): there is no
 one-to-one socket pairing to find, the upstream socket's bytes belong to many calls. Such an
-app socket pairs with at most one upstream socket (the nearest new one) or none (an upstream
-reused from the pool started before it): it is then released unfolded, marked `incomplete:
-mesh`, and the pooled upstream sockets likewise. Also: UDP (sidecars proxy TCP), proxies not
+app socket pairs with at most one upstream socket: the nearest new one of the proxy (which may
+serve another call: the folded record's key and proxy-proxy hop are then that socket's, the
+app's counters still the app's), or none (an upstream reused from the pool started before it,
+beyond the hold time): it is then released unfolded, marked `incomplete: mesh`, and the pooled
+upstream sockets likewise. Also: UDP (sidecars proxy TCP), proxies not
 recognised by name and port, a proxy in another namespace than its app (a node-level proxy,
 ambient mesh's ztunnel), and calls whose app socket has no REDIRECT entry (NAT folding off or
 the pod's conntrack unreadable).
