@@ -293,6 +293,9 @@ def main_check(args: argparse.Namespace) -> int:
     print(table(caps, map_sizes(getattr(args, "map_entries", None), ENTRY_PAIR_BYTES)))
     for line in conntrack_lines(list(getattr(args, "netns", None) or [])):
         print(line)
+    from collector.mesh_proxies import check_line
+
+    print(check_line(args))
     problems, degraded = caps.problems(), caps.degradations()
     print()
     if problems:

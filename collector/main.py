@@ -7,7 +7,9 @@ Wires the stages in one place. Sources:
   interfaces, tunnelled or plain (issue #18)
 Between the sources and the sink, `collector.natfold.NatFoldingSink` rewrites the records of
 translated connections (a Service's DNAT, a node's masquerade) to their real ends from conntrack
-(issue #16; `--no-nat` turns it off); then, when `--dns` runs beside a packet capture,
+(issue #16; `--no-nat` turns it off); then `collector.mesh.MeshFoldingSink` folds a service-mesh
+call's sidecar sockets into one record of the application's call (issue #20; `--no-mesh` turns
+it off); then, when `--dns` runs beside a packet capture,
 `collector.dns.wirejoin.DnsJoiningSink` puts the DNS summary of a flow to a resolver onto the
 wire's records of that flow instead of sending a second path record stream (issue #17).
 - `collector.vxlan.PcapSource(ctx, path, args)`: a capture file (issue #4)
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     ident = identity.resolve(args)  # ConfigError naming --collector-id
     args.collector_id = ident.collector_id
     args.spool_dir = str(ident.spool_dir) if ident.spool_dir is not None else None
+    from collector import mesh, mesh_proxies
+
+    mesh_settings = mesh_proxies.settings_from(args)  # ConfigError naming the flag
     if args.check:
         from collector.capabilities import main_check
 
@@ -77,9 +82,13 @@ def run(args: argparse.Namespace) -> int:
 
     # one path stream per DNS flow: the DNS capture's summary onto the wire's records
     sink = joining_sink(sink, sources, ctx)
+    if mesh_settings is not None:  # a mesh call's sidecar sockets: one record of the app's call
+        sink = mesh.MeshFoldingSink(sink, mesh.MeshFolder(mesh_settings, ctx.next_record_id,
+                                                          ctx.drops), ctx.clock.now)
     from collector.natfold import NatFoldingSink, folder_for
 
-    folder = folder_for(args)  # Service calls: records keyed by the backend (conntrack)
+    # Service calls: records keyed by the backend (conntrack); runs first, the mesh fold needs it
+    folder = folder_for(args)
     if folder is not None:
         sink = NatFoldingSink(sink, folder, ctx.clock.now)
     server = (metrics.serve(args.metrics_listen)

@@ -23,6 +23,9 @@ examples:
                                                   connections and the DNS of one lab pod (api)
   eastwest collector --geneve-port 6081 --geneve-port 6082 --pcap ovn.pcap --stdout
   eastwest collector --aggregator URL --netns ewlab-h2 --netns ewlab-h2-p0
+  eastwest collector --netns ewlab-h1 --netns ewlab-h1-p0 --mesh-proxy myproxy:7001:7002 --stdout
+                                                  fold sidecar calls (Istio, Linkerd, Consul, the
+                                                  lab's ew-sidecar by default) into the app's call
   eastwest collector --drops --no-socket --no-vxlan --stdout --netns ewlab-h1
                                                   packets the kernel drops, with its reason
                                                   collector id HOST-ewlab-h2, its own spool
@@ -114,6 +117,20 @@ def register(sub: Any) -> None:
                    help="do not resolve NAT from conntrack: a Service call's client record then "
                    "names the ClusterIP, not the backend, and does not join its server's "
                    "(docs/collector.md, \"NAT\")")
+    g.add_argument("--no-mesh", action="store_true",
+                   help="do not fold service-mesh calls: each sidecar socket is then a record "
+                   "of its own (docs/collector.md, \"Service mesh\")")
+    g.add_argument("--mesh-proxy", metavar="NAME:OUTBOUND:INBOUND[:HANDOFF]", action="append",
+                   default=[],
+                   help="also recognise this sidecar proxy: its process name, the ports the "
+                   "pod's REDIRECTs send outbound and inbound calls to, and the address it hands "
+                   "inbound calls to the app from (default 127.0.0.6; `self`: the pod's own); "
+                   "repeatable, added to the defaults ew-sidecar:15001:15006, Istio's "
+                   "envoy:15001:15006, Consul's envoy:15001:20000:127.0.0.1 and "
+                   "linkerd2-proxy:4140:4143:self")
+    g.add_argument("--mesh-hold", type=float, metavar="S",
+                   help="hold a mesh call's sockets at most S seconds for their partners, then "
+                   "send them unfolded, marked incomplete: mesh (default: --interval + 2)")
     g.add_argument("--print-bpf", action="store_true", help="print the BPF C program and exit")
 
     g = p.add_argument_group("output")

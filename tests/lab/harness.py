@@ -86,9 +86,12 @@ class HostCollector:
     """One lab host's collector: socket probes + VXLAN on its underlay -> the aggregator."""
 
     def __init__(self, lab, host: str, url: str, spool: Path, metrics: bool = False,
-                 keep: bool = False, nat: bool = False, wire: bool = False) -> None:
+                 keep: bool = False, nat: bool = False, wire: bool = False,
+                 mesh: bool = False) -> None:
         """`wire`: capture every packet of the host's underlay link (`--wire-interface
-        NETNS/eth0`: plain flows, ESP, and VXLAN decapsulated) instead of its VXLAN only."""
+        NETNS/eth0`: plain flows, ESP, and VXLAN decapsulated) instead of its VXLAN only.
+        `mesh` (needs `nat`): service-mesh calls fold into the app's call (collector/mesh.py)
+        after NAT folding, as collector/main.py wires it."""
         from collector.export import AggregatorSink, ExportSettings
         from collector.pipeline import CollectorContext
         from collector.probes import SocketProbeSource
@@ -121,6 +124,15 @@ class HostCollector:
             from collector.natfold import folder_for
 
             self.folder = folder_for(args)
+        self.mesh = None
+        if mesh:
+            assert nat, "the mesh fold recognises an app's socket by its REDIRECT: nat=True"
+            from collector.mesh import MeshFolder
+            from collector.mesh_proxies import settings_from
+
+            settings = settings_from(args)
+            assert settings is not None
+            self.mesh = MeshFolder(settings, self.ctx.next_record_id, self.ctx.drops)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def write(self, records: list[Any]) -> None:  # the pipeline's sink when keep=True
@@ -134,6 +146,10 @@ class HostCollector:
         from collector.pipeline import run_pipeline
 
         sink: Any = self if self._keep else self.sink
+        if self.mesh is not None:
+            from collector.mesh import MeshFoldingSink
+
+            sink = MeshFoldingSink(sink, self.mesh, self.ctx.clock.now)
         if self.folder is not None:
             from collector.natfold import NatFoldingSink
 
@@ -166,8 +182,8 @@ class HostCollector:
 
 @contextlib.contextmanager
 def collectors(lab, url: str, spool: Path, hosts: list[str], metrics: bool = False,
-               keep: bool = False, nat: bool = False, wire: bool = False):
-    running = [HostCollector(lab, h, url, spool, metrics, keep, nat, wire) for h in hosts]
+               keep: bool = False, nat: bool = False, wire: bool = False, mesh: bool = False):
+    running = [HostCollector(lab, h, url, spool, metrics, keep, nat, wire, mesh) for h in hosts]
     try:
         for c in running:
             c.start()
