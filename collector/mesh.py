@@ -31,9 +31,13 @@ loopback address (the REDIRECT conntrack entry: without NAT folding there is no 
 a handoff address: 127.0.0.6 (ew-sidecar, Istio), 127.0.0.1 (Consul's Envoy hands calls to
 `local_app` at 127.0.0.1), or its own address (linkerd2-proxy connects to the original
 destination). Only 127.0.0.6 (::6 for IPv6) marks a mesh call by itself; a loopback server
-record from 127.0.0.1 or from its own address might be any local call, so it waits the hold
-time for its proxy socket and then goes out as it came (not marked): such records are delayed
-by up to `--mesh-hold` when those proxies are configured (they are by default).
+record from 127.0.0.1 or from its own address might be any local call, so it is taken for a
+handoff only in a namespace where a proxy's socket was seen in the last 10 minutes (a batch's
+proxy sockets count before any of its records is looked at), and then waits the hold time for
+its proxy socket and goes out as it came (not marked). Local calls in namespaces without a proxy
+are never delayed; in a Consul or Linkerd pod, such a call waits up to `--mesh-hold`, and the
+very first mesh call of a pod whose app socket arrives in a batch before any of its proxy's
+sockets is not folded (its proxy sockets go out marked `incomplete: mesh`).
 
 Joining (one collector, one host): r1 and r2 have the same key (netns, client, server), r5 and
 r6 too. The proxy's two sockets are paired by the namespace, the proxy's pid and the
@@ -104,6 +108,7 @@ import bisect
 import ipaddress
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -125,6 +130,9 @@ TICK_S = 0.5
 Role = Literal["app_out", "near_out", "far_out", "far_in", "near_in", "app_in"]
 Side = Literal["out", "in"]
 WAIT, FOLDED, ALONE, DONE = "wait", "folded", "alone", "done"
+PROXY_NETNS_S = 600.0  # a namespace counts as a proxy's for this long after its last socket
+MAX_PROXY_NETNS = 65536
+
 SockKey = tuple  # (observer, netns, client ip, port, server ip, port, start)
 PairKey = tuple  # (netns, client ip, port, server ip, port): r1 = r2, r5 = r6
 PoolKey = tuple  # ("out", netns, pid, dialled ip, port) | ("in", netns, pid, port)
@@ -208,6 +216,9 @@ class MeshFolder:
         self._touched: list[_Call] = []  # calls a member's record came to, this batch
         self._pools_touched: dict[PoolKey, None] = {}  # pools to pair at the batch's end
         self._cmd_names: dict[str, str | None] = {}  # command line -> proxy name
+        # namespaces where a proxy's socket was seen (netns -> when, last): only there may a
+        # loopback server record from 127.0.0.1 or its own address be a handoff (r6) and wait
+        self.proxy_netns: OrderedDict[int | None, datetime] = OrderedDict()
 
     # -- recognising ---------------------------------------------------------------------------
     def proxy_of(self, r: FlowRecord) -> str | None:
@@ -246,13 +257,29 @@ class MeshFolder:
                 if last.type != "snat" and last.translated == r.server:
                     return "app_out", None
             return None
-        if r.loopback and (r.client.ip in self.handoff_ips
-                           or (self.handoff_self and r.client.ip == r.server.ip)):
+        if r.loopback and (r.client.ip in self.distinct
+                           or ((r.client.ip in self.handoff_ips
+                                or (self.handoff_self and r.client.ip == r.server.ip))
+                               and r.netns in self.proxy_netns)):
             return "app_in", None
         return None
 
+    def _saw_proxies(self, records: list[FlowRecord], now: datetime) -> None:
+        """Note the namespaces of the batch's proxy sockets (before any record is looked at,
+        so that the batch's order does not matter); forget those not seen for PROXY_NETNS_S."""
+        seen = self.proxy_netns
+        for r in records:
+            if r.source == "socket" and r.protocol == "tcp" and self.proxy_of(r) is not None:
+                seen[r.netns] = now
+                seen.move_to_end(r.netns)
+        while seen and (len(seen) > MAX_PROXY_NETNS
+                        or now - next(iter(seen.values())) > timedelta(seconds=PROXY_NETNS_S)):
+            seen.popitem(last=False)
+
     # -- in ------------------------------------------------------------------------------------
     def add(self, records: Iterable[FlowRecord], now: datetime) -> list[FlowRecord]:
+        records = list(records)
+        self._saw_proxies(records, now)
         out: list[FlowRecord] = []
         touched = self._touched = []
         for r in records:
