@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from aggregator.dns_graph import apply_dns
+from aggregator.mesh_graph import apply_mesh
 from aggregator.graph_edges import (
     EDGE_FIELDS,
     OTHER,
@@ -59,8 +60,10 @@ class Window:
 def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None,
                dns: DnsEdgeFilter | None = None,
-               names: ServiceNames | None = None) -> GraphData:
-    """`names`: what names a Service in the `service` grouping (aggregator/service_view.py)."""
+               names: ServiceNames | None = None, show_proxies: bool = False) -> GraphData:
+    """`names`: what names a Service in the `service` grouping (aggregator/service_view.py);
+    `show_proxies`: a meshed edge split into its hops through its sidecars
+    (aggregator/mesh_graph.py)."""
     q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
     if group_by == "service":
         from aggregator.service_view import service_graph
@@ -72,15 +75,16 @@ def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                                     str(q.filter))
     apply_dns(data, store, q, dns)  # names from DNS answers, DNS of resolver edges
     data.fold(budget)
+    apply_mesh(data, store, q, show_proxies)  # service-mesh calls (their hops on demand)
     return data
 
 
 def build_graph(store: ReadStore, window: Window, *, group_by: str = "workload",
                 flt: Filter | None = None, budget: int | None = None,
                 dns: DnsEdgeFilter | None = None,
-                names: ServiceNames | None = None) -> nx.DiGraph:
+                names: ServiceNames | None = None, show_proxies: bool = False) -> nx.DiGraph:
     return graph_data(store, window, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                      names=names).graph()
+                      names=names, show_proxies=show_proxies).graph()
 
 
 def fold(g: nx.DiGraph, budget: int) -> int:

@@ -50,12 +50,16 @@ def graph(request: Request,
                                       "asked a name matching this glob (*.example.com); repeatable"),
           dns_rcode: str | None = Query(None, description="only edges to a resolver that got this "
                                        "response code (nxdomain, servfail, ...) or timeout; "
-                                       "repeatable")) -> Response:
-    check_names(request, {"from", "to", "group_by", "format", "dns_name", "dns_rcode"},
-                filters=True)
+                                       "repeatable"),
+          show_proxies: bool = Query(False, description="split every edge of folded "
+                                     "service-mesh calls into its hops: app -> <client>~<proxy> "
+                                     "-> <server>~<proxy> -> app (nodes of kind proxy); default "
+                                     "false: the sidecars are no workloads")) -> Response:
+    check_names(request, {"from", "to", "group_by", "format", "dns_name", "dns_rcode",
+                          "show_proxies"}, filters=True)
     since, until, live = window(from_, to)
     data = graph_data_for(request, Window(since, until), choice("group_by", group_by, GROUP_BY),
-                          query_filter(request), live, dns_filter(request))
+                          query_filter(request), live, dns_filter(request), show_proxies)
     fmt = choice("format", format, FORMATS)
     if fmt == "json":  # straight from the edges, no networkx (the same document as to_json)
         return Response(data.json_bytes(), media_type=MEDIA["json"])
