@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from aggregator.dns_graph import apply_dns
-from aggregator.mesh_graph import apply_mesh
 from aggregator.graph_edges import (
     EDGE_FIELDS,
     OTHER,
@@ -39,6 +38,7 @@ from aggregator.graph_edges import (
     rank,
 )
 from aggregator.graph_edges import iso as _iso
+from aggregator.mesh_graph import apply_mesh
 from aggregator.store.base import ReadStore
 from aggregator.store.query import EdgeQuery
 from eastwest.dns_filter import DnsEdgeFilter

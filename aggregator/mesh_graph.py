@@ -13,7 +13,8 @@ the filter: `ConnectionQuery(meshed=True)`). Out: the same `GraphData`, changed 
   `proxy`; each hop edge is counted from the meshed connections (as the store counts an edge),
   its bytes the hops' (`app-proxy` the client side's, `proxy-proxy` the client side's else the
   server side's, `proxy-app` the server side's; a hop no observer reported: the connection's
-  bytes, the wire's for `proxy-proxy`), and carries `mesh` with `hop` added. What stays of
+  bytes, the wire's for `proxy-proxy`; its ports the hop's server ports), and carries `mesh`
+  with `hop` added. What stays of
   the app -> app edge (its connections that were not meshed) keeps its counts, its volumes
   less the meshed connections' totals (at least 0), as the DNS split does (aggregator/
   dns_graph.py). By default the proxies are no nodes: they are not workloads.
@@ -137,15 +138,24 @@ def _combined(notes: list[dict[str, Any]]) -> dict[str, Any]:
             "wire_bytes_s2c": _sum([n["wire_bytes_s2c"] for n in notes])}
 
 
-def _hop_bytes(sides: tuple[Any, ...], hop: str, row: dict[str, Any]) -> tuple[int, int]:
-    """A connection's bytes on one hop (the module docstring's rule)."""
+def _hop_of(sides: tuple[Any, ...], hop: str) -> Any:
+    """The connection's hop as its client's (its server's for proxy-app) collector told it,
+    else the other's; None when neither did."""
     order = ("client", "server") if hop != "proxy-app" else ("server", "client")
     for obs in order:
         for s in sides:
             if s.observer == obs:
                 for h in s.hops:
                     if h.hop == hop:
-                        return h.bytes_c2s, h.bytes_s2c
+                        return h
+    return None
+
+
+def _hop_bytes(sides: tuple[Any, ...], hop: str, row: dict[str, Any]) -> tuple[int, int]:
+    """A connection's bytes on one hop (the module docstring's rule)."""
+    h = _hop_of(sides, hop)
+    if h is not None:
+        return h.bytes_c2s, h.bytes_s2c
     if hop == "proxy-proxy" and row["path_bytes_c2s"] is not None:
         return row["path_bytes_c2s"], row["path_bytes_s2c"]
     return int(row["bytes_c2s"] or 0), int(row["bytes_s2c"] or 0)
@@ -206,7 +216,9 @@ def _counted(src: str, dst: str, conns: list[tuple[dict[str, Any], tuple[Any, ..
         "rtt_min": min((r["rtt_min_us"] for r in rtts), default=None),
         "rtt_avg": sum(r["rtt_avg_us"] for r in rtts) / len(rtts) if rtts else None,
         "rtt_max": max((r["rtt_max_us"] for r in rtts), default=None),
-        "ports": sorted({r["server_port"] for r in rows}),
+        # a hop's server ports (the sidecar's outbound port for app-proxy: 15001 in Istio)
+        "ports": sorted({r["server_port"] if hop is None or (h := _hop_of(sides, hop)) is None
+                         else h.server.port for r, sides in conns}),
         "protocols": sorted({r["protocol"] for r in rows}),
         "observed_by": observed,
         "first_seen": min(r["start_ts"] for r in rows),

@@ -121,6 +121,8 @@ def test_show_proxies_splits_a_meshed_edge_into_its_hops(settings):  # noqa: F81
         e = edges[(s, d)]
         assert e["mesh"]["hop"] == hop and e["mesh"]["connections"] == 2
         assert (e["connections_opened"], e["bytes_c2s"], e["bytes_s2c"]) == (2, 2 * b[0], 2 * b[1])
+    assert [edges[k]["ports"] for k in (("shop/frontend", fp), (fp, ap), (ap, "shop/api"))] == [
+        [15001], [9090], [9090]]  # the hops' server ports (the sidecar's outbound 15001)
     rest = edges[("shop/frontend", "shop/api")]  # the call without a mesh stays app -> app
     assert (rest["connections_opened"], rest["bytes_c2s"], rest["mesh"]) == (1, 7, None)
     assert f'"{fp}" -> "{ap}"' in dot.text
