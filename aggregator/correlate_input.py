@@ -41,8 +41,8 @@ from aggregator.correlate_registry import (
     fixed,
 )
 from aggregator.identity import Facts, IdentityResolver
-from aggregator.store.columns import NAT_FIELD, Extra, extra_lengths
-from eastwest.record import dialled_of
+from aggregator.store.columns import NAT_FIELD, extra_lengths
+from eastwest.record import Nat, dialled_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_MIN = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
@@ -52,7 +52,8 @@ CONNECTS = {"ok": 1, "refused": 2, "timeout": 3, "reset": 4}
 TUNNEL_TYPES = {"vxlan": 1, "geneve": 2, "vxlan-gpe": 3}  # the C core's codes (0: no tunnel)
 KNOWS_OWN_SIDE, KNOWS_CLIENT_WL, KNOWS_SERVER_WL = 1, 2, 4
 _CACHE_MAX = 1_000_000
-_extra_dec = msgspec.msgpack.Decoder(Extra)
+_elements = msgspec.msgpack.Decoder(list[msgspec.Raw])  # an `extra` array, undecoded
+_nat_dec = msgspec.msgpack.Decoder(list[Nat] | None)
 
 
 class InputError(ValueError):
@@ -236,11 +237,12 @@ class Preparer:
             return ip, port, rnk
         off = np.frombuffer(offsets, dtype=np.int32)[extra.offset:extra.offset + n + 1]
         for r in np.nonzero(extra_lengths(extra) > NAT_FIELD)[0].tolist():
-            try:
-                x = _extra_dec.decode(memoryview(data)[off[r]:off[r + 1]])
+            try:  # only `nat` is decoded (a record's `mesh` after it is left as it is)
+                nat = _nat_dec.decode(_elements.decode(memoryview(data)[off[r]:off[r + 1]])[
+                    NAT_FIELD])
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise InputError(f"column 'extra': row {r}: {exc}") from None
-            d = dialled_of(x.nat)
+            d = dialled_of(nat)
             if d is not None:
                 ip[r], port[r], rnk[r] = self.addrs.id(d.ip), d.port, service.rank(d.ip, d.port)
         return ip, port, rnk

@@ -25,7 +25,7 @@ A batch without mesh pays the two vectorised passes only.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -35,21 +35,24 @@ import pyarrow.compute as pc
 
 from aggregator import mesh
 from aggregator.connection import Connection, MeshSide
-from aggregator.store.columns import MESH_FIELD, Extra, extra_lengths
+from aggregator.store.columns import MESH_FIELD, extra_lengths
 from aggregator.store.derived import _views_dec, connection_of
+from eastwest.record import Mesh
 
-Sig = tuple[datetime, datetime, bool, int, int]
+Sig = tuple[int, int, bool, int, int]  # start, end (µs since the epoch), final, bytes
 Key = tuple[str, str, int, str, int, int]
-_extra = msgspec.msgpack.Decoder(Extra)
+_elements = msgspec.msgpack.Decoder(list[msgspec.Raw])  # an `extra` array, undecoded
+_mesh_dec = msgspec.msgpack.Decoder(Mesh | None)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_ROW_COLUMNS = ["conn_id", "views", "protocol", "client_ip", "client_port", "server_ip",
+                "server_port", "scope", "byte_mismatch"]
 
 
 def sig_of(v: Any) -> Sig:
     """What identifies the record a view came from (a View or a decoded view row)."""
-    return (v.start, v.end, bool(v.final), v.bytes_c2s, v.bytes_s2c)
-
-
-def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    return ((v.start - _EPOCH) // _US, (v.end - _EPOCH) // _US, bool(v.final), v.bytes_c2s,
+            v.bytes_s2c)
 
 
 def batch_sides(table: pa.Table) -> dict[tuple[Key, str, Sig], MeshSide]:
@@ -65,19 +68,21 @@ def batch_sides(table: pa.Table) -> dict[tuple[Key, str, Sig], MeshSide]:
     names = ["source", "observer", "protocol", "client_ip", "client_port", "server_ip",
              "server_port", "loopback", "netns", "start_ts", "end_ts", "final", "bytes_c2s",
              "bytes_s2c"]
-    cols = {n: table.column(n).take(take).to_pylist() for n in names}
+    cols = {n: (c.cast(pa.int64()) if n.endswith("_ts") else c).to_pylist()
+            for n in names for c in [table.column(n).take(take)]}
     blobs = extra.take(take).to_pylist()
     out: dict[tuple[Key, str, Sig], MeshSide] = {}
     for j, blob in enumerate(blobs):
         if cols["source"][j] == "drops":
             continue
-        side = mesh.side_from(cols["observer"][j], _extra.decode(blob).mesh)
+        side = mesh.side_from(cols["observer"][j],
+                              _mesh_dec.decode(_elements.decode(blob)[MESH_FIELD]))
         if side is None:
             continue
         key = (cols["protocol"][j], cols["client_ip"][j], cols["client_port"][j],
                cols["server_ip"][j], cols["server_port"][j],
                (cols["netns"][j] or 0) if cols["loopback"][j] else 0)
-        sig = (_utc(cols["start_ts"][j]), _utc(cols["end_ts"][j]), bool(cols["final"][j]),
+        sig = (cols["start_ts"][j], cols["end_ts"][j], bool(cols["final"][j]),
                cols["bytes_c2s"][j], cols["bytes_s2c"][j])
         out[(key, side.observer, sig)] = side
     return out
@@ -101,16 +106,18 @@ class MeshShadow:
             cand |= pc.is_in(rows.column("conn_id"),
                              value_set=pa.array(list(self.held), pa.string())).to_numpy(
                                  zero_copy_only=False)
-        if batch:
-            ports = pa.array(sorted({k[0][4] for k in batch}), pa.int32())
-            cand |= pc.is_in(rows.column("server_port"), value_set=ports).to_numpy(
-                zero_copy_only=False)
+        if batch:  # the rows whose (client port, server port) a meshed record has
+            pairs = np.array(sorted({k[0][2] * 65536 + k[0][4] for k in batch}), dtype=np.int64)
+            pair = (rows.column("client_port").to_numpy().astype(np.int64) * 65536
+                    + rows.column("server_port").to_numpy())
+            cand |= np.isin(pair, pairs)
         idx = np.nonzero(cand)[0]
         if not len(idx):
             return rows
         texts: list[str | None] = []
         mism: list[bool] = []
-        for row in rows.take(pa.array(idx)).to_pylist():
+        recheck: list[int] = []  # meshed rows the C core found a byte mismatch in
+        for j, row in enumerate(rows.select(_ROW_COLUMNS).take(pa.array(idx)).to_pylist()):
             cid = row["conn_id"]
             views = {v.observer: v for v in _views_dec.decode(row["views"]).views}
             key = (row["protocol"], row["client_ip"], row["client_port"], row["server_ip"],
@@ -129,10 +136,16 @@ class MeshShadow:
                     new[obs] = old[obs]
             if new or cid in self.held:
                 self.pending[cid] = new
-            row["mesh"] = text = mesh.stored(_sides(new))
+            text = mesh.stored(_sides(new))
             texts.append(text)
-            mism.append(connection_of(row).summary().byte_mismatch if text is not None
-                        else row["byte_mismatch"])
+            mism.append(row["byte_mismatch"])
+            if text is not None and row["byte_mismatch"]:
+                recheck.append(j)
+        # the C core compared the wire's bytes too: without them a mismatch can only go
+        for j in recheck:
+            full = rows.slice(int(idx[j]), 1).to_pylist()[0]
+            full["mesh"] = texts[j]
+            mism[j] = connection_of(full).summary().byte_mismatch
         mask = np.zeros(len(rows), dtype=bool)
         mask[idx] = True
         out = rows.set_column(rows.schema.get_field_index("mesh"), "mesh", pc.replace_with_mask(
