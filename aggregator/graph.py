@@ -99,7 +99,7 @@ def fold(g: nx.DiGraph, budget: int) -> int:
         g.remove_edge(u, v)
     g.remove_nodes_from([n for n in list(g.nodes) if g.degree(n) == 0])
     g.add_node(OTHER, name=OTHER, namespace=None, kind="Other")
-    g.add_edge(OTHER, OTHER, **other)
+    g.add_edge(OTHER, OTHER, **other, mesh=None)  # as the JSON path's (aggregator/mesh_graph.py)
     g.graph["folded_edges"] = len(folded)
     return len(folded)
 
