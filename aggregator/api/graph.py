@@ -33,7 +33,12 @@ MEDIA = {"json": "application/json", "dot": "text/vnd.graphviz", "mermaid": "tex
 TIME_HELP = "now, a duration ago (15m, 2h, 7d) or RFC 3339"
 
 
-@router.get("/api/v1/graph", summary="The service graph of a time window (edges client -> server)")
+@router.get("/api/v1/graph", summary="The service graph of a time window (edges client -> server)",
+            description="Nodes and edges as docs/api.md describes them; each edge has `mesh`: "
+            "null, or {proxy, connections, wire_bytes_c2s, wire_bytes_s2c} when some of its "
+            "connections were folded service-mesh calls. `show_proxies=true` splits such an "
+            "edge into its hops through `<node>~<proxy>` nodes of kind `proxy` (hop edges' "
+            "`mesh` has `hop`)")
 def graph(request: Request,
           from_: str | None = Query(None, alias="from", description=f"window start: {TIME_HELP}; default to - 15m"),
           to: str | None = Query(None, description=f"window end: {TIME_HELP}; default now (live)"),

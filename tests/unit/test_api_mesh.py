@@ -107,6 +107,11 @@ def test_show_proxies_splits_a_meshed_edge_into_its_hops(settings):  # noqa: F81
         dot = c.get("/api/v1/graph", params={**A, "show_proxies": "true", "format": "dot"},
                     headers=RH)
         bad = c.get("/api/v1/graph", params={**A, "show_proxies": "maybe"}, headers=RH)
+        spec = c.get("/openapi.json", headers=RH).json()
+    graph_doc = spec["paths"]["/api/v1/graph"]["get"]
+    assert "show_proxies" in {p["name"] for p in graph_doc["parameters"]}
+    assert "mesh" in graph_doc["description"]
+    assert "mesh" in spec["paths"]["/api/v1/flows"]["get"]["description"]
     assert r.status_code == 200, r.text
     g = r.json()
     kinds = {n["id"]: n["kind"] for n in g["nodes"]}
