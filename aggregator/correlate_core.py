@@ -339,6 +339,7 @@ class NativeCore:
         conns = self.connections_of(key)
         k = self._key_ids(key)
         seq = self._check(self.lib.ew_corr_drop_key(self.st, k.ctypes.data))
+        self.mesh.forget([conn_id])
         left = [c for c in conns if c.conn_id != conn_id]
         if left:
             self.load(left)
@@ -366,6 +367,8 @@ class NativeCore:
             protocol, cip, cport, sip, sport, scope = key
             k = np.array([self.strings.id(protocol), self.addrs.id(cip), cport,
                           self.addrs.id(sip), sport, scope], dtype=np.int64)
+            if self.mesh.held:  # the key's connections held before: replaced by `conns`
+                self.mesh.forget(c.conn_id for c in self.connections_of(key))
             seq = self._check(self.lib.ew_corr_drop_key(self.st, k.ctypes.data))
             if conns:
                 self.load(conns)
