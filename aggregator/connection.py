@@ -15,7 +15,9 @@ Rules (docs/aggregator.md):
   datagrams, exactly; TCP socket views count none), else over the path views that did; in the
   stored row null, not 0, when no view counted them (`packets()`).
 - `byte_mismatch`: the client's and the server's final byte counts (or a final path count against
-  them) differ by more than the retransmitted segments can explain (retransmits x MSS).
+  them) differ by more than the retransmitted segments can explain (retransmits x MSS). A
+  meshed connection (`mesh`, aggregator/mesh.py) compares its socket views only: its wire
+  carries the proxies' framing besides the application's bytes.
 - Drops (records of source `drops`): one view per collector and drop reason (slot
   `drops:<collector>:<reason>`, its packets in `packets_c2s`). They count for the connection's
   time span, `observed_by` and `incomplete`, never for its counters, connect or byte checks; they
@@ -39,6 +41,7 @@ from typing import NamedTuple
 import msgspec
 
 from eastwest.filters import dropped_outcome, outcome_of
+from eastwest.record import MeshHop
 
 MSS = 1460  # the bytes one retransmitted segment can add on the wire (Ethernet MSS)
 _NO_BYTES = (None, None)
@@ -173,6 +176,16 @@ class Tunnel(msgspec.Struct, frozen=True, gc=False):
 Counters6 = tuple[int, int, int, int, int, int]
 
 
+class MeshSide(msgspec.Struct, frozen=True, gc=False):
+    """What one socket observer's record told of a service-mesh call (its `mesh`,
+    docs/flow-record.md): the sidecar's name and the hops on that observer's host. Kept per
+    observer, from the record that made the observer's view (aggregator/mesh.py)."""
+
+    observer: str  # client | server
+    proxy: str
+    hops: tuple[MeshHop, ...] = ()
+
+
 class Naming(msgspec.Struct, frozen=True, gc=False):
     """While a connection's end names may still change (docs/aggregator.md, "Naming both ends"):
     until when, and the volumes attributed so far under the current names, by minute, so that
@@ -205,6 +218,10 @@ class Connection(msgspec.Struct, gc=False):
     # and port, from the records' `nat`; aggregator/service.py); None: not translated or unknown
     service_ip: str | None = None
     service_port: int | None = None
+    # a folded service-mesh call (aggregator/mesh.py): what the client's and the server's
+    # records told of their sidecars, client first; None: not meshed (appended: older states
+    # have none)
+    mesh: tuple[MeshSide, ...] | None = None
 
     def clone(self) -> Connection:
         return msgspec.structs.replace(self, views=dict(self.views))
@@ -380,8 +397,8 @@ class Connection(msgspec.Struct, gc=False):
     def _mismatch(self, retrans: int) -> bool:
         views = self.views
         return _mismatch(views.get("client"), views.get("server"),
-                         [v for k, v in views.items() if v.final and k.startswith("path:")],
-                         retrans)
+                         [v for k, v in views.items() if v.final and k.startswith("path:")]
+                         if self.mesh is None else [], retrans)
 
     def summary(self) -> Summary:
         """All derived values in one pass over the views (the same as the properties)."""
@@ -488,5 +505,7 @@ class Connection(msgspec.Struct, gc=False):
             (client.bytes_c2s, client.bytes_s2c) if client is not None else _NO_BYTES,
             (server.bytes_c2s, server.bytes_s2c) if server is not None else _NO_BYTES,
             (pb1, pb2) if paths else _NO_BYTES,
-            closed_at is not None and _mismatch(client, server, final_paths, best[4]), inc,
+            closed_at is not None and _mismatch(client, server,
+                                                final_paths if self.mesh is None else [],
+                                                best[4]), inc,
             tuple(sorted(drops.items())) if drops is not None else None)

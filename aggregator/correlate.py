@@ -23,6 +23,10 @@ each superseded like any view. A drops record that joins nothing opens a connect
 (a SYN dropped by policy before any socket or wire saw it); a socket record that arrives later
 joins it by the same rule, so the order of arrival does not matter.
 
+Mesh (aggregator/mesh.py): a socket record's `mesh` (a call its collector folded from the
+sidecars' sockets) goes with its view: the connection keeps, per socket observer, the hops of
+the record that made that observer's view, so a newer record replaces its observer's hops.
+
 Volumes: counters are cumulative per observer; the change of the connection's best counters
 (aggregator/connection.py) at each record is a delta, attributed to the minute of the record's
 `end` (negative when the first socket view arrives behind a wire view: the deltas always add up
@@ -51,7 +55,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from aggregator import service
+from aggregator import mesh, service
 from aggregator.connection import (
     DROPS,
     Connection,
@@ -369,6 +373,10 @@ class Correlator:
             if dialled is not None and service.wins(dialled.ip, dialled.port, conn.service_ip,
                                                     conn.service_port):
                 conn.service_ip, conn.service_port = dialled.ip, dialled.port
+        if (obs == "client" or obs == "server") and (rec.mesh is not None
+                                                     or conn.mesh is not None):
+            # the observer's hops are its view's record's (aggregator/mesh.py)
+            conn.mesh = mesh.merged(conn.mesh, obs, mesh.side_of(rec))
         if found is not None and (obs != "path" or rec.client_workload is not None
                                   or rec.server_workload is not None):
             self._rename(plan, conn, rec)

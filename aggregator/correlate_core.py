@@ -27,6 +27,7 @@ from aggregator import correlate_native as native
 from aggregator import service
 from aggregator.connection import Connection
 from aggregator.correlate_input import TIME_MAX, TIME_MIN, TUNNEL_TYPES, InputError, Preparer
+from aggregator.correlate_mesh import MeshShadow
 from aggregator.correlate_plan import EMPTY_ROWS, ColumnPlan, Columns
 from aggregator.correlate_registry import Addresses, Identities, Strings, Workloads
 from aggregator.identity import IdentityResolver
@@ -99,6 +100,7 @@ class NativeCore:
         self.settled: list[str] = []
         self._token = 0
         self.pending = 0  # the token of the pending plan, 0: none
+        self.mesh = MeshShadow()  # the meshed connections' sides (aggregator/correlate_mesh.py)
 
     def _dictionaries(self, strings: Strings, idents: Identities,
                       addrs: Addresses | None = None, resolver_calls: int = 0) -> None:
@@ -173,8 +175,10 @@ class NativeCore:
             buf = np.empty(32 * n, dtype=np.uint8)
             got = self.lib.ew_corr_settled(self.st, buf.ctypes.data, n)
             offsets = pa.py_buffer(np.arange(got + 1, dtype=np.int32) * 32)
-            self.settled.extend(pa.Array.from_buffers(pa.string(), got, [
-                None, offsets, pa.py_buffer(buf)]).to_pylist())
+            gone = pa.Array.from_buffers(pa.string(), got, [
+                None, offsets, pa.py_buffer(buf)]).to_pylist()
+            self.settled.extend(gone)
+            self.mesh.forget(gone)
 
     # -- a plan -----------------------------------------------------------------------------
     def plan(self, table: pa.Table, collector: str | None, at: datetime) -> ColumnPlan:
@@ -190,7 +194,9 @@ class NativeCore:
         info = self.info()
         self._pool = pool[16 * info[10]:]
         try:
-            return self._outputs(n, info[9], at, tables)
+            plan = self._outputs(n, info[9], at, tables)
+            plan.rows = self.mesh.plan(plan.rows, table)
+            return plan
         except BaseException:
             self.rollback_pending()
             raise
@@ -209,6 +215,8 @@ class NativeCore:
         blobs = pa.allocate_buffer(max(size, 1))
         self.lib.ew_corr_blob(self.st, blobs.address)
         rows = self.columns.rows(out, ok, hex_ids.tobytes(), blobs, blob_end, self.layout.out)
+        if which == 1:  # held connections (a plan's rows get theirs in `plan`)
+            rows = self.mesh.held_rows(rows)
         return rows, out, ok
 
     def _outputs(self, n: int, nru: int, at: datetime, tables: native.Tables) -> ColumnPlan:
@@ -264,6 +272,7 @@ class NativeCore:
     def commit(self, plan: ColumnPlan) -> None:
         self._own(plan)
         self.pending = 0
+        self.mesh.commit()
         if self._check(self.lib.ew_corr_commit(self.st)):
             self._drain()
             self._maybe_compact()
@@ -275,6 +284,7 @@ class NativeCore:
     def rollback_pending(self) -> None:
         if self.pending:
             self.pending = 0
+            self.mesh.rollback()
             self._check(self.lib.ew_corr_rollback(self.st))
 
     def prune(self) -> int:
@@ -287,6 +297,7 @@ class NativeCore:
 
     def reset(self) -> None:
         self.pending = 0
+        self.mesh.reset()
         self.lib.ew_corr_reset(self.st)
         del self.settled[:]
 
@@ -328,6 +339,7 @@ class NativeCore:
         conns = self.connections_of(key)
         k = self._key_ids(key)
         seq = self._check(self.lib.ew_corr_drop_key(self.st, k.ctypes.data))
+        self.mesh.forget([conn_id])
         left = [c for c in conns if c.conn_id != conn_id]
         if left:
             self.load(left)
@@ -355,6 +367,8 @@ class NativeCore:
             protocol, cip, cport, sip, sport, scope = key
             k = np.array([self.strings.id(protocol), self.addrs.id(cip), cport,
                           self.addrs.id(sip), sport, scope], dtype=np.int64)
+            if self.mesh.held:  # the key's connections held before: replaced by `conns`
+                self.mesh.forget(c.conn_id for c in self.connections_of(key))
             seq = self._check(self.lib.ew_corr_drop_key(self.st, k.ctypes.data))
             if conns:
                 self.load(conns)
@@ -366,6 +380,7 @@ class NativeCore:
         conns = list(connections)
         if not conns:
             return 0
+        self.mesh.load(conns)
         ld, lv, lm, ids = _load_matrices(self, conns)
         args = [np.ascontiguousarray(x) for x in (*ld, *lv, lm)]
         self._keep_load = args

@@ -41,8 +41,8 @@ from aggregator.correlate_registry import (
     fixed,
 )
 from aggregator.identity import Facts, IdentityResolver
-from aggregator.store.columns import Extra
-from eastwest.record import dialled_of
+from aggregator.store.columns import NAT_FIELD, extra_lengths
+from eastwest.record import Nat, dialled_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_MIN = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).days * 86_400_000_000
@@ -52,8 +52,8 @@ CONNECTS = {"ok": 1, "refused": 2, "timeout": 3, "reset": 4}
 TUNNEL_TYPES = {"vxlan": 1, "geneve": 2, "vxlan-gpe": 3}  # the C core's codes (0: no tunnel)
 KNOWS_OWN_SIDE, KNOWS_CLIENT_WL, KNOWS_SERVER_WL = 1, 2, 4
 _CACHE_MAX = 1_000_000
-_EXTRA_WITH_NAT = 0x90 | len(Extra.__struct_fields__)  # a fixarray of every Extra field
-_extra_dec = msgspec.msgpack.Decoder(Extra)
+_elements = msgspec.msgpack.Decoder(list[msgspec.Raw])  # an `extra` array, undecoded
+_nat_dec = msgspec.msgpack.Decoder(list[Nat] | None)
 
 
 class InputError(ValueError):
@@ -221,8 +221,8 @@ class Preparer:
     # -- the dialled Service address (`nat` in `extra`) ---------------------------------------
     def _dialled(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per record: the dialled address's id (-1: none), port and rank (aggregator/service.py).
-        Only an `extra` of 15 elements (msgpack fixarray 0x9f) holds `nat` (trailing Nones are
-        left off, columns.Extra): just those blobs are decoded."""
+        Only an `extra` of more than 14 elements holds `nat` (trailing Nones are left off,
+        columns.Extra; its header says: columns.extra_lengths): just those blobs are decoded."""
         n = table.num_rows
         ip = np.full(n, -1, dtype=np.int32)
         port = np.zeros(n, dtype=np.int32)
@@ -232,21 +232,17 @@ class Preparer:
             return ip, port, rnk
         if extra.type != pa.binary():
             extra = extra.cast(pa.binary())
-        vbuf, offsets, data = extra.buffers()
+        _, offsets, data = extra.buffers()
         if data is None:
             return ip, port, rnk
-        valid = np.asarray(bits(vbuf, extra.offset, n)).astype(bool)
         off = np.frombuffer(offsets, dtype=np.int32)[extra.offset:extra.offset + n + 1]
-        raw = np.frombuffer(data, dtype=np.uint8)
-        has = valid & (off[1:] > off[:-1])
-        first = np.zeros(n, dtype=np.uint8)
-        first[has] = raw[off[:-1][has]]
-        for r in np.nonzero(first == _EXTRA_WITH_NAT)[0].tolist():
-            try:
-                x = _extra_dec.decode(memoryview(data)[off[r]:off[r + 1]])
+        for r in np.nonzero(extra_lengths(extra) > NAT_FIELD)[0].tolist():
+            try:  # only `nat` is decoded (a record's `mesh` after it is left as it is)
+                nat = _nat_dec.decode(_elements.decode(memoryview(data)[off[r]:off[r + 1]])[
+                    NAT_FIELD])
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise InputError(f"column 'extra': row {r}: {exc}") from None
-            d = dialled_of(x.nat)
+            d = dialled_of(nat)
             if d is not None:
                 ip[r], port[r], rnk[r] = self.addrs.id(d.ip), d.port, service.rank(d.ip, d.port)
         return ip, port, rnk

@@ -158,6 +158,7 @@ class Columns:
             for k, (name, _, _) in enumerate(items):
                 cols[name] = got.slice(k * n, n)
         cols["drop_reasons"] = _drop_reasons(ok[col["DROPPED"]], cols["views"])
+        cols["mesh"] = pa.nulls(n, pa.string())  # the meshed rows' by aggregator/correlate_mesh.py
         who = np.concatenate([out[col["CLIENT"]], out[col["SERVER"]]])
         idents = self.idents.struct().take(pa.array(who, pa.int64()))
         for attr in IDENTITY_ATTRS:

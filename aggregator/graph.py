@@ -38,6 +38,7 @@ from aggregator.graph_edges import (
     rank,
 )
 from aggregator.graph_edges import iso as _iso
+from aggregator.mesh_graph import apply_mesh
 from aggregator.store.base import ReadStore
 from aggregator.store.query import EdgeQuery
 from eastwest.dns_filter import DnsEdgeFilter
@@ -59,8 +60,10 @@ class Window:
 def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None,
                dns: DnsEdgeFilter | None = None,
-               names: ServiceNames | None = None) -> GraphData:
-    """`names`: what names a Service in the `service` grouping (aggregator/service_view.py)."""
+               names: ServiceNames | None = None, show_proxies: bool = False) -> GraphData:
+    """`names`: what names a Service in the `service` grouping (aggregator/service_view.py);
+    `show_proxies`: a meshed edge split into its hops through its sidecars
+    (aggregator/mesh_graph.py)."""
     q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
     if group_by == "service":
         from aggregator.service_view import service_graph
@@ -72,15 +75,16 @@ def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                                     str(q.filter))
     apply_dns(data, store, q, dns)  # names from DNS answers, DNS of resolver edges
     data.fold(budget)
+    apply_mesh(data, store, q, show_proxies)  # service-mesh calls (their hops on demand)
     return data
 
 
 def build_graph(store: ReadStore, window: Window, *, group_by: str = "workload",
                 flt: Filter | None = None, budget: int | None = None,
                 dns: DnsEdgeFilter | None = None,
-                names: ServiceNames | None = None) -> nx.DiGraph:
+                names: ServiceNames | None = None, show_proxies: bool = False) -> nx.DiGraph:
     return graph_data(store, window, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                      names=names).graph()
+                      names=names, show_proxies=show_proxies).graph()
 
 
 def fold(g: nx.DiGraph, budget: int) -> int:
@@ -95,7 +99,7 @@ def fold(g: nx.DiGraph, budget: int) -> int:
         g.remove_edge(u, v)
     g.remove_nodes_from([n for n in list(g.nodes) if g.degree(n) == 0])
     g.add_node(OTHER, name=OTHER, namespace=None, kind="Other")
-    g.add_edge(OTHER, OTHER, **other)
+    g.add_edge(OTHER, OTHER, **other, mesh=None)  # as the JSON path's (aggregator/mesh_graph.py)
     g.graph["folded_edges"] = len(folded)
     return len(folded)
 

@@ -21,10 +21,9 @@ import pyarrow.compute as pc
 from aggregator.connection import Connection
 from aggregator.correlate import Correlator, Plan, minute_of
 from aggregator.nodeport import NodePortJoin, volumes_of
-from aggregator.store.columns import Extra
+from aggregator.store.columns import NAT_FIELD, Extra, extra_lengths
 from aggregator.store.derived import ROLLUP_COUNTERS, ROLLUP_KEY, ROLLUP_SCHEMA, Derived
 
-_WITH_NAT = 0x90 | len(Extra.__struct_fields__)  # an `extra` fixarray that holds `nat`
 _dec = msgspec.msgpack.Decoder(Extra)
 
 
@@ -67,21 +66,9 @@ def table_wants(table: pa.Table, join: NodePortJoin) -> bool:
 
 
 def _nat_rows(extra: pa.Array) -> pa.Array:
-    """The rows whose `extra` is the array that holds `nat` (its first byte, as the C core's
-    input does in aggregator/correlate_input.py)."""
-    vbuf, offsets, data = extra.buffers()
-    n = len(extra)
-    if data is None:
-        return pa.array(np.zeros(n, dtype=bool))
-    off = np.frombuffer(offsets, dtype=np.int32)[extra.offset:extra.offset + n + 1]
-    raw = np.frombuffer(data, dtype=np.uint8)
-    has = off[1:] > off[:-1]
-    if extra.null_count:
-        valid = np.asarray(extra.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        has &= valid
-    first = np.zeros(n, dtype=np.uint8)
-    first[has] = raw[off[:-1][has]]
-    return pa.array(first == _WITH_NAT)
+    """The rows whose `extra` array is long enough to hold `nat` (its header, as the C core's
+    input does in aggregator/correlate_input.py; columns.extra_lengths)."""
+    return pa.array(extra_lengths(extra) > NAT_FIELD)
 
 
 def negative_rollups(removed: Sequence[Connection], rollups: pa.Table | None) -> pa.Table | None:

@@ -105,7 +105,12 @@ def _dns_matching(store: ReadStore, q: ConnectionQuery, dnsf: DnsEdgeFilter, siz
         q = dataclasses.replace(q, cursor=Cursor(_sort_value(last, q.sort.key), last["conn_id"]))
 
 
-@router.get("/api/v1/flows", summary="Correlated connections (one per connection), filtered and paginated")
+@router.get("/api/v1/flows", summary="Correlated connections (one per connection), filtered and paginated",
+            description="Each flow as docs/api.md describes it; a service-mesh call its "
+            "collectors folded from the sidecars' sockets has `mesh`: {proxy, hops: [{hop, "
+            "observer, client: {ip, port}, server: {ip, port}, bytes_c2s, bytes_s2c, process, "
+            "pid}], wire_bytes_c2s, wire_bytes_s2c} (null when not meshed; wire bytes null "
+            "when no wire saw it)")
 def flows(request: Request,
           since: str | None = Query(None, description=f"last seen at or after: {TIME_HELP}"),
           until: str | None = Query(None, description=f"started before: {TIME_HELP}"),

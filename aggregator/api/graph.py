@@ -33,7 +33,12 @@ MEDIA = {"json": "application/json", "dot": "text/vnd.graphviz", "mermaid": "tex
 TIME_HELP = "now, a duration ago (15m, 2h, 7d) or RFC 3339"
 
 
-@router.get("/api/v1/graph", summary="The service graph of a time window (edges client -> server)")
+@router.get("/api/v1/graph", summary="The service graph of a time window (edges client -> server)",
+            description="Nodes and edges as docs/api.md describes them; each edge has `mesh`: "
+            "null, or {proxy, connections, wire_bytes_c2s, wire_bytes_s2c} when some of its "
+            "connections were folded service-mesh calls. `show_proxies=true` splits such an "
+            "edge into its hops through `<node>~<proxy>` nodes of kind `proxy` (hop edges' "
+            "`mesh` has `hop`)")
 def graph(request: Request,
           from_: str | None = Query(None, alias="from", description=f"window start: {TIME_HELP}; default to - 15m"),
           to: str | None = Query(None, description=f"window end: {TIME_HELP}; default now (live)"),
@@ -50,12 +55,16 @@ def graph(request: Request,
                                       "asked a name matching this glob (*.example.com); repeatable"),
           dns_rcode: str | None = Query(None, description="only edges to a resolver that got this "
                                        "response code (nxdomain, servfail, ...) or timeout; "
-                                       "repeatable")) -> Response:
-    check_names(request, {"from", "to", "group_by", "format", "dns_name", "dns_rcode"},
-                filters=True)
+                                       "repeatable"),
+          show_proxies: bool = Query(False, description="split every edge of folded "
+                                     "service-mesh calls into its hops: app -> <client>~<proxy> "
+                                     "-> <server>~<proxy> -> app (nodes of kind proxy); default "
+                                     "false: the sidecars are no workloads")) -> Response:
+    check_names(request, {"from", "to", "group_by", "format", "dns_name", "dns_rcode",
+                          "show_proxies"}, filters=True)
     since, until, live = window(from_, to)
     data = graph_data_for(request, Window(since, until), choice("group_by", group_by, GROUP_BY),
-                          query_filter(request), live, dns_filter(request))
+                          query_filter(request), live, dns_filter(request), show_proxies)
     fmt = choice("format", format, FORMATS)
     if fmt == "json":  # straight from the edges, no networkx (the same document as to_json)
         return Response(data.json_bytes(), media_type=MEDIA["json"])

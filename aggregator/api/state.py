@@ -33,7 +33,8 @@ def reader(request: Request) -> ReadStore:
 
 
 def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
-                   live: bool, dns: DnsEdgeFilter | None = None) -> GraphData:
+                   live: bool, dns: DnsEdgeFilter | None = None,
+                   show_proxies: bool = False) -> GraphData:
     st = request.app.state
     budget = st.settings.edge_budget
     store = reader(request)
@@ -44,9 +45,9 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         names = service_names(request)
     if not live:
         return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                          names=names)
+                          names=names, show_proxies=show_proxies)
     span = round((win.until - win.since).total_seconds(), 3)
-    key: tuple[Any, ...] = (span, group_by, str(flt), dns)
+    key: tuple[Any, ...] = (span, group_by, str(flt), dns, show_proxies)
     stamp = st.pipeline.version
     with _cache_lock:
         hit = st.graph_cache.get(key)
@@ -55,7 +56,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
             cached: GraphData = hit[2]
             return cached
     data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                      names=names)
+                      names=names, show_proxies=show_proxies)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

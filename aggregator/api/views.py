@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from aggregator import mesh
 from aggregator.service_view import ServiceNames, flow_service
 from aggregator.store.derived import CONN_COLUMNS, parse_drop_reasons
 
@@ -65,6 +66,9 @@ def flow_json(r: dict[str, Any], names: ServiceNames | None = None) -> dict[str,
         "drops": None if r.get("dropped") is None else {
             "packets": r["dropped"], "reasons": parse_drop_reasons(r.get("drop_reasons"))},
         "service": flow_service(names, r.get("service_ip"), r.get("service_port"), r["start_ts"]),
+        # a folded service-mesh call: proxy, hops, the wire's bytes (aggregator/mesh.py); null:
+        # not meshed (rows stored before it was kept have none: `get`)
+        "mesh": mesh.shown(r.get("mesh"), r["path_bytes_c2s"], r["path_bytes_s2c"]),
     }
 
 

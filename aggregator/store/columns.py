@@ -6,7 +6,7 @@ column, never row by row:
   backends that keep the record whole (ClickHouse);
 - `flows_table`: the flat columns + `extra`: `DUCKDB_COLUMNS`, the DuckDB layout. `extra` holds
   only what has no column of its own (L3 bytes, cmdline, cgroup, outer port, TCP flags, the
-  collector-reported workloads, the `incomplete` reasons, nested tunnels, the `dns` summary, drops, `nat`) as a msgpack array, NULL when all of
+  collector-reported workloads, the `incomplete` reasons, nested tunnels, the `dns` summary, drops, `nat`, `mesh`) as a msgpack array, NULL when all of
   them are empty; `record_of` rebuilds the record exactly from the flat values and `extra`.
   Why: the whole-record blob (~450 bytes, field names included) was most of what DuckDB wrote per
   row, in its WAL at every commit and again at every checkpoint (docs/benchmarks.md).
@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 
 from eastwest.record import (
@@ -35,6 +36,7 @@ from eastwest.record import (
     Drop,
     Endpoint,
     FlowRecord,
+    Mesh,
     Nat,
     Process,
     Rtt,
@@ -119,19 +121,25 @@ class Extra(msgspec.Struct, array_like=True, frozen=True):
     dns: DnsSummary | None = None  # appended: the DNS a flow to a resolver carried
     drops: list[Drop] | None = None  # appended: drop counts by reason (source `drops`)
     nat: list[Nat] | None = None  # appended: the address translations (conntrack)
+    mesh: Mesh | None = None  # appended: a folded service-mesh call (collector/mesh.py)
 
 
-# `dns`, `drops` and `nat` are appended to a record's extra only when it has them (trailing
-# Nones left off: msgspec fills them in): every other blob stays the 12-element array the native
-# batch decoder writes byte for byte (aggregator/store/ewwire.c, which hands records with
-# `dns` or `drops` to Python, as those with `tunnel_outer`, and writes a record with `nat` as
-# the 15-element array, dns and drops nil: Service calls are most client records in a cluster)
-_APPENDED = 3
+# `dns`, `drops`, `nat` and `mesh` are appended to a record's extra only when it has them
+# (trailing Nones left off: msgspec fills them in): every other blob stays the 12-element array
+# the native batch decoder writes byte for byte (aggregator/store/ewwire.c, which hands records
+# with `dns`, `drops` or `mesh` to Python, as those with `tunnel_outer`, and writes a record with
+# `nat` as the 15-element array, dns and drops nil: Service calls are most client records in a
+# cluster). A record with `mesh` has the 16-element array (msgpack array16: 0xdc 0x00 0x10)
+_APPENDED = 4
+NAT_FIELD = 14  # `nat`'s element of `extra`: a blob of more elements holds one
+MESH_FIELD = 15  # `mesh`'s element
 _NO_EXTRA = (None,) * (len(Extra.__struct_fields__) - _APPENDED)
 
 
 def _appended(r: FlowRecord) -> tuple[Any, ...]:
     """The extra's appended fields of `r`, trailing Nones left off."""
+    if r.mesh is not None:
+        return (r.dns, r.drops, r.nat, r.mesh)
     if r.nat is not None:
         return (r.dns, r.drops, r.nat)
     if r.drops is not None:
@@ -213,6 +221,33 @@ def _constants(collector: str, batch_seq: int, ingested_at: datetime, n: int) ->
             pa.array([ingested_at] * n, _TS)]
 
 
+def extra_lengths(extra: pa.Array) -> np.ndarray:
+    """Per row, how many elements its `extra` array has, from its header alone (a msgpack
+    fixarray 0x90..0x9f, or array16 0xdc: 16 elements and more); 0 for NULL or empty. A row
+    holds `nat` when it has more than `NAT_FIELD`, `mesh` more than `MESH_FIELD`: only those
+    blobs need decoding."""
+    n = len(extra)
+    out = np.zeros(n, dtype=np.int64)
+    if extra.type != pa.binary():
+        extra = extra.cast(pa.binary())
+    _, offsets, data = extra.buffers()
+    if data is None or extra.null_count == n:
+        return out
+    off = np.frombuffer(offsets, dtype=np.int32)[extra.offset:extra.offset + n + 1]
+    raw = np.frombuffer(data, dtype=np.uint8)
+    has = off[1:] > off[:-1]
+    if extra.null_count:
+        has &= np.asarray(extra.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    at = off[:-1][has]
+    first = raw[at].astype(np.int64)
+    count = np.where((first & 0xF0) == 0x90, first & 0x0F, 0)
+    a16 = (first == 0xDC) & (off[1:][has] - at >= 3)
+    if a16.any():
+        count[a16] = (raw[at[a16] + 1].astype(np.int64) << 8) | raw[at[a16] + 2]
+    out[has] = count
+    return out
+
+
 def extra_blobs(extras: Sequence[tuple[Any, ...]]) -> pa.Array:
     enc = _mp.encode
     return pa.array([None if e == _NO_EXTRA else enc(e) for e in extras], pa.binary())
@@ -274,7 +309,7 @@ def record_of(row: Sequence[Any]) -> FlowRecord:
         tunnel=None if vni is None else Tunnel(  # a tunnel always stored its outer port
             tunnel_type or x.tunnel_type or "vxlan", vni, outer_src, outer_dst,  # type: ignore[arg-type]
             x.outer_dport),  # type: ignore[arg-type]
-        tunnel_outer=x.tunnel_outer, dns=x.dns, drops=x.drops, nat=x.nat,
+        tunnel_outer=x.tunnel_outer, dns=x.dns, drops=x.drops, nat=x.nat, mesh=x.mesh,
         client_workload=x.client_workload, server_workload=x.server_workload,
         tcp_flags=x.tcp_flags, loopback=loopback, incomplete=x.incomplete or [])
 

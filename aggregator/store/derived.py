@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import msgspec
 import pyarrow as pa
 
+from aggregator import mesh
 from aggregator.connection import Connection, Identity, Naming, ProcInfo, Summary, Tunnel, View
 from aggregator.correlate import Plan
 from eastwest.filters import dropped_outcome, outcome_of
@@ -148,6 +149,9 @@ CONN_COLUMNS: list[tuple[str, pa.DataType, Getter]] = [
     # NULL when no drop source reported the connection
     ("dropped", I64, lambda c: _dropped(c.drops())),
     ("drop_reasons", S, lambda c: drop_reasons_text(c.drops())),
+    # added: a folded service-mesh call's sides as JSON (aggregator/mesh.py), NULL when not
+    # meshed (and in rows stored before it)
+    ("mesh", S, lambda c: mesh.stored(c.mesh)),
     ("state", BIN, lambda c: _enc.encode(c)),
 ]
 CONN_SCHEMA = pa.schema([(n, t) for n, t, _ in CONN_COLUMNS])
@@ -238,7 +242,8 @@ def row_values(c: Connection, s: Summary) -> tuple[Any, ...]:
             *(_astuple(sp) if sp is not None else _NONE5),
             *(_astuple(t) if t is not None else _NONE6), c.service_ip, c.service_port,
             ip_hex(c.service_ip) if c.service_ip is not None else None,
-            None if s.drops is None else sum(n for _, n in s.drops), drop_reasons_text(s.drops))
+            None if s.drops is None else sum(n for _, n in s.drops), drop_reasons_text(s.drops),
+            mesh.stored(c.mesh))
 
 
 def views_blob(c: Connection) -> bytes:
@@ -316,7 +321,8 @@ def connection_of(row: dict[str, Any]) -> Connection:
                       row["client_port"], row["server_ip"], row["server_port"], row["scope"],
                       ident("client", client_labels), ident("server", server_labels), out,
                       proc("client"), proc("server"), tunnel, naming,
-                      row.get("service_ip"), row.get("service_port"))
+                      row.get("service_ip"), row.get("service_port"),
+                      mesh.sides_of(row.get("mesh")))
 
 
 def _table(rows: Sequence[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:

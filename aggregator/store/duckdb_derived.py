@@ -75,7 +75,7 @@ _CONN_TABLES = ("connections_settled", "connections_live")
 # what `recent_connections` reads to rebuild a connection (`connection_of`)
 _STATE_COLUMNS = ["conn_id", "protocol", "family", "client_ip", "client_port", "server_ip",
                   "server_port", "scope", "vni", "vtep_src", "vtep_dst", "vtep_src_host",
-                  "vtep_dst_host", "tunnel_type", "views", "service_ip", "service_port"] + [
+                  "vtep_dst_host", "tunnel_type", "views", "service_ip", "service_port", "mesh"] + [
     f"{side}_{a}" for side in ("client", "server")
     for a in ("name", "namespace", "kind", "host", "id_source", "pid", "comm", "netns",
               "container", "collector")]
@@ -140,6 +140,8 @@ def _migrate_service(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(f"ALTER TABLE {table} ADD COLUMN service_port INTEGER")
         if cols and "service_ip_hex" not in cols:
             con.execute(f"ALTER TABLE {table} ADD COLUMN service_ip_hex VARCHAR")
+        if cols and "mesh" not in cols:  # issue 20: no record carried `mesh` before it
+            con.execute(f"ALTER TABLE {table} ADD COLUMN mesh VARCHAR")
 
 
 def _migrate_rollups(con: duckdb.DuckDBPyConnection) -> None:

@@ -80,6 +80,7 @@ class ConnectionQuery:
     cursor: Cursor | None = None
     limit: int = 100
     columns: tuple[str, ...] = ()   # empty: every shown column
+    meshed: bool = False            # only folded service-mesh calls (`mesh` not null)
 
 
 class ServiceAddress(NamedTuple):

@@ -138,6 +138,8 @@ def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
         where.append(f"last_seen >= {p.add(q.since)}")
     if q.until is not None:
         where.append(f"start_ts < {p.add(q.until)}")
+    if q.meshed:
+        where.append("mesh IS NOT NULL")
     expr = SORT_EXPR[q.sort.key]
     op, direction = ("<", "DESC") if q.sort.descending else (">", "ASC")
     if q.cursor is not None:

@@ -51,6 +51,9 @@ class Edge:
     dns: Mapping[str, Any] | None = None  # an edge to a resolver: its DNS (docs/api.md)
     dns_hint: bool = False  # the server's name is a DNS answer's, past its TTL for some
     encrypted: str | None = None  # "esp": encrypted between hosts, the wire saw no connection inside
+    # folded service-mesh calls on the edge (the API's `mesh`): {proxy, connections, wire
+    # bytes, and `hop` on a hop edge of --show-proxies}; None: none
+    mesh: Mapping[str, Any] | None = None
 
     @property
     def dns_errors(self) -> int:
@@ -87,6 +90,7 @@ class Edge:
                 dns=obj.get("dns") if isinstance(obj.get("dns"), Mapping) else None,
                 dns_hint=bool((obj.get("dns_named") or {}).get("hint")),
                 encrypted=str(obj["encrypted"]) if obj.get("encrypted") else None,
+                mesh=obj.get("mesh") if isinstance(obj.get("mesh"), Mapping) else None,
                 **_drops(obj.get("drops")),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -139,14 +143,25 @@ EDGE_HEADERS = ("CLIENT", "SERVER", "CONNS", "FAILED", "C->S", "S->C", "RESETS",
 EDGE_CSV = ("client", "server", "connections", "failed", "bytes_c2s", "bytes_s2c", "resets",
             "retransmits", "rtt_avg_us", "ports", "observed_by", "complete", "dns_queries",
             "dns_nxdomain", "dns_servfail", "dns_timeouts", "dns_errors", "dns_latency_avg_us",
-            "dns_names", "dropped", "drop_reasons")
+            "dns_names", "dropped", "drop_reasons", "mesh_proxy", "mesh_connections", "mesh_hop")
 
 
 def edge_headers(edges: Sequence[Edge]) -> tuple[str, ...]:
     """The table's columns: DNS only when some edge goes to a resolver that carried DNS
-    (collector --dns), DROPS only when some edge had drops (collector --drops)."""
+    (collector --dns), DROPS only when some edge had drops (collector --drops), MESH only when
+    some edge had folded service-mesh calls."""
     return (*EDGE_HEADERS, *(("DNS",) if any(e.dns for e in edges) else ()),
-            *(("DROPS",) if any(e.dropped for e in edges) else ()))
+            *(("DROPS",) if any(e.dropped for e in edges) else ()),
+            *(("MESH",) if any(e.mesh for e in edges) else ()))
+
+
+def mesh_cell(e: Edge) -> str:
+    """`ew-sidecar 12` (the sidecar, the meshed connections); a hop edge of --show-proxies
+    names its hop: `ew-sidecar 12 proxy-proxy`; "" without mesh."""
+    m = e.mesh
+    if not m:
+        return ""
+    return " ".join(str(x) for x in (m.get("proxy"), m.get("connections"), m.get("hop")) if x)
 
 
 def dns_cell(e: Edge) -> str:
@@ -190,6 +205,8 @@ def edge_cells(e: Edge, heads: Sequence[str] = EDGE_HEADERS) -> Sequence[Cell | 
         cells = (*cells, Cell(dns_cell(e), "red" if e.dns_errors else None))
     if "DROPS" in heads:
         cells = (*cells, Cell(drops_cell(e), "red" if e.dropped else None))
+    if "MESH" in heads:
+        cells = (*cells, Cell(mesh_cell(e), "magenta" if e.mesh else None))
     return cells
 
 
@@ -225,4 +242,6 @@ def edge_csv(e: Edge) -> Sequence[Any]:
               if e.dns else ("",) * 5),
             (lat or {}).get("avg", "") if e.dns else "",
             ";".join(f"{n.get('name')}:{n.get('count')}" for n in d.get("names") or ()),
-            e.dropped, ";".join(f"{r}={n}" for r, n in e.drop_reasons))
+            e.dropped, ";".join(f"{r}={n}" for r, n in e.drop_reasons),
+            *((m.get("proxy"), m.get("connections"), m.get("hop") or "") if (m := e.mesh)
+              else ("", "", "")))

@@ -55,12 +55,15 @@ class FlowRow:
     drops: str = ""  # packets the kernel dropped by reason ("NETFILTER_DROP=3"), "" when none
     # the Service the client dialled (`namespace/name`, else its ClusterIP:port), None: none
     service: str | None = None
+    # a folded service-mesh call: its sidecar's name (`mesh.proxy`), None: not meshed
+    mesh: str | None = None
 
     @property
     def server_label(self) -> str:
-        """The server, and the Service it was reached through: `api 10.244.2.11:8080 via
-        svc:shop/api`."""
-        return self.server.label + (f" via svc:{self.service}" if self.service else "")
+        """The server, the Service it was reached through and the sidecars it went through:
+        `api 10.244.2.11:8080 via svc:shop/api [mesh ew-sidecar]`."""
+        return (self.server.label + (f" via svc:{self.service}" if self.service else "")
+                + (f" [mesh {self.mesh}]" if self.mesh else ""))
 
     @classmethod
     def from_record(cls, r: FlowRecord) -> FlowRow:
@@ -80,6 +83,7 @@ class FlowRow:
             vni=r.tunnel.vni if r.tunnel else None, final=r.final, obj=r.to_builtins(),
             view=view_of_record(r), drops=drops_text({d.reason: d.packets for d in r.drops or ()}),
             service=_addr(r.dialled.ip, r.dialled.port) if r.dialled is not None else None,
+            mesh=r.mesh.proxy if r.mesh is not None else None,
         )
 
     @classmethod
@@ -114,7 +118,7 @@ class FlowRow:
                 observed_by=observed, vni=vni,
                 final=bool(obj.get("final", obj.get("closed", True))), obj=obj,
                 view=view, drops=drops_text((obj.get("drops") or {}).get("reasons") or {}),
-                service=_service(obj),
+                service=_service(obj), mesh=_mesh(obj),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a side not an object
             raise TransportError(f"the aggregator sent a flow this CLI cannot read ({exc!r}); "
@@ -132,6 +136,12 @@ def _service(obj: Mapping[str, Any]) -> str | None:
         return f"{svc['namespace']}/{svc['name']}" if svc.get("namespace") else str(svc["name"])
     ip = obj.get("service_ip")
     return _addr(str(ip), obj.get("service_port")) if ip else None
+
+
+def _mesh(obj: Mapping[str, Any]) -> str | None:
+    """The API flow's sidecar (`mesh.proxy`), None when not meshed."""
+    m = obj.get("mesh")
+    return str(m.get("proxy") or "?") if isinstance(m, Mapping) else None
 
 
 def drops_text(reasons: Mapping[str, Any]) -> str:
@@ -158,7 +168,7 @@ TABLE_HEADERS = ("START", "CLIENT", "SERVER", "PROTO", "OUTCOME", "C->S", "S->C"
 CSV_HEADERS = ("start", "end", "protocol", "client_workload", "client_namespace", "client_ip",
                "client_port", "client_comm", "server_workload", "server_namespace", "server_ip",
                "server_port", "server_comm", "outcome", "bytes_c2s", "bytes_s2c", "retransmits",
-               "resets", "rtt_avg_us", "observed_by", "vni", "final", "drops", "service")
+               "resets", "rtt_avg_us", "observed_by", "vni", "final", "drops", "service", "mesh")
 
 
 def outcome_style(outcome: str) -> str | None:
@@ -206,4 +216,5 @@ def csv_cells(f: FlowRow) -> Sequence[Any]:
         f.client.comm, f.server.workload, f.server.namespace, f.server.ip, f.server.port,
         f.server.comm, f.outcome, f.bytes_c2s, f.bytes_s2c, f.retransmits, f.resets,
         f.rtt_avg_us, ";".join(f.observed_by), f.vni, str(f.final).lower(), f.drops.replace(",", ";"), f.service,
+        f.mesh,
     )

@@ -35,6 +35,7 @@ examples:
   eastwest graph --to-service shop/api             who calls the Service shop/api
   eastwest graph --dns-rcode nxdomain              who asks for names that do not exist
   eastwest graph --dns-name '*.example.com'        who resolves names of example.com
+  eastwest graph --show-proxies                    service-mesh calls through their sidecars
 
 Edges go client -> server and count connections, never records: a connection seen by its
 client, its server and the wire is one connection. SEEN BY: each set of observers with the
@@ -50,7 +51,13 @@ kube-proxy to a backend) is counted once, on the edge client -> svc:NAMESPACE/NA
 (svc:IP:PORT when no identity layer names the address), and BACKENDS lists the workloads that
 served it with their connections; a connection that dialled no Service stays on its
 workload -> workload edge. --group-by workload (the default) puts every connection on the
-edge to its backend. Both views count the same connections, none twice."""
+edge to its backend. Both views count the same connections, none twice.
+
+Service mesh: a call through sidecars (Istio, Linkerd, Consul; folded by the collector) is one
+app -> app connection with the app's bytes; MESH shows the sidecar and how many of the edge's
+connections were meshed. --show-proxies draws the sidecars: the edge becomes app ->
+CLIENT~PROXY -> SERVER~PROXY -> app, each hop with its own bytes (proxy-proxy: with the
+proxies' framing, what the wire carried)."""
 
 
 def register(sub: Any) -> None:
@@ -59,6 +66,10 @@ def register(sub: Any) -> None:
                        "aggregator: one edge per client -> server pair.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_graph_scope(p)
+    p.add_argument("--show-proxies", action="store_true",
+                   help="split the edges of folded service-mesh calls into their hops: app -> "
+                   "CLIENT~PROXY -> SERVER~PROXY -> app (default: the sidecars are no nodes, an "
+                   "edge's MESH column counts its meshed calls)")
     add_output_flags(p, FORMATS)
     add_connection_flags(p)
     p.set_defaults(func=run)
@@ -84,6 +95,8 @@ def graph_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     params = filter_spec(args).query_params(window=("from", "to"))
     if getattr(args, "group_by", None):
         params.append(("group_by", args.group_by))
+    if getattr(args, "show_proxies", False):
+        params.append(("show_proxies", "true"))
     return params + dns_filter_of(args).query_params()
 
 

@@ -30,7 +30,18 @@ from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.correlate_plan import ColumnPlan
 from aggregator.identity import IdentityResolver, StaticMap
 from aggregator.store.derived import DUCKDB_CONN_SCHEMA, Derived, _views_dec
-from eastwest.record import Drop, Endpoint, FlowRecord, Nat, Process, Rtt, Tunnel, Workload
+from eastwest.record import (
+    Drop,
+    Endpoint,
+    FlowRecord,
+    Mesh,
+    MeshHop,
+    Nat,
+    Process,
+    Rtt,
+    Tunnel,
+    Workload,
+)
 
 T0 = datetime(2026, 11, 28, 4, 0, 10, tzinfo=UTC)
 WALL0 = datetime(2026, 11, 28, 5, 0, 0, tzinfo=UTC)
@@ -162,6 +173,34 @@ def _nat(key: Key, slot: str, start: datetime) -> list[Nat] | None:
     return chain
 
 
+def _mesh(key: Key, slot: str, start: datetime, k: int) -> Mesh | None:
+    """A socket observer's folded mesh call (docs/flow-record.md "mesh") for its k-th record,
+    from a generator of its own (as `_nat`): a third of the connections are meshed; their
+    records mostly carry it (some not: a newer record without one drops the observer's hops),
+    with the hops of the observer's side, their bytes growing with k."""
+    family, loop, cip, sip, cport, sport, protocol = key
+    if slot not in ("client", "server") or protocol != "tcp":
+        return None
+    if random.Random(f"mesh {cip} {sip} {cport} {sport} {start.isoformat()}").random() < 0.66:
+        return None
+    mrnd = random.Random(f"{cip} {sip} {cport} {sport} {slot} {start.isoformat()} {k}")
+    if mrnd.random() < 0.2:
+        return None
+    lo = "127.0.0.1" if family == 4 else "::1"
+    n = 100 * (k + 1)
+    proxy = mrnd.choice(["ew-sidecar", "envoy"])
+    net = MeshHop("proxy-proxy", Endpoint(cip, cport), Endpoint(sip, 15006 if slot == "server"
+                                                                 else sport),
+                  n + 40, 2 * n + 40, proxy, 31)
+    if slot == "client":
+        hops = [MeshHop("app-proxy", Endpoint(lo, 41000 + k), Endpoint(lo, 15001), n, 2 * n,
+                        proxy, 30), net]
+    else:
+        hops = [net, MeshHop("proxy-app", Endpoint("127.0.0.6", 42000), Endpoint(lo, sport), n,
+                             2 * n, None, None)]
+    return Mesh(proxy, hops[::-1] if mrnd.random() < 0.3 else hops)
+
+
 def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[FlowRecord]:
     """The records of one connection, from a random subset of its observers."""
     family, loop, cip, sip, cport, sport, protocol = key
@@ -213,7 +252,7 @@ def flow_records(rnd: random.Random, skew: dict[str, float], key: Key) -> list[F
                 process=proc, netns=netns if obs != "path" else None, container=container,
                 tunnel=tunnel, client_workload=_workload(rnd), server_workload=_workload(rnd),
                 loopback=loop, incomplete=["no_start"] if rnd.random() < 0.05 else [],
-                nat=nat))
+                nat=nat, mesh=_mesh(key, slot, start, k)))
         if n_interim and rnd.random() < 0.3:  # a late interim record, sent again later
             out.append(out[-2].replace(record_id=f"{coll}:{next(_seq)}"))
     return out

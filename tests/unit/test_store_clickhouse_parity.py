@@ -25,6 +25,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.store import open_store
 from eastwest.record import Drop, Endpoint, Nat, Tunnel
 from tests.servers import store_location
+from tests.unit.mesh_records import meshed
 from tests.unit.test_api_query import INGEST, MAP_YAML, READ, RH, fill, send
 from tests.unit.test_correlate import T0, rec
 
@@ -87,6 +88,12 @@ def fill_more(c):
     dnat = [Nat("dnat", Ep("10.96.0.11", 80), Ep("10.244.2.11", 9090), 4026531840)]
     send(c, "h1", 206, [rec("client", cport=42100, nat=dnat, c2s=11, s2c=22)])
     send(c, "h2", 207, [rec("server", cport=42100, c2s=11, s2c=22)])
+    # a folded service-mesh call (issue 20): the client's, the server's (interim, then final)
+    # and the wire's records; its `mesh` column and records round-trip on both stores
+    send(c, "h1", 208, [meshed("client", 2, cport=42200)])
+    send(c, "h2", 208, [meshed("server", 1, final=False, cport=42200)])
+    send(c, "h3", 208, [meshed("path", 2, cport=42200, collector="h3")])
+    send(c, "h2", 209, [meshed("server", 2, cport=42200)])
 
 
 GETS = [
@@ -104,6 +111,8 @@ GETS = [
     ("/api/v1/graph", {**A, "group_by": "service"}),
     ("/api/v1/graph", {**A, "group_by": "service", "to_service": "10.96.0.0/16"}),
     ("/api/v1/graph", {**A, "format": "dot"}),
+    ("/api/v1/graph", {**A, "show_proxies": "true"}),
+    ("/api/v1/graph", {**A, "group_by": "host", "show_proxies": "true"}),
     ("/api/v1/graph", {**A, "format": "mermaid"}),
     ("/api/v1/workloads", {**A}),
     ("/api/v1/workloads/db", {**A}),
@@ -192,6 +201,18 @@ def test_every_endpoint_answers_the_same_on_clickhouse_as_on_duckdb(tmp_path, sa
     assert drops[("shop/frontend", "shop/db")] == {
         "packets": 6, "reasons": {"NETFILTER_DROP": 5, "NO_SOCKET": 1}}
     assert drops[("shop/frontend", "shop/api")] is None
+    meshes = {(e["source"], e["target"]): e["mesh"] for e in graph["edges"]}
+    assert meshes[("shop/frontend", "shop/api")]["connections"] == 1
+    assert meshes[("shop/api", "shop/db")] is None
+    flows = [f for a in duck if a[0] == "/api/v1/flows" for f in a[3]["flows"]]
+    [call] = {f["client"]["port"]: f["mesh"] for f in flows if f["mesh"]}.values()
+    assert [h["observer"] for h in call["hops"]] == ["client", "client", "server", "server"]
+    assert call["hops"][-1]["bytes_c2s"] == 2000  # the server's final record's hops
+    split = next(a[3] for a in duck if a[1].get("show_proxies") and "group_by" not in a[1])
+    assert {n["id"] for n in split["nodes"] if n["kind"] == "proxy"} == {
+        "shop/frontend~ew-sidecar", "shop/api~ew-sidecar"}
+    records = next(a[3] for a in duck if a[0] == "/api/v1/records")["records"]
+    assert sum(1 for r in records if r["mesh"] is not None) == 3
 
 
 def _stream_events(app, feed) -> list[dict]:
