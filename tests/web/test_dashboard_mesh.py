@@ -17,17 +17,34 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import itertools
+
 import httpx
 
+from eastwest import codec
+from eastwest.codec import Batch
 from eastwest.record import Endpoint, Mesh, MeshHop
 from tests.unit.test_correlate import rec
-from tests.web.conftest import READ, click_edge, open_dashboard, panel_numbers, shot, wait_render
-from tests.web.test_dashboard_states import agg, conn, send  # noqa: F401 - the fixture
+from tests.web.conftest import INGEST, READ, click_edge, open_dashboard, panel_numbers, shot, wait_render
+from tests.web.test_dashboard_states import agg, conn  # noqa: F401 - the fixture
 
 FRONTEND, FRONTEND_PROXY = Endpoint("10.244.1.11", 41500), Endpoint("10.244.1.11", 52000)
 API = Endpoint("10.244.2.11", 9090)
 FRAMING_C2S, FRAMING_S2C = 30, 12  # the sidecars' header lines, each way
 APP_C2S, APP_S2C = 1000, 5000
+
+
+_seqs = itertools.count(1)
+
+
+def send_all(agg, records: list) -> None:
+    """Each collector's records as its own batch (a batch is one collector's)."""
+    for coll in sorted({r.collector for r in records}):
+        batch = Batch(coll, next(_seqs), datetime.now(UTC), [r for r in records if r.collector == coll])
+        r = httpx.post(agg.url + "/api/v1/ingest", content=codec.encode_batch(batch),
+                       headers={"Authorization": f"Bearer {INGEST}",
+                                "content-type": codec.CONTENT_TYPE}, timeout=30)
+        assert r.status_code == 200 and not r.json()["rejected"], r.text
 
 
 def mesh_call() -> list:
@@ -51,7 +68,7 @@ def mesh_call() -> list:
 
 
 def test_the_edge_panel_shows_a_folded_mesh_call_and_its_hops(agg, page):  # noqa: F811
-    send(agg, [*mesh_call(), conn(41000, server="10.244.3.11", port=5432)])
+    send_all(agg, [*mesh_call(), conn(41000, server="10.244.3.11", port=5432)])
     g = httpx.get(agg.url + "/api/v1/graph", headers={"Authorization": f"Bearer {READ}"},
                   timeout=30).json()
     api = {(e["source"], e["target"]): e for e in g["edges"]}
@@ -88,7 +105,7 @@ def test_the_edge_panel_shows_a_folded_mesh_call_and_its_hops(agg, page):  # noq
 
 
 def test_the_sidecars_switch_draws_the_proxies(agg, page):  # noqa: F811 - the fixture
-    send(agg, mesh_call())
+    send_all(agg, mesh_call())
     open_dashboard(page, agg.url, READ)
     wait_render(page, 0)
     page.check("#f-proxies")

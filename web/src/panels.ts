@@ -111,7 +111,7 @@ function edgeNumbers(e: GraphEdge): string {
     ["encrypted", "encrypted", e.encrypted ? `${e.encrypted.toUpperCase()}: the wire could not see the connections inside` : null],
     ["mesh", "service mesh", e.mesh ? `via ${e.mesh.proxy}: ${int(e.mesh.connections)} of ${int(e.connections_opened)} connections through sidecars` : null],
     ["mesh_wire", "the wire carried (with the proxies' framing)", e.mesh && e.mesh.wire_bytes_c2s !== null
-      ? `${bytes(e.mesh.wire_bytes_c2s)} → · ← ${bytes(e.mesh.wire_bytes_s2c ?? 0)}` : null],
+      ? `${int(e.mesh.wire_bytes_c2s)} → · ← ${int(e.mesh.wire_bytes_s2c ?? 0)} bytes` : null],
     ["observed_by", "observed by (connections)", obs],
     ["complete", "complete", e.complete ? "yes" : "no: an observer lost events"],
     ["first_seen", "first seen", when(e.first_seen)], ["last_seen", "last seen", when(e.last_seen)],
