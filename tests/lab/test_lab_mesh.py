@@ -18,14 +18,20 @@ same pattern: `mesh_run` gives the lab, the truth (each TCP line with `mesh`) an
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from eastwest.lab import sidecar
+import eastwest
+from eastwest.lab import mesh, sidecar
 from eastwest.lab.sidecar import INBOUND_PORT, INBOUND_SOURCE, OK_LINE, OUTBOUND_PORT, PROXY_UID
+from tests.conftest import require_root
 
 pytestmark = pytest.mark.lab
 
@@ -191,6 +197,95 @@ def test_refused_and_reset_reach_the_app_as_resets_and_the_hops_say_where(mesh_r
         assert inb["outcome"] == pairs[t["mesh"]["hop_id"]]["outbound"]["outcome"] == "reset"
         assert t["mesh"]["outcome"] == "reset"
     assert not [t for t in tcp if t["outcome"] in ("refused", "timeout")]
+
+
+PLAIN_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.99.7.2", 8080)); s.listen(); print("ready", flush=True)
+while True:
+    c, peer = s.accept(); got = 0
+    while (d := c.recv(65536)):
+        got += len(d)
+    c.sendall(b"r" * 5000); c.close()
+    print(peer[0], got, flush=True)
+"""
+PLAIN_CLIENT = """
+import json, socket, sys
+c = socket.socket(); c.settimeout(5); c.connect(("10.99.7.2", int(sys.argv[1])))
+out = {"sent": 0, "got": 0, "error": None}
+try:
+    c.sendall(b"p" * 1000); out["sent"] = 1000; c.shutdown(socket.SHUT_WR)
+    while (d := c.recv(65536)):
+        out["got"] += len(d)
+except OSError as exc:
+    out["error"] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_a_caller_without_a_sidecar_is_relayed_plainly_with_its_half_close(tmp_path):
+    """Two namespaces of our own: `b` has the pod rules and a sidecar, `a` neither (a caller
+    with no sidecar). The inbound sidecar relays a's unframed connection as it is, a's
+    half-close reaches the server (which answers only after its EOF), and a port where nobody
+    listens reaches a as a reset."""
+    require_root()
+    a, b = "ewmshx-a", "ewmshx-b"
+    root = str(Path(eastwest.__file__).resolve().parents[1])
+    procs: list[subprocess.Popen] = []
+
+    def sh(*args: str, **kw: Any) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, check=True, **kw)
+
+    for ns in (a, b):
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
+        sh("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+           "netns", b)
+        for ns, addr in ((a, "10.99.7.1/24"), (b, "10.99.7.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", b, "iptables-restore", "-w", "--noflush", input=mesh.ruleset())
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", b, sys.executable, "-m", "eastwest.lab.sidecar", "--state",
+             str(tmp_path), "--pod", "b"], cwd=root, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-c",
+                                       PLAIN_SERVER], stdout=subprocess.PIPE, text=True))
+        assert procs[1].stdout is not None and procs[1].stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "ready" / "b.sidecar").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None
+            time.sleep(0.05)
+        ok = json.loads(sh("ip", "netns", "exec", a, sys.executable, "-c", PLAIN_CLIENT,
+                           "8080").stdout)
+        dead = json.loads(sh("ip", "netns", "exec", a, sys.executable, "-c", PLAIN_CLIENT,
+                             "8081").stdout)
+        assert ok == {"sent": 1000, "got": 5000, "error": None}
+        assert procs[1].stdout.readline().split() == [INBOUND_SOURCE, "1000"]
+        assert dead["error"] == "ConnectionResetError" and dead["got"] == 0
+        deadline = time.monotonic() + 5
+        while len(hops := mesh.read_hops([tmp_path / "mesh" / "b.jsonl"])) < 2:
+            assert time.monotonic() < deadline, hops
+            time.sleep(0.05)
+        plain, refused = sorted(hops, key=lambda h: h["original_dst"]["port"])
+        assert plain["direction"] == "inbound" and plain["id"] is None
+        assert plain["app_client"]["ip"] == "10.99.7.1"
+        assert (plain["framing_c2s"], plain["framing_s2c"], plain["outcome"]) == (0, 0, "ok")
+        assert (plain["downstream_bytes_in"], plain["downstream_bytes_out"],
+                plain["upstream_bytes_out"], plain["upstream_bytes_in"]) == (1000, 5000, 1000,
+                                                                             5000)
+        assert plain["upstream"]["local_ip"] == INBOUND_SOURCE
+        assert refused["outcome"] == "refused" and refused["original_dst"]["port"] == 8081
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
 def pods_service(lab, name: str) -> str:
