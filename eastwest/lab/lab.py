@@ -148,17 +148,20 @@ class Lab:
         (self.state / "logs").mkdir(exist_ok=True)
         pids: dict[str, int] = {}
         servers = [p for p in plan.pods if p.service != "loadgen"]
-        procs: list[tuple[PodPlan, str, str, list[str]]] = [  # (pod, pids key, module, verb)
-            (p, f"{p.name}.sidecar", "eastwest.lab.sidecar", []) for p in plan.pods
-            if self._pod(p.name).get("sidecar")]
-        procs += [(p, p.name, "eastwest.lab.app", ["serve"]) for p in servers]
-        for p, key, module, verb in procs:
+        # (pod, pids key, module, verb, cgroup)
+        procs: list[tuple[PodPlan, str, str, list[str], str | None]] = [
+            (p, f"{p.name}.sidecar", "eastwest.lab.sidecar", [],
+             self._pod(p.name).get("sidecar_cgroup"))
+            for p in plan.pods if self._pod(p.name).get("sidecar")]
+        procs += [(p, p.name, "eastwest.lab.app", ["serve"], self._pod(p.name).get("cgroup"))
+                  for p in servers]
+        for p, key, module, verb, cgroup in procs:
             log = open(self.state / "logs" / f"{key}.log", "ab")  # noqa: SIM115
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", p.netns, sys.executable, "-m", module, *verb,
                  "--state", str(self.state), "--pod", p.name],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=containers.joining(self._pod(p.name).get("cgroup")))
+                preexec_fn=containers.joining(cgroup))
             pids[key] = proc.pid
         (self.state / "pids.json").write_text(json.dumps(pids))
         deadline = time.monotonic() + READY_TIMEOUT
@@ -346,13 +349,20 @@ def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
 
 
 def _make_containers(name: str, inv: dict[str, Any], progress: Progress) -> None:
-    """Each pod's container id and cgroup (eastwest/lab/containers.py) into the inventory."""
+    """Each pod's container id and cgroup (eastwest/lab/containers.py) into the inventory, and
+    a meshed pod's sidecar container's (`sidecar_container_id`, `sidecar_cgroup`)."""
     made = {p["name"]: containers.container_of(name, p["name"], i)
             for i, p in enumerate(inv["pods"])}
-    root = containers.create(name, [path for _, path in made.values()])
+    cars = {p["name"]: containers.sibling(name, p["name"], "sidecar", made[p["name"]])
+            for p in inv["pods"] if p.get("sidecar")}
+    root = containers.create(name, [path for _, path in (*made.values(), *cars.values())])
     for p in inv["pods"]:
         cid, path = made[p["name"]]
         p["container_id"], p["cgroup"] = (cid, path) if root is not None else (None, None)
+        if p["name"] in cars:
+            cid, path = cars[p["name"]]
+            p["sidecar_container_id"], p["sidecar_cgroup"] = ((cid, path) if root is not None
+                                                              else (None, None))
     progress(f"pods in containerd, CRI-O and Docker style cgroups under {root}"
              f"{containers.lab_group(name)}" if root is not None
              else "no cgroup2 mount: pods run without container cgroups")

@@ -12,8 +12,8 @@ Out: the relayed connection, and one JSON line per proxied connection in DIR/mes
 (its hop: `hop_line`).
 
 Rules:
-- Outbound: connect to the original destination (the kernel picks the pod's own address; a
-  ClusterIP is then DNATed by the host as any pod's packet), write the framing line
+- Outbound: connect to the original destination from the pod's own address (the app's source
+  address; a ClusterIP is then DNATed by the host as any pod's packet), write the framing line
   `EWMESH/1 <app-ip> <app-port> <hop-id>\\n` first, relay; the server's sidecar answers
   `EWMESH/1 OK\\n` first, which is stripped before the application sees a byte (an answer that
   does not start with it is relayed as it is: a server without a sidecar).
@@ -22,6 +22,10 @@ Rules:
   relayed as it is. Connect to the original destination (the pod's own address and port) from
   INBOUND_SOURCE (127.0.0.6, bound first, as Istio does), answer `EWMESH/1 OK\\n` to a framed
   caller, relay.
+- Every upstream socket is bound first to a port of SIDECAR_PORTS (20000-32767, below the
+  kernel's ephemeral range the app draws from) not used within 120 s (app.FreshPorts: a reused
+  5-tuple could meet the old connection's lingering conntrack entry, and NAT would move the new
+  connection to another port, or not apply to it at all).
 - Both directions in one loop per connection (select): an EOF becomes shutdown(SHUT_WR) on the
   other socket (half-close carries through); a connection reset on either side, or an upstream
   connect that is refused or times out, resets the other side (SO_LINGER {1, 0} and close: an
@@ -42,7 +46,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from eastwest.lab.app import Ledger, now_iso, set_comm
+from eastwest.lab.app import FreshPorts, Ledger, now_iso, set_comm
 
 COMM = "ew-sidecar"
 OUTBOUND_PORT = 15001
@@ -56,6 +60,9 @@ HEADER_WAIT = 1.0  # seconds an inbound connection may take to show whether it i
 CONNECT_TIMEOUT = 3.0
 IO_TIMEOUT = 30.0  # a connection idle this long (both ways) is closed
 MAX_HEADER = 256
+# the sidecar's own source ports: below the kernel's ephemeral range (32768-60999), which the
+# pod's app draws from, so the two never share a 5-tuple (app.FreshPorts says why that matters)
+SIDECAR_PORTS = range(20000, 32768)
 
 
 def framing_line(app_ip: str, app_port: int, hop_id: str) -> bytes:
@@ -101,6 +108,7 @@ class Sidecar:
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         self._prefix = f"{pod}.{os.getpid()}"
+        self.ports = FreshPorts(ports=SIDECAR_PORTS)
 
     def next_id(self) -> str:
         with self._ids_lock:
@@ -150,9 +158,9 @@ class Sidecar:
                     hop["app_client"] = {"ip": hop["downstream"]["client_ip"],
                                          "port": hop["downstream"]["client_port"]}
                 hop["framing_c2s"], hop["framing_s2c"] = len(framing), 0
-            up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            if direction == "inbound":
-                up.bind((INBOUND_SOURCE, 0))
+            # from the pod's address (outbound) or 127.0.0.6 (inbound), on a fresh port
+            up = self.ports.open(socket.AF_INET, INBOUND_SOURCE if direction == "inbound"
+                                   else hop["downstream"]["client_ip"])
             up.settimeout(CONNECT_TIMEOUT)
             try:
                 up.connect(dst)

@@ -76,8 +76,12 @@ def test_every_pod_runs_its_sidecar_as_the_proxy_uid_behind_istios_rules(mesh_ru
             if comm == "ew-sidecar":
                 uid = next(line.split()[1:] for line in status.splitlines()
                            if line.startswith("Uid:"))
-                cars.append(uid)
-        assert cars == [[str(PROXY_UID)] * 4], (p["name"], cars)
+                cgroup = open(f"/proc/{pid}/cgroup").read()
+                cars.append((uid, f"0::{p['sidecar_cgroup']}\n" in cgroup))
+        assert cars == [([str(PROXY_UID)] * 4, True)], (p["name"], cars)
+        # a container of its own in the pod's group, as istio-proxy is
+        assert p["sidecar_container_id"] != p["container_id"]
+        assert p["sidecar_cgroup"].rsplit("/", 1)[0] == p["cgroup"].rsplit("/", 1)[0]
         nat = subprocess.run(["ip", "netns", "exec", p["netns"], "iptables", "-w", "-t", "nat",
                               "-S"], capture_output=True, text=True, check=True).stdout
         assert f"-A EW_MESH_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN" in nat
@@ -131,6 +135,7 @@ def test_every_meshed_call_has_its_two_hops_and_the_wire_carries_app_bytes_plus_
         assert (out["original_dst"]["ip"], out["original_dst"]["port"]) == dialled
         # sidecar -> sidecar: from the client pod's address to the server pod's :15006
         assert out["upstream"]["local_ip"] == t["client_ip"]
+        assert out["upstream"]["local_port"] in sidecar.SIDECAR_PORTS  # never an app's port
         assert (inb["downstream"]["server_ip"], inb["downstream"]["server_port"]) == (
             t["server_ip"], INBOUND_PORT)
         assert (inb["original_dst"]["ip"], inb["original_dst"]["port"]) == (t["server_ip"],
@@ -154,7 +159,7 @@ def test_every_meshed_call_has_its_two_hops_and_the_wire_carries_app_bytes_plus_
         assert (m["server_saw_ip"], m["server_saw_port"]) == saw
         if t.get("via") == "nodeport":  # masqueraded by the NodePort's host
             assert saw[0] != t["client_ip"] and t["snat"] is True
-        else:
+        else:  # no NAT moved the sidecars' hop (the sidecar binds fresh ports)
             assert saw == (m["client_ip"], m["client_port"]) and not t.get("snat")
         if t["outcome"] != "ok":
             continue

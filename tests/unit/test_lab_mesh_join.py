@@ -101,3 +101,56 @@ def test_a_line_whose_hops_are_not_written_yet_is_handed_back_and_udp_is_left_al
     assert mesh.annotate(lines, [inb, *hops2], {"api-1"}) == [t]  # its outbound hop is missing
     assert mesh.annotate(lines, [out, inb, *hops2], {"api-1"}) == []
     assert t["mesh"]["hop_id"] == "a.1.1"
+
+
+def _free_range(n: int) -> range:
+    """n consecutive ports nobody holds on 127.0.0.1 right now (from 21000 up)."""
+    import socket
+
+    for base in range(21000, 32000, n):
+        try:
+            held = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return range(base, base + n)
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError("no free ports")
+
+
+def test_fresh_ports_never_hand_out_a_port_twice_within_their_window():
+    import socket
+
+    from eastwest.lab.app import FreshPorts
+
+    seen = []
+    ephemeral = FreshPorts()
+    for _ in range(300):  # each closed at once: the kernel may offer its port again at once
+        s = ephemeral.open(socket.AF_INET, "127.0.0.1")
+        seen.append(s.getsockname()[1])
+        s.close()
+    low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    assert len(set(seen)) == 300 and all(low <= p <= high for p in seen)
+    ports = _free_range(4)
+    own = FreshPorts(ports=ports)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", ports[1]))  # held by someone else: skipped
+    try:
+        got = []
+        for _ in range(3):
+            s = own.open(socket.AF_INET, "127.0.0.1")
+            got.append(s.getsockname()[1])
+            s.close()
+        assert got == [ports[0], ports[2], ports[3]]
+        with pytest.raises(OSError, match="is free"):  # the rest were used within the window
+            own.open(socket.AF_INET, "127.0.0.1")
+    finally:
+        blocker.close()
+    again = FreshPorts(reuse_s=0.0, ports=ports).open(socket.AF_INET, "127.0.0.1")
+    assert again.getsockname()[1] == ports[0]
+    again.close()
