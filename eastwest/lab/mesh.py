@@ -117,9 +117,10 @@ def annotate(lines: list[dict[str, Any]], hops: list[dict[str, Any]],
     inbound: dict[str, dict[str, Any]] = {}
     for h in sorted(hops, key=lambda h: h["start"]):
         if h["direction"] == "outbound":
-            app = h["app_client"]
-            outbound.setdefault((h["pod"], app["ip"], app["port"]), []).append(h)
-        elif h.get("id"):
+            if h.get("app_client"):  # else it failed before it knew its caller
+                app = h["app_client"]
+                outbound.setdefault((h["pod"], app["ip"], app["port"]), []).append(h)
+        elif h.get("id"):  # an inbound hop of a framed call
             inbound[h["id"]] = h
     missing = []
     for t in sorted(lines, key=lambda t: t["start"]):

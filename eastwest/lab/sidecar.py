@@ -168,8 +168,9 @@ class Sidecar:
                 hop["outcome"] = "refused"
                 abort(down)
                 return
-            except (TimeoutError, OSError):
-                hop["outcome"] = "timeout"
+            except OSError as exc:  # timed out, unreachable, ...
+                hop["outcome"] = "timeout" if isinstance(exc, TimeoutError) else "error"
+                hop["error"] = f"{type(exc).__name__}: {exc}"
                 abort(down)
                 return
             up.settimeout(IO_TIMEOUT)

@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -38,11 +38,20 @@ pytestmark = pytest.mark.lab
 NAME = "ewmsh"
 
 
+class MeshRun(NamedTuple):
+    lab: Any  # eastwest.lab.Lab, kept up for the module
+    truth: list[dict[str, Any]]  # the run's truth lines, each TCP line with its `mesh`
+    hops: list[dict[str, Any]]  # the sidecars' hop lines of the run (two per TCP line)
+    ledger: list[dict[str, Any]]  # the servers' ledger lines of the run
+
+
 @pytest.fixture(scope="module")
-def mesh_run(lab_factory, tmp_path_factory):
+def mesh_run(lab_factory, tmp_path_factory) -> MeshRun:
+    """One mesh lab with Services and 4 s of traffic (taken right after it: later tests may
+    drive the lab again)."""
     lab = lab_factory(name=NAME, hosts=3, pods_per_host=3, services=True, patterns=["mesh"])
     truth = lab.traffic(4.0, tmp_path_factory.mktemp("mesh") / "truth.jsonl", seed=11)
-    return lab, truth, lab.mesh_hops()
+    return MeshRun(lab, truth, lab.mesh_hops(), lab.ledger())
 
 
 def hop_pairs(hops: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -56,7 +65,7 @@ def hop_pairs(hops: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 
 def test_every_pod_runs_its_sidecar_as_the_proxy_uid_behind_istios_rules(mesh_run):
-    lab, _, _ = mesh_run
+    lab = mesh_run.lab
     inv = lab.inventory
     assert inv["mesh"]["proxy"] == "ew-sidecar" and inv["mesh"]["uid"] == PROXY_UID
     assert sorted(inv["mesh"]["pods"]) == sorted(p["name"] for p in inv["pods"])
@@ -90,9 +99,9 @@ def test_every_pod_runs_its_sidecar_as_the_proxy_uid_behind_istios_rules(mesh_ru
 
 
 def test_the_app_truth_is_the_servers_ledger_byte_for_byte_through_the_sidecars(mesh_run):
-    lab, truth, hops = mesh_run
+    lab, truth, hops, ledger_lines = mesh_run
     pairs = hop_pairs(hops)
-    ledger = {(x["pod"], x["client_ip"], x["client_port"]): x for x in lab.ledger()
+    ledger = {(x["pod"], x["client_ip"], x["client_port"]): x for x in ledger_lines
               if x["protocol"] == "tcp"}
     assert all(x["client_ip"] == INBOUND_SOURCE for x in ledger.values())
     tcp = [t for t in truth if t["protocol"] == "tcp"]
@@ -115,7 +124,7 @@ def test_the_app_truth_is_the_servers_ledger_byte_for_byte_through_the_sidecars(
 
 
 def test_every_meshed_call_has_its_two_hops_and_the_wire_carries_app_bytes_plus_framing(mesh_run):
-    lab, truth, hops = mesh_run
+    lab, truth, hops, _ = mesh_run
     pairs = hop_pairs(hops)
     pods = {p["name"]: p for p in lab.inventory["pods"]}
     tcp = [t for t in truth if t["protocol"] == "tcp"]
@@ -178,9 +187,9 @@ def test_every_meshed_call_has_its_two_hops_and_the_wire_carries_app_bytes_plus_
 
 
 def test_refused_and_reset_reach_the_app_as_resets_and_the_hops_say_where(mesh_run):
-    lab, truth, hops = mesh_run
+    lab, truth, hops, ledger_lines = mesh_run
     pairs = hop_pairs(hops)
-    ledger = {(x["pod"], x["client_port"]): x for x in lab.ledger() if x["protocol"] == "tcp"}
+    ledger = {(x["pod"], x["client_port"]): x for x in ledger_lines if x["protocol"] == "tcp"}
     tcp = [t for t in truth if t["protocol"] == "tcp"]
     dead = [t for t in tcp if t["server_port"] == lab.inventory["dead_port"]]
     resets = [t for t in tcp if t["server_port"] != lab.inventory["dead_port"]
