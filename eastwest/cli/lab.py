@@ -17,6 +17,8 @@ examples:
   eastwest lab up --pattern host-network           api runs in its host's namespace
   eastwest lab up --pattern ipsec                  the overlay between hosts encrypted (ESP; the
                                                    kernel needs CONFIG_INET_ESP)
+  eastwest lab up --pattern mesh --services        an ew-sidecar in every pod (Istio-style
+                                                   iptables REDIRECT to :15001 and :15006)
   eastwest lab traffic --duration 10 --truth t.jsonl
   eastwest lab status
   eastwest lab policy apply shop-policies.yaml    enforce NetworkPolicies with iptables
@@ -60,8 +62,10 @@ def register(sub: Any) -> None:
                     help="a container network pattern (repeatable, or comma-separated): macvlan "
                     "(pods on the underlay by MACVLAN, no overlay), host-network (api in its "
                     "host's namespace, like a hostNetwork pod), ipsec (the overlay encrypted with "
-                    "xfrm ESP between hosts). IPv4 only; macvlan combines with neither of the "
-                    "others nor with --services (docs/lab.md, \"Network patterns\")")
+                    "xfrm ESP between hosts), mesh (a transparent sidecar proxy, ew-sidecar, in "
+                    "every pod, as Istio installs Envoy). IPv4 only; macvlan combines with neither "
+                    "of the others, mesh with neither of them; only mesh takes --services "
+                    "(docs/lab.md, \"Network patterns\")")
     up.add_argument("--inventory", metavar="FILE", help="also write the inventory JSON to FILE")
     up.set_defaults(func=_up)
 
@@ -197,10 +201,12 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{h['name']:6} {h['netns']:16} {h['underlay_ip']:14} {'yes' if h['up'] else 'NO'}")
     ips = {p["name"]: ",".join(p["ips"]) for p in st["pods"]}
     w = max([13, *map(len, ips.values())])
-    print(f"{'POD':12} {'HOST':5} {'IP':{w}} {'SERVICE':9} {'NETNS':16} PROCESS")
+    cars = any("sidecar" in p for p in st["pods"])
+    print(f"{'POD':12} {'HOST':5} {'IP':{w}} {'SERVICE':9} {'NETNS':16} "
+          + (f"{'PROCESS':8} SIDECAR" if cars else "PROCESS"))
     for p in st["pods"]:
         print(f"{p['name']:12} {p['host']:5} {ips[p['name']]:{w}} {p['service']:9} {p['netns']:16} "
-              f"{p['process']}")
+              + (f"{p['process']:8} {p.get('sidecar', '-')}" if cars else p["process"]))
     return 0
 
 

@@ -32,6 +32,10 @@ load generator's through the NodePort on h2 (DNAT + masquerade). Such a call ope
 protocol v1 line, so the server's ledger knows who called and what was dialled; `Lab.traffic`
 names the backend in the truth from it (docs/lab.md, "Kubernetes-style Services").
 
+Mesh (`lab up --pattern mesh`, the inventory's `mesh`): the app does not know its calls go
+through its pod's sidecar (eastwest/lab/sidecar.py); it only takes each TCP source port fresh
+(FreshPorts: none twice within 120 s), so that NAT never moves a call to another port.
+
 DNS (eastwest/lab/dns.py): the resolver pods are a real DNS server for the lab's names. api
 resolves each service it calls (`<service>.<namespace>.svc.cluster.local`, A in IPv4, AAAA in IPv6)
 through a resolver pod before it connects, and keeps the answer for its TTL, as a pod's stub
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import ipaddress
 import json
 import os
@@ -89,6 +94,7 @@ UDP_UNCONNECTED_SHARE = 0.5  # of those, on an unconnected socket (sendto/recvfr
 UDP_DEAD_EVERY_S = 2.0  # api: a datagram to a port where nobody listens, at most this often
 UDP_SIZES = ((0, 16), (100, 400), (800, 1200))  # datagram size classes (payload bytes)
 UDP_REUSE_S = 120.0  # a UDP 5-tuple is not used twice within this (observers' idle timeouts)
+TCP_REUSE_S = 120.0  # mesh: a TCP source port is not used twice within this (FreshPorts)
 POD_DIAL_SHARE = 0.2  # with Services: calls that still dial a pod's address directly
 NODEPORT_SHARE = 0.1  # with Services: load generator calls that go through the NodePort
 DUAL_V6_SHARE = 0.5  # share of the load generator's connections over IPv6 in a `dual` lab
@@ -132,6 +138,69 @@ class Ledger:
             os.write(self._fd, line)
 
 
+class FreshPorts:
+    """Sockets bound to an address and a port not handed out by this object within `reuse_s`
+    (conntrack's longest TCP timeout after a close: TIME_WAIT, 120 s): an ephemeral port (the
+    kernel's choice, `ports` None) or the next free one of `ports`, in turn.
+
+    For a mesh (docs/lab.md, "mesh"): the kernel hands a port out again as soon as no socket
+    holds it (at once after a reset, which leaves no TIME_WAIT), but the connection's conntrack
+    entry lingers. Every connection REDIRECTed to the sidecar has the same reply source
+    (127.0.0.1:15001), and a DNATed one to a pod may meet an entry of a ClusterIP call from the
+    same port: a reused port clashes with the old entry and NAT quietly moves the new connection
+    to another source port. And a connection that reuses a lingering entry's 5-tuple is not
+    NATed at all (NAT is decided on a connection's first packet): an app's call on a 5-tuple
+    its sidecar had just used would bypass the sidecar. So the app takes fresh ephemeral ports
+    and the sidecar its own range (SIDECAR_PORTS, outside the kernel's ephemeral range)."""
+
+    def __init__(self, reuse_s: float = TCP_REUSE_S, ports: range | None = None) -> None:
+        self.reuse_s = reuse_s
+        self.ports = ports
+        self._next = 0
+        self._used: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def open(self, family: int, ip: str) -> socket.socket:
+        """A TCP socket bound to `ip` and a port not used here within reuse_s (an ephemeral
+        one: after 64 tries, ~28,000 ports make that unlikely, the last one)."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._used) > 8192:
+                self._used = {p: t for p, t in self._used.items() if now - t < self.reuse_s}
+            if self.ports is not None:
+                return self._from_range(family, ip, now, self.ports)
+            held: list[socket.socket] = []  # kept open while trying, so the kernel offers others
+            try:
+                for attempt in range(64):
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                    s.bind((ip, 0))
+                    port = s.getsockname()[1]
+                    if now - self._used.get(port, -self.reuse_s) >= self.reuse_s or attempt == 63:
+                        self._used[port] = now
+                        return s
+                    held.append(s)
+            finally:
+                for h in held:
+                    h.close()
+        raise AssertionError("unreachable")
+
+    def _from_range(self, family: int, ip: str, now: float, ports: range) -> socket.socket:
+        for _ in range(len(ports)):
+            port = ports[self._next % len(ports)]
+            self._next += 1
+            if now - self._used.get(port, -self.reuse_s) < self.reuse_s:
+                continue
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.bind((ip, port))
+            except OSError:  # still held (TIME_WAIT, say)
+                s.close()
+                continue
+            self._used[port] = now
+            return s
+        raise OSError(errno.EADDRINUSE, f"no port of {ports.start}-{ports.stop - 1} is free")
+
+
 class App:
     def __init__(self, state: Path, pod_name: str, seed: int | None = None) -> None:
         self.state = state
@@ -150,6 +219,8 @@ class App:
         self.families = FAMILIES[self.inv.get("ip_family", "ipv4")]
         self.cluster = {c["name"]: c for c in self.inv.get("cluster_services", [])}
         self.dns_cache = labdns.Cache()
+        # mesh: no TCP source port twice within conntrack's timeouts (FreshPorts)
+        self.tcp_ports = FreshPorts() if self.inv.get("mesh") else None
 
     # -- helpers ----------------------------------------------------------------------------
     def chance(self, p: float) -> bool:
@@ -216,9 +287,12 @@ class App:
         with a PROXY line naming the client and what it dialled."""
         start = now_iso()
         to = (dial.ip, dial.port) if dial and dial.via else (address(server or {}, family), port)
-        s = socket.socket(AF[family], socket.SOCK_STREAM)
+        if self.tcp_ports is not None:
+            s = self.tcp_ports.open(AF[family], address(self.pod, family))
+        else:
+            s = socket.socket(AF[family], socket.SOCK_STREAM)
+            s.bind((address(self.pod, family), 0))  # know our port even when the connect fails
         s.settimeout(CONNECT_TIMEOUT)
-        s.bind((address(self.pod, family), 0))  # know our port even when the connect fails
         cport = s.getsockname()[1]
         sent = recv = 0
         outcome = "ok"

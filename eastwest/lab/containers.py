@@ -6,7 +6,9 @@ Each pod gets a container id (64 hex digits, from the lab's and the pod's names:
 every `lab up`) and one of the runtime layouts of eastwest/cgroups.py, in turn (containerd,
 CRI-O and Docker; kubelet's systemd and cgroupfs drivers), under one group of the lab's own,
 `<cgroup2 mount>/eastwest-lab-<name>/`, so that `lab down` removes them all. A pod's processes
-are put in their group between fork and exec (`joining`), before they run at all.
+are put in their group between fork and exec (`joining`), before they run at all. A mesh
+lab's sidecar is a container of its own in its pod's group (`sibling`), as Istio's
+`istio-proxy` container is.
 
 Without a cgroup2 mount (a cgroup v1-only host) pods have no group: the inventory says
 `container_id: null` and the lab runs as before.
@@ -52,6 +54,15 @@ def container_of(lab: str, pod: str, index: int) -> tuple[str, str]:
         name = cid if runtime == "containerd" else f"crio-{cid}"
         rel = f"/kubepods{'/' + qos if qos else ''}/pod{uid}/{name}"
     return cid, lab_group(lab) + rel
+
+
+def sibling(lab: str, pod: str, container: str, app: tuple[str, str]) -> tuple[str, str]:
+    """(container id, cgroup path) of another container of pod `pod` (a mesh sidecar), beside
+    the pod's app container `app` (its id and path): the same pod group and layout, its own id,
+    as a pod's containers are laid out by their runtime."""
+    cid = hashlib.sha256(f"eastwest-lab/{lab}/{pod}/{container}".encode()).hexdigest()
+    parent, last = app[1].rsplit("/", 1)
+    return cid, f"{parent}/{last.replace(app[0], cid)}"
 
 
 def create(lab: str, paths: list[str]) -> Path | None:

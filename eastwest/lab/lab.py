@@ -1,8 +1,9 @@
 """The lab as an object: up, traffic, status, down. Root only.
 
 In: a name and sizes.  Out: namespaces wired by `topology`, the demo application (`app`)
-running in its pods, an inventory and a static workload map under the state directory
-(/run/eastwest/lab/<name>/), and ground truth files from `traffic()`.
+running in its pods (in a `mesh` lab each pod's `sidecar` too, behind `mesh`'s rules), an
+inventory and a static workload map under the state directory (/run/eastwest/lab/<name>/),
+and ground truth files from `traffic()` (with the sidecars' hops joined in a `mesh` lab).
 
 Everything the lab makes carries its name: namespaces `<name>-...`, the state directory, the
 processes (found again by their namespace). `down()` removes exactly that, also after a crash
@@ -26,10 +27,10 @@ from typing import Any
 import yaml
 
 from eastwest.errors import LabError
-from eastwest.lab import containers, ipsec, topology
+from eastwest.lab import containers, ipsec, mesh, topology
 from eastwest.lab import services as cluster
 from eastwest.lab.app import server_fields
-from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, make_plan
+from eastwest.lab.plan import SERVICE_BY_NAME, LabPlan, PodPlan, make_plan
 from eastwest.lab.topology import Progress
 
 STATE_ROOT = Path(os.environ.get("EASTWEST_LAB_STATE", "/run/eastwest/lab"))
@@ -77,7 +78,11 @@ class Lab:
             if "ipsec" in plan.patterns:
                 ipsec.program(plan, progress)
                 plan.extra["ipsec"] = ipsec.inventory(plan)
+            if "mesh" in plan.patterns:
+                mesh.program(plan, progress)
+                plan.extra["mesh"] = mesh.inventory(plan)
             inv = plan.inventory()
+            mesh.mark_pods(inv)
             _make_containers(name, inv, progress)
             (state / "inventory.json").write_text(json.dumps(inv, indent=2))
             _write_workload_map(plan, state / "workloads.yaml")
@@ -138,20 +143,29 @@ class Lab:
         return next(p for p in self.inventory["pods"] if p["name"] == name)
 
     def _start_apps(self, plan: LabPlan, progress: Progress) -> None:
+        """The demo services in their pods and, in a mesh lab, every pod's sidecar (pids.json
+        names a sidecar `<pod>.sidecar`); waits until each says it is ready."""
         (self.state / "logs").mkdir(exist_ok=True)
         pids: dict[str, int] = {}
         servers = [p for p in plan.pods if p.service != "loadgen"]
-        for p in servers:
-            log = open(self.state / "logs" / f"{p.name}.log", "ab")  # noqa: SIM115
+        # (pod, pids key, module, verb, cgroup)
+        procs: list[tuple[PodPlan, str, str, list[str], str | None]] = [
+            (p, f"{p.name}.sidecar", "eastwest.lab.sidecar", [],
+             self._pod(p.name).get("sidecar_cgroup"))
+            for p in plan.pods if self._pod(p.name).get("sidecar")]
+        procs += [(p, p.name, "eastwest.lab.app", ["serve"], self._pod(p.name).get("cgroup"))
+                  for p in servers]
+        for p, key, module, verb, cgroup in procs:
+            log = open(self.state / "logs" / f"{key}.log", "ab")  # noqa: SIM115
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", p.netns, sys.executable, "-m", "eastwest.lab.app",
-                 "serve", "--state", str(self.state), "--pod", p.name],
+                ["ip", "netns", "exec", p.netns, sys.executable, "-m", module, *verb,
+                 "--state", str(self.state), "--pod", p.name],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=containers.joining(self._pod(p.name).get("cgroup")))
-            pids[p.name] = proc.pid
+                preexec_fn=containers.joining(cgroup))
+            pids[key] = proc.pid
         (self.state / "pids.json").write_text(json.dumps(pids))
         deadline = time.monotonic() + READY_TIMEOUT
-        waiting = {p.name for p in servers}
+        waiting = set(pids)
         while waiting:
             waiting = {n for n in waiting if not (self.state / "ready" / n).exists()}
             dead = [n for n in waiting if _exited(pids[n])]
@@ -159,9 +173,11 @@ class Lab:
                 why = "exited" if dead else "did not become ready in time"
                 names = dead or sorted(waiting)
                 tail = (self.state / "logs" / f"{names[0]}.log").read_text()[-800:]
-                raise LabError(f"demo service {', '.join(names)} {why}; log:\n{tail}")
+                raise LabError(f"demo service or sidecar {', '.join(names)} {why}; log:\n{tail}")
             time.sleep(0.05)
-        progress(f"demo application running in {len(servers)} pods")
+        sidecars = sum(1 for k in pids if k.endswith(".sidecar"))
+        progress(f"demo application running in {len(servers)} pods"
+                 + (f", {sidecars} {mesh.COMM} sidecars" if sidecars else ""))
 
     def traffic(self, duration: float, truth_path: str | Path | None = None, seed: int | None = None,
                 rate: float = 20.0, workers: int = 4, progress: Progress = _quiet) -> list[dict[str, Any]]:
@@ -173,6 +189,7 @@ class Lab:
         truth_dir = self.state / "truth"
         truth_dir.mkdir(exist_ok=True)
         offsets = {f.name: f.stat().st_size for f in truth_dir.glob("*.jsonl")}
+        hop_offsets = {f.name: f.stat().st_size for f in (self.state / "mesh").glob("*.jsonl")}
         lg = next(p for p in self.inventory["pods"] if p["service"] == "loadgen")
         cmd = ["ip", "netns", "exec", lg["netns"], sys.executable, "-m", "eastwest.lab.app",
                "loadgen", "--state", str(self.state), "--pod", lg["name"], "--duration",
@@ -194,6 +211,8 @@ class Lab:
         lines.sort(key=lambda t: (t["start"], t["client_ip"], t["client_port"]))
         if self.inventory.get("cluster_services"):
             self.resolve_backends(lines)
+        if self.inventory.get("mesh"):
+            self.attach_mesh(lines, hop_offsets)
         if truth_path is not None:
             Path(truth_path).write_text("".join(json.dumps(t) + "\n" for t in lines))
         outcomes = Counter(t["outcome"] for t in lines)
@@ -234,6 +253,36 @@ class Lab:
                                                                          t["client_port"])
             t["server_saw_ip"], t["server_saw_port"] = served["client_ip"], served["client_port"]
 
+    def attach_mesh(self, lines: list[dict[str, Any]], hop_offsets: dict[str, int]) -> None:
+        """Each meshed TCP truth line's `mesh` (eastwest/lab/mesh.py `annotate`), from the hop
+        lines the sidecars wrote since `hop_offsets`; waits up to LEDGER_WAIT for hop lines
+        still being written (a sidecar writes its hop once both its sockets are closed). With
+        Services, `snat` then says whether the network translated the source of the sidecars'
+        hop (the server app always sees its own sidecar, 127.0.0.6)."""
+        meshed = set(self.inventory["mesh"]["pods"])
+        deadline = time.monotonic() + LEDGER_WAIT
+        while True:
+            hops = mesh.read_hops((self.state / "mesh").glob("*.jsonl"), hop_offsets)
+            missing = mesh.annotate(lines, hops, meshed)
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                t = missing[0]
+                raise LabError(f"{len(missing)} meshed calls have no sidecar hop lines (first: "
+                               f"{t['client_pod']} {t['client_ip']}:{t['client_port']} -> "
+                               f"{t['server_port']}, {t['outcome']})")
+            time.sleep(0.1)
+        for t in lines:
+            m = t.get("mesh")
+            if m and "snat" in t and m["server_saw_ip"] is not None:
+                t["snat"] = (m["server_saw_ip"], m["server_saw_port"]) != (m["client_ip"],
+                                                                           m["client_port"])
+
+    def mesh_hops(self) -> list[dict[str, Any]]:
+        """Every hop line the sidecars wrote so far (one per proxied connection), by start."""
+        hops = mesh.read_hops((self.state / "mesh").glob("*.jsonl"))
+        return sorted(hops, key=lambda h: h["start"])
+
     def ledger(self) -> list[dict[str, Any]]:
         """Every server-side ledger line so far (what servers read and wrote per connection)."""
         out: list[dict[str, Any]] = []
@@ -255,7 +304,9 @@ class Lab:
                       "ips": p.get("ips", [p["ip"]]), "service": p["service"],
                       "netns": p["netns"], "up": p["netns"] in present,
                       "process": ("running" if p["name"] in pids and not _exited(pids[p["name"]])
-                                  else "-" if p["service"] == "loadgen" else "stopped")}
+                                  else "-" if p["service"] == "loadgen" else "stopped"),
+                      **({"sidecar": _running(pids.get(f"{p['name']}.sidecar"))}
+                         if p.get("sidecar") else {})}
                      for p in self.inventory["pods"]],
         }
 
@@ -298,13 +349,20 @@ def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
 
 
 def _make_containers(name: str, inv: dict[str, Any], progress: Progress) -> None:
-    """Each pod's container id and cgroup (eastwest/lab/containers.py) into the inventory."""
+    """Each pod's container id and cgroup (eastwest/lab/containers.py) into the inventory, and
+    a meshed pod's sidecar container's (`sidecar_container_id`, `sidecar_cgroup`)."""
     made = {p["name"]: containers.container_of(name, p["name"], i)
             for i, p in enumerate(inv["pods"])}
-    root = containers.create(name, [path for _, path in made.values()])
+    cars = {p["name"]: containers.sibling(name, p["name"], "sidecar", made[p["name"]])
+            for p in inv["pods"] if p.get("sidecar")}
+    root = containers.create(name, [path for _, path in (*made.values(), *cars.values())])
     for p in inv["pods"]:
         cid, path = made[p["name"]]
         p["container_id"], p["cgroup"] = (cid, path) if root is not None else (None, None)
+        if p["name"] in cars:
+            cid, path = cars[p["name"]]
+            p["sidecar_container_id"], p["sidecar_cgroup"] = ((cid, path) if root is not None
+                                                              else (None, None))
     progress(f"pods in containerd, CRI-O and Docker style cgroups under {root}"
              f"{containers.lab_group(name)}" if root is not None
              else "no cgroup2 mount: pods run without container cgroups")
@@ -326,6 +384,10 @@ def _stop_pidfile_processes(state: Path) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
     # stragglers are SIGKILLed by namespace in topology.remove
+
+
+def _running(pid: int | None) -> str:
+    return "running" if pid is not None and not _exited(pid) else "stopped"
 
 
 def _exited(pid: int) -> bool:

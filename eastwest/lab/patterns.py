@@ -11,9 +11,13 @@ Patterns (docs/lab.md, "Network patterns", has a picture of each):
   hostNetwork pods do: they listen on, and call from, the host's own address on the pod network.
 - `ipsec`: the overlay between hosts is encrypted by xfrm (ESP in transport mode between the
   hosts' underlay addresses, keys made per lab): the wire sees only ESP between hosts.
+- `mesh`: every pod gets a sidecar (eastwest/lab/sidecar.py, `ew-sidecar`) and Istio's iptables
+  (eastwest/lab/mesh.py): each app-to-app TCP call becomes app -> own sidecar -> the server's
+  sidecar -> app, with framing between the sidecars. Combines with `--services`.
 
-Every pattern may stand alone; `COMBINATIONS` says which ones combine (with each other and with
-`--services` and the IP families) and why the others cannot. A pattern this lab does not build,
+Every pattern may stand alone; `INCOMPATIBLE` says which pairs cannot be one lab and why,
+`NO_SERVICES` which patterns cannot have `--services` (all but `mesh`), `NEEDS_IPV4` that every
+pattern is IPv4 only. A pattern this lab does not build,
 or a combination it refuses, is a ConfigError naming `--pattern` (exit status 2).
 """
 
@@ -23,9 +27,9 @@ from collections.abc import Iterable
 
 from eastwest.errors import ConfigError
 
-PATTERNS = ("macvlan", "host-network", "ipsec")
-# named in issue 20, not built yet: refused with this reason instead of "unknown"
-PLANNED = {"mesh": "is not built yet (service-mesh sidecars: issue 20)"}
+PATTERNS = ("macvlan", "host-network", "ipsec", "mesh")
+# named but not built yet: refused with their reason instead of "unknown"
+PLANNED: dict[str, str] = {}
 
 # pairs that cannot be one lab, and why (a frozenset of two patterns -> the reason)
 INCOMPATIBLE = {
@@ -36,6 +40,15 @@ INCOMPATIBLE = {
     frozenset({"macvlan", "ipsec"}):
         "MACVLAN pods have no overlay between hosts to encrypt (their packets are on the "
         "underlay as they are)",
+    frozenset({"mesh", "macvlan"}):
+        "mesh with macvlan is not built (the sidecars are built and tested on the bridged "
+        "overlay, with or without --services)",
+    frozenset({"mesh", "host-network"}):
+        "a host-network service has no pod namespace for a sidecar and its iptables, and mesh "
+        "with host-network is not built",
+    frozenset({"mesh", "ipsec"}):
+        "mesh with ipsec is not built (the sidecars are built and tested on the plain overlay, "
+        "with or without --services)",
 }
 # what a pattern needs of the rest of the lab
 NEEDS_IPV4 = "the network patterns are built for IPv4 labs (--ip-family ipv4)"
@@ -94,7 +107,8 @@ def check(patterns: tuple[str, ...], ip_family: str, services: bool) -> None:
     """The patterns against the lab's other choices (`--ip-family`, `--services`)."""
     if patterns and ip_family != "ipv4":
         raise ConfigError("--pattern", ",".join(patterns), f"{NEEDS_IPV4}, not {ip_family}")
-    if services and patterns:
-        p = patterns[0]
+    refused = [p for p in patterns if p in NO_SERVICES]
+    if services and refused:
+        p = refused[0]
         raise ConfigError("--pattern", p, f"cannot be combined with --services: {NO_SERVICES[p]}")
 

@@ -18,11 +18,14 @@ def test_parse_takes_repeats_and_comma_lists_sorted_once():
     assert parse(None) == ()
     assert parse(["macvlan"]) == ("macvlan",)
     assert parse(["ipsec,host-network", "ipsec"]) == ("host-network", "ipsec")
+    assert parse(["mesh"]) == ("mesh",)
 
 
 @pytest.mark.parametrize(("values", "says"), [
-    (["foo"], "unknown pattern; one of macvlan, host-network, ipsec"),
-    (["mesh"], "not built yet"),
+    (["foo"], "unknown pattern; one of macvlan, host-network, ipsec, mesh"),
+    (["mesh,macvlan"], "mesh with macvlan is not built"),
+    (["host-network", "mesh"], "no pod namespace for a sidecar"),
+    (["mesh,ipsec"], "mesh with ipsec is not built"),
     (["macvlan,"], "an empty pattern name"),
     (["macvlan", "host-network"], "cannot reach its own host"),
     (["ipsec,macvlan"], "no overlay between hosts to encrypt"),
@@ -38,6 +41,8 @@ def test_bad_patterns_name_the_flag_and_why(values, says):
     (dict(ip_family="dual", patterns=("ipsec",)), "IPv4"),
     (dict(services=True, patterns=("macvlan",)), "bypass their host's iptables"),
     (dict(services=True, patterns=("host-network",)), "not built"),
+    (dict(ip_family="ipv6", patterns=("mesh",)), "IPv4"),
+    (dict(ip_family="dual", services=False, patterns=("mesh",)), "IPv4"),
 ])
 def test_patterns_refuse_what_they_cannot_be_combined_with(kwargs, says):
     with pytest.raises(ConfigError) as err:
@@ -46,7 +51,8 @@ def test_patterns_refuse_what_they_cannot_be_combined_with(kwargs, says):
 
 
 def test_an_unknown_or_incompatible_pattern_exits_2_before_anything_is_built(capsys):
-    for args in (["--pattern", "foo"], ["--pattern", "macvlan,ipsec"], ["--pattern", "mesh"]):
+    for args in (["--pattern", "foo"], ["--pattern", "macvlan,ipsec"],
+                 ["--pattern", "mesh", "--pattern", "ipsec"]):
         assert main(["lab", "up", "--name", "ewnever", *args]) == 2, args
         assert "--pattern" in capsys.readouterr().err
     assert not os.path.exists("/run/eastwest/lab/ewnever")
@@ -89,3 +95,20 @@ def test_host_network_moves_api_into_its_hosts_namespace():
     with pytest.raises(ConfigError) as err:  # api-1 and api-2 would both be on h2
         make_plan("ewhn", 3, 3, 4789, patterns=("host-network",))
     assert err.value.key == "--pods-per-host" and "api-2" in err.value.reason
+
+
+def test_mesh_combines_with_services_and_gives_every_pod_a_sidecar():
+    from eastwest.lab import mesh
+
+    for services in (False, True):
+        plan = make_plan("ewms", 3, 3, 4789, services=services, patterns=("mesh",))
+        plan.extra["mesh"] = mesh.inventory(plan)
+        inv = plan.inventory()
+        mesh.mark_pods(inv)
+        assert inv["patterns"] == ["mesh"] and bool(inv.get("cluster_services")) is services
+        assert inv["mesh"]["pods"] == [p["name"] for p in inv["pods"]]  # the load generator too
+        assert {p["sidecar"] for p in inv["pods"]} == {"ew-sidecar"}
+        assert inv["mesh"]["outbound_port"] == 15001 and inv["mesh"]["inbound_port"] == 15006
+    plain = make_plan("ewms", 3, 3, 4789).inventory()
+    mesh.mark_pods(plain)
+    assert "mesh" not in plain and not any("sidecar" in p for p in plain["pods"])
