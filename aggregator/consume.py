@@ -96,8 +96,9 @@ class PartitionHooks(Protocol):
 
 
 class JetStreamConsumer:
-    """Leases partitions and pulls each owned one, one batch at a time; `start()` runs it in its
-    own thread, `stop()` ends it (its leases released, so others take over at once)."""
+    """Leases partitions and pulls each owned one, one group of waiting batches at a time;
+    `start()` runs it in its own thread, `stop()` ends it (its leases released, so others take
+    over at once)."""
 
     def __init__(self, cfg: ConsumerSettings, intake: Intake, drops: Drops,
                  hooks: PartitionHooks | None = None) -> None:
@@ -222,7 +223,6 @@ class JetStreamConsumer:
 
     async def _partition(self, js: Any, k: int, stop: asyncio.Event) -> None:
         """Partition k, owned here: reload its state, then pull its batches until told."""
-        from nats import errors as nerr
 
         loop = asyncio.get_running_loop()
         taken = False
@@ -248,13 +248,13 @@ class JetStreamConsumer:
             while not (stop.is_set() or self._stopping.is_set()):
                 try:
                     msgs = await sub.fetch(self.cfg.coalesce, timeout=self.cfg.fetch_timeout_s)
-                except nerr.TimeoutError:
+                except TimeoutError:  # nats' own, or asyncio's (a fetch of several messages)
                     continue
                 if len(msgs) < self.cfg.coalesce and self.cfg.coalesce_wait_s > 0:
                     try:  # a moment for the shares published with these
                         msgs += await sub.fetch(self.cfg.coalesce - len(msgs),
                                                 timeout=self.cfg.coalesce_wait_s)
-                    except nerr.TimeoutError:
+                    except TimeoutError:
                         pass
                 verdicts = await loop.run_in_executor(
                     self._apply, self.apply_group, [m.data for m in msgs], still_owned)
