@@ -668,8 +668,6 @@ class InlineCorrelation(WrittenBeforeAck):
                 self.drops.count("correlate", "retention_failed", detail=str(exc))
         return result
 
-
-
     def accept_group(self, batches: Sequence[Accepted],
                      still_owned: Callable[[], bool] | None = None) -> list[IngestResult]:
         """Batches of one partition in stream order, coalesced: one query for their marks,

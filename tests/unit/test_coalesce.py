@@ -113,8 +113,8 @@ class Replica:
 def stored(store: Any) -> dict[str, Any]:
     """Everything the store holds that grouping could change, without connection ids."""
     conns = store.connections(ConnectionQuery(limit=1000))
-    shown = sorted((tuple(sorted((k, repr(v)) for k, v in c.items() if k != "conn_id"))
-                    for c in conns))
+    shown = sorted(tuple(sorted((k, repr(v)) for k, v in c.items() if k != "conn_id"))
+                    for c in conns)
     names = ROLLUP_KEY + ROLLUP_ATTRS
     sums = ", ".join(f"sum({c})" for c in ROLLUP_COUNTERS)
     if store.backend == "clickhouse":
