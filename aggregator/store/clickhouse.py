@@ -95,13 +95,13 @@ def last_states(shares: Sequence[GroupShare]) -> pa.Table | None:
     keep: list[pa.Table] = []
     seen: set[str] = set()
     for s in reversed(shares):
-        t = s.derived.connections
-        if t is not None and t.num_rows:
-            ids = t.column("conn_id").to_pylist()
-            rows = [i for i, cid in enumerate(ids) if cid not in seen]
-            seen.update(ids)
-            if rows:
-                keep.append(t.take(pa.array(rows, pa.int64())) if len(rows) < len(ids) else t)
+        ids = s.derived.connection_ids()
+        rows = [i for i, cid in enumerate(ids) if cid not in seen]
+        seen.update(ids)
+        if rows:  # only the kept rows' states are built
+            t = s.derived.connections_at(rows)
+            if t is not None:
+                keep.append(t)
         seen.update(s.derived.removed)
     return pa.concat_tables(keep[::-1]) if keep else None
 
