@@ -14,11 +14,24 @@ journaled (a store with a local journal).
 Delivery is at least once; `(collector, partition, batch_seq)` makes it exactly once in effect:
 a batch redelivered after its aggregator died (ack_wait expired) is found applied and just acked.
 
-One batch in flight per partition (`max_ack_pending = 1` on each partition's consumer):
-correlation joins the records of one connection that different collectors report, and all of
-them are in one partition; two batches of one partition are never correlated at once, even by
-two replicas during a hand-over (before each batch the partition's correlator reloads the
-batch's keys from the store: what the previous owner wrote). Partitions are correlated
+One group of batches in flight per partition: correlation joins the records of one connection
+that different collectors report, and all of them are in one partition. A partition's worker
+fetches the shares waiting (up to `coalesce` messages, `max_ack_pending` of its consumer; after
+a first message it waits up to `coalesce_wait_s` for more), and hands them to intake together
+(`Intake.accept_group`): runs of at most `coalesce_records` records, each planned share by share
+in stream order and written in ONE store write with every share's mark, while this replica
+still holds the partition's lease. Each message is acked (or naked, or terminated) only after
+its run's write returned; a failed run and every share after it are naked, so no share is
+applied before one that came earlier. A replica killed in the middle of a group's write acks
+nothing of it: the group is redelivered (after `ack_wait_s`) to the partition's next owner,
+which may group it otherwise: the shares whose marks are in the store are duplicates, the others
+are planned against what the store holds and rewrite the same rows under the same share keys
+(aggregator/store/clickhouse.py `write_group`). `coalesce = 1` is the one-share-at-a-time mode.
+Two groups of one partition are never correlated at once, even by two replicas during a
+hand-over: the new owner waits until the consumer has nothing pending (the old owner's group
+acked, or its ack wait over) before it reloads the partition from the store (before each group
+the partition's correlator also reloads the group's keys: what the previous owner wrote), and
+the old owner writes only while `Leases.holds` the partition. Partitions are correlated
 independently: P partitions, P batches in flight across the replicas. Within one replica the
 batches of its partitions are applied by one thread (the identity resolver is shared; the
 replica's CPU is one interpreter's anyway): replicas add throughput, a replica's partitions
@@ -48,6 +61,9 @@ from eastwest.jetstream import LoopThread, NatsOptions, connect, ensure_stream
 
 log = logging.getLogger("eastwest.consume")
 DEFAULT_DURABLE = "eastwest-aggregators"
+DEFAULT_COALESCE = 32             # shares of a partition written at once (1: one at a time)
+DEFAULT_COALESCE_RECORDS = 60_000  # the journaled path's step (aggregator/worker.py COALESCE)
+DEFAULT_COALESCE_WAIT_S = 0.05
 
 
 def default_replica_id() -> str:
@@ -64,6 +80,9 @@ class ConsumerSettings:
     retry_delay_s: float = 1.0
     lease_s: float = DEFAULT_LEASE_S
     replica: str = field(default_factory=default_replica_id)
+    coalesce: int = DEFAULT_COALESCE                  # messages fetched and written at once
+    coalesce_records: int = DEFAULT_COALESCE_RECORDS  # records of one write, at most
+    coalesce_wait_s: float = DEFAULT_COALESCE_WAIT_S  # after the first message, for more
 
 
 class PartitionHooks(Protocol):
@@ -77,8 +96,9 @@ class PartitionHooks(Protocol):
 
 
 class JetStreamConsumer:
-    """Leases partitions and pulls each owned one, one batch at a time; `start()` runs it in its
-    own thread, `stop()` ends it (its leases released, so others take over at once)."""
+    """Leases partitions and pulls each owned one, one group of waiting batches at a time;
+    `start()` runs it in its own thread, `stop()` ends it (its leases released, so others take
+    over at once)."""
 
     def __init__(self, cfg: ConsumerSettings, intake: Intake, drops: Drops,
                  hooks: PartitionHooks | None = None) -> None:
@@ -197,31 +217,48 @@ class JetStreamConsumer:
         return ConsumerConfig(durable_name=f"{self.cfg.durable}-p{partition}",
                               ack_policy=AckPolicy.EXPLICIT,
                               deliver_policy=DeliverPolicy.ALL, ack_wait=self.cfg.ack_wait_s,
-                              max_ack_pending=1, max_deliver=-1,
+                              max_ack_pending=self.cfg.coalesce, max_deliver=-1,
                               filter_subject=self.cfg.nats.partition_subjects(partition),
                               description=f"eastwest aggregators: partition {partition}")
 
     async def _partition(self, js: Any, k: int, stop: asyncio.Event) -> None:
         """Partition k, owned here: reload its state, then pull its batches until told."""
-        from nats import errors as nerr
 
         loop = asyncio.get_running_loop()
-        if self.hooks is not None:
-            await loop.run_in_executor(self._apply, self.hooks.take, k)
-        self.taken_over += 1
-        self.owned.add(k)
+        taken = False
         try:
+            cfg = self._consumer_config(k)
+            # created, or (made by an older version, another --nats-coalesce) updated in place:
+            # max_ack_pending is editable on NATS 2.9
+            await js.add_consumer(self.cfg.nats.stream, cfg)
             sub = await js.pull_subscribe(self.cfg.nats.partition_subjects(k),
-                                          durable=f"{self.cfg.durable}-p{k}",
-                                          stream=self.cfg.nats.stream,
-                                          config=self._consumer_config(k))
+                                          durable=cfg.durable_name,
+                                          stream=self.cfg.nats.stream, config=cfg)
+            await self._previous_owner_done(sub, stop)
+            if self.hooks is not None:
+                await loop.run_in_executor(self._apply, self.hooks.take, k)
+            taken = True
+            self.taken_over += 1
+            self.owned.add(k)
+            leases = self.leases
+
+            def still_owned() -> bool:
+                return leases is None or leases.holds(k)
+
             while not (stop.is_set() or self._stopping.is_set()):
                 try:
-                    msgs = await sub.fetch(1, timeout=self.cfg.fetch_timeout_s)
-                except nerr.TimeoutError:
+                    msgs = await sub.fetch(self.cfg.coalesce, timeout=self.cfg.fetch_timeout_s)
+                except TimeoutError:  # nats' own, or asyncio's (a fetch of several messages)
                     continue
-                for msg in msgs:
-                    verdict = await loop.run_in_executor(self._apply, self.apply, msg.data)
+                if len(msgs) < self.cfg.coalesce and self.cfg.coalesce_wait_s > 0:
+                    try:  # a moment for the shares published with these
+                        msgs += await sub.fetch(self.cfg.coalesce - len(msgs),
+                                                timeout=self.cfg.coalesce_wait_s)
+                    except TimeoutError:
+                        pass
+                verdicts = await loop.run_in_executor(
+                    self._apply, self.apply_group, [m.data for m in msgs], still_owned)
+                for msg, verdict in zip(msgs, verdicts, strict=True):
                     if verdict == "ack":
                         await msg.ack_sync(timeout=10)
                     elif verdict == "term":
@@ -235,10 +272,42 @@ class JetStreamConsumer:
             await asyncio.sleep(self.cfg.retry_delay_s)
         finally:
             self.owned.discard(k)
-            if self.hooks is not None:
+            if self.hooks is not None and taken:
                 await loop.run_in_executor(self._apply, self.hooks.drop, k)
 
-    # -- one batch ----------------------------------------------------------------------------
+    async def _previous_owner_done(self, sub: Any, stop: asyncio.Event) -> None:
+        """Before taking a partition: its consumer has nothing pending (the group another
+        replica, or this one before a reconnect, had in flight is acked), or the ack wait is
+        over (then it is redelivered here)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.cfg.ack_wait_s
+        while not (stop.is_set() or self._stopping.is_set()):
+            info = await sub.consumer_info()
+            if not info.num_ack_pending or loop.time() >= give_up:
+                return
+            await asyncio.sleep(min(0.1, max(0.0, give_up - loop.time())))
+
+    # -- batches ------------------------------------------------------------------------------
+    def apply_group(self, bodies: list[bytes], still_owned: Any = None) -> list[str]:
+        """A partition's waiting batches through intake together (`Intake.accept_group`): a
+        verdict for each, in order."""
+        if self.cfg.coalesce == 1:  # one share at a time, as before coalescing (the peer)
+            return [self.apply(b) for b in bodies]
+        out: list[str] = []
+        for o in self.intake.accept_group(bodies, still_owned, self.cfg.coalesce_records):
+            if isinstance(o, Refused):
+                out.append("term")
+            elif isinstance(o, Retry):
+                out.append("retry")
+            else:
+                if o.result.duplicate:
+                    self.duplicates += 1
+                else:
+                    self.applied += 1
+                    self.records += o.result.stored
+                out.append("ack")
+        return out
+
     def apply(self, body: bytes) -> str:
         """One batch through intake (aggregator/intake.py, the rules of every transport):
         'ack' (stored or a duplicate), 'term' (never storable), 'retry'."""

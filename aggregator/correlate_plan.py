@@ -260,6 +260,26 @@ class ColumnDerived:
             [shown.column(f.name) if f.name != "state" else states for f in CONN_SCHEMA],
             schema=CONN_SCHEMA)
 
+    def connection_ids(self) -> list[str]:
+        return self.plan.conn_ids.to_pylist() if len(self.plan) else []
+
+    def connections_at(self, rows: list[int]) -> pa.Table | None:
+        if not rows or not len(self.plan):
+            return None
+        if (len(rows) == len(self.plan) or "connections" in self.__dict__
+                or self.plan._objects is not None):  # built, or objects at hand: a subset
+            t = self.connections
+            assert t is not None
+            return t if len(rows) == t.num_rows else t.take(pa.array(rows, pa.int64()))
+        from aggregator.store.derived import CONN_SCHEMA, _enc
+
+        sub = self.plan.rows.take(pa.array(rows, pa.int64()))
+        shown = sub.drop_columns(["views"])
+        states = pa.array([_enc.encode(connection_of(r)) for r in sub.to_pylist()], pa.binary())
+        return pa.Table.from_arrays(
+            [shown.column(f.name) if f.name != "state" else states for f in CONN_SCHEMA],
+            schema=CONN_SCHEMA)
+
     @property
     def rollups(self) -> pa.Table | None:
         return self.plan.rollups

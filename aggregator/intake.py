@@ -23,6 +23,7 @@ as stored, written nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aggregator.metrics import AggregatorMetrics
@@ -113,6 +114,81 @@ class Intake:
     def accept(self, batch: ColumnBatch | DecodedBatch, body: bytes | None = None) -> Outcome:
         """Validate a decoded batch and hand it to correlation (`body`: its wire bytes, which
         the journal keeps, when it came in the binary form)."""
+        accepted, rejected = self._validated(batch, body)
+        try:
+            result = self.correlation.accept(accepted)
+        except (Backlogged, StoreError) as exc:
+            raise self._retry(exc, accepted.n) from None
+        return self._outcome(result, accepted, rejected)
+
+    def accept_group(self, bodies: Sequence[bytes], still_owned: Callable[[], bool] | None = None,
+                     max_records: int | None = None) -> list[Outcome | Refused | Retry]:
+        """Several batches' bytes in their order (the JetStream consumer's waiting shares of
+        one partition): each decoded and validated alone (a bad one is `Refused` alone), the
+        good ones handed to correlation together (`Correlation.accept_group`: one step, one
+        write; runs of at most `max_records` good records, a batch larger than that alone)
+        while `still_owned()`. A failed run is a `Retry` for each of its batches and for every
+        batch after it (none is applied before one that came earlier)."""
+        out: list[Outcome | Refused | Retry] = []
+        good: list[tuple[int, Accepted, list[RejectedRecord]]] = []
+        for body in bodies:
+            started = time.perf_counter()
+            self.metrics.bytes_in.inc(len(body))
+            try:
+                try:
+                    batch = decode(body)
+                except Refused as exc:
+                    self._refused(exc.reason, 1)
+                    raise
+                acc, rej = self._validated(batch, body if isinstance(batch, ColumnBatch) else None)
+            except Refused as exc:
+                out.append(exc)
+                continue
+            good.append((len(out), acc, rej))
+            out.append(Retry(503, "not handed over"))  # replaced below
+            self.metrics.latency.observe(time.perf_counter() - started)
+        if not good:
+            return out
+        runs: list[list[tuple[int, Accepted, list[RejectedRecord]]]] = [[]]
+        n = 0
+        for g in good:
+            if runs[-1] and max_records is not None and n + g[1].n > max_records:
+                runs.append([])
+                n = 0
+            runs[-1].append(g)
+            n += g[1].n
+        for r, run in enumerate(runs):
+            started = time.perf_counter()
+            try:
+                results = self.correlation.accept_group([a for _, a, _ in run], still_owned)
+            except (Backlogged, StoreError) as exc:
+                left = [g for later in runs[r:] for g in later]
+                retry = self._retry(exc, sum(a.n for _, a, _ in left))
+                for i, _, _ in left:
+                    out[i] = retry
+                return out
+            for (i, acc, rej), result in zip(run, results, strict=True):
+                out[i] = self._outcome(result, acc, rej)
+            self.metrics.latency.observe(time.perf_counter() - started)
+        return out
+
+    def _retry(self, exc: Exception, records: int) -> Retry:
+        if isinstance(exc, Backlogged):  # counted by the correlation stage, which knows how far
+            return Retry(429, str(exc))
+        self.drops.count(STAGE, "store_unavailable", records, detail=str(exc))
+        return Retry(503, f"store unavailable: {exc}")
+
+    def _outcome(self, result: IngestResult, accepted: Accepted,
+                 rejected: list[RejectedRecord]) -> Outcome:
+        if rejected:
+            self.drops.count(STAGE, "invalid_record", len(rejected))
+        self.metrics.batches.labels("duplicate" if result.duplicate else "stored").inc()
+        self.metrics.records_out.inc(result.stored)
+        return Outcome(result, accepted.n, rejected)
+
+    def _validated(self, batch: ColumnBatch | DecodedBatch,
+                   body: bytes | None) -> tuple[Accepted, list[RejectedRecord]]:
+        """The batch's envelope checked (`Refused`), its good records as `Accepted`."""
         total = batch.total if isinstance(batch, ColumnBatch) else len(batch.records) + len(batch.errors)
         self.metrics.records_in.inc(total)
         if total > self.max_batch_records:
@@ -138,18 +214,7 @@ class Intake:
             rejected.sort(key=lambda r: r.index)
             accepted = Accepted(batch.collector, batch.batch_seq, len(good),
                                 [r.index for r in rejected], records=good)
-        try:
-            result = self.correlation.accept(accepted)
-        except Backlogged as exc:  # counted by the correlation stage, which knows how far
-            raise Retry(429, str(exc)) from None
-        except StoreError as exc:
-            self.drops.count(STAGE, "store_unavailable", accepted.n, detail=str(exc))
-            raise Retry(503, f"store unavailable: {exc}") from None
-        if rejected:
-            self.drops.count(STAGE, "invalid_record", len(rejected))
-        self.metrics.batches.labels("duplicate" if result.duplicate else "stored").inc()
-        self.metrics.records_out.inc(result.stored)
-        return Outcome(result, accepted.n, rejected)
+        return accepted, rejected
 
     def _refused(self, reason: str, records: int) -> None:
         self.metrics.batches.labels("rejected").inc()

@@ -22,9 +22,13 @@ is done (the caller's `release`), and deletes their leases so another replica ta
 next tick, not a lease later. A replica that stops releases everything (a rolling restart moves
 partitions within a tick); one that dies leaves them to expire (within the lease).
 
-Ownership is about efficiency, not safety: each partition's durable consumer has one batch in
-flight (`max_ack_pending = 1`), so even two replicas pulling one partition during a hand-over
-cannot correlate two of its batches at once, and every batch's mark makes it apply once.
+Ownership and safety: each partition's durable consumer has at most one coalesced group in
+flight (`max_ack_pending` = `--nats-coalesce`, the messages a replica fetches at once), and
+every batch's mark makes it apply once. A replica writes a group only while it `holds` the
+partition (owned, renewed less than a lease ago); a replica taking a partition over waits
+until the consumer has nothing pending (the previous owner's group acked, or its ack wait
+over) before it reloads the partition and pulls, so two replicas never correlate two groups
+of one partition at once.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +76,7 @@ class Leases:
         self.lease_s = lease_s
         self.kv: Any = None
         self.owned: dict[int, int] = {}  # partition -> revision of our lease entry
+        self._renewed: dict[int, float] = {}  # partition -> monotonic time of the last renewal
         self._alive_rev: int | None = None
 
     async def open(self) -> None:
@@ -131,7 +137,9 @@ class Leases:
         await self.kv.put(f"replica.{self.replica}", b"")
         for k, rev in sorted(self.owned.items()):
             try:
+                before = time.monotonic()
                 self.owned[k] = await self.kv.update(f"p{k}", self.replica.encode(), last=rev)
+                self._renewed[k] = before
             except KeyWrongLastSequenceError:  # expired (and maybe taken): not ours any more
                 del self.owned[k]
                 t.lost.append(k)
@@ -147,11 +155,21 @@ class Leases:
                     break
                 if k in held or k in self.owned:
                     continue
+                before = time.monotonic()
                 got = await self._create(k)
                 if got is not None:
                     self.owned[k] = got
+                    self._renewed[k] = before
                     t.gained.append(k)
         return t
+
+    def holds(self, k: int) -> bool:
+        """Partition k is this replica's now: owned, and its lease written less than a lease
+        ago (a replica paused past its lease may have lost it before its next tick tells).
+        Safe to call from any thread."""
+        renewed = self._renewed.get(k)
+        return k in self.owned and renewed is not None and \
+            time.monotonic() - renewed < self.lease_s
 
     async def _create(self, k: int) -> int | None:
         from nats.js.errors import KeyWrongLastSequenceError

@@ -11,12 +11,18 @@ Taking a partition over (`take`) builds its correlator and loads the store's rec
 of that partition (what the previous owner wrote, open or closed within `keep_open`) before the
 first batch; giving it up (`drop`) forgets them. A batch of a partition not owned here (a
 hand-over in between) is `Backlogged`: the consumer naks it, and its owner takes it.
+
+Coalescing (`accept_group`): the consumer hands over the shares of a partition that were
+waiting (up to `--nats-coalesce` messages and `--nats-coalesce-records` records), in stream
+order; the partition's correlator plans each in turn and the store writes them all at once
+(aggregator/worker.py `InlineCorrelation.accept_group`, the store's `write_group`), only while
+the consumer still holds the partition's lease.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aggregator.correlate_columns import ColumnCorrelator
 from aggregator.fanout import FanOut
@@ -82,6 +88,37 @@ class PartitionedCorrelation(WrittenBeforeAck):
         if not result.duplicate:
             self._version += 1
         return result
+
+    def accept_group(self, batches: Sequence[Accepted],
+                     still_owned: Callable[[], bool] | None = None) -> list[IngestResult]:
+        """Batches in stream order, each run of one partition coalesced by that partition's
+        correlator (`InlineCorrelation.accept_group`: one step, one write), written only while
+        `still_owned()`. A partition consumer's group is all one partition; a run of a
+        partition not owned here raises `Backlogged` before anything of it is written."""
+        out: list[IngestResult] = []
+        i = 0
+        while i < len(batches):
+            k = split_mark(batches[i].batch_seq)[1]
+            j = i + 1
+            while j < len(batches) and split_mark(batches[j].batch_seq)[1] == k:
+                j += 1
+            with self._lock:
+                part = self.parts.get(k)
+            if part is None:
+                raise Backlogged(f"partition {k} of batch ({batches[i].collector!r}, "
+                                 f"{batches[i].batch_seq}) is not owned by this replica (now)")
+            results = part.accept_group(batches[i:j], still_owned)
+            if any(not r.duplicate for r in results):
+                self._version += 1
+            out += results
+            i = j
+        return out
+
+    @property
+    def groups(self) -> int:
+        """Coalesced writes made by the partitions owned now."""
+        with self._lock:
+            return sum(p.groups for p in self.parts.values())
 
     # -- what the metrics read of "the correlator" ----------------------------------------------
     def __len__(self) -> int:

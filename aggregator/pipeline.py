@@ -116,7 +116,9 @@ class Pipeline:
         if self.settings.nats is not None:  # NATS JetStream intake (docs/scale-out.md)
             s = self.settings
             cfg = ConsumerSettings(s.nats, s.nats_durable, s.nats_ack_wait_s,
-                                   lease_s=s.nats_lease_s)
+                                   lease_s=s.nats_lease_s, coalesce=s.nats_coalesce,
+                                   coalesce_records=s.nats_coalesce_records,
+                                   coalesce_wait_s=s.nats_coalesce_wait_s)
             if s.nats_replica:
                 cfg = dataclasses.replace(cfg, replica=s.nats_replica)
             hooks = (self.correlation if isinstance(self.correlation, PartitionedCorrelation)

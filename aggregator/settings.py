@@ -85,6 +85,10 @@ class AggregatorSettings:
     nats_ack_wait_s: float = 30.0
     nats_lease_s: float = 10.0
     nats_replica: str | None = None  # default: host-pid (aggregator/consume.py)
+    # a partition's waiting shares correlated as one step and written at once (consume.py)
+    nats_coalesce: int = 32            # messages; 1: one share at a time
+    nats_coalesce_records: int = 60_000
+    nats_coalesce_wait_s: float = 0.05
 
     def __post_init__(self) -> None:
         if self.insecure_open and not is_loopback(self.host):
@@ -124,6 +128,16 @@ class AggregatorSettings:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
         _positive_seconds("--nats-ack-wait", self.nats_ack_wait_s)
         _positive_seconds("--nats-lease", self.nats_lease_s)
+        if not 1 <= self.nats_coalesce <= 10_000:
+            raise ConfigError("--nats-coalesce", self.nats_coalesce,
+                              "must be 1..10000 messages (1: one share at a time)")
+        if self.nats_coalesce_records < 1:
+            raise ConfigError("--nats-coalesce-records", self.nats_coalesce_records,
+                              "must be at least 1")
+        if not (math.isfinite(self.nats_coalesce_wait_s) and
+                0 <= self.nats_coalesce_wait_s <= 10):
+            raise ConfigError("--nats-coalesce-wait", self.nats_coalesce_wait_s,
+                              "must be 0..10 seconds")
         if self.nats_replica is not None and not self.nats_replica.strip():
             raise ConfigError("--nats-replica", self.nats_replica, "must not be empty")
         if not (math.isfinite(self.k8s_keep_deleted_s) and self.k8s_keep_deleted_s >= 0):
@@ -251,6 +265,11 @@ def _scale_out_args(args: argparse.Namespace, env: Mapping[str, str]) -> dict[st
         out["nats_lease_s"] = float(args.nats_lease)
     if getattr(args, "nats_replica", None) is not None:
         out["nats_replica"] = args.nats_replica
+    for flag, key, kind in (("nats_coalesce", "nats_coalesce", int),
+                            ("nats_coalesce_records", "nats_coalesce_records", int),
+                            ("nats_coalesce_wait", "nats_coalesce_wait_s", float)):
+        if getattr(args, flag, None) is not None:
+            out[key] = kind(getattr(args, flag))
     # a size or an age of 0 would otherwise mean "the default" (NatsOptions.from_args)
     if args.nats_max_bytes is not None and args.nats_max_bytes < 1024 * 1024:
         raise ConfigError("--nats-max-bytes", args.nats_max_bytes, "at least 1 MiB")

@@ -60,6 +60,7 @@ from aggregator.fanout import FanOut
 from aggregator.retention import Retention
 from aggregator.store.base import (
     Backlogged,
+    GroupShare,
     IngestResult,
     RawBatch,
     StoreError,
@@ -112,6 +113,13 @@ class Correlation(Protocol):
     def accept(self, batch: Accepted) -> IngestResult:
         """Journal (or store) the batch; a batch seen before is a duplicate. Raises
         `Backlogged` (retry later) or `StoreError`."""
+
+    def accept_group(self, batches: Sequence[Accepted],
+                     still_owned: Callable[[], bool] | None = None) -> list[IngestResult]:
+        """Several batches in their order, as `accept` of each would (one result each); a
+        store written before the ack takes them in one correlation step and ONE write, and
+        only while `still_owned()` (a partition's lease, aggregator/consume.py). Raises
+        `Backlogged` or `StoreError` for the whole group: nothing of it is acknowledged."""
 
     def applied(self, timeout: float | None = None) -> bool:
         """Wait until every batch accepted before this call is stored and correlated; False
@@ -283,6 +291,11 @@ class JournaledCorrelation:
         recs = batch.good_records()
         return self._journal(batch.collector, batch.batch_seq, len(recs), [_RECORDS_FORM],
                              lambda: journal_form(recs, batch.collector, batch.batch_seq))
+
+    def accept_group(self, batches: Sequence[Accepted],
+                     still_owned: Callable[[], bool] | None = None) -> list[IngestResult]:
+        """Each batch journaled in turn (the planner coalesces behind the ack anyway)."""
+        return [self.accept(b) for b in batches]
 
     def _journal(self, collector: str, batch_seq: int, n: int, rejected: list[int],
                  body: Callable[[], bytes]) -> IngestResult:
@@ -591,11 +604,28 @@ class InlineCorrelation(WrittenBeforeAck):
         by key, for the NodePort aliases learnt again (`relearn_nat`)."""
         self.store, self.correlator, self.fanout = store, correlator, fanout
         self.drops, self.retention, self.clock = drops, retention, clock
+        self.keep, self.keep_key = keep, keep_key
         self._version = 0
-        horizon = correlator.keep_open.total_seconds()
-        recent = store.recent_connections(horizon)
-        self.loaded = correlator.load(recent if keep is None else [c for c in recent if keep(c)])
-        relearn_nat(correlator, store, keep_key)
+        self._stale = False  # memory ahead of the store (a group's write failed): reload first
+        self.groups = 0      # coalesced writes made (groups of two shares or more)
+        self.loaded = self._load()
+
+    def _load(self) -> int:
+        """The correlator's memory as the store has it (this correlator's connections)."""
+        horizon = self.correlator.keep_open.total_seconds()
+        recent = self.store.recent_connections(horizon)
+        keep = self.keep
+        n = self.correlator.load(recent if keep is None else [c for c in recent if keep(c)])
+        relearn_nat(self.correlator, self.store, self.keep_key)
+        return n
+
+    def _reload(self) -> None:
+        """After a group's failed write (memory committed ahead of the store): forget and load
+        again, now or (the store failing) before the next batch."""
+        self._stale = True
+        self.correlator.reset()
+        self._load()
+        self._stale = False
 
     def start(self) -> None:
         with self.correlator.lock:
@@ -608,6 +638,8 @@ class InlineCorrelation(WrittenBeforeAck):
     def accept(self, batch: Accepted) -> IngestResult:
         records = batch.good_records()
         with self.correlator.lock, gc_paused():
+            if self._stale:
+                self._reload()
             if self.store.batch_applied(batch.collector, batch.batch_seq):
                 return IngestResult(batch.collector, batch.batch_seq, 0, True)
             if self.store.shared and records:  # what another aggregator wrote since
@@ -636,4 +668,76 @@ class InlineCorrelation(WrittenBeforeAck):
                 self.drops.count("correlate", "retention_failed", detail=str(exc))
         return result
 
+    def accept_group(self, batches: Sequence[Accepted],
+                     still_owned: Callable[[], bool] | None = None) -> list[IngestResult]:
+        """Batches of one partition in stream order, coalesced: one query for their marks,
+        one reload of their keys, each new batch planned and committed in turn (as if applied
+        alone: its rollup deltas are its own), then ONE store write of all of them
+        (`write_group`: raw records, rollups, workloads, connections, marks) if `still_owned()`.
+        Memory runs ahead of the store until the write returns: when it fails (or ownership
+        is gone) the correlator is reloaded from the store before anything else is planned."""
+        if len(batches) == 1 and still_owned is None:
+            return [self.accept(batches[0])]
+        with self.correlator.lock, gc_paused():
+            if self._stale:
+                self._reload()
+            keys = [(b.collector, b.batch_seq) for b in batches]
+            seen = set(self.store.applied_marks(keys))
+            results: list[IngestResult | None] = [None] * len(batches)
+            todo: list[int] = []
+            for i, key in enumerate(keys):
+                if key in seen:  # applied before, or twice in this group
+                    results[i] = IngestResult(key[0], key[1], 0, True)
+                else:
+                    seen.add(key)
+                    todo.append(i)
+            if todo:
+                self._coalesce([batches[i] for i in todo], still_owned)
+                for i in todo:
+                    b = batches[i]
+                    results[i] = IngestResult(b.collector, b.batch_seq, len(b.good_records()),
+                                              False)
+            try:
+                self.retention.maybe_run()
+            except StoreError as exc:
+                self.drops.count("correlate", "retention_failed", detail=str(exc))
+        return [r for r in results if r is not None]
 
+    def _coalesce(self, batches: list[Accepted], still_owned: Callable[[], bool] | None) -> None:
+        """Plan, commit and write new batches (under the correlator's lock)."""
+        if self.store.shared:  # what another aggregator wrote since, for every batch at once
+            ks = {key_of(r) for b in batches for r in b.good_records()}
+            if ks:
+                self.correlator.refresh(self.store.connections_for_keys(ks))
+        shares: list[GroupShare] = []
+        changes: list[Changes] = []
+        try:
+            for b in batches:
+                records = b.good_records()
+                plan = (self.correlator.plan(b.table, collector=b.collector)
+                        if b.table is not None else self.correlator.plan_records(records))
+                settled = list(self.correlator.settled)
+                changes.append(changes_of_columns(plan))
+                del self.correlator.settled[:len(settled)]  # handed over with this batch
+                self.correlator.commit(plan)
+                shares.append(GroupShare(
+                    RawBatch(b.collector, b.batch_seq, len(records), b.table,
+                             decode=b.good_records),
+                    ColumnDerived(plan, settled)))
+            if still_owned is not None and not still_owned():
+                raise Backlogged(f"partition of batches ({batches[0].collector!r}, "
+                                 f"{batches[0].batch_seq}) .. is not owned here any more: "
+                                 "not written")
+            self.store.write_group(shares)
+        except BaseException:
+            try:
+                self._reload()
+            except StoreError as exc:  # reloaded before the next batch
+                log.warning("correlator not reloaded after a failed write (%s): at the next "
+                            "batch", exc)
+            raise
+        if len(shares) > 1:
+            self.groups += 1
+        self._version += 1
+        for c in changes:
+            self.fanout.tell(c)

@@ -8,7 +8,10 @@
    aggregator replicas (processes, `eastwest aggregator --nats`) consume them into ClickHouse:
    records/s until every record is stored and correlated, and each replica's CPU seconds per
    1,000 records it stored (from /proc; the work should divide, nothing redone), with the
-   default P; the same rows inserted by `clickhouse-client` (3.) are the peer.
+   default P; the same rows inserted by `clickhouse-client` (3.) are the peer. Each replica count
+   runs once per `--coalesce` value (`--nats-coalesce`): 1 is the one-share-at-a-time path
+   before coalescing, the peer of the default (a partition's waiting shares in one step and
+   one store write); both in the same run, on the same records.
 3. ClickHouse insert rate, rows/s: `ClickHouseStore.ingest` (raw records, one synchronous
    Distributed insert per batch + the batch mark) against `clickhouse-client` inserting the same
    rows from a TSV file into the same Distributed table (one INSERT per batch file too).
@@ -18,6 +21,7 @@ Real servers (tests/servers.py): nats-server 2.9, clickhouse-server 18.16. Ratio
 absolute pass/fail; the load average is printed (the machine is shared).
 
     python bench/bench_scaleout.py [--records 100000] [--batch 5000] [--replicas 1,2,3]
+                                   [--coalesce 1,32] [--replicas-only]
 """
 
 from __future__ import annotations
@@ -139,14 +143,15 @@ def _metric(url: str, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
-def replicas_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer,
-                  n: int) -> tuple[float, list[tuple[float, float, int]]]:
-    """Start n replicas, wait until they share the partitions, then publish everything and time
-    them until every record is stored. Returns (seconds, [(cpu seconds, records stored,
-    partitions owned)])."""
-    stream = f"EWB{n}"
+def replicas_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer, n: int,
+                  coalesce: int = 32) -> tuple[float, list[tuple[float, float, int]]]:
+    """Start n replicas (`--nats-coalesce coalesce`), wait until they share the partitions, then
+    publish everything and time them until every record is stored. Returns (seconds, [(cpu
+    seconds, records stored, partitions owned)])."""
+    stream = f"EWB{n}C{coalesce}"
+    subject = f"bench{n}c{coalesce}.flows"
     # a small stream each: the server's file store reserves every stream's max_bytes
-    opts = NatsOptions(nats.url, stream=stream, subject_prefix=f"bench{n}.flows",
+    opts = NatsOptions(nats.url, stream=stream, subject_prefix=subject,
                        max_bytes=256 * 1024**2)
     total = sum(len(r) for _, _, r in bs)
     bodies = [(h, codec.encode_batch(Batch(h, s, T0, r))) for h, s, r in bs]
@@ -156,16 +161,16 @@ def replicas_path(bs, tmp: Path, nats: NatsServer, ch: ClickHouseServer,
         port = free_port()
         p = subprocess.Popen(
             [sys.executable, "-m", "eastwest", "aggregator", "--listen", f"127.0.0.1:{port}",
-             "--data", str(tmp / f"r{n}-{k}"), "--insecure-open", "--retention", "3650d",
-             "--clickhouse", ch.url(f"bench_r{n}"), "--nats", nats.url, "--nats-stream", stream,
-             "--nats-subject", f"bench{n}.flows", "--nats-replica", f"r{k}",
-             "--nats-max-bytes", str(256 * 1024**2),
+             "--data", str(tmp / f"r{n}c{coalesce}-{k}"), "--insecure-open", "--retention",
+             "3650d", "--clickhouse", ch.url(f"bench_r{n}c{coalesce}"), "--nats", nats.url,
+             "--nats-stream", stream, "--nats-subject", subject, "--nats-replica", f"r{k}",
+             "--nats-max-bytes", str(256 * 1024**2), "--nats-coalesce", str(coalesce),
              "--nats-lease", "3"], env=env, stdout=subprocess.DEVNULL,
-            stderr=open(tmp / f"r{n}-{k}.log", "wb"))  # noqa: SIM115
+            stderr=open(tmp / f"r{n}c{coalesce}-{k}.log", "wb"))  # noqa: SIM115
         procs.append((p, f"http://127.0.0.1:{port}"))
     for k, (p, url) in enumerate(procs):
         while True:
-            assert p.poll() is None, (tmp / f"r{n}-{k}.log").read_text()[-2000:]
+            assert p.poll() is None, (tmp / f"r{n}c{coalesce}-{k}.log").read_text()[-2000:]
             try:
                 if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                     break
@@ -247,8 +252,15 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--replicas", default="1,2,3", help="replica counts to run (default 1,2,3)")
+    ap.add_argument("--coalesce", default="1,32", help="--nats-coalesce values each replica "
+                    "count runs with, side by side (default 1,32; 1: one share at a time)")
+    ap.add_argument("--replicas-only", action="store_true", help="only the replicas (2.): "
+                    "not the single-aggregator paths nor the insert rates")
     args = ap.parse_args()
     counts = [int(x) for x in args.replicas.split(",") if x]
+    modes = [int(x) for x in args.coalesce.split(",") if x]
+    if not counts or not modes or min(counts + modes) < 1:
+        ap.error("--replicas and --coalesce: comma-separated integers of 1 or more")
     bs = batches(args.records, args.batch)
     n = sum(len(r) for _, _, r in bs)
     print(f"{n} records in {len(bs)} batches of <= {args.batch}; load average "
@@ -258,22 +270,27 @@ def main() -> int:
         ch = ClickHouseServer(tmp / "ch").start()
         nats = NatsServer(tmp / "nats").start()
         try:
-            http_s = http_path(bs, tmp)
-            nats_s = nats_path(bs, tmp, nats, ch)
-            print(f"end to end  HTTP -> aggregator (DuckDB):             {n / http_s:10.0f} records/s")
-            print(f"end to end  NATS JetStream -> aggregator (ClickHouse): {n / nats_s:10.0f} records/s"
-                  f"   ratio {http_s / nats_s:.2f}x")
+            if not args.replicas_only:
+                http_s = http_path(bs, tmp)
+                nats_s = nats_path(bs, tmp, nats, ch)
+                print(f"end to end  HTTP -> aggregator (DuckDB):             {n / http_s:10.0f} records/s")
+                print(f"end to end  NATS JetStream -> aggregator (ClickHouse): {n / nats_s:10.0f} records/s"
+                      f"   ratio {http_s / nats_s:.2f}x")
             for r in counts:
-                took, per = replicas_path(bs, tmp, nats, ch, r)
-                print(f"replicas {r}   NATS (P=6) -> {r} aggregator(s) -> ClickHouse:  "
-                      f"{n / took:10.0f} records/s")
-                for k, (cpu, recs, owned) in enumerate(per):
-                    print(f"            replica {k}: {recs:8.0f} records, {owned} partitions, "
-                          f"{cpu:6.2f} CPU s, {1000 * cpu / max(recs, 1):.3f} CPU s per 1,000")
-            ours_s, peer_s, rows = insert_rates(bs, ch, tmp)
-            print(f"insert      clickhouse-client TSV files:               {rows / peer_s:10.0f} rows/s")
-            print(f"insert      ClickHouseStore.ingest (raw):              {rows / ours_s:10.0f} rows/s"
-                  f"   ratio {peer_s / ours_s:.2f}x (target >= 0.5x)")
+                for c in modes:
+                    load = os.getloadavg()[0]
+                    took, per = replicas_path(bs, tmp, nats, ch, r, c)
+                    print(f"replicas {r}   NATS (P=6) -> {r} aggregator(s), --nats-coalesce {c:<3} "
+                          f"-> ClickHouse: {n / took:10.0f} records/s   (load {load:.2f} -> "
+                          f"{os.getloadavg()[0]:.2f})")
+                    for k, (cpu, recs, owned) in enumerate(per):
+                        print(f"            replica {k}: {recs:8.0f} records, {owned} partitions, "
+                              f"{cpu:6.2f} CPU s, {1000 * cpu / max(recs, 1):.3f} CPU s per 1,000")
+            if not args.replicas_only:
+                ours_s, peer_s, rows = insert_rates(bs, ch, tmp)
+                print(f"insert      clickhouse-client TSV files:               {rows / peer_s:10.0f} rows/s")
+                print(f"insert      ClickHouseStore.ingest (raw):              {rows / ours_s:10.0f} rows/s"
+                      f"   ratio {peer_s / ours_s:.2f}x (target >= 0.5x)")
         finally:
             nats.stop()
             ch.stop()

@@ -13,7 +13,8 @@ pipeline (aggregator/pipeline.py) and the API hold these interfaces, never a bac
 Contract every backend keeps (the store tests run against each backend):
 - `ingest` is atomic: the records of a batch and its `(collector, batch_seq)` mark are
   committed together or not at all, so a batch is applied exactly once, across restarts;
-  `write_batches` writes a whole correlation step (raw batches, marks, derived tables) at once.
+  `write_batches` writes a whole correlation step (raw batches, marks, derived tables) at once;
+  `write_group` writes a coalesced group of shares (each with its own derived tables) at once.
 - Both return only after the commit is durable: what was acknowledged survives kill -9.
 - Writes are bulk (columns), never one INSERT per record.
 """
@@ -86,6 +87,16 @@ class WriteStep:
     correlated: list[tuple[str, int]] = field(default_factory=list)
 
 
+@dataclass
+class GroupShare:
+    """One share of a coalesced group (aggregator/worker.py `InlineCorrelation.accept_group`):
+    its raw batch and mark, and the derived tables of its own plan (planned after the share
+    before it in the group, as if it had been applied alone)."""
+
+    raw: RawBatch
+    derived: DerivedTables
+
+
 class WriteStore(Protocol):
     # where the pipeline journals acknowledged batches before they are written here (a local
     # file store); None: a batch is written before it is acknowledged (a shared store)
@@ -101,6 +112,12 @@ class WriteStore(Protocol):
     def write_batches(self, step: WriteStep) -> None:
         """A journaled correlation step in one durable transaction (its batches are new: the
         caller checked the marks)."""
+
+    def write_group(self, shares: Sequence[GroupShare]) -> None:
+        """Shares of one partition, in stream order, in ONE write (a transaction, or one
+        insert per table): every share's records, rollup deltas and mark keyed by its own
+        `(collector, batch_seq)`, the group's connections (each at its last state) and
+        workloads. The shares are new (the caller checked the marks); durable when it returns."""
 
     def batch_applied(self, collector: str, batch_seq: int) -> bool: ...
 

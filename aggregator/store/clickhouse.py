@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from aggregator.store.base import IngestResult, StoreError, WriteStep
+from aggregator.store.base import GroupShare, IngestResult, StoreError, WriteStep
 from aggregator.store.clickhouse_derived import ClickHouseQueries, micros
 from aggregator.store.clickhouse_schema import (
     TABLES,
@@ -78,6 +78,32 @@ def arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
         else:
             out[f.name] = col.to_pylist()
     return out
+
+
+def _keyed(rollups: pa.Table, collector: str, batch_seq: int) -> pa.Table:
+    """A share's rollup deltas with the share's key in front (the rollups' sorting key)."""
+    n = rollups.num_rows
+    return pa.Table.from_arrays(
+        [pa.array([collector] * n, pa.string()), pa.array([batch_seq] * n, pa.int64()),
+         *rollups.columns], names=["collector", "batch_seq", *rollups.column_names])
+
+
+def last_states(shares: Sequence[GroupShare]) -> pa.Table | None:
+    """The group's connection rows: each connection's row from the last share that changed it
+    (its plan started from the earlier shares' state), none for a connection a later share
+    merged away (`removed`)."""
+    keep: list[pa.Table] = []
+    seen: set[str] = set()
+    for s in reversed(shares):
+        ids = s.derived.connection_ids()
+        rows = [i for i, cid in enumerate(ids) if cid not in seen]
+        seen.update(ids)
+        if rows:  # only the kept rows' states are built
+            t = s.derived.connections_at(rows)
+            if t is not None:
+                keep.append(t)
+        seen.update(s.derived.removed)
+    return pa.concat_tables(keep[::-1]) if keep else None
 
 
 class ClickHouseStore(ClickHouseQueries):
@@ -339,25 +365,83 @@ class ClickHouseStore(ClickHouseQueries):
             v = self._next_version("")
             self._insert("workloads", {"day": [day_of(t) for t in cols["last_seen"]],
                                        "version": [v] * d.workloads.num_rows, **cols})
-        removed = d.removed
-        if removed:  # NodePort halves merged into their real connection: every version goes
-            # (a mutation on every shard, awaited: rare, one per NodePort call whose half came
-            # before its middle record)
-            ids = ", ".join("'" + cid + "'" for cid in removed if cid.isalnum())
-            self._delete("connections", f"conn_id IN ({ids})", None)
+        if d.removed:
+            self._delete_removed(d.removed)
         if d.connections is not None and d.connections.num_rows:
-            cols = arrow_columns(d.connections)
-            days, versions = [], []
-            for cid, state in zip(cols["conn_id"], cols["state"], strict=True):
-                conn = CONN_DECODER.decode(state)
-                # the creating view's start never changes (views keep their insertion order and
-                # one observer reports one start): every version lands in the same partition
-                first = next(iter(conn.views.values())).start
-                days.append(first.astimezone(UTC).date())
-                versions.append(self._next_version(cid))
-            self._insert("connections", {"day": days, "version": versions, **cols})
-            for cid, v in zip(cols["conn_id"], versions, strict=True):
-                self.remember_version(cid, v)
+            self._insert_connections(d.connections)
+
+    def _insert_connections(self, table: pa.Table) -> None:
+        cols = arrow_columns(table)
+        days, versions = [], []
+        for cid, state in zip(cols["conn_id"], cols["state"], strict=True):
+            conn = CONN_DECODER.decode(state)
+            # the creating view's start never changes (views keep their insertion order and
+            # one observer reports one start): every version lands in the same partition
+            first = next(iter(conn.views.values())).start
+            days.append(first.astimezone(UTC).date())
+            versions.append(self._next_version(cid))
+        self._insert("connections", {"day": days, "version": versions, **cols})
+        for cid, v in zip(cols["conn_id"], versions, strict=True):
+            self.remember_version(cid, v)
+
+    def _delete_removed(self, removed: Sequence[str]) -> None:
+        # NodePort halves merged into their real connection: every version goes (a mutation on
+        # every shard, awaited: rare, one per NodePort call whose half came before its middle
+        # record)
+        ids = ", ".join("'" + cid + "'" for cid in removed if cid.isalnum())
+        if ids:
+            self._delete("connections", f"conn_id IN ({ids})", None)
+
+    def write_group(self, shares: Sequence[GroupShare]) -> None:
+        """Coalesced shares of one partition (aggregator/worker.py `accept_group`) in ONE
+        insert per table, in the order of `ingest`: flows -> rollups -> workloads -> connections
+        -> ingested_batches. Raw rows and rollup deltas carry their own share's
+        `(collector, batch_seq)` (each share's deltas come from its own plan), and every
+        share's mark is in the last insert: a group interrupted before its marks is redone by
+        whoever gets its shares again, grouped any way, and every row it wrote is replaced by
+        the same row of the same share (ReplacingMergeTree) or left as the correct one (a share
+        whose connections were written plans no delta again). The connections are each
+        connection's last state in the group (a later share's plan holds the earlier ones')."""
+        if not shares:
+            return
+        now = datetime.now(UTC)
+        with self._lock:
+            try:
+                flows = [to_table(s.raw.collector, s.raw.batch_seq, recs, now)
+                         for s in shares if (recs := s.raw.records())]
+                if flows:
+                    cols = arrow_columns(pa.concat_tables(flows))
+                    self._insert("flows", {"day": [day_of(us) for us in cols["end_ts"]], **cols})
+                rollups = [_keyed(s.derived.rollups, s.raw.collector, s.raw.batch_seq)
+                           for s in shares
+                           if s.derived.rollups is not None and s.derived.rollups.num_rows]
+                if rollups:
+                    cols = arrow_columns(pa.concat_tables(rollups))
+                    self._insert("rollups", {"day": [day_of(m) for m in cols["minute"]], **cols})
+                workloads = [s.derived.workloads for s in shares
+                             if s.derived.workloads is not None and s.derived.workloads.num_rows]
+                if workloads:
+                    cols = arrow_columns(pa.concat_tables(workloads))
+                    n = len(cols["wid"])
+                    self._insert("workloads", {"day": [day_of(t) for t in cols["last_seen"]],
+                                               "version": [self._next_version("")] * n, **cols})
+                removed = [cid for s in shares for cid in s.derived.removed]
+                if removed:
+                    self._delete_removed(removed)
+                conns = last_states(shares)
+                if conns is not None:
+                    self._insert_connections(conns)
+                self._insert("ingested_batches", {
+                    "day": [now.date()] * len(shares),
+                    "collector": [s.raw.collector for s in shares],
+                    "batch_seq": [s.raw.batch_seq for s in shares],
+                    "records": [s.raw.n for s in shares],
+                    "ingested_at": [micros(now)] * len(shares)})
+            except StoreError as exc:
+                first, last = shares[0].raw, shares[-1].raw
+                raise StoreError(f"group of {len(shares)} batches ({first.collector!r}, "
+                                 f"{first.batch_seq}) .. ({last.collector!r}, {last.batch_seq}) "
+                                 f"not stored: {exc}") from exc
 
     # -- raw reads ----------------------------------------------------------------------------
     def batch_applied(self, collector: str, batch_seq: int) -> bool:
@@ -399,9 +483,14 @@ class ClickHouseStore(ClickHouseQueries):
     def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         if not keys:
             return set()
+        # 18.16 types a tuple literal's small integers narrower than the column (UInt16 vs
+        # Int64) and refuses `(collector, batch_seq) IN`: both columns apart, pairs kept here
+        want = {(c, int(s)) for c, s in keys}
         rows = self._exec(f"SELECT collector, batch_seq FROM {self.db}.ingested_batches WHERE "
-                          "(collector, batch_seq) IN %(k)s", {"k": [tuple(k) for k in keys]})
-        return {(c, int(s)) for c, s in rows}
+                          "collector IN %(c)s AND batch_seq IN %(s)s",
+                          {"c": tuple(sorted({c for c, _ in want})),
+                           "s": tuple(sorted({s for _, s in want}))})
+        return {(c, int(s)) for c, s in rows} & want
 
     def max_batch_seq(self, collector: str) -> int:
         rows = self._exec(f"SELECT count(), max(batch_seq) FROM {self.db}.ingested_batches "

@@ -358,6 +358,13 @@ class DerivedTables(Protocol):
     def connection_rows(self) -> pa.Table | None:
         """The DuckDB form: `DUCKDB_CONN_NAMES`."""
 
+    def connection_ids(self) -> list[str]:
+        """The conn_id of each row of `connections`, in order (cheap: no state built)."""
+
+    def connections_at(self, rows: list[int]) -> pa.Table | None:
+        """`connections` of these rows only (a coalesced group keeps each connection's last
+        row: the others' `state` need not be built)."""
+
     @property
     def rollups(self) -> pa.Table | None: ...
 
@@ -405,6 +412,15 @@ class Derived:
             return None
         return _table([(*row_values(c, s), _enc.encode(c))
                        for c, s in zip(self.conns, self.summaries, strict=True)], CONN_SCHEMA)
+
+    def connection_ids(self) -> list[str]:
+        return [c.conn_id for c in self.conns]
+
+    def connections_at(self, rows: list[int]) -> pa.Table | None:
+        t = self.connections
+        if t is None or not rows:
+            return None
+        return t if len(rows) == t.num_rows else t.take(pa.array(rows, pa.int64()))
 
     def prepare(self) -> None:
         """Build the DuckDB tables now (the background worker's planner does, so that its

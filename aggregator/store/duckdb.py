@@ -32,7 +32,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from aggregator.store.base import IngestResult, RawBatch, StoreError, WriteStep
+from aggregator.store.base import GroupShare, IngestResult, RawBatch, StoreError, WriteStep
 from aggregator.store.columns import (
     DUCKDB_COLUMNS,
     FLAT_NAMES,
@@ -233,6 +233,38 @@ class DuckDBStore(DerivedQueries, EdgeQueries):
                 raise StoreError(f"duckdb {str(self.path)!r}: {len(raw)} batches not stored: "
                                  f"{exc}") from exc
             self._count += sum(b.n for b in raw)
+
+    def write_group(self, shares: Sequence[GroupShare]) -> None:
+        """Coalesced shares (aggregator/worker.py `accept_group`) in ONE transaction: each
+        share's mark, raw rows and derived tables in stream order, exactly what one `ingest`
+        per share would have written (rollup deltas add up, a later share's connection rows
+        replace an earlier one's)."""
+        if not shares:
+            return
+        now = datetime.now(UTC)
+        with self._raw_lock, self._lock:
+            con = self._writer()
+            try:
+                con.execute("BEGIN TRANSACTION")
+                for sh in shares:
+                    b = sh.raw
+                    con.execute("INSERT INTO ingested_batches (collector, batch_seq, records, "
+                                "ingested_at, correlated) VALUES (?, ?, ?, ?, true)",
+                                [b.collector, b.batch_seq, b.n, now])
+                    table = b.table
+                    if table is None and b.n:
+                        with gc_paused():
+                            table = flat_table(b.records())
+                    if table is not None and table.num_rows:
+                        _ew_batch_table = table  # noqa: F841 - read by the SQL text
+                        con.execute(_INSERT_FLOWS, [b.collector, b.batch_seq, now])
+                    write_derived(con, sh.derived)
+                con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback(con)
+                raise StoreError(f"duckdb {str(self.path)!r}: group of {len(shares)} batches "
+                                 f"not stored: {exc}") from exc
+            self._count += sum(sh.raw.n for sh in shares)
 
     def applied_marks(self, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """Which of these `(collector, batch_seq)` were applied (one query)."""

@@ -138,6 +138,15 @@ def register(sub: Any) -> None:
                    "exists)")
     g.add_argument("--nats-replica", metavar="ID", help="this replica's name in the leases "
                    "(default HOST-PID)")
+    g.add_argument("--nats-coalesce", type=int, metavar="N", help="shares of a partition "
+                   "waiting in the stream that a replica fetches and correlates as one step "
+                   "with ONE store write (every share's mark kept: still exactly once); also "
+                   "the partition consumer's max_ack_pending (default 32; 1: one share at a "
+                   "time)")
+    g.add_argument("--nats-coalesce-records", type=int, metavar="N", help="records of one "
+                   "coalesced write, at most (default 60000; a larger share is written alone)")
+    g.add_argument("--nats-coalesce-wait", type=float, metavar="S", help="after a partition's "
+                   "first waiting share, how long to wait for more to coalesce (default 0.05)")
     g.add_argument("--nats-ack-wait", type=float, metavar="S", help="a batch not acked within S "
                    "seconds (its replica died) is redelivered to its partition's next owner "
                    "(default 30)")

@@ -163,6 +163,34 @@ def test_batches_are_stored_exactly_once_even_when_published_twice(nats_server, 
     s.close()
 
 
+def test_shares_waiting_in_a_partition_are_written_together_once_and_idle_costs_no_error(
+        nats_server, tmp_path):
+    """Batches published before any replica runs wait in their partitions: the replica fetches
+    each partition's waiting shares at once and writes them in coalesced groups (one write for
+    several shares), every one stored once and acked; then, idle for several fetch timeouts,
+    it counts no NATS trouble (a fetch of several messages that times out is no error)."""
+    opts = NatsOptions(nats_server.url)
+    s = sender(opts, "h1")
+    for i in range(8):  # 8 batches of 12 connections: every partition gets several shares
+        assert accepted(s, body("h1", i + 1, [rec("client", cport=42000 + 12 * i + j,
+                                                  c2s=10 * i + j) for j in range(12)]))
+    with ExitStack() as stack:
+        c = replica(stack, tmp_path, "a", "nats_coalesce", opts)
+        consumer = c.app.state.pipeline.consumer
+        wait_for(lambda: len(flows(c)) == 96, "96 connections")
+        correlation = c.app.state.pipeline.correlation
+        assert correlation.groups >= 1  # shares written together
+        assert consumer.duplicates == 0 and consumer.records == 96
+        got = flows(c)
+        assert sorted(f["bytes_c2s"] for f in got) == sorted(10 * i + j for i in range(8)
+                                                             for j in range(12))
+        info = s.loop.run(s.js.stream_info("EASTWEST"), 10)
+        assert info.state.messages == 0  # every share acked
+        time.sleep(3 * consumer.cfg.fetch_timeout_s + 0.5)
+        assert ("consume", "nats_unavailable") not in c.app.state.drops.snapshot()
+    s.close()
+
+
 def test_a_bad_batch_is_terminated_and_counted_and_does_not_block_the_queue(nats_server, tmp_path):
     opts = NatsOptions(nats_server.url)
     s = sender(opts, "h1")
