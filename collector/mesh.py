@@ -73,7 +73,11 @@ name and pid from r2), proxy-proxy (r3's ends, bytes: with the proxies' framing)
 server's host ONE server record: `client` = r4's client, `server` = the port the client
 dialled (r4's redirect `original`), `nat` = r4's without its inbound redirect, everything else the
 app's (r6); hops [proxy-proxy (r4's own ends and bytes), proxy-app (r5's ends and bytes)]. The
-proxy records (r2..r5) are not sent once folded.
+proxy records (r2..r5) are not sent once folded. One server side has no r6: the sidecar's
+handoff (r5) was refused or timed out (nobody listens on the port the client dialled), so no app
+socket will ever come; r4 and r5 are then the whole server side, folded into one server record
+of the network's key with the sidecar's own counters and process (the app on the client side
+saw its connect accepted by its own sidecar, then a reset).
 
 Holding and releasing: records of a call are held until its three sockets are there. Then every
 batch that brings a new record of a member sends the folded record again (the app's cumulative
@@ -130,6 +134,7 @@ TICK_S = 0.5
 Role = Literal["app_out", "near_out", "far_out", "far_in", "near_in", "app_in"]
 Side = Literal["out", "in"]
 WAIT, FOLDED, ALONE, DONE = "wait", "folded", "alone", "done"
+FAILED_CONNECTS = ("refused", "timeout")
 PROXY_NETNS_S = 600.0  # a namespace counts as a proxy's for this long after its last socket
 MAX_PROXY_NETNS = 65536
 
@@ -159,7 +164,15 @@ class _Call:
         return [r for r in (self.app, self.near, self.far) if r is not None]
 
     def complete(self) -> bool:
-        return self.app is not None and self.near is not None and self.far is not None
+        return ((self.app is not None and self.near is not None and self.far is not None)
+                or self.handoff_failed())
+
+    def handoff_failed(self) -> bool:
+        """A server side whose sidecar could not hand the call to the app (nobody listens on
+        the port the client dialled: its connect was refused or timed out): no app socket
+        will ever come, the sidecar's two sockets are the whole server side."""
+        return (self.side == "in" and self.app is None and self.near is not None
+                and self.far is not None and self.near.connect in FAILED_CONNECTS)
 
 
 def _loopback_ip(ip: str) -> bool:
@@ -508,8 +521,9 @@ class MeshFolder:
             if c.pair is not None:
                 self.by_pair.pop(c.pair, None)
                 c.pair = None
-        assert c.app is not None
-        if c.app.final:
+        lead = c.app if c.app is not None else c.far  # the record the folded one speaks for
+        assert lead is not None
+        if lead.final:
             if c.final_at is None:
                 c.final_at = now
                 c.deadline = now + self.hold
@@ -533,7 +547,9 @@ class MeshFolder:
 
     def _folded(self, c: _Call, *, final: bool) -> FlowRecord:
         app, near, far = c.app, c.near, c.far
-        assert app is not None and near is not None and far is not None
+        assert near is not None and far is not None
+        if app is None:  # the handoff failed: the server side is the sidecar's own socket
+            app = far
         name = c.proxy or "?"
         pid = _pid(near)
         inbound = self.inbound.get(name, frozenset())
@@ -546,7 +562,8 @@ class MeshFolder:
             client = far.client
         else:
             _, nat = _strip_inbound(far, inbound)
-            server = c.target if c.target is not None else app.server
+            server = (c.target if c.target is not None
+                      else _strip_inbound(far, inbound)[0] if c.app is None else app.server)
             hops = [MeshHop("proxy-proxy", far.client, far.server, far.bytes_c2s, far.bytes_s2c,
                             name, _pid(far)),
                     MeshHop("proxy-app", near.client, near.server, near.bytes_c2s,

@@ -328,6 +328,31 @@ def test_two_concurrent_calls_in_one_batch_pair_by_nearest_start():
                 assert r.client.port - 41000 == r.mesh.hops[1].client.port - 42000
 
 
+def test_a_handoff_refused_by_the_server_pod_is_the_server_side_in_every_order():
+    """Nobody listens on the port the client dialled (the lab's db dead port): the server's
+    sidecar accepted on 15006 (r4) and its handoff was refused (r5), no app socket (r6) will
+    come. The two sidecar sockets are the whole server side: one server record of the
+    network's key, the sidecar's own counters and process, both hops; nothing held, marked
+    or counted as unpaired."""
+    rs = call_records()
+    r4 = rs["r4"][1].replace(bytes_s2c=0, resets=1)
+    r5 = rs["r5"][1].replace(connect="refused", bytes_c2s=0, bytes_s2c=0)
+    for order in itertools.permutations([r4, r5]):
+        for split in ([[*order]], [[order[0]], [order[1]]]):
+            f = folder()
+            out = run(f, split)
+            assert len(out) == 1, (order, split, out)
+            got = out[0]
+            assert got.observer == "server" and got.key == ("tcp", A, 41000, B, TPORT)
+            assert got.final and got.process == SIDE_B and got.resets == 1
+            assert got.nat is None and "mesh" not in got.incomplete
+            assert got.mesh is not None and [h.hop for h in got.mesh.hops] == [
+                "proxy-proxy", "proxy-app"]
+            assert got.mesh.hops[1].server == E(B, TPORT)
+            assert f.add([], T0 + timedelta(seconds=2 * HOLD)) == []
+            assert f.drops.total() == 0 and not f.calls
+
+
 def test_consul_and_linkerd_handoffs_fold_and_a_plain_local_call_is_only_delayed():
     """A handoff from 127.0.0.1 (Consul) or the pod's own address (Linkerd) might be any local
     call: it is one only in a namespace where a proxy's socket was seen. There every order of
