@@ -326,6 +326,8 @@ class NativeCore:
         if not n:
             return []
         rows, _, _ = self._rows(1, 0, n, self._tables())
+        if self.mesh.held:  # a meshed half keeps its sides through the merge
+            rows = self.mesh.held_rows(rows)
         return [connection_of(row) for row in rows.to_pylist()]
 
     def _key_ids(self, key: Key) -> np.ndarray:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from aggregator.connection import DROPS, Connection, Counters6
-from eastwest.record import Drop, Endpoint, FlowRecord, Nat, Process, Rtt, Tunnel
+from eastwest.record import Drop, Endpoint, FlowRecord, Mesh, Nat, Process, Rtt, Tunnel
 
 Key = tuple[str, str, int, str, int, int]
 NAT_PROTOCOLS = frozenset({"tcp", "udp", "sctp"})
@@ -200,9 +200,11 @@ class NodePortJoin:
 
 def records_of_half(c: Connection, a: Alias) -> list[FlowRecord]:
     """A held half connection's views as records of the real connection: what each observer
-    reported last (its cumulative counters, times, final flag), its process, the tunnel."""
+    reported last (its cumulative counters, times, final flag), its process, the tunnel, and
+    a socket observer's service-mesh side (aggregator/mesh.py)."""
     out: list[FlowRecord] = []
     tunnel = c.tunnel
+    meshes = {s.observer: Mesh(s.proxy, list(s.hops)) for s in c.mesh or ()}
     for i, v in enumerate(c.views.values()):
         obs = v.observer
         proc = c.client_proc if obs == "client" else c.server_proc if obs == "server" else None
@@ -232,7 +234,7 @@ def records_of_half(c: Connection, a: Alias) -> list[FlowRecord]:
             netns=proc.netns if proc is not None else None,
             container=proc.container if proc is not None else None,
             tunnel=tun, incomplete=["nat"] if v.incomplete else [], drops=drops,
-            nat=list(a.nat)))
+            nat=list(a.nat), mesh=meshes.get(obs) if drops is None else None))
     return out
 
 

@@ -76,8 +76,10 @@ app's (r6); hops [proxy-proxy (r4's own ends and bytes), proxy-app (r5's ends an
 proxy records (r2..r5) are not sent once folded. One server side has no r6: the sidecar's
 handoff (r5) was refused or timed out (nobody listens on the port the client dialled), so no app
 socket will ever come; r4 and r5 are then the whole server side, folded into one server record
-of the network's key with the sidecar's own counters and process (the app on the client side
-saw its connect accepted by its own sidecar, then a reset).
+of the network's key with the sidecar's process, its own connect and resets, and no bytes (no
+server app received any: the client's bytes reached its own sidecar only, so the aggregator
+flags the connection's byte mismatch, as it should). The app on the client side saw its connect
+accepted by its own sidecar, then a reset.
 
 Holding and releasing: records of a call are held until its three sockets are there. Then every
 batch that brings a new record of a member sends the folded record again (the app's cumulative
@@ -548,8 +550,9 @@ class MeshFolder:
     def _folded(self, c: _Call, *, final: bool) -> FlowRecord:
         app, near, far = c.app, c.near, c.far
         assert near is not None and far is not None
-        if app is None:  # the handoff failed: the server side is the sidecar's own socket
-            app = far
+        if app is None:  # the handoff failed: the server side is the sidecar's own socket,
+            # and no server app received a byte (the sidecar's counts hold the framing)
+            app = far.replace(bytes_c2s=0, bytes_s2c=0)
         name = c.proxy or "?"
         pid = _pid(near)
         inbound = self.inbound.get(name, frozenset())

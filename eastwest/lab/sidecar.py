@@ -17,11 +17,12 @@ Rules:
   `EWMESH/1 <app-ip> <app-port> <hop-id>\\n` first, relay; the server's sidecar answers
   `EWMESH/1 OK\\n` first, which is stripped before the application sees a byte (an answer that
   does not start with it is relayed as it is: a server without a sidecar).
-- Inbound: a connection that opens with `EWMESH/1 ` has its framing line read and stripped
-  (waiting at most HEADER_WAIT for it); one that does not (a caller without a sidecar) is
-  relayed as it is. Connect to the original destination (the pod's own address and port) from
-  INBOUND_SOURCE (127.0.0.6, bound first, as Istio does), answer `EWMESH/1 OK\\n` to a framed
-  caller, relay.
+- Inbound: connect to the original destination (the pod's own address and port) from
+  INBOUND_SOURCE (127.0.0.6, bound first, as Istio does); a connection that opens with
+  `EWMESH/1 ` has its framing line read and stripped (waiting at most HEADER_WAIT for it) and is
+  answered `EWMESH/1 OK\\n`; one that does not (a caller without a sidecar) is relayed as it is.
+- Each listener starts the upstream connect of a connection (non-blocking) before it accepts the
+  next, as Envoy's worker does in its accept callback: upstream connects come in accept order.
 - Every upstream socket is bound first to a port of SIDECAR_PORTS (20000-32767, below the
   kernel's ephemeral range the app draws from) not used within 120 s (app.FreshPorts: a reused
   5-tuple could meet the old connection's lingering conntrack entry, and NAT would move the new
@@ -35,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import os
 import select
@@ -126,20 +128,50 @@ class Sidecar:
         return out
 
     def accept_loop(self, lsock: socket.socket, direction: str) -> None:
+        """Accept, and start the upstream connect before the next accept (Envoy's worker does
+        the same in its accept callback): a listener's upstream connects are in the order of
+        its accepts, which the collector's mesh fold pairs them by (docs/collector.md)."""
         while True:
             conn, _ = lsock.accept()
-            threading.Thread(target=self.handle, args=(conn, direction), daemon=True).start()
+            started = self.begin(conn, direction)
+            threading.Thread(target=self.handle, args=(conn, direction, started),
+                             daemon=True).start()
 
-    # -- one connection -------------------------------------------------------------------
-    def handle(self, down: socket.socket, direction: str) -> None:
+    def begin(self, down: socket.socket, direction: str
+              ) -> tuple[dict[str, Any], socket.socket | None, tuple[str, int] | None,
+                         BaseException | None]:
+        """The hop's start: the downstream's ends, its original destination, the upstream
+        socket with its connect started (non-blocking); an error is kept for `handle`."""
         hop: dict[str, Any] = {"pod": self.pod, "direction": direction, "start": now_iso()}
-        counts = {"downstream_bytes_in": 0, "downstream_bytes_out": 0,
-                  "upstream_bytes_in": 0, "upstream_bytes_out": 0}
         up: socket.socket | None = None
         try:
             hop["downstream"] = _ends(down)
             dst = original_dst(down)
             hop["original_dst"] = {"ip": dst[0], "port": dst[1]}
+            # from the pod's address (outbound) or 127.0.0.6 (inbound), on a fresh port
+            up = self.ports.open(socket.AF_INET, INBOUND_SOURCE if direction == "inbound"
+                                   else hop["downstream"]["client_ip"])
+            up.setblocking(False)
+            rc = up.connect_ex(dst)  # EINPROGRESS, or at once: 0 or the error
+            if rc not in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                return hop, up, dst, _connect_error(rc)
+            return hop, up, dst, None
+        except (OSError, ValueError) as exc:
+            if up is not None:
+                up.close()
+            return hop, None, None, exc
+
+    # -- one connection -------------------------------------------------------------------
+    def handle(self, down: socket.socket, direction: str,
+               started: tuple[dict[str, Any], socket.socket | None, tuple[str, int] | None,
+                              BaseException | None]) -> None:
+        hop, up, dst, failed = started
+        counts = {"downstream_bytes_in": 0, "downstream_bytes_out": 0,
+                  "upstream_bytes_in": 0, "upstream_bytes_out": 0}
+        try:
+            if failed is not None and up is None:
+                raise failed
+            assert up is not None and dst is not None
             if direction == "outbound":
                 hop["id"] = self.next_id()
                 app = (hop["downstream"]["client_ip"], hop["downstream"]["client_port"])
@@ -158,12 +190,10 @@ class Sidecar:
                     hop["app_client"] = {"ip": hop["downstream"]["client_ip"],
                                          "port": hop["downstream"]["client_port"]}
                 hop["framing_c2s"], hop["framing_s2c"] = len(framing), 0
-            # from the pod's address (outbound) or 127.0.0.6 (inbound), on a fresh port
-            up = self.ports.open(socket.AF_INET, INBOUND_SOURCE if direction == "inbound"
-                                   else hop["downstream"]["client_ip"])
-            up.settimeout(CONNECT_TIMEOUT)
             try:
-                up.connect(dst)
+                if failed is not None:  # the connect failed at once
+                    raise failed
+                _connected(up)
             except ConnectionRefusedError:
                 hop["outcome"] = "refused"
                 abort(down)
@@ -263,6 +293,23 @@ class Sidecar:
                     except OSError:
                         pass
         return "ok"
+
+
+def _connected(up: socket.socket) -> None:
+    """Wait for a connect started non-blocking; raise what it failed with."""
+    _, writable, _ = select.select([], [up], [], CONNECT_TIMEOUT)
+    if not writable:
+        raise TimeoutError(f"connect timed out after {CONNECT_TIMEOUT} s")
+    err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise _connect_error(err)
+    up.setblocking(True)
+
+
+def _connect_error(err: int) -> OSError:
+    if err == errno.ECONNREFUSED:
+        return ConnectionRefusedError(err, os.strerror(err))
+    return OSError(err, os.strerror(err))
 
 
 def drop_privileges(uid: int) -> None:

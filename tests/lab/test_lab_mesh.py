@@ -32,6 +32,7 @@ import eastwest
 from eastwest.lab import mesh, sidecar
 from eastwest.lab.sidecar import INBOUND_PORT, INBOUND_SOURCE, OK_LINE, OUTBOUND_PORT, PROXY_UID
 from tests.conftest import require_root
+from tests.lab.harness import Aggregator, collectors, served_edges, truth_edges, window_of
 
 pytestmark = pytest.mark.lab
 
@@ -304,3 +305,82 @@ def test_a_caller_without_a_sidecar_is_relayed_plainly_with_its_half_close(tmp_p
 
 def pods_service(lab, name: str) -> str:
     return next(p["service"] for p in lab.inventory["pods"] if p["name"] == name)
+
+
+# -- the collectors and the aggregator on the mesh lab (issue 20, "Done means") -----------------
+@pytest.mark.bpf
+def test_the_graph_of_a_mesh_run_is_the_apps_truth_each_call_one_folded_connection(mesh_run,
+                                                                                   tmp_path):
+    """One collector per host (socket probes, VXLAN capture, NAT folding, mesh folding: wired
+    as collector/main.py wires them) and a real aggregator, over a second run of the same lab:
+    - the graph equals the truth's app-level edges (connections, exact app bytes, failures),
+      with no sidecar, `external:` or unknown node, and no byte mismatch (the wire's framing
+      is not one) but on the calls whose request reached only the client's sidecar (db's dead
+      port: the server pod refused the handoff);
+    - every TCP call of the truth is ONE connection keyed by its proxy-to-proxy hop, observed by
+      its client and its server (and the wire across hosts), its bytes the app's, its `mesh`
+      the four hops (two per side) and the wire's bytes (the app's plus the framing);
+    - `show_proxies` draws each meshed workload's sidecar as a node of its own."""
+    lab = mesh_run.lab
+    hosts = [h["name"] for h in lab.inventory["hosts"]]
+    with Aggregator(tmp_path / "data", lab.inventory["workload_map"]) as agg:
+        with collectors(lab, agg.url, tmp_path / "spool", hosts, nat=True, mesh=True) as cs:
+            truth = lab.traffic(4.0, tmp_path / "truth.jsonl", seed=12)
+            for c in cs:
+                c.stop()
+        w = window_of(truth)
+        graph = agg.get("/api/v1/graph", **w)
+        proxies = agg.get("/api/v1/graph", show_proxies="true", **w)
+        got = agg.get("/api/v1/flows", limit="10000", since=w["from"], until=w["to"],
+                      protocol=w["protocol"])
+    assert got["next_cursor"] is None
+    assert not [n["id"] for n in graph["nodes"]
+                if n["id"].startswith(("external:", "unknown")) or n.get("kind") == "proxy"]
+    # a byte mismatch only where the server pod refused the sidecar's handoff (db's dead port):
+    # the client app's request reached its own sidecar, no server app
+    wid = {p["ip"]: f"{p['namespace']}/{p['service']}" for p in lab.inventory["pods"]}
+    lost = Counter((wid[t["client_ip"]], wid[t["server_ip"]]) for t in truth
+                   if t["server_port"] == lab.inventory["dead_port"] and t["bytes_c2s"])
+    assert lost and {(e["source"], e["target"]): e["byte_mismatches"] for e in graph["edges"]
+                     if e["byte_mismatches"]} == dict(lost)
+    meshed = [e for e in graph["edges"] if e["mesh"]]
+    assert meshed and all(e["mesh"]["proxy"] == "ew-sidecar" for e in meshed)
+
+    by_key: dict[tuple, list[dict]] = {}
+    for f in got["flows"]:
+        by_key.setdefault((f["protocol"], f["client"]["ip"], f["client"]["port"],
+                           f["server"]["ip"], f["server"]["port"]), []).append(f)
+    pods = {p["name"]: p for p in lab.inventory["pods"]}
+    tcp = [t for t in truth if t["protocol"] == "tcp"]
+    for t in tcp:
+        m = t["mesh"]
+        flows = by_key.get(("tcp", m["client_ip"], m["client_port"], m["server_ip"],
+                            m["server_port"]), [])
+        assert len(flows) == 1, (t, flows)
+        f = flows[0]
+        assert (f["bytes_c2s"], f["bytes_s2c"]) == (t["bytes_c2s"], t["bytes_s2c"]), (t, f)
+        cross = pods[t["client_pod"]]["host"] != pods[t["server_pod"]]["host"]
+        want = {"client", "server", "path"} if cross else {"client", "server"}
+        assert want <= set(f["observed_by"]), (t, f)
+        assert f["mesh"] is not None and f["mesh"]["proxy"] == "ew-sidecar", f
+        assert [(h["hop"], h["observer"]) for h in f["mesh"]["hops"]] == [
+            ("app-proxy", "client"), ("proxy-proxy", "client"), ("proxy-proxy", "server"),
+            ("proxy-app", "server")], f
+        app_hop = f["mesh"]["hops"][0]
+        assert (app_hop["client"]["ip"], app_hop["client"]["port"]) == (t["client_ip"],
+                                                                        t["client_port"])
+        if cross and t["outcome"] == "ok":
+            assert (f["mesh"]["wire_bytes_c2s"], f["mesh"]["wire_bytes_s2c"]) == (
+                m["wire_bytes_c2s"], m["wire_bytes_s2c"]), (t, f)
+    udp = [t for t in truth if t["protocol"] == "udp"]
+    for t in udp:  # UDP is not meshed: each exchange one plain connection, the app's bytes
+        flows = by_key.get(("udp", t["client_ip"], t["client_port"], t["server_ip"],
+                            t["server_port"]), [])
+        assert [(f["bytes_c2s"], f["bytes_s2c"]) for f in flows] == [
+            (t["bytes_c2s"], t["bytes_s2c"])], (t, flows)
+    assert served_edges(graph) == truth_edges(lab, truth)
+    assert udp and not [f for f in got["flows"] if f["protocol"] == "udp" and f["mesh"]]
+
+    sidecars = {n["id"] for n in proxies["nodes"] if n.get("kind") == "proxy"}
+    assert sidecars and all(s.endswith("~ew-sidecar") for s in sidecars)
+    assert {e["source"] for e in meshed} <= {s.removesuffix("~ew-sidecar") for s in sidecars}

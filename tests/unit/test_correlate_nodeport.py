@@ -267,3 +267,35 @@ def test_a_merge_rolled_back_leaves_the_halves_held_as_they_were() -> None:
         pair.batch(pieces("middle"))
         [conn] = conns_of(pair.ref)
         assert set(conn.views) == {"client", "server", "path:h2"}
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["", "restart"])
+@pytest.mark.parametrize("order", ORDERS, ids=">".join)
+def test_meshed_halves_keep_their_mesh_through_the_merge_in_every_order(order, restart) -> None:
+    """A NodePort call between two meshed pods (collector/mesh.py folded each side): the
+    client's half carries its sidecar hops, the server's half its own; whichever half is
+    merged into the real connection brings its side's hops, in both correlators."""
+    from eastwest.record import Mesh, MeshHop
+
+    hops = {
+        "client": Mesh("ew-sidecar", [
+            MeshHop("app-proxy", Endpoint(CLIENT.ip, 45000), Endpoint("127.0.0.1", 15001), 960,
+                    5000, "ew-sidecar", 31),
+            MeshHop("proxy-proxy", CLIENT, NODE, 1000, 5012, "ew-sidecar", 31)]),
+        "server": Mesh("ew-sidecar", [
+            MeshHop("proxy-proxy", SEEN, Endpoint(BACKEND.ip, 15006), 1000, 5012, "ew-sidecar", 33),
+            MeshHop("proxy-app", Endpoint("127.0.0.6", 20001), BACKEND, 960, 5000, "ew-sidecar",
+                    33)]),
+    }
+    run = Run()
+    with run.pair:
+        for which in order:
+            for r in pieces(which):
+                run.batch([r.replace(mesh=hops.get(which))])
+            if restart:
+                run.restart()
+        row = check(run)
+        [conn] = conns_of(run.pair.ref)
+    assert [(s.observer, [h.hop for h in s.hops]) for s in conn.mesh or ()] == [
+        ("client", ["app-proxy", "proxy-proxy"]), ("server", ["proxy-proxy", "proxy-app"])]
+    assert row["mesh"] is not None and not row["byte_mismatch"]

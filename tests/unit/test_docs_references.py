@@ -75,7 +75,10 @@ OTHER_PROGRAMS = {"--from-literal": "kubectl", "--patch-file": "kubectl", "--now
                   "--dst-type": "iptables (-m addrtype --dst-type LOCAL)",
                   "--network": "podman build (--network none)",
                   "--physdev-in": "iptables (-m physdev, docs/policy.md)",
-                  "--physdev-out": "iptables (-m physdev, docs/policy.md)"}
+                  "--physdev-out": "iptables (-m physdev, docs/policy.md)",
+                  "--to-ports": "iptables (REDIRECT --to-ports, the mesh lab's rules)",
+                  "--dport": "iptables (-p tcp --dport, the mesh lab's rules)",
+                  "--uid-owner": "iptables (-m owner --uid-owner, the mesh lab's rules)"}
 
 
 def test_every_flag_the_docs_name_is_a_flag_of_eastwest():

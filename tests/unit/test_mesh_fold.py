@@ -332,8 +332,8 @@ def test_a_handoff_refused_by_the_server_pod_is_the_server_side_in_every_order()
     """Nobody listens on the port the client dialled (the lab's db dead port): the server's
     sidecar accepted on 15006 (r4) and its handoff was refused (r5), no app socket (r6) will
     come. The two sidecar sockets are the whole server side: one server record of the
-    network's key, the sidecar's own counters and process, both hops; nothing held, marked
-    or counted as unpaired."""
+    network's key, the sidecar's process and resets, no bytes, both hops; nothing held,
+    marked or counted as unpaired."""
     rs = call_records()
     r4 = rs["r4"][1].replace(bytes_s2c=0, resets=1)
     r5 = rs["r5"][1].replace(connect="refused", bytes_c2s=0, bytes_s2c=0)
@@ -345,6 +345,7 @@ def test_a_handoff_refused_by_the_server_pod_is_the_server_side_in_every_order()
             got = out[0]
             assert got.observer == "server" and got.key == ("tcp", A, 41000, B, TPORT)
             assert got.final and got.process == SIDE_B and got.resets == 1
+            assert (got.bytes_c2s, got.bytes_s2c) == (0, 0)  # no server app received any
             assert got.nat is None and "mesh" not in got.incomplete
             assert got.mesh is not None and [h.hop for h in got.mesh.hops] == [
                 "proxy-proxy", "proxy-app"]
