@@ -35,6 +35,7 @@ EPILOG = """\
 examples:
   sudo eastwest demo                      lab of 3 hosts + aggregator + 3 collectors, until Ctrl-C
   sudo eastwest demo --services           with Kubernetes-style Services (ClusterIPs, a NodePort)
+  sudo eastwest demo --services --mesh    ... and a service-mesh sidecar in every pod
   sudo eastwest demo --no-lab             aggregator + a collector for this host (= make run)
   sudo eastwest demo --duration 60        stop by itself after a minute
 
@@ -63,6 +64,12 @@ def register(sub: Any) -> None:
                    "NodePort call's halves are joined once the middle host's record arrives, so "
                    "the live map shows them as extra nodes (node-h2, external:<address>) "
                    "meanwhile (docs/lab.md); needs IPv4 and 3 or more hosts"),
+    p.add_argument("--mesh", action="store_true",
+                   help="a service-mesh sidecar (ew-sidecar, a transparent proxy behind Istio's "
+                   "iptables) in every pod: each call is four sockets, which the collectors fold "
+                   "into one app -> app connection with its hops (docs/lab.md \"mesh\", "
+                   "docs/collector.md \"Service mesh\"); the dashboard's \"sidecars\" switch "
+                   "shows the proxies; IPv4")
     p.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
                    help="the lab's pod addresses (default ipv4; see `eastwest lab up --help`)")
     p.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT",
@@ -197,6 +204,11 @@ def _services(args: argparse.Namespace) -> bool:
     return bool(args.services)
 
 
+def _patterns(args: argparse.Namespace) -> list[str]:
+    """The lab's network patterns the flags ask for (`Lab.up` refuses what cannot be built)."""
+    return ["mesh"] if args.mesh else []
+
+
 def _run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("eastwest demo: needs root (eBPF probes, network namespaces): use sudo",
@@ -220,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
             pods = args.pods_per_host if args.pods_per_host is not None else 3 if services else 2
             lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=pods,
                          ip_family=args.ip_family, services=services,
+                         patterns=_patterns(args),
                          progress=lambda m: print(f"eastwest demo: {m}", file=sys.stderr))
             # the lab's inventory, as a user with one would hand it over: pods by name
             stack.start_aggregator(extra=["--workload-map", str(lab.inventory["workload_map"])])

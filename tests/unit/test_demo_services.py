@@ -20,3 +20,11 @@ from eastwest.cli.demo import _services
 def test_services_only_when_asked(argv, want):
     args = build_parser().parse_args(["demo", *argv])
     assert _services(args) is want
+
+
+@pytest.mark.parametrize(("argv", "want"), [([], []), (["--mesh"], ["mesh"]),
+                                            (["--services", "--mesh"], ["mesh"])])
+def test_the_mesh_pattern_only_when_asked(argv, want):
+    from eastwest.cli.demo import _patterns
+
+    assert _patterns(build_parser().parse_args(["demo", *argv])) == want
