@@ -15,9 +15,8 @@ bytes. A plain call on another edge shows no mesh.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import itertools
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
@@ -25,7 +24,15 @@ from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.record import Endpoint, Mesh, MeshHop
 from tests.unit.test_correlate import rec
-from tests.web.conftest import INGEST, READ, click_edge, open_dashboard, panel_numbers, shot, wait_render
+from tests.web.conftest import (
+    INGEST,
+    READ,
+    click_edge,
+    open_dashboard,
+    panel_numbers,
+    shot,
+    wait_render,
+)
 from tests.web.test_dashboard_states import agg, conn  # noqa: F401 - the fixture
 
 FRONTEND, FRONTEND_PROXY = Endpoint("10.244.1.11", 41500), Endpoint("10.244.1.11", 52000)
@@ -37,11 +44,11 @@ APP_C2S, APP_S2C = 1000, 5000
 _seqs = itertools.count(1)
 
 
-def send_all(agg, records: list) -> None:
+def send_all(server, records: list) -> None:
     """Each collector's records as its own batch (a batch is one collector's)."""
     for coll in sorted({r.collector for r in records}):
         batch = Batch(coll, next(_seqs), datetime.now(UTC), [r for r in records if r.collector == coll])
-        r = httpx.post(agg.url + "/api/v1/ingest", content=codec.encode_batch(batch),
+        r = httpx.post(server.url + "/api/v1/ingest", content=codec.encode_batch(batch),
                        headers={"Authorization": f"Bearer {INGEST}",
                                 "content-type": codec.CONTENT_TYPE}, timeout=30)
         assert r.status_code == 200 and not r.json()["rejected"], r.text
