@@ -297,6 +297,7 @@ def test_each_role_stops_on_sigterm_as_pid_1_well_inside_the_grace_period(image,
         subprocess.run(["podman", "rm", "--force", name], capture_output=True)
 
 
+@pytest.mark.heavy  # ~15 s of a second build: the suite's budget (make test-heavy runs it)
 def test_a_second_build_reuses_everything_and_saves_an_archive_of_the_image(image, tmp_path):
     """Nothing changed: the base, the wheels and every layer are reused (same image id), in
     seconds. --save writes an OCI archive that names the image with its full reference (what
