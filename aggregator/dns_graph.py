@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from aggregator.dns_names import DNS_PORT, LOOKBACK, DnsFacts, Named, edge_dns
-from aggregator.graph_edges import GraphData, JsonEdge, columns_of_rows
+from aggregator.graph_edges import GraphData, JsonEdge, columns_of_rows, counts_of_rows
 from aggregator.store.base import ReadStore
 from aggregator.store.query import ConnectionQuery, EdgeQuery, RecordQuery
 from eastwest.dns_filter import DnsEdgeFilter
@@ -148,41 +148,8 @@ def _edge_of_rows(src: str, dst: str, conns: Sequence[tuple[dict[str, Any], Name
                   q: EdgeQuery) -> JsonEdge:
     """An edge counted from its connections, by the rules of the store's edge query
     (aggregator/store/duckdb_edges.py WINDOW_COUNTS), its volumes their totals."""
-    rows = [r for r, _ in conns]
-    since, until = q.since, q.until
-    rtts = [r for r in rows if r["rtt_avg_us"] is not None]
-    observed: dict[str, int] = {}
-    for r in rows:
-        observed[r["observed_by"]] = observed.get(r["observed_by"], 0) + 1
-
-    def total(k: str) -> int:
-        return sum(int(r[k] or 0) for r in rows)
-
-    count = {
-        "src": src, "dst": dst, "src_name": None, "src_namespace": None, "src_kind": None,
-        "dst_name": dst, "dst_namespace": None, "dst_kind": "DNS",
-        "opened": sum(1 for r in rows if r["start_ts"] >= since),
-        "active": sum(1 for r in rows if not r["closed"] or r["closed_ts"] >= until),
-        "closed": sum(1 for r in rows if r["closed"] and since <= r["closed_ts"] < until),
-        "failed": sum(1 for r in rows if r["start_ts"] >= since
-                      and r["outcome"] in ("refused", "timeout", "dropped")),
-        "reset": sum(1 for r in rows if r["start_ts"] >= since and r["outcome"] == "reset"),
-        "byte_mismatches": sum(1 for r in rows if r["byte_mismatch"]),
-        "incomplete": sum(1 for r in rows if r["incomplete"]),
-        "conn_bytes_c2s": total("bytes_c2s"), "conn_bytes_s2c": total("bytes_s2c"),
-        "conn_retransmits": total("retransmits"),
-        "conn_packets_c2s": total("packets_c2s"), "conn_packets_s2c": total("packets_s2c"),
-        "packets_n_c2s": sum(1 for r in rows if r["packets_c2s"] is not None),
-        "packets_n_s2c": sum(1 for r in rows if r["packets_s2c"] is not None),
-        "rtt_min": min((r["rtt_min_us"] for r in rtts), default=None),
-        "rtt_avg": sum(r["rtt_avg_us"] for r in rtts) / len(rtts) if rtts else None,
-        "rtt_max": max((r["rtt_max_us"] for r in rtts), default=None),
-        "ports": sorted({r["server_port"] for r in rows}),
-        "protocols": sorted({r["protocol"] for r in rows}),
-        "observed_by": observed,
-        "first_seen": min(r["start_ts"] for r in rows),
-        "last_seen": max(r["last_seen"] for r in rows),
-    }
+    count = counts_of_rows(src, dst, [r for r, _ in conns], q.since, q.until, dst_name=dst,
+                           dst_kind="DNS")
     cols = columns_of_rows([count], None)
     edge = _dec.decode(cols["json"][0])
     edge["dns_named"] = _named_counts(n for _, n in conns)

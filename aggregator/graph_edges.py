@@ -104,6 +104,52 @@ def add_drops(edges: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     return {"packets": sum(d["packets"] for d in got), "reasons": dict(sorted(reasons.items()))}
 
 
+# -- an edge counted in Python from its connection rows (DNS-named edges, mesh hops) ----------
+def counts_of_rows(src: str, dst: str, rows: list[dict[str, Any]], since: datetime,
+                   until: datetime, *, volumes: list[tuple[int, int]] | None = None,
+                   ports: Iterable[int] | None = None, dst_name: str | None = None,
+                   dst_kind: str | None = None) -> dict[str, Any]:
+    """An `edge_counts` row from its connections' rows, by the rules of the store's edge query
+    (aggregator/store/duckdb_edges.py WINDOW_COUNTS), for `columns_of_rows`. `volumes`: each
+    connection's (bytes c2s, bytes s2c) when not its own bytes (a mesh hop's); `ports`: the
+    edge's server ports when not the connections' own."""
+    rtts = [r for r in rows if r["rtt_avg_us"] is not None]
+    observed: dict[str, int] = {}
+    for r in rows:
+        observed[r["observed_by"]] = observed.get(r["observed_by"], 0) + 1
+    if volumes is None:
+        volumes = [(int(r["bytes_c2s"] or 0), int(r["bytes_s2c"] or 0)) for r in rows]
+
+    def total(k: str) -> int:
+        return sum(int(r[k] or 0) for r in rows)
+
+    return {
+        "src": src, "dst": dst, "src_name": None, "src_namespace": None, "src_kind": None,
+        "dst_name": dst_name, "dst_namespace": None, "dst_kind": dst_kind,
+        "opened": sum(1 for r in rows if r["start_ts"] >= since),
+        "active": sum(1 for r in rows if not r["closed"] or r["closed_ts"] >= until),
+        "closed": sum(1 for r in rows if r["closed"] and since <= r["closed_ts"] < until),
+        "failed": sum(1 for r in rows if r["start_ts"] >= since
+                      and r["outcome"] in ("refused", "timeout", "dropped")),
+        "reset": sum(1 for r in rows if r["start_ts"] >= since and r["outcome"] == "reset"),
+        "byte_mismatches": sum(1 for r in rows if r["byte_mismatch"]),
+        "incomplete": sum(1 for r in rows if r["incomplete"]),
+        "conn_bytes_c2s": sum(x for x, _ in volumes), "conn_bytes_s2c": sum(y for _, y in volumes),
+        "conn_retransmits": total("retransmits"),
+        "conn_packets_c2s": total("packets_c2s"), "conn_packets_s2c": total("packets_s2c"),
+        "packets_n_c2s": sum(1 for r in rows if r["packets_c2s"] is not None),
+        "packets_n_s2c": sum(1 for r in rows if r["packets_s2c"] is not None),
+        "rtt_min": min((r["rtt_min_us"] for r in rtts), default=None),
+        "rtt_avg": sum(r["rtt_avg_us"] for r in rtts) / len(rtts) if rtts else None,
+        "rtt_max": max((r["rtt_max_us"] for r in rtts), default=None),
+        "ports": sorted(set(ports) if ports is not None else {r["server_port"] for r in rows}),
+        "protocols": sorted({r["protocol"] for r in rows}),
+        "observed_by": observed,
+        "first_seen": min(r["start_ts"] for r in rows),
+        "last_seen": max(r["last_seen"] for r in rows),
+    }
+
+
 # -- a backend that aggregates counts and volumes apart: its rows -> the same columns ----------
 def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] | None,
                     ) -> dict[str, list[Any]]:

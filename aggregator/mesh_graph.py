@@ -31,7 +31,7 @@ import msgspec
 
 from aggregator import mesh
 from aggregator.dns_graph import _merge, _minus
-from aggregator.graph_edges import GraphData, JsonEdge, columns_of_rows
+from aggregator.graph_edges import GraphData, JsonEdge, columns_of_rows, counts_of_rows
 from aggregator.store.base import ReadStore
 from aggregator.store.query import ConnectionQuery, EdgeQuery
 
@@ -184,46 +184,14 @@ def _counted(src: str, dst: str, conns: list[tuple[dict[str, Any], tuple[Any, ..
     (aggregator/store/duckdb_edges.py WINDOW_COUNTS), its volumes their totals: on `hop`, the
     hop's bytes; None: the connections' own."""
     rows = [r for r, _ in conns]
-    since, until = q.since, q.until
-    rtts = [r for r in rows if r["rtt_avg_us"] is not None]
-    observed: dict[str, int] = {}
-    for r in rows:
-        observed[r["observed_by"]] = observed.get(r["observed_by"], 0) + 1
     if hop is None:
-        b = [(int(r["bytes_c2s"] or 0), int(r["bytes_s2c"] or 0)) for r in rows]
-    else:
-        b = [_hop_bytes(sides, hop, r) for r, sides in conns]
-
-    def total(k: str) -> int:
-        return sum(int(r[k] or 0) for r in rows)
-
-    count = {
-        "src": src, "dst": dst, "src_name": None, "src_namespace": None, "src_kind": None,
-        "dst_name": None, "dst_namespace": None, "dst_kind": None,
-        "opened": sum(1 for r in rows if r["start_ts"] >= since),
-        "active": sum(1 for r in rows if not r["closed"] or r["closed_ts"] >= until),
-        "closed": sum(1 for r in rows if r["closed"] and since <= r["closed_ts"] < until),
-        "failed": sum(1 for r in rows if r["start_ts"] >= since
-                      and r["outcome"] in ("refused", "timeout", "dropped")),
-        "reset": sum(1 for r in rows if r["start_ts"] >= since and r["outcome"] == "reset"),
-        "byte_mismatches": sum(1 for r in rows if r["byte_mismatch"]),
-        "incomplete": sum(1 for r in rows if r["incomplete"]),
-        "conn_bytes_c2s": sum(x for x, _ in b), "conn_bytes_s2c": sum(y for _, y in b),
-        "conn_retransmits": total("retransmits"),
-        "conn_packets_c2s": total("packets_c2s"), "conn_packets_s2c": total("packets_s2c"),
-        "packets_n_c2s": sum(1 for r in rows if r["packets_c2s"] is not None),
-        "packets_n_s2c": sum(1 for r in rows if r["packets_s2c"] is not None),
-        "rtt_min": min((r["rtt_min_us"] for r in rtts), default=None),
-        "rtt_avg": sum(r["rtt_avg_us"] for r in rtts) / len(rtts) if rtts else None,
-        "rtt_max": max((r["rtt_max_us"] for r in rtts), default=None),
-        # a hop's server ports (the sidecar's outbound port for app-proxy: 15001 in Istio)
-        "ports": sorted({r["server_port"] if hop is None or (h := _hop_of(sides, hop)) is None
-                         else h.server.port for r, sides in conns}),
-        "protocols": sorted({r["protocol"] for r in rows}),
-        "observed_by": observed,
-        "first_seen": min(r["start_ts"] for r in rows),
-        "last_seen": max(r["last_seen"] for r in rows),
-    }
+        count = counts_of_rows(src, dst, rows, q.since, q.until)
+    else:  # a hop's bytes and server ports (the sidecar's outbound port for app-proxy: 15001)
+        count = counts_of_rows(
+            src, dst, rows, q.since, q.until,
+            volumes=[_hop_bytes(sides, hop, r) for r, sides in conns],
+            ports=[r["server_port"] if (h := _hop_of(sides, hop)) is None else h.server.port
+                   for r, sides in conns])
     cols = columns_of_rows([count], None)
     return (src, dst, cols["json"][0], (cols["w_bytes"][0], cols["w_opened"][0]),
             cols["first_us"][0], cols["last_us"][0])
