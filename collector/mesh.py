@@ -177,6 +177,16 @@ class _Call:
                 and self.far is not None and self.near.connect in FAILED_CONNECTS)
 
 
+def _set_slot(c: _Call, role: Role, r: FlowRecord) -> None:
+    """`r` in the slot of `c` its role names (the reverse of `MeshFolder._slot`)."""
+    if role.startswith("app"):
+        c.app = r
+    elif role.startswith("near"):
+        c.near = r
+    else:
+        c.far = r
+
+
 def _loopback_ip(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
@@ -363,12 +373,7 @@ class MeshFolder:
 
     def _attach(self, c: _Call, r: FlowRecord, role: Role, name: str | None, sk: SockKey,
                 now: datetime, touched: list[_Call]) -> None:
-        if role.startswith("app"):
-            c.app = r
-        elif role.startswith("near"):
-            c.near = r
-        else:
-            c.far = r
+        _set_slot(c, role, r)
         if name is not None and c.proxy is None:
             c.proxy = name
         if role == "app_in" or role == "near_in":
@@ -389,12 +394,7 @@ class MeshFolder:
                 self.late += 1
             self._forget_sock(c, r)
             return
-        if role.startswith("app"):
-            c.app = r
-        elif role.startswith("near"):
-            c.near = r
-        else:
-            c.far = r
+        _set_slot(c, role, r)
         if c.state == ALONE:
             out.append(r if c.speculative else self._marked(r))
             c.deadline = now + self.idle
