@@ -138,6 +138,16 @@ def open_fresh(backend: str, tmp_path, name: str) -> Any:
     return open_store(backend, store_location(backend, tmp_path / name))
 
 
+def clean_run(backend: str, streams: Any, tmp_path) -> dict[str, Any]:
+    """What a fresh store holds after the streams fed one share at a time (`stored`)."""
+    clean = open_fresh(backend, tmp_path, "clean")
+    try:
+        Replica(clean).feed(streams, 1)
+        return stored(clean)
+    finally:
+        clean.close()
+
+
 def test_the_stored_tables_do_not_depend_on_how_the_shares_were_grouped(backend, tmp_path):
     streams = partition_streams()
     shares = sum(len(s) for s in streams.values())
@@ -169,12 +179,7 @@ def test_a_group_interrupted_half_way_and_redone_grouped_otherwise_stores_it_onc
     shares come again and are applied one at a time, then the rest: the store holds exactly
     what a clean run holds."""
     streams = partition_streams()
-    clean = open_fresh("clickhouse", tmp_path, "clean")
-    try:
-        Replica(clean).feed(streams, 1)
-        want = stored(clean)
-    finally:
-        clean.close()
+    want = clean_run("clickhouse", streams, tmp_path)
     store = open_fresh("clickhouse", tmp_path, "crash")
     try:
         r = Replica(store)
@@ -214,12 +219,7 @@ def test_a_redelivered_share_is_a_duplicate_inside_a_group_and_nothing_is_writte
         outs = r.intake.accept_group(s[4:] + streams[1])
         want_batches = sum(len(x) for x in streams.values())
         assert store.batches() == want_batches
-        clean = open_fresh("duckdb", tmp_path, "clean")
-        try:
-            Replica(clean).feed(streams, 1)
-            assert stored(store) == stored(clean)
-        finally:
-            clean.close()
+        assert stored(store) == clean_run("duckdb", streams, tmp_path)
     finally:
         store.close()
 
@@ -236,12 +236,7 @@ def test_a_group_is_not_written_once_the_partition_is_not_held(tmp_path):
         outs = r.intake.accept_group(streams[0], still_owned=lambda: True)
         assert all(isinstance(o, Outcome) and not o.result.duplicate for o in outs)
         r.intake.accept_group(streams[1])
-        clean = open_fresh("duckdb", tmp_path, "clean")
-        try:
-            Replica(clean).feed(streams, 1)
-            assert stored(store) == stored(clean)
-        finally:
-            clean.close()
+        assert stored(store) == clean_run("duckdb", streams, tmp_path)
     finally:
         store.close()
 
