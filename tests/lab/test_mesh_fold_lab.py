@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,7 @@ from collector.mesh_proxies import DEFAULT_PROXIES, MeshSettings
 from collector.natfold import NatFolder, NatFoldingSink
 from collector.pipeline import Sink, run_pipeline
 from eastwest.record import Endpoint, FlowRecord
-from tests.conftest import require_root
-from tests.lab.test_socket_probes_support import Collected, netns_inode, sh
+from tests.lab.test_socket_probes_support import Collected, namespace_pair, netns_inode
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 A_NS, B_NS = "ewmf-a", "ewmf-b"
@@ -32,37 +31,14 @@ WORKLOAD = Path(__file__).with_name("mesh_workload.py")
 CALLS, SEND, REPLY = 3, 1000, 2000
 
 
-@contextmanager
-def mesh_pods() -> Iterator[None]:
+def mesh_pods() -> AbstractContextManager[tuple[str, str]]:
     """Two pods joined by a veth, each with its sidecar's REDIRECT rules; removed on exit."""
-    require_root()
-    for ns in (A_NS, B_NS):
-        sh("ip", "netns", "del", ns, check=False)
-    try:
-        steps = [
-            ("ip", "netns", "add", A_NS), ("ip", "netns", "add", B_NS),
-            ("ip", "link", "add", "ewmf-a0", "netns", A_NS, "type", "veth", "peer", "name",
-             "ewmf-b0", "netns", B_NS),
-            ("ip", "-n", A_NS, "addr", "add", f"{A_IP}/24", "dev", "ewmf-a0"),
-            ("ip", "-n", B_NS, "addr", "add", f"{B_IP}/24", "dev", "ewmf-b0"),
-            ("ip", "-n", A_NS, "link", "set", "lo", "up"),
-            ("ip", "-n", B_NS, "link", "set", "lo", "up"),
-            ("ip", "-n", A_NS, "link", "set", "ewmf-a0", "up"),
-            ("ip", "-n", B_NS, "link", "set", "ewmf-b0", "up"),
-            ("ip", "netns", "exec", A_NS, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
-             "-d", B_IP, "-m", "mark", "!", "--mark", "0x539", "-j", "REDIRECT", "--to-ports",
-             "15001"),
-            ("ip", "netns", "exec", B_NS, "iptables", "-t", "nat", "-A", "PREROUTING", "-p",
-             "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006"),
-        ]
-        for step in steps:
-            r = sh(*step, check=False)
-            if r.returncode != 0:
-                pytest.fail(f"cannot build the mesh pods: {' '.join(step)}: {r.stderr}")
-        yield
-    finally:
-        for ns in (A_NS, B_NS):
-            sh("ip", "netns", "del", ns, check=False)
+    return namespace_pair((A_NS, B_NS), (A_IP, B_IP), ("ewmf-a0", "ewmf-b0"), then=[
+        ("ip", "netns", "exec", A_NS, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
+         "-d", B_IP, "-m", "mark", "!", "--mark", "0x539", "-j", "REDIRECT", "--to-ports",
+         "15001"),
+        ("ip", "netns", "exec", B_NS, "iptables", "-t", "nat", "-A", "PREROUTING", "-p",
+         "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006")])
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,30 +32,35 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def namespace_pair() -> Iterator[tuple[str, str]]:
-    """Two namespaces joined by a veth; removed on exit whatever happened."""
+def namespace_pair(names: tuple[str, str] = (CLIENT_NS, SERVER_NS),
+                   ips: tuple[str, str] = (CLIENT_IP, SERVER_IP),
+                   links: tuple[str, str] = ("ewp-c0", "ewp-s0"),
+                   then: Sequence[tuple[str, ...]] = ()) -> Iterator[tuple[str, str]]:
+    """Two namespaces joined by a veth (`links`, addresses `ips`/24), then the commands `then`
+    (a test's iptables); removed on exit whatever happened."""
     require_root()
-    for ns in (CLIENT_NS, SERVER_NS):
+    (a, b), (a_ip, b_ip), (a_link, b_link) = names, ips, links
+    for ns in names:
         sh("ip", "netns", "del", ns, check=False)
     try:
         steps = [
-            ("ip", "netns", "add", CLIENT_NS), ("ip", "netns", "add", SERVER_NS),
-            ("ip", "link", "add", "ewp-c0", "netns", CLIENT_NS, "type", "veth", "peer", "name",
-             "ewp-s0", "netns", SERVER_NS),
-            ("ip", "-n", CLIENT_NS, "addr", "add", f"{CLIENT_IP}/24", "dev", "ewp-c0"),
-            ("ip", "-n", SERVER_NS, "addr", "add", f"{SERVER_IP}/24", "dev", "ewp-s0"),
+            ("ip", "netns", "add", a), ("ip", "netns", "add", b),
+            ("ip", "link", "add", a_link, "netns", a, "type", "veth", "peer", "name",
+             b_link, "netns", b),
+            ("ip", "-n", a, "addr", "add", f"{a_ip}/24", "dev", a_link),
+            ("ip", "-n", b, "addr", "add", f"{b_ip}/24", "dev", b_link),
         ]
-        for ns in (CLIENT_NS, SERVER_NS):
+        for ns in names:
             steps += [("ip", "-n", ns, "link", "set", "lo", "up")]
-        steps += [("ip", "-n", CLIENT_NS, "link", "set", "ewp-c0", "up"),
-                  ("ip", "-n", SERVER_NS, "link", "set", "ewp-s0", "up")]
+        steps += [("ip", "-n", a, "link", "set", a_link, "up"),
+                  ("ip", "-n", b, "link", "set", b_link, "up"), *then]
         for step in steps:
             r = sh(*step, check=False)
             if r.returncode != 0:
                 pytest.fail(f"cannot build the test namespaces: {' '.join(step)}: {r.stderr}")
-        yield CLIENT_NS, SERVER_NS
+        yield a, b
     finally:
-        for ns in (CLIENT_NS, SERVER_NS):
+        for ns in names:
             sh("ip", "netns", "del", ns, check=False)
 
 
