@@ -264,10 +264,16 @@ class MeshFolder:
         self._cmd_names[p.cmdline] = hit
         return hit
 
-    def role_of(self, r: FlowRecord) -> tuple[Role, str | None] | None:
+    def name_of(self, r: FlowRecord) -> str | None:
+        """The proxy name of a TCP socket record's process (None: not a proxy's, or not one)."""
         if r.protocol != "tcp" or r.source != "socket":
             return None
-        name = self.proxy_of(r)
+        return self.proxy_of(r)
+
+    def role_of(self, r: FlowRecord, name: str | None) -> tuple[Role, str | None] | None:
+        """`r`'s role in a mesh call, `name` its `name_of` (None: not a member)."""
+        if r.protocol != "tcp" or r.source != "socket":
+            return None
         if name is not None:
             if r.observer == "server":
                 if r.server.port in self.outbound[name]:
@@ -289,12 +295,13 @@ class MeshFolder:
             return "app_in", None
         return None
 
-    def _saw_proxies(self, records: list[FlowRecord], now: datetime) -> None:
+    def _saw_proxies(self, records: list[FlowRecord], names: list[str | None],
+                     now: datetime) -> None:
         """Note the namespaces of the batch's proxy sockets (before any record is looked at,
         so that the batch's order does not matter); forget those not seen for PROXY_NETNS_S."""
         seen = self.proxy_netns
-        for r in records:
-            if r.source == "socket" and r.protocol == "tcp" and self.proxy_of(r) is not None:
+        for r, name in zip(records, names, strict=True):
+            if name is not None:
                 seen[r.netns] = now
                 seen.move_to_end(r.netns)
         while seen and (len(seen) > MAX_PROXY_NETNS
@@ -304,11 +311,12 @@ class MeshFolder:
     # -- in ------------------------------------------------------------------------------------
     def add(self, records: Iterable[FlowRecord], now: datetime) -> list[FlowRecord]:
         records = list(records)
-        self._saw_proxies(records, now)
+        names = [self.name_of(r) for r in records]  # once per record: the hot path
+        self._saw_proxies(records, names, now)
         out: list[FlowRecord] = []
         touched = self._touched = []
-        for r in records:
-            role = self.role_of(r)
+        for r, name in zip(records, names, strict=True):
+            role = self.role_of(r, name)
             if role is None:
                 out.append(r)
                 continue
