@@ -150,6 +150,79 @@ def counts_of_rows(src: str, dst: str, rows: list[dict[str, Any]], since: dateti
     }
 
 
+# -- edges split in Python (DNS-named servers, mesh hops): what stays, what joins -----------
+_COUNTS = tuple(k for k in SUMMED if k not in NULLABLE)  # summed as ints; NULLABLE apart
+
+
+def minus_parts(edge: JsonEdge, parts: list[JsonEdge]) -> JsonEdge | None:
+    """What stays of `edge` once `parts` moved away to edges of their own (None: nothing): counts exactly, volumes
+    less the parts' connections' totals (at least 0: the rollups count the window's minutes)."""
+    obj = _dec.decode(edge[2])
+    gone = [_dec.decode(p[2]) for p in parts]
+    for k in _COUNTS:
+        obj[k] = max(0, int(obj[k]) - sum(int(g[k]) for g in gone))
+    for k in ("packets_c2s", "packets_s2c"):
+        if obj[k] is not None:
+            obj[k] = max(0, obj[k] - sum(g[k] or 0 for g in gone))
+    observed = dict(obj["observed_by"])
+    for g in gone:
+        for k, n in g["observed_by"].items():
+            observed[k] = observed.get(k, 0) - n
+    obj["observed_by"] = {k: n for k, n in observed.items() if n > 0}
+    if not (obj["connections_opened"] or obj["connections_active"] or obj["connections_closed"]
+            or obj["bytes_c2s"] or obj["bytes_s2c"]):
+        return None
+    return (edge[0], edge[1], _enc.encode(obj).decode(),
+            (obj["bytes_c2s"] + obj["bytes_s2c"], obj["connections_opened"]), edge[4], edge[5])
+
+
+
+
+def merge_same_pairs(edges: list[JsonEdge]) -> list[JsonEdge]:
+    """Edges with the same (source, target) as one (two addresses answered for one DNS name, a
+    mesh hop shared by several app edges): counts and volumes summed."""
+    groups: dict[tuple[str, str], list[JsonEdge]] = {}
+    for e in edges:
+        groups.setdefault((e[0], e[1]), []).append(e)
+    out: list[JsonEdge] = []
+    for (src, dst), same in groups.items():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        objs = [_dec.decode(e[2]) for e in same]
+        acc = dict(objs[0])
+        for k in _COUNTS:
+            acc[k] = sum(int(o[k]) for o in objs)
+        for k in ("packets_c2s", "packets_s2c"):
+            counted = [o[k] for o in objs if o[k] is not None]
+            acc[k] = sum(counted) if counted else None
+        rtts = [(o["rtt_us"], max(1, o["connections_active"] + o["connections_closed"]))
+                for o in objs if o["rtt_us"]]
+        acc["rtt_us"] = None if not rtts else {
+            "min": min(r["min"] for r, _ in rtts),
+            "avg": round(sum(r["avg"] * w for r, w in rtts) / sum(w for _, w in rtts)),
+            "max": max(r["max"] for r, _ in rtts)}
+        acc["ports"] = sorted({p for o in objs for p in o["ports"]})
+        acc["protocols"] = sorted({p for o in objs for p in o["protocols"]})
+        observed: dict[str, int] = {}
+        for o in objs:
+            for k, n in o["observed_by"].items():
+                observed[k] = observed.get(k, 0) + n
+        acc["observed_by"] = observed
+        firsts = [e[4] for e in same if e[4] is not None]
+        lasts = [e[5] for e in same if e[5] is not None]
+        acc["first_seen"] = min((o["first_seen"] for o in objs if o["first_seen"]), default=None)
+        acc["last_seen"] = max((o["last_seen"] for o in objs if o["last_seen"]), default=None)
+        acc["complete"] = all(o["complete"] for o in objs)
+        named = [o["dns_named"] for o in objs if "dns_named" in o]
+        if named:
+            acc["dns_named"] = {k: sum(n[k] for n in named) for k in ("ttl", "hint")}
+        out.append((src, dst, _enc.encode(acc).decode(),
+                    (sum(e[3][0] for e in same), sum(e[3][1] for e in same)),
+                    min(firsts) if firsts else None, max(lasts) if lasts else None))
+    return sorted(out)
+
+
 # -- a backend that aggregates counts and volumes apart: its rows -> the same columns ----------
 def columns_of_rows(counts: list[dict[str, Any]], volumes: list[dict[str, Any]] | None,
                     ) -> dict[str, list[Any]]:

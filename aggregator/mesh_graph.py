@@ -30,8 +30,14 @@ from typing import Any
 import msgspec
 
 from aggregator import mesh
-from aggregator.dns_graph import _merge, _minus
-from aggregator.graph_edges import GraphData, JsonEdge, columns_of_rows, counts_of_rows
+from aggregator.graph_edges import (
+    GraphData,
+    JsonEdge,
+    columns_of_rows,
+    counts_of_rows,
+    merge_same_pairs,
+    minus_parts,
+)
 from aggregator.store.base import ReadStore
 from aggregator.store.query import ConnectionQuery, EdgeQuery
 
@@ -102,7 +108,7 @@ def apply_mesh(data: GraphData, store: ReadStore, q: EdgeQuery, show_proxies: bo
         data.edges = out
         return
     merged = []
-    for e in _merge(out):  # hop edges shared by several app edges (a client's own sidecar)
+    for e in merge_same_pairs(out):  # hop edges shared by several app edges (a client's own sidecar)
         got = notes.get((e[0], e[1]), [])
         if len(got) > 1:
             obj = _dec.decode(e[2])
@@ -117,7 +123,7 @@ def apply_mesh(data: GraphData, store: ReadStore, q: EdgeQuery, show_proxies: bo
 def _rest(edge: JsonEdge, meshed: JsonEdge) -> JsonEdge | None:
     """What stays of an app -> app edge once its meshed connections moved to their hops: its
     other connections (None: none)."""
-    rest = _minus(edge, [meshed])
+    rest = minus_parts(edge, [meshed])
     if rest is None:
         return None
     obj = _dec.decode(rest[2])
