@@ -424,10 +424,12 @@ class ClickHouseStore(ClickHouseQueries):
         if not keys:
             return
         # the halves' stored rows, found through the sort key's prefix: their day (the
-        # partition FINAL replaces within) and newest last_seen (retention's rule)
+        # partition FINAL replaces within), key (its scope too) and newest last_seen
+        # (retention's rule)
         rows = self._exec(
             f"SELECT conn_id, any(day), any(protocol), any(client_ip), any(client_port), "
-            f"any(server_ip), any(server_port), max(last_seen) FROM {self.db}.connections "
+            f"any(server_ip), any(server_port), any(scope), max(last_seen) "
+            f"FROM {self.db}.connections "
             "WHERE server_port IN %(sp)s AND server_ip IN %(si)s AND client_port IN %(cp)s "
             "AND conn_id IN %(ids)s GROUP BY conn_id",
             {"sp": tuple(sorted({k[4] for k in keys})), "si": tuple(sorted({k[3] for k in keys})),
@@ -435,7 +437,7 @@ class ClickHouseStore(ClickHouseQueries):
         if not rows:
             return
         names = ("conn_id", "day", "protocol", "client_ip", "client_port", "server_ip",
-                 "server_port", "last_seen")
+                 "server_port", "scope", "last_seen")
         cols: dict[str, list[Any]] = {n: [r[i] for r in rows] for i, n in enumerate(names)}
         n = len(rows)
         self._insert("connections", {**cols, "version": [TOMBSTONE_VERSION] * n,
