@@ -16,8 +16,9 @@ Every table is a ReplacingMergeTree read with FINAL (aggregator/store/clickhouse
 batch whose writing was interrupted (aggregator killed) and then redone by another aggregator
 reads as written once: raw records and rollup deltas carry the (collector, batch_seq) that wrote
 them, connections carry a `version` and the highest one wins (a merged NodePort half's
-tombstone, `deleted = 1`, outranks every version of it: `_tombstones`). Rollup deltas are computed before
-the connections are replaced, so a redo computes the same deltas as the interrupted try.
+tombstone, `deleted = 1`, outranks every version of it: `_tombstones`). Rollup deltas are
+computed before the connections are replaced, so a redo computes the same deltas as the
+interrupted try.
 Inserts into `Distributed` tables are synchronous (`insert_distributed_sync=1`): `ingest`
 returns only when every shard has the rows, which is when the NATS consumer acks.
 """

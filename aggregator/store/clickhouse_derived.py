@@ -8,8 +8,8 @@ both backends.
 
 Every read goes through `FINAL` (the newest version of a connection, each raw record and rollup
 delta once: aggregator/store/clickhouse_schema.py), and of connections keeps `deleted = 0`
-(`LIVE`: a tombstone is the newest version of a removed connection). Times are µs integers in the tables and
-`datetime`s (UTC) at this interface.
+(`LIVE`: a tombstone is the newest version of a removed connection). Times are µs integers in
+the tables and `datetime`s (UTC) at this interface.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from aggregator.store.sql import (
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # every read of `connections`: the newest version (FINAL) unless it is a tombstone (a merged
-# NodePort half, aggregator/store/clickhouse.py `_tombstones`). WHERE applies after FINAL (the
-# server moves no condition to PREWHERE under FINAL: tests/unit/test_store_nodeport.py)
+# NodePort half, aggregator/store/clickhouse.py `_tombstones`). WHERE applies after FINAL (a
+# PREWHERE would not: 18.16 moves no condition there under FINAL; tests/unit/
+# test_store_nodeport.py reads with merges stopped)
 LIVE = "deleted = 0"
 
 GROUPS = {
@@ -110,7 +111,8 @@ class ClickHouseQueries:
     # -- correlation state --------------------------------------------------------------------
     def _states(self, where: str, params: dict[str, Any]) -> list[Connection]:
         rows = self._exec(f"SELECT conn_id, version, state FROM {self.db}.connections FINAL "
-                          f"WHERE {LIVE} AND ({where})", params, settings={"strings_as_bytes": True})
+                          f"WHERE {LIVE} AND ({where})", params,
+                          settings={"strings_as_bytes": True})
         out = []
         for cid, version, state in rows:
             self.remember_version(cid.decode(), int(version))

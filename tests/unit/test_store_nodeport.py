@@ -18,6 +18,7 @@ from aggregator.graph import build_graph
 from aggregator.store.clickhouse_schema import TOMBSTONE_VERSION
 from aggregator.store.query import ConnectionQuery
 from tests.servers import store_location
+from tests.unit.test_correlate import rec
 from tests.unit.test_correlate_nodeport import BACKEND, CLIENT, NODE, SEEN, T0, pieces
 from tests.unit.test_store_connections import (  # noqa: F401 - a fixture
     WINDOW,
@@ -147,8 +148,17 @@ def test_clickhouse_a_stale_write_of_a_merged_half_does_not_bring_it_back(ch):
         assert cols["conn_id"] == [half]
         [real] = [r["conn_id"] for r in s.read().connections(ConnectionQuery(limit=10))]
         cols["version"] = [s.store._next_version(half) + 10**12]  # a clock well ahead
-        s.store._insert("connections", cols)
-        _live_only(s, real, half)
+        # merges stopped (the server's, for a moment): the stale row stays beside the
+        # tombstone, so the reads show that `deleted = 0` applies after FINAL, not before
+        _sql(s, "SYSTEM STOP MERGES")
+        try:
+            s.store._insert("connections", cols)
+            versions = _sql(s, f"SELECT deleted, version FROM {{db}}.connections "
+                               f"WHERE conn_id = '{half}'")
+            assert {(0, cols["version"][0]), (1, TOMBSTONE_VERSION)} <= set(versions)
+            _live_only(s, real, half)
+        finally:
+            _sql(s, "SYSTEM START MERGES")
         s = _feed(s, "server", ch)
         _live_only(s, real, half)
     finally:
@@ -181,7 +191,7 @@ def test_clickhouse_a_redone_older_batch_after_the_merge_stores_the_call_once(ch
         s.close()
 
 
-def test_clickhouse_an_old_connections_table_gets_the_deleted_column(ch):
+def test_clickhouse_an_old_connections_table_gets_the_deleted_column(ch, tmp_path):
     """A store made before tombstones: its connections tables (2 shards' local tables and the
     Distributed one) without `deleted`, a row in them. Opening the store adds the column
     (default 0: the old row is live), and merges then write tombstones into it."""
@@ -203,11 +213,23 @@ def test_clickhouse_an_old_connections_table_gets_the_deleted_column(ch):
             c.execute(local_ddl(old, f"{sdb}.{loc.database}_connections", (18, 16), None))
         c.execute(distributed_ddl(old, f"{loc.database}.connections", CLUSTER,
                                   f"{loc.database}_connections"))
-        c.execute(f"INSERT INTO {loc.database}.connections (day, version, conn_id, protocol, "
-                  "client_ip, client_port, server_ip, server_port, start_ts, last_seen) VALUES",
-                  [(T0.date(), 1, "old0", "tcp", "10.0.0.1", 1, "10.0.0.2", 2,
-                    int(T0.timestamp() * 1e6), int(T0.timestamp() * 1e6))],
-                  settings={"insert_distributed_sync": 1})
+        # a connection row as the older store wrote it (another database: every column but
+        # `deleted`), copied in
+        other = ("clickhouse", store_location("clickhouse", tmp_path / "other"))
+        o = opened(other)
+        try:
+            o.ingest("h9", 1, [rec("client", collector="h9")])
+            o.flush()
+            rows, types = o.store._exec(f"SELECT * FROM {o.store.db}.connections FINAL",
+                                        with_column_types=True,
+                                        settings={"strings_as_bytes": True})
+        finally:
+            o.close()
+        names = [n for n, _ in types if n != "deleted"]
+        cols = {n: [x.decode() if isinstance(x, bytes) and n != "state" else x]
+                for n, x in zip([n for n, _ in types], rows[0], strict=True) if n in names}
+        c.execute(f"INSERT INTO {loc.database}.connections ({', '.join(names)}) VALUES",
+                  list(cols.values()), columnar=True, settings={"insert_distributed_sync": 1})
         s = opened(ch)
         try:
             for db, table in [(loc.database, "connections"),
