@@ -16,6 +16,7 @@
 | correlation | aggregator/worker.py | `Accepted` | a `Plan` per step (aggregator/correlate.py), its `WriteStep` |
 | store writer | the store's `WriteStore` (aggregator/store/base.py) | `WriteStep` | durable rows |
 | fan-out | aggregator/fanout.py | each written `Plan`, in order | exporters (aggregator/exporters/), SSE hub |
+| live fan-in (NATS replicas) | aggregator/live_fanin.py | this replica's written rows; its peers' | the peers' SSE hubs; this one's |
 | retention | aggregator/retention.py | the clock | old rows deleted |
 
 The store decides the form of the correlation stage: a store with a local journal (DuckDB:

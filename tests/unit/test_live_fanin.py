@@ -1,19 +1,23 @@
 """The live fan-in's receiving and encoding side (aggregator/live_fanin.py) without a server:
 chunks under max_payload that read back as the table, a peer's rows into the hub and one's own
 never, gaps in a peer's sequence counted, and a late row of a partition's previous owner dropped
-whatever the order the owners' messages arrive in. The NATS path itself (two replicas, a
-subscriber on each): tests/unit/test_nats_transport.py."""
+whatever the order the owners' messages arrive in; then two fan-ins over a real nats-server
+through its restart. The whole path (two replicas, an SSE subscriber on each):
+tests/unit/test_nats_transport.py."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from aggregator.changes import Changes
 from aggregator.fanout import LiveHub
 from aggregator.live_fanin import (
     H_PART,
@@ -26,6 +30,7 @@ from aggregator.live_fanin import (
 )
 from eastwest.drops import Drops
 from eastwest.jetstream import NatsOptions
+from tests.servers import NatsServer
 from tests.unit.pipes import FakeClock
 
 
@@ -132,11 +137,62 @@ def test_this_replicas_own_take_over_makes_the_previous_owners_late_rows_stale(l
     the old owner's row arriving after it is dropped."""
     f, sub, drops = fanin_and_sub(loop)
     f.partition, f.revision = (lambda: 0), (lambda k: 9)
-    from datetime import UTC, datetime
-
-    from aggregator.changes import Changes
-    f.on_changes(Changes(datetime.now(UTC), rows(["x"]).drop_columns(["_ends_known"]),
-                         np.zeros(1, bool), np.zeros((1, 6), np.int64), np.zeros(1, np.int64),
-                         np.ones(1, bool)))
+    f.on_changes(changes(["x"]))
     assert feed(loop, f, sub, [msg("b", 1, ["x"], rev=5)]) == []
     assert drops.snapshot() == {("stream", "fanin_stale"): 1}
+
+
+def changes(ids: list[str]) -> Changes:
+    n = len(ids)
+    return Changes(datetime.now(UTC), rows(ids).drop_columns(["_ends_known"]), np.zeros(n, bool),
+                   np.zeros((n, 6), np.int64), np.zeros(n, np.int64), np.ones(n, bool))
+
+
+def test_over_a_real_server_rows_flow_a_restart_is_counted_and_never_blocks(loop, tmp_path):
+    """Two fan-ins on a real nats-server: b has a subscriber, so a publishes and b's hub gets
+    a's rows; NATS stopped: a's step returns at once, its rows counted as not published; NATS
+    back on the same port: the clients reconnect and rows flow again."""
+    server = NatsServer(tmp_path / "nats").start()
+    drops = Drops()
+    opts = NatsOptions(server.url)
+    hubs = {n: LiveHub(drops, hold_s=0, clock=FakeClock()) for n in "ab"}
+    fa = LiveFanIn(opts, "a", hubs["a"], drops, lambda: 0, lambda k: 3)
+    fb = LiveFanIn(opts, "b", hubs["b"], drops, lambda: None, lambda k: None)
+    try:
+        for f in (fa, fb):
+            f.start()
+            assert f.ready.wait(10)
+        sub = loop.run_until_complete(_subscribe(hubs["b"]))
+        got: list[str] = []
+
+        def until(cond, what: str) -> None:
+            give_up = time.monotonic() + 20
+            while not cond():
+                assert time.monotonic() < give_up, f"timed out waiting for {what}"
+                loop.run_until_complete(asyncio.sleep(0.05))
+                while not sub.empty():
+                    got.append(sub.get_nowait()["conn_id"])
+
+        until(lambda: fa.peers_want, "b's interest")
+        fa.on_changes(changes(["x", "y"]))
+        until(lambda: got == ["x", "y"], "a's rows on b")
+        server.stop(keep=True)
+        until(lambda: fa.nc is None or not fa.nc.is_connected, "a to see NATS gone")
+        t0 = time.monotonic()
+        fa.on_changes(changes(["lost"]))
+        assert time.monotonic() - t0 < 0.05  # never waits for NATS
+        assert drops.snapshot()[("stream", "fanin_publish_failed")] == 1
+        server.start()
+        until(lambda: fa.nc is not None and fa.nc.is_connected and fb.nc is not None
+              and fb.nc.is_connected and fa.peers_want, "both back")
+        fa.on_changes(changes(["z"]))
+        until(lambda: got[-1:] == ["z"], "rows again after the restart")
+        assert got == ["x", "y", "z"] and fb.received_rows == 3
+    finally:
+        fa.stop()
+        fb.stop()
+        server.stop()
+
+
+async def _subscribe(hub: LiveHub):
+    return hub.subscribe()
