@@ -398,3 +398,40 @@ def test_the_live_stream_of_every_replica_carries_every_partition_once(nats_serv
         else:
             assert set(got["a"]).isdisjoint(got["b"])
             assert set(got["a"]) | set(got["b"]) == stored
+
+
+def test_the_live_stream_keeps_every_connection_once_across_a_take_over(nats_server, tmp_path):
+    """A subscriber on replica A sees B's partition through the fan-in, then B stops (a rolling
+    restart: its leases released) and A takes B's partition over: the connections before and
+    after reach A's stream each once, nothing lost, nothing twice."""
+    import threading
+
+    opts = NatsOptions(nats_server.url, partitions=2)
+    n = 30
+    with ExitStack() as stack:
+        a = replica(stack, tmp_path, "a", "nats_live_takeover", opts)
+        pa_ = a.app.state.pipeline
+        got: list[str] = []
+        with ExitStack() as b_stack:
+            b = replica(b_stack, tmp_path, "b", "nats_live_takeover", opts)
+            pb = b.app.state.pipeline
+            wait_for(lambda: len(pa_.consumer.owned) == len(pb.consumer.owned) == 1,
+                     "a partition each")
+            reader = threading.Thread(target=stream_ids, args=(a, 2 * n, got))
+            reader.start()
+            wait_for(lambda: pa_.fanout.hub.subscribers == 1 and pb.fanin.peers_want,
+                     "B to hear of A's subscriber")
+            s1 = sender(opts, "h1")
+            assert accepted(s1, body("h1", 1, [rec("client", cport=47100 + j)
+                                               for j in range(n)]))
+            wait_for(lambda: len(flows(a)) == n and pb.fanin.published_rows > 0,
+                     "the first connections, some of them B's")
+        wait_for(lambda: len(pa_.consumer.owned) == 2, "A took B's partition over")
+        assert accepted(s1, body("h1", 2, [rec("client", cport=47200 + j) for j in range(n)]))
+        s1.close()
+        reader.join(30)
+        assert not reader.is_alive(), got
+        stored = {f["id"] for f in flows(a)}
+        assert len(stored) == 2 * n
+        assert len(got) == len(set(got)) == 2 * n and set(got) == stored
+        assert not [k for k in pa_.drops.snapshot() if k[0] == "stream"]
