@@ -47,6 +47,7 @@ class PartitionedCorrelation(WrittenBeforeAck):
         self.parts: dict[int, InlineCorrelation] = {}
         self._lock = threading.Lock()
         self._version = 0
+        self._current = threading.local()  # the partition whose step is being told
         self.loaded = 0  # connections reloaded at take-overs, in all
 
     # -- the consumer's hooks -------------------------------------------------------------------
@@ -63,6 +64,11 @@ class PartitionedCorrelation(WrittenBeforeAck):
     def drop(self, partition: int) -> None:
         with self._lock:
             self.parts.pop(partition, None)
+
+    def current(self) -> int | None:
+        """The partition being correlated on this thread (what the fan-out's listeners are
+        told about: aggregator/live_fanin.py), None outside a step."""
+        return getattr(self._current, "k", None)
 
     def owned(self) -> list[int]:
         with self._lock:
@@ -84,7 +90,11 @@ class PartitionedCorrelation(WrittenBeforeAck):
         if part is None:
             raise Backlogged(f"partition {k} of batch ({batch.collector!r}, {batch.batch_seq}) "
                              "is not owned by this replica (now)")
-        result = part.accept(batch)
+        self._current.k = k
+        try:
+            result = part.accept(batch)
+        finally:
+            self._current.k = None
         if not result.duplicate:
             self._version += 1
         return result
@@ -107,7 +117,11 @@ class PartitionedCorrelation(WrittenBeforeAck):
             if part is None:
                 raise Backlogged(f"partition {k} of batch ({batches[i].collector!r}, "
                                  f"{batches[i].batch_seq}) is not owned by this replica (now)")
-            results = part.accept_group(batches[i:j], still_owned)
+            self._current.k = k
+            try:
+                results = part.accept_group(batches[i:j], still_owned)
+            finally:
+                self._current.k = None
             if any(not r.duplicate for r in results):
                 self._version += 1
             out += results
