@@ -130,6 +130,20 @@ SORT_EXPR = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s
              "client_workload": "client_wid", "server_workload": "server_wid"}
 
 
+# A connection that looks like one half of a NodePort call with masquerade that its middle
+# host's record has not joined yet (aggregator/nodeport.py; docs/aggregator.md, "NodePort calls
+# with masquerade"): no dialled address (neither end's host saw a translation) and one socket
+# side only (a wire view or not): the client's, to a port of the NodePort range on an address
+# named as a node, or the server's, from an address named as a node (the masquerade's).
+NODEPORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
+NODEPORT_HALF = (
+    "service_ip IS NULL AND ("
+    "(observed_by LIKE '%,client,%' AND observed_by NOT LIKE '%,server,%' "
+    f"AND server_kind = 'Node' AND server_port BETWEEN {NODEPORT_RANGE[0]} AND {NODEPORT_RANGE[1]})"
+    " OR (observed_by LIKE '%,server,%' AND observed_by NOT LIKE '%,client,%' "
+    "AND client_kind = 'Node'))")
+
+
 def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
     """The WHERE fragment and the ORDER BY of a `ConnectionQuery` (keyset paging: the rows
     after the cursor's (sort value, conn_id) in the query's order)."""
@@ -140,6 +154,8 @@ def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
         where.append(f"start_ts < {p.add(q.until)}")
     if q.meshed:
         where.append("mesh IS NOT NULL")
+    if q.halves_since is not None:
+        where.append(f"start_ts > {p.add(q.halves_since)} AND {NODEPORT_HALF}")
     expr = SORT_EXPR[q.sort.key]
     op, direction = ("<", "DESC") if q.sort.descending else (">", "ASC")
     if q.cursor is not None:
