@@ -5,7 +5,7 @@ Stage: query side, between the store's edges (aggregator/graph_edges.py `GraphDa
 API (aggregator/graph.py `graph_data`), before the DNS names, the budget and the mesh. In: the
 window's `GraphData`, the store, the query, the time now and the hold (`--nodeport-hold`);
 the window's connections that look like unjoined NodePort halves and started within the hold
-(`ConnectionQuery(halves_since=now - hold)`, aggregator/store/sql.py `NODEPORT_HALF`). Out: the
+(`ConnectionQuery(halves_since=now - hold)`, aggregator/store/sql.py `nodeport_half`). Out: the
 same `GraphData` without the edges ALL of whose connections in the window are such halves, and
 without the nodes only those edges had.
 

@@ -61,7 +61,7 @@ class AggregatorSettings:
     cidr_groups: tuple[str, ...] = ()
     retention: timedelta | None = timedelta(days=7)
     edge_budget: int = 2000
-    nodeport_hold_s: float = 5.0  # unjoined NodePort halves kept off a live graph this long
+    nodeport_hold_s: float = 10.0  # unjoined NodePort halves kept off a live graph this long
     correlation_slack_s: float = 5.0
     correlation_backlog: int = 500_000
     identity_settle_s: float = 10.0      # names of a connection's ends may change this long

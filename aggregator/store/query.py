@@ -82,7 +82,7 @@ class ConnectionQuery:
     columns: tuple[str, ...] = ()   # empty: every shown column
     meshed: bool = False            # only folded service-mesh calls (`mesh` not null)
     # only NodePort halves not (yet) joined that started after this time (sql.py
-    # `NODEPORT_HALF`; aggregator/nodeport_graph.py)
+    # `nodeport_half`; aggregator/nodeport_graph.py)
     halves_since: datetime | None = None
 
 

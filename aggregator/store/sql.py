@@ -136,12 +136,13 @@ SORT_EXPR = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s
 # side only (a wire view or not): the client's, to a port of the NodePort range on an address
 # named as a node, or the server's, from an address named as a node (the masquerade's).
 NODEPORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
-NODEPORT_HALF = (
-    "service_ip IS NULL AND ("
-    "(observed_by LIKE '%,client,%' AND observed_by NOT LIKE '%,server,%' "
-    f"AND server_kind = 'Node' AND server_port BETWEEN {NODEPORT_RANGE[0]} AND {NODEPORT_RANGE[1]})"
-    " OR (observed_by LIKE '%,server,%' AND observed_by NOT LIKE '%,client,%' "
-    "AND client_kind = 'Node'))")
+def nodeport_half(p: Params) -> str:
+    """The WHERE fragment of a connection that looks like an unjoined NodePort half (above)."""
+    client, server = p.position("',client,'", "observed_by"), p.position("',server,'", "observed_by")
+    lo, hi = NODEPORT_RANGE
+    return (f"service_ip IS NULL AND (({client} AND NOT {server} AND server_kind = 'Node' "
+            f"AND server_port >= {lo} AND server_port <= {hi}) "
+            f"OR ({server} AND NOT {client} AND client_kind = 'Node'))")
 
 
 def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
@@ -155,7 +156,7 @@ def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
     if q.meshed:
         where.append("mesh IS NOT NULL")
     if q.halves_since is not None:
-        where.append(f"start_ts > {p.add(q.halves_since)} AND {NODEPORT_HALF}")
+        where.append(f"start_ts > {p.add(q.halves_since)} AND {nodeport_half(p)}")
     expr = SORT_EXPR[q.sort.key]
     op, direction = ("<", "DESC") if q.sort.descending else (">", "ASC")
     if q.cursor is not None:
