@@ -132,17 +132,20 @@ SORT_EXPR = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s
 
 # A connection that looks like one half of a NodePort call with masquerade that its middle
 # host's record has not joined yet (aggregator/nodeport.py; docs/aggregator.md, "NodePort calls
-# with masquerade"): no dialled address (neither end's host saw a translation) and one socket
-# side only (a wire view or not): the client's, to a port of the NodePort range on an address
-# named as a node, or the server's, from an address named as a node (the masquerade's).
+# with masquerade"): no dialled address (neither end's host saw a translation), and either no
+# server socket and a server named as a node on a port of the NodePort range (the client's
+# half: its socket, its host's wire, or both), or no client socket and a client named as a node
+# (the server's half, from the masquerade's address: its socket, its host's wire, or both).
 NODEPORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
+
+
 def nodeport_half(p: Params) -> str:
     """The WHERE fragment of a connection that looks like an unjoined NodePort half (above)."""
     client, server = p.position("',client,'", "observed_by"), p.position("',server,'", "observed_by")
     lo, hi = NODEPORT_RANGE
-    return (f"service_ip IS NULL AND (({client} AND NOT {server} AND server_kind = 'Node' "
+    return (f"service_ip IS NULL AND ((NOT {server} AND server_kind = 'Node' "
             f"AND server_port >= {lo} AND server_port <= {hi}) "
-            f"OR ({server} AND NOT {client} AND client_kind = 'Node'))")
+            f"OR (NOT {client} AND client_kind = 'Node'))")
 
 
 def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:

@@ -115,3 +115,22 @@ def test_an_edge_with_other_connections_is_shown_whole(data_dir):  # noqa: F811
         assert edges[CLIENT_HALF]["connections_opened"] == 2
     finally:
         s.close()
+
+
+def test_a_half_seen_by_a_wire_only_is_held_too(data_dir):  # noqa: F811
+    """The backend's host's wire sees the server's half (node's address -> backend) when its
+    socket probe missed the call (started mid-call): no client socket, a client of kind Node.
+    Held as the socket halves are, joined by the middle record as they are."""
+    s = opened(data_dir)
+    try:
+        wire = [r.replace(observer="path", source="vxlan", process=None, connect=None)
+                for r in pieces("server")]
+        s.ingest("h3", 1, wire)
+        assert graph(s) == (set(), {})
+        assert set(graph(s, hold=timedelta(0))[1]) == {("node-h2", "external:10.244.3.13")}
+        s.ingest("h2", 1, pieces("middle"))
+        _, edges = graph(s, hold=timedelta(0))
+        assert set(edges) == {("shop/frontend", "external:10.244.3.13")}
+        assert edges[("shop/frontend", "external:10.244.3.13")]["observed_by"] == {"path": 1}
+    finally:
+        s.close()
