@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
@@ -39,6 +39,7 @@ from aggregator.graph_edges import (
 )
 from aggregator.graph_edges import iso as _iso
 from aggregator.mesh_graph import apply_mesh
+from aggregator.nodeport_graph import hold_halves
 from aggregator.store.base import ReadStore
 from aggregator.store.query import EdgeQuery
 from eastwest.dns_filter import DnsEdgeFilter
@@ -60,10 +61,13 @@ class Window:
 def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None,
                dns: DnsEdgeFilter | None = None,
-               names: ServiceNames | None = None, show_proxies: bool = False) -> GraphData:
+               names: ServiceNames | None = None, show_proxies: bool = False,
+               nodeport_hold: timedelta = timedelta(0), now: datetime | None = None) -> GraphData:
     """`names`: what names a Service in the `service` grouping (aggregator/service_view.py);
     `show_proxies`: a meshed edge split into its hops through its sidecars
-    (aggregator/mesh_graph.py)."""
+    (aggregator/mesh_graph.py); `nodeport_hold`: an edge made only of NodePort halves that
+    started less than this before `now` (default: the time now) is held back, as the middle
+    host's record may still join them (aggregator/nodeport_graph.py)."""
     q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
     if group_by == "service":
         from aggregator.service_view import service_graph
@@ -73,6 +77,7 @@ def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
         data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
                                     "rollups" if q.volumes_from_rollups else "connections",
                                     str(q.filter))
+    hold_halves(data, store, q, now or datetime.now(UTC), nodeport_hold)
     apply_dns(data, store, q, dns)  # names from DNS answers, DNS of resolver edges
     data.fold(budget)
     apply_mesh(data, store, q, show_proxies)  # service-mesh calls (their hops on demand)

@@ -151,6 +151,21 @@ def counts_of_rows(src: str, dst: str, rows: list[dict[str, Any]], since: dateti
 
 
 # -- edges split in Python (DNS-named servers, mesh hops): what stays, what joins -----------
+def ends_of(row: dict[str, Any], group_by: str) -> tuple[str, str] | None:
+    """The (source, target) of the edge a connection row counts in, as the store groups it
+    (aggregator/store/duckdb_edges.py `GROUPS`); None in the Service view for a connection that
+    dialled a Service (its edge ends at the Service)."""
+    if group_by == "namespace":
+        return (row["client_namespace"] or row["client_wid"],
+                row["server_namespace"] or row["server_wid"])
+    if group_by == "host":
+        return row["client_host"] or "unknown", row["server_host"] or "unknown"
+    if group_by == "service" and row.get("service_ip") is not None:
+        return None  # on an edge to its Service
+    return row["client_wid"], row["server_wid"]
+
+
+
 _COUNTS = tuple(k for k in SUMMED if k not in NULLABLE)  # summed as ints; NULLABLE apart
 
 

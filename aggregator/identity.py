@@ -16,7 +16,10 @@ docs/architecture.md):
 5. DNS: the answers the client got (applied when reading, not here: aggregator/dns_names.py,
    docs/aggregator.md "Identity from DNS answers"), else optional reverse DNS (PTR, RFC 1035
    section 3.5), cached, also negative answers;
-6. a configured CIDR group (`--cidr-group NAME=CIDR`), else `external:<ip>`.
+6. a node's pod network (`PodNetworkSource`: Kubernetes, the node whose pod CIDR holds an
+   address no pod held then: the node's own address there, what it masquerades NodePort calls
+   with; source `cidr`), a configured CIDR group (`--cidr-group NAME=CIDR`), else
+   `external:<ip>`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import yaml
 
@@ -58,6 +61,14 @@ class IdentitySource(Protocol):
     `at` (the connection's start: addresses are reused); None when it does not know."""
 
     def lookup(self, ip: str, port: int, at: datetime) -> Identity | None: ...
+
+
+@runtime_checkable
+class PodNetworkSource(Protocol):
+    """What names a node's own addresses on the pod network (aggregator/k8s/index.py
+    `pod_network_node`): the node whose pod CIDR holds `ip`, when no pod held it at `at`."""
+
+    def pod_network_node(self, ip: str, at: datetime) -> Identity | None: ...
 
 
 class Facts(NamedTuple):
@@ -240,9 +251,11 @@ class IdentityResolver:
 
     def __init__(self, static: StaticMap | None = None, sources: Iterable[IdentitySource] = (),
                  cidr_groups: Iterable[tuple[Net, str]] = (),
-                 reverse_dns: Callable[[str], str | None] | None = None) -> None:
+                 reverse_dns: Callable[[str], str | None] | None = None,
+                 pod_networks: Iterable[PodNetworkSource] = ()) -> None:
         self.static = static
         self.sources = list(sources)
+        self.pod_networks = list(pod_networks)
         self.cidr_groups = list(cidr_groups)
         self.reverse_dns = reverse_dns
         self._dns_cache: dict[str, str | None] = {}
@@ -285,6 +298,10 @@ class IdentityResolver:
             name = self._dns_cache[ip]
             if name:
                 return Identity(name=name, kind="DNS", source="dns")
+        for pn in self.pod_networks:
+            hit = pn.pod_network_node(ip, at or datetime.now(UTC))
+            if hit is not None:
+                return hit
         if self.cidr_groups:
             addr = ipaddress.ip_address(ip)
             for net, name in self.cidr_groups:

@@ -35,6 +35,7 @@ from aggregator.graph_edges import (
     JsonEdge,
     columns_of_rows,
     counts_of_rows,
+    ends_of,
     merge_same_pairs,
     minus_parts,
 )
@@ -46,17 +47,6 @@ PROXY_KIND = "proxy"
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 _NULL = ',"mesh":null}'
-
-
-def _ends(row: dict[str, Any], group_by: str) -> tuple[str, str] | None:
-    if group_by == "namespace":
-        return (row["client_namespace"] or row["client_wid"],
-                row["server_namespace"] or row["server_wid"])
-    if group_by == "host":
-        return row["client_host"] or "unknown", row["server_host"] or "unknown"
-    if group_by == "service" and row.get("service_ip") is not None:
-        return None  # on an edge to its Service
-    return row["client_wid"], row["server_wid"]
 
 
 def _sum(values: list[int | None]) -> int | None:
@@ -77,7 +67,7 @@ def apply_mesh(data: GraphData, store: ReadStore, q: EdgeQuery, show_proxies: bo
                                              limit=CONN_LIMIT, meshed=True))
     by_edge: dict[tuple[str, str], list[tuple[dict[str, Any], tuple[Any, ...]]]] = {}
     for r in rows:
-        ends = _ends(r, data.group_by)
+        ends = ends_of(r, data.group_by)
         sides = mesh.sides_of(r["mesh"])
         if ends is not None and sides:
             by_edge.setdefault(ends, []).append((r, sides))

@@ -48,6 +48,7 @@ from aggregator.fanout import FanOut
 from aggregator.identity import (
     IdentityResolver,
     IdentitySource,
+    PodNetworkSource,
     StaticMap,
     parse_cidr_groups,
     system_reverse_dns,
@@ -91,7 +92,8 @@ def resolver_from(settings: AggregatorSettings,
     static = StaticMap.load(settings.workload_map) if settings.workload_map else None
     sources = [kubernetes] if kubernetes is not None else []
     return IdentityResolver(static, sources, parse_cidr_groups(settings.cidr_groups),
-                            system_reverse_dns if settings.reverse_dns else None)
+                            system_reverse_dns if settings.reverse_dns else None,
+                            [s for s in sources if isinstance(s, PodNetworkSource)])
 
 
 class Pipeline:

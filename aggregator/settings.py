@@ -61,6 +61,7 @@ class AggregatorSettings:
     cidr_groups: tuple[str, ...] = ()
     retention: timedelta | None = timedelta(days=7)
     edge_budget: int = 2000
+    nodeport_hold_s: float = 10.0  # unjoined NodePort halves kept off a live graph this long
     correlation_slack_s: float = 5.0
     correlation_backlog: int = 500_000
     identity_settle_s: float = 10.0      # names of a connection's ends may change this long
@@ -128,6 +129,9 @@ class AggregatorSettings:
                               "and its collector would retry it forever")
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
+        if not 0 <= self.nodeport_hold_s <= 60:
+            raise ConfigError("--nodeport-hold", self.nodeport_hold_s,
+                              "must be between 0 (off) and 60 seconds")
         _positive_seconds("--nats-ack-wait", self.nats_ack_wait_s)
         _positive_seconds("--nats-lease", self.nats_lease_s)
         if not 1 <= self.nats_coalesce <= 10_000:
@@ -245,6 +249,7 @@ class AggregatorSettings:
             retention=(parse_duration("--retention", args.retention)
                        if args.retention else timedelta(days=7)),
             edge_budget=int(args.edge_budget),
+            nodeport_hold_s=float(args.nodeport_hold),
             correlation_backlog=int(args.correlation_backlog),
             identity_settle_s=float(args.identity_settle),
             export_link_local=bool(args.export_link_local),

@@ -331,10 +331,15 @@ def endpoint_slice(service_name: str, namespace: str,
             "ports": [{"port": port, "protocol": "TCP"}]}
 
 
-def node(name: str, internal_ips: list[str]) -> dict[str, Any]:
-    return {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in internal_ips]
-                       + [{"type": "Hostname", "address": name}]}}
+def node(name: str, internal_ips: list[str], pod_cidrs: list[str] | None = None) -> dict[str, Any]:
+    """A Node; `pod_cidrs`: its `spec.podCIDRs` (the first also as `spec.podCIDR`)."""
+    obj: dict[str, Any] = {
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "status": {"addresses": [{"type": "InternalIP", "address": a} for a in internal_ips]
+                   + [{"type": "Hostname", "address": name}]}}
+    if pod_cidrs:
+        obj["spec"] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)}
+    return obj
 
 
 def objects_from_inventory(inv: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

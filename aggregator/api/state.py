@@ -12,7 +12,7 @@ pipeline's version changes (a batch accepted or written), for at most a second.
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import networkx as nx
@@ -37,6 +37,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
                    show_proxies: bool = False) -> GraphData:
     st = request.app.state
     budget = st.settings.edge_budget
+    hold = timedelta(seconds=st.settings.nodeport_hold_s)
     store = reader(request)
     names = None
     if group_by == "service":
@@ -45,7 +46,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         names = service_names(request)
     if not live:
         return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                          names=names, show_proxies=show_proxies)
+                          names=names, show_proxies=show_proxies, nodeport_hold=hold)
     span = round((win.until - win.since).total_seconds(), 3)
     key: tuple[Any, ...] = (span, group_by, str(flt), dns, show_proxies)
     stamp = st.pipeline.version
@@ -56,7 +57,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
             cached: GraphData = hit[2]
             return cached
     data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                      names=names, show_proxies=show_proxies)
+                      names=names, show_proxies=show_proxies, nodeport_hold=hold)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

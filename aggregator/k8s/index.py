@@ -24,6 +24,13 @@ Which object names an address (docs/aggregator.md):
 - an EndpointSlice endpoint without a pod behind it (a selector-less service) names its Service;
 - a node's InternalIP addresses name the node (kind Node).
 An address owned by several kinds at once is named by the first of pod, service, endpoint, node.
+
+`pod_network_node(ip, at)` answers apart (the resolver asks it below the process layer,
+aggregator/identity.py): the node whose pod CIDR (`spec.podCIDRs`, else `spec.podCIDR`, as the
+node has them now) holds an address that no pod held at `at`: the node's own address on the pod
+network (flannel's `cni0`/`flannel.1`, a CNI's gateway), the source a node masquerades a
+NodePort call to a pod on another node with (docs/aggregator.md, "NodePort calls with
+masquerade").
 """
 
 from __future__ import annotations
@@ -37,9 +44,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from aggregator.connection import Identity
 
 INF = math.inf
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 KINDS = ("pods", "services", "endpointslices", "nodes")  # lookup order, most specific first
 
 
@@ -130,6 +140,18 @@ def _addresses(kind: str, obj: Mapping[str, Any]) -> tuple[list[str], Identity |
         name = str(meta.get("name") or "")
         return ips, Identity(name=name, kind="Node", host=name, labels=labels, source="kubernetes")
     raise ValueError(kind)
+
+
+def pod_cidrs(obj: Mapping[str, Any]) -> tuple[Net, ...]:
+    """A node's pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`); what is not a CIDR is left out."""
+    spec = obj.get("spec") or {}
+    out: list[Net] = []
+    for text in spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []):
+        try:
+            out.append(ipaddress.ip_network(str(text), strict=False))
+        except ValueError:
+            continue
+    return tuple(out)
 
 
 class Table:
@@ -229,6 +251,8 @@ class Index:
         self._next_prune = 0.0
         self.objects: dict[str, int] = dict.fromkeys(KINDS, 0)
         self._uids: dict[str, set[str]] = {k: set() for k in KINDS}
+        # node uid -> its pod CIDRs and identity, as the node has them now (pod_network_node)
+        self.node_cidrs: dict[str, tuple[tuple[Net, ...], Identity]] = {}
         self._lock = threading.Lock()
 
     def apply(self, kind: str, event: str, obj: Mapping[str, Any]) -> None:
@@ -241,10 +265,14 @@ class Index:
             if event == "DELETED":
                 table.delete(owner, now)
                 uids.discard(owner)
+                if kind == "nodes":
+                    self.node_cidrs.pop(owner, None)
             else:
                 ips, ident = addresses(kind, obj)
                 table.set(owner, ips, ident, ts(meta.get("creationTimestamp")), now)
                 uids.add(owner)
+                if kind == "nodes":
+                    self._set_cidrs(owner, obj, ident)
             self.objects[kind] = len(uids)
             if now >= self._next_prune:  # ended owners past keep_deleted, once a minute
                 self._next_prune = now + 60.0
@@ -260,10 +288,14 @@ class Index:
             table, uids = self.tables[kind], self._uids[kind]
             # the listed first: an object deleted meanwhile whose address went to a listed one
             # ends where that one started, not now
+            if kind == "nodes":
+                self.node_cidrs.clear()
             for obj in items:
                 meta = obj.get("metadata") or {}
                 ips, ident = addresses(kind, obj)
                 table.set(_key(meta), ips, ident, ts(meta.get("creationTimestamp")), now)
+                if kind == "nodes":
+                    self._set_cidrs(_key(meta), obj, ident)
             for owner in list(uids - seen):
                 table.delete(owner, now)
             uids.clear()
@@ -288,6 +320,27 @@ class Index:
                            for s in spans):
                         out.append(ip)
         return sorted(set(out))
+
+    def _set_cidrs(self, owner: str, obj: Mapping[str, Any], ident: Identity | None) -> None:
+        nets = pod_cidrs(obj)
+        if nets and ident is not None:  # a layer of its own, below the process layer
+            self.node_cidrs[owner] = (nets, msgspec.structs.replace(ident, source="cidr"))
+        else:
+            self.node_cidrs.pop(owner, None)
+
+    def pod_network_node(self, ip: str, at: float) -> Identity | None:
+        """The node whose pod CIDR holds `ip` when no pod held it at `at` (within `skew`):
+        the node's own address on the pod network (the module docstring)."""
+        if not self.node_cidrs or self.tables["pods"].lookup(ip, at, self.skew_s) is not None:
+            return None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for nets, ident in list(self.node_cidrs.values()):
+            if any(addr.version == n.version and addr in n for n in nets):
+                return ident
+        return None
 
     def lookup(self, ip: str, at: float) -> Identity | None:
         """`ip` as the collectors write it (canonical: see `_canonical`)."""

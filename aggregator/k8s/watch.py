@@ -94,6 +94,10 @@ class KubernetesIdentity:
     def lookup(self, ip: str, port: int, at: datetime) -> Identity | None:
         return self.index.lookup(ip, at.timestamp())
 
+    def pod_network_node(self, ip: str, at: datetime) -> Identity | None:
+        """The node whose pod CIDR holds `ip`, no pod holding it (aggregator/k8s/index.py)."""
+        return self.index.pod_network_node(ip, at.timestamp())
+
     def service_addresses(self, namespace: str | None, name: str) -> list[str]:
         return self.index.service_addresses(namespace, name)
 

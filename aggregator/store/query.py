@@ -81,6 +81,9 @@ class ConnectionQuery:
     limit: int = 100
     columns: tuple[str, ...] = ()   # empty: every shown column
     meshed: bool = False            # only folded service-mesh calls (`mesh` not null)
+    # only NodePort halves not (yet) joined that started after this time (sql.py
+    # `nodeport_half`; aggregator/nodeport_graph.py)
+    halves_since: datetime | None = None
 
 
 class ServiceAddress(NamedTuple):

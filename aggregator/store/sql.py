@@ -130,6 +130,24 @@ SORT_EXPR = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s
              "client_workload": "client_wid", "server_workload": "server_wid"}
 
 
+# A connection that looks like one half of a NodePort call with masquerade that its middle
+# host's record has not joined yet (aggregator/nodeport.py; docs/aggregator.md, "NodePort calls
+# with masquerade"): no dialled address (neither end's host saw a translation), and either no
+# server socket and a server named as a node on a port of the NodePort range (the client's
+# half: its socket, its host's wire, or both), or no client socket and a client named as a node
+# (the server's half, from the masquerade's address: its socket, its host's wire, or both).
+NODEPORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
+
+
+def nodeport_half(p: Params) -> str:
+    """The WHERE fragment of a connection that looks like an unjoined NodePort half (above)."""
+    client, server = p.position("',client,'", "observed_by"), p.position("',server,'", "observed_by")
+    lo, hi = NODEPORT_RANGE
+    return (f"service_ip IS NULL AND ((NOT {server} AND server_kind = 'Node' "
+            f"AND server_port >= {lo} AND server_port <= {hi}) "
+            f"OR (NOT {client} AND client_kind = 'Node'))")
+
+
 def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
     """The WHERE fragment and the ORDER BY of a `ConnectionQuery` (keyset paging: the rows
     after the cursor's (sort value, conn_id) in the query's order)."""
@@ -140,6 +158,8 @@ def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
         where.append(f"start_ts < {p.add(q.until)}")
     if q.meshed:
         where.append("mesh IS NOT NULL")
+    if q.halves_since is not None:
+        where.append(f"start_ts > {p.add(q.halves_since)} AND {nodeport_half(p)}")
     expr = SORT_EXPR[q.sort.key]
     op, direction = ("<", "DESC") if q.sort.descending else (">", "ASC")
     if q.cursor is not None:

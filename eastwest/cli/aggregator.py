@@ -102,6 +102,14 @@ def register(sub: Any) -> None:
                    "2w; more than 0 (default 7d)")
     g.add_argument("--edge-budget", type=int, default=2000, metavar="N",
                    help="graphs keep the N heaviest edges and fold the rest into 'other' (default 2000)")
+    g.add_argument("--nodeport-hold", type=float, default=10.0, metavar="SECONDS",
+                   help="a graph leaves out an edge made only of NodePort halves (a call to a "
+                   "node's NodePort seen by its client only, or from a node's address seen by "
+                   "its server only) that started less than this ago, while the middle host's "
+                   "record may still join them into one call (it reports the call at its "
+                   "collector's next --interval tick, default 5 s, plus --batch-age); a real edge "
+                   "is shown once this has passed; 0 turns it off (default 10; docs/aggregator.md, "
+                   "\"NodePort calls with masquerade\")")
     g.add_argument("--identity-settle", type=float, default=10.0, metavar="SECONDS",
                    help="an end of a connection is named by the most specific thing any of its "
                    "observers knows (the server's own process, say); a name may change for this "

@@ -33,9 +33,10 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  sudo eastwest demo                      lab of 3 hosts + aggregator + 3 collectors, until Ctrl-C
-  sudo eastwest demo --services           with Kubernetes-style Services (ClusterIPs, a NodePort)
-  sudo eastwest demo --services --mesh    ... and a service-mesh sidecar in every pod
+  sudo eastwest demo                      lab of 3 hosts with Kubernetes-style Services (ClusterIPs,
+                                          a NodePort) + aggregator + 3 collectors, until Ctrl-C
+  sudo eastwest demo --no-services        pods call pods directly (no Services)
+  sudo eastwest demo --mesh               ... and a service-mesh sidecar in every pod
   sudo eastwest demo --no-lab             aggregator + a collector for this host (= make run)
   sudo eastwest demo --duration 60        stop by itself after a minute
 
@@ -60,10 +61,10 @@ def register(sub: Any) -> None:
                    help="the lab's Kubernetes-style Services: ClusterIPs and a NodePort programmed "
                    "as kube-proxy does, the application calling them; each call is one connection "
                    "to its backend, the ClusterIP kept as service_ip (docs/lab.md, "
-                   "docs/collector.md \"NAT\"). Off by default (pods call pods directly): a "
-                   "NodePort call's halves are joined once the middle host's record arrives, so "
-                   "the live map shows them as extra nodes (node-h2, external:<address>) "
-                   "meanwhile (docs/lab.md); needs IPv4 and 3 or more hosts"),
+                   "docs/collector.md \"NAT\"); a NodePort call's halves are joined into one "
+                   "once the middle host's record arrives, and the map holds them back until then "
+                   "(the aggregator's --nodeport-hold). On by default where the lab can have them "
+                   "(IPv4, 3 or more hosts); --no-services: pods call pods directly"),
     p.add_argument("--mesh", action="store_true",
                    help="a service-mesh sidecar (ew-sidecar, a transparent proxy behind Istio's "
                    "iptables) in every pod: each call is four sockets, which the collectors fold "
@@ -197,11 +198,28 @@ class Stack:
 
 # -- the command -------------------------------------------------------------------------------
 def _services(args: argparse.Namespace) -> bool:
-    """Services only when asked for (`--services`); where the lab cannot have them, `Lab.up`
-    refuses naming why. Not the default yet: a NodePort call's two halves are joined only once
-    the middle host's record arrives (or never, when its collector missed the translation), and
-    a newcomer's live map would show them as extra nodes meanwhile (docs/lab.md)."""
-    return bool(args.services)
+    """Services unless `--no-services`; by default only where the lab can have them (its plan
+    with Services is not refused: IPv4, 3 or more hosts, enough pods, no pattern that excludes
+    them: eastwest/lab/plan.py `check`), so `--ip-family ipv6` or `--hosts 2` alone still
+    starts; an explicit `--services` where it cannot is refused by `Lab.up`, naming why. A
+    NodePort call's halves are joined once the middle host's record arrives; the aggregator's
+    graph holds them back until then (docs/aggregator.md, "NodePort calls with masquerade")."""
+    if args.services is not None:
+        return bool(args.services)
+    from eastwest.errors import ConfigError
+    from eastwest.lab.plan import make_plan
+
+    try:
+        make_plan(args.name, args.hosts, _pods(args, True), 4789, args.ip_family, True,
+                  tuple(_patterns(args)))
+    except ConfigError:
+        return False
+    return True
+
+
+def _pods(args: argparse.Namespace, services: bool) -> int:
+    """Pods per host: `--pods-per-host`, else 3 with Services (each service on two hosts), 2."""
+    return int(args.pods_per_host) if args.pods_per_host is not None else 3 if services else 2
 
 
 def _patterns(args: argparse.Namespace) -> list[str]:
@@ -229,8 +247,7 @@ def _run(args: argparse.Namespace) -> int:
 
             Lab.down_by_name(args.name)
             services = _services(args)
-            pods = args.pods_per_host if args.pods_per_host is not None else 3 if services else 2
-            lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=pods,
+            lab = Lab.up(name=args.name, hosts=args.hosts, pods_per_host=_pods(args, services),
                          ip_family=args.ip_family, services=services,
                          patterns=_patterns(args),
                          progress=lambda m: print(f"eastwest demo: {m}", file=sys.stderr))

@@ -322,7 +322,9 @@ def _host_route(ip: str) -> str:
 
 def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
     """The static workload map of the lab: every address of every pod (IPv4 /32, IPv6 /128) to
-    its service, every underlay address to its node; with Services (`--services`), the
+    its service, every underlay address to its node; with Services (`--services`), each host's
+    gateway on the pod network (its `br0` address, the source its NodePort masquerades calls
+    with) to its node too, unless a pod holds it (a `host-network` lab's api), and the
     `services` section: each ClusterIP, and the NodePort's node address and port, to its
     Service (what names a Service in the graph's Service view, docs/aggregator.md)."""
     entries: list[dict[str, object]] = []
@@ -332,9 +334,13 @@ def workload_map(plan: LabPlan) -> dict[str, list[dict[str, object]]]:
             entries.append({"match": _host_route(addr), "name": p.service,
                             "namespace": svc.namespace, "kind": svc.kind, "host": p.host,
                             "labels": {"app": p.service, "pod": p.name, "lab": plan.name}})
+    pod_ips = {a for p in plan.pods for a in p.ips}
     for h in plan.hosts:
-        entries.append({"match": _host_route(h.underlay_ip), "name": f"node-{h.name}", "namespace": None,
-                        "kind": "Node", "host": h.name, "labels": {"lab": plan.name}})
+        node = {"name": f"node-{h.name}", "namespace": None, "kind": "Node", "host": h.name,
+                "labels": {"lab": plan.name}}
+        entries.append({"match": _host_route(h.underlay_ip), **node})
+        if plan.services and cluster.gateway(h.index) not in pod_ips:
+            entries.append({"match": _host_route(cluster.gateway(h.index)), **node})
     if not plan.services:
         return {"workloads": entries}
     services: list[dict[str, object]] = []

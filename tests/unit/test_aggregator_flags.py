@@ -38,6 +38,8 @@ BAD = [
     (["--identity-settle", "nan"], "--identity-settle=nan: must be between 0 and 3600 seconds"),
     (["--identity-settle", "-1"], "--identity-settle=-1.0: must be between 0 and 3600 seconds"),
     (["--edge-budget", "0"], "--edge-budget=0: must be at least 1"),
+    (["--nodeport-hold", "-1"], "--nodeport-hold=-1.0: must be between 0 (off) and 60 seconds"),
+    (["--nodeport-hold", "nan"], "--nodeport-hold=nan: must be between 0 (off) and 60 seconds"),
     (["--correlation-backlog", "0"], "--correlation-backlog=0: must hold at least one whole batch"),
     (["--max-batch-records", "1000", "--correlation-backlog", "999"],
      "--correlation-backlog=999: must hold at least one whole batch (--max-batch-records 1000)"),

@@ -190,3 +190,62 @@ def test_addresses_are_indexed_in_the_collectors_canonical_form():
     ix.replace("pods", [with_uid(pod("v6", "shop", ["FD00:0:0::0A", "not-an-ip"], "n1",
                                      created=iso(T - 60)), "u6")])
     assert name(ix, "fd00::a", T) == "Pod:shop/v6"
+
+
+class PodNetworks:
+    """The index as the resolver's Kubernetes source (aggregator/k8s/watch.py does the same)."""
+
+    def __init__(self, ix: Index) -> None:
+        self.ix = ix
+
+    def lookup(self, ip: str, port: int, at: datetime):
+        return self.ix.lookup(ip, at.timestamp())
+
+    def pod_network_node(self, ip: str, at: datetime):
+        return self.ix.pod_network_node(ip, at.timestamp())
+
+
+def test_an_address_of_a_nodes_pod_cidr_no_pod_holds_is_the_node():
+    """The node's own address on the pod network (its CNI's gateway, flannel's cni0 or
+    flannel.1) is the source it masquerades NodePort calls with (docs/aggregator.md, "NodePort
+    calls with masquerade"): it names the node, below the pods and the process layer."""
+    from aggregator.identity import Facts, IdentityResolver, PodNetworkSource
+
+    wall = Wall()
+    ix = Index(clock=wall)
+    ix.replace("nodes", [node("node-2", ["10.213.0.2"], ["10.244.2.0/24", "fd00:ee:2::/64"]),
+                         node("node-3", ["10.213.0.3"])])  # no pod CIDR: names nothing more
+    ix.replace("pods", [with_uid(pod("api-1", "shop", "10.244.2.11", "node-2",
+                                     created=iso(T - 3600)), "p1")])
+    gw = ix.pod_network_node("10.244.2.1", T)
+    assert gw is not None and (gw.wid, gw.kind, gw.host, gw.source) == (
+        "node-2", "Node", "node-2", "cidr")
+    assert name(ix, "10.244.2.1", T) is None  # not by the pods' layer: a lower one
+    assert ix.pod_network_node("fd00:ee:2::1", T) == gw
+    assert ix.pod_network_node("10.244.2.11", T) is None  # a pod holds it
+    assert ix.pod_network_node("10.244.3.1", T) is None   # no node's pod CIDR
+    # the pod's address after the pod ended (and the skew passed) is free again: the node's
+    wall.t = T + 10
+    ix.apply("pods", "DELETED", with_uid(pod("api-1", "shop", "10.244.2.11", "node-2"), "p1"))
+    assert ix.pod_network_node("10.244.2.11", T + 100) == gw
+    assert ix.pod_network_node("10.244.2.11", T) is None  # when the pod held it
+    # in the resolver: below the process layer (a pod the watch has not delivered yet, seen
+    # from its own socket, is its container), above `external:`
+    at = datetime.fromtimestamp(T, UTC)
+    src = PodNetworks(ix)
+    assert isinstance(src, PodNetworkSource)
+    from aggregator.k8s import KubernetesIdentity
+
+    assert isinstance(KubernetesIdentity(None), PodNetworkSource)  # type: ignore[arg-type]
+    r = IdentityResolver(None, [src], pod_networks=[src])
+    assert r.resolve("10.244.2.1", 40000, None, at).wid == "node-2"
+    assert r.resolve("10.244.2.50", 8080, Facts(container="96e808661893abcd"), at).wid == (
+        "container:96e808661893")
+    assert r.resolve("10.244.9.9", 1, None, at).wid == "external:10.244.9.9"
+    # the node deleted, or listed again without it: its CIDR names nothing
+    ix.apply("nodes", "DELETED", node("node-2", ["10.213.0.2"], ["10.244.2.0/24"]))
+    assert ix.pod_network_node("10.244.2.1", T) is None
+    ix.replace("nodes", [node("node-2", ["10.213.0.2"], ["10.244.2.0/24"])])
+    assert ix.pod_network_node("10.244.2.1", T) is not None
+    ix.replace("nodes", [])
+    assert ix.pod_network_node("10.244.2.1", T) is None

@@ -142,6 +142,29 @@ def test_workload_map_names_every_address_of_every_pod(family):
     assert static.lookup("fd00:ee::9:99", 1) is None  # /128 and /32 entries, not whole nets
 
 
+@pytest.mark.parametrize("services", [False, True])
+def test_workload_map_names_a_hosts_gateway_as_its_node_with_services(services):
+    """With Services each host's br0 holds the pod gateway 10.244.N.1, and a NodePort call that
+    host masquerades reaches its backend from there (docs/lab.md, "NodePort with SNAT"): that
+    address is the node's, as in Kubernetes an address of a node's pod CIDR that no pod holds.
+    Without Services no host has it: it stays unnamed."""
+    from aggregator.identity import StaticMap
+    from eastwest.lab.lab import workload_map
+
+    plan = make_plan("ewlab", 3, 3 if services else 2, 4789, services=services)
+    static = StaticMap(workload_map(plan)["workloads"])
+    for h in plan.hosts:
+        ident = static.lookup(f"10.244.{h.index}.1", 40000)
+        if not services:
+            assert ident is None
+            continue
+        assert ident is not None
+        assert (ident.name, ident.kind, ident.host) == (f"node-{h.name}", "Node", h.name)
+    for p in plan.pods:  # the pods keep their names
+        ident = static.lookup(p.ip, 1)
+        assert ident is not None and ident.name == p.service
+
+
 @pytest.mark.parametrize(("family", "underlay", "mtu"), [
     ("ipv4", "10.213.0.1/24", "1450"), ("ipv6", "fd00:ed::1/64", "1430"),
     ("dual", "10.213.0.1/24", "1450")])

@@ -1,9 +1,12 @@
 """`eastwest demo` itself (the command behind `make demo` and `make run`), as a newcomer meets it:
-started as a user starts it, left running for half a minute (a newcomer looks within the
-first minute), then the dashboard in a real headless
-Chromium. The map shows the six services and the load generator, each once, with one edge per
-calling pair of the lab's ground truth and nothing else (no `external:` twin of a service, no
-link-local chatter of the overlay); the API's graph says the same. Ctrl-C stops everything: the
+started as a user starts it (Kubernetes-style Services by default: ClusterIP calls and the
+load generator's NodePort calls), left running for half a minute (a newcomer looks within the
+first minute) while the live map's graph is read every couple of seconds, then the dashboard
+in a real headless Chromium. The map shows the six services and the load generator, each once,
+with one edge per calling pair of the lab's ground truth and nothing else (no `external:` twin
+of a service, no link-local chatter of the overlay, and at no moment of the run a NodePort
+call's half as a node: `node-h2` dialled, or the masquerade's address, while the middle host's
+record has not joined them yet); the API's graph says the same. Ctrl-C stops everything: the
 command exits 0 and the lab's namespaces are gone."""
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Demo:
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.started = datetime.now(UTC)
         self.token = ""
+        self.samples: list[tuple[float, set[str]]] = []  # (s into the run, live graph's nodes)
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
@@ -77,6 +81,15 @@ class Demo:
                       headers={"Authorization": f"Bearer {self.token}"})
         assert r.status_code == 200, r.text
         return r.json()
+
+    def watch(self, seconds: float, every: float = 2.0) -> None:
+        """Let the demo run, reading the live map's graph (the dashboard's default window, the
+        last 15 minutes to now) every `every` seconds."""
+        t0 = time.monotonic()
+        while (t := time.monotonic() - t0) < seconds:
+            g = self.get("/api/v1/graph", **{"from": "15m"})
+            self.samples.append((round(t, 1), {n["id"] for n in g["nodes"]}))
+            time.sleep(max(0.0, every - (time.monotonic() - t0 - t)))
 
     def lab(self) -> Any:
         from eastwest.lab import Lab
@@ -104,7 +117,7 @@ def demo(tmp_path_factory):
     d = Demo(tmp_path_factory.mktemp("demo") / "data")
     try:
         d.wait_ready()
-        time.sleep(RUN_S)
+        d.watch(RUN_S)
         yield d
     finally:
         if d.proc.poll() is None:
@@ -126,6 +139,19 @@ def test_the_demo_graph_is_the_application(demo):
     assert {n["id"] for n in g["nodes"]} == nodes
     assert {(e["source"], e["target"]) for e in g["edges"]} == edges
     assert all(n["kind"] != "External" for n in g["nodes"])
+
+
+def test_the_live_map_never_shows_a_half_of_a_nodeport_call(demo):
+    """Sampled every 2 s through the run: the NodePort calls were made (the truth), and no
+    sample had a node that is no workload of the application: a NodePort call's client half
+    ends at `node-h2` (the node dialled), its server half starts at the masquerade's address
+    (h2's gateway, named `node-h2` too; `external:` if it were unnamed) until the middle host's
+    record joins them (docs/aggregator.md, "NodePort calls with masquerade")."""
+    assert any(t.get("via") == "nodeport" for t in demo.truth())
+    nodes, _ = expected(demo)
+    assert len(demo.samples) >= RUN_S / 3, demo.samples
+    extra = [(t, sorted(ids - nodes)) for t, ids in demo.samples if ids - nodes]
+    assert not extra, extra  # (s into the run, nodes the application does not have)
 
 
 def test_the_demo_makes_udp_on_both_socket_kinds_and_to_a_dead_port(demo):
