@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     server = (metrics.serve(args.metrics_listen)
               if metrics is not None and getattr(args, "metrics_listen", None) else None)
     try:
-        run_pipeline(sources, sink, duration=args.duration)
+        run_pipeline(sources, sink, duration=args.duration,
+                     on_ready=None if args.pcap else lambda: say_running(sources, args))
     finally:
         if server is not None:
             server.shutdown()
@@ -103,6 +104,16 @@ def run(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(dropped.items()))
         print(f"eastwest collector: dropped {summary}", file=sys.stderr)
     return 0
+
+
+def say_running(sources: list[Source], args: argparse.Namespace) -> None:
+    """One line on stderr once every source sees traffic (the socket probes compile and attach
+    for seconds): from then on nothing is missed. Scripts and `eastwest demo` wait for it."""
+    to = (args.aggregator or (f"NATS {args.nats}" if getattr(args, "nats", None) else None)
+          or args.output or "stdout")
+    print(f"eastwest collector: running: {', '.join(s.name for s in sources)} -> {to} "
+          f"({'for ' + format(args.duration, 'g') + ' s' if args.duration else 'Ctrl-C stops'})",
+          file=sys.stderr, flush=True)
 
 
 def make_sources(ctx: CollectorContext, args: argparse.Namespace) -> list[Source]:

@@ -58,7 +58,11 @@ def live_first_seq() -> int:
 
 
 class Source(Protocol):
+    """`ready` is set once the source sees what it watches (probes attached, captures open):
+    what `run_pipeline`'s `on_ready` waits for."""
+
     name: str
+    ready: threading.Event
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         """Produce records until `stop` is set (or the input ends), flush, return."""
@@ -94,8 +98,11 @@ class JsonLinesSink:
 
 
 def run_pipeline(sources: list[Source], sink: Sink, *, duration: float | None = None,
-                 stop: threading.Event | None = None, handle_signals: bool = True) -> None:
+                 stop: threading.Event | None = None, handle_signals: bool = True,
+                 on_ready: Callable[[], None] | None = None) -> None:
     """Run every source in its own thread until stop/duration/end of input, then close the sink.
+    `on_ready` is called once, from another thread, when every source is `ready` (not when the
+    pipeline stops first).
 
     A source that raises stops the whole pipeline (after the others flushed) and the error is
     re-raised: a collector that silently lost a source would be lying."""
@@ -121,6 +128,9 @@ def run_pipeline(sources: list[Source], sink: Sink, *, duration: float | None = 
                for s in sources]
     for t in threads:
         t.start()
+    if on_ready is not None:
+        threading.Thread(target=_when_ready, args=(sources, stop, on_ready), name="ready",
+                         daemon=True).start()
     if duration is not None:
         stop.wait(duration)
         stop.set()
@@ -130,3 +140,12 @@ def run_pipeline(sources: list[Source], sink: Sink, *, duration: float | None = 
     sink.close()
     if errors:
         raise errors[0]
+
+
+def _when_ready(sources: list[Source], stop: threading.Event, on_ready: Callable[[], None]) -> None:
+    for src in sources:
+        while not src.ready.wait(0.2):
+            if stop.is_set():
+                return
+    if not stop.is_set():
+        on_ready()

@@ -89,6 +89,8 @@ class LiveVxlanSource:
                        for _ in specs]
         self.lib = native.load()
         self.scans: dict[int, int] = {}  # per table: the native scan state (ew_scan_new)
+        self.ready = threading.Event()
+        self.ready.set()  # the captures are open (above): packets from now on are seen
 
     def _decode_block(self, cap: UnderlayCapture, table: FlowTable) -> list:
         block = cap.take()

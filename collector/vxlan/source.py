@@ -114,6 +114,8 @@ class PcapSource:
         interval, idle = check_timing(args)
         self.interval_us = int(interval * 1_000_000)
         self.table = FlowTable(ctx, "pcap", idle_timeout=idle)
+        self.ready = threading.Event()
+        self.ready.set()  # a file: nothing to wait for
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         lib = native.load() if self.decoder == "bulk" else None

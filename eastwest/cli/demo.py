@@ -168,6 +168,26 @@ class Stack:
             args.append("--no-vxlan")
         self.collectors[cid] = self._spawn(cid, args + list(extra or []))
 
+    def wait_collectors(self, timeout: float = 180.0) -> None:
+        """Until every collector says it is running (its probes attached, its captures open:
+        `eastwest collector: running`), so that no call of the traffic started next is missed
+        (a NodePort call seen in part would stay two halves)."""
+        deadline = time.monotonic() + timeout
+        waiting = dict(self.collectors)
+        while waiting:
+            for cid, proc in list(waiting.items()):
+                log = self.log_dir / f"{cid}.log"
+                if proc.poll() is not None:
+                    raise RuntimeError(f"collector {cid} exited ({proc.returncode}); see {log}")
+                if b"eastwest collector: running" in log.read_bytes():
+                    del waiting[cid]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"collectors {', '.join(sorted(waiting))} not running after "
+                                   f"{timeout:g} s; see their logs in {self.log_dir}")
+            time.sleep(0.2)
+
     def stop_collector(self, cid: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         proc = self.collectors.pop(cid)
         proc.send_signal(sig)
@@ -257,6 +277,9 @@ def _run(args: argparse.Namespace) -> int:
                 stack.start_collector(f"{args.name}-{h['name'].split('-')[-1]}",
                                       netns=lab.host_netns(h["name"]),
                                       underlay=[f"{h['netns']}/{h['underlay_if']}"])
+            print("eastwest demo: waiting for the collectors' probes to attach",
+                  file=sys.stderr, flush=True)
+            stack.wait_collectors()
             threading.Thread(target=_drive, args=(lab, args.rate, stop), daemon=True).start()
         _banner(stack, args, None if lab is None else str(lab.inventory["workload_map"]))
         _watch(stack, stop, args.duration)
