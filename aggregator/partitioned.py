@@ -2,8 +2,8 @@
 
 Stage: the correlation stage of an aggregator replica consuming partitions from NATS into a
 shared store (aggregator/consume.py, aggregator/leases.py; wired in aggregator/pipeline.py).
-In: accepted batches, each a share of one partition (its mark sequence names the partition,
-eastwest/partition.py). Out: the batch correlated by that partition's own `InlineCorrelation`
+In: accepted batches, each a share (or a sub-share) of one partition (its mark sequence names
+the partition, eastwest/partition.py `mark_partition`). Out: the batch correlated by that partition's own `InlineCorrelation`
 (aggregator/worker.py) and its own `ColumnCorrelator`: replicas never need each other's memory,
 since every record of a connection is in one partition.
 
@@ -31,7 +31,7 @@ from aggregator.store.base import Backlogged, IngestResult, WriteStore
 from aggregator.worker import Accepted, InlineCorrelation, WrittenBeforeAck
 from eastwest.clock import Clock
 from eastwest.drops import Drops
-from eastwest.partition import key_partition, split_mark
+from eastwest.partition import key_partition, mark_partition
 
 
 class PartitionedCorrelation(WrittenBeforeAck):
@@ -78,7 +78,7 @@ class PartitionedCorrelation(WrittenBeforeAck):
         return self._version
 
     def accept(self, batch: Accepted) -> IngestResult:
-        _, k = split_mark(batch.batch_seq)
+        k = mark_partition(batch.batch_seq, self.partitions)
         with self._lock:
             part = self.parts.get(k)
         if part is None:
@@ -98,9 +98,9 @@ class PartitionedCorrelation(WrittenBeforeAck):
         out: list[IngestResult] = []
         i = 0
         while i < len(batches):
-            k = split_mark(batches[i].batch_seq)[1]
+            k = mark_partition(batches[i].batch_seq, self.partitions)
             j = i + 1
-            while j < len(batches) and split_mark(batches[j].batch_seq)[1] == k:
+            while j < len(batches) and mark_partition(batches[j].batch_seq, self.partitions) == k:
                 j += 1
             with self._lock:
                 part = self.parts.get(k)
