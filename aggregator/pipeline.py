@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.arrow_memory import use_returning_pool
@@ -124,7 +124,7 @@ class Pipeline:
             hooks = (self.correlation if isinstance(self.correlation, PartitionedCorrelation)
                      else None)
             self.consumer = JetStreamConsumer(cfg, self.intake, self.drops, hooks)
-            self._partition_metrics = _PartitionMetrics(self.consumer)
+            self._partition_metrics = _PartitionMetrics(self.consumer, hooks)
             self.metrics.registry.register(self._partition_metrics)
             self.consumer.start()
 
@@ -254,16 +254,32 @@ class _CorrelationMetrics(Collector):
 class _PartitionMetrics(Collector):
     """The NATS partitions this replica owns (aggregator/leases.py)."""
 
-    def __init__(self, consumer: JetStreamConsumer) -> None:
-        self.consumer = consumer
+    def __init__(self, consumer: JetStreamConsumer,
+                 correlation: PartitionedCorrelation | None = None) -> None:
+        self.consumer, self.correlation = consumer, correlation
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily
+                                  | HistogramMetricFamily]:
         yield GaugeMetricFamily("eastwest_nats_partitions_owned", "partitions of the NATS "
                                 "stream this replica consumes now (its leases)",
                                 value=len(self.consumer.owned))
         yield CounterMetricFamily("eastwest_nats_partitions_taken", "partitions this replica "
                                   "took over (each reloaded from the store first)",
                                   value=self.consumer.taken_over)
+        c = self.correlation
+        if c is None:
+            return
+        # the coalesced writes of --nats-coalesce: mean shares per write = shares / writes
+        writes, shares, records, buckets = c.group_counts()
+        yield CounterMetricFamily("eastwest_nats_group_writes", "store writes of a partition's "
+                                  "waiting shares (--nats-coalesce), one per coalesced group",
+                                  value=writes)
+        yield CounterMetricFamily("eastwest_nats_group_shares", "shares (NATS messages) those "
+                                  "writes held, duplicates not included", value=shares)
+        yield CounterMetricFamily("eastwest_nats_group_records", "records those writes held",
+                                  value=records)
+        yield HistogramMetricFamily("eastwest_nats_group_size_shares", "shares per coalesced "
+                                    "write", buckets=buckets, sum_value=shares)
 
 
 class _KubernetesMetrics(Collector):
