@@ -294,7 +294,9 @@ class NatsSender:
                 self._forget(pin)
                 for lost in left:
                     log.error("NATS: %s: refused", lost.detail)
-                return Refused(left[0].reason, "; ".join(lost.detail for lost in left))
+                more = f"; ... ({len(left)} records in all)" if len(left) > 3 else ""
+                return Refused(left[0].reason,
+                               "; ".join(lost.detail for lost in left[:3]) + more)
             acks = self.loop.run(self._publish(todo, pin), bound)
         except nerr.MaxPayloadError as exc:  # a server whose max_payload shrank since connecting
             self._reset()
