@@ -241,6 +241,10 @@ class ColumnDerived:
         return list(self.plan.removed)
 
     @property
+    def removed_keys(self) -> dict[str, tuple[str, str, int, str, int, int]]:
+        return dict(self.plan.removed)
+
+    @property
     def empty(self) -> bool:
         return (not len(self.plan) and self.plan.rollups is None and not self.settled
                 and not self.plan.removed)

@@ -52,6 +52,7 @@ class PartitionedCorrelation(WrittenBeforeAck):
         self.parts: dict[int, InlineCorrelation] = {}
         self._lock = threading.Lock()
         self._version = 0
+        self._current = threading.local()  # the partition whose step is being told
         self.loaded = 0  # connections reloaded at take-overs, in all
         # coalesced writes (one store write of a partition's waiting shares each), for
         # /metrics: kept here, not in the partitions' correlators (a hand-over forgets those)
@@ -75,6 +76,11 @@ class PartitionedCorrelation(WrittenBeforeAck):
         with self._lock:
             self.parts.pop(partition, None)
 
+    def current(self) -> int | None:
+        """The partition being correlated on this thread (what the fan-out's listeners are
+        told about: aggregator/live_fanin.py), None outside a step."""
+        return getattr(self._current, "k", None)
+
     def owned(self) -> list[int]:
         with self._lock:
             return sorted(self.parts)
@@ -95,7 +101,11 @@ class PartitionedCorrelation(WrittenBeforeAck):
         if part is None:
             raise Backlogged(f"partition {k} of batch ({batch.collector!r}, {batch.batch_seq}) "
                              "is not owned by this replica (now)")
-        result = part.accept(batch)
+        self._current.k = k
+        try:
+            result = part.accept(batch)
+        finally:
+            self._current.k = None
         if not result.duplicate:
             self._version += 1
         return result
@@ -118,7 +128,11 @@ class PartitionedCorrelation(WrittenBeforeAck):
             if part is None:
                 raise Backlogged(f"partition {k} of batch ({batches[i].collector!r}, "
                                  f"{batches[i].batch_seq}) is not owned by this replica (now)")
-            results = part.accept_group(batches[i:j], still_owned)
+            self._current.k = k
+            try:
+                results = part.accept_group(batches[i:j], still_owned)
+            finally:
+                self._current.k = None
             written = [r for r in results if not r.duplicate]
             if written:  # one store write held them (InlineCorrelation.accept_group)
                 self._version += 1

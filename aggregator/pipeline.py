@@ -16,6 +16,7 @@
 | correlation | aggregator/worker.py | `Accepted` | a `Plan` per step (aggregator/correlate.py), its `WriteStep` |
 | store writer | the store's `WriteStore` (aggregator/store/base.py) | `WriteStep` | durable rows |
 | fan-out | aggregator/fanout.py | each written `Plan`, in order | exporters (aggregator/exporters/), SSE hub |
+| live fan-in (NATS replicas) | aggregator/live_fanin.py | this replica's written rows; its peers' | the peers' SSE hubs; this one's |
 | retention | aggregator/retention.py | the clock | old rows deleted |
 
 The store decides the form of the correlation stage: a store with a local journal (DuckDB:
@@ -52,6 +53,7 @@ from aggregator.identity import (
     system_reverse_dns,
 )
 from aggregator.intake import Intake
+from aggregator.live_fanin import LiveFanIn
 from aggregator.metrics import AggregatorMetrics
 from aggregator.partitioned import PartitionedCorrelation
 from aggregator.retention import Retention
@@ -104,6 +106,7 @@ class Pipeline:
         self.exporters, self.retention = exporters, retention
         self.drops, self.metrics, self.clock = drops, metrics, clock
         self.consumer: JetStreamConsumer | None = None
+        self.fanin: LiveFanIn | None = None  # the live stream of every replica's partitions
         self._partition_metrics: _PartitionMetrics | None = None
         self.kubernetes: KubernetesIdentity | None = None  # its status: GET /api/v1/status
         self._owned = True
@@ -123,8 +126,16 @@ class Pipeline:
                 cfg = dataclasses.replace(cfg, replica=s.nats_replica)
             hooks = (self.correlation if isinstance(self.correlation, PartitionedCorrelation)
                      else None)
-            self.consumer = JetStreamConsumer(cfg, self.intake, self.drops, hooks)
-            self._partition_metrics = _PartitionMetrics(self.consumer, hooks)
+            consumer = self.consumer = JetStreamConsumer(cfg, self.intake, self.drops, hooks)
+            if hooks is not None and s.live_fanin:  # aggregator/live_fanin.py
+                def revision(k: int) -> int | None:
+                    return None if consumer.leases is None else consumer.leases.owned.get(k)
+
+                self.fanin = LiveFanIn(s.nats, cfg.replica, self.fanout.hub, self.drops,
+                                       hooks.current, revision)
+                self.fanout.add_listener(self.fanin.on_changes)
+                self.fanin.start()
+            self._partition_metrics = _PartitionMetrics(self.consumer, self.fanin, hooks)
             self.metrics.registry.register(self._partition_metrics)
             self.consumer.start()
 
@@ -136,6 +147,10 @@ class Pipeline:
         if self.consumer is not None:
             self.consumer.stop()
             self.consumer = None
+        if self.fanin is not None:
+            self.fanout.listeners.remove(self.fanin.on_changes)
+            self.fanin.stop()
+            self.fanin = None
         if self._partition_metrics is not None:
             self.metrics.registry.unregister(self._partition_metrics)
             self._partition_metrics = None
@@ -254,9 +269,9 @@ class _CorrelationMetrics(Collector):
 class _PartitionMetrics(Collector):
     """The NATS partitions this replica owns (aggregator/leases.py)."""
 
-    def __init__(self, consumer: JetStreamConsumer,
+    def __init__(self, consumer: JetStreamConsumer, fanin: LiveFanIn | None,
                  correlation: PartitionedCorrelation | None = None) -> None:
-        self.consumer, self.correlation = consumer, correlation
+        self.consumer, self.fanin, self.correlation = consumer, fanin, correlation
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily
                                   | HistogramMetricFamily]:
@@ -266,6 +281,14 @@ class _PartitionMetrics(Collector):
         yield CounterMetricFamily("eastwest_nats_partitions_taken", "partitions this replica "
                                   "took over (each reloaded from the store first)",
                                   value=self.consumer.taken_over)
+        if self.fanin is not None:  # its losses: eastwest_dropped_total{stage="stream"}
+            yield CounterMetricFamily("eastwest_stream_fanin_published_rows", "connection rows "
+                                      "this replica published to the other replicas' live "
+                                      "streams (only while one has subscribers)",
+                                      value=self.fanin.published_rows)
+            yield CounterMetricFamily("eastwest_stream_fanin_received_rows", "connection rows "
+                                      "of the other replicas' partitions received for this "
+                                      "replica's live stream", value=self.fanin.received_rows)
         c = self.correlation
         if c is None:
             return

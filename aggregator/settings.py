@@ -89,6 +89,8 @@ class AggregatorSettings:
     nats_coalesce: int = 32            # messages; 1: one share at a time
     nats_coalesce_records: int = 60_000
     nats_coalesce_wait_s: float = 0.05
+    # the live stream of every replica carries every partition (aggregator/live_fanin.py)
+    live_fanin: bool = True
 
     def __post_init__(self) -> None:
         if self.insecure_open and not is_loopback(self.host):
@@ -265,6 +267,8 @@ def _scale_out_args(args: argparse.Namespace, env: Mapping[str, str]) -> dict[st
         out["nats_lease_s"] = float(args.nats_lease)
     if getattr(args, "nats_replica", None) is not None:
         out["nats_replica"] = args.nats_replica
+    if getattr(args, "no_live_fanin", False):
+        out["live_fanin"] = False
     for flag, key, kind in (("nats_coalesce", "nats_coalesce", int),
                             ("nats_coalesce_records", "nats_coalesce_records", int),
                             ("nats_coalesce_wait", "nats_coalesce_wait_s", float)):

@@ -139,13 +139,15 @@ class NatsOptions:
         return kw
 
 
-async def connect(opts: NatsOptions, name: str) -> Any:
+async def connect(opts: NatsOptions, name: str, *, no_echo: bool = False) -> Any:
+    """A client that reconnects on its own; `no_echo`: its own publishes never come back to
+    its subscriptions."""
     import nats
 
     async def quiet(_exc: Exception) -> None:  # reconnects are retried; callers count failures
         return None
 
-    return await nats.connect(name=name, error_cb=quiet, **opts.connect_kwargs())
+    return await nats.connect(name=name, error_cb=quiet, no_echo=no_echo, **opts.connect_kwargs())
 
 
 async def ensure_stream(js: Any, opts: NatsOptions) -> Any:

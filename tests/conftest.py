@@ -38,3 +38,15 @@ def pcaps() -> Path:
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("lab and eBPF tests need root (CI runs as root); run `sudo make test`")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The container image's first build (~90 s of mostly waiting on dpkg, pip and podman)
+    starts in the background as soon as the suite is collected, when tests/image is part of it:
+    it overlaps the modules before it, and tests/image waits for it (tests/image/build.py)."""
+    if session.config.option.collectonly or session.config.option.setupplan:
+        return
+    if any(item.nodeid.startswith("tests/image/") for item in session.items):
+        from tests.image import build
+
+        build.start_early()

@@ -15,8 +15,10 @@ batch mark last (docs/scale-out.md, "Exactly once without transactions"):
 Every table is a ReplacingMergeTree read with FINAL (aggregator/store/clickhouse_schema.py), so a
 batch whose writing was interrupted (aggregator killed) and then redone by another aggregator
 reads as written once: raw records and rollup deltas carry the (collector, batch_seq) that wrote
-them, connections carry a `version` and the highest one wins. Rollup deltas are computed before
-the connections are replaced, so a redo computes the same deltas as the interrupted try.
+them, connections carry a `version` and the highest one wins (a merged NodePort half's
+tombstone, `deleted = 1`, outranks every version of it: `_tombstones`). Rollup deltas are
+computed before the connections are replaced, so a redo computes the same deltas as the
+interrupted try.
 Inserts into `Distributed` tables are synchronous (`insert_distributed_sync=1`): `ingest`
 returns only when every shard has the rows, which is when the NATS consumer acks.
 """
@@ -36,9 +38,10 @@ import msgspec
 import pyarrow as pa
 
 from aggregator.store.base import GroupShare, IngestResult, StoreError, WriteStep
-from aggregator.store.clickhouse_derived import ClickHouseQueries, micros
+from aggregator.store.clickhouse_derived import LIVE, ClickHouseQueries, micros
 from aggregator.store.clickhouse_schema import (
     TABLES,
+    TOMBSTONE_VERSION,
     Location,
     Table,
     distributed_ddl,
@@ -278,28 +281,54 @@ class ClickHouseStore(ClickHouseQueries):
 
     def _add_new_columns(self) -> None:
         """Tables created by an older version get the columns added since (`ALTER TABLE ... ADD
-        COLUMN`, default 0/empty: e.g. rollups' `link_local`, false for the older rows). A
+        COLUMN` with the column's DEFAULT: e.g. rollups' `link_local`, false for the older rows;
+        connections' `deleted`, 0: no older row is a tombstone). On every shard's local table
+        (a replicated one passes the ALTER to its shard's other replicas through ZooKeeper) and
+        every Distributed table over them: the entry server's, and with replicas every
+        server's (each is an entry, `alt_hosts`; one down now gets it at a later start). A
         column added this way is not in the table's sorting key, which ClickHouse cannot change
         on an existing table; new tables have it there (clickhouse_schema.TABLES)."""
-        targets: list[tuple[str | None, int, str, str, Table]] = [
-            (host, port, ldb, self.local_table(t.name), t) for host, port, ldb in self._shards()
-            for t in TABLES]
+        targets: list[tuple[str | None, int, str, str, Table, bool]] = [
+            (host, port, ldb, self.local_table(t.name), t, True)
+            for host, port, ldb in self._shards() for t in TABLES]
         if self.loc.cluster:
-            targets += [(None, 0, self.db, t.name, t) for t in TABLES]
-        for host, port, db, table, t in targets:
-            sql = ("SELECT name FROM system.columns WHERE database = %(d)s AND table = %(t)s")
-            params = {"d": db, "t": table}
-            rows = (self._exec(sql, params) if host is None
-                    else self._on_shard(host, port, sql, params))
-            have = {r[0] for r in rows}
-            for col in t.columns:
-                if col.split()[0] not in have:
-                    alter = f"ALTER TABLE {db}.{table} ADD COLUMN {col}"
-                    if host is None:
-                        self._exec(alter)
-                    else:
-                        self._on_shard(host, port, alter)
-                    log.info("clickhouse %s: added column %s to %s.%s", self.loc, col, db, table)
+            targets += [(None, 0, self.db, t.name, t, True) for t in TABLES]
+            if self.replicated:
+                targets += [(host, port, self.db, t.name, t, False)
+                            for _, _, host, port, _ in self._replicas() for t in TABLES]
+        for host, port, db, table, t, needed in targets:
+            try:
+                self._add_columns(host, port, db, table, t)
+            except StoreError as exc:
+                if needed:
+                    raise
+                log.warning("clickhouse %s: columns of %s.%s on %s:%d not checked (%s)",
+                            self.loc, db, table, host, port, exc)
+
+    def _add_columns(self, host: str | None, port: int, db: str, table: str, t: Table) -> None:
+        def run(sql: str, params: Any = None) -> Any:
+            return self._exec(sql, params) if host is None else self._on_shard(host, port, sql,
+                                                                                params)
+
+        def have() -> set[str]:
+            return {r[0] for r in run("SELECT name FROM system.columns WHERE database = %(d)s "
+                                      "AND table = %(t)s", {"d": db, "t": table})}
+
+        present = have()
+        for col in t.columns:
+            name = col.split()[0]
+            if name in present:
+                continue
+            try:
+                run(f"ALTER TABLE {db}.{table} ADD COLUMN {col}")
+            except StoreError:
+                # 18.16 has no ADD COLUMN IF NOT EXISTS: another aggregator opening the store
+                # at the same time may have added it first
+                present = have()
+                if name not in present:
+                    raise
+                continue
+            log.info("clickhouse %s: added column %s to %s.%s", self.loc, col, db, table)
 
     def _insert(self, table: str, cols: dict[str, list[Any]]) -> None:
         names = ", ".join(cols)
@@ -365,10 +394,10 @@ class ClickHouseStore(ClickHouseQueries):
             v = self._next_version("")
             self._insert("workloads", {"day": [day_of(t) for t in cols["last_seen"]],
                                        "version": [v] * d.workloads.num_rows, **cols})
-        if d.removed:
-            self._delete_removed(d.removed)
         if d.connections is not None and d.connections.num_rows:
             self._insert_connections(d.connections)
+        if d.removed:
+            self._tombstones(d.removed_keys)
 
     def _insert_connections(self, table: pa.Table) -> None:
         cols = arrow_columns(table)
@@ -384,13 +413,38 @@ class ClickHouseStore(ClickHouseQueries):
         for cid, v in zip(cols["conn_id"], versions, strict=True):
             self.remember_version(cid, v)
 
-    def _delete_removed(self, removed: Sequence[str]) -> None:
-        # NodePort halves merged into their real connection: every version goes (a mutation on
-        # every shard, awaited: rare, one per NodePort call whose half came before its middle
-        # record)
-        ids = ", ".join("'" + cid + "'" for cid in removed if cid.isalnum())
-        if ids:
-            self._delete("connections", f"conn_id IN ({ids})", None)
+    def _tombstones(self, removed: dict[str, tuple[str, str, int, str, int, int]]) -> None:
+        """NodePort halves merged into their real connection (`removed`, conn_id -> key): each
+        stored one gets a tombstone, a row of its sort key and day with `deleted = 1` and
+        `TOMBSTONE_VERSION`, which FINAL keeps over every other version and every read filters
+        out (no mutation: a mutation rewrites whole parts on every shard). Written after the
+        connections: a write interrupted in between leaves the half stored beside its real
+        connection, and the redo merges it again the same way. A redo writes the identical row.
+        A half never stored (created and merged within the step) needs none."""
+        keys = list(removed.values())
+        if not keys:
+            return
+        # the halves' stored rows, found through the sort key's prefix: their day (the
+        # partition FINAL replaces within), key (its scope too) and newest last_seen
+        # (retention's rule)
+        rows = self._exec(
+            f"SELECT conn_id, any(day), any(protocol), any(client_ip), any(client_port), "
+            f"any(server_ip), any(server_port), any(scope), max(last_seen) "
+            f"FROM {self.db}.connections "
+            "WHERE server_port IN %(sp)s AND server_ip IN %(si)s AND client_port IN %(cp)s "
+            "AND conn_id IN %(ids)s GROUP BY conn_id",
+            {"sp": tuple(sorted({k[4] for k in keys})), "si": tuple(sorted({k[3] for k in keys})),
+             "cp": tuple(sorted({k[2] for k in keys})), "ids": tuple(sorted(removed))})
+        if not rows:
+            return
+        names = ("conn_id", "day", "protocol", "client_ip", "client_port", "server_ip",
+                 "server_port", "scope", "last_seen")
+        cols: dict[str, list[Any]] = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+        n = len(rows)
+        self._insert("connections", {**cols, "version": [TOMBSTONE_VERSION] * n,
+                                     "deleted": [1] * n})
+        for cid in cols["conn_id"]:
+            self._versions.pop(cid, None)  # never written again by this store
 
     def write_group(self, shares: Sequence[GroupShare]) -> None:
         """Coalesced shares of one partition (aggregator/worker.py `accept_group`) in ONE
@@ -425,12 +479,12 @@ class ClickHouseStore(ClickHouseQueries):
                     n = len(cols["wid"])
                     self._insert("workloads", {"day": [day_of(t) for t in cols["last_seen"]],
                                                "version": [self._next_version("")] * n, **cols})
-                removed = [cid for s in shares for cid in s.derived.removed]
-                if removed:
-                    self._delete_removed(removed)
                 conns = last_states(shares)
                 if conns is not None:
                     self._insert_connections(conns)
+                removed = {cid: key for s in shares for cid, key in s.derived.removed_keys.items()}
+                if removed:
+                    self._tombstones(removed)
                 self._insert("ingested_batches", {
                     "day": [now.date()] * len(shares),
                     "collector": [s.raw.collector for s in shares],
@@ -559,9 +613,11 @@ class ClickHouseStore(ClickHouseQueries):
         with self._lock:
             out["flows"] = self._scalar(f"SELECT count() FROM {self.db}.flows FINAL "
                                        f"WHERE end_ts < {cut}")
-            conns = self._scalar(f"SELECT count() FROM {self.db}.connections FINAL "
-                                f"WHERE last_seen < {cut}")
-            out["connections"] = conns
+            # tombstones (merged NodePort halves) have the half's day and last_seen: they go
+            # by the same rule, but are no connection to count
+            live, conns = self._exec(f"SELECT countIf({LIVE}), count() FROM {self.db}.connections "
+                                     f"FINAL WHERE last_seen < {cut}")[0]
+            out["connections"] = int(live)
             out["rollups"] = self._scalar(f"SELECT count() FROM {self.db}.rollups FINAL "
                                          f"WHERE minute < {cut}")
             old_wids = [r[0] for r in self._exec(

@@ -7,8 +7,9 @@ duckdb_derived.py), so graph, flows, workloads, diff and the stream give the sam
 both backends.
 
 Every read goes through `FINAL` (the newest version of a connection, each raw record and rollup
-delta once: aggregator/store/clickhouse_schema.py). Times are µs integers in the tables and
-`datetime`s (UTC) at this interface.
+delta once: aggregator/store/clickhouse_schema.py), and of connections keeps `deleted = 0`
+(`LIVE`: a tombstone is the newest version of a removed connection). Times are µs integers in
+the tables and `datetime`s (UTC) at this interface.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from aggregator.store.sql import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# every read of `connections`: the newest version (FINAL) unless it is a tombstone (a merged
+# NodePort half, aggregator/store/clickhouse.py `_tombstones`). WHERE applies after FINAL (a
+# PREWHERE would not: 18.16 moves no condition there under FINAL; tests/unit/
+# test_store_nodeport.py reads with merges stopped)
+LIVE = "deleted = 0"
 
 GROUPS = {
     "workload": ("client_wid", "server_wid"),
@@ -105,7 +111,8 @@ class ClickHouseQueries:
     # -- correlation state --------------------------------------------------------------------
     def _states(self, where: str, params: dict[str, Any]) -> list[Connection]:
         rows = self._exec(f"SELECT conn_id, version, state FROM {self.db}.connections FINAL "
-                          f"WHERE {where}", params, settings={"strings_as_bytes": True})
+                          f"WHERE {LIVE} AND ({where})", params,
+                          settings={"strings_as_bytes": True})
         out = []
         for cid, version, state in rows:
             self.remember_version(cid.decode(), int(version))
@@ -113,7 +120,8 @@ class ClickHouseQueries:
         return out
 
     def recent_connections(self, horizon_s: float) -> list[Connection]:
-        newest = self._exec(f"SELECT max(last_seen), count() FROM {self.db}.connections FINAL")
+        newest = self._exec(f"SELECT max(last_seen), count() FROM {self.db}.connections FINAL "
+                            f"WHERE {LIVE}")
         if not newest or not newest[0][1]:
             return []
         return self._states("last_seen >= %(lo)s", {"lo": int(newest[0][0]) - int(horizon_s * 1e6)})
@@ -136,14 +144,15 @@ class ClickHouseQueries:
         return out
 
     def connection_count(self) -> int:
-        return int(self._exec(f"SELECT count() FROM {self.db}.connections FINAL")[0][0])
+        return int(self._exec(f"SELECT count() FROM {self.db}.connections FINAL "
+                              f"WHERE {LIVE}")[0][0])
 
     # -- queries ------------------------------------------------------------------------------
     def connections(self, q: ConnectionQuery) -> list[dict[str, Any]]:
         p = ClickParams()
         where, order = connection_where(q, p)
         cols = ", ".join(q.columns or SHOWN)
-        sql = (f"SELECT {cols} FROM {self.db}.connections FINAL WHERE {where} "
+        sql = (f"SELECT {cols} FROM {self.db}.connections FINAL WHERE {LIVE} AND ({where}) "
                f"ORDER BY {order} LIMIT {int(q.limit)}")
         return [_typed(r) for r in self._dicts(sql, p.named)]
 
@@ -200,7 +209,7 @@ class ClickHouseQueries:
         SELECT {cg} AS src, {sg} AS dst, server_wid AS wid, count() AS n,
           countIf(start_ts >= %(since)s) AS opened
         FROM {self.db}.connections FINAL
-        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
+        WHERE {LIVE} AND start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
           AND ({cond})
         GROUP BY src, dst, wid""", named)
 
@@ -212,7 +221,7 @@ class ClickHouseQueries:
         rows = self._exec(f"""
         SELECT DISTINCT assumeNotNull(service_ip), ifNull(service_port, 0)
         FROM {self.db}.connections FINAL
-        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
+        WHERE {LIVE} AND start_ts < %(until)s AND last_seen >= %(since)s AND service_ip IS NOT NULL
           AND ({cond})
         ORDER BY 1, 2""", named)
         return [(str(ip), int(port)) for ip, port in rows]
@@ -246,7 +255,7 @@ class ClickHouseQueries:
           sum(dropped) AS dropped,
           arrayStringConcat(groupArray(drop_reasons), ',') AS drop_text
         FROM {self.db}.connections FINAL
-        WHERE start_ts < %(until)s AND last_seen >= %(since)s AND ({cond})
+        WHERE {LIVE} AND start_ts < %(until)s AND last_seen >= %(since)s AND ({cond})
         GROUP BY src, dst, observed_by, server_port, protocol"""
         rows = self._dicts(sql, named)
         for r in rows:

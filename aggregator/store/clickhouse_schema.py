@@ -13,7 +13,9 @@ The SQL is what ClickHouse 18.16 (Debian 12) and current servers both accept:
   a raw record is keyed by (collector, batch_seq, record_id), a rollup delta by its minute and
   edge plus the (collector, batch_seq) that produced it, a connection by its id with the highest
   `version` winning. A batch written twice (an aggregator killed between two inserts, the batch
-  redelivered) therefore reads as once;
+  redelivered) therefore reads as once. A connection removed (a NodePort half merged into its
+  real connection, aggregator/nodeport.py) is a newer version of its key with `deleted = 1` (a
+  *tombstone*, `TOMBSTONE_VERSION`): every read filters `deleted = 0` after FINAL;
 - the sharding key keeps every row that must be de-duplicated together on one shard
   (`FINAL` works per shard): records and rollups by (collector, batch_seq), connections by
   conn_id, workloads by wid;
@@ -62,6 +64,12 @@ CONN_NOT_NULL = {"conn_id", "protocol", "family", "client_ip", "client_ip_hex", 
                  "byte_mismatch", "incomplete", "client_wid", "server_wid", "state"}
 ROLLUP_NOT_NULL = set(ROLLUP_KEY) | {"bytes_c2s", "bytes_s2c", "retransmits", "resets"}
 WORKLOAD_NOT_NULL = {"wid", "first_seen", "last_seen"}
+
+# a removed connection's tombstone (`deleted = 1`): above every version the clock rule gives
+# (µs since 1970, aggregator/store/clickhouse.py `_next_version`) and the same for every write
+# of it, so it outranks every row of the connection written before or after it, and a redo
+# writes the identical row
+TOMBSTONE_VERSION = 2**63
 
 TIME_COLUMNS = {"start_ts", "end_ts", "last_seen", "closed_ts", "ingested_at", "minute",
                 "first_seen"}
@@ -192,7 +200,7 @@ TABLES = [
                                "records Int32", "ingested_at Int64"],
           "ReplacingMergeTree()", "(collector, batch_seq)", "cityHash64(collector, batch_seq)",
           None),
-    Table("connections", ["day Date", "version UInt64",
+    Table("connections", ["day Date", "version UInt64", "deleted UInt8 DEFAULT 0",
                           *_arrow_columns(CONN_SCHEMA, CONN_NOT_NULL)],
           "ReplacingMergeTree(version)",
           "(server_port, server_ip, client_ip, client_port, protocol, conn_id)",

@@ -349,6 +349,11 @@ class DerivedTables(Protocol):
         their stored rows are deleted."""
 
     @property
+    def removed_keys(self) -> dict[str, tuple[str, str, int, str, int, int]]:
+        """`removed` with each one's correlation key (`Connection.key`): where its stored rows
+        are (ClickHouse writes a tombstone of the same sort key)."""
+
+    @property
     def empty(self) -> bool: ...
 
     @property
@@ -395,6 +400,10 @@ class Derived:
     @property
     def removed(self) -> list[str]:
         return list(self.plan.removed)
+
+    @property
+    def removed_keys(self) -> dict[str, tuple[str, str, int, str, int, int]]:
+        return dict(self.plan.removed)
 
     @cached_property
     def summaries(self) -> list[Summary]:

@@ -147,6 +147,11 @@ def register(sub: Any) -> None:
                    "coalesced write, at most (default 60000; a larger share is written alone)")
     g.add_argument("--nats-coalesce-wait", type=float, metavar="S", help="after a partition's "
                    "first waiting share, how long to wait for more to coalesce (default 0.05)")
+    g.add_argument("--no-live-fanin", action="store_true", help="the live stream (GET "
+                   "/api/v1/flows/stream) of a replica carries only the partitions it owns; "
+                   "by default the replicas send each other their rows over NATS "
+                   "(<subject-prefix>.live, only while a replica has subscribers), so every "
+                   "replica's stream carries every partition")
     g.add_argument("--nats-ack-wait", type=float, metavar="S", help="a batch not acked within S "
                    "seconds (its replica died) is redelivered to its partition's next owner "
                    "(default 30)")

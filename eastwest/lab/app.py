@@ -89,6 +89,10 @@ from eastwest.lab.plan import DEAD_PORT, UDP_DEAD_PORT
 AUTH_RESET_SHARE = 0.2
 DB_DEAD_SHARE = 0.05
 CONNECT_TIMEOUT = 3.0
+# a TCP call's reads once connected: a server that accepted answers, but on a loaded machine it
+# may take seconds; a read timeout would make the truth say "no server took part" (and 0 bytes
+# read) of a call whose server did answer, which every observer saw (a false mismatch)
+READ_TIMEOUT = 30.0
 UDP_SHARE = 0.3  # api requests that also make a UDP exchange with cache
 UDP_UNCONNECTED_SHARE = 0.5  # of those, on an unconnected socket (sendto/recvfrom)
 UDP_DEAD_EVERY_S = 2.0  # api: a datagram to a port where nobody listens, at most this often
@@ -305,6 +309,7 @@ class App:
             except TimeoutError:
                 outcome = "timeout"
                 return outcome
+            s.settimeout(READ_TIMEOUT)
             if dial and dial.via:
                 hello = proxy_line("TCP4", address(self.pod, family), cport, dial)
                 s.sendall(hello)

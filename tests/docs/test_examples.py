@@ -247,6 +247,7 @@ class Running:
     proc: subprocess.Popen
     out: Path
     err: Path
+    started: float = field(default_factory=time.monotonic)
 
     def text(self) -> tuple[str, str]:
         return (self.out.read_text(errors="replace"), self.err.read_text(errors="replace"))
@@ -302,8 +303,10 @@ def await_up(r: Running) -> str:
     else:
         mm = re.search(r"--metrics-listen (\S+)", cmd)
         url, wait, needs = (f"http://{mm.group(1)}/metrics" if mm else ""), 20, ""
-    deadline = time.monotonic() + wait
-    settle = time.monotonic() + 8           # a collector: still running after this long
+    deadline = r.started + wait
+    # a collector without a URL to ask: still running after this long (the socket probes
+    # compile for seconds and fail then; a capture-only collector fails within a second)
+    settle = r.started + (3 if "--no-socket" in cmd else 8)
     while time.monotonic() < deadline:
         if r.proc.poll() is not None:
             return f"exited {r.proc.returncode} before it was up"
@@ -373,7 +376,8 @@ def test_doc_example(world: World, block: Block, k: int) -> None:
     try:
         background = cmd.endswith("&")
         if background or runs_until_stopped(cmd):
-            _run_daemon(world, block, cmd.rstrip("& "), prelude, cwd, where, background)
+            _run_daemon(world, block, cmd.rstrip("& "), prelude, cwd, where, background,
+                        defer=background and _next_is_background(block, k, world.servers))
         else:
             _run_once(cmd, command, prelude, cwd, world.env, where,
                       "zsh" if block.lang == "zsh" else "bash")
@@ -402,21 +406,44 @@ def _run_once(cmd: str, command: Command, prelude: list[str], cwd: Path, env: di
         assert got.stdout.strip() == "_eastwest", f"{where}: zsh did not load it: {got}"
 
 
+def _next_is_background(block: Block, k: int, servers: Servers) -> bool:
+    return (k + 1 < len(block.commands)
+            and strip_comment(fill(block.commands[k + 1].text, servers)).endswith("&"))
+
+
 def _run_daemon(world: World, block: Block, cmd: str, prelude: list[str], cwd: Path, where: str,
-                background: bool) -> None:
+                background: bool, defer: bool = False) -> None:
+    """Start a command that runs until stopped and check that it comes up. A background one
+    followed by another (`a & b & c &`) is checked with the last of the run: they come up side
+    by side, as in a shell, and each is still checked from its own start."""
     if re.fullmatch(r"make (run|demo)", cmd):
         if cmd in world.ran:
             return  # the same command, run and checked at world.ran[cmd]
         cwd = REPO
     r = start(cmd, prelude, cwd, world.env, where)
+    if background:
+        world.block_bg.setdefault(block.id, []).append(r)
+        if defer:
+            return
+        pending = [x for x in world.block_bg[block.id] if x.where not in world.ran.values()]
+        failures = []
+        for x in pending:
+            bad = await_up(x)
+            if bad:
+                out, err = x.text()
+                failures.append(f"{x.where}: `{x.cmd}` {bad}:\n{out[-2000:]}\n{err[-3000:]}")
+            else:
+                world.ran[x.cmd] = x.where
+        if failures:
+            for x in world.block_bg.pop(block.id):
+                x.stop(30)
+            pytest.fail("\n".join(failures))
+        return
     bad = await_up(r)
     if bad:
         r.stop(30)
         out, err = r.text()
         pytest.fail(f"{where}: `{cmd}` {bad}:\n{out[-2000:]}\n{err[-3000:]}")
-    if background:
-        world.block_bg.setdefault(block.id, []).append(r)
-        return
     _stop_clean(r, where)
     world.ran[cmd] = where
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tarfile
 import time
 import tomllib
@@ -27,6 +25,7 @@ import yaml
 
 from eastwest import __version__
 from tests.conftest import ARTIFACTS, REPO, require_root
+from tests.image import build as imagebuild
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1800)]
 
@@ -39,28 +38,15 @@ LOGS = ARTIFACTS / "image"
 HERE = Path(__file__).resolve().parent
 
 
-def build(*args: str) -> tuple[float, str]:
-    """Runs the build script as a user would; its seconds and output (also in test-artifacts)."""
-    LOGS.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    r = subprocess.run(["bash", "scripts/build-image.sh", *args], cwd=REPO, capture_output=True,
-                       text=True, timeout=1700, env=os.environ | {"PYTHON": sys.executable})
-    took = time.monotonic() - t0
-    out = r.stdout + r.stderr
-    with open(LOGS / "build.log", "a") as f:
-        f.write(f"=== build-image.sh: exit {r.returncode} in {took:.1f} s\n{out}\n")
-    assert r.returncode == 0, f"scripts/build-image.sh exited {r.returncode}:\n{out[-4000:]}"
-    return took, out
-
-
 @pytest.fixture(scope="module")
 def image() -> str:
     require_root()
-    missing = [t for t in ("podman", "mmdebstrap", "runc") if not shutil.which(t)]
+    missing = imagebuild.missing_tools()
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: run `bash scripts/setup-system.sh` as root")
-    took, _ = build()
-    (LOGS / "timings.txt").write_text(f"first build in this run: {took:.1f} s\n")
+    took, _, early = imagebuild.result()
+    (LOGS / "timings.txt").write_text(f"first build in this run: {took:.1f} s"
+                                      f"{' (started at collection)' if early else ''}\n")
     return IMAGE
 
 
@@ -304,7 +290,7 @@ def test_a_second_build_reuses_everything_and_saves_an_archive_of_the_image(imag
     `ctr images import` and `kind load image-archive` tag it with) and holds this image."""
     before = inspect(image, "{{.Id}}")
     archive = tmp_path / "eastwest.tar"
-    took, out = build("--save", str(archive))
+    took, out = imagebuild.build("--save", str(archive))
     with open(LOGS / "timings.txt", "a") as f:
         f.write(f"second build (with --save): {took:.1f} s\n")
     assert "base localhost/eastwest-base:" in out and "present" in out

@@ -80,3 +80,14 @@ def test_good_values_reach_serve(never_serves, capsys):
              "--export-settle", "0", "--nats-ack-wait", "10", "--nats-max-bytes", "2097152",
              "--retention", "36h", "--identity-settle", "0", "--cidr-group", "corp=10.0.0.0/8"]
     assert main([*never_serves, *flags]) == 99, capsys.readouterr().err
+
+
+def test_the_live_fanin_is_on_by_default_and_no_live_fanin_turns_it_off(never_serves,
+                                                                        monkeypatch):
+    seen = []
+    monkeypatch.setattr(aggregator.serve, "serve",
+                        lambda settings, verbose=False: seen.append(settings.live_fanin) or 99)
+    nats = ["--nats", "nats://127.0.0.1:4222"]
+    assert main([*never_serves, *nats]) == 99
+    assert main([*never_serves, *nats, "--no-live-fanin"]) == 99
+    assert seen == [True, False]

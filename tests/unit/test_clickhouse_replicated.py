@@ -156,3 +156,46 @@ def test_a_replica_killed_and_restarted_loses_nothing_acknowledged(cluster, tmp_
         "GROUP BY collector, batch_seq, record_id HAVING n > 1")
     assert raw == []
     assert peer.client().execute("SELECT count() FROM rep_fault.flows FINAL")[0][0] == 120
+
+
+def test_an_old_replicated_connections_table_gets_the_deleted_column_everywhere(cluster):
+    """Tables made before tombstones (replicated local tables on the 4 replicas, Distributed
+    tables on every server, none with `deleted`): opening the store adds the column to all of
+    them, and a connection read through any server is live (docs/scale-out.md)."""
+    from dataclasses import replace
+
+    from aggregator.store.clickhouse_schema import TABLE, distributed_ddl, local_ddl, replica_of
+    from tests.servers import REPLICATED_CLUSTER
+
+    db, local = "rep_old", "rep_old_connections"
+    old = replace(TABLE["connections"],
+                  columns=[c for c in TABLE["connections"].columns if c.split()[0] != "deleted"])
+    name = REPLICATED_CLUSTER
+    for shard, row in enumerate(cluster.servers, start=1):
+        for s in row:
+            c = s.client()
+            c.execute("CREATE DATABASE IF NOT EXISTS ew")
+            c.execute(local_ddl(old, f"ew.{local}", (18, 16), None,
+                                replica_of(name, local, shard, "127.0.0.1", s.port)))
+    for s in cluster.all:
+        c = s.client()
+        c.execute(f"CREATE DATABASE IF NOT EXISTS {db}")
+        c.execute(distributed_ddl(old, f"{db}.connections", name, local))
+    store = ClickHouseStore(cluster.url(db))
+    try:
+        give_up = time.monotonic() + 30  # a replica applies its shard's ALTER from the log
+        for s in cluster.all:
+            for d, t in ((db, "connections"), ("ew", local)):
+                while True:
+                    rows = s.client().execute(
+                        "SELECT type, default_expression FROM system.columns WHERE database = "
+                        f"'{d}' AND table = '{t}' AND name = 'deleted'")
+                    if rows or time.monotonic() > give_up:
+                        break
+                    time.sleep(0.2)
+                assert rows == [("UInt8", "0")], (s.port, d, t)
+            assert s.client().execute(f"SELECT count() FROM {db}.connections FINAL "
+                                      "WHERE deleted = 0") == [(0,)]
+        assert store.connection_count() == 0
+    finally:
+        store.close()

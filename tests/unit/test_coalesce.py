@@ -301,7 +301,8 @@ def test_coalesced_writes_are_counted_with_their_shares_and_records(tmp_path):
         assert dict(buckets) == {le: sum(1 for n in sizes if le == "+Inf" or n <= int(le))
                                  for le, _ in buckets}
         registry = CollectorRegistry()
-        registry.register(_PartitionMetrics(SimpleNamespace(owned={0, 1}, taken_over=2), c))
+        registry.register(_PartitionMetrics(SimpleNamespace(owned={0, 1}, taken_over=2), None,
+                                            c))
         text = generate_latest(registry).decode()
         for line in ("eastwest_nats_group_writes_total 4.0",
                      f"eastwest_nats_group_shares_total {float(shares)}",

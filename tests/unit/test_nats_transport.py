@@ -68,11 +68,12 @@ def body(collector: str, seq: int, records) -> bytes:
     return codec.encode_batch(Batch(collector, seq, T0, list(records)))
 
 
-def replica(stack: ExitStack, tmp_path, name: str, db: str, opts: NatsOptions) -> TestClient:
+def replica(stack: ExitStack, tmp_path, name: str, db: str, opts: NatsOptions,
+            **over) -> TestClient:
     settings = AggregatorSettings(
         data_dir=tmp_path / name, ingest_token=INGEST, read_token=READ, retention=None,
         store="clickhouse", clickhouse_url=shared_clickhouse().url(db), nats=opts,
-        nats_ack_wait_s=2.0, nats_lease_s=1.5, nats_replica=name)
+        nats_ack_wait_s=2.0, nats_lease_s=1.5, nats_replica=name, **over)
     c = stack.enter_context(TestClient(create_app(settings)))
     assert c.app.state.pipeline.consumer.ready.wait(30)
     return c
@@ -490,3 +491,108 @@ def test_a_smaller_max_payload_between_attempts_splits_only_what_no_longer_fits(
         s.close()
     finally:
         server.stop()
+
+
+# -- the live stream of every replica (aggregator/live_fanin.py) ---------------------------------
+def stream_ids(c: TestClient, limit: int, out: list[str]) -> None:
+    """GET /api/v1/flows/stream until `limit` events: their connection ids, in order."""
+    with c.stream("GET", "/api/v1/flows/stream", params={"limit": str(limit)}, headers=RH) as r:
+        assert r.status_code == 200
+        out += [line[4:] for line in r.iter_lines() if line.startswith("id: ")]
+
+
+@pytest.mark.parametrize("fanin", [True, False], ids=["fanin", "no-fanin"])
+def test_the_live_stream_of_every_replica_carries_every_partition_once(nats_server, tmp_path,
+                                                                       fanin):
+    """Two replicas own one of 2 partitions each; an SSE subscriber on EACH sees every
+    connection the store holds, each once (its own partition from its hub, the other's over
+    NATS from the replica that owns it). With `--no-live-fanin` a subscriber sees its
+    replica's partition only: the two streams split the store between them."""
+    import threading
+
+    opts = NatsOptions(nats_server.url, partitions=2)
+    db = f"nats_live_{'on' if fanin else 'off'}"
+    with ExitStack() as stack:
+        a, b = (replica(stack, tmp_path, name, db, opts, live_fanin=fanin) for name in "ab")
+        pa_, pb = a.app.state.pipeline, b.app.state.pipeline
+        wait_for(lambda: len(pa_.consumer.owned) == len(pb.consumer.owned) == 1,
+                 "a partition each")
+        assert (pa_.fanin is not None) is fanin and (pb.fanin is not None) is fanin
+        n = 40
+        got: dict[str, list[str]] = {"a": [], "b": []}
+        expect = {"a": n, "b": n} if fanin else {}
+        if not fanin:  # each stream ends with its own partition's connections
+            s = sender(opts, "h1")
+            shares = s.shares(body("h1", 1, [rec("client", cport=46500 + j) for j in range(n)]))
+            s.close()
+            counts = {int(subject.split(".")[2][1:]): len(codec.decode_batch(d).records)
+                      for subject, d, _ in shares}
+            expect = {name: counts[next(iter(p.consumer.owned))]
+                      for name, p in (("a", pa_), ("b", pb))}
+        readers = [threading.Thread(target=stream_ids, args=(c, expect[name], got[name]))
+                   for name, c in (("a", a), ("b", b))]
+        for t in readers:
+            t.start()
+        wait_for(lambda: pa_.fanout.hub.subscribers == pb.fanout.hub.subscribers == 1,
+                 "a subscriber on each replica")
+        if fanin:  # each replica has heard the other's subscriber
+            wait_for(lambda: pa_.fanin.peers_want and pb.fanin.peers_want, "interest")
+        s1 = sender(opts, "h1")
+        assert accepted(s1, body("h1", 1, [rec("client", cport=46500 + j) for j in range(n)]))
+        s1.close()
+        wait_for(lambda: len(flows(a)) == n, f"{n} connections stored")
+        for t in readers:
+            t.join(30)
+            assert not t.is_alive(), got
+        stored = {f["id"] for f in flows(a)}
+        for name in "ab":  # each event a connection of the store, never one twice
+            assert len(got[name]) == len(set(got[name])) == expect[name]
+            assert set(got[name]) <= stored
+        if fanin:
+            assert set(got["a"]) == set(got["b"]) == stored
+            # each replica sent the other its own partition's rows, each once
+            assert pa_.fanin.published_rows == pb.fanin.received_rows > 0
+            assert pb.fanin.published_rows == pa_.fanin.received_rows > 0
+            assert pa_.fanin.published_rows + pb.fanin.published_rows == n
+            snap = pa_.drops.snapshot() | pb.drops.snapshot()
+            assert not [k for k in snap if k[0] == "stream"], snap
+        else:
+            assert set(got["a"]).isdisjoint(got["b"])
+            assert set(got["a"]) | set(got["b"]) == stored
+
+
+def test_the_live_stream_keeps_every_connection_once_across_a_take_over(nats_server, tmp_path):
+    """A subscriber on replica A sees B's partition through the fan-in, then B stops (a rolling
+    restart: its leases released) and A takes B's partition over: the connections before and
+    after reach A's stream each once, nothing lost, nothing twice."""
+    import threading
+
+    opts = NatsOptions(nats_server.url, partitions=2)
+    n = 30
+    with ExitStack() as stack:
+        a = replica(stack, tmp_path, "a", "nats_live_takeover", opts)
+        pa_ = a.app.state.pipeline
+        got: list[str] = []
+        with ExitStack() as b_stack:
+            b = replica(b_stack, tmp_path, "b", "nats_live_takeover", opts)
+            pb = b.app.state.pipeline
+            wait_for(lambda: len(pa_.consumer.owned) == len(pb.consumer.owned) == 1,
+                     "a partition each")
+            reader = threading.Thread(target=stream_ids, args=(a, 2 * n, got))
+            reader.start()
+            wait_for(lambda: pa_.fanout.hub.subscribers == 1 and pb.fanin.peers_want,
+                     "B to hear of A's subscriber")
+            s1 = sender(opts, "h1")
+            assert accepted(s1, body("h1", 1, [rec("client", cport=47100 + j)
+                                               for j in range(n)]))
+            wait_for(lambda: len(flows(a)) == n and pb.fanin.published_rows > 0,
+                     "the first connections, some of them B's")
+        wait_for(lambda: len(pa_.consumer.owned) == 2, "A took B's partition over")
+        assert accepted(s1, body("h1", 2, [rec("client", cport=47200 + j) for j in range(n)]))
+        s1.close()
+        reader.join(30)
+        assert not reader.is_alive(), got
+        stored = {f["id"] for f in flows(a)}
+        assert len(stored) == 2 * n
+        assert len(got) == len(set(got)) == 2 * n and set(got) == stored
+        assert not [k for k in pa_.drops.snapshot() if k[0] == "stream"]
