@@ -523,10 +523,10 @@ def test_the_live_stream_of_every_replica_carries_every_partition_once(nats_serv
         expect = {"a": n, "b": n} if fanin else {}
         if not fanin:  # each stream ends with its own partition's connections
             s = sender(opts, "h1")
-            shares = s.shares(body("h1", 1, [rec("client", cport=46500 + j) for j in range(n)]))
+            shares = s.plan(body("h1", 1, [rec("client", cport=46500 + j)
+                                           for j in range(n)])).shares
             s.close()
-            counts = {int(subject.split(".")[2][1:]): len(codec.decode_batch(d).records)
-                      for subject, d, _ in shares}
+            counts = {x.partition: x.records for x in shares}
             expect = {name: counts[next(iter(p.consumer.owned))]
                       for name, p in (("a", pa_), ("b", pb))}
         readers = [threading.Thread(target=stream_ids, args=(c, expect[name], got[name]))
