@@ -2,8 +2,8 @@
 
 Stage: the correlation stage of an aggregator replica consuming partitions from NATS into a
 shared store (aggregator/consume.py, aggregator/leases.py; wired in aggregator/pipeline.py).
-In: accepted batches, each a share of one partition (its mark sequence names the partition,
-eastwest/partition.py). Out: the batch correlated by that partition's own `InlineCorrelation`
+In: accepted batches, each a share (or a sub-share) of one partition (its mark sequence names
+the partition, eastwest/partition.py `mark_partition`). Out: the batch correlated by that partition's own `InlineCorrelation`
 (aggregator/worker.py) and its own `ColumnCorrelator`: replicas never need each other's memory,
 since every record of a connection is in one partition.
 
@@ -16,11 +16,14 @@ Coalescing (`accept_group`): the consumer hands over the shares of a partition t
 waiting (up to `--nats-coalesce` messages and `--nats-coalesce-records` records), in stream
 order; the partition's correlator plans each in turn and the store writes them all at once
 (aggregator/worker.py `InlineCorrelation.accept_group`, the store's `write_group`), only while
-the consumer still holds the partition's lease.
+the consumer still holds the partition's lease. Each such write is counted (`group_writes`,
+with the shares and records it held and a histogram of its shares: the `eastwest_nats_group_*`
+metrics, aggregator/pipeline.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Sequence
 
@@ -31,7 +34,9 @@ from aggregator.store.base import Backlogged, IngestResult, WriteStore
 from aggregator.worker import Accepted, InlineCorrelation, WrittenBeforeAck
 from eastwest.clock import Clock
 from eastwest.drops import Drops
-from eastwest.partition import key_partition, split_mark
+from eastwest.partition import key_partition, mark_partition
+
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # shares per coalesced write (histogram)
 
 
 class PartitionedCorrelation(WrittenBeforeAck):
@@ -49,6 +54,12 @@ class PartitionedCorrelation(WrittenBeforeAck):
         self._version = 0
         self._current = threading.local()  # the partition whose step is being told
         self.loaded = 0  # connections reloaded at take-overs, in all
+        # coalesced writes (one store write of a partition's waiting shares each), for
+        # /metrics: kept here, not in the partitions' correlators (a hand-over forgets those)
+        self.group_writes = 0
+        self.group_shares = 0
+        self.group_records = 0
+        self.group_sizes = [0] * (len(GROUP_BUCKETS) + 1)  # writes by shares, per bucket
 
     # -- the consumer's hooks -------------------------------------------------------------------
     def take(self, partition: int) -> None:
@@ -84,7 +95,7 @@ class PartitionedCorrelation(WrittenBeforeAck):
         return self._version
 
     def accept(self, batch: Accepted) -> IngestResult:
-        _, k = split_mark(batch.batch_seq)
+        k = mark_partition(batch.batch_seq, self.partitions)
         with self._lock:
             part = self.parts.get(k)
         if part is None:
@@ -108,9 +119,9 @@ class PartitionedCorrelation(WrittenBeforeAck):
         out: list[IngestResult] = []
         i = 0
         while i < len(batches):
-            k = split_mark(batches[i].batch_seq)[1]
+            k = mark_partition(batches[i].batch_seq, self.partitions)
             j = i + 1
-            while j < len(batches) and split_mark(batches[j].batch_seq)[1] == k:
+            while j < len(batches) and mark_partition(batches[j].batch_seq, self.partitions) == k:
                 j += 1
             with self._lock:
                 part = self.parts.get(k)
@@ -122,11 +133,32 @@ class PartitionedCorrelation(WrittenBeforeAck):
                 results = part.accept_group(batches[i:j], still_owned)
             finally:
                 self._current.k = None
-            if any(not r.duplicate for r in results):
+            written = [r for r in results if not r.duplicate]
+            if written:  # one store write held them (InlineCorrelation.accept_group)
                 self._version += 1
+                self._count_group(len(written), sum(r.stored for r in written))
             out += results
             i = j
         return out
+
+    def _count_group(self, shares: int, records: int) -> None:
+        with self._lock:
+            self.group_writes += 1
+            self.group_shares += shares
+            self.group_records += records
+            self.group_sizes[bisect.bisect_left(GROUP_BUCKETS, shares)] += 1
+
+    def group_counts(self) -> tuple[int, int, int, list[tuple[str, int]]]:
+        """(writes, shares, records, histogram) of the coalesced writes, read at once; the
+        histogram: cumulative (le, writes) of the shares per write, Prometheus style."""
+        with self._lock:
+            counts = list(self.group_sizes)
+            writes, shares, records = self.group_writes, self.group_shares, self.group_records
+        out, total = [], 0
+        for le, n in zip([*map(str, GROUP_BUCKETS), "+Inf"], counts, strict=True):
+            total += n
+            out.append((le, total))
+        return writes, shares, records, out
 
     @property
     def groups(self) -> int:

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.arrow_memory import use_returning_pool
@@ -137,7 +137,7 @@ class Pipeline:
                                        hooks.current, revision)
                 self.fanout.add_listener(self.fanin.on_changes)
                 self.fanin.start()
-            self._partition_metrics = _PartitionMetrics(self.consumer, self.fanin)
+            self._partition_metrics = _PartitionMetrics(self.consumer, self.fanin, hooks)
             self.metrics.registry.register(self._partition_metrics)
             self.consumer.start()
 
@@ -271,10 +271,12 @@ class _CorrelationMetrics(Collector):
 class _PartitionMetrics(Collector):
     """The NATS partitions this replica owns (aggregator/leases.py)."""
 
-    def __init__(self, consumer: JetStreamConsumer, fanin: LiveFanIn | None) -> None:
-        self.consumer, self.fanin = consumer, fanin
+    def __init__(self, consumer: JetStreamConsumer, fanin: LiveFanIn | None,
+                 correlation: PartitionedCorrelation | None = None) -> None:
+        self.consumer, self.fanin, self.correlation = consumer, fanin, correlation
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily
+                                  | HistogramMetricFamily]:
         yield GaugeMetricFamily("eastwest_nats_partitions_owned", "partitions of the NATS "
                                 "stream this replica consumes now (its leases)",
                                 value=len(self.consumer.owned))
@@ -289,6 +291,20 @@ class _PartitionMetrics(Collector):
             yield CounterMetricFamily("eastwest_stream_fanin_received_rows", "connection rows "
                                       "of the other replicas' partitions received for this "
                                       "replica's live stream", value=self.fanin.received_rows)
+        c = self.correlation
+        if c is None:
+            return
+        # the coalesced writes of --nats-coalesce: mean shares per write = shares / writes
+        writes, shares, records, buckets = c.group_counts()
+        yield CounterMetricFamily("eastwest_nats_group_writes", "store writes of a partition's "
+                                  "waiting shares (--nats-coalesce), one per coalesced group",
+                                  value=writes)
+        yield CounterMetricFamily("eastwest_nats_group_shares", "shares (NATS messages) those "
+                                  "writes held, duplicates not included", value=shares)
+        yield CounterMetricFamily("eastwest_nats_group_records", "records those writes held",
+                                  value=records)
+        yield HistogramMetricFamily("eastwest_nats_group_size_shares", "shares per coalesced "
+                                    "write", buckets=buckets, sum_value=shares)
 
 
 class _KubernetesMetrics(Collector):

@@ -20,9 +20,12 @@ Stages, each replaceable in tests (fake sender or transport, `FakeClock`, no sle
    exponential backoff within a deadline, honouring Retry-After (RFC 9110 10.2.3), and counted
    in `eastwest_export_retries_total{reason}`.
    `Accepted` removes the batch from the spool (a `duplicate` answer too: it was applied before).
-   `Refused` (HTTP 400/413/415/422..., a batch over NATS' max_payload) will never succeed: the
-   batch is dropped and counted as `export/<reason>` (`export/http_413`,
-   `export/nats_max_payload`).
+   `Refused` (HTTP 400/413/415/422..., a batch whose every record alone is over NATS'
+   max_payload) will never succeed: the batch is dropped and counted as `export/<reason>`
+   (`export/http_413`, `export/nats_max_payload`). An `Accepted` may name records the sender
+   could not hand over with the rest (`dropped`: NATS' lone records over max_payload,
+   `export/nats_max_payload`; sub-shares past the mark's space, `export/nats_share_space`):
+   those are counted, the rest is delivered.
    Refused credentials (HTTP 401/403, NATS authorization) leave the batch spooled and the sender
    pauses, loudly. A deadline that runs out leaves the batch spooled; the sender pauses and tries
    again.
@@ -171,6 +174,7 @@ class AggregatorSink:
         self.server = None
         try:  # a sink that fails to start leaves the spool folder to the next process at once
             self.sender = sender or _make_sender(settings, args, ctx, client)
+            self.metrics.watch_sources([self.sender])  # NatsSender: its sub-share counters
             if metrics is None and args is not None and getattr(args, "metrics_listen", None):
                 self.server = self.metrics.serve(args.metrics_listen)  # else the owner serves
         except BaseException:
@@ -258,10 +262,16 @@ class AggregatorSink:
     def _count_ok(self, records: int, answer: Any) -> None:
         rejected = answer.get("rejected", []) if isinstance(answer, dict) else []
         bad = len(rejected) if isinstance(rejected, list) else 0
-        self.metrics.records_out.inc(records - bad)
+        # records the sender could not hand over with the rest (NATS: a record alone over
+        # max_payload), as (reason, records, detail)
+        dropped = answer.get("dropped", []) if isinstance(answer, dict) else []
+        lost = sum(n for _, n, _ in dropped)
+        self.metrics.records_out.inc(records - bad - lost)
         if bad:
             self.ctx.drops.count("export", "rejected_by_aggregator", bad,
                                  detail=f"first: {rejected[0]}")
+        for reason, n, detail in dropped:
+            self.ctx.drops.count("export", reason, n, detail=detail)
 
     def _ager(self) -> None:
         step = min(self.settings.batch_age / 2, 0.25)

@@ -13,6 +13,10 @@ Names (shared with the aggregator where they mean the same):
   eastwest_export_attempts_total, eastwest_export_failures_total{outcome}
   eastwest_export_retries_total{reason}  attempts answered "not now", by the transport's reason
                                          (collector/transport.py: http_503, nats_timeout...)
+  eastwest_export_nats_subshares_total, eastwest_export_nats_resplit_shares_total,
+  eastwest_export_nats_resplit_maybe_doubled_total
+                                         the NATS sender's splits of shares over max_payload
+                                         (collector/transport_nats.py)
   eastwest_probe_map_entries{map}, eastwest_probe_map_capacity{map},
   eastwest_probe_kernel_events_total{event}, eastwest_probe_map_memory_bytes{map}
                                          from sources exposing `gauges()` (collector/probes)

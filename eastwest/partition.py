@@ -25,6 +25,13 @@ sub-batch carries `batch_seq * PARTITION_SPACE + K` as its sequence. The stores'
 row key built on `(collector, batch_seq)` (raw records, rollup deltas, `ingested_batches`)
 therefore hold all three, and two partitions' shares of one batch never collapse into one row
 (ReplacingMergeTree) or one mark.
+
+Sub-shares: a share larger than NATS' max_payload is published as sub-shares j = 0, 1, ...
+(collector/transport_nats.py); sub-share j of partition K is the slot `K + P * j` of the mark,
+`batch_seq * PARTITION_SPACE + K + P * j`, which needs `K + P * j < PARTITION_SPACE` (partition K
+has `sub_shares(K, P)` of them: 171 for P = 6, 1 for P = 1024). Every slot is still unique per
+batch, and the slot mod P is still the partition (`mark_partition`): an aggregator routes a
+sub-share like any share, and marks it by its own sequence.
 """
 
 from __future__ import annotations
@@ -72,7 +79,8 @@ def key_partition(key: tuple[str, str, int, str, int, int], partitions: int) -> 
 
 
 def mark_seq(batch_seq: int, partition: int) -> int:
-    """The sequence of partition K's share of batch `batch_seq` (what the stores mark)."""
+    """The sequence of partition K's share of batch `batch_seq` (what the stores mark); with a
+    slot (`share_slot`) for `partition`: that sub-share's."""
     if not 0 <= batch_seq <= MAX_BATCH_SEQ:
         raise ValueError(f"batch_seq {batch_seq}: at most {MAX_BATCH_SEQ} with partitions")
     if not 0 <= partition < PARTITION_SPACE:
@@ -81,5 +89,27 @@ def mark_seq(batch_seq: int, partition: int) -> int:
 
 
 def split_mark(seq: int) -> tuple[int, int]:
-    """(batch_seq, partition) of a mark sequence."""
+    """(batch_seq, slot) of a mark sequence: the slot is the partition for a share that was not
+    split (sub-share 0), `K + P * j` for sub-share j (`mark_partition` names K)."""
     return seq // PARTITION_SPACE, seq % PARTITION_SPACE
+
+
+def share_slot(partition: int, sub: int, partitions: int) -> int:
+    """The mark slot of sub-share `sub` of partition K's share: `K + P * sub`."""
+    if not 0 <= partition < partitions <= PARTITION_SPACE:
+        raise ValueError(f"partition {partition} of {partitions}")
+    slot = partition + partitions * sub
+    if sub < 0 or slot >= PARTITION_SPACE:
+        raise ValueError(f"sub-share {sub} of partition {partition} (P = {partitions}): slot "
+                         f"{slot}, the mark has {PARTITION_SPACE}")
+    return slot
+
+
+def sub_shares(partition: int, partitions: int) -> int:
+    """How many sub-shares partition K's share of one batch can have (`share_slot` < 1024)."""
+    return (PARTITION_SPACE - 1 - partition) // partitions + 1
+
+
+def mark_partition(seq: int, partitions: int) -> int:
+    """The partition of a mark sequence, whichever sub-share it is."""
+    return seq % PARTITION_SPACE % partitions

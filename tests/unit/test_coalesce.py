@@ -270,3 +270,50 @@ def test_a_run_over_the_record_bound_is_split_and_a_failed_run_naks_every_later_
         assert store.batches() == calls[0]
     finally:
         store.close()
+
+
+def test_coalesced_writes_are_counted_with_their_shares_and_records(tmp_path):
+    """The `eastwest_nats_group_*` metrics after a known run: a write per group that had a new
+    share (a group of duplicates only writes nothing), its new shares and records, and the
+    histogram of shares per write."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from aggregator.pipeline import _PartitionMetrics
+
+    streams = partition_streams()
+    s0, s1 = streams[0], streams[1]
+    store = open_fresh("duckdb", tmp_path, "metrics")
+    try:
+        r = Replica(store)
+        r.intake.accept_group(s0[:3])          # a write of 3 shares
+        r.intake.accept_group([s0[2], s0[3]])  # one duplicate, one new: a write of 1
+        r.intake.accept_group([s0[3]])         # a duplicate only: no write
+        r.intake.accept_group(s0[4:])          # a write of the rest of partition 0
+        r.intake.accept_group(s1)              # a write of all of partition 1
+        sizes = [3, 1, len(s0) - 4, len(s1)]
+        records = sum(len(codec.decode_batch(b).records) for s in streams.values() for b in s)
+        assert records == 4 * N
+        c = r.correlation
+        writes, shares, recs, buckets = c.group_counts()
+        assert (writes, shares, recs) == (4, len(s0) + len(s1), records)
+        assert dict(buckets) == {le: sum(1 for n in sizes if le == "+Inf" or n <= int(le))
+                                 for le, _ in buckets}
+        registry = CollectorRegistry()
+        registry.register(_PartitionMetrics(SimpleNamespace(owned={0, 1}, taken_over=2), None,
+                                            c))
+        text = generate_latest(registry).decode()
+        for line in ("eastwest_nats_group_writes_total 4.0",
+                     f"eastwest_nats_group_shares_total {float(shares)}",
+                     f"eastwest_nats_group_records_total {float(records)}",
+                     'eastwest_nats_group_size_shares_bucket{le="1"} 1.0',
+                     'eastwest_nats_group_size_shares_bucket{le="+Inf"} 4.0',
+                     "eastwest_nats_group_size_shares_count 4.0",
+                     f"eastwest_nats_group_size_shares_sum {float(shares)}"):
+            assert line in text, line
+        # a partition handed over (its correlator forgotten) keeps the counts
+        c.drop(0)
+        assert c.group_counts()[:3] == (4, len(s0) + len(s1), records)
+    finally:
+        store.close()

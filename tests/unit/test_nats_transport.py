@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,11 +23,12 @@ from aggregator.settings import AggregatorSettings
 from collector.export import AggregatorSink, ExportSettings
 from collector.pipeline import CollectorContext
 from collector.transport import Accepted, Refused, Retry
-from collector.transport_nats import NatsSender
+from collector.transport_nats import HEADROOM, NatsSender
 from eastwest import codec
 from eastwest.codec import Batch
 from eastwest.errors import ConfigError
 from eastwest.jetstream import NatsOptions
+from eastwest.partition import mark_partition, record_partition
 from eastwest.record import Process
 from tests.servers import NatsServer, shared_clickhouse
 from tests.unit.test_correlate import T0, rec
@@ -123,10 +126,10 @@ def test_a_batch_is_split_by_connection_and_each_share_is_marked(nats_server):
     try:
         recs = [rec(o, cport=46000 + i, collector="h1") for i in range(40)
                 for o in ("client", "server", "path")]
-        shares = s.shares(body("h1", 9, recs))
+        shares = s.plan(body("h1", 9, recs)).shares
         assert len(shares) == 6  # 40 connections reach every partition
         seen: dict[int, int] = {}
-        for subject, data, msg_id in shares:
+        for subject, data, msg_id in ((x.subject, x.body, x.msg_id) for x in shares):
             b = codec.decode_batch(data)
             k = b.batch_seq % 1024
             assert (b.batch_seq // 1024, subject, msg_id) == (9, f"eastwest.flows.p{k}.h1",
@@ -134,7 +137,7 @@ def test_a_batch_is_split_by_connection_and_each_share_is_marked(nats_server):
             for r in b.records:  # every observer of a connection in one share
                 assert seen.setdefault(r.client.port, k) == k
         assert sorted(seen) == list(range(46000, 46040))
-        assert s.shares(body("h1", 10, []))[0][0] == "eastwest.flows.p0.h1"  # empty: one share
+        assert s.plan(body("h1", 10, [])).shares[0].subject == "eastwest.flows.p0.h1"  # empty
         assert s.send(b"EWB1 not a batch").reason == "nats_bad_batch"
     finally:
         s.close()
@@ -150,8 +153,8 @@ def test_batches_are_stored_exactly_once_even_when_published_twice(nats_server, 
         again = body("h1", 3, [rec("client", cport=41002, c2s=102)])
         assert accepted(s, again)  # within the duplicate window: JetStream drops it (msg id)
         # past the window (no msg id here): delivered, found applied by its mark, only acked
-        (subject, share, _), = s.shares(again)
-        s.loop.run(s.js.publish(subject, share), 10)
+        share, = s.plan(again).shares
+        s.loop.run(s.js.publish(share.subject, share.body), 10)
         consumer = c.app.state.pipeline.consumer
         wait_for(lambda: consumer.applied + consumer.duplicates == 8, "8 deliveries")
         assert (consumer.applied, consumer.duplicates) == (7, 1)
@@ -189,6 +192,35 @@ def test_shares_waiting_in_a_partition_are_written_together_once_and_idle_costs_
         assert info.state.messages == 0  # every share acked
         time.sleep(3 * consumer.cfg.fetch_timeout_s + 0.5)
         assert ("consume", "nats_unavailable") not in c.app.state.drops.snapshot()
+    s.close()
+
+
+def test_a_batch_over_max_payload_is_stored_completely_and_once_by_an_aggregator(small_nats,
+                                                                              tmp_path):
+    """Shares about 4x the server's max_payload (64 KiB) arrive as sub-shares: every record
+    stored once; the batch published again (JetStream drops it) and its sub-shares published
+    again past the duplicate window (found applied by their marks) store nothing more."""
+    opts = NatsOptions(small_nats.url, partitions=2)
+    s = sender(opts, "h1")
+    recs = [big(43000 + i, 800, c2s=1000 + i) for i in range(600)]
+    data = body("h1", 4, recs)
+    with ExitStack() as stack:
+        c = replica(stack, tmp_path, "a", "nats_oversize", opts)
+        consumer = c.app.state.pipeline.consumer
+        answer = s.send(data)
+        assert isinstance(answer, Accepted) and "dropped" not in answer.answer
+        n = answer.answer["shares"]
+        assert n >= 8
+        wait_for(lambda: consumer.applied == n, f"{n} sub-shares applied")
+        assert consumer.records == 600
+        assert accepted(s, data)  # within the duplicate window: nothing delivered
+        for share in s.plan(data, 64 * 1024 - HEADROOM).shares:  # past it: no message id
+            s.loop.run(s.js.publish(share.subject, share.body), 10)
+        wait_for(lambda: consumer.applied + consumer.duplicates == 2 * n, "the republished")
+        assert (consumer.applied, consumer.duplicates, consumer.records) == (n, n, 600)
+        got = flows(c)
+        assert sorted(f["bytes_c2s"] for f in got) == list(range(1000, 1600))
+        assert s.loop.run(s.js.stream_info("EASTWEST"), 10).state.messages == 0
     s.close()
 
 
@@ -294,40 +326,169 @@ def blob(seq: int, size: int) -> bytes:
         7, "ew-frontend", cmdline=os.urandom(size).hex()))])
 
 
-def test_each_publish_outcome_is_named_by_what_nats_answered(tmp_path):
-    server = NatsServer(tmp_path / "nats", max_payload=64 * 1024).start()
+def big(cport: int, size: int, **over):
+    """A client record whose command line compresses to about `size` bytes (random hex)."""
+    return rec("client", cport=cport, process=Process(7, "ew-frontend",
+                                                      cmdline=os.urandom(size).hex()), **over)
+
+
+def stream_messages(s: NatsSender) -> list[tuple[str, str, bytes]]:
+    """(subject, message id, data) of every message in the stream, read without consuming."""
+    async def read():
+        info = await s.js.stream_info("EASTWEST")
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            m = await s.js.get_msg("EASTWEST", seq)
+            out.append((m.subject, m.headers["Nats-Msg-Id"], m.data))
+        return out
+    return s.loop.run(read(), 30)
+
+
+@pytest.fixture
+def small_nats(tmp_path):
+    s = NatsServer(tmp_path / "nats", max_payload=64 * 1024).start()
+    yield s
+    s.stop()
+
+
+def test_each_publish_outcome_is_named_by_what_nats_answered(small_nats):
+    server = small_nats
+    s = NatsSender(NatsOptions(server.url, max_bytes=1024 * 1024), "h1", publish_timeout=0.5)
+    assert accepted(s, body("h1", 1, [rec("client")]))
+    too_big = s.send(blob(2, 100 * 1024))  # ONE record over max_payload: nothing to publish
+    assert isinstance(too_big, Refused) and too_big.reason == "nats_max_payload"
+    assert re.fullmatch(r"record h1:\d+ of batch 2 \(partition \d\) is \d{6} bytes encoded "
+                        r"alone, over NATS' max_payload less headers \(64512 bytes\)",
+                        too_big.detail), too_big.detail
+    answers = [s.send(blob(3 + i, 55 * 1024)) for i in range(20)]  # 1 MiB: the stream is full
+    assert isinstance(answers[0], Accepted) and answers[-1].reason == "nats_stream_full"
+    s.loop.run(s.js.delete_stream("EASTWEST"), 10)
+    no_stream = s.send(body("h1", 30, [rec("client", cport=47999)]))
+    assert no_stream.reason == "nats_no_responders"
+    assert no_stream.detail.startswith("NoStreamResponseError: no stream answers on ")
+    server.stop(keep=True)
+    assert s.send(body("h1", 31, [rec("client")])) == Retry("nats_timeout",
+                                                             "no PubAck within 0.5 s")
+    s.close()
+
+
+def test_a_share_over_max_payload_is_published_in_sub_shares_every_record_once(small_nats):
+    """One batch whose shares are each about 4x max_payload (64 KiB): published as sub-shares
+    under distinct message ids and marks, every record exactly once in the stream; the same
+    batch sent again adds nothing (the same split, the same ids: JetStream drops them)."""
+    opts = NatsOptions(small_nats.url, partitions=2)
+    s = sender(opts, "h1")
     try:
-        s = NatsSender(NatsOptions(server.url, max_bytes=1024 * 1024), "h1", publish_timeout=0.5)
-        assert accepted(s, body("h1", 1, [rec("client")]))
-        too_big = s.send(blob(2, 100 * 1024))
-        assert too_big == Refused("nats_max_payload", "NATS: nats: maximum payload exceeded")
-        answers = [s.send(blob(3 + i, 55 * 1024)) for i in range(20)]  # 1 MiB: the stream is full
-        assert isinstance(answers[0], Accepted) and answers[-1].reason == "nats_stream_full"
-        s.loop.run(s.js.delete_stream("EASTWEST"), 10)
-        no_stream = s.send(body("h1", 30, [rec("client", cport=47999)]))
-        assert no_stream.reason == "nats_no_responders"
-        assert no_stream.detail.startswith("NoStreamResponseError: no stream answers on ")
-        server.stop(keep=True)
-        assert s.send(body("h1", 31, [rec("client")])) == Retry("nats_timeout",
-                                                                 "no PubAck within 0.5 s")
-        s.close()
+        recs = [big(20000 + i, 800) for i in range(600)]
+        data = body("h1", 5, recs)
+        answer = s.send(data)
+        assert isinstance(answer, Accepted) and "dropped" not in answer.answer
+        got = stream_messages(s)
+        assert len(got) == answer.answer["shares"] >= 2 * 4  # about 4x: at least 4 each
+        assert s.gauges()[("eastwest_export_nats_subshares_total", ())] == len(got) - 2
+        assert all(len(d) <= 64 * 1024 - HEADROOM + 16 for _, _, d in got)
+        ids = [r.record_id for _, _, d in got for r in codec.decode_batch(d).records]
+        assert sorted(ids) == sorted(r.record_id for r in recs)  # each once, none lost
+        marks = [codec.decode_batch(d).batch_seq for _, _, d in got]
+        assert len(set(marks)) == len(got) == len({m for _, m, _ in got})
+        for subject, msg_id, d in got:
+            b = codec.decode_batch(d)
+            k = mark_partition(b.batch_seq, 2)
+            assert (b.batch_seq // 1024, msg_id, subject) == (5, f"h1:{b.batch_seq}",
+                                                              f"eastwest.flows.p{k}.h1")
+            assert {record_partition(r, 2) for r in b.records} == {k}
+        assert isinstance(s.send(data), Accepted)  # a republish: every id a duplicate
+        assert len(stream_messages(s)) == len(got)
+        # deterministic: the same split by another sender (another process) of this collector
+        other = sender(opts, "h1")
+        try:
+            assert other.plan(data, 64 * 1024 - HEADROOM) == s.plan(data, 64 * 1024 - HEADROOM)
+        finally:
+            other.close()
     finally:
-        server.stop()
+        s.close()
 
 
-def test_a_batch_over_max_payload_is_dropped_as_nats_max_payload_not_http_none(tmp_path):
+def test_a_record_alone_over_max_payload_is_refused_alone_and_the_rest_is_published(
+        small_nats, tmp_path, caplog):
+    settings = ExportSettings(url=small_nats.url, token="", spool_dir=tmp_path / "spool",
+                              transport="nats", batch_size=301)
+    sink = AggregatorSink(CollectorContext("h1"), settings=settings, start=False)
+    try:
+        giant = big(21000, 100 * 1024)
+        records = [big(20000 + i, 600) for i in range(300)]
+        records.insert(150, giant)
+        sink.write(records)  # one batch of 301 records
+        with caplog.at_level("ERROR", logger="eastwest.export.nats"):
+            assert sink.drain_once() and len(sink.spool) == 0
+        assert sink.ctx.drops.snapshot() == {("export", "nats_max_payload"): 1}
+        assert f"record {giant.record_id} of batch " in caplog.text
+        assert "bytes encoded alone" in caplog.text
+        text = sink.metrics.render().decode()
+        assert "eastwest_records_out_total 300.0" in text
+        assert 'eastwest_dropped_total{reason="nats_max_payload",stage="export"} 1.0' in text
+        assert "eastwest_export_nats_subshares_total" in text
+        got = stream_messages(sink.sender)
+        ids = sorted(r.record_id for _, _, d in got for r in codec.decode_batch(d).records)
+        assert ids == sorted(r.record_id for r in records if r is not giant)
+    finally:
+        sink.close()
+
+
+def test_the_split_is_deterministic_and_refuses_what_the_mark_cannot_name(nats_server):
+    """With P = 512 each partition has 2 sub-share slots (K and K + 512): a share needing more
+    is published as 2 sub-shares and the rest refused, counted by record, never silently."""
+    opts = NatsOptions(nats_server.url, partitions=512)
+    s, t = sender(opts, "h1"), sender(opts, "h1")
+    try:
+        recs = [big(20000, 300, start=T0 + timedelta(seconds=i)) for i in range(40)]
+        data = body("h1", 3, recs)  # one connection: one partition, about 12 KB
+        k = record_partition(recs[0], 512)
+        plan = s.plan(data, 2500)
+        assert plan == s.plan(data, 2500) == t.plan(data, 2500)  # every attempt, any process
+        assert [(x.partition, x.sub, x.msg_id) for x in plan.shares] == [
+            (k, 0, f"h1:{3 * 1024 + k}"), (k, 1, f"h1:{3 * 1024 + k + 512}")]
+        published = sum(x.records for x in plan.shares)
+        (left,) = plan.left
+        assert (left.reason, left.records) == ("nats_share_space", 40 - published)
+        assert "need more than the 2 sub-shares a mark can name with 512 partitions" in left.detail
+        # each piece within the limit, in batch order, nothing twice
+        order = [r.record_id for x in plan.shares for r in codec.decode_batch(x.body).records]
+        assert order == [r.record_id for r in recs[:published]]
+        assert all(len(x.body) <= 2500 + 16 for x in plan.shares)
+        # split_records alone: a different limit, a different (still deterministic) split
+        assert s.plan(data, 5000) != plan and s.plan(data, 5000) == t.plan(data, 5000)
+    finally:
+        s.close()
+        t.close()
+
+
+def test_a_smaller_max_payload_between_attempts_splits_only_what_no_longer_fits(tmp_path):
+    """Attempt 1 under 64 KiB: sub-shares acked. The server restarts with 16 KiB: attempt 2
+    of the SAME batch republishes nothing acked that no longer fits, and nothing lost."""
     server = NatsServer(tmp_path / "nats", max_payload=64 * 1024).start()
     try:
-        settings = ExportSettings(url=server.url, token="", spool_dir=tmp_path / "spool",
-                                  transport="nats", batch_size=1000)
-        sink = AggregatorSink(CollectorContext("h1"), settings=settings, start=False)
-        records = [rec("client", cport=20000 + i,
-                       process=Process(7, "ew-frontend", cmdline=os.urandom(600).hex()))
-                   for i in range(1000)]
-        sink.write(records)  # one batch of 1,000 records, > 64 KiB compressed in each partition
-        assert sink.drain_once() and len(sink.spool) == 0
-        assert sink.ctx.drops.snapshot() == {("export", "nats_max_payload"): 1000}
-        sink.close()
+        opts = NatsOptions(server.url, partitions=1)
+        s = sender(opts, "h1")
+        recs = [big(20000 + i, 400) for i in range(200)]
+        data = body("h1", 7, recs)
+        s.loop.run(s._ensure(), 10)
+        pin, first = s._attempt_plan(codec.decode_batch(data), data)
+        assert len(first) >= 2
+        s.loop.run(s._publish(first[:1], pin), 30)  # only sub-share 0 acked (the rest: lost)
+        server.stop(keep=True)
+        server.max_payload = 16 * 1024
+        server.start()
+        s._reset()
+        answer = s.send(data)
+        assert isinstance(answer, Accepted), answer
+        got = stream_messages(s)
+        ids = [r.record_id for _, _, d in got for r in codec.decode_batch(d).records]
+        assert sorted(ids) == sorted(r.record_id for r in recs)  # once each
+        assert first[0].msg_id in {m for _, m, _ in got}
+        assert len({m for _, m, _ in got}) == len(got)
+        assert s.resplit_shares == len(first) - 1 and s.maybe_doubled == 0
+        s.close()
     finally:
         server.stop()
 
@@ -362,10 +523,10 @@ def test_the_live_stream_of_every_replica_carries_every_partition_once(nats_serv
         expect = {"a": n, "b": n} if fanin else {}
         if not fanin:  # each stream ends with its own partition's connections
             s = sender(opts, "h1")
-            shares = s.shares(body("h1", 1, [rec("client", cport=46500 + j) for j in range(n)]))
+            shares = s.plan(body("h1", 1, [rec("client", cport=46500 + j)
+                                           for j in range(n)])).shares
             s.close()
-            counts = {int(subject.split(".")[2][1:]): len(codec.decode_batch(d).records)
-                      for subject, d, _ in shares}
+            counts = {x.partition: x.records for x in shares}
             expect = {name: counts[next(iter(p.consumer.owned))]
                       for name, p in (("a", pa_), ("b", pb))}
         readers = [threading.Thread(target=stream_ids, args=(c, expect[name], got[name]))

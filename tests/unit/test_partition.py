@@ -19,9 +19,12 @@ from eastwest.partition import (
     PARTITION_SPACE,
     check_partitions,
     key_partition,
+    mark_partition,
     mark_seq,
     record_partition,
+    share_slot,
     split_mark,
+    sub_shares,
 )
 from eastwest.record import Endpoint
 from tests.unit.test_correlate import rec
@@ -101,6 +104,27 @@ def test_a_mark_holds_batch_seq_and_partition(seq, k):
     m = mark_seq(seq, k)
     assert split_mark(m) == (seq, k)
     assert 0 <= m <= 2**63 - 1
+
+
+@given(p=st.integers(1, PARTITION_SPACE), seq=st.integers(0, MAX_BATCH_SEQ), data=st.data())
+def test_every_sub_share_of_a_batch_has_its_own_mark_naming_its_partition(p, seq, data):
+    """Sub-share j of partition K: slot K + P*j, unique over the whole batch, slot mod P = K."""
+    k = data.draw(st.integers(0, p - 1))
+    n = sub_shares(k, p)
+    assert n >= 1 and share_slot(k, n - 1, p) < PARTITION_SPACE
+    with pytest.raises(ValueError, match="sub-share"):
+        share_slot(k, n, p)
+    j = data.draw(st.integers(0, n - 1))
+    m = mark_seq(seq, share_slot(k, j, p))
+    assert mark_partition(m, p) == k and split_mark(m)[0] == seq
+
+
+def test_the_sub_share_slots_of_all_partitions_fill_the_mark_space_once():
+    for p in (1, 2, 6, 512, 1000, PARTITION_SPACE):
+        slots = [share_slot(k, j, p) for k in range(p) for j in range(sub_shares(k, p))]
+        assert sorted(slots) == list(range(PARTITION_SPACE))
+    assert (sub_shares(0, 6), sub_shares(5, 6), sub_shares(0, 512), sub_shares(0, 1024)) == (
+        171, 170, 2, 1)
 
 
 def test_marks_of_one_batch_differ_per_partition_and_bad_values_are_refused():
