@@ -297,26 +297,23 @@ def await_up(r: Running) -> str:
     cmd = r.cmd
     m = re.search(r"--listen (\S+)", cmd)
     if re.fullmatch(r"make (run|demo)", cmd) or re.match(r"eastwest demo\b", cmd):
-        url, wait, needs = f"http://{m.group(1) if m else '127.0.0.1:8470'}/readyz", 300, "running"
+        url, wait, needs = (f"http://{m.group(1) if m else '127.0.0.1:8470'}/readyz", 300,
+                            "eastwest is running")
     elif re.search(r"\beastwest aggregator\b", cmd):
         url, wait, needs = f"http://{m.group(1)}/readyz", 120, ""
-    else:
+    else:  # a collector: it says when every source sees traffic
         mm = re.search(r"--metrics-listen (\S+)", cmd)
-        url, wait, needs = (f"http://{mm.group(1)}/metrics" if mm else ""), 20, ""
+        url, wait, needs = ((f"http://{mm.group(1)}/metrics" if mm else ""), 60,
+                            "eastwest collector: running")
     deadline = r.started + wait
-    # a collector without a URL to ask: still running after this long (the socket probes
-    # compile for seconds and fail then; a capture-only collector fails within a second)
-    settle = r.started + (3 if "--no-socket" in cmd else 8)
     while time.monotonic() < deadline:
         if r.proc.poll() is not None:
             return f"exited {r.proc.returncode} before it was up"
         out, err = r.text()
-        if needs and "eastwest is running" not in out + err:
-            time.sleep(1)
+        if needs and needs not in out + err:
+            time.sleep(0.5)
             continue
-        if url and _ready(url):
-            return ""
-        if not url and time.monotonic() > settle:
+        if not url or _ready(url):
             return ""
         time.sleep(1)
     return f"not up after {wait} s ({url or 'still running'})"
