@@ -7,7 +7,8 @@ Not here: bench_socket_probes.py, bench_drops.py, bench_vxlan_live.py, bench_foo
 bench_udp_storm.py (real eBPF, tcpreplay, namespaces: the lab suites cover their code paths),
 bench_conntrack.py (root, two network namespaces and iptables: tests/lab/test_lab_services.py
 and test_services_join_lab.py cover the conntrack reader and the folding it measures),
-bench_scaleout.py (NATS + ClickHouse servers), bench_web.py
+bench_scaleout.py (NATS + ClickHouse servers), bench_nodeport_delete.py (a ClickHouse server;
+tests/unit/test_store_nodeport.py covers the tombstones it times), bench_web.py
 (Chromium; tests/web cover the dashboard).
 """
 
@@ -39,7 +40,7 @@ RATIO = re.compile(r"\d\.\d+x")
 def test_every_bench_script_is_either_smoke_tested_or_named_as_not():
     named = set(CASES) | {"bench_socket_probes.py", "bench_drops.py", "bench_vxlan_live.py",
                           "bench_footprint.py", "bench_udp_storm.py",
-                          "bench_scaleout.py", "bench_conntrack.py",
+                          "bench_scaleout.py", "bench_conntrack.py", "bench_nodeport_delete.py",
                           "bench_web.py"}
     assert {p.name for p in BENCH.glob("bench_*.py")} == named
 
