@@ -35,7 +35,7 @@ demo: setup
 	@bash scripts/demo.sh
 
 test: setup lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	@bash scripts/test.sh $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
