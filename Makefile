@@ -11,7 +11,7 @@ help:
 	@echo "make run    install what is missing, start eastwest on this host (Ctrl-C stops it)"
 	@echo "make demo   the same plus a 3-host lab with a demo application and live traffic"
 	@echo "make test   install what is missing, lint, and run the whole suite (unit, golden, lab)"
-	@echo "make test-heavy  the few minutes-long tests kept out of make test (scale-out faults, a collector restart, the image's second build)"
+	@echo "make test-heavy  the few tests kept out of make test (a collector restarted over its spool, the image's second build)"
 	@echo "make bench  side-by-side benchmarks; results in docs/benchmarks.md"
 	@echo "make lint   ruff and mypy"
 	@echo "make image  the container image (collector + aggregator) with podman; docs/deploy.md"

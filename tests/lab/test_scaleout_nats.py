@@ -256,7 +256,6 @@ def test_lab_traffic_through_nats_into_clickhouse_is_stored_exactly_once(lab, sc
     check_exactly_once(scale, truth, ["agg-a", "agg-b"])
 
 
-@pytest.mark.heavy  # ~1 min each: `make test-heavy` (the suite's 25-minute budget)
 def test_an_aggregator_killed_mid_stream_loses_and_doubles_nothing(lab, scale):
     scale.start_aggregator("agg-a")
     scale.start_aggregator("agg-b")
@@ -276,7 +275,6 @@ def test_an_aggregator_killed_mid_stream_loses_and_doubles_nothing(lab, scale):
     check_exactly_once(scale, truth, ["agg-b"])
 
 
-@pytest.mark.heavy  # ~1 min each: `make test-heavy` (the suite's 25-minute budget)
 def test_nats_restarted_mid_stream_collectors_spool_and_catch_up(lab, scale):
     scale.start_aggregator("agg-a")
     scale.start_aggregator("agg-b")
@@ -300,7 +298,6 @@ def scale3(tmp_path, replicated, request):
     s.stop()
 
 
-@pytest.mark.heavy  # ~6 min with its teardown: `make test-heavy` (see the closing note of issue 19)
 def test_scaled_from_one_to_three_replicas_and_back_with_a_clickhouse_replica_killed(lab, scale3):
     scale = scale3
     scale.start_aggregator("agg-a")

@@ -26,8 +26,6 @@ from eastwest.codec import Batch
 from tests.servers import ReplicatedClickHouse, shared_clickhouse
 from tests.unit.test_correlate import T0, rec
 
-pytestmark = pytest.mark.heavy  # ZooKeeper + 4 ClickHouse servers: `make test-heavy`
-
 INGEST, READ = "i" * 24, "r" * 24
 TABLES = ("flows", "ingested_batches", "connections", "rollups", "workloads")
 
