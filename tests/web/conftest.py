@@ -105,16 +105,39 @@ def api_view(graph: dict) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def click_edge(page, source: str, target: str) -> None:
-    """A real mouse click on the middle of the edge as drawn on the canvas."""
-    x, y = page.evaluate("""([s, t]) => {
+    """A real mouse click on the edge as drawn on the canvas, at its middle unless another
+    node (or its label) is drawn there: the layout is random, and a node lying on the edge's
+    middle took the click (the panel showed that node). Returns once the panel shows the edge;
+    fails saying what the click hit otherwise. The map is told its size first: an open panel
+    narrows it, which the map learns ~100 ms later (cytoscape's debounced ResizeObserver)."""
+    eid, x, y = page.evaluate("""([s, t]) => {
         const cy = window.eastwest.cy;
+        cy.resize();
         const e = cy.edges().filter(e => e.source().id() === s && e.target().id() === t)[0];
         cy.fit(e.union(e.connectedNodes()), 120);
         if (cy.zoom() > 1.3) { cy.zoom(1.3); cy.center(e); }
-        const p = e.renderedMidpoint(), r = document.getElementById('map').getBoundingClientRect();
-        return [r.left + p.x, r.top + p.y];
+        const r = document.getElementById('map').getBoundingClientRect();
+        const m = e.renderedMidpoint(), a = e.renderedSourceEndpoint(), b = e.renderedTargetEndpoint();
+        const at = k => ({x: a.x + (b.x - a.x) * k, y: a.y + (b.y - a.y) * k});
+        const straight = Math.hypot(at(0.5).x - m.x, at(0.5).y - m.y) < 2;
+        const others = cy.nodes().filter(n => !n.isParent()).map(n => n.renderedBoundingBox());
+        const free = p => p.x > 4 && p.y > 4 && p.x < r.width - 4 && p.y < r.height - 4 &&
+            !others.some(bb => p.x > bb.x1 - 6 && p.x < bb.x2 + 6 && p.y > bb.y1 - 6 && p.y < bb.y2 + 6);
+        const tries = [m, ...(straight ? [0.4, 0.6, 0.3, 0.7, 0.25, 0.75].map(at) : [])];
+        const p = tries.find(free) || m;
+        return [e.id(), r.left + p.x, r.top + p.y];
     }""", [source, target])
     page.mouse.click(x, y)
+    try:
+        page.wait_for_function("id => document.getElementById('panel').dataset.id === id", arg=eid,
+                               timeout=10_000)
+    except Exception as exc:
+        hit = page.evaluate("([x, y]) => { const el = document.elementFromPoint(x, y); "
+                            "return el ? el.id || el.className || el.tagName : null; }", [x, y])
+        showing = page.evaluate("document.getElementById('panel').dataset.id")
+        shot(page, "click-edge-missed")
+        raise AssertionError(f"clicked edge {source} -> {target} at ({x:.0f}, {y:.0f}) on {hit!r}, "
+                             f"but the panel shows {showing!r}") from exc
 
 
 def panel_numbers(page) -> dict[str, str]:
