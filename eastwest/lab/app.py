@@ -333,6 +333,10 @@ class App:
             outcome = "reset"
         except TimeoutError:
             outcome = "timeout"
+        except OSError as exc:  # a reset that landed between our calls: shutdown() says ENOTCONN,
+            if exc.errno not in (errno.ENOTCONN, errno.EPIPE):  # a write EPIPE
+                raise
+            outcome = "reset"
         finally:
             s.close()
             self._truth(server, port, "tcp", family, cport, sent, recv, start, outcome, dial)
