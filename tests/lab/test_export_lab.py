@@ -152,6 +152,9 @@ def run(lab_factory, tmp_path_factory):
                 for c in cs:
                     c.stop()  # every record flushed and acknowledged
             ex = agg.app.state.pipeline.exporters
+            # acknowledged is not yet correlated: the last records reach the exporters when the
+            # worker has applied them
+            assert agg.app.state.pipeline.correlation.applied(60), "the worker did not catch up"
             # every closed connection is complete after the settle time (connections still open
             # when the collectors stopped stay pending, as they should)
             wait_for("every closed connection complete",
