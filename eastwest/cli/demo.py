@@ -104,8 +104,29 @@ def vxlan_live_available() -> bool:
     return importlib.util.find_spec("collector.vxlan.live") is not None
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _term_with_parent(parent: int) -> Any:
+    """A `preexec_fn`: the child gets SIGTERM when the process that started it dies, also by
+    kill -9 (prctl PR_SET_PDEATHSIG), so a killed `eastwest demo` leaves no aggregator holding
+    its port nor collector holding its probes; SIGTERM lets them flush and stop as usual. A
+    parent already gone by then (the race the man page warns of) stops the child at once. The
+    signal comes when the starting THREAD ends: the demo starts its children from its main
+    thread."""
+    import ctypes
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 class Stack:
-    """An aggregator and collectors as subprocesses of `eastwest`, on one data directory."""
+    """An aggregator and collectors as subprocesses of `eastwest`, on one data directory. Each
+    child is stopped (SIGTERM) when the process that started it dies, even by kill -9."""
 
     def __init__(self, data: Path, listen: str = "127.0.0.1:8470",
                  log_dir: Path | None = None) -> None:
@@ -125,7 +146,7 @@ class Stack:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         return subprocess.Popen([sys.executable, "-m", "eastwest", *args], env=self._env(),
                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_term_with_parent(os.getpid()))
 
     def start_aggregator(self, timeout: float = 60.0, extra: list[str] | None = None) -> None:
         self.aggregator = self._spawn("aggregator", ["aggregator", "--listen", self.listen,
