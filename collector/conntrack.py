@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from collector.rcvbuf import set_receive_buffer
 from eastwest.errors import ConfigError
 
 NETLINK_NETFILTER = 12
@@ -254,7 +255,7 @@ def _dump_done(buf: bytes) -> bool:
 def _subscribe() -> socket.socket:
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        set_receive_buffer(s, 8 << 20)
         s.bind((0, (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))))
     except OSError:
         s.close()

@@ -27,6 +27,7 @@ import struct
 import time
 from collections.abc import Iterator
 
+from collector.rcvbuf import set_receive_buffer
 from collector.vxlan.capture import attach_filter, in_netns
 from eastwest.errors import CaptureError, ConfigError
 
@@ -155,7 +156,7 @@ class DnsCapture:
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
             self._prog = attach_filter(sock, dns_filter())
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            set_receive_buffer(sock, 4 << 20)  # past rmem_max: queued while we are busy
             # the kernel's time of each packet: a query and its answer read in one go (a busy
             # collector) keep the latency between them, not the time of the read
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

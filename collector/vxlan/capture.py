@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from collector.rcvbuf import set_receive_buffer
 from collector.vxlan import native
 from eastwest.errors import CaptureError, ConfigError
 
@@ -39,7 +40,6 @@ log = logging.getLogger("eastwest.collector.vxlan")
 
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
-SO_RCVBUFFORCE = 33
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
 CLONE_NEWNET = 0x40000000
@@ -195,10 +195,7 @@ class UnderlayCapture:
                         log.info("%s: no TPACKET_V3 ring (%s), reading with recv", self.spec,
                                  os.strerror(err.value))
                 if not self._ring:
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
-                    except OSError:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+                    set_receive_buffer(sock, 64 << 20)
                 sock.bind((ifname, ETH_P_ALL))
                 hatype = sock.getsockname()[3]
             except OSError as exc:
