@@ -41,7 +41,7 @@ from aggregator.graph_edges import iso as _iso
 from aggregator.mesh_graph import apply_mesh
 from aggregator.nodeport_graph import hold_halves
 from aggregator.store.base import ReadStore
-from aggregator.store.query import EdgeQuery
+from aggregator.store.query import NODEPORT_RANGE, EdgeQuery
 from eastwest.dns_filter import DnsEdgeFilter
 from eastwest.filters import Filter
 
@@ -62,12 +62,14 @@ def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
                flt: Filter | None = None, budget: int | None = None,
                dns: DnsEdgeFilter | None = None,
                names: ServiceNames | None = None, show_proxies: bool = False,
-               nodeport_hold: timedelta = timedelta(0), now: datetime | None = None) -> GraphData:
+               nodeport_hold: timedelta = timedelta(0), now: datetime | None = None,
+               nodeport_ports: tuple[int, int] = NODEPORT_RANGE) -> GraphData:
     """`names`: what names a Service in the `service` grouping (aggregator/service_view.py);
     `show_proxies`: a meshed edge split into its hops through its sidecars
     (aggregator/mesh_graph.py); `nodeport_hold`: an edge made only of NodePort halves that
     started less than this before `now` (default: the time now) is held back, as the middle
-    host's record may still join them (aggregator/nodeport_graph.py)."""
+    host's record may still join them (aggregator/nodeport_graph.py; `nodeport_ports`: the
+    cluster's NodePort range)."""
     q = EdgeQuery(window.since, window.until, group_by, flt or Filter())
     if group_by == "service":
         from aggregator.service_view import service_graph
@@ -77,7 +79,7 @@ def graph_data(store: ReadStore, window: Window, *, group_by: str = "workload",
         data = GraphData.of_columns(store.edges(q), window.since, window.until, group_by,
                                     "rollups" if q.volumes_from_rollups else "connections",
                                     str(q.filter))
-    hold_halves(data, store, q, now or datetime.now(UTC), nodeport_hold)
+    hold_halves(data, store, q, now or datetime.now(UTC), nodeport_hold, nodeport_ports)
     apply_dns(data, store, q, dns)  # names from DNS answers, DNS of resolver edges
     data.fold(budget)
     apply_mesh(data, store, q, show_proxies)  # service-mesh calls (their hops on demand)

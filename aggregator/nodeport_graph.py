@@ -37,7 +37,7 @@ import msgspec
 
 from aggregator.graph_edges import GraphData, JsonEdge, ends_of
 from aggregator.store.base import ReadStore
-from aggregator.store.query import ConnectionQuery, EdgeQuery
+from aggregator.store.query import NODEPORT_RANGE, ConnectionQuery, EdgeQuery
 
 CONN_LIMIT = 200_000  # held halves read per graph (as aggregator/mesh_graph.py)
 COLUMNS = ("conn_id", "client_wid", "server_wid", "client_namespace", "server_namespace",
@@ -46,14 +46,14 @@ _dec = msgspec.json.Decoder()
 
 
 def hold_halves(data: GraphData, store: ReadStore, q: EdgeQuery, now: datetime,
-                hold: timedelta) -> int:
+                hold: timedelta, ports: tuple[int, int] = NODEPORT_RANGE) -> int:
     """Drop the edges made only of unjoined NodePort halves younger than `hold` (the module
-    docstring); returns how many edges were held back."""
+    docstring; `ports`: the cluster's NodePort range); returns how many edges were held back."""
     if hold <= timedelta(0) or q.until <= now - hold or not data.edges:
         return 0
     rows = store.connections(ConnectionQuery(filter=q.filter, since=q.since, until=q.until,
                                              limit=CONN_LIMIT, columns=COLUMNS,
-                                             halves_since=now - hold))
+                                             halves_since=now - hold, halves_ports=ports))
     if not rows:
         return 0
     held = Counter(ends for r in rows if (ends := ends_of(r, data.group_by)) is not None)

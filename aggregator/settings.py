@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from aggregator.store.query import NODEPORT_RANGE
 from eastwest.errors import ConfigError
 from eastwest.filters import DIMENSIONS, Filter, parse_duration
 
@@ -62,6 +63,7 @@ class AggregatorSettings:
     retention: timedelta | None = timedelta(days=7)
     edge_budget: int = 2000
     nodeport_hold_s: float = 10.0  # unjoined NodePort halves kept off a live graph this long
+    nodeport_range: tuple[int, int] = NODEPORT_RANGE  # the cluster's --service-node-port-range
     correlation_slack_s: float = 5.0
     correlation_backlog: int = 500_000
     identity_settle_s: float = 10.0      # names of a connection's ends may change this long
@@ -129,6 +131,11 @@ class AggregatorSettings:
                               "and its collector would retry it forever")
         if self.edge_budget < 1:
             raise ConfigError("--edge-budget", self.edge_budget, "must be at least 1")
+        lo, hi = self.nodeport_range
+        if not 1 <= lo <= hi <= 65535:
+            raise ConfigError("--nodeport-range", f"{lo}-{hi}",
+                              "must be LOW-HIGH ports with 1 <= LOW <= HIGH <= 65535 (Kubernetes' "
+                              "default is 30000-32767)")
         if not 0 <= self.nodeport_hold_s <= 60:
             raise ConfigError("--nodeport-hold", self.nodeport_hold_s,
                               "must be between 0 (off) and 60 seconds")
@@ -250,6 +257,7 @@ class AggregatorSettings:
                        if args.retention else timedelta(days=7)),
             edge_budget=int(args.edge_budget),
             nodeport_hold_s=float(args.nodeport_hold),
+            nodeport_range=parse_port_range("--nodeport-range", args.nodeport_range),
             correlation_backlog=int(args.correlation_backlog),
             identity_settle_s=float(args.identity_settle),
             export_link_local=bool(args.export_link_local),
@@ -390,3 +398,16 @@ def token_from_text(text: str, env_name: str, path: str) -> str:
         return lines[0]
     raise ConfigError(f"token file for {env_name}", path,
                       f"holds neither a bare token nor a line {env_name}=...")
+
+
+def parse_port_range(flag: str, text: str) -> tuple[int, int]:
+    """`LOW-HIGH` (30000-32767) as two ports; ConfigError naming the flag otherwise (checked
+    for 1 <= LOW <= HIGH <= 65535 with the other settings)."""
+    low, sep, high = str(text).partition("-")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return int(low), int(high)
+    except ValueError:
+        raise ConfigError(flag, text, "must be LOW-HIGH, two ports (Kubernetes' default is "
+                          "30000-32767)") from None

@@ -46,7 +46,8 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         names = service_names(request)
     if not live:
         return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                          names=names, show_proxies=show_proxies, nodeport_hold=hold)
+                          names=names, show_proxies=show_proxies, nodeport_hold=hold,
+                          nodeport_ports=st.settings.nodeport_range)
     span = round((win.until - win.since).total_seconds(), 3)
     key: tuple[Any, ...] = (span, group_by, str(flt), dns, show_proxies)
     stamp = st.pipeline.version
@@ -57,7 +58,8 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
             cached: GraphData = hit[2]
             return cached
     data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                      names=names, show_proxies=show_proxies, nodeport_hold=hold)
+                      names=names, show_proxies=show_proxies, nodeport_hold=hold,
+                          nodeport_ports=st.settings.nodeport_range)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

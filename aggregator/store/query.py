@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 from eastwest.filters import DIMENSIONS, Filter
 
+NODEPORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
+
 GROUP_BY = ("workload", "namespace", "host", "service")
 # sort key -> what it orders by (the store maps each to its column expression)
 SORT_KEYS = ("start", "last_seen", "bytes", "client_workload", "server_workload")
@@ -84,6 +86,7 @@ class ConnectionQuery:
     # only NodePort halves not (yet) joined that started after this time (sql.py
     # `nodeport_half`; aggregator/nodeport_graph.py)
     halves_since: datetime | None = None
+    halves_ports: tuple[int, int] = NODEPORT_RANGE  # the cluster's NodePort range
 
 
 class ServiceAddress(NamedTuple):

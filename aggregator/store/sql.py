@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aggregator.store.query import ConnectionQuery
+from aggregator.store.query import NODEPORT_RANGE, ConnectionQuery
 from eastwest.filters import DIMENSIONS, LINK_LOCAL_NETS, Filter, net_range
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -136,13 +136,11 @@ SORT_EXPR = {"start": "start_ts", "last_seen": "last_seen", "bytes": "(bytes_c2s
 # server socket and a server named as a node on a port of the NodePort range (the client's
 # half: its socket, its host's wire, or both), or no client socket and a client named as a node
 # (the server's half, from the masquerade's address: its socket, its host's wire, or both).
-NODEPORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
-
-
-def nodeport_half(p: Params) -> str:
-    """The WHERE fragment of a connection that looks like an unjoined NodePort half (above)."""
+def nodeport_half(p: Params, ports: tuple[int, int] = NODEPORT_RANGE) -> str:
+    """The WHERE fragment of a connection that looks like an unjoined NodePort half (above);
+    `ports`: the cluster's NodePort range (the aggregator's `--nodeport-range`)."""
     client, server = p.position("',client,'", "observed_by"), p.position("',server,'", "observed_by")
-    lo, hi = NODEPORT_RANGE
+    lo, hi = int(ports[0]), int(ports[1])
     return (f"service_ip IS NULL AND ((NOT {server} AND server_kind = 'Node' "
             f"AND server_port >= {lo} AND server_port <= {hi}) "
             f"OR (NOT {client} AND client_kind = 'Node'))")
@@ -159,7 +157,7 @@ def connection_where(q: ConnectionQuery, p: Params) -> tuple[str, str]:
     if q.meshed:
         where.append("mesh IS NOT NULL")
     if q.halves_since is not None:
-        where.append(f"start_ts > {p.add(q.halves_since)} AND {nodeport_half(p)}")
+        where.append(f"start_ts > {p.add(q.halves_since)} AND {nodeport_half(p, q.halves_ports)}")
     expr = SORT_EXPR[q.sort.key]
     op, direction = ("<", "DESC") if q.sort.descending else (">", "ASC")
     if q.cursor is not None:

@@ -110,6 +110,11 @@ def register(sub: Any) -> None:
                    "collector's next --interval tick, default 5 s, plus --batch-age); a real edge "
                    "is shown once this has passed; 0 turns it off (default 10; docs/aggregator.md, "
                    "\"NodePort calls with masquerade\")")
+    g.add_argument("--nodeport-range", default="30000-32767", metavar="LOW-HIGH",
+                   help="the cluster's NodePort range (kube-apiserver's "
+                   "--service-node-port-range): a call to a node on a port in it, seen by its "
+                   "client only, is a NodePort half that --nodeport-hold applies to "
+                   "(default 30000-32767)")
     g.add_argument("--identity-settle", type=float, default=10.0, metavar="SECONDS",
                    help="an end of a connection is named by the most specific thing any of its "
                    "observers knows (the server's own process, say); a name may change for this "

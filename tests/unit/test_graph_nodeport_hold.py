@@ -134,3 +134,25 @@ def test_a_half_seen_by_a_wire_only_is_held_too(data_dir):  # noqa: F811
         assert edges[("shop/frontend", "external:10.244.3.13")]["observed_by"] == {"path": 1}
     finally:
         s.close()
+
+
+def test_the_client_half_is_held_only_on_a_port_of_the_clusters_nodeport_range(data_dir):  # noqa: F811
+    """`--nodeport-range`: a cluster whose kube-apiserver has another
+    --service-node-port-range. A call to a node seen by its client only is a half to hold when
+    its port is in the range; on a port outside it, it is a call to the node itself, shown."""
+    s = opened(data_dir)
+    port = NODE.port
+    try:
+        s.ingest("h1", 1, pieces("client"))
+
+        def edges(ports: tuple[int, int]) -> set[tuple[str, str]]:
+            g = graph_data(s.read(), WINDOW, nodeport_hold=HOLD, now=T0 + timedelta(seconds=1),
+                           nodeport_ports=ports).graph()
+            return set(g.edges)
+
+        assert edges((30000, 32767)) == set()             # the default range holds it
+        assert edges((port, port)) == set()
+        assert edges((port + 1, port + 100)) == {CLIENT_HALF}  # not a NodePort here: shown
+        assert edges((1, port - 1)) == {CLIENT_HALF}
+    finally:
+        s.close()
