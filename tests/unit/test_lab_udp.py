@@ -7,6 +7,7 @@ server's ledger agree exchange for exchange, byte for byte."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import time
@@ -35,14 +36,20 @@ def pod(name: str, service: str, ip: str, port: int, host: str = "h1") -> dict:
 @pytest.fixture
 def demo(tmp_path: Path):
     """api-1 and db-1 on h1, cache-1 on h2 (its UDP echo serving in a thread)."""
-    cport = free_udp_port(CACHE)
-    inv = {"pods": [pod("api-1", "api", API, 9090), pod("cache-1", "cache", CACHE, cport, "h2"),
-                    pod("db-1", "db", DB, 5432)],
-           "services": {"api": {"port": 9090, "protocol": "tcp", "namespace": "shop"},
-                        "cache": {"port": cport, "protocol": "tcp", "namespace": "shop"},
-                        "db": {"port": 5432, "protocol": "tcp", "namespace": "shop"}}}
-    (tmp_path / "inventory.json").write_text(json.dumps(inv))
-    socks = labapp.App(tmp_path, "cache-1")._serve_udp_echo(cport)
+    for attempt in range(20):  # a port free a moment ago may be taken by then (a neighbour)
+        cport = free_udp_port(CACHE)
+        inv = {"pods": [pod("api-1", "api", API, 9090), pod("cache-1", "cache", CACHE, cport, "h2"),
+                        pod("db-1", "db", DB, 5432)],
+               "services": {"api": {"port": 9090, "protocol": "tcp", "namespace": "shop"},
+                            "cache": {"port": cport, "protocol": "tcp", "namespace": "shop"},
+                            "db": {"port": 5432, "protocol": "tcp", "namespace": "shop"}}}
+        (tmp_path / "inventory.json").write_text(json.dumps(inv))
+        try:
+            socks = labapp.App(tmp_path, "cache-1")._serve_udp_echo(cport)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == 19:
+                raise
     yield labapp.App(tmp_path, "api-1", seed=7), inv, tmp_path
     for s in socks:
         with contextlib.suppress(OSError):  # ENOTCONN on a UDP socket, but its reader wakes

@@ -159,6 +159,7 @@ def test_listeners_get_each_written_step_once_and_cannot_break_ingest(data_dir):
     s.add_listener(lambda ch: seen.append([c.observed_by for c in ch.connections()]))
     s.add_listener(lambda ch: 1 / 0)  # a broken exporter: counted, the ingest still succeeds
     s.ingest("h1", 1, [rec("client")])
+    s.flush()  # written alone: a worker behind would write it in one step with the server's
     s.ingest("h1", 1, [rec("client")])  # duplicate: no plan committed, nobody told
     s.ingest("h2", 1, [rec("server")])
     s.flush()
