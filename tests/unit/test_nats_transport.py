@@ -589,14 +589,15 @@ def test_the_live_stream_keeps_every_connection_once_across_a_take_over(nats_ser
                                                for j in range(n)]))
             wait_for(lambda: len(flows(a)) == n and pb.fanin.published_rows > 0,
                      "the first connections, some of them B's")
+            b_published = pb.fanin.published_rows  # B's fan-in is gone once B stops
         wait_for(lambda: len(pa_.consumer.owned) == 2, "A took B's partition over")
         assert accepted(s1, body("h1", 2, [rec("client", cport=47200 + j) for j in range(n)]))
         s1.close()
-        reader.join(30)
+        reader.join(60)
         stored = {f["id"] for f in flows(a)}
         assert not reader.is_alive(), (len(got), len(stored), pa_.drops.snapshot(),
                                        pb.drops.snapshot(), pa_.fanin.received_rows,
-                                       pb.fanin.published_rows)
+                                       b_published, sorted(stored - set(got)))
         assert len(stored) == 2 * n
         assert len(got) == len(set(got)) == 2 * n and set(got) == stored
         assert not [k for k in pa_.drops.snapshot() if k[0] == "stream"]
