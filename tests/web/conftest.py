@@ -106,8 +106,9 @@ def api_view(graph: dict) -> tuple[list[str], list[tuple[str, str]]]:
 
 def click_edge(page, source: str, target: str) -> None:
     """A real mouse click on the edge as drawn on the canvas, at its middle unless another
-    node (or its label) is drawn there: the layout is random, and a node lying on the edge's
-    middle took the click (the panel showed that node). Returns once the panel shows the edge;
+    node (or its label) or another edge is drawn there: the layout is random, and a node or an
+    edge of the same source lying across the edge's middle took the click (the panel showed
+    it). Returns once the panel shows the edge;
     fails saying what the click hit otherwise. The map is told its size first: an open panel
     narrows it, which the map learns ~100 ms later (cytoscape's debounced ResizeObserver)."""
     eid, x, y = page.evaluate("""([s, t]) => {
@@ -120,11 +121,25 @@ def click_edge(page, source: str, target: str) -> None:
         const m = e.renderedMidpoint(), a = e.renderedSourceEndpoint(), b = e.renderedTargetEndpoint();
         const at = k => ({x: a.x + (b.x - a.x) * k, y: a.y + (b.y - a.y) * k});
         const straight = Math.hypot(at(0.5).x - m.x, at(0.5).y - m.y) < 2;
-        const others = cy.nodes().filter(n => !n.isParent()).map(n => n.renderedBoundingBox());
-        const free = p => p.x > 4 && p.y > 4 && p.x < r.width - 4 && p.y < r.height - 4 &&
-            !others.some(bb => p.x > bb.x1 - 6 && p.x < bb.x2 + 6 && p.y > bb.y1 - 6 && p.y < bb.y2 + 6);
-        const tries = [m, ...(straight ? [0.4, 0.6, 0.3, 0.7, 0.25, 0.75].map(at) : [])];
-        const p = tries.find(free) || m;
+        const boxes = cy.nodes().filter(n => !n.isParent()).map(n => n.renderedBoundingBox());
+        // every other edge as two segments (source -> middle -> target: a curved one too)
+        const segs = cy.edges().filter(o => o.id() !== e.id()).map(o => {
+            const om = o.renderedMidpoint();
+            return [[o.renderedSourceEndpoint(), om], [om, o.renderedTargetEndpoint()]];
+        }).flat();
+        const dist = (p, [u, v]) => {
+            const dx = v.x - u.x, dy = v.y - u.y, l = dx * dx + dy * dy;
+            const k = l ? Math.max(0, Math.min(1, ((p.x - u.x) * dx + (p.y - u.y) * dy) / l)) : 0;
+            return Math.hypot(p.x - u.x - k * dx, p.y - u.y - k * dy);
+        };
+        const inside = p => p.x > 4 && p.y > 4 && p.x < r.width - 4 && p.y < r.height - 4 &&
+            !boxes.some(bb => p.x > bb.x1 - 6 && p.x < bb.x2 + 6 && p.y > bb.y1 - 6 && p.y < bb.y2 + 6);
+        const room = p => Math.min(Infinity, ...segs.map(sg => dist(p, sg)));
+        const tries = [m, ...(straight ? [0.4, 0.6, 0.3, 0.7, 0.2, 0.8, 0.15, 0.85].map(at) : [])]
+            .filter(inside);
+        // the first point clear of every other edge by 10 px, else the one with the most room
+        const p = tries.find(q => room(q) > 10) ||
+            tries.reduce((best, q) => room(q) > room(best) ? q : best, tries[0] || m);
         return [e.id(), r.left + p.x, r.top + p.y];
     }""", [source, target])
     page.mouse.click(x, y)
