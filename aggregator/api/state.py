@@ -47,7 +47,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
     if not live:
         return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
                           names=names, show_proxies=show_proxies, nodeport_hold=hold,
-                          nodeport_ports=st.settings.nodeport_range)
+                      nodeport_ports=st.settings.nodeport_range)
     span = round((win.until - win.since).total_seconds(), 3)
     key: tuple[Any, ...] = (span, group_by, str(flt), dns, show_proxies)
     stamp = st.pipeline.version
@@ -59,7 +59,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
             return cached
     data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
                       names=names, show_proxies=show_proxies, nodeport_hold=hold,
-                          nodeport_ports=st.settings.nodeport_range)
+                      nodeport_ports=st.settings.nodeport_range)
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

@@ -116,8 +116,12 @@ def _term_with_parent(parent: int) -> Any:
     thread."""
     import ctypes
 
+    # looked up here, in the parent: between fork and exec of a threaded process the child
+    # must not load libraries (a lock held by another thread at the fork is never released)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
     def arm() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -255,3 +256,19 @@ def window_of(truth: list[dict]) -> dict[str, str]:
     # the default view delete "protocol"
     return {"from": (start - timedelta(seconds=1)).isoformat(),
             "to": (end + timedelta(seconds=1)).isoformat(), "protocol": ["tcp", "udp"]}
+
+
+# -- TCP retransmissions: the wire carries a segment sent twice twice ---------------------------
+def retransmitted(netns: str) -> int:
+    """The namespace's TCP segments retransmitted so far (/proc/net/snmp, Tcp RetransSegs)."""
+    text = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/snmp"],
+                          capture_output=True, text=True, check=True).stdout
+    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
+    return int(dict(zip(names, values, strict=True))["RetransSegs"])
+
+
+def same_or_retransmitted(got: list[int], want: list[int], senders: tuple[int, int]) -> bool:
+    """The wire's payload bytes of a connection equal the truth, or exceed it only in a
+    direction whose sender retransmitted in the run (the wire carries a segment sent twice
+    twice: a loaded machine drops one now and then)."""
+    return all(g == w or (g > w and n > 0) for g, w, n in zip(got, want, senders, strict=True))

@@ -32,8 +32,15 @@ import eastwest
 from eastwest.lab import mesh, sidecar
 from eastwest.lab.sidecar import INBOUND_PORT, INBOUND_SOURCE, OK_LINE, OUTBOUND_PORT, PROXY_UID
 from tests.conftest import require_root
-from tests.lab.harness import Aggregator, collectors, served_edges, truth_edges, window_of
-from tests.lab.test_wire_interface_lab import retransmitted, same_or_retransmitted
+from tests.lab.harness import (
+    Aggregator,
+    collectors,
+    retransmitted,
+    same_or_retransmitted,
+    served_edges,
+    truth_edges,
+    window_of,
+)
 
 pytestmark = pytest.mark.lab
 

@@ -16,32 +16,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import subprocess
 import threading
 
 import pytest
 
 from collector.pipeline import CollectorContext
 from collector.vxlan import LiveVxlanSource
+from tests.lab.harness import retransmitted, same_or_retransmitted
 
 
 def key(proto: str, cip: str, cport: int, sip: str, sport: int) -> tuple:
     return (proto, cip, cport, sip, sport)
-
-
-def retransmitted(netns: str) -> int:
-    """The namespace's TCP segments retransmitted so far (/proc/net/snmp, Tcp RetransSegs)."""
-    text = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/snmp"],
-                          capture_output=True, text=True, check=True).stdout
-    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
-    return int(dict(zip(names, values, strict=True))["RetransSegs"])
-
-
-def same_or_retransmitted(got: list[int], want: list[int], senders: tuple[int, int]) -> bool:
-    """The wire's payload bytes of a connection equal the truth, or exceed it only in a
-    direction whose sender retransmitted in the run (the wire carries a segment sent twice
-    twice: a loaded machine drops one now and then)."""
-    return all(g == w or (g > w and n > 0) for g, w, n in zip(got, want, senders, strict=True))
 
 
 @pytest.mark.lab
