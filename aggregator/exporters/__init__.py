@@ -148,6 +148,11 @@ class Exporters:
                 self.drops.count("exporters", "tick_error")
 
     def force_flush(self) -> None:
+        """Export everything told so far, also what a tick in progress (the ticker thread) has
+        taken from the completions and not yet handed to OTLP: the tick lock is waited for,
+        not held across the export (the fan-out, and so the writer, takes it too)."""
+        with self._tick_lock:
+            pass
         if self.otlp is not None:
             self.otlp.force_flush()
 

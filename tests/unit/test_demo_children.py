@@ -58,8 +58,14 @@ def test_the_aggregator_stops_when_the_demo_that_started_it_is_killed(tmp_path):
             time.sleep(0.1)
         log = (tmp_path / "data" / "logs" / "aggregator.log").read_text(errors="replace")
         assert "Traceback" not in log, log[-2000:]
-        with socket.socket() as s:  # its port is free again
-            s.bind(("127.0.0.1", int(listen.rsplit(":", 1)[1])))
+        port = int(listen.rsplit(":", 1)[1])
+        with socket.socket() as s:  # nothing listens on its port any more
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {listen}"
+        with socket.socket() as s:  # and a restarted aggregator can take it: like uvicorn, with
+            # SO_REUSEADDR, as the connections of the readiness checks may be in TIME_WAIT
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         if starter.poll() is None:
             starter.kill()

@@ -303,3 +303,38 @@ def test_the_span_queue_counts_what_does_not_fit_and_what_the_exporter_refused()
     assert drops.snapshot() == {("otlp", "queue_full"): 2, ("otlp", "export_failed"): 5}
     q.on_end(ReadableSpan("late"))
     assert drops.snapshot()[("otlp", "after_shutdown")] == 1
+
+
+def test_force_flush_exports_what_a_tick_in_progress_took(tmp_path, tempo):
+    """The ticker thread takes the complete connections from the completions, then hands their
+    spans to OTLP: a force_flush in between (the completions already empty) still exports
+    them. The hand-over is held open on purpose, as a loaded machine's scheduler may."""
+    import threading
+
+    app = make_app(tmp_path, tempo.endpoint)
+    c = TestClient(app)
+    fill(c)
+    ex = app.state.pipeline.exporters
+    assert ex.otlp is not None
+    taken, release = threading.Event(), threading.Event()
+    on_complete = ex.otlp.on_complete
+
+    def slow(*args, **kwargs):
+        taken.set()
+        assert release.wait(30)
+        on_complete(*args, **kwargs)
+
+    ex.otlp.on_complete = slow
+    ticker = threading.Thread(target=lambda: ex.tick(everything_closed=True))
+    ticker.start()
+    assert taken.wait(30)
+    assert ex.completions.pending_closed() == 0  # what a caller waiting for completion sees
+    flushed = threading.Event()
+    flusher = threading.Thread(target=lambda: (ex.force_flush(), flushed.set()))
+    flusher.start()
+    assert not flushed.wait(0.5), "force_flush returned while a tick held spans not yet queued"
+    release.set()
+    ticker.join(30)
+    flusher.join(30)
+    assert flushed.is_set()
+    assert len(tempo.got.spans) == SPANS  # all of them, when force_flush returned
