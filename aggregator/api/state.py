@@ -44,10 +44,13 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         from aggregator.api.params import service_names
 
         names = service_names(request)
-    if not live:
+    def compute() -> GraphData:
         return graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
                           names=names, show_proxies=show_proxies, nodeport_hold=hold,
-                      nodeport_ports=st.settings.nodeport_range)
+                          nodeport_ports=st.settings.nodeport_range)
+
+    if not live:
+        return compute()
     span = round((win.until - win.since).total_seconds(), 3)
     key: tuple[Any, ...] = (span, group_by, str(flt), dns, show_proxies)
     stamp = st.pipeline.version
@@ -57,9 +60,7 @@ def graph_data_for(request: Request, win: Window, group_by: str, flt: Filter,
         if hit is not None and hit[0] == stamp and (datetime.now(UTC) - hit[1]).total_seconds() < 1:
             cached: GraphData = hit[2]
             return cached
-    data = graph_data(store, win, group_by=group_by, flt=flt, budget=budget, dns=dns,
-                      names=names, show_proxies=show_proxies, nodeport_hold=hold,
-                      nodeport_ports=st.settings.nodeport_range)
+    data = compute()
     with _cache_lock:
         if len(st.graph_cache) > 64:
             st.graph_cache.clear()

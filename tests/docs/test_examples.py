@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from tests.docs.examples import (
 )
 from tests.docs.fill import CAPTURES as CAPTURE_NAMES
 from tests.docs.fill import Servers, fill
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 WORLD_LAB = "ewdocs"          # the module's running demo (not a name the docs use)
@@ -84,12 +84,6 @@ SHAPES: list[tuple[str, str]] = [
     (r"/api/v1/diff\?", r'"added":'),
     (r"/api/v1/records\?since=5m", r'"records":\[\{'),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ready(url: str) -> bool:

@@ -15,7 +15,6 @@ import io
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import pytest
 from eastwest.cli.demo import Stack
 from eastwest.client import ApiClient, ClientSettings
 from tests.lab.harness import paired
+from tests.servers import free_port
 
 Truth = dict[str, Any]
 Key = tuple[str, int, str, int]
@@ -45,12 +45,6 @@ class Live:
     env: dict[str, str]
     service: dict[str, str]  # pod ip -> service
     host: dict[str, str]  # pod ip -> host
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def key_of(t: Truth) -> Key:

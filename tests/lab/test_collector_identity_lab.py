@@ -25,6 +25,7 @@ import pytest
 
 from collector.spool_lock import LOCK_NAME, holder
 from eastwest.cli.demo import Stack
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewspool"  # a lab of its own: other lab tests may run on this machine at the same time
@@ -43,12 +44,6 @@ def documented_commands() -> list[list[str]]:
 
 def values(args: list[str], flag: str) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ capture's own; and among the raw records, every flow to port 53 has one path str
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import httpx
 import pytest
 
 from tests.lab.harness import INGEST, Aggregator, window_of
+from tests.servers import free_port
 
 pytestmark = pytest.mark.lab
 EW = [sys.executable, "-m", "eastwest"]
@@ -32,12 +32,6 @@ EW = [sys.executable, "-m", "eastwest"]
 
 def ts(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(proc: subprocess.Popen, metrics: str, log: Path, timeout: float = 240.0) -> None:

@@ -18,7 +18,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -38,18 +37,13 @@ from tests.lab.harness import (
     truth_edges,
     window_of,
 )
+from tests.servers import free_port
 from tests.unit.fake_otlp import KIND_CLIENT, KIND_SERVER, FakeTempo, service_graph, workload
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewo"
 SCRAPE_S = 1
 AGG_JOB, COL_JOB = "eastwest-aggregator", "eastwest-collector"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, pred, timeout: float = 120.0, every: float = 0.2):

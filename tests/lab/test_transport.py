@@ -11,7 +11,6 @@ by the wire only (VXLAN capture), so it is not counted here.
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -23,15 +22,10 @@ import pytest
 
 from eastwest import codec
 from eastwest.cli.demo import Stack
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 LAB = "ewt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.servers import free_port
 
 STARTER = """
 import sys, time
@@ -23,12 +24,6 @@ s.start_aggregator()
 print(s.aggregator.pid, flush=True)
 time.sleep(600)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def running(pid: int) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,10 @@ import duckdb
 import pytest
 
 from eastwest.cli.demo import Stack
+from tests.servers import free_port
 
 CID = "takeover"
 FIRST, SECOND = "OISF_suricata-verify_vxlan.pcap", "the-tcpdump-group_tcpdump_vxlan_port_8472.pcap"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def await_(predicate, timeout: float, what: str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,12 @@ import pytest
 
 from tests.conftest import ARTIFACTS, REPO, require_root
 from tests.lab.harness import truth_edges
+from tests.servers import free_port
 from tests.web.conftest import open_dashboard, shot, shown, wait_render
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 NAME = "ewdemot"      # the demo's lab (not the default `ewdemo`: a user's demo may be up)
 RUN_S = 30.0          # "within the first minute" (every calling pair has calls by then)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Demo:
