@@ -174,7 +174,9 @@ class LiveHub:
                         held[cid] = (rows.slice(i, 1), t0)
                         send[i] = False
                 ready = rows if send.all() else rows.filter(pa.array(send))
-            if held and (self._releaser is None or not self._releaser.is_alive()):
+            # the releaser runs while anything is held: it ends only under this lock, when
+            # nothing is (a thread still alive but past its last look would strand a row)
+            if held and self._releaser is None:
                 self._releaser = threading.Thread(target=self._release_held,
                                                   name="eastwest-stream-hold", daemon=True)
                 self._releaser.start()
@@ -191,7 +193,12 @@ class LiveHub:
         return left
 
     def _release_held(self) -> None:
-        while self.release():
+        while True:
+            if not self.release():
+                with self._lock:  # a row held since `release` looked keeps this thread going
+                    if not self._held:
+                        self._releaser = None
+                        return
             self.clock.sleep(min(0.1, self.hold_s / 4))
 
     def _send(self, tables: list[pa.Table]) -> None:

@@ -119,6 +119,39 @@ def test_a_connection_without_known_ends_is_held_then_replaced_or_released(loop)
     clock.gate.set()
 
 
+def test_a_row_held_while_the_releaser_is_ending_is_still_released(loop) -> None:
+    """The releaser thread found nothing left and was about to end when a step held a new row
+    (it saw the thread alive and started none): the row is still sent once its second is up.
+    (A loaded CI run's stream waited 60 s for 30 held connections no later step came for.)
+    The releaser is stopped right after its last look, as a busy scheduler may."""
+    import time
+
+    hub = LiveHub(Drops(), hold_s=0.2)
+    sub = subscribe(loop, hub)
+    ending, resume = threading.Event(), threading.Event()
+    release = hub.release
+
+    def release_then_pause(now: float | None = None) -> int:
+        left = release(now)
+        if left == 0 and not ending.is_set():
+            ending.set()
+            assert resume.wait(10)
+        return left
+
+    hub.release = release_then_pause  # type: ignore[method-assign]
+    hub.publish(changes(["a"], known=[False]))
+    assert ending.wait(10)  # "a" released; the releaser has found nothing left
+    assert [r["conn_id"] for r in drain(loop, sub)] == ["a"]
+    hub.publish(changes(["b"], known=[False]))  # held now, the releaser still alive
+    resume.set()
+    deadline = time.monotonic() + 5
+    got: list[str] = []
+    while not got and time.monotonic() < deadline:
+        got = [r["conn_id"] for r in drain(loop, sub)]
+        time.sleep(0.05)
+    assert got == ["b"] and hub.held == 0
+
+
 def test_a_subscriber_whose_loop_is_gone_is_dropped() -> None:
     lp = asyncio.new_event_loop()
     hub = LiveHub(Drops(), hold_s=0.0)

@@ -108,10 +108,42 @@ def click_edge(page, source: str, target: str) -> None:
     """A real mouse click on the edge as drawn on the canvas, at its middle unless another
     node (or its label) or another edge is drawn there: the layout is random, and a node or an
     edge of the same source lying across the edge's middle took the click (the panel showed
-    it). Returns once the panel shows the edge;
-    fails saying what the click hit otherwise. The map is told its size first: an open panel
-    narrows it, which the map learns ~100 ms later (cytoscape's debounced ResizeObserver)."""
-    eid, x, y = page.evaluate("""([s, t]) => {
+    it). Returns once the open panel shows the edge; fails saying what the click hit otherwise.
+    The map is told its size first: an open panel narrows it, which the map learns ~100 ms
+    later (cytoscape's debounced ResizeObserver). A click is tried again (at most twice) only
+    when the map's viewport moved between the point's reckoning and the panel check (a loaded
+    CI run had the click land where the edge had been): a click that misses a map that stayed
+    put fails at once."""
+    misses: list[str] = []
+    for _ in range(3):
+        eid, x, y = page.evaluate(_EDGE_POINT, [source, target])
+        before = page.evaluate(_VIEWPORT)
+        page.mouse.click(x, y)
+        try:
+            page.wait_for_function("id => { const p = document.getElementById('panel'); "
+                                   "return !p.hidden && p.dataset.id === id; }", arg=eid,
+                                   timeout=10_000)
+            return
+        except Exception as exc:
+            after = page.evaluate(_VIEWPORT)
+            hit = page.evaluate("([x, y]) => { const el = document.elementFromPoint(x, y); "
+                                "return el ? el.id || el.className || el.tagName : null; }", [x, y])
+            showing = page.evaluate("(() => { const p = document.getElementById('panel'); "
+                                    "return p.hidden ? 'nothing (closed)' : p.dataset.id; })()")
+            renders = page.evaluate("[window.eastwest.seq, (window.eastwest.rendered || {}).full]")
+            misses.append(f"at ({x:.0f}, {y:.0f}) on {hit!r}, the panel shows {showing!r}, "
+                          f"viewport {before} -> {after}, renders (seq, full) {renders}")
+            if after == before:
+                shot(page, "click-edge-missed")
+                raise AssertionError(f"clicked edge {source} -> {target}: "
+                                     + "; then ".join(misses)) from exc
+    shot(page, "click-edge-missed")
+    raise AssertionError(f"clicked edge {source} -> {target} three times, the map moving each "
+                         "time: " + "; then ".join(misses))
+
+
+# the point to click on an edge (click_edge), with the map fitted around it
+_EDGE_POINT = """([s, t]) => {
         const cy = window.eastwest.cy;
         cy.resize();
         const e = cy.edges().filter(e => e.source().id() === s && e.target().id() === t)[0];
@@ -141,18 +173,10 @@ def click_edge(page, source: str, target: str) -> None:
         const p = tries.find(q => room(q) > 10) ||
             tries.reduce((best, q) => room(q) > room(best) ? q : best, tries[0] || m);
         return [e.id(), r.left + p.x, r.top + p.y];
-    }""", [source, target])
-    page.mouse.click(x, y)
-    try:
-        page.wait_for_function("id => document.getElementById('panel').dataset.id === id", arg=eid,
-                               timeout=10_000)
-    except Exception as exc:
-        hit = page.evaluate("([x, y]) => { const el = document.elementFromPoint(x, y); "
-                            "return el ? el.id || el.className || el.tagName : null; }", [x, y])
-        showing = page.evaluate("document.getElementById('panel').dataset.id")
-        shot(page, "click-edge-missed")
-        raise AssertionError(f"clicked edge {source} -> {target} at ({x:.0f}, {y:.0f}) on {hit!r}, "
-                             f"but the panel shows {showing!r}") from exc
+    }"""
+# pan, zoom and size of the map, rounded: what moves a point drawn on it
+_VIEWPORT = """() => { const cy = window.eastwest.cy, p = cy.pan();
+    return [Math.round(p.x), Math.round(p.y), Math.round(cy.zoom() * 1000), cy.width(), cy.height()]; }"""
 
 
 def panel_numbers(page) -> dict[str, str]:
