@@ -193,13 +193,18 @@ class LiveHub:
         return left
 
     def _release_held(self) -> None:
-        while True:
-            if not self.release():
-                with self._lock:  # a row held since `release` looked keeps this thread going
-                    if not self._held:
-                        self._releaser = None
-                        return
-            self.clock.sleep(min(0.1, self.hold_s / 4))
+        try:
+            while True:
+                if not self.release():
+                    with self._lock:  # a row held since `release` looked keeps it going
+                        if not self._held:
+                            self._releaser = None
+                            return
+                self.clock.sleep(min(0.1, self.hold_s / 4))
+        except BaseException:  # a bug here: the next held row starts a new releaser
+            with self._lock:
+                self._releaser = None
+            raise
 
     def _send(self, tables: list[pa.Table]) -> None:
         tables = [t for t in tables if t.num_rows]
