@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 
 from eastwest.errors import LabError
@@ -159,21 +160,33 @@ def kill_netns_processes(netns: str) -> list[int]:
     return pids
 
 
+REMOVE_PASSES = 5
+
+
 def remove(name: str, progress: Progress = lambda _m: None) -> list[str]:
-    """Delete every namespace of lab `name` (pods first); return what was removed."""
-    gone = []
-    names = lab_netns(name)
-    # pods, then hosts, then the fabric: links die with their namespace
-    order = sorted(names, key=lambda n: (0 if re.search(r"-p\d+$", n) else
-                                         2 if n.endswith("-fab") else 1, n))
-    for ns in order:
-        kill_netns_processes(ns)
-        r = sh(["ip", "netns", "delete", ns], check=False)
-        if r.returncode == 0:
-            gone.append(ns)
-            progress(f"removed {ns}")
-        else:
-            progress(f"could not remove {ns}: {r.stderr.strip()}")
+    """Delete every namespace of lab `name` (pods first); return what was removed. A namespace
+    that appears meanwhile is removed by the next pass: an interrupted `lab up` leaves its last
+    `ip netns add` killed but not waited for (Python's subprocess on Ctrl-C), and it may still
+    create its namespace after the first pass listed them."""
+    gone: list[str] = []
+    for attempt in range(REMOVE_PASSES):
+        names = lab_netns(name)
+        if not names:
+            return gone
+        if attempt:
+            time.sleep(0.2 * attempt)
+            progress(f"again: {', '.join(names)}")
+        # pods, then hosts, then the fabric: links die with their namespace
+        order = sorted(names, key=lambda n: (0 if re.search(r"-p\d+$", n) else
+                                             2 if n.endswith("-fab") else 1, n))
+        for ns in order:
+            kill_netns_processes(ns)
+            r = sh(["ip", "netns", "delete", ns], check=False)
+            if r.returncode == 0:
+                gone.append(ns)
+                progress(f"removed {ns}")
+            else:
+                progress(f"could not remove {ns}: {r.stderr.strip()}")
     left = lab_netns(name)
     if left:
         raise LabError(f"could not remove namespaces {', '.join(left)}")

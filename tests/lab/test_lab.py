@@ -168,6 +168,37 @@ def test_interrupted_up_tears_down_what_it_built():
     assert not Path(f"/run/eastwest/lab/{name}").exists()
 
 
+def test_a_namespace_made_while_tearing_down_is_removed_too(monkeypatch):
+    """An interrupted `lab up` leaves its last `ip netns add` killed but not waited for (Python's
+    subprocess on Ctrl-C), so a pod's namespace may appear after teardown listed them (a loaded
+    run left `ewint-h1-p0` and exited 1): the next pass removes it."""
+    require_root()
+    from eastwest.lab import topology
+
+    name = "ewlate"
+    topology.remove(name)
+    subprocess.run(["ip", "netns", "add", f"{name}-h1"], check=True)
+    real = topology.kill_netns_processes
+    made: list[str] = []
+
+    def late_pod(netns: str) -> list[int]:
+        if not made:  # the straggler finishes while the first pass runs
+            made.append(f"{name}-h1-p0")
+            subprocess.run(["ip", "netns", "add", made[0]], check=True)
+        return real(netns)
+
+    monkeypatch.setattr(topology, "kill_netns_processes", late_pod)
+    said: list[str] = []
+    try:
+        gone = topology.remove(name, said.append)
+    finally:
+        monkeypatch.undo()
+        topology.remove(name)
+    assert sorted(gone) == [f"{name}-h1", f"{name}-h1-p0"], said
+    assert [n for n in existing_netns() if n.startswith(f"{name}-")] == []
+    assert f"again: {name}-h1-p0" in said
+
+
 def test_up_twice_is_refused_and_down_is_idempotent(lab_factory):
     lab = lab_factory(name="ewtwice", hosts=2, pods_per_host=3)
     from eastwest.errors import LabError
