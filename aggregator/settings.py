@@ -21,6 +21,8 @@ from aggregator.store.query import NODEPORT_RANGE
 from eastwest.errors import ConfigError
 from eastwest.filters import DIMENSIONS, Filter, parse_duration
 
+_NODEPORTS = "{}-{}".format(*NODEPORT_RANGE)  # as the flags say it
+
 INGEST_TOKEN_ENV = "EASTWEST_INGEST_TOKEN"
 READ_TOKEN_ENV = "EASTWEST_READ_TOKEN"
 DEFAULT_LISTEN = "127.0.0.1:8470"
@@ -134,8 +136,8 @@ class AggregatorSettings:
         lo, hi = self.nodeport_range
         if not 1 <= lo <= hi <= 65535:
             raise ConfigError("--nodeport-range", f"{lo}-{hi}",
-                              "must be LOW-HIGH ports with 1 <= LOW <= HIGH <= 65535 (Kubernetes' "
-                              "default is 30000-32767)")
+                              "must be LOW-HIGH ports with 1 <= LOW <= HIGH <= 65535 "
+                              f"(Kubernetes' default is {_NODEPORTS})")
         if not 0 <= self.nodeport_hold_s <= 60:
             raise ConfigError("--nodeport-hold", self.nodeport_hold_s,
                               "must be between 0 (off) and 60 seconds")
@@ -410,4 +412,4 @@ def parse_port_range(flag: str, text: str) -> tuple[int, int]:
         return int(low), int(high)
     except ValueError:
         raise ConfigError(flag, text, "must be LOW-HIGH, two ports (Kubernetes' default is "
-                          "30000-32767)") from None
+                          f"{_NODEPORTS})") from None

@@ -176,6 +176,13 @@ def test_services_refused_for_ipv6_with_a_clear_error():
     assert not [n for n in sh(["ip", "netns", "list"]).stdout.split() if n.startswith("ewsvx-")]
 
 
+def translation(reader, t: dict):
+    """The translation a collector's conntrack table holds for the Service call `t` (None when
+    it has none): looked up by the client's socket and the address it dialled."""
+    return reader.table.for_client(t["protocol"], (t["client_ip"], t["client_port"]),
+                                   (t["dialled_ip"], t["dialled_port"]))
+
+
 def test_collector_conntrack_events_resolve_every_translated_call(services_run, tmp_path):
     """collector/conntrack.py, opened from the root namespace in each host's namespace, sees
     exactly one translation per ClusterIP call made from that host and per NodePort call on h2,
@@ -204,21 +211,17 @@ def test_collector_conntrack_events_resolve_every_translated_call(services_run, 
         # a call whose connect timed out may have had every SYN dropped before its host's
         # conntrack confirmed an entry (a loaded machine): no translation to see. Any other
         # call without one fails below, named.
-        unseen = [t for t in mine if t["outcome"] == "timeout" and r.table.for_client(
-            t["protocol"], (t["client_ip"], t["client_port"]),
-            (t["dialled_ip"], t["dialled_port"])) is None]
+        unseen = [t for t in mine if t["outcome"] == "timeout" and translation(r, t) is None]
         mine = [t for t in mine if t not in unseen]
         # nothing else, and each call below is in the table with its backend. A call may be
         # there without a NEW event of its own: a client port of the earlier run used again
         # while its entry was still in conntrack reopens that entry, which came with the dump
         # taken at start (a loaded CI run: 164 NEW events, 165 calls, all 165 in the table)
         assert len(mine) + len(nodeport) - 2 <= added[host] <= len(mine) + len(nodeport), (
-            host, added[host], len(mine), len(nodeport), [
-                t for t in mine if r.table.for_client(t["protocol"], (t["client_ip"], t["client_port"]),
-                                                      (t["dialled_ip"], t["dialled_port"])) is None])
+            host, added[host], len(mine), len(nodeport),
+            [t for t in mine if translation(r, t) is None])
         for t in mine:
-            tr = r.table.for_client(t["protocol"], (t["client_ip"], t["client_port"]),
-                                    (t["dialled_ip"], t["dialled_port"]))
+            tr = translation(r, t)
             assert tr is not None and tr.backend == (t["server_ip"], t["server_port"]), t
             assert tr.dnat and not tr.snat
         for t in nodeport:

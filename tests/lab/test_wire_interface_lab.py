@@ -67,6 +67,11 @@ def test_wire_interfaces_give_plain_flows_of_a_pod_and_tunnelled_flows_of_its_ho
         thread.join(30)
     assert not errors, errors
     resent = {ip: retransmitted(ns) - before[ns] for ip, ns in netns.items()}
+
+    def senders(k: tuple) -> tuple[int, int]:
+        """Segments the client's and the server's namespace retransmitted (TCP only)."""
+        return (resent.get(k[1], 0), resent.get(k[3], 0)) if k[0] == "tcp" else (0, 0)
+
     truth = [t for t in truth if t["protocol"] in ("tcp", "udp")]
     want: dict[tuple, list[int]] = collections.defaultdict(lambda: [0, 0])
     meta: dict[tuple, dict] = {}
@@ -96,10 +101,9 @@ def test_wire_interfaces_give_plain_flows_of_a_pod_and_tunnelled_flows_of_its_ho
     assert len(of_pod) >= 5 and {(False, "tcp"), (True, "tcp")} <= kinds, kinds
     for k in of_pod:
         assert k in plain, f"{veth}: connection {k} ({meta[k]['outcome']}) not captured"
-        senders = (resent.get(k[1], 0), resent.get(k[3], 0)) if k[0] == "tcp" else (0, 0)
-        assert same_or_retransmitted(plain[k], want[k], senders), (
+        assert same_or_retransmitted(plain[k], want[k], senders(k)), (
             f"{veth}: bytes of {k}: {plain[k]} != truth {want[k]} (segments retransmitted in "
-            f"the run by the client's and the server's namespace: {senders})")
+            f"the run by the client's and the server's namespace: {senders(k)})")
     assert set(plain) <= set(want), "a plain flow the truth does not have"
 
     cross = [k for k, t in meta.items() if t["client_host"] != t["server_host"]
@@ -108,10 +112,9 @@ def test_wire_interfaces_give_plain_flows_of_a_pod_and_tunnelled_flows_of_its_ho
     for k in cross:
         t = meta[k]
         assert k in tunnelled, f"{underlay}: connection {k} ({t['outcome']}) not captured"
-        senders = (resent.get(k[1], 0), resent.get(k[3], 0)) if k[0] == "tcp" else (0, 0)
-        assert same_or_retransmitted(tunnelled[k], want[k], senders), (
+        assert same_or_retransmitted(tunnelled[k], want[k], senders(k)), (
             f"{underlay}: bytes of {k}: {tunnelled[k]} != truth {want[k]} (retransmitted: "
-            f"{senders})")
+            f"{senders(k)})")
         assert tunnels[k] == {("vxlan", inv["vni"], hosts[t["client_host"]]["underlay_ip"],
                                hosts[t["server_host"]]["underlay_ip"])}
     assert set(tunnelled) <= set(want), "a tunnelled flow the truth does not have"
