@@ -98,3 +98,17 @@ def test_the_live_fanin_is_on_by_default_and_no_live_fanin_turns_it_off(never_se
     assert main([*never_serves, *nats]) == 99
     assert main([*never_serves, *nats, "--no-live-fanin"]) == 99
     assert seen == [True, False]
+
+
+def test_the_nodeport_range_defaults_to_kubernetes_and_a_flag_reaches_the_settings(never_serves,
+                                                                                  monkeypatch):
+    """The flag's declared default (the CLI does not import the aggregator) is the range the
+    store's queries default to."""
+    from aggregator.store.query import NODEPORT_RANGE
+
+    seen = []
+    monkeypatch.setattr(aggregator.serve, "serve",
+                        lambda settings, verbose=False: seen.append(settings.nodeport_range) or 99)
+    assert main(never_serves) == 99
+    assert main([*never_serves, "--nodeport-range", "20000-20999"]) == 99
+    assert seen == [NODEPORT_RANGE, (20000, 20999)]
